@@ -1,0 +1,174 @@
+"""The `int8serve` command: generate, quantize, eval-ppl (and, with the server, serve).
+
+Every command takes `--model PATH` (a Hugging Face folder, a Meta folder or an int8 checkpoint written by
+`int8serve quantize`); without it, the built-in demo model is used and says so loudly.
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+import time
+from collections.abc import Sequence
+from pathlib import Path
+
+import torch
+
+from .engine.chat_template import render_prompt
+from .engine.config import ConfigError
+from .engine.demo import DEMO_WARNING, demo_model_dir
+from .engine.generate import GenerationStats, generate
+from .engine.loader import LoadedModel, load_model, save_int8_checkpoint
+from .engine.perplexity import evaluate
+from .engine.sampling import SamplingParams
+from .engine.sources import CheckpointError
+from .engine.tokenizer import Tokenizer
+
+
+class UsageError(Exception):
+    """A problem the user can fix; printed without a traceback."""
+
+
+def _add_model_args(parser: argparse.ArgumentParser, dtype: bool = True) -> None:
+    parser.add_argument("--model", type=Path, default=None,
+                        help="checkpoint folder: Hugging Face (config.json), Meta (params.json) or an int8 "
+                             "checkpoint from 'int8serve quantize'. Default: the built-in demo model "
+                             "(random weights, meaningless output)")
+    if dtype:
+        parser.add_argument("--dtype", choices=["int8", "fp32"], default="int8",
+                            help="int8: weight-only int8 (the served path); fp32: full-precision reference "
+                                 "(default: %(default)s)")
+    parser.add_argument("--threads", type=int, default=None, help="torch threads (default: all cores)")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="int8serve", description=__doc__.split("\n")[0])
+    commands = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+
+    gen = commands.add_parser("generate", help="generate text from a prompt, streamed to the terminal",
+                              description="Generate text for one prompt. Without --raw the prompt goes through "
+                                          "the Llama 2 chat template exactly as Workers AI applies it (with its "
+                                          "default system prompt); with --raw it is fed to the model as is.")
+    _add_model_args(gen)
+    gen.add_argument("prompt", help="the prompt text")
+    gen.add_argument("--raw", action="store_true", help="no chat template: feed the prompt as is")
+    gen.add_argument("--system", default=None, help="system prompt instead of Workers AI's default")
+    gen.add_argument("--max-tokens", type=int, default=256, help="tokens to generate at most (default: 256)")
+    gen.add_argument("--temperature", type=float, default=0.6, help="0 = greedy (default: 0.6)")
+    gen.add_argument("--top-p", type=float, default=1.0, help="nucleus sampling mass (default: 1.0 = off)")
+    gen.add_argument("--top-k", type=int, default=0, help="sample among the k most likely (default: 0 = off)")
+    gen.add_argument("--repetition-penalty", type=float, default=1.0, help="multiplicative, HF style (1.0 = off)")
+    gen.add_argument("--frequency-penalty", type=float, default=0.0, help="additive, OpenAI style (0 = off)")
+    gen.add_argument("--presence-penalty", type=float, default=0.0, help="additive, OpenAI style (0 = off)")
+    gen.add_argument("--seed", type=int, default=None, help="same seed, same output (default: random)")
+
+    quant = commands.add_parser("quantize", help="write a pre-quantized int8 checkpoint that loads fast",
+                                description="Quantize SRC (Hugging Face or Meta folder) to weight-only int8, "
+                                            "per output channel, and write it to DST (int8serve.json + "
+                                            "model.safetensors + tokenizer.model).")
+    quant.add_argument("src", type=Path, help="source checkpoint folder")
+    quant.add_argument("dst", type=Path, help="destination folder (created)")
+    quant.add_argument("--threads", type=int, default=None, help="torch threads (default: all cores)")
+
+    ppl = commands.add_parser("eval-ppl", help="perplexity over a text file, optionally against fp32",
+                              description="Perplexity over non-overlapping windows of a text file. With "
+                                          "--compare-to fp32, also the PPL ratio, mean KL divergence (KLD) and "
+                                          "top-1 agreement of the model against the fp32 reference.")
+    _add_model_args(ppl)
+    ppl.add_argument("--text", type=Path, required=True, help="UTF-8 text file")
+    ppl.add_argument("--window", type=int, default=256, help="tokens per window (default: 256)")
+    ppl.add_argument("--compare-to", choices=["fp32"], default=None, help="reference to compare against")
+    ppl.add_argument("--max-windows", type=int, default=None, help="stop after this many windows")
+    return parser
+
+
+def resolve_model(path: Path | None) -> Path:
+    if path is None:
+        print(f"int8serve: WARNING: {DEMO_WARNING}", file=sys.stderr)
+        return demo_model_dir()
+    return path
+
+
+def open_model(path: Path | None, dtype: str) -> tuple[LoadedModel, Tokenizer]:
+    loaded = load_model(resolve_model(path), dtype, progress=sys.stderr.isatty())
+    if loaded.tokenizer_path is None:
+        raise UsageError(f"{loaded.path}: no tokenizer.model in the folder or its parent")
+    return loaded, Tokenizer(loaded.tokenizer_path)
+
+
+def cmd_generate(args: argparse.Namespace) -> None:
+    if args.max_tokens < 1:
+        raise UsageError("--max-tokens must be at least 1")
+    try:
+        params = SamplingParams(temperature=args.temperature, top_p=args.top_p, top_k=args.top_k,
+                                repetition_penalty=args.repetition_penalty, seed=args.seed,
+                                frequency_penalty=args.frequency_penalty, presence_penalty=args.presence_penalty)
+    except ValueError as err:
+        raise UsageError(str(err)) from err
+    loaded, tokenizer = open_model(args.model, args.dtype)
+    if args.raw:
+        segments = render_prompt(args.prompt, raw=True)
+    else:
+        segments = render_prompt(args.prompt) if args.system is None else _with_system(args.system, args.prompt)
+    prompt_ids = tokenizer.encode_segments(segments)
+    context = loaded.config.max_seq_len
+    if len(prompt_ids) >= context:
+        raise UsageError(f"the prompt is {len(prompt_ids)} tokens; the model's context is {context}")
+    max_tokens = min(args.max_tokens, context - len(prompt_ids))
+    stats = GenerationStats()
+    detok = tokenizer.detokenizer()
+    for token in generate(loaded.model, prompt_ids, params, max_tokens, tokenizer.eos_id, stats=stats):
+        sys.stdout.write(detok.push(token))
+        sys.stdout.flush()
+    sys.stdout.write(detok.flush() + "\n")
+    print(f"prompt tokens {stats.prompt_tokens}, generated tokens {stats.generated_tokens}, "
+          f"prefill {stats.prefill_tok_s:.1f} tok/s, decode {stats.decode_tok_s:.1f} tok/s, "
+          f"finish {stats.finish_reason}", file=sys.stderr)
+
+
+def _with_system(system: str, prompt: str) -> list:
+    from .engine.chat_template import render_messages
+
+    return render_messages([{"role": "system", "content": system}, {"role": "user", "content": prompt}])
+
+
+def cmd_quantize(args: argparse.Namespace) -> None:
+    started = time.perf_counter()
+    loaded = load_model(args.src, "int8", progress=sys.stderr.isatty())
+    folder = save_int8_checkpoint(loaded, args.dst)
+    size = sum(f.stat().st_size for f in folder.iterdir() if f.is_file())
+    print(f"wrote {folder} ({size / 1e6:.1f} MB) in {time.perf_counter() - started:.1f} s", file=sys.stderr)
+
+
+def cmd_eval_ppl(args: argparse.Namespace) -> None:
+    if not args.text.is_file():
+        raise UsageError(f"{args.text}: no such file")
+    loaded, tokenizer = open_model(args.model, args.dtype)
+    reference = None
+    if args.compare_to == "fp32":
+        reference = load_model(loaded.path, "fp32").model
+    ids = tokenizer.encode(args.text.read_text(encoding="utf-8"))
+    if args.max_windows:
+        ids = ids[: args.max_windows * args.window]
+    try:
+        report = evaluate(loaded.model, ids, args.window, tokenizer.bos_id, reference, progress=sys.stderr.isatty())
+    except ValueError as err:
+        raise UsageError(str(err)) from err
+    for line in report.lines(label=args.dtype):
+        print(line)
+
+
+COMMANDS = {"generate": cmd_generate, "quantize": cmd_quantize, "eval-ppl": cmd_eval_ppl}
+
+
+def main(argv: Sequence[str] | None = None) -> None:
+    args = build_parser().parse_args(argv)
+    if getattr(args, "threads", None):
+        torch.set_num_threads(args.threads)
+    try:
+        COMMANDS[args.command](args)
+    except (UsageError, CheckpointError, ConfigError, FileNotFoundError) as err:
+        print(f"int8serve {args.command}: error: {err}", file=sys.stderr)
+        raise SystemExit(2) from None
+    except KeyboardInterrupt:
+        raise SystemExit(130) from None

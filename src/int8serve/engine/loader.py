@@ -1,0 +1,238 @@
+"""Load a Llama 2 checkpoint into a `Transformer`, quantizing to int8 on the way in.
+
+Three folder formats are recognised, by the file that describes them:
+- `int8serve.json`: a pre-quantized int8 checkpoint written by `int8serve quantize` (fast start);
+- `params.json`: Meta's original layout (`consolidated.NN.pth`, interleaved rotary pairs in q/k);
+- `config.json`: a Hugging Face `LlamaForCausalLM` folder (safetensors or .bin, single or sharded).
+
+The model is built on the meta device and each weight is read, converted and assigned one at a time, so peak
+memory stays near the final model's size plus one layer.
+"""
+
+from __future__ import annotations
+
+import json
+import re
+import shutil
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+from safetensors.torch import save_file
+from torch import Tensor, nn
+from tqdm import tqdm
+
+from .config import ModelConfig, config_from_hf, config_from_meta, read_json
+from .int8 import Int8Linear, quantize_per_channel
+from .model import Precision, Transformer
+from .sources import CheckpointError, MetaShardsSource, SafetensorsSource, TensorSource, hf_weight_files
+
+INT8_FORMAT = "int8serve-int8"
+INT8_FORMAT_VERSION = 1
+
+_HF_NAMES = [
+    (r"model\.embed_tokens\.weight", "tok_embeddings.weight"),
+    (r"model\.norm\.weight", "norm.weight"),
+    (r"lm_head\.weight", "output.weight"),
+    (r"model\.layers\.(\d+)\.self_attn\.q_proj\.weight", r"layers.\1.attention.wq.weight"),
+    (r"model\.layers\.(\d+)\.self_attn\.k_proj\.weight", r"layers.\1.attention.wk.weight"),
+    (r"model\.layers\.(\d+)\.self_attn\.v_proj\.weight", r"layers.\1.attention.wv.weight"),
+    (r"model\.layers\.(\d+)\.self_attn\.o_proj\.weight", r"layers.\1.attention.wo.weight"),
+    (r"model\.layers\.(\d+)\.mlp\.gate_proj\.weight", r"layers.\1.feed_forward.w1.weight"),
+    (r"model\.layers\.(\d+)\.mlp\.down_proj\.weight", r"layers.\1.feed_forward.w2.weight"),
+    (r"model\.layers\.(\d+)\.mlp\.up_proj\.weight", r"layers.\1.feed_forward.w3.weight"),
+    (r"model\.layers\.(\d+)\.input_layernorm\.weight", r"layers.\1.attention_norm.weight"),
+    (r"model\.layers\.(\d+)\.post_attention_layernorm\.weight", r"layers.\1.ffn_norm.weight"),
+]
+# Tensors some checkpoints carry that the model recomputes instead.
+_IGNORED = re.compile(r"(.*rotary_emb\.inv_freq|rope\.freqs)$")
+
+
+@dataclass
+class LoadedModel:
+    model: Transformer
+    config: ModelConfig
+    tokenizer_path: Path | None
+    source_format: str  # "hf", "meta" or "int8"
+    path: Path
+
+
+def hf_to_internal(name: str) -> str | None:
+    for pattern, replacement in _HF_NAMES:
+        if re.fullmatch(pattern, name):
+            return re.sub(pattern, replacement, name)
+    return None
+
+
+def unpermute_meta_rotary(weight: Tensor, n_heads: int) -> Tensor:
+    """Meta q/k rows (interleaved rotary pairs) -> Hugging Face order (first half, second half per head)."""
+    out_features, in_features = weight.shape
+    return (weight.view(n_heads, out_features // n_heads // 2, 2, in_features)
+            .transpose(1, 2).reshape(out_features, in_features))
+
+
+def find_tokenizer(folder: Path) -> Path | None:
+    """tokenizer.model in the folder, or in its parent (Meta's releases keep it one level up)."""
+    for candidate in (folder / "tokenizer.model", folder.parent / "tokenizer.model"):
+        if candidate.is_file():
+            return candidate
+    return None
+
+
+def detect_format(folder: Path) -> str:
+    if not folder.exists():
+        raise CheckpointError(f"{folder}: no such model folder")
+    if not folder.is_dir():
+        raise CheckpointError(f"{folder}: a model is a folder (config.json, params.json or int8serve.json)")
+    for marker, kind in (("int8serve.json", "int8"), ("params.json", "meta"), ("config.json", "hf")):
+        if (folder / marker).is_file():
+            return kind
+    raise CheckpointError(f"{folder}: not a model folder: expected int8serve.json, params.json or config.json")
+
+
+def load_model(path: str | Path, precision: Precision = "int8", progress: bool = False) -> LoadedModel:
+    """Load the checkpoint folder at `path` as an fp32 reference or an int8 model."""
+    folder = Path(path)
+    kind = detect_format(folder)
+    tokenizer = find_tokenizer(folder)
+    if kind == "int8":
+        if precision != "int8":
+            raise CheckpointError(f"{folder}: an int8 checkpoint holds no full-precision weights; load the "
+                                  "original checkpoint for --dtype fp32")
+        config, source, rename = _open_int8(folder)
+    elif kind == "meta":
+        config, source, rename = _open_meta(folder, tokenizer)
+    else:
+        config, source, rename = _open_hf(folder)
+    with torch.device("meta"):
+        model = Transformer(config, precision)
+    _fill(model, source, rename, folder, progress)
+    return LoadedModel(model.eval(), config, tokenizer, kind, folder)
+
+
+# A checkpoint weight: a full-precision tensor, or an (int8 weight, scale) pair from a pre-quantized checkpoint.
+Weight = Tensor | tuple[Tensor, Tensor]
+Renamer = Callable[[str, Tensor], Iterator[tuple[str, Weight]]]
+
+
+def _open_hf(folder: Path) -> tuple[ModelConfig, TensorSource, Renamer]:
+    config = config_from_hf(folder / "config.json")
+
+    def rename(name: str, tensor: Tensor) -> Iterator[tuple[str, Weight]]:
+        internal = hf_to_internal(name)
+        if internal is None:
+            raise CheckpointError(f"{folder}: unexpected tensor '{name}' for a Llama model")
+        yield internal, tensor
+
+    return config, hf_weight_files(folder), rename
+
+
+def _open_meta(folder: Path, tokenizer: Path | None) -> tuple[ModelConfig, TensorSource, Renamer]:
+    shards = sorted(folder.glob("consolidated.*.pth"))
+    if not shards:
+        raise CheckpointError(f"{folder}: params.json but no consolidated.*.pth weights")
+    source = MetaShardsSource(shards)
+    vocab = _tokenizer_vocab_size(tokenizer) if tokenizer else None
+    config = config_from_meta(folder / "params.json", vocab, tied="output.weight" not in source.names())
+    heads = {"wq": config.n_heads, "wk": config.n_kv_heads}
+
+    def rename(name: str, tensor: Tensor) -> Iterator[tuple[str, Weight]]:
+        match = re.fullmatch(r"layers\.\d+\.attention\.(wq|wk)\.weight", name)
+        yield name, unpermute_meta_rotary(tensor, heads[match.group(1)]) if match else tensor
+
+    return config, source, rename
+
+
+def _open_int8(folder: Path) -> tuple[ModelConfig, TensorSource, Renamer]:
+    meta = read_json(folder / "int8serve.json")
+    if meta.get("format") != INT8_FORMAT or meta.get("version") != INT8_FORMAT_VERSION:
+        raise CheckpointError(f"{folder / 'int8serve.json'}: format {meta.get('format')!r} version "
+                              f"{meta.get('version')!r}, expected {INT8_FORMAT!r} version {INT8_FORMAT_VERSION}")
+    if not (folder / "model.safetensors").is_file():
+        raise CheckpointError(f"{folder}: int8serve.json but no model.safetensors")
+    config = ModelConfig.from_dict(meta.get("config", {}))
+
+    source = SafetensorsSource([folder / "model.safetensors"])
+
+    def rename(name: str, tensor: Tensor) -> Iterator[tuple[str, Weight]]:
+        if name.endswith(".scale"):
+            return  # assigned together with its int8 weight
+        if tensor.dtype != torch.int8:
+            yield name, tensor
+            return
+        scale_name = name.removesuffix("weight") + "scale"
+        if scale_name not in source.names():
+            raise CheckpointError(f"{folder}: int8 tensor '{name}' has no '{scale_name}'")
+        yield name, (tensor, source.get(scale_name))
+
+    return config, source, rename
+
+
+def _tokenizer_vocab_size(path: Path) -> int:
+    import sentencepiece
+
+    processor = sentencepiece.SentencePieceProcessor()
+    processor.Load(str(path))
+    return processor.GetPieceSize()
+
+
+def _fill(model: Transformer, source: TensorSource, rename: Renamer, folder: Path, progress: bool) -> None:
+    """Assign every checkpoint tensor to the model, then check that nothing is missing."""
+    names = [n for n in source.names() if not _IGNORED.fullmatch(n)]
+    modules = dict(model.named_modules())
+    desc = "quantizing to int8" if model.precision == "int8" else "loading weights"
+    for name in tqdm(names, desc=desc, unit="tensor", disable=not progress, leave=False):
+        for internal, weight in rename(name, source.get(name)):
+            _assign(modules, internal, weight, folder)
+    if model.config.tie_embeddings and _is_unset(model.output):
+        _assign(modules, "output.weight", model.tok_embeddings.weight, folder)
+    missing = [n for n, t in [*model.named_parameters(), *model.named_buffers()] if t.is_meta]
+    if missing:
+        raise CheckpointError(f"{folder}: checkpoint has no weights for {', '.join(missing[:5])}"
+                              + (f" and {len(missing) - 5} more" if len(missing) > 5 else ""))
+
+
+def _is_unset(module: nn.Module) -> bool:
+    return any(t.is_meta for t in [*module.parameters(), *module.buffers()])
+
+
+def _assign(modules: dict[str, nn.Module], name: str, weight: Weight, folder: Path) -> None:
+    module_name, _, kind = name.rpartition(".")
+    module = modules.get(module_name)
+    if module is None or kind != "weight":
+        raise CheckpointError(f"{folder}: unexpected tensor '{name}'")
+    tensor = weight[0] if isinstance(weight, tuple) else weight
+    expected = (module.out_features, module.in_features) if isinstance(module, Int8Linear) else module.weight.shape
+    if tuple(tensor.shape) != tuple(expected):
+        raise CheckpointError(f"{folder}: tensor '{name}' has shape {tuple(tensor.shape)}, but the config "
+                              f"describes {tuple(expected)}")
+    if isinstance(module, Int8Linear):
+        module.set_quantized(*(weight if isinstance(weight, tuple) else quantize_per_channel(weight)))
+    elif isinstance(weight, tuple):
+        raise CheckpointError(f"{folder}: tensor '{name}' is int8, but that layer stays in full precision")
+    else:
+        module.weight = nn.Parameter(weight.to(torch.float32, copy=True).contiguous(), requires_grad=False)
+
+
+def save_int8_checkpoint(loaded: LoadedModel, destination: str | Path) -> Path:
+    """Write an int8 model as int8serve.json + model.safetensors (+ tokenizer.model) for fast loading."""
+    if loaded.model.precision != "int8":
+        raise ValueError("only an int8 model can be saved as an int8 checkpoint")
+    folder = Path(destination)
+    folder.mkdir(parents=True, exist_ok=True)
+    tensors: dict[str, Tensor] = {}
+    for name, module in loaded.model.named_modules():
+        if isinstance(module, Int8Linear):
+            tensors[f"{name}.weight"] = module.weight
+            tensors[f"{name}.scale"] = module.scale
+        elif hasattr(module, "weight") and isinstance(module.weight, nn.Parameter):
+            tensors[f"{name}.weight"] = module.weight.data
+    save_file({k: v.contiguous() for k, v in tensors.items()}, str(folder / "model.safetensors"))
+    meta = {"format": INT8_FORMAT, "version": INT8_FORMAT_VERSION, "config": loaded.config.to_dict(),
+            "quantization": "weight-only int8, symmetric, per output channel (scale = absmax/127)",
+            "source": str(loaded.path)}
+    (folder / "int8serve.json").write_text(json.dumps(meta, indent=2) + "\n")
+    if loaded.tokenizer_path is not None and loaded.tokenizer_path.resolve() != (folder / "tokenizer.model").resolve():
+        shutil.copyfile(loaded.tokenizer_path, folder / "tokenizer.model")
+    return folder

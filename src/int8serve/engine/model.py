@@ -1,0 +1,186 @@
+"""The Llama 2 architecture in plain PyTorch: RMSNorm, rotary embeddings, grouped-query attention, SwiGLU.
+
+In the spirit of gpt-fast's `model.py` and Meta's reference `llama/model.py`, with two additions for serving:
+- every linear layer is either a full-precision `nn.Linear` (the fp32 reference) or an `Int8Linear`;
+- attention reads and writes a `KVCache` with one preallocated row per *slot*, so that several sequences at
+  different positions decode together in one forward (continuous batching).
+
+Rotary embeddings use the Hugging Face convention (`rotate_half`: the first and second half of each head are the
+pair). Meta checkpoints store interleaved pairs; the loader permutes their q/k rows once at load time.
+Weight names follow Meta's layout (`layers.N.attention.wq`, `feed_forward.w1`, ...).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from typing import Literal
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+from .config import ModelConfig
+from .int8 import COMPUTE_DTYPE, DequantBuffer, Int8Linear
+
+Precision = Literal["fp32", "int8"]
+
+
+class RMSNorm(nn.Module):
+    def __init__(self, dim: int, eps: float) -> None:
+        super().__init__()
+        self.eps = eps
+        self.weight = nn.Parameter(torch.ones(dim), requires_grad=False)
+
+    def forward(self, x: Tensor) -> Tensor:
+        x32 = x.float()
+        normed = x32 * torch.rsqrt(x32.pow(2).mean(-1, keepdim=True) + self.eps)
+        return (self.weight.float() * normed).to(x.dtype)
+
+
+def rope_tables(head_dim: int, max_seq_len: int, theta: float) -> tuple[Tensor, Tensor]:
+    """cos, sin [max_seq_len, head_dim] in fp32, halves duplicated for rotate_half."""
+    inv_freq = 1.0 / (theta ** (torch.arange(0, head_dim, 2, dtype=torch.float32, device="cpu") / head_dim))
+    angles = torch.outer(torch.arange(max_seq_len, dtype=torch.float32, device="cpu"), inv_freq)
+    angles = torch.cat([angles, angles], dim=-1)
+    return angles.cos(), angles.sin()
+
+
+def apply_rope(x: Tensor, cos: Tensor, sin: Tensor) -> Tensor:
+    # x [B, T, H, D]; cos/sin [B, T, D]
+    half = x.shape[-1] // 2
+    rotated = torch.cat([-x[..., half:], x[..., :half]], dim=-1)
+    return x * cos[:, :, None, :] + rotated * sin[:, :, None, :]
+
+
+class KVCache:
+    """Keys and values of every layer for `n_slots` sequences of up to `max_seq_len` tokens.
+
+    k[layer], v[layer]: [n_slots, n_kv_heads, max_seq_len, head_dim]. Memory is reserved with torch.empty, so
+    pages are only touched as positions are written.
+    """
+
+    def __init__(self, config: ModelConfig, n_slots: int, max_seq_len: int, dtype: torch.dtype) -> None:
+        if max_seq_len > config.max_seq_len:
+            raise ValueError(f"KV cache of {max_seq_len} positions exceeds the model's {config.max_seq_len}")
+        shape = (n_slots, config.n_kv_heads, max_seq_len, config.head_dim)
+        self.n_slots = n_slots
+        self.max_seq_len = max_seq_len
+        self.dtype = dtype
+        self.k = [torch.empty(shape, dtype=dtype) for _ in range(config.n_layers)]
+        self.v = [torch.empty(shape, dtype=dtype) for _ in range(config.n_layers)]
+
+    def nbytes(self) -> int:
+        return sum(t.numel() * t.element_size() for t in self.k + self.v)
+
+
+class Attention(nn.Module):
+    def __init__(self, config: ModelConfig, linear: type[nn.Module], **kw: object) -> None:
+        super().__init__()
+        self.n_heads, self.n_kv_heads, self.head_dim = config.n_heads, config.n_kv_heads, config.head_dim
+        self.wq = linear(config.dim, config.n_heads * config.head_dim, **kw)
+        self.wk = linear(config.dim, config.n_kv_heads * config.head_dim, **kw)
+        self.wv = linear(config.dim, config.n_kv_heads * config.head_dim, **kw)
+        self.wo = linear(config.n_heads * config.head_dim, config.dim, **kw)
+
+    def forward(self, x: Tensor, cos: Tensor, sin: Tensor, cache_k: Tensor, cache_v: Tensor,
+                slots: Sequence[int], starts: Sequence[int]) -> Tensor:
+        batch, seq, _ = x.shape
+        q = apply_rope(self.wq(x).view(batch, seq, self.n_heads, self.head_dim), cos, sin)
+        k = apply_rope(self.wk(x).view(batch, seq, self.n_kv_heads, self.head_dim), cos, sin)
+        v = self.wv(x).view(batch, seq, self.n_kv_heads, self.head_dim)
+        out = torch.empty(batch, seq, self.n_heads, self.head_dim, dtype=cache_k.dtype)
+        # One sequence at a time: each reads its own slot up to its own position, without copying the cache.
+        for row, (slot, start) in enumerate(zip(slots, starts, strict=True)):
+            end = start + seq
+            cache_k[slot, :, start:end] = k[row].transpose(0, 1)
+            cache_v[slot, :, start:end] = v[row].transpose(0, 1)
+            keys, values = cache_k[slot, :, :end], cache_v[slot, :, :end]  # [Hkv, end, D]
+            queries = q[row].transpose(0, 1).to(cache_k.dtype)  # [H, seq, D]
+            mask = None
+            if seq > 1:  # causal within the chunk, everything before it visible
+                mask = torch.arange(end)[None, :] <= torch.arange(start, end)[:, None]
+            attended = F.scaled_dot_product_attention(queries[None], keys[None], values[None],
+                                                      attn_mask=mask, enable_gqa=True)
+            out[row] = attended[0].transpose(0, 1)
+        return self.wo(out.reshape(batch, seq, -1).to(x.dtype))
+
+
+class FeedForward(nn.Module):
+    def __init__(self, config: ModelConfig, linear: type[nn.Module], **kw: object) -> None:
+        super().__init__()
+        self.w1 = linear(config.dim, config.hidden_dim, **kw)  # gate
+        self.w2 = linear(config.hidden_dim, config.dim, **kw)  # down
+        self.w3 = linear(config.dim, config.hidden_dim, **kw)  # up
+
+    def forward(self, x: Tensor) -> Tensor:
+        return self.w2(F.silu(self.w1(x)) * self.w3(x))
+
+
+class TransformerBlock(nn.Module):
+    def __init__(self, config: ModelConfig, linear: type[nn.Module], **kw: object) -> None:
+        super().__init__()
+        self.attention_norm = RMSNorm(config.dim, config.norm_eps)
+        self.attention = Attention(config, linear, **kw)
+        self.ffn_norm = RMSNorm(config.dim, config.norm_eps)
+        self.feed_forward = FeedForward(config, linear, **kw)
+
+    def forward(self, x: Tensor, cos: Tensor, sin: Tensor, cache_k: Tensor, cache_v: Tensor,
+                slots: Sequence[int], starts: Sequence[int]) -> Tensor:
+        h = x + self.attention(self.attention_norm(x), cos, sin, cache_k, cache_v, slots, starts)
+        return h + self.feed_forward(self.ffn_norm(h))
+
+
+def _dense_linear(in_features: int, out_features: int) -> nn.Linear:
+    return nn.Linear(in_features, out_features, bias=False)
+
+
+class Transformer(nn.Module):
+    """Llama 2. Build it on the meta device and let a loader assign the weights (see `loader.py`)."""
+
+    def __init__(self, config: ModelConfig, precision: Precision = "fp32") -> None:
+        super().__init__()
+        if precision not in ("fp32", "int8"):
+            raise ValueError(f"precision must be 'fp32' or 'int8', got {precision!r}")
+        self.config = config
+        self.precision = precision
+        if precision == "int8":
+            buffer = DequantBuffer()  # shared by every layer
+            linear, kw, head_kw = Int8Linear, {"buffer": buffer}, {"buffer": buffer, "refine_top": 16}
+        else:
+            linear, kw, head_kw = _dense_linear, {}, {}
+        self.tok_embeddings = nn.Embedding(config.vocab_size, config.dim)
+        self.tok_embeddings.weight.requires_grad_(False)
+        self.layers = nn.ModuleList(TransformerBlock(config, linear, **kw) for _ in range(config.n_layers))
+        self.norm = RMSNorm(config.dim, config.norm_eps)
+        self.output = linear(config.dim, config.vocab_size, **head_kw)
+        cos, sin = rope_tables(config.head_dim, config.max_seq_len, config.rope_theta)
+        self.rope_cos, self.rope_sin = cos, sin  # plain attributes: not weights, never on the meta device
+
+    @property
+    def cache_dtype(self) -> torch.dtype:
+        return COMPUTE_DTYPE if self.precision == "int8" else torch.float32
+
+    def new_cache(self, n_slots: int, max_seq_len: int | None = None) -> KVCache:
+        return KVCache(self.config, n_slots, max_seq_len or self.config.max_seq_len, self.cache_dtype)
+
+    @torch.inference_mode()
+    def forward(self, tokens: Tensor, cache: KVCache, slots: Sequence[int], starts: Sequence[int],
+                all_logits: bool = False) -> Tensor:
+        """tokens [B, T] for B sequences in cache rows `slots`, the first token of row b at position starts[b].
+
+        Returns fp32 logits [B, V] for the last position of each row, or [B, T, V] with all_logits.
+        """
+        batch, seq = tokens.shape
+        if len(slots) != batch or len(starts) != batch:
+            raise ValueError(f"{batch} rows but {len(slots)} slots and {len(starts)} starts")
+        if max(starts) + seq > cache.max_seq_len:
+            raise ValueError(f"position {max(starts) + seq} exceeds the KV cache's {cache.max_seq_len}")
+        positions = torch.tensor(list(starts))[:, None] + torch.arange(seq)[None, :]  # [B, T]
+        cos, sin = self.rope_cos[positions], self.rope_sin[positions]  # [B, T, D]
+        x = self.tok_embeddings(tokens).float()  # the residual stream stays fp32
+        for i, layer in enumerate(self.layers):
+            x = layer(x, cos, sin, cache.k[i], cache.v[i], slots, starts)
+        if not all_logits:
+            x = x[:, -1:, :]
+        logits = self.output(self.norm(x)).float()
+        return logits if all_logits else logits[:, 0, :]

@@ -1,0 +1,97 @@
+"""Choosing the next token from logits: penalties, temperature, top-k, top-p, seeded sampling.
+
+Each sequence owns a `Sampler` with its own `torch.Generator`, so a seeded request draws the same random numbers
+whatever else runs beside it. Semantics follow the peers users compare against:
+- `repetition_penalty` is multiplicative over prompt and generated tokens (Hugging Face / TGI / vLLM);
+- `frequency_penalty` and `presence_penalty` are additive over generated tokens (OpenAI / vLLM);
+- `temperature == 0` means greedy; `top_k` and `top_p` filter after temperature.
+"""
+
+from __future__ import annotations
+
+import secrets
+from collections.abc import Iterable
+from dataclasses import dataclass
+
+import torch
+from torch import Tensor
+
+MAX_SEED = 2**63 - 1
+
+
+@dataclass(frozen=True)
+class SamplingParams:
+    temperature: float = 0.6  # Workers AI's default for this model
+    top_p: float = 1.0
+    top_k: int = 0  # 0 = no top-k filter
+    repetition_penalty: float = 1.0
+    frequency_penalty: float = 0.0
+    presence_penalty: float = 0.0
+    seed: int | None = None  # None = a fresh random seed per request
+
+    def __post_init__(self) -> None:
+        checks = [
+            (self.temperature >= 0, "temperature must be >= 0"),
+            (0 < self.top_p <= 1, "top_p must be in (0, 1]"),
+            (self.top_k >= 0, "top_k must be >= 0"),
+            (self.repetition_penalty > 0, "repetition_penalty must be > 0"),
+            (self.seed is None or 0 <= self.seed <= MAX_SEED, f"seed must be in [0, {MAX_SEED}]"),
+        ]
+        for ok, message in checks:
+            if not ok:
+                raise ValueError(message)
+
+    @property
+    def greedy(self) -> bool:
+        return self.temperature == 0
+
+
+class Sampler:
+    """Samples the tokens of one sequence; remembers what it has seen for the penalties."""
+
+    def __init__(self, params: SamplingParams, vocab_size: int, prompt_ids: Iterable[int] = ()) -> None:
+        self.params = params
+        self.seed = params.seed if params.seed is not None else secrets.randbits(63)
+        self.generator = torch.Generator().manual_seed(self.seed)
+        self.output_counts = torch.zeros(vocab_size, dtype=torch.float32)
+        self.seen = torch.zeros(vocab_size, dtype=torch.bool)
+        ids = torch.tensor(list(prompt_ids), dtype=torch.long)
+        if ids.numel():
+            self.seen[ids.clamp(0, vocab_size - 1)] = True
+
+    def observe(self, token_id: int) -> None:
+        """Record a generated token (for the penalties)."""
+        self.output_counts[token_id] += 1
+        self.seen[token_id] = True
+
+    def sample(self, logits: Tensor) -> int:
+        """logits [V] (fp32) -> the next token id. Does not record it: call observe()."""
+        logits = self._penalize(logits.float().clone())
+        if self.params.greedy:
+            return int(torch.argmax(logits))
+        probs = torch.softmax(self._filter(logits / self.params.temperature), dim=-1)
+        return int(torch.multinomial(probs, 1, generator=self.generator))
+
+    def _penalize(self, logits: Tensor) -> Tensor:
+        p = self.params
+        if p.repetition_penalty != 1.0:
+            seen = logits[self.seen]
+            logits[self.seen] = torch.where(seen < 0, seen * p.repetition_penalty, seen / p.repetition_penalty)
+        if p.frequency_penalty or p.presence_penalty:
+            logits -= p.frequency_penalty * self.output_counts
+            logits -= p.presence_penalty * (self.output_counts > 0).float()
+        return logits
+
+    def _filter(self, logits: Tensor) -> Tensor:
+        p = self.params
+        if p.top_k and p.top_k < logits.numel():
+            kth = torch.topk(logits, p.top_k).values[-1]
+            logits = logits.masked_fill(logits < kth, float("-inf"))
+        if p.top_p < 1.0:
+            sorted_logits, order = torch.sort(logits, descending=True)
+            cumulative = torch.softmax(sorted_logits, dim=-1).cumsum(dim=-1)
+            # drop a token when the ones before it already reach top_p; the most likely token always stays
+            drop_sorted = (cumulative - torch.softmax(sorted_logits, dim=-1)) >= p.top_p
+            drop_sorted[0] = False
+            logits = logits.masked_fill(torch.zeros_like(drop_sorted).scatter(0, order, drop_sorted), float("-inf"))
+        return logits

@@ -1,0 +1,120 @@
+"""The Llama tokenizer: SentencePiece ids for text and for rendered chat templates.
+
+The engine needs three things from a tokenizer: ids for a prompt rendered by
+:mod:`int8serve.engine.chat_template`, text for generated ids (whole, and streamed with
+:class:`~int8serve.engine.detokenizer.IncrementalDetokenizer`), and the BOS/EOS ids. This wraps
+``sentencepiece.SentencePieceProcessor`` loaded from a ``tokenizer.model`` file.
+
+How a rendered template becomes ids (:meth:`Tokenizer.encode_segments`) -- facts checked against
+the Hugging Face ``tokenizer.json`` of Llama 2 and stories260K (``tokenizers`` 0.23):
+
+* HF splits the text on its special tokens ``<s>``/``</s>``/``<unk>`` first and normalizes each
+  piece between them separately, so every such piece gets its own ``▁`` dummy prefix
+  (``</s><s>[INST]`` gives ``▁[``, id 518, like Meta's per-turn encoding). Encoding each text
+  segment with SentencePiece (which adds the dummy prefix per call) therefore gives the same ids.
+  Adjacent text must be one segment for this to hold; the template merges it.
+* HF's post-processor always prepends BOS, so a template starting with ``<s>`` (messages without a
+  system prompt) gets *two* BOS from ``tokenizer(text)``. We emit exactly one, as the contract
+  recommends (§6.1) and as Meta's reference encoder does; this is the only difference from
+  ``hf.encode(text)``, and it equals ``hf.encode(text, add_special_tokens=False)`` in that case.
+* HF turns ``<s>``/``</s>``/``<unk>`` typed *inside user content* into control ids as well; we do
+  not (the template marks its own controls as :class:`~int8serve.engine.chat_template.Control`),
+  so a user cannot forge turn boundaries. Plain text gives identical ids in SentencePiece, in HF
+  with ``encode_special_tokens = True``, and here.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable
+from functools import cached_property
+from pathlib import Path
+
+import sentencepiece
+
+from int8serve.engine.chat_template import Control, Segment
+from int8serve.engine.detokenizer import IncrementalDetokenizer, PieceTable
+
+__all__ = ["Tokenizer"]
+
+
+class Tokenizer:
+    """A SentencePiece tokenizer loaded from a ``tokenizer.model`` file."""
+
+    def __init__(self, model_path: str | Path) -> None:
+        self.path = Path(model_path)
+        self._sp = _load(self.path)
+        if self._sp.bos_id() < 0 or self._sp.eos_id() < 0:
+            raise ValueError(f"tokenizer model {self.path} defines no BOS or no EOS piece")
+
+    @property
+    def bos_id(self) -> int:
+        """Id of ``<s>``, the beginning-of-sequence control token."""
+        return self._sp.bos_id()
+
+    @property
+    def eos_id(self) -> int:
+        """Id of ``</s>``, the end-of-sequence control token."""
+        return self._sp.eos_id()
+
+    @property
+    def vocab_size(self) -> int:
+        """Number of pieces, i.e. one more than the largest valid id."""
+        return self._sp.get_piece_size()
+
+    @property
+    def processor(self) -> sentencepiece.SentencePieceProcessor:
+        """The underlying SentencePiece processor (read-only use)."""
+        return self._sp
+
+    def encode(self, text: str, bos: bool = False) -> list[int]:
+        """SentencePiece ids of ``text``, optionally after BOS. Typed ``<s>`` stays text."""
+        ids = self._sp.encode(text)
+        return [self.bos_id, *ids] if bos else ids
+
+    def encode_segments(self, segments: Iterable[Segment]) -> list[int]:
+        """Ids of a rendered template: exactly one leading BOS, controls as ids, text encoded.
+
+        A BOS marker at the very start is the leading BOS itself, not a second one. Later markers
+        (the ``</s><s>`` between turns) become their ids.
+        """
+        ids = [self.bos_id]
+        for index, segment in enumerate(segments):
+            if segment is Control.BOS:
+                if index > 0:
+                    ids.append(self.bos_id)
+            elif segment is Control.EOS:
+                ids.append(self.eos_id)
+            elif isinstance(segment, str):
+                ids.extend(self._sp.encode(segment))
+            else:
+                raise TypeError(f"a segment is a str or a Control, not {type(segment).__name__}")
+        return ids
+
+    def decode(self, ids: Iterable[int]) -> str:
+        """Text of ``ids``, exactly as ``SentencePieceProcessor.decode`` gives it."""
+        return self._sp.decode(list(ids))
+
+    def detokenizer(self) -> IncrementalDetokenizer:
+        """A fresh streaming detokenizer for one sequence (the piece table is shared)."""
+        return IncrementalDetokenizer(self._piece_table)
+
+    @cached_property
+    def _piece_table(self) -> PieceTable:
+        return PieceTable.from_processor(self._sp)
+
+    def __repr__(self) -> str:
+        return f"Tokenizer({str(self.path)!r}, vocab_size={self.vocab_size})"
+
+
+def _load(path: Path) -> sentencepiece.SentencePieceProcessor:
+    """Load a SentencePiece model, with errors that name the file."""
+    if not path.exists():
+        raise FileNotFoundError(f"tokenizer model not found: {path}")
+    if not path.is_file():
+        raise ValueError(f"tokenizer model path is not a file: {path}")
+    sp = sentencepiece.SentencePieceProcessor()
+    try:
+        sp.Load(str(path))
+    except (RuntimeError, OSError) as exc:
+        raise ValueError(f"not a valid SentencePiece tokenizer model: {path} ({exc})") from exc
+    return sp

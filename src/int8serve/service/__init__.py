@@ -1,0 +1,1 @@
+"""The HTTP service: routes, auth, validation, errors, streaming. Never touches a tensor."""

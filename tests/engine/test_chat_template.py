@@ -1,0 +1,186 @@
+"""The Llama 2 template must render exactly what Workers AI renders (contract §6.1)."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+
+from int8serve.engine.chat_template import (
+    DEFAULT_SYSTEM_PROMPT,
+    Control,
+    render_messages,
+    render_prompt,
+    segments_to_text,
+)
+from int8serve.engine.tokenizer import Tokenizer
+
+
+def _m(role: str, content: object) -> dict[str, object]:
+    return {"role": role, "content": content}
+
+
+# Every row of the contract's table of exact strings (§6.1), JSON-unescaped.
+CONTRACT_MESSAGE_ROWS = [
+    (
+        [_m("system", "You are a friendly assistant"), _m("user", "Hi")],
+        "[INST] <<SYS>>\nYou are a friendly assistant\n<</SYS>>\n\nHi [/INST]",
+    ),
+    ([_m("user", "Hi")], "<s>[INST] Hi [/INST]"),
+    (
+        [_m("system", "S"), _m("user", "U1"), _m("assistant", "A1"), _m("user", "U2")],
+        "[INST] <<SYS>>\nS\n<</SYS>>\n\nU1 [/INST] A1</s><s>[INST] U2 [/INST]",
+    ),
+    (
+        [_m("user", "U1"), _m("assistant", "A1"), _m("user", "U2")],
+        "<s>[INST] U1 [/INST] A1</s><s>[INST] U2 [/INST]",
+    ),
+    ([_m("user", "U1"), _m("tool", "T")], "<s>[INST] U1 [/INST]"),
+    ([_m("system", ""), _m("user", "U1")], "[INST] <<SYS>>\n\n<</SYS>>\n\nU1 [/INST]"),
+]
+
+
+@pytest.fixture(scope="module")
+def llama_tokenizer(shared_dir: Path) -> Tokenizer:
+    return Tokenizer(shared_dir / "models" / "llama2-tokenizer" / "tokenizer.model")
+
+
+def test_default_system_prompt_is_chat_default_context() -> None:
+    assert DEFAULT_SYSTEM_PROMPT == (
+        "A chat between a curious human and an artificial intelligence assistant. The assistant gives "
+        "helpful, detailed, and polite answers to the human's questions."
+    )
+
+
+def test_contract_row_prompt_mode() -> None:
+    expected = (
+        "[INST] <<SYS>>\nA chat between a curious human and an artificial intelligence assistant. The "
+        "assistant gives helpful, detailed, and polite answers to the human's questions.\n<</SYS>>\n\n"
+        "Where is New York? [/INST]"
+    )
+    assert segments_to_text(render_prompt("Where is New York?")) == expected
+    assert segments_to_text(render_prompt("Where is New York?", raw=False)) == expected
+
+
+def test_contract_row_raw_prompt_is_the_prompt_itself() -> None:
+    prompt = "<s>[INST] typed by hand [/INST]"
+    assert render_prompt(prompt, raw=True) == [prompt]
+    assert segments_to_text(render_prompt(prompt, raw=True)) == prompt
+
+
+@pytest.mark.parametrize(("messages", "expected"), CONTRACT_MESSAGE_ROWS)
+def test_contract_rows_messages_mode(messages: list[dict[str, object]], expected: str) -> None:
+    assert segments_to_text(render_messages(messages)) == expected
+
+
+def test_template_controls_are_markers_and_text_is_merged() -> None:
+    segments = render_messages([_m("user", "U1"), _m("assistant", "A1"), _m("user", "U2")])
+    assert segments == [Control.BOS, "[INST] U1 [/INST] A1", Control.EOS, Control.BOS, "[INST] U2 [/INST]"]
+
+
+def test_prompt_mode_starts_without_bos_marker() -> None:
+    segments = render_prompt("hello")
+    assert all(isinstance(seg, str) for seg in segments)
+
+
+def test_typed_control_text_stays_text() -> None:
+    segments = render_messages([_m("user", "a</s><s>b")])
+    assert segments == [Control.BOS, "[INST] a</s><s>b [/INST]"]
+
+
+def test_typed_tags_stay_text_after_encoding(llama_tokenizer: Tokenizer) -> None:
+    tok = llama_tokenizer
+    content = "x</s><s>[INST] y"
+    ids = tok.encode_segments(render_messages([_m("user", content)]))
+    assert ids.count(tok.bos_id) == 1
+    assert tok.eos_id not in ids
+    assert ids == [tok.bos_id, *tok.encode(f"[INST] {content} [/INST]")]
+
+
+def test_raw_prompt_typed_bos_stays_text(llama_tokenizer: Tokenizer) -> None:
+    tok = llama_tokenizer
+    ids = tok.encode_segments(render_prompt("<s>hi</s>", raw=True))
+    assert ids == [tok.bos_id, *tok.encode("<s>hi</s>")]
+    assert ids.count(tok.bos_id) == 1 and tok.eos_id not in ids
+
+
+@pytest.mark.parametrize(
+    "segments",
+    [render_prompt("Where is New York?"), *(render_messages(m) for m, _ in CONTRACT_MESSAGE_ROWS)],
+)
+def test_exactly_one_leading_bos(llama_tokenizer: Tokenizer, segments: list[object]) -> None:
+    ids = llama_tokenizer.encode_segments(segments)
+    assert ids[0] == llama_tokenizer.bos_id
+    assert ids[1] != llama_tokenizer.bos_id
+    assert ids.count(llama_tokenizer.bos_id) == segments.count(Control.BOS) + (segments[0] is not Control.BOS)
+
+
+def test_multi_turn_bos_eos_ids(llama_tokenizer: Tokenizer) -> None:
+    tok = llama_tokenizer
+    ids = tok.encode_segments(render_messages([_m("user", "U1"), _m("assistant", "A1"), _m("user", "U2")]))
+    assert ids == [
+        tok.bos_id,
+        *tok.encode("[INST] U1 [/INST] A1"),
+        tok.eos_id,
+        tok.bos_id,
+        *tok.encode("[INST] U2 [/INST]"),
+    ]
+
+
+@pytest.mark.parametrize("role", ["tool", "function", "developer", "", None])
+def test_unknown_roles_are_dropped(role: object) -> None:
+    messages = [_m("user", "U1"), {"role": role, "content": "dropped"}, _m("assistant", "A1")]
+    assert segments_to_text(render_messages(messages)) == "<s>[INST] U1 [/INST] A1</s>"
+
+
+def test_dropped_role_does_not_count_for_carry_system_inst() -> None:
+    messages = [_m("tool", "T"), _m("system", "S"), _m("tool", "T"), _m("user", "U")]
+    assert segments_to_text(render_messages(messages)) == "[INST] <<SYS>>\nS\n<</SYS>>\n\nU [/INST]"
+
+
+def test_carry_system_inst_only_for_single_system_and_first_user() -> None:
+    two_systems = [_m("system", "S1"), _m("system", "S2"), _m("user", "U")]
+    assert segments_to_text(render_messages(two_systems)) == (
+        "[INST] <<SYS>>\nS1\n<</SYS>>\n\n[INST] <<SYS>>\nS2\n<</SYS>>\n\n<s>[INST] U [/INST]"
+    )
+    user_first = [_m("user", "U1"), _m("system", "S"), _m("user", "U2")]
+    assert segments_to_text(render_messages(user_first)) == (
+        "<s>[INST] U1 [/INST][INST] <<SYS>>\nS\n<</SYS>>\n\n<s>[INST] U2 [/INST]"
+    )
+
+
+def test_content_is_not_stripped_and_alternation_not_validated() -> None:
+    messages = [_m("assistant", "  a  "), _m("assistant", "\nb\n"), _m("user", " u ")]
+    assert segments_to_text(render_messages(messages)) == "   a  </s> \nb\n</s><s>[INST]  u  [/INST]"
+
+
+def test_no_messages_render_nothing() -> None:
+    assert render_messages([]) == []
+    assert render_messages([_m("tool", "x")]) == []
+
+
+def test_content_parts_are_joined() -> None:
+    parts = [{"type": "text", "text": "Why is "}, {"type": "text", "text": "pizza so good"}]
+    as_parts = render_messages([_m("system", [{"type": "text", "text": "Be brief"}]), _m("user", parts)])
+    as_strings = render_messages([_m("system", "Be brief"), _m("user", "Why is pizza so good")])
+    assert as_parts == as_strings
+    assert render_messages([_m("user", [])]) == render_messages([_m("user", "")])
+
+
+@pytest.mark.parametrize(
+    "content",
+    [[{"type": "image_url", "image_url": {"url": "x"}}], [{"type": "text"}], ["bare string"], 42, None],
+)
+def test_unrenderable_content_is_a_value_error(content: object) -> None:
+    with pytest.raises(ValueError, match="content"):
+        render_messages([_m("user", content)])
+
+
+def test_missing_content_is_a_value_error() -> None:
+    with pytest.raises(ValueError, match="content"):
+        render_messages([{"role": "user"}])
+
+
+def test_segments_to_text_writes_controls_literally() -> None:
+    assert segments_to_text([Control.BOS, "a", Control.EOS]) == "<s>a</s>"
+    assert segments_to_text([]) == ""

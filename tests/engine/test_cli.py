@@ -1,0 +1,73 @@
+"""The int8serve command as a user runs it: a real subprocess, real files."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+
+def run(*args: str, cache: Path) -> subprocess.CompletedProcess:
+    env = {**os.environ, "INT8SERVE_CACHE": str(cache)}
+    return subprocess.run([sys.executable, "-m", "int8serve", *args], capture_output=True, text=True, env=env,
+                          timeout=300)
+
+
+@pytest.fixture(scope="module")
+def cache(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    return tmp_path_factory.mktemp("cache")
+
+
+def test_generate_with_the_demo_model_warns_and_reports_figures(cache: Path) -> None:
+    result = run("generate", "Hello there", "--max-tokens", "12", "--seed", "3", cache=cache)
+    assert result.returncode == 0, result.stderr
+    assert "RANDOM weights" in result.stderr and "meaningless" in result.stderr
+    assert "generated tokens 12" in result.stderr and "decode" in result.stderr and "tok/s" in result.stderr
+    again = run("generate", "Hello there", "--max-tokens", "12", "--seed", "3", cache=cache)
+    assert again.stdout == result.stdout  # same seed, same text
+    assert (cache / "demo-v1" / "tokenizer.model").is_file()
+
+
+def test_generate_real_model_raw_greedy(cache: Path, stories_hf: Path) -> None:
+    result = run("generate", "--model", str(stories_hf), "--raw", "--temperature", "0", "--max-tokens", "30",
+                 "Once upon a time", cache=cache)
+    assert result.returncode == 0, result.stderr
+    assert result.stdout.startswith(", there was a little girl named Lily")
+    assert "prompt tokens 5, generated tokens 30" in result.stderr
+
+
+def test_quantize_then_generate_from_the_int8_checkpoint(cache: Path, stories_meta: Path, tmp_path: Path) -> None:
+    out = tmp_path / "int8"
+    result = run("quantize", str(stories_meta), str(out), cache=cache)
+    assert result.returncode == 0, result.stderr
+    assert {p.name for p in out.iterdir()} >= {"int8serve.json", "model.safetensors", "tokenizer.model"}
+    gen = run("generate", "--model", str(out), "--raw", "--temperature", "0", "--max-tokens", "30",
+              "Once upon a time", cache=cache)
+    assert gen.returncode == 0, gen.stderr
+    assert gen.stdout.startswith(", there was a little girl named Lily")
+
+
+def test_eval_ppl_compare_to_fp32_prints_the_metrics(cache: Path, stories_hf: Path, shared_dir: Path) -> None:
+    result = run("eval-ppl", "--model", str(stories_hf), "--text", str(shared_dir / "corpus" / "tinystories.txt"),
+                 "--compare-to", "fp32", "--max-windows", "8", cache=cache)
+    assert result.returncode == 0, result.stderr
+    assert "PPL ratio" in result.stdout and "KLD" in result.stdout and "top-1" in result.stdout
+    assert "over 2048 tokens in 8 windows" in result.stdout
+
+
+@pytest.mark.parametrize(
+    ("args", "message"),
+    [
+        (["generate", "--model", "/no/such/model", "hi"], "no such model folder"),
+        (["generate", "--max-tokens", "0", "hi"], "--max-tokens must be at least 1"),
+        (["generate", "--temperature", "-1", "hi"], "temperature"),
+        (["eval-ppl", "--text", "/no/such/file.txt"], "no such file"),
+    ],
+)
+def test_user_errors_are_one_clear_line(cache: Path, args: list[str], message: str) -> None:
+    result = run(*args, cache=cache)
+    assert result.returncode == 2
+    assert message in result.stderr and "Traceback" not in result.stderr

@@ -1,0 +1,91 @@
+"""The model against Hugging Face transformers' LlamaForCausalLM, and the KV cache's batching contract."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+import torch
+from transformers import LlamaConfig, LlamaForCausalLM
+
+from int8serve.engine.loader import load_model
+
+TOKENS = [1, 403, 407, 261, 378, 100, 20, 300, 5, 77, 12, 499]
+
+
+def hf_logits(path: Path, ids: list[int]) -> torch.Tensor:
+    model = LlamaForCausalLM.from_pretrained(path, dtype=torch.float32).eval()
+    with torch.no_grad():
+        return model(torch.tensor([ids])).logits[0]
+
+
+def our_logits(path: Path, ids: list[int], precision: str = "fp32") -> torch.Tensor:
+    model = load_model(path, precision).model
+    return model(torch.tensor([ids]), model.new_cache(1, len(ids)), [0], [0], all_logits=True)[0]
+
+
+def test_stories260k_fp32_logits_match_transformers(stories_hf: Path) -> None:
+    diff = (our_logits(stories_hf, TOKENS) - hf_logits(stories_hf, TOKENS)).abs().max().item()
+    assert diff <= 1e-4
+
+
+@pytest.mark.parametrize(
+    ("name", "overrides"),
+    [
+        ("multi-head", dict(num_attention_heads=4, num_key_value_heads=4)),
+        ("grouped-query", dict(num_attention_heads=8, num_key_value_heads=2)),
+        ("untied-odd-sizes", dict(hidden_size=48, intermediate_size=77, num_attention_heads=6,
+                                  num_key_value_heads=3, vocab_size=203, tie_word_embeddings=False)),
+        ("tied-theta", dict(tie_word_embeddings=True, rope_theta=500000.0)),
+    ],
+)
+def test_random_configs_match_transformers(tmp_path: Path, name: str, overrides: dict) -> None:
+    values = dict(hidden_size=64, intermediate_size=160, num_hidden_layers=3, num_attention_heads=4,
+                  num_key_value_heads=2, vocab_size=256, max_position_embeddings=128, rms_norm_eps=1e-5,
+                  tie_word_embeddings=False)
+    values.update(overrides)
+    torch.manual_seed(hash(name) % 1000)
+    LlamaForCausalLM(LlamaConfig(**values)).save_pretrained(tmp_path)
+    ids = torch.randint(0, values["vocab_size"], (20,)).tolist()
+    diff = (our_logits(tmp_path, ids) - hf_logits(tmp_path, ids)).abs().max().item()
+    assert diff <= 1e-4, name
+
+
+def test_hf_and_meta_layouts_give_identical_logits(stories_hf: Path, stories_meta: Path) -> None:
+    for precision in ("fp32", "int8"):
+        hf, meta = our_logits(stories_hf, TOKENS, precision), our_logits(stories_meta, TOKENS, precision)
+        assert torch.equal(hf, meta), precision
+
+
+@pytest.mark.parametrize("precision", ["fp32", "int8"])
+def test_chunked_prefill_and_decode_equal_one_forward(stories_hf: Path, precision: str) -> None:
+    model = load_model(stories_hf, precision).model
+    ids = torch.tensor([TOKENS])
+    whole = model(ids, model.new_cache(1, 32), [0], [0], all_logits=True)[0]
+    cache = model.new_cache(2, 32)
+    pieces = [model(ids[:, :5], cache, [1], [0], all_logits=True)[0]]
+    pieces += [model(ids[:, i:i + 1], cache, [1], [i], all_logits=True)[0] for i in range(5, len(TOKENS))]
+    # int8 routes 1-row and many-row matmuls through different kernels (both bf16): they agree to rounding
+    tolerance = 1e-4 if precision == "fp32" else 0.25
+    assert (torch.cat(pieces) - whole).abs().max().item() <= tolerance
+    assert torch.equal(torch.cat(pieces).argmax(-1), whole.argmax(-1)) or precision == "int8"
+
+
+def test_batched_decode_rows_are_independent(stories_int8) -> None:
+    """Sequences at different positions in different slots decode together as they would alone."""
+    model = stories_int8.model
+    prompts = [TOKENS[:3], TOKENS[:7], TOKENS[2:11]]
+    alone, cache = [], model.new_cache(4, 32)
+    for i, prompt in enumerate(prompts):
+        solo = model.new_cache(1, 32)
+        model(torch.tensor([prompt]), solo, [0], [0])
+        alone.append(model(torch.tensor([[9]]), solo, [0], [len(prompt)]))
+        model(torch.tensor([prompt]), cache, [i + 1], [0])
+    together = model(torch.tensor([[9], [9], [9]]), cache, [1, 2, 3], [len(p) for p in prompts])
+    assert torch.equal(torch.cat(alone), together)
+
+
+def test_forward_rejects_positions_past_the_cache(stories_fp32) -> None:
+    model = stories_fp32.model
+    with pytest.raises(ValueError, match="exceeds the KV cache"):
+        model(torch.tensor([[1, 2, 3]]), model.new_cache(1, 2), [0], [0])

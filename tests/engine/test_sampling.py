@@ -1,0 +1,60 @@
+"""Sampling: greedy, seeds, filters and penalties with the semantics users expect from HF/OpenAI."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from int8serve.engine.sampling import Sampler, SamplingParams
+
+
+def draws(params: SamplingParams, logits: torch.Tensor, n: int = 50) -> list[int]:
+    sampler = Sampler(params, logits.numel())
+    return [sampler.sample(logits) for _ in range(n)]
+
+
+def test_greedy_takes_the_argmax() -> None:
+    logits = torch.tensor([0.1, 3.0, 2.9, -1.0])
+    assert draws(SamplingParams(temperature=0), logits, 5) == [1] * 5
+
+
+def test_same_seed_same_draws_and_different_seed_differs() -> None:
+    logits = torch.randn(100)
+    a = draws(SamplingParams(temperature=1.0, seed=42), logits)
+    assert a == draws(SamplingParams(temperature=1.0, seed=42), logits)
+    assert a != draws(SamplingParams(temperature=1.0, seed=43), logits)
+
+
+def test_unseeded_samplers_get_different_seeds() -> None:
+    assert Sampler(SamplingParams(), 10).seed != Sampler(SamplingParams(), 10).seed
+
+
+def test_top_k_and_top_p_limit_the_candidates() -> None:
+    logits = torch.tensor([5.0, 4.0, 3.0, 2.0, 1.0, 0.0])
+    assert set(draws(SamplingParams(temperature=5.0, top_k=2, seed=1), logits, 200)) == {0, 1}
+    probs = torch.softmax(logits, -1)  # 0.636, 0.234, 0.086 ...: top_p 0.8 keeps the first two
+    assert probs[:1].sum() < 0.8 <= probs[:2].sum()
+    assert set(draws(SamplingParams(temperature=1.0, top_p=0.8, seed=1), logits, 300)) == {0, 1}
+    assert set(draws(SamplingParams(temperature=1.0, top_p=0.01, seed=1), logits, 50)) == {0}
+
+
+def test_repetition_penalty_is_multiplicative_over_prompt_and_output() -> None:
+    sampler = Sampler(SamplingParams(temperature=0, repetition_penalty=2.0), 4, prompt_ids=[0])
+    sampler.observe(2)
+    out = sampler._penalize(torch.tensor([4.0, 3.0, -1.0, 1.0]))
+    assert out.tolist() == [2.0, 3.0, -2.0, 1.0]
+
+
+def test_frequency_and_presence_penalties_are_additive_over_output() -> None:
+    sampler = Sampler(SamplingParams(temperature=0, frequency_penalty=0.5, presence_penalty=1.0), 3, [1])
+    for token in (0, 0, 2):
+        sampler.observe(token)
+    out = sampler._penalize(torch.zeros(3))
+    assert out.tolist() == [-2.0, 0.0, -1.5]  # prompt tokens are not penalised
+
+
+@pytest.mark.parametrize("bad", [dict(temperature=-1), dict(top_p=0), dict(top_p=1.5), dict(top_k=-1),
+                                 dict(repetition_penalty=0), dict(seed=-5)])
+def test_invalid_params_are_refused(bad: dict) -> None:
+    with pytest.raises(ValueError):
+        SamplingParams(**bad)
