@@ -1,0 +1,1 @@
+"""Model catalog entries (cards): parsing, limits, schemas and serving policies."""

@@ -1,0 +1,424 @@
+"""The built-in card is the seed verbatim, parses to the right typed values, and broken cards fail clearly."""
+
+from __future__ import annotations
+
+import uuid
+from importlib import resources
+from pathlib import Path
+
+import jsonschema
+import pytest
+
+from int8serve.catalog.card import CardError, ModelCard, builtin_cards, load_card, parse_card
+
+SHARED = Path(__file__).resolve().parents[3] / "shared"
+SEED = SHARED / "seeds" / "000_ef2d276774d6e394.txt"
+NAME = "@cf/meta/llama-2-7b-chat-int8"
+
+
+@pytest.fixture(scope="module")
+def seed_text() -> str:
+    if not SEED.is_file():
+        pytest.fail(f"the seed card is missing: {SEED} (tests need ../shared next to the project)")
+    return SEED.read_text(encoding="utf-8")
+
+
+@pytest.fixture(scope="module")
+def card(seed_text: str) -> ModelCard:
+    (only,) = builtin_cards()
+    return only
+
+
+def test_builtin_card_is_the_seed_byte_for_byte(seed_text: str) -> None:
+    shipped = resources.files("int8serve.catalog").joinpath("cards", "llama-2-7b-chat-int8.txt")
+    assert shipped.read_bytes() == SEED.read_bytes()
+
+
+def test_identity_fields(card: ModelCard) -> None:
+    assert card.id == "9c95c39d-45b3-4163-9631-22f0c0dc3b14"
+    assert card.source == 1
+    assert card.name == NAME
+    assert card.description == "Quantized (int8) generative text model with 7 billion parameters from Meta"
+    assert card.task.id == "c329a1f9-323d-4e91-b2aa-582dd4188d34"
+    assert card.task.name == "Text Generation"
+    assert card.task.description.startswith("Family of generative text models")
+    assert card.tags == ("meta", "text-generation")
+    assert card.author == "meta"
+    assert card.display_name == "llama-2-7b-chat-int8"
+    assert card.front_matter["title"] == "llama-2-7b-chat-int8"
+    assert card.front_matter["task_type"] == "text-generation"
+    assert card.source_path.endswith("llama-2-7b-chat-int8.txt")
+
+
+def test_properties_raw(card: ModelCard) -> None:
+    assert [p["property_id"] for p in card.property_list] == [
+        "terms",
+        "info",
+        "context_length_limit",
+        "sequence_length_limit",
+        "constellation_config",
+    ]
+    assert all(isinstance(p["value"], str) for p in card.property_list)
+    assert card.properties["terms"] == "https://ai.meta.com/resources/models-and-libraries/llama-downloads/"
+    assert card.properties["info"] == "https://ai.meta.com/llama/"
+    assert card.properties["context_length_limit"] == "2048"
+    assert card.properties["constellation_config"].startswith("infer_response_cache: in_memory\n")
+
+
+def test_typed_limits(card: ModelCard) -> None:
+    assert card.context_length_limit == 2048
+    assert card.sequence_length_limit == 1800
+    assert card.max_concurrent_requests == 4
+    assert card.default_max_tokens == 256
+    for value in (card.context_length_limit, card.sequence_length_limit, card.max_concurrent_requests):
+        assert type(value) is int
+
+
+def test_policy(card: ModelCard) -> None:
+    policy = card.policy
+    assert policy.response_cache == "in_memory"
+    assert policy.rate_limit.default_rpm == 5
+    assert policy.rate_limit.accounts == {"32118455": 60, "50147400": 60, "48546443": 1000, "56599770": 1000}
+    assert [(c.metric, c.cost) for c in policy.neuron_costs] == [("input_tokens", 0.1836), ("output_tokens", 0.1836)]
+
+
+@pytest.mark.parametrize(
+    ("account", "rpm"),
+    [("32118455", 60), ("50147400", 60), ("48546443", 1000), ("56599770", 1000), ("11111111", 5), ("", 5)],
+)
+def test_rpm_for(card: ModelCard, account: str, rpm: int) -> None:
+    assert card.policy.rpm_for(account) == rpm
+
+
+def test_neurons(card: ModelCard) -> None:
+    assert card.policy.neurons(100, 50) == pytest.approx(27.54)
+    assert card.policy.neurons(100, 50) == 27.54  # rounded, no float noise
+    assert card.policy.neurons(0, 0) == 0.0
+    assert card.policy.neurons(1, 0) == pytest.approx(0.1836)
+    assert card.policy.neurons(2048, 0) == pytest.approx(376.0128)
+    with pytest.raises(ValueError, match="input_tokens"):
+        card.policy.neurons(-1, 0)
+
+
+def test_neurons_with_different_costs(seed_text: str) -> None:
+    text = seed_text.replace(
+        "name: output_tokens\\n      neuron_cost: 0.1836", "name: output_tokens\\n      neuron_cost: 1.5"
+    )
+    assert parse_card(text, "x").policy.neurons(10, 3) == pytest.approx(10 * 0.1836 + 3 * 1.5)
+
+
+def test_schemas_are_parsed_and_valid(card: ModelCard) -> None:
+    assert card.input_schema["type"] == "object"
+    assert len(card.input_schema["oneOf"]) == 2
+    assert card.input_schema["oneOf"][0]["properties"]["prompt"]["maxLength"] == 4096
+    assert card.output_schema["oneOf"][1]["contentType"] == "text/event-stream"
+    for schema in (card.input_schema, card.output_schema):
+        jsonschema.validators.validator_for(schema).check_schema(schema)
+
+
+def _errors(card: ModelCard, body: object) -> list[str]:
+    return [e.message for e in card.input_validator.iter_errors(body)]
+
+
+def test_input_schema_validation(card: ModelCard) -> None:
+    assert _errors(card, {"prompt": "Tell me a story"}) == []
+    assert _errors(card, {"prompt": "x" * 4096, "max_tokens": 10, "stream": True, "raw": False}) == []
+    assert _errors(card, {"messages": [{"role": "user", "content": "hi"}]}) == []
+    jsonschema.validate({"prompt": "hi"}, card.input_schema)  # the plain library call agrees
+
+    with pytest.raises(jsonschema.ValidationError) as info:
+        jsonschema.validate({"prompt": "x" * 4097}, card.input_schema)
+    assert info.value.validator == "maxLength"  # best_match picks the prompt branch's error
+    assert list(info.value.absolute_path) == ["prompt"]
+    (top,) = card.input_validator.iter_errors({"prompt": "x" * 4097})
+    assert top.validator == "oneOf"
+    assert any("is too long" in sub.message for sub in top.context)
+    assert _errors(card, {"messages": [{"role": "user", "content": "x" * 4097}]}) != []
+
+    both = {"prompt": "hi", "messages": [{"role": "user", "content": "hi"}]}
+    with pytest.raises(jsonschema.ValidationError) as info:
+        jsonschema.validate(both, card.input_schema)
+    assert info.value.validator == "oneOf"
+
+    assert _errors(card, {}) != []
+    assert _errors(card, {"prompt": "hi", "max_tokens": "ten"}) != []
+    assert _errors(card, {"messages": [{"role": "user"}]}) != []
+
+
+def test_search_result(card: ModelCard) -> None:
+    result = card.to_search_result()
+    assert result == {
+        "id": "9c95c39d-45b3-4163-9631-22f0c0dc3b14",
+        "source": 1,
+        "name": NAME,
+        "description": card.description,
+        "task": {
+            "id": "c329a1f9-323d-4e91-b2aa-582dd4188d34",
+            "name": "Text Generation",
+            "description": card.task.description,
+        },
+        "tags": ["meta", "text-generation"],
+        "properties": [dict(p) for p in card.property_list],
+    }
+    assert isinstance(result["properties"], list)
+    result["properties"].clear()  # a copy: the card is untouched
+    assert len(card.property_list) == 5
+
+
+def test_schema_result(card: ModelCard) -> None:
+    result = card.to_schema_result()
+    assert result == {"input": card.input_schema, "output": card.output_schema}
+    result["input"]["type"] = "array"
+    assert card.input_schema["type"] == "object"
+
+
+def test_parse_matches_load(seed_text: str, card: ModelCard) -> None:
+    assert parse_card(seed_text, str(SEED)).to_search_result() == card.to_search_result()
+    assert load_card(SEED).to_schema_result() == card.to_schema_result()
+
+
+# --- defaults -----------------------------------------------------------------------------------
+
+MINIMAL = """---
+model:
+  name: "@hf/someone/tiny-model"
+  task:
+    name: "Text Generation"
+  properties:
+    - property_id: "context_length_limit"
+      value: "512"
+json_schema:
+  input: "{\\"type\\": \\"object\\"}"
+  output: "{}"
+---
+"""
+
+
+def test_minimal_card_defaults() -> None:
+    card = parse_card(MINIMAL, "minimal.txt")
+    assert card.id == str(uuid.uuid5(uuid.NAMESPACE_URL, "@hf/someone/tiny-model"))
+    assert card.source == 2
+    assert card.description == ""
+    assert card.task == ("", "Text Generation", "")
+    assert card.tags == ()
+    assert card.author == "someone"
+    assert card.display_name == "tiny-model"
+    assert card.context_length_limit == 512
+    assert card.sequence_length_limit == 512
+    assert card.default_max_tokens == 256
+    assert card.max_concurrent_requests == 1
+    assert card.constellation_config == {}
+    assert card.policy.response_cache is None
+    assert card.policy.rpm_for("32118455") is None
+    assert card.policy.neuron_costs == ()
+    assert card.policy.neurons(1000, 1000) == 0.0
+
+
+def test_default_max_tokens_is_capped_by_sequence_limit() -> None:
+    text = MINIMAL.replace(
+        'value: "512"', 'value: "512"\n    - property_id: "sequence_length_limit"\n      value: "100"'
+    )
+    assert parse_card(text, "x").default_max_tokens == 100
+
+
+def test_account_ids_keep_their_text(seed_text: str) -> None:
+    text = seed_text.replace("32118455: 60", "00123: 7").replace("50147400: 60", "'777': 8")
+    card = parse_card(text, "x")
+    assert card.policy.rpm_for("00123") == 7
+    assert card.policy.rpm_for("777") == 8
+    assert card.policy.rpm_for("83") == 5  # not the octal reading of 00123
+
+
+def test_response_cache_off(seed_text: str) -> None:
+    text = seed_text.replace("infer_response_cache: in_memory\\n", "")
+    assert parse_card(text, "x").policy.response_cache is None
+    text = seed_text.replace("infer_response_cache: in_memory", "infer_response_cache: off")
+    assert parse_card(text, "x").policy.response_cache is None
+
+
+def test_unquoted_integer_property_values_are_accepted(seed_text: str) -> None:
+    assert parse_card(seed_text.replace('value: "2048"', "value: 2048"), "x").context_length_limit == 2048
+
+
+# --- malformed cards -------------------------------------------------------------------------------
+
+CONTEXT_PROP = '    - property_id: "context_length_limit"\n      value: "2048"\n'
+CFG = "model.properties[constellation_config]"
+METRICS = (
+    "neurons:\\n  metrics:\\n    - name: input_tokens\\n      neuron_cost: 0.1836\\n"
+    "    - name: output_tokens\\n      neuron_cost: 0.1836\\n"
+)
+
+BROKEN = [
+    # (case id, old, new, field named in the message, another word the message must contain)
+    ("no-front-matter", "---\nmodel:", "model:", "front matter", "---"),
+    ("no-closing-line", '}"\n\n---\n', '}"\n\n', "front matter", "closing"),
+    ("invalid-yaml", "  source: 1\n", "  source: [1\n", "front matter", "invalid YAML"),
+    ("duplicate-yaml-key", "  source: 1\n", "  source: 1\n  source: 2\n", "front matter", "duplicate key"),
+    ("missing-name", '  name: "@cf/meta/llama-2-7b-chat-int8"\n', "", "model.name", "missing"),
+    ("empty-name", '  name: "@cf/meta/llama-2-7b-chat-int8"', '  name: ""', "model.name", "empty"),
+    ("name-not-string", '  name: "@cf/meta/llama-2-7b-chat-int8"', "  name: [1]", "model.name", "string"),
+    ("source-not-int", "  source: 1\n", '  source: "one"\n', "model.source", "integer"),
+    ("missing-task-name", '    name: "Text Generation"\n', "", "model.task.name", "missing"),
+    ("tags-not-list", '  tags:\n    - "meta"\n    - "text-generation"\n', '  tags: "meta"\n', "model.tags", "list"),
+    ("properties-not-list", "  properties:\n", "  properties: 3\n  old_properties:\n", "model.properties", "list"),
+    ("context-not-int", 'value: "2048"', 'value: "abc"', "model.properties[context_length_limit]", "'abc'"),
+    ("context-float", 'value: "2048"', 'value: "2048.5"', "model.properties[context_length_limit]", "integer"),
+    ("context-zero", 'value: "2048"', 'value: "0"', "model.properties[context_length_limit]", "positive"),
+    ("context-negative", 'value: "2048"', 'value: "-5"', "model.properties[context_length_limit]", "'-5'"),
+    ("context-missing", CONTEXT_PROP, "", "model.properties[context_length_limit]", "missing"),
+    ("sequence-not-int", 'value: "1800"', 'value: "lots"', "model.properties[sequence_length_limit]", "'lots'"),
+    ("sequence-zero", 'value: "1800"', 'value: "0"', "model.properties[sequence_length_limit]", "positive"),
+    ("sequence-over-context", 'value: "1800"', 'value: "4000"', "model.properties[sequence_length_limit]", "exceeds"),
+    ("duplicate-property", CONTEXT_PROP, CONTEXT_PROP * 2, "model.properties[context_length_limit]", "duplicate"),
+    ("property-without-id", '- property_id: "info"\n', "- info: x\n", "model.properties[1].property_id", "missing"),
+    ("config-bad-yaml", "infer_response_cache: in_memory", "infer_response_cache: [in_memory", CFG, "invalid YAML"),
+    (
+        "config-dup-key",
+        "max_concurrent_requests: 4",
+        "max_concurrent_requests: 4\\nmax_concurrent_requests: 5",
+        CFG,
+        "duplicate",
+    ),
+    (
+        "config-cache-not-str",
+        "infer_response_cache: in_memory",
+        "infer_response_cache: [1]",
+        CFG + ".infer_response_cache",
+        "string",
+    ),
+    ("rpm-default-word", "default: 5", "default: five", CFG + ".max_requests_per_min.default", "'five'"),
+    ("rpm-default-zero", "default: 5", "default: 0", CFG + ".max_requests_per_min.default", "positive"),
+    ("rpm-account-bad", "48546443: 1000", "48546443: many", CFG + ".max_requests_per_min.accounts.48546443", "'many'"),
+    (
+        "rpm-account-negative",
+        "48546443: 1000",
+        "48546443: -1",
+        CFG + ".max_requests_per_min.accounts.48546443",
+        "positive",
+    ),
+    (
+        "rpm-not-mapping",
+        "max_requests_per_min:\\n  default: 5\\n  accounts:",
+        "max_requests_per_min: 5\\nx:\\n  a:",
+        CFG + ".max_requests_per_min",
+        "mapping",
+    ),
+    ("unknown-metric", "name: output_tokens", "name: gpu_seconds", CFG + ".neurons.metrics[1].name", "gpu_seconds"),
+    ("duplicate-metric", "name: output_tokens", "name: input_tokens", CFG + ".neurons.metrics[1].name", "duplicate"),
+    (
+        "negative-cost",
+        "neuron_cost: 0.1836\\nmax",
+        "neuron_cost: -0.1\\nmax",
+        CFG + ".neurons.metrics[1].neuron_cost",
+        "non-negative",
+    ),
+    (
+        "cost-not-number",
+        "neuron_cost: 0.1836\\nmax",
+        "neuron_cost: cheap\\nmax",
+        CFG + ".neurons.metrics[1].neuron_cost",
+        "'cheap'",
+    ),
+    ("metrics-not-list", METRICS, "neurons:\\n  metrics: 7\\n", CFG + ".neurons.metrics", "list"),
+    (
+        "concurrency-zero",
+        "max_concurrent_requests: 4",
+        "max_concurrent_requests: 0",
+        CFG + ".max_concurrent_requests",
+        "positive",
+    ),
+    (
+        "concurrency-word",
+        "max_concurrent_requests: 4",
+        "max_concurrent_requests: four",
+        CFG + ".max_concurrent_requests",
+        "'four'",
+    ),
+    ("input-bad-json", 'input: "{\\n', 'input: "{,\\n', "json_schema.input", "invalid JSON"),
+    ("output-bad-json", 'output: "{\\n', 'output: "{,\\n', "json_schema.output", "invalid JSON"),
+    ("input-bad-schema", '\\"type\\": \\"object\\"', '\\"type\\": \\"objekt\\"', "json_schema.input", "JSON Schema"),
+    ("output-bad-schema", '\\"format\\": \\"binary\\"', '\\"format\\": 7', "json_schema.output", "JSON Schema"),
+    ("input-missing", "  input: ", "  not_input: ", "json_schema.input", "missing"),
+    ("no-json-schema", "json_schema:\n", "not_json_schema:\n", "json_schema", "mapping"),
+    (
+        "max-tokens-default-str",
+        '\\"default\\": 256',
+        '\\"default\\": \\"256\\"',
+        "json_schema.input.properties.max_tokens.default",
+        "positive integer",
+    ),
+    (
+        "max-tokens-over-sequence",
+        '\\"default\\": 256',
+        '\\"default\\": 1900',
+        "json_schema.input.properties.max_tokens.default",
+        "exceeds",
+    ),
+]
+
+
+@pytest.mark.parametrize(("old", "new", "field", "word"), [c[1:] for c in BROKEN], ids=[c[0] for c in BROKEN])
+def test_malformed_card(seed_text: str, tmp_path: Path, old: str, new: str, field: str, word: str) -> None:
+    assert old in seed_text, "the test edit no longer applies to the seed"
+    path = tmp_path / "broken.txt"
+    path.write_text(seed_text.replace(old, new), encoding="utf-8")
+    with pytest.raises(CardError) as info:
+        load_card(path)
+    message = str(info.value)
+    assert message.startswith(f"card {path}: field '{field}': "), message
+    assert word in message, message
+    assert info.value.source == str(path)
+    assert info.value.field == field
+    assert isinstance(info.value, ValueError)
+
+
+def test_max_tokens_branches_must_agree(seed_text: str) -> None:
+    text = seed_text.replace('\\"default\\": 256', '\\"default\\": 100', 1)
+    with pytest.raises(CardError, match=r"field 'json_schema\.input\.properties\.max_tokens\.default'.*disagree"):
+        parse_card(text, "x.txt")
+
+
+@pytest.mark.parametrize(
+    ("old", "new", "field", "word"),
+    [
+        (
+            'value: "512"',
+            'value: "512"\n    - property_id: "constellation_config"\n      value: "- a\\n- b"',
+            CFG,
+            "expected a mapping",
+        ),
+        ('input: "{\\"type\\": \\"object\\"}"', 'input: "[1]"', "json_schema.input", "expected a JSON object"),
+        ('output: "{}"', "output: 5", "json_schema.output", "expected a JSON object"),
+        ('name: "Text Generation"', "name: 5", "model.task.name", "expected a string"),
+        ("  task:\n", "  task: 3\n  other:\n", "model.task", "expected a mapping"),
+        ("model:\n", "model: 1\nother:\n", "model", "expected a mapping"),
+        ('"@hf/someone/tiny-model"', '"@hf/some one/tiny"', "model.name", "whitespace"),
+    ],
+)
+def test_malformed_minimal_card(old: str, new: str, field: str, word: str) -> None:
+    assert old in MINIMAL
+    with pytest.raises(CardError) as info:
+        parse_card(MINIMAL.replace(old, new), "m.txt")
+    assert str(info.value).startswith(f"card m.txt: field '{field}': "), str(info.value)
+    assert word in str(info.value)
+
+
+def test_front_matter_must_be_a_mapping() -> None:
+    with pytest.raises(CardError, match=r"^card x\.txt: field 'front matter': expected a mapping"):
+        parse_card("---\n- a\n- b\n---\n", "x.txt")
+
+
+def test_empty_text() -> None:
+    with pytest.raises(CardError, match=r"^card empty\.txt: field 'front matter'"):
+        parse_card("", "empty.txt")
+
+
+def test_unreadable_file(tmp_path: Path) -> None:
+    missing = tmp_path / "nope.txt"
+    with pytest.raises(CardError, match=f"^card {missing}: cannot read"):
+        load_card(missing)
+    binary = tmp_path / "binary.txt"
+    binary.write_bytes(b"---\n\xff\xfe\n---\n")
+    with pytest.raises(CardError, match="cannot read"):
+        load_card(binary)
