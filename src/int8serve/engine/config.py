@@ -104,7 +104,7 @@ def config_from_hf(path: Path) -> ModelConfig:
             max_seq_len=int(data.get("max_position_embeddings", 4096)),
             tie_embeddings=bool(data.get("tie_word_embeddings", False)),
             head_dim=int(data.get("head_dim") or 0),
-            bos_id=int(data.get("bos_token_id", 1) or 1),
+            bos_id=int(1 if data.get("bos_token_id") is None else data["bos_token_id"]),
             eos_id=int(_eos(data.get("eos_token_id", 2))),
         )
     except (TypeError, ValueError) as err:

@@ -30,18 +30,30 @@ class TensorSource:
         raise NotImplementedError
 
 
+_SAFETENSORS_DTYPES = {
+    "F64": torch.float64, "F32": torch.float32, "F16": torch.float16, "BF16": torch.bfloat16,
+    "I64": torch.int64, "I32": torch.int32, "I16": torch.int16, "I8": torch.int8, "U8": torch.uint8,
+    "BOOL": torch.bool,
+}
+
+
 class SafetensorsSource(TensorSource):
+    """Tensors of safetensors files, each read with plain file reads into its own fresh buffer.
+
+    The library validates each file's header once. The data is then read with `readinto` rather than through a
+    memory map: pages of a mapped file that have been touched count as resident until the mapping goes away,
+    which would put the whole fp16 checkpoint into the peak memory of an int8 load.
+    """
+
     def __init__(self, files: Iterable[Path]) -> None:
-        self._handles = {}
         self._where: dict[str, Path] = {}
         for file in files:
             try:
-                handle = safe_open(str(file), framework="pt", device="cpu")
+                with safe_open(str(file), framework="pt", device="cpu") as handle:
+                    for key in handle.keys():  # noqa: SIM118 - safe_open has keys() but is not a Mapping
+                        self._where[key] = file
             except (SafetensorError, OSError, ValueError) as err:
                 raise CheckpointError(f"{file}: not a readable safetensors file ({err})") from err
-            self._handles[file] = handle
-            for key in handle.keys():  # noqa: SIM118 - safe_open has keys() but is not a Mapping
-                self._where[key] = file
 
     def names(self) -> list[str]:
         return list(self._where)
@@ -49,42 +61,70 @@ class SafetensorsSource(TensorSource):
     def get(self, name: str) -> Tensor:
         file = self._where[name]
         try:
-            return self._handles[file].get_tensor(name)
-        except (SafetensorError, OSError) as err:
+            with open(file, "rb") as f:
+                header_size = int.from_bytes(f.read(8), "little")
+                entry = json.loads(f.read(header_size))[name]
+                begin, end = entry["data_offsets"]
+                data = torch.empty(end - begin, dtype=torch.uint8)
+                f.seek(8 + header_size + begin)
+                if f.readinto(data.numpy()) != end - begin:
+                    raise OSError("file is truncated")
+            return data.view(_SAFETENSORS_DTYPES[entry["dtype"]]).reshape(entry["shape"])
+        except (OSError, KeyError, ValueError) as err:
             raise CheckpointError(f"{file}: tensor '{name}' is unreadable ({err})") from err
 
 
-def torch_load(file: Path) -> dict[str, Tensor]:
-    """A state dict from a .bin/.pth file: memory-mapped when the file allows it, never executing code."""
+def torch_load(file: Path) -> tuple[dict[str, Tensor], bool]:
+    """A state dict from a .bin/.pth file, never executing code; and whether it is memory-mapped (legacy
+    non-zip files cannot be, and are read whole)."""
     try:
         try:
-            data = torch.load(file, map_location="cpu", weights_only=True, mmap=True)
+            data, mapped = torch.load(file, map_location="cpu", weights_only=True, mmap=True), True
         except RuntimeError as err:
-            if "mmap" not in str(err):  # legacy (non-zip) files cannot be memory-mapped
+            if "mmap" not in str(err):
                 raise
-            data = torch.load(file, map_location="cpu", weights_only=True)
+            data, mapped = torch.load(file, map_location="cpu", weights_only=True), False
     except FileNotFoundError:
         raise
     except Exception as err:  # torch raises many kinds for a corrupt or malicious file
-        raise CheckpointError(f"{file}: not a readable PyTorch checkpoint ({type(err).__name__}: {err})") from err
+        first_line = str(err).strip().splitlines()[0] if str(err).strip() else ""
+        raise CheckpointError(f"{file}: not a readable PyTorch checkpoint ({type(err).__name__}: {first_line})") \
+            from err
     if not isinstance(data, dict) or not all(isinstance(v, Tensor) for v in data.values()):
         raise CheckpointError(f"{file}: expected a flat dict of tensors")
-    return data
+    return data, mapped
+
+
+class _TorchFile:
+    """One .bin/.pth file: re-mapped for every tensor read and the tensor copied out (as SafetensorsSource
+    does), except legacy files, which cannot be mapped and stay loaded."""
+
+    def __init__(self, path: Path) -> None:
+        self.path = path
+        data, mapped = torch_load(path)
+        self.names = list(data)
+        self._kept = None if mapped else data
+
+    def get(self, name: str) -> Tensor:
+        if self._kept is not None:
+            return self._kept[name]
+        return torch_load(self.path)[0][name].clone()
 
 
 class TorchFilesSource(TensorSource):
     """Hugging Face `pytorch_model*.bin` shards: each tensor lives whole in one file."""
 
     def __init__(self, files: Iterable[Path]) -> None:
-        self._tensors: dict[str, Tensor] = {}
-        for file in files:
-            self._tensors.update(torch_load(file))
+        self._where: dict[str, _TorchFile] = {}
+        for path in files:
+            file = _TorchFile(path)
+            self._where.update(dict.fromkeys(file.names, file))
 
     def names(self) -> list[str]:
-        return list(self._tensors)
+        return list(self._where)
 
     def get(self, name: str) -> Tensor:
-        return self._tensors[name]
+        return self._where[name].get(name)
 
 
 # Meta's model-parallel shards split each weight along one dimension (Meta's llama/model.py: Column-, Row-
@@ -108,18 +148,17 @@ class MetaShardsSource(TensorSource):
     """Meta `consolidated.NN.pth` shards, concatenated along each weight's split dimension on demand."""
 
     def __init__(self, files: list[Path]) -> None:
-        self._shards = [torch_load(file) for file in files]
-        self._files = files
-        first = set(self._shards[0])
-        for file, shard in zip(files[1:], self._shards[1:], strict=True):
-            if set(shard) != first:
-                raise CheckpointError(f"{file}: holds other tensors than {files[0]}")
+        self._shards = [_TorchFile(file) for file in files]
+        first = set(self._shards[0].names)
+        for shard in self._shards[1:]:
+            if set(shard.names) != first:
+                raise CheckpointError(f"{shard.path}: holds other tensors than {files[0]}")
 
     def names(self) -> list[str]:
-        return list(self._shards[0])
+        return list(self._shards[0].names)
 
     def get(self, name: str) -> Tensor:
-        parts = [shard[name] for shard in self._shards]
+        parts = [shard.get(name) for shard in self._shards]
         if len(parts) == 1:
             return parts[0]
         dim = meta_shard_dim(name)
