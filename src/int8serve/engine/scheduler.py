@@ -1,0 +1,345 @@
+"""Continuous batching: one engine thread runs the model for up to `max_slots` sequences at once.
+
+The only crossing between the HTTP service and the engine is here: a `GenerationRequest` (token ids and sampling
+parameters) goes in through `Engine.submit`, and a stream of `TokenEvent`s comes out of the returned
+`RequestHandle` (as an async iterator for the service, or a blocking one for scripts and tests).
+
+Each engine step:
+1. drops cancelled sequences (their slot is free for the next step);
+2. admits waiting requests into free slots;
+3. runs one prefill chunk for one admitted request (so a long prompt never freezes the running streams);
+4. decodes one token for every running sequence in ONE batched forward.
+
+Outputs do not depend on the batch: each sequence samples with its own seeded generator, prompts are chunked the
+same way whatever else runs, and the decode kernel computes each row independently of the others
+(tests/engine/test_scheduler.py checks this).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import collections
+import itertools
+import logging
+import queue
+import threading
+import time
+from collections.abc import AsyncIterator, Iterator
+from dataclasses import dataclass, field
+
+import torch
+
+from .detokenizer import IncrementalDetokenizer
+from .model import KVCache, Transformer
+from .sampling import Sampler, SamplingParams
+from .tokenizer import Tokenizer
+
+log = logging.getLogger(__name__)
+
+DEFAULT_PREFILL_CHUNK = 128
+
+
+class QueueFullError(Exception):
+    """No slot is free and the waiting queue is full (or the request asked not to wait)."""
+
+
+class EngineStoppedError(Exception):
+    """The engine is shutting down and takes no new requests."""
+
+
+@dataclass(frozen=True)
+class GenerationRequest:
+    prompt_ids: list[int]
+    max_tokens: int
+    params: SamplingParams = field(default_factory=SamplingParams)
+    request_id: str = ""
+
+
+@dataclass(frozen=True)
+class TokenEvent:
+    """One step of a sequence: a new token and its text, or the end of the sequence."""
+
+    text: str  # text delta; "" when a token completes no character yet (and at the end, what was held back)
+    token_id: int | None  # None on the final event
+    prompt_tokens: int
+    completion_tokens: int
+    finish_reason: str | None = None  # None while running; then "stop", "length", "cancelled" or "error"
+    error: str | None = None
+    # timings (seconds, time.monotonic) for metrics
+    queued_at: float = 0.0
+    started_at: float = 0.0
+
+
+@dataclass
+class EngineStats:
+    running: int
+    waiting: int
+    slots: int
+    free_slots: int
+    steps: int
+    max_queue: int
+
+
+class RequestHandle:
+    """What the submitter holds: the event stream of one request, and the way to cancel it."""
+
+    def __init__(self, request: GenerationRequest, loop: asyncio.AbstractEventLoop | None) -> None:
+        self.request = request
+        self._loop = loop
+        self._async_queue: asyncio.Queue[TokenEvent] | None = asyncio.Queue() if loop else None
+        self._sync_queue: queue.SimpleQueue[TokenEvent] = queue.SimpleQueue()
+        self.cancelled = threading.Event()
+        self.queued_at = time.monotonic()
+        self.started_at = 0.0
+
+    def cancel(self) -> None:
+        """Ask the engine to drop this request; its slot is freed at the next step."""
+        self.cancelled.set()
+
+    def _emit(self, event: TokenEvent) -> None:  # called from the engine thread
+        if self._loop is not None and self._async_queue is not None:
+            try:
+                self._loop.call_soon_threadsafe(self._async_queue.put_nowait, event)
+            except RuntimeError:  # the event loop is closed: nobody listens any more
+                self.cancel()
+        else:
+            self._sync_queue.put(event)
+
+    async def events(self) -> AsyncIterator[TokenEvent]:
+        """Events until (and including) the final one, which has a finish_reason."""
+        assert self._async_queue is not None, "submitted outside an event loop: use iter_events()"
+        while True:
+            event = await self._async_queue.get()
+            yield event
+            if event.finish_reason is not None:
+                return
+
+    def iter_events(self, timeout: float | None = None) -> Iterator[TokenEvent]:
+        assert self._async_queue is None, "submitted inside an event loop: use events()"
+        while True:
+            event = self._sync_queue.get(timeout=timeout)
+            yield event
+            if event.finish_reason is not None:
+                return
+
+
+@dataclass
+class _Sequence:
+    """Engine-thread state of one admitted request."""
+
+    handle: RequestHandle
+    slot: int
+    sampler: Sampler
+    detokenizer: IncrementalDetokenizer
+    prefilled: int = 0  # prompt tokens already in the KV cache
+    generated: int = 0
+    cached: int = 0  # tokens in the KV cache: the next one is written at this position
+    last_token: int = -1  # sampled but not yet in the cache: the input of the next decode
+
+    @property
+    def request(self) -> GenerationRequest:
+        return self.handle.request
+
+    @property
+    def decoding(self) -> bool:
+        return self.prefilled >= len(self.request.prompt_ids)
+
+
+class Engine:
+    """Owns the model, its KV cache and the engine thread."""
+
+    def __init__(self, model: Transformer, tokenizer: Tokenizer, max_slots: int = 4, max_queue: int = 32,
+                 max_seq_len: int | None = None, prefill_chunk: int = DEFAULT_PREFILL_CHUNK) -> None:
+        if max_slots < 1 or max_queue < 0 or prefill_chunk < 1:
+            raise ValueError("max_slots and prefill_chunk must be >= 1, max_queue >= 0")
+        self.model = model
+        self.tokenizer = tokenizer
+        self.max_slots = max_slots
+        self.max_queue = max_queue
+        self.max_seq_len = min(max_seq_len or model.config.max_seq_len, model.config.max_seq_len)
+        self.prefill_chunk = prefill_chunk
+        self.cache: KVCache = model.new_cache(max_slots, self.max_seq_len)
+        self._waiting: collections.deque[RequestHandle] = collections.deque()
+        self._running: dict[int, _Sequence] = {}  # slot -> sequence
+        self._wake = threading.Condition()
+        self._stopping = False
+        self._accepting = True
+        self._steps = 0
+        self._ids = itertools.count()
+        self._thread = threading.Thread(target=self._loop, name="int8serve-engine", daemon=True)
+        self.on_step: list = []  # callbacks(kind: str, seconds: float, rows: int) for metrics
+
+    # ---- submitter side (any thread) ----
+
+    def start(self) -> Engine:
+        self._thread.start()
+        return self
+
+    def submit(self, request: GenerationRequest, reject_if_busy: bool = False) -> RequestHandle:
+        """Queue a request. Raises QueueFullError when it cannot be taken, EngineStoppedError when draining."""
+        self._check(request)
+        try:
+            loop = asyncio.get_running_loop()
+        except RuntimeError:
+            loop = None
+        handle = RequestHandle(request, loop)
+        with self._wake:
+            if not self._accepting:
+                raise EngineStoppedError("the engine is shutting down")
+            busy = len(self._running) + len(self._waiting) >= self.max_slots
+            if (reject_if_busy and busy) or len(self._waiting) >= self.max_queue + max(
+                    0, self.max_slots - len(self._running)):
+                raise QueueFullError("no free slot" if reject_if_busy else "the waiting queue is full")
+            self._waiting.append(handle)
+            self._wake.notify()
+        return handle
+
+    def stats(self) -> EngineStats:
+        with self._wake:
+            return EngineStats(running=len(self._running), waiting=len(self._waiting), slots=self.max_slots,
+                               free_slots=self.max_slots - len(self._running), steps=self._steps,
+                               max_queue=self.max_queue)
+
+    def stop_accepting(self) -> None:
+        with self._wake:
+            self._accepting = False
+
+    def idle(self) -> bool:
+        with self._wake:
+            return not self._running and not self._waiting
+
+    def stop(self, timeout: float = 10.0) -> None:
+        """Cancel everything and end the engine thread."""
+        with self._wake:
+            self._accepting = False
+            self._stopping = True
+            self._wake.notify()
+        if self._thread.is_alive():
+            self._thread.join(timeout)
+
+    def _check(self, request: GenerationRequest) -> None:
+        if not request.prompt_ids:
+            raise ValueError("the prompt has no tokens")
+        if request.max_tokens < 1:
+            raise ValueError("max_tokens must be at least 1")
+        if len(request.prompt_ids) + request.max_tokens > self.max_seq_len:
+            raise ValueError(f"{len(request.prompt_ids)} prompt tokens + {request.max_tokens} max_tokens exceed "
+                             f"the context of {self.max_seq_len}")
+        vocab = self.model.config.vocab_size
+        if any(not 0 <= t < vocab for t in request.prompt_ids):
+            raise ValueError(f"prompt token ids must be in [0, {vocab})")
+
+    # ---- engine thread ----
+
+    def _loop(self) -> None:
+        while True:
+            with self._wake:
+                while not self._stopping and not self._running and not self._waiting:
+                    self._wake.wait()
+                if self._stopping:
+                    break
+            try:
+                self.step()
+            except Exception as err:  # a bug or OOM in a step must not kill the server: fail those requests
+                log.exception("engine step failed")
+                self._fail_all(f"{type(err).__name__}: {err}")
+        self._fail_all("the engine stopped", reason="cancelled")
+
+    def step(self) -> None:
+        """One scheduling step (public so tests can drive an engine without its thread)."""
+        self._steps += 1
+        self._drop_cancelled()
+        self._admit()
+        self._prefill_one()
+        self._decode_all()
+
+    def _drop_cancelled(self) -> None:
+        with self._wake:
+            waiting = [h for h in self._waiting if h.cancelled.is_set()]
+            for handle in waiting:
+                self._waiting.remove(handle)
+        for handle in waiting:
+            handle._emit(self._final(handle, 0, "cancelled"))
+        for seq in list(self._running.values()):
+            if seq.handle.cancelled.is_set():
+                self._finish(seq, "cancelled")
+
+    def _admit(self) -> None:
+        with self._wake:
+            free = [s for s in range(self.max_slots) if s not in self._running]
+            while free and self._waiting:
+                handle = self._waiting.popleft()
+                slot = free.pop(0)
+                handle.started_at = time.monotonic()
+                request = handle.request
+                self._running[slot] = _Sequence(
+                    handle=handle, slot=slot, detokenizer=self.tokenizer.detokenizer(),
+                    sampler=Sampler(request.params, self.model.config.vocab_size, request.prompt_ids))
+
+    def _prefill_one(self) -> None:
+        # the admitted sequence that has waited longest gets one chunk
+        pending = [seq for seq in self._running.values() if not seq.decoding]
+        if not pending:
+            return
+        seq = min(pending, key=lambda s: s.handle.queued_at)
+        prompt = seq.request.prompt_ids
+        chunk = prompt[seq.prefilled:seq.prefilled + self.prefill_chunk]
+        started = time.perf_counter()
+        logits = self.model(torch.tensor([chunk]), self.cache, [seq.slot], [seq.prefilled])[0]
+        self._report("prefill", time.perf_counter() - started, len(chunk))
+        seq.prefilled += len(chunk)
+        seq.cached = seq.prefilled
+        if seq.decoding:
+            self._advance(seq, logits)
+
+    def _decode_all(self) -> None:
+        # sequences whose first token came out of this step's prefill wait for the next step
+        ready = [seq for seq in self._running.values() if seq.decoding and seq.last_token >= 0]
+        if not ready:
+            return
+        tokens = torch.tensor([[seq.last_token] for seq in ready])
+        started = time.perf_counter()
+        logits = self.model(tokens, self.cache, [s.slot for s in ready], [s.cached for s in ready])
+        self._report("decode", time.perf_counter() - started, len(ready))
+        for row, seq in enumerate(ready):
+            seq.cached += 1
+            self._advance(seq, logits[row])
+
+    def _advance(self, seq: _Sequence, logits: torch.Tensor) -> None:
+        """Sample the next token of `seq` from `logits` and emit it, or finish the sequence."""
+        token = seq.sampler.sample(logits)
+        if token == self.tokenizer.eos_id:
+            self._finish(seq, "stop")
+            return
+        seq.sampler.observe(token)
+        seq.generated += 1
+        seq.last_token = token
+        text = seq.detokenizer.push(token)
+        seq.handle._emit(TokenEvent(text=text, token_id=token, prompt_tokens=len(seq.request.prompt_ids),
+                                    completion_tokens=seq.generated, queued_at=seq.handle.queued_at,
+                                    started_at=seq.handle.started_at))
+        if seq.generated >= seq.request.max_tokens or seq.cached >= self.max_seq_len:
+            self._finish(seq, "length")
+
+    def _finish(self, seq: _Sequence, reason: str, error: str | None = None) -> None:
+        self._running.pop(seq.slot, None)
+        event = self._final(seq.handle, seq.generated, reason, error, seq.detokenizer.flush())
+        seq.handle._emit(event)
+
+    def _final(self, handle: RequestHandle, generated: int, reason: str, error: str | None = None,
+               text: str = "") -> TokenEvent:
+        return TokenEvent(text=text, token_id=None, prompt_tokens=len(handle.request.prompt_ids),
+                          completion_tokens=generated, finish_reason=reason, error=error,
+                          queued_at=handle.queued_at, started_at=handle.started_at)
+
+    def _fail_all(self, message: str, reason: str = "error") -> None:
+        for seq in list(self._running.values()):
+            self._finish(seq, reason, message)
+        with self._wake:
+            waiting, self._waiting = list(self._waiting), collections.deque()
+        for handle in waiting:
+            handle._emit(self._final(handle, 0, reason, message))
+
+    def _report(self, kind: str, seconds: float, rows: int) -> None:
+        for callback in self.on_step:
+            callback(kind, seconds, rows)

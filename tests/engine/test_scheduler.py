@@ -1,0 +1,140 @@
+"""Continuous batching: batch invariance, chunked prefill, bounded queue, cancellation."""
+
+from __future__ import annotations
+
+import asyncio
+import time
+
+import pytest
+
+from int8serve.engine.generate import generate
+from int8serve.engine.sampling import SamplingParams
+from int8serve.engine.scheduler import Engine, EngineStoppedError, GenerationRequest, QueueFullError
+
+GREEDY = SamplingParams(temperature=0)
+
+
+@pytest.fixture
+def engine(stories_int8, stories_tokenizer):
+    engine = Engine(stories_int8.model, stories_tokenizer, max_slots=4, max_queue=2, max_seq_len=512,
+                    prefill_chunk=8)
+    yield engine
+    engine.stop()
+
+
+def collect(handle) -> tuple[list[int], str, str]:
+    events = list(handle.iter_events(timeout=60))
+    ids = [e.token_id for e in events if e.token_id is not None]
+    return ids, "".join(e.text for e in events), events[-1].finish_reason
+
+
+def prompt(tokenizer, text: str) -> list[int]:
+    return tokenizer.encode(text, bos=True)
+
+
+def test_seeded_request_gives_the_same_text_alone_or_beside_three_others(engine, stories_tokenizer) -> None:
+    engine.start()
+    ids = prompt(stories_tokenizer, "Once upon a time")
+    seeded = SamplingParams(temperature=0.9, top_p=0.95, seed=2024)
+    alone = collect(engine.submit(GenerationRequest(ids, 80, seeded)))
+    others = ["The dog", "A little bird sang", "Tom and Sue went to the park and"]
+    handles = [engine.submit(GenerationRequest(ids, 80, seeded))]
+    handles += [engine.submit(GenerationRequest(prompt(stories_tokenizer, t), 80, SamplingParams(temperature=1.0)))
+                for t in others]
+    together = collect(handles[0])
+    for handle in handles[1:]:
+        collect(handle)
+    assert together == alone
+    # and the engine's batched path equals the plain one-sequence loop
+    single = list(generate(engine.model, ids, seeded, 80, stories_tokenizer.eos_id))
+    assert alone[0] == single
+
+
+def test_four_identical_greedy_requests_give_identical_text(engine, stories_tokenizer) -> None:
+    engine.start()
+    ids = prompt(stories_tokenizer, "Lily and Ben")
+    handles = [engine.submit(GenerationRequest(ids, 60, GREEDY)) for _ in range(4)]
+    results = [collect(h) for h in handles]
+    assert all(r == results[0] for r in results)
+    assert results[0][2] in ("stop", "length") and results[0][1]
+
+
+def test_long_prompt_is_prefilled_in_chunks_while_others_keep_decoding(engine, stories_tokenizer) -> None:
+    # driven step by step, without the thread
+    running = engine.submit(GenerationRequest(prompt(stories_tokenizer, "Once"), 200, GREEDY))
+    engine.step()  # admits and prefills it (one chunk), samples its first token
+    long_prompt = prompt(stories_tokenizer, "The big brown dog ran in the park with a ball. " * 6)
+    assert len(long_prompt) > 4 * engine.prefill_chunk
+    waiting = engine.submit(GenerationRequest(long_prompt, 5, GREEDY))
+    steps_to_prefill = -(-len(long_prompt) // engine.prefill_chunk)
+    tokens_meanwhile = 0
+    for _ in range(steps_to_prefill):
+        engine.step()
+        tokens_meanwhile += sum(1 for _ in _drain(running))
+    assert tokens_meanwhile >= steps_to_prefill  # one token per step for the running stream
+    assert list(_drain(waiting))  # the long prompt's first token arrived after its last chunk
+
+
+def _drain(handle):
+    while not handle._sync_queue.empty():
+        yield handle._sync_queue.get()
+
+
+def test_bounded_queue_and_reject_if_busy(engine, stories_tokenizer) -> None:
+    ids = prompt(stories_tokenizer, "Hi")
+    request = GenerationRequest(ids, 10, GREEDY)
+    handles = [engine.submit(request) for _ in range(4 + 2)]  # 4 slots + a queue of 2 (engine not started)
+    with pytest.raises(QueueFullError):
+        engine.submit(request)
+    engine.step()  # admits 4
+    with pytest.raises(QueueFullError):
+        engine.submit(request, reject_if_busy=True)
+    for handle in handles:
+        handle.cancel()
+    engine.step()
+    assert engine.stats().running == 0 and engine.stats().waiting == 0
+    assert all(collect(h)[2] == "cancelled" for h in handles)
+    engine.submit(request, reject_if_busy=True)  # free again
+
+
+def test_cancel_frees_the_slot_within_one_step(engine, stories_tokenizer) -> None:
+    handle = engine.submit(GenerationRequest(prompt(stories_tokenizer, "Once"), 300, GREEDY))
+    engine.step()
+    engine.step()
+    assert engine.stats().running == 1
+    handle.cancel()
+    engine.step()
+    assert engine.stats().running == 0 and engine.stats().free_slots == 4
+    events = list(handle.iter_events(timeout=1))
+    assert events[-1].finish_reason == "cancelled" and events[-1].completion_tokens >= 2
+
+
+def test_async_consumer_and_finish_reasons(engine, stories_tokenizer) -> None:
+    engine.start()
+
+    async def run() -> list:
+        handle = engine.submit(GenerationRequest(prompt(stories_tokenizer, "Once upon a time"), 7, GREEDY))
+        return [event async for event in handle.events()]
+
+    events = asyncio.run(run())
+    assert events[-1].finish_reason == "length" and events[-1].completion_tokens == 7
+    assert events[-1].prompt_tokens == len(prompt(stories_tokenizer, "Once upon a time"))
+
+
+def test_impossible_requests_are_refused_before_queueing(engine, stories_tokenizer) -> None:
+    with pytest.raises(ValueError, match="exceed"):
+        engine.submit(GenerationRequest([1] * 500, 20, GREEDY))
+    with pytest.raises(ValueError, match="no tokens"):
+        engine.submit(GenerationRequest([], 20, GREEDY))
+    with pytest.raises(ValueError, match="token ids"):
+        engine.submit(GenerationRequest([1, 99999], 20, GREEDY))
+
+
+def test_stop_ends_waiting_requests_and_refuses_new_ones(engine, stories_tokenizer) -> None:
+    engine.start()
+    handle = engine.submit(GenerationRequest(prompt(stories_tokenizer, "Once"), 400, GREEDY))
+    time.sleep(0.05)
+    engine.stop()
+    assert collect(handle)[2] in ("cancelled", "length", "stop")
+    with pytest.raises(EngineStoppedError):
+        engine.submit(GenerationRequest(prompt(stories_tokenizer, "Once"), 4, GREEDY))
