@@ -17,7 +17,7 @@ $(BIN)/int8serve: pyproject.toml
 install: $(BIN)/int8serve
 
 run: install
-	$(BIN)/int8serve generate "Once upon a time"
+	$(BIN)/int8serve serve
 
 test: install
 	$(BIN)/ruff check .

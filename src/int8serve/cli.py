@@ -1,4 +1,4 @@
-"""The `int8serve` command: generate, quantize, eval-ppl (and, with the server, serve).
+"""The `int8serve` command: serve, generate, quantize, eval-ppl.
 
 Every command takes `--model PATH` (a Hugging Face folder, a Meta folder or an int8 checkpoint written by
 `int8serve quantize`); without it, the built-in demo model is used and says so loudly.
@@ -7,6 +7,7 @@ Every command takes `--model PATH` (a Hugging Face folder, a Meta folder or an i
 from __future__ import annotations
 
 import argparse
+import os
 import sys
 import time
 from collections.abc import Sequence
@@ -23,6 +24,8 @@ from .engine.perplexity import evaluate
 from .engine.sampling import SamplingParams
 from .engine.sources import CheckpointError
 from .engine.tokenizer import Tokenizer
+
+DEFAULT_SERVED_MODEL = "@cf/meta/llama-2-7b-chat-int8"
 
 
 class UsageError(Exception):
@@ -70,6 +73,8 @@ def build_parser() -> argparse.ArgumentParser:
     quant.add_argument("dst", type=Path, help="destination folder (created)")
     quant.add_argument("--threads", type=int, default=None, help="torch threads (default: all cores)")
 
+    _add_serve_parser(commands)
+
     ppl = commands.add_parser("eval-ppl", help="perplexity over a text file, optionally against fp32",
                               description="Perplexity over non-overlapping windows of a text file. With "
                                           "--compare-to fp32, also the PPL ratio, mean KL divergence (KLD) and "
@@ -80,6 +85,33 @@ def build_parser() -> argparse.ArgumentParser:
     ppl.add_argument("--compare-to", choices=["fp32"], default=None, help="reference to compare against")
     ppl.add_argument("--max-windows", type=int, default=None, help="stop after this many windows")
     return parser
+
+
+def _add_serve_parser(commands: argparse._SubParsersAction) -> None:
+    serve = commands.add_parser(
+        "serve", help="serve the Workers AI HTTP API (and health, readiness) over one model",
+        description="Serve the Workers AI HTTP API for the model of a catalog card (default: the built-in "
+                    f"{DEFAULT_SERVED_MODEL} card) with the weights given by --model. Clients use the base URL "
+                    "http://HOST:PORT/client/v4 and an API token mapped to an account id.")
+    _add_model_args(serve)
+    serve.add_argument("--card", type=Path, action="append", default=[],
+                       help="an extra catalog card file (or a folder of *.txt cards); repeatable")
+    serve.add_argument("--served-model-name", default=DEFAULT_SERVED_MODEL,
+                       help="the catalog name the weights are served under (default: %(default)s)")
+    serve.add_argument("--host", default="127.0.0.1", help="address to listen on (default: %(default)s)")
+    serve.add_argument("--port", type=int, default=8787, help="port to listen on (default: %(default)s)")
+    serve.add_argument("--token", action="append", default=[], metavar="TOKEN=ACCOUNT_ID",
+                       help="an API token and the account it belongs to; repeatable. Also read from the "
+                            "INT8SERVE_TOKENS variable (comma-separated) and --tokens-file. With none, a token is "
+                            "made at start-up and printed: auth is never off")
+    serve.add_argument("--tokens-file", type=Path, default=None,
+                       help="a file of TOKEN=ACCOUNT_ID lines (# comments allowed)")
+    serve.add_argument("--max-queue", type=int, default=32,
+                       help="requests that may wait for a free slot; beyond it 429 code 3040 (default: 32)")
+    serve.add_argument("--prefill-chunk", type=int, default=128,
+                       help="prompt tokens per prefill step, so running streams keep flowing (default: 128)")
+    serve.add_argument("--log-level", default="info", choices=["critical", "error", "warning", "info", "debug"],
+                       help="server log level (default: %(default)s)")
 
 
 def resolve_model(path: Path | None) -> Path:
@@ -158,7 +190,44 @@ def cmd_eval_ppl(args: argparse.Namespace) -> None:
         print(line)
 
 
-COMMANDS = {"generate": cmd_generate, "quantize": cmd_quantize, "eval-ppl": cmd_eval_ppl}
+def cmd_serve(args: argparse.Namespace) -> None:
+    from .server import ServeOptions, run_server  # the HTTP stack is only imported to serve
+
+    options = ServeOptions(
+        model=args.model, dtype=args.dtype, cards=args.card, served_model_name=args.served_model_name,
+        host=args.host, port=args.port, tokens=parse_tokens(args.token, args.tokens_file),
+        max_queue=args.max_queue, prefill_chunk=args.prefill_chunk, log_level=args.log_level)
+    run_server(options)
+
+
+def parse_tokens(pairs: Sequence[str], tokens_file: Path | None) -> dict[str, str]:
+    """TOKEN=ACCOUNT_ID pairs from flags, INT8SERVE_TOKENS and a tokens file."""
+    entries = [(f"--token {p}", p) for p in pairs]
+    env = os.environ.get("INT8SERVE_TOKENS", "")
+    entries += [("INT8SERVE_TOKENS", p.strip()) for p in env.split(",") if p.strip()]
+    if tokens_file is not None:
+        if not tokens_file.is_file():
+            raise UsageError(f"{tokens_file}: no such tokens file")
+        for number, line in enumerate(tokens_file.read_text().splitlines(), 1):
+            line = line.split("#", 1)[0].strip()
+            if line:
+                entries.append((f"{tokens_file}:{number}", line))
+    from .service.auth import is_valid_token
+
+    tokens: dict[str, str] = {}
+    for where, entry in entries:
+        token, sep, account = entry.partition("=")
+        token, account = token.strip(), account.strip()
+        if not sep or not is_valid_token(token) or not account:
+            raise UsageError(f"{where}: expected TOKEN=ACCOUNT_ID with a token of visible ASCII characters, "
+                             f"got {entry!r}")
+        if tokens.get(token, account) != account:
+            raise UsageError(f"{where}: token is already mapped to account {tokens[token]}")
+        tokens[token] = account
+    return tokens
+
+
+COMMANDS = {"serve": cmd_serve, "generate": cmd_generate, "quantize": cmd_quantize, "eval-ppl": cmd_eval_ppl}
 
 
 def main(argv: Sequence[str] | None = None) -> None:

@@ -200,6 +200,12 @@ class Engine:
                                free_slots=self.max_slots - len(self._running), steps=self._steps,
                                max_queue=self.max_queue)
 
+    @property
+    def accepting(self) -> bool:
+        """True while the engine thread runs and takes new requests."""
+        with self._wake:
+            return self._accepting and self._thread.is_alive()
+
     def stop_accepting(self) -> None:
         with self._wake:
             self._accepting = False

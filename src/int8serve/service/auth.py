@@ -1,0 +1,85 @@
+"""Who is calling: API token → account id, from the headers Cloudflare's clients send.
+
+Two schemes are accepted, as on api.cloudflare.com (contract §1.2):
+
+* `Authorization: Bearer <token>` (documented; curl, the OpenAI SDK, the `cloudflare` SDK with `api_token`);
+* `X-Auth-Email` + `X-Auth-Key`: the `cloudflare` SDK sends these *instead of* the bearer token whenever
+  `CLOUDFLARE_EMAIL` / `CLOUDFLARE_API_KEY` are set. The key is treated as the token; the email is required
+  (as Cloudflare requires it) but not checked, since a self-hosted server has no user directory.
+
+When both are present, `Authorization` wins. Answers (generic Cloudflare API behaviour, contract §3.3):
+nothing → 400/9106; a malformed header → 400/6003 with an `error_chain` naming it; an unknown token → 401/10000;
+a known token used under another account's URL → 403/10000.
+
+Tokens are compared in constant time against every configured token, so response timing does not reveal how much
+of a guessed token was right.
+"""
+
+from __future__ import annotations
+
+import hmac
+import re
+from collections.abc import Mapping
+
+from .errors import (
+    AUTHENTICATION,
+    CHAIN_AUTH_EMAIL,
+    CHAIN_AUTH_KEY,
+    CHAIN_AUTHORIZATION,
+    FORBIDDEN,
+    INVALID_HEADERS,
+    MISSING_AUTH,
+    ApiError,
+)
+
+__all__ = ["authenticate", "is_valid_token"]
+
+# "Bearer" (any case), one or more spaces, then one token of visible ASCII characters.
+_BEARER = re.compile(r"[Bb][Ee][Aa][Rr][Ee][Rr] +([\x21-\x7e]+) *")
+_VISIBLE = re.compile(r"[\x21-\x7e]+")
+
+
+def is_valid_token(token: object) -> bool:
+    """Can this be configured as a token, i.e. sent in a header? Visible ASCII, no spaces, not empty."""
+    return isinstance(token, str) and _VISIBLE.fullmatch(token) is not None
+
+
+def authenticate(headers: Mapping[str, str], account_id: str, tokens: Mapping[str, str]) -> str:
+    """The account id the request may act for (== `account_id`), or raise the matching `ApiError`.
+
+    `headers` is case-insensitive (Starlette's `Headers`); `tokens` maps token → account id.
+    """
+    token = _credential(headers)
+    account = _lookup(token, tokens)
+    if account is None:
+        raise ApiError(AUTHENTICATION)
+    if not hmac.compare_digest(account.encode("utf-8"), account_id.encode("utf-8")):
+        raise ApiError(FORBIDDEN)
+    return account
+
+
+def _credential(headers: Mapping[str, str]) -> str:
+    authorization = headers.get("authorization")
+    if authorization is not None:
+        match = _BEARER.fullmatch(authorization)
+        if match is None:
+            raise ApiError(INVALID_HEADERS, error_chain=[CHAIN_AUTHORIZATION])
+        return match.group(1)
+    key, email = headers.get("x-auth-key"), headers.get("x-auth-email")
+    if key is None and email is None:
+        raise ApiError(MISSING_AUTH)
+    if key is None or not _VISIBLE.fullmatch(key.strip()):
+        raise ApiError(INVALID_HEADERS, error_chain=[CHAIN_AUTH_KEY])
+    if email is None or not email.strip():
+        raise ApiError(INVALID_HEADERS, error_chain=[CHAIN_AUTH_EMAIL])
+    return key.strip()
+
+
+def _lookup(token: str, tokens: Mapping[str, str]) -> str | None:
+    """The account of `token`, comparing against every known token in constant time."""
+    wanted = token.encode("utf-8")
+    found = None
+    for known, account in tokens.items():
+        if hmac.compare_digest(known.encode("utf-8"), wanted):
+            found = account
+    return found

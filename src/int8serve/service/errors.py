@@ -1,0 +1,183 @@
+"""Every error the HTTP API can answer, as one table, and the Cloudflare v4 envelope they travel in.
+
+Clients of Workers AI branch on the HTTP status (the `cloudflare` SDK picks its exception class from it and never
+reads `success`) and show `errors[0].code` / `.message` to people, so both must be exactly those of the wire
+contract (`workers-ai-contract.md` §3). Keeping them in one table means a route raises `ApiError(BAD_INPUT, ...)`
+and cannot get a status, a code or a wording wrong.
+
+Envelope: `{"success": false, "errors": [{"code", "message"}], "messages": [], "result": ...}` where `result` is
+`{}` for Workers AI errors (the AI service's own answers) and `null` for generic API errors (auth, routing), as in
+the contract's captures. Successful answers use `success_body`.
+
+Codes not fixed by the contract (marked "ours" below) were chosen so that they never collide with a documented
+Workers AI code: 1001 for a malformed query parameter, 3043 for an internal error. 503 answers (an engine that is
+shutting down, `/readyz` while not ready) reuse 3040 ("try again"), with a `Retry-After` header like the 429s.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
+from typing import Any
+
+from fastapi import FastAPI, Request
+from fastapi.exceptions import RequestValidationError
+from starlette.exceptions import HTTPException as StarletteHTTPException
+from starlette.responses import Response
+
+__all__ = [
+    "AUTHENTICATION",
+    "BAD_INPUT",
+    "BAD_QUERY",
+    "CAPACITY",
+    "CONTEXT_WINDOW",
+    "FORBIDDEN",
+    "INCOMPLETE_REQUEST",
+    "INTERNAL",
+    "INVALID_HEADERS",
+    "LORA_UNSUPPORTED",
+    "MISSING_AUTH",
+    "NOT_READY",
+    "NO_ROUTE",
+    "NO_SUCH_MODEL",
+    "REQUEST_ABORTED",
+    "REQUEST_TOO_LARGE",
+    "UNAVAILABLE",
+    "ApiError",
+    "ErrorKind",
+    "error_body",
+    "install_error_handlers",
+    "internal_error_response",
+    "json_response",
+    "success_body",
+]
+
+log = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True)
+class ErrorKind:
+    """One row of the error table. `template` is formatted with the keyword arguments given to `ApiError`."""
+
+    status: int
+    code: int
+    template: str
+    ai: bool  # True: a Workers AI error (`result: {}`); False: a generic API error (`result: null`)
+
+
+# --- the table -------------------------------------------------------------------------------------------------
+# Workers AI (contract §3.2/§3.3)
+BAD_INPUT = ErrorKind(400, 5006, "AiError: Bad input: Error: {detail}", ai=True)
+NO_SUCH_MODEL = ErrorKind(400, 5007, "No such model {model} or task{note}", ai=True)
+INCOMPLETE_REQUEST = ErrorKind(400, 3003, "Request is missing headers or body: {what}", ai=True)
+LORA_UNSUPPORTED = ErrorKind(405, 5005, "The model {model} does not support LoRa inference", ai=True)
+REQUEST_TOO_LARGE = ErrorKind(413, 3006, "Request is too large", ai=True)
+CONTEXT_WINDOW = ErrorKind(
+    413, 5021,
+    "AiError: Ai: The estimated number of input and maximum output tokens ({tokens}) exceeded this model "
+    "context window limit ({limit}).",
+    ai=True,
+)
+REQUEST_ABORTED = ErrorKind(408, 3008, "Request was aborted", ai=True)
+CAPACITY = ErrorKind(429, 3040, "Capacity temporarily exceeded, please try again.", ai=True)
+# the engine is draining (shutdown): same code and words as capacity, but 503 so that retries go elsewhere
+UNAVAILABLE = ErrorKind(503, 3040, "Capacity temporarily exceeded, please try again.", ai=True)
+INTERNAL = ErrorKind(500, 3043, "Internal server error", ai=True)  # ours: no public code for this
+# generic Cloudflare API (contract §3.3, third-party captures)
+MISSING_AUTH = ErrorKind(400, 9106, "Missing X-Auth-Key, X-Auth-Email or Authorization headers", ai=False)
+INVALID_HEADERS = ErrorKind(400, 6003, "Invalid request headers", ai=False)  # + error_chain naming the header
+AUTHENTICATION = ErrorKind(401, 10000, "Authentication error", ai=False)
+FORBIDDEN = ErrorKind(403, 10000, "Authentication error", ai=False)
+NO_ROUTE = ErrorKind(404, 7000, "No route for that URI", ai=False)
+BAD_QUERY = ErrorKind(400, 1001, "Invalid query parameter '{name}': {problem}", ai=False)  # ours
+NOT_READY = ErrorKind(503, 3040, "Not ready: {reason}", ai=False)
+
+# the `error_chain` entries of INVALID_HEADERS, by offending header
+CHAIN_AUTHORIZATION = {"code": 6111, "message": "Invalid format for Authorization header"}
+CHAIN_AUTH_EMAIL = {"code": 6102, "message": "Invalid format for X-Auth-Email header"}
+CHAIN_AUTH_KEY = {"code": 6103, "message": "Invalid format for X-Auth-Key header"}
+
+
+class ApiError(Exception):
+    """An error answer: `raise ApiError(BAD_INPUT, detail="...")` anywhere below a route."""
+
+    def __init__(self, kind: ErrorKind, *, headers: Mapping[str, str] | None = None,
+                 error_chain: Sequence[Mapping[str, Any]] | None = None, **fields: Any) -> None:
+        self.kind = kind
+        self.status = kind.status
+        self.code = kind.code
+        self.message = kind.template.format(**fields)
+        self.headers = dict(headers or {})
+        self.error_chain = [dict(e) for e in error_chain] if error_chain else None
+        super().__init__(f"{self.status} {self.code}: {self.message}")
+
+    def body(self) -> dict[str, Any]:
+        return error_body(self.code, self.message, ai=self.kind.ai, error_chain=self.error_chain)
+
+    def response(self) -> Response:
+        return json_response(self.body(), status=self.status, headers=self.headers)
+
+
+def error_body(code: int, message: str, *, ai: bool, error_chain: Sequence[Mapping[str, Any]] | None = None
+               ) -> dict[str, Any]:
+    error: dict[str, Any] = {"code": code, "message": message}
+    if error_chain:
+        error["error_chain"] = [dict(e) for e in error_chain]
+    return {"success": False, "errors": [error], "messages": [], "result": {} if ai else None}
+
+
+def success_body(result: Any, result_info: Mapping[str, Any] | None = None) -> dict[str, Any]:
+    body: dict[str, Any] = {"result": result, "success": True, "errors": [], "messages": []}
+    if result_info is not None:
+        body["result_info"] = dict(result_info)
+    return body
+
+
+def json_response(body: Any, status: int = 200, headers: Mapping[str, str] | None = None) -> Response:
+    """Compact UTF-8 JSON with `Content-Type: application/json` exactly (no charset parameter)."""
+    content = json.dumps(body, ensure_ascii=False, separators=(",", ":"), allow_nan=False).encode("utf-8")
+    return Response(content=content, status_code=status, headers=dict(headers or {}), media_type="application/json")
+
+
+# --- handlers --------------------------------------------------------------------------------------------------
+
+
+async def _api_error(_request: Request, exc: Exception) -> Response:
+    assert isinstance(exc, ApiError)
+    return exc.response()
+
+
+async def _http_error(_request: Request, exc: Exception) -> Response:
+    """Starlette's own errors: unknown route (404), wrong method (405, with its Allow header), and the rest."""
+    assert isinstance(exc, StarletteHTTPException)
+    headers = dict(exc.headers or {})
+    if exc.status_code in (404, 405):
+        body = error_body(NO_ROUTE.code, NO_ROUTE.template, ai=False)
+    else:
+        body = error_body(exc.status_code, str(exc.detail), ai=False)
+    return json_response(body, status=exc.status_code, headers=headers)
+
+
+async def _validation_error(_request: Request, exc: Exception) -> Response:
+    assert isinstance(exc, RequestValidationError)
+    problems = "; ".join(
+        f"{'/'.join(str(p) for p in err.get('loc', ()))}: {err.get('msg', 'invalid')}" for err in exc.errors()
+    )
+    return json_response(error_body(BAD_QUERY.code, f"Invalid request: {problems}", ai=False), status=400)
+
+
+def install_error_handlers(app: FastAPI) -> None:
+    """Envelope answers for ApiError, Starlette's HTTP errors and FastAPI's request validation errors.
+
+    Unexpected exceptions are turned into a 500 envelope by `RequestContextMiddleware` (in `app.py`), which sees
+    them before Starlette's outermost error middleware and can therefore still add the request id header.
+    """
+    app.add_exception_handler(ApiError, _api_error)
+    app.add_exception_handler(StarletteHTTPException, _http_error)
+    app.add_exception_handler(RequestValidationError, _validation_error)
+
+
+def internal_error_response(headers: Mapping[str, str] | None = None) -> Response:
+    return json_response(error_body(INTERNAL.code, INTERNAL.template, ai=True), status=500, headers=headers)

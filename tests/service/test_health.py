@@ -1,0 +1,77 @@
+"""`/healthz`, `/readyz` (with the engines' load) and the demo-model marker header."""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+
+import httpx
+import pytest
+from fastapi import FastAPI
+
+from int8serve.catalog.registry import Catalog
+from int8serve.engine.scheduler import Engine
+from int8serve.service.app import create_app
+
+from .conftest import ACCOUNT, MODEL, SCRIPTED_MODEL, SLOW_MODEL, TOKENS, LiveServer
+from .test_errors import assert_error
+
+DEMO = ("x-int8serve-demo-model", "random weights, output is meaningless")
+
+
+def test_healthz_needs_no_auth(http: httpx.Client) -> None:
+    resp = http.get("/healthz")
+    assert resp.status_code == 200 and resp.json() == {"status": "ok"}
+    assert resp.headers["content-type"] == "application/json"
+
+
+def test_readyz_reports_every_engine(http: httpx.Client) -> None:
+    resp = http.get("/readyz")
+    assert resp.status_code == 200
+    body = resp.json()
+    assert body["status"] == "ready"
+    assert set(body["models"]) == {MODEL, SLOW_MODEL, SCRIPTED_MODEL}
+    assert body["models"][MODEL] == {"running": 0, "waiting": 0, "slots": 4, "free_slots": 4, "max_queue": 16}
+
+
+def test_readyz_is_503_while_not_ready(http: httpx.Client, app: FastAPI) -> None:
+    app.state.ready = False  # (not monkeypatch: it would delete Starlette State attributes on undo)
+    try:
+        resp = http.get("/readyz")
+    finally:
+        app.state.ready = True
+    assert_error(resp, 503, 3040, "Not ready: the server is starting or shutting down", ai=False)
+    assert resp.headers["retry-after"] == "1"
+
+
+def test_no_engine_is_not_ready(catalog: Catalog) -> None:
+    with LiveServer(create_app(catalog, {}, TOKENS)) as live:
+        assert httpx.get(f"{live.url}/readyz").status_code == 503
+        assert httpx.get(f"{live.url}/healthz").status_code == 200
+
+
+@pytest.fixture(scope="module")
+def demo_url(catalog: Catalog, engines: dict[str, Engine]) -> Iterator[str]:
+    with LiveServer(create_app(catalog, {MODEL: engines[MODEL]}, TOKENS, demo=True)) as live:
+        yield live.url
+
+
+def test_demo_header_on_every_answer(demo_url: str) -> None:
+    auth = {"Authorization": f"Bearer {next(iter(TOKENS))}"}
+    url = f"{demo_url}/client/v4/accounts/{ACCOUNT}/ai/run/{MODEL}"
+    answers = [httpx.post(url, headers=auth, json={"prompt": "Once", "raw": True, "max_tokens": 2}),
+               httpx.post(url, headers=auth, json={}), httpx.get(f"{demo_url}/healthz"), httpx.get(f"{demo_url}/x")]
+    with httpx.stream("POST", url, headers=auth, json={"prompt": "Once", "raw": True, "max_tokens": 2,
+                                                       "stream": True}) as streamed:
+        answers.append(streamed)
+    assert [r.status_code for r in answers] == [200, 400, 200, 404, 200]
+    for resp in answers:
+        assert resp.headers[DEMO[0]] == DEMO[1]
+
+
+def test_create_app_checks_its_arguments(catalog: Catalog, engines: dict[str, Engine]) -> None:
+    with pytest.raises(ValueError, match="no card"):
+        create_app(catalog, {"@cf/x/y": engines[MODEL]}, TOKENS)
+    with pytest.raises(ValueError, match="tokens"):
+        create_app(catalog, {}, {"has space": ACCOUNT})
+    with pytest.raises(ValueError, match="max_body_bytes"):
+        create_app(catalog, {}, TOKENS, max_body_bytes=0)

@@ -1,0 +1,80 @@
+"""Unit tests of the request checks, without a server: body parsing, schema wording, parameters, auth, frames."""
+
+from __future__ import annotations
+
+from typing import Any
+
+import pytest
+
+from int8serve.catalog.card import ModelCard, builtin_cards
+from int8serve.engine.chat_template import render_prompt
+from int8serve.engine.tokenizer import Tokenizer
+from int8serve.service.auth import authenticate
+from int8serve.service.errors import ApiError
+from int8serve.service.inputs import build_run_request, parse_json_body, schema_error_detail
+from int8serve.service.streaming import encode_frame
+
+from .conftest import ACCOUNT, OTHER_ACCOUNT, OTHER_TOKEN, TOKEN, TOKENS
+
+
+@pytest.fixture(scope="module")
+def card() -> ModelCard:
+    return builtin_cards()[0]
+
+
+def _fails(call: Any) -> ApiError:
+    with pytest.raises(ApiError) as info:
+        call()
+    return info.value
+
+
+def test_parse_json_body() -> None:
+    assert parse_json_body(b'\xef\xbb\xbf{"prompt": "h\xc3\xa9"}') == {"prompt": "hé"}  # a UTF-8 BOM is fine
+    assert parse_json_body(b'{"p": "\\ud83d\\ude00"}') == {"p": "😀"}  # an escaped surrogate pair is fine
+    assert _fails(lambda: parse_json_body(b"")).code == 3003
+    assert _fails(lambda: parse_json_body(b"{'a': 1}")).code == 5006
+    err = _fails(lambda: parse_json_body(b"\xc3"))
+    assert err.message.startswith("AiError: Bad input: Error: the request body is not valid UTF-8")
+
+
+def test_schema_wording(card: ModelCard) -> None:
+    check = card.input_validator
+    assert schema_error_detail(check, {"prompt": "hi"}) is None
+    assert schema_error_detail(check, {}) == ("oneOf at '/' not met, 0 matches: required properties at '/' are "
+                                              "'prompt', required properties at '/' are 'messages'")
+    assert schema_error_detail(check, {"messages": [{"role": "user"}]}) == (
+        "oneOf at '/' not met, 0 matches: required properties at '/' are 'prompt', "
+        "required properties at '/messages/0' are 'content'")
+    assert schema_error_detail(check, "text") == "Type mismatch of '/', 'object' not in 'string'"
+
+
+def test_build_run_request(card: ModelCard, stories_tokenizer: Tokenizer) -> None:
+    run = build_run_request({"prompt": "Hi", "stream": True, "seed": 3, "options": {"rejectIfBusy": True}},
+                            card, stories_tokenizer, 512)
+    assert run.prompt_ids == tuple(stories_tokenizer.encode_segments(render_prompt("Hi")))
+    assert (run.stream, run.reject_if_busy, run.form, run.raw, run.max_tokens) == (True, True, "prompt", False, 256)
+    assert (run.params.seed, run.params.temperature, run.params.top_k, run.params.top_p) == (3, 0.6, 0, 1.0)
+    room = 512 - len(stories_tokenizer.encode("Hi", bos=True))
+    exact = build_run_request({"prompt": "Hi", "raw": True, "max_tokens": room}, card, stories_tokenizer, 512)
+    assert exact.prompt_tokens + exact.max_tokens == 512
+    err = _fails(lambda: build_run_request({"prompt": "Hi", "raw": True, "max_tokens": room + 1}, card,
+                                           stories_tokenizer, 512))
+    assert (err.status, err.code) == (413, 5021)
+    assert "(513) exceeded this model context window limit (512)." in err.message
+    assert build_run_request({"prompt": "Hi", "max_tokens": 7.0}, card, stories_tokenizer, 512).max_tokens == 7
+
+
+def test_authenticate() -> None:
+    assert authenticate({"authorization": f"Bearer {TOKEN}"}, ACCOUNT, TOKENS) == ACCOUNT
+    assert authenticate({"authorization": f"bearer   {OTHER_TOKEN}"}, OTHER_ACCOUNT, TOKENS) == OTHER_ACCOUNT
+    assert authenticate({"x-auth-email": "a@b.c", "x-auth-key": TOKEN}, ACCOUNT, TOKENS) == ACCOUNT
+    # Authorization wins when both are sent
+    assert _fails(lambda: authenticate({"authorization": "Bearer nope", "x-auth-email": "a@b.c",
+                                        "x-auth-key": TOKEN}, ACCOUNT, TOKENS)).status == 401
+    assert _fails(lambda: authenticate({"authorization": f"Bearer {TOKEN}"}, OTHER_ACCOUNT, TOKENS)).status == 403
+    assert _fails(lambda: authenticate({}, ACCOUNT, TOKENS)).code == 9106
+    assert _fails(lambda: authenticate({"authorization": f"Bearer {TOKEN[:-1]}"}, ACCOUNT, TOKENS)).status == 401
+
+
+def test_frames_are_compact_utf8() -> None:
+    assert encode_frame({"response": "é 世 \"q\"\n"}) == 'data: {"response":"é 世 \\"q\\"\\n"}\n\n'.encode()

@@ -1,0 +1,121 @@
+"""SSE: the exact bytes on the wire, UTF-8 never split, and a client that goes away frees its engine slot."""
+
+from __future__ import annotations
+
+import json
+import socket
+import time
+
+import httpx
+
+from int8serve.engine.scheduler import Engine
+
+from .conftest import ACCOUNT, SCRIPT_PIECES, SCRIPT_TEXT, SCRIPTED_MODEL, SLOW_MODEL, TOKEN
+
+SCRIPTED_URL = f"/client/v4/accounts/{ACCOUNT}/ai/run/{SCRIPTED_MODEL}"
+SLOW_URL = f"/client/v4/accounts/{ACCOUNT}/ai/run/{SLOW_MODEL}"
+
+
+def test_sse_bytes_exactly(http: httpx.Client, auth: dict[str, str]) -> None:
+    """Frames for every completed character only (the tokens holding part of a character send nothing), UTF-8 as
+    is, the usage frame, [DONE], and the exact content type."""
+    body = {"prompt": "Once", "raw": True, "stream": True, "temperature": 0.7}
+    with http.stream("POST", SCRIPTED_URL, headers=auth, json=body) as resp:
+        assert resp.status_code == 200
+        assert resp.headers["content-type"] == "text/event-stream"
+        assert "content-length" not in resp.headers
+        raw = resp.read()
+    assert len(SCRIPT_PIECES) == 15
+    expected = (
+        'data: {"response":"H"}\n\n'
+        'data: {"response":"é"}\n\n'
+        'data: {"response":" "}\n\n'
+        'data: {"response":"🙂"}\n\n'
+        'data: {"response":" "}\n\n'
+        'data: {"response":"世"}\n\n'
+        'data: {"response":"界"}\n\n'
+        'data: {"response":"","usage":{"prompt_tokens":2,"completion_tokens":15,"total_tokens":17}}\n\n'
+        "data: [DONE]\n\n"
+    ).encode()  # UTF-8 as is, never \\u escapes
+    assert raw == expected
+
+
+def test_sse_chunks_hold_whole_characters(http: httpx.Client, auth: dict[str, str]) -> None:
+    body = {"prompt": "Once", "raw": True, "stream": True}
+    with http.stream("POST", SCRIPTED_URL, headers=auth, json=body) as resp:
+        chunks = list(resp.iter_raw())
+    for chunk in chunks:
+        chunk.decode("utf-8")  # strict: no chunk ends inside a character
+    deltas = [json.loads(line[6:])["response"] for line in b"".join(chunks).decode().split("\n\n")
+              if line.startswith("data: {")]
+    assert "".join(deltas) == SCRIPT_TEXT
+    assert all(d for d in deltas[:-1]) and deltas[-1] == ""  # no empty delta before the usage frame
+    collected = http.post(SCRIPTED_URL, headers=auth, json={"prompt": "Once", "raw": True}).json()
+    assert collected["result"]["response"] == SCRIPT_TEXT
+
+
+def test_emoji_and_cjk_prompt_on_the_real_model(http: httpx.Client, run_url: str, auth: dict[str, str]) -> None:
+    """A raw prompt full of byte-fallback tokens and the hottest allowed sampler make the real model emit byte
+    tokens (broken sequences and whole multi-byte characters alike): every chunk on the wire is valid UTF-8, no
+    frame is empty, and the frames concatenated equal the collected answer, U+FFFD included."""
+    body = {"prompt": "Lily 🙂 saw 世界 and 😀 café", "raw": True, "max_tokens": 200, "temperature": 5.0, "seed": 3}
+    collected = http.post(run_url, headers=auth, json=body).json()["result"]["response"]
+    assert any(ord(ch) > 0x7F and ch != "\ufffd" for ch in collected)  # the test exercises multi-byte output
+    with http.stream("POST", run_url, headers=auth, json={**body, "stream": True}) as resp:
+        chunks = list(resp.iter_raw())
+    for chunk in chunks:
+        chunk.decode("utf-8")  # strict
+    frames = b"".join(chunks).decode("utf-8").split("\n\n")
+    deltas = [json.loads(f[6:])["response"] for f in frames if f.startswith("data: {")]
+    assert all(deltas[:-1]) and deltas[-1] == ""
+    assert "".join(deltas) == collected
+    assert not any(0xD800 <= ord(ch) <= 0xDFFF for ch in collected)
+
+
+def test_frames_are_flushed_as_produced(base_url: str, auth: dict[str, str]) -> None:
+    """On the slow engine (~25 ms a step) the first frame arrives long before the last one."""
+    body = {"prompt": "Once upon a time", "raw": True, "stream": True, "max_tokens": 40, "temperature": 0}
+    arrivals = []
+    with httpx.Client(base_url=base_url, timeout=30) as own, \
+            own.stream("POST", SLOW_URL, headers=auth, json=body) as resp:
+        for line in resp.iter_lines():
+            if line.startswith("data: "):
+                arrivals.append(time.monotonic())
+    assert len(arrivals) > 10
+    assert arrivals[-1] - arrivals[0] > 0.5  # 40 steps: ~1 s of generation, seen frame by frame
+
+
+def test_disconnected_stream_frees_its_slot(http: httpx.Client, base_url: str, auth: dict[str, str],
+                                            engines: dict[str, Engine]) -> None:
+    """400 tokens at ~25 ms a step would take 10 s; closing the connection after the first frame must free the
+    slot within a few steps."""
+    body = {"prompt": "Once upon a time", "raw": True, "stream": True, "max_tokens": 400, "temperature": 0}
+    with httpx.Client(base_url=base_url, timeout=30) as own, \
+            own.stream("POST", SLOW_URL, headers=auth, json=body) as resp:
+        assert resp.status_code == 200
+        first = next(resp.iter_lines())
+        assert first.startswith('data: {"response":')
+        assert http.get("/readyz").json()["models"][SLOW_MODEL]["running"] == 1
+    closed = time.monotonic()
+    while http.get("/readyz").json()["models"][SLOW_MODEL]["running"]:
+        assert time.monotonic() - closed < 2.0, "the slot was not freed after the client left"
+        time.sleep(0.02)
+    assert engines[SLOW_MODEL].stats().free_slots == 1
+
+
+def test_disconnected_waiting_collect_is_cancelled(base_url: str, http: httpx.Client, auth: dict[str, str],
+                                                   engines: dict[str, Engine]) -> None:
+    """A non-streamed request whose client leaves is cancelled too (here: while it is still running)."""
+    payload = json.dumps({"prompt": "Once upon a time", "raw": True, "max_tokens": 400}).encode()
+    host, port = base_url.removeprefix("http://").split(":")
+    with socket.create_connection((host, int(port))) as sock:
+        sock.sendall(f"POST {SLOW_URL} HTTP/1.1\r\nHost: x\r\nAuthorization: Bearer {TOKEN}\r\n"
+                     f"Content-Length: {len(payload)}\r\n\r\n".encode() + payload)
+        deadline = time.monotonic() + 5
+        while engines[SLOW_MODEL].stats().running == 0:
+            assert time.monotonic() < deadline
+            time.sleep(0.01)
+    closed = time.monotonic()
+    while engines[SLOW_MODEL].stats().running:
+        assert time.monotonic() - closed < 2.0, "the slot was not freed after the client left"
+        time.sleep(0.02)
