@@ -15,8 +15,9 @@ from torch import Tensor, nn
 
 COMPUTE_DTYPE = torch.bfloat16
 # Above this many rows a layer dequantizes into a scratch buffer and uses a dense bf16 matmul.
-# Chosen by measurement (benchmarks/engine.py --kernels); the two paths agree to bf16 rounding.
-DENSE_ROWS_THRESHOLD = 8
+# Chosen by measurement (benchmarks/engine.py --kernels, docs/benchmarks.md): per 7B block int8pack is faster up
+# to 32 rows and the dense path from 64. The two paths agree to bf16 rounding.
+DENSE_ROWS_THRESHOLD = 32
 # torch 2.13's CPU `_weight_int8pack_mm` segfaults unless in_features is a multiple of 16 (and the weight is
 # 64-byte aligned, see set_quantized)
 # (measured: K = 8, 12, 36, 100, 168, 172 crash; 16, 160, 176, 4096, 11008 work). Other widths take the dense path.
