@@ -25,7 +25,8 @@ def free_port() -> int:
 
 def start(*args: str, tmp_path: Path) -> tuple[subprocess.Popen, int]:
     port = free_port()
-    env = {**os.environ, "INT8SERVE_CACHE": str(tmp_path / "cache"), "INT8SERVE_TOKENS": ""}
+    env = {**os.environ, "INT8SERVE_CACHE": str(tmp_path / "cache"), "INT8SERVE_TOKENS": "",
+           "INT8SERVE_DATA": str(tmp_path / "data")}
     process = subprocess.Popen([sys.executable, "-m", "int8serve", "serve", "--port", str(port), *args],
                                stderr=subprocess.PIPE, stdout=subprocess.DEVNULL, text=True, env=env)
     deadline = time.monotonic() + 120
@@ -56,12 +57,16 @@ def test_serve_makes_and_prints_a_token_when_none_is_configured(tmp_path: Path, 
         text = "".join(lines)
         token, account = re.search(r"API token (\S+) for account (\S+);", text).groups()
         assert "context 512 tokens" in text and "4 slots" in text
+        assert "rate limits: 5 requests per 60 s per account and model" in text and "in this process" in text
+        assert "response cache: on (card: in_memory), TTL 300 s" in text and "daily allocation: off" in text
+        assert f"usage ledger: sqlite:///{tmp_path / 'data' / 'usage.sqlite3'}" in text
         url = f"http://127.0.0.1:{port}/client/v4/accounts/{account}/ai/run/{MODEL}"
         answer = httpx.post(url, headers={"Authorization": f"Bearer {token}"},
                             content=b'{"prompt": "Once upon a time", "raw": true, "max_tokens": 12}',
                             timeout=30)
         assert answer.status_code == 200 and answer.headers["content-type"] == "application/json"
         assert answer.json()["result"]["usage"]["completion_tokens"] <= 12
+        assert answer.headers["x-ratelimit-remaining-requests"] == "4" and float(answer.headers["cf-ai-neurons"]) > 0
         assert httpx.post(url, content=b'{"prompt": "x"}', timeout=10).json()["errors"][0]["code"] == 9106
     finally:
         assert process.poll() is None
@@ -89,10 +94,57 @@ def test_serve_demo_model_with_configured_tokens(tmp_path: Path) -> None:
     (["--token", "no-equals-sign"], "expected TOKEN=ACCOUNT_ID"),
     (["--served-model-name", "@cf/none/such"], "unknown model"),
     (["--model", "/no/such/folder"], "no such model folder"),
+    (["--redis-url", "redis://127.0.0.1:1/0"], "cannot reach Redis at redis://127.0.0.1:1/0"),
+    (["--database-url", "postgresql+psycopg://postgres@127.0.0.1:1/test"], "cannot use the ledger database"),
 ])
 def test_serve_start_up_errors_are_clear(tmp_path: Path, args: list[str], message: str) -> None:
-    env = {**os.environ, "INT8SERVE_CACHE": str(tmp_path / "cache")}
+    env = {**os.environ, "INT8SERVE_CACHE": str(tmp_path / "cache"), "INT8SERVE_DATA": str(tmp_path / "data")}
     result = subprocess.run([sys.executable, "-m", "int8serve", "serve", "--port", str(free_port()), *args],
                             capture_output=True, text=True, env=env, timeout=120)
     assert result.returncode != 0
     assert message in result.stderr and "Traceback" not in result.stderr
+
+
+def test_serve_policy_flags_reach_the_settings(tmp_path: Path) -> None:
+    """The serving-policy flags and their defaults, as `serve` hands them to the policy."""
+    from int8serve.cli import DEFAULT_CACHE_TTL, DEFAULT_DAILY_NEURONS, build_parser, parse_account_rpm
+    from int8serve.server import ServeOptions
+    from int8serve.service.policy import settings
+
+    assert (DEFAULT_CACHE_TTL, DEFAULT_DAILY_NEURONS) == (settings.DEFAULT_CACHE_TTL_SECONDS,
+                                                          settings.DEFAULT_DAILY_NEURONS)
+    parser = build_parser()
+    defaults = parser.parse_args(["serve"])
+    assert (defaults.redis_url, defaults.database_url, defaults.rpm, defaults.account_rpm, defaults.cache,
+            defaults.cache_ttl, defaults.daily_neurons) == (None, None, None, [], True, 300, None)
+    args = parser.parse_args(["serve", "--redis-url", "redis://h:6379/1", "--database-url", "sqlite:///x.db",
+                              "--data-dir", str(tmp_path), "--rpm", "60", "--account-rpm", "a=600",
+                              "--account-rpm", "b=0", "--no-cache", "--cache-ttl", "90", "--daily-neurons"])
+    options = ServeOptions(redis_url=args.redis_url, database_url=args.database_url, data_dir=args.data_dir,
+                           rpm=args.rpm, account_rpm=parse_account_rpm(args.account_rpm), cache=args.cache,
+                           cache_ttl=args.cache_ttl, daily_neurons=args.daily_neurons)
+    policy = options.policy_settings()
+    assert (policy.redis_url, policy.database_url, policy.data_dir) == ("redis://h:6379/1", "sqlite:///x.db", tmp_path)
+    assert (policy.default_rpm, dict(policy.account_rpm), policy.cache, policy.cache_ttl) == (60, {"a": 600, "b": 0},
+                                                                                              False, 90)
+    assert policy.daily_neurons == 10_000
+    assert parser.parse_args(["serve", "--daily-neurons", "250"]).daily_neurons == 250
+
+
+@pytest.mark.parametrize(("args", "message"), [
+    (["--account-rpm", "acct"], "expected ACCOUNT=N"),
+    (["--cache-ttl", "0"], "expected a whole number >= 1"),
+    (["--rpm", "-1"], "expected a whole number >= 0"),
+    (["--daily-neurons", "0"], "expected a positive number"),
+    (["--database-url", "nosuchdb://x"], "invalid database URL"),
+])
+def test_serve_policy_flag_errors(tmp_path: Path, capsys: pytest.CaptureFixture[str], args: list[str],
+                                  message: str) -> None:
+    """Checked before anything is loaded (in this process: no server starts)."""
+    from int8serve.cli import main
+
+    with pytest.raises(SystemExit) as info:
+        main(["serve", "--data-dir", str(tmp_path / "data"), "--port", str(free_port()), *args])
+    assert info.value.code != 0
+    err = capsys.readouterr().err + str(info.value.code)
+    assert message in err and "Traceback" not in err

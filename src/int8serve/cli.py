@@ -26,6 +26,10 @@ from .engine.sources import CheckpointError
 from .engine.tokenizer import Tokenizer
 
 DEFAULT_SERVED_MODEL = "@cf/meta/llama-2-7b-chat-int8"
+# = service.policy.settings.DEFAULT_CACHE_TTL_SECONDS / DEFAULT_DAILY_NEURONS, repeated here so that building the
+# parser does not import the HTTP stack (tests/test_server.py checks they agree)
+DEFAULT_CACHE_TTL = 300
+DEFAULT_DAILY_NEURONS = 10_000
 
 
 class UsageError(Exception):
@@ -112,6 +116,69 @@ def _add_serve_parser(commands: argparse._SubParsersAction) -> None:
                        help="prompt tokens per prefill step, so running streams keep flowing (default: 128)")
     serve.add_argument("--log-level", default="info", choices=["critical", "error", "warning", "info", "debug"],
                        help="server log level (default: %(default)s)")
+    policy = serve.add_argument_group(
+        "serving policy", "The card's rate limits, response cache and neuron metering, with the operator's "
+                          "overrides and where their state lives (see docs/policy.md).")
+    policy.add_argument("--redis-url", default=None, metavar="URL",
+                        help="share rate limits and the response cache with every replica using this Redis "
+                             "(redis://host:6379/0; add ?key_prefix=NAME to namespace the keys, default int8serve). "
+                             "Default: in this process")
+    policy.add_argument("--database-url", default=None, metavar="URL",
+                        help="the usage ledger's database, a SQLAlchemy URL such as "
+                             "postgresql+psycopg://user@host:5432/db (default: a SQLite file in --data-dir)")
+    policy.add_argument("--data-dir", type=Path, default=Path(os.environ.get("INT8SERVE_DATA") or "data"),
+                        metavar="DIR",
+                        help="where this server keeps its ledger (without --database-url) and the ledger's spool; "
+                             "one per server (default: $INT8SERVE_DATA, else ./data)")
+    policy.add_argument("--rpm", type=_non_negative_int, default=None, metavar="N",
+                        help="requests per minute per account and model, instead of the card's default "
+                             "(0 = unlimited; the card's per-account values still apply)")
+    policy.add_argument("--account-rpm", action="append", default=[], metavar="ACCOUNT=N",
+                        help="requests per minute for one account, over the card; repeatable (0 = unlimited)")
+    policy.add_argument("--no-cache", dest="cache", action="store_false",
+                        help="no response cache, whatever the card says")
+    policy.add_argument("--cache-ttl", type=_positive_int, default=DEFAULT_CACHE_TTL, metavar="SECONDS",
+                        help="how long a cached answer is served (default: %(default)s; a request's "
+                             "cf-aig-cache-ttl header overrides it)")
+    policy.add_argument("--daily-neurons", type=_positive_float, nargs="?", const=float(DEFAULT_DAILY_NEURONS),
+                        default=None, metavar="N",
+                        help=f"a daily neuron allocation per account, reset 00:00 UTC, beyond which requests get "
+                             f"429 code 3036 (off by default; the flag alone: {DEFAULT_DAILY_NEURONS:,})")
+
+
+def _non_negative_int(text: str) -> int:
+    if not text.strip().isdigit():
+        raise argparse.ArgumentTypeError(f"expected a whole number >= 0, got {text!r}")
+    return int(text)
+
+
+def _positive_int(text: str) -> int:
+    value = _non_negative_int(text)
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"expected a whole number >= 1, got {text!r}")
+    return value
+
+
+def _positive_float(text: str) -> float:
+    try:
+        value = float(text)
+    except ValueError:
+        value = float("nan")
+    if not value > 0 or value == float("inf"):
+        raise argparse.ArgumentTypeError(f"expected a positive number, got {text!r}")
+    return value
+
+
+def parse_account_rpm(pairs: Sequence[str]) -> dict[str, int]:
+    """ACCOUNT=N pairs of --account-rpm."""
+    limits: dict[str, int] = {}
+    for pair in pairs:
+        account, sep, number = pair.partition("=")
+        account, number = account.strip(), number.strip()
+        if not sep or not account or not number.isdigit():
+            raise UsageError(f"--account-rpm {pair}: expected ACCOUNT=N with N a whole number >= 0")
+        limits[account] = int(number)
+    return limits
 
 
 def resolve_model(path: Path | None) -> Path:
@@ -196,7 +263,10 @@ def cmd_serve(args: argparse.Namespace) -> None:
     options = ServeOptions(
         model=args.model, dtype=args.dtype, cards=args.card, served_model_name=args.served_model_name,
         host=args.host, port=args.port, tokens=parse_tokens(args.token, args.tokens_file),
-        max_queue=args.max_queue, prefill_chunk=args.prefill_chunk, log_level=args.log_level)
+        max_queue=args.max_queue, prefill_chunk=args.prefill_chunk, log_level=args.log_level,
+        redis_url=args.redis_url, database_url=args.database_url, data_dir=args.data_dir, rpm=args.rpm,
+        account_rpm=parse_account_rpm(args.account_rpm), cache=args.cache, cache_ttl=args.cache_ttl,
+        daily_neurons=args.daily_neurons)
     run_server(options)
 
 

@@ -1,8 +1,10 @@
 """`int8serve serve`: put the catalog, the engine and the HTTP app together and run them under uvicorn.
 
 This is the only module that knows all three layers: it loads the card and the weights, sizes the engine from the
-card (slots = max_concurrent_requests, context = the card's limit within the model's), makes sure auth is never
-off, prints what it is serving, and stops the engine when uvicorn shuts down.
+card (slots = max_concurrent_requests, context = the card's limit within the model's), builds the card's serving
+policy with the operator's overrides and backends (rate limits, cache, ledger: checked before the weights are
+loaded, so a wrong Redis or database URL fails fast), makes sure auth is never off, prints what it is serving, and
+stops the engine and writes out the ledger when uvicorn shuts down.
 """
 
 from __future__ import annotations
@@ -25,6 +27,8 @@ from .engine.loader import load_model
 from .engine.scheduler import Engine
 from .engine.tokenizer import Tokenizer
 from .service.app import create_app
+from .service.policy import Policy, PolicySettings, PolicyStartupError
+from .service.policy.settings import DEFAULT_CACHE_TTL_SECONDS
 
 
 class ServeError(Exception):
@@ -43,6 +47,20 @@ class ServeOptions:
     max_queue: int = 32
     prefill_chunk: int = 128
     log_level: str = "info"
+    # serving policy (issue 4): backends and the operator's overrides of the card
+    redis_url: str | None = None
+    database_url: str | None = None
+    data_dir: Path = Path("data")
+    rpm: int | None = None
+    account_rpm: dict[str, int] = field(default_factory=dict)
+    cache: bool = True
+    cache_ttl: int = DEFAULT_CACHE_TTL_SECONDS
+    daily_neurons: float | None = None
+
+    def policy_settings(self) -> PolicySettings:
+        return PolicySettings(default_rpm=self.rpm, account_rpm=dict(self.account_rpm), cache=self.cache,
+                              cache_ttl=self.cache_ttl, daily_neurons=self.daily_neurons, redis_url=self.redis_url,
+                              database_url=self.database_url, data_dir=self.data_dir)
 
 
 @dataclass
@@ -51,6 +69,7 @@ class Service:
 
     app: object
     engine: Engine
+    policy: Policy
     tokens: dict[str, str]
     generated_token: bool
     summary: list[str]
@@ -62,12 +81,20 @@ def build_service(options: ServeOptions) -> Service:
         card = catalog.get(options.served_model_name)
     except (CardError, UnknownModelError) as err:
         raise ServeError(str(err)) from err
-    demo = options.model is None
-    path = demo_model_dir() if demo else options.model
-    loaded = load_model(path, options.dtype, progress=sys.stderr.isatty())
-    if loaded.tokenizer_path is None:
-        raise ServeError(f"{loaded.path}: no tokenizer.model in the folder or its parent")
-    tokenizer = Tokenizer(loaded.tokenizer_path)
+    try:
+        policy = Policy.build(options.policy_settings())
+    except (ValueError, PolicyStartupError) as err:
+        raise ServeError(str(err)) from err
+    try:
+        demo = options.model is None
+        path = demo_model_dir() if demo else options.model
+        loaded = load_model(path, options.dtype, progress=sys.stderr.isatty())
+        if loaded.tokenizer_path is None:
+            raise ServeError(f"{loaded.path}: no tokenizer.model in the folder or its parent")
+        tokenizer = Tokenizer(loaded.tokenizer_path)
+    except BaseException:
+        policy.close()
+        raise
     context = min(card.context_length_limit, loaded.config.max_seq_len)
     engine = Engine(loaded.model, tokenizer, max_slots=card.max_concurrent_requests, max_queue=options.max_queue,
                     max_seq_len=context, prefill_chunk=options.prefill_chunk).start()
@@ -75,7 +102,7 @@ def build_service(options: ServeOptions) -> Service:
     generated = not tokens
     if generated:
         tokens[secrets.token_urlsafe(24)] = secrets.token_hex(16)
-    app = create_app(catalog, {card.name: engine}, tokens, demo=demo)
+    app = create_app(catalog, {card.name: engine}, tokens, demo=demo, policy=policy)
     # full-precision parameters (embeddings, norms) + int8 weights (buffers of Int8Linear)
     parameters = sum(p.numel() for p in loaded.model.parameters()) + sum(
         b.numel() for b in loaded.model.buffers() if b.dtype == torch.int8)
@@ -86,9 +113,11 @@ def build_service(options: ServeOptions) -> Service:
         f"max_tokens <= {card.sequence_length_limit}, {card.max_concurrent_requests} slots, queue {options.max_queue}, "
         f"prefill chunk {options.prefill_chunk}",
         f"listening: http://{options.host}:{options.port}/client/v4  (health /healthz, readiness /readyz)",
+        *policy.describe(card),
         f"tokens: {len(tokens)} configured" if not generated else "tokens: none configured, made one for this run",
     ]
-    return Service(app=app, engine=engine, tokens=tokens, generated_token=generated, summary=summary)
+    return Service(app=app, engine=engine, policy=policy, tokens=tokens, generated_token=generated,
+                   summary=summary)
 
 
 class _Server(uvicorn.Server):
@@ -124,3 +153,4 @@ def run_server(options: ServeOptions) -> None:
     finally:
         service.app.state.ready = False
         service.engine.stop()
+        service.policy.close()

@@ -9,6 +9,10 @@ Three engines are served, all on the same (read-only) model weights:
   byte-fallback tokens spelling `SCRIPT_TEXT` (accents, an emoji, CJK) — to check SSE framing byte by byte.
 
 `UNSERVED_MODEL` has a card but no engine.
+
+The shared `app` runs the card's policy without the requests-per-minute limit and without the response cache (the
+card's limit of 5 a minute and cache hits would change what the HTTP tests observe); neurons are metered and the
+ledger is written (in memory). The policy tests (`tests/service/policy/`) build apps of their own.
 """
 
 from __future__ import annotations
@@ -34,6 +38,7 @@ from int8serve.engine.loader import LoadedModel, load_model
 from int8serve.engine.scheduler import Engine
 from int8serve.engine.tokenizer import Tokenizer
 from int8serve.service.app import create_app
+from int8serve.service.policy import Policy
 
 ACCOUNT = "023e105f4ecef8ad9ca31a8372d0c353"
 OTHER_ACCOUNT = "0123456789abcdef0123456789abcdef"
@@ -170,8 +175,10 @@ def engines(stories_int8: LoadedModel, stories_tokenizer: Tokenizer) -> Iterator
 
 
 @pytest.fixture(scope="session")
-def app(catalog: Catalog, engines: dict[str, Engine]) -> FastAPI:
-    return create_app(catalog, engines, TOKENS)
+def app(catalog: Catalog, engines: dict[str, Engine]) -> Iterator[FastAPI]:
+    policy = Policy.in_memory(rate_limits=False, cache=False)
+    yield create_app(catalog, engines, TOKENS, policy=policy)
+    policy.close()
 
 
 @pytest.fixture(scope="session")

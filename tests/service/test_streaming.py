@@ -18,7 +18,7 @@ SLOW_URL = f"/client/v4/accounts/{ACCOUNT}/ai/run/{SLOW_MODEL}"
 
 def test_sse_bytes_exactly(http: httpx.Client, auth: dict[str, str]) -> None:
     """Frames for every completed character only (the tokens holding part of a character send nothing), UTF-8 as
-    is, the usage frame, [DONE], and the exact content type."""
+    is, the usage frame with the request's neurons, [DONE], and the exact content type."""
     body = {"prompt": "Once", "raw": True, "stream": True, "temperature": 0.7}
     with http.stream("POST", SCRIPTED_URL, headers=auth, json=body) as resp:
         assert resp.status_code == 200
@@ -34,7 +34,8 @@ def test_sse_bytes_exactly(http: httpx.Client, auth: dict[str, str]) -> None:
         'data: {"response":" "}\n\n'
         'data: {"response":"世"}\n\n'
         'data: {"response":"界"}\n\n'
-        'data: {"response":"","usage":{"prompt_tokens":2,"completion_tokens":15,"total_tokens":17}}\n\n'
+        'data: {"response":"","usage":{"prompt_tokens":2,"completion_tokens":15,"total_tokens":17,'
+        '"neurons":3.1212}}\n\n'  # 17 tokens x 0.1836 neurons (the card)
         "data: [DONE]\n\n"
     ).encode()  # UTF-8 as is, never \\u escapes
     assert raw == expected

@@ -7,12 +7,15 @@ Routes (contract §0; all `/client/v4/accounts/{account_id}/...` routes need a t
   the path before routing. Unknown query parameters are ignored.
 * `GET  /client/v4/accounts/{account_id}/ai/models/search`: the served models, filtered and paginated.
 * `GET  /client/v4/accounts/{account_id}/ai/models/schema?model=...`: a served model's input/output schemas.
+* `GET  /client/v4/accounts/{account_id}/ai/usage?since=&until=`: the account's own metered usage, from the ledger
+  (`policy/usage.py`).
 * `GET  /healthz` (always 200) and `GET /readyz` (200 with per-model engine load, or 503), without auth.
 
-Order of a run request (DESIGN.md, "Service"): authenticate → find the model → read and parse the body → validate
-→ template, tokenize, check limits → submit to the engine → only then answer: collected JSON, or SSE whose first
-byte is sent after the engine has accepted the request. Every error uses the Cloudflare envelope with a non-2xx
-status (`errors.py`); an unexpected exception is logged with its traceback and answered 500/3043.
+A run request goes through the inference pipeline (`pipeline.py`), which applies the card's serving policy
+(`policy/`: rate limits, response cache, neuron metering, usage ledger) in DESIGN.md's order: authenticate → find
+the model → read and parse the body → validate → rate limit → template, tokenize, check limits → cache → submit
+to the engine → stream or collect → meter → answer. Every error uses the Cloudflare envelope with a non-2xx status
+(`errors.py`); an unexpected exception is logged with its traceback and answered 500/3043.
 
 Every answer carries a fresh `cf-ai-req-id` (uuid4), which is also the engine request id in the logs; with
 `demo=True` (the built-in random-weight model) every answer also says `x-int8serve-demo-model: random weights,
@@ -21,9 +24,11 @@ output is meaningless`.
 
 from __future__ import annotations
 
+import asyncio
+import contextlib
 import logging
 import uuid
-from collections.abc import Mapping
+from collections.abc import AsyncIterator, Mapping
 
 from fastapi import FastAPI, Request
 from starlette.datastructures import MutableHeaders
@@ -32,24 +37,24 @@ from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from int8serve.catalog.card import ModelCard
 from int8serve.catalog.registry import Catalog
-from int8serve.engine.scheduler import Engine, EngineStoppedError, GenerationRequest, QueueFullError, RequestHandle
+from int8serve.engine.scheduler import Engine
 
 from .auth import authenticate, is_valid_token
 from .errors import (
-    BAD_INPUT,
     BAD_QUERY,
-    CAPACITY,
-    NO_SUCH_MODEL,
     NOT_READY,
-    UNAVAILABLE,
+    USAGE_UNAVAILABLE,
     ApiError,
     install_error_handlers,
     internal_error_response,
     json_response,
     success_body,
 )
-from .inputs import DEFAULT_MAX_BODY_BYTES, RunRequest, build_run_request, parse_json_body, read_body
-from .streaming import EventStreamResponse, collect, sse_frames
+from .formats import WORKERS_AI
+from .inputs import DEFAULT_MAX_BODY_BYTES
+from .pipeline import REQUEST_ID_SCOPE_KEY, InferencePipeline
+from .policy import LedgerUnavailableError, Policy
+from .policy.usage import parse_period, usage_result
 
 __all__ = [
     "DEFAULT_PER_PAGE",
@@ -65,7 +70,6 @@ log = logging.getLogger(__name__)
 API_PREFIX = "/client/v4/accounts/{account_id}/ai"
 REQUEST_ID_HEADER = "cf-ai-req-id"
 DEMO_HEADER = ("x-int8serve-demo-model", "random weights, output is meaningless")
-REQUEST_ID_SCOPE_KEY = "int8serve.request_id"
 DEFAULT_PER_PAGE = 20
 MAX_PER_PAGE = 1000
 DEFAULT_RETRY_AFTER_SECONDS = 1
@@ -112,12 +116,14 @@ class RequestContextMiddleware:
 
 def create_app(catalog: Catalog, engines: Mapping[str, Engine], tokens: Mapping[str, str], demo: bool = False,
                max_body_bytes: int = DEFAULT_MAX_BODY_BYTES, *,
-               retry_after_seconds: int = DEFAULT_RETRY_AFTER_SECONDS) -> FastAPI:
+               retry_after_seconds: int = DEFAULT_RETRY_AFTER_SECONDS, policy: Policy | None = None) -> FastAPI:
     """The HTTP API over `engines` (model name → started Engine; every name must be a card of `catalog`).
 
     `tokens` maps API token → account id. `demo` marks every answer as coming from the random-weight demo model.
-    `max_body_bytes` bounds request bodies (413/3006). `retry_after_seconds` is the `Retry-After` of 429/503
-    answers. `app.state.ready` (True) is the readiness flag of `/readyz`: set it to False while draining.
+    `max_body_bytes` bounds request bodies (413/3006). `retry_after_seconds` is the `Retry-After` of 429/3040 and
+    503 answers. `policy` is the serving policy (rate limits, cache, ledger); without one, the card's policy with
+    everything in memory (`Policy.in_memory()`), closed when the app's lifespan ends. `app.state.ready` (True) is
+    the readiness flag of `/readyz`: set it to False while draining.
     """
     for name in engines:
         if name not in catalog:
@@ -129,46 +135,45 @@ def create_app(catalog: Catalog, engines: Mapping[str, Engine], tokens: Mapping[
     engines = dict(engines)
     tokens = dict(tokens)
     retry_headers = {"retry-after": str(retry_after_seconds)}
+    owned = policy is None
+    policy = policy if policy is not None else Policy.in_memory()
+    pipeline = InferencePipeline(catalog, engines, tokens, policy, max_body_bytes, retry_headers)
 
-    app = FastAPI(title="int8serve", docs_url=None, redoc_url=None, openapi_url=None)
+    @contextlib.asynccontextmanager
+    async def lifespan(_app: FastAPI) -> AsyncIterator[None]:
+        yield
+        if owned:  # writes out the ledger: never on the event loop's thread
+            await asyncio.to_thread(policy.close)
+
+    app = FastAPI(title="int8serve", docs_url=None, redoc_url=None, openapi_url=None, lifespan=lifespan)
     app.router.redirect_slashes = False  # an API: unknown paths are 404 envelopes, not redirects
     app.state.ready = True
     app.state.engines = engines
     app.state.catalog = catalog
+    app.state.policy = policy
+    app.state.pipeline = pipeline
     install_error_handlers(app)
     app.add_middleware(RequestContextMiddleware, demo=demo)
 
-    def served_card(name: str) -> tuple[ModelCard, Engine]:
-        if name not in catalog:
-            raise ApiError(NO_SUCH_MODEL, model=name, note="")
-        if name not in engines:
-            raise ApiError(NO_SUCH_MODEL, model=name, note=" (the model is in the catalog but not served here)")
-        return catalog.get(name), engines[name]
-
-    def submit(engine: Engine, run: RunRequest, request_id: str) -> RequestHandle:
-        generation = GenerationRequest(prompt_ids=list(run.prompt_ids), max_tokens=run.max_tokens,
-                                       params=run.params, request_id=request_id)
-        try:
-            return engine.submit(generation, reject_if_busy=run.reject_if_busy)
-        except QueueFullError:
-            raise ApiError(CAPACITY, headers=retry_headers) from None
-        except EngineStoppedError:
-            raise ApiError(UNAVAILABLE, headers=retry_headers) from None
-        except ValueError as err:  # the engine's own sanity checks; ours should have caught it first
-            raise ApiError(BAD_INPUT, detail=str(err)) from None
-
     @app.post(API_PREFIX + "/run/{model:path}")
     async def run_model(account_id: str, model: str, request: Request) -> Response:
-        authenticate(request.headers, account_id, tokens)
-        card, engine = served_card(model)
-        body = parse_json_body(await read_body(request, max_body_bytes))
-        window = min(card.context_length_limit, engine.max_seq_len)
-        run = build_run_request(body, card, engine.tokenizer, window)
-        handle = submit(engine, run, request.scope.get(REQUEST_ID_SCOPE_KEY, ""))
-        if run.stream:
-            return EventStreamResponse(sse_frames(handle), on_close=handle.cancel)
-        completion = await collect(handle, request.receive)
-        return json_response(success_body(completion.result()))
+        return await pipeline.run(request, account_id, model, WORKERS_AI)
+
+    @app.get(API_PREFIX + "/usage")
+    async def usage(account_id: str, request: Request) -> Response:
+        account = authenticate(request.headers, account_id, tokens)
+        since, until = parse_period(request.query_params.get("since"), request.query_params.get("until"))
+        try:
+            by_model, by_day = await policy.ledger.usage(account, since, until)
+            allocation = None
+            if policy.allocation is not None:
+                used = round(await policy.allocation.used_today(account), 6)
+                per_day = policy.allocation.neurons_per_day
+                allocation = {"neurons_per_day": per_day, "used_today": used,
+                              "remaining_today": round(max(0.0, per_day - used), 6)}
+        except LedgerUnavailableError:
+            raise ApiError(USAGE_UNAVAILABLE, headers=retry_headers) from None
+        return json_response(success_body(usage_result(account, since, until, by_model, by_day, allocation)))
 
     @app.get(API_PREFIX + "/models/search")
     async def search_models(account_id: str, request: Request) -> Response:
@@ -191,7 +196,7 @@ def create_app(catalog: Catalog, engines: Mapping[str, Engine], tokens: Mapping[
         name = request.query_params.get("model")
         if not name:
             raise ApiError(BAD_QUERY, name="model", problem="a model name is required")
-        card, _engine = served_card(name)
+        card, _engine = pipeline.served_card(name)
         return json_response(success_body(card.to_schema_result()))
 
     @app.get("/healthz")

@@ -10,7 +10,8 @@ Envelope: `{"success": false, "errors": [{"code", "message"}], "messages": [], "
 the contract's captures. Successful answers use `success_body`.
 
 Codes not fixed by the contract (marked "ours" below) were chosen so that they never collide with a documented
-Workers AI code: 1001 for a malformed query parameter, 3043 for an internal error. 503 answers (an engine that is
+Workers AI code: 1001 for a malformed query parameter, 1002 for usage data that cannot be read right now, 3043 for
+an internal error. 503 answers (an engine that is
 shutting down, `/readyz` while not ready) reuse 3040 ("try again"), with a `Retry-After` header like the 429s.
 """
 
@@ -28,6 +29,7 @@ from starlette.exceptions import HTTPException as StarletteHTTPException
 from starlette.responses import Response
 
 __all__ = [
+    "ACCOUNT_LIMITED",
     "AUTHENTICATION",
     "BAD_INPUT",
     "BAD_QUERY",
@@ -42,9 +44,11 @@ __all__ = [
     "NOT_READY",
     "NO_ROUTE",
     "NO_SUCH_MODEL",
+    "RATE_LIMITED",
     "REQUEST_ABORTED",
     "REQUEST_TOO_LARGE",
     "UNAVAILABLE",
+    "USAGE_UNAVAILABLE",
     "ApiError",
     "ErrorKind",
     "error_body",
@@ -82,6 +86,15 @@ CONTEXT_WINDOW = ErrorKind(
 )
 REQUEST_ABORTED = ErrorKind(408, 3008, "Request was aborted", ai=True)
 CAPACITY = ErrorKind(429, 3040, "Capacity temporarily exceeded, please try again.", ai=True)
+# the per-account, per-model requests-per-minute limit (observed code and words, contract §3.3)
+RATE_LIMITED = ErrorKind(429, 3021, "rate limiting: inference request per min rate reached", ai=True)
+# the daily neuron allocation; `allocation` is "10,000" for the contract's exact words
+ACCOUNT_LIMITED = ErrorKind(
+    429, 3036,
+    "You have used up your daily free allocation of {allocation} neurons. Please upgrade to Cloudflare's Workers "
+    "Paid plan if you would like to continue usage.",
+    ai=True,
+)
 # the engine is draining (shutdown): same code and words as capacity, but 503 so that retries go elsewhere
 UNAVAILABLE = ErrorKind(503, 3040, "Capacity temporarily exceeded, please try again.", ai=True)
 INTERNAL = ErrorKind(500, 3043, "Internal server error", ai=True)  # ours: no public code for this
@@ -93,6 +106,7 @@ FORBIDDEN = ErrorKind(403, 10000, "Authentication error", ai=False)
 NO_ROUTE = ErrorKind(404, 7000, "No route for that URI", ai=False)
 BAD_QUERY = ErrorKind(400, 1001, "Invalid query parameter '{name}': {problem}", ai=False)  # ours
 NOT_READY = ErrorKind(503, 3040, "Not ready: {reason}", ai=False)
+USAGE_UNAVAILABLE = ErrorKind(503, 1002, "Usage data is temporarily unavailable, please try again.", ai=False)  # ours
 
 # the `error_chain` entries of INVALID_HEADERS, by offending header
 CHAIN_AUTHORIZATION = {"code": 6111, "message": "Invalid format for Authorization header"}

@@ -18,6 +18,11 @@ Everything that can make a request fail is checked here, before the engine sees 
 5. the chat template (`raw` prompt as is, otherwise the Workers AI llama2 template), tokenization, and the context
    window: prompt tokens + `max_tokens` ≤ min(card `context_length_limit`, engine context) → else 413/5021.
 
+Steps 2-4 and rendering the template (which only looks at the messages, and refuses ones it cannot render) are
+`validate_run_body`; tokenizing and the context window are `tokenize_run`. The request pipeline runs the rate
+limit between the two, so that a refused body never counts against it and a limited caller never costs a
+tokenization (`build_run_request` does both at once).
+
 `repetition_penalty` is multiplicative (Hugging Face semantics), where 0 would divide by zero; since the schema
 allows 0, it is read as "no penalty" (1.0).
 """
@@ -50,10 +55,13 @@ __all__ = [
     "DEFAULT_MAX_BODY_BYTES",
     "PARAMETER_RANGES",
     "RunRequest",
+    "ValidatedRun",
     "build_run_request",
     "parse_json_body",
     "read_body",
     "schema_error_detail",
+    "tokenize_run",
+    "validate_run_body",
 ]
 
 DEFAULT_MAX_BODY_BYTES = 1 << 20  # 1 MiB: 256 messages of the schema's 4096 characters fit with room to spare
@@ -217,7 +225,27 @@ def build_run_request(body: Any, card: ModelCard, tokenizer: PromptTokenizer, co
     """Validate a parsed `/ai/run` body for `card` and turn it into prompt ids and sampling parameters.
 
     `context_window` is the largest prompt + `max_tokens` the server accepts: min(card limit, engine context).
+    The two halves are `validate_run_body` (steps 2-4, and rendering the template, which only looks at the
+    messages) and `tokenize_run` (step 5); the request pipeline runs the rate limit between them.
     """
+    return tokenize_run(validate_run_body(body, card), tokenizer, context_window)
+
+
+@dataclass(frozen=True)
+class ValidatedRun:
+    """A body that passed every check that does not need the tokenizer: its template is rendered, not tokenized."""
+
+    segments: tuple[Segment, ...]
+    max_tokens: int
+    params: SamplingParams
+    stream: bool
+    reject_if_busy: bool
+    form: str  # "prompt" or "messages"
+    raw: bool  # prompt form only: no chat template
+
+
+def validate_run_body(body: Any, card: ModelCard) -> ValidatedRun:
+    """Steps 2-4 for `card`, and the chat template (400 for messages it cannot render); raises ApiError."""
     detail = schema_error_detail(card.input_validator, body)
     if detail is not None:
         raise ApiError(BAD_INPUT, detail=detail)
@@ -246,13 +274,19 @@ def build_run_request(body: Any, card: ModelCard, tokenizer: PromptTokenizer, co
         segments = render_prompt(prompt, raw=raw)
     else:
         segments = _render_messages(body.get("messages"))
+    return ValidatedRun(segments=tuple(segments), max_tokens=max_tokens, params=params, stream=stream,
+                        reject_if_busy=reject_if_busy, form=form, raw=raw and form == "prompt")
 
-    prompt_ids = tuple(tokenizer.encode_segments(segments))
-    estimated = len(prompt_ids) + max_tokens
+
+def tokenize_run(checked: ValidatedRun, tokenizer: PromptTokenizer, context_window: int) -> RunRequest:
+    """Step 5: the prompt ids, and prompt + `max_tokens` within `context_window` (else 413/5021)."""
+    prompt_ids = tuple(tokenizer.encode_segments(checked.segments))
+    estimated = len(prompt_ids) + checked.max_tokens
     if estimated > context_window:
         raise ApiError(CONTEXT_WINDOW, tokens=estimated, limit=context_window)
-    return RunRequest(prompt_ids=prompt_ids, max_tokens=max_tokens, params=params, stream=stream,
-                      reject_if_busy=reject_if_busy, form=form, raw=raw and form == "prompt")
+    return RunRequest(prompt_ids=prompt_ids, max_tokens=checked.max_tokens, params=checked.params,
+                      stream=checked.stream, reject_if_busy=checked.reject_if_busy, form=checked.form,
+                      raw=checked.raw)
 
 
 def _feature_requested(name: str, value: Any) -> bool:

@@ -1,0 +1,156 @@
+"""The card's serving policy, assembled once per server: rate limiter, response cache, ledger, daily allocation.
+
+`Policy.build(settings)` makes every part and checks its backends before the server starts: a Redis that cannot be
+reached, a database that cannot be reached or a data directory used by another server are `PolicyStartupError`s
+with a clear message (`int8serve serve` prints them without a traceback). `Policy.in_memory()` is the embedded
+default that needs nothing installed, which `create_app` uses when it is given no policy.
+
+A policy belongs to one event loop (its Redis connections and in-process windows are made for the loop that first
+uses them) and is closed with `close()`, which writes out the ledger.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import redis.asyncio
+import sqlalchemy as sa
+from limits.aio.storage import RedisStorage
+
+from int8serve.catalog.card import ModelCard
+
+from .allocation import DailyAllocation
+from .cache import MemoryCache, RedisCache, ResponseCache
+from .fallback import FallbackCounter, SharedStateGuard
+from .ledger import Ledger, make_database, short_error
+from .ratelimit import RateLimiter
+from .redis_state import RedisTarget, RedisUnreachableError, check_reachable
+from .settings import PolicySettings
+from .spool import FileSpool, MemorySpool, Spool, SpoolLockedError
+
+__all__ = ["LEDGER_FILE", "SPOOL_FILE", "Policy", "PolicyStartupError"]
+
+LEDGER_FILE = "usage.sqlite3"
+SPOOL_FILE = "ledger-spool.jsonl"
+
+
+class PolicyStartupError(Exception):
+    """A backend of the policy cannot be used; the message says which and why."""
+
+
+@dataclass
+class Policy:
+    settings: PolicySettings
+    limiter: RateLimiter
+    cache: ResponseCache
+    ledger: Ledger
+    allocation: DailyAllocation | None
+    fallbacks: FallbackCounter
+    shared_state: SharedStateGuard | None = None  # Redis' health, when configured
+    redis: RedisTarget | None = None
+    database: str = "sqlite:// (in memory)"
+    spool: str = "memory"
+
+    @classmethod
+    def build(cls, settings: PolicySettings | None = None) -> Policy:
+        settings = settings or PolicySettings()
+        fallbacks = FallbackCounter()
+        target = _redis_target(settings)
+        guard = SharedStateGuard(fallbacks, settings.retry_seconds) if target is not None else None
+        limiter, cache = _limiter_and_cache(settings, target, guard)
+        ledger, database, spool = _ledger(settings)
+        allocation = DailyAllocation(settings.daily_neurons, ledger) if settings.daily_neurons else None
+        return cls(settings=settings, limiter=limiter, cache=cache, ledger=ledger, allocation=allocation,
+                   fallbacks=fallbacks, shared_state=guard, redis=target, database=database, spool=spool)
+
+    @classmethod
+    def in_memory(cls, **overrides: Any) -> Policy:
+        """Everything in this process: the card's policy, with `overrides` of `PolicySettings` fields."""
+        return cls.build(PolicySettings(**overrides))
+
+    def caches(self, card: ModelCard) -> bool:
+        """Is the response cache on for `card`'s model (the card asks for one, and the operator did not say no)?"""
+        return self.settings.cache and card.policy.response_cache is not None
+
+    def describe(self, card: ModelCard) -> list[str]:
+        """Start-up lines saying what the policy does for `card`."""
+        s = self.settings
+        where = f"shared in Redis {self.redis.display} (prefix {self.redis.key_prefix})" if self.redis else \
+            "in this process"
+        if not s.rate_limits:
+            limits = "rate limits: off"
+        else:
+            default = self.limiter.limit_for(card, "\x00any account without an override\x00")
+            overrides = {**card.policy.rate_limit.accounts, **s.account_rpm}
+            limits = (f"rate limits: {default or 'unlimited'} requests per {s.window_seconds} s per account and "
+                      f"model, {len(overrides)} account overrides, {where}")
+        if self.caches(card):
+            cache = (f"response cache: on (card: {card.policy.response_cache}), TTL {s.cache_ttl} s, {where}"
+                     + ("" if self.redis else f", at most {s.cache_max_entries} entries / {s.cache_max_bytes} bytes"))
+        else:
+            cache = "response cache: off" + (" (--no-cache)" if not s.cache else " (the card has none)")
+        allocation = (f"daily allocation: {self.allocation.describe()} neurons per account (reset 00:00 UTC)"
+                      if self.allocation else "daily allocation: off")
+        return [limits, cache, f"usage ledger: {self.database} (spool {self.spool})", allocation]
+
+    def close(self) -> None:
+        self.ledger.close()
+
+
+def _redis_target(settings: PolicySettings) -> RedisTarget | None:
+    if not settings.redis_url:
+        return None
+    try:
+        target = RedisTarget.parse(settings.redis_url)
+        check_reachable(target, timeout=max(1.0, settings.backend_timeout))
+    except (ValueError, RedisUnreachableError) as err:
+        raise PolicyStartupError(str(err)) from None
+    return target
+
+
+def _limiter_and_cache(settings: PolicySettings, target: RedisTarget | None, guard: SharedStateGuard | None
+                       ) -> tuple[RateLimiter, ResponseCache]:
+    local_cache = MemoryCache(settings.cache_max_entries, settings.cache_max_bytes)
+    if target is None or guard is None:
+        return RateLimiter(settings), ResponseCache(settings.cache_ttl, local_cache)
+    pool = target.async_pool(settings.backend_timeout)
+    uri = target.url.replace("unix://", "redis+unix://", 1) if target.url.startswith("unix://") else target.url
+    storage = RedisStorage("async+" + uri, implementation="redispy", key_prefix=target.key("limits"),
+                           wrap_exceptions=True, connection_pool=pool)
+    shared_cache = RedisCache(redis.asyncio.Redis(connection_pool=pool), target.key_prefix,
+                              max_entry_bytes=settings.cache_max_bytes)
+    return (RateLimiter(settings, storage, guard),
+            ResponseCache(settings.cache_ttl, local_cache, shared_cache, guard))
+
+
+def _ledger(settings: PolicySettings) -> tuple[Ledger, str, str]:
+    data_dir = settings.data_dir
+    spool: Spool = MemorySpool()
+    spool_name = "memory"
+    try:
+        if data_dir is not None:
+            data_dir.mkdir(parents=True, exist_ok=True)
+            spool = FileSpool(Path(data_dir) / SPOOL_FILE)
+            spool_name = str(Path(data_dir) / SPOOL_FILE)
+    except (OSError, SpoolLockedError) as err:
+        raise PolicyStartupError(f"data directory {data_dir}: {err}") from None
+    if settings.database_url:
+        url = settings.database_url
+    elif data_dir is not None:
+        url = f"sqlite:///{(Path(data_dir) / LEDGER_FILE).resolve()}"
+    else:
+        url = "sqlite://"
+    try:
+        shown = sa.make_url(url).render_as_string(hide_password=True)
+        ledger = Ledger(make_database(url), spool, settings.ledger_table, settings.retry_seconds, spool_name)
+        ledger.create_schema()
+    except (sa.exc.ArgumentError, sa.exc.NoSuchModuleError, ImportError) as err:
+        spool.close()
+        raise PolicyStartupError(f"invalid database URL {url!r}: {err}") from None
+    except sa.exc.SQLAlchemyError as err:
+        spool.close()
+        raise PolicyStartupError(f"cannot use the ledger database {shown}: {short_error(err)}") from None
+    ledger.start()
+    return ledger, shown if url != "sqlite://" else "sqlite:// (in memory)", spool_name

@@ -1,0 +1,135 @@
+"""Requests per minute, per account and model: the card's `max_requests_per_min`, enforced with `limits`.
+
+The window is a moving 60-second window (`limits`' moving-window strategy): a request is admitted when fewer than
+N requests of this account and model were admitted in the last 60 seconds. Admission is one atomic
+test-and-record (`hit`): in memory by default, and in Redis (a Lua script) with `--redis-url`, so that every
+replica sharing that Redis sees one window and an account limited to 5 gets 5 in total — not 5 per replica
+(LiteLLM #27736 read a local copy and wrote to Redis, and got N × limit). A refused attempt is not recorded, so
+retrying a 429 does not push the window further away.
+
+Limits resolve from the operator's settings over the card (`settings.py`): operator per-account value, card
+per-account value, operator default, card default; 0 or "none" means unlimited (no headers then).
+
+While Redis is down the in-process windows take over (`fallback.py`). Every admission made through Redis is also
+recorded in the in-process window, so that a fallback starts from this replica's recent history instead of from
+zero; during an outage each replica limits on its own (up to N per replica), and Redis is authoritative again as
+soon as it answers.
+"""
+
+from __future__ import annotations
+
+import math
+import time
+from collections.abc import Awaitable, Callable
+from dataclasses import dataclass
+
+from limits import RateLimitItem, RateLimitItemPerSecond
+from limits.aio.storage import MemoryStorage, Storage
+from limits.aio.strategies import MovingWindowRateLimiter
+
+from int8serve.catalog.card import ModelCard
+
+from .fallback import SharedStateGuard
+from .settings import PolicySettings
+
+__all__ = ["RateLimitStatus", "RateLimiter"]
+
+NAMESPACE = "RPM"
+
+
+@dataclass(frozen=True)
+class RateLimitStatus:
+    """One account's window after (or without) an admission."""
+
+    allowed: bool
+    limit: int
+    remaining: int
+    reset_after: float  # seconds until the oldest counted request leaves the window (one more is then allowed)
+
+    @property
+    def retry_after(self) -> int:
+        """Whole seconds to wait before a refused request would be admitted (at least 1)."""
+        return max(1, math.ceil(self.reset_after))
+
+    def headers(self) -> dict[str, str]:
+        """`x-ratelimit-*-requests` for every answer, plus `Retry-After` when refused."""
+        headers = {
+            "x-ratelimit-limit-requests": str(self.limit),
+            "x-ratelimit-remaining-requests": str(max(0, self.remaining)),
+            "x-ratelimit-reset-requests": f"{max(0, math.ceil(self.reset_after))}s",
+        }
+        if not self.allowed:
+            headers["retry-after"] = str(self.retry_after)
+        return headers
+
+
+class RateLimiter:
+    """Admits requests against each account's moving window, shared through Redis when configured."""
+
+    def __init__(self, settings: PolicySettings, shared: Storage | None = None,
+                 guard: SharedStateGuard | None = None) -> None:
+        if (shared is None) != (guard is None):
+            raise ValueError("shared storage and its guard go together")
+        self.settings = settings
+        self._local = MovingWindowRateLimiter(MemoryStorage())
+        self._shared = MovingWindowRateLimiter(shared) if shared is not None else None
+        self._guard = guard
+
+    def limit_for(self, card: ModelCard, account: str) -> int | None:
+        """Requests per window allowed to `account` on `card`'s model; None = unlimited."""
+        if not self.settings.rate_limits:
+            return None
+        card_limits = card.policy.rate_limit
+        for value in (self.settings.account_rpm.get(account), card_limits.accounts.get(account),
+                      self.settings.default_rpm, card_limits.default_rpm):
+            if value is not None:
+                return value or None  # 0 = unlimited
+        return None
+
+    async def acquire(self, card: ModelCard, account: str) -> RateLimitStatus | None:
+        """Record one request if the window has room. None when the account is unlimited."""
+        limit = self.limit_for(card, account)
+        if limit is None:
+            return None
+        item, ids = self._item(limit), (card.name, account)
+
+        async def shared() -> RateLimitStatus:
+            assert self._shared is not None
+            status = await self._hit(self._shared, item, ids)
+            if status.allowed:
+                await self._local.hit(item, *ids)  # shadow copy for a fallback; its answer does not matter
+            return status
+
+        return await self._route(shared, lambda: self._hit(self._local, item, ids))
+
+    async def describe(self, card: ModelCard, account: str) -> RateLimitStatus | None:
+        """The window as it is, without recording anything (for answers that do not count)."""
+        limit = self.limit_for(card, account)
+        if limit is None:
+            return None
+        item, ids = self._item(limit), (card.name, account)
+        shared_limiter = self._shared
+        return await self._route(lambda: self._stats(shared_limiter or self._local, item, ids, True),
+                                 lambda: self._stats(self._local, item, ids, True))
+
+    async def _route(self, shared: Callable[[], Awaitable[RateLimitStatus]],
+                     local: Callable[[], Awaitable[RateLimitStatus]]) -> RateLimitStatus:
+        if self._guard is None:
+            return await local()
+        return await self._guard.call("ratelimit", shared, local)
+
+    def _item(self, limit: int) -> RateLimitItem:
+        return RateLimitItemPerSecond(limit, self.settings.window_seconds, namespace=NAMESPACE)
+
+    @classmethod
+    async def _hit(cls, limiter: MovingWindowRateLimiter, item: RateLimitItem, ids: tuple[str, str]
+                   ) -> RateLimitStatus:
+        allowed = await limiter.hit(item, *ids)
+        return await cls._stats(limiter, item, ids, allowed)
+
+    @staticmethod
+    async def _stats(limiter: MovingWindowRateLimiter, item: RateLimitItem, ids: tuple[str, str], allowed: bool
+                     ) -> RateLimitStatus:
+        stats = await limiter.get_window_stats(item, *ids)
+        return RateLimitStatus(allowed=allowed, limit=item.amount, remaining=stats.remaining,
+                               reset_after=max(0.0, stats.reset_time - time.time()))

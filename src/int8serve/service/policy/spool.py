@@ -1,0 +1,137 @@
+"""The ledger's durable local spool: rows are on disk before a request is acknowledged, whatever the database does.
+
+Every ledger row is first appended to `<data dir>/ledger-spool.jsonl` (one JSON object per line, then `fsync`),
+and only then is the answer that it meters released. The ledger's writer thread moves spooled rows into the
+database in order and empties the spool once they are all committed. So:
+
+* the database being slow or down never delays or fails a request — rows wait in the spool and are replayed, in
+  order, when it returns;
+* a crash loses nothing that was acknowledged: the spool is replayed at the next start;
+* replaying a row twice (a crash between the database commit and emptying the spool) is harmless, because rows are
+  inserted idempotently on their request id.
+
+The file is locked (`flock`) while a server uses it: two processes sharing a data directory is an error at start-up
+rather than two writers interleaving one file. A torn last line (a crash in the middle of an append, which was
+therefore never acknowledged) is dropped when the spool is opened.
+
+`MemorySpool` is the same interface in memory, for the embedded defaults that have no data directory.
+"""
+
+from __future__ import annotations
+
+import fcntl
+import json
+import logging
+import os
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any, Protocol
+
+__all__ = ["FileSpool", "MemorySpool", "Spool", "SpoolLockedError"]
+
+log = logging.getLogger(__name__)
+
+
+class SpoolLockedError(Exception):
+    """Another process holds the spool: two servers were given the same data directory."""
+
+
+class Spool(Protocol):
+    def append(self, rows: Sequence[dict[str, Any]]) -> None: ...
+
+    def read(self) -> list[dict[str, Any]]: ...
+
+    def clear(self) -> None: ...
+
+    def close(self) -> None: ...
+
+
+class MemorySpool:
+    """Not durable: for the in-memory defaults only."""
+
+    def __init__(self) -> None:
+        self._rows: list[dict[str, Any]] = []
+
+    def append(self, rows: Sequence[dict[str, Any]]) -> None:
+        self._rows.extend(rows)
+
+    def read(self) -> list[dict[str, Any]]:
+        return list(self._rows)
+
+    def clear(self) -> None:
+        self._rows.clear()
+
+    def close(self) -> None:
+        pass
+
+
+class FileSpool:
+    """JSON lines appended with `fsync`; locked for this process."""
+
+    def __init__(self, path: Path) -> None:
+        self.path = Path(path)
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+        created = not self.path.exists()
+        self._fd = os.open(self.path, os.O_RDWR | os.O_CREAT | os.O_APPEND, 0o600)
+        try:
+            fcntl.flock(self._fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            os.close(self._fd)
+            raise SpoolLockedError(f"{self.path} is in use by another int8serve process: give each server "
+                                   "its own --data-dir") from None
+        if created:
+            _fsync_dir(self.path.parent)
+        self._drop_torn_tail()
+
+    def append(self, rows: Sequence[dict[str, Any]]) -> None:
+        data = b"".join(json.dumps(row, ensure_ascii=False, separators=(",", ":")).encode("utf-8") + b"\n"
+                        for row in rows)
+        view = memoryview(data)
+        while view:
+            written = os.write(self._fd, view)
+            view = view[written:]
+        os.fsync(self._fd)
+
+    def read(self) -> list[dict[str, Any]]:
+        rows = []
+        for number, line in enumerate(self._contents().splitlines(), 1):
+            if not line.strip():
+                continue
+            try:
+                rows.append(json.loads(line))
+            except ValueError:
+                log.error("%s:%d: skipping an unreadable spool line", self.path, number)
+        return rows
+
+    def clear(self) -> None:
+        os.ftruncate(self._fd, 0)
+        os.fsync(self._fd)
+
+    def close(self) -> None:
+        if self._fd >= 0:
+            fcntl.flock(self._fd, fcntl.LOCK_UN)
+            os.close(self._fd)
+            self._fd = -1
+
+    def _contents(self) -> bytes:
+        os.lseek(self._fd, 0, os.SEEK_SET)
+        chunks = []
+        while chunk := os.read(self._fd, 1 << 20):
+            chunks.append(chunk)
+        return b"".join(chunks)
+
+    def _drop_torn_tail(self) -> None:
+        data = self._contents()
+        if data and not data.endswith(b"\n"):
+            keep = data.rfind(b"\n") + 1
+            log.warning("%s: dropping a torn last line (%d bytes) left by a crash", self.path, len(data) - keep)
+            os.ftruncate(self._fd, keep)
+            os.fsync(self._fd)
+
+
+def _fsync_dir(folder: Path) -> None:
+    fd = os.open(folder, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)

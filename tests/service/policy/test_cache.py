@@ -1,0 +1,185 @@
+"""The response cache: HIT/MISS, a key that covers everything that changes the output (and not `stream`), replayed
+streams, nothing stored from aborted streams, AI Gateway's skip-cache and TTL headers, and the in-process bounds."""
+
+from __future__ import annotations
+
+import asyncio
+import dataclasses
+import time
+from collections.abc import Callable
+from typing import Any
+
+import httpx
+import pytest
+
+from int8serve.engine.chat_template import DEFAULT_SYSTEM_PROMPT
+from int8serve.engine.sampling import SamplingParams
+from int8serve.service.inputs import RunRequest
+from int8serve.service.policy.cache import CachedAnswer, CacheDirectives, MemoryCache, cache_key
+
+from ..conftest import SLOW_MODEL
+from .conftest import CARD_NEURON_COST, PolicyServer, auth_for, sse_data
+
+STORY = "Once upon a time, there was a little"
+BASE: dict[str, Any] = {"prompt": STORY, "max_tokens": 4, "temperature": 1.0, "top_p": 0.95, "top_k": 40,
+                        "seed": 42, "repetition_penalty": 1.1, "frequency_penalty": 0.1, "presence_penalty": 0.1}
+
+
+def status(resp: httpx.Response) -> str:
+    return resp.headers["cf-aig-cache-status"]
+
+
+def test_hit_and_miss(policy_server: Callable[..., PolicyServer]) -> None:
+    server = policy_server()
+    first, second = server.post("acct-a", BASE), server.post("acct-a", BASE)
+    assert (first.status_code, status(first), status(second)) == (200, "MISS", "HIT")
+    assert second.json() == first.json()
+    assert float(first.headers["cf-ai-neurons"]) > 0 and second.headers["cf-ai-neurons"] == "0"
+    other_account = server.post("acct-b", BASE)  # answers do not depend on the account: shared across accounts
+    assert status(other_account) == "HIT"
+    error = server.post("acct-a", {"prompt": ""})
+    assert (error.status_code, status(error)) == (400, "MISS")
+    rows = server.rows()
+    assert [(r["cached"], r["neurons"] > 0) for r in rows] == [(False, True), (True, False), (True, False)]
+
+
+def test_key_covers_everything_that_changes_the_output(policy_server: Callable[..., PolicyServer]) -> None:
+    """Every sampling parameter, the seed, max_tokens, raw, and messages instead of the same prompt change the key;
+    `stream` does not."""
+    server = policy_server(rate_limits=False)
+    assert status(server.post("acct-a", BASE)) == "MISS"
+    variants = {
+        "temperature": {"temperature": 0.7}, "top_p": {"top_p": 0.9}, "top_k": {"top_k": 20}, "seed": {"seed": 43},
+        "repetition_penalty": {"repetition_penalty": 1.2}, "frequency_penalty": {"frequency_penalty": 0.5},
+        "presence_penalty": {"presence_penalty": 0.5}, "max_tokens": {"max_tokens": 5}, "raw": {"raw": True},
+    }
+    for name, change in variants.items():
+        assert status(server.post("acct-a", {**BASE, **change})) == "MISS", name
+    # the messages form rendering the very same template as the prompt form is still another request
+    messages = {k: v for k, v in BASE.items() if k != "prompt"}
+    messages["messages"] = [{"role": "system", "content": DEFAULT_SYSTEM_PROMPT}, {"role": "user", "content": STORY}]
+    assert status(server.post("acct-a", messages)) == "MISS"
+    assert status(server.post("acct-a", messages)) == "HIT"
+    resp, _raw = server.stream("acct-a", BASE)
+    assert status(resp) == "HIT"  # `stream` is not in the key
+    assert status(server.post("acct-a", BASE)) == "HIT"
+
+
+def test_cache_key_unit() -> None:
+    """Each field of SamplingParams (present and future ones) and of the request shape changes the digest."""
+    base = RunRequest(prompt_ids=(1, 2, 3), max_tokens=8, params=SamplingParams(seed=1), stream=False,
+                      reject_if_busy=False, form="prompt", raw=False)
+    key = cache_key("@cf/m", base)
+    assert cache_key("@cf/m", dataclasses.replace(base, stream=True, reject_if_busy=True)) == key
+    changed = [dataclasses.replace(base, prompt_ids=(1, 2, 4)), dataclasses.replace(base, max_tokens=9),
+               dataclasses.replace(base, form="messages"), dataclasses.replace(base, raw=True)]
+    for f in dataclasses.fields(SamplingParams):
+        value = getattr(base.params, f.name)
+        other = 7 if value is None else (value + 1 if not isinstance(value, float) else value / 2 + 0.1)
+        changed.append(dataclasses.replace(base, params=dataclasses.replace(base.params, **{f.name: other})))
+    keys = {cache_key("@cf/m", run) for run in changed} | {cache_key("@cf/other", base)}
+    assert key not in keys and len(keys) == len(changed) + 1
+
+
+def test_stream_replay_equals_the_original_stream(policy_server: Callable[..., PolicyServer]) -> None:
+    """A streamed hit sends the original's frames byte for byte; only the usage frame's neurons differ (a hit costs
+    0). It does not matter whether the entry was made by a streamed or a collected request."""
+    server = policy_server(rate_limits=False)
+    body = {**BASE, "max_tokens": 40}
+    original_resp, original = server.stream("acct-a", body)
+    replay_resp, replay = server.stream("acct-a", body)
+    assert (status(original_resp), status(replay_resp)) == ("MISS", "HIT")
+    frames = sse_data(original)
+    neurons = frames[-2]["usage"]["neurons"]
+    assert neurons == round((frames[-2]["usage"]["total_tokens"]) * CARD_NEURON_COST, 6) > 0
+    assert replay == original.replace(f'"neurons":{neurons}'.encode(), b'"neurons":0.0')
+    assert replay_resp.headers["content-type"] == "text/event-stream"
+
+    # an entry made by a collected request, replayed as a stream, equals a fresh stream of the same request
+    other = {**BASE, "seed": 7, "max_tokens": 30}
+    collected = server.post("acct-a", other)
+    hit_resp, hit = server.stream("acct-a", other)
+    fresh_resp, fresh = server.stream("acct-a", other, headers={"cf-aig-skip-cache": "true"})
+    assert (status(collected), status(hit_resp), status(fresh_resp)) == ("MISS", "HIT", "MISS")
+    fresh_neurons = sse_data(fresh)[-2]["usage"]["neurons"]
+    assert hit == fresh.replace(f'"neurons":{fresh_neurons}'.encode(), b'"neurons":0.0')
+    assert "".join(f["response"] for f in sse_data(hit)[:-1]) == collected.json()["result"]["response"]
+
+
+def test_aborted_streams_are_not_cached(policy_server: Callable[..., PolicyServer]) -> None:
+    """A stream the client leaves is billed for what was generated and never stored: the same request again is a
+    MISS."""
+    server = policy_server(rate_limits=False)
+    body = {"prompt": "Once upon a time", "raw": True, "max_tokens": 300, "temperature": 0, "stream": True}
+    for attempt in range(2):
+        with server.http.stream("POST", server.run_url("acct-a", SLOW_MODEL), headers=auth_for("acct-a"),
+                                json=body) as resp:
+            assert status(resp) == "MISS", attempt
+            lines = resp.iter_lines()
+            assert next(lines).startswith('data: {"response":')
+        server.wait_rows(attempt + 1)
+    rows = server.rows()
+    assert [(r["outcome"], r["cached"]) for r in rows] == [("aborted", False), ("aborted", False)]
+    for row in rows:
+        assert 1 <= row["output_tokens"] < 300
+        assert row["neurons"] == pytest.approx((row["input_tokens"] + row["output_tokens"]) * CARD_NEURON_COST)
+
+
+def test_skip_cache_and_ttl(policy_server: Callable[..., PolicyServer]) -> None:
+    server = policy_server(rate_limits=False)
+    skip = {"cf-aig-skip-cache": "true"}
+    one = {**BASE, "seed": 100}
+    assert status(server.post("acct-a", one, skip)) == "MISS"
+    assert status(server.post("acct-a", one)) == "MISS"  # a skipped request stored nothing
+    assert status(server.post("acct-a", one, skip)) == "MISS"  # ... and reads nothing
+    assert status(server.post("acct-a", one, {"cf-skip-cache": "true"})) == "MISS"  # the older header name
+    assert status(server.post("acct-a", one)) == "HIT"
+
+    short = {**BASE, "seed": 101}
+    assert status(server.post("acct-a", short, {"cf-aig-cache-ttl": "1"})) == "MISS"
+    assert status(server.post("acct-a", short)) == "HIT"
+    time.sleep(1.2)
+    assert status(server.post("acct-a", short)) == "MISS"  # expired after its own TTL of 1 s
+    # a stored answer (default TTL) older than the TTL a request asks for is not served to it
+    assert status(server.post("acct-a", short)) == "HIT"
+    time.sleep(1.2)
+    assert status(server.post("acct-a", short, {"cf-aig-cache-ttl": "1"})) == "MISS"
+    assert status(server.post("acct-a", short, {"cf-aig-cache-ttl": "nonsense"})) == "HIT"  # ignored
+
+
+def test_no_cache_setting(policy_server: Callable[..., PolicyServer]) -> None:
+    server = policy_server(cache=False)
+    assert [status(server.post("acct-a", BASE)) for _ in range(2)] == ["MISS", "MISS"]
+
+
+def test_directives_from_headers() -> None:
+    assert CacheDirectives.from_headers({}) == CacheDirectives(False, None)
+    assert CacheDirectives.from_headers({"cf-aig-skip-cache": "TRUE", "cf-aig-cache-ttl": "90"}) == \
+        CacheDirectives(True, 90)
+    assert CacheDirectives.from_headers({"cf-cache-ttl": "99999999999"}).ttl == 30 * 24 * 3600
+    assert CacheDirectives.from_headers({"cf-aig-cache-ttl": "-5"}).ttl is None
+
+
+def test_memory_cache_bounds() -> None:
+    """Bounded in entries and in bytes (least recently used out first), each entry with its own TTL."""
+    now = [1000.0]
+    cache = MemoryCache(max_entries=3, max_bytes=2000, clock=lambda: now[0])
+
+    def answer(text: str) -> CachedAnswer:
+        return CachedAnswer((text,), 1, 1, "stop", created=now[0])
+
+    async def scenario() -> None:
+        for key in "abc":
+            await cache.put(key, answer(key), ttl=10)
+        assert await cache.get("a") is not None  # a is now the most recently used
+        await cache.put("d", answer("d"), ttl=10)
+        assert [await cache.get(k) is not None for k in "abcd"] == [True, False, True, True]
+        await cache.put("big", answer("x" * 1850), ttl=10)  # evicts until the bytes fit
+        assert cache.bytes <= 2000 and await cache.get("big") is not None and len(cache) == 1
+        await cache.put("huge", answer("x" * 5000), ttl=10)  # larger than the whole cache: not stored
+        assert await cache.get("huge") is None
+        await cache.put("short", answer("s"), ttl=1)
+        now[0] += 1.5
+        assert await cache.get("short") is None and cache.bytes == 0  # (short had pushed big out)
+
+    asyncio.run(scenario())

@@ -1,0 +1,206 @@
+"""Neuron metering and the usage ledger: the card's arithmetic, one row per request that reached the engine or the
+cache (ok, aborted, cached), the usage endpoint and its account isolation, the daily allocation, the spool, and
+no database work on the event loop's thread."""
+
+from __future__ import annotations
+
+import socket
+import threading
+import time
+from collections.abc import Callable
+from datetime import datetime, timedelta
+from pathlib import Path
+
+import cloudflare
+import httpx
+import pytest
+import sqlalchemy as sa
+from cloudflare import Cloudflare
+
+from int8serve.engine.scheduler import Engine
+from int8serve.service.policy import UsageRow, format_neurons
+from int8serve.service.policy.ledger import Ledger, make_database, utc_now
+from int8serve.service.policy.spool import FileSpool, SpoolLockedError
+
+from ..conftest import MODEL, SCRIPTED_MODEL, SLOW_MODEL
+from .conftest import ACCOUNTS, CARD_NEURON_COST, PolicyServer, auth_for, sse_data
+
+ALLOCATION_MESSAGE = ("You have used up your daily free allocation of 10,000 neurons. Please upgrade to Cloudflare's "
+                      "Workers Paid plan if you would like to continue usage.")
+
+
+def expected_neurons(prompt_tokens: int, completion_tokens: int) -> float:
+    return round((prompt_tokens + completion_tokens) * CARD_NEURON_COST, 6)
+
+
+def test_neurons_from_the_card(policy_server: Callable[..., PolicyServer]) -> None:
+    """input and output tokens × 0.1836, in the header of a JSON answer and in the final frame of a stream."""
+    server = policy_server()
+    resp = server.post("acct-a", {"prompt": "Tell me a story", "max_tokens": 20, "seed": 1})
+    usage = resp.json()["result"]["usage"]
+    neurons = expected_neurons(usage["prompt_tokens"], usage["completion_tokens"])
+    assert usage["prompt_tokens"] > 20  # the templated prompt (default system prompt) is what is billed
+    assert resp.headers["cf-ai-neurons"] == format_neurons(neurons)
+    _resp, raw = server.stream("acct-a", {"prompt": "Once", "raw": True}, model=SCRIPTED_MODEL)
+    final = sse_data(raw)[-2]
+    assert final["usage"] == {"prompt_tokens": 2, "completion_tokens": 15, "total_tokens": 17,
+                              "neurons": expected_neurons(2, 15)}
+    rows = server.rows()
+    assert [r["neurons"] for r in rows] == [pytest.approx(neurons), pytest.approx(3.1212)]
+    assert format_neurons(47.18520000001) == "47.1852" and format_neurons(0.0) == "0"
+
+
+def _abort_collected(server: PolicyServer, engines: dict[str, Engine]) -> None:
+    """A non-streamed request on the slow engine whose client leaves while it runs."""
+    payload = b'{"prompt": "Once upon a time", "raw": true, "max_tokens": 400, "temperature": 0}'
+    host, port = server.url.removeprefix("http://").split(":")
+    with socket.create_connection((host, int(port))) as sock:
+        sock.sendall(f"POST {server.run_url('acct-a', SLOW_MODEL)} HTTP/1.1\r\nHost: x\r\n"
+                     f"Authorization: Bearer {ACCOUNTS['acct-a']}\r\nContent-Length: {len(payload)}\r\n\r\n"
+                     .encode() + payload)
+        deadline = time.monotonic() + 5
+        while engines[SLOW_MODEL].stats().running == 0 or engines[SLOW_MODEL].stats().steps < 5:
+            assert time.monotonic() < deadline
+            time.sleep(0.01)
+        time.sleep(0.1)  # a few tokens
+
+
+def test_one_row_per_request_ok_aborted_cached(policy_server: Callable[..., PolicyServer],
+                                               engines: dict[str, Engine]) -> None:
+    server = policy_server(account_rpm={"acct-a": 8})
+    body = {"prompt": "Once upon a time", "raw": True, "max_tokens": 6, "temperature": 0}
+    before = utc_now()
+    ok, cached = server.post("acct-a", body), server.post("acct-a", body)
+    server.post("acct-a", {})  # 400: never reached the engine, no row
+    server.post("acct-a", {"prompt": "x", "raw": True, "max_tokens": 1800})  # 413 after the limiter: no row
+    with server.http.stream("POST", server.run_url("acct-a", SLOW_MODEL), headers=auth_for("acct-a"),
+                            json={**body, "max_tokens": 300, "stream": True}) as streamed:
+        next(streamed.iter_lines())
+    _abort_collected(server, engines)
+    rows = server.wait_rows(4)
+    assert len(rows) == 4
+    by_id = {r["request_id"]: r for r in rows}
+    first, hit = by_id[ok.headers["cf-ai-req-id"]], by_id[cached.headers["cf-ai-req-id"]]
+    usage = ok.json()["result"]["usage"]
+    assert (first["account"], first["model"], first["outcome"], first["cached"]) == ("acct-a", MODEL, "ok", False)
+    assert (first["input_tokens"], first["output_tokens"]) == (usage["prompt_tokens"], usage["completion_tokens"])
+    assert first["neurons"] == pytest.approx(expected_neurons(usage["prompt_tokens"], usage["completion_tokens"]))
+    assert (hit["cached"], hit["neurons"], hit["outcome"], hit["output_tokens"]) == (True, 0.0, "ok", 6)
+    assert first["latency_ms"] > 0 and before - timedelta(seconds=1) <= first["time"] <= utc_now()
+    assert first["day"] == first["time"].date().isoformat()
+    aborted = [r for r in rows if r["outcome"] == "aborted"]
+    assert len(aborted) == 2 and all(r["model"] == SLOW_MODEL and not r["cached"] for r in aborted)
+    for row in aborted:  # billed for the prompt and the tokens actually generated
+        assert 1 <= row["output_tokens"] < 300
+        assert row["neurons"] == pytest.approx(expected_neurons(row["input_tokens"], row["output_tokens"]))
+
+
+def test_usage_endpoint_and_account_isolation(policy_server: Callable[..., PolicyServer]) -> None:
+    server = policy_server(rate_limits=False)
+    for n in range(3):
+        server.post("acct-a", {"prompt": f"Story {n}", "raw": True, "max_tokens": 3})
+    server.post("acct-a", {"prompt": "Story 0", "raw": True, "max_tokens": 3})  # a cache hit
+    server.post("acct-a", {"prompt": "Hi", "raw": True}, model=SCRIPTED_MODEL)
+    server.post("acct-b", {"prompt": "Other", "raw": True, "max_tokens": 3})
+    rows = [r for r in server.rows() if r["account"] == "acct-a"]
+
+    resp = server.usage("acct-a")
+    assert resp.status_code == 200 and resp.headers["content-type"] == "application/json"
+    result = resp.json()["result"]
+    assert result["account_id"] == "acct-a" and result["daily_allocation"] is None
+    totals = result["totals"]
+    assert totals["requests"] == 5 and totals["cached_requests"] == 1
+    assert totals["input_tokens"] == sum(r["input_tokens"] for r in rows)
+    assert totals["output_tokens"] == sum(r["output_tokens"] for r in rows)
+    assert totals["neurons"] == pytest.approx(sum(r["neurons"] for r in rows))
+    assert [(m["model"], m["requests"]) for m in result["by_model"]] == [(SCRIPTED_MODEL, 1), (MODEL, 4)]  # by name
+    assert [(d["day"], d["requests"]) for d in result["by_day"]] == [(utc_now().date().isoformat(), 5)]
+
+    # only the caller's own account
+    assert server.usage("acct-b", as_account="acct-a").status_code == 403
+    assert server.usage("acct-b").json()["result"]["totals"]["requests"] == 1
+    assert server.usage("acct-c").json()["result"]["totals"] == {
+        "requests": 0, "cached_requests": 0, "input_tokens": 0, "output_tokens": 0, "neurons": 0}
+    assert server.http.get("/client/v4/accounts/acct-a/ai/usage").status_code == 400  # no credentials: 9106
+
+    # the period
+    today = utc_now().date()
+    assert server.usage("acct-a", since=today.isoformat(), until=today.isoformat()).json()[
+        "result"]["totals"]["requests"] == 5
+    tomorrow = (today + timedelta(days=1)).isoformat()
+    assert server.usage("acct-a", since=tomorrow, until=tomorrow).json()["result"]["totals"]["requests"] == 0
+    past = server.usage("acct-a", since="2020-01-01T00:00:00Z", until=str(int(time.time()) - 3600)).json()
+    assert past["result"]["totals"]["requests"] == 0 and past["result"]["since"] == "2020-01-01T00:00:00Z"
+    bad = server.usage("acct-a", since="yesterday")
+    assert bad.status_code == 400 and bad.json()["errors"][0]["code"] == 1001
+    assert server.usage("acct-a", since=tomorrow, until=today.isoformat()).status_code == 400
+
+
+def test_daily_allocation(policy_server: Callable[..., PolicyServer]) -> None:
+    """10,000 neurons a day per account when on: past it, 429/3036 with the contract's words, not counted by the
+    rate limiter, and `x-should-retry: false`, so the SDK does not retry in vain."""
+    server = policy_server(daily_neurons=10_000, account_rpm={"acct-a": 10})
+    body = {"prompt": "Once", "raw": True, "max_tokens": 2}
+    assert server.post("acct-a", body).status_code == 200
+    usage = server.usage("acct-a").json()["result"]["daily_allocation"]
+    assert usage["neurons_per_day"] == 10_000 and 0 < usage["used_today"] < 10
+    # the account used 10,000 neurons earlier today (e.g. on another replica)
+    server.policy.ledger.record_nowait(UsageRow("earlier-today", utc_now() - timedelta(seconds=1), "acct-a", MODEL,
+                                                40_000, 14_465, 9_999.9, False, "ok", 1.0))
+    assert server.policy.ledger.flush()
+    refused = server.post("acct-a", body)
+    assert refused.status_code == 429
+    assert refused.json()["errors"] == [{"code": 3036, "message": ALLOCATION_MESSAGE}]
+    assert refused.headers["x-should-retry"] == "false" and int(refused.headers["retry-after"]) <= 86_400
+    assert refused.headers["x-ratelimit-remaining-requests"] == "9"  # refused before the limiter: not counted
+    seen: list[int] = []
+    client = Cloudflare(api_token=ACCOUNTS["acct-a"], base_url=f"{server.url}/client/v4", max_retries=2,
+                        http_client=httpx.Client(event_hooks={"response": [lambda r: seen.append(r.status_code)]}))
+    with pytest.raises(cloudflare.RateLimitError) as info:
+        client.ai.run(MODEL, account_id="acct-a", prompt="Once", raw=True, max_tokens=2)
+    assert info.value.body["errors"][0]["code"] == 3036 and seen == [429]  # one attempt, no retries
+    assert server.post("acct-b", body).status_code == 200  # per account
+    assert server.usage("acct-a").json()["result"]["daily_allocation"]["remaining_today"] == 0
+
+
+def test_no_database_work_on_the_event_loop_thread(policy_server: Callable[..., PolicyServer]) -> None:
+    server = policy_server(daily_neurons=10_000)
+    threads: set[str] = set()
+    sa.event.listen(server.policy.ledger.database, "before_cursor_execute",
+                    lambda *args: threads.add(threading.current_thread().name))
+    server.post("acct-a", {"prompt": "Once", "raw": True, "max_tokens": 2})
+    server.stream("acct-a", {"prompt": "Twice", "raw": True, "max_tokens": 2})
+    server.usage("acct-a")
+    assert server.policy.ledger.flush()
+    assert threads == {"int8serve-ledger"}
+
+
+def _row(request_id: str, when: datetime) -> UsageRow:
+    return UsageRow(request_id, when, "acct", MODEL, 10, 5, 2.754, False, "ok", 12.5)
+
+
+def test_spool_replay_is_ordered_and_idempotent(tmp_path: Path) -> None:
+    """Rows left in a spool (a crash, a database outage) are inserted at the next start, in order, once each —
+    even when some of them had already reached the database."""
+    url = f"sqlite:///{tmp_path / 'usage.sqlite3'}"
+    now = utc_now()
+    rows = [_row(f"r{n}", now + timedelta(milliseconds=n)) for n in range(5)]
+    spool = FileSpool(tmp_path / "spool.jsonl")
+    spool.append([r.to_json() for r in rows] + [rows[1].to_json()])  # a duplicate, too
+    with pytest.raises(SpoolLockedError):
+        FileSpool(tmp_path / "spool.jsonl")  # one server per data directory
+    spool.close()
+    with (tmp_path / "spool.jsonl").open("ab") as f:
+        f.write(b'{"request_id": "torn')  # a crash in the middle of an append: never acknowledged
+
+    first = Ledger(make_database(url), FileSpool(tmp_path / "spool.jsonl"))
+    first.create_schema()
+    with first.database.begin() as conn:  # r0 and r1 made it to the database before the crash
+        conn.execute(sa.insert(first.table), [rows[0].to_db(), rows[1].to_db()])
+    assert first.pending == 6
+    assert first.flush()
+    assert first.pending == 0 and (tmp_path / "spool.jsonl").read_bytes() == b""
+    with first.database.connect() as conn:
+        ids = conn.execute(sa.select(first.table.c.request_id).order_by(first.table.c.time)).scalars().all()
+    assert ids == ["r0", "r1", "r2", "r3", "r4"]
+    first.close()

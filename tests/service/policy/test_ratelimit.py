@@ -1,0 +1,114 @@
+"""Requests per minute per account and model: the card's limit, the operator's overrides, what counts, the
+headers on every answer, and what the official SDK sees."""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Callable
+
+import cloudflare
+import httpx
+import pytest
+from cloudflare import Cloudflare
+
+from ..conftest import ACCOUNT, MODEL, OTHER_ACCOUNT, OTHER_TOKEN, SCRIPTED_MODEL, TOKEN
+from .conftest import ACCOUNTS, STAGING_ACCOUNT, PolicyServer
+
+RATE_MESSAGE = "rate limiting: inference request per min rate reached"
+SMALL = {"prompt": "Once upon a time", "raw": True, "max_tokens": 2, "temperature": 0}
+
+
+def sdk(server: PolicyServer, token: str = TOKEN, **options: object) -> Cloudflare:
+    return Cloudflare(api_token=token, base_url=f"{server.url}/client/v4", **{"max_retries": 0, **options})
+
+
+def limit_headers(resp: httpx.Response) -> tuple[int, int, str]:
+    return (int(resp.headers["x-ratelimit-limit-requests"]), int(resp.headers["x-ratelimit-remaining-requests"]),
+            resp.headers["x-ratelimit-reset-requests"])
+
+
+def test_card_limit_through_the_sdk(policy_server: Callable[..., PolicyServer]) -> None:
+    """The card's default, 5 a minute: the sixth call is a RateLimitError with code 3021; other accounts and other
+    models have windows of their own."""
+    server = policy_server()
+    client = sdk(server)
+    for n in range(5):
+        out = client.ai.run(MODEL, account_id=ACCOUNT, prompt=f"Story {n}", raw=True, max_tokens=2)
+        assert isinstance(out["response"], str)
+    with pytest.raises(cloudflare.RateLimitError) as info:
+        client.ai.run(MODEL, account_id=ACCOUNT, prompt="Story 6", raw=True, max_tokens=2)
+    err = info.value
+    assert err.status_code == 429
+    assert err.body["errors"] == [{"code": 3021, "message": RATE_MESSAGE}]
+    assert err.body["success"] is False and err.body["result"] == {}
+    headers = err.response.headers
+    assert 55 <= int(headers["retry-after"]) <= 60
+    assert limit_headers(err.response)[:2] == (5, 0)
+    assert headers["cf-aig-cache-status"] == "MISS"
+    # the refused call was not recorded: still no room, and no ledger row
+    assert len(server.rows()) == 5
+    # another account, and another model of the same account, are not affected
+    other = sdk(server, OTHER_TOKEN)
+    assert other.ai.run(MODEL, account_id=OTHER_ACCOUNT, prompt="x", raw=True, max_tokens=1)["response"] is not None
+    assert client.ai.run(SCRIPTED_MODEL, account_id=ACCOUNT, prompt="x", raw=True)["response"]
+
+
+def test_card_and_operator_overrides(policy_server: Callable[..., PolicyServer]) -> None:
+    """Operator per-account > card per-account > operator default > card default; 0 = unlimited."""
+    server = policy_server(default_rpm=2, account_rpm={"acct-a": 3, "acct-b": 0})
+    assert limit_headers(server.post(STAGING_ACCOUNT, SMALL))[:2] == (60, 59)  # the card's override stands
+    assert limit_headers(server.post("acct-c", SMALL))[:2] == (2, 1)  # the operator's default replaces 5
+    statuses = [server.post("acct-a", SMALL).status_code for _ in range(4)]
+    assert statuses == [200, 200, 200, 429]
+    unlimited = [server.post("acct-b", SMALL) for _ in range(6)]
+    assert all(r.status_code == 200 for r in unlimited)
+    assert "x-ratelimit-limit-requests" not in unlimited[-1].headers
+    # the SDK sees the operator's limit exactly like the card's
+    client = sdk(server, ACCOUNTS["acct-c"])
+    client.ai.run(MODEL, account_id="acct-c", prompt="y", raw=True, max_tokens=1)
+    with pytest.raises(cloudflare.RateLimitError) as info:
+        client.ai.run(MODEL, account_id="acct-c", prompt="z", raw=True, max_tokens=1)
+    assert info.value.body["errors"][0]["code"] == 3021
+
+
+def test_what_counts_and_headers_on_every_answer(policy_server: Callable[..., PolicyServer]) -> None:
+    """Refused bodies (400) do not count but show the window; a request admitted and then found too long for the
+    context (413/5021) counts; so do answers and cache hits; a 401 has no account, so no window."""
+    server = policy_server(account_rpm={"acct-a": 4})
+    for body in ({}, {"prompt": ""}, {"prompt": "x", "temperature": 9}, "not an object"):
+        resp = server.post("acct-a", body)
+        assert resp.status_code == 400
+        assert limit_headers(resp)[:2] == (4, 4) and resp.headers["cf-aig-cache-status"] == "MISS"
+    too_long = server.post("acct-a", {"prompt": "Once", "raw": True, "max_tokens": 1800})
+    assert (too_long.status_code, too_long.json()["errors"][0]["code"]) == (413, 5021)
+    assert limit_headers(too_long)[:2] == (4, 3)
+    first, hit = server.post("acct-a", SMALL), server.post("acct-a", SMALL)
+    assert [first.headers["cf-aig-cache-status"], hit.headers["cf-aig-cache-status"]] == ["MISS", "HIT"]
+    assert [limit_headers(first)[1], limit_headers(hit)[1]] == [2, 1]
+    assert first.headers["x-ratelimit-reset-requests"].endswith("s")
+    with server.http.stream("POST", server.run_url("acct-a"), headers={"Authorization": "Bearer tok-acct-a"},
+                            json={**SMALL, "stream": True}) as streamed:
+        assert limit_headers(streamed)[1] == 0 and streamed.headers["cf-aig-cache-status"] == "HIT"
+    refused = server.post("acct-a", SMALL)
+    assert refused.status_code == 429 and int(refused.headers["retry-after"]) >= 1
+    unauthenticated = server.http.post(server.run_url("acct-a"), json=SMALL, headers={"Authorization": "Bearer no"})
+    assert unauthenticated.status_code == 401 and "x-ratelimit-limit-requests" not in unauthenticated.headers
+
+
+def test_sdk_default_retries_wait_out_the_window(policy_server: Callable[..., PolicyServer]) -> None:
+    """With its default `max_retries=2`, the SDK sleeps for `Retry-After` (it honours values up to 60 s) and tries
+    again: a caller over the limit sees a slow call that succeeds once the window frees a request, not an error.
+    Shown on a 3-second window; with the real 60-second window the call blocks for up to a minute. The refused
+    attempt did not count, otherwise the retry would be refused too."""
+    server = policy_server(window_seconds=3, account_rpm={"acct-d": 2})
+    seen: list[int] = []
+    http_client = httpx.Client(event_hooks={"response": [lambda r: seen.append(r.status_code)]})
+    client = sdk(server, ACCOUNTS["acct-d"], max_retries=2, http_client=http_client)
+    for n in range(2):
+        client.ai.run(MODEL, account_id="acct-d", prompt=f"Tale {n}", raw=True, max_tokens=1)
+    started = time.monotonic()
+    out = client.ai.run(MODEL, account_id="acct-d", prompt="Tale 3", raw=True, max_tokens=1)
+    waited = time.monotonic() - started
+    assert isinstance(out["response"], str)
+    assert seen == [200, 200, 429, 200]
+    assert 1.5 < waited < 6
