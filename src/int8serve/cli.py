@@ -116,6 +116,11 @@ def _add_serve_parser(commands: argparse._SubParsersAction) -> None:
                        help="prompt tokens per prefill step, so running streams keep flowing (default: 128)")
     serve.add_argument("--log-level", default="info", choices=["critical", "error", "warning", "info", "debug"],
                        help="server log level (default: %(default)s)")
+    serve.add_argument("--log-format", default="text", choices=["text", "json"],
+                       help="log lines as readable text or as one JSON object each; either way one line per "
+                            "request on the int8serve.request logger (default: %(default)s)")
+    serve.add_argument("--log-prompts", action="store_true",
+                       help="also log each request's prompt and response text (default: never logged)")
     policy = serve.add_argument_group(
         "serving policy", "The card's rate limits, response cache and neuron metering, with the operator's "
                           "overrides and where their state lives (see docs/policy.md).")
@@ -264,6 +269,7 @@ def cmd_serve(args: argparse.Namespace) -> None:
         model=args.model, dtype=args.dtype, cards=args.card, served_model_name=args.served_model_name,
         host=args.host, port=args.port, tokens=parse_tokens(args.token, args.tokens_file),
         max_queue=args.max_queue, prefill_chunk=args.prefill_chunk, log_level=args.log_level,
+        log_format=args.log_format, log_prompts=args.log_prompts,
         redis_url=args.redis_url, database_url=args.database_url, data_dir=args.data_dir, rpm=args.rpm,
         account_rpm=parse_account_rpm(args.account_rpm), cache=args.cache, cache_ttl=args.cache_ttl,
         daily_neurons=args.daily_neurons)

@@ -29,6 +29,7 @@ from .engine.tokenizer import Tokenizer
 from .service.app import create_app
 from .service.policy import Policy, PolicySettings, PolicyStartupError
 from .service.policy.settings import DEFAULT_CACHE_TTL_SECONDS
+from .service.request_log import configure_logging
 
 
 class ServeError(Exception):
@@ -47,6 +48,8 @@ class ServeOptions:
     max_queue: int = 32
     prefill_chunk: int = 128
     log_level: str = "info"
+    log_format: str = "text"  # "text" or "json" (service/request_log.py)
+    log_prompts: bool = False  # prompt and response text in the request log lines
     # serving policy (issue 4): backends and the operator's overrides of the card
     redis_url: str | None = None
     database_url: str | None = None
@@ -102,7 +105,7 @@ def build_service(options: ServeOptions) -> Service:
     generated = not tokens
     if generated:
         tokens[secrets.token_urlsafe(24)] = secrets.token_hex(16)
-    app = create_app(catalog, {card.name: engine}, tokens, demo=demo, policy=policy)
+    app = create_app(catalog, {card.name: engine}, tokens, demo=demo, policy=policy, log_prompts=options.log_prompts)
     # full-precision parameters (embeddings, norms) + int8 weights (buffers of Int8Linear)
     parameters = sum(p.numel() for p in loaded.model.parameters()) + sum(
         b.numel() for b in loaded.model.buffers() if b.dtype == torch.int8)
@@ -112,7 +115,8 @@ def build_service(options: ServeOptions) -> Service:
         f"limits: context {context} tokens (card {card.context_length_limit}, model {loaded.config.max_seq_len}), "
         f"max_tokens <= {card.sequence_length_limit}, {card.max_concurrent_requests} slots, queue {options.max_queue}, "
         f"prefill chunk {options.prefill_chunk}",
-        f"listening: http://{options.host}:{options.port}/client/v4  (health /healthz, readiness /readyz)",
+        f"listening: http://{options.host}:{options.port}/client/v4  (health /healthz, readiness /readyz, "
+        "metrics /metrics)",
         *policy.describe(card),
         f"tokens: {len(tokens)} configured" if not generated else "tokens: none configured, made one for this run",
     ]
@@ -147,7 +151,11 @@ def run_server(options: ServeOptions) -> None:
               f"  curl http://{options.host}:{options.port}/client/v4/accounts/{account}/ai/run/"
               f"{options.served_model_name} -H 'Authorization: Bearer {token}' "
               "-d '{\"prompt\": \"Where is New York?\", \"stream\": true}'", file=sys.stderr, flush=True)
-    config = uvicorn.Config(service.app, host=options.host, port=options.port, log_level=options.log_level)
+    configure_logging(options.log_format, options.log_level)
+    # JSON: uvicorn's own loggers go through the same JSON handler instead of uvicorn's default config
+    log_config = None if options.log_format == "json" else uvicorn.config.LOGGING_CONFIG
+    config = uvicorn.Config(service.app, host=options.host, port=options.port, log_level=options.log_level,
+                            log_config=log_config)
     try:
         _Server(config).run()
     finally:

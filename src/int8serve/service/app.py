@@ -9,6 +9,7 @@ Routes (contract §0; all `/client/v4/accounts/{account_id}/...` routes need a t
 * `GET  /client/v4/accounts/{account_id}/ai/models/schema?model=...`: a served model's input/output schemas.
 * `GET  /client/v4/accounts/{account_id}/ai/usage?since=&until=`: the account's own metered usage, from the ledger
   (`policy/usage.py`).
+* `GET  /metrics`: Prometheus metrics (text exposition, no auth; names in `metrics.py`).
 * `GET  /healthz` (always 200) and `GET /readyz` (200 with per-model engine load, or 503), without auth.
 
 A run request goes through the inference pipeline (`pipeline.py`), which applies the card's serving policy
@@ -52,6 +53,8 @@ from .errors import (
 )
 from .formats import WORKERS_AI
 from .inputs import DEFAULT_MAX_BODY_BYTES
+from .metrics import MetricsMiddleware, ServiceMetrics
+from .openai import openai_router
 from .pipeline import REQUEST_ID_SCOPE_KEY, InferencePipeline
 from .policy import LedgerUnavailableError, Policy
 from .policy.usage import parse_period, usage_result
@@ -116,14 +119,16 @@ class RequestContextMiddleware:
 
 def create_app(catalog: Catalog, engines: Mapping[str, Engine], tokens: Mapping[str, str], demo: bool = False,
                max_body_bytes: int = DEFAULT_MAX_BODY_BYTES, *,
-               retry_after_seconds: int = DEFAULT_RETRY_AFTER_SECONDS, policy: Policy | None = None) -> FastAPI:
+               retry_after_seconds: int = DEFAULT_RETRY_AFTER_SECONDS, policy: Policy | None = None,
+               log_prompts: bool = False) -> FastAPI:
     """The HTTP API over `engines` (model name → started Engine; every name must be a card of `catalog`).
 
     `tokens` maps API token → account id. `demo` marks every answer as coming from the random-weight demo model.
     `max_body_bytes` bounds request bodies (413/3006). `retry_after_seconds` is the `Retry-After` of 429/3040 and
     503 answers. `policy` is the serving policy (rate limits, cache, ledger); without one, the card's policy with
     everything in memory (`Policy.in_memory()`), closed when the app's lifespan ends. `app.state.ready` (True) is
-    the readiness flag of `/readyz`: set it to False while draining.
+    the readiness flag of `/readyz`: set it to False while draining. `log_prompts` adds prompt and response text to
+    the per-request log line (`int8serve.request`); off by default.
     """
     for name in engines:
         if name not in catalog:
@@ -137,11 +142,13 @@ def create_app(catalog: Catalog, engines: Mapping[str, Engine], tokens: Mapping[
     retry_headers = {"retry-after": str(retry_after_seconds)}
     owned = policy is None
     policy = policy if policy is not None else Policy.in_memory()
-    pipeline = InferencePipeline(catalog, engines, tokens, policy, max_body_bytes, retry_headers)
+    metrics = ServiceMetrics(engines, policy.fallbacks, log_prompts=log_prompts)  # this app's registry (metrics.py)
+    pipeline = InferencePipeline(catalog, engines, tokens, policy, max_body_bytes, retry_headers, metrics=metrics)
 
     @contextlib.asynccontextmanager
     async def lifespan(_app: FastAPI) -> AsyncIterator[None]:
         yield
+        metrics.unwatch_engines()
         if owned:  # writes out the ledger: never on the event loop's thread
             await asyncio.to_thread(policy.close)
 
@@ -152,8 +159,10 @@ def create_app(catalog: Catalog, engines: Mapping[str, Engine], tokens: Mapping[
     app.state.catalog = catalog
     app.state.policy = policy
     app.state.pipeline = pipeline
+    app.state.metrics = metrics
     install_error_handlers(app)
     app.add_middleware(RequestContextMiddleware, demo=demo)
+    app.add_middleware(MetricsMiddleware, metrics=metrics)  # outermost: sees every answer's final status
 
     @app.post(API_PREFIX + "/run/{model:path}")
     async def run_model(account_id: str, model: str, request: Request) -> Response:
@@ -198,6 +207,12 @@ def create_app(catalog: Catalog, engines: Mapping[str, Engine], tokens: Mapping[
             raise ApiError(BAD_QUERY, name="model", problem="a model name is required")
         card, _engine = pipeline.served_card(name)
         return json_response(success_body(card.to_schema_result()))
+
+    app.include_router(openai_router(pipeline))  # OpenAI-compatible routes (openai.py)
+
+    @app.get("/metrics")
+    async def prometheus_metrics() -> Response:  # Prometheus text exposition, no auth (like /healthz)
+        return metrics.exposition()
 
     @app.get("/healthz")
     async def healthz() -> Response:

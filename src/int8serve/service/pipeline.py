@@ -54,6 +54,7 @@ from .errors import (
 )
 from .formats import WireFormat
 from .inputs import RunRequest, parse_json_body, read_body, tokenize_run
+from .metrics import RequestObservation, ServiceMetrics
 from .policy import NEURONS_HEADER, LedgerUnavailableError, Outcome, Policy, UsageRow, billed_neurons, format_neurons
 from .policy.cache import CACHE_STATUS_HEADER, CacheDirectives, cache_key
 from .policy.ledger import utc_now
@@ -73,6 +74,7 @@ class _Context:
 
     request_id: str
     received: datetime  # naive UTC, the ledger's time
+    obs: RequestObservation  # metrics and the request log line (metrics.py)
     started: float = field(default_factory=time.monotonic)
     account: str = ""
     headers: dict[str, str] = field(default_factory=lambda: {CACHE_STATUS_HEADER: "MISS"})
@@ -93,7 +95,7 @@ class InferencePipeline:
     """The pipeline over `engines` (model name → Engine), for `tokens` (API token → account), under `policy`."""
 
     def __init__(self, catalog: Catalog, engines: Mapping[str, Engine], tokens: Mapping[str, str], policy: Policy,
-                 max_body_bytes: int, retry_headers: Mapping[str, str]) -> None:
+                 max_body_bytes: int, retry_headers: Mapping[str, str], metrics: ServiceMetrics | None = None) -> None:
         self.catalog = catalog
         self.engines = dict(engines)
         self.tokens = dict(tokens)
@@ -101,6 +103,7 @@ class InferencePipeline:
         self.max_body_bytes = max_body_bytes
         self.retry_headers = dict(retry_headers)
         self._background: set[asyncio.Task[None]] = set()
+        self.metrics = metrics if metrics is not None else ServiceMetrics(engines, policy.fallbacks)
 
     def served_card(self, name: str) -> tuple[ModelCard, Engine]:
         if name not in self.catalog:
@@ -112,12 +115,22 @@ class InferencePipeline:
     async def run(self, request: Request, account_id: str, model: str | None, fmt: WireFormat) -> Response:
         """Answer one inference request of `account_id` for `model` in wire format `fmt`. `model` None: the
         format reads it from the body (`fmt.model_in_body`, e.g. OpenAI's `"model"`)."""
-        ctx = _Context(request_id=request.scope.get(REQUEST_ID_SCOPE_KEY) or str(uuid.uuid4()), received=utc_now())
+        request_id = request.scope.get(REQUEST_ID_SCOPE_KEY) or str(uuid.uuid4())
+        obs = self.metrics.observe(request_id)
+        ctx = _Context(request_id=request_id, received=utc_now(), obs=obs)
+        obs.fields.update(account=account_id, model=model)
         try:
-            return await self._run(ctx, request, account_id, model, fmt)
+            response = await self._run(ctx, request, account_id, model, fmt)
         except ApiError as err:
             err.headers = {**ctx.headers, **err.headers}
+            obs.finish(err.status, err.code)
             raise
+        except Exception:
+            obs.finish(INTERNAL.status, INTERNAL.code)
+            raise
+        if not obs.deferred:  # a live stream is observed when it ends (`_stream`, `_record_aborted`)
+            obs.finish(response.status_code)
+        return response
 
     async def _run(self, ctx: _Context, request: Request, account_id: str, model: str | None,
                    fmt: WireFormat) -> Response:
@@ -128,6 +141,7 @@ class InferencePipeline:
             if served is None:
                 served = self.served_card(fmt.model_in_body(body))
             card, engine = served
+            ctx.obs.input(ctx.account, card.name, body)
             checked = fmt.validate(body, card)
         except ApiError:
             if served is not None:  # a refused body does not count, but the answer says where the window stands
@@ -139,10 +153,15 @@ class InferencePipeline:
         key = cache_key(card.name, run) if self.policy.caches(card) else None
         if key is not None:
             hit = await self.policy.cache.get(key, directives)
+            ctx.obs.cache(card.name, hit is not None)
             if hit is not None:
                 answer = Answer(hit.deltas, hit.prompt_tokens, hit.completion_tokens, hit.finish_reason)
                 return await self._from_cache(ctx, card, fmt, run, answer)
-        handle = self._submit(engine, run, ctx.request_id)
+        # wrapped to note first/last token times (metrics.TimedHandle: same request/events/cancel)
+        handle = ctx.obs.timed(self._submit(engine, run, ctx.request_id), run.stream)
+        watch = getattr(fmt, "watch", None)  # optional format hook on the engine request (OpenAI stop sequences)
+        if watch is not None:
+            handle = watch(handle)
         if run.stream:
             state = _Stream(AnswerBuilder(prompt_tokens=run.prompt_tokens))
             frames = self._stream(ctx, card, fmt, handle, state, key, directives)
@@ -230,14 +249,18 @@ class InferencePipeline:
                 state.recorded = True
                 if outcome is not Outcome.OK:
                     self._record_nowait(ctx, card, answer, outcome, neurons)
-                    yield fmt.error_frame(self._failure(ctx, answer))
+                    failure = self._failure(ctx, answer)
+                    ctx.obs.finish(200, failure.code, in_stream=True)
+                    yield fmt.error_frame(failure)
                     return
                 try:
                     await self._record(ctx, card, answer, outcome, neurons)
                 except ApiError as err:  # the ledger cannot take the row: the answer is not acknowledged
+                    ctx.obs.finish(200, err.kind.code, in_stream=True)
                     yield fmt.error_frame(err.kind)
                     return
                 await self._store(key, directives, answer)
+                ctx.obs.finish(200)
                 for frame in fmt.final_frames(answer, neurons):
                     yield frame
                 return
@@ -276,6 +299,7 @@ class InferencePipeline:
         neurons = billed_neurons(card, Outcome.ABORTED, answer.prompt_tokens, answer.completion_tokens,
                                  started=answer.started)
         self._record_nowait(ctx, card, answer, Outcome.ABORTED, neurons)
+        ctx.obs.finish(200)
 
     def _failure(self, ctx: _Context, answer: Answer) -> ErrorKind:
         if answer.finish_reason == ABORTED:
@@ -296,6 +320,7 @@ class InferencePipeline:
     async def _record(self, ctx: _Context, card: ModelCard, answer: Answer, outcome: Outcome, neurons: float,
                       cached: bool = False) -> None:
         """Write the ledger row durably; an answer whose row cannot be kept is not acknowledged (500)."""
+        self._observe(ctx, card, answer, outcome, neurons, cached)
         try:
             await self.policy.ledger.record(self._row(ctx, card, answer, outcome, neurons, cached))
         except LedgerUnavailableError:
@@ -304,10 +329,16 @@ class InferencePipeline:
 
     def _record_nowait(self, ctx: _Context, card: ModelCard, answer: Answer, outcome: Outcome,
                        neurons: float) -> None:
+        self._observe(ctx, card, answer, outcome, neurons, cached=False)
         try:
             self.policy.ledger.record_nowait(self._row(ctx, card, answer, outcome, neurons, cached=False))
         except LedgerUnavailableError:
             log.error("request %s: the usage ledger is closed; its row is lost", ctx.request_id)
+
+    def _observe(self, ctx: _Context, card: ModelCard, answer: Answer, outcome: Outcome, neurons: float,
+                 cached: bool) -> None:
+        ctx.obs.answer(ctx.account, card.name, answer.prompt_tokens, answer.completion_tokens, neurons,
+                       outcome.value, cached, answer.text)
 
     async def _store(self, key: str | None, directives: CacheDirectives, answer: Answer) -> None:
         if key is None or not answer.complete:

@@ -1,0 +1,342 @@
+"""Prometheus metrics of one app (`GET /metrics`, text exposition, no auth) and the per-request log line.
+
+Names follow vLLM's (`vllm:num_requests_running`, `vllm:time_to_first_token_seconds`, ...) and TGI's
+(`tgi_batch_forward_duration{method}`), in Prometheus' own style: prefix `int8serve_`, snake case, unit suffix,
+`_total` on counters (colons are reserved for recording rules, so vLLM's `vllm:` form is not used). Every app has
+its own `CollectorRegistry`, so several apps in one process (tests) never collide.
+
+Counters (`_total`), gauges and histograms, with their labels:
+
+* `int8serve_http_requests_total{route,status}`: every HTTP answer; route = the route template (`unmatched`: 404s)
+* `int8serve_errors_total{code,status}`: error codes answered (`errors[0].code`); status 200 = a stream's error frame
+* `int8serve_num_requests_running{model}`, `int8serve_num_requests_waiting{model}`, `int8serve_slots{model}`,
+  `int8serve_slot_usage_ratio{model}`: gauges read from `Engine.stats()` at scrape time
+* `int8serve_request_queue_time_seconds{model}`: engine queue → slot
+* `int8serve_time_to_first_token_seconds{model}`: request received → first generated token
+* `int8serve_time_per_output_token_seconds{model}`: (last token − first token) / (generated tokens − 1)
+* `int8serve_e2e_request_latency_seconds{model}`: request received → answer complete (answered requests; cache
+  hits included)
+* `int8serve_prompt_tokens_total{model}`, `int8serve_generation_tokens_total{model}`: tokens the engine processed and
+  generated (aborted requests included, cache hits not)
+* `int8serve_neurons_total{account,model}`: neurons billed
+* `int8serve_cache_hits_total{model}`, `int8serve_cache_misses_total{model}`: response cache lookups
+* `int8serve_rate_limited_requests_total{model,code}`: refused at admission, 3021 (rate limit) or 3036 (allocation)
+* `int8serve_fallback_outages_total`, `int8serve_fallback_local_operations_total{component}`: shared state (Redis)
+  lost, and operations served in-process meanwhile (the policy's `FallbackCounter`, read at scrape time)
+* `int8serve_engine_step_duration_seconds{model,kind}`, `int8serve_engine_step_rows{model,kind}`: one engine forward
+  (kind `prefill`: one chunk, rows = its tokens; `decode`: one batch, rows = its sequences), from `Engine.on_step`
+"""
+
+from __future__ import annotations
+
+import json
+import time
+from collections.abc import AsyncIterator, Iterable, Mapping
+from typing import Any
+
+from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, Counter, Histogram, generate_latest
+from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metric
+from prometheus_client.registry import Collector
+from starlette.responses import Response
+from starlette.types import ASGIApp, Message, Receive, Scope, Send
+
+from int8serve.engine.scheduler import Engine, RequestHandle, TokenEvent
+
+from .policy import FallbackCounter
+from .request_log import log_request
+
+__all__ = ["PREFIX", "MetricsMiddleware", "RequestObservation", "ServiceMetrics", "TimedHandle"]
+
+PREFIX = "int8serve_"
+
+# CPU inference: a 7B int8 model decodes at ~0.1-1 s per token, prefill of a long prompt takes tens of seconds
+LATENCY_BUCKETS = (0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 20.0, 30.0, 60.0, 120.0, 300.0, 600.0)
+TPOT_BUCKETS = (0.005, 0.01, 0.025, 0.05, 0.075, 0.1, 0.15, 0.2, 0.3, 0.5, 0.75, 1.0, 2.0, 5.0)
+STEP_BUCKETS = (0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0)
+ROW_BUCKETS = (1, 2, 4, 8, 16, 32, 64, 128, 256, 512)
+MAX_ERROR_BODY = 65536
+
+
+class _StateCollector(Collector):
+    """Gauges read at scrape time: engine slots and queues, and the policy's fallback counter."""
+
+    def __init__(self, engines: Mapping[str, Engine], fallbacks: FallbackCounter | None) -> None:
+        self.engines = engines
+        self.fallbacks = fallbacks
+
+    def collect(self) -> Iterable[Metric]:
+        running = GaugeMetricFamily(PREFIX + "num_requests_running", "Requests in an engine slot.", labels=["model"])
+        waiting = GaugeMetricFamily(PREFIX + "num_requests_waiting", "Requests waiting for a slot.", labels=["model"])
+        slots = GaugeMetricFamily(PREFIX + "slots", "Engine slots (concurrent sequences).", labels=["model"])
+        usage = GaugeMetricFamily(PREFIX + "slot_usage_ratio", "Fraction of the engine slots in use.",
+                                  labels=["model"])
+        for name, engine in self.engines.items():
+            stats = engine.stats()
+            running.add_metric([name], stats.running)
+            waiting.add_metric([name], stats.waiting)
+            slots.add_metric([name], stats.slots)
+            usage.add_metric([name], stats.running / stats.slots if stats.slots else 0.0)
+        yield from (running, waiting, slots, usage)
+        outages = CounterMetricFamily(PREFIX + "fallback_outages", "Times shared state (Redis) was lost.")
+        local = CounterMetricFamily(PREFIX + "fallback_local_operations",
+                                    "Operations served from in-process state while shared state was lost.",
+                                    labels=["component"])
+        if self.fallbacks is not None:
+            snap = self.fallbacks.snapshot()
+            outages.add_metric([], float(snap["outages"]))  # type: ignore[arg-type]
+            for component, count in dict(snap["local_operations"]).items():  # type: ignore[call-overload]
+                local.add_metric([component], float(count))
+        else:
+            outages.add_metric([], 0.0)
+        yield from (outages, local)
+
+
+class ServiceMetrics:
+    """The metrics of one app, in their own registry; `observe` starts one request's observation."""
+
+    def __init__(self, engines: Mapping[str, Engine] | None = None, fallbacks: FallbackCounter | None = None,
+                 log_prompts: bool = False) -> None:
+        self.registry = CollectorRegistry(auto_describe=True)
+        self.log_prompts = log_prompts
+        r = self.registry
+        self.http_requests = Counter(PREFIX + "http_requests", "HTTP answers by route template and status.",
+                                     ["route", "status"], registry=r)
+        self.errors = Counter(PREFIX + "errors", "Error codes answered (status 200: a stream's error frame).",
+                              ["code", "status"], registry=r)
+        self.queue_time = Histogram(PREFIX + "request_queue_time_seconds", "Time waiting for an engine slot.",
+                                    ["model"], buckets=LATENCY_BUCKETS, registry=r)
+        self.ttft = Histogram(PREFIX + "time_to_first_token_seconds", "Request received to first generated token.",
+                              ["model"], buckets=LATENCY_BUCKETS, registry=r)
+        self.tpot = Histogram(PREFIX + "time_per_output_token_seconds", "Mean time per output token after the "
+                              "first.", ["model"], buckets=TPOT_BUCKETS, registry=r)
+        self.e2e = Histogram(PREFIX + "e2e_request_latency_seconds", "Request received to answer complete.",
+                             ["model"], buckets=LATENCY_BUCKETS, registry=r)
+        self.prompt_tokens = Counter(PREFIX + "prompt_tokens", "Prompt tokens processed by the engine.", ["model"],
+                                     registry=r)
+        self.generation_tokens = Counter(PREFIX + "generation_tokens", "Tokens generated by the engine.", ["model"],
+                                         registry=r)
+        self.neurons = Counter(PREFIX + "neurons", "Neurons billed.", ["account", "model"], registry=r)
+        self.cache_hits = Counter(PREFIX + "cache_hits", "Response cache hits.", ["model"], registry=r)
+        self.cache_misses = Counter(PREFIX + "cache_misses", "Response cache misses.", ["model"], registry=r)
+        self.rate_limited = Counter(PREFIX + "rate_limited_requests", "Requests refused at admission (3021 rate "
+                                    "limit, 3036 daily allocation).", ["model", "code"], registry=r)
+        self.step_duration = Histogram(PREFIX + "engine_step_duration_seconds", "One engine forward, by kind.",
+                                       ["model", "kind"], buckets=STEP_BUCKETS, registry=r)
+        self.step_rows = Histogram(PREFIX + "engine_step_rows", "Prefill chunk tokens / decode batch sequences.",
+                                   ["model", "kind"], buckets=ROW_BUCKETS, registry=r)
+        self._engines: dict[str, Engine] = {}
+        self._callbacks: list[tuple[Engine, Any]] = []
+        self.registry.register(_StateCollector(self._engines, fallbacks))
+        for name, engine in (engines or {}).items():
+            self.watch_engine(name, engine)
+
+    def watch_engine(self, model: str, engine: Engine) -> None:
+        """Scrape `engine`'s slots and time its steps (through its `on_step` callbacks)."""
+        self._engines[model] = engine
+        duration = {kind: self.step_duration.labels(model, kind) for kind in ("prefill", "decode")}
+        rows = {kind: self.step_rows.labels(model, kind) for kind in ("prefill", "decode")}
+
+        def on_step(kind: str, seconds: float, n: int) -> None:  # engine thread; prometheus_client is thread-safe
+            if kind in duration:
+                duration[kind].observe(seconds)
+                rows[kind].observe(n)
+
+        engine.on_step.append(on_step)
+        self._callbacks.append((engine, on_step))
+
+    def unwatch_engines(self) -> None:
+        """Remove this app's step callbacks (engines may outlive the app, e.g. in tests)."""
+        for engine, callback in self._callbacks:
+            if callback in engine.on_step:
+                engine.on_step.remove(callback)
+        self._callbacks.clear()
+
+    def exposition(self) -> Response:
+        return Response(generate_latest(self.registry), media_type=CONTENT_TYPE_LATEST)
+
+    def observe(self, request_id: str) -> RequestObservation:
+        return RequestObservation(self, request_id)
+
+    def count_error(self, code: int | str, status: int) -> None:
+        self.errors.labels(str(code), str(status)).inc()
+
+
+class TimedHandle:
+    """An engine `RequestHandle` that notes when its first and last tokens arrive (for TTFT and TPOT)."""
+
+    def __init__(self, handle: RequestHandle) -> None:
+        self.handle = handle
+        self.request = handle.request
+        self.first_token_at: float | None = None
+        self.last_token_at: float | None = None
+        self.last_event: TokenEvent | None = None
+
+    def __getattr__(self, name: str) -> Any:  # anything else of the engine handle
+        return getattr(self.handle, name)
+
+    def cancel(self) -> None:
+        self.handle.cancel()
+
+    async def events(self) -> AsyncIterator[TokenEvent]:
+        async for event in self.handle.events():
+            if event.token_id is not None:
+                now = time.monotonic()
+                if self.first_token_at is None:
+                    self.first_token_at = now
+                self.last_token_at = now
+            self.last_event = event
+            yield event
+
+
+class RequestObservation:
+    """What is known of one inference request; `finish` (once) updates the metrics and writes the log line."""
+
+    def __init__(self, metrics: ServiceMetrics, request_id: str) -> None:
+        self.metrics = metrics
+        self.started = time.monotonic()
+        self.fields: dict[str, Any] = {
+            "request_id": request_id, "account": None, "model": None, "status": None, "error_code": None,
+            "outcome": None, "prompt_tokens": 0, "completion_tokens": 0, "neurons": 0.0, "cached": False,
+            "stream": False, "queue_s": None, "ttft_s": None, "total_s": None}
+        self.handle: TimedHandle | None = None
+        self.engine_tokens = False
+        self.finished = False
+        self._prompt: Any = None
+        self._response: str | None = None
+
+    # ---- what the pipeline learns ----
+
+    def input(self, account: str, model: str | None, body: Any) -> None:
+        self.fields["account"], self.fields["model"] = account, model
+        if self.metrics.log_prompts and isinstance(body, Mapping):
+            self._prompt = body.get("prompt", body.get("messages"))
+
+    def cache(self, model: str, hit: bool) -> None:
+        (self.metrics.cache_hits if hit else self.metrics.cache_misses).labels(model).inc()
+
+    def timed(self, handle: RequestHandle, stream: bool) -> TimedHandle:
+        self.fields["stream"] = stream
+        self.handle = TimedHandle(handle)
+        return self.handle
+
+    def answer(self, account: str, model: str, prompt_tokens: int, completion_tokens: int, neurons: float,
+               outcome: str, cached: bool, text: str) -> None:
+        f = self.fields
+        f.update(account=account, model=model, prompt_tokens=prompt_tokens, completion_tokens=completion_tokens,
+                 neurons=neurons, outcome=outcome, cached=cached)
+        if self.metrics.log_prompts:
+            self._response = text
+        if not self.engine_tokens:  # once per request: the aborted path may see the answer again
+            self.engine_tokens = True
+            m = self.metrics
+            m.neurons.labels(account, model).inc(neurons)
+            if not cached:
+                m.prompt_tokens.labels(model).inc(prompt_tokens)
+                m.generation_tokens.labels(model).inc(completion_tokens)
+
+    @property
+    def deferred(self) -> bool:
+        """A live stream: it ends after the route returned."""
+        return self.handle is not None and bool(self.fields["stream"])
+
+    # ---- the end ----
+
+    def finish(self, status: int, error_code: int | None = None, in_stream: bool = False) -> None:
+        if self.finished:
+            return
+        self.finished = True
+        m, f = self.metrics, self.fields
+        now = time.monotonic()
+        f["status"], f["error_code"] = status, error_code
+        f["total_s"] = round(now - self.started, 6)
+        if f["outcome"] is None:
+            f["outcome"] = "ok" if status < 400 else "rejected"
+        if error_code is not None and f["outcome"] == "ok":
+            f["outcome"] = "error"
+        if in_stream and error_code is not None:
+            m.count_error(error_code, status)
+        if error_code in (3021, 3036) and status == 429 and f["model"]:
+            m.rate_limited.labels(f["model"], str(error_code)).inc()
+        model = f["model"]
+        handle = self.handle
+        if model is not None and handle is not None:
+            event = handle.last_event
+            started_at = handle.handle.started_at or (event.started_at if event else 0.0)
+            if started_at:
+                queue = max(0.0, started_at - handle.handle.queued_at)
+                f["queue_s"] = round(queue, 6)
+                m.queue_time.labels(model).observe(queue)
+            if handle.first_token_at is not None:
+                ttft = handle.first_token_at - self.started
+                f["ttft_s"] = round(ttft, 6)
+                m.ttft.labels(model).observe(ttft)
+                tokens = f["completion_tokens"]
+                if handle.last_token_at is not None and tokens > 1:
+                    m.tpot.labels(model).observe((handle.last_token_at - handle.first_token_at) / (tokens - 1))
+        if model is not None and f["outcome"] == "ok" and status < 400:
+            m.e2e.labels(model).observe(now - self.started)
+        fields = dict(f)
+        if m.log_prompts:
+            fields["prompt"], fields["response"] = self._prompt, self._response
+        log_request(fields)
+
+
+class MetricsMiddleware:
+    """Counts every HTTP answer by route template and status, and the error code of every error envelope (read
+    from the answer's JSON body: `errors[0].code` for Cloudflare envelopes, `error.code` / `error.type` for
+    OpenAI-style ones)."""
+
+    def __init__(self, app: ASGIApp, metrics: ServiceMetrics) -> None:
+        self.app = app
+        self.metrics = metrics
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] != "http":
+            await self.app(scope, receive, send)
+            return
+        status = 0
+        body: list[bytes] = []
+        size = 0
+        metrics = self.metrics
+
+        def route() -> str:  # the route template; set by the router before the endpoint runs
+            return getattr(scope.get("route"), "path", None) or "unmatched"
+
+        async def counting_send(message: Message) -> None:
+            # counted before the message goes out, so a client that got its answer sees it in /metrics
+            nonlocal status, size
+            if message["type"] == "http.response.start":
+                status = int(message["status"])
+                metrics.http_requests.labels(route(), str(status)).inc()
+            elif message["type"] == "http.response.body" and status >= 400:
+                if size <= MAX_ERROR_BODY:
+                    chunk = message.get("body", b"")
+                    body.append(chunk)
+                    size += len(chunk)
+                if not message.get("more_body", False):
+                    metrics.count_error(_error_code(b"".join(body)), status)
+            await send(message)
+
+        try:
+            await self.app(scope, receive, counting_send)
+        finally:
+            if not status:  # nothing was answered: the server sends a bare 500
+                metrics.http_requests.labels(route(), "500").inc()
+                metrics.count_error("none", 500)
+
+
+def _error_code(body: bytes) -> str:
+    try:
+        data = json.loads(body)
+    except ValueError:
+        return "none"
+    if isinstance(data, dict):
+        errors = data.get("errors")
+        if isinstance(errors, list) and errors and isinstance(errors[0], dict) and "code" in errors[0]:
+            return str(errors[0]["code"])
+        error = data.get("error")
+        if isinstance(error, dict):
+            code = error.get("code") or error.get("type")
+            if code is not None:
+                return str(code)
+    return "none"

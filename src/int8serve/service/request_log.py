@@ -1,0 +1,94 @@
+"""Structured logs: one line per inference request on the `int8serve.request` logger, as text or JSON.
+
+The line's fields travel on the log record as `record.fields` (a dict); `JsonFormatter` writes them as one JSON
+object per line, `TextFormatter` (the default) writes the message, which already reads `key=value ...`.
+
+Fields: `request_id` (the `cf-ai-req-id` header), `account`, `model`, `status` (the HTTP status sent), `error_code`
+(the Workers AI code of an error answer or of a stream's error frame, else null), `outcome` (ok, aborted, error,
+rejected), `prompt_tokens`, `completion_tokens`, `neurons`, `cached`, `stream`, and timings in seconds: `queue_s`
+(waiting for a slot), `ttft_s` (request received → first token), `total_s` (request received → answer complete).
+
+Prompt and response text are never logged unless the operator asks for it (`--log-prompts`): then `prompt` (the
+body's `prompt` or `messages`) and `response` are added.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import sys
+from collections.abc import Mapping
+from datetime import UTC, datetime
+from typing import Any
+
+__all__ = ["LOG_FORMATS", "REQUEST_LOGGER", "JsonFormatter", "TextFormatter", "configure_logging", "log_request"]
+
+REQUEST_LOGGER = "int8serve.request"
+LOG_FORMATS = ("text", "json")
+
+request_log = logging.getLogger(REQUEST_LOGGER)
+
+
+def _text_value(value: Any) -> str:
+    if value is None:
+        return "-"
+    if isinstance(value, bool):
+        return "true" if value else "false"
+    if isinstance(value, float):
+        return f"{value:.4f}".rstrip("0").rstrip(".") if value else "0"
+    if isinstance(value, str) and value and not any(c.isspace() or c in '"=' for c in value):
+        return value
+    return json.dumps(value, ensure_ascii=False)
+
+
+def log_request(fields: Mapping[str, Any]) -> None:
+    """Write one request line (INFO; WARNING for 5xx answers and stream error frames)."""
+    message = "request " + " ".join(f"{k}={_text_value(v)}" for k, v in fields.items())
+    status = fields.get("status") or 0
+    level = logging.WARNING if status >= 500 or (status == 200 and fields.get("error_code")) else logging.INFO
+    request_log.log(level, message, extra={"fields": dict(fields)})
+
+
+class TextFormatter(logging.Formatter):
+    """`2026-01-01T00:00:00.000Z INFO int8serve.request request request_id=... status=200 ...`"""
+
+    def __init__(self) -> None:
+        super().__init__("%(asctime)s %(levelname)s %(name)s %(message)s")
+
+    def formatTime(self, record: logging.LogRecord, datefmt: str | None = None) -> str:
+        return _timestamp(record)
+
+
+class JsonFormatter(logging.Formatter):
+    """One JSON object per line: `ts`, `level`, `logger`, `message` (or the request fields), `exc_info`."""
+
+    def format(self, record: logging.LogRecord) -> str:
+        out: dict[str, Any] = {"ts": _timestamp(record), "level": record.levelname, "logger": record.name}
+        fields = getattr(record, "fields", None)
+        if isinstance(fields, Mapping):
+            out["event"] = "request"
+            out.update(fields)
+        else:
+            out["message"] = record.getMessage()
+        if record.exc_info:
+            out["exc_info"] = self.formatException(record.exc_info)
+        return json.dumps(out, ensure_ascii=False, default=str)
+
+
+def _timestamp(record: logging.LogRecord) -> str:
+    return datetime.fromtimestamp(record.created, UTC).strftime("%Y-%m-%dT%H:%M:%S.%f")[:-3] + "Z"
+
+
+def configure_logging(log_format: str = "text", level: str = "info") -> logging.Handler:
+    """Send the `int8serve` loggers (and, for JSON, uvicorn's) to stderr in `log_format`. Returns the handler."""
+    if log_format not in LOG_FORMATS:
+        raise ValueError(f"log format must be one of {', '.join(LOG_FORMATS)}, got {log_format!r}")
+    handler = logging.StreamHandler(sys.stderr)
+    handler.setFormatter(JsonFormatter() if log_format == "json" else TextFormatter())
+    names = ["int8serve"] + (["uvicorn", "uvicorn.error", "uvicorn.access"] if log_format == "json" else [])
+    for name in names:
+        logger = logging.getLogger(name)
+        logger.handlers = [handler]
+        logger.setLevel(level.upper())
+        logger.propagate = False
+    return handler

@@ -1,0 +1,266 @@
+"""The OpenAI-compatible routes, driven by the official `openai` SDK against the live server (stories260K)."""
+
+from __future__ import annotations
+
+import asyncio
+from collections.abc import AsyncIterator, Iterator
+from typing import Any
+
+import httpx
+import openai
+import pytest
+from fastapi import FastAPI
+from openai import OpenAI
+
+from int8serve.catalog.registry import Catalog
+from int8serve.engine.scheduler import Engine, GenerationRequest, TokenEvent
+from int8serve.service.app import create_app
+from int8serve.service.openai import StopWatcher
+from int8serve.service.policy import Policy
+
+from .conftest import ACCOUNT, MODEL, SCRIPTED_MODEL, SLOW_MODEL, TOKEN, TOKENS, UNSERVED_MODEL, LiveServer
+from .test_errors import occupied
+
+STORY = "Once upon a time, there was a little"
+MESSAGES = [{"role": "system", "content": "You tell stories."}, {"role": "user", "content": "Tell me a story."}]
+
+
+def _client(base_url: str, token: str = TOKEN, account: str = ACCOUNT) -> OpenAI:
+    return OpenAI(api_key=token, base_url=f"{base_url}/client/v4/accounts/{account}/ai/v1", max_retries=0,
+                  timeout=60)
+
+
+@pytest.fixture(scope="module")
+def oai(base_url: str) -> Iterator[OpenAI]:
+    client = _client(base_url)
+    yield client
+    client.close()
+
+
+def _complete(oai: OpenAI, **kwargs: Any) -> Any:
+    return oai.completions.create(model=MODEL, prompt=STORY, max_tokens=24, temperature=0, **kwargs)
+
+
+def _stream_completion(oai: OpenAI, **kwargs: Any) -> tuple[list[str], list[Any]]:
+    chunks = list(oai.completions.create(model=MODEL, prompt=STORY, max_tokens=24, temperature=0, stream=True,
+                                         **kwargs))
+    return [c.choices[0].text for c in chunks if c.choices], chunks
+
+
+# --- answers ----------------------------------------------------------------------------------------------------
+
+
+def test_completions_equal_ai_run_raw(oai: OpenAI, http: httpx.Client, auth: dict[str, str], run_url: str) -> None:
+    out = _complete(oai)
+    assert out.object == "text_completion" and out.id.startswith("cmpl-") and out.model == MODEL
+    assert out.created > 0 and len(out.choices) == 1
+    native = http.post(run_url, headers=auth, json={"prompt": STORY, "raw": True, "max_tokens": 24,
+                                                    "temperature": 0}).json()["result"]
+    assert out.choices[0].text == native["response"] and out.choices[0].text.strip()
+    assert out.choices[0].finish_reason in ("stop", "length")
+    assert out.usage is not None
+    assert out.usage.model_dump(exclude_none=True) == native["usage"]
+
+
+def test_chat_equals_ai_run_messages(oai: OpenAI, http: httpx.Client, auth: dict[str, str], run_url: str) -> None:
+    out = oai.chat.completions.create(model=MODEL, messages=MESSAGES, max_tokens=16, temperature=0, seed=5,
+                                      user="someone")
+    assert out.object == "chat.completion" and out.id.startswith("chatcmpl-")
+    message = out.choices[0].message
+    assert message.role == "assistant" and isinstance(message.content, str)
+    native = http.post(run_url, headers=auth, json={"messages": MESSAGES, "max_tokens": 16, "temperature": 0,
+                                                    "seed": 5}).json()["result"]
+    assert message.content == native["response"]
+    assert out.usage is not None and out.usage.model_dump(include={"prompt_tokens", "completion_tokens",
+                                                                   "total_tokens"}) == native["usage"]
+    assert out.usage.total_tokens == out.usage.prompt_tokens + out.usage.completion_tokens
+    assert out.choices[0].finish_reason == ("length" if out.usage.completion_tokens == 16 else "stop")
+
+
+def test_content_parts_and_max_completion_tokens(oai: OpenAI) -> None:
+    out = oai.chat.completions.create(model=MODEL, max_completion_tokens=3, temperature=0,
+                                      messages=[{"role": "user", "content": [{"type": "text", "text": "Hi"}]}])
+    assert out.usage is not None and out.usage.completion_tokens <= 3
+
+
+def test_chat_streaming_equals_non_stream(oai: OpenAI) -> None:
+    whole = oai.chat.completions.create(model=MODEL, messages=MESSAGES, max_tokens=20, temperature=0)
+    chunks = list(oai.chat.completions.create(model=MODEL, messages=MESSAGES, max_tokens=20, temperature=0,
+                                              stream=True, stream_options={"include_usage": True}))
+    assert all(c.object == "chat.completion.chunk" and c.id == chunks[0].id for c in chunks)
+    assert chunks[0].choices[0].delta.role == "assistant"
+    assert all(c.choices[0].delta.role is None for c in chunks[1:] if c.choices)
+    text = "".join(c.choices[0].delta.content or "" for c in chunks if c.choices)
+    assert text == whole.choices[0].message.content
+    finals = [c.choices[0].finish_reason for c in chunks if c.choices and c.choices[0].finish_reason]
+    assert finals == [whole.choices[0].finish_reason]
+    assert chunks[-1].choices == [] and chunks[-1].usage is not None
+    assert chunks[-1].usage.completion_tokens == whole.usage.completion_tokens  # type: ignore[union-attr]
+
+
+def test_completions_streaming_equals_non_stream(oai: OpenAI) -> None:
+    texts, chunks = _stream_completion(oai)
+    assert "".join(texts) == _complete(oai).choices[0].text
+    assert all(c.object == "text_completion" for c in chunks)
+    assert chunks[-1].usage is None  # no usage chunk unless asked
+
+
+def test_models_list(oai: OpenAI) -> None:
+    models = {m.id: m for m in oai.models.list()}
+    assert set(models) == {MODEL, SLOW_MODEL, SCRIPTED_MODEL}
+    assert UNSERVED_MODEL not in models
+    assert models[MODEL].object == "model" and models[MODEL].owned_by == "meta"
+    assert isinstance(models[MODEL].created, int)
+
+
+def test_v1_alias_takes_the_account_from_the_token(base_url: str, oai: OpenAI) -> None:
+    with OpenAI(api_key=TOKEN, base_url=f"{base_url}/v1", max_retries=0) as alias:
+        assert _complete(alias).choices[0].text == _complete(oai).choices[0].text
+        assert MODEL in {m.id for m in alias.models.list()}
+        texts = [c.choices[0].delta.content or "" for c in alias.chat.completions.create(
+            model=MODEL, messages=MESSAGES, max_tokens=4, stream=True) if c.choices]
+        assert "".join(texts)
+    with OpenAI(api_key="nope", base_url=f"{base_url}/v1", max_retries=0) as bad, \
+            pytest.raises(openai.AuthenticationError) as info:
+        bad.models.list()
+    assert info.value.code == 10000
+
+
+# --- stop sequences ---------------------------------------------------------------------------------------------
+
+
+def test_stop_sequence_cuts_and_cancels(oai: OpenAI) -> None:
+    full = _complete(oai)
+    text = full.choices[0].text
+    stop = text[len(text) // 2:len(text) // 2 + 4]
+    assert len(stop) == 4
+    cut = text[:text.find(stop)]
+    out = _complete(oai, stop=[stop, "\x00never"])
+    assert out.choices[0].text == cut and stop not in out.choices[0].text
+    assert out.choices[0].finish_reason == "stop"
+    assert out.usage is not None and full.usage is not None
+    assert 0 < out.usage.completion_tokens < full.usage.completion_tokens
+    texts, chunks = _stream_completion(oai, stop=stop, stream_options={"include_usage": True})
+    assert "".join(texts) == cut
+    assert [c.choices[0].finish_reason for c in chunks if c.choices][-1] == "stop"
+    assert chunks[-1].usage is not None and chunks[-1].usage.completion_tokens == out.usage.completion_tokens
+    chat = oai.chat.completions.create(model=MODEL, messages=MESSAGES, max_tokens=20, temperature=0)
+    reply = chat.choices[0].message.content or ""
+    word = reply.split()[2]
+    stopped = oai.chat.completions.create(model=MODEL, messages=MESSAGES, max_tokens=20, temperature=0, stop=word)
+    assert stopped.choices[0].message.content == reply[:reply.find(word)]
+    assert stopped.choices[0].finish_reason == "stop"
+
+
+def test_partial_stop_is_held_back_then_released(oai: OpenAI) -> None:
+    text = _complete(oai).choices[0].text
+    prefix = text[3:7]
+    stop = prefix + "\x00"  # its start occurs, the whole never does
+    texts, chunks = _stream_completion(oai, stop=stop)
+    assert "".join(texts) == text
+    assert [c.choices[0].finish_reason for c in chunks if c.choices][-1] in ("stop", "length")
+    seen = ""
+    for piece in texts[:-1]:  # until the end, the streamed text never ends inside a possible stop
+        seen += piece
+        assert not any(seen.endswith(stop[:k]) for k in range(1, len(stop)))
+
+
+def test_stop_watcher_unit() -> None:
+    class FakeHandle:
+        def __init__(self, pieces: list[str]) -> None:
+            self.request = GenerationRequest(prompt_ids=[1], max_tokens=10)
+            self.pieces, self.cancelled = pieces, False
+
+        def cancel(self) -> None:
+            self.cancelled = True
+
+        async def events(self) -> AsyncIterator[TokenEvent]:
+            for n, piece in enumerate(self.pieces, 1):
+                yield TokenEvent(piece, n, 1, n)
+            yield TokenEvent("", None, 1, len(self.pieces), finish_reason="length")
+
+    async def run(pieces: list[str], stops: list[str]) -> tuple[list[str], str | None, int, bool]:
+        inner = FakeHandle(pieces)
+        watcher = StopWatcher(inner, stops)  # type: ignore[arg-type]
+        events = [e async for e in watcher.events()]
+        return [e.text for e in events], events[-1].finish_reason, events[-1].completion_tokens, inner.cancelled
+
+    assert asyncio.run(run(["He", "llo E", "N", "D rest"], ["END"])) == (["He", "llo ", "", ""], "stop", 4, True)
+    assert asyncio.run(run(["ab", "c", "d"], ["cx", "bcz"])) == (["a", "", "bcd", ""], "length", 3, False)
+    assert asyncio.run(run(["xSTOPy"], ["TO", "STOP"])) == (["x"], "stop", 1, True)  # the earliest match
+
+
+# --- errors -----------------------------------------------------------------------------------------------------
+
+
+def test_errors_as_sdk_exceptions(base_url: str, oai: OpenAI) -> None:
+    with pytest.raises(openai.NotFoundError) as nf:
+        oai.completions.create(model="@cf/nobody/nothing", prompt="x")
+    assert nf.value.code == 5007 and nf.value.body["type"] == "not_found_error"  # type: ignore[index]
+    with pytest.raises(openai.AuthenticationError) as au:
+        _client(base_url, token="wrong-token").chat.completions.create(model=MODEL, messages=MESSAGES)
+    assert au.value.code == 10000
+    with pytest.raises(openai.BadRequestError) as n2:
+        oai.chat.completions.create(model=MODEL, messages=MESSAGES, n=2)
+    assert n2.value.code == 5006 and "'n' must be 1" in n2.value.message
+    with pytest.raises(openai.BadRequestError) as unknown:
+        oai.chat.completions.create(model=MODEL, messages=MESSAGES, extra_body={"frobnicate": 1})
+    assert "frobnicate" in unknown.value.message
+    with pytest.raises(openai.BadRequestError):
+        oai.chat.completions.create(model=MODEL, messages=MESSAGES, tools=[{"type": "function", "function": {
+            "name": "f", "parameters": {"type": "object"}}}])
+    with pytest.raises(openai.BadRequestError) as batch:
+        oai.completions.create(model=MODEL, prompt=["a", "b"])
+    assert "batches" in batch.value.message
+    with pytest.raises(openai.BadRequestError) as temp:
+        oai.completions.create(model=MODEL, prompt="x", temperature=6)
+    assert "temperature" in temp.value.message
+    with pytest.raises(openai.BadRequestError):
+        oai.completions.create(model=MODEL, prompt="x", stop=["a", "b", "c", "d", "e"])
+    with pytest.raises(openai.APIStatusError) as ctx:
+        oai.completions.create(model=MODEL, prompt=STORY * 20, max_tokens=500)
+    assert ctx.value.status_code == 413 and ctx.value.code == 5021
+    # harmless fields the SDK and tools send are accepted
+    out = oai.chat.completions.create(model=MODEL, messages=MESSAGES, max_tokens=2, n=1, logprobs=False,
+                                      response_format={"type": "text"}, parallel_tool_calls=False, user="u")
+    assert out.choices[0].message.role == "assistant"
+
+
+@pytest.fixture(scope="module")
+def policy_app(catalog: Catalog, engines: dict[str, Engine]) -> Iterator[FastAPI]:
+    """The card's policy: 5 requests a minute, and the response cache."""
+    policy = Policy.in_memory()
+    yield create_app(catalog, engines, TOKENS, policy=policy)
+    policy.close()
+
+
+def test_rate_limit_and_cache_as_for_ai_run(policy_app: FastAPI) -> None:
+    with LiveServer(policy_app) as live, _client(live.url) as client:
+        first = client.completions.with_raw_response.create(model=MODEL, prompt=STORY, max_tokens=12,
+                                                            temperature=0)
+        assert first.headers["cf-aig-cache-status"] == "MISS" and "cf-ai-neurons" in first.headers
+        again = client.completions.with_raw_response.create(model=MODEL, prompt=STORY, max_tokens=12,
+                                                            temperature=0)
+        assert again.headers["cf-aig-cache-status"] == "HIT"
+        assert again.parse().choices[0].text == first.parse().choices[0].text
+        full = first.parse().choices[0].text
+        stopped = client.completions.with_raw_response.create(model=MODEL, prompt=STORY, max_tokens=12,
+                                                              temperature=0, stop=full[4:7])
+        assert stopped.headers["cf-aig-cache-status"] == "MISS"  # the stop sequences are part of the key
+        assert stopped.parse().choices[0].text == full[:full.find(full[4:7])]
+        headers = {"Authorization": f"Bearer {TOKEN}"}
+        run = httpx.post(f"{live.url}/client/v4/accounts/{ACCOUNT}/ai/run/{MODEL}", headers=headers,
+                         json={"prompt": "x", "raw": True, "max_tokens": 1})  # the same window as /ai/run
+        assert run.status_code == 200 and run.headers["x-ratelimit-remaining-requests"] == "1"
+        client.chat.completions.create(model=MODEL, messages=MESSAGES, max_tokens=1)
+        with pytest.raises(openai.RateLimitError) as info:
+            client.chat.completions.create(model=MODEL, messages=MESSAGES, max_tokens=1)
+        assert info.value.code == 3021 and info.value.body["type"] == "rate_limit_error"  # type: ignore[index]
+        assert info.value.response.headers["retry-after"]
+
+
+def test_capacity_is_429_3040(base_url: str, oai: OpenAI) -> None:
+    with occupied(base_url, 1), pytest.raises(openai.RateLimitError) as info:
+        oai.chat.completions.create(model=SLOW_MODEL, messages=MESSAGES, max_tokens=2,
+                                    extra_body={"options": {"rejectIfBusy": True}})
+    assert info.value.code == 3040 and info.value.body["type"] == "capacity_error"  # type: ignore[index]
