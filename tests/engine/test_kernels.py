@@ -1,0 +1,234 @@
+"""Our int8 decode kernel (int8serve.engine.kernels): build, arithmetic, batch invariance, fallback.
+
+The library is built once per machine into the cache (the first test pays the compile, about 2 s) and loaded once
+per process. Where the CPU has AVX-512 VNNI (this project's machines) the kernel must be available; elsewhere only the
+scalar path runs and `available()` must say False.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+import torch
+
+from int8serve.engine import int8, kernels
+from int8serve.engine.int8 import Int8Linear, quantize_per_channel
+
+CPU_HAS_VNNI = all(flag in Path("/proc/cpuinfo").read_text().split()
+                   for flag in ("avx512f", "avx512bw", "avx512vl", "avx512_vnni"))
+IMPLS = ["scalar", "vnni"] if CPU_HAS_VNNI else ["scalar"]
+
+
+@pytest.fixture(scope="module", autouse=True)
+def built() -> None:
+    assert kernels.loaded(), f"the kernel library did not build/load: {kernels._load()}"
+
+
+def random_weight(n: int, k: int, seed: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """int8 [N, K] in [-127, 127] and positive fp32 scales; small layers through the real quantizer."""
+    g = torch.Generator().manual_seed(seed)
+    if n * k <= 1 << 20:
+        return quantize_per_channel(torch.randn(n, k, generator=g) * torch.rand(n, 1, generator=g))
+    return torch.randint(-127, 128, (n, k), dtype=torch.int8, generator=g), torch.rand(n, generator=g) * 0.01 + 1e-4
+
+
+def quantized_reference(x: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
+    """fp64 product of the activations *as the kernel quantizes them* with the dequantized weight (fp64)."""
+    xq, xs = kernels.quantize_activations(x, "scalar")
+    m, kp = xq.shape
+    xd = (xq.double().view(m, kp // 32, 32) * xs.double()[:, :, None]).view(m, kp)[:, : x.shape[1]]
+    return xd @ weight.T
+
+
+def test_available_exactly_where_the_cpu_has_vnni() -> None:
+    assert kernels.available() == CPU_HAS_VNNI, kernels.unavailable_reason()
+    assert (kernels.unavailable_reason() is None) == CPU_HAS_VNNI
+
+
+def test_library_is_cached_under_int8serve_cache() -> None:
+    # a second build call finds the library and returns at once, in the same cache directory
+    path = kernels.build()
+    assert path.is_file() and kernels.cache_dir() in path.parents
+    assert kernels.build() == path
+
+
+@pytest.mark.parametrize(("n", "k"), [(1, 1), (17, 31), (64, 32), (100, 33), (172, 64), (64, 172), (96, 4096)])
+def test_pack_round_trips(n: int, k: int) -> None:
+    q, scale = random_weight(n, k, seed=n * k)
+    packed = kernels.pack_weight(q, scale)  # in C++
+    np_, kp = -(-n // 64) * 64, -(-k // 32) * 32
+    assert packed.data.data_ptr() % 64 == 0 and packed.data.numel() == np_ * kp
+    assert torch.equal(packed.data, kernels._pack_torch(q, np_, kp))  # the same bytes as the torch version
+    assert torch.equal(packed.scale[:n], scale) and not packed.scale[n:].any()
+    assert torch.equal(kernels.unpack_weight(packed), q)
+
+
+def test_weight_rows_reads_rows_back_from_the_packed_copy() -> None:
+    q, scale = random_weight(300, 172, seed=5)
+    packed = kernels.pack_weight(q, scale)
+    index = torch.tensor([[0, 299, 63], [64, 17, 255]])
+    assert torch.equal(kernels.weight_rows(packed, index), q[index])
+
+
+def test_pack_rejects_bad_weights() -> None:
+    with pytest.raises(ValueError, match="int8"):
+        kernels.pack_weight(torch.zeros(4, 32), torch.ones(4))
+    with pytest.raises(ValueError, match="scale"):
+        kernels.pack_weight(torch.zeros(4, 32, dtype=torch.int8), torch.ones(5))
+    with pytest.raises(ValueError, match="empty"):
+        kernels.pack_weight(torch.zeros(0, 32, dtype=torch.int8), torch.ones(0))
+    with pytest.raises(ValueError, match="-127"):
+        kernels.pack_weight(torch.full((4, 32), -128, dtype=torch.int8), torch.ones(4))
+
+
+@pytest.mark.parametrize("impl", IMPLS)
+def test_activation_quantization_is_q8_0_like(impl: str) -> None:
+    x = torch.randn(3, 100) * torch.tensor([0.01, 1.0, 300.0])[:, None]
+    x[1, 32:64] = 0.0  # an all-zero group
+    q, s = kernels.quantize_activations(x, impl)
+    assert q.shape == (3, 128) and s.shape == (3, 4)
+    padded = torch.zeros(3, 128)
+    padded[:, :100] = x
+    groups = padded.view(3, 4, 32)
+    d = groups.abs().amax(-1) / 127
+    inv = torch.where(d > 0, 1 / d, torch.zeros_like(d))
+    assert torch.equal(s, d)
+    assert torch.equal(q.view(3, 4, 32), torch.round(groups * inv[..., None]).clamp(-127, 127).to(torch.int8))
+
+
+SHAPES = [  # (M, N, K): tiny, odd N, K not a multiple of 32, the 7B shapes at decode sizes
+    (1, 1, 1), (2, 17, 31), (3, 100, 33), (4, 64, 64), (1, 172, 64), (4, 64, 172), (7, 130, 96),
+    (1, 4096, 4096), (4, 4096, 4096), (2, 11008, 4096), (3, 4096, 11008),
+]
+
+
+@pytest.mark.parametrize(("m", "n", "k"), SHAPES)
+def test_matches_the_fp32_product(m: int, n: int, k: int) -> None:
+    q, scale = random_weight(n, k, seed=m + n + k)
+    x = torch.randn(m, k, generator=torch.Generator().manual_seed(k))
+    packed = kernels.pack_weight(q, scale)
+    got = kernels.int8_gemv(x, packed)
+    assert got.dtype == torch.float32 and got.shape == (m, n)
+    # exact integer dot products, fp32 accumulation over groups: tight against the quantized activations ...
+    weight = q.double() * scale.double()[:, None]
+    ref = quantized_reference(x, weight)
+    assert ((got.double() - ref).norm(dim=1) <= 1e-6 * ref.norm(dim=1) + 1e-30).all()
+    # ... and within activation-quantization error of the fp32 product itself
+    exact = x.double() @ weight.T
+    if k >= 32:
+        assert (got.double() - exact).norm() <= 1.5e-2 * exact.norm()
+    # precise: the row and its quantization error as two int8 rows, ~16-bit activations
+    precise = kernels.int8_gemv(x, packed, precise=True)
+    assert ((precise.double() - exact).norm(dim=1) <= 2e-4 * exact.norm(dim=1) + 1e-30).all()
+
+
+@pytest.mark.skipif(not CPU_HAS_VNNI, reason="needs AVX-512 VNNI")
+@pytest.mark.parametrize(("m", "n", "k"), [(1, 64, 64), (5, 200, 172), (4, 1000, 4096), (2, 130, 33)])
+def test_vnni_and_scalar_paths_are_bitwise_equal(m: int, n: int, k: int) -> None:
+    q, scale = random_weight(n, k, seed=n)
+    x = torch.randn(m, k) * 3
+    packed = kernels.pack_weight(q, scale)
+    for precise in (False, True):
+        assert torch.equal(kernels.int8_gemv(x, packed, impl="vnni", precise=precise),
+                           kernels.int8_gemv(x, packed, impl="scalar", precise=precise))
+    assert all(torch.equal(a, b) for a, b in zip(kernels.quantize_activations(x, "vnni"),
+                                                  kernels.quantize_activations(x, "scalar"), strict=True))
+
+
+@pytest.mark.parametrize("precise", [False, True])
+@pytest.mark.parametrize("impl", IMPLS)
+@pytest.mark.parametrize(("n", "k"), [(300, 172), (4096, 4096)])
+def test_rows_do_not_depend_on_the_batch_or_threads(impl: str, precise: bool, n: int, k: int) -> None:
+    q, scale = random_weight(n, k, seed=7)
+    packed = kernels.pack_weight(q, scale)
+    x = torch.randn(9, k)  # 9 rows: passes of 4 + 4 + 1 inside the kernel
+
+    def run(rows: torch.Tensor) -> torch.Tensor:
+        return kernels.int8_gemv(rows, packed, impl=impl, precise=precise)
+
+    together = run(x)
+    for count in (1, 2, 3, 4):
+        assert torch.equal(run(x[:count]), together[:count])
+    for i in range(9):
+        assert torch.equal(run(x[i : i + 1])[0], together[i])
+    threads = torch.get_num_threads()
+    try:
+        torch.set_num_threads(1)
+        single = run(x)
+    finally:
+        torch.set_num_threads(threads)
+    assert torch.equal(single, together)
+
+
+def test_accepts_bf16_and_fp16_activations() -> None:
+    q, scale = random_weight(70, 96, seed=3)
+    packed = kernels.pack_weight(q, scale)
+    x = torch.randn(2, 96)
+    for dtype in (torch.bfloat16, torch.float16):
+        assert torch.equal(kernels.int8_gemv(x.to(dtype), packed), kernels.int8_gemv(x.to(dtype).float(), packed))
+
+
+def test_rejects_bad_inputs() -> None:
+    q, scale = random_weight(64, 64, seed=1)
+    packed = kernels.pack_weight(q, scale)
+    with pytest.raises(ValueError, match="x must be"):
+        kernels.int8_gemv(torch.zeros(2, 63), packed)
+    with pytest.raises(ValueError, match="float32, bfloat16 or float16"):
+        kernels.int8_gemv(torch.zeros(2, 64, dtype=torch.float64), packed)
+    assert kernels.int8_gemv(torch.zeros(0, 64), packed).shape == (0, 64)
+
+
+@pytest.fixture
+def fresh_load(monkeypatch: pytest.MonkeyPatch) -> Iterator[pytest.MonkeyPatch]:
+    """Forget the cached load result for one test (whose monkeypatched environment then decides), and again after."""
+    kernels._load.cache_clear()
+    kernels._unavailable_reason.cache_clear()
+    yield monkeypatch
+    monkeypatch.undo()
+    kernels._load.cache_clear()
+    kernels._unavailable_reason.cache_clear()
+
+
+def test_disabled_by_environment_is_unavailable_not_an_error(fresh_load: pytest.MonkeyPatch,
+                                                             caplog: pytest.LogCaptureFixture) -> None:
+    fresh_load.setenv("INT8SERVE_KERNELS", "0")
+    assert not kernels.available()
+    assert "INT8SERVE_KERNELS=0" in (kernels.unavailable_reason() or "")
+    assert "int8 decode kernel not available" in caplog.text  # the logged warning
+    with pytest.raises(RuntimeError, match="not available"):
+        kernels.int8_gemv(torch.zeros(1, 32), torch.zeros(64, 32, dtype=torch.int8), torch.ones(64))
+
+
+def test_a_failing_compiler_makes_it_unavailable_not_an_error(fresh_load: pytest.MonkeyPatch,
+                                                              tmp_path: Path) -> None:
+    fresh_load.setenv("INT8SERVE_CACHE", str(tmp_path))
+    fresh_load.setenv("CXX", "/bin/false")
+    assert not kernels.available()
+    assert "BuildError" in (kernels.unavailable_reason() or "")
+    assert not list(tmp_path.rglob("*.so"))  # nothing half-built is left to be loaded later
+    # packing still works (in torch), so a layer can be built either way
+    q, scale = random_weight(70, 40, seed=0)
+    assert torch.equal(kernels.unpack_weight(kernels.pack_weight(q, scale)), q)
+
+
+# ---- Int8Linear: not wired to the kernel yet (it would keep two copies of each weight); it keeps its own path ----
+
+
+def make_layer(k: int, n: int) -> Int8Linear:
+    layer = Int8Linear(k, n)
+    layer.set_quantized(*random_weight(n, k, seed=k))
+    return layer
+
+
+def old_path(layer: Int8Linear, x: torch.Tensor) -> torch.Tensor:
+    rows = x.to(int8.COMPUTE_DTYPE)
+    return torch._weight_int8pack_mm(rows, layer.weight, layer.scale.to(int8.COMPUTE_DTYPE)).float()
+
+
+def test_int8linear_without_the_kernel_takes_the_old_path(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr(kernels, "available", lambda: False)
+    layer = make_layer(64, 96)  # the weight is set while the kernel is unavailable
+    x = torch.randn(3, 64)
+    assert torch.equal(layer(x), old_path(layer, x))
