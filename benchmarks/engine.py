@@ -22,7 +22,8 @@ least disturbed attempt) when they came back during the measurement.
     .venv/bin/python benchmarks/engine.py --layers 2 --kernels          # quick check, ~3 minutes
     .venv/bin/python benchmarks/engine.py --kernels --write docs/benchmarks.md
 
---write replaces this script's section of the Markdown file (creating the file if needed).
+--write replaces this script's section of the Markdown file (creating the file if needed). The full run takes
+10-25 minutes (longer while the machine is busy) and peaks at ~11 GB resident: two at once do not fit in 24 GB.
 """
 
 from __future__ import annotations
