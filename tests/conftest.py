@@ -6,6 +6,9 @@ from pathlib import Path
 
 import pytest
 
+from int8serve.engine.loader import LoadedModel, load_model
+from int8serve.engine.tokenizer import Tokenizer
+
 # The repository is /work/main (this file is /work/main/tests/conftest.py) and the read-only
 # reference data lives next to it in /work/shared.
 SHARED_DIR = Path(__file__).resolve().parents[1].parent / "shared"
@@ -16,3 +19,21 @@ def shared_dir() -> Path:
     """The shared reference data directory; fails loudly (never skips) when it is missing."""
     assert SHARED_DIR.is_dir(), f"shared data directory not found: {SHARED_DIR}"
     return SHARED_DIR
+
+
+@pytest.fixture(scope="session")
+def stories_hf(shared_dir: Path) -> Path:
+    """The small trained TinyStories model (Hugging Face layout) that engine and service tests share."""
+    path = shared_dir / "models" / "stories260K" / "hf"
+    assert (path / "model.safetensors").is_file(), f"missing test model {path}"
+    return path
+
+
+@pytest.fixture(scope="session")
+def stories_int8(stories_hf: Path) -> LoadedModel:
+    return load_model(stories_hf, "int8")
+
+
+@pytest.fixture(scope="session")
+def stories_tokenizer(stories_hf: Path) -> Tokenizer:
+    return Tokenizer(stories_hf / "tokenizer.model")

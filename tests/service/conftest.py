@@ -34,7 +34,7 @@ from fastapi import FastAPI
 
 from int8serve.catalog.card import builtin_cards, parse_card
 from int8serve.catalog.registry import Catalog
-from int8serve.engine.loader import LoadedModel, load_model
+from int8serve.engine.loader import LoadedModel
 from int8serve.engine.scheduler import Engine
 from int8serve.engine.tokenizer import Tokenizer
 from int8serve.service.app import create_app
@@ -126,21 +126,7 @@ class LiveServer:
 # --- data and models --------------------------------------------------------------------------------------------
 
 
-@pytest.fixture(scope="session")
-def stories_hf(shared_dir: Path) -> Path:
-    path = shared_dir / "models" / "stories260K" / "hf"
-    assert (path / "model.safetensors").is_file(), f"missing test model {path}"
-    return path
-
-
-@pytest.fixture(scope="session")
-def stories_int8(stories_hf: Path) -> LoadedModel:
-    return load_model(stories_hf, "int8")
-
-
-@pytest.fixture(scope="session")
-def stories_tokenizer(stories_hf: Path) -> Tokenizer:
-    return Tokenizer(stories_hf / "tokenizer.model")
+# stories_hf, stories_int8 and stories_tokenizer come from tests/conftest.py
 
 
 def _renamed_card(name: str) -> Any:
