@@ -2,13 +2,16 @@
 
 from __future__ import annotations
 
+import json
 import os
 import re
 import signal
 import socket
+import sqlite3
 import subprocess
 import sys
 import time
+from collections.abc import Iterator
 from pathlib import Path
 
 import httpx
@@ -26,7 +29,7 @@ def free_port() -> int:
 def start(*args: str, tmp_path: Path) -> tuple[subprocess.Popen, int]:
     port = free_port()
     env = {**os.environ, "INT8SERVE_CACHE": str(tmp_path / "cache"), "INT8SERVE_TOKENS": "",
-           "INT8SERVE_DATA": str(tmp_path / "data")}
+           "INT8SERVE_DATA_DIR": str(tmp_path / "data")}
     process = subprocess.Popen([sys.executable, "-m", "int8serve", "serve", "--port", str(port), *args],
                                stderr=subprocess.PIPE, stdout=subprocess.DEVNULL, text=True, env=env)
     deadline = time.monotonic() + 120
@@ -50,9 +53,9 @@ def stop(process: subprocess.Popen) -> str:
 def test_serve_makes_and_prints_a_token_when_none_is_configured(tmp_path: Path, shared_dir: Path) -> None:
     process, port = start("--model", str(shared_dir / "models" / "stories260K" / "hf"), tmp_path=tmp_path)
     try:
-        # the start-up lines are printed before uvicorn starts; read them from the live process
+        # the start-up lines, up to the one saying the model is loaded; read them from the live process
         lines = []
-        while not any("curl" in line for line in lines):
+        while not any("ready: http://" in line for line in lines):
             lines.append(process.stderr.readline())
         text = "".join(lines)
         token, account = re.search(r"API token (\S+) for account (\S+);", text).groups()
@@ -98,7 +101,7 @@ def test_serve_demo_model_with_configured_tokens(tmp_path: Path) -> None:
     (["--database-url", "postgresql+psycopg://postgres@127.0.0.1:1/test"], "cannot use the ledger database"),
 ])
 def test_serve_start_up_errors_are_clear(tmp_path: Path, args: list[str], message: str) -> None:
-    env = {**os.environ, "INT8SERVE_CACHE": str(tmp_path / "cache"), "INT8SERVE_DATA": str(tmp_path / "data")}
+    env = {**os.environ, "INT8SERVE_CACHE": str(tmp_path / "cache"), "INT8SERVE_DATA_DIR": str(tmp_path / "data")}
     result = subprocess.run([sys.executable, "-m", "int8serve", "serve", "--port", str(free_port()), *args],
                             capture_output=True, text=True, env=env, timeout=120)
     assert result.returncode != 0
@@ -107,28 +110,23 @@ def test_serve_start_up_errors_are_clear(tmp_path: Path, args: list[str], messag
 
 def test_serve_policy_flags_reach_the_settings(tmp_path: Path) -> None:
     """The serving-policy flags and their defaults, as `serve` hands them to the policy."""
-    from int8serve.cli import DEFAULT_CACHE_TTL, DEFAULT_DAILY_NEURONS, build_parser, parse_account_rpm
-    from int8serve.server import ServeOptions
-    from int8serve.service.policy import settings
+    from int8serve.cli import serve_settings
+    from int8serve.server import policy_settings
 
-    assert (DEFAULT_CACHE_TTL, DEFAULT_DAILY_NEURONS) == (settings.DEFAULT_CACHE_TTL_SECONDS,
-                                                          settings.DEFAULT_DAILY_NEURONS)
-    parser = build_parser()
-    defaults = parser.parse_args(["serve"])
-    assert (defaults.redis_url, defaults.database_url, defaults.rpm, defaults.account_rpm, defaults.cache,
-            defaults.cache_ttl, defaults.daily_neurons) == (None, None, None, [], True, 300, None)
-    args = parser.parse_args(["serve", "--redis-url", "redis://h:6379/1", "--database-url", "sqlite:///x.db",
-                              "--data-dir", str(tmp_path), "--rpm", "60", "--account-rpm", "a=600",
-                              "--account-rpm", "b=0", "--no-cache", "--cache-ttl", "90", "--daily-neurons"])
-    options = ServeOptions(redis_url=args.redis_url, database_url=args.database_url, data_dir=args.data_dir,
-                           rpm=args.rpm, account_rpm=parse_account_rpm(args.account_rpm), cache=args.cache,
-                           cache_ttl=args.cache_ttl, daily_neurons=args.daily_neurons)
-    policy = options.policy_settings()
+    def settings(*argv: str):
+        return policy_settings(serve_settings(argv).settings)
+
+    defaults = settings()
+    assert (defaults.redis_url, defaults.database_url, defaults.default_rpm, dict(defaults.account_rpm),
+            defaults.cache, defaults.cache_ttl, defaults.daily_neurons) == (None, None, None, {}, True, 300, None)
+    policy = settings("--redis-url", "redis://h:6379/1", "--database-url", "sqlite:///x.db", "--data-dir",
+                      str(tmp_path), "--rpm", "60", "--account-rpm", "a=600", "--account-rpm", "b=0", "--no-cache",
+                      "--cache-ttl", "90", "--daily-neurons")
     assert (policy.redis_url, policy.database_url, policy.data_dir) == ("redis://h:6379/1", "sqlite:///x.db", tmp_path)
     assert (policy.default_rpm, dict(policy.account_rpm), policy.cache, policy.cache_ttl) == (60, {"a": 600, "b": 0},
                                                                                               False, 90)
     assert policy.daily_neurons == 10_000
-    assert parser.parse_args(["serve", "--daily-neurons", "250"]).daily_neurons == 250
+    assert settings("--daily-neurons", "250").daily_neurons == 250
 
 
 @pytest.mark.parametrize(("args", "message"), [
@@ -148,3 +146,75 @@ def test_serve_policy_flag_errors(tmp_path: Path, capsys: pytest.CaptureFixture[
     assert info.value.code != 0
     err = capsys.readouterr().err + str(info.value.code)
     assert message in err and "Traceback" not in err
+
+
+def _ledger_rows(data_dir: Path) -> list[tuple]:
+    with sqlite3.connect(data_dir / "usage.sqlite3") as db:
+        return db.execute("SELECT request_id, output_tokens, outcome FROM int8serve_usage").fetchall()
+
+
+def _first_frame(stream: Iterator[str]) -> str:
+    for line in stream:
+        if line.startswith("data: "):
+            return line
+    pytest.fail("the stream ended before its first frame")
+
+
+def test_sigterm_drains_a_stream_in_flight_and_refuses_new_requests(tmp_path: Path, shared_dir: Path) -> None:
+    """SIGTERM with a stream in flight: /readyz and new requests (both API shapes) get 503 at once, the stream runs
+    to its end, its usage row is in the ledger, the process exits 0."""
+    # a long shutdown timeout: the stream must end by itself even on a loaded machine
+    process, port = start("--model", str(shared_dir / "models" / "stories260K" / "hf"), "--token", "t-1=acct-1",
+                          "--shutdown-timeout", "300", tmp_path=tmp_path)
+    base = f"http://127.0.0.1:{port}"
+    auth = {"Authorization": "Bearer t-1"}
+    url = f"{base}/client/v4/accounts/acct-1/ai/run/{MODEL}"
+    try:
+        with httpx.stream("POST", url, headers=auth, timeout=120, json={
+                "prompt": "Once upon a time", "raw": True, "stream": True, "max_tokens": 480}) as streamed:
+            lines = streamed.iter_lines()
+            _first_frame(lines)
+            process.send_signal(signal.SIGTERM)
+            time.sleep(0.2)  # the signal is handled between two event-loop iterations
+            refused = httpx.post(url, headers=auth, json={"prompt": "x"}, timeout=10)
+            refused_openai = httpx.post(f"{base}/v1/completions", headers=auth, timeout=10,
+                                        json={"model": MODEL, "prompt": "x"})
+            ready = httpx.get(f"{base}/readyz", timeout=10)
+            alive = httpx.get(f"{base}/healthz", timeout=10)
+            rest = list(lines)
+    finally:
+        _, err = process.communicate(timeout=120)
+    assert (refused.status_code, refused.json()["errors"][0]["code"]) == (503, 3040), refused.text
+    assert "shutting down" in refused.json()["errors"][0]["message"] and refused.headers["retry-after"] == "1"
+    assert refused_openai.status_code == 503
+    assert refused_openai.json()["error"]["type"] == "capacity_error" and refused_openai.json()["error"]["code"] == 3040
+    assert ready.status_code == 503 and alive.status_code == 200
+    frames = [line for line in rest if line.startswith("data: ")]
+    assert frames[-1] == "data: [DONE]", err
+    completed = json.loads(frames[-2].removeprefix("data: "))["usage"]["completion_tokens"]
+    assert completed > 100  # the stream went on well after the signal
+    assert process.returncode == 0, err
+    assert "drained in" in err and "usage ledger flushed" in err
+    rows = _ledger_rows(tmp_path / "data")
+    assert [(tokens, outcome) for _, tokens, outcome in rows] == [(completed, "ok")]
+
+
+def test_shutdown_timeout_cuts_what_is_left_and_meters_it(tmp_path: Path, shared_dir: Path) -> None:
+    process, port = start("--model", str(shared_dir / "models" / "stories260K" / "hf"), "--token", "t-1=acct-1",
+                          "--shutdown-timeout", "0.3", tmp_path=tmp_path)
+    url = f"http://127.0.0.1:{port}/client/v4/accounts/acct-1/ai/run/{MODEL}"
+    try:
+        with httpx.stream("POST", url, headers={"Authorization": "Bearer t-1"}, timeout=120, json={
+                "prompt": "Once upon a time", "raw": True, "stream": True, "max_tokens": 480}) as streamed:
+            lines = streamed.iter_lines()
+            _first_frame(lines)
+            process.send_signal(signal.SIGTERM)
+            rest = list(lines)
+    finally:
+        _, err = process.communicate(timeout=120)
+    assert process.returncode == 0, err
+    assert "shutdown timeout: cutting the 1 requests still in flight" in err
+    frames = [line for line in rest if line.startswith("data: ")]
+    assert json.loads(frames[-1].removeprefix("data: "))["errors"][0]["code"] == 3040  # cut: says "try again"
+    rows = _ledger_rows(tmp_path / "data")
+    assert len(rows) == 1 and 0 < rows[0][1] < 480  # metered with what it had generated

@@ -7,7 +7,6 @@ Every command takes `--model PATH` (a Hugging Face folder, a Meta folder or an i
 from __future__ import annotations
 
 import argparse
-import os
 import sys
 import time
 from collections.abc import Sequence
@@ -24,12 +23,7 @@ from .engine.perplexity import evaluate
 from .engine.sampling import SamplingParams
 from .engine.sources import CheckpointError
 from .engine.tokenizer import Tokenizer
-
-DEFAULT_SERVED_MODEL = "@cf/meta/llama-2-7b-chat-int8"
-# = service.policy.settings.DEFAULT_CACHE_TTL_SECONDS / DEFAULT_DAILY_NEURONS, repeated here so that building the
-# parser does not import the HTTP stack (tests/test_server.py checks they agree)
-DEFAULT_CACHE_TTL = 300
-DEFAULT_DAILY_NEURONS = 10_000
+from .settings import DEFAULT_DAILY_NEURONS, DEFAULT_SERVED_MODEL, LoadedSettings, SettingsFileError, load_settings
 
 
 class UsageError(Exception):
@@ -92,63 +86,50 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def _add_serve_parser(commands: argparse._SubParsersAction) -> None:
+    from .settings import help_text
+
     serve = commands.add_parser(
         "serve", help="serve the Workers AI HTTP API (and health, readiness) over one model",
+        formatter_class=argparse.RawDescriptionHelpFormatter,
         description="Serve the Workers AI HTTP API for the model of a catalog card (default: the built-in "
-                    f"{DEFAULT_SERVED_MODEL} card) with the weights given by --model. Clients use the base URL "
-                    "http://HOST:PORT/client/v4 and an API token mapped to an account id.")
-    _add_model_args(serve)
-    serve.add_argument("--card", type=Path, action="append", default=[],
-                       help="an extra catalog card file (or a folder of *.txt cards); repeatable")
-    serve.add_argument("--served-model-name", default=DEFAULT_SERVED_MODEL,
-                       help="the catalog name the weights are served under (default: %(default)s)")
-    serve.add_argument("--host", default="127.0.0.1", help="address to listen on (default: %(default)s)")
-    serve.add_argument("--port", type=int, default=8787, help="port to listen on (default: %(default)s)")
-    serve.add_argument("--token", action="append", default=[], metavar="TOKEN=ACCOUNT_ID",
-                       help="an API token and the account it belongs to; repeatable. Also read from the "
-                            "INT8SERVE_TOKENS variable (comma-separated) and --tokens-file. With none, a token is "
-                            "made at start-up and printed: auth is never off")
-    serve.add_argument("--tokens-file", type=Path, default=None,
-                       help="a file of TOKEN=ACCOUNT_ID lines (# comments allowed)")
-    serve.add_argument("--max-queue", type=int, default=32,
-                       help="requests that may wait for a free slot; beyond it 429 code 3040 (default: 32)")
-    serve.add_argument("--prefill-chunk", type=int, default=128,
-                       help="prompt tokens per prefill step, so running streams keep flowing (default: 128)")
-    serve.add_argument("--log-level", default="info", choices=["critical", "error", "warning", "info", "debug"],
-                       help="server log level (default: %(default)s)")
-    serve.add_argument("--log-format", default="text", choices=["text", "json"],
-                       help="log lines as readable text or as one JSON object each; either way one line per "
-                            "request on the int8serve.request logger (default: %(default)s)")
-    serve.add_argument("--log-prompts", action="store_true",
-                       help="also log each request's prompt and response text (default: never logged)")
+                    f"{DEFAULT_SERVED_MODEL} card) with the weights given by --model.\nClients use the base URL "
+                    "http://HOST:PORT/client/v4 and an API token mapped to an account id.\n\n"
+                    "Every setting can also come from an INT8SERVE_* variable or a TOML file (--config);\n"
+                    "precedence: flag > variable > file > default (see src/int8serve/settings.py).")
+
+    def option(*names: str, field: str, **kwargs: object) -> None:
+        (kwargs.pop("group", None) or serve).add_argument(*names, dest=field, default=argparse.SUPPRESS,
+                                                           help=help_text(field), **kwargs)
+
+    serve.add_argument("--config", type=Path, default=argparse.SUPPRESS, metavar="FILE",
+                       help="a TOML file of settings (keys as the flags, e.g. max_queue = 64) [env INT8SERVE_CONFIG]")
+    option("--model", field="model", type=Path, metavar="PATH")
+    option("--dtype", field="dtype", choices=["int8", "fp32"])
+    option("--threads", field="threads", type=int, metavar="N")
+    option("--card", field="card", type=Path, action="append", metavar="FILE")
+    option("--served-model-name", field="served_model_name", metavar="NAME")
+    option("--host", field="host")
+    option("--port", field="port", type=int)
+    option("--token", field="tokens", action="append", metavar="TOKEN=ACCOUNT_ID")
+    option("--tokens-file", field="tokens_file", type=Path, metavar="FILE")
+    option("--max-queue", field="max_queue", type=int, metavar="N")
+    option("--prefill-chunk", field="prefill_chunk", type=int, metavar="N")
+    option("--shutdown-timeout", field="shutdown_timeout", type=float, metavar="SECONDS")
+    option("--log-level", field="log_level", choices=["critical", "error", "warning", "info", "debug"])
+    option("--log-format", field="log_format", choices=["text", "json"])
+    option("--log-prompts", field="log_prompts", action=argparse.BooleanOptionalAction)
     policy = serve.add_argument_group(
         "serving policy", "The card's rate limits, response cache and neuron metering, with the operator's "
                           "overrides and where their state lives (see docs/policy.md).")
-    policy.add_argument("--redis-url", default=None, metavar="URL",
-                        help="share rate limits and the response cache with every replica using this Redis "
-                             "(redis://host:6379/0; add ?key_prefix=NAME to namespace the keys, default int8serve). "
-                             "Default: in this process")
-    policy.add_argument("--database-url", default=None, metavar="URL",
-                        help="the usage ledger's database, a SQLAlchemy URL such as "
-                             "postgresql+psycopg://user@host:5432/db (default: a SQLite file in --data-dir)")
-    policy.add_argument("--data-dir", type=Path, default=Path(os.environ.get("INT8SERVE_DATA") or "data"),
-                        metavar="DIR",
-                        help="where this server keeps its ledger (without --database-url) and the ledger's spool; "
-                             "one per server (default: $INT8SERVE_DATA, else ./data)")
-    policy.add_argument("--rpm", type=_non_negative_int, default=None, metavar="N",
-                        help="requests per minute per account and model, instead of the card's default "
-                             "(0 = unlimited; the card's per-account values still apply)")
-    policy.add_argument("--account-rpm", action="append", default=[], metavar="ACCOUNT=N",
-                        help="requests per minute for one account, over the card; repeatable (0 = unlimited)")
-    policy.add_argument("--no-cache", dest="cache", action="store_false",
-                        help="no response cache, whatever the card says")
-    policy.add_argument("--cache-ttl", type=_positive_int, default=DEFAULT_CACHE_TTL, metavar="SECONDS",
-                        help="how long a cached answer is served (default: %(default)s; a request's "
-                             "cf-aig-cache-ttl header overrides it)")
-    policy.add_argument("--daily-neurons", type=_positive_float, nargs="?", const=float(DEFAULT_DAILY_NEURONS),
-                        default=None, metavar="N",
-                        help=f"a daily neuron allocation per account, reset 00:00 UTC, beyond which requests get "
-                             f"429 code 3036 (off by default; the flag alone: {DEFAULT_DAILY_NEURONS:,})")
+    option("--redis-url", field="redis_url", metavar="URL", group=policy)
+    option("--database-url", field="database_url", metavar="URL", group=policy)
+    option("--data-dir", field="data_dir", type=Path, metavar="DIR", group=policy)
+    option("--rpm", field="rpm", type=_non_negative_int, metavar="N", group=policy)
+    option("--account-rpm", field="account_rpm", action="append", metavar="ACCOUNT=N", group=policy)
+    option("--cache", field="response_cache", action=argparse.BooleanOptionalAction, group=policy)
+    option("--cache-ttl", field="cache_ttl", type=_positive_int, metavar="SECONDS", group=policy)
+    option("--daily-neurons", field="daily_neurons", type=_positive_float, nargs="?",
+           const=float(DEFAULT_DAILY_NEURONS), metavar="N", group=policy)
 
 
 def _non_negative_int(text: str) -> int:
@@ -172,18 +153,6 @@ def _positive_float(text: str) -> float:
     if not value > 0 or value == float("inf"):
         raise argparse.ArgumentTypeError(f"expected a positive number, got {text!r}")
     return value
-
-
-def parse_account_rpm(pairs: Sequence[str]) -> dict[str, int]:
-    """ACCOUNT=N pairs of --account-rpm."""
-    limits: dict[str, int] = {}
-    for pair in pairs:
-        account, sep, number = pair.partition("=")
-        account, number = account.strip(), number.strip()
-        if not sep or not account or not number.isdigit():
-            raise UsageError(f"--account-rpm {pair}: expected ACCOUNT=N with N a whole number >= 0")
-        limits[account] = int(number)
-    return limits
 
 
 def resolve_model(path: Path | None) -> Path:
@@ -263,42 +232,53 @@ def cmd_eval_ppl(args: argparse.Namespace) -> None:
 
 
 def cmd_serve(args: argparse.Namespace) -> None:
-    from .server import ServeOptions, run_server  # the HTTP stack is only imported to serve
+    from .server import run_server  # the HTTP stack is only imported to serve
 
-    options = ServeOptions(
-        model=args.model, dtype=args.dtype, cards=args.card, served_model_name=args.served_model_name,
-        host=args.host, port=args.port, tokens=parse_tokens(args.token, args.tokens_file),
-        max_queue=args.max_queue, prefill_chunk=args.prefill_chunk, log_level=args.log_level,
-        log_format=args.log_format, log_prompts=args.log_prompts,
-        redis_url=args.redis_url, database_url=args.database_url, data_dir=args.data_dir, rpm=args.rpm,
-        account_rpm=parse_account_rpm(args.account_rpm), cache=args.cache, cache_ttl=args.cache_ttl,
-        daily_neurons=args.daily_neurons)
-    run_server(options)
+    loaded = serve_settings(args)
+    if loaded.settings.threads:
+        torch.set_num_threads(loaded.settings.threads)
+    tokens = parse_tokens(loaded.settings.tokens, loaded.settings.tokens_file, where=_token_origin(loaded.sources))
+    run_server(loaded, tokens)
 
 
-def parse_tokens(pairs: Sequence[str], tokens_file: Path | None) -> dict[str, str]:
-    """TOKEN=ACCOUNT_ID pairs from flags, INT8SERVE_TOKENS and a tokens file."""
-    entries = [(f"--token {p}", p) for p in pairs]
-    env = os.environ.get("INT8SERVE_TOKENS", "")
-    entries += [("INT8SERVE_TOKENS", p.strip()) for p in env.split(",") if p.strip()]
+def serve_settings(args: argparse.Namespace | Sequence[str]) -> LoadedSettings:
+    """The settings of `serve` from its parsed flags (or its argument list), the environment and the config file."""
+    if not isinstance(args, argparse.Namespace):
+        args = build_parser().parse_args(["serve", *args])
+    flags = {name: value for name, value in vars(args).items() if name != "command"}
+    try:
+        return load_settings(flags)
+    except (SettingsFileError, ValueError) as err:
+        raise UsageError(str(err)) from err
+
+
+def _token_origin(sources: dict[str, str]) -> str:
+    return {"flag": "--token", "env": "INT8SERVE_TOKENS", "file": "tokens in the config file"}.get(
+        sources["tokens"], "tokens")
+
+
+def parse_tokens(entries: Sequence[str], tokens_file: Path | None, where: str = "--token") -> dict[str, str]:
+    """TOKEN=ACCOUNT_ID entries (from a flag, variable or the config file) and the lines of a tokens file."""
+    located = [(f"{where} (entry {n})" if len(entries) > 1 else where, entry) for n, entry in enumerate(entries, 1)]
     if tokens_file is not None:
         if not tokens_file.is_file():
             raise UsageError(f"{tokens_file}: no such tokens file")
         for number, line in enumerate(tokens_file.read_text().splitlines(), 1):
             line = line.split("#", 1)[0].strip()
             if line:
-                entries.append((f"{tokens_file}:{number}", line))
+                located.append((f"{tokens_file}:{number}", line))
     from .service.auth import is_valid_token
 
     tokens: dict[str, str] = {}
-    for where, entry in entries:
+    for origin, entry in located:
         token, sep, account = entry.partition("=")
         token, account = token.strip(), account.strip()
         if not sep or not is_valid_token(token) or not account:
-            raise UsageError(f"{where}: expected TOKEN=ACCOUNT_ID with a token of visible ASCII characters, "
-                             f"got {entry!r}")
+            shown = entry if sep and account else "<hidden>"  # never echo what may be a secret token whole
+            raise UsageError(f"{origin}: expected TOKEN=ACCOUNT_ID with a token of visible ASCII "
+                             f"characters, got {shown!r}")
         if tokens.get(token, account) != account:
-            raise UsageError(f"{where}: token is already mapped to account {tokens[token]}")
+            raise UsageError(f"{origin}: token is already mapped to account {tokens[token]}")
         tokens[token] = account
     return tokens
 

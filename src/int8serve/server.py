@@ -1,132 +1,153 @@
 """`int8serve serve`: put the catalog, the engine and the HTTP app together and run them under uvicorn.
 
-This is the only module that knows all three layers: it loads the card and the weights, sizes the engine from the
-card (slots = max_concurrent_requests, context = the card's limit within the model's), builds the card's serving
-policy with the operator's overrides and backends (rate limits, cache, ledger: checked before the weights are
-loaded, so a wrong Redis or database URL fails fast), makes sure auth is never off, prints what it is serving, and
-stops the engine and writes out the ledger when uvicorn shuts down.
+This is the only module that knows all three layers. Its life, as an operator sees it:
+
+1. check what can be checked at once (the card, the model folder, the serving policy's Redis and database), so
+   that a wrong flag fails in a second, not after minutes of loading; print the effective settings;
+2. listen at once, with `/healthz` 200 and `/readyz` 503 ("the model is loading") while the weights load (with a
+   progress bar on a terminal) in a background thread; then build the engine (slots = the card's
+   max_concurrent_requests, context = the card's limit within the model's) and the app, and turn ready;
+3. on SIGTERM or SIGINT, drain: `/readyz` 503 at once, new API requests 503, requests in flight (streams included)
+   finish for up to `shutdown_timeout` seconds, after which the engine cuts what is left (those answers end, and
+   are metered, with what they generated); then the usage ledger is flushed and the process exits 0. A second
+   signal stops at once.
 """
 
 from __future__ import annotations
 
 import contextlib
+import logging
 import secrets
 import signal
 import sys
+import threading
+import time
 from collections.abc import Iterator
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 
 import torch
 import uvicorn
+from starlette.types import ASGIApp, Receive, Scope, Send
 
-from .catalog.card import CardError
+from .catalog.card import CardError, ModelCard
 from .catalog.registry import Catalog, UnknownModelError
 from .engine.demo import DEMO_WARNING, demo_model_dir
 from .engine.loader import load_model
 from .engine.scheduler import Engine
 from .engine.tokenizer import Tokenizer
 from .service.app import create_app
+from .service.lifecycle import Lifecycle, LifecycleMiddleware, Phase
 from .service.policy import Policy, PolicySettings, PolicyStartupError
-from .service.policy.settings import DEFAULT_CACHE_TTL_SECONDS
 from .service.request_log import configure_logging
+from .settings import LoadedSettings, ServeSettings
+
+log = logging.getLogger("int8serve.server")
+
+# after the shutdown timeout the engine is stopped; the cut streams then need a moment to send their last frames
+CUT_GRACE_SECONDS = 5.0
 
 
 class ServeError(Exception):
     """A start-up problem the operator can fix (printed without a traceback)."""
 
 
-@dataclass
-class ServeOptions:
-    model: Path | None = None
-    dtype: str = "int8"
-    cards: list[Path] = field(default_factory=list)
-    served_model_name: str = "@cf/meta/llama-2-7b-chat-int8"
-    host: str = "127.0.0.1"
-    port: int = 8787
-    tokens: dict[str, str] = field(default_factory=dict)
-    max_queue: int = 32
-    prefill_chunk: int = 128
-    log_level: str = "info"
-    log_format: str = "text"  # "text" or "json" (service/request_log.py)
-    log_prompts: bool = False  # prompt and response text in the request log lines
-    # serving policy (issue 4): backends and the operator's overrides of the card
-    redis_url: str | None = None
-    database_url: str | None = None
-    data_dir: Path = Path("data")
-    rpm: int | None = None
-    account_rpm: dict[str, int] = field(default_factory=dict)
-    cache: bool = True
-    cache_ttl: int = DEFAULT_CACHE_TTL_SECONDS
-    daily_neurons: float | None = None
+def policy_settings(settings: ServeSettings) -> PolicySettings:
+    return PolicySettings(default_rpm=settings.rpm, account_rpm=dict(settings.account_rpm),
+                          cache=settings.response_cache, cache_ttl=settings.cache_ttl,
+                          daily_neurons=settings.daily_neurons, redis_url=settings.redis_url,
+                          database_url=settings.database_url, data_dir=settings.data_dir)
 
-    def policy_settings(self) -> PolicySettings:
-        return PolicySettings(default_rpm=self.rpm, account_rpm=dict(self.account_rpm), cache=self.cache,
-                              cache_ttl=self.cache_ttl, daily_neurons=self.daily_neurons, redis_url=self.redis_url,
-                              database_url=self.database_url, data_dir=self.data_dir)
+
+@dataclass
+class Prepared:
+    """What is checked before the server listens."""
+
+    catalog: Catalog
+    card: ModelCard
+    policy: Policy
+    model_path: Path
+    demo: bool
 
 
 @dataclass
 class Service:
-    """Everything `serve` built, for run_server and for tests that start a server in-process."""
+    """The loaded model behind the app."""
 
     app: object
     engine: Engine
-    policy: Policy
-    tokens: dict[str, str]
-    generated_token: bool
     summary: list[str]
 
 
-def build_service(options: ServeOptions) -> Service:
+def prepare(settings: ServeSettings) -> Prepared:
     try:
-        catalog = Catalog.load(options.cards)
-        card = catalog.get(options.served_model_name)
+        catalog = Catalog.load(settings.card)
+        card = catalog.get(settings.served_model_name)
     except (CardError, UnknownModelError) as err:
         raise ServeError(str(err)) from err
+    demo = settings.model is None
+    model_path = demo_model_dir() if demo else settings.model
+    if not model_path.is_dir():
+        raise ServeError(f"{model_path}: no such model folder")
     try:
-        policy = Policy.build(options.policy_settings())
+        policy = Policy.build(policy_settings(settings))
     except (ValueError, PolicyStartupError) as err:
         raise ServeError(str(err)) from err
-    try:
-        demo = options.model is None
-        path = demo_model_dir() if demo else options.model
-        loaded = load_model(path, options.dtype, progress=sys.stderr.isatty())
-        if loaded.tokenizer_path is None:
-            raise ServeError(f"{loaded.path}: no tokenizer.model in the folder or its parent")
-        tokenizer = Tokenizer(loaded.tokenizer_path)
-    except BaseException:
-        policy.close()
-        raise
+    return Prepared(catalog=catalog, card=card, policy=policy, model_path=model_path, demo=demo)
+
+
+def load_service(settings: ServeSettings, prepared: Prepared, tokens: dict[str, str],
+                 lifecycle: Lifecycle) -> Service:
+    """Load the weights, start the engine and build the app (the slow part, run while the server listens)."""
+    card = prepared.card
+    started = time.perf_counter()
+    if not sys.stderr.isatty():  # no progress bar: say what is happening
+        log.info("loading %s weights from %s", settings.dtype, prepared.model_path)
+    loaded = load_model(prepared.model_path, settings.dtype, progress=sys.stderr.isatty())
+    if loaded.tokenizer_path is None:
+        raise ServeError(f"{loaded.path}: no tokenizer.model in the folder or its parent")
+    tokenizer = Tokenizer(loaded.tokenizer_path)
     context = min(card.context_length_limit, loaded.config.max_seq_len)
-    engine = Engine(loaded.model, tokenizer, max_slots=card.max_concurrent_requests, max_queue=options.max_queue,
-                    max_seq_len=context, prefill_chunk=options.prefill_chunk).start()
-    tokens = dict(options.tokens)
-    generated = not tokens
-    if generated:
-        tokens[secrets.token_urlsafe(24)] = secrets.token_hex(16)
-    app = create_app(catalog, {card.name: engine}, tokens, demo=demo, policy=policy, log_prompts=options.log_prompts)
+    engine = Engine(loaded.model, tokenizer, max_slots=card.max_concurrent_requests, max_queue=settings.max_queue,
+                    max_seq_len=context, prefill_chunk=settings.prefill_chunk).start()
+    app = create_app(prepared.catalog, {card.name: engine}, tokens, demo=prepared.demo, policy=prepared.policy,
+                     log_prompts=settings.log_prompts, lifecycle=lifecycle)
     # full-precision parameters (embeddings, norms) + int8 weights (buffers of Int8Linear)
     parameters = sum(p.numel() for p in loaded.model.parameters()) + sum(
         b.numel() for b in loaded.model.buffers() if b.dtype == torch.int8)
     summary = [
-        f"model: {card.name} <- {loaded.path} ({loaded.source_format} checkpoint, {options.dtype}, "
-        f"{parameters / 1e6:.1f}M parameters)" + (f"  ** {DEMO_WARNING} **" if demo else ""),
+        f"model: {card.name} <- {loaded.path} ({loaded.source_format} checkpoint, {settings.dtype}, "
+        f"{parameters / 1e6:.1f}M parameters, loaded in {time.perf_counter() - started:.1f} s)"
+        + (f"  ** {DEMO_WARNING} **" if prepared.demo else ""),
         f"limits: context {context} tokens (card {card.context_length_limit}, model {loaded.config.max_seq_len}), "
-        f"max_tokens <= {card.sequence_length_limit}, {card.max_concurrent_requests} slots, queue {options.max_queue}, "
-        f"prefill chunk {options.prefill_chunk}",
-        f"listening: http://{options.host}:{options.port}/client/v4  (health /healthz, readiness /readyz, "
+        f"max_tokens <= {card.sequence_length_limit}, {card.max_concurrent_requests} slots, "
+        f"queue {settings.max_queue}, prefill chunk {settings.prefill_chunk}",
+        f"ready: http://{settings.host}:{settings.port}/client/v4  (health /healthz, readiness /readyz, "
         "metrics /metrics)",
-        *policy.describe(card),
-        f"tokens: {len(tokens)} configured" if not generated else "tokens: none configured, made one for this run",
     ]
-    return Service(app=app, engine=engine, policy=policy, tokens=tokens, generated_token=generated,
-                   summary=summary)
+    return Service(app=app, engine=engine, summary=summary)
+
+
+class _Deferred:
+    """The ASGI app uvicorn serves: the lifecycle gate alone while the model loads, then the real app."""
+
+    def __init__(self, lifecycle: Lifecycle) -> None:
+        self.target: ASGIApp = LifecycleMiddleware(None, lifecycle)
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        await self.target(scope, receive, send)
 
 
 class _Server(uvicorn.Server):
-    """uvicorn re-raises SIGTERM/SIGINT after its graceful shutdown, so the process would die of the signal;
-    a server that shut down cleanly exits 0 instead."""
+    """uvicorn, with int8serve's drain on the first SIGTERM/SIGINT (see the module docstring) and exit status 0
+    after a clean shutdown (uvicorn would re-raise the signal and die of it)."""
+
+    def __init__(self, config: uvicorn.Config, lifecycle: Lifecycle, shutdown_timeout: float) -> None:
+        super().__init__(config)
+        self.lifecycle = lifecycle
+        self.shutdown_timeout = shutdown_timeout
+        self.engines: list[Engine] = []
+        self._draining = False
 
     @contextlib.contextmanager
     def capture_signals(self) -> Iterator[None]:
@@ -137,28 +158,98 @@ class _Server(uvicorn.Server):
             for sig, handler in previous.items():
                 signal.signal(sig, handler)
 
+    def handle_exit(self, sig: int, frame: object) -> None:
+        if self._draining or self.lifecycle.phase is not Phase.READY:  # a second signal, or nothing to drain
+            self.force_exit = self._draining
+            self.should_exit = True
+            return
+        self._draining = True
+        self.lifecycle.start_draining()  # from now on /readyz and new requests are 503
+        threading.Thread(target=self._drain, name="int8serve-drain", daemon=True).start()
 
-def run_server(options: ServeOptions) -> None:
+    def _drain(self) -> None:
+        started = time.monotonic()
+        log.info("draining: %d requests in flight, waiting up to %g s for them (signal again to stop now)",
+                 self.lifecycle.in_flight, self.shutdown_timeout)
+        for engine in self.engines:
+            engine.stop_accepting()
+        if not self.lifecycle.wait_idle(self.shutdown_timeout):
+            log.warning("shutdown timeout: cutting the %d requests still in flight", self.lifecycle.in_flight)
+            for engine in self.engines:
+                engine.stop()  # their answers end with what was generated (and are metered)
+            self.lifecycle.wait_idle(CUT_GRACE_SECONDS)
+        log.info("drained in %.1f s (%d new requests refused)", time.monotonic() - started, self.lifecycle.refused)
+        self.should_exit = True
+
+
+def run_server(loaded: LoadedSettings, tokens: dict[str, str]) -> None:
+    settings = loaded.settings
     try:
-        service = build_service(options)
+        prepared = prepare(settings)
     except ServeError as err:
         raise SystemExit(f"int8serve serve: error: {err}") from None
-    for line in service.summary:
-        print(f"int8serve: {line}", file=sys.stderr)
-    if service.generated_token:
-        token, account = next(iter(service.tokens.items()))
-        print(f"int8serve: API token {token} for account {account}; try:\n"
-              f"  curl http://{options.host}:{options.port}/client/v4/accounts/{account}/ai/run/"
-              f"{options.served_model_name} -H 'Authorization: Bearer {token}' "
-              "-d '{\"prompt\": \"Where is New York?\", \"stream\": true}'", file=sys.stderr, flush=True)
-    configure_logging(options.log_format, options.log_level)
+    tokens = dict(tokens)
+    generated = not tokens
+    if generated:
+        tokens[secrets.token_urlsafe(24)] = secrets.token_hex(16)
+    _print_start(loaded, prepared, tokens, generated)
+    configure_logging(settings.log_format, settings.log_level)
+    lifecycle = Lifecycle(Phase.LOADING)
+    deferred = _Deferred(lifecycle)
     # JSON: uvicorn's own loggers go through the same JSON handler instead of uvicorn's default config
-    log_config = None if options.log_format == "json" else uvicorn.config.LOGGING_CONFIG
-    config = uvicorn.Config(service.app, host=options.host, port=options.port, log_level=options.log_level,
-                            log_config=log_config)
+    log_config = None if settings.log_format == "json" else uvicorn.config.LOGGING_CONFIG
+    config = uvicorn.Config(deferred, host=settings.host, port=settings.port, log_level=settings.log_level,
+                            log_config=log_config, timeout_graceful_shutdown=CUT_GRACE_SECONDS)
+    server = _Server(config, lifecycle, settings.shutdown_timeout)
+    failure: list[str] = []
+
+    def load() -> None:
+        try:
+            service = load_service(settings, prepared, tokens, lifecycle)
+        except Exception as err:  # reported by the main thread, which then exits 1
+            log.debug("loading failed", exc_info=True)
+            failure.append(str(err) if isinstance(err, ServeError) else f"{type(err).__name__}: {err}")
+            server.should_exit = True
+            return
+        server.engines.append(service.engine)
+        deferred.target = service.app
+        if lifecycle.phase is Phase.LOADING:  # not if a signal came meanwhile
+            lifecycle.mark_ready()
+        for line in service.summary:
+            log.info("%s", line)
+
+    threading.Thread(target=load, name="int8serve-load", daemon=True).start()
     try:
-        _Server(config).run()
+        server.run()
     finally:
-        service.app.state.ready = False
-        service.engine.stop()
-        service.policy.close()
+        lifecycle.start_draining()
+        for engine in server.engines:
+            engine.stop()
+        prepared.policy.close()  # writes out the usage ledger
+        log.info("usage ledger flushed; stopped")
+    if failure:
+        raise SystemExit(f"int8serve serve: error: {failure[0]}")
+
+
+def _print_start(loaded: LoadedSettings, prepared: Prepared, tokens: dict[str, str], generated: bool) -> None:
+    """The effective settings (one block, secrets hidden), the serving policy and, for a made-up token, how to
+    call the server."""
+    settings = loaded.settings
+    lines = ["settings (flag > INT8SERVE_* variable > config file > default):"]
+    lines += [f"  {line}" for line in loaded.summary()]
+    lines += prepared.policy.describe(prepared.card)
+    lines.append(f"tokens: {len(tokens)} configured" if not generated else
+                 "tokens: none configured, made one for this run")
+    if prepared.demo:
+        lines.append(f"WARNING: {DEMO_WARNING}")
+    lines.append(f"listening on http://{settings.host}:{settings.port}; loading the model (/readyz is 503 until "
+                 "it is ready)")
+    for line in lines:
+        print(f"int8serve: {line}", file=sys.stderr)
+    if generated:
+        token, account = next(iter(tokens.items()))
+        print(f"int8serve: API token {token} for account {account}; try:\n"
+              f"  curl http://{settings.host}:{settings.port}/client/v4/accounts/{account}/ai/run/"
+              f"{settings.served_model_name} -H 'Authorization: Bearer {token}' "
+              "-d '{\"prompt\": \"Where is New York?\", \"stream\": true}'", file=sys.stderr)
+    sys.stderr.flush()

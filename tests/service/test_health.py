@@ -33,14 +33,15 @@ def test_readyz_reports_every_engine(http: httpx.Client) -> None:
     assert body["models"][MODEL] == {"running": 0, "waiting": 0, "slots": 4, "free_slots": 4, "max_queue": 16}
 
 
-def test_readyz_is_503_while_not_ready(http: httpx.Client, app: FastAPI) -> None:
-    app.state.ready = False  # (not monkeypatch: it would delete Starlette State attributes on undo)
+def test_readyz_is_503_while_draining(http: httpx.Client, app: FastAPI) -> None:
+    app.state.lifecycle.start_draining()
     try:
         resp = http.get("/readyz")
     finally:
-        app.state.ready = True
-    assert_error(resp, 503, 3040, "Not ready: the server is starting or shutting down", ai=False)
+        app.state.lifecycle.mark_ready()
+    assert_error(resp, 503, 3040, "Not ready: the server is shutting down", ai=False)
     assert resp.headers["retry-after"] == "1"
+    assert http.get("/readyz").status_code == 200
 
 
 def test_no_engine_is_not_ready(catalog: Catalog) -> None:

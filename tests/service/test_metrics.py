@@ -279,12 +279,12 @@ def test_log_prompts_adds_prompt_and_response(policy_app: tuple[FastAPI, httpx.C
 
 
 def test_serve_flags_and_json_log_lines(capsys: pytest.CaptureFixture[str]) -> None:
-    from int8serve.cli import build_parser
+    from int8serve.cli import serve_settings
     from int8serve.service.request_log import configure_logging, log_request
 
-    defaults = build_parser().parse_args(["serve"])
-    assert (defaults.log_format, defaults.log_prompts) == ("text", False)
-    args = build_parser().parse_args(["serve", "--log-format", "json", "--log-prompts"])
+    defaults = serve_settings([]).settings
+    assert (defaults.log_format, defaults.log_prompts) == ("text", False)  # prompts are never logged by default
+    args = serve_settings(["--log-format", "json", "--log-prompts"]).settings
     assert (args.log_format, args.log_prompts) == ("json", True)
     logger = logging.getLogger("int8serve")
     saved = (logger.handlers[:], logger.level, logger.propagate)

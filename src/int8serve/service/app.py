@@ -10,7 +10,8 @@ Routes (contract §0; all `/client/v4/accounts/{account_id}/...` routes need a t
 * `GET  /client/v4/accounts/{account_id}/ai/usage?since=&until=`: the account's own metered usage, from the ledger
   (`policy/usage.py`).
 * `GET  /metrics`: Prometheus metrics (text exposition, no auth; names in `metrics.py`).
-* `GET  /healthz` (always 200) and `GET /readyz` (200 with per-model engine load, or 503), without auth.
+* `GET  /healthz` (always 200) and `GET /readyz` (200 with per-model engine load, or 503 while loading or
+  draining), without auth. While draining, new API requests get 503 (`lifecycle.py`).
 
 A run request goes through the inference pipeline (`pipeline.py`), which applies the card's serving policy
 (`policy/`: rate limits, response cache, neuron metering, usage ledger) in DESIGN.md's order: authenticate → find
@@ -53,6 +54,7 @@ from .errors import (
 )
 from .formats import WORKERS_AI
 from .inputs import DEFAULT_MAX_BODY_BYTES
+from .lifecycle import Lifecycle, LifecycleMiddleware
 from .metrics import MetricsMiddleware, ServiceMetrics
 from .openai import openai_router
 from .pipeline import REQUEST_ID_SCOPE_KEY, InferencePipeline
@@ -120,15 +122,16 @@ class RequestContextMiddleware:
 def create_app(catalog: Catalog, engines: Mapping[str, Engine], tokens: Mapping[str, str], demo: bool = False,
                max_body_bytes: int = DEFAULT_MAX_BODY_BYTES, *,
                retry_after_seconds: int = DEFAULT_RETRY_AFTER_SECONDS, policy: Policy | None = None,
-               log_prompts: bool = False) -> FastAPI:
+               log_prompts: bool = False, lifecycle: Lifecycle | None = None) -> FastAPI:
     """The HTTP API over `engines` (model name → started Engine; every name must be a card of `catalog`).
 
     `tokens` maps API token → account id. `demo` marks every answer as coming from the random-weight demo model.
     `max_body_bytes` bounds request bodies (413/3006). `retry_after_seconds` is the `Retry-After` of 429/3040 and
     503 answers. `policy` is the serving policy (rate limits, cache, ledger); without one, the card's policy with
-    everything in memory (`Policy.in_memory()`), closed when the app's lifespan ends. `app.state.ready` (True) is
-    the readiness flag of `/readyz`: set it to False while draining. `log_prompts` adds prompt and response text to
-    the per-request log line (`int8serve.request`); off by default.
+    everything in memory (`Policy.in_memory()`), closed when the app's lifespan ends. `lifecycle` (default: a new
+    one, ready) is the phase behind `/readyz` and the gate that refuses new requests while draining
+    (`lifecycle.py`); it is also `app.state.lifecycle`. `log_prompts` adds prompt and response text to the
+    per-request log line (`int8serve.request`); off by default.
     """
     for name in engines:
         if name not in catalog:
@@ -154,13 +157,15 @@ def create_app(catalog: Catalog, engines: Mapping[str, Engine], tokens: Mapping[
 
     app = FastAPI(title="int8serve", docs_url=None, redoc_url=None, openapi_url=None, lifespan=lifespan)
     app.router.redirect_slashes = False  # an API: unknown paths are 404 envelopes, not redirects
-    app.state.ready = True
+    lifecycle = lifecycle if lifecycle is not None else Lifecycle()
+    app.state.lifecycle = lifecycle
     app.state.engines = engines
     app.state.catalog = catalog
     app.state.policy = policy
     app.state.pipeline = pipeline
     app.state.metrics = metrics
     install_error_handlers(app)
+    app.add_middleware(LifecycleMiddleware, lifecycle=lifecycle)  # inside the two below: its 503s are counted
     app.add_middleware(RequestContextMiddleware, demo=demo)
     app.add_middleware(MetricsMiddleware, metrics=metrics)  # outermost: sees every answer's final status
 
@@ -225,7 +230,9 @@ def create_app(catalog: Catalog, engines: Mapping[str, Engine], tokens: Mapping[
             stats = engine.stats()
             models[name] = {"running": stats.running, "waiting": stats.waiting, "slots": stats.slots,
                             "free_slots": stats.free_slots, "max_queue": stats.max_queue}
-        if not app.state.ready or not engines or not all(e.accepting for e in engines.values()):
+        if not lifecycle.ready:
+            raise ApiError(NOT_READY, reason=lifecycle.not_ready_reason(), headers=retry_headers)
+        if not engines or not all(e.accepting for e in engines.values()):
             reason = "no model is served" if not engines else "the server is starting or shutting down"
             raise ApiError(NOT_READY, reason=reason, headers=retry_headers)
         return json_response({"status": "ready", "models": models})

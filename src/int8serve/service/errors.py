@@ -52,9 +52,13 @@ __all__ = [
     "ApiError",
     "ErrorKind",
     "error_body",
+    "error_response",
     "install_error_handlers",
     "internal_error_response",
+    "is_openai_path",
     "json_response",
+    "openai_error",
+    "openai_error_response",
     "success_body",
 ]
 
@@ -155,18 +159,56 @@ def json_response(body: Any, status: int = 200, headers: Mapping[str, str] | Non
     return Response(content=content, status_code=status, headers=dict(headers or {}), media_type="application/json")
 
 
+# --- the OpenAI shape (routes under /v1/ and /ai/v1/: openai.py) ------------------------------------------------
+
+OPENAI_STATUS = {5007: 404, 9106: 401}  # OpenAI's statuses where they differ from /ai/run's
+OPENAI_TYPES = {400: "invalid_request_error", 401: "authentication_error", 403: "permission_error",
+                404: "not_found_error", 405: "invalid_request_error", 408: "timeout_error",
+                413: "invalid_request_error", 429: "rate_limit_error", 500: "server_error",
+                503: "service_unavailable_error"}
+
+
+def is_openai_path(path: str) -> bool:
+    """The OpenAI-compatible routes, whose clients (the openai SDK) parse `{"error": {...}}` bodies."""
+    if path.startswith("/v1/") or path == "/v1":
+        return True
+    parts = path.split("/")  # /client/v4/accounts/{account}/ai/v1/...
+    return len(parts) >= 7 and parts[1:4] == ["client", "v4", "accounts"] and parts[5:7] == ["ai", "v1"]
+
+
+def openai_error(code: int, message: str, status: int) -> dict[str, Any]:
+    kind = "capacity_error" if code == 3040 else OPENAI_TYPES.get(status, "api_error")
+    return {"error": {"message": message, "type": kind, "param": None, "code": code}}
+
+
+def openai_error_response(err: ApiError) -> Response:
+    status = OPENAI_STATUS.get(err.code, err.status)
+    return json_response(openai_error(err.code, err.message, status), status=status, headers=err.headers)
+
+
+def error_response(path: str, err: ApiError) -> Response:
+    """`err` in the shape the clients of `path` parse."""
+    return openai_error_response(err) if is_openai_path(path) else err.response()
+
+
 # --- handlers --------------------------------------------------------------------------------------------------
 
 
-async def _api_error(_request: Request, exc: Exception) -> Response:
+async def _api_error(request: Request, exc: Exception) -> Response:
     assert isinstance(exc, ApiError)
-    return exc.response()
+    return error_response(request.url.path, exc)
 
 
-async def _http_error(_request: Request, exc: Exception) -> Response:
+async def _http_error(request: Request, exc: Exception) -> Response:
     """Starlette's own errors: unknown route (404), wrong method (405, with its Allow header), and the rest."""
     assert isinstance(exc, StarletteHTTPException)
     headers = dict(exc.headers or {})
+    if is_openai_path(request.url.path):
+        message = {404: "Unknown URL: no such route", 405: f"Method {request.method} not allowed here"}.get(
+            exc.status_code, str(exc.detail))
+        code = NO_ROUTE.code if exc.status_code in (404, 405) else exc.status_code
+        return json_response(openai_error(code, message, exc.status_code), status=exc.status_code,
+                             headers=headers)
     if exc.status_code in (404, 405):
         body = error_body(NO_ROUTE.code, NO_ROUTE.template, ai=False)
     else:

@@ -50,7 +50,7 @@ from int8serve.engine.sampling import SamplingParams
 from int8serve.engine.scheduler import RequestHandle, TokenEvent
 
 from .auth import _credential, _lookup, authenticate
-from .errors import AUTHENTICATION, BAD_INPUT, ApiError, ErrorKind, json_response
+from .errors import AUTHENTICATION, BAD_INPUT, ApiError, ErrorKind, json_response, openai_error, openai_error_response
 from .inputs import ValidatedRun, validate_run_body
 from .pipeline import InferencePipeline
 from .streaming import DONE_FRAME, Answer, encode_frame, usage
@@ -358,20 +358,8 @@ class CompletionFormat(_OpenAIFormat):
 
 # --- errors -----------------------------------------------------------------------------------------------------
 
-_STATUS = {5007: 404, 9106: 401}  # OpenAI's statuses where they differ from /ai/run's
-_TYPES = {400: "invalid_request_error", 401: "authentication_error", 403: "permission_error",
-          404: "not_found_error", 405: "invalid_request_error", 408: "timeout_error", 413: "invalid_request_error",
-          429: "rate_limit_error", 500: "server_error", 503: "service_unavailable_error"}
-
-
-def openai_error(code: int, message: str, status: int) -> dict[str, Any]:
-    kind = "capacity_error" if code == 3040 else _TYPES.get(status, "api_error")
-    return {"error": {"message": message, "type": kind, "param": None, "code": code}}
-
-
 def _error_response(err: ApiError) -> Response:
-    status = _STATUS.get(err.code, err.status)
-    return json_response(openai_error(err.code, err.message, status), status=status, headers=err.headers)
+    return openai_error_response(err)
 
 
 # --- routes -----------------------------------------------------------------------------------------------------

@@ -1,0 +1,132 @@
+"""Where the server is in its life (loading → ready → draining) and which requests are still in flight.
+
+Load balancers and orchestrators watch `/readyz` and send SIGTERM before they stop a server; what users see of
+that depends on two things this module keeps: the phase, and the count of API requests being answered (a stream
+counts until its last byte is sent). `LifecycleMiddleware` is the gate in front of the routes:
+
+* loading (the weights are not in memory yet): `/healthz` 200, `/readyz` 503, any other path 503;
+* ready: everything goes to the routes, and API requests are counted in flight;
+* draining (after SIGTERM/SIGINT): `/readyz` 503 at once, new API requests 503 with the error envelope of their
+  route (Cloudflare's, or OpenAI's under `/v1/` and `/ai/v1/`), while the requests already in flight finish.
+
+`/healthz`, `/readyz` and `/metrics` are never counted nor refused by the drain, so that probes and scrapes keep
+working until the process exits. The server (`server.py`) waits with `wait_idle` for the in-flight count to reach
+zero, up to its shutdown timeout.
+"""
+
+from __future__ import annotations
+
+import enum
+import threading
+import time
+
+from starlette.types import ASGIApp, Receive, Scope, Send
+
+from .errors import NOT_READY, ApiError, error_response, json_response
+
+__all__ = ["UNGATED_PATHS", "Lifecycle", "LifecycleMiddleware", "Phase"]
+
+UNGATED_PATHS = frozenset({"/healthz", "/readyz", "/metrics"})
+RETRY_AFTER = {"retry-after": "1"}
+
+
+class Phase(enum.Enum):
+    LOADING = "loading"
+    READY = "ready"
+    DRAINING = "draining"
+
+
+class Lifecycle:
+    """The phase of one server and its API requests in flight (read from any thread)."""
+
+    def __init__(self, phase: Phase = Phase.READY) -> None:
+        self.phase = phase
+        self._in_flight = 0
+        self._idle = threading.Condition()
+        self.refused = 0  # requests answered 503 because of the phase
+
+    @property
+    def ready(self) -> bool:
+        return self.phase is Phase.READY
+
+    @property
+    def in_flight(self) -> int:
+        with self._idle:
+            return self._in_flight
+
+    def not_ready_reason(self) -> str:
+        return "the model is loading" if self.phase is Phase.LOADING else "the server is shutting down"
+
+    def mark_ready(self) -> None:
+        self.phase = Phase.READY
+
+    def start_draining(self) -> None:
+        self.phase = Phase.DRAINING
+
+    def wait_idle(self, timeout: float) -> bool:
+        """Block until no API request is in flight or `timeout` seconds pass; True if idle."""
+        deadline = time.monotonic() + timeout
+        with self._idle:
+            while self._in_flight:
+                left = deadline - time.monotonic()
+                if left <= 0:
+                    return False
+                self._idle.wait(left)
+        return True
+
+    def _enter(self) -> None:
+        with self._idle:
+            self._in_flight += 1
+
+    def _leave(self) -> None:
+        with self._idle:
+            self._in_flight -= 1
+            if not self._in_flight:
+                self._idle.notify_all()
+
+
+class LifecycleMiddleware:
+    """The gate described in the module docstring. `app` may be None while the model loads (the server has no
+    routes yet): then only the gate answers."""
+
+    def __init__(self, app: ASGIApp | None, lifecycle: Lifecycle) -> None:
+        self.app = app
+        self.lifecycle = lifecycle
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] == "lifespan" and self.app is None:
+            await _no_lifespan(receive, send)
+            return
+        if scope["type"] != "http":
+            if self.app is not None:
+                await self.app(scope, receive, send)
+            return
+        lifecycle = self.lifecycle
+        path = scope.get("path", "")
+        if self.app is not None and (path in UNGATED_PATHS or lifecycle.ready):
+            if path in UNGATED_PATHS:
+                await self.app(scope, receive, send)
+                return
+            lifecycle._enter()
+            try:
+                await self.app(scope, receive, send)
+            finally:
+                lifecycle._leave()
+            return
+        if path == "/healthz":  # alive, even while loading
+            await json_response({"status": "ok"})(scope, receive, send)
+            return
+        lifecycle.refused += path != "/readyz"
+        error = ApiError(NOT_READY, reason=lifecycle.not_ready_reason(), headers=RETRY_AFTER)
+        await error_response(path, error)(scope, receive, send)
+
+
+async def _no_lifespan(receive: Receive, send: Send) -> None:
+    """Answer the server's lifespan messages while there is no app behind the gate."""
+    while True:
+        message = await receive()
+        if message["type"] == "lifespan.startup":
+            await send({"type": "lifespan.startup.complete"})
+        elif message["type"] == "lifespan.shutdown":
+            await send({"type": "lifespan.shutdown.complete"})
+            return

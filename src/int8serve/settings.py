@@ -1,0 +1,281 @@
+"""The settings of `int8serve serve`: one pydantic-settings object, read from flags, `INT8SERVE_*` variables and a
+TOML file.
+
+Operators configure a server the way their platform wants: flags in a shell, environment variables in a container,
+a file under configuration management. Every setting is a field of `ServeSettings` and can come from any of them,
+with this precedence (highest first):
+
+1. a command-line flag (`--max-queue 64`);
+2. an environment variable, `INT8SERVE_` + the field name in capitals (`INT8SERVE_MAX_QUEUE=64`);
+3. the TOML file given by `--config` or `INT8SERVE_CONFIG` (`max_queue = 64`; `max-queue` works too);
+4. the default.
+
+The field descriptions are also the help of `int8serve serve --help`, so the two cannot drift apart. A bad value
+names where it came from (`--port`, `INT8SERVE_PORT` or the file), and the start-up summary says where each effective
+value came from, with secrets (tokens, passwords in URLs) hidden.
+"""
+
+from __future__ import annotations
+
+import contextvars
+import os
+import tomllib
+from collections.abc import Mapping
+from pathlib import Path
+from typing import Annotated, Any, Literal
+from urllib.parse import urlsplit, urlunsplit
+
+from pydantic import Field, ValidationError, field_validator
+from pydantic_settings import (
+    BaseSettings,
+    InitSettingsSource,
+    NoDecode,
+    PydanticBaseSettingsSource,
+    SettingsConfigDict,
+    SettingsError,
+)
+
+ENV_PREFIX = "INT8SERVE_"
+CONFIG_ENV = ENV_PREFIX + "CONFIG"
+DEFAULT_SERVED_MODEL = "@cf/meta/llama-2-7b-chat-int8"
+# = service.policy.settings.DEFAULT_CACHE_TTL_SECONDS / DEFAULT_DAILY_NEURONS, repeated so that reading the settings
+# does not import the HTTP stack (tests/test_settings.py checks they agree)
+DEFAULT_CACHE_TTL = 300
+DEFAULT_DAILY_NEURONS = 10_000
+DEFAULT_SHUTDOWN_TIMEOUT = 30.0
+
+LogLevel = Literal["critical", "error", "warning", "info", "debug"]
+
+# the values of the TOML file being read, for the file source (a context variable: no class-level state)
+_file_values: contextvars.ContextVar[Mapping[str, Any] | None] = contextvars.ContextVar("int8serve_file_values",
+                                                                                       default=None)
+
+
+class SettingsFileError(ValueError):
+    """The TOML file cannot be read or has a key that is no setting."""
+
+
+class ServeSettings(BaseSettings):
+    """Everything `int8serve serve` can be told. Construct it with `load_settings`."""
+
+    model_config = SettingsConfigDict(env_prefix=ENV_PREFIX, extra="forbid", populate_by_name=True,
+                                      validate_default=True)
+
+    # --- the model ---
+    model: Path | None = Field(None, description="checkpoint folder: Hugging Face (config.json), Meta (params.json) "
+                                                 "or an int8 checkpoint from 'int8serve quantize'. Default: the "
+                                                 "built-in demo model (random weights, meaningless output)")
+    dtype: Literal["int8", "fp32"] = Field("int8", description="int8: weight-only int8 (the served path); fp32: "
+                                                               "full-precision reference")
+    threads: int | None = Field(None, ge=1, description="torch threads. Default: all cores")
+    card: Annotated[list[Path], NoDecode] = Field(
+        default_factory=list, description="extra catalog card files (or folders of *.txt cards); the flag is "
+                                          "repeatable, the variable comma-separated")
+    served_model_name: str = Field(DEFAULT_SERVED_MODEL, min_length=1,
+                                   description="the catalog name the weights are served under")
+    # --- the server ---
+    host: str = Field("127.0.0.1", min_length=1, description="address to listen on")
+    port: int = Field(8787, ge=0, le=65535, description="port to listen on")
+    tokens: Annotated[list[str], NoDecode] = Field(
+        default_factory=list, description="API tokens as TOKEN=ACCOUNT_ID; the flag --token is repeatable, the "
+                                          "variable comma-separated. With none (and no --tokens-file) a token is "
+                                          "made at start-up and printed: auth is never off")
+    tokens_file: Path | None = Field(None, description="a file of TOKEN=ACCOUNT_ID lines (# comments allowed), "
+                                                       "added to the tokens")
+    max_queue: int = Field(32, ge=0, description="requests that may wait for a free slot; beyond it 429 code 3040")
+    prefill_chunk: int = Field(128, ge=1, description="prompt tokens per prefill step, so that running streams keep "
+                                                      "flowing")
+    shutdown_timeout: float = Field(DEFAULT_SHUTDOWN_TIMEOUT, ge=0, allow_inf_nan=False,
+                                    description="on SIGTERM/SIGINT, seconds that requests in flight (streams "
+                                                "included) may take to finish before they are cut; new requests "
+                                                "get 503 meanwhile")
+    log_level: LogLevel = Field("info", description="server log level")
+    log_format: Literal["text", "json"] = Field("text", description="log lines as readable text or as one JSON "
+                                                                    "object each; either way one line per request")
+    log_prompts: bool = Field(False, description="also log each request's prompt and response text (never logged "
+                                                 "otherwise)")
+    # --- serving policy (docs/policy.md) ---
+    redis_url: str | None = Field(None, description="share rate limits and the response cache with every replica "
+                                                    "using this Redis (redis://host:6379/0; ?key_prefix=NAME "
+                                                    "namespaces the keys). Default: in this process")
+    database_url: str | None = Field(None, description="the usage ledger's database, a SQLAlchemy URL such as "
+                                                       "postgresql+psycopg://user@host:5432/db. Default: a SQLite "
+                                                       "file in the data dir")
+    data_dir: Path = Field(Path("data"), description="where this server keeps its ledger (without a database URL) "
+                                                     "and the ledger's spool; one per server")
+    rpm: int | None = Field(None, ge=0, description="requests per minute per account and model, instead of the "
+                                                    "card's default (0 = unlimited; the card's per-account values "
+                                                    "still apply)")
+    account_rpm: Annotated[dict[str, int], NoDecode] = Field(
+        default_factory=dict, description="requests per minute for one account, over the card, as ACCOUNT=N "
+                                          "(0 = unlimited); the flag is repeatable, the variable comma-separated, "
+                                          "the file a table")
+    response_cache: bool = Field(True, description="serve repeated requests from the response cache when the card "
+                                                   "allows it (--no-cache turns it off)")
+    cache_ttl: int = Field(DEFAULT_CACHE_TTL, ge=1, description="seconds a cached answer is served (a request's "
+                                                                "cf-aig-cache-ttl header overrides it)")
+    daily_neurons: float | None = Field(None, gt=0, allow_inf_nan=False,
+                                        description="a daily neuron allocation per account, reset 00:00 UTC, beyond "
+                                                    "which requests get 429 code 3036 (off by default; the flag "
+                                                    f"alone: {DEFAULT_DAILY_NEURONS:,})")
+
+    @field_validator("card", "tokens", mode="before")
+    @classmethod
+    def _split_list(cls, value: Any) -> Any:
+        """A variable holds a comma-separated list."""
+        if isinstance(value, str):
+            return [item.strip() for item in value.split(",") if item.strip()]
+        return value
+
+    @field_validator("account_rpm", mode="before")
+    @classmethod
+    def _account_limits(cls, value: Any) -> Any:
+        """ACCOUNT=N pairs, from the flags (a list) or a variable (comma-separated); the file gives a table."""
+        if isinstance(value, str):
+            value = [item for item in value.split(",") if item.strip()]
+        if isinstance(value, list):
+            limits: dict[str, Any] = {}
+            for pair in value:
+                account, sep, number = str(pair).partition("=")
+                account, number = account.strip(), number.strip()
+                if not sep or not account or not number.isdigit():
+                    raise ValueError(f"expected ACCOUNT=N with N a whole number >= 0, got {pair!r}")
+                limits[account] = int(number)
+            return limits
+        return value
+
+    @field_validator("account_rpm")
+    @classmethod
+    def _non_negative_limits(cls, value: dict[str, int]) -> dict[str, int]:
+        for account, number in value.items():
+            if number < 0:
+                raise ValueError(f"{account}: requests per minute must be >= 0, got {number}")
+        return value
+
+    @classmethod
+    def settings_customise_sources(cls, settings_cls: type[BaseSettings], init_settings: PydanticBaseSettingsSource,
+                                   env_settings: PydanticBaseSettingsSource,
+                                   dotenv_settings: PydanticBaseSettingsSource,
+                                   file_secret_settings: PydanticBaseSettingsSource,
+                                   ) -> tuple[PydanticBaseSettingsSource, ...]:
+        # flags (passed as init values) > INT8SERVE_* > the TOML file > defaults
+        return init_settings, env_settings, InitSettingsSource(settings_cls, dict(_file_values.get() or {}))
+
+
+SECRET_FIELDS = {"tokens"}
+URL_FIELDS = {"redis_url", "database_url"}
+
+
+def env_name(field: str) -> str:
+    return ENV_PREFIX + field.upper()
+
+
+def flag_name(field: str) -> str:
+    return {"tokens": "--token", "response_cache": "--no-cache"}.get(field, "--" + field.replace("_", "-"))
+
+
+def help_text(field: str) -> str:
+    """A flag's help: the field's description, its variable and its default."""
+    info = ServeSettings.model_fields[field]
+    default = info.get_default(call_default_factory=True)
+    shown = "none" if default is None or default in ([], {}) else default
+    return f"{info.description} [env {env_name(field)}; default: {shown}]".replace("%", "%%")
+
+
+def read_config_file(path: Path) -> dict[str, Any]:
+    """The settings of a TOML file (`max-queue` and `max_queue` both name the field max_queue)."""
+    try:
+        with path.open("rb") as handle:
+            raw = tomllib.load(handle)
+    except FileNotFoundError:
+        raise SettingsFileError(f"{path}: no such config file") from None
+    except (OSError, tomllib.TOMLDecodeError) as err:
+        raise SettingsFileError(f"{path}: not a readable TOML file: {err}") from None
+    values = {key.replace("-", "_"): value for key, value in raw.items()}
+    unknown = sorted(key for key in values if key not in ServeSettings.model_fields)
+    if unknown:
+        raise SettingsFileError(f"{path}: unknown setting(s) {', '.join(unknown)} (see 'int8serve serve --help')")
+    return values
+
+
+class LoadedSettings:
+    """The settings and where each value came from ("flag", "env", "file" or "default")."""
+
+    def __init__(self, settings: ServeSettings, sources: dict[str, str], config_file: Path | None) -> None:
+        self.settings = settings
+        self.sources = sources
+        self.config_file = config_file
+
+    def summary(self) -> list[str]:
+        """One line per setting: name, value (secrets hidden) and source."""
+        width = max(len(name) for name in ServeSettings.model_fields)
+        where = {"file": f"file {self.config_file}", "env": "env", "flag": "flag", "default": "default"}
+        return [f"{name:<{width}}  {shown_value(name, getattr(self.settings, name))}  ({where[self.sources[name]]})"
+                for name in ServeSettings.model_fields]
+
+
+def load_settings(flags: Mapping[str, Any]) -> LoadedSettings:
+    """Settings from the given flags (only those the user typed), the environment and the config file.
+
+    `flags["config"]` (else `INT8SERVE_CONFIG`) names the TOML file. Raises SettingsFileError or ValueError with
+    a message that names the flag, variable or file a bad value came from.
+    """
+    flags = dict(flags)
+    config = flags.pop("config", None) or os.environ.get(CONFIG_ENV) or None
+    config_file = Path(config) if config is not None else None
+    file_values = read_config_file(config_file) if config_file is not None else {}
+    env_keys = {key.upper() for key in os.environ if key.upper().startswith(ENV_PREFIX)}
+    sources = {name: _source(name, flags, env_keys, file_values) for name in ServeSettings.model_fields}
+    marker = _file_values.set(file_values)
+    try:
+        settings = ServeSettings(**flags)
+    except ValidationError as err:
+        raise ValueError(_explain(err, sources, config_file)) from None
+    except SettingsError as err:
+        raise ValueError(f"invalid INT8SERVE_* variable: {err}") from None
+    finally:
+        _file_values.reset(marker)
+    return LoadedSettings(settings, sources, config_file)
+
+
+def _source(name: str, flags: Mapping[str, Any], env_keys: set[str], file_values: Mapping[str, Any]) -> str:
+    if name in flags:
+        return "flag"
+    if env_name(name) in env_keys:
+        return "env"
+    return "file" if name in file_values else "default"
+
+
+def _explain(err: ValidationError, sources: Mapping[str, str], config_file: Path | None) -> str:
+    problems = []
+    for error in err.errors():
+        name = str(error["loc"][0]) if error["loc"] else "?"
+        field = name.removeprefix(ENV_PREFIX).lower() if name.upper().startswith(ENV_PREFIX) else name
+        source = sources.get(field, "flag")
+        origin = {"flag": flag_name(field), "env": env_name(field),
+                  "file": f"{field} in {config_file}", "default": f"default of {field}"}[source]
+        problems.append(f"{origin}: {error['msg']}" + (f" (got {error['input']!r})" if source != "default" else ""))
+    return "; ".join(problems)
+
+
+def shown_value(name: str, value: Any) -> str:
+    """A setting as the summary prints it: tokens counted, not shown; passwords in URLs hidden."""
+    if name in SECRET_FIELDS:
+        return f"{len(value)} given" if value else "none"
+    if name in URL_FIELDS and value:
+        return hide_password(value)
+    if isinstance(value, list):
+        return ", ".join(str(v) for v in value) or "none"
+    if isinstance(value, dict):
+        return ", ".join(f"{k}={v}" for k, v in value.items()) or "none"
+    return "none" if value is None else str(value)
+
+
+def hide_password(url: str) -> str:
+    parts = urlsplit(url)
+    if parts.password is None:
+        return url
+    host = parts.hostname or ""
+    netloc = f"{parts.username or ''}:***@{host}" + (f":{parts.port}" if parts.port else "")
+    return urlunsplit(parts._replace(netloc=netloc))
+

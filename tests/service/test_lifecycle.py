@@ -1,0 +1,86 @@
+"""The lifecycle gate: what clients see while the model loads and while the server drains (in-process; the real
+SIGTERM path is in tests/test_server.py)."""
+
+from __future__ import annotations
+
+import threading
+from collections.abc import Iterator
+
+import httpx
+import pytest
+from fastapi import FastAPI
+
+from int8serve.service.lifecycle import Lifecycle, LifecycleMiddleware, Phase
+
+from .conftest import ACCOUNT, MODEL, SLOW_MODEL, LiveServer
+from .test_errors import assert_error
+
+
+@pytest.fixture
+def loading_url() -> Iterator[str]:
+    with LiveServer(LifecycleMiddleware(None, Lifecycle(Phase.LOADING))) as live:
+        yield live.url
+
+
+def test_while_loading_only_healthz_is_200(loading_url: str) -> None:
+    assert httpx.get(f"{loading_url}/healthz").json() == {"status": "ok"}
+    ready = httpx.get(f"{loading_url}/readyz")
+    assert ready.status_code == 503 and ready.headers["retry-after"] == "1"
+    assert ready.json()["errors"] == [{"code": 3040, "message": "Not ready: the model is loading"}]
+    run = httpx.post(f"{loading_url}/client/v4/accounts/{ACCOUNT}/ai/run/{MODEL}", json={"prompt": "x"})
+    assert run.status_code == 503 and run.json()["errors"][0]["code"] == 3040
+    openai = httpx.post(f"{loading_url}/v1/chat/completions", json={})
+    assert openai.status_code == 503
+    assert openai.json()["error"] == {"message": "Not ready: the model is loading", "type": "capacity_error",
+                                      "param": None, "code": 3040}
+
+
+@pytest.fixture
+def draining(app: FastAPI) -> Iterator[Lifecycle]:
+    lifecycle: Lifecycle = app.state.lifecycle
+    yield lifecycle
+    lifecycle.mark_ready()
+
+
+def test_drain_lets_a_stream_finish_and_refuses_new_requests(http: httpx.Client, auth: dict[str, str],
+                                                             draining: Lifecycle) -> None:
+    url = f"/client/v4/accounts/{ACCOUNT}/ai/run/{SLOW_MODEL}"  # ~25 ms per token: 40 tokens last ~1 s
+    with http.stream("POST", url, headers=auth, json={"prompt": "Once upon a time", "raw": True, "stream": True,
+                                                      "max_tokens": 40}) as streamed:
+        lines = streamed.iter_lines()
+        assert next(line for line in lines if line.startswith("data: "))
+        assert draining.in_flight == 1
+        draining.start_draining()
+        idle = threading.Event()
+        waiter = threading.Thread(target=lambda: draining.wait_idle(30) and idle.set())
+        waiter.start()
+        refused = http.post(f"/client/v4/accounts/{ACCOUNT}/ai/run/{MODEL}", headers=auth, json={"prompt": "x"})
+        refused_openai = http.post("/v1/completions", headers=auth, json={"model": MODEL, "prompt": "x"})
+        probes = [http.get(path).status_code for path in ("/healthz", "/readyz", "/metrics")]
+        assert not idle.is_set()  # the stream is still in flight
+        frames = [line for line in lines if line.startswith("data: ")]
+    waiter.join(30)
+    assert idle.is_set() and draining.in_flight == 0
+    assert frames[-1] == "data: [DONE]" and '"completion_tokens":40' in frames[-2]
+    assert_error(refused, 503, 3040, "Not ready: the server is shutting down", ai=False)
+    assert refused.headers["retry-after"] == "1"
+    assert refused_openai.status_code == 503 and refused_openai.json()["error"]["code"] == 3040
+    assert probes == [200, 503, 200]
+
+
+def test_wait_idle_times_out_with_requests_in_flight() -> None:
+    lifecycle = Lifecycle()
+    lifecycle._enter()
+    assert lifecycle.wait_idle(0.05) is False
+    lifecycle._leave()
+    assert lifecycle.wait_idle(0.05) is True
+
+
+@pytest.mark.parametrize("path", ["/v1/chat/completions", f"/client/v4/accounts/{ACCOUNT}/ai/v1/completions"])
+def test_wrong_method_on_openai_routes_gets_an_openai_error(http: httpx.Client, path: str) -> None:
+    resp = http.get(path)
+    assert resp.status_code == 405 and "POST" in resp.headers["allow"]
+    assert resp.json()["error"] == {"message": "Method GET not allowed here", "type": "invalid_request_error",
+                                    "param": None, "code": 7000}
+    unknown = http.get("/v1/nothing-here")
+    assert unknown.status_code == 404 and unknown.json()["error"]["type"] == "not_found_error"

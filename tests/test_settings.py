@@ -1,0 +1,159 @@
+"""`int8serve serve` settings: flags > INT8SERVE_* variables > the --config TOML file > defaults, every field documented
+in --help, bad values named by where they came from, secrets never printed."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+
+from int8serve.cli import build_parser, main
+from int8serve.settings import (
+    CONFIG_ENV,
+    DEFAULT_CACHE_TTL,
+    DEFAULT_DAILY_NEURONS,
+    ServeSettings,
+    SettingsFileError,
+    env_name,
+    flag_name,
+    load_settings,
+)
+
+
+@pytest.fixture(autouse=True)
+def clean_environment(monkeypatch: pytest.MonkeyPatch) -> None:
+    """No INT8SERVE_* variable of the machine or of another test leaks in."""
+    import os
+
+    for name in list(os.environ):
+        if name.upper().startswith("INT8SERVE_"):
+            monkeypatch.delenv(name)
+
+
+def flags(*argv: str) -> dict:
+    """What the command line gives load_settings: only the flags that were typed."""
+    return {k: v for k, v in vars(build_parser().parse_args(["serve", *argv])).items() if k != "command"}
+
+
+def write_config(tmp_path: Path, text: str) -> Path:
+    path = tmp_path / "int8serve.toml"
+    path.write_text(text)
+    return path
+
+
+def test_defaults_when_nothing_is_given() -> None:
+    loaded = load_settings(flags())
+    s = loaded.settings
+    assert (s.model, s.dtype, s.port, s.max_queue, s.shutdown_timeout, s.response_cache, s.cache_ttl) == (
+        None, "int8", 8787, 32, 30.0, True, DEFAULT_CACHE_TTL)
+    assert set(loaded.sources.values()) == {"default"}
+
+
+def test_flag_beats_variable_beats_file_beats_default(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    config = write_config(tmp_path, 'port = 1111\nmax-queue = 7\nprefill_chunk = 64\nlog_format = "json"\n'
+                                    'account_rpm = {a = 5}\n')
+    monkeypatch.setenv("INT8SERVE_PORT", "2222")
+    monkeypatch.setenv("INT8SERVE_MAX_QUEUE", "8")
+    loaded = load_settings(flags("--config", str(config), "--port", "3333"))
+    s = loaded.settings
+    assert s.port == 3333  # flag over variable over file
+    assert s.max_queue == 8  # variable over file
+    assert s.prefill_chunk == 64 and s.log_format == "json" and s.account_rpm == {"a": 5}  # file over default
+    assert s.cache_ttl == DEFAULT_CACHE_TTL  # default
+    assert (loaded.sources["port"], loaded.sources["max_queue"], loaded.sources["prefill_chunk"],
+            loaded.sources["cache_ttl"]) == ("flag", "env", "file", "default")
+
+
+def test_config_file_from_the_environment(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv(CONFIG_ENV, str(write_config(tmp_path, "rpm = 0\nresponse_cache = false\n")))
+    s = load_settings(flags()).settings
+    assert s.rpm == 0 and s.response_cache is False
+
+
+def test_lists_and_tables_from_each_source(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("INT8SERVE_TOKENS", "t1=a, t2=b")
+    monkeypatch.setenv("INT8SERVE_ACCOUNT_RPM", "a=60,b=0")
+    monkeypatch.setenv("INT8SERVE_CARD", "x.txt,y")
+    s = load_settings(flags()).settings
+    assert s.tokens == ["t1=a", "t2=b"] and s.account_rpm == {"a": 60, "b": 0} and s.card == [Path("x.txt"), Path("y")]
+    s = load_settings(flags("--token", "t3=c", "--account-rpm", "c=1", "--account-rpm", "d=2")).settings
+    assert s.tokens == ["t3=c"] and s.account_rpm == {"c": 1, "d": 2}  # flags replace the variables
+
+
+def test_boolean_flags_override_either_way(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("INT8SERVE_RESPONSE_CACHE", "false")
+    monkeypatch.setenv("INT8SERVE_LOG_PROMPTS", "true")
+    assert load_settings(flags()).settings.response_cache is False
+    s = load_settings(flags("--cache", "--no-log-prompts")).settings
+    assert s.response_cache is True and s.log_prompts is False
+    assert load_settings(flags("--daily-neurons")).settings.daily_neurons == DEFAULT_DAILY_NEURONS
+
+
+@pytest.mark.parametrize(("source", "message"), [
+    ("flag", "--max-queue: Input should be greater than or equal to 0 (got -1)"),
+    ("env", "INT8SERVE_MAX_QUEUE: Input should be greater than or equal to 0 (got '-1')"),
+    ("file", "max_queue in "),
+])
+def test_a_bad_value_names_where_it_came_from(tmp_path: Path, monkeypatch: pytest.MonkeyPatch, source: str,
+                                               message: str) -> None:
+    argv: list[str] = []
+    if source == "flag":
+        argv = ["--max-queue", "-1"]
+    elif source == "env":
+        monkeypatch.setenv("INT8SERVE_MAX_QUEUE", "-1")
+    else:
+        argv = ["--config", str(write_config(tmp_path, "max_queue = -1\n"))]
+    with pytest.raises(ValueError, match="greater than or equal to 0") as info:
+        load_settings(flags(*argv))
+    assert message in str(info.value)
+
+
+def test_bad_variables_are_errors_not_ignored(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("INT8SERVE_PORT", "eighty")
+    with pytest.raises(ValueError, match=r"INT8SERVE_PORT: .*integer"):
+        load_settings(flags())
+    monkeypatch.setenv("INT8SERVE_PORT", "80")
+    monkeypatch.setenv("INT8SERVE_ACCOUNT_RPM", "a=lots")
+    with pytest.raises(ValueError, match=r"INT8SERVE_ACCOUNT_RPM: .*expected ACCOUNT=N"):
+        load_settings(flags())
+
+
+def test_config_file_problems(tmp_path: Path) -> None:
+    with pytest.raises(SettingsFileError, match="no such config file"):
+        load_settings(flags("--config", str(tmp_path / "missing.toml")))
+    with pytest.raises(SettingsFileError, match="not a readable TOML file"):
+        load_settings(flags("--config", str(write_config(tmp_path, "port = = 1\n"))))
+    with pytest.raises(SettingsFileError, match=r"unknown setting.*max_queeue"):
+        load_settings(flags("--config", str(write_config(tmp_path, "max_queeue = 1\n"))))
+
+
+def test_cli_reports_settings_errors_without_a_traceback(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    with pytest.raises(SystemExit) as info:
+        main(["serve", "--config", str(write_config(tmp_path, "shutdown_timeout = -5\n"))])
+    assert info.value.code == 2
+    err = capsys.readouterr().err
+    assert "int8serve serve: error: shutdown_timeout in" in err and "Traceback" not in err
+
+
+def test_help_documents_every_setting_with_its_variable(capsys: pytest.CaptureFixture[str]) -> None:
+    with pytest.raises(SystemExit):
+        main(["serve", "--help"])
+    text = " ".join(capsys.readouterr().out.split())  # argparse wraps lines
+    for name, info in ServeSettings.model_fields.items():
+        assert flag_name(name) in text, name
+        assert env_name(name) in text, name
+        assert " ".join(info.description.split()[:6]) in text, name
+    assert "INT8SERVE_CONFIG" in text and "--config" in text
+
+
+def test_summary_says_where_each_value_came_from_and_hides_secrets(tmp_path: Path,
+                                                                   monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("INT8SERVE_REDIS_URL", "redis://:hunter2@cache.internal:6379/0")
+    config = write_config(tmp_path, 'database_url = "postgresql+psycopg://app:s3cret@db:5432/usage"\n')
+    loaded = load_settings(flags("--config", str(config), "--token", "very-secret-token=acct"))
+    text = "\n".join(loaded.summary())
+    assert "hunter2" not in text and "s3cret" not in text and "very-secret-token" not in text
+    assert "redis://:***@cache.internal:6379/0  (env)" in text
+    assert f"postgresql+psycopg://app:***@db:5432/usage  (file {config})" in text
+    assert "tokens             1 given  (flag)" in text
+    assert len(loaded.summary()) == len(ServeSettings.model_fields)
