@@ -52,16 +52,19 @@ def test_build_run_request(card: ModelCard, stories_tokenizer: Tokenizer) -> Non
     run = build_run_request({"prompt": "Hi", "stream": True, "seed": 3, "options": {"rejectIfBusy": True}},
                             card, stories_tokenizer, 512)
     assert run.prompt_ids == tuple(stories_tokenizer.encode_segments(render_prompt("Hi")))
-    assert (run.stream, run.reject_if_busy, run.form, run.raw, run.max_tokens) == (True, True, "prompt", False, 256)
-    assert (run.params.seed, run.params.temperature, run.params.top_k, run.params.top_p) == (3, 0.6, 0, 1.0)
+    checked = run.checked
+    assert (checked.stream, checked.reject_if_busy, checked.form, checked.raw, checked.max_tokens) == (
+        True, True, "prompt", False, 256)
+    assert (checked.params.seed, checked.params.temperature, checked.params.top_k, checked.params.top_p) == (
+        3, 0.6, 0, 1.0)
     room = 512 - len(stories_tokenizer.encode("Hi", bos=True))
     exact = build_run_request({"prompt": "Hi", "raw": True, "max_tokens": room}, card, stories_tokenizer, 512)
-    assert exact.prompt_tokens + exact.max_tokens == 512
+    assert exact.prompt_tokens + exact.checked.max_tokens == 512
     err = _fails(lambda: build_run_request({"prompt": "Hi", "raw": True, "max_tokens": room + 1}, card,
                                            stories_tokenizer, 512))
     assert (err.status, err.code) == (413, 5021)
     assert "(513) exceeded this model context window limit (512)." in err.message
-    assert build_run_request({"prompt": "Hi", "max_tokens": 7.0}, card, stories_tokenizer, 512).max_tokens == 7
+    assert build_run_request({"prompt": "Hi", "max_tokens": 7.0}, card, stories_tokenizer, 512).checked.max_tokens == 7
 
 
 def test_authenticate() -> None:

@@ -87,15 +87,10 @@ class PromptTokenizer(Protocol):
 
 @dataclass(frozen=True)
 class RunRequest:
-    """A validated `/ai/run` request, ready for `Engine.submit`."""
+    """A validated request with its prompt tokenized, ready for `Engine.submit`."""
 
+    checked: ValidatedRun
     prompt_ids: tuple[int, ...]
-    max_tokens: int
-    params: SamplingParams
-    stream: bool
-    reject_if_busy: bool
-    form: str  # "prompt" or "messages"
-    raw: bool  # prompt form only: no chat template
 
     @property
     def prompt_tokens(self) -> int:
@@ -284,9 +279,7 @@ def tokenize_run(checked: ValidatedRun, tokenizer: PromptTokenizer, context_wind
     estimated = len(prompt_ids) + checked.max_tokens
     if estimated > context_window:
         raise ApiError(CONTEXT_WINDOW, tokens=estimated, limit=context_window)
-    return RunRequest(prompt_ids=prompt_ids, max_tokens=checked.max_tokens, params=checked.params,
-                      stream=checked.stream, reject_if_busy=checked.reject_if_busy, form=checked.form,
-                      raw=checked.raw)
+    return RunRequest(checked=checked, prompt_ids=prompt_ids)
 
 
 def _feature_requested(name: str, value: Any) -> bool:

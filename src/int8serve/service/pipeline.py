@@ -158,11 +158,11 @@ class InferencePipeline:
                 answer = Answer(hit.deltas, hit.prompt_tokens, hit.completion_tokens, hit.finish_reason)
                 return await self._from_cache(ctx, card, fmt, run, answer)
         # wrapped to note first/last token times (metrics.TimedHandle: same request/events/cancel)
-        handle = ctx.obs.timed(self._submit(engine, run, ctx.request_id), run.stream)
+        handle = ctx.obs.timed(self._submit(engine, run, ctx.request_id), run.checked.stream)
         watch = getattr(fmt, "watch", None)  # optional format hook on the engine request (OpenAI stop sequences)
         if watch is not None:
             handle = watch(handle)
-        if run.stream:
+        if run.checked.stream:
             state = _Stream(AnswerBuilder(prompt_tokens=run.prompt_tokens))
             frames = self._stream(ctx, card, fmt, handle, state, key, directives)
             return EventStreamResponse(frames, on_close=lambda: self._closed(ctx, card, handle, state),
@@ -198,10 +198,10 @@ class InferencePipeline:
     # ---- the engine ----
 
     def _submit(self, engine: Engine, run: RunRequest, request_id: str) -> RequestHandle:
-        generation = GenerationRequest(prompt_ids=list(run.prompt_ids), max_tokens=run.max_tokens,
-                                       params=run.params, request_id=request_id)
+        generation = GenerationRequest(prompt_ids=list(run.prompt_ids), max_tokens=run.checked.max_tokens,
+                                       params=run.checked.params, request_id=request_id)
         try:
-            return engine.submit(generation, reject_if_busy=run.reject_if_busy)
+            return engine.submit(generation, reject_if_busy=run.checked.reject_if_busy)
         except QueueFullError:
             raise ApiError(CAPACITY, headers=self.retry_headers) from None
         except EngineStoppedError:
@@ -215,7 +215,7 @@ class InferencePipeline:
                           answer: Answer) -> Response:
         ctx.headers[CACHE_STATUS_HEADER] = "HIT"
         await self._record(ctx, card, answer, Outcome.OK, 0.0, cached=True)
-        if run.stream:
+        if run.checked.stream:
             frames = [fmt.delta_frame(d) for d in answer.deltas] + list(fmt.final_frames(answer, 0.0))
             return EventStreamResponse(_replay(frames), on_close=_nothing, headers=ctx.headers)
         ctx.headers[NEURONS_HEADER] = format_neurons(0.0)

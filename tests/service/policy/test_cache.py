@@ -14,7 +14,7 @@ import pytest
 
 from int8serve.engine.chat_template import DEFAULT_SYSTEM_PROMPT
 from int8serve.engine.sampling import SamplingParams
-from int8serve.service.inputs import RunRequest
+from int8serve.service.inputs import RunRequest, ValidatedRun
 from int8serve.service.policy.cache import CachedAnswer, CacheDirectives, MemoryCache, cache_key
 
 from ..conftest import SLOW_MODEL
@@ -67,16 +67,21 @@ def test_key_covers_everything_that_changes_the_output(policy_server: Callable[.
 
 def test_cache_key_unit() -> None:
     """Each field of SamplingParams (present and future ones) and of the request shape changes the digest."""
-    base = RunRequest(prompt_ids=(1, 2, 3), max_tokens=8, params=SamplingParams(seed=1), stream=False,
-                      reject_if_busy=False, form="prompt", raw=False)
+    checked = ValidatedRun(segments=(), max_tokens=8, params=SamplingParams(seed=1), stream=False,
+                           reject_if_busy=False, form="prompt", raw=False)
+    base = RunRequest(checked=checked, prompt_ids=(1, 2, 3))
+
+    def varied(**changes: object) -> RunRequest:
+        return dataclasses.replace(base, checked=dataclasses.replace(checked, **changes))
+
     key = cache_key("@cf/m", base)
-    assert cache_key("@cf/m", dataclasses.replace(base, stream=True, reject_if_busy=True)) == key
-    changed = [dataclasses.replace(base, prompt_ids=(1, 2, 4)), dataclasses.replace(base, max_tokens=9),
-               dataclasses.replace(base, form="messages"), dataclasses.replace(base, raw=True)]
+    assert cache_key("@cf/m", varied(stream=True, reject_if_busy=True)) == key
+    changed = [dataclasses.replace(base, prompt_ids=(1, 2, 4)), varied(max_tokens=9), varied(form="messages"),
+               varied(raw=True)]
     for f in dataclasses.fields(SamplingParams):
-        value = getattr(base.params, f.name)
+        value = getattr(checked.params, f.name)
         other = 7 if value is None else (value + 1 if not isinstance(value, float) else value / 2 + 0.1)
-        changed.append(dataclasses.replace(base, params=dataclasses.replace(base.params, **{f.name: other})))
+        changed.append(varied(params=dataclasses.replace(checked.params, **{f.name: other})))
     keys = {cache_key("@cf/m", run) for run in changed} | {cache_key("@cf/other", base)}
     assert key not in keys and len(keys) == len(changed) + 1
 

@@ -64,11 +64,11 @@ def cache_key(model: str, run: RunRequest) -> str:
     material = {
         "v": KEY_VERSION,
         "model": model,
-        "form": run.form,
-        "raw": run.raw,
+        "form": run.checked.form,
+        "raw": run.checked.raw,
         "prompt_ids": list(run.prompt_ids),
-        "max_tokens": run.max_tokens,
-        "params": dataclasses.asdict(run.params),
+        "max_tokens": run.checked.max_tokens,
+        "params": dataclasses.asdict(run.checked.params),
     }
     blob = json.dumps(material, sort_keys=True, separators=(",", ":")).encode("utf-8")
     return hashlib.sha256(blob).hexdigest()
