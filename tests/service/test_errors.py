@@ -264,7 +264,7 @@ def test_card_without_engine_is_5007_not_served(http: httpx.Client, auth: dict[s
                                   "served here)")
 
 
-@pytest.mark.parametrize("path", ["/", "/client/v4/accounts", f"/client/v4/accounts/{ACCOUNT}/ai/nothing",
+@pytest.mark.parametrize("path", ["/nothing", "/client/v4/user", f"/client/v4/accounts/{ACCOUNT}/ai/nothing",
                                   f"/client/v4/accounts/{ACCOUNT}/ai/models/search/", "/healthz/x"])
 def test_unknown_route_is_404_7000(http: httpx.Client, auth: dict[str, str], path: str) -> None:
     assert_error(http.get(path, headers=auth), 404, 7000, "No route for that URI", ai=False)

@@ -9,6 +9,7 @@ Routes (contract §0; all `/client/v4/accounts/{account_id}/...` routes need a t
 * `GET  /client/v4/accounts/{account_id}/ai/models/schema?model=...`: a served model's input/output schemas.
 * `GET  /client/v4/accounts/{account_id}/ai/usage?since=&until=`: the account's own metered usage, from the ledger
   (`policy/usage.py`).
+* `GET  /` (no auth): the playground page, and `GET /client/v4/accounts`: the token's account (`playground/`).
 * `GET  /metrics`: Prometheus metrics (text exposition, no auth; names in `metrics.py`).
 * `GET  /healthz` (always 200) and `GET /readyz` (200 with per-model engine load, or 503 while loading or
   draining), without auth. While draining, new API requests get 503 (`lifecycle.py`).
@@ -58,6 +59,7 @@ from .lifecycle import Lifecycle, LifecycleMiddleware
 from .metrics import MetricsMiddleware, ServiceMetrics
 from .openai import openai_router
 from .pipeline import REQUEST_ID_SCOPE_KEY, InferencePipeline
+from .playground import playground_router
 from .policy import LedgerUnavailableError, Policy
 from .policy.usage import parse_period, usage_result
 
@@ -214,6 +216,7 @@ def create_app(catalog: Catalog, engines: Mapping[str, Engine], tokens: Mapping[
         return json_response(success_body(card.to_schema_result()))
 
     app.include_router(openai_router(pipeline))  # OpenAI-compatible routes (openai.py)
+    app.include_router(playground_router(tokens))  # the playground page at / and GET /client/v4/accounts
 
     @app.get("/metrics")
     async def prometheus_metrics() -> Response:  # Prometheus text exposition, no auth (like /healthz)

@@ -1,0 +1,369 @@
+"""The playground page in a real headless Chromium against live servers of the stories260K int8 model.
+
+The browser is Debian's `/usr/bin/chromium`, driven by Playwright (which never downloads a browser here). Without
+it these tests fail, loudly: they are the only check that the page works at all.
+
+What is checked: connecting with only a token (account from `GET /client/v4/accounts`, models from
+`models/search`, parameter limits from the card's schema), a streamed answer that grows on screen before it ends,
+its figures (tokens, time to first token, tokens/s, neurons) against the API's own answer, the conversation sent
+back with each turn, the token sent nowhere but this origin's `Authorization` header, readable messages for a
+wrong token, a rate limit (429/3021), a context overflow (413/5021) and stream failures, and model output shown
+as text, never as HTML.
+
+Set `INT8SERVE_PLAYGROUND_SCREENSHOT=docs/playground.png` to refresh the documentation's screenshot.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import httpx
+import pytest
+from fastapi import FastAPI
+from playwright.sync_api import Browser, Page, Request, Route, expect, sync_playwright
+
+from int8serve.catalog.registry import Catalog
+from int8serve.engine.scheduler import Engine
+from int8serve.service.app import create_app
+from int8serve.service.policy import Policy
+
+from .conftest import ACCOUNT, MODEL, SLOW_MODEL, TOKEN, TOKENS, UNSERVED_MODEL, LiveServer
+
+CHROMIUM = Path("/usr/bin/chromium")
+CHROMIUM_ARGS = ["--headless=new", "--no-sandbox", "--disable-gpu", "--disable-dev-shm-usage"]
+SCREENSHOT_ENV = "INT8SERVE_PLAYGROUND_SCREENSHOT"
+TIMEOUT_MS = 20_000
+CARD_NEURON_COST = 0.1836
+SYSTEM_PROMPT = "You are a storyteller for small children."
+FIRST_QUESTION = "Tell me a story about a little cat."
+SECOND_QUESTION = "What happened next?"
+
+
+@pytest.fixture(scope="module")
+def browser() -> Iterator[Browser]:
+    if not CHROMIUM.exists():
+        pytest.fail(f"{CHROMIUM} is missing: the playground's browser tests need Debian's chromium "
+                    "(`apt-get install chromium`; .ci/run installs it)", pytrace=False)
+    with sync_playwright() as playwright:
+        launched = playwright.chromium.launch(executable_path=str(CHROMIUM), args=CHROMIUM_ARGS)
+        yield launched
+        launched.close()
+
+
+class Playground:
+    """One browser tab on the playground page of the server at `base_url`, recording what the page asks for."""
+
+    def __init__(self, page: Page, base_url: str) -> None:
+        self.page = page
+        self.base_url = base_url
+        self.requests: list[Request] = []
+        self.console_errors: list[str] = []
+        page.on("request", lambda request: self.requests.append(request))
+        page.on("pageerror", lambda err: self.console_errors.append(str(err)))
+        page.on("console", self._console)
+        page.set_default_timeout(TIMEOUT_MS)
+
+    def _console(self, message: Any) -> None:
+        # a refused API call logs "Failed to load resource: ... 401": expected; anything else is a page error
+        if message.type == "error" and not message.text.startswith("Failed to load resource"):
+            self.console_errors.append(message.text)
+
+    def open(self) -> Playground:
+        self.page.goto(self.base_url + "/")
+        expect(self.page.locator("html")).to_have_attribute("data-ready", "true")
+        return self
+
+    def connect(self, token: str) -> None:
+        self.page.get_by_label("API token").fill(token)
+        self.page.get_by_role("button", name="Connect").click()
+
+    def connected(self) -> None:
+        expect(self.page.locator("#connect-status")).to_have_text(f"Connected: account {ACCOUNT}.")
+        expect(self.page.get_by_role("button", name="Send")).to_be_enabled()
+
+    def parameter(self, name: str) -> Any:
+        return self.page.get_by_label(name, exact=True)
+
+    def send(self, text: str) -> None:
+        self.page.get_by_label("Message").fill(text)
+        self.page.get_by_role("button", name="Send").click()
+
+    @property
+    def answer(self) -> Any:
+        return self.page.locator("#history .turn.assistant").last
+
+    def wait_answer(self, state: str = "done") -> Any:
+        expect(self.answer).to_have_attribute("data-state", state)
+        return self.answer
+
+    def figure(self, name: str) -> Any:
+        return self.answer.locator(f'[data-figure="{name}"]')
+
+    def figure_value(self, name: str) -> float:
+        return float(self.figure(name).get_attribute("data-value") or "nan")
+
+    def run_bodies(self) -> list[dict[str, Any]]:
+        return [json.loads(r.post_data or "null") for r in self.requests if "/ai/run/" in r.url]
+
+
+@pytest.fixture
+def open_playground(browser: Browser) -> Iterator[Any]:
+    contexts = []
+    tabs: list[Playground] = []
+
+    def open_on(base_url: str) -> Playground:
+        context = browser.new_context(viewport={"width": 1280, "height": 860})
+        contexts.append(context)
+        tab = Playground(context.new_page(), base_url)
+        tabs.append(tab)
+        return tab.open()
+
+    yield open_on
+    for context in contexts:
+        context.close()
+    for tab in tabs:
+        assert tab.console_errors == [], tab.console_errors
+
+
+def api_answer(base_url: str, body: dict[str, Any]) -> httpx.Response:
+    with httpx.Client(base_url=base_url, timeout=30) as client:
+        resp = client.post(f"/client/v4/accounts/{ACCOUNT}/ai/run/{MODEL}", json=body,
+                           headers={"Authorization": f"Bearer {TOKEN}"})
+    assert resp.status_code == 200, resp.text
+    return resp
+
+
+# --- a conversation ------------------------------------------------------------------------------------------------
+
+
+def test_conversation_streams_answers_with_their_figures(open_playground: Any, base_url: str, tmp_path: Path,
+                                                         engines: dict[str, Engine]) -> None:
+    tab: Playground = open_playground(base_url)
+    page = tab.page
+    expect(page.get_by_role("button", name="Send")).to_be_disabled()
+    tab.connect(TOKEN)
+    tab.connected()
+
+    # the picker lists the served models (not the card without an engine), the limits come from the card
+    options = page.locator("#model option").all_text_contents()
+    assert sorted(options) == sorted(engines) and UNSERVED_MODEL not in options
+    page.get_by_label("Model", exact=True).select_option(MODEL)
+    max_tokens = tab.parameter("max_tokens")
+    expect(max_tokens).to_have_attribute("max", "1800")  # the card's sequence_length_limit
+    expect(max_tokens).to_have_attribute("placeholder", "256")  # the card schema's default
+    expect(page.locator("#param-max_tokens-range")).to_have_text("1 – 1800, default 256")
+    expect(tab.parameter("temperature")).to_have_attribute("max", "5")
+    expect(tab.parameter("top_k")).to_have_attribute("step", "1")
+
+    page.get_by_label("System prompt").fill(SYSTEM_PROMPT)
+    max_tokens.fill("48")
+    tab.parameter("temperature").fill("0")
+    tab.send(FIRST_QUESTION)
+    answer = tab.wait_answer()
+    first_text = answer.locator(".content").text_content() or ""
+    assert first_text.strip()
+
+    # the figures, checked against the API's own (non-streamed) answer to the same greedy request
+    first_body = {"messages": [{"role": "system", "content": SYSTEM_PROMPT},
+                               {"role": "user", "content": FIRST_QUESTION}], "max_tokens": 48, "temperature": 0}
+    reference = api_answer(base_url, first_body)
+    result = reference.json()["result"]
+    assert first_text == result["response"]
+    tokens = tab.figure_value("tokens")
+    assert tokens == result["usage"]["completion_tokens"] > 0
+    expect(tab.figure("tokens")).to_have_text(f"{int(tokens)} tokens")
+    expect(tab.figure("ttft")).to_have_text(re.compile(r"^TTFT \d+ ms$"))
+    assert tab.figure_value("ttft") >= 0
+    expect(tab.figure("rate")).to_have_text(re.compile(r"^\d+(\.\d)? tok/s$"))
+    assert tab.figure_value("rate") > 0
+    neurons = tab.figure_value("neurons")
+    assert neurons == pytest.approx(float(reference.headers["cf-ai-neurons"]))
+    assert neurons == pytest.approx(result["usage"]["total_tokens"] * CARD_NEURON_COST, rel=1e-3)
+    expect(tab.figure("neurons")).to_have_text(f"{neurons:.2f} neurons")
+
+    # the second turn carries the conversation; the answer is appended below the first
+    tab.send(SECOND_QUESTION)
+    tab.wait_answer()
+    assert page.locator("#history .turn").count() == 4
+    bodies = tab.run_bodies()
+    assert bodies[0] == {**first_body, "stream": True}
+    assert bodies[1]["messages"] == [*first_body["messages"], {"role": "assistant", "content": first_text},
+                                     {"role": "user", "content": SECOND_QUESTION}]
+    assert tab.figure_value("tokens") > 0
+
+    # the token went nowhere but this origin's Authorization header
+    for request in tab.requests:
+        assert request.url.startswith(base_url + "/") or request.url.startswith("data:"), request.url
+        assert TOKEN not in request.url and TOKEN not in (request.post_data or "")
+        authorization = request.headers.get("authorization")
+        assert authorization is None or authorization == f"Bearer {TOKEN}"
+    api_calls = [r for r in tab.requests if "/client/v4/" in r.url]
+    assert api_calls and all(r.headers.get("authorization") == f"Bearer {TOKEN}" for r in api_calls)
+    assert page.evaluate("() => localStorage.length") == 0  # not remembered unless asked
+
+    shot = page.screenshot(path=str(tmp_path / "playground.png"), full_page=True)
+    assert shot[:8] == b"\x89PNG\r\n\x1a\n"
+    if os.environ.get(SCREENSHOT_ENV):
+        Path(os.environ[SCREENSHOT_ENV]).write_bytes(shot)
+
+
+def test_answer_appears_while_it_streams_and_can_be_stopped(open_playground: Any, base_url: str) -> None:
+    """On the slowed model (~25 ms a token), text is on screen before the answer is done; Stop ends it."""
+    tab: Playground = open_playground(base_url)
+    tab.connect(TOKEN)
+    tab.connected()
+    tab.page.get_by_label("Model", exact=True).select_option(SLOW_MODEL)
+    tab.parameter("max_tokens").fill("60")
+    tab.parameter("temperature").fill("0")
+    tab.send("Once upon a time")
+    streaming = tab.page.wait_for_function(
+        """() => {
+            const turn = document.querySelector('#history .turn.assistant:last-child');
+            const text = turn && turn.querySelector('.content').textContent;
+            return turn.dataset.state === 'streaming' && text.length > 0 ? text : null;
+        }""")
+    partial = streaming.json_value()
+    expect(tab.page.get_by_role("button", name="Stop")).to_be_enabled()
+    final = tab.wait_answer().locator(".content").text_content() or ""
+    assert final.startswith(partial) and len(final) > len(partial)
+    assert tab.figure_value("tokens") > 1
+
+    tab.send("Once upon a time there was")
+    tab.page.wait_for_function(
+        "() => document.querySelector('#history .turn.assistant:last-child .content').textContent.length > 0")
+    tab.page.get_by_role("button", name="Stop").click()
+    stopped = tab.wait_answer("stopped")
+    expect(stopped.get_by_role("alert")).to_have_text("Stopped.")
+    expect(tab.page.get_by_role("button", name="Send")).to_be_enabled()
+
+
+# --- errors, as people read them -------------------------------------------------------------------------------------
+
+
+def test_wrong_token_is_explained(open_playground: Any, base_url: str) -> None:
+    tab: Playground = open_playground(base_url)
+    status = tab.page.locator("#connect-status")
+    tab.connect("not-the-right-token")
+    expect(status).to_have_attribute("role", "alert")
+    expect(status).to_contain_text("The API token was not recognised. Check it and connect again.")
+    expect(status).to_contain_text("(HTTP 401, code 10000: Authentication error)")
+    expect(tab.page.get_by_role("button", name="Send")).to_be_disabled()
+    assert tab.page.locator("#model option").count() == 0
+    # caught in the page, before any request
+    calls = len(tab.requests)
+    tab.connect("tökén with spaces")
+    expect(status).to_have_text("An API token is made of visible ASCII characters, without spaces.")
+    tab.connect("")
+    expect(status).to_have_text("Enter an API token.")
+    assert len(tab.requests) == calls
+    # the right token then works
+    tab.connect(TOKEN)
+    tab.connected()
+
+
+def test_bad_requests_are_explained(open_playground: Any, base_url: str) -> None:
+    tab: Playground = open_playground(base_url)
+    tab.connect(TOKEN)
+    tab.connected()
+    tab.page.get_by_label("Model", exact=True).select_option(MODEL)
+    # out of the card's range: refused in the page, nothing sent
+    tab.parameter("temperature").fill("9")
+    tab.send("Hello")
+    expect(tab.page.locator("#compose-status")).to_have_text("temperature must be at least 0 and at most 5.")
+    assert tab.run_bodies() == []
+    # within the card's limit but beyond this engine's context window (512): the server's 413/5021
+    tab.parameter("temperature").fill("")
+    tab.parameter("max_tokens").fill("1800")
+    tab.page.get_by_role("button", name="Send").click()
+    error = tab.wait_answer("error").get_by_role("alert")
+    expect(error).to_contain_text("The conversation is too long for the model's context window")
+    expect(error).to_contain_text("(HTTP 413, code 5021: AiError: Ai: The estimated number of input and maximum "
+                                  "output tokens")
+    expect(tab.page.get_by_label("Message")).to_have_value("Hello")  # ready to send again
+
+
+@pytest.fixture
+def one_request_a_minute(catalog: Catalog, engines: dict[str, Engine]) -> Iterator[str]:
+    """A server whose policy allows each account one request a minute per model."""
+    policy = Policy.in_memory(default_rpm=1, cache=False)
+    app: FastAPI = create_app(catalog, engines, TOKENS, policy=policy)
+    try:
+        with LiveServer(app) as live:
+            yield live.url
+    finally:
+        policy.close()
+
+
+def test_rate_limit_is_explained(open_playground: Any, one_request_a_minute: str) -> None:
+    tab: Playground = open_playground(one_request_a_minute)
+    tab.connect(TOKEN)  # listing the account, models and schema does not count against the limit
+    tab.connected()
+    tab.page.get_by_label("Model", exact=True).select_option(MODEL)
+    tab.parameter("max_tokens").fill("8")
+    tab.send("Hello")
+    tab.wait_answer()
+    tab.send("Hello again")
+    error = tab.wait_answer("error").get_by_role("alert")
+    expect(error).to_contain_text(re.compile(
+        r"^Rate limit reached: this account may send 1 request a minute to this model\. Try again in \d+ s\."))
+    expect(error).to_contain_text("(HTTP 429, code 3021: rate limiting: inference request per min rate reached)")
+    assert tab.page.locator("#history .turn.assistant").count() == 2
+
+
+# --- what the page does with odd streams (served by the browser's request interception) --------------------------
+
+HOSTILE_TEXT = '<img src=x onerror="window.__pwned = 1"><script>window.__pwned = 2</script> & <b>bold</b>'
+
+
+def _sse(*payloads: Any) -> str:
+    return "".join(f"data: {p if isinstance(p, str) else json.dumps(p)}\n\n" for p in payloads)
+
+
+USAGE = {"response": "", "usage": {"prompt_tokens": 5, "completion_tokens": 3, "total_tokens": 8, "neurons": 1.4688}}
+
+
+@pytest.mark.parametrize(("stream", "state", "shown", "message"), [
+    (_sse({"response": HOSTILE_TEXT}, USAGE, "[DONE]"), "done", HOSTILE_TEXT, None),
+    (_sse({"response": "Once"}, {"response": "", "errors": [{"code": 3043, "message": "Internal server error"}]}),
+     "error", "Once", "The server failed while answering (internal error). Try again. "
+                      "(in the stream, code 3043: Internal server error)"),
+    (_sse({"response": "Once"}, {"response": " upon"}), "error", "Once upon",
+     "The answer was cut off: the stream ended before the server finished."),
+], ids=["html-is-text", "error-frame", "cut-off"])
+def test_stream_contents_are_shown_as_text(open_playground: Any, base_url: str, stream: str, state: str,
+                                           shown: str, message: str | None) -> None:
+    tab: Playground = open_playground(base_url)
+    tab.connect(TOKEN)
+    tab.connected()
+
+    def fake_stream(route: Route) -> None:
+        route.fulfill(status=200, headers={"content-type": "text/event-stream"}, body=stream)
+
+    tab.page.route(re.compile(r".*/ai/run/.*"), fake_stream)
+    tab.send("Say something")
+    answer = tab.wait_answer(state)
+    expect(answer.locator(".content")).to_have_text(shown)
+    assert answer.locator(".content *").count() == 0  # no element made from the text
+    assert tab.page.evaluate("() => window.__pwned") is None
+    if message is None:
+        assert tab.figure_value("tokens") == 3 and tab.figure_value("neurons") == pytest.approx(1.4688)
+    else:
+        expect(answer.get_by_role("alert")).to_have_text(message)
+
+
+def test_remembered_token_reconnects(open_playground: Any, base_url: str) -> None:
+    tab: Playground = open_playground(base_url)
+    tab.page.get_by_label("Remember the token on this device").check()
+    tab.connect(TOKEN)
+    tab.connected()
+    assert tab.page.evaluate("() => Object.values(localStorage)") == [TOKEN]
+    tab.page.reload()
+    expect(tab.page.get_by_label("API token")).to_have_value(TOKEN)
+    tab.connected()
+    tab.page.get_by_label("Remember the token on this device").uncheck()
+    assert tab.page.evaluate("() => localStorage.length") == 0
