@@ -5,7 +5,7 @@ BIN    := $(VENV)/bin
 # The CPU build of torch; any other spec pulls gigabytes of CUDA wheels.
 TORCH  ?= torch==2.13.0
 
-.PHONY: install run test lint bench clean
+.PHONY: install run test lint bench bench-serve clean
 
 $(BIN)/int8serve: pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -25,6 +25,9 @@ test: install
 
 bench: install
 	$(BIN)/python benchmarks/engine.py
+
+bench-serve: install
+	$(BIN)/python benchmarks/serve.py --model ../shared/models/stories260K/hf --rounds 3
 
 clean:
 	rm -rf $(VENV) build *.egg-info
