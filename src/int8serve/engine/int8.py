@@ -1,13 +1,18 @@
 """Weight-only int8: symmetric per-output-channel quantization and the linear layer that runs on it.
 
 Decode reads every weight once per step, so its speed is the speed at which int8 weights stream from memory.
-Measured on this CPU (benchmarks/engine.py, docs/benchmarks.md) the fastest stock kernel for a few rows is
+Measured (benchmarks/engine.py, docs/benchmarks.md) the fastest stock kernel for a few rows is
 `torch._weight_int8pack_mm` with **bf16** activations and bf16 scales (fp32 or fp16 activations are ~10x slower).
-Prefill is compute-bound instead: there each weight is dequantized into one reused bf16 buffer and multiplied
-with `F.linear`, which uses AMX on this CPU. The residual stream, norms and logits stay in fp32 around it.
+Prefill is compute-bound instead: there each weight is dequantized into one reused buffer and multiplied with
+`F.linear`. The buffer is bf16 on CPUs with native bf16 arithmetic (AVX-512 BF16 or AMX); elsewhere bf16 matmuls
+are emulated and fp32 is faster (AVX2 EPYC, 128 x 4096 x 4096: bf16 307 ms, fp32 66 ms), so it is fp32 there.
+The residual stream, norms and logits stay in fp32 around it.
 """
 
 from __future__ import annotations
+
+import functools
+from pathlib import Path
 
 import torch
 import torch.nn.functional as F
@@ -22,6 +27,16 @@ DENSE_ROWS_THRESHOLD = 32
 # 64-byte aligned, see set_quantized)
 # (measured: K = 8, 12, 36, 100, 168, 172 crash; 16, 160, 176, 4096, 11008 work). Other widths take the dense path.
 KERNEL_K_MULTIPLE = 16
+
+
+@functools.cache
+def dense_dtype() -> torch.dtype:
+    """The dtype of the prefill (dense) path: bf16 where the CPU multiplies bf16 natively, else fp32."""
+    try:
+        flags = set(Path("/proc/cpuinfo").read_text().split())
+    except OSError:  # not Linux: keep bf16, the measured choice on CPUs with native bf16
+        return COMPUTE_DTYPE
+    return COMPUTE_DTYPE if flags & {"avx512_bf16", "amx_bf16"} else torch.float32
 
 
 def quantize_per_channel(weight: Tensor) -> tuple[Tensor, Tensor]:
@@ -45,18 +60,19 @@ def dequantize(q: Tensor, scales: Tensor, dtype: torch.dtype = torch.float32) ->
 
 
 class DequantBuffer:
-    """One scratch buffer shared by all int8 layers of a model, grown to the largest weight it has held.
+    """Scratch buffers shared by all int8 layers of a model (one per dtype), grown to the largest weight they held.
 
     Allocating a fresh multi-megabyte temporary for each layer costs page faults on every call.
     """
 
     def __init__(self) -> None:
-        self.data = torch.empty(0, dtype=COMPUTE_DTYPE)
+        self.data: dict[torch.dtype, Tensor] = {}
 
-    def view(self, rows: int, cols: int) -> Tensor:
-        if self.data.numel() < rows * cols:
-            self.data = torch.empty(rows * cols, dtype=COMPUTE_DTYPE)
-        return self.data[: rows * cols].view(rows, cols)
+    def view(self, rows: int, cols: int, dtype: torch.dtype) -> Tensor:
+        data = self.data.get(dtype)
+        if data is None or data.numel() < rows * cols:
+            data = self.data[dtype] = torch.empty(rows * cols, dtype=dtype)
+        return data[: rows * cols].view(rows, cols)
 
 
 class Int8Linear(nn.Module):
@@ -91,15 +107,20 @@ class Int8Linear(nn.Module):
 
     def forward(self, x: Tensor) -> Tensor:
         # x [..., in] -> [..., out], same dtype as x
-        rows = x.reshape(-1, self.in_features).to(COMPUTE_DTYPE)
+        rows = x.reshape(-1, self.in_features)
         if self.kernel_scale is None:
             self.kernel_scale = self.scale.to(COMPUTE_DTYPE)
-        if rows.shape[0] <= DENSE_ROWS_THRESHOLD and self.in_features % KERNEL_K_MULTIPLE == 0:
-            out = torch._weight_int8pack_mm(rows, self.weight, self.kernel_scale)
+        few_rows = rows.shape[0] <= DENSE_ROWS_THRESHOLD
+        if few_rows and self.in_features % KERNEL_K_MULTIPLE == 0:
+            out = torch._weight_int8pack_mm(rows.to(COMPUTE_DTYPE), self.weight, self.kernel_scale)
         else:
-            dense = self.dequant_buffer.view(self.out_features, self.in_features)
-            torch.mul(self.weight, self.kernel_scale[:, None], out=dense)
-            out = F.linear(rows, dense)
+            # decode rows of a width the kernel cannot take stay bf16: fp32 F.linear rounds a row differently
+            # depending on how many rows are batched with it, and decode must be batch invariant
+            dtype = COMPUTE_DTYPE if few_rows else dense_dtype()
+            dense = self.dequant_buffer.view(self.out_features, self.in_features, dtype)
+            # the bf16-exact scales, so that both dtypes dequantize to the same weight values
+            torch.mul(self.weight, self.kernel_scale.to(dense.dtype)[:, None], out=dense)
+            out = F.linear(rows.to(dense.dtype), dense)
         out = out.reshape(*x.shape[:-1], self.out_features).to(x.dtype)
         return self._refine(x, out) if self.refine_top else out
 
