@@ -249,8 +249,7 @@ def _source(name: str, flags: Mapping[str, Any], env_keys: set[str], file_values
 def _explain(err: ValidationError, sources: Mapping[str, str], config_file: Path | None) -> str:
     problems = []
     for error in err.errors():
-        name = str(error["loc"][0]) if error["loc"] else "?"
-        field = name.removeprefix(ENV_PREFIX).lower() if name.upper().startswith(ENV_PREFIX) else name
+        field = str(error["loc"][0]) if error["loc"] else "?"
         source = sources.get(field, "flag")
         origin = {"flag": flag_name(field), "env": env_name(field),
                   "file": f"{field} in {config_file}", "default": f"default of {field}"}[source]

@@ -32,7 +32,7 @@ from .errors import (
     ApiError,
 )
 
-__all__ = ["authenticate", "is_valid_token"]
+__all__ = ["authenticate", "is_valid_token", "token_account"]
 
 # "Bearer" (any case), one or more spaces, then one token of visible ASCII characters.
 _BEARER = re.compile(r"[Bb][Ee][Aa][Rr][Ee][Rr] +([\x21-\x7e]+) *")
@@ -49,12 +49,17 @@ def authenticate(headers: Mapping[str, str], account_id: str, tokens: Mapping[st
 
     `headers` is case-insensitive (Starlette's `Headers`); `tokens` maps token → account id.
     """
-    token = _credential(headers)
-    account = _lookup(token, tokens)
-    if account is None:
-        raise ApiError(AUTHENTICATION)
+    account = token_account(headers, tokens)
     if not hmac.compare_digest(account.encode("utf-8"), account_id.encode("utf-8")):
         raise ApiError(FORBIDDEN)
+    return account
+
+
+def token_account(headers: Mapping[str, str], tokens: Mapping[str, str]) -> str:
+    """The account of the request's token, for routes whose URL names no account (`/v1/...`, `/accounts`)."""
+    account = _lookup(_credential(headers), tokens)
+    if account is None:
+        raise ApiError(AUTHENTICATION)
     return account
 
 

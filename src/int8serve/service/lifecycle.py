@@ -103,22 +103,20 @@ class LifecycleMiddleware:
             return
         lifecycle = self.lifecycle
         path = scope.get("path", "")
-        if self.app is not None and (path in UNGATED_PATHS or lifecycle.ready):
-            if path in UNGATED_PATHS:
-                await self.app(scope, receive, send)
-                return
+        if self.app is not None and path in UNGATED_PATHS:
+            await self.app(scope, receive, send)
+        elif self.app is not None and lifecycle.ready:
             lifecycle._enter()
             try:
                 await self.app(scope, receive, send)
             finally:
                 lifecycle._leave()
-            return
-        if path == "/healthz":  # alive, even while loading
+        elif path == "/healthz":  # alive, even while loading
             await json_response({"status": "ok"})(scope, receive, send)
-            return
-        lifecycle.refused += path != "/readyz"
-        error = ApiError(NOT_READY, reason=lifecycle.not_ready_reason(), headers=RETRY_AFTER)
-        await error_response(path, error)(scope, receive, send)
+        else:
+            lifecycle.refused += path != "/readyz"
+            error = ApiError(NOT_READY, reason=lifecycle.not_ready_reason(), headers=RETRY_AFTER)
+            await error_response(path, error)(scope, receive, send)
 
 
 async def _no_lifespan(receive: Receive, send: Send) -> None:

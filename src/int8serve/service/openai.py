@@ -49,8 +49,8 @@ from int8serve.catalog.card import ModelCard
 from int8serve.engine.sampling import SamplingParams
 from int8serve.engine.scheduler import RequestHandle, TokenEvent
 
-from .auth import _credential, _lookup, authenticate
-from .errors import AUTHENTICATION, BAD_INPUT, ApiError, ErrorKind, json_response, openai_error, openai_error_response
+from .auth import authenticate, token_account
+from .errors import BAD_INPUT, ApiError, ErrorKind, json_response, openai_error, openai_error_response
 from .inputs import ValidatedRun, validate_run_body
 from .pipeline import InferencePipeline
 from .streaming import DONE_FRAME, Answer, encode_frame, usage
@@ -373,14 +373,6 @@ def _created(card: ModelCard) -> int:
         return 0
 
 
-def _token_account(request: Request, pipeline: InferencePipeline) -> str:
-    """The account of the request's token, for the `/v1/` aliases (the URL names none)."""
-    account = _lookup(_credential(request.headers), pipeline.tokens)
-    if account is None:
-        raise ApiError(AUTHENTICATION)
-    return account
-
-
 def openai_router(pipeline: InferencePipeline, prefix: str = "/client/v4/accounts/{account_id}/ai/v1") -> APIRouter:
     """The OpenAI-compatible routes under `prefix`, and their `/v1` aliases."""
     router = APIRouter()
@@ -409,7 +401,7 @@ def openai_router(pipeline: InferencePipeline, prefix: str = "/client/v4/account
     def aliased(handler: Any) -> Any:
         async def alias(request: Request) -> Response:
             try:
-                account = _token_account(request, pipeline)
+                account = token_account(request.headers, pipeline.tokens)
             except ApiError as err:
                 return _error_response(err)
             return await handler(request, account)

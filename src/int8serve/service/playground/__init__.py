@@ -33,8 +33,8 @@ from importlib import resources
 from fastapi import APIRouter, Request
 from starlette.responses import Response
 
-from ..auth import _credential, _lookup
-from ..errors import AUTHENTICATION, BAD_QUERY, NO_ROUTE, ApiError, json_response, success_body
+from ..auth import token_account
+from ..errors import BAD_QUERY, NO_ROUTE, ApiError, json_response, success_body
 from ..inputs import DEFAULT_TEMPERATURE, PARAMETER_RANGES
 
 __all__ = ["ASSET_PREFIX", "PAGE_SECURITY_HEADERS", "playground_router", "server_parameter_ranges"]
@@ -91,9 +91,7 @@ def playground_router(tokens: Mapping[str, str]) -> APIRouter:
 
     @router.get(ACCOUNTS_PATH)
     async def list_accounts(request: Request) -> Response:
-        account = _lookup(_credential(request.headers), tokens)
-        if account is None:
-            raise ApiError(AUTHENTICATION)
+        account = token_account(request.headers, tokens)
         query = request.query_params
         page = _positive_int(query.get("page"), "page", default=1, high=None)
         per_page = _positive_int(query.get("per_page"), "per_page", default=ACCOUNTS_DEFAULT_PER_PAGE,
