@@ -1,4 +1,5 @@
-"""Continuous batching: batch invariance, chunked prefill, bounded queue, cancellation."""
+"""Continuous batching: batch invariance, chunked prefill, bounded queue, cancellation, fair admission, stop
+strings."""
 
 from __future__ import annotations
 
@@ -135,6 +136,46 @@ def test_stop_ends_waiting_requests_and_refuses_new_ones(engine, stories_tokeniz
     handle = engine.submit(GenerationRequest(prompt(stories_tokenizer, "Once"), 400, GREEDY))
     time.sleep(0.05)
     engine.stop()
-    assert collect(handle)[2] in ("cancelled", "length", "stop")
+    ids, _text, reason = collect(handle)
+    assert (reason, len(ids) < 400) == ("shutdown", True)  # 400 tokens take seconds: cut, not finished
     with pytest.raises(EngineStoppedError):
         engine.submit(GenerationRequest(prompt(stories_tokenizer, "Once"), 4, GREEDY))
+
+
+def test_free_slots_go_to_the_owner_with_fewest_running_sequences(engine, stories_tokenizer) -> None:
+    ids = prompt(stories_tokenizer, "Once")
+    busy = [engine.submit(GenerationRequest(ids, 300, GREEDY, owner="a")) for _ in range(4)]
+    engine.step()  # "a" holds the 4 slots
+    queued_a = engine.submit(GenerationRequest(ids, 3, GREEDY, owner="a"))
+    queued_b = engine.submit(GenerationRequest(ids, 3, GREEDY, owner="b"))  # arrived after a's
+    busy[0].cancel()
+    engine.step()  # one slot frees: b (0 running) goes before a (3 running) although a queued first
+    assert [h.started_at > 0 for h in (queued_a, queued_b)] == [False, True]
+    for handle in [*busy, queued_a, queued_b]:
+        handle.cancel()
+    engine.step()
+
+
+def test_fifo_among_requests_of_one_owner(engine, stories_tokenizer) -> None:
+    ids = prompt(stories_tokenizer, "Once")
+    handles = [engine.submit(GenerationRequest(ids, 300, GREEDY, owner="a")) for _ in range(6)]
+    engine.step()
+    assert [h.started_at > 0 for h in handles] == [True] * 4 + [False] * 2
+    for handle in handles:
+        handle.cancel()
+    engine.step()
+
+
+def test_stop_strings_cut_the_text_and_end_the_sequence(engine, stories_tokenizer) -> None:
+    engine.start()
+    ids = prompt(stories_tokenizer, "Once upon a time")
+    full_ids, full_text, _ = collect(engine.submit(GenerationRequest(ids, 40, GREEDY)))
+    stop = full_text[len(full_text) // 2:len(full_text) // 2 + 3]
+    stopped_params = SamplingParams(temperature=0, stop=(stop, "\x00never"))
+    cut_ids, cut_text, reason = collect(engine.submit(GenerationRequest(ids, 40, stopped_params)))
+    assert cut_text == full_text[:full_text.find(stop)] and reason == "stop"
+    assert cut_ids == full_ids[:len(cut_ids)] and len(cut_ids) < len(full_ids)
+    # a stop string that never occurs changes nothing, not even the ends of the deltas
+    _, never_text, never_reason = collect(engine.submit(GenerationRequest(ids, 40, SamplingParams(
+        temperature=0, stop=(full_text[3:6] + "\x00",)))))
+    assert (never_text, never_reason) == (full_text, "length")

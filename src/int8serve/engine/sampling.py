@@ -4,7 +4,8 @@ Each sequence owns a `Sampler` with its own `torch.Generator`, so a seeded reque
 whatever else runs beside it. Semantics follow the peers users compare against:
 - `repetition_penalty` is multiplicative over prompt and generated tokens (Hugging Face / TGI / vLLM);
 - `frequency_penalty` and `presence_penalty` are additive over generated tokens (OpenAI / vLLM);
-- `temperature == 0` means greedy; `top_k` and `top_p` filter after temperature.
+- `temperature == 0` means greedy; `top_k` and `top_p` filter after temperature;
+- `stop` strings end the text (applied by the scheduler to the decoded text, `stops.py`).
 """
 
 from __future__ import annotations
@@ -28,6 +29,7 @@ class SamplingParams:
     frequency_penalty: float = 0.0
     presence_penalty: float = 0.0
     seed: int | None = None  # None = a fresh random seed per request
+    stop: tuple[str, ...] = ()  # stop strings: generation ends before the first one in the text (`stops.py`)
 
     def __post_init__(self) -> None:
         checks = [
@@ -36,6 +38,7 @@ class SamplingParams:
             (self.top_k >= 0, "top_k must be >= 0"),
             (self.repetition_penalty > 0, "repetition_penalty must be > 0"),
             (self.seed is None or 0 <= self.seed <= MAX_SEED, f"seed must be in [0, {MAX_SEED}]"),
+            (all(isinstance(s, str) and s for s in self.stop), "stop strings must be non-empty strings"),
         ]
         for ok, message in checks:
             if not ok:

@@ -6,13 +6,15 @@ parameters) goes in through `Engine.submit`, and a stream of `TokenEvent`s comes
 
 Each engine step:
 1. drops cancelled sequences (their slot is free for the next step);
-2. admits waiting requests into free slots;
+2. admits waiting requests into free slots, the request of the owner with the fewest running sequences first (FIFO
+   among equals), so that one owner (the service passes the account) cannot keep the others waiting behind it;
 3. runs one prefill chunk for one admitted request (so a long prompt never freezes the running streams);
 4. decodes one token for every running sequence in ONE batched forward.
 
 Outputs do not depend on the batch: each sequence samples with its own seeded generator, prompts are chunked the
 same way whatever else runs, and the decode kernel computes each row independently of the others
-(tests/engine/test_scheduler.py checks this).
+(tests/engine/test_scheduler.py checks this). Stop strings (`SamplingParams.stop`) are applied to the decoded text
+(`stops.py`): the text of a stop string is never emitted.
 """
 
 from __future__ import annotations
@@ -26,17 +28,33 @@ import threading
 import time
 from collections.abc import AsyncIterator, Iterator
 from dataclasses import dataclass, field
+from enum import StrEnum
 
 import torch
 
 from .detokenizer import IncrementalDetokenizer
 from .model import KVCache, Transformer
 from .sampling import Sampler, SamplingParams
+from .stops import StopMatcher
 from .tokenizer import Tokenizer
 
 log = logging.getLogger(__name__)
 
 DEFAULT_PREFILL_CHUNK = 128
+
+
+class FinishReason(StrEnum):
+    """Why a sequence ended (the `finish_reason` of its final event)."""
+
+    STOP = "stop"  # end of sequence token, or a stop string
+    LENGTH = "length"  # max_tokens, or the end of the context
+    CANCELLED = "cancelled"  # the submitter cancelled it (`RequestHandle.cancel`)
+    SHUTDOWN = "shutdown"  # the engine stopped before it could finish
+    ERROR = "error"  # a step failed
+
+    @property
+    def complete(self) -> bool:
+        return self in (FinishReason.STOP, FinishReason.LENGTH)
 
 
 class QueueFullError(Exception):
@@ -53,6 +71,7 @@ class GenerationRequest:
     max_tokens: int
     params: SamplingParams = field(default_factory=SamplingParams)
     request_id: str = ""
+    owner: str = ""  # who asked (the service passes the account): free slots go to the owner with fewest running
 
 
 @dataclass(frozen=True)
@@ -63,7 +82,7 @@ class TokenEvent:
     token_id: int | None  # None on the final event
     prompt_tokens: int
     completion_tokens: int
-    finish_reason: str | None = None  # None while running; then "stop", "length", "cancelled" or "error"
+    finish_reason: FinishReason | None = None  # None while running
     error: str | None = None
     # timings (seconds, time.monotonic) for metrics
     queued_at: float = 0.0
@@ -131,6 +150,7 @@ class _Sequence:
     slot: int
     sampler: Sampler
     detokenizer: IncrementalDetokenizer
+    stops: StopMatcher | None = None
     prefilled: int = 0  # prompt tokens already in the KV cache
     generated: int = 0
     cached: int = 0  # tokens in the KV cache: the next one is written at this position
@@ -210,10 +230,6 @@ class Engine:
         with self._wake:
             self._accepting = False
 
-    def idle(self) -> bool:
-        with self._wake:
-            return not self._running and not self._waiting
-
     def stop(self, timeout: float = 10.0) -> None:
         """Cancel everything and end the engine thread."""
         with self._wake:
@@ -248,8 +264,8 @@ class Engine:
                 self.step()
             except Exception as err:  # a bug or OOM in a step must not kill the server: fail those requests
                 log.exception("engine step failed")
-                self._fail_all(f"{type(err).__name__}: {err}")
-        self._fail_all("the engine stopped", reason="cancelled")
+                self._fail_all(f"{type(err).__name__}: {err}", reason=FinishReason.ERROR)
+        self._fail_all("the engine stopped", reason=FinishReason.SHUTDOWN)
 
     def step(self) -> None:
         """One scheduling step (public so tests can drive an engine without its thread)."""
@@ -265,22 +281,30 @@ class Engine:
             for handle in waiting:
                 self._waiting.remove(handle)
         for handle in waiting:
-            handle._emit(self._final(handle, 0, "cancelled"))
+            handle._emit(self._final(handle, 0, FinishReason.CANCELLED))
         for seq in list(self._running.values()):
             if seq.handle.cancelled.is_set():
-                self._finish(seq, "cancelled")
+                self._finish(seq, FinishReason.CANCELLED)
 
     def _admit(self) -> None:
         with self._wake:
             free = [s for s in range(self.max_slots) if s not in self._running]
             while free and self._waiting:
-                handle = self._waiting.popleft()
+                handle = self._next_waiting()
                 slot = free.pop(0)
                 handle.started_at = time.monotonic()
                 request = handle.request
+                stops = StopMatcher(request.params.stop) if request.params.stop else None
                 self._running[slot] = _Sequence(
-                    handle=handle, slot=slot, detokenizer=self.tokenizer.detokenizer(),
+                    handle=handle, slot=slot, detokenizer=self.tokenizer.detokenizer(), stops=stops,
                     sampler=Sampler(request.params, self.model.config.vocab_size, request.prompt_ids))
+
+    def _next_waiting(self) -> RequestHandle:
+        """Take the waiting request whose owner has the fewest running sequences; the oldest among equals."""
+        running = collections.Counter(seq.request.owner for seq in self._running.values())
+        chosen = min(self._waiting, key=lambda h: running[h.request.owner])  # min() keeps the first of equals
+        self._waiting.remove(chosen)
+        return chosen
 
     def _prefill_one(self) -> None:
         # the admitted sequence that has waited longest gets one chunk
@@ -315,30 +339,42 @@ class Engine:
         """Sample the next token of `seq` from `logits` and emit it, or finish the sequence."""
         token = seq.sampler.sample(logits)
         if token == self.tokenizer.eos_id:
-            self._finish(seq, "stop")
+            self._finish(seq, FinishReason.STOP)
             return
         seq.sampler.observe(token)
         seq.generated += 1
         seq.last_token = token
-        text = seq.detokenizer.push(token)
+        text, stopped = seq.detokenizer.push(token), False
+        if seq.stops is not None:
+            text, stopped = seq.stops.push(text)
         seq.handle._emit(TokenEvent(text=text, token_id=token, prompt_tokens=len(seq.request.prompt_ids),
                                     completion_tokens=seq.generated, queued_at=seq.handle.queued_at,
                                     started_at=seq.handle.started_at))
-        if seq.generated >= seq.request.max_tokens or seq.cached >= self.max_seq_len:
-            self._finish(seq, "length")
+        if stopped:
+            self._finish(seq, FinishReason.STOP, held_text=False)
+        elif seq.generated >= seq.request.max_tokens or seq.cached >= self.max_seq_len:
+            self._finish(seq, FinishReason.LENGTH)
 
-    def _finish(self, seq: _Sequence, reason: str, error: str | None = None) -> None:
+    def _finish(self, seq: _Sequence, reason: FinishReason, error: str | None = None, held_text: bool = True
+                ) -> None:
+        """End `seq` with its final event, which carries the text still held back (unless a stop string cut it)."""
         self._running.pop(seq.slot, None)
-        event = self._final(seq.handle, seq.generated, reason, error, seq.detokenizer.flush())
-        seq.handle._emit(event)
+        text = seq.detokenizer.flush() if held_text else ""
+        if seq.stops is not None and held_text:
+            text, stopped = seq.stops.push(text)
+            if stopped:
+                reason = FinishReason.STOP if reason.complete else reason
+            else:
+                text += seq.stops.flush()
+        seq.handle._emit(self._final(seq.handle, seq.generated, reason, error, text))
 
-    def _final(self, handle: RequestHandle, generated: int, reason: str, error: str | None = None,
+    def _final(self, handle: RequestHandle, generated: int, reason: FinishReason, error: str | None = None,
                text: str = "") -> TokenEvent:
         return TokenEvent(text=text, token_id=None, prompt_tokens=len(handle.request.prompt_ids),
                           completion_tokens=generated, finish_reason=reason, error=error,
                           queued_at=handle.queued_at, started_at=handle.started_at)
 
-    def _fail_all(self, message: str, reason: str = "error") -> None:
+    def _fail_all(self, message: str, reason: FinishReason) -> None:
         for seq in list(self._running.values()):
             self._finish(seq, reason, message)
         with self._wake:
