@@ -61,7 +61,8 @@ def test_serve_makes_and_prints_a_token_when_none_is_configured(tmp_path: Path, 
         token, account = re.search(r"API token (\S+) for account (\S+);", text).groups()
         assert "context 512 tokens" in text and "4 slots" in text
         assert "rate limits: 5 requests per 60 s per account and model" in text and "in this process" in text
-        assert "response cache: on (card: in_memory), TTL 300 s" in text and "daily allocation: off" in text
+        assert "response cache: on (card: in_memory), account scope, TTL 300 s" in text
+        assert "daily allocation: off" in text
         assert f"usage ledger: sqlite:///{tmp_path / 'data' / 'usage.sqlite3'}" in text
         url = f"http://127.0.0.1:{port}/client/v4/accounts/{account}/ai/run/{MODEL}"
         answer = httpx.post(url, headers={"Authorization": f"Bearer {token}"},

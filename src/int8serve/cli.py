@@ -118,6 +118,16 @@ def _add_serve_parser(commands: argparse._SubParsersAction) -> None:
     option("--log-level", field="log_level", choices=["critical", "error", "warning", "info", "debug"])
     option("--log-format", field="log_format", choices=["text", "json"])
     option("--log-prompts", field="log_prompts", action=argparse.BooleanOptionalAction)
+    option("--metrics-token", field="metrics_token", metavar="TOKEN")
+    limits = serve.add_argument_group(
+        "what one client may cost", "Bounds that keep one slow, stuck or greedy client from stalling the server or "
+                                    "taking every slot (see docs/policy.md).")
+    option("--max-connections", field="max_connections", type=_positive_int, metavar="N", group=limits)
+    option("--header-timeout", field="header_timeout", type=_positive_float, metavar="SECONDS", group=limits)
+    option("--body-timeout", field="body_timeout", type=_positive_float, metavar="SECONDS", group=limits)
+    option("--stall-timeout", field="stall_timeout", type=_positive_float, metavar="SECONDS", group=limits)
+    option("--max-inflight-per-account", field="max_inflight_per_account", type=_non_negative_int, metavar="N",
+           group=limits)
     policy = serve.add_argument_group(
         "serving policy", "The card's rate limits, response cache and neuron metering, with the operator's "
                           "overrides and where their state lives (see docs/policy.md).")
@@ -128,6 +138,7 @@ def _add_serve_parser(commands: argparse._SubParsersAction) -> None:
     option("--account-rpm", field="account_rpm", action="append", metavar="ACCOUNT=N", group=policy)
     option("--cache", field="response_cache", action=argparse.BooleanOptionalAction, group=policy)
     option("--cache-ttl", field="cache_ttl", type=_positive_int, metavar="SECONDS", group=policy)
+    option("--cache-scope", field="cache_scope", choices=["account", "global"], group=policy)
     option("--daily-neurons", field="daily_neurons", type=_positive_float, nargs="?",
            const=float(DEFAULT_DAILY_NEURONS), metavar="N", group=policy)
 

@@ -37,8 +37,11 @@ from .engine.loader import load_model
 from .engine.scheduler import Engine
 from .engine.tokenizer import Tokenizer
 from .service.app import create_app
+from .service.connections import uvicorn_config
+from .service.inference import RequestLimits
 from .service.lifecycle import Lifecycle, LifecycleMiddleware, Phase
 from .service.policy import Policy, PolicySettings, PolicyStartupError
+from .service.policy.fairness import default_inflight_limit
 from .service.request_log import configure_logging
 from .settings import LoadedSettings, ServeSettings
 
@@ -65,7 +68,7 @@ class ServeError(Exception):
 
 def policy_settings(settings: ServeSettings) -> PolicySettings:
     return PolicySettings(default_rpm=settings.rpm, account_rpm=dict(settings.account_rpm),
-                          cache=settings.response_cache, cache_ttl=settings.cache_ttl,
+                          cache=settings.response_cache, cache_ttl=settings.cache_ttl, cache_scope=settings.cache_scope,
                           daily_neurons=settings.daily_neurons, redis_url=settings.redis_url,
                           database_url=settings.database_url, data_dir=settings.data_dir)
 
@@ -121,8 +124,14 @@ def load_service(settings: ServeSettings, prepared: Prepared, tokens: dict[str, 
     context = min(card.context_length_limit, loaded.config.max_seq_len)
     engine = Engine(loaded.model, tokenizer, max_slots=card.max_concurrent_requests, max_queue=settings.max_queue,
                     max_seq_len=context, prefill_chunk=settings.prefill_chunk).start()
+    inflight = settings.max_inflight_per_account
+    if inflight is None:
+        inflight = default_inflight_limit(card.max_concurrent_requests, len(set(tokens.values())))
+    limits = RequestLimits(body_timeout=settings.body_timeout, stall_timeout=settings.stall_timeout,
+                           max_inflight_per_account=inflight or None)
     app = create_app(prepared.catalog, {card.name: engine}, tokens, demo=prepared.demo, policy=prepared.policy,
-                     log_prompts=settings.log_prompts, lifecycle=lifecycle)
+                     limits=limits, log_prompts=settings.log_prompts, lifecycle=lifecycle,
+                     metrics_token=settings.metrics_token)
     # full-precision parameters (embeddings, norms) + int8 weights (buffers of Int8Linear)
     parameters = sum(p.numel() for p in loaded.model.parameters()) + sum(
         b.numel() for b in loaded.model.buffers() if b.dtype == torch.int8)
@@ -132,7 +141,8 @@ def load_service(settings: ServeSettings, prepared: Prepared, tokens: dict[str, 
         + (f"  ** {DEMO_WARNING} **" if prepared.demo else ""),
         f"limits: context {context} tokens (card {card.context_length_limit}, model {loaded.config.max_seq_len}), "
         f"max_tokens <= {card.sequence_length_limit}, {card.max_concurrent_requests} slots, "
-        f"queue {settings.max_queue}, prefill chunk {settings.prefill_chunk}",
+        f"queue {settings.max_queue}, prefill chunk {settings.prefill_chunk}, "
+        f"per account at most {inflight or 'any number of'} requests in the engine",
         f"ready: http://{settings.host}:{settings.port}/client/v4  (health /healthz, readiness /readyz, "
         "metrics /metrics)",
     ]
@@ -181,11 +191,11 @@ class _Server(uvicorn.Server):
     def _drain(self) -> None:
         started = time.monotonic()
         log.info("draining: %d requests in flight, waiting up to %g s for them (signal again to stop now)",
-                 self.lifecycle.in_flight, self.shutdown_timeout)
+                 self.lifecycle.requests, self.shutdown_timeout)
         for engine in self.engines:
             engine.stop_accepting()
         if not self.lifecycle.wait_idle(self.shutdown_timeout):
-            log.warning("shutdown timeout: cutting the %d requests still in flight", self.lifecycle.in_flight)
+            log.warning("shutdown timeout: cutting the %d requests still in flight", self.lifecycle.requests)
             for engine in self.engines:
                 engine.stop()  # their answers end with what was generated (and are metered)
             self.lifecycle.wait_idle(CUT_GRACE_SECONDS)
@@ -209,8 +219,9 @@ def run_server(loaded: LoadedSettings, tokens: dict[str, str]) -> None:
     deferred = _Deferred(lifecycle)
     # JSON: uvicorn's own loggers go through the same JSON handler instead of uvicorn's default config
     log_config = None if settings.log_format == "json" else uvicorn.config.LOGGING_CONFIG
-    config = uvicorn.Config(deferred, host=settings.host, port=settings.port, log_level=settings.log_level,
-                            log_config=log_config, timeout_graceful_shutdown=CUT_GRACE_SECONDS)
+    config = uvicorn_config(deferred, host=settings.host, port=settings.port, log_level=settings.log_level,
+                            log_config=log_config, timeout_graceful_shutdown=CUT_GRACE_SECONDS,
+                            header_timeout=settings.header_timeout, max_connections=settings.max_connections)
     server = _Server(config, lifecycle, settings.shutdown_timeout)
     failure: list[str] = []
 

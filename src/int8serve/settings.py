@@ -23,7 +23,6 @@ import tomllib
 from collections.abc import Mapping
 from pathlib import Path
 from typing import Annotated, Any, Literal
-from urllib.parse import urlsplit, urlunsplit
 
 from pydantic import Field, ValidationError, field_validator
 from pydantic_settings import (
@@ -35,6 +34,8 @@ from pydantic_settings import (
     SettingsError,
 )
 
+from .redact import hide_password
+
 ENV_PREFIX = "INT8SERVE_"
 CONFIG_ENV = ENV_PREFIX + "CONFIG"
 DEFAULT_SERVED_MODEL = "@cf/meta/llama-2-7b-chat-int8"
@@ -43,6 +44,8 @@ DEFAULT_SERVED_MODEL = "@cf/meta/llama-2-7b-chat-int8"
 DEFAULT_CACHE_TTL = 300
 DEFAULT_DAILY_NEURONS = 10_000
 DEFAULT_SHUTDOWN_TIMEOUT = 30.0
+DEFAULT_MAX_CONNECTIONS = 512  # = service.connections.DEFAULT_MAX_CONNECTIONS
+DEFAULT_HEADER_TIMEOUT = 10.0  # = service.connections.DEFAULT_HEADER_TIMEOUT
 
 LogLevel = Literal["critical", "error", "warning", "info", "debug"]
 
@@ -94,6 +97,27 @@ class ServeSettings(BaseSettings):
                                                                     "object each; either way one line per request")
     log_prompts: bool = Field(False, description="also log each request's prompt and response text (never logged "
                                                  "otherwise)")
+    metrics_token: str | None = Field(None, min_length=1, description="a bearer token that GET /metrics requires. "
+                                      "/metrics exposes request counts by route and status, error codes, latencies, "
+                                      "token counts, engine slots and queue, cache and rate-limit counts, and the "
+                                      "neurons billed to every account by id. Default: no token (anyone who can "
+                                      "reach the port may read it)")
+    # --- what one client may cost (docs/policy.md, "Hostile clients") ---
+    max_connections: int = Field(DEFAULT_MAX_CONNECTIONS, ge=1, description="open connections at most; beyond it "
+                                                                            "new requests get 503")
+    header_timeout: float = Field(DEFAULT_HEADER_TIMEOUT, gt=0, allow_inf_nan=False,
+                                  description="seconds a client may take to send a request's headers before its "
+                                              "connection is closed")
+    body_timeout: float = Field(30.0, gt=0, allow_inf_nan=False, description="seconds a client may take to send a "
+                                                                            "request's body; beyond it 408 code 3007")
+    stall_timeout: float = Field(30.0, gt=0, allow_inf_nan=False,
+                                 description="a streamed answer whose client reads nothing for this many seconds is "
+                                             "cut and its engine slot freed (its usage is recorded)")
+    max_inflight_per_account: int | None = Field(
+        None, ge=0, description="requests one account may have in the engine at once (running or waiting for a "
+                                "slot); beyond it 429 code 3040 for that account only. Default: the card's "
+                                "max_concurrent_requests when several accounts are configured, no cap with one; "
+                                "0 = no cap")
     # --- serving policy (docs/policy.md) ---
     redis_url: str | None = Field(None, description="share rate limits and the response cache with every replica "
                                                     "using this Redis (redis://host:6379/0; ?key_prefix=NAME "
@@ -112,8 +136,13 @@ class ServeSettings(BaseSettings):
                                           "the file a table")
     response_cache: bool = Field(True, description="serve repeated requests from the response cache when the card "
                                                    "allows it (--no-cache turns it off)")
-    cache_ttl: int = Field(DEFAULT_CACHE_TTL, ge=1, description="seconds a cached answer is served (a request's "
-                                                                "cf-aig-cache-ttl header overrides it)")
+    cache_ttl: int = Field(DEFAULT_CACHE_TTL, ge=1, le=30 * 24 * 3600,
+                           description="seconds a cached answer is served; a request's cf-aig-cache-ttl header may ask "
+                                       "for less, never for more")
+    cache_scope: Literal["account", "global"] = Field(
+        "account", description="account: each account is answered from its own cached answers only; global: "
+                               "identical requests of different accounts share answers (one trusted tenant only: an "
+                               "account can then tell from a fast HIT what another asked)")
     daily_neurons: float | None = Field(None, gt=0, allow_inf_nan=False,
                                         description="a daily neuron allocation per account, reset 00:00 UTC, beyond "
                                                     "which requests get 429 code 3036 (off by default; the flag "
@@ -162,7 +191,7 @@ class ServeSettings(BaseSettings):
         return init_settings, env_settings, InitSettingsSource(settings_cls, dict(_file_values.get() or {}))
 
 
-SECRET_FIELDS = {"tokens"}
+SECRET_FIELDS = {"tokens", "metrics_token"}
 URL_FIELDS = {"redis_url", "database_url"}
 
 
@@ -253,14 +282,17 @@ def _explain(err: ValidationError, sources: Mapping[str, str], config_file: Path
         source = sources.get(field, "flag")
         origin = {"flag": flag_name(field), "env": env_name(field),
                   "file": f"{field} in {config_file}", "default": f"default of {field}"}[source]
-        problems.append(f"{origin}: {error['msg']}" + (f" (got {error['input']!r})" if source != "default" else ""))
+        shown = f" (got {_shown_input(field, error['input'])})" if source != "default" else ""
+        problems.append(f"{origin}: {error['msg']}{shown}")
     return "; ".join(problems)
 
 
 def shown_value(name: str, value: Any) -> str:
     """A setting as the summary prints it: tokens counted, not shown; passwords in URLs hidden."""
     if name in SECRET_FIELDS:
-        return f"{len(value)} given" if value else "none"
+        if isinstance(value, list):
+            return f"{len(value)} given" if value else "none"
+        return "set (hidden)" if value else "none"
     if name in URL_FIELDS and value:
         return hide_password(value)
     if isinstance(value, list):
@@ -270,11 +302,13 @@ def shown_value(name: str, value: Any) -> str:
     return "none" if value is None else str(value)
 
 
-def hide_password(url: str) -> str:
-    parts = urlsplit(url)
-    if parts.password is None:
-        return url
-    host = parts.hostname or ""
-    netloc = f"{parts.username or ''}:***@{host}" + (f":{parts.port}" if parts.port else "")
-    return urlunsplit(parts._replace(netloc=netloc))
+def _shown_input(field: str, value: Any) -> str:
+    """A bad value as an error message may show it: secrets never, URLs without their password."""
+    if field in SECRET_FIELDS:
+        return "a hidden value"
+    if field in URL_FIELDS and isinstance(value, str):
+        return repr(hide_password(value))
+    text = repr(value)
+    return text if len(text) <= 80 else text[:77] + "..."
+
 

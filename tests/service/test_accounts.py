@@ -12,8 +12,8 @@ import httpx
 import pytest
 from cloudflare import Cloudflare
 
-from int8serve.service.inputs import DEFAULT_TEMPERATURE, PARAMETER_RANGES
 from int8serve.service.playground import PAGE_SECURITY_HEADERS
+from int8serve.service.protocol.run import DEFAULT_TEMPERATURE, WORKERS_AI_PARAMETERS
 
 from .conftest import ACCOUNT, OTHER_ACCOUNT, OTHER_TOKEN, TOKEN
 
@@ -144,7 +144,7 @@ def test_every_control_has_a_label(http: httpx.Client) -> None:
         ident = control.get("id")
         assert ident and (ident in page.label_for or ident in page.wrapped or control.get("aria-label")), control
     parameters = {c["data-parameter"] for c in page.controls if c.get("data-parameter")}
-    assert parameters == {"max_tokens", *PARAMETER_RANGES}
+    assert parameters == {"max_tokens", *WORKERS_AI_PARAMETERS}
 
 
 def test_page_carries_the_servers_parameter_ranges(http: httpx.Client) -> None:
@@ -153,9 +153,9 @@ def test_page_carries_the_servers_parameter_ranges(http: httpx.Client) -> None:
     assert match is not None
     ranges = json.loads(match.group(1))
     assert ranges["max_tokens"] == {"type": "integer", "minimum": 1}
-    for name, (kind, low, high) in PARAMETER_RANGES.items():
-        assert {k: ranges[name][k] for k in ("type", "minimum", "maximum")} == {"type": kind, "minimum": low,
-                                                                              "maximum": high}
+    for name, spec in WORKERS_AI_PARAMETERS.items():
+        assert {k: ranges[name][k] for k in ("type", "minimum", "maximum")} == {
+            k: spec[k] for k in ("type", "minimum", "maximum")}
     assert ranges["temperature"]["default"] == DEFAULT_TEMPERATURE
 
 

@@ -11,6 +11,7 @@ from fastapi import FastAPI
 from int8serve.catalog.registry import Catalog
 from int8serve.engine.scheduler import Engine
 from int8serve.service.app import create_app
+from int8serve.service.inference import RequestLimits
 
 from .conftest import ACCOUNT, MODEL, SCRIPTED_MODEL, SLOW_MODEL, TOKENS, LiveServer
 from .test_errors import assert_error
@@ -34,11 +35,11 @@ def test_readyz_reports_every_engine(http: httpx.Client) -> None:
 
 
 def test_readyz_is_503_while_draining(http: httpx.Client, app: FastAPI) -> None:
-    app.state.lifecycle.start_draining()
+    app.state.services.lifecycle.start_draining()
     try:
         resp = http.get("/readyz")
     finally:
-        app.state.lifecycle.mark_ready()
+        app.state.services.lifecycle.mark_ready()
     assert_error(resp, 503, 3040, "Not ready: the server is shutting down", ai=False)
     assert resp.headers["retry-after"] == "1"
     assert http.get("/readyz").status_code == 200
@@ -74,5 +75,5 @@ def test_create_app_checks_its_arguments(catalog: Catalog, engines: dict[str, En
         create_app(catalog, {"@cf/x/y": engines[MODEL]}, TOKENS)
     with pytest.raises(ValueError, match="tokens"):
         create_app(catalog, {}, {"has space": ACCOUNT})
-    with pytest.raises(ValueError, match="max_body_bytes"):
-        create_app(catalog, {}, TOKENS, max_body_bytes=0)
+    with pytest.raises(ValueError, match="positive"):
+        create_app(catalog, {}, TOKENS, limits=RequestLimits(max_body_bytes=0))

@@ -11,7 +11,8 @@ from int8serve.engine.chat_template import render_prompt
 from int8serve.engine.tokenizer import Tokenizer
 from int8serve.service.auth import authenticate
 from int8serve.service.errors import ApiError
-from int8serve.service.inputs import build_run_request, parse_json_body, schema_error_detail
+from int8serve.service.protocol.body import parse_json_body, schema_error_detail
+from int8serve.service.protocol.run import RunRequest, tokenize_run, validate_run_body
 from int8serve.service.streaming import encode_frame
 
 from .conftest import ACCOUNT, OTHER_ACCOUNT, OTHER_TOKEN, TOKEN, TOKENS
@@ -48,6 +49,10 @@ def test_schema_wording(card: ModelCard) -> None:
     assert schema_error_detail(check, "text") == "Type mismatch of '/', 'object' not in 'string'"
 
 
+def build_run_request(body: Any, card: ModelCard, tokenizer: Tokenizer, window: int) -> RunRequest:
+    return tokenize_run(validate_run_body(body, card), tokenizer, window)
+
+
 def test_build_run_request(card: ModelCard, stories_tokenizer: Tokenizer) -> None:
     run = build_run_request({"prompt": "Hi", "stream": True, "seed": 3, "options": {"rejectIfBusy": True}},
                             card, stories_tokenizer, 512)
@@ -65,6 +70,24 @@ def test_build_run_request(card: ModelCard, stories_tokenizer: Tokenizer) -> Non
     assert (err.status, err.code) == (413, 5021)
     assert "(513) exceeded this model context window limit (512)." in err.message
     assert build_run_request({"prompt": "Hi", "max_tokens": 7.0}, card, stories_tokenizer, 512).checked.max_tokens == 7
+
+
+def test_numbers_are_bounded_when_parsed() -> None:
+    """A number of any size in any field is a 400, never an exception: integers of more than 30 digits and floats
+    that overflow are not JSON numbers here."""
+    assert parse_json_body(b'{"seed": 123456789012345678901234567890}') == {"seed": 123456789012345678901234567890}
+    for content in (b'{"max_tokens": 1' + b"0" * 400 + b"}", b'{"seed": -' + b"9" * 5000 + b"}",
+                    b'{"temperature": 1e400}', b'{"top_p": -1.5e999}'):
+        err = _fails(lambda content=content: parse_json_body(content))
+        assert (err.status, err.code) == (400, 5006)
+        assert "not valid JSON" in err.message and len(err.message) < 200
+
+
+def test_message_count_is_capped_before_the_schema(card: ModelCard) -> None:
+    too_many = {"messages": [{"role": "system", "content": ""}] * 257}
+    err = _fails(lambda: validate_run_body(too_many, card))
+    assert err.message.endswith("Array at '/messages' must have at most 256 items (257)")
+    assert validate_run_body({"messages": [{"role": "user", "content": "x"}] * 256}, card).form == "messages"
 
 
 def test_authenticate() -> None:

@@ -37,7 +37,7 @@ def test_while_loading_only_healthz_is_200(loading_url: str) -> None:
 
 @pytest.fixture
 def draining(app: FastAPI) -> Iterator[Lifecycle]:
-    lifecycle: Lifecycle = app.state.lifecycle
+    lifecycle: Lifecycle = app.state.services.lifecycle
     yield lifecycle
     lifecycle.mark_ready()
 
@@ -49,7 +49,7 @@ def test_drain_lets_a_stream_finish_and_refuses_new_requests(http: httpx.Client,
                                                       "max_tokens": 40}) as streamed:
         lines = streamed.iter_lines()
         assert next(line for line in lines if line.startswith("data: "))
-        assert draining.in_flight == 1
+        assert draining.in_flight == 2  # the HTTP exchange, and the engine request it follows (to its ledger row)
         draining.start_draining()
         idle = threading.Event()
         waiter = threading.Thread(target=lambda: draining.wait_idle(30) and idle.set())

@@ -173,7 +173,7 @@ def policy_app(catalog: Catalog, engines: dict[str, Engine]) -> Iterator[tuple[F
     app = create_app(catalog, engines, tokens, policy=policy, log_prompts=True)
     with LiveServer(app) as live, httpx.Client(base_url=live.url, timeout=30) as client:
         yield app, client
-    app.state.metrics.unwatch_engines()
+    app.state.services.metrics.unwatch_engines()
     policy.close()
 
 

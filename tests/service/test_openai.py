@@ -2,8 +2,7 @@
 
 from __future__ import annotations
 
-import asyncio
-from collections.abc import AsyncIterator, Iterator
+from collections.abc import Iterator
 from typing import Any
 
 import httpx
@@ -13,9 +12,8 @@ from fastapi import FastAPI
 from openai import OpenAI
 
 from int8serve.catalog.registry import Catalog
-from int8serve.engine.scheduler import Engine, GenerationRequest, TokenEvent
+from int8serve.engine.scheduler import Engine
 from int8serve.service.app import create_app
-from int8serve.service.openai import StopWatcher
 from int8serve.service.policy import Policy
 
 from .conftest import ACCOUNT, MODEL, SCRIPTED_MODEL, SLOW_MODEL, TOKEN, TOKENS, UNSERVED_MODEL, LiveServer
@@ -163,31 +161,6 @@ def test_partial_stop_is_held_back_then_released(oai: OpenAI) -> None:
     for piece in texts[:-1]:  # until the end, the streamed text never ends inside a possible stop
         seen += piece
         assert not any(seen.endswith(stop[:k]) for k in range(1, len(stop)))
-
-
-def test_stop_watcher_unit() -> None:
-    class FakeHandle:
-        def __init__(self, pieces: list[str]) -> None:
-            self.request = GenerationRequest(prompt_ids=[1], max_tokens=10)
-            self.pieces, self.cancelled = pieces, False
-
-        def cancel(self) -> None:
-            self.cancelled = True
-
-        async def events(self) -> AsyncIterator[TokenEvent]:
-            for n, piece in enumerate(self.pieces, 1):
-                yield TokenEvent(piece, n, 1, n)
-            yield TokenEvent("", None, 1, len(self.pieces), finish_reason="length")
-
-    async def run(pieces: list[str], stops: list[str]) -> tuple[list[str], str | None, int, bool]:
-        inner = FakeHandle(pieces)
-        watcher = StopWatcher(inner, stops)  # type: ignore[arg-type]
-        events = [e async for e in watcher.events()]
-        return [e.text for e in events], events[-1].finish_reason, events[-1].completion_tokens, inner.cancelled
-
-    assert asyncio.run(run(["He", "llo E", "N", "D rest"], ["END"])) == (["He", "llo ", "", ""], "stop", 4, True)
-    assert asyncio.run(run(["ab", "c", "d"], ["cx", "bcz"])) == (["a", "", "bcd", ""], "length", 3, False)
-    assert asyncio.run(run(["xSTOPy"], ["TO", "STOP"])) == (["x"], "stop", 1, True)  # the earliest match
 
 
 # --- errors -----------------------------------------------------------------------------------------------------

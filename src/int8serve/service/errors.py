@@ -46,6 +46,7 @@ __all__ = [
     "NO_SUCH_MODEL",
     "RATE_LIMITED",
     "REQUEST_ABORTED",
+    "REQUEST_TIMEOUT",
     "REQUEST_TOO_LARGE",
     "UNAVAILABLE",
     "USAGE_UNAVAILABLE",
@@ -53,6 +54,7 @@ __all__ = [
     "ErrorKind",
     "error_body",
     "error_response",
+    "handle_error",
     "install_error_handlers",
     "internal_error_response",
     "is_openai_path",
@@ -88,6 +90,7 @@ CONTEXT_WINDOW = ErrorKind(
     "context window limit ({limit}).",
     ai=True,
 )
+REQUEST_TIMEOUT = ErrorKind(408, 3007, "Request timeout", ai=True)  # the body did not arrive in time
 REQUEST_ABORTED = ErrorKind(408, 3008, "Request was aborted", ai=True)
 CAPACITY = ErrorKind(429, 3040, "Capacity temporarily exceeded, please try again.", ai=True)
 # the per-account, per-model requests-per-minute limit (observed code and words, contract §3.3)
@@ -191,48 +194,44 @@ def error_response(path: str, err: ApiError) -> Response:
     return openai_error_response(err) if is_openai_path(path) else err.response()
 
 
-# --- handlers --------------------------------------------------------------------------------------------------
+# --- the one handler -------------------------------------------------------------------------------------------
 
 
-async def _api_error(request: Request, exc: Exception) -> Response:
-    assert isinstance(exc, ApiError)
-    return error_response(request.url.path, exc)
-
-
-async def _http_error(request: Request, exc: Exception) -> Response:
-    """Starlette's own errors: unknown route (404), wrong method (405, with its Allow header), and the rest."""
+def as_api_error(request: Request, exc: Exception) -> ApiError:
+    """Any error a route or the framework raises, as an `ApiError` of the table."""
+    if isinstance(exc, ApiError):
+        return exc
+    if isinstance(exc, RequestValidationError):  # typed path and query parameters (routes/*.py)
+        first = exc.errors()[0] if exc.errors() else {}
+        name = str(first.get("loc", ("", "?"))[-1])
+        return ApiError(BAD_QUERY, name=name, problem=first.get("msg", "invalid"))
     assert isinstance(exc, StarletteHTTPException)
     headers = dict(exc.headers or {})
-    if is_openai_path(request.url.path):
-        message = {404: "Unknown URL: no such route", 405: f"Method {request.method} not allowed here"}.get(
-            exc.status_code, str(exc.detail))
-        code = NO_ROUTE.code if exc.status_code in (404, 405) else exc.status_code
-        return json_response(openai_error(code, message, exc.status_code), status=exc.status_code,
-                             headers=headers)
     if exc.status_code in (404, 405):
-        body = error_body(NO_ROUTE.code, NO_ROUTE.template, ai=False)
-    else:
-        body = error_body(exc.status_code, str(exc.detail), ai=False)
-    return json_response(body, status=exc.status_code, headers=headers)
+        err = ApiError(NO_ROUTE, headers=headers)
+        if is_openai_path(request.url.path):  # OpenAI's clients get a sentence about their own mistake
+            err.message = "Unknown URL: no such route" if exc.status_code == 404 else \
+                f"Method {request.method} not allowed here"
+        err.status = exc.status_code
+        return err
+    err = ApiError(INTERNAL, headers=headers)
+    err.status, err.code, err.message = exc.status_code, exc.status_code, str(exc.detail)
+    return err
 
 
-async def _validation_error(_request: Request, exc: Exception) -> Response:
-    assert isinstance(exc, RequestValidationError)
-    problems = "; ".join(
-        f"{'/'.join(str(p) for p in err.get('loc', ()))}: {err.get('msg', 'invalid')}" for err in exc.errors()
-    )
-    return json_response(error_body(BAD_QUERY.code, f"Invalid request: {problems}", ai=False), status=400)
+async def handle_error(request: Request, exc: Exception) -> Response:
+    """The app's one exception handler: the error in the envelope the route's clients parse."""
+    return error_response(request.url.path, as_api_error(request, exc))
 
 
 def install_error_handlers(app: FastAPI) -> None:
-    """Envelope answers for ApiError, Starlette's HTTP errors and FastAPI's request validation errors.
+    """`handle_error` for ApiError, Starlette's HTTP errors (404, 405) and typed parameters that do not validate.
 
     Unexpected exceptions are turned into a 500 envelope by `RequestContextMiddleware` (in `app.py`), which sees
     them before Starlette's outermost error middleware and can therefore still add the request id header.
     """
-    app.add_exception_handler(ApiError, _api_error)
-    app.add_exception_handler(StarletteHTTPException, _http_error)
-    app.add_exception_handler(RequestValidationError, _validation_error)
+    for kind in (ApiError, StarletteHTTPException, RequestValidationError):
+        app.add_exception_handler(kind, handle_error)
 
 
 def internal_error_response(headers: Mapping[str, str] | None = None) -> Response:

@@ -1,23 +1,27 @@
-"""Wire formats: how a route reads a request body and writes an answer, around the one request pipeline.
+"""Wire formats: how an inference route reads its body and writes its answer, around the one request lifecycle.
 
-The pipeline (`pipeline.py`) does everything that is the same for every inference route — auth, the rate limit, the
-cache, the engine, metering, the ledger — and asks a `WireFormat` only for what differs between APIs: validating
-the body into a `ValidatedRun`, and rendering an `Answer` as a JSON body or as SSE frames. `WORKERS_AI` is the
-Workers AI format of `/ai/run`; the OpenAI-compatible routes plug in a format of their own and get the same policy.
+`inference.py` does everything that is the same for every inference route — auth, the rate limit, the cache, the
+engine, metering, the ledger — and asks a `WireFormat` only for what differs between APIs: checking the body into
+a `ValidatedRun`, and rendering an `Answer` as a JSON body or as SSE frames. `WorkersAIFormat` is `/ai/run`'s;
+`ChatFormat` and `CompletionFormat` are the OpenAI-compatible routes' (one instance per request: they hold the
+answer's id, `created` and whether a stream has sent its role yet).
 """
 
 from __future__ import annotations
 
+import time
+import uuid
 from collections.abc import Sequence
 from typing import Any, Protocol
 
 from int8serve.catalog.card import ModelCard
 
-from .errors import BAD_INPUT, ApiError, ErrorKind, success_body
-from .inputs import ValidatedRun, validate_run_body
+from .errors import BAD_INPUT, ApiError, ErrorKind, openai_error, success_body
+from .protocol.openai import ChatCompletionRequest, CompletionRequest, OpenAIRequest
+from .protocol.run import ValidatedRun, validate_run_body
 from .streaming import DONE_FRAME, Answer, encode_frame, usage
 
-__all__ = ["WORKERS_AI", "WireFormat", "WorkersAIFormat"]
+__all__ = ["ChatFormat", "CompletionFormat", "WireFormat", "WorkersAIFormat"]
 
 
 class WireFormat(Protocol):
@@ -42,12 +46,12 @@ class WireFormat(Protocol):
         ...
 
     def error_frame(self, kind: ErrorKind) -> bytes:
-        """The frame that ends a stream which failed after its 200 headers were sent."""
+        """The frame that ends a stream which failed after its 200 headers were sent (no terminator follows)."""
         ...
 
 
 class WorkersAIFormat:
-    """`POST /ai/run` (contract §1.3-§2.1)."""
+    """`POST /ai/run/{model}`."""
 
     def model_in_body(self, body: Any) -> str:
         raise ApiError(BAD_INPUT, detail="the model is named in the URL: /ai/run/{model}")  # never asked
@@ -71,4 +75,91 @@ class WorkersAIFormat:
         return encode_frame({"response": "", "errors": [{"code": kind.code, "message": kind.template}]})
 
 
-WORKERS_AI = WorkersAIFormat()
+class _OpenAIFormat:
+    """What chat and completions share: the envelope, the usage chunk, errors in OpenAI's shape."""
+
+    prefix = ""
+    obj = ""
+    chunk_obj = ""
+    request_model: type[OpenAIRequest] = OpenAIRequest
+
+    def __init__(self) -> None:
+        self.id = f"{self.prefix}{uuid.uuid4().hex}"
+        self.created = int(time.time())
+        self.request: OpenAIRequest | None = None
+
+    def model_in_body(self, body: Any) -> str:
+        self.request = self.request_model.parse(body)
+        return self.request.model
+
+    def validate(self, body: Any, card: ModelCard) -> ValidatedRun:
+        assert self.request is not None, "model_in_body parses the body first"
+        return self.request.to_run(card)
+
+    def _envelope(self, choices: list[dict[str, Any]], obj: str | None = None) -> dict[str, Any]:
+        model = self.request.model if self.request is not None else ""
+        return {"id": self.id, "object": obj or self.obj, "created": self.created, "model": model,
+                "choices": choices}
+
+    def final_frames(self, answer: Answer, neurons: float) -> Sequence[bytes]:
+        frames = [encode_frame(self._envelope([self._last_choice(answer.openai_finish_reason)], self.chunk_obj))]
+        if self.request is not None and self.request.include_usage:
+            frames.append(encode_frame({**self._envelope([], self.chunk_obj), "usage": {
+                **usage(answer.prompt_tokens, answer.completion_tokens), "neurons": neurons}}))
+        frames.append(DONE_FRAME)
+        return frames
+
+    def _last_choice(self, finish_reason: str) -> dict[str, Any]:
+        raise NotImplementedError
+
+    def error_frame(self, kind: ErrorKind) -> bytes:
+        return encode_frame(openai_error(kind.code, kind.template, kind.status))
+
+
+class ChatFormat(_OpenAIFormat):
+    prefix = "chatcmpl-"
+    obj = "chat.completion"
+    chunk_obj = "chat.completion.chunk"
+    request_model = ChatCompletionRequest
+
+    def __init__(self) -> None:
+        super().__init__()
+        self._role_sent = False
+
+    def json_body(self, answer: Answer) -> Any:
+        choice = {"index": 0, "message": {"role": "assistant", "content": answer.text}, "logprobs": None,
+                  "finish_reason": answer.openai_finish_reason}
+        return {**self._envelope([choice]), "usage": usage(answer.prompt_tokens, answer.completion_tokens)}
+
+    def _delta(self, content: str | None) -> dict[str, Any]:
+        delta: dict[str, Any] = {}
+        if not self._role_sent:
+            delta["role"] = "assistant"
+            self._role_sent = True
+        if content is not None:
+            delta["content"] = content
+        return delta
+
+    def delta_frame(self, text: str) -> bytes:
+        choice = {"index": 0, "delta": self._delta(text), "logprobs": None, "finish_reason": None}
+        return encode_frame(self._envelope([choice], self.chunk_obj))
+
+    def _last_choice(self, finish_reason: str) -> dict[str, Any]:
+        return {"index": 0, "delta": self._delta(None), "logprobs": None, "finish_reason": finish_reason}
+
+
+class CompletionFormat(_OpenAIFormat):
+    prefix = "cmpl-"
+    obj = "text_completion"
+    chunk_obj = "text_completion"
+    request_model = CompletionRequest
+
+    def json_body(self, answer: Answer) -> Any:
+        choice = {"index": 0, "text": answer.text, "logprobs": None, "finish_reason": answer.openai_finish_reason}
+        return {**self._envelope([choice]), "usage": usage(answer.prompt_tokens, answer.completion_tokens)}
+
+    def delta_frame(self, text: str) -> bytes:
+        return encode_frame(self._envelope([{"index": 0, "text": text, "logprobs": None, "finish_reason": None}]))
+
+    def _last_choice(self, finish_reason: str) -> dict[str, Any]:
+        return {"index": 0, "text": "", "logprobs": None, "finish_reason": finish_reason}

@@ -2,7 +2,8 @@
 
 Load balancers and orchestrators watch `/readyz` and send SIGTERM before they stop a server; what users see of
 that depends on two things this module keeps: the phase, and the count of API requests being answered (a stream
-counts until its last byte is sent). `LifecycleMiddleware` is the gate in front of the routes:
+counts until its last byte is sent, and the work it leaves behind until its ledger row is written).
+`LifecycleMiddleware` is the gate in front of the routes:
 
 * loading (the weights are not in memory yet): `/healthz` 200, `/readyz` 503, any other path 503;
 * ready: everything goes to the routes, and API requests are counted in flight;
@@ -16,6 +17,7 @@ zero, up to its shutdown timeout.
 
 from __future__ import annotations
 
+import asyncio
 import enum
 import threading
 import time
@@ -41,7 +43,8 @@ class Lifecycle:
 
     def __init__(self, phase: Phase = Phase.READY) -> None:
         self.phase = phase
-        self._in_flight = 0
+        self._in_flight = 0  # HTTP requests being answered + work they left running (`track`)
+        self.requests = 0  # HTTP requests being answered
         self._idle = threading.Condition()
         self.refused = 0  # requests answered 503 because of the phase
 
@@ -73,6 +76,12 @@ class Lifecycle:
                     return False
                 self._idle.wait(left)
         return True
+
+    def track(self, task: asyncio.Future[object]) -> None:
+        """Count `task` in flight until it ends: work a request leaves running after its answer is sent (the
+        engine finishing a stream whose client left, its ledger row), which the drain must wait for too."""
+        self._enter()
+        task.add_done_callback(lambda _task: self._leave())
 
     def _enter(self) -> None:
         with self._idle:
@@ -107,9 +116,11 @@ class LifecycleMiddleware:
             await self.app(scope, receive, send)
         elif self.app is not None and lifecycle.ready:
             lifecycle._enter()
+            lifecycle.requests += 1
             try:
                 await self.app(scope, receive, send)
             finally:
+                lifecycle.requests -= 1
                 lifecycle._leave()
         elif path == "/healthz":  # alive, even while loading
             await json_response({"status": "ok"})(scope, receive, send)

@@ -31,7 +31,7 @@ from __future__ import annotations
 
 import json
 import time
-from collections.abc import AsyncIterator, Iterable, Mapping
+from collections.abc import Iterable, Mapping
 from typing import Any
 
 from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, Counter, Histogram, generate_latest
@@ -40,12 +40,12 @@ from prometheus_client.registry import Collector
 from starlette.responses import Response
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
-from int8serve.engine.scheduler import Engine, RequestHandle, TokenEvent
+from int8serve.engine.scheduler import Engine, TokenEvent
 
 from .policy import FallbackCounter
 from .request_log import log_request
 
-__all__ = ["PREFIX", "MetricsMiddleware", "RequestObservation", "ServiceMetrics", "TimedHandle"]
+__all__ = ["PREFIX", "MetricsMiddleware", "RequestObservation", "ServiceMetrics"]
 
 PREFIX = "int8serve_"
 
@@ -161,33 +161,6 @@ class ServiceMetrics:
         self.errors.labels(str(code), str(status)).inc()
 
 
-class TimedHandle:
-    """An engine `RequestHandle` that notes when its first and last tokens arrive (for TTFT and TPOT)."""
-
-    def __init__(self, handle: RequestHandle) -> None:
-        self.handle = handle
-        self.request = handle.request
-        self.first_token_at: float | None = None
-        self.last_token_at: float | None = None
-        self.last_event: TokenEvent | None = None
-
-    def __getattr__(self, name: str) -> Any:  # anything else of the engine handle
-        return getattr(self.handle, name)
-
-    def cancel(self) -> None:
-        self.handle.cancel()
-
-    async def events(self) -> AsyncIterator[TokenEvent]:
-        async for event in self.handle.events():
-            if event.token_id is not None:
-                now = time.monotonic()
-                if self.first_token_at is None:
-                    self.first_token_at = now
-                self.last_token_at = now
-            self.last_event = event
-            yield event
-
-
 class RequestObservation:
     """What is known of one inference request; `finish` (once) updates the metrics and writes the log line."""
 
@@ -198,7 +171,10 @@ class RequestObservation:
             "request_id": request_id, "account": None, "model": None, "status": None, "error_code": None,
             "outcome": None, "prompt_tokens": 0, "completion_tokens": 0, "neurons": 0.0, "cached": False,
             "stream": False, "queue_s": None, "ttft_s": None, "total_s": None}
-        self.handle: TimedHandle | None = None
+        self.first_token_at: float | None = None
+        self.last_token_at: float | None = None
+        self.queued_at = 0.0
+        self.started_at = 0.0
         self.engine_tokens = False
         self.finished = False
         self._prompt: Any = None
@@ -214,10 +190,16 @@ class RequestObservation:
     def cache(self, model: str, hit: bool) -> None:
         (self.metrics.cache_hits if hit else self.metrics.cache_misses).labels(model).inc()
 
-    def timed(self, handle: RequestHandle, stream: bool) -> TimedHandle:
-        self.fields["stream"] = stream
-        self.handle = TimedHandle(handle)
-        return self.handle
+    def elapsed(self) -> float:
+        """Seconds since the request was received."""
+        return time.monotonic() - self.started
+
+    def token(self, event: TokenEvent) -> None:
+        """An engine event of this request (first and last token times, for TTFT and TPOT)."""
+        if event.token_id is not None:
+            self.last_token_at = time.monotonic()
+            self.first_token_at = self.first_token_at or self.last_token_at
+        self.queued_at, self.started_at = event.queued_at, event.started_at
 
     def answer(self, account: str, model: str, prompt_tokens: int, completion_tokens: int, neurons: float,
                outcome: str, cached: bool, text: str) -> None:
@@ -233,11 +215,6 @@ class RequestObservation:
             if not cached:
                 m.prompt_tokens.labels(model).inc(prompt_tokens)
                 m.generation_tokens.labels(model).inc(completion_tokens)
-
-    @property
-    def deferred(self) -> bool:
-        """A live stream: it ends after the route returned."""
-        return self.handle is not None and bool(self.fields["stream"])
 
     # ---- the end ----
 
@@ -258,21 +235,17 @@ class RequestObservation:
         if error_code in (3021, 3036) and status == 429 and f["model"]:
             m.rate_limited.labels(f["model"], str(error_code)).inc()
         model = f["model"]
-        handle = self.handle
-        if model is not None and handle is not None:
-            event = handle.last_event
-            started_at = handle.handle.started_at or (event.started_at if event else 0.0)
-            if started_at:
-                queue = max(0.0, started_at - handle.handle.queued_at)
-                f["queue_s"] = round(queue, 6)
-                m.queue_time.labels(model).observe(queue)
-            if handle.first_token_at is not None:
-                ttft = handle.first_token_at - self.started
-                f["ttft_s"] = round(ttft, 6)
-                m.ttft.labels(model).observe(ttft)
-                tokens = f["completion_tokens"]
-                if handle.last_token_at is not None and tokens > 1:
-                    m.tpot.labels(model).observe((handle.last_token_at - handle.first_token_at) / (tokens - 1))
+        if model is not None and self.started_at:
+            queue = max(0.0, self.started_at - self.queued_at)
+            f["queue_s"] = round(queue, 6)
+            m.queue_time.labels(model).observe(queue)
+        if model is not None and self.first_token_at is not None and self.last_token_at is not None:
+            ttft = self.first_token_at - self.started
+            f["ttft_s"] = round(ttft, 6)
+            m.ttft.labels(model).observe(ttft)
+            tokens = f["completion_tokens"]
+            if tokens > 1:
+                m.tpot.labels(model).observe((self.last_token_at - self.first_token_at) / (tokens - 1))
         if model is not None and f["outcome"] == "ok" and status < 400:
             m.e2e.labels(model).observe(now - self.started)
         fields = dict(f)

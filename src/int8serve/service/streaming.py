@@ -1,29 +1,16 @@
-"""Turning an engine request's token events into an answer: collected, or streamed as server-sent events.
+"""What an inference request produced (`Answer`), and how a streamed answer travels: SSE frames with deadlines.
 
-The pieces here know nothing of a wire format: `collect` gathers a request's events into an `Answer` (its text
-deltas and token counts) and `EventStreamResponse` sends SSE frames; the frames themselves come from a wire format
-(`formats.py`), and the request pipeline (`pipeline.py`) puts them together with metering and the cache. The
-Workers AI stream (contract §2.1) is, byte for byte:
+A streamed answer is `text/event-stream` (that exact Content-Type), one `data: <compact JSON>` frame per non-empty
+text delta, then the format's final frames. Two things can go wrong once the 200 headers are out, and neither may
+hold an engine slot:
 
-    data: {"response":"New"}\\n\\n
-    data: {"response":" York"}\\n\\n
-    ...
-    data: {"response":"","usage":{"prompt_tokens":P,"completion_tokens":C,"total_tokens":P+C,"neurons":N}}\\n\\n
-    data: [DONE]\\n\\n
+* the client goes away: a task watching the connection cancels the engine request at once (also while the request
+  still waits for a slot, when no frame is being sent);
+* the client stays connected but stops reading: when one frame cannot be handed to the connection within
+  `send_timeout` seconds the stream is cut (the connection is closed) and the engine request cancelled.
 
-with `Content-Type: text/event-stream` exactly. JSON is compact and UTF-8 is sent as is (`ensure_ascii=False`).
-The engine's detokenizer never splits a character and gives "" for a token that completes none; such empty deltas
-are not sent. The concatenated deltas therefore equal the collected answer for the same seed, and an `Answer`'s
-deltas replayed from the response cache give the same frames again.
-
-Each frame is handed to the server as soon as its token exists. When the client goes away, the stream is closed
-(Starlette cancels it on `http.disconnect`, or the next write fails) and the engine request is cancelled, so its
-slot is free at the next engine step. The same holds for a collected answer: a watcher on the ASGI `receive`
-channel cancels the engine request when the client disconnects while it waits (the answer is then "aborted").
-
-An engine failure after the 200 headers are out cannot become an HTTP error any more: the stream then ends with
-one error frame, `data: {"response":"","errors":[{"code":3043,"message":"Internal server error"}]}`, and no
-`[DONE]`, so clients that wait for `[DONE]` can tell a broken answer from a finished one.
+An engine failure after the headers cannot become an HTTP error any more: the stream then ends with the format's
+error frame and no `[DONE]`, so clients that wait for `[DONE]` can tell a broken answer from a finished one.
 """
 
 from __future__ import annotations
@@ -36,10 +23,11 @@ from collections.abc import AsyncIterator, Callable
 from dataclasses import dataclass, field
 from typing import Any
 
+from starlette.requests import ClientDisconnect
 from starlette.responses import StreamingResponse
 from starlette.types import Message, Receive, Scope, Send
 
-from int8serve.engine.scheduler import RequestHandle, TokenEvent
+from int8serve.engine.scheduler import FinishReason, TokenEvent
 
 __all__ = [
     "DONE_FRAME",
@@ -47,17 +35,15 @@ __all__ = [
     "Answer",
     "AnswerBuilder",
     "EventStreamResponse",
-    "collect",
     "encode_frame",
     "usage",
+    "watch_disconnect",
 ]
 
 log = logging.getLogger(__name__)
 
 SSE_CONTENT_TYPE = "text/event-stream"
 DONE_FRAME = b"data: [DONE]\n\n"
-COMPLETE = ("stop", "length")
-ABORTED = "aborted"  # our own finish reason: the client went away (the engine says "cancelled")
 
 
 def encode_frame(payload: Any) -> bytes:
@@ -77,7 +63,7 @@ class Answer:
     deltas: tuple[str, ...]  # the non-empty text deltas, in order: one SSE frame each
     prompt_tokens: int
     completion_tokens: int
-    finish_reason: str  # "stop" or "length" (complete), "aborted" (client gone), "cancelled", "error"
+    finish_reason: FinishReason  # CANCELLED: we cancelled it (the client left or stopped reading)
     started: bool = True  # the engine had taken the request into a slot
     error: str | None = None
 
@@ -87,7 +73,11 @@ class Answer:
 
     @property
     def complete(self) -> bool:
-        return self.finish_reason in COMPLETE
+        return self.finish_reason.complete
+
+    @property
+    def openai_finish_reason(self) -> str:
+        return "length" if self.finish_reason is FinishReason.LENGTH else "stop"
 
 
 @dataclass
@@ -97,7 +87,7 @@ class AnswerBuilder:
     prompt_tokens: int = 0
     deltas: list[str] = field(default_factory=list)
     completion_tokens: int = 0
-    finish_reason: str | None = None
+    finish_reason: FinishReason | None = None
     started: bool = False
     error: str | None = None
 
@@ -110,62 +100,55 @@ class AnswerBuilder:
         if event.finish_reason is not None:
             self.finish_reason, self.error = event.finish_reason, event.error
 
-    @property
-    def finished(self) -> bool:
-        return self.finish_reason is not None
-
-    def answer(self, aborted: bool = False) -> Answer:
-        reason = ABORTED if aborted else (self.finish_reason or "error")
-        return Answer(tuple(self.deltas), self.prompt_tokens, self.completion_tokens, reason, self.started,
-                      self.error)
+    def answer(self) -> Answer:
+        return Answer(tuple(self.deltas), self.prompt_tokens, self.completion_tokens,
+                      self.finish_reason or FinishReason.ERROR, self.started, self.error)
 
 
-# --- collected --------------------------------------------------------------------------------------------------
-
-
-async def collect(handle: RequestHandle, receive: Receive | None = None) -> Answer:
-    """Wait for the whole answer. With `receive`, a client disconnect cancels the engine request, and the answer's
-    finish reason is then "aborted" (with the tokens generated until then)."""
-    disconnected = asyncio.Event()
-    watcher = asyncio.create_task(_watch_disconnect(receive, handle, disconnected)) if receive else None
-    builder = AnswerBuilder(prompt_tokens=len(handle.request.prompt_ids))
-    try:
-        async for event in handle.events():
-            builder.add(event)
-        return builder.answer(aborted=disconnected.is_set() and builder.finish_reason == "cancelled")
-    finally:
-        handle.cancel()  # no-op when finished; frees the slot when we leave early
-        if watcher is not None:
-            watcher.cancel()
-            with contextlib.suppress(asyncio.CancelledError):
-                await watcher
-
-
-async def _watch_disconnect(receive: Receive, handle: RequestHandle, disconnected: asyncio.Event) -> None:
+async def watch_disconnect(receive: Receive, on_disconnect: Callable[[], None]) -> None:
+    """Call `on_disconnect` when the client closes the connection (run as a task; cancel it when done)."""
     while True:
         message: Message = await receive()
         if message["type"] == "http.disconnect":
-            disconnected.set()
-            handle.cancel()
+            on_disconnect()
             return
 
 
-# --- streamed ---------------------------------------------------------------------------------------------------
-
-
 class EventStreamResponse(StreamingResponse):
-    """A 200 `text/event-stream` answer (that exact Content-Type: Starlette would append a charset) which runs
-    `on_close` when the response ends for any reason, even if the body iterator never started."""
+    """A 200 `text/event-stream` answer that cuts a client which stopped reading and runs `on_close` when the
+    response ends for any reason, even if the body iterator never started."""
 
-    def __init__(self, content: AsyncIterator[bytes], on_close: Callable[[], None],
-                 headers: dict[str, str] | None = None) -> None:
+    def __init__(self, content: AsyncIterator[bytes], on_close: Callable[[], None], *,
+                 headers: dict[str, str] | None = None, send_timeout: float | None = None) -> None:
         merged = {"content-type": SSE_CONTENT_TYPE, "cache-control": "no-cache", "x-accel-buffering": "no",
                   **(headers or {})}
         super().__init__(content, status_code=200, headers=merged)
         self._on_close = on_close
+        self.send_timeout = send_timeout
+        self.stalled = False
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        watcher = asyncio.create_task(watch_disconnect(receive, self._on_close))
         try:
-            await super().__call__(scope, receive, send)
+            await self.stream_response(self._with_deadline(send))
+        except TimeoutError:  # the client stopped reading: end here, and the server closes the connection
+            self.stalled = True
+            log.warning("a streamed answer was cut: its client read nothing for %s s", self.send_timeout)
+        except OSError:
+            raise ClientDisconnect() from None
         finally:
+            watcher.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await watcher
             self._on_close()
+
+    def _with_deadline(self, send: Send) -> Send:
+        if self.send_timeout is None:
+            return send
+        timeout = self.send_timeout
+
+        async def send_in_time(message: Message) -> None:
+            async with asyncio.timeout(timeout):
+                await send(message)
+
+        return send_in_time

@@ -14,8 +14,8 @@ import pytest
 
 from int8serve.engine.chat_template import DEFAULT_SYSTEM_PROMPT
 from int8serve.engine.sampling import SamplingParams
-from int8serve.service.inputs import RunRequest, ValidatedRun
-from int8serve.service.policy.cache import CachedAnswer, CacheDirectives, MemoryCache, cache_key
+from int8serve.service.policy.cache import CachedAnswer, CacheDirectives, CacheKey, MemoryCache, cache_key
+from int8serve.service.protocol.run import RunRequest, ValidatedRun
 
 from ..conftest import SLOW_MODEL
 from .conftest import CARD_NEURON_COST, PolicyServer, auth_for, sse_data
@@ -35,12 +35,28 @@ def test_hit_and_miss(policy_server: Callable[..., PolicyServer]) -> None:
     assert (first.status_code, status(first), status(second)) == (200, "MISS", "HIT")
     assert second.json() == first.json()
     assert float(first.headers["cf-ai-neurons"]) > 0 and second.headers["cf-ai-neurons"] == "0"
-    other_account = server.post("acct-b", BASE)  # answers do not depend on the account: shared across accounts
-    assert status(other_account) == "HIT"
     error = server.post("acct-a", {"prompt": ""})
     assert (error.status_code, status(error)) == (400, "MISS")
     rows = server.rows()
-    assert [(r["cached"], r["neurons"] > 0) for r in rows] == [(False, True), (True, False), (True, False)]
+    assert [(r["cached"], r["neurons"] > 0) for r in rows] == [(False, True), (True, False)]
+
+
+def test_accounts_never_read_each_others_answers(policy_server: Callable[..., PolicyServer]) -> None:
+    """The issue's finding: A's sampled answer to a canary prompt was B's HIT. Now B's identical request is a MISS
+    (a fresh sample, billed), and each account hits only its own entry."""
+    server = policy_server(rate_limits=False)
+    canary = {"prompt": "canary-123", "max_tokens": 8, "temperature": 1}
+    a_first, b_first = server.post("acct-a", canary), server.post("acct-b", canary)
+    assert (status(a_first), status(b_first)) == ("MISS", "MISS")
+    assert float(b_first.headers["cf-ai-neurons"]) > 0
+    a_again, b_again = server.post("acct-a", canary), server.post("acct-b", canary)
+    assert (status(a_again), status(b_again)) == ("HIT", "HIT")
+    assert a_again.json() == a_first.json() and b_again.json() == b_first.json()
+
+
+def test_global_scope_shares_answers_by_choice(policy_server: Callable[..., PolicyServer]) -> None:
+    server = policy_server(rate_limits=False, cache_scope="global")
+    assert [status(server.post(account, BASE)) for account in ("acct-a", "acct-b")] == ["MISS", "HIT"]
 
 
 def test_key_covers_everything_that_changes_the_output(policy_server: Callable[..., PolicyServer]) -> None:
@@ -74,16 +90,20 @@ def test_cache_key_unit() -> None:
     def varied(**changes: object) -> RunRequest:
         return dataclasses.replace(base, checked=dataclasses.replace(checked, **changes))
 
-    key = cache_key("@cf/m", base)
-    assert cache_key("@cf/m", varied(stream=True, reject_if_busy=True)) == key
+    key = cache_key("acct", "@cf/m", base)
+    assert cache_key("acct", "@cf/m", varied(stream=True, reject_if_busy=True)) == key
     changed = [dataclasses.replace(base, prompt_ids=(1, 2, 4)), varied(max_tokens=9), varied(form="messages"),
                varied(raw=True)]
     for f in dataclasses.fields(SamplingParams):
         value = getattr(checked.params, f.name)
-        other = 7 if value is None else (value + 1 if not isinstance(value, float) else value / 2 + 0.1)
+        if isinstance(value, tuple):
+            other: object = (*value, "stop")
+        else:
+            other = 7 if value is None else (value + 1 if not isinstance(value, float) else value / 2 + 0.1)
         changed.append(varied(params=dataclasses.replace(checked.params, **{f.name: other})))
-    keys = {cache_key("@cf/m", run) for run in changed} | {cache_key("@cf/other", base)}
-    assert key not in keys and len(keys) == len(changed) + 1
+    keys = {cache_key("acct", "@cf/m", run) for run in changed}
+    keys |= {cache_key("acct", "@cf/other", base), cache_key("other-acct", "@cf/m", base)}
+    assert key not in keys and len(keys) == len(changed) + 2
 
 
 def test_stream_replay_equals_the_original_stream(policy_server: Callable[..., PolicyServer]) -> None:
@@ -158,11 +178,16 @@ def test_no_cache_setting(policy_server: Callable[..., PolicyServer]) -> None:
 
 
 def test_directives_from_headers() -> None:
-    assert CacheDirectives.from_headers({}) == CacheDirectives(False, None)
-    assert CacheDirectives.from_headers({"cf-aig-skip-cache": "TRUE", "cf-aig-cache-ttl": "90"}) == \
-        CacheDirectives(True, 90)
-    assert CacheDirectives.from_headers({"cf-cache-ttl": "99999999999"}).ttl == 30 * 24 * 3600
-    assert CacheDirectives.from_headers({"cf-aig-cache-ttl": "-5"}).ttl is None
+    """A client's TTL is capped by the server's (here 300 s): it can shorten an entry's life, never extend it."""
+    def directives(headers: dict[str, str]) -> CacheDirectives:
+        return CacheDirectives.from_headers(headers, max_ttl=300)
+
+    assert directives({}) == CacheDirectives(False, None)
+    assert directives({"cf-aig-skip-cache": "TRUE", "cf-aig-cache-ttl": "90"}) == CacheDirectives(True, 90)
+    assert directives({"cf-cache-ttl": "2592000"}).ttl == 300  # 30 days asked: the server's 300 s
+    assert directives({"cf-aig-cache-ttl": "9" * 5000}).ttl == 300  # any number of digits
+    assert directives({"cf-aig-cache-ttl": "-5"}).ttl is None
+    assert directives({"cf-aig-cache-ttl": "0"}).ttl is None
 
 
 def test_memory_cache_bounds() -> None:
@@ -173,18 +198,34 @@ def test_memory_cache_bounds() -> None:
     def answer(text: str) -> CachedAnswer:
         return CachedAnswer((text,), 1, 1, "stop", created=now[0])
 
+    def k(digest: str, owner: str = "a") -> CacheKey:
+        return CacheKey(owner, digest)
+
     async def scenario() -> None:
         for key in "abc":
-            await cache.put(key, answer(key), ttl=10)
-        assert await cache.get("a") is not None  # a is now the most recently used
-        await cache.put("d", answer("d"), ttl=10)
-        assert [await cache.get(k) is not None for k in "abcd"] == [True, False, True, True]
-        await cache.put("big", answer("x" * 1850), ttl=10)  # evicts until the bytes fit
-        assert cache.bytes <= 2000 and await cache.get("big") is not None and len(cache) == 1
-        await cache.put("huge", answer("x" * 5000), ttl=10)  # larger than the whole cache: not stored
-        assert await cache.get("huge") is None
-        await cache.put("short", answer("s"), ttl=1)
+            await cache.put(k(key), answer(key), ttl=10)
+        assert await cache.get(k("a")) is not None  # a is now the most recently used
+        await cache.put(k("d"), answer("d"), ttl=10)
+        assert [await cache.get(k(key)) is not None for key in "abcd"] == [True, False, True, True]
+        await cache.put(k("big"), answer("x" * 1850), ttl=10)  # evicts until the bytes fit
+        assert cache.bytes <= 2000 and await cache.get(k("big")) is not None and len(cache) == 1
+        await cache.put(k("huge"), answer("x" * 5000), ttl=10)  # larger than a whole partition: not stored
+        assert await cache.get(k("huge")) is None
+        await cache.put(k("short"), answer("s"), ttl=1)
         now[0] += 1.5
-        assert await cache.get("short") is None and cache.bytes == 0  # (short had pushed big out)
+        assert await cache.get(k("short")) is None and cache.bytes == 0  # (short had pushed big out)
 
     asyncio.run(scenario())
+
+
+def test_one_account_filling_the_cache_evicts_only_its_own_entries() -> None:
+    cache = MemoryCache(max_entries=3, max_bytes=100_000)
+
+    async def scenario() -> list[bool]:
+        await cache.put(CacheKey("victim", "v"), CachedAnswer(("secret",), 1, 1, "stop", created=0.0), ttl=60)
+        for n in range(50):  # another account floods the cache
+            await cache.put(CacheKey("flooder", str(n)), CachedAnswer(("x",), 1, 1, "stop", created=0.0), ttl=60)
+        return [await cache.get(CacheKey("victim", "v")) is not None, await cache.get(CacheKey("flooder", "v")) is None]
+
+    assert asyncio.run(scenario()) == [True, True]
+    assert len(cache) == 4  # the flooder's 3 newest and the victim's 1

@@ -1,24 +1,29 @@
 """The inference response cache: identical requests answered from a stored answer (card `infer_response_cache`).
 
-What makes two requests identical — the key (`cache_key`) — is everything that can change the output: the model,
-the request form (`prompt` or `messages`) and `raw`, the prompt token ids after the chat template, `max_tokens` and
-every sampling parameter, seed included (all fields of `SamplingParams`, so a parameter added later joins the key
-by itself). `stream` is not in it: a streamed request can be answered from an entry a non-streamed one made, and
-the other way round. A missing key (peers' classic bug, e.g. LiteLLM #894) serves wrong answers as hits; an extra
-one only costs hit rate, so the form and `raw` are in even where the token ids already differ.
+Whose answers: by default each account has its own cache (`--cache-scope account`): the account is part of the
+key, so no request of one account can read another's entries, or learn from the timing of its answer that one
+exists; and the in-process cache keeps each account's entries in a partition of its own, bounded per account, so
+one account filling the cache evicts only its own answers. `--cache-scope global` shares answers between accounts
+(an operator's choice for one trusted tenant: then an account can tell from a fast HIT what others asked).
+
+What makes two requests identical — the key (`cache_key`) — is, besides the account, everything that can change the
+output: the model, the request form (`prompt` or `messages`) and `raw`, the prompt token ids after the chat
+template, `max_tokens` and every sampling parameter, seed and stop strings included (all fields of
+`SamplingParams`, so a parameter added later joins the key by itself). `stream` is not in it: a streamed request
+can be answered from an entry a non-streamed one made, and the other way round.
 
 What is stored (`CachedAnswer`) is format-neutral: the text deltas as the engine produced them and the token
 counts. A replay therefore sends the same SSE frames as the original stream, and a JSON answer the same text.
 Only complete answers (finish `stop` or `length`) are stored — never an aborted stream or an error.
 
-Where: `MemoryCache` (this process; bounded in entries and bytes, least recently used evicted first, each entry with
+Where: `MemoryCache` (this process; LRU partitions per account, each bounded in entries and bytes, each entry with
 its TTL) by default; `RedisCache` (`SET ... EX ttl`, shared by replicas) with `--redis-url`, falling back to the
-memory cache while Redis is away (`fallback.py`).
+memory cache while Redis is away (`fallback.py`). Entries larger than the per-account byte bound are never stored.
 
-Per request, AI Gateway's headers (contract §10) are honoured: `cf-aig-skip-cache: true` neither reads nor writes
-the cache; `cf-aig-cache-ttl: N` stores the answer for N seconds and only accepts a stored answer younger than N
-seconds (the older names `cf-skip-cache` / `cf-cache-ttl` work too). The answer says `cf-aig-cache-status: HIT` or
-`MISS`.
+Per request, AI Gateway's headers are honoured: `cf-aig-skip-cache: true` neither reads nor writes the cache;
+`cf-aig-cache-ttl: N` stores the answer for N seconds — at most the server's `--cache-ttl`, so that no client keeps
+entries longer than the operator allows — and only accepts a stored answer younger than N seconds (the older names
+`cf-skip-cache` / `cf-cache-ttl` work too). The answer says `cf-aig-cache-status: HIT` or `MISS`.
 """
 
 from __future__ import annotations
@@ -31,17 +36,18 @@ import time
 from collections import OrderedDict
 from collections.abc import Awaitable, Callable, Mapping
 from dataclasses import dataclass
-from typing import Protocol, TypeVar
+from typing import NamedTuple, Protocol, TypeVar
 
 import redis.asyncio
 
-from ..inputs import RunRequest
+from ..protocol.run import RunRequest
 from .fallback import SharedStateGuard
-from .settings import MAX_CACHE_TTL_SECONDS
 
 __all__ = [
+    "CACHE_SCOPES",
     "CACHE_STATUS_HEADER",
     "CacheDirectives",
+    "CacheKey",
     "CachedAnswer",
     "MemoryCache",
     "RedisCache",
@@ -55,14 +61,23 @@ T = TypeVar("T")
 Clock = Callable[[], float]
 
 CACHE_STATUS_HEADER = "cf-aig-cache-status"
-KEY_VERSION = 1
+KEY_VERSION = 2
+CACHE_SCOPES = ("account", "global")
 _TRUE = ("true", "1", "yes")
+MAX_TTL_DIGITS = 9
 
 
-def cache_key(model: str, run: RunRequest) -> str:
-    """A digest of everything that changes the output of `run` on `model` (not `stream`)."""
+class CacheKey(NamedTuple):
+    owner: str  # the account whose answers these are ("" when the cache is shared by all accounts)
+    digest: str
+
+
+def cache_key(owner: str, model: str, run: RunRequest) -> CacheKey:
+    """`owner`'s key for `run` on `model`: a digest of the owner and of everything that changes the output (not
+    `stream`)."""
     material = {
         "v": KEY_VERSION,
+        "owner": owner,
         "model": model,
         "form": run.checked.form,
         "raw": run.checked.raw,
@@ -71,7 +86,7 @@ def cache_key(model: str, run: RunRequest) -> str:
         "params": dataclasses.asdict(run.checked.params),
     }
     blob = json.dumps(material, sort_keys=True, separators=(",", ":")).encode("utf-8")
-    return hashlib.sha256(blob).hexdigest()
+    return CacheKey(owner, hashlib.sha256(blob).hexdigest())
 
 
 @dataclass(frozen=True)
@@ -101,58 +116,79 @@ class CacheDirectives:
     ttl: int | None = None  # seconds; None = the operator's TTL
 
     @classmethod
-    def from_headers(cls, headers: Mapping[str, str]) -> CacheDirectives:
+    def from_headers(cls, headers: Mapping[str, str], max_ttl: int) -> CacheDirectives:
+        """The request's directives; its TTL at most `max_ttl` (an unreadable TTL is ignored: a gateway header
+        never fails a request)."""
         skip = (headers.get("cf-aig-skip-cache") or headers.get("cf-skip-cache") or "").strip().lower() in _TRUE
         raw_ttl = (headers.get("cf-aig-cache-ttl") or headers.get("cf-cache-ttl") or "").strip()
         ttl = None
-        if raw_ttl.isascii() and raw_ttl.isdigit() and int(raw_ttl) > 0:
-            ttl = min(int(raw_ttl), MAX_CACHE_TTL_SECONDS)
-        return cls(skip=skip, ttl=ttl)  # an unreadable TTL is ignored: a gateway header never fails a request
+        if raw_ttl.isascii() and raw_ttl.isdigit():  # more digits than MAX_TTL_DIGITS: above any maximum
+            ttl = max_ttl if len(raw_ttl) > MAX_TTL_DIGITS else min(int(raw_ttl), max_ttl)
+        return cls(skip=skip, ttl=ttl or None)
 
 
 class CacheStore(Protocol):
-    async def get(self, key: str) -> CachedAnswer | None: ...
+    async def get(self, key: CacheKey) -> CachedAnswer | None: ...
 
-    async def put(self, key: str, answer: CachedAnswer, ttl: int) -> None: ...
+    async def put(self, key: CacheKey, answer: CachedAnswer, ttl: int) -> None: ...
+
+
+class _Partition:
+    """One owner's entries: least recently used first out, bounded in number and in bytes."""
+
+    def __init__(self) -> None:
+        self.entries: OrderedDict[str, tuple[float, int, CachedAnswer]] = OrderedDict()  # digest -> (expires, size, a)
+        self.bytes = 0
+
+    def drop(self, digest: str) -> None:
+        _expires, size, _answer = self.entries.pop(digest)
+        self.bytes -= size
 
 
 class MemoryCache:
-    """Least-recently-used entries, bounded in number and in bytes, each expiring after its own TTL."""
+    """Entries in this process, in one LRU partition per owner, each bounded by `max_entries` and `max_bytes`."""
 
     def __init__(self, max_entries: int, max_bytes: int, clock: Clock = time.time) -> None:
         self.max_entries = max_entries
         self.max_bytes = max_bytes
         self._clock = clock
-        self._entries: OrderedDict[str, tuple[float, int, CachedAnswer]] = OrderedDict()  # key -> (expires, size, a)
-        self.bytes = 0
+        self._partitions: dict[str, _Partition] = {}
 
     def __len__(self) -> int:
-        return len(self._entries)
+        return sum(len(p.entries) for p in self._partitions.values())
 
-    async def get(self, key: str) -> CachedAnswer | None:
-        entry = self._entries.get(key)
-        if entry is None:
+    @property
+    def bytes(self) -> int:
+        return sum(p.bytes for p in self._partitions.values())
+
+    async def get(self, key: CacheKey) -> CachedAnswer | None:
+        partition = self._partitions.get(key.owner)
+        entry = partition.entries.get(key.digest) if partition is not None else None
+        if partition is None or entry is None:
             return None
         if entry[0] <= self._clock():
-            self._drop(key)
+            self._drop(key.owner, key.digest)
             return None
-        self._entries.move_to_end(key)
+        partition.entries.move_to_end(key.digest)
         return entry[2]
 
-    async def put(self, key: str, answer: CachedAnswer, ttl: int) -> None:
-        size = len(answer.to_bytes()) + len(key)
+    async def put(self, key: CacheKey, answer: CachedAnswer, ttl: int) -> None:
+        size = len(answer.to_bytes()) + len(key.digest)
         if size > self.max_bytes:
-            return  # larger than the whole cache: not stored
-        if key in self._entries:
-            self._drop(key)
-        self._entries[key] = (self._clock() + ttl, size, answer)
-        self.bytes += size
-        while len(self._entries) > self.max_entries or self.bytes > self.max_bytes:
-            self._drop(next(iter(self._entries)))
+            return  # larger than a whole partition: not stored
+        partition = self._partitions.setdefault(key.owner, _Partition())
+        if key.digest in partition.entries:
+            partition.drop(key.digest)
+        partition.entries[key.digest] = (self._clock() + ttl, size, answer)
+        partition.bytes += size
+        while len(partition.entries) > self.max_entries or partition.bytes > self.max_bytes:
+            partition.drop(next(iter(partition.entries)))
 
-    def _drop(self, key: str) -> None:
-        _expires, size, _answer = self._entries.pop(key)
-        self.bytes -= size
+    def _drop(self, owner: str, digest: str) -> None:
+        partition = self._partitions[owner]
+        partition.drop(digest)
+        if not partition.entries:
+            del self._partitions[owner]
 
 
 class RedisCache:
@@ -163,20 +199,20 @@ class RedisCache:
         self.prefix = prefix
         self.max_entry_bytes = max_entry_bytes
 
-    def _key(self, key: str) -> str:
-        return f"{self.prefix}:cache:v{KEY_VERSION}:{key}"
+    def _key(self, key: CacheKey) -> str:
+        return f"{self.prefix}:cache:v{KEY_VERSION}:{key.digest}"
 
-    async def get(self, key: str) -> CachedAnswer | None:
+    async def get(self, key: CacheKey) -> CachedAnswer | None:
         blob = await self.client.get(self._key(key))
         if blob is None:
             return None
         try:
             return CachedAnswer.from_bytes(blob)
         except (ValueError, KeyError, TypeError):
-            log.warning("ignoring an unreadable cache entry %s", key)
+            log.warning("ignoring an unreadable cache entry %s", key.digest)
             return None
 
-    async def put(self, key: str, answer: CachedAnswer, ttl: int) -> None:
+    async def put(self, key: CacheKey, answer: CachedAnswer, ttl: int) -> None:
         blob = answer.to_bytes()
         if len(blob) <= self.max_entry_bytes:
             await self.client.set(self._key(key), blob, ex=ttl)
@@ -186,16 +222,26 @@ class ResponseCache:
     """The cache the pipeline talks to: shared when Redis is configured and answering, else in this process."""
 
     def __init__(self, default_ttl: int, local: MemoryCache, shared: CacheStore | None = None,
-                 guard: SharedStateGuard | None = None, clock: Clock = time.time) -> None:
+                 guard: SharedStateGuard | None = None, clock: Clock = time.time, scope: str = "account") -> None:
         if (shared is None) != (guard is None):
             raise ValueError("a shared cache and its guard go together")
+        if scope not in CACHE_SCOPES:
+            raise ValueError(f"the cache scope is one of {', '.join(CACHE_SCOPES)}, got {scope!r}")
         self.default_ttl = default_ttl
+        self.scope = scope
         self.local = local
         self._shared = shared
         self._guard = guard
         self._clock = clock
 
-    async def get(self, key: str, directives: CacheDirectives) -> CachedAnswer | None:
+    def key(self, account: str, model: str, run: RunRequest) -> CacheKey:
+        """The key of `account`'s request: its own unless the cache is shared by all accounts."""
+        return cache_key(account if self.scope == "account" else "", model, run)
+
+    def directives(self, headers: Mapping[str, str]) -> CacheDirectives:
+        return CacheDirectives.from_headers(headers, max_ttl=self.default_ttl)
+
+    async def get(self, key: CacheKey, directives: CacheDirectives) -> CachedAnswer | None:
         """A stored answer for `key`, unless skipped or older than the request's own TTL."""
         if directives.skip:
             return None
@@ -204,7 +250,7 @@ class ResponseCache:
             return None
         return answer
 
-    async def put(self, key: str, answer: CachedAnswer, directives: CacheDirectives) -> None:
+    async def put(self, key: CacheKey, answer: CachedAnswer, directives: CacheDirectives) -> None:
         if directives.skip:
             return
         ttl = directives.ttl or self.default_ttl

@@ -20,6 +20,7 @@ import sqlalchemy as sa
 from limits.aio.storage import RedisStorage
 
 from int8serve.catalog.card import ModelCard
+from int8serve.redact import hide_password, without
 
 from .allocation import DailyAllocation
 from .cache import MemoryCache, RedisCache, ResponseCache
@@ -87,8 +88,9 @@ class Policy:
             limits = (f"rate limits: {default or 'unlimited'} requests per {s.window_seconds} s per account and "
                       f"model, {len(overrides)} account overrides, {where}")
         if self.caches(card):
-            cache = (f"response cache: on (card: {card.policy.response_cache}), TTL {s.cache_ttl} s, {where}"
-                     + ("" if self.redis else f", at most {s.cache_max_entries} entries / {s.cache_max_bytes} bytes"))
+            cache = (f"response cache: on (card: {card.policy.response_cache}), {s.cache_scope} scope, TTL "
+                     f"{s.cache_ttl} s, {where}" + ("" if self.redis else f", at most {s.cache_max_entries} "
+                                                    f"entries / {s.cache_max_bytes} bytes per account"))
         else:
             cache = "response cache: off" + (" (--no-cache)" if not s.cache else " (the card has none)")
         allocation = (f"daily allocation: {self.allocation.describe()} neurons per account (reset 00:00 UTC)"
@@ -114,7 +116,7 @@ def _limiter_and_cache(settings: PolicySettings, target: RedisTarget | None, gua
                        ) -> tuple[RateLimiter, ResponseCache]:
     local_cache = MemoryCache(settings.cache_max_entries, settings.cache_max_bytes)
     if target is None or guard is None:
-        return RateLimiter(settings), ResponseCache(settings.cache_ttl, local_cache)
+        return RateLimiter(settings), ResponseCache(settings.cache_ttl, local_cache, scope=settings.cache_scope)
     pool = target.async_pool(settings.backend_timeout)
     uri = target.url.replace("unix://", "redis+unix://", 1) if target.url.startswith("unix://") else target.url
     storage = RedisStorage("async+" + uri, implementation="redispy", key_prefix=target.key("limits"),
@@ -122,7 +124,7 @@ def _limiter_and_cache(settings: PolicySettings, target: RedisTarget | None, gua
     shared_cache = RedisCache(redis.asyncio.Redis(connection_pool=pool), target.key_prefix,
                               max_entry_bytes=settings.cache_max_bytes)
     return (RateLimiter(settings, storage, guard),
-            ResponseCache(settings.cache_ttl, local_cache, shared_cache, guard))
+            ResponseCache(settings.cache_ttl, local_cache, shared_cache, guard, scope=settings.cache_scope))
 
 
 def _ledger(settings: PolicySettings) -> tuple[Ledger, str, str]:
@@ -142,15 +144,16 @@ def _ledger(settings: PolicySettings) -> tuple[Ledger, str, str]:
         url = f"sqlite:///{(Path(data_dir) / LEDGER_FILE).resolve()}"
     else:
         url = "sqlite://"
+    shown = hide_password(url)
     try:
-        shown = sa.make_url(url).render_as_string(hide_password=True)
         ledger = Ledger(make_database(url), spool, settings.ledger_table, settings.retry_seconds, spool_name)
         ledger.create_schema()
-    except (sa.exc.ArgumentError, sa.exc.NoSuchModuleError, ImportError) as err:
+    except (sa.exc.ArgumentError, sa.exc.NoSuchModuleError, ImportError, ValueError) as err:
         spool.close()
-        raise PolicyStartupError(f"invalid database URL {url!r}: {err}") from None
+        raise PolicyStartupError(f"invalid database URL {shown!r}: {without(str(err), url)}") from None
     except sa.exc.SQLAlchemyError as err:
         spool.close()
-        raise PolicyStartupError(f"cannot use the ledger database {shown}: {short_error(err)}") from None
+        raise PolicyStartupError(f"cannot use the ledger database {shown}: {without(short_error(err), url)}"
+                                 ) from None
     ledger.start()
     return ledger, shown if url != "sqlite://" else "sqlite:// (in memory)", spool_name

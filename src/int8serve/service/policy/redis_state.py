@@ -20,6 +20,8 @@ import redis.asyncio
 from redis.asyncio.retry import Retry as AsyncRetry
 from redis.backoff import NoBackoff
 
+from int8serve.redact import hide_password, without
+
 __all__ = ["DEFAULT_KEY_PREFIX", "RedisTarget", "RedisUnreachableError", "check_reachable"]
 
 DEFAULT_KEY_PREFIX = "int8serve"
@@ -39,7 +41,7 @@ class RedisTarget:
     def parse(cls, url: str) -> RedisTarget:
         parts = urlsplit(url)
         if parts.scheme not in ("redis", "rediss", "unix"):
-            raise ValueError(f"a Redis URL starts with redis://, rediss:// or unix://, got {url!r}")
+            raise ValueError(f"a Redis URL starts with redis://, rediss:// or unix://, got {hide_password(url)!r}")
         query = parse_qsl(parts.query, keep_blank_values=True)
         prefixes = [v for k, v in query if k == PREFIX_PARAMETER]
         prefix = prefixes[-1] if prefixes else DEFAULT_KEY_PREFIX
@@ -51,11 +53,7 @@ class RedisTarget:
     @property
     def display(self) -> str:
         """The URL without its password, for messages and logs."""
-        parts = urlsplit(self.url)
-        if parts.password is None:
-            return self.url
-        netloc = parts.netloc.replace(f":{parts.password}@", ":***@", 1)
-        return urlunsplit(parts._replace(netloc=netloc))
+        return hide_password(self.url)
 
     def key(self, *parts: str) -> str:
         return ":".join((self.key_prefix, *parts))
@@ -72,6 +70,7 @@ def check_reachable(target: RedisTarget, timeout: float = 3.0) -> None:
     try:
         client.ping()
     except (redis.exceptions.RedisError, OSError) as err:
-        raise RedisUnreachableError(f"cannot reach Redis at {target.display}: {err}") from None
+        raise RedisUnreachableError(f"cannot reach Redis at {target.display}: {without(str(err), target.url)}"
+                                    ) from None
     finally:
         client.close()

@@ -32,8 +32,8 @@ __all__ = [
 
 DEFAULT_CACHE_TTL_SECONDS = 300
 MAX_CACHE_TTL_SECONDS = 30 * 24 * 3600  # AI Gateway's maximum: one month
-DEFAULT_CACHE_MAX_ENTRIES = 1024
-DEFAULT_CACHE_MAX_BYTES = 64 << 20
+DEFAULT_CACHE_MAX_ENTRIES = 256  # per account (per scope owner)
+DEFAULT_CACHE_MAX_BYTES = 16 << 20  # per account
 DEFAULT_DAILY_NEURONS = 10_000  # Workers AI's free allocation (contract §8.1)
 DEFAULT_LEDGER_TABLE = "int8serve_usage"
 
@@ -47,7 +47,8 @@ class PolicySettings:
     account_rpm: Mapping[str, int] = field(default_factory=dict)  # per account, over the card's; 0 = unlimited
     window_seconds: int = 60  # the moving window; "per minute" — shorter only in tests
     cache: bool = True  # False: no response cache whatever the card says
-    cache_ttl: int = DEFAULT_CACHE_TTL_SECONDS
+    cache_ttl: int = DEFAULT_CACHE_TTL_SECONDS  # also the most a request's cf-aig-cache-ttl may ask for
+    cache_scope: str = "account"  # "account": each account its own answers; "global": shared by all accounts
     cache_max_entries: int = DEFAULT_CACHE_MAX_ENTRIES
     cache_max_bytes: int = DEFAULT_CACHE_MAX_BYTES
     daily_neurons: float | None = None  # per-account daily allocation; None = off

@@ -24,13 +24,15 @@ from .ledger import UsageGroup, utc_now
 __all__ = ["DEFAULT_PERIOD", "parse_period", "usage_result"]
 
 DEFAULT_PERIOD = timedelta(days=30)
+MAX_UNIX_DIGITS = 11  # unix seconds up to the year 5138
+DEFAULT_PERIOD_START = datetime.min + DEFAULT_PERIOD
 
 
 def parse_period(since: str | None, until: str | None, now: datetime | None = None) -> tuple[datetime, datetime]:
     """(since, until) as naive UTC datetimes; 400/1001 when unreadable or empty."""
     now = now or utc_now()
     end = _parse_time(until, "until", end_of_day=True) if until else now
-    start = _parse_time(since, "since", end_of_day=False) if since else end - DEFAULT_PERIOD
+    start = _parse_time(since, "since", end_of_day=False) if since else max(end, DEFAULT_PERIOD_START) - DEFAULT_PERIOD
     if start >= end:
         raise ApiError(BAD_QUERY, name="since", problem="must be earlier than 'until'")
     return start, end
@@ -38,16 +40,18 @@ def parse_period(since: str | None, until: str | None, now: datetime | None = No
 
 def _parse_time(raw: str, name: str, *, end_of_day: bool) -> datetime:
     text = raw.strip()
-    if text.isascii() and text.isdigit():
-        return datetime.fromtimestamp(int(text), UTC).replace(tzinfo=None)
     try:
+        if text.isascii() and text.isdigit():
+            if len(text) > MAX_UNIX_DIGITS:
+                raise ValueError("too large")
+            return datetime.fromtimestamp(int(text), UTC).replace(tzinfo=None)
         value = datetime.fromisoformat(text.replace("Z", "+00:00").replace("z", "+00:00"))
-    except ValueError:
-        raise ApiError(BAD_QUERY, name=name, problem=f"expected a date, an ISO 8601 time or unix seconds, got {raw!r}"
-                       ) from None
+    except (ValueError, OverflowError, OSError):
+        problem = f"expected a date, an ISO 8601 time or unix seconds, got {raw[:40]!r}"
+        raise ApiError(BAD_QUERY, name=name, problem=problem) from None
     if value.tzinfo is not None:
         value = value.astimezone(UTC).replace(tzinfo=None)
-    if len(text) == 10 and end_of_day:  # a plain date as `until`: that whole day
+    if len(text) == 10 and end_of_day and value < datetime.max - timedelta(days=1):  # a plain date: the whole day
         value += timedelta(days=1)
     return value
 

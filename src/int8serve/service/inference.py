@@ -1,0 +1,403 @@
+"""One inference request, from its body to its ledger row: `Inference.run` and the `InferenceCall` it makes.
+
+Every inference route (`/ai/run`, OpenAI's `chat/completions` and `completions`) goes through the same steps; a
+route only picks its wire format (`formats.py`):
+
+    read the body (bounded in size and time) → parse and check it against the card, in a worker thread → admit
+    (daily allocation, requests per minute) → tokenize and check the context window, in a worker thread →
+    response cache → the account's share of the engine → engine → answer (JSON, or SSE frames) → `finish`
+
+`InferenceCall.finish` is the one place a request ends, however it ends (complete, cut, failed, from the cache): it
+meters neurons, writes the ledger row durably, stores a complete answer in the cache and records metrics. For an
+engine request it runs when the engine ends the request, in a task of its own, whether or not the client reads
+the last frame: usage is never left unrecorded by a client that stopped reading, and the account's share of the
+engine is given back at that moment. The drain on shutdown waits for these tasks (`lifecycle.py`).
+
+What each step does to the answer:
+
+* every answer gets `cf-aig-cache-status` (HIT or MISS) and, once the account's limit is known, the
+  `x-ratelimit-*-requests` headers — errors included (an answer that does not count shows the window unchanged);
+* admission refuses with 429/3036 (allocation used up) or 429/3021 (`Retry-After`); neither is counted;
+* a cache hit costs 0 neurons, still counts for the limiter, and is replayed as the original's frames;
+* a complete answer is metered (`cf-ai-neurons` header, or `neurons` in the final usage frame) and its ledger row
+  is durable before the answer (or the final frame) is released;
+* a request the client left or stopped reading is `aborted`, a failed one `error`; nothing of either is cached.
+
+Everything that can fail with a status is checked before the first byte of a 200.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import uuid
+from collections.abc import Awaitable, Callable, Coroutine, Mapping, Sequence
+from dataclasses import dataclass
+from typing import Any, NamedTuple, TypeVar
+
+import anyio
+import anyio.to_thread
+from starlette.requests import Request
+from starlette.responses import Response
+
+from int8serve.catalog.card import ModelCard
+from int8serve.catalog.registry import Catalog
+from int8serve.engine.scheduler import (
+    Engine,
+    EngineStoppedError,
+    FinishReason,
+    GenerationRequest,
+    QueueFullError,
+    RequestHandle,
+)
+
+from .errors import (
+    BAD_INPUT,
+    CAPACITY,
+    INTERNAL,
+    NO_SUCH_MODEL,
+    RATE_LIMITED,
+    REQUEST_ABORTED,
+    REQUEST_TIMEOUT,
+    UNAVAILABLE,
+    ApiError,
+    ErrorKind,
+    json_response,
+)
+from .formats import WireFormat
+from .lifecycle import Lifecycle
+from .metrics import ServiceMetrics
+from .policy import NEURONS_HEADER, LedgerUnavailableError, Outcome, Policy, UsageRow, billed_neurons, format_neurons
+from .policy.cache import CACHE_STATUS_HEADER, CachedAnswer, CacheDirectives, CacheKey
+from .policy.fairness import InflightLimiter
+from .policy.ledger import utc_now
+from .protocol.body import DEFAULT_MAX_BODY_BYTES, parse_json_body, read_body
+from .protocol.run import RunRequest, ValidatedRun, tokenize_run
+from .streaming import Answer, AnswerBuilder, EventStreamResponse, watch_disconnect
+
+__all__ = ["REQUEST_ID_SCOPE_KEY", "Inference", "InferenceCall", "RequestLimits", "Served"]
+
+log = logging.getLogger(__name__)
+
+T = TypeVar("T")
+REQUEST_ID_SCOPE_KEY = "int8serve.request_id"
+
+
+@dataclass(frozen=True)
+class RequestLimits:
+    """What one request may cost the server before and while it is answered."""
+
+    max_body_bytes: int = DEFAULT_MAX_BODY_BYTES  # 413/3006 beyond
+    body_timeout: float = 30.0  # seconds to receive the whole body: 408/3007 beyond
+    stall_timeout: float = 30.0  # a stream whose client reads nothing for this long is cut
+    max_inflight_per_account: int | None = None  # requests of one account in the engines; None: no cap
+    parse_workers: int = 2  # worker threads parsing, checking and tokenizing bodies at once
+    retry_after_seconds: int = 1  # `Retry-After` of 429/3040 and 503 answers
+
+    def __post_init__(self) -> None:
+        if self.max_body_bytes < 1 or self.body_timeout <= 0 or self.stall_timeout <= 0 or self.parse_workers < 1:
+            raise ValueError("request limits must be positive")
+
+
+class Served(NamedTuple):
+    card: ModelCard
+    engine: Engine
+
+
+@dataclass(frozen=True)
+class Finished:
+    """How a request ended: its answer, its neurons, and the error its client gets instead (None: complete)."""
+
+    answer: Answer
+    neurons: float
+    failure: ErrorKind | None
+
+
+class Inference:
+    """Runs the inference requests of an app over `engines` (model name → Engine) under `policy`."""
+
+    def __init__(self, catalog: Catalog, engines: Mapping[str, Engine], policy: Policy, metrics: ServiceMetrics,
+                 lifecycle: Lifecycle, limits: RequestLimits | None = None) -> None:
+        self.catalog = catalog
+        self.engines = dict(engines)
+        self.policy = policy
+        self.metrics = metrics
+        self.lifecycle = lifecycle
+        self.limits = limits or RequestLimits()
+        self.retry_headers = {"retry-after": str(self.limits.retry_after_seconds)}
+        self.inflight = InflightLimiter(self.limits.max_inflight_per_account, self.retry_headers)
+        self._workers = anyio.CapacityLimiter(self.limits.parse_workers)
+        self._tasks: set[asyncio.Task[Any]] = set()
+
+    def served(self, name: str) -> Served:
+        if name not in self.catalog:
+            raise ApiError(NO_SUCH_MODEL, model=name, note="")
+        if name not in self.engines:
+            raise ApiError(NO_SUCH_MODEL, model=name, note=" (the model is in the catalog but not served here)")
+        return Served(self.catalog.get(name), self.engines[name])
+
+    async def run(self, request: Request, account: str, fmt: WireFormat, model: str | None = None) -> Response:
+        """Answer one inference request of `account` in wire format `fmt`, for `model` (None: the format reads
+        it from the body, as OpenAI's `"model"`)."""
+        return await InferenceCall(self, request, account, fmt).answer(model)
+
+    async def offload(self, function: Callable[..., T], *args: Any) -> T:
+        """Run CPU-bound request work (parsing, validation, the chat template, tokenization) off the event loop."""
+        return await anyio.to_thread.run_sync(function, *args, limiter=self._workers)
+
+    def spawn(self, work: Coroutine[Any, Any, T]) -> asyncio.Task[T]:
+        """Run `work` to its end whatever happens to the HTTP exchange; the drain waits for it."""
+        task = asyncio.get_running_loop().create_task(work)
+        self._tasks.add(task)
+        task.add_done_callback(self._tasks.discard)
+        self.lifecycle.track(task)
+        return task
+
+
+class InferenceCall:
+    """One inference request on its way through `Inference`."""
+
+    def __init__(self, inference: Inference, request: Request, account: str, fmt: WireFormat) -> None:
+        self.inference = inference
+        self.policy = inference.policy
+        self.request = request
+        self.account = account
+        self.fmt = fmt
+        self.request_id: str = request.scope.get(REQUEST_ID_SCOPE_KEY) or str(uuid.uuid4())
+        self.received = utc_now()  # naive UTC, the ledger's time
+        self.obs = inference.metrics.observe(self.request_id)
+        self.obs.fields["account"] = account
+        self.headers: dict[str, str] = {CACHE_STATUS_HEADER: "MISS"}
+        self.served: Served | None = None
+        self.cache_key: CacheKey | None = None
+        self.directives = CacheDirectives()
+        self._streaming = False  # a live stream: observed when it ends, not when the route returns
+        self._closed = False
+
+    async def answer(self, model: str | None) -> Response:
+        try:
+            response = await self._answer(model)
+        except ApiError as err:
+            err.headers = {**self.headers, **err.headers}
+            self.obs.finish(err.status, err.code)
+            raise
+        except Exception:
+            self.obs.finish(INTERNAL.status, INTERNAL.code)
+            raise
+        if not self._streaming:
+            self.obs.finish(response.status_code)
+        return response
+
+    async def _answer(self, model: str | None) -> Response:
+        if model is not None:
+            self.served = self.inference.served(model)
+        checked = await self._checked_body()
+        card, engine = self._served()
+        await self._admit(card)
+        window = min(card.context_length_limit, engine.max_seq_len)
+        run = await self.inference.offload(tokenize_run, checked, engine.tokenizer, window)
+        if self.policy.caches(card):
+            self.directives = self.policy.cache.directives(self.request.headers)
+            self.cache_key = self.policy.cache.key(self.account, card.name, run)
+            hit = await self.policy.cache.get(self.cache_key, self.directives)
+            self.obs.cache(card.name, hit is not None)
+            if hit is not None:
+                return await self._replay(run, hit)
+        handle = self._submit(engine, run)
+        self.obs.fields["stream"] = run.checked.stream
+        sink: asyncio.Queue[str | Finished] | None = asyncio.Queue() if run.checked.stream else None
+        ended = self.inference.spawn(self._follow(handle, sink))
+        if sink is not None:
+            return self._stream(handle, ended, sink)
+        return await self._collected(handle, ended)
+
+    def _served(self) -> Served:
+        assert self.served is not None
+        return self.served
+
+    # ---- the body ----
+
+    async def _checked_body(self) -> ValidatedRun:
+        limits = self.inference.limits
+        try:
+            try:
+                async with asyncio.timeout(limits.body_timeout):
+                    raw = await read_body(self.request, limits.max_body_bytes)
+            except TimeoutError:
+                raise ApiError(REQUEST_TIMEOUT) from None
+            return await self.inference.offload(self._check, raw)
+        except ApiError:
+            if self.served is not None:  # a refused body does not count, but the answer says where the window is
+                await self._show_window(self.served.card)
+            raise
+
+    def _check(self, raw: bytes) -> ValidatedRun:
+        """Worker thread: the body parsed and checked for its model."""
+        body = parse_json_body(raw)
+        if self.served is None:
+            self.served = self.inference.served(self.fmt.model_in_body(body))
+        self.obs.input(self.account, self.served.card.name, body)
+        return self.fmt.validate(body, self.served.card)
+
+    # ---- admission ----
+
+    async def _admit(self, card: ModelCard) -> None:
+        """The daily allocation (3036), then one hit on the account's window (3021); only an admitted request
+        counts."""
+        if self.policy.allocation is not None:
+            try:
+                await self.policy.allocation.check(self.account)
+            except ApiError:
+                await self._show_window(card)
+                raise
+        status = await self.policy.limiter.acquire(card, self.account)
+        if status is None:
+            return
+        headers = status.headers()
+        retry_after = headers.pop("retry-after", None)
+        self.headers.update(headers)
+        if not status.allowed:
+            raise ApiError(RATE_LIMITED, headers={"retry-after": retry_after or "1"})
+
+    async def _show_window(self, card: ModelCard) -> None:
+        status = await self.policy.limiter.describe(card, self.account)
+        if status is not None:
+            self.headers.update({k: v for k, v in status.headers().items() if k != "retry-after"})
+
+    def _submit(self, engine: Engine, run: RunRequest) -> RequestHandle:
+        """The request into the engine, within the account's share of it."""
+        retry = self.inference.retry_headers
+        self.inference.inflight.acquire(self.account)
+        generation = GenerationRequest(prompt_ids=list(run.prompt_ids), max_tokens=run.checked.max_tokens,
+                                       params=run.checked.params, request_id=self.request_id, owner=self.account)
+        try:
+            return engine.submit(generation, reject_if_busy=run.checked.reject_if_busy)
+        except (QueueFullError, EngineStoppedError, ValueError) as err:
+            self.inference.inflight.release(self.account)
+            if isinstance(err, QueueFullError):
+                raise ApiError(CAPACITY, headers=retry) from None
+            if isinstance(err, EngineStoppedError):
+                raise ApiError(UNAVAILABLE, headers=retry) from None
+            raise ApiError(BAD_INPUT, detail=str(err)) from None  # the engine's own checks; ours come first
+        except BaseException:
+            self.inference.inflight.release(self.account)
+            raise
+
+    # ---- the engine's answer ----
+
+    async def _follow(self, handle: RequestHandle, sink: asyncio.Queue[str | Finished] | None = None) -> Finished:
+        """Task: the engine's events into an answer (text deltas also into `sink`), then `finish`."""
+        builder = AnswerBuilder(prompt_tokens=len(handle.request.prompt_ids))
+        try:
+            async for event in handle.events():
+                builder.add(event)
+                self.obs.token(event)
+                if event.text and sink is not None:
+                    sink.put_nowait(event.text)
+        finally:
+            self.inference.inflight.release(self.account)
+        finished = await self.finish(builder.answer())
+        if sink is not None:
+            sink.put_nowait(finished)
+        return finished
+
+    async def _collected(self, handle: RequestHandle, ended: asyncio.Task[Finished]) -> Response:
+        watcher = asyncio.create_task(watch_disconnect(self.request.receive, handle.cancel))
+        try:
+            finished = await asyncio.shield(ended)
+        finally:
+            watcher.cancel()
+        if finished.failure is not None:
+            raise ApiError(finished.failure, headers=self.inference.retry_headers
+                           if finished.failure is UNAVAILABLE else None)
+        self.headers[NEURONS_HEADER] = format_neurons(finished.neurons)
+        return json_response(self.fmt.json_body(finished.answer), headers=self.headers)
+
+    def _stream(self, handle: RequestHandle, ended: asyncio.Task[Finished], sink: asyncio.Queue[str | Finished]
+                ) -> EventStreamResponse:
+        self._streaming = True
+
+        async def frames() -> Any:
+            while isinstance(item := await sink.get(), str):
+                yield self.fmt.delta_frame(item)
+            if item.failure is not None:
+                yield self.fmt.error_frame(item.failure)
+            else:
+                for frame in self.fmt.final_frames(item.answer, item.neurons):
+                    yield frame
+
+        def closed() -> None:  # the response ended, however (also called when the client leaves)
+            handle.cancel()  # nothing if the engine finished it
+            if not self._closed:
+                self._closed = True
+                self.inference.spawn(self._observe_stream(ended))
+
+        return EventStreamResponse(frames(), on_close=closed, headers=self.headers,
+                                   send_timeout=self.inference.limits.stall_timeout)
+
+    async def _observe_stream(self, ended: Awaitable[Finished]) -> None:
+        finished = await ended
+        code = finished.failure.code if finished.failure is not None else None
+        self.obs.finish(200, code, in_stream=True)
+
+    async def _replay(self, run: RunRequest, hit: CachedAnswer) -> Response:
+        self.headers[CACHE_STATUS_HEADER] = "HIT"
+        answer = Answer(hit.deltas, hit.prompt_tokens, hit.completion_tokens, FinishReason(hit.finish_reason))
+        finished = await self.finish(answer, cached=True)
+        if finished.failure is not None:
+            raise ApiError(finished.failure)
+        if run.checked.stream:
+            frames = [self.fmt.delta_frame(d) for d in answer.deltas] + list(self.fmt.final_frames(answer, 0.0))
+            return EventStreamResponse(_replay(frames), on_close=_nothing, headers=self.headers)
+        self.headers[NEURONS_HEADER] = format_neurons(0.0)
+        return json_response(self.fmt.json_body(answer), headers=self.headers)
+
+    # ---- the end ----
+
+    async def finish(self, answer: Answer, cached: bool = False) -> Finished:
+        """Meter, write the ledger row (durable before returning), cache a complete answer, record metrics."""
+        card = self._served().card
+        outcome = _outcome(answer)
+        neurons = billed_neurons(card, outcome, answer.prompt_tokens, answer.completion_tokens,
+                                 started=answer.started, cached=cached)
+        self.obs.answer(self.account, card.name, answer.prompt_tokens, answer.completion_tokens, neurons,
+                        outcome.value, cached, answer.text)
+        row = UsageRow(request_id=self.request_id, time=self.received, account=self.account, model=card.name,
+                       input_tokens=answer.prompt_tokens, output_tokens=answer.completion_tokens, neurons=neurons,
+                       cached=cached, outcome=outcome.value, latency_ms=round(self.obs.elapsed() * 1000, 3))
+        failure = None if outcome is Outcome.OK else self._failure(answer)
+        try:
+            await self.policy.ledger.record(row)
+        except LedgerUnavailableError:
+            log.error("request %s: the usage ledger cannot take its row; the answer is not acknowledged",
+                      self.request_id)
+            failure = INTERNAL
+        if failure is None and not cached and self.cache_key is not None:
+            entry = self.policy.cache.answer(answer.deltas, answer.prompt_tokens, answer.completion_tokens,
+                                             answer.finish_reason)
+            await self.policy.cache.put(self.cache_key, entry, self.directives)
+        return Finished(answer, neurons, failure)
+
+    def _failure(self, answer: Answer) -> ErrorKind:
+        if answer.finish_reason is FinishReason.CANCELLED:
+            return REQUEST_ABORTED
+        if answer.finish_reason is FinishReason.SHUTDOWN:
+            return UNAVAILABLE
+        log.error("request %s failed in the engine: %s", self.request_id, answer.error)
+        return INTERNAL
+
+
+def _outcome(answer: Answer) -> Outcome:
+    if answer.complete:
+        return Outcome.OK
+    return Outcome.ABORTED if answer.finish_reason is FinishReason.CANCELLED else Outcome.ERROR
+
+
+async def _replay(frames: Sequence[bytes]) -> Any:
+    for frame in frames:
+        yield frame
+
+
+def _nothing() -> None:
+    pass
+

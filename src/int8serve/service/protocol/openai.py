@@ -1,0 +1,168 @@
+"""The OpenAI-compatible request bodies (`chat/completions`, `completions`) as pydantic models.
+
+A body is checked twice, each time for what it is: first against its OpenAI model here (no unknown field; the
+fields the SDK or common tools send without effect must have their harmless values), then, turned into the
+equivalent Workers AI body, by `validate_run_body` — so types, ranges and defaults are the card's, exactly as on
+`/ai/run`: `temperature` 0–5 (a superset of OpenAI's 0–2; default the card's 0.6, not OpenAI's 1), `seed`
+1–9999999999, and the extensions `top_k` and `repetition_penalty`. `max_completion_tokens` wins over `max_tokens`
+(both given and different: 400). `stop` is a string or up to 4 non-empty strings, handed to the engine with the
+other sampling parameters (so they are part of the response cache key).
+
+Chat messages go through the card's chat template (`/ai/run` with `messages`); a completion's prompt goes to the
+model as it is (`/ai/run` with `raw: true`). Accepted without effect: `user`, `n: 1`, `stream_options` (its
+`include_usage` is honoured), `logprobs: false`, `top_logprobs: 0`, `echo: false`, `best_of: 1`, `suffix: ""`,
+`response_format: {"type": "text"}`, `tools: []`, `tool_choice: "none"|"auto"`, `parallel_tool_calls`,
+`store: false`, `metadata`, `logit_bias: {}`, and Workers AI's `options` (`rejectIfBusy`).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from typing import Annotated, Any, Literal
+
+from pydantic import BaseModel, ConfigDict, Field, StrictBool, ValidationError, model_validator
+
+from int8serve.catalog.card import ModelCard
+
+from ..errors import BAD_INPUT, ApiError
+from .run import JsonInteger, JsonNumber, ValidatedRun, validate_run_body
+
+__all__ = ["MAX_STOP_SEQUENCES", "ChatCompletionRequest", "CompletionRequest", "OpenAIRequest"]
+
+MAX_STOP_SEQUENCES = 4
+
+Stop = Annotated[str, Field(min_length=1)]
+
+
+class TextPart(BaseModel):
+    type: Literal["text"]
+    text: str
+
+
+class OpenAIMessage(BaseModel):
+    model_config = ConfigDict(extra="ignore")
+    role: Literal["system", "user", "assistant"]
+    content: str | list[TextPart] = Field(description="text, or text content parts (joined)")
+
+    def text(self) -> str:
+        return self.content if isinstance(self.content, str) else "".join(p.text for p in self.content)
+
+
+class StreamOptions(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+    include_usage: StrictBool | None = None
+    include_obfuscation: Any = None
+
+
+class TextFormat(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+    type: Literal["text"] = "text"
+
+
+class OpenAIRequest(BaseModel):
+    """What chat and completions share."""
+
+    model_config = ConfigDict(extra="forbid")
+    model: str = Field(min_length=1, description="a served model, e.g. @cf/meta/llama-2-7b-chat-int8")
+    max_tokens: JsonInteger | None = None
+    max_completion_tokens: JsonInteger | None = None
+    temperature: JsonNumber | None = None
+    top_p: JsonNumber | None = None
+    seed: JsonInteger | None = None
+    frequency_penalty: JsonNumber | None = None
+    presence_penalty: JsonNumber | None = None
+    top_k: JsonInteger | None = Field(None, description="extension: top-k filter (1-50)")
+    repetition_penalty: JsonNumber | None = Field(None, description="extension: multiplicative penalty (0-2)")
+    stop: Stop | Annotated[list[Stop], Field(max_length=MAX_STOP_SEQUENCES)] | None = None
+    stream: StrictBool | None = None
+    stream_options: StreamOptions | None = None
+    options: dict[str, Any] | None = Field(None, description="Workers AI's options, e.g. {\"rejectIfBusy\": true}")
+    # accepted without effect, with these values only
+    user: Any = None
+    parallel_tool_calls: Any = None
+    metadata: Any = None
+    n: Literal[1] | None = None
+    logprobs: Literal[False, 0] | None = None
+    top_logprobs: Literal[0] | None = None
+    echo: Literal[False] | None = None
+    best_of: Literal[1] | None = None
+    suffix: Literal[""] | None = None
+    store: Literal[False] | None = None
+    tools: Annotated[list[Any], Field(max_length=0)] | None = None
+    functions: Annotated[list[Any], Field(max_length=0)] | None = None
+    tool_choice: Literal["none", "auto"] | None = None
+    logit_bias: Annotated[dict[str, Any], Field(max_length=0)] | None = None
+    response_format: TextFormat | None = None
+
+    @model_validator(mode="after")
+    def _one_max_tokens(self) -> OpenAIRequest:
+        if None not in (self.max_tokens, self.max_completion_tokens) and self.max_tokens != self.max_completion_tokens:
+            raise ValueError("'max_tokens' and 'max_completion_tokens' differ: give one of them")
+        return self
+
+    @classmethod
+    def parse(cls, body: Any) -> OpenAIRequest:
+        """`body` checked against this model (400/5006 naming the field)."""
+        try:
+            return cls.model_validate(body)
+        except ValidationError as err:
+            raise ApiError(BAD_INPUT, detail=_detail(err)) from None
+
+    @property
+    def include_usage(self) -> bool:
+        return bool(self.stream_options and self.stream_options.include_usage)
+
+    def to_run(self, card: ModelCard) -> ValidatedRun:
+        """The equivalent Workers AI body, checked for `card`, with the stop sequences."""
+        body = self._workers_ai_body()
+        passed = self.model_dump(include={"temperature", "top_p", "seed", "frequency_penalty", "presence_penalty",
+                                          "top_k", "repetition_penalty", "stream", "options"}, exclude_none=True)
+        tokens = self.max_completion_tokens if self.max_completion_tokens is not None else self.max_tokens
+        if tokens is not None:
+            passed["max_tokens"] = tokens
+        checked = validate_run_body({**body, **passed}, card)
+        stops = [self.stop] if isinstance(self.stop, str) else list(self.stop or [])
+        return dataclasses.replace(checked, params=dataclasses.replace(checked.params,
+                                                                       stop=tuple(dict.fromkeys(stops))))
+
+    def _workers_ai_body(self) -> dict[str, Any]:
+        raise NotImplementedError
+
+
+class ChatCompletionRequest(OpenAIRequest):
+    """`POST chat/completions`: the messages go through the card's chat template."""
+
+    messages: list[OpenAIMessage] = Field(min_length=1)
+
+    def _workers_ai_body(self) -> dict[str, Any]:
+        return {"messages": [{"role": m.role, "content": m.text()} for m in self.messages]}
+
+
+class CompletionRequest(OpenAIRequest):
+    """`POST completions`: the prompt goes to the model as it is."""
+
+    prompt: str | list[str] = Field(description="one prompt (a list of one string is accepted)")
+
+    def _workers_ai_body(self) -> dict[str, Any]:
+        prompts = [self.prompt] if isinstance(self.prompt, str) else self.prompt
+        if len(prompts) != 1:
+            raise ApiError(BAD_INPUT, detail=f"'prompt' must be one string (batches are not supported), got a list "
+                                             f"of {len(prompts)}")
+        return {"prompt": prompts[0], "raw": True}
+
+
+def _detail(err: ValidationError) -> str:
+    """The first problem, naming the field as OpenAI's clients know it (`stream_options.include_usage`)."""
+    problems = err.errors(include_url=False)
+    extra = [".".join(map(str, p["loc"])) for p in problems if p["type"] == "extra_forbidden"]
+    if extra:
+        return "unsupported field(s): " + ", ".join(repr(name) for name in extra)
+    first = problems[0]
+    field = ".".join(str(p) for p in first["loc"])
+    if first["type"] == "literal_error":
+        return f"'{field}' must be {first['ctx']['expected']} (nothing else is supported), got {first['input']!r}"
+    if first["type"] == "too_long" and field in ("tools", "functions", "logit_bias"):
+        return f"'{field}' is not supported by this model"
+    if first["type"] == "value_error":
+        return str(first["ctx"]["error"])
+    return f"'{field}': {first['msg']}"

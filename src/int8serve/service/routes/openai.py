@@ -1,0 +1,89 @@
+"""OpenAI-compatible routes, over the same inference as `/ai/run`.
+
+Under `/client/v4/accounts/{account_id}/ai/v1/` and as plain `/v1/` aliases (the account then is the token's):
+
+* `POST chat/completions`: the messages through the card's chat template (`/ai/run` with `messages`);
+* `POST completions`: the prompt as it is (`/ai/run` with `raw: true`);
+* `GET models`: the served models as an OpenAI list (`id` = card name, `owned_by` = the name's author segment).
+
+Authentication, the rate limit, the response cache, metering and the ledger are those of `/ai/run`
+(`inference.py`); the bodies are `protocol/openai.py`'s. Errors are `{"error": {"message", "type", "param",
+"code"}}` with the Workers AI code as `code` and the same status as on `/ai/run`, except that an unknown model
+(5007) is 404 (the SDK's NotFoundError) and missing credentials (9106) are 401 (`errors.py`).
+"""
+
+from __future__ import annotations
+
+from datetime import datetime
+
+from fastapi import APIRouter, Request
+from starlette.responses import Response
+
+from int8serve.catalog.card import ModelCard
+
+from ..deps import Account, Services, TokenAccount
+from ..errors import json_response
+from ..formats import ChatFormat, CompletionFormat
+from ..protocol.answers import OPENAI_ERROR_RESPONSES, SSE_RESPONSE, ChatCompletion, Completion, ModelList
+
+__all__ = ["router"]
+
+ACCOUNT_PREFIX = "/client/v4/accounts/{account_id}/ai/v1"
+
+router = APIRouter(tags=["OpenAI-compatible"], responses=OPENAI_ERROR_RESPONSES)
+
+
+def _body(model: str) -> dict[str, object]:
+    return {"requestBody": {"required": True, "content": {"application/json": {
+        "schema": {"$ref": f"#/components/schemas/{model}"}}}}}
+
+
+def _models(app: Services) -> Response:
+    data = [{"id": card.name, "object": "model", "created": _created(card), "owned_by": card.author}
+            for card in (app.catalog.get(name) for name in app.engines)]
+    return json_response({"object": "list", "data": data})
+
+
+def _created(card: ModelCard) -> int:
+    raw = (card.front_matter.get("model") or {}).get("created_at")
+    try:
+        return int(datetime.fromisoformat(str(raw)).timestamp()) if raw is not None else 0
+    except ValueError:
+        return 0
+
+
+CHAT = {"response_model": ChatCompletion, "openapi_extra": _body("ChatCompletionRequest"),
+        "responses": {200: SSE_RESPONSE}, "summary": "Chat completion"}
+COMPLETION = {"response_model": Completion, "openapi_extra": _body("CompletionRequest"),
+              "responses": {200: SSE_RESPONSE}, "summary": "Completion"}
+MODELS = {"response_model": ModelList, "summary": "The served models"}
+
+
+@router.post(ACCOUNT_PREFIX + "/chat/completions", **CHAT)
+async def chat(request: Request, account: Account, app: Services) -> Response:
+    return await app.inference.run(request, account, ChatFormat())
+
+
+@router.post(ACCOUNT_PREFIX + "/completions", **COMPLETION)
+async def completions(request: Request, account: Account, app: Services) -> Response:
+    return await app.inference.run(request, account, CompletionFormat())
+
+
+@router.get(ACCOUNT_PREFIX + "/models", **MODELS)
+async def models(account: Account, app: Services) -> Response:
+    return _models(app)
+
+
+@router.post("/v1/chat/completions", **CHAT)
+async def chat_alias(request: Request, account: TokenAccount, app: Services) -> Response:
+    return await app.inference.run(request, account, ChatFormat())
+
+
+@router.post("/v1/completions", **COMPLETION)
+async def completions_alias(request: Request, account: TokenAccount, app: Services) -> Response:
+    return await app.inference.run(request, account, CompletionFormat())
+
+
+@router.get("/v1/models", **MODELS)
+async def models_alias(account: TokenAccount, app: Services) -> Response:
+    return _models(app)

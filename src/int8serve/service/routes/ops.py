@@ -1,0 +1,60 @@
+"""What operators and browsers use, without an API token: health, readiness, metrics, the playground page.
+
+* `GET /healthz`: 200 while the process is alive (even while loading or draining);
+* `GET /readyz`: 200 with each model's engine load, 503/3040 while loading, draining or with no model served;
+* `GET /metrics`: Prometheus text (`metrics.py`: request and error counts, latencies, tokens, neurons per account,
+  cache and rate-limit counts, engine slots). It names every account that used the server, so `--metrics-token`
+  makes it answer only `Authorization: Bearer <that token>`;
+* `GET /` and `GET /playground/{asset}`: the playground (`playground/`), with a strict Content-Security-Policy.
+"""
+
+from __future__ import annotations
+
+from fastapi import APIRouter, Depends
+from starlette.responses import Response
+
+from .. import playground
+from ..deps import Services, metrics_access
+from ..errors import NO_ROUTE, NOT_READY, ApiError, json_response
+
+__all__ = ["router"]
+
+router = APIRouter(tags=["Operations"])
+
+
+@router.get("/healthz", summary="Liveness")
+async def healthz() -> Response:
+    return json_response({"status": "ok"})
+
+
+@router.get("/readyz", summary="Readiness, with each model's slots and queue")
+async def readyz(app: Services) -> Response:
+    models = {}
+    for name, engine in app.engines.items():
+        stats = engine.stats()
+        models[name] = {"running": stats.running, "waiting": stats.waiting, "slots": stats.slots,
+                        "free_slots": stats.free_slots, "max_queue": stats.max_queue}
+    if not app.lifecycle.ready:
+        raise ApiError(NOT_READY, reason=app.lifecycle.not_ready_reason(), headers=app.retry_headers)
+    if not app.engines or not all(e.accepting for e in app.engines.values()):
+        reason = "no model is served" if not app.engines else "the server is starting or shutting down"
+        raise ApiError(NOT_READY, reason=reason, headers=app.retry_headers)
+    return json_response({"status": "ready", "models": models})
+
+
+@router.get("/metrics", summary="Prometheus metrics", dependencies=[Depends(metrics_access)])
+async def prometheus_metrics(app: Services) -> Response:
+    return app.metrics.exposition()
+
+
+@router.get("/", include_in_schema=False)
+async def playground_page() -> Response:
+    return Response(playground.page(), media_type="text/html", headers=playground.PAGE_SECURITY_HEADERS)
+
+
+@router.get("/playground/{name}", include_in_schema=False)
+async def playground_asset(name: str) -> Response:
+    if name not in playground.ASSET_TYPES:
+        raise ApiError(NO_ROUTE)
+    return Response(playground.asset(name), media_type=playground.ASSET_TYPES[name],
+                    headers=playground.PAGE_SECURITY_HEADERS)
