@@ -9,12 +9,13 @@ The format is the one of Cloudflare's catalog (see the built-in card in `cards/`
 * the `constellation_config` property value is itself YAML;
 * `json_schema.input` / `json_schema.output` are JSON strings (a YAML mapping is accepted too).
 
-Everything is checked once, at load time. A malformed card raises `CardError`, whose message names the
-source and the field, e.g. ``card x.txt: field 'model.properties[context_length_limit]': expected a
-positive integer, got 'abc'``.
+Everything is checked once, at load time, by the pydantic models below. A malformed card raises
+`CardError`, naming the source and the field (pydantic's location; a property by its id), e.g. ``card x.txt:
+field 'model.properties[context_length_limit]': Input should be a valid integer, got 'abc'``.
 
 Required: `model.name`, `model.task.name`, `model.properties[context_length_limit]`,
-`json_schema.input`, `json_schema.output`. Defaults for everything else:
+`json_schema.input`, `json_schema.output`. Defaults for everything else (a key with no
+value counts as absent):
 
 * `model.id`: a UUID5 of the name; `model.source`: 2 for `@hf/` names, else 1;
   `model.description`: ""; `model.task.id` / `.description`: ""; `model.tags`: [];
@@ -32,35 +33,25 @@ from __future__ import annotations
 
 import copy
 import json
-import math
 import re
+import reprlib
 import uuid
-from collections.abc import Iterator
 from dataclasses import dataclass, field
 from functools import cached_property
 from importlib import resources
 from pathlib import Path
-from typing import Any, NamedTuple
+from typing import Annotated, Any, Literal, NamedTuple, Self, TypeVar, get_args
 
 import jsonschema
 import yaml
+from pydantic import AfterValidator, BaseModel, BeforeValidator, Field, ValidationError, model_validator
 
-__all__ = [
-    "KNOWN_NEURON_METRICS",
-    "CardError",
-    "ModelCard",
-    "NeuronCost",
-    "RateLimit",
-    "ServingPolicy",
-    "Task",
-    "builtin_cards",
-    "load_card",
-    "parse_card",
-]
+__all__ = ["KNOWN_NEURON_METRICS", "CardError", "ModelCard", "NeuronCost", "RateLimit", "ServingPolicy", "Task",
+           "builtin_cards", "load_card", "parse_card"]
 
-KNOWN_NEURON_METRICS = ("input_tokens", "output_tokens")
+NeuronMetricName = Literal["input_tokens", "output_tokens"]
+KNOWN_NEURON_METRICS: tuple[str, ...] = get_args(NeuronMetricName)
 DEFAULT_MAX_TOKENS = 256  # Workers AI's documented default when a schema has none
-DEFAULT_MAX_CONCURRENT_REQUESTS = 1
 
 
 class CardError(ValueError):
@@ -130,7 +121,7 @@ class ModelCard:
     task: Task
     tags: tuple[str, ...]
     properties: dict[str, Any]  # property_id -> value
-    property_list: tuple[dict[str, Any], ...]  # the original list, in order
+    property_list: tuple[dict[str, Any], ...]  # the list as written, in order
     context_length_limit: int  # prompt tokens + generated tokens
     sequence_length_limit: int  # generated tokens (max_tokens cap)
     max_concurrent_requests: int
@@ -138,7 +129,7 @@ class ModelCard:
     input_schema: dict[str, Any]
     output_schema: dict[str, Any]
     policy: ServingPolicy
-    constellation_config: dict[str, Any]
+    constellation_config: dict[str, Any]  # the keys the card sets, as validated
     display_name: str
     front_matter: dict[str, Any]  # the whole parsed front matter (title, layout, task_type, ...)
 
@@ -156,7 +147,7 @@ class ModelCard:
         return jsonschema.validators.validator_for(self.input_schema)(self.input_schema)
 
     def to_search_result(self) -> dict[str, Any]:
-        """One element of `models/search`'s `result` array (contract §4.1)."""
+        """One element of `models/search`'s `result` array."""
         out: dict[str, Any] = {
             "id": self.id,
             "source": self.source,
@@ -172,7 +163,7 @@ class ModelCard:
         return out
 
     def to_schema_result(self) -> dict[str, Any]:
-        """The `result` of `models/schema?model=<name>` (contract §4.2)."""
+        """The `result` of `models/schema?model=<name>`."""
         return {"input": copy.deepcopy(self.input_schema), "output": copy.deepcopy(self.output_schema)}
 
 
@@ -196,246 +187,284 @@ class _Loader(yaml.SafeLoader):
         return mapping
 
 
-def _load_yaml(text: str, err: _Err, fld: str | None) -> Any:
+def _load_yaml(text: str) -> Any:
     try:
         return yaml.load(text, Loader=_Loader)  # a SafeLoader subclass
     except yaml.YAMLError as e:
         detail = " ".join(str(e).split()).replace('in "<unicode string>", ', "at ")
-        raise err(fld, "invalid YAML: " + detail) from None
+        raise ValueError(f"invalid YAML: {detail}") from None
 
 
-# --- field checks --------------------------------------------------------------------------------
+# --- field types ---------------------------------------------------------------------------------
 
 
-@dataclass(frozen=True)
-class _Err:
-    source: str
+class _Invalid(ValueError):
+    """A problem with part of the value being validated: `at` continues pydantic's location (a list index...)."""
 
-    def __call__(self, fld: str | None, problem: str) -> CardError:
-        return CardError(self.source, fld, problem)
+    def __init__(self, problem: str, *at: str | int) -> None:
+        super().__init__(problem)
+        self.at = at
 
 
-def _mapping(value: Any, err: _Err, fld: str, *, optional: bool = False) -> dict[str, Any]:
-    if value is None and optional:
-        return {}
-    if not isinstance(value, dict):
-        raise err(fld, f"expected a mapping, got {_show(value)}")
+def _digits_as_int(value: Any) -> Any:
+    """Property values are strings: "2048" is the integer 2048."""
+    return int(value) if isinstance(value, str) and re.fullmatch(r"\s*[0-9]+\s*", value) else value
+
+
+def _not_blank(text: str) -> str:
+    if not text.strip():
+        raise ValueError("must not be empty")
+    return text
+
+
+def _one_word(name: str) -> str:
+    if re.search(r"\s", name):
+        raise ValueError(f"must not contain whitespace, got {name!r}")
+    return name
+
+
+def _yaml_mapping(value: Any) -> Any:
+    """The `constellation_config` value is YAML text (a mapping written in place works too); empty = no keys."""
+    value = _load_yaml(value) if isinstance(value, str) else value
+    return {} if value is None else value
+
+
+def _json_schema(value: Any) -> Any:
+    """A JSON Schema, written as a JSON string (or a YAML mapping); `check_schema` says whether it is one."""
+    try:
+        value = json.loads(value) if isinstance(value, str) else value
+        if isinstance(value, dict):
+            jsonschema.validators.validator_for(value).check_schema(value)
+    except json.JSONDecodeError as e:
+        raise ValueError(f"invalid JSON: {e}") from None
+    except jsonschema.SchemaError as e:
+        path = "/".join(str(p) for p in e.absolute_path) or "(root)"
+        raise ValueError(f"not a valid JSON Schema at {path}: {e.message}") from None
     return value
 
 
-def _string(value: Any, err: _Err, fld: str, *, default: str | None = None, nonempty: bool = False) -> str:
-    if value is None:
-        if default is None:
-            raise err(fld, "missing")
-        return default
-    if not isinstance(value, str):
-        raise err(fld, f"expected a string, got {_show(value)}")
-    if nonempty and not value.strip():
-        raise err(fld, "must not be empty")
-    return value
+def _unique(key: str, *below: str) -> AfterValidator:
+    """For a list of models: no two items with the same `key` (a repeat is reported at its index, then `below`)."""
+
+    def check(items: list[Any]) -> list[Any]:
+        keys = [getattr(item, key) for item in items]
+        for i, value in enumerate(keys):
+            if value in keys[:i]:
+                raise _Invalid(f"duplicate {key} {value!r}", i, *below)
+        return items
+    return AfterValidator(check)
 
 
-def _positive_int(value: Any, err: _Err, fld: str) -> int:
-    """An int > 0, written as a YAML integer or a string of decimal digits (property values are strings)."""
-    if isinstance(value, str) and re.fullmatch(r"\s*[0-9]+\s*", value):
-        value = int(value)
-    if isinstance(value, bool) or not isinstance(value, int):
-        raise err(fld, f"expected a positive integer, got {_show(value)}")
-    if value <= 0:
-        raise err(fld, f"expected a positive integer, got {value}")
-    return value
+Limit = Annotated[int, Field(gt=0), BeforeValidator(_digits_as_int)]  # a YAML integer or a string of digits
+Text = Annotated[str, AfterValidator(_not_blank)]
+ModelName = Annotated[Text, AfterValidator(_one_word)]
+JsonSchema = Annotated[dict[str, Any], BeforeValidator(_json_schema)]
 
 
-def _show(value: Any) -> str:
-    if value is None:
-        return "nothing"
-    text = repr(value)
-    return text if len(text) <= 60 else text[:57] + "..."
+# --- the card's models ---------------------------------------------------------------------------
+
+
+class _Section(BaseModel, strict=True):
+    """A mapping of the card: strict types (no "1" for 1 unless the type says so); unknown keys are ignored."""
+
+    @model_validator(mode="before")
+    @classmethod
+    def _null_means_absent(cls, data: Any) -> Any:
+        return {k: v for k, v in data.items() if v is not None} if isinstance(data, dict) else data
+
+
+class TaskSection(_Section):
+    id: str = ""
+    name: Text
+    description: str = ""
+
+
+class Property(_Section, extra="allow"):
+    """One `model.properties` item as written; `CardProperties` types the values the server reads."""
+
+    property_id: Text
+    value: Any
+
+
+class ModelSection(_Section):
+    name: ModelName
+    id: str | None = None  # default: a UUID5 of the name
+    source: int | None = None  # default: 2 for `@hf/` names, else 1
+    description: str = ""
+    task: TaskSection
+    tags: list[str] = []
+    properties: Annotated[list[Property], _unique("property_id")] = []
+
+    @model_validator(mode="after")
+    def _defaults_from_name(self) -> Self:
+        if self.id is None:
+            self.id = str(uuid.uuid5(uuid.NAMESPACE_URL, self.name))
+        if self.source is None:
+            self.source = 2 if self.name.startswith("@hf/") else 1
+        return self
+
+
+class JsonSchemas(_Section):
+    input: JsonSchema
+    output: JsonSchema
+
+
+class CardFrontMatter(_Section, protected_namespaces=()):  # `model_display_name` is the card's, not pydantic's
+    """The front matter; its other keys (title, layout, task_type, ...) stay in `ModelCard.front_matter`."""
+
+    model: ModelSection
+    json_schema: JsonSchemas
+    model_display_name: str | None = None  # default: the last segment of the name
+
+
+class RequestsPerMinute(_Section):
+    default: Limit | None = None  # None: unlimited
+    accounts: dict[str, Limit] = {}
+
+
+class NeuronMetric(_Section):
+    name: NeuronMetricName
+    neuron_cost: Annotated[float, Field(ge=0, allow_inf_nan=False)]
+
+
+class Neurons(_Section):
+    metrics: Annotated[list[NeuronMetric], _unique("name", "name")] = []
+
+
+class ConstellationConfig(_Section, extra="allow"):
+    """The YAML inside the `constellation_config` property: the serving policy and the engine's slots."""
+
+    # YAML 1.1 reads `off` / `no` as false: no cache
+    infer_response_cache: Annotated[Text | None, BeforeValidator(lambda v: None if v is False else v)] = None
+    max_requests_per_min: RequestsPerMinute = RequestsPerMinute()
+    neurons: Neurons = Neurons()
+    max_concurrent_requests: Limit = 1
+
+    def policy(self) -> ServingPolicy:
+        rpm = self.max_requests_per_min
+        costs = tuple(NeuronCost(m.name, m.neuron_cost) for m in self.neurons.metrics)
+        return ServingPolicy(self.infer_response_cache, RateLimit(rpm.default, dict(rpm.accounts)), costs)
+
+
+class CardProperties(_Section):
+    """The property values the server reads, by property_id."""
+
+    context_length_limit: Limit
+    sequence_length_limit: Limit | None = None  # default: the context length limit
+    constellation_config: Annotated[ConstellationConfig, BeforeValidator(_yaml_mapping)] = ConstellationConfig()
+
+    @model_validator(mode="after")
+    def _sequence_within_context(self) -> Self:
+        ctx, seq = self.context_length_limit, self.sequence_length_limit
+        if seq is None:
+            self.sequence_length_limit = ctx
+        elif seq > ctx:
+            raise _Invalid(f"{seq} exceeds context_length_limit {ctx}", "sequence_length_limit")
+        return self
 
 
 # --- parsing -------------------------------------------------------------------------------------
 
+_M = TypeVar("_M", bound=BaseModel)
+_MESSAGES = {"model_type": "Input should be a mapping"}  # pydantic's own names our class, which means nothing in YAML
 
-def _split_front_matter(text: str, err: _Err) -> str:
+
+def _validated(model: type[_M], data: Any, source: str, front_matter: Any, under: tuple[str, ...] = ()) -> _M:
+    """`model` validated from `data` (found at `under` in the front matter), else its first error as a `CardError`."""
+    try:
+        return model.model_validate(data)
+    except ValidationError as e:
+        error = e.errors()[0]
+    cause = error.get("ctx", {}).get("error")  # the ValueError one of our validators raised, if any
+    if cause is not None:
+        problem = str(cause)
+    elif error["type"] == "missing":
+        problem = error["msg"]
+    else:
+        problem = f"{_MESSAGES.get(error['type'], error['msg'])}, got {reprlib.repr(error['input'])}"
+    loc = (*under, *error["loc"], *getattr(cause, "at", ()))
+    raise CardError(source, _field_path(loc, front_matter), problem)
+
+
+def _field_path(loc: tuple[str | int, ...], front_matter: Any) -> str:
+    """pydantic's location as a field path, `a.b[0].c`, naming a property by its id: `model.properties[info].value`."""
+    if loc[:2] == ("model", "properties") and len(loc) > 2:
+        loc = ("model", f"properties[{_property_id(front_matter, loc[2])}]", *loc[3:])
+    return "".join(f"[{k}]" if isinstance(k, int) else f".{k}" for k in loc).removeprefix(".") or "front matter"
+
+
+def _property_id(front_matter: Any, key: str | int) -> str | int:
+    """The id of the property at index `key` of `model.properties`, if it has one."""
+    try:
+        property_id = front_matter["model"]["properties"][key]["property_id"]
+    except (LookupError, TypeError):
+        return key
+    return property_id if isinstance(property_id, str) and property_id.strip() else key
+
+
+def _front_matter(text: str, source: str) -> Any:
+    """The YAML between the opening and the closing `---` line, parsed."""
     lines = text.removeprefix("\ufeff").splitlines()
     if not lines or lines[0].rstrip() != "---":
-        raise err("front matter", "the card must start with a '---' line")
-    for i, line in enumerate(lines[1:], start=1):
-        if line.rstrip() == "---":
-            return "\n" + "\n".join(lines[1:i])  # leading newline: YAML line numbers = file lines
-    raise err("front matter", "no closing '---' line")
-
-
-def _properties(raw: Any, err: _Err) -> tuple[dict[str, Any], tuple[dict[str, Any], ...]]:
-    if raw is None:
-        raw = []
-    if not isinstance(raw, list):
-        raise err("model.properties", f"expected a list, got {_show(raw)}")
-    props: dict[str, Any] = {}
-    for i, item in enumerate(raw):
-        fld = f"model.properties[{i}]"
-        item = _mapping(item, err, fld)
-        pid = _string(item.get("property_id"), err, fld + ".property_id", nonempty=True)
-        if "value" not in item:
-            raise err(f"model.properties[{pid}]", "missing 'value'")
-        if pid in props:
-            raise err(f"model.properties[{pid}]", "duplicate property_id")
-        props[pid] = item["value"]
-    return props, tuple(copy.deepcopy(raw))
-
-
-def _policy(cfg: dict[str, Any], err: _Err) -> ServingPolicy:
-    base = "model.properties[constellation_config]"
-
-    cache = cfg.get("infer_response_cache")
-    if cache is False:  # YAML 1.1 reads `off` / `no` as false
-        cache = None
-    if cache is not None:
-        cache = _string(cache, err, base + ".infer_response_cache", nonempty=True).strip()
-
-    rpm = _mapping(cfg.get("max_requests_per_min"), err, base + ".max_requests_per_min", optional=True)
-    rpm_fld = base + ".max_requests_per_min"
-    default_rpm = None
-    if rpm.get("default") is not None:
-        default_rpm = _positive_int(rpm["default"], err, rpm_fld + ".default")
-    accounts_raw = _mapping(rpm.get("accounts"), err, rpm_fld + ".accounts", optional=True)
-    accounts = {str(acct): _positive_int(n, err, f"{rpm_fld}.accounts.{acct}") for acct, n in accounts_raw.items()}
-
-    neurons = _mapping(cfg.get("neurons"), err, base + ".neurons", optional=True)
-    metrics = neurons.get("metrics") or []
-    if not isinstance(metrics, list):
-        raise err(base + ".neurons.metrics", f"expected a list, got {_show(metrics)}")
-    costs: list[NeuronCost] = []
-    for i, m in enumerate(metrics):
-        fld = f"{base}.neurons.metrics[{i}]"
-        m = _mapping(m, err, fld)
-        name = _string(m.get("name"), err, fld + ".name", nonempty=True)
-        if name not in KNOWN_NEURON_METRICS:
-            known = ", ".join(KNOWN_NEURON_METRICS)
-            raise err(fld + ".name", f"unknown neuron metric {name!r} (known: {known})")
-        if any(c.metric == name for c in costs):
-            raise err(fld + ".name", f"duplicate neuron metric {name!r}")
-        cost = m.get("neuron_cost")
-        if isinstance(cost, bool) or not isinstance(cost, int | float) or not math.isfinite(cost) or cost < 0:
-            raise err(fld + ".neuron_cost", f"expected a non-negative number, got {_show(cost)}")
-        costs.append(NeuronCost(name, float(cost)))
-
-    return ServingPolicy(cache, RateLimit(default_rpm, accounts), tuple(costs))
-
-
-def _schema(raw: Any, err: _Err, fld: str) -> dict[str, Any]:
-    if raw is None:
-        raise err(fld, "missing")
-    if isinstance(raw, str):
-        try:
-            raw = json.loads(raw)
-        except json.JSONDecodeError as e:
-            raise err(fld, f"invalid JSON: {e}") from None
-    if not isinstance(raw, dict):
-        raise err(fld, f"expected a JSON object, got {_show(raw)}")
+        raise CardError(source, "front matter", "the card must start with a '---' line")
+    end = next((i for i, line in enumerate(lines[1:], start=1) if line.rstrip() == "---"), None)
+    if end is None:
+        raise CardError(source, "front matter", "no closing '---' line")
     try:
-        jsonschema.validators.validator_for(raw).check_schema(raw)
-    except jsonschema.SchemaError as e:
-        path = "/".join(str(p) for p in e.absolute_path) or "(root)"
-        raise err(fld, f"not a valid JSON Schema at {path}: {e.message}") from None
-    return raw
+        return _load_yaml("\n" + "\n".join(lines[1:end]))  # leading newline: YAML line numbers = file lines
+    except ValueError as e:
+        raise CardError(source, "front matter", str(e)) from None
 
 
-def _schema_branches(schema: dict[str, Any]) -> Iterator[dict[str, Any]]:
-    """The schema and its direct oneOf/anyOf/allOf branches (where `max_tokens` is declared)."""
-    yield schema
-    for key in ("oneOf", "anyOf", "allOf"):
-        for branch in schema.get(key) or []:
-            if isinstance(branch, dict):
-                yield branch
-
-
-def _default_max_tokens(schema: dict[str, Any], seq_limit: int, err: _Err) -> int:
+def _default_max_tokens(schema: dict[str, Any], seq_limit: int, source: str) -> int:
+    """The input schema's `max_tokens.default` (at the top or in direct oneOf/anyOf/allOf branches, the same in
+    all), else min(256, `seq_limit`)."""
     fld = "json_schema.input.properties.max_tokens.default"
+    branches = (b for key in ("oneOf", "anyOf", "allOf") for b in schema.get(key) or [] if isinstance(b, dict))
     found: set[int] = set()
-    for branch in _schema_branches(schema):
+    for branch in (schema, *branches):
         spec = (branch.get("properties") or {}).get("max_tokens")
         if isinstance(spec, dict) and "default" in spec:
             value = spec["default"]
             if isinstance(value, bool) or not isinstance(value, int) or value <= 0:
-                raise err(fld, f"expected a positive integer, got {_show(value)}")
+                raise CardError(source, fld, f"expected a positive integer, got {reprlib.repr(value)}")
             found.add(value)
     if len(found) > 1:
-        raise err(fld, f"branches disagree: {sorted(found)}")
-    if not found:
-        return min(DEFAULT_MAX_TOKENS, seq_limit)
-    value = found.pop()
+        raise CardError(source, fld, f"branches disagree: {sorted(found)}")
+    value = found.pop() if found else min(DEFAULT_MAX_TOKENS, seq_limit)
     if value > seq_limit:
-        raise err(fld, f"{value} exceeds sequence_length_limit {seq_limit}")
+        raise CardError(source, fld, f"{value} exceeds sequence_length_limit {seq_limit}")
     return value
 
 
 def parse_card(text: str, source: str) -> ModelCard:
     """Parse and validate a card; `source` (usually the file path) is only used in error messages."""
-    err = _Err(source)
-    fm = _mapping(_load_yaml(_split_front_matter(text, err), err, "front matter"), err, "front matter")
-    model = _mapping(fm.get("model"), err, "model")
-
-    name = _string(model.get("name"), err, "model.name", nonempty=True)
-    if re.search(r"\s", name):
-        raise err("model.name", f"must not contain whitespace, got {name!r}")
-    src = model.get("source", 2 if name.startswith("@hf/") else 1)
-    if isinstance(src, bool) or not isinstance(src, int):
-        raise err("model.source", f"expected an integer, got {_show(src)}")
-    task_raw = _mapping(model.get("task"), err, "model.task")
-    task = Task(
-        id=_string(task_raw.get("id"), err, "model.task.id", default=""),
-        name=_string(task_raw.get("name"), err, "model.task.name", nonempty=True),
-        description=_string(task_raw.get("description"), err, "model.task.description", default=""),
-    )
-    tags = model.get("tags") or []
-    if not isinstance(tags, list) or not all(isinstance(t, str) for t in tags):
-        raise err("model.tags", f"expected a list of strings, got {_show(tags)}")
-
-    props, prop_list = _properties(model.get("properties"), err)
-    ctx_fld, seq_fld = "model.properties[context_length_limit]", "model.properties[sequence_length_limit]"
-    if "context_length_limit" not in props:
-        raise err(ctx_fld, "missing")
-    ctx = _positive_int(props["context_length_limit"], err, ctx_fld)
-    seq = _positive_int(props.get("sequence_length_limit", ctx), err, seq_fld)
-    if seq > ctx:
-        raise err(seq_fld, f"{seq} exceeds context_length_limit {ctx}")
-
-    cfg_fld = "model.properties[constellation_config]"
-    cfg_raw = props.get("constellation_config")
-    if isinstance(cfg_raw, str):
-        cfg_raw = _load_yaml(cfg_raw, err, cfg_fld)
-    cfg = _mapping(cfg_raw, err, cfg_fld, optional=True)
-    policy = _policy(cfg, err)
-    mcr = cfg.get("max_concurrent_requests")
-    if mcr is None:
-        mcr = DEFAULT_MAX_CONCURRENT_REQUESTS
-    mcr = _positive_int(mcr, err, cfg_fld + ".max_concurrent_requests")
-
-    schemas = _mapping(fm.get("json_schema"), err, "json_schema")
-    input_schema = _schema(schemas.get("input"), err, "json_schema.input")
-    output_schema = _schema(schemas.get("output"), err, "json_schema.output")
-
+    raw = _front_matter(text, source)
+    front = _validated(CardFrontMatter, raw, source, raw)
+    model, schemas = front.model, front.json_schema
+    values = {p.property_id: p.value for p in model.properties}
+    props = _validated(CardProperties, values, source, raw, under=("model", "properties"))
+    config = props.constellation_config
     return ModelCard(
         source_path=source,
-        id=_string(model.get("id"), err, "model.id", default=str(uuid.uuid5(uuid.NAMESPACE_URL, name))),
-        source=src,
-        name=name,
-        description=_string(model.get("description"), err, "model.description", default=""),
-        task=task,
-        tags=tuple(tags),
-        properties=props,
-        property_list=prop_list,
-        context_length_limit=ctx,
-        sequence_length_limit=seq,
-        max_concurrent_requests=mcr,
-        default_max_tokens=_default_max_tokens(input_schema, seq, err),
-        input_schema=input_schema,
-        output_schema=output_schema,
-        policy=policy,
-        constellation_config=cfg,
-        display_name=_string(fm.get("model_display_name"), err, "model_display_name", default=name.split("/")[-1]),
-        front_matter=fm,
+        id=model.id,
+        source=model.source,
+        name=model.name,
+        description=model.description,
+        task=Task(**model.task.model_dump()),
+        tags=tuple(model.tags),
+        properties=values,
+        property_list=tuple(p.model_dump() for p in model.properties),
+        context_length_limit=props.context_length_limit,
+        sequence_length_limit=props.sequence_length_limit,
+        max_concurrent_requests=config.max_concurrent_requests,
+        default_max_tokens=_default_max_tokens(schemas.input, props.sequence_length_limit, source),
+        input_schema=schemas.input,
+        output_schema=schemas.output,
+        policy=config.policy(),
+        constellation_config=config.model_dump(exclude_unset=True),
+        display_name=model.name.split("/")[-1] if front.model_display_name is None else front.model_display_name,
+        front_matter=raw,
     )
 
 
