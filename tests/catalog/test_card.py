@@ -394,6 +394,24 @@ def test_max_tokens_branches_must_agree(seed_text: str) -> None:
         ("  task:\n", "  task: 3\n  other:\n", "model.task", "Input should be a mapping, got 3"),
         ("model:\n", "model: 1\nother:\n", "model", "Input should be a mapping, got 1"),
         ('"@hf/someone/tiny-model"', '"@hf/some one/tiny"', "model.name", "whitespace"),
+        # a property named by its id once it has one, by its index before
+        (
+            'value: "512"',
+            'value: "512"\n    - property_id: "beta"',
+            "model.properties[beta].value",
+            "Field required",
+        ),
+        (
+            '    - property_id: "context_length_limit"',
+            '    - "context_length_limit"\n    - property_id: "x"',
+            "model.properties[0]",
+            "Input should be a mapping, got 'context_length_limit'",
+        ),
+        # strict types: a bool is not an integer, "1" only counts where the card writes numbers as strings
+        ('value: "512"', "value: true", "model.properties[context_length_limit]", "valid integer, got True"),
+        ('  name: "@hf', '  source: "2"\n  name: "@hf', "model.source", "valid integer, got '2'"),
+        # an empty value is no value: the property must have one
+        ('value: "512"', "value:", "model.properties[context_length_limit].value", "Field required"),
     ],
 )
 def test_malformed_minimal_card(old: str, new: str, field: str, word: str) -> None:
@@ -402,6 +420,81 @@ def test_malformed_minimal_card(old: str, new: str, field: str, word: str) -> No
         parse_card(MINIMAL.replace(old, new), "m.txt")
     assert str(info.value).startswith(f"card m.txt: field '{field}': "), str(info.value)
     assert word in info.value.problem
+
+
+CONFIG_PROP = '    - property_id: "constellation_config"\n      value: |\n'
+METRIC = "neurons:\n  metrics:\n    - name: input_tokens"
+
+
+def _with_config(config: str) -> str:
+    """MINIMAL with a `constellation_config` property (a YAML block)."""
+    block = "".join(f"        {line}\n" for line in config.splitlines())
+    return MINIMAL.replace('      value: "512"\n', '      value: "512"\n' + CONFIG_PROP + block)
+
+
+@pytest.mark.parametrize(
+    ("config", "field", "word"),
+    [
+        (METRIC + "\n      neuron_cost: .inf", "neurons.metrics[0].neuron_cost", "finite number"),
+        (METRIC, "neurons.metrics[0].neuron_cost", "Field required"),
+        (METRIC + "\n      neuron_cost: true", "neurons.metrics[0].neuron_cost", "valid number, got True"),
+        ("infer_response_cache: ' '", "infer_response_cache", "must not be empty"),
+        ("max_concurrent_requests: true", "max_concurrent_requests", "valid integer, got True"),
+        ("max_concurrent_requests: 2.0", "max_concurrent_requests", "valid integer, got 2.0"),
+        ("max_requests_per_min:\n  accounts: [1, 2]", "max_requests_per_min.accounts", "valid dictionary"),
+        ("neurons: 5", "neurons", "Input should be a mapping, got 5"),
+    ],
+)
+def test_malformed_constellation_config(config: str, field: str, word: str) -> None:
+    with pytest.raises(CardError) as info:
+        parse_card(_with_config(config), "m.txt")
+    assert info.value.field == f"{CFG}.{field}", str(info.value)
+    assert word in info.value.problem, str(info.value)
+
+
+def test_constellation_config_is_the_mapping_validated(card: ModelCard) -> None:
+    accounts = {"32118455": 60, "50147400": 60, "48546443": 1000, "56599770": 1000}
+    metrics = [{"name": "input_tokens", "neuron_cost": 0.1836}, {"name": "output_tokens", "neuron_cost": 0.1836}]
+    assert card.constellation_config == {
+        "infer_response_cache": "in_memory",
+        "max_requests_per_min": {"default": 5, "accounts": accounts},
+        "neurons": {"metrics": metrics},
+        "max_concurrent_requests": 4,
+    }
+    other = parse_card(_with_config("max_concurrent_requests: '3'\nsomething_new: [1, 2]"), "m.txt")
+    assert other.constellation_config == {"max_concurrent_requests": 3, "something_new": [1, 2]}  # unknown keys kept
+    assert other.max_concurrent_requests == 3
+
+
+def test_a_key_without_value_means_the_default() -> None:
+    plain = parse_card(MINIMAL, "m.txt")
+    text = MINIMAL.replace("  task:\n", "  id:\n  source:\n  description:\n  tags:\n  task:\n    id:\n")
+    card = parse_card(text.replace("json_schema:\n", "model_display_name:\njson_schema:\n"), "m.txt")
+    assert card.to_search_result() == plain.to_search_result()
+    assert card.display_name == "tiny-model"
+    config = _with_config("infer_response_cache:\nmax_requests_per_min:\nneurons:\n  metrics:")
+    assert parse_card(config, "m.txt").policy == plain.policy
+    with pytest.raises(CardError, match=r"^card m\.txt: field 'model\.name': Field required$"):
+        parse_card(MINIMAL.replace('"@hf/someone/tiny-model"', ""), "m.txt")  # a required key stays required
+
+
+def test_display_name_as_written() -> None:
+    text = MINIMAL.replace("json_schema:\n", "model_display_name: Tiny\njson_schema:\n")
+    assert parse_card(text, "m.txt").display_name == "Tiny"
+
+
+def test_property_items_keep_their_keys() -> None:
+    card = parse_card(MINIMAL.replace('value: "512"', 'value: "512"\n      note: "kept"'), "m.txt")
+    assert card.property_list == ({"property_id": "context_length_limit", "value": "512", "note": "kept"},)
+    assert card.to_search_result()["properties"] == [dict(card.property_list[0])]
+
+
+def test_the_first_error_is_reported(seed_text: str) -> None:
+    text = seed_text.replace('value: "2048"', 'value: "abc"').replace('value: "1800"', 'value: "lots"')
+    with pytest.raises(CardError) as info:
+        parse_card(text, "x.txt")
+    assert info.value.field == "model.properties[context_length_limit]"
+    assert info.value.__context__ is None  # no pydantic traceback behind it
 
 
 def test_front_matter_must_be_a_mapping() -> None:
