@@ -214,7 +214,6 @@ def run_server(loaded: LoadedSettings, tokens: dict[str, str]) -> None:
     if generated:
         tokens[secrets.token_urlsafe(24)] = secrets.token_hex(16)
     _print_start(loaded, prepared, tokens, generated)
-    configure_logging(settings.log_format, settings.log_level)
     lifecycle = Lifecycle(Phase.LOADING)
     deferred = _Deferred(lifecycle)
     # JSON: uvicorn's own loggers go through the same JSON handler instead of uvicorn's default config
@@ -222,6 +221,7 @@ def run_server(loaded: LoadedSettings, tokens: dict[str, str]) -> None:
     config = uvicorn_config(deferred, host=settings.host, port=settings.port, log_level=settings.log_level,
                             log_config=log_config, timeout_graceful_shutdown=CUT_GRACE_SECONDS,
                             header_timeout=settings.header_timeout, max_connections=settings.max_connections)
+    configure_logging(settings.log_format, settings.log_level)  # after uvicorn's config made its loggers
     server = _Server(config, lifecycle, settings.shutdown_timeout)
     failure: list[str] = []
 

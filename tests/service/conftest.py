@@ -18,6 +18,7 @@ ledger is written (in memory). The policy tests (`tests/service/policy/`) build 
 from __future__ import annotations
 
 import os
+import socket
 import threading
 import time
 import uuid
@@ -38,6 +39,7 @@ from int8serve.engine.loader import LoadedModel
 from int8serve.engine.scheduler import Engine
 from int8serve.engine.tokenizer import Tokenizer
 from int8serve.service.app import create_app
+from int8serve.service.connections import uvicorn_config
 from int8serve.service.policy import Policy
 
 ACCOUNT = "023e105f4ecef8ad9ca31a8372d0c353"
@@ -100,13 +102,16 @@ class ScriptedModel:
 
 
 class LiveServer:
-    """A uvicorn server for `app` on a free loopback port, in a background thread."""
+    """A uvicorn server for `app` on a free loopback port, in a background thread, with the connection limits of
+    `int8serve serve` (`uvicorn_config`: `header_timeout`, `max_connections`). `sock`: serve on this bound socket."""
 
-    def __init__(self, app: FastAPI) -> None:
-        config = uvicorn.Config(app, host="127.0.0.1", port=0, log_level="warning", lifespan="off",
-                                timeout_graceful_shutdown=2)
+    def __init__(self, app: FastAPI, sock: socket.socket | None = None, **limits: Any) -> None:
+        config = uvicorn_config(app, host="127.0.0.1", port=0, log_level="warning", lifespan="off",
+                                timeout_graceful_shutdown=2, **limits)
         self.server = uvicorn.Server(config)
-        self.thread = threading.Thread(target=self.server.run, name="uvicorn-test", daemon=True)
+        sockets = [sock] if sock is not None else None
+        self.thread = threading.Thread(target=self.server.run, kwargs={"sockets": sockets}, name="uvicorn-test",
+                                       daemon=True)
 
     def __enter__(self) -> LiveServer:
         self.thread.start()

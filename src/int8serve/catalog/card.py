@@ -141,6 +141,13 @@ class ModelCard:
             return parts[1]
         return parts[0] if len(parts) >= 2 else ""
 
+    def __getstate__(self) -> dict[str, Any]:
+        """Picklable (the request worker process gets the served cards): the cached validator is made again."""
+        return {k: v for k, v in self.__dict__.items() if k != "input_validator"}
+
+    def __setstate__(self, state: dict[str, Any]) -> None:
+        self.__dict__.update(state)
+
     @cached_property
     def input_validator(self) -> jsonschema.protocols.Validator:
         """A `jsonschema` validator for request bodies (the card's own input schema)."""

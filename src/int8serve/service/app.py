@@ -125,6 +125,7 @@ def create_app(catalog: Catalog, engines: Mapping[str, Engine], tokens: Mapping[
     async def lifespan(_app: FastAPI) -> AsyncIterator[None]:
         yield
         metrics.unwatch_engines()
+        services.inference.workers.close()
         if owned:  # writes out the ledger: never on the event loop's thread
             await asyncio.to_thread(policy.close)
 

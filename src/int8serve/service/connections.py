@@ -4,7 +4,10 @@ uvicorn bounds idle keep-alive connections (`timeout_keep_alive`) but not a clie
 sends its headers a byte at a time (slowloris): such a connection is held for ever. `HeaderDeadlineProtocol` closes
 a connection whose request headers are not complete `header_timeout` seconds after it opened, or after the previous
 answer on it ended. The body has a deadline of its own (`RequestLimits.body_timeout`, answered 408/3007), and the
-number of open connections is bounded by uvicorn's `limit_concurrency` (beyond it: 503).
+number of open connections is bounded by uvicorn's `limit_concurrency` (beyond it: 503). A connection also buffers
+at most `WRITE_BUFFER_BYTES` of answer that its client has not read before the answer waits for it (asyncio's
+default is 64 KiB), so a client that stops reading holds little memory, and a stream notices it soon
+(`streaming.py` cuts it).
 """
 
 from __future__ import annotations
@@ -19,6 +22,7 @@ __all__ = ["DEFAULT_HEADER_TIMEOUT", "DEFAULT_MAX_CONNECTIONS", "HeaderDeadlineP
 
 DEFAULT_HEADER_TIMEOUT = 10.0
 DEFAULT_MAX_CONNECTIONS = 512
+WRITE_BUFFER_BYTES = 16 << 10
 
 
 class HeaderDeadlineProtocol(H11Protocol):
@@ -33,6 +37,7 @@ class HeaderDeadlineProtocol(H11Protocol):
 
     def connection_made(self, transport: asyncio.Transport) -> None:  # type: ignore[override]
         super().connection_made(transport)
+        transport.set_write_buffer_limits(high=WRITE_BUFFER_BYTES)
         self._arm()
 
     def connection_lost(self, exc: Exception | None) -> None:

@@ -52,6 +52,7 @@ __all__ = [
     "USAGE_UNAVAILABLE",
     "ApiError",
     "ErrorKind",
+    "answered_status",
     "error_body",
     "error_response",
     "handle_error",
@@ -132,13 +133,25 @@ class ApiError(Exception):
         self.message = kind.template.format(**fields)
         self.headers = dict(headers or {})
         self.error_chain = [dict(e) for e in error_chain] if error_chain else None
+        self.fields = fields
         super().__init__(f"{self.status} {self.code}: {self.message}")
+
+    def __reduce__(self) -> tuple[Any, ...]:  # picklable: raised in the request worker process (workers.py)
+        return _rebuild, (self.kind, self.headers, self.error_chain, self.fields, self.status, self.code,
+                          self.message)
 
     def body(self) -> dict[str, Any]:
         return error_body(self.code, self.message, ai=self.kind.ai, error_chain=self.error_chain)
 
     def response(self) -> Response:
         return json_response(self.body(), status=self.status, headers=self.headers)
+
+
+def _rebuild(kind: ErrorKind, headers: dict[str, str], error_chain: list[dict[str, Any]] | None,
+             fields: dict[str, Any], status: int, code: int, message: str) -> ApiError:
+    err = ApiError(kind, headers=headers, error_chain=error_chain, **fields)
+    err.status, err.code, err.message = status, code, message
+    return err
 
 
 def error_body(code: int, message: str, *, ai: bool, error_chain: Sequence[Mapping[str, Any]] | None = None
@@ -187,6 +200,11 @@ def openai_error(code: int, message: str, status: int) -> dict[str, Any]:
 def openai_error_response(err: ApiError) -> Response:
     status = OPENAI_STATUS.get(err.code, err.status)
     return json_response(openai_error(err.code, err.message, status), status=status, headers=err.headers)
+
+
+def answered_status(path: str, err: ApiError) -> int:
+    """The HTTP status `err` is answered with on `path`."""
+    return OPENAI_STATUS.get(err.code, err.status) if is_openai_path(path) else err.status
 
 
 def error_response(path: str, err: ApiError) -> Response:

@@ -31,12 +31,10 @@ from __future__ import annotations
 import asyncio
 import logging
 import uuid
-from collections.abc import Awaitable, Callable, Coroutine, Mapping, Sequence
+from collections.abc import Awaitable, Coroutine, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any, NamedTuple, TypeVar
 
-import anyio
-import anyio.to_thread
 from starlette.requests import Request
 from starlette.responses import Response
 
@@ -55,13 +53,13 @@ from .errors import (
     BAD_INPUT,
     CAPACITY,
     INTERNAL,
-    NO_SUCH_MODEL,
     RATE_LIMITED,
     REQUEST_ABORTED,
     REQUEST_TIMEOUT,
     UNAVAILABLE,
     ApiError,
     ErrorKind,
+    answered_status,
     json_response,
 )
 from .formats import WireFormat
@@ -71,9 +69,10 @@ from .policy import NEURONS_HEADER, LedgerUnavailableError, Outcome, Policy, Usa
 from .policy.cache import CACHE_STATUS_HEADER, CachedAnswer, CacheDirectives, CacheKey
 from .policy.fairness import InflightLimiter
 from .policy.ledger import utc_now
-from .protocol.body import DEFAULT_MAX_BODY_BYTES, parse_json_body, read_body
-from .protocol.run import RunRequest, ValidatedRun, tokenize_run
+from .protocol.body import DEFAULT_MAX_BODY_BYTES, read_body
+from .protocol.run import RunRequest, ValidatedRun
 from .streaming import Answer, AnswerBuilder, EventStreamResponse, watch_disconnect
+from .workers import RequestWorkers, Resolver
 
 __all__ = ["REQUEST_ID_SCOPE_KEY", "Inference", "InferenceCall", "RequestLimits", "Served"]
 
@@ -91,11 +90,11 @@ class RequestLimits:
     body_timeout: float = 30.0  # seconds to receive the whole body: 408/3007 beyond
     stall_timeout: float = 30.0  # a stream whose client reads nothing for this long is cut
     max_inflight_per_account: int | None = None  # requests of one account in the engines; None: no cap
-    parse_workers: int = 2  # worker threads parsing, checking and tokenizing bodies at once
+    parse_threads: int = 2  # threads checking and tokenizing small bodies at once (large ones: `workers.py`)
     retry_after_seconds: int = 1  # `Retry-After` of 429/3040 and 503 answers
 
     def __post_init__(self) -> None:
-        if self.max_body_bytes < 1 or self.body_timeout <= 0 or self.stall_timeout <= 0 or self.parse_workers < 1:
+        if self.max_body_bytes < 1 or self.body_timeout <= 0 or self.stall_timeout <= 0 or self.parse_threads < 1:
             raise ValueError("request limits must be positive")
 
 
@@ -118,7 +117,6 @@ class Inference:
 
     def __init__(self, catalog: Catalog, engines: Mapping[str, Engine], policy: Policy, metrics: ServiceMetrics,
                  lifecycle: Lifecycle, limits: RequestLimits | None = None) -> None:
-        self.catalog = catalog
         self.engines = dict(engines)
         self.policy = policy
         self.metrics = metrics
@@ -126,24 +124,18 @@ class Inference:
         self.limits = limits or RequestLimits()
         self.retry_headers = {"retry-after": str(self.limits.retry_after_seconds)}
         self.inflight = InflightLimiter(self.limits.max_inflight_per_account, self.retry_headers)
-        self._workers = anyio.CapacityLimiter(self.limits.parse_workers)
+        self.resolve = Resolver({name: catalog.get(name) for name in engines}, frozenset(catalog.names()))
+        self.workers = RequestWorkers(self.resolve, {name: e.tokenizer for name, e in engines.items()},
+                                      threads=self.limits.parse_threads, keep_prompts=metrics.log_prompts)
         self._tasks: set[asyncio.Task[Any]] = set()
 
     def served(self, name: str) -> Served:
-        if name not in self.catalog:
-            raise ApiError(NO_SUCH_MODEL, model=name, note="")
-        if name not in self.engines:
-            raise ApiError(NO_SUCH_MODEL, model=name, note=" (the model is in the catalog but not served here)")
-        return Served(self.catalog.get(name), self.engines[name])
+        return Served(self.resolve(name), self.engines[name])
 
     async def run(self, request: Request, account: str, fmt: WireFormat, model: str | None = None) -> Response:
         """Answer one inference request of `account` in wire format `fmt`, for `model` (None: the format reads
         it from the body, as OpenAI's `"model"`)."""
         return await InferenceCall(self, request, account, fmt).answer(model)
-
-    async def offload(self, function: Callable[..., T], *args: Any) -> T:
-        """Run CPU-bound request work (parsing, validation, the chat template, tokenization) off the event loop."""
-        return await anyio.to_thread.run_sync(function, *args, limiter=self._workers)
 
     def spawn(self, work: Coroutine[Any, Any, T]) -> asyncio.Task[T]:
         """Run `work` to its end whatever happens to the HTTP exchange; the drain waits for it."""
@@ -179,7 +171,7 @@ class InferenceCall:
             response = await self._answer(model)
         except ApiError as err:
             err.headers = {**self.headers, **err.headers}
-            self.obs.finish(err.status, err.code)
+            self.obs.finish(answered_status(self.request.url.path, err), err.code)
             raise
         except Exception:
             self.obs.finish(INTERNAL.status, INTERNAL.code)
@@ -190,12 +182,13 @@ class InferenceCall:
 
     async def _answer(self, model: str | None) -> Response:
         if model is not None:
+            self.obs.fields["model"] = model
             self.served = self.inference.served(model)
         checked = await self._checked_body()
         card, engine = self._served()
         await self._admit(card)
         window = min(card.context_length_limit, engine.max_seq_len)
-        run = await self.inference.offload(tokenize_run, checked, engine.tokenizer, window)
+        run = await self.inference.workers.tokenize(self.account, card.name, checked, window)
         if self.policy.caches(card):
             self.directives = self.policy.cache.directives(self.request.headers)
             self.cache_key = self.policy.cache.key(self.account, card.name, run)
@@ -219,25 +212,23 @@ class InferenceCall:
 
     async def _checked_body(self) -> ValidatedRun:
         limits = self.inference.limits
+        model = self.served.card.name if self.served is not None else None
         try:
             try:
                 async with asyncio.timeout(limits.body_timeout):
                     raw = await read_body(self.request, limits.max_body_bytes)
             except TimeoutError:
                 raise ApiError(REQUEST_TIMEOUT) from None
-            return await self.inference.offload(self._check, raw)
-        except ApiError:
-            if self.served is not None:  # a refused body does not count, but the answer says where the window is
-                await self._show_window(self.served.card)
+            checked = await self.inference.workers.check(self.account, self.fmt, raw, model)
+        except ApiError as err:
+            model = model or err.fields.get("model")
+            self.obs.fields["model"] = model
+            if model in self.inference.engines:  # a refused body does not count, but the answer shows the window
+                await self._show_window(self.inference.served(model).card)
             raise
-
-    def _check(self, raw: bytes) -> ValidatedRun:
-        """Worker thread: the body parsed and checked for its model."""
-        body = parse_json_body(raw)
-        if self.served is None:
-            self.served = self.inference.served(self.fmt.model_in_body(body))
-        self.obs.input(self.account, self.served.card.name, body)
-        return self.fmt.validate(body, self.served.card)
+        self.fmt, self.served = checked.fmt, self.inference.served(checked.model)
+        self.obs.input(self.account, checked.model, checked.prompt)
+        return checked.run
 
     # ---- admission ----
 

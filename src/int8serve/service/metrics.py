@@ -182,10 +182,11 @@ class RequestObservation:
 
     # ---- what the pipeline learns ----
 
-    def input(self, account: str, model: str | None, body: Any) -> None:
+    def input(self, account: str, model: str | None, prompt: Any) -> None:
+        """The request's account and model, and (logged only with --log-prompts) its prompt or messages."""
         self.fields["account"], self.fields["model"] = account, model
-        if self.metrics.log_prompts and isinstance(body, Mapping):
-            self._prompt = body.get("prompt", body.get("messages"))
+        if self.metrics.log_prompts:
+            self._prompt = prompt
 
     def cache(self, model: str, hit: bool) -> None:
         (self.metrics.cache_hits if hit else self.metrics.cache_misses).labels(model).inc()

@@ -10,23 +10,48 @@ rejected), `prompt_tokens`, `completion_tokens`, `neurons`, `cached`, `stream`, 
 
 Prompt and response text are never logged unless the operator asks for it (`--log-prompts`): then `prompt` (the
 body's `prompt` or `messages`) and `response` are added.
+
+Values come from clients (a model name in a URL, a prompt), so no log line may carry their control characters: an
+escape sequence would rewrite the operator's terminal, a newline would forge a log line. `EscapeControls`, on every
+handler `configure_logging` installs (uvicorn's access log included), writes them as `\x1b`, `\n`, ... .
 """
 
 from __future__ import annotations
 
 import json
 import logging
+import re
 import sys
 from collections.abc import Mapping
 from datetime import UTC, datetime
 from typing import Any
 
-__all__ = ["LOG_FORMATS", "REQUEST_LOGGER", "JsonFormatter", "TextFormatter", "configure_logging", "log_request"]
+__all__ = ["LOG_FORMATS", "REQUEST_LOGGER", "EscapeControls", "JsonFormatter", "TextFormatter", "configure_logging",
+           "escape_controls", "log_request"]
 
 REQUEST_LOGGER = "int8serve.request"
 LOG_FORMATS = ("text", "json")
 
 request_log = logging.getLogger(REQUEST_LOGGER)
+_CONTROLS = re.compile(r"[\x00-\x1f\x7f-\x9f\u2028\u2029]")
+
+
+def escape_controls(text: str) -> str:
+    """`text` with every control character written as a Python escape (`\x1b`, `\n`)."""
+    return _CONTROLS.sub(lambda m: m.group().encode("unicode_escape").decode("ascii"), text)
+
+
+class EscapeControls(logging.Filter):
+    """Escapes control characters in a record's message arguments (and in a message without arguments)."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        if isinstance(record.args, tuple):
+            record.args = tuple(escape_controls(a) if isinstance(a, str) else a for a in record.args)
+        elif isinstance(record.args, dict):
+            record.args = {k: escape_controls(v) if isinstance(v, str) else v for k, v in record.args.items()}
+        elif isinstance(record.msg, str):
+            record.msg = escape_controls(record.msg)
+        return True
 
 
 def _text_value(value: Any) -> str:
@@ -37,8 +62,8 @@ def _text_value(value: Any) -> str:
     if isinstance(value, float):
         return f"{value:.4f}".rstrip("0").rstrip(".") if value else "0"
     if isinstance(value, str) and value and not any(c.isspace() or c in '"=' for c in value):
-        return value
-    return json.dumps(value, ensure_ascii=False)
+        return escape_controls(value)
+    return json.dumps(value, ensure_ascii=False)  # escapes control characters
 
 
 def log_request(fields: Mapping[str, Any]) -> None:
@@ -85,6 +110,10 @@ def configure_logging(log_format: str = "text", level: str = "info") -> logging.
         raise ValueError(f"log format must be one of {', '.join(LOG_FORMATS)}, got {log_format!r}")
     handler = logging.StreamHandler(sys.stderr)
     handler.setFormatter(JsonFormatter() if log_format == "json" else TextFormatter())
+    handler.addFilter(EscapeControls())
+    for name in ("uvicorn", "uvicorn.error", "uvicorn.access"):  # uvicorn's own handlers in text mode
+        for existing in logging.getLogger(name).handlers:
+            existing.addFilter(EscapeControls())
     names = ["int8serve"] + (["uvicorn", "uvicorn.error", "uvicorn.access"] if log_format == "json" else [])
     for name in names:
         logger = logging.getLogger(name)

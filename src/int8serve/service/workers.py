@@ -1,0 +1,160 @@
+"""Request work that must not slow the engine: parsing, checking and tokenizing bodies, off the event loop.
+
+The engine's steps and the event loop run Python in this process, so whatever else holds the GIL stretches every
+token: parsing 1 MiB of JSON holds it for 10-25 ms, tokenizing a million characters for ~300 ms, and twenty hostile
+clients sending such bodies back to back would hold it all the time. So, by size:
+
+* small bodies (up to `inline_bytes`) and prompts (up to `inline_chars` rendered characters) are handled in a thread
+  of this process: microseconds of work, and the event loop never waits for them;
+* larger ones go to a worker process that runs at the lowest CPU priority (nice 19): it takes neither the GIL of
+  this process nor, when the CPU is busy, time from the engine. Each account has at most one body there at a time,
+  so a flood from one account waits behind itself, not in front of the others.
+
+The worker process is started on first use (spawned, never forked from this multi-threaded process) with the
+served cards and tokenizer files; if it dies it is started again and the request it held fails (500/3043).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import concurrent.futures
+import logging
+import multiprocessing
+import os
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, TypeVar
+
+import anyio
+import anyio.to_thread
+
+from int8serve.catalog.card import ModelCard
+from int8serve.engine.chat_template import Control
+from int8serve.engine.tokenizer import Tokenizer
+
+from .errors import INTERNAL, NO_SUCH_MODEL, ApiError
+from .formats import WireFormat
+from .protocol.body import parse_json_body
+from .protocol.run import RunRequest, ValidatedRun, tokenize_run
+
+__all__ = ["Checked", "RequestWorkers", "Resolver"]
+
+log = logging.getLogger(__name__)
+
+T = TypeVar("T")
+INLINE_BYTES = 64 << 10
+INLINE_CHARS = 16 << 10
+
+
+@dataclass(frozen=True)
+class Resolver:
+    """Model names → served cards (the catalog's other names answer "not served here")."""
+
+    served: Mapping[str, ModelCard]
+    catalog: frozenset[str]
+
+    def __call__(self, name: str) -> ModelCard:
+        if name not in self.catalog:
+            raise ApiError(NO_SUCH_MODEL, model=name, note="")
+        if name not in self.served:
+            raise ApiError(NO_SUCH_MODEL, model=name, note=" (the model is in the catalog but not served here)")
+        return self.served[name]
+
+
+@dataclass(frozen=True)
+class Checked:
+    """A body parsed and checked for its model; `fmt` is the wire format that parsed it (it may hold the parsed
+    body, e.g. OpenAI's request), `prompt` the body's prompt or messages when the operator logs prompts."""
+
+    fmt: WireFormat
+    model: str
+    run: ValidatedRun
+    prompt: Any = None
+
+
+def check_body(resolve: Resolver, fmt: WireFormat, raw: bytes, model: str | None, keep_prompt: bool) -> Checked:
+    """Bytes → JSON → the model's card → a `ValidatedRun` (raises ApiError)."""
+    body = parse_json_body(raw)
+    name = model if model is not None else fmt.model_in_body(body)
+    try:
+        run = fmt.validate(body, resolve(name))
+    except ApiError as err:
+        err.fields.setdefault("model", name)  # the request log and the rate-limit headers want it
+        raise
+    prompt = body.get("prompt", body.get("messages")) if keep_prompt and isinstance(body, dict) else None
+    return Checked(fmt, name, run, prompt)
+
+
+class RequestWorkers:
+    """Where request bodies are checked and tokenized (see the module docstring)."""
+
+    def __init__(self, resolve: Resolver, tokenizers: Mapping[str, Tokenizer], *, threads: int = 2,
+                 inline_bytes: int = INLINE_BYTES, inline_chars: int = INLINE_CHARS, keep_prompts: bool = False
+                 ) -> None:
+        self.resolve = resolve
+        self.tokenizers = dict(tokenizers)
+        self.inline_bytes = inline_bytes
+        self.inline_chars = inline_chars
+        self.keep_prompts = keep_prompts
+        self._threads = anyio.CapacityLimiter(threads)
+        self._pool: concurrent.futures.ProcessPoolExecutor | None = None
+        self._gates: dict[str, asyncio.Semaphore] = {}
+
+    async def check(self, account: str, fmt: WireFormat, raw: bytes, model: str | None) -> Checked:
+        if len(raw) <= self.inline_bytes:
+            return await anyio.to_thread.run_sync(check_body, self.resolve, fmt, raw, model, self.keep_prompts,
+                                                  limiter=self._threads)
+        return await self._in_process(account, _check_in_worker, fmt, raw, model, self.keep_prompts)
+
+    async def tokenize(self, account: str, model: str, run: ValidatedRun, window: int) -> RunRequest:
+        if sum(len(s) for s in run.segments if not isinstance(s, Control)) <= self.inline_chars:
+            return await anyio.to_thread.run_sync(tokenize_run, run, self.tokenizers[model], window,
+                                                  limiter=self._threads)
+        return await self._in_process(account, _tokenize_in_worker, model, run, window)
+
+    def close(self) -> None:
+        if self._pool is not None:
+            self._pool.shutdown(wait=False, cancel_futures=True)
+            self._pool = None
+
+    async def _in_process(self, account: str, work: Callable[..., T], *args: Any) -> T:
+        gate = self._gates.setdefault(account, asyncio.Semaphore(1))
+        async with gate:
+            pool = self._started()
+            try:
+                return await asyncio.wrap_future(pool.submit(work, *args))
+            except concurrent.futures.process.BrokenProcessPool:
+                log.error("the request worker process died; starting a new one")
+                self.close()
+                raise ApiError(INTERNAL) from None
+
+    def _started(self) -> concurrent.futures.ProcessPoolExecutor:
+        if self._pool is None:
+            paths = {name: tokenizer.path for name, tokenizer in self.tokenizers.items()}
+            self._pool = concurrent.futures.ProcessPoolExecutor(
+                max_workers=1, mp_context=multiprocessing.get_context("spawn"), initializer=_start_worker,
+                initargs=(self.resolve, paths))
+        return self._pool
+
+
+# --- in the worker process --------------------------------------------------------------------------------------
+
+_worker: tuple[Resolver, dict[str, Tokenizer]] | None = None
+
+
+def _start_worker(resolve: Resolver, tokenizer_paths: Mapping[str, Path]) -> None:
+    global _worker
+    os.nice(19)  # the engine first, whenever the CPU is contended
+    tokenizers = {name: Tokenizer(path) for name, path in tokenizer_paths.items()}
+    _worker = (resolve, tokenizers)
+
+
+def _check_in_worker(fmt: WireFormat, raw: bytes, model: str | None, keep_prompt: bool) -> Checked:
+    assert _worker is not None
+    return check_body(_worker[0], fmt, raw, model, keep_prompt)
+
+
+def _tokenize_in_worker(model: str, run: ValidatedRun, window: int) -> RunRequest:
+    assert _worker is not None
+    return tokenize_run(run, _worker[1][model], window)

@@ -1,0 +1,273 @@
+"""A hostile outside user against a live server: huge numbers, slow and stuck clients, one account taking every
+slot, `/metrics` read by anyone, control characters in logs. Each finding of issue 11 is a test here (the cache
+across accounts is in `policy/test_cache.py`, the bodies that stall the event loop in `test_hostile_bodies.py`)."""
+
+from __future__ import annotations
+
+import json
+import logging
+import socket
+import time
+from collections.abc import Iterator
+from contextlib import ExitStack
+from typing import Any
+
+import httpx
+import pytest
+from fastapi import FastAPI
+
+from int8serve.catalog.registry import Catalog
+from int8serve.engine.loader import LoadedModel
+from int8serve.engine.scheduler import Engine
+from int8serve.engine.tokenizer import Tokenizer
+from int8serve.service.app import create_app
+from int8serve.service.inference import RequestLimits
+from int8serve.service.policy import Policy
+from int8serve.service.request_log import TextFormatter, escape_controls
+
+from .conftest import ACCOUNT, MODEL, OTHER_ACCOUNT, OTHER_TOKEN, SLOW_MODEL, TOKEN, TOKENS, LiveServer, SlowModel
+
+BIG = "1" + "0" * 400
+HUGE = "9" * 5000
+AUTH = {"Authorization": f"Bearer {TOKEN}"}
+OTHER_AUTH = {"Authorization": f"Bearer {OTHER_TOKEN}"}
+RUN = f"/client/v4/accounts/{ACCOUNT}/ai/run/{MODEL}"
+SLOW_RUN = f"/client/v4/accounts/{ACCOUNT}/ai/run/{SLOW_MODEL}"
+LONG = {"prompt": "Once upon a time", "raw": True, "max_tokens": 480, "temperature": 0}
+METRICS_TOKEN = "metrics-secret-0001"
+
+
+@pytest.fixture(scope="module")
+def wide_slow_engine(stories_int8: LoadedModel, stories_tokenizer: Tokenizer) -> Iterator[Engine]:
+    """The real model at ~20 ms a step, with 4 slots: 480 tokens take ~10 s."""
+    engine = Engine(SlowModel(stories_int8.model, 0.02), stories_tokenizer, max_slots=4,  # type: ignore[arg-type]
+                    max_queue=8, max_seq_len=512).start()
+    yield engine
+    engine.stop()
+
+
+@pytest.fixture(scope="module")
+def hardened(catalog: Catalog, engines: dict[str, Engine], wide_slow_engine: Engine) -> Iterator[FastAPI]:
+    """Short deadlines, at most 2 requests per account in the engines, a metrics token."""
+    policy = Policy.in_memory(rate_limits=False, cache=False)
+    limits = RequestLimits(body_timeout=0.5, stall_timeout=1.0, max_inflight_per_account=2)
+    yield create_app(catalog, {MODEL: engines[MODEL], SLOW_MODEL: wide_slow_engine}, TOKENS, policy=policy,
+                     limits=limits, metrics_token=METRICS_TOKEN)
+    policy.close()
+
+
+@pytest.fixture(scope="module")
+def live(hardened: FastAPI) -> Iterator[LiveServer]:
+    with LiveServer(hardened, header_timeout=0.5, max_connections=64) as server:
+        yield server
+
+
+@pytest.fixture
+def client(live: LiveServer) -> Iterator[httpx.Client]:
+    with httpx.Client(base_url=live.url, timeout=30) as http:
+        yield http
+
+
+def _code(resp: httpx.Response) -> int:
+    body = resp.json()
+    return body["errors"][0]["code"] if "errors" in body else body["error"]["code"]
+
+
+def _wait(condition: Any, timeout: float = 20.0) -> None:
+    deadline = time.monotonic() + timeout
+    while not condition():
+        assert time.monotonic() < deadline, "timed out"
+        time.sleep(0.02)
+
+
+# --- numbers of any size ----------------------------------------------------------------------------------------
+
+NUMERIC = ["max_tokens", "seed", "temperature", "top_p", "top_k", "repetition_penalty", "frequency_penalty",
+           "presence_penalty"]
+
+
+@pytest.mark.parametrize("field", NUMERIC)
+@pytest.mark.parametrize("number", [BIG, f"-{BIG}", HUGE, "1e400", "-1e400", "1.5e308"])
+def test_numbers_of_any_size_are_400_on_run(client: httpx.Client, field: str, number: str) -> None:
+    resp = client.post(RUN, headers=AUTH, content=f'{{"prompt": "x", "{field}": {number}}}')
+    assert (resp.status_code, _code(resp)) == (400, 5006), resp.text
+
+
+@pytest.mark.parametrize("field", ["max_tokens", "max_completion_tokens", "seed", "temperature", "top_k"])
+def test_numbers_of_any_size_are_400_on_openai_routes(client: httpx.Client, field: str) -> None:
+    for path, body in (("/v1/chat/completions", '"messages": [{"role": "user", "content": "x"}]'),
+                       ("/v1/completions", '"prompt": "x"')):
+        resp = client.post(path, headers=AUTH, content=f'{{"model": "{MODEL}", {body}, "{field}": {BIG}}}')
+        assert (resp.status_code, _code(resp)) == (400, 5006), resp.text
+
+
+SEARCH = f"/client/v4/accounts/{ACCOUNT}/ai/models/search"
+USAGE = f"/client/v4/accounts/{ACCOUNT}/ai/usage"
+
+
+@pytest.mark.parametrize(("path", "query", "status"), [
+    (SEARCH, {"page": HUGE}, 400), (SEARCH, {"per_page": HUGE}, 400), (SEARCH, {"page": "-" + BIG}, 400),
+    (SEARCH, {"source": BIG}, 400), (SEARCH, {"source": "1e400"}, 400), (SEARCH, {"source": "nan"}, 400),
+    (USAGE, {"since": HUGE}, 400), (USAGE, {"until": "9" * 12}, 400), (USAGE, {"since": "1e400"}, 400),
+    (USAGE, {"until": "99999999999"}, 200),  # the year 5138: a period, if an odd one
+    (USAGE, {"until": "0001-01-01"}, 200), (USAGE, {"since": "9999-12-30", "until": "9999-12-31"}, 200),
+    ("/client/v4/accounts", {"page": HUGE}, 400), ("/client/v4/accounts", {"per_page": BIG}, 400),
+])
+def test_query_numbers_of_any_size(client: httpx.Client, path: str, query: dict[str, str], status: int) -> None:
+    resp = client.get(path, headers=AUTH, params=query)
+    assert resp.status_code == status, resp.text
+    if status == 400:
+        assert _code(resp) == 1001
+
+
+def test_header_numbers_of_any_size(client: httpx.Client, live: LiveServer) -> None:
+    body = {"prompt": "Once", "raw": True, "max_tokens": 2}
+    assert client.post(RUN, headers={**AUTH, "cf-aig-cache-ttl": HUGE}, json=body).status_code == 200
+    answer = _raw(live, f"POST {RUN} HTTP/1.1\r\nHost: x\r\nAuthorization: Bearer {TOKEN}\r\n"
+                        f"Content-Length: {HUGE}\r\n\r\n")
+    assert answer.startswith((b"HTTP/1.1 400 ", b"HTTP/1.1 413 ")), answer[:200]
+
+
+def _raw(live: LiveServer, request: str, timeout: float = 10.0) -> bytes:
+    with socket.create_connection(("127.0.0.1", live.port), timeout=timeout) as sock:
+        sock.sendall(request.encode())
+        answer = b""
+        while chunk := sock.recv(65536):
+            answer += chunk
+            if b"\r\n\r\n" in answer and answer.rstrip().endswith((b"}", b"Error")):
+                break
+    return answer
+
+
+# --- fair share -------------------------------------------------------------------------------------------------
+
+
+def test_one_account_cannot_take_every_slot(live: LiveServer, client: httpx.Client,
+                                            wide_slow_engine: Engine) -> None:
+    """At most 2 requests of one account in the engines (this app's setting): its 3rd is 429/3040 at once, while
+    another account is served beside it."""
+    with ExitStack() as stack:
+        for _ in range(2):
+            http = stack.enter_context(httpx.Client(base_url=live.url, timeout=30))
+            resp = stack.enter_context(http.stream("POST", SLOW_RUN, headers=AUTH, json={**LONG, "stream": True}))
+            assert resp.status_code == 200
+        _wait(lambda: wide_slow_engine.stats().running == 2)
+        third = client.post(SLOW_RUN, headers=AUTH, json=LONG)
+        assert (third.status_code, _code(third)) == (429, 3040)
+        assert third.headers["retry-after"] == "1"
+        other = client.post(f"/client/v4/accounts/{OTHER_ACCOUNT}/ai/run/{SLOW_MODEL}", headers=OTHER_AUTH,
+                            json={**LONG, "max_tokens": 3})
+        assert other.status_code == 200
+    _wait(lambda: wide_slow_engine.stats().running == 0)  # the two streams were cut when their clients left
+    assert client.post(RUN, headers=AUTH, json={**LONG, "max_tokens": 2}).status_code == 200  # shares given back
+
+
+# --- slow and stuck clients -------------------------------------------------------------------------------------
+
+
+def test_headers_sent_slowly_are_cut(live: LiveServer) -> None:
+    with socket.create_connection(("127.0.0.1", live.port), timeout=10) as sock:
+        sock.sendall(b"POST " + RUN.encode() + b" HTTP/1.1\r\nHost: x\r\n")  # ... and never the rest
+        started = time.monotonic()
+        assert sock.recv(1024) == b""  # closed by the server
+        assert time.monotonic() - started < 5
+
+
+def test_a_body_sent_slowly_is_408_3007(live: LiveServer) -> None:
+    with socket.create_connection(("127.0.0.1", live.port), timeout=10) as sock:
+        sock.sendall(f"POST {RUN} HTTP/1.1\r\nHost: x\r\nAuthorization: Bearer {TOKEN}\r\n"
+                     "Content-Length: 100\r\n\r\n{\"prompt\": ".encode())
+        answer = b""
+        while b"\r\n\r\n" not in answer or not answer.rstrip().endswith(b"}"):
+            chunk = sock.recv(4096)
+            if not chunk:
+                break
+            answer += chunk
+    head, _, body = answer.partition(b"\r\n\r\n")
+    assert head.startswith(b"HTTP/1.1 408 ")
+    assert json.loads(body)["errors"] == [{"code": 3007, "message": "Request timeout"}]
+
+
+def test_connections_beyond_the_limit_get_503(catalog: Catalog, engines: dict[str, Engine]) -> None:
+    app = create_app(catalog, {MODEL: engines[MODEL]}, TOKENS, policy=Policy.in_memory(rate_limits=False))
+    with LiveServer(app, max_connections=4) as small, ExitStack() as stack:
+        idle = [stack.enter_context(socket.create_connection(("127.0.0.1", small.port))) for _ in range(4)]
+        assert len(idle) == 4
+        time.sleep(0.2)
+        refused = httpx.get(f"{small.url}/healthz")
+        assert refused.status_code == 503
+    app.state.services.policy.close()
+
+
+def test_a_client_that_stops_reading_is_cut_and_its_usage_recorded(hardened: FastAPI,
+                                                                  wide_slow_engine: Engine) -> None:
+    """A stream whose client reads nothing: the server's buffers fill, the stream is cut after the stall timeout
+    (1 s here), the engine slot is freed long before the 480 tokens would have ended, and the ledger has its row."""
+    server_sock = socket.socket()
+    server_sock.setsockopt(socket.SOL_SOCKET, socket.SO_SNDBUF, 4096)
+    server_sock.bind(("127.0.0.1", 0))
+    with LiveServer(hardened, sock=server_sock) as live, socket.socket() as sock:
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 2048)
+        sock.connect(("127.0.0.1", live.port))
+        body = json.dumps({"model": SLOW_MODEL, "messages": [{"role": "user", "content": "Hi"}], "max_tokens": 480,
+                           "stream": True}).encode()
+        sock.sendall(f"POST /v1/chat/completions HTTP/1.1\r\nHost: x\r\nAuthorization: Bearer {TOKEN}\r\n"
+                     f"Content-Type: application/json\r\nContent-Length: {len(body)}\r\n\r\n".encode() + body)
+        _wait(lambda: wide_slow_engine.stats().running == 1)
+        started = time.monotonic()
+        _wait(lambda: wide_slow_engine.stats().running == 0)  # cut: 480 tokens would take ~10 s
+        assert time.monotonic() - started < 8
+    ledger = hardened.state.services.policy.ledger
+    assert ledger.flush()
+    rows = _rows(hardened, SLOW_MODEL)
+    assert rows[-1]["outcome"] == "aborted" and 0 < rows[-1]["output_tokens"] < 480
+
+
+def test_the_row_is_written_when_the_engine_ends_whether_or_not_the_client_reads(live: LiveServer,
+                                                                                 hardened: FastAPI) -> None:
+    """A client that sends its request and never reads: the answer is complete in the engine, and its ledger row
+    (outcome ok) is there although the client has not read the final frame."""
+    before = len(_rows(hardened, MODEL))
+    with socket.create_connection(("127.0.0.1", live.port)) as sock:
+        body = json.dumps({"prompt": "Once", "raw": True, "max_tokens": 20, "stream": True}).encode()
+        sock.sendall(f"POST {RUN} HTTP/1.1\r\nHost: x\r\nAuthorization: Bearer {TOKEN}\r\n"
+                     f"Content-Length: {len(body)}\r\n\r\n".encode() + body)
+        _wait(lambda: len(_rows(hardened, MODEL)) == before + 1)
+        row = _rows(hardened, MODEL)[-1]
+        assert row["outcome"] == "ok" and row["output_tokens"] >= 1
+
+
+def _rows(app: FastAPI, model: str) -> list[dict[str, Any]]:
+    ledger = app.state.services.policy.ledger
+    assert ledger.flush()
+    with ledger.database.connect() as conn:
+        rows = conn.execute(ledger.table.select().where(ledger.table.c.model == model)
+                            .order_by(ledger.table.c.time)).mappings().all()
+    return [dict(r) for r in rows]
+
+
+# --- metrics, logs ----------------------------------------------------------------------------------------------
+
+
+def test_metrics_need_their_token(client: httpx.Client) -> None:
+    assert client.get("/metrics").status_code == 401
+    assert client.get("/metrics", headers=AUTH).status_code == 401  # an API token is not the metrics token
+    scraped = client.get("/metrics", headers={"Authorization": f"Bearer {METRICS_TOKEN}"})
+    assert scraped.status_code == 200 and "int8serve_http_requests_total" in scraped.text
+
+
+def test_control_characters_from_urls_are_escaped_in_logs(client: httpx.Client,
+                                                          caplog: pytest.LogCaptureFixture) -> None:
+    caplog.set_level(logging.INFO, logger="int8serve.request")
+    resp = client.post(f"/client/v4/accounts/{ACCOUNT}/ai/run/%1b[2Jevil", headers=AUTH, json={"prompt": "x"})
+    assert (resp.status_code, _code(resp)) == (400, 5007)
+    resp = client.post("/v1/completions", headers=AUTH, json={"model": "\x1b[2J\nforged=1", "prompt": "x"})
+    assert (resp.status_code, _code(resp)) == (404, 5007)
+    lines = [TextFormatter().format(r) for r in caplog.records if r.name == "int8serve.request"]
+    assert lines and all("\x1b" not in line and "\n" not in line for line in lines)
+    assert any("model=\\x1b[2Jevil" in line for line in lines)
+    assert any('model="\\u001b[2J\\nforged=1"' in line for line in lines)  # quoted (it has a space) as JSON
+
+
+def test_escape_controls() -> None:
+    assert escape_controls("a\x1b[31mb\nc\u2028 é 世\t") == "a\\x1b[31mb\\nc\\u2028 é 世\\t"
