@@ -23,6 +23,8 @@ Counters (`_total`), gauges and histograms, with their labels:
 * `int8serve_rate_limited_requests_total{model,code}`: refused at admission, 3021 (rate limit) or 3036 (allocation)
 * `int8serve_fallback_outages_total`, `int8serve_fallback_local_operations_total{component}`: shared state (Redis)
   lost, and operations served in-process meanwhile (the policy's `FallbackCounter`, read at scrape time)
+* `int8serve_ledger_spooled_rows`, `int8serve_ledger_outages_total`: ledger rows waiting in the spool, and times
+  the ledger's database was lost
 * `int8serve_engine_step_duration_seconds{model,kind}`, `int8serve_engine_step_rows{model,kind}`: one engine forward
   (kind `prefill`: one chunk, rows = its tokens; `decode`: one batch, rows = its sequences), from `Engine.on_step`
 """
@@ -42,7 +44,7 @@ from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from int8serve.engine.scheduler import Engine, TokenEvent
 
-from .policy import FallbackCounter
+from .policy import Policy
 from .request_log import log_request
 
 __all__ = ["PREFIX", "MetricsMiddleware", "RequestObservation", "ServiceMetrics"]
@@ -58,11 +60,12 @@ MAX_ERROR_BODY = 65536
 
 
 class _StateCollector(Collector):
-    """Gauges read at scrape time: engine slots and queues, and the policy's fallback counter."""
+    """Gauges read at scrape time: engine slots and queues, the policy's fallback counter and the ledger's spool."""
 
-    def __init__(self, engines: Mapping[str, Engine], fallbacks: FallbackCounter | None) -> None:
+    def __init__(self, engines: Mapping[str, Engine], policy: Policy | None) -> None:
         self.engines = engines
-        self.fallbacks = fallbacks
+        self.fallbacks = policy.fallbacks if policy is not None else None
+        self.ledger = policy.ledger if policy is not None else None
 
     def collect(self) -> Iterable[Metric]:
         running = GaugeMetricFamily(PREFIX + "num_requests_running", "Requests in an engine slot.", labels=["model"])
@@ -89,12 +92,19 @@ class _StateCollector(Collector):
         else:
             outages.add_metric([], 0.0)
         yield from (outages, local)
+        if self.ledger is not None:
+            spooled = GaugeMetricFamily(PREFIX + "ledger_spooled_rows", "Ledger rows in the spool, not yet in the "
+                                        "database (they wait there while it is away).")
+            spooled.add_metric([], float(self.ledger.pending))
+            lost = CounterMetricFamily(PREFIX + "ledger_outages", "Times the ledger's database was lost.")
+            lost.add_metric([], float(self.ledger.outages))
+            yield from (spooled, lost)
 
 
 class ServiceMetrics:
     """The metrics of one app, in their own registry; `observe` starts one request's observation."""
 
-    def __init__(self, engines: Mapping[str, Engine] | None = None, fallbacks: FallbackCounter | None = None,
+    def __init__(self, engines: Mapping[str, Engine] | None = None, policy: Policy | None = None,
                  log_prompts: bool = False) -> None:
         self.registry = CollectorRegistry(auto_describe=True)
         self.log_prompts = log_prompts
@@ -126,7 +136,7 @@ class ServiceMetrics:
                                    ["model", "kind"], buckets=ROW_BUCKETS, registry=r)
         self._engines: dict[str, Engine] = {}
         self._callbacks: list[tuple[Engine, Any]] = []
-        self.registry.register(_StateCollector(self._engines, fallbacks))
+        self.registry.register(_StateCollector(self._engines, policy))
         for name, engine in (engines or {}).items():
             self.watch_engine(name, engine)
 

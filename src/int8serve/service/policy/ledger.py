@@ -6,38 +6,46 @@ The table (`int8serve_usage` by default) is made by SQLAlchemy: a SQLite file in
 SQLAlchemy URL with `--database-url` (PostgreSQL when replicas share one ledger); `request_id` is its primary key,
 and rows are inserted with "on conflict do nothing", so writing a row twice is harmless.
 
-No database I/O ever happens on the event loop's thread. One writer thread owns the database:
+No database I/O ever happens on the event loop's thread. One writer thread owns the writes:
 
 1. `await ledger.record(row)` hands the row to the thread, which appends it to the durable spool (`spool.py`,
    fsync) and only then lets the request be acknowledged;
 2. the thread then inserts every spooled row, in order, and empties the spool after the commit;
 3. if the database is unreachable, rows stay in the spool (one warning per outage, counted in `outages`), the thread
    tries again every `retry_seconds`, and replays them in order when it returns; the spool also survives a restart.
+   When the spool passes `spool_alarm_rows` rows a warning says so (and `/metrics` shows its size).
 
-Reads (the usage endpoint, the daily allocation) run on the same thread after the writes queued before them, so a
-client sees its own requests in its usage at once. While the database is away the usage endpoint answers 503, and
-the daily allocation counts the last total it read plus the spooled rows.
+Reads (the usage endpoint, the daily allocation) run on reader threads beside the writer, so a slow report never
+delays metering; they add the rows still in the spool to what the database holds (leaving those rows out of the
+query, so that a row flushed meanwhile counts once), and a client sees its own requests in its usage at once.
+While the database is away the usage endpoint answers 503, and the daily allocation counts the last total it read
+plus what this process recorded since (other replicas' rows of that time are counted once the database is back).
+No statement runs longer than the statement timeout (5 s): a database that hangs is a database that is away.
 """
 
 from __future__ import annotations
 
 import asyncio
+import concurrent.futures
 import contextlib
+import enum
 import itertools
 import logging
 import queue
 import threading
 import time
+from collections import Counter
 from collections.abc import Callable, Sequence
 from dataclasses import asdict, dataclass
 from datetime import UTC, datetime
-from typing import Any
+from typing import Any, TypeVar
 
 import sqlalchemy as sa
 from sqlalchemy.dialects import postgresql, sqlite
 from sqlalchemy.exc import SQLAlchemyError
 from sqlalchemy.pool import StaticPool
 
+from .fallback import Outage
 from .settings import DEFAULT_LEDGER_TABLE
 from .spool import Spool
 
@@ -54,8 +62,11 @@ __all__ = [
 
 log = logging.getLogger(__name__)
 
+T = TypeVar("T")
 INSERT_CHUNK = 500
 OUTCOMES = ("ok", "aborted", "error")
+DEFAULT_STATEMENT_TIMEOUT = 5.0  # seconds
+DEFAULT_SPOOL_ALARM_ROWS = 10_000
 
 
 def utc_now() -> datetime:
@@ -125,88 +136,94 @@ def usage_table(name: str = DEFAULT_LEDGER_TABLE, metadata: sa.MetaData | None =
     )
 
 
-def make_database(url: str) -> sa.Engine:
+def make_database(url: str, statement_timeout: float = DEFAULT_STATEMENT_TIMEOUT) -> sa.Engine:
     """A SQLAlchemy engine for the ledger: in-memory SQLite shared by threads, file SQLite in WAL mode, or a
-    server database whose connections fail fast and are checked before reuse."""
+    server database whose connections fail fast and are checked before reuse. No statement runs longer than
+    `statement_timeout` seconds (PostgreSQL's `statement_timeout`; on SQLite, waiting for a lock and running are
+    both bounded)."""
     parsed = sa.make_url(url)
     if parsed.get_backend_name() == "sqlite":
         if parsed.database in (None, "", ":memory:"):
-            return sa.create_engine(url, poolclass=StaticPool, connect_args={"check_same_thread": False})
-        engine = sa.create_engine(url, connect_args={"timeout": 10})
-        sa.event.listen(engine, "connect", _sqlite_pragmas)
+            engine = sa.create_engine(url, poolclass=StaticPool, connect_args={"check_same_thread": False})
+        else:
+            engine = sa.create_engine(url, connect_args={"timeout": statement_timeout})
+            sa.event.listen(engine, "connect", _sqlite_wal)
+        _sqlite_statement_timeout(engine, statement_timeout)
         return engine
     connect_args: dict[str, Any] = {}
     if parsed.get_backend_name() == "postgresql":
+        options = " ".join(filter(None, [str(parsed.query.get("options", "")),  # the URL's own options stay
+                                         f"-c statement_timeout={int(statement_timeout * 1000)}"]))
         connect_args = {"connect_timeout": 3, "keepalives": 1, "keepalives_idle": 5, "keepalives_interval": 2,
-                        "keepalives_count": 2}
-    return sa.create_engine(url, pool_pre_ping=True, pool_size=2, max_overflow=2, connect_args=connect_args)
+                        "keepalives_count": 2, "options": options}
+    return sa.create_engine(url, pool_pre_ping=True, pool_size=3, max_overflow=2, connect_args=connect_args)
 
 
-def _sqlite_pragmas(dbapi_connection: Any, _record: Any) -> None:
+def _sqlite_wal(dbapi_connection: Any, _record: Any) -> None:
     cursor = dbapi_connection.cursor()
     cursor.execute("PRAGMA journal_mode=WAL")
     cursor.close()
+
+
+def _sqlite_statement_timeout(engine: sa.Engine, seconds: float) -> None:
+    """Interrupt a SQLite statement that runs longer than `seconds` (SQLite has no statement timeout of its own)."""
+
+    def on_connect(dbapi_connection: Any, record: Any) -> None:
+        deadline = record.info["deadline"] = [float("inf")]
+        dbapi_connection.set_progress_handler(lambda: int(time.monotonic() > deadline[0]), 10_000)
+
+    def before(conn: sa.Connection, *_args: Any) -> None:
+        conn.connection.info["deadline"][0] = time.monotonic() + seconds
+
+    def after(conn: sa.Connection, *_args: Any) -> None:
+        conn.connection.info["deadline"][0] = float("inf")
+
+    sa.event.listen(engine, "connect", on_connect)
+    sa.event.listen(engine, "before_cursor_execute", before)
+    sa.event.listen(engine, "after_cursor_execute", after)
 
 
 class LedgerUnavailableError(Exception):
     """The ledger's database cannot be read right now."""
 
 
-class _Reply:
-    """The answer to one job, delivered to an event loop (a future) or to a blocked thread (an event)."""
-
-    def __init__(self, loop: asyncio.AbstractEventLoop | None) -> None:
-        self.loop = loop
-        self.future: asyncio.Future[Any] | None = loop.create_future() if loop is not None else None
-        self.event = threading.Event()
-        self.value: Any = None
-        self.error: BaseException | None = None
-
-    def set(self, value: Any = None, error: BaseException | None = None) -> None:
-        self.value, self.error = value, error
-        self.event.set()
-        if self.loop is not None:
-            with contextlib.suppress(RuntimeError):  # a closed loop: nobody waits any more
-                self.loop.call_soon_threadsafe(self._resolve)
-
-    def _resolve(self) -> None:
-        if self.future is None or self.future.done():
-            return
-        if self.error is not None:
-            self.future.set_exception(self.error)
-        else:
-            self.future.set_result(self.value)
+class _Job(enum.Enum):
+    WRITE = "write"
+    FLUSH = "flush"
+    STOP = "stop"
 
 
 @dataclass
-class _Job:
-    kind: str  # "write", "read", "flush", "stop"
-    reply: _Reply | None = None
+class _Task:
+    job: _Job
+    done: concurrent.futures.Future[Any]
     row: UsageRow | None = None
-    read: Callable[[sa.Connection], Any] | None = None
-    unavailable: Callable[[], Any] | None = None  # a read's answer while the database is away (else: error)
 
 
 class Ledger:
-    """The durable usage ledger and its writer thread (see the module docstring)."""
+    """The durable usage ledger, its writer thread and its readers (see the module docstring)."""
 
     def __init__(self, database: sa.Engine, spool: Spool, table_name: str = DEFAULT_LEDGER_TABLE,
-                 retry_seconds: float = 1.0, spool_name: str = "memory") -> None:
+                 retry_seconds: float = 1.0, spool_name: str = "memory",
+                 spool_alarm_rows: int = DEFAULT_SPOOL_ALARM_ROWS) -> None:
         self.database = database
         self.metadata = sa.MetaData()
         self.table = usage_table(table_name, self.metadata)
         self.spool = spool
         self.spool_name = spool_name
-        self.retry_seconds = retry_seconds
-        self.healthy = True
-        self.outages = 0
-        self._jobs: queue.Queue[_Job] = queue.Queue()
+        self.spool_alarm_rows = spool_alarm_rows
+        self.outage = Outage("the ledger database", f"rows are kept in the spool {spool_name} and replayed when "
+                             "it returns", retry_seconds, logger=log)
+        self._tasks: queue.Queue[_Task] = queue.Queue()
+        self._lock = threading.Lock()  # guards _unflushed and _recorded, read by the reader threads
         self._unflushed = _rows_from_spool(spool.read())  # left by a previous run: replayed first
         if self._unflushed:
             log.warning("replaying %d ledger rows left in %s", len(self._unflushed), spool_name)
-        self._next_try = 0.0
-        self._db_sums: dict[tuple[str, datetime], float] = {}
-        self._thread = threading.Thread(target=self._run, name="int8serve-ledger", daemon=True)
+        self._recorded: Counter[tuple[str, str]] = Counter()  # neurons this process recorded, by (account, day)
+        self._db_sums: dict[tuple[str, datetime], tuple[float, float, float]] = {}  # -> (sum, recorded, read at)
+        self._alarmed = False
+        self._writer = threading.Thread(target=self._run, name="int8serve-ledger", daemon=True)
+        self._readers = concurrent.futures.ThreadPoolExecutor(2, thread_name_prefix="int8serve-ledger-read")
         self._start_lock = threading.Lock()
         self._closed = False
 
@@ -225,62 +242,62 @@ class Ledger:
 
     def start(self) -> Ledger:
         with self._start_lock:
-            if self._thread.ident is None:
-                self._thread.start()
+            if self._writer.ident is None:
+                self._writer.start()
         return self
+
+    @property
+    def healthy(self) -> bool:
+        return self.outage.healthy
+
+    @property
+    def outages(self) -> int:
+        return self.outage.outages
 
     @property
     def pending(self) -> int:
         """Rows in the spool, not yet in the database."""
-        return len(self._unflushed)
+        with self._lock:
+            return len(self._unflushed)
 
     # ---- event-loop side ----
 
     async def record(self, row: UsageRow) -> None:
         """Return once `row` is durable (spooled, or in the database); raises LedgerUnavailableError if neither."""
-        await self._submit(_Job("write", row=row))
-
-    def record_nowait(self, row: UsageRow) -> None:
-        """Queue `row` without waiting (for requests nobody waits on any more, e.g. an aborted stream)."""
-        self._put(_Job("write", row=row))
+        await asyncio.wrap_future(self._put(_Job.WRITE, row))
 
     async def usage(self, account: str, since: datetime, until: datetime) -> tuple[list[UsageGroup], list[UsageGroup]]:
-        """(by model, by day) totals of `account` for `since` <= time < `until`."""
-        return await self._submit(_Job("read", read=lambda conn: self._usage(conn, account, since, until)))
+        """(by model, by day) totals of `account` for `since` <= time < `until`, spooled rows included; read beside
+        the writer, so that reading never delays metering. LedgerUnavailableError while the database is away."""
+        return await self._read(lambda: self._usage(account, since, until))
 
-    async def neurons_used(self, account: str, since: datetime) -> float:
-        """Neurons metered to `account` since `since`, spooled rows included; while the database is away, the
-        last total read from it plus the spooled rows."""
-        key = (account, since)
-
-        def read(conn: sa.Connection) -> float:
-            self._db_sums[key] = self._db_neurons(conn, account, since)
-            return self._db_sums[key] + self._pending_neurons(account, since)
-
-        def unavailable() -> float:
-            return self._db_sums.get(key, 0.0) + self._pending_neurons(account, since)
-
-        return await self._submit(_Job("read", read=read, unavailable=unavailable))
+    async def neurons_used(self, account: str, since: datetime, max_age: float = 1.0) -> float:
+        """Neurons metered to `account` since `since`, spooled rows included. The database is read at most every
+        `max_age` seconds per account; in between, and while it is away, the last total read plus what this
+        process recorded since."""
+        return await self._read(lambda: self._neurons_used(account, since, max_age))
 
     # ---- any other thread (start-up, shutdown, tests) ----
 
     def flush(self, timeout: float = 10.0) -> bool:
         """Block until every row recorded so far is in the database; False if it is not reachable in time."""
-        reply = _Reply(None)
-        self._put(_Job("flush", reply=reply))
-        return reply.event.wait(timeout) and bool(reply.value)
+        try:
+            return bool(self._put(_Job.FLUSH).result(timeout))
+        except (concurrent.futures.TimeoutError, LedgerUnavailableError):
+            return False
 
     def close(self, timeout: float = 10.0) -> None:
-        """Write what can be written, stop the thread, release the spool (rows left there are replayed at the
+        """Write what can be written, stop the threads, release the spool (rows left there are replayed at the
         next start)."""
         if self._closed:
             return
-        if self._thread.is_alive():
-            reply = _Reply(None)
-            self._put(_Job("stop", reply=reply))
-            reply.event.wait(timeout)
-            self._thread.join(timeout)
+        if self._writer.is_alive():
+            stopped = self._put(_Job.STOP)
+            with contextlib.suppress(concurrent.futures.TimeoutError):
+                stopped.result(timeout)
+            self._writer.join(timeout)
         self._closed = True
+        self._readers.shutdown(wait=False, cancel_futures=True)
         if self._unflushed:
             log.warning("%d ledger rows stay in %s until the next start", len(self._unflushed), self.spool_name)
         self.spool.close()
@@ -288,141 +305,129 @@ class Ledger:
 
     # ---- plumbing ----
 
-    def _put(self, job: _Job) -> None:
+    def _put(self, job: _Job, row: UsageRow | None = None) -> concurrent.futures.Future[Any]:
         if self._closed:
             raise LedgerUnavailableError("the ledger is closed")
         self.start()  # a no-op once started; lazily for ledgers made without an explicit start
-        self._jobs.put(job)
+        task = _Task(job, concurrent.futures.Future(), row)
+        self._tasks.put(task)
+        return task.done
 
-    async def _submit(self, job: _Job) -> Any:
-        job.reply = _Reply(asyncio.get_running_loop())
-        self._put(job)
-        assert job.reply.future is not None
-        return await job.reply.future
+    async def _read(self, read: Callable[[], T]) -> T:
+        if self._closed:
+            raise LedgerUnavailableError("the ledger is closed")
+        return await asyncio.wrap_future(self._readers.submit(read))
 
     # ---- the writer thread ----
 
     def _run(self) -> None:
         while True:
-            jobs = self._next_jobs()
+            tasks = self._next_tasks()
             try:
-                if self._process(jobs):
+                if self._process(tasks):
                     return
             except Exception:  # a bug must not leave requests waiting forever on a dead writer
-                log.exception("the ledger writer failed on a batch of %d jobs", len(jobs))
-                for job in jobs:
-                    if job.reply is not None and not job.reply.event.is_set():
-                        job.reply.set(error=LedgerUnavailableError("the ledger writer failed"))
-                if any(job.kind == "stop" for job in jobs):
+                log.exception("the ledger writer failed on a batch of %d jobs", len(tasks))
+                for task in tasks:
+                    if not task.done.done():
+                        task.done.set_exception(LedgerUnavailableError("the ledger writer failed"))
+                if any(task.job is _Job.STOP for task in tasks):
                     return
 
-    def _process(self, jobs: Sequence[_Job]) -> bool:
-        """Handle one batch: writes first (spooled, acknowledged), then the database, then reads, flushes and a
-        stop. True when the thread should end."""
-        writes = [j for j in jobs if j.kind == "write"]
+    def _process(self, tasks: Sequence[_Task]) -> bool:
+        """One batch: writes first (spooled, acknowledged), then the database, then flushes and a stop. True when
+        the thread should end."""
+        writes = [t for t in tasks if t.job is _Job.WRITE]
         if writes:
             self._spool_rows(writes)
-        if self._unflushed and self._due():
+        if self._unflushed and self.outage.should_try():
             self._flush()
         stop = None
-        for job in jobs:
-            if job.kind == "read":
-                self._read(job)
-            elif job.kind == "flush":
-                if self._unflushed:
+        for task in tasks:
+            if task.job is _Job.FLUSH:
+                if self._unflushed and self.healthy:
                     self._flush()
-                job.reply.set(not self._unflushed)  # type: ignore[union-attr]
-            elif job.kind == "stop":
-                stop = job
+                task.done.set_result(not self._unflushed)
+            elif task.job is _Job.STOP:
+                stop = task
         if stop is None:
             return False
         if self._unflushed:
             self._flush()
-        stop.reply.set(True)  # type: ignore[union-attr]
+        stop.done.set_result(True)
         return True
 
-    def _next_jobs(self) -> list[_Job]:
-        timeout = None
-        if self._unflushed:
-            timeout = max(0.0, self._next_try - time.monotonic())
+    def _next_tasks(self) -> list[_Task]:
+        timeout = self.outage.seconds_to_retry if self._unflushed else None
         try:
-            jobs = [self._jobs.get(timeout=timeout)]
+            tasks = [self._tasks.get(timeout=timeout)]
         except queue.Empty:
             return []
         while True:
             try:
-                jobs.append(self._jobs.get_nowait())
+                tasks.append(self._tasks.get_nowait())
             except queue.Empty:
-                return jobs
+                return tasks
 
-    def _due(self) -> bool:
-        return self.healthy or time.monotonic() >= self._next_try
-
-    def _spool_rows(self, writes: Sequence[_Job]) -> None:
-        rows = [job.row for job in writes if job.row is not None]
+    def _spool_rows(self, writes: Sequence[_Task]) -> None:
+        rows = [task.row for task in writes if task.row is not None]
         try:
             self.spool.append([row.to_json() for row in rows])
         except OSError as err:
             log.error("cannot append to the ledger spool %s (%s): writing to the database directly",
                       self.spool_name, err)
             error = self._insert_now(rows)
-            for job in writes:
-                if job.reply is not None:
-                    job.reply.set(error=error)
+            for task in writes:
+                task.done.set_exception(error) if error else task.done.set_result(None)
             return
-        self._unflushed.extend(rows)
-        for job in writes:
-            if job.reply is not None:
-                job.reply.set()
+        with self._lock:
+            self._unflushed.extend(rows)
+            for row in rows:
+                self._recorded[(row.account, row.day)] += row.neurons
+        self._check_spool_size()
+        for task in writes:
+            task.done.set_result(None)
 
     def _insert_now(self, rows: Sequence[UsageRow]) -> LedgerUnavailableError | None:
         try:
             with self.database.begin() as conn:
                 self._insert_ignore(conn, rows)
         except SQLAlchemyError as err:
-            self._lost(err)
+            self.outage.failed(err)
             return LedgerUnavailableError("neither the spool nor the database can take ledger rows")
+        with self._lock:
+            for row in rows:
+                self._recorded[(row.account, row.day)] += row.neurons
         return None
 
     def _flush(self) -> None:
-        rows = self._unflushed
+        rows = list(self._unflushed)
         try:
             with self.database.begin() as conn:
                 for start in range(0, len(rows), INSERT_CHUNK):
                     self._insert_ignore(conn, rows[start:start + INSERT_CHUNK])
         except (SQLAlchemyError, OSError) as err:
-            self._lost(err)
+            self.outage.failed(err)
             return
-        self._unflushed = []
+        with self._lock:
+            self._unflushed = self._unflushed[len(rows):]
         try:
             self.spool.clear()
         except OSError as err:  # the rows are in the database: replaying them later is harmless
             log.error("cannot empty the ledger spool %s: %s", self.spool_name, err)
-        if not self.healthy:
-            self.healthy = True
-            log.warning("the ledger database is reachable again: %d spooled rows replayed", len(rows))
+        self.outage.recovered(f"{len(rows)} spooled rows replayed")
+        self._check_spool_size()
 
-    def _lost(self, err: BaseException) -> None:
-        self._next_try = time.monotonic() + self.retry_seconds
-        if self.healthy:
-            self.healthy = False
-            self.outages += 1
-            log.warning("the ledger database is unreachable (%s): rows are kept in the spool %s and replayed "
-                        "when it returns", short_error(err), self.spool_name)
-
-    def _read(self, job: _Job) -> None:
-        assert job.reply is not None and job.read is not None
-        if self._due():
-            try:
-                with self.database.connect() as conn:
-                    job.reply.set(job.read(conn))
-                return
-            except (SQLAlchemyError, OSError) as err:
-                self._lost(err)
-        if job.unavailable is not None:
-            job.reply.set(job.unavailable())
-        else:
-            job.reply.set(error=LedgerUnavailableError("the ledger database is unreachable"))
+    def _check_spool_size(self) -> None:
+        """The spool's alarm: one warning when it passes `spool_alarm_rows`, one when it is back under."""
+        pending = len(self._unflushed)
+        if pending >= self.spool_alarm_rows and not self._alarmed:
+            self._alarmed = True
+            log.warning("the ledger spool %s holds %d rows (alarm at %d): the database has not taken rows for "
+                        "a while", self.spool_name, pending, self.spool_alarm_rows)
+        elif pending < self.spool_alarm_rows and self._alarmed:
+            self._alarmed = False
+            log.warning("the ledger spool %s is back under %d rows", self.spool_name, self.spool_alarm_rows)
 
     def _insert_ignore(self, conn: sa.Connection, rows: Sequence[UsageRow]) -> None:
         if not rows:
@@ -439,17 +444,59 @@ class Ledger:
             if exists is None:
                 conn.execute(sa.insert(self.table), [value])
 
-    def _pending_neurons(self, account: str, since: datetime) -> float:
-        return sum(r.neurons for r in self._unflushed if r.account == account and r.time >= since)
+    # ---- reader threads ----
 
-    def _db_neurons(self, conn: sa.Connection, account: str, since: datetime) -> float:
+    def _pending_rows(self, account: str, since: datetime, until: datetime | None = None) -> list[UsageRow]:
+        with self._lock:
+            return [r for r in self._unflushed
+                    if r.account == account and r.time >= since and (until is None or r.time < until)]
+
+    def _query(self, query: Callable[[sa.Connection], T]) -> T:
+        if not self.outage.should_try():
+            raise LedgerUnavailableError("the ledger database is unreachable")
+        try:
+            with self.database.connect() as conn:
+                result = query(conn)
+        except (SQLAlchemyError, OSError) as err:
+            self.outage.failed(err)
+            raise LedgerUnavailableError("the ledger database is unreachable") from None
+        return result
+
+    def _usage(self, account: str, since: datetime, until: datetime) -> tuple[list[UsageGroup], list[UsageGroup]]:
+        # the spooled rows first, then the database without them: a row flushed meanwhile is counted once
+        pending = self._pending_rows(account, since, until)
+        skip = [r.request_id for r in pending]
+        by_model, by_day = self._query(lambda conn: self._db_usage(conn, account, since, until, skip))
+        return (_merge(by_model, pending, lambda r: r.model), _merge(by_day, pending, lambda r: r.day))
+
+    def _neurons_used(self, account: str, since: datetime, max_age: float) -> float:
+        key, day = (account, since), since.date().isoformat()
+        with self._lock:
+            recorded = self._recorded[(account, day)]
+        cached = self._db_sums.get(key)
+        fresh = cached is not None and time.monotonic() - cached[2] < max_age
+        if not fresh:
+            pending = self._pending_rows(account, since)
+            skip = [r.request_id for r in pending]
+            try:
+                total = self._query(lambda conn: self._db_neurons(conn, account, since, skip))
+                self._db_sums[key] = cached = (total + sum(r.neurons for r in pending), recorded, time.monotonic())
+            except LedgerUnavailableError:
+                if cached is None:  # never read: what this process recorded today
+                    return recorded
+        assert cached is not None
+        total, recorded_then, _read_at = cached
+        return total + (recorded - recorded_then)
+
+    def _db_neurons(self, conn: sa.Connection, account: str, since: datetime, skip: Sequence[str]) -> float:
         t = self.table
         total = conn.execute(sa.select(sa.func.coalesce(sa.func.sum(t.c.neurons), 0.0))
-                             .where(t.c.account == account, t.c.time >= since)).scalar_one()
+                             .where(t.c.account == account, t.c.time >= since, t.c.request_id.not_in(skip))
+                             ).scalar_one()
         return float(total)
 
-    def _usage(self, conn: sa.Connection, account: str, since: datetime, until: datetime
-               ) -> tuple[list[UsageGroup], list[UsageGroup]]:
+    def _db_usage(self, conn: sa.Connection, account: str, since: datetime, until: datetime, skip: Sequence[str]
+                  ) -> tuple[list[UsageGroup], list[UsageGroup]]:
         t = self.table
         totals = (
             sa.func.count().label("requests"),
@@ -458,7 +505,7 @@ class Ledger:
             sa.func.coalesce(sa.func.sum(t.c.output_tokens), 0).label("output_tokens"),
             sa.func.coalesce(sa.func.sum(t.c.neurons), 0.0).label("neurons"),
         )
-        where = (t.c.account == account, t.c.time >= since, t.c.time < until)
+        where = (t.c.account == account, t.c.time >= since, t.c.time < until, t.c.request_id.not_in(skip))
 
         def grouped(column: sa.Column[Any]) -> list[UsageGroup]:
             rows = conn.execute(sa.select(column, *totals).where(*where).group_by(column).order_by(column))
@@ -467,6 +514,19 @@ class Ledger:
                                neurons=round(float(r.neurons), 6)) for r in rows]
 
         return grouped(t.c.model), grouped(t.c.day)
+
+
+def _merge(groups: Sequence[UsageGroup], rows: Sequence[UsageRow], name_of: Callable[[UsageRow], str]
+           ) -> list[UsageGroup]:
+    """`groups` with the totals of `rows` added, by name, sorted by name."""
+    merged = {g.name: g for g in groups}
+    for row in rows:
+        name = name_of(row)
+        old = merged.get(name, UsageGroup(name, 0, 0, 0, 0, 0.0))
+        merged[name] = UsageGroup(name, old.requests + 1, old.cached_requests + int(row.cached),
+                                  old.input_tokens + row.input_tokens, old.output_tokens + row.output_tokens,
+                                  round(old.neurons + row.neurons, 6))
+    return [merged[name] for name in sorted(merged)]
 
 
 def _rows_from_spool(records: Sequence[dict[str, Any]]) -> list[UsageRow]:

@@ -1,0 +1,105 @@
+"""The ledger under pressure: statements that cannot hang, reports that never delay metering, a spool that says
+when it grows, and a daily allocation that stays right while the database is away."""
+
+from __future__ import annotations
+
+import logging
+import threading
+import time
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+import pytest
+import sqlalchemy as sa
+
+from int8serve.service.policy.ledger import Ledger, make_database
+from int8serve.service.policy.spool import MemorySpool
+
+from .conftest import POSTGRES_URL, PolicyServer, TcpProxy, postgres_url
+from .test_faults import BODY, pg_proxy  # noqa: F401 (a fixture)
+
+
+def test_a_sqlite_statement_that_runs_too_long_is_interrupted(tmp_path: Path) -> None:
+    database = make_database(f"sqlite:///{tmp_path / 'slow.sqlite3'}", statement_timeout=0.2)
+    endless = sa.text("WITH RECURSIVE n(i) AS (SELECT 1 UNION ALL SELECT i + 1 FROM n) SELECT count(*) FROM n")
+    started = time.monotonic()
+    with pytest.raises(sa.exc.OperationalError, match="interrupted"), database.connect() as conn:
+        conn.execute(endless)
+    assert time.monotonic() - started < 5
+    with database.connect() as conn:  # the connection is usable again at once: only that statement had a deadline
+        assert conn.execute(sa.text("SELECT 1")).scalar_one() == 1
+    database.dispose()
+
+
+def test_a_postgresql_statement_that_runs_too_long_is_cancelled() -> None:
+    database = make_database(POSTGRES_URL, statement_timeout=0.3)
+    started = time.monotonic()
+    with pytest.raises(sa.exc.OperationalError, match="statement timeout"), database.connect() as conn:
+        conn.execute(sa.text("SELECT pg_sleep(5)"))
+    assert time.monotonic() - started < 3
+    database.dispose()
+
+
+def test_usage_reports_never_delay_metering(policy_server: Callable[..., PolicyServer],
+                                           monkeypatch: pytest.MonkeyPatch) -> None:
+    """A usage report that takes seconds (a slow query) runs beside the writer: answers, and their ledger rows,
+    keep coming meanwhile."""
+    server = policy_server(rate_limits=False, cache=False)
+    ledger = server.policy.ledger
+    real = ledger._db_usage
+    reading = threading.Event()
+
+    def slow(*args: Any) -> Any:
+        reading.set()
+        time.sleep(3)
+        return real(*args)
+
+    monkeypatch.setattr(ledger, "_db_usage", slow)
+    report: list[Any] = []
+    reader = threading.Thread(target=lambda: report.append(server.usage("acct-a")))
+    reader.start()
+    assert reading.wait(10)
+    started = time.monotonic()
+    answers = [server.post("acct-a", {**BODY, "seed": n}) for n in range(1, 4)]
+    assert all(a.status_code == 200 for a in answers)
+    assert ledger.flush(timeout=2) and len(server.rows()) == 3
+    assert time.monotonic() - started < 2.5  # not behind the 3-second report
+    reader.join(10)
+    assert report[0].status_code == 200
+
+
+def test_the_spool_says_when_it_grows(caplog: pytest.LogCaptureFixture) -> None:
+    caplog.set_level(logging.WARNING)
+    database = make_database("postgresql+psycopg://nobody@127.0.0.1:1/none")  # nothing listens on port 1
+    ledger = Ledger(database, MemorySpool(), retry_seconds=0.05, spool_alarm_rows=3)
+    from int8serve.service.policy.ledger import UsageRow, utc_now
+
+    async def record(n: int) -> None:
+        await ledger.record(UsageRow(f"r{n}", utc_now(), "acct", "m", 1, 1, 0.5, False, "ok", 1.0))
+
+    import asyncio
+
+    for n in range(5):
+        asyncio.run(record(n))
+    assert ledger.pending == 5 and not ledger.healthy
+    alarms = [r for r in caplog.records if "holds" in r.getMessage() and "alarm at 3" in r.getMessage()]
+    assert len(alarms) == 1  # once, not once per row
+    ledger.close(timeout=1)
+
+
+def test_the_allocation_counts_rows_spooled_during_an_outage(pg_schema: str, pg_proxy: TcpProxy,  # noqa: F811
+                                                              policy_server: Callable[..., PolicyServer]) -> None:
+    """With the database cut off, the account's usage keeps growing from the rows this server records: the daily
+    allocation refuses (429/3036) as soon as the spooled requests use it up, as it would with the database."""
+    server = policy_server(database_url=postgres_url(pg_schema, pg_proxy.port), rate_limits=False, cache=False,
+                           daily_neurons=4.0, retry_seconds=0.3)
+    first = server.post("acct-a", {**BODY, "max_tokens": 1, "seed": 1})  # ~6 prompt+output tokens: ~1.1 neurons
+    assert first.status_code == 200 and server.policy.ledger.flush()
+    pg_proxy.cut()
+    statuses = [server.post("acct-a", {**BODY, "max_tokens": 1, "seed": n}).status_code for n in range(2, 8)]
+    assert not server.policy.ledger.healthy
+    used = float(first.headers["cf-ai-neurons"])
+    allowed = 1 + next(i for i in range(1, 10) if used * (i + 1) >= 4.0)  # requests until 4 neurons are used
+    assert statuses[:allowed - 1] == [200] * (allowed - 1) and set(statuses[allowed - 1:]) == {429}
+    pg_proxy.restore()
