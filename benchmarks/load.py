@@ -1,0 +1,1391 @@
+"""Load and fault harness (issue 11, "The figures"): does a real `int8serve serve` stay correct under hostile load?
+
+The figures of the engine and serving benchmarks say how fast the server is; this script says whether it stays
+*correct* when many clients push it at once, some of them hostile, some leaving mid-stream, while Redis or
+PostgreSQL go away and come back. It is black-box: it starts `python -m int8serve serve` as a subprocess, talks
+to it only over HTTP, and at the end reads the usage ledger from the database, so it keeps working while the
+service's internals change.
+
+What one run does:
+
+1. starts a server (default model stories260K) on a free port with 10 accounts from a `--tokens-file`, its own
+   `--data-dir` in a temporary folder, `--rpm 0` (unlimited) except for the first `--limited-accounts` accounts,
+   which get `--account-rpm ACCOUNT=--limited-rpm` so that rate limits are exercised for some accounts but not all;
+2. runs `--clients` closed-loop asyncio/httpx clients for `--duration` seconds, spread over the accounts, each
+   mixing valid JSON requests, invalid ones (bad JSON, schema violations, out-of-range and huge numbers), streams
+   read to the end, streams the client cuts after a few frames, repeated identical requests (cache hits) and
+   OpenAI-route requests (`/v1/chat/completions`, bearer token); every answer is recorded: status, error code
+   (`errors[0].code`, or OpenAI's `error.code`), the `cf-ai-req-id` header, and for streams how they ended
+   (`[DONE]`, an error frame, cut by the client, or truncated by the server);
+3. polls `/healthz` every 100 ms throughout, from a separate process (so the clients' own event loop does not
+   inflate the latencies);
+4. optionally injects a fault (`--fault redis`: its own `redis-server`, stopped and restarted mid-run;
+   `--fault postgres`: a TCP proxy in this script in front of the machine's PostgreSQL, cut and restored);
+5. stops the server with SIGTERM (it drains and flushes its ledger, exit 0), reads the ledger
+   (`<data-dir>/usage.sqlite3`, or the PostgreSQL schema this run created) and checks:
+
+   - no answer with a 5xx status;
+   - every 200 answer, and every stream that got its 200 headers (completed or cut), has exactly one ledger row
+     (matched by `cf-ai-req-id`), with the right account, `cached` flag and outcome;
+   - valid requests are refused only with 429 (3021 for the rate-limited accounts, 3040 capacity), invalid ones
+     with a 4xx that is not 408/429;
+   - every stream read to the end ended with `[DONE]`; no error frame, no truncation, no transport error;
+   - no cache hit for an account that had not itself received that answer before (issue 11: the cache is per
+     account by default);
+   - `/healthz` answered every poll; the server stayed up, exited 0 on SIGTERM, logged no traceback;
+   - under a fault: limits kept being enforced (Redis) and answers kept coming (PostgreSQL) during the outage;
+     0 ledger rows lost after recovery.
+
+It prints a table, exits 1 listing the failed checks (2 when the run itself could not be set up), writes a JSON
+report with `--json FILE` (tests/benchmarks/test_load.py runs this script that way), and with `--write FILE`
+replaces its section of docs/benchmarks.md.
+
+    PYTHONPATH=src .venv/bin/python benchmarks/load.py --clients 40 --duration 10      # ~30 s
+    PYTHONPATH=src .venv/bin/python benchmarks/load.py --write docs/benchmarks.md      # 200 clients, 60 s
+    PYTHONPATH=src .venv/bin/python benchmarks/load.py --fault redis --write docs/benchmarks.md
+    PYTHONPATH=src .venv/bin/python benchmarks/load.py --fault postgres --write docs/benchmarks.md
+
+PostgreSQL runs (`--fault postgres`, or `--database-url postgresql+psycopg://...`) create a schema of their own
+(`int8serve_load_<hex>`), point the server's `search_path` at it so its ledger table is made there, and drop that
+schema at the end: nothing else in the database is touched. `--redis-url` runs use a key prefix of their own and
+delete its keys at the end.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import contextlib
+import datetime
+import json
+import multiprocessing
+import os
+import random
+import re
+import shlex
+import shutil
+import signal
+import socket
+import subprocess
+import sys
+import tempfile
+import threading
+import time
+import uuid
+from collections import Counter
+from collections.abc import Callable, Iterable, Sequence
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any
+
+import httpx
+
+REPO = Path(__file__).resolve().parents[1]
+DEFAULT_MODEL = REPO.parent / "shared" / "models" / "stories260K" / "hf"
+DEFAULT_POSTGRES = "postgresql+psycopg://postgres@127.0.0.1:5432/test"
+MODEL = "@cf/meta/llama-2-7b-chat-int8"
+LEDGER_TABLE = "int8serve_usage"
+RUN_PATH = "/client/v4/accounts/{account}/ai/run/" + MODEL
+OPENAI_PATH = "/v1/chat/completions"
+HEALTH_INTERVAL = 0.1  # seconds between two /healthz polls
+HEALTH_TIMEOUT = 5.0  # a poll that takes longer counts as unanswered
+REQUEST_TIMEOUT = httpx.Timeout(60.0, connect=10.0)
+SECTION_BEGIN = "<!-- benchmarks/load.py {label}: begin -->"
+SECTION_END = "<!-- benchmarks/load.py {label}: end -->"
+EXAMPLES = 8  # request examples listed per failed check
+WINDOW_SLACK = 2.0  # seconds: how much later than sent a request may have been admitted (rate-limit check)
+
+# The request mix: kind -> weight (relative frequency of a client's next request)
+MIX = {"valid": 25, "stream": 18, "stream-cut": 12, "cache": 15, "openai": 10, "invalid": 20}
+CACHE_BODIES = 3  # distinct repeated bodies per run
+HUGE = "1" + "0" * 400  # 1 followed by 400 zeros
+HUGER = "1" + "0" * 5000  # beyond Python's 4300-digit int parsing limit
+
+
+def _run_body(extra: str) -> bytes:
+    return ('{"prompt": "Once upon a time", ' + extra + "}").encode()
+
+
+# Invalid requests: name -> (route, body). Each must be answered 4xx (not 408/429), never 5xx.
+INVALID: dict[str, tuple[str, bytes]] = {
+    "bad-json": ("run", b'{"prompt": "Once upon'),
+    "not-an-object": ("run", b'["prompt", "Once upon a time"]'),
+    "missing-prompt": ("run", b'{"max_tokens": 8}'),
+    "prompt-not-a-string": ("run", b'{"prompt": 5}'),
+    "messages-not-a-list": ("run", b'{"messages": "hello"}'),
+    "max-tokens-negative": ("run", _run_body('"max_tokens": -3')),
+    "max-tokens-over-limit": ("run", _run_body('"max_tokens": 100000')),
+    "temperature-out-of-range": ("run", _run_body('"temperature": 99')),
+    "max-tokens-huge": ("run", _run_body(f'"max_tokens": {HUGE}')),
+    "seed-huge": ("run", _run_body(f'"seed": {HUGE}')),
+    "seed-5000-digits": ("run", _run_body(f'"seed": {HUGER}')),
+    "temperature-1e400": ("run", _run_body('"temperature": 1e400')),
+    "openai-messages-not-a-list": ("openai", json.dumps({"model": MODEL, "messages": "hello"}).encode()),
+    "openai-max-tokens-huge": ("openai", ('{"model": "' + MODEL + '", "messages": [{"role": "user", "content": '
+                                          '"hi"}], "max_tokens": ' + HUGE + "}").encode()),
+}
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# What the clients send
+
+
+@dataclass(frozen=True)
+class PlannedRequest:
+    """One request a client is about to send."""
+
+    kind: str  # a key of MIX, or "invalid:<name>"
+    account: str
+    route: str  # "run" (Workers AI) or "openai"
+    body: bytes
+    stream: bool
+    cut_after: int | None = None  # frames to read before the client closes the stream
+    cache_key: str | None = None  # the repeated body's name, for "cache" requests
+
+
+@dataclass
+class RequestRecord:
+    """One request as its client saw it; times in seconds since the start of the load (time.monotonic)."""
+
+    kind: str
+    account: str
+    route: str
+    stream: bool
+    body: str  # the first 200 characters, for reports
+    cache_key: str | None
+    sent: float
+    finished: float | None = None
+    status: int | None = None
+    code: int | str | None = None
+    request_id: str | None = None
+    cache_status: str | None = None
+    stream_end: str | None = None  # "done", "error", "cut" (by the client), "truncated" (by the server)
+    frames: int = 0
+    transport_error: str | None = None
+    abandoned: bool = False  # still running when the grace period ended
+
+    @property
+    def invalid(self) -> bool:
+        return self.kind.startswith("invalid:")
+
+    @property
+    def got_200(self) -> bool:
+        return self.status == 200
+
+    def describe(self) -> str:
+        parts = [f"{self.kind} account={self.account} status={self.status}"]
+        if self.code is not None:
+            parts.append(f"code={self.code}")
+        if self.stream:
+            parts.append(f"stream_end={self.stream_end} frames={self.frames}")
+        if self.transport_error:
+            parts.append(f"transport_error={self.transport_error!r}")
+        parts.append(f"cf-ai-req-id={self.request_id} t={self.sent:.2f}s body={self.body[:120]!r}")
+        return " ".join(parts)
+
+
+def account_names(count: int) -> list[str]:
+    return [f"load-acct-{n}" for n in range(count)]
+
+
+def token_of(account: str) -> str:
+    return f"tok-{account}"
+
+
+def plan_request(kind: str, account: str, rng: random.Random) -> PlannedRequest:
+    """The next request of a client of `account`: its body depends on the kind only (and a random nonce)."""
+    nonce = uuid.uuid4().hex[:12]
+    if kind == "invalid":
+        name = rng.choice(sorted(INVALID))
+        route, body = INVALID[name]
+        return PlannedRequest(f"invalid:{name}", account, route, body, stream=False)
+    if kind == "cache":
+        index = rng.randrange(CACHE_BODIES)
+        body = {"prompt": f"Once upon a time, cached story number {index}", "raw": True, "max_tokens": 16,
+                "seed": 11, "stream": rng.random() < 0.5}
+        return PlannedRequest(kind, account, "run", json.dumps(body).encode(), body["stream"],
+                              cache_key=f"cache-{index}")
+    if kind == "openai":
+        stream = rng.random() < 0.5
+        body = {"model": MODEL, "messages": [{"role": "user", "content": f"Tell me a story about {nonce}"}],
+                "max_tokens": rng.randint(8, 32), "stream": stream}
+        return PlannedRequest(kind, account, "openai", json.dumps(body).encode(), stream)
+    body = valid_body(nonce, rng)
+    if kind == "stream":
+        return PlannedRequest(kind, account, "run", json.dumps({**body, "stream": True}).encode(), True)
+    if kind == "stream-cut":
+        long = {**body, "max_tokens": rng.randint(160, 300), "stream": True}
+        return PlannedRequest(kind, account, "run", json.dumps(long).encode(), True, cut_after=rng.randint(1, 3))
+    return PlannedRequest(kind, account, "run", json.dumps(body).encode(), False)
+
+
+def valid_body(nonce: str, rng: random.Random) -> dict[str, Any]:
+    """A valid Workers AI body that is unique to this request (never a cache hit), prompt or messages form."""
+    max_tokens = rng.randint(8, 48)
+    if rng.random() < 0.5:
+        return {"prompt": f"Once upon a time, {nonce}", "raw": True, "max_tokens": max_tokens}
+    return {"messages": [{"role": "user", "content": f"Tell me about {nonce}"}], "max_tokens": max_tokens,
+            "temperature": 0.7}
+
+
+def request_url(planned: PlannedRequest) -> str:
+    return RUN_PATH.format(account=planned.account) if planned.route == "run" else OPENAI_PATH
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Reading answers
+
+
+def error_code(payload: Any) -> int | str | None:
+    """`errors[0].code` of a Cloudflare envelope (or a stream's error frame), or `error.code` of an OpenAI error."""
+    if not isinstance(payload, dict):
+        return None
+    errors = payload.get("errors")
+    if isinstance(errors, list) and errors and isinstance(errors[0], dict):
+        return errors[0].get("code")
+    error = payload.get("error")
+    if isinstance(error, dict):
+        return error.get("code")
+    return None
+
+
+def body_error_code(content: bytes) -> int | str | None:
+    try:
+        return error_code(json.loads(content))
+    except ValueError:
+        return None
+
+
+def classify_frame(line: str) -> tuple[str, int | str | None]:
+    """("done" | "error" | "data" | "other", error code) of one SSE line, for both API shapes."""
+    if not line.startswith("data:"):
+        return "other", None
+    data = line.removeprefix("data:").strip()
+    if data == "[DONE]":
+        return "done", None
+    try:
+        payload = json.loads(data)
+    except ValueError:
+        return "data", None
+    code = error_code(payload)
+    if code is not None or (isinstance(payload, dict) and ("error" in payload or payload.get("errors"))):
+        return "error", code
+    return "data", None
+
+
+def note_headers(record: RequestRecord, response: httpx.Response) -> None:
+    record.status = response.status_code
+    record.request_id = response.headers.get("cf-ai-req-id")
+    record.cache_status = response.headers.get("cf-aig-cache-status")
+
+
+async def read_stream(response: httpx.Response, planned: PlannedRequest, record: RequestRecord) -> None:
+    """Read SSE frames until `[DONE]`, an error frame, the cut, or the end of the body ("truncated")."""
+    async for line in response.aiter_lines():
+        kind, code = classify_frame(line)
+        if kind == "done":
+            record.stream_end = "done"
+            return
+        if kind == "error":
+            record.stream_end, record.code = "error", code
+            return
+        if kind == "data":
+            record.frames += 1
+            if planned.cut_after is not None and record.frames >= planned.cut_after:
+                record.stream_end = "cut"
+                return  # leaving `client.stream(...)` unread closes the connection: the server sees the client go
+    record.stream_end = "truncated"
+
+
+async def send(client: httpx.AsyncClient, planned: PlannedRequest, record: RequestRecord) -> None:
+    headers = {"Authorization": f"Bearer {token_of(planned.account)}", "Content-Type": "application/json"}
+    url = request_url(planned)
+    try:
+        if planned.stream:
+            async with client.stream("POST", url, content=planned.body, headers=headers) as response:
+                note_headers(record, response)
+                if response.status_code == 200:
+                    await read_stream(response, planned, record)
+                else:
+                    record.code = body_error_code(await response.aread())
+        else:
+            response = await client.post(url, content=planned.body, headers=headers)
+            note_headers(record, response)
+            if response.status_code != 200:
+                record.code = body_error_code(response.content)
+    except httpx.HTTPError as exc:
+        record.transport_error = f"{type(exc).__name__}: {exc}"[:200]
+        if record.stream and record.got_200 and record.stream_end is None:
+            record.stream_end = "truncated"
+    finally:
+        record.finished = time.monotonic()
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# The load
+
+
+@dataclass
+class LoadState:
+    """Shared by the clients of one run."""
+
+    client: httpx.AsyncClient
+    start: float
+    stop: asyncio.Event
+    records: list[RequestRecord] = field(default_factory=list)
+
+
+async def client_loop(index: int, account: str, state: LoadState, seed: int, think: float) -> None:
+    """A closed-loop client: send, wait for the whole answer, think a little, repeat until told to stop."""
+    rng = random.Random(seed * 100_003 + index)
+    kinds, weights = list(MIX), list(MIX.values())
+    await asyncio.sleep(rng.uniform(0, think * 2))  # spread the first requests
+    while not state.stop.is_set():
+        planned = plan_request(rng.choices(kinds, weights)[0], account, rng)
+        record = RequestRecord(planned.kind, account, planned.route, planned.stream,
+                               planned.body.decode(errors="replace")[:200], planned.cache_key,
+                               sent=time.monotonic())
+        state.records.append(record)
+        try:
+            await send(state.client, planned, record)
+        except asyncio.CancelledError:
+            record.abandoned = True
+            raise
+        await asyncio.sleep(rng.uniform(0, think * 2))
+
+
+def health_poller(url: str, stop: Any, results: Any) -> None:
+    """In a child process: GET `url` every HEALTH_INTERVAL until `stop` is set; send back the samples."""
+    samples: list[tuple[float, float, int | None, str | None]] = []
+    with httpx.Client(timeout=HEALTH_TIMEOUT) as client:
+        next_poll = time.monotonic()
+        while not stop.is_set():
+            began = time.monotonic()
+            status, error = None, None
+            try:
+                status = client.get(url).status_code
+            except httpx.HTTPError as exc:
+                error = f"{type(exc).__name__}: {exc}"[:200]
+            samples.append((began, time.monotonic() - began, status, error))
+            next_poll = max(next_poll + HEALTH_INTERVAL, time.monotonic())
+            time.sleep(max(0.0, next_poll - time.monotonic()))
+    results.send(samples)
+
+
+class HealthPolling:
+    """The /healthz poller, in a process of its own (spawned: nothing of this process is inherited)."""
+
+    def __init__(self, url: str) -> None:
+        context = multiprocessing.get_context("spawn")
+        self.stop_event = context.Event()
+        self.receiver, sender = context.Pipe(duplex=False)
+        self.process = context.Process(target=health_poller, args=(url, self.stop_event, sender), daemon=True)
+
+    def start(self) -> None:
+        self.process.start()
+
+    def finish(self) -> list[tuple[float, float, int | None, str | None]]:
+        self.stop_event.set()
+        samples = self.receiver.recv() if self.receiver.poll(30) else []
+        self.process.join(10)
+        return samples
+
+
+@dataclass(frozen=True)
+class FaultWindow:
+    """When the fault was injected and lifted (seconds since the start of the load)."""
+
+    name: str
+    down: float
+    up: float
+    probe: str = ""  # what a request made during the outage showed
+    probe_confirms: bool | None = None  # whether it showed the server saw the outage (None: nothing to probe)
+
+
+async def run_load(base_url: str, accounts: Sequence[str], args: argparse.Namespace,
+                   fault: Fault | None) -> tuple[list[RequestRecord], FaultWindow | None, float, float]:
+    """Run the clients for args.duration seconds (and the fault, if any). Returns the records and the fault's
+    window, times relative to the start; the wall time including the grace period; and the start
+    (time.monotonic)."""
+    limits = httpx.Limits(max_connections=args.clients + 16, max_keepalive_connections=args.clients + 16)
+    async with httpx.AsyncClient(base_url=base_url, timeout=REQUEST_TIMEOUT, limits=limits) as client:
+        state = LoadState(client, time.monotonic(), asyncio.Event())
+        tasks = [asyncio.create_task(client_loop(i, accounts[i % len(accounts)], state, args.seed, args.think))
+                 for i in range(args.clients)]
+        window = await drive_fault(fault, state, accounts[-1], args) if fault else None
+        await asyncio.sleep(max(0.0, state.start + args.duration - time.monotonic()))
+        state.stop.set()
+        _, pending = await asyncio.wait(tasks, timeout=args.grace)
+        for task in pending:
+            task.cancel()
+        await asyncio.gather(*pending, return_exceptions=True)
+        wall = time.monotonic() - state.start
+    for record in state.records:
+        record.sent -= state.start
+        record.finished = None if record.finished is None else record.finished - state.start
+    return state.records, window, wall, state.start
+
+
+async def drive_fault(fault: Fault, state: LoadState, account: str, args: argparse.Namespace) -> FaultWindow:
+    """Inject the fault at --fault-start, probe the server halfway, lift it at --fault-end (fractions of the
+    duration)."""
+    start = state.start
+    await asyncio.sleep(max(0.0, start + args.duration * args.fault_start - time.monotonic()))
+    down = time.monotonic() - start
+    await asyncio.to_thread(fault.inject)
+    log(f"fault: {fault.name} down at {down:.1f} s")
+    halfway = start + args.duration * (args.fault_start + args.fault_end) / 2
+    await asyncio.sleep(max(0.0, halfway - time.monotonic()))
+    probe, confirms = await fault.probe(state.client, account)
+    await asyncio.sleep(max(0.0, start + args.duration * args.fault_end - time.monotonic()))
+    up = time.monotonic() - start
+    await asyncio.to_thread(fault.lift)
+    log(f"fault: {fault.name} back at {up:.1f} s")
+    return FaultWindow(fault.name, down, up, probe, confirms)
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# The server, Redis, PostgreSQL
+
+
+def log(message: str) -> None:
+    print(f"[load] {message}", file=sys.stderr, flush=True)
+
+
+def free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+def server_environment() -> dict[str, str]:
+    """This process's environment without the operator's INT8SERVE_* settings (the kernel cache is kept)."""
+    kept = {"INT8SERVE_CACHE"}
+    return {k: v for k, v in os.environ.items() if not k.startswith("INT8SERVE_") or k in kept}
+
+
+class ServerProcess:
+    """`python -m int8serve serve` on a free port, its output in `<work>/server.log`."""
+
+    def __init__(self, args: argparse.Namespace, work: Path, accounts: Sequence[str], redis_url: str | None,
+                 database_url: str | None) -> None:
+        self.port = free_port()
+        self.url = f"http://127.0.0.1:{self.port}"
+        self.log_path = work / "server.log"
+        self.data_dir = work / "data"
+        tokens = work / "tokens.txt"
+        tokens.write_text("".join(f"{token_of(a)}={a}\n" for a in accounts))
+        self.command = [sys.executable, "-m", "int8serve", "serve", "--model", str(args.model), "--host", "127.0.0.1",
+                        "--port", str(self.port), "--tokens-file", str(tokens), "--data-dir", str(self.data_dir),
+                        "--rpm", "0", "--max-queue", str(args.max_queue),
+                        "--shutdown-timeout", str(args.shutdown_timeout)]
+        for account in accounts[:args.limited_accounts]:
+            self.command += ["--account-rpm", f"{account}={args.limited_rpm}"]
+        if args.server_threads:
+            self.command += ["--threads", str(args.server_threads)]
+        if redis_url:
+            self.command += ["--redis-url", redis_url]
+        if database_url:
+            self.command += ["--database-url", database_url]
+        self.process: subprocess.Popen[bytes] | None = None
+
+    def start(self, timeout: float = 180.0) -> None:
+        with self.log_path.open("wb") as out:
+            self.process = subprocess.Popen(self.command, stdout=out, stderr=subprocess.STDOUT,
+                                            env=server_environment(), cwd=REPO)
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            if self.process.poll() is not None:
+                raise SetupError(f"the server exited with {self.process.returncode} at start:\n{self.log_tail()}")
+            with contextlib.suppress(httpx.HTTPError):
+                if httpx.get(self.url + "/readyz", timeout=2).status_code == 200:
+                    return
+            time.sleep(0.2)
+        raise SetupError(f"the server was not ready after {timeout:.0f} s:\n{self.log_tail()}")
+
+    def alive(self) -> bool:
+        return self.process is not None and self.process.poll() is None
+
+    def stop(self, timeout: float) -> int | None:
+        """SIGTERM, then wait; the exit status, or None when it had to be killed."""
+        if self.process is None:
+            return None
+        if self.process.poll() is not None:
+            return self.process.returncode
+        self.process.send_signal(signal.SIGTERM)
+        try:
+            return self.process.wait(timeout)
+        except subprocess.TimeoutExpired:
+            self.process.kill()
+            self.process.wait(10)
+            return None
+
+    def log_text(self) -> str:
+        return self.log_path.read_text(errors="replace") if self.log_path.exists() else ""
+
+    def log_tail(self, lines: int = 40) -> str:
+        return "\n".join(self.log_text().splitlines()[-lines:])
+
+
+class SetupError(RuntimeError):
+    """The run could not be set up (no Redis, no PostgreSQL, the server did not start): exit status 2."""
+
+
+class Fault:
+    """Something the script takes away mid-run and gives back."""
+
+    name = "none"
+
+    def inject(self) -> None:
+        raise NotImplementedError
+
+    def lift(self) -> None:
+        raise NotImplementedError
+
+    async def probe(self, client: httpx.AsyncClient, account: str) -> tuple[str, bool | None]:
+        """A request during the outage that shows whether the server noticed it: (what it showed, whether it
+        confirms the outage), or ("", None) when there is nothing to ask."""
+        return "", None
+
+
+class RedisServer(Fault):
+    """A `redis-server` of this run on a free port (nothing saved), stopped by `inject` and restarted by `lift`."""
+
+    name = "redis"
+
+    def __init__(self, work: Path) -> None:
+        self.binary = shutil.which("redis-server")
+        if self.binary is None:
+            raise SetupError("redis-server is not installed (it is needed by --fault redis)")
+        self.port = free_port()
+        self.url = f"redis://127.0.0.1:{self.port}/0"
+        self.log_path = work / "redis.log"
+        self.process: subprocess.Popen[bytes] | None = None
+
+    def start(self) -> None:
+        command = [self.binary, "--port", str(self.port), "--bind", "127.0.0.1", "--save", "", "--appendonly", "no",
+                   "--daemonize", "no"]
+        with self.log_path.open("ab") as out:
+            self.process = subprocess.Popen(command, stdout=out, stderr=subprocess.STDOUT)
+        deadline = time.monotonic() + 10
+        while time.monotonic() < deadline:
+            if self.process.poll() is not None:
+                raise SetupError(f"redis-server exited at start: {self.log_path.read_text()[-2000:]}")
+            if redis_pings(self.port):
+                return
+            time.sleep(0.05)
+        raise SetupError(f"redis-server did not answer PING on port {self.port}")
+
+    def stop(self) -> None:
+        if self.process is not None and self.process.poll() is None:
+            self.process.terminate()
+            try:
+                self.process.wait(10)
+            except subprocess.TimeoutExpired:
+                self.process.kill()
+                self.process.wait(10)
+
+    inject = stop
+    lift = start
+
+
+def redis_pings(port: int) -> bool:
+    try:
+        with socket.create_connection(("127.0.0.1", port), timeout=1) as sock:
+            sock.sendall(b"PING\r\n")
+            return sock.recv(64).startswith(b"+PONG")
+    except OSError:
+        return False
+
+
+class TcpProxy(Fault):
+    """A TCP proxy to PostgreSQL on its own thread and event loop: `inject` closes every proxied connection and
+    refuses new ones (accepts and closes them at once); `lift` lets new connections through again."""
+
+    name = "postgres"
+
+    def __init__(self, upstream_host: str, upstream_port: int) -> None:
+        self.upstream = (upstream_host, upstream_port)
+        self.port = 0
+        self.refusing = False
+        self.writers: set[asyncio.StreamWriter] = set()
+        self.loop = asyncio.new_event_loop()
+        self.thread = threading.Thread(target=self.loop.run_forever, name="pg-proxy", daemon=True)
+        self.server: asyncio.AbstractServer | None = None
+
+    def start(self) -> None:
+        self.thread.start()
+        self.server = asyncio.run_coroutine_threadsafe(
+            asyncio.start_server(self._handle, "127.0.0.1", 0), self.loop).result(10)
+        self.port = self.server.sockets[0].getsockname()[1]
+
+    async def _handle(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        if self.refusing:
+            writer.transport.abort()
+            return
+        try:
+            up_reader, up_writer = await asyncio.open_connection(*self.upstream)
+        except OSError:
+            writer.transport.abort()
+            return
+        pair = {writer, up_writer}
+        self.writers |= pair
+        try:
+            await asyncio.gather(self._pump(reader, up_writer), self._pump(up_reader, writer))
+        finally:
+            self.writers -= pair
+            for w in pair:
+                w.transport.abort()
+
+    @staticmethod
+    async def _pump(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        with contextlib.suppress(OSError, asyncio.IncompleteReadError):
+            while data := await reader.read(65536):
+                writer.write(data)
+                await writer.drain()
+        writer.transport.abort()
+
+    def _cut(self) -> None:
+        self.refusing = True
+        for writer in list(self.writers):
+            writer.transport.abort()
+
+    def _in_loop(self, function: Callable[[], None]) -> None:
+        """Run `function` on the proxy's loop and wait until it has run."""
+        async def call() -> None:
+            function()
+
+        asyncio.run_coroutine_threadsafe(call(), self.loop).result(10)
+
+    def inject(self) -> None:
+        self._in_loop(self._cut)
+
+    def lift(self) -> None:
+        self._in_loop(lambda: setattr(self, "refusing", False))
+
+    async def probe(self, client: httpx.AsyncClient, account: str) -> tuple[str, bool | None]:
+        """The usage endpoint reads the ledger's database: while it is unreachable it answers 503, code 1002."""
+        url = f"/client/v4/accounts/{account}/ai/usage"
+        try:
+            response = await client.get(url, headers={"Authorization": f"Bearer {token_of(account)}"})
+        except httpx.HTTPError as exc:
+            return f"GET {url}: {type(exc).__name__}", False
+        code = body_error_code(response.content)
+        return f"GET {url} → {response.status_code}/{code}", (response.status_code, code) == (503, 1002)
+
+    def close(self) -> None:
+        if self.server is not None:
+            self._in_loop(self._cut)
+            self._in_loop(self.server.close)
+        self.loop.call_soon_threadsafe(self.loop.stop)
+        self.thread.join(10)
+
+
+class PostgresSchema:
+    """A schema of this run in a PostgreSQL database: the server's search_path points at it, so its ledger table
+    is created there; dropped (with everything in it, all of it this run's) at the end."""
+
+    def __init__(self, url: str) -> None:
+        import sqlalchemy as sa  # only PostgreSQL runs need it (sqlalchemy comes with int8serve)
+
+        self.sa = sa
+        self.url = sa.make_url(url)
+        if not self.url.drivername.startswith("postgresql"):
+            raise SetupError(f"--database-url must be a PostgreSQL URL, got {self.url.drivername}")
+        self.name = f"int8serve_load_{uuid.uuid4().hex[:12]}"
+        self.created = False
+
+    def create(self) -> None:
+        try:
+            engine = self.sa.create_engine(self.url)
+            with engine.begin() as conn:
+                conn.execute(self.sa.text(f'CREATE SCHEMA "{self.name}"'))
+            engine.dispose()
+        except Exception as exc:
+            raise SetupError(f"cannot create a schema in PostgreSQL at {self.url!r}: {exc}") from exc
+        self.created = True
+
+    def server_url(self, port: int | None = None) -> str:
+        url = self.url if port is None else self.url.set(host="127.0.0.1", port=port)
+        url = url.update_query_dict({"options": f"-csearch_path={self.name}"})
+        return url.render_as_string(hide_password=False)
+
+    def rows(self) -> list[dict[str, Any]]:
+        return read_rows(self.url.render_as_string(hide_password=False), f'"{self.name}".{LEDGER_TABLE}')
+
+    def drop(self) -> None:
+        if not self.created:
+            return
+        engine = self.sa.create_engine(self.url)
+        with engine.begin() as conn:
+            conn.execute(self.sa.text(f'DROP SCHEMA IF EXISTS "{self.name}" CASCADE'))
+        engine.dispose()
+
+
+def read_rows(url: str, table: str) -> list[dict[str, Any]]:
+    """Every ledger row (the columns the checks need) of `table` in the database at `url`."""
+    import sqlalchemy as sa
+
+    engine = sa.create_engine(url)
+    try:
+        with engine.connect() as conn:
+            result = conn.execute(sa.text(
+                f"SELECT request_id, account, outcome, cached, output_tokens FROM {table}"))
+            return [dict(row._mapping) for row in result]
+    finally:
+        engine.dispose()
+
+
+def with_key_prefix(url: str, prefix: str) -> str:
+    """`url` with `?key_prefix=prefix` unless it names one already."""
+    if "key_prefix=" in url:
+        return url
+    return url + ("&" if "?" in url else "?") + f"key_prefix={prefix}"
+
+
+def delete_redis_keys(url: str) -> None:
+    import redis  # comes with int8serve
+
+    match = re.search(r"key_prefix=([^&]+)", url)
+    if not match:
+        return
+    client = redis.Redis.from_url(url.split("?")[0])
+    try:
+        keys = list(client.scan_iter(match=f"{match.group(1)}:*", count=500))
+        if keys:
+            client.delete(*keys)
+    finally:
+        client.close()
+
+
+def fetch_metrics(base_url: str) -> dict[str, float] | None:
+    """The un-labelled samples of /metrics, or None when it does not answer 200 (e.g. it needs a token)."""
+    try:
+        response = httpx.get(base_url + "/metrics", timeout=10)
+    except httpx.HTTPError:
+        return None
+    if response.status_code != 200:
+        return None
+    values: dict[str, float] = {}
+    for line in response.text.splitlines():
+        match = re.fullmatch(r"([a-zA-Z_:][a-zA-Z0-9_:]*) ([0-9.eE+-]+|NaN|[+-]Inf)", line)
+        if match:
+            values[match.group(1)] = float(match.group(2))
+    return values
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Checks (pure: records, health samples and ledger rows in, verdicts out)
+
+
+@dataclass
+class Check:
+    name: str
+    passed: bool
+    summary: str
+    details: list[str] = field(default_factory=list)
+
+
+@dataclass
+class Health:
+    polls: int
+    answered: int
+    p50_ms: float
+    p99_ms: float
+    max_ms: float
+    failures: list[str]
+
+    @classmethod
+    def of(cls, samples: Sequence[tuple[float, float, int | None, str | None]], start: float) -> Health:
+        latencies = sorted(s[1] * 1000 for s in samples)
+        failures = [f"t={s[0] - start:.2f}s: {s[3] or f'status {s[2]}'}" for s in samples if s[2] != 200]
+        return cls(len(samples), len(samples) - len(failures), percentile(latencies, 50), percentile(latencies, 99),
+                   latencies[-1] if latencies else float("nan"), failures)
+
+
+def percentile(ordered: Sequence[float], q: float) -> float:
+    """The q-th percentile of sorted values, linear interpolation between closest ranks (numpy's default)."""
+    if not ordered:
+        return float("nan")
+    rank = (len(ordered) - 1) * q / 100
+    low = int(rank)
+    high = min(low + 1, len(ordered) - 1)
+    return ordered[low] + (ordered[high] - ordered[low]) * (rank - low)
+
+
+def examples(records: Iterable[RequestRecord]) -> list[str]:
+    return [r.describe() for r in list(records)[:EXAMPLES]]
+
+
+def check_no_5xx(records: Sequence[RequestRecord]) -> Check:
+    bad = [r for r in records if r.status is not None and r.status >= 500]
+    kinds = Counter(f"{r.kind} → {r.status}/{r.code}" for r in bad)
+    summary = f"{len(bad)} answers with a 5xx status" + (f" ({_counts(kinds)})" if bad else "")
+    return Check("no 5xx", not bad, summary, examples(bad))
+
+
+def ledgered(records: Sequence[RequestRecord]) -> list[RequestRecord]:
+    """The requests that must have exactly one ledger row: 200 answers, streams with 200 headers included."""
+    return [r for r in records if r.got_200]
+
+
+def check_ledger_rows(records: Sequence[RequestRecord], rows: Sequence[dict[str, Any]]) -> Check:
+    by_id = {row["request_id"]: row for row in rows}
+    expected = ledgered(records)
+    no_id = [r for r in expected if not r.request_id]
+    ids = Counter(r.request_id for r in expected if r.request_id)
+    twice = [r for r in expected if r.request_id and ids[r.request_id] > 1]
+    missing = [r for r in expected if r.request_id and r.request_id not in by_id]
+    ends = Counter(r.stream_end or ("json" if not r.stream else "?") for r in missing)
+    summary = (f"{len(expected)} answers with 200 headers, {len(expected) - len(missing) - len(no_id)} with their "
+               f"ledger row; {len(missing)} missing" + (f" ({_counts(ends)})" if missing else "")
+               + f", {len(twice)} with a request id given twice, {len(no_id)} without cf-ai-req-id")
+    details = ([f"missing row: {d}" for d in examples(missing)] + [f"id twice: {d}" for d in examples(twice)]
+               + [f"no cf-ai-req-id: {d}" for d in examples(no_id)])
+    return Check("exactly one ledger row per 200", not (missing or twice or no_id), summary, details)
+
+
+def expected_outcomes(record: RequestRecord) -> set[str]:
+    if not record.stream or record.stream_end == "done":
+        return {"ok"}
+    if record.stream_end == "cut":
+        return {"ok", "aborted"}
+    return {"ok", "aborted", "error"}
+
+
+def check_ledger_consistent(records: Sequence[RequestRecord], rows: Sequence[dict[str, Any]]) -> Check:
+    by_id = {row["request_id"]: row for row in rows}
+    wrong: list[str] = []
+    for record in ledgered(records):
+        row = by_id.get(record.request_id)
+        if row is None:
+            continue
+        problems = []
+        if row["account"] != record.account:
+            problems.append(f"account {row['account']!r}")
+        if row["outcome"] not in expected_outcomes(record):
+            problems.append(f"outcome {row['outcome']!r}")
+        if bool(row["cached"]) != (record.cache_status == "HIT"):
+            problems.append(f"cached={bool(row['cached'])} but cf-aig-cache-status={record.cache_status}")
+        if problems:
+            wrong.append(f"{', '.join(problems)}: {record.describe()}")
+    summary = f"{len(wrong)} rows whose account, outcome or cached flag contradicts the answer"
+    return Check("ledger rows match their answers", not wrong, summary, wrong[:EXAMPLES])
+
+
+def extra_rows(records: Sequence[RequestRecord], rows: Sequence[dict[str, Any]]) -> Counter[str]:
+    """Ledger rows of no 200 answer, by what the client saw (informational: admitted requests that then failed,
+    or requests the client gave up on, are metered too)."""
+    answered = {r.request_id: r for r in records if r.request_id}
+    reasons: Counter[str] = Counter()
+    ok_ids = {r.request_id for r in ledgered(records)}
+    for row in rows:
+        if row["request_id"] in ok_ids:
+            continue
+        record = answered.get(row["request_id"])
+        reasons[f"{record.status}/{record.code} ({row['outcome']})" if record else f"unseen ({row['outcome']})"] += 1
+    return reasons
+
+
+def refusal_problem(record: RequestRecord, limited: set[str]) -> str | None:
+    """Why this non-200 answer is not an expected refusal, or None when it is."""
+    if record.status is None or record.status == 200 or record.status >= 500:
+        return None  # transport errors and 5xx have checks of their own
+    if record.invalid:
+        return None if 400 <= record.status < 500 and record.status not in (408, 429) else "invalid request"
+    if record.status != 429:
+        return "valid request refused with a status other than 429"
+    if record.code == 3040 or (record.code == 3021 and record.account in limited):
+        return None
+    return "429 with an unexpected code (3021 only for the rate-limited accounts, 3040 for capacity)"
+
+
+def check_refusals(records: Sequence[RequestRecord], limited: set[str]) -> Check:
+    bad = [(r, why) for r in records if (why := refusal_problem(r, limited))]
+    valid_200 = [r for r in records if r.invalid and r.got_200]
+    codes = Counter(f"{r.kind}: {r.status}/{r.code}" for r, _ in bad)
+    summary = (f"{len(bad)} unexpected refusals" + (f" ({_counts(codes)})" if bad else "")
+               + f"; {len(valid_200)} invalid requests answered 200")
+    details = [f"{why}: {r.describe()}" for r, why in bad[:EXAMPLES]]
+    details += [f"invalid answered 200: {d}" for d in examples(valid_200)]
+    return Check("refusals only 429 (3021/3040) or 4xx for invalid input", not (bad or valid_200), summary, details)
+
+
+def check_streams_and_transport(records: Sequence[RequestRecord]) -> Check:
+    broken = [r for r in records if r.got_200 and r.stream and r.stream_end in ("error", "truncated")]
+    transport = [r for r in records if r.transport_error and not (r.got_200 and r.stream_end == "truncated")]
+    unfinished = [r for r in records if r.abandoned]
+    ends = Counter(f"{r.stream_end}/{r.code}" for r in broken)
+    summary = (f"{len(broken)} streams ended by an error frame or truncated"
+               + (f" ({_counts(ends)})" if broken else "")
+               + f", {len(transport)} transport errors, {len(unfinished)} requests unfinished after the grace period")
+    details = examples(broken) + examples(transport) + examples(unfinished)
+    return Check("streams end with [DONE], no transport errors", not (broken or transport or unfinished), summary,
+                 details)
+
+
+def cross_account_hits(records: Sequence[RequestRecord]) -> list[RequestRecord]:
+    """Cache hits for an account that had not itself got that body's answer generated (a MISS, complete) before
+    the hit's answer arrived: the answer came from another account's entry."""
+    own_misses: dict[tuple[str, str], list[float]] = {}
+    for r in records:
+        if r.cache_key and r.got_200 and r.cache_status == "MISS" and r.stream_end in (None, "done"):
+            own_misses.setdefault((r.cache_key, r.account), []).append(r.sent)
+    return [r for r in records
+            if r.cache_key and r.got_200 and r.cache_status == "HIT" and r.finished is not None
+            and not any(sent < r.finished for sent in own_misses.get((r.cache_key, r.account), []))]
+
+
+def check_cache_isolation(records: Sequence[RequestRecord]) -> Check:
+    foreign = cross_account_hits(records)
+    hits = sum(1 for r in records if r.got_200 and r.cache_status == "HIT")
+    summary = f"{hits} cache hits, {len(foreign)} of them served from another account's entry"
+    return Check("cache hits only from the account's own entries", not foreign, summary, examples(foreign))
+
+
+def check_health(health: Health) -> Check:
+    summary = (f"{health.answered} of {health.polls} polls answered 200; p50 {health.p50_ms:.1f} ms, "
+               f"p99 {health.p99_ms:.1f} ms, max {health.max_ms:.1f} ms")
+    return Check("/healthz answered throughout", health.polls > 0 and not health.failures, summary,
+                 health.failures[:EXAMPLES])
+
+
+def tracebacks(log_text: str) -> list[str]:
+    """The line before each traceback of the server log (what failed) and the traceback's last line (why)."""
+    lines = log_text.splitlines()
+    found = []
+    for i, line in enumerate(lines):
+        if line.startswith("Traceback (most recent call last)"):
+            end = next((j for j in range(i + 1, len(lines)) if not lines[j].startswith((" ", "\t"))), len(lines) - 1)
+            found.append(f"{lines[i - 1][:200] if i else ''} … {lines[end][:200]}")
+    return found
+
+
+def check_server(alive_at_end: bool, exit_status: int | None, log_text: str) -> Check:
+    found = tracebacks(log_text)
+    exit_text = "killed after the drain timeout" if exit_status is None else f"exit status {exit_status}"
+    summary = (f"{'up' if alive_at_end else 'DOWN'} at the end of the load; SIGTERM: {exit_text}; "
+               f"{len(found)} tracebacks in its log")
+    return Check("server up, clean exit, no traceback", alive_at_end and exit_status == 0 and not found, summary,
+                 found[:EXAMPLES])
+
+
+def check_coverage(records: Sequence[RequestRecord], limited: set[str]) -> Check:
+    """The load exercised what the checks are about (otherwise passing them proves little)."""
+    wanted = {
+        "200 answers": sum(r.got_200 for r in records),
+        "streams read to [DONE]": sum(r.stream_end == "done" for r in records),
+        "streams cut by the client": sum(r.stream_end == "cut" for r in records),
+        "cache hits": sum(r.got_200 and r.cache_status == "HIT" for r in records),
+        "OpenAI-route 200s": sum(r.route == "openai" and r.got_200 for r in records),
+        "invalid requests answered": sum(r.invalid and r.status is not None for r in records),
+    }
+    if limited:
+        wanted["3021 for the rate-limited accounts"] = sum(r.code == 3021 for r in records)
+    missing = [name for name, count in wanted.items() if count == 0]
+    summary = ", ".join(f"{name}: {count}" for name, count in wanted.items())
+    return Check("the load exercised every path", not missing, summary, [f"none: {m}" for m in missing])
+
+
+def during(records: Sequence[RequestRecord], window: FaultWindow) -> list[RequestRecord]:
+    """Requests sent while the fault was on."""
+    return [r for r in records if window.down <= r.sent < window.up]
+
+
+def admitted(record: RequestRecord) -> bool:
+    """Whether this request counted against its account's rate limit: every valid request that was not refused by
+    the limit itself (answers, cache hits, cut streams, and admitted requests that then failed, 3040 included)."""
+    return not record.invalid and record.status is not None and record.code not in (3021, 3036)
+
+
+def rate_limit_excess(records: Sequence[RequestRecord], limited: set[str], rpm: int,
+                      until: float | None = None) -> list[str]:
+    """Admissions beyond `rpm` in a moving 60-second window for a limited account (requests sent before `until`).
+
+    Times are the client's send times; a window is shortened by WINDOW_SLACK so that a request admitted a little
+    after it was sent is never counted in a window it was not in: the count is a lower bound, a breach is real."""
+    excess = []
+    for account in sorted(limited):
+        times = sorted(r.sent for r in records if r.account == account and admitted(r)
+                       and (until is None or r.sent < until))
+        for i, t in enumerate(times):
+            in_window = sum(1 for u in times[:i + 1] if u > t - 60 + WINDOW_SLACK)
+            if in_window > rpm:
+                excess.append(f"{account}: {in_window} requests admitted in the 60 s before t={t:.2f}s (limit {rpm})")
+                break
+    return excess
+
+
+def check_rate_limits(records: Sequence[RequestRecord], limited: set[str], rpm: int,
+                      until: float | None = None) -> Check:
+    excess = rate_limit_excess(records, limited, rpm, until)
+    refused = sum(r.code == 3021 for r in records)
+    scope = "" if until is None else f" (requests sent before {until:.1f} s: the restarted Redis has empty windows)"
+    summary = (f"{len(limited)} accounts at {rpm}/min: {refused} refusals 3021, {len(excess)} accounts admitted more "
+               f"than their limit{scope}")
+    return Check("rate limits held", not excess, summary, excess)
+
+
+def check_redis_fallback(records: Sequence[RequestRecord], window: FaultWindow,
+                         metrics: dict[str, float] | None) -> Check:
+    outage = during(records, window)
+    served = sum(r.got_200 for r in outage)
+    refused = sum(r.code == 3021 for r in outage)
+    outages = None if metrics is None else metrics.get("int8serve_fallback_outages_total")
+    summary = (f"while Redis was down ({window.down:.1f}–{window.up:.1f} s): {served} answers 200, {refused} "
+               f"refusals 3021; /metrics fallback outages: {'not readable' if outages is None else f'{outages:g}'}")
+    failed = []
+    if not served:
+        failed.append("no 200 answer while Redis was down")
+    if outages is not None and outages < 1:
+        failed.append("the server did not count a Redis outage")
+    return Check("Redis lost: served, limits fall back in-process", not failed, summary, failed)
+
+
+def check_postgres_outage(records: Sequence[RequestRecord], window: FaultWindow) -> Check:
+    outage = during(records, window)
+    served = [r for r in outage if r.got_200 and r.finished is not None and r.finished < window.up]
+    summary = (f"while PostgreSQL was unreachable ({window.down:.1f}–{window.up:.1f} s): {len(outage)} requests "
+               f"sent, {len(served)} answered 200 before it came back; the server saw the outage: {window.probe} "
+               "(503/1002 expected)")
+    failed = [] if served else ["no 200 answer while PostgreSQL was unreachable"]
+    if not window.probe_confirms:
+        failed.append(f"the usage endpoint did not show the outage ({window.probe}): was the database cut?")
+    return Check("PostgreSQL lost: answers keep coming", not failed, summary, failed)
+
+
+def _counts(counter: Counter[str]) -> str:
+    return ", ".join(f"{key}: {n}" for key, n in counter.most_common())
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Report
+
+
+@dataclass
+class RunReport:
+    config: dict[str, Any]
+    wall: float
+    fault: FaultWindow | None
+    records: list[RequestRecord]
+    health: Health
+    ledger_rows: int
+    extra_rows: dict[str, int]
+    checks: list[Check]
+    server_command: list[str]
+    machine: str
+    date: str
+
+    @property
+    def passed(self) -> bool:
+        return all(c.passed for c in self.checks)
+
+    def to_json(self) -> dict[str, Any]:
+        return {
+            "config": self.config, "wall": self.wall, "fault": asdict(self.fault) if self.fault else None,
+            "requests": len(self.records), "by_status": status_counts(self.records),
+            "by_kind": kind_table(self.records),
+            "health": asdict(self.health), "ledger_rows": self.ledger_rows, "extra_rows": self.extra_rows,
+            "checks": [asdict(c) for c in self.checks], "passed": self.passed, "machine": self.machine,
+            "date": self.date, "server_command": self.server_command,
+        }
+
+
+def status_key(record: RequestRecord) -> str:
+    if record.status is None:
+        return "abandoned" if record.abandoned else "no answer (transport error)"
+    if record.status == 200:
+        return "200 stream " + (record.stream_end or "?") if record.stream else "200"
+    return f"{record.status} code {record.code}"
+
+
+def status_counts(records: Sequence[RequestRecord]) -> dict[str, int]:
+    return dict(Counter(status_key(r) for r in records).most_common())
+
+
+def kind_table(records: Sequence[RequestRecord]) -> dict[str, dict[str, int]]:
+    table: dict[str, Counter[str]] = {}
+    for r in records:
+        kind = "invalid" if r.invalid else r.kind
+        table.setdefault(kind, Counter())[status_key(r)] += 1
+    return {kind: dict(counts.most_common()) for kind, counts in sorted(table.items())}
+
+
+def report_lines(report: RunReport) -> list[str]:
+    """The figures as Markdown (printed, and the body of the docs section)."""
+    records = report.records
+    c = report.config
+    rate = len(records) / c["duration"] if c["duration"] else 0.0
+    lines = [f"{len(records)} requests in {c['duration']:g} s ({rate:.0f}/s; the last answers took "
+             f"{report.wall - c['duration']:.1f} s more), {c['clients']} clients over {c['accounts']} accounts.", "",
+             "| request kind | sent | answers |", "|---|---|---|"]
+    for kind, counts in kind_table(records).items():
+        lines.append(f"| {kind} | {sum(counts.values())} | {_counts(Counter(counts))} |")
+    lines += ["", "| answer | count |", "|---|---|"]
+    lines += [f"| {key} | {n} |" for key, n in status_counts(records).items()]
+    invalid = Counter(f"{r.kind.removeprefix('invalid:')} → {r.status}/{r.code}" for r in records if r.invalid)
+    lines += ["", "Invalid requests, by kind → status/code: " + _counts(invalid) + "."]
+    h = report.health
+    lines += ["", f"`/healthz` every {HEALTH_INTERVAL * 1000:.0f} ms: {h.answered} of {h.polls} polls answered; "
+                  f"latency p50 {h.p50_ms:.1f} ms, p99 {h.p99_ms:.1f} ms, max {h.max_ms:.1f} ms."]
+    extra = f"; {sum(report.extra_rows.values())} rows of other requests ({_counts(Counter(report.extra_rows))})" \
+        if report.extra_rows else ""
+    lines += ["", f"Ledger: {report.ledger_rows} rows read after SIGTERM, checked against "
+                  f"{len(ledgered(records))} answers with 200 headers{extra}."]
+    if report.fault:
+        lines += ["", f"Fault: {report.fault.name} down at {report.fault.down:.1f} s, back at {report.fault.up:.1f} s."]
+    lines += ["", "| check | result | figures |", "|---|---|---|"]
+    lines += [f"| {ch.name} | {'pass' if ch.passed else '**FAIL**'} | {ch.summary} |" for ch in report.checks]
+    return lines
+
+
+def failure_lines(report: RunReport) -> list[str]:
+    lines = []
+    for check in report.checks:
+        if not check.passed:
+            lines.append(f"FAILED: {check.name}: {check.summary}")
+            lines += [f"    {d}" for d in check.details]
+    return lines
+
+
+def machine_name() -> str:
+    lscpu = subprocess.run(["lscpu"], capture_output=True, text=True, check=False).stdout
+    fields = dict(line.split(":", 1) for line in lscpu.splitlines() if ":" in line)
+    return f"{fields.get('Model name', '?').strip()}, {os.cpu_count()} cores"
+
+
+def display_command(argv: Sequence[str]) -> str:
+    return shlex.join(["PYTHONPATH=src", ".venv/bin/python", "benchmarks/load.py", *argv])
+
+
+def section_label(fault: str | None) -> str:
+    return "load" if fault is None else f"load-{fault}-fault"
+
+
+def build_section(report: RunReport, command: str) -> str:
+    c = report.config
+    label = section_label(c["fault"])
+    title = {"load": "Load", "redis": "Load with Redis stopped and restarted",
+             "postgres": "Load with PostgreSQL cut and restored"}[c["fault"] or "load"]
+    limited = c["limited_accounts"]
+    verdict = "**All checks passed.**" if report.passed else (
+        "**Checks failed:** " + "; ".join(ch.name for ch in report.checks if not ch.passed) + ".")
+    lines = [SECTION_BEGIN.format(label=label), f"## {title}: {c['clients']} clients, {c['duration']:g} s "
+             f"(benchmarks/load.py)", "",
+             f"- Command: `{command}`", f"- Date: {report.date}",
+             f"- Machine: {report.machine}; shared with other engineers, so absolute latencies are noisy.",
+             f"- Server: `int8serve serve`, model {Path(c['model']).parent.name or c['model']}, the card's 4 slots, "
+             f"queue {c['max_queue']}; {c['accounts']} accounts, {limited} of them at {c['limited_rpm']} requests/min, "
+             f"the others unlimited (`--rpm 0`); response cache on; ledger in {c['ledger']}"
+             + (f"; Redis {c['redis']}" if c["redis"] else "") + ".",
+             "- Mix per request: " + ", ".join(f"{k} {v}%" for k, v in MIX.items())
+             + f"; think time 0–{2 * c['think']:g} s between a client's requests.", "",
+             verdict, "", *report_lines(report), "", SECTION_END.format(label=label), ""]
+    return "\n".join(lines)
+
+
+def write_section(path: Path, section: str, label: str) -> None:
+    """Replace this label's section of `path` (or append it), keeping the rest of the file."""
+    text = path.read_text() if path.exists() else "# Benchmarks\n"
+    begin, end = SECTION_BEGIN.format(label=label), SECTION_END.format(label=label)
+    pattern = re.compile(re.escape(begin) + r".*?" + re.escape(end) + r"\n?", re.DOTALL)
+    text = pattern.sub(lambda _: section, text, count=1) if pattern.search(text) else \
+        text.rstrip("\n") + "\n\n" + section
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(text)
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# One run
+
+
+@dataclass
+class Setup:
+    """What a run starts besides the server, and how to undo it."""
+
+    redis_url: str | None = None
+    database_url: str | None = None
+    ledger: str = "SQLite (the data dir)"
+    redis: str | None = None
+    fault: Fault | None = None
+    schema: PostgresSchema | None = None
+    cleanups: list[Callable[[], None]] = field(default_factory=list)
+
+    def cleanup(self) -> None:
+        for undo in reversed(self.cleanups):
+            try:
+                undo()
+            except Exception as exc:  # cleaning up must not hide the run's result
+                log(f"cleanup failed: {exc}")
+
+
+def prepare(args: argparse.Namespace, work: Path) -> Setup:
+    setup = Setup()
+    if args.fault == "redis":
+        redis_server = RedisServer(work)
+        redis_server.start()
+        setup.cleanups.append(redis_server.stop)
+        setup.fault, setup.redis_url = redis_server, redis_server.url
+        setup.redis = f"redis-server of this run on port {redis_server.port}"
+    elif args.redis_url:
+        setup.redis_url = with_key_prefix(args.redis_url, f"int8serve-load-{uuid.uuid4().hex[:12]}")
+        setup.cleanups.append(lambda: delete_redis_keys(setup.redis_url or ""))
+        setup.redis = "given by --redis-url"
+    if args.fault == "postgres" or args.database_url:
+        schema = PostgresSchema(args.database_url or DEFAULT_POSTGRES)
+        schema.create()
+        setup.schema = schema
+        setup.cleanups.append(schema.drop)
+        setup.database_url = schema.server_url()
+        setup.ledger = f"PostgreSQL (schema {schema.name}, dropped after the run)"
+        if args.fault == "postgres":
+            proxy = TcpProxy(schema.url.host or "127.0.0.1", schema.url.port or 5432)
+            proxy.start()
+            setup.cleanups.append(proxy.close)
+            setup.fault, setup.database_url = proxy, schema.server_url(proxy.port)
+            setup.ledger += f", through this script's TCP proxy on port {proxy.port}"
+    return setup
+
+
+def ledger_rows(setup: Setup, server: ServerProcess) -> list[dict[str, Any]]:
+    if setup.schema is not None:
+        return setup.schema.rows()
+    path = server.data_dir / "usage.sqlite3"
+    if not path.exists():
+        return []
+    return read_rows(f"sqlite:///{path}", LEDGER_TABLE)
+
+
+def run(args: argparse.Namespace, work: Path) -> RunReport:
+    accounts = account_names(args.accounts)
+    limited = set(accounts[:args.limited_accounts])
+    setup = prepare(args, work)
+    server = ServerProcess(args, work, accounts, setup.redis_url, setup.database_url)
+    try:
+        log(f"starting the server on port {server.port} (log: {server.log_path})")
+        server.start()
+        health = HealthPolling(server.url + "/healthz")
+        health.start()
+        log(f"{args.clients} clients for {args.duration:g} s" + (f", fault {args.fault}" if args.fault else ""))
+        records, window, wall, start = asyncio.run(run_load(server.url, accounts, args, setup.fault))
+        health_figures = Health.of(health.finish(), start)
+        alive = server.alive()
+        metrics = fetch_metrics(server.url) if alive else None
+        log("load done; SIGTERM to the server")
+        exit_status = server.stop(args.shutdown_timeout + 60)
+        rows = ledger_rows(setup, server)
+    finally:
+        server.stop(10)
+        setup.cleanup()
+    checks = [
+        check_no_5xx(records),
+        check_ledger_rows(records, rows),
+        check_ledger_consistent(records, rows),
+        check_refusals(records, limited),
+        check_streams_and_transport(records),
+        check_cache_isolation(records),
+        check_health(health_figures),
+        check_server(alive, exit_status, server.log_text()),
+        check_coverage(records, limited),
+        # a restarted Redis (nothing saved) starts with empty windows: the limit then starts again
+        check_rate_limits(records, limited, args.limited_rpm, window.up - 1.0 if args.fault == "redis" and window
+                          else None),
+    ]
+    if window and args.fault == "redis":
+        checks.append(check_redis_fallback(records, window, metrics))
+    if window and args.fault == "postgres":
+        checks.append(check_postgres_outage(records, window))
+    config = {"clients": args.clients, "duration": args.duration, "accounts": args.accounts,
+              "limited_accounts": args.limited_accounts, "limited_rpm": args.limited_rpm, "think": args.think,
+              "max_queue": args.max_queue, "fault": args.fault, "model": str(args.model), "ledger": setup.ledger,
+              "redis": setup.redis, "seed": args.seed}
+    date = datetime.datetime.now(datetime.UTC).strftime("%Y-%m-%d %H:%M UTC")
+    return RunReport(config, wall, window, records, health_figures, len(rows), dict(extra_rows(records, rows)),
+                     checks, server.command, machine_name(), date)
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Command line
+
+
+def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(
+        prog="benchmarks/load.py", formatter_class=argparse.RawDescriptionHelpFormatter,
+        description=__doc__,
+        epilog="exit status: 0 all checks passed, 1 a check failed (listed), 2 the run could not be set up")
+    parser.add_argument("--model", type=Path, default=DEFAULT_MODEL, help="model folder (default: %(default)s)")
+    parser.add_argument("--clients", type=int, default=200, help="concurrent clients (default: %(default)s)")
+    parser.add_argument("--duration", type=float, default=60.0, help="seconds of load (default: %(default)s)")
+    parser.add_argument("--accounts", type=int, default=10, help="accounts the clients are spread over (default: "
+                        "%(default)s)")
+    parser.add_argument("--limited-accounts", type=int, default=3,
+                        help="how many accounts get a rate limit (--account-rpm); the others are unlimited "
+                             "(--rpm 0) (default: %(default)s)")
+    parser.add_argument("--limited-rpm", type=int, default=10, help="their requests per minute (default: %(default)s)")
+    parser.add_argument("--think", type=float, default=0.1,
+                        help="mean pause of a client between two requests, seconds (uniform in 0..2x) "
+                             "(default: %(default)s)")
+    parser.add_argument("--max-queue", type=int, default=32, help="the server's --max-queue (default: %(default)s)")
+    parser.add_argument("--shutdown-timeout", type=float, default=30.0,
+                        help="the server's --shutdown-timeout (default: %(default)s)")
+    parser.add_argument("--server-threads", type=int, default=None, help="the server's --threads (default: its own)")
+    parser.add_argument("--redis-url", help="serve with this Redis (a key prefix of this run is added)")
+    parser.add_argument("--database-url", help="the ledger in this PostgreSQL database (in a schema of this run); "
+                        f"with --fault postgres the upstream of the proxy (default then: {DEFAULT_POSTGRES})")
+    parser.add_argument("--fault", choices=["redis", "postgres"],
+                        help="redis: a redis-server of this run, stopped and restarted; postgres: a TCP proxy in "
+                             "front of PostgreSQL, cut and restored")
+    parser.add_argument("--fault-start", type=float, default=0.3, help="fault on at this fraction of the duration "
+                        "(default: %(default)s)")
+    parser.add_argument("--fault-end", type=float, default=0.65, help="fault off at this fraction of the duration "
+                        "(default: %(default)s)")
+    parser.add_argument("--grace", type=float, default=30.0,
+                        help="seconds the requests in flight at the end may take to finish (default: %(default)s)")
+    parser.add_argument("--seed", type=int, default=0, help="seed of the clients' choices (default: %(default)s)")
+    parser.add_argument("--json", type=Path, help="write the report as JSON to this file")
+    parser.add_argument("--records", type=Path, help="write every request's record to this file (JSON lines)")
+    parser.add_argument("--write", type=Path, help="replace this run's section of this Markdown file "
+                        "(docs/benchmarks.md)")
+    parser.add_argument("--keep", action="store_true",
+                        help="keep the work folder (server log, ledger) even when every check passed")
+    args = parser.parse_args(argv)
+    if args.fault == "redis" and args.redis_url:
+        parser.error("--fault redis starts its own redis-server: leave out --redis-url")
+    if not 0 <= args.fault_start < args.fault_end <= 1:
+        parser.error("expected 0 <= --fault-start < --fault-end <= 1")
+    if not 0 <= args.limited_accounts <= args.accounts or args.clients < 1 or args.duration <= 0:
+        parser.error("expected --clients >= 1, --duration > 0 and 0 <= --limited-accounts <= --accounts")
+    return args
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    argv = list(sys.argv[1:] if argv is None else argv)
+    args = parse_args(argv)
+    work = Path(tempfile.mkdtemp(prefix="int8serve-load-"))
+    try:
+        report = run(args, work)
+    except SetupError as exc:
+        log(f"cannot run: {exc}")
+        log(f"work folder kept: {work}")
+        return 2
+    print("\n".join(report_lines(report)))
+    if args.json:
+        args.json.write_text(json.dumps(report.to_json(), indent=1, default=str))
+    if args.records:
+        args.records.write_text("".join(json.dumps(asdict(r)) + "\n" for r in report.records))
+    if args.write:
+        label = section_label(args.fault)
+        write_section(args.write, build_section(report, display_command(argv)), label)
+        log(f"wrote the section '{label}' of {args.write}")
+    if report.passed and not args.keep:
+        shutil.rmtree(work, ignore_errors=True)
+    else:
+        log(f"work folder kept (server log, data dir): {work}")
+    if not report.passed:
+        print("\n".join(failure_lines(report)), file=sys.stderr)
+        return 1
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
