@@ -58,6 +58,7 @@ import asyncio
 import contextlib
 import datetime
 import json
+import math
 import multiprocessing
 import os
 import random
@@ -333,6 +334,27 @@ class LoadState:
     start: float
     stop: asyncio.Event
     records: list[RequestRecord] = field(default_factory=list)
+    loop_lags: list[float] = field(default_factory=list)  # seconds a 50 ms sleep overran (this process's load)
+
+
+@dataclass
+class LoadResult:
+    """What the clients saw; times relative to the start of the load."""
+
+    records: list[RequestRecord]
+    window: FaultWindow | None
+    wall: float  # the load's duration plus the time the last answers took
+    start: float  # time.monotonic() at the start
+    loop_lags: list[float]
+
+
+async def watch_loop_lag(state: LoadState, period: float = 0.05) -> None:
+    """How late this process's event loop wakes up: when it is busy, every client latency it measures is inflated
+    (the /healthz latencies are not: they are measured by a process of their own)."""
+    while not state.stop.is_set():
+        before = time.monotonic()
+        await asyncio.sleep(period)
+        state.loop_lags.append(max(0.0, time.monotonic() - before - period))
 
 
 async def client_loop(index: int, account: str, state: LoadState, seed: int, think: float) -> None:
@@ -403,27 +425,27 @@ class FaultWindow:
 
 
 async def run_load(base_url: str, accounts: Sequence[str], args: argparse.Namespace,
-                   fault: Fault | None) -> tuple[list[RequestRecord], FaultWindow | None, float, float]:
-    """Run the clients for args.duration seconds (and the fault, if any). Returns the records and the fault's
-    window, times relative to the start; the wall time including the grace period; and the start
-    (time.monotonic)."""
+                   fault: Fault | None) -> LoadResult:
+    """Run the clients for args.duration seconds (and the fault, if any), then let the requests in flight finish
+    for up to args.grace seconds."""
     limits = httpx.Limits(max_connections=args.clients + 16, max_keepalive_connections=args.clients + 16)
     async with httpx.AsyncClient(base_url=base_url, timeout=REQUEST_TIMEOUT, limits=limits) as client:
         state = LoadState(client, time.monotonic(), asyncio.Event())
         tasks = [asyncio.create_task(client_loop(i, accounts[i % len(accounts)], state, args.seed, args.think))
                  for i in range(args.clients)]
+        lag_watch = asyncio.create_task(watch_loop_lag(state))
         window = await drive_fault(fault, state, accounts[-1], args) if fault else None
         await asyncio.sleep(max(0.0, state.start + args.duration - time.monotonic()))
         state.stop.set()
         _, pending = await asyncio.wait(tasks, timeout=args.grace)
         for task in pending:
             task.cancel()
-        await asyncio.gather(*pending, return_exceptions=True)
+        await asyncio.gather(*pending, lag_watch, return_exceptions=True)
         wall = time.monotonic() - state.start
     for record in state.records:
         record.sent -= state.start
         record.finished = None if record.finished is None else record.finished - state.start
-    return state.records, window, wall, state.start
+    return LoadResult(state.records, window, wall, state.start, state.loop_lags)
 
 
 async def drive_fault(fault: Fault, state: LoadState, account: str, args: argparse.Namespace) -> FaultWindow:
@@ -793,14 +815,16 @@ class Health:
     p50_ms: float
     p99_ms: float
     max_ms: float
+    max_at: float  # when the slowest poll was sent, seconds since the start of the load
     failures: list[str]
 
     @classmethod
     def of(cls, samples: Sequence[tuple[float, float, int | None, str | None]], start: float) -> Health:
         latencies = sorted(s[1] * 1000 for s in samples)
         failures = [f"t={s[0] - start:.2f}s: {s[3] or f'status {s[2]}'}" for s in samples if s[2] != 200]
+        slowest = max(samples, key=lambda s: s[1], default=(start + math.nan, math.nan, None, None))
         return cls(len(samples), len(samples) - len(failures), percentile(latencies, 50), percentile(latencies, 99),
-                   latencies[-1] if latencies else float("nan"), failures)
+                   slowest[1] * 1000, slowest[0] - start, failures)
 
 
 def percentile(ordered: Sequence[float], q: float) -> float:
@@ -1065,9 +1089,7 @@ def _counts(counter: Counter[str]) -> str:
 @dataclass
 class RunReport:
     config: dict[str, Any]
-    wall: float
-    fault: FaultWindow | None
-    records: list[RequestRecord]
+    load: LoadResult
     health: Health
     ledger_rows: int
     extra_rows: dict[str, int]
@@ -1080,12 +1102,18 @@ class RunReport:
     def passed(self) -> bool:
         return all(c.passed for c in self.checks)
 
+    @property
+    def records(self) -> list[RequestRecord]:
+        return self.load.records
+
     def to_json(self) -> dict[str, Any]:
+        fault = self.load.window
         return {
-            "config": self.config, "wall": self.wall, "fault": asdict(self.fault) if self.fault else None,
+            "config": self.config, "wall": self.load.wall, "fault": asdict(fault) if fault else None,
             "requests": len(self.records), "by_status": status_counts(self.records),
-            "by_kind": kind_table(self.records),
-            "health": asdict(self.health), "ledger_rows": self.ledger_rows, "extra_rows": self.extra_rows,
+            "by_kind": kind_table(self.records), "latency_ms": latency_table(self.records),
+            "client_loop_lag_ms": lag_figures(self.load.loop_lags), "health": asdict(self.health),
+            "ledger_rows": self.ledger_rows, "extra_rows": self.extra_rows,
             "checks": [asdict(c) for c in self.checks], "passed": self.passed, "machine": self.machine,
             "date": self.date, "server_command": self.server_command,
         }
@@ -1111,32 +1139,64 @@ def kind_table(records: Sequence[RequestRecord]) -> dict[str, dict[str, int]]:
     return {kind: dict(counts.most_common()) for kind, counts in sorted(table.items())}
 
 
+def latency_table(records: Sequence[RequestRecord]) -> dict[str, dict[str, float]]:
+    """Client-side latency (sent → whole answer read, or the cut) by answer, in ms: count, p50, p99, max."""
+    groups: dict[str, list[float]] = {}
+    for r in records:
+        if r.finished is not None and r.status is not None:
+            groups.setdefault(status_key(r), []).append((r.finished - r.sent) * 1000)
+    table = {}
+    for key, values in sorted(groups.items(), key=lambda item: -len(item[1])):
+        values.sort()
+        table[key] = {"count": len(values), "p50": percentile(values, 50), "p99": percentile(values, 99),
+                      "max": values[-1]}
+    return table
+
+
+def lag_figures(lags: Sequence[float]) -> dict[str, float]:
+    ordered = sorted(lag * 1000 for lag in lags)
+    return {"p50": percentile(ordered, 50), "p99": percentile(ordered, 99), "max": ordered[-1] if ordered else math.nan}
+
+
 def report_lines(report: RunReport) -> list[str]:
     """The figures as Markdown (printed, and the body of the docs section)."""
-    records = report.records
-    c = report.config
+    records, c = report.records, report.config
     rate = len(records) / c["duration"] if c["duration"] else 0.0
     lines = [f"{len(records)} requests in {c['duration']:g} s ({rate:.0f}/s; the last answers took "
-             f"{report.wall - c['duration']:.1f} s more), {c['clients']} clients over {c['accounts']} accounts.", "",
-             "| request kind | sent | answers |", "|---|---|---|"]
+             f"{report.load.wall - c['duration']:.1f} s more), {c['clients']} clients over {c['accounts']} accounts.",
+             "", "| request kind | sent | answers |", "|---|---|---|"]
     for kind, counts in kind_table(records).items():
         lines.append(f"| {kind} | {sum(counts.values())} | {_counts(Counter(counts))} |")
-    lines += ["", "| answer | count |", "|---|---|"]
-    lines += [f"| {key} | {n} |" for key, n in status_counts(records).items()]
+    lines += ["", "| answer | count | latency p50 / p99 / max, ms |", "|---|---|---|"]
+    lines += [f"| {key} | {row['count']} | {row['p50']:.0f} / {row['p99']:.0f} / {row['max']:.0f} |"
+              for key, row in latency_table(records).items()]
+    lines += [f"| {key} | {n} | — |" for key, n in status_counts(records).items() if key.startswith(("no ", "aban"))]
     invalid = Counter(f"{r.kind.removeprefix('invalid:')} → {r.status}/{r.code}" for r in records if r.invalid)
-    lines += ["", "Invalid requests, by kind → status/code: " + _counts(invalid) + "."]
-    h = report.health
-    lines += ["", f"`/healthz` every {HEALTH_INTERVAL * 1000:.0f} ms: {h.answered} of {h.polls} polls answered; "
-                  f"latency p50 {h.p50_ms:.1f} ms, p99 {h.p99_ms:.1f} ms, max {h.max_ms:.1f} ms."]
-    extra = f"; {sum(report.extra_rows.values())} rows of other requests ({_counts(Counter(report.extra_rows))})" \
-        if report.extra_rows else ""
-    lines += ["", f"Ledger: {report.ledger_rows} rows read after SIGTERM, checked against "
-                  f"{len(ledgered(records))} answers with 200 headers{extra}."]
-    if report.fault:
-        lines += ["", f"Fault: {report.fault.name} down at {report.fault.down:.1f} s, back at {report.fault.up:.1f} s."]
+    lag = lag_figures(report.load.loop_lags)
+    lines += ["", "Invalid requests, by kind → status/code: " + _counts(invalid) + ".", "",
+              f"The clients' own event loop woke up late by p50 {lag['p50']:.1f} ms, p99 {lag['p99']:.1f} ms, max "
+              f"{lag['max']:.1f} ms: the latencies above include that (and the CPU the clients take from the "
+              "server); the /healthz ones below do not (polled from a process of their own)."]
+    lines += ["", *health_lines(report.health), "", ledger_line(report)]
+    if report.load.window:
+        w = report.load.window
+        lines += ["", f"Fault: {w.name} down at {w.down:.1f} s, back at {w.up:.1f} s"
+                      + (f"; halfway through, {w.probe}." if w.probe else ".")]
     lines += ["", "| check | result | figures |", "|---|---|---|"]
     lines += [f"| {ch.name} | {'pass' if ch.passed else '**FAIL**'} | {ch.summary} |" for ch in report.checks]
     return lines
+
+
+def health_lines(h: Health) -> list[str]:
+    return [f"`/healthz` every {HEALTH_INTERVAL * 1000:.0f} ms: {h.answered} of {h.polls} polls answered; latency "
+            f"p50 {h.p50_ms:.1f} ms, p99 {h.p99_ms:.1f} ms, max {h.max_ms:.1f} ms (at {h.max_at:.1f} s)."]
+
+
+def ledger_line(report: RunReport) -> str:
+    extra = (f"; {sum(report.extra_rows.values())} rows of other requests ({_counts(Counter(report.extra_rows))})"
+             if report.extra_rows else "")
+    return (f"Ledger: {report.ledger_rows} rows read after SIGTERM, checked against {len(ledgered(report.records))} "
+            f"answers with 200 headers{extra}.")
 
 
 def failure_lines(report: RunReport) -> list[str]:
@@ -1256,9 +1316,19 @@ def ledger_rows(setup: Setup, server: ServerProcess) -> list[dict[str, Any]]:
     return read_rows(f"sqlite:///{path}", LEDGER_TABLE)
 
 
+@dataclass
+class ServerOutcome:
+    """How the server went through the run, seen from outside."""
+
+    alive_at_end: bool
+    exit_status: int | None
+    log_text: str
+    metrics: dict[str, float] | None
+    ledger: list[dict[str, Any]]
+
+
 def run(args: argparse.Namespace, work: Path) -> RunReport:
     accounts = account_names(args.accounts)
-    limited = set(accounts[:args.limited_accounts])
     setup = prepare(args, work)
     server = ServerProcess(args, work, accounts, setup.redis_url, setup.database_url)
     try:
@@ -1267,16 +1337,31 @@ def run(args: argparse.Namespace, work: Path) -> RunReport:
         health = HealthPolling(server.url + "/healthz")
         health.start()
         log(f"{args.clients} clients for {args.duration:g} s" + (f", fault {args.fault}" if args.fault else ""))
-        records, window, wall, start = asyncio.run(run_load(server.url, accounts, args, setup.fault))
-        health_figures = Health.of(health.finish(), start)
+        load = asyncio.run(run_load(server.url, accounts, args, setup.fault))
+        health_figures = Health.of(health.finish(), load.start)
         alive = server.alive()
         metrics = fetch_metrics(server.url) if alive else None
         log("load done; SIGTERM to the server")
         exit_status = server.stop(args.shutdown_timeout + 60)
-        rows = ledger_rows(setup, server)
+        outcome = ServerOutcome(alive, exit_status, server.log_text(), metrics, ledger_rows(setup, server))
     finally:
         server.stop(10)
         setup.cleanup()
+    checks = all_checks(load, health_figures, outcome, set(accounts[:args.limited_accounts]), args)
+    config = {"clients": args.clients, "duration": args.duration, "accounts": args.accounts,
+              "limited_accounts": args.limited_accounts, "limited_rpm": args.limited_rpm, "think": args.think,
+              "max_queue": args.max_queue, "fault": args.fault, "model": str(args.model), "ledger": setup.ledger,
+              "redis": setup.redis, "seed": args.seed}
+    date = datetime.datetime.now(datetime.UTC).strftime("%Y-%m-%d %H:%M UTC")
+    return RunReport(config, load, health_figures, len(outcome.ledger), dict(extra_rows(load.records, outcome.ledger)),
+                     checks, server.command, machine_name(), date)
+
+
+def all_checks(load: LoadResult, health: Health, server: ServerOutcome, limited: set[str],
+               args: argparse.Namespace) -> list[Check]:
+    records, window, rows = load.records, load.window, server.ledger
+    # a restarted Redis (nothing saved) starts with empty windows: the limit starts again then
+    limits_until = window.up - 1.0 if window and args.fault == "redis" else None
     checks = [
         check_no_5xx(records),
         check_ledger_rows(records, rows),
@@ -1284,24 +1369,16 @@ def run(args: argparse.Namespace, work: Path) -> RunReport:
         check_refusals(records, limited),
         check_streams_and_transport(records),
         check_cache_isolation(records),
-        check_health(health_figures),
-        check_server(alive, exit_status, server.log_text()),
+        check_health(health),
+        check_server(server.alive_at_end, server.exit_status, server.log_text),
+        check_rate_limits(records, limited, args.limited_rpm, limits_until),
         check_coverage(records, limited),
-        # a restarted Redis (nothing saved) starts with empty windows: the limit then starts again
-        check_rate_limits(records, limited, args.limited_rpm, window.up - 1.0 if args.fault == "redis" and window
-                          else None),
     ]
     if window and args.fault == "redis":
-        checks.append(check_redis_fallback(records, window, metrics))
+        checks.append(check_redis_fallback(records, window, server.metrics))
     if window and args.fault == "postgres":
         checks.append(check_postgres_outage(records, window))
-    config = {"clients": args.clients, "duration": args.duration, "accounts": args.accounts,
-              "limited_accounts": args.limited_accounts, "limited_rpm": args.limited_rpm, "think": args.think,
-              "max_queue": args.max_queue, "fault": args.fault, "model": str(args.model), "ledger": setup.ledger,
-              "redis": setup.redis, "seed": args.seed}
-    date = datetime.datetime.now(datetime.UTC).strftime("%Y-%m-%d %H:%M UTC")
-    return RunReport(config, wall, window, records, health_figures, len(rows), dict(extra_rows(records, rows)),
-                     checks, server.command, machine_name(), date)
+    return checks
 
 
 # ---------------------------------------------------------------------------------------------------------------
