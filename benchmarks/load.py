@@ -164,6 +164,7 @@ class RequestRecord:
     frames: int = 0
     transport_error: str | None = None
     abandoned: bool = False  # still running when the grace period ended
+    malformed: str | None = None  # what is wrong with a 200 JSON body
 
     @property
     def invalid(self) -> bool:
@@ -274,6 +275,21 @@ def classify_frame(line: str) -> tuple[str, int | str | None]:
     return "data", None
 
 
+def malformed_answer(content: bytes, route: str) -> str | None:
+    """What is wrong with a 200 JSON answer (`success: true` and a `result.response` string on Workers AI routes,
+    a `choices` list on OpenAI ones), or None."""
+    try:
+        body = json.loads(content)
+    except ValueError:
+        return f"not JSON: {content[:80]!r}"
+    if route == "openai":
+        ok = isinstance(body, dict) and isinstance(body.get("choices"), list) and body["choices"]
+    else:
+        result = body.get("result") if isinstance(body, dict) else None
+        ok = body.get("success") is True and isinstance(result, dict) and isinstance(result.get("response"), str)
+    return None if ok else f"unexpected body: {content[:120]!r}"
+
+
 def note_headers(record: RequestRecord, response: httpx.Response) -> None:
     record.status = response.status_code
     record.request_id = response.headers.get("cf-ai-req-id")
@@ -312,7 +328,9 @@ async def send(client: httpx.AsyncClient, planned: PlannedRequest, record: Reque
         else:
             response = await client.post(url, content=planned.body, headers=headers)
             note_headers(record, response)
-            if response.status_code != 200:
+            if response.status_code == 200:
+                record.malformed = malformed_answer(response.content, planned.route)
+            else:
                 record.code = body_error_code(response.content)
     except httpx.HTTPError as exc:
         record.transport_error = f"{type(exc).__name__}: {exc}"[:200]
@@ -939,13 +957,16 @@ def check_streams_and_transport(records: Sequence[RequestRecord]) -> Check:
     broken = [r for r in records if r.got_200 and r.stream and r.stream_end in ("error", "truncated")]
     transport = [r for r in records if r.transport_error and not (r.got_200 and r.stream_end == "truncated")]
     unfinished = [r for r in records if r.abandoned]
+    malformed = [r for r in records if r.malformed]
     ends = Counter(f"{r.stream_end}/{r.code}" for r in broken)
     summary = (f"{len(broken)} streams ended by an error frame or truncated"
                + (f" ({_counts(ends)})" if broken else "")
-               + f", {len(transport)} transport errors, {len(unfinished)} requests unfinished after the grace period")
-    details = examples(broken) + examples(transport) + examples(unfinished)
-    return Check("streams end with [DONE], no transport errors", not (broken or transport or unfinished), summary,
-                 details)
+               + f", {len(transport)} transport errors, {len(unfinished)} requests unfinished after the grace period, "
+               f"{len(malformed)} malformed 200 bodies")
+    details = (examples(broken) + examples(transport) + examples(unfinished)
+               + [f"{r.malformed}: {r.describe()}" for r in malformed[:EXAMPLES]])
+    return Check("whole answers: streams end with [DONE], no transport error",
+                 not (broken or transport or unfinished or malformed), summary, details)
 
 
 def cross_account_hits(records: Sequence[RequestRecord]) -> list[RequestRecord]:
