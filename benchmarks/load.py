@@ -1243,8 +1243,21 @@ def machine_name() -> str:
     return f"{fields.get('Model name', '?').strip()}, {os.cpu_count()} cores"
 
 
+def load_average() -> str:
+    return " / ".join(f"{x:.1f}" for x in os.getloadavg())
+
+
 def display_command(argv: Sequence[str]) -> str:
-    return shlex.join(["PYTHONPATH=src", ".venv/bin/python", "benchmarks/load.py", *argv])
+    """The command to rerun this run, without the options that only name this run's own output files."""
+    shown, skip = [], False
+    for arg in argv:
+        if skip:
+            skip = False
+        elif arg in ("--json", "--records"):
+            skip = True
+        elif not arg.startswith(("--json=", "--records=", "--keep")):
+            shown.append(arg)
+    return shlex.join(["PYTHONPATH=src", ".venv/bin/python", "benchmarks/load.py", *shown])
 
 
 def section_label(fault: str | None) -> str:
@@ -1268,7 +1281,11 @@ def build_section(report: RunReport, command: str) -> str:
              f"the others unlimited (`--rpm 0`); response cache on; ledger in {c['ledger']}"
              + (f"; Redis {c['redis']}" if c["redis"] else "") + ".",
              "- Mix per request: " + ", ".join(f"{k} {v}%" for k, v in MIX.items())
-             + f"; think time 0–{2 * c['think']:g} s between a client's requests.", "",
+             + f"; think time 0–{2 * c['think']:g} s between a client's requests.",
+             f"- Machine load average (1 / 5 / 15 min) at the end of the load: {c['load_average']} (this run's "
+             "server and clients included).",
+             "- The script starts the server, runs the clients, stops the server with SIGTERM, reads its usage ledger "
+             "and checks what the table at the end lists (the rules: `benchmarks/load.py --help`).", "",
              verdict, "", *report_lines(report), "", SECTION_END.format(label=label), ""]
     return "\n".join(lines)
 
@@ -1367,6 +1384,7 @@ def run(args: argparse.Namespace, work: Path) -> RunReport:
         health.start()
         log(f"{args.clients} clients for {args.duration:g} s" + (f", fault {args.fault}" if args.fault else ""))
         load = asyncio.run(run_load(server.url, accounts, args, setup.fault))
+        load_avg = load_average()
         health_figures = Health.of(health.finish(), load.start)
         alive = server.alive()
         metrics = fetch_metrics(server.url) if alive else None
@@ -1380,7 +1398,7 @@ def run(args: argparse.Namespace, work: Path) -> RunReport:
     config = {"clients": args.clients, "duration": args.duration, "accounts": args.accounts,
               "limited_accounts": args.limited_accounts, "limited_rpm": args.limited_rpm, "think": args.think,
               "max_queue": args.max_queue, "fault": args.fault, "model": str(args.model), "ledger": setup.ledger,
-              "redis": setup.redis, "seed": args.seed}
+              "redis": setup.redis, "seed": args.seed, "load_average": load_avg}
     date = datetime.datetime.now(datetime.UTC).strftime("%Y-%m-%d %H:%M UTC")
     return RunReport(config, load, health_figures, len(outcome.ledger), dict(extra_rows(load.records, outcome.ledger)),
                      checks, server.command, machine_name(), date)
