@@ -101,7 +101,7 @@ KEEPALIVE_EXPIRY = 1.0
 
 # The request mix: kind -> weight (relative frequency of a client's next request)
 MIX = {"valid": 25, "stream": 18, "stream-cut": 12, "cache": 15, "openai": 10, "invalid": 20}
-CACHE_BODIES = 3  # distinct repeated bodies per run
+CACHE_BODIES = 2  # distinct repeated bodies per run (each account repeats them)
 HUGE = "1" + "0" * 400  # 1 followed by 400 zeros
 HUGER = "1" + "0" * 5000  # beyond Python's 4300-digit int parsing limit
 
