@@ -98,6 +98,7 @@ EXAMPLES = 8  # request examples listed per failed check
 # 5 s): with the same expiry on both sides, a request sent as the server closes the connection fails with a
 # ReadError that says nothing about the server (the usual HTTP/1.1 keep-alive race).
 KEEPALIVE_EXPIRY = 1.0
+TRANSPORT_ERROR_PAUSE = 0.5  # seconds a client waits after a request failed without an answer
 
 # The request mix: kind -> weight (relative frequency of a client's next request)
 MIX = {"valid": 25, "stream": 18, "stream-cut": 12, "cache": 15, "openai": 10, "invalid": 20}
@@ -404,7 +405,8 @@ async def client_loop(index: int, account: str, state: LoadState, seed: int, thi
             except asyncio.CancelledError:
                 record.abandoned = True
                 raise
-            await asyncio.sleep(rng.uniform(0, think * 2))
+            # after a transport error (e.g. the server is gone) wait a little: no busy loop of failed connects
+            await asyncio.sleep(TRANSPORT_ERROR_PAUSE if record.transport_error else rng.uniform(0, think * 2))
 
 
 def health_poller(url: str, stop: Any, results: Any) -> None:
@@ -1499,7 +1501,10 @@ def main(argv: Sequence[str] | None = None) -> int:
         report = run(args, work)
     except SetupError as exc:
         log(f"cannot run: {exc}")
-        log(f"work folder kept: {work}")
+        if any(work.iterdir()):
+            log(f"work folder kept: {work}")
+        else:
+            work.rmdir()
         return 2
     print("\n".join(report_lines(report)))
     if args.json:
