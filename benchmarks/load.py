@@ -31,6 +31,8 @@ What one run does:
      with a 4xx that is not 408/429;
    - whole answers: every stream read to the end ended with `[DONE]` (no error frame, no truncation), every 200
      JSON body has its API's shape, no transport error, nothing still running after `--grace`;
+   - the headers the README promises: `cf-ai-req-id` on every answer, `cf-aig-cache-status` on 200s,
+     `Retry-After` on 429s, `x-ratelimit-*-requests` on the 200s and 429s of the rate-limited accounts;
    - no cache hit for an account that had not itself received that answer before (issue 11: the cache is per
      account by default);
    - `/healthz` answered every poll; the server stayed up, exited 0 on SIGTERM, logged no traceback;
@@ -178,6 +180,8 @@ class RequestRecord:
     transport_error: str | None = None
     abandoned: bool = False  # still running when the grace period ended
     malformed: str | None = None  # what is wrong with a 200 JSON body
+    missing_headers: list[str] = field(default_factory=list)  # contract headers the answer lacked
+    rate_limited: bool = False  # the account has a requests-per-minute limit
 
     @property
     def invalid(self) -> bool:
@@ -303,10 +307,20 @@ def malformed_answer(content: bytes, route: str) -> str | None:
     return None if ok else f"unexpected body: {content[:120]!r}"
 
 
+# Headers the README promises: every answer has a request id, a 200 its cache status, a 429 when to retry; and for
+# an account with a rate limit (unlimited ones have none: ratelimit.py) every 200 and 429 says where it stands.
+REQUIRED_HEADERS = {"any": ("cf-ai-req-id",), 200: ("cf-aig-cache-status",), 429: ("retry-after",)}
+RATE_LIMIT_HEADERS = ("x-ratelimit-limit-requests", "x-ratelimit-remaining-requests", "x-ratelimit-reset-requests")
+
+
 def note_headers(record: RequestRecord, response: httpx.Response) -> None:
     record.status = response.status_code
     record.request_id = response.headers.get("cf-ai-req-id")
     record.cache_status = response.headers.get("cf-aig-cache-status")
+    wanted = REQUIRED_HEADERS["any"] + REQUIRED_HEADERS.get(response.status_code, ())
+    if record.rate_limited and response.status_code in (200, 429):
+        wanted += RATE_LIMIT_HEADERS
+    record.missing_headers = [name for name in wanted if name not in response.headers]
 
 
 async def read_stream(response: httpx.Response, planned: PlannedRequest, record: RequestRecord) -> None:
@@ -397,7 +411,7 @@ def http_client(base_url: str, **options: Any) -> httpx.AsyncClient:
     return httpx.AsyncClient(base_url=base_url, timeout=REQUEST_TIMEOUT, limits=limits, verify=False, **options)
 
 
-async def client_loop(index: int, account: str, state: LoadState, seed: int, think: float) -> None:
+async def client_loop(index: int, account: str, limited: bool, state: LoadState, seed: int, think: float) -> None:
     """A closed-loop client: send, wait for the whole answer, think a little, repeat until told to stop."""
     rng = random.Random(seed * 100_003 + index)
     kinds, weights = list(MIX), list(MIX.values())
@@ -407,7 +421,7 @@ async def client_loop(index: int, account: str, state: LoadState, seed: int, thi
             planned = plan_request(rng.choices(kinds, weights)[0], account, rng)
             record = RequestRecord(planned.kind, account, planned.route, planned.stream,
                                    planned.body.decode(errors="replace")[:200], planned.cache_key,
-                                   sent=time.monotonic())
+                                   sent=time.monotonic(), rate_limited=limited)
             state.records.append(record)
             try:
                 await send(client, planned, record)
@@ -472,8 +486,11 @@ async def run_load(base_url: str, accounts: Sequence[str], args: argparse.Namesp
     for up to args.grace seconds."""
     async with http_client(base_url) as client:
         state = LoadState(base_url, client, time.monotonic(), asyncio.Event())
-        tasks = [asyncio.create_task(client_loop(i, accounts[i % len(accounts)], state, args.seed, args.think))
-                 for i in range(args.clients)]
+        tasks = []
+        for i in range(args.clients):
+            n = i % len(accounts)  # the first --limited-accounts accounts have the rate limit
+            loop = client_loop(i, accounts[n], n < args.limited_accounts, state, args.seed, args.think)
+            tasks.append(asyncio.create_task(loop))
         lag_watch = asyncio.create_task(watch_loop_lag(state))
         window = await drive_fault(fault, state, accounts[-1], args) if fault else None
         await asyncio.sleep(max(0.0, state.start + args.duration - time.monotonic()))
@@ -1005,6 +1022,14 @@ def cross_account_hits(records: Sequence[RequestRecord]) -> list[RequestRecord]:
             and not any(sent < r.finished for sent in own_misses.get((r.cache_key, r.account), []))]
 
 
+def check_headers(records: Sequence[RequestRecord]) -> Check:
+    lacking = [r for r in records if r.missing_headers]
+    which = Counter(f"{r.status} without {name}" for r in lacking for name in r.missing_headers)
+    summary = f"{len(lacking)} answers without a header the README promises" + (f" ({_counts(which)})" if which
+                                                                                   else "")
+    return Check("contract headers on every answer", not lacking, summary, examples(lacking))
+
+
 def check_cache_isolation(records: Sequence[RequestRecord]) -> Check:
     foreign = cross_account_hits(records)
     hits = sum(1 for r in records if r.got_200 and r.cache_status == "HIT")
@@ -1435,6 +1460,7 @@ def all_checks(load: LoadResult, health: Health, server: ServerOutcome, limited:
         check_ledger_consistent(records, rows),
         check_refusals(records, limited),
         check_streams_and_transport(records),
+        check_headers(records),
         check_cache_isolation(records),
         check_health(health),
         check_server(server.alive_at_end, server.exit_status, server.log_text),
