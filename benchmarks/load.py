@@ -35,7 +35,8 @@ What one run does:
      `Retry-After` on 429s, `x-ratelimit-*-requests` on the 200s and 429s of the rate-limited accounts;
    - no cache hit for an account that had not itself received that answer before (issue 11: the cache is per
      account by default);
-   - `/healthz` answered every poll; the server stayed up, exited 0 on SIGTERM, logged no traceback;
+   - `/healthz` answered every poll; the server stayed up, exited 0 on SIGTERM with its ledger spool empty (every
+     row in the database), logged no traceback;
    - the rate-limited accounts never had more than their limit admitted in 60 s (a bound from send and answer
      times, so a busy machine gives no false breach);
    - the load exercised every path (200s, streams done and cut, cache hits, OpenAI 200s, invalid requests, 3021s);
@@ -1055,13 +1056,15 @@ def tracebacks(log_text: str) -> list[str]:
     return found
 
 
-def check_server(alive_at_end: bool, exit_status: int | None, log_text: str) -> Check:
-    found = tracebacks(log_text)
-    exit_text = "killed after the drain timeout" if exit_status is None else f"exit status {exit_status}"
-    summary = (f"{'up' if alive_at_end else 'DOWN'} at the end of the load; SIGTERM: {exit_text}; "
-               f"{len(found)} tracebacks in its log")
-    return Check("server up, clean exit, no traceback", alive_at_end and exit_status == 0 and not found, summary,
-                 found[:EXAMPLES])
+def check_server(server: ServerOutcome) -> Check:
+    found = tracebacks(server.log_text)
+    status = server.exit_status
+    exit_text = "killed after the drain timeout" if status is None else f"exit status {status}"
+    spool = "absent" if server.spool_bytes is None else f"{server.spool_bytes} bytes"
+    summary = (f"{'up' if server.alive_at_end else 'DOWN'} at the end of the load; SIGTERM: {exit_text}; ledger "
+               f"spool after exit: {spool}; {len(found)} tracebacks in its log")
+    passed = server.alive_at_end and status == 0 and not server.spool_bytes and not found
+    return Check("server up, clean exit, spool flushed, no traceback", passed, summary, found[:EXAMPLES])
 
 
 def check_coverage(records: Sequence[RequestRecord], limited: set[str]) -> Check:
@@ -1416,6 +1419,7 @@ class ServerOutcome:
     log_text: str
     metrics: dict[str, float] | None
     ledger: list[dict[str, Any]]
+    spool_bytes: int | None  # the ledger spool after exit: empty once every row is in the database
 
 
 def run(args: argparse.Namespace, work: Path) -> RunReport:
@@ -1435,7 +1439,9 @@ def run(args: argparse.Namespace, work: Path) -> RunReport:
         metrics = fetch_metrics(server.url) if alive else None
         log("load done; SIGTERM to the server")
         exit_status = server.stop(args.shutdown_timeout + 60)
-        outcome = ServerOutcome(alive, exit_status, server.log_text(), metrics, ledger_rows(setup, server))
+        spool = server.data_dir / "ledger-spool.jsonl"
+        outcome = ServerOutcome(alive, exit_status, server.log_text(), metrics, ledger_rows(setup, server),
+                                spool.stat().st_size if spool.exists() else None)
     finally:
         server.stop(10)
         setup.cleanup()
@@ -1463,7 +1469,7 @@ def all_checks(load: LoadResult, health: Health, server: ServerOutcome, limited:
         check_headers(records),
         check_cache_isolation(records),
         check_health(health),
-        check_server(server.alive_at_end, server.exit_status, server.log_text),
+        check_server(server),
         check_rate_limits(records, limited, args.limited_rpm, limits_until),
         check_coverage(records, limited),
     ]
