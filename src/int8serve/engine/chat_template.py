@@ -2,7 +2,7 @@
 
 Workers AI clients send either a bare ``prompt`` or a list of chat ``messages``; the model only ever
 sees one prompt string. This module reproduces the ``llama2`` template of Cloudflare's own templating
-code (contract §6.1, ``@cloudflare/ai`` 1.0.53 ``generateTgTemplate``) so that the same request gives
+code (``@cloudflare/ai`` 1.0.53, ``generateTgTemplate``) so that the same request gives
 the same prompt here as on Workers AI:
 
 * only ``system``, ``user`` and ``assistant`` messages are rendered; any other role is dropped;
@@ -15,7 +15,7 @@ The rendered prompt is a list of *segments*: text (``str``) or a :class:`Control
 ``<s>``/``</s>`` that the template writes become :data:`Control.BOS`/:data:`Control.EOS`, which the
 tokenizer maps to control ids, while the same characters typed by a user inside a message stay
 ordinary text. That way a user cannot forge turn boundaries by typing ``</s><s>[INST]``.
-:func:`segments_to_text` gives back the literal string that the contract's table shows.
+:func:`segments_to_text` gives back the literal string Workers AI's documentation shows.
 """
 
 from __future__ import annotations

@@ -14,7 +14,7 @@ the Hugging Face ``tokenizer.json`` of Llama 2 and stories260K (``tokenizers`` 0
   segment with SentencePiece (which adds the dummy prefix per call) therefore gives the same ids.
   Adjacent text must be one segment for this to hold; the template merges it.
 * HF's post-processor always prepends BOS, so a template starting with ``<s>`` (messages without a
-  system prompt) gets *two* BOS from ``tokenizer(text)``. We emit exactly one, as the contract
+  system prompt) gets *two* BOS from ``tokenizer(text)``. We emit exactly one, as Workers AI
   recommends (§6.1) and as Meta's reference encoder does; this is the only difference from
   ``hf.encode(text)``, and it equals ``hf.encode(text, add_special_tokens=False)`` in that case.
 * HF turns ``<s>``/``</s>``/``<unk>`` typed *inside user content* into control ids as well; we do

@@ -1,13 +1,13 @@
 """Who is calling: API token → account id, from the headers Cloudflare's clients send.
 
-Two schemes are accepted, as on api.cloudflare.com (contract §1.2):
+Two schemes are accepted, as on api.cloudflare.com:
 
 * `Authorization: Bearer <token>` (documented; curl, the OpenAI SDK, the `cloudflare` SDK with `api_token`);
 * `X-Auth-Email` + `X-Auth-Key`: the `cloudflare` SDK sends these *instead of* the bearer token whenever
   `CLOUDFLARE_EMAIL` / `CLOUDFLARE_API_KEY` are set. The key is treated as the token; the email is required
   (as Cloudflare requires it) but not checked, since a self-hosted server has no user directory.
 
-When both are present, `Authorization` wins. Answers (generic Cloudflare API behaviour, contract §3.3):
+When both are present, `Authorization` wins. Answers (the generic Cloudflare API's):
 nothing → 400/9106; a malformed header → 400/6003 with an `error_chain` naming it; an unknown token → 401/10000;
 a known token used under another account's URL → 403/10000.
 

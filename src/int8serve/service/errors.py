@@ -1,18 +1,18 @@
 """Every error the HTTP API can answer, as one table, and the Cloudflare v4 envelope they travel in.
 
 Clients of Workers AI branch on the HTTP status (the `cloudflare` SDK picks its exception class from it and never
-reads `success`) and show `errors[0].code` / `.message` to people, so both must be exactly those of the wire
-contract (`workers-ai-contract.md` §3). Keeping them in one table means a route raises `ApiError(BAD_INPUT, ...)`
-and cannot get a status, a code or a wording wrong.
+reads `success`) and show `errors[0].code` / `.message` to people, so both must be exactly Cloudflare's (its
+documented error tables and what its SDKs expect; `docs/architecture.md`). Keeping them in one table means a route
+raises `ApiError(BAD_INPUT, ...)` and cannot get a status, a code or a wording wrong.
 
 Envelope: `{"success": false, "errors": [{"code", "message"}], "messages": [], "result": ...}` where `result` is
 `{}` for Workers AI errors (the AI service's own answers) and `null` for generic API errors (auth, routing), as in
-the contract's captures. Successful answers use `success_body`.
+captures of real answers. Successful answers use `success_body`.
 
-Codes not fixed by the contract (marked "ours" below) were chosen so that they never collide with a documented
+Codes Cloudflare does not document (marked "ours" below) were chosen so that they never collide with a documented
 Workers AI code: 1001 for a malformed query parameter, 1002 for usage data that cannot be read right now, 3043 for
-an internal error. 503 answers (an engine that is
-shutting down, `/readyz` while not ready) reuse 3040 ("try again"), with a `Retry-After` header like the 429s.
+an internal error. 503 answers (an engine that is shutting down, `/readyz` while not ready) reuse 3040 ("try
+again"), with a `Retry-After` header like the 429s.
 """
 
 from __future__ import annotations
@@ -79,7 +79,7 @@ class ErrorKind:
 
 
 # --- the table -------------------------------------------------------------------------------------------------
-# Workers AI (contract §3.2/§3.3)
+# Workers AI's own errors (its documented table)
 BAD_INPUT = ErrorKind(400, 5006, "AiError: Bad input: Error: {detail}", ai=True)
 NO_SUCH_MODEL = ErrorKind(400, 5007, "No such model {model} or task{note}", ai=True)
 INCOMPLETE_REQUEST = ErrorKind(400, 3003, "Request is missing headers or body: {what}", ai=True)
@@ -94,9 +94,9 @@ CONTEXT_WINDOW = ErrorKind(
 REQUEST_TIMEOUT = ErrorKind(408, 3007, "Request timeout", ai=True)  # the body did not arrive in time
 REQUEST_ABORTED = ErrorKind(408, 3008, "Request was aborted", ai=True)
 CAPACITY = ErrorKind(429, 3040, "Capacity temporarily exceeded, please try again.", ai=True)
-# the per-account, per-model requests-per-minute limit (observed code and words, contract §3.3)
+# the per-account, per-model requests-per-minute limit (the code and words Workers AI answers with)
 RATE_LIMITED = ErrorKind(429, 3021, "rate limiting: inference request per min rate reached", ai=True)
-# the daily neuron allocation; `allocation` is "10,000" for the contract's exact words
+# the daily neuron allocation; `allocation` is "10,000" for Workers AI's exact words
 ACCOUNT_LIMITED = ErrorKind(
     429, 3036,
     "You have used up your daily free allocation of {allocation} neurons. Please upgrade to Cloudflare's Workers "
@@ -106,7 +106,7 @@ ACCOUNT_LIMITED = ErrorKind(
 # the engine is draining (shutdown): same code and words as capacity, but 503 so that retries go elsewhere
 UNAVAILABLE = ErrorKind(503, 3040, "Capacity temporarily exceeded, please try again.", ai=True)
 INTERNAL = ErrorKind(500, 3043, "Internal server error", ai=True)  # ours: no public code for this
-# generic Cloudflare API (contract §3.3, third-party captures)
+# the generic Cloudflare API (auth, routing)
 MISSING_AUTH = ErrorKind(400, 9106, "Missing X-Auth-Key, X-Auth-Email or Authorization headers", ai=False)
 INVALID_HEADERS = ErrorKind(400, 6003, "Invalid request headers", ai=False)  # + error_chain naming the header
 AUTHENTICATION = ErrorKind(401, 10000, "Authentication error", ai=False)
@@ -175,7 +175,7 @@ def json_response(body: Any, status: int = 200, headers: Mapping[str, str] | Non
     return Response(content=content, status_code=status, headers=dict(headers or {}), media_type="application/json")
 
 
-# --- the OpenAI shape (routes under /v1/ and /ai/v1/: openai.py) ------------------------------------------------
+# --- the OpenAI shape (routes under /v1/ and /ai/v1/: routes/openai.py) -----------------------------------------
 
 OPENAI_STATUS = {5007: 404, 9106: 401}  # OpenAI's statuses where they differ from /ai/run's
 OPENAI_TYPES = {400: "invalid_request_error", 401: "authentication_error", 403: "permission_error",

@@ -6,9 +6,15 @@ clients sending such bodies back to back would hold it all the time. So, by size
 
 * small bodies (up to `inline_bytes`) and prompts (up to `inline_chars` rendered characters) are handled in a thread
   of this process: microseconds of work, and the event loop never waits for them;
-* larger ones go to a worker process that runs at the lowest CPU priority (nice 19): it takes neither the GIL of
-  this process nor, when the CPU is busy, time from the engine. Each account has at most one body there at a time,
-  so a flood from one account waits behind itself, not in front of the others.
+* larger ones go to a worker process that runs only when the CPU has nothing else to do (SCHED_IDLE; nice 19
+  where that is refused): it takes neither the GIL of this process nor time from the engine. Each account has at
+  most one body there at a time, so a flood from one account waits behind itself, not in front of the others.
+
+No request that fits the context window needs the worker: 2,048 tokens are ~8,000 characters of text, far below
+both thresholds. What reaches it is oversized or hostile, and it gets the CPU's leftovers: measured on stories260K
+(`benchmarks/hostile.py`, docs/benchmarks.md), 20 clients sending 1 MiB bodies back to back stretch a concurrent
+stream's token gaps by 6-19% and leave `/healthz` at a p99 of ~10 ms, where parsing them in a thread of this
+process had stretched the gaps tenfold.
 
 The worker process is started on first use (spawned, never forked from this multi-threaded process) with the
 served cards and tokenizer files; if it dies it is started again and the request it held fails (500/3043).
@@ -145,9 +151,18 @@ _worker: tuple[Resolver, dict[str, Tokenizer]] | None = None
 
 def _start_worker(resolve: Resolver, tokenizer_paths: Mapping[str, Path]) -> None:
     global _worker
-    os.nice(19)  # the engine first, whenever the CPU is contended
+    _lowest_priority()
+
     tokenizers = {name: Tokenizer(path) for name, path in tokenizer_paths.items()}
     _worker = (resolve, tokenizers)
+
+
+def _lowest_priority() -> None:
+    """Run only when the CPU has nothing else to do (SCHED_IDLE), else at nice 19: the engine always goes first."""
+    try:
+        os.sched_setscheduler(0, os.SCHED_IDLE, os.sched_param(0))
+    except (AttributeError, OSError):
+        os.nice(19)
 
 
 def _check_in_worker(fmt: WireFormat, raw: bytes, model: str | None, keep_prompt: bool) -> Checked:

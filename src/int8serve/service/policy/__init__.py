@@ -12,7 +12,7 @@ One concept per module:
 * `fallback.py` / `redis_state.py` — Redis as shared state, and carrying on without it;
 * `policy.py` — all of it assembled (`Policy.build`, `Policy.in_memory`).
 
-The request pipeline (`service/pipeline.py`) applies them in the order of DESIGN.md; `docs/policy.md` says which
+The request lifecycle (`service/inference.py`) applies them; `docs/policy.md` says which
 answers count and what clients see.
 """
 

@@ -1,7 +1,7 @@
 """The optional per-account daily neuron allocation (off by default; 10,000 neurons a day when on).
 
 Workers AI gives every account 10,000 free neurons a day, reset at 00:00 UTC, and answers 429 with code 3036 once
-they are used up (contract §3.2, §8.1). With `--daily-neurons [N]` int8serve does the same: before a request is
+they are used up. With `--daily-neurons [N]` int8serve does the same: before a request is
 admitted, the account's neurons since 00:00 UTC (read from the ledger, across all models and — with a shared
 database — all replicas) are compared with the allocation. The cost of a request is only known once it ends, so
 the request that crosses the line is served in full and the next one is refused.
@@ -44,6 +44,6 @@ class DailyAllocation:
                        headers={"retry-after": str(max(1, until_midnight)), "x-should-retry": "false"})
 
     def describe(self) -> str:
-        """`10,000` — as the contract's message writes it."""
+        """`10,000` — as Workers AI's message writes it."""
         n = self.neurons_per_day
         return f"{int(n):,}" if float(n).is_integer() else f"{n:,}"

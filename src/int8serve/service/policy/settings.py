@@ -34,7 +34,7 @@ DEFAULT_CACHE_TTL_SECONDS = 300
 MAX_CACHE_TTL_SECONDS = 30 * 24 * 3600  # AI Gateway's maximum: one month
 DEFAULT_CACHE_MAX_ENTRIES = 256  # per account (per scope owner)
 DEFAULT_CACHE_MAX_BYTES = 16 << 20  # per account
-DEFAULT_DAILY_NEURONS = 10_000  # Workers AI's free allocation (contract §8.1)
+DEFAULT_DAILY_NEURONS = 10_000  # Workers AI's free daily allocation
 DEFAULT_LEDGER_TABLE = "int8serve_usage"
 
 
