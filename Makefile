@@ -5,7 +5,7 @@ BIN    := $(VENV)/bin
 # The CPU build of torch; any other spec pulls gigabytes of CUDA wheels.
 TORCH  ?= torch==2.13.0
 
-.PHONY: install run test lint bench bench-serve clean
+.PHONY: install run test lint bench bench-serve bench-robust clean
 
 $(BIN)/int8serve: pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -28,6 +28,14 @@ bench: install
 
 bench-serve: install
 	$(BIN)/python benchmarks/serve.py --model ../shared/models/stories260K/hf --rounds 3
+
+# issue 11's figures: load (and under faults), fuzzing every route, hostile bodies; ~10 minutes
+bench-robust: install
+	$(BIN)/python benchmarks/load.py --write docs/benchmarks.md
+	$(BIN)/python benchmarks/load.py --fault redis --write docs/benchmarks.md
+	$(BIN)/python benchmarks/load.py --fault postgres --write docs/benchmarks.md
+	$(BIN)/python -m benchmarks.fuzz --model ../shared/models/stories260K/hf --examples 400 --write docs/benchmarks.md
+	$(BIN)/python -m benchmarks.hostile --model ../shared/models/stories260K/hf --write docs/benchmarks.md
 
 clean:
 	rm -rf $(VENV) build *.egg-info

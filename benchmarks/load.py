@@ -48,10 +48,10 @@ be set up), keeps its work folder (server log, data dir) when a check failed, wr
 `--json FILE` (tests/benchmarks/test_load.py runs this script that way) and every request with `--records FILE`,
 and with `--write FILE` replaces its section of docs/benchmarks.md (one section per fault).
 
-    PYTHONPATH=src .venv/bin/python benchmarks/load.py --clients 40 --duration 10      # ~20 s
-    PYTHONPATH=src .venv/bin/python benchmarks/load.py --write docs/benchmarks.md      # 200 clients, 60 s: ~75 s
-    PYTHONPATH=src .venv/bin/python benchmarks/load.py --fault redis --write docs/benchmarks.md
-    PYTHONPATH=src .venv/bin/python benchmarks/load.py --fault postgres --write docs/benchmarks.md
+    .venv/bin/python benchmarks/load.py --clients 40 --duration 10      # ~20 s
+    .venv/bin/python benchmarks/load.py --write docs/benchmarks.md      # 200 clients, 60 s: ~75 s
+    .venv/bin/python benchmarks/load.py --fault redis --write docs/benchmarks.md
+    .venv/bin/python benchmarks/load.py --fault postgres --write docs/benchmarks.md
 
 Each client has its own HTTP connection and pauses 0–2×`--think` seconds between requests; refusals come back in
 milliseconds, so 200 clients keep the server saturated (beyond capacity, as intended: most generation requests
@@ -1305,7 +1305,7 @@ def display_command(argv: Sequence[str]) -> str:
             skip = True
         elif not arg.startswith(("--json=", "--records=", "--keep")):
             shown.append(arg)
-    return shlex.join(["PYTHONPATH=src", ".venv/bin/python", "benchmarks/load.py", *shown])
+    return shlex.join([".venv/bin/python", "benchmarks/load.py", *shown])
 
 
 def section_label(fault: str | None) -> str:

@@ -149,6 +149,27 @@ def test_serve_policy_flag_errors(tmp_path: Path, capsys: pytest.CaptureFixture[
     assert message in err and "Traceback" not in err
 
 
+@pytest.mark.parametrize("args", [
+    ["--database-url", "postgresql+psycopg://app:S3cretPw@127.0.0.1:1/test"],  # unreachable
+    ["--database-url", "nosuchdb://app:S3cretPw@db/x"],  # no such dialect
+    ["--database-url", "postgresql://app:S3cretPw@db:notaport/x"],  # unparsable
+    ["--redis-url", "redis://:S3cretPw@127.0.0.1:1/0"],  # unreachable
+    ["--redis-url", "http://app:S3cretPw@cache/0"],  # not a Redis URL
+    ["--metrics-token", "S3cretPw", "--port", "99999"],  # another setting is wrong
+    ["--token", "S3cretPw=acct", "--max-queue", "-1"],
+])
+def test_no_secret_is_printed_whole(tmp_path: Path, capsys: pytest.CaptureFixture[str], args: list[str]) -> None:
+    """A password in a URL, a token: not in the error, not in the settings summary (issue 11)."""
+    from int8serve.cli import main
+
+    with pytest.raises(SystemExit) as info:
+        main(["serve", "--data-dir", str(tmp_path / "data"), "--port", str(free_port()), *args])
+    assert info.value.code != 0
+    out = capsys.readouterr()
+    text = out.err + out.out + str(info.value.code)
+    assert "error" in text and "S3cretPw" not in text, text
+
+
 def _ledger_rows(data_dir: Path) -> list[tuple]:
     with sqlite3.connect(data_dir / "usage.sqlite3") as db:
         return db.execute("SELECT request_id, output_tokens, outcome FROM int8serve_usage").fetchall()

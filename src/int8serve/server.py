@@ -67,10 +67,11 @@ class ServeError(Exception):
 
 
 def policy_settings(settings: ServeSettings) -> PolicySettings:
-    return PolicySettings(default_rpm=settings.rpm, account_rpm=dict(settings.account_rpm),
-                          cache=settings.response_cache, cache_ttl=settings.cache_ttl, cache_scope=settings.cache_scope,
-                          daily_neurons=settings.daily_neurons, redis_url=settings.redis_url,
-                          database_url=settings.database_url, data_dir=settings.data_dir)
+    """The serving policy's part of the settings (validated once, by ServeSettings)."""
+    return PolicySettings.model_construct(
+        default_rpm=settings.rpm, account_rpm=dict(settings.account_rpm), cache=settings.response_cache,
+        cache_ttl=settings.cache_ttl, cache_scope=settings.cache_scope, daily_neurons=settings.daily_neurons,
+        redis_url=settings.redis_url, database_url=settings.database_url, data_dir=settings.data_dir)
 
 
 @dataclass

@@ -143,7 +143,7 @@ def test_typed_tags_are_text(
 def test_rendered_template_ids_match_hf(segments: list[object], ours: Tokenizer, hf: tokenizers.Tokenizer) -> None:
     text = segments_to_text(segments)
     # HF's post-processor always prepends BOS; when the template already starts with <s> that would
-    # be a second BOS, which we deliberately do not produce (exactly one BOS, contract §6.1).
+    # be a second BOS, which we deliberately do not produce (exactly one BOS, as Workers AI sends).
     starts_with_bos = segments[0] is Control.BOS
     assert ours.encode_segments(segments) == hf.encode(text, add_special_tokens=not starts_with_bos).ids
 

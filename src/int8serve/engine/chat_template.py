@@ -69,22 +69,21 @@ def render_messages(messages: Sequence[Mapping[str, Any]]) -> list[Segment]:
     Messages with a role other than system/user/assistant are dropped. Adjacent text is merged,
     so the result alternates between non-empty strings and :class:`Control` markers.
     """
-    out: list[Segment] = []
+    pieces: list[Segment] = []
     system_count = 0
     user_count = 0
     for message in messages:
         role = message.get("role")
         if role == "system":
             system_count += 1
-            _extend(out, _SYSTEM_PRE, _content_text(message), _SYSTEM_POST)
+            pieces += (*_SYSTEM_PRE, _content_text(message), *_SYSTEM_POST)
         elif role == "user":
             user_count += 1
             carry_system_inst = system_count == 1 and user_count == 1
-            pre = () if carry_system_inst else _USER_PRE
-            _extend(out, pre, _content_text(message), _USER_POST)
+            pieces += (*(() if carry_system_inst else _USER_PRE), _content_text(message), *_USER_POST)
         elif role == "assistant":
-            _extend(out, _ASSISTANT_PRE, _content_text(message), _ASSISTANT_POST)
-    return out
+            pieces += (*_ASSISTANT_PRE, _content_text(message), *_ASSISTANT_POST)
+    return _merged(pieces)
 
 
 def render_prompt(prompt: str, raw: bool = False) -> list[Segment]:
@@ -122,14 +121,18 @@ def _part_text(part: Any) -> str:
     raise ValueError(f"unsupported content part (only {{'type': 'text', 'text': str}} is accepted): {part!r}")
 
 
-def _extend(out: list[Segment], pre: Sequence[Segment], text: str, post: Sequence[Segment]) -> None:
-    """Append ``pre + [text] + post`` to ``out``, merging adjacent text and dropping empty text."""
-    for seg in (*pre, text, *post):
-        if isinstance(seg, Control):
-            out.append(seg)
-        elif not seg:
-            continue
-        elif out and isinstance(out[-1], str):
-            out[-1] += seg
-        else:
-            out.append(seg)
+def _merged(pieces: Sequence[Segment]) -> list[Segment]:
+    """`pieces` with adjacent text joined and empty text dropped, in linear time (one join per run of text)."""
+    out: list[Segment] = []
+    run: list[str] = []
+    for piece in pieces:
+        if isinstance(piece, Control):
+            if run:
+                out.append("".join(run))
+                run = []
+            out.append(piece)
+        elif piece:
+            run.append(piece)
+    if run:
+        out.append("".join(run))
+    return [seg for seg in out if seg != ""]
