@@ -7,8 +7,8 @@ answers of the other account and notes the gaps between token frames (ITL), anot
 The attack: `--attackers` clients (one process, asyncio) send back to back bodies of ~1 MiB that the server must
 read and parse before it can refuse them — 29,000 empty system messages (the body that froze the server for
 seconds per request before issue 11), and a megabyte of valid JSON that is not a request. On this 2-core machine
-the attackers share the CPUs with the server, so they run at the lowest priority (nice 19), standing in for clients
-on other machines; the server runs as an operator would run it.
+the attackers share the CPUs with the server, so they run at the lowest priority (SCHED_IDLE), standing in for
+clients on other machines; the server runs as an operator would run it.
 
     .venv/bin/python -m benchmarks.hostile --model ../shared/models/stories260K/hf --seconds 20 \\
         --write docs/benchmarks.md
@@ -170,7 +170,7 @@ def main(argv: Sequence[str] | None = None) -> None:
             "## Hostile bodies (`benchmarks/hostile.py`)", "",
             f"`.venv/bin/python -m benchmarks.hostile --model {args.model} --seconds {args.seconds:g} "
             f"--attackers {args.attackers}` — {machine_description()}, {time.strftime('%Y-%m-%d')}, load average "
-            f"{os.getloadavg()[0]:.1f} at the end. {args.attackers} clients (nice 19, same machine) send 1 MiB "
+            f"{os.getloadavg()[0]:.1f} at the end. {args.attackers} clients (SCHED_IDLE, same machine) send 1 MiB "
             "bodies back to back (29,000 empty system messages; a megabyte of JSON that is no request) while one "
             "client streams 200-token answers and another polls /healthz every 20 ms.", "", *lines])
         write_section(args.write, body, "hostile.py")
