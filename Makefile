@@ -5,7 +5,7 @@ BIN    := $(VENV)/bin
 # The CPU build of torch; any other spec pulls gigabytes of CUDA wheels.
 TORCH  ?= torch==2.13.0
 
-.PHONY: install run test lint bench bench-serve bench-robust clean
+.PHONY: install browser run test lint bench bench-serve bench-robust clean
 
 $(BIN)/int8serve: pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -19,7 +19,16 @@ install: $(BIN)/int8serve
 run: install
 	$(BIN)/int8serve serve
 
-test: install
+# the playground's browser tests drive Debian's chromium (Playwright never downloads a browser here)
+browser:
+	@if [ ! -x /usr/bin/chromium ]; then \
+		echo "installing Debian's chromium for the playground's browser tests"; \
+		SUDO=$$( [ "$$(id -u)" -eq 0 ] || echo sudo ); \
+		$$SUDO apt-get update -q && $$SUDO env DEBIAN_FRONTEND=noninteractive apt-get install -y -q chromium \
+		|| { echo "could not install chromium: run 'sudo apt-get install chromium' and 'make test' again" >&2; exit 1; }; \
+	fi
+
+test: install browser
 	$(BIN)/ruff check .
 	$(BIN)/python -m pytest -q
 
