@@ -32,8 +32,11 @@ from starlette.types import ASGIApp, Receive, Scope, Send
 
 from .catalog.card import CardError, ModelCard
 from .catalog.registry import Catalog, UnknownModelError
+from .engine.chat_template import render_prompt
 from .engine.demo import DEMO_WARNING, demo_model_dir
 from .engine.loader import load_model
+from .engine.model import Transformer
+from .engine.prefix_cache import DEFAULT_BLOCK_TOKENS, PrefixCache
 from .engine.scheduler import Engine
 from .engine.tokenizer import Tokenizer
 from .service.app import create_app
@@ -123,8 +126,11 @@ def load_service(settings: ServeSettings, prepared: Prepared, tokens: dict[str, 
         raise ServeError(f"{loaded.path}: no tokenizer.model in the folder or its parent")
     tokenizer = Tokenizer(loaded.tokenizer_path)
     context = min(card.context_length_limit, loaded.config.max_seq_len)
+    prefix = _prefix_cache(settings, loaded.model, card.max_concurrent_requests * context)
     engine = Engine(loaded.model, tokenizer, max_slots=card.max_concurrent_requests, max_queue=settings.max_queue,
-                    max_seq_len=context, prefill_chunk=settings.prefill_chunk).start()
+                    max_seq_len=context, prefill_chunk=settings.prefill_chunk, prefix_cache=prefix)
+    warmed = engine.warm(template_prefix_ids(tokenizer)) if prefix is not None else 0
+    engine.start()
     inflight = settings.max_inflight_per_account
     if inflight is None:
         inflight = default_inflight_limit(card.max_concurrent_requests, len(set(tokens.values())))
@@ -144,10 +150,34 @@ def load_service(settings: ServeSettings, prepared: Prepared, tokens: dict[str, 
         f"max_tokens <= {card.sequence_length_limit}, {card.max_concurrent_requests} slots, "
         f"queue {settings.max_queue}, prefill chunk {settings.prefill_chunk}, "
         f"per account at most {inflight or 'any number of'} requests in the engine",
+        f"prefix cache: {prefix.capacity_tokens} tokens ({prefix.nbytes() / 2**20:.0f} MiB), the default system "
+        f"prompt's {warmed} tokens warmed" if prefix is not None else "prefix cache: off",
         f"ready: http://{settings.host}:{settings.port}/client/v4  (health /healthz, readiness /readyz, "
         "metrics /metrics)",
     ]
     return Service(app=app, engine=engine, summary=summary)
+
+
+def _prefix_cache(settings: ServeSettings, model: Transformer, slot_positions: int) -> PrefixCache | None:
+    """The prefix cache `serve` gives its engine: `prefix_cache_tokens`, by default 1/16 of the slots' positions."""
+    if not settings.prefix_cache:
+        return None
+    tokens = settings.prefix_cache_tokens or max(DEFAULT_BLOCK_TOKENS, slot_positions // 16)
+    if settings.prefill_chunk % DEFAULT_BLOCK_TOKENS:
+        raise ServeError(f"--prefill-chunk must be a multiple of {DEFAULT_BLOCK_TOKENS} with the prefix cache "
+                         "(or use --no-prefix-cache)")
+    return PrefixCache(model.config, model.cache_dtype, tokens)
+
+
+def template_prefix_ids(tokenizer: Tokenizer) -> list[int]:
+    """The token ids every templated `prompt` request starts with: the default system prompt's part of the Workers AI
+    template, as far as it tokenizes the same whatever the user's prompt."""
+    renderings = [tokenizer.encode_segments(render_prompt(text)) for text in ("Hello", "what", "1", " x", "\n")]
+    common = renderings[0]
+    for ids in renderings[1:]:
+        common = common[:next((i for i, (a, b) in enumerate(zip(common, ids, strict=False)) if a != b),
+                              min(len(common), len(ids)))]
+    return common
 
 
 class _Deferred:

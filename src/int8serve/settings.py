@@ -86,6 +86,13 @@ class ServeSettings(BaseSettings):
     tokens_file: Path | None = Field(None, description="a file of TOKEN=ACCOUNT_ID lines (# comments allowed), "
                                                        "added to the tokens")
     max_queue: int = Field(32, ge=0, description="requests that may wait for a free slot; beyond it 429 code 3040")
+    prefix_cache: bool = Field(True, description="keep the keys and values of prompt prefixes (the default system "
+                                                 "prompt, earlier turns of a chat) and prefill only what follows "
+                                                 "them; exact: answers are the same bits without it "
+                                                 "(--no-prefix-cache turns it off)")
+    prefix_cache_tokens: int | None = Field(None, ge=16, description="prompt tokens the prefix cache may hold. "
+                                            "Default: 1/16 of the slots' positions (512 for 4 x 2048), 0.25 GiB on "
+                                            "the 7B model")
     prefill_chunk: int = Field(128, ge=1, description="prompt tokens per prefill step, so that running streams keep "
                                                       "flowing")
     shutdown_timeout: float = Field(DEFAULT_SHUTDOWN_TIMEOUT, ge=0, allow_inf_nan=False,

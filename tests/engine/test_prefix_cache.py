@@ -3,12 +3,18 @@ used first (its use by the scheduler, and exactness, are in test_scheduler.py)."
 
 from __future__ import annotations
 
+from typing import Any
+
 import pytest
 import torch
 
 from int8serve.engine.config import ModelConfig
+from int8serve.engine.loader import LoadedModel
 from int8serve.engine.model import KVCache
 from int8serve.engine.prefix_cache import PrefixCache
+from int8serve.engine.sampling import SamplingParams
+from int8serve.engine.scheduler import Engine, GenerationRequest
+from int8serve.engine.tokenizer import Tokenizer
 
 CONFIG = ModelConfig(dim=32, n_layers=2, n_heads=4, n_kv_heads=2, vocab_size=64, hidden_dim=64, max_seq_len=128)
 B = 4  # tokens per block
@@ -68,3 +74,112 @@ def test_least_recently_used_chains_go_first_descendants_before_ancestors() -> N
 def test_capacity_below_one_block_is_refused() -> None:
     with pytest.raises(ValueError):
         PrefixCache(CONFIG, torch.float16, capacity_tokens=3, block_tokens=B)
+
+
+# --- the scheduler with a prefix cache: exact ----------------------------------------------------------------------
+
+
+class Recording:
+    """The model, noting the logits of every forward (one request at a time: they are that request's)."""
+
+    def __init__(self, model: Any) -> None:
+        self.model, self.config, self.logits = model, model.config, []
+
+    def new_cache(self, *args: Any, **kwargs: Any) -> Any:
+        return self.model.new_cache(*args, **kwargs)
+
+    def __call__(self, *args: Any, **kwargs: Any) -> torch.Tensor:
+        out = self.model(*args, **kwargs)
+        self.logits.append(out.clone())
+        return out
+
+
+def run_alone(engine: Engine, prompt: list[int], params: SamplingParams, max_tokens: int = 6
+              ) -> tuple[list[int], list[torch.Tensor], int]:
+    """Token ids, every logits row computed for the request, and its prompt tokens reused from the cache."""
+    model: Recording = engine.model  # type: ignore[assignment]
+    model.logits.clear()
+    handle = engine.submit(GenerationRequest(prompt, max_tokens, params))
+    events = []
+    while not events or events[-1].finish_reason is None:
+        engine.step()
+        events += list(_drain(handle))
+    ids = [e.token_id for e in events if e.token_id is not None]
+    return ids, list(model.logits), events[-1].cached_tokens
+
+
+def _drain(handle: Any) -> Any:
+    while not handle._sync_queue.empty():
+        yield handle._sync_queue.get()
+
+
+def engine_for(loaded: LoadedModel, tokenizer: Tokenizer, prefix_tokens: int | None) -> Engine:
+    prefix = PrefixCache(loaded.model.config, loaded.model.cache_dtype, prefix_tokens) if prefix_tokens else None
+    return Engine(Recording(loaded.model), tokenizer, max_slots=4, max_seq_len=512, prefill_chunk=32,  # type: ignore
+                  prefix_cache=prefix)
+
+
+STORY = "Once upon a time there was a little girl named Lily. She loved to play in the park with her dog. "
+
+
+OTHER = "The big brown dog ran after the red ball in the garden, and the cat watched him from the tree. "
+
+
+def prompts(tokenizer: Tokenizer) -> list[list[int]]:
+    base = tokenizer.encode(STORY * 2, bos=True)
+    other = tokenizer.encode(OTHER * 2, bos=True)  # another prefix: a small cache must evict for it
+    return [base + tokenizer.encode(tail) for tail in ("One day", "The sun was hot and", "Tom came")] + [
+        base[:70], other]
+
+
+@pytest.mark.parametrize("params", [SamplingParams(temperature=0), SamplingParams(temperature=0.9, top_p=0.9, seed=7)])
+def test_logits_and_tokens_are_the_same_bits_with_the_cache_cold_warm_and_evicted(
+        stories_int8: LoadedModel, stories_tokenizer: Tokenizer, params: SamplingParams) -> None:
+    plain = engine_for(stories_int8, stories_tokenizer, None)
+    cached = engine_for(stories_int8, stories_tokenizer, 512)
+    tiny = engine_for(stories_int8, stories_tokenizer, 64)  # 4 blocks: evicts as it goes
+    reused = []
+    for prompt in [*prompts(stories_tokenizer), *prompts(stories_tokenizer)]:  # cold, then warm
+        want_ids, want_logits, none = run_alone(plain, prompt, params)
+        assert none == 0
+        for engine in (cached, tiny):
+            ids, logits, from_cache = run_alone(engine, prompt, params)
+            assert ids == want_ids
+            # from the end: the decode steps and the prefill chunks both runs computed (a reused prefix skips the
+            # first ones)
+            assert len(logits) >= len(ids) and len(logits) == len(want_logits) - from_cache // 32
+            tail = len(logits)
+            assert all(torch.equal(a, b) for a, b in zip(logits, want_logits[-tail:], strict=True)), "logits differ"
+            reused.append(from_cache)
+    assert max(reused) >= 64 and cached.prefilled_tokens < plain.prefilled_tokens
+    assert tiny.prefix_cache is not None and tiny.prefix_cache.stats.evicted_blocks > 0
+
+
+def test_a_prefix_shared_by_concurrent_requests(stories_int8: LoadedModel, stories_tokenizer: Tokenizer) -> None:
+    """Four requests with one long prefix, admitted together: the later ones reuse the blocks the first prefilled a
+    step before; every answer equals the one computed without the cache."""
+    greedy = SamplingParams(temperature=0)
+    plain = engine_for(stories_int8, stories_tokenizer, None)
+    shared = prompts(stories_tokenizer)[:4]
+    want = [run_alone(plain, p, greedy, max_tokens=20)[0] for p in shared]
+    cached = engine_for(stories_int8, stories_tokenizer, 512)
+    handles = [cached.submit(GenerationRequest(p, 20, greedy)) for p in shared]
+    events: list[list[Any]] = [[] for _ in handles]
+    while not all(e and e[-1].finish_reason is not None for e in events):
+        cached.step()
+        for got, handle in zip(events, handles, strict=True):
+            got += list(_drain(handle))
+    assert [[e.token_id for e in got if e.token_id is not None] for got in events] == want
+    first = shared[0]
+    common = [next((i for i, (a, b) in enumerate(zip(first, p, strict=False)) if a != b), min(len(first), len(p)))
+              for p in shared[1:]]
+    expected = [min(n, len(p) - 1) // 16 * 16 for n, p in zip(common, shared[1:], strict=True)]
+    assert [got[-1].cached_tokens for got in events] == [0, *expected] and min(expected) >= 32
+
+
+def test_warming_the_default_system_prompt(stories_int8: LoadedModel, stories_tokenizer: Tokenizer) -> None:
+    engine = engine_for(stories_int8, stories_tokenizer, 512)
+    system = prompts(stories_tokenizer)[0][:50]
+    assert engine.warm(system) == 48  # its full blocks
+    _ids, _logits, reused = run_alone(engine, prompts(stories_tokenizer)[0], SamplingParams(temperature=0))
+    assert reused >= 48

@@ -2,7 +2,8 @@
 
 Three engines are served, all on the same (read-only) model weights:
 
-* `MODEL` (the built-in card's name): the plain stories260K int8 engine, 4 slots — real, coherent text;
+* `MODEL` (the built-in card's name): the plain stories260K int8 engine, 4 slots, with a prefix cache as `serve`
+  gives it — real, coherent text;
 * `SLOW_MODEL`: the same model slowed to ~25 ms per step, 1 slot and a queue of 1 — to fill the engine on purpose
   (capacity errors, `rejectIfBusy`, a disconnect freeing its slot well before the answer would have ended);
 * `SCRIPTED_MODEL`: a stand-in whose "logits" always pick the next token of `SCRIPT`, a fixed sequence of
@@ -36,6 +37,7 @@ from fastapi import FastAPI
 from int8serve.catalog.card import builtin_cards, parse_card
 from int8serve.catalog.registry import Catalog
 from int8serve.engine.loader import LoadedModel
+from int8serve.engine.prefix_cache import PrefixCache
 from int8serve.engine.scheduler import Engine
 from int8serve.engine.tokenizer import Tokenizer
 from int8serve.service.app import create_app
@@ -90,7 +92,7 @@ class ScriptedModel:
     def new_cache(self, *args: Any, **kwargs: Any) -> Any:
         return self.model.new_cache(*args, **kwargs)
 
-    def __call__(self, tokens: torch.Tensor, cache: Any, slots: list[int], starts: list[int]) -> torch.Tensor:
+    def __call__(self, tokens: torch.Tensor, cache: Any, slots: list[int], starts: list[int], **_: Any) -> torch.Tensor:
         batch, seq = tokens.shape
         logits = torch.full((batch, self.config.vocab_size), -1e9)
         for row, (slot, start) in enumerate(zip(slots, starts, strict=True)):
@@ -152,7 +154,8 @@ def engines(stories_int8: LoadedModel, stories_tokenizer: Tokenizer) -> Iterator
     script = [tok.processor.piece_to_id(p) for p in SCRIPT_PIECES]
     assert tok.decode(script) == SCRIPT_TEXT
     built = {
-        MODEL: Engine(model, tok, max_slots=4, max_queue=16, max_seq_len=CONTEXT),
+        MODEL: Engine(model, tok, max_slots=4, max_queue=16, max_seq_len=CONTEXT,  # with a prefix cache, as `serve`
+                      prefix_cache=PrefixCache(model.config, model.cache_dtype, capacity_tokens=512)),
         SLOW_MODEL: Engine(SlowModel(model, SLOW_STEP_SECONDS), tok, max_slots=1, max_queue=1,  # type: ignore[arg-type]
                            max_seq_len=CONTEXT),
         SCRIPTED_MODEL: Engine(ScriptedModel(model, script, tok.eos_id), tok, max_slots=2,  # type: ignore[arg-type]

@@ -57,7 +57,9 @@ def test_completions_equal_ai_run_raw(oai: OpenAI, http: httpx.Client, auth: dic
     assert out.choices[0].text == native["response"] and out.choices[0].text.strip()
     assert out.choices[0].finish_reason in ("stop", "length")
     assert out.usage is not None
-    assert out.usage.model_dump(exclude_none=True) == native["usage"]
+    assert out.usage.model_dump(include={"prompt_tokens", "completion_tokens", "total_tokens"}) == native["usage"]
+    assert out.usage.prompt_tokens_details is not None  # OpenAI's field: how many came from the prefix cache
+    assert 0 <= (out.usage.prompt_tokens_details.cached_tokens or 0) < out.usage.prompt_tokens
 
 
 def test_chat_equals_ai_run_messages(oai: OpenAI, http: httpx.Client, auth: dict[str, str], run_url: str) -> None:

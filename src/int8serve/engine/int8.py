@@ -11,6 +11,7 @@ The residual stream, norms and logits stay in fp32 around it.
 
 from __future__ import annotations
 
+import contextvars
 import functools
 from pathlib import Path
 
@@ -23,6 +24,10 @@ COMPUTE_DTYPE = torch.bfloat16
 # Chosen by measurement (benchmarks/engine.py --kernels, docs/benchmarks.md): per 7B block int8pack is faster up
 # to 32 rows and the dense path from 64. The two paths agree to bf16 rounding.
 DENSE_ROWS_THRESHOLD = 32
+# The number of rows a layer chooses its path by, when not the rows it is given: a prefill chunk that reuses cached
+# keys and values computes the rows of its whole chunk's path (scheduler.py), so that they come out the same bits.
+ROWS_HINT: contextvars.ContextVar[int | None] = contextvars.ContextVar("int8serve_rows_hint", default=None)
+MIN_DENSE_ROWS = 16  # fp32 F.linear rounds a row by how many rows come with it below ~12: pad to this many
 # torch 2.13's CPU `_weight_int8pack_mm` segfaults unless in_features is a multiple of 16 (and the weight is
 # 64-byte aligned, see set_quantized)
 # (measured: K = 8, 12, 36, 100, 168, 172 crash; 16, 160, 176, 4096, 11008 work). Other widths take the dense path.
@@ -110,7 +115,7 @@ class Int8Linear(nn.Module):
         rows = x.reshape(-1, self.in_features)
         if self.kernel_scale is None:
             self.kernel_scale = self.scale.to(COMPUTE_DTYPE)
-        few_rows = rows.shape[0] <= DENSE_ROWS_THRESHOLD
+        few_rows = (ROWS_HINT.get() or rows.shape[0]) <= DENSE_ROWS_THRESHOLD
         if few_rows and self.in_features % KERNEL_K_MULTIPLE == 0:
             out = torch._weight_int8pack_mm(rows.to(COMPUTE_DTYPE), self.weight, self.kernel_scale)
         else:
@@ -120,7 +125,7 @@ class Int8Linear(nn.Module):
             dense = self.dequant_buffer.view(self.out_features, self.in_features, dtype)
             # the bf16-exact scales, so that both dtypes dequantize to the same weight values
             torch.mul(self.weight, self.kernel_scale.to(dense.dtype)[:, None], out=dense)
-            out = F.linear(rows.to(dense.dtype), dense)
+            out = F.linear(_padded(rows.to(dense.dtype)), dense)[:rows.shape[0]]
         out = out.reshape(*x.shape[:-1], self.out_features).to(x.dtype)
         return self._refine(x, out) if self.refine_top else out
 
@@ -134,3 +139,9 @@ class Int8Linear(nn.Module):
 
     def extra_repr(self) -> str:
         return f"in_features={self.in_features}, out_features={self.out_features}, int8 per-channel"
+
+
+def _padded(rows: Tensor) -> Tensor:
+    """`rows` [M, in] with zero rows added up to MIN_DENSE_ROWS, so that each row's result does not depend on M."""
+    missing = MIN_DENSE_ROWS - rows.shape[0]
+    return rows if missing <= 0 else torch.cat([rows, rows.new_zeros(missing, rows.shape[1])])

@@ -20,7 +20,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from .config import ModelConfig
-from .int8 import COMPUTE_DTYPE, DequantBuffer, Int8Linear
+from .int8 import COMPUTE_DTYPE, ROWS_HINT, DequantBuffer, Int8Linear
 
 Precision = Literal["fp32", "int8"]
 
@@ -179,11 +179,20 @@ class Transformer(nn.Module):
 
     @torch.inference_mode()
     def forward(self, tokens: Tensor, cache: KVCache, slots: Sequence[int], starts: Sequence[int],
-                all_logits: bool = False) -> Tensor:
+                all_logits: bool = False, rows_hint: int | None = None) -> Tensor:
         """tokens [B, T] for B sequences in cache rows `slots`, the first token of row b at position starts[b].
 
-        Returns fp32 logits [B, V] for the last position of each row, or [B, T, V] with all_logits.
+        Returns fp32 logits [B, V] for the last position of each row, or [B, T, V] with all_logits. `rows_hint`:
+        the int8 layers choose their kernel as for this many rows (`int8.ROWS_HINT`).
         """
+        hint = ROWS_HINT.set(rows_hint)
+        try:
+            return self._forward(tokens, cache, slots, starts, all_logits)
+        finally:
+            ROWS_HINT.reset(hint)
+
+    def _forward(self, tokens: Tensor, cache: KVCache, slots: Sequence[int], starts: Sequence[int],
+                 all_logits: bool) -> Tensor:
         batch, seq = tokens.shape
         if len(slots) != batch or len(starts) != batch:
             raise ValueError(f"{batch} rows but {len(slots)} slots and {len(starts)} starts")

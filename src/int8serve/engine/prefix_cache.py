@@ -82,6 +82,13 @@ class PrefixCache:
     def nbytes(self) -> int:
         return sum(t.numel() * t.element_size() for t in self.k + self.v)
 
+    def clear(self) -> None:
+        """Forget every block (the engine's thread must not be using the cache meanwhile)."""
+        self._block_of.clear()
+        self._hash_of.clear()
+        self._recent.clear()
+        self._free = list(range(self.capacity_blocks - 1, -1, -1))
+
     def lookup(self, tokens: Sequence[int], limit: int) -> PrefixHit:
         """The longest cached chain of full blocks that begins `tokens`, covering at most `limit` tokens."""
         blocks = []

@@ -15,6 +15,12 @@ Outputs do not depend on the batch: each sequence samples with its own seeded ge
 same way whatever else runs, and the decode kernel computes each row independently of the others
 (tests/engine/test_scheduler.py checks this). Stop strings (`SamplingParams.stop`) are applied to the decoded text
 (`stops.py`): the text of a stop string is never emitted.
+
+With a prefix cache (`prefix_cache.py`), each prefill step first copies into the slot the cached blocks that
+continue the prompt (another sequence may have prefilled them a step ago), and stores the blocks it computed. Prefill
+chunks end at multiples of `prefill_chunk` counted from the start of the prompt, whatever was reused, and the
+layers choose their kernel by that whole chunk's length (`Transformer(..., rows_hint=...)`), so a token is computed
+by the same operations with or without the cache: its keys, values and logits are the same bits.
 """
 
 from __future__ import annotations
@@ -34,6 +40,7 @@ import torch
 
 from .detokenizer import IncrementalDetokenizer
 from .model import KVCache, Transformer
+from .prefix_cache import PrefixCache
 from .sampling import Sampler, SamplingParams
 from .stops import StopMatcher
 from .tokenizer import Tokenizer
@@ -87,6 +94,7 @@ class TokenEvent:
     # timings (seconds, time.monotonic) for metrics
     queued_at: float = 0.0
     started_at: float = 0.0
+    cached_tokens: int = 0  # prompt tokens whose keys and values came from the prefix cache
 
 
 @dataclass
@@ -152,6 +160,7 @@ class _Sequence:
     detokenizer: IncrementalDetokenizer
     stops: StopMatcher | None = None
     prefilled: int = 0  # prompt tokens already in the KV cache
+    reused: int = 0  # of which copied from the prefix cache
     generated: int = 0
     cached: int = 0  # tokens in the KV cache: the next one is written at this position
     last_token: int = -1  # sampled but not yet in the cache: the input of the next decode
@@ -169,9 +178,15 @@ class Engine:
     """Owns the model, its KV cache and the engine thread."""
 
     def __init__(self, model: Transformer, tokenizer: Tokenizer, max_slots: int = 4, max_queue: int = 32,
-                 max_seq_len: int | None = None, prefill_chunk: int = DEFAULT_PREFILL_CHUNK) -> None:
+                 max_seq_len: int | None = None, prefill_chunk: int = DEFAULT_PREFILL_CHUNK,
+                 prefix_cache: PrefixCache | None = None) -> None:
         if max_slots < 1 or max_queue < 0 or prefill_chunk < 1:
             raise ValueError("max_slots and prefill_chunk must be >= 1, max_queue >= 0")
+        if prefix_cache is not None and prefill_chunk % prefix_cache.block_tokens:
+            raise ValueError(f"prefill_chunk ({prefill_chunk}) must be a multiple of the prefix cache's block of "
+                             f"{prefix_cache.block_tokens} tokens")
+        self.prefix_cache = prefix_cache
+        self.prefilled_tokens = 0  # prompt tokens computed by prefill (the rest came from the prefix cache)
         self.model = model
         self.tokenizer = tokenizer
         self.max_slots = max_slots
@@ -194,6 +209,20 @@ class Engine:
     def start(self) -> Engine:
         self._thread.start()
         return self
+
+    def warm(self, prompt_ids: list[int]) -> int:
+        """Before `start`: prefill `prompt_ids` into a slot so that the prefix cache keeps their full blocks (e.g.
+        the default system prompt of the served card's template). Returns the tokens now cached."""
+        if self._thread.ident is not None:
+            raise RuntimeError("warm the prefix cache before the engine starts")
+        if self.prefix_cache is None or not prompt_ids:
+            return 0
+        seq = _Sequence(handle=RequestHandle(GenerationRequest(list(prompt_ids), 1), None), slot=0,
+                        sampler=Sampler(SamplingParams(temperature=0), self.model.config.vocab_size),
+                        detokenizer=self.tokenizer.detokenizer())
+        while not seq.decoding:
+            self._prefill_chunk(seq)
+        return self.prefix_cache.lookup(prompt_ids, len(prompt_ids)).tokens
 
     def submit(self, request: GenerationRequest, reject_if_busy: bool = False) -> RequestHandle:
         """Queue a request. Raises QueueFullError when it cannot be taken, EngineStoppedError when draining."""
@@ -312,15 +341,38 @@ class Engine:
         if not pending:
             return
         seq = min(pending, key=lambda s: s.handle.queued_at)
-        prompt = seq.request.prompt_ids
-        chunk = prompt[seq.prefilled:seq.prefilled + self.prefill_chunk]
-        started = time.perf_counter()
-        logits = self.model(torch.tensor([chunk]), self.cache, [seq.slot], [seq.prefilled])[0]
-        self._report("prefill", time.perf_counter() - started, len(chunk))
-        seq.prefilled += len(chunk)
-        seq.cached = seq.prefilled
+        logits = self._prefill_chunk(seq)
         if seq.decoding:
             self._advance(seq, logits)
+
+    def _prefill_chunk(self, seq: _Sequence) -> torch.Tensor:
+        """Reuse what the prefix cache holds of the prompt, then prefill one chunk; -> the chunk's last logits."""
+        prompt = seq.request.prompt_ids
+        self._reuse_prefix(seq)
+        chunk_start = seq.prefilled // self.prefill_chunk * self.prefill_chunk  # where the chunk starts uncached
+        end = min(len(prompt), chunk_start + self.prefill_chunk)
+        chunk = prompt[seq.prefilled:end]
+        started = time.perf_counter()
+        logits = self.model(torch.tensor([chunk]), self.cache, [seq.slot], [seq.prefilled],
+                            rows_hint=end - chunk_start)[0]
+        self._report("prefill", time.perf_counter() - started, len(chunk))
+        seq.prefilled = seq.cached = end
+        self.prefilled_tokens += len(chunk)
+        if self.prefix_cache is not None:
+            self.prefix_cache.store(prompt, self.cache, seq.slot, seq.prefilled)
+        return logits
+
+    def _reuse_prefix(self, seq: _Sequence) -> None:
+        """Copy into the slot the cached blocks that continue the prompt beyond what it holds (at least the last
+        prompt token is always computed: its logits give the first token)."""
+        if self.prefix_cache is None:
+            return
+        prompt = seq.request.prompt_ids
+        hit = self.prefix_cache.lookup(prompt, limit=len(prompt) - 1)
+        if hit.tokens > seq.prefilled:
+            self.prefix_cache.load(hit, self.cache, seq.slot)
+            seq.reused += hit.tokens - seq.prefilled
+            seq.prefilled = seq.cached = hit.tokens
 
     def _decode_all(self) -> None:
         # sequences whose first token came out of this step's prefill wait for the next step
@@ -349,7 +401,7 @@ class Engine:
             text, stopped = seq.stops.push(text)
         seq.handle._emit(TokenEvent(text=text, token_id=token, prompt_tokens=len(seq.request.prompt_ids),
                                     completion_tokens=seq.generated, queued_at=seq.handle.queued_at,
-                                    started_at=seq.handle.started_at))
+                                    started_at=seq.handle.started_at, cached_tokens=seq.reused))
         if stopped:
             self._finish(seq, FinishReason.STOP, held_text=False)
         elif seq.generated >= seq.request.max_tokens or seq.cached >= self.max_seq_len:
@@ -366,13 +418,13 @@ class Engine:
                 reason = FinishReason.STOP if reason.complete else reason
             else:
                 text += seq.stops.flush()
-        seq.handle._emit(self._final(seq.handle, seq.generated, reason, error, text))
+        seq.handle._emit(self._final(seq.handle, seq.generated, reason, error, text, seq.reused))
 
     def _final(self, handle: RequestHandle, generated: int, reason: FinishReason, error: str | None = None,
-               text: str = "") -> TokenEvent:
+               text: str = "", cached_tokens: int = 0) -> TokenEvent:
         return TokenEvent(text=text, token_id=None, prompt_tokens=len(handle.request.prompt_ids),
                           completion_tokens=generated, finish_reason=reason, error=error,
-                          queued_at=handle.queued_at, started_at=handle.started_at)
+                          queued_at=handle.queued_at, started_at=handle.started_at, cached_tokens=cached_tokens)
 
     def _fail_all(self, message: str, reason: FinishReason) -> None:
         for seq in list(self._running.values()):

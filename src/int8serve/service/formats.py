@@ -75,6 +75,12 @@ class WorkersAIFormat:
         return encode_frame({"response": "", "errors": [{"code": kind.code, "message": kind.template}]})
 
 
+def openai_usage(answer: Answer) -> dict[str, Any]:
+    """OpenAI's usage object: the tokens, and how many prompt tokens came from the prefix cache."""
+    return {**usage(answer.prompt_tokens, answer.completion_tokens),
+            "prompt_tokens_details": {"cached_tokens": answer.cached_tokens}}
+
+
 class _OpenAIFormat:
     """What chat and completions share: the envelope, the usage chunk, errors in OpenAI's shape."""
 
@@ -104,8 +110,8 @@ class _OpenAIFormat:
     def final_frames(self, answer: Answer, neurons: float) -> Sequence[bytes]:
         frames = [encode_frame(self._envelope([self._last_choice(answer.openai_finish_reason)], self.chunk_obj))]
         if self.request is not None and self.request.include_usage:
-            frames.append(encode_frame({**self._envelope([], self.chunk_obj), "usage": {
-                **usage(answer.prompt_tokens, answer.completion_tokens), "neurons": neurons}}))
+            frames.append(encode_frame({**self._envelope([], self.chunk_obj),
+                                        "usage": {**openai_usage(answer), "neurons": neurons}}))
         frames.append(DONE_FRAME)
         return frames
 
@@ -129,7 +135,7 @@ class ChatFormat(_OpenAIFormat):
     def json_body(self, answer: Answer) -> Any:
         choice = {"index": 0, "message": {"role": "assistant", "content": answer.text}, "logprobs": None,
                   "finish_reason": answer.openai_finish_reason}
-        return {**self._envelope([choice]), "usage": usage(answer.prompt_tokens, answer.completion_tokens)}
+        return {**self._envelope([choice]), "usage": openai_usage(answer)}
 
     def _delta(self, content: str | None) -> dict[str, Any]:
         delta: dict[str, Any] = {}
@@ -156,7 +162,7 @@ class CompletionFormat(_OpenAIFormat):
 
     def json_body(self, answer: Answer) -> Any:
         choice = {"index": 0, "text": answer.text, "logprobs": None, "finish_reason": answer.openai_finish_reason}
-        return {**self._envelope([choice]), "usage": usage(answer.prompt_tokens, answer.completion_tokens)}
+        return {**self._envelope([choice]), "usage": openai_usage(answer)}
 
     def delta_frame(self, text: str) -> bytes:
         return encode_frame(self._envelope([{"index": 0, "text": text, "logprobs": None, "finish_reason": None}]))

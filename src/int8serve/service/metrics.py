@@ -25,6 +25,9 @@ Counters (`_total`), gauges and histograms, with their labels:
   lost, and operations served in-process meanwhile (the policy's `FallbackCounter`, read at scrape time)
 * `int8serve_ledger_spooled_rows`, `int8serve_ledger_outages_total`: ledger rows waiting in the spool, and times
   the ledger's database was lost
+* `int8serve_prompt_tokens_prefilled_total{model}`, `int8serve_prefix_cache_hits_total{model}`,
+  `int8serve_prefix_cache_reused_tokens_total{model}`, `int8serve_prefix_cache_evicted_blocks_total{model}`,
+  `int8serve_prefix_cache_tokens{model}`: prompt tokens computed, and what the prefix cache saved
 * `int8serve_engine_step_duration_seconds{model,kind}`, `int8serve_engine_step_rows{model,kind}`: one engine forward
   (kind `prefill`: one chunk, rows = its tokens; `decode`: one batch, rows = its sequences), from `Engine.on_step`
 """
@@ -80,6 +83,7 @@ class _StateCollector(Collector):
             slots.add_metric([name], stats.slots)
             usage.add_metric([name], stats.running / stats.slots if stats.slots else 0.0)
         yield from (running, waiting, slots, usage)
+        yield from self._prefill()
         outages = CounterMetricFamily(PREFIX + "fallback_outages", "Times shared state (Redis) was lost.")
         local = CounterMetricFamily(PREFIX + "fallback_local_operations",
                                     "Operations served from in-process state while shared state was lost.",
@@ -99,6 +103,32 @@ class _StateCollector(Collector):
             lost = CounterMetricFamily(PREFIX + "ledger_outages", "Times the ledger's database was lost.")
             lost.add_metric([], float(self.ledger.outages))
             yield from (spooled, lost)
+
+
+    def _prefill(self) -> Iterable[Metric]:
+        """Prompt tokens prefilled, and what the prefix cache saved (engine counters, read at scrape time)."""
+        families = {
+            "prefill": CounterMetricFamily(PREFIX + "prompt_tokens_prefilled", "Prompt tokens computed by prefill.",
+                                           labels=["model"]),
+            "hits": CounterMetricFamily(PREFIX + "prefix_cache_hits", "Prefill steps that reused cached blocks.",
+                                        labels=["model"]),
+            "reused": CounterMetricFamily(PREFIX + "prefix_cache_reused_tokens", "Prompt tokens taken from the "
+                                          "prefix cache instead of prefilled.", labels=["model"]),
+            "evicted": CounterMetricFamily(PREFIX + "prefix_cache_evicted_blocks", "Blocks evicted from the prefix "
+                                           "cache (least recently used first).", labels=["model"]),
+            "cached": GaugeMetricFamily(PREFIX + "prefix_cache_tokens", "Prompt tokens the prefix cache holds.",
+                                        labels=["model"]),
+        }
+        for name, engine in self.engines.items():
+            families["prefill"].add_metric([name], float(engine.prefilled_tokens))
+            prefix = engine.prefix_cache
+            if prefix is not None:
+                stats = prefix.stats
+                families["hits"].add_metric([name], float(stats.hits))
+                families["reused"].add_metric([name], float(stats.reused_tokens))
+                families["evicted"].add_metric([name], float(stats.evicted_blocks))
+                families["cached"].add_metric([name], float(prefix.cached_tokens))
+        yield from families.values()
 
 
 class ServiceMetrics:
@@ -180,7 +210,7 @@ class RequestObservation:
         self.fields: dict[str, Any] = {
             "request_id": request_id, "account": None, "model": None, "status": None, "error_code": None,
             "outcome": None, "prompt_tokens": 0, "completion_tokens": 0, "neurons": 0.0, "cached": False,
-            "stream": False, "queue_s": None, "ttft_s": None, "total_s": None}
+            "stream": False, "cached_prompt_tokens": 0, "queue_s": None, "ttft_s": None, "total_s": None}
         self.first_token_at: float | None = None
         self.last_token_at: float | None = None
         self.queued_at = 0.0
@@ -211,6 +241,7 @@ class RequestObservation:
             self.last_token_at = time.monotonic()
             self.first_token_at = self.first_token_at or self.last_token_at
         self.queued_at, self.started_at = event.queued_at, event.started_at
+        self.fields["cached_prompt_tokens"] = event.cached_tokens
 
     def answer(self, account: str, model: str, prompt_tokens: int, completion_tokens: int, neurons: float,
                outcome: str, cached: bool, text: str) -> None:

@@ -66,6 +66,7 @@ class Answer:
     finish_reason: FinishReason  # CANCELLED: we cancelled it (the client left or stopped reading)
     started: bool = True  # the engine had taken the request into a slot
     error: str | None = None
+    cached_tokens: int = 0  # prompt tokens whose keys and values the engine took from its prefix cache
 
     @property
     def text(self) -> str:
@@ -90,10 +91,12 @@ class AnswerBuilder:
     finish_reason: FinishReason | None = None
     started: bool = False
     error: str | None = None
+    cached_tokens: int = 0
 
     def add(self, event: TokenEvent) -> None:
         if event.text:
             self.deltas.append(event.text)
+        self.cached_tokens = max(self.cached_tokens, event.cached_tokens)
         self.prompt_tokens = event.prompt_tokens
         self.completion_tokens = max(self.completion_tokens, event.completion_tokens)
         self.started = self.started or event.started_at > 0 or event.token_id is not None
@@ -102,7 +105,7 @@ class AnswerBuilder:
 
     def answer(self) -> Answer:
         return Answer(tuple(self.deltas), self.prompt_tokens, self.completion_tokens,
-                      self.finish_reason or FinishReason.ERROR, self.started, self.error)
+                      self.finish_reason or FinishReason.ERROR, self.started, self.error, self.cached_tokens)
 
 
 async def watch_disconnect(receive: Receive, on_disconnect: Callable[[], None]) -> None:

@@ -35,6 +35,14 @@ class Usage(BaseModel):
     total_tokens: int
 
 
+class PromptTokensDetails(BaseModel):
+    cached_tokens: int = Field(description="prompt tokens whose keys and values came from the prefix cache")
+
+
+class OpenAIUsage(Usage):
+    prompt_tokens_details: PromptTokensDetails
+
+
 class RunResult(BaseModel):
     response: str
     tool_calls: list[Any]
@@ -79,7 +87,7 @@ class ChatCompletion(BaseModel):
     created: int
     model: str
     choices: list[ChatChoice]
-    usage: Usage
+    usage: OpenAIUsage
 
 
 class CompletionChoice(BaseModel):
@@ -95,7 +103,7 @@ class Completion(BaseModel):
     created: int
     model: str
     choices: list[CompletionChoice]
-    usage: Usage
+    usage: OpenAIUsage
 
 
 class ModelEntry(BaseModel):
