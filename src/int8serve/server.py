@@ -159,8 +159,9 @@ def load_service(settings: ServeSettings, prepared: Prepared, tokens: dict[str, 
 
 
 def _prefix_cache(settings: ServeSettings, model: Transformer, slot_positions: int) -> PrefixCache | None:
-    """The prefix cache `serve` gives its engine: `prefix_cache_tokens`, by default 1/16 of the slots' positions."""
-    if not settings.prefix_cache:
+    """The prefix cache `serve` gives its engine: `prefix_cache_tokens`, by default 1/16 of the slots' positions. Not
+    for the fp32 reference, whose dense layers round a row by how many come with it (chunking.py)."""
+    if not settings.prefix_cache or settings.dtype != "int8":
         return None
     tokens = settings.prefix_cache_tokens or max(DEFAULT_BLOCK_TOKENS, slot_positions // 16)
     if settings.prefill_chunk % DEFAULT_BLOCK_TOKENS:

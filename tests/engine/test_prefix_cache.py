@@ -28,31 +28,36 @@ def filled_cache(slots: int = 2) -> KVCache:
     return cache
 
 
-def test_a_shared_prefix_is_found_block_by_block_and_copied_exactly() -> None:
+def test_a_shared_prefix_is_found_to_the_token_and_copied_exactly() -> None:
     prefix = PrefixCache(CONFIG, torch.float16, capacity_tokens=64, block_tokens=B)
     cache = filled_cache()
     prompt = list(range(1, 15))  # 3 full blocks and 2 tokens
     prefix.store(prompt, cache, slot=0, computed=len(prompt))
-    assert prefix.cached_tokens == 12 and prefix.stats.stored_blocks == 3
-    other = [*prompt[:9], 60, 61, 62, 63]  # shares 2 full blocks (8 tokens) and one more token
+    assert prefix.cached_tokens == 12 and prefix.stats.stored_blocks == 3  # the partial block only when final
+    other = [*prompt[:9], 60, 61, 62, 63]  # shares 2 full blocks (8 tokens) and one token of the third
     hit = prefix.lookup(other, limit=len(other) - 1)
-    assert hit.tokens == 8 and len(hit.blocks) == 2
+    assert (hit.tokens, len(hit.blocks), hit.tail) == (9, 3, 1)
+    cache.k[0][1].zero_()
     prefix.load(hit, cache, slot=1)
     for layer in range(CONFIG.n_layers):
-        assert torch.equal(cache.k[layer][1, :, :8], cache.k[layer][0, :, :8])
-        assert torch.equal(cache.v[layer][1, :, :8], cache.v[layer][0, :, :8])
+        assert torch.equal(cache.k[layer][1, :, :9], cache.k[layer][0, :, :9])
+        assert torch.equal(cache.v[layer][1, :, :9], cache.v[layer][0, :, :9])
+    assert not cache.k[0][1, :, 9:12].any()  # only the matching positions of the last block are copied
     assert prefix.lookup([2, *prompt[1:]], limit=20).tokens == 0  # a different first token: nothing in common
-    assert prefix.lookup(prompt, limit=11).tokens == 8  # at most `limit` tokens: the last one is always computed
+    assert prefix.lookup(prompt, limit=10).tokens == 10  # at most `limit` tokens: the last one is always computed
 
 
-def test_blocks_are_stored_once_and_only_when_full() -> None:
+def test_blocks_are_stored_once_full_and_the_last_when_the_prompt_is_done() -> None:
     prefix = PrefixCache(CONFIG, torch.float16, capacity_tokens=64, block_tokens=B)
     cache = filled_cache()
-    prefix.store(list(range(1, 20)), cache, slot=0, computed=6)  # a prefill chunk so far: 1 full block
+    prompt = list(range(1, 20))
+    prefix.store(prompt, cache, slot=0, computed=6)  # a prefill chunk so far: 1 full block
     assert prefix.cached_tokens == 4
-    prefix.store(list(range(1, 20)), cache, slot=0, computed=19)  # the rest of the prompt
-    prefix.store(list(range(1, 20)), cache, slot=1, computed=19)  # another sequence, same prompt: nothing new
-    assert prefix.cached_tokens == 16 and prefix.stats.stored_blocks == 4
+    prefix.store(prompt, cache, slot=0, computed=19, final=True)  # the rest, and its last 3 tokens
+    prefix.store(prompt, cache, slot=1, computed=19, final=True)  # another sequence, same prompt: nothing new
+    assert prefix.cached_tokens == 19 and prefix.stats.stored_blocks == 5
+    longer = [*prompt, 40, 41, 42]  # continues the whole prompt: all of it is reused, the partial block too
+    assert prefix.lookup(longer, limit=len(longer) - 1).tokens == 19
 
 
 def test_least_recently_used_chains_go_first_descendants_before_ancestors() -> None:
@@ -173,13 +178,13 @@ def test_a_prefix_shared_by_concurrent_requests(stories_int8: LoadedModel, stori
     first = shared[0]
     common = [next((i for i, (a, b) in enumerate(zip(first, p, strict=False)) if a != b), min(len(first), len(p)))
               for p in shared[1:]]
-    expected = [min(n, len(p) - 1) // 16 * 16 for n, p in zip(common, shared[1:], strict=True)]
-    assert [got[-1].cached_tokens for got in events] == [0, *expected] and min(expected) >= 32
+    expected = [min(n, len(p) - 1) for n, p in zip(common, shared[1:], strict=True)]  # to the token
+    assert [got[-1].cached_tokens for got in events] == [0, *expected] and min(expected) >= 48
 
 
 def test_warming_the_default_system_prompt(stories_int8: LoadedModel, stories_tokenizer: Tokenizer) -> None:
     engine = engine_for(stories_int8, stories_tokenizer, 512)
     system = prompts(stories_tokenizer)[0][:50]
-    assert engine.warm(system) == 48  # its full blocks
+    assert engine.warm(system) == 50  # all of it, to the token
     _ids, _logits, reused = run_alone(engine, prompts(stories_tokenizer)[0], SamplingParams(temperature=0))
-    assert reused >= 48
+    assert reused == 50

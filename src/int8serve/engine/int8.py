@@ -11,7 +11,6 @@ The residual stream, norms and logits stay in fp32 around it.
 
 from __future__ import annotations
 
-import contextvars
 import functools
 from pathlib import Path
 
@@ -19,14 +18,13 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from . import chunking
+
 COMPUTE_DTYPE = torch.bfloat16
 # Above this many rows a layer dequantizes into a scratch buffer and uses a dense bf16 matmul.
 # Chosen by measurement (benchmarks/engine.py --kernels, docs/benchmarks.md): per 7B block int8pack is faster up
 # to 32 rows and the dense path from 64. The two paths agree to bf16 rounding.
 DENSE_ROWS_THRESHOLD = 32
-# The number of rows a layer chooses its path by, when not the rows it is given: a prefill chunk that reuses cached
-# keys and values computes the rows of its whole chunk's path (scheduler.py), so that they come out the same bits.
-ROWS_HINT: contextvars.ContextVar[int | None] = contextvars.ContextVar("int8serve_rows_hint", default=None)
 MIN_DENSE_ROWS = 16  # fp32 F.linear rounds a row by how many rows come with it below ~12: pad to this many
 # torch 2.13's CPU `_weight_int8pack_mm` segfaults unless in_features is a multiple of 16 (and the weight is
 # 64-byte aligned, see set_quantized)
@@ -115,7 +113,8 @@ class Int8Linear(nn.Module):
         rows = x.reshape(-1, self.in_features)
         if self.kernel_scale is None:
             self.kernel_scale = self.scale.to(COMPUTE_DTYPE)
-        few_rows = (ROWS_HINT.get() or rows.shape[0]) <= DENSE_ROWS_THRESHOLD
+        chunk = chunking.CURRENT.get()  # a prefill chunk: the path of its whole aligned chunk (chunking.py)
+        few_rows = (chunk.rows if chunk is not None else rows.shape[0]) <= DENSE_ROWS_THRESHOLD
         if few_rows and self.in_features % KERNEL_K_MULTIPLE == 0:
             out = torch._weight_int8pack_mm(rows.to(COMPUTE_DTYPE), self.weight, self.kernel_scale)
         else:

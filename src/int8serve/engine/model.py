@@ -19,10 +19,12 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from . import chunking
 from .config import ModelConfig
-from .int8 import COMPUTE_DTYPE, ROWS_HINT, DequantBuffer, Int8Linear
+from .int8 import COMPUTE_DTYPE, DequantBuffer, Int8Linear
 
 Precision = Literal["fp32", "int8"]
+MIN_PREFILL_QUERIES = 16
 
 
 class RMSNorm(nn.Module):
@@ -95,16 +97,31 @@ class Attention(nn.Module):
             cache_k[slot, :, start:end] = k[row].transpose(0, 1)
             cache_v[slot, :, start:end] = v[row].transpose(0, 1)
             keys, values = cache_k[slot, :, :end], cache_v[slot, :, :end]  # [Hkv, end, D]
-            if seq == 1:
+            chunk = chunking.CURRENT.get()
+            if chunk is None and seq == 1:  # decode (a one-token prefill chunk computes as prefill)
                 out[row, 0] = self._decode_attention(q[row, 0], keys, values)
                 continue
-            queries = q[row].transpose(0, 1).to(cache_k.dtype)  # [H, seq, D]
-            # causal within the chunk, everything before it visible
-            mask = torch.arange(end)[None, :] <= torch.arange(start, end)[:, None]
-            attended = F.scaled_dot_product_attention(queries[None], keys[None], values[None],
-                                                      attn_mask=mask, enable_gqa=True)
-            out[row] = attended[0].transpose(0, 1)
+            if chunk is not None and chunk.keys_end > end:  # the keys of the aligned chunk, zeros past the prompt
+                cache_k[slot, :, end:chunk.keys_end] = 0
+                cache_v[slot, :, end:chunk.keys_end] = 0
+                keys, values = cache_k[slot, :, :chunk.keys_end], cache_v[slot, :, :chunk.keys_end]
+            out[row] = self._prefill_attention(q[row], keys, values, start)
         return self.wo(out.reshape(batch, seq, -1).to(x.dtype))
+
+    def _prefill_attention(self, queries: Tensor, keys: Tensor, values: Tensor, start: int) -> Tensor:
+        """A chunk's queries [T, H, D] at positions start.. against keys/values [Hkv, L, D] -> [T, H, D].
+
+        Causal: position p sees keys [0, p]. At least MIN_PREFILL_QUERIES queries go in (copies of the first one
+        pad a short chunk): SDPA runs another kernel for a single query, whose rounding differs (chunking.py).
+        """
+        seq = queries.shape[0]
+        pad = max(0, MIN_PREFILL_QUERIES - seq)
+        positions = torch.arange(start - pad, start + seq).clamp(min=start)  # the padding repeats the first query
+        padded = torch.cat([queries[:1].expand(pad, -1, -1), queries]) if pad else queries
+        mask = torch.arange(keys.shape[1])[None, :] <= positions[:, None]
+        attended = F.scaled_dot_product_attention(padded.transpose(0, 1).to(keys.dtype)[None], keys[None],
+                                                  values[None], attn_mask=mask, enable_gqa=True)
+        return attended[0, :, pad:].transpose(0, 1)
 
     def _decode_attention(self, query: Tensor, keys: Tensor, values: Tensor) -> Tensor:
         """One new token: query [H, D] against keys/values [Hkv, L, D] -> [H, D].
@@ -179,17 +196,17 @@ class Transformer(nn.Module):
 
     @torch.inference_mode()
     def forward(self, tokens: Tensor, cache: KVCache, slots: Sequence[int], starts: Sequence[int],
-                all_logits: bool = False, rows_hint: int | None = None) -> Tensor:
+                all_logits: bool = False, prefill: chunking.PrefillChunk | None = None) -> Tensor:
         """tokens [B, T] for B sequences in cache rows `slots`, the first token of row b at position starts[b].
 
-        Returns fp32 logits [B, V] for the last position of each row, or [B, T, V] with all_logits. `rows_hint`:
-        the int8 layers choose their kernel as for this many rows (`int8.ROWS_HINT`).
+        Returns fp32 logits [B, V] for the last position of each row, or [B, T, V] with all_logits. `prefill`: this
+        is a chunk of a prompt, computed as its whole aligned chunk would be (chunking.py).
         """
-        hint = ROWS_HINT.set(rows_hint)
+        token = chunking.CURRENT.set(prefill)
         try:
             return self._forward(tokens, cache, slots, starts, all_logits)
         finally:
-            ROWS_HINT.reset(hint)
+            chunking.CURRENT.reset(token)
 
     def _forward(self, tokens: Tensor, cache: KVCache, slots: Sequence[int], starts: Sequence[int],
                  all_logits: bool) -> Tensor:

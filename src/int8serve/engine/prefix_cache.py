@@ -3,10 +3,13 @@
 Every `/ai/run` prompt starts with the same default system prompt and chat clients resend the whole conversation
 each turn, so most of a prompt was prefilled a moment ago. Prompts are cut into blocks of `block_tokens` tokens; a
 block is known by a hash chained over every token before it and its own (vLLM's automatic prefix caching), so two
-prompts share exactly the blocks of their common prefix. After each prefill chunk the engine stores the new full
-blocks of the sequence (`store`), so a request can reuse a prefix that another running sequence is still
-prefilling; before prefilling it copies the longest cached chain into its slot (`lookup`, `load`) and prefills only
-the rest.
+prompts share exactly the blocks of their common prefix. Where they part inside a block, the cached block's first
+positions still serve (each position depends only on the tokens up to it): a lookup ends with the longest partial
+match among the blocks that continue its chain, so a prompt reuses its common prefix to the token, as a radix tree
+would (SGLang) — the whole system prompt, not only its full blocks. After each prefill chunk the engine stores the
+new full blocks of the sequence, and the last, partial one once the prompt is done (`store`), so a request can reuse
+a prefix that another running sequence is still prefilling; before prefilling it copies what matches into its slot
+(`lookup`, `load`) and prefills only the rest.
 
 Only prefill computes what is stored: generated tokens are computed by the decode path, whose numbers differ from
 prefill's, so a reply is reusable only once a later prompt has prefilled it. That, with prefill chunks that end at
@@ -38,19 +41,27 @@ DEFAULT_BLOCK_TOKENS = 16
 
 @dataclass(frozen=True)
 class PrefixHit:
-    """The cached blocks that begin a prompt: `tokens` = len(blocks) × block size."""
+    """The cached blocks that begin a prompt: all of each block but the last, `tail` positions of the last."""
 
     blocks: tuple[int, ...] = ()
+    tail: int = 0
     tokens: int = 0
 
 
 @dataclass
 class PrefixStats:
-    hits: int = 0  # lookups that reused at least one block
+    hits: int = 0  # lookups that reused at least one token
     lookups: int = 0
     reused_tokens: int = 0
     stored_blocks: int = 0
     evicted_blocks: int = 0
+
+
+@dataclass(frozen=True)
+class _Block:
+    parent: bytes  # the chain hash of everything before it (b"" for a first block)
+    key: bytes  # its own chain hash
+    tokens: tuple[int, ...]  # block_tokens of them, or fewer for the end of a prompt
 
 
 class PrefixCache:
@@ -65,11 +76,8 @@ class PrefixCache:
         shape = (self.capacity_blocks, config.n_kv_heads, block_tokens, config.head_dim)
         self.k = [torch.empty(shape, dtype=dtype) for _ in range(config.n_layers)]
         self.v = [torch.empty(shape, dtype=dtype) for _ in range(config.n_layers)]
-        self._block_of: dict[bytes, int] = {}  # chain hash -> block id
-        self._hash_of: dict[int, bytes] = {}
-        self._recent: OrderedDict[int, None] = OrderedDict()  # block ids, least recently used first
-        self._free = list(range(self.capacity_blocks - 1, -1, -1))
         self.stats = PrefixStats()
+        self.clear()
 
     @property
     def capacity_tokens(self) -> int:
@@ -77,54 +85,66 @@ class PrefixCache:
 
     @property
     def cached_tokens(self) -> int:
-        return len(self._hash_of) * self.block_tokens
+        return sum(len(b.tokens) for b in self._blocks.values())
 
     def nbytes(self) -> int:
         return sum(t.numel() * t.element_size() for t in self.k + self.v)
 
     def clear(self) -> None:
         """Forget every block (the engine's thread must not be using the cache meanwhile)."""
-        self._block_of.clear()
-        self._hash_of.clear()
-        self._recent.clear()
+        self._blocks: dict[int, _Block] = {}  # block id -> what it holds
+        self._by_key: dict[bytes, int] = {}
+        self._children: dict[bytes, set[int]] = {}  # chain hash -> the blocks that continue it
+        self._recent: OrderedDict[int, None] = OrderedDict()  # block ids, least recently used first
         self._free = list(range(self.capacity_blocks - 1, -1, -1))
 
     def lookup(self, tokens: Sequence[int], limit: int) -> PrefixHit:
-        """The longest cached chain of full blocks that begins `tokens`, covering at most `limit` tokens."""
-        blocks = []
-        for key in self._chain(tokens, limit // self.block_tokens):
-            block = self._block_of.get(key)
+        """The longest cached prefix of `tokens`, of at most `limit` tokens: whole blocks, then part of one."""
+        blocks, parent, b = [], b"", self.block_tokens
+        for key in self._chain(tokens, limit // b):
+            block = self._by_key.get(key)
             if block is None:
                 break
             blocks.append(block)
+            parent = key
+        start = len(blocks) * b
+        tail, partial = self._best_continuation(parent, tokens[start:min(start + b, limit)])
+        if partial is not None:
+            blocks.append(partial)
+        hit = PrefixHit(tuple(blocks), tail if partial is not None else b, start + tail)
         self._touch(blocks)
         self.stats.lookups += 1
-        if blocks:
+        if hit.tokens:
             self.stats.hits += 1
-            self.stats.reused_tokens += len(blocks) * self.block_tokens
-        return PrefixHit(tuple(blocks), len(blocks) * self.block_tokens)
+            self.stats.reused_tokens += hit.tokens
+        return hit
 
     def load(self, hit: PrefixHit, cache: KVCache, slot: int) -> None:
         """Copy the blocks of `hit` into positions [0, hit.tokens) of `slot`."""
         b = self.block_tokens
         for layer in range(len(self.k)):
             for i, block in enumerate(hit.blocks):
-                cache.k[layer][slot, :, i * b:(i + 1) * b] = self.k[layer][block]
-                cache.v[layer][slot, :, i * b:(i + 1) * b] = self.v[layer][block]
+                n = hit.tail if i == len(hit.blocks) - 1 else b
+                cache.k[layer][slot, :, i * b:i * b + n] = self.k[layer][block, :, :n]
+                cache.v[layer][slot, :, i * b:i * b + n] = self.v[layer][block, :, :n]
 
-    def store(self, tokens: Sequence[int], cache: KVCache, slot: int, computed: int) -> None:
-        """Keep the full blocks of tokens[:computed] (prefilled in `slot`) that are not cached yet."""
-        stored = []
-        for i, key in enumerate(self._chain(tokens, computed // self.block_tokens)):
-            block = self._block_of.get(key)
+    def store(self, tokens: Sequence[int], cache: KVCache, slot: int, computed: int, final: bool = False) -> None:
+        """Keep the blocks of tokens[:computed] (prefilled in `slot`) that are not cached yet: the full ones, and with
+        `final` (the prompt is done) its last, partial one."""
+        b, stored, parent = self.block_tokens, [], b""
+        ends = list(range(b, computed + 1, b)) + ([computed] if final and computed % b else [])
+        for i, end in enumerate(ends):
+            piece = tuple(tokens[i * b:end])
+            key = _hash(parent, piece)
+            block = self._by_key.get(key)
             if block is None:
                 block = self._allocate(protect=stored)
                 if block is None:
                     break
-                self._copy_in(block, cache, slot, i)
-                self._block_of[key], self._hash_of[block] = block, key
-                self.stats.stored_blocks += 1
+                self._copy_in(block, cache, slot, i, len(piece))
+                self._register(block, _Block(parent, key, piece))
             stored.append(block)
+            parent = key
         self._touch(stored)
 
     # ---- internals ----
@@ -133,10 +153,26 @@ class PrefixCache:
         """The chained hash of each of the first `n_blocks` full blocks of `tokens`."""
         b, keys, previous = self.block_tokens, [], b""
         for i in range(min(n_blocks, len(tokens) // b)):
-            block = array("q", tokens[i * b:(i + 1) * b]).tobytes()
-            previous = hashlib.blake2b(previous + block, digest_size=16).digest()
+            previous = _hash(previous, tokens[i * b:(i + 1) * b])
             keys.append(previous)
         return keys
+
+    def _best_continuation(self, parent: bytes, wanted: Sequence[int]) -> tuple[int, int | None]:
+        """Of the blocks that continue `parent`, the one sharing the most leading tokens with `wanted`."""
+        best, best_block = 0, None
+        for block in self._children.get(parent, ()):
+            held = self._blocks[block].tokens
+            n = next((i for i, (a, c) in enumerate(zip(held, wanted, strict=False)) if a != c),
+                     min(len(held), len(wanted)))
+            if n > best:
+                best, best_block = n, block
+        return best, best_block
+
+    def _register(self, block: int, entry: _Block) -> None:
+        self._blocks[block] = entry
+        self._by_key[entry.key] = block
+        self._children.setdefault(entry.parent, set()).add(block)
+        self.stats.stored_blocks += 1
 
     def _touch(self, blocks: Sequence[int]) -> None:
         for block in reversed(blocks):  # the first block ends most recent: descendants are evicted first
@@ -149,13 +185,19 @@ class PrefixCache:
         for block in self._recent:  # least recently used first, never a block of the chain being stored
             if block not in protect:
                 del self._recent[block]
-                del self._block_of[self._hash_of.pop(block)]
+                entry = self._blocks.pop(block)
+                del self._by_key[entry.key]
+                self._children[entry.parent].discard(block)
                 self.stats.evicted_blocks += 1
                 return block
         return None
 
-    def _copy_in(self, block: int, cache: KVCache, slot: int, index: int) -> None:
+    def _copy_in(self, block: int, cache: KVCache, slot: int, index: int, n: int) -> None:
         b = self.block_tokens
         for layer in range(len(self.k)):
-            self.k[layer][block] = cache.k[layer][slot, :, index * b:(index + 1) * b]
-            self.v[layer][block] = cache.v[layer][slot, :, index * b:(index + 1) * b]
+            self.k[layer][block, :, :n] = cache.k[layer][slot, :, index * b:index * b + n]
+            self.v[layer][block, :, :n] = cache.v[layer][slot, :, index * b:index * b + n]
+
+
+def _hash(parent: bytes, tokens: Sequence[int]) -> bytes:
+    return hashlib.blake2b(parent + array("q", tokens).tobytes(), digest_size=16).digest()

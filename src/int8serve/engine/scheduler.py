@@ -18,9 +18,9 @@ same way whatever else runs, and the decode kernel computes each row independent
 
 With a prefix cache (`prefix_cache.py`), each prefill step first copies into the slot the cached blocks that
 continue the prompt (another sequence may have prefilled them a step ago), and stores the blocks it computed. Prefill
-chunks end at multiples of `prefill_chunk` counted from the start of the prompt, whatever was reused, and the
-layers choose their kernel by that whole chunk's length (`Transformer(..., rows_hint=...)`), so a token is computed
-by the same operations with or without the cache: its keys, values and logits are the same bits.
+chunks end at multiples of `prefill_chunk` counted from the start of the prompt, whatever was reused, and are computed
+as their whole aligned chunk would be (`chunking.py`), so a token is computed by the same operations with or without
+the cache: its keys, values and logits are the same bits.
 """
 
 from __future__ import annotations
@@ -38,6 +38,7 @@ from enum import StrEnum
 
 import torch
 
+from .chunking import aligned_chunk
 from .detokenizer import IncrementalDetokenizer
 from .model import KVCache, Transformer
 from .prefix_cache import PrefixCache
@@ -349,17 +350,15 @@ class Engine:
         """Reuse what the prefix cache holds of the prompt, then prefill one chunk; -> the chunk's last logits."""
         prompt = seq.request.prompt_ids
         self._reuse_prefix(seq)
-        chunk_start = seq.prefilled // self.prefill_chunk * self.prefill_chunk  # where the chunk starts uncached
-        end = min(len(prompt), chunk_start + self.prefill_chunk)
+        end, how = aligned_chunk(seq.prefilled, len(prompt), self.prefill_chunk, self.max_seq_len)
         chunk = prompt[seq.prefilled:end]
         started = time.perf_counter()
-        logits = self.model(torch.tensor([chunk]), self.cache, [seq.slot], [seq.prefilled],
-                            rows_hint=end - chunk_start)[0]
+        logits = self.model(torch.tensor([chunk]), self.cache, [seq.slot], [seq.prefilled], prefill=how)[0]
         self._report("prefill", time.perf_counter() - started, len(chunk))
         seq.prefilled = seq.cached = end
         self.prefilled_tokens += len(chunk)
         if self.prefix_cache is not None:
-            self.prefix_cache.store(prompt, self.cache, seq.slot, seq.prefilled)
+            self.prefix_cache.store(prompt, self.cache, seq.slot, seq.prefilled, final=seq.decoding)
         return logits
 
     def _reuse_prefix(self, seq: _Sequence) -> None:

@@ -1,0 +1,40 @@
+"""How a prefill chunk is computed: by the same operations whatever the prefix cache supplied before it.
+
+A prompt is prefilled in chunks that end at multiples of the engine's `prefill_chunk`, counted from its first
+token, so the chunk holding a position is [a·C, (a+1)·C) (or shorter, at the prompt's end) with or without reuse:
+reuse only removes positions from the front of a chunk. The numbers of a row must then not depend on how many rows
+are computed with it, nor on where the chunk ends:
+
+* an int8 layer chooses its kernel by the rows of the whole aligned chunk, not by the rows it is given (the kernels
+  compute each row on its own; a dense fp32 matmul rounds a row by how many come with it below ~12, so it is given
+  at least 16);
+* attention sees the keys up to the end of the aligned chunk, [0, (a+1)·C) — the positions past the prompt are
+  zeros, and masked — and at least 16 queries (SDPA runs another kernel for a single one).
+
+`PrefillChunk` carries this to the layers for the duration of one forward (`Transformer(..., prefill=...)`).
+"""
+
+from __future__ import annotations
+
+import contextvars
+from dataclasses import dataclass
+
+__all__ = ["CURRENT", "PrefillChunk", "aligned_chunk"]
+
+
+@dataclass(frozen=True)
+class PrefillChunk:
+    rows: int  # the rows of the whole aligned chunk: the layers choose their kernel by this
+    keys_end: int  # attention sees positions [0, keys_end): the end of the aligned chunk
+
+
+CURRENT: contextvars.ContextVar[PrefillChunk | None] = contextvars.ContextVar("int8serve_prefill_chunk",
+                                                                             default=None)
+
+
+def aligned_chunk(prefilled: int, prompt_tokens: int, chunk_tokens: int, max_positions: int
+                  ) -> tuple[int, PrefillChunk]:
+    """The end of the next chunk of a prompt prefilled up to `prefilled`, and how the layers compute it."""
+    start = prefilled // chunk_tokens * chunk_tokens  # where this chunk starts when nothing is reused
+    end = min(prompt_tokens, start + chunk_tokens)
+    return end, PrefillChunk(rows=end - start, keys_end=min(max_positions, start + chunk_tokens))
