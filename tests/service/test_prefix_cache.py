@@ -38,7 +38,8 @@ def test_a_repeated_system_prompt_is_reused_exactly(base_url: str, http: httpx.C
     one, two = first.parse(), again.parse()
     assert one.usage is not None and two.usage is not None and one.usage.prompt_tokens_details is not None
     cached = two.usage.prompt_tokens_details.cached_tokens  # type: ignore[union-attr]
-    assert cached is not None and cached >= 32 and cached % 16 == 0 and cached < two.usage.prompt_tokens
+    # reuse is token-granular: everything the two prompts share (system prompt, "[INST] Tell me about")
+    assert cached is not None and 32 <= cached < two.usage.prompt_tokens
     prefilled = engines[MODEL].prefilled_tokens - prefilled_before
     assert prefilled == one.usage.prompt_tokens - one.usage.prompt_tokens_details.cached_tokens + \
         two.usage.prompt_tokens - cached
