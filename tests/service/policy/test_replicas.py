@@ -44,7 +44,10 @@ def _start(stories_hf: Path, data_dir: Path, redis_url: str, database_url: str) 
     port = free_port()
     args = [sys.executable, "-m", "int8serve", "serve", "--model", str(stories_hf), "--port", str(port),
             "--threads", "1", "--redis-url", redis_url, "--database-url", database_url, "--data-dir", str(data_dir),
-            "--account-rpm", "acct-big=1000", "--log-level", "warning"]
+            "--account-rpm", "acct-big=1000", "--log-level", "warning",
+            # the shared rate limit is the subject here: the per-replica fair share (4 running or queued per account
+            # by default) must not refuse the burst's admitted requests when one replica gets all five
+            "--max-inflight-per-account", "12"]
     for token, account in TOKENS.items():
         args += ["--token", f"{token}={account}"]
     env = {**os.environ, "INT8SERVE_TOKENS": ""}
