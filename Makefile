@@ -33,16 +33,16 @@ test: install browser
 	$(BIN)/python -m pytest -q
 
 bench: install
-	$(BIN)/python benchmarks/engine.py
+	$(BIN)/python -m benchmarks.engine
 
 bench-serve: install
-	$(BIN)/python benchmarks/serve.py --model ../shared/models/stories260K/hf --rounds 3
+	$(BIN)/python -m benchmarks.serve --model ../shared/models/stories260K/hf --rounds 3
 
 # issue 11's figures: load (and under faults), fuzzing every route, hostile bodies; ~10 minutes
 bench-robust: install
-	$(BIN)/python benchmarks/load.py --write docs/benchmarks.md
-	$(BIN)/python benchmarks/load.py --fault redis --write docs/benchmarks.md
-	$(BIN)/python benchmarks/load.py --fault postgres --write docs/benchmarks.md
+	$(BIN)/python -m benchmarks.load --write docs/benchmarks.md
+	$(BIN)/python -m benchmarks.load --fault redis --write docs/benchmarks.md
+	$(BIN)/python -m benchmarks.load --fault postgres --write docs/benchmarks.md
 	$(BIN)/python -m benchmarks.fuzz --model ../shared/models/stories260K/hf --examples 400 --write docs/benchmarks.md
 	$(BIN)/python -m benchmarks.hostile --model ../shared/models/stories260K/hf --write docs/benchmarks.md
 

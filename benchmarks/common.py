@@ -1,5 +1,5 @@
-"""What the benchmark scripts share: a server to measure, the machine they ran on, and their sections of
-`docs/benchmarks.md`.
+"""What the benchmark scripts share: a server to measure, the command that reruns them, and their sections of
+`docs/benchmarks.md` (the machine they ran on is `machine.py`).
 
 Each script writes its results between two markers that name it (`<!-- benchmarks/NAME.py LABEL: begin -->` ...
 `end -->`), so that rerunning one script replaces its own section and keeps the others.
@@ -10,6 +10,7 @@ from __future__ import annotations
 import contextlib
 import os
 import re
+import shlex
 import signal
 import socket
 import subprocess
@@ -21,11 +22,11 @@ from pathlib import Path
 
 import httpx
 
-__all__ = ["free_port", "machine_description", "started_server", "stop_process", "write_section"]
+__all__ = ["display_command", "free_port", "replace_section", "started_server", "stop_process", "wait_ready",
+           "write_section"]
 
 DOCS_HEADER = ("# Benchmarks\n\nMeasured performance of int8serve on its CPU machine. Each section is written by the "
                "script it names; rerun the command it shows to refresh it.\n")
-ISA_FLAGS = ("avx2", "avx512_vnni", "avx512_bf16", "avx_vnni", "amx_bf16", "amx_int8")
 
 
 def free_port() -> int:
@@ -34,15 +35,18 @@ def free_port() -> int:
         return sock.getsockname()[1]
 
 
-def machine_description() -> str:
-    """`AMD EPYC (2 CPUs; avx2, avx512_vnni, avx512_bf16; no amx_bf16, ...)`, from lscpu."""
-    lscpu = subprocess.run(["lscpu"], capture_output=True, text=True, check=False).stdout
-    fields = {k.strip(): v.strip() for k, v in (line.split(":", 1) for line in lscpu.splitlines() if ":" in line)}
-    flags = fields.get("Flags", "").split()
-    present = [f for f in ISA_FLAGS if f in flags]
-    missing = [f for f in ISA_FLAGS if f not in flags]
-    return (f"{fields.get('Model name', '?')} ({fields.get('CPU(s)', os.cpu_count())} CPUs; {', '.join(present)}"
-            + (f"; no {', '.join(missing)}" if missing else "") + ")")
+def display_command(script: str, argv: Sequence[str], hidden: Sequence[str] = ()) -> str:
+    """The command that reruns `benchmarks/SCRIPT.py` with `argv`, less the options in `hidden` (with their
+    values): those that only name this run's own output files."""
+    shown, skip = [], False
+    for arg in argv:
+        if skip:
+            skip = False
+        elif arg in hidden:
+            skip = True
+        elif not arg.startswith(tuple(f"{option}=" for option in hidden)):
+            shown.append(arg)
+    return shlex.join([".venv/bin/python", "-m", f"benchmarks.{script}", *shown])
 
 
 def section_markers(script: str, label: str = "") -> tuple[str, str]:
@@ -50,16 +54,21 @@ def section_markers(script: str, label: str = "") -> tuple[str, str]:
     return f"<!-- {name}: begin -->", f"<!-- {name}: end -->"
 
 
-def write_section(path: Path, body: str, script: str, label: str = "") -> None:
-    """Replace the section of `script` (and `label`) in the Markdown file `path` by `body`, or append it."""
+def replace_section(text: str, body: str, script: str, label: str = "") -> str:
+    """`text` with the section of `script` (and `label`) replaced by `body` between its markers, or appended."""
     begin, end = section_markers(script, label)
     section = f"{begin}\n{body.rstrip()}\n{end}\n"
-    text = path.read_text() if path.exists() else DOCS_HEADER
     pattern = re.compile(re.escape(begin) + r".*?" + re.escape(end) + r"\n?", re.DOTALL)
-    text = pattern.sub(lambda _: section, text, count=1) if pattern.search(text) else \
-        text.rstrip("\n") + "\n\n" + section
+    if pattern.search(text):
+        return pattern.sub(lambda _: section, text, count=1)
+    return text.rstrip("\n") + "\n\n" + section
+
+
+def write_section(path: Path, body: str, script: str, label: str = "") -> None:
+    """Replace the section of `script` (and `label`) in the Markdown file `path` by `body`, or append it."""
+    text = path.read_text() if path.exists() else DOCS_HEADER
     path.parent.mkdir(parents=True, exist_ok=True)
-    path.write_text(text)
+    path.write_text(replace_section(text, body, script, label))
 
 
 @contextlib.contextmanager
@@ -76,18 +85,21 @@ def started_server(model: Path, port: int, tokens: Sequence[str], extra: Sequenc
                                        env={**os.environ, "PYTHONUNBUFFERED": "1"})
         url = f"http://127.0.0.1:{port}"
         try:
-            _wait_ready(url, process, timeout, log_path)
+            wait_ready(url, process, timeout, log_path)
             yield url
         finally:
             stop_process(process)
 
 
-def _wait_ready(url: str, process: subprocess.Popen[bytes], timeout: float, log_path: Path) -> None:
+def wait_ready(url: str, process: subprocess.Popen[bytes] | None, timeout: float, log_path: Path | None = None
+               ) -> None:
+    """Poll `url`/readyz until 200; fail with the end of the server's log if `process` exits first."""
     deadline = time.monotonic() + timeout
     with httpx.Client(trust_env=False, timeout=5.0) as client:
         while time.monotonic() < deadline:
-            if process.poll() is not None:
-                raise RuntimeError(f"the server exited with {process.returncode}:\n{log_path.read_text()[-3000:]}")
+            if process is not None and process.poll() is not None:
+                tail = log_path.read_text()[-3000:] if log_path and log_path.exists() else ""
+                raise RuntimeError(f"the server exited with {process.returncode}:\n{tail}")
             with contextlib.suppress(httpx.HTTPError):
                 if client.get(f"{url}/readyz").status_code == 200:
                     return

@@ -19,8 +19,8 @@ Everything is measured in one run, so that ratios are same-run ratios on a share
 Before each timed phase the script waits for other processes to leave the CPUs, and measures again (keeping the
 least disturbed attempt) when they came back during the measurement.
 
-    .venv/bin/python benchmarks/engine.py --layers 2 --kernels          # quick check, ~3 minutes
-    .venv/bin/python benchmarks/engine.py --kernels --write docs/benchmarks.md
+    .venv/bin/python -m benchmarks.engine --layers 2 --kernels          # quick check, ~3 minutes
+    .venv/bin/python -m benchmarks.engine --kernels --write docs/benchmarks.md
 
 --write replaces this script's section of the Markdown file (creating the file if needed). The full run takes
 10-25 minutes (longer while the machine is busy) and peaks at ~11 GB resident: two at once do not fit in 24 GB.
@@ -34,22 +34,19 @@ import datetime
 import functools
 import gc
 import math
-import os
-import re
-import shlex
 import statistics
-import subprocess
 import sys
 import time
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Protocol, TypeVar
 
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from benchmarks.common import display_command, write_section
+from benchmarks.machine import QUIET, QUIET_BUDGET, CpuShares, QuietWaiter, least_contended, log, machine_facts, rss_gb
 from int8serve.engine.config import ModelConfig
 from int8serve.engine.generate import prefill
 from int8serve.engine.int8 import COMPUTE_DTYPE, DENSE_ROWS_THRESHOLD, Int8Linear
@@ -64,119 +61,12 @@ LLAMA_CPP = {"prefill": 44.65, "decode_b1": 3.94, "decode_b4": 10.74}  # Q8_0 7B
 PLAIN_TORCH = {"prefill": 87.6, "decode_b1": 3.20, "decode_b4": 9.49}  # plain PyTorch int8 Llama, same shape
 
 TARGET_ROOFLINE = 0.70  # the issue's target for batch-1 decode
-QUIET = 0.15  # other processes below this share of the CPUs count as a quiet machine
-QUIET_BUDGET = 1800.0  # seconds the whole run may spend waiting for a quiet machine
 BANDWIDTH_GIB = 2.0
 KERNEL_SHAPES = [(4096, 4096, "qkvo"), (4096, 11008, "gate/up"), (11008, 4096, "down"), (4096, 32000, "lm_head")]
 LAYER_MIX = {"qkvo": 4, "gate/up": 2, "down": 1}  # linears per transformer block, by shape
 KERNEL_M = [1, 4, 8, 16, 32, 64, 128, 256, 512]
 KERNEL_MIN_BYTES = 1.3e9  # distinct weight bytes each shape rotates through
 KERNEL_TIME_BUDGET = 2.0  # seconds of timed calls per (shape, M, path); at least 3 calls
-SECTION_BEGIN = "<!-- benchmarks/engine.py: begin -->"
-SECTION_END = "<!-- benchmarks/engine.py: end -->"
-
-
-def log(message: str) -> None:
-    print(message, flush=True)
-
-
-# ---------------------------------------------------------------------------------------------------------------
-# The machine: memory, other processes, description
-
-
-def rss_gb() -> float:
-    """Resident set size of this process in GB."""
-    match = re.search(r"VmRSS:\s+(\d+) kB", Path("/proc/self/status").read_text())
-    return int(match.group(1)) * 1024 / 1e9 if match else float("nan")
-
-
-def _cpu_jiffies() -> tuple[int, int]:
-    """(busy jiffies of the whole machine, jiffies used by this process)."""
-    fields = [int(v) for v in Path("/proc/stat").read_text().split("\n", 1)[0].split()[1:]]
-    busy = sum(fields) - fields[3] - fields[4]  # all but idle and iowait
-    own = Path("/proc/self/stat").read_text().rsplit(")", 1)[1].split()
-    return busy, int(own[11]) + int(own[12])  # utime + stime
-
-
-class OtherLoad:
-    """Share of the machine's CPUs that *other* processes used between start() and stop() (0 = quiet)."""
-
-    def __init__(self) -> None:
-        self.jiffies = _cpu_jiffies()
-        self.started = time.perf_counter()
-
-    def stop(self) -> float:
-        busy, own = _cpu_jiffies()
-        ticks = (time.perf_counter() - self.started) * os.sysconf("SC_CLK_TCK") * (os.cpu_count() or 1)
-        return max(0.0, (busy - self.jiffies[0]) - (own - self.jiffies[1])) / ticks if ticks else 0.0
-
-
-class QuietWaiter:
-    """Waits for other processes to leave the CPUs: with 2 OpenMP threads on 2 cores, any other busy process
-    stalls each parallel op by a scheduler time slice, which makes timings meaningless."""
-
-    def __init__(self, max_wait: float, budget: float = QUIET_BUDGET) -> None:
-        self.max_wait = max_wait
-        self.budget = budget
-
-    def wait(self) -> None:
-        deadline = time.perf_counter() + min(self.max_wait, self.budget)
-        started = time.perf_counter()
-        while True:
-            probe = OtherLoad()
-            time.sleep(1.0)
-            share = probe.stop()
-            if share < QUIET:
-                break
-            if time.perf_counter() >= deadline:
-                log(f"  machine still busy ({share:.0%} of the CPUs used by others): measuring anyway")
-                break
-            log(f"  waiting for a quiet machine ({share:.0%} of the CPUs used by others) ...")
-            time.sleep(4.0)
-        self.budget = max(0.0, self.budget - (time.perf_counter() - started))
-
-
-class Measured(Protocol):
-    other_load: float
-
-
-M = TypeVar("M", bound=Measured)
-
-
-def least_contended(measure: Callable[[], M], quiet: QuietWaiter, attempts: int = 3) -> M:
-    """Run `measure` after waiting for a quiet machine; again if others used the CPUs meanwhile. Least disturbed."""
-    best: M | None = None
-    for attempt in range(attempts):
-        quiet.wait()
-        result = measure()
-        if best is None or result.other_load < best.other_load:
-            best = result
-        if result.other_load < QUIET:
-            break
-        if attempt + 1 < attempts:
-            log(f"  others used {result.other_load:.0%} of the CPUs during the measurement: measuring again")
-    assert best is not None
-    return best
-
-
-def machine_description() -> dict[str, str]:
-    lscpu = subprocess.run(["lscpu"], capture_output=True, text=True, check=False).stdout
-    fields = dict(line.split(":", 1) for line in lscpu.splitlines() if ":" in line)
-    flags = fields.get("Flags", "").split()
-    wanted = ("avx512_vnni", "avx512_bf16", "amx_bf16", "amx_int8")
-    present = [f for f in wanted if f in flags]
-    missing = [f for f in wanted if f not in flags]
-    mem = re.search(r"MemTotal:\s+(\d+) kB", Path("/proc/meminfo").read_text())
-    return {
-        "cpu": fields.get("Model name", "?").strip(),
-        "cores": fields.get("CPU(s)", str(os.cpu_count())).strip(),
-        "isa": ", ".join(present) + (f"; no {', '.join(missing)}" if missing else ""),
-        "amx": "yes" if "amx_bf16" in flags else "no",
-        "ram": f"{int(mem.group(1)) / 2**20:.0f} GiB" if mem else "?",
-        "torch": torch.__version__,
-        "threads": str(torch.get_num_threads()),
-        "capability": torch.backends.cpu.get_cpu_capability(),
-    }
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -317,13 +207,13 @@ def time_prefill(model: Transformer, cache: KVCache, prompt_len: int, reps: int 
     generator = torch.Generator().manual_seed(2)
     prompt = random_tokens((prompt_len,), model.config.vocab_size, generator).tolist()
     prefill(model, prompt, cache, slot=0)  # warm-up
-    load = OtherLoad()
+    load = CpuShares()
     seconds = []
     for _ in range(reps):
         started = time.perf_counter()
         prefill(model, prompt, cache, slot=0)
         seconds.append(time.perf_counter() - started)
-    return Timing(seconds, other_load=load.stop())
+    return Timing(seconds, other_load=load.others())
 
 
 def time_decode(model: Transformer, cache: KVCache, slots: Sequence[int], starts: Sequence[int], steps: int,
@@ -333,10 +223,10 @@ def time_decode(model: Transformer, cache: KVCache, slots: Sequence[int], starts
     generator = torch.Generator().manual_seed(3)
     positions = list(starts)
     timing = Timing([])
-    load = OtherLoad()
+    load = CpuShares()
     for step in range(warmup + steps):
         if step == warmup:
-            load = OtherLoad()
+            load = CpuShares()
         tokens = random_tokens((len(slots), 1), model.config.vocab_size, generator)
         bandwidth = probe.sample()
         started = time.perf_counter()
@@ -345,7 +235,7 @@ def time_decode(model: Transformer, cache: KVCache, slots: Sequence[int], starts
             timing.seconds.append(time.perf_counter() - started)
             timing.bandwidths.append(bandwidth)
         positions = [p + 1 for p in positions]
-    timing.other_load = load.stop()
+    timing.other_load = load.others()
     if not torch.isfinite(logits).all():
         log("  warning: non-finite logits (random weights); the timings are still valid")
     return timing
@@ -359,13 +249,13 @@ def time_linears_only(model: Transformer, rows: int, reps: int = 5) -> Timing:
     with torch.inference_mode():
         for linear in linears:  # warm-up
             linear(inputs[linear.in_features])
-        load = OtherLoad()
+        load = CpuShares()
         for _ in range(reps):
             started = time.perf_counter()
             for linear in linears:
                 linear(inputs[linear.in_features])
             seconds.append(time.perf_counter() - started)
-    return Timing(seconds, other_load=load.stop())
+    return Timing(seconds, other_load=load.others())
 
 
 @dataclass
@@ -516,7 +406,7 @@ def time_kernel(label: str, m: int, name: str, x: Tensor, rotation: WeightRotati
     """Median time per call of path `name`: at most one pass over the rotation, about 2 s of calls."""
     path = KERNEL_PATHS[name]
     path(x, rotation.next(), scale, buffer)  # warm-up
-    load = OtherLoad()
+    load = CpuShares()
     seconds: list[float] = []
     while len(seconds) < len(rotation.weights) and (len(seconds) < 3 or sum(seconds) < KERNEL_TIME_BUDGET):
         weight = rotation.next()
@@ -524,7 +414,7 @@ def time_kernel(label: str, m: int, name: str, x: Tensor, rotation: WeightRotati
         path(x, weight, scale, buffer)
         seconds.append(time.perf_counter() - started)
     n, k = buffer.shape
-    return KernelTiming(k, n, label, m, name, statistics.median(seconds), len(seconds), load.stop())
+    return KernelTiming(k, n, label, m, name, statistics.median(seconds), len(seconds), load.others())
 
 
 def run_kernels(m_values: Sequence[int], quiet: QuietWaiter) -> list[KernelTiming]:
@@ -712,21 +602,15 @@ def kernel_report(timings: Sequence[KernelTiming], m_values: Sequence[int], band
     return lines
 
 
-def display_command() -> str:
-    python = os.path.relpath(sys.executable)
-    return shlex.join([sys.executable if python.startswith("..") else python, *sys.argv])
-
-
 def build_report(args: argparse.Namespace, machine: dict[str, str], bandwidths: list[float], bandwidth_1t: float,
                  engine: EngineResults | None, kernels: list[KernelTiming] | None) -> str:
     now = datetime.datetime.now().astimezone().strftime("%Y-%m-%d %H:%M %Z")
     sampled = engine.decode_b1.bandwidths + engine.decode_b4.bandwidths if engine else []
     best = max(bandwidths + sampled)
     lines = [
-        SECTION_BEGIN,
         "## Engine: Llama-2-7B shape, int8, random weights",
         "",
-        f"- Command: `{display_command()}`",
+        f"- Command: `{display_command('engine', sys.argv[1:])}`",
         f"- Date: {now}",
         f"- Machine: {machine['cpu']}, {machine['cores']} cores ({machine['isa']}), {machine['ram']} RAM; "
         f"torch {machine['torch']} (CPU capability {machine['capability']}), {machine['threads']} threads.",
@@ -763,24 +647,7 @@ def build_report(args: argparse.Namespace, machine: dict[str, str], bandwidths: 
         by_threads = {1: bandwidth_1t, 2: bandwidths[0]}
         lines += ["### Kernels: which path for how many rows", "", *kernel_report(kernels, args.kernel_m, by_threads),
                   ""]
-    lines.append(SECTION_END)
     return "\n".join(lines) + "\n"
-
-
-def write_section(path: Path, section: str) -> None:
-    """Replace this script's section of `path`, or append it; create the file with a short header if missing."""
-    if path.exists():
-        text = path.read_text()
-    else:
-        text = ("# Benchmarks\n\nMeasured performance of int8serve on its CPU machine. Each section is written by "
-                "the script it names; rerun the command it shows to refresh it.\n")
-    pattern = re.compile(re.escape(SECTION_BEGIN) + r".*?" + re.escape(SECTION_END) + r"\n?", re.DOTALL)
-    if pattern.search(text):
-        text = pattern.sub(lambda _: section, text, count=1)
-    else:
-        text = text.rstrip("\n") + "\n\n" + section
-    path.parent.mkdir(parents=True, exist_ok=True)
-    path.write_text(text)
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -809,7 +676,7 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
 
 def main(argv: Sequence[str] | None = None) -> None:
     args = parse_args(argv)
-    machine = machine_description()
+    machine = machine_facts()
     log(f"{machine['cpu']}, {machine['cores']} cores, torch {machine['torch']}, {machine['threads']} threads")
     quiet = QuietWaiter(args.wait_quiet)
     bandwidths = [measure_bandwidth(quiet)]
@@ -825,7 +692,7 @@ def main(argv: Sequence[str] | None = None) -> None:
     report = build_report(args, machine, bandwidths, bandwidth_1t, engine, kernels)
     log("\n" + report)
     if args.write:
-        write_section(args.write, report)
+        write_section(args.write, report, "engine.py")
         log(f"wrote {args.write}")
 
 

@@ -32,7 +32,8 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis.errors import Unsatisfiable
 from schemathesis import GenerationMode
 
-from benchmarks.common import free_port, machine_description, started_server, write_section
+from benchmarks.common import free_port, started_server, write_section
+from benchmarks.machine import machine_description
 
 __all__ = ["FuzzReport", "envelope_problem", "fuzz"]
 

@@ -31,7 +31,8 @@ from pathlib import Path
 
 import httpx
 
-from benchmarks.common import free_port, machine_description, started_server, write_section
+from benchmarks.common import free_port, started_server, write_section
+from benchmarks.machine import machine_description
 
 __all__ = ["Measurement", "hostile_bodies", "measure", "run"]
 

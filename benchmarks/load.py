@@ -48,10 +48,10 @@ be set up), keeps its work folder (server log, data dir) when a check failed, wr
 `--json FILE` (tests/benchmarks/test_load.py runs this script that way) and every request with `--records FILE`,
 and with `--write FILE` replaces its section of docs/benchmarks.md (one section per fault).
 
-    .venv/bin/python benchmarks/load.py --clients 40 --duration 10      # ~20 s
-    .venv/bin/python benchmarks/load.py --write docs/benchmarks.md      # 200 clients, 60 s: ~75 s
-    .venv/bin/python benchmarks/load.py --fault redis --write docs/benchmarks.md
-    .venv/bin/python benchmarks/load.py --fault postgres --write docs/benchmarks.md
+    .venv/bin/python -m benchmarks.load --clients 40 --duration 10      # ~20 s
+    .venv/bin/python -m benchmarks.load --write docs/benchmarks.md      # 200 clients, 60 s: ~75 s
+    .venv/bin/python -m benchmarks.load --fault redis --write docs/benchmarks.md
+    .venv/bin/python -m benchmarks.load --fault postgres --write docs/benchmarks.md
 
 Each client has its own HTTP connection and pauses 0–2×`--think` seconds between requests; refusals come back in
 milliseconds, so 200 clients keep the server saturated (beyond capacity, as intended: most generation requests
@@ -75,7 +75,6 @@ import multiprocessing
 import os
 import random
 import re
-import shlex
 import shutil
 import signal
 import socket
@@ -93,6 +92,9 @@ from typing import Any
 
 import httpx
 
+from benchmarks.common import display_command, free_port, write_section
+from benchmarks.machine import machine_description
+
 REPO = Path(__file__).resolve().parents[1]
 DEFAULT_MODEL = REPO.parent / "shared" / "models" / "stories260K" / "hf"
 DEFAULT_POSTGRES = "postgresql+psycopg://postgres@127.0.0.1:5432/test"
@@ -103,8 +105,6 @@ OPENAI_PATH = "/v1/chat/completions"
 HEALTH_INTERVAL = 0.1  # seconds between two /healthz polls
 HEALTH_TIMEOUT = 5.0  # a poll that takes longer counts as unanswered
 REQUEST_TIMEOUT = httpx.Timeout(60.0, connect=10.0)
-SECTION_BEGIN = "<!-- benchmarks/load.py {label}: begin -->"
-SECTION_END = "<!-- benchmarks/load.py {label}: end -->"
 EXAMPLES = 8  # request examples listed per failed check
 # Idle keep-alive connections are dropped by the client after this many seconds, well before the server (uvicorn:
 # 5 s): with the same expiry on both sides, a request sent as the server closes the connection fails with a
@@ -531,12 +531,6 @@ async def drive_fault(fault: Fault, state: LoadState, account: str, args: argpar
 
 def log(message: str) -> None:
     print(f"[load] {message}", file=sys.stderr, flush=True)
-
-
-def free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
 
 
 def server_environment() -> dict[str, str]:
@@ -1285,27 +1279,8 @@ def failure_lines(report: RunReport) -> list[str]:
     return lines
 
 
-def machine_name() -> str:
-    lscpu = subprocess.run(["lscpu"], capture_output=True, text=True, check=False).stdout
-    fields = dict(line.split(":", 1) for line in lscpu.splitlines() if ":" in line)
-    return f"{fields.get('Model name', '?').strip()}, {os.cpu_count()} cores"
-
-
 def load_average() -> str:
     return " / ".join(f"{x:.1f}" for x in os.getloadavg())
-
-
-def display_command(argv: Sequence[str]) -> str:
-    """The command to rerun this run, without the options that only name this run's own output files."""
-    shown, skip = [], False
-    for arg in argv:
-        if skip:
-            skip = False
-        elif arg in ("--json", "--records"):
-            skip = True
-        elif not arg.startswith(("--json=", "--records=", "--keep")):
-            shown.append(arg)
-    return shlex.join([".venv/bin/python", "benchmarks/load.py", *shown])
 
 
 def section_label(fault: str | None) -> str:
@@ -1314,13 +1289,12 @@ def section_label(fault: str | None) -> str:
 
 def build_section(report: RunReport, command: str) -> str:
     c = report.config
-    label = section_label(c["fault"])
     title = {"load": "Load", "redis": "Load with Redis stopped and restarted",
              "postgres": "Load with PostgreSQL cut and restored"}[c["fault"] or "load"]
     limited = c["limited_accounts"]
     verdict = "**All checks passed.**" if report.passed else (
         "**Checks failed:** " + "; ".join(ch.name for ch in report.checks if not ch.passed) + ".")
-    lines = [SECTION_BEGIN.format(label=label), f"## {title}: {c['clients']} clients, {c['duration']:g} s "
+    lines = [f"## {title}: {c['clients']} clients, {c['duration']:g} s "
              f"(benchmarks/load.py)", "",
              f"- Command: `{command}`", f"- Date: {report.date}",
              f"- Machine: {report.machine}; shared with other engineers, so absolute latencies are noisy.",
@@ -1333,20 +1307,9 @@ def build_section(report: RunReport, command: str) -> str:
              f"- Machine load average (1 / 5 / 15 min) at the end of the load: {c['load_average']} (this run's "
              "server and clients included).",
              "- The script starts the server, runs the clients, stops the server with SIGTERM, reads its usage ledger "
-             "and checks what the table at the end lists (the rules: `benchmarks/load.py --help`).", "",
-             verdict, "", *report_lines(report), "", SECTION_END.format(label=label), ""]
+             "and checks what the table at the end lists (the rules: `python -m benchmarks.load --help`).", "",
+             verdict, "", *report_lines(report), ""]
     return "\n".join(lines)
-
-
-def write_section(path: Path, section: str, label: str) -> None:
-    """Replace this label's section of `path` (or append it), keeping the rest of the file."""
-    text = path.read_text() if path.exists() else "# Benchmarks\n"
-    begin, end = SECTION_BEGIN.format(label=label), SECTION_END.format(label=label)
-    pattern = re.compile(re.escape(begin) + r".*?" + re.escape(end) + r"\n?", re.DOTALL)
-    text = pattern.sub(lambda _: section, text, count=1) if pattern.search(text) else \
-        text.rstrip("\n") + "\n\n" + section
-    path.parent.mkdir(parents=True, exist_ok=True)
-    path.write_text(text)
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -1452,7 +1415,7 @@ def run(args: argparse.Namespace, work: Path) -> RunReport:
               "redis": setup.redis, "seed": args.seed, "load_average": load_avg}
     date = datetime.datetime.now(datetime.UTC).strftime("%Y-%m-%d %H:%M UTC")
     return RunReport(config, load, health_figures, len(outcome.ledger), dict(extra_rows(load.records, outcome.ledger)),
-                     checks, server.command, machine_name(), date)
+                     checks, server.command, machine_description(), date)
 
 
 def all_checks(load: LoadResult, health: Health, server: ServerOutcome, limited: set[str],
@@ -1557,7 +1520,9 @@ def main(argv: Sequence[str] | None = None) -> int:
         args.records.write_text("".join(json.dumps(asdict(r)) + "\n" for r in report.records))
     if args.write:
         label = section_label(args.fault)
-        write_section(args.write, build_section(report, display_command(argv)), label)
+        shown = [arg for arg in argv if arg != "--keep"]
+        command = display_command("load", shown, hidden=("--json", "--records"))
+        write_section(args.write, build_section(report, command), "load.py", label)
         log(f"wrote the section '{label}' of {args.write}")
     if report.passed and not args.keep:
         shutil.rmtree(work, ignore_errors=True)

@@ -29,7 +29,8 @@ from pathlib import Path
 
 import httpx
 
-from benchmarks.common import free_port, machine_description, started_server, write_section
+from benchmarks.common import free_port, started_server, write_section
+from benchmarks.machine import machine_description
 
 MODEL = "@cf/meta/llama-2-7b-chat-int8"
 TOKEN, ACCOUNT = "prefix-token", "prefix-account"

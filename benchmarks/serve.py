@@ -19,7 +19,7 @@ most 5% to TPOT.
 
 The server and the in-process engine never run at the same time (2 cores): a round measures every client count
 through the server, stops it, then through the engine (rounds alternate which goes first). Before each
-measurement the script waits for other processes to leave the CPUs (benchmarks/engine.py's QuietWaiter) and
+measurement the script waits for other processes to leave the CPUs (benchmarks/machine.py's QuietWaiter) and
 measures again when they came back meanwhile; rounds that others disturbed anyway are left out of the pooled
 results when another round was quiet. Each measurement starts with an untimed warm-up of N requests.
 
@@ -28,12 +28,12 @@ request generates; a queue of 64 so that 8 and 16 clients wait for the card's 4 
 or given with --url/--token/--account (then make it serve --model with --threads, --max-queue and --prefill-chunk
 equal to this script's, or the comparison is not like for like).
 
-    .venv/bin/python benchmarks/serve.py --model ../shared/models/stories260K/hf --clients 1 2 --max-tokens 8 \\
+    .venv/bin/python -m benchmarks.serve --model ../shared/models/stories260K/hf --clients 1 2 --max-tokens 8 \\
         --requests 1 --rounds 1 --wait-quiet 0                        # smoke run, ~15 s
-    .venv/bin/python benchmarks/serve.py --model ../shared/models/stories260K/hf --rounds 3 \\
+    .venv/bin/python -m benchmarks.serve --model ../shared/models/stories260K/hf --rounds 3 \\
         --write docs/benchmarks.md                   # ~9 minutes, longer while the machine is busy
-    .venv/bin/python benchmarks/serve.py --make-7b data/llama2-7b-shape-int8   # once: 7.1 GB, ~30 s
-    .venv/bin/python benchmarks/serve.py --model data/llama2-7b-shape-int8 --clients 1 4 8 16 \\
+    .venv/bin/python -m benchmarks.serve --make-7b data/llama2-7b-shape-int8   # once: 7.1 GB, ~30 s
+    .venv/bin/python -m benchmarks.serve --model data/llama2-7b-shape-int8 --clients 1 4 8 16 \\
         --max-tokens 32 32 16 16 --requests 2 1 1 1 --rounds 1 --write docs/benchmarks.md   # ~10 minutes
 
 --write replaces this model's section (`<!-- benchmarks/serve.py LABEL: begin -->`) of the Markdown file and keeps
@@ -53,9 +53,6 @@ import gc
 import json
 import math
 import os
-import re
-import signal
-import socket
 import statistics
 import subprocess
 import sys
@@ -70,8 +67,9 @@ from pathlib import Path
 import httpx
 import torch
 
-from engine import LLAMA2_7B, QUIET, QuietWaiter, build_random_int8_model, display_command, least_contended, log
-from engine import machine_description as engine_machine_description
+from benchmarks.common import display_command, free_port, stop_process, wait_ready, write_section
+from benchmarks.engine import LLAMA2_7B, build_random_int8_model
+from benchmarks.machine import QUIET, CpuShares, NoWait, QuietWaiter, least_contended, log, machine_facts
 from int8serve.catalog.registry import Catalog
 from int8serve.engine.chat_template import render_prompt
 from int8serve.engine.config import ModelConfig, config_from_hf, read_json
@@ -90,8 +88,6 @@ GOAL_TPOT_OVERHEAD = 0.05  # the issue's goal: the HTTP path adds at most 5% to 
 WARMUP_TOKENS = 4  # max_tokens of the untimed warm-up requests
 LLAMA2_TOKENIZER = REPO.parent / "shared" / "models" / "llama2-tokenizer" / "tokenizer.model"
 HTTP, ENGINE = "HTTP", "engine"
-SECTION_BEGIN = "<!-- benchmarks/serve.py {label}: begin -->"
-SECTION_END = "<!-- benchmarks/serve.py {label}: end -->"
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -316,27 +312,6 @@ def goal_verdict(pairs: Sequence[tuple[LevelResult, LevelResult]]) -> str:
             f"({overhead}).")
 
 
-def section_markers(label: str) -> tuple[str, str]:
-    return SECTION_BEGIN.format(label=label), SECTION_END.format(label=label)
-
-
-def replace_section(text: str, section: str, label: str) -> str:
-    """`text` with this label's section replaced by `section` (which carries the markers), or appended."""
-    begin, end = section_markers(label)
-    pattern = re.compile(re.escape(begin) + r".*?" + re.escape(end) + r"\n?", re.DOTALL)
-    if pattern.search(text):
-        return pattern.sub(lambda _: section, text, count=1)
-    return text.rstrip("\n") + "\n\n" + section
-
-
-def write_section(path: Path, section: str, label: str) -> None:
-    text = path.read_text() if path.exists() else (
-        "# Benchmarks\n\nMeasured performance of int8serve on its CPU machine. Each section is written by the script "
-        "it names; rerun the command it shows to refresh it.\n")
-    path.parent.mkdir(parents=True, exist_ok=True)
-    path.write_text(replace_section(text, section, label))
-
-
 @dataclass
 class RunInfo:
     """What the report says about the run besides the measurements."""
@@ -355,7 +330,6 @@ class RunInfo:
 
 def build_section(info: RunInfo, results: Sequence[LevelResult]) -> str:
     """The Markdown section: how it was run, the table of both paths, the HTTP/engine TPOT ratios."""
-    begin, end = section_markers(info.label)
     now = datetime.datetime.now().astimezone().strftime("%Y-%m-%d %H:%M %Z")
     machine = info.machine
     by_key = {(r.path, r.clients): r for r in results}
@@ -364,7 +338,6 @@ def build_section(info: RunInfo, results: Sequence[LevelResult]) -> str:
              if (HTTP, n) in by_key and (ENGINE, n) in by_key]
     ordered = [by_key[(path, n)] for n in clients for path in (HTTP, ENGINE) if (path, n) in by_key]
     lines = [
-        begin,
         f"## Serving: {info.label}, HTTP streaming against the engine alone",
         "",
         f"- Command: `{info.command}` ({info.minutes:.1f} minutes)",
@@ -392,55 +365,7 @@ def build_section(info: RunInfo, results: Sequence[LevelResult]) -> str:
               *overhead_table(pairs), ""]
     if pairs:
         lines += [goal_verdict(pairs), ""]
-    lines.append(end)
     return "\n".join(lines) + "\n"
-
-
-# ---------------------------------------------------------------------------------------------------------------
-# CPU shares during a measurement
-
-
-def process_jiffies(pid: int) -> int:
-    """utime + stime of a process (all its threads); 0 when it is gone."""
-    try:
-        fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
-    except OSError:
-        return 0
-    return int(fields[11]) + int(fields[12])
-
-
-def machine_busy_jiffies() -> int:
-    fields = [int(v) for v in Path("/proc/stat").read_text().split("\n", 1)[0].split()[1:]]
-    return sum(fields) - fields[3] - fields[4]  # all but idle and iowait
-
-
-class CpuShares:
-    """Shares of the machine's CPUs used between start and stop by this process, the server and all others."""
-
-    def __init__(self, server_pid: int | None = None) -> None:
-        self.server_pid = server_pid
-        self.started = time.perf_counter()
-        self.busy = machine_busy_jiffies()
-        self.own = process_jiffies(os.getpid())
-        self.server = process_jiffies(server_pid) if server_pid else 0
-
-    def stop(self) -> tuple[float, float, float]:
-        """(this process, the server, others)."""
-        ticks = (time.perf_counter() - self.started) * os.sysconf("SC_CLK_TCK") * (os.cpu_count() or 1)
-        own = process_jiffies(os.getpid()) - self.own
-        server = (process_jiffies(self.server_pid) - self.server) if self.server_pid else 0
-        others = max(0, machine_busy_jiffies() - self.busy - own - server)
-        return (own / ticks, server / ticks, others / ticks) if ticks else (0.0, 0.0, 0.0)
-
-
-class NoWait(QuietWaiter):
-    """--wait-quiet 0: measure at once."""
-
-    def __init__(self) -> None:
-        super().__init__(0.0)
-
-    def wait(self) -> None:
-        pass
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -557,31 +482,11 @@ class Server:
         return f"{self.url.rstrip('/')}/client/v4/accounts/{self.account}/ai/run/{MODEL_NAME}"
 
 
-def free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
-
-
 def server_command(model: Path, port: int, token: str, account: str, threads: int, max_queue: int,
                    prefill_chunk: int, data_dir: Path) -> list[str]:
     return [sys.executable, "-m", "int8serve", "serve", "--model", str(model), "--threads", str(threads),
             "--port", str(port), "--token", f"{token}={account}", "--rpm", "0", "--no-cache",
             "--max-queue", str(max_queue), "--prefill-chunk", str(prefill_chunk), "--data-dir", str(data_dir)]
-
-
-def wait_ready(server: Server, timeout: float, log_path: Path | None = None) -> None:
-    deadline = time.monotonic() + timeout
-    with httpx.Client(trust_env=False, timeout=5.0) as client:
-        while time.monotonic() < deadline:
-            if server.process is not None and server.process.poll() is not None:
-                tail = log_path.read_text()[-3000:] if log_path and log_path.exists() else ""
-                raise RuntimeError(f"the server exited with {server.process.returncode}:\n{tail}")
-            with contextlib.suppress(httpx.HTTPError):
-                if client.get(f"{server.url}/readyz").status_code == 200:
-                    return
-            time.sleep(0.5)
-    raise RuntimeError(f"the server at {server.url} was not ready within {timeout:.0f} s")
 
 
 @contextlib.contextmanager
@@ -598,21 +503,11 @@ def launched_server(model: Path, threads: int, max_queue: int, prefill_chunk: in
         server = Server(f"http://127.0.0.1:{port}", token, account, process)
         started = time.perf_counter()
         try:
-            wait_ready(server, timeout, log_path)
+            wait_ready(server.url, process, timeout, log_path)
             log(f"  server pid {process.pid} ready on port {port} after {time.perf_counter() - started:.1f} s")
             yield server
         finally:
             stop_process(process)
-
-
-def stop_process(process: subprocess.Popen, grace: float = 30.0) -> None:
-    if process.poll() is None:
-        process.send_signal(signal.SIGTERM)
-        try:
-            process.wait(grace)
-        except subprocess.TimeoutExpired:
-            process.kill()
-            process.wait()
 
 
 def run_body(prompt: str, max_tokens: int) -> bytes:
@@ -678,7 +573,7 @@ def run_http_phase(args: argparse.Namespace, levels: Sequence[Level], quiet: Qui
     with contextlib.ExitStack() as stack:
         if args.url:
             server = Server(args.url, args.token, args.account)
-            wait_ready(server, args.server_timeout)
+            wait_ready(server.url, None, args.server_timeout)
         else:
             log("  starting the server ...")
             server = stack.enter_context(launched_server(args.model, args.threads, args.max_queue,
@@ -880,7 +775,7 @@ def main(argv: Sequence[str] | None = None) -> None:
         return
     started = time.perf_counter()
     torch.set_num_threads(args.threads)
-    machine = engine_machine_description()
+    machine = machine_facts()
     log(f"{machine['cpu']}, {machine['cores']} cores, torch {machine['torch']}, {args.threads} threads")
     config = read_config(args.model)
     prompt_ids = prompt_token_ids(args.model, args.prompt)
@@ -904,7 +799,7 @@ def main(argv: Sequence[str] | None = None) -> None:
     results = [pool(parts) for parts in rounds.values()]
     check_prompt_tokens(results, len(prompt_ids))
     info = RunInfo(
-        label=args.label, command=display_command(), machine=machine, model=model_line,
+        label=args.label, command=display_command("serve", sys.argv[1:]), machine=machine, model=model_line,
         served=(f"`{args.url}`" if args.url else "started by the script: `int8serve serve --model ... --threads "
                 f"{args.threads} --rpm 0 --no-cache --max-queue {args.max_queue} --prefill-chunk {args.prefill_chunk}` "
                 "(no rate limit, no response cache)") + f"; the card's {sizing.slots} slots, context {sizing.context}, "
@@ -926,7 +821,7 @@ def main(argv: Sequence[str] | None = None) -> None:
     section = build_section(info, results)
     log("\n" + section)
     if args.write:
-        write_section(args.write, section, args.label)
+        write_section(args.write, section, "serve.py", args.label)
         log(f"wrote {args.write}")
 
 

@@ -7,8 +7,8 @@ account's own entries, /healthz answered throughout, rate limits held, a clean S
 answers kept coming and the outage was seen. A failed check's message lists the requests concerned (status, code,
 `cf-ai-req-id`, body) and keeps the server's log folder.
 
-The script is run rather than imported: `benchmarks/` is a folder of scripts, not a package (see
-test_serve_bench.py). The Redis test needs `redis-server` and the PostgreSQL one the machine's server
+The script is run (`python -m benchmarks.load`) rather than imported: it starts servers, Redis and clients of its
+own. The Redis test needs `redis-server` and the PostgreSQL one the machine's server
 (127.0.0.1:5432, database `test`, user `postgres`); without them the script exits 2 and the test fails, never skips.
 Each test takes 15-30 s on 2 cores.
 """
@@ -24,7 +24,6 @@ from typing import Any
 import pytest
 
 REPO = Path(__file__).resolve().parents[2]
-SCRIPT = REPO / "benchmarks" / "load.py"
 RUN_TIMEOUT = 150  # seconds: the script's own limits (start-up, grace, drain) end it well before
 
 
@@ -32,7 +31,8 @@ def run_load(tmp_path: Path, *args: str) -> dict[str, Any]:
     """Run the script with `args`; its JSON report. Fails the test when the run could not be set up."""
     report = tmp_path / "report.json"
     # 4 requests a minute for the limited accounts: refused within seconds even on a busy machine
-    command = [sys.executable, str(SCRIPT), *args, "--limited-rpm", "4", "--grace", "15", "--json", str(report)]
+    command = [sys.executable, "-m", "benchmarks.load", *args, "--limited-rpm", "4", "--grace", "15",
+               "--json", str(report)]
     done = subprocess.run(command, capture_output=True, text=True, timeout=RUN_TIMEOUT, cwd=REPO)
     output = f"exit status {done.returncode}\n--- stdout\n{done.stdout[-6000:]}\n--- stderr\n{done.stderr[-6000:]}"
     if done.returncode not in (0, 1) or not report.exists():

@@ -1,13 +1,12 @@
 """benchmarks/serve.py: the metric computations on hand-built timestamps, the report, and one smoke run.
 
-serve.py is a script beside benchmarks/engine.py (which it imports as `engine`), not part of the package: its
-folder goes on sys.path and it is imported as `serve`. No tests/benchmarks/__init__.py: as a package this folder
-would be called `benchmarks` too.
+The benchmarks folder is a package (`python -m benchmarks.serve`), importable because pytest puts the repository
+on the path (pyproject's `pythonpath`). No tests/benchmarks/__init__.py: as a package this folder would be called
+`benchmarks` too.
 """
 
 from __future__ import annotations
 
-import importlib
 import math
 import random
 import subprocess
@@ -16,18 +15,11 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+from benchmarks.common import replace_section, write_section
+
+from benchmarks import serve
 
 REPO = Path(__file__).resolve().parents[2]
-BENCHMARKS = REPO / "benchmarks"
-
-
-def _import_serve():
-    if str(BENCHMARKS) not in sys.path:
-        sys.path.insert(0, str(BENCHMARKS))
-    return importlib.import_module("serve")
-
-
-serve = _import_serve()
 RequestRecord, LevelResult = serve.RequestRecord, serve.LevelResult
 
 
@@ -203,12 +195,11 @@ def info(label: str = "stories260K") -> object:
                          wait_quiet=120, rounds=1, minutes=1.5)
 
 
-def test_build_section_has_markers_both_tables_and_the_verdict() -> None:
+def test_build_section_has_both_tables_and_the_verdict() -> None:
     http, engine = pair(0.1, 0.1, 1)
     section = serve.build_section(info(), [engine, http])
     lines = section.splitlines()
-    assert lines[0] == "<!-- benchmarks/serve.py stories260K: begin -->"
-    assert lines[-1] == "<!-- benchmarks/serve.py stories260K: end -->"
+    assert lines[0] == "## Serving: stories260K, HTTP streaming against the engine alone"
     assert "2 cores (no avx512_vnni)" in section
     rows = [line for line in lines if line.startswith("| 1 |")]
     assert [row.split(" | ")[1] for row in rows[:2]] == ["HTTP", "engine"]  # HTTP first whatever the input order
@@ -219,19 +210,21 @@ def test_replace_section_keeps_the_rest_of_the_file() -> None:
     old = serve.build_section(info(), [*pair(0.2, 0.1, 1)])
     other = serve.build_section(info("7b"), [*pair(0.1, 0.1, 1)])
     engine_section = "<!-- benchmarks/engine.py: begin -->\nengine\n<!-- benchmarks/engine.py: end -->\n"
-    text = f"# Benchmarks\n\nintro\n\n{engine_section}\n{old}\n{other}"
+    text = replace_section(replace_section(f"# Benchmarks\n\nintro\n\n{engine_section}", old, "serve.py",
+                                           "stories260K"), other, "serve.py", "7b")
     new = serve.build_section(info(), [*pair(0.1, 0.1, 1)])
-    replaced = serve.replace_section(text, new, "stories260K")
-    assert replaced == text.replace(old, new)
-    assert other in replaced and "engine\n" in replaced
-    appended = serve.replace_section("# Benchmarks\n", new, "elsewhere")
-    assert appended == "# Benchmarks\n\n" + new
+    replaced = replace_section(text, new, "serve.py", "stories260K")
+    assert replaced == text.replace(old.rstrip(), new.rstrip())
+    assert other.rstrip() in replaced and "engine\n" in replaced
+    appended = replace_section("# Benchmarks\n", new, "serve.py", "elsewhere")
+    assert appended == ("# Benchmarks\n\n<!-- benchmarks/serve.py elsewhere: begin -->\n" + new.rstrip()
+                        + "\n<!-- benchmarks/serve.py elsewhere: end -->\n")
 
 
 def test_write_section_creates_then_replaces(tmp_path: Path) -> None:
     path = tmp_path / "docs" / "benchmarks.md"
-    serve.write_section(path, serve.build_section(info(), [*pair(0.2, 0.1, 1)]), "stories260K")
-    serve.write_section(path, serve.build_section(info(), [*pair(0.1, 0.1, 1)]), "stories260K")
+    write_section(path, serve.build_section(info(), [*pair(0.2, 0.1, 1)]), "serve.py", "stories260K")
+    write_section(path, serve.build_section(info(), [*pair(0.1, 0.1, 1)]), "serve.py", "stories260K")
     text = path.read_text()
     assert text.startswith("# Benchmarks")
     assert text.count("<!-- benchmarks/serve.py stories260K: begin -->") == 1
@@ -255,7 +248,7 @@ def test_smoke_run_against_stories260k(stories_hf: Path, tmp_path: Path) -> None
     """A server started by the script, 1 and 2 clients, a few tokens, written into a copy of a docs file."""
     docs = tmp_path / "benchmarks.md"
     docs.write_text("# Benchmarks\n\nkept\n")
-    command = [sys.executable, str(BENCHMARKS / "serve.py"), "--model", str(stories_hf), "--clients", "1", "2",
+    command = [sys.executable, "-m", "benchmarks.serve", "--model", str(stories_hf), "--clients", "1", "2",
                "--max-tokens", "6", "--requests", "1", "--wait-quiet", "0", "--attempts", "1", "--write", str(docs)]
     done = subprocess.run(command, capture_output=True, text=True, timeout=120, cwd=REPO)
     assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
