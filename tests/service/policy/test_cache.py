@@ -5,7 +5,6 @@ from __future__ import annotations
 
 import asyncio
 import dataclasses
-import time
 from collections.abc import Callable
 from typing import Any
 
@@ -18,7 +17,7 @@ from int8serve.service.policy.cache import CachedAnswer, CacheDirectives, CacheK
 from int8serve.service.protocol.run import RunRequest, ValidatedRun
 
 from ..conftest import SLOW_MODEL
-from .conftest import CARD_NEURON_COST, PolicyServer, auth_for, sse_data
+from .conftest import CARD_NEURON_COST, FakeClock, PolicyServer, auth_for, sse_data
 
 STORY = "Once upon a time, there was a little"
 BASE: dict[str, Any] = {"prompt": STORY, "max_tokens": 4, "temperature": 1.0, "top_p": 0.95, "top_k": 40,
@@ -151,7 +150,9 @@ def test_aborted_streams_are_not_cached(policy_server: Callable[..., PolicyServe
 
 
 def test_skip_cache_and_ttl(policy_server: Callable[..., PolicyServer]) -> None:
-    server = policy_server(rate_limits=False)
+    """The skip headers, and TTLs on a fake clock (an entry's age is the subject, not the machine's speed)."""
+    clock = FakeClock()
+    server = policy_server(rate_limits=False, clock=clock)
     skip = {"cf-aig-skip-cache": "true"}
     one = {**BASE, "seed": 100}
     assert status(server.post("acct-a", one, skip)) == "MISS"
@@ -162,12 +163,13 @@ def test_skip_cache_and_ttl(policy_server: Callable[..., PolicyServer]) -> None:
 
     short = {**BASE, "seed": 101}
     assert status(server.post("acct-a", short, {"cf-aig-cache-ttl": "1"})) == "MISS"
-    assert status(server.post("acct-a", short)) == "HIT"
-    time.sleep(1.2)
+    clock.advance(0.9)
+    assert status(server.post("acct-a", short)) == "HIT"  # 0.9 s old: still within its own TTL of 1 s
+    clock.advance(0.2)
     assert status(server.post("acct-a", short)) == "MISS"  # expired after its own TTL of 1 s
     # a stored answer (default TTL) older than the TTL a request asks for is not served to it
     assert status(server.post("acct-a", short)) == "HIT"
-    time.sleep(1.2)
+    clock.advance(1.1)
     assert status(server.post("acct-a", short, {"cf-aig-cache-ttl": "1"})) == "MISS"
     assert status(server.post("acct-a", short, {"cf-aig-cache-ttl": "nonsense"})) == "HIT"  # ignored
 
