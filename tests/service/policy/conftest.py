@@ -328,3 +328,15 @@ def redis_prefix() -> Iterator[str]:
             client.delete(*keys)
     finally:
         client.close()
+
+
+@pytest.fixture(params=["local", "shared"])
+def backend(request: pytest.FixtureRequest) -> dict[str, Any]:
+    """The policy's backends, for `policy_server(**backend, ...)`: "local" is the in-process limiter and cache
+    with the SQLite ledger; "shared" is the machine's real Redis (a key prefix of this test's) and PostgreSQL (a
+    schema of this test's)."""
+    if request.param == "local":
+        return {}
+    prefix, schema = request.getfixturevalue("redis_prefix"), request.getfixturevalue("pg_schema")
+    return {"redis_url": f"{REDIS_URL}?key_prefix={prefix}", "database_url": postgres_url(schema)}
+

@@ -28,8 +28,8 @@ def status(resp: httpx.Response) -> str:
     return resp.headers["cf-aig-cache-status"]
 
 
-def test_hit_and_miss(policy_server: Callable[..., PolicyServer]) -> None:
-    server = policy_server()
+def test_hit_and_miss(policy_server: Callable[..., PolicyServer], backend: dict[str, Any]) -> None:
+    server = policy_server(**backend)
     first, second = server.post("acct-a", BASE), server.post("acct-a", BASE)
     assert (first.status_code, status(first), status(second)) == (200, "MISS", "HIT")
     assert second.json() == first.json()
@@ -40,10 +40,11 @@ def test_hit_and_miss(policy_server: Callable[..., PolicyServer]) -> None:
     assert [(r["cached"], r["neurons"] > 0) for r in rows] == [(False, True), (True, False)]
 
 
-def test_accounts_never_read_each_others_answers(policy_server: Callable[..., PolicyServer]) -> None:
+def test_accounts_never_read_each_others_answers(policy_server: Callable[..., PolicyServer],
+                                                 backend: dict[str, Any]) -> None:
     """The issue's finding: A's sampled answer to a canary prompt was B's HIT. Now B's identical request is a MISS
     (a fresh sample, billed), and each account hits only its own entry."""
-    server = policy_server(rate_limits=False)
+    server = policy_server(rate_limits=False, **backend)
     canary = {"prompt": "canary-123", "max_tokens": 8, "temperature": 1}
     a_first, b_first = server.post("acct-a", canary), server.post("acct-b", canary)
     assert (status(a_first), status(b_first)) == ("MISS", "MISS")
@@ -105,10 +106,11 @@ def test_cache_key_unit() -> None:
     assert key not in keys and len(keys) == len(changed) + 2
 
 
-def test_stream_replay_equals_the_original_stream(policy_server: Callable[..., PolicyServer]) -> None:
+def test_stream_replay_equals_the_original_stream(policy_server: Callable[..., PolicyServer],
+                                                   backend: dict[str, Any]) -> None:
     """A streamed hit sends the original's frames byte for byte; only the usage frame's neurons differ (a hit costs
     0). It does not matter whether the entry was made by a streamed or a collected request."""
-    server = policy_server(rate_limits=False)
+    server = policy_server(rate_limits=False, **backend)
     body = {**BASE, "max_tokens": 40}
     original_resp, original = server.stream("acct-a", body)
     replay_resp, replay = server.stream("acct-a", body)

@@ -10,6 +10,7 @@ import time
 from collections.abc import Callable
 from datetime import datetime, timedelta
 from pathlib import Path
+from typing import Any
 
 import cloudflare
 import httpx
@@ -99,8 +100,8 @@ def test_one_row_per_request_ok_aborted_cached(policy_server: Callable[..., Poli
 
 
 def test_usage_endpoint_and_account_isolation(policy_server: Callable[..., PolicyServer],
-                                              utc_clock: UtcClock) -> None:
-    server = policy_server(rate_limits=False)
+                                              utc_clock: UtcClock, backend: dict[str, Any]) -> None:
+    server = policy_server(rate_limits=False, **backend)
     for n in range(3):
         server.post("acct-a", {"prompt": f"Story {n}", "raw": True, "max_tokens": 3})
     server.post("acct-a", {"prompt": "Story 0", "raw": True, "max_tokens": 3})  # a cache hit
@@ -140,10 +141,11 @@ def test_usage_endpoint_and_account_isolation(policy_server: Callable[..., Polic
     assert server.usage("acct-a", since=tomorrow, until=today.isoformat()).status_code == 400
 
 
-def test_daily_allocation(policy_server: Callable[..., PolicyServer], utc_clock: UtcClock) -> None:
+def test_daily_allocation(policy_server: Callable[..., PolicyServer], utc_clock: UtcClock,
+                          backend: dict[str, Any]) -> None:
     """10,000 neurons a day per account when on: past it, 429/3036 with the contract's words, not counted by the
     rate limiter, and `x-should-retry: false`, so the SDK does not retry in vain."""
-    server = policy_server(daily_neurons=10_000, account_rpm={"acct-a": 10})
+    server = policy_server(daily_neurons=10_000, account_rpm={"acct-a": 10}, **backend)
     body = {"prompt": "Once", "raw": True, "max_tokens": 2}
     assert server.post("acct-a", body).status_code == 200
     usage = server.usage("acct-a").json()["result"]["daily_allocation"]

@@ -27,7 +27,7 @@ from .allocation import DailyAllocation
 from .cache import Clock, MemoryCache, RedisCache, ResponseCache
 from .fallback import FallbackCounter, SharedStateGuard
 from .ledger import Ledger, make_database, short_error
-from .ratelimit import RateLimiter
+from .ratelimit import RateLimiter, ReplicaCount
 from .redis_state import RedisTarget, RedisUnreachableError, check_reachable
 from .settings import PolicySettings
 from .spool import FileSpool, MemorySpool, Spool, SpoolLockedError
@@ -126,7 +126,9 @@ def _limiter_and_cache(settings: PolicySettings, target: RedisTarget | None, gua
                            wrap_exceptions=True, connection_pool=pool)
     shared_cache = RedisCache(redis.asyncio.Redis(connection_pool=pool), target.key_prefix,
                               max_entry_bytes=settings.cache_max_bytes)
-    return (RateLimiter(settings, storage, guard),
+    replicas = ReplicaCount(redis.asyncio.Redis(connection_pool=pool), target.key("replicas"),
+                            every=settings.replica_stamp_seconds)
+    return (RateLimiter(settings, storage, guard, replicas),
             ResponseCache(settings.cache_ttl, local_cache, shared_cache, guard, clock=clock,
                           scope=settings.cache_scope))
 
