@@ -1,8 +1,9 @@
 """`int8serve serve` with its ledger spool instrumented, for `test_crash.py` (run as a script, not collected).
 
 After every spool append has been fsynced, the request ids of the appended rows are added to the file named by
-`INT8SERVE_TEST_SPOOL_MARKS` (one line each, fsynced too). With `INT8SERVE_TEST_SPOOL_HOLD=1` the append then never
-returns: the process stays between "the row is durable" and "the answer may leave", where the test kills it.
+`INT8SERVE_TEST_SPOOL_MARKS` (one line each, fsynced too). While the file named by `INT8SERVE_TEST_SPOOL_HOLD`
+exists, the append then never returns: the process stays between "the row is durable" and "the answer may leave",
+where the test kills it.
 """
 
 from __future__ import annotations
@@ -32,7 +33,8 @@ def append_then_mark(self: FileSpool, rows: Sequence[dict[str, Any]]) -> None:
     """The real append (write + fsync), then the marks, then (when asked) a hold forever."""
     _append(self, rows)
     _mark([row["request_id"] for row in rows])
-    if os.environ.get("INT8SERVE_TEST_SPOOL_HOLD") == "1":
+    hold = os.environ.get("INT8SERVE_TEST_SPOOL_HOLD")
+    if hold and os.path.exists(hold):
         threading.Event().wait()
 
 

@@ -65,10 +65,10 @@ def start_server(stories_hf: Path, data_dir: Path, *extra: str, env: dict[str, s
     args = [sys.executable, str(HOOK), "serve", "--model", str(stories_hf), "--port", str(port), "--threads", "1",
             "--token", f"{TOKEN}={ACCOUNT}", "--rpm", "0", "--no-cache", "--data-dir", str(data_dir),
             "--log-level", "warning", *extra]
-    marks = str(data_dir.parent / f"{data_dir.name}.marks")
+    marks, hold = (str(data_dir.parent / f"{data_dir.name}.{suffix}") for suffix in ("marks", "hold"))
     process = subprocess.Popen(args, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
                                env={**os.environ, "INT8SERVE_TOKENS": "", "INT8SERVE_TEST_SPOOL_MARKS": marks,
-                                    **(env or {})})
+                                    "INT8SERVE_TEST_SPOOL_HOLD": hold, **(env or {})})
     server = Server(process, port, data_dir)
     deadline = time.monotonic() + 120
     while True:
@@ -160,8 +160,10 @@ def sqlite_ids(data_dir: Path) -> list[str]:
 
 
 def test_sigkill_under_load_on_sqlite(stories_hf: Path, tmp_path: Path, servers: list[Server]) -> None:
-    """Killed with answers in flight: after the restart, each acknowledged answer has exactly one row, and the rows
-    are exactly what the database and the spool held at the crash (nothing lost, nothing replayed twice)."""
+    """Killed with answers in flight: the restarted server replays the spool, and each acknowledged answer has
+    exactly one row; the rows are exactly what the database and the spool held at the crash (nothing lost, nothing
+    replayed twice). Then the restarted server is killed between a row's fsync and its answer: that client never
+    got its answer, and the row is whole in the spool — the spool comes first, the answer second."""
     data_dir = tmp_path / "data"
     servers.append(first := start_server(stories_hf, data_dir))
     acknowledged = kill_under_load(first)
@@ -169,11 +171,39 @@ def test_sigkill_under_load_on_sqlite(stories_hf: Path, tmp_path: Path, servers:
     assert set(acknowledged) <= set(at_crash)
 
     servers.append(second := start_server(stories_hf, data_dir))
-    second.stop()
+    deadline = time.monotonic() + 60
+    while (data_dir / SPOOL_FILE).read_bytes() != b"" or set(sqlite_ids(data_dir)) != set(at_crash):
+        assert time.monotonic() < deadline, "the spool was not replayed"
+        time.sleep(0.05)
     rows = sqlite_ids(data_dir)
-    assert len(rows) == len(set(rows)) and set(rows) == set(at_crash)
-    assert set(acknowledged) <= set(rows)
-    assert (data_dir / SPOOL_FILE).read_bytes() == b""
+    assert len(rows) == len(set(rows)) and set(acknowledged) <= set(rows)
+    kill_between_fsync_and_answer(second)
+
+
+def kill_between_fsync_and_answer(server: Server) -> None:
+    """Hold the ledger writer right after the next row's fsync (a stream's): that client never gets its final
+    frame, a JSON request behind it never gets an answer; SIGKILL there: the row is whole in the spool."""
+    data_dir = server.data_dir
+    marks, hold = (data_dir.parent / f"{data_dir.name}.{suffix}" for suffix in ("marks", "hold"))
+    marks.unlink(missing_ok=True)
+    hold.touch()
+    streamed: list[str] = []
+    collected: list[str] = []
+    with ThreadPoolExecutor(2) as pool:
+        stream = pool.submit(_read_answer, server, True, streamed)
+        deadline = time.monotonic() + 60
+        while not marks.exists() or not marks.read_text():
+            assert time.monotonic() < deadline and not stream.done(), "no row was spooled"
+            time.sleep(0.02)
+        first_prompt = _prompt_tokens(server)
+        collect = pool.submit(_read_answer, server, False, collected)
+        _wait_prompt_tokens(server, first_prompt + 1)  # the JSON request ended in the engine
+        server.kill()
+        stream_id, collect_id = stream.result(), collect.result()
+    (request_id,) = marks.read_text().split()
+    assert stream_id == request_id and spooled_ids(data_dir) == [request_id]
+    assert streamed and not any('"usage"' in line or "[DONE]" in line for line in streamed)
+    assert collect_id == "" and collected == []
 
 
 @pytest.fixture
@@ -203,33 +233,6 @@ def test_sigkill_with_postgres_unreachable(stories_hf: Path, tmp_path: Path, ser
     rows = [r["request_id"] for r in pg_rows(pg_schema)]
     assert len(rows) == len(set(rows)) and set(rows) == set(spooled)
     assert (data_dir / SPOOL_FILE).read_bytes() == b""
-
-
-def test_killed_between_fsync_and_answer(stories_hf: Path, tmp_path: Path, servers: list[Server]) -> None:
-    """The ledger writer is held right after the first row's fsync (a stream's): that client never gets its final
-    frame, a JSON request behind it never gets an answer, and the row killed there is whole in the spool — the
-    spool comes first, the answer second. (Replaying a spool after a restart: the two tests above.)"""
-    data_dir = tmp_path / "data"
-    marks = tmp_path / "data.marks"
-    servers.append(server := start_server(stories_hf, data_dir, env={"INT8SERVE_TEST_SPOOL_HOLD": "1"}))
-    streamed: list[str] = []
-    collected: list[str] = []
-    with ThreadPoolExecutor(2) as pool:
-        stream = pool.submit(_read_answer, server, True, streamed)
-        deadline = time.monotonic() + 60
-        while not marks.exists() or not marks.read_text():
-            assert time.monotonic() < deadline and not stream.done(), "no row was spooled"
-            time.sleep(0.02)
-        first_prompt = _prompt_tokens(server)
-        assert first_prompt > 0
-        collect = pool.submit(_read_answer, server, False, collected)
-        _wait_prompt_tokens(server, 2 * first_prompt)  # the JSON request (same prompt) ended in the engine
-        server.kill()
-        stream_id, collect_id = stream.result(), collect.result()
-    (request_id,) = marks.read_text().split()
-    assert stream_id == request_id and spooled_ids(data_dir) == [request_id]
-    assert streamed and not any('"usage"' in line or "[DONE]" in line for line in streamed)
-    assert collect_id == "" and collected == []
 
 
 def _prompt_tokens(server: Server) -> float:
