@@ -3,7 +3,8 @@
 Every answer a client received (a 200 JSON body, or a stream's final usage frame) must have exactly one ledger row
 after the restart — on SQLite, and on PostgreSQL while it was unreachable (the rows then only live in the spool).
 And the order is checked by killing a server between the two: once a row is fsynced in the spool but before its
-append has returned, the client has not been answered (`spool_hook.py` holds the process there).
+append has returned, the client has not been answered (`spool_hook.py` holds the process there). The servers run
+through `spool_hook.py`, which only adds those marks and that hold to `int8serve serve`.
 """
 
 from __future__ import annotations
@@ -59,7 +60,7 @@ class Server:
         assert self.process.wait(60) == 0
 
 
-def start_server(stories_hf: Path, data_dir: Path, *extra: str, env: dict[str, str] | None = None) -> Server:
+def start_server(stories_hf: Path, data_dir: Path, *extra: str) -> Server:
     """Start `serve` on a free port and wait until it is ready."""
     port = free_port()
     args = [sys.executable, str(HOOK), "serve", "--model", str(stories_hf), "--port", str(port), "--threads", "1",
@@ -68,7 +69,7 @@ def start_server(stories_hf: Path, data_dir: Path, *extra: str, env: dict[str, s
     marks, hold = (str(data_dir.parent / f"{data_dir.name}.{suffix}") for suffix in ("marks", "hold"))
     process = subprocess.Popen(args, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
                                env={**os.environ, "INT8SERVE_TOKENS": "", "INT8SERVE_TEST_SPOOL_MARKS": marks,
-                                    "INT8SERVE_TEST_SPOOL_HOLD": hold, **(env or {})})
+                                    "INT8SERVE_TEST_SPOOL_HOLD": hold})
     server = Server(process, port, data_dir)
     deadline = time.monotonic() + 120
     while True:
