@@ -197,7 +197,10 @@ def test_sigterm_drains_a_stream_in_flight_and_refuses_new_requests(tmp_path: Pa
             lines = streamed.iter_lines()
             _first_frame(lines)
             process.send_signal(signal.SIGTERM)
-            time.sleep(0.2)  # the signal is handled between two event-loop iterations
+            deadline = time.monotonic() + 30  # the signal is handled between two event-loop iterations
+            while httpx.get(f"{base}/readyz", timeout=10).status_code != 503:
+                assert time.monotonic() < deadline, "the server did not start draining"
+                time.sleep(0.02)
             refused = httpx.post(url, headers=auth, json={"prompt": "x"}, timeout=10)
             refused_openai = httpx.post(f"{base}/v1/completions", headers=auth, timeout=10,
                                         json={"model": MODEL, "prompt": "x"})

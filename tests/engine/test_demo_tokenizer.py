@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import time
 from pathlib import Path
 
 import pytest
@@ -48,12 +47,11 @@ def test_writes_tokenizer_model_in_out_dir(tmp_path: Path) -> None:
     assert sorted(p.name for p in out_dir.iterdir()) == ["tokenizer.model"]
 
 
-def test_training_is_fast_quiet_and_deterministic(
+def test_training_is_quiet_and_deterministic(
     tmp_path: Path, demo_model: Path, capfd: pytest.CaptureFixture[str]
 ) -> None:
-    start = time.perf_counter()
+    """(Its speed is not asserted: a wall-clock bound flakes on a busy machine.)"""
     again = train_demo_tokenizer(tmp_path)
-    assert time.perf_counter() - start < 5
     out, err = capfd.readouterr()
     assert out == "" and err == ""
     assert again.read_bytes() == demo_model.read_bytes()

@@ -68,7 +68,12 @@ def test_chunked_prefill_and_decode_equal_one_forward(stories_hf: Path, precisio
     # int8 routes 1-row and many-row matmuls through different kernels (both bf16): they agree to rounding
     tolerance = 1e-4 if precision == "fp32" else 0.25
     assert (torch.cat(pieces) - whole).abs().max().item() <= tolerance
-    assert torch.equal(torch.cat(pieces).argmax(-1), whole.argmax(-1)) or precision == "int8"
+    # the next token agrees wherever the top two logits are further apart than twice the tolerance (rounding within
+    # it cannot swap them): every position for fp32, all but near-ties for int8
+    top2 = whole.topk(2, dim=-1).values
+    clear = (top2[:, 0] - top2[:, 1]) > 2 * tolerance
+    assert clear.sum().item() >= len(TOKENS) // 2
+    assert torch.equal(torch.cat(pieces).argmax(-1)[clear], whole.argmax(-1)[clear])
 
 
 def test_batched_decode_rows_are_independent(stories_int8) -> None:

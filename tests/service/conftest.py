@@ -219,7 +219,8 @@ def sdk(base_url: str) -> Iterator[Cloudflare]:
     client.close()
 
 
-def wait_idle(engines: dict[str, Engine], timeout: float = 15.0) -> None:
+def wait_idle(engines: dict[str, Engine], timeout: float = 30.0) -> None:
+    """Poll until no engine runs or queues anything (a generous deadline)."""
     deadline = time.monotonic() + timeout
     while True:
         stats = [e.stats() for e in engines.values()]
@@ -229,9 +230,30 @@ def wait_idle(engines: dict[str, Engine], timeout: float = 15.0) -> None:
         time.sleep(0.01)
 
 
+def uncancelled(engines: dict[str, Engine]) -> list[str]:
+    """The request ids in the engines (running or queued) that nobody cancelled."""
+    handles = []
+    for engine in engines.values():
+        with engine._wake:
+            handles += [seq.handle for seq in engine._running.values()] + list(engine._waiting)
+    return [h.request.request_id for h in handles if not h.cancelled.is_set()]
+
+
+def assert_no_leak(engines: dict[str, Engine], grace: float = 5.0) -> None:
+    """Once a test is over, whatever is left in the engines must have been cancelled (its client left): a request
+    that still runs, or still waits, uncancelled `grace` seconds after the test is a leak — it is reported, not
+    waited for. The cancelled ones are then waited for, so that the next test starts on idle engines."""
+    deadline = time.monotonic() + grace
+    while leaked := uncancelled(engines):
+        assert time.monotonic() < deadline, f"requests left running after the test, never cancelled: {leaked}"
+        time.sleep(0.01)
+    wait_idle(engines)
+
+
 @pytest.fixture(autouse=True)
 def _engines_idle_after(request: pytest.FixtureRequest) -> Iterator[None]:
-    """No test leaves work in an engine for the next one (only for tests that use the engines)."""
+    """No test leaves work in an engine for the next one, and none leaks a request nobody cancelled (only for tests
+    that use the engines)."""
     yield
     if "engines" in request.fixturenames:
-        wait_idle(request.getfixturevalue("engines"))
+        assert_no_leak(request.getfixturevalue("engines"))

@@ -193,9 +193,7 @@ def test_connections_beyond_the_limit_get_503(catalog: Catalog, engines: dict[st
     with LiveServer(app, max_connections=4) as small, ExitStack() as stack:
         idle = [stack.enter_context(socket.create_connection(("127.0.0.1", small.port))) for _ in range(4)]
         assert len(idle) == 4
-        time.sleep(0.2)
-        refused = httpx.get(f"{small.url}/healthz")
-        assert refused.status_code == 503
+        _wait(lambda: httpx.get(f"{small.url}/healthz").status_code == 503)  # once the 4 are counted
     app.state.services.policy.close()
 
 
@@ -214,9 +212,7 @@ def test_a_client_that_stops_reading_is_cut_and_its_usage_recorded(hardened: Fas
         sock.sendall(f"POST /v1/chat/completions HTTP/1.1\r\nHost: x\r\nAuthorization: Bearer {TOKEN}\r\n"
                      f"Content-Type: application/json\r\nContent-Length: {len(body)}\r\n\r\n".encode() + body)
         _wait(lambda: wide_slow_engine.stats().running == 1)
-        started = time.monotonic()
-        _wait(lambda: wide_slow_engine.stats().running == 0)  # cut: 480 tokens would take ~10 s
-        assert time.monotonic() - started < 8
+        _wait(lambda: wide_slow_engine.stats().running == 0)  # cut (the row says so: fewer than 480 tokens)
     ledger = hardened.state.services.policy.ledger
     assert ledger.flush()
     rows = _rows(hardened, SLOW_MODEL)

@@ -233,6 +233,7 @@ def test_answer_appears_while_it_streams_and_can_be_stopped(open_playground: Any
     assert final.startswith(partial) and len(final) > len(partial)
     assert tab.figure_value("tokens") > 1
 
+    tab.parameter("max_tokens").fill("300")  # ~8 s on the slowed model (fits the 512 context with the template)
     tab.send("Once upon a time there was")
     tab.page.wait_for_function(
         "() => document.querySelector('#history .turn.assistant:last-child .content').textContent.length > 0")

@@ -19,6 +19,7 @@ import threading
 import time
 import uuid
 from collections.abc import Callable, Iterator
+from datetime import datetime, timedelta
 from pathlib import Path
 from typing import Any
 
@@ -102,9 +103,9 @@ def policy_server(tmp_path: Path, catalog: Catalog, engines: dict[str, Engine]
     numbers = itertools.count()
     with contextlib.ExitStack() as stack:
 
-        def start(**settings: Any) -> PolicyServer:
+        def start(clock: Callable[[], float] = time.time, **settings: Any) -> PolicyServer:
             settings.setdefault("data_dir", tmp_path / f"data{next(numbers)}")
-            policy = Policy.build(PolicySettings(**settings))
+            policy = Policy.build(PolicySettings(**settings), clock=clock)
             stack.callback(policy.close)
             app = create_app(catalog, engines, POLICY_TOKENS, policy=policy)
             live = stack.enter_context(LiveServer(app))
@@ -113,6 +114,46 @@ def policy_server(tmp_path: Path, catalog: Catalog, engines: dict[str, Engine]
             return server
 
         yield start
+
+
+class FakeClock:
+    """Unix seconds that move only when told to (`advance`): cache ages without sleeping."""
+
+    def __init__(self, now: float = 1_800_000_000.0) -> None:
+        self.now = now
+
+    def __call__(self) -> float:
+        return self.now
+
+    def advance(self, seconds: float) -> None:
+        self.now += seconds
+
+
+class UtcClock:
+    """A naive-UTC clock standing in for `ledger.utc_now` wherever the service reads it (`utc_clock` fixture):
+    each reading is one microsecond after the last, so rows keep their order, and the day is the test's choice."""
+
+    def __init__(self, now: datetime) -> None:
+        self.now = now
+
+    def __call__(self) -> datetime:
+        self.now += timedelta(microseconds=1)
+        return self.now
+
+    def set(self, now: datetime) -> None:
+        self.now = now
+
+
+@pytest.fixture
+def utc_clock(monkeypatch: pytest.MonkeyPatch) -> UtcClock:
+    """The service's UTC clock at noon of a fixed day, so that no test straddles midnight by accident."""
+    from int8serve.service import inference
+    from int8serve.service.policy import allocation, ledger, usage
+
+    clock = UtcClock(datetime(2026, 6, 15, 12, 0, 0))
+    for module in (inference, allocation, ledger, usage):
+        monkeypatch.setattr(module, "utc_now", clock)
+    return clock
 
 
 def sse_data(raw: bytes) -> list[Any]:
@@ -287,3 +328,15 @@ def redis_prefix() -> Iterator[str]:
             client.delete(*keys)
     finally:
         client.close()
+
+
+@pytest.fixture(params=["local", "shared"])
+def backend(request: pytest.FixtureRequest) -> dict[str, Any]:
+    """The policy's backends, for `policy_server(**backend, ...)`: "local" is the in-process limiter and cache
+    with the SQLite ledger; "shared" is the machine's real Redis (a key prefix of this test's) and PostgreSQL (a
+    schema of this test's)."""
+    if request.param == "local":
+        return {}
+    prefix, schema = request.getfixturevalue("redis_prefix"), request.getfixturevalue("pg_schema")
+    return {"redis_url": f"{REDIS_URL}?key_prefix={prefix}", "database_url": postgres_url(schema)}
+

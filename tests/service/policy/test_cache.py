@@ -5,7 +5,6 @@ from __future__ import annotations
 
 import asyncio
 import dataclasses
-import time
 from collections.abc import Callable
 from typing import Any
 
@@ -18,7 +17,7 @@ from int8serve.service.policy.cache import CachedAnswer, CacheDirectives, CacheK
 from int8serve.service.protocol.run import RunRequest, ValidatedRun
 
 from ..conftest import SLOW_MODEL
-from .conftest import CARD_NEURON_COST, PolicyServer, auth_for, sse_data
+from .conftest import CARD_NEURON_COST, FakeClock, PolicyServer, auth_for, sse_data
 
 STORY = "Once upon a time, there was a little"
 BASE: dict[str, Any] = {"prompt": STORY, "max_tokens": 4, "temperature": 1.0, "top_p": 0.95, "top_k": 40,
@@ -29,8 +28,8 @@ def status(resp: httpx.Response) -> str:
     return resp.headers["cf-aig-cache-status"]
 
 
-def test_hit_and_miss(policy_server: Callable[..., PolicyServer]) -> None:
-    server = policy_server()
+def test_hit_and_miss(policy_server: Callable[..., PolicyServer], backend: dict[str, Any]) -> None:
+    server = policy_server(**backend)
     first, second = server.post("acct-a", BASE), server.post("acct-a", BASE)
     assert (first.status_code, status(first), status(second)) == (200, "MISS", "HIT")
     assert second.json() == first.json()
@@ -41,10 +40,11 @@ def test_hit_and_miss(policy_server: Callable[..., PolicyServer]) -> None:
     assert [(r["cached"], r["neurons"] > 0) for r in rows] == [(False, True), (True, False)]
 
 
-def test_accounts_never_read_each_others_answers(policy_server: Callable[..., PolicyServer]) -> None:
+def test_accounts_never_read_each_others_answers(policy_server: Callable[..., PolicyServer],
+                                                 backend: dict[str, Any]) -> None:
     """The issue's finding: A's sampled answer to a canary prompt was B's HIT. Now B's identical request is a MISS
     (a fresh sample, billed), and each account hits only its own entry."""
-    server = policy_server(rate_limits=False)
+    server = policy_server(rate_limits=False, **backend)
     canary = {"prompt": "canary-123", "max_tokens": 8, "temperature": 1}
     a_first, b_first = server.post("acct-a", canary), server.post("acct-b", canary)
     assert (status(a_first), status(b_first)) == ("MISS", "MISS")
@@ -106,10 +106,11 @@ def test_cache_key_unit() -> None:
     assert key not in keys and len(keys) == len(changed) + 2
 
 
-def test_stream_replay_equals_the_original_stream(policy_server: Callable[..., PolicyServer]) -> None:
+def test_stream_replay_equals_the_original_stream(policy_server: Callable[..., PolicyServer],
+                                                   backend: dict[str, Any]) -> None:
     """A streamed hit sends the original's frames byte for byte; only the usage frame's neurons differ (a hit costs
     0). It does not matter whether the entry was made by a streamed or a collected request."""
-    server = policy_server(rate_limits=False)
+    server = policy_server(rate_limits=False, **backend)
     body = {**BASE, "max_tokens": 40}
     original_resp, original = server.stream("acct-a", body)
     replay_resp, replay = server.stream("acct-a", body)
@@ -151,7 +152,9 @@ def test_aborted_streams_are_not_cached(policy_server: Callable[..., PolicyServe
 
 
 def test_skip_cache_and_ttl(policy_server: Callable[..., PolicyServer]) -> None:
-    server = policy_server(rate_limits=False)
+    """The skip headers, and TTLs on a fake clock (an entry's age is the subject, not the machine's speed)."""
+    clock = FakeClock()
+    server = policy_server(rate_limits=False, clock=clock)
     skip = {"cf-aig-skip-cache": "true"}
     one = {**BASE, "seed": 100}
     assert status(server.post("acct-a", one, skip)) == "MISS"
@@ -162,12 +165,13 @@ def test_skip_cache_and_ttl(policy_server: Callable[..., PolicyServer]) -> None:
 
     short = {**BASE, "seed": 101}
     assert status(server.post("acct-a", short, {"cf-aig-cache-ttl": "1"})) == "MISS"
-    assert status(server.post("acct-a", short)) == "HIT"
-    time.sleep(1.2)
+    clock.advance(0.9)
+    assert status(server.post("acct-a", short)) == "HIT"  # 0.9 s old: still within its own TTL of 1 s
+    clock.advance(0.2)
     assert status(server.post("acct-a", short)) == "MISS"  # expired after its own TTL of 1 s
     # a stored answer (default TTL) older than the TTL a request asks for is not served to it
     assert status(server.post("acct-a", short)) == "HIT"
-    time.sleep(1.2)
+    clock.advance(1.1)
     assert status(server.post("acct-a", short, {"cf-aig-cache-ttl": "1"})) == "MISS"
     assert status(server.post("acct-a", short, {"cf-aig-cache-ttl": "nonsense"})) == "HIT"  # ignored
 

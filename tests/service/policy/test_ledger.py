@@ -10,6 +10,7 @@ import time
 from collections.abc import Callable
 from datetime import datetime, timedelta
 from pathlib import Path
+from typing import Any
 
 import cloudflare
 import httpx
@@ -23,7 +24,7 @@ from int8serve.service.policy.ledger import Ledger, make_database, utc_now
 from int8serve.service.policy.spool import FileSpool, SpoolLockedError
 
 from ..conftest import MODEL, SCRIPTED_MODEL, SLOW_MODEL
-from .conftest import ACCOUNTS, CARD_NEURON_COST, PolicyServer, auth_for, sse_data
+from .conftest import ACCOUNTS, CARD_NEURON_COST, PolicyServer, UtcClock, auth_for, sse_data
 
 ALLOCATION_MESSAGE = ("You have used up your daily free allocation of 10,000 neurons. Please upgrade to Cloudflare's "
                       "Workers Paid plan if you would like to continue usage.")
@@ -58,18 +59,21 @@ def _abort_collected(server: PolicyServer, engines: dict[str, Engine]) -> None:
         sock.sendall(f"POST {server.run_url('acct-a', SLOW_MODEL)} HTTP/1.1\r\nHost: x\r\n"
                      f"Authorization: Bearer {ACCOUNTS['acct-a']}\r\nContent-Length: {len(payload)}\r\n\r\n"
                      .encode() + payload)
-        deadline = time.monotonic() + 5
-        while engines[SLOW_MODEL].stats().running == 0 or engines[SLOW_MODEL].stats().steps < 5:
-            assert time.monotonic() < deadline
+        engine, deadline = engines[SLOW_MODEL], time.monotonic() + 30
+        while engine.stats().running == 0:
+            assert time.monotonic() < deadline, "the request did not start"
             time.sleep(0.01)
-        time.sleep(0.1)  # a few tokens
+        started = engine.stats().steps
+        while engine.stats().steps < started + 3:  # a few tokens (the step that admitted it gave the first)
+            assert time.monotonic() < deadline, "the request did not generate"
+            time.sleep(0.01)
 
 
 def test_one_row_per_request_ok_aborted_cached(policy_server: Callable[..., PolicyServer],
-                                               engines: dict[str, Engine]) -> None:
+                                               engines: dict[str, Engine], utc_clock: UtcClock) -> None:
     server = policy_server(account_rpm={"acct-a": 8})
     body = {"prompt": "Once upon a time", "raw": True, "max_tokens": 6, "temperature": 0}
-    before = utc_now()
+    before = utc_clock()
     ok, cached = server.post("acct-a", body), server.post("acct-a", body)
     server.post("acct-a", {})  # 400: never reached the engine, no row
     server.post("acct-a", {"prompt": "x", "raw": True, "max_tokens": 1800})  # 413 after the limiter: no row
@@ -86,7 +90,7 @@ def test_one_row_per_request_ok_aborted_cached(policy_server: Callable[..., Poli
     assert (first["input_tokens"], first["output_tokens"]) == (usage["prompt_tokens"], usage["completion_tokens"])
     assert first["neurons"] == pytest.approx(expected_neurons(usage["prompt_tokens"], usage["completion_tokens"]))
     assert (hit["cached"], hit["neurons"], hit["outcome"], hit["output_tokens"]) == (True, 0.0, "ok", 6)
-    assert first["latency_ms"] > 0 and before - timedelta(seconds=1) <= first["time"] <= utc_now()
+    assert first["latency_ms"] > 0 and before - timedelta(seconds=1) <= first["time"] <= utc_clock()
     assert first["day"] == first["time"].date().isoformat()
     aborted = [r for r in rows if r["outcome"] == "aborted"]
     assert len(aborted) == 2 and all(r["model"] == SLOW_MODEL and not r["cached"] for r in aborted)
@@ -95,8 +99,9 @@ def test_one_row_per_request_ok_aborted_cached(policy_server: Callable[..., Poli
         assert row["neurons"] == pytest.approx(expected_neurons(row["input_tokens"], row["output_tokens"]))
 
 
-def test_usage_endpoint_and_account_isolation(policy_server: Callable[..., PolicyServer]) -> None:
-    server = policy_server(rate_limits=False)
+def test_usage_endpoint_and_account_isolation(policy_server: Callable[..., PolicyServer],
+                                              utc_clock: UtcClock, backend: dict[str, Any]) -> None:
+    server = policy_server(rate_limits=False, **backend)
     for n in range(3):
         server.post("acct-a", {"prompt": f"Story {n}", "raw": True, "max_tokens": 3})
     server.post("acct-a", {"prompt": "Story 0", "raw": True, "max_tokens": 3})  # a cache hit
@@ -114,7 +119,7 @@ def test_usage_endpoint_and_account_isolation(policy_server: Callable[..., Polic
     assert totals["output_tokens"] == sum(r["output_tokens"] for r in rows)
     assert totals["neurons"] == pytest.approx(sum(r["neurons"] for r in rows))
     assert [(m["model"], m["requests"]) for m in result["by_model"]] == [(SCRIPTED_MODEL, 1), (MODEL, 4)]  # by name
-    assert [(d["day"], d["requests"]) for d in result["by_day"]] == [(utc_now().date().isoformat(), 5)]
+    assert [(d["day"], d["requests"]) for d in result["by_day"]] == [(utc_clock().date().isoformat(), 5)]
 
     # only the caller's own account
     assert server.usage("acct-b", as_account="acct-a").status_code == 403
@@ -124,37 +129,35 @@ def test_usage_endpoint_and_account_isolation(policy_server: Callable[..., Polic
     assert server.http.get("/client/v4/accounts/acct-a/ai/usage").status_code == 400  # no credentials: 9106
 
     # the period
-    today = utc_now().date()
+    today = utc_clock().date()
     assert server.usage("acct-a", since=today.isoformat(), until=today.isoformat()).json()[
         "result"]["totals"]["requests"] == 5
     tomorrow = (today + timedelta(days=1)).isoformat()
     assert server.usage("acct-a", since=tomorrow, until=tomorrow).json()["result"]["totals"]["requests"] == 0
-    past = server.usage("acct-a", since="2020-01-01T00:00:00Z", until=str(int(time.time()) - 3600)).json()
+    past = server.usage("acct-a", since="2020-01-01T00:00:00Z", until="2026-06-15T11:00:00Z").json()
     assert past["result"]["totals"]["requests"] == 0 and past["result"]["since"] == "2020-01-01T00:00:00Z"
     bad = server.usage("acct-a", since="yesterday")
     assert bad.status_code == 400 and bad.json()["errors"][0]["code"] == 1001
     assert server.usage("acct-a", since=tomorrow, until=today.isoformat()).status_code == 400
 
 
-def test_daily_allocation(policy_server: Callable[..., PolicyServer]) -> None:
+def test_daily_allocation(policy_server: Callable[..., PolicyServer], utc_clock: UtcClock,
+                          backend: dict[str, Any]) -> None:
     """10,000 neurons a day per account when on: past it, 429/3036 with the contract's words, not counted by the
     rate limiter, and `x-should-retry: false`, so the SDK does not retry in vain."""
-    server = policy_server(daily_neurons=10_000, account_rpm={"acct-a": 10})
+    server = policy_server(daily_neurons=10_000, account_rpm={"acct-a": 10}, **backend)
     body = {"prompt": "Once", "raw": True, "max_tokens": 2}
     assert server.post("acct-a", body).status_code == 200
     usage = server.usage("acct-a").json()["result"]["daily_allocation"]
     assert usage["neurons_per_day"] == 10_000 and 0 < usage["used_today"] < 10
     # the account used 10,000 neurons earlier today on another replica: a row in the shared database, which this
     # server reads again once its last reading is a second old
-    ledger = server.policy.ledger
-    with ledger.database.begin() as conn:
-        conn.execute(sa.insert(ledger.table), [UsageRow("earlier-today", utc_now() - timedelta(seconds=1), "acct-a",
-                                                        MODEL, 40_000, 14_465, 9_999.9, False, "ok", 1.0).to_db()])
-    time.sleep(1.1)
+    insert_row(server, "earlier-today", utc_clock() - timedelta(seconds=1), 9_999.9)
+    wait_used_up(server, "acct-a")
     refused = server.post("acct-a", body)
     assert refused.status_code == 429
     assert refused.json()["errors"] == [{"code": 3036, "message": ALLOCATION_MESSAGE}]
-    assert refused.headers["x-should-retry"] == "false" and int(refused.headers["retry-after"]) <= 86_400
+    assert refused.headers["x-should-retry"] == "false" and int(refused.headers["retry-after"]) == 12 * 3600
     assert refused.headers["x-ratelimit-remaining-requests"] == "9"  # refused before the limiter: not counted
     seen: list[int] = []
     client = Cloudflare(api_token=ACCOUNTS["acct-a"], base_url=f"{server.url}/client/v4", max_retries=2,
@@ -164,6 +167,39 @@ def test_daily_allocation(policy_server: Callable[..., PolicyServer]) -> None:
     assert info.value.body["errors"][0]["code"] == 3036 and seen == [429]  # one attempt, no retries
     assert server.post("acct-b", body).status_code == 200  # per account
     assert server.usage("acct-a").json()["result"]["daily_allocation"]["remaining_today"] == 0
+
+
+def test_daily_allocation_resets_at_utc_midnight(policy_server: Callable[..., PolicyServer],
+                                                 utc_clock: UtcClock) -> None:
+    """On a fake clock: used up at 23:59:58 (Retry-After: 2 s, the time to 00:00 UTC); at 00:00:01 the next day the
+    account is served again, and the usage endpoint counts the new day only."""
+    utc_clock.set(datetime(2026, 6, 15, 23, 59, 58))
+    server = policy_server(daily_neurons=10_000, rate_limits=False)
+    insert_row(server, "late", utc_clock(), 10_000.0)
+    wait_used_up(server, "acct-a")
+    refused = server.post("acct-a", {"prompt": "Once", "raw": True, "max_tokens": 2})
+    assert (refused.status_code, refused.headers["retry-after"]) == (429, "2")
+    utc_clock.set(datetime(2026, 6, 16, 0, 0, 1))
+    assert server.post("acct-a", {"prompt": "Once", "raw": True, "max_tokens": 2}).status_code == 200
+    allocation = server.usage("acct-a").json()["result"]["daily_allocation"]
+    assert 0 < allocation["used_today"] < 10
+
+
+def insert_row(server: PolicyServer, request_id: str, when: datetime, neurons: float) -> None:
+    """A row of acct-a written straight into the ledger's database, as another replica would."""
+    ledger = server.policy.ledger
+    with ledger.database.begin() as conn:
+        conn.execute(sa.insert(ledger.table), [UsageRow(request_id, when, "acct-a", MODEL, 40_000, 14_465, neurons,
+                                                        False, "ok", 1.0).to_db()])
+
+
+def wait_used_up(server: PolicyServer, account: str) -> None:
+    """Poll the usage endpoint (it reads the allocation as admission does) until nothing is left today; the
+    database is read again once the last reading is a second old."""
+    deadline = time.monotonic() + 30
+    while server.usage(account).json()["result"]["daily_allocation"]["remaining_today"] > 0:
+        assert time.monotonic() < deadline, "the other replica's row was never counted"
+        time.sleep(0.05)
 
 
 def test_no_database_work_on_the_event_loop_thread(policy_server: Callable[..., PolicyServer]) -> None:

@@ -11,6 +11,7 @@ uses them) and is closed with `close()`, which writes out the ledger.
 
 from __future__ import annotations
 
+import time
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -23,10 +24,10 @@ from int8serve.catalog.card import ModelCard
 from int8serve.redact import hide_password, without
 
 from .allocation import DailyAllocation
-from .cache import MemoryCache, RedisCache, ResponseCache
+from .cache import Clock, MemoryCache, RedisCache, ResponseCache
 from .fallback import FallbackCounter, SharedStateGuard
 from .ledger import Ledger, make_database, short_error
-from .ratelimit import RateLimiter
+from .ratelimit import RateLimiter, ReplicaCount
 from .redis_state import RedisTarget, RedisUnreachableError, check_reachable
 from .settings import PolicySettings
 from .spool import FileSpool, MemorySpool, Spool, SpoolLockedError
@@ -55,12 +56,13 @@ class Policy:
     spool: str = "memory"
 
     @classmethod
-    def build(cls, settings: PolicySettings | None = None) -> Policy:
+    def build(cls, settings: PolicySettings | None = None, clock: Clock = time.time) -> Policy:
+        """The policy `settings` describe; `clock` (unix seconds) ages cached answers (tests pass a fake one)."""
         settings = settings or PolicySettings()
         fallbacks = FallbackCounter()
         target = _redis_target(settings)
         guard = SharedStateGuard(fallbacks, settings.retry_seconds) if target is not None else None
-        limiter, cache = _limiter_and_cache(settings, target, guard)
+        limiter, cache = _limiter_and_cache(settings, target, guard, clock)
         ledger, database, spool = _ledger(settings)
         allocation = DailyAllocation(settings.daily_neurons, ledger) if settings.daily_neurons else None
         return cls(settings=settings, limiter=limiter, cache=cache, ledger=ledger, allocation=allocation,
@@ -112,19 +114,23 @@ def _redis_target(settings: PolicySettings) -> RedisTarget | None:
     return target
 
 
-def _limiter_and_cache(settings: PolicySettings, target: RedisTarget | None, guard: SharedStateGuard | None
-                       ) -> tuple[RateLimiter, ResponseCache]:
-    local_cache = MemoryCache(settings.cache_max_entries, settings.cache_max_bytes)
+def _limiter_and_cache(settings: PolicySettings, target: RedisTarget | None, guard: SharedStateGuard | None,
+                       clock: Clock = time.time) -> tuple[RateLimiter, ResponseCache]:
+    local_cache = MemoryCache(settings.cache_max_entries, settings.cache_max_bytes, clock)
     if target is None or guard is None:
-        return RateLimiter(settings), ResponseCache(settings.cache_ttl, local_cache, scope=settings.cache_scope)
+        return RateLimiter(settings), ResponseCache(settings.cache_ttl, local_cache, scope=settings.cache_scope,
+                                                    clock=clock)
     pool = target.async_pool(settings.backend_timeout)
     uri = target.url.replace("unix://", "redis+unix://", 1) if target.url.startswith("unix://") else target.url
     storage = RedisStorage("async+" + uri, implementation="redispy", key_prefix=target.key("limits"),
                            wrap_exceptions=True, connection_pool=pool)
     shared_cache = RedisCache(redis.asyncio.Redis(connection_pool=pool), target.key_prefix,
                               max_entry_bytes=settings.cache_max_bytes)
-    return (RateLimiter(settings, storage, guard),
-            ResponseCache(settings.cache_ttl, local_cache, shared_cache, guard, scope=settings.cache_scope))
+    replicas = ReplicaCount(redis.asyncio.Redis(connection_pool=pool), target.key("replicas"),
+                            every=settings.replica_stamp_seconds)
+    return (RateLimiter(settings, storage, guard, replicas),
+            ResponseCache(settings.cache_ttl, local_cache, shared_cache, guard, clock=clock,
+                          scope=settings.cache_scope))
 
 
 def _ledger(settings: PolicySettings) -> tuple[Ledger, str, str]:

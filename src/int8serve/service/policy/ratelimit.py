@@ -12,29 +12,70 @@ per-account value, operator default, card default; 0 or "none" means unlimited (
 
 While Redis is down the in-process windows take over (`fallback.py`). Every admission made through Redis is also
 recorded in the in-process window, so that a fallback starts from this replica's recent history instead of from
-zero; during an outage each replica limits on its own (up to N per replica), and Redis is authoritative again as
-soon as it answers.
+zero. During an outage each replica admits only its share of the limit, N // R (at least 1), R being the replicas
+that shared the Redis just before it went away (`ReplicaCount`): two replicas of an account limited to 4 admit at
+most 2 each in a window, 4 together, instead of 4 each. Redis is authoritative again as soon as it answers.
 """
 
 from __future__ import annotations
 
+import asyncio
 import math
 import time
+import uuid
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
 
+import redis.asyncio
 from limits import RateLimitItem, RateLimitItemPerSecond
 from limits.aio.storage import MemoryStorage, Storage
 from limits.aio.strategies import MovingWindowRateLimiter
 
 from int8serve.catalog.card import ModelCard
 
-from .fallback import SharedStateGuard
+from .fallback import SHARED_STATE_ERRORS, SharedStateGuard
 from .settings import PolicySettings
 
-__all__ = ["RateLimitStatus", "RateLimiter"]
+__all__ = ["RateLimitStatus", "RateLimiter", "ReplicaCount", "share_of"]
 
 NAMESPACE = "RPM"
+REPLICA_TTL_SECONDS = 30.0  # a replica that has not stamped itself for this long is no longer counted
+
+
+def share_of(limit: int, replicas: int) -> int:
+    """What one of `replicas` replicas may admit on its own while they cannot share a window: N // R, at least 1
+    (so together they admit at most N, unless N < R)."""
+    return max(1, limit // max(1, replicas))
+
+
+class ReplicaCount:
+    """How many replicas share this Redis. While Redis answers, each replica stamps itself (at most once every
+    `every` seconds, on an admission) in the sorted set `key` with the time, drops the stamps older than
+    REPLICA_TTL_SECONDS, and reads how many are left. While Redis is away the last count stands."""
+
+    def __init__(self, client: redis.asyncio.Redis, key: str, every: float = 5.0,
+                 clock: Callable[[], float] = time.time) -> None:
+        self.client, self.key, self.every, self._clock = client, key, every, clock
+        self.member = uuid.uuid4().hex
+        self.count = 1
+        self._next = 0.0
+
+    async def refresh(self) -> None:
+        """Stamp this replica and count the live ones, if due; a failure keeps the last count."""
+        now = self._clock()
+        if now < self._next:
+            return
+        self._next = now + self.every
+        try:
+            async with self.client.pipeline(transaction=True) as pipe:
+                pipe.zadd(self.key, {self.member: now})
+                pipe.zremrangebyscore(self.key, "-inf", now - REPLICA_TTL_SECONDS)
+                pipe.zcard(self.key)
+                pipe.expire(self.key, int(REPLICA_TTL_SECONDS * 2))
+                _added, _dropped, count, _expiry = await pipe.execute()
+        except SHARED_STATE_ERRORS:
+            return
+        self.count = max(1, int(count))
 
 
 @dataclass(frozen=True)
@@ -67,13 +108,15 @@ class RateLimiter:
     """Admits requests against each account's moving window, shared through Redis when configured."""
 
     def __init__(self, settings: PolicySettings, shared: Storage | None = None,
-                 guard: SharedStateGuard | None = None) -> None:
+                 guard: SharedStateGuard | None = None, replicas: ReplicaCount | None = None) -> None:
         if (shared is None) != (guard is None):
             raise ValueError("shared storage and its guard go together")
         self.settings = settings
         self._local = MovingWindowRateLimiter(MemoryStorage())
+        self._local_lock = asyncio.Lock()  # a degraded admission is a check then a hit: one at a time
         self._shared = MovingWindowRateLimiter(shared) if shared is not None else None
         self._guard = guard
+        self.replicas = replicas
 
     def limit_for(self, card: ModelCard, account: str) -> int | None:
         """Requests per window allowed to `account` on `card`'s model; None = unlimited."""
@@ -98,9 +141,31 @@ class RateLimiter:
             status = await self._hit(self._shared, item, ids)
             if status.allowed:
                 await self._local.hit(item, *ids)  # shadow copy for a fallback; its answer does not matter
+            if self.replicas is not None:
+                await self.replicas.refresh()
             return status
 
-        return await self._route(shared, lambda: self._hit(self._local, item, ids))
+        if self._guard is None:
+            return await self._hit(self._local, item, ids)
+        return await self._guard.call("ratelimit", shared, lambda: self._degraded_hit(item, ids))
+
+    async def _degraded_hit(self, item: RateLimitItem, ids: tuple[str, str]) -> RateLimitStatus:
+        """Redis is away: admit within this replica's share of the limit, counting its own recent admissions (the
+        shadow copies) in the window of the whole limit."""
+        async with self._local_lock:
+            stats = await self._local.get_window_stats(item, *ids)
+            allowed = item.amount - stats.remaining < self._share(item) and await self._local.hit(item, *ids)
+            return await self._degraded_stats(item, ids, allowed)
+
+    def _share(self, item: RateLimitItem) -> int:
+        return share_of(item.amount, self.replicas.count if self.replicas is not None else 1)
+
+    async def _degraded_stats(self, item: RateLimitItem, ids: tuple[str, str], allowed: bool) -> RateLimitStatus:
+        """This replica's window while Redis is away, against its share of the limit."""
+        stats = await self._local.get_window_stats(item, *ids)
+        share = self._share(item)
+        return RateLimitStatus(allowed=allowed, limit=share, remaining=max(0, share - (item.amount - stats.remaining)),
+                               reset_after=max(0.0, stats.reset_time - time.time()))
 
     async def describe(self, card: ModelCard, account: str) -> RateLimitStatus | None:
         """The window as it is, without recording anything (for answers that do not count)."""
@@ -110,7 +175,7 @@ class RateLimiter:
         item, ids = self._item(limit), (card.name, account)
         shared_limiter = self._shared
         return await self._route(lambda: self._stats(shared_limiter or self._local, item, ids, True),
-                                 lambda: self._stats(self._local, item, ids, True))
+                                 lambda: self._degraded_stats(item, ids, True))
 
     async def _route(self, shared: Callable[[], Awaitable[RateLimitStatus]],
                      local: Callable[[], Awaitable[RateLimitStatus]]) -> RateLimitStatus:

@@ -67,3 +67,4 @@ class PolicySettings(BaseModel):
     ledger_table: str = Field(DEFAULT_LEDGER_TABLE, pattern=r"^[A-Za-z0-9_]+$")
     backend_timeout: float = Field(1.0, gt=0)  # seconds for one Redis call before it counts as lost
     retry_seconds: float = Field(1.0, gt=0)  # how soon a lost Redis or database is tried again
+    replica_stamp_seconds: float = Field(5.0, gt=0)  # how often a replica counts the replicas sharing its Redis

@@ -1,0 +1,255 @@
+"""Abort paths, exactly: what a cut stream, a stuck reader, an engine failure mid-stream and a client that leaves
+while queued cost, and what they leave in the engine and the ledger.
+
+The engine here is the real stories260K engine with one slot, driven step by step: each engine step waits for a
+permit from the test (`GatedEngine`), so the test knows how many tokens the engine generated when it cuts — no
+timing is involved. Its model records the prompts it prefilled and can be made to fail (`Breakable`).
+"""
+
+from __future__ import annotations
+
+import json
+import socket
+import threading
+import time
+from collections.abc import Callable, Iterator
+from typing import Any
+
+import httpx
+import pytest
+import sqlalchemy as sa
+import torch
+
+from int8serve.catalog.registry import Catalog
+from int8serve.engine.loader import LoadedModel
+from int8serve.engine.scheduler import Engine, GenerationRequest, RequestHandle
+from int8serve.engine.tokenizer import Tokenizer
+from int8serve.service.app import create_app
+from int8serve.service.inference import RequestLimits
+from int8serve.service.policy import Policy
+
+from .conftest import ACCOUNT, CONTEXT, MODEL, TOKEN, TOKENS, LiveServer
+
+RUN = f"/client/v4/accounts/{ACCOUNT}/ai/run/{MODEL}"
+AUTH = {"Authorization": f"Bearer {TOKEN}"}
+NEURON_COST = 0.1836  # per input and output token (the built-in card)
+LONG = {"prompt": "Once upon a time", "raw": True, "max_tokens": 400, "temperature": 0}
+
+
+class Breakable:
+    """The real model; remembers the prompts it prefilled (a forward from position 0); raises while `broken`;
+    sleeps `delay` seconds before each forward (a pace, for the stuck reader)."""
+
+    def __init__(self, model: Any) -> None:
+        self.model, self.config = model, model.config
+        self.broken = threading.Event()
+        self.delay = 0.0
+        self.prefilled: list[list[int]] = []
+        self.forwards = 0
+
+    def new_cache(self, *args: Any, **kwargs: Any) -> Any:
+        return self.model.new_cache(*args, **kwargs)
+
+    def __call__(self, tokens: torch.Tensor, cache: Any, slots: list[int], starts: list[int], **kw: Any
+                 ) -> torch.Tensor:
+        if self.broken.is_set():
+            raise RuntimeError("injected failure")
+        if starts == [0]:
+            self.prefilled.append(tokens[0].tolist())
+        self.forwards += 1
+        time.sleep(self.delay)
+        return self.model(tokens, cache, slots, starts, **kw)
+
+
+class GatedEngine(Engine):
+    """An engine whose every step first takes a permit (`allow(n)`; `open()` for good), and which keeps the
+    handles it was given."""
+
+    def __init__(self, *args: Any, **kwargs: Any) -> None:
+        super().__init__(*args, **kwargs)
+        self.permits = threading.Semaphore(0)
+        self.opened = threading.Event()
+        self.handles: list[RequestHandle] = []
+        self.steps_done = 0
+
+    def allow(self, steps: int = 1) -> None:
+        self.permits.release(steps)
+
+    def run_steps(self, steps: int) -> None:
+        """Let `steps` more steps run, and wait until they have."""
+        target = self.steps_done + steps
+        self.allow(steps)
+        wait_for(lambda: self.steps_done >= target, f"{steps} engine steps")
+
+    def open(self) -> None:
+        self.opened.set()
+        self.permits.release(1)
+
+    def step(self) -> None:
+        if not self.opened.is_set():
+            self.permits.acquire()
+        super().step()
+        self.steps_done += 1
+
+    def submit(self, request: GenerationRequest, reject_if_busy: bool = False) -> RequestHandle:
+        handle = super().submit(request, reject_if_busy)
+        self.handles.append(handle)
+        return handle
+
+
+@pytest.fixture
+def gated(stories_int8: LoadedModel, stories_tokenizer: Tokenizer) -> Iterator[GatedEngine]:
+    engine = GatedEngine(Breakable(stories_int8.model), stories_tokenizer,  # type: ignore[arg-type]
+                         max_slots=1, max_queue=2, max_seq_len=CONTEXT).start()
+    yield engine
+    engine.open()
+    engine.stop()
+
+
+@pytest.fixture
+def served(catalog: Catalog, gated: GatedEngine) -> Iterator[tuple[LiveServer, Policy]]:
+    """The gated engine as MODEL, with an in-memory ledger, no rate limit, no cache, a 1 s stall timeout."""
+    policy = Policy.in_memory(rate_limits=False, cache=False)
+    app = create_app(catalog, {MODEL: gated}, TOKENS, policy=policy, limits=RequestLimits(stall_timeout=1.0))
+    with LiveServer(app) as live:
+        yield live, policy
+    policy.close()
+
+
+def wait_for(condition: Callable[[], Any], what: str, timeout: float = 30.0) -> None:
+    """Poll `condition` until it holds; fail with `what` after a generous deadline."""
+    deadline = time.monotonic() + timeout
+    while not condition():
+        assert time.monotonic() < deadline, f"timed out waiting for {what}"
+        time.sleep(0.01)
+
+
+def row_of(policy: Policy, request_id: str) -> dict[str, Any]:
+    """The ledger row of `request_id`, once written."""
+    table = policy.ledger.table
+
+    def read() -> list[Any]:
+        assert policy.ledger.flush()
+        with policy.ledger.database.connect() as conn:
+            return list(conn.execute(sa.select(table).where(table.c.request_id == request_id)).mappings())
+
+    wait_for(read, f"the ledger row of {request_id}")
+    (row,) = read()
+    return dict(row)
+
+
+def neurons(input_tokens: int, output_tokens: int) -> float:
+    return round((input_tokens + output_tokens) * NEURON_COST, 6)
+
+
+def data_frames(lines: Iterator[str], count: int) -> list[dict[str, Any]]:
+    """The next `count` data frames of an SSE line iterator."""
+    frames: list[dict[str, Any]] = []
+    while len(frames) < count:
+        line = next(lines)
+        if line.startswith("data: "):
+            frames.append(json.loads(line[6:]))
+    return frames
+
+
+def test_a_cut_stream_is_billed_exactly_the_tokens_it_was_sent(served: tuple[LiveServer, Policy],
+                                                                gated: GatedEngine) -> None:
+    """Three engine steps, then the engine waits: the client reads every frame of the tokens generated so far (one
+    a token, one token a forward) and leaves; the request is cancelled before another token, its slot is freed,
+    and its row has exactly the tokens the client was sent."""
+    live, policy = served
+    with httpx.Client(base_url=live.url, timeout=30) as http, \
+            http.stream("POST", RUN, headers=AUTH, json={**LONG, "stream": True}) as resp:
+        request_id, lines = resp.headers["cf-ai-req-id"], resp.iter_lines()
+        gated.run_steps(3)
+        sent = gated.model.forwards  # type: ignore[attr-defined]
+        frames = data_frames(lines, sent)
+        assert all(f["response"] and "usage" not in f for f in frames)
+    wait_for(lambda: gated.handles[0].cancelled.is_set(), "the server to cancel the request")
+    gated.open()
+    wait_for(lambda: gated.stats().running == 0, "the slot to be freed")
+    row = row_of(policy, request_id)
+    prompt = len(gated.handles[0].request.prompt_ids)
+    assert (row["outcome"], row["output_tokens"], row["input_tokens"]) == ("aborted", sent, prompt)
+    assert row["neurons"] == neurons(prompt, sent) and gated.model.forwards == sent  # type: ignore[attr-defined]
+
+
+def test_a_stuck_reader_is_cut_and_billed_what_the_engine_generated(catalog: Catalog,
+                                                                    served: tuple[LiveServer, Policy],
+                                                                    gated: GatedEngine) -> None:
+    """A client that sends its request and reads nothing (OpenAI chat frames, ~150 bytes each; small socket
+    buffers): once the server cannot send for the 1 s stall timeout the stream is cut, the request cancelled, its
+    slot freed, and its row has every token the engine generated — no more, no fewer — far fewer than asked for
+    (480 tokens at 20 ms a step would take ~10 s)."""
+    _, policy = served
+    app = create_app(catalog, {MODEL: gated}, TOKENS, policy=policy, limits=RequestLimits(stall_timeout=1.0))
+    gated.model.delay = 0.02  # type: ignore[attr-defined]
+    gated.open()
+    server_sock = socket.socket()
+    server_sock.setsockopt(socket.SOL_SOCKET, socket.SO_SNDBUF, 4096)
+    server_sock.bind(("127.0.0.1", 0))
+    with LiveServer(app, sock=server_sock) as live, socket.socket() as sock:
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 2048)
+        sock.connect(("127.0.0.1", live.port))
+        body = json.dumps({"model": MODEL, "messages": [{"role": "user", "content": "Hi"}], "max_tokens": 480,
+                           "stream": True}).encode()
+        sock.sendall(f"POST /v1/chat/completions HTTP/1.1\r\nHost: x\r\nAuthorization: Bearer {TOKEN}\r\n"
+                     f"Content-Type: application/json\r\nContent-Length: {len(body)}\r\n\r\n".encode() + body)
+        wait_for(lambda: gated.handles and gated.handles[0].cancelled.is_set(), "the stalled stream to be cut")
+        wait_for(lambda: gated.stats().running == 0, "the slot to be freed")
+    handle = gated.handles[0]
+    row = row_of(policy, handle.request.request_id)
+    generated = gated.model.forwards  # type: ignore[attr-defined]  # one prefill chunk, then one token a step
+    assert row["outcome"] == "aborted" and row["output_tokens"] == generated < 480
+    assert row["neurons"] == neurons(len(handle.request.prompt_ids), generated)
+
+
+def test_an_engine_failure_mid_stream(served: tuple[LiveServer, Policy], gated: GatedEngine) -> None:
+    """Two steps' tokens sent, then a step fails: the stream ends with the 3043 error frame and no [DONE], the slot
+    is free, the row says `error` with the generated tokens and 0 neurons, and the engine serves the next request."""
+    live, policy = served
+    with httpx.Client(base_url=live.url, timeout=30) as http:
+        with http.stream("POST", RUN, headers=AUTH, json={**LONG, "stream": True}) as resp:
+            request_id, lines = resp.headers["cf-ai-req-id"], resp.iter_lines()
+            gated.run_steps(2)
+            sent = gated.model.forwards  # type: ignore[attr-defined]
+            data_frames(lines, sent)
+            gated.model.broken.set()  # type: ignore[attr-defined]
+            gated.allow()
+            rest = [line for line in lines if line]
+        assert [json.loads(line[6:]) for line in rest] == [
+            {"response": "", "errors": [{"code": 3043, "message": "Internal server error"}]}]
+        assert gated.stats().running == 0
+        row = row_of(policy, request_id)
+        assert (row["outcome"], row["output_tokens"], row["neurons"]) == ("error", sent, 0.0)
+        gated.model.broken.clear()  # type: ignore[attr-defined]
+        gated.open()
+        again = http.post(RUN, headers=AUTH, json={**LONG, "max_tokens": 4})
+        assert again.status_code == 200 and again.json()["result"]["response"]
+
+
+@pytest.mark.parametrize("stream", [True, False], ids=["stream", "collect"])
+def test_a_request_that_leaves_while_queued_never_reaches_the_engine(served: tuple[LiveServer, Policy],
+                                                                     gated: GatedEngine, stream: bool) -> None:
+    """The one slot is taken; a second request waits in the queue and its client leaves: it is dropped from the
+    queue, never prefilled, its row is `aborted` with 0 tokens and 0 neurons; the first request is unaffected."""
+    live, policy = served
+    with httpx.Client(base_url=live.url, timeout=30) as http, \
+            http.stream("POST", RUN, headers=AUTH, json={**LONG, "max_tokens": 8, "stream": True}) as first:
+        gated.run_steps(1)  # the first request holds the slot
+        queued = {"prompt": "A different story about a cat", "raw": True, "max_tokens": 8, "stream": stream}
+        with socket.create_connection(("127.0.0.1", live.port)) as sock:
+            payload = json.dumps(queued).encode()
+            sock.sendall(f"POST {RUN} HTTP/1.1\r\nHost: x\r\nAuthorization: Bearer {TOKEN}\r\n"
+                         f"Content-Length: {len(payload)}\r\n\r\n".encode() + payload)
+            wait_for(lambda: gated.stats().waiting == 1, "the second request to queue")
+        wait_for(lambda: gated.handles[1].cancelled.is_set(), "the server to cancel the queued request")
+        gated.open()
+        first_body = first.read()
+    assert first_body.endswith(b"data: [DONE]\n\n")
+    second = gated.handles[1]
+    row = row_of(policy, second.request.request_id)
+    assert (row["outcome"], row["output_tokens"], row["neurons"]) == ("aborted", 0, 0.0)
+    assert second.started_at == 0.0
+    assert gated.model.prefilled == [gated.handles[0].request.prompt_ids]  # type: ignore[attr-defined]
+    wait_for(lambda: gated.stats().running == gated.stats().waiting == 0, "the engine to be idle")
