@@ -1,7 +1,8 @@
 """The `int8serve` command: serve, generate, quantize, eval-ppl.
 
-Every command takes `--model PATH` (a Hugging Face folder, a Meta folder or an int8 checkpoint written by
-`int8serve quantize`); without it, the built-in demo model is used and says so loudly.
+Every command takes `--model` (a Hugging Face folder, a Meta folder, an int8 checkpoint written by
+`int8serve quantize`, a llama.cpp .gguf file or a Hugging Face Hub id); without it, the built-in demo model is
+used and says so loudly.
 """
 
 from __future__ import annotations
@@ -19,6 +20,7 @@ from .engine.config import ConfigError
 from .engine.demo import DEMO_WARNING, demo_model_dir
 from .engine.generate import GenerationStats, generate
 from .engine.loader import LoadedModel, load_model, save_int8_checkpoint
+from .engine.model_source import MODEL_HELP, resolve
 from .engine.perplexity import evaluate
 from .engine.sampling import SamplingParams
 from .engine.sources import CheckpointError
@@ -32,9 +34,7 @@ class UsageError(Exception):
 
 def _add_model_args(parser: argparse.ArgumentParser, dtype: bool = True) -> None:
     parser.add_argument("--model", type=Path, default=None,
-                        help="checkpoint folder: Hugging Face (config.json), Meta (params.json) or an int8 "
-                             "checkpoint from 'int8serve quantize'. Default: the built-in demo model "
-                             "(random weights, meaningless output)")
+                        help=MODEL_HELP + ". Default: the built-in demo model (random weights, meaningless output)")
     if dtype:
         parser.add_argument("--dtype", choices=["int8", "fp32"], default="int8",
                             help="int8: weight-only int8 (the served path); fp32: full-precision reference "
@@ -64,10 +64,10 @@ def build_parser() -> argparse.ArgumentParser:
     gen.add_argument("--seed", type=int, default=None, help="same seed, same output (default: random)")
 
     quant = commands.add_parser("quantize", help="write a pre-quantized int8 checkpoint that loads fast",
-                                description="Quantize SRC (Hugging Face or Meta folder) to weight-only int8, "
-                                            "per output channel, and write it to DST (int8serve.json + "
-                                            "model.safetensors + tokenizer.model).")
-    quant.add_argument("src", type=Path, help="source checkpoint folder")
+                                description="Quantize SRC (Hugging Face or Meta folder, .gguf file or Hub id) to "
+                                            "weight-only int8, per output channel, and write it to DST "
+                                            "(int8serve.json + model.safetensors + tokenizer.model).")
+    quant.add_argument("src", type=Path, help="the source model: a folder, a .gguf file or a Hub id org/name[@rev]")
     quant.add_argument("dst", type=Path, help="destination folder (created)")
     quant.add_argument("--threads", type=int, default=None, help="torch threads (default: all cores)")
 
@@ -172,7 +172,7 @@ def resolve_model(path: Path | None) -> Path:
     if path is None:
         print(f"int8serve: WARNING: {DEMO_WARNING}", file=sys.stderr)
         return demo_model_dir()
-    return path
+    return resolve(path)
 
 
 def open_model(path: Path | None, dtype: str) -> tuple[LoadedModel, Tokenizer]:
@@ -220,7 +220,7 @@ def _with_system(system: str, prompt: str) -> list:
 
 def cmd_quantize(args: argparse.Namespace) -> None:
     started = time.perf_counter()
-    loaded = load_model(args.src, "int8", progress=sys.stderr.isatty())
+    loaded = load_model(resolve(args.src), "int8", progress=sys.stderr.isatty())
     folder = save_int8_checkpoint(loaded, args.dst)
     size = sum(f.stat().st_size for f in folder.iterdir() if f.is_file())
     print(f"wrote {folder} ({size / 1e6:.1f} MB) in {time.perf_counter() - started:.1f} s", file=sys.stderr)

@@ -66,8 +66,10 @@ class ServeSettings(BaseSettings):
 
     # --- the model ---
     model: Path | None = Field(None, description="checkpoint folder: Hugging Face (config.json), Meta (params.json) "
-                                                 "or an int8 checkpoint from 'int8serve quantize'. Default: the "
-                                                 "built-in demo model (random weights, meaningless output)")
+                                                 "or an int8 checkpoint from 'int8serve quantize'; a llama.cpp "
+                                                 ".gguf file; or a Hugging Face Hub id org/name[@revision]. "
+                                                 "Default: the built-in demo model (random weights, meaningless "
+                                                 "output)")
     dtype: Literal["int8", "fp32"] = Field("int8", description="int8: weight-only int8 (the served path); fp32: "
                                                                "full-precision reference")
     threads: int | None = Field(None, ge=1, description="torch threads. Default: all cores")
