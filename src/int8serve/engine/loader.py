@@ -54,7 +54,7 @@ class LoadedModel:
     model: Transformer
     config: ModelConfig
     tokenizer_path: Path | None
-    source_format: str  # "hf", "meta" or "int8"
+    source_format: str  # "hf", "meta", "int8" or "gguf"
     path: Path
 
 
@@ -84,7 +84,8 @@ def detect_format(folder: Path) -> str:
     if not folder.exists():
         raise CheckpointError(f"{folder}: no such model folder")
     if not folder.is_dir():
-        raise CheckpointError(f"{folder}: a model is a folder (config.json, params.json or int8serve.json)")
+        raise CheckpointError(f"{folder}: a model is a folder (config.json, params.json or int8serve.json) or a "
+                              ".gguf file")
     for marker, kind in (("int8serve.json", "int8"), ("params.json", "meta"), ("config.json", "hf")):
         if (folder / marker).is_file():
             return kind
@@ -92,8 +93,12 @@ def detect_format(folder: Path) -> str:
 
 
 def load_model(path: str | Path, precision: Precision = "int8", progress: bool = False) -> LoadedModel:
-    """Load the checkpoint folder at `path` as an fp32 reference or an int8 model."""
+    """Load the checkpoint folder (or .gguf file) at `path` as an fp32 reference or an int8 model."""
     folder = Path(path)
+    if folder.suffix == ".gguf" and folder.is_file():
+        from .gguf_loader import load_gguf
+
+        return load_gguf(folder, precision, progress)
     kind = detect_format(folder)
     tokenizer = find_tokenizer(folder)
     if kind == "int8":
