@@ -34,8 +34,8 @@ from .catalog.card import CardError, ModelCard
 from .catalog.registry import Catalog, UnknownModelError
 from .engine.chat_template import render_prompt
 from .engine.demo import DEMO_WARNING, demo_model_dir
-from .engine.loader import load_model
 from .engine.model import Transformer
+from .engine.model_cache import load_cached
 from .engine.model_source import resolve as resolve_model_source
 from .engine.prefix_cache import DEFAULT_BLOCK_TOKENS, PrefixCache
 from .engine.scheduler import Engine
@@ -125,7 +125,8 @@ def load_service(settings: ServeSettings, prepared: Prepared, tokens: dict[str, 
     started = time.perf_counter()
     if not sys.stderr.isatty():  # no progress bar: say what is happening
         log.info("loading %s weights from %s", settings.dtype, prepared.model_path)
-    loaded = load_model(prepared.model_path, settings.dtype, progress=sys.stderr.isatty())
+    loaded = load_cached(prepared.model_path, settings.dtype, progress=sys.stderr.isatty(),
+                         use_cache=settings.model_cache)
     if loaded.tokenizer_path is None:
         raise ServeError(f"{loaded.path}: no tokenizer.model in the folder or its parent")
     tokenizer = Tokenizer(loaded.tokenizer_path)
