@@ -9,6 +9,7 @@ no network) are produced by the library itself, from a local HTTP server answeri
 from __future__ import annotations
 
 import hashlib
+import json
 import os
 import re
 import shutil
@@ -19,6 +20,7 @@ import threading
 from collections.abc import Iterator
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
+from typing import ClassVar
 
 import pytest
 import torch
@@ -143,6 +145,13 @@ def test_offline_and_not_cached_says_so(hub_cache: Path) -> None:
         resolve("tiny-org/stories260K@v2")  # no such ref cached
 
 
+def test_an_interrupted_download_in_the_cache_is_named(hub_cache: Path) -> None:
+    snapshot = hub_cache / "models--tiny-org--stories260K" / "snapshots" / COMMIT
+    (snapshot / "model.safetensors").unlink()  # the library links a file into the snapshot once it is complete
+    with pytest.raises(HubError, match=r"the cached snapshot is incomplete \(the repo has config.json but no model"):
+        resolve("tiny-org/stories260K")
+
+
 def test_a_path_that_is_no_hub_id_and_does_not_exist_is_refused(tmp_path: Path) -> None:
     with pytest.raises(CheckpointError, match=r"no such model folder or \.gguf file"):
         resolve(tmp_path / "missing")
@@ -241,3 +250,75 @@ def test_a_hub_id_that_cannot_be_had_is_one_clear_line(hub_cache: Path, capsys: 
         main(["generate", "--model", "tiny-org/missing", "hi"])
     assert exit_.value.code == 2
     assert capsys.readouterr().err.startswith("int8serve generate: error: tiny-org/missing: not in the local Hub cache")
+
+
+# --- a download, by the library, from a Hub that serves stories260K beside a .bin copy of it --------------------
+
+
+class ServingHub(BaseHTTPRequestHandler):
+    """The few Hub routes `snapshot_download` uses: revision info, the file tree, and each file's /resolve/."""
+
+    files: ClassVar[dict[str, bytes]] = {}
+    fetched: ClassVar[list[str]] = []
+
+    def do_GET(self) -> None:
+        self._answer(body=True)
+
+    def do_HEAD(self) -> None:
+        self._answer(body=False)
+
+    def _answer(self, body: bool) -> None:
+        path = self.path.split("?")[0]
+        if path.startswith("/api/models/tiny-org/stories260K/revision/"):
+            payload = json.dumps({"id": "tiny-org/stories260K", "sha": COMMIT,
+                                  "siblings": [{"rfilename": name} for name in self.files]}).encode()
+            return self._send(payload, {"Content-Type": "application/json"}, body)
+        if path.startswith("/api/models/tiny-org/stories260K/tree/"):
+            tree = [{"type": "file", "path": name, "size": len(data), "oid": hashlib.sha1(data).hexdigest()}
+                    for name, data in self.files.items()]
+            return self._send(json.dumps(tree).encode(), {"Content-Type": "application/json"}, body)
+        prefix = "/tiny-org/stories260K/resolve/"
+        if path.startswith(prefix):
+            name = path.removeprefix(prefix).split("/", 1)[1]
+            data = self.files[name]
+            if body:
+                self.fetched.append(name)
+            return self._send(data, {"X-Repo-Commit": COMMIT, "ETag": f'"{hashlib.sha256(data).hexdigest()}"'}, body)
+        self.send_response(404)
+        self.send_header("X-Error-Code", "RepoNotFound")
+        self.send_header("Content-Length", "0")
+        self.end_headers()
+
+    def _send(self, data: bytes, headers: dict[str, str], body: bool) -> None:
+        self.send_response(200)
+        for key, value in {**headers, "Content-Length": str(len(data))}.items():
+            self.send_header(key, value)
+        self.end_headers()
+        if body:
+            self.wfile.write(data)
+
+    def log_message(self, *args: object) -> None:
+        pass
+
+
+def test_a_download_fetches_only_what_the_loader_reads(tmp_path: Path, stories_hf: Path,
+                                                       monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("HF_HUB_CACHE", str(tmp_path / "hub"))
+    monkeypatch.delenv("HF_HUB_OFFLINE", raising=False)
+    monkeypatch.setenv("HF_HUB_DISABLE_XET", "1")
+    ServingHub.files = {name: (stories_hf / name).read_bytes() for name in FILES}
+    ServingHub.files.update({"pytorch_model.bin": b"\0" * 1000, "README.md": b"# stories260K\n",
+                             "tokenizer.json": (stories_hf / "tokenizer.json").read_bytes()})
+    ServingHub.fetched = []
+    server = ThreadingHTTPServer(("127.0.0.1", 0), ServingHub)
+    threading.Thread(target=server.serve_forever, daemon=True).start()
+    try:
+        snapshot = fetch(HubId("tiny-org/stories260K"), endpoint=f"http://127.0.0.1:{server.server_address[1]}")
+    finally:
+        server.shutdown()
+        server.server_close()
+    assert sorted(ServingHub.fetched) == sorted(FILES)  # never the .bin, the README or tokenizer.json
+    assert snapshot == tmp_path / "hub" / "models--tiny-org--stories260K" / "snapshots" / COMMIT
+    assert torch.equal(logits(snapshot), logits(stories_hf))
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")  # and it is then in the cache
+    assert resolve("tiny-org/stories260K") == snapshot

@@ -104,8 +104,11 @@ def fetch(hub_id: HubId, endpoint: str | None = None) -> Path:
     except hub_errors.RepositoryNotFoundError as err:
         raise HubError(f"{hub_id}: no such model on the Hub (or it is private: set HF_TOKEN to a token that can "
                        "read it); a local folder or .gguf file of that name does not exist either") from err
-    except hub_errors.LocalEntryNotFoundError as err:
+    except (hub_errors.LocalEntryNotFoundError, hub_errors.IncompleteSnapshotError) as err:
         raise HubError(_unreachable_message(hub_id)) from err
+    except HubError as err:  # the cached snapshot lacks what the loader reads
+        raise HubError(f"{hub_id}: the cached snapshot is incomplete ({err}), and {_unreachable_message(hub_id)}") \
+            from err
     except hub_errors.HfHubHTTPError as err:
         raise HubError(f"{hub_id}: the Hub answered {_first_line(err)}") from err
     except OSError as err:  # a full disk, an unwritable cache
@@ -120,20 +123,28 @@ def _fetch(hub_id: HubId, endpoint: str | None) -> Path:
     constants.HF_HUB_OFFLINE = offline()
     common = dict(repo_id=hub_id.repo, revision=hub_id.revision, cache_dir=hub_cache_dir(), endpoint=endpoint,
                   token=os.environ.get("HF_TOKEN") or None)
+    # From the cache, only tokenizer.model is asked for by name: the library checks the snapshot against the repo's
+    # whole listing, which names files never fetched (the .bin copy); the loader's choice is checked after.
     if offline():
-        return Path(snapshot_download(**common, allow_patterns=CANDIDATE_PATTERNS, local_files_only=True))
+        return _cached(Path(snapshot_download(**common, allow_patterns=["tokenizer.model"], local_files_only=True)))
     try:  # list the repo's files without downloading, to choose among them
         listing = snapshot_download(**common, allow_patterns=CANDIDATE_PATTERNS, dry_run=True)
     except DryRunError:  # the Hub cannot be asked: the cached snapshot, or the library's own error about why not
-        return Path(snapshot_download(**common, allow_patterns=CANDIDATE_PATTERNS))
+        return _cached(Path(snapshot_download(**common, allow_patterns=["tokenizer.model"])))
     wanted = choose_files([info.filename for info in listing])
     missing = [info for info in listing if info.filename in wanted and info.will_download]
     if missing:
         size = sum(info.file_size or 0 for info in missing)
         log.info("downloading %d files (%.1f GB) of %s into %s", len(missing), size / 1e9, hub_id, hub_cache_dir())
-    revision = listing[0].commit_hash if listing else hub_id.revision
-    common["revision"] = revision
+    # by the revision asked for, not the listing's commit: the library then records refs/<branch>, which is what
+    # finds the snapshot again offline
     return Path(snapshot_download(**common, allow_patterns=wanted))  # with the library's progress bar
+
+
+def _cached(snapshot: Path) -> Path:
+    """`snapshot`, once it holds every file the loader would fetch (an interrupted download leaves some out)."""
+    choose_files([p.name for p in snapshot.iterdir()])
+    return snapshot
 
 
 def _gated_message(hub_id: HubId) -> str:
