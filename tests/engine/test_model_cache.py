@@ -134,3 +134,13 @@ def test_a_partial_copy_left_by_a_crash_is_ignored_and_removed(cache: Path, sour
     (stale / "model.safetensors").write_bytes(b"half")
     load_cached(source)
     assert not stale.exists() and (folder / "int8serve.json").is_file()
+
+
+def test_quantizing_by_blocks_of_rows_gives_the_same_bits(monkeypatch: pytest.MonkeyPatch) -> None:
+    from int8serve.engine.int8 import quantize_per_channel
+
+    monkeypatch.setattr(loader, "QUANTIZE_ROWS", 7)
+    weight = torch.randn(50, 64, generator=torch.Generator().manual_seed(0)).half()
+    weight[3] = 0  # an all-zero row stays zero
+    for ours, whole in zip(loader._quantize_by_rows(weight), quantize_per_channel(weight), strict=True):
+        assert torch.equal(ours, whole)

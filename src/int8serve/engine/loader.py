@@ -213,11 +213,23 @@ def _assign(modules: dict[str, nn.Module], name: str, weight: Weight, folder: Pa
         raise CheckpointError(f"{folder}: tensor '{name}' has shape {tuple(tensor.shape)}, but the config "
                               f"describes {tuple(expected)}")
     if isinstance(module, Int8Linear):
-        module.set_quantized(*(weight if isinstance(weight, tuple) else quantize_per_channel(weight)))
+        module.set_quantized(*(weight if isinstance(weight, tuple) else _quantize_by_rows(weight)))
     elif isinstance(weight, tuple):
         raise CheckpointError(f"{folder}: tensor '{name}' is int8, but that layer stays in full precision")
     else:
         module.weight = nn.Parameter(weight.to(torch.float32, copy=True).contiguous(), requires_grad=False)
+
+
+QUANTIZE_ROWS = 1024  # rows quantized at a time: the fp32 temporaries of a 32000 x 4096 head would be ~2 GB at once
+
+
+def _quantize_by_rows(weight: Tensor) -> tuple[Tensor, Tensor]:
+    """`quantize_per_channel` a block of rows at a time (each row's result depends on that row alone), so that the
+    peak memory of a load stays near the int8 model's size."""
+    if weight.shape[0] <= QUANTIZE_ROWS:
+        return quantize_per_channel(weight)
+    parts = [quantize_per_channel(weight[i:i + QUANTIZE_ROWS]) for i in range(0, weight.shape[0], QUANTIZE_ROWS)]
+    return torch.cat([q for q, _ in parts]), torch.cat([s for _, s in parts])
 
 
 def save_int8_checkpoint(loaded: LoadedModel, destination: str | Path) -> Path:
