@@ -11,6 +11,8 @@ memory stays near the final model's size plus one layer.
 
 from __future__ import annotations
 
+import ctypes
+import functools
 import json
 import re
 import shutil
@@ -228,8 +230,29 @@ def _quantize_by_rows(weight: Tensor) -> tuple[Tensor, Tensor]:
     peak memory of a load stays near the int8 model's size."""
     if weight.shape[0] <= QUANTIZE_ROWS:
         return quantize_per_channel(weight)
-    parts = [quantize_per_channel(weight[i:i + QUANTIZE_ROWS]) for i in range(0, weight.shape[0], QUANTIZE_ROWS)]
-    return torch.cat([q for q, _ in parts]), torch.cat([s for _, s in parts])
+    q = torch.empty(weight.shape, dtype=torch.int8)
+    scales = torch.empty(weight.shape[0], dtype=torch.float32)
+    for i in range(0, weight.shape[0], QUANTIZE_ROWS):
+        q[i:i + QUANTIZE_ROWS], scales[i:i + QUANTIZE_ROWS] = quantize_per_channel(weight[i:i + QUANTIZE_ROWS])
+    _give_back_freed_memory()
+    return q, scales
+
+
+@functools.cache
+def _libc() -> ctypes.CDLL | None:
+    try:
+        return ctypes.CDLL("libc.so.6")
+    except OSError:  # not glibc
+        return None
+
+
+def _give_back_freed_memory() -> None:
+    """Return the heap's free pages to the system. The temporaries of quantizing one weight are freed between int8
+    weights that stay, and glibc keeps such holes resident: a 7B first start peaked at 9.46 GB without this (and
+    without writing into one preallocated tensor), 7.57 GB with both; the int8 copy is 7.14 GB."""
+    libc = _libc()
+    if libc is not None and hasattr(libc, "malloc_trim"):
+        libc.malloc_trim(0)
 
 
 def save_int8_checkpoint(loaded: LoadedModel, destination: str | Path) -> Path:
