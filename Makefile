@@ -17,6 +17,11 @@ $(BIN)/int8serve: pyproject.toml
 install: $(BIN)/int8serve
 
 run: install
+	@echo "Serving the built-in demo model (random weights). To serve Llama-2-7B-chat, give --model one of:"
+	@echo "  HF_TOKEN=hf_... $(BIN)/int8serve serve --model meta-llama/Llama-2-7b-chat-hf   # a Hub id (gated)"
+	@echo "  $(BIN)/int8serve serve --model /path/to/Llama-2-7b-chat-hf                    # a folder on disk"
+	@echo "  $(BIN)/int8serve serve --model /path/to/llama-2-7b-chat.Q8_0.gguf              # a llama.cpp GGUF file"
+	@echo "(the first start quantizes once into ~/.cache/int8serve/models; README: 'Serving Llama-2-7B-chat')"
 	$(BIN)/int8serve serve
 
 # the playground's browser tests drive Debian's chromium (Playwright never downloads a browser here)

@@ -1,12 +1,14 @@
 """The `int8serve` command: serve, generate, quantize, eval-ppl.
 
-Every command takes `--model PATH` (a Hugging Face folder, a Meta folder or an int8 checkpoint written by
-`int8serve quantize`); without it, the built-in demo model is used and says so loudly.
+Every command takes `--model` (a Hugging Face folder, a Meta folder, an int8 checkpoint written by
+`int8serve quantize`, a llama.cpp .gguf file or a Hugging Face Hub id); without it, the built-in demo model is
+used and says so loudly.
 """
 
 from __future__ import annotations
 
 import argparse
+import logging
 import sys
 import time
 from collections.abc import Sequence
@@ -19,6 +21,8 @@ from .engine.config import ConfigError
 from .engine.demo import DEMO_WARNING, demo_model_dir
 from .engine.generate import GenerationStats, generate
 from .engine.loader import LoadedModel, load_model, save_int8_checkpoint
+from .engine.model_cache import load_cached
+from .engine.model_source import MODEL_HELP, resolve
 from .engine.perplexity import evaluate
 from .engine.sampling import SamplingParams
 from .engine.sources import CheckpointError
@@ -32,13 +36,14 @@ class UsageError(Exception):
 
 def _add_model_args(parser: argparse.ArgumentParser, dtype: bool = True) -> None:
     parser.add_argument("--model", type=Path, default=None,
-                        help="checkpoint folder: Hugging Face (config.json), Meta (params.json) or an int8 "
-                             "checkpoint from 'int8serve quantize'. Default: the built-in demo model "
-                             "(random weights, meaningless output)")
+                        help=MODEL_HELP + ". Default: the built-in demo model (random weights, meaningless output)")
     if dtype:
         parser.add_argument("--dtype", choices=["int8", "fp32"], default="int8",
                             help="int8: weight-only int8 (the served path); fp32: full-precision reference "
                                  "(default: %(default)s)")
+    parser.add_argument("--model-cache", action=argparse.BooleanOptionalAction, default=True,
+                        help="load a full-precision --model through its int8 copy in $INT8SERVE_CACHE/models, "
+                             "written on first use (default: on)")
     parser.add_argument("--threads", type=int, default=None, help="torch threads (default: all cores)")
 
 
@@ -64,10 +69,10 @@ def build_parser() -> argparse.ArgumentParser:
     gen.add_argument("--seed", type=int, default=None, help="same seed, same output (default: random)")
 
     quant = commands.add_parser("quantize", help="write a pre-quantized int8 checkpoint that loads fast",
-                                description="Quantize SRC (Hugging Face or Meta folder) to weight-only int8, "
-                                            "per output channel, and write it to DST (int8serve.json + "
-                                            "model.safetensors + tokenizer.model).")
-    quant.add_argument("src", type=Path, help="source checkpoint folder")
+                                description="Quantize SRC (Hugging Face or Meta folder, .gguf file or Hub id) to "
+                                            "weight-only int8, per output channel, and write it to DST "
+                                            "(int8serve.json + model.safetensors + tokenizer.model).")
+    quant.add_argument("src", type=Path, help="the source model: a folder, a .gguf file or a Hub id org/name[@rev]")
     quant.add_argument("dst", type=Path, help="destination folder (created)")
     quant.add_argument("--threads", type=int, default=None, help="torch threads (default: all cores)")
 
@@ -105,6 +110,7 @@ def _add_serve_parser(commands: argparse._SubParsersAction) -> None:
                        help="a TOML file of settings (keys as the flags, e.g. max_queue = 64) [env INT8SERVE_CONFIG]")
     option("--model", field="model", type=Path, metavar="PATH")
     option("--dtype", field="dtype", choices=["int8", "fp32"])
+    option("--model-cache", field="model_cache", action=argparse.BooleanOptionalAction)
     option("--threads", field="threads", type=int, metavar="N")
     option("--card", field="card", type=Path, action="append", metavar="FILE")
     option("--served-model-name", field="served_model_name", metavar="NAME")
@@ -172,11 +178,11 @@ def resolve_model(path: Path | None) -> Path:
     if path is None:
         print(f"int8serve: WARNING: {DEMO_WARNING}", file=sys.stderr)
         return demo_model_dir()
-    return path
+    return resolve(path)
 
 
-def open_model(path: Path | None, dtype: str) -> tuple[LoadedModel, Tokenizer]:
-    loaded = load_model(resolve_model(path), dtype, progress=sys.stderr.isatty())
+def open_model(path: Path | None, dtype: str, use_cache: bool = True) -> tuple[LoadedModel, Tokenizer]:
+    loaded = load_cached(resolve_model(path), dtype, progress=sys.stderr.isatty(), use_cache=use_cache)
     if loaded.tokenizer_path is None:
         raise UsageError(f"{loaded.path}: no tokenizer.model in the folder or its parent")
     return loaded, Tokenizer(loaded.tokenizer_path)
@@ -191,7 +197,7 @@ def cmd_generate(args: argparse.Namespace) -> None:
                                 frequency_penalty=args.frequency_penalty, presence_penalty=args.presence_penalty)
     except ValueError as err:
         raise UsageError(str(err)) from err
-    loaded, tokenizer = open_model(args.model, args.dtype)
+    loaded, tokenizer = open_model(args.model, args.dtype, args.model_cache)
     if args.raw:
         segments = render_prompt(args.prompt, raw=True)
     else:
@@ -220,7 +226,7 @@ def _with_system(system: str, prompt: str) -> list:
 
 def cmd_quantize(args: argparse.Namespace) -> None:
     started = time.perf_counter()
-    loaded = load_model(args.src, "int8", progress=sys.stderr.isatty())
+    loaded = load_model(resolve(args.src), "int8", progress=sys.stderr.isatty())
     folder = save_int8_checkpoint(loaded, args.dst)
     size = sum(f.stat().st_size for f in folder.iterdir() if f.is_file())
     print(f"wrote {folder} ({size / 1e6:.1f} MB) in {time.perf_counter() - started:.1f} s", file=sys.stderr)
@@ -229,7 +235,7 @@ def cmd_quantize(args: argparse.Namespace) -> None:
 def cmd_eval_ppl(args: argparse.Namespace) -> None:
     if not args.text.is_file():
         raise UsageError(f"{args.text}: no such file")
-    loaded, tokenizer = open_model(args.model, args.dtype)
+    loaded, tokenizer = open_model(args.model, args.dtype, args.model_cache)
     reference = None
     if args.compare_to == "fp32":
         reference = load_model(loaded.path, "fp32").model
@@ -299,8 +305,20 @@ def parse_tokens(entries: Sequence[str], tokens_file: Path | None, where: str = 
 COMMANDS = {"serve": cmd_serve, "generate": cmd_generate, "quantize": cmd_quantize, "eval-ppl": cmd_eval_ppl}
 
 
+def _say_what_loading_does() -> None:
+    """The engine's log lines (a download, a first quantization, a cached copy) on stderr, as `serve` shows them."""
+    logger = logging.getLogger("int8serve")
+    if not logger.handlers:
+        handler = logging.StreamHandler(sys.stderr)
+        handler.setFormatter(logging.Formatter("int8serve: %(message)s"))
+        logger.addHandler(handler)
+        logger.setLevel(logging.INFO)
+
+
 def main(argv: Sequence[str] | None = None) -> None:
     args = build_parser().parse_args(argv)
+    if args.command != "serve":  # serve configures its own logging
+        _say_what_loading_does()
     if getattr(args, "threads", None):
         torch.set_num_threads(args.threads)
     try:

@@ -34,10 +34,12 @@ from .catalog.card import CardError, ModelCard
 from .catalog.registry import Catalog, UnknownModelError
 from .engine.chat_template import render_prompt
 from .engine.demo import DEMO_WARNING, demo_model_dir
-from .engine.loader import load_model
 from .engine.model import Transformer
+from .engine.model_cache import load_cached
+from .engine.model_source import resolve as resolve_model_source
 from .engine.prefix_cache import DEFAULT_BLOCK_TOKENS, PrefixCache
 from .engine.scheduler import Engine
+from .engine.sources import CheckpointError
 from .engine.tokenizer import Tokenizer
 from .service.app import create_app
 from .service.connections import uvicorn_config
@@ -105,8 +107,10 @@ def prepare(settings: ServeSettings) -> Prepared:
         raise ServeError(str(err)) from err
     demo = settings.model is None
     model_path = demo_model_dir() if demo else settings.model
-    if not model_path.is_dir():
-        raise ServeError(f"{model_path}: no such model folder")
+    try:  # a Hub id is fetched here, before listening: a gated or missing model fails at once
+        model_path = resolve_model_source(model_path)
+    except CheckpointError as err:
+        raise ServeError(str(err)) from err
     try:
         policy = Policy.build(policy_settings(settings))
     except (ValueError, PolicyStartupError) as err:
@@ -121,7 +125,8 @@ def load_service(settings: ServeSettings, prepared: Prepared, tokens: dict[str, 
     started = time.perf_counter()
     if not sys.stderr.isatty():  # no progress bar: say what is happening
         log.info("loading %s weights from %s", settings.dtype, prepared.model_path)
-    loaded = load_model(prepared.model_path, settings.dtype, progress=sys.stderr.isatty())
+    loaded = load_cached(prepared.model_path, settings.dtype, progress=sys.stderr.isatty(),
+                         use_cache=settings.model_cache)
     if loaded.tokenizer_path is None:
         raise ServeError(f"{loaded.path}: no tokenizer.model in the folder or its parent")
     tokenizer = Tokenizer(loaded.tokenizer_path)

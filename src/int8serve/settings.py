@@ -66,10 +66,16 @@ class ServeSettings(BaseSettings):
 
     # --- the model ---
     model: Path | None = Field(None, description="checkpoint folder: Hugging Face (config.json), Meta (params.json) "
-                                                 "or an int8 checkpoint from 'int8serve quantize'. Default: the "
-                                                 "built-in demo model (random weights, meaningless output)")
+                                                 "or an int8 checkpoint from 'int8serve quantize'; a llama.cpp "
+                                                 ".gguf file; or a Hugging Face Hub id org/name[@revision]. "
+                                                 "Default: the built-in demo model (random weights, meaningless "
+                                                 "output)")
     dtype: Literal["int8", "fp32"] = Field("int8", description="int8: weight-only int8 (the served path); fp32: "
                                                                "full-precision reference")
+    model_cache: bool = Field(True, description="keep an int8 copy of a full-precision --model (Hub id, folder, "
+                                                "GGUF file) in $INT8SERVE_CACHE/models, written on the first start "
+                                                "and loaded by later ones (--no-model-cache: quantize at every "
+                                                "start, write nothing)")
     threads: int | None = Field(None, ge=1, description="torch threads. Default: all cores")
     card: Annotated[list[Path], NoDecode] = Field(
         default_factory=list, description="extra catalog card files (or folders of *.txt cards); the flag is "

@@ -1,0 +1,306 @@
+"""`--model file.gguf`: a llama.cpp GGUF file of a Llama model, loaded into the same `Transformer`.
+
+Users of llama.cpp already have Llama-2-7B-chat as GGUF (`llama-2-7b-chat.Q8_0.gguf` is the common int8 copy).
+What differs from a Hugging Face folder, and is undone here:
+- tensor names (`blk.N.attn_q.weight`, ...) and the model's shape in `llama.*` metadata keys;
+- q/k rows in Meta's interleaved rotary order (llama.cpp's converter permutes the Hugging Face rows back);
+- no `tokenizer.model`: it is rebuilt from the file's own vocabulary (gguf_tokenizer.py);
+- tensor types: F32, F16 and BF16 are read as is; Q8_0 (blocks of 32 int8 with one fp16 scale) is, for now,
+  dequantized and quantized again to the engine's per-channel int8. `Q8_0_DIRECT` is the hook for loading it
+  without that round trip once the engine has a matching group-wise weight format.
+Other types (Q4_K, ...) are refused with their name. Tensors are read with plain file reads, one at a time, like
+the safetensors source: a memory map would count the whole file as resident.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import logging
+import os
+import re
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from torch import Tensor
+
+from .config import ConfigError, ModelConfig
+from .gguf_tokenizer import Vocabulary, model_proto
+from .sources import CheckpointError, TensorSource
+
+log = logging.getLogger(__name__)
+
+Q8_0_BLOCK = 32  # weights per Q8_0 block; each block is an fp16 scale then 32 int8: 34 bytes
+_Q8_0_BYTES = 2 + Q8_0_BLOCK
+_FLOAT_TYPES = {"F32": torch.float32, "F16": torch.float16, "BF16": torch.bfloat16}
+SUPPORTED_TYPES = (*_FLOAT_TYPES, "Q8_0")
+
+_NAMES = [
+    (r"token_embd\.weight", "tok_embeddings.weight"),
+    (r"output_norm\.weight", "norm.weight"),
+    (r"output\.weight", "output.weight"),
+    (r"blk\.(\d+)\.attn_q\.weight", r"layers.\1.attention.wq.weight"),
+    (r"blk\.(\d+)\.attn_k\.weight", r"layers.\1.attention.wk.weight"),
+    (r"blk\.(\d+)\.attn_v\.weight", r"layers.\1.attention.wv.weight"),
+    (r"blk\.(\d+)\.attn_output\.weight", r"layers.\1.attention.wo.weight"),
+    (r"blk\.(\d+)\.ffn_gate\.weight", r"layers.\1.feed_forward.w1.weight"),
+    (r"blk\.(\d+)\.ffn_down\.weight", r"layers.\1.feed_forward.w2.weight"),
+    (r"blk\.(\d+)\.ffn_up\.weight", r"layers.\1.feed_forward.w3.weight"),
+    (r"blk\.(\d+)\.attn_norm\.weight", r"layers.\1.attention_norm.weight"),
+    (r"blk\.(\d+)\.ffn_norm\.weight", r"layers.\1.ffn_norm.weight"),
+]
+
+# The hook for Q8_0 without a round trip through floats: given a layer's name and its Q8_0 weight as (int8 [N, K],
+# fp16 scales [N, K // 32]), return what `loader._assign` accepts for that layer, or None to fall back to
+# dequantize + per-channel quantize. Set by the engine once it has a group-wise (per-32) int8 weight format.
+Q8_0_DIRECT: Callable[[str, Tensor, Tensor], Any] | None = None
+
+
+@dataclass(frozen=True)
+class TensorInfo:
+    type: str  # GGML type name: F32, F16, BF16, Q8_0, ...
+    shape: tuple[int, ...]  # PyTorch order: (rows, columns) for a matrix
+    offset: int  # absolute position of the data in the file
+    nbytes: int
+
+
+@dataclass
+class GGUFFile:
+    """The metadata and tensor directory of a GGUF file (no tensor data is read)."""
+
+    path: Path
+    metadata: dict[str, Any]
+    tensors: dict[str, TensorInfo]
+
+    @classmethod
+    def open(cls, path: Path) -> GGUFFile:
+        from gguf import GGUFReader
+
+        try:
+            reader = GGUFReader(path, "r")
+        except (ValueError, OSError, KeyError) as err:
+            raise CheckpointError(f"{path}: not a readable GGUF file ({err})") from err
+        metadata = {key: _value(field) for key, field in reader.fields.items() if not key.startswith("GGUF.")}
+        tensors = {t.name: TensorInfo(t.tensor_type.name, tuple(int(n) for n in reversed(t.shape)),
+                                      int(t.data_offset), int(t.n_bytes)) for t in reader.tensors}
+        del reader  # closes the memory map
+        return cls(path, metadata, tensors)
+
+    def get(self, key: str, default: Any = None) -> Any:
+        return self.metadata.get(key, default)
+
+
+def _value(field: Any) -> Any:
+    try:
+        return field.contents()
+    except (ValueError, TypeError, IndexError):  # a value type this engine never reads
+        return None
+
+
+class GGUFSource(TensorSource):
+    """The tensors of a GGUF file: float types as float tensors, Q8_0 as its raw blocks (uint8 [N, K / 32 * 34])."""
+
+    def __init__(self, file: GGUFFile) -> None:
+        self.file = file
+        unsupported = {info.type for info in file.tensors.values() if info.type not in SUPPORTED_TYPES}
+        if unsupported:
+            names = [n for n, i in file.tensors.items() if i.type in unsupported][:3]
+            raise CheckpointError(f"{file.path}: tensor type {', '.join(sorted(unsupported))} is not supported "
+                                  f"(e.g. {', '.join(names)}); int8serve reads GGUF files in "
+                                  f"{', '.join(SUPPORTED_TYPES)}: use llama-2-7b-chat.Q8_0.gguf, or the fp16 one")
+
+    def names(self) -> list[str]:
+        return list(self.file.tensors)
+
+    def type_of(self, name: str) -> str:
+        return self.file.tensors[name].type
+
+    def get(self, name: str) -> Tensor:
+        info = self.file.tensors[name]
+        data = _read(self.file.path, info)
+        if info.type in _FLOAT_TYPES:
+            return data.view(_FLOAT_TYPES[info.type]).reshape(info.shape)
+        rows, cols = _matrix(info, name, self.file.path)
+        return data.reshape(rows, cols // Q8_0_BLOCK * _Q8_0_BYTES)
+
+
+def _read(path: Path, info: TensorInfo) -> Tensor:
+    data = torch.empty(info.nbytes, dtype=torch.uint8)
+    try:
+        with open(path, "rb") as f:
+            f.seek(info.offset)
+            if f.readinto(data.numpy()) != info.nbytes:
+                raise OSError("file is truncated")
+    except OSError as err:
+        raise CheckpointError(f"{path}: tensor data unreadable ({err})") from err
+    return data
+
+
+def _matrix(info: TensorInfo, name: str, path: Path) -> tuple[int, int]:
+    if len(info.shape) != 2 or info.shape[1] % Q8_0_BLOCK:
+        raise CheckpointError(f"{path}: Q8_0 tensor '{name}' has shape {info.shape}")
+    return info.shape
+
+
+def unpack_q8_0(blocks: Tensor) -> tuple[Tensor, Tensor]:
+    """Q8_0 blocks uint8 [N, K / 32 * 34] -> (int8 [N, K], fp16 scales [N, K / 32]); no arithmetic."""
+    rows = blocks.shape[0]
+    grouped = blocks.reshape(rows, -1, _Q8_0_BYTES)
+    scales = grouped[:, :, :2].contiguous().view(torch.float16).reshape(rows, -1)
+    q = grouped[:, :, 2:].contiguous().view(torch.int8).reshape(rows, -1)
+    return q, scales
+
+
+def dequantize_q8_0(q: Tensor, scales: Tensor) -> Tensor:
+    """(int8 [N, K], fp16 scales [N, K / 32]) -> fp32 [N, K], as llama.cpp computes it: q * float(scale)."""
+    return (q.view(q.shape[0], -1, Q8_0_BLOCK).float() * scales.float()[:, :, None]).reshape(q.shape)
+
+
+def internal_name(name: str) -> str | None:
+    for pattern, replacement in _NAMES:
+        if re.fullmatch(pattern, name):
+            return re.sub(pattern, replacement, name)
+    return None
+
+
+# --- the model's shape -------------------------------------------------------------------------------------------
+
+
+def config_from_gguf(file: GGUFFile) -> ModelConfig:
+    arch = file.get("general.architecture")
+    if arch != "llama":
+        raise ConfigError(f"{file.path}: architecture {arch!r} is not supported (only 'llama')")
+    scaling = file.get("llama.rope.scaling.type", "none")
+    if scaling not in ("none", None):
+        raise ConfigError(f"{file.path}: rope scaling {scaling!r} is not supported")
+    try:
+        n_heads = int(_require(file, "llama.attention.head_count"))
+        dim = int(_require(file, "llama.embedding_length"))
+        return ModelConfig(
+            dim=dim,
+            n_layers=int(_require(file, "llama.block_count")),
+            n_heads=n_heads,
+            n_kv_heads=int(file.get("llama.attention.head_count_kv") or n_heads),
+            vocab_size=len(_require(file, "tokenizer.ggml.tokens")),
+            hidden_dim=int(_require(file, "llama.feed_forward_length")),
+            norm_eps=_f32(file.get("llama.attention.layer_norm_rms_epsilon", 1e-5)),
+            rope_theta=_f32(file.get("llama.rope.freq_base", 10000.0)),
+            max_seq_len=int(file.get("llama.context_length", 4096)),
+            tie_embeddings="output.weight" not in file.tensors,
+            head_dim=int(file.get("llama.attention.key_length") or 0),
+            bos_id=int(file.get("tokenizer.ggml.bos_token_id", 1)),
+            eos_id=int(file.get("tokenizer.ggml.eos_token_id", 2)),
+        )
+    except (TypeError, ValueError) as err:
+        if isinstance(err, ConfigError):
+            raise
+        raise ConfigError(f"{file.path}: {err}") from err
+
+
+def _f32(value: Any) -> float:
+    """A float32 metadata value as the decimal it was written from (1e-05, not 9.999999747378752e-06)."""
+    return float(str(np.float32(value)))
+
+
+def _require(file: GGUFFile, key: str) -> Any:
+    value = file.get(key)
+    if value is None:
+        raise ConfigError(f"{file.path}: missing metadata '{key}'")
+    return value
+
+
+# --- the tokenizer -----------------------------------------------------------------------------------------------
+
+
+def vocabulary(file: GGUFFile) -> Vocabulary:
+    model = file.get("tokenizer.ggml.model")
+    if model != "llama":
+        raise CheckpointError(f"{file.path}: tokenizer {model!r} is not supported (only SentencePiece, 'llama')")
+    tokens = _require(file, "tokenizer.ggml.tokens")
+    return Vocabulary(
+        tokens=tokens,
+        scores=file.get("tokenizer.ggml.scores") or [0.0] * len(tokens),
+        types=file.get("tokenizer.ggml.token_type") or [1] * len(tokens),
+        bos_id=int(file.get("tokenizer.ggml.bos_token_id", 1)),
+        eos_id=int(file.get("tokenizer.ggml.eos_token_id", 2)),
+        unk_id=int(file.get("tokenizer.ggml.unknown_token_id", 0)),
+        pad_id=int(file.get("tokenizer.ggml.padding_token_id", -1)),
+        add_space_prefix=bool(file.get("tokenizer.ggml.add_space_prefix", True)),
+        remove_extra_whitespaces=bool(file.get("tokenizer.ggml.remove_extra_whitespaces", False)),
+    )
+
+
+def write_tokenizer(file: GGUFFile, folder: Path) -> Path:
+    """The file's tokenizer as `folder/gguf-<hash>.model` (content-addressed: written once, atomically)."""
+    proto = model_proto(vocabulary(file))
+    path = folder / f"gguf-{hashlib.sha256(proto).hexdigest()[:16]}.model"
+    if not path.is_file():
+        folder.mkdir(parents=True, exist_ok=True)
+        partial = path.with_suffix(f".{os.getpid()}.partial")
+        partial.write_bytes(proto)
+        os.replace(partial, path)
+    return path
+
+
+# --- tensors into the model --------------------------------------------------------------------------------------
+
+
+Weight = Tensor | tuple[Tensor, Tensor]
+
+
+def renamer(source: GGUFSource, config: ModelConfig, precision: str) -> Callable[[str, Tensor], Iterator[
+        tuple[str, Weight]]]:
+    """GGUF name and tensor -> the engine's name and weight: q/k rows back in Hugging Face order, Q8_0 decoded."""
+    from .loader import unpermute_meta_rotary
+
+    heads = {"wq": config.n_heads, "wk": config.n_kv_heads}
+    said: list[bool] = []
+
+    def rename(name: str, tensor: Tensor) -> Iterator[tuple[str, Weight]]:
+        internal = internal_name(name)
+        if internal is None:
+            raise CheckpointError(f"{source.file.path}: unexpected tensor '{name}' for a Llama model")
+        rotary = re.fullmatch(r"layers\.\d+\.attention\.(wq|wk)\.weight", internal)
+
+        def rows_in_hf_order(t: Tensor) -> Tensor:  # a row permutation: the same for weights and their scales
+            return unpermute_meta_rotary(t, heads[rotary.group(1)]) if rotary else t
+
+        if source.type_of(name) == "Q8_0":
+            q, scales = unpack_q8_0(tensor)
+            yield internal, _q8_0(internal, rows_in_hf_order(q), rows_in_hf_order(scales), precision, said)
+        else:
+            yield internal, rows_in_hf_order(tensor)
+
+    return rename
+
+
+def _q8_0(name: str, q: Tensor, scales: Tensor, precision: str, said: list[bool]) -> Weight:
+    if precision == "int8" and Q8_0_DIRECT is not None:
+        direct = Q8_0_DIRECT(name, q, scales)
+        if direct is not None:
+            return direct
+    if precision == "int8" and not said:
+        said.append(True)
+        log.warning("Q8_0 weights are dequantized and quantized again to the engine's per-channel int8 (each "
+                    "weight may move by up to half a per-channel step; a direct path comes with the group-wise "
+                    "int8 format)")
+    return dequantize_q8_0(q, scales)
+
+
+def load_gguf(path: Path, precision: str, progress: bool = False, tokenizer_dir: Path | None = None) -> Any:
+    """A `LoadedModel` from a GGUF file; its rebuilt tokenizer.model is written into `tokenizer_dir`."""
+    from .demo import cache_dir
+    from .loader import LoadedModel, _fill
+    from .model import Transformer
+
+    file = GGUFFile.open(path)
+    config = config_from_gguf(file)
+    source = GGUFSource(file)
+    tokenizer = write_tokenizer(file, tokenizer_dir or cache_dir() / "tokenizers")
+    with torch.device("meta"):
+        model = Transformer(config, precision)
+    _fill(model, source, renamer(source, config, precision), path, progress)
+    return LoadedModel(model.eval(), config, tokenizer, "gguf", path)

@@ -1,0 +1,143 @@
+"""The first start quantizes once: an int8 copy of each full-precision source, kept in `$INT8SERVE_CACHE/models/`.
+
+Quantizing Llama-2-7B from fp16 reads 13.5 GB and rounds 6.7 billion weights; loading the int8 checkpoint that
+`int8serve quantize` writes reads 7 GB and rounds nothing. So when `--model` is a Hub id, a full-precision folder or
+a GGUF file, the first start writes that checkpoint into the cache and later starts load it instead.
+
+The key is the source and the quantization, never a guess:
+- the source: a Hub snapshot by repo and commit (immutable); anything else by its resolved path and the name, size
+  and modification time of each file (hashing 13 GB at every start would cost more than it saves);
+- the quantization: the int8 format's name and version and the source code of the quantizer, so that a change to
+  how weights are rounded (group-wise scales, say) can never load a copy made the old way.
+Written atomically (a partial folder renamed into place) under a lock, so that two servers starting together
+quantize once: the second waits, then loads the first one's copy. A full disk or an unwritable cache costs a
+warning, never the start.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import dataclasses
+import fcntl
+import hashlib
+import inspect
+import json
+import logging
+import os
+import re
+import shutil
+from collections.abc import Iterator
+from pathlib import Path
+
+from . import int8
+from .demo import cache_dir
+from .loader import INT8_FORMAT, INT8_FORMAT_VERSION, LoadedModel, detect_format, load_model, save_int8_checkpoint
+from .model import Precision
+
+log = logging.getLogger(__name__)
+
+
+def models_dir() -> Path:
+    return cache_dir() / "models"
+
+
+def quantization_settings() -> dict[str, str | int]:
+    """What decides the bytes of an int8 copy besides its source."""
+    quantizer = inspect.getsource(int8.quantize_per_channel)
+    return {"format": INT8_FORMAT, "version": INT8_FORMAT_VERSION,
+            "quantizer": hashlib.sha256(quantizer.encode()).hexdigest()[:16]}
+
+
+def source_identity(source: Path) -> dict[str, object]:
+    """What identifies the weights at `source`: a Hub snapshot's repo and commit, else its files' stat."""
+    resolved = source.resolve() if source.is_file() else source
+    snapshots = resolved.parent
+    if snapshots.name == "snapshots" and snapshots.parent.name.startswith("models--"):
+        return {"hub": snapshots.parent.name.removeprefix("models--").replace("--", "/"), "commit": resolved.name}
+    files = [source] if source.is_file() else sorted(p for p in source.iterdir() if p.is_file())
+    return {"path": str(source.resolve()),
+            "files": [[p.name, p.stat().st_size, p.stat().st_mtime_ns] for p in files]}
+
+
+def cache_folder(source: Path) -> Path:
+    """`models/<readable name>-<key>`: the key hashes the source's identity and the quantization settings."""
+    identity = source_identity(source)
+    key = hashlib.sha256(json.dumps([identity, quantization_settings()], sort_keys=True).encode()).hexdigest()[:20]
+    label = str(identity.get("hub") or source.resolve().name)
+    return models_dir() / f"{re.sub(r'[^A-Za-z0-9._-]+', '--', label)[:80]}-{key}"
+
+
+def cacheable(source: Path, precision: Precision) -> bool:
+    """An int8 load of a full-precision source that is not already in our cache (the demo model lives there)."""
+    if precision != "int8" or source.resolve().is_relative_to(cache_dir().resolve()):
+        return False
+    return source.is_file() or detect_format(source) != "int8"
+
+
+def load_cached(source: Path, precision: Precision = "int8", progress: bool = False,
+                use_cache: bool = True) -> LoadedModel:
+    """`load_model(source)`, through the int8 cache when it applies; `path` stays the source."""
+    if not use_cache or not cacheable(source, precision):
+        return load_model(source, precision, progress)
+    folder = cache_folder(source)
+    if not _complete(folder):
+        with _locked(folder):
+            if not _complete(folder):
+                return _quantize_and_store(source, folder, progress)
+    log.info("loading the int8 copy of %s from the cache: %s", source, folder)
+    return dataclasses.replace(load_model(folder, "int8", progress), path=source)
+
+
+def _complete(folder: Path) -> bool:
+    return (folder / "int8serve.json").is_file()
+
+
+@contextlib.contextmanager
+def _locked(folder: Path) -> Iterator[None]:
+    """An exclusive lock on `folder`'s key, across processes; waits (saying so) while another holds it."""
+    folder.parent.mkdir(parents=True, exist_ok=True)
+    with open(folder.with_name(folder.name + ".lock"), "a") as handle:
+        try:
+            fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            log.info("another process is writing the int8 copy %s; waiting for it", folder)
+            fcntl.flock(handle, fcntl.LOCK_EX)
+        try:
+            yield
+        finally:
+            fcntl.flock(handle, fcntl.LOCK_UN)
+
+
+def _quantize_and_store(source: Path, folder: Path, progress: bool) -> LoadedModel:
+    log.info("quantizing %s to int8 (once: later starts load the copy written to %s)", source, folder)
+    loaded = load_model(source, "int8", progress)
+    try:
+        _store(loaded, folder)
+    except OSError as err:
+        log.warning("could not write the int8 copy to %s (%s); serving without it, the next start quantizes "
+                    "again", folder, err)
+    return loaded
+
+
+def _store(loaded: LoadedModel, folder: Path) -> None:
+    """Write the checkpoint beside `folder` and rename it into place: a reader sees all of it or nothing."""
+    for stale in folder.parent.glob(f".partial-{folder.name}-*"):  # left by a process that died while writing
+        shutil.rmtree(stale, ignore_errors=True)
+    needed = _nbytes(loaded)
+    free = shutil.disk_usage(folder.parent).free
+    if free < needed * 1.05:
+        raise OSError(f"{needed / 1e9:.1f} GB needed, {free / 1e9:.1f} GB free")
+    partial = folder.with_name(f".partial-{folder.name}-{os.getpid()}")
+    try:
+        save_int8_checkpoint(loaded, partial)
+        for file in partial.iterdir():
+            with open(file, "rb") as handle:
+                os.fsync(handle.fileno())
+        os.rename(partial, folder)
+    finally:
+        shutil.rmtree(partial, ignore_errors=True)
+
+
+def _nbytes(loaded: LoadedModel) -> int:
+    model = loaded.model
+    return sum(t.numel() * t.element_size() for t in [*model.parameters(), *model.buffers()])

@@ -1,0 +1,146 @@
+"""The first start quantizes once: the int8 copy in $INT8SERVE_CACHE/models, its key, its lock, its atomic write."""
+
+from __future__ import annotations
+
+import os
+import shutil
+import threading
+import time
+from pathlib import Path
+
+import pytest
+import torch
+from tests.engine.test_hub import COMMIT, lay_out_hub_cache
+
+from int8serve.engine import loader, model_cache
+from int8serve.engine.loader import LoadedModel, load_model
+from int8serve.engine.model_cache import cache_folder, load_cached, models_dir
+
+TOKENS = torch.tensor([[1, 403, 407, 261, 378, 442, 290]])
+
+
+def logits(loaded: LoadedModel) -> torch.Tensor:
+    return loaded.model(TOKENS, loaded.model.new_cache(1, TOKENS.shape[1]), [0], [0], all_logits=True)
+
+
+@pytest.fixture
+def cache(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Path:
+    monkeypatch.setenv("INT8SERVE_CACHE", str(tmp_path / "cache"))
+    return tmp_path / "cache"
+
+
+@pytest.fixture
+def source(tmp_path: Path, stories_hf: Path) -> Path:
+    """A private copy of stories260K, so that a test may touch its files."""
+    return Path(shutil.copytree(stories_hf, tmp_path / "stories260K"))
+
+
+@pytest.fixture
+def quantized(monkeypatch: pytest.MonkeyPatch) -> list[Path]:
+    """The sources `load_model` quantized (rather than loaded from an int8 checkpoint), in order."""
+    seen: list[Path] = []
+    real = loader.load_model
+
+    def spy(path: Path, precision: str = "int8", progress: bool = False) -> LoadedModel:
+        loaded = real(path, precision, progress)
+        if precision == "int8" and loaded.source_format != "int8":
+            seen.append(Path(path))
+        return loaded
+
+    monkeypatch.setattr(model_cache, "load_model", spy)
+    return seen
+
+
+def test_the_first_load_writes_the_copy_and_later_loads_read_it(cache: Path, source: Path,
+                                                                  quantized: list[Path]) -> None:
+    first = load_cached(source)
+    folder = cache_folder(source)
+    assert folder.parent == cache / "models" and folder.name.startswith("stories260K-")
+    assert {p.name for p in folder.iterdir()} == {"int8serve.json", "model.safetensors", "tokenizer.model"}
+    second = load_cached(source)
+    assert quantized == [source]  # once
+    assert second.source_format == "int8" and second.path == source
+    assert second.tokenizer_path == folder / "tokenizer.model"
+    assert torch.equal(logits(first), logits(second))
+    assert torch.equal(logits(second), logits(load_model(source, "int8")))
+
+
+def test_no_model_cache_and_fp32_write_nothing(cache: Path, source: Path, quantized: list[Path]) -> None:
+    load_cached(source, use_cache=False)
+    load_cached(source, "fp32")
+    assert not models_dir().exists() or not any(models_dir().iterdir())
+
+
+def test_an_int8_checkpoint_is_loaded_as_it_is(cache: Path, source: Path, tmp_path: Path) -> None:
+    int8 = loader.save_int8_checkpoint(load_model(source, "int8"), tmp_path / "int8")
+    assert load_cached(int8).path == int8
+    assert not models_dir().exists()
+
+
+def test_the_key_follows_the_source_and_the_quantization(cache: Path, source: Path,
+                                                          monkeypatch: pytest.MonkeyPatch) -> None:
+    before = cache_folder(source)
+    assert cache_folder(source) == before  # stable
+    weights = source / "model.safetensors"
+    os.utime(weights, ns=(weights.stat().st_atime_ns, weights.stat().st_mtime_ns + 1))
+    touched = cache_folder(source)
+    assert touched != before
+    monkeypatch.setattr(model_cache, "INT8_FORMAT_VERSION", 99)
+    assert cache_folder(source) != touched
+
+
+def test_a_hub_snapshot_is_keyed_by_repo_and_commit(tmp_path: Path, cache: Path, stories_hf: Path) -> None:
+    one = lay_out_hub_cache(tmp_path / "hub-a", "tiny-org/stories260K", stories_hf)
+    other = lay_out_hub_cache(tmp_path / "hub-b", "tiny-org/stories260K", stories_hf)  # another HF_HUB_CACHE
+    assert model_cache.source_identity(one) == {"hub": "tiny-org/stories260K", "commit": COMMIT}
+    assert cache_folder(one) == cache_folder(other)
+    assert cache_folder(one).name.startswith("tiny-org--stories260K-")
+
+
+def test_a_second_process_waits_for_the_first_then_loads_its_copy(cache: Path, source: Path,
+                                                                   quantized: list[Path]) -> None:
+    folder = cache_folder(source)
+    done: list[LoadedModel] = []
+    with model_cache._locked(folder):  # another server is quantizing
+        waiter = threading.Thread(target=lambda: done.append(load_cached(source)))
+        waiter.start()
+        time.sleep(0.5)
+        assert not done  # it waits for the lock
+        model_cache._store(load_model(source, "int8"), folder)  # the other server's copy lands
+    waiter.join(timeout=60)
+    assert done and done[0].source_format == "int8"  # loaded, not quantized again
+    assert quantized == []
+
+
+def test_a_failed_write_leaves_nothing_and_still_serves(cache: Path, source: Path,
+                                                       monkeypatch: pytest.MonkeyPatch,
+                                                       caplog: pytest.LogCaptureFixture) -> None:
+    def disk_full(loaded: LoadedModel, destination: Path) -> None:
+        Path(destination).mkdir(parents=True)
+        (Path(destination) / "model.safetensors").write_bytes(b"half")
+        raise OSError(28, "No space left on device")
+
+    monkeypatch.setattr(model_cache, "save_int8_checkpoint", disk_full)
+    loaded = load_cached(source)
+    assert torch.equal(logits(loaded), logits(load_model(source, "int8")))
+    assert [p.name for p in models_dir().iterdir() if not p.name.endswith(".lock")] == []
+    assert "could not write the int8 copy" in caplog.text and "No space left on device" in caplog.text
+
+
+def test_a_partial_copy_left_by_a_crash_is_ignored_and_removed(cache: Path, source: Path) -> None:
+    folder = cache_folder(source)
+    stale = folder.with_name(f".partial-{folder.name}-12345")
+    stale.mkdir(parents=True)
+    (stale / "model.safetensors").write_bytes(b"half")
+    load_cached(source)
+    assert not stale.exists() and (folder / "int8serve.json").is_file()
+
+
+def test_quantizing_by_blocks_of_rows_gives_the_same_bits(monkeypatch: pytest.MonkeyPatch) -> None:
+    from int8serve.engine.int8 import quantize_per_channel
+
+    monkeypatch.setattr(loader, "QUANTIZE_ROWS", 7)
+    weight = torch.randn(50, 64, generator=torch.Generator().manual_seed(0)).half()
+    weight[3] = 0  # an all-zero row stays zero
+    for ours, whole in zip(loader._quantize_by_rows(weight), quantize_per_channel(weight), strict=True):
+        assert torch.equal(ours, whole)
