@@ -47,6 +47,7 @@ class SafetensorsSource(TensorSource):
 
     def __init__(self, files: Iterable[Path]) -> None:
         self._where: dict[str, Path] = {}
+        self._headers: dict[Path, tuple[int, dict]] = {}  # file -> (header size, header), read once
         for file in files:
             try:
                 with safe_open(str(file), framework="pt", device="cpu") as handle:
@@ -58,12 +59,19 @@ class SafetensorsSource(TensorSource):
     def names(self) -> list[str]:
         return list(self._where)
 
+    def _header(self, file: Path) -> tuple[int, dict]:
+        if file not in self._headers:
+            with open(file, "rb") as f:
+                size = int.from_bytes(f.read(8), "little")
+                self._headers[file] = size, json.loads(f.read(size))
+        return self._headers[file]
+
     def get(self, name: str) -> Tensor:
         file = self._where[name]
         try:
+            header_size, header = self._header(file)
+            entry = header[name]
             with open(file, "rb") as f:
-                header_size = int.from_bytes(f.read(8), "little")
-                entry = json.loads(f.read(header_size))[name]
                 begin, end = entry["data_offsets"]
                 data = torch.empty(end - begin, dtype=torch.uint8)
                 f.seek(8 + header_size + begin)
