@@ -3,6 +3,7 @@ used first (its use by the scheduler, and exactness, are in test_scheduler.py)."
 
 from __future__ import annotations
 
+import random
 from typing import Any
 
 import pytest
@@ -118,9 +119,9 @@ def _drain(handle: Any) -> Any:
         yield handle._sync_queue.get()
 
 
-def engine_for(loaded: LoadedModel, tokenizer: Tokenizer, prefix_tokens: int | None) -> Engine:
+def engine_for(loaded: LoadedModel, tokenizer: Tokenizer, prefix_tokens: int | None, chunk: int = 32) -> Engine:
     prefix = PrefixCache(loaded.model.config, loaded.model.cache_dtype, prefix_tokens) if prefix_tokens else None
-    return Engine(Recording(loaded.model), tokenizer, max_slots=4, max_seq_len=512, prefill_chunk=32,  # type: ignore
+    return Engine(Recording(loaded.model), tokenizer, max_slots=4, max_seq_len=512, prefill_chunk=chunk,  # type: ignore
                   prefix_cache=prefix)
 
 
@@ -188,3 +189,27 @@ def test_warming_the_default_system_prompt(stories_int8: LoadedModel, stories_to
     assert engine.warm(system) == 50  # all of it, to the token
     _ids, _logits, reused = run_alone(engine, prompts(stories_tokenizer)[0], SamplingParams(temperature=0))
     assert reused == 50
+
+
+def test_prompts_of_any_length_share_their_prefix_exactly(stories_int8: LoadedModel,
+                                                          stories_tokenizer: Tokenizer) -> None:
+    """With chunks of 128 (the server's default), a short prompt stores blocks that a long one reuses, and the reverse:
+    the layers choose their kernel by the chunk size, not by where each prompt ends (a 22-token prompt choosing int8
+    activations and a 71-token one the dense path computed their shared positions differently)."""
+    greedy = SamplingParams(temperature=0)
+    rng = random.Random(0)
+    plain = engine_for(stories_int8, stories_tokenizer, None, chunk=128)
+    cached = engine_for(stories_int8, stories_tokenizer, 2048, chunk=128)
+    reused = []
+    for short, long in ((20, 70), (70, 20), (10, 150), (150, 30), (5, 12)):
+        first = [1] + [rng.randint(3, 500) for _ in range(short)]
+        shared = rng.randint(4, short)
+        second = first[:shared] + [rng.randint(3, 500) for _ in range(long)]
+        for prompt in (first, second):
+            want_ids, want_logits, _ = run_alone(plain, prompt, greedy, max_tokens=3)
+            ids, logits, from_cache = run_alone(cached, prompt, greedy, max_tokens=3)
+            assert ids == want_ids
+            assert all(torch.equal(a, b) for a, b in zip(logits, want_logits[-len(logits):], strict=True)), \
+                f"logits differ: {len(prompt)} tokens, {from_cache} from the cache"
+        reused.append(from_cache)
+    assert min(reused) >= 4

@@ -5,9 +5,10 @@ token, so the chunk holding a position is [a·C, (a+1)·C) (or shorter, at the p
 reuse only removes positions from the front of a chunk. The numbers of a row must then not depend on how many rows
 are computed with it, nor on where the chunk ends:
 
-* an int8 layer chooses its kernel by the rows of the whole aligned chunk, not by the rows it is given (the kernels
-  compute each row on its own; a dense fp32 matmul rounds a row by how many come with it below ~12, so it is given
-  at least 16);
+* an int8 layer chooses its kernel by the size of a whole chunk, `prefill_chunk` rows, not by the rows it is given
+  nor by where the prompt ends: the kernels round differently (int8 activations or bf16 dense), and positions that
+  two prompts share must be computed by the same one in both, whatever their lengths (the kernels compute each row
+  on its own; a dense fp32 matmul rounds a row by how many come with it below ~12, so it is given at least 16);
 * attention sees the keys up to the end of the aligned chunk, [0, (a+1)·C) — the positions past the prompt are
   zeros, and masked — and at least 16 queries (SDPA runs another kernel for a single one).
 
@@ -24,7 +25,7 @@ __all__ = ["CURRENT", "PrefillChunk", "aligned_chunk"]
 
 @dataclass(frozen=True)
 class PrefillChunk:
-    rows: int  # the rows of the whole aligned chunk: the layers choose their kernel by this
+    rows: int  # the rows of a whole chunk (prefill_chunk): the layers choose their kernel by this
     keys_end: int  # attention sees positions [0, keys_end): the end of the aligned chunk
 
 
@@ -37,4 +38,4 @@ def aligned_chunk(prefilled: int, prompt_tokens: int, chunk_tokens: int, max_pos
     """The end of the next chunk of a prompt prefilled up to `prefilled`, and how the layers compute it."""
     start = prefilled // chunk_tokens * chunk_tokens  # where this chunk starts when nothing is reused
     end = min(prompt_tokens, start + chunk_tokens)
-    return end, PrefillChunk(rows=end - start, keys_end=min(max_positions, start + chunk_tokens))
+    return end, PrefillChunk(rows=chunk_tokens, keys_end=min(max_positions, start + chunk_tokens))
