@@ -89,7 +89,7 @@ template <class T>
 void scores_scalar(const float* q, const T* keys, int64_t len, int64_t dim, float scale, float* s) {
   for (int64_t l = 0; l < len; ++l) {
     float acc = 0.0f;
-    for (int64_t d = 0; d < dim; ++d) acc = std::fma(q[d], load_scalar(keys + l * dim + d), acc);
+    for (int64_t d = 0; d < dim; ++d) acc += q[d] * load_scalar(keys + l * dim + d);  // no fma: a libm call here
     s[l] = acc * scale;
   }
 }
@@ -109,7 +109,7 @@ template <class T>
 void weighted_sum_scalar(const float* p, const T* values, int64_t len, int64_t dim, float inv_sum, float* out) {
   for (int64_t d = 0; d < dim; ++d) out[d] = 0.0f;
   for (int64_t l = 0; l < len; ++l)
-    for (int64_t d = 0; d < dim; ++d) out[d] = std::fma(p[l], load_scalar(values + l * dim + d), out[d]);
+    for (int64_t d = 0; d < dim; ++d) out[d] += p[l] * load_scalar(values + l * dim + d);
   for (int64_t d = 0; d < dim; ++d) out[d] *= inv_sum;
 }
 
