@@ -102,12 +102,12 @@ def resolve(impl: Impl = "auto") -> str:
     return {v: k for k, v in IMPLS.items()}[code]
 
 
-def setting() -> str:
+def setting() -> Impl | Literal["torch"]:
     """INT8SERVE_ATTENTION: auto (default), avx512, avx2, scalar, or torch (the per-row torch path)."""
     value = os.environ.get(ENV, "auto").strip().lower() or "auto"
     if value not in SETTINGS:
         raise ValueError(f"{ENV}={value!r}: expected one of {', '.join(SETTINGS)}")
-    return value
+    return value  # type: ignore[return-value]
 
 
 def decode_attention(q: Tensor, k: Tensor, v: Tensor, cos: Tensor, sin: Tensor, slots: Tensor, positions: Tensor,
