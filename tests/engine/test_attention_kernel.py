@@ -75,6 +75,7 @@ SHAPES = [  # heads, kv heads, head_dim, cache dtype
     (8, 2, 64, torch.float32),  # grouped-query, the fp32 reference model's cache
     (6, 3, 24, torch.bfloat16),  # head_dim not a multiple of 16 (masked AVX-512 tail)
     (4, 1, 40, torch.float32),  # one kv head for all
+    (8, 4, 32, torch.float16),  # an fp16 cache
 ]
 
 
@@ -145,9 +146,9 @@ def test_bad_shapes_and_dtypes_are_refused() -> None:
     with pytest.raises(ValueError, match="do not fit"):
         attention.decode_attention(case.q, case.k[:, :2].contiguous(), case.v, case.cos, case.sin, case.slots,
                                    case.positions, case.cache_k, case.cache_v)
-    with pytest.raises(ValueError, match="fp32 or bf16"):
+    with pytest.raises(ValueError, match="fp32, bf16 or fp16"):
         attention.decode_attention(case.q, case.k, case.v, case.cos, case.sin, case.slots, case.positions,
-                                   case.cache_k.half(), case.cache_v.half())
+                                   case.cache_k.double(), case.cache_v.double())
 
 
 def test_setting_is_validated(monkeypatch: pytest.MonkeyPatch) -> None:

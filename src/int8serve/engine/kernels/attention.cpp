@@ -14,7 +14,7 @@
 //   scores: s[l] = dot(q', key[l]) * scale for l in [0, pos], fp32 accumulation;
 //   softmax: p[l] = exp(s[l] - max s), sum in fp32;
 //   output: out = (sum_l p[l] * value[l]) / sum, fp32.
-// Paths: AVX-512 (16 lanes, masked tails), AVX2+FMA (8 lanes, head_dim a multiple of 8), scalar; chosen at run time
+// Cache dtypes: fp32, bf16, fp16. Paths: AVX-512 (16 lanes, masked tails), AVX2+FMA+F16C (8 lanes, head_dim a multiple of 8), scalar; chosen at run time
 // from the CPU's flags. The vector paths sum in another order than the scalar one, so paths differ in the last bits;
 // each path on its own is deterministic. head_dim > 128 takes the scalar path.
 //
@@ -31,7 +31,10 @@
 namespace {
 
 enum Impl { kAuto = 0, kAvx512 = 1, kAvx2 = 2, kScalar = 3 };
-enum Dtype { kF32 = 0, kBF16 = 1 };
+enum Dtype { kF32 = 0, kBF16 = 1, kF16 = 2 };
+struct Half {  // an IEEE fp16 value
+  uint16_t bits;
+};
 constexpr int64_t kMaxVectorDim = 128;
 
 bool cpu_has_avx512() {
@@ -46,7 +49,7 @@ bool cpu_has_avx512() {
 bool cpu_has_avx2() {
   static const bool has = [] {
     __builtin_cpu_init();
-    return __builtin_cpu_supports("avx2") && __builtin_cpu_supports("fma");
+    return __builtin_cpu_supports("avx2") && __builtin_cpu_supports("fma") && __builtin_cpu_supports("f16c");
   }();
   return has;
 }
@@ -67,7 +70,44 @@ inline float from_bf16(uint16_t value) {
   return out;
 }
 
+inline float bits_to_float(uint32_t bits) {
+  float out;
+  std::memcpy(&out, &bits, 4);
+  return out;
+}
+
+inline uint32_t float_to_bits(float value) {
+  uint32_t bits;
+  std::memcpy(&bits, &value, 4);
+  return bits;
+}
+
+// fp32 -> fp16, IEEE round to nearest even (the FP16 library's branch-free conversion, as torch's c10::Half).
+inline Half to_half(float value) {
+  float base = (std::fabs(value) * 0x1.0p+112f) * 0x1.0p-110f;
+  const uint32_t w = float_to_bits(value);
+  const uint32_t shl1_w = w + w;
+  const uint32_t sign = w & 0x80000000u;
+  uint32_t bias = shl1_w & 0xFF000000u;
+  if (bias < 0x71000000u) bias = 0x71000000u;
+  base = bits_to_float((bias >> 1) + 0x07800000u) + base;
+  const uint32_t bits = float_to_bits(base);
+  const uint32_t nonsign = ((bits >> 13) & 0x00007C00u) + (bits & 0x00000FFFu);
+  return Half{static_cast<uint16_t>((sign >> 16) | (shl1_w > 0xFF000000u ? 0x7E00u : nonsign))};
+}
+
+inline float from_half(Half value) {
+  const uint32_t w = static_cast<uint32_t>(value.bits) << 16;
+  const uint32_t sign = w & 0x80000000u;
+  const uint32_t two_w = w + w;
+  const float normalized = bits_to_float((two_w >> 4) + (0xE0u << 23)) * 0x1.0p-112f;
+  const float denormalized = bits_to_float((two_w >> 17) | (126u << 23)) - 0.5f;
+  return bits_to_float(sign | float_to_bits(two_w < (1u << 27) ? denormalized : normalized));
+}
+
 inline float load_scalar(const float* p) { return *p; }
+inline float load_scalar(const Half* p) { return from_half(*p); }
+inline void store_scalar(Half* p, float v) { *p = to_half(v); }
 inline float load_scalar(const uint16_t* p) { return from_bf16(*p); }
 inline void store_scalar(float* p, float v) { *p = v; }
 inline void store_scalar(uint16_t* p, float v) { *p = to_bf16(v); }
@@ -130,6 +170,7 @@ void head_scalar(const float* q, const T* keys, const T* values, int64_t len, in
 #pragma GCC diagnostic ignored "-Wmaybe-uninitialized"
 
 inline __m512 load16(const float* p, __mmask16 m) { return _mm512_maskz_loadu_ps(m, p); }
+inline __m512 load16(const Half* p, __mmask16 m) { return _mm512_cvtph_ps(_mm256_maskz_loadu_epi16(m, p)); }
 inline __m512 load16(const uint16_t* p, __mmask16 m) {
   const __m512i wide = _mm512_cvtepu16_epi32(_mm256_maskz_loadu_epi16(m, p));
   return _mm512_castsi512_ps(_mm512_slli_epi32(wide, 16));
@@ -259,9 +300,10 @@ void head_avx512(const float* q, const T* keys, const T* values, int64_t len, in
 // ---- AVX2 path: 8 lanes, head_dim a multiple of 8 ----------------------------------------------------------------
 
 #pragma GCC push_options
-#pragma GCC target("avx2,fma")
+#pragma GCC target("avx2,fma,f16c")
 
 inline __m256 load8(const float* p) { return _mm256_loadu_ps(p); }
+inline __m256 load8(const Half* p) { return _mm256_cvtph_ps(_mm_loadu_si128(reinterpret_cast<const __m128i*>(p))); }
 inline __m256 load8(const uint16_t* p) {
   const __m256i wide = _mm256_cvtepu16_epi32(_mm_loadu_si128(reinterpret_cast<const __m128i*>(p)));
   return _mm256_castsi256_ps(_mm256_slli_epi32(wide, 16));
@@ -494,6 +536,8 @@ __attribute__((visibility("default"))) int i8a_decode(
     run<float>(pb, cache_k, cache_v, path, batch, threads);
   } else if (dtype == kBF16) {
     run<uint16_t>(pb, cache_k, cache_v, path, batch, threads);
+  } else if (dtype == kF16) {
+    run<Half>(pb, cache_k, cache_v, path, batch, threads);
   } else {
     return -2;
   }

@@ -35,7 +35,7 @@ ENV = "INT8SERVE_ATTENTION"
 Impl = Literal["auto", "avx512", "avx2", "scalar"]
 IMPLS: dict[str, int] = {"auto": 0, "avx512": 1, "avx2": 2, "scalar": 3}
 SETTINGS = (*IMPLS, "torch")
-DTYPES = {torch.float32: 0, torch.bfloat16: 1}  # cache dtypes the kernel reads and writes
+DTYPES = {torch.float32: 0, torch.bfloat16: 1, torch.float16: 2}  # cache dtypes the kernel reads and writes
 STATUS = {-1: "the CPU cannot run this path", -2: "unsupported cache dtype", -3: "bad sizes",
           -4: "a slot or position out of range, or a slot twice"}
 _P, _I64, _INT, _F32 = ctypes.c_void_p, ctypes.c_int64, ctypes.c_int, ctypes.c_float
@@ -115,8 +115,8 @@ def decode_attention(q: Tensor, k: Tensor, v: Tensor, cos: Tensor, sin: Tensor, 
     """One new token per row: rope, cache write at [slot, :, position], attention over [0, position].
 
     q [B, H, D], k/v [B, Hkv, D] fp32 before rope; cos/sin [P, D] fp32 tables; slots/positions int64 [B] (distinct
-    slots); cache_k/cache_v [S, Hkv, L, D] fp32 or bf16, contiguous. Returns fp32 [B, H, D]. Row b's output depends
-    only on row b's inputs and its slot's keys.
+    slots); cache_k/cache_v [S, Hkv, L, D] fp32, bf16 or fp16, contiguous. Returns fp32 [B, H, D]. Row b's output
+    depends only on row b's inputs and its slot's keys.
     """
     batch, heads, dim = q.shape
     kv_heads, max_len = cache_k.shape[1], cache_k.shape[2]
@@ -149,7 +149,7 @@ def _check(q: Tensor, k: Tensor, v: Tensor, cos: Tensor, sin: Tensor, slots: Ten
     if cos.shape != sin.shape or cos.shape[1] != dim:
         raise ValueError(f"rope tables {tuple(cos.shape)} do not fit head_dim {dim}")
     if cache_k.dtype not in DTYPES or cache_v.dtype != cache_k.dtype or cache_v.shape != cache_k.shape:
-        raise ValueError(f"caches must be fp32 or bf16 of one shape, got {cache_k.dtype}/{cache_v.dtype}")
+        raise ValueError(f"caches must be fp32, bf16 or fp16 of one shape, got {cache_k.dtype}/{cache_v.dtype}")
     if not (cache_k.is_contiguous() and cache_v.is_contiguous()):
         raise ValueError("caches must be contiguous")
     if slots.dtype != torch.int64 or positions.dtype != torch.int64 or slots.shape != (batch,) or \
