@@ -480,11 +480,22 @@ HeadFn<T> choose(int impl) {
   return head_scalar<T>;
 }
 
+// Below this many multiply-adds a call runs on the calling thread: waking the other threads costs more than it saves
+// (tiny models, short contexts), and on a busy machine a parallel region can wait a scheduler slice for a thread.
+constexpr int64_t kParallelWork = int64_t{1} << 17;
+
+int64_t work(const Problem& pb, int64_t batch) {
+  int64_t keys = 0;
+  for (int64_t b = 0; b < batch; ++b) keys += pb.positions[b] + 1;
+  return keys * pb.heads * pb.dim * 2;  // scores and weighted sum
+}
+
 template <class T>
 void run(const Problem& pb, void* cache_k, void* cache_v, int impl, int64_t batch, int threads) {
   const HeadFn<T> head = choose<T>(impl);
   const int64_t tasks = batch * pb.kv_heads;
-#pragma omp parallel num_threads(threads) if (threads > 1 && tasks > 1)
+  const bool parallel = threads > 1 && tasks > 1 && work(pb, batch) >= kParallelWork;
+#pragma omp parallel num_threads(threads) if (parallel)
   {
     std::vector<float> scratch;
 #pragma omp for schedule(dynamic, 1)
