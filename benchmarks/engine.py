@@ -144,13 +144,9 @@ class Measured(Protocol):
 M = TypeVar("M", bound=Measured)
 
 
-ATTEMPTS = 3  # measurements per phase while others disturb it (--attempts)
-
-
-def least_contended(measure: Callable[[], M], quiet: QuietWaiter, attempts: int | None = None) -> M:
+def least_contended(measure: Callable[[], M], quiet: QuietWaiter, attempts: int = 3) -> M:
     """Run `measure` after waiting for a quiet machine; again if others used the CPUs meanwhile. Least disturbed."""
     best: M | None = None
-    attempts = min(attempts or ATTEMPTS, ATTEMPTS)
     for attempt in range(attempts):
         quiet.wait()
         result = measure()
@@ -832,9 +828,6 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--wait-quiet", type=float, default=120, metavar="SECONDS",
                         help="wait up to this long before each timed phase for other processes to leave the CPUs "
                         f"(default 120; at most {QUIET_BUDGET:.0f} s in all; 0 = never wait)")
-    parser.add_argument("--attempts", type=int, default=ATTEMPTS, metavar="N",
-                        help=f"measure a phase up to N times while others use the CPUs, keep the least disturbed "
-                        f"(default {ATTEMPTS}; 1 on a machine that is never quiet)")
     parser.add_argument("--write", type=Path, metavar="FILE", help="write the report into this Markdown file")
     args = parser.parse_args(argv)
     if not 1 <= args.layers <= LLAMA2_7B.n_layers:
@@ -846,8 +839,6 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
 
 def main(argv: Sequence[str] | None = None) -> None:
     args = parse_args(argv)
-    global ATTEMPTS
-    ATTEMPTS = max(1, args.attempts)
     machine = machine_description()
     log(f"{machine['cpu']}, {machine['cores']} cores, torch {machine['torch']}, {machine['threads']} threads")
     quiet = QuietWaiter(args.wait_quiet)
