@@ -453,7 +453,7 @@ def run_engine(config: ModelConfig, prompt_len: int, decode_steps: int, quiet: Q
     b4_starts = [prompt_len - i * (prompt_len // 4) for i in range(4)]  # 512, 384, 256, 128 for a 512 prompt
     runs = []
     for setting in attention:
-        os.environ[attention_kernel.ENV] = setting
+        attention_kernel.set_setting(setting)
         path = attention_path(setting)
         log(f"decode batch 1, attention {path}: {decode_steps} steps from position {prompt_len} ...")
         decode_b1 = least_contended(functools.partial(decode, [0], [prompt_len]), quiet)

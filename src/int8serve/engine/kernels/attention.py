@@ -110,6 +110,13 @@ def setting() -> Impl | Literal["torch"]:
     return value  # type: ignore[return-value]
 
 
+def set_setting(value: str) -> None:
+    """Set INT8SERVE_ATTENTION for this process (benchmarks compare paths in one run)."""
+    if value not in SETTINGS:
+        raise ValueError(f"{ENV}={value!r}: expected one of {', '.join(SETTINGS)}")
+    os.environ[ENV] = value
+
+
 def decode_attention(q: Tensor, k: Tensor, v: Tensor, cos: Tensor, sin: Tensor, slots: Tensor, positions: Tensor,
                      cache_k: Tensor, cache_v: Tensor, impl: Impl = "auto") -> Tensor:
     """One new token per row: rope, cache write at [slot, :, position], attention over [0, position].
