@@ -50,6 +50,7 @@ from benchmarks.machine import QUIET, QUIET_BUDGET, CpuShares, QuietWaiter, leas
 from int8serve.engine.config import ModelConfig
 from int8serve.engine.generate import prefill
 from int8serve.engine.int8 import COMPUTE_DTYPE, DENSE_ROWS_THRESHOLD, Int8Linear
+from int8serve.engine.kernels import attention as attention_kernel
 from int8serve.engine.model import KVCache, RMSNorm, Transformer
 
 LLAMA2_7B = ModelConfig(dim=4096, n_layers=32, n_heads=32, n_kv_heads=32, vocab_size=32000, hidden_dim=11008,
@@ -276,6 +277,16 @@ def profile_decode_step(model: Transformer, cache: KVCache, start: int, top: int
 
 
 @dataclass
+class AttentionRun:
+    """Decode timings with one INT8SERVE_ATTENTION setting (the decode attention path)."""
+
+    setting: str
+    path: str  # what the setting ran on this CPU
+    decode_b1: Timing
+    decode_b4: Timing
+
+
+@dataclass
 class EngineResults:
     layers: int
     weight_bytes: int  # read per decode step
@@ -293,9 +304,17 @@ class EngineResults:
     linears_b1: Timing  # every Int8Linear on 1 row
     linears_b4: Timing  # every Int8Linear on 4 rows
     profile: list[ProfileRow]
+    attention: list[AttentionRun]  # one per --attention setting, in run order; decode_b1/b4 are the last one's
 
 
-def run_engine(config: ModelConfig, prompt_len: int, decode_steps: int, quiet: QuietWaiter) -> EngineResults:
+def attention_path(setting: str) -> str:
+    if setting == "torch" or not attention_kernel.available():
+        return "torch, row by row"
+    return f"kernel, {attention_kernel.resolve(setting)}"  # type: ignore[arg-type]
+
+
+def run_engine(config: ModelConfig, prompt_len: int, decode_steps: int, quiet: QuietWaiter,
+               attention: Sequence[str] = ("auto",)) -> EngineResults:
     log(f"building a random int8 model: {config.n_layers} layers of the Llama-2-7B shape ...")
     started = time.perf_counter()
     model = build_random_int8_model(config)
@@ -320,17 +339,22 @@ def run_engine(config: ModelConfig, prompt_len: int, decode_steps: int, quiet: Q
     probe = BandwidthProbe()
     log(f"decode: 4-slot cache of {cache_len} positions ({cache.nbytes() / 1e9:.2f} GB); "
         f"bandwidth sampled before every step; process resident {rss_gb():.2f} GB")
-    log(f"decode batch 1: {decode_steps} steps from position {prompt_len} ...")
     decode = functools.partial(time_decode, model, cache, steps=decode_steps, probe=probe, warmup=warmup)
-    decode_b1 = least_contended(functools.partial(decode, [0], [prompt_len]), quiet)
-    log(f"  median step {decode_b1.median * 1e3:.1f} ms = {1 / decode_b1.median:.2f} tok/s; median bandwidth "
-        f"{statistics.median(decode_b1.bandwidths):.1f} GB/s; "
-        f"roofline share {decode_b1.roofline_share(weight_bytes):.0%}")
     b4_starts = [prompt_len - i * (prompt_len // 4) for i in range(4)]  # 512, 384, 256, 128 for a 512 prompt
-    log(f"decode batch 4: slots 0-3 from positions {b4_starts} ...")
-    decode_b4 = least_contended(functools.partial(decode, [0, 1, 2, 3], b4_starts), quiet)
-    log(f"  median step {decode_b4.median * 1e3:.1f} ms = {4 / decode_b4.median:.2f} tok/s aggregate; "
-        f"roofline share {decode_b4.roofline_share(weight_bytes):.0%}")
+    runs = []
+    for setting in attention:
+        attention_kernel.set_setting(setting)
+        path = attention_path(setting)
+        log(f"decode batch 1, attention {path}: {decode_steps} steps from position {prompt_len} ...")
+        decode_b1 = least_contended(functools.partial(decode, [0], [prompt_len]), quiet)
+        log(f"  median step {decode_b1.median * 1e3:.1f} ms = {1 / decode_b1.median:.2f} tok/s; median bandwidth "
+            f"{statistics.median(decode_b1.bandwidths):.1f} GB/s; "
+            f"roofline share {decode_b1.roofline_share(weight_bytes):.0%}")
+        log(f"decode batch 4, attention {path}: slots 0-3 from positions {b4_starts} ...")
+        decode_b4 = least_contended(functools.partial(decode, [0, 1, 2, 3], b4_starts), quiet)
+        log(f"  median step {decode_b4.median * 1e3:.1f} ms = {4 / decode_b4.median:.2f} tok/s aggregate; "
+            f"roofline share {decode_b4.roofline_share(weight_bytes):.0%}")
+        runs.append(AttentionRun(setting, path, decode_b1, decode_b4))
     del probe, decode
     gc.collect()
 
@@ -344,7 +368,7 @@ def run_engine(config: ModelConfig, prompt_len: int, decode_steps: int, quiet: Q
         f"batch 1, {linears_b4.median * 1e3:.1f} ms of {decode_b4.median * 1e3:.1f} ms at batch 4")
     results = EngineResults(config.n_layers, weight_bytes, len(int8_linears(model)), linear_flops_per_token(model),
                             build_seconds, resident, prompt_len, cache_len, prefill_timing, decode_b1, decode_b4,
-                            b4_starts, kv_bytes_b1, linears_b1, linears_b4, profile)
+                            b4_starts, kv_bytes_b1, linears_b1, linears_b4, profile, runs)
     del model, cache
     gc.collect()
     return results
@@ -539,14 +563,17 @@ def engine_report(r: EngineResults, start_bandwidth: float, best_bandwidth: floa
         f"at batch 1, {r.weight_bytes / r.linears_b1.median / 1e9 / b1_bandwidth:.0%} of the median bandwidth "
         "sampled before the batch-1 steps.",
         "",
-        "| batch | step ms | Int8Linear calls ms | weights streamed by them | rest ms |",
-        "|---|---|---|---|---|",
+        "| decode attention (`INT8SERVE_ATTENTION`) | batch | step ms | Int8Linear calls ms | weights streamed by "
+        "them | rest ms |",
+        "|---|---|---|---|---|---|",
     ]
-    for batch, step, linears in ((1, r.decode_b1, r.linears_b1), (4, r.decode_b4, r.linears_b4)):
-        rest = step.median - linears.median
-        lines.append(f"| {batch} | {step.median * 1e3:.0f} | {linears.median * 1e3:.0f} "
-                     f"({linears.median / step.median:.0%}) | {r.weight_bytes / linears.median / 1e9:.1f} GB/s | "
-                     f"{rest * 1e3:.0f} ({rest / step.median:.0%}) |")
+    for run in r.attention:
+        for batch, step, linears in ((1, run.decode_b1, r.linears_b1), (4, run.decode_b4, r.linears_b4)):
+            rest = step.median - linears.median
+            lines.append(f"| {run.path} (`{run.setting}`) | {batch} | {step.median * 1e3:.0f} | "
+                         f"{linears.median * 1e3:.0f} ({linears.median / step.median:.0%}) | "
+                         f"{r.weight_bytes / linears.median / 1e9:.1f} GB/s | {rest * 1e3:.0f} "
+                         f"({rest / step.median:.0%}) |")
     lines += [
         "",
         "Ops with the most self time in one profiled batch-1 step (torch.profiler, which slows the step a little):",
@@ -661,6 +688,9 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--kernels", action="store_true", help="also time both linear paths per 7B shape and M")
     parser.add_argument("--kernel-m", type=int, nargs="+", default=KERNEL_M, metavar="M",
                         help=f"row counts for --kernels (default {' '.join(map(str, KERNEL_M))})")
+    parser.add_argument("--attention", nargs="+", default=["auto"], choices=attention_kernel.SETTINGS,
+                        metavar="SETTING", help="decode attention settings (INT8SERVE_ATTENTION) to time, in this "
+                        "order, e.g. `torch auto` for the row-by-row torch path against the kernel (default auto)")
     parser.add_argument("--no-engine", action="store_true", help="skip the model: bandwidth (and --kernels) only")
     parser.add_argument("--wait-quiet", type=float, default=120, metavar="SECONDS",
                         help="wait up to this long before each timed phase for other processes to leave the CPUs "
@@ -685,7 +715,7 @@ def main(argv: Sequence[str] | None = None) -> None:
     engine = None
     if not args.no_engine:
         config = ModelConfig(**{**LLAMA2_7B.to_dict(), "n_layers": args.layers})
-        engine = run_engine(config, args.prompt, args.decode_steps, quiet)
+        engine = run_engine(config, args.prompt, args.decode_steps, quiet, args.attention)
         bandwidths.append(measure_bandwidth(quiet))
         log(f"read bandwidth again: {bandwidths[-1]:.1f} GB/s")
     kernels = run_kernels(args.kernel_m, quiet) if args.kernels else None

@@ -13,6 +13,7 @@ Weight names follow Meta's layout (`layers.N.attention.wq`, `feed_forward.w1`, .
 from __future__ import annotations
 
 from collections.abc import Sequence
+from dataclasses import dataclass
 from typing import Literal
 
 import torch
@@ -22,6 +23,7 @@ from torch import Tensor, nn
 from . import chunking
 from .config import ModelConfig
 from .int8 import COMPUTE_DTYPE, DequantBuffer, Int8Linear
+from .kernels import attention as attention_kernel
 
 Precision = Literal["fp32", "int8"]
 MIN_PREFILL_QUERIES = 16
@@ -75,6 +77,17 @@ class KVCache:
         return sum(t.numel() * t.element_size() for t in self.k + self.v)
 
 
+@dataclass(frozen=True)
+class KernelStep:
+    """A decode step whose rows all attend in one kernel call per layer (kernels/attention.py); made once a step."""
+
+    slots: Tensor  # int64 [B]
+    positions: Tensor  # int64 [B]: each row's new token
+    cos: Tensor  # fp32 [max_seq_len, D]: the whole tables, the kernel picks each row's position
+    sin: Tensor
+    impl: attention_kernel.Impl
+
+
 class Attention(nn.Module):
     def __init__(self, config: ModelConfig, linear: type[nn.Module], **kw: object) -> None:
         super().__init__()
@@ -84,8 +97,11 @@ class Attention(nn.Module):
         self.wv = linear(config.dim, config.n_kv_heads * config.head_dim, **kw)
         self.wo = linear(config.n_heads * config.head_dim, config.dim, **kw)
 
-    def forward(self, x: Tensor, cos: Tensor, sin: Tensor, cache_k: Tensor, cache_v: Tensor,
-                slots: Sequence[int], starts: Sequence[int]) -> Tensor:
+    def forward(self, x: Tensor, cos: Tensor | None, sin: Tensor | None, cache_k: Tensor, cache_v: Tensor,
+                slots: Sequence[int], starts: Sequence[int], step: KernelStep | None = None) -> Tensor:
+        if step is not None:
+            return self._kernel_decode(x, cache_k, cache_v, step)
+        assert cos is not None and sin is not None
         batch, seq, _ = x.shape
         q = apply_rope(self.wq(x).view(batch, seq, self.n_heads, self.head_dim), cos, sin)
         k = apply_rope(self.wk(x).view(batch, seq, self.n_kv_heads, self.head_dim), cos, sin)
@@ -107,6 +123,16 @@ class Attention(nn.Module):
                 keys, values = cache_k[slot, :, :chunk.keys_end], cache_v[slot, :, :chunk.keys_end]
             out[row] = self._prefill_attention(q[row], keys, values, start)
         return self.wo(out.reshape(batch, seq, -1).to(x.dtype))
+
+    def _kernel_decode(self, x: Tensor, cache_k: Tensor, cache_v: Tensor, step: KernelStep) -> Tensor:
+        """x [B, 1, dim] -> [B, 1, dim]: every row's rope, cache write and attention in one kernel call."""
+        batch = x.shape[0]
+        q = self.wq(x).reshape(batch, self.n_heads, self.head_dim).contiguous()
+        k = self.wk(x).reshape(batch, self.n_kv_heads, self.head_dim).contiguous()
+        v = self.wv(x).reshape(batch, self.n_kv_heads, self.head_dim).contiguous()
+        out = attention_kernel.decode_attention(q, k, v, step.cos, step.sin, step.slots, step.positions, cache_k,
+                                                cache_v, step.impl)  # fp32 [B, H, D]
+        return self.wo(out.view(batch, 1, -1))
 
     def _prefill_attention(self, queries: Tensor, keys: Tensor, values: Tensor, start: int) -> Tensor:
         """A chunk's queries [T, H, D] at positions start.. against keys/values [Hkv, L, D] -> [T, H, D].
@@ -155,9 +181,9 @@ class TransformerBlock(nn.Module):
         self.ffn_norm = RMSNorm(config.dim, config.norm_eps)
         self.feed_forward = FeedForward(config, linear, **kw)
 
-    def forward(self, x: Tensor, cos: Tensor, sin: Tensor, cache_k: Tensor, cache_v: Tensor,
-                slots: Sequence[int], starts: Sequence[int]) -> Tensor:
-        h = x + self.attention(self.attention_norm(x), cos, sin, cache_k, cache_v, slots, starts)
+    def forward(self, x: Tensor, cos: Tensor | None, sin: Tensor | None, cache_k: Tensor, cache_v: Tensor,
+                slots: Sequence[int], starts: Sequence[int], step: KernelStep | None = None) -> Tensor:
+        h = x + self.attention(self.attention_norm(x), cos, sin, cache_k, cache_v, slots, starts, step)
         return h + self.feed_forward(self.ffn_norm(h))
 
 
@@ -215,12 +241,29 @@ class Transformer(nn.Module):
             raise ValueError(f"{batch} rows but {len(slots)} slots and {len(starts)} starts")
         if max(starts) + seq > cache.max_seq_len:
             raise ValueError(f"position {max(starts) + seq} exceeds the KV cache's {cache.max_seq_len}")
-        positions = torch.tensor(list(starts))[:, None] + torch.arange(seq)[None, :]  # [B, T]
-        cos, sin = self.rope_cos[positions], self.rope_sin[positions]  # [B, T, D]
+        step = self._kernel_step(seq, cache, slots, starts)
+        cos = sin = None
+        if step is None:  # the kernel applies rope itself
+            positions = torch.tensor(list(starts))[:, None] + torch.arange(seq)[None, :]  # [B, T]
+            cos, sin = self.rope_cos[positions], self.rope_sin[positions]  # [B, T, D]
         x = self.tok_embeddings(tokens).float()  # the residual stream stays fp32
         for i, layer in enumerate(self.layers):
-            x = layer(x, cos, sin, cache.k[i], cache.v[i], slots, starts)
+            x = layer(x, cos, sin, cache.k[i], cache.v[i], slots, starts, step)
         if not all_logits:
             x = x[:, -1:, :]
         logits = self.output(self.norm(x)).float()
         return logits if all_logits else logits[:, 0, :]
+
+    def _kernel_step(self, seq: int, cache: KVCache, slots: Sequence[int], starts: Sequence[int]
+                     ) -> KernelStep | None:
+        """A KernelStep when this forward is a decode step the attention kernel can take, else None (torch path).
+
+        Prefill chunks keep the torch path: the prefix cache's exactness is defined by it (chunking.py).
+        """
+        if seq != 1 or chunking.CURRENT.get() is not None or cache.dtype not in attention_kernel.DTYPES:
+            return None
+        impl = attention_kernel.setting()
+        if impl == "torch" or not attention_kernel.available():
+            return None
+        return KernelStep(torch.tensor(slots, dtype=torch.int64), torch.tensor(starts, dtype=torch.int64),
+                          self.rope_cos, self.rope_sin, impl)

@@ -71,31 +71,32 @@ def _compiler() -> str:
     return cxx
 
 
-def _command(cxx: str, output: Path) -> list[str]:
-    return [cxx, *CXXFLAGS, str(SOURCE), "-o", str(output)]
+def _command(cxx: str, output: Path, source: Path = SOURCE) -> list[str]:
+    return [cxx, *CXXFLAGS, str(source), "-o", str(output)]
 
 
-def _build_key(cxx: str) -> str:
+def _build_key(cxx: str, source: Path = SOURCE) -> str:
     try:
         version = subprocess.run([cxx, "--version"], capture_output=True, text=True, timeout=60).stdout
     except (OSError, subprocess.SubprocessError) as error:
         raise BuildError(f"cannot run {cxx}: {error}") from error
     digest = hashlib.sha256()
-    for part in (SOURCE.read_bytes(), " ".join(CXXFLAGS).encode(), cxx.encode(), version.encode()):
+    for part in (source.read_bytes(), " ".join(CXXFLAGS).encode(), cxx.encode(), version.encode()):
         digest.update(part)
         digest.update(b"\0")
     return digest.hexdigest()[:16]
 
 
-def build(verbose: bool = False) -> Path:
-    """Compile gemv.cpp into the cache (once per source, flags and compiler) and return the library's path.
+def build(verbose: bool = False, source: Path = SOURCE) -> Path:
+    """Compile `source` (gemv.cpp; attention.cpp for attention.py) into the cache (once per source, flags and
+    compiler) and return the library's path.
 
     Concurrent first uses (several test workers, server processes) serialize on an flock, which the kernel drops if
     its holder dies, and the library is written to a temporary name and renamed into place, so a half-written file
     is never loaded.
     """
     cxx = _compiler()
-    directory = cache_dir() / "kernels" / _build_key(cxx)
+    directory = cache_dir() / "kernels" / _build_key(cxx, source)
     library = directory / "int8serve_kernels.so"
     if library.is_file():
         return library
@@ -108,14 +109,14 @@ def build(verbose: bool = False) -> Path:
         os.close(fd)
         tmp = Path(tmp_name)
         try:
-            command = _command(cxx, tmp)
+            command = _command(cxx, tmp, source)
             start = time.perf_counter()
             try:
                 result = subprocess.run(command, capture_output=True, text=True, timeout=600)
             except (OSError, subprocess.SubprocessError) as error:
                 raise BuildError(f"{cxx} failed to run: {error}") from error
             if result.returncode != 0:
-                raise BuildError(f"compiling {SOURCE.name} failed ({result.returncode}):\n{result.stderr[-4000:]}")
+                raise BuildError(f"compiling {source.name} failed ({result.returncode}):\n{result.stderr[-4000:]}")
             if verbose:
                 print(f"built {library} in {time.perf_counter() - start:.1f} s", file=sys.stderr)
             log.info("built %s in %.1f s", library, time.perf_counter() - start)

@@ -1,0 +1,558 @@
+// Decode attention for a whole batch in one call: every row (one new token of one sequence) applies its rotary
+// embedding, writes its key and value into its own cache slot and attends over its own positions [0, pos].
+//
+// Why a kernel: the torch version loops over rows in Python and converts each row's whole cache slice to fp32 before
+// two small matmuls; padding the rows to one length would change each row's reduction lengths, and so its bits,
+// with what else is in the batch. Here one task = (row, kv head), computed by one thread from start to end in a fixed
+// order that depends only on that row's data, so a row's output is bitwise the same whatever else is in the batch,
+// however many threads run and whichever thread takes the task.
+//
+// Per task, for the G = H / Hkv query heads that share the kv head:
+//   rope:   q' = q * cos[pos] + rotate_half(q) * sin[pos] (and k'), as three separately rounded fp32 operations,
+//           exactly like model.apply_rope, so the key written here has the bits the torch path would write;
+//   cache:  k', v rounded to the cache's dtype (round to nearest even, as torch) at [slot, kv head, pos];
+//   scores: s[l] = dot(q', key[l]) * scale for l in [0, pos], fp32 accumulation;
+//   softmax: p[l] = exp(s[l] - max s), sum in fp32;
+//   output: out = (sum_l p[l] * value[l]) / sum, fp32.
+// Cache dtypes: fp32, bf16, fp16. Paths: AVX-512 (16 lanes, masked tails), AVX2+FMA+F16C (8 lanes, head_dim a multiple of 8), scalar; chosen at run time
+// from the CPU's flags. The vector paths sum in another order than the scalar one, so paths differ in the last bits;
+// each path on its own is deterministic. head_dim > 128 takes the scalar path.
+//
+// Plain C ABI for ctypes, no torch headers (see __init__.py); OpenMP threads as the caller asks.
+
+#include <immintrin.h>
+
+#include <algorithm>
+#include <cmath>
+#include <cstdint>
+#include <cstring>
+#include <vector>
+
+namespace {
+
+enum Impl { kAuto = 0, kAvx512 = 1, kAvx2 = 2, kScalar = 3 };
+enum Dtype { kF32 = 0, kBF16 = 1, kF16 = 2 };
+struct Half {  // an IEEE fp16 value
+  uint16_t bits;
+};
+constexpr int64_t kMaxVectorDim = 128;
+
+bool cpu_has_avx512() {
+  static const bool has = [] {
+    __builtin_cpu_init();
+    return __builtin_cpu_supports("avx512f") && __builtin_cpu_supports("avx512bw") &&
+           __builtin_cpu_supports("avx512vl");
+  }();
+  return has;
+}
+
+bool cpu_has_avx2() {
+  static const bool has = [] {
+    __builtin_cpu_init();
+    return __builtin_cpu_supports("avx2") && __builtin_cpu_supports("fma") && __builtin_cpu_supports("f16c");
+  }();
+  return has;
+}
+
+// fp32 -> bf16, round to nearest even; NaN -> quiet NaN (c10::BFloat16's rounding).
+inline uint16_t to_bf16(float value) {
+  uint32_t bits;
+  std::memcpy(&bits, &value, 4);
+  if (std::isnan(value)) return 0x7FC0;
+  bits += 0x7FFF + ((bits >> 16) & 1);
+  return static_cast<uint16_t>(bits >> 16);
+}
+
+inline float from_bf16(uint16_t value) {
+  const uint32_t bits = static_cast<uint32_t>(value) << 16;
+  float out;
+  std::memcpy(&out, &bits, 4);
+  return out;
+}
+
+inline float bits_to_float(uint32_t bits) {
+  float out;
+  std::memcpy(&out, &bits, 4);
+  return out;
+}
+
+inline uint32_t float_to_bits(float value) {
+  uint32_t bits;
+  std::memcpy(&bits, &value, 4);
+  return bits;
+}
+
+// fp32 -> fp16, IEEE round to nearest even (the FP16 library's branch-free conversion, as torch's c10::Half).
+inline Half to_half(float value) {
+  float base = (std::fabs(value) * 0x1.0p+112f) * 0x1.0p-110f;
+  const uint32_t w = float_to_bits(value);
+  const uint32_t shl1_w = w + w;
+  const uint32_t sign = w & 0x80000000u;
+  uint32_t bias = shl1_w & 0xFF000000u;
+  if (bias < 0x71000000u) bias = 0x71000000u;
+  base = bits_to_float((bias >> 1) + 0x07800000u) + base;
+  const uint32_t bits = float_to_bits(base);
+  const uint32_t nonsign = ((bits >> 13) & 0x00007C00u) + (bits & 0x00000FFFu);
+  return Half{static_cast<uint16_t>((sign >> 16) | (shl1_w > 0xFF000000u ? 0x7E00u : nonsign))};
+}
+
+inline float from_half(Half value) {
+  const uint32_t w = static_cast<uint32_t>(value.bits) << 16;
+  const uint32_t sign = w & 0x80000000u;
+  const uint32_t two_w = w + w;
+  const float normalized = bits_to_float((two_w >> 4) + (0xE0u << 23)) * 0x1.0p-112f;
+  const float denormalized = bits_to_float((two_w >> 17) | (126u << 23)) - 0.5f;
+  return bits_to_float(sign | float_to_bits(two_w < (1u << 27) ? denormalized : normalized));
+}
+
+inline float load_scalar(const float* p) { return *p; }
+inline float load_scalar(const Half* p) { return from_half(*p); }
+inline void store_scalar(Half* p, float v) { *p = to_half(v); }
+inline float load_scalar(const uint16_t* p) { return from_bf16(*p); }
+inline void store_scalar(float* p, float v) { *p = v; }
+inline void store_scalar(uint16_t* p, float v) { *p = to_bf16(v); }
+
+// out[d] = x[d] * cos[d] + rotate_half(x)[d] * sin[d]; rotate_half(x) = [-x[half:], x[:half]].
+void rope(const float* x, const float* cos, const float* sin, int64_t dim, float* out) {
+  const int64_t half = dim / 2;
+  for (int64_t d = 0; d < dim; ++d) {
+    const float rotated = d < half ? -x[d + half] : x[d - half];
+    const float a = x[d] * cos[d];
+    const float b = rotated * sin[d];
+    out[d] = a + b;
+  }
+}
+
+// ---- scalar path -------------------------------------------------------------------------------------------------
+
+template <class T>
+void scores_scalar(const float* q, const T* keys, int64_t len, int64_t dim, float scale, float* s) {
+  for (int64_t l = 0; l < len; ++l) {
+    float acc = 0.0f;
+    for (int64_t d = 0; d < dim; ++d) acc += q[d] * load_scalar(keys + l * dim + d);  // no fma: a libm call here
+    s[l] = acc * scale;
+  }
+}
+
+float softmax_scalar(float* s, int64_t len) {  // s <- exp(s - max), returns the sum
+  float top = s[0];
+  for (int64_t l = 1; l < len; ++l) top = std::max(top, s[l]);
+  float sum = 0.0f;
+  for (int64_t l = 0; l < len; ++l) {
+    s[l] = std::exp(s[l] - top);
+    sum += s[l];
+  }
+  return sum;
+}
+
+template <class T>
+void weighted_sum_scalar(const float* p, const T* values, int64_t len, int64_t dim, float inv_sum, float* out) {
+  for (int64_t d = 0; d < dim; ++d) out[d] = 0.0f;
+  for (int64_t l = 0; l < len; ++l)
+    for (int64_t d = 0; d < dim; ++d) out[d] += p[l] * load_scalar(values + l * dim + d);
+  for (int64_t d = 0; d < dim; ++d) out[d] *= inv_sum;
+}
+
+template <class T>
+void head_scalar(const float* q, const T* keys, const T* values, int64_t len, int64_t dim, float scale,
+                 float* scratch, float* out) {
+  scores_scalar(q, keys, len, dim, scale, scratch);
+  const float sum = softmax_scalar(scratch, len);
+  weighted_sum_scalar(scratch, values, len, dim, 1.0f / sum, out);
+}
+
+// ---- AVX-512 path: 16 lanes, C chunks of 16 cover head_dim (the last one masked) ------------------------------
+
+#pragma GCC push_options
+#pragma GCC target("avx512f,avx512bw,avx512vl,fma")
+#pragma GCC diagnostic push  // GCC 12's AVX-512 headers use deliberately undefined operands (_mm256_undefined_pd)
+#pragma GCC diagnostic ignored "-Wuninitialized"
+#pragma GCC diagnostic ignored "-Wmaybe-uninitialized"
+
+inline __m512 load16(const float* p, __mmask16 m) { return _mm512_maskz_loadu_ps(m, p); }
+inline __m512 load16(const Half* p, __mmask16 m) { return _mm512_cvtph_ps(_mm256_maskz_loadu_epi16(m, p)); }
+inline __m512 load16(const uint16_t* p, __mmask16 m) {
+  const __m512i wide = _mm512_cvtepu16_epi32(_mm256_maskz_loadu_epi16(m, p));
+  return _mm512_castsi512_ps(_mm512_slli_epi32(wide, 16));
+}
+
+// Horizontal sum and max in a fixed order.
+inline float sum16(__m512 v) {
+  const __m512 high = _mm512_shuffle_f32x4(v, v, _MM_SHUFFLE(3, 2, 3, 2));
+  const __m256 s8 = _mm256_add_ps(_mm512_castps512_ps256(v), _mm512_castps512_ps256(high));
+  const __m128 s4 = _mm_add_ps(_mm256_castps256_ps128(s8), _mm256_extractf128_ps(s8, 1));
+  const __m128 s2 = _mm_add_ps(s4, _mm_movehl_ps(s4, s4));
+  return _mm_cvtss_f32(_mm_add_ss(s2, _mm_movehdup_ps(s2)));
+}
+
+inline float max16(__m512 v) {
+  const __m512 high = _mm512_shuffle_f32x4(v, v, _MM_SHUFFLE(3, 2, 3, 2));
+  const __m256 m8 = _mm256_max_ps(_mm512_castps512_ps256(v), _mm512_castps512_ps256(high));
+  const __m128 m4 = _mm_max_ps(_mm256_castps256_ps128(m8), _mm256_extractf128_ps(m8, 1));
+  const __m128 m2 = _mm_max_ps(m4, _mm_movehl_ps(m4, m4));
+  return _mm_cvtss_f32(_mm_max_ss(m2, _mm_movehdup_ps(m2)));
+}
+
+// exp(x) for x <= 0 (Cephes' expf polynomial; ~1 ulp), 0 below -87.
+inline __m512 exp16(__m512 x) {
+  const __mmask16 tiny = _mm512_cmp_ps_mask(x, _mm512_set1_ps(-87.0f), _CMP_LT_OQ);
+  x = _mm512_max_ps(x, _mm512_set1_ps(-87.0f));
+  const __m512 n = _mm512_roundscale_ps(_mm512_mul_ps(x, _mm512_set1_ps(1.44269504088896341f)),
+                                        _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
+  __m512 r = _mm512_fnmadd_ps(n, _mm512_set1_ps(0.693359375f), x);
+  r = _mm512_fnmadd_ps(n, _mm512_set1_ps(-2.12194440e-4f), r);
+  __m512 p = _mm512_set1_ps(1.9875691500e-4f);
+  p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(1.3981999507e-3f));
+  p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(8.3334519073e-3f));
+  p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(4.1665795894e-2f));
+  p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(1.6666665459e-1f));
+  p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(5.0000001201e-1f));
+  p = _mm512_fmadd_ps(p, _mm512_mul_ps(r, r), _mm512_add_ps(r, _mm512_set1_ps(1.0f)));
+  return _mm512_maskz_mov_ps(static_cast<__mmask16>(~tiny), _mm512_scalef_ps(p, n));
+}
+
+template <class T, int C>
+void scores_avx512(const float* q, const T* keys, int64_t len, int64_t dim, float scale, float* s) {
+  const __mmask16 tail = static_cast<__mmask16>((1u << (dim - 16 * (C - 1))) - 1);
+  __m512 qv[C];
+  for (int c = 0; c < C; ++c) qv[c] = load16(q + 16 * c, c == C - 1 ? tail : 0xFFFF);
+  int64_t l = 0;
+  for (; l + 4 <= len; l += 4) {  // 4 keys at a time: independent FMA chains
+    __m512 acc[4];
+    for (int j = 0; j < 4; ++j) acc[j] = _mm512_setzero_ps();
+    for (int c = 0; c < C; ++c) {
+      const __mmask16 m = c == C - 1 ? tail : 0xFFFF;
+      for (int j = 0; j < 4; ++j) acc[j] = _mm512_fmadd_ps(qv[c], load16(keys + (l + j) * dim + 16 * c, m), acc[j]);
+    }
+    for (int j = 0; j < 4; ++j) s[l + j] = sum16(acc[j]) * scale;
+  }
+  for (; l < len; ++l) {
+    __m512 acc = _mm512_setzero_ps();
+    for (int c = 0; c < C; ++c)
+      acc = _mm512_fmadd_ps(qv[c], load16(keys + l * dim + 16 * c, c == C - 1 ? tail : 0xFFFF), acc);
+    s[l] = sum16(acc) * scale;
+  }
+}
+
+float softmax_avx512(float* s, int64_t len) {
+  const __mmask16 tail = static_cast<__mmask16>((1u << (len % 16)) - 1);
+  const int64_t full = len / 16 * 16;
+  __m512 top = _mm512_set1_ps(-INFINITY);
+  for (int64_t l = 0; l < full; l += 16) top = _mm512_max_ps(top, _mm512_loadu_ps(s + l));
+  if (tail) top = _mm512_mask_max_ps(top, tail, top, _mm512_maskz_loadu_ps(tail, s + full));
+  const __m512 shift = _mm512_set1_ps(max16(top));
+  __m512 sum = _mm512_setzero_ps();
+  for (int64_t l = 0; l < full; l += 16) {
+    const __m512 p = exp16(_mm512_sub_ps(_mm512_loadu_ps(s + l), shift));
+    _mm512_storeu_ps(s + l, p);
+    sum = _mm512_add_ps(sum, p);
+  }
+  if (tail) {
+    const __m512 p = _mm512_maskz_mov_ps(tail, exp16(_mm512_sub_ps(_mm512_maskz_loadu_ps(tail, s + full), shift)));
+    _mm512_mask_storeu_ps(s + full, tail, p);
+    sum = _mm512_add_ps(sum, p);
+  }
+  return sum16(sum);
+}
+
+template <class T, int C>
+void weighted_sum_avx512(const float* p, const T* values, int64_t len, int64_t dim, float inv_sum, float* out) {
+  const __mmask16 tail = static_cast<__mmask16>((1u << (dim - 16 * (C - 1))) - 1);
+  __m512 acc[C];
+  for (int c = 0; c < C; ++c) acc[c] = _mm512_setzero_ps();
+  for (int64_t l = 0; l < len; ++l) {
+    const __m512 w = _mm512_set1_ps(p[l]);
+    for (int c = 0; c < C; ++c)
+      acc[c] = _mm512_fmadd_ps(w, load16(values + l * dim + 16 * c, c == C - 1 ? tail : 0xFFFF), acc[c]);
+  }
+  const __m512 inv = _mm512_set1_ps(inv_sum);
+  for (int c = 0; c < C; ++c)
+    _mm512_mask_storeu_ps(out + 16 * c, c == C - 1 ? tail : 0xFFFF, _mm512_mul_ps(acc[c], inv));
+}
+
+template <class T, int C>
+void head_avx512_n(const float* q, const T* keys, const T* values, int64_t len, int64_t dim, float scale,
+                   float* scratch, float* out) {
+  scores_avx512<T, C>(q, keys, len, dim, scale, scratch);
+  const float sum = softmax_avx512(scratch, len);
+  weighted_sum_avx512<T, C>(scratch, values, len, dim, 1.0f / sum, out);
+}
+
+template <class T>
+void head_avx512(const float* q, const T* keys, const T* values, int64_t len, int64_t dim, float scale,
+                 float* scratch, float* out) {
+  switch ((dim + 15) / 16) {
+    case 1: return head_avx512_n<T, 1>(q, keys, values, len, dim, scale, scratch, out);
+    case 2: return head_avx512_n<T, 2>(q, keys, values, len, dim, scale, scratch, out);
+    case 3: return head_avx512_n<T, 3>(q, keys, values, len, dim, scale, scratch, out);
+    case 4: return head_avx512_n<T, 4>(q, keys, values, len, dim, scale, scratch, out);
+    case 5: return head_avx512_n<T, 5>(q, keys, values, len, dim, scale, scratch, out);
+    case 6: return head_avx512_n<T, 6>(q, keys, values, len, dim, scale, scratch, out);
+    case 7: return head_avx512_n<T, 7>(q, keys, values, len, dim, scale, scratch, out);
+    case 8: return head_avx512_n<T, 8>(q, keys, values, len, dim, scale, scratch, out);
+    default: return head_scalar(q, keys, values, len, dim, scale, scratch, out);
+  }
+}
+
+#pragma GCC diagnostic pop
+#pragma GCC pop_options
+
+// ---- AVX2 path: 8 lanes, head_dim a multiple of 8 ----------------------------------------------------------------
+
+#pragma GCC push_options
+#pragma GCC target("avx2,fma,f16c")
+
+inline __m256 load8(const float* p) { return _mm256_loadu_ps(p); }
+inline __m256 load8(const Half* p) { return _mm256_cvtph_ps(_mm_loadu_si128(reinterpret_cast<const __m128i*>(p))); }
+inline __m256 load8(const uint16_t* p) {
+  const __m256i wide = _mm256_cvtepu16_epi32(_mm_loadu_si128(reinterpret_cast<const __m128i*>(p)));
+  return _mm256_castsi256_ps(_mm256_slli_epi32(wide, 16));
+}
+
+inline float sum8(__m256 v) {
+  const __m128 half = _mm_add_ps(_mm256_castps256_ps128(v), _mm256_extractf128_ps(v, 1));
+  const __m128 quarter = _mm_add_ps(half, _mm_movehl_ps(half, half));
+  return _mm_cvtss_f32(_mm_add_ss(quarter, _mm_movehdup_ps(quarter)));
+}
+
+inline float max8(__m256 v) {
+  const __m128 half = _mm_max_ps(_mm256_castps256_ps128(v), _mm256_extractf128_ps(v, 1));
+  const __m128 quarter = _mm_max_ps(half, _mm_movehl_ps(half, half));
+  return _mm_cvtss_f32(_mm_max_ss(quarter, _mm_movehdup_ps(quarter)));
+}
+
+// exp(x) for x <= 0, as exp16.
+inline __m256 exp8(__m256 x) {
+  const __m256 tiny = _mm256_cmp_ps(x, _mm256_set1_ps(-87.0f), _CMP_LT_OQ);
+  x = _mm256_max_ps(x, _mm256_set1_ps(-87.0f));
+  const __m256 n = _mm256_round_ps(_mm256_mul_ps(x, _mm256_set1_ps(1.44269504088896341f)),
+                                   _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
+  __m256 r = _mm256_fnmadd_ps(n, _mm256_set1_ps(0.693359375f), x);
+  r = _mm256_fnmadd_ps(n, _mm256_set1_ps(-2.12194440e-4f), r);
+  __m256 p = _mm256_set1_ps(1.9875691500e-4f);
+  p = _mm256_fmadd_ps(p, r, _mm256_set1_ps(1.3981999507e-3f));
+  p = _mm256_fmadd_ps(p, r, _mm256_set1_ps(8.3334519073e-3f));
+  p = _mm256_fmadd_ps(p, r, _mm256_set1_ps(4.1665795894e-2f));
+  p = _mm256_fmadd_ps(p, r, _mm256_set1_ps(1.6666665459e-1f));
+  p = _mm256_fmadd_ps(p, r, _mm256_set1_ps(5.0000001201e-1f));
+  p = _mm256_fmadd_ps(p, _mm256_mul_ps(r, r), _mm256_add_ps(r, _mm256_set1_ps(1.0f)));
+  const __m256i exponent = _mm256_slli_epi32(_mm256_add_epi32(_mm256_cvtps_epi32(n), _mm256_set1_epi32(127)), 23);
+  return _mm256_andnot_ps(tiny, _mm256_mul_ps(p, _mm256_castsi256_ps(exponent)));
+}
+
+template <class T, int C>
+void scores_avx2(const float* q, const T* keys, int64_t len, int64_t dim, float scale, float* s) {
+  __m256 qv[C];
+  for (int c = 0; c < C; ++c) qv[c] = _mm256_loadu_ps(q + 8 * c);
+  int64_t l = 0;
+  for (; l + 4 <= len; l += 4) {
+    __m256 acc[4];
+    for (int j = 0; j < 4; ++j) acc[j] = _mm256_setzero_ps();
+    for (int c = 0; c < C; ++c)
+      for (int j = 0; j < 4; ++j) acc[j] = _mm256_fmadd_ps(qv[c], load8(keys + (l + j) * dim + 8 * c), acc[j]);
+    for (int j = 0; j < 4; ++j) s[l + j] = sum8(acc[j]) * scale;
+  }
+  for (; l < len; ++l) {
+    __m256 acc = _mm256_setzero_ps();
+    for (int c = 0; c < C; ++c) acc = _mm256_fmadd_ps(qv[c], load8(keys + l * dim + 8 * c), acc);
+    s[l] = sum8(acc) * scale;
+  }
+}
+
+float softmax_avx2(float* s, int64_t len) {
+  const int64_t full = len / 8 * 8;
+  __m256 top8 = _mm256_set1_ps(-INFINITY);
+  for (int64_t l = 0; l < full; l += 8) top8 = _mm256_max_ps(top8, _mm256_loadu_ps(s + l));
+  float top = max8(top8);
+  for (int64_t l = full; l < len; ++l) top = std::max(top, s[l]);
+  const __m256 shift = _mm256_set1_ps(top);
+  __m256 sum8v = _mm256_setzero_ps();
+  for (int64_t l = 0; l < full; l += 8) {
+    const __m256 p = exp8(_mm256_sub_ps(_mm256_loadu_ps(s + l), shift));
+    _mm256_storeu_ps(s + l, p);
+    sum8v = _mm256_add_ps(sum8v, p);
+  }
+  if (full < len) {  // the tail through a block padded with -inf, whose exp is 0
+    alignas(32) float block[8];
+    for (int64_t i = 0; i < 8; ++i) block[i] = full + i < len ? s[full + i] - top : -INFINITY;
+    const __m256 p = exp8(_mm256_load_ps(block));
+    _mm256_store_ps(block, p);
+    for (int64_t l = full; l < len; ++l) s[l] = block[l - full];
+    sum8v = _mm256_add_ps(sum8v, p);
+  }
+  return sum8(sum8v);
+}
+
+template <class T, int C>
+void weighted_sum_avx2(const float* p, const T* values, int64_t len, int64_t dim, float inv_sum, float* out) {
+  __m256 acc[C];
+  for (int c = 0; c < C; ++c) acc[c] = _mm256_setzero_ps();
+  for (int64_t l = 0; l < len; ++l) {
+    const __m256 w = _mm256_set1_ps(p[l]);
+    for (int c = 0; c < C; ++c) acc[c] = _mm256_fmadd_ps(w, load8(values + l * dim + 8 * c), acc[c]);
+  }
+  const __m256 inv = _mm256_set1_ps(inv_sum);
+  for (int c = 0; c < C; ++c) _mm256_storeu_ps(out + 8 * c, _mm256_mul_ps(acc[c], inv));
+}
+
+template <class T, int C>
+void head_avx2_n(const float* q, const T* keys, const T* values, int64_t len, int64_t dim, float scale,
+                 float* scratch, float* out) {
+  scores_avx2<T, C>(q, keys, len, dim, scale, scratch);
+  const float sum = softmax_avx2(scratch, len);
+  weighted_sum_avx2<T, C>(scratch, values, len, dim, 1.0f / sum, out);
+}
+
+template <class T>
+void head_avx2(const float* q, const T* keys, const T* values, int64_t len, int64_t dim, float scale,
+               float* scratch, float* out) {
+  if (dim % 8 != 0) return head_scalar(q, keys, values, len, dim, scale, scratch, out);
+  switch (dim / 8) {
+    case 1: return head_avx2_n<T, 1>(q, keys, values, len, dim, scale, scratch, out);
+    case 2: return head_avx2_n<T, 2>(q, keys, values, len, dim, scale, scratch, out);
+    case 3: return head_avx2_n<T, 3>(q, keys, values, len, dim, scale, scratch, out);
+    case 4: return head_avx2_n<T, 4>(q, keys, values, len, dim, scale, scratch, out);
+    case 5: return head_avx2_n<T, 5>(q, keys, values, len, dim, scale, scratch, out);
+    case 6: return head_avx2_n<T, 6>(q, keys, values, len, dim, scale, scratch, out);
+    case 7: return head_avx2_n<T, 7>(q, keys, values, len, dim, scale, scratch, out);
+    case 8: return head_avx2_n<T, 8>(q, keys, values, len, dim, scale, scratch, out);
+    case 9: return head_avx2_n<T, 9>(q, keys, values, len, dim, scale, scratch, out);
+    case 10: return head_avx2_n<T, 10>(q, keys, values, len, dim, scale, scratch, out);
+    case 11: return head_avx2_n<T, 11>(q, keys, values, len, dim, scale, scratch, out);
+    case 12: return head_avx2_n<T, 12>(q, keys, values, len, dim, scale, scratch, out);
+    case 13: return head_avx2_n<T, 13>(q, keys, values, len, dim, scale, scratch, out);
+    case 14: return head_avx2_n<T, 14>(q, keys, values, len, dim, scale, scratch, out);
+    case 15: return head_avx2_n<T, 15>(q, keys, values, len, dim, scale, scratch, out);
+    case 16: return head_avx2_n<T, 16>(q, keys, values, len, dim, scale, scratch, out);
+    default: return head_scalar(q, keys, values, len, dim, scale, scratch, out);
+  }
+}
+
+#pragma GCC pop_options
+
+// ---- one (row, kv head) task, and the batch --------------------------------------------------------------------
+
+struct Problem {
+  const float* q;        // [B, H, D] before rope
+  const float* k;        // [B, Hkv, D] before rope
+  const float* v;        // [B, Hkv, D]
+  const float* cos;      // [P, D]
+  const float* sin;      // [P, D]
+  const int64_t* slots;  // [B]
+  const int64_t* positions;  // [B]: the new token's position; it attends over [0, position]
+  int64_t heads, kv_heads, dim, max_len;
+  float scale;
+  float* out;  // [B, H, D]
+};
+
+template <class T>
+using HeadFn = void (*)(const float*, const T*, const T*, int64_t, int64_t, float, float*, float*);
+
+template <class T>
+void run_task(const Problem& pb, T* cache_k, T* cache_v, HeadFn<T> head, int64_t row, int64_t kv_head,
+              std::vector<float>& scratch) {
+  const int64_t dim = pb.dim, group = pb.heads / pb.kv_heads, pos = pb.positions[row];
+  const float* cos = pb.cos + pos * dim;
+  const float* sin = pb.sin + pos * dim;
+  const int64_t base = (pb.slots[row] * pb.kv_heads + kv_head) * pb.max_len * dim;  // [slot, kv head, 0, 0]
+  scratch.resize(static_cast<size_t>(dim * (group + 1) + pos + 1 + 16));
+  float* qrot = scratch.data();             // [G, D]
+  float* krot = qrot + group * dim;         // [D]
+  float* scores = krot + dim;               // [pos + 1]
+  rope(pb.k + (row * pb.kv_heads + kv_head) * dim, cos, sin, dim, krot);
+  const float* value = pb.v + (row * pb.kv_heads + kv_head) * dim;
+  for (int64_t d = 0; d < dim; ++d) {
+    store_scalar(cache_k + base + pos * dim + d, krot[d]);
+    store_scalar(cache_v + base + pos * dim + d, value[d]);
+  }
+  for (int64_t g = 0; g < group; ++g) {
+    const int64_t h = kv_head * group + g;  // heads sharing a kv head are adjacent, as in repeat_kv
+    rope(pb.q + (row * pb.heads + h) * dim, cos, sin, dim, qrot + g * dim);
+    head(qrot + g * dim, cache_k + base, cache_v + base, pos + 1, dim, pb.scale, scores,
+         pb.out + (row * pb.heads + h) * dim);
+  }
+}
+
+template <class T>
+HeadFn<T> choose(int impl) {
+  if (impl == kAvx512) return head_avx512<T>;
+  if (impl == kAvx2) return head_avx2<T>;
+  return head_scalar<T>;
+}
+
+// Below this many multiply-adds a call runs on the calling thread: waking the other threads costs more than it saves
+// (tiny models, short contexts), and on a busy machine a parallel region can wait a scheduler slice for a thread.
+constexpr int64_t kParallelWork = int64_t{1} << 17;
+
+int64_t work(const Problem& pb, int64_t batch) {
+  int64_t keys = 0;
+  for (int64_t b = 0; b < batch; ++b) keys += pb.positions[b] + 1;
+  return keys * pb.heads * pb.dim * 2;  // scores and weighted sum
+}
+
+template <class T>
+void run(const Problem& pb, void* cache_k, void* cache_v, int impl, int64_t batch, int threads) {
+  const HeadFn<T> head = choose<T>(impl);
+  const int64_t tasks = batch * pb.kv_heads;
+  const bool parallel = threads > 1 && tasks > 1 && work(pb, batch) >= kParallelWork;
+#pragma omp parallel num_threads(threads) if (parallel)
+  {
+    std::vector<float> scratch;
+#pragma omp for schedule(dynamic, 1)
+    for (int64_t t = 0; t < tasks; ++t)
+      run_task<T>(pb, static_cast<T*>(cache_k), static_cast<T*>(cache_v), head, t / pb.kv_heads, t % pb.kv_heads,
+                  scratch);
+  }
+}
+
+int resolve(int impl) {
+  if (impl == kAuto) return cpu_has_avx512() ? kAvx512 : cpu_has_avx2() ? kAvx2 : kScalar;
+  if (impl == kAvx512 && !cpu_has_avx512()) return -1;
+  if (impl == kAvx2 && !cpu_has_avx2()) return -1;
+  return impl;
+}
+
+}  // namespace
+
+extern "C" {
+
+__attribute__((visibility("default"))) int i8a_abi_version() { return 1; }
+
+// Bit 0: the AVX2 path can run here; bit 1: the AVX-512 path can.
+__attribute__((visibility("default"))) int i8a_cpu_paths() {
+  return (cpu_has_avx2() ? 1 : 0) | (cpu_has_avx512() ? 2 : 0);
+}
+
+// The path `impl` resolves to on this CPU (1 AVX-512, 2 AVX2, 3 scalar), or -1 if the CPU cannot run it.
+__attribute__((visibility("default"))) int i8a_resolve(int impl) { return resolve(impl); }
+
+// Returns 0, or -1 (the CPU cannot run `impl`), -2 (unknown dtype), -3 (bad sizes), -4 (a slot or position out of
+// range, or a slot twice: the tasks write into the cache, so these are checked before anything runs).
+__attribute__((visibility("default"))) int i8a_decode(
+    const float* q, const float* k, const float* v, const float* cos, const float* sin, const int64_t* slots,
+    const int64_t* positions, int64_t batch, int64_t heads, int64_t kv_heads, int64_t dim, void* cache_k,
+    void* cache_v, int64_t n_slots, int64_t max_len, int64_t table_len, int dtype, float scale, float* out, int impl,
+    int threads) {
+  const int path = resolve(impl);
+  if (path < 0) return -1;
+  if (kv_heads <= 0 || heads % kv_heads != 0 || dim <= 0 || dim % 2 != 0) return -3;
+  for (int64_t b = 0; b < batch; ++b) {
+    if (slots[b] < 0 || slots[b] >= n_slots || positions[b] < 0 || positions[b] >= std::min(max_len, table_len))
+      return -4;
+    for (int64_t other = 0; other < b; ++other)
+      if (slots[other] == slots[b]) return -4;
+  }
+  const Problem pb{q, k, v, cos, sin, slots, positions, heads, kv_heads, dim, max_len, scale, out};
+  if (dtype == kF32) {
+    run<float>(pb, cache_k, cache_v, path, batch, threads);
+  } else if (dtype == kBF16) {
+    run<uint16_t>(pb, cache_k, cache_v, path, batch, threads);
+  } else if (dtype == kF16) {
+    run<Half>(pb, cache_k, cache_v, path, batch, threads);
+  } else {
+    return -2;
+  }
+  return 0;
+}
+
+}  // extern "C"

@@ -1,0 +1,232 @@
+"""The decode attention kernel (engine/kernels/attention.py): against the fp32 torch attention, bitwise batch
+invariance, every path this CPU can run, the model's use of it and its fallback.
+
+Paths the CPU lacks are skipped with the reason; the scalar path runs everywhere the library builds.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+
+import pytest
+import torch
+
+from int8serve.engine.kernels import attention
+from int8serve.engine.model import apply_rope, rope_tables
+
+ALL_PATHS = ["avx512", "avx2", "scalar"]
+
+
+@pytest.fixture(scope="module", autouse=True)
+def built() -> None:
+    assert attention.available(), f"the attention kernel did not build/load: {attention.unavailable_reason()}"
+
+
+def runnable(path: str) -> str:
+    if path not in attention.cpu_paths():
+        pytest.skip(f"this CPU cannot run the {path} path (it runs {attention.cpu_paths()})")
+    return path
+
+
+class Case:
+    """Random queries, new keys/values and a filled cache for `batch` rows of one step."""
+
+    def __init__(self, heads: int, kv_heads: int, dim: int, dtype: torch.dtype, positions: list[int],
+                 slots: list[int] | None = None, n_slots: int = 5, max_len: int = 320, seed: int = 0) -> None:
+        g = torch.Generator().manual_seed(seed)
+        batch = len(positions)
+        self.q = torch.randn(batch, heads, dim, generator=g) * 2  # [B, H, D]
+        self.k = torch.randn(batch, kv_heads, dim, generator=g)  # [B, Hkv, D]
+        self.v = torch.randn(batch, kv_heads, dim, generator=g)
+        self.cos, self.sin = rope_tables(dim, max_len, 10000.0)
+        self.cache_k = torch.randn(n_slots, kv_heads, max_len, dim, generator=g).to(dtype)
+        self.cache_v = torch.randn(n_slots, kv_heads, max_len, dim, generator=g).to(dtype)
+        self.slots = torch.tensor(slots if slots is not None else list(range(batch)), dtype=torch.int64)
+        self.positions = torch.tensor(positions, dtype=torch.int64)
+
+    def run(self, impl: str) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """The kernel on copies of the caches: (out [B, H, D], cache_k, cache_v) after the call."""
+        cache_k, cache_v = self.cache_k.clone(), self.cache_v.clone()
+        out = attention.decode_attention(self.q, self.k, self.v, self.cos, self.sin, self.slots, self.positions,
+                                         cache_k, cache_v, impl)  # type: ignore[arg-type]
+        return out, cache_k, cache_v
+
+    def reference(self) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """The torch path: apply_rope, cache write, fp32 matmuls and softmax, one row at a time."""
+        cache_k, cache_v = self.cache_k.clone(), self.cache_v.clone()
+        batch, heads, dim = self.q.shape
+        kv_heads = self.k.shape[1]
+        out = torch.empty(batch, heads, dim)
+        for row in range(batch):
+            slot, pos = int(self.slots[row]), int(self.positions[row])
+            cos, sin = self.cos[pos][None, None], self.sin[pos][None, None]  # [1, 1, D]
+            q = apply_rope(self.q[row][None, None], cos, sin)[0, 0]  # [H, D]
+            cache_k[slot, :, pos] = apply_rope(self.k[row][None, None], cos, sin)[0, 0]
+            cache_v[slot, :, pos] = self.v[row]
+            keys, values = cache_k[slot, :, :pos + 1].float(), cache_v[slot, :, :pos + 1].float()
+            scores = q.view(kv_heads, heads // kv_heads, dim) @ keys.transpose(1, 2) * dim**-0.5
+            out[row] = (torch.softmax(scores, -1) @ values).view(heads, dim)
+        return out, cache_k, cache_v
+
+
+SHAPES = [  # heads, kv heads, head_dim, cache dtype
+    (32, 32, 128, torch.bfloat16),  # Llama-2-7B
+    (8, 4, 8, torch.bfloat16),  # stories260K: grouped-query, tiny heads
+    (8, 2, 64, torch.float32),  # grouped-query, the fp32 reference model's cache
+    (6, 3, 24, torch.bfloat16),  # head_dim not a multiple of 16 (masked AVX-512 tail)
+    (4, 1, 40, torch.float32),  # one kv head for all
+    (8, 4, 32, torch.float16),  # an fp16 cache
+]
+
+
+@pytest.mark.parametrize("path", ALL_PATHS)
+@pytest.mark.parametrize(("heads", "kv_heads", "dim", "dtype"), SHAPES)
+def test_matches_the_fp32_torch_attention(path: str, heads: int, kv_heads: int, dim: int, dtype: torch.dtype
+                                          ) -> None:
+    case = Case(heads, kv_heads, dim, dtype, positions=[0, 17, 319, 64], slots=[3, 0, 4, 1])
+    out, cache_k, cache_v = case.run(runnable(path))
+    ref, ref_k, ref_v = case.reference()
+    assert (out - ref).abs().max().item() <= 1e-5 * max(1.0, ref.abs().max().item())
+    # the key and value it writes are the bits the torch path writes (rope as three rounded ops, then the cast)
+    assert torch.equal(cache_k, ref_k) and torch.equal(cache_v, ref_v)
+
+
+@pytest.mark.parametrize("path", ALL_PATHS)
+def test_every_position_from_the_first(path: str) -> None:
+    runnable(path)
+    for pos in range(0, 40):
+        case = Case(8, 4, 8, torch.bfloat16, positions=[pos], seed=pos)
+        out, _, _ = case.run(path)
+        ref, _, _ = case.reference()
+        assert (out - ref).abs().max().item() <= 1e-5 * max(1.0, ref.abs().max().item()), pos
+
+
+@pytest.mark.parametrize("path", ALL_PATHS)
+@pytest.mark.parametrize(("heads", "kv_heads", "dim", "dtype"), SHAPES[:3])
+def test_a_row_is_bitwise_the_same_whatever_else_is_in_the_batch(path: str, heads: int, kv_heads: int, dim: int,
+                                                                 dtype: torch.dtype) -> None:
+    runnable(path)
+    together = Case(heads, kv_heads, dim, dtype, positions=[200, 3, 97, 150], slots=[2, 4, 0, 1])
+    out, cache_k, _ = together.run(path)
+    for row in range(4):
+        alone = Case(heads, kv_heads, dim, dtype, positions=[200, 3, 97, 150], slots=[2, 4, 0, 1])
+        keep = slice(row, row + 1)
+        alone.q, alone.k, alone.v = alone.q[keep], alone.k[keep], alone.v[keep]
+        alone.slots, alone.positions = alone.slots[keep], alone.positions[keep]
+        for threads in (1, 2):
+            before = torch.get_num_threads()
+            torch.set_num_threads(threads)
+            try:
+                solo, solo_k, _ = alone.run(path)
+            finally:
+                torch.set_num_threads(before)
+            assert torch.equal(solo[0], out[row]), (row, threads)
+            slot = int(alone.slots[0])
+            assert torch.equal(solo_k[slot], cache_k[slot])
+
+
+def test_auto_takes_the_widest_path() -> None:
+    assert attention.resolve("auto") == attention.cpu_paths()[-1]
+    case = Case(8, 4, 8, torch.bfloat16, positions=[5, 9])
+    assert torch.equal(case.run("auto")[0], case.run(attention.resolve("auto"))[0])
+
+
+def test_bad_slots_and_positions_are_refused_before_any_write() -> None:
+    for slots, positions in [([0, 0], [3, 4]), ([0, 5], [3, 4]), ([0, 1], [3, 320]), ([0, -1], [3, 4])]:
+        case = Case(8, 4, 8, torch.bfloat16, positions=positions, slots=slots, n_slots=5, max_len=320)
+        cache_k = case.cache_k.clone()
+        with pytest.raises(ValueError, match="out of range, or a slot twice"):
+            attention.decode_attention(case.q, case.k, case.v, case.cos, case.sin, case.slots, case.positions,
+                                       cache_k, case.cache_v.clone())
+        assert torch.equal(cache_k, case.cache_k)
+
+
+def test_bad_shapes_and_dtypes_are_refused() -> None:
+    case = Case(8, 4, 8, torch.bfloat16, positions=[3])
+    with pytest.raises(ValueError, match="do not fit"):
+        attention.decode_attention(case.q, case.k[:, :2].contiguous(), case.v, case.cos, case.sin, case.slots,
+                                   case.positions, case.cache_k, case.cache_v)
+    with pytest.raises(ValueError, match="fp32, bf16 or fp16"):
+        attention.decode_attention(case.q, case.k, case.v, case.cos, case.sin, case.slots, case.positions,
+                                   case.cache_k.double(), case.cache_v.double())
+
+
+def test_setting_is_validated(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv(attention.ENV, "AVX2")
+    assert attention.setting() == "avx2"
+    monkeypatch.setenv(attention.ENV, "fast")
+    with pytest.raises(ValueError, match="INT8SERVE_ATTENTION"):
+        attention.setting()
+
+
+# ---- the model ---------------------------------------------------------------------------------------------------
+
+
+def decode_logits(model, prompts: list[list[int]]) -> torch.Tensor:
+    """Prefill each prompt into its own slot, then one decode step for all of them together: logits [B, V]."""
+    cache = model.new_cache(len(prompts) + 1, 48)
+    for i, prompt in enumerate(prompts):
+        model(torch.tensor([prompt]), cache, [i + 1], [0])
+    return model(torch.tensor([[9]] * len(prompts)), cache, list(range(1, len(prompts) + 1)),
+                 [len(p) for p in prompts])
+
+
+PROMPTS = [[1, 403, 407], [1, 403, 407, 261, 378, 100, 20], [1, 5, 77, 12, 499, 300, 20, 8, 9, 10, 11]]
+
+
+@pytest.mark.parametrize("precision", ["int8", "fp32"])
+def test_model_decode_matches_the_torch_path_on_every_path(stories_int8, stories_fp32, precision: str,
+                                                           monkeypatch: pytest.MonkeyPatch) -> None:
+    model = (stories_int8 if precision == "int8" else stories_fp32).model  # grouped-query: 8 heads, 4 kv heads
+    monkeypatch.setenv(attention.ENV, "torch")
+    reference = decode_logits(model, PROMPTS)
+    for path in attention.cpu_paths():
+        monkeypatch.setenv(attention.ENV, path)
+        logits = decode_logits(model, PROMPTS)
+        # int8 layers round their outputs to bf16: a last-bit difference in attention moves a logit by a bf16 step
+        tolerance = 1e-4 if precision == "fp32" else 2**-6 * reference.abs().max().item()
+        assert (logits - reference).abs().max().item() <= tolerance, path
+        assert torch.equal(logits.argmax(-1), reference.argmax(-1)), path
+        if precision == "int8":  # (fp32 nn.Linear rounds a row by how many rows come with it: not invariant)
+            alone = torch.cat([decode_logits(model, [prompt]) for prompt in PROMPTS])
+            assert torch.equal(alone, logits), path  # batch invariant on every path
+
+
+@pytest.fixture
+def fresh_load(monkeypatch: pytest.MonkeyPatch) -> Iterator[pytest.MonkeyPatch]:
+    """Forget the cached load result for one test (whose environment then decides), and again after."""
+    attention._load.cache_clear()
+    yield monkeypatch
+    monkeypatch.undo()
+    attention._load.cache_clear()
+
+
+def no_compiler(*args: object, **kwargs: object) -> None:
+    raise attention.BuildError("no C++ compiler found (set CXX, or install g++)")
+
+
+def test_without_a_compiler_the_model_keeps_the_torch_path(fresh_load: pytest.MonkeyPatch, stories_int8,
+                                                           caplog: pytest.LogCaptureFixture) -> None:
+    fresh_load.setenv(attention.ENV, "torch")
+    reference = decode_logits(stories_int8.model, PROMPTS)
+    fresh_load.setenv(attention.ENV, "auto")
+    fresh_load.setattr(attention, "build", no_compiler)  # only this library: the int8 kernels keep theirs
+    assert not attention.available()
+    assert "no C++ compiler" in (attention.unavailable_reason() or "")
+    assert torch.equal(decode_logits(stories_int8.model, PROMPTS), reference)
+    decode_logits(stories_int8.model, PROMPTS)
+    assert caplog.text.count("attention kernel not available") == 1  # said once
+
+
+def test_disabled_by_environment(fresh_load: pytest.MonkeyPatch) -> None:
+    fresh_load.setenv("INT8SERVE_KERNELS", "0")
+    assert not attention.available()
+    assert "INT8SERVE_KERNELS=0" in (attention.unavailable_reason() or "")
+
+
+def test_a_failing_build_leaves_no_library(fresh_load: pytest.MonkeyPatch, tmp_path) -> None:
+    fresh_load.setenv("INT8SERVE_CACHE", str(tmp_path))
+    fresh_load.setenv("CXX", "/bin/false")
+    assert not attention.available()
+    assert "BuildError" in (attention.unavailable_reason() or "")
+    assert not list(tmp_path.rglob("*.so"))
