@@ -236,7 +236,11 @@ class Int8Linear(nn.Module):
         # rows [M, in] -> fp32 [M, out]; `count` rows decide the path (batch invariance, chunking.py)
         assert self.packed is not None
         if count <= KERNEL_ROWS:
-            return kernels.int8_gemv(rows, self.packed, precise=PRECISE_ACTIVATIONS)
+            out = kernels.int8_gemv(rows, self.packed, precise=PRECISE_ACTIVATIONS)
+            # Prefill chunks round to bf16 as int8pack did: with fp32 outputs, test_prefix_cache found a chunk's last
+            # logits differing by whether a cached prefix shortened the chunk (this kernel's rows are bitwise
+            # independent, tested; the op downstream that is not, likely SDPA by its query count, is not pinned down).
+            return out.to(COMPUTE_DTYPE) if chunking.CURRENT.get() is not None else out
         dense = self.dequant_buffer.view(self.out_features, self.in_features, dense_dtype())
         kernels.dequantize(self.packed, dense)
         return F.linear(_padded(rows.to(dense.dtype)), dense)[:rows.shape[0]]
