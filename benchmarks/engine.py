@@ -121,16 +121,19 @@ def int8_linears(model: nn.Module) -> list[Int8Linear]:
     return [m for m in model.modules() if isinstance(m, Int8Linear)]
 
 
-def random_scales(rows: int, in_features: int, generator: torch.Generator) -> Tensor:
-    """fp32 scales giving weights of std ~1/sqrt(in_features) for uniform int8 values (whose std is ~73)."""
-    return (0.5 + torch.rand(rows, generator=generator)) / (73.0 * math.sqrt(in_features))
+def random_scales(rows: int, in_features: int, generator: torch.Generator, group_size: int = 0) -> Tensor:
+    """fp32 scales giving weights of std ~1/sqrt(in_features) for uniform int8 values (whose std is ~73):
+    [rows] per channel (group_size 0), else [rows, ceil(in_features / group_size)]."""
+    shape = (rows, -(-in_features // group_size)) if group_size else (rows,)
+    return (0.5 + torch.rand(shape, generator=generator)) / (73.0 * math.sqrt(in_features))
 
 
-def build_random_int8_model(config: ModelConfig, seed: int = 0) -> Transformer:
+def build_random_int8_model(config: ModelConfig, seed: int = 0, group_size: int = 0) -> Transformer:
     """The model of `config` with random int8 weights, built on the meta device and then filled.
 
     One random block is drawn per distinct weight shape; every layer gets its own copy of it, rolled by a different
     number of rows, so that no two layers share storage (shared storage would let caches flatter the result).
+    group_size: the weights' scheme (0 = a scale per output channel, else per group of that many inputs).
     """
     with torch.device("meta"):
         model = Transformer(config, "int8")
@@ -141,7 +144,7 @@ def build_random_int8_model(config: ModelConfig, seed: int = 0) -> Transformer:
         if shape not in blocks:
             blocks[shape] = torch.randint(-127, 128, shape, dtype=torch.int8, generator=generator)
         weight = torch.roll(blocks[shape], shifts=index + 1, dims=0)  # a new tensor with its own memory
-        linear.set_quantized(weight, random_scales(shape[0], shape[1], generator))
+        linear.set_quantized(weight, random_scales(shape[0], shape[1], generator, group_size), group_size)
     del blocks
     model.tok_embeddings.weight = nn.Parameter(torch.randn(config.vocab_size, config.dim, generator=generator),
                                                requires_grad=False)
@@ -156,11 +159,7 @@ def build_random_int8_model(config: ModelConfig, seed: int = 0) -> Transformer:
 
 def decode_bytes_per_step(model: Transformer) -> int:
     """Bytes of int8 weights and kernel (bf16) scales that every decode step reads once."""
-    total = 0
-    for linear in int8_linears(model):
-        scale = linear.kernel_scale if linear.kernel_scale is not None else linear.scale
-        total += linear.weight.nbytes + scale.nbytes
-    return total
+    return sum(linear.weight_nbytes for linear in int8_linears(model))
 
 
 def linear_flops_per_token(model: Transformer) -> int:

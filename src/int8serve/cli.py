@@ -20,6 +20,7 @@ from .engine.chat_template import render_prompt
 from .engine.config import ConfigError
 from .engine.demo import DEMO_WARNING, demo_model_dir
 from .engine.generate import GenerationStats, generate
+from .engine.int8 import DEFAULT_GROUP_SIZE, GROUP_SIZES
 from .engine.loader import LoadedModel, load_model, save_int8_checkpoint
 from .engine.model_cache import load_cached
 from .engine.model_source import MODEL_HELP, resolve
@@ -70,10 +71,12 @@ def build_parser() -> argparse.ArgumentParser:
 
     quant = commands.add_parser("quantize", help="write a pre-quantized int8 checkpoint that loads fast",
                                 description="Quantize SRC (Hugging Face or Meta folder, .gguf file or Hub id) to "
-                                            "weight-only int8, per output channel, and write it to DST "
-                                            "(int8serve.json + model.safetensors + tokenizer.model).")
+                                            "weight-only int8, with a scale per --group-size input values (or per "
+                                            "output channel), and write it to DST (int8serve.json + "
+                                            "model.safetensors + tokenizer.model).")
     quant.add_argument("src", type=Path, help="the source model: a folder, a .gguf file or a Hub id org/name[@rev]")
     quant.add_argument("dst", type=Path, help="destination folder (created)")
+    _add_group_size(quant)
     quant.add_argument("--threads", type=int, default=None, help="torch threads (default: all cores)")
 
     _add_serve_parser(commands)
@@ -87,7 +90,14 @@ def build_parser() -> argparse.ArgumentParser:
     ppl.add_argument("--window", type=int, default=256, help="tokens per window (default: 256)")
     ppl.add_argument("--compare-to", choices=["fp32"], default=None, help="reference to compare against")
     ppl.add_argument("--max-windows", type=int, default=None, help="stop after this many windows")
+    _add_group_size(ppl)
     return parser
+
+
+def _add_group_size(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--group-size", type=int, choices=GROUP_SIZES, default=DEFAULT_GROUP_SIZE,
+                        help="int8 weights: one scale per this many input values, 0 = per output channel "
+                             "(default: %(default)s; a pre-quantized checkpoint keeps its own)")
 
 
 def _add_serve_parser(commands: argparse._SubParsersAction) -> None:
@@ -181,8 +191,10 @@ def resolve_model(path: Path | None) -> Path:
     return resolve(path)
 
 
-def open_model(path: Path | None, dtype: str, use_cache: bool = True) -> tuple[LoadedModel, Tokenizer]:
-    loaded = load_cached(resolve_model(path), dtype, progress=sys.stderr.isatty(), use_cache=use_cache)
+def open_model(path: Path | None, dtype: str, use_cache: bool = True,
+               group_size: int = DEFAULT_GROUP_SIZE) -> tuple[LoadedModel, Tokenizer]:
+    loaded = load_cached(resolve_model(path), dtype, progress=sys.stderr.isatty(), use_cache=use_cache,
+                         group_size=group_size)
     if loaded.tokenizer_path is None:
         raise UsageError(f"{loaded.path}: no tokenizer.model in the folder or its parent")
     return loaded, Tokenizer(loaded.tokenizer_path)
@@ -226,7 +238,7 @@ def _with_system(system: str, prompt: str) -> list:
 
 def cmd_quantize(args: argparse.Namespace) -> None:
     started = time.perf_counter()
-    loaded = load_model(resolve(args.src), "int8", progress=sys.stderr.isatty())
+    loaded = load_model(resolve(args.src), "int8", progress=sys.stderr.isatty(), group_size=args.group_size)
     folder = save_int8_checkpoint(loaded, args.dst)
     size = sum(f.stat().st_size for f in folder.iterdir() if f.is_file())
     print(f"wrote {folder} ({size / 1e6:.1f} MB) in {time.perf_counter() - started:.1f} s", file=sys.stderr)
@@ -235,7 +247,7 @@ def cmd_quantize(args: argparse.Namespace) -> None:
 def cmd_eval_ppl(args: argparse.Namespace) -> None:
     if not args.text.is_file():
         raise UsageError(f"{args.text}: no such file")
-    loaded, tokenizer = open_model(args.model, args.dtype, args.model_cache)
+    loaded, tokenizer = open_model(args.model, args.dtype, args.model_cache, args.group_size)
     reference = None
     if args.compare_to == "fp32":
         reference = load_model(loaded.path, "fp32").model

@@ -32,8 +32,10 @@ from starlette.types import ASGIApp, Receive, Scope, Send
 
 from .catalog.card import CardError, ModelCard
 from .catalog.registry import Catalog, UnknownModelError
+from .engine import kernels
 from .engine.chat_template import render_prompt
 from .engine.demo import DEMO_WARNING, demo_model_dir
+from .engine.int8 import Int8Linear
 from .engine.model import Transformer
 from .engine.model_cache import load_cached
 from .engine.model_source import resolve as resolve_model_source
@@ -144,13 +146,14 @@ def load_service(settings: ServeSettings, prepared: Prepared, tokens: dict[str, 
     app = create_app(prepared.catalog, {card.name: engine}, tokens, demo=prepared.demo, policy=prepared.policy,
                      limits=limits, log_prompts=settings.log_prompts, lifecycle=lifecycle,
                      metrics_token=settings.metrics_token)
-    # full-precision parameters (embeddings, norms) + int8 weights (buffers of Int8Linear)
+    # full-precision parameters (embeddings, norms) + int8 weights (of Int8Linear, packed or not)
     parameters = sum(p.numel() for p in loaded.model.parameters()) + sum(
-        b.numel() for b in loaded.model.buffers() if b.dtype == torch.int8)
+        m.in_features * m.out_features for m in loaded.model.modules() if isinstance(m, Int8Linear))
     summary = [
         f"model: {card.name} <- {loaded.path} ({loaded.source_format} checkpoint, {settings.dtype}, "
         f"{parameters / 1e6:.1f}M parameters, loaded in {time.perf_counter() - started:.1f} s)"
         + (f"  ** {DEMO_WARNING} **" if prepared.demo else ""),
+        *([kernels.describe()] if settings.dtype == "int8" else []),
         f"limits: context {context} tokens (card {card.context_length_limit}, model {loaded.config.max_seq_len}), "
         f"max_tokens <= {card.sequence_length_limit}, {card.max_concurrent_requests} slots, "
         f"queue {settings.max_queue}, prefill chunk {settings.prefill_chunk}, "

@@ -1,8 +1,9 @@
-"""Our int8 decode kernel (int8serve.engine.kernels): build, arithmetic, batch invariance, fallback.
+"""Our int8 decode kernel (int8serve.engine.kernels): build, arithmetic of every path, batch invariance, fallback.
 
-The library is built once per machine into the cache (the first test pays the compile, about 2 s) and loaded once
-per process. Where the CPU has AVX-512 VNNI (this project's machines) the kernel must be available; elsewhere only the
-scalar path runs and `available()` must say False.
+The library is built once per machine into the cache (the first test pays the compile, a few seconds) and loaded
+once per process. On any x86-64 with a compiler the kernel must be available. Each path (vnni512, avxvnni, avx2,
+scalar) is tested against an exact integer reference wherever the CPU can run it; the others are skipped, with the
+flag they need as the reason.
 """
 
 from __future__ import annotations
@@ -16,9 +17,14 @@ import torch
 from int8serve.engine import int8, kernels
 from int8serve.engine.int8 import Int8Linear, quantize_per_channel
 
-CPU_HAS_VNNI = all(flag in Path("/proc/cpuinfo").read_text().split()
-                   for flag in ("avx512f", "avx512bw", "avx512vl", "avx512_vnni"))
-IMPLS = ["scalar", "vnni"] if CPU_HAS_VNNI else ["scalar"]
+CPU_FLAGS = set(Path("/proc/cpuinfo").read_text().split())
+NEEDS = {"vnni512": ("avx512f", "avx512bw", "avx512vl", "avx512_vnni"), "avxvnni": ("avx2", "avx_vnni"),
+         "avx2": ("avx2",), "scalar": ()}
+CPU_HAS = {impl: all(flag in CPU_FLAGS for flag in flags) for impl, flags in NEEDS.items()}
+IMPLS = [pytest.param(impl, marks=pytest.mark.skipif(not CPU_HAS[impl], reason=f"this CPU lacks {' '.join(flags)}"))
+         for impl, flags in NEEDS.items()]
+RUNNABLE = [impl for impl, ok in CPU_HAS.items() if ok]
+GROUP_SIZES = [0, 32, 64, 128]  # 0: per channel
 
 
 @pytest.fixture(scope="module", autouse=True)
@@ -31,7 +37,41 @@ def random_weight(n: int, k: int, seed: int) -> tuple[torch.Tensor, torch.Tensor
     g = torch.Generator().manual_seed(seed)
     if n * k <= 1 << 20:
         return quantize_per_channel(torch.randn(n, k, generator=g) * torch.rand(n, 1, generator=g))
-    return torch.randint(-127, 128, (n, k), dtype=torch.int8, generator=g), torch.rand(n, generator=g) * 0.01 + 1e-4
+    scale = (torch.rand(n, generator=g) * 0.01 + 1e-4).to(torch.bfloat16).float()  # bf16-exact, as the quantizers
+    return torch.randint(-127, 128, (n, k), dtype=torch.int8, generator=g), scale
+
+
+def group_weight(n: int, k: int, group_size: int, seed: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """int8 [N, K] and bf16-exact fp32 scales [N, ceil(K / group_size)] (group_size 0: per channel, [N])."""
+    g = torch.Generator().manual_seed(seed)
+    q = torch.randint(-127, 128, (n, k), dtype=torch.int8, generator=g)
+    shape = (n, kernels.weight_groups(k, group_size)) if group_size else (n,)
+    return q, (torch.rand(shape, generator=g) * 0.01 + 1e-4).to(torch.bfloat16).float()
+
+
+def exact_reference(x: torch.Tensor, packed: kernels.PackedWeight) -> torch.Tensor:
+    """The kernel's result computed another way: exact int64 dot products per 32-value group, then the same fp32
+    roundings in the same order (inner = fma(dot, xscale, inner) per weight group, acc = fma(inner, wscale, acc)),
+    fma done exactly in fp64 and rounded once to fp32."""
+    xq, xs = kernels.quantize_activations(x, "scalar")  # [M, Kp], [M, G]
+    m, kp = xq.shape
+    groups = kp // 32
+    w = torch.zeros(packed.out_features, kp, dtype=torch.int64)
+    w[:, :packed.in_features] = kernels.unpack_weight(packed).long()
+    dots = torch.einsum("mgk,ngk->mng", xq.long().view(m, groups, 32), w.view(-1, groups, 32))  # [M, N, G] exact
+    span = groups if packed.group_size == 0 else packed.group_size // 32
+    wscale = packed.scales()  # [N, weight groups]
+
+    def fma(a: torch.Tensor, b: torch.Tensor, c: torch.Tensor) -> torch.Tensor:
+        return (a.double() * b.double() + c.double()).float()  # exact product and sum of fp32s in fp64, one rounding
+
+    acc = torch.zeros(m, packed.out_features)
+    for wg in range(wscale.shape[1]):
+        inner = torch.zeros(m, packed.out_features)
+        for g in range(wg * span, min(groups, (wg + 1) * span)):
+            inner = fma(dots[:, :, g].float(), xs[:, g:g + 1], inner)
+        acc = fma(inner, wscale[:, wg][None, :], acc)
+    return acc
 
 
 def quantized_reference(x: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
@@ -42,9 +82,27 @@ def quantized_reference(x: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
     return xd @ weight.T
 
 
-def test_available_exactly_where_the_cpu_has_vnni() -> None:
-    assert kernels.available() == CPU_HAS_VNNI, kernels.unavailable_reason()
-    assert (kernels.unavailable_reason() is None) == CPU_HAS_VNNI
+def test_available_on_any_x86_64_and_auto_takes_the_best_path() -> None:
+    assert kernels.available(), kernels.unavailable_reason()
+    assert kernels.unavailable_reason() is None
+    assert kernels.path() == RUNNABLE[0]  # the first of vnni512, avxvnni, avx2, scalar the CPU can run
+    assert {impl: kernels.cpu_has(impl) for impl in NEEDS} == CPU_HAS  # the library's CPUID agrees with the kernel's
+    assert kernels.path() in kernels.describe()
+
+
+def test_the_path_can_be_forced(fresh_load: pytest.MonkeyPatch) -> None:
+    fresh_load.setenv("INT8SERVE_KERNEL", "scalar")
+    assert kernels.available() and kernels.path() == "scalar"
+
+
+def test_a_forced_path_the_cpu_lacks_or_an_unknown_name_makes_it_unavailable(fresh_load: pytest.MonkeyPatch) -> None:
+    fresh_load.setenv("INT8SERVE_KERNEL", "avx3")
+    assert not kernels.available() and "INT8SERVE_KERNEL='avx3'" in (kernels.unavailable_reason() or "")
+    missing = [impl for impl in NEEDS if not CPU_HAS[impl]]
+    if missing:  # on this project's CPUs every path runs: nothing to force
+        kernels._unavailable_reason.cache_clear()
+        fresh_load.setenv("INT8SERVE_KERNEL", missing[0])
+        assert not kernels.available() and "cannot run it" in (kernels.unavailable_reason() or "")
 
 
 def test_library_is_cached_under_int8serve_cache() -> None:
@@ -61,8 +119,23 @@ def test_pack_round_trips(n: int, k: int) -> None:
     np_, kp = -(-n // 64) * 64, -(-k // 32) * 32
     assert packed.data.data_ptr() % 64 == 0 and packed.data.numel() == np_ * kp
     assert torch.equal(packed.data, kernels._pack_torch(q, np_, kp))  # the same bytes as the torch version
-    assert torch.equal(packed.scale[:n], scale) and not packed.scale[n:].any()
+    assert torch.equal(packed.scales(), scale[:, None])  # bf16-exact scales are kept exactly
+    assert packed.scale.shape == (np_ // 64, 1, 64) and not packed.scale.flatten()[n:].any()
     assert torch.equal(kernels.unpack_weight(packed), q)
+
+
+@pytest.mark.parametrize("group_size", [32, 64, 128])
+@pytest.mark.parametrize(("n", "k"), [(17, 31), (100, 172), (130, 256)])
+def test_group_scales_round_trip(n: int, k: int, group_size: int) -> None:
+    q, scale = group_weight(n, k, group_size, seed=n + k)
+    packed = kernels.pack_weight(q, scale, group_size)
+    assert packed.weight_groups == -(-k // group_size)
+    assert torch.equal(packed.scales(), scale)
+    index = torch.tensor([[0, n - 1], [n // 2, 1 % n]])
+    expected = scale[index].repeat_interleave(group_size, dim=-1)[..., :k]
+    assert torch.equal(kernels.row_scales(packed, index), expected)
+    with pytest.raises(ValueError, match="scale must be"):
+        kernels.pack_weight(q, scale[:-1], group_size)
 
 
 def test_weight_rows_reads_rows_back_from_the_packed_copy() -> None:
@@ -124,25 +197,57 @@ def test_matches_the_fp32_product(m: int, n: int, k: int) -> None:
     assert ((precise.double() - exact).norm(dim=1) <= 2e-4 * exact.norm(dim=1) + 1e-30).all()
 
 
-@pytest.mark.skipif(not CPU_HAS_VNNI, reason="needs AVX-512 VNNI")
-@pytest.mark.parametrize(("m", "n", "k"), [(1, 64, 64), (5, 200, 172), (4, 1000, 4096), (2, 130, 33)])
-def test_vnni_and_scalar_paths_are_bitwise_equal(m: int, n: int, k: int) -> None:
-    q, scale = random_weight(n, k, seed=n)
-    x = torch.randn(m, k) * 3
-    packed = kernels.pack_weight(q, scale)
+ODD_SHAPES = [(1, 1, 1), (2, 17, 31), (3, 100, 33), (5, 200, 172), (4, 130, 96), (9, 70, 300), (2, 64, 4096)]
+
+
+@pytest.mark.parametrize("group_size", GROUP_SIZES)
+@pytest.mark.parametrize("impl", IMPLS)
+@pytest.mark.parametrize(("m", "n", "k"), ODD_SHAPES)
+def test_each_path_equals_the_exact_integer_reference(impl: str, m: int, n: int, k: int, group_size: int) -> None:
+    q, scale = group_weight(n, k, group_size, seed=m * n + k)
+    packed = kernels.pack_weight(q, scale, group_size)
+    x = torch.randn(m, k, generator=torch.Generator().manual_seed(k)) * 3
+    got = kernels.int8_gemv(x, packed, impl=impl)
+    assert torch.equal(got, exact_reference(x, packed)), f"path {impl}"
     for precise in (False, True):
-        assert torch.equal(kernels.int8_gemv(x, packed, impl="vnni", precise=precise),
-                           kernels.int8_gemv(x, packed, impl="scalar", precise=precise))
-    assert all(torch.equal(a, b) for a, b in zip(kernels.quantize_activations(x, "vnni"),
+        assert torch.equal(kernels.int8_gemv(x, packed, impl=impl, precise=precise),
+                           kernels.int8_gemv(x, packed, impl="scalar", precise=precise)), f"path {impl}"
+    assert all(torch.equal(a, b) for a, b in zip(kernels.quantize_activations(x, impl),
                                                   kernels.quantize_activations(x, "scalar"), strict=True))
+
+
+def test_activations_near_the_int16_limit_do_not_saturate_avx2() -> None:
+    """The worst case for vpmaddubsw: every weight and activation at +-127 (a pair sums to +-32258)."""
+    if not CPU_HAS["avx2"]:
+        pytest.skip("this CPU lacks avx2")
+    q = torch.full((64, 64), 127, dtype=torch.int8)
+    q[1::2] = -127
+    packed = kernels.pack_weight(q, torch.ones(64))
+    x = torch.full((2, 64), 5.0)
+    x[1, ::2] = -5.0
+    got = kernels.int8_gemv(x, packed, impl="avx2")
+    assert torch.equal(got, exact_reference(x, packed))
+    assert got[0, 0] == 64 * 127 * 5.0 and got[0, 1] == -64 * 127 * 5.0 and got[1, 0] == 0
+
+
+@pytest.mark.parametrize("group_size", GROUP_SIZES)
+@pytest.mark.parametrize(("n", "k"), [(17, 31), (100, 172), (130, 256)])
+def test_dequantize_reads_the_packed_copy(n: int, k: int, group_size: int) -> None:
+    q, scale = group_weight(n, k, group_size, seed=n)
+    packed = kernels.pack_weight(q, scale, group_size)
+    scales = kernels.row_scales(packed, torch.arange(n))  # [N, K]
+    fp32 = kernels.dequantize(packed, torch.empty(n, k))
+    assert torch.equal(fp32, q.float() * scales)  # exact
+    bf16 = kernels.dequantize(packed, torch.empty(n, k, dtype=torch.bfloat16))
+    assert torch.equal(bf16, q.to(torch.bfloat16) * scales.to(torch.bfloat16))  # torch's bf16 product, bit for bit
 
 
 @pytest.mark.parametrize("precise", [False, True])
 @pytest.mark.parametrize("impl", IMPLS)
 @pytest.mark.parametrize(("n", "k"), [(300, 172), (4096, 4096)])
 def test_rows_do_not_depend_on_the_batch_or_threads(impl: str, precise: bool, n: int, k: int) -> None:
-    q, scale = random_weight(n, k, seed=7)
-    packed = kernels.pack_weight(q, scale)
+    q, scale = group_weight(n, k, 32, seed=7)
+    packed = kernels.pack_weight(q, scale, 32)
     x = torch.randn(9, k)  # 9 rows: passes of 4 + 4 + 1 inside the kernel
 
     def run(rows: torch.Tensor) -> torch.Tensor:

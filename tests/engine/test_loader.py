@@ -25,7 +25,7 @@ from safetensors.torch import load_file, save_file
 from transformers import LlamaConfig, LlamaForCausalLM
 
 from int8serve.engine.config import ConfigError, meta_hidden_dim
-from int8serve.engine.int8 import Int8Linear
+from int8serve.engine.int8 import DEFAULT_GROUP_SIZE, Int8Linear
 from int8serve.engine.loader import LoadedModel, load_model, save_int8_checkpoint, unpermute_meta_rotary
 from int8serve.engine.sources import CheckpointError
 
@@ -286,7 +286,8 @@ def test_tied_head_without_lm_head_matches_transformers(tmp_path: Path) -> None:
     assert loaded.config.tie_embeddings and loaded.config.rope_theta == 1000.0
     assert max_diff(our_logits(loaded), hf_logits(model)) <= 1e-4
     int8 = load_model(tmp_path, "int8")
-    assert isinstance(int8.model.output, Int8Linear) and not int8.model.output.weight.is_meta
+    assert isinstance(int8.model.output, Int8Linear)
+    assert list(int8.model.output.buffers()) and not any(t.is_meta for t in int8.model.output.buffers())
     assert max_diff(our_logits(int8), hf_logits(model)) < 0.05 * hf_logits(model).abs().max()
 
 
@@ -406,14 +407,40 @@ def test_int8_checkpoint_round_trip(stories_dirs: tuple[Path, Path], tmp_path: P
     assert before.keys() == after.keys()
     int8_layers = [name for name, module in reloaded.model.named_modules() if isinstance(module, Int8Linear)]
     assert len(int8_layers) == 7 * original.config.n_layers + 1  # wq wk wv wo w1 w2 w3 per layer + output
+    modules = dict(reloaded.model.named_modules())
     for name in int8_layers:
-        assert after[f"{name}.weight"].dtype == torch.int8
-        assert after[f"{name}.scale"].dtype == torch.float32
+        weight, scale = modules[name].quantized()
+        assert weight.dtype == torch.int8 and scale.dtype == torch.float32
+        assert modules[name].group_size == DEFAULT_GROUP_SIZE and meta["group_size"] == DEFAULT_GROUP_SIZE
     for name, tensor in before.items():
         assert after[name].dtype == tensor.dtype and torch.equal(after[name], tensor), name
     assert torch.equal(our_logits(reloaded, STORIES_TOKENS), our_logits(original, STORIES_TOKENS))
 
     expect_error(destination, CheckpointError, str(destination), "int8", "fp32")
+
+
+@pytest.mark.parametrize("group_size", [0, 64, 128])
+def test_int8_checkpoint_keeps_its_group_size(stories_dirs: tuple[Path, Path], tmp_path: Path, group_size: int) -> None:
+    original = load_model(stories_dirs[0], "int8", group_size=group_size)
+    destination = save_int8_checkpoint(original, tmp_path / "int8")
+    assert json.loads((destination / "int8serve.json").read_text())["group_size"] == group_size
+    reloaded = load_model(destination, group_size=32)  # a pre-quantized checkpoint keeps its own scheme
+    layers = [m for m in reloaded.model.modules() if isinstance(m, Int8Linear)]
+    # stories260K's widths: 64 inputs (one group of 64 or 128 is the whole row: per channel) and 172
+    assert {m.group_size for m in layers if m.in_features == 172} == {group_size}
+    assert torch.equal(our_logits(reloaded, STORIES_TOKENS), our_logits(original, STORIES_TOKENS))
+
+
+def test_a_version_1_per_channel_checkpoint_still_loads(stories_dirs: tuple[Path, Path], tmp_path: Path) -> None:
+    original = load_model(stories_dirs[0], "int8", group_size=0)
+    destination = save_int8_checkpoint(original, tmp_path / "int8")
+    meta = json.loads((destination / "int8serve.json").read_text())
+    del meta["group_size"]
+    meta["version"] = 1  # as written before group-wise scales: scales [N]
+    (destination / "int8serve.json").write_text(json.dumps(meta))
+    reloaded = load_model(destination)
+    assert all(m.group_size == 0 for m in reloaded.model.modules() if isinstance(m, Int8Linear))
+    assert torch.equal(our_logits(reloaded, STORIES_TOKENS), our_logits(original, STORIES_TOKENS))
 
 
 def test_int8_checkpoint_needs_an_int8_model(stories_dirs: tuple[Path, Path], tmp_path: Path) -> None:

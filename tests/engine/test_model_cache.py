@@ -137,10 +137,12 @@ def test_a_partial_copy_left_by_a_crash_is_ignored_and_removed(cache: Path, sour
 
 
 def test_quantizing_by_blocks_of_rows_gives_the_same_bits(monkeypatch: pytest.MonkeyPatch) -> None:
-    from int8serve.engine.int8 import quantize_per_channel
+    """Loading quantizes a weight a few rows at a time (bounded temporaries): the same bits as all at once."""
+    from int8serve.engine import int8
 
-    monkeypatch.setattr(loader, "QUANTIZE_ROWS", 7)
     weight = torch.randn(50, 64, generator=torch.Generator().manual_seed(0)).half()
     weight[3] = 0  # an all-zero row stays zero
-    for ours, whole in zip(loader._quantize_by_rows(weight), quantize_per_channel(weight), strict=True):
-        assert torch.equal(ours, whole)
+    whole = int8.quantize(weight, 32)
+    monkeypatch.setattr(int8, "QUANTIZE_CHUNK", 7 * 64)  # 7 rows at a time
+    for ours, expected in zip(int8.quantize(weight, 32), whole, strict=True):
+        assert torch.equal(ours, expected)

@@ -284,15 +284,16 @@ def _q8_0(name: str, q: Tensor, scales: Tensor, precision: str, said: list[bool]
             return direct
     if precision == "int8" and not said:
         said.append(True)
-        log.warning("Q8_0 weights are dequantized and quantized again to the engine's per-channel int8 (each "
-                    "weight may move by up to half a per-channel step; a direct path comes with the group-wise "
-                    "int8 format)")
+        log.warning("Q8_0 weights are dequantized and quantized again to the engine's int8 (each "
+                    "weight may move by up to half a quantization step)")
     return dequantize_q8_0(q, scales)
 
 
-def load_gguf(path: Path, precision: str, progress: bool = False, tokenizer_dir: Path | None = None) -> Any:
+def load_gguf(path: Path, precision: str, progress: bool = False, tokenizer_dir: Path | None = None,
+              group_size: int | None = None) -> Any:
     """A `LoadedModel` from a GGUF file; its rebuilt tokenizer.model is written into `tokenizer_dir`."""
     from .demo import cache_dir
+    from .int8 import DEFAULT_GROUP_SIZE
     from .loader import LoadedModel, _fill
     from .model import Transformer
 
@@ -302,5 +303,6 @@ def load_gguf(path: Path, precision: str, progress: bool = False, tokenizer_dir:
     tokenizer = write_tokenizer(file, tokenizer_dir or cache_dir() / "tokenizers")
     with torch.device("meta"):
         model = Transformer(config, precision)
-    _fill(model, source, renamer(source, config, precision), path, progress)
+    group = DEFAULT_GROUP_SIZE if group_size is None else group_size
+    _fill(model, source, renamer(source, config, precision), path, progress, group)
     return LoadedModel(model.eval(), config, tokenizer, "gguf", path)

@@ -1,12 +1,18 @@
-"""Weight-only int8: symmetric per-output-channel quantization and the linear layer that runs on it.
+"""Weight-only int8: symmetric quantization (per output channel, or per group of input values) and the linear layer.
 
-Decode reads every weight once per step, so its speed is the speed at which int8 weights stream from memory.
-Measured (benchmarks/engine.py, docs/benchmarks.md) the fastest stock kernel for a few rows is
-`torch._weight_int8pack_mm` with **bf16** activations and bf16 scales (fp32 or fp16 activations are ~10x slower).
-Prefill is compute-bound instead: there each weight is dequantized into one reused buffer and multiplied with
-`F.linear`. The buffer is bf16 on CPUs with native bf16 arithmetic (AVX-512 BF16 or AMX); elsewhere bf16 matmuls
-are emulated and fp32 is faster (AVX2 EPYC, 128 x 4096 x 4096: bf16 307 ms, fp32 66 ms), so it is fp32 there.
-The residual stream, norms and logits stay in fp32 around it.
+Decode reads every weight once per step, so its speed is the speed at which int8 weights stream from memory. Our
+kernel (engine/kernels: AVX-512 VNNI, AVX-VNNI, AVX2 or scalar, chosen from the CPU's flags) runs every call of up
+to KERNEL_ROWS rows (decode, short prefill chunks) on int8 activations quantized per 32 values; it streams the weights
+near memory speed where torch's `_weight_int8pack_mm` is compute-bound, and it takes a scale per group of 32/64/128
+input values (like llama.cpp's Q8_0), which per-channel int8pack cannot. Prefill is compute-bound instead: there each
+weight is dequantized from the packed layout into one reused buffer and multiplied with `F.linear`. The buffer is
+bf16 on CPUs with native bf16 arithmetic (AVX-512 BF16 or AMX); elsewhere bf16 matmuls are emulated and fp32 is faster
+(AVX2 EPYC, 128 x 4096 x 4096: bf16 307 ms, fp32 66 ms), so it is fp32 there. The residual stream, norms and logits
+stay in fp32 around it.
+
+A layer keeps exactly one copy of its weight, the kernel's packed layout: the dense path, the output head's top-k
+refinement and the checkpoint writer all read through it. Without the kernel (no C++ compiler, INT8SERVE_KERNELS=0,
+a forced path the CPU lacks) a layer keeps the plain int8 [N, K] tensor and torch's stock kernels, as before.
 """
 
 from __future__ import annotations
@@ -18,12 +24,26 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from . import chunking
+from . import chunking, kernels
 
 COMPUTE_DTYPE = torch.bfloat16
-# Above this many rows a layer dequantizes into a scratch buffer and uses a dense bf16 matmul.
-# Chosen by measurement (benchmarks/engine.py --kernels, docs/benchmarks.md): per 7B block int8pack is faster up
-# to 32 rows and the dense path from 64. The two paths agree to bf16 rounding.
+# The default weight scheme: one bf16 scale per 32 input values (0 = per output channel). Chosen by measurement
+# (benchmarks/accuracy.py, docs/benchmarks.md "int8 accuracy"; stories260K against fp32 through the kernel with
+# precise activations): per 32, KLD 0.000636 and top-1 98.51%; per channel 0.000794 and 98.36%; at 6% more bytes
+# per step (a 2-byte scale per 32 weights). Issue #10's targets (KLD 0.0005, top-1 98.7%) are not reached by either.
+DEFAULT_GROUP_SIZE = 32
+GROUP_SIZES = (0, 32, 64, 128)
+# Our kernel quantizes activations twice (the row, then its quantization error: ~16-bit activations) when True.
+# Measured: one int8 pass costs as much accuracy as the int8 weights (KLD 0.00100 against 0.00055 on 8k tokens);
+# two are free while memory-bound (batch 1-2) and double the arithmetic beyond.
+PRECISE_ACTIVATIONS = True
+# Calls of up to this many rows (the aligned prefill chunk's rows during prefill) run our kernel; more rows dequantize
+# into a scratch buffer and use a dense matmul. Measured on the Sapphire Rapids (4096 -> 11008, per-32 scales,
+# precise, a loaded machine): kernel 176 ms vs dense 496 ms at 32 rows, 264 vs 368 ms at 64, 554 vs 518 at 128.
+# 32 keeps a margin for AVX2 CPUs, whose kernel does ~3x the instructions per byte.
+KERNEL_ROWS = 32
+# Without our kernel: above this many rows the dense bf16 path, at or below it torch's int8pack (per-channel only).
+# Measured (benchmarks/engine.py --kernels, docs/benchmarks.md): per 7B block int8pack is faster up to 32 rows.
 DENSE_ROWS_THRESHOLD = 32
 MIN_DENSE_ROWS = 16  # fp32 F.linear rounds a row by how many rows come with it below ~12: pad to this many
 # torch 2.13's CPU `_weight_int8pack_mm` segfaults unless in_features is a multiple of 16 (and the weight is
@@ -42,24 +62,83 @@ def dense_dtype() -> torch.dtype:
     return COMPUTE_DTYPE if flags & {"avx512_bf16", "amx_bf16"} else torch.float32
 
 
-def quantize_per_channel(weight: Tensor) -> tuple[Tensor, Tensor]:
-    """weight [N, K] (any float dtype) -> (int8 [N, K], fp32 scales [N]) with scale ~ absmax / 127.
-
-    Each scale is rounded *up* to the nearest bf16 value before the weights are rounded against it: the kernel
-    multiplies by bf16 scales, and a scale that is exact in bf16 adds no second, per-channel systematic error.
-    """
-    w = weight.float()
-    exact = w.abs().amax(dim=1) / 127.0
+def _bf16_up(exact: Tensor) -> Tensor:
+    """`exact` (fp32) rounded *up* to the nearest bf16 value, as fp32."""
     scales = exact.to(COMPUTE_DTYPE)
     scales = torch.where(scales.float() < exact, torch.nextafter(scales, torch.full_like(scales, torch.inf)), scales)
-    scales = scales.float()
-    safe = torch.where(scales > 0, scales, torch.ones_like(scales))  # an all-zero row stays zero
-    q = torch.round(w / safe[:, None]).clamp_(-127, 127).to(torch.int8)
-    return q, scales
+    return scales.float()
+
+
+def quantize_per_channel(weight: Tensor) -> tuple[Tensor, Tensor]:
+    """weight [N, K] (any float dtype) -> (int8 [N, K], fp32 scales [N]) with scale ~ absmax / 127 (see quantize)."""
+    q, scales = quantize(weight, 0)
+    return q, scales[:, 0]
+
+
+def quantize(weight: Tensor, group_size: int = DEFAULT_GROUP_SIZE) -> tuple[Tensor, Tensor]:
+    """weight [N, K] -> (int8 [N, K], fp32 scales [N, G]): one scale per row and group of `group_size` input values
+    (G = ceil(K / group_size); a shorter last group), or per row (group_size 0, G = 1).
+
+    Each scale is a bf16 value (the kernels multiply by bf16 scales, so a bf16-exact scale adds no second error):
+    of absmax / 127 rounded up to bf16 and the two bf16 values below it, the one whose rounded weights are closest
+    to the weight (least squares; a smaller scale clamps the largest values to +-127). On stories260K this lowers
+    the squared weight error by ~7% against always rounding up, and the KL divergence to fp32 with it.
+    """
+    kernels.check_group_size(group_size)
+    n, k = weight.shape
+    size = group_size or k
+    groups = -(-k // size)
+    q = torch.empty(n, groups * size, dtype=torch.int8)
+    scales = torch.empty(n, groups)
+    rows = max(1, QUANTIZE_CHUNK // (groups * size))  # bounded temporaries: loading streams (see test_loader)
+    for start in range(0, n, rows):
+        w = weight[start:start + rows].float()
+        padded = (F.pad(w, (0, groups * size - k)) if groups * size != k else w).view(-1, groups, size)
+        q[start:start + rows], scales[start:start + rows] = _quantize_groups(padded)
+    return q[:, :k].contiguous(), scales
+
+
+QUANTIZE_CHUNK = 1 << 22  # weights quantized at a time
+
+
+def _quantize_groups(padded: Tensor) -> tuple[Tensor, Tensor]:
+    """padded [R, G, size] fp32 -> (int8 [R, G * size], bf16-exact fp32 scales [R, G]); see quantize."""
+    up = _bf16_up(padded.abs().amax(dim=2) / 127.0)  # [R, G]
+    best_q = best_scale = best_error = None
+    candidate = up.to(COMPUTE_DTYPE)
+    for _ in range(3):  # absmax / 127 rounded up, then the next two bf16 values below
+        scale = candidate.float()
+        safe = torch.where(scale > 0, scale, torch.ones_like(scale))  # an all-zero group stays zero
+        rounded = (padded / safe[:, :, None]).round_().clamp_(-127, 127)
+        error = (rounded * scale[:, :, None] - padded).square_().sum(dim=2)  # [R, G]
+        if best_q is None:
+            best_q, best_scale, best_error = rounded.to(torch.int8), scale, error
+        else:
+            better = error < best_error
+            best_q = torch.where(better[:, :, None], rounded.to(torch.int8), best_q)
+            best_scale = torch.where(better, scale, best_scale)
+            best_error = torch.where(better, error, best_error)
+        candidate = torch.nextafter(candidate, torch.zeros_like(candidate))
+    return best_q.view(padded.shape[0], -1), best_scale
+
+
+def group_size_of(scale: Tensor, in_features: int) -> int:
+    """The group size a checkpoint's scale tensor implies: [N] or [N, 1] per channel (0), [N, G] else."""
+    if scale.dim() == 1 or scale.shape[1] == 1:
+        return 0
+    for size in GROUP_SIZES[1:]:
+        if kernels.weight_groups(in_features, size) == scale.shape[1]:
+            return size
+    raise ValueError(f"scales [{', '.join(map(str, scale.shape))}] fit no group size of {GROUP_SIZES[1:]} for "
+                     f"{in_features} inputs")
 
 
 def dequantize(q: Tensor, scales: Tensor, dtype: torch.dtype = torch.float32) -> Tensor:
-    return q.to(dtype) * scales.to(dtype)[:, None]
+    """int8 [N, K] and scales [N] (per channel) or [N, G] (per group) -> [N, K] in `dtype`."""
+    if scales.dim() == 1 or scales.shape[1] == 1:
+        return q.to(dtype) * scales.reshape(-1, 1).to(dtype)
+    size = group_size_of(scales, q.shape[1])
+    return q.to(dtype) * scales.to(dtype).repeat_interleave(size, dim=1)[:, :q.shape[1]]
 
 
 class DequantBuffer:
@@ -79,65 +158,134 @@ class DequantBuffer:
 
 
 class Int8Linear(nn.Module):
-    """y = x @ (q * scale)^T with int8 q [out, in] and one scale per output channel; no bias (Llama has none)."""
+    """y = x @ (q * scale)^T with int8 q [out, in] and a scale per output channel or per group of inputs; no bias.
+
+    One copy of the weight: `packed` (our kernel's layout) where the kernel is available, else the plain `weight`
+    and `scale` tensors for torch's stock kernels.
+    """
 
     def __init__(self, in_features: int, out_features: int, buffer: DequantBuffer | None = None,
                  refine_top: int = 0) -> None:
         super().__init__()
         self.in_features = in_features
         self.out_features = out_features
-        # The kernels round their outputs to bf16 (about 3 significant digits). For the output head that is
+        # The kernels' outputs are a few digits short of fp32 (int8 or bf16 activations). For the output head that is
         # visible in the token distribution, so the `refine_top` largest logits of each row are recomputed
         # exactly in fp32 from their int8 rows (a few thousand multiply-adds per row).
         self.refine_top = refine_top
         self.register_buffer("weight", torch.empty(out_features, in_features, dtype=torch.int8))
         self.register_buffer("scale", torch.empty(out_features, dtype=torch.float32))
-        self.kernel_scale: Tensor | None = None  # scale in COMPUTE_DTYPE, made once by prepare()
+        self.register_buffer("packed_data", None)
+        self.register_buffer("packed_scale", None)
+        self.packed: kernels.PackedWeight | None = None
+        self.group_size = 0
+        self.kernel_scale: Tensor | None = None  # stock path: scale in COMPUTE_DTYPE, made once by set_quantized
         self.dequant_buffer = buffer or DequantBuffer()
 
-    def set_quantized(self, q: Tensor, scale: Tensor) -> None:
+    def set_quantized(self, q: Tensor, scale: Tensor, group_size: int | None = None) -> None:
+        """q int8 [out, in], scale fp32 [out] or [out, groups] (group_size: inferred from the shape if None)."""
         if q.shape != (self.out_features, self.in_features) or q.dtype != torch.int8:
             raise ValueError(f"int8 weight of shape {tuple(q.shape)}/{q.dtype}, expected "
                              f"{(self.out_features, self.in_features)}/int8")
-        if scale.shape != (self.out_features,):
-            raise ValueError(f"scale of shape {tuple(scale.shape)}, expected {(self.out_features,)}")
+        if scale.shape[:1] != (self.out_features,) or scale.dim() > 2:
+            raise ValueError(f"scale of shape {tuple(scale.shape)}, expected {(self.out_features,)} or "
+                             f"{(self.out_features, 'groups')}")
+        group_size = group_size_of(scale, self.in_features) if group_size is None else group_size
+        scale = scale.float().reshape(self.out_features, kernels.weight_groups(self.in_features, group_size))
+        self.group_size = group_size
+        if kernels.available():
+            self.packed = kernels.pack_weight(q, scale, group_size)
+            self.weight = self.scale = self.kernel_scale = None  # the packed layout is the only copy
+            # as buffers too (the same tensors), so that the module's buffers are its memory
+            self.packed_data, self.packed_scale = self.packed.data, self.packed.scale
+            return
+        self.packed = self.packed_data = self.packed_scale = None
         q = q.contiguous()
-        if q.data_ptr() % 64:  # e.g. a slice of a memory-mapped file: the kernel crashes on unaligned weights
+        if q.data_ptr() % 64:  # e.g. a slice of a memory-mapped file: int8pack crashes on unaligned weights
             q = q.clone()
         self.weight = q
-        self.scale = scale.float().contiguous()
+        self.scale = scale[:, 0].contiguous() if group_size == 0 else scale.contiguous()
         self.kernel_scale = self.scale.to(COMPUTE_DTYPE)
+
+    def quantized(self) -> tuple[Tensor, Tensor]:
+        """(int8 [out, in], fp32 scales [out] per channel or [out, groups]): what a checkpoint stores."""
+        if self.packed is not None:
+            scales = self.packed.scales()
+            return kernels.unpack_weight(self.packed), scales[:, 0] if self.group_size == 0 else scales
+        assert self.weight is not None and self.scale is not None
+        return self.weight, self.scale
+
+    @property
+    def weight_nbytes(self) -> int:
+        """Bytes of weights and scales a decode step reads."""
+        if self.packed is not None:
+            return self.packed.nbytes
+        assert self.weight is not None and self.kernel_scale is not None
+        return self.weight.nbytes + self.kernel_scale.nbytes
 
     def forward(self, x: Tensor) -> Tensor:
         # x [..., in] -> [..., out], same dtype as x
         rows = x.reshape(-1, self.in_features)
-        if self.kernel_scale is None:
-            self.kernel_scale = self.scale.to(COMPUTE_DTYPE)
         chunk = chunking.CURRENT.get()  # a prefill chunk: the path of its whole aligned chunk (chunking.py)
-        few_rows = (chunk.rows if chunk is not None else rows.shape[0]) <= DENSE_ROWS_THRESHOLD
-        if few_rows and self.in_features % KERNEL_K_MULTIPLE == 0:
-            out = torch._weight_int8pack_mm(rows.to(COMPUTE_DTYPE), self.weight, self.kernel_scale)
-        else:
-            # decode rows of a width the kernel cannot take stay bf16: fp32 F.linear rounds a row differently
-            # depending on how many rows are batched with it, and decode must be batch invariant
-            dtype = COMPUTE_DTYPE if few_rows else dense_dtype()
-            dense = self.dequant_buffer.view(self.out_features, self.in_features, dtype)
-            # the bf16-exact scales, so that both dtypes dequantize to the same weight values
-            torch.mul(self.weight, self.kernel_scale.to(dense.dtype)[:, None], out=dense)
-            out = F.linear(_padded(rows.to(dense.dtype)), dense)[:rows.shape[0]]
-        out = out.reshape(*x.shape[:-1], self.out_features).to(x.dtype)
+        count = chunk.rows if chunk is not None else rows.shape[0]
+        compute = self._packed_forward if self.packed is not None else self._stock_forward
+        out = compute(rows, count).reshape(*x.shape[:-1], self.out_features).to(x.dtype)
         return self._refine(x, out) if self.refine_top else out
+
+    def _packed_forward(self, rows: Tensor, count: int) -> Tensor:
+        # rows [M, in] -> fp32 [M, out]; `count` rows decide the path (batch invariance, chunking.py)
+        assert self.packed is not None
+        if count <= KERNEL_ROWS:
+            out = kernels.int8_gemv(rows, self.packed, precise=PRECISE_ACTIVATIONS)
+            # Prefill chunks round to bf16 as int8pack did: with fp32 outputs, test_prefix_cache found a chunk's last
+            # logits differing by whether a cached prefix shortened the chunk (this kernel's rows are bitwise
+            # independent, tested; the op downstream that is not, likely SDPA by its query count, is not pinned down).
+            return out.to(COMPUTE_DTYPE) if chunking.CURRENT.get() is not None else out
+        dense = self.dequant_buffer.view(self.out_features, self.in_features, dense_dtype())
+        kernels.dequantize(self.packed, dense)
+        return F.linear(_padded(rows.to(dense.dtype)), dense)[:rows.shape[0]]
+
+    def _stock_forward(self, rows: Tensor, count: int) -> Tensor:
+        # rows [M, in] -> [M, out] with torch's kernels: int8pack for few rows (per channel), else dense
+        assert self.weight is not None and self.kernel_scale is not None
+        few_rows = count <= DENSE_ROWS_THRESHOLD
+        if few_rows and self.group_size == 0 and self.in_features % KERNEL_K_MULTIPLE == 0:
+            return torch._weight_int8pack_mm(rows.to(COMPUTE_DTYPE), self.weight, self.kernel_scale)
+        # decode rows int8pack cannot take stay bf16: fp32 F.linear rounds a row differently depending on how many
+        # rows are batched with it, and decode must be batch invariant
+        dtype = COMPUTE_DTYPE if few_rows else dense_dtype()
+        dense = self.dequant_buffer.view(self.out_features, self.in_features, dtype)
+        # the bf16-exact scales, so that both dtypes dequantize to the same weight values
+        scales = self.kernel_scale.to(dtype)
+        if self.group_size:
+            scales = scales.repeat_interleave(self.group_size, dim=1)[:, :self.in_features]
+        torch.mul(self.weight, scales if self.group_size else scales[:, None], out=dense)
+        return F.linear(_padded(rows.to(dense.dtype)), dense)[:rows.shape[0]]
+
+    def _rows(self, top: Tensor) -> Tensor:
+        """The dequantized fp32 weight rows `top` (int64 [...]) -> [..., in], exact (int8 x bf16 scale in fp32)."""
+        if self.packed is not None:
+            return kernels.weight_rows(self.packed, top).float() * kernels.row_scales(self.packed, top)
+        assert self.weight is not None and self.scale is not None
+        scales = self.scale[top]  # [...] or [..., groups]
+        if self.group_size:
+            scales = scales.repeat_interleave(self.group_size, dim=-1)[..., :self.in_features]
+        else:
+            scales = scales[..., None]
+        return self.weight[top].float() * scales
 
     def _refine(self, x: Tensor, out: Tensor) -> Tensor:
         # x [..., in], out [..., out] -> out with its top-k entries per row recomputed in fp32
         top = out.topk(min(self.refine_top, self.out_features), dim=-1).indices  # [..., k]
-        rows = self.weight[top].float()  # [..., k, in]
+        rows = self._rows(top)  # [..., k, in]
         # multiply-and-sum rather than a batched matmul: its result for a row must not depend on the batch size
-        exact = (rows * x.float()[..., None, :]).sum(-1) * self.scale[top]
+        exact = (rows * x.float()[..., None, :]).sum(-1)
         return out.float().scatter(-1, top, exact).to(out.dtype)
 
     def extra_repr(self) -> str:
-        return f"in_features={self.in_features}, out_features={self.out_features}, int8 per-channel"
+        scheme = f"per group of {self.group_size}" if self.group_size else "per channel"
+        kernel = f"kernel {kernels.path()}" if self.packed is not None else "torch kernels"
+        return f"in_features={self.in_features}, out_features={self.out_features}, int8 {scheme}, {kernel}"
 
 
 def _padded(rows: Tensor) -> Tensor:

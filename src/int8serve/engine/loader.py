@@ -26,12 +26,13 @@ from torch import Tensor, nn
 from tqdm import tqdm
 
 from .config import ModelConfig, config_from_hf, config_from_meta, read_json
-from .int8 import Int8Linear, quantize_per_channel
+from .int8 import DEFAULT_GROUP_SIZE, Int8Linear, group_size_of, quantize
 from .model import Precision, Transformer
 from .sources import CheckpointError, MetaShardsSource, SafetensorsSource, TensorSource, hf_weight_files
 
 INT8_FORMAT = "int8serve-int8"
-INT8_FORMAT_VERSION = 1
+INT8_FORMAT_VERSION = 2  # 2: "group_size" (0 = per channel), scales [N] or [N, ceil(K / group_size)]
+READABLE_VERSIONS = (1, 2)  # 1: per-channel scales [N] only
 
 _HF_NAMES = [
     (r"model\.embed_tokens\.weight", "tok_embeddings.weight"),
@@ -94,13 +95,18 @@ def detect_format(folder: Path) -> str:
     raise CheckpointError(f"{folder}: not a model folder: expected int8serve.json, params.json or config.json")
 
 
-def load_model(path: str | Path, precision: Precision = "int8", progress: bool = False) -> LoadedModel:
-    """Load the checkpoint folder (or .gguf file) at `path` as an fp32 reference or an int8 model."""
+def load_model(path: str | Path, precision: Precision = "int8", progress: bool = False,
+               group_size: int = DEFAULT_GROUP_SIZE) -> LoadedModel:
+    """Load the checkpoint folder (or .gguf file) at `path` as an fp32 reference or an int8 model.
+
+    group_size: the int8 scheme when quantizing on load (a scale per `group_size` inputs, 0 = per output channel);
+    a pre-quantized checkpoint keeps the scheme it was written with.
+    """
     folder = Path(path)
     if folder.suffix == ".gguf" and folder.is_file():
         from .gguf_loader import load_gguf
 
-        return load_gguf(folder, precision, progress)
+        return load_gguf(folder, precision, progress, group_size=group_size)
     kind = detect_format(folder)
     tokenizer = find_tokenizer(folder)
     if kind == "int8":
@@ -114,7 +120,7 @@ def load_model(path: str | Path, precision: Precision = "int8", progress: bool =
         config, source, rename = _open_hf(folder)
     with torch.device("meta"):
         model = Transformer(config, precision)
-    _fill(model, source, rename, folder, progress)
+    _fill(model, source, rename, folder, progress, group_size)
     return LoadedModel(model.eval(), config, tokenizer, kind, folder)
 
 
@@ -153,9 +159,10 @@ def _open_meta(folder: Path, tokenizer: Path | None) -> tuple[ModelConfig, Tenso
 
 def _open_int8(folder: Path) -> tuple[ModelConfig, TensorSource, Renamer]:
     meta = read_json(folder / "int8serve.json")
-    if meta.get("format") != INT8_FORMAT or meta.get("version") != INT8_FORMAT_VERSION:
+    if meta.get("format") != INT8_FORMAT or meta.get("version") not in READABLE_VERSIONS:
         raise CheckpointError(f"{folder / 'int8serve.json'}: format {meta.get('format')!r} version "
-                              f"{meta.get('version')!r}, expected {INT8_FORMAT!r} version {INT8_FORMAT_VERSION}")
+                              f"{meta.get('version')!r}, expected {INT8_FORMAT!r} version "
+                              f"{' or '.join(map(str, READABLE_VERSIONS))}")
     if not (folder / "model.safetensors").is_file():
         raise CheckpointError(f"{folder}: int8serve.json but no model.safetensors")
     config = ModelConfig.from_dict(meta.get("config", {}))
@@ -184,16 +191,17 @@ def _tokenizer_vocab_size(path: Path) -> int:
     return processor.GetPieceSize()
 
 
-def _fill(model: Transformer, source: TensorSource, rename: Renamer, folder: Path, progress: bool) -> None:
+def _fill(model: Transformer, source: TensorSource, rename: Renamer, folder: Path, progress: bool,
+          group_size: int) -> None:
     """Assign every checkpoint tensor to the model, then check that nothing is missing."""
     names = [n for n in source.names() if not _IGNORED.fullmatch(n)]
     modules = dict(model.named_modules())
     desc = "quantizing to int8" if model.precision == "int8" else "loading weights"
     for name in tqdm(names, desc=desc, unit="tensor", disable=not progress, leave=False):
         for internal, weight in rename(name, source.get(name)):
-            _assign(modules, internal, weight, folder)
+            _assign(modules, internal, weight, folder, group_size)
     if model.config.tie_embeddings and _is_unset(model.output):
-        _assign(modules, "output.weight", model.tok_embeddings.weight, folder)
+        _assign(modules, "output.weight", model.tok_embeddings.weight, folder, group_size)
     missing = [n for n, t in [*model.named_parameters(), *model.named_buffers()] if t.is_meta]
     if missing:
         raise CheckpointError(f"{folder}: checkpoint has no weights for {', '.join(missing[:5])}"
@@ -204,7 +212,7 @@ def _is_unset(module: nn.Module) -> bool:
     return any(t.is_meta for t in [*module.parameters(), *module.buffers()])
 
 
-def _assign(modules: dict[str, nn.Module], name: str, weight: Weight, folder: Path) -> None:
+def _assign(modules: dict[str, nn.Module], name: str, weight: Weight, folder: Path, group_size: int) -> None:
     module_name, _, kind = name.rpartition(".")
     module = modules.get(module_name)
     if module is None or kind != "weight":
@@ -215,27 +223,19 @@ def _assign(modules: dict[str, nn.Module], name: str, weight: Weight, folder: Pa
         raise CheckpointError(f"{folder}: tensor '{name}' has shape {tuple(tensor.shape)}, but the config "
                               f"describes {tuple(expected)}")
     if isinstance(module, Int8Linear):
-        module.set_quantized(*(weight if isinstance(weight, tuple) else _quantize_by_rows(weight)))
+        if isinstance(weight, tuple):
+            try:
+                checkpoint_group = group_size_of(weight[1], module.in_features)
+            except ValueError as error:
+                raise CheckpointError(f"{folder}: tensor '{name}': {error}") from error
+            module.set_quantized(weight[0], weight[1], checkpoint_group)
+        else:
+            module.set_quantized(*quantize(weight, group_size), group_size)
+            _give_back_freed_memory()
     elif isinstance(weight, tuple):
         raise CheckpointError(f"{folder}: tensor '{name}' is int8, but that layer stays in full precision")
     else:
         module.weight = nn.Parameter(weight.to(torch.float32, copy=True).contiguous(), requires_grad=False)
-
-
-QUANTIZE_ROWS = 1024  # rows quantized at a time: the fp32 temporaries of a 32000 x 4096 head would be ~2 GB at once
-
-
-def _quantize_by_rows(weight: Tensor) -> tuple[Tensor, Tensor]:
-    """`quantize_per_channel` a block of rows at a time (each row's result depends on that row alone), so that the
-    peak memory of a load stays near the int8 model's size."""
-    if weight.shape[0] <= QUANTIZE_ROWS:
-        return quantize_per_channel(weight)
-    q = torch.empty(weight.shape, dtype=torch.int8)
-    scales = torch.empty(weight.shape[0], dtype=torch.float32)
-    for i in range(0, weight.shape[0], QUANTIZE_ROWS):
-        q[i:i + QUANTIZE_ROWS], scales[i:i + QUANTIZE_ROWS] = quantize_per_channel(weight[i:i + QUANTIZE_ROWS])
-    _give_back_freed_memory()
-    return q, scales
 
 
 @functools.cache
@@ -262,16 +262,19 @@ def save_int8_checkpoint(loaded: LoadedModel, destination: str | Path) -> Path:
     folder = Path(destination)
     folder.mkdir(parents=True, exist_ok=True)
     tensors: dict[str, Tensor] = {}
+    group_sizes = set()
     for name, module in loaded.model.named_modules():
         if isinstance(module, Int8Linear):
-            tensors[f"{name}.weight"] = module.weight
-            tensors[f"{name}.scale"] = module.scale
+            tensors[f"{name}.weight"], tensors[f"{name}.scale"] = module.quantized()  # read from the packed copy
+            group_sizes.add(module.group_size)
         elif hasattr(module, "weight") and isinstance(module.weight, nn.Parameter):
             tensors[f"{name}.weight"] = module.weight.data
     save_file({k: v.contiguous() for k, v in tensors.items()}, str(folder / "model.safetensors"))
+    group_size = max(group_sizes, default=0)
+    scheme = f"per group of {group_size} input values" if group_size else "per output channel"
     meta = {"format": INT8_FORMAT, "version": INT8_FORMAT_VERSION, "config": loaded.config.to_dict(),
-            "quantization": "weight-only int8, symmetric, per output channel (scale = absmax/127)",
-            "source": str(loaded.path)}
+            "quantization": f"weight-only int8, symmetric, {scheme} (scale = absmax/127, rounded up to bf16)",
+            "group_size": group_size, "source": str(loaded.path)}
     (folder / "int8serve.json").write_text(json.dumps(meta, indent=2) + "\n")
     if loaded.tokenizer_path is not None and loaded.tokenizer_path.resolve() != (folder / "tokenizer.model").resolve():
         shutil.copyfile(loaded.tokenizer_path, folder / "tokenizer.model")

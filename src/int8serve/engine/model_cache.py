@@ -41,10 +41,10 @@ def models_dir() -> Path:
     return cache_dir() / "models"
 
 
-def quantization_settings() -> dict[str, str | int]:
+def quantization_settings(group_size: int = int8.DEFAULT_GROUP_SIZE) -> dict[str, str | int]:
     """What decides the bytes of an int8 copy besides its source."""
-    quantizer = inspect.getsource(int8.quantize_per_channel)
-    return {"format": INT8_FORMAT, "version": INT8_FORMAT_VERSION,
+    quantizer = inspect.getsource(int8.quantize) + inspect.getsource(int8._quantize_groups)
+    return {"format": INT8_FORMAT, "version": INT8_FORMAT_VERSION, "group_size": group_size,
             "quantizer": hashlib.sha256(quantizer.encode()).hexdigest()[:16]}
 
 
@@ -59,10 +59,11 @@ def source_identity(source: Path) -> dict[str, object]:
             "files": [[p.name, p.stat().st_size, p.stat().st_mtime_ns] for p in files]}
 
 
-def cache_folder(source: Path) -> Path:
+def cache_folder(source: Path, group_size: int = int8.DEFAULT_GROUP_SIZE) -> Path:
     """`models/<readable name>-<key>`: the key hashes the source's identity and the quantization settings."""
     identity = source_identity(source)
-    key = hashlib.sha256(json.dumps([identity, quantization_settings()], sort_keys=True).encode()).hexdigest()[:20]
+    settings = quantization_settings(group_size)
+    key = hashlib.sha256(json.dumps([identity, settings], sort_keys=True).encode()).hexdigest()[:20]
     label = str(identity.get("hub") or source.resolve().name)
     return models_dir() / f"{re.sub(r'[^A-Za-z0-9._-]+', '--', label)[:80]}-{key}"
 
@@ -75,15 +76,15 @@ def cacheable(source: Path, precision: Precision) -> bool:
 
 
 def load_cached(source: Path, precision: Precision = "int8", progress: bool = False,
-                use_cache: bool = True) -> LoadedModel:
+                use_cache: bool = True, group_size: int = int8.DEFAULT_GROUP_SIZE) -> LoadedModel:
     """`load_model(source)`, through the int8 cache when it applies; `path` stays the source."""
     if not use_cache or not cacheable(source, precision):
-        return load_model(source, precision, progress)
-    folder = cache_folder(source)
+        return load_model(source, precision, progress, group_size)
+    folder = cache_folder(source, group_size)
     if not _complete(folder):
         with _locked(folder):
             if not _complete(folder):
-                return _quantize_and_store(source, folder, progress)
+                return _quantize_and_store(source, folder, progress, group_size)
     log.info("loading the int8 copy of %s from the cache: %s", source, folder)
     return dataclasses.replace(load_model(folder, "int8", progress), path=source)
 
@@ -108,9 +109,9 @@ def _locked(folder: Path) -> Iterator[None]:
             fcntl.flock(handle, fcntl.LOCK_UN)
 
 
-def _quantize_and_store(source: Path, folder: Path, progress: bool) -> LoadedModel:
+def _quantize_and_store(source: Path, folder: Path, progress: bool, group_size: int) -> LoadedModel:
     log.info("quantizing %s to int8 (once: later starts load the copy written to %s)", source, folder)
-    loaded = load_model(source, "int8", progress)
+    loaded = load_model(source, "int8", progress, group_size)
     try:
         _store(loaded, folder)
     except OSError as err:

@@ -1,19 +1,25 @@
-"""Our own decode kernel: int8 weights x int8 activations (per-32-value scales), fp32 out, AVX-512 VNNI.
+"""Our own decode kernel: int8 weights x int8 activations (per-32-value scales), fp32 out, on every x86-64 CPU.
 
-`torch._weight_int8pack_mm` is compute-bound on this CPU at a few rows (about 23 GB/s of weights on 2 cores while
-memory delivers 36-66 GB/s). `gemv.cpp` reads a weight repacked once at load time (`pack_weight`) so that one
-`vpdpbusd` multiplies 4 weights of 16 output rows with 4 activation bytes; activations are quantized per row in
-groups of 32 values with an fp32 scale each (like llama.cpp's Q8_0), accumulation and output are fp32; with
-precise=True each row is quantized twice (the row, then its quantization error), for about 16-bit activations at
-twice the arithmetic. See the comment at the top of gemv.cpp for the arithmetic, and benchmarks/kernels.py for
-speed and accuracy.
+`torch._weight_int8pack_mm` is compute-bound at a few rows (on a Sapphire Rapids about 23 GB/s of weights on 2
+cores while memory delivers 36-66 GB/s; on an AVX2 EPYC 9.3 GB/s of ~20) and takes only per-channel scales.
+`gemv.cpp` reads a weight repacked once at load time (`pack_weight`) so that one vector instruction multiplies 4
+weights of 8 or 16 output rows with 4 activation bytes; activations are quantized per row in groups of 32 values with
+an fp32 scale each (like llama.cpp's Q8_0), weights carry one bf16 scale per output row, or per group of 32/64/128
+input values (`group_size`), accumulation and output are fp32; with precise=True each row is quantized twice (the
+row, then its quantization error), for about 16-bit activations at twice the arithmetic. See the comment at the top
+of gemv.cpp for the arithmetic, and benchmarks/kernels.py for speed and accuracy.
+
+Paths, chosen at run time from the CPU's flags (the first one it can run), all bitwise identical:
+`vnni512` (AVX-512 VNNI), `avxvnni` (AVX-VNNI on 256-bit registers), `avx2` (vpmaddubsw), `scalar` (plain C++).
+INT8SERVE_KERNEL=auto|vnni512|avxvnni|avx2|scalar forces one (a path the CPU lacks makes the kernel unavailable,
+with the reason); INT8SERVE_KERNELS=0 disables the library altogether.
 
 The C++ source is compiled on first use with the system C++ compiler (g++; $CXX overrides) straight into a cache
 directory ($INT8SERVE_CACHE, else $XDG_CACHE_HOME/int8serve, else ~/.cache/int8serve), keyed by a hash of the
 source, the flags and the compiler's version, and loaded with ctypes. It is a plain C ABI with no torch or Python
-headers, so it builds in about a second, needs no ninja and does not depend on torch's version. `available()` says
-whether the fast path can be used; it is False, with a logged reason, when the CPU lacks AVX-512 VNNI, when the
-build or load fails, or when INT8SERVE_KERNELS=0. Callers keep their old path for that case: nothing here raises at
+headers, so it builds in seconds, needs no ninja and does not depend on torch's version. `available()` says whether
+the kernel can be used; it is False, with a logged reason, when there is no compiler, the build or load fails, the
+CPU is not x86-64 or lacks the forced path. Callers keep torch's kernels for that case: nothing here raises at
 import time.
 """
 
@@ -43,13 +49,15 @@ log = logging.getLogger(__name__)
 SOURCE = Path(__file__).with_name("gemv.cpp")
 GROUP = 32  # activation values per scale; K is padded (with zeros) to a multiple of this
 TILE_ROWS = 64  # output rows per packed tile; N is padded to a multiple of this
-Impl = Literal["auto", "vnni", "scalar"]
-_IMPLS = {"auto": 0, "vnni": 1, "scalar": 2}
-ABI_VERSION = 3  # must match i8s_abi_version() in gemv.cpp
-# -ffp-contract=off: the scalar path must round exactly like the vector path (explicit fma only). No -march: the
-# AVX-512 functions carry their own target attributes and are only called after a runtime CPU check.
+Impl = Literal["auto", "vnni512", "avxvnni", "avx2", "scalar"]
+PATHS: tuple[Impl, ...] = ("vnni512", "avxvnni", "avx2", "scalar")  # in the order auto prefers them
+_IMPLS = {"auto": 0, "vnni512": 1, "avxvnni": 2, "avx2": 3, "scalar": 4}
+ABI_VERSION = 4  # must match i8s_abi_version() in gemv.cpp
+ENV_PATH = "INT8SERVE_KERNEL"
+# -ffp-contract=off: the scalar path must round exactly like the vector paths (explicit fma only). No -march: the
+# vector functions carry their own target attributes and are only called after a runtime CPU check.
 CXXFLAGS = ["-O3", "-std=c++17", "-fPIC", "-shared", "-fopenmp", "-ffp-contract=off", "-fvisibility=hidden",
-            "-Wall", "-Wextra"]
+            "-Wall", "-Wextra", "-Wno-uninitialized", "-Wno-maybe-uninitialized"]
 
 
 def cache_dir() -> Path:
@@ -136,13 +144,16 @@ def _open(path: Path) -> ctypes.CDLL:
     lib.i8s_abi_version.restype = _INT
     if lib.i8s_abi_version() != ABI_VERSION:
         raise BuildError(f"{path} has ABI version {lib.i8s_abi_version()}, expected {ABI_VERSION}")
-    lib.i8s_has_vnni.restype = _INT
-    lib.i8s_gemv.argtypes = [_P, _I64, _I64, _P, _P, _I64, _P, _INT, _INT, _INT]
+    lib.i8s_cpu_has.argtypes = [_INT]
+    lib.i8s_cpu_has.restype = _INT
+    lib.i8s_gemv.argtypes = [_P, _I64, _I64, _P, _P, _I64, _I64, _P, _INT, _INT, _INT]
     lib.i8s_gemv.restype = _INT
     lib.i8s_quantize.argtypes = [_P, _I64, _I64, _P, _P, _INT]
     lib.i8s_quantize.restype = _INT
     lib.i8s_pack.argtypes = [_P, _I64, _I64, _P, _INT]
     lib.i8s_pack.restype = None
+    lib.i8s_dequant.argtypes = [_P, _P, _I64, _I64, _I64, _P, _INT, _INT]
+    lib.i8s_dequant.restype = _INT
     return lib
 
 
@@ -161,14 +172,37 @@ def _load() -> str | None:
     return None
 
 
+def requested_path() -> Impl:
+    """The path INT8SERVE_KERNEL asks for (default auto); an unknown name is an error that names the variable."""
+    name = os.environ.get(ENV_PATH, "auto").strip().lower() or "auto"
+    if name not in _IMPLS:
+        raise ValueError(f"{ENV_PATH}={name!r}: expected one of {', '.join(_IMPLS)}")
+    return name  # type: ignore[return-value]
+
+
+def cpu_has(path: Impl) -> bool:
+    """Whether this CPU can run `path` (False when the library is not loaded)."""
+    return _load() is None and bool(_library().i8s_cpu_has(_IMPLS[path]))
+
+
 @functools.cache
 def _unavailable_reason() -> str | None:
     reason = _load()
-    if reason is None and not _library().i8s_has_vnni():
-        reason = "this CPU lacks AVX-512 VNNI (avx512f/bw/vl/vnni)"
+    if reason is None:
+        try:
+            wanted = requested_path()
+        except ValueError as error:
+            reason = str(error)
+        else:
+            if wanted != "auto" and not cpu_has(wanted):
+                reason = f"{ENV_PATH}={wanted}, but this CPU cannot run it ({_MISSING[wanted]})"
     if reason is not None:
         log.warning("int8 decode kernel not available, using torch's kernels instead: %s", reason)
     return reason
+
+
+_MISSING = {"vnni512": "needs avx512f/bw/vl and avx512_vnni", "avxvnni": "needs avx2 and avx_vnni",
+            "avx2": "needs avx2", "scalar": "", "auto": ""}
 
 
 def _library() -> ctypes.CDLL:
@@ -179,7 +213,7 @@ def _library() -> ctypes.CDLL:
 
 
 def available() -> bool:
-    """True when the AVX-512 VNNI kernel is built, loaded and runnable on this CPU. Never raises."""
+    """True when the kernel is built, loaded and its path (INT8SERVE_KERNEL, else the best) runs here. Never raises."""
     return _unavailable_reason() is None
 
 
@@ -192,18 +226,45 @@ def loaded() -> bool:
     return _load() is None
 
 
+def path() -> Impl:
+    """The path "auto" runs: INT8SERVE_KERNEL if set, else the first of PATHS this CPU has. Needs available()."""
+    if not available():
+        raise RuntimeError(f"int8serve kernels are not available: {unavailable_reason()}")
+    wanted = requested_path()
+    return PATHS[_library().i8s_cpu_has(0) - 1] if wanted == "auto" else wanted
+
+
+def describe() -> str:
+    """One line for start-up logs: the path in use, or why torch's kernels are used instead."""
+    if available():
+        return f"int8 decode kernel: {path()} (CPU paths: {', '.join(p for p in PATHS if cpu_has(p))})"
+    return f"int8 decode kernel unavailable, torch's stock int8 kernels in use: {unavailable_reason()}"
+
+
 @dataclass(frozen=True)
 class PackedWeight:
-    """An int8 weight [N, K] and its per-row fp32 scales in the kernel's layout (see gemv.cpp)."""
+    """An int8 weight [N, K] and its bf16 scales in the kernel's layout (see gemv.cpp).
 
-    data: Tensor  # uint8 [ceil(N/64)*64 * ceil(K/32)*32], 64-byte aligned, values w + 128
-    scale: Tensor  # fp32 [ceil(N/64)*64], zero padded
+    group_size 0: one scale per output row; else one per row and group of `group_size` input values.
+    """
+
+    data: Tensor  # uint8 [Np * Kp] (Np = ceil(N/64)*64, Kp = ceil(K/32)*32), 64-byte aligned, values w + 128
+    scale: Tensor  # bf16 [Np/64, weight groups, 64], zero padded
     out_features: int
     in_features: int
+    group_size: int = 0
 
     @property
     def nbytes(self) -> int:
-        return self.data.numel() + 4 * self.scale.numel()
+        return self.data.numel() + 2 * self.scale.numel()
+
+    @property
+    def weight_groups(self) -> int:
+        return self.scale.shape[1]
+
+    def scales(self) -> Tensor:
+        """The scales as fp32 [N, weight groups] (exact: they are bf16)."""
+        return self.scale.float().permute(0, 2, 1).reshape(-1, self.weight_groups)[:self.out_features].contiguous()
 
 
 def _aligned_empty(numel: int, alignment: int = 64) -> Tensor:
@@ -212,11 +273,24 @@ def _aligned_empty(numel: int, alignment: int = 64) -> Tensor:
     return raw[offset:offset + numel]
 
 
-def pack_weight(weight: Tensor, scale: Tensor) -> PackedWeight:
-    """int8 [N, K] + fp32 [N] -> PackedWeight. Done once, when a layer's weight is set.
+def weight_groups(in_features: int, group_size: int) -> int:
+    """Scales per output row: 1 per channel (group_size 0), else ceil(K / group_size)."""
+    return 1 if group_size == 0 else -(-in_features // group_size)
 
-    In C++ where the library is loaded (about 1 GB/s), else in torch (the same bytes, several times slower).
+
+def check_group_size(group_size: int) -> int:
+    if group_size < 0 or group_size % GROUP:
+        raise ValueError(f"group size must be 0 (per channel) or a positive multiple of {GROUP}, not {group_size}")
+    return group_size
+
+
+def pack_weight(weight: Tensor, scale: Tensor, group_size: int = 0) -> PackedWeight:
+    """int8 [N, K] + scales (fp32 [N] per channel, or [N, ceil(K/group_size)]) -> PackedWeight, once per layer.
+
+    The scales are kept in bf16 (rounded to nearest; the quantizers in int8.py make them bf16-exact, so nothing is
+    lost). In C++ where the library is loaded (about 1 GB/s), else in torch (the same bytes, several times slower).
     """
+    check_group_size(group_size)
     if weight.dim() != 2 or weight.dtype != torch.int8:
         raise ValueError(f"weight must be int8 [N, K], got {weight.dtype} {tuple(weight.shape)}")
     n, k = weight.shape
@@ -224,19 +298,21 @@ def pack_weight(weight: Tensor, scale: Tensor) -> PackedWeight:
         raise ValueError("empty weight")
     if weight.device.type != "cpu":
         raise ValueError(f"weight must be on the CPU, not {weight.device}")
-    if scale.shape != (n,):
-        raise ValueError(f"scale must be [{n}], got {tuple(scale.shape)}")
+    groups = weight_groups(k, group_size)
+    if scale.shape not in ((n, groups), (n,) if groups == 1 else ()):
+        raise ValueError(f"scale must be [{n}, {groups}] for group size {group_size}, got {tuple(scale.shape)}")
     if weight.min() < -127:
         raise ValueError("weight must lie in [-127, 127] (symmetric quantization)")
     np_, kp = -(-n // TILE_ROWS) * TILE_ROWS, -(-k // GROUP) * GROUP
-    padded_scale = torch.zeros(np_, dtype=torch.float32, device="cpu")
-    padded_scale[:n] = scale.float()
+    padded_scale = torch.zeros(np_, groups, dtype=torch.bfloat16, device="cpu")
+    padded_scale[:n] = scale.reshape(n, groups).to(torch.bfloat16)
+    tiled_scale = padded_scale.view(np_ // TILE_ROWS, TILE_ROWS, groups).permute(0, 2, 1).contiguous()
     if _load() is not None:
-        return PackedWeight(_pack_torch(weight, np_, kp), padded_scale, n, k)
+        return PackedWeight(_pack_torch(weight, np_, kp), tiled_scale, n, k, group_size)
     weight = weight.contiguous()
     data = _aligned_empty(np_ * kp)
     _library().i8s_pack(weight.data_ptr(), n, k, data.data_ptr(), torch.get_num_threads())
-    return PackedWeight(data, padded_scale, n, k)
+    return PackedWeight(data, tiled_scale, n, k, group_size)
 
 
 def _pack_torch(weight: Tensor, np_: int, kp: int) -> Tensor:
@@ -254,34 +330,61 @@ def _pack_torch(weight: Tensor, np_: int, kp: int) -> Tensor:
     return data
 
 
+def _words(packed: PackedWeight) -> Tensor:
+    np_ = packed.scale.shape[0] * TILE_ROWS
+    kp = packed.data.numel() // np_
+    return packed.data.view(torch.int32).view(np_ // TILE_ROWS, kp // GROUP, 4, 8, 16)
+
+
 def unpack_weight(packed: PackedWeight) -> Tensor:
-    """The int8 [N, K] weight back from a PackedWeight (for tests, and for callers that keep only the packed copy)."""
-    np_, kp = packed.scale.numel(), packed.data.numel() // packed.scale.numel()
-    words = packed.data.view(torch.int32).view(np_ // TILE_ROWS, kp // GROUP, 4, 8, 16)
-    rows = (words.permute(0, 2, 4, 1, 3).reshape(np_, kp // 4).view(torch.uint8) ^ 0x80).view(torch.int8)
+    """The int8 [N, K] weight back from a PackedWeight (the checkpoint writer and tests read it this way)."""
+    words = _words(packed)
+    rows = (words.permute(0, 2, 4, 1, 3).reshape(-1, words.shape[1] * 8).view(torch.uint8) ^ 0x80).view(torch.int8)
     return rows[:packed.out_features, :packed.in_features].contiguous()
 
 
 def weight_rows(packed: PackedWeight, index: Tensor) -> Tensor:
-    """Rows `index` (int64 of any shape, each < N) of the int8 weight, read from the packed copy: [*index.shape, K].
-
-    What Int8Linear's top-k refinement needs, should a layer keep only the packed copy of its weight.
-    """
-    np_, kp = packed.scale.numel(), packed.data.numel() // packed.scale.numel()
-    words = packed.data.view(torch.int32).view(np_ // TILE_ROWS, kp // GROUP, 4, 8, 16)
+    """Rows `index` (int64 of any shape, each < N) of the int8 weight, read from the packed copy: [*index.shape, K]."""
+    words = _words(packed)
     within = index % TILE_ROWS
     picked = words[index // TILE_ROWS, :, within // 16, :, within % 16]  # [*index.shape, K/32, 8] 4-byte words
-    rows = (picked.reshape(*index.shape, kp // 4).view(torch.uint8) ^ 0x80).view(torch.int8)
+    rows = (picked.reshape(*index.shape, words.shape[1] * 8).view(torch.uint8) ^ 0x80).view(torch.int8)
     return rows[..., :packed.in_features]
+
+
+def row_scales(packed: PackedWeight, index: Tensor) -> Tensor:
+    """The fp32 scale of every weight of rows `index`: [*index.shape, K] (per channel: the row's scale repeated)."""
+    picked = packed.scale[index // TILE_ROWS, :, index % TILE_ROWS].float()  # [*index.shape, weight groups]
+    if packed.group_size == 0:
+        return picked.expand(*index.shape, packed.in_features)
+    return picked.repeat_interleave(packed.group_size, dim=-1)[..., :packed.in_features]
+
+
+def dequantize(packed: PackedWeight, out: Tensor) -> Tensor:
+    """out [N, K] (fp32 or bf16) = w * scale, read from the packed copy; fp32 is exact, bf16 rounds to nearest even,
+    the same bits as torch's bf16 product of the int8 weight and its bf16 scale. The dense (prefill) path's weight."""
+    n, k = packed.out_features, packed.in_features
+    if out.shape != (n, k) or not out.is_contiguous() or out.dtype not in (torch.float32, torch.bfloat16):
+        raise ValueError(f"out must be a contiguous fp32 or bf16 [{n}, {k}] tensor, got {out.dtype} {tuple(out.shape)}")
+    if _load() is None:
+        status = _library().i8s_dequant(packed.data.data_ptr(), packed.scale.data_ptr(), n, k, packed.group_size,
+                                        out.data_ptr(), int(out.dtype == torch.bfloat16), torch.get_num_threads())
+        if status != 0:
+            raise RuntimeError(f"i8s_dequant failed with status {status}")
+        return out
+    scales = packed.scales().to(out.dtype)
+    if packed.group_size:
+        scales = scales.repeat_interleave(packed.group_size, dim=1)[:, :k]
+    return torch.mul(unpack_weight(packed), scales, out=out)
 
 
 def int8_gemv(x: Tensor, weight: Tensor | PackedWeight, scale: Tensor | None = None, *, impl: Impl = "auto",
               precise: bool = False) -> Tensor:
-    """x [M, K] (fp32/bf16/fp16) @ (weight * scale[:, None]).T -> fp32 [M, N], activations quantized per 32 values.
+    """x [M, K] (fp32/bf16/fp16) @ (weight * scale).T -> fp32 [M, N], activations quantized per 32 values.
 
-    `weight` is best a PackedWeight made once by pack_weight; an int8 [N, K] tensor with `scale` is packed on the
-    fly (slow, for tests). impl "auto" uses AVX-512 VNNI where the CPU has it, else the scalar path; both give
-    bitwise the same result. Row i of the output depends only on row i of x. Raises if the library is not loaded.
+    `weight` is best a PackedWeight made once by pack_weight; an int8 [N, K] tensor with per-channel `scale` is packed
+    on the fly (slow, for tests). impl "auto": the path of `path()`; every path gives bitwise the same result. Row i
+    of the output depends only on row i of x. Raises if the library is not loaded or the CPU lacks the path.
 
     precise=True quantizes each row twice (the row, then its quantization error), so activations carry ~16 bits
     instead of 8, at the cost of running 2M rows: free while memory-bound (M = 1, 2), twice the compute after.
@@ -295,18 +398,21 @@ def int8_gemv(x: Tensor, weight: Tensor | PackedWeight, scale: Tensor | None = N
         raise ValueError(f"x must be [M, {weight.in_features}], got {tuple(x.shape)}")
     if x.dtype not in (torch.float32, torch.bfloat16, torch.float16):
         raise ValueError(f"x must be float32, bfloat16 or float16, not {x.dtype}")
+    if impl == "auto":
+        impl = path()
     x = x.to(device="cpu", dtype=torch.float32).contiguous()
     m = x.shape[0]
     y = torch.empty(m, weight.out_features, dtype=torch.float32)
     args = (x.data_ptr(), m, weight.in_features, weight.data.data_ptr(), weight.scale.data_ptr(), weight.out_features,
-            y.data_ptr(), _IMPLS[impl], int(precise), torch.get_num_threads())
+            weight.group_size, y.data_ptr(), _IMPLS[impl], int(precise), torch.get_num_threads())
     if torch.autograd._profiler_enabled():  # a ctypes call is invisible to torch.profiler unless labelled (~9 us)
         with torch.autograd.profiler.record_function("int8serve::int8_gemv"):
             status = lib.i8s_gemv(*args)
     else:
         status = lib.i8s_gemv(*args)
     if status != 0:
-        raise RuntimeError(f"i8s_gemv failed with status {status} (-1: no AVX-512 VNNI, -2: misaligned weight)")
+        raise RuntimeError(f"i8s_gemv failed with status {status} (-1: this CPU lacks path {impl!r}, "
+                           "-2: misaligned weight, -3: bad arguments)")
     return y
 
 
@@ -321,5 +427,5 @@ def quantize_activations(x: Tensor, impl: Impl = "auto") -> tuple[Tensor, Tensor
     q = torch.empty(m, kp, dtype=torch.int8)
     scales = torch.empty(m, kp // GROUP, dtype=torch.float32)
     if lib.i8s_quantize(x.data_ptr(), m, k, q.data_ptr(), scales.data_ptr(), _IMPLS[impl]) != 0:
-        raise RuntimeError("this CPU lacks AVX-512 VNNI")
+        raise RuntimeError(f"this CPU lacks path {impl!r}")
     return q, scales

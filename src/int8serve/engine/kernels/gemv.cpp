@@ -1,28 +1,38 @@
 // int8 weight x int8 activation matrix-vector products for decode (a few activation rows; more rows are taken 4 at a
-// time over each tile while it is in cache), fp32 accumulation and output.
+// time over each tile while it is in cache), fp32 accumulation and output, on every x86-64 CPU.
 //
-// y[m, n] = wscale[n] * sum_g xscale[m, g] * sum_{k in group g} w[n, k] * xq[m, k]
+// y[m, n] = sum_w wscale[n, w] * (sum_{g in weight group w} xscale[m, g] * sum_{k in group g} w[n, k] * xq[m, k])
 //
 // Activations are quantized here, per row in groups of 32 values (one fp32 scale per group, round to nearest even);
 // with `precise` each row is quantized twice, the row and its quantization error, and the two outputs are added.
-// Weights are int8 with one fp32 scale per output row, repacked once (see kernels/__init__.py, pack_weight) into
-// tiles of 64 output rows:
+// Weights are int8, repacked once (see kernels/__init__.py, pack_weight) into tiles of 64 output rows:
 //
 //   packed[tile][group][block][step][row][byte] = w[64 * tile + 16 * block + row, 32 * group + 4 * step + byte] + 128
 //          N/64   K/32    4      8     16   4
 //
-// so one 64-byte load holds 4 consecutive k of 16 output rows. `vpdpbusd` (unsigned x signed bytes, 4 products
-// summed into each int32 lane) then multiplies those with 4 activation bytes broadcast to every lane: each lane
-// accumulates one output row, no horizontal sums are needed, and one activation scale per group applies to all 16
-// lanes. The weights are stored as w + 128 (unsigned) so that the activations can be the signed operand; the excess
-// 128 * sum(xq of the group) is the same for every output row and is subtracted exactly by starting the group's
-// int32 accumulator at -128 * sum(xq). The group's int32 dot product is exact (|dot| <= 32 * 127 * 127 < 2^24,
-// so its conversion to fp32 is exact too), then acc = fma(float(dot), xscale, acc) in group order, then
-// y = acc * wscale. Every path (AVX-512 VNNI, scalar) performs exactly these roundings in this order for every
-// output, so results are bitwise identical across paths and independent of how many rows are in the call.
+// with bf16 scales, one per output row and weight group (a group of `group_size` = 32, 64, 128... input values, or the
+// whole row for per-channel scales, group_size 0), laid out so that one tile's scales follow each other:
 //
-// Plain C ABI (loaded with ctypes, see __init__.py), no torch headers: it compiles in about a second and does not
-// depend on torch's version or C++ ABI. Threads: OpenMP with the count the caller passes (torch.get_num_threads());
+//   wscale[tile][weight group][row] (bf16, 64 rows per tile)
+//
+// One 64-byte load holds 4 consecutive k of 16 output rows. Each path multiplies those with 4 activation bytes
+// broadcast to every 32-bit lane, so each lane accumulates one output row and no horizontal sums are needed:
+//   - vnni512: `vpdpbusd` on zmm (unsigned weight x signed activation, 4 products summed into each int32 lane); the
+//     excess 128 * sum(xq of the group) is the same for every output row and is subtracted exactly by starting the
+//     group's accumulator at -128 * sum(xq);
+//   - avxvnni: the same instruction on ymm (8 rows per register, two per load);
+//   - avx2: `vpmaddubsw` + `vpmaddwd`. vpmaddubsw saturates its int16 pair sums, and 255 * 127 * 2 would, so it
+//     multiplies |w| (unsigned, <= 127) with sign(w) * x (signed, |.| <= 127): a pair sums to at most 32258;
+//   - scalar: plain C++, the reference.
+// Each group's int32 dot product is exact (|dot| <= 32 * 127 * 127 < 2^24, so its conversion to fp32 is exact too),
+// then, in group order, inner = fma(float(dot), xscale, inner) within a weight group, acc = fma(inner, wscale, acc)
+// at the end of each weight group (with one weight group, acc = inner * wscale as before), y = acc. Every path
+// performs exactly these roundings in this order for every output, so results are bitwise identical across paths and
+// independent of how many rows are in the call.
+//
+// Plain C ABI (loaded with ctypes, see __init__.py), no torch headers: it compiles in a few seconds and does not
+// depend on torch's version or C++ ABI. Built without -march: the vector functions carry target attributes and are
+// only called after a runtime CPU check. Threads: OpenMP with the count the caller passes (torch.get_num_threads());
 // torch's own libgomp is already loaded when this library is, so both share one OpenMP runtime.
 
 #include <immintrin.h>
@@ -36,7 +46,7 @@
 namespace {
 
 constexpr int64_t kGroup = 32;                       // activation values sharing one scale
-constexpr int64_t kBlockRows = 16;                   // output rows in one vector of int32 lanes
+constexpr int64_t kBlockRows = 16;                   // output rows per 64-byte load
 constexpr int64_t kBlocks = 4;                       // blocks per tile
 constexpr int64_t kTileRows = kBlockRows * kBlocks;  // 64
 constexpr int64_t kSteps = kGroup / 4;               // 8 loads of 64 bytes per block and group
@@ -44,14 +54,51 @@ constexpr int64_t kBlockBytes = kBlockRows * kGroup; // 512
 constexpr int64_t kGroupBytes = kTileRows * kGroup;  // 2048
 constexpr int64_t kMaxRows = 4;                      // activation rows per pass over a tile
 
-bool cpu_has_vnni() {
-  static const bool has = [] {
-    __builtin_cpu_init();
-    return __builtin_cpu_supports("avx512f") && __builtin_cpu_supports("avx512bw") &&
-           __builtin_cpu_supports("avx512vl") && __builtin_cpu_supports("avx512vnni");
-  }();
-  return has;
+enum Impl { kAuto = 0, kVnni512 = 1, kAvxVnni = 2, kAvx2 = 3, kScalar = 4 };
+
+bool cpu_has(Impl impl) {
+  __builtin_cpu_init();
+  switch (impl) {
+    case kVnni512:
+      return __builtin_cpu_supports("avx512f") && __builtin_cpu_supports("avx512bw") &&
+             __builtin_cpu_supports("avx512vl") && __builtin_cpu_supports("avx512vnni");
+    case kAvxVnni:
+      return __builtin_cpu_supports("avx2") && __builtin_cpu_supports("avxvnni");
+    case kAvx2:
+      return __builtin_cpu_supports("avx2");
+    case kScalar:
+      return true;
+    default:
+      return false;
+  }
 }
+
+Impl best_impl() {
+  static const Impl best = [] {
+    for (Impl impl : {kVnni512, kAvxVnni, kAvx2})
+      if (cpu_has(impl)) return impl;
+    return kScalar;
+  }();
+  return best;
+}
+
+Impl resolve(int impl) { return impl == kAuto ? best_impl() : static_cast<Impl>(impl); }
+
+inline float bf16_to_float(uint16_t v) {
+  const uint32_t bits = uint32_t(v) << 16;
+  float f;
+  std::memcpy(&f, &bits, 4);
+  return f;
+}
+
+inline uint16_t float_to_bf16(float f) {  // round to nearest even (finite values)
+  uint32_t bits;
+  std::memcpy(&bits, &f, 4);
+  bits += 0x7FFFu + ((bits >> 16) & 1u);
+  return static_cast<uint16_t>(bits >> 16);
+}
+
+// ---- activation quantization ----
 
 // Quantized activations: xq [M, Kp] int8 (zero padded), xscale [M, G] fp32, xcorr [M, G] = -128 * sum(xq of group).
 struct Activations {
@@ -62,64 +109,95 @@ struct Activations {
   int64_t groups = 0;
 };
 
-// Per group of 32: d = max|x| / 127, q = round-half-even(x * (1 / d)) clamped to [-127, 127]; zero padding past k.
-// The scalar path's version; quantize_row_avx512 performs the same IEEE operations, so both give the same bits.
-void quantize_row(const float* x, int64_t k, int64_t groups, int8_t* q, float* scale, int32_t* corr) {
-  for (int64_t g = 0; g < groups; ++g) {
-    const int64_t begin = g * kGroup;
-    const int64_t end = std::min(begin + kGroup, k);
-    float amax = 0.0f;
-    for (int64_t i = begin; i < end; ++i) amax = std::max(amax, std::fabs(x[i]));
-    const float d = amax / 127.0f;
-    const float inv = d > 0.0f ? 1.0f / d : 0.0f;
-    int32_t sum = 0;
-    for (int64_t i = begin; i < begin + kGroup; ++i) {
-      int32_t v = 0;
-      if (i < end) {
-        v = static_cast<int32_t>(std::nearbyint(x[i] * inv));
-        v = std::min(127, std::max(-127, v));
-      }
-      q[i] = static_cast<int8_t>(v);
-      sum += v;
-    }
-    scale[g] = d;
-    corr[g] = -128 * sum;
+// One group of 32 (zero padded past `count`): d = max|x| / 127, q = round-half-even(x * (1 / d)) clamped to
+// [-127, 127]. The scalar version; the vector ones perform the same IEEE operations, so all give the same bits.
+void quantize_group_scalar(const float* x, int64_t count, int8_t* q, float* scale, int32_t* corr) {
+  float amax = 0.0f;
+  for (int64_t i = 0; i < count; ++i) amax = std::max(amax, std::fabs(x[i]));
+  const float d = amax / 127.0f;
+  const float inv = d > 0.0f ? 1.0f / d : 0.0f;
+  int32_t sum = 0;
+  for (int64_t i = 0; i < kGroup; ++i) {
+    int32_t v = 0;
+    if (i < count) v = std::min(127, std::max(-127, static_cast<int32_t>(std::nearbyint(x[i] * inv))));
+    q[i] = static_cast<int8_t>(v);
+    sum += v;
   }
+  *scale = d;
+  *corr = -128 * sum;
 }
 
-#define INT8SERVE_VNNI __attribute__((target("avx512f,avx512bw,avx512vl,avx512vnni")))
+#define INT8SERVE_VNNI512 __attribute__((target("avx512f,avx512bw,avx512vl,avx512vnni")))
+#define INT8SERVE_AVX2 __attribute__((target("avx2,fma")))
+#define INT8SERVE_AVXVNNI __attribute__((target("avx2,fma,avxvnni")))
 
-// quantize_row with AVX-512 (the scalar one calls libm's nearbyint per value: 40 us per 4096 values, more than
-// the rest of a small call).
-INT8SERVE_VNNI void quantize_row_avx512(const float* x, int64_t k, int64_t groups, int8_t* q, float* scale,
-                                        int32_t* corr) {
+// (the scalar version calls libm's nearbyint per value: 40 us per 4096 values, more than the rest of a small call)
+INT8SERVE_VNNI512 void quantize_group_avx512(const float* x, int64_t count, int8_t* q, float* scale, int32_t* corr) {
   const __m512i lo = _mm512_set1_epi32(-127), hi = _mm512_set1_epi32(127);
-  for (int64_t g = 0; g < groups; ++g) {
-    const int64_t begin = g * kGroup;
-    const int64_t count = std::min(kGroup, k - begin);
-    const __mmask16 m0 = count >= 16 ? __mmask16(0xFFFF) : __mmask16((1u << count) - 1);
-    const __mmask16 m1 = count >= 32 ? __mmask16(0xFFFF) : count <= 16 ? __mmask16(0) : __mmask16((1u << (count - 16)) - 1);
-    const __m512 v0 = _mm512_maskz_loadu_ps(m0, x + begin);
-    const __m512 v1 = _mm512_maskz_loadu_ps(m1, x + begin + 16);
-    const float amax = _mm512_reduce_max_ps(_mm512_max_ps(_mm512_abs_ps(v0), _mm512_abs_ps(v1)));
-    const float d = amax / 127.0f;
-    const float inv = d > 0.0f ? 1.0f / d : 0.0f;
-    const __m512 vinv = _mm512_set1_ps(inv);
-    __m512i i0 = _mm512_cvtps_epi32(_mm512_mul_ps(v0, vinv));  // MXCSR default: round half to even
-    __m512i i1 = _mm512_cvtps_epi32(_mm512_mul_ps(v1, vinv));
-    i0 = _mm512_min_epi32(_mm512_max_epi32(i0, lo), hi);
-    i1 = _mm512_min_epi32(_mm512_max_epi32(i1, lo), hi);
-    _mm_storeu_si128(reinterpret_cast<__m128i*>(q + begin), _mm512_cvtepi32_epi8(i0));
-    _mm_storeu_si128(reinterpret_cast<__m128i*>(q + begin + 16), _mm512_cvtepi32_epi8(i1));
-    scale[g] = d;
-    corr[g] = -128 * _mm512_reduce_add_epi32(_mm512_add_epi32(i0, i1));
+  const __mmask16 m0 = count >= 16 ? __mmask16(0xFFFF) : __mmask16((1u << count) - 1);
+  const __mmask16 m1 = count >= 32 ? __mmask16(0xFFFF) : count <= 16 ? __mmask16(0) : __mmask16((1u << (count - 16)) - 1);
+  const __m512 v0 = _mm512_maskz_loadu_ps(m0, x);
+  const __m512 v1 = _mm512_maskz_loadu_ps(m1, x + 16);
+  const float amax = _mm512_reduce_max_ps(_mm512_max_ps(_mm512_abs_ps(v0), _mm512_abs_ps(v1)));
+  const float d = amax / 127.0f;
+  const float inv = d > 0.0f ? 1.0f / d : 0.0f;
+  const __m512 vinv = _mm512_set1_ps(inv);
+  __m512i i0 = _mm512_cvtps_epi32(_mm512_mul_ps(v0, vinv));  // MXCSR default: round half to even
+  __m512i i1 = _mm512_cvtps_epi32(_mm512_mul_ps(v1, vinv));
+  i0 = _mm512_min_epi32(_mm512_max_epi32(i0, lo), hi);
+  i1 = _mm512_min_epi32(_mm512_max_epi32(i1, lo), hi);
+  _mm_storeu_si128(reinterpret_cast<__m128i*>(q), _mm512_cvtepi32_epi8(i0));
+  _mm_storeu_si128(reinterpret_cast<__m128i*>(q + 16), _mm512_cvtepi32_epi8(i1));
+  *scale = d;
+  *corr = -128 * _mm512_reduce_add_epi32(_mm512_add_epi32(i0, i1));
+}
+
+INT8SERVE_AVX2 void quantize_group_avx2(const float* x, int64_t count, int8_t* q, float* scale, int32_t* corr) {
+  float padded[kGroup] = {};
+  std::memcpy(padded, x, static_cast<size_t>(count) * sizeof(float));
+  const __m256 sign = _mm256_set1_ps(-0.0f);
+  __m256 v[4], m = _mm256_setzero_ps();
+  for (int i = 0; i < 4; ++i) {
+    v[i] = _mm256_loadu_ps(padded + 8 * i);
+    m = _mm256_max_ps(m, _mm256_andnot_ps(sign, v[i]));
+  }
+  __m128 h = _mm_max_ps(_mm256_castps256_ps128(m), _mm256_extractf128_ps(m, 1));
+  h = _mm_max_ps(h, _mm_movehl_ps(h, h));
+  h = _mm_max_ss(h, _mm_shuffle_ps(h, h, 1));
+  const float d = _mm_cvtss_f32(h) / 127.0f;
+  const float inv = d > 0.0f ? 1.0f / d : 0.0f;
+  const __m256 vinv = _mm256_set1_ps(inv);
+  const __m256i lo = _mm256_set1_epi32(-127), hi = _mm256_set1_epi32(127);
+  alignas(32) int32_t ints[kGroup];
+  for (int i = 0; i < 4; ++i) {
+    __m256i r = _mm256_cvtps_epi32(_mm256_mul_ps(v[i], vinv));  // MXCSR default: round half to even
+    r = _mm256_min_epi32(_mm256_max_epi32(r, lo), hi);
+    _mm256_store_si256(reinterpret_cast<__m256i*>(ints + 8 * i), r);
+  }
+  int32_t sum = 0;
+  for (int64_t i = 0; i < kGroup; ++i) {
+    q[i] = static_cast<int8_t>(ints[i]);
+    sum += ints[i];
+  }
+  *scale = d;
+  *corr = -128 * sum;
+}
+
+using GroupQuantizer = void (*)(const float*, int64_t, int8_t*, float*, int32_t*);
+
+GroupQuantizer group_quantizer(Impl impl) {
+  switch (impl) {
+    case kVnni512: return quantize_group_avx512;
+    case kAvxVnni:
+    case kAvx2: return quantize_group_avx2;
+    default: return quantize_group_scalar;
   }
 }
 
 // Quantize M rows. precise: 2 int8 rows per input row, the row (2r) and what its quantization left over (2r + 1),
 // so that x = scale_hi * q_hi + scale_lo * q_lo to about 1/(254 * 254) of each group's largest value; the kernel
 // then runs 2M rows and adds each pair of outputs.
-Activations quantize(const float* x, int64_t m, int64_t k, bool vnni, bool precise) {
+Activations quantize(const float* x, int64_t m, int64_t k, Impl impl, bool precise) {
   Activations a;
   const int64_t rows = precise ? 2 * m : m;
   a.kp = (k + kGroup - 1) / kGroup * kGroup;
@@ -127,7 +205,7 @@ Activations quantize(const float* x, int64_t m, int64_t k, bool vnni, bool preci
   a.q.assign(static_cast<size_t>(rows * a.kp), 0);
   a.scale.assign(static_cast<size_t>(rows * a.groups), 0.0f);
   a.corr.assign(static_cast<size_t>(rows * a.groups), 0);
-  auto row = vnni ? quantize_row_avx512 : quantize_row;
+  const GroupQuantizer group = group_quantizer(impl);
   std::vector<float> residual(precise ? static_cast<size_t>(k) : 0);
   for (int64_t r = 0; r < rows; ++r) {
     const float* source = x + (precise ? r / 2 : r) * k;
@@ -137,81 +215,99 @@ Activations quantize(const float* x, int64_t m, int64_t k, bool vnni, bool preci
       for (int64_t i = 0; i < k; ++i) residual[i] = source[i] - scale[i / kGroup] * static_cast<float>(q[i]);
       source = residual.data();
     }
-    row(source, k, a.groups, a.q.data() + r * a.kp, a.scale.data() + r * a.groups, a.corr.data() + r * a.groups);
+    for (int64_t g = 0; g < a.groups; ++g)
+      group(source + g * kGroup, std::min(kGroup, k - g * kGroup), a.q.data() + r * a.kp + g * kGroup,
+            a.scale.data() + r * a.groups + g, a.corr.data() + r * a.groups + g);
   }
   return a;
 }
 
+// ---- the tile kernels ----
+
 struct TileArgs {
   const uint8_t* packed;  // the whole packed weight
-  const float* wscale;    // [Np]
+  const uint16_t* wscale; // bf16 [tiles][wgroups][64]
   const int8_t* xq;       // first activation row of this pass
   const float* xscale;
   const int32_t* xcorr;
   int64_t kp, groups, n;
+  int64_t span;           // activation groups per weight group
+  int64_t wgroups;        // weight groups per row
   float* y;               // first output row of this pass
 };
 
-// ---- scalar path: the reference arithmetic, also used where the CPU lacks AVX-512 VNNI ----
-
+// The scalar path: the reference arithmetic, also used where the CPU has no AVX2.
 void tile_scalar(const TileArgs& a, int64_t rows, int64_t tile) {
   const uint8_t* w = a.packed + tile * a.groups * kGroupBytes;
+  const uint16_t* ws = a.wscale + tile * a.wgroups * kTileRows;
   for (int64_t r = 0; r < rows; ++r) {
     float acc[kTileRows] = {};
     const int8_t* xq = a.xq + r * a.kp;
-    for (int64_t g = 0; g < a.groups; ++g) {
-      int32_t dot[kTileRows];
-      for (int64_t i = 0; i < kTileRows; ++i) dot[i] = a.xcorr[r * a.groups + g];
-      const uint8_t* wg = w + g * kGroupBytes;
-      for (int64_t b = 0; b < kBlocks; ++b) {
-        for (int64_t s = 0; s < kSteps; ++s) {
-          const uint8_t* v = wg + b * kBlockBytes + s * 64;
-          const int8_t* xs = xq + g * kGroup + s * 4;
-          for (int64_t lane = 0; lane < kBlockRows; ++lane) {
-            int32_t sum = 0;
-            for (int64_t j = 0; j < 4; ++j) sum += static_cast<int32_t>(v[lane * 4 + j]) * xs[j];
-            dot[b * kBlockRows + lane] += sum;
+    for (int64_t wg = 0; wg < a.wgroups; ++wg) {
+      float inner[kTileRows] = {};
+      for (int64_t g = wg * a.span; g < std::min(a.groups, (wg + 1) * a.span); ++g) {
+        int32_t dot[kTileRows];
+        for (int64_t i = 0; i < kTileRows; ++i) dot[i] = a.xcorr[r * a.groups + g];
+        const uint8_t* wg_bytes = w + g * kGroupBytes;
+        for (int64_t b = 0; b < kBlocks; ++b) {
+          for (int64_t s = 0; s < kSteps; ++s) {
+            const uint8_t* v = wg_bytes + b * kBlockBytes + s * 64;
+            const int8_t* xs = xq + g * kGroup + s * 4;
+            for (int64_t lane = 0; lane < kBlockRows; ++lane) {
+              int32_t sum = 0;
+              for (int64_t j = 0; j < 4; ++j) sum += static_cast<int32_t>(v[lane * 4 + j]) * xs[j];
+              dot[b * kBlockRows + lane] += sum;
+            }
           }
         }
+        const float scale = a.xscale[r * a.groups + g];
+        for (int64_t i = 0; i < kTileRows; ++i) inner[i] = std::fma(static_cast<float>(dot[i]), scale, inner[i]);
       }
-      const float scale = a.xscale[r * a.groups + g];
-      for (int64_t i = 0; i < kTileRows; ++i) acc[i] = std::fma(static_cast<float>(dot[i]), scale, acc[i]);
+      for (int64_t i = 0; i < kTileRows; ++i) acc[i] = std::fma(inner[i], bf16_to_float(ws[wg * kTileRows + i]), acc[i]);
     }
     const int64_t n0 = tile * kTileRows;
     const int64_t count = std::min(kTileRows, a.n - n0);
-    float* out = a.y + r * a.n + n0;
-    for (int64_t i = 0; i < count; ++i) out[i] = acc[i] * a.wscale[n0 + i];
+    std::memcpy(a.y + r * a.n + n0, acc, static_cast<size_t>(count) * sizeof(float));
   }
 }
 
-// ---- AVX-512 VNNI path ----
-
-// R activation rows (1..4) over one tile, reading its bytes strictly in memory order: group by group, block by
-// block, 64 bytes at a time. (Interleaving the 4 blocks of a group, to load each activation broadcast once for
-// all of them, halved the speed from memory at M = 1: the hardware prefetcher wants one sequential stream.)
+// vnni512: R activation rows (1..4) over one tile, reading its bytes strictly in memory order: group by group,
+// block by block, 64 bytes at a time. (Interleaving the 4 blocks of a group, to load each activation broadcast once
+// for all of them, halved the speed from memory at M = 1: the hardware prefetcher wants one sequential stream.)
 template <int R>
-INT8SERVE_VNNI void tile_vnni(const TileArgs& a, int64_t tile) {
+INT8SERVE_VNNI512 void tile_vnni512(const TileArgs& a, int64_t tile) {
   const uint8_t* w = a.packed + tile * a.groups * kGroupBytes;
+  const uint16_t* ws = a.wscale + tile * a.wgroups * kTileRows;
   __m512 acc[R][kBlocks];
   for (int r = 0; r < R; ++r)
     for (int b = 0; b < kBlocks; ++b) acc[r][b] = _mm512_setzero_ps();
-  for (int64_t g = 0; g < a.groups; ++g) {
-    const uint8_t* wg = w + g * kGroupBytes;
-    for (int b = 0; b < kBlocks; ++b) {
-      __m512i dot[R];
-      for (int r = 0; r < R; ++r) dot[r] = _mm512_set1_epi32(a.xcorr[r * a.groups + g]);
-      for (int s = 0; s < kSteps; ++s) {
-        const __m512i v = _mm512_load_si512(static_cast<const void*>(wg + b * kBlockBytes + s * 64));
+  for (int64_t wg = 0; wg < a.wgroups; ++wg) {
+    __m512 inner[R][kBlocks];
+    for (int r = 0; r < R; ++r)
+      for (int b = 0; b < kBlocks; ++b) inner[r][b] = _mm512_setzero_ps();
+    for (int64_t g = wg * a.span; g < std::min(a.groups, (wg + 1) * a.span); ++g) {
+      const uint8_t* wgb = w + g * kGroupBytes;
+      for (int b = 0; b < kBlocks; ++b) {
+        __m512i dot[R];
+        for (int r = 0; r < R; ++r) dot[r] = _mm512_set1_epi32(a.xcorr[r * a.groups + g]);
+        for (int s = 0; s < kSteps; ++s) {
+          const __m512i v = _mm512_load_si512(static_cast<const void*>(wgb + b * kBlockBytes + s * 64));
+          for (int r = 0; r < R; ++r) {
+            int32_t x4;
+            std::memcpy(&x4, a.xq + r * a.kp + g * kGroup + s * 4, 4);
+            dot[r] = _mm512_dpbusd_epi32(dot[r], v, _mm512_set1_epi32(x4));
+          }
+        }
         for (int r = 0; r < R; ++r) {
-          int32_t x4;
-          std::memcpy(&x4, a.xq + r * a.kp + g * kGroup + s * 4, 4);
-          dot[r] = _mm512_dpbusd_epi32(dot[r], v, _mm512_set1_epi32(x4));
+          const __m512 xscale = _mm512_set1_ps(a.xscale[r * a.groups + g]);
+          inner[r][b] = _mm512_fmadd_ps(_mm512_cvtepi32_ps(dot[r]), xscale, inner[r][b]);
         }
       }
-      for (int r = 0; r < R; ++r) {
-        const __m512 xscale = _mm512_set1_ps(a.xscale[r * a.groups + g]);
-        acc[r][b] = _mm512_fmadd_ps(_mm512_cvtepi32_ps(dot[r]), xscale, acc[r][b]);
-      }
+    }
+    for (int b = 0; b < kBlocks; ++b) {
+      const __m256i raw = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(ws + wg * kTileRows + b * kBlockRows));
+      const __m512 scale = _mm512_castsi512_ps(_mm512_slli_epi32(_mm512_cvtepu16_epi32(raw), 16));
+      for (int r = 0; r < R; ++r) acc[r][b] = _mm512_fmadd_ps(inner[r][b], scale, acc[r][b]);
     }
   }
   const int64_t n0 = tile * kTileRows;
@@ -220,21 +316,109 @@ INT8SERVE_VNNI void tile_vnni(const TileArgs& a, int64_t tile) {
     if (nb >= a.n) break;
     const int64_t count = std::min(kBlockRows, a.n - nb);
     const __mmask16 mask = count == kBlockRows ? __mmask16(0xFFFF) : __mmask16((1u << count) - 1);
-    const __m512 ws = _mm512_loadu_ps(a.wscale + nb);  // wscale is padded to a whole tile
-    for (int r = 0; r < R; ++r) _mm512_mask_storeu_ps(a.y + r * a.n + nb, mask, _mm512_mul_ps(acc[r][b], ws));
+    for (int r = 0; r < R; ++r) _mm512_mask_storeu_ps(a.y + r * a.n + nb, mask, acc[r][b]);
   }
 }
 
-INT8SERVE_VNNI void tile_vnni_rows(const TileArgs& a, int64_t rows, int64_t tile) {
-  switch (rows) {
-    case 1: tile_vnni<1>(a, tile); break;
-    case 2: tile_vnni<2>(a, tile); break;
-    case 3: tile_vnni<3>(a, tile); break;
-    default: tile_vnni<4>(a, tile); break;
+// The 256-bit paths: each 64-byte load is two registers of 8 rows (half h = rows 8h..8h+7 of the block).
+// Dot is the exact int32 product of 4 k of 8 rows with the broadcast activations `x4`, added to `dot`.
+struct DotAvx2 {
+  static constexpr bool kCorrected = false;  // |w| x sign(w)*x: no +128 excess to remove
+  INT8SERVE_AVX2 static inline __m256i dot(__m256i acc, __m256i v, __m256i x4) {
+    const __m256i w = _mm256_xor_si256(v, _mm256_set1_epi8(static_cast<char>(0x80)));  // back to signed w
+    const __m256i pairs = _mm256_maddubs_epi16(_mm256_abs_epi8(w), _mm256_sign_epi8(x4, w));  // exact: <= 32258
+    return _mm256_add_epi32(acc, _mm256_madd_epi16(pairs, _mm256_set1_epi16(1)));
+  }
+};
+
+struct DotAvxVnni {
+  static constexpr bool kCorrected = true;  // unsigned w + 128: start at -128 * sum(xq)
+  INT8SERVE_AVXVNNI static inline __m256i dot(__m256i acc, __m256i v, __m256i x4) {
+    return _mm256_dpbusd_avx_epi32(acc, v, x4);
+  }
+};
+
+#define INT8SERVE_TILE256(NAME, DOT, TARGET)                                                                      \
+  template <int R>                                                                                                 \
+  TARGET void NAME(const TileArgs& a, int64_t tile) {                                                              \
+    const uint8_t* w = a.packed + tile * a.groups * kGroupBytes;                                                   \
+    const uint16_t* ws = a.wscale + tile * a.wgroups * kTileRows;                                                  \
+    __m256 acc[R][2 * kBlocks];                                                                                    \
+    for (int r = 0; r < R; ++r)                                                                                    \
+      for (int h = 0; h < 2 * kBlocks; ++h) acc[r][h] = _mm256_setzero_ps();                                       \
+    for (int64_t wg = 0; wg < a.wgroups; ++wg) {                                                                   \
+      __m256 inner[R][2 * kBlocks];                                                                                \
+      for (int r = 0; r < R; ++r)                                                                                  \
+        for (int h = 0; h < 2 * kBlocks; ++h) inner[r][h] = _mm256_setzero_ps();                                   \
+      for (int64_t g = wg * a.span; g < std::min(a.groups, (wg + 1) * a.span); ++g) {                              \
+        const uint8_t* wgb = w + g * kGroupBytes;                                                                  \
+        for (int b = 0; b < kBlocks; ++b) {                                                                        \
+          __m256i dot[R][2];                                                                                       \
+          for (int r = 0; r < R; ++r)                                                                              \
+            dot[r][0] = dot[r][1] = _mm256_set1_epi32(DOT::kCorrected ? a.xcorr[r * a.groups + g] : 0);            \
+          for (int s = 0; s < kSteps; ++s) {                                                                       \
+            const uint8_t* p = wgb + b * kBlockBytes + s * 64;                                                     \
+            const __m256i v0 = _mm256_load_si256(reinterpret_cast<const __m256i*>(p));                             \
+            const __m256i v1 = _mm256_load_si256(reinterpret_cast<const __m256i*>(p + 32));                        \
+            for (int r = 0; r < R; ++r) {                                                                          \
+              int32_t x4;                                                                                          \
+              std::memcpy(&x4, a.xq + r * a.kp + g * kGroup + s * 4, 4);                                           \
+              const __m256i xb = _mm256_set1_epi32(x4);                                                            \
+              dot[r][0] = DOT::dot(dot[r][0], v0, xb);                                                             \
+              dot[r][1] = DOT::dot(dot[r][1], v1, xb);                                                             \
+            }                                                                                                      \
+          }                                                                                                        \
+          for (int r = 0; r < R; ++r) {                                                                            \
+            const __m256 xscale = _mm256_set1_ps(a.xscale[r * a.groups + g]);                                      \
+            for (int h = 0; h < 2; ++h)                                                                            \
+              inner[r][2 * b + h] = _mm256_fmadd_ps(_mm256_cvtepi32_ps(dot[r][h]), xscale, inner[r][2 * b + h]);   \
+          }                                                                                                        \
+        }                                                                                                          \
+      }                                                                                                            \
+      for (int h = 0; h < 2 * kBlocks; ++h) {                                                                      \
+        const __m128i raw = _mm_loadu_si128(reinterpret_cast<const __m128i*>(ws + wg * kTileRows + 8 * h));        \
+        const __m256 scale = _mm256_castsi256_ps(_mm256_slli_epi32(_mm256_cvtepu16_epi32(raw), 16));               \
+        for (int r = 0; r < R; ++r) acc[r][h] = _mm256_fmadd_ps(inner[r][h], scale, acc[r][h]);                    \
+      }                                                                                                            \
+    }                                                                                                              \
+    const int64_t n0 = tile * kTileRows;                                                                           \
+    const int64_t count = std::min(kTileRows, a.n - n0);                                                           \
+    for (int r = 0; r < R; ++r) {                                                                                  \
+      alignas(32) float out[kTileRows];                                                                            \
+      for (int h = 0; h < 2 * kBlocks; ++h) _mm256_store_ps(out + 8 * h, acc[r][h]);                               \
+      std::memcpy(a.y + r * a.n + n0, out, static_cast<size_t>(count) * sizeof(float));                            \
+    }                                                                                                              \
+  }
+
+INT8SERVE_TILE256(tile_avx2, DotAvx2, INT8SERVE_AVX2)
+INT8SERVE_TILE256(tile_avxvnni, DotAvxVnni, INT8SERVE_AVXVNNI)
+
+#define INT8SERVE_ROWS(NAME, KERNEL, TARGET)                   \
+  TARGET void NAME(const TileArgs& a, int64_t rows, int64_t tile) { \
+    switch (rows) {                                            \
+      case 1: KERNEL<1>(a, tile); break;                       \
+      case 2: KERNEL<2>(a, tile); break;                       \
+      case 3: KERNEL<3>(a, tile); break;                       \
+      default: KERNEL<4>(a, tile); break;                      \
+    }                                                          \
+  }
+
+INT8SERVE_ROWS(rows_vnni512, tile_vnni512, INT8SERVE_VNNI512)
+INT8SERVE_ROWS(rows_avxvnni, tile_avxvnni, INT8SERVE_AVXVNNI)
+INT8SERVE_ROWS(rows_avx2, tile_avx2, INT8SERVE_AVX2)
+
+using TileRows = void (*)(const TileArgs&, int64_t, int64_t);
+
+TileRows tile_rows(Impl impl) {
+  switch (impl) {
+    case kVnni512: return rows_vnni512;
+    case kAvxVnni: return rows_avxvnni;
+    case kAvx2: return rows_avx2;
+    default: return tile_scalar;
   }
 }
 
-bool use_vnni(int impl) { return impl == 0 ? cpu_has_vnni() : impl == 1; }
+int64_t weight_span(int64_t group_size, int64_t groups) { return group_size == 0 ? groups : group_size / kGroup; }
 
 }  // namespace
 
@@ -243,45 +427,46 @@ extern "C" {
 #define INT8SERVE_API __attribute__((visibility("default")))
 
 // Bumped whenever a signature below changes; __init__.py checks it.
-INT8SERVE_API int i8s_abi_version() { return 3; }
+INT8SERVE_API int i8s_abi_version() { return 4; }
 
-INT8SERVE_API int i8s_has_vnni() { return cpu_has_vnni() ? 1 : 0; }
+// 1 if this CPU can run path `impl` (1 vnni512, 2 avxvnni, 3 avx2, 4 scalar), else 0; impl 0: the path auto picks.
+INT8SERVE_API int i8s_cpu_has(int impl) { return impl == kAuto ? static_cast<int>(best_impl()) : static_cast<int>(cpu_has(static_cast<Impl>(impl))); }
 
-// y [M, N] = x [M, K] (fp32, contiguous) times the packed weight (uint8 [Np * Kp], 64-byte aligned) and its fp32
-// scales (padded to Np). impl: 0 = best available, 1 = AVX-512 VNNI, 2 = scalar. precise: 1 = two int8 passes per
-// row (see quantize). Returns 0, or -1 if VNNI is asked for and missing, -2 for a misaligned weight, -3 for bad
-// sizes. Thread-safe.
-INT8SERVE_API int i8s_gemv(const float* x, int64_t m, int64_t k, const uint8_t* packed, const float* wscale, int64_t n,
-                           float* y, int impl, int precise, int threads) {
-  if (impl == 1 && !cpu_has_vnni()) return -1;
+// y [M, N] = x [M, K] (fp32, contiguous) times the packed weight (uint8 [Np * Kp], 64-byte aligned) and its bf16
+// scales ([Np/64][weight groups][64]); group_size: input values per weight scale (a multiple of 32), 0 = one per
+// row. impl: 0 = best available, else the path (see i8s_cpu_has). precise: 1 = two int8 passes per row (see
+// quantize). Returns 0, or -1 if the CPU lacks the path, -2 for a misaligned weight, -3 for bad arguments.
+// Thread-safe.
+INT8SERVE_API int i8s_gemv(const float* x, int64_t m, int64_t k, const uint8_t* packed, const uint16_t* wscale,
+                           int64_t n, int64_t group_size, float* y, int impl, int precise, int threads) {
+  if (m < 0 || k <= 0 || n <= 0 || impl < kAuto || impl > kScalar || group_size < 0 || group_size % kGroup != 0)
+    return -3;
+  const Impl path = resolve(impl);
+  if (!cpu_has(path)) return -1;
   if (reinterpret_cast<uintptr_t>(packed) % 64 != 0) return -2;
-  if (m < 0 || k <= 0 || n <= 0 || impl < 0 || impl > 2) return -3;
   if (m == 0) return 0;
-  const bool vnni = use_vnni(impl);
   const int64_t np = (n + kTileRows - 1) / kTileRows * kTileRows;
-  const Activations act = quantize(x, m, k, vnni, precise != 0);
+  const Activations act = quantize(x, m, k, path, precise != 0);
   const int64_t rows_total = precise ? 2 * m : m;
   std::vector<float> pairs(precise ? static_cast<size_t>(rows_total * n) : 0);
   float* out = precise ? pairs.data() : y;
   const int64_t tiles = np / kTileRows;
-  const TileArgs base{packed, wscale, nullptr, nullptr, nullptr, act.kp, act.groups, n, nullptr};
+  const int64_t span = weight_span(group_size, act.groups);
+  const TileArgs base{packed, wscale, nullptr, nullptr, nullptr, act.kp, act.groups, n, span,
+                      (act.groups + span - 1) / span, nullptr};
+  const TileRows run = tile_rows(path);
   // Each thread takes a contiguous range of tiles, i.e. one sequential stream of weights, and runs all
   // activation rows over each tile (in passes of up to 4 rows) while it is in cache.
   const int nthreads = static_cast<int>(std::max<int64_t>(1, std::min<int64_t>(threads, tiles)));
 #pragma omp parallel for schedule(static) num_threads(nthreads) if (nthreads > 1)
   for (int64_t tile = 0; tile < tiles; ++tile) {
     for (int64_t r0 = 0; r0 < rows_total; r0 += kMaxRows) {
-      const int64_t rows = std::min(kMaxRows, rows_total - r0);
       TileArgs a = base;
       a.xq = act.q.data() + r0 * act.kp;
       a.xscale = act.scale.data() + r0 * act.groups;
       a.xcorr = act.corr.data() + r0 * act.groups;
       a.y = out + r0 * n;
-      if (vnni) {
-        tile_vnni_rows(a, rows, tile);
-      } else {
-        tile_scalar(a, rows, tile);
-      }
+      run(a, std::min(kMaxRows, rows_total - r0), tile);
     }
   }
   if (precise) {
@@ -291,10 +476,11 @@ INT8SERVE_API int i8s_gemv(const float* x, int64_t m, int64_t k, const uint8_t* 
   return 0;
 }
 
-// The activations as the kernel quantizes them: q [M, Kp] int8, scale [M, Kp/32] fp32. Returns 0 or -1 (no VNNI).
+// The activations as path `impl` quantizes them: q [M, Kp] int8, scale [M, Kp/32] fp32. Returns 0 or -1.
 INT8SERVE_API int i8s_quantize(const float* x, int64_t m, int64_t k, int8_t* q, float* scale, int impl) {
-  if (impl == 1 && !cpu_has_vnni()) return -1;
-  const Activations act = quantize(x, m, k, use_vnni(impl), false);
+  const Impl path = resolve(impl);
+  if (impl < kAuto || impl > kScalar || !cpu_has(path)) return -1;
+  const Activations act = quantize(x, m, k, path, false);
   std::memcpy(q, act.q.data(), act.q.size());
   std::memcpy(scale, act.scale.data(), act.scale.size() * sizeof(float));
   return 0;
@@ -325,6 +511,44 @@ INT8SERVE_API void i8s_pack(const int8_t* src, int64_t n, int64_t k, uint8_t* ds
             std::memcpy(o, &word, 4);
           }
   }
+}
+
+// The dense weight back from the packed layout: out [N, K] = w * wscale, as fp32 (exact: 8-bit x 8-bit mantissas)
+// or, with bf16 = 1, rounded to nearest-even bf16 (uint16), the same bits as torch's bf16 multiply of the two.
+// What the prefill path multiplies with, written into its reused buffer; one tile per task.
+INT8SERVE_API int i8s_dequant(const uint8_t* packed, const uint16_t* wscale, int64_t n, int64_t k, int64_t group_size,
+                              void* out, int bf16, int threads) {
+  if (n <= 0 || k <= 0 || group_size < 0 || group_size % kGroup != 0) return -3;
+  const int64_t np = (n + kTileRows - 1) / kTileRows * kTileRows;
+  const int64_t kp = (k + kGroup - 1) / kGroup * kGroup;
+  const int64_t groups = kp / kGroup, tiles = np / kTileRows;
+  const int64_t span = weight_span(group_size, groups), wgroups = (groups + span - 1) / span;
+  const int nthreads = static_cast<int>(std::max<int64_t>(1, std::min<int64_t>(threads, tiles)));
+#pragma omp parallel for schedule(static) num_threads(nthreads) if (nthreads > 1)
+  for (int64_t tile = 0; tile < tiles; ++tile) {
+    const uint8_t* w = packed + tile * kTileRows * kp;
+    const uint16_t* ws = wscale + tile * wgroups * kTileRows;
+    const int64_t rows = std::min(kTileRows, n - tile * kTileRows);
+    for (int64_t row = 0; row < rows; ++row) {
+      const int64_t b = row / kBlockRows, lane = row % kBlockRows, r = tile * kTileRows + row;
+      for (int64_t g = 0; g < groups; ++g) {
+        const float scale = bf16_to_float(ws[(g / span) * kTileRows + row]);
+        const uint8_t* src = w + g * kGroupBytes + b * kBlockBytes + lane * 4;
+        const int64_t count = std::min(kGroup, k - g * kGroup);
+        float values[kGroup];
+        for (int64_t s = 0; s < kSteps; ++s)
+          for (int64_t j = 0; j < 4; ++j)
+            values[s * 4 + j] = static_cast<float>(static_cast<int32_t>(src[s * 64 + j]) - 128) * scale;
+        if (bf16) {
+          uint16_t* dst = static_cast<uint16_t*>(out) + r * k + g * kGroup;
+          for (int64_t i = 0; i < count; ++i) dst[i] = float_to_bf16(values[i]);
+        } else {
+          std::memcpy(static_cast<float*>(out) + r * k + g * kGroup, values, static_cast<size_t>(count) * 4);
+        }
+      }
+    }
+  }
+  return 0;
 }
 
 }  // extern "C"

@@ -1,0 +1,89 @@
+"""int8 (the default scheme) against fp32 on stories260K through our decode kernel: issue #10's accuracy targets.
+
+Every Int8Linear call is routed through the kernel (the decode path) for whole 256-token windows over
+tinystories.txt: the kernel computes each row on its own, so this is what decoding the windows token by token gives
+(up to attention's kernels). The kernel path is the one INT8SERVE_KERNEL selects (auto: the CPU's best); to run this
+under another path: `INT8SERVE_KERNEL=avx2 pytest tests/engine/test_accuracy.py`. Every path gives the same bits (the
+last test checks it), so the figures hold for each. (tests/engine/test_perplexity.py measures the prefill path.)
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+import torch
+
+from int8serve.engine import int8, kernels
+from int8serve.engine.loader import LoadedModel
+from int8serve.engine.perplexity import PerplexityReport, evaluate
+from int8serve.engine.tokenizer import Tokenizer
+
+# Issue #10's targets (llama.cpp's Q8_0 on Llama-2-7B measures KLD 0.00037, top-1 98.85%).
+TARGET_KLD, TARGET_TOP1, TARGET_RATIO = 0.0005, 98.7, 1.001
+# What the default scheme (a bf16 scale per 32 weights, chosen by least squares; precise activations) measures here,
+# with a little margin: a regression guard. On a Sapphire Rapids, 2026-12-01: KLD 0.000636, top-1 98.51%, PPL ratio
+# 1.00133. Per output channel: 0.000794 / 98.36% / 1.00082. The int8 weights alone (fp32 math and KV cache) are
+# already at KLD 0.000526 / top-1 98.58%: the targets are out of reach for int8 weights on this model.
+MEASURED_KLD, MEASURED_TOP1, MEASURED_RATIO = 0.00068, 98.45, 1.0017
+
+
+@pytest.fixture(scope="module")
+def kernel_report(shared_dir: Path, stories_fp32: LoadedModel, stories_int8: LoadedModel,
+                  stories_tokenizer: Tokenizer) -> Iterator[tuple[PerplexityReport, str]]:
+    assert kernels.available(), kernels.unavailable_reason()
+    ids = stories_tokenizer.encode((shared_dir / "corpus" / "tinystories.txt").read_text(encoding="utf-8"))
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setattr(int8, "KERNEL_ROWS", 1 << 30)  # every call through the decode kernel
+        report = evaluate(stories_int8.model, ids, 256, stories_tokenizer.bos_id, reference=stories_fp32.model)
+    yield report, kernels.path()
+
+
+def describe(report: PerplexityReport, path: str) -> str:
+    return (f"kernel path {path}, group size {int8.DEFAULT_GROUP_SIZE}, precise activations "
+            f"{int8.PRECISE_ACTIVATIONS}: KLD {report.kld:.6f}, top-1 {report.top1:.2f}%, PPL ratio "
+            f"{report.ratio:.5f} over {report.tokens} tokens")
+
+
+def test_the_default_scheme_is_the_measured_one(stories_int8: LoadedModel) -> None:
+    layers = [m for m in stories_int8.model.modules() if isinstance(m, int8.Int8Linear)]
+    assert layers and all(m.packed is not None for m in layers)  # the kernel's packed copy, nothing else
+    assert {m.group_size for m in layers if m.in_features > int8.DEFAULT_GROUP_SIZE} == {int8.DEFAULT_GROUP_SIZE}
+
+
+def test_int8_holds_its_measured_accuracy(kernel_report: tuple[PerplexityReport, str]) -> None:
+    report, path = kernel_report
+    assert report.tokens >= 100_000 - 256
+    message = describe(report, path)
+    assert report.kld <= MEASURED_KLD, message
+    assert report.top1 >= MEASURED_TOP1, message
+    assert report.ratio <= MEASURED_RATIO, message
+
+
+@pytest.mark.xfail(strict=True, reason="issue #10's targets are not reached on stories260K with int8 weights "
+                   "(measured KLD 0.000636, top-1 98.51%, PPL ratio 1.00133; the weights alone: KLD 0.000526); "
+                   "an XPASS means they are: make this a plain test")
+def test_int8_meets_the_issue_targets(kernel_report: tuple[PerplexityReport, str]) -> None:
+    report, path = kernel_report
+    message = describe(report, path)
+    assert report.kld <= TARGET_KLD, message
+    assert report.top1 >= TARGET_TOP1, message
+    assert report.ratio <= TARGET_RATIO, message
+
+
+def test_every_path_gives_the_same_logits(stories_int8: LoadedModel, stories_tokenizer: Tokenizer,
+                                          monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr(int8, "KERNEL_ROWS", 1 << 30)
+    model = stories_int8.model
+    tokens = torch.tensor([stories_tokenizer.encode("Once upon a time, there was a little girl named Lily.", bos=True)])
+    cache = model.new_cache(1, 64)
+    logits = {}
+    for path in kernels.PATHS:
+        if kernels.cpu_has(path):
+            monkeypatch.setenv(kernels.ENV_PATH, path)
+            assert kernels.path() == path
+            logits[path] = model(tokens, cache, [0], [0], all_logits=True)
+    assert "scalar" in logits and len(logits) >= 2, f"paths run: {list(logits)}"
+    for path, value in logits.items():
+        assert torch.equal(value, logits["scalar"]), f"path {path} differs from scalar"
