@@ -354,17 +354,20 @@ def kernel_path() -> str:
 # llama.cpp's side
 
 
-def run_tool(command: Sequence[str]) -> str:
-    log(f"  llama.cpp: {shlex.join(str(c) for c in command)}")
-    result = subprocess.run(list(map(str, command)), capture_output=True, text=True, check=False)
+def run_tool(command: Sequence[object]) -> tuple[str, str]:
+    """stdout and stderr of one llama.cpp tool run; a failure raises RuntimeError with the end of its log."""
+    words = [str(c) for c in command]
+    log(f"  llama.cpp: {shlex.join(words)}")
+    result = subprocess.run(words, capture_output=True, text=True, check=False)
     if result.returncode != 0:
-        raise RuntimeError(f"{Path(command[0]).name} failed (exit {result.returncode}):\n{result.stderr[-3000:]}")
-    return result.stdout
+        raise RuntimeError(f"{Path(words[0]).name} failed (exit {result.returncode}):\n{result.stderr[-3000:]}")
+    return result.stdout, result.stderr
 
 
 def llama_bench(llama: LlamaCpp, gguf_path: Path, prompt: int, gen: int, reps: int) -> float:
     """Mean tok/s of one llama-bench test (prompt tokens or generated tokens) over `reps` repetitions."""
-    out = run_tool([llama.bench, "-m", gguf_path, "-t", THREADS, "-p", prompt, "-n", gen, "-r", reps, "-o", "json"])
+    out, _ = run_tool([llama.bench, "-m", gguf_path, "-t", THREADS, "-p", prompt, "-n", gen, "-r", reps,
+                       "-o", "json"])
     rows = json.loads(out)
     if len(rows) != 1:
         raise RuntimeError(f"llama-bench printed {len(rows)} results, expected 1:\n{out}")
@@ -374,9 +377,9 @@ def llama_bench(llama: LlamaCpp, gguf_path: Path, prompt: int, gen: int, reps: i
 def batched_bench(llama: LlamaCpp, gguf_path: Path) -> float:
     """Aggregate decode tok/s of BATCH sequences (S_TG of llama-batched-bench)."""
     context = BATCH * (BATCH_PROMPT + GEN) + 64
-    out = run_tool([llama.batched_bench, "-m", gguf_path, "-t", THREADS, "-tb", THREADS, "-c", context,
+    out, err = run_tool([llama.batched_bench, "-m", gguf_path, "-t", THREADS, "-tb", THREADS, "-c", context,
                     "-npp", BATCH_PROMPT, "-ntg", GEN, "-npl", BATCH, "--output-format", "jsonl"])
-    rows = [json.loads(line) for line in out.splitlines() if line.startswith("{")]
+    rows = [json.loads(line) for line in (out + "\n" + err).splitlines() if line.startswith('{"n_kv_max"')]
     if len(rows) != 1:
         raise RuntimeError(f"llama-batched-bench printed {len(rows)} JSON results, expected 1:\n{out[-2000:]}")
     return float(rows[0]["speed_tg"])
@@ -437,19 +440,20 @@ def cpu_flags() -> str:
     return ", ".join(f for f in wanted if f in flags) or "none of " + ", ".join(wanted)
 
 
-def ratio_cell(ours: float, theirs: float, goal: float) -> str:
-    ratio = ours / theirs
-    return f"**{ratio:.2f}×** (goal ≥ {goal}×: {'met' if ratio >= goal else 'not met'})"
+def ratio_cell(rounds: Sequence[Round], name: str) -> str:
+    ratio = mean_of(rounds, "int8serve", name) / mean_of(rounds, "llama.cpp", name)
+    per_round = " / ".join(f"{r.ours[name].tok_s / r.llama[name].tok_s:.2f}" for r in rounds)
+    verdict = "met" if ratio >= GOALS[name] else "not met"
+    return f"**{ratio:.2f}×** (rounds: {per_round}; goal ≥ {GOALS[name]}×: {verdict})"
 
 
 def results_table(rounds: Sequence[Round]) -> list[str]:
-    lines = ["| | llama.cpp Q8_0 (per round) | int8serve (per round) | int8serve ÷ llama.cpp (mean of rounds) |",
+    lines = ["| | llama.cpp Q8_0 (per round) | int8serve (per round) | int8serve ÷ llama.cpp (means of the rounds) |",
              "|---|---|---|---|"]
     for name, label in LABELS.items():
         theirs = " / ".join(f"{r.llama[name].tok_s:.2f}" for r in rounds)
         ours = " / ".join(f"{r.ours[name].tok_s:.2f}" for r in rounds)
-        cell = ratio_cell(mean_of(rounds, "int8serve", name), mean_of(rounds, "llama.cpp", name), GOALS[name])
-        lines.append(f"| {label} ({LLAMA_CPP_TOOLS[name]}) | {theirs} | {ours} | {cell} |")
+        lines.append(f"| {label} ({LLAMA_CPP_TOOLS[name]}) | {theirs} | {ours} | {ratio_cell(rounds, name)} |")
     return lines
 
 
