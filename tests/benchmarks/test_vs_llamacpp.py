@@ -92,3 +92,18 @@ def test_help_explains() -> None:
     with pytest.raises(SystemExit) as exit_info:
         vs_llamacpp.parse_args(["--help"])
     assert exit_info.value.code == 0
+
+
+def test_report_has_both_engines_and_ratios(files: vs_llamacpp.WeightFiles, tmp_path) -> None:
+    def figures(scale: float) -> dict[str, vs_llamacpp.Figure]:
+        return {name: vs_llamacpp.Figure(scale * (i + 1), 0.1) for i, name in enumerate(vs_llamacpp.LABELS)}
+
+    rounds = [vs_llamacpp.Round("llama.cpp", 30.0, figures(2.0), figures(1.0)),
+              vs_llamacpp.Round("int8serve", 40.0, figures(2.0), figures(3.0))]
+    args = vs_llamacpp.parse_args(["--layers", "2", "--write", str(tmp_path / "b.md")])
+    llama = vs_llamacpp.LlamaCpp(tmp_path / "bin", "0.3.36", {})
+    report = vs_llamacpp.build_report(args, rounds, files, llama)
+    assert "**1.00×** (rounds: 0.50 / 1.50" in report
+    assert "--layers 2" in report and "GB/s" in report and "Our kernel path" in report
+    vs_llamacpp.write_section(args.write, report, vs_llamacpp.SCRIPT)
+    assert "<!-- benchmarks/vs_llamacpp.py: begin -->" in args.write.read_text()
