@@ -429,15 +429,12 @@ def mean_of(rounds: Sequence[Round], engine: str, name: str) -> float:
 # Report
 
 
-def cpu_flags() -> str:
-    """The CPU's SIMD flags that matter here, as lscpu lists them."""
-    wanted = ("avx2", "avx_vnni", "avx512f", "avx512bw", "avx512_vnni", "avx512_bf16", "amx_bf16", "amx_int8",
-              "amx_tile")
-    try:
-        flags = set(Path("/proc/cpuinfo").read_text().split())
-    except OSError:
-        return "?"
-    return ", ".join(f for f in wanted if f in flags) or "none of " + ", ".join(wanted)
+def cpu_model() -> str:
+    """lscpu's family and model numbers: a virtual machine often hides the CPU's name ("Intel(R) Xeon(R)
+    Processor"), and they tell its generation."""
+    lscpu = subprocess.run(["lscpu"], capture_output=True, text=True, check=False).stdout
+    fields = {k.strip(): v.strip() for k, v in (line.split(":", 1) for line in lscpu.splitlines() if ":" in line)}
+    return f"family {fields.get('CPU family', '?')} model {fields.get('Model', '?')}"
 
 
 def ratio_cell(rounds: Sequence[Round], name: str) -> str:
@@ -482,7 +479,7 @@ def build_report(args: argparse.Namespace, rounds: Sequence[Round], files: Weigh
     lines = [f"## int8serve vs llama.cpp: same CPU, same run, same random weights ({args.layers} layers)", "",
              f"- Command: `{display_command(args)}`",
              f"- Date: {now}; code: {git_revision()}",
-             f"- CPU: {machine_description()}; flags: {cpu_flags()}; {ram:.0f} GiB RAM; {THREADS} threads for "
+             f"- CPU: {machine_description()}, {cpu_model()}; {ram:.0f} GiB RAM; {THREADS} threads for "
              f"each engine; torch {torch.__version__}.",
              f"- Our kernel path: {kernel_path()}.",
              f"- llama.cpp: {llama.describe()}, binaries in `{llama.bin_dir}`.",
