@@ -495,9 +495,9 @@ def build_report(args: argparse.Namespace, rounds: Sequence[Round], files: Weigh
              "next. What counts are the ratios, measured from alternating runs of both engines in this same run. "
              f"Definitions: decode = tokens ÷ total time of {GEN} steps after a warm-up step (batch 1 from "
              f"position 0; {BATCH} sequences from position {BATCH_PROMPT}); prefill = {PROMPT} ÷ mean time of one "
-             "prompt (2 timed, after a 64-token warm-up); llama.cpp's figures are the tools' own "
-             f"(`avg_ts` of {args.reps} repetitions, `S_TG`). Ours "
-             "go through the engine's model forward (`Transformer`, `generate.prefill`), without the HTTP server."]
+             "prompt in one forward (2 timed, after a 64-token warm-up); llama.cpp's figures are the tools' own "
+             f"(`avg_ts` of {args.reps} repetitions, `S_TG`). Ours go through the engine's model forward "
+             "(`Transformer`, `generate.prefill`), without the scheduler or the HTTP server."]
     return "\n".join(lines) + "\n"
 
 
