@@ -5,7 +5,15 @@ Why from that sdist: it is a pinned, published copy of llama.cpp that `pip downl
 index we already use, so the comparison in `benchmarks/vs_llamacpp.py` names an exact llama.cpp and needs no git
 access. The build is native (`GGML_NATIVE=ON`: the compiler targets this CPU, as a user building llama.cpp for it
 would), CPU only, static, and only the two benchmark tools; it takes ~10 minutes on 2 cores and is skipped when the
-binaries are already in `<cache>/llama.cpp/llama-cpp-python-<version>/bin`.
+binaries are already in `<cache>/llama.cpp/llama-cpp-python-<version>-<BUILD_TAG>/bin`.
+
+One patch is applied to the sources before building (`patch_amx`): on CPUs with AMX (Sapphire Rapids and later)
+the GGML_NATIVE build uses llama.cpp's AMX kernels for Q8_0, which die with SIGILL at their first `tileloadd` on
+this project's machines: the tile configuration is built on the stack and the compiler drops the stores (the
+intrinsic is not seen as reading it), and worker threads never ask the kernel for the AMX tile-data permission.
+The patch makes the configuration static and asks for the permission in every thread, as the open upstream fix
+does (ggml-org/llama.cpp#26954). Without it, llama.cpp on such a CPU runs only with `--repack 0` (no AMX, and no
+other repacked layout exists for Q8_0 on x86), about 3x slower at prefill, which would flatter us.
 
     python -m benchmarks.llamacpp_build            # build (or say where the cached build is)
 """
@@ -29,6 +37,7 @@ from int8serve.engine.demo import cache_dir
 __all__ = ["DEFAULT_VERSION", "BuildError", "LlamaCpp", "ensure_built"]
 
 DEFAULT_VERSION = "0.3.36"
+BUILD_TAG = "amxfix1"  # changes whenever the build (flags, patch) changes, so that an older build is not reused
 TARGETS = ("llama-bench", "llama-batched-bench")
 CMAKE_FLAGS = ("-DCMAKE_BUILD_TYPE=Release", "-DGGML_NATIVE=ON", "-DBUILD_SHARED_LIBS=OFF", "-DGGML_CUDA=OFF",
                "-DLLAMA_CURL=OFF", "-DLLAMA_BUILD_TESTS=OFF", "-DLLAMA_BUILD_SERVER=OFF", "-DGGML_OPENMP=ON")
@@ -54,12 +63,23 @@ class LlamaCpp:
     def batched_bench(self) -> Path:
         return self.bin_dir / "llama-batched-bench"
 
+    @classmethod
+    def at(cls, bin_dir: Path) -> LlamaCpp:
+        """The binaries in `bin_dir` (built by this module or otherwise)."""
+        missing = [t for t in TARGETS if not os.access(bin_dir / t, os.X_OK)]
+        if missing:
+            raise BuildError(f"{bin_dir} has no {', '.join(missing)}")
+        info_path = bin_dir.parent / "build-info.json"
+        info = json.loads(info_path.read_text()) if info_path.is_file() else {}
+        return cls(bin_dir, info.get("llama_cpp_python", "?"), info)
+
     def describe(self) -> str:
-        return f"llama.cpp from the `llama-cpp-python` {self.version} sdist (`GGML_NATIVE=ON`, CPU only)"
+        patch = ", with the AMX fix of ggml-org/llama.cpp#26954" if self.info.get("amx_patch") == "True" else ""
+        return f"llama.cpp from the `llama-cpp-python` {self.version} sdist (`GGML_NATIVE=ON`, CPU only{patch})"
 
 
 def build_root(version: str) -> Path:
-    return cache_dir() / "llama.cpp" / f"llama-cpp-python-{version}"
+    return cache_dir() / "llama.cpp" / f"llama-cpp-python-{version}-{BUILD_TAG}"
 
 
 def log(message: str) -> None:
@@ -123,6 +143,29 @@ def extract_llama_cpp(sdist: Path, into: Path) -> Path:
     return into / prefix.rstrip("/")
 
 
+AMX_CONFIG_OLD = "    alignas(64) tile_config_t tc = {};\n"
+AMX_CONFIG_NEW = """    // int8serve patch (ggml-org/llama.cpp#26954): static, so that the compiler keeps the stores
+    // into it, and the AMX tile-data permission asked for in this thread before the first tile instruction
+    alignas(64) static thread_local tile_config_t tc = {};
+#if defined(__linux__)
+    syscall(SYS_arch_prctl, 0x1023 /* ARCH_REQ_XCOMP_PERM */, 18 /* XFEATURE_XTILEDATA */);
+#endif
+"""
+
+
+def patch_amx(source: Path) -> bool:
+    """Apply the AMX fix to llama.cpp's sources (see the module docstring); False if they do not need it."""
+    mmq = source / "ggml" / "src" / "ggml-cpu" / "amx" / "mmq.cpp"
+    text = mmq.read_text() if mmq.is_file() else ""
+    if AMX_CONFIG_OLD not in text:
+        log("AMX patch not applied: these sources do not have the code it fixes")
+        return False
+    if "#include <sys/syscall.h>" not in text:
+        text = "#include <sys/syscall.h>\n#include <unistd.h>\n" + text
+    mmq.write_text(text.replace(AMX_CONFIG_OLD, AMX_CONFIG_NEW, 1))
+    return True
+
+
 def build(version: str) -> LlamaCpp:
     cmake, cxx = require_tools()
     root = build_root(version)
@@ -132,6 +175,7 @@ def build(version: str) -> LlamaCpp:
     started = time.monotonic()
     sdist = download_sdist(version, root / "sdist", log_path)
     source = extract_llama_cpp(sdist, root / "src")
+    patched = patch_amx(source)
     build_dir = root / "build"
     run([cmake, "-S", str(source), "-B", str(build_dir), f"-DCMAKE_CXX_COMPILER={cxx}", *CMAKE_FLAGS],
         "configuring llama.cpp", log_path)
@@ -142,12 +186,11 @@ def build(version: str) -> LlamaCpp:
     bins.mkdir(exist_ok=True)
     for target in TARGETS:
         shutil.copy2(build_dir / "bin" / target, bins / target)
-    info = {"llama_cpp_python": version, "cmake_flags": " ".join(CMAKE_FLAGS), "compiler": cxx,
+    info = {"llama_cpp_python": version, "amx_patch": str(patched), "cmake_flags": " ".join(CMAKE_FLAGS),
+            "compiler": cxx,
             "built": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime()),
             "build_seconds": f"{time.monotonic() - started:.0f}"}
     (root / "build-info.json").write_text(json.dumps(info, indent=1))
-    shutil.rmtree(build_dir, ignore_errors=True)
-    shutil.rmtree(root / "src", ignore_errors=True)
     log(f"built in {info['build_seconds']} s: {bins}")
     return LlamaCpp(bins, version, info)
 

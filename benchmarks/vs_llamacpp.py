@@ -364,32 +364,33 @@ def run_tool(command: Sequence[object]) -> tuple[str, str]:
     return result.stdout, result.stderr
 
 
-def llama_bench(llama: LlamaCpp, gguf_path: Path, prompt: int, gen: int, reps: int) -> float:
+def llama_bench(llama: LlamaCpp, gguf_path: Path, prompt: int, gen: int, reps: int, repack: bool) -> float:
     """Mean tok/s of one llama-bench test (prompt tokens or generated tokens) over `reps` repetitions."""
     out, _ = run_tool([llama.bench, "-m", gguf_path, "-t", THREADS, "-p", prompt, "-n", gen, "-r", reps,
-                       "-o", "json"])
+                       "--repack", int(repack), "-o", "json"])
     rows = json.loads(out)
     if len(rows) != 1:
         raise RuntimeError(f"llama-bench printed {len(rows)} results, expected 1:\n{out}")
     return float(rows[0]["avg_ts"])
 
 
-def batched_bench(llama: LlamaCpp, gguf_path: Path) -> float:
+def batched_bench(llama: LlamaCpp, gguf_path: Path, repack: bool) -> float:
     """Aggregate decode tok/s of BATCH sequences (S_TG of llama-batched-bench)."""
     context = BATCH * (BATCH_PROMPT + GEN) + 64
     out, err = run_tool([llama.batched_bench, "-m", gguf_path, "-t", THREADS, "-tb", THREADS, "-c", context,
-                    "-npp", BATCH_PROMPT, "-ntg", GEN, "-npl", BATCH, "--output-format", "jsonl"])
+                         "-npp", BATCH_PROMPT, "-ntg", GEN, "-npl", BATCH, "--output-format", "jsonl",
+                         *([] if repack else ["--no-repack"])])
     rows = [json.loads(line) for line in (out + "\n" + err).splitlines() if line.startswith('{"n_kv_max"')]
     if len(rows) != 1:
         raise RuntimeError(f"llama-batched-bench printed {len(rows)} JSON results, expected 1:\n{out[-2000:]}")
     return float(rows[0]["speed_tg"])
 
 
-def measure_llamacpp(llama: LlamaCpp, gguf_path: Path, reps: int) -> dict[str, Figure]:
+def measure_llamacpp(llama: LlamaCpp, gguf_path: Path, reps: int, repack: bool) -> dict[str, Figure]:
     figures = {}
-    for name, measure in (("decode_b1", lambda: llama_bench(llama, gguf_path, 0, GEN, reps)),
-                          ("decode_b4", lambda: batched_bench(llama, gguf_path)),
-                          ("prefill", lambda: llama_bench(llama, gguf_path, PROMPT, 0, reps))):
+    for name, measure in (("decode_b1", lambda: llama_bench(llama, gguf_path, 0, GEN, reps, repack)),
+                          ("decode_b4", lambda: batched_bench(llama, gguf_path, repack)),
+                          ("prefill", lambda: llama_bench(llama, gguf_path, PROMPT, 0, reps, repack))):
         load = OtherLoad()
         tok_s = measure()
         figures[name] = Figure(tok_s, load.stop())
@@ -408,7 +409,7 @@ class Round:
     ours: dict[str, Figure]
 
 
-def run_round(index: int, llama: LlamaCpp, files: WeightFiles, reps: int, quiet: QuietWaiter) -> Round:
+def run_round(index: int, llama: LlamaCpp, files: WeightFiles, args: argparse.Namespace, quiet: QuietWaiter) -> Round:
     first = "llama.cpp" if index % 2 == 0 else "int8serve"
     bandwidth = measure_bandwidth(quiet, THREADS)
     log(f"round {index + 1}: {first} first; read bandwidth {bandwidth:.1f} GB/s")
@@ -416,7 +417,7 @@ def run_round(index: int, llama: LlamaCpp, files: WeightFiles, reps: int, quiet:
     for engine in ([first, *({"llama.cpp", "int8serve"} - {first})]):
         quiet.wait()
         results[engine] = run_ours(files.checkpoint) if engine == "int8serve" else \
-            measure_llamacpp(llama, files.gguf, reps)
+            measure_llamacpp(llama, files.gguf, args.reps, args.llama_repack)
         log(f"  {engine}: " + ", ".join(f"{k} {v.tok_s:.2f} tok/s" for k, v in results[engine].items()))
     return Round(first, bandwidth, results["llama.cpp"], results["int8serve"])
 
@@ -482,7 +483,8 @@ def build_report(args: argparse.Namespace, rounds: Sequence[Round], files: Weigh
              f"- CPU: {machine_description()}, {cpu_model()}; {ram:.0f} GiB RAM; {THREADS} threads for "
              f"each engine; torch {torch.__version__}.",
              f"- Our kernel path: {kernel_path()}.",
-             f"- llama.cpp: {llama.describe()}, binaries in `{llama.bin_dir}`.",
+             f"- llama.cpp: {llama.describe()}, binaries in `{llama.bin_dir}`"
+             + ("." if args.llama_repack else "; run with `--repack 0` (no AMX path, no repacked weights)."),
              f"- Weights: one random int8 model, {args.layers} of 32 layers of the Llama-2-7B shape (dim 4096, "
              "hidden 11008, vocab 32000, untied head), written as our int8 checkpoint and as a GGUF Q8_0 file "
              "holding the same int8 values and scales.",
@@ -507,6 +509,8 @@ def display_command(args: argparse.Namespace) -> str:
         words += ["--layers", str(args.layers)]
     if args.rounds != 2:
         words += ["--rounds", str(args.rounds)]
+    if not args.llama_repack:
+        words += ["--no-llama-repack"]
     if args.write:
         words += ["--write", str(args.write)]
     return shlex.join(words)
@@ -538,6 +542,11 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
                              "(default: the int8serve cache dir/vs-llamacpp)")
     parser.add_argument("--llama-cpp-python", default=DEFAULT_VERSION, metavar="VERSION",
                         help=f"the llama-cpp-python sdist whose llama.cpp is built (default {DEFAULT_VERSION})")
+    parser.add_argument("--llama-bin", type=Path, metavar="DIR",
+                        help="use the llama-bench and llama-batched-bench in DIR instead of building them")
+    parser.add_argument("--no-llama-repack", dest="llama_repack", action="store_false",
+                        help="run llama.cpp without its repacked weight layouts (`--repack 0`; on x86 that is its "
+                             "AMX path for Q8_0): only to compare with a build whose AMX path crashes")
     parser.add_argument("--wait-quiet", type=float, default=30.0, metavar="SECONDS",
                         help="before each phase wait up to this long for other processes to leave the CPUs "
                              "(default 30)")
@@ -565,13 +574,13 @@ def main(argv: Sequence[str] | None = None) -> None:
         return
     require_gguf()
     try:
-        llama = ensure_built(args.llama_cpp_python)
+        llama = LlamaCpp.at(args.llama_bin) if args.llama_bin else ensure_built(args.llama_cpp_python)
     except BuildError as error:
         sys.exit(f"error: could not build llama.cpp: {error}")
     files = write_weights(model_config(args.layers), weights_dir(args.work_dir, args.layers))
     quiet = QuietWaiter(args.wait_quiet)
     try:
-        rounds = [run_round(i, llama, files, args.reps, quiet) for i in range(args.rounds)]
+        rounds = [run_round(i, llama, files, args, quiet) for i in range(args.rounds)]
     except RuntimeError as error:
         sys.exit(f"error: {error}")
     report = build_report(args, rounds, files, llama)
