@@ -559,6 +559,11 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     return args
 
 
+def section_label(layers: int) -> str:
+    """The full shape's section has no label; a quick run's is kept apart from it (`--layers N`)."""
+    return "" if layers == 32 else f"--layers {layers}"
+
+
 def require_gguf() -> None:
     try:
         import gguf  # noqa: F401
@@ -586,7 +591,7 @@ def main(argv: Sequence[str] | None = None) -> None:
     report = build_report(args, rounds, files, llama)
     print(report)
     if args.write:
-        write_section(args.write, report, SCRIPT)
+        write_section(args.write, report, SCRIPT, section_label(args.layers))
         log(f"wrote the section into {args.write}")
 
 
