@@ -107,3 +107,23 @@ def test_report_has_both_engines_and_ratios(files: vs_llamacpp.WeightFiles, tmp_
     assert "--layers 2" in report and "GB/s" in report and "Our kernel path" in report
     vs_llamacpp.write_section(args.write, report, vs_llamacpp.SCRIPT)
     assert "<!-- benchmarks/vs_llamacpp.py: begin -->" in args.write.read_text()
+
+
+def test_amx_patch_applies_once(tmp_path) -> None:
+    from benchmarks import llamacpp_build
+
+    mmq = tmp_path / "ggml" / "src" / "ggml-cpu" / "amx" / "mmq.cpp"
+    mmq.parent.mkdir(parents=True)
+    mmq.write_text("#include <algorithm>\ninline void f() {\n" + llamacpp_build.AMX_CONFIG_OLD + "}\n")
+    assert llamacpp_build.patch_amx(tmp_path)
+    patched = mmq.read_text()
+    assert "static thread_local tile_config_t tc" in patched and "ARCH_REQ_XCOMP_PERM" in patched
+    assert not llamacpp_build.patch_amx(tmp_path)  # already patched (or fixed upstream): left alone
+
+
+def test_missing_binaries_are_a_clear_error(tmp_path) -> None:
+    from benchmarks import llamacpp_build
+
+    with pytest.raises(llamacpp_build.BuildError, match="has no llama-bench"):
+        llamacpp_build.LlamaCpp.at(tmp_path)
+    assert vs_llamacpp.section_label(32) == "" and vs_llamacpp.section_label(2) == "--layers 2"
