@@ -307,8 +307,13 @@ def ours_decode(model: Transformer, batch: int, start: int, gen: int) -> Figure:
 def measure_ours(model: Transformer, prompt: int = PROMPT, gen: int = GEN,
                  batch_prompt: int = BATCH_PROMPT) -> dict[str, Figure]:
     """Our three figures, defined as llama.cpp's tools define theirs (see the module docstring)."""
-    return {"decode_b1": ours_decode(model, 1, 0, gen), "decode_b4": ours_decode(model, BATCH, batch_prompt, gen),
-            "prefill": ours_prefill(model, prompt)}
+    figures = {}
+    for name, measure in (("decode_b1", lambda: ours_decode(model, 1, 0, gen)),
+                          ("decode_b4", lambda: ours_decode(model, BATCH, batch_prompt, gen)),
+                          ("prefill", lambda: ours_prefill(model, prompt))):
+        figures[name] = measure()
+        log(f"    {name}: {figures[name].tok_s:.2f} tok/s (others used {figures[name].other_load:.0%} of the CPUs)")
+    return figures
 
 
 def ours_child(checkpoint: Path) -> None:
@@ -394,6 +399,7 @@ def measure_llamacpp(llama: LlamaCpp, gguf_path: Path, reps: int, repack: bool) 
         load = OtherLoad()
         tok_s = measure()
         figures[name] = Figure(tok_s, load.stop())
+        log(f"    {name}: {tok_s:.2f} tok/s (others used {figures[name].other_load:.0%} of the CPUs)")
     return figures
 
 
