@@ -5,7 +5,7 @@ BIN    := $(VENV)/bin
 # The CPU build of torch; any other spec pulls gigabytes of CUDA wheels.
 TORCH  ?= torch==2.13.0
 
-.PHONY: install browser run test lint bench bench-serve bench-robust clean
+.PHONY: install browser run test lint bench bench-serve bench-robust bench-llamacpp clean
 
 $(BIN)/int8serve: pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -50,6 +50,13 @@ bench-robust: install
 	$(BIN)/python -m benchmarks.load --fault postgres --write docs/benchmarks.md
 	$(BIN)/python -m benchmarks.fuzz --model ../shared/models/stories260K/hf --examples 400 --write docs/benchmarks.md
 	$(BIN)/python -m benchmarks.hostile --model ../shared/models/stories260K/hf --write docs/benchmarks.md
+
+# issue 10: int8serve vs llama.cpp on this CPU, same run, same random 7B-shape weights. The first run builds
+# llama.cpp (~10 minutes on 2 cores) and writes ~14 GB of weights into the cache dir; LAYERS=2 for a quick run.
+LAYERS ?= 32
+bench-llamacpp: install
+	$(BIN)/pip install --quiet -e ".[bench]"
+	$(BIN)/python -m benchmarks.vs_llamacpp --layers $(LAYERS) --write docs/benchmarks.md
 
 clean:
 	rm -rf $(VENV) build *.egg-info

@@ -1,0 +1,605 @@
+"""int8serve against llama.cpp on the same CPU, in the same run, on the same random weights (issue #10, item 5).
+
+Why: a user choosing how to serve Llama-2-7B on a CPU compares us with llama.cpp first, and figures measured on
+another day (or another CPU) do not compare: this machine's bandwidth drifts by 2x within seconds and others share
+its cores. So this script builds llama.cpp here, gives both engines the same weights, and alternates them within
+one run; the ratios ours ÷ llama.cpp are the result, the absolute figures are context.
+
+1. llama.cpp's `llama-bench` and `llama-batched-bench` are built once from the llama.cpp sources inside the
+   `llama-cpp-python` sdist on PyPI (`benchmarks/llamacpp_build.py`; ~10 minutes on 2 cores, cached).
+2. One random int8 model of the Llama-2-7B shape (`benchmarks/engine.py`'s `build_random_int8_model`, scales
+   rounded to bf16 so that fp16 holds them exactly) is written twice: as our int8 checkpoint (`int8serve.json` +
+   `model.safetensors`) and as a GGUF Q8_0 file whose blocks hold the very same int8 values and scales (a Q8_0
+   block is 32 int8 values and an fp16 scale: a per-row scale repeated per block). q/k rows go to GGUF in Meta's
+   interleaved rotary order, as llama.cpp's converter writes them; the vocabulary is synthetic (`<unk>`, `<s>`,
+   `</s>`, the 256 byte tokens, then filler pieces): the weights are random, so no text is meaningful anyway.
+   Only the token embedding differs: ours is fp32, llama.cpp's is Q8_0 of it (a lookup, never streamed).
+3. In rounds that alternate the engine that goes first (llama.cpp then ours, then ours then llama.cpp, ...), with
+   2 threads each: decode tok/s at batch 1 (`llama-bench -n 32`; ours: 32 steps from position 0), aggregate decode
+   tok/s of 4 sequences (`llama-batched-bench -npp 64 -ntg 32 -npl 4`; ours: 4 cache slots at position 64 decoding
+   32 steps together through one model forward per step) and prefill tok/s of a 512-token prompt
+   (`llama-bench -p 512`; ours: `generate.prefill`, as the engine prefills). Ours runs in a child process per
+   round, so only one engine's weights are in memory at a time.
+4. The table (both engines, ratios, the bandwidth roofline measured in this run, CPU and flags, our kernel path)
+   goes into this script's section of docs/benchmarks.md with --write.
+
+    python -m benchmarks.vs_llamacpp --layers 2                      # quick check (~5 minutes after the build)
+    python -m benchmarks.vs_llamacpp --write docs/benchmarks.md     # 32 layers: ~14 GB of files, ~30 minutes
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import dataclasses
+import datetime
+import gc
+import json
+import os
+import shlex
+import statistics
+import subprocess
+import sys
+import time
+from collections.abc import Iterator, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+from torch import Tensor
+
+from benchmarks.common import machine_description, write_section
+from benchmarks.engine import (
+    LLAMA2_7B,
+    BandwidthProbe,
+    OtherLoad,
+    QuietWaiter,
+    build_random_int8_model,
+    decode_bytes_per_step,
+    fill_cache,
+    int8_linears,
+    measure_bandwidth,
+    random_tokens,
+    rss_gb,
+    time_decode,
+)
+from benchmarks.llamacpp_build import DEFAULT_VERSION, BuildError, LlamaCpp, ensure_built
+from int8serve.engine.config import ModelConfig
+from int8serve.engine.demo import cache_dir
+from int8serve.engine.generate import prefill
+from int8serve.engine.int8 import COMPUTE_DTYPE, Int8Linear
+from int8serve.engine.loader import LoadedModel, load_model, save_int8_checkpoint
+from int8serve.engine.model import Transformer
+
+SCRIPT = "vs_llamacpp.py"
+WEIGHTS_VERSION = 1  # bump when the files written change, so that cached ones are rewritten
+QK8_0 = 32  # values per Q8_0 block
+THREADS = 2
+PROMPT = 512  # prefill figure: tokens of one prompt
+GEN = 32  # decode figures: tokens generated per sequence
+BATCH = 4  # sequences decoding together
+BATCH_PROMPT = 64  # tokens of each sequence's prompt before the batched decode (llama-batched-bench -npp)
+GOALS = {"decode_b1": 1.05, "decode_b4": 1.3, "prefill": 2.0}  # issue #10: ours ÷ llama.cpp
+LABELS = {"decode_b1": "decode tok/s, batch 1",
+          "decode_b4": f"aggregate decode tok/s, {BATCH} sequences",
+          "prefill": f"prefill tok/s, {PROMPT}-token prompt"}
+LLAMA_CPP_TOOLS = {"decode_b1": f"`llama-bench -n {GEN}`",
+                   "decode_b4": f"`llama-batched-bench -npp {BATCH_PROMPT} -ntg {GEN} -npl {BATCH}`",
+                   "prefill": f"`llama-bench -p {PROMPT}`"}
+
+
+def log(message: str) -> None:
+    print(f"[vs_llamacpp] {message}", file=sys.stderr, flush=True)
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# The same weights, twice
+
+
+def model_config(layers: int) -> ModelConfig:
+    return dataclasses.replace(LLAMA2_7B, n_layers=layers)
+
+
+def build_model(config: ModelConfig, seed: int = 0) -> Transformer:
+    """`build_random_int8_model` with its scales rounded to bf16: exact in our kernel's bf16 and in Q8_0's fp16."""
+    model = build_random_int8_model(config, seed)
+    for linear in int8_linears(model):
+        linear.set_quantized(linear.weight, linear.scale.to(COMPUTE_DTYPE).float())
+    return model
+
+
+def meta_rotary_order(rows: Tensor, n_heads: int) -> Tensor:
+    """q/k rows (or their per-row scales) in our Hugging Face rotary order -> GGUF's (Meta's) interleaved order.
+
+    The inverse of `loader.unpermute_meta_rotary`: llama.cpp's converter applies the same permutation."""
+    shape = rows.shape
+    head_rows = shape[0] // n_heads
+    return rows.reshape(n_heads, 2, head_rows // 2, -1).transpose(1, 2).reshape(shape)
+
+
+def q8_0_blocks(q: Tensor, row_scales: Tensor) -> np.ndarray:
+    """int8 [N, K] with one scale per row -> Q8_0 bytes [N, K / 32 * 34]: per block an fp16 scale, 32 int8 values."""
+    n, k = q.shape
+    if k % QK8_0:
+        raise ValueError(f"Q8_0 needs rows of a multiple of {QK8_0} values, not {k}")
+    scales = row_scales.to(torch.float16)
+    if not torch.equal(scales.float(), row_scales.float()):
+        raise ValueError("a row scale is not exact in fp16: the GGUF would hold other weights than ours")
+    d = scales.view(torch.uint8).reshape(n, 1, 2).expand(n, k // QK8_0, 2)
+    values = q.view(torch.uint8).reshape(n, k // QK8_0, QK8_0)
+    return torch.cat([d, values], dim=2).reshape(n, -1).numpy()
+
+
+def q8_0_from_float(weight: Tensor) -> np.ndarray:
+    """fp32 [N, K] -> Q8_0 bytes, quantized per block of 32 as llama.cpp does (scale = absmax / 127)."""
+    n, k = weight.shape
+    blocks = weight.float().reshape(n, k // QK8_0, QK8_0)
+    d = (blocks.abs().amax(dim=2) / 127.0).to(torch.float16)
+    safe = torch.where(d > 0, d.float(), torch.ones_like(d, dtype=torch.float32))
+    values = torch.round(blocks / safe[..., None]).clamp(-127, 127).to(torch.int8)
+    raw = torch.cat([d.contiguous().view(torch.uint8).reshape(n, -1, 2), values.view(torch.uint8)], dim=2)
+    return raw.reshape(n, -1).numpy()
+
+
+GGUF_LINEARS = {"attention.wq": "attn_q", "attention.wk": "attn_k", "attention.wv": "attn_v",
+                "attention.wo": "attn_output", "feed_forward.w1": "ffn_gate", "feed_forward.w2": "ffn_down",
+                "feed_forward.w3": "ffn_up"}
+
+
+def gguf_tensors(model: Transformer) -> Iterator[tuple[str, np.ndarray, bool]]:
+    """(GGUF name, data, is Q8_0) of every tensor, made one at a time (the 7B file is written as it is made)."""
+    config = model.config
+    yield "token_embd.weight", q8_0_from_float(model.tok_embeddings.weight), True
+    for index, layer in enumerate(model.layers):
+        yield f"blk.{index}.attn_norm.weight", layer.attention_norm.weight.float().numpy(), False
+        for ours, theirs in GGUF_LINEARS.items():
+            linear: Int8Linear = layer.get_submodule(ours)
+            q, scale = linear.weight, linear.scale
+            heads = {"attention.wq": config.n_heads, "attention.wk": config.n_kv_heads}.get(ours)
+            if heads:
+                q, scale = meta_rotary_order(q, heads), meta_rotary_order(scale, heads)
+            yield f"blk.{index}.{theirs}.weight", q8_0_blocks(q, scale), True
+        yield f"blk.{index}.ffn_norm.weight", layer.ffn_norm.weight.float().numpy(), False
+    yield "output_norm.weight", model.norm.weight.float().numpy(), False
+    yield "output.weight", q8_0_blocks(model.output.weight, model.output.scale), True
+
+
+def synthetic_vocab(size: int) -> tuple[list[str], list[float], list[int]]:
+    """A SentencePiece-style vocabulary llama.cpp accepts: <unk>, <s>, </s>, the 256 byte pieces, then fillers."""
+    import gguf
+
+    tokens = ["<unk>", "<s>", "</s>", *(f"<0x{b:02X}>" for b in range(256))]
+    types = [gguf.TokenType.UNKNOWN, gguf.TokenType.CONTROL, gguf.TokenType.CONTROL] + [gguf.TokenType.BYTE] * 256
+    if size < len(tokens) + 1:
+        raise ValueError(f"a vocabulary of {size} is too small for the {len(tokens)} special and byte tokens")
+    tokens += [f"▁t{i}" for i in range(size - len(tokens))]
+    types += [gguf.TokenType.NORMAL] * (size - len(types))
+    scores = [0.0] * 259 + [-float(i) for i in range(size - 259)]
+    return tokens, scores, [int(t) for t in types]
+
+
+def gguf_metadata(writer: object, config: ModelConfig) -> None:
+    import gguf
+
+    assert isinstance(writer, gguf.GGUFWriter)
+    writer.add_name(f"random int8 Llama-2-7B shape, {config.n_layers} layers (benchmarks/{SCRIPT})")
+    writer.add_context_length(config.max_seq_len)
+    writer.add_embedding_length(config.dim)
+    writer.add_block_count(config.n_layers)
+    writer.add_feed_forward_length(config.hidden_dim)
+    writer.add_rope_dimension_count(config.head_dim)
+    writer.add_rope_freq_base(config.rope_theta)
+    writer.add_head_count(config.n_heads)
+    writer.add_head_count_kv(config.n_kv_heads)
+    writer.add_layer_norm_rms_eps(config.norm_eps)
+    writer.add_vocab_size(config.vocab_size)
+    writer.add_file_type(gguf.LlamaFileType.MOSTLY_Q8_0)
+    writer.add_quantization_version(gguf.GGML_QUANT_VERSION)
+    tokens, scores, types = synthetic_vocab(config.vocab_size)
+    writer.add_tokenizer_model("llama")
+    writer.add_token_list(tokens)
+    writer.add_token_scores(scores)
+    writer.add_token_types(types)
+    writer.add_bos_token_id(config.bos_id)
+    writer.add_eos_token_id(config.eos_id)
+    writer.add_unk_token_id(0)
+
+
+def write_gguf(model: Transformer, path: Path) -> None:
+    """The model as a GGUF Q8_0 file (llama architecture), its tensors written one at a time."""
+    import gguf
+
+    writer = gguf.GGUFWriter(None, "llama")
+    gguf_metadata(writer, model.config)
+    for name, data, quantized in gguf_tensors(model):  # first pass: shapes and sizes only
+        writer.add_tensor_info(name, data.shape, data.dtype, data.nbytes,
+                               raw_dtype=gguf.GGMLQuantizationType.Q8_0 if quantized else None)
+    writer.write_header_to_file(path)
+    writer.write_kv_data_to_file()
+    writer.write_ti_data_to_file()
+    for _, data, _ in gguf_tensors(model):
+        writer.write_tensor_data(data)
+    writer.close()
+
+
+@dataclass(frozen=True)
+class WeightFiles:
+    checkpoint: Path  # our int8 checkpoint folder
+    gguf: Path
+    ours_bytes: int  # int8 weights + bf16 scales our decode step reads
+    q8_0_bytes: int  # Q8_0 weights a llama.cpp decode step reads (all linears, not the embedding)
+
+
+def weights_dir(root: Path, layers: int) -> Path:
+    return root / f"llama2-7b-shape-{layers}L-v{WEIGHTS_VERSION}"
+
+
+def write_weights(config: ModelConfig, folder: Path) -> WeightFiles:
+    """Both files of one random model into `folder` (skipped when a finished earlier run left them there)."""
+    done = folder / "done.json"
+    if done.is_file():
+        info = json.loads(done.read_text())
+        log(f"reusing the weights in {folder}")
+        return WeightFiles(folder / "int8", folder / "model-q8_0.gguf", info["ours_bytes"], info["q8_0_bytes"])
+    folder.mkdir(parents=True, exist_ok=True)
+    log(f"writing the same random weights ({config.n_layers} layers) as an int8 checkpoint and a GGUF Q8_0 file ...")
+    started = time.perf_counter()
+    model = build_model(config)
+    ours_bytes = decode_bytes_per_step(model)
+    q8_0_bytes = sum(lin.weight.numel() // QK8_0 * (QK8_0 + 2) for lin in int8_linears(model))
+    source = Path(f"random int8 weights, Llama-2-7B shape, {config.n_layers} layers (benchmarks/{SCRIPT})")
+    save_int8_checkpoint(LoadedModel(model, config, None, "int8", source), folder / "int8")
+    write_gguf(model, folder / "model-q8_0.gguf")
+    del model
+    gc.collect()
+    done.write_text(json.dumps({"ours_bytes": ours_bytes, "q8_0_bytes": q8_0_bytes}))
+    log(f"  written in {time.perf_counter() - started:.0f} s")
+    return WeightFiles(folder / "int8", folder / "model-q8_0.gguf", ours_bytes, q8_0_bytes)
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Our side
+
+
+class NoProbe(BandwidthProbe):
+    """`time_decode` samples the bandwidth before each step; this run measures it once per round instead."""
+
+    def __init__(self) -> None:
+        pass
+
+    def sample(self) -> float:
+        return float("nan")
+
+
+@dataclass
+class Figure:
+    """One engine's figure in one round: tok/s and the share of the CPUs other processes used meanwhile."""
+
+    tok_s: float
+    other_load: float
+
+
+def ours_prefill(model: Transformer, prompt: int, reps: int = 2) -> Figure:
+    """tok/s of prefilling one `prompt`-token prompt (`generate.prefill`, as the engine does), mean of `reps`
+    after a short warm-up prompt long enough to take the prefill (dense) path."""
+    generator = torch.Generator().manual_seed(2)
+    tokens = random_tokens((prompt,), model.config.vocab_size, generator).tolist()
+    cache = model.new_cache(1, prompt + 8)
+    prefill(model, tokens[:64], cache, slot=0)
+    load = OtherLoad()
+    seconds = []
+    for _ in range(reps):
+        started = time.perf_counter()
+        prefill(model, tokens, cache, slot=0)
+        seconds.append(time.perf_counter() - started)
+    return Figure(prompt / statistics.mean(seconds), load.stop())
+
+
+def ours_decode(model: Transformer, batch: int, start: int, gen: int) -> Figure:
+    """tok/s of `batch` slots decoding `gen` steps together from position `start` (tokens ÷ total time)."""
+    cache = model.new_cache(batch, start + gen + 8)
+    fill_cache(cache)
+    timing = time_decode(model, cache, list(range(batch)), [start] * batch, gen, NoProbe(), warmup=1)
+    return Figure(batch * gen / sum(timing.seconds), timing.other_load)
+
+
+def measure_ours(model: Transformer, prompt: int = PROMPT, gen: int = GEN,
+                 batch_prompt: int = BATCH_PROMPT) -> dict[str, Figure]:
+    """Our three figures, defined as llama.cpp's tools define theirs (see the module docstring)."""
+    figures = {}
+    for name, measure in (("decode_b1", lambda: ours_decode(model, 1, 0, gen)),
+                          ("decode_b4", lambda: ours_decode(model, BATCH, batch_prompt, gen)),
+                          ("prefill", lambda: ours_prefill(model, prompt))):
+        figures[name] = measure()
+        log(f"    {name}: {figures[name].tok_s:.2f} tok/s (others used {figures[name].other_load:.0%} of the CPUs)")
+    return figures
+
+
+def ours_child(checkpoint: Path) -> None:
+    """In the child process: load our checkpoint, measure, print the figures as JSON on stdout."""
+    torch.set_num_threads(THREADS)
+    started = time.perf_counter()
+    model = load_model(checkpoint).model
+    log(f"  ours: loaded in {time.perf_counter() - started:.0f} s, resident {rss_gb():.2f} GB")
+    figures = measure_ours(model)
+    print(json.dumps({name: dataclasses.asdict(f) for name, f in figures.items()}))
+
+
+def run_ours(checkpoint: Path) -> dict[str, Figure]:
+    """Our figures, measured in a child process (so that our weights leave memory before llama.cpp runs)."""
+    command = [sys.executable, "-m", "benchmarks.vs_llamacpp", "--ours-child", str(checkpoint)]
+    result = subprocess.run(command, stdout=subprocess.PIPE, text=True, check=False,
+                            env={**os.environ, "OMP_NUM_THREADS": str(THREADS)})
+    if result.returncode != 0:
+        raise RuntimeError(f"measuring int8serve failed (exit {result.returncode}); see its output above")
+    return {name: Figure(**values) for name, values in json.loads(result.stdout.splitlines()[-1]).items()}
+
+
+def kernel_path() -> str:
+    """Which decode/prefill kernel path `Int8Linear` uses, as the kernels module says; "stock" if it cannot say.
+
+    Read defensively: the module's API changes while the kernels are being wired."""
+    chosen = os.environ.get("INT8SERVE_KERNEL")
+    try:
+        from int8serve.engine import kernels
+    except Exception:
+        kernels = None
+    for name in ("kernel_path", "active_path", "path_in_use", "selected_path", "current_path", "describe"):
+        function = getattr(kernels, name, None)
+        if callable(function):
+            with contextlib.suppress(Exception):
+                described = str(function())
+                return described + (f" (INT8SERVE_KERNEL={chosen})" if chosen else "")
+    return "stock" + (f" (INT8SERVE_KERNEL={chosen} set, but the kernels module does not say which path)"
+                      if chosen else "")
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# llama.cpp's side
+
+
+def run_tool(command: Sequence[object]) -> tuple[str, str]:
+    """stdout and stderr of one llama.cpp tool run; a failure raises RuntimeError with the end of its log."""
+    words = [str(c) for c in command]
+    log(f"  llama.cpp: {shlex.join(words)}")
+    result = subprocess.run(words, capture_output=True, text=True, check=False)
+    if result.returncode != 0:
+        raise RuntimeError(f"{Path(words[0]).name} failed (exit {result.returncode}):\n{result.stderr[-3000:]}")
+    return result.stdout, result.stderr
+
+
+def llama_bench(llama: LlamaCpp, gguf_path: Path, prompt: int, gen: int, reps: int, repack: bool) -> float:
+    """Mean tok/s of one llama-bench test (prompt tokens or generated tokens) over `reps` repetitions."""
+    out, _ = run_tool([llama.bench, "-m", gguf_path, "-t", THREADS, "-p", prompt, "-n", gen, "-r", reps,
+                       "--repack", int(repack), "-o", "json"])
+    rows = json.loads(out)
+    if len(rows) != 1:
+        raise RuntimeError(f"llama-bench printed {len(rows)} results, expected 1:\n{out}")
+    return float(rows[0]["avg_ts"])
+
+
+def batched_bench(llama: LlamaCpp, gguf_path: Path, repack: bool) -> float:
+    """Aggregate decode tok/s of BATCH sequences (S_TG of llama-batched-bench)."""
+    context = BATCH * (BATCH_PROMPT + GEN) + 64
+    out, err = run_tool([llama.batched_bench, "-m", gguf_path, "-t", THREADS, "-tb", THREADS, "-c", context,
+                         "-npp", BATCH_PROMPT, "-ntg", GEN, "-npl", BATCH, "--output-format", "jsonl",
+                         *([] if repack else ["--no-repack"])])
+    rows = [json.loads(line) for line in (out + "\n" + err).splitlines() if line.startswith('{"n_kv_max"')]
+    if len(rows) != 1:
+        raise RuntimeError(f"llama-batched-bench printed {len(rows)} JSON results, expected 1:\n{out[-2000:]}")
+    return float(rows[0]["speed_tg"])
+
+
+def measure_llamacpp(llama: LlamaCpp, gguf_path: Path, reps: int, repack: bool) -> dict[str, Figure]:
+    figures = {}
+    for name, measure in (("decode_b1", lambda: llama_bench(llama, gguf_path, 0, GEN, reps, repack)),
+                          ("decode_b4", lambda: batched_bench(llama, gguf_path, repack)),
+                          ("prefill", lambda: llama_bench(llama, gguf_path, PROMPT, 0, reps, repack))):
+        load = OtherLoad()
+        tok_s = measure()
+        figures[name] = Figure(tok_s, load.stop())
+        log(f"    {name}: {tok_s:.2f} tok/s (others used {figures[name].other_load:.0%} of the CPUs)")
+    return figures
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# The run
+
+
+@dataclass
+class Round:
+    first: str  # "llama.cpp" or "int8serve"
+    bandwidth: float  # GB/s, 2 threads, at the start of the round
+    llama: dict[str, Figure]
+    ours: dict[str, Figure]
+
+
+def run_round(index: int, llama: LlamaCpp, files: WeightFiles, args: argparse.Namespace, quiet: QuietWaiter) -> Round:
+    first = "llama.cpp" if index % 2 == 0 else "int8serve"
+    bandwidth = measure_bandwidth(quiet, THREADS)
+    log(f"round {index + 1}: {first} first; read bandwidth {bandwidth:.1f} GB/s")
+    results: dict[str, dict[str, Figure]] = {}
+    for engine in ([first, *({"llama.cpp", "int8serve"} - {first})]):
+        quiet.wait()
+        results[engine] = run_ours(files.checkpoint) if engine == "int8serve" else \
+            measure_llamacpp(llama, files.gguf, args.reps, args.llama_repack)
+        log(f"  {engine}: " + ", ".join(f"{k} {v.tok_s:.2f} tok/s" for k, v in results[engine].items()))
+    return Round(first, bandwidth, results["llama.cpp"], results["int8serve"])
+
+
+def mean_of(rounds: Sequence[Round], engine: str, name: str) -> float:
+    return statistics.mean((r.llama if engine == "llama.cpp" else r.ours)[name].tok_s for r in rounds)
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Report
+
+
+def cpu_model() -> str:
+    """lscpu's family and model numbers: a virtual machine often hides the CPU's name ("Intel(R) Xeon(R)
+    Processor"), and they tell its generation."""
+    lscpu = subprocess.run(["lscpu"], capture_output=True, text=True, check=False).stdout
+    fields = {k.strip(): v.strip() for k, v in (line.split(":", 1) for line in lscpu.splitlines() if ":" in line)}
+    return f"family {fields.get('CPU family', '?')} model {fields.get('Model', '?')}"
+
+
+def ratio_cell(rounds: Sequence[Round], name: str) -> str:
+    ratio = mean_of(rounds, "int8serve", name) / mean_of(rounds, "llama.cpp", name)
+    per_round = " / ".join(f"{r.ours[name].tok_s / r.llama[name].tok_s:.2f}" for r in rounds)
+    verdict = "met" if ratio >= GOALS[name] else "not met"
+    return f"**{ratio:.2f}×** (rounds: {per_round}; goal ≥ {GOALS[name]}×: {verdict})"
+
+
+def results_table(rounds: Sequence[Round]) -> list[str]:
+    lines = ["| | llama.cpp Q8_0 (per round) | int8serve (per round) | int8serve ÷ llama.cpp (means of the rounds) |",
+             "|---|---|---|---|"]
+    for name, label in LABELS.items():
+        theirs = " / ".join(f"{r.llama[name].tok_s:.2f}" for r in rounds)
+        ours = " / ".join(f"{r.ours[name].tok_s:.2f}" for r in rounds)
+        lines.append(f"| {label} ({LLAMA_CPP_TOOLS[name]}) | {theirs} | {ours} | {ratio_cell(rounds, name)} |")
+    return lines
+
+
+def roofline_line(rounds: Sequence[Round], files: WeightFiles) -> str:
+    bandwidths = [r.bandwidth for r in rounds]
+    best = max(bandwidths)
+    ours_b1, theirs_b1 = mean_of(rounds, "int8serve", "decode_b1"), mean_of(rounds, "llama.cpp", "decode_b1")
+    ours_roof, theirs_roof = best * 1e9 / files.ours_bytes, best * 1e9 / files.q8_0_bytes
+    return (f"Bandwidth roofline of the moment: read bandwidth (fp32 sum over 2 GiB, 2 threads, best of 5) "
+            f"{', '.join(f'{b:.1f}' for b in bandwidths)} GB/s at the start of each round. At the best of these, "
+            f"a batch-1 step that reads each weight once allows {ours_roof:.2f} tok/s for ours "
+            f"({files.ours_bytes / 1e9:.2f} GB of int8 weights + bf16 scales: {ours_b1 / ours_roof:.0%} reached) and "
+            f"{theirs_roof:.2f} tok/s for llama.cpp ({files.q8_0_bytes / 1e9:.2f} GB of Q8_0: "
+            f"{theirs_b1 / theirs_roof:.0%} reached).")
+
+
+def other_load_line(rounds: Sequence[Round]) -> str:
+    shares = [f.other_load for r in rounds for f in (*r.llama.values(), *r.ours.values())]
+    return (f"Other processes used {statistics.mean(shares):.0%} of the CPUs on average (at most "
+            f"{max(shares):.0%}) during these measurements.")
+
+
+def build_report(args: argparse.Namespace, rounds: Sequence[Round], files: WeightFiles, llama: LlamaCpp) -> str:
+    now = datetime.datetime.now(datetime.UTC).strftime("%Y-%m-%d %H:%M UTC")
+    ram = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES") / 2**30
+    lines = [f"## int8serve vs llama.cpp: same CPU, same run, same random weights ({args.layers} layers)", "",
+             f"- Command: `{display_command(args)}`",
+             f"- Date: {now}; code: {git_revision()}",
+             f"- CPU: {machine_description()}, {cpu_model()}; {ram:.0f} GiB RAM; {THREADS} threads for "
+             f"each engine; torch {torch.__version__}.",
+             f"- Our kernel path: {kernel_path()}.",
+             f"- llama.cpp: {llama.describe()}, binaries in `{llama.bin_dir}`"
+             + ("." if args.llama_repack else "; run with `--repack 0` (no AMX path, no repacked weights)."),
+             f"- Weights: one random int8 model, {args.layers} of 32 layers of the Llama-2-7B shape (dim 4096, "
+             "hidden 11008, vocab 32000, untied head), written as our int8 checkpoint and as a GGUF Q8_0 file "
+             "holding the same int8 values and scales.",
+             f"- {len(rounds)} rounds, alternating which engine goes first; each engine runs alone (ours in a "
+             "child process), so only one engine's weights are in memory at a time.",
+             "", *results_table(rounds), "",
+             roofline_line(rounds, files), "",
+             other_load_line(rounds), "",
+             "The machine is shared with other engineers' work: absolute tok/s are noisy from one minute to the "
+             "next. What counts are the ratios, measured from alternating runs of both engines in this same run. "
+             f"Definitions: decode = tokens ÷ total time of {GEN} steps after a warm-up step (batch 1 from "
+             f"position 0; {BATCH} sequences from position {BATCH_PROMPT}); prefill = {PROMPT} ÷ mean time of one "
+             "prompt in one forward (2 timed, after a 64-token warm-up); llama.cpp's figures are the tools' own "
+             f"(`avg_ts` of {args.reps} repetitions, `S_TG`). Ours go through the engine's model forward "
+             "(`Transformer`, `generate.prefill`), without the scheduler or the HTTP server."]
+    return "\n".join(lines) + "\n"
+
+
+def display_command(args: argparse.Namespace) -> str:
+    words = ["python", "-m", "benchmarks.vs_llamacpp"]
+    if args.layers != 32:
+        words += ["--layers", str(args.layers)]
+    if args.rounds != 2:
+        words += ["--rounds", str(args.rounds)]
+    if not args.llama_repack:
+        words += ["--no-llama-repack"]
+    if args.write:
+        words += ["--write", str(args.write)]
+    return shlex.join(words)
+
+
+def git_revision() -> str:
+    def git(*words: str) -> str:
+        return subprocess.run(["git", *words], capture_output=True, text=True, check=False,
+                              cwd=Path(__file__).parent).stdout.strip()
+
+    revision = git("rev-parse", "--short", "HEAD") or "?"
+    return revision + (" (with uncommitted changes)" if git("status", "--porcelain", "--untracked-files=no") else "")
+
+
+# ---------------------------------------------------------------------------------------------------------------
+
+
+def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(prog="python -m benchmarks.vs_llamacpp", description=__doc__,
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--layers", type=int, default=32,
+                        help="transformer blocks of the Llama-2-7B shape, the same for both engines (default 32, "
+                             "the full model: ~7 GB per file; 2 for a quick run)")
+    parser.add_argument("--rounds", type=int, default=2,
+                        help="rounds of both engines; the engine that goes first alternates (default 2)")
+    parser.add_argument("--reps", type=int, default=3, help="llama-bench repetitions per test (default 3)")
+    parser.add_argument("--work-dir", type=Path, default=cache_dir() / "vs-llamacpp",
+                        help="where the two weight files are written, once per --layers "
+                             "(default: the int8serve cache dir/vs-llamacpp)")
+    parser.add_argument("--llama-cpp-python", default=DEFAULT_VERSION, metavar="VERSION",
+                        help=f"the llama-cpp-python sdist whose llama.cpp is built (default {DEFAULT_VERSION})")
+    parser.add_argument("--llama-bin", type=Path, metavar="DIR",
+                        help="use the llama-bench and llama-batched-bench in DIR instead of building them")
+    parser.add_argument("--no-llama-repack", dest="llama_repack", action="store_false",
+                        help="run llama.cpp without its repacked weight layouts (`--repack 0`; on x86 that is its "
+                             "AMX path for Q8_0): only to compare with a build whose AMX path crashes")
+    parser.add_argument("--wait-quiet", type=float, default=30.0, metavar="SECONDS",
+                        help="before each phase wait up to this long for other processes to leave the CPUs "
+                             "(default 30)")
+    parser.add_argument("--write", type=Path, metavar="FILE",
+                        help="replace this script's section of FILE (e.g. docs/benchmarks.md) with the results")
+    parser.add_argument("--ours-child", type=Path, help=argparse.SUPPRESS)
+    args = parser.parse_args(argv)
+    if args.layers < 1 or args.rounds < 1 or args.reps < 1:
+        parser.error("--layers, --rounds and --reps must be at least 1")
+    return args
+
+
+def section_label(layers: int) -> str:
+    """The full shape's section has no label; a quick run's is kept apart from it (`--layers N`)."""
+    return "" if layers == 32 else f"--layers {layers}"
+
+
+def require_gguf() -> None:
+    try:
+        import gguf  # noqa: F401
+    except ImportError:
+        sys.exit("error: the `gguf` package writes the file llama.cpp reads and is not installed: "
+                 "`.venv/bin/pip install -e '.[bench]'`")
+
+
+def main(argv: Sequence[str] | None = None) -> None:
+    args = parse_args(argv)
+    if args.ours_child:
+        ours_child(args.ours_child)
+        return
+    require_gguf()
+    try:
+        llama = LlamaCpp.at(args.llama_bin) if args.llama_bin else ensure_built(args.llama_cpp_python)
+    except BuildError as error:
+        sys.exit(f"error: could not build llama.cpp: {error}")
+    files = write_weights(model_config(args.layers), weights_dir(args.work_dir, args.layers))
+    quiet = QuietWaiter(args.wait_quiet)
+    try:
+        rounds = [run_round(i, llama, files, args, quiet) for i in range(args.rounds)]
+    except RuntimeError as error:
+        sys.exit(f"error: {error}")
+    report = build_report(args, rounds, files, llama)
+    print(report)
+    if args.write:
+        write_section(args.write, report, SCRIPT, section_label(args.layers))
+        log(f"wrote the section into {args.write}")
+
+
+if __name__ == "__main__":
+    main()

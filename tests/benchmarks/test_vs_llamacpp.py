@@ -1,0 +1,129 @@
+"""benchmarks/vs_llamacpp.py without llama.cpp: the GGUF Q8_0 file holds the same weights as our checkpoint (read
+back through the `gguf` package's reader), and our side's measurement runs on a tiny model. Never builds llama.cpp.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+
+import pytest
+import torch
+
+gguf = pytest.importorskip("gguf", reason="the `gguf` package (pip install '.[bench]') writes and reads GGUF")
+
+from benchmarks import engine, vs_llamacpp  # noqa: E402
+from int8serve.engine.loader import load_model, unpermute_meta_rotary  # noqa: E402
+
+TINY = dataclasses.replace(vs_llamacpp.LLAMA2_7B, dim=64, n_heads=4, n_kv_heads=4, hidden_dim=96, vocab_size=320,
+                           n_layers=2, max_seq_len=1024)
+
+
+@pytest.fixture(scope="module")
+def files(tmp_path_factory: pytest.TempPathFactory) -> vs_llamacpp.WeightFiles:
+    return vs_llamacpp.write_weights(TINY, tmp_path_factory.mktemp("weights"))
+
+
+def dequantized(tensor) -> torch.Tensor:
+    values = gguf.quants.dequantize(tensor.data, tensor.tensor_type)
+    return torch.from_numpy(values.reshape([int(d) for d in reversed(tensor.shape)]).copy())
+
+
+def test_gguf_holds_our_weights(files: vs_llamacpp.WeightFiles) -> None:
+    reader = gguf.GGUFReader(files.gguf)
+    tensors = {t.name: t for t in reader.tensors}
+    assert len(tensors) == 2 + 9 * TINY.n_layers + 1
+    ours = load_model(files.checkpoint).model
+    for index in range(TINY.n_layers):
+        for name, theirs in vs_llamacpp.GGUF_LINEARS.items():
+            tensor = tensors[f"blk.{index}.{theirs}.weight"]
+            assert tensor.tensor_type == gguf.GGMLQuantizationType.Q8_0
+            linear = ours.layers[index].get_submodule(name)
+            assert [int(d) for d in tensor.shape] == [linear.in_features, linear.out_features]
+            weight = dequantized(tensor)
+            if name in ("attention.wq", "attention.wk"):
+                weight = unpermute_meta_rotary(weight, TINY.n_heads)
+            assert torch.equal(weight, linear.weight.float() * linear.kernel_scale.float()[:, None])
+        assert tensors[f"blk.{index}.attn_norm.weight"].tensor_type == gguf.GGMLQuantizationType.F32
+    output = dequantized(tensors["output.weight"])
+    assert torch.equal(output, ours.output.weight.float() * ours.output.scale[:, None])
+    embedding = dequantized(tensors["token_embd.weight"])
+    assert torch.allclose(embedding, ours.tok_embeddings.weight, atol=0.05)
+    assert files.q8_0_bytes == sum(int(t.n_bytes) for n, t in tensors.items() if n.startswith(("blk", "output."))
+                                   and t.tensor_type == gguf.GGMLQuantizationType.Q8_0)
+
+
+def test_gguf_metadata(files: vs_llamacpp.WeightFiles) -> None:
+    reader = gguf.GGUFReader(files.gguf)
+
+    def value(key: str):
+        return reader.fields[key].contents()
+
+    assert value("general.architecture") == "llama"
+    assert value("llama.block_count") == TINY.n_layers
+    assert value("llama.rope.dimension_count") == TINY.head_dim
+    assert value("general.file_type") == gguf.LlamaFileType.MOSTLY_Q8_0
+    tokens = value("tokenizer.ggml.tokens")
+    assert len(tokens) == TINY.vocab_size and tokens[:3] == ["<unk>", "<s>", "</s>"] and "<0x0A>" in tokens
+
+
+def test_weights_are_written_once(files: vs_llamacpp.WeightFiles) -> None:
+    again = vs_llamacpp.write_weights(TINY, files.gguf.parent)
+    assert again == files
+
+
+def test_q8_0_refuses_scales_fp16_cannot_hold() -> None:
+    with pytest.raises(ValueError, match="fp16"):
+        vs_llamacpp.q8_0_blocks(torch.ones(1, 32, dtype=torch.int8), torch.tensor([1.0 + 2**-12]))
+
+
+def test_our_side_measures(files: vs_llamacpp.WeightFiles) -> None:
+    with engine.torch_threads(1):  # a tiny model: one thread is fastest, and fair to a busy machine
+        figures = vs_llamacpp.measure_ours(load_model(files.checkpoint).model, prompt=16, gen=2, batch_prompt=8)
+    assert set(figures) == set(vs_llamacpp.LABELS)
+    assert all(math.isfinite(f.tok_s) and f.tok_s > 0 for f in figures.values())
+
+
+def test_kernel_path_is_named() -> None:
+    assert vs_llamacpp.kernel_path()
+
+
+def test_help_explains() -> None:
+    with pytest.raises(SystemExit) as exit_info:
+        vs_llamacpp.parse_args(["--help"])
+    assert exit_info.value.code == 0
+
+
+def test_report_has_both_engines_and_ratios(files: vs_llamacpp.WeightFiles, tmp_path) -> None:
+    def figures(scale: float) -> dict[str, vs_llamacpp.Figure]:
+        return {name: vs_llamacpp.Figure(scale * (i + 1), 0.1) for i, name in enumerate(vs_llamacpp.LABELS)}
+
+    rounds = [vs_llamacpp.Round("llama.cpp", 30.0, figures(2.0), figures(1.0)),
+              vs_llamacpp.Round("int8serve", 40.0, figures(2.0), figures(3.0))]
+    args = vs_llamacpp.parse_args(["--layers", "2", "--write", str(tmp_path / "b.md")])
+    llama = vs_llamacpp.LlamaCpp(tmp_path / "bin", "0.3.36", {})
+    report = vs_llamacpp.build_report(args, rounds, files, llama)
+    assert "**1.00×** (rounds: 0.50 / 1.50" in report
+    assert "--layers 2" in report and "GB/s" in report and "Our kernel path" in report
+    vs_llamacpp.write_section(args.write, report, vs_llamacpp.SCRIPT)
+    assert "<!-- benchmarks/vs_llamacpp.py: begin -->" in args.write.read_text()
+
+
+def test_amx_patch_applies_once(tmp_path) -> None:
+    from benchmarks import llamacpp_build
+
+    mmq = tmp_path / "ggml" / "src" / "ggml-cpu" / "amx" / "mmq.cpp"
+    mmq.parent.mkdir(parents=True)
+    mmq.write_text("#include <algorithm>\ninline void f() {\n" + llamacpp_build.AMX_CONFIG_OLD + "}\n")
+    assert llamacpp_build.patch_amx(tmp_path)
+    patched = mmq.read_text()
+    assert "static thread_local tile_config_t tc" in patched and "ARCH_REQ_XCOMP_PERM" in patched
+    assert not llamacpp_build.patch_amx(tmp_path)  # already patched (or fixed upstream): left alone
+
+
+def test_missing_binaries_are_a_clear_error(tmp_path) -> None:
+    from benchmarks import llamacpp_build
+
+    with pytest.raises(llamacpp_build.BuildError, match="has no llama-bench"):
+        llamacpp_build.LlamaCpp.at(tmp_path)
+    assert vs_llamacpp.section_label(32) == "" and vs_llamacpp.section_label(2) == "--layers 2"
