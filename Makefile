@@ -55,7 +55,6 @@ bench-robust: install
 # llama.cpp (~10 minutes on 2 cores) and writes ~14 GB of weights into the cache dir; LAYERS=2 for a quick run.
 LAYERS ?= 32
 bench-llamacpp: install
-	$(BIN)/pip install --quiet -e ".[bench]"
 	$(BIN)/python -m benchmarks.vs_llamacpp --layers $(LAYERS) --write docs/benchmarks.md
 
 clean:
