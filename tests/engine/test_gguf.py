@@ -165,11 +165,15 @@ def test_q8_0_int8_logits_within_the_bound_and_said_once(q8_gguf: Path, stories_
     assert len(said) == 1
     reference = logits(load_model(stories_hf, "fp32"))
     from_folder = logits(load_model(stories_hf, "int8"))
-    # The bound: two roundings (Q8_0, then per-channel int8) instead of one may at most double the HF folder's own
-    # int8 error against fp32 (measured: 0.51 vs 0.55 on logits up to 18.9, i.e. 0.94x), and greedy tokens agree.
+    # The bound: two roundings (Q8_0, then our int8) instead of one may at most double the HF folder's own int8 error
+    # against fp32 (measured per channel: 0.51 vs 0.55 on logits up to 18.9, i.e. 0.94x), and greedy tokens agree
+    # wherever the reference's top two logits are further apart than that error can move them.
     bound = 2 * (from_folder - reference).abs().max().item()
     assert (ours - reference).abs().max().item() <= bound
-    assert torch.equal(ours.argmax(-1), reference.argmax(-1))
+    top2 = reference.topk(2, dim=-1).values
+    clear = (top2[..., 0] - top2[..., 1]) > 2 * bound
+    assert clear.sum() >= clear.numel() // 2  # the check below is not vacuous
+    assert torch.equal(ours.argmax(-1)[clear], reference.argmax(-1)[clear])
 
 
 @pytest.mark.parametrize("model_dir", ["stories260K/hf", "llama2-tokenizer"])
