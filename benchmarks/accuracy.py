@@ -9,7 +9,7 @@ For each weight scheme (a bf16 scale per output channel, or per 32/64/128 inputs
 The kernel computes each row on its own and every path gives the same bits, so the `kernel` rows are what decode
 gives on any CPU. Issue #10's targets: KLD <= 0.0005, top-1 >= 98.7%, PPL ratio <= 1.001.
 
-    .venv/bin/python benchmarks/accuracy.py --write docs/benchmarks.md     # ~10 minutes on a quiet machine
+    .venv/bin/python -m benchmarks.accuracy --write docs/benchmarks.md     # ~10 minutes on a quiet machine
 """
 
 from __future__ import annotations
@@ -23,8 +23,8 @@ from pathlib import Path
 
 from torch import Tensor
 
-from decode_paths import write_section
-from engine import log, machine_description
+from benchmarks.common import display_command, write_section
+from benchmarks.machine import log, machine_facts
 from int8serve.engine import int8, kernels
 from int8serve.engine.int8 import Int8Linear, dequantize
 from int8serve.engine.loader import load_model
@@ -77,8 +77,8 @@ def main(argv: Sequence[str] | None = None) -> None:
             scheme = f"per {group_size} inputs" if group_size else "per output channel"
             rows.append(f"| {scheme} | {name} | {r.kld:.6f} | {r.top1:.2f}% | {r.ratio:.5f} |")
             log(f"{rows[-1]} ({time.perf_counter() - started:.0f} s)")
-    machine = machine_description()
-    command = " ".join([".venv/bin/python benchmarks/accuracy.py", *sys.argv[1:]])
+    machine = machine_facts()
+    command = display_command("accuracy", sys.argv[1:])
     section = "\n".join([
         "## int8 accuracy: stories260K against fp32 (benchmarks/accuracy.py)",
         "",
@@ -95,7 +95,7 @@ def main(argv: Sequence[str] | None = None) -> None:
     ]) + "\n"
     log("\n" + section)
     if args.write:
-        write_section(args.write, section, "benchmarks/accuracy.py")
+        write_section(args.write, section, "accuracy.py")
 
 
 if __name__ == "__main__":

@@ -8,7 +8,7 @@ its keys in a CPU cache), alternating the two paths step by step. The projection
 (`Attention(config, nn.Identity)`), so nothing but attention is measured. Besides the wall time it reports the CPU
 time of the process on 1 thread, which others' load changes much less than the wall time.
 
-    .venv/bin/python benchmarks/attention.py                      # batch 1 at 512, batch 4 at 512/384/256/128
+    .venv/bin/python -m benchmarks.attention                      # batch 1 at 512, batch 4 at 512/384/256/128
 """
 
 from __future__ import annotations

@@ -7,8 +7,8 @@ int8.PRECISE_ACTIVATIONS) and runs our kernel, its path forced with INT8SERVE_KE
 Rounds alternate between the variants (the machine is shared and noisy: compare within a round), and each variant's
 figure is the median step over all rounds. Batch 4 = 4 slots at different positions, as benchmarks/engine.py.
 
-    .venv/bin/python benchmarks/decode_paths.py --layers 8
-    .venv/bin/python benchmarks/decode_paths.py --layers 8 --write docs/benchmarks.md
+    .venv/bin/python -m benchmarks.decode_paths --layers 8
+    .venv/bin/python -m benchmarks.decode_paths --layers 8 --write docs/benchmarks.md
 
 A full 32-layer model of each kind is ~7 GB: with --layers 32 the two are built and timed one after the other.
 """
@@ -27,15 +27,9 @@ from pathlib import Path
 
 import torch
 
-from engine import (
-    LLAMA2_7B,
-    build_random_int8_model,
-    decode_bytes_per_step,
-    fill_cache,
-    log,
-    machine_description,
-    random_tokens,
-)
+from benchmarks.common import display_command, write_section
+from benchmarks.engine import LLAMA2_7B, build_random_int8_model, decode_bytes_per_step, fill_cache, random_tokens
+from benchmarks.machine import log, machine_facts
 from int8serve.engine import int8, kernels
 from int8serve.engine.config import ModelConfig
 from int8serve.engine.model import Transformer
@@ -114,7 +108,7 @@ def run(args: argparse.Namespace) -> tuple[dict[str, dict[int, list[float]]], di
 
 
 def report(args: argparse.Namespace, times: dict[str, dict[int, list[float]]], nbytes: dict[str, int]) -> str:
-    machine = machine_description()
+    machine = machine_facts()
     base = next(iter(times))
     lines = [
         "## Decode per kernel path: our kernel vs torch's int8pack (benchmarks/decode_paths.py)",
@@ -127,7 +121,7 @@ def report(args: argparse.Namespace, times: dict[str, dict[int, list[float]]], n
         f"{args.start}; {args.rounds} alternating rounds of {args.steps} steps per variant and batch; median step.",
         f"- Ours: a bf16 scale per {int8.DEFAULT_GROUP_SIZE} weights, precise activations "
         f"{int8.PRECISE_ACTIVATIONS}. Stock: per-channel scales, `torch._weight_int8pack_mm`, bf16 activations.",
-        f"- Command: `{' '.join(['.venv/bin/python benchmarks/decode_paths.py', *sys.argv[1:]])}`",
+        f"- Command: `{display_command('decode_paths', sys.argv[1:])}`",
         "",
         "| variant | weight + scale bytes per step | batch 1 tok/s | × stock | batch 4 tok/s (aggregate) | × stock |",
         "|---|---|---|---|---|---|",
@@ -140,19 +134,6 @@ def report(args: argparse.Namespace, times: dict[str, dict[int, list[float]]], n
             cells += [f"{rate:.2f}", f"{ratio:.2f}×"]
         lines.append(f"| {name} | {nbytes[name] / 1e9:.2f} GB | " + " | ".join(cells) + " |")
     return "\n".join(lines) + "\n"
-
-
-def write_section(path: Path, section: str, script: str = "benchmarks/decode_paths.py") -> None:
-    """Replace `script`'s section of the Markdown file (between its begin/end comments), or append it."""
-    begin, end = f"<!-- {script}: begin -->", f"<!-- {script}: end -->"
-    text = path.read_text() if path.exists() else ""
-    block = f"{begin}\n{section}{end}\n"
-    if begin in text and end in text:
-        head, rest = text.split(begin, 1)
-        text = head + block + rest.split(end, 1)[1].lstrip("\n")
-    else:
-        text = text.rstrip("\n") + ("\n\n" if text else "") + block
-    path.write_text(text)
 
 
 def main(argv: Sequence[str] | None = None) -> None:
@@ -170,7 +151,7 @@ def main(argv: Sequence[str] | None = None) -> None:
     section = report(args, times, nbytes)
     log("\n" + section)
     if args.write:
-        write_section(args.write, section)
+        write_section(args.write, section, "decode_paths.py")
 
 
 if __name__ == "__main__":

@@ -27,9 +27,9 @@ and tinystories.txt from the shared folder), against the fp32 model, for several
 for every row count (so that prefill goes through the decode kernel too): perplexity ratio, KL divergence and
 top-1 agreement over the corpus (engine.perplexity.evaluate), and greedy generations compared token by token.
 
-    .venv/bin/python benchmarks/kernels.py                 # about 5 minutes
-    .venv/bin/python benchmarks/kernels.py --rounds 3 --threads 2 --rows 1   # quick look
-    .venv/bin/python benchmarks/kernels.py --quality       # about a minute
+    .venv/bin/python -m benchmarks.kernels                 # about 5 minutes
+    .venv/bin/python -m benchmarks.kernels --rounds 3 --threads 2 --rows 1   # quick look
+    .venv/bin/python -m benchmarks.kernels --quality       # about a minute
 """
 
 from __future__ import annotations
@@ -257,7 +257,7 @@ def report(results: Sequence[Result], errors: dict[tuple[str, str, str], float],
     lines = [
         "## Decode kernels: int8serve.engine.kernels vs `_weight_int8pack_mm`",
         "",
-        f"- Command: `{' '.join(['.venv/bin/python benchmarks/kernels.py', *sys.argv[1:]])}`",
+        f"- Command: `{' '.join(['.venv/bin/python -m benchmarks.kernels', *sys.argv[1:]])}`",
         f"- Date: {time.strftime('%Y-%m-%d %H:%M UTC', time.gmtime())}; {machine}",
         "- GB/s = int8 weight bytes / median call time, weights rotated through > 1.3 GB; `×` = median over rounds of "
         "(int8pack time / this candidate's time), measured back to back; `bw` = fp32-sum read bandwidth (2 threads) "

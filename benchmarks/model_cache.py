@@ -1,7 +1,7 @@
 """The first start quantizes once (issue 14): what the first and a later start of a 7B-shape model cost.
 
-    .venv/bin/python benchmarks/model_cache.py --make-fp16 data/llama2-7b-shape-fp16   # once: 13.5 GB, random
-    .venv/bin/python benchmarks/model_cache.py --model data/llama2-7b-shape-fp16 --write docs/benchmarks.md
+    .venv/bin/python -m benchmarks.model_cache --make-fp16 data/llama2-7b-shape-fp16   # once: 13.5 GB, random
+    .venv/bin/python -m benchmarks.model_cache --model data/llama2-7b-shape-fp16 --write docs/benchmarks.md
 
 The model is a Hugging Face folder of the Llama-2-7B shape with random fp16 weights (the bytes, not the values,
 decide the cost). With an empty `$INT8SERVE_CACHE` (a temporary folder):
@@ -26,8 +26,9 @@ from pathlib import Path
 
 import torch
 
-from common import free_port, machine_description, stop_process, write_section
-from engine import LLAMA2_7B
+from benchmarks.common import free_port, stop_process, write_section
+from benchmarks.engine import LLAMA2_7B
+from benchmarks.machine import machine_description
 
 REPO = Path(__file__).resolve().parents[1]
 TOKENIZER = REPO.parent / "shared" / "models" / "llama2-tokenizer" / "tokenizer.model"
@@ -195,7 +196,7 @@ def main() -> None:
         alone = first_load(args.model, env)  # the copy is there now: the later start's loading step alone
         print(f"later, loading alone: {alone}", file=sys.stderr)
         load = f"{load_before:.1f} at the start, {os.getloadavg()[0]:.1f} at the end"
-    command = "python benchmarks/model_cache.py --model " + str(args.model) + (
+    command = "python -m benchmarks.model_cache --model " + str(args.model) + (
         f" --write {args.write}" if args.write else "")
     text = report(args.model, first, later, alone, command, load)
     print(text)

@@ -49,22 +49,20 @@ import numpy as np
 import torch
 from torch import Tensor
 
-from benchmarks.common import machine_description, write_section
+from benchmarks.common import write_section
 from benchmarks.engine import (
     LLAMA2_7B,
     BandwidthProbe,
-    OtherLoad,
-    QuietWaiter,
     build_random_int8_model,
     decode_bytes_per_step,
     fill_cache,
     int8_linears,
     measure_bandwidth,
     random_tokens,
-    rss_gb,
     time_decode,
 )
 from benchmarks.llamacpp_build import DEFAULT_VERSION, BuildError, LlamaCpp, ensure_built
+from benchmarks.machine import CpuShares, QuietWaiter, machine_description, rss_gb
 from int8serve.engine.config import ModelConfig
 from int8serve.engine.demo import cache_dir
 from int8serve.engine.generate import prefill
@@ -287,13 +285,13 @@ def ours_prefill(model: Transformer, prompt: int, reps: int = 2) -> Figure:
     tokens = random_tokens((prompt,), model.config.vocab_size, generator).tolist()
     cache = model.new_cache(1, prompt + 8)
     prefill(model, tokens[:64], cache, slot=0)
-    load = OtherLoad()
+    load = CpuShares()
     seconds = []
     for _ in range(reps):
         started = time.perf_counter()
         prefill(model, tokens, cache, slot=0)
         seconds.append(time.perf_counter() - started)
-    return Figure(prompt / statistics.mean(seconds), load.stop())
+    return Figure(prompt / statistics.mean(seconds), load.others())
 
 
 def ours_decode(model: Transformer, batch: int, start: int, gen: int) -> Figure:
@@ -396,9 +394,9 @@ def measure_llamacpp(llama: LlamaCpp, gguf_path: Path, reps: int, repack: bool) 
     for name, measure in (("decode_b1", lambda: llama_bench(llama, gguf_path, 0, GEN, reps, repack)),
                           ("decode_b4", lambda: batched_bench(llama, gguf_path, repack)),
                           ("prefill", lambda: llama_bench(llama, gguf_path, PROMPT, 0, reps, repack))):
-        load = OtherLoad()
+        load = CpuShares()
         tok_s = measure()
-        figures[name] = Figure(tok_s, load.stop())
+        figures[name] = Figure(tok_s, load.others())
         log(f"    {name}: {tok_s:.2f} tok/s (others used {figures[name].other_load:.0%} of the CPUs)")
     return figures
 
