@@ -103,7 +103,8 @@ def build_model(config: ModelConfig, seed: int = 0) -> Transformer:
     """`build_random_int8_model` with its scales rounded to bf16: exact in our kernel's bf16 and in Q8_0's fp16."""
     model = build_random_int8_model(config, seed)
     for linear in int8_linears(model):
-        linear.set_quantized(linear.weight, linear.scale.to(COMPUTE_DTYPE).float())
+        q, scale = linear.quantized()
+        linear.set_quantized(q, scale.to(COMPUTE_DTYPE).float())
     return model
 
 
@@ -153,14 +154,14 @@ def gguf_tensors(model: Transformer) -> Iterator[tuple[str, np.ndarray, bool]]:
         yield f"blk.{index}.attn_norm.weight", layer.attention_norm.weight.float().numpy(), False
         for ours, theirs in GGUF_LINEARS.items():
             linear: Int8Linear = layer.get_submodule(ours)
-            q, scale = linear.weight, linear.scale
+            q, scale = linear.quantized()
             heads = {"attention.wq": config.n_heads, "attention.wk": config.n_kv_heads}.get(ours)
             if heads:
                 q, scale = meta_rotary_order(q, heads), meta_rotary_order(scale, heads)
             yield f"blk.{index}.{theirs}.weight", q8_0_blocks(q, scale), True
         yield f"blk.{index}.ffn_norm.weight", layer.ffn_norm.weight.float().numpy(), False
     yield "output_norm.weight", model.norm.weight.float().numpy(), False
-    yield "output.weight", q8_0_blocks(model.output.weight, model.output.scale), True
+    yield "output.weight", q8_0_blocks(*model.output.quantized()), True
 
 
 def synthetic_vocab(size: int) -> tuple[list[str], list[float], list[int]]:
@@ -245,7 +246,7 @@ def write_weights(config: ModelConfig, folder: Path) -> WeightFiles:
     started = time.perf_counter()
     model = build_model(config)
     ours_bytes = decode_bytes_per_step(model)
-    q8_0_bytes = sum(lin.weight.numel() // QK8_0 * (QK8_0 + 2) for lin in int8_linears(model))
+    q8_0_bytes = sum(lin.in_features * lin.out_features // QK8_0 * (QK8_0 + 2) for lin in int8_linears(model))
     source = Path(f"random int8 weights, Llama-2-7B shape, {config.n_layers} layers (benchmarks/{SCRIPT})")
     save_int8_checkpoint(LoadedModel(model, config, None, "int8", source), folder / "int8")
     write_gguf(model, folder / "model-q8_0.gguf")

@@ -43,10 +43,12 @@ def test_gguf_holds_our_weights(files: vs_llamacpp.WeightFiles) -> None:
             weight = dequantized(tensor)
             if name in ("attention.wq", "attention.wk"):
                 weight = unpermute_meta_rotary(weight, TINY.n_heads)
-            assert torch.equal(weight, linear.weight.float() * linear.kernel_scale.float()[:, None])
+            q, scale = linear.quantized()
+            assert torch.equal(weight, q.float() * scale[:, None])
         assert tensors[f"blk.{index}.attn_norm.weight"].tensor_type == gguf.GGMLQuantizationType.F32
     output = dequantized(tensors["output.weight"])
-    assert torch.equal(output, ours.output.weight.float() * ours.output.scale[:, None])
+    q, scale = ours.output.quantized()
+    assert torch.equal(output, q.float() * scale[:, None])
     embedding = dequantized(tensors["token_embd.weight"])
     assert torch.allclose(embedding, ours.tok_embeddings.weight, atol=0.05)
     assert files.q8_0_bytes == sum(int(t.n_bytes) for n, t in tensors.items() if n.startswith(("blk", "output."))

@@ -318,7 +318,7 @@ def test_a_failing_compiler_makes_it_unavailable_not_an_error(fresh_load: pytest
     assert torch.equal(kernels.unpack_weight(kernels.pack_weight(q, scale)), q)
 
 
-# ---- Int8Linear: not wired to the kernel yet (it would keep two copies of each weight); it keeps its own path ----
+# ---- Int8Linear without our kernel (no compiler, INT8SERVE_KERNELS=0): torch's stock path ----
 
 
 def make_layer(k: int, n: int) -> Int8Linear:
@@ -332,9 +332,8 @@ def old_path(layer: Int8Linear, x: torch.Tensor) -> torch.Tensor:
     return torch._weight_int8pack_mm(rows, layer.weight, layer.scale.to(int8.COMPUTE_DTYPE)).float()
 
 
-def test_int8linear_takes_its_own_path() -> None:
-    """Int8Linear does not read `kernels.available()` (patching it proved nothing): few rows go through
-    `_weight_int8pack_mm`, whatever the kernel module says."""
-    layer = make_layer(64, 96)
+def test_int8linear_without_the_kernel_takes_the_old_path(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr(kernels, "available", lambda: False)
+    layer = make_layer(64, 96)  # the weight is set while the kernel is unavailable
     x = torch.randn(3, 64)
     assert torch.equal(layer(x), old_path(layer, x))

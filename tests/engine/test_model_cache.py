@@ -41,8 +41,8 @@ def quantized(monkeypatch: pytest.MonkeyPatch) -> list[Path]:
     seen: list[Path] = []
     real = loader.load_model
 
-    def spy(path: Path, precision: str = "int8", progress: bool = False) -> LoadedModel:
-        loaded = real(path, precision, progress)
+    def spy(path: Path, precision: str = "int8", progress: bool = False, group_size: int = 32) -> LoadedModel:
+        loaded = real(path, precision, progress, group_size)
         if precision == "int8" and loaded.source_format != "int8":
             seen.append(Path(path))
         return loaded
