@@ -86,7 +86,7 @@ def test_the_layer_keeps_only_the_packed_copy() -> None:
 
 
 @pytest.mark.parametrize("group_size", [0, 32])
-@pytest.mark.parametrize("rows", [1, 4, int8.KERNEL_ROWS + 1, 64])
+@pytest.mark.parametrize("rows", [1, 4, 33, 64, 129])
 @pytest.mark.parametrize("in_features", [64, 172])
 def test_kernel_and_dense_paths_match_the_dequantized_product(rows: int, in_features: int, group_size: int) -> None:
     layer, dense = make_layer(in_features, 96, group_size=group_size)
@@ -95,7 +95,7 @@ def test_kernel_and_dense_paths_match_the_dequantized_product(rows: int, in_feat
     got = layer(x)
     assert got.dtype == torch.float32 and got.shape == (rows, 96)
     relative = (got - expected).norm() / expected.norm()
-    if rows <= int8.KERNEL_ROWS and int8.PRECISE_ACTIVATIONS:
+    if rows <= int8.kernel_rows() and int8.PRECISE_ACTIVATIONS:
         assert relative < 1e-4  # ~16-bit activations, fp32 accumulation
     else:
         assert relative < 1e-2  # 8-bit activations or bf16 dense
@@ -136,7 +136,7 @@ def test_rows_do_not_depend_on_the_batch(group_size: int) -> None:
         assert torch.equal(layer(x[i:i + 1]), together[i:i + 1])
 
 
-@pytest.mark.parametrize("chunk_rows", [int8.KERNEL_ROWS, int8.KERNEL_ROWS + 1])
+@pytest.mark.parametrize("chunk_rows", [32, 33, 128, 129])
 def test_a_prefill_chunk_chooses_the_path_by_its_aligned_rows(chunk_rows: int) -> None:
     """Rows computed as part of an aligned chunk of `chunk_rows` give the same bits whatever part is given."""
     layer, _ = make_layer(172, 96, group_size=32)
@@ -150,7 +150,7 @@ def test_a_prefill_chunk_chooses_the_path_by_its_aligned_rows(chunk_rows: int) -
     assert torch.equal(tail, whole[-3:])
     assert layer.packed is not None
     kernel = kernels.int8_gemv(x[-3:], layer.packed, precise=int8.PRECISE_ACTIVATIONS).to(COMPUTE_DTYPE).float()
-    assert torch.equal(kernel, tail) == (chunk_rows <= int8.KERNEL_ROWS)  # prefill chunks round to bf16
+    assert torch.equal(kernel, tail) == (chunk_rows <= int8.kernel_rows())  # prefill chunks round to bf16
 
 
 def test_set_quantized_rejects_wrong_shapes() -> None:

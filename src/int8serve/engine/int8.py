@@ -2,17 +2,13 @@
 
 Decode reads every weight once per step, so its speed is the speed at which int8 weights stream from memory. Our
 kernel (engine/kernels: AVX-512 VNNI, AVX-VNNI, AVX2 or scalar, chosen from the CPU's flags) runs every call of up
-to KERNEL_ROWS rows (decode, short prefill chunks) on int8 activations quantized per 32 values; it streams the weights
-near memory speed where torch's `_weight_int8pack_mm` is compute-bound, and it takes a scale per group of 32/64/128
-input values (like llama.cpp's Q8_0), which per-channel int8pack cannot. Prefill is compute-bound instead: there each
-weight is dequantized from the packed layout into one reused buffer and multiplied with `F.linear`. The buffer is
-bf16 on CPUs with native bf16 arithmetic (AVX-512 BF16 or AMX); elsewhere bf16 matmuls are emulated and fp32 is faster
-(AVX2 EPYC, 128 x 4096 x 4096: bf16 307 ms, fp32 66 ms), so it is fp32 there. The residual stream, norms and logits
-stay in fp32 around it.
-
-A layer keeps exactly one copy of its weight, the kernel's packed layout: the dense path, the output head's top-k
-refinement and the checkpoint writer all read through it. Without the kernel (no C++ compiler, INT8SERVE_KERNELS=0,
-a forced path the CPU lacks) a layer keeps the plain int8 [N, K] tensor and torch's stock kernels, as before.
+to `kernel_rows()` rows (decode; whole prefill chunks on AVX-512 VNNI) on int8 activations quantized per 32 values;
+it streams the weights near memory speed where torch's `_weight_int8pack_mm` is compute-bound, and it takes a scale
+per group of 32/64/128 input values (like llama.cpp's Q8_0), which per-channel int8pack cannot. Longer calls are
+compute-bound: there each weight is dequantized from the packed layout into one reused buffer and multiplied with
+`F.linear`. The buffer is bf16 on CPUs with native bf16 arithmetic (AVX-512 BF16 or AMX); elsewhere bf16 matmuls are
+emulated and fp32 is faster (AVX2 EPYC, 128 x 4096 x 4096: bf16 307 ms, fp32 66 ms), so it is fp32 there. The
+residual stream, norms and logits stay in fp32 around it.
 """
 
 from __future__ import annotations
@@ -37,11 +33,19 @@ GROUP_SIZES = (0, 32, 64, 128)
 # Measured: one int8 pass costs as much accuracy as the int8 weights (KLD 0.00100 against 0.00055 on 8k tokens);
 # two are free while memory-bound (batch 1-2) and double the arithmetic beyond.
 PRECISE_ACTIVATIONS = True
-# Calls of up to this many rows (the aligned prefill chunk's rows during prefill) run our kernel; more rows dequantize
+# Calls of up to this many rows (a whole prefill chunk's rows during prefill) run our kernel; more rows dequantize
 # into a scratch buffer and use a dense matmul. Measured on the Sapphire Rapids (4096 -> 11008, per-32 scales,
-# precise, a loaded machine): kernel 176 ms vs dense 496 ms at 32 rows, 264 vs 368 ms at 64, 554 vs 518 at 128.
-# 32 keeps a margin for AVX2 CPUs, whose kernel does ~3x the instructions per byte.
+# precise, 2 threads, quiet; kernel vs dequantize + AMX bf16 matmul): vnni512 19 vs 88 ms at 16 rows, 41 vs 106 at
+# 32, 73 vs 115 at 64, 143 vs 130 at 128; avx2 55 vs 87 at 16, 177 vs 103 at 64, 455 vs 141 at 128; avxvnni 259 vs
+# 132 at 128. So vnni512 runs whole default prefill chunks (128 rows): a short prompt's chunk costs what its rows
+# cost, which is also what makes reusing a cached prefix pay. The other paths keep 32 until measured on their CPUs.
 KERNEL_ROWS = 32
+KERNEL_ROWS_VNNI512 = 128
+
+
+def kernel_rows() -> int:
+    """How many rows a call may have and still run our kernel (on its path of this CPU)."""
+    return max(KERNEL_ROWS, KERNEL_ROWS_VNNI512 if kernels.path() == "vnni512" else 0)
 # Without our kernel: above this many rows the dense bf16 path, at or below it torch's int8pack (per-channel only).
 # Measured (benchmarks/engine.py --kernels, docs/benchmarks.md): per 7B block int8pack is faster up to 32 rows.
 DENSE_ROWS_THRESHOLD = 32
@@ -235,7 +239,7 @@ class Int8Linear(nn.Module):
     def _packed_forward(self, rows: Tensor, count: int) -> Tensor:
         # rows [M, in] -> fp32 [M, out]; `count` rows decide the path (batch invariance, chunking.py)
         assert self.packed is not None
-        if count <= KERNEL_ROWS:
+        if count <= kernel_rows():
             out = kernels.int8_gemv(rows, self.packed, precise=PRECISE_ACTIVATIONS)
             # Prefill chunks round to bf16 as int8pack did: with fp32 outputs, test_prefix_cache found a chunk's last
             # logits differing by whether a cached prefix shortened the chunk (this kernel's rows are bitwise
