@@ -203,10 +203,12 @@ class Timing:
                                                                                strict=True))
 
 
-def time_prefill(model: Transformer, cache: KVCache, prompt_len: int, reps: int = 3) -> Timing:
+def time_prefill(model: Transformer, cache: KVCache, prompt_len: int, reps: int = 3,
+                 warmup_tokens: int | None = None) -> Timing:
+    """`reps` prefills of one random prompt after a warm-up prefill of its first `warmup_tokens` (default: all)."""
     generator = torch.Generator().manual_seed(2)
     prompt = random_tokens((prompt_len,), model.config.vocab_size, generator).tolist()
-    prefill(model, prompt, cache, slot=0)  # warm-up
+    prefill(model, prompt[:warmup_tokens], cache, slot=0)  # warm-up
     load = CpuShares()
     seconds = []
     for _ in range(reps):

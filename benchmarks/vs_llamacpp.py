@@ -58,14 +58,13 @@ from benchmarks.engine import (
     fill_cache,
     int8_linears,
     measure_bandwidth,
-    random_tokens,
     time_decode,
+    time_prefill,
 )
 from benchmarks.llamacpp_build import DEFAULT_VERSION, BuildError, LlamaCpp, ensure_built
 from benchmarks.machine import CpuShares, QuietWaiter, machine_description, rss_gb
 from int8serve.engine.config import ModelConfig
 from int8serve.engine.demo import cache_dir
-from int8serve.engine.generate import prefill
 from int8serve.engine.int8 import COMPUTE_DTYPE, Int8Linear
 from int8serve.engine.loader import LoadedModel, load_model, save_int8_checkpoint
 from int8serve.engine.model import Transformer
@@ -282,17 +281,8 @@ class Figure:
 def ours_prefill(model: Transformer, prompt: int, reps: int = 2) -> Figure:
     """tok/s of prefilling one `prompt`-token prompt (`generate.prefill`, as the engine does), mean of `reps`
     after a short warm-up prompt long enough to take the prefill (dense) path."""
-    generator = torch.Generator().manual_seed(2)
-    tokens = random_tokens((prompt,), model.config.vocab_size, generator).tolist()
-    cache = model.new_cache(1, prompt + 8)
-    prefill(model, tokens[:64], cache, slot=0)
-    load = CpuShares()
-    seconds = []
-    for _ in range(reps):
-        started = time.perf_counter()
-        prefill(model, tokens, cache, slot=0)
-        seconds.append(time.perf_counter() - started)
-    return Figure(prompt / statistics.mean(seconds), load.others())
+    timing = time_prefill(model, model.new_cache(1, prompt + 8), prompt, reps, warmup_tokens=64)
+    return Figure(prompt / statistics.mean(timing.seconds), timing.other_load)
 
 
 def ours_decode(model: Transformer, batch: int, start: int, gen: int) -> Figure:

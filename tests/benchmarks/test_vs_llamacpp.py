@@ -7,13 +7,12 @@ from __future__ import annotations
 import dataclasses
 import math
 
+import gguf
 import pytest
 import torch
 
-gguf = pytest.importorskip("gguf", reason="the `gguf` package (pip install '.[bench]') writes and reads GGUF")
-
-from benchmarks import engine, vs_llamacpp  # noqa: E402
-from int8serve.engine.loader import load_model, unpermute_meta_rotary  # noqa: E402
+from benchmarks import engine, vs_llamacpp
+from int8serve.engine.loader import load_model, unpermute_meta_rotary
 
 TINY = dataclasses.replace(vs_llamacpp.LLAMA2_7B, dim=64, n_heads=4, n_kv_heads=4, hidden_dim=96, vocab_size=320,
                            n_layers=2, max_seq_len=1024)

@@ -340,3 +340,11 @@ def backend(request: pytest.FixtureRequest) -> dict[str, Any]:
     prefix, schema = request.getfixturevalue("redis_prefix"), request.getfixturevalue("pg_schema")
     return {"redis_url": f"{REDIS_URL}?key_prefix={prefix}", "database_url": postgres_url(schema)}
 
+
+@pytest.fixture
+def pg_proxy() -> Iterator[TcpProxy]:
+    """A TCP proxy in front of the machine's PostgreSQL that a test can cut and restore."""
+    url = sa.make_url(POSTGRES_URL)
+    proxy = TcpProxy((url.host or "127.0.0.1", url.port or 5432)).start()
+    yield proxy
+    proxy.stop()

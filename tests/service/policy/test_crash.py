@@ -24,12 +24,11 @@ from pathlib import Path
 
 import httpx
 import pytest
-import sqlalchemy as sa
 
 from int8serve.service.policy.policy import SPOOL_FILE
 
 from ..conftest import MODEL
-from .conftest import POSTGRES_URL, TcpProxy, free_port, pg_rows, postgres_url
+from .conftest import TcpProxy, free_port, pg_rows, postgres_url
 
 ACCOUNT, TOKEN = "acct-crash", "tok-crash"
 HOOK = Path(__file__).with_name("spool_hook.py")
@@ -205,14 +204,6 @@ def kill_between_fsync_and_answer(server: Server) -> None:
     assert stream_id == request_id and spooled_ids(data_dir) == [request_id]
     assert streamed and not any('"usage"' in line or "[DONE]" in line for line in streamed)
     assert collect_id == "" and collected == []
-
-
-@pytest.fixture
-def pg_proxy() -> Iterator[TcpProxy]:
-    url = sa.make_url(POSTGRES_URL)
-    proxy = TcpProxy((url.host or "127.0.0.1", url.port or 5432)).start()
-    yield proxy
-    proxy.stop()
 
 
 def test_sigkill_with_postgres_unreachable(stories_hf: Path, tmp_path: Path, servers: list[Server],

@@ -10,12 +10,10 @@ from collections.abc import Callable, Iterator
 from pathlib import Path
 
 import pytest
-import sqlalchemy as sa
 
 from int8serve.service.policy.policy import SPOOL_FILE
 
 from .conftest import (
-    POSTGRES_URL,
     PolicyServer,
     RedisServer,
     TcpProxy,
@@ -33,14 +31,6 @@ def private_redis() -> Iterator[RedisServer]:
     server = RedisServer(free_port()).start()
     yield server
     server.kill()
-
-
-@pytest.fixture
-def pg_proxy() -> Iterator[TcpProxy]:
-    url = sa.make_url(POSTGRES_URL)
-    proxy = TcpProxy((url.host or "127.0.0.1", url.port or 5432)).start()
-    yield proxy
-    proxy.stop()
 
 
 def _warnings(caplog: pytest.LogCaptureFixture, text: str) -> int:

@@ -231,7 +231,13 @@ def path() -> Impl:
     if not available():
         raise RuntimeError(f"int8serve kernels are not available: {unavailable_reason()}")
     wanted = requested_path()
-    return PATHS[_library().i8s_cpu_has(0) - 1] if wanted == "auto" else wanted
+    return _best_path() if wanted == "auto" else wanted
+
+
+@functools.cache
+def _best_path() -> Impl:
+    """The first of PATHS this CPU has (asked of the library once: every layer call resolves its path)."""
+    return PATHS[_library().i8s_cpu_has(0) - 1]
 
 
 def describe() -> str:
