@@ -17,7 +17,7 @@ from int8serve.service.policy.ledger import Ledger, make_database
 from int8serve.service.policy.spool import MemorySpool
 
 from .conftest import POSTGRES_URL, PolicyServer, TcpProxy, postgres_url
-from .test_faults import BODY, pg_proxy  # noqa: F401 (a fixture)
+from .test_faults import BODY
 
 
 def test_a_sqlite_statement_that_runs_too_long_is_interrupted(tmp_path: Path) -> None:
@@ -88,7 +88,7 @@ def test_the_spool_says_when_it_grows(caplog: pytest.LogCaptureFixture) -> None:
     ledger.close(timeout=1)
 
 
-def test_the_allocation_counts_rows_spooled_during_an_outage(pg_schema: str, pg_proxy: TcpProxy,  # noqa: F811
+def test_the_allocation_counts_rows_spooled_during_an_outage(pg_schema: str, pg_proxy: TcpProxy,
                                                               policy_server: Callable[..., PolicyServer]) -> None:
     """With the database cut off, the account's usage keeps growing from the rows this server records: the daily
     allocation refuses (429/3036) as soon as the spooled requests use it up, as it would with the database."""
