@@ -21,7 +21,7 @@ from .engine.config import ConfigError
 from .engine.demo import DEMO_WARNING, demo_model_dir
 from .engine.generate import GenerationStats, generate
 from .engine.int8 import DEFAULT_GROUP_SIZE, GROUP_SIZES
-from .engine.loader import LoadedModel, load_model, save_int8_checkpoint
+from .engine.loader import DEFAULT_QUANTIZER, QUANTIZERS, LoadedModel, load_model, save_int8_checkpoint
 from .engine.model_cache import load_cached
 from .engine.model_source import MODEL_HELP, resolve
 from .engine.perplexity import evaluate
@@ -76,7 +76,7 @@ def build_parser() -> argparse.ArgumentParser:
                                             "model.safetensors + tokenizer.model).")
     quant.add_argument("src", type=Path, help="the source model: a folder, a .gguf file or a Hub id org/name[@rev]")
     quant.add_argument("dst", type=Path, help="destination folder (created)")
-    _add_group_size(quant)
+    _add_quantization(quant)
     quant.add_argument("--threads", type=int, default=None, help="torch threads (default: all cores)")
 
     _add_serve_parser(commands)
@@ -90,14 +90,19 @@ def build_parser() -> argparse.ArgumentParser:
     ppl.add_argument("--window", type=int, default=256, help="tokens per window (default: 256)")
     ppl.add_argument("--compare-to", choices=["fp32"], default=None, help="reference to compare against")
     ppl.add_argument("--max-windows", type=int, default=None, help="stop after this many windows")
-    _add_group_size(ppl)
+    _add_quantization(ppl)
     return parser
 
 
-def _add_group_size(parser: argparse.ArgumentParser) -> None:
+def _add_quantization(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--group-size", type=int, choices=GROUP_SIZES, default=DEFAULT_GROUP_SIZE,
                         help="int8 weights: one scale per this many input values, 0 = per output channel "
                              "(default: %(default)s; a pre-quantized checkpoint keeps its own)")
+    parser.add_argument("--quantizer", choices=QUANTIZERS, default=DEFAULT_QUANTIZER,
+                        help="how full-precision weights become int8: gptq moves each weight's rounding error onto "
+                             "the weights not yet rounded, calibrated on a text the package ships (more accurate; "
+                             "minutes for a 7B model); rtn rounds each weight to its nearest step (seconds) "
+                             "(default: %(default)s)")
 
 
 def _add_serve_parser(commands: argparse._SubParsersAction) -> None:
@@ -191,10 +196,10 @@ def resolve_model(path: Path | None) -> Path:
     return resolve(path)
 
 
-def open_model(path: Path | None, dtype: str, use_cache: bool = True,
-               group_size: int = DEFAULT_GROUP_SIZE) -> tuple[LoadedModel, Tokenizer]:
+def open_model(path: Path | None, dtype: str, use_cache: bool = True, group_size: int = DEFAULT_GROUP_SIZE,
+               quantizer: str = DEFAULT_QUANTIZER) -> tuple[LoadedModel, Tokenizer]:
     loaded = load_cached(resolve_model(path), dtype, progress=sys.stderr.isatty(), use_cache=use_cache,
-                         group_size=group_size)
+                         group_size=group_size, quantizer=quantizer)
     if loaded.tokenizer_path is None:
         raise UsageError(f"{loaded.path}: no tokenizer.model in the folder or its parent")
     return loaded, Tokenizer(loaded.tokenizer_path)
@@ -238,7 +243,8 @@ def _with_system(system: str, prompt: str) -> list:
 
 def cmd_quantize(args: argparse.Namespace) -> None:
     started = time.perf_counter()
-    loaded = load_model(resolve(args.src), "int8", progress=sys.stderr.isatty(), group_size=args.group_size)
+    loaded = load_model(resolve(args.src), "int8", progress=sys.stderr.isatty(), group_size=args.group_size,
+                        quantizer=args.quantizer)
     folder = save_int8_checkpoint(loaded, args.dst)
     size = sum(f.stat().st_size for f in folder.iterdir() if f.is_file())
     print(f"wrote {folder} ({size / 1e6:.1f} MB) in {time.perf_counter() - started:.1f} s", file=sys.stderr)
@@ -247,7 +253,7 @@ def cmd_quantize(args: argparse.Namespace) -> None:
 def cmd_eval_ppl(args: argparse.Namespace) -> None:
     if not args.text.is_file():
         raise UsageError(f"{args.text}: no such file")
-    loaded, tokenizer = open_model(args.model, args.dtype, args.model_cache, args.group_size)
+    loaded, tokenizer = open_model(args.model, args.dtype, args.model_cache, args.group_size, args.quantizer)
     reference = None
     if args.compare_to == "fp32":
         reference = load_model(loaded.path, "fp32").model

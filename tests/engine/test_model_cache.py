@@ -41,8 +41,9 @@ def quantized(monkeypatch: pytest.MonkeyPatch) -> list[Path]:
     seen: list[Path] = []
     real = loader.load_model
 
-    def spy(path: Path, precision: str = "int8", progress: bool = False, group_size: int = 32) -> LoadedModel:
-        loaded = real(path, precision, progress, group_size)
+    def spy(path: Path, precision: str = "int8", progress: bool = False, group_size: int = 32,
+            quantizer: str = loader.DEFAULT_QUANTIZER) -> LoadedModel:
+        loaded = real(path, precision, progress, group_size, quantizer)
         if precision == "int8" and loaded.source_format != "int8":
             seen.append(Path(path))
         return loaded
@@ -85,6 +86,10 @@ def test_the_key_follows_the_source_and_the_quantization(cache: Path, source: Pa
     os.utime(weights, ns=(weights.stat().st_atime_ns, weights.stat().st_mtime_ns + 1))
     touched = cache_folder(source)
     assert touched != before
+    assert len({touched, cache_folder(source, quantizer="rtn"), cache_folder(source, group_size=64)}) == 3
+    monkeypatch.setattr(model_cache.calibration, "calibration_text", lambda: "another calibration text")
+    assert cache_folder(source) != touched  # GPTQ's copies depend on the calibration text
+    assert cache_folder(source, quantizer="rtn") == cache_folder(source, quantizer="rtn")
     monkeypatch.setattr(model_cache, "INT8_FORMAT_VERSION", 99)
     assert cache_folder(source) != touched
 

@@ -290,11 +290,11 @@ def _q8_0(name: str, q: Tensor, scales: Tensor, precision: str, said: list[bool]
 
 
 def load_gguf(path: Path, precision: str, progress: bool = False, tokenizer_dir: Path | None = None,
-              group_size: int | None = None) -> Any:
+              group_size: int | None = None, quantizer: str = "gptq") -> Any:
     """A `LoadedModel` from a GGUF file; its rebuilt tokenizer.model is written into `tokenizer_dir`."""
     from .demo import cache_dir
     from .int8 import DEFAULT_GROUP_SIZE
-    from .loader import LoadedModel, _fill
+    from .loader import LoadedModel, _fill, calibration_for
     from .model import Transformer
 
     file = GGUFFile.open(path)
@@ -304,5 +304,6 @@ def load_gguf(path: Path, precision: str, progress: bool = False, tokenizer_dir:
     with torch.device("meta"):
         model = Transformer(config, precision)
     group = DEFAULT_GROUP_SIZE if group_size is None else group_size
-    _fill(model, source, renamer(source, config, precision), path, progress, group)
+    windows = calibration_for(tokenizer, path) if precision == "int8" and quantizer == "gptq" else None
+    _fill(model, source, renamer(source, config, precision), path, progress, group, windows)
     return LoadedModel(model.eval(), config, tokenizer, "gguf", path)

@@ -14,6 +14,7 @@ from __future__ import annotations
 import ctypes
 import functools
 import json
+import logging
 import re
 import shutil
 from collections.abc import Callable, Iterator
@@ -25,10 +26,18 @@ from safetensors.torch import save_file
 from torch import Tensor, nn
 from tqdm import tqdm
 
+from . import calibration
 from .config import ModelConfig, config_from_hf, config_from_meta, read_json
 from .int8 import DEFAULT_GROUP_SIZE, Int8Linear, group_size_of, quantize
 from .model import Precision, Transformer
 from .sources import CheckpointError, MetaShardsSource, SafetensorsSource, TensorSource, hf_weight_files
+
+log = logging.getLogger(__name__)
+
+# How full-precision weights become int8: "gptq" (error-compensating, calibrated on the package's own text: the
+# default, measured more accurate) or "rtn" (each weight rounded to its nearest step: no calibration, faster).
+QUANTIZERS = ("gptq", "rtn")
+DEFAULT_QUANTIZER = "gptq"
 
 INT8_FORMAT = "int8serve-int8"
 INT8_FORMAT_VERSION = 2  # 2: "group_size" (0 = per channel), scales [N] or [N, ceil(K / group_size)]
@@ -96,17 +105,19 @@ def detect_format(folder: Path) -> str:
 
 
 def load_model(path: str | Path, precision: Precision = "int8", progress: bool = False,
-               group_size: int = DEFAULT_GROUP_SIZE) -> LoadedModel:
+               group_size: int = DEFAULT_GROUP_SIZE, quantizer: str = DEFAULT_QUANTIZER) -> LoadedModel:
     """Load the checkpoint folder (or .gguf file) at `path` as an fp32 reference or an int8 model.
 
     group_size: the int8 scheme when quantizing on load (a scale per `group_size` inputs, 0 = per output channel);
-    a pre-quantized checkpoint keeps the scheme it was written with.
+    quantizer: how (QUANTIZERS); a pre-quantized checkpoint keeps the scheme it was written with.
     """
+    if quantizer not in QUANTIZERS:
+        raise ValueError(f"quantizer must be one of {', '.join(QUANTIZERS)}, got {quantizer!r}")
     folder = Path(path)
     if folder.suffix == ".gguf" and folder.is_file():
         from .gguf_loader import load_gguf
 
-        return load_gguf(folder, precision, progress, group_size=group_size)
+        return load_gguf(folder, precision, progress, group_size=group_size, quantizer=quantizer)
     kind = detect_format(folder)
     tokenizer = find_tokenizer(folder)
     if kind == "int8":
@@ -120,8 +131,21 @@ def load_model(path: str | Path, precision: Precision = "int8", progress: bool =
         config, source, rename = _open_hf(folder)
     with torch.device("meta"):
         model = Transformer(config, precision)
-    _fill(model, source, rename, folder, progress, group_size)
+    windows = calibration_for(tokenizer, folder) if precision == "int8" and quantizer == "gptq" else None
+    _fill(model, source, rename, folder, progress, group_size, windows)
     return LoadedModel(model.eval(), config, tokenizer, kind, folder)
+
+
+def calibration_for(tokenizer: Path | None, folder: Path) -> Tensor | None:
+    """GPTQ's calibration windows in the model's own tokens, or None (said in the log) without a tokenizer."""
+    if tokenizer is None:
+        log.warning("%s: no tokenizer.model beside the weights, so no calibration text: quantizing by rounding each "
+                    "weight to its nearest int8 step (the 'rtn' quantizer)", folder)
+        return None
+    from .tokenizer import Tokenizer
+
+    tokens = Tokenizer(tokenizer)
+    return calibration.calibration_windows(tokens.encode, tokens.bos_id)
 
 
 # A checkpoint weight: a full-precision tensor, or an (int8 weight, scale) pair from a pre-quantized checkpoint.
@@ -192,20 +216,44 @@ def _tokenizer_vocab_size(path: Path) -> int:
 
 
 def _fill(model: Transformer, source: TensorSource, rename: Renamer, folder: Path, progress: bool,
-          group_size: int) -> None:
-    """Assign every checkpoint tensor to the model, then check that nothing is missing."""
+          group_size: int, calibration_windows: Tensor | None = None) -> None:
+    """Assign every checkpoint tensor to the model, then check that nothing is missing.
+
+    With `calibration_windows`, the full-precision weights of int8 layers are left for GPTQ (calibration.py), which
+    reads them again one block at a time once the embeddings and norms are in.
+    """
     names = [n for n in source.names() if not _IGNORED.fullmatch(n)]
     modules = dict(model.named_modules())
-    desc = "quantizing to int8" if model.precision == "int8" else "loading weights"
+    deferred: dict[str, str] = {}  # internal name of a full-precision int8-layer weight -> its checkpoint name
+    desc = "loading weights" if model.precision == "fp32" or calibration_windows is not None else "quantizing to int8"
     for name in tqdm(names, desc=desc, unit="tensor", disable=not progress, leave=False):
         for internal, weight in rename(name, source.get(name)):
-            _assign(modules, internal, weight, folder, group_size)
-    if model.config.tie_embeddings and _is_unset(model.output):
+            if calibration_windows is not None and _for_int8_layer(modules, internal, weight):
+                _check_shape(modules, internal, weight, folder)
+                deferred[internal] = name
+            else:
+                _assign(modules, internal, weight, folder, group_size)
+    if model.config.tie_embeddings and _is_unset(model.output) and not deferred:
         _assign(modules, "output.weight", model.tok_embeddings.weight, folder, group_size)
+    if deferred:
+        def weight_of(internal: str) -> Tensor:
+            if internal == "output.weight" and internal not in deferred:  # tied to the embeddings
+                return model.tok_embeddings.weight
+            if internal not in deferred:
+                raise CheckpointError(f"{folder}: checkpoint has no weights for {internal}")
+            return next(w for n, w in rename(deferred[internal], source.get(deferred[internal])) if n == internal)
+
+        calibration.quantize_blocks(model, weight_of, calibration_windows, group_size, progress)
+        _give_back_freed_memory()
     missing = [n for n, t in [*model.named_parameters(), *model.named_buffers()] if t.is_meta]
     if missing:
         raise CheckpointError(f"{folder}: checkpoint has no weights for {', '.join(missing[:5])}"
                               + (f" and {len(missing) - 5} more" if len(missing) > 5 else ""))
+
+
+def _for_int8_layer(modules: dict[str, nn.Module], name: str, weight: Weight) -> bool:
+    """A full-precision weight that an int8 layer will quantize."""
+    return isinstance(modules.get(name.rpartition(".")[0]), Int8Linear) and not isinstance(weight, tuple)
 
 
 def _is_unset(module: nn.Module) -> bool:
@@ -217,11 +265,7 @@ def _assign(modules: dict[str, nn.Module], name: str, weight: Weight, folder: Pa
     module = modules.get(module_name)
     if module is None or kind != "weight":
         raise CheckpointError(f"{folder}: unexpected tensor '{name}'")
-    tensor = weight[0] if isinstance(weight, tuple) else weight
-    expected = (module.out_features, module.in_features) if isinstance(module, Int8Linear) else module.weight.shape
-    if tuple(tensor.shape) != tuple(expected):
-        raise CheckpointError(f"{folder}: tensor '{name}' has shape {tuple(tensor.shape)}, but the config "
-                              f"describes {tuple(expected)}")
+    _check_shape(modules, name, weight, folder)
     if isinstance(module, Int8Linear):
         if isinstance(weight, tuple):
             try:
@@ -236,6 +280,15 @@ def _assign(modules: dict[str, nn.Module], name: str, weight: Weight, folder: Pa
         raise CheckpointError(f"{folder}: tensor '{name}' is int8, but that layer stays in full precision")
     else:
         module.weight = nn.Parameter(weight.to(torch.float32, copy=True).contiguous(), requires_grad=False)
+
+
+def _check_shape(modules: dict[str, nn.Module], name: str, weight: Weight, folder: Path) -> None:
+    module = modules[name.rpartition(".")[0]]
+    tensor = weight[0] if isinstance(weight, tuple) else weight
+    expected = (module.out_features, module.in_features) if isinstance(module, Int8Linear) else module.weight.shape
+    if tuple(tensor.shape) != tuple(expected):
+        raise CheckpointError(f"{folder}: tensor '{name}' has shape {tuple(tensor.shape)}, but the config "
+                              f"describes {tuple(expected)}")
 
 
 @functools.cache

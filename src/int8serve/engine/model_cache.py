@@ -7,8 +7,9 @@ a GGUF file, the first start writes that checkpoint into the cache and later sta
 The key is the source and the quantization, never a guess:
 - the source: a Hub snapshot by repo and commit (immutable); anything else by its resolved path and the name, size
   and modification time of each file (hashing 13 GB at every start would cost more than it saves);
-- the quantization: the int8 format's name and version and the source code of the quantizer, so that a change to
-  how weights are rounded (group-wise scales, say) can never load a copy made the old way.
+- the quantization: the int8 format's name and version, the quantizer (gptq or rtn) and its source code and
+  calibration text, so that a change to how weights are rounded (group-wise scales, say) can never load a copy made
+  the old way.
 Written atomically (a partial folder renamed into place) under a lock, so that two servers starting together
 quantize once: the second waits, then loads the first one's copy. A full disk or an unwritable cache costs a
 warning, never the start.
@@ -29,9 +30,17 @@ import shutil
 from collections.abc import Iterator
 from pathlib import Path
 
-from . import int8
+from . import calibration, gptq, int8
 from .demo import cache_dir
-from .loader import INT8_FORMAT, INT8_FORMAT_VERSION, LoadedModel, detect_format, load_model, save_int8_checkpoint
+from .loader import (
+    DEFAULT_QUANTIZER,
+    INT8_FORMAT,
+    INT8_FORMAT_VERSION,
+    LoadedModel,
+    detect_format,
+    load_model,
+    save_int8_checkpoint,
+)
 from .model import Precision
 
 log = logging.getLogger(__name__)
@@ -41,11 +50,14 @@ def models_dir() -> Path:
     return cache_dir() / "models"
 
 
-def quantization_settings(group_size: int = int8.DEFAULT_GROUP_SIZE) -> dict[str, str | int]:
+def quantization_settings(group_size: int = int8.DEFAULT_GROUP_SIZE,
+                          quantizer: str = DEFAULT_QUANTIZER) -> dict[str, str | int]:
     """What decides the bytes of an int8 copy besides its source."""
-    quantizer = inspect.getsource(int8.quantize) + inspect.getsource(int8._quantize_groups)
+    code = inspect.getsource(int8.quantize) + inspect.getsource(int8._quantize_groups)
+    if quantizer == "gptq":
+        code += inspect.getsource(gptq) + inspect.getsource(calibration) + calibration.calibration_text()
     return {"format": INT8_FORMAT, "version": INT8_FORMAT_VERSION, "group_size": group_size,
-            "quantizer": hashlib.sha256(quantizer.encode()).hexdigest()[:16]}
+            "quantizer": f"{quantizer}-{hashlib.sha256(code.encode()).hexdigest()[:16]}"}
 
 
 def source_identity(source: Path) -> dict[str, object]:
@@ -59,10 +71,11 @@ def source_identity(source: Path) -> dict[str, object]:
             "files": [[p.name, p.stat().st_size, p.stat().st_mtime_ns] for p in files]}
 
 
-def cache_folder(source: Path, group_size: int = int8.DEFAULT_GROUP_SIZE) -> Path:
+def cache_folder(source: Path, group_size: int = int8.DEFAULT_GROUP_SIZE,
+                 quantizer: str = DEFAULT_QUANTIZER) -> Path:
     """`models/<readable name>-<key>`: the key hashes the source's identity and the quantization settings."""
     identity = source_identity(source)
-    settings = quantization_settings(group_size)
+    settings = quantization_settings(group_size, quantizer)
     key = hashlib.sha256(json.dumps([identity, settings], sort_keys=True).encode()).hexdigest()[:20]
     label = str(identity.get("hub") or source.resolve().name)
     return models_dir() / f"{re.sub(r'[^A-Za-z0-9._-]+', '--', label)[:80]}-{key}"
@@ -76,15 +89,16 @@ def cacheable(source: Path, precision: Precision) -> bool:
 
 
 def load_cached(source: Path, precision: Precision = "int8", progress: bool = False,
-                use_cache: bool = True, group_size: int = int8.DEFAULT_GROUP_SIZE) -> LoadedModel:
+                use_cache: bool = True, group_size: int = int8.DEFAULT_GROUP_SIZE,
+                quantizer: str = DEFAULT_QUANTIZER) -> LoadedModel:
     """`load_model(source)`, through the int8 cache when it applies; `path` stays the source."""
     if not use_cache or not cacheable(source, precision):
-        return load_model(source, precision, progress, group_size)
-    folder = cache_folder(source, group_size)
+        return load_model(source, precision, progress, group_size, quantizer)
+    folder = cache_folder(source, group_size, quantizer)
     if not _complete(folder):
         with _locked(folder):
             if not _complete(folder):
-                return _quantize_and_store(source, folder, progress, group_size)
+                return _quantize_and_store(source, folder, progress, group_size, quantizer)
     log.info("loading the int8 copy of %s from the cache: %s", source, folder)
     return dataclasses.replace(load_model(folder, "int8", progress), path=source)
 
@@ -109,9 +123,11 @@ def _locked(folder: Path) -> Iterator[None]:
             fcntl.flock(handle, fcntl.LOCK_UN)
 
 
-def _quantize_and_store(source: Path, folder: Path, progress: bool, group_size: int) -> LoadedModel:
-    log.info("quantizing %s to int8 (once: later starts load the copy written to %s)", source, folder)
-    loaded = load_model(source, "int8", progress, group_size)
+def _quantize_and_store(source: Path, folder: Path, progress: bool, group_size: int, quantizer: str
+                        ) -> LoadedModel:
+    log.info("quantizing %s to int8 with %s (once: later starts load the copy written to %s)", source, quantizer,
+             folder)
+    loaded = load_model(source, "int8", progress, group_size, quantizer)
     try:
         _store(loaded, folder)
     except OSError as err:

@@ -1,0 +1,125 @@
+"""Calibrated quantization: the model's blocks run on a calibration text, one at a time, and GPTQ quantizes each.
+
+GPTQ (gptq.py) needs, for each linear layer, the covariance of the inputs it sees. They come from running the
+full-precision model over a calibration text: the package's own `demo_text.txt` (our own prose, in no benchmark
+corpus, so accuracy measured on tinystories.txt or sotu.txt is measured on text the quantizer never saw), cut into
+windows of `WINDOW` tokens. The loader reads one transformer block's full-precision weights at a time, runs the
+calibration hidden states through it (fp32), quantizes its seven linear layers into the int8 model, and moves on
+with the block's full-precision outputs: peak memory is the int8 model plus one block, as when quantizing without
+calibration.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Callable
+from pathlib import Path
+
+import torch
+from torch import Tensor, nn
+from tqdm import tqdm
+
+from .config import ModelConfig
+from .gptq import InputCovariance, quantize_gptq
+from .int8 import Int8Linear
+from .model import Transformer, TransformerBlock
+
+__all__ = ["CALIBRATION_TOKENS", "WINDOW", "calibration_windows", "quantize_blocks"]
+
+log = logging.getLogger(__name__)
+
+CALIBRATION_TOKENS = 2048  # measured on stories260K: see docs/benchmarks.md "int8 accuracy"
+WINDOW = 256
+# The linear layers of a block, by the input they share (one covariance each).
+_INPUTS = {"attention.wq": "attention_in", "attention.wk": "attention_in", "attention.wv": "attention_in",
+           "attention.wo": "attention_out", "feed_forward.w1": "ffn_in", "feed_forward.w3": "ffn_in",
+           "feed_forward.w2": "ffn_hidden"}
+
+WeightOf = Callable[[str], Tensor]  # an internal weight name ("layers.3.attention.wq.weight") -> full precision
+
+
+def calibration_text() -> str:
+    return (Path(__file__).with_name("demo_text.txt")).read_text(encoding="utf-8")
+
+
+def calibration_windows(encode: Callable[[str], list[int]], bos_id: int | None, tokens: int = CALIBRATION_TOKENS,
+                        window: int = WINDOW) -> Tensor:
+    """The calibration text as int64 [S, window] (each window starts with BOS where the model has one)."""
+    ids = encode(calibration_text())
+    body = window - (bos_id is not None)
+    count = max(1, min(tokens, len(ids)) // window)
+    rows = [ids[i * body:(i + 1) * body] for i in range(count)]
+    rows = [([bos_id] if bos_id is not None else []) + row for row in rows if len(row) == body]
+    if not rows:
+        raise ValueError(f"the calibration text gives {len(ids)} tokens, fewer than a window of {window}")
+    return torch.tensor(rows, dtype=torch.int64)
+
+
+def quantize_blocks(model: Transformer, weight_of: WeightOf, windows: Tensor, group_size: int,
+                    progress: bool = False) -> None:
+    """Quantize every int8 layer of `model` (its embeddings and norms already loaded) with GPTQ on `windows`."""
+    config = model.config
+    with torch.inference_mode():
+        hidden = model.tok_embeddings(windows).float()  # [S, T, dim]
+    positions = torch.arange(windows.shape[1])
+    cos, sin = model.rope_cos[positions][None], model.rope_sin[positions][None]  # [1, T, D]
+    batch = windows.shape[0]
+    cos, sin = cos.expand(batch, -1, -1), sin.expand(batch, -1, -1)
+    for index in tqdm(range(config.n_layers), desc="quantizing to int8 (GPTQ)", unit="layer", disable=not progress,
+                      leave=False):
+        block = _full_precision_block(config, model.layers[index],
+                                      lambda name, prefix=f"layers.{index}.": weight_of(prefix + name))
+        covariances = _record_inputs(block)
+        cache = torch.empty(batch, config.n_kv_heads, windows.shape[1], config.head_dim)
+        cache_v = torch.empty_like(cache)
+        with torch.inference_mode():
+            hidden = block(hidden, cos, sin, cache, cache_v, range(batch), [0] * batch)
+        for hook in covariances.pop("hooks"):
+            hook.remove()
+        for name, linear in _linears(model.layers[index]):
+            full = _module(block, name).weight
+            linear.set_quantized(*quantize_gptq(full, covariances[_INPUTS[name]].matrix, group_size), group_size)
+        del block
+    if isinstance(model.output, Int8Linear) and any(t.is_meta for t in model.output.buffers()):
+        head = InputCovariance(config.dim)
+        with torch.inference_mode():
+            head.add(model.norm(hidden))
+        model.output.set_quantized(*quantize_gptq(weight_of("output.weight"), head.matrix, group_size), group_size)
+
+
+def _linears(block: nn.Module) -> list[tuple[str, Int8Linear]]:
+    return [(name, module) for name, module in block.named_modules() if isinstance(module, Int8Linear)]
+
+
+def _module(block: nn.Module, name: str) -> nn.Module:
+    return block.get_submodule(name)
+
+
+def _full_precision_block(config: ModelConfig, int8_block: TransformerBlock, weight_of: Callable[[str], Tensor]
+                          ) -> TransformerBlock:
+    """An fp32 TransformerBlock with `int8_block`'s norms and the checkpoint's full-precision linear weights."""
+    with torch.device("meta"):
+        block = TransformerBlock(config, lambda i, o: nn.Linear(i, o, bias=False))
+    for name in ("attention_norm", "ffn_norm"):
+        setattr(block, name, getattr(int8_block, name))
+    for name in _INPUTS:
+        linear = _module(block, name)
+        weight = weight_of(f"{name}.weight").to(torch.float32)
+        if tuple(weight.shape) != (linear.out_features, linear.in_features):
+            raise ValueError(f"{name}.weight has shape {tuple(weight.shape)}, expected "
+                             f"{(linear.out_features, linear.in_features)}")
+        linear.weight = nn.Parameter(weight, requires_grad=False)
+    return block
+
+
+def _record_inputs(block: TransformerBlock) -> dict:
+    """Forward hooks adding each shared input of `block`'s linear layers to its covariance (once per input)."""
+    covariances: dict = {"hooks": []}
+    for name, key in _INPUTS.items():
+        if key in covariances:
+            continue
+        linear = _module(block, name)
+        covariance = covariances[key] = InputCovariance(linear.in_features)
+        covariances["hooks"].append(linear.register_forward_hook(
+            lambda module, inputs, output, c=covariance: c.add(inputs[0])))
+    return covariances
