@@ -1,7 +1,9 @@
-"""The first start quantizes once: the int8 copy in $INT8SERVE_CACHE/models, its key, its lock, its atomic write."""
+"""The first start quantizes once: the int8 copy in $INT8SERVE_CACHE/models, its key, its lock, its atomic write;
+later starts map its packed layout without repacking, and an old or damaged copy is rebuilt."""
 
 from __future__ import annotations
 
+import json
 import os
 import shutil
 import threading
@@ -12,7 +14,7 @@ import pytest
 import torch
 from tests.engine.test_hub import COMMIT, lay_out_hub_cache
 
-from int8serve.engine import loader, model_cache
+from int8serve.engine import int8, kernels, loader, model_cache
 from int8serve.engine.loader import LoadedModel, load_model
 from int8serve.engine.model_cache import cache_folder, load_cached, models_dir
 
@@ -125,7 +127,7 @@ def test_a_failed_write_leaves_nothing_and_still_serves(cache: Path, source: Pat
         (Path(destination) / "model.safetensors").write_bytes(b"half")
         raise OSError(28, "No space left on device")
 
-    monkeypatch.setattr(model_cache, "save_int8_checkpoint", disk_full)
+    monkeypatch.setattr(model_cache, "save_packed_checkpoint", disk_full)
     loaded = load_cached(source)
     assert torch.equal(logits(loaded), logits(load_model(source, "int8")))
     assert [p.name for p in models_dir().iterdir() if not p.name.endswith(".lock")] == []
@@ -151,3 +153,105 @@ def test_quantizing_by_blocks_of_rows_gives_the_same_bits(monkeypatch: pytest.Mo
     monkeypatch.setattr(int8, "QUANTIZE_CHUNK", 7 * 64)  # 7 rows at a time
     for ours, expected in zip(int8.quantize(weight, 32), whole, strict=True):
         assert torch.equal(ours, expected)
+
+
+@pytest.fixture
+def repacked(monkeypatch: pytest.MonkeyPatch) -> list[str]:
+    """Every packing of a weight into the kernel's layout (in C++ or torch) and every plain-weight assignment."""
+    calls: list[str] = []
+    for owner, name in ((kernels, "pack_weight"), (kernels, "_pack_torch"), (int8.Int8Linear, "set_quantized")):
+        real = getattr(owner, name)
+
+        def spy(*args: object, _real: object = real, _name: str = name, **kwargs: object) -> object:
+            calls.append(_name)
+            return _real(*args, **kwargs)  # type: ignore[operator]
+
+        monkeypatch.setattr(owner, name, spy)
+    return calls
+
+
+def mapped_files(tensor: torch.Tensor) -> list[str]:
+    """The files whose memory mapping holds `tensor`'s data (empty for anonymous memory)."""
+    address = tensor.data_ptr()
+    found = []
+    for line in Path("/proc/self/maps").read_text().splitlines():
+        fields = line.split(maxsplit=5)
+        low, high = (int(part, 16) for part in fields[0].split("-"))
+        if low <= address < high and len(fields) == 6:
+            found.append(fields[5])
+    return found
+
+
+def test_a_later_load_maps_the_packed_copy_without_repacking(cache: Path, source: Path,
+                                                              repacked: list[str]) -> None:
+    fresh = load_model(source, "int8")  # a fresh quantization, as --no-model-cache does
+    load_cached(source)
+    repacked.clear()
+    later = load_cached(source)
+    assert repacked == []  # nothing packed, nothing assigned as plain int8: the stored layout is used as it is
+    weights = str(cache_folder(source) / "model.safetensors")
+    for module in later.model.modules():
+        if isinstance(module, int8.Int8Linear):
+            assert module.packed is not None and module.weight is None  # one copy: the packed one
+            assert mapped_files(module.packed.data) == [weights]  # the file's pages, not a copy in fresh memory
+            assert module.packed.data.data_ptr() % kernels.ALIGNMENT == 0
+    assert mapped_files(later.model.tok_embeddings.weight) == [weights]
+    assert torch.equal(logits(later), logits(fresh))  # bit for bit
+    assert torch.equal(logits(load_model(cache_folder(source))), logits(fresh))  # --model may name the copy itself
+
+
+def test_an_older_int8_copy_is_rebuilt_once_and_said_so(cache: Path, source: Path, quantized: list[Path],
+                                                       caplog: pytest.LogCaptureFixture) -> None:
+    folder = cache_folder(source)
+    folder.parent.mkdir(parents=True)
+    loader.save_int8_checkpoint(load_model(source, "int8"), folder)  # what the cache held before: version 2
+    with caplog.at_level("INFO", logger="int8serve.engine.model_cache"):
+        rebuilt = load_cached(source)
+        again = load_cached(source)
+    warnings = [r.getMessage() for r in caplog.records if r.levelname == "WARNING"]
+    assert len(warnings) == 1 and "cannot be used, rebuilding it" in warnings[0] and "version 2" in warnings[0]
+    assert quantized == [source]  # rebuilt from the source, once
+    assert model_cache.read_json(folder / "int8serve.json")["version"] == loader.PACKED_FORMAT_VERSION
+    assert torch.equal(logits(rebuilt), logits(again))
+    assert [p.name for p in folder.parent.iterdir() if p.name.startswith(".")] == []  # the old copy is gone
+
+
+@pytest.mark.parametrize("damage", ["cut short", "header", "layout", "missing tensor"])
+def test_a_damaged_copy_is_detected_and_rebuilt(cache: Path, source: Path, quantized: list[Path], damage: str,
+                                                monkeypatch: pytest.MonkeyPatch,
+                                                caplog: pytest.LogCaptureFixture) -> None:
+    expected = logits(load_cached(source))
+    folder = cache_folder(source)
+    weights, meta_file = folder / "model.safetensors", folder / "int8serve.json"
+    meta = model_cache.read_json(meta_file)
+    if damage == "cut short":
+        with open(weights, "r+b") as f:
+            f.truncate(weights.stat().st_size - 4096)
+    elif damage == "header":  # the same size, a header that is not JSON
+        with open(weights, "r+b") as f:
+            f.seek(8)
+            f.write(b"\xff" * 16)
+    elif damage == "layout":  # written by a version whose kernel tiles its weights another way
+        monkeypatch.setattr(kernels, "LAYOUT", {**kernels.LAYOUT, "version": kernels.LAYOUT["version"] + 1})
+    else:
+        meta["group_sizes"].pop("layers.0.attention.wq")
+        meta_file.write_text(json.dumps(meta))
+    quantized.clear()
+    with caplog.at_level("WARNING", logger="int8serve.engine.model_cache"):
+        rebuilt = load_cached(source)
+    assert quantized == [source]
+    assert len(caplog.records) == 1 and "cannot be used, rebuilding it" in caplog.text
+    assert torch.equal(logits(rebuilt), expected)
+    quantized.clear()
+    assert torch.equal(logits(load_cached(source)), expected) and quantized == []  # the new copy is good
+
+
+def test_without_the_kernel_the_packed_copy_is_unpacked_for_torchs_kernels(cache: Path, source: Path,
+                                                                         monkeypatch: pytest.MonkeyPatch) -> None:
+    load_cached(source)  # written with the kernel
+    monkeypatch.setattr(kernels, "available", lambda: False)
+    stock = load_model(source, "int8")
+    later = load_cached(source)
+    assert all(m.packed is None and m.weight is not None
+               for m in later.model.modules() if isinstance(m, int8.Int8Linear))
+    assert torch.equal(logits(later), logits(stock))

@@ -212,6 +212,29 @@ class Int8Linear(nn.Module):
         self.scale = scale[:, 0].contiguous() if group_size == 0 else scale.contiguous()
         self.kernel_scale = self.scale.to(COMPUTE_DTYPE)
 
+    def set_packed(self, packed: kernels.PackedWeight) -> None:
+        """The weight already in the kernel's layout (the model cache's copy): kept as it is, no repacking. Without
+        the kernel it is unpacked into the stock path's plain weight and scales instead."""
+        if (packed.out_features, packed.in_features) != (self.out_features, self.in_features):
+            raise ValueError(f"packed weight of shape {(packed.out_features, packed.in_features)}, expected "
+                             f"{(self.out_features, self.in_features)}")
+        if not kernels.available():
+            scales = packed.scales()
+            self.set_quantized(kernels.unpack_weight(packed), scales[:, 0] if packed.group_size == 0 else scales,
+                               packed.group_size)
+            return
+        self.group_size = packed.group_size
+        self.packed = packed
+        self.weight = self.scale = self.kernel_scale = None
+        self.packed_data, self.packed_scale = packed.data, packed.scale
+
+    def packed_copy(self) -> kernels.PackedWeight:
+        """The weight in the kernel's layout: the layer's own copy, or (stock path) one packed now."""
+        if self.packed is not None:
+            return self.packed
+        assert self.weight is not None and self.scale is not None
+        return kernels.pack_weight(self.weight, self.scale, self.group_size)
+
     def quantized(self) -> tuple[Tensor, Tensor]:
         """(int8 [out, in], fp32 scales [out] per channel or [out, groups]): what a checkpoint stores."""
         if self.packed is not None:

@@ -42,6 +42,7 @@ DEFAULT_QUANTIZER = "gptq"
 INT8_FORMAT = "int8serve-int8"
 INT8_FORMAT_VERSION = 2  # 2: "group_size" (0 = per channel), scales [N] or [N, ceil(K / group_size)]
 READABLE_VERSIONS = (1, 2)  # 1: per-channel scales [N] only
+PACKED_FORMAT_VERSION = 3  # the model cache's copy in the kernel's packed layout (packed_checkpoint.py)
 
 _HF_NAMES = [
     (r"model\.embed_tokens\.weight", "tok_embeddings.weight"),
@@ -124,7 +125,12 @@ def load_model(path: str | Path, precision: Precision = "int8", progress: bool =
         if precision != "int8":
             raise CheckpointError(f"{folder}: an int8 checkpoint holds no full-precision weights; load the "
                                   "original checkpoint for --dtype fp32")
-        config, source, rename = _open_int8(folder)
+        meta = read_json(folder / "int8serve.json")
+        if meta.get("format") == INT8_FORMAT and meta.get("version") == PACKED_FORMAT_VERSION:
+            from .packed_checkpoint import load_packed
+
+            return load_packed(folder, meta)
+        config, source, rename = _open_int8(folder, meta)
     elif kind == "meta":
         config, source, rename = _open_meta(folder, tokenizer)
     else:
@@ -181,12 +187,11 @@ def _open_meta(folder: Path, tokenizer: Path | None) -> tuple[ModelConfig, Tenso
     return config, source, rename
 
 
-def _open_int8(folder: Path) -> tuple[ModelConfig, TensorSource, Renamer]:
-    meta = read_json(folder / "int8serve.json")
+def _open_int8(folder: Path, meta: dict) -> tuple[ModelConfig, TensorSource, Renamer]:
     if meta.get("format") != INT8_FORMAT or meta.get("version") not in READABLE_VERSIONS:
         raise CheckpointError(f"{folder / 'int8serve.json'}: format {meta.get('format')!r} version "
                               f"{meta.get('version')!r}, expected {INT8_FORMAT!r} version "
-                              f"{' or '.join(map(str, READABLE_VERSIONS))}")
+                              f"{' or '.join(map(str, (*READABLE_VERSIONS, PACKED_FORMAT_VERSION)))}")
     if not (folder / "model.safetensors").is_file():
         raise CheckpointError(f"{folder}: int8serve.json but no model.safetensors")
     config = ModelConfig.from_dict(meta.get("config", {}))

@@ -1,8 +1,9 @@
 """The first start quantizes once: an int8 copy of each full-precision source, kept in `$INT8SERVE_CACHE/models/`.
 
-Quantizing Llama-2-7B from fp16 reads 13.5 GB and rounds 6.7 billion weights; loading the int8 checkpoint that
-`int8serve quantize` writes reads 7 GB and rounds nothing. So when `--model` is a Hub id, a full-precision folder or
-a GGUF file, the first start writes that checkpoint into the cache and later starts load it instead.
+Quantizing Llama-2-7B from fp16 reads 13.5 GB and rounds 6.7 billion weights. So when `--model` is a Hub id, a
+full-precision folder or a GGUF file, the first start writes the int8 model into the cache and later starts map it
+instead. The copy is stored in our kernel's packed layout (packed_checkpoint.py): a later start maps the file and
+neither reads, copies nor repacks the weights.
 
 The key is the source and the quantization, never a guess:
 - the source: a Hub snapshot by repo and commit (immutable); anything else by its resolved path and the name, size
@@ -10,6 +11,8 @@ The key is the source and the quantization, never a guess:
 - the quantization: the int8 format's name and version, the quantizer (gptq or rtn) and its source code and
   calibration text, so that a change to how weights are rounded (group-wise scales, say) can never load a copy made
   the old way.
+How the copy is stored (the packed layout and its version) is not in the key: a copy stored another way (an older
+int8serve's plain int8 checkpoint), cut short or otherwise unusable is said so once in the log and rebuilt in place.
 Written atomically (a partial folder renamed into place) under a lock, so that two servers starting together
 quantize once: the second waits, then loads the first one's copy. A full disk or an unwritable cache costs a
 warning, never the start.
@@ -31,17 +34,12 @@ from collections.abc import Iterator
 from pathlib import Path
 
 from . import calibration, gptq, int8
+from .config import ConfigError, read_json
 from .demo import cache_dir
-from .loader import (
-    DEFAULT_QUANTIZER,
-    INT8_FORMAT,
-    INT8_FORMAT_VERSION,
-    LoadedModel,
-    detect_format,
-    load_model,
-    save_int8_checkpoint,
-)
+from .loader import DEFAULT_QUANTIZER, INT8_FORMAT, INT8_FORMAT_VERSION, LoadedModel, detect_format, load_model
 from .model import Precision
+from .packed_checkpoint import load_packed, save_packed_checkpoint
+from .sources import CheckpointError
 
 log = logging.getLogger(__name__)
 
@@ -95,16 +93,28 @@ def load_cached(source: Path, precision: Precision = "int8", progress: bool = Fa
     if not use_cache or not cacheable(source, precision):
         return load_model(source, precision, progress, group_size, quantizer)
     folder = cache_folder(source, group_size, quantizer)
-    if not _complete(folder):
+    loaded = _load_copy(folder, source)
+    if loaded is None:
         with _locked(folder):
-            if not _complete(folder):
+            loaded = _load_copy(folder, source, quiet=True)  # another process may have written it meanwhile
+            if loaded is None:
                 return _quantize_and_store(source, folder, progress, group_size, quantizer)
-    log.info("loading the int8 copy of %s from the cache: %s", source, folder)
-    return dataclasses.replace(load_model(folder, "int8", progress), path=source)
+    return dataclasses.replace(loaded, path=source)
 
 
-def _complete(folder: Path) -> bool:
-    return (folder / "int8serve.json").is_file()
+def _load_copy(folder: Path, source: Path, quiet: bool = False) -> LoadedModel | None:
+    """The copy in `folder` mapped into a model; None when there is none, or (said unless `quiet`) when it cannot be
+    used as it is: written by an older version, cut short, damaged."""
+    if not (folder / "int8serve.json").is_file():
+        return None
+    try:
+        loaded = load_packed(folder, read_json(folder / "int8serve.json"))
+    except (CheckpointError, ConfigError) as err:
+        if not quiet:
+            log.warning("the cached int8 copy of %s cannot be used, rebuilding it: %s", source, err)
+        return None
+    log.info("mapped the int8 copy of %s from the cache: %s", source, folder)
+    return loaded
 
 
 @contextlib.contextmanager
@@ -138,7 +148,12 @@ def _quantize_and_store(source: Path, folder: Path, progress: bool, group_size: 
 
 def _store(loaded: LoadedModel, folder: Path) -> None:
     """Write the checkpoint beside `folder` and rename it into place: a reader sees all of it or nothing."""
-    for stale in folder.parent.glob(f".partial-{folder.name}-*"):  # left by a process that died while writing
+    for pattern in (f".partial-{folder.name}-*", f".stale-{folder.name}-*"):  # left by a process that died
+        for stale in folder.parent.glob(pattern):
+            shutil.rmtree(stale, ignore_errors=True)
+    if folder.exists():  # an unusable copy (see _load_copy); a process that mapped it keeps its (unlinked) files
+        stale = folder.with_name(f".stale-{folder.name}-{os.getpid()}")
+        os.rename(folder, stale)
         shutil.rmtree(stale, ignore_errors=True)
     needed = _nbytes(loaded)
     free = shutil.disk_usage(folder.parent).free
@@ -146,7 +161,7 @@ def _store(loaded: LoadedModel, folder: Path) -> None:
         raise OSError(f"{needed / 1e9:.1f} GB needed, {free / 1e9:.1f} GB free")
     partial = folder.with_name(f".partial-{folder.name}-{os.getpid()}")
     try:
-        save_int8_checkpoint(loaded, partial)
+        save_packed_checkpoint(loaded, partial)
         for file in partial.iterdir():
             with open(file, "rb") as handle:
                 os.fsync(handle.fileno())

@@ -49,6 +49,11 @@ log = logging.getLogger(__name__)
 SOURCE = Path(__file__).with_name("gemv.cpp")
 GROUP = 32  # activation values per scale; K is padded (with zeros) to a multiple of this
 TILE_ROWS = 64  # output rows per packed tile; N is padded to a multiple of this
+# The packed layout (gemv.cpp's comment; pack_weight, _pack_torch, unpack_weight). Every path reads the same bytes, so
+# a stored packed weight (the model cache's copy) does not depend on the CPU; bump this when the layout changes, and
+# copies stored the old way are rebuilt.
+LAYOUT = {"name": "int8serve-tiles", "version": 1, "tile_rows": TILE_ROWS, "group": GROUP}
+ALIGNMENT = 64  # bytes: gemv.cpp refuses a packed weight whose data is not 64-byte aligned (status -2)
 Impl = Literal["auto", "vnni512", "avxvnni", "avx2", "scalar"]
 PATHS: tuple[Impl, ...] = ("vnni512", "avxvnni", "avx2", "scalar")  # in the order auto prefers them
 _IMPLS = {"auto": 0, "vnni512": 1, "avxvnni": 2, "avx2": 3, "scalar": 4}
@@ -273,7 +278,28 @@ class PackedWeight:
         return self.scale.float().permute(0, 2, 1).reshape(-1, self.weight_groups)[:self.out_features].contiguous()
 
 
-def _aligned_empty(numel: int, alignment: int = 64) -> Tensor:
+def packed_shapes(out_features: int, in_features: int, group_size: int) -> tuple[tuple[int], tuple[int, int, int]]:
+    """The shapes of a PackedWeight's `data` (uint8) and `scale` (bf16) for an int8 weight [N, K]."""
+    np_, kp = -(-out_features // TILE_ROWS) * TILE_ROWS, -(-in_features // GROUP) * GROUP
+    return (np_ * kp,), (np_ // TILE_ROWS, weight_groups(in_features, group_size), TILE_ROWS)
+
+
+def adopt_packed(data: Tensor, scale: Tensor, out_features: int, in_features: int,
+                 group_size: int) -> PackedWeight:
+    """A PackedWeight over tensors already in the packed layout (a stored copy, e.g. memory-mapped), without copying
+    them unless `data` is not 64-byte aligned. Raises ValueError when their dtypes or shapes do not fit [N, K]."""
+    check_group_size(group_size)
+    data_shape, scale_shape = packed_shapes(out_features, in_features, group_size)
+    if data.dtype != torch.uint8 or tuple(data.shape) != data_shape:
+        raise ValueError(f"packed data must be uint8 {list(data_shape)}, got {data.dtype} {list(data.shape)}")
+    if scale.dtype != torch.bfloat16 or tuple(scale.shape) != scale_shape:
+        raise ValueError(f"packed scales must be bfloat16 {list(scale_shape)}, got {scale.dtype} {list(scale.shape)}")
+    if data.device.type != "cpu" or not data.is_contiguous() or data.data_ptr() % ALIGNMENT:
+        data = _aligned_empty(data.numel()).copy_(data)
+    return PackedWeight(data, scale.contiguous(), out_features, in_features, group_size)
+
+
+def _aligned_empty(numel: int, alignment: int = ALIGNMENT) -> Tensor:
     raw = torch.empty(numel + alignment, dtype=torch.uint8, device="cpu")
     offset = (-raw.data_ptr()) % alignment
     return raw[offset:offset + numel]

@@ -1,0 +1,151 @@
+"""The model cache's copy: int8 weights stored in our kernel's packed layout and memory-mapped back at load.
+
+An int8 checkpoint as `int8serve quantize` writes it (format versions 1 and 2) holds plain int8 [N, K] weights and
+their scales: loading it reads every byte into fresh memory and repacks each weight into the kernel's tiles
+(gemv.cpp), which made a later start of the 7B shape take ~20 s on an idle 2-core machine. This format (version 3)
+stores what the model holds instead: each `Int8Linear`'s packed bytes and tiled bf16 scales (the `packed_data` and
+`packed_scale` tensors), beside the full-precision embeddings and norms, in one safetensors file. Loading maps the
+file (safetensors' `safe_open` hands tensors out over a private memory map): nothing is read, copied or repacked;
+pages come in from the page cache as the first forward touches them, and the mapping is the model's only copy of
+its weights (issue 10's rule: one packed copy).
+
+The kernel needs each packed weight 64-byte aligned, and a mapping keeps the file's alignment, so the writer puts
+every tensor at a multiple of 64 bytes: the header is padded to end there, the packed data (multiples of 2048 bytes)
+come first, then the scales (multiples of 128 bytes), then the fp32 tensors. The layout is the same on every kernel
+path (`kernels.LAYOUT`), so one copy serves any CPU; `int8serve.json` records it, and a copy of another layout is
+refused with a CheckpointError (the model cache then rebuilds it).
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import torch
+from safetensors import SafetensorError, safe_open
+from torch import Tensor, nn
+
+from . import kernels
+from .config import ModelConfig
+from .int8 import Int8Linear
+from .loader import INT8_FORMAT, PACKED_FORMAT_VERSION, LoadedModel, find_tokenizer
+from .model import Transformer
+from .sources import CheckpointError
+
+WEIGHTS = "model.safetensors"
+_DTYPES = {torch.uint8: "U8", torch.bfloat16: "BF16", torch.float32: "F32"}
+
+
+def save_packed_checkpoint(loaded: LoadedModel, destination: str | Path) -> Path:
+    """Write an int8 model as int8serve.json (version 3) + model.safetensors (packed layout) + tokenizer.model.
+
+    Tensors are written one at a time from the model's own copies (a layer on torch's stock kernels is packed as it is
+    written), so writing costs no second copy of the model.
+    """
+    model = loaded.model
+    if model.precision != "int8":
+        raise ValueError("only an int8 model can be saved in the packed layout")
+    folder = Path(destination)
+    folder.mkdir(parents=True, exist_ok=True)
+    packed: list[tuple[str, Int8Linear]] = []
+    dense: list[tuple[str, Tensor]] = []
+    for name, module in model.named_modules():
+        if isinstance(module, Int8Linear):
+            packed.append((name, module))
+        for parameter_name, parameter in module.named_parameters(prefix=name, recurse=False):
+            dense.append((parameter_name, parameter.data))
+    # (name, dtype, shape, the tensor when it is written); aligned by this order (see the module's docstring)
+    entries: list[tuple[str, torch.dtype, tuple[int, ...], object]] = []
+    for name, module in packed:
+        data_shape, _ = kernels.packed_shapes(module.out_features, module.in_features, module.group_size)
+        entries.append((f"{name}.packed_data", torch.uint8, data_shape, lambda m=module: m.packed_copy().data))
+    for name, module in packed:
+        _, scale_shape = kernels.packed_shapes(module.out_features, module.in_features, module.group_size)
+        entries.append((f"{name}.packed_scale", torch.bfloat16, scale_shape, lambda m=module: m.packed_copy().scale))
+    for name, tensor in dense:
+        entries.append((name, torch.float32, tuple(tensor.shape), lambda t=tensor: t.float()))
+    size = _write_aligned_safetensors(folder / WEIGHTS, entries)
+    meta = {"format": INT8_FORMAT, "version": PACKED_FORMAT_VERSION, "layout": kernels.LAYOUT,
+            "config": loaded.config.to_dict(),
+            "group_sizes": {name: module.group_size for name, module in packed},
+            "weights_bytes": size, "source": str(loaded.path),
+            "note": "int8serve's own cache format (the kernel's packed layout); `int8serve quantize` writes the "
+                    "portable one"}
+    (folder / "int8serve.json").write_text(json.dumps(meta, indent=2) + "\n")
+    if loaded.tokenizer_path is not None and loaded.tokenizer_path.resolve() != (folder / "tokenizer.model").resolve():
+        (folder / "tokenizer.model").write_bytes(loaded.tokenizer_path.read_bytes())
+    return folder
+
+
+def _write_aligned_safetensors(path: Path, entries: list[tuple[str, torch.dtype, tuple[int, ...], object]]) -> int:
+    """A safetensors file with the tensors in `entries`' order, the header padded so that the data starts at a
+    multiple of kernels.ALIGNMENT; returns the file's size."""
+    header: dict[str, object] = {"__metadata__": {"format": "int8serve-packed"}}
+    offset = 0
+    for name, dtype, shape, _ in entries:
+        nbytes = torch.Size(shape).numel() * dtype.itemsize
+        header[name] = {"dtype": _DTYPES[dtype], "shape": list(shape), "data_offsets": [offset, offset + nbytes]}
+        offset += nbytes
+    encoded = json.dumps(header, separators=(",", ":")).encode()
+    encoded += b" " * (-(8 + len(encoded)) % kernels.ALIGNMENT)  # the format allows trailing spaces
+    with open(path, "wb") as f:
+        f.write(len(encoded).to_bytes(8, "little") + encoded)
+        for name, dtype, shape, produce in entries:
+            tensor = produce()  # type: ignore[operator]
+            if tensor.dtype != dtype or tuple(tensor.shape) != shape:
+                raise ValueError(f"{name}: {tensor.dtype} {list(tensor.shape)}, expected {dtype} {list(shape)}")
+            f.write(tensor.contiguous().reshape(-1).view(torch.uint8).numpy())
+    return 8 + len(encoded) + offset
+
+
+def check_packed_meta(folder: Path, meta: dict) -> None:
+    """Raise CheckpointError unless `meta` (int8serve.json) describes a packed copy this version can map."""
+    if meta.get("format") != INT8_FORMAT or meta.get("version") != PACKED_FORMAT_VERSION:
+        raise CheckpointError(f"{folder}: format {meta.get('format')!r} version {meta.get('version')!r} (an older "
+                              "int8serve's plain int8 weights, repacked at every start), not the packed layout "
+                              f"(version {PACKED_FORMAT_VERSION}) that later starts map")
+    if meta.get("layout") != kernels.LAYOUT:
+        raise CheckpointError(f"{folder}: packed layout {meta.get('layout')}, this version reads {kernels.LAYOUT}")
+    weights = folder / WEIGHTS
+    size = weights.stat().st_size if weights.is_file() else None
+    if size != meta.get("weights_bytes"):
+        raise CheckpointError(f"{weights}: {size} bytes, int8serve.json says {meta.get('weights_bytes')} (a copy "
+                              "cut short or changed)")
+
+
+def load_packed(folder: Path, meta: dict) -> LoadedModel:
+    """Map the packed copy in `folder` (int8serve.json already read into `meta`) into an int8 Transformer."""
+    check_packed_meta(folder, meta)
+    config = ModelConfig.from_dict(meta.get("config", {}))
+    group_sizes = meta.get("group_sizes", {})
+    with torch.device("meta"):
+        model = Transformer(config, "int8")
+    weights = folder / WEIGHTS
+    try:
+        with safe_open(str(weights), framework="pt", device="cpu") as handle:
+            stored = set(handle.keys())
+            used: set[str] = set()
+
+            def take(name: str) -> Tensor:
+                if name not in stored:
+                    raise CheckpointError(f"{weights}: no tensor '{name}'")
+                used.add(name)
+                return handle.get_tensor(name)
+
+            for name, module in model.named_modules():
+                if isinstance(module, Int8Linear):
+                    packed = kernels.adopt_packed(take(f"{name}.packed_data"), take(f"{name}.packed_scale"),
+                                                  module.out_features, module.in_features, int(group_sizes[name]))
+                    module.set_packed(packed)
+                for parameter_name, parameter in list(module.named_parameters(recurse=False)):
+                    full_name = f"{name}.{parameter_name}" if name else parameter_name
+                    tensor = take(full_name)
+                    if tensor.dtype != torch.float32 or tensor.shape != parameter.shape:
+                        raise CheckpointError(f"{weights}: tensor '{full_name}' is {tensor.dtype} "
+                                              f"{list(tensor.shape)}, the config describes {list(parameter.shape)}")
+                    setattr(module, parameter_name, nn.Parameter(tensor, requires_grad=False))
+    except (SafetensorError, OSError, ValueError, KeyError) as err:  # a cut or damaged file, a missing entry
+        raise CheckpointError(f"{weights}: not a usable packed copy ({type(err).__name__}: {err})") from err
+    if stored - used:
+        raise CheckpointError(f"{weights}: unexpected tensors {', '.join(sorted(stored - used)[:5])}")
+    return LoadedModel(model.eval(), config, find_tokenizer(folder), "int8", folder)

@@ -1,0 +1,64 @@
+"""The packed copy's format: a plain safetensors file whose every tensor starts at a multiple of 64 bytes, holding
+each int8 layer in the kernel's layout; mapped back without copying (test_model_cache proves the start path)."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+import torch
+from safetensors import safe_open
+
+from int8serve.engine import kernels
+from int8serve.engine.int8 import Int8Linear
+from int8serve.engine.loader import LoadedModel
+from int8serve.engine.packed_checkpoint import load_packed, save_packed_checkpoint
+from int8serve.engine.sources import CheckpointError
+
+
+def test_every_tensor_is_aligned_and_readable_by_safetensors(tmp_path: Path, stories_int8: LoadedModel) -> None:
+    folder = save_packed_checkpoint(stories_int8, tmp_path / "copy")
+    weights = folder / "model.safetensors"
+    header_size = int.from_bytes(weights.read_bytes()[:8], "little")
+    header = json.loads(weights.read_bytes()[8:8 + header_size])
+    header.pop("__metadata__")
+    assert all((8 + header_size + entry["data_offsets"][0]) % kernels.ALIGNMENT == 0 for entry in header.values())
+    modules = dict(stories_int8.model.named_modules())
+    with safe_open(str(weights), framework="pt") as handle:  # the library itself validates the file
+        for name in handle.keys():  # noqa: SIM118
+            module_name, _, kind = name.rpartition(".")
+            module = modules[module_name]
+            if isinstance(module, Int8Linear):
+                assert torch.equal(handle.get_tensor(name), getattr(module.packed, kind.removeprefix("packed_")))
+            else:
+                assert torch.equal(handle.get_tensor(name), module.weight)
+    meta = json.loads((folder / "int8serve.json").read_text())
+    assert meta["layout"] == kernels.LAYOUT and meta["weights_bytes"] == weights.stat().st_size
+    assert (folder / "tokenizer.model").read_bytes() == stories_int8.tokenizer_path.read_bytes()
+
+
+def test_a_stored_config_that_does_not_fit_the_tensors_is_refused(tmp_path: Path, stories_int8: LoadedModel) -> None:
+    folder = save_packed_checkpoint(stories_int8, tmp_path / "copy")
+    meta = json.loads((folder / "int8serve.json").read_text())
+    meta["config"]["hidden_dim"] += 32
+    with pytest.raises(CheckpointError, match=r"not a usable packed copy.*packed data must be uint8"):
+        load_packed(folder, meta)
+
+
+def test_adopt_packed_keeps_aligned_tensors_and_copies_misaligned_ones() -> None:
+    q = torch.randint(-127, 128, (70, 96), dtype=torch.int8, generator=torch.Generator().manual_seed(0))
+    scale = torch.rand(70, 3).to(torch.bfloat16).float()
+    packed = kernels.pack_weight(q, scale, 32)
+    same = kernels.adopt_packed(packed.data, packed.scale, 70, 96, 32)
+    assert same.data.data_ptr() == packed.data.data_ptr() and same.scale.data_ptr() == packed.scale.data_ptr()
+    raw = torch.empty(packed.data.numel() + 1, dtype=torch.uint8)
+    start = 1 if raw.data_ptr() % kernels.ALIGNMENT == 0 else 0
+    misaligned = raw[start:start + packed.data.numel()].copy_(packed.data)
+    assert misaligned.data_ptr() % kernels.ALIGNMENT
+    moved = kernels.adopt_packed(misaligned, packed.scale, 70, 96, 32)
+    assert moved.data.data_ptr() % kernels.ALIGNMENT == 0 and torch.equal(kernels.unpack_weight(moved), q)
+    with pytest.raises(ValueError, match="packed scales must be bfloat16"):
+        kernels.adopt_packed(packed.data, packed.scale, 70, 96, 0)
+    with pytest.raises(ValueError, match="packed data must be uint8"):
+        kernels.adopt_packed(packed.data, packed.scale, 130, 96, 32)
