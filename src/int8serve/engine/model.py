@@ -205,8 +205,10 @@ class Transformer(nn.Module):
             linear, kw, head_kw = Int8Linear, {"buffer": buffer}, {"buffer": buffer, "refine_top": 16}
         else:
             linear, kw, head_kw = _dense_linear, {}, {}
-        self.tok_embeddings = nn.Embedding(config.vocab_size, config.dim)
-        self.tok_embeddings.weight.requires_grad_(False)
+        # Given its weight, nn.Embedding skips its random init, which on the meta device goes through torch._refs and
+        # imports torch._dynamo: 1-2 s of CPU (10 s of wall on a busy machine) of every start, for nothing.
+        self.tok_embeddings = nn.Embedding(config.vocab_size, config.dim,
+                                           _weight=torch.empty(config.vocab_size, config.dim), _freeze=True)
         self.layers = nn.ModuleList(TransformerBlock(config, linear, **kw) for _ in range(config.n_layers))
         self.norm = RMSNorm(config.dim, config.norm_eps)
         self.output = linear(config.dim, config.vocab_size, **head_kw)
