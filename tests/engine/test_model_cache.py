@@ -255,3 +255,13 @@ def test_without_the_kernel_the_packed_copy_is_unpacked_for_torchs_kernels(cache
     assert all(m.packed is None and m.weight is not None
                for m in later.model.modules() if isinstance(m, int8.Int8Linear))
     assert torch.equal(logits(later), logits(stock))
+
+
+def test_a_copy_written_without_the_kernel_serves_the_kernel_later(cache: Path, source: Path,
+                                                                   monkeypatch: pytest.MonkeyPatch) -> None:
+    with monkeypatch.context() as without_kernel:
+        without_kernel.setattr(kernels, "available", lambda: False)
+        load_cached(source)  # quantized for torch's kernels; the copy is packed as it is written
+    later = load_cached(source)
+    assert all(m.packed is not None for m in later.model.modules() if isinstance(m, int8.Int8Linear))
+    assert torch.equal(logits(later), logits(load_model(source, "int8")))

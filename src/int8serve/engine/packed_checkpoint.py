@@ -42,8 +42,9 @@ _DTYPES = {torch.uint8: "U8", torch.bfloat16: "BF16", torch.float32: "F32"}
 def save_packed_checkpoint(loaded: LoadedModel, destination: str | Path) -> Path:
     """Write an int8 model as int8serve.json (version 3) + model.safetensors (packed layout) + tokenizer.model.
 
-    Tensors are written one at a time from the model's own copies (a layer on torch's stock kernels is packed as it is
-    written), so writing costs no second copy of the model.
+    Tensors are written one at a time from the model's own copies, so writing costs no second copy of the model (a
+    layer on torch's stock kernels is packed as it is written: twice, for its data and then for its scales, rather
+    than keeping every packed copy until the scales' turn comes).
     """
     model = loaded.model
     if model.precision != "int8":
