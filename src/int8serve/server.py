@@ -136,7 +136,9 @@ def load_service(settings: ServeSettings, prepared: Prepared, tokens: dict[str, 
     prefix = _prefix_cache(settings, loaded.model, card.max_concurrent_requests * context)
     engine = Engine(loaded.model, tokenizer, max_slots=card.max_concurrent_requests, max_queue=settings.max_queue,
                     max_seq_len=context, prefill_chunk=settings.prefill_chunk, prefix_cache=prefix)
+    warming = time.perf_counter()
     warmed = engine.warm(template_prefix_ids(tokenizer)) if prefix is not None else 0
+    warming = time.perf_counter() - warming
     engine.start()
     inflight = settings.max_inflight_per_account
     if inflight is None:
@@ -159,7 +161,7 @@ def load_service(settings: ServeSettings, prepared: Prepared, tokens: dict[str, 
         f"queue {settings.max_queue}, prefill chunk {settings.prefill_chunk}, "
         f"per account at most {inflight or 'any number of'} requests in the engine",
         f"prefix cache: {prefix.capacity_tokens} tokens ({prefix.nbytes() / 2**20:.0f} MiB), the default system "
-        f"prompt's {warmed} tokens warmed" if prefix is not None else "prefix cache: off",
+        f"prompt's {warmed} tokens warmed in {warming:.1f} s" if prefix is not None else "prefix cache: off",
         f"ready: http://{settings.host}:{settings.port}/client/v4  (health /healthz, readiness /readyz, "
         "metrics /metrics)",
     ]
