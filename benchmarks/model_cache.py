@@ -33,6 +33,7 @@ import torch
 from benchmarks.common import free_port, stop_process, write_section
 from benchmarks.engine import LLAMA2_7B
 from benchmarks.machine import machine_description
+from int8serve.engine.loader import DEFAULT_QUANTIZER
 
 REPO = Path(__file__).resolve().parents[1]
 TOKENIZER = REPO.parent / "shared" / "models" / "llama2-tokenizer" / "tokenizer.model"
@@ -186,7 +187,8 @@ def report(model: Path, first: dict[str, float] | None, later: dict[str, float],
         f"average {load} (other sessions share the 2 cores and the RAM: wall times stretch against the CPU time the "
         "process itself used).",
         f"- Model: `{model.name}`, the Llama-2-7B shape as a Hugging Face folder with random fp16 weights "
-        f"({sum(p.stat().st_size for p in model.iterdir()) / 1e9:.1f} GB); `$INT8SERVE_CACHE` empty at the start. "
+        f"({sum(p.stat().st_size for p in model.iterdir()) / 1e9:.1f} GB), quantized with the default quantizer "
+        f"(`{DEFAULT_QUANTIZER}`); `$INT8SERVE_CACHE` empty at the start. "
         "The int8 copy is stored in the kernel's packed layout and mapped by later starts (no read into fresh "
         "memory, no repacking).",
         "",
