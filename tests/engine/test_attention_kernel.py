@@ -125,6 +125,25 @@ def test_a_row_is_bitwise_the_same_whatever_else_is_in_the_batch(path: str, head
             assert torch.equal(solo_k[slot], cache_k[slot])
 
 
+@pytest.mark.parametrize("path", ALL_PATHS)
+@pytest.mark.parametrize(("heads", "kv_heads", "dim", "dtype"), SHAPES[:3])
+def test_rows_of_one_slot_in_one_call_are_the_decode_steps_one_by_one(path: str, heads: int, kv_heads: int, dim: int,
+                                                                      dtype: torch.dtype) -> None:
+    """A prefill chunk's rows (one slot, consecutive positions, another sequence's row beside them) in one call give
+    the bits of decoding them one step at a time: outputs and every key and value written."""
+    runnable(path)
+    positions, slots = [7, 8, 9, 10, 11, 40], [2, 2, 2, 2, 2, 0]
+    case = Case(heads, kv_heads, dim, dtype, positions=positions, slots=slots)
+    together, cache_k, cache_v = case.run(path)
+    step_k, step_v = case.cache_k.clone(), case.cache_v.clone()
+    for row in range(len(positions)):
+        out = attention.decode_attention(case.q[row:row + 1].contiguous(), case.k[row:row + 1].contiguous(),
+                                         case.v[row:row + 1].contiguous(), case.cos, case.sin, case.slots[row:row + 1],
+                                         case.positions[row:row + 1], step_k, step_v, path)  # type: ignore[arg-type]
+        assert torch.equal(out[0], together[row]), f"row {row} differs"
+    assert torch.equal(step_k, cache_k) and torch.equal(step_v, cache_v)
+
+
 def test_auto_takes_the_widest_path() -> None:
     assert attention.resolve("auto") == attention.cpu_paths()[-1]
     case = Case(8, 4, 8, torch.bfloat16, positions=[5, 9])
@@ -132,10 +151,10 @@ def test_auto_takes_the_widest_path() -> None:
 
 
 def test_bad_slots_and_positions_are_refused_before_any_write() -> None:
-    for slots, positions in [([0, 0], [3, 4]), ([0, 5], [3, 4]), ([0, 1], [3, 320]), ([0, -1], [3, 4])]:
+    for slots, positions in [([0, 0], [3, 3]), ([0, 5], [3, 4]), ([0, 1], [3, 320]), ([0, -1], [3, 4])]:
         case = Case(8, 4, 8, torch.bfloat16, positions=positions, slots=slots, n_slots=5, max_len=320)
         cache_k = case.cache_k.clone()
-        with pytest.raises(ValueError, match="out of range, or a slot twice"):
+        with pytest.raises(ValueError, match="out of range, or a slot twice at one position"):
             attention.decode_attention(case.q, case.k, case.v, case.cos, case.sin, case.slots, case.positions,
                                        cache_k, case.cache_v.clone())
         assert torch.equal(cache_k, case.cache_k)

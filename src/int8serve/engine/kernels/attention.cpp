@@ -1,5 +1,7 @@
 // Decode attention for a whole batch in one call: every row (one new token of one sequence) applies its rotary
 // embedding, writes its key and value into its own cache slot and attends over its own positions [0, pos].
+// Several rows may share a slot at distinct positions (the rows of a prefill chunk, computed exactly as decode steps
+// would compute them one by one): every row's key and value are written first, then each row attends over [0, pos].
 //
 // Why a kernel: the torch version loops over rows in Python and converts each row's whole cache slice to fp32 before
 // two small matmuls; padding the rows to one length would change each row's reduction lengths, and so its bits,
@@ -26,6 +28,7 @@
 #include <cmath>
 #include <cstdint>
 #include <cstring>
+#include <utility>
 #include <vector>
 
 namespace {
@@ -449,22 +452,29 @@ template <class T>
 using HeadFn = void (*)(const float*, const T*, const T*, int64_t, int64_t, float, float*, float*);
 
 template <class T>
-void run_task(const Problem& pb, T* cache_k, T* cache_v, HeadFn<T> head, int64_t row, int64_t kv_head,
-              std::vector<float>& scratch) {
-  const int64_t dim = pb.dim, group = pb.heads / pb.kv_heads, pos = pb.positions[row];
-  const float* cos = pb.cos + pos * dim;
-  const float* sin = pb.sin + pos * dim;
+void store_task(const Problem& pb, T* cache_k, T* cache_v, int64_t row, int64_t kv_head, std::vector<float>& scratch) {
+  const int64_t dim = pb.dim, pos = pb.positions[row];
   const int64_t base = (pb.slots[row] * pb.kv_heads + kv_head) * pb.max_len * dim;  // [slot, kv head, 0, 0]
-  scratch.resize(static_cast<size_t>(dim * (group + 1) + pos + 1 + 16));
-  float* qrot = scratch.data();             // [G, D]
-  float* krot = qrot + group * dim;         // [D]
-  float* scores = krot + dim;               // [pos + 1]
-  rope(pb.k + (row * pb.kv_heads + kv_head) * dim, cos, sin, dim, krot);
+  scratch.resize(static_cast<size_t>(dim));
+  float* krot = scratch.data();
+  rope(pb.k + (row * pb.kv_heads + kv_head) * dim, pb.cos + pos * dim, pb.sin + pos * dim, dim, krot);
   const float* value = pb.v + (row * pb.kv_heads + kv_head) * dim;
   for (int64_t d = 0; d < dim; ++d) {
     store_scalar(cache_k + base + pos * dim + d, krot[d]);
     store_scalar(cache_v + base + pos * dim + d, value[d]);
   }
+}
+
+template <class T>
+void attend_task(const Problem& pb, const T* cache_k, const T* cache_v, HeadFn<T> head, int64_t row, int64_t kv_head,
+                 std::vector<float>& scratch) {
+  const int64_t dim = pb.dim, group = pb.heads / pb.kv_heads, pos = pb.positions[row];
+  const float* cos = pb.cos + pos * dim;
+  const float* sin = pb.sin + pos * dim;
+  const int64_t base = (pb.slots[row] * pb.kv_heads + kv_head) * pb.max_len * dim;  // [slot, kv head, 0, 0]
+  scratch.resize(static_cast<size_t>(dim * group + pos + 1 + 16));
+  float* qrot = scratch.data();        // [G, D]
+  float* scores = qrot + group * dim;  // [pos + 1]
   for (int64_t g = 0; g < group; ++g) {
     const int64_t h = kv_head * group + g;  // heads sharing a kv head are adjacent, as in repeat_kv
     rope(pb.q + (row * pb.heads + h) * dim, cos, sin, dim, qrot + g * dim);
@@ -495,13 +505,17 @@ void run(const Problem& pb, void* cache_k, void* cache_v, int impl, int64_t batc
   const HeadFn<T> head = choose<T>(impl);
   const int64_t tasks = batch * pb.kv_heads;
   const bool parallel = threads > 1 && tasks > 1 && work(pb, batch) >= kParallelWork;
+  T* keys = static_cast<T*>(cache_k);
+  T* values = static_cast<T*>(cache_v);
 #pragma omp parallel num_threads(threads) if (parallel)
   {
     std::vector<float> scratch;
+    // every key and value first (the implicit barrier after the loop): a row may attend to other rows of its slot
+#pragma omp for schedule(static)
+    for (int64_t t = 0; t < tasks; ++t) store_task<T>(pb, keys, values, t / pb.kv_heads, t % pb.kv_heads, scratch);
 #pragma omp for schedule(dynamic, 1)
     for (int64_t t = 0; t < tasks; ++t)
-      run_task<T>(pb, static_cast<T*>(cache_k), static_cast<T*>(cache_v), head, t / pb.kv_heads, t % pb.kv_heads,
-                  scratch);
+      attend_task<T>(pb, keys, values, head, t / pb.kv_heads, t % pb.kv_heads, scratch);
   }
 }
 
@@ -516,7 +530,7 @@ int resolve(int impl) {
 
 extern "C" {
 
-__attribute__((visibility("default"))) int i8a_abi_version() { return 1; }
+__attribute__((visibility("default"))) int i8a_abi_version() { return 2; }
 
 // Bit 0: the AVX2 path can run here; bit 1: the AVX-512 path can.
 __attribute__((visibility("default"))) int i8a_cpu_paths() {
@@ -527,7 +541,7 @@ __attribute__((visibility("default"))) int i8a_cpu_paths() {
 __attribute__((visibility("default"))) int i8a_resolve(int impl) { return resolve(impl); }
 
 // Returns 0, or -1 (the CPU cannot run `impl`), -2 (unknown dtype), -3 (bad sizes), -4 (a slot or position out of
-// range, or a slot twice: the tasks write into the cache, so these are checked before anything runs).
+// range, or a (slot, position) twice: the tasks write into the cache, so these are checked before anything runs).
 __attribute__((visibility("default"))) int i8a_decode(
     const float* q, const float* k, const float* v, const float* cos, const float* sin, const int64_t* slots,
     const int64_t* positions, int64_t batch, int64_t heads, int64_t kv_heads, int64_t dim, void* cache_k,
@@ -536,12 +550,14 @@ __attribute__((visibility("default"))) int i8a_decode(
   const int path = resolve(impl);
   if (path < 0) return -1;
   if (kv_heads <= 0 || heads % kv_heads != 0 || dim <= 0 || dim % 2 != 0) return -3;
+  std::vector<std::pair<int64_t, int64_t>> written(static_cast<size_t>(batch));
   for (int64_t b = 0; b < batch; ++b) {
     if (slots[b] < 0 || slots[b] >= n_slots || positions[b] < 0 || positions[b] >= std::min(max_len, table_len))
       return -4;
-    for (int64_t other = 0; other < b; ++other)
-      if (slots[other] == slots[b]) return -4;
+    written[b] = {slots[b], positions[b]};
   }
+  std::sort(written.begin(), written.end());
+  if (std::adjacent_find(written.begin(), written.end()) != written.end()) return -4;
   const Problem pb{q, k, v, cos, sin, slots, positions, heads, kv_heads, dim, max_len, scale, out};
   if (dtype == kF32) {
     run<float>(pb, cache_k, cache_v, path, batch, threads);

@@ -1,4 +1,5 @@
-"""Decode attention for every row of a step in one C++ call (attention.cpp), batch invariant by construction.
+"""Decode attention for every row of a step in one C++ call (attention.cpp), batch invariant by construction; also
+the attention of row-exact prefill chunks (several rows of one slot, each computed as its decode step would be).
 
 The torch path attends one row at a time in Python and converts each row's whole cache slice to fp32 first: on the
 7B shape that was most of the ~126 ms a batch-4 step spent outside the matmuls. Padding the rows to one length and
@@ -30,14 +31,14 @@ from . import BuildError, build
 log = logging.getLogger(__name__)
 
 SOURCE = Path(__file__).with_name("attention.cpp")
-ABI_VERSION = 1  # must match i8a_abi_version() in attention.cpp
+ABI_VERSION = 2  # must match i8a_abi_version() in attention.cpp
 ENV = "INT8SERVE_ATTENTION"
 Impl = Literal["auto", "avx512", "avx2", "scalar"]
 IMPLS: dict[str, int] = {"auto": 0, "avx512": 1, "avx2": 2, "scalar": 3}
 SETTINGS = (*IMPLS, "torch")
 DTYPES = {torch.float32: 0, torch.bfloat16: 1, torch.float16: 2}  # cache dtypes the kernel reads and writes
 STATUS = {-1: "the CPU cannot run this path", -2: "unsupported cache dtype", -3: "bad sizes",
-          -4: "a slot or position out of range, or a slot twice"}
+          -4: "a slot or position out of range, or a slot twice at one position"}
 _P, _I64, _INT, _F32 = ctypes.c_void_p, ctypes.c_int64, ctypes.c_int, ctypes.c_float
 
 
@@ -122,8 +123,10 @@ def decode_attention(q: Tensor, k: Tensor, v: Tensor, cos: Tensor, sin: Tensor, 
     """One new token per row: rope, cache write at [slot, :, position], attention over [0, position].
 
     q [B, H, D], k/v [B, Hkv, D] fp32 before rope; cos/sin [P, D] fp32 tables; slots/positions int64 [B] (distinct
-    slots); cache_k/cache_v [S, Hkv, L, D] fp32, bf16 or fp16, contiguous. Returns fp32 [B, H, D]. Row b's output
-    depends only on row b's inputs and its slot's keys.
+    (slot, position) pairs); cache_k/cache_v [S, Hkv, L, D] fp32, bf16 or fp16, contiguous. Returns fp32 [B, H, D].
+    Row b's output depends only on row b's inputs and its slot's keys [0, position]. Rows may share a slot (the rows
+    of a prefill chunk): every row's key and value are written before any row attends, so a row sees the rows of its
+    slot before it, computed exactly as a decode step at its position would compute it.
     """
     batch, heads, dim = q.shape
     kv_heads, max_len = cache_k.shape[1], cache_k.shape[2]
