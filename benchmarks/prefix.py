@@ -46,7 +46,8 @@ class Run:
     ttft: list[float] = field(default_factory=list)  # seconds
     tokens: int = 0
     seconds: float = 0.0
-    cached: list[int] = field(default_factory=list)
+    cached: list[int] = field(default_factory=list)  # per chat turn: prompt tokens reused from the prefix cache
+    prompt: list[int] = field(default_factory=list)  # per request: prompt tokens
 
     def mean_ms(self) -> float:
         return statistics.mean(self.ttft) * 1000
@@ -67,6 +68,7 @@ async def stream(http: httpx.AsyncClient, url: str, body: dict, run: Run) -> str
             frame = json.loads(line[6:])
             if frame.get("usage"):
                 run.tokens += frame["usage"]["completion_tokens"]
+                run.prompt.append(frame["usage"]["prompt_tokens"])
             elif first is None:
                 first = time.perf_counter()
             text.append(frame.get("response", ""))
@@ -92,10 +94,20 @@ async def chat(base: str, turns: int, reply_tokens: int) -> Run:
     async with httpx.AsyncClient(timeout=600, headers={"Authorization": f"Bearer {TOKEN}"}) as http:
         for turn in range(turns):
             messages.append({"role": "user", "content": TURNS[turn % len(TURNS)]})
+            reused = await reused_tokens(http, base)
             reply = await stream(http, url, {"messages": messages, "max_tokens": reply_tokens, "temperature": 0},
                                  run)
+            run.cached.append(int(await reused_tokens(http, base) - reused))
             messages.append({"role": "assistant", "content": reply})
     return run
+
+
+async def reused_tokens(http: httpx.AsyncClient, base: str) -> float:
+    """The server's count of prompt tokens taken from its prefix cache so far (0 without one)."""
+    for line in (await http.get(f"{base}/metrics")).text.splitlines():
+        if line.startswith("int8serve_prefix_cache_reused_tokens_total{") and f'model="{MODEL}"' in line:
+            return float(line.rsplit(" ", 1)[1])
+    return 0.0
 
 
 @dataclass
@@ -123,7 +135,9 @@ def table(on: Measured, off: Measured) -> list[str]:
         lines.append(f"| short prompts, {clients} client(s): output tok/s | {a.throughput:.1f} | {b.throughput:.1f} "
                      f"| {b.throughput / a.throughput:.2f}× |")
     for turn, (a, b) in enumerate(zip(on.chat.ttft, off.chat.ttft, strict=True), 1):
-        lines.append(f"| chat turn {turn}: TTFT | {a * 1000:.1f} ms | {b * 1000:.1f} ms | {b / a:.2f}× |")
+        reuse = f" ({on.chat.cached[turn - 1]} of {on.chat.prompt[turn - 1]} prompt tokens from the cache)" \
+            if len(on.chat.cached) >= turn and len(on.chat.prompt) >= turn else ""
+        lines.append(f"| chat turn {turn}: TTFT{reuse} | {a * 1000:.1f} ms | {b * 1000:.1f} ms | {b / a:.2f}× |")
     return lines
 
 

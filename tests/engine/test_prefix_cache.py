@@ -9,7 +9,9 @@ from typing import Any
 import pytest
 import torch
 
+from int8serve.engine.chunking import aligned_chunk
 from int8serve.engine.config import ModelConfig
+from int8serve.engine.int8 import kernel_rows
 from int8serve.engine.loader import LoadedModel
 from int8serve.engine.model import KVCache
 from int8serve.engine.prefix_cache import PrefixCache
@@ -93,6 +95,9 @@ class Recording:
 
     def new_cache(self, *args: Any, **kwargs: Any) -> Any:
         return self.model.new_cache(*args, **kwargs)
+
+    def row_exact_prefill(self, prefill_chunk: int, max_slots: int) -> bool:
+        return self.model.row_exact_prefill(prefill_chunk, max_slots)
 
     def __call__(self, *args: Any, **kwargs: Any) -> torch.Tensor:
         out = self.model(*args, **kwargs)
@@ -213,3 +218,79 @@ def test_prompts_of_any_length_share_their_prefix_exactly(stories_int8: LoadedMo
                 f"logits differ: {len(prompt)} tokens, {from_cache} from the cache"
         reused.append(from_cache)
     assert min(reused) >= 4
+
+
+# --- a reply's own tokens (row-exact prefill) -----------------------------------------------------------------------
+
+
+def test_decode_writes_the_keys_and_values_prefill_would(stories_int8: LoadedModel) -> None:
+    """Row-exact prefill: a prompt prefilled in chunks, and the same tokens decoded one step at a time after a short
+    prefill (beside another sequence), leave the same bits in every layer's cache, and give the same logits."""
+    model = stories_int8.model
+    assert model.row_exact_prefill(32, 4) == (kernel_rows() >= 32)  # kernel_rows() is 128 on AVX-512 VNNI CPUs
+    if not model.row_exact_prefill(32, 4):  # this CPU's prefill takes the dense path: nothing to compare
+        assert not model.row_exact_prefill(kernel_rows() * 2, 1)
+        return
+    rng = random.Random(3)
+    tokens = [1] + [rng.randint(3, 500) for _ in range(150)]
+    prefilled, stepped = model.new_cache(2, 256), model.new_cache(2, 256)
+    want = _prefill(model, tokens, prefilled, slot=0, upto=len(tokens), all_logits=True)
+    _prefill(model, tokens, stepped, slot=1, upto=40)
+    for position in range(40, len(tokens)):
+        other = rng.randint(3, 500)  # a second sequence decoding in slot 0 of the same step
+        logits = model(torch.tensor([[other], [tokens[position]]]), stepped, [0, 1], [position - 40, position])
+        assert torch.equal(logits[1], want[position]), f"logits differ at position {position}"
+    for layer in range(model.config.n_layers):
+        assert torch.equal(prefilled.k[layer][0, :, :len(tokens)], stepped.k[layer][1, :, :len(tokens)])
+        assert torch.equal(prefilled.v[layer][0, :, :len(tokens)], stepped.v[layer][1, :, :len(tokens)])
+    assert not model.row_exact_prefill(kernel_rows() * 2, 4)  # chunks the kernel does not take: the dense path
+
+
+def _prefill(model: Any, tokens: list[int], cache: KVCache, slot: int, upto: int, chunk: int = 32,
+             all_logits: bool = False) -> torch.Tensor:
+    """Prefill tokens[:upto] into `slot` row-exact, in chunks as the engine cuts them: the logits of every row."""
+    done, logits = 0, []
+    while done < upto:
+        end, how = aligned_chunk(done, upto, chunk, cache.max_seq_len, row_exact=True)
+        out = model(torch.tensor([tokens[done:end]]), cache, [slot], [done], all_logits=all_logits, prefill=how)
+        logits += list(out[0]) if all_logits else [out[0]]
+        done = end
+    return torch.stack(logits)
+
+
+@pytest.mark.parametrize("params", [SamplingParams(temperature=0), SamplingParams(temperature=0.9, top_p=0.9, seed=7)])
+@pytest.mark.parametrize("chunk", [128, 256])
+def test_the_next_turn_reuses_the_reply_exactly(stories_int8: LoadedModel, stories_tokenizer: Tokenizer,
+                                                params: SamplingParams, chunk: int) -> None:
+    """A 3-turn conversation resent whole each turn, token by token: with row-exact prefill (chunks of 128 on AVX-512
+    VNNI) each turn reuses the previous prompt and all of its reply that is in the cache (every generated token but
+    the last); with chunks the kernel does not take (256: the dense path) only prompts are reused. Either way every
+    token and every logits row equals the no-cache engine's, bit for bit, though another request ran beside turn 1."""
+    plain = engine_for(stories_int8, stories_tokenizer, None, chunk=chunk)
+    cached = engine_for(stories_int8, stories_tokenizer, 2048, chunk=chunk)
+    replies_cached = cached.row_exact_prefill
+    assert replies_cached == (kernel_rows() >= chunk)
+    conversation = stories_tokenizer.encode(STORY, bos=True)
+    # turn 1 decodes beside another request (its reply's keys and values come from batched decode steps)
+    prompt = conversation + stories_tokenizer.encode("Tom came")
+    want_ids, _, _ = run_alone(plain, prompt, params, max_tokens=12)
+    handles = [cached.submit(GenerationRequest(p, n, params))
+               for p, n in ((prompt, 12), (stories_tokenizer.encode(OTHER, bos=True), 30))]
+    events: list[list[Any]] = [[], []]
+    while not all(e and e[-1].finish_reason is not None for e in events):
+        cached.step()
+        for got, handle in zip(events, handles, strict=True):
+            got += list(_drain(handle))
+    ids = [e.token_id for e in events[0] if e.token_id is not None]
+    assert ids == want_ids and len(ids) == 12
+    previous_prompt, conversation = len(prompt), prompt + ids
+    for turn, said in enumerate(("The sun was hot and", "One day"), 2):
+        prompt = conversation + stories_tokenizer.encode(said)
+        want_ids, want_logits, _ = run_alone(plain, prompt, params, max_tokens=12)
+        ids, logits, reused = run_alone(cached, prompt, params, max_tokens=12)
+        assert ids == want_ids
+        assert all(torch.equal(a, b) for a, b in zip(logits, want_logits[-len(logits):], strict=True)), \
+            f"turn {turn}: logits differ"
+        # the reply's last token was sampled but never fed back: it is not in the cache
+        assert reused == (len(conversation) - 1 if replies_cached else previous_prompt), (turn, reused)
+        previous_prompt, conversation = len(prompt), prompt + ids

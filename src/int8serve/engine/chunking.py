@@ -12,6 +12,13 @@ are computed with it, nor on where the chunk ends:
 * attention sees the keys up to the end of the aligned chunk, [0, (a+1)·C) — the positions past the prompt are
   zeros, and masked — and at least 16 queries (SDPA runs another kernel for a single one).
 
+Row-exact chunks (`row_exact`, where the model can: `Transformer.row_exact_prefill`) go further: every row is computed
+with exactly the operations a decode step gives that token at that position — int8 layers through the decode kernel
+with fp32 outputs (its rows are bitwise independent), attention through the decode attention kernel (each row over
+keys [0, own position]), per-row norms, rope and SiLU. A chunk's numbers then depend neither on its length nor on
+where it ends, and the keys and values decode writes are the ones prefill would write, so the prefix cache can keep
+a reply's generated tokens too (scheduler.py).
+
 `PrefillChunk` carries this to the layers for the duration of one forward (`Transformer(..., prefill=...)`).
 """
 
@@ -27,15 +34,16 @@ __all__ = ["CURRENT", "PrefillChunk", "aligned_chunk"]
 class PrefillChunk:
     rows: int  # the rows of a whole chunk (prefill_chunk): the layers choose their kernel by this
     keys_end: int  # attention sees positions [0, keys_end): the end of the aligned chunk
+    row_exact: bool = False  # every row computed as its decode step would be (see above)
 
 
 CURRENT: contextvars.ContextVar[PrefillChunk | None] = contextvars.ContextVar("int8serve_prefill_chunk",
                                                                              default=None)
 
 
-def aligned_chunk(prefilled: int, prompt_tokens: int, chunk_tokens: int, max_positions: int
+def aligned_chunk(prefilled: int, prompt_tokens: int, chunk_tokens: int, max_positions: int, row_exact: bool = False
                   ) -> tuple[int, PrefillChunk]:
     """The end of the next chunk of a prompt prefilled up to `prefilled`, and how the layers compute it."""
     start = prefilled // chunk_tokens * chunk_tokens  # where this chunk starts when nothing is reused
     end = min(prompt_tokens, start + chunk_tokens)
-    return end, PrefillChunk(rows=chunk_tokens, keys_end=min(max_positions, start + chunk_tokens))
+    return end, PrefillChunk(rows=chunk_tokens, keys_end=min(max_positions, start + chunk_tokens), row_exact=row_exact)

@@ -268,7 +268,9 @@ class Int8Linear(nn.Module):
             # Prefill chunks round to bf16 as int8pack did: with fp32 outputs, test_prefix_cache found a chunk's last
             # logits differing by whether a cached prefix shortened the chunk (this kernel's rows are bitwise
             # independent, tested; the op downstream that is not, likely SDPA by its query count, is not pinned down).
-            return out.to(COMPUTE_DTYPE) if chunking.CURRENT.get() is not None else out
+            # Row-exact chunks keep fp32, as decode does: their attention is the decode kernel's, row by row.
+            chunk = chunking.CURRENT.get()
+            return out.to(COMPUTE_DTYPE) if chunk is not None and not chunk.row_exact else out
         dense = self.dequant_buffer.view(self.out_features, self.in_features, dense_dtype())
         kernels.dequantize(self.packed, dense)
         return F.linear(_padded(rows.to(dense.dtype)), dense)[:rows.shape[0]]

@@ -22,7 +22,7 @@ from torch import Tensor, nn
 
 from . import chunking
 from .config import ModelConfig
-from .int8 import COMPUTE_DTYPE, DequantBuffer, Int8Linear
+from .int8 import COMPUTE_DTYPE, DequantBuffer, Int8Linear, kernel_rows
 from .kernels import attention as attention_kernel
 
 Precision = Literal["fp32", "int8"]
@@ -79,10 +79,11 @@ class KVCache:
 
 @dataclass(frozen=True)
 class KernelStep:
-    """A decode step whose rows all attend in one kernel call per layer (kernels/attention.py); made once a step."""
+    """A decode step (or a row-exact prefill chunk) whose rows all attend in one kernel call per layer
+    (kernels/attention.py); made once a forward."""
 
-    slots: Tensor  # int64 [B]
-    positions: Tensor  # int64 [B]: each row's new token
+    slots: Tensor  # int64 [B * T]: the slot of each row (a chunk's T rows share one)
+    positions: Tensor  # int64 [B * T]: each row's token
     cos: Tensor  # fp32 [max_seq_len, D]: the whole tables, the kernel picks each row's position
     sin: Tensor
     impl: attention_kernel.Impl
@@ -125,14 +126,15 @@ class Attention(nn.Module):
         return self.wo(out.reshape(batch, seq, -1).to(x.dtype))
 
     def _kernel_decode(self, x: Tensor, cache_k: Tensor, cache_v: Tensor, step: KernelStep) -> Tensor:
-        """x [B, 1, dim] -> [B, 1, dim]: every row's rope, cache write and attention in one kernel call."""
-        batch = x.shape[0]
-        q = self.wq(x).reshape(batch, self.n_heads, self.head_dim).contiguous()
-        k = self.wk(x).reshape(batch, self.n_kv_heads, self.head_dim).contiguous()
-        v = self.wv(x).reshape(batch, self.n_kv_heads, self.head_dim).contiguous()
+        """x [B, T, dim] -> [B, T, dim]: every row's rope, cache write and attention in one kernel call."""
+        batch, seq, _ = x.shape
+        rows = batch * seq
+        q = self.wq(x).reshape(rows, self.n_heads, self.head_dim).contiguous()
+        k = self.wk(x).reshape(rows, self.n_kv_heads, self.head_dim).contiguous()
+        v = self.wv(x).reshape(rows, self.n_kv_heads, self.head_dim).contiguous()
         out = attention_kernel.decode_attention(q, k, v, step.cos, step.sin, step.slots, step.positions, cache_k,
-                                                cache_v, step.impl)  # fp32 [B, H, D]
-        return self.wo(out.view(batch, 1, -1))
+                                                cache_v, step.impl)  # fp32 [B * T, H, D]
+        return self.wo(out.view(batch, seq, -1))
 
     def _prefill_attention(self, queries: Tensor, keys: Tensor, values: Tensor, start: int) -> Tensor:
         """A chunk's queries [T, H, D] at positions start.. against keys/values [Hkv, L, D] -> [T, H, D].
@@ -170,7 +172,21 @@ class FeedForward(nn.Module):
         self.w3 = linear(config.dim, config.hidden_dim, **kw)  # up
 
     def forward(self, x: Tensor) -> Tensor:
-        return self.w2(F.silu(self.w1(x)) * self.w3(x))
+        return self.w2(silu_rows(self.w1(x)) * self.w3(x))
+
+
+def silu_rows(x: Tensor) -> Tensor:
+    """F.silu of each row [..., hidden] on its own.
+
+    torch's vectorized loop computes the last numel % 32 elements of a call (and of each thread's share) with a scalar
+    exp that rounds differently from its vector exp, so over a whole [rows, hidden] tensor a row's bits would depend
+    on how many rows came with it whenever hidden is not a multiple of 32 (stories260K: 172). Row by row, a token's
+    SiLU is the same in a decode step and in any prefill chunk (row-exact prefill, chunking.py).
+    """
+    rows = x.reshape(-1, x.shape[-1])
+    if rows.shape[0] == 1:
+        return F.silu(x)
+    return torch.stack([F.silu(row) for row in rows.unbind(0)]).view(x.shape)
 
 
 class TransformerBlock(nn.Module):
@@ -256,13 +272,39 @@ class Transformer(nn.Module):
         logits = self.output(self.norm(x)).float()
         return logits if all_logits else logits[:, 0, :]
 
+    def row_exact_prefill(self, prefill_chunk: int, max_slots: int) -> bool:
+        """Whether prefill chunks of `prefill_chunk` rows can be computed row-exact (chunking.py): every row with the
+        bits its decode step would give, so that the keys and values decode writes equal prefill's.
+
+        It needs int8 layers that run our kernel for whole chunks and for every decode batch (its rows are bitwise
+        independent; the dense path is not), and the attention kernel for a bf16/fp16/fp32 cache. Where prefill takes
+        the dense path for speed (CPUs without AVX-512 VNNI: `int8.kernel_rows()` is 32 there, below the default
+        chunk of 128), or the attention kernel is off, prefill keeps its own numerics and generated tokens are not
+        reusable (the prefix cache keeps prompts only). Decided once, when an engine is made: changing
+        INT8SERVE_ATTENTION or INT8SERVE_KERNEL in a running process is not supported.
+        """
+        linears = [m for m in self.modules() if isinstance(m, Int8Linear)]
+        return (self.precision == "int8" and bool(linears) and all(m.packed is not None for m in linears)
+                and max(prefill_chunk, max_slots) <= kernel_rows()
+                and self.cache_dtype in attention_kernel.DTYPES and attention_kernel.setting() != "torch"
+                and attention_kernel.available())
+
     def _kernel_step(self, seq: int, cache: KVCache, slots: Sequence[int], starts: Sequence[int]
                      ) -> KernelStep | None:
-        """A KernelStep when this forward is a decode step the attention kernel can take, else None (torch path).
+        """A KernelStep when this forward is a decode step the attention kernel can take, or a row-exact prefill
+        chunk, else None (torch path).
 
-        Prefill chunks keep the torch path: the prefix cache's exactness is defined by it (chunking.py).
+        Other prefill chunks keep the torch path: the prefix cache's exactness is defined by it (chunking.py).
         """
-        if seq != 1 or chunking.CURRENT.get() is not None or cache.dtype not in attention_kernel.DTYPES:
+        chunk = chunking.CURRENT.get()
+        if chunk is not None and chunk.row_exact:
+            impl = attention_kernel.setting()
+            if impl == "torch" or cache.dtype not in attention_kernel.DTYPES or not attention_kernel.available():
+                raise RuntimeError("a row-exact prefill chunk needs the attention kernel (see row_exact_prefill)")
+            positions = torch.tensor(list(starts), dtype=torch.int64)[:, None] + torch.arange(seq)[None, :]
+            return KernelStep(torch.tensor(slots, dtype=torch.int64).repeat_interleave(seq), positions.reshape(-1),
+                              self.rope_cos, self.rope_sin, impl)
+        if seq != 1 or chunk is not None or cache.dtype not in attention_kernel.DTYPES:
             return None
         impl = attention_kernel.setting()
         if impl == "torch" or not attention_kernel.available():

@@ -11,10 +11,13 @@ new full blocks of the sequence, and the last, partial one once the prompt is do
 a prefix that another running sequence is still prefilling; before prefilling it copies what matches into its slot
 (`lookup`, `load`) and prefills only the rest.
 
-Only prefill computes what is stored: generated tokens are computed by the decode path, whose numbers differ from
-prefill's, so a reply is reusable only once a later prompt has prefilled it. That, with prefill chunks that end at
-the same absolute positions whatever was reused (`scheduler.py`), makes the cache exact: a request's logits are the
-same bits with or without it.
+What is stored must be what prefill would compute. Prompts are; with prefill chunks that end at the same absolute
+positions whatever was reused (`scheduler.py`), that makes the cache exact: a request's logits are the same bits
+with or without it. Generated tokens are stored too (by the engine, when a sequence finishes) only where prefill is
+row-exact (`chunking.py`: every row computed as its decode step would be, so decode writes prefill's keys and
+values); elsewhere decode's numbers differ from prefill's, and a reply is reusable only once a later prompt has
+prefilled it. A reply comes back in the next chat turn as text, re-tokenized by the chat template: it is reused up
+to the first token whose id differs (token-granular longest common prefix).
 
 Memory is bounded by `capacity_tokens` (reserved once; pages are touched as blocks are written). The least recently
 used block goes first; a chain is touched from its last block to its first, so a block's descendants always go
@@ -98,8 +101,11 @@ class PrefixCache:
         self._recent: OrderedDict[int, None] = OrderedDict()  # block ids, least recently used first
         self._free = list(range(self.capacity_blocks - 1, -1, -1))
 
-    def lookup(self, tokens: Sequence[int], limit: int) -> PrefixHit:
-        """The longest cached prefix of `tokens`, of at most `limit` tokens: whole blocks, then part of one."""
+    def lookup(self, tokens: Sequence[int], limit: int, held: int = 0) -> PrefixHit:
+        """The longest cached prefix of `tokens`, of at most `limit` tokens: whole blocks, then part of one.
+
+        `held`: how many of them the caller already has (a prompt looked up again before each prefill chunk); only
+        tokens beyond those count as reused in `stats`."""
         blocks, parent, b = [], b"", self.block_tokens
         for key in self._chain(tokens, limit // b):
             block = self._by_key.get(key)
@@ -114,9 +120,9 @@ class PrefixCache:
         hit = PrefixHit(tuple(blocks), tail if partial is not None else b, start + tail)
         self._touch(blocks)
         self.stats.lookups += 1
-        if hit.tokens:
+        if hit.tokens > held:
             self.stats.hits += 1
-            self.stats.reused_tokens += hit.tokens
+            self.stats.reused_tokens += hit.tokens - held
         return hit
 
     def load(self, hit: PrefixHit, cache: KVCache, slot: int) -> None:

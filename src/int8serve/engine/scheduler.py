@@ -21,6 +21,12 @@ continue the prompt (another sequence may have prefilled them a step ago), and s
 chunks end at multiples of `prefill_chunk` counted from the start of the prompt, whatever was reused, and are computed
 as their whole aligned chunk would be (`chunking.py`), so a token is computed by the same operations with or without
 the cache: its keys, values and logits are the same bits.
+
+Where the model computes prefill row-exact (`Transformer.row_exact_prefill`, decided once here: our int8 kernel for
+whole chunks and the attention kernel, i.e. AVX-512 VNNI CPUs with the default chunk), the keys and values a decode
+step writes are the ones prefill would write, so a finished sequence also stores its generated tokens (`_finish`):
+the next chat turn, which resends the reply, reuses it instead of prefilling it again. Elsewhere only prompts are
+stored.
 """
 
 from __future__ import annotations
@@ -163,6 +169,8 @@ class _Sequence:
     prefilled: int = 0  # prompt tokens already in the KV cache
     reused: int = 0  # of which copied from the prefix cache
     generated: int = 0
+    generated_ids: list[int] = field(default_factory=list)  # the sampled tokens (the last is in the KV cache once
+    # the next decode step has run)
     cached: int = 0  # tokens in the KV cache: the next one is written at this position
     last_token: int = -1  # sampled but not yet in the cache: the input of the next decode
 
@@ -187,6 +195,10 @@ class Engine:
             raise ValueError(f"prefill_chunk ({prefill_chunk}) must be a multiple of the prefix cache's block of "
                              f"{prefix_cache.block_tokens} tokens")
         self.prefix_cache = prefix_cache
+        # Decided once, from what the model can do (a test double that cannot say keeps prefill's own numerics):
+        # with row-exact prefill, generated tokens go into the prefix cache too (see the module's docstring).
+        row_exact = getattr(model, "row_exact_prefill", None)
+        self.row_exact_prefill = bool(row_exact is not None and row_exact(prefill_chunk, max_slots))
         self.prefilled_tokens = 0  # prompt tokens computed by prefill (the rest came from the prefix cache)
         self.model = model
         self.tokenizer = tokenizer
@@ -350,7 +362,8 @@ class Engine:
         """Reuse what the prefix cache holds of the prompt, then prefill one chunk; -> the chunk's last logits."""
         prompt = seq.request.prompt_ids
         self._reuse_prefix(seq)
-        end, how = aligned_chunk(seq.prefilled, len(prompt), self.prefill_chunk, self.max_seq_len)
+        end, how = aligned_chunk(seq.prefilled, len(prompt), self.prefill_chunk, self.max_seq_len,
+                                 row_exact=self.row_exact_prefill)
         chunk = prompt[seq.prefilled:end]
         started = time.perf_counter()
         logits = self.model(torch.tensor([chunk]), self.cache, [seq.slot], [seq.prefilled], prefill=how)[0]
@@ -367,14 +380,15 @@ class Engine:
         if self.prefix_cache is None:
             return
         prompt = seq.request.prompt_ids
-        hit = self.prefix_cache.lookup(prompt, limit=len(prompt) - 1)
+        hit = self.prefix_cache.lookup(prompt, limit=len(prompt) - 1, held=seq.prefilled)
         if hit.tokens > seq.prefilled:
             self.prefix_cache.load(hit, self.cache, seq.slot)
             seq.reused += hit.tokens - seq.prefilled
             seq.prefilled = seq.cached = hit.tokens
 
     def _decode_all(self) -> None:
-        # sequences whose first token came out of this step's prefill wait for the next step
+        # every sequence with a sampled token not yet in the cache, including one whose first token came out of this
+        # step's prefill: it is decoded in this same step
         ready = [seq for seq in self._running.values() if seq.decoding and seq.last_token >= 0]
         if not ready:
             return
@@ -394,6 +408,7 @@ class Engine:
             return
         seq.sampler.observe(token)
         seq.generated += 1
+        seq.generated_ids.append(token)
         seq.last_token = token
         text, stopped = seq.detokenizer.push(token), False
         if seq.stops is not None:
@@ -410,6 +425,7 @@ class Engine:
                 ) -> None:
         """End `seq` with its final event, which carries the text still held back (unless a stop string cut it)."""
         self._running.pop(seq.slot, None)
+        self._store_reply(seq, reason)
         text = seq.detokenizer.flush() if held_text else ""
         if seq.stops is not None and held_text:
             text, stopped = seq.stops.push(text)
@@ -418,6 +434,16 @@ class Engine:
             else:
                 text += seq.stops.flush()
         seq.handle._emit(self._final(seq.handle, seq.generated, reason, error, text, seq.reused))
+
+    def _store_reply(self, seq: _Sequence, reason: FinishReason) -> None:
+        """Keep in the prefix cache the blocks of the prompt and of the tokens generated after it that are in the
+        slot (all but the last sampled one), when decode wrote them with prefill's numbers (row-exact prefill)."""
+        if self.prefix_cache is None or not self.row_exact_prefill or not seq.decoding or \
+                reason not in (FinishReason.STOP, FinishReason.LENGTH, FinishReason.CANCELLED):
+            return  # a failed step may have left the slot half written
+        tokens = [*seq.request.prompt_ids, *seq.generated_ids]
+        if seq.cached > len(seq.request.prompt_ids):
+            self.prefix_cache.store(tokens, self.cache, seq.slot, seq.cached, final=True)
 
     def _final(self, handle: RequestHandle, generated: int, reason: FinishReason, error: str | None = None,
                text: str = "", cached_tokens: int = 0) -> TokenEvent:
