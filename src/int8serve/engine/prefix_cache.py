@@ -53,7 +53,7 @@ class PrefixHit:
 
 @dataclass
 class PrefixStats:
-    hits: int = 0  # lookups that reused at least one token
+    hits: int = 0  # lookups that reused at least one token beyond what the slot held
     lookups: int = 0
     reused_tokens: int = 0
     stored_blocks: int = 0
