@@ -75,7 +75,8 @@ def main(argv: Sequence[str] | None = None) -> None:
             f"`{command}` — {machine_description()}, {time.strftime('%Y-%m-%d')}, "
             f"{time.monotonic() - started:.0f} s, load average {os.getloadavg()[0]:.1f} at the end. One "
             f"{args.prompt}-token random prompt prefilled as the server does (chunks of {args.chunk}), each way "
-            f"{args.rounds} times, alternating; medians.", "", *lines])
+            f"{args.rounds} times, alternating; medians. \"Before\" is the chunk's own numerics of the same code "
+            "(as on main before row-exact prefill, but with SiLU row by row in both).", "", *lines])
         write_section(args.write, body, "row_exact.py", args.model.name)
 
 
