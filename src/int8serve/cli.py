@@ -16,7 +16,7 @@ from pathlib import Path
 
 import torch
 
-from .engine.chat_template import render_prompt
+from .engine.chat_template import DEFAULT_SYSTEM_PROMPT, TEMPLATES, get_template
 from .engine.config import ConfigError
 from .engine.demo import DEMO_WARNING, demo_model_dir
 from .engine.generate import GenerationStats, generate
@@ -27,7 +27,7 @@ from .engine.model_source import MODEL_HELP, resolve
 from .engine.perplexity import evaluate
 from .engine.sampling import SamplingParams
 from .engine.sources import CheckpointError
-from .engine.tokenizer import Tokenizer
+from .engine.tokenizer import AnyTokenizer, load_tokenizer, template_for
 from .settings import DEFAULT_DAILY_NEURONS, DEFAULT_SERVED_MODEL, LoadedSettings, SettingsFileError, load_settings
 
 
@@ -54,12 +54,19 @@ def build_parser() -> argparse.ArgumentParser:
 
     gen = commands.add_parser("generate", help="generate text from a prompt, streamed to the terminal",
                               description="Generate text for one prompt. Without --raw the prompt goes through "
-                                          "the Llama 2 chat template exactly as Workers AI applies it (with its "
-                                          "default system prompt); with --raw it is fed to the model as is.")
+                                          "the model's chat template (--template) exactly as Workers AI applies it "
+                                          "(with its default system prompt); with --raw it is fed to the model as "
+                                          "is.")
     _add_model_args(gen)
     gen.add_argument("prompt", help="the prompt text")
     gen.add_argument("--raw", action="store_true", help="no chat template: feed the prompt as is")
-    gen.add_argument("--system", default=None, help="system prompt instead of Workers AI's default")
+    system = gen.add_mutually_exclusive_group()
+    system.add_argument("--system", default=None, help="system prompt instead of Workers AI's default")
+    system.add_argument("--no-system", action="store_true",
+                        help="no system prompt: the prompt is the only message (as a chat with one user message)")
+    gen.add_argument("--template", choices=list(TEMPLATES), default=None,
+                     help="prompt template, by Workers AI's name (default: chatml if the model's vocabulary has "
+                          "<|im_start|>, else llama2)")
     gen.add_argument("--max-tokens", type=int, default=256, help="tokens to generate at most (default: 256)")
     gen.add_argument("--temperature", type=float, default=0.6, help="0 = greedy (default: 0.6)")
     gen.add_argument("--top-p", type=float, default=1.0, help="nucleus sampling mass (default: 1.0 = off)")
@@ -197,12 +204,15 @@ def resolve_model(path: Path | None) -> Path:
 
 
 def open_model(path: Path | None, dtype: str, use_cache: bool = True, group_size: int = DEFAULT_GROUP_SIZE,
-               quantizer: str = DEFAULT_QUANTIZER) -> tuple[LoadedModel, Tokenizer]:
+               quantizer: str = DEFAULT_QUANTIZER) -> tuple[LoadedModel, AnyTokenizer]:
     loaded = load_cached(resolve_model(path), dtype, progress=sys.stderr.isatty(), use_cache=use_cache,
                          group_size=group_size, quantizer=quantizer)
     if loaded.tokenizer_path is None:
-        raise UsageError(f"{loaded.path}: no tokenizer.model in the folder or its parent")
-    return loaded, Tokenizer(loaded.tokenizer_path)
+        raise UsageError(f"{loaded.path}: no tokenizer.model (in the folder or its parent) or tokenizer.json")
+    try:
+        return loaded, load_tokenizer(loaded.tokenizer_path)
+    except ValueError as err:
+        raise UsageError(str(err)) from err
 
 
 def cmd_generate(args: argparse.Namespace) -> None:
@@ -215,30 +225,29 @@ def cmd_generate(args: argparse.Namespace) -> None:
     except ValueError as err:
         raise UsageError(str(err)) from err
     loaded, tokenizer = open_model(args.model, args.dtype, args.model_cache)
+    template = get_template(args.template) if args.template else template_for(tokenizer)
     if args.raw:
-        segments = render_prompt(args.prompt, raw=True)
+        segments = template.render_prompt(args.prompt, raw=True)
     else:
-        segments = render_prompt(args.prompt) if args.system is None else _with_system(args.system, args.prompt)
-    prompt_ids = tokenizer.encode_segments(segments)
+        segments = template.render_prompt(args.prompt, system=None if args.no_system else (
+            DEFAULT_SYSTEM_PROMPT if args.system is None else args.system))
+    try:
+        prompt_ids = tokenizer.encode_segments(segments)
+    except ValueError as err:
+        raise UsageError(f"--template {template.name}: {err}") from err
     context = loaded.config.max_seq_len
     if len(prompt_ids) >= context:
         raise UsageError(f"the prompt is {len(prompt_ids)} tokens; the model's context is {context}")
     max_tokens = min(args.max_tokens, context - len(prompt_ids))
     stats = GenerationStats()
     detok = tokenizer.detokenizer()
-    for token in generate(loaded.model, prompt_ids, params, max_tokens, tokenizer.eos_id, stats=stats):
+    for token in generate(loaded.model, prompt_ids, params, max_tokens, tokenizer.stop_ids, stats=stats):
         sys.stdout.write(detok.push(token))
         sys.stdout.flush()
     sys.stdout.write(detok.flush() + "\n")
     print(f"prompt tokens {stats.prompt_tokens}, generated tokens {stats.generated_tokens}, "
           f"prefill {stats.prefill_tok_s:.1f} tok/s, decode {stats.decode_tok_s:.1f} tok/s, "
           f"finish {stats.finish_reason}", file=sys.stderr)
-
-
-def _with_system(system: str, prompt: str) -> list:
-    from .engine.chat_template import render_messages
-
-    return render_messages([{"role": "system", "content": system}, {"role": "user", "content": prompt}])
 
 
 def cmd_quantize(args: argparse.Namespace) -> None:
@@ -261,7 +270,8 @@ def cmd_eval_ppl(args: argparse.Namespace) -> None:
     if args.max_windows:
         ids = ids[: args.max_windows * args.window]
     try:
-        report = evaluate(loaded.model, ids, args.window, tokenizer.bos_id, reference, progress=sys.stderr.isatty())
+        report = evaluate(loaded.model, ids, args.window, tokenizer.bos_id if tokenizer.add_bos else None, reference,
+                          progress=sys.stderr.isatty())
     except ValueError as err:
         raise UsageError(str(err)) from err
     for line in report.lines(label=args.dtype):

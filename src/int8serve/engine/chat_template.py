@@ -1,4 +1,4 @@
-"""The Llama 2 chat template, exactly as Workers AI renders it.
+"""Prompt templates per model, exactly as Workers AI renders them: ``llama2`` and ``chatml``.
 
 Workers AI clients send either a bare ``prompt`` or a list of chat ``messages``; the model only ever
 sees one prompt string. This module reproduces the ``llama2`` template of Cloudflare's own templating
@@ -16,18 +16,31 @@ The rendered prompt is a list of *segments*: text (``str``) or a :class:`Control
 tokenizer maps to control ids, while the same characters typed by a user inside a message stay
 ordinary text. That way a user cannot forge turn boundaries by typing ``</s><s>[INST]``.
 :func:`segments_to_text` gives back the literal string Workers AI's documentation shows.
+
+Models name their template as Workers AI's catalog does (``promptTemplate``); :func:`get_template` gives it by name.
+``chatml`` (SmolLM2, ...) writes ``<|im_start|>role\ncontent<|im_end|>\n`` for each system, user and assistant
+message (other roles dropped, content untouched, as for ``llama2``), then the generation prompt
+``<|im_start|>assistant\n``; its ``<|im_start|>``/``<|im_end|>`` are controls like ``<s>``/``</s>``. In ``prompt``
+mode both templates add Workers AI's default system prompt (``chatDefaultContext``), as the catalog's
+``defaultContext`` does for llama2; that Workers AI does the same for its chatml models is not confirmed by the
+published code we have (docs: ../shared/reference/workers-ai-contract.md §6.1 covers llama2 only).
 """
 
 from __future__ import annotations
 
 import enum
-from collections.abc import Iterable, Mapping, Sequence
+from collections.abc import Callable, Iterable, Mapping, Sequence
+from dataclasses import dataclass
 from typing import Any
 
 __all__ = [
     "DEFAULT_SYSTEM_PROMPT",
+    "TEMPLATES",
+    "ChatTemplate",
     "Control",
     "Segment",
+    "get_template",
+    "render_chatml_messages",
     "render_messages",
     "render_prompt",
     "segments_to_text",
@@ -43,8 +56,10 @@ DEFAULT_SYSTEM_PROMPT = (
 class Control(enum.Enum):
     """A control token produced by the template; the value is its literal spelling."""
 
-    BOS = "<s>"
-    EOS = "</s>"
+    BOS = "<s>"  # the tokenizer's BOS id
+    EOS = "</s>"  # the tokenizer's EOS id
+    IM_START = "<|im_start|>"  # ChatML: the special tokens of these spellings
+    IM_END = "<|im_end|>"
 
 
 #: One piece of a rendered prompt: literal text or a control token.
@@ -86,6 +101,17 @@ def render_messages(messages: Sequence[Mapping[str, Any]]) -> list[Segment]:
     return _merged(pieces)
 
 
+def render_chatml_messages(messages: Sequence[Mapping[str, Any]]) -> list[Segment]:
+    """Render chat ``messages`` with the ``chatml`` template, ending with the generation prompt."""
+    pieces: list[Segment] = []
+    for message in messages:
+        role = message.get("role")
+        if role in ("system", "user", "assistant"):
+            pieces += (Control.IM_START, f"{role}\n", _content_text(message), Control.IM_END, "\n")
+    pieces += (Control.IM_START, "assistant\n")
+    return _merged(pieces)
+
+
 def render_prompt(prompt: str, raw: bool = False) -> list[Segment]:
     """Render a ``prompt``-mode request.
 
@@ -95,6 +121,38 @@ def render_prompt(prompt: str, raw: bool = False) -> list[Segment]:
     if raw:
         return [prompt] if prompt else []
     return render_messages([{"role": "system", "content": DEFAULT_SYSTEM_PROMPT}, {"role": "user", "content": prompt}])
+
+
+@dataclass(frozen=True)
+class ChatTemplate:
+    """A prompt template by its catalog name: messages (or a bare prompt) -> segments."""
+
+    name: str
+    render_messages: Callable[[Sequence[Mapping[str, Any]]], list[Segment]]
+    end_of_turn: Control  # the control a reply ends with (it stops generation)
+
+    def render_prompt(self, prompt: str, raw: bool = False,
+                      system: str | None = DEFAULT_SYSTEM_PROMPT) -> list[Segment]:
+        """A ``prompt``-mode request: as is with ``raw``, else ``[system, user: prompt]`` rendered as messages
+        (``[user: prompt]`` alone with ``system=None``)."""
+        if raw:
+            return [prompt] if prompt else []
+        user = {"role": "user", "content": prompt}
+        return self.render_messages([{"role": "system", "content": system}, user] if system is not None else [user])
+
+
+TEMPLATES = {
+    "llama2": ChatTemplate("llama2", render_messages, Control.EOS),
+    "chatml": ChatTemplate("chatml", render_chatml_messages, Control.IM_END),
+}
+
+
+def get_template(name: str) -> ChatTemplate:
+    """The template Workers AI's catalog calls `name` (``promptTemplate``); ValueError for an unknown one."""
+    try:
+        return TEMPLATES[name]
+    except KeyError:
+        raise ValueError(f"unknown prompt template {name!r} (known: {', '.join(TEMPLATES)})") from None
 
 
 def segments_to_text(segments: Iterable[Segment]) -> str:

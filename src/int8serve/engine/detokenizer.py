@@ -29,17 +29,20 @@ held back (at most 3 bytes) until they complete, are proven invalid, the run end
 byte would have turned into a real character, and the concatenation of all deltas plus ``flush()``
 equals ``decode(ids)`` for any id sequence.
 
+Byte-level BPE vocabularies (SmolLM2) have no pieces, only bytes: :class:`ByteDetokenizer` streams them.
+
 Not supported: models with a ``denormalizer_spec`` (SentencePiece then rewrites the whole decoded
 text). Llama 2, stories260K and the demo tokenizer have none.
 """
 
 from __future__ import annotations
 
+import codecs
 from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Protocol
 
-__all__ = ["IncrementalDetokenizer", "PieceTable"]
+__all__ = ["ByteDetokenizer", "IncrementalDetokenizer", "PieceTable"]
 
 _SPACE_SYMBOL = "\u2581"  # "▁", SentencePiece's whitespace marker
 _REPLACEMENT = "\ufffd"
@@ -218,3 +221,33 @@ def _is_valid_prefix(chunk: bytes, need: int) -> bool:
     """
     missing = need - len(chunk)
     return _is_valid(chunk + b"\x80" * missing) or _is_valid(chunk + b"\xbf" * missing)
+
+
+class ByteDetokenizer:
+    """The streaming detokenizer of a byte-level BPE vocabulary: token ids in, text deltas out.
+
+    Every token is a run of bytes (special tokens none), and the text is their concatenation decoded as UTF-8 with
+    each invalid sequence (maximal subpart) replaced by one U+FFFD: what `tokenizers`' ByteLevel decoder gives
+    (Rust's `from_utf8_lossy`). Python's incremental UTF-8 decoder with ``errors="replace"`` replaces the same way
+    and holds back an incomplete character until it completes or is proven invalid, so a delta never holds part of
+    a character, and the deltas plus :meth:`flush` concatenate to the whole decode.
+    """
+
+    def __init__(self, token_bytes: Sequence[bytes]) -> None:
+        self._token_bytes = token_bytes
+        self._decoder = codecs.getincrementaldecoder("utf-8")(errors="replace")
+
+    @property
+    def pending(self) -> bytes:
+        """The incomplete UTF-8 tail held back from the deltas so far (at most 3 bytes)."""
+        return self._decoder.getstate()[0]
+
+    def push(self, token_id: int) -> str:
+        """Feed one token id; return the text it makes certain (possibly "")."""
+        if not 0 <= token_id < len(self._token_bytes):
+            raise IndexError(f"token id {token_id} is out of range [0, {len(self._token_bytes)})")
+        return self._decoder.decode(self._token_bytes[token_id])
+
+    def flush(self) -> str:
+        """End of stream: the held-back bytes, an incomplete character as U+FFFD."""
+        return self._decoder.decode(b"", final=True)

@@ -7,7 +7,7 @@ same model steps for several sequences at once.
 from __future__ import annotations
 
 import time
-from collections.abc import Iterator, Sequence
+from collections.abc import Collection, Iterator, Sequence
 from dataclasses import dataclass, field
 
 import torch
@@ -51,8 +51,10 @@ def prefill(model: Transformer, prompt_ids: Sequence[int], cache: KVCache, slot:
 
 
 def generate(model: Transformer, prompt_ids: Sequence[int], params: SamplingParams, max_tokens: int,
-             eos_id: int, cache: KVCache | None = None, stats: GenerationStats | None = None) -> Iterator[int]:
-    """Yield generated token ids (EOS is not yielded). Fills `stats` as it goes."""
+             stop_ids: int | Collection[int], cache: KVCache | None = None,
+             stats: GenerationStats | None = None) -> Iterator[int]:
+    """Yield generated token ids until one of `stop_ids` (EOS, end of turn: not yielded). Fills `stats` as it goes."""
+    stops = frozenset({stop_ids} if isinstance(stop_ids, int) else stop_ids)
     stats = stats if stats is not None else GenerationStats()
     cache = cache or model.new_cache(1, min(model.config.max_seq_len, len(prompt_ids) + max_tokens))
     if len(prompt_ids) >= cache.max_seq_len:
@@ -67,7 +69,7 @@ def generate(model: Transformer, prompt_ids: Sequence[int], params: SamplingPara
     decode_started = time.perf_counter()
     while stats.generated_tokens < max_tokens:
         token = sampler.sample(logits)
-        if token == eos_id:
+        if token in stops:
             stats.finish_reason = "stop"
             break
         sampler.observe(token)

@@ -6,8 +6,11 @@ What differs from a Hugging Face folder, and is undone here:
 - q/k rows in Meta's interleaved rotary order (llama.cpp's converter permutes the Hugging Face rows back);
 - no `tokenizer.model`: it is rebuilt from the file's own vocabulary (gguf_tokenizer.py);
 - tensor types: F32, F16 and BF16 are read as is; Q8_0 (blocks of 32 int8 with one fp16 scale) is, for now,
-  dequantized and quantized again to the engine's per-channel int8. `Q8_0_DIRECT` is the hook for loading it
-  without that round trip once the engine has a matching group-wise weight format.
+  dequantized and quantized again to the engine's int8. `Q8_0_DIRECT` is the hook for loading it without that
+  round trip. Q4_1 (blocks of 32 4-bit values with an fp16 scale and an fp16 minimum: SmolLM2-135M-Instruct's
+  file) is dequantized as llama.cpp does it and then quantized to our int8 (said once in the log);
+- the tokenizer: SentencePiece (`tokenizer.ggml.model` "llama") is rebuilt as a tokenizer.model; a byte-level BPE
+  vocabulary ("gpt2": tokens and merges) as a Hugging Face tokenizer.json (bpe_tokenizer.py).
 Other types (Q4_K, ...) are refused with their name. Tensors are read with plain file reads, one at a time, like
 the safetensors source: a memory map would count the whole file as resident.
 """
@@ -18,6 +21,7 @@ import hashlib
 import logging
 import os
 import re
+import shutil
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
@@ -35,8 +39,11 @@ log = logging.getLogger(__name__)
 
 Q8_0_BLOCK = 32  # weights per Q8_0 block; each block is an fp16 scale then 32 int8: 34 bytes
 _Q8_0_BYTES = 2 + Q8_0_BLOCK
+Q4_1_BLOCK = 32  # weights per Q4_1 block: fp16 scale d, fp16 minimum m, then 16 bytes of 4-bit values: 20 bytes
+_Q4_1_BYTES = 2 + 2 + Q4_1_BLOCK // 2
 _FLOAT_TYPES = {"F32": torch.float32, "F16": torch.float16, "BF16": torch.bfloat16}
-SUPPORTED_TYPES = (*_FLOAT_TYPES, "Q8_0")
+_BLOCK_TYPES = {"Q8_0": (Q8_0_BLOCK, _Q8_0_BYTES), "Q4_1": (Q4_1_BLOCK, _Q4_1_BYTES)}  # weights, bytes per block
+SUPPORTED_TYPES = (*_FLOAT_TYPES, *_BLOCK_TYPES)
 
 _NAMES = [
     (r"token_embd\.weight", "tok_embeddings.weight"),
@@ -101,7 +108,8 @@ def _value(field: Any) -> Any:
 
 
 class GGUFSource(TensorSource):
-    """The tensors of a GGUF file: float types as float tensors, Q8_0 as its raw blocks (uint8 [N, K / 32 * 34])."""
+    """The tensors of a GGUF file: float types as float tensors, Q8_0 and Q4_1 as their raw blocks
+    (uint8 [N, K / 32 * bytes per block])."""
 
     def __init__(self, file: GGUFFile) -> None:
         self.file = file
@@ -124,7 +132,8 @@ class GGUFSource(TensorSource):
         if info.type in _FLOAT_TYPES:
             return data.view(_FLOAT_TYPES[info.type]).reshape(info.shape)
         rows, cols = _matrix(info, name, self.file.path)
-        return data.reshape(rows, cols // Q8_0_BLOCK * _Q8_0_BYTES)
+        block, nbytes = _BLOCK_TYPES[info.type]
+        return data.reshape(rows, cols // block * nbytes)
 
 
 def _read(path: Path, info: TensorInfo) -> Tensor:
@@ -140,8 +149,9 @@ def _read(path: Path, info: TensorInfo) -> Tensor:
 
 
 def _matrix(info: TensorInfo, name: str, path: Path) -> tuple[int, int]:
-    if len(info.shape) != 2 or info.shape[1] % Q8_0_BLOCK:
-        raise CheckpointError(f"{path}: Q8_0 tensor '{name}' has shape {info.shape}")
+    block, nbytes = _BLOCK_TYPES[info.type]
+    if len(info.shape) != 2 or info.shape[1] % block or info.nbytes != info.shape[0] * info.shape[1] // block * nbytes:
+        raise CheckpointError(f"{path}: {info.type} tensor '{name}' has shape {info.shape} ({info.nbytes} bytes)")
     return info.shape
 
 
@@ -157,6 +167,20 @@ def unpack_q8_0(blocks: Tensor) -> tuple[Tensor, Tensor]:
 def dequantize_q8_0(q: Tensor, scales: Tensor) -> Tensor:
     """(int8 [N, K], fp16 scales [N, K / 32]) -> fp32 [N, K], as llama.cpp computes it: q * float(scale)."""
     return (q.view(q.shape[0], -1, Q8_0_BLOCK).float() * scales.float()[:, :, None]).reshape(q.shape)
+
+
+def dequantize_q4_1(blocks: Tensor) -> Tensor:
+    """Q4_1 blocks uint8 [N, K / 32 * 20] -> fp32 [N, K], as llama.cpp computes it: q * float(d) + float(m).
+
+    Each block holds d, m (fp16) then 16 bytes: byte j's low nibble is weight j, its high nibble weight j + 16.
+    """
+    rows = blocks.shape[0]
+    grouped = blocks.reshape(rows, -1, _Q4_1_BYTES)
+    d = grouped[:, :, 0:2].contiguous().view(torch.float16).float()  # [N, blocks, 1]
+    m = grouped[:, :, 2:4].contiguous().view(torch.float16).float()
+    packed = grouped[:, :, 4:]
+    q = torch.cat([packed & 0x0F, packed >> 4], dim=-1).float()  # [N, blocks, 32]: low nibbles first
+    return (q * d + m).reshape(rows, -1)
 
 
 def internal_name(name: str) -> str | None:
@@ -234,7 +258,11 @@ def vocabulary(file: GGUFFile) -> Vocabulary:
 
 
 def write_tokenizer(file: GGUFFile, folder: Path) -> Path:
-    """The file's tokenizer as `folder/gguf-<hash>.model` (content-addressed: written once, atomically)."""
+    """The file's tokenizer, content-addressed in `folder` (written once, atomically): SentencePiece as
+    `gguf-<hash>.model`, byte-level BPE as `gguf-<hash>/tokenizer.json` beside its tokenizer_config.json."""
+    model = file.get("tokenizer.ggml.model")
+    if model == "gpt2":
+        return _write_bpe_tokenizer(file, folder)
     proto = model_proto(vocabulary(file))
     path = folder / f"gguf-{hashlib.sha256(proto).hexdigest()[:16]}.model"
     if not path.is_file():
@@ -243,6 +271,35 @@ def write_tokenizer(file: GGUFFile, folder: Path) -> Path:
         partial.write_bytes(proto)
         os.replace(partial, path)
     return path
+
+
+def _write_bpe_tokenizer(file: GGUFFile, folder: Path) -> Path:
+    from .bpe_tokenizer import byte_level_json
+
+    tokens = _require(file, "tokenizer.ggml.tokens")
+    merges = file.get("tokenizer.ggml.merges")
+    if not merges:
+        raise CheckpointError(f"{file.path}: a 'gpt2' tokenizer without tokenizer.ggml.merges")
+    bos, eos = file.get("tokenizer.ggml.bos_token_id"), file.get("tokenizer.ggml.eos_token_id")
+    try:
+        definition, config = byte_level_json(
+            tokens, merges, file.get("tokenizer.ggml.token_type"), file.get("tokenizer.ggml.pre"),
+            None if bos is None else int(bos), None if eos is None else int(eos),
+            add_bos=bool(file.get("tokenizer.ggml.add_bos_token", False)))
+    except ValueError as err:
+        raise CheckpointError(f"{file.path}: tokenizer: {err}") from err
+    digest = hashlib.sha256((definition + config).encode()).hexdigest()[:16]
+    target = folder / f"gguf-{digest}"
+    if not (target / "tokenizer.json").is_file():
+        partial = folder / f".gguf-{digest}.{os.getpid()}.partial"
+        partial.mkdir(parents=True, exist_ok=True)
+        (partial / "tokenizer_config.json").write_text(config, encoding="utf-8")
+        (partial / "tokenizer.json").write_text(definition, encoding="utf-8")
+        try:
+            os.rename(partial, target)
+        except OSError:  # another process wrote it first
+            shutil.rmtree(partial, ignore_errors=True)
+    return target / "tokenizer.json"
 
 
 # --- tensors into the model --------------------------------------------------------------------------------------
@@ -257,7 +314,7 @@ def renamer(source: GGUFSource, config: ModelConfig, precision: str) -> Callable
     from .loader import unpermute_meta_rotary
 
     heads = {"wq": config.n_heads, "wk": config.n_kv_heads}
-    said: list[bool] = []
+    said: list[str] = []  # the block types whose round trip the log has mentioned
 
     def rename(name: str, tensor: Tensor) -> Iterator[tuple[str, Weight]]:
         internal = internal_name(name)
@@ -268,22 +325,29 @@ def renamer(source: GGUFSource, config: ModelConfig, precision: str) -> Callable
         def rows_in_hf_order(t: Tensor) -> Tensor:  # a row permutation: the same for weights and their scales
             return unpermute_meta_rotary(t, heads[rotary.group(1)]) if rotary else t
 
-        if source.type_of(name) == "Q8_0":
+        kind = source.type_of(name)
+        if kind == "Q8_0":
             q, scales = unpack_q8_0(tensor)
             yield internal, _q8_0(internal, rows_in_hf_order(q), rows_in_hf_order(scales), precision, said)
+        elif kind == "Q4_1":
+            if precision == "int8" and "Q4_1" not in said:
+                said.append("Q4_1")
+                log.warning("Q4_1 weights are dequantized and quantized to the engine's int8 (each weight may "
+                            "move by up to half an int8 quantization step)")
+            yield internal, rows_in_hf_order(dequantize_q4_1(tensor))
         else:
             yield internal, rows_in_hf_order(tensor)
 
     return rename
 
 
-def _q8_0(name: str, q: Tensor, scales: Tensor, precision: str, said: list[bool]) -> Weight:
+def _q8_0(name: str, q: Tensor, scales: Tensor, precision: str, said: list[str]) -> Weight:
     if precision == "int8" and Q8_0_DIRECT is not None:
         direct = Q8_0_DIRECT(name, q, scales)
         if direct is not None:
             return direct
-    if precision == "int8" and not said:
-        said.append(True)
+    if precision == "int8" and "Q8_0" not in said:
+        said.append("Q8_0")
         log.warning("Q8_0 weights are dequantized and quantized again to the engine's int8 (each "
                     "weight may move by up to half a quantization step)")
     return dequantize_q8_0(q, scales)
@@ -291,7 +355,8 @@ def _q8_0(name: str, q: Tensor, scales: Tensor, precision: str, said: list[bool]
 
 def load_gguf(path: Path, precision: str, progress: bool = False, tokenizer_dir: Path | None = None,
               group_size: int | None = None, quantizer: str = "gptq") -> Any:
-    """A `LoadedModel` from a GGUF file; its rebuilt tokenizer.model is written into `tokenizer_dir`."""
+    """A `LoadedModel` from a GGUF file; its rebuilt tokenizer (tokenizer.model or tokenizer.json) is written into
+    `tokenizer_dir`."""
     from .demo import cache_dir
     from .int8 import DEFAULT_GROUP_SIZE
     from .loader import LoadedModel, _fill, calibration_for

@@ -86,8 +86,9 @@ def unpermute_meta_rotary(weight: Tensor, n_heads: int) -> Tensor:
 
 
 def find_tokenizer(folder: Path) -> Path | None:
-    """tokenizer.model in the folder, or in its parent (Meta's releases keep it one level up)."""
-    for candidate in (folder / "tokenizer.model", folder.parent / "tokenizer.model"):
+    """tokenizer.model in the folder, or in its parent (Meta's releases keep it one level up); else the folder's
+    tokenizer.json (a byte-level BPE model such as SmolLM2 has no tokenizer.model)."""
+    for candidate in (folder / "tokenizer.model", folder.parent / "tokenizer.model", folder / "tokenizer.json"):
         if candidate.is_file():
             return candidate
     return None
@@ -145,13 +146,14 @@ def load_model(path: str | Path, precision: Precision = "int8", progress: bool =
 def calibration_for(tokenizer: Path | None, folder: Path) -> Tensor | None:
     """GPTQ's calibration windows in the model's own tokens, or None (said in the log) without a tokenizer."""
     if tokenizer is None:
-        log.warning("%s: no tokenizer.model beside the weights, so no calibration text: quantizing by rounding each "
+        log.warning("%s: no tokenizer (tokenizer.model or tokenizer.json) beside the weights, so no calibration "
+                    "text: quantizing by rounding each "
                     "weight to its nearest int8 step (the 'rtn' quantizer)", folder)
         return None
-    from .tokenizer import Tokenizer
+    from .tokenizer import load_tokenizer
 
-    tokens = Tokenizer(tokenizer)
-    return calibration.calibration_windows(tokens.encode, tokens.bos_id)
+    tokens = load_tokenizer(tokenizer)  # SentencePiece or byte-level BPE; BOS first where the model has one
+    return calibration.calibration_windows(tokens.encode, tokens.bos_id if tokens.add_bos else None)
 
 
 # A checkpoint weight: a full-precision tensor, or an (int8 weight, scale) pair from a pre-quantized checkpoint.
@@ -176,7 +178,7 @@ def _open_meta(folder: Path, tokenizer: Path | None) -> tuple[ModelConfig, Tenso
     if not shards:
         raise CheckpointError(f"{folder}: params.json but no consolidated.*.pth weights")
     source = MetaShardsSource(shards)
-    vocab = _tokenizer_vocab_size(tokenizer) if tokenizer else None
+    vocab = _tokenizer_vocab_size(tokenizer) if tokenizer and tokenizer.suffix == ".model" else None
     config = config_from_meta(folder / "params.json", vocab, tied="output.weight" not in source.names())
     heads = {"wq": config.n_heads, "wk": config.n_kv_heads}
 
@@ -314,7 +316,8 @@ def _give_back_freed_memory() -> None:
 
 
 def save_int8_checkpoint(loaded: LoadedModel, destination: str | Path) -> Path:
-    """Write an int8 model as int8serve.json + model.safetensors (+ tokenizer.model) for fast loading."""
+    """Write an int8 model as int8serve.json + model.safetensors (+ tokenizer.model, or tokenizer.json and its
+    tokenizer_config.json) for fast loading."""
     if loaded.model.precision != "int8":
         raise ValueError("only an int8 model can be saved as an int8 checkpoint")
     folder = Path(destination)
@@ -334,6 +337,16 @@ def save_int8_checkpoint(loaded: LoadedModel, destination: str | Path) -> Path:
             "quantization": f"weight-only int8, symmetric, {scheme} (scale = absmax/127, rounded up to bf16)",
             "group_size": group_size, "source": str(loaded.path)}
     (folder / "int8serve.json").write_text(json.dumps(meta, indent=2) + "\n")
-    if loaded.tokenizer_path is not None and loaded.tokenizer_path.resolve() != (folder / "tokenizer.model").resolve():
-        shutil.copyfile(loaded.tokenizer_path, folder / "tokenizer.model")
+    if loaded.tokenizer_path is not None:
+        _copy_tokenizer(loaded.tokenizer_path, folder)
     return folder
+
+
+def _copy_tokenizer(tokenizer: Path, folder: Path) -> None:
+    """tokenizer.model, or tokenizer.json with the tokenizer_config.json beside it, into `folder`."""
+    files = [(tokenizer, "tokenizer.model")]
+    if tokenizer.suffix == ".json":
+        files = [(tokenizer, "tokenizer.json"), (tokenizer.with_name("tokenizer_config.json"), "tokenizer_config.json")]
+    for source, name in files:
+        if source.is_file() and source.resolve() != (folder / name).resolve():
+            shutil.copyfile(source, folder / name)

@@ -1,8 +1,10 @@
 """Perplexity over a text, and how far int8 drifts from the fp32 reference on the same windows.
 
-The text is cut into non-overlapping windows of `window` tokens, each fed after a BOS. With a reference model the
-report adds llama.cpp's `--kl-divergence` figures: the PPL ratio, the mean KL divergence KL(ref || model) per
-token, and the top-1 agreement (how often both models' most likely next token is the same).
+The text is cut into non-overlapping windows of `window` tokens, each fed after a BOS; a model trained without
+one (SmolLM2: `add_bos_token` false) gets none, and each window's first token is then context, not predicted.
+With a reference model the report adds llama.cpp's `--kl-divergence` figures: the PPL ratio, the mean KL
+divergence KL(ref || model) per token, and the top-1 agreement (how often both models' most likely next token is
+the same).
 """
 
 from __future__ import annotations
@@ -48,7 +50,7 @@ def windows_of(ids: Sequence[int], window: int) -> list[list[int]]:
     return full or ([list(ids)] if len(ids) >= 2 else [])
 
 
-def evaluate(model: Transformer, ids: Sequence[int], window: int, bos_id: int,
+def evaluate(model: Transformer, ids: Sequence[int], window: int, bos_id: int | None,
              reference: Transformer | None = None, progress: bool = False) -> PerplexityReport:
     chunks = windows_of(ids, window)
     if not chunks:
@@ -58,12 +60,12 @@ def evaluate(model: Transformer, ids: Sequence[int], window: int, bos_id: int,
     nll = ref_nll = kld = 0.0
     agree = count = 0
     for chunk in tqdm(chunks, desc="perplexity", unit="window", disable=not progress, leave=False):
-        # predict chunk[i] from BOS + chunk[:i]
-        inputs = torch.tensor([[bos_id, *chunk[:-1]]])
-        targets = torch.tensor(chunk)
+        # predict chunk[i] from BOS + chunk[:i] (without a BOS: chunk[i] from chunk[:i], i >= 1)
+        inputs = torch.tensor([[bos_id, *chunk[:-1]]] if bos_id is not None else [chunk[:-1]])
+        targets = torch.tensor(chunk if bos_id is not None else chunk[1:])
         logp = model(inputs, cache, [0], [0], all_logits=True)[0].log_softmax(-1)  # [T, V]
         nll -= logp.gather(1, targets[:, None]).sum().item()
-        count += len(chunk)
+        count += len(targets)
         if reference is not None:
             ref_logp = reference(inputs, ref_cache, [0], [0], all_logits=True)[0].log_softmax(-1)
             ref_nll -= ref_logp.gather(1, targets[:, None]).sum().item()

@@ -45,12 +45,12 @@ from enum import StrEnum
 import torch
 
 from .chunking import aligned_chunk
-from .detokenizer import IncrementalDetokenizer
+from .detokenizer import ByteDetokenizer, IncrementalDetokenizer
 from .model import KVCache, Transformer
 from .prefix_cache import PrefixCache
 from .sampling import Sampler, SamplingParams
 from .stops import StopMatcher
-from .tokenizer import Tokenizer
+from .tokenizer import AnyTokenizer
 
 log = logging.getLogger(__name__)
 
@@ -164,7 +164,7 @@ class _Sequence:
     handle: RequestHandle
     slot: int
     sampler: Sampler
-    detokenizer: IncrementalDetokenizer
+    detokenizer: IncrementalDetokenizer | ByteDetokenizer
     stops: StopMatcher | None = None
     prefilled: int = 0  # prompt tokens already in the KV cache
     reused: int = 0  # of which copied from the prefix cache
@@ -186,7 +186,7 @@ class _Sequence:
 class Engine:
     """Owns the model, its KV cache and the engine thread."""
 
-    def __init__(self, model: Transformer, tokenizer: Tokenizer, max_slots: int = 4, max_queue: int = 32,
+    def __init__(self, model: Transformer, tokenizer: AnyTokenizer, max_slots: int = 4, max_queue: int = 32,
                  max_seq_len: int | None = None, prefill_chunk: int = DEFAULT_PREFILL_CHUNK,
                  prefix_cache: PrefixCache | None = None) -> None:
         if max_slots < 1 or max_queue < 0 or prefill_chunk < 1:
@@ -202,6 +202,7 @@ class Engine:
         self.prefilled_tokens = 0  # prompt tokens computed by prefill (the rest came from the prefix cache)
         self.model = model
         self.tokenizer = tokenizer
+        self.stop_ids = frozenset(tokenizer.stop_ids)  # EOS and the model's end-of-turn tokens
         self.max_slots = max_slots
         self.max_queue = max_queue
         self.max_seq_len = min(max_seq_len or model.config.max_seq_len, model.config.max_seq_len)
@@ -403,7 +404,7 @@ class Engine:
     def _advance(self, seq: _Sequence, logits: torch.Tensor) -> None:
         """Sample the next token of `seq` from `logits` and emit it, or finish the sequence."""
         token = seq.sampler.sample(logits)
-        if token == self.tokenizer.eos_id:
+        if token in self.stop_ids:
             self._finish(seq, FinishReason.STOP)
             return
         seq.sampler.observe(token)

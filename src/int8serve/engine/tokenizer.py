@@ -1,4 +1,9 @@
-"""The Llama tokenizer: SentencePiece ids for text and for rendered chat templates.
+"""The Llama tokenizer: SentencePiece ids for text and for rendered chat templates; `load_tokenizer` for any model.
+
+`load_tokenizer(path)` gives the tokenizer a model's files name: a SentencePiece ``tokenizer.model`` (this module's
+:class:`Tokenizer`) or a byte-level BPE ``tokenizer.json`` (:class:`~int8serve.engine.bpe_tokenizer.BPETokenizer`,
+SmolLM2). Both give the same interface: ``encode``, ``encode_segments``, ``decode``, ``detokenizer()``, ``bos_id``,
+``add_bos``, ``eos_id``, ``stop_ids``, ``token_id``, ``vocab_size``.
 
 The engine needs three things from a tokenizer: ids for a prompt rendered by
 :mod:`int8serve.engine.chat_template`, text for generated ids (whole, and streamed with
@@ -31,10 +36,11 @@ from pathlib import Path
 
 import sentencepiece
 
-from int8serve.engine.chat_template import Control, Segment
+from int8serve.engine.bpe_tokenizer import BPETokenizer
+from int8serve.engine.chat_template import ChatTemplate, Control, Segment, get_template
 from int8serve.engine.detokenizer import IncrementalDetokenizer, PieceTable
 
-__all__ = ["Tokenizer"]
+__all__ = ["AnyTokenizer", "Tokenizer", "load_tokenizer", "template_for"]
 
 
 class Tokenizer:
@@ -55,6 +61,21 @@ class Tokenizer:
     def eos_id(self) -> int:
         """Id of ``</s>``, the end-of-sequence control token."""
         return self._sp.eos_id()
+
+    @property
+    def add_bos(self) -> bool:
+        """Sequences start with BOS (Llama 2 and stories260K were trained so)."""
+        return True
+
+    @property
+    def stop_ids(self) -> frozenset[int]:
+        """The ids that end a reply: EOS."""
+        return frozenset({self.eos_id})
+
+    def token_id(self, token: str) -> int | None:
+        """The id of the piece spelled `token`, or None."""
+        index = self._sp.piece_to_id(token)
+        return None if index == self._sp.unk_id() and token != self._sp.id_to_piece(index) else index
 
     @property
     def vocab_size(self) -> int:
@@ -86,6 +107,9 @@ class Tokenizer:
                 ids.append(self.eos_id)
             elif isinstance(segment, str):
                 ids.extend(self._sp.encode(segment))
+            elif isinstance(segment, Control):
+                raise ValueError(f"{self.path}: no control token {segment.value!r}: this model does not use the "
+                                 "template that wrote it")
             else:
                 raise TypeError(f"a segment is a str or a Control, not {type(segment).__name__}")
         return ids
@@ -118,3 +142,22 @@ def _load(path: Path) -> sentencepiece.SentencePieceProcessor:
     except (RuntimeError, OSError) as exc:
         raise ValueError(f"not a valid SentencePiece tokenizer model: {path} ({exc})") from exc
     return sp
+
+
+AnyTokenizer = Tokenizer | BPETokenizer
+
+
+def load_tokenizer(path: str | Path) -> AnyTokenizer:
+    """The tokenizer in the file `path`: SentencePiece for a ``.model`` file, byte-level BPE for a ``.json`` one."""
+    path = Path(path)
+    if path.suffix == ".json":
+        return BPETokenizer(path)
+    return Tokenizer(path)
+
+
+def template_for(tokenizer: AnyTokenizer) -> ChatTemplate:
+    """The prompt template a model's vocabulary implies when no card names one: ``chatml`` if it has
+    ``<|im_start|>``/``<|im_end|>``, else ``llama2``."""
+    if tokenizer.token_id(Control.IM_START.value) is not None and tokenizer.token_id(Control.IM_END.value) is not None:
+        return get_template("chatml")
+    return get_template("llama2")
