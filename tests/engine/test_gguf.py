@@ -23,7 +23,7 @@ from tests.engine.test_tokenizer import PLAIN_TEXTS, TYPED_TAGS
 
 from int8serve.cli import main
 from int8serve.engine.config import ConfigError
-from int8serve.engine.gguf_loader import GGUFFile, write_tokenizer
+from int8serve.engine.gguf_loader import GGUFFile, dequantize_q4_1, write_tokenizer
 from int8serve.engine.loader import LoadedModel, load_model
 from int8serve.engine.sources import CheckpointError
 from int8serve.engine.tokenizer import Tokenizer
@@ -176,6 +176,58 @@ def test_q8_0_int8_logits_within_the_bound_and_said_once(q8_gguf: Path, stories_
     assert torch.equal(ours.argmax(-1)[clear], reference.argmax(-1)[clear])
 
 
+def test_q4_1_dequantizes_as_the_gguf_package_does() -> None:
+    """`gguf.quants` (llama.cpp's reference Python) is the independent reference, bit for bit."""
+    rng = np.random.default_rng(0)
+    weights = (rng.standard_normal((48, 256)) * rng.uniform(0.001, 3, (48, 1)) + rng.uniform(-1, 1, (48, 1)))
+    blocks = gguf.quants.quantize(weights.astype(np.float32), T.Q4_1)
+    assert blocks.shape == (48, 256 // 32 * 20)
+    expected = torch.from_numpy(gguf.quants.dequantize(blocks, T.Q4_1))
+    assert torch.equal(dequantize_q4_1(torch.from_numpy(blocks)), expected)
+
+
+def test_q4_1_hand_made_block() -> None:
+    """One block: d = 0.5, m = -1; byte j holds weight j (low nibble) and weight j + 16 (high nibble)."""
+    nibbles = list(range(16)) + [15 - j for j in range(16)]  # weights 0..15 are q = 0..15, weights 16..31 q = 15..0
+    packed = bytes(nibbles[j] | nibbles[j + 16] << 4 for j in range(16))
+    block = np.frombuffer(np.float16(0.5).tobytes() + np.float16(-1).tobytes() + packed, dtype=np.uint8)
+    values = dequantize_q4_1(torch.from_numpy(block.copy()).reshape(1, 20))
+    assert values.tolist() == [[0.5 * q - 1 for q in nibbles]]
+
+
+@pytest.fixture(scope="module")
+def q4_1_gguf(tmp_path_factory: pytest.TempPathFactory, stories_hf: Path) -> Path:
+    return write_gguf(tmp_path_factory.mktemp("gguf") / "stories260K.Q4_1.gguf", stories_hf,
+                      lambda name, shape: T.Q4_1 if q8_0_where_possible(name, shape) == T.Q8_0 else T.F32)
+
+
+def test_q4_1_is_llama_cpps_dequantized_weights(q4_1_gguf: Path, stories_hf: Path) -> None:
+    ours = load_model(q4_1_gguf, "fp32").model.state_dict()
+    reference = load_model(stories_hf, "fp32").model.state_dict()
+    for name, weight in reference.items():
+        if name.endswith("weight") and q8_0_where_possible(name, tuple(weight.shape)) == T.Q8_0:
+            expected = torch.from_numpy(gguf.quants.dequantize(gguf.quants.quantize(weight.numpy(), T.Q4_1), T.Q4_1))
+        else:
+            expected = weight
+        assert torch.equal(ours[name], expected), name
+
+
+def test_q4_1_to_int8_is_said_once(q4_1_gguf: Path, caplog: pytest.LogCaptureFixture) -> None:
+    with caplog.at_level(logging.WARNING):
+        int8 = load_model(q4_1_gguf, "int8")
+    said = [r for r in caplog.records if "Q4_1 weights are dequantized and quantized to the engine's int8" in r.message]
+    assert len(said) == 1
+    fp32 = load_model(q4_1_gguf, "fp32")
+    assert torch.equal(logits(int8).argmax(-1)[0, :4], logits(fp32).argmax(-1)[0, :4])
+
+
+def test_a_truncated_q4_1_tensor_is_refused(q4_1_gguf: Path, tmp_path: Path) -> None:
+    broken = tmp_path / "truncated.gguf"
+    broken.write_bytes(q4_1_gguf.read_bytes()[:-1000])
+    with pytest.raises(CheckpointError):
+        load_model(broken, "fp32")
+
+
 @pytest.mark.parametrize("model_dir", ["stories260K/hf", "llama2-tokenizer"])
 def test_the_rebuilt_tokenizer_gives_the_original_ids(model_dir: str, shared_dir: Path, tmp_path: Path) -> None:
     original = shared_dir / "models" / model_dir / "tokenizer.model"
@@ -194,7 +246,7 @@ def test_the_rebuilt_tokenizer_gives_the_original_ids(model_dir: str, shared_dir
 
 
 def test_other_tensor_types_are_refused_by_name(tmp_path: Path, stories_hf: Path) -> None:
-    q4 = write_gguf(tmp_path / "q4.gguf", stories_hf, lambda n, s: T.Q4_0 if "mlp.up" in n else T.F32)
+    q4 = write_gguf(tmp_path / "q4.gguf", stories_hf, lambda n, s: T.Q4_0 if "mlp.up" in n else T.F32)  # not Q4_1
     with pytest.raises(CheckpointError, match=r"tensor type Q4_0 is not supported \(e.g. blk.0.ffn_up.weight"):
         load_model(q4, "int8")
 
