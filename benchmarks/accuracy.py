@@ -34,7 +34,7 @@ from int8serve.engine.int8 import Int8Linear, dequantize
 from int8serve.engine.loader import load_model
 from int8serve.engine.model import Transformer
 from int8serve.engine.perplexity import evaluate
-from int8serve.engine.tokenizer import Tokenizer, load_tokenizer
+from int8serve.engine.tokenizer import AnyTokenizer, Tokenizer, load_tokenizer
 
 SHARED = Path(__file__).resolve().parents[2] / "shared"
 MODES = ("kernel", "kernel precise", "prefill (dense)", "weights only")
@@ -43,13 +43,15 @@ SMOLLM2 = SHARED / "models" / "smollm2-135m-instruct" / "SmolLM2-135M-Instruct.Q
 SMOLLM2_GOAL = "KLD ≤ 0.0013, top-1 ≥ 97.9%"
 
 
-def smollm2_ids(windows: int, window: int = 256) -> list[int]:
+def smollm2_ids(tokenizer: AnyTokenizer, windows: int, window: int = 256, shared: Path = SHARED) -> list[int]:
     """The first `windows` windows of sotu.txt, then as many of tinystories.txt: SmolLM2's accuracy corpus."""
-    tokenizer = load_tokenizer(load_model(SMOLLM2, "fp32").tokenizer_path)
     ids: list[int] = []
     for name in ("sotu.txt", "tinystories.txt"):
-        text = (SHARED / "corpus" / name).read_text(encoding="utf-8")[: windows * window * 8]  # ~4 chars a token
-        ids += tokenizer.encode(text)[: windows * window]
+        text = (shared / "corpus" / name).read_text(encoding="utf-8")[: windows * window * 8]  # ~4 chars a token
+        part = tokenizer.encode(text)[: windows * window]
+        if len(part) < windows * window:
+            raise ValueError(f"{name} has fewer than {windows * window} tokens")
+        ids += part
     return ids
 
 
@@ -103,13 +105,16 @@ def main(argv: Sequence[str] | None = None) -> None:
     parser.add_argument("--write", type=Path, metavar="FILE", help="write the table into this Markdown file")
     args = parser.parse_args(argv)
     if args.model == "smollm2":
-        model_dir, ids, bos = SMOLLM2, smollm2_ids(args.windows)[:args.tokens], None
+        model_dir, bos = SMOLLM2, None
+        reference = load_model(model_dir, "fp32")
+        ids = smollm2_ids(load_tokenizer(reference.tokenizer_path), args.windows)[:args.tokens]  # type: ignore[arg-type]
     else:
         model_dir = SHARED / "models" / "stories260K" / "hf"
         tokenizer = Tokenizer(model_dir / "tokenizer.model")
         ids = tokenizer.encode((SHARED / "corpus" / "tinystories.txt").read_text(encoding="utf-8"))[:args.tokens]
         bos = tokenizer.bos_id
-    fp32 = RememberedReference(load_model(model_dir, "fp32").model)
+        reference = load_model(model_dir, "fp32")
+    fp32 = RememberedReference(reference.model)
     rows = []
     for group_size in args.group_sizes:
         model = load_model(model_dir, "int8", group_size=group_size).model
