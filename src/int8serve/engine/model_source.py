@@ -13,7 +13,7 @@ from .hub import HubId, fetch, parse_hub_id
 from .sources import CheckpointError
 
 MODEL_HELP = ("the model: a checkpoint folder (Hugging Face config.json, Meta params.json, or an int8 checkpoint "
-              "from 'int8serve quantize'), a llama.cpp .gguf file (F32/F16/BF16/Q8_0), or a Hugging Face Hub id "
+              "from 'int8serve quantize'), a llama.cpp .gguf file (F32/F16/BF16/Q8_0/Q4_1), or a Hugging Face Hub id "
               "org/name[@revision] (downloaded into the Hub cache; HF_TOKEN, HF_HOME, HF_HUB_CACHE, HF_HUB_OFFLINE "
               "honoured)")
 
