@@ -49,8 +49,10 @@ def test_stops_at_max_tokens_and_at_eos(stories_int8, stories_tokenizer) -> None
     assert stats.prompt_tokens == len(prompt) and stats.prefill_seconds > 0
     # Make the first greedy token the "EOS": generation stops before yielding it.
     stats = GenerationStats()
-    assert list(generate(stories_int8.model, prompt, GREEDY, 7, eos_id=out[0], stats=stats)) == []
+    assert list(generate(stories_int8.model, prompt, GREEDY, 7, stop_ids=out[0], stats=stats)) == []
     assert stats.finish_reason == "stop"
+    # Several stop ids (EOS and a model's end-of-turn tokens): the first one generated ends it.
+    assert list(generate(stories_int8.model, prompt, GREEDY, 7, {stories_tokenizer.eos_id, out[2]})) == out[:2]
 
 
 def test_streamed_text_equals_decoded_text(stories_int8, stories_tokenizer) -> None:

@@ -20,6 +20,7 @@ from int8serve.engine.generate import generate
 from int8serve.engine.int8 import Int8Linear, dequantize
 from int8serve.engine.loader import LoadedModel
 from int8serve.engine.sampling import SamplingParams
+from int8serve.engine.scheduler import Engine, GenerationRequest
 from int8serve.engine.tokenizer import AnyTokenizer
 
 GREEDY = SamplingParams(temperature=0)
@@ -109,3 +110,20 @@ def test_cli_eval_ppl_on_bpe_text(smollm2_gguf: Path, shared_dir: Path, capsys: 
     line = capsys.readouterr().out.splitlines()[0]
     assert line.startswith("fp32: PPL ") and line.endswith("over 254 tokens in 2 windows")  # no BOS: 127 a window
     assert 1.5 < float(line.split()[2]) < 15  # a trained model on simple stories
+
+
+def test_the_engine_serves_it_with_bpe_streaming_and_its_stop_tokens(smollm2_int8: LoadedModel,
+                                                                     smollm2_tokenizer: AnyTokenizer) -> None:
+    """The scheduler path the server runs: streamed BPE text, finished by <|im_end|> (not yielded, no text)."""
+    engine = Engine(smollm2_int8.model, smollm2_tokenizer, max_slots=2, max_seq_len=256, prefill_chunk=32)
+    try:
+        engine.start()
+        segments = get_template("chatml").render_messages([{"role": "user", "content": "What is the capital of "
+                                                                                        "France?"}])
+        request = GenerationRequest(smollm2_tokenizer.encode_segments(segments), 24, GREEDY)
+        events = list(engine.submit(request).iter_events(timeout=120))
+    finally:
+        engine.stop()
+    assert "".join(e.text for e in events) == "The capital of France is Paris."
+    assert events[-1].finish_reason == "stop"
+    assert not {e.token_id for e in events} & smollm2_tokenizer.stop_ids
