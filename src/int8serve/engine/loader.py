@@ -338,11 +338,11 @@ def save_int8_checkpoint(loaded: LoadedModel, destination: str | Path) -> Path:
             "group_size": group_size, "source": str(loaded.path)}
     (folder / "int8serve.json").write_text(json.dumps(meta, indent=2) + "\n")
     if loaded.tokenizer_path is not None:
-        _copy_tokenizer(loaded.tokenizer_path, folder)
+        copy_tokenizer(loaded.tokenizer_path, folder)
     return folder
 
 
-def _copy_tokenizer(tokenizer: Path, folder: Path) -> None:
+def copy_tokenizer(tokenizer: Path, folder: Path) -> None:
     """tokenizer.model, or tokenizer.json with the tokenizer_config.json beside it, into `folder`."""
     files = [(tokenizer, "tokenizer.model")]
     if tokenizer.suffix == ".json":

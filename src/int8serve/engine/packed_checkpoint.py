@@ -31,7 +31,7 @@ from torch import Tensor, nn
 from . import kernels
 from .config import ModelConfig
 from .int8 import Int8Linear
-from .loader import INT8_FORMAT, PACKED_FORMAT_VERSION, LoadedModel, find_tokenizer
+from .loader import INT8_FORMAT, PACKED_FORMAT_VERSION, LoadedModel, copy_tokenizer, find_tokenizer
 from .model import Transformer
 from .sources import CheckpointError
 
@@ -40,7 +40,7 @@ _DTYPES = {torch.uint8: "U8", torch.bfloat16: "BF16", torch.float32: "F32"}
 
 
 def save_packed_checkpoint(loaded: LoadedModel, destination: str | Path) -> Path:
-    """Write an int8 model as int8serve.json (version 3) + model.safetensors (packed layout) + tokenizer.model.
+    """Write an int8 model as int8serve.json (version 3) + model.safetensors (packed layout) + its tokenizer.
 
     Tensors are written one at a time from the model's own copies, so writing costs no second copy of the model (a
     layer on torch's stock kernels is packed as it is written: twice, for its data and then for its scales, rather
@@ -76,8 +76,8 @@ def save_packed_checkpoint(loaded: LoadedModel, destination: str | Path) -> Path
             "note": "int8serve's own cache format (the kernel's packed layout); `int8serve quantize` writes the "
                     "portable one"}
     (folder / "int8serve.json").write_text(json.dumps(meta, indent=2) + "\n")
-    if loaded.tokenizer_path is not None and loaded.tokenizer_path.resolve() != (folder / "tokenizer.model").resolve():
-        (folder / "tokenizer.model").write_bytes(loaded.tokenizer_path.read_bytes())
+    if loaded.tokenizer_path is not None:
+        copy_tokenizer(loaded.tokenizer_path, folder)  # tokenizer.model, or tokenizer.json + tokenizer_config.json
     return folder
 
 
