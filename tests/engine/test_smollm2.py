@@ -18,10 +18,11 @@ from int8serve.cli import main
 from int8serve.engine.chat_template import get_template
 from int8serve.engine.generate import generate
 from int8serve.engine.int8 import Int8Linear, dequantize
-from int8serve.engine.loader import LoadedModel
+from int8serve.engine.loader import LoadedModel, load_model, save_int8_checkpoint
+from int8serve.engine.packed_checkpoint import save_packed_checkpoint
 from int8serve.engine.sampling import SamplingParams
 from int8serve.engine.scheduler import Engine, GenerationRequest
-from int8serve.engine.tokenizer import AnyTokenizer
+from int8serve.engine.tokenizer import AnyTokenizer, load_tokenizer
 
 GREEDY = SamplingParams(temperature=0)
 
@@ -127,3 +128,20 @@ def test_the_engine_serves_it_with_bpe_streaming_and_its_stop_tokens(smollm2_int
     assert "".join(e.text for e in events) == "The capital of France is Paris."
     assert events[-1].finish_reason == "stop"
     assert not {e.token_id for e in events} & smollm2_tokenizer.stop_ids
+
+
+@pytest.mark.parametrize("layout", ["portable", "packed"])
+def test_int8_checkpoints_keep_the_bpe_tokenizer(layout: str, smollm2_int8: LoadedModel, tmp_path: Path) -> None:
+    """`int8serve quantize` (portable) and the model cache (packed) write tokenizer.json + tokenizer_config.json, and
+    the copy loads, tokenizes and answers as the model it was written from."""
+    if layout == "portable":
+        folder = save_int8_checkpoint(smollm2_int8, tmp_path / "int8")
+        loaded = load_model(folder, "int8")
+    else:
+        folder = save_packed_checkpoint(smollm2_int8, tmp_path / "packed")
+        loaded = load_model(folder, "int8")
+    assert {p.name for p in folder.iterdir()} >= {"tokenizer.json", "tokenizer_config.json"}
+    assert loaded.tokenizer_path == folder / "tokenizer.json"
+    tokenizer = load_tokenizer(loaded.tokenizer_path)
+    assert (tokenizer.eos_id, tokenizer.add_bos, tokenizer.stop_ids) == (2, False, {0, 2})
+    assert chat(loaded, tokenizer, "What is the capital of France?") == "The capital of France is Paris."
