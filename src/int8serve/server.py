@@ -124,17 +124,18 @@ def prepare(settings: ServeSettings) -> Prepared:
         templates = [_template(card) for card in cards]
     except (CardError, UnknownModelError, ModelSpecError, UnknownTemplateError) as err:
         raise ServeError(str(err)) from err
+    try:  # Redis and the database before any download: a wrong URL fails in a second
+        policy = Policy.build(policy_settings(settings))
+    except (ValueError, PolicyStartupError) as err:
+        raise ServeError(str(err)) from err
     models = []
     for spec, card, template in zip(specs, cards, templates, strict=True):
         try:  # a Hub id or the built-in model is fetched here, before listening: a missing model fails at once
             path = builtin_model_path() if spec.builtin else resolve_model_source(spec.source or "")
         except CheckpointError as err:
+            policy.close()
             raise ServeError(str(err)) from err
         models.append(ServedModel(card=card, template=template, model_path=path, builtin=spec.builtin))
-    try:
-        policy = Policy.build(policy_settings(settings))
-    except (ValueError, PolicyStartupError) as err:
-        raise ServeError(str(err)) from err
     return Prepared(catalog=catalog, models=models, policy=policy)
 
 
