@@ -146,9 +146,10 @@ def create_app(catalog: Catalog, engines: Mapping[str, Engine], tokens: Mapping[
 
 def _inflight_limit(catalog: Catalog, engines: Mapping[str, Engine], tokens: Mapping[str, str]
                     ) -> dict[str, int | None]:
-    """Each model's default share per account: its engine's slots when several accounts share the server."""
+    """Each model's default share per account: its card's max_concurrent_requests when several accounts share the
+    server (as `serve` gives it)."""
     accounts = len(set(tokens.values()))
-    return {name: default_inflight_limit(engine.max_slots, accounts) for name, engine in engines.items()}
+    return {name: default_inflight_limit(catalog.get(name).max_concurrent_requests, accounts) for name in engines}
 
 
 def _openapi(app: FastAPI) -> dict[str, Any]:
