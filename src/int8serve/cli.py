@@ -31,7 +31,7 @@ from .engine.sampling import SamplingParams
 from .engine.sources import CheckpointError
 from .engine.tokenizer import Tokenizer
 from .model_specs import BUILTIN_CARD, DEFAULT_SERVED_MODEL, ModelSpec, ModelSpecError, served_model_specs
-from .prompt_templates import PromptTemplate, UnknownTemplateError, template_named
+from .prompt_templates import PromptTemplate, UnknownTemplateError, render_prompt, template_named
 from .settings import DEFAULT_DAILY_NEURONS, LoadedSettings, SettingsFileError, load_settings
 
 
@@ -68,7 +68,7 @@ def build_parser() -> argparse.ArgumentParser:
     _add_model_args(gen)
     gen.add_argument("prompt", help="the prompt text")
     gen.add_argument("--raw", action="store_true", help="no chat template: feed the prompt as is")
-    gen.add_argument("--system", default=None, help="system prompt instead of the template's default")
+    gen.add_argument("--system", default=None, help="system prompt instead of the card's default (\"\": none)")
     gen.add_argument("--max-tokens", type=int, default=256, help="tokens to generate at most (default: 256)")
     gen.add_argument("--temperature", type=float, default=0.6, help="0 = greedy (default: 0.6)")
     gen.add_argument("--top-p", type=float, default=1.0, help="nucleus sampling mass (default: 1.0 = off)")
@@ -242,11 +242,8 @@ def cmd_generate(args: argparse.Namespace) -> None:
     spec, card = model_spec(args.model)
     template = card_template(card)
     loaded, tokenizer = open_model(spec, args.dtype, args.model_cache)
-    if args.raw or args.system is None:
-        segments = template.render_prompt(args.prompt, args.raw)
-    else:
-        segments = template.render_messages([{"role": "system", "content": args.system},
-                                             {"role": "user", "content": args.prompt}])
+    system = args.system if args.system is not None else card.default_context
+    segments = render_prompt(template, args.prompt, args.raw, system)
     prompt_ids = tokenizer.encode_segments(segments)
     context = loaded.config.max_seq_len
     if len(prompt_ids) >= context:

@@ -47,7 +47,7 @@ from .engine.scheduler import Engine
 from .engine.sources import CheckpointError
 from .engine.tokenizer import Tokenizer
 from .model_specs import ModelSpecError, served_model_specs
-from .prompt_templates import PromptTemplate, UnknownTemplateError, template_named
+from .prompt_templates import PromptTemplate, UnknownTemplateError, render_prompt, template_named
 from .service.app import create_app
 from .service.connections import uvicorn_config
 from .service.inference import RequestLimits
@@ -199,7 +199,8 @@ def _start_engine(settings: ServeSettings, served: ServedModel) -> tuple[Engine,
     prefix = _prefix_cache(settings, loaded.model, card.max_concurrent_requests * context)
     engine = Engine(loaded.model, tokenizer, max_slots=card.max_concurrent_requests, max_queue=settings.max_queue,
                     max_seq_len=context, prefill_chunk=settings.prefill_chunk, prefix_cache=prefix)
-    warmed = engine.warm(template_prefix_ids(tokenizer, served.template)) if prefix is not None else 0
+    warmed = engine.warm(template_prefix_ids(tokenizer, served.template, card.default_context)) \
+        if prefix is not None else 0
     engine.start()
     # full-precision parameters (embeddings, norms) + int8 weights (of Int8Linear, packed or not)
     parameters = sum(p.numel() for p in loaded.model.parameters()) + sum(
@@ -229,11 +230,14 @@ def _prefix_cache(settings: ServeSettings, model: Transformer, slot_positions: i
     return PrefixCache(model.config, model.cache_dtype, tokens)
 
 
-def template_prefix_ids(tokenizer: Tokenizer, template: PromptTemplate | None = None) -> list[int]:
+def template_prefix_ids(tokenizer: Tokenizer, template: PromptTemplate | None = None, system: str | None = None
+                        ) -> list[int]:
     """The token ids every templated `prompt` request starts with: the default system prompt's part of the model's
-    template (default: Workers AI's `llama2`), as far as it tokenizes the same whatever the user's prompt."""
-    render = (template or template_named("llama2")).render_prompt
-    renderings = [tokenizer.encode_segments(render(text, False)) for text in ("Hello", "what", "1", " x", "\n")]
+    template (default: Workers AI's `llama2`) with the card's `default_context` (None: the template's own), as far as
+    it tokenizes the same whatever the user's prompt."""
+    template = template or template_named("llama2")
+    renderings = [tokenizer.encode_segments(render_prompt(template, text, False, system))
+                  for text in ("Hello", "what", "1", " x", "\n")]
     common = renderings[0]
     for ids in renderings[1:]:
         common = common[:next((i for i, (a, b) in enumerate(zip(common, ids, strict=False)) if a != b),

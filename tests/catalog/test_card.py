@@ -528,6 +528,7 @@ def smollm2() -> ModelCard:
 
 def test_the_seed_card_keeps_the_llama2_template(card: ModelCard) -> None:
     assert "prompt_template" not in card.properties and card.prompt_template == "llama2"
+    assert card.default_context is None  # the template's own: Workers AI's chatDefaultContext
 
 
 def test_smollm2_card_is_ours_with_its_own_limits_template_and_neurons(smollm2: ModelCard) -> None:
@@ -541,6 +542,7 @@ def test_smollm2_card_is_ours_with_its_own_limits_template_and_neurons(smollm2: 
     assert smollm2.policy.rpm_for("any-account") == 300
     assert smollm2.policy.neurons(1000, 1000) == pytest.approx(7.4)  # 0.0037 per token, ours
     assert smollm2.to_search_result()["properties"][4] == {"property_id": "prompt_template", "value": "chatml"}
+    assert smollm2.default_context == "You are a helpful AI assistant named SmolLM, trained by Hugging Face"
     messages = smollm2.input_schema["oneOf"][1]["properties"]
     assert messages["temperature"]["default"] == 0.2 and messages["top_p"]["default"] == 0.9
 
@@ -551,3 +553,16 @@ def test_prompt_template_is_one_word(seed_text: str) -> None:
     assert parse_card(named, "x").prompt_template == "chatml"
     with pytest.raises(CardError, match=r"field 'model\.properties\[prompt_template\]': must not contain whitespace"):
         parse_card(named.replace('value: "chatml"', 'value: "chat ml"'), "x")
+
+
+def test_a_default_context_replaces_the_templates_system_prompt(card: ModelCard) -> None:
+    """`prompt`-mode rendering with the card's default_context: None the template's own, "" none."""
+    from int8serve.engine.chat_template import DEFAULT_SYSTEM_PROMPT, Control
+    from int8serve.prompt_templates import render_prompt, template_named
+
+    llama2 = template_named(card.prompt_template)
+    assert render_prompt(llama2, "Hi") == llama2.render_prompt("Hi", False)
+    assert DEFAULT_SYSTEM_PROMPT in render_prompt(llama2, "Hi")[0]
+    assert render_prompt(llama2, "Hi", system="Be brief.") == ["[INST] <<SYS>>\nBe brief.\n<</SYS>>\n\nHi [/INST]"]
+    assert render_prompt(llama2, "Hi", system="") == [Control.BOS, "[INST] Hi [/INST]"]
+    assert render_prompt(llama2, "Hi", raw=True, system="Be brief.") == ["Hi"]

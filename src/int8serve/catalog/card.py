@@ -24,6 +24,8 @@ value counts as absent):
   `preProcessingArgs.promptTemplate`): `llama2`, the seed's (its card names none). Which names exist is the
   server's business (`int8serve/prompt_templates.py`), not the card's: a card naming another is parsed, and refused
   when it is served;
+* `default_context` (the system prompt of a `prompt`-mode request, Workers AI's `preProcessingArgs.defaultContext`):
+  None, the template's own (for `llama2`, Workers AI's `chatDefaultContext`); "" means none;
 * `default_max_tokens` (the input schema's `max_tokens.default`): min(256, sequence_length_limit);
 * no `constellation_config`, or keys missing from it: no response cache, no requests-per-minute
   limit (`rpm_for` returns None), no neuron metering (0 neurons), `max_concurrent_requests` 1;
@@ -132,6 +134,7 @@ class ModelCard:
     max_concurrent_requests: int
     default_max_tokens: int
     prompt_template: str  # the chat template's name, e.g. "llama2", "chatml"
+    default_context: str | None  # the system prompt of `prompt` requests; None: the template's own, "": none
     input_schema: dict[str, Any]
     output_schema: dict[str, Any]
     policy: ServingPolicy
@@ -365,6 +368,7 @@ class CardProperties(_Section):
     context_length_limit: Limit
     sequence_length_limit: Limit | None = None  # default: the context length limit
     prompt_template: ModelName = DEFAULT_PROMPT_TEMPLATE
+    default_context: str | None = None
     constellation_config: Annotated[ConstellationConfig, BeforeValidator(_yaml_mapping)] = ConstellationConfig()
 
     @model_validator(mode="after")
@@ -474,6 +478,7 @@ def parse_card(text: str, source: str) -> ModelCard:
         max_concurrent_requests=config.max_concurrent_requests,
         default_max_tokens=_default_max_tokens(schemas.input, props.sequence_length_limit, source),
         prompt_template=props.prompt_template,
+        default_context=props.default_context,
         input_schema=schemas.input,
         output_schema=schemas.output,
         policy=config.policy(),

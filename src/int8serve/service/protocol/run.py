@@ -38,7 +38,7 @@ from pydantic_core import PydanticCustomError
 from int8serve.catalog.card import ModelCard
 from int8serve.engine.chat_template import Segment
 from int8serve.engine.sampling import SamplingParams
-from int8serve.prompt_templates import template_named
+from int8serve.prompt_templates import render_prompt, template_named
 
 from ..errors import BAD_INPUT, CONTEXT_WINDOW, LORA_UNSUPPORTED, ApiError
 from .body import schema_error_detail, type_mismatch, validation_error_detail
@@ -180,7 +180,7 @@ class RunBody(BaseModel):
         if form == "prompt":
             if self.prompt is None:
                 raise ApiError(BAD_INPUT, detail="required properties at '/' are 'prompt'")
-            segments = template.render_prompt(self.prompt, self.raw)
+            segments = render_prompt(template, self.prompt, self.raw, card.default_context)
         else:
             segments = _render(self.messages or [], template.render_messages)
         return ValidatedRun(segments=tuple(segments), max_tokens=self.max_tokens, params=self.sampling_params(),
