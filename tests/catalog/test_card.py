@@ -25,8 +25,8 @@ def seed_text() -> str:
 
 @pytest.fixture(scope="module")
 def card(seed_text: str) -> ModelCard:
-    (only,) = builtin_cards()
-    return only
+    (seed,) = [card for card in builtin_cards() if card.name == NAME]
+    return seed
 
 
 def test_builtin_card_is_the_seed_byte_for_byte(seed_text: str) -> None:
@@ -515,3 +515,54 @@ def test_unreadable_file(tmp_path: Path) -> None:
     binary.write_bytes(b"---\n\xff\xfe\n---\n")
     with pytest.raises(CardError, match="cannot read"):
         load_card(binary)
+
+
+SMOLLM2 = "@hf/huggingfacetb/smollm2-135m-instruct"
+
+
+@pytest.fixture(scope="module")
+def smollm2() -> ModelCard:
+    (found,) = [card for card in builtin_cards() if card.name == SMOLLM2]
+    return found
+
+
+def test_the_seed_card_keeps_the_llama2_template(card: ModelCard) -> None:
+    assert "prompt_template" not in card.properties and card.prompt_template == "llama2"
+    assert card.default_context is None  # the template's own: Workers AI's chatDefaultContext
+
+
+def test_smollm2_card_is_ours_with_its_own_limits_template_and_neurons(smollm2: ModelCard) -> None:
+    assert (smollm2.source, smollm2.author, smollm2.display_name) == (2, "huggingfacetb", "smollm2-135m-instruct")
+    assert smollm2.id == str(uuid.uuid5(uuid.NAMESPACE_URL, SMOLLM2))  # what the parser would have made
+    assert "not a Workers AI catalog entry" in smollm2.description
+    assert (smollm2.context_length_limit, smollm2.sequence_length_limit, smollm2.default_max_tokens) == (4096, 2048,
+                                                                                                         256)
+    assert smollm2.prompt_template == "chatml" and smollm2.properties["prompt_template"] == "chatml"
+    assert smollm2.max_concurrent_requests == 4 and smollm2.policy.response_cache == "in_memory"
+    assert smollm2.policy.rpm_for("any-account") == 300
+    assert smollm2.policy.neurons(1000, 1000) == pytest.approx(7.4)  # 0.0037 per token, ours
+    assert smollm2.to_search_result()["properties"][4] == {"property_id": "prompt_template", "value": "chatml"}
+    assert smollm2.default_context == "You are a helpful AI assistant named SmolLM, trained by Hugging Face"
+    messages = smollm2.input_schema["oneOf"][1]["properties"]
+    assert messages["temperature"]["default"] == 0.2 and messages["top_p"]["default"] == 0.9
+
+
+def test_prompt_template_is_one_word(seed_text: str) -> None:
+    named = seed_text.replace('      value: "1800"\n', '      value: "1800"\n    - property_id: "prompt_template"\n'
+                                                      '      value: "chatml"\n')
+    assert parse_card(named, "x").prompt_template == "chatml"
+    with pytest.raises(CardError, match=r"field 'model\.properties\[prompt_template\]': must not contain whitespace"):
+        parse_card(named.replace('value: "chatml"', 'value: "chat ml"'), "x")
+
+
+def test_a_default_context_replaces_the_templates_system_prompt(card: ModelCard) -> None:
+    """`prompt`-mode rendering with the card's default_context: None the template's own, "" none."""
+    from int8serve.engine.chat_template import DEFAULT_SYSTEM_PROMPT, Control
+    from int8serve.prompt_templates import render_prompt, template_named
+
+    llama2 = template_named(card.prompt_template)
+    assert render_prompt(llama2, "Hi") == llama2.render_prompt("Hi", False)
+    assert DEFAULT_SYSTEM_PROMPT in render_prompt(llama2, "Hi")[0]
+    assert render_prompt(llama2, "Hi", system="Be brief.") == ["[INST] <<SYS>>\nBe brief.\n<</SYS>>\n\nHi [/INST]"]
+    assert render_prompt(llama2, "Hi", system="") == [Control.BOS, "[INST] Hi [/INST]"]
+    assert render_prompt(llama2, "Hi", raw=True, system="Be brief.") == ["Hi"]

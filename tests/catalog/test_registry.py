@@ -12,6 +12,7 @@ from int8serve.catalog.registry import Catalog, UnknownModelError
 SHARED = Path(__file__).resolve().parents[3] / "shared"
 SEED = SHARED / "seeds" / "000_ef2d276774d6e394.txt"
 NAME = "@cf/meta/llama-2-7b-chat-int8"
+SMOLLM2 = "@hf/huggingfacetb/smollm2-135m-instruct"
 
 
 @pytest.fixture(scope="module")
@@ -40,7 +41,8 @@ def catalog(seed_text: str, tmp_path: Path) -> Catalog:
     (tmp_path / "bge.txt").write_text(
         variant(seed_text, "@cf/baai/bge-base-en-v1.5", task="Text Embeddings", tag="baai"), encoding="utf-8"
     )
-    return Catalog.load([tmp_path / "mistral.txt", tmp_path / "bge.txt"])
+    # the seed and two variants (without the SmolLM2 card: the searches below are about the seed's fields)
+    return Catalog.load([SEED, tmp_path / "mistral.txt", tmp_path / "bge.txt"], include_builtin=False)
 
 
 def names(cards: list[ModelCard]) -> list[str]:
@@ -49,12 +51,12 @@ def names(cards: list[ModelCard]) -> list[str]:
 
 def test_builtin_only() -> None:
     catalog = Catalog.load()
-    assert catalog.names() == [NAME]
-    assert len(catalog) == 1
-    assert NAME in catalog
-    card = catalog.get(NAME)
-    assert card.context_length_limit == 2048
-    assert [c.name for c in catalog] == [NAME]
+    assert catalog.names() == [NAME, SMOLLM2]  # by file name
+    assert len(catalog) == 2
+    assert NAME in catalog and SMOLLM2 in catalog
+    assert catalog.get(NAME).context_length_limit == 2048
+    assert catalog.get(SMOLLM2).context_length_limit == 4096
+    assert [c.name for c in catalog] == [NAME, SMOLLM2]
 
 
 def test_extra_cards_are_added_in_order(catalog: Catalog) -> None:
@@ -68,7 +70,7 @@ def test_extra_directory(seed_text: str, tmp_path: Path) -> None:
     (folder / "b.txt").write_text(variant(seed_text, "@cf/x/b"), encoding="utf-8")
     (folder / "a.txt").write_text(variant(seed_text, "@cf/x/a"), encoding="utf-8")
     (folder / "notes.md").write_text("not a card", encoding="utf-8")
-    assert Catalog.load([folder]).names() == [NAME, "@cf/x/a", "@cf/x/b"]
+    assert Catalog.load([folder]).names() == [NAME, SMOLLM2, "@cf/x/a", "@cf/x/b"]
     assert Catalog.load([folder], include_builtin=False).names() == ["@cf/x/a", "@cf/x/b"]
 
 

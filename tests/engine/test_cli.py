@@ -9,6 +9,8 @@ from pathlib import Path
 
 import pytest
 
+from int8serve.engine.demo import demo_model_dir
+
 
 def run(*args: str, cache: Path) -> subprocess.CompletedProcess:
     env = {**os.environ, "INT8SERVE_CACHE": str(cache)}
@@ -21,14 +23,19 @@ def cache(tmp_path_factory: pytest.TempPathFactory) -> Path:
     return tmp_path_factory.mktemp("cache")
 
 
-def test_generate_with_the_demo_model_warns_and_reports_figures(cache: Path) -> None:
-    result = run("generate", "Hello there", "--max-tokens", "12", "--seed", "3", cache=cache)
+@pytest.fixture(scope="module")
+def demo(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """The random-weight demo model (a test fixture now: without --model the commands use SmolLM2)."""
+    return demo_model_dir(tmp_path_factory.mktemp("demo"))
+
+
+def test_generate_reports_figures_and_a_seed_gives_the_same_text(cache: Path, demo: Path) -> None:
+    result = run("generate", "--model", str(demo), "Hello there", "--max-tokens", "12", "--seed", "3", cache=cache)
     assert result.returncode == 0, result.stderr
-    assert "RANDOM weights" in result.stderr and "meaningless" in result.stderr
     assert "generated tokens 12" in result.stderr and "decode" in result.stderr and "tok/s" in result.stderr
-    again = run("generate", "Hello there", "--max-tokens", "12", "--seed", "3", cache=cache)
+    assert "RANDOM" not in result.stderr  # no demo warning: nothing runs the demo model unless told to
+    again = run("generate", "--model", str(demo), "Hello there", "--max-tokens", "12", "--seed", "3", cache=cache)
     assert again.stdout == result.stdout  # same seed, same text
-    assert (cache / "demo-v1" / "tokenizer.model").is_file()
 
 
 def test_generate_real_model_raw_greedy(cache: Path, stories_hf: Path) -> None:
@@ -63,6 +70,8 @@ def test_eval_ppl_compare_to_fp32_prints_the_metrics(cache: Path, stories_hf: Pa
     [
         (["generate", "--model", "/no/such/model", "hi"], "no such model folder"),
         (["generate", "--max-tokens", "0", "hi"], "--max-tokens must be at least 1"),
+        (["generate", "--model", "@cf/none/such=/tmp", "hi"], "unknown model '@cf/none/such'"),
+        (["generate", "--model", "@cf/x/y=", "hi"], "expected NAME=PATH"),
         (["generate", "--temperature", "-1", "hi"], "temperature"),
         (["eval-ppl", "--text", "/no/such/file.txt"], "no such file"),
     ],

@@ -144,8 +144,9 @@ def _raw(live: LiveServer, request: str, timeout: float = 10.0) -> bytes:
 
 def test_one_account_cannot_take_every_slot(live: LiveServer, client: httpx.Client,
                                             wide_slow_engine: Engine) -> None:
-    """At most 2 requests of one account in the engines (this app's setting): its 3rd is 429/3040 at once, while
-    another account is served beside it."""
+    """At most 2 requests of one account in a model's engine (this app's setting): its 3rd is 429/3040 at once,
+    while another account is served beside it, and the same account still has its share of the other model's
+    engine."""
     with ExitStack() as stack:
         for _ in range(2):
             http = stack.enter_context(httpx.Client(base_url=live.url, timeout=30))
@@ -158,6 +159,7 @@ def test_one_account_cannot_take_every_slot(live: LiveServer, client: httpx.Clie
         other = client.post(f"/client/v4/accounts/{OTHER_ACCOUNT}/ai/run/{SLOW_MODEL}", headers=OTHER_AUTH,
                             json={**LONG, "max_tokens": 3})
         assert other.status_code == 200
+        assert client.post(RUN, headers=AUTH, json={**LONG, "max_tokens": 2}).status_code == 200  # another engine
     _wait(lambda: wide_slow_engine.stats().running == 0)  # the two streams were cut when their clients left
     assert client.post(RUN, headers=AUTH, json={**LONG, "max_tokens": 2}).status_code == 200  # shares given back
 

@@ -20,6 +20,12 @@ value counts as absent):
 * `model.id`: a UUID5 of the name; `model.source`: 2 for `@hf/` names, else 1;
   `model.description`: ""; `model.task.id` / `.description`: ""; `model.tags`: [];
 * `sequence_length_limit`: the context length limit;
+* `prompt_template` (the chat template that renders `prompt` and `messages`, as Workers AI's catalog names it in
+  `preProcessingArgs.promptTemplate`): `llama2`, the seed's (its card names none). Which names exist is the
+  server's business (`int8serve/prompt_templates.py`), not the card's: a card naming another is parsed, and refused
+  when it is served;
+* `default_context` (the system prompt of a `prompt`-mode request, Workers AI's `preProcessingArgs.defaultContext`):
+  None, the template's own (for `llama2`, Workers AI's `chatDefaultContext`); "" means none;
 * `default_max_tokens` (the input schema's `max_tokens.default`): min(256, sequence_length_limit);
 * no `constellation_config`, or keys missing from it: no response cache, no requests-per-minute
   limit (`rpm_for` returns None), no neuron metering (0 neurons), `max_concurrent_requests` 1;
@@ -46,12 +52,13 @@ import jsonschema
 import yaml
 from pydantic import AfterValidator, BaseModel, BeforeValidator, Field, ValidationError, model_validator
 
-__all__ = ["KNOWN_NEURON_METRICS", "CardError", "ModelCard", "NeuronCost", "RateLimit", "ServingPolicy", "Task",
-           "builtin_cards", "load_card", "parse_card"]
+__all__ = ["DEFAULT_PROMPT_TEMPLATE", "KNOWN_NEURON_METRICS", "CardError", "ModelCard", "NeuronCost", "RateLimit",
+           "ServingPolicy", "Task", "builtin_cards", "load_card", "parse_card"]
 
 NeuronMetricName = Literal["input_tokens", "output_tokens"]
 KNOWN_NEURON_METRICS: tuple[str, ...] = get_args(NeuronMetricName)
 DEFAULT_MAX_TOKENS = 256  # Workers AI's documented default when a schema has none
+DEFAULT_PROMPT_TEMPLATE = "llama2"  # Workers AI's template for the seed's model, whose card names none
 
 
 class CardError(ValueError):
@@ -126,6 +133,8 @@ class ModelCard:
     sequence_length_limit: int  # generated tokens (max_tokens cap)
     max_concurrent_requests: int
     default_max_tokens: int
+    prompt_template: str  # the chat template's name, e.g. "llama2", "chatml"
+    default_context: str | None  # the system prompt of `prompt` requests; None: the template's own, "": none
     input_schema: dict[str, Any]
     output_schema: dict[str, Any]
     policy: ServingPolicy
@@ -358,6 +367,8 @@ class CardProperties(_Section):
 
     context_length_limit: Limit
     sequence_length_limit: Limit | None = None  # default: the context length limit
+    prompt_template: ModelName = DEFAULT_PROMPT_TEMPLATE
+    default_context: str | None = None
     constellation_config: Annotated[ConstellationConfig, BeforeValidator(_yaml_mapping)] = ConstellationConfig()
 
     @model_validator(mode="after")
@@ -466,6 +477,8 @@ def parse_card(text: str, source: str) -> ModelCard:
         sequence_length_limit=props.sequence_length_limit,
         max_concurrent_requests=config.max_concurrent_requests,
         default_max_tokens=_default_max_tokens(schemas.input, props.sequence_length_limit, source),
+        prompt_template=props.prompt_template,
+        default_context=props.default_context,
         input_schema=schemas.input,
         output_schema=schemas.output,
         policy=config.policy(),

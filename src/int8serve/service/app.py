@@ -101,8 +101,9 @@ def create_app(catalog: Catalog, engines: Mapping[str, Engine], tokens: Mapping[
     `tokens` maps API token → account id. `demo` marks every answer as coming from the random-weight demo model.
     `policy` is the serving policy (rate limits, cache, ledger); without one, the card's policy with everything in
     memory (`Policy.in_memory()`), closed when the app's lifespan ends. `limits` bounds what a request may cost
-    (`RequestLimits`; its per-account share of the engine defaults to `policy/fairness.py`'s). `lifecycle` (default:
-    a new one, ready) is the phase behind `/readyz` and the gate that refuses new requests while draining.
+    (`RequestLimits`; each model's per-account share of its engine defaults to `policy/fairness.py`'s).
+    `lifecycle` (default: a new one, ready) is the phase behind `/readyz` and the gate that refuses new requests
+    while draining.
     `log_prompts` adds prompt and response text to the per-request log line. `metrics_token`: `/metrics` answers
     only this bearer token.
     """
@@ -143,9 +144,12 @@ def create_app(catalog: Catalog, engines: Mapping[str, Engine], tokens: Mapping[
     return app
 
 
-def _inflight_limit(catalog: Catalog, engines: Mapping[str, Engine], tokens: Mapping[str, str]) -> int | None:
-    slots = max((engine.max_slots for engine in engines.values()), default=1)
-    return default_inflight_limit(slots, len(set(tokens.values())))
+def _inflight_limit(catalog: Catalog, engines: Mapping[str, Engine], tokens: Mapping[str, str]
+                    ) -> dict[str, int | None]:
+    """Each model's default share per account: its card's max_concurrent_requests when several accounts share the
+    server (as `serve` gives it)."""
+    accounts = len(set(tokens.values()))
+    return {name: default_inflight_limit(catalog.get(name).max_concurrent_requests, accounts) for name in engines}
 
 
 def _openapi(app: FastAPI) -> dict[str, Any]:

@@ -89,9 +89,15 @@ class RequestLimits:
     max_body_bytes: int = DEFAULT_MAX_BODY_BYTES  # 413/3006 beyond
     body_timeout: float = 30.0  # seconds to receive the whole body: 408/3007 beyond
     stall_timeout: float = 30.0  # a stream whose client reads nothing for this long is cut
-    max_inflight_per_account: int | None = None  # requests of one account in the engines; None: no cap
+    # requests of one account in a model's engine: one cap for every model, or a cap per model name; None: no cap
+    max_inflight_per_account: int | Mapping[str, int | None] | None = None
     parse_threads: int = 2  # threads checking and tokenizing small bodies at once (large ones: `workers.py`)
     retry_after_seconds: int = 1  # `Retry-After` of 429/3040 and 503 answers
+
+    def inflight_cap(self, model: str) -> int | None:
+        """The cap on one account's requests in `model`'s engine (None: no cap)."""
+        cap = self.max_inflight_per_account
+        return cap.get(model) if isinstance(cap, Mapping) else cap
 
     def __post_init__(self) -> None:
         if self.max_body_bytes < 1 or self.body_timeout <= 0 or self.stall_timeout <= 0 or self.parse_threads < 1:
@@ -123,7 +129,8 @@ class Inference:
         self.lifecycle = lifecycle
         self.limits = limits or RequestLimits()
         self.retry_headers = {"retry-after": str(self.limits.retry_after_seconds)}
-        self.inflight = InflightLimiter(self.limits.max_inflight_per_account, self.retry_headers)
+        # each model's engine has its own slots, so each its own share per account
+        self.inflight = {name: InflightLimiter(self.limits.inflight_cap(name), self.retry_headers) for name in engines}
         self.resolve = Resolver({name: catalog.get(name) for name in engines}, frozenset(catalog.names()))
         self.workers = RequestWorkers(self.resolve, {name: e.tokenizer for name, e in engines.items()},
                                       threads=self.limits.parse_threads, keep_prompts=metrics.log_prompts)
@@ -258,20 +265,21 @@ class InferenceCall:
     def _submit(self, engine: Engine, run: RunRequest) -> RequestHandle:
         """The request into the engine, within the account's share of it."""
         retry = self.inference.retry_headers
-        self.inference.inflight.acquire(self.account)
+        inflight = self.inference.inflight[self._served().card.name]
+        inflight.acquire(self.account)
         generation = GenerationRequest(prompt_ids=list(run.prompt_ids), max_tokens=run.checked.max_tokens,
                                        params=run.checked.params, request_id=self.request_id, owner=self.account)
         try:
             return engine.submit(generation, reject_if_busy=run.checked.reject_if_busy)
         except (QueueFullError, EngineStoppedError, ValueError) as err:
-            self.inference.inflight.release(self.account)
+            inflight.release(self.account)
             if isinstance(err, QueueFullError):
                 raise ApiError(CAPACITY, headers=retry) from None
             if isinstance(err, EngineStoppedError):
                 raise ApiError(UNAVAILABLE, headers=retry) from None
             raise ApiError(BAD_INPUT, detail=str(err)) from None  # the engine's own checks; ours come first
         except BaseException:
-            self.inference.inflight.release(self.account)
+            inflight.release(self.account)
             raise
 
     # ---- the engine's answer ----
@@ -286,7 +294,7 @@ class InferenceCall:
                 if event.text and sink is not None:
                     sink.put_nowait(event.text)
         finally:
-            self.inference.inflight.release(self.account)
+            self.inference.inflight[self._served().card.name].release(self.account)
         finished = await self.finish(builder.answer())
         if sink is not None:
             sink.put_nowait(finished)

@@ -37,7 +37,7 @@ import anyio.to_thread
 
 from int8serve.catalog.card import ModelCard
 from int8serve.engine.chat_template import Control
-from int8serve.engine.tokenizer import Tokenizer
+from int8serve.engine.tokenizer import AnyTokenizer, load_tokenizer
 
 from .errors import INTERNAL, NO_SUCH_MODEL, ApiError
 from .formats import WireFormat
@@ -95,7 +95,7 @@ def check_body(resolve: Resolver, fmt: WireFormat, raw: bytes, model: str | None
 class RequestWorkers:
     """Where request bodies are checked and tokenized (see the module docstring)."""
 
-    def __init__(self, resolve: Resolver, tokenizers: Mapping[str, Tokenizer], *, threads: int = 2,
+    def __init__(self, resolve: Resolver, tokenizers: Mapping[str, AnyTokenizer], *, threads: int = 2,
                  inline_bytes: int = INLINE_BYTES, inline_chars: int = INLINE_CHARS, keep_prompts: bool = False
                  ) -> None:
         self.resolve = resolve
@@ -146,14 +146,14 @@ class RequestWorkers:
 
 # --- in the worker process --------------------------------------------------------------------------------------
 
-_worker: tuple[Resolver, dict[str, Tokenizer]] | None = None
+_worker: tuple[Resolver, dict[str, AnyTokenizer]] | None = None
 
 
 def _start_worker(resolve: Resolver, tokenizer_paths: Mapping[str, Path]) -> None:
     global _worker
     _lowest_priority()
 
-    tokenizers = {name: Tokenizer(path) for name, path in tokenizer_paths.items()}
+    tokenizers = {name: load_tokenizer(path) for name, path in tokenizer_paths.items()}
     _worker = (resolve, tokenizers)
 
 

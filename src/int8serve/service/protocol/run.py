@@ -19,7 +19,7 @@ the schema allows 0, it is read as "no penalty" (1.0).
 from __future__ import annotations
 
 import functools
-from collections.abc import Iterable, Iterator, Mapping
+from collections.abc import Callable, Iterable, Iterator, Mapping
 from dataclasses import dataclass
 from typing import Annotated, Any, Literal, Protocol
 
@@ -36,8 +36,9 @@ from pydantic import (
 from pydantic_core import PydanticCustomError
 
 from int8serve.catalog.card import ModelCard
-from int8serve.engine.chat_template import Segment, render_messages, render_prompt
+from int8serve.engine.chat_template import Segment
 from int8serve.engine.sampling import SamplingParams
+from int8serve.prompt_templates import render_prompt, template_named
 
 from ..errors import BAD_INPUT, CONTEXT_WINDOW, LORA_UNSUPPORTED, ApiError
 from .body import schema_error_detail, type_mismatch, validation_error_detail
@@ -175,12 +176,13 @@ class RunBody(BaseModel):
             if _feature_requested(name, getattr(self, name)):
                 raise ApiError(BAD_INPUT, detail=f"'/{name}' is not supported by the model {card.name}")
         form: Literal["prompt", "messages"] = "messages" if self.messages is not None else "prompt"
+        template = template_named(card.prompt_template)  # a served card's template exists (checked at start)
         if form == "prompt":
             if self.prompt is None:
                 raise ApiError(BAD_INPUT, detail="required properties at '/' are 'prompt'")
-            segments = render_prompt(self.prompt, raw=self.raw)
+            segments = render_prompt(template, self.prompt, self.raw, card.default_context)
         else:
-            segments = _render(self.messages or [])
+            segments = _render(self.messages or [], template.render_messages)
         return ValidatedRun(segments=tuple(segments), max_tokens=self.max_tokens, params=self.sampling_params(),
                             stream=self.stream, reject_if_busy=bool(self.options and self.options.rejectIfBusy),
                             form=form, raw=self.raw and form == "prompt")
@@ -256,7 +258,8 @@ def _feature_requested(name: str, value: Any) -> bool:
     return not (name == "response_format" and isinstance(value, dict) and value.get("type") in (None, "text"))
 
 
-def _render(messages: list[RunMessage]) -> list[Segment]:
+def _render(messages: list[RunMessage], render_messages: Callable[[list[dict[str, str]]], list[Segment]]
+            ) -> list[Segment]:
     if not any(m.role in RENDERED_ROLES for m in messages):
         raise ApiError(BAD_INPUT, detail="no message with role 'system', 'user' or 'assistant' at '/messages'")
     return render_messages([{"role": m.role, "content": m.content} for m in messages])
