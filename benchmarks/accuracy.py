@@ -2,7 +2,9 @@
 with `--model smollm2`, the same on SmolLM2-135M-Instruct (its Q4_1 GGUF dequantized is the fp32 reference) over
 windows of sotu.txt and tinystories.txt, as issue #15 asks.
 
-For each weight scheme (a bf16 scale per output channel, or per 32/64/128 inputs) and each way of computing:
+For each quantizer (`gptq`, the default: rounding errors compensated, calibrated on the package's demo_text.txt;
+`rtn`: each weight rounded to its nearest step), weight scheme (a bf16 scale per output channel, or per 32/64/128
+inputs) and way of computing:
 - `kernel`: every Int8Linear call through our decode kernel, int8 activations per 32 values;
 - `kernel precise`: the same with precise activations (each row quantized twice, ~16 bits), the default;
 - `prefill (dense)`: what `int8serve eval-ppl` measures: windows computed as prefill, i.e. dequantized weights
@@ -31,7 +33,7 @@ from benchmarks.common import display_command, write_section
 from benchmarks.machine import log, machine_facts
 from int8serve.engine import int8, kernels
 from int8serve.engine.int8 import Int8Linear, dequantize
-from int8serve.engine.loader import load_model
+from int8serve.engine.loader import DEFAULT_QUANTIZER, QUANTIZERS, load_model
 from int8serve.engine.model import Transformer
 from int8serve.engine.perplexity import evaluate
 from int8serve.engine.tokenizer import AnyTokenizer, Tokenizer, load_tokenizer
@@ -96,6 +98,7 @@ def _weights_only(self: Int8Linear, x: Tensor) -> Tensor:
 
 def main(argv: Sequence[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--quantizers", nargs="+", default=list(QUANTIZERS), choices=QUANTIZERS)
     parser.add_argument("--group-sizes", type=int, nargs="+", default=[0, 32, 64, 128])
     parser.add_argument("--modes", nargs="+", default=list(MODES), choices=MODES)
     parser.add_argument("--tokens", type=int, default=None, help="only the first N corpus tokens (default: all)")
@@ -116,15 +119,18 @@ def main(argv: Sequence[str] | None = None) -> None:
         reference = load_model(model_dir, "fp32")
     fp32 = RememberedReference(reference.model)
     rows = []
-    for group_size in args.group_sizes:
-        model = load_model(model_dir, "int8", group_size=group_size).model
-        for name in args.modes:
-            started = time.perf_counter()
-            with mode(name):
-                r = evaluate(model, ids, 256, bos, reference=fp32)  # type: ignore[arg-type]
-            scheme = f"per {group_size} inputs" if group_size else "per output channel"
-            rows.append(f"| {scheme} | {name} | {r.kld:.6f} | {r.top1:.2f}% | {r.ratio:.5f} |")
-            log(f"{rows[-1]} ({time.perf_counter() - started:.0f} s)")
+    for quantizer in args.quantizers:
+        for group_size in args.group_sizes:
+            model = load_model(model_dir, "int8", group_size=group_size, quantizer=quantizer).model
+            for name in args.modes:
+                started = time.perf_counter()
+                with mode(name):
+                    r = evaluate(model, ids, 256, bos, reference=fp32)  # type: ignore[arg-type]
+                scheme = f"per {group_size} inputs" if group_size else "per output channel"
+                default = " (default)" if quantizer == DEFAULT_QUANTIZER else ""
+                rows.append(f"| {quantizer}{default} | {scheme} | {name} | {r.kld:.6f} | {r.top1:.2f}% | "
+                            f"{r.ratio:.5f} |")
+                log(f"{rows[-1]} ({time.perf_counter() - started:.0f} s)")
     machine = machine_facts()
     command = display_command("accuracy", sys.argv[1:])
     if args.model == "smollm2":
@@ -147,8 +153,8 @@ def main(argv: Sequence[str] | None = None) -> None:
         f"below it. {goal}",
         f"- Command: `{command}`",
         "",
-        "| weight scales | computed as | KLD (nats/token) | top-1 | PPL ratio |",
-        "|---|---|---|---|---|",
+        "| quantizer | weight scales | computed as | KLD (nats/token) | top-1 | PPL ratio |",
+        "|---|---|---|---|---|---|",
         *rows,
     ]) + "\n"
     log("\n" + section)
