@@ -56,8 +56,9 @@ def calibration_windows(encode: Callable[[str], list[int]], bos_id: int | None, 
 
 
 def quantize_blocks(model: Transformer, weight_of: WeightOf, windows: Tensor, group_size: int,
-                    progress: bool = False) -> None:
-    """Quantize every int8 layer of `model` (its embeddings and norms already loaded) with GPTQ on `windows`."""
+                    progress: bool = False, after_block: Callable[[], None] | None = None) -> None:
+    """Quantize every int8 layer of `model` (its embeddings and norms already loaded) with GPTQ on `windows`;
+    `after_block` runs once each block's temporaries are freed (the loader gives the heap back to the system)."""
     config = model.config
     with torch.inference_mode():
         hidden = model.tok_embeddings(windows).float()  # [S, T, dim]
@@ -79,7 +80,9 @@ def quantize_blocks(model: Transformer, weight_of: WeightOf, windows: Tensor, gr
         for name, linear in _linears(model.layers[index]):
             full = _module(block, name).weight
             linear.set_quantized(*quantize_gptq(full, covariances[_INPUTS[name]].matrix, group_size), group_size)
-        del block
+        del block, covariances
+        if after_block is not None:
+            after_block()
     if isinstance(model.output, Int8Linear) and any(t.is_meta for t in model.output.buffers()):
         head = InputCovariance(config.dim)
         with torch.inference_mode():

@@ -250,7 +250,8 @@ def _fill(model: Transformer, source: TensorSource, rename: Renamer, folder: Pat
                 raise CheckpointError(f"{folder}: checkpoint has no weights for {internal}")
             return next(w for n, w in rename(deferred[internal], source.get(deferred[internal])) if n == internal)
 
-        calibration.quantize_blocks(model, weight_of, calibration_windows, group_size, progress)
+        calibration.quantize_blocks(model, weight_of, calibration_windows, group_size, progress,
+                                    after_block=_give_back_freed_memory)
         _give_back_freed_memory()
     missing = [n for n, t in [*model.named_parameters(), *model.named_buffers()] if t.is_meta]
     if missing:
