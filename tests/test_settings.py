@@ -174,3 +174,12 @@ def test_summary_says_where_each_value_came_from_and_hides_secrets(tmp_path: Pat
     assert f"postgresql+psycopg://app:***@db:5432/usage  (file {config})" in text
     assert re.search(r"^tokens +1 given  \(flag\)$", text, re.M)
     assert len(loaded.summary()) == len(ServeSettings.model_fields)
+
+
+def test_the_quantizer_of_a_first_start(monkeypatch: pytest.MonkeyPatch) -> None:
+    assert load_settings(flags()).settings.quantizer == "gptq"
+    assert load_settings(flags("--quantizer", "rtn")).settings.quantizer == "rtn"
+    monkeypatch.setenv("INT8SERVE_QUANTIZER", "rtn")
+    assert load_settings(flags()).settings.quantizer == "rtn"
+    with pytest.raises(SystemExit):
+        build_parser().parse_args(["serve", "--quantizer", "awq"])

@@ -156,6 +156,7 @@ def _add_serve_parser(commands: argparse._SubParsersAction) -> None:
     option("--model", field="model", action="append", metavar="PATH|NAME=PATH")
     option("--dtype", field="dtype", choices=["int8", "fp32"])
     option("--model-cache", field="model_cache", action=argparse.BooleanOptionalAction)
+    option("--quantizer", field="quantizer", choices=list(QUANTIZERS))
     option("--threads", field="threads", type=int, metavar="N")
     option("--card", field="card", type=Path, action="append", metavar="FILE")
     option("--served-model-name", field="served_model_name", metavar="NAME")

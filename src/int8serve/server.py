@@ -191,7 +191,7 @@ def _start_engine(settings: ServeSettings, served: ServedModel) -> tuple[Engine,
     if not sys.stderr.isatty():  # no progress bar: say what is happening
         log.info("loading %s weights of %s from %s", settings.dtype, card.name, served.model_path)
     loaded = load_cached(served.model_path, settings.dtype, progress=sys.stderr.isatty(),
-                         use_cache=settings.model_cache)
+                         use_cache=settings.model_cache, quantizer=settings.quantizer)
     if loaded.tokenizer_path is None:
         raise ServeError(f"{loaded.path}: no tokenizer.model in the folder or its parent")
     tokenizer = load_tokenizer(loaded.tokenizer_path)

@@ -78,6 +78,11 @@ class ServeSettings(BaseSettings):
                                                 "GGUF file) in $INT8SERVE_CACHE/models, written on the first start "
                                                 "and loaded by later ones (--no-model-cache: quantize at every "
                                                 "start, write nothing)")
+    quantizer: Literal["gptq", "rtn"] = Field(
+        "gptq", description="how a full-precision --model becomes int8 on its first start: gptq (each weight's "
+                            "rounding error moved onto the weights not yet rounded, calibrated on a text the "
+                            "package ships: more accurate; about an hour for a 7B model on 2 cores) or rtn (each "
+                            "weight rounded to its nearest step: minutes). Later starts load the cached copy")
     threads: int | None = Field(None, ge=1, description="torch threads. Default: all cores")
     card: Annotated[list[Path], NoDecode] = Field(
         default_factory=list, description="extra catalog card files (or folders of *.txt cards); the flag is "
