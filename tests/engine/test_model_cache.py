@@ -109,7 +109,7 @@ def test_a_second_process_waits_for_the_first_then_loads_its_copy(cache: Path, s
                                                                    quantized: list[Path]) -> None:
     folder = cache_folder(source)
     done: list[LoadedModel] = []
-    with model_cache._locked(folder):  # another server is quantizing
+    with model_cache.locked(folder):  # another server is quantizing
         waiter = threading.Thread(target=lambda: done.append(load_cached(source)))
         waiter.start()
         time.sleep(0.5)

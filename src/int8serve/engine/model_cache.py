@@ -95,7 +95,7 @@ def load_cached(source: Path, precision: Precision = "int8", progress: bool = Fa
     folder = cache_folder(source, group_size, quantizer)
     loaded = _load_copy(folder, source)
     if loaded is None:
-        with _locked(folder):
+        with locked(folder):
             loaded = _load_copy(folder, source, quiet=True)  # another process may have written it meanwhile
             if loaded is None:
                 return _quantize_and_store(source, folder, progress, group_size, quantizer)
@@ -118,14 +118,15 @@ def _load_copy(folder: Path, source: Path, quiet: bool = False) -> LoadedModel |
 
 
 @contextlib.contextmanager
-def _locked(folder: Path) -> Iterator[None]:
-    """An exclusive lock on `folder`'s key, across processes; waits (saying so) while another holds it."""
+def locked(folder: Path, doing: str = "writing the int8 copy") -> Iterator[None]:
+    """An exclusive lock on `folder` (its `.lock` file beside it), across processes; waits, saying that another
+    process is `doing` it, while another holds it."""
     folder.parent.mkdir(parents=True, exist_ok=True)
     with open(folder.with_name(folder.name + ".lock"), "a") as handle:
         try:
             fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
         except BlockingIOError:
-            log.info("another process is writing the int8 copy %s; waiting for it", folder)
+            log.info("another process is %s %s; waiting for it", doing, folder)
             fcntl.flock(handle, fcntl.LOCK_EX)
         try:
             yield
