@@ -146,15 +146,20 @@ def test_f16_and_bf16_tensors_are_the_hf_weights_rounded(tmp_path: Path, stories
             assert torch.equal(ours[name], weight.to(dtype).float()), name
 
 
-def test_q8_0_is_llama_cpps_dequantized_weights(q8_gguf: Path, stories_hf: Path) -> None:
-    ours = load_model(q8_gguf, "fp32").model.state_dict()
+def assert_llama_cpps_dequantized_weights(quantized: Path, stories_hf: Path, kind: T) -> None:
+    """The file's `kind` tensors load as the gguf package's own round trip of the original weights."""
+    ours = load_model(quantized, "fp32").model.state_dict()
     reference = load_model(stories_hf, "fp32").model.state_dict()
     for name, weight in reference.items():
         if name.endswith("weight") and q8_0_where_possible(name, tuple(weight.shape)) == T.Q8_0:
-            expected = torch.from_numpy(gguf.quants.dequantize(gguf.quants.quantize(weight.numpy(), T.Q8_0), T.Q8_0))
+            expected = torch.from_numpy(gguf.quants.dequantize(gguf.quants.quantize(weight.numpy(), kind), kind))
         else:  # the F32 tensors of the file: norms, and the down projection (172 columns)
             expected = weight
         assert torch.equal(ours[name], expected), name
+
+
+def test_q8_0_is_llama_cpps_dequantized_weights(q8_gguf: Path, stories_hf: Path) -> None:
+    assert_llama_cpps_dequantized_weights(q8_gguf, stories_hf, T.Q8_0)
 
 
 def test_q8_0_int8_logits_within_the_bound_and_said_once(q8_gguf: Path, stories_hf: Path,
@@ -202,14 +207,7 @@ def q4_1_gguf(tmp_path_factory: pytest.TempPathFactory, stories_hf: Path) -> Pat
 
 
 def test_q4_1_is_llama_cpps_dequantized_weights(q4_1_gguf: Path, stories_hf: Path) -> None:
-    ours = load_model(q4_1_gguf, "fp32").model.state_dict()
-    reference = load_model(stories_hf, "fp32").model.state_dict()
-    for name, weight in reference.items():
-        if name.endswith("weight") and q8_0_where_possible(name, tuple(weight.shape)) == T.Q8_0:
-            expected = torch.from_numpy(gguf.quants.dequantize(gguf.quants.quantize(weight.numpy(), T.Q4_1), T.Q4_1))
-        else:
-            expected = weight
-        assert torch.equal(ours[name], expected), name
+    assert_llama_cpps_dequantized_weights(q4_1_gguf, stories_hf, T.Q4_1)
 
 
 def test_q4_1_to_int8_is_said_once(q4_1_gguf: Path, caplog: pytest.LogCaptureFixture) -> None:
