@@ -3,9 +3,9 @@
 The fp32 reference is the Q4_1 GGUF dequantized; the int8 model is what the server runs (GPTQ-quantized on load, a
 bf16 scale per 32 weights, precise activations) with every Int8Linear call routed through the decode kernel, as
 tests/engine/test_accuracy.py does for stories260K: the figures are what decoding the windows token by token gives.
-The corpus is two 256-token windows of sotu.txt and two of tinystories.txt, without BOS (SmolLM2 has none): small
-enough for the suite, so the top-1 figure moves in steps of 0.1%. `python -m benchmarks.accuracy --model smollm2`
-measures every scheme on more windows (docs/benchmarks.md).
+The corpus is four 256-token windows of sotu.txt and four of tinystories.txt, without BOS (SmolLM2 has none), the
+2040 tokens of docs/benchmarks.md's table: the top-1 figure moves in steps of 0.05%. `python -m benchmarks.accuracy
+--model smollm2` measures every scheme (docs/benchmarks.md).
 """
 
 from __future__ import annotations
@@ -21,14 +21,18 @@ from int8serve.engine.loader import LoadedModel
 from int8serve.engine.perplexity import PerplexityReport, evaluate
 from int8serve.engine.tokenizer import AnyTokenizer
 
-WINDOWS = 2  # of each text
+WINDOWS = 4  # of each text
 # Issue #15's goal: better than weight-only int8 per 32 inputs simulated in fp32 (KLD 0.0012, top-1 98.0%).
 GOAL_KLD, GOAL_TOP1 = 0.0013, 97.9
-# Measured on a Sapphire Rapids (2 vCPU), 2026-12-01, over these 1020 tokens: the default scheme (GPTQ, a bf16 scale
-# per 32 weights) KLD 0.000935, top-1 97.94%, PPL ratio 0.99951: the goal is met, top-1 by 0.04 points (4 tokens
-# of 1020: every kernel path gives the same bits, so the figure does not move between machines). Rounding each weight
-# to its nearest step instead (--quantizer rtn) measured KLD 0.001163, top-1 96.96%, PPL ratio 1.00156 here.
+# Measured over these 2040 tokens: the default scheme (GPTQ, a bf16 scale per 32 weights) KLD 0.001054, top-1 98.09%
+# on a Sapphire Rapids (2026-12-01) and KLD 0.001055, top-1 98.09% on an AMD EPYC Zen 4 (2026-12-01, later): the goal
+# is met, top-1 by 0.19 points (4 tokens). The kernels give the same bits everywhere, but GPTQ's own float math
+# (Cholesky, matrix products) rounds differently from one CPU's BLAS to another's and a few int8 weights move: over
+# half these tokens (an earlier version of this test) the same code measured 97.94% on the Sapphire Rapids and 97.65%
+# on the Zen 4, hence the whole table here. Rounding each weight to its nearest step (--quantizer rtn) measured KLD
+# 0.001255, top-1 97.55%.
 MAX_RATIO = 1.001
+
 @pytest.fixture(scope="module")
 def report(shared_dir: Path, smollm2_fp32: LoadedModel, smollm2_int8: LoadedModel,
            smollm2_tokenizer: AnyTokenizer) -> Iterator[PerplexityReport]:
@@ -47,7 +51,7 @@ def describe(report: PerplexityReport) -> str:
 
 def test_the_default_scheme_meets_the_issue_goal(report: PerplexityReport) -> None:
     print(describe(report))  # the figures, with `pytest -s`
-    assert report.tokens == 4 * 255  # no BOS: each window's first token is context
+    assert report.tokens == 2 * WINDOWS * 255  # no BOS: each window's first token is context
     assert report.kld <= GOAL_KLD, describe(report)
     assert report.top1 >= GOAL_TOP1, describe(report)
     assert report.ratio <= MAX_RATIO, describe(report)

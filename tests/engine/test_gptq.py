@@ -11,7 +11,7 @@ import torch
 
 from int8serve.engine import int8
 from int8serve.engine.calibration import calibration_windows
-from int8serve.engine.gptq import InputCovariance, quantize_gptq
+from int8serve.engine.gptq import InputCovariance, InverseHessianFactor, quantize_gptq
 from int8serve.engine.loader import load_model
 from int8serve.engine.tokenizer import Tokenizer
 
@@ -75,6 +75,32 @@ def test_inputs_never_seen_get_zero_weights_and_no_nan() -> None:
 def test_a_hessian_of_the_wrong_shape_is_refused() -> None:
     with pytest.raises(ValueError, match="hessian of shape"):
         quantize_gptq(torch.randn(4, 64), torch.eye(32), 32)
+
+
+@pytest.mark.parametrize("features", [70, 701])  # 701: the triangular inverse splits, unevenly, more than once
+def test_the_factor_is_the_cholesky_of_the_inverse(features: int) -> None:
+    covariance = InputCovariance(features)
+    covariance.add(correlated_inputs(2 * features, features, seed=6))
+    damped = covariance.matrix.double()
+    damped.diagonal().add_(0.01 * damped.diagonal().mean())
+    # the textbook route, in float64: invert, then factor
+    expected = torch.linalg.cholesky(torch.linalg.inv(damped), upper=True)
+    upper = InverseHessianFactor(covariance.matrix).upper
+    assert upper.dtype == torch.float32 and torch.equal(upper, upper.triu())
+    assert torch.allclose(upper.double(), expected, rtol=0, atol=1e-4 * float(expected.abs().max()))
+
+
+def test_a_shared_factor_quantizes_as_the_hessian_does() -> None:
+    # the calibration computes one factor per input and gives it to each layer reading that input
+    covariance = InputCovariance(96)
+    covariance.add(correlated_inputs(400, 96, seed=7))
+    factor = InverseHessianFactor(covariance.matrix)
+    for seed in (8, 9):
+        weight = torch.randn(24, 96, generator=torch.Generator().manual_seed(seed))
+        from_factor, from_hessian = quantize_gptq(weight, factor, 32), quantize_gptq(weight, covariance.matrix, 32)
+        assert all(torch.equal(a, b) for a, b in zip(from_factor, from_hessian, strict=True))
+    with pytest.raises(ValueError, match="factor of shape"):
+        quantize_gptq(torch.randn(4, 64), factor, 32)
 
 
 def test_calibration_windows_are_the_packages_text_in_the_models_tokens(stories_hf: Path) -> None:

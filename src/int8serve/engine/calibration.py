@@ -20,7 +20,7 @@ from torch import Tensor, nn
 from tqdm import tqdm
 
 from .config import ModelConfig
-from .gptq import InputCovariance, quantize_gptq
+from .gptq import InputCovariance, InverseHessianFactor, quantize_gptq
 from .int8 import Int8Linear
 from .model import Transformer, TransformerBlock
 
@@ -77,10 +77,13 @@ def quantize_blocks(model: Transformer, weight_of: WeightOf, windows: Tensor, gr
             hidden = block(hidden, cos, sin, cache, cache_v, range(batch), [0] * batch)
         for hook in covariances.pop("hooks"):
             hook.remove()
+        factors: dict[str, InverseHessianFactor] = {}  # one per input, shared by the layers reading it
         for name, linear in _linears(model.layers[index]):
-            full = _module(block, name).weight
-            linear.set_quantized(*quantize_gptq(full, covariances[_INPUTS[name]].matrix, group_size), group_size)
-        del block, covariances
+            key = _INPUTS[name]
+            if key not in factors:
+                factors[key] = InverseHessianFactor(covariances.pop(key).matrix)
+            linear.set_quantized(*quantize_gptq(_module(block, name).weight, factors[key], group_size), group_size)
+        del block, covariances, factors
         if after_block is not None:
             after_block()
     if isinstance(model.output, Int8Linear) and any(t.is_meta for t in model.output.buffers()):

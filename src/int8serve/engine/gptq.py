@@ -23,7 +23,7 @@ from torch import Tensor
 
 from . import int8, kernels
 
-__all__ = ["BLOCK_COLUMNS", "DAMPING", "InputCovariance", "quantize_gptq"]
+__all__ = ["BLOCK_COLUMNS", "DAMPING", "InputCovariance", "InverseHessianFactor", "quantize_gptq"]
 
 DAMPING = 0.01  # of the mean diagonal, added to H's diagonal: H from a few thousand tokens is singular
 BLOCK_COLUMNS = 128  # columns quantized before their errors are pushed to the rest in one matmul (a multiple of 32)
@@ -42,40 +42,63 @@ class InputCovariance:
         self.rows += rows.shape[0]
 
 
-def quantize_gptq(weight: Tensor, hessian: Tensor, group_size: int = int8.DEFAULT_GROUP_SIZE,
+class InverseHessianFactor:
+    """What GPTQ needs of one H, computed once for all the layers that share an input (wq, wk and wv; w1 and w3).
+
+    `upper` [K, K] is the upper Cholesky factor of (H + damping)⁻¹; `dead` [K] marks the inputs never seen (a zero
+    diagonal), whose weights are zeroed."""
+
+    def __init__(self, hessian: Tensor, damping: float = DAMPING) -> None:
+        h = hessian.float().clone()
+        self.dead = torch.diagonal(h) == 0
+        h[self.dead, self.dead] = 1.0
+        h.diagonal().add_(damping * torch.diagonal(h).mean())
+        self.upper = _upper_factor_of_inverse(h)
+
+
+def quantize_gptq(weight: Tensor, hessian: Tensor | InverseHessianFactor, group_size: int = int8.DEFAULT_GROUP_SIZE,
                   damping: float = DAMPING) -> tuple[Tensor, Tensor]:
-    """weight [N, K], hessian [K, K] -> (int8 [N, K], fp32 scales [N, G]) in `int8.quantize`'s format."""
+    """weight [N, K], hessian [K, K] (or its factor) -> (int8 [N, K], fp32 scales [N, G]) in `int8.quantize`'s
+    format."""
     kernels.check_group_size(group_size)
     n, k = weight.shape
-    if hessian.shape != (k, k):
-        raise ValueError(f"hessian of shape {tuple(hessian.shape)} for a weight of {k} inputs")
-    w = weight.float().clone()
-    upper = _inverse_hessian_factor(hessian, w, damping)  # [K, K]
+    factor = hessian if isinstance(hessian, InverseHessianFactor) else None
+    if factor is None:
+        if hessian.shape != (k, k):
+            raise ValueError(f"hessian of shape {tuple(hessian.shape)} for a weight of {k} inputs")
+        factor = InverseHessianFactor(hessian, damping)
+    elif factor.upper.shape != (k, k):
+        raise ValueError(f"a factor of shape {tuple(factor.upper.shape)} for a weight of {k} inputs")
+    upper = factor.upper
+    # Columns as rows ([K, N]): the loop below reads and updates one input column at a time, which in the [N, K]
+    # layout is N scattered floats (measured, 4096 x 11008: most of the time went to those cache misses).
+    w_t = weight.float().T.contiguous()  # [K, N]
+    w_t[factor.dead] = 0.0
     size = group_size or k
-    q = torch.empty(n, k, dtype=torch.int8)
+    q_t = torch.empty(k, n, dtype=torch.int8)
     scales = torch.empty(n, -(-k // size))
-    scale = _group_scales(w) if group_size == 0 else None  # [N]
+    scale = _group_scales(w_t.T) if group_size == 0 else None  # [N]
     if scale is not None:
         scales[:, 0] = scale
     for start in range(0, k, BLOCK_COLUMNS):
         end = min(k, start + BLOCK_COLUMNS)
-        block = w[:, start:end]  # a view: updated in place
-        errors = torch.empty(n, end - start)
+        block = w_t[start:end]  # [B, N], a view: updated in place
+        errors = torch.empty(end - start, n)
         with _one_thread():
             for j in range(end - start):
                 column = start + j
                 if group_size and column % group_size == 0:
-                    scale = scales[:, column // group_size] = _group_scales(w[:, column:column + group_size])
+                    scale = scales[:, column // group_size] = _group_scales(w_t[column:column + group_size].T)
                 assert scale is not None
                 safe = torch.where(scale > 0, scale, torch.ones_like(scale))  # an all-zero group stays zero
-                rounded = (block[:, j] / safe).round_().clamp_(-127, 127)
-                q[:, column] = rounded.to(torch.int8)
-                error = (block[:, j] - rounded * scale) / upper[column, column]
-                block[:, j:].sub_(error[:, None] * upper[column, column:end][None, :])
-                errors[:, j] = error
+                rounded = (block[j] / safe).round_().clamp_(-127, 127)
+                q_t[column] = rounded.to(torch.int8)
+                error = (block[j] - rounded * scale) / upper[column, column]
+                block[j + 1:].addr_(upper[column, column + 1:end], error, alpha=-1)  # no [B, N] temporary
+                errors[j] = error
         if end < k:
-            w[:, end:].sub_(errors @ upper[start:end, end:])  # the one big matmul of a block: every thread
-    return q, scales
+            w_t[end:].sub_(upper[start:end, end:].T @ errors)  # the one big matmul of a block: every thread
+    return q_t.T.contiguous(), scales
 
 
 @contextlib.contextmanager
@@ -96,12 +119,29 @@ def _group_scales(columns: Tensor) -> Tensor:
     return int8._quantize_groups(columns.reshape(columns.shape[0], 1, columns.shape[1]))[1][:, 0]
 
 
-def _inverse_hessian_factor(hessian: Tensor, weight: Tensor, damping: float) -> Tensor:
-    """The upper Cholesky factor of (H + damping)⁻¹; inputs never seen (zero diagonal) get their weights zeroed."""
-    h = hessian.float().clone()
-    dead = torch.diagonal(h) == 0
-    h[dead, dead] = 1.0
-    weight[:, dead] = 0.0
-    h.diagonal().add_(damping * torch.diagonal(h).mean())
-    inverse = torch.cholesky_inverse(torch.linalg.cholesky(h))
-    return torch.linalg.cholesky(inverse, upper=True)
+def _upper_factor_of_inverse(h: Tensor) -> Tensor:
+    """h [K, K] symmetric positive definite -> U upper with h⁻¹ = Uᵀ U, without forming h⁻¹.
+
+    With J the order-reversing permutation and L the lower Cholesky factor of J h J, h = V Vᵀ where V = J L J is
+    upper; then h⁻¹ = V⁻ᵀ V⁻¹ and U = V⁻¹. One factorization and one triangular inverse (2/3 K³ flops) instead of
+    GPTQ's usual Cholesky, inverse and second Cholesky (5/3 K³): for the 11008-input layer of the 7B, most of a
+    block's quantization time (measured, docs/benchmarks.md)."""
+    lower = torch.linalg.cholesky(h.flip(0, 1))
+    return _inverse_of_upper(lower.flip(0, 1))
+
+
+def _inverse_of_upper(v: Tensor) -> Tensor:
+    """v [K, K] upper triangular -> v⁻¹, by halves: [[A, B], [0, D]]⁻¹ = [[A⁻¹, -A⁻¹ B D⁻¹], [0, D⁻¹]].
+
+    Most of the work lands in matrix products (K³/3 flops); `solve_triangular` against the identity does K³ and
+    took 3x the Cholesky's time for K = 11008 (measured on 2 cores)."""
+    k = v.shape[0]
+    if k <= 256:
+        return torch.linalg.solve_triangular(v, torch.eye(k, dtype=v.dtype), upper=True)
+    half = k // 2
+    a_inverse, d_inverse = _inverse_of_upper(v[:half, :half]), _inverse_of_upper(v[half:, half:])
+    inverse = torch.zeros_like(v)
+    inverse[:half, :half] = a_inverse
+    inverse[half:, half:] = d_inverse
+    inverse[:half, half:] = -(a_inverse @ v[:half, half:]) @ d_inverse
+    return inverse
