@@ -4,15 +4,17 @@ each int8 layer in the kernel's layout; mapped back without copying (test_model_
 from __future__ import annotations
 
 import json
+import shutil
 from pathlib import Path
 
 import pytest
 import torch
 from safetensors import safe_open
+from safetensors.torch import load_file, save_file
 
 from int8serve.engine import kernels
 from int8serve.engine.int8 import Int8Linear
-from int8serve.engine.loader import LoadedModel
+from int8serve.engine.loader import LoadedModel, load_model
 from int8serve.engine.packed_checkpoint import load_packed, save_packed_checkpoint
 from int8serve.engine.sources import CheckpointError
 
@@ -62,3 +64,17 @@ def test_adopt_packed_keeps_aligned_tensors_and_copies_misaligned_ones() -> None
         kernels.adopt_packed(packed.data, packed.scale, 70, 96, 0)
     with pytest.raises(ValueError, match="packed data must be uint8"):
         kernels.adopt_packed(packed.data, packed.scale, 130, 96, 32)
+
+
+def test_a_16_bit_embedding_table_is_stored_and_mapped_as_it_is(tmp_path: Path, stories_hf: Path) -> None:
+    folder = shutil.copytree(stories_hf, tmp_path / "fp16")
+    weights = folder / "model.safetensors"
+    save_file({name: tensor.half() for name, tensor in load_file(weights).items()}, weights)
+    loaded = load_model(folder, "int8", quantizer="rtn")
+    copy = save_packed_checkpoint(loaded, tmp_path / "copy")
+    mapped = load_packed(copy, json.loads((copy / "int8serve.json").read_text()))
+    table = mapped.model.tok_embeddings.weight
+    assert table.dtype == torch.float16 and torch.equal(table, loaded.model.tok_embeddings.weight)
+    tokens = torch.tensor([[1, 5, 9, 200, 31]])
+    cache_a, cache_b = loaded.model.new_cache(1, 8), mapped.model.new_cache(1, 8)
+    assert torch.equal(loaded.model(tokens, cache_a, [0], [0]), mapped.model(tokens, cache_b, [0], [0]))

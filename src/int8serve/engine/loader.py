@@ -43,6 +43,10 @@ INT8_FORMAT = "int8serve-int8"
 INT8_FORMAT_VERSION = 2  # 2: "group_size" (0 = per channel), scales [N] or [N, ceil(K / group_size)]
 READABLE_VERSIONS = (1, 2)  # 1: per-channel scales [N] only
 PACKED_FORMAT_VERSION = 3  # the model cache's copy in the kernel's packed layout (packed_checkpoint.py)
+# The token embeddings are a lookup table, never multiplied: a 16-bit source keeps its dtype (each looked-up row
+# is widened to fp32 exactly), which saves 0.26 GB of the 7B's memory against widening the table to fp32.
+# Every other full-precision tensor (norms, a full-precision model's layers) is fp32.
+EMBEDDING_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
 
 _HF_NAMES = [
     (r"model\.embed_tokens\.weight", "tok_embeddings.weight"),
@@ -287,7 +291,8 @@ def _assign(modules: dict[str, nn.Module], name: str, weight: Weight, folder: Pa
     elif isinstance(weight, tuple):
         raise CheckpointError(f"{folder}: tensor '{name}' is int8, but that layer stays in full precision")
     else:
-        module.weight = nn.Parameter(weight.to(torch.float32, copy=True).contiguous(), requires_grad=False)
+        dtype = weight.dtype if name == "tok_embeddings.weight" and weight.dtype in EMBEDDING_DTYPES else torch.float32
+        module.weight = nn.Parameter(weight.to(dtype, copy=True).contiguous(), requires_grad=False)
 
 
 def _check_shape(modules: dict[str, nn.Module], name: str, weight: Weight, folder: Path) -> None:

@@ -31,12 +31,12 @@ from torch import Tensor, nn
 from . import kernels
 from .config import ModelConfig
 from .int8 import Int8Linear
-from .loader import INT8_FORMAT, PACKED_FORMAT_VERSION, LoadedModel, copy_tokenizer, find_tokenizer
+from .loader import EMBEDDING_DTYPES, INT8_FORMAT, PACKED_FORMAT_VERSION, LoadedModel, copy_tokenizer, find_tokenizer
 from .model import Transformer
 from .sources import CheckpointError
 
 WEIGHTS = "model.safetensors"
-_DTYPES = {torch.uint8: "U8", torch.bfloat16: "BF16", torch.float32: "F32"}
+_DTYPES = {torch.uint8: "U8", torch.bfloat16: "BF16", torch.float16: "F16", torch.float32: "F32"}
 
 
 def save_packed_checkpoint(loaded: LoadedModel, destination: str | Path) -> Path:
@@ -66,8 +66,8 @@ def save_packed_checkpoint(loaded: LoadedModel, destination: str | Path) -> Path
     for name, module in packed:
         _, scale_shape = kernels.packed_shapes(module.out_features, module.in_features, module.group_size)
         entries.append((f"{name}.packed_scale", torch.bfloat16, scale_shape, lambda m=module: m.packed_copy().scale))
-    for name, tensor in dense:
-        entries.append((name, torch.float32, tuple(tensor.shape), lambda t=tensor: t.float()))
+    for name, tensor in dense:  # fp32, but for 16-bit embeddings (loader.EMBEDDING_DTYPES), stored as they are
+        entries.append((name, tensor.dtype, tuple(tensor.shape), lambda t=tensor: t))
     size = _write_aligned_safetensors(folder / WEIGHTS, entries)
     meta = {"format": INT8_FORMAT, "version": PACKED_FORMAT_VERSION, "layout": kernels.LAYOUT,
             "config": loaded.config.to_dict(),
@@ -145,7 +145,8 @@ def load_packed(folder: Path, meta: dict) -> LoadedModel:
                 for parameter_name, parameter in list(module.named_parameters(recurse=False)):
                     full_name = f"{name}.{parameter_name}" if name else parameter_name
                     tensor = take(full_name)
-                    if tensor.dtype != torch.float32 or tensor.shape != parameter.shape:
+                    allowed = EMBEDDING_DTYPES if full_name == "tok_embeddings.weight" else (torch.float32,)
+                    if tensor.dtype not in allowed or tensor.shape != parameter.shape:
                         raise CheckpointError(f"{weights}: tensor '{full_name}' is {tensor.dtype} "
                                               f"{list(tensor.shape)}, the config describes {list(parameter.shape)}")
                     setattr(module, parameter_name, nn.Parameter(tensor, requires_grad=False))
