@@ -33,7 +33,7 @@ import torch
 from benchmarks.common import free_port, stop_process, write_section
 from benchmarks.engine import LLAMA2_7B
 from benchmarks.machine import machine_description
-from int8serve.engine.loader import DEFAULT_QUANTIZER
+from int8serve.engine.loader import DEFAULT_QUANTIZER, QUANTIZERS
 
 REPO = Path(__file__).resolve().parents[1]
 TOKENIZER = REPO.parent / "shared" / "models" / "llama2-tokenizer" / "tokenizer.model"
@@ -86,10 +86,10 @@ import json, sys, time
 from pathlib import Path
 from int8serve.engine.model_cache import cache_folder, load_cached
 started = time.perf_counter()
-load_cached(Path(sys.argv[1]))
+load_cached(Path(sys.argv[1]), quantizer=sys.argv[2])
 seconds = time.perf_counter() - started
 status = dict(line.split(":", 1) for line in Path("/proc/self/status").read_text().splitlines())
-size = sum(p.stat().st_size for p in cache_folder(Path(sys.argv[1])).iterdir())
+size = sum(p.stat().st_size for p in cache_folder(Path(sys.argv[1]), quantizer=sys.argv[2]).iterdir())
 import os
 cpu = sum(os.times()[:2])
 print(json.dumps({"seconds": seconds, "peak_rss": int(status["VmHWM"].split()[0]) * 1024, "copy_bytes": size,
@@ -98,8 +98,8 @@ print(json.dumps({"seconds": seconds, "peak_rss": int(status["VmHWM"].split()[0]
 
 
 def first_load(model: Path, env: dict[str, str]) -> dict[str, float]:
-    result = subprocess.run([sys.executable, "-c", _FIRST_LOAD, str(model)], capture_output=True, text=True,
-                            env=env, check=True)
+    result = subprocess.run([sys.executable, "-c", _FIRST_LOAD, str(model), env["INT8SERVE_QUANTIZER"]],
+                            capture_output=True, text=True, env=env, check=True)
     return json.loads(result.stdout.strip().splitlines()[-1])
 
 
@@ -178,7 +178,7 @@ def kv_cache_bytes(slots: int = 4, positions: int = 2048) -> int:
 
 
 def report(model: Path, first: dict[str, float] | None, later: dict[str, float], alone: dict[str, float],
-           command: str, load: str) -> str:
+           command: str, load: str, quantizer: str) -> str:
     lines = [
         "## First and later start of a 7B-shape model (the int8 copy in the cache)",
         "",
@@ -187,8 +187,9 @@ def report(model: Path, first: dict[str, float] | None, later: dict[str, float],
         f"average {load} (other sessions share the 2 cores and the RAM: wall times stretch against the CPU time the "
         "process itself used).",
         f"- Model: `{model.name}`, the Llama-2-7B shape as a Hugging Face folder with random fp16 weights "
-        f"({sum(p.stat().st_size for p in model.iterdir()) / 1e9:.1f} GB), quantized with the default quantizer "
-        f"(`{DEFAULT_QUANTIZER}`); `$INT8SERVE_CACHE` empty at the start. "
+        f"({sum(p.stat().st_size for p in model.iterdir()) / 1e9:.1f} GB), quantized with "
+        f"`{quantizer}`{' (the default)' if quantizer == DEFAULT_QUANTIZER else ''}; `$INT8SERVE_CACHE` empty at "
+        "the start. "
         "The int8 copy is stored in the kernel's packed layout and mapped by later starts (no read into fresh "
         "memory, no repacking).",
         "",
@@ -248,6 +249,9 @@ def main() -> None:
     parser.add_argument("--later-runs", type=int, default=2, help="later starts measured (the best is reported)")
     parser.add_argument("--requests", type=int, default=4,
                         help="concurrent requests the last later start then serves, for the serving peak RSS (0: none)")
+    parser.add_argument("--quantizer", choices=QUANTIZERS, default=DEFAULT_QUANTIZER,
+                        help=f"how the first start quantizes (default: {DEFAULT_QUANTIZER}; it decides the first "
+                             "start's time and peak, not the later starts')")
     parser.add_argument("--prompt-words", type=int, default=150, help="words of each request's prompt")
     parser.add_argument("--max-tokens", type=int, default=32, help="tokens each request generates")
     args = parser.parse_args()
@@ -258,14 +262,15 @@ def main() -> None:
         parser.error("--model DIR (made with --make-fp16) is required")
     with tempfile.TemporaryDirectory(prefix="int8serve-cache-bench-") as tmp:
         cache = args.cache or Path(tmp) / "cache"
-        env = {**os.environ, "INT8SERVE_CACHE": str(cache), "INT8SERVE_TOKENS": "", "PYTHONUNBUFFERED": "1"}
+        env = {**os.environ, "INT8SERVE_CACHE": str(cache), "INT8SERVE_TOKENS": "", "PYTHONUNBUFFERED": "1",
+               "INT8SERVE_QUANTIZER": args.quantizer}
         kernels = Path(os.environ.get("INT8SERVE_CACHE", Path.home() / ".cache" / "int8serve")) / "kernels"
         if kernels.is_dir() and not (cache / "kernels").exists():  # the compiled kernel is not what is measured
             shutil.copytree(kernels, cache / "kernels")
         os.environ["INT8SERVE_CACHE"] = str(cache)
         from int8serve.engine.model_cache import cache_folder
 
-        held = (cache_folder(args.model) / "int8serve.json").is_file()
+        held = (cache_folder(args.model, quantizer=args.quantizer) / "int8serve.json").is_file()
         if held != args.skip_first:
             parser.error(f"{cache} already holds the int8 copy: the first start cannot be measured with it (add "
                          "--skip-first)" if held else "--skip-first needs a --cache that holds the int8 copy")
@@ -285,7 +290,7 @@ def main() -> None:
         print(f"later, loading alone: {alone}", file=sys.stderr)
         load = f"{load_before:.1f} at the start, {os.getloadavg()[0]:.1f} at the end"
     command = "python -m benchmarks.model_cache " + " ".join(sys.argv[1:])
-    text = report(args.model, first, later, alone, command, load)
+    text = report(args.model, first, later, alone, command, load, args.quantizer)
     print(text)
     if args.write:
         write_section(args.write, text, "model_cache.py")
