@@ -81,7 +81,7 @@ def quantize_blocks(model: Transformer, weight_of: WeightOf, windows: Tensor, gr
         for name, linear in _linears(model.layers[index]):
             key = _INPUTS[name]
             if key not in factors:
-                factors[key] = InverseHessianFactor(covariances.pop(key).matrix)
+                factors[key] = InverseHessianFactor(covariances.pop(key).matrix, overwrite=True)
             linear.set_quantized(*quantize_gptq(_module(block, name).weight, factors[key], group_size), group_size)
         del block, covariances, factors
         if after_block is not None:

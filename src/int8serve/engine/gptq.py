@@ -46,10 +46,13 @@ class InverseHessianFactor:
     """What GPTQ needs of one H, computed once for all the layers that share an input (wq, wk and wv; w1 and w3).
 
     `upper` [K, K] is the upper Cholesky factor of (H + damping)⁻¹; `dead` [K] marks the inputs never seen (a zero
-    diagonal), whose weights are zeroed."""
+    diagonal), whose weights are zeroed. With `overwrite`, an fp32 `hessian` is damped in place and freed as soon
+    as it can be (the caller must hold no other reference): for the 7B's 11008 inputs each [K, K] matrix is 0.48 GB,
+    and the first start's peak memory is the int8 model plus one block's quantization."""
 
-    def __init__(self, hessian: Tensor, damping: float = DAMPING) -> None:
-        h = hessian.float().clone()
+    def __init__(self, hessian: Tensor, damping: float = DAMPING, overwrite: bool = False) -> None:
+        h = hessian if overwrite and hessian.dtype == torch.float32 else hessian.float().clone()
+        del hessian
         self.dead = torch.diagonal(h) == 0
         h[self.dead, self.dead] = 1.0
         h.diagonal().add_(damping * torch.diagonal(h).mean())
@@ -120,28 +123,33 @@ def _group_scales(columns: Tensor) -> Tensor:
 
 
 def _upper_factor_of_inverse(h: Tensor) -> Tensor:
-    """h [K, K] symmetric positive definite -> U upper with h⁻¹ = Uᵀ U, without forming h⁻¹.
+    """h [K, K] symmetric positive definite (consumed) -> U upper with h⁻¹ = Uᵀ U, without forming h⁻¹.
 
-    With J the order-reversing permutation and L the lower Cholesky factor of J h J, h = V Vᵀ where V = J L J is
-    upper; then h⁻¹ = V⁻ᵀ V⁻¹ and U = V⁻¹. One factorization and one triangular inverse (2/3 K³ flops) instead of
-    GPTQ's usual Cholesky, inverse and second Cholesky (5/3 K³): for the 11008-input layer of the 7B, most of a
-    block's quantization time (measured, docs/benchmarks.md)."""
-    lower = torch.linalg.cholesky(h.flip(0, 1))
-    return _inverse_of_upper(lower.flip(0, 1))
+    With J the order-reversing permutation and L the lower Cholesky factor of J h J: h = (J L J)(J L J)ᵀ, so
+    h⁻¹ = Uᵀ U with U = (J L J)⁻¹ = J L⁻¹ J, upper. One factorization and one triangular inverse (2/3 K³ flops)
+    instead of GPTQ's usual Cholesky, inverse and second Cholesky (5/3 K³): for the 11008-input layer of the 7B,
+    most of a block's quantization time (measured, docs/benchmarks.md). At most two [K, K] matrices are alive at
+    once, and a quarter of one."""
+    lower = h.flip(0, 1)
+    del h  # the caller's reference, if it gave up its own, was the last
+    torch.linalg.cholesky(lower, out=lower)
+    inverse = torch.empty_like(lower)
+    _invert_lower_into(lower, inverse)
+    del lower
+    return inverse.flip(0, 1)
 
 
-def _inverse_of_upper(v: Tensor) -> Tensor:
-    """v [K, K] upper triangular -> v⁻¹, by halves: [[A, B], [0, D]]⁻¹ = [[A⁻¹, -A⁻¹ B D⁻¹], [0, D⁻¹]].
+def _invert_lower_into(lower: Tensor, out: Tensor) -> None:
+    """out = lower⁻¹ (lower triangular [K, K]), by halves: [[A, 0], [C, D]]⁻¹ = [[A⁻¹, 0], [-D⁻¹ C A⁻¹, D⁻¹]].
 
     Most of the work lands in matrix products (K³/3 flops); `solve_triangular` against the identity does K³ and
     took 3x the Cholesky's time for K = 11008 (measured on 2 cores)."""
-    k = v.shape[0]
+    k = lower.shape[0]
     if k <= 256:
-        return torch.linalg.solve_triangular(v, torch.eye(k, dtype=v.dtype), upper=True)
+        out.copy_(torch.linalg.solve_triangular(lower, torch.eye(k, dtype=lower.dtype), upper=False))
+        return
     half = k // 2
-    a_inverse, d_inverse = _inverse_of_upper(v[:half, :half]), _inverse_of_upper(v[half:, half:])
-    inverse = torch.zeros_like(v)
-    inverse[:half, :half] = a_inverse
-    inverse[half:, half:] = d_inverse
-    inverse[:half, half:] = -(a_inverse @ v[:half, half:]) @ d_inverse
-    return inverse
+    _invert_lower_into(lower[:half, :half], out[:half, :half])
+    _invert_lower_into(lower[half:, half:], out[half:, half:])
+    out[:half, half:] = 0
+    out[half:, :half] = -(out[half:, half:] @ lower[half:, :half]) @ out[:half, :half]
