@@ -82,7 +82,9 @@ def quantize_blocks(model: Transformer, weight_of: WeightOf, windows: Tensor, gr
             key = _INPUTS[name]
             if key not in factors:
                 factors[key] = InverseHessianFactor(covariances.pop(key).matrix, overwrite=True)
-            linear.set_quantized(*quantize_gptq(_module(block, name).weight, factors[key], group_size), group_size)
+            full = _module(block, name)
+            linear.set_quantized(*quantize_gptq(full.weight, factors[key], group_size), group_size)
+            full.weight = None  # its full-precision copy is done with: free it before the next layer's factor
         del block, covariances, factors
         if after_block is not None:
             after_block()
