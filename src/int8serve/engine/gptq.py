@@ -75,7 +75,7 @@ def quantize_gptq(weight: Tensor, hessian: Tensor | InverseHessianFactor, group_
     upper = factor.upper
     # Columns as rows ([K, N]): the loop below reads and updates one input column at a time, which in the [N, K]
     # layout is N scattered floats (measured, 4096 x 11008: most of the time went to those cache misses).
-    w_t = weight.float().T.contiguous()  # [K, N]
+    w_t = torch.empty(k, n).copy_(weight.T)  # [K, N] fp32, in one allocation whatever the weight's dtype
     w_t[factor.dead] = 0.0
     size = group_size or k
     q_t = torch.empty(k, n, dtype=torch.int8)
