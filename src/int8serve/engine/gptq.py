@@ -100,7 +100,8 @@ def quantize_gptq(weight: Tensor, hessian: Tensor | InverseHessianFactor, group_
                 block[j + 1:].addr_(upper[column, column + 1:end], error, alpha=-1)  # no [B, N] temporary
                 errors[j] = error
         if end < k:
-            w_t[end:].sub_(upper[start:end, end:].T @ errors)  # the one big matmul of a block: every thread
+            # the one big matmul of a block, on every thread, in place (no [K - end, N] temporary)
+            w_t[end:].addmm_(upper[start:end, end:].T, errors, alpha=-1)
     return q_t.T.contiguous(), scales
 
 
