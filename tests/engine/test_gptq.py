@@ -85,9 +85,13 @@ def test_the_factor_is_the_cholesky_of_the_inverse(features: int) -> None:
     damped.diagonal().add_(0.01 * damped.diagonal().mean())
     # the textbook route, in float64: invert, then factor
     expected = torch.linalg.cholesky(torch.linalg.inv(damped), upper=True)
+    kept = covariance.matrix.clone()
     upper = InverseHessianFactor(covariance.matrix).upper
+    assert torch.equal(covariance.matrix, kept)  # the caller's H is left as it was
     assert upper.dtype == torch.float32 and torch.equal(upper, upper.triu())
     assert torch.allclose(upper.double(), expected, rtol=0, atol=1e-4 * float(expected.abs().max()))
+    # the calibration hands its H over (overwrite): the same factor, from H's own memory
+    assert torch.equal(InverseHessianFactor(covariance.matrix, overwrite=True).upper, upper)
 
 
 def test_a_shared_factor_quantizes_as_the_hessian_does() -> None:
