@@ -23,8 +23,16 @@ one run; the ratios ours ÷ llama.cpp are the result, the absolute figures are c
 4. The table (both engines, ratios, the bandwidth roofline measured in this run, CPU and flags, our kernel path)
    goes into this script's section of docs/benchmarks.md with --write.
 
+With `--gguf FILE` the weights are a real model's GGUF file instead (issue 15: SmolLM2-135M-Instruct.Q4_1.gguf,
+the built-in model): llama.cpp runs the file as it is (Q4_1), int8serve loads it as `serve --model FILE` does (the
+Q4_1 weights dequantized, then GPTQ-rounded to our int8 format, once, into the model cache; each round's child maps
+that copy). The weights then differ in format, not in the model: what is compared is what a user of each gets from
+the same file. The issue #10 goals are for the 7B shape and are not applied.
+
     python -m benchmarks.vs_llamacpp --layers 2                      # quick check (~5 minutes after the build)
     python -m benchmarks.vs_llamacpp --write docs/benchmarks.md     # 32 layers: ~14 GB of files, ~30 minutes
+    python -m benchmarks.vs_llamacpp --gguf ../shared/models/smollm2-135m-instruct/SmolLM2-135M-Instruct.Q4_1.gguf \
+        --rounds 3 --write docs/benchmarks.md                       # SmolLM2: ~5 minutes after the build
 """
 
 from __future__ import annotations
@@ -66,8 +74,9 @@ from benchmarks.machine import CpuShares, QuietWaiter, machine_description, rss_
 from int8serve.engine.config import ModelConfig
 from int8serve.engine.demo import cache_dir
 from int8serve.engine.int8 import COMPUTE_DTYPE, Int8Linear
-from int8serve.engine.loader import LoadedModel, load_model, save_int8_checkpoint
+from int8serve.engine.loader import LoadedModel, save_int8_checkpoint
 from int8serve.engine.model import Transformer
+from int8serve.engine.model_cache import load_cached
 
 SCRIPT = "vs_llamacpp.py"
 WEIGHTS_VERSION = 1  # bump when the files written change, so that cached ones are rewritten
@@ -223,10 +232,12 @@ def write_gguf(model: Transformer, path: Path) -> None:
 
 @dataclass(frozen=True)
 class WeightFiles:
-    checkpoint: Path  # our int8 checkpoint folder
+    checkpoint: Path  # what our side loads: our int8 checkpoint folder, or (--gguf) the GGUF file itself
     gguf: Path
     ours_bytes: int  # int8 weights + bf16 scales our decode step reads
-    q8_0_bytes: int  # Q8_0 weights a llama.cpp decode step reads (all linears, not the embedding)
+    q8_0_bytes: int  # weights a llama.cpp decode step reads (all linears and the head, not the embedding lookup)
+    gguf_type: str = "Q8_0"  # the file's quantization, as llama.cpp names it
+    description: str = ""  # the model, for the report (--gguf)
 
 
 def weights_dir(root: Path, layers: int) -> Path:
@@ -254,6 +265,32 @@ def write_weights(config: ModelConfig, folder: Path) -> WeightFiles:
     done.write_text(json.dumps({"ours_bytes": ours_bytes, "q8_0_bytes": q8_0_bytes}))
     log(f"  written in {time.perf_counter() - started:.0f} s")
     return WeightFiles(folder / "int8", folder / "model-q8_0.gguf", ours_bytes, q8_0_bytes)
+
+
+def gguf_files(path: Path) -> WeightFiles:
+    """A real model's GGUF file (--gguf): our int8 copy of it made (or found) in the model cache, as `serve` would
+    make it, and the bytes each engine's decode step reads."""
+    import gguf
+
+    log(f"loading {path} as int8serve serves it (int8, through the model cache: quantized once) ...")
+    started = time.perf_counter()
+    loaded = load_cached(path)
+    ours_bytes = decode_bytes_per_step(loaded.model)
+    config = loaded.config
+    del loaded
+    gc.collect()
+    log(f"  ready in {time.perf_counter() - started:.0f} s")
+    reader = gguf.GGUFReader(path)
+    tensors = {t.name: t for t in reader.tensors}
+    head = "output.weight" if "output.weight" in tensors else "token_embd.weight"  # tied: the embedding is the head
+    matrices = [t for n, t in tensors.items() if (n.startswith("blk.") and len(t.shape) == 2) or n == head]
+    theirs = sum(int(t.n_bytes) for t in matrices)
+    file_type = gguf.LlamaFileType(int(reader.fields["general.file_type"].contents())).name.removeprefix("MOSTLY_")
+    name = reader.fields["general.name"].contents() if "general.name" in reader.fields else path.stem
+    description = (f"{name} ({config.n_layers} layers, dim {config.dim}, {config.n_heads}/{config.n_kv_heads} "
+                   f"query/key-value heads, vocab {config.vocab_size}, "
+                   f"{'tied' if config.tie_embeddings else 'untied'} head)")
+    return WeightFiles(path, path, ours_bytes, theirs, file_type, description)
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -306,10 +343,11 @@ def measure_ours(model: Transformer, prompt: int = PROMPT, gen: int = GEN,
 
 
 def ours_child(checkpoint: Path) -> None:
-    """In the child process: load our checkpoint, measure, print the figures as JSON on stdout."""
+    """In the child process: load our checkpoint (or map the cached int8 copy of a GGUF file), measure, print the
+    figures as JSON on stdout."""
     torch.set_num_threads(THREADS)
     started = time.perf_counter()
-    model = load_model(checkpoint).model
+    model = load_cached(checkpoint).model
     log(f"  ours: loaded in {time.perf_counter() - started:.0f} s, resident {rss_gb():.2f} GB")
     figures = measure_ours(model)
     print(json.dumps({name: dataclasses.asdict(f) for name, f in figures.items()}))
@@ -433,20 +471,23 @@ def cpu_model() -> str:
     return f"family {fields.get('CPU family', '?')} model {fields.get('Model', '?')}"
 
 
-def ratio_cell(rounds: Sequence[Round], name: str) -> str:
+def ratio_cell(rounds: Sequence[Round], name: str, goals: bool = True) -> str:
     ratio = mean_of(rounds, "int8serve", name) / mean_of(rounds, "llama.cpp", name)
     per_round = " / ".join(f"{r.ours[name].tok_s / r.llama[name].tok_s:.2f}" for r in rounds)
+    if not goals:
+        return f"**{ratio:.2f}×** (rounds: {per_round})"
     verdict = "met" if ratio >= GOALS[name] else "not met"
     return f"**{ratio:.2f}×** (rounds: {per_round}; goal ≥ {GOALS[name]}×: {verdict})"
 
 
-def results_table(rounds: Sequence[Round]) -> list[str]:
-    lines = ["| | llama.cpp Q8_0 (per round) | int8serve (per round) | int8serve ÷ llama.cpp (means of the rounds) |",
-             "|---|---|---|---|"]
+def results_table(rounds: Sequence[Round], gguf_type: str = "Q8_0", goals: bool = True) -> list[str]:
+    lines = [f"| | llama.cpp {gguf_type} (per round) | int8serve (per round) | int8serve ÷ llama.cpp (means of the "
+             "rounds) |", "|---|---|---|---|"]
     for name, label in LABELS.items():
         theirs = " / ".join(f"{r.llama[name].tok_s:.2f}" for r in rounds)
         ours = " / ".join(f"{r.ours[name].tok_s:.2f}" for r in rounds)
-        lines.append(f"| {label} ({LLAMA_CPP_TOOLS[name]}) | {theirs} | {ours} | {ratio_cell(rounds, name)} |")
+        lines.append(f"| {label} ({LLAMA_CPP_TOOLS[name]}) | {theirs} | {ours} | "
+                     f"{ratio_cell(rounds, name, goals)} |")
     return lines
 
 
@@ -459,7 +500,7 @@ def roofline_line(rounds: Sequence[Round], files: WeightFiles) -> str:
             f"{', '.join(f'{b:.1f}' for b in bandwidths)} GB/s at the start of each round. At the best of these, "
             f"a batch-1 step that reads each weight once allows {ours_roof:.2f} tok/s for ours "
             f"({files.ours_bytes / 1e9:.2f} GB of int8 weights + bf16 scales: {ours_b1 / ours_roof:.0%} reached) and "
-            f"{theirs_roof:.2f} tok/s for llama.cpp ({files.q8_0_bytes / 1e9:.2f} GB of Q8_0: "
+            f"{theirs_roof:.2f} tok/s for llama.cpp ({files.q8_0_bytes / 1e9:.2f} GB of {files.gguf_type}: "
             f"{theirs_b1 / theirs_roof:.0%} reached).")
 
 
@@ -469,10 +510,25 @@ def other_load_line(rounds: Sequence[Round]) -> str:
             f"{max(shares):.0%}) during these measurements.")
 
 
+def weights_lines(args: argparse.Namespace, files: WeightFiles) -> list[str]:
+    """The title and the line saying what weights each engine ran."""
+    if args.gguf:
+        return [f"## int8serve vs llama.cpp: same CPU, same run, same GGUF file ({args.gguf.name})",
+                f"- Weights: `{args.gguf.name}`, {files.description}. llama.cpp runs the file as it is "
+                f"({files.gguf_type}); int8serve loads it as `serve --model FILE` does: the {files.gguf_type} "
+                "weights dequantized, then rounded by GPTQ to its int8 format (a bf16 scale per 32 inputs), once, "
+                "into the model cache, which each round maps. The same model, each engine's own format of it."]
+    return [f"## int8serve vs llama.cpp: same CPU, same run, same random weights ({args.layers} layers)",
+            f"- Weights: one random int8 model, {args.layers} of 32 layers of the Llama-2-7B shape (dim 4096, "
+            "hidden 11008, vocab 32000, untied head), written as our int8 checkpoint and as a GGUF Q8_0 file "
+            "holding the same int8 values and scales."]
+
+
 def build_report(args: argparse.Namespace, rounds: Sequence[Round], files: WeightFiles, llama: LlamaCpp) -> str:
     now = datetime.datetime.now(datetime.UTC).strftime("%Y-%m-%d %H:%M UTC")
     ram = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES") / 2**30
-    lines = [f"## int8serve vs llama.cpp: same CPU, same run, same random weights ({args.layers} layers)", "",
+    title, weights = weights_lines(args, files)
+    lines = [title, "",
              f"- Command: `{display_command(args)}`",
              f"- Date: {now}; code: {git_revision()}",
              f"- CPU: {machine_description()}, {cpu_model()}; {ram:.0f} GiB RAM; {THREADS} threads for "
@@ -480,12 +536,10 @@ def build_report(args: argparse.Namespace, rounds: Sequence[Round], files: Weigh
              f"- Our kernel path: {kernel_path()}.",
              f"- llama.cpp: {llama.describe()}, binaries in `{llama.bin_dir}`"
              + ("." if args.llama_repack else "; run with `--repack 0` (no AMX path, no repacked weights)."),
-             f"- Weights: one random int8 model, {args.layers} of 32 layers of the Llama-2-7B shape (dim 4096, "
-             "hidden 11008, vocab 32000, untied head), written as our int8 checkpoint and as a GGUF Q8_0 file "
-             "holding the same int8 values and scales.",
+             weights,
              f"- {len(rounds)} rounds, alternating which engine goes first; each engine runs alone (ours in a "
              "child process), so only one engine's weights are in memory at a time.",
-             "", *results_table(rounds), "",
+             "", *results_table(rounds, files.gguf_type, goals=not args.gguf), "",
              roofline_line(rounds, files), "",
              other_load_line(rounds), "",
              "The machine is shared with other engineers' work: absolute tok/s are noisy from one minute to the "
@@ -500,7 +554,9 @@ def build_report(args: argparse.Namespace, rounds: Sequence[Round], files: Weigh
 
 def display_command(args: argparse.Namespace) -> str:
     words = ["python", "-m", "benchmarks.vs_llamacpp"]
-    if args.layers != 32:
+    if args.gguf:
+        words += ["--gguf", str(args.gguf)]
+    elif args.layers != 32:
         words += ["--layers", str(args.layers)]
     if args.rounds != 2:
         words += ["--rounds", str(args.rounds)]
@@ -526,6 +582,10 @@ def git_revision() -> str:
 def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(prog="python -m benchmarks.vs_llamacpp", description=__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--gguf", type=Path, metavar="FILE",
+                        help="compare on this real model's GGUF file instead of random weights (e.g. "
+                             "SmolLM2-135M-Instruct.Q4_1.gguf): llama.cpp runs it as it is, int8serve as `serve "
+                             "--model FILE` loads it (int8, through the model cache); --layers is then unused")
     parser.add_argument("--layers", type=int, default=32,
                         help="transformer blocks of the Llama-2-7B shape, the same for both engines (default 32, "
                              "the full model: ~7 GB per file; 2 for a quick run)")
@@ -551,11 +611,16 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     args = parser.parse_args(argv)
     if args.layers < 1 or args.rounds < 1 or args.reps < 1:
         parser.error("--layers, --rounds and --reps must be at least 1")
+    if args.gguf and not args.gguf.is_file():
+        parser.error(f"--gguf {args.gguf}: no such file")
     return args
 
 
-def section_label(layers: int) -> str:
-    """The full shape's section has no label; a quick run's is kept apart from it (`--layers N`)."""
+def section_label(layers: int, gguf: Path | None = None) -> str:
+    """The full shape's section has no label; a quick run's is kept apart from it (`--layers N`), and so is each
+    real model's (`--gguf FILE`: the file's name)."""
+    if gguf:
+        return gguf.name
     return "" if layers == 32 else f"--layers {layers}"
 
 
@@ -577,7 +642,8 @@ def main(argv: Sequence[str] | None = None) -> None:
         llama = LlamaCpp.at(args.llama_bin) if args.llama_bin else ensure_built(args.llama_cpp_python)
     except BuildError as error:
         sys.exit(f"error: could not build llama.cpp: {error}")
-    files = write_weights(model_config(args.layers), weights_dir(args.work_dir, args.layers))
+    files = gguf_files(args.gguf) if args.gguf else \
+        write_weights(model_config(args.layers), weights_dir(args.work_dir, args.layers))
     quiet = QuietWaiter(args.wait_quiet)
     try:
         rounds = [run_round(i, llama, files, args, quiet) for i in range(args.rounds)]
@@ -586,7 +652,7 @@ def main(argv: Sequence[str] | None = None) -> None:
     report = build_report(args, rounds, files, llama)
     print(report)
     if args.write:
-        write_section(args.write, report, SCRIPT, section_label(args.layers))
+        write_section(args.write, report, SCRIPT, section_label(args.layers, args.gguf))
         log(f"wrote the section into {args.write}")
 
 

@@ -193,7 +193,7 @@ def _start_engine(settings: ServeSettings, served: ServedModel) -> tuple[Engine,
     loaded = load_cached(served.model_path, settings.dtype, progress=sys.stderr.isatty(),
                          use_cache=settings.model_cache, quantizer=settings.quantizer)
     if loaded.tokenizer_path is None:
-        raise ServeError(f"{loaded.path}: no tokenizer.model in the folder or its parent")
+        raise ServeError(f"{loaded.path}: no tokenizer.model (in the folder or its parent) or tokenizer.json")
     tokenizer = load_tokenizer(loaded.tokenizer_path)
     context = min(card.context_length_limit, loaded.config.max_seq_len)
     prefix = _prefix_cache(settings, loaded.model, card.max_concurrent_requests * context)

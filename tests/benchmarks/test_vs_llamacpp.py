@@ -12,6 +12,7 @@ import pytest
 import torch
 
 from benchmarks import engine, vs_llamacpp
+from int8serve.engine import model_cache
 from int8serve.engine.loader import load_model, unpermute_meta_rotary
 
 TINY = dataclasses.replace(vs_llamacpp.LLAMA2_7B, dim=64, n_heads=4, n_kv_heads=4, hidden_dim=96, vocab_size=320,
@@ -128,3 +129,39 @@ def test_missing_binaries_are_a_clear_error(tmp_path) -> None:
     with pytest.raises(llamacpp_build.BuildError, match="has no llama-bench"):
         llamacpp_build.LlamaCpp.at(tmp_path)
     assert vs_llamacpp.section_label(32) == "" and vs_llamacpp.section_label(2) == "--layers 2"
+
+
+def test_a_gguf_file_is_loaded_as_serve_loads_it(tmp_path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """--gguf: our side is the file's int8 copy in the model cache (made once, then mapped by each round's child);
+    llama.cpp's bytes per step are the file's matrices (here the same Q8_0 linears and head as written)."""
+    # head_dim = dim / n_heads, as a GGUF without attention.key_length says (TINY keeps the 7B's 128)
+    files = vs_llamacpp.write_weights(dataclasses.replace(TINY, head_dim=16), tmp_path / "weights")
+    monkeypatch.setenv("INT8SERVE_CACHE", str(tmp_path / "cache"))
+    real = vs_llamacpp.gguf_files(files.gguf)
+    assert (real.checkpoint, real.gguf, real.gguf_type) == (files.gguf, files.gguf, "Q8_0")
+    assert real.q8_0_bytes == files.q8_0_bytes and real.ours_bytes > 0
+    assert "2 layers, dim 64" in real.description and "untied head" in real.description
+    assert [p.name for p in (tmp_path / "cache" / "models").iterdir() if p.is_dir()] == [
+        model_cache.cache_folder(files.gguf).name]
+    with engine.torch_threads(1):
+        figures = vs_llamacpp.measure_ours(model_cache.load_cached(real.checkpoint).model, prompt=16, gen=2,
+                                           batch_prompt=8)
+    assert all(math.isfinite(f.tok_s) and f.tok_s > 0 for f in figures.values())
+
+
+def test_a_gguf_report_names_the_file_and_sets_no_goal(files: vs_llamacpp.WeightFiles, tmp_path) -> None:
+    figures = {name: vs_llamacpp.Figure(2.0, 0.1) for name in vs_llamacpp.LABELS}
+    real = dataclasses.replace(files, checkpoint=files.gguf, gguf_type="Q4_1", description="a model (2 layers)")
+    args = vs_llamacpp.parse_args(["--gguf", str(files.gguf), "--rounds", "1"])
+    report = vs_llamacpp.build_report(args, [vs_llamacpp.Round("llama.cpp", 30.0, figures, figures)], real,
+                                      vs_llamacpp.LlamaCpp(tmp_path / "bin", "0.3.36", {}))
+    assert f"same GGUF file ({files.gguf.name})" in report and "| llama.cpp Q4_1 (per round) |" in report
+    assert "**1.00×** (rounds: 1.00) |" in report and "goal" not in report
+    assert f"--gguf {files.gguf}" in report and "GB of Q4_1" in report
+    assert vs_llamacpp.section_label(32, files.gguf) == files.gguf.name
+
+
+def test_a_missing_gguf_file_is_refused(tmp_path, capsys: pytest.CaptureFixture) -> None:
+    with pytest.raises(SystemExit):
+        vs_llamacpp.parse_args(["--gguf", str(tmp_path / "missing.gguf")])
+    assert "no such file" in capsys.readouterr().err

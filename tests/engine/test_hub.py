@@ -20,28 +20,31 @@ import threading
 from collections.abc import Iterator
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
-from typing import ClassVar
+from typing import Any, ClassVar
 
 import pytest
 import torch
+from tests.engine.test_loader import make_hf_model, our_logits
 
 from int8serve.cli import main
 from int8serve.engine.hub import HubError, HubId, choose_files, fetch, parse_hub_id
 from int8serve.engine.loader import load_model
 from int8serve.engine.model_source import resolve
 from int8serve.engine.sources import CheckpointError
+from int8serve.engine.tokenizer import load_tokenizer
 
 COMMIT = "0123456789abcdef0123456789abcdef01234567"
 FILES = ["config.json", "model.safetensors", "tokenizer.model"]
+VOCAB_SIZE = 49152  # SmolLM2's
 
 
-def lay_out_hub_cache(cache: Path, repo: str, source: Path, commit: str = COMMIT) -> Path:
+def lay_out_hub_cache(cache: Path, repo: str, source: Path, commit: str = COMMIT, files: list[str] = FILES) -> Path:
     """`cache/models--org--name/` as huggingface_hub writes it: content-addressed blobs, a snapshot of symlinks."""
     folder = cache / ("models--" + repo.replace("/", "--"))
     snapshot = folder / "snapshots" / commit
     (folder / "blobs").mkdir(parents=True, exist_ok=True)
     snapshot.mkdir(parents=True, exist_ok=True)
-    for name in FILES:
+    for name in files:
         data = (source / name).read_bytes()
         blob = folder / "blobs" / hashlib.sha256(data).hexdigest()
         blob.write_bytes(data)
@@ -101,13 +104,19 @@ def test_a_local_folder_shaped_like_a_hub_id_stays_local(tmp_path: Path, stories
      ["config.json", "model.safetensors", "tokenizer.model"]),
     (["params.json", "consolidated.00.pth", "consolidated.01.pth", "tokenizer.model", "checklist.chk"],
      ["params.json", "consolidated.00.pth", "consolidated.01.pth", "tokenizer.model"]),
+    # shaped like HuggingFaceTB/SmolLM2-135M-Instruct: byte-level BPE, no tokenizer.model
+    (["config.json", "generation_config.json", "merges.txt", "model.safetensors", "special_tokens_map.json",
+      "tokenizer.json", "tokenizer_config.json", "vocab.json", "README.md", "onnx/model.onnx"],
+     ["config.json", "model.safetensors", "tokenizer.json", "tokenizer_config.json"]),
+    (["config.json", "model.safetensors", "tokenizer.json"], ["config.json", "model.safetensors", "tokenizer.json"]),
 ])
 def test_only_the_files_the_loader_reads_are_chosen(files: list[str], chosen: list[str]) -> None:
     assert choose_files(files) == chosen
 
 
 @pytest.mark.parametrize(("files", "message"), [
-    (["config.json", "model.safetensors", "tokenizer.json"], "no tokenizer.model"),
+    (["config.json", "model.safetensors", "vocab.json", "merges.txt", "tokenizer_config.json"],
+     r"neither tokenizer.model \(SentencePiece\) nor tokenizer.json \(byte-level BPE\)"),
     (["config.json", "tokenizer.model", "model.gguf"], "no model.safetensors"),
     (["README.md", "tokenizer.model"], "neither config.json"),
 ])
@@ -256,8 +265,9 @@ def test_a_hub_id_that_cannot_be_had_is_one_clear_line(hub_cache: Path, capsys: 
 
 
 class ServingHub(BaseHTTPRequestHandler):
-    """The few Hub routes `snapshot_download` uses: revision info, the file tree, and each file's /resolve/."""
+    """The few Hub routes `snapshot_download` uses for `repo`: revision info, the file tree, each file's /resolve/."""
 
+    repo: ClassVar[str] = ""
     files: ClassVar[dict[str, bytes]] = {}
     fetched: ClassVar[list[str]] = []
 
@@ -269,15 +279,15 @@ class ServingHub(BaseHTTPRequestHandler):
 
     def _answer(self, body: bool) -> None:
         path = self.path.split("?")[0]
-        if path.startswith("/api/models/tiny-org/stories260K/revision/"):
-            payload = json.dumps({"id": "tiny-org/stories260K", "sha": COMMIT,
+        if path.startswith(f"/api/models/{self.repo}/revision/"):
+            payload = json.dumps({"id": self.repo, "sha": COMMIT,
                                   "siblings": [{"rfilename": name} for name in self.files]}).encode()
             return self._send(payload, {"Content-Type": "application/json"}, body)
-        if path.startswith("/api/models/tiny-org/stories260K/tree/"):
+        if path.startswith(f"/api/models/{self.repo}/tree/"):
             tree = [{"type": "file", "path": name, "size": len(data), "oid": hashlib.sha1(data).hexdigest()}
                     for name, data in self.files.items()]
             return self._send(json.dumps(tree).encode(), {"Content-Type": "application/json"}, body)
-        prefix = "/tiny-org/stories260K/resolve/"
+        prefix = f"/{self.repo}/resolve/"
         if path.startswith(prefix):
             name = path.removeprefix(prefix).split("/", 1)[1]
             data = self.files[name]
@@ -301,24 +311,83 @@ class ServingHub(BaseHTTPRequestHandler):
         pass
 
 
-def test_a_download_fetches_only_what_the_loader_reads(tmp_path: Path, stories_hf: Path,
-                                                       monkeypatch: pytest.MonkeyPatch) -> None:
+def download(repo: str, files: dict[str, bytes], tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Path:
+    """`fetch(repo)` into the empty Hub cache tmp_path/hub, from a ServingHub holding `files`."""
     monkeypatch.setenv("HF_HUB_CACHE", str(tmp_path / "hub"))
     monkeypatch.delenv("HF_HUB_OFFLINE", raising=False)
     monkeypatch.setenv("HF_HUB_DISABLE_XET", "1")
-    ServingHub.files = {name: (stories_hf / name).read_bytes() for name in FILES}
-    ServingHub.files.update({"pytorch_model.bin": b"\0" * 1000, "README.md": b"# stories260K\n",
-                             "tokenizer.json": (stories_hf / "tokenizer.json").read_bytes()})
-    ServingHub.fetched = []
+    ServingHub.repo, ServingHub.files, ServingHub.fetched = repo, files, []
     server = ThreadingHTTPServer(("127.0.0.1", 0), ServingHub)
     threading.Thread(target=server.serve_forever, daemon=True).start()
     try:
-        snapshot = fetch(HubId("tiny-org/stories260K"), endpoint=f"http://127.0.0.1:{server.server_address[1]}")
+        return fetch(HubId(repo), endpoint=f"http://127.0.0.1:{server.server_address[1]}")
     finally:
         server.shutdown()
         server.server_close()
+
+
+def test_a_download_fetches_only_what_the_loader_reads(tmp_path: Path, stories_hf: Path,
+                                                       monkeypatch: pytest.MonkeyPatch) -> None:
+    files = {name: (stories_hf / name).read_bytes() for name in FILES}
+    files.update({"pytorch_model.bin": b"\0" * 1000, "README.md": b"# stories260K\n",
+                  "tokenizer.json": (stories_hf / "tokenizer.json").read_bytes()})
+    snapshot = download("tiny-org/stories260K", files, tmp_path, monkeypatch)
     assert sorted(ServingHub.fetched) == sorted(FILES)  # never the .bin, the README or tokenizer.json
     assert snapshot == tmp_path / "hub" / "models--tiny-org--stories260K" / "snapshots" / COMMIT
     assert torch.equal(logits(snapshot), logits(stories_hf))
     monkeypatch.setenv("HF_HUB_OFFLINE", "1")  # and it is then in the cache
     assert resolve("tiny-org/stories260K") == snapshot
+
+
+# --- a byte-level BPE repo: tokenizer.json and no tokenizer.model, as HuggingFaceTB/SmolLM2-135M-Instruct ---------
+
+BPE_REPO = "tiny-org/smollm2-shaped"
+BPE_FILES = ["config.json", "model.safetensors", "tokenizer.json", "tokenizer_config.json"]
+QUESTION = "What is the capital of France?"
+
+
+@pytest.fixture(scope="module")
+def bpe_repo(tmp_path_factory: pytest.TempPathFactory, smollm2_reference_tokenizer: Any) -> Path:
+    """The files of a repo shaped like SmolLM2-135M-Instruct's: a tiny random Llama with SmolLM2's 49152-token
+    vocabulary and tied embeddings (config.json, model.safetensors, generation_config.json), SmolLM2's own
+    tokenizer.json and the repo's tokenizer_config.json (which names <|im_start|> as BOS and <|im_end|> as EOS), and
+    files the loader never reads (vocab.json, merges.txt, a README)."""
+    folder = tmp_path_factory.mktemp("smollm2-shaped")
+    make_hf_model(vocab_size=VOCAB_SIZE, tie_word_embeddings=True).save_pretrained(folder)
+    smollm2_reference_tokenizer.backend_tokenizer.save(str(folder / "tokenizer.json"))
+    (folder / "tokenizer_config.json").write_text(json.dumps({"bos_token": "<|im_start|>", "eos_token": "<|im_end|>",
+                                                               "model_max_length": 8192}))
+    for name in ("vocab.json", "merges.txt", "README.md"):
+        (folder / name).write_text("not read\n")
+    return folder
+
+
+def test_a_bpe_repo_downloads_tokenizer_json_and_its_config(bpe_repo: Path, tmp_path: Path,
+                                                            smollm2_reference_tokenizer: Any,
+                                                            monkeypatch: pytest.MonkeyPatch) -> None:
+    files = {p.name: p.read_bytes() for p in bpe_repo.iterdir()}
+    assert set(files) > {*BPE_FILES, "generation_config.json", "README.md"}
+    snapshot = download(BPE_REPO, files, tmp_path, monkeypatch)
+    assert sorted(ServingHub.fetched) == sorted(BPE_FILES)
+    loaded = load_model(snapshot, "fp32")
+    assert loaded.tokenizer_path == snapshot / "tokenizer.json"
+    tokenizer = load_tokenizer(loaded.tokenizer_path)
+    assert tokenizer.encode(QUESTION) == smollm2_reference_tokenizer.encode(QUESTION, add_special_tokens=False)
+    # the BOS only tokenizer_config.json names (without it, bos_id falls back to EOS)
+    assert tokenizer.bos_id == tokenizer.token_id("<|im_start|>")
+    assert tokenizer.eos_id == tokenizer.token_id("<|im_end|>")
+    tokens = torch.tensor([tokenizer.encode(QUESTION)])
+    assert torch.equal(our_logits(loaded, tokens), our_logits(load_model(bpe_repo, "fp32"), tokens))
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")  # and it is then in the cache
+    assert resolve(BPE_REPO) == snapshot
+
+
+def test_a_bpe_repo_resolves_from_the_cache_offline(bpe_repo: Path, tmp_path: Path,
+                                                     monkeypatch: pytest.MonkeyPatch) -> None:
+    snapshot = lay_out_hub_cache(tmp_path / "hub", BPE_REPO, bpe_repo, files=BPE_FILES)
+    monkeypatch.setenv("HF_HUB_CACHE", str(tmp_path / "hub"))
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    assert resolve(BPE_REPO) == snapshot
+    (snapshot / "tokenizer.json").unlink()  # an interrupted download: neither tokenizer is there
+    with pytest.raises(HubError, match=r"incomplete \(the repo has neither tokenizer.model .* nor tokenizer.json"):
+        resolve(BPE_REPO)

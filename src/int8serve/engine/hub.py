@@ -4,8 +4,11 @@ Why through `huggingface_hub` rather than plain HTTP: users already have models 
 `HF_HUB_CACHE`), log in with it (`HF_TOKEN`, `hf auth login`) and work offline with it (`HF_HUB_OFFLINE=1`);
 using the library means the same files are never downloaded twice and every one of those settings just works.
 
-Only what the loader reads is fetched: config, tokenizer.model and one copy of the weights (a repo such as
-`meta-llama/Llama-2-7b-chat-hf` holds both safetensors and `.bin` shards: 13 GB each). The environment is read at
+Only what the loader reads is fetched: config, the tokenizer and one copy of the weights (a repo such as
+`meta-llama/Llama-2-7b-chat-hf` holds both safetensors and `.bin` shards: 13 GB each). The tokenizer is
+SentencePiece's tokenizer.model when the repo has one; else a byte-level BPE tokenizer.json (a repo such as
+`HuggingFaceTB/SmolLM2-135M-Instruct` has no tokenizer.model), with the tokenizer_config.json beside it when there
+is one (it names the BOS and EOS tokens: bpe_tokenizer.py). The environment is read at
 each call (not when `huggingface_hub` was imported), and the library's errors become one sentence that says what
 to do: gated without a token, no such repo or revision, no network and nothing cached.
 """
@@ -25,7 +28,8 @@ log = logging.getLogger(__name__)
 # org/name with the Hub's allowed characters, optionally @revision (a branch, tag or commit hash).
 _HUB_ID = re.compile(r"(?P<repo>[A-Za-z0-9][\w.-]*/[\w.-]+)(?:@(?P<revision>[\w./-]+))?")
 # What the loader can read, by layout; every file at the top level of the repo.
-CANDIDATE_PATTERNS = ["config.json", "params.json", "tokenizer.model", "*.safetensors",
+CANDIDATE_PATTERNS = ["config.json", "params.json", "tokenizer.model", "tokenizer.json", "tokenizer_config.json",
+                      "*.safetensors",
                       "model.safetensors.index.json", "pytorch_model*.bin", "pytorch_model.bin.index.json",
                       "consolidated.*.pth"]
 
@@ -54,8 +58,7 @@ def parse_hub_id(text: str) -> HubId | None:
 def choose_files(names: list[str]) -> list[str]:
     """The files of a repo the loader needs: config, tokenizer, and safetensors in preference to .bin."""
     top = {n for n in names if "/" not in n}
-    if "tokenizer.model" not in top:
-        raise HubError("the repo has no tokenizer.model (int8serve needs the SentencePiece tokenizer)")
+    tokenizer = _tokenizer_files(top)
     if "config.json" in top:
         weights = _hf_weights(top)
         chosen = ["config.json", *weights]
@@ -65,7 +68,17 @@ def choose_files(names: list[str]) -> list[str]:
             raise HubError("the repo has params.json but no consolidated.*.pth weights")
     else:
         raise HubError("the repo has neither config.json (Hugging Face layout) nor params.json (Meta layout)")
-    return [*chosen, "tokenizer.model"]
+    return [*chosen, *tokenizer]
+
+
+def _tokenizer_files(top: set[str]) -> list[str]:
+    """SentencePiece's tokenizer.model if the repo has one (as the loader prefers it); else tokenizer.json, with
+    tokenizer_config.json when there is one."""
+    if "tokenizer.model" in top:
+        return ["tokenizer.model"]
+    if "tokenizer.json" in top:
+        return ["tokenizer.json", *(["tokenizer_config.json"] if "tokenizer_config.json" in top else [])]
+    raise HubError("the repo has neither tokenizer.model (SentencePiece) nor tokenizer.json (byte-level BPE)")
 
 
 def _hf_weights(top: set[str]) -> list[str]:
@@ -123,8 +136,9 @@ def _fetch(hub_id: HubId, endpoint: str | None) -> Path:
     constants.HF_HUB_OFFLINE = offline()
     common = dict(repo_id=hub_id.repo, revision=hub_id.revision, cache_dir=hub_cache_dir(), endpoint=endpoint,
                   token=os.environ.get("HF_TOKEN") or None)
-    # From the cache, only tokenizer.model is asked for by name: the library checks the snapshot against the repo's
-    # whole listing, which names files never fetched (the .bin copy); the loader's choice is checked after.
+    # From the cache, only tokenizer.model is asked for by name (no file, when the repo has none): the library checks
+    # the snapshot against the repo's whole listing, which names files never fetched (the .bin copy, the
+    # tokenizer.json of a repo that has a tokenizer.model); the loader's choice is checked after.
     if offline():
         return _cached(Path(snapshot_download(**common, allow_patterns=["tokenizer.model"], local_files_only=True)))
     try:  # list the repo's files without downloading, to choose among them
