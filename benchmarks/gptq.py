@@ -2,9 +2,10 @@
 
 GPTQ (src/int8serve/engine/gptq.py) needs, for each input covariance H, the upper Cholesky factor of H⁻¹. The
 textbook route (GPTQ's paper and most implementations) factors H, inverts it from its factor and factors the
-inverse again (5/3 K³ flops, ~5 K x K matrices alive); ours factors the reversed H once and inverts the triangle
-by halves (2/3 K³, two matrices and a quarter). Both run here, alternating, on the same H, for the three input
-widths of a Llama-2-7B block; then `quantize_gptq` on each of the block's weight shapes (random weights: the time
+inverse again (5/3 K³ flops, three K x K matrices alive beside H); ours factors the reversed H once, in H's own
+memory, and inverts the triangle by halves (2/3 K³, two matrices and a quarter). Both run here, alternating, on the
+same H, for the three input widths of a Llama-2-7B block; then `quantize_gptq` on each of the block's weight shapes
+(random weights: the time
 and memory do not depend on the values).
 
     .venv/bin/python -m benchmarks.gptq --write docs/benchmarks.md
@@ -67,8 +68,10 @@ def child_measure(what: str, n: int, k: int) -> dict[str, float]:
     started = time.perf_counter()
     if what == "textbook":
         textbook_factor(covariance.matrix)
-    elif what == "ours":
-        gptq.InverseHessianFactor(covariance.matrix)
+    elif what == "ours":  # as engine/calibration.py calls it: H handed over, damped and freed in place
+        handed = [covariance.matrix]
+        del covariance
+        gptq.InverseHessianFactor(handed.pop(), overwrite=True)
     else:
         gptq.quantize_gptq(weight, covariance.matrix, 32)
     return {"seconds": time.perf_counter() - started, "above_h": peak_rss() - before}
@@ -84,11 +87,14 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0],
                                      formatter_class=argparse.RawDescriptionHelpFormatter, epilog=__doc__)
     parser.add_argument("--rounds", type=int, default=2, help="alternating rounds of the factor comparison")
+    parser.add_argument("--shapes", nargs="+", choices=list(SHAPES), default=list(SHAPES),
+                        help="which of the block's weight shapes (default: all three)")
     parser.add_argument("--write", help="also write the section into this Markdown file")
     args = parser.parse_args()
     started, load_before = time.time(), os.getloadavg()[0]
     rows = []
-    for label, (n, k) in SHAPES.items():
+    for label in args.shapes:
+        n, k = SHAPES[label]
         runs: dict[str, list[dict[str, float]]] = {"textbook": [], "ours": []}
         for round_ in range(args.rounds):
             for what in (("textbook", "ours") if round_ % 2 == 0 else ("ours", "textbook")):
@@ -104,7 +110,8 @@ def main() -> None:
         f"torch {torch.__version__}, {torch.get_num_threads()} threads, "
         f"{time.strftime('%Y-%m-%d %H:%M UTC', time.gmtime())}, "
         f"{time.time() - started:.0f} s, load average {load_before:.1f} at the start and {os.getloadavg()[0]:.1f} "
-        "at the end. The factor of H⁻¹ by the textbook route and by ours, alternating, "
+        "at the end. The factor of H⁻¹ by the textbook route (on a copy of H) and by ours (H handed over, as "
+        "the calibration does), alternating, "
         f"{args.rounds} rounds (means); then `quantize_gptq` whole (factor, column loop, block updates; a bf16 "
         "scale per 32 weights) once. Each in a process of its own; H from 2048 random rows.",
         "",
