@@ -23,7 +23,7 @@ def serve_until_ready(env: dict[str, str], *args: str) -> str:
                                 "--token", "t0ken=acct", "--no-prefix-cache", *args],
                                stderr=subprocess.PIPE, stdout=subprocess.DEVNULL, text=True, env=env)
     try:
-        deadline = time.monotonic() + 120
+        deadline = time.monotonic() + 600  # generous: a busy 2-core machine (issue 16)
         while time.monotonic() < deadline:
             if process.poll() is not None:
                 break

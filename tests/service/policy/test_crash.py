@@ -70,7 +70,7 @@ def start_server(stories_hf: Path, data_dir: Path, *extra: str) -> Server:
                                env={**os.environ, "INT8SERVE_TOKENS": "", "INT8SERVE_TEST_SPOOL_MARKS": marks,
                                     "INT8SERVE_TEST_SPOOL_HOLD": hold})
     server = Server(process, port, data_dir)
-    deadline = time.monotonic() + 120
+    deadline = time.monotonic() + 600  # generous: a first start may quantize, on a loaded machine (issue 16)
     while True:
         assert process.poll() is None, f"serve exited with {process.returncode}"
         try:
@@ -136,7 +136,7 @@ def kill_under_load(server: Server) -> list[str]:
     load = Load(server)
     with ThreadPoolExecutor(CLIENTS) as pool:
         futures = [pool.submit(load.client, n) for n in range(CLIENTS)]
-        deadline = time.monotonic() + 120
+        deadline = time.monotonic() + 600  # generous: a busy 2-core machine (issue 16)
         while load.count() < KILL_AFTER:
             assert time.monotonic() < deadline and not any(f.done() for f in futures), "the load did not run"
             time.sleep(0.02)

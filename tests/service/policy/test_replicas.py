@@ -56,7 +56,7 @@ def _start(stories_hf: Path, data_dir: Path, redis_url: str, database_url: str) 
 
 
 def _wait_ready(replica: Replica) -> None:
-    deadline = time.monotonic() + 120
+    deadline = time.monotonic() + 600  # generous: a first start may quantize, on a loaded machine (issue 16)
     while time.monotonic() < deadline:
         assert replica.process.poll() is None, replica.process.stderr.read()  # type: ignore[union-attr]
         try:
