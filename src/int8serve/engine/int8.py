@@ -310,7 +310,9 @@ class Int8Linear(nn.Module):
         rows = self._rows(top)  # [..., k, in]
         # multiply-and-sum rather than a batched matmul: its result for a row must not depend on the batch size
         exact = (rows * x.float()[..., None, :]).sum(-1)
-        return out.float().scatter(-1, top, exact).to(out.dtype)
+        # in place: `out` is this call's own tensor, and scatter's copy of a [..., vocab] row would be a parallel
+        # region (more than torch's grain of 32768 values), which on a busy machine waits for the second thread
+        return out.float().scatter_(-1, top, exact).to(out.dtype)
 
     def extra_repr(self) -> str:
         scheme = f"per group of {self.group_size}" if self.group_size else "per channel"
