@@ -30,11 +30,12 @@ Precision = Literal["fp32", "int8"]
 MIN_PREFILL_QUERIES = 16
 # A decode step of fewer int8 multiply-adds than this (rows x the int8 linears' weights) runs our kernels on one thread.
 # Its parallel regions are each a few microseconds of work, and on a busy machine each waits for the second thread to
-# be scheduled: measured on 2 loaded cores (SmolLM2-135M, 135 M weights, 211 kernel calls a token), a parallel
-# region after any serial gap took ~7.7 ms, and a batch-1 step took ~100 ms with 2 threads against ~15-25 ms with
-# 1. Quiet, a second thread could save at most half of the ~10 ms of weight reads. 200 M keeps SmolLM2-135M's
-# batch-1 steps on one thread, not its batch-2 ones, nor any step of a model of 1B weights or more (7B unchanged).
-SINGLE_THREAD_STEP_WORK = 200_000_000
+# be scheduled: measured on 2 loaded cores (SmolLM2-135M, 135 M weights, 211 kernel calls a step), a parallel region
+# after any serial gap took ~7.7 ms; a batch-1 step took 60-110 ms with 2 threads against 15-21 ms on one, a batch-4
+# step 93-137 ms (2 threads, gemv.cpp's per-call threshold alone) against 48-52 ms. Quiet, a second thread could
+# save at most half of the weight reads. 1 G keeps SmolLM2-135M on one thread up to 7 rows, SmolLM2-360M up to 2;
+# models of 1B weights or more (TinyLlama, 7B) keep torch's thread count at any batch.
+SINGLE_THREAD_STEP_WORK = 1_000_000_000
 
 
 class RMSNorm(nn.Module):
