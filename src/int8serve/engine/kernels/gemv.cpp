@@ -32,8 +32,9 @@
 //
 // Plain C ABI (loaded with ctypes, see __init__.py), no torch headers: it compiles in a few seconds and does not
 // depend on torch's version or C++ ABI. Built without -march: the vector functions carry target attributes and are
-// only called after a runtime CPU check. Threads: OpenMP with the count the caller passes (torch.get_num_threads());
-// torch's own libgomp is already loaded when this library is, so both share one OpenMP runtime.
+// only called after a runtime CPU check. Threads: OpenMP with the count the caller passes (kernel_threads(),
+// torch's count or 1 in small decode steps), or 1 below kParallelGemvWork; torch's own libgomp is already loaded
+// when this library is, so both share one OpenMP runtime.
 
 #include <immintrin.h>
 
