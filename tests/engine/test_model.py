@@ -8,6 +8,8 @@ import pytest
 import torch
 from transformers import LlamaConfig, LlamaForCausalLM
 
+from int8serve.engine import kernels
+from int8serve.engine import model as model_module
 from int8serve.engine.loader import load_model
 
 TOKENS = [1, 403, 407, 261, 378, 100, 20, 300, 5, 77, 12, 499]
@@ -94,3 +96,35 @@ def test_forward_rejects_positions_past_the_cache(stories_fp32) -> None:
     model = stories_fp32.model
     with pytest.raises(ValueError, match="exceeds the KV cache"):
         model(torch.tensor([[1, 2, 3]]), model.new_cache(1, 2), [0], [0])
+
+
+def test_small_decode_steps_run_the_kernels_on_one_thread(stories_int8, monkeypatch: pytest.MonkeyPatch) -> None:
+    """A decode step below SINGLE_THREAD_STEP_WORK calls our kernels with one thread, prefill and bigger steps with
+    torch's count (model.py: on a busy machine each parallel region of a tiny step waits for the second thread)."""
+    if not kernels.available():
+        pytest.skip(f"our kernels are unavailable here: {kernels.unavailable_reason()}")
+    model, seen = stories_int8.model, []
+    gemv = kernels.int8_gemv
+
+    def recording(*args: object, **kwargs: object) -> torch.Tensor:
+        seen.append(kernels.kernel_threads())
+        return gemv(*args, **kwargs)
+
+    def threads_of(tokens: list[list[int]], starts: list[int]) -> set[int]:
+        seen.clear()
+        model(torch.tensor(tokens), cache, list(range(len(tokens))), starts)
+        return set(seen)
+
+    monkeypatch.setattr(kernels, "int8_gemv", recording)
+    threads = torch.get_num_threads()
+    torch.set_num_threads(2)
+    try:
+        cache = model.new_cache(2, 32)
+        assert threads_of([TOKENS[:5]], [0]) == {2}  # prefill
+        assert threads_of([[9]], [5]) == {1}
+        monkeypatch.setattr(model_module, "SINGLE_THREAD_STEP_WORK", 2 * model.int8_weights)
+        assert threads_of([[9], [9]], [6, 0]) == {2}  # two rows: as much work as the threshold
+        assert threads_of([[9]], [7]) == {1}
+    finally:
+        torch.set_num_threads(threads)
+    assert kernels.kernel_threads() == threads  # the limit ends with the step

@@ -306,11 +306,22 @@ class Int8Linear(nn.Module):
 
     def _refine(self, x: Tensor, out: Tensor) -> Tensor:
         # x [..., in], out [..., out] -> out with its top-k entries per row recomputed in fp32
+        flat = out.reshape(-1, self.out_features)
+        if (flat.shape[0] > 1 and out.dtype == torch.float32 and out.is_contiguous()
+                and kernels.kernel_threads() < torch.get_num_threads()):
+            # a small decode step (model.SINGLE_THREAD_STEP_WORK): row by row, each scattered into `out` in place, so
+            # that no op here is big enough for torch to run it in parallel (a parallel region waits for the busy
+            # second core); each row's result is the same either way
+            for inputs, row in zip(x.reshape(-1, self.in_features), flat, strict=True):
+                self._refine(inputs[None], row[None])
+            return out
         top = out.topk(min(self.refine_top, self.out_features), dim=-1).indices  # [..., k]
         rows = self._rows(top)  # [..., k, in]
         # multiply-and-sum rather than a batched matmul: its result for a row must not depend on the batch size
         exact = (rows * x.float()[..., None, :]).sum(-1)
-        return out.float().scatter(-1, top, exact).to(out.dtype)
+        # in place: `out` is this call's own tensor, and scatter's copy of a [..., vocab] row would be a parallel
+        # region (more than torch's grain of 32768 values), which on a busy machine waits for the second thread
+        return out.float().scatter_(-1, top, exact).to(out.dtype)
 
     def extra_repr(self) -> str:
         scheme = f"per group of {self.group_size}" if self.group_size else "per channel"

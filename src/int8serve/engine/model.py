@@ -12,6 +12,7 @@ Weight names follow Meta's layout (`layers.N.attention.wq`, `feed_forward.w1`, .
 
 from __future__ import annotations
 
+import contextlib
 from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Literal
@@ -20,13 +21,21 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from . import chunking
+from . import chunking, kernels
 from .config import ModelConfig
 from .int8 import COMPUTE_DTYPE, DequantBuffer, Int8Linear, kernel_rows
 from .kernels import attention as attention_kernel
 
 Precision = Literal["fp32", "int8"]
 MIN_PREFILL_QUERIES = 16
+# A decode step of fewer int8 multiply-adds than this (rows x the int8 linears' weights) runs our kernels on one thread.
+# Its parallel regions are each a few microseconds of work, and on a busy machine each waits for the second thread to
+# be scheduled: measured on 2 loaded cores (SmolLM2-135M, 135 M weights, 211 kernel calls a step), a parallel region
+# after any serial gap took ~7.7 ms; a batch-1 step took 60-110 ms with 2 threads against 15-21 ms on one, a batch-4
+# step 93-137 ms (2 threads, gemv.cpp's per-call threshold alone) against 48-52 ms. Quiet, a second thread could
+# save at most half of the weight reads. 1 G keeps SmolLM2-135M on one thread up to 7 rows, SmolLM2-360M up to 2;
+# models of 1B weights or more (TinyLlama, 7B) keep torch's thread count at any batch.
+SINGLE_THREAD_STEP_WORK = 1_000_000_000
 
 
 class RMSNorm(nn.Module):
@@ -230,6 +239,8 @@ class Transformer(nn.Module):
         self.output = linear(config.dim, config.vocab_size, **head_kw)
         cos, sin = rope_tables(config.head_dim, config.max_seq_len, config.rope_theta)
         self.rope_cos, self.rope_sin = cos, sin  # plain attributes: not weights, never on the meta device
+        # multiply-adds of the int8 linears per row (0 in fp32): how much work a decode step is
+        self.int8_weights = sum(m.in_features * m.out_features for m in self.modules() if isinstance(m, Int8Linear))
 
     @property
     def cache_dtype(self) -> torch.dtype:
@@ -259,6 +270,13 @@ class Transformer(nn.Module):
             raise ValueError(f"{batch} rows but {len(slots)} slots and {len(starts)} starts")
         if max(starts) + seq > cache.max_seq_len:
             raise ValueError(f"position {max(starts) + seq} exceeds the KV cache's {cache.max_seq_len}")
+        one_thread = seq == 1 and batch * self.int8_weights < SINGLE_THREAD_STEP_WORK
+        with kernels.limit_threads(1) if one_thread else contextlib.nullcontext():
+            return self._layers(tokens, cache, slots, starts, all_logits)
+
+    def _layers(self, tokens: Tensor, cache: KVCache, slots: Sequence[int], starts: Sequence[int],
+                all_logits: bool) -> Tensor:
+        seq = tokens.shape[1]
         step = self._kernel_step(seq, cache, slots, starts)
         cos = sin = None
         if step is None:  # the kernel applies rope itself

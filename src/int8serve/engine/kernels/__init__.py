@@ -37,6 +37,8 @@ import subprocess
 import sys
 import tempfile
 import time
+from collections.abc import Iterator
+from contextvars import ContextVar
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Literal
@@ -138,6 +140,27 @@ def build(verbose: bool = False, source: Path = SOURCE) -> Path:
             with contextlib.suppress(FileNotFoundError):
                 tmp.unlink()
     return library
+
+
+_THREAD_LIMIT: ContextVar[int | None] = ContextVar("int8serve_kernel_thread_limit", default=None)
+
+
+def kernel_threads() -> int:
+    """Threads our kernels (gemv, attention) may use: torch's intra-op count, or fewer inside `limit_threads`."""
+    limit = _THREAD_LIMIT.get()
+    threads = torch.get_num_threads()
+    return threads if limit is None else max(1, min(limit, threads))
+
+
+@contextlib.contextmanager
+def limit_threads(threads: int) -> Iterator[None]:
+    """Run this context's kernel calls on at most `threads` threads (a context variable: other threads and torch's
+    own ops are unaffected). Used for small decode steps, see model.SINGLE_THREAD_STEP_WORK."""
+    token = _THREAD_LIMIT.set(threads)
+    try:
+        yield
+    finally:
+        _THREAD_LIMIT.reset(token)
 
 
 _lib: ctypes.CDLL | None = None
@@ -436,7 +459,7 @@ def int8_gemv(x: Tensor, weight: Tensor | PackedWeight, scale: Tensor | None = N
     m = x.shape[0]
     y = torch.empty(m, weight.out_features, dtype=torch.float32)
     args = (x.data_ptr(), m, weight.in_features, weight.data.data_ptr(), weight.scale.data_ptr(), weight.out_features,
-            weight.group_size, y.data_ptr(), _IMPLS[impl], int(precise), torch.get_num_threads())
+            weight.group_size, y.data_ptr(), _IMPLS[impl], int(precise), kernel_threads())
     if torch.autograd._profiler_enabled():  # a ctypes call is invisible to torch.profiler unless labelled (~9 us)
         with torch.autograd.profiler.record_function("int8serve::int8_gemv"):
             status = lib.i8s_gemv(*args)

@@ -26,7 +26,7 @@ from typing import Literal
 import torch
 from torch import Tensor
 
-from . import BuildError, build
+from . import BuildError, build, kernel_threads
 
 log = logging.getLogger(__name__)
 
@@ -135,7 +135,7 @@ def decode_attention(q: Tensor, k: Tensor, v: Tensor, cos: Tensor, sin: Tensor, 
     args = (q.data_ptr(), k.data_ptr(), v.data_ptr(), cos.data_ptr(), sin.data_ptr(), slots.data_ptr(),
             positions.data_ptr(), batch, heads, kv_heads, dim, cache_k.data_ptr(), cache_v.data_ptr(),
             cache_k.shape[0], max_len, cos.shape[0], DTYPES[cache_k.dtype], dim**-0.5, out.data_ptr(), IMPLS[impl],
-            torch.get_num_threads())
+            kernel_threads())
     lib = _library()
     if torch.autograd._profiler_enabled():  # ctypes calls are invisible to torch.profiler unless labelled
         with torch.autograd.profiler.record_function("int8serve::decode_attention"):

@@ -32,8 +32,9 @@
 //
 // Plain C ABI (loaded with ctypes, see __init__.py), no torch headers: it compiles in a few seconds and does not
 // depend on torch's version or C++ ABI. Built without -march: the vector functions carry target attributes and are
-// only called after a runtime CPU check. Threads: OpenMP with the count the caller passes (torch.get_num_threads());
-// torch's own libgomp is already loaded when this library is, so both share one OpenMP runtime.
+// only called after a runtime CPU check. Threads: OpenMP with the count the caller passes (kernel_threads(),
+// torch's count or 1 in small decode steps), or 1 below kParallelGemvWork; torch's own libgomp is already loaded
+// when this library is, so both share one OpenMP runtime.
 
 #include <immintrin.h>
 
@@ -432,6 +433,14 @@ INT8SERVE_API int i8s_abi_version() { return 4; }
 // 1 if this CPU can run path `impl` (1 vnni512, 2 avxvnni, 3 avx2, 4 scalar), else 0; impl 0: the path auto picks.
 INT8SERVE_API int i8s_cpu_has(int impl) { return impl == kAuto ? static_cast<int>(best_impl()) : static_cast<int>(cpu_has(static_cast<Impl>(impl))); }
 
+// Below this many multiply-adds (activation rows, precise passes included, x padded weights) a gemv runs on the
+// calling thread. Waking a second thread for a few microseconds of work gains nothing when the machine is quiet and,
+// when the other core is busy, the parallel region waits for it: SmolLM2-135M (layers of 0.1-0.9 M weights, 211
+// calls a token) decoded at ~100 ms a token with 2 threads on 2 loaded cores against ~25 ms with 1 (each of its layer
+// calls 14-25 us alone on 1 thread, no faster on 2). Every 7B-shape call (>= 16.8 M) and SmolLM2's output head
+// (28 M) stay parallel.
+constexpr int64_t kParallelGemvWork = int64_t{1} << 22;
+
 // y [M, N] = x [M, K] (fp32, contiguous) times the packed weight (uint8 [Np * Kp], 64-byte aligned) and its bf16
 // scales ([Np/64][weight groups][64]); group_size: input values per weight scale (a multiple of 32), 0 = one per
 // row. impl: 0 = best available, else the path (see i8s_cpu_has). precise: 1 = two int8 passes per row (see
@@ -456,8 +465,10 @@ INT8SERVE_API int i8s_gemv(const float* x, int64_t m, int64_t k, const uint8_t* 
                       (act.groups + span - 1) / span, nullptr};
   const TileRows run = tile_rows(path);
   // Each thread takes a contiguous range of tiles, i.e. one sequential stream of weights, and runs all
-  // activation rows over each tile (in passes of up to 4 rows) while it is in cache.
-  const int nthreads = static_cast<int>(std::max<int64_t>(1, std::min<int64_t>(threads, tiles)));
+  // activation rows over each tile (in passes of up to 4 rows) while it is in cache. A small call stays on the
+  // calling thread (see kParallelGemvWork); the split never changes the result (each tile is computed alike).
+  const bool small = rows_total * np * act.kp < kParallelGemvWork;
+  const int nthreads = small ? 1 : static_cast<int>(std::max<int64_t>(1, std::min<int64_t>(threads, tiles)));
 #pragma omp parallel for schedule(static) num_threads(nthreads) if (nthreads > 1)
   for (int64_t tile = 0; tile < tiles; ++tile) {
     for (int64_t r0 = 0; r0 < rows_total; r0 += kMaxRows) {
