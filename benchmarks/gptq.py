@@ -69,9 +69,7 @@ def child_measure(what: str, n: int, k: int) -> dict[str, float]:
     if what == "textbook":
         textbook_factor(covariance.matrix)
     elif what == "ours":  # as engine/calibration.py calls it: H handed over, damped and freed in place
-        handed = [covariance.matrix]
-        del covariance
-        gptq.InverseHessianFactor(handed.pop(), overwrite=True)
+        gptq.InverseHessianFactor.taking(covariance)
     else:
         gptq.quantize_gptq(weight, covariance.matrix, 32)
     return {"seconds": time.perf_counter() - started, "above_h": peak_rss() - before}

@@ -90,8 +90,9 @@ def test_the_factor_is_the_cholesky_of_the_inverse(features: int) -> None:
     assert torch.equal(covariance.matrix, kept)  # the caller's H is left as it was
     assert upper.dtype == torch.float32 and torch.equal(upper, upper.triu())
     assert torch.allclose(upper.double(), expected, rtol=0, atol=1e-4 * float(expected.abs().max()))
-    # the calibration hands its H over (overwrite): the same factor, from H's own memory
-    assert torch.equal(InverseHessianFactor(covariance.matrix, overwrite=True).upper, upper)
+    # the calibration hands its H over: the same factor, from H's own memory, which the covariance gives up
+    taken = InverseHessianFactor.taking(covariance)
+    assert torch.equal(taken.upper, upper) and covariance.matrix is None
 
 
 def test_a_shared_factor_quantizes_as_the_hessian_does() -> None:

@@ -81,7 +81,7 @@ def quantize_blocks(model: Transformer, weight_of: WeightOf, windows: Tensor, gr
         for name, linear in _linears(model.layers[index]):
             key = _INPUTS[name]
             if key not in factors:
-                factors[key] = InverseHessianFactor(covariances.pop(key).matrix, overwrite=True)
+                factors[key] = InverseHessianFactor.taking(covariances.pop(key))
             full = _module(block, name)
             linear.set_quantized(*quantize_gptq(full.weight, factors[key], group_size), group_size)
             full.weight = None  # its full-precision copy is done with: free it before the next layer's factor

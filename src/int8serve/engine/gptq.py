@@ -46,17 +46,22 @@ class InverseHessianFactor:
     """What GPTQ needs of one H, computed once for all the layers that share an input (wq, wk and wv; w1 and w3).
 
     `upper` [K, K] is the upper Cholesky factor of (H + damping)⁻¹; `dead` [K] marks the inputs never seen (a zero
-    diagonal), whose weights are zeroed. With `overwrite`, an fp32 `hessian` is damped in place and freed as soon
-    as it can be (the caller must hold no other reference): for the 7B's 11008 inputs each [K, K] matrix is 0.48 GB,
-    and the first start's peak memory is the int8 model plus one block's quantization."""
+    diagonal), whose weights are zeroed. `InverseHessianFactor(H)` leaves H as it is (it works on a copy);
+    `InverseHessianFactor.taking(covariance)` works in the covariance's own memory and frees it as soon as it can:
+    for the 7B's 11008 inputs each [K, K] matrix is 0.48 GB, and the first start's peak memory is the int8 model plus
+    one block's quantization."""
 
-    def __init__(self, hessian: Tensor, damping: float = DAMPING, overwrite: bool = False) -> None:
-        h = hessian if overwrite and hessian.dtype == torch.float32 else hessian.float().clone()
-        del hessian
-        self.dead = torch.diagonal(h) == 0
-        h[self.dead, self.dead] = 1.0
-        h.diagonal().add_(damping * torch.diagonal(h).mean())
-        self.upper = _upper_factor_of_inverse(h)
+    def __init__(self, hessian: Tensor, damping: float = DAMPING) -> None:
+        self.dead, self.upper = _factor([hessian.float().clone()], damping)
+
+    @classmethod
+    def taking(cls, covariance: InputCovariance, damping: float = DAMPING) -> InverseHessianFactor:
+        """The factor of `covariance.matrix`, which is damped and factored in place, then dropped (set to None)."""
+        factor = cls.__new__(cls)
+        held = [covariance.matrix.float()]  # the same tensor when it is fp32: the list holds the only reference
+        covariance.matrix = None
+        factor.dead, factor.upper = _factor(held, damping)
+        return factor
 
 
 def quantize_gptq(weight: Tensor, hessian: Tensor | InverseHessianFactor, group_size: int = int8.DEFAULT_GROUP_SIZE,
@@ -123,21 +128,26 @@ def _group_scales(columns: Tensor) -> Tensor:
     return int8._quantize_groups(columns.reshape(columns.shape[0], 1, columns.shape[1]))[1][:, 0]
 
 
-def _upper_factor_of_inverse(h: Tensor) -> Tensor:
-    """h [K, K] symmetric positive definite (consumed) -> U upper with h⁻¹ = Uᵀ U, without forming h⁻¹.
+def _factor(held: list[Tensor], damping: float) -> tuple[Tensor, Tensor]:
+    """held = [H] (taken out of the list: its only reference) -> (dead inputs [K], U upper with (H + damping)⁻¹ = Uᵀ U),
+    without forming the inverse.
 
-    With J the order-reversing permutation and L the lower Cholesky factor of J h J: h = (J L J)(J L J)ᵀ, so
-    h⁻¹ = Uᵀ U with U = (J L J)⁻¹ = J L⁻¹ J, upper. One factorization and one triangular inverse (2/3 K³ flops)
+    With J the order-reversing permutation and L the lower Cholesky factor of J H J: H = (J L J)(J L J)ᵀ, so
+    H⁻¹ = Uᵀ U with U = (J L J)⁻¹ = J L⁻¹ J, upper. One factorization and one triangular inverse (2/3 K³ flops)
     instead of GPTQ's usual Cholesky, inverse and second Cholesky (5/3 K³): for the 11008-input layer of the 7B,
-    most of a block's quantization time (measured, docs/benchmarks.md). At most two [K, K] matrices are alive at
-    once, and a quarter of one."""
+    most of a block's quantization time (benchmarks/gptq.py). H is freed once reversed: at most two [K, K] matrices
+    are alive at once, and a quarter of one."""
+    h = held.pop()
+    dead = torch.diagonal(h) == 0
+    h[dead, dead] = 1.0
+    h.diagonal().add_(damping * torch.diagonal(h).mean())
     lower = h.flip(0, 1)
-    del h  # the caller's reference, if it gave up its own, was the last
+    del h
     torch.linalg.cholesky(lower, out=lower)
     inverse = torch.empty_like(lower)
     _invert_lower_into(lower, inverse)
     del lower
-    return inverse.flip(0, 1)
+    return dead, inverse.flip(0, 1)
 
 
 def _invert_lower_into(lower: Tensor, out: Tensor) -> None:
