@@ -70,13 +70,14 @@ def quantize_gptq(weight: Tensor, hessian: Tensor | InverseHessianFactor, group_
     format."""
     kernels.check_group_size(group_size)
     n, k = weight.shape
-    factor = hessian if isinstance(hessian, InverseHessianFactor) else None
-    if factor is None:
-        if hessian.shape != (k, k):
-            raise ValueError(f"hessian of shape {tuple(hessian.shape)} for a weight of {k} inputs")
+    if isinstance(hessian, InverseHessianFactor):
+        factor = hessian
+        if factor.upper.shape != (k, k):
+            raise ValueError(f"a factor of shape {tuple(factor.upper.shape)} for a weight of {k} inputs")
+    elif hessian.shape != (k, k):
+        raise ValueError(f"hessian of shape {tuple(hessian.shape)} for a weight of {k} inputs")
+    else:
         factor = InverseHessianFactor(hessian, damping)
-    elif factor.upper.shape != (k, k):
-        raise ValueError(f"a factor of shape {tuple(factor.upper.shape)} for a weight of {k} inputs")
     upper = factor.upper
     # Columns as rows ([K, N]): the loop below reads and updates one input column at a time, which in the [N, K]
     # layout is N scattered floats (measured, 4096 x 11008: most of the time went to those cache misses).
