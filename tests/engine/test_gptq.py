@@ -149,3 +149,37 @@ def test_without_a_tokenizer_the_loader_says_it_rounds_instead(stories_hf: Path,
 def test_an_unknown_quantizer_is_refused(stories_hf: Path) -> None:
     with pytest.raises(ValueError, match="quantizer must be one of gptq, rtn"):
         load_model(stories_hf, "int8", quantizer="awq")
+
+
+def test_a_16_bit_checkpoint_calibrates_in_its_own_precision_to_the_same_int8(stories_hf: Path,
+                                                                              tmp_path: Path) -> None:
+    # the calibration block keeps fp16 weights (half an fp32 block's memory) and widens each as it computes:
+    # exact, so the int8 model equals the one from the same values stored in fp32
+    from safetensors.torch import load_file, save_file
+
+    from int8serve.engine.calibration import _full_precision_block
+
+    tensors = load_file(str(stories_hf / "model.safetensors"))
+    copies = {}
+    for name, dtype in (("fp16", torch.float16), ("fp16-as-fp32", torch.float32)):
+        folder = copies[name] = tmp_path / name
+        shutil.copytree(stories_hf, folder)
+        save_file({k: v.half().to(dtype).contiguous() for k, v in tensors.items()}, str(folder / "model.safetensors"))
+    half, wide = (load_model(copies[name], "int8") for name in ("fp16", "fp16-as-fp32"))
+    layers = [name for name, m in half.model.named_modules() if isinstance(m, int8.Int8Linear)]
+    assert len(layers) == 7 * half.model.config.n_layers + 1
+    for layer in layers:
+        q_half, s_half = half.model.get_submodule(layer).quantized()
+        q_wide, s_wide = wide.model.get_submodule(layer).quantized()
+        assert torch.equal(q_half, q_wide) and torch.equal(s_half, s_wide), layer
+
+    def checkpoint_fp16(name: str) -> torch.Tensor:  # "attention.wq.weight" -> the HF tensor, in fp16
+        return tensors[f"model.layers.0.{_HF_NAMES[name.removesuffix('.weight')]}.weight"].half()
+
+    block = _full_precision_block(half.model.config, half.model.layers[0], checkpoint_fp16)
+    assert {p.dtype for p in block.attention.parameters()} == {torch.float16}
+
+
+_HF_NAMES = {"attention.wq": "self_attn.q_proj", "attention.wk": "self_attn.k_proj", "attention.wv": "self_attn.v_proj",
+             "attention.wo": "self_attn.o_proj", "feed_forward.w1": "mlp.gate_proj", "feed_forward.w2": "mlp.down_proj",
+             "feed_forward.w3": "mlp.up_proj"}
