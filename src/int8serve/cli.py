@@ -41,6 +41,7 @@ from .model_specs import (
 )
 from .prompt_templates import PromptTemplate, UnknownTemplateError, render_prompt, template_named
 from .settings import DEFAULT_DAILY_NEURONS, LoadedSettings, SettingsFileError, load_settings
+from .stderr_handler import StderrHandler
 
 
 class UsageError(Exception):
@@ -377,7 +378,7 @@ def _say_what_loading_does() -> None:
     """The engine's log lines (a download, a first quantization, a cached copy) on stderr, as `serve` shows them."""
     logger = logging.getLogger("int8serve")
     if not logger.handlers:
-        handler = logging.StreamHandler(sys.stderr)
+        handler = StderrHandler()
         handler.setFormatter(logging.Formatter("int8serve: %(message)s"))
         logger.addHandler(handler)
         logger.setLevel(logging.INFO)

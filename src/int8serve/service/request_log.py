@@ -21,10 +21,11 @@ from __future__ import annotations
 import json
 import logging
 import re
-import sys
 from collections.abc import Mapping
 from datetime import UTC, datetime
 from typing import Any
+
+from ..stderr_handler import StderrHandler
 
 __all__ = ["LOG_FORMATS", "REQUEST_LOGGER", "EscapeControls", "JsonFormatter", "TextFormatter", "configure_logging",
            "escape_controls", "log_request"]
@@ -108,7 +109,7 @@ def configure_logging(log_format: str = "text", level: str = "info") -> logging.
     """Send the `int8serve` loggers (and, for JSON, uvicorn's) to stderr in `log_format`. Returns the handler."""
     if log_format not in LOG_FORMATS:
         raise ValueError(f"log format must be one of {', '.join(LOG_FORMATS)}, got {log_format!r}")
-    handler = logging.StreamHandler(sys.stderr)
+    handler = StderrHandler()
     handler.setFormatter(JsonFormatter() if log_format == "json" else TextFormatter())
     handler.addFilter(EscapeControls())
     for name in ("uvicorn", "uvicorn.error", "uvicorn.access"):  # uvicorn's own handlers in text mode
