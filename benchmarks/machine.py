@@ -85,20 +85,28 @@ def machine_busy_jiffies() -> int:
     return sum(fields) - fields[3] - fields[4]  # all but idle and iowait
 
 
+def own_jiffies() -> int:
+    """This process's CPU time and that of the children it has waited for (a tool run with subprocess.run)."""
+    times = os.times()
+    return process_jiffies(os.getpid()) + round((times.children_user + times.children_system)
+                                                * os.sysconf("SC_CLK_TCK"))
+
+
 class CpuShares:
-    """Shares of the machine's CPUs used between creation and stop() by this process, a server and all others."""
+    """Shares of the machine's CPUs used between creation and stop() by this process (with the children it waited
+    for, such as llama.cpp's tools), a server and all others."""
 
     def __init__(self, server_pid: int | None = None) -> None:
         self.server_pid = server_pid
         self.started = time.perf_counter()
         self.busy = machine_busy_jiffies()
-        self.own = process_jiffies(os.getpid())
+        self.own = own_jiffies()
         self.server = process_jiffies(server_pid) if server_pid else 0
 
     def stop(self) -> tuple[float, float, float]:
         """(this process, the server, others), each a share of all the machine's CPUs."""
         ticks = (time.perf_counter() - self.started) * os.sysconf("SC_CLK_TCK") * (os.cpu_count() or 1)
-        own = process_jiffies(os.getpid()) - self.own
+        own = own_jiffies() - self.own
         server = (process_jiffies(self.server_pid) - self.server) if self.server_pid else 0
         others = max(0, machine_busy_jiffies() - self.busy - own - server)
         return (own / ticks, server / ticks, others / ticks) if ticks else (0.0, 0.0, 0.0)
