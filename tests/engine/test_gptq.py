@@ -146,6 +146,20 @@ def test_without_a_tokenizer_the_loader_says_it_rounds_instead(stories_hf: Path,
     assert torch.equal(loaded.model.get_submodule(layer).quantized()[0], rtn.model.get_submodule(layer).quantized()[0])
 
 
+def test_an_int8_checkpoint_without_a_tokenizer_loads_without_a_word_about_calibration(
+        stories_hf: Path, tmp_path: Path, caplog: pytest.LogCaptureFixture) -> None:
+    # its weights are int8 already: nothing is quantized, so "no calibration text: rounding instead" would mislead
+    from int8serve.engine.loader import save_int8_checkpoint
+
+    folder = save_int8_checkpoint(load_model(stories_hf, "int8", quantizer="rtn"), tmp_path / "int8")
+    for file in folder.glob("tokenizer*"):
+        file.unlink()
+    with caplog.at_level(logging.INFO):
+        loaded = load_model(folder, "int8")
+    assert "calibration" not in caplog.text
+    assert loaded.source_format == "int8"
+
+
 def test_an_unknown_quantizer_is_refused(stories_hf: Path) -> None:
     with pytest.raises(ValueError, match="quantizer must be one of gptq, rtn"):
         load_model(stories_hf, "int8", quantizer="awq")

@@ -142,7 +142,8 @@ def load_model(path: str | Path, precision: Precision = "int8", progress: bool =
         config, source, rename = _open_hf(folder)
     with torch.device("meta"):
         model = Transformer(config, precision)
-    windows = calibration_for(tokenizer, folder) if precision == "int8" and quantizer == "gptq" else None
+    quantizes = precision == "int8" and quantizer == "gptq" and kind != "int8"  # an int8 checkpoint is quantized
+    windows = calibration_for(tokenizer, folder) if quantizes else None
     _fill(model, source, rename, folder, progress, group_size, windows)
     return LoadedModel(model.eval(), config, tokenizer, kind, folder)
 
