@@ -16,9 +16,7 @@ __all__ = ["StderrHandler"]
 
 
 class StderrHandler(logging.StreamHandler):
-    """A handler writing to whatever `sys.stderr` is when a record comes, not the one it was made with: a line
-    logged after stderr was replaced (a process manager's redirection, a test's capture that has since closed) goes
-    to the current stream instead of failing with "I/O operation on closed file"."""
+    """A StreamHandler whose stream is `sys.stderr` at each record (see the module's docstring)."""
 
     @property
     def stream(self) -> TextIO:

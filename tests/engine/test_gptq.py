@@ -12,7 +12,7 @@ import torch
 from int8serve.engine import int8
 from int8serve.engine.calibration import calibration_windows
 from int8serve.engine.gptq import InputCovariance, InverseHessianFactor, quantize_gptq
-from int8serve.engine.loader import load_model
+from int8serve.engine.loader import hf_to_internal, load_model
 from int8serve.engine.tokenizer import Tokenizer
 
 
@@ -187,13 +187,8 @@ def test_a_16_bit_checkpoint_calibrates_in_its_own_precision_to_the_same_int8(st
         q_wide, s_wide = wide.model.get_submodule(layer).quantized()
         assert torch.equal(q_half, q_wide) and torch.equal(s_half, s_wide), layer
 
-    def checkpoint_fp16(name: str) -> torch.Tensor:  # "attention.wq.weight" -> the HF tensor, in fp16
-        return tensors[f"model.layers.0.{_HF_NAMES[name.removesuffix('.weight')]}.weight"].half()
-
-    block = _full_precision_block(half.model.config, half.model.layers[0], checkpoint_fp16)
+    internal = {hf_to_internal(name): tensor for name, tensor in tensors.items()}
+    block = _full_precision_block(half.model.config, half.model.layers[0],
+                                  lambda name: internal[f"layers.0.{name}"].half())
     assert {p.dtype for p in block.attention.parameters()} == {torch.float16}
 
-
-_HF_NAMES = {"attention.wq": "self_attn.q_proj", "attention.wk": "self_attn.k_proj", "attention.wv": "self_attn.v_proj",
-             "attention.wo": "self_attn.o_proj", "feed_forward.w1": "mlp.gate_proj", "feed_forward.w2": "mlp.down_proj",
-             "feed_forward.w3": "mlp.up_proj"}

@@ -142,7 +142,7 @@ def load_model(path: str | Path, precision: Precision = "int8", progress: bool =
         config, source, rename = _open_hf(folder)
     with torch.device("meta"):
         model = Transformer(config, precision)
-    quantizes = precision == "int8" and quantizer == "gptq" and kind != "int8"  # an int8 checkpoint is quantized
+    quantizes = precision == "int8" and quantizer == "gptq" and kind != "int8"  # int8 checkpoints are int8 already
     windows = calibration_for(tokenizer, folder) if quantizes else None
     _fill(model, source, rename, folder, progress, group_size, windows)
     return LoadedModel(model.eval(), config, tokenizer, kind, folder)
