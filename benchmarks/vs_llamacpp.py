@@ -10,9 +10,11 @@ one run; the ratios ours ÷ llama.cpp are the result, the absolute figures are c
 2. One random int8 model of the Llama-2-7B shape (`benchmarks/engine.py`'s `build_random_int8_model`, scales
    rounded to bf16 so that fp16 holds them exactly) is written twice: as our int8 checkpoint (`int8serve.json` +
    `model.safetensors`) and as a GGUF Q8_0 file whose blocks hold the very same int8 values and scales (a Q8_0
-   block is 32 int8 values and an fp16 scale: a per-row scale repeated per block). q/k rows go to GGUF in Meta's
-   interleaved rotary order, as llama.cpp's converter writes them; the vocabulary is synthetic (`<unk>`, `<s>`,
-   `</s>`, the 256 byte tokens, then filler pieces): the weights are random, so no text is meaningful anyway.
+   block is 32 int8 values and an fp16 scale). The weights have our default scheme, a scale per 32 input values
+   (`--group-size`, as `int8serve quantize` and `serve` make them), which is Q8_0's own: each block keeps its
+   scale; with a coarser scheme (64, 128, 0 = per row) a scale is repeated over its blocks. q/k rows go to GGUF in
+   Meta's interleaved rotary order, as llama.cpp's converter writes them; the vocabulary is synthetic (`<unk>`,
+   `<s>`, `</s>`, the 256 byte tokens, then filler pieces): the weights are random, so no text is meaningful anyway.
    Only the token embedding differs: ours is fp32, llama.cpp's is Q8_0 of it (a lookup, never streamed).
 3. In rounds that alternate the engine that goes first (llama.cpp then ours, then ours then llama.cpp, ...), with
    2 threads each: decode tok/s at batch 1 (`llama-bench -n 32`; ours: 32 steps from position 0), aggregate decode
@@ -73,13 +75,13 @@ from benchmarks.llamacpp_build import DEFAULT_VERSION, BuildError, LlamaCpp, ens
 from benchmarks.machine import CpuShares, QuietWaiter, machine_description, rss_gb
 from int8serve.engine.config import ModelConfig
 from int8serve.engine.demo import cache_dir
-from int8serve.engine.int8 import COMPUTE_DTYPE, Int8Linear
+from int8serve.engine.int8 import COMPUTE_DTYPE, DEFAULT_GROUP_SIZE, GROUP_SIZES, Int8Linear
 from int8serve.engine.loader import LoadedModel, save_int8_checkpoint
 from int8serve.engine.model import Transformer
 from int8serve.engine.model_cache import load_cached
 
 SCRIPT = "vs_llamacpp.py"
-WEIGHTS_VERSION = 1  # bump when the files written change, so that cached ones are rewritten
+WEIGHTS_VERSION = 2  # bump when the files written change, so that cached ones are rewritten
 QK8_0 = 32  # values per Q8_0 block
 THREADS = 2
 PROMPT = 512  # prefill figure: tokens of one prompt
@@ -107,9 +109,9 @@ def model_config(layers: int) -> ModelConfig:
     return dataclasses.replace(LLAMA2_7B, n_layers=layers)
 
 
-def build_model(config: ModelConfig, seed: int = 0) -> Transformer:
+def build_model(config: ModelConfig, group_size: int = DEFAULT_GROUP_SIZE, seed: int = 0) -> Transformer:
     """`build_random_int8_model` with its scales rounded to bf16: exact in our kernel's bf16 and in Q8_0's fp16."""
-    model = build_random_int8_model(config, seed)
+    model = build_random_int8_model(config, seed, group_size)
     for linear in int8_linears(model):
         q, scale = linear.quantized()
         linear.set_quantized(q, scale.to(COMPUTE_DTYPE).float())
@@ -117,7 +119,7 @@ def build_model(config: ModelConfig, seed: int = 0) -> Transformer:
 
 
 def meta_rotary_order(rows: Tensor, n_heads: int) -> Tensor:
-    """q/k rows (or their per-row scales) in our Hugging Face rotary order -> GGUF's (Meta's) interleaved order.
+    """q/k rows (or their scales) in our Hugging Face rotary order -> GGUF's (Meta's) interleaved order.
 
     The inverse of `loader.unpermute_meta_rotary`: llama.cpp's converter applies the same permutation."""
     shape = rows.shape
@@ -125,15 +127,20 @@ def meta_rotary_order(rows: Tensor, n_heads: int) -> Tensor:
     return rows.reshape(n_heads, 2, head_rows // 2, -1).transpose(1, 2).reshape(shape)
 
 
-def q8_0_blocks(q: Tensor, row_scales: Tensor) -> np.ndarray:
-    """int8 [N, K] with one scale per row -> Q8_0 bytes [N, K / 32 * 34]: per block an fp16 scale, 32 int8 values."""
+def q8_0_blocks(q: Tensor, scales: Tensor) -> np.ndarray:
+    """int8 [N, K] with its scales ([N] per row, or [N, G] per group of K / G values, a multiple of 32) -> Q8_0 bytes
+    [N, K / 32 * 34]: per block of 32 values its fp16 scale, then the values."""
     n, k = q.shape
     if k % QK8_0:
         raise ValueError(f"Q8_0 needs rows of a multiple of {QK8_0} values, not {k}")
-    scales = row_scales.to(torch.float16)
-    if not torch.equal(scales.float(), row_scales.float()):
-        raise ValueError("a row scale is not exact in fp16: the GGUF would hold other weights than ours")
-    d = scales.view(torch.uint8).reshape(n, 1, 2).expand(n, k // QK8_0, 2)
+    groups = scales.reshape(n, -1)
+    if (k // QK8_0) % groups.shape[1]:
+        raise ValueError(f"{groups.shape[1]} scale groups per row do not split {k // QK8_0} blocks of {QK8_0}")
+    exact = groups.to(torch.float16)
+    if not torch.equal(exact.float(), groups.float()):
+        raise ValueError("a scale is not exact in fp16: the GGUF would hold other weights than ours")
+    per_block = exact.repeat_interleave(k // QK8_0 // groups.shape[1], dim=1).contiguous()
+    d = per_block.view(torch.uint8).reshape(n, k // QK8_0, 2)
     values = q.view(torch.uint8).reshape(n, k // QK8_0, QK8_0)
     return torch.cat([d, values], dim=2).reshape(n, -1).numpy()
 
@@ -240,11 +247,11 @@ class WeightFiles:
     description: str = ""  # the model, for the report (--gguf)
 
 
-def weights_dir(root: Path, layers: int) -> Path:
-    return root / f"llama2-7b-shape-{layers}L-v{WEIGHTS_VERSION}"
+def weights_dir(root: Path, layers: int, group_size: int = DEFAULT_GROUP_SIZE) -> Path:
+    return root / f"llama2-7b-shape-{layers}L-g{group_size}-v{WEIGHTS_VERSION}"
 
 
-def write_weights(config: ModelConfig, folder: Path) -> WeightFiles:
+def write_weights(config: ModelConfig, folder: Path, group_size: int = DEFAULT_GROUP_SIZE) -> WeightFiles:
     """Both files of one random model into `folder` (skipped when a finished earlier run left them there)."""
     done = folder / "done.json"
     if done.is_file():
@@ -254,7 +261,7 @@ def write_weights(config: ModelConfig, folder: Path) -> WeightFiles:
     folder.mkdir(parents=True, exist_ok=True)
     log(f"writing the same random weights ({config.n_layers} layers) as an int8 checkpoint and a GGUF Q8_0 file ...")
     started = time.perf_counter()
-    model = build_model(config)
+    model = build_model(config, group_size)
     ours_bytes = decode_bytes_per_step(model)
     q8_0_bytes = sum(lin.in_features * lin.out_features // QK8_0 * (QK8_0 + 2) for lin in int8_linears(model))
     source = Path(f"random int8 weights, Llama-2-7B shape, {config.n_layers} layers (benchmarks/{SCRIPT})")
@@ -520,8 +527,16 @@ def weights_lines(args: argparse.Namespace, files: WeightFiles) -> list[str]:
                 "into the model cache, which each round maps. The same model, each engine's own format of it."]
     return [f"## int8serve vs llama.cpp: same CPU, same run, same random weights ({args.layers} layers)",
             f"- Weights: one random int8 model, {args.layers} of 32 layers of the Llama-2-7B shape (dim 4096, "
-            "hidden 11008, vocab 32000, untied head), written as our int8 checkpoint and as a GGUF Q8_0 file "
-            "holding the same int8 values and scales."]
+            f"hidden 11008, vocab 32000, untied head) with {scale_scheme(args.group_size)}, written as our int8 "
+            "checkpoint and as a GGUF Q8_0 file holding the same int8 values and scales."]
+
+
+def scale_scheme(group_size: int) -> str:
+    if group_size == 0:
+        return "a bf16 scale per output row (repeated in each Q8_0 block)"
+    shared = "Q8_0's own blocks" if group_size == QK8_0 else f"repeated over {group_size // QK8_0} Q8_0 blocks"
+    default = ", our default scheme" if group_size == DEFAULT_GROUP_SIZE else ""
+    return f"a bf16 scale per {group_size} input values ({shared}{default})"
 
 
 def build_report(args: argparse.Namespace, rounds: Sequence[Round], files: WeightFiles, llama: LlamaCpp) -> str:
@@ -560,6 +575,8 @@ def display_command(args: argparse.Namespace) -> str:
         words += ["--layers", str(args.layers)]
     if args.rounds != 2:
         words += ["--rounds", str(args.rounds)]
+    if args.group_size != DEFAULT_GROUP_SIZE and not args.gguf:
+        words += ["--group-size", str(args.group_size)]
     if not args.llama_repack:
         words += ["--no-llama-repack"]
     if args.write:
@@ -589,6 +606,9 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--layers", type=int, default=32,
                         help="transformer blocks of the Llama-2-7B shape, the same for both engines (default 32, "
                              "the full model: ~7 GB per file; 2 for a quick run)")
+    parser.add_argument("--group-size", type=int, choices=GROUP_SIZES, default=DEFAULT_GROUP_SIZE,
+                        help="input values per weight scale of the random weights (0: one per output row; default "
+                             f"{DEFAULT_GROUP_SIZE}, our default scheme and Q8_0's block); unused with --gguf")
     parser.add_argument("--rounds", type=int, default=2,
                         help="rounds of both engines; the engine that goes first alternates (default 2)")
     parser.add_argument("--reps", type=int, default=3, help="llama-bench repetitions per test (default 3)")
@@ -643,7 +663,8 @@ def main(argv: Sequence[str] | None = None) -> None:
     except BuildError as error:
         sys.exit(f"error: could not build llama.cpp: {error}")
     files = gguf_files(args.gguf) if args.gguf else \
-        write_weights(model_config(args.layers), weights_dir(args.work_dir, args.layers))
+        write_weights(model_config(args.layers), weights_dir(args.work_dir, args.layers, args.group_size),
+                      args.group_size)
     quiet = QuietWaiter(args.wait_quiet)
     try:
         rounds = [run_round(i, llama, files, args, quiet) for i in range(args.rounds)]

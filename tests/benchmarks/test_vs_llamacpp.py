@@ -29,7 +29,15 @@ def dequantized(tensor) -> torch.Tensor:
     return torch.from_numpy(values.reshape([int(d) for d in reversed(tensor.shape)]).copy())
 
 
+def ours_dequantized(q: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:
+    """int8 [N, K] times its scales ([N] per row or [N, G] per group of K / G inputs), in fp32."""
+    n, k = q.shape
+    groups = scale.reshape(n, -1)
+    return (q.float().reshape(n, groups.shape[1], -1) * groups[..., None]).reshape(n, k)
+
+
 def test_gguf_holds_our_weights(files: vs_llamacpp.WeightFiles) -> None:
+    """The default weights have a scale per 32 inputs, as Q8_0 does: every block keeps its own."""
     reader = gguf.GGUFReader(files.gguf)
     tensors = {t.name: t for t in reader.tensors}
     assert len(tensors) == 2 + 9 * TINY.n_layers + 1
@@ -44,11 +52,11 @@ def test_gguf_holds_our_weights(files: vs_llamacpp.WeightFiles) -> None:
             if name in ("attention.wq", "attention.wk"):
                 weight = unpermute_meta_rotary(weight, TINY.n_heads)
             q, scale = linear.quantized()
-            assert torch.equal(weight, q.float() * scale[:, None])
+            assert scale.shape == (linear.out_features, linear.in_features // 32)
+            assert torch.equal(weight, ours_dequantized(q, scale))
         assert tensors[f"blk.{index}.attn_norm.weight"].tensor_type == gguf.GGMLQuantizationType.F32
     output = dequantized(tensors["output.weight"])
-    q, scale = ours.output.quantized()
-    assert torch.equal(output, q.float() * scale[:, None])
+    assert torch.equal(output, ours_dequantized(*ours.output.quantized()))
     embedding = dequantized(tensors["token_embd.weight"])
     assert torch.allclose(embedding, ours.tok_embeddings.weight, atol=0.05)
     assert files.q8_0_bytes == sum(int(t.n_bytes) for n, t in tensors.items() if n.startswith(("blk", "output."))
@@ -72,6 +80,21 @@ def test_gguf_metadata(files: vs_llamacpp.WeightFiles) -> None:
 def test_weights_are_written_once(files: vs_llamacpp.WeightFiles) -> None:
     again = vs_llamacpp.write_weights(TINY, files.gguf.parent)
     assert again == files
+
+
+@pytest.mark.parametrize("group_size", [0, 64])
+def test_coarser_scales_repeat_over_their_q8_0_blocks(group_size: int) -> None:
+    generator = torch.Generator().manual_seed(0)
+    q = torch.randint(-127, 128, (3, 128), generator=generator, dtype=torch.int8)
+    scale = engine.random_scales(3, 128, generator, group_size).to(torch.bfloat16).float()
+    raw = vs_llamacpp.q8_0_blocks(q, scale)
+    back = gguf.quants.dequantize(raw.reshape(-1), gguf.GGMLQuantizationType.Q8_0).reshape(3, 128)
+    assert torch.equal(torch.from_numpy(back.copy()), ours_dequantized(q, scale))
+
+
+def test_scale_groups_must_split_the_blocks() -> None:
+    with pytest.raises(ValueError, match="do not split"):
+        vs_llamacpp.q8_0_blocks(torch.ones(1, 96, dtype=torch.int8), torch.ones(1, 2))
 
 
 def test_q8_0_refuses_scales_fp16_cannot_hold() -> None:
