@@ -231,15 +231,30 @@ def test_activations_near_the_int16_limit_do_not_saturate_avx2() -> None:
 
 
 @pytest.mark.parametrize("group_size", GROUP_SIZES)
-@pytest.mark.parametrize(("n", "k"), [(17, 31), (100, 172), (130, 256)])
-def test_dequantize_reads_the_packed_copy(n: int, k: int, group_size: int) -> None:
+@pytest.mark.parametrize("impl", IMPLS)
+@pytest.mark.parametrize(("n", "k"), [(17, 31), (100, 172), (130, 256), (64, 64), (72, 96), (200, 4096)])
+def test_dequantize_reads_the_packed_copy(impl: str, n: int, k: int, group_size: int) -> None:
+    """Every path (the vector ones share the AVX2 code: 8 rows of a whole group at a time, the rest scalar)."""
     q, scale = group_weight(n, k, group_size, seed=n)
     packed = kernels.pack_weight(q, scale, group_size)
     scales = kernels.row_scales(packed, torch.arange(n))  # [N, K]
-    fp32 = kernels.dequantize(packed, torch.empty(n, k))
-    assert torch.equal(fp32, q.float() * scales)  # exact
-    bf16 = kernels.dequantize(packed, torch.empty(n, k, dtype=torch.bfloat16))
-    assert torch.equal(bf16, q.to(torch.bfloat16) * scales.to(torch.bfloat16))  # torch's bf16 product, bit for bit
+    fp32 = kernels.dequantize(packed, torch.empty(n, k), impl=impl)
+    assert torch.equal(fp32, q.float() * scales), f"path {impl}"  # exact
+    bf16 = kernels.dequantize(packed, torch.empty(n, k, dtype=torch.bfloat16), impl=impl)
+    # torch's bf16 product, bit for bit
+    assert torch.equal(bf16, q.to(torch.bfloat16) * scales.to(torch.bfloat16)), f"path {impl}"
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_dequantize_streams_a_buffer_larger_than_the_caches(dtype: torch.dtype) -> None:
+    """>= 32 MB out: the vector code writes with non-temporal stores; the same bits as the scalar code."""
+    if not CPU_HAS["avx2"]:
+        pytest.skip("this CPU lacks avx2")
+    q, scale = group_weight(4096, 4096, 32, seed=3)
+    packed = kernels.pack_weight(q, scale, 32)
+    streamed = kernels.dequantize(packed, torch.empty(4096, 4096, dtype=dtype), impl="avx2")
+    assert streamed.nbytes >= 32 << 20
+    assert torch.equal(streamed, kernels.dequantize(packed, torch.empty(4096, 4096, dtype=dtype), impl="scalar"))
 
 
 @pytest.mark.parametrize("precise", [False, True])

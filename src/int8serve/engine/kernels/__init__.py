@@ -59,7 +59,7 @@ ALIGNMENT = 64  # bytes: gemv.cpp refuses a packed weight whose data is not 64-b
 Impl = Literal["auto", "vnni512", "avxvnni", "avx2", "scalar"]
 PATHS: tuple[Impl, ...] = ("vnni512", "avxvnni", "avx2", "scalar")  # in the order auto prefers them
 _IMPLS = {"auto": 0, "vnni512": 1, "avxvnni": 2, "avx2": 3, "scalar": 4}
-ABI_VERSION = 4  # must match i8s_abi_version() in gemv.cpp
+ABI_VERSION = 5  # must match i8s_abi_version() in gemv.cpp
 ENV_PATH = "INT8SERVE_KERNEL"
 # -ffp-contract=off: the scalar path must round exactly like the vector paths (explicit fma only). No -march: the
 # vector functions carry their own target attributes and are only called after a runtime CPU check.
@@ -180,7 +180,7 @@ def _open(path: Path) -> ctypes.CDLL:
     lib.i8s_quantize.restype = _INT
     lib.i8s_pack.argtypes = [_P, _I64, _I64, _P, _INT]
     lib.i8s_pack.restype = None
-    lib.i8s_dequant.argtypes = [_P, _P, _I64, _I64, _I64, _P, _INT, _INT]
+    lib.i8s_dequant.argtypes = [_P, _P, _I64, _I64, _I64, _P, _INT, _INT, _INT]
     lib.i8s_dequant.restype = _INT
     return lib
 
@@ -415,15 +415,17 @@ def row_scales(packed: PackedWeight, index: Tensor) -> Tensor:
     return picked.repeat_interleave(packed.group_size, dim=-1)[..., :packed.in_features]
 
 
-def dequantize(packed: PackedWeight, out: Tensor) -> Tensor:
+def dequantize(packed: PackedWeight, out: Tensor, impl: Impl = "auto") -> Tensor:
     """out [N, K] (fp32 or bf16) = w * scale, read from the packed copy; fp32 is exact, bf16 rounds to nearest even,
-    the same bits as torch's bf16 product of the int8 weight and its bf16 scale. The dense (prefill) path's weight."""
+    the same bits as torch's bf16 product of the int8 weight and its bf16 scale. The dense (prefill) path's weight.
+    impl: the kernel path whose code does it ("auto": `path()`; every vector path runs the AVX2 code)."""
     n, k = packed.out_features, packed.in_features
     if out.shape != (n, k) or not out.is_contiguous() or out.dtype not in (torch.float32, torch.bfloat16):
         raise ValueError(f"out must be a contiguous fp32 or bf16 [{n}, {k}] tensor, got {out.dtype} {tuple(out.shape)}")
     if _load() is None:
         status = _library().i8s_dequant(packed.data.data_ptr(), packed.scale.data_ptr(), n, k, packed.group_size,
-                                        out.data_ptr(), int(out.dtype == torch.bfloat16), torch.get_num_threads())
+                                        out.data_ptr(), int(out.dtype == torch.bfloat16),
+                                        _IMPLS[path() if impl == "auto" else impl], torch.get_num_threads())
         if status != 0:
             raise RuntimeError(f"i8s_dequant failed with status {status}")
         return out
