@@ -38,7 +38,7 @@ from .builtin_model import builtin_model_path
 from .catalog.card import CardError, ModelCard
 from .catalog.registry import Catalog, UnknownModelError
 from .engine import kernels
-from .engine.int8 import Int8Linear
+from .engine.int8 import Int8Linear, describe_dense
 from .engine.model import Transformer
 from .engine.model_cache import load_cached
 from .engine.model_source import resolve as resolve_model_source
@@ -169,7 +169,7 @@ def load_service(settings: ServeSettings, prepared: Prepared, tokens: dict[str, 
     app = create_app(prepared.catalog, engines, tokens, policy=prepared.policy, limits=limits,
                      log_prompts=settings.log_prompts, lifecycle=lifecycle, metrics_token=settings.metrics_token)
     if settings.dtype == "int8":
-        summary.insert(0, kernels.describe())
+        summary[:0] = [kernels.describe(), describe_dense()]
     summary.append(f"ready: http://{settings.host}:{settings.port}/client/v4  (health /healthz, readiness /readyz, "
                    f"metrics /metrics), serving {', '.join(engines)}")
     return Service(app=app, engines=list(engines.values()), summary=summary)
