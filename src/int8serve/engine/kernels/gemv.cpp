@@ -58,7 +58,11 @@ constexpr int64_t kMaxRows = 4;                      // activation rows per pass
 // on an AVX2-only EPYC (Zen 3) their arithmetic takes about as long as the memory, and without the hint the two did
 // not overlap (avx2, precise, 2 threads, weights streamed from memory; 11008 -> 4096: 1 row 9.5 -> 11.3 GB/s, 4 rows
 // 5.7 -> 6.8 GB/s; 4096 -> 11008: 1 row 12.2 -> 14.0 GB/s, 2 rows 9.6 -> 13.2 GB/s).
-constexpr int64_t kPrefetchBytes = kGroupBytes;
+// (-DINT8SERVE_PREFETCH_BYTES=0 builds without it: benchmarks/gemv_builds.py compares the two.)
+#ifndef INT8SERVE_PREFETCH_BYTES
+#define INT8SERVE_PREFETCH_BYTES 2048  // kGroupBytes
+#endif
+constexpr int64_t kPrefetchBytes = INT8SERVE_PREFETCH_BYTES;
 
 enum Impl { kAuto = 0, kVnni512 = 1, kAvxVnni = 2, kAvx2 = 3, kScalar = 4 };
 
@@ -366,7 +370,7 @@ struct DotAvxVnni {
             const uint8_t* p = wgb + b * kBlockBytes + s * 64;                                                     \
             const __m256i v0 = _mm256_load_si256(reinterpret_cast<const __m256i*>(p));                             \
             const __m256i v1 = _mm256_load_si256(reinterpret_cast<const __m256i*>(p + 32));                        \
-            _mm_prefetch(reinterpret_cast<const char*>(p + kPrefetchBytes), _MM_HINT_T0);                          \
+            if (kPrefetchBytes > 0) _mm_prefetch(reinterpret_cast<const char*>(p + kPrefetchBytes), _MM_HINT_T0);  \
             for (int r = 0; r < R; ++r) {                                                                          \
               int32_t x4;                                                                                          \
               std::memcpy(&x4, a.xq + r * a.kp + g * kGroup + s * 4, 4);                                           \

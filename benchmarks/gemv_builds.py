@@ -1,0 +1,190 @@
+"""Builds of our int8 decode kernel (engine/kernels/gemv.cpp) that differ in a compile-time setting, timed on the
+Llama-2-7B decode shapes in the same run.
+
+Why: a kernel change that helps one CPU can hurt another (this project's machines have been a Sapphire Rapids, a
+Zen 4 and an AVX2-only Zen 3), and the machine's bandwidth drifts within seconds, so a before/after pair measured
+minutes apart says little. This script compiles gemv.cpp once per variant (the project's flags plus the variant's
+`-D` defines) into a temporary folder, loads each build with ctypes, and times `i8s_gemv` of each in turn, round
+after round (alternating which goes first), on weights that rotate through more than 1 GB of distinct copies so
+that no call finds its weight in a cache. The path is the CPU's best (`INT8SERVE_KERNEL` forces another) and the
+activations are precise (two int8 rows per row), as decode runs them. Every build must give the same bits.
+
+    python -m benchmarks.gemv_builds                      # the default build against one without the prefetch hint
+    python -m benchmarks.gemv_builds --variant "prefetch 4096=-DINT8SERVE_PREFETCH_BYTES=4096" --rows 1 4
+"""
+
+from __future__ import annotations
+
+import argparse
+import ctypes
+import datetime
+import shlex
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+
+from benchmarks.common import write_section
+from benchmarks.machine import CpuShares, cpu_label, log, machine_description
+from int8serve.engine import kernels
+
+SCRIPT = "gemv_builds.py"
+DEFAULT_VARIANTS = ("default=", "no prefetch=-DINT8SERVE_PREFETCH_BYTES=0")
+SHAPES = {"qkvo": (4096, 4096), "gate/up": (4096, 11008), "down": (11008, 4096), "lm_head": (4096, 32000)}
+ROTATION_BYTES = 1.1e9
+_P, _I64, _INT = ctypes.c_void_p, ctypes.c_int64, ctypes.c_int
+
+
+@dataclass(frozen=True)
+class Variant:
+    label: str
+    defines: tuple[str, ...]
+
+
+def parse_variant(text: str) -> Variant:
+    """`LABEL=FLAGS` (FLAGS: -D defines, shell-quoted, may be empty) -> Variant."""
+    label, sep, flags = text.partition("=")
+    if not sep or not label.strip():
+        raise argparse.ArgumentTypeError(f"a variant is LABEL=FLAGS (e.g. 'no prefetch=-DX=0'), not {text!r}")
+    defines = tuple(shlex.split(flags))
+    if any(not flag.startswith("-D") for flag in defines):
+        raise argparse.ArgumentTypeError(f"only -D defines may vary between builds, not {flags!r}")
+    return Variant(label.strip(), defines)
+
+
+def compile_variant(variant: Variant, folder: Path) -> ctypes.CDLL:
+    """gemv.cpp built with the project's flags and the variant's defines, loaded."""
+    output = folder / f"variant{len(list(folder.iterdir()))}.so"
+    command = [kernels._compiler(), *kernels.CXXFLAGS, *variant.defines, str(kernels.SOURCE), "-o", str(output)]
+    result = subprocess.run(command, capture_output=True, text=True, timeout=600, check=False)
+    if result.returncode != 0:
+        sys.exit(f"error: building {variant.label!r} failed:\n{result.stderr[-3000:]}")
+    library = ctypes.CDLL(str(output))
+    library.i8s_gemv.argtypes = [_P, _I64, _I64, _P, _P, _I64, _I64, _P, _INT, _INT, _INT]
+    library.i8s_gemv.restype = _INT
+    return library
+
+
+@dataclass
+class Timing:
+    seconds: dict[str, list[float]] = field(default_factory=dict)
+    outputs_equal: bool = True
+
+
+def time_shape(libraries: dict[str, ctypes.CDLL], n: int, k: int, rows: int, rounds: int, calls: int,
+               threads: int, rotation_bytes: float = ROTATION_BYTES) -> Timing:
+    """Median-ready call times of every build on [rows, k] x [n, k], weights rotating through distinct copies."""
+    generator = torch.Generator().manual_seed(n + k)
+    block = torch.randint(-127, 128, (n, k), generator=generator, dtype=torch.int8)
+    scale = (torch.rand(n, k // 32, generator=generator) * 0.01 + 0.001).to(torch.bfloat16).float()
+    copies = max(2, int(rotation_bytes // (n * k)))
+    weights = [kernels.pack_weight(torch.roll(block, i + 1, dims=0), scale, 32) for i in range(copies)]
+    x = torch.randn(rows, k, generator=generator)
+    timing = Timing({label: [] for label in libraries})
+    outputs = {}
+    impl = kernels._IMPLS[kernels.path()]  # the CPU's best, or INT8SERVE_KERNEL's
+    for round_index in range(rounds):
+        order = list(libraries) if round_index % 2 == 0 else list(reversed(libraries))
+        for label in order:
+            y = torch.empty(rows, n)
+            started = time.perf_counter()
+            for call in range(calls):
+                packed = weights[(round_index * calls + call) % copies]
+                status = libraries[label].i8s_gemv(x.data_ptr(), rows, k, packed.data.data_ptr(),
+                                                   packed.scale.data_ptr(), n, 32, y.data_ptr(), impl, 1, threads)
+                if status != 0:
+                    sys.exit(f"error: i8s_gemv of {label!r} returned {status}")
+            timing.seconds[label].append((time.perf_counter() - started) / calls)
+            outputs[label] = y
+    first = next(iter(outputs.values()))
+    timing.outputs_equal = all(torch.equal(first, y) for y in outputs.values())
+    return timing
+
+
+def command_line(args: argparse.Namespace) -> str:
+    words = ["python", "-m", f"benchmarks.{SCRIPT.removesuffix('.py')}"]
+    if [f"{v.label}={shlex.join(v.defines)}" for v in args.variant] != list(DEFAULT_VARIANTS):
+        for v in args.variant:
+            words += ["--variant", f"{v.label}={shlex.join(v.defines)}"]
+    words += ["--shapes", *args.shapes, "--rows", *map(str, args.rows), "--rounds", str(args.rounds)]
+    return shlex.join(words) + (f" --write {args.write}" if args.write else "")
+
+
+def report(args: argparse.Namespace, results: list[tuple[str, int, Timing]], load: float) -> str:
+    labels = [v.label for v in args.variant]
+    now = datetime.datetime.now(datetime.UTC).strftime("%Y-%m-%d %H:%M UTC")
+    header = "| shape K→N | rows | " + " | ".join(f"{label} GB/s" for label in labels) + " | " + \
+        " | ".join(f"{label} ÷ {labels[0]}" for label in labels[1:]) + " |"
+    lines = [f"## Builds of the decode kernel compared (`benchmarks/{SCRIPT}`, {cpu_label()})", "",
+             f"- Command: `{command_line(args)}`",
+             f"- Date: {now}; CPU: {machine_description()}; kernel path {kernels.path()}, precise activations, "
+             f"{args.threads} threads, a bf16 scale per 32 weights; weights rotate through > 1 GB of copies.",
+             "- Variants: " + "; ".join(f"{v.label}: `{shlex.join(v.defines) or '(no defines)'}`"
+                                        for v in args.variant) + ".",
+             f"- Other processes used {load:.0%} of the CPUs during the run. GB/s = int8 weight bytes per call ÷ "
+             "median call time; the ratios are medians of the per-round ratios.", "",
+             header, "|" + "---|" * (2 + 2 * len(labels) - 1)]
+    for shape, rows, timing in results:
+        k, n = SHAPES[shape]
+        medians = {label: statistics.median(timing.seconds[label]) for label in labels}
+        ratios = [statistics.median(b / a for a, b in zip(timing.seconds[label], timing.seconds[labels[0]],
+                                                          strict=True)) for label in labels[1:]]
+        same = "" if timing.outputs_equal else " (outputs differ!)"
+        lines.append(f"| {k}→{n} ({shape}) | {rows}{same} | "
+                     + " | ".join(f"{n * k / medians[label] / 1e9:.1f}" for label in labels) + " | "
+                     + " | ".join(f"{r:.2f}×" for r in ratios) + " |")
+    return "\n".join(lines) + "\n"
+
+
+def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(prog=f"python -m benchmarks.{SCRIPT.removesuffix('.py')}", description=__doc__,
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--variant", type=parse_variant, action="append",
+                        help="LABEL=FLAGS, a build with these -D defines (repeat; the first is the reference; "
+                             f"default: {' and '.join(repr(v) for v in DEFAULT_VARIANTS)})")
+    parser.add_argument("--shapes", nargs="+", choices=list(SHAPES), default=["gate/up", "down"])
+    parser.add_argument("--rows", type=int, nargs="+", default=[1, 2, 4], help="activation rows per call (decode "
+                        "batch; precise activations make twice as many int8 rows)")
+    parser.add_argument("--rounds", type=int, default=5, help="alternating rounds (default 5)")
+    parser.add_argument("--calls", type=int, default=12, help="calls per build and round (default 12)")
+    parser.add_argument("--threads", type=int, default=torch.get_num_threads())
+    parser.add_argument("--write", type=Path, metavar="FILE", help="replace this script's section of FILE")
+    args = parser.parse_args(argv)
+    args.variant = args.variant or [parse_variant(v) for v in DEFAULT_VARIANTS]
+    if len(args.variant) < 2:
+        parser.error("give at least two variants (the first is the reference)")
+    if min(args.rows) < 1 or args.rounds < 1 or args.calls < 1 or args.threads < 1:
+        parser.error("--rows, --rounds, --calls and --threads must be at least 1")
+    return args
+
+
+def main(argv: Sequence[str] | None = None) -> None:
+    args = parse_args(argv)
+    if not kernels.available():
+        sys.exit(f"error: the kernel is unavailable: {kernels.unavailable_reason()}")
+    with tempfile.TemporaryDirectory(prefix="int8serve-gemv-builds-") as tmp:
+        libraries = {v.label: compile_variant(v, Path(tmp)) for v in args.variant}
+        log(f"built {len(libraries)} variants; path {kernels.path()}, {args.threads} threads")
+        load = CpuShares()
+        results = []
+        for shape in args.shapes:
+            for rows in args.rows:
+                timing = time_shape(libraries, *reversed(SHAPES[shape]), rows, args.rounds, args.calls, args.threads)
+                results.append((shape, rows, timing))
+                log(f"{shape} rows {rows}: " + ", ".join(
+                    f"{label} {statistics.median(t) * 1e3:.2f} ms" for label, t in timing.seconds.items()))
+        text = report(args, results, load.others())
+    print(text)
+    if args.write:
+        write_section(args.write, text, SCRIPT, cpu_label())
+        log(f"wrote the section into {args.write}")
+
+
+if __name__ == "__main__":
+    main()
