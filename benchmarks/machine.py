@@ -61,6 +61,13 @@ def machine_description(facts: dict[str, str] | None = None) -> str:
     return f"{facts['cpu']} ({facts['cores']} CPUs; {facts['isa']})"
 
 
+def cpu_label(fields: dict[str, str] | None = None) -> str:
+    """The CPU's model name, family and model (`AMD EPYC family 25 model 1`): what tells one kind of CPU from another
+    when the model name alone does not (a VM's "AMD EPYC" is a Zen 3 or a Zen 4)."""
+    fields = fields if fields is not None else _lscpu()
+    return f"{fields.get('Model name', '?')} family {fields.get('CPU family', '?')} model {fields.get('Model', '?')}"
+
+
 def rss_gb() -> float:
     """Resident set size of this process in GB."""
     match = re.search(r"VmRSS:\s+(\d+) kB", Path("/proc/self/status").read_text())

@@ -72,7 +72,7 @@ from benchmarks.engine import (
     time_prefill,
 )
 from benchmarks.llamacpp_build import DEFAULT_VERSION, BuildError, LlamaCpp, ensure_built
-from benchmarks.machine import CpuShares, QuietWaiter, machine_description, rss_gb
+from benchmarks.machine import CpuShares, QuietWaiter, cpu_label, machine_description, rss_gb
 from int8serve.engine.config import ModelConfig
 from int8serve.engine.demo import cache_dir
 from int8serve.engine.int8 import COMPUTE_DTYPE, DEFAULT_GROUP_SIZE, GROUP_SIZES, Int8Linear
@@ -525,7 +525,8 @@ def weights_lines(args: argparse.Namespace, files: WeightFiles) -> list[str]:
                 f"({files.gguf_type}); int8serve loads it as `serve --model FILE` does: the {files.gguf_type} "
                 "weights dequantized, then rounded by GPTQ to its int8 format (a bf16 scale per 32 inputs), once, "
                 "into the model cache, which each round maps. The same model, each engine's own format of it."]
-    return [f"## int8serve vs llama.cpp: same CPU, same run, same random weights ({args.layers} layers)",
+    shape = f"{args.layers} layers" + (f", {cpu_label()}" if args.layers == 32 else "")
+    return [f"## int8serve vs llama.cpp: same CPU, same run, same random weights ({shape})",
             f"- Weights: one random int8 model, {args.layers} of 32 layers of the Llama-2-7B shape (dim 4096, "
             f"hidden 11008, vocab 32000, untied head) with {scale_scheme(args.group_size)}, written as our int8 "
             "checkpoint and as a GGUF Q8_0 file holding the same int8 values and scales."]
@@ -636,12 +637,13 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     return args
 
 
-def section_label(layers: int, gguf: Path | None = None) -> str:
-    """The full shape's section has no label; a quick run's is kept apart from it (`--layers N`), and so is each
+def section_label(layers: int, gguf: Path | None = None, cpu: str | None = None) -> str:
+    """The full shape has a section per kind of CPU (`cpu`, default this one's `cpu_label()`): the issue's goals are
+    per CPU, and a run on one must not erase another's. A quick run's is kept apart (`--layers N`), and so is each
     real model's (`--gguf FILE`: the file's name)."""
     if gguf:
         return gguf.name
-    return "" if layers == 32 else f"--layers {layers}"
+    return (cpu or cpu_label()) if layers == 32 else f"--layers {layers}"
 
 
 def require_gguf() -> None:

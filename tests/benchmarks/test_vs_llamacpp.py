@@ -151,7 +151,7 @@ def test_missing_binaries_are_a_clear_error(tmp_path) -> None:
 
     with pytest.raises(llamacpp_build.BuildError, match="has no llama-bench"):
         llamacpp_build.LlamaCpp.at(tmp_path)
-    assert vs_llamacpp.section_label(32) == "" and vs_llamacpp.section_label(2) == "--layers 2"
+    assert vs_llamacpp.section_label(2) == "--layers 2"
 
 
 def test_a_gguf_file_is_loaded_as_serve_loads_it(tmp_path, monkeypatch: pytest.MonkeyPatch) -> None:
@@ -188,3 +188,18 @@ def test_a_missing_gguf_file_is_refused(tmp_path, capsys: pytest.CaptureFixture)
     with pytest.raises(SystemExit):
         vs_llamacpp.parse_args(["--gguf", str(tmp_path / "missing.gguf")])
     assert "no such file" in capsys.readouterr().err
+
+
+def test_the_full_shape_has_a_section_per_kind_of_cpu(tmp_path) -> None:
+    """A run on a Zen 3 must not erase a Zen 4's figures: the 32-layer section is labelled with the CPU."""
+    from benchmarks.machine import cpu_label
+
+    label = cpu_label({"Model name": "AMD EPYC", "CPU family": "25", "Model": "1"})
+    assert label == "AMD EPYC family 25 model 1"
+    assert vs_llamacpp.section_label(32) == cpu_label() != ""
+    doc = tmp_path / "b.md"
+    for cpu, figure in [("AMD EPYC family 25 model 1", "zen3"), ("AMD EPYC family 25 model 17", "zen4")]:
+        vs_llamacpp.write_section(doc, figure, vs_llamacpp.SCRIPT, vs_llamacpp.section_label(32, cpu=cpu))
+    vs_llamacpp.write_section(doc, "zen3 again", vs_llamacpp.SCRIPT, vs_llamacpp.section_label(32, cpu=label))
+    text = doc.read_text()
+    assert "zen4" in text and "zen3 again" in text and "zen3\n" not in text
