@@ -1,0 +1,129 @@
+"""The prefill (dense) path's two steps on the Llama-2-7B shapes, each against what it replaced, in the same run.
+
+A prefill chunk of more rows than our int8 kernel takes dequantizes each weight from its packed copy into a reused
+buffer and multiplies the chunk with it (int8.py, `Int8Linear._packed_forward`). This script times both steps:
+- dequantization: the vector code (AVX2, non-temporal stores for buffers larger than the caches) against the scalar
+  code of the same library (`kernels.dequantize(..., impl=)`), into fp32 and into bf16;
+- the fp32 matmul (CPUs without native bf16): oneDNN (`int8.dense_matmul`) against torch's default `F.linear`
+  (MKL in torch's CPU wheels), for a chunk of `--rows` rows (default 128, the engine's prefill chunk).
+Candidates alternate within each round (which goes first alternates too), on weights that rotate through several
+distinct copies; medians over all rounds; the ratios are medians of per-round ratios.
+
+    python -m benchmarks.prefill_paths --write docs/benchmarks.md    # about 2 minutes
+"""
+
+from __future__ import annotations
+
+import argparse
+import datetime
+import statistics
+import time
+from collections.abc import Callable, Sequence
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+
+from benchmarks.common import write_section
+from benchmarks.machine import CpuShares, cpu_label, log, machine_description
+from int8serve.engine import int8, kernels
+
+SCRIPT = "prefill_paths.py"
+SHAPES = {"qkvo": (4096, 4096), "gate/up": (4096, 11008), "down": (11008, 4096)}
+COPIES = 3
+
+
+def alternate(candidates: dict[str, Callable[[int], object]], rounds: int, copies: int) -> dict[str, list[float]]:
+    """Seconds per call of each candidate (called with the copy's index), candidates alternating in every round."""
+    seconds: dict[str, list[float]] = {name: [] for name in candidates}
+    for call in candidates.values():  # warm-up: oneDNN's primitive, first touch of the buffers
+        call(0)
+    for index in range(rounds):
+        names = list(candidates) if index % 2 == 0 else list(reversed(candidates))
+        for name in names:
+            started = time.perf_counter()
+            candidates[name](index % copies)
+            seconds[name].append(time.perf_counter() - started)
+    return seconds
+
+
+def ratio(new: list[float], old: list[float]) -> float:
+    """How many times faster `new` is, the median of the per-round ratios."""
+    return statistics.median(o / n for n, o in zip(new, old, strict=True))
+
+
+def measure_shape(k: int, n: int, rows: int, rounds: int) -> list[str]:
+    generator = torch.Generator().manual_seed(n * k)
+    scale = (torch.rand(n, k // 32, generator=generator) * 0.01 + 0.001).to(torch.bfloat16).float()
+    packed = [kernels.pack_weight(torch.randint(-127, 128, (n, k), generator=generator, dtype=torch.int8), scale, 32)
+              for _ in range(COPIES)]
+    vector = kernels.path() if kernels.path() != "scalar" else None
+    lines = []
+    for dtype, name in ((torch.float32, "fp32"), (torch.bfloat16, "bf16")):
+        buffer = torch.empty(n, k, dtype=dtype)
+        candidates = {"scalar": lambda i, b=buffer: kernels.dequantize(packed[i], b, impl="scalar")}
+        if vector:
+            candidates[vector] = lambda i, b=buffer: kernels.dequantize(packed[i], b, impl=vector)
+        seconds = alternate(candidates, rounds, COPIES)
+        cells = [f"{statistics.median(seconds[c]) * 1e3:.1f} ms" for c in candidates]
+        gain = f"{ratio(seconds[vector], seconds['scalar']):.2f}×" if vector else "—"
+        lines.append(f"| {k}→{n} | dequantize into {name} | {' | '.join(cells + ['—'] * (2 - len(cells)))} | "
+                     f"{gain} |")
+    dense = [torch.empty(n, k) for _ in range(COPIES)]
+    for i in range(COPIES):
+        kernels.dequantize(packed[i], dense[i])
+    x = torch.randn(rows, k, generator=generator)
+    candidates = {"F.linear": lambda i: F.linear(x, dense[i]), "dense_matmul": lambda i: int8.dense_matmul(x, dense[i])}
+    seconds = alternate(candidates, rounds, COPIES)
+    flops = 2 * rows * n * k
+    cells = [f"{statistics.median(seconds[c]) * 1e3:.1f} ms ({flops / statistics.median(seconds[c]) / 1e9:.0f} "
+             "GFLOP/s)" for c in candidates]
+    lines.append(f"| {k}→{n} | fp32 matmul, {rows} rows | {' | '.join(cells)} | "
+                 f"{ratio(seconds['dense_matmul'], seconds['F.linear']):.2f}× |")
+    return lines
+
+
+def report(args: argparse.Namespace, lines: list[str], load: float) -> str:
+    now = datetime.datetime.now(datetime.UTC).strftime("%Y-%m-%d %H:%M UTC")
+    library = "oneDNN" if int8.onednn_fp32() else "F.linear (no oneDNN in this torch)"
+    return "\n".join([
+        f"## Prefill path: dequantization and the fp32 matmul (`benchmarks/{SCRIPT}`, {cpu_label()})", "",
+        f"- Command: `python -m benchmarks.{SCRIPT.removesuffix('.py')} --rows {args.rows} --rounds {args.rounds}"
+        + (f" --write {args.write}`" if args.write else "`"),
+        f"- Date: {now}; CPU: {machine_description()}; {torch.get_num_threads()} threads; torch {torch.__version__}.",
+        f"- Old: the scalar dequantization, torch's `F.linear` (MKL); new: the `{kernels.path()}` path's vector "
+        f"code, `int8.dense_matmul` ({library}). The prefill path on this CPU: {int8.describe_dense()}.",
+        f"- {args.rounds} alternating rounds, weights rotating through {COPIES} copies; other processes used "
+        f"{load:.0%} of the CPUs.", "",
+        "| shape K→N | step | old | new | new ÷ old (speed) |", "|---|---|---|---|---|", *lines, ""])
+
+
+def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(prog=f"python -m benchmarks.{SCRIPT.removesuffix('.py')}", description=__doc__,
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--rows", type=int, default=128, help="rows of the matmul (default 128, a prefill chunk)")
+    parser.add_argument("--rounds", type=int, default=6, help="alternating rounds (default 6)")
+    parser.add_argument("--shapes", nargs="+", choices=list(SHAPES), default=list(SHAPES))
+    parser.add_argument("--write", type=Path, metavar="FILE", help="replace this script's section of FILE")
+    args = parser.parse_args(argv)
+    if args.rows < 1 or args.rounds < 1:
+        parser.error("--rows and --rounds must be at least 1")
+    return args
+
+
+def main(argv: Sequence[str] | None = None) -> None:
+    args = parse_args(argv)
+    load = CpuShares()
+    lines = []
+    for shape in args.shapes:
+        lines += measure_shape(*SHAPES[shape], args.rows, args.rounds)
+        log(lines[-1])
+    text = report(args, lines, load.others())
+    print(text)
+    if args.write:
+        write_section(args.write, text, SCRIPT, cpu_label())
+        log(f"wrote the section into {args.write}")
+
+
+if __name__ == "__main__":
+    main()
