@@ -49,7 +49,7 @@ from benchmarks.common import display_command, write_section
 from benchmarks.machine import QUIET, QUIET_BUDGET, CpuShares, QuietWaiter, least_contended, log, machine_facts, rss_gb
 from int8serve.engine.config import ModelConfig
 from int8serve.engine.generate import prefill
-from int8serve.engine.int8 import COMPUTE_DTYPE, DENSE_ROWS_THRESHOLD, Int8Linear
+from int8serve.engine.int8 import COMPUTE_DTYPE, DENSE_ROWS_THRESHOLD, Int8Linear, describe_dense
 from int8serve.engine.kernels import attention as attention_kernel
 from int8serve.engine.model import KVCache, RMSNorm, Transformer
 
@@ -646,10 +646,9 @@ def build_report(args: argparse.Namespace, machine: dict[str, str], bandwidths: 
         f"script waited (up to {args.wait_quiet:.0f} s) for other processes to use less than {QUIET:.0%} of the "
         "CPUs, and measured again when they came back meanwhile; the share they used is given with each result. "
         "Trust the ratios within this run, not absolute times.",
-        "- The read bandwidth of 2 threads is not stable on this (virtual) machine: it switches between about "
-        "30–35 and 55–70 GB/s from one moment to the next (seen repeatedly while writing this benchmark), while "
-        "1 thread reads a steady ~30 GB/s; the host, not this VM, decides. So each decode step is compared with "
-        "the bandwidth sampled just before it.",
+        "- The read bandwidth of 2 threads is not stable on this (virtual) machine: it has moved by up to 2x from "
+        "one moment to the next (seen repeatedly while writing this benchmark; the host, not this VM, decides). So "
+        "each decode step is compared with the bandwidth sampled just before it.",
         f"- Read bandwidth, fp32 sum over {BANDWIDTH_GIB:.0f} GiB, {machine['threads']} threads, best of 5: "
         + ", ".join(f"{b:.1f}" for b in bandwidths)
         + (" GB/s (before and after the engine runs" if len(bandwidths) > 1 else " GB/s (")
@@ -665,10 +664,9 @@ def build_report(args: argparse.Namespace, machine: dict[str, str], bandwidths: 
                       f"{REFERENCE_DAY}: **another day and another CPU**, so those ratios compare absolute figures, "
                       "not same-run measurements. Only the roofline shares are same-run ratios.", ""]
             if machine["amx"] == "no":
-                lines += ["This CPU has no AMX: the dense bf16 prefill path runs on AVX-512 BF16 here (see the "
-                          "TFLOP/s above and at M = 512 below), where `cpu-measurements.md` saw 1.7–1.8 TFLOP/s with "
-                          "AMX. The prefill comparison with the other day's figures mostly measures that "
-                          "difference.", ""]
+                lines += [f"This CPU has no AMX ({describe_dense()}), where `cpu-measurements.md` saw 1.7–1.8 "
+                          "TFLOP/s with AMX: the prefill comparison with the other day's figures mostly measures "
+                          "that difference.", ""]
         else:
             lines += ["Fewer layers than Llama-2-7B: no comparison with the 7B reference figures.", ""]
     if kernels is not None:
