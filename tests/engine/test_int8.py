@@ -162,6 +162,16 @@ def test_fp32_dense_matmuls_go_through_onednn_where_torch_has_it() -> None:
         assert ("oneDNN" in line) == int8.onednn_fp32()
 
 
+def test_without_onednn_the_fp32_matmul_is_torchs_own(monkeypatch: pytest.MonkeyPatch) -> None:
+    """A torch without oneDNN: F.linear, and the start line says so."""
+    weight, x = torch.randn(40, 24), torch.randn(3, 24)
+    with_onednn = int8.dense_matmul(x, weight)
+    monkeypatch.setattr(int8, "onednn_fp32", lambda: False)
+    monkeypatch.setattr(int8, "dense_dtype", lambda: torch.float32)
+    assert torch.allclose(int8.dense_matmul(x, weight), with_onednn, atol=1e-5)
+    assert "torch's BLAS" in int8.describe_dense()
+
+
 @pytest.mark.parametrize("dtype", [torch.float32, COMPUTE_DTYPE])
 def test_dense_matmul_rows_do_not_depend_on_how_many_come_together(dtype: torch.dtype) -> None:
     generator = torch.Generator().manual_seed(0)
