@@ -22,8 +22,8 @@ from pathlib import Path
 
 import httpx
 
-__all__ = ["display_command", "free_port", "replace_section", "started_server", "stop_process", "wait_ready",
-           "write_section"]
+__all__ = ["display_command", "free_port", "publish", "replace_section", "started_server", "stop_process",
+           "wait_ready", "write_section"]
 
 DOCS_HEADER = ("# Benchmarks\n\nMeasured performance of int8serve on its CPU machine. Each section is written by the "
                "script it names; rerun the command it shows to refresh it.\n")
@@ -69,6 +69,14 @@ def write_section(path: Path, body: str, script: str, label: str = "") -> None:
     text = path.read_text() if path.exists() else DOCS_HEADER
     path.parent.mkdir(parents=True, exist_ok=True)
     path.write_text(replace_section(text, body, script, label))
+
+
+def publish(report: str, path: Path | None, script: str, label: str = "") -> None:
+    """Print a script's report and, given a file (--write), put it in the script's section there."""
+    print(report, flush=True)
+    if path:
+        write_section(path, report, script, label)
+        print(f"wrote the section into {path}", flush=True)
 
 
 @contextlib.contextmanager

@@ -30,7 +30,7 @@ from pathlib import Path
 
 import torch
 
-from benchmarks.common import write_section
+from benchmarks.common import publish
 from benchmarks.machine import CpuShares, cpu_label, log, machine_description
 from int8serve.engine import kernels
 
@@ -180,10 +180,7 @@ def main(argv: Sequence[str] | None = None) -> None:
                 log(f"{shape} rows {rows}: " + ", ".join(
                     f"{label} {statistics.median(t) * 1e3:.2f} ms" for label, t in timing.seconds.items()))
         text = report(args, results, load.others())
-    print(text)
-    if args.write:
-        write_section(args.write, text, SCRIPT, cpu_label())
-        log(f"wrote the section into {args.write}")
+    publish(text, args.write, SCRIPT, cpu_label())
 
 
 if __name__ == "__main__":

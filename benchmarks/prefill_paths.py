@@ -24,7 +24,7 @@ from pathlib import Path
 import torch
 import torch.nn.functional as F
 
-from benchmarks.common import write_section
+from benchmarks.common import publish
 from benchmarks.machine import CpuShares, cpu_label, log, machine_description
 from int8serve.engine import int8, kernels
 
@@ -119,10 +119,7 @@ def main(argv: Sequence[str] | None = None) -> None:
         lines += measure_shape(*SHAPES[shape], args.rows, args.rounds)
         log(lines[-1])
     text = report(args, lines, load.others())
-    print(text)
-    if args.write:
-        write_section(args.write, text, SCRIPT, cpu_label())
-        log(f"wrote the section into {args.write}")
+    publish(text, args.write, SCRIPT, cpu_label())
 
 
 if __name__ == "__main__":
