@@ -7,8 +7,9 @@ it streams the weights near memory speed where torch's `_weight_int8pack_mm` is 
 per group of 32/64/128 input values (like llama.cpp's Q8_0), which per-channel int8pack cannot. Longer calls are
 compute-bound: there each weight is dequantized from the packed layout into one reused buffer and multiplied with
 `F.linear`. The buffer is bf16 on CPUs with native bf16 arithmetic (AVX-512 BF16 or AMX); elsewhere bf16 matmuls are
-emulated and fp32 is faster (AVX2 EPYC, 128 x 4096 x 4096: bf16 307 ms, fp32 66 ms), so it is fp32 there. The
-residual stream, norms and logits stay in fp32 around it.
+emulated and fp32 is faster (AVX2 EPYC, 128 x 4096 x 4096: bf16 307 ms, fp32 66 ms), so it is fp32 there, through
+oneDNN rather than MKL (1.6-1.8x on that EPYC, benchmarks/prefill_paths.py). The residual stream, norms and logits
+stay in fp32 around it.
 """
 
 from __future__ import annotations
