@@ -63,6 +63,12 @@ constexpr int64_t kMaxRows = 4;                      // activation rows per pass
 #define INT8SERVE_PREFETCH_BYTES 2048  // kGroupBytes
 #endif
 constexpr int64_t kPrefetchBytes = INT8SERVE_PREFETCH_BYTES;
+// The vnni512 tile streams at memory speed without it where measured (Zen 4, batch 1); whether the hint helps its
+// compute-bound batch-4 steps is not measured yet: off unless built with -DINT8SERVE_PREFETCH_BYTES_512=N.
+#ifndef INT8SERVE_PREFETCH_BYTES_512
+#define INT8SERVE_PREFETCH_BYTES_512 0
+#endif
+constexpr int64_t kPrefetchBytes512 = INT8SERVE_PREFETCH_BYTES_512;
 
 enum Impl { kAuto = 0, kVnni512 = 1, kAvxVnni = 2, kAvx2 = 3, kScalar = 4 };
 
@@ -301,7 +307,9 @@ INT8SERVE_VNNI512 void tile_vnni512(const TileArgs& a, int64_t tile) {
         __m512i dot[R];
         for (int r = 0; r < R; ++r) dot[r] = _mm512_set1_epi32(a.xcorr[r * a.groups + g]);
         for (int s = 0; s < kSteps; ++s) {
-          const __m512i v = _mm512_load_si512(static_cast<const void*>(wgb + b * kBlockBytes + s * 64));
+          const uint8_t* p = wgb + b * kBlockBytes + s * 64;
+          if (kPrefetchBytes512 > 0) _mm_prefetch(reinterpret_cast<const char*>(p + kPrefetchBytes512), _MM_HINT_T0);
+          const __m512i v = _mm512_load_si512(static_cast<const void*>(p));
           for (int r = 0; r < R; ++r) {
             int32_t x4;
             std::memcpy(&x4, a.xq + r * a.kp + g * kGroup + s * 4, 4);
