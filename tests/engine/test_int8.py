@@ -164,7 +164,7 @@ def test_fp32_dense_matmuls_go_through_onednn_where_torch_has_it() -> None:
 
 def test_without_onednn_the_fp32_matmul_is_torchs_own(monkeypatch: pytest.MonkeyPatch) -> None:
     """A torch without oneDNN: F.linear, and the start line says so."""
-    weight, x = torch.randn(40, 24), torch.randn(3, 24)
+    weight, x = torch.randn(int8.ONEDNN_MIN_WEIGHTS // 24 + 1, 24), torch.randn(3, 24)
     with_onednn = int8.dense_matmul(x, weight)
     monkeypatch.setattr(int8, "onednn_fp32", lambda: False)
     monkeypatch.setattr(int8, "dense_dtype", lambda: torch.float32)
@@ -173,12 +173,13 @@ def test_without_onednn_the_fp32_matmul_is_torchs_own(monkeypatch: pytest.Monkey
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, COMPUTE_DTYPE])
-def test_dense_matmul_rows_do_not_depend_on_how_many_come_together(dtype: torch.dtype) -> None:
+@pytest.mark.parametrize("out_features", [300, int8.ONEDNN_MIN_WEIGHTS // 520 + 1])  # F.linear, oneDNN for fp32
+def test_dense_matmul_rows_do_not_depend_on_how_many_come_together(dtype: torch.dtype, out_features: int) -> None:
     generator = torch.Generator().manual_seed(0)
-    weight = torch.randn(300, 520, generator=generator).to(dtype)
+    weight = torch.randn(out_features, 520, generator=generator).to(dtype)
     x = torch.randn(128, 520, generator=generator)
     whole = int8.dense_matmul(x, weight)
-    assert whole.dtype == dtype and whole.shape == (128, 300)
+    assert whole.dtype == dtype and whole.shape == (128, out_features)
     assert torch.allclose(whole.float(), x @ weight.float().T, rtol=2e-2 if dtype != torch.float32 else 1e-4,
                           atol=0.5 if dtype != torch.float32 else 1e-3)
     for start, stop in [(0, 1), (5, 8), (100, 128), (0, 127), (60, 93)]:
