@@ -38,7 +38,6 @@ SCRIPT = "gemv_builds.py"
 DEFAULT_VARIANTS = ("default=", "no prefetch=-DINT8SERVE_PREFETCH_BYTES=0")
 SHAPES = {"qkvo": (4096, 4096), "gate/up": (4096, 11008), "down": (11008, 4096), "lm_head": (4096, 32000)}
 ROTATION_BYTES = 1.1e9
-_P, _I64, _INT = ctypes.c_void_p, ctypes.c_int64, ctypes.c_int
 
 
 @dataclass(frozen=True)
@@ -61,14 +60,11 @@ def parse_variant(text: str) -> Variant:
 def compile_variant(variant: Variant, folder: Path) -> ctypes.CDLL:
     """gemv.cpp built with the project's flags and the variant's defines, loaded."""
     output = folder / f"variant{len(list(folder.iterdir()))}.so"
-    command = [kernels._compiler(), *kernels.CXXFLAGS, *variant.defines, str(kernels.SOURCE), "-o", str(output)]
+    command = [*kernels._command(kernels._compiler(), output), *variant.defines]  # the build's own command
     result = subprocess.run(command, capture_output=True, text=True, timeout=600, check=False)
     if result.returncode != 0:
         sys.exit(f"error: building {variant.label!r} failed:\n{result.stderr[-3000:]}")
-    library = ctypes.CDLL(str(output))
-    library.i8s_gemv.argtypes = [_P, _I64, _I64, _P, _P, _I64, _I64, _P, _INT, _INT, _INT]
-    library.i8s_gemv.restype = _INT
-    return library
+    return kernels._open(output)  # checks the ABI version and declares every function's arguments
 
 
 @dataclass
