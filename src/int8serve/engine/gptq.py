@@ -89,22 +89,28 @@ def quantize_gptq(weight: Tensor, hessian: Tensor | InverseHessianFactor, group_
     scale = _group_scales(w_t.T) if group_size == 0 else None  # [N]
     if scale is not None:
         scales[:, 0] = scale
+    diagonal = upper.diagonal().tolist()
+    rounded = torch.empty(n)  # the column loop's one scratch row: its many small ops allocate nothing
     for start in range(0, k, BLOCK_COLUMNS):
         end = min(k, start + BLOCK_COLUMNS)
         block = w_t[start:end]  # [B, N], a view: updated in place
+        block_upper = upper[start:end, start:end]  # [B, B]
         errors = torch.empty(end - start, n)
         with _one_thread():
             for j in range(end - start):
                 column = start + j
-                if group_size and column % group_size == 0:
-                    scale = scales[:, column // group_size] = _group_scales(w_t[column:column + group_size].T)
-                assert scale is not None
-                safe = torch.where(scale > 0, scale, torch.ones_like(scale))  # an all-zero group stays zero
-                rounded = (block[j] / safe).round_().clamp_(-127, 127)
-                q_t[column] = rounded.to(torch.int8)
-                error = (block[j] - rounded * scale) / upper[column, column]
-                block[j + 1:].addr_(upper[column, column + 1:end], error, alpha=-1)  # no [B, N] temporary
-                errors[j] = error
+                if column == 0 or (group_size and column % group_size == 0):  # a new group: its scales
+                    if group_size:
+                        scale = scales[:, column // group_size] = _group_scales(w_t[column:column + group_size].T)
+                    assert scale is not None
+                    safe = torch.where(scale > 0, scale, 1.0)  # an all-zero group stays zero
+                weights, error = block[j], errors[j]
+                torch.div(weights, safe, out=rounded).round_().clamp_(-127, 127)
+                q_t[column].copy_(rounded)
+                # error = (weights - rounded * scale) / U[column, column], spread over the block's later columns
+                torch.mul(rounded, scale, out=error)
+                torch.sub(weights, error, out=error).div_(diagonal[column])
+                block[j + 1:].addr_(block_upper[j, j + 1:], error, alpha=-1)  # no [B, N] temporary
         if end < k:
             # the one big matmul of a block, on every thread, in place (no [K - end, N] temporary)
             w_t[end:].addmm_(upper[start:end, end:].T, errors, alpha=-1)
