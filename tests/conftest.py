@@ -6,6 +6,7 @@ from pathlib import Path
 
 import pytest
 
+from int8serve.engine.gguf_loader import load_gguf
 from int8serve.engine.loader import LoadedModel, load_model
 from int8serve.engine.tokenizer import Tokenizer
 
@@ -37,3 +38,20 @@ def stories_int8(stories_hf: Path) -> LoadedModel:
 @pytest.fixture(scope="session")
 def stories_tokenizer(stories_hf: Path) -> Tokenizer:
     return Tokenizer(stories_hf / "tokenizer.model")
+
+
+# --- SmolLM2-135M-Instruct: the real byte-level BPE chat model (its Q4_1 GGUF, ../shared/PROVENANCE.md) -------------
+
+
+@pytest.fixture(scope="session")
+def smollm2_gguf(shared_dir: Path) -> Path:
+    path = shared_dir / "models" / "smollm2-135m-instruct" / "SmolLM2-135M-Instruct.Q4_1.gguf"
+    assert path.is_file(), f"missing test model {path}"
+    return path
+
+
+@pytest.fixture(scope="session")
+def smollm2_int8(smollm2_gguf: Path, tmp_path_factory: pytest.TempPathFactory) -> LoadedModel:
+    """The served model: the default int8 scheme (GPTQ). The suite quantizes SmolLM2 once, here: the tests that start
+    a server with it write this model into the server's cache first (`save_packed_checkpoint`), which it maps."""
+    return load_gguf(smollm2_gguf, "int8", tokenizer_dir=tmp_path_factory.mktemp("smollm2-tokenizer"))

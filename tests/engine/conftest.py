@@ -25,26 +25,13 @@ def stories_fp32(stories_hf: Path) -> LoadedModel:
 
 
 
-# --- SmolLM2-135M-Instruct: the real byte-level BPE chat model (its Q4_1 GGUF, ../shared/PROVENANCE.md) -------------
-
-
-@pytest.fixture(scope="session")
-def smollm2_gguf(shared_dir: Path) -> Path:
-    path = shared_dir / "models" / "smollm2-135m-instruct" / "SmolLM2-135M-Instruct.Q4_1.gguf"
-    assert path.is_file(), f"missing test model {path}"
-    return path
+# --- SmolLM2-135M-Instruct (`smollm2_gguf` and the int8 `smollm2_int8` are in tests/conftest.py) ----------------------
 
 
 @pytest.fixture(scope="session")
 def smollm2_fp32(smollm2_gguf: Path, tmp_path_factory: pytest.TempPathFactory) -> LoadedModel:
     """The Q4_1 weights dequantized: the reference."""
     return load_gguf(smollm2_gguf, "fp32", tokenizer_dir=tmp_path_factory.mktemp("smollm2-tokenizer"))
-
-
-@pytest.fixture(scope="session")
-def smollm2_int8(smollm2_gguf: Path, tmp_path_factory: pytest.TempPathFactory) -> LoadedModel:
-    """The served model: the default int8 scheme."""
-    return load_gguf(smollm2_gguf, "int8", tokenizer_dir=tmp_path_factory.mktemp("smollm2-tokenizer"))
 
 
 @pytest.fixture(scope="session")
