@@ -84,27 +84,18 @@ class GGUFFile:
 
     @classmethod
     def open(cls, path: Path) -> GGUFFile:
-        from gguf import GGUFReader
+        from .gguf_header import read_header  # imports the gguf package: only for a GGUF model
 
         try:
-            reader = GGUFReader(path, "r")
+            header = read_header(path)
         except (ValueError, OSError, KeyError) as err:
             raise CheckpointError(f"{path}: not a readable GGUF file ({err})") from err
-        metadata = {key: _value(field) for key, field in reader.fields.items() if not key.startswith("GGUF.")}
-        tensors = {t.name: TensorInfo(t.tensor_type.name, tuple(int(n) for n in reversed(t.shape)),
-                                      int(t.data_offset), int(t.n_bytes)) for t in reader.tensors}
-        del reader  # closes the memory map
-        return cls(path, metadata, tensors)
+        tensors = {t.name: TensorInfo(t.type.name, tuple(reversed(t.dims)), t.data_offset, t.n_bytes)
+                   for t in header.tensors}
+        return cls(path, header.metadata, tensors)
 
     def get(self, key: str, default: Any = None) -> Any:
         return self.metadata.get(key, default)
-
-
-def _value(field: Any) -> Any:
-    try:
-        return field.contents()
-    except (ValueError, TypeError, IndexError):  # a value type this engine never reads
-        return None
 
 
 class GGUFSource(TensorSource):

@@ -1,0 +1,110 @@
+"""Our one-pass GGUF header reader against the `gguf` package's GGUFReader: the same metadata values and tensor
+directory on SmolLM2's real file and on a file with every metadata type; and a clear error, never a crash or a
+huge allocation, for files that are not GGUF, cut short, or lie about their sizes."""
+
+from __future__ import annotations
+
+import struct
+from pathlib import Path
+from typing import Any
+
+import gguf
+import numpy as np
+import pytest
+
+from int8serve.engine.gguf_header import read_header
+from int8serve.engine.gguf_loader import GGUFFile
+from int8serve.engine.sources import CheckpointError
+
+
+def reference(path: Path) -> tuple[dict[str, Any], list[tuple[str, str, tuple[int, ...], int, int]]]:
+    """What GGUFReader says of `path`: metadata (its own GGUF.* fields left out) and tensors."""
+    reader = gguf.GGUFReader(path)
+    metadata = {key: field.contents() for key, field in reader.fields.items() if not key.startswith("GGUF.")}
+    tensors = [(t.name, t.tensor_type.name, tuple(int(n) for n in t.shape), int(t.data_offset), int(t.n_bytes))
+               for t in reader.tensors]
+    return metadata, tensors
+
+
+def ours(path: Path) -> tuple[dict[str, Any], list[tuple[str, str, tuple[int, ...], int, int]]]:
+    header = read_header(path)
+    return header.metadata, [(t.name, t.type.name, t.dims, t.data_offset, t.n_bytes) for t in header.tensors]
+
+
+def test_smollm2s_header_reads_as_the_gguf_package_reads_it(smollm2_gguf: Path) -> None:
+    metadata, tensors = ours(smollm2_gguf)
+    expected_metadata, expected_tensors = reference(smollm2_gguf)
+    assert metadata == expected_metadata
+    assert len(metadata["tokenizer.ggml.tokens"]) == 49152 and len(metadata["tokenizer.ggml.merges"]) > 48000
+    assert tensors == expected_tensors
+
+
+def every_type_gguf(path: Path, alignment: int | None = None) -> Path:
+    writer = gguf.GGUFWriter(path, "llama")
+    if alignment:
+        writer.add_custom_alignment(alignment)
+    writer.add_uint8("t.u8", 200)
+    writer.add_int8("t.i8", -100)
+    writer.add_uint16("t.u16", 65000)
+    writer.add_int16("t.i16", -32000)
+    writer.add_uint32("t.u32", 4_000_000_000)
+    writer.add_int32("t.i32", -2_000_000_000)
+    writer.add_float32("t.f32", 0.1)
+    writer.add_uint64("t.u64", 2**63 + 5)
+    writer.add_int64("t.i64", -(2**62))
+    writer.add_float64("t.f64", 0.1)
+    writer.add_bool("t.bool", True)
+    writer.add_string("t.str", "héllo ✓")
+    writer.add_string("t.empty", "")
+    writer.add_array("t.ints", [1, -2, 3])
+    writer.add_array("t.floats", [0.5, 1.25])
+    writer.add_array("t.strings", ["a", "", "ü"])
+    writer.add_array("t.none", [])
+    writer.add_tensor("a.weight", np.arange(12, dtype=np.float32).reshape(3, 4))
+    writer.add_tensor("b.weight", np.ones((2, 64), dtype=np.float16))
+    q8 = gguf.quantize(np.linspace(-1, 1, 4 * 64, dtype=np.float32).reshape(4, 64), gguf.GGMLQuantizationType.Q8_0)
+    writer.add_tensor("c.weight", q8, raw_dtype=gguf.GGMLQuantizationType.Q8_0)
+    writer.write_header_to_file()
+    writer.write_kv_data_to_file()
+    writer.write_tensors_to_file()
+    writer.close()
+    return path
+
+
+@pytest.mark.parametrize("alignment", [None, 64])
+def test_every_value_type_reads_as_the_gguf_package_reads_it(tmp_path: Path, alignment: int | None) -> None:
+    path = every_type_gguf(tmp_path / "every.gguf", alignment)
+    metadata, tensors = ours(path)
+    assert (metadata, tensors) == reference(path)
+    assert metadata["t.str"] == "héllo ✓" and metadata["t.u64"] == 2**63 + 5 and metadata["t.strings"] == ["a", "", "ü"]
+    assert [t[1] for t in tensors] == ["F32", "F16", "Q8_0"] and tensors[2][4] == 4 * 2 * 34
+    assert all(t[3] % (alignment or 32) == 0 for t in tensors)
+
+
+def test_a_file_that_is_not_gguf_is_refused_clearly(tmp_path: Path) -> None:
+    for name, data in [("empty.gguf", b""), ("text.gguf", b"hello, this is not a model at all\n" * 10),
+                       ("version.gguf", b"GGUF" + struct.pack("<IQQ", 99, 0, 0))]:
+        (tmp_path / name).write_bytes(data)
+        with pytest.raises(CheckpointError, match="not a readable GGUF file"):
+            GGUFFile.open(tmp_path / name)
+
+
+def test_a_file_cut_anywhere_in_its_header_is_refused(tmp_path: Path) -> None:
+    whole = every_type_gguf(tmp_path / "every.gguf").read_bytes()
+    data_start = read_header(tmp_path / "every.gguf").data_offset
+    for cut in sorted({8, 20, 30, 64, 200, data_start // 2, data_start - 40}):
+        (tmp_path / "cut.gguf").write_bytes(whole[:cut])
+        with pytest.raises(CheckpointError, match="not a readable GGUF file"):
+            GGUFFile.open(tmp_path / "cut.gguf")
+
+
+@pytest.mark.parametrize("lie", ["string length", "array count", "tensor dims"])
+def test_sizes_past_the_end_of_the_file_are_refused_without_allocating_them(tmp_path: Path, lie: str) -> None:
+    header = b"GGUF" + struct.pack("<IQQ", 3, 1 if lie == "tensor dims" else 0, 0 if lie == "tensor dims" else 1)
+    key = struct.pack("<Q", 3) + b"key"
+    body = {"string length": key + struct.pack("<IQ", 8, 2**62) + b"abc",
+            "array count": key + struct.pack("<IIQ", 9, 10, 2**60) + b"\0" * 16,
+            "tensor dims": struct.pack("<Q", 1) + b"w" + struct.pack("<I", 2**31) + b"\0" * 16}[lie]
+    (tmp_path / "lie.gguf").write_bytes(header + body)
+    with pytest.raises(CheckpointError, match=r"runs past the end of the file|cut short"):
+        GGUFFile.open(tmp_path / "lie.gguf")
