@@ -31,7 +31,12 @@ GOAL_KLD, GOAL_TOP1 = 0.0013, 97.9
 # half these tokens (an earlier version of this test) the same code measured 97.94% on the Sapphire Rapids and 97.65%
 # on the Zen 4, hence the whole table here. Rounding each weight to its nearest step (--quantizer rtn) measured KLD
 # 0.001255, top-1 97.55%.
-MAX_RATIO = 1.001
+# The PPL ratio is not one of issue #15's goals, only a guard against a gross regression: over 2040 tokens of real
+# text it moves with the same rounding as the weights above, more than KLD does (KLD 0.001054 / 0.001055 / 0.001062
+# came with PPL ratios 1.00063 on the Sapphire Rapids of 2026-12-01, 1.00058 on the Zen 4, and 1.00105 on another
+# Sapphire Rapids, lscpu model 167, on 2026-12-02): at a KLD of ~0.001 nats, a ratio of ~1.001 is where it is
+# expected to land; the guard sits above that noise and below what round-to-nearest measured (1.00156, 1.00199).
+MAX_RATIO = 1.0015
 
 @pytest.fixture(scope="module")
 def report(shared_dir: Path, smollm2_fp32: LoadedModel, smollm2_int8: LoadedModel,
