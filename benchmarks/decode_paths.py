@@ -83,7 +83,7 @@ def time_steps(model: Transformer, batch: int, steps: int, start: int) -> list[f
 
 def run(args: argparse.Namespace) -> tuple[dict[str, dict[int, list[float]]], dict[str, int]]:
     config = ModelConfig(**{**LLAMA2_7B.to_dict(), "n_layers": args.layers})
-    paths = [p for p in ("vnni512", "avxvnni", "avx2") if kernels.cpu_has(p)]
+    paths = [p for p in ("amx", "vnni512", "avxvnni", "avx2") if kernels.cpu_has(p)]
     variants = [("stock int8pack (before)", True, None)] + [(f"ours, {p}", False, p) for p in paths]
     times: dict[str, dict[int, list[float]]] = {name: {b: [] for b in BATCHES} for name, _, _ in variants}
     nbytes: dict[str, int] = {}

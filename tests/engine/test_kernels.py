@@ -1,9 +1,9 @@
 """Our int8 decode kernel (int8serve.engine.kernels): build, arithmetic of every path, batch invariance, fallback.
 
 The library is built once per machine into the cache (the first test pays the compile, a few seconds) and loaded
-once per process. On any x86-64 with a compiler the kernel must be available. Each path (vnni512, avxvnni, avx2,
-scalar) is tested against an exact integer reference wherever the CPU can run it; the others are skipped, with the
-flag they need as the reason.
+once per process. On any x86-64 with a compiler the kernel must be available. Each path (amx, vnni512, avxvnni,
+avx2, scalar) is tested against an exact integer reference wherever the CPU can run it; the others are skipped, with
+the flag they need as the reason.
 """
 
 from __future__ import annotations
@@ -18,7 +18,8 @@ from int8serve.engine import int8, kernels
 from int8serve.engine.int8 import Int8Linear, quantize_per_channel
 
 CPU_FLAGS = set(Path("/proc/cpuinfo").read_text().split())
-NEEDS = {"vnni512": ("avx512f", "avx512bw", "avx512vl", "avx512_vnni"), "avxvnni": ("avx2", "avx_vnni"),
+NEEDS = {"amx": ("amx_tile", "amx_int8", "avx512f", "avx512bw", "avx512vl", "avx512_vnni"),
+         "vnni512": ("avx512f", "avx512bw", "avx512vl", "avx512_vnni"), "avxvnni": ("avx2", "avx_vnni"),
          "avx2": ("avx2",), "scalar": ()}
 CPU_HAS = {impl: all(flag in CPU_FLAGS for flag in flags) for impl, flags in NEEDS.items()}
 IMPLS = [pytest.param(impl, marks=pytest.mark.skipif(not CPU_HAS[impl], reason=f"this CPU lacks {' '.join(flags)}"))
@@ -85,7 +86,7 @@ def quantized_reference(x: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
 def test_available_on_any_x86_64_and_auto_takes_the_best_path() -> None:
     assert kernels.available(), kernels.unavailable_reason()
     assert kernels.unavailable_reason() is None
-    assert kernels.path() == RUNNABLE[0]  # the first of vnni512, avxvnni, avx2, scalar the CPU can run
+    assert kernels.path() == RUNNABLE[0]  # the first of amx, vnni512, avxvnni, avx2, scalar the CPU can run
     assert {impl: kernels.cpu_has(impl) for impl in NEEDS} == CPU_HAS  # the library's CPUID agrees with the kernel's
     assert kernels.path() in kernels.describe()
 
@@ -197,7 +198,9 @@ def test_matches_the_fp32_product(m: int, n: int, k: int) -> None:
     assert ((precise.double() - exact).norm(dim=1) <= 2e-4 * exact.norm(dim=1) + 1e-30).all()
 
 
-ODD_SHAPES = [(1, 1, 1), (2, 17, 31), (3, 100, 33), (5, 200, 172), (4, 130, 96), (9, 70, 300), (2, 64, 4096)]
+# (m 9 and 17: more int8 rows than amx's 16 per pass, precise or not, so its tiles are configured twice in a call)
+ODD_SHAPES = [(1, 1, 1), (2, 17, 31), (3, 100, 33), (5, 200, 172), (4, 130, 96), (9, 70, 300), (2, 64, 4096),
+              (17, 65, 64)]
 
 
 @pytest.mark.parametrize("group_size", GROUP_SIZES)
@@ -352,3 +355,17 @@ def test_int8linear_without_the_kernel_takes_the_old_path(monkeypatch: pytest.Mo
     layer = make_layer(64, 96)  # the weight is set while the kernel is unavailable
     x = torch.randn(3, 64)
     assert torch.equal(layer(x), old_path(layer, x))
+
+
+@pytest.mark.skipif(not CPU_HAS["amx"], reason="this CPU lacks amx_tile amx_int8")
+def test_amx_and_torchs_own_amx_matmuls_take_turns_on_the_same_threads() -> None:
+    """oneDNN's bf16 matmuls configure the AMX tiles their own way on torch's threads, which are also ours: each of
+    our calls configures them itself and releases them, so neither disturbs the other."""
+    q, scale = group_weight(300, 256, 32, seed=3)
+    packed = kernels.pack_weight(q, scale, 32)
+    x = torch.randn(6, 256, generator=torch.Generator().manual_seed(5))
+    a, b = torch.randn(512, 1024).bfloat16(), torch.randn(1024, 1024).bfloat16()
+    expected_gemv, expected_matmul = kernels.int8_gemv(x, packed, impl="scalar", precise=True), a @ b
+    for _ in range(3):
+        assert torch.equal(kernels.int8_gemv(x, packed, impl="amx", precise=True), expected_gemv)
+        assert torch.equal(a @ b, expected_matmul)

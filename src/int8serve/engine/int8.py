@@ -41,13 +41,16 @@ PRECISE_ACTIVATIONS = True
 # 32, 73 vs 115 at 64, 143 vs 130 at 128; avx2 55 vs 87 at 16, 177 vs 103 at 64, 455 vs 141 at 128; avxvnni 259 vs
 # 132 at 128. So vnni512 runs whole default prefill chunks (128 rows): a short prompt's chunk costs what its rows
 # cost, which is also what makes reusing a cached prefix pay. The other paths keep 32 until measured on their CPUs.
+# amx does the same work faster than vnni512 from 2 rows up (another Sapphire Rapids, 2026-12-02, the same shape, the
+# weight in cache: 16 rows 2.9 vs 5.0 ms, 64 rows 10.7 vs 18.8, 128 rows 22.5 vs 38.1; dense 9.8, 11.7, 16.5), so it
+# keeps vnni512's 128 rows.
 KERNEL_ROWS = 32
 KERNEL_ROWS_VNNI512 = 128
 
 
 def kernel_rows() -> int:
     """How many rows a call may have and still run our kernel (on its path of this CPU)."""
-    return max(KERNEL_ROWS, KERNEL_ROWS_VNNI512 if kernels.path() == "vnni512" else 0)
+    return max(KERNEL_ROWS, KERNEL_ROWS_VNNI512 if kernels.path() in ("amx", "vnni512") else 0)
 # Without our kernel: above this many rows the dense bf16 path, at or below it torch's int8pack (per-channel only).
 # Measured (benchmarks/engine.py --kernels, docs/benchmarks.md): per 7B block int8pack is faster up to 32 rows.
 DENSE_ROWS_THRESHOLD = 32
@@ -87,8 +90,12 @@ ONEDNN_MIN_WEIGHTS = 1 << 21
 
 
 def dense_matmul(rows: Tensor, weight: Tensor) -> Tensor:
-    """rows [M, in] @ weight [out, in].T in weight's dtype, each row's result independent of M (padded to
-    MIN_DENSE_ROWS rows, see _padded): the prefill path's matmul. The library depends on the weight only."""
+    """rows [M, in] @ weight [out, in].T in weight's dtype: the prefill path's matmul. The library depends on the
+    weight only. In fp32, and in bf16 on CPUs without AMX, each row's result is independent of M (padded to
+    MIN_DENSE_ROWS rows, see _padded). On CPUs with AMX, oneDNN's bf16 kernels round a row by how many come with it
+    (a Sapphire Rapids, 2026-12-02, 4096 inputs: 131 of 132 row counts from 1 to 384 differ from the same rows among
+    512); there the rows that must not depend on their company (decode, row-exact prefill chunks) take our kernel,
+    whose paths `amx` and `vnni512` take up to 128 rows (kernel_rows)."""
     x = _padded(rows.to(weight.dtype))
     if weight.dtype == torch.float32 and weight.numel() >= ONEDNN_MIN_WEIGHTS and onednn_fp32():
         out = torch.ops.mkldnn._linear_pointwise(x, weight, None, "none", [], "")

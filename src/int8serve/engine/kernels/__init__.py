@@ -9,9 +9,10 @@ input values (`group_size`), accumulation and output are fp32; with precise=True
 row, then its quantization error), for about 16-bit activations at twice the arithmetic. See the comment at the top
 of gemv.cpp for the arithmetic, and benchmarks/kernels.py for speed and accuracy.
 
-Paths, chosen at run time from the CPU's flags (the first one it can run), all bitwise identical:
-`vnni512` (AVX-512 VNNI), `avxvnni` (AVX-VNNI on 256-bit registers), `avx2` (vpmaddubsw), `scalar` (plain C++).
-INT8SERVE_KERNEL=auto|vnni512|avxvnni|avx2|scalar forces one (a path the CPU lacks makes the kernel unavailable,
+Paths, chosen at run time from the CPU's flags (the first one it can run), all bitwise identical: `amx` (AMX-INT8
+tile multiplies, up to 16 rows at once; Sapphire Rapids and later), `vnni512` (AVX-512 VNNI), `avxvnni` (AVX-VNNI on
+256-bit registers), `avx2` (vpmaddubsw), `scalar` (plain C++).
+INT8SERVE_KERNEL=auto|amx|vnni512|avxvnni|avx2|scalar forces one (a path the CPU lacks makes the kernel unavailable,
 with the reason); INT8SERVE_KERNELS=0 disables the library altogether.
 
 The C++ source is compiled on first use with the system C++ compiler (g++; $CXX overrides) straight into a cache
@@ -56,10 +57,10 @@ TILE_ROWS = 64  # output rows per packed tile; N is padded to a multiple of this
 # copies stored the old way are rebuilt.
 LAYOUT = {"name": "int8serve-tiles", "version": 1, "tile_rows": TILE_ROWS, "group": GROUP}
 ALIGNMENT = 64  # bytes: gemv.cpp refuses a packed weight whose data is not 64-byte aligned (status -2)
-Impl = Literal["auto", "vnni512", "avxvnni", "avx2", "scalar"]
-PATHS: tuple[Impl, ...] = ("vnni512", "avxvnni", "avx2", "scalar")  # in the order auto prefers them
-_IMPLS = {"auto": 0, "vnni512": 1, "avxvnni": 2, "avx2": 3, "scalar": 4}
-ABI_VERSION = 5  # must match i8s_abi_version() in gemv.cpp
+Impl = Literal["auto", "amx", "vnni512", "avxvnni", "avx2", "scalar"]
+PATHS: tuple[Impl, ...] = ("amx", "vnni512", "avxvnni", "avx2", "scalar")  # in the order auto prefers them
+_IMPLS = {"auto": 0, "vnni512": 1, "avxvnni": 2, "avx2": 3, "scalar": 4, "amx": 5}  # gemv.cpp's numbers
+ABI_VERSION = 6  # must match i8s_abi_version() in gemv.cpp
 ENV_PATH = "INT8SERVE_KERNEL"
 # -ffp-contract=off: the scalar path must round exactly like the vector paths (explicit fma only). No -march: the
 # vector functions carry their own target attributes and are only called after a runtime CPU check.
@@ -229,7 +230,8 @@ def _unavailable_reason() -> str | None:
     return reason
 
 
-_MISSING = {"vnni512": "needs avx512f/bw/vl and avx512_vnni", "avxvnni": "needs avx2 and avx_vnni",
+_MISSING = {"amx": "needs amx_tile and amx_int8, the vnni512 path's flags, and Linux's permission to use the tiles",
+            "vnni512": "needs avx512f/bw/vl and avx512_vnni", "avxvnni": "needs avx2 and avx_vnni",
             "avx2": "needs avx2", "scalar": "", "auto": ""}
 
 
@@ -265,7 +267,8 @@ def path() -> Impl:
 @functools.cache
 def _best_path() -> Impl:
     """The first of PATHS this CPU has (asked of the library once: every layer call resolves its path)."""
-    return PATHS[_library().i8s_cpu_has(0) - 1]
+    best = _library().i8s_cpu_has(0)
+    return next(name for name, number in _IMPLS.items() if number == best)  # type: ignore[return-value]
 
 
 def describe() -> str:

@@ -24,6 +24,8 @@
 //   - avx2: `vpmaddubsw` + `vpmaddwd`. vpmaddubsw saturates its int16 pair sums, and 255 * 127 * 2 would, so it
 //     multiplies |w| (unsigned, <= 127) with sign(w) * x (signed, |.| <= 127): a pair sums to at most 32258;
 //   - scalar: plain C++, the reference.
+// The amx path (AMX-INT8: Sapphire Rapids and later) reads the same bytes as tiles of 16 rows x 64 bytes instead, and
+// multiplies the activations of up to 16 rows with them at once (see tile_amx).
 // Each group's int32 dot product is exact (|dot| <= 32 * 127 * 127 < 2^24, so its conversion to fp32 is exact too),
 // then, in group order, inner = fma(float(dot), xscale, inner) within a weight group, acc = fma(inner, wscale, acc)
 // at the end of each weight group (with one weight group, acc = inner * wscale as before), y = acc. Every path
@@ -36,7 +38,10 @@
 // torch's count or 1 in small decode steps), or 1 below kParallelGemvWork; torch's own libgomp is already loaded
 // when this library is, so both share one OpenMP runtime.
 
+#include <cpuid.h>
 #include <immintrin.h>
+#include <sys/syscall.h>
+#include <unistd.h>
 
 #include <algorithm>
 #include <cmath>
@@ -63,14 +68,30 @@ constexpr int64_t kMaxRows = 4;                      // activation rows per pass
 #define INT8SERVE_PREFETCH_BYTES 2048  // kGroupBytes
 #endif
 constexpr int64_t kPrefetchBytes = INT8SERVE_PREFETCH_BYTES;
-// The vnni512 tile streams at memory speed without it where measured (Zen 4, batch 1); whether the hint helps its
-// compute-bound batch-4 steps is not measured yet: off unless built with -DINT8SERVE_PREFETCH_BYTES_512=N.
+// The 512-bit paths ask for the lines one group ahead too. On a Sapphire Rapids (2 vCPU, 2 threads, precise, weights
+// streamed from memory; benchmarks/gemv_builds.py, 2026-12-02): vnni512 1 row 22.1 -> 24.2 GB/s (4096 -> 11008) and
+// 23.3 -> 24.6 (11008 -> 4096), 4 rows 16.3 -> 16.6 and 14.6 -> 15.7; amx, whose tile loads wait for memory one group
+// at a time, 1 row 22.9 -> 25.2 and 22.2 -> 24.9, 4 rows 16.2 -> 20.2 and 16.4 -> 19.5. Not measured on a Zen 4.
 #ifndef INT8SERVE_PREFETCH_BYTES_512
-#define INT8SERVE_PREFETCH_BYTES_512 0
+#define INT8SERVE_PREFETCH_BYTES_512 2048  // kGroupBytes
 #endif
 constexpr int64_t kPrefetchBytes512 = INT8SERVE_PREFETCH_BYTES_512;
 
-enum Impl { kAuto = 0, kVnni512 = 1, kAvxVnni = 2, kAvx2 = 3, kScalar = 4 };
+enum Impl { kAuto = 0, kVnni512 = 1, kAvxVnni = 2, kAvx2 = 3, kScalar = 4, kAmx = 5 };
+constexpr int kLastImpl = kAmx;
+
+// AMX (Sapphire Rapids and later): the CPU has AMX-TILE and AMX-INT8 (CPUID leaf 7, EDX bits 24 and 25), and Linux
+// grants this process the tile data state (arch_prctl ARCH_REQ_XCOMP_PERM for XFEATURE_XTILEDATA, once per process;
+// every thread may then use the tiles).
+bool amx_ready() {
+  static const bool ready = [] {
+    unsigned eax = 0, ebx = 0, ecx = 0, edx = 0;
+    if (!__get_cpuid_count(7, 0, &eax, &ebx, &ecx, &edx) || !((edx >> 24) & 1u) || !((edx >> 25) & 1u)) return false;
+    constexpr long kReqXcompPerm = 0x1023, kXfeatureXtiledata = 18;
+    return syscall(SYS_arch_prctl, kReqXcompPerm, kXfeatureXtiledata) == 0;
+  }();
+  return ready;
+}
 
 bool cpu_has(Impl impl) {
   __builtin_cpu_init();
@@ -84,6 +105,8 @@ bool cpu_has(Impl impl) {
       return __builtin_cpu_supports("avx2");
     case kScalar:
       return true;
+    case kAmx:
+      return cpu_has(kVnni512) && amx_ready();
     default:
       return false;
   }
@@ -91,7 +114,7 @@ bool cpu_has(Impl impl) {
 
 Impl best_impl() {
   static const Impl best = [] {
-    for (Impl impl : {kVnni512, kAvxVnni, kAvx2})
+    for (Impl impl : {kAmx, kVnni512, kAvxVnni, kAvx2})
       if (cpu_has(impl)) return impl;
     return kScalar;
   }();
@@ -203,7 +226,8 @@ using GroupQuantizer = void (*)(const float*, int64_t, int8_t*, float*, int32_t*
 
 GroupQuantizer group_quantizer(Impl impl) {
   switch (impl) {
-    case kVnni512: return quantize_group_avx512;
+    case kVnni512:
+    case kAmx: return quantize_group_avx512;
     case kAvxVnni:
     case kAvx2: return quantize_group_avx2;
     default: return quantize_group_scalar;
@@ -426,6 +450,129 @@ INT8SERVE_ROWS(rows_vnni512, tile_vnni512, INT8SERVE_VNNI512)
 INT8SERVE_ROWS(rows_avxvnni, tile_avxvnni, INT8SERVE_AVXVNNI)
 INT8SERVE_ROWS(rows_avx2, tile_avx2, INT8SERVE_AVX2)
 
+// amx: up to 16 activation rows over one tile with AMX-INT8 tile instructions, 32 inputs (one activation group) at a
+// time. The packed layout is already what a tile multiply wants of its second operand: a block's 8 steps of one group,
+// 8 x 64 contiguous bytes, are 4 consecutive k of each of 16 output rows per 64-byte row. TDPBSUD multiplies the
+// signed activation bytes (A: rows x 32) with these unsigned bytes (B) into exact int32 sums (C: rows x 16), the
+// same dot products as vpdpbusd's, so the fp32 arithmetic that follows (the same fmas in the same order) gives the
+// same bits as every other path. The tiles do the products of all rows at once where vnni512 spends one instruction
+// per row and 64 bytes: at 8 rows (4 sequences, precise) its arithmetic, not the memory, was the limit.
+// Tile registers: tmm0-3 the four blocks' sums, tmm4 the activations, tmm5 and tmm6 the weights (alternating).
+// Written as inline assembly with memory operands the compiler can see (GCC's tile intrinsics hide from it what
+// ldtilecfg and tilestored read and write; ggml-org/llama.cpp#26954 is that bug).
+struct alignas(64) TileConfig {
+  uint8_t palette = 1;
+  uint8_t start_row = 0;
+  uint8_t reserved[14] = {};
+  uint16_t colsb[16] = {};  // bytes per row of each tile register
+  uint8_t rows[16] = {};
+};
+
+void amx_configure(int64_t rows) {
+  TileConfig config;
+  for (int t = 0; t < 4; ++t) config.rows[t] = static_cast<uint8_t>(rows), config.colsb[t] = 64;  // C: rows x 16 int32
+  config.rows[4] = static_cast<uint8_t>(rows), config.colsb[4] = kGroup;                           // A: rows x 32 int8
+  for (int t = 5; t < 7; ++t) config.rows[t] = kSteps, config.colsb[t] = 64;                       // B: 8 x 64 uint8
+  asm volatile("ldtilecfg %0" : : "m"(config));
+}
+
+void amx_release() { asm volatile("tilerelease" ::: "memory"); }
+
+#define INT8SERVE_TILE_LOAD(T, BASE, STRIDE) \
+  asm volatile("tileloadd (%0,%1,1), %%tmm" #T : : "r"(BASE), "r"(static_cast<int64_t>(STRIDE)) : "memory")
+#define INT8SERVE_TILE_STORE(T, BASE, STRIDE) \
+  asm volatile("tilestored %%tmm" #T ", (%0,%1,1)" : : "r"(BASE), "r"(static_cast<int64_t>(STRIDE)) : "memory")
+#define INT8SERVE_TILE_ZERO(T) asm volatile("tilezero %%tmm" #T ::)
+// C += A (signed bytes) . B (unsigned bytes); AT&T order: B, A, C
+#define INT8SERVE_TILE_DPBSUD(C, A, B) asm volatile("tdpbsud %%tmm" #B ", %%tmm" #A ", %%tmm" #C ::)
+
+constexpr int64_t kAmxMaxRows = 16;
+
+// The four blocks' int32 sums of activation group g, for `rows` rows, into dots[row][64] (exact, no +128 correction).
+inline void amx_group_dots(const TileArgs& a, const uint8_t* wgb, int64_t g, int32_t (*dots)[kTileRows]) {
+  INT8SERVE_TILE_LOAD(4, a.xq + g * kGroup, a.kp);
+  INT8SERVE_TILE_ZERO(0);
+  INT8SERVE_TILE_ZERO(1);
+  INT8SERVE_TILE_ZERO(2);
+  INT8SERVE_TILE_ZERO(3);
+  INT8SERVE_TILE_LOAD(5, wgb, 64);
+  INT8SERVE_TILE_LOAD(6, wgb + kBlockBytes, 64);
+  INT8SERVE_TILE_DPBSUD(0, 4, 5);
+  INT8SERVE_TILE_DPBSUD(1, 4, 6);
+  INT8SERVE_TILE_LOAD(5, wgb + 2 * kBlockBytes, 64);
+  INT8SERVE_TILE_LOAD(6, wgb + 3 * kBlockBytes, 64);
+  INT8SERVE_TILE_DPBSUD(2, 4, 5);
+  INT8SERVE_TILE_DPBSUD(3, 4, 6);
+  if (kPrefetchBytes512 > 0)
+    for (int64_t line = 0; line < kGroupBytes; line += 64)
+      _mm_prefetch(reinterpret_cast<const char*>(wgb + kPrefetchBytes512 + line), _MM_HINT_T0);
+  constexpr int64_t kRowBytes = kTileRows * sizeof(int32_t);
+  INT8SERVE_TILE_STORE(0, &dots[0][0], kRowBytes);
+  INT8SERVE_TILE_STORE(1, &dots[0][kBlockRows], kRowBytes);
+  INT8SERVE_TILE_STORE(2, &dots[0][2 * kBlockRows], kRowBytes);
+  INT8SERVE_TILE_STORE(3, &dots[0][3 * kBlockRows], kRowBytes);
+}
+
+// float(dot + correction) of row r, block b, activation group g.
+INT8SERVE_VNNI512 inline __m512 amx_dot(const TileArgs& a, const int32_t (*dots)[kTileRows], int64_t r, int b,
+                                        int64_t g) {
+  const __m512i corr = _mm512_set1_epi32(a.xcorr[r * a.groups + g]);
+  return _mm512_cvtepi32_ps(_mm512_add_epi32(_mm512_load_si512(&dots[r][b * kBlockRows]), corr));
+}
+
+INT8SERVE_VNNI512 inline __m512 amx_weight_scale(const uint16_t* ws, int b) {
+  const __m256i raw = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(ws + b * kBlockRows));
+  return _mm512_castsi512_ps(_mm512_slli_epi32(_mm512_cvtepu16_epi32(raw), 16));
+}
+
+// Needs amx_configure(rows) on the calling thread (i8s_gemv does it once per pass size).
+INT8SERVE_VNNI512 void tile_amx(const TileArgs& a, int64_t rows, int64_t tile) {
+  const uint8_t* w = a.packed + tile * a.groups * kGroupBytes;
+  const uint16_t* ws = a.wscale + tile * a.wgroups * kTileRows;
+  alignas(64) int32_t dots[kAmxMaxRows][kTileRows];
+  alignas(64) float inner[kAmxMaxRows][kTileRows];
+  alignas(64) float acc[kAmxMaxRows][kTileRows];
+  std::memset(acc, 0, static_cast<size_t>(rows) * sizeof(acc[0]));
+  const __m512 zero = _mm512_setzero_ps();
+  for (int64_t wg = 0; wg < a.wgroups; ++wg) {
+    __m512 scale[kBlocks];
+    for (int b = 0; b < kBlocks; ++b) scale[b] = amx_weight_scale(ws + wg * kTileRows, b);
+    const int64_t g0 = wg * a.span, g1 = std::min(a.groups, (wg + 1) * a.span);
+    if (g1 - g0 == 1) {  // a weight group of one activation group (the default scheme): no inner sums to keep
+      amx_group_dots(a, w + g0 * kGroupBytes, g0, dots);
+      for (int64_t r = 0; r < rows; ++r) {
+        const __m512 xscale = _mm512_set1_ps(a.xscale[r * a.groups + g0]);
+        for (int b = 0; b < kBlocks; ++b) {
+          float* out = &acc[r][b * kBlockRows];
+          const __m512 in = _mm512_fmadd_ps(amx_dot(a, dots, r, b, g0), xscale, zero);
+          _mm512_store_ps(out, _mm512_fmadd_ps(in, scale[b], _mm512_load_ps(out)));
+        }
+      }
+      continue;
+    }
+    std::memset(inner, 0, static_cast<size_t>(rows) * sizeof(inner[0]));
+    for (int64_t g = g0; g < g1; ++g) {
+      amx_group_dots(a, w + g * kGroupBytes, g, dots);
+      for (int64_t r = 0; r < rows; ++r) {
+        const __m512 xscale = _mm512_set1_ps(a.xscale[r * a.groups + g]);
+        for (int b = 0; b < kBlocks; ++b) {
+          float* in = &inner[r][b * kBlockRows];
+          _mm512_store_ps(in, _mm512_fmadd_ps(amx_dot(a, dots, r, b, g), xscale, _mm512_load_ps(in)));
+        }
+      }
+    }
+    for (int64_t r = 0; r < rows; ++r)
+      for (int b = 0; b < kBlocks; ++b) {
+        float* out = &acc[r][b * kBlockRows];
+        _mm512_store_ps(out, _mm512_fmadd_ps(_mm512_load_ps(&inner[r][b * kBlockRows]), scale[b], _mm512_load_ps(out)));
+      }
+  }
+  const int64_t n0 = tile * kTileRows;
+  const int64_t count = std::min(kTileRows, a.n - n0);
+  for (int64_t r = 0; r < rows; ++r)
+    std::memcpy(a.y + r * a.n + n0, acc[r], static_cast<size_t>(count) * sizeof(float));
+}
+
 using TileRows = void (*)(const TileArgs&, int64_t, int64_t);
 
 TileRows tile_rows(Impl impl) {
@@ -433,6 +580,7 @@ TileRows tile_rows(Impl impl) {
     case kVnni512: return rows_vnni512;
     case kAvxVnni: return rows_avxvnni;
     case kAvx2: return rows_avx2;
+    case kAmx: return tile_amx;
     default: return tile_scalar;
   }
 }
@@ -566,9 +714,10 @@ extern "C" {
 #define INT8SERVE_API __attribute__((visibility("default")))
 
 // Bumped whenever a signature below changes; __init__.py checks it.
-INT8SERVE_API int i8s_abi_version() { return 5; }
+INT8SERVE_API int i8s_abi_version() { return 6; }
 
-// 1 if this CPU can run path `impl` (1 vnni512, 2 avxvnni, 3 avx2, 4 scalar), else 0; impl 0: the path auto picks.
+// 1 if this CPU can run path `impl` (1 vnni512, 2 avxvnni, 3 avx2, 4 scalar, 5 amx), else 0; impl 0: the path auto
+// picks.
 INT8SERVE_API int i8s_cpu_has(int impl) { return impl == kAuto ? static_cast<int>(best_impl()) : static_cast<int>(cpu_has(static_cast<Impl>(impl))); }
 
 // Below this many multiply-adds (activation rows, precise passes included, x padded weights) a gemv runs on the
@@ -586,7 +735,7 @@ constexpr int64_t kParallelGemvWork = int64_t{1} << 22;
 // Thread-safe.
 INT8SERVE_API int i8s_gemv(const float* x, int64_t m, int64_t k, const uint8_t* packed, const uint16_t* wscale,
                            int64_t n, int64_t group_size, float* y, int impl, int precise, int threads) {
-  if (m < 0 || k <= 0 || n <= 0 || impl < kAuto || impl > kScalar || group_size < 0 || group_size % kGroup != 0)
+  if (m < 0 || k <= 0 || n <= 0 || impl < kAuto || impl > kLastImpl || group_size < 0 || group_size % kGroup != 0)
     return -3;
   const Impl path = resolve(impl);
   if (!cpu_has(path)) return -1;
@@ -607,16 +756,24 @@ INT8SERVE_API int i8s_gemv(const float* x, int64_t m, int64_t k, const uint8_t* 
   // calling thread (see kParallelGemvWork); the split never changes the result (each tile is computed alike).
   const bool small = rows_total * np * act.kp < kParallelGemvWork;
   const int nthreads = small ? 1 : static_cast<int>(std::max<int64_t>(1, std::min<int64_t>(threads, tiles)));
-#pragma omp parallel for schedule(static) num_threads(nthreads) if (nthreads > 1)
-  for (int64_t tile = 0; tile < tiles; ++tile) {
-    for (int64_t r0 = 0; r0 < rows_total; r0 += kMaxRows) {
-      TileArgs a = base;
-      a.xq = act.q.data() + r0 * act.kp;
-      a.xscale = act.scale.data() + r0 * act.groups;
-      a.xcorr = act.corr.data() + r0 * act.groups;
-      a.y = out + r0 * n;
-      run(a, std::min(kMaxRows, rows_total - r0), tile);
+  const int64_t pass_rows = path == kAmx ? kAmxMaxRows : kMaxRows;
+#pragma omp parallel num_threads(nthreads) if (nthreads > 1)
+  {
+    int64_t configured = 0;  // amx: the rows the tiles of this thread are configured for (0: not yet)
+#pragma omp for schedule(static)
+    for (int64_t tile = 0; tile < tiles; ++tile) {
+      for (int64_t r0 = 0; r0 < rows_total; r0 += pass_rows) {
+        TileArgs a = base;
+        a.xq = act.q.data() + r0 * act.kp;
+        a.xscale = act.scale.data() + r0 * act.groups;
+        a.xcorr = act.corr.data() + r0 * act.groups;
+        a.y = out + r0 * n;
+        const int64_t rows = std::min(pass_rows, rows_total - r0);
+        if (path == kAmx && rows != configured) amx_configure(configured = rows);
+        run(a, rows, tile);
+      }
     }
+    if (configured) amx_release();  // other code on this thread (oneDNN) configures the tiles its own way
   }
   if (precise) {
     for (int64_t r = 0; r < m; ++r)
@@ -628,7 +785,7 @@ INT8SERVE_API int i8s_gemv(const float* x, int64_t m, int64_t k, const uint8_t* 
 // The activations as path `impl` quantizes them: q [M, Kp] int8, scale [M, Kp/32] fp32. Returns 0 or -1.
 INT8SERVE_API int i8s_quantize(const float* x, int64_t m, int64_t k, int8_t* q, float* scale, int impl) {
   const Impl path = resolve(impl);
-  if (impl < kAuto || impl > kScalar || !cpu_has(path)) return -1;
+  if (impl < kAuto || impl > kLastImpl || !cpu_has(path)) return -1;
   const Activations act = quantize(x, m, k, path, false);
   std::memcpy(q, act.q.data(), act.q.size());
   std::memcpy(scale, act.scale.data(), act.scale.size() * sizeof(float));
@@ -668,7 +825,7 @@ INT8SERVE_API void i8s_pack(const int8_t* src, int64_t n, int64_t k, uint8_t* ds
 // every vector path uses the AVX2 code (the same bits as the scalar one). Returns 0, -1 or -3 as i8s_gemv.
 INT8SERVE_API int i8s_dequant(const uint8_t* packed, const uint16_t* wscale, int64_t n, int64_t k, int64_t group_size,
                               void* out, int bf16, int impl, int threads) {
-  if (n <= 0 || k <= 0 || group_size < 0 || group_size % kGroup != 0 || impl < kAuto || impl > kScalar) return -3;
+  if (n <= 0 || k <= 0 || group_size < 0 || group_size % kGroup != 0 || impl < kAuto || impl > kLastImpl) return -3;
   const Impl path = resolve(impl);
   if (!cpu_has(path)) return -1;
   const int64_t np = (n + kTileRows - 1) / kTileRows * kTileRows;
