@@ -68,14 +68,21 @@ constexpr int64_t kMaxRows = 4;                      // activation rows per pass
 #define INT8SERVE_PREFETCH_BYTES 2048  // kGroupBytes
 #endif
 constexpr int64_t kPrefetchBytes = INT8SERVE_PREFETCH_BYTES;
-// The 512-bit paths ask for the lines one group ahead too. On a Sapphire Rapids (2 vCPU, 2 threads, precise, weights
-// streamed from memory; benchmarks/gemv_builds.py, 2026-12-02): vnni512 1 row 22.1 -> 24.2 GB/s (4096 -> 11008) and
-// 23.3 -> 24.6 (11008 -> 4096), 4 rows 16.3 -> 16.6 and 14.6 -> 15.7; amx, whose tile loads wait for memory one group
-// at a time, 1 row 22.9 -> 25.2 and 22.2 -> 24.9, 4 rows 16.2 -> 20.2 and 16.4 -> 19.5. Not measured on a Zen 4.
+// The 512-bit paths ask for the lines one group ahead too, and 16 KB ahead into L2, where more requests can be in
+// flight than L1 takes. On a Sapphire Rapids (2 vCPU, 2 threads, precise, weights streamed from memory;
+// benchmarks/gemv_builds.py, 2026-12-02), one group ahead: vnni512 1 row 22.1 -> 24.2 GB/s (4096 -> 11008) and
+// 23.3 -> 24.6 (11008 -> 4096), 4 rows 16.3 -> 16.6 and 14.6 -> 15.7; amx (whose tile loads wait for memory one group
+// at a time) 1 row 22.9 -> 25.2 and 22.2 -> 24.9, 4 rows 16.2 -> 20.2 and 16.4 -> 19.5; then into L2 too: amx 1 row
+// 1.04-1.06x, 4 rows 1.15-1.21x; vnni512 1 row 1.02-1.03x, 2 rows 1.08x, 4 rows 1.08-1.11x (both hints against none:
+// 1.11-1.18x). Farther (4 KB into L1, 32 KB into L2) measured the same. Not measured on a Zen 4.
 #ifndef INT8SERVE_PREFETCH_BYTES_512
 #define INT8SERVE_PREFETCH_BYTES_512 2048  // kGroupBytes
 #endif
 constexpr int64_t kPrefetchBytes512 = INT8SERVE_PREFETCH_BYTES_512;
+#ifndef INT8SERVE_PREFETCH_L2_BYTES_512
+#define INT8SERVE_PREFETCH_L2_BYTES_512 16384
+#endif
+constexpr int64_t kPrefetchL2Bytes512 = INT8SERVE_PREFETCH_L2_BYTES_512;
 
 enum Impl { kAuto = 0, kVnni512 = 1, kAvxVnni = 2, kAvx2 = 3, kScalar = 4, kAmx = 5 };
 constexpr int kLastImpl = kAmx;
@@ -333,6 +340,7 @@ INT8SERVE_VNNI512 void tile_vnni512(const TileArgs& a, int64_t tile) {
         for (int s = 0; s < kSteps; ++s) {
           const uint8_t* p = wgb + b * kBlockBytes + s * 64;
           if (kPrefetchBytes512 > 0) _mm_prefetch(reinterpret_cast<const char*>(p + kPrefetchBytes512), _MM_HINT_T0);
+          if (kPrefetchL2Bytes512 > 0) _mm_prefetch(reinterpret_cast<const char*>(p + kPrefetchL2Bytes512), _MM_HINT_T1);
           const __m512i v = _mm512_load_si512(static_cast<const void*>(p));
           for (int r = 0; r < R; ++r) {
             int32_t x4;
@@ -506,6 +514,9 @@ inline void amx_group_dots(const TileArgs& a, const uint8_t* wgb, int64_t g, int
   if (kPrefetchBytes512 > 0)
     for (int64_t line = 0; line < kGroupBytes; line += 64)
       _mm_prefetch(reinterpret_cast<const char*>(wgb + kPrefetchBytes512 + line), _MM_HINT_T0);
+  if (kPrefetchL2Bytes512 > 0)
+    for (int64_t line = 0; line < kGroupBytes; line += 64)
+      _mm_prefetch(reinterpret_cast<const char*>(wgb + kPrefetchL2Bytes512 + line), _MM_HINT_T1);
   constexpr int64_t kRowBytes = kTileRows * sizeof(int32_t);
   INT8SERVE_TILE_STORE(0, &dots[0][0], kRowBytes);
   INT8SERVE_TILE_STORE(1, &dots[0][kBlockRows], kRowBytes);
@@ -750,13 +761,17 @@ INT8SERVE_API int i8s_gemv(const float* x, int64_t m, int64_t k, const uint8_t* 
   const int64_t span = weight_span(group_size, act.groups);
   const TileArgs base{packed, wscale, nullptr, nullptr, nullptr, act.kp, act.groups, n, span,
                       (act.groups + span - 1) / span, nullptr};
-  const TileRows run = tile_rows(path);
+  // amx: up to 4 int8 rows (one token, or two, with precise activations) vnni512's single pass over each tile is the
+  // faster (Sapphire Rapids, streamed weights: 1 row 26.0 vs 25.4 GB/s, 2 rows 24.2-25.1 vs 23.7-23.8); beyond, it
+  // needs two passes or more where the tiles take 16 rows at once (4 rows: 18.0-18.2 vs 22.9-23.0).
+  const bool amx_tiles = path == kAmx && rows_total > kMaxRows;
+  const TileRows run = path == kAmx && !amx_tiles ? tile_rows(kVnni512) : tile_rows(path);
   // Each thread takes a contiguous range of tiles, i.e. one sequential stream of weights, and runs all
   // activation rows over each tile (in passes of up to 4 rows) while it is in cache. A small call stays on the
   // calling thread (see kParallelGemvWork); the split never changes the result (each tile is computed alike).
   const bool small = rows_total * np * act.kp < kParallelGemvWork;
   const int nthreads = small ? 1 : static_cast<int>(std::max<int64_t>(1, std::min<int64_t>(threads, tiles)));
-  const int64_t pass_rows = path == kAmx ? kAmxMaxRows : kMaxRows;
+  const int64_t pass_rows = amx_tiles ? kAmxMaxRows : kMaxRows;
 #pragma omp parallel num_threads(nthreads) if (nthreads > 1)
   {
     int64_t configured = 0;  // amx: the rows the tiles of this thread are configured for (0: not yet)
@@ -769,7 +784,7 @@ INT8SERVE_API int i8s_gemv(const float* x, int64_t m, int64_t k, const uint8_t* 
         a.xcorr = act.corr.data() + r0 * act.groups;
         a.y = out + r0 * n;
         const int64_t rows = std::min(pass_rows, rows_total - r0);
-        if (path == kAmx && rows != configured) amx_configure(configured = rows);
+        if (amx_tiles && rows != configured) amx_configure(configured = rows);
         run(a, rows, tile);
       }
     }
