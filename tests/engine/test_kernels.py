@@ -369,3 +369,29 @@ def test_amx_and_torchs_own_amx_matmuls_take_turns_on_the_same_threads() -> None
     for _ in range(3):
         assert torch.equal(kernels.int8_gemv(x, packed, impl="amx", precise=True), expected_gemv)
         assert torch.equal(a @ b, expected_matmul)
+
+
+def anon_huge_kb(address: int) -> int:
+    """AnonHugePages of the mapping of this process that holds `address` (/proc/self/smaps)."""
+    inside = False
+    for line in Path("/proc/self/smaps").read_text().splitlines():
+        head = line.split()[0]
+        if "-" in head and not head.endswith(":"):
+            start, end = (int(part, 16) for part in head.split("-"))
+            inside = start <= address < end
+        elif inside and head == "AnonHugePages:":
+            return int(line.split()[1])
+    raise AssertionError(f"no mapping holds {address:#x}")
+
+
+def test_a_large_packed_weight_lives_on_2mb_pages() -> None:
+    q, scale = random_weight(4096, 4096, seed=1)  # 16 MB packed: the threshold
+    packed = kernels.pack_weight(q, scale)
+    assert packed.data.data_ptr() % kernels.HUGE_PAGE == 0
+    x = torch.randn(2, 4096, generator=torch.Generator().manual_seed(2))
+    assert torch.equal(kernels.int8_gemv(x, packed), exact_reference(x, packed))
+    setting = Path("/sys/kernel/mm/transparent_hugepage/enabled").read_text()
+    if "[never]" not in setting:  # madvise (the default) or always: the kernel gave it 2 MB pages
+        assert anon_huge_kb(packed.data.data_ptr()) >= 16 * 1024 - 2048, setting
+    small = kernels.pack_weight(*random_weight(64, 64, seed=3))
+    assert small.data.data_ptr() % kernels.ALIGNMENT == 0  # small weights stay in torch's own memory

@@ -32,6 +32,7 @@ import fcntl
 import functools
 import hashlib
 import logging
+import mmap
 import os
 import shutil
 import subprocess
@@ -326,9 +327,33 @@ def adopt_packed(data: Tensor, scale: Tensor, out_features: int, in_features: in
 
 
 def _aligned_empty(numel: int, alignment: int = ALIGNMENT) -> Tensor:
+    if numel >= HUGE_PAGE_MIN_BYTES and hasattr(mmap, "MADV_HUGEPAGE"):
+        return _huge_page_empty(numel)
     raw = torch.empty(numel + alignment, dtype=torch.uint8, device="cpu")
     offset = (-raw.data_ptr()) % alignment
     return raw[offset:offset + numel]
+
+
+# A packed weight of this many bytes or more lives on 2 MB pages. The kernel streams each weight once per step, and
+# with 4 KB pages every 4 KB of it costs a TLB miss and stops the hardware prefetchers at the page's end: on a
+# Sapphire Rapids (2 threads, precise, streamed weights; 2026-12-02), 4096 -> 11008 and 11008 -> 4096 from 4 KB
+# pages against 2 MB pages: 1 row 24.2-24.4 -> 27.1-27.2 GB/s, 4 rows (amx) 20.6-20.8 -> 24.0-24.6 GB/s. What it can
+# cost is less than one 2 MB page per weight, past its end (under 2 MB each of the 7B's 96 weights of 11008 rows or
+# columns and its output head; the 4096 x 4096 ones are whole pages): about 1.4% of the 7B's weights.
+HUGE_PAGE = 2 << 20
+HUGE_PAGE_MIN_BYTES = 16 << 20
+
+
+def _huge_page_empty(numel: int) -> Tensor:
+    """uint8 [numel], 2 MB aligned, in private anonymous memory that asks Linux for transparent huge pages (used where
+    its setting is `madvise`, the default, or `always`; with `never`, plain pages). The tensor keeps the mapping
+    alive; it is unmapped with the last reference."""
+    region = mmap.mmap(-1, numel + HUGE_PAGE, flags=mmap.MAP_PRIVATE | mmap.MAP_ANONYMOUS)
+    with contextlib.suppress(OSError):  # a kernel without THP: plain pages
+        region.madvise(mmap.MADV_HUGEPAGE)
+    whole = torch.frombuffer(region, dtype=torch.uint8)
+    offset = (-whole.data_ptr()) % HUGE_PAGE
+    return whole[offset:offset + numel]
 
 
 def weight_groups(in_features: int, group_size: int) -> int:
