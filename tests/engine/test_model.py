@@ -6,11 +6,13 @@ from pathlib import Path
 
 import pytest
 import torch
+import torch.nn.functional as F
 from transformers import LlamaConfig, LlamaForCausalLM
 
 from int8serve.engine import kernels
 from int8serve.engine import model as model_module
 from int8serve.engine.loader import load_model
+from int8serve.engine.model import apply_rope, rope_tables, silu_rows
 
 TOKENS = [1, 403, 407, 261, 378, 100, 20, 300, 5, 77, 12, 499]
 
@@ -128,3 +130,25 @@ def test_small_decode_steps_run_the_kernels_on_one_thread(stories_int8, monkeypa
     finally:
         torch.set_num_threads(threads)
     assert kernels.kernel_threads() == threads  # the limit ends with the step
+
+
+@pytest.mark.parametrize(("batch", "seq", "heads"), [(1, 512, 32), (4, 1, 32), (1, 7, 9), (2, 3, 4)])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_rope_in_halves_is_the_textbook_formula_bit_for_bit(batch: int, seq: int, heads: int,
+                                                            dtype: torch.dtype) -> None:
+    cos, sin = rope_tables(128, 4096, 10000.0)
+    generator = torch.Generator().manual_seed(batch * seq + heads)
+    x = (torch.randn(batch, seq, heads, 128, generator=generator) * 3).to(dtype)
+    positions = torch.randint(0, 4096, (batch, seq), generator=generator)
+    c, s = cos[positions][:, :, None, :], sin[positions][:, :, None, :]
+    rotated = torch.cat([-x[..., 64:], x[..., :64]], dim=-1)  # rotate_half
+    assert torch.equal(apply_rope(x, cos[positions], sin[positions]), x * c + rotated * s)
+
+
+@pytest.mark.parametrize("shape", [(1, 172), (5, 172), (3, 4, 11008), (2, 64)])
+def test_silu_rows_is_each_rows_own_silu(shape: tuple[int, ...]) -> None:
+    x = torch.randn(*shape, generator=torch.Generator().manual_seed(len(shape))) * 4
+    rows = x.reshape(-1, shape[-1])
+    expected = torch.stack([F.silu(row) for row in rows.unbind(0)]).view(shape)
+    got = silu_rows(x)
+    assert got.shape == x.shape and torch.equal(got, expected)
