@@ -68,13 +68,13 @@ constexpr int64_t kMaxRows = 4;                      // activation rows per pass
 #define INT8SERVE_PREFETCH_BYTES 2048  // kGroupBytes
 #endif
 constexpr int64_t kPrefetchBytes = INT8SERVE_PREFETCH_BYTES;
-// The 512-bit paths ask for the lines one group ahead too, and 16 KB ahead into L2, where more requests can be in
-// flight than L1 takes. On a Sapphire Rapids (2 vCPU, 2 threads, precise, weights streamed from memory;
-// benchmarks/gemv_builds.py, 2026-12-02), one group ahead: vnni512 1 row 22.1 -> 24.2 GB/s (4096 -> 11008) and
-// 23.3 -> 24.6 (11008 -> 4096), 4 rows 16.3 -> 16.6 and 14.6 -> 15.7; amx (whose tile loads wait for memory one group
-// at a time) 1 row 22.9 -> 25.2 and 22.2 -> 24.9, 4 rows 16.2 -> 20.2 and 16.4 -> 19.5; then into L2 too: amx 1 row
-// 1.04-1.06x, 4 rows 1.15-1.21x; vnni512 1 row 1.02-1.03x, 2 rows 1.08x, 4 rows 1.08-1.11x (both hints against none:
-// 1.11-1.18x). Farther (4 KB into L1, 32 KB into L2) measured the same. Not measured on a Zen 4.
+// The 512-bit paths ask for the lines one group ahead too, and in calls of more than 4 int8 rows 16 KB ahead into L2,
+// where more requests can be in flight than L1 takes. On a Sapphire Rapids (2 vCPU, 2 threads, precise, weights
+// streamed from memory; benchmarks/gemv_builds.py, 2026-12-02), one group ahead: vnni512 1 row 22.1 -> 24.2 GB/s
+// (4096 -> 11008) and 23.3 -> 24.6 (11008 -> 4096), 4 rows 16.3 -> 16.6 and 14.6 -> 15.7; amx (whose tile loads wait
+// for memory one group at a time) 1 row 22.9 -> 25.2 and 22.2 -> 24.9, 4 rows 16.2 -> 20.2 and 16.4 -> 19.5; the L2
+// hint on top, weights on 2 MB pages: amx 4 rows 1.26-1.29x, 1 and 2 rows 0.95-0.99x (hence only past 4 rows).
+// Farther (4 KB into L1, 32 KB into L2) measured the same. Not measured on a Zen 4.
 #ifndef INT8SERVE_PREFETCH_BYTES_512
 #define INT8SERVE_PREFETCH_BYTES_512 2048  // kGroupBytes
 #endif
@@ -281,6 +281,7 @@ struct TileArgs {
   int64_t span;           // activation groups per weight group
   int64_t wgroups;        // weight groups per row
   float* y;               // first output row of this pass
+  bool prefetch_l2 = false;  // 512-bit paths: also ask for the lines kPrefetchL2Bytes512 ahead into L2
 };
 
 // The scalar path: the reference arithmetic, also used where the CPU has no AVX2.
@@ -340,7 +341,8 @@ INT8SERVE_VNNI512 void tile_vnni512(const TileArgs& a, int64_t tile) {
         for (int s = 0; s < kSteps; ++s) {
           const uint8_t* p = wgb + b * kBlockBytes + s * 64;
           if (kPrefetchBytes512 > 0) _mm_prefetch(reinterpret_cast<const char*>(p + kPrefetchBytes512), _MM_HINT_T0);
-          if (kPrefetchL2Bytes512 > 0) _mm_prefetch(reinterpret_cast<const char*>(p + kPrefetchL2Bytes512), _MM_HINT_T1);
+          if (kPrefetchL2Bytes512 > 0 && a.prefetch_l2)
+            _mm_prefetch(reinterpret_cast<const char*>(p + kPrefetchL2Bytes512), _MM_HINT_T1);
           const __m512i v = _mm512_load_si512(static_cast<const void*>(p));
           for (int r = 0; r < R; ++r) {
             int32_t x4;
@@ -514,7 +516,7 @@ inline void amx_group_dots(const TileArgs& a, const uint8_t* wgb, int64_t g, int
   if (kPrefetchBytes512 > 0)
     for (int64_t line = 0; line < kGroupBytes; line += 64)
       _mm_prefetch(reinterpret_cast<const char*>(wgb + kPrefetchBytes512 + line), _MM_HINT_T0);
-  if (kPrefetchL2Bytes512 > 0)
+  if (kPrefetchL2Bytes512 > 0 && a.prefetch_l2)
     for (int64_t line = 0; line < kGroupBytes; line += 64)
       _mm_prefetch(reinterpret_cast<const char*>(wgb + kPrefetchL2Bytes512 + line), _MM_HINT_T1);
   constexpr int64_t kRowBytes = kTileRows * sizeof(int32_t);
@@ -759,8 +761,10 @@ INT8SERVE_API int i8s_gemv(const float* x, int64_t m, int64_t k, const uint8_t* 
   float* out = precise ? pairs.data() : y;
   const int64_t tiles = np / kTileRows;
   const int64_t span = weight_span(group_size, act.groups);
+  // The L2 hint pays where a call's arithmetic is heavier than its memory: more than one pass of rows (measured on
+  // a Sapphire Rapids, 2 MB pages: 4 rows 1.26-1.29x with it; 1 and 2 rows 0.95-0.99x, so not there).
   const TileArgs base{packed, wscale, nullptr, nullptr, nullptr, act.kp, act.groups, n, span,
-                      (act.groups + span - 1) / span, nullptr};
+                      (act.groups + span - 1) / span, nullptr, rows_total > kMaxRows};
   // amx: up to 4 int8 rows (one token, or two, with precise activations) vnni512's single pass over each tile is the
   // faster (Sapphire Rapids, streamed weights: 1 row 26.0 vs 25.4 GB/s, 2 rows 24.2-25.1 vs 23.7-23.8); beyond, it
   // needs two passes or more where the tiles take 16 rows at once (4 rows: 18.0-18.2 vs 22.9-23.0).
