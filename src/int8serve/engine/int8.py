@@ -41,7 +41,7 @@ PRECISE_ACTIVATIONS = True
 # 32, 73 vs 115 at 64, 143 vs 130 at 128; avx2 55 vs 87 at 16, 177 vs 103 at 64, 455 vs 141 at 128; avxvnni 259 vs
 # 132 at 128. So vnni512 runs whole default prefill chunks (128 rows): a short prompt's chunk costs what its rows
 # cost, which is also what makes reusing a cached prefix pay. The other paths keep 32 until measured on their CPUs.
-# amx does the same work faster than vnni512 from 2 rows up (another Sapphire Rapids, 2026-12-02, the same shape, the
+# amx does the same work faster than vnni512 at these sizes (another Sapphire Rapids, 2026-12-02, the same shape, the
 # weight in cache: 16 rows 2.9 vs 5.0 ms, 64 rows 10.7 vs 18.8, 128 rows 22.5 vs 38.1; dense 9.8, 11.7, 16.5), so it
 # keeps vnni512's 128 rows.
 KERNEL_ROWS = 32

@@ -24,8 +24,8 @@
 //   - avx2: `vpmaddubsw` + `vpmaddwd`. vpmaddubsw saturates its int16 pair sums, and 255 * 127 * 2 would, so it
 //     multiplies |w| (unsigned, <= 127) with sign(w) * x (signed, |.| <= 127): a pair sums to at most 32258;
 //   - scalar: plain C++, the reference.
-// The amx path (AMX-INT8: Sapphire Rapids and later) reads the same bytes as tiles of 16 rows x 64 bytes instead, and
-// multiplies the activations of up to 16 rows with them at once (see tile_amx).
+// The amx path (AMX-INT8: Sapphire Rapids and later) reads the same bytes as tiles, a block's 8 steps of one group
+// (8 x 64 bytes) each, and multiplies the activations of up to 16 rows with them at once (see tile_amx).
 // Each group's int32 dot product is exact (|dot| <= 32 * 127 * 127 < 2^24, so its conversion to fp32 is exact too),
 // then, in group order, inner = fma(float(dot), xscale, inner) within a weight group, acc = fma(inner, wscale, acc)
 // at the end of each weight group (with one weight group, acc = inner * wscale as before), y = acc. Every path
