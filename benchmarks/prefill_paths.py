@@ -5,7 +5,10 @@ buffer and multiplies the chunk with it (int8.py, `Int8Linear._packed_forward`).
 - dequantization: the vector code (AVX2, non-temporal stores for buffers larger than the caches) against the scalar
   code of the same library (`kernels.dequantize(..., impl=)`), into fp32 and into bf16;
 - the fp32 matmul (CPUs without native bf16): oneDNN (`int8.dense_matmul`) against torch's default `F.linear`
-  (MKL in torch's CPU wheels), for a chunk of `--rows` rows (default 128, the engine's prefill chunk).
+  (MKL in torch's CPU wheels), for a chunk of `--rows` rows (default 128, the engine's prefill chunk);
+- on CPUs with AMX-BF16, the whole bf16 step as Int8Linear runs it for a chunk of `--amx-rows` rows (default 512):
+  our AMX kernel straight from the packed weight (kernels/matmul.py) against dequantizing into bf16 and oneDNN's
+  matmul (`int8.dense_matmul`), both from fp32 rows to fp32 outputs.
 Candidates alternate within each round (which goes first alternates too), on weights that rotate through several
 distinct copies; medians over all rounds; the ratios are medians of per-round ratios.
 
@@ -27,6 +30,7 @@ import torch.nn.functional as F
 from benchmarks.common import publish
 from benchmarks.machine import CpuShares, cpu_label, log, machine_description
 from int8serve.engine import int8, kernels
+from int8serve.engine.kernels import matmul as amx_matmul
 
 SCRIPT = "prefill_paths.py"
 SHAPES = {"qkvo": (4096, 4096), "gate/up": (4096, 11008), "down": (11008, 4096)}
@@ -52,7 +56,7 @@ def ratio(new: list[float], old: list[float]) -> float:
     return statistics.median(o / n for n, o in zip(new, old, strict=True))
 
 
-def measure_shape(k: int, n: int, rows: int, rounds: int) -> list[str]:
+def measure_shape(k: int, n: int, rows: int, rounds: int, amx_rows: int = 512) -> list[str]:
     generator = torch.Generator().manual_seed(n * k)
     scale = (torch.rand(n, k // 32, generator=generator) * 0.01 + 0.001).to(torch.bfloat16).float()
     packed = [kernels.pack_weight(torch.randint(-127, 128, (n, k), generator=generator, dtype=torch.int8), scale, 32)
@@ -80,19 +84,43 @@ def measure_shape(k: int, n: int, rows: int, rounds: int) -> list[str]:
              "GFLOP/s)" for c in candidates]
     lines.append(f"| {k}→{n} | fp32 matmul, {rows} rows | {' | '.join(cells)} | "
                  f"{ratio(seconds['dense_matmul'], seconds['F.linear']):.2f}× |")
+    if amx_matmul.available():
+        lines.append(measure_amx(k, n, amx_rows, rounds, packed, generator))
     return lines
+
+
+def measure_amx(k: int, n: int, rows: int, rounds: int, packed: list[kernels.PackedWeight],
+                generator: torch.Generator) -> str:
+    """The bf16 prefill step from fp32 rows to fp32 outputs: dequantize + oneDNN against our AMX kernel."""
+    buffer = torch.empty(n, k, dtype=torch.bfloat16)
+    x = torch.randn(rows, k, generator=generator)
+
+    def dequantized(i: int) -> torch.Tensor:
+        kernels.dequantize(packed[i], buffer)
+        return int8.dense_matmul(x, buffer).float()
+
+    candidates = {"dequantize + oneDNN": dequantized, "AMX kernel": lambda i: amx_matmul.matmul(x, packed[i])}
+    seconds = alternate(candidates, rounds, COPIES)
+    flops = 2 * rows * n * k
+    cells = [f"{statistics.median(seconds[c]) * 1e3:.1f} ms ({flops / statistics.median(seconds[c]) / 1e12:.2f} "
+             "TFLOP/s)" for c in candidates]
+    return (f"| {k}→{n} | bf16 prefill step, {rows} rows | {' | '.join(cells)} | "
+            f"{ratio(seconds['AMX kernel'], seconds['dequantize + oneDNN']):.2f}× |")
 
 
 def report(args: argparse.Namespace, lines: list[str], load: float) -> str:
     now = datetime.datetime.now(datetime.UTC).strftime("%Y-%m-%d %H:%M UTC")
     library = "oneDNN" if int8.onednn_fp32() else "F.linear (no oneDNN in this torch)"
     return "\n".join([
-        f"## Prefill path: dequantization and the fp32 matmul (`benchmarks/{SCRIPT}`, {cpu_label()})", "",
-        f"- Command: `python -m benchmarks.{SCRIPT.removesuffix('.py')} --rows {args.rows} --rounds {args.rounds}"
+        f"## Prefill path: dequantization, the fp32 matmul and the AMX kernel (`benchmarks/{SCRIPT}`, {cpu_label()})",
+        "",
+        f"- Command: `python -m benchmarks.{SCRIPT.removesuffix('.py')} --rows {args.rows} --amx-rows {args.amx_rows} "
+        f"--rounds {args.rounds}"
         + (f" --write {args.write}`" if args.write else "`"),
         f"- Date: {now}; CPU: {machine_description()}; {torch.get_num_threads()} threads; torch {torch.__version__}.",
         f"- Old: the scalar dequantization, torch's `F.linear` (MKL); new: the `{kernels.path()}` path's vector "
-        f"code, `int8.dense_matmul` ({library}). The prefill path on this CPU: {int8.describe_dense()}.",
+        f"code, `int8.dense_matmul` ({library}); on AMX CPUs, for the bf16 step: dequantize + oneDNN (old) and our "
+        f"AMX kernel (new). The prefill path on this CPU: {int8.describe_dense()}.",
         f"- {args.rounds} alternating rounds, weights rotating through {COPIES} copies; other processes used "
         f"{load:.0%} of the CPUs.", "",
         "| shape K→N | step | old | new | new ÷ old (speed) |", "|---|---|---|---|---|", *lines, ""])
@@ -102,12 +130,14 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(prog=f"python -m benchmarks.{SCRIPT.removesuffix('.py')}", description=__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--rows", type=int, default=128, help="rows of the matmul (default 128, a prefill chunk)")
+    parser.add_argument("--amx-rows", type=int, default=512,
+                        help="rows of the bf16 step compared on AMX CPUs (default 512, a long prefill chunk)")
     parser.add_argument("--rounds", type=int, default=6, help="alternating rounds (default 6)")
     parser.add_argument("--shapes", nargs="+", choices=list(SHAPES), default=list(SHAPES))
     parser.add_argument("--write", type=Path, metavar="FILE", help="replace this script's section of FILE")
     args = parser.parse_args(argv)
-    if args.rows < 1 or args.rounds < 1:
-        parser.error("--rows and --rounds must be at least 1")
+    if args.rows < 1 or args.rounds < 1 or args.amx_rows < 1:
+        parser.error("--rows, --amx-rows and --rounds must be at least 1")
     return args
 
 
@@ -116,7 +146,7 @@ def main(argv: Sequence[str] | None = None) -> None:
     load = CpuShares()
     lines = []
     for shape in args.shapes:
-        lines += measure_shape(*SHAPES[shape], args.rows, args.rounds)
+        lines += measure_shape(*SHAPES[shape], args.rows, args.rounds, args.amx_rows)
         log(lines[-1])
     text = report(args, lines, load.others())
     publish(text, args.write, SCRIPT, cpu_label())

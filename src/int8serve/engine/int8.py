@@ -1,15 +1,16 @@
 """Weight-only int8: symmetric quantization (per output channel, or per group of input values) and the linear layer.
 
 Decode reads every weight once per step, so its speed is the speed at which int8 weights stream from memory. Our
-kernel (engine/kernels: AVX-512 VNNI, AVX-VNNI, AVX2 or scalar, chosen from the CPU's flags) runs every call of up
-to `kernel_rows()` rows (decode; whole prefill chunks on AVX-512 VNNI) on int8 activations quantized per 32 values;
-it streams the weights near memory speed where torch's `_weight_int8pack_mm` is compute-bound, and it takes a scale
-per group of 32/64/128 input values (like llama.cpp's Q8_0), which per-channel int8pack cannot. Longer calls are
-compute-bound: there each weight is dequantized from the packed layout into one reused buffer and multiplied with
-`F.linear`. The buffer is bf16 on CPUs with native bf16 arithmetic (AVX-512 BF16 or AMX); elsewhere bf16 matmuls are
-emulated and fp32 is faster (AVX2 EPYC, 128 x 4096 x 4096: bf16 307 ms, fp32 66 ms), so it is fp32 there, through
-oneDNN rather than MKL (1.6-1.8x on that EPYC, benchmarks/prefill_paths.py). The residual stream, norms and logits
-stay in fp32 around it.
+kernel (engine/kernels: AMX, AVX-512 VNNI, AVX-VNNI, AVX2 or scalar, chosen from the CPU's flags) runs every call of
+up to `kernel_rows()` rows (decode; whole prefill chunks on AMX and AVX-512 VNNI) on int8 activations quantized per
+32 values; it streams the weights near memory speed where torch's `_weight_int8pack_mm` is compute-bound, and it
+takes a scale per group of 32/64/128 input values (like llama.cpp's Q8_0), which per-channel int8pack cannot.
+Longer calls are compute-bound. On CPUs with AMX-BF16 our tile kernel multiplies them straight from the packed
+layout (kernels/matmul.py: the same bf16 weight values, no dequantized copy). Elsewhere each weight is dequantized
+from the packed layout into one reused buffer and multiplied with `F.linear`: bf16 on CPUs with native bf16
+arithmetic (AVX-512 BF16); without it bf16 matmuls are emulated and fp32 is faster (AVX2 EPYC, 128 x 4096 x 4096:
+bf16 307 ms, fp32 66 ms), so it is fp32 there, through oneDNN rather than MKL (1.6-1.8x on that EPYC,
+benchmarks/prefill_paths.py). The residual stream, norms and logits stay in fp32 around it.
 """
 
 from __future__ import annotations
@@ -22,6 +23,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from . import chunking, kernels
+from .kernels import matmul as amx_matmul
 
 COMPUTE_DTYPE = torch.bfloat16
 # The default weight scheme: one bf16 scale per 32 input values (0 = per output channel). Chosen by measurement
@@ -110,7 +112,10 @@ def describe_dense() -> str:
     if dtype == torch.float32:
         library = "oneDNN" if onednn_fp32() else "torch's BLAS"
         return f"prefill matmuls: fp32 through {library} (this CPU has no native bf16)"
-    return "prefill matmuls: bf16 through oneDNN (native bf16 on this CPU)"
+    if kernels.available() and amx_matmul.enabled():
+        return "prefill matmuls: bf16 on AMX tiles straight from the int8 weights (our kernel)"
+    reason = amx_matmul.unavailable_reason() or f"{amx_matmul.ENV}=dense"
+    return f"prefill matmuls: bf16 through oneDNN (native bf16 on this CPU; our AMX kernel not used: {reason})"
 
 
 def _bf16_up(exact: Tensor) -> Tensor:
@@ -317,6 +322,9 @@ class Int8Linear(nn.Module):
             # Row-exact chunks keep fp32, as decode does: their attention is the decode kernel's, row by row.
             chunk = chunking.CURRENT.get()
             return out.to(COMPUTE_DTYPE) if chunk is not None and not chunk.row_exact else out
+        if dense_dtype() == torch.bfloat16 and amx_matmul.enabled():
+            # the same bf16 weight values and bf16-rounded outputs, without the dequantized copy (kernels/matmul.py)
+            return amx_matmul.matmul(rows, self.packed)
         dense = self.dequant_buffer.view(self.out_features, self.in_features, dense_dtype())
         kernels.dequantize(self.packed, dense)
         return dense_matmul(rows, dense)

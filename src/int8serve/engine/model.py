@@ -21,7 +21,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from . import chunking, kernels
+from . import allocator, chunking, kernels
 from .config import ModelConfig
 from .int8 import COMPUTE_DTYPE, DequantBuffer, Int8Linear, kernel_rows
 from .kernels import attention as attention_kernel
@@ -234,6 +234,7 @@ class Transformer(nn.Module):
             raise ValueError(f"precision must be 'fp32' or 'int8', got {precision!r}")
         self.config = config
         self.precision = precision
+        allocator.tune()  # the forwards' activations come and go by megabytes (allocator.py)
         if precision == "int8":
             buffer = DequantBuffer()  # shared by every layer
             linear, kw, head_kw = Int8Linear, {"buffer": buffer}, {"buffer": buffer, "refine_top": 16}

@@ -1,0 +1,302 @@
+// The prefill matmul on AMX-BF16 (Sapphire Rapids and later), read straight from the packed int8 weight:
+//
+//   out[m, n] = sum_k x[m, k] * bf16(w[n, k] * wscale[n, group of k])      x bf16 [M, K], out fp32 [M, ldc]
+//
+// The weight is the one copy gemv.cpp multiplies in decode (its layout: packed[tile][group][block][step][row][byte],
+// 64 output rows a tile, 32 inputs a group, 16 rows a block, 4 inputs a step, values w + 128; wscale[tile][weight
+// group][row] in bf16). The dense path before this dequantized each whole weight into a bf16 buffer in memory and
+// handed it to oneDNN, which reorders it again for its tiles: two passes over 2 bytes a weight before any arithmetic.
+// Here each block's group of 16 rows x 32 inputs (512 bytes) becomes, in registers, one AMX B tile of bf16 pairs
+// (16 rows of 16 x 2 bf16: row p holds inputs 2p and 2p + 1 of each output), with exactly the bits of that
+// dequantization ((w + 128 - 128) * scale is exact in fp32, rounded to the nearest even bf16), into a buffer that
+// stays in L2 while every row of x is multiplied with it.
+//
+// Blocking (per thread, a contiguous range of the weight's 64-row tiles): panels of up to 16 tiles (1024 outputs) x
+// K-blocks of 256 inputs. x is first copied so that each A tile (16 rows x 32 inputs) is 1 KB in a row (pack_rows).
+// For each 32 rows of x (two A tiles, 16 KB over the K-block) and each 32 outputs (two B tiles), 8 steps of 4
+// TDPBF16PS accumulate into four C tiles, loaded from and stored to `out` between K-blocks. A step's B tiles (a
+// panel's K-block: 512 KB) are made while the step before it multiplies (two buffers), in small batches between its
+// passes, so that the vector arithmetic of the dequantization overlaps the tile multiplications. Sizes measured on a
+// Sapphire Rapids (2 threads, 512 x 4096 -> 11008): panels of 4-16 tiles and K-blocks of 128-512 inputs all took
+// 27-31 ms, the machine's noise; 16 x 256 was among the fastest in each run.
+// Every output is a sum over k in the same order whatever M, N or the thread count: row m of `out` depends on row m
+// of x only. With `round_bf16` the finished sums are rounded to the nearest even bf16 (kept as fp32), as the bf16
+// matmul they replace returned them.
+//
+// Plain C ABI, built and loaded like gemv.cpp (kernels/__init__.py: build(), ctypes). The caller pads M to a multiple
+// of 32 and K to a multiple of 32 (zeros), and gives `out` ldc >= the packed rows (N rounded up to 64). Tile
+// instructions are inline assembly, as in gemv.cpp (GCC's tile intrinsics hide from it what they read and write).
+
+#include <cpuid.h>
+#include <immintrin.h>
+#include <sys/syscall.h>
+#include <unistd.h>
+
+#include <omp.h>
+
+#include <algorithm>
+#include <cstdint>
+#include <cstdlib>
+#include <cstring>
+#include <vector>
+
+namespace {
+
+constexpr int64_t kGroup = 32;          // inputs per group (one B tile's K)
+constexpr int64_t kBlockRows = 16;      // outputs per block (one B tile's N)
+constexpr int64_t kBlocks = 4;          // blocks per packed tile
+constexpr int64_t kTileRows = 64;       // outputs per packed tile
+constexpr int64_t kSteps = 8;           // 64-byte steps per block and group
+constexpr int64_t kBlockBytes = kBlockRows * kGroup;  // 512
+constexpr int64_t kGroupBytes = kTileRows * kGroup;   // 2048
+constexpr int64_t kPanelTiles = 16;     // packed tiles per panel: 1024 outputs
+constexpr int64_t kBlockGroups = 8;     // groups per K-block: 256 inputs
+constexpr int64_t kRowsPerPass = 32;    // rows of x per pass of the tiles (two A tiles)
+constexpr int64_t kBTileWords = kBlockRows * kGroup;  // 512 bf16 a B tile
+
+// AMX-TILE and AMX-BF16 (CPUID 7.0 EDX bits 24 and 22), AVX512-BF16 (CPUID 7.1 EAX bit 5) and AVX512-BW, and Linux's
+// permission to use the tile data (arch_prctl ARCH_REQ_XCOMP_PERM, once per process).
+bool cpu_ready() {
+  static const bool ready = [] {
+    unsigned eax = 0, ebx = 0, ecx = 0, edx = 0;
+    if (!__get_cpuid_count(7, 0, &eax, &ebx, &ecx, &edx)) return false;
+    const bool amx = ((edx >> 24) & 1u) && ((edx >> 22) & 1u);
+    const bool avx512 = ((ebx >> 16) & 1u) && ((ebx >> 30) & 1u);  // AVX512F, AVX512BW
+    if (!amx || !avx512 || !__get_cpuid_count(7, 1, &eax, &ebx, &ecx, &edx) || !((eax >> 5) & 1u)) return false;
+    constexpr long kReqXcompPerm = 0x1023, kXfeatureXtiledata = 18;
+    return syscall(SYS_arch_prctl, kReqXcompPerm, kXfeatureXtiledata) == 0;
+  }();
+  return ready;
+}
+
+#define INT8SERVE_BF16 __attribute__((target("avx512f,avx512bw,avx512vl,avx512bf16")))
+
+struct alignas(64) TileConfig {
+  uint8_t palette = 1;
+  uint8_t start_row = 0;
+  uint8_t reserved[14] = {};
+  uint16_t colsb[16] = {};
+  uint8_t rows[16] = {};
+};
+
+// tmm0-3: C (16 rows x 16 fp32), tmm4-5: A (16 rows x 32 bf16), tmm6-7: B (16 rows x 16 bf16 pairs).
+void tiles_configure() {
+  TileConfig config;
+  for (int t = 0; t < 8; ++t) config.rows[t] = 16, config.colsb[t] = 64;
+  asm volatile("ldtilecfg %0" : : "m"(config));
+}
+
+void tiles_release() { asm volatile("tilerelease" ::: "memory"); }
+
+#define I8M_LOAD(T, BASE, STRIDE) \
+  asm volatile("tileloadd (%0,%1,1), %%tmm" #T : : "r"(BASE), "r"(static_cast<int64_t>(STRIDE)) : "memory")
+#define I8M_STORE(T, BASE, STRIDE) \
+  asm volatile("tilestored %%tmm" #T ", (%0,%1,1)" : : "r"(BASE), "r"(static_cast<int64_t>(STRIDE)) : "memory")
+#define I8M_ZERO(T) asm volatile("tilezero %%tmm" #T ::)
+// C += A . B in fp32 from bf16 pairs; AT&T order: B, A, C
+#define I8M_DP(C, A, B) asm volatile("tdpbf16ps %%tmm" #B ", %%tmm" #A ", %%tmm" #C ::)
+
+struct Args {
+  const uint16_t* x;       // bf16 [m / 16][k / 32][16][32] (pack_rows)
+  int64_t m, k;            // m and k multiples of 32
+  const uint8_t* packed;   // the packed weight (gemv.cpp's layout), k / 32 groups a tile
+  const uint16_t* wscale;  // bf16 [tiles][wgroups][64]
+  int64_t span, wgroups;   // groups per weight group, weight groups per row
+  float* out;              // fp32 [m, ldc]
+  int64_t ldc;
+  bool round_bf16;
+};
+
+// One block's group (16 outputs x 32 inputs, 512 packed bytes) -> one B tile (16 rows x 32 bf16, 1 KB) with the
+// bits of the dequantized weight: row p of the tile holds inputs 2p and 2p + 1 of each output.
+INT8SERVE_BF16 inline void dequant_block(const uint8_t* src, const uint16_t* scale_bits, uint16_t* dst) {
+  const __m512 scale = _mm512_castsi512_ps(
+      _mm512_slli_epi32(_mm512_cvtepu16_epi32(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(scale_bits))), 16));
+  const __m512 offset = _mm512_mul_ps(scale, _mm512_set1_ps(-128.0f));  // exact: a power of two
+  const __m512i byte = _mm512_set1_epi32(0xFF);
+  // words 2l and 2l + 1 <- words l and 16 + l: the pairs of one output side by side
+  const __m512i pairs = _mm512_set_epi16(31, 15, 30, 14, 29, 13, 28, 12, 27, 11, 26, 10, 25, 9, 24, 8, 23, 7, 22, 6,
+                                         21, 5, 20, 4, 19, 3, 18, 2, 17, 1, 16, 0);
+  for (int64_t s = 0; s < kSteps; ++s) {  // step s: inputs 4s..4s+3 of each output, one dword a lane
+    const __m512i v = _mm512_load_si512(reinterpret_cast<const void*>(src + s * 64));
+    __m512 f[4];
+    for (int j = 0; j < 4; ++j) {
+      const __m512i u = j == 3 ? _mm512_srli_epi32(v, 24) : _mm512_and_si512(_mm512_srli_epi32(v, 8 * j), byte);
+      f[j] = _mm512_fmadd_ps(_mm512_cvtepi32_ps(u), scale, offset);  // (w + 128) * s - 128 * s = w * s, exact
+    }
+    const __m512i lo = _mm512_permutexvar_epi16(pairs, reinterpret_cast<__m512i>(_mm512_cvtne2ps_pbh(f[1], f[0])));
+    const __m512i hi = _mm512_permutexvar_epi16(pairs, reinterpret_cast<__m512i>(_mm512_cvtne2ps_pbh(f[3], f[2])));
+    _mm512_store_si512(reinterpret_cast<void*>(dst + (2 * s) * 32), lo);
+    _mm512_store_si512(reinterpret_cast<void*>(dst + (2 * s + 1) * 32), hi);
+  }
+}
+
+// One B tile to make: dequant_block(src, scale, dst).
+struct DequantJob {
+  const uint8_t* src;
+  const uint16_t* scale;
+  uint16_t* dst;
+};
+
+// A panel (tiles [tile0, tile0 + tiles)) times one K-block (groups [g0, g0 + groups)).
+struct Step {
+  int64_t tile0, tiles, g0, groups;
+};
+
+// The B tiles of a step into buf[block][group] (1 KB each), listed in the packed bytes' order (group by group, the
+// 4 blocks of a group are 2 KB in a row).
+void step_jobs(const Args& a, const Step& step, uint16_t* buf, std::vector<DequantJob>& jobs) {
+  const int64_t tile_groups = a.k / kGroup;
+  jobs.clear();
+  for (int64_t t = 0; t < step.tiles; ++t) {
+    const int64_t tile = step.tile0 + t;
+    const uint8_t* w = a.packed + tile * tile_groups * kGroupBytes;
+    const uint16_t* ws = a.wscale + tile * a.wgroups * kTileRows;
+    for (int64_t g = 0; g < step.groups; ++g)
+      for (int64_t b = 0; b < kBlocks; ++b)
+        jobs.push_back({w + (step.g0 + g) * kGroupBytes + b * kBlockBytes,
+                        ws + ((step.g0 + g) / a.span) * kTileRows + b * kBlockRows,
+                        buf + ((t * kBlocks + b) * step.groups + g) * kBTileWords});
+  }
+}
+
+// The jobs [*next, min(*next + count, jobs.size())), advancing *next.
+INT8SERVE_BF16 void run_jobs(const std::vector<DequantJob>& jobs, size_t* next, size_t count) {
+  const size_t end = std::min(jobs.size(), *next + count);
+  for (; *next < end; ++*next) dequant_block(jobs[*next].src, jobs[*next].scale, jobs[*next].dst);
+}
+
+// Round 16 rows of 16 fp32 (stride ldc) to the nearest even bf16, in place.
+INT8SERVE_BF16 void round_rows(float* c, int64_t ldc) {
+  for (int64_t r = 0; r < 16; ++r) {
+    const __m256bh bf = _mm512_cvtneps_pbh(_mm512_loadu_ps(c + r * ldc));
+    const __m512i bits = _mm512_slli_epi32(_mm512_cvtepu16_epi32(reinterpret_cast<__m256i>(bf)), 16);
+    _mm512_storeu_ps(c + r * ldc, _mm512_castsi512_ps(bits));
+  }
+}
+
+// out[:, step's columns] (+)= x[:, step's inputs] . the B tiles in `buf`; between its passes it makes the next
+// step's B tiles (`jobs`), so that their vector arithmetic runs while the tiles multiply.
+INT8SERVE_BF16 void multiply_step(const Args& a, const Step& step, const uint16_t* buf,
+                                  const std::vector<DequantJob>& jobs) {
+  const int64_t cstride = a.ldc * 4, xgroups = a.k / kGroup, blocks = step.tiles * kBlocks, groups = step.groups;
+  const bool first = step.g0 == 0, last = step.g0 + groups == xgroups;
+  const int64_t passes = (a.m / kRowsPerPass) * (blocks / 2);
+  const size_t per_pass = (jobs.size() + static_cast<size_t>(passes) - 1) / static_cast<size_t>(passes);
+  size_t next = 0;
+  for (int64_t m0 = 0; m0 < a.m; m0 += kRowsPerPass) {
+    const uint16_t* x0 = a.x + ((m0 / 16) * xgroups + step.g0) * kBTileWords;
+    const uint16_t* x1 = x0 + xgroups * kBTileWords;
+    for (int64_t j = 0; j < blocks; j += 2) {
+      float* c = a.out + m0 * a.ldc + step.tile0 * kTileRows + j * kBlockRows;
+      float* c_low = c + 16 * a.ldc;
+      if (first) {
+        I8M_ZERO(0);
+        I8M_ZERO(1);
+        I8M_ZERO(2);
+        I8M_ZERO(3);
+      } else {
+        I8M_LOAD(0, c, cstride);
+        I8M_LOAD(1, c + 16, cstride);
+        I8M_LOAD(2, c_low, cstride);
+        I8M_LOAD(3, c_low + 16, cstride);
+      }
+      const uint16_t* b0 = buf + j * groups * kBTileWords;
+      const uint16_t* b1 = b0 + groups * kBTileWords;
+      for (int64_t g = 0; g < groups; ++g) {
+        I8M_LOAD(4, x0 + g * kBTileWords, 64);
+        I8M_LOAD(6, b0 + g * kBTileWords, 64);
+        I8M_DP(0, 4, 6);
+        I8M_LOAD(7, b1 + g * kBTileWords, 64);
+        I8M_DP(1, 4, 7);
+        I8M_LOAD(5, x1 + g * kBTileWords, 64);
+        I8M_DP(2, 5, 6);
+        I8M_DP(3, 5, 7);
+      }
+      I8M_STORE(0, c, cstride);
+      I8M_STORE(1, c + 16, cstride);
+      I8M_STORE(2, c_low, cstride);
+      I8M_STORE(3, c_low + 16, cstride);
+      if (last && a.round_bf16) {
+        round_rows(c, a.ldc);
+        round_rows(c + 16, a.ldc);
+        round_rows(c_low, a.ldc);
+        round_rows(c_low + 16, a.ldc);
+      }
+      run_jobs(jobs, &next, per_pass);
+    }
+  }
+  run_jobs(jobs, &next, jobs.size());
+}
+
+// One thread's tiles [begin, end): panel by panel (up to 4 tiles), K-block by K-block (16 groups), the B tiles of
+// each step made during the step before it (two buffers).
+INT8SERVE_BF16 void multiply_tiles(const Args& a, int64_t begin, int64_t end, uint16_t* buffers[2]) {
+  const int64_t groups = a.k / kGroup;
+  std::vector<Step> steps;
+  for (int64_t tile0 = begin; tile0 < end; tile0 += kPanelTiles)
+    for (int64_t g0 = 0; g0 < groups; g0 += kBlockGroups)
+      steps.push_back({tile0, std::min(kPanelTiles, end - tile0), g0, std::min(kBlockGroups, groups - g0)});
+  std::vector<DequantJob> jobs, none;
+  if (steps.empty()) return;
+  step_jobs(a, steps[0], buffers[0], jobs);
+  size_t done = 0;
+  run_jobs(jobs, &done, jobs.size());
+  for (size_t i = 0; i < steps.size(); ++i) {
+    if (i + 1 < steps.size())
+      step_jobs(a, steps[i + 1], buffers[(i + 1) % 2], jobs);
+    else
+      jobs.clear();
+    multiply_step(a, steps[i], buffers[i % 2], jobs);
+  }
+}
+
+// x [m, k] (row-major) -> [m / 16][k / 32][16][32], each A tile's 16 rows x 32 inputs in one 1 KB piece: tile loads
+// of rows 2 k bytes apart (8 KB at k = 4096) measured 2.2 TFLOP/s against 3.5 from contiguous tiles (L2-resident B).
+void pack_rows(const uint16_t* x, int64_t m, int64_t k, uint16_t* rows, int threads) {
+  const int64_t groups = k / kGroup;
+#pragma omp parallel for schedule(static) num_threads(threads) if (threads > 1)
+  for (int64_t r = 0; r < m; ++r)
+    for (int64_t g = 0; g < groups; ++g)
+      std::memcpy(rows + (((r / 16) * groups + g) * 16 + r % 16) * kGroup, x + r * k + g * kGroup, kGroup * 2);
+}
+
+}  // namespace
+
+#define I8M_API extern "C" __attribute__((visibility("default")))
+
+I8M_API int i8m_abi_version() { return 1; }
+
+// 1 if this CPU and process can run i8m_matmul.
+I8M_API int i8m_cpu_ready() { return cpu_ready() ? 1 : 0; }
+
+// out [m, ldc] fp32 = x [m, k] bf16 . dequantized weight^T, over the packed weight's `tiles` tiles of 64 outputs
+// (columns [0, 64 * tiles) of out). Status: 0 ok, -1 the CPU cannot, -3 bad sizes.
+I8M_API int i8m_matmul(const uint16_t* x, int64_t m, int64_t k, const uint8_t* packed, const uint16_t* wscale,
+                       int64_t tiles, int64_t group_size, float* out, int64_t ldc, int round_bf16, int threads) {
+  if (m <= 0 || k <= 0 || tiles <= 0 || m % kRowsPerPass || k % kGroup || ldc < tiles * kTileRows || group_size < 0 ||
+      group_size % kGroup)
+    return -3;
+  if (!cpu_ready()) return -1;
+  const int64_t groups = k / kGroup;
+  const int64_t span = group_size == 0 ? groups : group_size / kGroup;
+  // the calling thread's packed rows, kept and grown (the engine calls from one thread)
+  static thread_local std::vector<uint16_t> rows;
+  if (rows.size() < static_cast<size_t>(m * k)) rows.resize(static_cast<size_t>(m * k));
+  const int nthreads = static_cast<int>(std::max<int64_t>(1, std::min<int64_t>(threads, tiles)));
+  pack_rows(x, m, k, rows.data(), nthreads);
+  const Args args{rows.data(), m, k, packed, wscale, span, (groups + span - 1) / span, out, ldc, round_bf16 != 0};
+#pragma omp parallel num_threads(nthreads) if (nthreads > 1)
+  {
+    const int count = nthreads > 1 ? omp_get_num_threads() : 1, id = nthreads > 1 ? omp_get_thread_num() : 0;
+    // each thread's two buffers of B tiles (512 KB each), kept for its later calls (OpenMP's threads live on)
+    static thread_local uint16_t* buffers[2] = {nullptr, nullptr};
+    for (uint16_t*& buffer : buffers)
+      if (buffer == nullptr)
+        buffer = static_cast<uint16_t*>(std::aligned_alloc(64, kPanelTiles * kBlocks * kBlockGroups * kBTileWords * 2));
+    tiles_configure();
+    multiply_tiles(args, tiles * id / count, tiles * (id + 1) / count, buffers);
+    tiles_release();  // other code on this thread (oneDNN, gemv.cpp) configures the tiles its own way
+  }
+  return 0;
+}

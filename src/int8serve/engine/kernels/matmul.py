@@ -1,0 +1,129 @@
+"""The prefill (dense) matmul on CPUs with AMX-BF16, read straight from the packed int8 weight (matmul.cpp).
+
+A prefill chunk of more rows than `int8.kernel_rows()` is compute-bound. Without this kernel each int8 layer first
+dequantizes its whole weight into a bf16 buffer in memory (2 bytes a weight written, then read back by oneDNN, which
+reorders it once more for its tiles); on a Sapphire Rapids that was ~20% of the matmul's time. Here the weight's
+bf16 tiles are made in registers a few at a time, while the tiles multiply, from the one packed copy decode reads.
+Each output is the same sum over the same bf16 values as the dense path's (the dequantized weight's bits exactly),
+accumulated in fp32 in a fixed order: a row's result does not depend on how many rows come with it (oneDNN's AMX
+kernels round a row by its company, see int8.dense_matmul).
+
+Where the CPU lacks AMX-BF16 (or the library cannot be built) `available()` is False and Int8Linear keeps the
+dequantize-and-oneDNN path. INT8SERVE_PREFILL_MATMUL=dense forces that path on any CPU (to compare the two).
+"""
+
+from __future__ import annotations
+
+import ctypes
+import functools
+import logging
+import os
+from pathlib import Path
+
+import torch
+from torch import Tensor
+
+from . import GROUP, TILE_ROWS, BuildError, PackedWeight, build, kernel_threads
+
+log = logging.getLogger(__name__)
+
+SOURCE = Path(__file__).with_name("matmul.cpp")
+ABI_VERSION = 1  # must match i8m_abi_version() in matmul.cpp
+ENV = "INT8SERVE_PREFILL_MATMUL"
+SETTINGS = ("auto", "dense")
+ROW_MULTIPLE = 32  # the kernel takes rows in pairs of 16-row tiles: fewer are padded with zero rows
+_P, _I64, _INT = ctypes.c_void_p, ctypes.c_int64, ctypes.c_int
+STATUS = {-1: "the CPU cannot run it (no AMX-BF16, or Linux refused the tile state)", -3: "bad sizes"}
+
+
+def _open(path: Path) -> ctypes.CDLL:
+    lib = ctypes.CDLL(str(path))
+    lib.i8m_abi_version.restype = _INT
+    if lib.i8m_abi_version() != ABI_VERSION:
+        raise BuildError(f"{path} has ABI version {lib.i8m_abi_version()}, expected {ABI_VERSION}")
+    lib.i8m_cpu_ready.restype = _INT
+    lib.i8m_matmul.argtypes = [_P, _I64, _I64, _P, _P, _I64, _I64, _P, _I64, _INT, _INT]
+    lib.i8m_matmul.restype = _INT
+    return lib
+
+
+def _setting() -> str:
+    setting = os.environ.get(ENV, "auto")
+    if setting not in SETTINGS:
+        raise ValueError(f"{ENV}={setting!r}: expected one of {', '.join(SETTINGS)}")
+    return setting
+
+
+@functools.cache
+def _load() -> ctypes.CDLL | str:
+    """The loaded library if this CPU runs it, else the reason it is not used (logged once where the CPU could)."""
+    if os.environ.get("INT8SERVE_KERNELS", "1") == "0":
+        return "disabled by INT8SERVE_KERNELS=0"
+    if os.uname().machine not in ("x86_64", "AMD64"):
+        return f"needs x86-64, not {os.uname().machine}"
+    flags = _cpu_flags()
+    if not {"amx_bf16", "amx_tile", "avx512_bf16", "avx512bw"} <= flags:
+        return "this CPU has no AMX-BF16"
+    try:
+        lib = _open(build(source=SOURCE))
+    except Exception as error:  # a missing compiler, a failed build, a bad library: fall back, never crash
+        reason = f"{type(error).__name__}: {error}"
+        log.warning("AMX prefill matmul not available, prefill dequantizes for oneDNN: %s", reason)
+        return reason
+    if not lib.i8m_cpu_ready():
+        reason = "Linux did not grant the AMX tile state (arch_prctl)"
+        log.warning("AMX prefill matmul not available, prefill dequantizes for oneDNN: %s", reason)
+        return reason
+    return lib
+
+
+def _cpu_flags() -> set[str]:
+    try:
+        return set(Path("/proc/cpuinfo").read_text().split())
+    except OSError:
+        return set()
+
+
+def available() -> bool:
+    """Whether this CPU and process can run the kernel (whatever INT8SERVE_PREFILL_MATMUL says)."""
+    return not isinstance(_load(), str)
+
+
+def enabled() -> bool:
+    """Whether Int8Linear's prefill path uses the kernel: available, and not turned off by INT8SERVE_PREFILL_MATMUL."""
+    return _setting() == "auto" and available()
+
+
+def unavailable_reason() -> str | None:
+    loaded = _load()
+    return loaded if isinstance(loaded, str) else None
+
+
+def matmul(rows: Tensor, weight: PackedWeight, round_bf16: bool = True) -> Tensor:
+    """rows [M, K] (any float dtype; multiplied as bf16) @ dequantized(weight).T -> fp32 [M, N].
+
+    The weight's values are its bf16 dequantization (int8 x bf16 scale, rounded to the nearest even bf16), as the
+    dense path's buffer holds them; the sums are fp32, rounded to bf16 at the end with `round_bf16` (the dense path's
+    bf16 output). Raises RuntimeError if the kernel is not available.
+    """
+    loaded = _load()
+    if isinstance(loaded, str):
+        raise RuntimeError(f"the AMX prefill matmul is not available: {loaded}")
+    m, k = rows.shape
+    if k != weight.in_features:
+        raise ValueError(f"rows of {k} values for a weight of {weight.in_features} inputs")
+    n_padded = -(-weight.out_features // TILE_ROWS) * TILE_ROWS
+    m_padded = -(-m // ROW_MULTIPLE) * ROW_MULTIPLE
+    k_padded = -(-k // GROUP) * GROUP
+    x = rows.to(torch.bfloat16)
+    if (m_padded, k_padded) != (m, k) or not x.is_contiguous():
+        x = torch.nn.functional.pad(x, (0, k_padded - k, 0, m_padded - m)).contiguous()
+    out = torch.empty(m_padded, n_padded, dtype=torch.float32)
+    status = loaded.i8m_matmul(x.data_ptr(), m_padded, k_padded, weight.data.data_ptr(), weight.scale.data_ptr(),
+                               n_padded // TILE_ROWS, weight.group_size, out.data_ptr(), n_padded, int(round_bf16),
+                               kernel_threads())
+    if status != 0:
+        raise RuntimeError(f"i8m_matmul failed: {STATUS.get(status, status)}")
+    if n_padded != weight.out_features:
+        return out[:m, :weight.out_features].contiguous()
+    return out[:m]

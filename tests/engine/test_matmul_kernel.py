@@ -1,0 +1,91 @@
+"""The AMX-BF16 prefill matmul (engine/kernels/matmul.py): the dequantized product, row by row, on any shape."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from int8serve.engine import chunking, int8, kernels
+from int8serve.engine.int8 import Int8Linear, quantize
+from int8serve.engine.kernels import matmul as amx_matmul
+
+pytestmark = pytest.mark.skipif(not amx_matmul.available(),
+                                reason=f"AMX prefill matmul: {amx_matmul.unavailable_reason()}")
+
+
+def packed_weight(out_features: int, in_features: int, group_size: int, seed: int = 0
+                  ) -> tuple[kernels.PackedWeight, torch.Tensor]:
+    """A random packed weight and its bf16 dequantization (the dense path's buffer) as fp32."""
+    generator = torch.Generator().manual_seed(seed)
+    q, scale = quantize(torch.randn(out_features, in_features, generator=generator), group_size)
+    packed = kernels.pack_weight(q, scale, group_size)
+    dense = torch.empty(out_features, in_features, dtype=torch.bfloat16)
+    kernels.dequantize(packed, dense)
+    return packed, dense.float()
+
+
+SHAPES = [  # rows, outputs, inputs, group size: tails of every dimension, every scheme
+    (1, 96, 64, 32), (33, 172, 172, 32), (64, 300, 520, 0), (129, 64, 256, 64), (96, 320, 1024, 128),
+    (200, 1100, 4096, 32),
+]
+
+
+@pytest.mark.parametrize(("rows", "out_features", "in_features", "group_size"), SHAPES)
+def test_it_is_the_product_with_the_dequantized_bf16_weight(rows: int, out_features: int, in_features: int,
+                                                            group_size: int) -> None:
+    packed, dense = packed_weight(out_features, in_features, group_size)
+    x = torch.randn(rows, in_features)
+    exact = x.to(torch.bfloat16).double() @ dense.double().T  # the same bf16 operands, summed exactly
+    got = amx_matmul.matmul(x, packed, round_bf16=False)
+    assert got.dtype == torch.float32 and got.shape == (rows, out_features) and got.is_contiguous()
+    assert ((got.double() - exact).norm() / exact.norm()).item() < 1e-5  # fp32 accumulation
+    rounded = amx_matmul.matmul(x, packed)
+    assert torch.equal(rounded, got.to(torch.bfloat16).float())  # round_bf16: the same sums, rounded once
+
+
+def test_a_row_does_not_depend_on_the_rows_with_it() -> None:
+    packed, _ = packed_weight(320, 1024, 32)
+    x = torch.randn(160, 1024)
+    whole = amx_matmul.matmul(x, packed)
+    for start, stop in [(0, 1), (5, 8), (100, 160), (0, 159), (31, 95)]:
+        assert torch.equal(amx_matmul.matmul(x[start:stop], packed), whole[start:stop]), (start, stop)
+
+
+def test_the_thread_count_does_not_change_the_bits() -> None:
+    packed, _ = packed_weight(64 * 7, 512, 32)  # 7 tiles: uneven shares
+    x = torch.randn(64, 512)
+    together = amx_matmul.matmul(x, packed)
+    with kernels.limit_threads(1):
+        assert torch.equal(amx_matmul.matmul(x, packed), together)
+
+
+def test_a_prefill_chunk_past_the_kernel_rows_takes_it(monkeypatch: pytest.MonkeyPatch) -> None:
+    rows = int8.kernel_rows() + 1
+    generator = torch.Generator().manual_seed(1)
+    layer = Int8Linear(4096, 128)
+    q, scale = quantize(torch.randn(128, 4096, generator=generator), 32)
+    layer.set_quantized(q, scale, 32)
+    x = torch.randn(rows, 4096, generator=generator)
+    assert layer.packed is not None and int8.dense_dtype() == torch.bfloat16
+    got = layer(x)
+    assert torch.equal(got, amx_matmul.matmul(x, layer.packed))
+    assert "AMX tiles" in int8.describe_dense()
+    monkeypatch.setenv(amx_matmul.ENV, "dense")  # the dequantize-and-oneDNN path: the same values, other sum order
+    assert not amx_matmul.enabled() and f"{amx_matmul.ENV}=dense" in int8.describe_dense()
+    dense = layer(x)
+    assert not torch.equal(dense, got) and torch.allclose(dense, got, rtol=2e-2, atol=2e-2)
+    token = chunking.CURRENT.set(chunking.PrefillChunk(rows=rows, keys_end=rows))
+    monkeypatch.delenv(amx_matmul.ENV)
+    try:  # an aligned chunk's tail takes the chunk's path, here the kernel, whatever its own length
+        assert torch.equal(layer(x[-3:]), got[-3:])
+    finally:
+        chunking.CURRENT.reset(token)
+
+
+def test_bad_settings_and_shapes_are_refused(monkeypatch: pytest.MonkeyPatch) -> None:
+    packed, _ = packed_weight(64, 64, 32)
+    with pytest.raises(ValueError, match="rows of 63 values for a weight of 64 inputs"):
+        amx_matmul.matmul(torch.randn(4, 63), packed)
+    monkeypatch.setenv(amx_matmul.ENV, "fast")
+    with pytest.raises(ValueError, match="INT8SERVE_PREFILL_MATMUL='fast': expected one of auto, dense"):
+        amx_matmul.enabled()
