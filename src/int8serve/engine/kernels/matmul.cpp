@@ -1,6 +1,6 @@
 // The prefill matmul on AMX-BF16 (Sapphire Rapids and later), read straight from the packed int8 weight:
 //
-//   out[m, n] = sum_k x[m, k] * bf16(w[n, k] * wscale[n, group of k])      x bf16 [M, K], out fp32 [M, ldc]
+//   out[m, n] = sum_k bf16(x[m, k]) * bf16(w[n, k] * wscale[n, group of k])      x fp32 or bf16 [M, K], out fp32
 //
 // The weight is the one copy gemv.cpp multiplies in decode (its layout: packed[tile][group][block][step][row][byte],
 // 64 output rows a tile, 32 inputs a group, 16 rows a block, 4 inputs a step, values w + 128; wscale[tile][weight
@@ -11,21 +11,27 @@
 // dequantization ((w + 128 - 128) * scale is exact in fp32, rounded to the nearest even bf16), into a buffer that
 // stays in L2 while every row of x is multiplied with it.
 //
-// Blocking (per thread, a contiguous range of the weight's 64-row tiles): panels of up to 16 tiles (1024 outputs) x
-// K-blocks of 256 inputs. x is first copied so that each A tile (16 rows x 32 inputs) is 1 KB in a row (pack_rows).
-// For each 32 rows of x (two A tiles, 16 KB over the K-block) and each 32 outputs (two B tiles), 8 steps of 4
-// TDPBF16PS accumulate into four C tiles, loaded from and stored to `out` between K-blocks. A step's B tiles (a
-// panel's K-block: 512 KB) are made while the step before it multiplies (two buffers), in small batches between its
-// passes, so that the vector arithmetic of the dequantization overlaps the tile multiplications. Sizes measured on a
-// Sapphire Rapids (2 threads, 512 x 4096 -> 11008): panels of 4-16 tiles and K-blocks of 128-512 inputs all took
-// 27-31 ms, the machine's noise; 16 x 256 was among the fastest in each run.
+// Steps: x is converted and copied once so that each A tile (16 rows x 32 inputs) is 1 KB in a row (pack_rows). Then
+// each thread takes a contiguous range of the weight's 64-row tiles, in panels of up to 4 tiles (256 outputs) x
+// K-blocks of 256 inputs. For each 32 rows of x (two A tiles, 16 KB over the K-block, in L1) and each 32 outputs (two
+// B tiles), 8 steps of 4 TDPBF16PS accumulate into four C tiles; between K-blocks the C tiles go to a per-thread
+// buffer of contiguous 1 KB tiles (`sums`, the panel's mp x 256 fp32, in L2), and only after the last K-block to
+// `out`, whose rows are 4 N bytes apart. A step's B tiles (a panel's K-block: 128 KB) are made while the step before
+// it multiplies (two buffers), in small batches between its passes, so that the vector arithmetic of the
+// dequantization overlaps the tile multiplications. Measured on a Sapphire Rapids (2 threads, 512 x 4096 -> 11008
+// and 11008 -> 4096, from fp32 rows to fp32 outputs, alternating): 22 ms, against 36-38 ms for dequantizing and
+// oneDNN's bf16 matmul. The version before, with the C tiles kept in `out` between K-blocks and the rows converted and
+// packed in a separate pass, took 26-28 ms; taken apart, its tile multiplications alone took 19-20 ms (2.4 TFLOP/s;
+// the tile unit's peak here is 5.1 with every operand in registers, 3.5 with B streamed from L2), the dequantization
+// 2.5-4.5 and the separate packing pass 4.
 // Every output is a sum over k in the same order whatever M, N or the thread count: row m of `out` depends on row m
 // of x only. With `round_bf16` the finished sums are rounded to the nearest even bf16 (kept as fp32), as the bf16
 // matmul they replace returned them.
 //
-// Plain C ABI, built and loaded like gemv.cpp (kernels/__init__.py: build(), ctypes). The caller pads M to a multiple
-// of 32 and K to a multiple of 32 (zeros), and gives `out` ldc >= the packed rows (N rounded up to 64). Tile
-// instructions are inline assembly, as in gemv.cpp (GCC's tile intrinsics hide from it what they read and write).
+// Plain C ABI, built and loaded like gemv.cpp (kernels/__init__.py: build(), ctypes). The caller gives `out` room for
+// M rounded up to 32 rows and ldc >= the packed rows (N rounded up to 64); x's padding (rows, and inputs to a
+// multiple of 32) is zeros. Tile instructions are inline assembly, as in gemv.cpp (GCC's tile intrinsics hide from
+// it what they read and write).
 
 #include <cpuid.h>
 #include <immintrin.h>
@@ -49,7 +55,7 @@ constexpr int64_t kTileRows = 64;       // outputs per packed tile
 constexpr int64_t kSteps = 8;           // 64-byte steps per block and group
 constexpr int64_t kBlockBytes = kBlockRows * kGroup;  // 512
 constexpr int64_t kGroupBytes = kTileRows * kGroup;   // 2048
-constexpr int64_t kPanelTiles = 16;     // packed tiles per panel: 1024 outputs
+constexpr int64_t kPanelTiles = 4;      // packed tiles per panel: 256 outputs
 constexpr int64_t kBlockGroups = 8;     // groups per K-block: 256 inputs
 constexpr int64_t kRowsPerPass = 32;    // rows of x per pass of the tiles (two A tiles)
 constexpr int64_t kBTileWords = kBlockRows * kGroup;  // 512 bf16 a B tile
@@ -178,7 +184,7 @@ INT8SERVE_BF16 void round_rows(float* c, int64_t ldc) {
 // out[:, step's columns] (+)= x[:, step's inputs] . the B tiles in `buf`; between its passes it makes the next
 // step's B tiles (`jobs`), so that their vector arithmetic runs while the tiles multiply.
 INT8SERVE_BF16 void multiply_step(const Args& a, const Step& step, const uint16_t* buf,
-                                  const std::vector<DequantJob>& jobs) {
+                                  const std::vector<DequantJob>& jobs, float* sums) {
   const int64_t cstride = a.ldc * 4, xgroups = a.k / kGroup, blocks = step.tiles * kBlocks, groups = step.groups;
   const bool first = step.g0 == 0, last = step.g0 + groups == xgroups;
   const int64_t passes = (a.m / kRowsPerPass) * (blocks / 2);
@@ -188,18 +194,21 @@ INT8SERVE_BF16 void multiply_step(const Args& a, const Step& step, const uint16_
     const uint16_t* x0 = a.x + ((m0 / 16) * xgroups + step.g0) * kBTileWords;
     const uint16_t* x1 = x0 + xgroups * kBTileWords;
     for (int64_t j = 0; j < blocks; j += 2) {
-      float* c = a.out + m0 * a.ldc + step.tile0 * kTileRows + j * kBlockRows;
-      float* c_low = c + 16 * a.ldc;
+      // scratch: [m/16][blocks][16x16 fp32] contiguous tiles
+      float* s00 = sums + ((m0 / 16) * blocks + j) * 256;
+      float* s01 = s00 + 256;
+      float* s10 = s00 + blocks * 256;
+      float* s11 = s10 + 256;
       if (first) {
         I8M_ZERO(0);
         I8M_ZERO(1);
         I8M_ZERO(2);
         I8M_ZERO(3);
       } else {
-        I8M_LOAD(0, c, cstride);
-        I8M_LOAD(1, c + 16, cstride);
-        I8M_LOAD(2, c_low, cstride);
-        I8M_LOAD(3, c_low + 16, cstride);
+        I8M_LOAD(0, s00, 64);
+        I8M_LOAD(1, s01, 64);
+        I8M_LOAD(2, s10, 64);
+        I8M_LOAD(3, s11, 64);
       }
       const uint16_t* b0 = buf + j * groups * kBTileWords;
       const uint16_t* b1 = b0 + groups * kBTileWords;
@@ -213,15 +222,24 @@ INT8SERVE_BF16 void multiply_step(const Args& a, const Step& step, const uint16_
         I8M_DP(2, 5, 6);
         I8M_DP(3, 5, 7);
       }
-      I8M_STORE(0, c, cstride);
-      I8M_STORE(1, c + 16, cstride);
-      I8M_STORE(2, c_low, cstride);
-      I8M_STORE(3, c_low + 16, cstride);
-      if (last && a.round_bf16) {
-        round_rows(c, a.ldc);
-        round_rows(c + 16, a.ldc);
-        round_rows(c_low, a.ldc);
-        round_rows(c_low + 16, a.ldc);
+      if (last) {
+        float* c = a.out + m0 * a.ldc + step.tile0 * kTileRows + j * kBlockRows;
+        float* c_low = c + 16 * a.ldc;
+        I8M_STORE(0, c, cstride);
+        I8M_STORE(1, c + 16, cstride);
+        I8M_STORE(2, c_low, cstride);
+        I8M_STORE(3, c_low + 16, cstride);
+        if (a.round_bf16) {
+          round_rows(c, a.ldc);
+          round_rows(c + 16, a.ldc);
+          round_rows(c_low, a.ldc);
+          round_rows(c_low + 16, a.ldc);
+        }
+      } else {
+        I8M_STORE(0, s00, 64);
+        I8M_STORE(1, s01, 64);
+        I8M_STORE(2, s10, 64);
+        I8M_STORE(3, s11, 64);
       }
       run_jobs(jobs, &next, per_pass);
     }
@@ -231,7 +249,7 @@ INT8SERVE_BF16 void multiply_step(const Args& a, const Step& step, const uint16_
 
 // One thread's tiles [begin, end): panel by panel (up to 4 tiles), K-block by K-block (16 groups), the B tiles of
 // each step made during the step before it (two buffers).
-INT8SERVE_BF16 void multiply_tiles(const Args& a, int64_t begin, int64_t end, uint16_t* buffers[2]) {
+INT8SERVE_BF16 void multiply_tiles(const Args& a, int64_t begin, int64_t end, uint16_t* buffers[2], float* sums) {
   const int64_t groups = a.k / kGroup;
   std::vector<Step> steps;
   for (int64_t tile0 = begin; tile0 < end; tile0 += kPanelTiles)
@@ -247,55 +265,81 @@ INT8SERVE_BF16 void multiply_tiles(const Args& a, int64_t begin, int64_t end, ui
       step_jobs(a, steps[i + 1], buffers[(i + 1) % 2], jobs);
     else
       jobs.clear();
-    multiply_step(a, steps[i], buffers[i % 2], jobs);
+    multiply_step(a, steps[i], buffers[i % 2], jobs, sums);
   }
 }
 
-// x [m, k] (row-major) -> [m / 16][k / 32][16][32], each A tile's 16 rows x 32 inputs in one 1 KB piece: tile loads
-// of rows 2 k bytes apart (8 KB at k = 4096) measured 2.2 TFLOP/s against 3.5 from contiguous tiles (L2-resident B).
-void pack_rows(const uint16_t* x, int64_t m, int64_t k, uint16_t* rows, int threads) {
-  const int64_t groups = k / kGroup;
+// x [m, k] (fp32, rounded to the nearest even bf16 here, or bf16) -> bf16 [mp / 16][kp / 32][16][32], zero padded
+// to mp rows and kp inputs: each A tile's 16 rows x 32 inputs in one 1 KB piece. Tile loads of rows 2 k bytes apart
+// (8 KB at k = 4096) measured 2.2 TFLOP/s against 3.5 from contiguous tiles (L2-resident B); converting here saves
+// the caller's own pass over the rows.
+INT8SERVE_BF16 void pack_rows(const void* x, bool fp32, int64_t m, int64_t k, int64_t mp, int64_t kp, uint16_t* rows,
+                              int threads) {
+  const int64_t groups = kp / kGroup, blocks = mp / 16;
 #pragma omp parallel for schedule(static) num_threads(threads) if (threads > 1)
-  for (int64_t r = 0; r < m; ++r)
-    for (int64_t g = 0; g < groups; ++g)
-      std::memcpy(rows + (((r / 16) * groups + g) * 16 + r % 16) * kGroup, x + r * k + g * kGroup, kGroup * 2);
+  for (int64_t block = 0; block < blocks; ++block) {
+    for (int64_t g = 0; g < groups; ++g) {
+      uint16_t* dst = rows + (block * groups + g) * kBTileWords;
+      for (int64_t i = 0; i < 16; ++i) {
+        const int64_t r = block * 16 + i, k0 = g * kGroup;
+        const int64_t count = r < m ? std::max<int64_t>(0, std::min<int64_t>(kGroup, k - k0)) : 0;
+        const __mmask32 mask = count == kGroup ? ~__mmask32(0) : static_cast<__mmask32>((uint64_t{1} << count) - 1);
+        const int64_t at = count > 0 ? r * k + k0 : 0;  // masked-off lanes are not read
+        __m512i v;
+        if (fp32) {
+          const float* src = static_cast<const float*>(x) + at;
+          const __m512 lo = _mm512_maskz_loadu_ps(static_cast<__mmask16>(mask), src);
+          const __m512 hi = _mm512_maskz_loadu_ps(static_cast<__mmask16>(mask >> 16), count > 16 ? src + 16 : src);
+          v = reinterpret_cast<__m512i>(_mm512_cvtne2ps_pbh(hi, lo));
+        } else {
+          v = _mm512_maskz_loadu_epi16(mask, static_cast<const uint16_t*>(x) + at);
+        }
+        _mm512_storeu_si512(reinterpret_cast<void*>(dst + i * kGroup), v);
+      }
+    }
+  }
 }
 
 }  // namespace
 
 #define I8M_API extern "C" __attribute__((visibility("default")))
 
-I8M_API int i8m_abi_version() { return 1; }
+I8M_API int i8m_abi_version() { return 2; }
 
 // 1 if this CPU and process can run i8m_matmul.
 I8M_API int i8m_cpu_ready() { return cpu_ready() ? 1 : 0; }
 
-// out [m, ldc] fp32 = x [m, k] bf16 . dequantized weight^T, over the packed weight's `tiles` tiles of 64 outputs
-// (columns [0, 64 * tiles) of out). Status: 0 ok, -1 the CPU cannot, -3 bad sizes.
-I8M_API int i8m_matmul(const uint16_t* x, int64_t m, int64_t k, const uint8_t* packed, const uint16_t* wscale,
+// out [m, ldc] fp32 = x [m, k] . dequantized weight^T, over the packed weight's `tiles` tiles of 64 outputs
+// (columns [0, 64 * tiles) of out). x is fp32 (x_fp32 = 1: rounded to the nearest even bf16) or bf16, row-major;
+// out must hold m rounded up to 32 rows (the padding rows get the zero rows' products).
+// Status: 0 ok, -1 the CPU cannot, -3 bad sizes.
+I8M_API int i8m_matmul(const void* x, int x_fp32, int64_t m, int64_t k, const uint8_t* packed, const uint16_t* wscale,
                        int64_t tiles, int64_t group_size, float* out, int64_t ldc, int round_bf16, int threads) {
-  if (m <= 0 || k <= 0 || tiles <= 0 || m % kRowsPerPass || k % kGroup || ldc < tiles * kTileRows || group_size < 0 ||
-      group_size % kGroup)
-    return -3;
+  if (m <= 0 || k <= 0 || tiles <= 0 || ldc < tiles * kTileRows || group_size < 0 || group_size % kGroup) return -3;
   if (!cpu_ready()) return -1;
-  const int64_t groups = k / kGroup;
+  const int64_t mp = (m + kRowsPerPass - 1) / kRowsPerPass * kRowsPerPass, kp = (k + kGroup - 1) / kGroup * kGroup;
+  const int64_t groups = kp / kGroup;
   const int64_t span = group_size == 0 ? groups : group_size / kGroup;
   // the calling thread's packed rows, kept and grown (the engine calls from one thread)
   static thread_local std::vector<uint16_t> rows;
-  if (rows.size() < static_cast<size_t>(m * k)) rows.resize(static_cast<size_t>(m * k));
+  if (rows.size() < static_cast<size_t>(mp * kp)) rows.resize(static_cast<size_t>(mp * kp));
   const int nthreads = static_cast<int>(std::max<int64_t>(1, std::min<int64_t>(threads, tiles)));
-  pack_rows(x, m, k, rows.data(), nthreads);
-  const Args args{rows.data(), m, k, packed, wscale, span, (groups + span - 1) / span, out, ldc, round_bf16 != 0};
+  pack_rows(x, x_fp32 != 0, m, k, mp, kp, rows.data(), nthreads);
+  const Args args{rows.data(), mp, kp, packed, wscale, span, (groups + span - 1) / span, out, ldc, round_bf16 != 0};
 #pragma omp parallel num_threads(nthreads) if (nthreads > 1)
   {
     const int count = nthreads > 1 ? omp_get_num_threads() : 1, id = nthreads > 1 ? omp_get_thread_num() : 0;
-    // each thread's two buffers of B tiles (512 KB each), kept for its later calls (OpenMP's threads live on)
+    // each thread's two buffers of B tiles (128 KB each) and its panel's sums between K-blocks (mp x 256 fp32), kept
+    // for its later calls (OpenMP's threads live as long as the process)
     static thread_local uint16_t* buffers[2] = {nullptr, nullptr};
     for (uint16_t*& buffer : buffers)
       if (buffer == nullptr)
         buffer = static_cast<uint16_t*>(std::aligned_alloc(64, kPanelTiles * kBlocks * kBlockGroups * kBTileWords * 2));
+    static thread_local std::vector<float> sums;
+    if (sums.size() < static_cast<size_t>(mp * kPanelTiles * kTileRows))
+      sums.resize(static_cast<size_t>(mp * kPanelTiles * kTileRows));
     tiles_configure();
-    multiply_tiles(args, tiles * id / count, tiles * (id + 1) / count, buffers);
+    multiply_tiles(args, tiles * id / count, tiles * (id + 1) / count, buffers, sums.data());
     tiles_release();  // other code on this thread (oneDNN, gemv.cpp) configures the tiles its own way
   }
   return 0;

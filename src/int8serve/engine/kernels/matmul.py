@@ -23,12 +23,12 @@ from pathlib import Path
 import torch
 from torch import Tensor
 
-from . import GROUP, TILE_ROWS, BuildError, PackedWeight, build, kernel_threads
+from . import TILE_ROWS, BuildError, PackedWeight, build, kernel_threads
 
 log = logging.getLogger(__name__)
 
 SOURCE = Path(__file__).with_name("matmul.cpp")
-ABI_VERSION = 1  # must match i8m_abi_version() in matmul.cpp
+ABI_VERSION = 2  # must match i8m_abi_version() in matmul.cpp
 ENV = "INT8SERVE_PREFILL_MATMUL"
 SETTINGS = ("auto", "dense")
 ROW_MULTIPLE = 32  # the kernel takes rows in pairs of 16-row tiles: fewer are padded with zero rows
@@ -42,7 +42,7 @@ def _open(path: Path) -> ctypes.CDLL:
     if lib.i8m_abi_version() != ABI_VERSION:
         raise BuildError(f"{path} has ABI version {lib.i8m_abi_version()}, expected {ABI_VERSION}")
     lib.i8m_cpu_ready.restype = _INT
-    lib.i8m_matmul.argtypes = [_P, _I64, _I64, _P, _P, _I64, _I64, _P, _I64, _INT, _INT]
+    lib.i8m_matmul.argtypes = [_P, _INT, _I64, _I64, _P, _P, _I64, _I64, _P, _I64, _INT, _INT]
     lib.i8m_matmul.restype = _INT
     return lib
 
@@ -114,14 +114,12 @@ def matmul(rows: Tensor, weight: PackedWeight, round_bf16: bool = True) -> Tenso
         raise ValueError(f"rows of {k} values for a weight of {weight.in_features} inputs")
     n_padded = -(-weight.out_features // TILE_ROWS) * TILE_ROWS
     m_padded = -(-m // ROW_MULTIPLE) * ROW_MULTIPLE
-    k_padded = -(-k // GROUP) * GROUP
-    x = rows.to(torch.bfloat16)
-    if (m_padded, k_padded) != (m, k) or not x.is_contiguous():
-        x = torch.nn.functional.pad(x, (0, k_padded - k, 0, m_padded - m)).contiguous()
+    x = rows if rows.dtype in (torch.float32, torch.bfloat16) else rows.float()
+    x = x.contiguous()  # the kernel rounds fp32 to bf16 as it packs the rows for its tiles, zero padded
     out = torch.empty(m_padded, n_padded, dtype=torch.float32)
-    status = loaded.i8m_matmul(x.data_ptr(), m_padded, k_padded, weight.data.data_ptr(), weight.scale.data_ptr(),
-                               n_padded // TILE_ROWS, weight.group_size, out.data_ptr(), n_padded, int(round_bf16),
-                               kernel_threads())
+    status = loaded.i8m_matmul(x.data_ptr(), int(x.dtype == torch.float32), m, k, weight.data.data_ptr(),
+                               weight.scale.data_ptr(), n_padded // TILE_ROWS, weight.group_size, out.data_ptr(),
+                               n_padded, int(round_bf16), kernel_threads())
     if status != 0:
         raise RuntimeError(f"i8m_matmul failed: {STATUS.get(status, status)}")
     if n_padded != weight.out_features:
