@@ -2,7 +2,7 @@
 
 Decode reads every weight once per step, so its speed is the speed at which int8 weights stream from memory. Our
 kernel (engine/kernels: AMX, AVX-512 VNNI, AVX-VNNI, AVX2 or scalar, chosen from the CPU's flags) runs every call of
-up to `kernel_rows()` rows (decode; whole prefill chunks on AMX and AVX-512 VNNI) on int8 activations quantized per
+up to `kernel_rows()` rows (decode; whole prefill chunks on AVX-512 VNNI) on int8 activations quantized per
 32 values; it streams the weights near memory speed where torch's `_weight_int8pack_mm` is compute-bound, and it
 takes a scale per group of 32/64/128 input values (like llama.cpp's Q8_0), which per-channel int8pack cannot.
 Longer calls are compute-bound. On CPUs with AMX-BF16 our tile kernel multiplies them straight from the packed
@@ -45,14 +45,23 @@ PRECISE_ACTIVATIONS = True
 # cost, which is also what makes reusing a cached prefix pay. The other paths keep 32 until measured on their CPUs.
 # amx does the same work faster than vnni512 at these sizes (another Sapphire Rapids, 2026-12-02, the same shape, the
 # weight in cache: 16 rows 2.9 vs 5.0 ms, 64 rows 10.7 vs 18.8, 128 rows 22.5 vs 38.1; dense 9.8, 11.7, 16.5), so it
-# keeps vnni512's 128 rows.
+# kept vnni512's 128 rows. With the AMX-BF16 prefill kernel (kernels/matmul.py) the amx path keeps 32: against it
+# (2026-12-02, the same CPU, weights from memory, precise; gemv vs AMX matmul, ms) 4096 -> 11008: 8 rows 2.5 vs 5.7,
+# 24 rows 5.0 vs 6.1, 32 rows 6.1 vs 6.0, 48 rows 8.6 vs 5.2, 128 rows 23.5 vs 6.4 (11008 -> 4096 and 4096 -> 4096
+# alike). Prefill chunks of the default 128 rows then take the AMX kernel (a 512-token prompt in 4 chunks, 8 layers of
+# the 7B shape: 1.36 s against 3.87 s row-exact through our kernel; in one chunk of 512, 0.98 s), and are not
+# row-exact (chunking.py): the prefix cache keeps prompts, not replies, as on CPUs without AVX-512 VNNI.
+# INT8SERVE_PREFILL_MATMUL=dense restores the 128 rows (and row-exact prefill).
 KERNEL_ROWS = 32
 KERNEL_ROWS_VNNI512 = 128
 
 
 def kernel_rows() -> int:
     """How many rows a call may have and still run our kernel (on its path of this CPU)."""
-    return max(KERNEL_ROWS, KERNEL_ROWS_VNNI512 if kernels.path() in ("amx", "vnni512") else 0)
+    path = kernels.path()
+    if path == "amx" and amx_matmul.enabled():
+        return KERNEL_ROWS
+    return max(KERNEL_ROWS, KERNEL_ROWS_VNNI512 if path in ("amx", "vnni512") else 0)
 # Without our kernel: above this many rows the dense bf16 path, at or below it torch's int8pack (per-channel only).
 # Measured (benchmarks/engine.py --kernels, docs/benchmarks.md): per 7B block int8pack is faster up to 32 rows.
 DENSE_ROWS_THRESHOLD = 32
