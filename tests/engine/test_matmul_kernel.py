@@ -85,10 +85,23 @@ def test_a_prefill_chunk_past_the_kernel_rows_takes_it(monkeypatch: pytest.Monke
         chunking.CURRENT.reset(token)
 
 
-def test_bad_settings_and_shapes_are_refused(monkeypatch: pytest.MonkeyPatch) -> None:
+def test_bad_shapes_are_refused() -> None:
     packed, _ = packed_weight(64, 64, 32)
     with pytest.raises(ValueError, match="rows of 63 values for a weight of 64 inputs"):
         amx_matmul.matmul(torch.randn(4, 63), packed)
+
+
+def test_a_setting_it_does_not_take_turns_it_off_and_says_so(monkeypatch: pytest.MonkeyPatch,
+                                                             caplog: pytest.LogCaptureFixture) -> None:
     monkeypatch.setenv(amx_matmul.ENV, "fast")
-    with pytest.raises(ValueError, match="INT8SERVE_PREFILL_MATMUL='fast': expected one of auto, dense"):
-        amx_matmul.enabled()
+    amx_matmul._warn_once.cache_clear()
+    with caplog.at_level("WARNING"):
+        assert not amx_matmul.enabled()
+    assert "INT8SERVE_PREFILL_MATMUL='fast': expected one of auto, dense" in caplog.text
+    assert "our AMX kernel not used: INT8SERVE_PREFILL_MATMUL='fast' is not one of auto, dense" in int8.describe_dense()
+    layer = Int8Linear(64, 32)
+    q, scale = quantize(torch.randn(32, 64), 32)
+    layer.set_quantized(q, scale, 32)
+    x = torch.randn(int8.kernel_rows() + 1, 64)
+    expected = x @ (q.float() * scale.repeat_interleave(32, 1)).T
+    assert ((layer(x) - expected).norm() / expected.norm()).item() < 1e-2  # the dense bf16 path, which still works

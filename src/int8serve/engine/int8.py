@@ -123,8 +123,8 @@ def describe_dense() -> str:
         return f"prefill matmuls: fp32 through {library} (this CPU has no native bf16)"
     if kernels.available() and amx_matmul.enabled():
         return "prefill matmuls: bf16 on AMX tiles straight from the int8 weights (our kernel)"
-    reason = amx_matmul.unavailable_reason() or f"{amx_matmul.ENV}=dense"
-    return f"prefill matmuls: bf16 through oneDNN (native bf16 on this CPU; our AMX kernel not used: {reason})"
+    return (f"prefill matmuls: bf16 through oneDNN (native bf16 on this CPU; our AMX kernel not used: "
+            f"{amx_matmul.unavailable_reason()})")
 
 
 def _bf16_up(exact: Tensor) -> Tensor:

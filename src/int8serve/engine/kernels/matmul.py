@@ -9,7 +9,8 @@ accumulated in fp32 in a fixed order: a row's result does not depend on how many
 kernels round a row by its company, see int8.dense_matmul).
 
 Where the CPU lacks AMX-BF16 (or the library cannot be built) `available()` is False and Int8Linear keeps the
-dequantize-and-oneDNN path. INT8SERVE_PREFILL_MATMUL=dense forces that path on any CPU (to compare the two).
+dequantize-and-oneDNN path. INT8SERVE_PREFILL_MATMUL=dense forces that path on any CPU (to compare the two); a value
+other than auto and dense does too, with a warning (the start line names it).
 """
 
 from __future__ import annotations
@@ -47,11 +48,21 @@ def _open(path: Path) -> ctypes.CDLL:
     return lib
 
 
-def _setting() -> str:
-    setting = os.environ.get(ENV, "auto")
+def setting_problem() -> str | None:
+    """Why INT8SERVE_PREFILL_MATMUL turns the kernel off, if it does: "dense", or a value it does not take (the kernel
+    is then not used and the start line says why, as for INT8SERVE_KERNEL)."""
+    setting = os.environ.get(ENV, "auto").strip().lower() or "auto"
+    if setting == "auto":
+        return None
     if setting not in SETTINGS:
-        raise ValueError(f"{ENV}={setting!r}: expected one of {', '.join(SETTINGS)}")
-    return setting
+        _warn_once(f"{ENV}={setting!r}: expected one of {', '.join(SETTINGS)}; prefill dequantizes for oneDNN")
+        return f"{ENV}={setting!r} is not one of {', '.join(SETTINGS)}"
+    return f"{ENV}={setting}"
+
+
+@functools.cache
+def _warn_once(message: str) -> None:
+    log.warning(message)
 
 
 @functools.cache
@@ -91,12 +102,13 @@ def available() -> bool:
 
 def enabled() -> bool:
     """Whether Int8Linear's prefill path uses the kernel: available, and not turned off by INT8SERVE_PREFILL_MATMUL."""
-    return _setting() == "auto" and available()
+    return setting_problem() is None and available()
 
 
 def unavailable_reason() -> str | None:
+    """Why the kernel is not used, or None if it is."""
     loaded = _load()
-    return loaded if isinstance(loaded, str) else None
+    return loaded if isinstance(loaded, str) else setting_problem()
 
 
 def matmul(rows: Tensor, weight: PackedWeight, round_bf16: bool = True) -> Tensor:
