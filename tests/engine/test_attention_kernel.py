@@ -11,7 +11,7 @@ from collections.abc import Iterator
 import pytest
 import torch
 
-from int8serve.engine.kernels import attention
+from int8serve.engine.kernels import BuildError, attention
 from int8serve.engine.model import apply_rope, rope_tables
 
 ALL_PATHS = ["avx512", "avx2", "scalar"]
@@ -221,7 +221,7 @@ def fresh_load(monkeypatch: pytest.MonkeyPatch) -> Iterator[pytest.MonkeyPatch]:
 
 
 def no_compiler(*args: object, **kwargs: object) -> None:
-    raise attention.BuildError("no C++ compiler found (set CXX, or install g++)")
+    raise BuildError("no C++ compiler found (set CXX, or install g++)")
 
 
 def test_without_a_compiler_the_model_keeps_the_torch_path(fresh_load: pytest.MonkeyPatch, stories_int8,

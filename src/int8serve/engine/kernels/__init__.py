@@ -98,7 +98,8 @@ def _build_key(cxx: str, source: Path = SOURCE) -> str:
     except (OSError, subprocess.SubprocessError) as error:
         raise BuildError(f"cannot run {cxx}: {error}") from error
     digest = hashlib.sha256()
-    for part in (source.read_bytes(), " ".join(CXXFLAGS).encode(), cxx.encode(), version.encode()):
+    headers = [h.read_bytes() for h in sorted(source.parent.glob("*.h"))]  # what the sources #include
+    for part in (source.read_bytes(), *headers, " ".join(CXXFLAGS).encode(), cxx.encode(), version.encode()):
         digest.update(part)
         digest.update(b"\0")
     return digest.hexdigest()[:16]
@@ -169,11 +170,18 @@ _lib: ctypes.CDLL | None = None
 _P, _I64, _INT = ctypes.c_void_p, ctypes.c_int64, ctypes.c_int
 
 
-def _open(path: Path) -> ctypes.CDLL:
+def open_library(path: Path, abi_function: str, abi_version: int) -> ctypes.CDLL:
+    """Load a library `build` made, refusing one whose `abi_function()` is not `abi_version`."""
     lib = ctypes.CDLL(str(path))
-    lib.i8s_abi_version.restype = _INT
-    if lib.i8s_abi_version() != ABI_VERSION:
-        raise BuildError(f"{path} has ABI version {lib.i8s_abi_version()}, expected {ABI_VERSION}")
+    function = getattr(lib, abi_function)
+    function.restype = _INT
+    if function() != abi_version:
+        raise BuildError(f"{path} has ABI version {function()}, expected {abi_version}")
+    return lib
+
+
+def _open(path: Path) -> ctypes.CDLL:
+    lib = open_library(path, "i8s_abi_version", ABI_VERSION)
     lib.i8s_cpu_has.argtypes = [_INT]
     lib.i8s_cpu_has.restype = _INT
     lib.i8s_gemv.argtypes = [_P, _I64, _I64, _P, _P, _I64, _I64, _P, _INT, _INT, _INT]

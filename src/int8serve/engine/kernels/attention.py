@@ -26,7 +26,7 @@ from typing import Literal
 import torch
 from torch import Tensor
 
-from . import BuildError, build, kernel_threads
+from . import build, kernel_threads, open_library
 
 log = logging.getLogger(__name__)
 
@@ -43,10 +43,7 @@ _P, _I64, _INT, _F32 = ctypes.c_void_p, ctypes.c_int64, ctypes.c_int, ctypes.c_f
 
 
 def _open(path: Path) -> ctypes.CDLL:
-    lib = ctypes.CDLL(str(path))
-    lib.i8a_abi_version.restype = _INT
-    if lib.i8a_abi_version() != ABI_VERSION:
-        raise BuildError(f"{path} has ABI version {lib.i8a_abi_version()}, expected {ABI_VERSION}")
+    lib = open_library(path, "i8a_abi_version", ABI_VERSION)
     lib.i8a_cpu_paths.restype = _INT
     lib.i8a_resolve.argtypes = [_INT]
     lib.i8a_resolve.restype = _INT

@@ -40,14 +40,14 @@
 
 #include <cpuid.h>
 #include <immintrin.h>
-#include <sys/syscall.h>
-#include <unistd.h>
 
 #include <algorithm>
 #include <cmath>
 #include <cstdint>
 #include <cstring>
 #include <vector>
+
+#include "amx_tiles.h"
 
 namespace {
 
@@ -94,8 +94,7 @@ bool amx_ready() {
   static const bool ready = [] {
     unsigned eax = 0, ebx = 0, ecx = 0, edx = 0;
     if (!__get_cpuid_count(7, 0, &eax, &ebx, &ecx, &edx) || !((edx >> 24) & 1u) || !((edx >> 25) & 1u)) return false;
-    constexpr long kReqXcompPerm = 0x1023, kXfeatureXtiledata = 18;
-    return syscall(SYS_arch_prctl, kReqXcompPerm, kXfeatureXtiledata) == 0;
+    return amx_permission();
   }();
   return ready;
 }
@@ -467,32 +466,16 @@ INT8SERVE_ROWS(rows_avx2, tile_avx2, INT8SERVE_AVX2)
 // same dot products as vpdpbusd's, so the fp32 arithmetic that follows (the same fmas in the same order) gives the
 // same bits as every other path. The tiles do the products of all rows at once where vnni512 spends one instruction
 // per row and 64 bytes: at 8 rows (4 sequences, precise) its arithmetic, not the memory, was the limit.
-// Tile registers: tmm0-3 the four blocks' sums, tmm4 the activations, tmm5 and tmm6 the weights (alternating).
-// Written as inline assembly with memory operands the compiler can see (GCC's tile intrinsics hide from it what
-// ldtilecfg and tilestored read and write; ggml-org/llama.cpp#26954 is that bug).
-struct alignas(64) TileConfig {
-  uint8_t palette = 1;
-  uint8_t start_row = 0;
-  uint8_t reserved[14] = {};
-  uint16_t colsb[16] = {};  // bytes per row of each tile register
-  uint8_t rows[16] = {};
-};
-
+// Tile registers: tmm0-3 the four blocks' sums, tmm4 the activations, tmm5 and tmm6 the weights (alternating);
+// inline assembly (amx_tiles.h).
 void amx_configure(int64_t rows) {
   TileConfig config;
   for (int t = 0; t < 4; ++t) config.rows[t] = static_cast<uint8_t>(rows), config.colsb[t] = 64;  // C: rows x 16 int32
   config.rows[4] = static_cast<uint8_t>(rows), config.colsb[4] = kGroup;                           // A: rows x 32 int8
   for (int t = 5; t < 7; ++t) config.rows[t] = kSteps, config.colsb[t] = 64;                       // B: 8 x 64 uint8
-  asm volatile("ldtilecfg %0" : : "m"(config));
+  tiles_configure(config);
 }
 
-void amx_release() { asm volatile("tilerelease" ::: "memory"); }
-
-#define INT8SERVE_TILE_LOAD(T, BASE, STRIDE) \
-  asm volatile("tileloadd (%0,%1,1), %%tmm" #T : : "r"(BASE), "r"(static_cast<int64_t>(STRIDE)) : "memory")
-#define INT8SERVE_TILE_STORE(T, BASE, STRIDE) \
-  asm volatile("tilestored %%tmm" #T ", (%0,%1,1)" : : "r"(BASE), "r"(static_cast<int64_t>(STRIDE)) : "memory")
-#define INT8SERVE_TILE_ZERO(T) asm volatile("tilezero %%tmm" #T ::)
 // C += A (signed bytes) . B (unsigned bytes); AT&T order: B, A, C
 #define INT8SERVE_TILE_DPBSUD(C, A, B) asm volatile("tdpbsud %%tmm" #B ", %%tmm" #A ", %%tmm" #C ::)
 
@@ -793,7 +776,7 @@ INT8SERVE_API int i8s_gemv(const float* x, int64_t m, int64_t k, const uint8_t* 
         run(a, rows, tile);
       }
     }
-    if (configured) amx_release();  // other code on this thread (oneDNN) configures the tiles its own way
+    if (configured) tiles_release();  // other code on this thread (oneDNN) configures the tiles its own way
   }
   if (precise) {
     for (int64_t r = 0; r < m; ++r)

@@ -31,12 +31,10 @@
 // Plain C ABI, built and loaded like gemv.cpp (kernels/__init__.py: build(), ctypes). The caller gives `out` room for
 // M rounded up to 32 rows and ldc >= the packed rows (N rounded up to 64); x's padding (rows, and inputs to a
 // multiple of 32) is zeros. Tile instructions are inline assembly, as in gemv.cpp (GCC's tile intrinsics hide from
-// it what they read and write).
+// it what they read and write; amx_tiles.h).
 
 #include <cpuid.h>
 #include <immintrin.h>
-#include <sys/syscall.h>
-#include <unistd.h>
 
 #include <omp.h>
 
@@ -45,6 +43,8 @@
 #include <cstdlib>
 #include <cstring>
 #include <vector>
+
+#include "amx_tiles.h"
 
 namespace {
 
@@ -69,38 +69,22 @@ bool cpu_ready() {
     const bool amx = ((edx >> 24) & 1u) && ((edx >> 22) & 1u);
     const bool avx512 = ((ebx >> 16) & 1u) && ((ebx >> 30) & 1u);  // AVX512F, AVX512BW
     if (!amx || !avx512 || !__get_cpuid_count(7, 1, &eax, &ebx, &ecx, &edx) || !((eax >> 5) & 1u)) return false;
-    constexpr long kReqXcompPerm = 0x1023, kXfeatureXtiledata = 18;
-    return syscall(SYS_arch_prctl, kReqXcompPerm, kXfeatureXtiledata) == 0;
+    return amx_permission();
   }();
   return ready;
 }
 
 #define INT8SERVE_BF16 __attribute__((target("avx512f,avx512bw,avx512vl,avx512bf16")))
 
-struct alignas(64) TileConfig {
-  uint8_t palette = 1;
-  uint8_t start_row = 0;
-  uint8_t reserved[14] = {};
-  uint16_t colsb[16] = {};
-  uint8_t rows[16] = {};
-};
-
 // tmm0-3: C (16 rows x 16 fp32), tmm4-5: A (16 rows x 32 bf16), tmm6-7: B (16 rows x 16 bf16 pairs).
-void tiles_configure() {
+void configure_tiles() {
   TileConfig config;
   for (int t = 0; t < 8; ++t) config.rows[t] = 16, config.colsb[t] = 64;
-  asm volatile("ldtilecfg %0" : : "m"(config));
+  tiles_configure(config);
 }
 
-void tiles_release() { asm volatile("tilerelease" ::: "memory"); }
-
-#define I8M_LOAD(T, BASE, STRIDE) \
-  asm volatile("tileloadd (%0,%1,1), %%tmm" #T : : "r"(BASE), "r"(static_cast<int64_t>(STRIDE)) : "memory")
-#define I8M_STORE(T, BASE, STRIDE) \
-  asm volatile("tilestored %%tmm" #T ", (%0,%1,1)" : : "r"(BASE), "r"(static_cast<int64_t>(STRIDE)) : "memory")
-#define I8M_ZERO(T) asm volatile("tilezero %%tmm" #T ::)
 // C += A . B in fp32 from bf16 pairs; AT&T order: B, A, C
-#define I8M_DP(C, A, B) asm volatile("tdpbf16ps %%tmm" #B ", %%tmm" #A ", %%tmm" #C ::)
+#define INT8SERVE_TILE_DPBF16PS(C, A, B) asm volatile("tdpbf16ps %%tmm" #B ", %%tmm" #A ", %%tmm" #C ::)
 
 struct Args {
   const uint16_t* x;       // bf16 [m / 16][k / 32][16][32] (pack_rows)
@@ -210,35 +194,35 @@ INT8SERVE_BF16 void multiply_step(const Args& a, const Step& step, const uint16_
       float* s10 = s00 + blocks * 256;
       float* s11 = s10 + 256;
       if (first) {
-        I8M_ZERO(0);
-        I8M_ZERO(1);
-        I8M_ZERO(2);
-        I8M_ZERO(3);
+        INT8SERVE_TILE_ZERO(0);
+        INT8SERVE_TILE_ZERO(1);
+        INT8SERVE_TILE_ZERO(2);
+        INT8SERVE_TILE_ZERO(3);
       } else {
-        I8M_LOAD(0, s00, 64);
-        I8M_LOAD(1, s01, 64);
-        I8M_LOAD(2, s10, 64);
-        I8M_LOAD(3, s11, 64);
+        INT8SERVE_TILE_LOAD(0, s00, 64);
+        INT8SERVE_TILE_LOAD(1, s01, 64);
+        INT8SERVE_TILE_LOAD(2, s10, 64);
+        INT8SERVE_TILE_LOAD(3, s11, 64);
       }
       const uint16_t* b0 = buf + j * groups * kBTileWords;
       const uint16_t* b1 = b0 + groups * kBTileWords;
       for (int64_t g = 0; g < groups; ++g) {
-        I8M_LOAD(4, x0 + g * kBTileWords, 64);
-        I8M_LOAD(6, b0 + g * kBTileWords, 64);
-        I8M_DP(0, 4, 6);
-        I8M_LOAD(7, b1 + g * kBTileWords, 64);
-        I8M_DP(1, 4, 7);
-        I8M_LOAD(5, x1 + g * kBTileWords, 64);
-        I8M_DP(2, 5, 6);
-        I8M_DP(3, 5, 7);
+        INT8SERVE_TILE_LOAD(4, x0 + g * kBTileWords, 64);
+        INT8SERVE_TILE_LOAD(6, b0 + g * kBTileWords, 64);
+        INT8SERVE_TILE_DPBF16PS(0, 4, 6);
+        INT8SERVE_TILE_LOAD(7, b1 + g * kBTileWords, 64);
+        INT8SERVE_TILE_DPBF16PS(1, 4, 7);
+        INT8SERVE_TILE_LOAD(5, x1 + g * kBTileWords, 64);
+        INT8SERVE_TILE_DPBF16PS(2, 5, 6);
+        INT8SERVE_TILE_DPBF16PS(3, 5, 7);
       }
       if (last) {
         float* c = a.out + m0 * a.ldc + step.tile0 * kTileRows + j * kBlockRows;
         float* c_low = c + 16 * a.ldc;
-        I8M_STORE(0, c, cstride);
-        I8M_STORE(1, c + 16, cstride);
-        I8M_STORE(2, c_low, cstride);
-        I8M_STORE(3, c_low + 16, cstride);
+        INT8SERVE_TILE_STORE(0, c, cstride);
+        INT8SERVE_TILE_STORE(1, c + 16, cstride);
+        INT8SERVE_TILE_STORE(2, c_low, cstride);
+        INT8SERVE_TILE_STORE(3, c_low + 16, cstride);
         if (a.round_bf16) {
           round_rows(c, a.ldc);
           round_rows(c + 16, a.ldc);
@@ -246,10 +230,10 @@ INT8SERVE_BF16 void multiply_step(const Args& a, const Step& step, const uint16_
           round_rows(c_low + 16, a.ldc);
         }
       } else {
-        I8M_STORE(0, s00, 64);
-        I8M_STORE(1, s01, 64);
-        I8M_STORE(2, s10, 64);
-        I8M_STORE(3, s11, 64);
+        INT8SERVE_TILE_STORE(0, s00, 64);
+        INT8SERVE_TILE_STORE(1, s01, 64);
+        INT8SERVE_TILE_STORE(2, s10, 64);
+        INT8SERVE_TILE_STORE(3, s11, 64);
       }
       run_jobs(jobs, &next, per_pass);
     }
@@ -348,7 +332,7 @@ I8M_API int i8m_matmul(const void* x, int x_fp32, int64_t m, int64_t k, const ui
     static thread_local std::vector<float> sums;
     if (sums.size() < static_cast<size_t>(mp * kPanelTiles * kTileRows))
       sums.resize(static_cast<size_t>(mp * kPanelTiles * kTileRows));
-    tiles_configure();
+    configure_tiles();
     multiply_tiles(args, tiles * id / count, tiles * (id + 1) / count, buffers, sums.data());
     tiles_release();  // other code on this thread (oneDNN, gemv.cpp) configures the tiles its own way
   }

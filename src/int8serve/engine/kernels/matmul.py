@@ -24,7 +24,7 @@ from pathlib import Path
 import torch
 from torch import Tensor
 
-from . import TILE_ROWS, BuildError, PackedWeight, build, kernel_threads
+from . import TILE_ROWS, PackedWeight, build, kernel_threads, open_library
 
 log = logging.getLogger(__name__)
 
@@ -38,10 +38,7 @@ STATUS = {-1: "the CPU cannot run it (no AMX-BF16, or Linux refused the tile sta
 
 
 def _open(path: Path) -> ctypes.CDLL:
-    lib = ctypes.CDLL(str(path))
-    lib.i8m_abi_version.restype = _INT
-    if lib.i8m_abi_version() != ABI_VERSION:
-        raise BuildError(f"{path} has ABI version {lib.i8m_abi_version()}, expected {ABI_VERSION}")
+    lib = open_library(path, "i8m_abi_version", ABI_VERSION)
     lib.i8m_cpu_ready.restype = _INT
     lib.i8m_matmul.argtypes = [_P, _INT, _I64, _I64, _P, _P, _I64, _I64, _P, _I64, _INT, _INT]
     lib.i8m_matmul.restype = _INT
