@@ -24,6 +24,7 @@ from torch import Tensor, nn
 from . import allocator, chunking, kernels
 from .config import ModelConfig
 from .int8 import COMPUTE_DTYPE, DequantBuffer, Int8Linear, kernel_rows
+from .kernels import activation as activation_kernel
 from .kernels import attention as attention_kernel
 
 Precision = Literal["fp32", "int8"]
@@ -187,7 +188,11 @@ class FeedForward(nn.Module):
         self.w3 = linear(config.dim, config.hidden_dim, **kw)  # up
 
     def forward(self, x: Tensor) -> Tensor:
-        return self.w2(silu_rows(self.w1(x)) * self.w3(x))
+        gate, up = self.w1(x), self.w3(x)
+        if isinstance(self.w1, Int8Linear) and activation_kernel.available():
+            # one pass, each element alike wherever it sits (kernels/activation.py); the fp32 reference keeps torch's
+            return self.w2(activation_kernel.silu_mul(gate, up))
+        return self.w2(silu_rows(gate) * up)
 
 
 def silu_rows(x: Tensor) -> Tensor:
@@ -196,7 +201,8 @@ def silu_rows(x: Tensor) -> Tensor:
     torch's vectorized loop computes the last numel % 32 elements of a call (and of each thread's share) with a scalar
     exp that rounds differently from its vector exp, so over a whole [rows, hidden] tensor a row's bits would depend
     on how many rows came with it whenever hidden is not a multiple of 32 (stories260K: 172). Row by row, a token's
-    SiLU is the same in a decode step and in any prefill chunk (row-exact prefill, chunking.py).
+    SiLU is the same in a decode step and in any prefill chunk (row-exact prefill, chunking.py). The fp32 model, and
+    int8 models without the SiLU kernel (kernels/activation.py, which int8 models use), take this path.
     """
     rows = x.reshape(-1, x.shape[-1])
     if rows.shape[0] == 1:

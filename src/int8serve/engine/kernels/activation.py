@@ -1,0 +1,82 @@
+"""The feed-forward gate of int8 models, silu(gate) * up, in one C++ pass (activation.cpp).
+
+Each element goes through the same operations wherever it sits, so a row's result does not depend on the rows that
+come with it (torch's SiLU rounds the tail of a call differently, which is why the model otherwise calls it row by
+row: `model.silu_rows`). A 512-token chunk of the 7B shape: 512 torch calls a layer and a separate product pass,
+against one call here. The paths (avx512, avx2, scalar) give the same bits; "auto" takes the widest this CPU runs.
+Without the library (no compiler, INT8SERVE_KERNELS=0) `available()` is False and the model keeps torch's SiLU.
+"""
+
+from __future__ import annotations
+
+import ctypes
+import functools
+import logging
+import os
+from pathlib import Path
+from typing import Literal
+
+import torch
+from torch import Tensor
+
+from . import build, kernel_threads, open_library
+
+log = logging.getLogger(__name__)
+
+SOURCE = Path(__file__).with_name("activation.cpp")
+ABI_VERSION = 1  # must match i8e_abi_version() in activation.cpp
+Impl = Literal["auto", "avx512", "avx2", "scalar"]
+IMPLS: dict[str, int] = {"auto": 0, "avx512": 1, "avx2": 2, "scalar": 3}
+_P, _I64, _INT = ctypes.c_void_p, ctypes.c_int64, ctypes.c_int
+
+
+def _open(path: Path) -> ctypes.CDLL:
+    lib = open_library(path, "i8e_abi_version", ABI_VERSION)
+    lib.i8e_resolve.argtypes = [_INT]
+    lib.i8e_resolve.restype = _INT
+    lib.i8e_silu_mul.argtypes = [_P, _P, _P, _I64, _INT, _INT]
+    lib.i8e_silu_mul.restype = _INT
+    return lib
+
+
+@functools.cache
+def _load() -> ctypes.CDLL | str:
+    """The loaded library, or the reason it cannot be used (logged once)."""
+    if os.environ.get("INT8SERVE_KERNELS", "1") == "0":
+        return "disabled by INT8SERVE_KERNELS=0"
+    if os.uname().machine not in ("x86_64", "AMD64"):
+        return f"needs x86-64, not {os.uname().machine}"
+    try:
+        return _open(build(source=SOURCE))
+    except Exception as error:  # a missing compiler, a failed build, a bad library: fall back, never crash
+        reason = f"{type(error).__name__}: {error}"
+    log.warning("SiLU kernel not available, the feed-forward calls torch's SiLU row by row: %s", reason)
+    return reason
+
+
+def available() -> bool:
+    return not isinstance(_load(), str)
+
+
+def runs(impl: Impl) -> bool:
+    """Whether this CPU runs the path `impl` (False without the library)."""
+    loaded = _load()
+    return not isinstance(loaded, str) and loaded.i8e_resolve(IMPLS[impl]) >= 0
+
+
+def silu_mul(gate: Tensor, up: Tensor, impl: Impl = "auto") -> Tensor:
+    """silu(gate) * up for fp32 tensors of one shape -> a new fp32 tensor. RuntimeError without the library or
+    when the CPU cannot run `impl`."""
+    loaded = _load()
+    if isinstance(loaded, str):
+        raise RuntimeError(f"the SiLU kernel is not available: {loaded}")
+    if gate.shape != up.shape or gate.dtype != torch.float32 or up.dtype != torch.float32:
+        raise ValueError(f"gate and up must be fp32 of one shape, got {gate.dtype} {tuple(gate.shape)} and "
+                         f"{up.dtype} {tuple(up.shape)}")
+    gate, up = gate.contiguous(), up.contiguous()
+    out = torch.empty_like(gate)
+    status = loaded.i8e_silu_mul(gate.data_ptr(), up.data_ptr(), out.data_ptr(), gate.numel(), IMPLS[impl],
+                                 kernel_threads())
+    if status != 0:
+        raise RuntimeError(f"this CPU cannot run the {impl} SiLU path")
+    return out

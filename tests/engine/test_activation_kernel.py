@@ -1,0 +1,56 @@
+"""The feed-forward gate kernel (engine/kernels/activation.py): silu(gate) * up, the same bits on every path and
+for every row whatever comes with it, as close to the exact value as torch's own SiLU."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from int8serve.engine.kernels import activation
+
+PATHS = [pytest.param(path, marks=pytest.mark.skipif(not activation.runs(path),
+                                                      reason=f"this CPU cannot run the {path} path"))
+         for path in ("avx512", "avx2", "scalar")]
+
+
+def inputs(rows: int, width: int, seed: int = 0) -> tuple[torch.Tensor, torch.Tensor]:
+    generator = torch.Generator().manual_seed(seed)
+    return torch.randn(rows, width, generator=generator) * 4, torch.randn(rows, width, generator=generator)
+
+
+def test_the_library_is_built_here() -> None:
+    assert activation.available(), "a C++ compiler is on every machine that runs this suite"
+
+
+@pytest.mark.parametrize("path", PATHS)
+@pytest.mark.parametrize("width", [1, 7, 172, 11008])  # tails of every vector width; stories260K's 172; the 7B's
+def test_every_path_gives_the_scalar_bits_and_the_exact_value(path: str, width: int) -> None:
+    gate, up = inputs(33, width)
+    got = activation.silu_mul(gate, up, path)
+    assert torch.equal(got, activation.silu_mul(gate, up, "scalar"))
+    exact = F.silu(gate.double()) * up.double()
+    ours = ((got.double() - exact).abs() / exact.abs().clamp_min(1e-30)).max().item()
+    torch_error = (((F.silu(gate) * up).double() - exact).abs() / exact.abs().clamp_min(1e-30)).max().item()
+    assert ours <= max(4 * torch_error, 1e-6)
+
+
+def test_a_row_does_not_depend_on_the_rows_with_it() -> None:
+    gate, up = inputs(300, 11008)  # more than one thread's share
+    whole = activation.silu_mul(gate, up)
+    for start, stop in [(0, 1), (7, 9), (150, 300), (299, 300)]:
+        assert torch.equal(activation.silu_mul(gate[start:stop], up[start:stop]), whole[start:stop])
+
+
+def test_extremes_stay_finite_where_the_exact_value_is() -> None:
+    gate = torch.tensor([-1000.0, -88.0, -87.0, -10.0, 0.0, 10.0, 87.0, 88.0, 1000.0])
+    got = activation.silu_mul(gate, torch.ones_like(gate))
+    assert torch.isfinite(got).all()
+    assert torch.allclose(got, F.silu(gate), rtol=1e-6, atol=1e-30)
+
+
+def test_bad_inputs_are_refused() -> None:
+    with pytest.raises(ValueError, match="fp32 of one shape"):
+        activation.silu_mul(torch.ones(2, 3), torch.ones(3, 2))
+    with pytest.raises(ValueError, match="fp32 of one shape"):
+        activation.silu_mul(torch.ones(2, 3, dtype=torch.bfloat16), torch.ones(2, 3, dtype=torch.bfloat16))
