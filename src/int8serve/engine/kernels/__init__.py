@@ -39,7 +39,7 @@ import subprocess
 import sys
 import tempfile
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from contextvars import ContextVar
 from dataclasses import dataclass
 from pathlib import Path
@@ -178,6 +178,20 @@ def open_library(path: Path, abi_function: str, abi_version: int) -> ctypes.CDLL
     if function() != abi_version:
         raise BuildError(f"{path} has ABI version {function()}, expected {abi_version}")
     return lib
+
+
+def load_library(source: Path, opener: Callable[[Path], ctypes.CDLL], builder: Callable[..., Path] = build
+                 ) -> ctypes.CDLL | str:
+    """Build `source` (`builder`, the calling module's `build`, which tests replace) and open it with `opener`; or
+    the reason it cannot be used: INT8SERVE_KERNELS=0, not x86-64, no compiler, a failed build or load."""
+    if os.environ.get("INT8SERVE_KERNELS", "1") == "0":
+        return "disabled by INT8SERVE_KERNELS=0"
+    if os.uname().machine not in ("x86_64", "AMD64"):
+        return f"needs x86-64, not {os.uname().machine}"
+    try:
+        return opener(builder(source=source))
+    except Exception as error:  # a missing compiler, a failed build, a bad library: fall back, never crash
+        return f"{type(error).__name__}: {error}"
 
 
 def _open(path: Path) -> ctypes.CDLL:

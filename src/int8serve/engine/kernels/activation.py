@@ -12,14 +12,13 @@ from __future__ import annotations
 import ctypes
 import functools
 import logging
-import os
 from pathlib import Path
 from typing import Literal
 
 import torch
 from torch import Tensor
 
-from . import build, kernel_threads, open_library
+from . import build, kernel_threads, load_library, open_library
 
 log = logging.getLogger(__name__)
 
@@ -42,16 +41,10 @@ def _open(path: Path) -> ctypes.CDLL:
 @functools.cache
 def _load() -> ctypes.CDLL | str:
     """The loaded library, or the reason it cannot be used (logged once)."""
-    if os.environ.get("INT8SERVE_KERNELS", "1") == "0":
-        return "disabled by INT8SERVE_KERNELS=0"
-    if os.uname().machine not in ("x86_64", "AMD64"):
-        return f"needs x86-64, not {os.uname().machine}"
-    try:
-        return _open(build(source=SOURCE))
-    except Exception as error:  # a missing compiler, a failed build, a bad library: fall back, never crash
-        reason = f"{type(error).__name__}: {error}"
-    log.warning("SiLU kernel not available, the feed-forward calls torch's SiLU row by row: %s", reason)
-    return reason
+    loaded = load_library(SOURCE, _open, build)
+    if isinstance(loaded, str):
+        log.warning("SiLU kernel not available, the feed-forward calls torch's SiLU row by row: %s", loaded)
+    return loaded
 
 
 def available() -> bool:

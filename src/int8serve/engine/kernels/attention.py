@@ -26,7 +26,7 @@ from typing import Literal
 import torch
 from torch import Tensor
 
-from . import build, kernel_threads, open_library
+from . import build, kernel_threads, load_library, open_library
 
 log = logging.getLogger(__name__)
 
@@ -56,18 +56,10 @@ def _open(path: Path) -> ctypes.CDLL:
 @functools.cache
 def _load() -> ctypes.CDLL | str:
     """The loaded library, or the reason it cannot be used (logged once)."""
-    reason = None
-    if os.environ.get("INT8SERVE_KERNELS", "1") == "0":
-        reason = "disabled by INT8SERVE_KERNELS=0"
-    elif os.uname().machine not in ("x86_64", "AMD64"):
-        reason = f"needs x86-64, not {os.uname().machine}"
-    else:
-        try:
-            return _open(build(source=SOURCE))
-        except Exception as error:  # a missing compiler, a failed build, a bad library: fall back, never crash
-            reason = f"{type(error).__name__}: {error}"
-    log.warning("attention kernel not available, decode attends row by row in torch: %s", reason)
-    return reason
+    loaded = load_library(SOURCE, _open, build)
+    if isinstance(loaded, str):
+        log.warning("attention kernel not available, decode attends row by row in torch: %s", loaded)
+    return loaded
 
 
 def available() -> bool:

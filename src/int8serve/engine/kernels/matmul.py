@@ -24,7 +24,7 @@ from pathlib import Path
 import torch
 from torch import Tensor
 
-from . import TILE_ROWS, PackedWeight, build, kernel_threads, open_library
+from . import TILE_ROWS, PackedWeight, build, kernel_threads, load_library, open_library
 
 log = logging.getLogger(__name__)
 
@@ -65,19 +65,12 @@ def _warn_once(message: str) -> None:
 @functools.cache
 def _load() -> ctypes.CDLL | str:
     """The loaded library if this CPU runs it, else the reason it is not used (logged once where the CPU could)."""
-    if os.environ.get("INT8SERVE_KERNELS", "1") == "0":
-        return "disabled by INT8SERVE_KERNELS=0"
-    if os.uname().machine not in ("x86_64", "AMD64"):
-        return f"needs x86-64, not {os.uname().machine}"
-    flags = _cpu_flags()
-    if not {"amx_bf16", "amx_tile", "avx512_bf16", "avx512bw"} <= flags:
+    if not {"amx_bf16", "amx_tile", "avx512_bf16", "avx512bw"} <= _cpu_flags():
         return "this CPU has no AMX-BF16"
-    try:
-        lib = _open(build(source=SOURCE))
-    except Exception as error:  # a missing compiler, a failed build, a bad library: fall back, never crash
-        reason = f"{type(error).__name__}: {error}"
-        log.warning("AMX prefill matmul not available, prefill dequantizes for oneDNN: %s", reason)
-        return reason
+    lib = load_library(SOURCE, _open, build)
+    if isinstance(lib, str):
+        log.warning("AMX prefill matmul not available, prefill dequantizes for oneDNN: %s", lib)
+        return lib
     if not lib.i8m_cpu_ready():
         reason = "Linux did not grant the AMX tile state (arch_prctl)"
         log.warning("AMX prefill matmul not available, prefill dequantizes for oneDNN: %s", reason)
