@@ -17,10 +17,7 @@ import resource, sys, torch
 from int8serve.engine import allocator, generate
 from int8serve.engine.config import ModelConfig
 from int8serve.engine.model import Transformer
-if sys.argv[1] == "tuned":
-    assert allocator.tune()
-else:
-    allocator.tune = lambda: False  # a Transformer tunes when it is made: keep glibc's defaults for the comparison
+assert allocator.tune()  # (a Transformer also tunes when it is made)
 torch.manual_seed(0)
 config = ModelConfig(dim=1024, n_layers=2, n_heads=8, n_kv_heads=8, vocab_size=256, hidden_dim=5632, max_seq_len=1100)
 model = Transformer(config, "fp32").eval()
@@ -35,17 +32,17 @@ print(resource.getrusage(resource.RUSAGE_SELF).ru_minflt - before)
 """
 
 
-def page_faults(mode: str) -> int:
-    done = subprocess.run([sys.executable, "-c", WORKLOAD, mode], capture_output=True, text=True, timeout=300)
+def page_faults() -> int:
+    done = subprocess.run([sys.executable, "-c", WORKLOAD], capture_output=True, text=True, timeout=300)
     assert done.returncode == 0, done.stderr
     return int(done.stdout)
 
 
 def test_a_prefills_freed_activations_are_reused() -> None:
-    # measured: 23,400 faults with glibc's defaults (its heap top handed back to Linux and faulted in again), 0 tuned
-    untuned, tuned = page_faults("default"), page_faults("tuned")
-    assert untuned > 10_000
-    assert tuned * 5 < untuned
+    # Tuned, the third prefill finds its activations' memory on the heap: 0-512 page faults measured. glibc's defaults
+    # (with `allocator.tune` replaced by a no-op) gave 5,600-42,600: its thresholds adapt to what the process did
+    # before, so that figure is not asserted; a tuning that did nothing would be there.
+    assert page_faults() < 1_000
 
 
 def test_settings_the_user_made_are_kept(monkeypatch: pytest.MonkeyPatch) -> None:
