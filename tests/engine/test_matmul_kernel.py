@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+import subprocess
+import sys
+
 import pytest
 import torch
 
@@ -105,3 +108,28 @@ def test_a_setting_it_does_not_take_turns_it_off_and_says_so(monkeypatch: pytest
     x = torch.randn(int8.kernel_rows() + 1, 64)
     expected = x @ (q.float() * scale.repeat_interleave(32, 1)).T
     assert ((layer(x) - expected).norm() / expected.norm()).item() < 1e-2  # the dense bf16 path, which still works
+
+
+# Rows whose packed copy (164 MB) does not fit what the process may still map: a clear error, not an abort.
+OUT_OF_MEMORY = """
+import resource, torch
+from int8serve.engine import kernels
+from int8serve.engine.int8 import quantize
+from int8serve.engine.kernels import matmul
+q, scale = quantize(torch.randn(64, 4096), 32)
+packed = kernels.pack_weight(q, scale, 32)
+matmul.matmul(torch.randn(32, 4096), packed)  # the library loaded, its threads started
+x = torch.randn(20000, 4096)
+used = int(open("/proc/self/statm").read().split()[0]) * resource.getpagesize()
+resource.setrlimit(resource.RLIMIT_AS, (used + (60 << 20), resource.RLIM_INFINITY))
+try:
+    matmul.matmul(x, packed)
+except RuntimeError as error:
+    print(error)
+"""
+
+
+def test_running_out_of_memory_is_an_error_not_an_abort() -> None:
+    done = subprocess.run([sys.executable, "-c", OUT_OF_MEMORY], capture_output=True, text=True, timeout=120)
+    assert done.returncode == 0, done.stderr
+    assert "i8m_matmul failed: out of memory for its buffers" in done.stdout

@@ -39,9 +39,11 @@
 #include <omp.h>
 
 #include <algorithm>
+#include <atomic>
 #include <cstdint>
 #include <cstdlib>
 #include <cstring>
+#include <new>
 #include <vector>
 
 #include "amx_tiles.h"
@@ -306,7 +308,7 @@ I8M_API int i8m_cpu_ready() { return cpu_ready() ? 1 : 0; }
 // out [m, ldc] fp32 = x [m, k] . dequantized weight^T, over the packed weight's `tiles` tiles of 64 outputs
 // (columns [0, 64 * tiles) of out). x is fp32 (x_fp32 = 1: rounded to the nearest even bf16) or bf16, row-major;
 // out must hold m rounded up to 32 rows (the padding rows get the zero rows' products).
-// Status: 0 ok, -1 the CPU cannot, -3 bad sizes.
+// Status: 0 ok, -1 the CPU cannot, -2 out of memory for its buffers, -3 bad sizes.
 I8M_API int i8m_matmul(const void* x, int x_fp32, int64_t m, int64_t k, const uint8_t* packed, const uint16_t* wscale,
                        int64_t tiles, int64_t group_size, float* out, int64_t ldc, int round_bf16, int threads) {
   if (m <= 0 || k <= 0 || tiles <= 0 || ldc < tiles * kTileRows || group_size < 0 || group_size % kGroup) return -3;
@@ -316,25 +318,37 @@ I8M_API int i8m_matmul(const void* x, int x_fp32, int64_t m, int64_t k, const ui
   const int64_t span = group_size == 0 ? groups : group_size / kGroup;
   // the calling thread's packed rows, kept and grown (the engine calls from one thread)
   static thread_local std::vector<uint16_t> rows;
-  if (rows.size() < static_cast<size_t>(mp * kp)) rows.resize(static_cast<size_t>(mp * kp));
+  try {
+    if (rows.size() < static_cast<size_t>(mp * kp)) rows.resize(static_cast<size_t>(mp * kp));
+  } catch (const std::bad_alloc&) {
+    return -2;
+  }
   const int nthreads = static_cast<int>(std::max<int64_t>(1, std::min<int64_t>(threads, tiles)));
   pack_rows(x, x_fp32 != 0, m, k, mp, kp, rows.data(), nthreads);
   const Args args{rows.data(), mp, kp, packed, wscale, span, (groups + span - 1) / span, out, ldc, round_bf16 != 0};
+  std::atomic<bool> out_of_memory{false};
 #pragma omp parallel num_threads(nthreads) if (nthreads > 1)
   {
     const int count = nthreads > 1 ? omp_get_num_threads() : 1, id = nthreads > 1 ? omp_get_thread_num() : 0;
     // each thread's two buffers of B tiles (128 KB each) and its panel's sums between K-blocks (mp x 256 fp32), kept
-    // for its later calls (OpenMP's threads live as long as the process)
+    // for its later calls (OpenMP's threads live as long as the process); no exception may leave the region
     static thread_local uint16_t* buffers[2] = {nullptr, nullptr};
-    for (uint16_t*& buffer : buffers)
-      if (buffer == nullptr)
-        buffer = static_cast<uint16_t*>(std::aligned_alloc(64, kPanelTiles * kBlocks * kBlockGroups * kBTileWords * 2));
     static thread_local std::vector<float> sums;
-    if (sums.size() < static_cast<size_t>(mp * kPanelTiles * kTileRows))
-      sums.resize(static_cast<size_t>(mp * kPanelTiles * kTileRows));
-    configure_tiles();
-    multiply_tiles(args, tiles * id / count, tiles * (id + 1) / count, buffers, sums.data());
-    tiles_release();  // other code on this thread (oneDNN, gemv.cpp) configures the tiles its own way
+    try {
+      for (uint16_t*& buffer : buffers)
+        if (buffer == nullptr)
+          buffer = static_cast<uint16_t*>(std::aligned_alloc(64, kPanelTiles * kBlocks * kBlockGroups * kBTileWords * 2));
+      if (sums.size() < static_cast<size_t>(mp * kPanelTiles * kTileRows))
+        sums.resize(static_cast<size_t>(mp * kPanelTiles * kTileRows));
+      if (buffers[0] == nullptr || buffers[1] == nullptr) throw std::bad_alloc();
+      configure_tiles();
+      multiply_tiles(args, tiles * id / count, tiles * (id + 1) / count, buffers, sums.data());
+      tiles_release();  // other code on this thread (oneDNN, gemv.cpp) configures the tiles its own way
+    } catch (const std::bad_alloc&) {
+      tiles_release();
+      out_of_memory = true;
+    }
   }
+  if (out_of_memory) return -2;
   return 0;
 }

@@ -34,7 +34,8 @@ ENV = "INT8SERVE_PREFILL_MATMUL"
 SETTINGS = ("auto", "dense")
 ROW_MULTIPLE = 32  # the kernel takes rows in pairs of 16-row tiles: fewer are padded with zero rows
 _P, _I64, _INT = ctypes.c_void_p, ctypes.c_int64, ctypes.c_int
-STATUS = {-1: "the CPU cannot run it (no AMX-BF16, or Linux refused the tile state)", -3: "bad sizes"}
+STATUS = {-1: "the CPU cannot run it (no AMX-BF16, or Linux refused the tile state)",
+          -2: "out of memory for its buffers", -3: "bad sizes"}
 
 
 def _open(path: Path) -> ctypes.CDLL:
