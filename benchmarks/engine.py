@@ -209,11 +209,16 @@ def time_prefill(model: Transformer, cache: KVCache, prompt_len: int, reps: int 
     generator = torch.Generator().manual_seed(2)
     prompt = random_tokens((prompt_len,), model.config.vocab_size, generator).tolist()
     prefill(model, prompt[:warmup_tokens], cache, slot=0)  # warm-up
+    return time_runs(lambda: prefill(model, prompt, cache, slot=0), reps)
+
+
+def time_runs(run: Callable[[], object], reps: int) -> Timing:
+    """Seconds of each of `reps` calls of `run`, and the CPU share other processes took meanwhile."""
     load = CpuShares()
     seconds = []
     for _ in range(reps):
         started = time.perf_counter()
-        prefill(model, prompt, cache, slot=0)
+        run()
         seconds.append(time.perf_counter() - started)
     return Timing(seconds, other_load=load.others())
 

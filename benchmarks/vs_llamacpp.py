@@ -73,6 +73,7 @@ from benchmarks.engine import (
     random_tokens,
     time_decode,
     time_prefill,
+    time_runs,
 )
 from benchmarks.llamacpp_build import DEFAULT_VERSION, BuildError, LlamaCpp, ensure_built
 from benchmarks.machine import CpuShares, QuietWaiter, cpu_label, machine_description, rss_gb
@@ -355,13 +356,8 @@ def ours_server_prefill(model: Transformer, prompt: int, chunk: int = DEFAULT_PR
             done = end
 
     run()
-    load = CpuShares()
-    seconds = []
-    for _ in range(reps):
-        started = time.perf_counter()
-        run()
-        seconds.append(time.perf_counter() - started)
-    return Figure(prompt / statistics.mean(seconds), load.others())
+    timing = time_runs(run, reps)
+    return Figure(prompt / statistics.mean(timing.seconds), timing.other_load)
 
 
 def ours_decode(model: Transformer, batch: int, start: int, gen: int) -> Figure:

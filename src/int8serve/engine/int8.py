@@ -16,7 +16,6 @@ benchmarks/prefill_paths.py). The residual stream, norms and logits stay in fp32
 from __future__ import annotations
 
 import functools
-from pathlib import Path
 
 import torch
 import torch.nn.functional as F
@@ -75,9 +74,8 @@ KERNEL_K_MULTIPLE = 16
 @functools.cache
 def dense_dtype() -> torch.dtype:
     """The dtype of the prefill (dense) path: bf16 where the CPU multiplies bf16 natively, else fp32."""
-    try:
-        flags = set(Path("/proc/cpuinfo").read_text().split())
-    except OSError:  # not Linux: keep bf16, the measured choice on CPUs with native bf16
+    flags = kernels.cpu_flags()
+    if not flags:  # not Linux: keep bf16, the measured choice on CPUs with native bf16
         return COMPUTE_DTYPE
     return COMPUTE_DTYPE if flags & {"avx512_bf16", "amx_bf16"} else torch.float32
 
@@ -331,7 +329,7 @@ class Int8Linear(nn.Module):
             # Row-exact chunks keep fp32, as decode does: their attention is the decode kernel's, row by row.
             chunk = chunking.CURRENT.get()
             return out.to(COMPUTE_DTYPE) if chunk is not None and not chunk.row_exact else out
-        if dense_dtype() == torch.bfloat16 and amx_matmul.enabled():
+        if amx_matmul.enabled():  # (its CPUs multiply bf16 natively: dense_dtype() is bf16 there)
             # the same bf16 weight values and bf16-rounded outputs, without the dequantized copy (kernels/matmul.py)
             return amx_matmul.matmul(rows, self.packed)
         dense = self.dequant_buffer.view(self.out_features, self.in_features, dense_dtype())

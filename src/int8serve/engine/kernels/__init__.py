@@ -274,6 +274,15 @@ def unavailable_reason() -> str | None:
     return _unavailable_reason()
 
 
+@functools.cache
+def cpu_flags() -> frozenset[str]:
+    """The CPU's flags as Linux lists them in /proc/cpuinfo (empty where it cannot be read: not Linux)."""
+    try:
+        return frozenset(Path("/proc/cpuinfo").read_text().split())
+    except OSError:
+        return frozenset()
+
+
 def loaded() -> bool:
     """True when the library is built and loaded (the scalar path then works on any x86-64 CPU)."""
     return _load() is None

@@ -243,7 +243,7 @@ INT8SERVE_BF16 void multiply_step(const Args& a, const Step& step, const uint16_
   run_jobs(jobs, &next, jobs.size());
 }
 
-// One thread's tiles [begin, end): panel by panel (up to 4 tiles), K-block by K-block (16 groups), the B tiles of
+// One thread's tiles [begin, end): panel by panel (kPanelTiles), K-block by K-block (kBlockGroups), the B tiles of
 // each step made during the step before it (two buffers).
 INT8SERVE_BF16 void multiply_tiles(const Args& a, int64_t begin, int64_t end, uint16_t* buffers[2], float* sums) {
   const int64_t groups = a.k / kGroup;
@@ -251,7 +251,7 @@ INT8SERVE_BF16 void multiply_tiles(const Args& a, int64_t begin, int64_t end, ui
   for (int64_t tile0 = begin; tile0 < end; tile0 += kPanelTiles)
     for (int64_t g0 = 0; g0 < groups; g0 += kBlockGroups)
       steps.push_back({tile0, std::min(kPanelTiles, end - tile0), g0, std::min(kBlockGroups, groups - g0)});
-  std::vector<DequantJob> jobs, none;
+  std::vector<DequantJob> jobs;
   if (steps.empty()) return;
   step_jobs(a, steps[0], buffers[0], jobs);
   size_t done = 0;

@@ -24,7 +24,7 @@ from pathlib import Path
 import torch
 from torch import Tensor
 
-from . import TILE_ROWS, PackedWeight, build, kernel_threads, load_library, open_library
+from . import TILE_ROWS, PackedWeight, build, cpu_flags, kernel_threads, load_library, open_library
 
 log = logging.getLogger(__name__)
 
@@ -66,7 +66,7 @@ def _warn_once(message: str) -> None:
 @functools.cache
 def _load() -> ctypes.CDLL | str:
     """The loaded library if this CPU runs it, else the reason it is not used (logged once where the CPU could)."""
-    if not {"amx_bf16", "amx_tile", "avx512_bf16", "avx512bw"} <= _cpu_flags():
+    if not {"amx_bf16", "amx_tile", "avx512_bf16", "avx512bw"} <= cpu_flags():  # (no library built where it cannot run)
         return "this CPU has no AMX-BF16"
     lib = load_library(SOURCE, _open, build)
     if isinstance(lib, str):
@@ -77,13 +77,6 @@ def _load() -> ctypes.CDLL | str:
         log.warning("AMX prefill matmul not available, prefill dequantizes for oneDNN: %s", reason)
         return reason
     return lib
-
-
-def _cpu_flags() -> set[str]:
-    try:
-        return set(Path("/proc/cpuinfo").read_text().split())
-    except OSError:
-        return set()
 
 
 def available() -> bool:
