@@ -199,8 +199,10 @@ def test_matches_the_fp32_product(m: int, n: int, k: int) -> None:
 
 
 # (m 9 and 17: more int8 rows than amx's 16 per pass, precise or not, so its tiles are configured twice in a call)
+# (9, 70, 300) and (6, 70, 1000): more rows than one pass takes, over several chunks of groups (gemv.cpp, kChunkGroups),
+# the last one partial, with weight groups (and per-channel sums) running on from one chunk into the next
 ODD_SHAPES = [(1, 1, 1), (2, 17, 31), (3, 100, 33), (5, 200, 172), (4, 130, 96), (9, 70, 300), (2, 64, 4096),
-              (17, 65, 64)]
+              (17, 65, 64), (6, 70, 1000)]
 
 
 @pytest.mark.parametrize("group_size", GROUP_SIZES)

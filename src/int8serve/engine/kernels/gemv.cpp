@@ -1,5 +1,6 @@
 // int8 weight x int8 activation matrix-vector products for decode (a few activation rows; more rows are taken 4 at a
-// time over each tile while it is in cache), fp32 accumulation and output, on every x86-64 CPU.
+// time over each tile, or over each chunk of a tile, while it is in cache), fp32 accumulation and output, on every
+// x86-64 CPU.
 //
 // y[m, n] = sum_w wscale[n, w] * (sum_{g in weight group w} xscale[m, g] * sum_{k in group g} w[n, k] * xq[m, k])
 //
@@ -40,6 +41,7 @@
 
 #include <cpuid.h>
 #include <immintrin.h>
+#include <omp.h>
 
 #include <algorithm>
 #include <cmath>
@@ -318,56 +320,75 @@ void tile_scalar(const TileArgs& a, int64_t rows, int64_t tile) {
   }
 }
 
-// vnni512: R activation rows (1..4) over one tile, reading its bytes strictly in memory order: group by group,
-// block by block, 64 bytes at a time. (Interleaving the 4 blocks of a group, to load each activation broadcast once
-// for all of them, halved the speed from memory at M = 1: the hardware prefetcher wants one sequential stream.)
+// The running sums of a pass's rows over one tile, kept in memory between the chunks of activation groups it takes
+// at a time (see i8s_gemv): per row, acc[64] (the finished weight groups, scaled) then inner[64] (the activation
+// groups of the open weight group). acc starts at zero; inner is only read after its weight group's first group.
+constexpr int64_t kSumFloats = 2 * kTileRows;  // per activation row
+// Activation groups per chunk when a call needs more than one pass of rows over each tile (vnni512): every pass
+// takes the chunk (16 KB of the tile) before any takes the next, so the first pass reads it from memory and the others
+// from L1, and the weights stream at one pace. Before, each pass went over the whole tile (256-704 KB), and memory
+// idled while the later passes ran from L2. Measured on an AMD EPYC Zen 4 (2 threads, 4 rows with precise
+// activations, i.e. 2 passes of 4 int8 rows; benchmarks/gemv_builds.py, weights streamed from memory, 2026-12-02):
+// 1.11-1.21x on the three 7B decode shapes in 4 of 5 alternating runs, 1 row unchanged (0.98-1.05x).
+#ifndef INT8SERVE_CHUNK_GROUPS
+#define INT8SERVE_CHUNK_GROUPS 8
+#endif
+constexpr int64_t kChunkGroups = INT8SERVE_CHUNK_GROUPS;
+
+// vnni512: R activation rows (1..4) over activation groups [g0, g1) of one tile, reading its bytes strictly in memory
+// order: group by group, block by block, 64 bytes at a time. (Interleaving the 4 blocks of a group, to load each
+// activation broadcast once for all of them, halved the speed from memory at M = 1: the hardware prefetcher wants one
+// sequential stream.) `sums`: the pass's running sums (kSumFloats per row); the outputs are written at g1 == groups.
 template <int R>
-INT8SERVE_VNNI512 void tile_vnni512(const TileArgs& a, int64_t tile) {
+INT8SERVE_VNNI512 void tile_vnni512(const TileArgs& a, int64_t tile, int64_t g0, int64_t g1, float* sums) {
   const uint8_t* w = a.packed + tile * a.groups * kGroupBytes;
   const uint16_t* ws = a.wscale + tile * a.wgroups * kTileRows;
-  __m512 acc[R][kBlocks];
-  for (int r = 0; r < R; ++r)
-    for (int b = 0; b < kBlocks; ++b) acc[r][b] = _mm512_setzero_ps();
-  for (int64_t wg = 0; wg < a.wgroups; ++wg) {
-    __m512 inner[R][kBlocks];
-    for (int r = 0; r < R; ++r)
-      for (int b = 0; b < kBlocks; ++b) inner[r][b] = _mm512_setzero_ps();
-    for (int64_t g = wg * a.span; g < std::min(a.groups, (wg + 1) * a.span); ++g) {
-      const uint8_t* wgb = w + g * kGroupBytes;
-      for (int b = 0; b < kBlocks; ++b) {
-        __m512i dot[R];
-        for (int r = 0; r < R; ++r) dot[r] = _mm512_set1_epi32(a.xcorr[r * a.groups + g]);
-        for (int s = 0; s < kSteps; ++s) {
-          const uint8_t* p = wgb + b * kBlockBytes + s * 64;
-          if (kPrefetchBytes512 > 0) _mm_prefetch(reinterpret_cast<const char*>(p + kPrefetchBytes512), _MM_HINT_T0);
-          if (kPrefetchL2Bytes512 > 0 && a.prefetch_l2)
-            _mm_prefetch(reinterpret_cast<const char*>(p + kPrefetchL2Bytes512), _MM_HINT_T1);
-          const __m512i v = _mm512_load_si512(static_cast<const void*>(p));
-          for (int r = 0; r < R; ++r) {
-            int32_t x4;
-            std::memcpy(&x4, a.xq + r * a.kp + g * kGroup + s * 4, 4);
-            dot[r] = _mm512_dpbusd_epi32(dot[r], v, _mm512_set1_epi32(x4));
-          }
-        }
+  const __m512 zero = _mm512_setzero_ps();
+  for (int64_t g = g0; g < g1; ++g) {
+    const bool opens = g % a.span == 0;                                // the first activation group of its weight group
+    const bool closes = (g + 1) % a.span == 0 || g + 1 == a.groups;  // its last
+    const uint8_t* wgb = w + g * kGroupBytes;
+    for (int b = 0; b < kBlocks; ++b) {
+      __m512i dot[R];
+      for (int r = 0; r < R; ++r) dot[r] = _mm512_set1_epi32(a.xcorr[r * a.groups + g]);
+      for (int s = 0; s < kSteps; ++s) {
+        const uint8_t* p = wgb + b * kBlockBytes + s * 64;
+        if (kPrefetchBytes512 > 0) _mm_prefetch(reinterpret_cast<const char*>(p + kPrefetchBytes512), _MM_HINT_T0);
+        if (kPrefetchL2Bytes512 > 0 && a.prefetch_l2)
+          _mm_prefetch(reinterpret_cast<const char*>(p + kPrefetchL2Bytes512), _MM_HINT_T1);
+        const __m512i v = _mm512_load_si512(static_cast<const void*>(p));
         for (int r = 0; r < R; ++r) {
-          const __m512 xscale = _mm512_set1_ps(a.xscale[r * a.groups + g]);
-          inner[r][b] = _mm512_fmadd_ps(_mm512_cvtepi32_ps(dot[r]), xscale, inner[r][b]);
+          int32_t x4;
+          std::memcpy(&x4, a.xq + r * a.kp + g * kGroup + s * 4, 4);
+          dot[r] = _mm512_dpbusd_epi32(dot[r], v, _mm512_set1_epi32(x4));
         }
       }
-    }
-    for (int b = 0; b < kBlocks; ++b) {
-      const __m256i raw = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(ws + wg * kTileRows + b * kBlockRows));
-      const __m512 scale = _mm512_castsi512_ps(_mm512_slli_epi32(_mm512_cvtepu16_epi32(raw), 16));
-      for (int r = 0; r < R; ++r) acc[r][b] = _mm512_fmadd_ps(inner[r][b], scale, acc[r][b]);
+      __m512 scale = zero;
+      if (closes) {
+        const __m256i raw = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(ws + (g / a.span) * kTileRows + b * kBlockRows));
+        scale = _mm512_castsi512_ps(_mm512_slli_epi32(_mm512_cvtepu16_epi32(raw), 16));
+      }
+      for (int r = 0; r < R; ++r) {
+        float* acc = sums + r * kSumFloats + b * kBlockRows;
+        float* inner = acc + kTileRows;
+        const __m512 xscale = _mm512_set1_ps(a.xscale[r * a.groups + g]);
+        const __m512 in = _mm512_fmadd_ps(_mm512_cvtepi32_ps(dot[r]), xscale, opens ? zero : _mm512_loadu_ps(inner));
+        if (closes)
+          _mm512_storeu_ps(acc, _mm512_fmadd_ps(in, scale, _mm512_loadu_ps(acc)));
+        else
+          _mm512_storeu_ps(inner, in);
+      }
     }
   }
+  if (g1 < a.groups) return;
   const int64_t n0 = tile * kTileRows;
   for (int b = 0; b < kBlocks; ++b) {
     const int64_t nb = n0 + b * kBlockRows;
     if (nb >= a.n) break;
     const int64_t count = std::min(kBlockRows, a.n - nb);
     const __mmask16 mask = count == kBlockRows ? __mmask16(0xFFFF) : __mmask16((1u << count) - 1);
-    for (int r = 0; r < R; ++r) _mm512_mask_storeu_ps(a.y + r * a.n + nb, mask, acc[r][b]);
+    for (int r = 0; r < R; ++r)
+      _mm512_mask_storeu_ps(a.y + r * a.n + nb, mask, _mm512_loadu_ps(sums + r * kSumFloats + b * kBlockRows));
   }
 }
 
@@ -455,7 +476,18 @@ INT8SERVE_TILE256(tile_avxvnni, DotAvxVnni, INT8SERVE_AVXVNNI)
     }                                                          \
   }
 
-INT8SERVE_ROWS(rows_vnni512, tile_vnni512, INT8SERVE_VNNI512)
+
+#define INT8SERVE_CHUNK_ROWS(NAME, KERNEL, TARGET)                                                       \
+  TARGET void NAME(const TileArgs& a, int64_t rows, int64_t tile, int64_t g0, int64_t g1, float* sums) { \
+    switch (rows) {                                                                                      \
+      case 1: KERNEL<1>(a, tile, g0, g1, sums); break;                                                   \
+      case 2: KERNEL<2>(a, tile, g0, g1, sums); break;                                                   \
+      case 3: KERNEL<3>(a, tile, g0, g1, sums); break;                                                   \
+      default: KERNEL<4>(a, tile, g0, g1, sums); break;                                                  \
+    }                                                                                                    \
+  }
+
+INT8SERVE_CHUNK_ROWS(rows_vnni512, tile_vnni512, INT8SERVE_VNNI512)
 INT8SERVE_ROWS(rows_avxvnni, tile_avxvnni, INT8SERVE_AVXVNNI)
 INT8SERVE_ROWS(rows_avx2, tile_avx2, INT8SERVE_AVX2)
 
@@ -572,10 +604,18 @@ INT8SERVE_VNNI512 void tile_amx(const TileArgs& a, int64_t rows, int64_t tile) {
 }
 
 using TileRows = void (*)(const TileArgs&, int64_t, int64_t);
+using ChunkRows = void (*)(const TileArgs&, int64_t, int64_t, int64_t, int64_t, float*);
+
+// The paths that take a tile a chunk of groups at a time (see kChunkGroups), else nullptr.
+ChunkRows chunk_rows(Impl impl) {
+  switch (impl) {
+    case kVnni512: return rows_vnni512;
+    default: return nullptr;
+  }
+}
 
 TileRows tile_rows(Impl impl) {
   switch (impl) {
-    case kVnni512: return rows_vnni512;
     case kAvxVnni: return rows_avxvnni;
     case kAvx2: return rows_avx2;
     default: return tile_scalar;
@@ -753,18 +793,41 @@ INT8SERVE_API int i8s_gemv(const float* x, int64_t m, int64_t k, const uint8_t* 
   // faster (Sapphire Rapids, streamed weights: 1 row 26.0 vs 25.4 GB/s, 2 rows 24.2-25.1 vs 23.7-23.8); beyond, it
   // needs two passes or more where the tiles take 16 rows at once (4 rows: 18.0-18.2 vs 22.9-23.0).
   const bool amx_tiles = path == kAmx && rows_total > kMaxRows;
-  const TileRows run = amx_tiles ? tile_amx : tile_rows(path == kAmx ? kVnni512 : path);
+  const Impl kernel = path == kAmx ? kVnni512 : path;
+  const ChunkRows chunked = amx_tiles ? nullptr : chunk_rows(kernel);
+  const TileRows run = amx_tiles ? tile_amx : tile_rows(kernel);
   // Each thread takes a contiguous range of tiles, i.e. one sequential stream of weights, and runs all
-  // activation rows over each tile (in passes of up to 4 rows) while it is in cache. A small call stays on the
+  // activation rows over each tile (in passes of up to 4 rows; vnni512 a chunk of groups at a time, see
+  // kChunkGroups) while it is in cache. A small call stays on the
   // calling thread (see kParallelGemvWork); the split never changes the result (each tile is computed alike).
   const bool small = rows_total * np * act.kp < kParallelGemvWork;
   const int nthreads = small ? 1 : static_cast<int>(std::max<int64_t>(1, std::min<int64_t>(threads, tiles)));
   const int64_t pass_rows = amx_tiles ? kAmxMaxRows : kMaxRows;
+  // One pass of rows takes each tile whole; more take it kChunkGroups groups at a time, every pass over a chunk
+  // before the next chunk (the weights stream from memory at one pace, and each chunk is read from memory once).
+  const int64_t chunk = rows_total > pass_rows ? kChunkGroups : act.groups;
+  std::vector<float> sums(chunked ? static_cast<size_t>(nthreads * rows_total * kSumFloats) : 0);
 #pragma omp parallel num_threads(nthreads) if (nthreads > 1)
   {
     int64_t configured = 0;  // amx: the rows the tiles of this thread are configured for (0: not yet)
+    float* mine = chunked ? sums.data() + omp_get_thread_num() * rows_total * kSumFloats : nullptr;
 #pragma omp for schedule(static)
     for (int64_t tile = 0; tile < tiles; ++tile) {
+      if (chunked) {
+        std::fill(mine, mine + rows_total * kSumFloats, 0.0f);
+        for (int64_t g0 = 0; g0 < act.groups; g0 += chunk) {
+          const int64_t g1 = std::min(act.groups, g0 + chunk);
+          for (int64_t r0 = 0; r0 < rows_total; r0 += pass_rows) {
+            TileArgs a = base;
+            a.xq = act.q.data() + r0 * act.kp;
+            a.xscale = act.scale.data() + r0 * act.groups;
+            a.xcorr = act.corr.data() + r0 * act.groups;
+            a.y = out + r0 * n;
+            chunked(a, std::min(pass_rows, rows_total - r0), tile, g0, g1, mine + r0 * kSumFloats);
+          }
+        }
+        continue;
+      }
       for (int64_t r0 = 0; r0 < rows_total; r0 += pass_rows) {
         TileArgs a = base;
         a.xq = act.q.data() + r0 * act.kp;
