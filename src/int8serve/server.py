@@ -39,6 +39,7 @@ from .catalog.card import CardError, ModelCard
 from .catalog.registry import Catalog, UnknownModelError
 from .engine import kernels
 from .engine.int8 import Int8Linear, describe_dense
+from .engine.kernels import matmul as amx_matmul
 from .engine.model import Transformer
 from .engine.model_cache import load_cached
 from .engine.model_source import resolve as resolve_model_source
@@ -215,9 +216,17 @@ def _start_engine(settings: ServeSettings, served: ServedModel) -> tuple[Engine,
         f"max_tokens <= {card.sequence_length_limit}, {card.max_concurrent_requests} slots, "
         f"queue {settings.max_queue}, prefill chunk {settings.prefill_chunk}",
         f"  prefix cache: {prefix.capacity_tokens} tokens ({prefix.nbytes() / 2**20:.0f} MiB), the default system "
-        f"prompt's {warmed} tokens warmed in {warming:.1f} s" if prefix is not None else "  prefix cache: off",
+        f"prompt's {warmed} tokens warmed in {warming:.1f} s; {_what_is_reused(engine)}" if prefix is not None
+        else "  prefix cache: off",
     ]
     return engine, lines
+
+
+def _what_is_reused(engine: Engine) -> str:
+    if engine.row_exact_prefill:
+        return "prompts and replies (row-exact prefill)"
+    return (f"prompts only (prefill chunks take the faster dense path; {amx_matmul.ENV}=row-exact keeps replies too, "
+            "on CPUs with AVX-512 VNNI, at slower prefill)")
 
 
 def _prefix_cache(settings: ServeSettings, model: Transformer, slot_positions: int) -> PrefixCache | None:

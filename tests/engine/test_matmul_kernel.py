@@ -63,7 +63,7 @@ def test_the_thread_count_does_not_change_the_bits() -> None:
 
 
 def test_a_prefill_chunk_past_the_kernel_rows_takes_it(monkeypatch: pytest.MonkeyPatch) -> None:
-    rows = int8.KERNEL_ROWS_VNNI512 + 1  # past our kernel's rows with and without the AMX kernel
+    rows = int8.KERNEL_ROWS_ROW_EXACT + 1  # past our kernel's rows, by default and with row-exact prefill
     generator = torch.Generator().manual_seed(1)
     layer = Int8Linear(4096, 128)
     q, scale = quantize(torch.randn(128, 4096, generator=generator), 32)
@@ -73,11 +73,13 @@ def test_a_prefill_chunk_past_the_kernel_rows_takes_it(monkeypatch: pytest.Monke
     got = layer(x)
     assert torch.equal(got, amx_matmul.matmul(x, layer.packed))
     assert "AMX tiles" in int8.describe_dense()
-    if kernels.path() == "amx":  # 128-row prefill chunks: the AMX kernel is faster from 32 rows up (int8.py)
-        assert int8.kernel_rows() == int8.KERNEL_ROWS
+    assert int8.kernel_rows() == int8.KERNEL_ROWS  # 128-row prefill chunks: the AMX kernel is faster from 32 rows up
+    monkeypatch.setenv(amx_matmul.ENV, "row-exact")  # our kernel takes the default chunks, this one longer calls
+    assert amx_matmul.enabled() and int8.kernel_rows() == int8.KERNEL_ROWS_ROW_EXACT
+    assert torch.equal(layer(x), got)
     monkeypatch.setenv(amx_matmul.ENV, "dense")  # the dequantize-and-oneDNN path: the same values, other sum order
     assert not amx_matmul.enabled() and f"{amx_matmul.ENV}=dense" in int8.describe_dense()
-    assert int8.kernel_rows() == int8.KERNEL_ROWS_VNNI512  # our kernel takes the default prefill chunks again
+    assert int8.kernel_rows() == int8.KERNEL_ROWS
     dense = layer(x)
     assert not torch.equal(dense, got) and ((dense - got).norm() / got.norm()).item() < 1e-2
     token = chunking.CURRENT.set(chunking.PrefillChunk(rows=rows, keys_end=rows))
@@ -100,8 +102,9 @@ def test_a_setting_it_does_not_take_turns_it_off_and_says_so(monkeypatch: pytest
     amx_matmul._warn_once.cache_clear()
     with caplog.at_level("WARNING"):
         assert not amx_matmul.enabled()
-    assert "INT8SERVE_PREFILL_MATMUL='fast': expected one of auto, dense" in caplog.text
-    assert "our AMX kernel not used: INT8SERVE_PREFILL_MATMUL='fast' is not one of auto, dense" in int8.describe_dense()
+    assert "INT8SERVE_PREFILL_MATMUL='fast': expected one of auto, row-exact, dense" in caplog.text
+    assert ("our AMX kernel not used: INT8SERVE_PREFILL_MATMUL='fast' is not one of auto, row-exact, dense"
+            in int8.describe_dense())
     layer = Int8Linear(64, 32)
     q, scale = quantize(torch.randn(32, 64), 32)
     layer.set_quantized(q, scale, 32)

@@ -2,14 +2,14 @@
 
 Decode reads every weight once per step, so its speed is the speed at which int8 weights stream from memory. Our
 kernel (engine/kernels: AMX, AVX-512 VNNI, AVX-VNNI, AVX2 or scalar, chosen from the CPU's flags) runs every call of
-up to `kernel_rows()` rows (decode; whole prefill chunks on AVX-512 VNNI) on int8 activations quantized per
-32 values; it streams the weights near memory speed where torch's `_weight_int8pack_mm` is compute-bound, and it
-takes a scale per group of 32/64/128 input values (like llama.cpp's Q8_0), which per-channel int8pack cannot.
-Longer calls are compute-bound. On CPUs with AMX-BF16 our tile kernel multiplies them straight from the packed
-layout (kernels/matmul.py: the same bf16 weight values, no dequantized copy). Elsewhere each weight is dequantized
-from the packed layout into one reused buffer and multiplied with `F.linear`: bf16 on CPUs with native bf16
-arithmetic (AVX-512 BF16); without it bf16 matmuls are emulated and fp32 is faster (AVX2 EPYC, 128 x 4096 x 4096:
-bf16 307 ms, fp32 66 ms), so it is fp32 there, through oneDNN rather than MKL (1.6-1.8x on that EPYC,
+up to `kernel_rows()` rows (decode; whole prefill chunks with INT8SERVE_PREFILL_MATMUL=row-exact) on int8
+activations quantized per 32 values; it streams the weights near memory speed where torch's `_weight_int8pack_mm` is
+compute-bound, and it takes a scale per group of 32/64/128 input values (like llama.cpp's Q8_0), which per-channel
+int8pack cannot. Longer calls are compute-bound. On CPUs with AMX-BF16 our tile kernel multiplies them straight from
+the packed layout (kernels/matmul.py: the same bf16 weight values, no dequantized copy). Elsewhere each weight is
+dequantized from the packed layout into one reused buffer and multiplied with `F.linear`: bf16 on CPUs with native
+bf16 arithmetic (AVX-512 BF16); without it bf16 matmuls are emulated and fp32 is faster (AVX2 EPYC, 128 x 4096 x
+4096: bf16 307 ms, fp32 66 ms), so it is fp32 there, through oneDNN rather than MKL (1.6-1.8x on that EPYC,
 benchmarks/prefill_paths.py). The residual stream, norms and logits stay in fp32 around it.
 """
 
@@ -37,30 +37,31 @@ GROUP_SIZES = (0, 32, 64, 128)
 # two are free while memory-bound (batch 1-2) and double the arithmetic beyond.
 PRECISE_ACTIVATIONS = True
 # Calls of up to this many rows (a whole prefill chunk's rows during prefill) run our kernel; more rows dequantize
-# into a scratch buffer and use a dense matmul. Measured on the Sapphire Rapids (4096 -> 11008, per-32 scales,
-# precise, 2 threads, quiet; kernel vs dequantize + AMX bf16 matmul): vnni512 19 vs 88 ms at 16 rows, 41 vs 106 at
-# 32, 73 vs 115 at 64, 143 vs 130 at 128; avx2 55 vs 87 at 16, 177 vs 103 at 64, 455 vs 141 at 128; avxvnni 259 vs
-# 132 at 128. So vnni512 runs whole default prefill chunks (128 rows): a short prompt's chunk costs what its rows
-# cost, which is also what makes reusing a cached prefix pay. The other paths keep 32 until measured on their CPUs.
-# amx does the same work faster than vnni512 at these sizes (another Sapphire Rapids, 2026-12-02, the same shape, the
-# weight in cache: 16 rows 2.9 vs 5.0 ms, 64 rows 10.7 vs 18.8, 128 rows 22.5 vs 38.1; dense 9.8, 11.7, 16.5), so it
-# kept vnni512's 128 rows. With the AMX-BF16 prefill kernel (kernels/matmul.py) the amx path keeps 32: against it
-# (2026-12-02, the same CPU, weights from memory, precise; gemv vs AMX matmul, ms) 4096 -> 11008: 8 rows 2.5 vs 5.7,
-# 24 rows 5.0 vs 6.1, 32 rows 6.1 vs 6.0, 48 rows 8.6 vs 5.2, 128 rows 23.5 vs 6.4 (11008 -> 4096 and 4096 -> 4096
-# alike). Prefill chunks of the default 128 rows then take the AMX kernel (a 512-token prompt in 4 chunks, 8 layers of
-# the 7B shape: 1.36 s against 3.87 s row-exact through our kernel; in one chunk of 512, 0.98 s), and are not
-# row-exact (chunking.py): the prefix cache keeps prompts, not replies, as on CPUs without AVX-512 VNNI.
-# INT8SERVE_PREFILL_MATMUL=dense restores the 128 rows (and row-exact prefill).
+# into a scratch buffer and use a dense matmul (or the AMX-BF16 prefill kernel, kernels/matmul.py). Measured on the
+# Sapphire Rapids (4096 -> 11008, per-32 scales, precise, 2 threads, quiet; kernel vs dequantize + AMX bf16 matmul):
+# vnni512 19 vs 88 ms at 16 rows, 41 vs 106 at 32, 73 vs 115 at 64, 143 vs 130 at 128; avx2 55 vs 87 at 16, 177 vs
+# 103 at 64, 455 vs 141 at 128; avxvnni 259 vs 132 at 128. amx against the AMX-BF16 prefill kernel (2026-12-02, the
+# same CPU, weights from memory, precise; ms) 4096 -> 11008: 8 rows 2.5 vs 5.7, 24 rows 5.0 vs 6.1, 32 rows 6.1 vs
+# 6.0, 48 rows 8.6 vs 5.2, 128 rows 23.5 vs 6.4 (11008 -> 4096 and 4096 -> 4096 alike). vnni512 against dequantize +
+# oneDNN's bf16 matmul on an AMD EPYC Zen 4 (2026-12-02, the chunked kernel of gemv.cpp, weights from memory, ms;
+# 4096 -> 11008 / 11008 -> 4096 / 4096 -> 4096): 32 rows 12.9 vs 15.6 / 10.4 vs 14.1 / 4.9 vs 6.2; 48 rows 16.9 vs
+# 19.0 / 15.6 vs 17.9 / 6.4 vs 7.4; 64 rows 24.5 vs 22.0 / 22.2 vs 22.3 / 9.5 vs 8.6; 128 rows 46.8 vs 37.9 / 50.7
+# vs 36.3 / 18.6 vs 13.8 (a 512-token prompt in the server's 128-token chunks, 32 layers: 17.8-19.0 tok/s through
+# our kernel, against 27.9 for the whole prompt in one dense forward). So every path takes up to 32 rows by default,
+# and prefill chunks of the default 128 rows take the dense path (or the AMX kernel): not row-exact (chunking.py),
+# so the prefix cache keeps prompts, not replies. INT8SERVE_PREFILL_MATMUL=row-exact gives our kernel whole chunks of
+# up to 128 rows on the amx and vnni512 paths (row-exact prefill, replies kept; the prefill figures above).
 KERNEL_ROWS = 32
-KERNEL_ROWS_VNNI512 = 128
+KERNEL_ROWS_ROW_EXACT = 128
 
 
 def kernel_rows() -> int:
     """How many rows a call may have and still run our kernel (on its path of this CPU)."""
-    path = kernels.path()
-    if path == "amx" and amx_matmul.enabled():
-        return KERNEL_ROWS
-    return max(KERNEL_ROWS, KERNEL_ROWS_VNNI512 if path in ("amx", "vnni512") else 0)
+    if kernels.path() in ("amx", "vnni512") and amx_matmul.row_exact_requested():
+        return KERNEL_ROWS_ROW_EXACT
+    return KERNEL_ROWS
+
+
 # Without our kernel: above this many rows the dense bf16 path, at or below it torch's int8pack (per-channel only).
 # Measured (benchmarks/engine.py --kernels, docs/benchmarks.md): per 7B block int8pack is faster up to 32 rows.
 DENSE_ROWS_THRESHOLD = 32

@@ -9,8 +9,17 @@ accumulated in fp32 in a fixed order: a row's result does not depend on how many
 kernels round a row by its company, see int8.dense_matmul).
 
 Where the CPU lacks AMX-BF16 (or the library cannot be built) `available()` is False and Int8Linear keeps the
-dequantize-and-oneDNN path. INT8SERVE_PREFILL_MATMUL=dense forces that path on any CPU (to compare the two); a value
-other than auto and dense does too, with a warning (the start line names it).
+dequantize-and-oneDNN path.
+
+INT8SERVE_PREFILL_MATMUL chooses how prefill chunks multiply (read when used; the engine decides row-exactness once,
+at start):
+- `auto` (the default): the fastest measured on this CPU. Our int8 kernel takes calls of up to `int8.KERNEL_ROWS`
+  rows; longer ones this kernel where the CPU has AMX-BF16, else dequantize + oneDNN.
+- `row-exact`: our int8 kernel takes whole default prefill chunks (up to `int8.KERNEL_ROWS_ROW_EXACT` rows) on the
+  CPUs whose kernel path is fast enough at that size (AVX-512 VNNI, AMX), so that prefill computes every row as
+  decode would and the prefix cache can keep replies too (chunking.py); slower prefill (int8.py has the figures).
+- `dense`: never this kernel: dequantize + oneDNN (to compare the two).
+Another value acts as `auto` without this kernel, with a warning (the start line names it).
 """
 
 from __future__ import annotations
@@ -31,7 +40,7 @@ log = logging.getLogger(__name__)
 SOURCE = Path(__file__).with_name("matmul.cpp")
 ABI_VERSION = 2  # must match i8m_abi_version() in matmul.cpp
 ENV = "INT8SERVE_PREFILL_MATMUL"
-SETTINGS = ("auto", "dense")
+SETTINGS = ("auto", "row-exact", "dense")
 ROW_MULTIPLE = 32  # the kernel takes rows in pairs of 16-row tiles: fewer are padded with zero rows
 _P, _I64, _INT = ctypes.c_void_p, ctypes.c_int64, ctypes.c_int
 STATUS = {-1: "the CPU cannot run it (no AMX-BF16, or Linux refused the tile state)",
@@ -46,11 +55,20 @@ def _open(path: Path) -> ctypes.CDLL:
     return lib
 
 
+def _setting() -> str:
+    return os.environ.get(ENV, "auto").strip().lower() or "auto"
+
+
+def row_exact_requested() -> bool:
+    """Whether INT8SERVE_PREFILL_MATMUL=row-exact asks our int8 kernel to take whole prefill chunks (see above)."""
+    return _setting() == "row-exact"
+
+
 def setting_problem() -> str | None:
     """Why INT8SERVE_PREFILL_MATMUL turns the kernel off, if it does: "dense", or a value it does not take (the kernel
     is then not used and the start line says why, as for INT8SERVE_KERNEL)."""
-    setting = os.environ.get(ENV, "auto").strip().lower() or "auto"
-    if setting == "auto":
+    setting = _setting()
+    if setting in ("auto", "row-exact"):
         return None
     if setting not in SETTINGS:
         _warn_once(f"{ENV}={setting!r}: expected one of {', '.join(SETTINGS)}; prefill dequantizes for oneDNN")
