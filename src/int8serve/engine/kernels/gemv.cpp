@@ -365,7 +365,8 @@ INT8SERVE_VNNI512 void tile_vnni512(const TileArgs& a, int64_t tile, int64_t g0,
       }
       __m512 scale = zero;
       if (closes) {
-        const __m256i raw = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(ws + (g / a.span) * kTileRows + b * kBlockRows));
+        const uint16_t* group_scales = ws + (g / a.span) * kTileRows + b * kBlockRows;
+        const __m256i raw = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(group_scales));
         scale = _mm512_castsi512_ps(_mm512_slli_epi32(_mm512_cvtepu16_epi32(raw), 16));
       }
       for (int r = 0; r < R; ++r) {
@@ -807,6 +808,14 @@ INT8SERVE_API int i8s_gemv(const float* x, int64_t m, int64_t k, const uint8_t* 
   // before the next chunk (the weights stream from memory at one pace, and each chunk is read from memory once).
   const int64_t chunk = rows_total > pass_rows ? kChunkGroups : act.groups;
   std::vector<float> sums(chunked ? static_cast<size_t>(nthreads * rows_total * kSumFloats) : 0);
+  const auto pass_args = [&](int64_t r0) {  // the arguments of the pass of rows r0..
+    TileArgs a = base;
+    a.xq = act.q.data() + r0 * act.kp;
+    a.xscale = act.scale.data() + r0 * act.groups;
+    a.xcorr = act.corr.data() + r0 * act.groups;
+    a.y = out + r0 * n;
+    return a;
+  };
 #pragma omp parallel num_threads(nthreads) if (nthreads > 1)
   {
     int64_t configured = 0;  // amx: the rows the tiles of this thread are configured for (0: not yet)
@@ -817,26 +826,15 @@ INT8SERVE_API int i8s_gemv(const float* x, int64_t m, int64_t k, const uint8_t* 
         std::fill(mine, mine + rows_total * kSumFloats, 0.0f);
         for (int64_t g0 = 0; g0 < act.groups; g0 += chunk) {
           const int64_t g1 = std::min(act.groups, g0 + chunk);
-          for (int64_t r0 = 0; r0 < rows_total; r0 += pass_rows) {
-            TileArgs a = base;
-            a.xq = act.q.data() + r0 * act.kp;
-            a.xscale = act.scale.data() + r0 * act.groups;
-            a.xcorr = act.corr.data() + r0 * act.groups;
-            a.y = out + r0 * n;
-            chunked(a, std::min(pass_rows, rows_total - r0), tile, g0, g1, mine + r0 * kSumFloats);
-          }
+          for (int64_t r0 = 0; r0 < rows_total; r0 += pass_rows)
+            chunked(pass_args(r0), std::min(pass_rows, rows_total - r0), tile, g0, g1, mine + r0 * kSumFloats);
         }
         continue;
       }
       for (int64_t r0 = 0; r0 < rows_total; r0 += pass_rows) {
-        TileArgs a = base;
-        a.xq = act.q.data() + r0 * act.kp;
-        a.xscale = act.scale.data() + r0 * act.groups;
-        a.xcorr = act.corr.data() + r0 * act.groups;
-        a.y = out + r0 * n;
         const int64_t rows = std::min(pass_rows, rows_total - r0);
         if (amx_tiles && rows != configured) amx_configure(configured = rows);
-        run(a, rows, tile);
+        run(pass_args(r0), rows, tile);
       }
     }
     if (configured) tiles_release();  // other code on this thread (oneDNN) configures the tiles its own way
