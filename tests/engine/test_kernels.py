@@ -8,6 +8,8 @@ the flag they need as the reason.
 
 from __future__ import annotations
 
+import subprocess
+import sys
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -397,3 +399,29 @@ def test_a_large_packed_weight_lives_on_2mb_pages() -> None:
         assert anon_huge_kb(packed.data.data_ptr()) >= 16 * 1024 - 2048, setting
     small = kernels.pack_weight(*random_weight(64, 64, seed=3))
     assert small.data.data_ptr() % kernels.ALIGNMENT == 0  # small weights stay in torch's own memory
+
+
+# 20000 rows of 4096 values under an address-space limit that their outputs fit in but not the library's own buffers
+# (the quantized rows, 164 MB with precise activations; 92 MB of copies for i8s_quantize): a clear error from each
+# entry point, not an abort of the process (std::bad_alloc leaving the library).
+OUT_OF_MEMORY = """
+import resource, torch
+from int8serve.engine import kernels
+packed = kernels.pack_weight(torch.randint(-127, 128, (64, 4096), dtype=torch.int8), torch.rand(64, 128) * 0.01, 32)
+kernels.int8_gemv(torch.randn(8, 4096), packed, precise=True)  # the library loaded, its threads started
+x = torch.randn(20000, 4096)
+used = int(open("/proc/self/statm").read().split()[0]) * resource.getpagesize()
+resource.setrlimit(resource.RLIMIT_AS, (used + (120 << 20), resource.RLIM_INFINITY))
+for call in (lambda: kernels.int8_gemv(x, packed, precise=True), lambda: kernels.quantize_activations(x)):
+    try:
+        call()
+    except RuntimeError as error:
+        print(error)
+"""
+
+
+def test_running_out_of_memory_is_an_error_not_an_abort() -> None:
+    done = subprocess.run([sys.executable, "-c", OUT_OF_MEMORY], capture_output=True, text=True, timeout=120)
+    assert done.returncode == 0, done.stderr
+    assert "i8s_gemv failed: out of memory for its buffers (20000 rows of 4096 values)" in done.stdout
+    assert "i8s_quantize failed: out of memory for its buffers (20000 rows of 4096 values)" in done.stdout

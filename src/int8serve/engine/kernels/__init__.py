@@ -527,6 +527,9 @@ def int8_gemv(x: Tensor, weight: Tensor | PackedWeight, scale: Tensor | None = N
     else:
         status = lib.i8s_gemv(*args)
     if status != 0:
+        if status == -4:
+            raise RuntimeError(f"i8s_gemv failed: out of memory for its buffers ({m} rows of {weight.in_features} "
+                               "values)")
         raise RuntimeError(f"i8s_gemv failed with status {status} (-1: this CPU lacks path {impl!r}, "
                            "-2: misaligned weight, -3: bad arguments)")
     return y
@@ -542,6 +545,9 @@ def quantize_activations(x: Tensor, impl: Impl = "auto") -> tuple[Tensor, Tensor
     kp = -(-k // GROUP) * GROUP
     q = torch.empty(m, kp, dtype=torch.int8)
     scales = torch.empty(m, kp // GROUP, dtype=torch.float32)
-    if lib.i8s_quantize(x.data_ptr(), m, k, q.data_ptr(), scales.data_ptr(), _IMPLS[impl]) != 0:
+    status = lib.i8s_quantize(x.data_ptr(), m, k, q.data_ptr(), scales.data_ptr(), _IMPLS[impl])
+    if status == -4:
+        raise RuntimeError(f"i8s_quantize failed: out of memory for its buffers ({m} rows of {k} values)")
+    if status != 0:
         raise RuntimeError(f"this CPU lacks path {impl!r}")
     return q, scales

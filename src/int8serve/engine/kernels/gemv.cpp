@@ -47,6 +47,7 @@
 #include <cmath>
 #include <cstdint>
 #include <cstring>
+#include <new>
 #include <vector>
 
 #include "amx_tiles.h"
@@ -769,10 +770,9 @@ constexpr int64_t kParallelGemvWork = int64_t{1} << 22;
 // y [M, N] = x [M, K] (fp32, contiguous) times the packed weight (uint8 [Np * Kp], 64-byte aligned) and its bf16
 // scales ([Np/64][weight groups][64]); group_size: input values per weight scale (a multiple of 32), 0 = one per
 // row. impl: 0 = best available, else the path (see i8s_cpu_has). precise: 1 = two int8 passes per row (see
-// quantize). Returns 0, or -1 if the CPU lacks the path, -2 for a misaligned weight, -3 for bad arguments.
-// Thread-safe.
-INT8SERVE_API int i8s_gemv(const float* x, int64_t m, int64_t k, const uint8_t* packed, const uint16_t* wscale,
-                           int64_t n, int64_t group_size, float* y, int impl, int precise, int threads) {
+// quantize). i8s_gemv's body: see there for what it returns.
+static int gemv(const float* x, int64_t m, int64_t k, const uint8_t* packed, const uint16_t* wscale, int64_t n,
+                int64_t group_size, float* y, int impl, int precise, int threads) {
   if (m < 0 || k <= 0 || n <= 0 || impl < kAuto || impl > kLastImpl || group_size < 0 || group_size % kGroup != 0)
     return -3;
   const Impl path = resolve(impl);
@@ -846,13 +846,29 @@ INT8SERVE_API int i8s_gemv(const float* x, int64_t m, int64_t k, const uint8_t* 
   return 0;
 }
 
+// y [M, N] = x [M, K] (fp32, contiguous) times the packed weight, as described above. Returns 0, or -1 if the CPU
+// lacks the path, -2 for a misaligned weight, -3 for bad arguments, -4 when its buffers (the quantized rows, the
+// running sums, the precise pairs: a few bytes per input value and row) do not fit in memory. Thread-safe.
+INT8SERVE_API int i8s_gemv(const float* x, int64_t m, int64_t k, const uint8_t* packed, const uint16_t* wscale,
+                           int64_t n, int64_t group_size, float* y, int impl, int precise, int threads) {
+  try {  // (every allocation is made outside the parallel region, so that a failure reaches this handler)
+    return gemv(x, m, k, packed, wscale, n, group_size, y, impl, precise, threads);
+  } catch (const std::bad_alloc&) {
+    return -4;
+  }
+}
+
 // The activations as path `impl` quantizes them: q [M, Kp] int8, scale [M, Kp/32] fp32. Returns 0 or -1.
 INT8SERVE_API int i8s_quantize(const float* x, int64_t m, int64_t k, int8_t* q, float* scale, int impl) {
   const Impl path = resolve(impl);
   if (impl < kAuto || impl > kLastImpl || !cpu_has(path)) return -1;
-  const Activations act = quantize(x, m, k, path, false);
-  std::memcpy(q, act.q.data(), act.q.size());
-  std::memcpy(scale, act.scale.data(), act.scale.size() * sizeof(float));
+  try {
+    const Activations act = quantize(x, m, k, path, false);
+    std::memcpy(q, act.q.data(), act.q.size());
+    std::memcpy(scale, act.scale.data(), act.scale.size() * sizeof(float));
+  } catch (const std::bad_alloc&) {
+    return -4;
+  }
   return 0;
 }
 
