@@ -39,10 +39,12 @@ def page_faults() -> int:
 
 
 def test_a_prefills_freed_activations_are_reused() -> None:
-    # Tuned, the third prefill finds its activations' memory on the heap: 0-512 page faults measured. glibc's defaults
+    # Tuned, the third prefill finds its activations' memory on the heap: 0-516 page faults measured, once 1,536 in CI
+    # (a prefill now and then touches a few fresh 2 MB stretches of the padded heap, 512 faults each). glibc's defaults
     # (with `allocator.tune` replaced by a no-op) gave 5,600-42,600: its thresholds adapt to what the process did
-    # before, so that figure is not asserted; a tuning that did nothing would be there.
-    assert page_faults() < 1_000
+    # before, so that figure is not asserted, and a minimum over several prefills would not tell the two apart (once
+    # 0 untuned). A tuning that did nothing would be at 5,600 or more.
+    assert page_faults() < 2_500
 
 
 def test_settings_the_user_made_are_kept(monkeypatch: pytest.MonkeyPatch) -> None:
