@@ -38,7 +38,7 @@ from .builtin_model import builtin_model_path
 from .catalog.card import CardError, ModelCard
 from .catalog.registry import Catalog, UnknownModelError
 from .engine import kernels
-from .engine.int8 import Int8Linear, describe_dense
+from .engine.int8 import Int8Linear, describe_dense, kernel_rows
 from .engine.kernels import matmul as amx_matmul
 from .engine.model import Transformer
 from .engine.model_cache import load_cached
@@ -216,17 +216,19 @@ def _start_engine(settings: ServeSettings, served: ServedModel) -> tuple[Engine,
         f"max_tokens <= {card.sequence_length_limit}, {card.max_concurrent_requests} slots, "
         f"queue {settings.max_queue}, prefill chunk {settings.prefill_chunk}",
         f"  prefix cache: {prefix.capacity_tokens} tokens ({prefix.nbytes() / 2**20:.0f} MiB), the default system "
-        f"prompt's {warmed} tokens warmed in {warming:.1f} s; {_what_is_reused(engine)}" if prefix is not None
-        else "  prefix cache: off",
+        f"prompt's {warmed} tokens warmed in {warming:.1f} s; {_what_is_reused(engine, settings.prefill_chunk)}"
+        if prefix is not None else "  prefix cache: off",
     ]
     return engine, lines
 
 
-def _what_is_reused(engine: Engine) -> str:
+def _what_is_reused(engine: Engine, prefill_chunk: int) -> str:
     if engine.row_exact_prefill:
         return "prompts and replies (row-exact prefill)"
-    return (f"prompts only (prefill chunks take the faster dense path; {amx_matmul.ENV}=row-exact keeps replies too, "
-            "on CPUs with AVX-512 VNNI, at slower prefill)")
+    if prefill_chunk > kernel_rows():  # the usual reason: the chunks are the dense path's
+        return (f"prompts only (prefill chunks take the faster dense path; {amx_matmul.ENV}=row-exact keeps replies "
+                "too, on CPUs with AVX-512 VNNI, at slower prefill)")
+    return "prompts only (row-exact prefill needs our int8 and attention kernels, and one is off here)"
 
 
 def _prefix_cache(settings: ServeSettings, model: Transformer, slot_positions: int) -> PrefixCache | None:

@@ -797,10 +797,10 @@ static int gemv(const float* x, int64_t m, int64_t k, const uint8_t* packed, con
   const Impl kernel = path == kAmx ? kVnni512 : path;
   const ChunkRows chunked = amx_tiles ? nullptr : chunk_rows(kernel);
   const TileRows run = amx_tiles ? tile_amx : tile_rows(kernel);
-  // Each thread takes a contiguous range of tiles, i.e. one sequential stream of weights, and runs all
-  // activation rows over each tile (in passes of up to 4 rows; vnni512 a chunk of groups at a time, see
-  // kChunkGroups) while it is in cache. A small call stays on the
-  // calling thread (see kParallelGemvWork); the split never changes the result (each tile is computed alike).
+  // Each thread takes a contiguous range of tiles, i.e. one sequential stream of weights, and runs all activation
+  // rows over each tile (in passes of up to 4 rows; vnni512 a chunk of groups at a time, see kChunkGroups) while it
+  // is in cache. A small call stays on the calling thread (see kParallelGemvWork); the split never changes the
+  // result (each tile is computed alike).
   const bool small = rows_total * np * act.kp < kParallelGemvWork;
   const int nthreads = small ? 1 : static_cast<int>(std::max<int64_t>(1, std::min<int64_t>(threads, tiles)));
   const int64_t pass_rows = amx_tiles ? kAmxMaxRows : kMaxRows;
