@@ -92,8 +92,8 @@ def time_shape(libraries: dict[str, ctypes.CDLL], n: int, k: int, rows: int, rou
             started = time.perf_counter()
             for call in range(calls):
                 packed = weights[(round_index * calls + call) % copies]
-                status = libraries[label].i8s_gemv(x.data_ptr(), rows, k, packed.data.data_ptr(),
-                                                   packed.scale.data_ptr(), n, 32, y.data_ptr(), impl, 1, threads)
+                status = libraries[label].i8s_gemv(x.data_ptr(), rows, k, packed.data.data_ptr(), n, 32,
+                                                   y.data_ptr(), impl, 1, threads)
                 if status != 0:
                     sys.exit(f"error: i8s_gemv of {label!r} returned {status}")
             timing.seconds[label].append((time.perf_counter() - started) / calls)

@@ -115,13 +115,22 @@ def test_library_is_cached_under_int8serve_cache() -> None:
     assert kernels.build() == path
 
 
+def packed_in_torch(q: torch.Tensor, scale: torch.Tensor, group_size: int) -> kernels.PackedWeight:
+    """pack_weight's torch version (used where the library is not built)."""
+    n, k = q.shape
+    packed = kernels.PackedWeight(kernels._aligned_empty(kernels.packed_nbytes(n, k, group_size)), n, k, group_size)
+    kernels._pack_torch(q, scale.reshape(n, -1).to(torch.bfloat16), packed)
+    return packed
+
+
 @pytest.mark.parametrize(("n", "k"), [(1, 1), (17, 31), (64, 32), (100, 33), (172, 64), (64, 172), (96, 4096)])
 def test_pack_round_trips(n: int, k: int) -> None:
     q, scale = random_weight(n, k, seed=n * k)
     packed = kernels.pack_weight(q, scale)  # in C++
     np_, kp = -(-n // 64) * 64, -(-k // 32) * 32
-    assert packed.data.data_ptr() % 64 == 0 and packed.data.numel() == np_ * kp
-    assert torch.equal(packed.data, kernels._pack_torch(q, np_, kp))  # the same bytes as the torch version
+    # per channel: each tile's K/32 groups of 2048 bytes, then its 64 scales (128 bytes)
+    assert packed.data.data_ptr() % 64 == 0 and packed.data.numel() == np_ * kp + np_ // 64 * 128
+    assert torch.equal(packed.data, packed_in_torch(q, scale, 0).data)  # the same bytes as the torch version
     assert torch.equal(packed.scales(), scale[:, None])  # bf16-exact scales are kept exactly
     assert packed.scale.shape == (np_ // 64, 1, 64) and not packed.scale.flatten()[n:].any()
     assert torch.equal(kernels.unpack_weight(packed), q)
@@ -134,6 +143,21 @@ def test_group_scales_round_trip(n: int, k: int, group_size: int) -> None:
     packed = kernels.pack_weight(q, scale, group_size)
     assert packed.weight_groups == -(-k // group_size)
     assert torch.equal(packed.scales(), scale)
+    assert torch.equal(packed.data, packed_in_torch(q, scale, group_size).data)
+    assert torch.equal(kernels.unpack_weight(packed), q)
+    assert torch.equal(kernels.weight_rows(packed, torch.tensor([n - 1, 0])), q[[n - 1, 0]])
+    # where the bytes are (packed_layout.h): a tile is its weight groups one after the other, each `span` groups of
+    # 2048 bytes (room for all of them, also where K ends earlier) followed by the weight group's 64 bf16 scales
+    span, wgroups = group_size // 32, -(-k // group_size)
+    tiles = packed.data.view(-1, wgroups, span * 2048 + 128)
+    assert tiles.shape[0] == -(-n // 64)
+    stored = tiles[:, :, span * 2048:].contiguous().view(torch.bfloat16)  # [tiles, weight groups, 64]
+    assert torch.equal(stored.permute(0, 2, 1).reshape(-1, wgroups)[:n].float(), scale)
+    row, column = n - 1, k - 1  # the last weight: tile, block, row in block; group, step, byte in step
+    group = column // 32
+    at = (group // span) * (span * 2048 + 128) + (group % span) * 2048 + (row % 64) // 16 * 512
+    at += (column % 32) // 4 * 64 + (row % 16) * 4 + column % 4
+    assert tiles[row // 64].flatten()[at].item() == (int(q[row, column]) + 128)
     index = torch.tensor([[0, n - 1], [n // 2, 1 % n]])
     expected = scale[index].repeat_interleave(group_size, dim=-1)[..., :k]
     assert torch.equal(kernels.row_scales(packed, index), expected)

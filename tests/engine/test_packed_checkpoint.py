@@ -52,18 +52,21 @@ def test_adopt_packed_keeps_aligned_tensors_and_copies_misaligned_ones() -> None
     q = torch.randint(-127, 128, (70, 96), dtype=torch.int8, generator=torch.Generator().manual_seed(0))
     scale = torch.rand(70, 3).to(torch.bfloat16).float()
     packed = kernels.pack_weight(q, scale, 32)
-    same = kernels.adopt_packed(packed.data, packed.scale, 70, 96, 32)
+    same = kernels.adopt_packed(packed.data, 70, 96, 32)
     assert same.data.data_ptr() == packed.data.data_ptr() and same.scale.data_ptr() == packed.scale.data_ptr()
     raw = torch.empty(packed.data.numel() + 1, dtype=torch.uint8)
     start = 1 if raw.data_ptr() % kernels.ALIGNMENT == 0 else 0
     misaligned = raw[start:start + packed.data.numel()].copy_(packed.data)
     assert misaligned.data_ptr() % kernels.ALIGNMENT
-    moved = kernels.adopt_packed(misaligned, packed.scale, 70, 96, 32)
+    moved = kernels.adopt_packed(misaligned, 70, 96, 32)
     assert moved.data.data_ptr() % kernels.ALIGNMENT == 0 and torch.equal(kernels.unpack_weight(moved), q)
-    with pytest.raises(ValueError, match="packed scales must be bfloat16"):
-        kernels.adopt_packed(packed.data, packed.scale, 70, 96, 0)
+    assert torch.equal(moved.scales(), scale)
+    with pytest.raises(ValueError, match="packed data must be uint8"):  # per channel: another size
+        kernels.adopt_packed(packed.data, 70, 96, 0)
     with pytest.raises(ValueError, match="packed data must be uint8"):
-        kernels.adopt_packed(packed.data, packed.scale, 130, 96, 32)
+        kernels.adopt_packed(packed.data, 130, 96, 32)
+    with pytest.raises(ValueError, match="packed data must be uint8"):
+        kernels.adopt_packed(packed.data.view(torch.int8), 70, 96, 32)
 
 
 def test_a_16_bit_embedding_table_is_stored_and_mapped_as_it_is(tmp_path: Path, stories_hf: Path) -> None:

@@ -239,8 +239,7 @@ class Int8Linear(nn.Module):
         self.refine_top = refine_top
         self.register_buffer("weight", torch.empty(out_features, in_features, dtype=torch.int8))
         self.register_buffer("scale", torch.empty(out_features, dtype=torch.float32))
-        self.register_buffer("packed_data", None)
-        self.register_buffer("packed_scale", None)
+        self.register_buffer("packed_data", None)  # the packed weight with its scales (kernels.PackedWeight.data)
         self.packed: kernels.PackedWeight | None = None
         self.group_size = 0
         self.kernel_scale: Tensor | None = None  # stock path: scale in COMPUTE_DTYPE, made once by set_quantized
@@ -260,10 +259,10 @@ class Int8Linear(nn.Module):
         if kernels.available():
             self.packed = kernels.pack_weight(q, scale, group_size)
             self.weight = self.scale = self.kernel_scale = None  # the packed layout is the only copy
-            # as buffers too (the same tensors), so that the module's buffers are its memory
-            self.packed_data, self.packed_scale = self.packed.data, self.packed.scale
+            # as a buffer too (the same tensor), so that the module's buffers are its memory
+            self.packed_data = self.packed.data
             return
-        self.packed = self.packed_data = self.packed_scale = None
+        self.packed = self.packed_data = None
         q = q.contiguous()
         if q.data_ptr() % 64:  # e.g. a slice of a memory-mapped file: int8pack crashes on unaligned weights
             q = q.clone()
@@ -285,7 +284,7 @@ class Int8Linear(nn.Module):
         self.group_size = packed.group_size
         self.packed = packed
         self.weight = self.scale = self.kernel_scale = None
-        self.packed_data, self.packed_scale = packed.data, packed.scale
+        self.packed_data = packed.data
 
     def packed_copy(self) -> kernels.PackedWeight:
         """The weight in the kernel's layout: the layer's own copy, or (stock path) one packed now."""

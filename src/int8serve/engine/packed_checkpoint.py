@@ -3,15 +3,15 @@
 An int8 checkpoint as `int8serve quantize` writes it (format versions 1 and 2) holds plain int8 [N, K] weights and
 their scales: loading it reads every byte into fresh memory and repacks each weight into the kernel's tiles
 (gemv.cpp), which made a later start of the 7B shape take ~20 s on an idle 2-core machine. This format (version 3)
-stores what the model holds instead: each `Int8Linear`'s packed bytes and tiled bf16 scales (the `packed_data` and
-`packed_scale` tensors), beside the full-precision embeddings and norms, in one safetensors file. Loading maps the
+stores what the model holds instead: each `Int8Linear`'s packed bytes with its bf16 scales among them (the
+`packed_data` tensor, kernels.PackedWeight), beside the full-precision embeddings and norms, in one safetensors file. Loading maps the
 file (safetensors' `safe_open` hands tensors out over a private memory map): nothing is read, copied or repacked;
 pages come in from the page cache as the first forward touches them, and the mapping is the model's only copy of
 its weights (issue 10's rule: one packed copy).
 
 The kernel needs each packed weight 64-byte aligned, and a mapping keeps the file's alignment, so the writer puts
-every tensor at a multiple of 64 bytes: the header is padded to end there, the packed data (multiples of 2048 bytes)
-come first, then the scales (multiples of 128 bytes), then the fp32 tensors. The layout is the same on every kernel
+every tensor at a multiple of 64 bytes: the header is padded to end there, the packed data (multiples of 64 bytes)
+come first, then the fp32 tensors. The layout is the same on every kernel
 path (`kernels.LAYOUT`), so one copy serves any CPU; `int8serve.json` records it, and a copy of another layout is
 refused with a CheckpointError (the model cache then rebuilds it).
 """
@@ -61,11 +61,8 @@ def save_packed_checkpoint(loaded: LoadedModel, destination: str | Path) -> Path
     # (name, dtype, shape, the tensor when it is written); aligned by this order (see the module's docstring)
     entries: list[tuple[str, torch.dtype, tuple[int, ...], object]] = []
     for name, module in packed:
-        data_shape, _ = kernels.packed_shapes(module.out_features, module.in_features, module.group_size)
-        entries.append((f"{name}.packed_data", torch.uint8, data_shape, lambda m=module: m.packed_copy().data))
-    for name, module in packed:
-        _, scale_shape = kernels.packed_shapes(module.out_features, module.in_features, module.group_size)
-        entries.append((f"{name}.packed_scale", torch.bfloat16, scale_shape, lambda m=module: m.packed_copy().scale))
+        nbytes = kernels.packed_nbytes(module.out_features, module.in_features, module.group_size)
+        entries.append((f"{name}.packed_data", torch.uint8, (nbytes,), lambda m=module: m.packed_copy().data))
     for name, tensor in dense:  # fp32, but for 16-bit embeddings (loader.EMBEDDING_DTYPES), stored as they are
         entries.append((name, tensor.dtype, tuple(tensor.shape), lambda t=tensor: t))
     size = _write_aligned_safetensors(folder / WEIGHTS, entries)
@@ -139,8 +136,8 @@ def load_packed(folder: Path, meta: dict) -> LoadedModel:
 
             for name, module in model.named_modules():
                 if isinstance(module, Int8Linear):
-                    packed = kernels.adopt_packed(take(f"{name}.packed_data"), take(f"{name}.packed_scale"),
-                                                  module.out_features, module.in_features, int(group_sizes[name]))
+                    packed = kernels.adopt_packed(take(f"{name}.packed_data"), module.out_features,
+                                                  module.in_features, int(group_sizes[name]))
                     module.set_packed(packed)
                 for parameter_name, parameter in list(module.named_parameters(recurse=False)):
                     full_name = f"{name}.{parameter_name}" if name else parameter_name

@@ -53,15 +53,16 @@ log = logging.getLogger(__name__)
 SOURCE = Path(__file__).with_name("gemv.cpp")
 GROUP = 32  # activation values per scale; K is padded (with zeros) to a multiple of this
 TILE_ROWS = 64  # output rows per packed tile; N is padded to a multiple of this
-# The packed layout (gemv.cpp's comment; pack_weight, _pack_torch, unpack_weight). Every path reads the same bytes, so
+# The packed layout (packed_layout.h, gemv.cpp's comment; pack_weight, _pack_torch, unpack_weight; version 2: each
+# weight group's scales after its weights, in one buffer). Every path reads the same bytes, so
 # a stored packed weight (the model cache's copy) does not depend on the CPU; bump this when the layout changes, and
 # copies stored the old way are rebuilt.
-LAYOUT = {"name": "int8serve-tiles", "version": 1, "tile_rows": TILE_ROWS, "group": GROUP}
+LAYOUT = {"name": "int8serve-tiles", "version": 2, "tile_rows": TILE_ROWS, "group": GROUP}
 ALIGNMENT = 64  # bytes: gemv.cpp refuses a packed weight whose data is not 64-byte aligned (status -2)
 Impl = Literal["auto", "amx", "vnni512", "avxvnni", "avx2", "scalar"]
 PATHS: tuple[Impl, ...] = ("amx", "vnni512", "avxvnni", "avx2", "scalar")  # in the order auto prefers them
 _IMPLS = {"auto": 0, "vnni512": 1, "avxvnni": 2, "avx2": 3, "scalar": 4, "amx": 5}  # gemv.cpp's numbers
-ABI_VERSION = 6  # must match i8s_abi_version() in gemv.cpp
+ABI_VERSION = 7  # must match i8s_abi_version() in gemv.cpp
 ENV_PATH = "INT8SERVE_KERNEL"
 # -ffp-contract=off: the scalar path must round exactly like the vector paths (explicit fma only). No -march: the
 # vector functions carry their own target attributes and are only called after a runtime CPU check.
@@ -198,13 +199,13 @@ def _open(path: Path) -> ctypes.CDLL:
     lib = open_library(path, "i8s_abi_version", ABI_VERSION)
     lib.i8s_cpu_has.argtypes = [_INT]
     lib.i8s_cpu_has.restype = _INT
-    lib.i8s_gemv.argtypes = [_P, _I64, _I64, _P, _P, _I64, _I64, _P, _INT, _INT, _INT]
+    lib.i8s_gemv.argtypes = [_P, _I64, _I64, _P, _I64, _I64, _P, _INT, _INT, _INT]
     lib.i8s_gemv.restype = _INT
     lib.i8s_quantize.argtypes = [_P, _I64, _I64, _P, _P, _INT]
     lib.i8s_quantize.restype = _INT
-    lib.i8s_pack.argtypes = [_P, _I64, _I64, _P, _INT]
+    lib.i8s_pack.argtypes = [_P, _I64, _I64, _P, _I64, _P, _INT]
     lib.i8s_pack.restype = None
-    lib.i8s_dequant.argtypes = [_P, _P, _I64, _I64, _I64, _P, _INT, _INT, _INT]
+    lib.i8s_dequant.argtypes = [_P, _I64, _I64, _I64, _P, _INT, _INT, _INT]
     lib.i8s_dequant.restype = _INT
     return lib
 
@@ -312,49 +313,69 @@ def describe() -> str:
 
 @dataclass(frozen=True)
 class PackedWeight:
-    """An int8 weight [N, K] and its bf16 scales in the kernel's layout (see gemv.cpp).
+    """An int8 weight [N, K] and its bf16 scales in the kernel's layout (packed_layout.h, gemv.cpp): one buffer,
+    tile by tile of 64 output rows, each weight group's packed bytes followed by its 64 scales.
 
     group_size 0: one scale per output row; else one per row and group of `group_size` input values.
     """
 
-    data: Tensor  # uint8 [Np * Kp] (Np = ceil(N/64)*64, Kp = ceil(K/32)*32), 64-byte aligned, values w + 128
-    scale: Tensor  # bf16 [Np/64, weight groups, 64], zero padded
+    data: Tensor  # uint8 [packed_nbytes(N, K, group_size)], 64-byte aligned: values w + 128 and the bf16 scales
     out_features: int
     in_features: int
     group_size: int = 0
 
     @property
     def nbytes(self) -> int:
-        return self.data.numel() + 2 * self.scale.numel()
+        return self.data.numel()
 
     @property
     def weight_groups(self) -> int:
-        return self.scale.shape[1]
+        return weight_groups(self.in_features, self.group_size)
+
+    @property
+    def scale(self) -> Tensor:
+        """The scales where they are: bf16 [Np/64, weight groups, 64] (a view into `data`, zero padded rows)."""
+        span = _layout(self.in_features, self.group_size)[0]
+        return _blocks(self)[..., span * GROUP_BYTES:].view(torch.bfloat16)
 
     def scales(self) -> Tensor:
         """The scales as fp32 [N, weight groups] (exact: they are bf16)."""
         return self.scale.float().permute(0, 2, 1).reshape(-1, self.weight_groups)[:self.out_features].contiguous()
 
 
-def packed_shapes(out_features: int, in_features: int, group_size: int) -> tuple[tuple[int], tuple[int, int, int]]:
-    """The shapes of a PackedWeight's `data` (uint8) and `scale` (bf16) for an int8 weight [N, K]."""
-    np_, kp = -(-out_features // TILE_ROWS) * TILE_ROWS, -(-in_features // GROUP) * GROUP
-    return (np_ * kp,), (np_ // TILE_ROWS, weight_groups(in_features, group_size), TILE_ROWS)
+GROUP_BYTES = TILE_ROWS * GROUP  # one group of 32 inputs of a tile
+SCALE_BYTES = 2 * TILE_ROWS  # one weight group's bf16 scales of a tile
 
 
-def adopt_packed(data: Tensor, scale: Tensor, out_features: int, in_features: int,
-                 group_size: int) -> PackedWeight:
-    """A PackedWeight over tensors already in the packed layout (a stored copy, e.g. memory-mapped), without copying
-    them unless `data` is not 64-byte aligned. Raises ValueError when their dtypes or shapes do not fit [N, K]."""
+def _layout(in_features: int, group_size: int) -> tuple[int, int, int]:
+    """(activation groups per weight group, weight groups per row, bytes per weight group of a tile)."""
+    groups = -(-in_features // GROUP)
+    span = groups if group_size == 0 else group_size // GROUP
+    return span, -(-groups // span), span * GROUP_BYTES + SCALE_BYTES
+
+
+def packed_nbytes(out_features: int, in_features: int, group_size: int) -> int:
+    """The bytes of a PackedWeight's `data` for an int8 weight [N, K]: the weights, padded, and their scales."""
+    _, wgroups, group_bytes = _layout(in_features, group_size)
+    return -(-out_features // TILE_ROWS) * wgroups * group_bytes
+
+
+def _blocks(packed: PackedWeight) -> Tensor:
+    """data as uint8 [tiles, weight groups, bytes per weight group]."""
+    _, wgroups, group_bytes = _layout(packed.in_features, packed.group_size)
+    return packed.data.view(-1, wgroups, group_bytes)
+
+
+def adopt_packed(data: Tensor, out_features: int, in_features: int, group_size: int) -> PackedWeight:
+    """A PackedWeight over a tensor already in the packed layout (a stored copy, e.g. memory-mapped), without copying
+    it unless it is not 64-byte aligned. Raises ValueError when its dtype or size does not fit [N, K]."""
     check_group_size(group_size)
-    data_shape, scale_shape = packed_shapes(out_features, in_features, group_size)
-    if data.dtype != torch.uint8 or tuple(data.shape) != data_shape:
-        raise ValueError(f"packed data must be uint8 {list(data_shape)}, got {data.dtype} {list(data.shape)}")
-    if scale.dtype != torch.bfloat16 or tuple(scale.shape) != scale_shape:
-        raise ValueError(f"packed scales must be bfloat16 {list(scale_shape)}, got {scale.dtype} {list(scale.shape)}")
+    nbytes = packed_nbytes(out_features, in_features, group_size)
+    if data.dtype != torch.uint8 or tuple(data.shape) != (nbytes,):
+        raise ValueError(f"packed data must be uint8 [{nbytes}], got {data.dtype} {list(data.shape)}")
     if data.device.type != "cpu" or not data.is_contiguous() or data.data_ptr() % ALIGNMENT:
         data = _aligned_empty(data.numel()).copy_(data)
-    return PackedWeight(data, scale.contiguous(), out_features, in_features, group_size)
+    return PackedWeight(data, out_features, in_features, group_size)
 
 
 def _aligned_empty(numel: int, alignment: int = ALIGNMENT) -> Tensor:
@@ -417,52 +438,54 @@ def pack_weight(weight: Tensor, scale: Tensor, group_size: int = 0) -> PackedWei
         raise ValueError(f"scale must be [{n}, {groups}] for group size {group_size}, got {tuple(scale.shape)}")
     if weight.min() < -127:
         raise ValueError("weight must lie in [-127, 127] (symmetric quantization)")
-    np_, kp = -(-n // TILE_ROWS) * TILE_ROWS, -(-k // GROUP) * GROUP
-    padded_scale = torch.zeros(np_, groups, dtype=torch.bfloat16, device="cpu")
-    padded_scale[:n] = scale.reshape(n, groups).to(torch.bfloat16)
-    tiled_scale = padded_scale.view(np_ // TILE_ROWS, TILE_ROWS, groups).permute(0, 2, 1).contiguous()
+    scale = scale.reshape(n, groups).to(torch.bfloat16).contiguous()
+    packed = PackedWeight(_aligned_empty(packed_nbytes(n, k, group_size)), n, k, group_size)
     if _load() is not None:
-        return PackedWeight(_pack_torch(weight, np_, kp), tiled_scale, n, k, group_size)
+        _pack_torch(weight, scale, packed)
+        return packed
     weight = weight.contiguous()
-    data = _aligned_empty(np_ * kp)
-    _library().i8s_pack(weight.data_ptr(), n, k, data.data_ptr(), torch.get_num_threads())
-    return PackedWeight(data, tiled_scale, n, k, group_size)
+    _library().i8s_pack(weight.data_ptr(), n, k, scale.data_ptr(), group_size, packed.data.data_ptr(),
+                        torch.get_num_threads())
+    return packed
 
 
-def _pack_torch(weight: Tensor, np_: int, kp: int) -> Tensor:
+def _pack_torch(weight: Tensor, scale: Tensor, packed: PackedWeight) -> None:
+    """What i8s_pack writes, in torch: the int8 [N, K] weight and its bf16 scales [N, weight groups] into `packed`."""
     n, k = weight.shape
-    unsigned = weight.contiguous().view(torch.uint8) ^ 0x80  # w + 128 as unsigned bytes (two's complement)
-    if (np_, kp) != (n, k):
-        padded = torch.full((np_, kp), 0x80, dtype=torch.uint8, device="cpu")  # zero weights
-        padded[:n, :k] = unsigned
-        unsigned = padded
-    # [tile, block, row, group, step] -> [tile, group, block, step, row], moving 4-byte words
-    words = unsigned.view(torch.int32).view(np_ // TILE_ROWS, 4, 16, kp // GROUP, 8)
-    tiled = words.permute(0, 3, 1, 4, 2)
-    data = _aligned_empty(np_ * kp)
-    data.view(torch.int32).view(tiled.shape).copy_(tiled)
-    return data
+    span, wgroups, _ = _layout(k, packed.group_size)
+    np_, kp = -(-n // TILE_ROWS) * TILE_ROWS, wgroups * span * GROUP  # K padded to whole weight groups
+    unsigned = torch.full((np_, kp), 0x80, dtype=torch.uint8, device="cpu")  # zero weights
+    unsigned[:n, :k] = weight.view(torch.uint8) ^ 0x80  # w + 128 as unsigned bytes (two's complement)
+    # [tile, block, row, weight group, group, step] -> [tile, weight group, group, block, step, row], 4-byte words
+    words = unsigned.view(torch.int32).view(np_ // TILE_ROWS, 4, 16, wgroups, span, 8)
+    _words(packed).copy_(words.permute(0, 3, 4, 1, 5, 2))
+    padded = torch.zeros(np_, wgroups, dtype=torch.bfloat16)
+    padded[:n] = scale
+    packed.scale.copy_(padded.view(np_ // TILE_ROWS, TILE_ROWS, wgroups).permute(0, 2, 1))
 
 
 def _words(packed: PackedWeight) -> Tensor:
-    np_ = packed.scale.shape[0] * TILE_ROWS
-    kp = packed.data.numel() // np_
-    return packed.data.view(torch.int32).view(np_ // TILE_ROWS, kp // GROUP, 4, 8, 16)
+    """The weights as int32 words (4 inputs each) [tiles, weight groups, groups, block, step, row] (a view)."""
+    span = _layout(packed.in_features, packed.group_size)[0]
+    blocks = _blocks(packed)
+    return blocks[..., :span * GROUP_BYTES].view(torch.int32).view(*blocks.shape[:2], span, 4, 8, 16)
 
 
 def unpack_weight(packed: PackedWeight) -> Tensor:
     """The int8 [N, K] weight back from a PackedWeight (the checkpoint writer and tests read it this way)."""
     words = _words(packed)
-    rows = (words.permute(0, 2, 4, 1, 3).reshape(-1, words.shape[1] * 8).view(torch.uint8) ^ 0x80).view(torch.int8)
-    return rows[:packed.out_features, :packed.in_features].contiguous()
+    tiles, wgroups, span = words.shape[:3]
+    rows = words.permute(0, 3, 5, 1, 2, 4).reshape(tiles * TILE_ROWS, wgroups * span * 8)
+    signed = (rows.view(torch.uint8) ^ 0x80).view(torch.int8)
+    return signed[:packed.out_features, :packed.in_features].contiguous()
 
 
 def weight_rows(packed: PackedWeight, index: Tensor) -> Tensor:
     """Rows `index` (int64 of any shape, each < N) of the int8 weight, read from the packed copy: [*index.shape, K]."""
     words = _words(packed)
     within = index % TILE_ROWS
-    picked = words[index // TILE_ROWS, :, within // 16, :, within % 16]  # [*index.shape, K/32, 8] 4-byte words
-    rows = (picked.reshape(*index.shape, words.shape[1] * 8).view(torch.uint8) ^ 0x80).view(torch.int8)
+    picked = words[index // TILE_ROWS, :, :, within // 16, :, within % 16]  # [*index.shape, wgroups, span, 8] words
+    rows = (picked.reshape(*index.shape, -1).view(torch.uint8) ^ 0x80).view(torch.int8)
     return rows[..., :packed.in_features]
 
 
@@ -482,7 +505,7 @@ def dequantize(packed: PackedWeight, out: Tensor, impl: Impl = "auto") -> Tensor
     if out.shape != (n, k) or not out.is_contiguous() or out.dtype not in (torch.float32, torch.bfloat16):
         raise ValueError(f"out must be a contiguous fp32 or bf16 [{n}, {k}] tensor, got {out.dtype} {tuple(out.shape)}")
     if _load() is None:
-        status = _library().i8s_dequant(packed.data.data_ptr(), packed.scale.data_ptr(), n, k, packed.group_size,
+        status = _library().i8s_dequant(packed.data.data_ptr(), n, k, packed.group_size,
                                         out.data_ptr(), int(out.dtype == torch.bfloat16),
                                         _IMPLS[path() if impl == "auto" else impl], torch.get_num_threads())
         if status != 0:
@@ -519,8 +542,8 @@ def int8_gemv(x: Tensor, weight: Tensor | PackedWeight, scale: Tensor | None = N
     x = x.to(device="cpu", dtype=torch.float32).contiguous()
     m = x.shape[0]
     y = torch.empty(m, weight.out_features, dtype=torch.float32)
-    args = (x.data_ptr(), m, weight.in_features, weight.data.data_ptr(), weight.scale.data_ptr(), weight.out_features,
-            weight.group_size, y.data_ptr(), _IMPLS[impl], int(precise), kernel_threads())
+    args = (x.data_ptr(), m, weight.in_features, weight.data.data_ptr(), weight.out_features, weight.group_size,
+            y.data_ptr(), _IMPLS[impl], int(precise), kernel_threads())
     if torch.autograd._profiler_enabled():  # a ctypes call is invisible to torch.profiler unless labelled (~9 us)
         with torch.autograd.profiler.record_function("int8serve::int8_gemv"):
             status = lib.i8s_gemv(*args)

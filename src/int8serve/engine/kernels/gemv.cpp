@@ -6,15 +6,15 @@
 //
 // Activations are quantized here, per row in groups of 32 values (one fp32 scale per group, round to nearest even);
 // with `precise` each row is quantized twice, the row and its quantization error, and the two outputs are added.
-// Weights are int8, repacked once (see kernels/__init__.py, pack_weight) into tiles of 64 output rows:
+// Weights are int8, repacked once (see kernels/__init__.py, pack_weight) into tiles of 64 output rows, each group of
+// 32 inputs of a tile 2048 bytes:
 //
-//   packed[tile][group][block][step][row][byte] = w[64 * tile + 16 * block + row, 32 * group + 4 * step + byte] + 128
-//          N/64   K/32    4      8     16   4
+//   group[block][step][row][byte] = w[64 * tile + 16 * block + row, 32 * group + 4 * step + byte] + 128
+//          4      8     16   4
 //
 // with bf16 scales, one per output row and weight group (a group of `group_size` = 32, 64, 128... input values, or the
-// whole row for per-channel scales, group_size 0), laid out so that one tile's scales follow each other:
-//
-//   wscale[tile][weight group][row] (bf16, 64 rows per tile)
+// whole row for per-channel scales, group_size 0), 64 of them (128 bytes) right after the groups of their weight
+// group, in the same stream of bytes (packed_layout.h: where each group and each weight group's scales are).
 //
 // One 64-byte load holds 4 consecutive k of 16 output rows. Each path multiplies those with 4 activation bytes
 // broadcast to every 32-bit lane, so each lane accumulates one output row and no horizontal sums are needed:
@@ -51,6 +51,7 @@
 #include <vector>
 
 #include "amx_tiles.h"
+#include "packed_layout.h"
 
 namespace {
 
@@ -274,31 +275,28 @@ Activations quantize(const float* x, int64_t m, int64_t k, Impl impl, bool preci
 // ---- the tile kernels ----
 
 struct TileArgs {
-  const uint8_t* packed;  // the whole packed weight
-  const uint16_t* wscale; // bf16 [tiles][wgroups][64]
+  packed::Layout lay;     // where the groups and scales of a tile are
+  const uint8_t* packed;  // the whole packed weight (with its scales)
   const int8_t* xq;       // first activation row of this pass
   const float* xscale;
   const int32_t* xcorr;
   int64_t kp, groups, n;
-  int64_t span;           // activation groups per weight group
-  int64_t wgroups;        // weight groups per row
   float* y;               // first output row of this pass
   bool prefetch_l2 = false;  // 512-bit paths: also ask for the lines kPrefetchL2Bytes512 ahead into L2
 };
 
 // The scalar path: the reference arithmetic, also used where the CPU has no AVX2.
 void tile_scalar(const TileArgs& a, int64_t rows, int64_t tile) {
-  const uint8_t* w = a.packed + tile * a.groups * kGroupBytes;
-  const uint16_t* ws = a.wscale + tile * a.wgroups * kTileRows;
+  const uint8_t* w = a.lay.tile(a.packed, tile);
   for (int64_t r = 0; r < rows; ++r) {
     float acc[kTileRows] = {};
     const int8_t* xq = a.xq + r * a.kp;
-    for (int64_t wg = 0; wg < a.wgroups; ++wg) {
+    for (int64_t wg = 0; wg < a.lay.wgroups; ++wg) {
       float inner[kTileRows] = {};
-      for (int64_t g = wg * a.span; g < std::min(a.groups, (wg + 1) * a.span); ++g) {
+      for (int64_t g = wg * a.lay.span; g < std::min(a.groups, (wg + 1) * a.lay.span); ++g) {
         int32_t dot[kTileRows];
         for (int64_t i = 0; i < kTileRows; ++i) dot[i] = a.xcorr[r * a.groups + g];
-        const uint8_t* wg_bytes = w + g * kGroupBytes;
+        const uint8_t* wg_bytes = a.lay.group(w, g);
         for (int64_t b = 0; b < kBlocks; ++b) {
           for (int64_t s = 0; s < kSteps; ++s) {
             const uint8_t* v = wg_bytes + b * kBlockBytes + s * 64;
@@ -313,7 +311,7 @@ void tile_scalar(const TileArgs& a, int64_t rows, int64_t tile) {
         const float scale = a.xscale[r * a.groups + g];
         for (int64_t i = 0; i < kTileRows; ++i) inner[i] = std::fma(static_cast<float>(dot[i]), scale, inner[i]);
       }
-      for (int64_t i = 0; i < kTileRows; ++i) acc[i] = std::fma(inner[i], bf16_to_float(ws[wg * kTileRows + i]), acc[i]);
+      for (int64_t i = 0; i < kTileRows; ++i) acc[i] = std::fma(inner[i], bf16_to_float(a.lay.scales(w, wg)[i]), acc[i]);
     }
     const int64_t n0 = tile * kTileRows;
     const int64_t count = std::min(kTileRows, a.n - n0);
@@ -342,13 +340,12 @@ constexpr int64_t kChunkGroups = INT8SERVE_CHUNK_GROUPS;
 // sequential stream.) `sums`: the pass's running sums (kSumFloats per row); the outputs are written at g1 == groups.
 template <int R>
 INT8SERVE_VNNI512 void tile_vnni512(const TileArgs& a, int64_t tile, int64_t g0, int64_t g1, float* sums) {
-  const uint8_t* w = a.packed + tile * a.groups * kGroupBytes;
-  const uint16_t* ws = a.wscale + tile * a.wgroups * kTileRows;
+  const uint8_t* w = a.lay.tile(a.packed, tile);
   const __m512 zero = _mm512_setzero_ps();
   for (int64_t g = g0; g < g1; ++g) {
-    const bool opens = g % a.span == 0;                                // the first activation group of its weight group
-    const bool closes = (g + 1) % a.span == 0 || g + 1 == a.groups;  // its last
-    const uint8_t* wgb = w + g * kGroupBytes;
+    const bool opens = g % a.lay.span == 0;                                // the first activation group of its weight group
+    const bool closes = (g + 1) % a.lay.span == 0 || g + 1 == a.groups;  // its last
+    const uint8_t* wgb = a.lay.group(w, g);
     for (int b = 0; b < kBlocks; ++b) {
       __m512i dot[R];
       for (int r = 0; r < R; ++r) dot[r] = _mm512_set1_epi32(a.xcorr[r * a.groups + g]);
@@ -366,7 +363,7 @@ INT8SERVE_VNNI512 void tile_vnni512(const TileArgs& a, int64_t tile, int64_t g0,
       }
       __m512 scale = zero;
       if (closes) {
-        const uint16_t* group_scales = ws + (g / a.span) * kTileRows + b * kBlockRows;
+        const uint16_t* group_scales = a.lay.scales(w, g / a.lay.span) + b * kBlockRows;
         const __m256i raw = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(group_scales));
         scale = _mm512_castsi512_ps(_mm512_slli_epi32(_mm512_cvtepu16_epi32(raw), 16));
       }
@@ -415,17 +412,16 @@ struct DotAvxVnni {
 #define INT8SERVE_TILE256(NAME, DOT, TARGET)                                                                      \
   template <int R>                                                                                                 \
   TARGET void NAME(const TileArgs& a, int64_t tile) {                                                              \
-    const uint8_t* w = a.packed + tile * a.groups * kGroupBytes;                                                   \
-    const uint16_t* ws = a.wscale + tile * a.wgroups * kTileRows;                                                  \
+    const uint8_t* w = a.lay.tile(a.packed, tile);                                                                 \
     __m256 acc[R][2 * kBlocks];                                                                                    \
     for (int r = 0; r < R; ++r)                                                                                    \
       for (int h = 0; h < 2 * kBlocks; ++h) acc[r][h] = _mm256_setzero_ps();                                       \
-    for (int64_t wg = 0; wg < a.wgroups; ++wg) {                                                                   \
+    for (int64_t wg = 0; wg < a.lay.wgroups; ++wg) {                                                               \
       __m256 inner[R][2 * kBlocks];                                                                                \
       for (int r = 0; r < R; ++r)                                                                                  \
         for (int h = 0; h < 2 * kBlocks; ++h) inner[r][h] = _mm256_setzero_ps();                                   \
-      for (int64_t g = wg * a.span; g < std::min(a.groups, (wg + 1) * a.span); ++g) {                              \
-        const uint8_t* wgb = w + g * kGroupBytes;                                                                  \
+      for (int64_t g = wg * a.lay.span; g < std::min(a.groups, (wg + 1) * a.lay.span); ++g) {                      \
+        const uint8_t* wgb = a.lay.group(w, g);                                                                    \
         for (int b = 0; b < kBlocks; ++b) {                                                                        \
           __m256i dot[R][2];                                                                                       \
           for (int r = 0; r < R; ++r)                                                                              \
@@ -451,7 +447,7 @@ struct DotAvxVnni {
         }                                                                                                          \
       }                                                                                                            \
       for (int h = 0; h < 2 * kBlocks; ++h) {                                                                      \
-        const __m128i raw = _mm_loadu_si128(reinterpret_cast<const __m128i*>(ws + wg * kTileRows + 8 * h));        \
+        const __m128i raw = _mm_loadu_si128(reinterpret_cast<const __m128i*>(a.lay.scales(w, wg) + 8 * h));       \
         const __m256 scale = _mm256_castsi256_ps(_mm256_slli_epi32(_mm256_cvtepu16_epi32(raw), 16));               \
         for (int r = 0; r < R; ++r) acc[r][h] = _mm256_fmadd_ps(inner[r][h], scale, acc[r][h]);                    \
       }                                                                                                            \
@@ -557,21 +553,20 @@ INT8SERVE_VNNI512 inline __m512 amx_weight_scale(const uint16_t* ws, int b) {
 
 // Needs amx_configure(rows) on the calling thread (i8s_gemv does it once per pass size).
 INT8SERVE_VNNI512 void tile_amx(const TileArgs& a, int64_t rows, int64_t tile) {
-  const uint8_t* w = a.packed + tile * a.groups * kGroupBytes;
-  const uint16_t* ws = a.wscale + tile * a.wgroups * kTileRows;
+  const uint8_t* w = a.lay.tile(a.packed, tile);
   alignas(64) int32_t dots[kAmxMaxRows][kTileRows];
   alignas(64) float inner[kAmxMaxRows][kTileRows];
   alignas(64) float acc[kAmxMaxRows][kTileRows];
   std::memset(acc, 0, static_cast<size_t>(rows) * sizeof(acc[0]));
   const __m512 zero = _mm512_setzero_ps();
-  for (int64_t wg = 0; wg < a.wgroups; ++wg) {
+  for (int64_t wg = 0; wg < a.lay.wgroups; ++wg) {
     __m512 scale[kBlocks];
-    for (int b = 0; b < kBlocks; ++b) scale[b] = amx_weight_scale(ws + wg * kTileRows, b);
-    const int64_t g0 = wg * a.span, g1 = std::min(a.groups, (wg + 1) * a.span);
+    for (int b = 0; b < kBlocks; ++b) scale[b] = amx_weight_scale(a.lay.scales(w, wg), b);
+    const int64_t g0 = wg * a.lay.span, g1 = std::min(a.groups, (wg + 1) * a.lay.span);
     // A weight group of one activation group (the default scheme): the general loop's arithmetic without its inner
     // sums in memory (the same fmas; 1.06-1.19x the speed at 4 and 8 rows, Sapphire Rapids, gemv_builds.py)
     if (g1 - g0 == 1) {
-      amx_group_dots(a, w + g0 * kGroupBytes, g0, dots);
+      amx_group_dots(a, a.lay.group(w, g0), g0, dots);
       for (int64_t r = 0; r < rows; ++r) {
         const __m512 xscale = _mm512_set1_ps(a.xscale[r * a.groups + g0]);
         for (int b = 0; b < kBlocks; ++b) {
@@ -584,7 +579,7 @@ INT8SERVE_VNNI512 void tile_amx(const TileArgs& a, int64_t rows, int64_t tile) {
     }
     std::memset(inner, 0, static_cast<size_t>(rows) * sizeof(inner[0]));
     for (int64_t g = g0; g < g1; ++g) {
-      amx_group_dots(a, w + g * kGroupBytes, g, dots);
+      amx_group_dots(a, a.lay.group(w, g), g, dots);
       for (int64_t r = 0; r < rows; ++r) {
         const __m512 xscale = _mm512_set1_ps(a.xscale[r * a.groups + g]);
         for (int b = 0; b < kBlocks; ++b) {
@@ -624,16 +619,14 @@ TileRows tile_rows(Impl impl) {
   }
 }
 
-int64_t weight_span(int64_t group_size, int64_t groups) { return group_size == 0 ? groups : group_size / kGroup; }
-
 // ---- dequantization (the dense path's weight) ----
 
 constexpr int64_t kStreamBytes = int64_t{32} << 20;  // the L3 cache of the EPYCs we measured on
 
 struct DequantArgs {
+  packed::Layout lay;
   const uint8_t* packed;
-  const uint16_t* wscale;
-  int64_t n, k, groups, span, wgroups;
+  int64_t n, k, groups;
   void* out;
   bool bf16;
   bool stream;  // write `out` with non-temporal stores (see i8s_dequant)
@@ -642,9 +635,9 @@ struct DequantArgs {
 // One weight row's group g (count <= 32 values): out = (w - 128) * scale, in fp32 (exact) or rounded to bf16.
 void dequant_group_scalar(const DequantArgs& a, int64_t tile, int64_t row, int64_t g) {
   const int64_t b = row / kBlockRows, lane = row % kBlockRows, r = tile * kTileRows + row;
-  const uint8_t* w = a.packed + tile * kTileRows * (a.groups * kGroup);
-  const float scale = bf16_to_float(a.wscale[tile * a.wgroups * kTileRows + (g / a.span) * kTileRows + row]);
-  const uint8_t* src = w + g * kGroupBytes + b * kBlockBytes + lane * 4;
+  const uint8_t* w = a.lay.tile(a.packed, tile);
+  const float scale = bf16_to_float(a.lay.scales(w, g / a.lay.span)[row]);
+  const uint8_t* src = a.lay.group(w, g) + b * kBlockBytes + lane * 4;
   const int64_t count = std::min(kGroup, a.k - g * kGroup);
   float values[kGroup];
   for (int64_t s = 0; s < kSteps; ++s)
@@ -688,8 +681,7 @@ INT8SERVE_AVX2 inline void transpose8x8_epi32(__m256i v[8]) {
 // of a whole group at a time; partial groups (k not a multiple of 32) and rows past n go to the scalar version.
 INT8SERVE_AVX2 void dequant_tile_avx2(const DequantArgs& a, int64_t tile) {
   const int64_t rows = std::min(kTileRows, a.n - tile * kTileRows);
-  const uint8_t* w = a.packed + tile * kTileRows * (a.groups * kGroup);
-  const uint16_t* ws = a.wscale + tile * a.wgroups * kTileRows;
+  const uint8_t* w = a.lay.tile(a.packed, tile);
   const __m256i bias = _mm256_set1_epi32(128), round = _mm256_set1_epi32(0x7FFF), one = _mm256_set1_epi32(1);
   const int64_t full_groups = a.k / kGroup;
   const bool stream = a.stream;
@@ -708,12 +700,12 @@ INT8SERVE_AVX2 void dequant_tile_avx2(const DequantArgs& a, int64_t tile) {
           continue;
         }
         __m256i v[8];
-        const uint8_t* src = w + g * kGroupBytes + b * kBlockBytes + 32 * half;
+        const uint8_t* src = a.lay.group(w, g) + b * kBlockBytes + 32 * half;
         for (int s = 0; s < 8; ++s) v[s] = _mm256_load_si256(reinterpret_cast<const __m256i*>(src + s * 64));
         transpose8x8_epi32(v);
         for (int i = 0; i < 8; ++i) {
           const int64_t row = row0 + i, r = tile * kTileRows + row;
-          const __m256 scale = _mm256_set1_ps(bf16_to_float(ws[(g / a.span) * kTileRows + row]));
+          const __m256 scale = _mm256_set1_ps(bf16_to_float(a.lay.scales(w, g / a.lay.span)[row]));
           alignas(32) uint8_t bytes[32];
           _mm256_store_si256(reinterpret_cast<__m256i*>(bytes), v[i]);
           __m256 values[4];
@@ -753,7 +745,7 @@ extern "C" {
 #define INT8SERVE_API __attribute__((visibility("default")))
 
 // Bumped whenever a signature below changes; __init__.py checks it.
-INT8SERVE_API int i8s_abi_version() { return 6; }
+INT8SERVE_API int i8s_abi_version() { return 7; }
 
 // 1 if this CPU can run path `impl` (1 vnni512, 2 avxvnni, 3 avx2, 4 scalar, 5 amx), else 0; impl 0: the path auto
 // picks.
@@ -767,11 +759,10 @@ INT8SERVE_API int i8s_cpu_has(int impl) { return impl == kAuto ? static_cast<int
 // (28 M) stay parallel.
 constexpr int64_t kParallelGemvWork = int64_t{1} << 22;
 
-// y [M, N] = x [M, K] (fp32, contiguous) times the packed weight (uint8 [Np * Kp], 64-byte aligned) and its bf16
-// scales ([Np/64][weight groups][64]); group_size: input values per weight scale (a multiple of 32), 0 = one per
-// row. impl: 0 = best available, else the path (see i8s_cpu_has). precise: 1 = two int8 passes per row (see
+// y [M, N] = x [M, K] (fp32, contiguous) times the packed weight (packed_layout.h, 64-byte aligned, its bf16 scales
+// within); group_size: input values per weight scale (a multiple of 32), 0 = one per row. impl: 0 = best available, else the path (see i8s_cpu_has). precise: 1 = two int8 passes per row (see
 // quantize). i8s_gemv's body: see there for what it returns.
-static int gemv(const float* x, int64_t m, int64_t k, const uint8_t* packed, const uint16_t* wscale, int64_t n,
+static int gemv(const float* x, int64_t m, int64_t k, const uint8_t* packed, int64_t n,
                 int64_t group_size, float* y, int impl, int precise, int threads) {
   if (m < 0 || k <= 0 || n <= 0 || impl < kAuto || impl > kLastImpl || group_size < 0 || group_size % kGroup != 0)
     return -3;
@@ -785,11 +776,10 @@ static int gemv(const float* x, int64_t m, int64_t k, const uint8_t* packed, con
   std::vector<float> pairs(precise ? static_cast<size_t>(rows_total * n) : 0);
   float* out = precise ? pairs.data() : y;
   const int64_t tiles = np / kTileRows;
-  const int64_t span = weight_span(group_size, act.groups);
   // The L2 hint pays where a call's arithmetic is heavier than its memory: more than one pass of rows (measured on
   // a Sapphire Rapids, 2 MB pages: 4 rows 1.26-1.29x with it; 1 and 2 rows 0.95-0.99x, so not there).
-  const TileArgs base{packed, wscale, nullptr, nullptr, nullptr, act.kp, act.groups, n, span,
-                      (act.groups + span - 1) / span, nullptr, rows_total > kMaxRows};
+  const TileArgs base{packed::layout(act.groups, group_size), packed, nullptr, nullptr, nullptr, act.kp, act.groups, n,
+                      nullptr, rows_total > kMaxRows};
   // amx: up to 4 int8 rows (one token, or two, with precise activations) vnni512's single pass over each tile is the
   // faster (Sapphire Rapids, streamed weights: 1 row 26.0 vs 25.4 GB/s, 2 rows 24.2-25.1 vs 23.7-23.8); beyond, it
   // needs two passes or more where the tiles take 16 rows at once (4 rows: 18.0-18.2 vs 22.9-23.0).
@@ -849,10 +839,10 @@ static int gemv(const float* x, int64_t m, int64_t k, const uint8_t* packed, con
 // y [M, N] = x [M, K] (fp32, contiguous) times the packed weight, as described above. Returns 0, or -1 if the CPU
 // lacks the path, -2 for a misaligned weight, -3 for bad arguments, -4 when its buffers (the quantized rows, the
 // running sums, the precise pairs: a few bytes per input value and row) do not fit in memory. Thread-safe.
-INT8SERVE_API int i8s_gemv(const float* x, int64_t m, int64_t k, const uint8_t* packed, const uint16_t* wscale,
+INT8SERVE_API int i8s_gemv(const float* x, int64_t m, int64_t k, const uint8_t* packed,
                            int64_t n, int64_t group_size, float* y, int impl, int precise, int threads) {
   try {  // (every allocation is made outside the parallel region, so that a failure reaches this handler)
-    return gemv(x, m, k, packed, wscale, n, group_size, y, impl, precise, threads);
+    return gemv(x, m, k, packed, n, group_size, y, impl, precise, threads);
   } catch (const std::bad_alloc&) {
     return -4;
   }
@@ -872,17 +862,22 @@ INT8SERVE_API int i8s_quantize(const float* x, int64_t m, int64_t k, int8_t* q, 
   return 0;
 }
 
-// int8 [N, K] (contiguous) -> out: the packed layout above, uint8 [Np * Kp] (N padded to 64 rows and K to 32
-// columns with zero weights).
-INT8SERVE_API void i8s_pack(const int8_t* src, int64_t n, int64_t k, uint8_t* dst, int threads) {
+// int8 [N, K] (contiguous) and its bf16 scales ([N, weight groups], the bits) -> dst: the packed layout above,
+// uint8 [tiles x tile bytes] (packed_layout.h; N padded to 64 rows and K to 32 columns with zero weights and zero
+// scales, the unused groups of a last weight group zero weights too).
+INT8SERVE_API void i8s_pack(const int8_t* src, int64_t n, int64_t k, const uint16_t* scales, int64_t group_size,
+                            uint8_t* dst, int threads) {
   const int64_t np = (n + kTileRows - 1) / kTileRows * kTileRows;
-  const int64_t kp = (k + kGroup - 1) / kGroup * kGroup;
+  const int64_t groups = (k + kGroup - 1) / kGroup;
+  const packed::Layout lay = packed::layout(groups, group_size);
   const int64_t tiles = np / kTileRows;
   const int nthreads = static_cast<int>(std::max<int64_t>(1, std::min<int64_t>(threads, tiles)));
 #pragma omp parallel for schedule(static) num_threads(nthreads) if (nthreads > 1)
   for (int64_t tile = 0; tile < tiles; ++tile) {
-    uint8_t* o = dst + tile * kTileRows * kp;
-    for (int64_t g = 0; g < kp / kGroup; ++g)
+    uint8_t* t = dst + tile * lay.tile_bytes();
+    std::memset(t, 0x80, static_cast<size_t>(lay.tile_bytes()));  // zero weights wherever nothing else goes
+    for (int64_t g = 0; g < groups; ++g) {
+      uint8_t* o = t + (lay.group(t, g) - t);
       for (int64_t b = 0; b < kBlocks; ++b)
         for (int64_t s = 0; s < kSteps; ++s)
           for (int64_t row = 0; row < kBlockRows; ++row, o += 4) {
@@ -896,6 +891,14 @@ INT8SERVE_API void i8s_pack(const int8_t* src, int64_t n, int64_t k, uint8_t* ds
             word ^= 0x80808080u;  // w + 128 in each byte
             std::memcpy(o, &word, 4);
           }
+    }
+    for (int64_t wg = 0; wg < lay.wgroups; ++wg) {
+      uint16_t* o = const_cast<uint16_t*>(lay.scales(t, wg));
+      for (int64_t row = 0; row < kTileRows; ++row) {
+        const int64_t r = tile * kTileRows + row;
+        o[row] = r < n ? scales[r * lay.wgroups + wg] : uint16_t{0};
+      }
+    }
   }
 }
 
@@ -903,7 +906,7 @@ INT8SERVE_API void i8s_pack(const int8_t* src, int64_t n, int64_t k, uint8_t* ds
 // or, with bf16 = 1, rounded to nearest-even bf16 (uint16), the same bits as torch's bf16 multiply of the two.
 // What the prefill path multiplies with, written into its reused buffer; one tile per task. impl: as i8s_gemv's;
 // every vector path uses the AVX2 code (the same bits as the scalar one). Returns 0, -1 or -3 as i8s_gemv.
-INT8SERVE_API int i8s_dequant(const uint8_t* packed, const uint16_t* wscale, int64_t n, int64_t k, int64_t group_size,
+INT8SERVE_API int i8s_dequant(const uint8_t* packed, int64_t n, int64_t k, int64_t group_size,
                               void* out, int bf16, int impl, int threads) {
   if (n <= 0 || k <= 0 || group_size < 0 || group_size % kGroup != 0 || impl < kAuto || impl > kLastImpl) return -3;
   const Impl path = resolve(impl);
@@ -911,13 +914,12 @@ INT8SERVE_API int i8s_dequant(const uint8_t* packed, const uint16_t* wscale, int
   const int64_t np = (n + kTileRows - 1) / kTileRows * kTileRows;
   const int64_t kp = (k + kGroup - 1) / kGroup * kGroup;
   const int64_t groups = kp / kGroup, tiles = np / kTileRows;
-  const int64_t span = weight_span(group_size, groups), wgroups = (groups + span - 1) / span;
   // A buffer larger than the caches is streamed to memory without reading its lines first (non-temporal stores, 2x
   // faster on the 7B shapes); a smaller one stays in the cache for the matmul that follows. Streaming needs 32-byte
   // aligned rows: the prefill path's buffer is 64-byte aligned, and its rows are multiples of 32 bytes when K is.
   const int64_t row_bytes = k * (bf16 ? 2 : 4);
   const bool stream = reinterpret_cast<uintptr_t>(out) % 32 == 0 && row_bytes % 32 == 0 && n * row_bytes >= kStreamBytes;
-  const DequantArgs args{packed, wscale, n, k, groups, span, wgroups, out, bf16 != 0, stream};
+  const DequantArgs args{packed::layout(groups, group_size), packed, n, k, groups, out, bf16 != 0, stream};
   const bool vector = path != kScalar;
   const int nthreads = static_cast<int>(std::max<int64_t>(1, std::min<int64_t>(threads, tiles)));
 #pragma omp parallel for schedule(static) num_threads(nthreads) if (nthreads > 1)

@@ -2,9 +2,9 @@
 //
 //   out[m, n] = sum_k bf16(x[m, k]) * bf16(w[n, k] * wscale[n, group of k])      x fp32 or bf16 [M, K], out fp32
 //
-// The weight is the one copy gemv.cpp multiplies in decode (its layout: packed[tile][group][block][step][row][byte],
-// 64 output rows a tile, 32 inputs a group, 16 rows a block, 4 inputs a step, values w + 128; wscale[tile][weight
-// group][row] in bf16). The dense path before this dequantized each whole weight into a bf16 buffer in memory and
+// The weight is the one copy gemv.cpp multiplies in decode (its layout: each group of a tile [block][step][row][byte],
+// 64 output rows a tile, 32 inputs a group, 16 rows a block, 4 inputs a step, values w + 128; a weight group's 64 bf16
+// scales after its groups, see packed_layout.h). The dense path before this dequantized each whole weight into a bf16 buffer in memory and
 // handed it to oneDNN, which reorders it again for its tiles: two passes over 2 bytes a weight before any arithmetic.
 // Here each block's group of 16 rows x 32 inputs (512 bytes) becomes, in registers, one AMX B tile of bf16 pairs
 // (16 rows of 16 x 2 bf16: row p holds inputs 2p and 2p + 1 of each output), with exactly the bits of that
@@ -47,6 +47,7 @@
 #include <vector>
 
 #include "amx_tiles.h"
+#include "packed_layout.h"
 
 namespace {
 
@@ -56,7 +57,6 @@ constexpr int64_t kBlocks = 4;          // blocks per packed tile
 constexpr int64_t kTileRows = 64;       // outputs per packed tile
 constexpr int64_t kSteps = 8;           // 64-byte steps per block and group
 constexpr int64_t kBlockBytes = kBlockRows * kGroup;  // 512
-constexpr int64_t kGroupBytes = kTileRows * kGroup;   // 2048
 constexpr int64_t kPanelTiles = 4;      // packed tiles per panel: 256 outputs
 constexpr int64_t kBlockGroups = 8;     // groups per K-block: 256 inputs
 constexpr int64_t kRowsPerPass = 32;    // rows of x per pass of the tiles (two A tiles)
@@ -91,9 +91,8 @@ void configure_tiles() {
 struct Args {
   const uint16_t* x;       // bf16 [m / 16][k / 32][16][32] (pack_rows)
   int64_t m, k;            // m and k multiples of 32
-  const uint8_t* packed;   // the packed weight (gemv.cpp's layout), k / 32 groups a tile
-  const uint16_t* wscale;  // bf16 [tiles][wgroups][64]
-  int64_t span, wgroups;   // groups per weight group, weight groups per row
+  const uint8_t* packed;   // the packed weight with its scales (packed_layout.h), k / 32 groups a tile
+  packed::Layout lay;
   float* out;              // fp32 [m, ldc]
   int64_t ldc;
   bool round_bf16;
@@ -138,16 +137,13 @@ struct Step {
 // The B tiles of a step into buf[block][group] (1 KB each), listed in the packed bytes' order (group by group, the
 // 4 blocks of a group are 2 KB in a row).
 void step_jobs(const Args& a, const Step& step, uint16_t* buf, std::vector<DequantJob>& jobs) {
-  const int64_t tile_groups = a.k / kGroup;
   jobs.clear();
   for (int64_t t = 0; t < step.tiles; ++t) {
-    const int64_t tile = step.tile0 + t;
-    const uint8_t* w = a.packed + tile * tile_groups * kGroupBytes;
-    const uint16_t* ws = a.wscale + tile * a.wgroups * kTileRows;
+    const uint8_t* w = a.lay.tile(a.packed, step.tile0 + t);
     for (int64_t g = 0; g < step.groups; ++g)
       for (int64_t b = 0; b < kBlocks; ++b)
-        jobs.push_back({w + (step.g0 + g) * kGroupBytes + b * kBlockBytes,
-                        ws + ((step.g0 + g) / a.span) * kTileRows + b * kBlockRows,
+        jobs.push_back({a.lay.group(w, step.g0 + g) + b * kBlockBytes,
+                        a.lay.scales(w, (step.g0 + g) / a.lay.span) + b * kBlockRows,
                         buf + ((t * kBlocks + b) * step.groups + g) * kBTileWords});
   }
 }
@@ -300,7 +296,7 @@ INT8SERVE_BF16 void pack_rows(const void* x, bool fp32, int64_t m, int64_t k, in
 
 #define I8M_API extern "C" __attribute__((visibility("default")))
 
-I8M_API int i8m_abi_version() { return 2; }
+I8M_API int i8m_abi_version() { return 3; }
 
 // 1 if this CPU and process can run i8m_matmul.
 I8M_API int i8m_cpu_ready() { return cpu_ready() ? 1 : 0; }
@@ -309,13 +305,11 @@ I8M_API int i8m_cpu_ready() { return cpu_ready() ? 1 : 0; }
 // (columns [0, 64 * tiles) of out). x is fp32 (x_fp32 = 1: rounded to the nearest even bf16) or bf16, row-major;
 // out must hold m rounded up to 32 rows (the padding rows get the zero rows' products).
 // Status: 0 ok, -1 the CPU cannot, -2 out of memory for its buffers, -3 bad sizes.
-I8M_API int i8m_matmul(const void* x, int x_fp32, int64_t m, int64_t k, const uint8_t* packed, const uint16_t* wscale,
-                       int64_t tiles, int64_t group_size, float* out, int64_t ldc, int round_bf16, int threads) {
+I8M_API int i8m_matmul(const void* x, int x_fp32, int64_t m, int64_t k, const uint8_t* packed, int64_t tiles, int64_t group_size, float* out, int64_t ldc, int round_bf16, int threads) {
   if (m <= 0 || k <= 0 || tiles <= 0 || ldc < tiles * kTileRows || group_size < 0 || group_size % kGroup) return -3;
   if (!cpu_ready()) return -1;
   const int64_t mp = (m + kRowsPerPass - 1) / kRowsPerPass * kRowsPerPass, kp = (k + kGroup - 1) / kGroup * kGroup;
   const int64_t groups = kp / kGroup;
-  const int64_t span = group_size == 0 ? groups : group_size / kGroup;
   // the calling thread's packed rows, kept and grown (the engine calls from one thread)
   static thread_local std::vector<uint16_t> rows;
   try {
@@ -325,7 +319,7 @@ I8M_API int i8m_matmul(const void* x, int x_fp32, int64_t m, int64_t k, const ui
   }
   const int nthreads = static_cast<int>(std::max<int64_t>(1, std::min<int64_t>(threads, tiles)));
   pack_rows(x, x_fp32 != 0, m, k, mp, kp, rows.data(), nthreads);
-  const Args args{rows.data(), mp, kp, packed, wscale, span, (groups + span - 1) / span, out, ldc, round_bf16 != 0};
+  const Args args{rows.data(), mp, kp, packed, packed::layout(groups, group_size), out, ldc, round_bf16 != 0};
   std::atomic<bool> out_of_memory{false};
 #pragma omp parallel num_threads(nthreads) if (nthreads > 1)
   {

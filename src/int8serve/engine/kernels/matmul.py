@@ -38,7 +38,7 @@ from . import TILE_ROWS, PackedWeight, build, cpu_flags, kernel_threads, load_li
 log = logging.getLogger(__name__)
 
 SOURCE = Path(__file__).with_name("matmul.cpp")
-ABI_VERSION = 2  # must match i8m_abi_version() in matmul.cpp
+ABI_VERSION = 3  # must match i8m_abi_version() in matmul.cpp
 ENV = "INT8SERVE_PREFILL_MATMUL"
 SETTINGS = ("auto", "row-exact", "dense")
 ROW_MULTIPLE = 32  # the kernel takes rows in pairs of 16-row tiles: fewer are padded with zero rows
@@ -50,7 +50,7 @@ STATUS = {-1: "the CPU cannot run it (no AMX-BF16, or Linux refused the tile sta
 def _open(path: Path) -> ctypes.CDLL:
     lib = open_library(path, "i8m_abi_version", ABI_VERSION)
     lib.i8m_cpu_ready.restype = _INT
-    lib.i8m_matmul.argtypes = [_P, _INT, _I64, _I64, _P, _P, _I64, _I64, _P, _I64, _INT, _INT]
+    lib.i8m_matmul.argtypes = [_P, _INT, _I64, _I64, _P, _I64, _I64, _P, _I64, _INT, _INT]
     lib.i8m_matmul.restype = _INT
     return lib
 
@@ -132,8 +132,8 @@ def matmul(rows: Tensor, weight: PackedWeight, round_bf16: bool = True) -> Tenso
     x = x.contiguous()  # the kernel rounds fp32 to bf16 as it packs the rows for its tiles, zero padded
     out = torch.empty(m_padded, n_padded, dtype=torch.float32)
     status = loaded.i8m_matmul(x.data_ptr(), int(x.dtype == torch.float32), m, k, weight.data.data_ptr(),
-                               weight.scale.data_ptr(), n_padded // TILE_ROWS, weight.group_size, out.data_ptr(),
-                               n_padded, int(round_bf16), kernel_threads())
+                               n_padded // TILE_ROWS, weight.group_size, out.data_ptr(), n_padded, int(round_bf16),
+                               kernel_threads())
     if status != 0:
         raise RuntimeError(f"i8m_matmul failed: {STATUS.get(status, status)}")
     if n_padded != weight.out_features:
