@@ -4,8 +4,9 @@ An int8 checkpoint as `int8serve quantize` writes it (format versions 1 and 2) h
 their scales: loading it reads every byte into fresh memory and repacks each weight into the kernel's tiles
 (gemv.cpp), which made a later start of the 7B shape take ~20 s on an idle 2-core machine. This format (version 3)
 stores what the model holds instead: each `Int8Linear`'s packed bytes with its bf16 scales among them (the
-`packed_data` tensor, kernels.PackedWeight), beside the full-precision embeddings and norms, in one safetensors file. Loading maps the
-file (safetensors' `safe_open` hands tensors out over a private memory map): nothing is read, copied or repacked;
+`packed_data` tensor, kernels.PackedWeight), beside the full-precision embeddings and norms, in one safetensors file.
+Loading maps the file (safetensors' `safe_open` hands tensors out over a private memory map): nothing is read, copied
+or repacked;
 pages come in from the page cache as the first forward touches them, and the mapping is the model's only copy of
 its weights (issue 10's rule: one packed copy).
 
