@@ -6,9 +6,8 @@ their scales: loading it reads every byte into fresh memory and repacks each wei
 stores what the model holds instead: each `Int8Linear`'s packed bytes with its bf16 scales among them (the
 `packed_data` tensor, kernels.PackedWeight), beside the full-precision embeddings and norms, in one safetensors file.
 Loading maps the file (safetensors' `safe_open` hands tensors out over a private memory map): nothing is read, copied
-or repacked;
-pages come in from the page cache as the first forward touches them, and the mapping is the model's only copy of
-its weights (issue 10's rule: one packed copy).
+or repacked; pages come in from the page cache as the first forward touches them, and the mapping is the model's only
+copy of its weights (issue 10's rule: one packed copy).
 
 The kernel needs each packed weight 64-byte aligned, and a mapping keeps the file's alignment, so the writer puts
 every tensor at a multiple of 64 bytes: the header is padded to end there, the packed data (multiples of 64 bytes)
