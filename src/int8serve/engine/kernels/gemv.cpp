@@ -692,6 +692,16 @@ INT8SERVE_AVX2 void dequant_tile_avx2(const DequantArgs& a, int64_t tile) {
       _mm256_storeu_si256(dst, v);
   };
   for (int64_t g = 0; g < full_groups; ++g) {
+    // the next group's lines (and the 128 bytes after it: a weight group's scales, packed_layout.h). The hardware
+    // prefetcher alone fell behind once the scales moved into the stream: 11008 x 4096 into bf16 on a Sapphire Rapids
+    // (2 threads, 8 copies in turn) took 7.2-7.9 ms against 6.3-6.6 with the scales in an array of their own, and
+    // takes 5.7-5.9 ms with this hint (one group ahead; two or four: 6.1-6.2).
+    if (g + 1 < a.groups) {
+      const char* next = reinterpret_cast<const char*>(a.lay.group(w, g + 1));
+      for (int64_t line = 0; line < kGroupBytes + packed::kScaleBytes; line += 64)
+        _mm_prefetch(next + line, _MM_HINT_T0);
+    }
+    const uint16_t* scales = a.lay.scales(w, g / a.lay.span);
     for (int64_t b = 0; b < kBlocks; ++b) {
       for (int64_t half = 0; half < 2; ++half) {
         const int64_t row0 = b * kBlockRows + 8 * half;
@@ -703,9 +713,12 @@ INT8SERVE_AVX2 void dequant_tile_avx2(const DequantArgs& a, int64_t tile) {
         const uint8_t* src = a.lay.group(w, g) + b * kBlockBytes + 32 * half;
         for (int s = 0; s < 8; ++s) v[s] = _mm256_load_si256(reinterpret_cast<const __m256i*>(src + s * 64));
         transpose8x8_epi32(v);
+        // the 8 rows' scales in one load (fp32 from bf16: the bits shifted up), each broadcast from the register
+        const __m128i raw = _mm_loadu_si128(reinterpret_cast<const __m128i*>(scales + row0));
+        const __m256 row_scales = _mm256_castsi256_ps(_mm256_slli_epi32(_mm256_cvtepu16_epi32(raw), 16));
         for (int i = 0; i < 8; ++i) {
           const int64_t row = row0 + i, r = tile * kTileRows + row;
-          const __m256 scale = _mm256_set1_ps(bf16_to_float(a.lay.scales(w, g / a.lay.span)[row]));
+          const __m256 scale = _mm256_permutevar8x32_ps(row_scales, _mm256_set1_epi32(i));
           alignas(32) uint8_t bytes[32];
           _mm256_store_si256(reinterpret_cast<__m256i*>(bytes), v[i]);
           __m256 values[4];
