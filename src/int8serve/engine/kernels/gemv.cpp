@@ -87,6 +87,20 @@ constexpr int64_t kPrefetchBytes512 = INT8SERVE_PREFETCH_BYTES_512;
 #define INT8SERVE_PREFETCH_L2_BYTES_512 16384
 #endif
 constexpr int64_t kPrefetchL2Bytes512 = INT8SERVE_PREFETCH_L2_BYTES_512;
+// Since the scales moved into the weights' stream (packed_layout.h, a group's stride 2176 bytes), the one-group hints
+// above leave lines unasked, and two hints measured better than one (Sapphire Rapids, 2 threads, precise, streamed
+// weights, benchmarks/gemv_builds.py, 2026-12-02; the 7B decode shapes and the output head): vnni512 also asks for
+// the line 4 KB ahead at every step, 1 row 1.01-1.04x, 2 rows 1.02-1.09x (that line alone, without the 2 KB one:
+// 0.92-0.99x); the amx path asks, each group, for the 4 KB from 2 KB ahead instead of 2 KB (two groups' lines, each
+// line asked twice), 4 rows 1.09-1.14x (2176 bytes, one group's stride: 1.07-1.08x; 6 KB: 0.79-0.89x).
+#ifndef INT8SERVE_PREFETCH_FAR_BYTES_512
+#define INT8SERVE_PREFETCH_FAR_BYTES_512 4096
+#endif
+constexpr int64_t kPrefetchFarBytes512 = INT8SERVE_PREFETCH_FAR_BYTES_512;
+#ifndef INT8SERVE_AMX_PREFETCH_SPAN
+#define INT8SERVE_AMX_PREFETCH_SPAN 4096
+#endif
+constexpr int64_t kAmxPrefetchSpan = INT8SERVE_AMX_PREFETCH_SPAN;
 
 enum Impl { kAuto = 0, kVnni512 = 1, kAvxVnni = 2, kAvx2 = 3, kScalar = 4, kAmx = 5 };
 constexpr int kLastImpl = kAmx;
@@ -311,7 +325,8 @@ void tile_scalar(const TileArgs& a, int64_t rows, int64_t tile) {
         const float scale = a.xscale[r * a.groups + g];
         for (int64_t i = 0; i < kTileRows; ++i) inner[i] = std::fma(static_cast<float>(dot[i]), scale, inner[i]);
       }
-      for (int64_t i = 0; i < kTileRows; ++i) acc[i] = std::fma(inner[i], bf16_to_float(a.lay.scales(w, wg)[i]), acc[i]);
+      const uint16_t* scales = a.lay.scales(w, wg);
+      for (int64_t i = 0; i < kTileRows; ++i) acc[i] = std::fma(inner[i], bf16_to_float(scales[i]), acc[i]);
     }
     const int64_t n0 = tile * kTileRows;
     const int64_t count = std::min(kTileRows, a.n - n0);
@@ -343,7 +358,7 @@ INT8SERVE_VNNI512 void tile_vnni512(const TileArgs& a, int64_t tile, int64_t g0,
   const uint8_t* w = a.lay.tile(a.packed, tile);
   const __m512 zero = _mm512_setzero_ps();
   for (int64_t g = g0; g < g1; ++g) {
-    const bool opens = g % a.lay.span == 0;                                // the first activation group of its weight group
+    const bool opens = g % a.lay.span == 0;                                  // the first group of its weight group
     const bool closes = (g + 1) % a.lay.span == 0 || g + 1 == a.groups;  // its last
     const uint8_t* wgb = a.lay.group(w, g);
     for (int b = 0; b < kBlocks; ++b) {
@@ -352,6 +367,8 @@ INT8SERVE_VNNI512 void tile_vnni512(const TileArgs& a, int64_t tile, int64_t g0,
       for (int s = 0; s < kSteps; ++s) {
         const uint8_t* p = wgb + b * kBlockBytes + s * 64;
         if (kPrefetchBytes512 > 0) _mm_prefetch(reinterpret_cast<const char*>(p + kPrefetchBytes512), _MM_HINT_T0);
+        if (kPrefetchFarBytes512 > 0)
+          _mm_prefetch(reinterpret_cast<const char*>(p + kPrefetchFarBytes512), _MM_HINT_T0);
         if (kPrefetchL2Bytes512 > 0 && a.prefetch_l2)
           _mm_prefetch(reinterpret_cast<const char*>(p + kPrefetchL2Bytes512), _MM_HINT_T1);
         const __m512i v = _mm512_load_si512(static_cast<const void*>(p));
@@ -527,10 +544,10 @@ inline void amx_group_dots(const TileArgs& a, const uint8_t* wgb, int64_t g, int
   INT8SERVE_TILE_DPBSUD(2, 4, 5);
   INT8SERVE_TILE_DPBSUD(3, 4, 6);
   if (kPrefetchBytes512 > 0)
-    for (int64_t line = 0; line < kGroupBytes; line += 64)
+    for (int64_t line = 0; line < kAmxPrefetchSpan; line += 64)
       _mm_prefetch(reinterpret_cast<const char*>(wgb + kPrefetchBytes512 + line), _MM_HINT_T0);
   if (kPrefetchL2Bytes512 > 0 && a.prefetch_l2)
-    for (int64_t line = 0; line < kGroupBytes; line += 64)
+    for (int64_t line = 0; line < kAmxPrefetchSpan; line += 64)
       _mm_prefetch(reinterpret_cast<const char*>(wgb + kPrefetchL2Bytes512 + line), _MM_HINT_T1);
   constexpr int64_t kRowBytes = kTileRows * sizeof(int32_t);
   INT8SERVE_TILE_STORE(0, &dots[0][0], kRowBytes);
@@ -773,8 +790,9 @@ INT8SERVE_API int i8s_cpu_has(int impl) { return impl == kAuto ? static_cast<int
 constexpr int64_t kParallelGemvWork = int64_t{1} << 22;
 
 // y [M, N] = x [M, K] (fp32, contiguous) times the packed weight (packed_layout.h, 64-byte aligned, its bf16 scales
-// within); group_size: input values per weight scale (a multiple of 32), 0 = one per row. impl: 0 = best available, else the path (see i8s_cpu_has). precise: 1 = two int8 passes per row (see
-// quantize). i8s_gemv's body: see there for what it returns.
+// within); group_size: input values per weight scale (a multiple of 32), 0 = one per row. impl: 0 = best available,
+// else the path (see i8s_cpu_has). precise: 1 = two int8 passes per row (see quantize). i8s_gemv's body: see there for
+// what it returns.
 static int gemv(const float* x, int64_t m, int64_t k, const uint8_t* packed, int64_t n,
                 int64_t group_size, float* y, int impl, int precise, int threads) {
   if (m < 0 || k <= 0 || n <= 0 || impl < kAuto || impl > kLastImpl || group_size < 0 || group_size % kGroup != 0)
