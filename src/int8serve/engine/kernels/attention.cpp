@@ -166,6 +166,23 @@ void head_scalar(const float* q, const T* keys, const T* values, int64_t len, in
 
 // ---- AVX-512 path: 16 lanes, C chunks of 16 cover head_dim (the last one masked) ------------------------------
 
+// The vector paths ask for a head's keys and values kRowsAhead rows before they read them, and for the first values
+// while the scores are computed: each (row, kv head) task reads its own rows of the cache once, from memory, and the
+// hardware prefetcher alone lagged (Sapphire Rapids, 2 threads, 4 rows at positions 64-95, bf16 caches of 32 layers
+// in turn: avx512 277-287 us a call without the hints, 224-230 with them, 32 rows ahead 214-224; the avx2 path on
+// the same CPU 365-381 -> 258-259; 1 row 47-53 us either way).
+constexpr int64_t kRowsAhead = 16;
+
+// Asks for the lines of rows [first, first + count) of a head's keys or values (no row at or past len).
+template <class T>
+inline void prefetch_rows(const T* rows, int64_t first, int64_t count, int64_t len, int64_t dim) {
+  const int64_t end = std::min(len, first + count);
+  if (first >= end) return;
+  const char* begin = reinterpret_cast<const char*>(rows + first * dim);
+  const int64_t bytes = (end - first) * dim * static_cast<int64_t>(sizeof(T));
+  for (int64_t at = 0; at < bytes; at += 64) _mm_prefetch(begin + at, _MM_HINT_T0);
+}
+
 #pragma GCC push_options
 #pragma GCC target("avx512f,avx512bw,avx512vl,fma")
 #pragma GCC diagnostic push  // GCC 12's AVX-512 headers use deliberately undefined operands (_mm256_undefined_pd)
@@ -220,7 +237,9 @@ void scores_avx512(const float* q, const T* keys, int64_t len, int64_t dim, floa
   __m512 qv[C];
   for (int c = 0; c < C; ++c) qv[c] = load16(q + 16 * c, c == C - 1 ? tail : 0xFFFF);
   int64_t l = 0;
+  prefetch_rows(keys, 0, kRowsAhead, len, dim);
   for (; l + 4 <= len; l += 4) {  // 4 keys at a time: independent FMA chains
+    prefetch_rows(keys, l + kRowsAhead, 4, len, dim);
     __m512 acc[4];
     for (int j = 0; j < 4; ++j) acc[j] = _mm512_setzero_ps();
     for (int c = 0; c < C; ++c) {
@@ -264,6 +283,7 @@ void weighted_sum_avx512(const float* p, const T* values, int64_t len, int64_t d
   __m512 acc[C];
   for (int c = 0; c < C; ++c) acc[c] = _mm512_setzero_ps();
   for (int64_t l = 0; l < len; ++l) {
+    prefetch_rows(values, l + kRowsAhead, 1, len, dim);
     const __m512 w = _mm512_set1_ps(p[l]);
     for (int c = 0; c < C; ++c)
       acc[c] = _mm512_fmadd_ps(w, load16(values + l * dim + 16 * c, c == C - 1 ? tail : 0xFFFF), acc[c]);
@@ -276,6 +296,7 @@ void weighted_sum_avx512(const float* p, const T* values, int64_t len, int64_t d
 template <class T, int C>
 void head_avx512_n(const float* q, const T* keys, const T* values, int64_t len, int64_t dim, float scale,
                    float* scratch, float* out) {
+  prefetch_rows(values, 0, kRowsAhead, len, dim);  // while the scores are computed
   scores_avx512<T, C>(q, keys, len, dim, scale, scratch);
   const float sum = softmax_avx512(scratch, len);
   weighted_sum_avx512<T, C>(scratch, values, len, dim, 1.0f / sum, out);
@@ -348,7 +369,9 @@ void scores_avx2(const float* q, const T* keys, int64_t len, int64_t dim, float 
   __m256 qv[C];
   for (int c = 0; c < C; ++c) qv[c] = _mm256_loadu_ps(q + 8 * c);
   int64_t l = 0;
+  prefetch_rows(keys, 0, kRowsAhead, len, dim);
   for (; l + 4 <= len; l += 4) {
+    prefetch_rows(keys, l + kRowsAhead, 4, len, dim);
     __m256 acc[4];
     for (int j = 0; j < 4; ++j) acc[j] = _mm256_setzero_ps();
     for (int c = 0; c < C; ++c)
@@ -391,6 +414,7 @@ void weighted_sum_avx2(const float* p, const T* values, int64_t len, int64_t dim
   __m256 acc[C];
   for (int c = 0; c < C; ++c) acc[c] = _mm256_setzero_ps();
   for (int64_t l = 0; l < len; ++l) {
+    prefetch_rows(values, l + kRowsAhead, 1, len, dim);
     const __m256 w = _mm256_set1_ps(p[l]);
     for (int c = 0; c < C; ++c) acc[c] = _mm256_fmadd_ps(w, load8(values + l * dim + 8 * c), acc[c]);
   }
@@ -401,6 +425,7 @@ void weighted_sum_avx2(const float* p, const T* values, int64_t len, int64_t dim
 template <class T, int C>
 void head_avx2_n(const float* q, const T* keys, const T* values, int64_t len, int64_t dim, float scale,
                  float* scratch, float* out) {
+  prefetch_rows(values, 0, kRowsAhead, len, dim);  // while the scores are computed
   scores_avx2<T, C>(q, keys, len, dim, scale, scratch);
   const float sum = softmax_avx2(scratch, len);
   weighted_sum_avx2<T, C>(scratch, values, len, dim, 1.0f / sum, out);
