@@ -72,8 +72,10 @@ constexpr int64_t kMaxRows = 4;                      // activation rows per pass
 #define INT8SERVE_PREFETCH_BYTES 2048  // kGroupBytes
 #endif
 constexpr int64_t kPrefetchBytes = INT8SERVE_PREFETCH_BYTES;
-// The 512-bit paths ask for the lines one group ahead too, and in calls of more than 4 int8 rows 16 KB ahead into L2,
-// where more requests can be in flight than L1 takes. On a Sapphire Rapids (2 vCPU, 2 threads, precise, weights
+// The 512-bit paths ask for the lines one group ahead too, and 16 KB ahead into L2, where more requests can be in
+// flight than L1 takes. (The L2 hint was for calls of more than 4 int8 rows only until the packed layout v2; since,
+// it pays at 2 rows too. Sapphire Rapids, gemv_builds.py, 2026-12-02, docs/benchmarks.md: without it 1 row 0.97-1.00x,
+// 2 rows 0.86-0.91x, 4 rows (amx) 0.71-0.75x; 16, 32 and 64 KB ahead measured alike.) On a Sapphire Rapids (2 vCPU, 2 threads, precise, weights
 // streamed from memory; benchmarks/gemv_builds.py, 2026-12-02), one group ahead: vnni512 1 row 22.1 -> 24.2 GB/s
 // (4096 -> 11008) and 23.3 -> 24.6 (11008 -> 4096), 4 rows 16.3 -> 16.6 and 14.6 -> 15.7; amx (whose tile loads wait
 // for memory one group at a time) 1 row 22.9 -> 25.2 and 22.2 -> 24.9, 4 rows 16.2 -> 20.2 and 16.4 -> 19.5; the L2
@@ -296,7 +298,6 @@ struct TileArgs {
   const int32_t* xcorr;
   int64_t kp, groups, n;
   float* y;               // first output row of this pass
-  bool prefetch_l2 = false;  // 512-bit paths: also ask for the lines kPrefetchL2Bytes512 ahead into L2
 };
 
 // The scalar path: the reference arithmetic, also used where the CPU has no AVX2.
@@ -369,7 +370,7 @@ INT8SERVE_VNNI512 void tile_vnni512(const TileArgs& a, int64_t tile, int64_t g0,
         if (kPrefetchBytes512 > 0) _mm_prefetch(reinterpret_cast<const char*>(p + kPrefetchBytes512), _MM_HINT_T0);
         if (kPrefetchFarBytes512 > 0)
           _mm_prefetch(reinterpret_cast<const char*>(p + kPrefetchFarBytes512), _MM_HINT_T0);
-        if (kPrefetchL2Bytes512 > 0 && a.prefetch_l2)
+        if (kPrefetchL2Bytes512 > 0)
           _mm_prefetch(reinterpret_cast<const char*>(p + kPrefetchL2Bytes512), _MM_HINT_T1);
         const __m512i v = _mm512_load_si512(static_cast<const void*>(p));
         for (int r = 0; r < R; ++r) {
@@ -546,7 +547,7 @@ inline void amx_group_dots(const TileArgs& a, const uint8_t* wgb, int64_t g, int
   if (kPrefetchBytes512 > 0)
     for (int64_t line = 0; line < kAmxPrefetchSpan; line += 64)
       _mm_prefetch(reinterpret_cast<const char*>(wgb + kPrefetchBytes512 + line), _MM_HINT_T0);
-  if (kPrefetchL2Bytes512 > 0 && a.prefetch_l2)
+  if (kPrefetchL2Bytes512 > 0)
     for (int64_t line = 0; line < kAmxPrefetchSpan; line += 64)
       _mm_prefetch(reinterpret_cast<const char*>(wgb + kPrefetchL2Bytes512 + line), _MM_HINT_T1);
   constexpr int64_t kRowBytes = kTileRows * sizeof(int32_t);
@@ -807,10 +808,8 @@ static int gemv(const float* x, int64_t m, int64_t k, const uint8_t* packed, int
   std::vector<float> pairs(precise ? static_cast<size_t>(rows_total * n) : 0);
   float* out = precise ? pairs.data() : y;
   const int64_t tiles = np / kTileRows;
-  // The L2 hint pays where a call's arithmetic is heavier than its memory: more than one pass of rows (measured on
-  // a Sapphire Rapids, 2 MB pages: 4 rows 1.26-1.29x with it; 1 and 2 rows 0.95-0.99x, so not there).
   const TileArgs base{packed::layout(act.groups, group_size), packed, nullptr, nullptr, nullptr, act.kp, act.groups, n,
-                      nullptr, rows_total > kMaxRows};
+                      nullptr};
   // amx: up to 4 int8 rows (one token, or two, with precise activations) vnni512's single pass over each tile is the
   // faster (Sapphire Rapids, streamed weights: 1 row 26.0 vs 25.4 GB/s, 2 rows 24.2-25.1 vs 23.7-23.8); beyond, it
   // needs two passes or more where the tiles take 16 rows at once (4 rows: 18.0-18.2 vs 22.9-23.0).
