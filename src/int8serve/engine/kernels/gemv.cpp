@@ -73,14 +73,14 @@ constexpr int64_t kMaxRows = 4;                      // activation rows per pass
 #endif
 constexpr int64_t kPrefetchBytes = INT8SERVE_PREFETCH_BYTES;
 // The 512-bit paths ask for the lines one group ahead too, and 16 KB ahead into L2, where more requests can be in
-// flight than L1 takes. (The L2 hint was for calls of more than 4 int8 rows only until the packed layout v2; since,
-// it pays at 2 rows too. Sapphire Rapids, gemv_builds.py, 2026-12-02, docs/benchmarks.md: without it 1 row 0.97-1.00x,
-// 2 rows 0.86-0.91x, 4 rows (amx) 0.71-0.75x; 16, 32 and 64 KB ahead measured alike.) On a Sapphire Rapids (2 vCPU, 2 threads, precise, weights
-// streamed from memory; benchmarks/gemv_builds.py, 2026-12-02), one group ahead: vnni512 1 row 22.1 -> 24.2 GB/s
-// (4096 -> 11008) and 23.3 -> 24.6 (11008 -> 4096), 4 rows 16.3 -> 16.6 and 14.6 -> 15.7; amx (whose tile loads wait
-// for memory one group at a time) 1 row 22.9 -> 25.2 and 22.2 -> 24.9, 4 rows 16.2 -> 20.2 and 16.4 -> 19.5; the L2
-// hint on top, weights on 2 MB pages: amx 4 rows 1.26-1.29x, 1 and 2 rows 0.95-0.99x (hence only past 4 rows).
-// Farther (4 KB into L1, 32 KB into L2) measured the same. Not measured on a Zen 4.
+// flight than L1 takes. On a Sapphire Rapids (2 vCPU, 2 threads, precise, weights streamed from memory;
+// benchmarks/gemv_builds.py, 2026-12-02), one group ahead: vnni512 1 row 22.1 -> 24.2 GB/s (4096 -> 11008) and
+// 23.3 -> 24.6 (11008 -> 4096), 4 rows 16.3 -> 16.6 and 14.6 -> 15.7; amx (whose tile loads wait for memory one group
+// at a time) 1 row 22.9 -> 25.2 and 22.2 -> 24.9, 4 rows 16.2 -> 20.2 and 16.4 -> 19.5. The L2 hint on top, weights on
+// 2 MB pages, in the packed layout v1: amx 4 rows 1.26-1.29x, 1 and 2 rows 0.95-0.99x, so it was for calls of more
+// than 4 int8 rows only; since the layout v2 it pays at 2 rows too, and is asked for at every row count (the same
+// CPU and script, docs/benchmarks.md: without it 1 row 0.97-1.00x, 2 rows 0.86-0.91x, 4 rows 0.71-0.75x; 16, 32 and
+// 64 KB ahead alike). Not measured on a Zen 4.
 #ifndef INT8SERVE_PREFETCH_BYTES_512
 #define INT8SERVE_PREFETCH_BYTES_512 2048  // kGroupBytes
 #endif
@@ -905,9 +905,10 @@ INT8SERVE_API void i8s_pack(const int8_t* src, int64_t n, int64_t k, const uint1
 #pragma omp parallel for schedule(static) num_threads(nthreads) if (nthreads > 1)
   for (int64_t tile = 0; tile < tiles; ++tile) {
     uint8_t* t = dst + tile * lay.tile_bytes();
-    std::memset(t, 0x80, static_cast<size_t>(lay.tile_bytes()));  // zero weights wherever nothing else goes
+    for (int64_t g = groups; g < lay.wgroups * lay.span; ++g)  // the unused room of a last weight group: zero weights
+      std::memset(const_cast<uint8_t*>(lay.group(t, g)), 0x80, static_cast<size_t>(kGroupBytes));
     for (int64_t g = 0; g < groups; ++g) {
-      uint8_t* o = t + (lay.group(t, g) - t);
+      uint8_t* o = const_cast<uint8_t*>(lay.group(t, g));
       for (int64_t b = 0; b < kBlocks; ++b)
         for (int64_t s = 0; s < kSteps; ++s)
           for (int64_t row = 0; row < kBlockRows; ++row, o += 4) {
