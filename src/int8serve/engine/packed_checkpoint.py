@@ -11,9 +11,9 @@ copy of its weights (issue 10's rule: one packed copy).
 
 The kernel needs each packed weight 64-byte aligned, and a mapping keeps the file's alignment, so the writer puts
 every tensor at a multiple of 64 bytes: the header is padded to end there, the packed data (multiples of 64 bytes)
-come first, then the fp32 tensors. The layout is the same on every kernel
-path (`kernels.LAYOUT`), so one copy serves any CPU; `int8serve.json` records it, and a copy of another layout is
-refused with a CheckpointError (the model cache then rebuilds it).
+come first, then the fp32 tensors. The layout is the same on every kernel path (`kernels.LAYOUT`), so one copy serves
+any CPU; `int8serve.json` records it, and a copy of another layout is refused with a CheckpointError (the model cache
+then rebuilds it).
 """
 
 from __future__ import annotations

@@ -55,13 +55,13 @@
 
 namespace {
 
-constexpr int64_t kGroup = 32;                       // activation values sharing one scale
-constexpr int64_t kBlockRows = 16;                   // output rows per 64-byte load
-constexpr int64_t kBlocks = 4;                       // blocks per tile
-constexpr int64_t kTileRows = kBlockRows * kBlocks;  // 64
-constexpr int64_t kSteps = kGroup / 4;               // 8 loads of 64 bytes per block and group
-constexpr int64_t kBlockBytes = kBlockRows * kGroup; // 512
-constexpr int64_t kGroupBytes = kTileRows * kGroup;  // 2048
+using packed::kBlockBytes;  // the packed layout's shape (packed_layout.h)
+using packed::kBlockRows;
+using packed::kBlocks;
+using packed::kGroup;
+using packed::kGroupBytes;
+using packed::kSteps;
+using packed::kTileRows;
 constexpr int64_t kMaxRows = 4;                      // activation rows per pass over a tile
 // The 256-bit paths ask for the line one group ahead (of the same tile, or the next tile's first) while they compute:
 // on an AVX2-only EPYC (Zen 3) their arithmetic takes about as long as the memory, and without the hint the two did

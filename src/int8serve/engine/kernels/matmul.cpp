@@ -4,8 +4,9 @@
 //
 // The weight is the one copy gemv.cpp multiplies in decode (its layout: each group of a tile [block][step][row][byte],
 // 64 output rows a tile, 32 inputs a group, 16 rows a block, 4 inputs a step, values w + 128; a weight group's 64 bf16
-// scales after its groups, see packed_layout.h). The dense path before this dequantized each whole weight into a bf16 buffer in memory and
-// handed it to oneDNN, which reorders it again for its tiles: two passes over 2 bytes a weight before any arithmetic.
+// scales after its groups, see packed_layout.h). The dense path before this dequantized each whole weight into a bf16
+// buffer in memory and handed it to oneDNN, which reorders it again for its tiles: two passes over 2 bytes a weight
+// before any arithmetic.
 // Here each block's group of 16 rows x 32 inputs (512 bytes) becomes, in registers, one AMX B tile of bf16 pairs
 // (16 rows of 16 x 2 bf16: row p holds inputs 2p and 2p + 1 of each output), with exactly the bits of that
 // dequantization ((w + 128 - 128) * scale is exact in fp32, rounded to the nearest even bf16), into a buffer that
@@ -20,8 +21,9 @@
 // it multiplies (two buffers), in small batches between its passes, so that the vector arithmetic of the
 // dequantization overlaps the tile multiplications. Measured on a Sapphire Rapids (2 threads, 512 x 4096 -> 11008
 // and 11008 -> 4096, from fp32 rows to fp32 outputs, alternating): 19 ms, against 33-34 ms for dequantizing and
-// oneDNN's bf16 matmul (22 ms before the packed bytes were prefetched, see run_jobs). The version before, with the C tiles kept in `out` between K-blocks and the rows converted and
-// packed in a separate pass, took 26-28 ms; taken apart, its tile multiplications alone took 19-20 ms (2.4 TFLOP/s;
+// oneDNN's bf16 matmul (22 ms in an earlier run credited to a prefetch hint that, see run_jobs, never ran). The
+// version before, with the C tiles kept in `out` between K-blocks and the rows converted and packed in a separate
+// pass, took 26-28 ms; taken apart, its tile multiplications alone took 19-20 ms (2.4 TFLOP/s;
 // the tile unit's peak here is 5.1 with every operand in registers, 3.5 with B streamed from L2), the dequantization
 // 2.5-4.5 and the separate packing pass 4.
 // Every output is a sum over k in the same order whatever M, N or the thread count: row m of `out` depends on row m
@@ -51,12 +53,12 @@
 
 namespace {
 
-constexpr int64_t kGroup = 32;          // inputs per group (one B tile's K)
-constexpr int64_t kBlockRows = 16;      // outputs per block (one B tile's N)
-constexpr int64_t kBlocks = 4;          // blocks per packed tile
-constexpr int64_t kTileRows = 64;       // outputs per packed tile
-constexpr int64_t kSteps = 8;           // 64-byte steps per block and group
-constexpr int64_t kBlockBytes = kBlockRows * kGroup;  // 512
+using packed::kBlockBytes;  // the packed layout's shape (packed_layout.h): a group is one B tile's K, a block its N
+using packed::kBlockRows;
+using packed::kBlocks;
+using packed::kGroup;
+using packed::kSteps;
+using packed::kTileRows;
 constexpr int64_t kPanelTiles = 4;      // packed tiles per panel: 256 outputs
 constexpr int64_t kBlockGroups = 8;     // groups per K-block: 256 inputs
 constexpr int64_t kRowsPerPass = 32;    // rows of x per pass of the tiles (two A tiles)
@@ -140,11 +142,13 @@ void step_jobs(const Args& a, const Step& step, uint16_t* buf, std::vector<Dequa
   jobs.clear();
   for (int64_t t = 0; t < step.tiles; ++t) {
     const uint8_t* w = a.lay.tile(a.packed, step.tile0 + t);
-    for (int64_t g = 0; g < step.groups; ++g)
+    for (int64_t g = 0; g < step.groups; ++g) {
+      const uint8_t* bytes = a.lay.group(w, step.g0 + g);
+      const uint16_t* scales = a.lay.scales(w, (step.g0 + g) / a.lay.span);
       for (int64_t b = 0; b < kBlocks; ++b)
-        jobs.push_back({a.lay.group(w, step.g0 + g) + b * kBlockBytes,
-                        a.lay.scales(w, (step.g0 + g) / a.lay.span) + b * kBlockRows,
+        jobs.push_back({bytes + b * kBlockBytes, scales + b * kBlockRows,
                         buf + ((t * kBlocks + b) * step.groups + g) * kBTileWords});
+    }
   }
 }
 
@@ -310,7 +314,8 @@ I8M_API int i8m_cpu_ready() { return cpu_ready() ? 1 : 0; }
 // (columns [0, 64 * tiles) of out). x is fp32 (x_fp32 = 1: rounded to the nearest even bf16) or bf16, row-major;
 // out must hold m rounded up to 32 rows (the padding rows get the zero rows' products).
 // Status: 0 ok, -1 the CPU cannot, -2 out of memory for its buffers, -3 bad sizes.
-I8M_API int i8m_matmul(const void* x, int x_fp32, int64_t m, int64_t k, const uint8_t* packed, int64_t tiles, int64_t group_size, float* out, int64_t ldc, int round_bf16, int threads) {
+I8M_API int i8m_matmul(const void* x, int x_fp32, int64_t m, int64_t k, const uint8_t* packed, int64_t tiles,
+                       int64_t group_size, float* out, int64_t ldc, int round_bf16, int threads) {
   if (m <= 0 || k <= 0 || tiles <= 0 || ldc < tiles * kTileRows || group_size < 0 || group_size % kGroup) return -3;
   if (!cpu_ready()) return -1;
   const int64_t mp = (m + kRowsPerPass - 1) / kRowsPerPass * kRowsPerPass, kp = (k + kGroup - 1) / kGroup * kGroup;

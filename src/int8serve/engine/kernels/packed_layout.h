@@ -21,10 +21,14 @@
 
 namespace packed {
 
-constexpr int64_t kGroup = 32;            // input values a group
-constexpr int64_t kTileRows = 64;         // output rows a tile
-constexpr int64_t kGroupBytes = 2048;     // one group of a tile: 64 rows x 32 bytes
-constexpr int64_t kScaleBytes = 2 * 64;   // one weight group's bf16 scales of a tile
+constexpr int64_t kGroup = 32;                        // input values a group (one activation scale)
+constexpr int64_t kBlockRows = 16;                    // output rows a block (one 64-byte load: 4 inputs of each)
+constexpr int64_t kBlocks = 4;                        // blocks a tile
+constexpr int64_t kTileRows = kBlockRows * kBlocks;   // output rows a tile: 64
+constexpr int64_t kSteps = kGroup / 4;                // 64-byte steps a block and group: 8
+constexpr int64_t kBlockBytes = kBlockRows * kGroup;  // one block of a group: 512
+constexpr int64_t kGroupBytes = kTileRows * kGroup;   // one group of a tile: 2048
+constexpr int64_t kScaleBytes = 2 * kTileRows;        // one weight group's bf16 scales of a tile: 128
 
 struct Layout {
   int64_t span;     // activation groups per weight group
@@ -35,7 +39,8 @@ struct Layout {
   const uint8_t* tile(const uint8_t* packed, int64_t t) const { return packed + t * tile_bytes(); }
   // the 2048 bytes of activation group g of a tile
   const uint8_t* group(const uint8_t* tile, int64_t g) const {
-    return span == 1 ? tile + g * (kGroupBytes + kScaleBytes) : tile + (g / span) * wgroup_bytes() + (g % span) * kGroupBytes;
+    if (span == 1) return tile + g * (kGroupBytes + kScaleBytes);  // the default scheme: no division
+    return tile + (g / span) * wgroup_bytes() + (g % span) * kGroupBytes;
   }
   // the 64 bf16 scales of weight group wg of a tile
   const uint16_t* scales(const uint8_t* tile, int64_t wg) const {
