@@ -6,9 +6,10 @@ buffer and multiplies the chunk with it (int8.py, `Int8Linear._packed_forward`).
   code of the same library (`kernels.dequantize(..., impl=)`), into fp32 and into bf16;
 - the fp32 matmul (CPUs without native bf16): oneDNN (`int8.dense_matmul`) against torch's default `F.linear`
   (MKL in torch's CPU wheels), for a chunk of `--rows` rows (default 128, the engine's prefill chunk);
-- on CPUs with AMX-BF16, the whole bf16 step as Int8Linear runs it for a chunk of `--amx-rows` rows (default 512):
-  our AMX kernel straight from the packed weight (kernels/matmul.py) against dequantizing into bf16 and oneDNN's
-  matmul (`int8.dense_matmul`), both from fp32 rows to fp32 outputs.
+- on CPUs with AMX-BF16 or AVX512-BF16, the whole bf16 step as Int8Linear runs it for chunks of `--bf16-rows` rows
+  (default 128 and 512): each path of our bf16 kernel straight from the packed weight (kernels/matmul.py: `amx`,
+  `avx512bf16`) against dequantizing into bf16 and oneDNN's matmul (`int8.dense_matmul`), from fp32 rows to fp32
+  outputs.
 Candidates alternate within each round (which goes first alternates too), on weights that rotate through several
 distinct copies; medians over all rounds; the ratios are medians of per-round ratios.
 
@@ -30,7 +31,7 @@ import torch.nn.functional as F
 from benchmarks.common import publish
 from benchmarks.machine import CpuShares, cpu_label, log, machine_description
 from int8serve.engine import int8, kernels
-from int8serve.engine.kernels import matmul as amx_matmul
+from int8serve.engine.kernels import matmul as prefill_matmul
 
 SCRIPT = "prefill_paths.py"
 SHAPES = {"qkvo": (4096, 4096), "gate/up": (4096, 11008), "down": (11008, 4096)}
@@ -56,7 +57,7 @@ def ratio(new: list[float], old: list[float]) -> float:
     return statistics.median(o / n for n, o in zip(new, old, strict=True))
 
 
-def measure_shape(k: int, n: int, rows: int, rounds: int, amx_rows: int = 512) -> list[str]:
+def measure_shape(k: int, n: int, rows: int, rounds: int, bf16_rows: Sequence[int] = (128, 512)) -> list[str]:
     generator = torch.Generator().manual_seed(n * k)
     scale = (torch.rand(n, k // 32, generator=generator) * 0.01 + 0.001).to(torch.bfloat16).float()
     packed = [kernels.pack_weight(torch.randint(-127, 128, (n, k), generator=generator, dtype=torch.int8), scale, 32)
@@ -84,14 +85,15 @@ def measure_shape(k: int, n: int, rows: int, rounds: int, amx_rows: int = 512) -
              "GFLOP/s)" for c in candidates]
     lines.append(f"| {k}→{n} | fp32 matmul, {rows} rows | {' | '.join(cells)} | "
                  f"{ratio(seconds['dense_matmul'], seconds['F.linear']):.2f}× |")
-    if amx_matmul.available():
-        lines.append(measure_amx(k, n, amx_rows, rounds, packed, generator))
+    for count in bf16_rows if prefill_matmul.available() else ():
+        lines += measure_bf16_kernel(k, n, count, rounds, packed, generator)
     return lines
 
 
-def measure_amx(k: int, n: int, rows: int, rounds: int, packed: list[kernels.PackedWeight],
-                generator: torch.Generator) -> str:
-    """The bf16 prefill step from fp32 rows to fp32 outputs: dequantize + oneDNN against our AMX kernel."""
+def measure_bf16_kernel(k: int, n: int, rows: int, rounds: int, packed: list[kernels.PackedWeight],
+                        generator: torch.Generator) -> list[str]:
+    """The bf16 prefill step from fp32 rows to fp32 outputs: dequantize + oneDNN against each path of our bf16
+    kernel, one line per path."""
     buffer = torch.empty(n, k, dtype=torch.bfloat16)
     x = torch.randn(rows, k, generator=generator)
 
@@ -99,28 +101,34 @@ def measure_amx(k: int, n: int, rows: int, rounds: int, packed: list[kernels.Pac
         kernels.dequantize(packed[i], buffer)
         return int8.dense_matmul(x, buffer).float()
 
-    candidates = {"dequantize + oneDNN": dequantized, "AMX kernel": lambda i: amx_matmul.matmul(x, packed[i])}
+    candidates = {"dequantize + oneDNN": dequantized}
+    for path in prefill_matmul.paths():
+        candidates[path] = lambda i, path=path: prefill_matmul.matmul(x, packed[i], path=path)
     seconds = alternate(candidates, rounds, COPIES)
     flops = 2 * rows * n * k
-    cells = [f"{statistics.median(seconds[c]) * 1e3:.1f} ms ({flops / statistics.median(seconds[c]) / 1e12:.2f} "
-             "TFLOP/s)" for c in candidates]
-    return (f"| {k}→{n} | bf16 prefill step, {rows} rows | {' | '.join(cells)} | "
-            f"{ratio(seconds['AMX kernel'], seconds['dequantize + oneDNN']):.2f}× |")
+
+    def cell(name: str) -> str:
+        median = statistics.median(seconds[name])
+        return f"{median * 1e3:.1f} ms ({flops / median / 1e12:.2f} TFLOP/s)"
+
+    return [f"| {k}→{n} | bf16 prefill step, {rows} rows, our `{path}` path | {cell('dequantize + oneDNN')} | "
+            f"{cell(path)} | {ratio(seconds[path], seconds['dequantize + oneDNN']):.2f}× |"
+            for path in prefill_matmul.paths()]
 
 
 def report(args: argparse.Namespace, lines: list[str], load: float) -> str:
     now = datetime.datetime.now(datetime.UTC).strftime("%Y-%m-%d %H:%M UTC")
     library = "oneDNN" if int8.onednn_fp32() else "F.linear (no oneDNN in this torch)"
     return "\n".join([
-        f"## Prefill path: dequantization, the fp32 matmul and the AMX kernel (`benchmarks/{SCRIPT}`, {cpu_label()})",
+        f"## Prefill path: dequantization, the fp32 matmul and our bf16 kernel (`benchmarks/{SCRIPT}`, {cpu_label()})",
         "",
-        f"- Command: `python -m benchmarks.{SCRIPT.removesuffix('.py')} --rows {args.rows} --amx-rows {args.amx_rows} "
-        f"--rounds {args.rounds}"
+        f"- Command: `python -m benchmarks.{SCRIPT.removesuffix('.py')} --rows {args.rows} --bf16-rows "
+        f"{' '.join(map(str, args.bf16_rows))} --rounds {args.rounds}"
         + (f" --write {args.write}`" if args.write else "`"),
         f"- Date: {now}; CPU: {machine_description()}; {torch.get_num_threads()} threads; torch {torch.__version__}.",
         f"- Old: the scalar dequantization, torch's `F.linear` (MKL); new: the `{kernels.path()}` path's vector "
-        f"code, `int8.dense_matmul` ({library}); on AMX CPUs, for the bf16 step: dequantize + oneDNN (old) and our "
-        f"AMX kernel (new). The prefill path on this CPU: {int8.describe_dense()}.",
+        f"code, `int8.dense_matmul` ({library}); on CPUs with AMX-BF16 or AVX512-BF16, for the bf16 step: dequantize + "
+        f"oneDNN (old) and each path of our bf16 kernel (new). The prefill path on this CPU: {int8.describe_dense()}.",
         f"- {args.rounds} alternating rounds, weights rotating through {COPIES} copies; other processes used "
         f"{load:.0%} of the CPUs.", "",
         "| shape K→N | step | old | new | new ÷ old (speed) |", "|---|---|---|---|---|", *lines, ""])
@@ -130,14 +138,15 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(prog=f"python -m benchmarks.{SCRIPT.removesuffix('.py')}", description=__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--rows", type=int, default=128, help="rows of the matmul (default 128, a prefill chunk)")
-    parser.add_argument("--amx-rows", type=int, default=512,
-                        help="rows of the bf16 step compared on AMX CPUs (default 512, a long prefill chunk)")
+    parser.add_argument("--bf16-rows", type=int, nargs="+", default=[128, 512], metavar="ROWS",
+                        help="rows of the bf16 step compared on CPUs with AMX-BF16 or AVX512-BF16 (default 128 512: "
+                             "a server's prefill chunk, a long prompt in one forward)")
     parser.add_argument("--rounds", type=int, default=6, help="alternating rounds (default 6)")
     parser.add_argument("--shapes", nargs="+", choices=list(SHAPES), default=list(SHAPES))
     parser.add_argument("--write", type=Path, metavar="FILE", help="replace this script's section of FILE")
     args = parser.parse_args(argv)
-    if args.rows < 1 or args.rounds < 1 or args.amx_rows < 1:
-        parser.error("--rows, --amx-rows and --rounds must be at least 1")
+    if args.rows < 1 or args.rounds < 1 or min(args.bf16_rows) < 1:
+        parser.error("--rows, --bf16-rows and --rounds must be at least 1")
     return args
 
 
@@ -146,7 +155,7 @@ def main(argv: Sequence[str] | None = None) -> None:
     load = CpuShares()
     lines = []
     for shape in args.shapes:
-        lines += measure_shape(*SHAPES[shape], args.rows, args.rounds, args.amx_rows)
+        lines += measure_shape(*SHAPES[shape], args.rows, args.rounds, args.bf16_rows)
         log(lines[-1])
     text = report(args, lines, load.others())
     publish(text, args.write, SCRIPT, cpu_label())

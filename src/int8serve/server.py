@@ -39,7 +39,7 @@ from .catalog.card import CardError, ModelCard
 from .catalog.registry import Catalog, UnknownModelError
 from .engine import kernels
 from .engine.int8 import Int8Linear, describe_dense, kernel_rows
-from .engine.kernels import matmul as amx_matmul
+from .engine.kernels import matmul as prefill_matmul
 from .engine.model import Transformer
 from .engine.model_cache import load_cached
 from .engine.model_source import resolve as resolve_model_source
@@ -226,8 +226,8 @@ def _what_is_reused(engine: Engine, prefill_chunk: int) -> str:
     if engine.row_exact_prefill:
         return "prompts and replies (row-exact prefill)"
     if prefill_chunk > kernel_rows():  # the usual reason: the chunks are the dense path's
-        return (f"prompts only (prefill chunks take the faster dense path; {amx_matmul.ENV}=row-exact keeps replies "
-                "too, on CPUs with AVX-512 VNNI, at slower prefill)")
+        return (f"prompts only (prefill chunks take the faster dense path; {prefill_matmul.ENV}=row-exact keeps "
+                "replies too, on CPUs with AVX-512 VNNI, at slower prefill)")
     return "prompts only (row-exact prefill needs our int8 and attention kernels, and one is off here)"
 
 

@@ -10,7 +10,7 @@ import torch
 
 from int8serve.engine import chunking, int8, kernels
 from int8serve.engine.int8 import COMPUTE_DTYPE, Int8Linear, dequantize, quantize, quantize_per_channel
-from int8serve.engine.kernels import matmul as amx_matmul
+from int8serve.engine.kernels import matmul as prefill_matmul
 
 
 def test_quantize_is_symmetric_per_channel_with_bf16_exact_scales() -> None:
@@ -160,18 +160,18 @@ def test_row_exact_prefill_gives_our_kernel_whole_chunks_where_it_is_fast(monkey
     """By default our kernel takes calls of up to 32 rows on every path (the dense path is faster beyond, measured in
     int8.py); INT8SERVE_PREFILL_MATMUL=row-exact gives it the default 128-row prefill chunks on the amx and vnni512
     paths, and not on the others (avx2 at 128 rows: 3.2x the dense path's time)."""
-    monkeypatch.delenv(amx_matmul.ENV, raising=False)
+    monkeypatch.delenv(prefill_matmul.ENV, raising=False)
     assert int8.kernel_rows() == int8.KERNEL_ROWS == 32
-    monkeypatch.setenv(amx_matmul.ENV, "row-exact")
-    assert amx_matmul.row_exact_requested()
+    monkeypatch.setenv(prefill_matmul.ENV, "row-exact")
+    assert prefill_matmul.row_exact_requested()
     for path in kernels.PATHS:
         if not kernels.cpu_has(path):
             continue
         monkeypatch.setenv(kernels.ENV_PATH, path)
         fast = path in ("amx", "vnni512")
         assert int8.kernel_rows() == (int8.KERNEL_ROWS_ROW_EXACT if fast else int8.KERNEL_ROWS), path
-    monkeypatch.setenv(amx_matmul.ENV, " Row-Exact ")  # as the other settings: case and spaces do not matter
-    assert amx_matmul.row_exact_requested()
+    monkeypatch.setenv(prefill_matmul.ENV, " Row-Exact ")  # as the other settings: case and spaces do not matter
+    assert prefill_matmul.row_exact_requested()
 
 
 def test_fp32_dense_matmuls_go_through_onednn_where_torch_has_it() -> None:

@@ -1,4 +1,5 @@
-"""The AMX-BF16 prefill matmul (engine/kernels/matmul.py): the dequantized product, row by row, on any shape."""
+"""Our bf16 prefill matmul (engine/kernels/matmul.py), each of its paths this CPU runs (AMX tiles, AVX512-BF16
+vectors): the dequantized product, row by row, on any shape."""
 
 from __future__ import annotations
 
@@ -10,10 +11,18 @@ import torch
 
 from int8serve.engine import chunking, int8, kernels
 from int8serve.engine.int8 import Int8Linear, quantize
-from int8serve.engine.kernels import matmul as amx_matmul
+from int8serve.engine.kernels import matmul as prefill_matmul
 
-pytestmark = pytest.mark.skipif(not amx_matmul.available(),
-                                reason=f"AMX prefill matmul: {amx_matmul.unavailable_reason()}")
+pytestmark = pytest.mark.skipif(not prefill_matmul.available(),
+                                reason=f"bf16 prefill matmul: {prefill_matmul.unavailable_reason()}")
+
+
+def each_path() -> list:
+    """Every path of the kernel, skipped with the reason where this CPU cannot run it."""
+    runnable = prefill_matmul.paths()
+    return [pytest.param(name, marks=pytest.mark.skipif(name not in runnable, reason=f"this CPU cannot run {name} "
+                                                         f"(it runs: {', '.join(runnable) or 'none'})"))
+            for name in prefill_matmul.PATHS]
 
 
 def packed_weight(out_features: int, in_features: int, group_size: int, seed: int = 0
@@ -33,33 +42,47 @@ SHAPES = [  # rows, outputs, inputs, group size: tails of every dimension, every
 ]
 
 
+@pytest.mark.parametrize("path", each_path())
 @pytest.mark.parametrize(("rows", "out_features", "in_features", "group_size"), SHAPES)
 def test_it_is_the_product_with_the_dequantized_bf16_weight(rows: int, out_features: int, in_features: int,
-                                                            group_size: int) -> None:
+                                                            group_size: int, path: str) -> None:
     packed, dense = packed_weight(out_features, in_features, group_size)
     x = torch.randn(rows, in_features)
     exact = x.to(torch.bfloat16).double() @ dense.double().T  # the same bf16 operands, summed exactly
-    got = amx_matmul.matmul(x, packed, round_bf16=False)
+    got = prefill_matmul.matmul(x, packed, round_bf16=False, path=path)
     assert got.dtype == torch.float32 and got.shape == (rows, out_features) and got.is_contiguous()
     assert ((got.double() - exact).norm() / exact.norm()).item() < 1e-5  # fp32 accumulation
-    rounded = amx_matmul.matmul(x, packed)
+    rounded = prefill_matmul.matmul(x, packed, path=path)
     assert torch.equal(rounded, got.to(torch.bfloat16).float())  # round_bf16: the same sums, rounded once
 
 
-def test_a_row_does_not_depend_on_the_rows_with_it() -> None:
+@pytest.mark.parametrize("path", each_path())
+def test_a_row_does_not_depend_on_the_rows_with_it(path: str) -> None:
     packed, _ = packed_weight(320, 1024, 32)
     x = torch.randn(160, 1024)
-    whole = amx_matmul.matmul(x, packed)
-    for start, stop in [(0, 1), (5, 8), (100, 160), (0, 159), (31, 95)]:
-        assert torch.equal(amx_matmul.matmul(x[start:stop], packed), whole[start:stop]), (start, stop)
+    whole = prefill_matmul.matmul(x, packed, path=path)
+    for start, stop in [(0, 1), (5, 8), (100, 160), (0, 159), (31, 95), (6, 13)]:
+        assert torch.equal(prefill_matmul.matmul(x[start:stop], packed, path=path), whole[start:stop]), (start, stop)
 
 
-def test_the_thread_count_does_not_change_the_bits() -> None:
+@pytest.mark.parametrize("path", each_path())
+def test_the_thread_count_does_not_change_the_bits(path: str) -> None:
     packed, _ = packed_weight(64 * 7, 512, 32)  # 7 tiles: uneven shares
     x = torch.randn(64, 512)
-    together = amx_matmul.matmul(x, packed)
+    together = prefill_matmul.matmul(x, packed, path=path)
     with kernels.limit_threads(1):
-        assert torch.equal(amx_matmul.matmul(x, packed), together)
+        assert torch.equal(prefill_matmul.matmul(x, packed, path=path), together)
+
+
+def test_the_default_path_is_the_tiles_where_the_cpu_has_them() -> None:
+    flags = kernels.cpu_flags()
+    expected = "amx" if {"amx_bf16", "amx_tile"} <= flags else "avx512bf16"
+    assert prefill_matmul.path() == expected == prefill_matmul.paths()[0]
+    x = torch.randn(40, 256)
+    packed, _ = packed_weight(128, 256, 32)
+    assert torch.equal(prefill_matmul.matmul(x, packed), prefill_matmul.matmul(x, packed, path=expected))
+    with pytest.raises(ValueError, match="unknown prefill matmul path 'avx2': expected one of amx, avx512bf16"):
+        prefill_matmul.matmul(x, packed, path="avx2")
 
 
 def test_a_prefill_chunk_past_the_kernel_rows_takes_it(monkeypatch: pytest.MonkeyPatch) -> None:
@@ -71,39 +94,59 @@ def test_a_prefill_chunk_past_the_kernel_rows_takes_it(monkeypatch: pytest.Monke
     x = torch.randn(rows, 4096, generator=generator)
     assert layer.packed is not None and int8.dense_dtype() == torch.bfloat16
     got = layer(x)
-    assert torch.equal(got, amx_matmul.matmul(x, layer.packed))
-    assert "AMX tiles" in int8.describe_dense()
-    assert int8.kernel_rows() == int8.KERNEL_ROWS  # 128-row prefill chunks: the AMX kernel is faster from 32 rows up
-    monkeypatch.setenv(amx_matmul.ENV, "row-exact")  # our kernel takes the default chunks, this one longer calls
-    assert amx_matmul.enabled() and int8.kernel_rows() == int8.KERNEL_ROWS_ROW_EXACT
+    assert torch.equal(got, prefill_matmul.matmul(x, layer.packed))
+    how = "on AMX tiles" if prefill_matmul.path() == "amx" else "with AVX512-BF16 dot products"
+    assert f"prefill matmuls: bf16 {how} straight from the int8 weights (our kernel" in int8.describe_dense()
+    assert int8.kernel_rows() == int8.KERNEL_ROWS  # 128-row prefill chunks: this kernel is faster from 32 rows up
+    monkeypatch.setenv(prefill_matmul.ENV, "row-exact")  # our kernel takes the default chunks, this one longer calls
+    assert prefill_matmul.enabled() and int8.kernel_rows() == int8.KERNEL_ROWS_ROW_EXACT
     assert torch.equal(layer(x), got)
-    monkeypatch.setenv(amx_matmul.ENV, "dense")  # the dequantize-and-oneDNN path: the same values, other sum order
-    assert not amx_matmul.enabled() and f"{amx_matmul.ENV}=dense" in int8.describe_dense()
+    monkeypatch.setenv(prefill_matmul.ENV, "dense")  # the dequantize-and-oneDNN path: the same values, other sum order
+    assert not prefill_matmul.enabled() and f"{prefill_matmul.ENV}=dense" in int8.describe_dense()
     assert int8.kernel_rows() == int8.KERNEL_ROWS
     dense = layer(x)
     assert not torch.equal(dense, got) and ((dense - got).norm() / got.norm()).item() < 1e-2
     token = chunking.CURRENT.set(chunking.PrefillChunk(rows=rows, keys_end=rows))
-    monkeypatch.delenv(amx_matmul.ENV)
+    monkeypatch.delenv(prefill_matmul.ENV)
     try:  # an aligned chunk's tail takes the chunk's path, here the kernel, whatever its own length
         assert torch.equal(layer(x[-3:]), got[-3:])
     finally:
         chunking.CURRENT.reset(token)
 
 
+def test_a_call_longer_than_its_paths_limit_dequantizes_for_onednn(monkeypatch: pytest.MonkeyPatch) -> None:
+    layer = Int8Linear(256, 128)
+    q, scale = quantize(torch.randn(128, 256), 32)
+    layer.set_quantized(q, scale, 32)
+    x = torch.randn(int8.KERNEL_ROWS + 9, 256)
+    calls = []  # the rows of each call that reached the kernel (oneDNN's sums may have the same bits)
+    kernel = prefill_matmul.matmul
+    monkeypatch.setattr(prefill_matmul, "matmul", lambda rows, *args, **kwargs: calls.append(len(rows)) or
+                        kernel(rows, *args, **kwargs))
+    expected = layer(x)
+    assert calls == [x.shape[0]]
+    monkeypatch.setitem(prefill_matmul.MAX_ROWS, prefill_matmul.path(), x.shape[0] - 1)
+    assert not prefill_matmul.takes(x.shape[0]) and prefill_matmul.takes(x.shape[0] - 1)
+    assert ((layer(x) - expected).norm() / expected.norm()).item() < 1e-2 and calls == [x.shape[0]]
+    assert f"calls of more than {x.shape[0] - 1} rows through oneDNN" in int8.describe_dense()
+    layer(x[1:])
+    assert calls == [x.shape[0], x.shape[0] - 1]
+
+
 def test_bad_shapes_are_refused() -> None:
     packed, _ = packed_weight(64, 64, 32)
     with pytest.raises(ValueError, match="rows of 63 values for a weight of 64 inputs"):
-        amx_matmul.matmul(torch.randn(4, 63), packed)
+        prefill_matmul.matmul(torch.randn(4, 63), packed)
 
 
 def test_a_setting_it_does_not_take_turns_it_off_and_says_so(monkeypatch: pytest.MonkeyPatch,
                                                              caplog: pytest.LogCaptureFixture) -> None:
-    monkeypatch.setenv(amx_matmul.ENV, "fast")
-    amx_matmul._warn_once.cache_clear()
+    monkeypatch.setenv(prefill_matmul.ENV, "fast")
+    prefill_matmul._warn_once.cache_clear()
     with caplog.at_level("WARNING"):
-        assert not amx_matmul.enabled()
+        assert not prefill_matmul.enabled()
     assert "INT8SERVE_PREFILL_MATMUL='fast': expected one of auto, row-exact, dense" in caplog.text
-    assert ("our AMX kernel not used: INT8SERVE_PREFILL_MATMUL='fast' is not one of auto, row-exact, dense"
+    assert ("our bf16 kernel not used: INT8SERVE_PREFILL_MATMUL='fast' is not one of auto, row-exact, dense"
             in int8.describe_dense())
     layer = Int8Linear(64, 32)
     q, scale = quantize(torch.randn(32, 64), 32)

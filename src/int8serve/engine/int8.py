@@ -5,12 +5,12 @@ kernel (engine/kernels: AMX, AVX-512 VNNI, AVX-VNNI, AVX2 or scalar, chosen from
 up to `kernel_rows()` rows (decode; whole prefill chunks with INT8SERVE_PREFILL_MATMUL=row-exact) on int8
 activations quantized per 32 values; it streams the weights near memory speed where torch's `_weight_int8pack_mm` is
 compute-bound, and it takes a scale per group of 32/64/128 input values (like llama.cpp's Q8_0), which per-channel
-int8pack cannot. Longer calls are compute-bound. On CPUs with AMX-BF16 our tile kernel multiplies them straight from
-the packed layout (kernels/matmul.py: the same bf16 weight values, no dequantized copy). Elsewhere each weight is
-dequantized from the packed layout into one reused buffer and multiplied with `F.linear`: bf16 on CPUs with native
-bf16 arithmetic (AVX-512 BF16); without it bf16 matmuls are emulated and fp32 is faster (AVX2 EPYC, 128 x 4096 x
-4096: bf16 307 ms, fp32 66 ms), so it is fp32 there, through oneDNN rather than MKL (1.6-1.8x on that EPYC,
-benchmarks/prefill_paths.py). The residual stream, norms and logits stay in fp32 around it.
+int8pack cannot. Longer calls are compute-bound. On CPUs with AMX-BF16 or AVX512-BF16 our bf16 kernel multiplies them
+straight from the packed layout (kernels/matmul.py: the same bf16 weight values, no dequantized copy). Elsewhere each
+weight is dequantized from the packed layout into one reused buffer and multiplied with `F.linear`; without native
+bf16 arithmetic, bf16 matmuls are emulated and fp32 is faster (AVX2 EPYC, 128 x 4096 x 4096: bf16 307 ms, fp32
+66 ms), so it is fp32 there, through oneDNN rather than MKL (1.6-1.8x on that EPYC, benchmarks/prefill_paths.py).
+The residual stream, norms and logits stay in fp32 around it.
 """
 
 from __future__ import annotations
@@ -22,7 +22,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from . import chunking, kernels
-from .kernels import matmul as amx_matmul
+from .kernels import matmul as prefill_matmul
 
 COMPUTE_DTYPE = torch.bfloat16
 # The default weight scheme: one bf16 scale per 32 input values (0 = per output channel). Chosen by measurement
@@ -57,7 +57,7 @@ KERNEL_ROWS_ROW_EXACT = 128
 
 def kernel_rows() -> int:
     """How many rows a call may have and still run our kernel (on its path of this CPU)."""
-    if kernels.path() in ("amx", "vnni512") and amx_matmul.row_exact_requested():
+    if kernels.path() in ("amx", "vnni512") and prefill_matmul.row_exact_requested():
         return KERNEL_ROWS_ROW_EXACT
     return KERNEL_ROWS
 
@@ -120,10 +120,13 @@ def describe_dense() -> str:
     if dtype == torch.float32:
         library = "oneDNN" if onednn_fp32() else "torch's BLAS"
         return f"prefill matmuls: fp32 through {library} (this CPU has no native bf16)"
-    if kernels.available() and amx_matmul.enabled():
-        return "prefill matmuls: bf16 on AMX tiles straight from the int8 weights (our kernel)"
-    return (f"prefill matmuls: bf16 through oneDNN (native bf16 on this CPU; our AMX kernel not used: "
-            f"{amx_matmul.unavailable_reason()})")
+    if kernels.available() and prefill_matmul.enabled():
+        limit = prefill_matmul.max_rows()
+        how = "on AMX tiles" if prefill_matmul.path() == "amx" else "with AVX512-BF16 dot products"
+        longer = f"; calls of more than {limit} rows through oneDNN" if limit is not None else ""
+        return f"prefill matmuls: bf16 {how} straight from the int8 weights (our kernel{longer})"
+    return (f"prefill matmuls: bf16 through oneDNN (native bf16 on this CPU; our bf16 kernel not used: "
+            f"{prefill_matmul.unavailable_reason()})")
 
 
 def _bf16_up(exact: Tensor) -> Tensor:
@@ -329,9 +332,9 @@ class Int8Linear(nn.Module):
             # Row-exact chunks keep fp32, as decode does: their attention is the decode kernel's, row by row.
             chunk = chunking.CURRENT.get()
             return out.to(COMPUTE_DTYPE) if chunk is not None and not chunk.row_exact else out
-        if amx_matmul.enabled():  # (its CPUs multiply bf16 natively: dense_dtype() is bf16 there)
+        if prefill_matmul.takes(count):  # (its CPUs multiply bf16 natively: dense_dtype() is bf16 there)
             # the same bf16 weight values and bf16-rounded outputs, without the dequantized copy (kernels/matmul.py)
-            return amx_matmul.matmul(rows, self.packed)
+            return prefill_matmul.matmul(rows, self.packed)
         dense = self.dequant_buffer.view(self.out_features, self.in_features, dense_dtype())
         kernels.dequantize(self.packed, dense)
         return dense_matmul(rows, dense)

@@ -1,4 +1,5 @@
-// The prefill matmul on AMX-BF16 (Sapphire Rapids and later), read straight from the packed int8 weight:
+// The prefill matmul on AMX-BF16 (Sapphire Rapids and later) or AVX512-BF16 (Zen 4), read straight from the packed
+// int8 weight:
 //
 //   out[m, n] = sum_k bf16(x[m, k]) * bf16(w[n, k] * wscale[n, group of k])      x fp32 or bf16 [M, K], out fp32
 //
@@ -26,8 +27,14 @@
 // pass, took 26-28 ms; taken apart, its tile multiplications alone took 19-20 ms (2.4 TFLOP/s;
 // the tile unit's peak here is 5.1 with every operand in registers, 3.5 with B streamed from L2), the dequantization
 // 2.5-4.5 and the separate packing pass 4.
+// On CPUs with AVX512-BF16 but no AMX (AMD's Zen 4), the vector path makes the same B tiles the same way and multiplies
+// them with vdpbf16ps (see vector_sums). Against dequantizing and oneDNN's bf16 matmul on a Zen 4 (2 threads, weights
+// from memory, the 7B shapes; benchmarks/prefill_paths.py): 48 rows 1.40-1.53x, 128 rows 1.15-1.20x, 256 rows
+// 0.98-1.08x, 512 rows 0.92-1.02x (kernels/matmul.py: MAX_ROWS). Alone, 128 and 512 rows of 4096 -> 11008 reach
+// 175-190 G multiply-adds/s, 75-80% of the 233 G/s that vdpbf16ps allows there (benchmarks/cpu_peak.py); the order of
+// the loops (rows outer, or blocks outer) made no difference.
 // Every output is a sum over k in the same order whatever M, N or the thread count: row m of `out` depends on row m
-// of x only. With `round_bf16` the finished sums are rounded to the nearest even bf16 (kept as fp32), as the bf16
+// of x only (each path in its own order: the two paths' bits differ). With `round_bf16` the finished sums are rounded to the nearest even bf16 (kept as fp32), as the bf16
 // matmul they replace returned them.
 //
 // Plain C ABI, built and loaded like gemv.cpp (kernels/__init__.py: build(), ctypes). The caller gives `out` room for
@@ -64,18 +71,38 @@ constexpr int64_t kBlockGroups = 8;     // groups per K-block: 256 inputs
 constexpr int64_t kRowsPerPass = 32;    // rows of x per pass of the tiles (two A tiles)
 constexpr int64_t kBTileWords = kBlockRows * kGroup;  // 512 bf16 a B tile
 
-// AMX-TILE and AMX-BF16 (CPUID 7.0 EDX bits 24 and 22), AVX512-BF16 (CPUID 7.1 EAX bit 5) and AVX512-BW, and Linux's
-// permission to use the tile data (arch_prctl ARCH_REQ_XCOMP_PERM, once per process).
-bool cpu_ready() {
+enum Path { kAuto = 0, kTiles = 1, kVector = 2 };  // i8m_matmul's `impl`
+
+// AVX512-F/BW/VL (CPUID 7.0 EBX bits 16, 30, 31) and AVX512-BF16 (CPUID 7.1 EAX bit 5): the vector path, and the
+// dequantization and row packing of both paths.
+bool vector_ready() {
   static const bool ready = [] {
     unsigned eax = 0, ebx = 0, ecx = 0, edx = 0;
     if (!__get_cpuid_count(7, 0, &eax, &ebx, &ecx, &edx)) return false;
-    const bool amx = ((edx >> 24) & 1u) && ((edx >> 22) & 1u);
-    const bool avx512 = ((ebx >> 16) & 1u) && ((ebx >> 30) & 1u);  // AVX512F, AVX512BW
-    if (!amx || !avx512 || !__get_cpuid_count(7, 1, &eax, &ebx, &ecx, &edx) || !((eax >> 5) & 1u)) return false;
-    return amx_permission();
+    if (!((ebx >> 16) & 1u) || !((ebx >> 30) & 1u) || !((ebx >> 31) & 1u)) return false;
+    return __get_cpuid_count(7, 1, &eax, &ebx, &ecx, &edx) && ((eax >> 5) & 1u);
   }();
   return ready;
+}
+
+// The tile path also needs AMX-TILE and AMX-BF16 (CPUID 7.0 EDX bits 24 and 22) and Linux's permission to use the
+// tile data (arch_prctl ARCH_REQ_XCOMP_PERM, once per process).
+bool tiles_ready() {
+  static const bool ready = [] {
+    unsigned eax = 0, ebx = 0, ecx = 0, edx = 0;
+    if (!vector_ready() || !__get_cpuid_count(7, 0, &eax, &ebx, &ecx, &edx)) return false;
+    return ((edx >> 24) & 1u) && ((edx >> 22) & 1u) && amx_permission();
+  }();
+  return ready;
+}
+
+bool path_ready(int impl) {
+  switch (impl) {
+    case kAuto: return tiles_ready() || vector_ready();
+    case kTiles: return tiles_ready();
+    case kVector: return vector_ready();
+    default: return false;
+  }
 }
 
 #define INT8SERVE_BF16 __attribute__((target("avx512f,avx512bw,avx512vl,avx512bf16")))
@@ -93,6 +120,8 @@ void configure_tiles() {
 struct Args {
   const uint16_t* x;       // bf16 [m / 16][k / 32][16][32] (pack_rows)
   int64_t m, k;            // m and k multiples of 32
+  int64_t rows;            // of which x's own (the vector path leaves the padding rows of `out` alone)
+  bool tiles;              // the AMX path, else the vector one
   const uint8_t* packed;   // the packed weight with its scales (packed_layout.h), k / 32 groups a tile
   packed::Layout lay;
   float* out;              // fp32 [m, ldc]
@@ -248,6 +277,85 @@ INT8SERVE_BF16 void multiply_step(const Args& a, const Step& step, const uint16_
   run_jobs(jobs, &next, jobs.size());
 }
 
+// The vector path (CPUs with AVX512-BF16 but no AMX, e.g. AMD's Zen 4): the same steps and the same B tiles, made the
+// same way, multiplied with vdpbf16ps on zmm registers instead of tiles. A B tile's row p (inputs 2p and 2p + 1 of
+// 16 outputs) times that pair of one row of x, broadcast, adds both products to 16 fp32 sums. kVecRows rows x
+// kVecBlocks blocks of sums stay in registers (24 of the 32) over a K-block: per pair, 4 loads of B and 6 broadcasts
+// feed 24 multiplies. Between K-blocks the sums wait in `sums` ([rows][256] fp32, the panel's columns).
+constexpr int64_t kVecRows = 6;
+constexpr int64_t kVecBlocks = 4;  // a panel has 4 blocks per tile: always a multiple
+constexpr int64_t kPanelColumns = kPanelTiles * kTileRows;
+
+INT8SERVE_BF16 inline __m512 round_to_bf16(__m512 v) {  // to the nearest even bf16, kept as fp32
+  const __m256bh bf = _mm512_cvtneps_pbh(v);
+  return _mm512_castsi512_ps(_mm512_slli_epi32(_mm512_cvtepu16_epi32(reinterpret_cast<__m256i>(bf)), 16));
+}
+
+// Rows [m0, m0 + R) x blocks [j0, j0 + kVecBlocks) of a step: their sums over the step's groups, in order.
+template <int R>
+INT8SERVE_BF16 void vector_sums(const Args& a, const Step& step, const uint16_t* buf, int64_t m0, int64_t j0,
+                                float* sums) {
+  const int64_t xgroups = a.k / kGroup, groups = step.groups;
+  const bool first = step.g0 == 0, last = step.g0 + groups == xgroups;
+  const uint16_t* xs[R];  // each row's pairs over the step's groups: a group's 32 inputs are 16 pairs in a row
+  for (int r = 0; r < R; ++r) {
+    const int64_t row = m0 + r;
+    xs[r] = a.x + ((row / 16) * xgroups + step.g0) * kBTileWords + (row % 16) * kGroup;
+  }
+  __m512 acc[R][kVecBlocks];
+  for (int r = 0; r < R; ++r)
+    for (int b = 0; b < kVecBlocks; ++b)
+      acc[r][b] = first ? _mm512_setzero_ps() : _mm512_loadu_ps(sums + (m0 + r) * kPanelColumns + (j0 + b) * 16);
+  const int64_t block_words = groups * kBTileWords;  // from one block's B tiles to the next's
+  for (int64_t g = 0; g < groups; ++g) {
+    const uint16_t* bg = buf + (j0 * groups + g) * kBTileWords;
+    for (int p = 0; p < 16; ++p) {
+      __m512bh w[kVecBlocks];
+      for (int b = 0; b < kVecBlocks; ++b)
+        w[b] = reinterpret_cast<__m512bh>(_mm512_load_si512(reinterpret_cast<const void*>(bg + b * block_words + p * 32)));
+      for (int r = 0; r < R; ++r) {
+        int32_t pair;
+        std::memcpy(&pair, xs[r] + g * kBTileWords + 2 * p, 4);
+        const __m512bh x = reinterpret_cast<__m512bh>(_mm512_set1_epi32(pair));
+        for (int b = 0; b < kVecBlocks; ++b) acc[r][b] = _mm512_dpbf16_ps(acc[r][b], x, w[b]);
+      }
+    }
+  }
+  for (int r = 0; r < R; ++r)
+    for (int b = 0; b < kVecBlocks; ++b) {
+      if (!last) {
+        _mm512_storeu_ps(sums + (m0 + r) * kPanelColumns + (j0 + b) * 16, acc[r][b]);
+        continue;
+      }
+      float* c = a.out + (m0 + r) * a.ldc + step.tile0 * kTileRows + (j0 + b) * kBlockRows;
+      _mm512_storeu_ps(c, a.round_bf16 ? round_to_bf16(acc[r][b]) : acc[r][b]);
+    }
+}
+
+// The vector path's step: x's own rows, kVecRows at a time, over each kVecBlocks blocks; the next step's B tiles made
+// between its passes, as multiply_step does.
+INT8SERVE_BF16 void multiply_step_vector(const Args& a, const Step& step, const uint16_t* buf,
+                                         const std::vector<DequantJob>& jobs, float* sums) {
+  const int64_t blocks = step.tiles * kBlocks;
+  const int64_t passes = (a.rows + kVecRows - 1) / kVecRows * (blocks / kVecBlocks);
+  const size_t per_pass = (jobs.size() + static_cast<size_t>(passes) - 1) / static_cast<size_t>(passes);
+  size_t next = 0;
+  for (int64_t m0 = 0; m0 < a.rows; m0 += kVecRows) {
+    for (int64_t j0 = 0; j0 < blocks; j0 += kVecBlocks) {
+      switch (std::min(kVecRows, a.rows - m0)) {
+        case 1: vector_sums<1>(a, step, buf, m0, j0, sums); break;
+        case 2: vector_sums<2>(a, step, buf, m0, j0, sums); break;
+        case 3: vector_sums<3>(a, step, buf, m0, j0, sums); break;
+        case 4: vector_sums<4>(a, step, buf, m0, j0, sums); break;
+        case 5: vector_sums<5>(a, step, buf, m0, j0, sums); break;
+        default: vector_sums<6>(a, step, buf, m0, j0, sums); break;
+      }
+      run_jobs(jobs, &next, per_pass);
+    }
+  }
+  run_jobs(jobs, &next, jobs.size());
+}
+
 // One thread's tiles [begin, end): panel by panel (kPanelTiles), K-block by K-block (kBlockGroups), the B tiles of
 // each step made during the step before it (two buffers).
 INT8SERVE_BF16 void multiply_tiles(const Args& a, int64_t begin, int64_t end, uint16_t* buffers[2], float* sums) {
@@ -266,7 +374,10 @@ INT8SERVE_BF16 void multiply_tiles(const Args& a, int64_t begin, int64_t end, ui
       step_jobs(a, steps[i + 1], buffers[(i + 1) % 2], jobs);
     else
       jobs.clear();
-    multiply_step(a, steps[i], buffers[i % 2], jobs, sums);
+    if (a.tiles)
+      multiply_step(a, steps[i], buffers[i % 2], jobs, sums);
+    else
+      multiply_step_vector(a, steps[i], buffers[i % 2], jobs, sums);
   }
 }
 
@@ -305,19 +416,23 @@ INT8SERVE_BF16 void pack_rows(const void* x, bool fp32, int64_t m, int64_t k, in
 
 #define I8M_API extern "C" __attribute__((visibility("default")))
 
-I8M_API int i8m_abi_version() { return 3; }
+I8M_API int i8m_abi_version() { return 4; }
 
 // 1 if this CPU and process can run i8m_matmul.
-I8M_API int i8m_cpu_ready() { return cpu_ready() ? 1 : 0; }
+// 1 if this CPU and process can run i8m_matmul's path `impl` (0: either, 1: AMX tiles, 2: AVX512-BF16 vectors).
+I8M_API int i8m_cpu_has(int impl) { return path_ready(impl) ? 1 : 0; }
 
 // out [m, ldc] fp32 = x [m, k] . dequantized weight^T, over the packed weight's `tiles` tiles of 64 outputs
 // (columns [0, 64 * tiles) of out). x is fp32 (x_fp32 = 1: rounded to the nearest even bf16) or bf16, row-major;
-// out must hold m rounded up to 32 rows (the padding rows get the zero rows' products).
+// out must hold m rounded up to 32 rows (the tile path gives the padding rows the zero rows' products, the vector
+// path leaves them as they are). impl: 0 the tiles where the CPU has them, else the vectors; 1 or 2 that path.
 // Status: 0 ok, -1 the CPU cannot, -2 out of memory for its buffers, -3 bad sizes.
 I8M_API int i8m_matmul(const void* x, int x_fp32, int64_t m, int64_t k, const uint8_t* packed, int64_t tiles,
-                       int64_t group_size, float* out, int64_t ldc, int round_bf16, int threads) {
+                       int64_t group_size, float* out, int64_t ldc, int round_bf16, int impl, int threads) {
   if (m <= 0 || k <= 0 || tiles <= 0 || ldc < tiles * kTileRows || group_size < 0 || group_size % kGroup) return -3;
-  if (!cpu_ready()) return -1;
+  if (impl < kAuto || impl > kVector) return -3;
+  if (!path_ready(impl)) return -1;
+  const bool use_tiles = impl == kTiles || (impl == kAuto && tiles_ready());
   const int64_t mp = (m + kRowsPerPass - 1) / kRowsPerPass * kRowsPerPass, kp = (k + kGroup - 1) / kGroup * kGroup;
   const int64_t groups = kp / kGroup;
   // the calling thread's packed rows, kept and grown (the engine calls from one thread)
@@ -329,7 +444,8 @@ I8M_API int i8m_matmul(const void* x, int x_fp32, int64_t m, int64_t k, const ui
   }
   const int nthreads = static_cast<int>(std::max<int64_t>(1, std::min<int64_t>(threads, tiles)));
   pack_rows(x, x_fp32 != 0, m, k, mp, kp, rows.data(), nthreads);
-  const Args args{rows.data(), mp, kp, packed, packed::layout(groups, group_size), out, ldc, round_bf16 != 0};
+  const Args args{rows.data(), mp, kp, m, use_tiles, packed, packed::layout(groups, group_size), out, ldc,
+                  round_bf16 != 0};
   std::atomic<bool> out_of_memory{false};
 #pragma omp parallel num_threads(nthreads) if (nthreads > 1)
   {
@@ -345,11 +461,11 @@ I8M_API int i8m_matmul(const void* x, int x_fp32, int64_t m, int64_t k, const ui
       if (sums.size() < static_cast<size_t>(mp * kPanelTiles * kTileRows))
         sums.resize(static_cast<size_t>(mp * kPanelTiles * kTileRows));
       if (buffers[0] == nullptr || buffers[1] == nullptr) throw std::bad_alloc();
-      configure_tiles();
+      if (use_tiles) configure_tiles();
       multiply_tiles(args, tiles * id / count, tiles * (id + 1) / count, buffers, sums.data());
-      tiles_release();  // other code on this thread (oneDNN, gemv.cpp) configures the tiles its own way
+      if (use_tiles) tiles_release();  // other code on this thread (oneDNN, gemv.cpp) configures the tiles its own way
     } catch (const std::bad_alloc&) {
-      tiles_release();
+      if (use_tiles) tiles_release();
       out_of_memory = true;
     }
   }

@@ -1,15 +1,18 @@
-"""The prefill (dense) matmul on CPUs with AMX-BF16, read straight from the packed int8 weight (matmul.cpp).
+"""The prefill (dense) matmul on CPUs with AMX-BF16 or AVX512-BF16, read straight from the packed int8 weight
+(matmul.cpp).
 
 A prefill chunk of more rows than `int8.kernel_rows()` is compute-bound. Without this kernel each int8 layer first
 dequantizes its whole weight into a bf16 buffer in memory (2 bytes a weight written, then read back by oneDNN, which
-reorders it once more for its tiles); on a Sapphire Rapids that was ~20% of the matmul's time. Here the weight's
-bf16 tiles are made in registers a few at a time, while the tiles multiply, from the one packed copy decode reads.
-Each output is the same sum over the same bf16 values as the dense path's (the dequantized weight's bits exactly),
-accumulated in fp32 in a fixed order: a row's result does not depend on how many rows come with it (oneDNN's AMX
-kernels round a row by its company, see int8.dense_matmul).
+reorders it once more); on a Sapphire Rapids that was ~20% of the matmul's time. Here the weight's bf16 tiles are made
+a few at a time, while the previous ones multiply, from the one packed copy decode reads. Each output is the same sum
+over the same bf16 values as the dense path's (the dequantized weight's bits exactly), accumulated in fp32 in a fixed
+order: a row's result does not depend on how many rows come with it (oneDNN's AMX kernels round a row by its
+company, see int8.dense_matmul).
 
-Where the CPU lacks AMX-BF16 (or the library cannot be built) `available()` is False and Int8Linear keeps the
-dequantize-and-oneDNN path.
+Two paths (`PATHS`), chosen from the CPU's flags: `amx` multiplies with AMX-BF16 tiles (Sapphire Rapids and later);
+`avx512bf16` with vdpbf16ps on zmm registers (AMD Zen 4, and Intel CPUs whose tile state Linux refuses). They sum in
+different orders, so their bits differ; each is row-exact on its own. Where the CPU has neither (or the library cannot
+be built) `available()` is False and Int8Linear keeps the dequantize-and-oneDNN path.
 
 INT8SERVE_PREFILL_MATMUL chooses how prefill chunks multiply (read when used; the engine decides row-exactness once,
 at start):
@@ -38,19 +41,27 @@ from . import TILE_ROWS, PackedWeight, build, cpu_flags, kernel_threads, load_li
 log = logging.getLogger(__name__)
 
 SOURCE = Path(__file__).with_name("matmul.cpp")
-ABI_VERSION = 3  # must match i8m_abi_version() in matmul.cpp
+ABI_VERSION = 4  # must match i8m_abi_version() in matmul.cpp
+PATHS = {"amx": 1, "avx512bf16": 2}  # i8m_matmul's `impl`; the first a CPU has is the default
+# The longest call each path takes in Int8Linear; longer ones dequantize for oneDNN. Measured against dequantize +
+# oneDNN's bf16 matmul (benchmarks/prefill_paths.py, docs/benchmarks.md): on an AMD EPYC Zen 4 (2 threads, 2026-12-02,
+# the three 7B shapes, three runs) the vector path is 1.40-1.53x at 48 rows, 1.15-1.20x at 128 (the server's chunks),
+# 0.98-1.08x at 256, 0.94-1.02x at 384, 0.92-1.02x at 512; the tile path is faster at every size measured (Sapphire
+# Rapids).
+MAX_ROWS = {"amx": None, "avx512bf16": 256}
 ENV = "INT8SERVE_PREFILL_MATMUL"
 SETTINGS = ("auto", "row-exact", "dense")
 ROW_MULTIPLE = 32  # the kernel takes rows in pairs of 16-row tiles: fewer are padded with zero rows
 _P, _I64, _INT = ctypes.c_void_p, ctypes.c_int64, ctypes.c_int
-STATUS = {-1: "the CPU cannot run it (no AMX-BF16, or Linux refused the tile state)",
+STATUS = {-1: "the CPU cannot run that path (no AMX-BF16 or AVX512-BF16, or Linux refused the tile state)",
           -2: "out of memory for its buffers", -3: "bad sizes"}
 
 
 def _open(path: Path) -> ctypes.CDLL:
     lib = open_library(path, "i8m_abi_version", ABI_VERSION)
-    lib.i8m_cpu_ready.restype = _INT
-    lib.i8m_matmul.argtypes = [_P, _INT, _I64, _I64, _P, _I64, _I64, _P, _I64, _INT, _INT]
+    lib.i8m_cpu_has.argtypes = [_INT]
+    lib.i8m_cpu_has.restype = _INT
+    lib.i8m_matmul.argtypes = [_P, _INT, _I64, _I64, _P, _I64, _I64, _P, _I64, _INT, _INT, _INT]
     lib.i8m_matmul.restype = _INT
     return lib
 
@@ -83,18 +94,36 @@ def _warn_once(message: str) -> None:
 
 @functools.cache
 def _load() -> ctypes.CDLL | str:
-    """The loaded library if this CPU runs it, else the reason it is not used (logged once where the CPU could)."""
-    if not {"amx_bf16", "amx_tile", "avx512_bf16", "avx512bw"} <= cpu_flags():  # (no library built where it cannot run)
-        return "this CPU has no AMX-BF16"
+    """The loaded library if this CPU runs one of its paths, else the reason it is not used (logged once where the CPU
+    could)."""
+    if not {"avx512_bf16", "avx512bw", "avx512vl"} <= cpu_flags():  # (no library built where it cannot run)
+        return "this CPU has neither AMX-BF16 nor AVX512-BF16"
     lib = load_library(SOURCE, _open, build)
     if isinstance(lib, str):
-        log.warning("AMX prefill matmul not available, prefill dequantizes for oneDNN: %s", lib)
+        log.warning("our bf16 prefill matmul not available, prefill dequantizes for oneDNN: %s", lib)
         return lib
-    if not lib.i8m_cpu_ready():
-        reason = "Linux did not grant the AMX tile state (arch_prctl)"
-        log.warning("AMX prefill matmul not available, prefill dequantizes for oneDNN: %s", reason)
+    if not lib.i8m_cpu_has(0):
+        reason = "the CPU check of matmul.cpp refused this CPU"
+        log.warning("our bf16 prefill matmul not available, prefill dequantizes for oneDNN: %s", reason)
         return reason
+    if {"amx_bf16", "amx_tile"} <= cpu_flags() and not lib.i8m_cpu_has(PATHS["amx"]):
+        log.warning("Linux did not grant the AMX tile state (arch_prctl): our bf16 prefill matmul takes its "
+                    "AVX512-BF16 path")
     return lib
+
+
+def paths() -> tuple[str, ...]:
+    """The kernel's paths this CPU and process can run, the default first (none where it is not available)."""
+    lib = _load()
+    if isinstance(lib, str):
+        return ()
+    return tuple(name for name, impl in PATHS.items() if lib.i8m_cpu_has(impl))
+
+
+def path() -> str | None:
+    """The path Int8Linear's prefill takes when the kernel is enabled: the first of `paths()`."""
+    available_paths = paths()
+    return available_paths[0] if available_paths else None
 
 
 def available() -> bool:
@@ -107,22 +136,38 @@ def enabled() -> bool:
     return setting_problem() is None and available()
 
 
+def max_rows() -> int | None:
+    """The longest call the default path takes (MAX_ROWS; None: any), or 0 where the kernel is not available."""
+    default = path()
+    return MAX_ROWS[default] if default is not None else 0
+
+
+def takes(rows: int) -> bool:
+    """Whether Int8Linear gives a call (or a prefill chunk) of `rows` rows to the kernel: enabled, and its path takes
+    that many (MAX_ROWS)."""
+    limit = max_rows()
+    return enabled() and (limit is None or rows <= limit)
+
+
 def unavailable_reason() -> str | None:
     """Why the kernel is not used, or None if it is."""
     loaded = _load()
     return loaded if isinstance(loaded, str) else setting_problem()
 
 
-def matmul(rows: Tensor, weight: PackedWeight, round_bf16: bool = True) -> Tensor:
+def matmul(rows: Tensor, weight: PackedWeight, round_bf16: bool = True, path: str | None = None) -> Tensor:
     """rows [M, K] (any float dtype; multiplied as bf16) @ dequantized(weight).T -> fp32 [M, N].
 
     The weight's values are its bf16 dequantization (int8 x bf16 scale, rounded to the nearest even bf16), as the
     dense path's buffer holds them; the sums are fp32, rounded to bf16 at the end with `round_bf16` (the dense path's
-    bf16 output). Raises RuntimeError if the kernel is not available.
+    bf16 output). `path`: one of `PATHS` (None: the default, `path()`). Raises RuntimeError if the kernel or that path
+    is not available here.
     """
     loaded = _load()
     if isinstance(loaded, str):
-        raise RuntimeError(f"the AMX prefill matmul is not available: {loaded}")
+        raise RuntimeError(f"our bf16 prefill matmul is not available: {loaded}")
+    if path is not None and path not in PATHS:
+        raise ValueError(f"unknown prefill matmul path {path!r}: expected one of {', '.join(PATHS)}")
     m, k = rows.shape
     if k != weight.in_features:
         raise ValueError(f"rows of {k} values for a weight of {weight.in_features} inputs")
@@ -130,10 +175,10 @@ def matmul(rows: Tensor, weight: PackedWeight, round_bf16: bool = True) -> Tenso
     m_padded = -(-m // ROW_MULTIPLE) * ROW_MULTIPLE
     x = rows if rows.dtype in (torch.float32, torch.bfloat16) else rows.float()
     x = x.contiguous()  # the kernel rounds fp32 to bf16 as it packs the rows for its tiles, zero padded
-    out = torch.empty(m_padded, n_padded, dtype=torch.float32)
+    out = torch.empty(m_padded, n_padded, dtype=torch.float32)  # (the vector path leaves the padding rows alone)
     status = loaded.i8m_matmul(x.data_ptr(), int(x.dtype == torch.float32), m, k, weight.data.data_ptr(),
                                n_padded // TILE_ROWS, weight.group_size, out.data_ptr(), n_padded, int(round_bf16),
-                               kernel_threads())
+                               PATHS[path] if path is not None else 0, kernel_threads())
     if status != 0:
         raise RuntimeError(f"i8m_matmul failed: {STATUS.get(status, status)}")
     if n_padded != weight.out_features:
