@@ -4,7 +4,7 @@ Candidates, for M = 1, 2, 4 activation rows (decode of 1-4 sequences) by default
 - `int8pack`: `torch._weight_int8pack_mm` with bf16 activations and bf16 scales (Int8Linear's decode path today);
 - `kernel`: `int8serve.engine.kernels.int8_gemv` on a weight packed once, fp32 activations quantized per 32 values
   to int8 inside the call, AVX-512 VNNI, fp32 output;
-- `precise`: the same with precise=True (each row quantized twice, the row and its quantization error: 2M rows);
+- `precise`: the same with precise=True (each row quantized twice, the row and its quantization error: 2M int8 rows);
 - with --dense also `dense`: Int8Linear's path for many rows (dequantize into a reused bf16 buffer, `F.linear`),
   to see up to which M the kernel should be used (e.g. --dense --rows 8 16 32 64 128 --threads 2).
 

@@ -52,16 +52,20 @@ def group_weight(n: int, k: int, group_size: int, seed: int) -> tuple[torch.Tens
     return q, (torch.rand(shape, generator=g) * 0.01 + 1e-4).to(torch.bfloat16).float()
 
 
-def exact_reference(x: torch.Tensor, packed: kernels.PackedWeight) -> torch.Tensor:
-    """The kernel's result computed another way: exact int64 dot products per 32-value group, then the same fp32
-    roundings in the same order (inner = fma(dot, xscale, inner) per weight group, acc = fma(inner, wscale, acc)),
-    fma done exactly in fp64 and rounded once to fp32."""
-    xq, xs = kernels.quantize_activations(x, "scalar")  # [M, Kp], [M, G]
-    m, kp = xq.shape
+def exact_reference(x: torch.Tensor, packed: kernels.PackedWeight, precise: bool = False) -> torch.Tensor:
+    """The kernel's result computed another way: exact int64 dot products per 32-value group (precise: each row's
+    two int8 rows combined, 256 * dot_hi + dot_lo, and the second row's scale), then the same fp32 roundings in the
+    same order (float(dot), inner = fma(dot, xscale, inner) per weight group, acc = fma(inner, wscale, acc)), fma done
+    exactly in fp64 and rounded once to fp32."""
+    xq, xs = kernels.quantize_activations(x, "scalar", precise=precise)  # [M or 2M, Kp], [M or 2M, G]
+    rows, kp = xq.shape
     groups = kp // 32
     w = torch.zeros(packed.out_features, kp, dtype=torch.int64)
     w[:, :packed.in_features] = kernels.unpack_weight(packed).long()
-    dots = torch.einsum("mgk,ngk->mng", xq.long().view(m, groups, 32), w.view(-1, groups, 32))  # [M, N, G] exact
+    dots = torch.einsum("mgk,ngk->mng", xq.long().view(rows, groups, 32), w.view(-1, groups, 32))  # [rows, N, G]
+    if precise:
+        dots, xs = dots[0::2] * 256 + dots[1::2], xs[1::2]
+    m = dots.shape[0]
     span = groups if packed.group_size == 0 else packed.group_size // 32
     wscale = packed.scales()  # [N, weight groups]
 
@@ -72,7 +76,7 @@ def exact_reference(x: torch.Tensor, packed: kernels.PackedWeight) -> torch.Tens
     for wg in range(wscale.shape[1]):
         inner = torch.zeros(m, packed.out_features)
         for g in range(wg * span, min(groups, (wg + 1) * span)):
-            inner = fma(dots[:, :, g].float(), xs[:, g:g + 1], inner)
+            inner = fma(dots[:, :, g].float(), xs[:, g:g + 1], inner)  # (int64 -> fp32: round to nearest even)
         acc = fma(inner, wscale[:, wg][None, :], acc)
     return acc
 
@@ -196,6 +200,16 @@ def test_activation_quantization_is_q8_0_like(impl: str) -> None:
     inv = torch.where(d > 0, 1 / d, torch.zeros_like(d))
     assert torch.equal(s, d)
     assert torch.equal(q.view(3, 4, 32), torch.round(groups * inv[..., None]).clamp(-127, 127).to(torch.int8))
+    # precise: row 2i as above, row 2i + 1 the error left over on the fixed scale d / 256 (exactly 1/256 of d)
+    q2, s2 = kernels.quantize_activations(x, impl, precise=True)
+    assert q2.shape == (6, 128) and torch.equal(q2[0::2], q) and torch.equal(s2[0::2], s)
+    assert torch.equal(s2[1::2], s / 256)
+    error = groups - q.view(3, 4, 32).float() * d[..., None]  # (fp32, as the kernel: no fma)
+    inv256 = inv * 256
+    assert torch.equal(q2[1::2].view(3, 4, 32), torch.round(error * inv256[..., None]).clamp(-127, 127).to(torch.int8))
+    assert q2[3, 32:64].eq(0).all()  # the all-zero group: no error, scale 0
+    rebuilt = (q2[0::2].double() * 256 + q2[1::2].double()).view(3, 4, 32) * s2[1::2].double()[..., None]
+    assert ((rebuilt - groups.double()).abs() <= d.double()[..., None] / 256).all()  # a 16-bit row on the scale d/256
 
 
 SHAPES = [  # (M, N, K): tiny, odd N, K not a multiple of 32, the 7B shapes at decode sizes
@@ -238,13 +252,12 @@ def test_each_path_equals_the_exact_integer_reference(impl: str, m: int, n: int,
     q, scale = group_weight(n, k, group_size, seed=m * n + k)
     packed = kernels.pack_weight(q, scale, group_size)
     x = torch.randn(m, k, generator=torch.Generator().manual_seed(k)) * 3
-    got = kernels.int8_gemv(x, packed, impl=impl)
-    assert torch.equal(got, exact_reference(x, packed)), f"path {impl}"
     for precise in (False, True):
-        assert torch.equal(kernels.int8_gemv(x, packed, impl=impl, precise=precise),
-                           kernels.int8_gemv(x, packed, impl="scalar", precise=precise)), f"path {impl}"
-    assert all(torch.equal(a, b) for a, b in zip(kernels.quantize_activations(x, impl),
-                                                  kernels.quantize_activations(x, "scalar"), strict=True))
+        got = kernels.int8_gemv(x, packed, impl=impl, precise=precise)
+        assert torch.equal(got, exact_reference(x, packed, precise=precise)), f"path {impl}, precise {precise}"
+        assert torch.equal(got, kernels.int8_gemv(x, packed, impl="scalar", precise=precise)), f"path {impl}"
+        assert all(torch.equal(a, b) for a, b in zip(kernels.quantize_activations(x, impl, precise),
+                                                      kernels.quantize_activations(x, "scalar", precise), strict=True))
 
 
 def test_activations_near_the_int16_limit_do_not_saturate_avx2() -> None:

@@ -32,9 +32,10 @@ COMPUTE_DTYPE = torch.bfloat16
 # per 32 reaches issue #10's targets: KLD 0.000482, top-1 98.78% (targets 0.0005, 98.7%).
 DEFAULT_GROUP_SIZE = 32
 GROUP_SIZES = (0, 32, 64, 128)
-# Our kernel quantizes activations twice (the row, then its quantization error: ~16-bit activations) when True.
-# Measured: one int8 pass costs as much accuracy as the int8 weights (KLD 0.00100 against 0.00055 on 8k tokens);
-# two are free while memory-bound (batch 1-2) and double the arithmetic beyond.
+# Our kernel quantizes activations twice (the row, then its quantization error on 1/256 of the row's scale: ~16-bit
+# activations) when True. Measured: one int8 pass costs as much accuracy as the int8 weights (KLD 0.00100 against
+# 0.00055 on 8k tokens); two are free while memory-bound (batch 1-2) and cost int8 arithmetic beyond, less since the
+# two passes' sums are combined in int32 and the avx2 path multiplies the 16-bit rows directly (gemv.cpp).
 PRECISE_ACTIVATIONS = True
 # Calls of up to this many rows (a whole prefill chunk's rows during prefill) run our kernel; more rows dequantize
 # into a scratch buffer and use a dense matmul (or the AMX-BF16 prefill kernel, kernels/matmul.py). Measured on the

@@ -6,8 +6,10 @@ cores while memory delivers 36-66 GB/s; on an AVX2 EPYC 9.3 GB/s of ~20) and tak
 weights of 8 or 16 output rows with 4 activation bytes; activations are quantized per row in groups of 32 values with
 an fp32 scale each (like llama.cpp's Q8_0), weights carry one bf16 scale per output row, or per group of 32/64/128
 input values (`group_size`), accumulation and output are fp32; with precise=True each row is quantized twice (the
-row, then its quantization error), for about 16-bit activations at twice the arithmetic. See the comment at the top
-of gemv.cpp for the arithmetic, and benchmarks/kernels.py for speed and accuracy.
+row, then its quantization error on 1/256 of its scale), for about 16-bit activations: twice the int8 arithmetic on
+the paths with int8 dot products, whose two sums are combined exactly before one conversion; the avx2 path multiplies
+the 16-bit values directly. See the comment at the top of gemv.cpp for the arithmetic, and benchmarks/kernels.py for
+speed and accuracy.
 
 Paths, chosen at run time from the CPU's flags (the first one it can run), all bitwise identical: `amx` (AMX-INT8
 tile multiplies, up to 16 rows at once; Sapphire Rapids and later), `vnni512` (AVX-512 VNNI), `avxvnni` (AVX-VNNI on
@@ -62,7 +64,7 @@ ALIGNMENT = 64  # bytes: gemv.cpp refuses a packed weight whose data is not 64-b
 Impl = Literal["auto", "amx", "vnni512", "avxvnni", "avx2", "scalar"]
 PATHS: tuple[Impl, ...] = ("amx", "vnni512", "avxvnni", "avx2", "scalar")  # in the order auto prefers them
 _IMPLS = {"auto": 0, "vnni512": 1, "avxvnni": 2, "avx2": 3, "scalar": 4, "amx": 5}  # gemv.cpp's numbers
-ABI_VERSION = 7  # must match i8s_abi_version() in gemv.cpp
+ABI_VERSION = 8  # must match i8s_abi_version() in gemv.cpp
 ENV_PATH = "INT8SERVE_KERNEL"
 # -ffp-contract=off: the scalar path must round exactly like the vector paths (explicit fma only). No -march: the
 # vector functions carry their own target attributes and are only called after a runtime CPU check.
@@ -201,7 +203,7 @@ def _open(path: Path) -> ctypes.CDLL:
     lib.i8s_cpu_has.restype = _INT
     lib.i8s_gemv.argtypes = [_P, _I64, _I64, _P, _I64, _I64, _P, _INT, _INT, _INT]
     lib.i8s_gemv.restype = _INT
-    lib.i8s_quantize.argtypes = [_P, _I64, _I64, _P, _P, _INT]
+    lib.i8s_quantize.argtypes = [_P, _I64, _I64, _P, _P, _INT, _INT]
     lib.i8s_quantize.restype = _INT
     lib.i8s_pack.argtypes = [_P, _I64, _I64, _P, _I64, _P, _INT]
     lib.i8s_pack.restype = None
@@ -525,8 +527,8 @@ def int8_gemv(x: Tensor, weight: Tensor | PackedWeight, scale: Tensor | None = N
     on the fly (slow, for tests). impl "auto": the path of `path()`; every path gives bitwise the same result. Row i
     of the output depends only on row i of x. Raises if the library is not loaded or the CPU lacks the path.
 
-    precise=True quantizes each row twice (the row, then its quantization error), so activations carry ~16 bits
-    instead of 8, at the cost of running 2M rows: free while memory-bound (M = 1, 2), twice the compute after.
+    precise=True quantizes each row twice (the row, then its quantization error on 1/256 of the row's scale), so
+    activations carry ~16 bits instead of 8: free while memory-bound (M = 1, 2), about twice the compute after.
     """
     lib = _library()
     if not isinstance(weight, PackedWeight):
@@ -558,17 +560,19 @@ def int8_gemv(x: Tensor, weight: Tensor | PackedWeight, scale: Tensor | None = N
     return y
 
 
-def quantize_activations(x: Tensor, impl: Impl = "auto") -> tuple[Tensor, Tensor]:
-    """x [M, K] -> (int8 [M, Kp], fp32 scales [M, Kp/32]) exactly as the kernel quantizes its input."""
+def quantize_activations(x: Tensor, impl: Impl = "auto", precise: bool = False) -> tuple[Tensor, Tensor]:
+    """x [M, K] -> (int8 [M, Kp], fp32 scales [M, Kp/32]) exactly as the kernel quantizes its input; precise: 2M rows
+    of each, row i's q_hi and scale at 2i, its q_lo (the error, on the scale / 256) at 2i + 1."""
     lib = _library()
     if x.dim() != 2:
         raise ValueError("x must be 2-D")
     x = x.to(device="cpu", dtype=torch.float32).contiguous()
     m, k = x.shape
     kp = -(-k // GROUP) * GROUP
-    q = torch.empty(m, kp, dtype=torch.int8)
-    scales = torch.empty(m, kp // GROUP, dtype=torch.float32)
-    status = lib.i8s_quantize(x.data_ptr(), m, k, q.data_ptr(), scales.data_ptr(), _IMPLS[impl])
+    rows = 2 * m if precise else m
+    q = torch.empty(rows, kp, dtype=torch.int8)
+    scales = torch.empty(rows, kp // GROUP, dtype=torch.float32)
+    status = lib.i8s_quantize(x.data_ptr(), m, k, q.data_ptr(), scales.data_ptr(), _IMPLS[impl], int(precise))
     if status == -4:
         raise RuntimeError(f"i8s_quantize failed: out of memory for its buffers ({m} rows of {k} values)")
     if status != 0:

@@ -5,7 +5,10 @@
 // y[m, n] = sum_w wscale[n, w] * (sum_{g in weight group w} xscale[m, g] * sum_{k in group g} w[n, k] * xq[m, k])
 //
 // Activations are quantized here, per row in groups of 32 values (one fp32 scale per group, round to nearest even);
-// with `precise` each row is quantized twice, the row and its quantization error, and the two outputs are added.
+// with `precise` each row is quantized twice: the row (q_hi, scale d), then what that left over on the fixed scale
+// d / 256 (q_lo), so that 256 * q_hi + q_lo is the row as a 16-bit integer on the scale d / 256. Each group's two
+// int32 dot products are combined exactly, 256 * dot_hi + dot_lo, before the one conversion to fp32 below (the avx2
+// path multiplies that 16-bit integer directly).
 // Weights are int8, repacked once (see kernels/__init__.py, pack_weight) into tiles of 64 output rows, each group of
 // 32 inputs of a tile 2048 bytes:
 //
@@ -27,7 +30,8 @@
 //   - scalar: plain C++, the reference.
 // The amx path (AMX-INT8: Sapphire Rapids and later) reads the same bytes as tiles, a block's 8 steps of one group
 // (8 x 64 bytes) each, and multiplies the activations of up to 16 rows with them at once (see tile_amx).
-// Each group's int32 dot product is exact (|dot| <= 32 * 127 * 127 < 2^24, so its conversion to fp32 is exact too),
+// Each group's int32 dot product is exact (|dot| <= 32 * 127 * 127 < 2^24, so its conversion to fp32 is exact too;
+// a precise row's combined dot, |.| < 2^28, is rounded to the nearest fp32 by that conversion, on every path alike),
 // then, in group order, inner = fma(float(dot), xscale, inner) within a weight group, acc = fma(inner, wscale, acc)
 // at the end of each weight group (with one weight group, acc = inner * wscale as before), y = acc. Every path
 // performs exactly these roundings in this order for every output, so results are bitwise identical across paths and
@@ -165,11 +169,13 @@ inline uint16_t float_to_bf16(float f) {  // round to nearest even (finite value
 
 // ---- activation quantization ----
 
-// Quantized activations: xq [M, Kp] int8 (zero padded), xscale [M, G] fp32, xcorr [M, G] = -128 * sum(xq of group).
+// Quantized activations: xq [M, Kp] int8 (zero padded), xscale [M, G] fp32, xcorr [M, G] = -128 * sum(xq of group);
+// precise: 2M int8 rows, and for the avx2 path `wide` [M, Kp] = 256 * q_hi + q_lo, each row as one 16-bit integer.
 struct Activations {
   std::vector<int8_t> q;
   std::vector<float> scale;
   std::vector<int32_t> corr;
+  std::vector<int16_t> wide;
   int64_t kp = 0;
   int64_t groups = 0;
 };
@@ -248,7 +254,66 @@ INT8SERVE_AVX2 void quantize_group_avx2(const float* x, int64_t count, int8_t* q
   *corr = -128 * sum;
 }
 
+// A precise row's second int8 row, one group: q = round-half-even(r * inv256) clamped to [-127, 127], where r is what
+// the first row left over (|r| <= d / 2, so |q| <= 128 before the clamp) and inv256 = 256 / d its fixed scale's
+// inverse. The scalar version; the vector ones perform the same IEEE operations.
+void quantize_residual_scalar(const float* r, int64_t count, float inv256, int8_t* q, int32_t* corr) {
+  int32_t sum = 0;
+  for (int64_t i = 0; i < kGroup; ++i) {
+    int32_t v = 0;
+    if (i < count) v = std::min(127, std::max(-127, static_cast<int32_t>(std::nearbyint(r[i] * inv256))));
+    q[i] = static_cast<int8_t>(v);
+    sum += v;
+  }
+  *corr = -128 * sum;
+}
+
+INT8SERVE_VNNI512 void quantize_residual_avx512(const float* r, int64_t count, float inv256, int8_t* q,
+                                                int32_t* corr) {
+  const __m512i lo = _mm512_set1_epi32(-127), hi = _mm512_set1_epi32(127);
+  const __mmask16 m0 = count >= 16 ? __mmask16(0xFFFF) : __mmask16((1u << count) - 1);
+  const __mmask16 m1 = count >= 32 ? __mmask16(0xFFFF) : count <= 16 ? __mmask16(0) : __mmask16((1u << (count - 16)) - 1);
+  const __m512 vinv = _mm512_set1_ps(inv256);
+  __m512i i0 = _mm512_cvtps_epi32(_mm512_mul_ps(_mm512_maskz_loadu_ps(m0, r), vinv));  // round half to even
+  __m512i i1 = _mm512_cvtps_epi32(_mm512_mul_ps(_mm512_maskz_loadu_ps(m1, r + 16), vinv));
+  i0 = _mm512_min_epi32(_mm512_max_epi32(i0, lo), hi);
+  i1 = _mm512_min_epi32(_mm512_max_epi32(i1, lo), hi);
+  _mm_storeu_si128(reinterpret_cast<__m128i*>(q), _mm512_cvtepi32_epi8(i0));
+  _mm_storeu_si128(reinterpret_cast<__m128i*>(q + 16), _mm512_cvtepi32_epi8(i1));
+  *corr = -128 * _mm512_reduce_add_epi32(_mm512_add_epi32(i0, i1));
+}
+
+INT8SERVE_AVX2 void quantize_residual_avx2(const float* r, int64_t count, float inv256, int8_t* q, int32_t* corr) {
+  float padded[kGroup] = {};
+  std::memcpy(padded, r, static_cast<size_t>(count) * sizeof(float));
+  const __m256 vinv = _mm256_set1_ps(inv256);
+  const __m256i lo = _mm256_set1_epi32(-127), hi = _mm256_set1_epi32(127);
+  alignas(32) int32_t ints[kGroup];
+  for (int i = 0; i < 4; ++i) {
+    __m256i v = _mm256_cvtps_epi32(_mm256_mul_ps(_mm256_loadu_ps(padded + 8 * i), vinv));  // round half to even
+    v = _mm256_min_epi32(_mm256_max_epi32(v, lo), hi);
+    _mm256_store_si256(reinterpret_cast<__m256i*>(ints + 8 * i), v);
+  }
+  int32_t sum = 0;
+  for (int64_t i = 0; i < kGroup; ++i) {
+    q[i] = static_cast<int8_t>(ints[i]);
+    sum += ints[i];
+  }
+  *corr = -128 * sum;
+}
+
 using GroupQuantizer = void (*)(const float*, int64_t, int8_t*, float*, int32_t*);
+using ResidualQuantizer = void (*)(const float*, int64_t, float, int8_t*, int32_t*);
+
+ResidualQuantizer residual_quantizer(Impl impl) {
+  switch (impl) {
+    case kVnni512:
+    case kAmx: return quantize_residual_avx512;
+    case kAvxVnni:
+    case kAvx2: return quantize_residual_avx2;
+    default: return quantize_residual_scalar;
+  }
+}
 
 GroupQuantizer group_quantizer(Impl impl) {
   switch (impl) {
@@ -260,9 +325,9 @@ GroupQuantizer group_quantizer(Impl impl) {
   }
 }
 
-// Quantize M rows. precise: 2 int8 rows per input row, the row (2r) and what its quantization left over (2r + 1),
-// so that x = scale_hi * q_hi + scale_lo * q_lo to about 1/(254 * 254) of each group's largest value; the kernel
-// then runs 2M rows and adds each pair of outputs.
+// Quantize M rows. precise: 2 int8 rows per input row, the row (2r) and what its quantization left over (2r + 1) on
+// the scale d / 256 (d: row 2r's scale of the group), so that x = d / 256 * (256 * q_hi + q_lo) to about 1/(2 * 127 *
+// 256) of each group's largest value; the kernel combines each pair's dot products (see the top of this file).
 Activations quantize(const float* x, int64_t m, int64_t k, Impl impl, bool precise) {
   Activations a;
   const int64_t rows = precise ? 2 * m : m;
@@ -272,58 +337,88 @@ Activations quantize(const float* x, int64_t m, int64_t k, Impl impl, bool preci
   a.scale.assign(static_cast<size_t>(rows * a.groups), 0.0f);
   a.corr.assign(static_cast<size_t>(rows * a.groups), 0);
   const GroupQuantizer group = group_quantizer(impl);
+  const ResidualQuantizer residual_group = residual_quantizer(impl);
   std::vector<float> residual(precise ? static_cast<size_t>(k) : 0);
   for (int64_t r = 0; r < rows; ++r) {
     const float* source = x + (precise ? r / 2 : r) * k;
-    if (precise && r % 2 == 1) {  // the previous row's quantization error, in plain fp32 (no fma: -ffp-contract=off)
-      const int8_t* q = a.q.data() + (r - 1) * a.kp;
-      const float* scale = a.scale.data() + (r - 1) * a.groups;
-      for (int64_t i = 0; i < k; ++i) residual[i] = source[i] - scale[i / kGroup] * static_cast<float>(q[i]);
-      source = residual.data();
+    if (!precise || r % 2 == 0) {
+      for (int64_t g = 0; g < a.groups; ++g)
+        group(source + g * kGroup, std::min(kGroup, k - g * kGroup), a.q.data() + r * a.kp + g * kGroup,
+              a.scale.data() + r * a.groups + g, a.corr.data() + r * a.groups + g);
+      continue;
     }
-    for (int64_t g = 0; g < a.groups; ++g)
-      group(source + g * kGroup, std::min(kGroup, k - g * kGroup), a.q.data() + r * a.kp + g * kGroup,
-            a.scale.data() + r * a.groups + g, a.corr.data() + r * a.groups + g);
+    // the previous row's quantization error, in plain fp32 (no fma: -ffp-contract=off), on the scale d / 256
+    const int8_t* q = a.q.data() + (r - 1) * a.kp;
+    const float* scale = a.scale.data() + (r - 1) * a.groups;
+    for (int64_t i = 0; i < k; ++i) residual[i] = source[i] - scale[i / kGroup] * static_cast<float>(q[i]);
+    for (int64_t g = 0; g < a.groups; ++g) {
+      const float d = scale[g];
+      const float inv256 = d > 0.0f ? (1.0f / d) * 256.0f : 0.0f;
+      a.scale[r * a.groups + g] = d * (1.0f / 256.0f);  // exact: a power of two
+      residual_group(residual.data() + g * kGroup, std::min(kGroup, k - g * kGroup), inv256,
+                     a.q.data() + r * a.kp + g * kGroup, a.corr.data() + r * a.groups + g);
+    }
+  }
+  if (precise && impl == kAvx2) {  // the avx2 path multiplies each row as one 16-bit integer (tile_avx2_wide)
+    a.wide.resize(static_cast<size_t>(m * a.kp));
+    for (int64_t r = 0; r < m; ++r)
+      for (int64_t i = 0; i < a.kp; ++i)
+        a.wide[r * a.kp + i] = static_cast<int16_t>(256 * a.q[2 * r * a.kp + i] + a.q[(2 * r + 1) * a.kp + i]);
   }
   return a;
 }
 
 // ---- the tile kernels ----
 
+// A pass of activation rows over tiles. Rows are int8 rows; with `pairs` (precise activations) rows 2j and 2j + 1 are
+// output row j's q_hi and q_lo, whose dot products combine as 256 * dot_hi + dot_lo, scaled by row 2j + 1's scale.
 struct TileArgs {
   packed::Layout lay;     // where the groups and scales of a tile are
   const uint8_t* packed;  // the whole packed weight (with its scales)
-  const int8_t* xq;       // first activation row of this pass
+  const int8_t* xq;       // first int8 activation row of this pass
   const float* xscale;
   const int32_t* xcorr;
+  const int16_t* xwide;   // tile_avx2_wide: the pass's first row as 16-bit integers (Activations::wide)
   int64_t kp, groups, n;
+  bool pairs;
   float* y;               // first output row of this pass
 };
+
+// The exact int32 dot product of int8 row r (+ its correction) with group g of a tile's 64 rows, into dot[64].
+void group_dot_scalar(const TileArgs& a, const uint8_t* w, int64_t r, int64_t g, int32_t* dot) {
+  for (int64_t i = 0; i < kTileRows; ++i) dot[i] = a.xcorr[r * a.groups + g];
+  const uint8_t* wg_bytes = a.lay.group(w, g);
+  const int8_t* xq = a.xq + r * a.kp;
+  for (int64_t b = 0; b < kBlocks; ++b) {
+    for (int64_t s = 0; s < kSteps; ++s) {
+      const uint8_t* v = wg_bytes + b * kBlockBytes + s * 64;
+      const int8_t* xs = xq + g * kGroup + s * 4;
+      for (int64_t lane = 0; lane < kBlockRows; ++lane) {
+        int32_t sum = 0;
+        for (int64_t j = 0; j < 4; ++j) sum += static_cast<int32_t>(v[lane * 4 + j]) * xs[j];
+        dot[b * kBlockRows + lane] += sum;
+      }
+    }
+  }
+}
 
 // The scalar path: the reference arithmetic, also used where the CPU has no AVX2.
 void tile_scalar(const TileArgs& a, int64_t rows, int64_t tile) {
   const uint8_t* w = a.lay.tile(a.packed, tile);
-  for (int64_t r = 0; r < rows; ++r) {
+  const int64_t per_output = a.pairs ? 2 : 1;  // int8 rows per output row
+  for (int64_t r = 0; r < rows; r += per_output) {
     float acc[kTileRows] = {};
-    const int8_t* xq = a.xq + r * a.kp;
     for (int64_t wg = 0; wg < a.lay.wgroups; ++wg) {
       float inner[kTileRows] = {};
       for (int64_t g = wg * a.lay.span; g < std::min(a.groups, (wg + 1) * a.lay.span); ++g) {
         int32_t dot[kTileRows];
-        for (int64_t i = 0; i < kTileRows; ++i) dot[i] = a.xcorr[r * a.groups + g];
-        const uint8_t* wg_bytes = a.lay.group(w, g);
-        for (int64_t b = 0; b < kBlocks; ++b) {
-          for (int64_t s = 0; s < kSteps; ++s) {
-            const uint8_t* v = wg_bytes + b * kBlockBytes + s * 64;
-            const int8_t* xs = xq + g * kGroup + s * 4;
-            for (int64_t lane = 0; lane < kBlockRows; ++lane) {
-              int32_t sum = 0;
-              for (int64_t j = 0; j < 4; ++j) sum += static_cast<int32_t>(v[lane * 4 + j]) * xs[j];
-              dot[b * kBlockRows + lane] += sum;
-            }
-          }
+        group_dot_scalar(a, w, r, g, dot);
+        if (a.pairs) {
+          int32_t low[kTileRows];
+          group_dot_scalar(a, w, r + 1, g, low);
+          for (int64_t i = 0; i < kTileRows; ++i) dot[i] = dot[i] * 256 + low[i];
         }
-        const float scale = a.xscale[r * a.groups + g];
+        const float scale = a.xscale[(r + per_output - 1) * a.groups + g];
         for (int64_t i = 0; i < kTileRows; ++i) inner[i] = std::fma(static_cast<float>(dot[i]), scale, inner[i]);
       }
       const uint16_t* scales = a.lay.scales(w, wg);
@@ -331,7 +426,7 @@ void tile_scalar(const TileArgs& a, int64_t rows, int64_t tile) {
     }
     const int64_t n0 = tile * kTileRows;
     const int64_t count = std::min(kTileRows, a.n - n0);
-    std::memcpy(a.y + r * a.n + n0, acc, static_cast<size_t>(count) * sizeof(float));
+    std::memcpy(a.y + (r / per_output) * a.n + n0, acc, static_cast<size_t>(count) * sizeof(float));
   }
 }
 
@@ -354,8 +449,10 @@ constexpr int64_t kChunkGroups = INT8SERVE_CHUNK_GROUPS;
 // order: group by group, block by block, 64 bytes at a time. (Interleaving the 4 blocks of a group, to load each
 // activation broadcast once for all of them, halved the speed from memory at M = 1: the hardware prefetcher wants one
 // sequential stream.) `sums`: the pass's running sums (kSumFloats per row); the outputs are written at g1 == groups.
-template <int R>
+// With pairs (P), the R int8 rows are R / 2 output rows, and `sums` holds kSumFloats per output row.
+template <int R, bool P>
 INT8SERVE_VNNI512 void tile_vnni512(const TileArgs& a, int64_t tile, int64_t g0, int64_t g1, float* sums) {
+  constexpr int kPer = P ? 2 : 1;  // int8 rows per output row
   const uint8_t* w = a.lay.tile(a.packed, tile);
   const __m512 zero = _mm512_setzero_ps();
   for (int64_t g = g0; g < g1; ++g) {
@@ -385,11 +482,13 @@ INT8SERVE_VNNI512 void tile_vnni512(const TileArgs& a, int64_t tile, int64_t g0,
         const __m256i raw = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(group_scales));
         scale = _mm512_castsi512_ps(_mm512_slli_epi32(_mm512_cvtepu16_epi32(raw), 16));
       }
-      for (int r = 0; r < R; ++r) {
-        float* acc = sums + r * kSumFloats + b * kBlockRows;
+      for (int o = 0; o < R / kPer; ++o) {
+        const int r = o * kPer;
+        float* acc = sums + o * kSumFloats + b * kBlockRows;
         float* inner = acc + kTileRows;
-        const __m512 xscale = _mm512_set1_ps(a.xscale[r * a.groups + g]);
-        const __m512 in = _mm512_fmadd_ps(_mm512_cvtepi32_ps(dot[r]), xscale, opens ? zero : _mm512_loadu_ps(inner));
+        const __m512i d = P ? _mm512_add_epi32(_mm512_slli_epi32(dot[r], 8), dot[r + kPer - 1]) : dot[r];
+        const __m512 xscale = _mm512_set1_ps(a.xscale[(r + kPer - 1) * a.groups + g]);
+        const __m512 in = _mm512_fmadd_ps(_mm512_cvtepi32_ps(d), xscale, opens ? zero : _mm512_loadu_ps(inner));
         if (closes)
           _mm512_storeu_ps(acc, _mm512_fmadd_ps(in, scale, _mm512_loadu_ps(acc)));
         else
@@ -404,8 +503,8 @@ INT8SERVE_VNNI512 void tile_vnni512(const TileArgs& a, int64_t tile, int64_t g0,
     if (nb >= a.n) break;
     const int64_t count = std::min(kBlockRows, a.n - nb);
     const __mmask16 mask = count == kBlockRows ? __mmask16(0xFFFF) : __mmask16((1u << count) - 1);
-    for (int r = 0; r < R; ++r)
-      _mm512_mask_storeu_ps(a.y + r * a.n + nb, mask, _mm512_loadu_ps(sums + r * kSumFloats + b * kBlockRows));
+    for (int o = 0; o < R / kPer; ++o)
+      _mm512_mask_storeu_ps(a.y + o * a.n + nb, mask, _mm512_loadu_ps(sums + o * kSumFloats + b * kBlockRows));
   }
 }
 
@@ -427,17 +526,19 @@ struct DotAvxVnni {
   }
 };
 
+// R int8 rows (with pairs P: R / 2 output rows, see TileArgs) over one tile.
 #define INT8SERVE_TILE256(NAME, DOT, TARGET)                                                                      \
-  template <int R>                                                                                                 \
+  template <int R, bool P>                                                                                         \
   TARGET void NAME(const TileArgs& a, int64_t tile) {                                                              \
+    constexpr int kPer = P ? 2 : 1, kOut = R / kPer;                                                               \
     const uint8_t* w = a.lay.tile(a.packed, tile);                                                                 \
-    __m256 acc[R][2 * kBlocks];                                                                                    \
-    for (int r = 0; r < R; ++r)                                                                                    \
-      for (int h = 0; h < 2 * kBlocks; ++h) acc[r][h] = _mm256_setzero_ps();                                       \
+    __m256 acc[kOut][2 * kBlocks];                                                                                 \
+    for (int o = 0; o < kOut; ++o)                                                                                 \
+      for (int h = 0; h < 2 * kBlocks; ++h) acc[o][h] = _mm256_setzero_ps();                                       \
     for (int64_t wg = 0; wg < a.lay.wgroups; ++wg) {                                                               \
-      __m256 inner[R][2 * kBlocks];                                                                                \
-      for (int r = 0; r < R; ++r)                                                                                  \
-        for (int h = 0; h < 2 * kBlocks; ++h) inner[r][h] = _mm256_setzero_ps();                                   \
+      __m256 inner[kOut][2 * kBlocks];                                                                             \
+      for (int o = 0; o < kOut; ++o)                                                                               \
+        for (int h = 0; h < 2 * kBlocks; ++h) inner[o][h] = _mm256_setzero_ps();                                   \
       for (int64_t g = wg * a.lay.span; g < std::min(a.groups, (wg + 1) * a.lay.span); ++g) {                      \
         const uint8_t* wgb = a.lay.group(w, g);                                                                    \
         for (int b = 0; b < kBlocks; ++b) {                                                                        \
@@ -457,55 +558,140 @@ struct DotAvxVnni {
               dot[r][1] = DOT::dot(dot[r][1], v1, xb);                                                             \
             }                                                                                                      \
           }                                                                                                        \
-          for (int r = 0; r < R; ++r) {                                                                            \
-            const __m256 xscale = _mm256_set1_ps(a.xscale[r * a.groups + g]);                                      \
-            for (int h = 0; h < 2; ++h)                                                                            \
-              inner[r][2 * b + h] = _mm256_fmadd_ps(_mm256_cvtepi32_ps(dot[r][h]), xscale, inner[r][2 * b + h]);   \
+          for (int o = 0; o < kOut; ++o) {                                                                         \
+            const int r = o * kPer;                                                                                \
+            const __m256 xscale = _mm256_set1_ps(a.xscale[(r + kPer - 1) * a.groups + g]);                          \
+            for (int h = 0; h < 2; ++h) {                                                                          \
+              const __m256i d = P ? _mm256_add_epi32(_mm256_slli_epi32(dot[r][h], 8), dot[r + kPer - 1][h])        \
+                                  : dot[r][h];                                                                     \
+              inner[o][2 * b + h] = _mm256_fmadd_ps(_mm256_cvtepi32_ps(d), xscale, inner[o][2 * b + h]);           \
+            }                                                                                                      \
           }                                                                                                        \
         }                                                                                                          \
       }                                                                                                            \
       for (int h = 0; h < 2 * kBlocks; ++h) {                                                                      \
         const __m128i raw = _mm_loadu_si128(reinterpret_cast<const __m128i*>(a.lay.scales(w, wg) + 8 * h));       \
         const __m256 scale = _mm256_castsi256_ps(_mm256_slli_epi32(_mm256_cvtepu16_epi32(raw), 16));               \
-        for (int r = 0; r < R; ++r) acc[r][h] = _mm256_fmadd_ps(inner[r][h], scale, acc[r][h]);                    \
+        for (int o = 0; o < kOut; ++o) acc[o][h] = _mm256_fmadd_ps(inner[o][h], scale, acc[o][h]);                 \
       }                                                                                                            \
     }                                                                                                              \
     const int64_t n0 = tile * kTileRows;                                                                           \
     const int64_t count = std::min(kTileRows, a.n - n0);                                                           \
-    for (int r = 0; r < R; ++r) {                                                                                  \
+    for (int o = 0; o < kOut; ++o) {                                                                               \
       alignas(32) float out[kTileRows];                                                                            \
-      for (int h = 0; h < 2 * kBlocks; ++h) _mm256_store_ps(out + 8 * h, acc[r][h]);                               \
-      std::memcpy(a.y + r * a.n + n0, out, static_cast<size_t>(count) * sizeof(float));                            \
+      for (int h = 0; h < 2 * kBlocks; ++h) _mm256_store_ps(out + 8 * h, acc[o][h]);                               \
+      std::memcpy(a.y + o * a.n + n0, out, static_cast<size_t>(count) * sizeof(float));                            \
     }                                                                                                              \
   }
 
 INT8SERVE_TILE256(tile_avx2, DotAvx2, INT8SERVE_AVX2)
 INT8SERVE_TILE256(tile_avxvnni, DotAvxVnni, INT8SERVE_AVXVNNI)
 
-#define INT8SERVE_ROWS(NAME, KERNEL, TARGET)                   \
+// `rows` int8 rows of a pass (with pairs an even count: 2 or 4) -> the kernel's instance.
+#define INT8SERVE_ROWS(NAME, KERNEL, TARGET)                        \
   TARGET void NAME(const TileArgs& a, int64_t rows, int64_t tile) { \
-    switch (rows) {                                            \
-      case 1: KERNEL<1>(a, tile); break;                       \
-      case 2: KERNEL<2>(a, tile); break;                       \
-      case 3: KERNEL<3>(a, tile); break;                       \
-      default: KERNEL<4>(a, tile); break;                      \
-    }                                                          \
+    if (a.pairs) {                                                  \
+      if (rows == 2)                                                \
+        KERNEL<2, true>(a, tile);                                   \
+      else                                                          \
+        KERNEL<4, true>(a, tile);                                   \
+      return;                                                       \
+    }                                                               \
+    switch (rows) {                                                 \
+      case 1: KERNEL<1, false>(a, tile); break;                     \
+      case 2: KERNEL<2, false>(a, tile); break;                     \
+      case 3: KERNEL<3, false>(a, tile); break;                     \
+      default: KERNEL<4, false>(a, tile); break;                    \
+    }                                                               \
   }
-
 
 #define INT8SERVE_CHUNK_ROWS(NAME, KERNEL, TARGET)                                                       \
   TARGET void NAME(const TileArgs& a, int64_t rows, int64_t tile, int64_t g0, int64_t g1, float* sums) { \
+    if (a.pairs) {                                                                                       \
+      if (rows == 2)                                                                                     \
+        KERNEL<2, true>(a, tile, g0, g1, sums);                                                          \
+      else                                                                                               \
+        KERNEL<4, true>(a, tile, g0, g1, sums);                                                          \
+      return;                                                                                            \
+    }                                                                                                    \
     switch (rows) {                                                                                      \
-      case 1: KERNEL<1>(a, tile, g0, g1, sums); break;                                                   \
-      case 2: KERNEL<2>(a, tile, g0, g1, sums); break;                                                   \
-      case 3: KERNEL<3>(a, tile, g0, g1, sums); break;                                                   \
-      default: KERNEL<4>(a, tile, g0, g1, sums); break;                                                  \
+      case 1: KERNEL<1, false>(a, tile, g0, g1, sums); break;                                            \
+      case 2: KERNEL<2, false>(a, tile, g0, g1, sums); break;                                            \
+      case 3: KERNEL<3, false>(a, tile, g0, g1, sums); break;                                            \
+      default: KERNEL<4, false>(a, tile, g0, g1, sums); break;                                           \
     }                                                                                                    \
   }
 
 INT8SERVE_CHUNK_ROWS(rows_vnni512, tile_vnni512, INT8SERVE_VNNI512)
 INT8SERVE_ROWS(rows_avxvnni, tile_avxvnni, INT8SERVE_AVXVNNI)
 INT8SERVE_ROWS(rows_avx2, tile_avx2, INT8SERVE_AVX2)
+
+// avx2 with precise activations: each row as one 16-bit integer (Activations::wide, 256 * q_hi + q_lo) times the
+// weights widened to int16, with vpmaddwd: per 32 weights and row, 2 multiplies and 2 adds, where the two int8 passes
+// took 8 instructions (vpsignb, vpmaddubsw, vpmaddwd and an add, twice), and AVX2 has no int8 dot product. The
+// integers are the same (256 * dot_hi + dot_lo, exactly), so the result is every path's bits. O output rows (1..4),
+// 8 output rows (half a block) at a time: 2 registers of widened weights and 2 of sums per row.
+template <int O>
+INT8SERVE_AVX2 void tile_avx2_wide(const TileArgs& a, int64_t tile) {
+  const uint8_t* w = a.lay.tile(a.packed, tile);
+  alignas(32) float acc[O][kTileRows] = {};
+  alignas(32) float inner[O][kTileRows];
+  const __m256i bias = _mm256_set1_epi16(128);
+  for (int64_t wg = 0; wg < a.lay.wgroups; ++wg) {
+    const int64_t g0 = wg * a.lay.span, g1 = std::min(a.groups, (wg + 1) * a.lay.span);
+    for (int64_t g = g0; g < g1; ++g) {
+      const uint8_t* wgb = a.lay.group(w, g);
+      for (int b = 0; b < kBlocks; ++b) {
+        for (int h = 0; h < 2; ++h) {
+          __m256i low[O], high[O];  // rows 8h..8h+3 and 8h+4..8h+7 of the block: (row, k pair) int32 lanes
+          for (int o = 0; o < O; ++o) low[o] = high[o] = _mm256_setzero_si256();
+          for (int s = 0; s < kSteps; ++s) {
+            const uint8_t* p = wgb + b * kBlockBytes + s * 64;
+            if (kPrefetchBytes > 0 && h == 0) _mm_prefetch(reinterpret_cast<const char*>(p + kPrefetchBytes), _MM_HINT_T0);
+            const __m128i* half = reinterpret_cast<const __m128i*>(p + 32 * h);
+            const __m256i w0 = _mm256_sub_epi16(_mm256_cvtepu8_epi16(_mm_load_si128(half)), bias);
+            const __m256i w1 = _mm256_sub_epi16(_mm256_cvtepu8_epi16(_mm_load_si128(half + 1)), bias);
+            for (int o = 0; o < O; ++o) {
+              int64_t x4;  // inputs 4s..4s+3 of row o, 16 bits each
+              std::memcpy(&x4, a.xwide + o * a.kp + g * kGroup + s * 4, 8);
+              const __m256i xb = _mm256_set1_epi64x(x4);
+              low[o] = _mm256_add_epi32(low[o], _mm256_madd_epi16(w0, xb));
+              high[o] = _mm256_add_epi32(high[o], _mm256_madd_epi16(w1, xb));
+            }
+          }
+          for (int o = 0; o < O; ++o) {
+            // lane pairs -> rows: hadd gives rows 0, 1, 4, 5 | 2, 3, 6, 7; the permute puts them in order
+            const __m256i dot = _mm256_permute4x64_epi64(_mm256_hadd_epi32(low[o], high[o]), 0xD8);
+            const __m256 xscale = _mm256_set1_ps(a.xscale[(2 * o + 1) * a.groups + g]);
+            float* in = inner[o] + b * kBlockRows + 8 * h;
+            const __m256 before = g == g0 ? _mm256_setzero_ps() : _mm256_load_ps(in);
+            _mm256_store_ps(in, _mm256_fmadd_ps(_mm256_cvtepi32_ps(dot), xscale, before));
+          }
+        }
+      }
+    }
+    for (int h = 0; h < 2 * kBlocks; ++h) {
+      const __m128i raw = _mm_loadu_si128(reinterpret_cast<const __m128i*>(a.lay.scales(w, wg) + 8 * h));
+      const __m256 scale = _mm256_castsi256_ps(_mm256_slli_epi32(_mm256_cvtepu16_epi32(raw), 16));
+      for (int o = 0; o < O; ++o)
+        _mm256_store_ps(acc[o] + 8 * h,
+                        _mm256_fmadd_ps(_mm256_load_ps(inner[o] + 8 * h), scale, _mm256_load_ps(acc[o] + 8 * h)));
+    }
+  }
+  const int64_t n0 = tile * kTileRows;
+  const int64_t count = std::min(kTileRows, a.n - n0);
+  for (int o = 0; o < O; ++o) std::memcpy(a.y + o * a.n + n0, acc[o], static_cast<size_t>(count) * sizeof(float));
+}
+
+// `rows` int8 rows of a pass (2..8: pairs, i.e. 1..4 output rows) -> tile_avx2_wide's instance.
+INT8SERVE_AVX2 void rows_avx2_wide(const TileArgs& a, int64_t rows, int64_t tile) {
+  switch (rows / 2) {
+    case 1: tile_avx2_wide<1>(a, tile); break;
+    case 2: tile_avx2_wide<2>(a, tile); break;
+    case 3: tile_avx2_wide<3>(a, tile); break;
+    default: tile_avx2_wide<4>(a, tile); break;
+  }
+}
 
 // amx: up to 16 activation rows over one tile with AMX-INT8 tile instructions, 32 inputs (one activation group) at a
 // time. The packed layout is already what a tile multiply wants of its second operand: a block's 8 steps of one group,
@@ -557,11 +743,18 @@ inline void amx_group_dots(const TileArgs& a, const uint8_t* wgb, int64_t g, int
   INT8SERVE_TILE_STORE(3, &dots[0][3 * kBlockRows], kRowBytes);
 }
 
-// float(dot + correction) of row r, block b, activation group g.
+// float(dot + correction) of int8 row r, block b, activation group g; with pairs, of rows r and r + 1 combined
+// (256 * dot_hi + dot_lo, see TileArgs).
+INT8SERVE_VNNI512 inline __m512i amx_row_dot(const TileArgs& a, const int32_t (*dots)[kTileRows], int64_t r, int b,
+                                             int64_t g) {
+  return _mm512_add_epi32(_mm512_load_si512(&dots[r][b * kBlockRows]), _mm512_set1_epi32(a.xcorr[r * a.groups + g]));
+}
+
 INT8SERVE_VNNI512 inline __m512 amx_dot(const TileArgs& a, const int32_t (*dots)[kTileRows], int64_t r, int b,
                                         int64_t g) {
-  const __m512i corr = _mm512_set1_epi32(a.xcorr[r * a.groups + g]);
-  return _mm512_cvtepi32_ps(_mm512_add_epi32(_mm512_load_si512(&dots[r][b * kBlockRows]), corr));
+  const __m512i dot = amx_row_dot(a, dots, r, b, g);
+  if (!a.pairs) return _mm512_cvtepi32_ps(dot);
+  return _mm512_cvtepi32_ps(_mm512_add_epi32(_mm512_slli_epi32(dot, 8), amx_row_dot(a, dots, r + 1, b, g)));
 }
 
 INT8SERVE_VNNI512 inline __m512 amx_weight_scale(const uint16_t* ws, int b) {
@@ -569,13 +762,15 @@ INT8SERVE_VNNI512 inline __m512 amx_weight_scale(const uint16_t* ws, int b) {
   return _mm512_castsi512_ps(_mm512_slli_epi32(_mm512_cvtepu16_epi32(raw), 16));
 }
 
-// Needs amx_configure(rows) on the calling thread (i8s_gemv does it once per pass size).
+// Needs amx_configure(rows) on the calling thread (i8s_gemv does it once per pass size). rows: int8 rows (with
+// pairs, rows / 2 output rows).
 INT8SERVE_VNNI512 void tile_amx(const TileArgs& a, int64_t rows, int64_t tile) {
   const uint8_t* w = a.lay.tile(a.packed, tile);
+  const int64_t per = a.pairs ? 2 : 1, outputs = rows / per;  // int8 rows per output row
   alignas(64) int32_t dots[kAmxMaxRows][kTileRows];
   alignas(64) float inner[kAmxMaxRows][kTileRows];
   alignas(64) float acc[kAmxMaxRows][kTileRows];
-  std::memset(acc, 0, static_cast<size_t>(rows) * sizeof(acc[0]));
+  std::memset(acc, 0, static_cast<size_t>(outputs) * sizeof(acc[0]));
   const __m512 zero = _mm512_setzero_ps();
   for (int64_t wg = 0; wg < a.lay.wgroups; ++wg) {
     __m512 scale[kBlocks];
@@ -585,37 +780,39 @@ INT8SERVE_VNNI512 void tile_amx(const TileArgs& a, int64_t rows, int64_t tile) {
     // sums in memory (the same fmas; 1.06-1.19x the speed at 4 and 8 rows, Sapphire Rapids, gemv_builds.py)
     if (g1 - g0 == 1) {
       amx_group_dots(a, a.lay.group(w, g0), g0, dots);
-      for (int64_t r = 0; r < rows; ++r) {
-        const __m512 xscale = _mm512_set1_ps(a.xscale[r * a.groups + g0]);
+      for (int64_t o = 0; o < outputs; ++o) {
+        const int64_t r = o * per;
+        const __m512 xscale = _mm512_set1_ps(a.xscale[(r + per - 1) * a.groups + g0]);
         for (int b = 0; b < kBlocks; ++b) {
-          float* out = &acc[r][b * kBlockRows];
+          float* out = &acc[o][b * kBlockRows];
           const __m512 in = _mm512_fmadd_ps(amx_dot(a, dots, r, b, g0), xscale, zero);
           _mm512_store_ps(out, _mm512_fmadd_ps(in, scale[b], _mm512_load_ps(out)));
         }
       }
       continue;
     }
-    std::memset(inner, 0, static_cast<size_t>(rows) * sizeof(inner[0]));
+    std::memset(inner, 0, static_cast<size_t>(outputs) * sizeof(inner[0]));
     for (int64_t g = g0; g < g1; ++g) {
       amx_group_dots(a, a.lay.group(w, g), g, dots);
-      for (int64_t r = 0; r < rows; ++r) {
-        const __m512 xscale = _mm512_set1_ps(a.xscale[r * a.groups + g]);
+      for (int64_t o = 0; o < outputs; ++o) {
+        const int64_t r = o * per;
+        const __m512 xscale = _mm512_set1_ps(a.xscale[(r + per - 1) * a.groups + g]);
         for (int b = 0; b < kBlocks; ++b) {
-          float* in = &inner[r][b * kBlockRows];
+          float* in = &inner[o][b * kBlockRows];
           _mm512_store_ps(in, _mm512_fmadd_ps(amx_dot(a, dots, r, b, g), xscale, _mm512_load_ps(in)));
         }
       }
     }
-    for (int64_t r = 0; r < rows; ++r)
+    for (int64_t o = 0; o < outputs; ++o)
       for (int b = 0; b < kBlocks; ++b) {
-        float* out = &acc[r][b * kBlockRows];
-        _mm512_store_ps(out, _mm512_fmadd_ps(_mm512_load_ps(&inner[r][b * kBlockRows]), scale[b], _mm512_load_ps(out)));
+        float* out = &acc[o][b * kBlockRows];
+        _mm512_store_ps(out, _mm512_fmadd_ps(_mm512_load_ps(&inner[o][b * kBlockRows]), scale[b], _mm512_load_ps(out)));
       }
   }
   const int64_t n0 = tile * kTileRows;
   const int64_t count = std::min(kTileRows, a.n - n0);
-  for (int64_t r = 0; r < rows; ++r)
-    std::memcpy(a.y + r * a.n + n0, acc[r], static_cast<size_t>(count) * sizeof(float));
+  for (int64_t o = 0; o < outputs; ++o)
+    std::memcpy(a.y + o * a.n + n0, acc[o], static_cast<size_t>(count) * sizeof(float));
 }
 
 using TileRows = void (*)(const TileArgs&, int64_t, int64_t);
@@ -776,7 +973,7 @@ extern "C" {
 #define INT8SERVE_API __attribute__((visibility("default")))
 
 // Bumped whenever a signature below changes; __init__.py checks it.
-INT8SERVE_API int i8s_abi_version() { return 7; }
+INT8SERVE_API int i8s_abi_version() { return 8; }
 
 // 1 if this CPU can run path `impl` (1 vnni512, 2 avxvnni, 3 avx2, 4 scalar, 5 amx), else 0; impl 0: the path auto
 // picks.
@@ -792,8 +989,8 @@ constexpr int64_t kParallelGemvWork = int64_t{1} << 22;
 
 // y [M, N] = x [M, K] (fp32, contiguous) times the packed weight (packed_layout.h, 64-byte aligned, its bf16 scales
 // within); group_size: input values per weight scale (a multiple of 32), 0 = one per row. impl: 0 = best available,
-// else the path (see i8s_cpu_has). precise: 1 = two int8 passes per row (see quantize). i8s_gemv's body: see there for
-// what it returns.
+// else the path (see i8s_cpu_has). precise: 1 = two int8 rows per row, combined (see quantize and TileArgs).
+// i8s_gemv's body: see there for what it returns.
 static int gemv(const float* x, int64_t m, int64_t k, const uint8_t* packed, int64_t n,
                 int64_t group_size, float* y, int impl, int precise, int threads) {
   if (m < 0 || k <= 0 || n <= 0 || impl < kAuto || impl > kLastImpl || group_size < 0 || group_size % kGroup != 0)
@@ -804,36 +1001,38 @@ static int gemv(const float* x, int64_t m, int64_t k, const uint8_t* packed, int
   if (m == 0) return 0;
   const int64_t np = (n + kTileRows - 1) / kTileRows * kTileRows;
   const Activations act = quantize(x, m, k, path, precise != 0);
-  const int64_t rows_total = precise ? 2 * m : m;
-  std::vector<float> pairs(precise ? static_cast<size_t>(rows_total * n) : 0);
-  float* out = precise ? pairs.data() : y;
+  const bool pairs = precise != 0;
+  const int64_t per_output = pairs ? 2 : 1;  // int8 rows per output row
+  const int64_t rows_total = per_output * m;
   const int64_t tiles = np / kTileRows;
-  const TileArgs base{packed::layout(act.groups, group_size), packed, nullptr, nullptr, nullptr, act.kp, act.groups, n,
-                      nullptr};
+  const TileArgs base{packed::layout(act.groups, group_size), packed, nullptr, nullptr, nullptr, nullptr, act.kp,
+                      act.groups, n, pairs, nullptr};
   // amx: up to 4 int8 rows (one token, or two, with precise activations) vnni512's single pass over each tile is the
   // faster (Sapphire Rapids, streamed weights: 1 row 26.0 vs 25.4 GB/s, 2 rows 24.2-25.1 vs 23.7-23.8); beyond, it
   // needs two passes or more where the tiles take 16 rows at once (4 rows: 18.0-18.2 vs 22.9-23.0).
   const bool amx_tiles = path == kAmx && rows_total > kMaxRows;
   const Impl kernel = path == kAmx ? kVnni512 : path;
+  const bool wide = kernel == kAvx2 && pairs;  // precise rows as 16-bit integers (tile_avx2_wide)
   const ChunkRows chunked = amx_tiles ? nullptr : chunk_rows(kernel);
-  const TileRows run = amx_tiles ? tile_amx : tile_rows(kernel);
+  const TileRows run = amx_tiles ? tile_amx : wide ? rows_avx2_wide : tile_rows(kernel);
   // Each thread takes a contiguous range of tiles, i.e. one sequential stream of weights, and runs all activation
   // rows over each tile (in passes of up to 4 rows; vnni512 a chunk of groups at a time, see kChunkGroups) while it
   // is in cache. A small call stays on the calling thread (see kParallelGemvWork); the split never changes the
   // result (each tile is computed alike).
   const bool small = rows_total * np * act.kp < kParallelGemvWork;
   const int nthreads = small ? 1 : static_cast<int>(std::max<int64_t>(1, std::min<int64_t>(threads, tiles)));
-  const int64_t pass_rows = amx_tiles ? kAmxMaxRows : kMaxRows;
+  const int64_t pass_rows = amx_tiles ? kAmxMaxRows : wide ? 2 * kMaxRows : kMaxRows;  // int8 rows, even with pairs
   // One pass of rows takes each tile whole; more take it kChunkGroups groups at a time, every pass over a chunk
   // before the next chunk (the weights stream from memory at one pace, and each chunk is read from memory once).
   const int64_t chunk = rows_total > pass_rows ? kChunkGroups : act.groups;
   std::vector<float> sums(chunked ? static_cast<size_t>(nthreads * rows_total * kSumFloats) : 0);
-  const auto pass_args = [&](int64_t r0) {  // the arguments of the pass of rows r0..
+  const auto pass_args = [&](int64_t r0) {  // the arguments of the pass of int8 rows r0..
     TileArgs a = base;
     a.xq = act.q.data() + r0 * act.kp;
     a.xscale = act.scale.data() + r0 * act.groups;
     a.xcorr = act.corr.data() + r0 * act.groups;
-    a.y = out + r0 * n;
+    if (wide) a.xwide = act.wide.data() + (r0 / 2) * act.kp;
+    a.y = y + (r0 / per_output) * n;
     return a;
   };
 #pragma omp parallel num_threads(nthreads) if (nthreads > 1)
@@ -847,7 +1046,8 @@ static int gemv(const float* x, int64_t m, int64_t k, const uint8_t* packed, int
         for (int64_t g0 = 0; g0 < act.groups; g0 += chunk) {
           const int64_t g1 = std::min(act.groups, g0 + chunk);
           for (int64_t r0 = 0; r0 < rows_total; r0 += pass_rows)
-            chunked(pass_args(r0), std::min(pass_rows, rows_total - r0), tile, g0, g1, mine + r0 * kSumFloats);
+            chunked(pass_args(r0), std::min(pass_rows, rows_total - r0), tile, g0, g1,
+                    mine + (r0 / per_output) * kSumFloats);
         }
         continue;
       }
@@ -859,16 +1059,12 @@ static int gemv(const float* x, int64_t m, int64_t k, const uint8_t* packed, int
     }
     if (configured) tiles_release();  // other code on this thread (oneDNN) configures the tiles its own way
   }
-  if (precise) {
-    for (int64_t r = 0; r < m; ++r)
-      for (int64_t i = 0; i < n; ++i) y[r * n + i] = pairs[2 * r * n + i] + pairs[(2 * r + 1) * n + i];
-  }
   return 0;
 }
 
 // y [M, N] = x [M, K] (fp32, contiguous) times the packed weight, as described above. Returns 0, or -1 if the CPU
 // lacks the path, -2 for a misaligned weight, -3 for bad arguments, -4 when its buffers (the quantized rows, the
-// running sums, the precise pairs: a few bytes per input value and row) do not fit in memory. Thread-safe.
+// running sums: a few bytes per input value and row) do not fit in memory. Thread-safe.
 INT8SERVE_API int i8s_gemv(const float* x, int64_t m, int64_t k, const uint8_t* packed,
                            int64_t n, int64_t group_size, float* y, int impl, int precise, int threads) {
   try {  // (every allocation is made outside the parallel region, so that a failure reaches this handler)
@@ -878,12 +1074,13 @@ INT8SERVE_API int i8s_gemv(const float* x, int64_t m, int64_t k, const uint8_t* 
   }
 }
 
-// The activations as path `impl` quantizes them: q [M, Kp] int8, scale [M, Kp/32] fp32. Returns 0 or -1.
-INT8SERVE_API int i8s_quantize(const float* x, int64_t m, int64_t k, int8_t* q, float* scale, int impl) {
+// The activations as path `impl` quantizes them: q [M, Kp] int8, scale [M, Kp/32] fp32; with precise, 2M rows of
+// each (q_hi, q_lo of each row, see quantize). Returns 0, -1 (the CPU lacks the path) or -4 (out of memory).
+INT8SERVE_API int i8s_quantize(const float* x, int64_t m, int64_t k, int8_t* q, float* scale, int impl, int precise) {
   const Impl path = resolve(impl);
   if (impl < kAuto || impl > kLastImpl || !cpu_has(path)) return -1;
   try {
-    const Activations act = quantize(x, m, k, path, false);
+    const Activations act = quantize(x, m, k, path, precise != 0);
     std::memcpy(q, act.q.data(), act.q.size());
     std::memcpy(scale, act.scale.data(), act.scale.size() * sizeof(float));
   } catch (const std::bad_alloc&) {
