@@ -83,6 +83,9 @@ def test_the_default_path_is_the_tiles_where_the_cpu_has_them() -> None:
     assert torch.equal(prefill_matmul.matmul(x, packed), prefill_matmul.matmul(x, packed, path=expected))
     with pytest.raises(ValueError, match="unknown prefill matmul path 'avx2': expected one of amx, avx512bf16"):
         prefill_matmul.matmul(x, packed, path="avx2")
+    for missing in set(prefill_matmul.PATHS) - set(prefill_matmul.paths()):  # e.g. amx on a Zen 4: a clear error
+        with pytest.raises(RuntimeError, match="i8m_matmul failed: the CPU cannot run that path"):
+            prefill_matmul.matmul(x, packed, path=missing)
 
 
 def test_a_prefill_chunk_past_the_kernel_rows_takes_it(monkeypatch: pytest.MonkeyPatch) -> None:

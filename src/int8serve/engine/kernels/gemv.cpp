@@ -180,13 +180,11 @@ struct Activations {
   int64_t groups = 0;
 };
 
-// One group of 32 (zero padded past `count`): d = max|x| / 127, q = round-half-even(x * (1 / d)) clamped to
-// [-127, 127]. The scalar version; the vector ones perform the same IEEE operations, so all give the same bits.
-void quantize_group_scalar(const float* x, int64_t count, int8_t* q, float* scale, int32_t* corr) {
-  float amax = 0.0f;
-  for (int64_t i = 0; i < count; ++i) amax = std::max(amax, std::fabs(x[i]));
-  const float d = amax / 127.0f;
-  const float inv = d > 0.0f ? 1.0f / d : 0.0f;
+// One group of 32 (zero padded past `count`): q = round-half-even(x * inv) clamped to [-127, 127], corr = -128 * sum(q).
+// The row's own quantization takes inv = 1 / d, d = max|x| / 127 (its scale); a precise row's second int8 row takes
+// what the first left over with inv = 256 / d (|.| <= d / 2, so |q| <= 128 before the clamp). The scalar version;
+// the vector ones perform the same IEEE operations, so all give the same bits.
+void round_group_scalar(const float* x, int64_t count, float inv, int8_t* q, int32_t* corr) {
   int32_t sum = 0;
   for (int64_t i = 0; i < kGroup; ++i) {
     int32_t v = 0;
@@ -194,99 +192,58 @@ void quantize_group_scalar(const float* x, int64_t count, int8_t* q, float* scal
     q[i] = static_cast<int8_t>(v);
     sum += v;
   }
-  *scale = d;
   *corr = -128 * sum;
+}
+
+// d = max|x| / 127 over the group's `count` values (its scale), and 1 / d (0 for an all-zero group).
+inline float group_inverse(float amax, float* scale) {
+  const float d = amax / 127.0f;
+  *scale = d;
+  return d > 0.0f ? 1.0f / d : 0.0f;
+}
+
+void quantize_group_scalar(const float* x, int64_t count, int8_t* q, float* scale, int32_t* corr) {
+  float amax = 0.0f;
+  for (int64_t i = 0; i < count; ++i) amax = std::max(amax, std::fabs(x[i]));
+  round_group_scalar(x, count, group_inverse(amax, scale), q, corr);
 }
 
 #define INT8SERVE_VNNI512 __attribute__((target("avx512f,avx512bw,avx512vl,avx512vnni")))
 #define INT8SERVE_AVX2 __attribute__((target("avx2,fma")))
 #define INT8SERVE_AVXVNNI __attribute__((target("avx2,fma,avxvnni")))
 
+// The lanes of a group's two halves that hold values (count of 32).
+INT8SERVE_VNNI512 inline void group_masks(int64_t count, __mmask16* m0, __mmask16* m1) {
+  *m0 = count >= 16 ? __mmask16(0xFFFF) : __mmask16((1u << count) - 1);
+  *m1 = count >= 32 ? __mmask16(0xFFFF) : count <= 16 ? __mmask16(0) : __mmask16((1u << (count - 16)) - 1);
+}
+
 // (the scalar version calls libm's nearbyint per value: 40 us per 4096 values, more than the rest of a small call)
-INT8SERVE_VNNI512 void quantize_group_avx512(const float* x, int64_t count, int8_t* q, float* scale, int32_t* corr) {
+INT8SERVE_VNNI512 void round_group_avx512(const float* x, int64_t count, float inv, int8_t* q, int32_t* corr) {
   const __m512i lo = _mm512_set1_epi32(-127), hi = _mm512_set1_epi32(127);
-  const __mmask16 m0 = count >= 16 ? __mmask16(0xFFFF) : __mmask16((1u << count) - 1);
-  const __mmask16 m1 = count >= 32 ? __mmask16(0xFFFF) : count <= 16 ? __mmask16(0) : __mmask16((1u << (count - 16)) - 1);
-  const __m512 v0 = _mm512_maskz_loadu_ps(m0, x);
-  const __m512 v1 = _mm512_maskz_loadu_ps(m1, x + 16);
-  const float amax = _mm512_reduce_max_ps(_mm512_max_ps(_mm512_abs_ps(v0), _mm512_abs_ps(v1)));
-  const float d = amax / 127.0f;
-  const float inv = d > 0.0f ? 1.0f / d : 0.0f;
+  __mmask16 m0, m1;
+  group_masks(count, &m0, &m1);
   const __m512 vinv = _mm512_set1_ps(inv);
-  __m512i i0 = _mm512_cvtps_epi32(_mm512_mul_ps(v0, vinv));  // MXCSR default: round half to even
-  __m512i i1 = _mm512_cvtps_epi32(_mm512_mul_ps(v1, vinv));
+  __m512i i0 = _mm512_cvtps_epi32(_mm512_mul_ps(_mm512_maskz_loadu_ps(m0, x), vinv));  // MXCSR: round half to even
+  __m512i i1 = _mm512_cvtps_epi32(_mm512_mul_ps(_mm512_maskz_loadu_ps(m1, x + 16), vinv));
   i0 = _mm512_min_epi32(_mm512_max_epi32(i0, lo), hi);
   i1 = _mm512_min_epi32(_mm512_max_epi32(i1, lo), hi);
   _mm_storeu_si128(reinterpret_cast<__m128i*>(q), _mm512_cvtepi32_epi8(i0));
   _mm_storeu_si128(reinterpret_cast<__m128i*>(q + 16), _mm512_cvtepi32_epi8(i1));
-  *scale = d;
   *corr = -128 * _mm512_reduce_add_epi32(_mm512_add_epi32(i0, i1));
 }
 
-INT8SERVE_AVX2 void quantize_group_avx2(const float* x, int64_t count, int8_t* q, float* scale, int32_t* corr) {
+INT8SERVE_VNNI512 void quantize_group_avx512(const float* x, int64_t count, int8_t* q, float* scale, int32_t* corr) {
+  __mmask16 m0, m1;
+  group_masks(count, &m0, &m1);
+  const __m512 v0 = _mm512_abs_ps(_mm512_maskz_loadu_ps(m0, x)), v1 = _mm512_abs_ps(_mm512_maskz_loadu_ps(m1, x + 16));
+  round_group_avx512(x, count, group_inverse(_mm512_reduce_max_ps(_mm512_max_ps(v0, v1)), scale), q, corr);
+}
+
+INT8SERVE_AVX2 void round_group_avx2(const float* x, int64_t count, float inv, int8_t* q, int32_t* corr) {
   float padded[kGroup] = {};
   std::memcpy(padded, x, static_cast<size_t>(count) * sizeof(float));
-  const __m256 sign = _mm256_set1_ps(-0.0f);
-  __m256 v[4], m = _mm256_setzero_ps();
-  for (int i = 0; i < 4; ++i) {
-    v[i] = _mm256_loadu_ps(padded + 8 * i);
-    m = _mm256_max_ps(m, _mm256_andnot_ps(sign, v[i]));
-  }
-  __m128 h = _mm_max_ps(_mm256_castps256_ps128(m), _mm256_extractf128_ps(m, 1));
-  h = _mm_max_ps(h, _mm_movehl_ps(h, h));
-  h = _mm_max_ss(h, _mm_shuffle_ps(h, h, 1));
-  const float d = _mm_cvtss_f32(h) / 127.0f;
-  const float inv = d > 0.0f ? 1.0f / d : 0.0f;
   const __m256 vinv = _mm256_set1_ps(inv);
-  const __m256i lo = _mm256_set1_epi32(-127), hi = _mm256_set1_epi32(127);
-  alignas(32) int32_t ints[kGroup];
-  for (int i = 0; i < 4; ++i) {
-    __m256i r = _mm256_cvtps_epi32(_mm256_mul_ps(v[i], vinv));  // MXCSR default: round half to even
-    r = _mm256_min_epi32(_mm256_max_epi32(r, lo), hi);
-    _mm256_store_si256(reinterpret_cast<__m256i*>(ints + 8 * i), r);
-  }
-  int32_t sum = 0;
-  for (int64_t i = 0; i < kGroup; ++i) {
-    q[i] = static_cast<int8_t>(ints[i]);
-    sum += ints[i];
-  }
-  *scale = d;
-  *corr = -128 * sum;
-}
-
-// A precise row's second int8 row, one group: q = round-half-even(r * inv256) clamped to [-127, 127], where r is what
-// the first row left over (|r| <= d / 2, so |q| <= 128 before the clamp) and inv256 = 256 / d its fixed scale's
-// inverse. The scalar version; the vector ones perform the same IEEE operations.
-void quantize_residual_scalar(const float* r, int64_t count, float inv256, int8_t* q, int32_t* corr) {
-  int32_t sum = 0;
-  for (int64_t i = 0; i < kGroup; ++i) {
-    int32_t v = 0;
-    if (i < count) v = std::min(127, std::max(-127, static_cast<int32_t>(std::nearbyint(r[i] * inv256))));
-    q[i] = static_cast<int8_t>(v);
-    sum += v;
-  }
-  *corr = -128 * sum;
-}
-
-INT8SERVE_VNNI512 void quantize_residual_avx512(const float* r, int64_t count, float inv256, int8_t* q,
-                                                int32_t* corr) {
-  const __m512i lo = _mm512_set1_epi32(-127), hi = _mm512_set1_epi32(127);
-  const __mmask16 m0 = count >= 16 ? __mmask16(0xFFFF) : __mmask16((1u << count) - 1);
-  const __mmask16 m1 = count >= 32 ? __mmask16(0xFFFF) : count <= 16 ? __mmask16(0) : __mmask16((1u << (count - 16)) - 1);
-  const __m512 vinv = _mm512_set1_ps(inv256);
-  __m512i i0 = _mm512_cvtps_epi32(_mm512_mul_ps(_mm512_maskz_loadu_ps(m0, r), vinv));  // round half to even
-  __m512i i1 = _mm512_cvtps_epi32(_mm512_mul_ps(_mm512_maskz_loadu_ps(m1, r + 16), vinv));
-  i0 = _mm512_min_epi32(_mm512_max_epi32(i0, lo), hi);
-  i1 = _mm512_min_epi32(_mm512_max_epi32(i1, lo), hi);
-  _mm_storeu_si128(reinterpret_cast<__m128i*>(q), _mm512_cvtepi32_epi8(i0));
-  _mm_storeu_si128(reinterpret_cast<__m128i*>(q + 16), _mm512_cvtepi32_epi8(i1));
-  *corr = -128 * _mm512_reduce_add_epi32(_mm512_add_epi32(i0, i1));
-}
-
-INT8SERVE_AVX2 void quantize_residual_avx2(const float* r, int64_t count, float inv256, int8_t* q, int32_t* corr) {
-  float padded[kGroup] = {};
-  std::memcpy(padded, r, static_cast<size_t>(count) * sizeof(float));
-  const __m256 vinv = _mm256_set1_ps(inv256);
   const __m256i lo = _mm256_set1_epi32(-127), hi = _mm256_set1_epi32(127);
   alignas(32) int32_t ints[kGroup];
   for (int i = 0; i < 4; ++i) {
@@ -302,18 +259,20 @@ INT8SERVE_AVX2 void quantize_residual_avx2(const float* r, int64_t count, float 
   *corr = -128 * sum;
 }
 
-using GroupQuantizer = void (*)(const float*, int64_t, int8_t*, float*, int32_t*);
-using ResidualQuantizer = void (*)(const float*, int64_t, float, int8_t*, int32_t*);
-
-ResidualQuantizer residual_quantizer(Impl impl) {
-  switch (impl) {
-    case kVnni512:
-    case kAmx: return quantize_residual_avx512;
-    case kAvxVnni:
-    case kAvx2: return quantize_residual_avx2;
-    default: return quantize_residual_scalar;
-  }
+INT8SERVE_AVX2 void quantize_group_avx2(const float* x, int64_t count, int8_t* q, float* scale, int32_t* corr) {
+  float padded[kGroup] = {};
+  std::memcpy(padded, x, static_cast<size_t>(count) * sizeof(float));
+  const __m256 sign = _mm256_set1_ps(-0.0f);
+  __m256 m = _mm256_setzero_ps();
+  for (int i = 0; i < 4; ++i) m = _mm256_max_ps(m, _mm256_andnot_ps(sign, _mm256_loadu_ps(padded + 8 * i)));
+  __m128 h = _mm_max_ps(_mm256_castps256_ps128(m), _mm256_extractf128_ps(m, 1));
+  h = _mm_max_ps(h, _mm_movehl_ps(h, h));
+  h = _mm_max_ss(h, _mm_shuffle_ps(h, h, 1));
+  round_group_avx2(x, count, group_inverse(_mm_cvtss_f32(h), scale), q, corr);
 }
+
+using GroupQuantizer = void (*)(const float*, int64_t, int8_t*, float*, int32_t*);
+using GroupRounder = void (*)(const float*, int64_t, float, int8_t*, int32_t*);
 
 GroupQuantizer group_quantizer(Impl impl) {
   switch (impl) {
@@ -322,6 +281,16 @@ GroupQuantizer group_quantizer(Impl impl) {
     case kAvxVnni:
     case kAvx2: return quantize_group_avx2;
     default: return quantize_group_scalar;
+  }
+}
+
+GroupRounder group_rounder(Impl impl) {
+  switch (impl) {
+    case kVnni512:
+    case kAmx: return round_group_avx512;
+    case kAvxVnni:
+    case kAvx2: return round_group_avx2;
+    default: return round_group_scalar;
   }
 }
 
@@ -337,7 +306,7 @@ Activations quantize(const float* x, int64_t m, int64_t k, Impl impl, bool preci
   a.scale.assign(static_cast<size_t>(rows * a.groups), 0.0f);
   a.corr.assign(static_cast<size_t>(rows * a.groups), 0);
   const GroupQuantizer group = group_quantizer(impl);
-  const ResidualQuantizer residual_group = residual_quantizer(impl);
+  const GroupRounder round_group = group_rounder(impl);
   std::vector<float> residual(precise ? static_cast<size_t>(k) : 0);
   for (int64_t r = 0; r < rows; ++r) {
     const float* source = x + (precise ? r / 2 : r) * k;
@@ -355,7 +324,7 @@ Activations quantize(const float* x, int64_t m, int64_t k, Impl impl, bool preci
       const float d = scale[g];
       const float inv256 = d > 0.0f ? (1.0f / d) * 256.0f : 0.0f;
       a.scale[r * a.groups + g] = d * (1.0f / 256.0f);  // exact: a power of two
-      residual_group(residual.data() + g * kGroup, std::min(kGroup, k - g * kGroup), inv256,
+      round_group(residual.data() + g * kGroup, std::min(kGroup, k - g * kGroup), inv256,
                      a.q.data() + r * a.kp + g * kGroup, a.corr.data() + r * a.groups + g);
     }
   }

@@ -17,7 +17,8 @@ be built) `available()` is False and Int8Linear keeps the dequantize-and-oneDNN 
 INT8SERVE_PREFILL_MATMUL chooses how prefill chunks multiply (read when used; the engine decides row-exactness once,
 at start):
 - `auto` (the default): the fastest measured on this CPU. Our int8 kernel takes calls of up to `int8.KERNEL_ROWS`
-  rows; longer ones this kernel where the CPU has AMX-BF16, else dequantize + oneDNN.
+  rows; longer ones this kernel where the CPU has AMX-BF16 or AVX512-BF16 (up to its path's `MAX_ROWS`), else
+  dequantize + oneDNN.
 - `row-exact`: our int8 kernel takes whole default prefill chunks (up to `int8.KERNEL_ROWS_ROW_EXACT` rows) on the
   CPUs whose kernel path is fast enough at that size (AVX-512 VNNI, AMX), so that prefill computes every row as
   decode would and the prefix cache can keep replies too (chunking.py); slower prefill (int8.py has the figures).
