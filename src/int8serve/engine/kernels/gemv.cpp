@@ -99,6 +99,9 @@ constexpr int64_t kPrefetchL2Bytes512 = INT8SERVE_PREFETCH_L2_BYTES_512;
 // the line 4 KB ahead at every step, 1 row 1.01-1.04x, 2 rows 1.02-1.09x (that line alone, without the 2 KB one:
 // 0.92-0.99x); the amx path asks, each group, for the 4 KB from 2 KB ahead instead of 2 KB (two groups' lines, each
 // line asked twice), 4 rows 1.09-1.14x (2176 bytes, one group's stride: 1.07-1.08x; 6 KB: 0.79-0.89x).
+// On an AMD EPYC Zen 4 the vnni512 line 4 KB ahead helps only calls of more than one pass of rows (2 threads,
+// precise, streamed weights, benchmarks/gemv_builds.py, 2026-12-02, the 7B decode shapes, two runs; without it: 1 row
+// 1.00-1.15x, 2 rows 0.86-1.07x, 4 rows 0.85-0.94x), so on AMD CPUs single-pass calls go without it (far_hint).
 #ifndef INT8SERVE_PREFETCH_FAR_BYTES_512
 #define INT8SERVE_PREFETCH_FAR_BYTES_512 4096
 #endif
@@ -152,6 +155,12 @@ Impl best_impl() {
 }
 
 Impl resolve(int impl) { return impl == kAuto ? best_impl() : static_cast<Impl>(impl); }
+
+bool cpu_is_amd() {
+  __builtin_cpu_init();
+  static const bool amd = __builtin_cpu_is("amd");
+  return amd;
+}
 
 inline float bf16_to_float(uint16_t v) {
   const uint32_t bits = uint32_t(v) << 16;
@@ -350,6 +359,7 @@ struct TileArgs {
   const int16_t* xwide;   // tile_avx2_wide: the pass's first row as 16-bit integers (Activations::wide)
   int64_t kp, groups, n;
   bool pairs;
+  bool far_hint;          // vnni512: ask for the line kPrefetchFarBytes512 ahead too (see there)
   float* y;               // first output row of this pass
 };
 
@@ -434,7 +444,7 @@ INT8SERVE_VNNI512 void tile_vnni512(const TileArgs& a, int64_t tile, int64_t g0,
       for (int s = 0; s < kSteps; ++s) {
         const uint8_t* p = wgb + b * kBlockBytes + s * 64;
         if (kPrefetchBytes512 > 0) _mm_prefetch(reinterpret_cast<const char*>(p + kPrefetchBytes512), _MM_HINT_T0);
-        if (kPrefetchFarBytes512 > 0)
+        if (kPrefetchFarBytes512 > 0 && a.far_hint)
           _mm_prefetch(reinterpret_cast<const char*>(p + kPrefetchFarBytes512), _MM_HINT_T0);
         if (kPrefetchL2Bytes512 > 0)
           _mm_prefetch(reinterpret_cast<const char*>(p + kPrefetchL2Bytes512), _MM_HINT_T1);
@@ -974,8 +984,8 @@ static int gemv(const float* x, int64_t m, int64_t k, const uint8_t* packed, int
   const int64_t per_output = pairs ? 2 : 1;  // int8 rows per output row
   const int64_t rows_total = per_output * m;
   const int64_t tiles = np / kTileRows;
-  const TileArgs base{packed::layout(act.groups, group_size), packed, nullptr, nullptr, nullptr, nullptr, act.kp,
-                      act.groups, n, pairs, nullptr};
+  TileArgs base{packed::layout(act.groups, group_size), packed, nullptr, nullptr, nullptr, nullptr, act.kp,
+                act.groups, n, pairs, true, nullptr};
   // amx: up to 4 int8 rows (one token, or two, with precise activations) vnni512's single pass over each tile is the
   // faster (Sapphire Rapids, streamed weights: 1 row 26.0 vs 25.4 GB/s, 2 rows 24.2-25.1 vs 23.7-23.8); beyond, it
   // needs two passes or more where the tiles take 16 rows at once (4 rows: 18.0-18.2 vs 22.9-23.0).
@@ -991,6 +1001,7 @@ static int gemv(const float* x, int64_t m, int64_t k, const uint8_t* packed, int
   const bool small = rows_total * np * act.kp < kParallelGemvWork;
   const int nthreads = small ? 1 : static_cast<int>(std::max<int64_t>(1, std::min<int64_t>(threads, tiles)));
   const int64_t pass_rows = amx_tiles ? kAmxMaxRows : wide ? 2 * kMaxRows : kMaxRows;  // int8 rows, even with pairs
+  base.far_hint = rows_total > pass_rows || !cpu_is_amd();
   // One pass of rows takes each tile whole; more take it kChunkGroups groups at a time, every pass over a chunk
   // before the next chunk (the weights stream from memory at one pace, and each chunk is read from memory once).
   const int64_t chunk = rows_total > pass_rows ? kChunkGroups : act.groups;
