@@ -24,8 +24,9 @@ NEEDS = {"amx": ("amx_tile", "amx_int8", "avx512f", "avx512bw", "avx512vl", "avx
          "vnni512": ("avx512f", "avx512bw", "avx512vl", "avx512_vnni"), "avxvnni": ("avx2", "avx_vnni"),
          "avx2": ("avx2",), "scalar": ()}
 CPU_HAS = {impl: all(flag in CPU_FLAGS for flag in flags) for impl, flags in NEEDS.items()}
-IMPLS = [pytest.param(impl, marks=pytest.mark.skipif(not CPU_HAS[impl], reason=f"this CPU lacks {' '.join(flags)}"))
-         for impl, flags in NEEDS.items()]
+IMPLS = [pytest.param(impl, marks=pytest.mark.skipif(
+    not CPU_HAS[impl], reason=f"path {impl}: this CPU lacks {' '.join(f for f in flags if f not in CPU_FLAGS)}"))
+    for impl, flags in NEEDS.items()]
 RUNNABLE = [impl for impl, ok in CPU_HAS.items() if ok]
 GROUP_SIZES = [0, 32, 64, 128]  # 0: per channel
 
