@@ -157,8 +157,10 @@ Impl best_impl() {
 Impl resolve(int impl) { return impl == kAuto ? best_impl() : static_cast<Impl>(impl); }
 
 bool cpu_is_amd() {
-  __builtin_cpu_init();
-  static const bool amd = __builtin_cpu_is("amd");
+  static const bool amd = [] {
+    __builtin_cpu_init();
+    return __builtin_cpu_is("amd") != 0;
+  }();
   return amd;
 }
 
@@ -189,10 +191,10 @@ struct Activations {
   int64_t groups = 0;
 };
 
-// One group of 32 (zero padded past `count`): q = round-half-even(x * inv) clamped to [-127, 127], corr = -128 * sum(q).
-// The row's own quantization takes inv = 1 / d, d = max|x| / 127 (its scale); a precise row's second int8 row takes
-// what the first left over with inv = 256 / d (|.| <= d / 2, so |q| <= 128 before the clamp). The scalar version;
-// the vector ones perform the same IEEE operations, so all give the same bits.
+// One group of 32 (zero padded past `count`): q = round-half-even(x * inv) clamped to [-127, 127],
+// corr = -128 * sum(q). The row's own quantization takes inv = 1 / d, d = max|x| / 127 (its scale); a precise row's
+// second int8 row takes what the first left over with inv = 256 / d (|.| <= d / 2, so |q| <= 128 before the clamp).
+// The scalar version; the vector ones perform the same IEEE operations, so all give the same bits.
 void round_group_scalar(const float* x, int64_t count, float inv, int8_t* q, int32_t* corr) {
   int32_t sum = 0;
   for (int64_t i = 0; i < kGroup; ++i) {
@@ -334,7 +336,7 @@ Activations quantize(const float* x, int64_t m, int64_t k, Impl impl, bool preci
       const float inv256 = d > 0.0f ? (1.0f / d) * 256.0f : 0.0f;
       a.scale[r * a.groups + g] = d * (1.0f / 256.0f);  // exact: a power of two
       round_group(residual.data() + g * kGroup, std::min(kGroup, k - g * kGroup), inv256,
-                     a.q.data() + r * a.kp + g * kGroup, a.corr.data() + r * a.groups + g);
+                  a.q.data() + r * a.kp + g * kGroup, a.corr.data() + r * a.groups + g);
     }
   }
   if (precise && impl == kAvx2) {  // the avx2 path multiplies each row as one 16-bit integer (tile_avx2_wide)
@@ -428,6 +430,11 @@ constexpr int64_t kChunkGroups = INT8SERVE_CHUNK_GROUPS;
 // order: group by group, block by block, 64 bytes at a time. (Interleaving the 4 blocks of a group, to load each
 // activation broadcast once for all of them, halved the speed from memory at M = 1: the hardware prefetcher wants one
 // sequential stream.) `sums`: the pass's running sums (kSumFloats per row); the outputs are written at g1 == groups.
+// A precise row's two int8 dot products as one (TileArgs): 256 * hi + lo, exact in int32.
+INT8SERVE_VNNI512 inline __m512i pair_dot(__m512i hi, __m512i lo) {
+  return _mm512_add_epi32(_mm512_slli_epi32(hi, 8), lo);
+}
+
 // With pairs (P), the R int8 rows are R / 2 output rows, and `sums` holds kSumFloats per output row.
 template <int R, bool P>
 INT8SERVE_VNNI512 void tile_vnni512(const TileArgs& a, int64_t tile, int64_t g0, int64_t g1, float* sums) {
@@ -465,7 +472,7 @@ INT8SERVE_VNNI512 void tile_vnni512(const TileArgs& a, int64_t tile, int64_t g0,
         const int r = o * kPer;
         float* acc = sums + o * kSumFloats + b * kBlockRows;
         float* inner = acc + kTileRows;
-        const __m512i d = P ? _mm512_add_epi32(_mm512_slli_epi32(dot[r], 8), dot[r + kPer - 1]) : dot[r];
+        const __m512i d = P ? pair_dot(dot[r], dot[r + kPer - 1]) : dot[r];
         const __m512 xscale = _mm512_set1_ps(a.xscale[(r + kPer - 1) * a.groups + g]);
         const __m512 in = _mm512_fmadd_ps(_mm512_cvtepi32_ps(d), xscale, opens ? zero : _mm512_loadu_ps(inner));
         if (closes)
@@ -626,7 +633,8 @@ INT8SERVE_AVX2 void tile_avx2_wide(const TileArgs& a, int64_t tile) {
           for (int o = 0; o < O; ++o) low[o] = high[o] = _mm256_setzero_si256();
           for (int s = 0; s < kSteps; ++s) {
             const uint8_t* p = wgb + b * kBlockBytes + s * 64;
-            if (kPrefetchBytes > 0 && h == 0) _mm_prefetch(reinterpret_cast<const char*>(p + kPrefetchBytes), _MM_HINT_T0);
+            if (kPrefetchBytes > 0 && h == 0)
+              _mm_prefetch(reinterpret_cast<const char*>(p + kPrefetchBytes), _MM_HINT_T0);
             const __m128i* half = reinterpret_cast<const __m128i*>(p + 32 * h);
             const __m256i w0 = _mm256_sub_epi16(_mm256_cvtepu8_epi16(_mm_load_si128(half)), bias);
             const __m256i w1 = _mm256_sub_epi16(_mm256_cvtepu8_epi16(_mm_load_si128(half + 1)), bias);
@@ -733,7 +741,7 @@ INT8SERVE_VNNI512 inline __m512 amx_dot(const TileArgs& a, const int32_t (*dots)
                                         int64_t g) {
   const __m512i dot = amx_row_dot(a, dots, r, b, g);
   if (!a.pairs) return _mm512_cvtepi32_ps(dot);
-  return _mm512_cvtepi32_ps(_mm512_add_epi32(_mm512_slli_epi32(dot, 8), amx_row_dot(a, dots, r + 1, b, g)));
+  return _mm512_cvtepi32_ps(pair_dot(dot, amx_row_dot(a, dots, r + 1, b, g)));
 }
 
 INT8SERVE_VNNI512 inline __m512 amx_weight_scale(const uint16_t* ws, int b) {

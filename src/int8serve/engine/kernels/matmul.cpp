@@ -34,8 +34,8 @@
 // 175-190 G multiply-adds/s, 75-80% of the 233 G/s that vdpbf16ps allows there (benchmarks/cpu_peak.py); the order of
 // the loops (rows outer, or blocks outer) made no difference.
 // Every output is a sum over k in the same order whatever M, N or the thread count: row m of `out` depends on row m
-// of x only (each path in its own order: the two paths' bits differ). With `round_bf16` the finished sums are rounded to the nearest even bf16 (kept as fp32), as the bf16
-// matmul they replace returned them.
+// of x only (each path in its own order: the two paths' bits differ). With `round_bf16` the finished sums are rounded
+// to the nearest even bf16 (kept as fp32), as the bf16 matmul they replace returned them.
 //
 // Plain C ABI, built and loaded like gemv.cpp (kernels/__init__.py: build(), ctypes). The caller gives `out` room for
 // M rounded up to 32 rows and ldc >= the packed rows (N rounded up to 64); x's padding (rows, and inputs to a
@@ -202,13 +202,15 @@ INT8SERVE_BF16 void run_jobs(const std::vector<DequantJob>& jobs, size_t* next, 
   }
 }
 
+INT8SERVE_BF16 inline __m512 round_to_bf16(__m512 v) {  // to the nearest even bf16, kept as fp32
+  const __m256bh bf = _mm512_cvtneps_pbh(v);
+  return _mm512_castsi512_ps(_mm512_slli_epi32(_mm512_cvtepu16_epi32(reinterpret_cast<__m256i>(bf)), 16));
+}
+
 // Round 16 rows of 16 fp32 (stride ldc) to the nearest even bf16, in place.
 INT8SERVE_BF16 void round_rows(float* c, int64_t ldc) {
-  for (int64_t r = 0; r < 16; ++r) {
-    const __m256bh bf = _mm512_cvtneps_pbh(_mm512_loadu_ps(c + r * ldc));
-    const __m512i bits = _mm512_slli_epi32(_mm512_cvtepu16_epi32(reinterpret_cast<__m256i>(bf)), 16);
-    _mm512_storeu_ps(c + r * ldc, _mm512_castsi512_ps(bits));
-  }
+  for (int64_t r = 0; r < 16; ++r) _mm512_storeu_ps(c + r * ldc, round_to_bf16(_mm512_loadu_ps(c + r * ldc)));
+}
 }
 
 // out[:, step's columns] (+)= x[:, step's inputs] . the B tiles in `buf`; between its passes it makes the next
@@ -286,11 +288,6 @@ constexpr int64_t kVecRows = 6;
 constexpr int64_t kVecBlocks = 4;  // a panel has 4 blocks per tile: always a multiple
 constexpr int64_t kPanelColumns = kPanelTiles * kTileRows;
 
-INT8SERVE_BF16 inline __m512 round_to_bf16(__m512 v) {  // to the nearest even bf16, kept as fp32
-  const __m256bh bf = _mm512_cvtneps_pbh(v);
-  return _mm512_castsi512_ps(_mm512_slli_epi32(_mm512_cvtepu16_epi32(reinterpret_cast<__m256i>(bf)), 16));
-}
-
 // Rows [m0, m0 + R) x blocks [j0, j0 + kVecBlocks) of a step: their sums over the step's groups, in order.
 template <int R>
 INT8SERVE_BF16 void vector_sums(const Args& a, const Step& step, const uint16_t* buf, int64_t m0, int64_t j0,
@@ -312,7 +309,8 @@ INT8SERVE_BF16 void vector_sums(const Args& a, const Step& step, const uint16_t*
     for (int p = 0; p < 16; ++p) {
       __m512bh w[kVecBlocks];
       for (int b = 0; b < kVecBlocks; ++b)
-        w[b] = reinterpret_cast<__m512bh>(_mm512_load_si512(reinterpret_cast<const void*>(bg + b * block_words + p * 32)));
+        w[b] = reinterpret_cast<__m512bh>(
+            _mm512_load_si512(reinterpret_cast<const void*>(bg + b * block_words + p * 32)));
       for (int r = 0; r < R; ++r) {
         int32_t pair;
         std::memcpy(&pair, xs[r] + g * kBTileWords + 2 * p, 4);

@@ -113,6 +113,7 @@ def _load() -> ctypes.CDLL | str:
     return lib
 
 
+@functools.cache  # (Int8Linear asks at every prefill call; the CPU and the process's tile permission do not change)
 def paths() -> tuple[str, ...]:
     """The kernel's paths this CPU and process can run, the default first (none where it is not available)."""
     lib = _load()
