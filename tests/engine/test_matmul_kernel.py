@@ -13,16 +13,33 @@ from int8serve.engine import chunking, int8, kernels
 from int8serve.engine.int8 import Int8Linear, quantize
 from int8serve.engine.kernels import matmul as prefill_matmul
 
-pytestmark = pytest.mark.skipif(not prefill_matmul.available(),
-                                reason=f"bf16 prefill matmul: {prefill_matmul.unavailable_reason()}")
+# What each path needs of the CPU (its flags in /proc/cpuinfo). A CPU that has them runs the path's tests, so that a
+# library that fails to build, or to load, fails them instead of skipping them.
+NEEDS = {"amx": {"amx_tile", "amx_bf16", "avx512_bf16", "avx512bw", "avx512vl"},
+         "avx512bf16": {"avx512_bf16", "avx512bw", "avx512vl"}}
+CPU_FLAGS = kernels.cpu_flags()
+pytestmark = pytest.mark.skipif(not NEEDS["avx512bf16"] <= CPU_FLAGS, reason="bf16 prefill matmul: this CPU lacks "
+                                f"{' '.join(sorted(NEEDS['avx512bf16'] - CPU_FLAGS))}")
+
+
+def skip_reason(name: str) -> str | None:
+    """Why path `name` cannot run here: flags the CPU lacks, or (AMX) Linux refusing the tile state; else None."""
+    if not NEEDS[name] <= CPU_FLAGS:
+        return f"path {name}: this CPU lacks {' '.join(sorted(NEEDS[name] - CPU_FLAGS))}"
+    if prefill_matmul.available() and name not in prefill_matmul.paths():
+        return f"path {name}: Linux did not grant the AMX tile state"
+    return None
 
 
 def each_path() -> list:
     """Every path of the kernel, skipped with the reason where this CPU cannot run it."""
-    runnable = prefill_matmul.paths()
-    return [pytest.param(name, marks=pytest.mark.skipif(name not in runnable, reason=f"this CPU cannot run {name} "
-                                                         f"(it runs: {', '.join(runnable) or 'none'})"))
+    return [pytest.param(name, marks=pytest.mark.skipif(skip_reason(name) is not None, reason=str(skip_reason(name))))
             for name in prefill_matmul.PATHS]
+
+
+def test_it_is_built_and_loaded_where_the_cpu_can_run_it() -> None:
+    assert prefill_matmul.available(), prefill_matmul.unavailable_reason()
+    assert set(prefill_matmul.paths()) == {name for name in prefill_matmul.PATHS if skip_reason(name) is None}
 
 
 def packed_weight(out_features: int, in_features: int, group_size: int, seed: int = 0

@@ -211,7 +211,6 @@ INT8SERVE_BF16 inline __m512 round_to_bf16(__m512 v) {  // to the nearest even b
 INT8SERVE_BF16 void round_rows(float* c, int64_t ldc) {
   for (int64_t r = 0; r < 16; ++r) _mm512_storeu_ps(c + r * ldc, round_to_bf16(_mm512_loadu_ps(c + r * ldc)));
 }
-}
 
 // out[:, step's columns] (+)= x[:, step's inputs] . the B tiles in `buf`; between its passes it makes the next
 // step's B tiles (`jobs`), so that their vector arithmetic runs while the tiles multiply.
