@@ -35,7 +35,7 @@ from benchmarks.common import display_command, publish
 from benchmarks.machine import CpuShares, cpu_label, log, machine_description
 from int8serve.engine import int8, kernels
 
-# name, instruction (AT&T, %%REG is each of 10 accumulators), register width, multiply-adds per instruction, flags
+# name, instruction (AT&T, {r} is each accumulator), register width, multiply-adds per instruction, flags
 PROBES = [
     ("fp32 FMA, zmm", "vfmadd231ps %%zmm30, %%zmm31, %%zmm{r}", 16, {"avx512f"}),
     ("fp32 FMA, ymm", "vfmadd231ps %%ymm14, %%ymm15, %%ymm{r}", 8, {"avx2", "fma"}),
@@ -43,7 +43,11 @@ PROBES = [
     ("int8 dot (vpdpbusd), zmm", "vpdpbusd %%zmm30, %%zmm31, %%zmm{r}", 64, {"avx512_vnni"}),
     ("int8 dot (vpdpbusd), ymm (AVX-VNNI)", "%{{vex%}} vpdpbusd %%ymm14, %%ymm15, %%ymm{r}", 32, {"avx_vnni"}),
 ]
-ACCUMULATORS = 10  # independent chains: more than latency x throughput of every probe here
+# Independent chains per thread (ymm0-13 beside the sources ymm14-15): more than latency x pipes of every probe. 10 were
+# too few for vdpbf16ps on an AMD EPYC Zen 5 (family 26 model 2, 2026-12-02, 10 and 14 alternated three times, best
+# G instructions/s on 2 threads: 12.6 against 14.7; the other probes 14.6-15.3 either way). That machine's whole
+# throughput also halved for minutes at a time (every probe ~7.8), whatever the count: best of 3 runs is kept.
+ACCUMULATORS = 14
 ITERATIONS = 20_000_000
 SHAPES = [(4096, 4096, "qkvo"), (4096, 11008, "gate/up"), (11008, 4096, "down")]
 LINEAR_MACS_PER_TOKEN = 32 * (4 * 4096 * 4096 + 3 * 4096 * 11008)  # the 7B shape's blocks (6.48 G)

@@ -74,6 +74,9 @@ class LlamaCpp:
         return cls(bin_dir, info.get("llama_cpp_python", "?"), info)
 
     def describe(self) -> str:
+        if not self.info:  # binaries this module did not build (--llama-bin): their options are not known here
+            return (f"llama.cpp binaries in `{self.bin_dir}`, not built by `benchmarks/llamacpp_build.py` "
+                    "(their build options are not recorded here)")
         patch = ", with the AMX fix of ggml-org/llama.cpp#26954" if self.info.get("amx_patch") == "True" else ""
         return f"llama.cpp from the `llama-cpp-python` {self.version} sdist (`GGML_NATIVE=ON`, CPU only{patch})"
 

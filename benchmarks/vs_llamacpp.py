@@ -603,8 +603,13 @@ def build_report(args: argparse.Namespace, rounds: Sequence[Round], files: Weigh
     return "\n".join(lines) + "\n"
 
 
+# the settings that choose our paths: shown before the command when this run had them (the child inherits them)
+PATH_SETTINGS = ("INT8SERVE_KERNEL", "INT8SERVE_ATTENTION", "INT8SERVE_PREFILL_MATMUL")
+
+
 def display_command(args: argparse.Namespace) -> str:
-    words = ["python", "-m", "benchmarks.vs_llamacpp"]
+    settings = [f"{name}={os.environ[name]}" for name in PATH_SETTINGS if os.environ.get(name)]
+    words = [*settings, "python", "-m", "benchmarks.vs_llamacpp"]
     if args.gguf:
         words += ["--gguf", str(args.gguf)]
     elif args.layers != 32:
@@ -615,6 +620,8 @@ def display_command(args: argparse.Namespace) -> str:
         words += ["--group-size", str(args.group_size)]
     if not args.llama_repack:
         words += ["--no-llama-repack"]
+    if args.llama_bin:
+        words += ["--llama-bin", str(args.llama_bin)]
     if args.write:
         words += ["--write", str(args.write)]
     return shlex.join(words)

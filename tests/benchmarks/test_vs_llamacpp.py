@@ -154,6 +154,16 @@ def test_missing_binaries_are_a_clear_error(tmp_path) -> None:
     assert vs_llamacpp.section_label(2) == "--layers 2"
 
 
+def test_binaries_built_elsewhere_do_not_claim_our_build_options(tmp_path) -> None:
+    from benchmarks import llamacpp_build
+
+    for target in llamacpp_build.TARGETS:
+        (tmp_path / target).write_text("#!/bin/sh\n")
+        (tmp_path / target).chmod(0o755)
+    text = llamacpp_build.LlamaCpp.at(tmp_path).describe()
+    assert "not built by `benchmarks/llamacpp_build.py`" in text and "GGML_NATIVE" not in text
+
+
 def test_a_gguf_file_is_loaded_as_serve_loads_it(tmp_path, monkeypatch: pytest.MonkeyPatch) -> None:
     """--gguf: our side is the file's int8 copy in the model cache (made once, then mapped by each round's child);
     llama.cpp's bytes per step are the file's matrices (here the same Q8_0 linears and head as written)."""
@@ -203,3 +213,12 @@ def test_the_full_shape_has_a_section_per_kind_of_cpu(tmp_path) -> None:
     vs_llamacpp.write_section(doc, "zen3 again", vs_llamacpp.SCRIPT, vs_llamacpp.section_label(32, cpu=label))
     text = doc.read_text()
     assert "zen4" in text and "zen3 again" in text and "zen3\n" not in text
+
+
+def test_the_command_shows_the_path_settings_and_binaries_of_the_run(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("INT8SERVE_KERNEL", "avx2")
+    for name in ("INT8SERVE_ATTENTION", "INT8SERVE_PREFILL_MATMUL"):
+        monkeypatch.delenv(name, raising=False)
+    args = vs_llamacpp.parse_args(["--llama-bin", "/opt/llama/bin", "--layers", "2"])
+    command = vs_llamacpp.display_command(args)
+    assert command == "INT8SERVE_KERNEL=avx2 python -m benchmarks.vs_llamacpp --layers 2 --llama-bin /opt/llama/bin"

@@ -61,7 +61,8 @@ def base_url(smollm2_gguf: Path, smollm2_int8: LoadedModel, tmp_path_factory: py
     finally:
         err = stop(process)
     assert process.returncode == 0, err
-    assert "mapped the int8 copy" in err and "quantizing" not in err  # served the fixture's int8 weights
+    # served the fixture's int8 weights (this once failed in a full run and passed after: the log says why next time)
+    assert "mapped the int8 copy" in err and "quantizing" not in err, err[-4000:]
 
 
 @pytest.fixture(scope="module")

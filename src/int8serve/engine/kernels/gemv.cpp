@@ -106,6 +106,11 @@ constexpr int64_t kPrefetchL2Bytes512 = INT8SERVE_PREFETCH_L2_BYTES_512;
 #define INT8SERVE_PREFETCH_FAR_BYTES_512 4096
 #endif
 constexpr int64_t kPrefetchFarBytes512 = INT8SERVE_PREFETCH_FAR_BYTES_512;
+// -1: single-pass calls take the far hint unless the CPU is AMD's (the rule above); 0 or 1: never or always
+// (benchmarks/gemv_builds.py builds variants to test the rule on another CPU).
+#ifndef INT8SERVE_FAR_HINT_SINGLE_PASS
+#define INT8SERVE_FAR_HINT_SINGLE_PASS -1
+#endif
 #ifndef INT8SERVE_AMX_PREFETCH_SPAN
 #define INT8SERVE_AMX_PREFETCH_SPAN 4096
 #endif
@@ -1009,7 +1014,8 @@ static int gemv(const float* x, int64_t m, int64_t k, const uint8_t* packed, int
   const bool small = rows_total * np * act.kp < kParallelGemvWork;
   const int nthreads = small ? 1 : static_cast<int>(std::max<int64_t>(1, std::min<int64_t>(threads, tiles)));
   const int64_t pass_rows = amx_tiles ? kAmxMaxRows : wide ? 2 * kMaxRows : kMaxRows;  // int8 rows, even with pairs
-  base.far_hint = rows_total > pass_rows || !cpu_is_amd();
+  base.far_hint = rows_total > pass_rows ||
+                  (INT8SERVE_FAR_HINT_SINGLE_PASS < 0 ? !cpu_is_amd() : INT8SERVE_FAR_HINT_SINGLE_PASS > 0);
   // One pass of rows takes each tile whole; more take it kChunkGroups groups at a time, every pass over a chunk
   // before the next chunk (the weights stream from memory at one pace, and each chunk is read from memory once).
   const int64_t chunk = rows_total > pass_rows ? kChunkGroups : act.groups;
