@@ -54,10 +54,12 @@ bench-robust: install
 	$(BIN)/python -m benchmarks.hostile --model ../shared/models/stories260K/hf --write docs/benchmarks.md
 
 # issue 10: int8serve vs llama.cpp on this CPU, same run, same random 7B-shape weights. The first run builds
-# llama.cpp (~10 minutes on 2 cores) and writes ~14 GB of weights into the cache dir; LAYERS=2 for a quick run.
+# llama.cpp (~10 minutes on 2 cores) and writes ~14 GB of weights into the cache dir; LAYERS=2 for a quick run;
+# ISA=avx2 holds both engines to AVX2 code (as on a Zen 2/3; decode only, a section of its own).
 LAYERS ?= 32
+ISA ?= native
 bench-llamacpp: install
-	$(BIN)/python -m benchmarks.vs_llamacpp --layers $(LAYERS) --write docs/benchmarks.md
+	$(BIN)/python -m benchmarks.vs_llamacpp --layers $(LAYERS) --isa $(ISA) --write docs/benchmarks.md
 
 clean:
 	rm -rf $(VENV) build *.egg-info

@@ -5,7 +5,9 @@ Why from that sdist: it is a pinned, published copy of llama.cpp that `pip downl
 index we already use, so the comparison in `benchmarks/vs_llamacpp.py` names an exact llama.cpp and needs no git
 access. The build is native (`GGML_NATIVE=ON`: the compiler targets this CPU, as a user building llama.cpp for it
 would), CPU only, static, and only the two benchmark tools; it takes ~10 minutes on 2 cores and is skipped when the
-binaries are already in `<cache>/llama.cpp/llama-cpp-python-<version>-<BUILD_TAG>/bin`.
+binaries are already in `<cache>/llama.cpp/llama-cpp-python-<version>-<BUILD_TAG>/bin`. With `--isa avx2` the
+compiler is held to AVX2 (`GGML_NATIVE=OFF`, no AVX-512 or AVX-VNNI), into `...-<BUILD_TAG>-avx2/bin`: the code an
+AVX2-only CPU (a Zen 2/3) runs, for `vs_llamacpp.py --isa avx2` on a CPU that has more.
 
 One patch is applied to the sources before building (`patch_amx`): on CPUs with AMX (Sapphire Rapids and later)
 the GGML_NATIVE build uses llama.cpp's AMX kernels for Q8_0, which die with SIGILL at their first `tileloadd` on
@@ -16,6 +18,7 @@ does (ggml-org/llama.cpp#26954). Without it, llama.cpp on such a CPU runs only w
 other repacked layout exists for Q8_0 on x86), about 3x slower at prefill, which would flatter us.
 
     python -m benchmarks.llamacpp_build            # build (or say where the cached build is)
+    python -m benchmarks.llamacpp_build --isa avx2 # the AVX2-only build, in a folder of its own
 """
 
 from __future__ import annotations
@@ -39,8 +42,16 @@ __all__ = ["DEFAULT_VERSION", "BuildError", "LlamaCpp", "ensure_built"]
 DEFAULT_VERSION = "0.3.36"
 BUILD_TAG = "amxfix1"  # changes whenever the build (flags, patch) changes, so that an older build is not reused
 TARGETS = ("llama-bench", "llama-batched-bench")
-CMAKE_FLAGS = ("-DCMAKE_BUILD_TYPE=Release", "-DGGML_NATIVE=ON", "-DBUILD_SHARED_LIBS=OFF", "-DGGML_CUDA=OFF",
-               "-DLLAMA_CURL=OFF", "-DLLAMA_BUILD_TESTS=OFF", "-DLLAMA_BUILD_SERVER=OFF", "-DGGML_OPENMP=ON")
+CMAKE_FLAGS = ("-DCMAKE_BUILD_TYPE=Release", "-DBUILD_SHARED_LIBS=OFF", "-DGGML_CUDA=OFF", "-DLLAMA_CURL=OFF",
+               "-DLLAMA_BUILD_TESTS=OFF", "-DLLAMA_BUILD_SERVER=OFF", "-DGGML_OPENMP=ON")
+# What the compiler may use: "native" all this CPU has (as a user building llama.cpp for it would); "avx2" the code of
+# an AVX2-only CPU (a Zen 2/3, an older Xeon) on any newer one, to compare the two engines' AVX2 code where no such
+# CPU is at hand (vs_llamacpp.py --isa avx2 holds ours to its avx2 paths alike).
+ISA_FLAGS = {
+    "native": ("-DGGML_NATIVE=ON",),
+    "avx2": ("-DGGML_NATIVE=OFF", "-DGGML_AVX=ON", "-DGGML_AVX2=ON", "-DGGML_FMA=ON", "-DGGML_F16C=ON",
+             "-DGGML_BMI2=ON", "-DGGML_AVX512=OFF", "-DGGML_AVX_VNNI=OFF"),
+}
 
 
 class BuildError(RuntimeError):
@@ -77,21 +88,26 @@ class LlamaCpp:
         if not self.info:  # binaries this module did not build (--llama-bin): their options are not known here
             return (f"llama.cpp binaries in `{self.bin_dir}`, not built by `benchmarks/llamacpp_build.py` "
                     "(their build options are not recorded here)")
+        if self.info.get("isa") == "avx2":
+            return (f"llama.cpp from the `llama-cpp-python` {self.version} sdist, built for AVX2 only (`"
+                    + " ".join(ISA_FLAGS["avx2"]) + "`, CPU only)")
         patch = ", with the AMX fix of ggml-org/llama.cpp#26954" if self.info.get("amx_patch") == "True" else ""
         return f"llama.cpp from the `llama-cpp-python` {self.version} sdist (`GGML_NATIVE=ON`, CPU only{patch})"
 
 
-def build_root(version: str) -> Path:
-    return cache_dir() / "llama.cpp" / f"llama-cpp-python-{version}-{BUILD_TAG}"
+def build_root(version: str, isa: str = "native") -> Path:
+    """Each build in its own folder (the native one where it always was)."""
+    suffix = "" if isa == "native" else f"-{isa}"
+    return cache_dir() / "llama.cpp" / f"llama-cpp-python-{version}-{BUILD_TAG}{suffix}"
 
 
 def log(message: str) -> None:
     print(f"[llama.cpp build] {message}", file=sys.stderr, flush=True)
 
 
-def cached(version: str) -> LlamaCpp | None:
-    """The cached build of `version`, if both binaries are there and run."""
-    root = build_root(version)
+def cached(version: str, isa: str = "native") -> LlamaCpp | None:
+    """The cached build of `version` for `isa`, if both binaries are there and run."""
+    root = build_root(version, isa)
     bins = root / "bin"
     if not all(os.access(bins / t, os.X_OK) for t in TARGETS):
         return None
@@ -169,9 +185,10 @@ def patch_amx(source: Path) -> bool:
     return True
 
 
-def build(version: str) -> LlamaCpp:
+def build(version: str, isa: str = "native") -> LlamaCpp:
     cmake, cxx = require_tools()
-    root = build_root(version)
+    flags = (*CMAKE_FLAGS, *ISA_FLAGS[isa])
+    root = build_root(version, isa)
     root.mkdir(parents=True, exist_ok=True)
     log_path = root / "build.log"
     log_path.write_text("")
@@ -180,7 +197,7 @@ def build(version: str) -> LlamaCpp:
     source = extract_llama_cpp(sdist, root / "src")
     patched = patch_amx(source)
     build_dir = root / "build"
-    run([cmake, "-S", str(source), "-B", str(build_dir), f"-DCMAKE_CXX_COMPILER={cxx}", *CMAKE_FLAGS],
+    run([cmake, "-S", str(source), "-B", str(build_dir), f"-DCMAKE_CXX_COMPILER={cxx}", *flags],
         "configuring llama.cpp", log_path)
     jobs = str(os.cpu_count() or 2)
     run([cmake, "--build", str(build_dir), "--config", "Release", "-j", jobs, "--target", *TARGETS],
@@ -189,7 +206,7 @@ def build(version: str) -> LlamaCpp:
     bins.mkdir(exist_ok=True)
     for target in TARGETS:
         shutil.copy2(build_dir / "bin" / target, bins / target)
-    info = {"llama_cpp_python": version, "amx_patch": str(patched), "cmake_flags": " ".join(CMAKE_FLAGS),
+    info = {"llama_cpp_python": version, "isa": isa, "amx_patch": str(patched), "cmake_flags": " ".join(flags),
             "compiler": cxx,
             "built": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime()),
             "build_seconds": f"{time.monotonic() - started:.0f}"}
@@ -198,22 +215,25 @@ def build(version: str) -> LlamaCpp:
     return LlamaCpp(bins, version, info)
 
 
-def ensure_built(version: str = DEFAULT_VERSION) -> LlamaCpp:
-    """The cached build of llama.cpp `version`, built first if missing. Raises BuildError with a clear message."""
-    found = cached(version)
+def ensure_built(version: str = DEFAULT_VERSION, isa: str = "native") -> LlamaCpp:
+    """The cached build of llama.cpp `version` for `isa` (ISA_FLAGS), built first if missing. Raises BuildError with
+    a clear message."""
+    found = cached(version, isa)
     if found:
         log(f"using the cached build in {found.bin_dir}")
         return found
-    return build(version)
+    return build(version, isa)
 
 
 def main(argv: Sequence[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--llama-cpp-python", default=DEFAULT_VERSION, metavar="VERSION",
                         help=f"the llama-cpp-python sdist whose llama.cpp to build (default {DEFAULT_VERSION})")
+    parser.add_argument("--isa", choices=tuple(ISA_FLAGS), default="native",
+                        help="native: all this CPU has (default); avx2: AVX2 code only, as on a Zen 2/3")
     args = parser.parse_args(argv)
     try:
-        built = ensure_built(args.llama_cpp_python)
+        built = ensure_built(args.llama_cpp_python, args.isa)
     except BuildError as error:
         sys.exit(f"error: {error}")
     print(built.bin_dir)

@@ -37,6 +37,12 @@ the same file. The issue #10 goals are for the 7B shape and are not applied.
     python -m benchmarks.vs_llamacpp --write docs/benchmarks.md     # 32 layers: ~14 GB of files, ~30 minutes
     python -m benchmarks.vs_llamacpp --gguf ../shared/models/smollm2-135m-instruct/SmolLM2-135M-Instruct.Q4_1.gguf \
         --rounds 3 --write docs/benchmarks.md                       # SmolLM2: ~5 minutes after the build
+    python -m benchmarks.vs_llamacpp --isa avx2 --write docs/benchmarks.md  # both engines' AVX2 code, decode only
+
+With `--isa avx2` both engines run the code of an AVX2-only CPU (a Zen 2/3) on this one: llama.cpp built for AVX2
+only (`llamacpp_build.py --isa avx2`), ours with `INT8SERVE_KERNEL=avx2` and `INT8SERVE_ATTENTION=avx2`. Only decode
+is compared: our dense prefill path multiplies in bf16 wherever the CPU can, which an AVX2-only CPU cannot (it runs
+fp32 there), and no setting holds it to fp32. The section is kept apart from the native one.
 """
 
 from __future__ import annotations
@@ -101,6 +107,10 @@ LABELS = {"decode_b1": "decode tok/s, batch 1",
           "prefill": f"prefill tok/s, {PROMPT}-token prompt",
           "prefill_server": f"prefill tok/s, the same prompt in the server's {DEFAULT_PREFILL_CHUNK}-token chunks "
                             "(llama.cpp: the figure above)"}
+# the figures of a run: every one natively; with --isa avx2 decode only (see the docstring)
+FIGURES = {"native": tuple(GOALS), "avx2": ("decode_b1", "decode_b4")}
+# what --isa avx2 sets for our side (the child process inherits it)
+AVX2_SETTINGS = {"INT8SERVE_KERNEL": "avx2", "INT8SERVE_ATTENTION": "avx2"}
 LLAMA_CPP_TOOLS = {"decode_b1": f"`llama-bench -n {GEN}`",
                    "decode_b4": f"`llama-batched-bench -npp {BATCH_PROMPT} -ntg {GEN} -npl {BATCH}`",
                    "prefill": f"`llama-bench -p {PROMPT}`",
@@ -369,32 +379,34 @@ def ours_decode(model: Transformer, batch: int, start: int, gen: int) -> Figure:
 
 
 def measure_ours(model: Transformer, prompt: int = PROMPT, gen: int = GEN,
-                 batch_prompt: int = BATCH_PROMPT) -> dict[str, Figure]:
-    """Our three figures, defined as llama.cpp's tools define theirs (see the module docstring)."""
+                 batch_prompt: int = BATCH_PROMPT, names: Sequence[str] = FIGURES["native"]) -> dict[str, Figure]:
+    """Our figures `names`, defined as llama.cpp's tools define theirs (see the module docstring)."""
     figures = {}
     for name, measure in (("decode_b1", lambda: ours_decode(model, 1, 0, gen)),
                           ("decode_b4", lambda: ours_decode(model, BATCH, batch_prompt, gen)),
                           ("prefill", lambda: ours_prefill(model, prompt)),
                           ("prefill_server", lambda: ours_server_prefill(model, prompt))):
+        if name not in names:
+            continue
         figures[name] = measure()
         log(f"    {name}: {figures[name].tok_s:.2f} tok/s (others used {figures[name].other_load:.0%} of the CPUs)")
     return figures
 
 
-def ours_child(checkpoint: Path) -> None:
-    """In the child process: load our checkpoint (or map the cached int8 copy of a GGUF file), measure, print the
-    figures as JSON on stdout."""
+def ours_child(checkpoint: Path, isa: str = "native") -> None:
+    """In the child process: load our checkpoint (or map the cached int8 copy of a GGUF file), measure the figures of
+    `isa`, print them as JSON on stdout."""
     torch.set_num_threads(THREADS)
     started = time.perf_counter()
     model = load_cached(checkpoint).model
     log(f"  ours: loaded in {time.perf_counter() - started:.0f} s, resident {rss_gb():.2f} GB")
-    figures = measure_ours(model)
+    figures = measure_ours(model, names=FIGURES[isa])
     print(json.dumps({name: dataclasses.asdict(f) for name, f in figures.items()}))
 
 
-def run_ours(checkpoint: Path) -> dict[str, Figure]:
+def run_ours(checkpoint: Path, isa: str = "native") -> dict[str, Figure]:
     """Our figures, measured in a child process (so that our weights leave memory before llama.cpp runs)."""
-    command = [sys.executable, "-m", "benchmarks.vs_llamacpp", "--ours-child", str(checkpoint)]
+    command = [sys.executable, "-m", "benchmarks.vs_llamacpp", "--ours-child", str(checkpoint), "--isa", isa]
     result = subprocess.run(command, stdout=subprocess.PIPE, text=True, check=False,
                             env={**os.environ, "OMP_NUM_THREADS": str(THREADS)})
     if result.returncode != 0:
@@ -457,16 +469,20 @@ def batched_bench(llama: LlamaCpp, gguf_path: Path, repack: bool) -> float:
     return float(rows[0]["speed_tg"])
 
 
-def measure_llamacpp(llama: LlamaCpp, gguf_path: Path, reps: int, repack: bool) -> dict[str, Figure]:
+def measure_llamacpp(llama: LlamaCpp, gguf_path: Path, reps: int, repack: bool,
+                     names: Sequence[str] = FIGURES["native"]) -> dict[str, Figure]:
     figures = {}
     for name, measure in (("decode_b1", lambda: llama_bench(llama, gguf_path, 0, GEN, reps, repack)),
                           ("decode_b4", lambda: batched_bench(llama, gguf_path, repack)),
                           ("prefill", lambda: llama_bench(llama, gguf_path, PROMPT, 0, reps, repack))):
+        if name not in names:
+            continue
         load = CpuShares()
         tok_s = measure()
         figures[name] = Figure(tok_s, load.others())
         log(f"    {name}: {tok_s:.2f} tok/s (others used {figures[name].other_load:.0%} of the CPUs)")
-    figures["prefill_server"] = figures["prefill"]  # llama.cpp's one prefill figure, against both of ours
+    if "prefill_server" in names:
+        figures["prefill_server"] = figures["prefill"]  # llama.cpp's one prefill figure, against both of ours
     return figures
 
 
@@ -489,8 +505,8 @@ def run_round(index: int, llama: LlamaCpp, files: WeightFiles, args: argparse.Na
     results: dict[str, dict[str, Figure]] = {}
     for engine in ([first, *({"llama.cpp", "int8serve"} - {first})]):
         quiet.wait()
-        results[engine] = run_ours(files.checkpoint) if engine == "int8serve" else \
-            measure_llamacpp(llama, files.gguf, args.reps, args.llama_repack)
+        results[engine] = run_ours(files.checkpoint, args.isa) if engine == "int8serve" else \
+            measure_llamacpp(llama, files.gguf, args.reps, args.llama_repack, FIGURES[args.isa])
         log(f"  {engine}: " + ", ".join(f"{k} {v.tok_s:.2f} tok/s" for k, v in results[engine].items()))
     return Round(first, bandwidth, results["llama.cpp"], results["int8serve"])
 
@@ -524,6 +540,8 @@ def results_table(rounds: Sequence[Round], gguf_type: str = "Q8_0", goals: bool 
     lines = [f"| | llama.cpp {gguf_type} (per round) | int8serve (per round) | int8serve ÷ llama.cpp (means of the "
              "rounds) |", "|---|---|---|---|"]
     for name, label in LABELS.items():
+        if name not in rounds[0].ours:  # (--isa avx2: decode only)
+            continue
         theirs = " / ".join(f"{r.llama[name].tok_s:.2f}" for r in rounds)
         ours = " / ".join(f"{r.ours[name].tok_s:.2f}" for r in rounds)
         lines.append(f"| {label} ({LLAMA_CPP_TOOLS[name]}) | {theirs} | {ours} | "
@@ -559,7 +577,8 @@ def weights_lines(args: argparse.Namespace, files: WeightFiles) -> list[str]:
                 "weights dequantized, then rounded by GPTQ to its int8 format (a bf16 scale per 32 inputs), once, "
                 "into the model cache, which each round maps. The same model, each engine's own format of it."]
     shape = f"{args.layers} layers" + (f", {cpu_label()}" if args.layers == 32 else "")
-    return [f"## int8serve vs llama.cpp: same CPU, same run, same random weights ({shape})",
+    held = ", both held to AVX2 code" if args.isa == "avx2" else ""
+    return [f"## int8serve vs llama.cpp{held}: same CPU, same run, same random weights ({shape})",
             f"- Weights: one random int8 model, {args.layers} of 32 layers of the Llama-2-7B shape (dim 4096, "
             f"hidden 11008, vocab 32000, untied head) with {scale_scheme(args.group_size)}, written as our int8 "
             "checkpoint and as a GGUF Q8_0 file holding the same int8 values and scales."]
@@ -583,6 +602,7 @@ def build_report(args: argparse.Namespace, rounds: Sequence[Round], files: Weigh
              f"- CPU: {machine_description()}, {cpu_model()}; {ram:.0f} GiB RAM; {THREADS} threads for "
              f"each engine; torch {torch.__version__}.",
              f"- Our kernel path: {kernel_path()}.",
+             *([AVX2_LINE] if args.isa == "avx2" else []),
              f"- llama.cpp: {llama.describe()}, binaries in `{llama.bin_dir}`"
              + ("." if args.llama_repack else "; run with `--repack 0` (no AMX path, no repacked weights)."),
              weights,
@@ -603,12 +623,17 @@ def build_report(args: argparse.Namespace, rounds: Sequence[Round], files: Weigh
     return "\n".join(lines) + "\n"
 
 
+AVX2_LINE = ("- AVX2 code only (`--isa avx2`): ours with "
+             + " and ".join(f"`{k}={v}`" for k, v in AVX2_SETTINGS.items())
+             + ", llama.cpp built for AVX2 only. Decode only: our dense prefill path multiplies in bf16 wherever the "
+             "CPU can, which an AVX2-only CPU cannot (fp32 there), and no setting holds it to fp32.")
 # the settings that choose our paths: shown before the command when this run had them (the child inherits them)
 PATH_SETTINGS = ("INT8SERVE_KERNEL", "INT8SERVE_ATTENTION", "INT8SERVE_PREFILL_MATMUL")
 
 
 def display_command(args: argparse.Namespace) -> str:
-    settings = [f"{name}={os.environ[name]}" for name in PATH_SETTINGS if os.environ.get(name)]
+    implied = AVX2_SETTINGS if args.isa == "avx2" else {}  # (--isa avx2 sets them)
+    settings = [f"{name}={os.environ[name]}" for name in PATH_SETTINGS if os.environ.get(name) and name not in implied]
     words = [*settings, "python", "-m", "benchmarks.vs_llamacpp"]
     if args.gguf:
         words += ["--gguf", str(args.gguf)]
@@ -620,6 +645,8 @@ def display_command(args: argparse.Namespace) -> str:
         words += ["--group-size", str(args.group_size)]
     if not args.llama_repack:
         words += ["--no-llama-repack"]
+    if args.isa != "native":
+        words += ["--isa", args.isa]
     if args.llama_bin:
         words += ["--llama-bin", str(args.llama_bin)]
     if args.write:
@@ -660,6 +687,9 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
                              "(default: the int8serve cache dir/vs-llamacpp)")
     parser.add_argument("--llama-cpp-python", default=DEFAULT_VERSION, metavar="VERSION",
                         help=f"the llama-cpp-python sdist whose llama.cpp is built (default {DEFAULT_VERSION})")
+    parser.add_argument("--isa", choices=tuple(FIGURES), default="native",
+                        help="native: each engine's fastest code for this CPU (default); avx2: both held to the code "
+                             "of an AVX2-only CPU (a Zen 2/3), decode only (see above)")
     parser.add_argument("--llama-bin", type=Path, metavar="DIR",
                         help="use the llama-bench and llama-batched-bench in DIR instead of building them")
     parser.add_argument("--no-llama-repack", dest="llama_repack", action="store_false",
@@ -679,13 +709,27 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     return args
 
 
-def section_label(layers: int, gguf: Path | None = None, cpu: str | None = None) -> str:
+def section_label(layers: int, gguf: Path | None = None, cpu: str | None = None, isa: str = "native") -> str:
     """The full shape has a section per kind of CPU (`cpu`, default this one's `cpu_label()`): the issue's goals are
     per CPU, and a run on one must not erase another's. A quick run's is kept apart (`--layers N`), and so is each
-    real model's (`--gguf FILE`: the file's name)."""
-    if gguf:
-        return gguf.name
-    return (cpu or cpu_label()) if layers == 32 else f"--layers {layers}"
+    real model's (`--gguf FILE`: the file's name), and a run held to AVX2 code (`--isa avx2`)."""
+    label = gguf.name if gguf else (cpu or cpu_label()) if layers == 32 else f"--layers {layers}"
+    return label if isa == "native" else f"{label} --isa {isa}"
+
+
+def hold_to_isa(isa: str) -> None:
+    """--isa avx2: our side's settings (AVX2_SETTINGS) for this process and its children; exits with a clear error
+    where the CPU has no AVX2 or the environment already asks for another path."""
+    if isa == "native":
+        return
+    from int8serve.engine import kernels
+    flags = kernels.cpu_flags()
+    if flags and "avx2" not in flags:
+        sys.exit("error: --isa avx2 needs a CPU with AVX2, and this one has none")
+    for name, value in AVX2_SETTINGS.items():
+        if os.environ.get(name, value) != value:
+            sys.exit(f"error: --isa avx2 sets {name}={value}, but the environment has {name}={os.environ[name]}")
+        os.environ[name] = value
 
 
 def require_gguf() -> None:
@@ -699,11 +743,12 @@ def require_gguf() -> None:
 def main(argv: Sequence[str] | None = None) -> None:
     args = parse_args(argv)
     if args.ours_child:
-        ours_child(args.ours_child)
+        ours_child(args.ours_child, args.isa)
         return
     require_gguf()
+    hold_to_isa(args.isa)
     try:
-        llama = LlamaCpp.at(args.llama_bin) if args.llama_bin else ensure_built(args.llama_cpp_python)
+        llama = LlamaCpp.at(args.llama_bin) if args.llama_bin else ensure_built(args.llama_cpp_python, args.isa)
     except BuildError as error:
         sys.exit(f"error: could not build llama.cpp: {error}")
     files = gguf_files(args.gguf) if args.gguf else \
@@ -717,7 +762,7 @@ def main(argv: Sequence[str] | None = None) -> None:
     report = build_report(args, rounds, files, llama)
     print(report)
     if args.write:
-        write_section(args.write, report, SCRIPT, section_label(args.layers, args.gguf))
+        write_section(args.write, report, SCRIPT, section_label(args.layers, args.gguf, isa=args.isa))
         log(f"wrote the section into {args.write}")
 
 

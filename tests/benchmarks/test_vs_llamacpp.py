@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import dataclasses
 import math
+import os
 
 import gguf
 import pytest
@@ -222,3 +223,43 @@ def test_the_command_shows_the_path_settings_and_binaries_of_the_run(monkeypatch
     args = vs_llamacpp.parse_args(["--llama-bin", "/opt/llama/bin", "--layers", "2"])
     command = vs_llamacpp.display_command(args)
     assert command == "INT8SERVE_KERNEL=avx2 python -m benchmarks.vs_llamacpp --layers 2 --llama-bin /opt/llama/bin"
+
+
+def test_avx2_runs_hold_our_side_to_its_avx2_paths_and_measure_decode_only(
+        files: vs_llamacpp.WeightFiles, tmp_path, monkeypatch: pytest.MonkeyPatch) -> None:
+    # a copy of the environment, so that what hold_to_isa sets leaves with the test
+    monkeypatch.setattr(os, "environ", {k: v for k, v in os.environ.items() if k not in vs_llamacpp.PATH_SETTINGS})
+    vs_llamacpp.hold_to_isa("avx2")
+    assert "avx2" in vs_llamacpp.kernel_path()
+    assert {k: os.environ[k] for k in vs_llamacpp.AVX2_SETTINGS} == {"INT8SERVE_KERNEL": "avx2",
+                                                                     "INT8SERVE_ATTENTION": "avx2"}
+    with engine.torch_threads(1):
+        figures = vs_llamacpp.measure_ours(load_model(files.checkpoint).model, prompt=16, gen=2, batch_prompt=8,
+                                           names=vs_llamacpp.FIGURES["avx2"])
+    assert set(figures) == {"decode_b1", "decode_b4"}
+    rounds = [vs_llamacpp.Round("llama.cpp", 30.0, dict(figures), dict(figures))]
+    args = vs_llamacpp.parse_args(["--layers", "2", "--isa", "avx2"])
+    llama = vs_llamacpp.LlamaCpp(tmp_path / "bin", "0.3.36", {"isa": "avx2"})
+    report = vs_llamacpp.build_report(args, rounds, files, llama)
+    assert "both held to AVX2 code" in report and "Decode only" in report and "built for AVX2 only" in report
+    assert "prefill tok/s" not in report and "**1.00×**" in report
+    assert "python -m benchmarks.vs_llamacpp --layers 2 --isa avx2" in report  # (the settings it implies not shown)
+    assert vs_llamacpp.section_label(2, isa="avx2") == "--layers 2 --isa avx2"
+    assert vs_llamacpp.section_label(32, cpu="AMD EPYC family 26 model 2", isa="avx2").endswith("model 2 --isa avx2")
+
+
+def test_avx2_runs_refuse_another_path_asked_for(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("INT8SERVE_KERNEL", "vnni512")
+    with pytest.raises(SystemExit, match="INT8SERVE_KERNEL=vnni512"):
+        vs_llamacpp.hold_to_isa("avx2")
+
+
+def test_the_avx2_build_of_llama_cpp_is_kept_apart_and_says_what_it_is(tmp_path) -> None:
+    from benchmarks import llamacpp_build
+
+    native, avx2 = llamacpp_build.build_root("0.3.36"), llamacpp_build.build_root("0.3.36", "avx2")
+    assert native.name == f"llama-cpp-python-0.3.36-{llamacpp_build.BUILD_TAG}" and avx2.name == native.name + "-avx2"
+    assert "-DGGML_NATIVE=ON" not in llamacpp_build.ISA_FLAGS["avx2"]
+    assert {"-DGGML_AVX512=OFF", "-DGGML_AVX_VNNI=OFF", "-DGGML_AVX2=ON"} <= set(llamacpp_build.ISA_FLAGS["avx2"])
+    text = llamacpp_build.LlamaCpp(tmp_path, "0.3.36", {"isa": "avx2"}).describe()
+    assert "built for AVX2 only" in text and "GGML_NATIVE=ON" not in text
