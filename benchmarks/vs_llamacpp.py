@@ -625,8 +625,9 @@ def build_report(args: argparse.Namespace, rounds: Sequence[Round], files: Weigh
 
 AVX2_LINE = ("- AVX2 code only (`--isa avx2`): ours with "
              + " and ".join(f"`{k}={v}`" for k, v in AVX2_SETTINGS.items())
-             + ", llama.cpp built for AVX2 only. Decode only: our dense prefill path multiplies in bf16 wherever the "
-             "CPU can, which an AVX2-only CPU cannot (fp32 there), and no setting holds it to fp32.")
+             + "; llama.cpp as the next line says (built for AVX2 only, unless --llama-bin named other binaries). "
+             "Decode only: our dense prefill path multiplies in bf16 wherever the CPU can, which an AVX2-only CPU "
+             "cannot (fp32 there), and no setting holds it to fp32.")
 # the settings that choose our paths: shown before the command when this run had them (the child inherits them)
 PATH_SETTINGS = ("INT8SERVE_KERNEL", "INT8SERVE_ATTENTION", "INT8SERVE_PREFILL_MATMUL")
 
