@@ -15,8 +15,7 @@ from int8serve.engine.kernels import matmul as prefill_matmul
 
 # What each path needs of the CPU (its flags in /proc/cpuinfo). A CPU that has them runs the path's tests, so that a
 # library that fails to build, or to load, fails them instead of skipping them.
-NEEDS = {"amx": {"amx_tile", "amx_bf16", "avx512_bf16", "avx512bw", "avx512vl"},
-         "avx512bf16": {"avx512_bf16", "avx512bw", "avx512vl"}}
+NEEDS = {"amx": prefill_matmul.AMX_FLAGS | prefill_matmul.VECTOR_FLAGS, "avx512bf16": prefill_matmul.VECTOR_FLAGS}
 CPU_FLAGS = kernels.cpu_flags()
 pytestmark = pytest.mark.skipif(not NEEDS["avx512bf16"] <= CPU_FLAGS, reason="bf16 prefill matmul: this CPU lacks "
                                 f"{' '.join(sorted(NEEDS['avx512bf16'] - CPU_FLAGS))}")

@@ -54,6 +54,9 @@ ENV = "INT8SERVE_PREFILL_MATMUL"
 SETTINGS = ("auto", "row-exact", "dense")
 ROW_MULTIPLE = 32  # the kernel takes rows in pairs of 16-row tiles: fewer are padded with zero rows
 _P, _I64, _INT = ctypes.c_void_p, ctypes.c_int64, ctypes.c_int
+# The CPU flags (/proc/cpuinfo) the library needs at all, and those the amx path needs besides
+VECTOR_FLAGS = frozenset({"avx512_bf16", "avx512bw", "avx512vl"})
+AMX_FLAGS = frozenset({"amx_bf16", "amx_tile"})
 STATUS = {-1: "the CPU cannot run that path (no AMX-BF16 or AVX512-BF16, or Linux refused the tile state)",
           -2: "out of memory for its buffers", -3: "bad sizes"}
 
@@ -97,7 +100,7 @@ def _warn_once(message: str) -> None:
 def _load() -> ctypes.CDLL | str:
     """The loaded library if this CPU runs one of its paths, else the reason it is not used (logged once where the CPU
     could)."""
-    if not {"avx512_bf16", "avx512bw", "avx512vl"} <= cpu_flags():  # (no library built where it cannot run)
+    if not cpu_flags() >= VECTOR_FLAGS:  # (no library built where it cannot run)
         return "this CPU has neither AMX-BF16 nor AVX512-BF16"
     lib = load_library(SOURCE, _open, build)
     if isinstance(lib, str):
@@ -107,7 +110,7 @@ def _load() -> ctypes.CDLL | str:
         reason = "the CPU check of matmul.cpp refused this CPU"
         log.warning("our bf16 prefill matmul not available, prefill dequantizes for oneDNN: %s", reason)
         return reason
-    if {"amx_bf16", "amx_tile"} <= cpu_flags() and not lib.i8m_cpu_has(PATHS["amx"]):
+    if cpu_flags() >= AMX_FLAGS and not lib.i8m_cpu_has(PATHS["amx"]):
         log.warning("Linux did not grant the AMX tile state (arch_prctl): our bf16 prefill matmul takes its "
                     "AVX512-BF16 path")
     return lib
