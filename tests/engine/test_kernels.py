@@ -242,8 +242,10 @@ def test_matches_the_fp32_product(m: int, n: int, k: int) -> None:
 # (m 9 and 17: more int8 rows than amx's 16 per pass, precise or not, so its tiles are configured twice in a call)
 # (9, 70, 300) and (6, 70, 1000): more rows than one pass takes, over several chunks of groups (gemv.cpp, kChunkGroups),
 # the last one partial, with weight groups (and per-channel sums) running on from one chunk into the next
+# (m >= 16, precise, avx2: the register-blocked GEMM of gemv.cpp; (21, 70, 1000): 5 blocks of 4 rows and one of 1,
+# over K-blocks of 4 groups, the last one partial, with per-channel sums running on from one K-block into the next)
 ODD_SHAPES = [(1, 1, 1), (2, 17, 31), (3, 100, 33), (5, 200, 172), (4, 130, 96), (9, 70, 300), (2, 64, 4096),
-              (17, 65, 64), (6, 70, 1000)]
+              (17, 65, 64), (6, 70, 1000), (21, 70, 1000)]
 
 
 @pytest.mark.parametrize("group_size", GROUP_SIZES)
@@ -273,6 +275,16 @@ def test_activations_near_the_int16_limit_do_not_saturate_avx2() -> None:
     got = kernels.int8_gemv(x, packed, impl="avx2")
     assert torch.equal(got, exact_reference(x, packed))
     assert got[0, 0] == 64 * 127 * 5.0 and got[0, 1] == -64 * 127 * 5.0 and got[1, 0] == 0
+    # precise, 16 rows and more (the GEMM's vpmaddwd on 16-bit rows): rows near the 16-bit limit, 256 * 126 + 127
+    # (a value 126.498 steps of the group's scale: the second int8 row rounds 0.498 * 256 to 127)
+    near = torch.full((14, 64), 5.0 / 127 * 126.498)
+    near[:, 0] = 5.0
+    near[1::2, 1::2] *= -1
+    rows = torch.cat([x, near]).repeat(2, 1)
+    assert kernels.quantize_activations(near[:1], "avx2", precise=True)[0][1, 1] == 127
+    wide = kernels.int8_gemv(rows, packed, impl="avx2", precise=True)
+    assert torch.equal(wide, exact_reference(rows, packed, precise=True))
+    assert torch.equal(wide, kernels.int8_gemv(rows, packed, impl="scalar", precise=True))
 
 
 @pytest.mark.parametrize("group_size", GROUP_SIZES)
@@ -308,15 +320,16 @@ def test_dequantize_streams_a_buffer_larger_than_the_caches(dtype: torch.dtype) 
 def test_rows_do_not_depend_on_the_batch_or_threads(impl: str, precise: bool, n: int, k: int) -> None:
     q, scale = group_weight(n, k, 32, seed=7)
     packed = kernels.pack_weight(q, scale, 32)
-    x = torch.randn(9, k)  # 9 rows: passes of 4 + 4 + 1 inside the kernel
+    # 9 rows: passes of 4 + 4 + 1 inside the kernel; 17 (precise, avx2): the GEMM's blocks of 4 + 4 + 4 + 4 + 1
+    x = torch.randn(17, k)
 
     def run(rows: torch.Tensor) -> torch.Tensor:
         return kernels.int8_gemv(rows, packed, impl=impl, precise=precise)
 
     together = run(x)
-    for count in (1, 2, 3, 4):
+    for count in (1, 2, 3, 4, 9):
         assert torch.equal(run(x[:count]), together[:count])
-    for i in range(9):
+    for i in range(17):
         assert torch.equal(run(x[i : i + 1])[0], together[i])
     threads = torch.get_num_threads()
     try:

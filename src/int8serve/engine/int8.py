@@ -6,16 +6,19 @@ up to `kernel_rows()` rows (decode; whole prefill chunks with INT8SERVE_PREFILL_
 activations quantized per 32 values; it streams the weights near memory speed where torch's `_weight_int8pack_mm` is
 compute-bound, and it takes a scale per group of 32/64/128 input values (like llama.cpp's Q8_0), which per-channel
 int8pack cannot. Longer calls are compute-bound. On CPUs with AMX-BF16 or AVX512-BF16 our bf16 kernel multiplies them
-straight from the packed layout (kernels/matmul.py: the same bf16 weight values, no dequantized copy). Elsewhere each
-weight is dequantized from the packed layout into one reused buffer and multiplied with `F.linear`; without native
-bf16 arithmetic, bf16 matmuls are emulated and fp32 is faster (AVX2 EPYC, 128 x 4096 x 4096: bf16 307 ms, fp32
-66 ms), so it is fp32 there, through oneDNN rather than MKL (1.6-1.8x on that EPYC, benchmarks/prefill_paths.py).
+straight from the packed layout (kernels/matmul.py: the same bf16 weight values, no dequantized copy). On the avx2 path
+(CPUs with AVX2 only) our int8 kernel takes them too, as a GEMM on 16-bit activations (see ALL_ROWS). Elsewhere, and
+with INT8SERVE_PREFILL_MATMUL=dense, each weight is dequantized from the packed layout into one reused buffer and
+multiplied with `F.linear`; without native bf16 arithmetic, bf16 matmuls are emulated and fp32 is faster (AVX2 EPYC,
+128 x 4096 x 4096: bf16 307 ms, fp32 66 ms), so it is fp32 there, through oneDNN rather than MKL (1.6-1.8x on that
+EPYC, benchmarks/prefill_paths.py).
 The residual stream, norms and logits stay in fp32 around it.
 """
 
 from __future__ import annotations
 
 import functools
+import sys
 
 import torch
 import torch.nn.functional as F
@@ -54,11 +57,19 @@ PRECISE_ACTIVATIONS = True
 # up to 128 rows on the amx and vnni512 paths (row-exact prefill, replies kept; the prefill figures above).
 KERNEL_ROWS = 32
 KERNEL_ROWS_ROW_EXACT = 128
+# The avx2 path (CPUs with AVX2 only: no native bf16, so the dense path is fp32) multiplies calls of 16 rows and more
+# as a GEMM on 16-bit activations (gemv.cpp, gemm_avx2_wide), faster there than dequantizing for oneDNN's fp32 matmul
+# (benchmarks/prefill_paths.py, docs/benchmarks.md), so it takes every call: prefill is row-exact on those CPUs at no
+# cost (the prefix cache keeps replies too). INT8SERVE_PREFILL_MATMUL=dense gives prefill back to oneDNN.
+ALL_ROWS = sys.maxsize
 
 
 def kernel_rows() -> int:
     """How many rows a call may have and still run our kernel (on its path of this CPU)."""
-    if kernels.path() in ("amx", "vnni512") and prefill_matmul.row_exact_requested():
+    path = kernels.path()
+    if path == "avx2" and not prefill_matmul.dense_requested():
+        return ALL_ROWS
+    if path in ("amx", "vnni512") and prefill_matmul.row_exact_requested():
         return KERNEL_ROWS_ROW_EXACT
     return KERNEL_ROWS
 
@@ -118,8 +129,12 @@ def dense_matmul(rows: Tensor, weight: Tensor) -> Tensor:
 def describe_dense() -> str:
     """One line for start-up logs: what the prefill (dense) path multiplies in."""
     dtype = dense_dtype()
+    library = "oneDNN" if onednn_fp32() or dtype != torch.float32 else "torch's BLAS"
+    if kernels.available() and kernel_rows() == ALL_ROWS:
+        return (f"prefill matmuls: our int8 kernel's {kernels.path()} path, every call (16-bit activations, each row "
+                f"as decode computes it; {prefill_matmul.ENV}=dense: {'fp32' if dtype == torch.float32 else 'bf16'} "
+                f"through {library})")
     if dtype == torch.float32:
-        library = "oneDNN" if onednn_fp32() else "torch's BLAS"
         return f"prefill matmuls: fp32 through {library} (this CPU has no native bf16)"
     if kernels.available() and prefill_matmul.enabled():
         limit = prefill_matmul.max_rows()

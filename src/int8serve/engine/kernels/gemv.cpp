@@ -1,6 +1,7 @@
 // int8 weight x int8 activation matrix-vector products for decode (a few activation rows; more rows are taken 4 at a
 // time over each tile, or over each chunk of a tile, while it is in cache), fp32 accumulation and output, on every
-// x86-64 CPU.
+// x86-64 CPU; on the avx2 path with precise activations, calls of many rows (prefill) as a register-blocked GEMM
+// (gemm_avx2_wide), with the same bits.
 //
 // y[m, n] = sum_w wscale[n, w] * (sum_{g in weight group w} xscale[m, g] * sum_{k in group g} w[n, k] * xq[m, k])
 //
@@ -310,10 +311,41 @@ GroupRounder group_rounder(Impl impl) {
   }
 }
 
+// Quantize input row i into int8 row i (precise: rows 2i and 2i + 1, see quantize; and row i of `wide` if the
+// Activations have it). `residual`: room for K floats.
+void quantize_row(const float* x, int64_t i, int64_t k, GroupQuantizer group, GroupRounder round_group, bool precise,
+                  float* residual, Activations& a) {
+  const float* source = x + i * k;
+  const int64_t r = precise ? 2 * i : i;  // the first int8 row
+  for (int64_t g = 0; g < a.groups; ++g)
+    group(source + g * kGroup, std::min(kGroup, k - g * kGroup), a.q.data() + r * a.kp + g * kGroup,
+          a.scale.data() + r * a.groups + g, a.corr.data() + r * a.groups + g);
+  if (!precise) return;
+  // the first row's quantization error, in plain fp32 (no fma: -ffp-contract=off), on the scale d / 256
+  const int8_t* q = a.q.data() + r * a.kp;
+  const float* scale = a.scale.data() + r * a.groups;
+  for (int64_t j = 0; j < k; ++j) residual[j] = source[j] - scale[j / kGroup] * static_cast<float>(q[j]);
+  for (int64_t g = 0; g < a.groups; ++g) {
+    const float d = scale[g];
+    const float inv256 = d > 0.0f ? (1.0f / d) * 256.0f : 0.0f;
+    a.scale[(r + 1) * a.groups + g] = d * (1.0f / 256.0f);  // exact: a power of two
+    round_group(residual + g * kGroup, std::min(kGroup, k - g * kGroup), inv256, a.q.data() + (r + 1) * a.kp + g * kGroup,
+                a.corr.data() + (r + 1) * a.groups + g);
+  }
+  if (a.wide.empty()) return;
+  const int8_t* low = q + a.kp;
+  int16_t* wide = a.wide.data() + i * a.kp;
+  for (int64_t j = 0; j < a.kp; ++j) wide[j] = static_cast<int16_t>(256 * q[j] + low[j]);
+}
+
 // Quantize M rows. precise: 2 int8 rows per input row, the row (2r) and what its quantization left over (2r + 1) on
 // the scale d / 256 (d: row 2r's scale of the group), so that x = d / 256 * (256 * q_hi + q_lo) to about 1/(2 * 127 *
 // 256) of each group's largest value; the kernel combines each pair's dot products (see the top of this file).
-Activations quantize(const float* x, int64_t m, int64_t k, Impl impl, bool precise) {
+// Calls of kParallelQuantizeValues values or more (prefill chunks: 8 rows of 4096 and more) quantize on `threads`
+// threads, a row each at a time (each row's result is the same either way); decode's few rows stay on one.
+constexpr int64_t kParallelQuantizeValues = int64_t{1} << 15;
+
+Activations quantize(const float* x, int64_t m, int64_t k, Impl impl, bool precise, int threads) {
   Activations a;
   const int64_t rows = precise ? 2 * m : m;
   a.kp = (k + kGroup - 1) / kGroup * kGroup;
@@ -321,35 +353,15 @@ Activations quantize(const float* x, int64_t m, int64_t k, Impl impl, bool preci
   a.q.assign(static_cast<size_t>(rows * a.kp), 0);
   a.scale.assign(static_cast<size_t>(rows * a.groups), 0.0f);
   a.corr.assign(static_cast<size_t>(rows * a.groups), 0);
+  if (precise && impl == kAvx2) a.wide.resize(static_cast<size_t>(m * a.kp));  // (tile_avx2_wide, gemm_avx2_wide)
   const GroupQuantizer group = group_quantizer(impl);
   const GroupRounder round_group = group_rounder(impl);
-  std::vector<float> residual(precise ? static_cast<size_t>(k) : 0);
-  for (int64_t r = 0; r < rows; ++r) {
-    const float* source = x + (precise ? r / 2 : r) * k;
-    if (!precise || r % 2 == 0) {
-      for (int64_t g = 0; g < a.groups; ++g)
-        group(source + g * kGroup, std::min(kGroup, k - g * kGroup), a.q.data() + r * a.kp + g * kGroup,
-              a.scale.data() + r * a.groups + g, a.corr.data() + r * a.groups + g);
-      continue;
-    }
-    // the previous row's quantization error, in plain fp32 (no fma: -ffp-contract=off), on the scale d / 256
-    const int8_t* q = a.q.data() + (r - 1) * a.kp;
-    const float* scale = a.scale.data() + (r - 1) * a.groups;
-    for (int64_t i = 0; i < k; ++i) residual[i] = source[i] - scale[i / kGroup] * static_cast<float>(q[i]);
-    for (int64_t g = 0; g < a.groups; ++g) {
-      const float d = scale[g];
-      const float inv256 = d > 0.0f ? (1.0f / d) * 256.0f : 0.0f;
-      a.scale[r * a.groups + g] = d * (1.0f / 256.0f);  // exact: a power of two
-      round_group(residual.data() + g * kGroup, std::min(kGroup, k - g * kGroup), inv256,
-                  a.q.data() + r * a.kp + g * kGroup, a.corr.data() + r * a.groups + g);
-    }
-  }
-  if (precise && impl == kAvx2) {  // the avx2 path multiplies each row as one 16-bit integer (tile_avx2_wide)
-    a.wide.resize(static_cast<size_t>(m * a.kp));
-    for (int64_t r = 0; r < m; ++r)
-      for (int64_t i = 0; i < a.kp; ++i)
-        a.wide[r * a.kp + i] = static_cast<int16_t>(256 * a.q[2 * r * a.kp + i] + a.q[(2 * r + 1) * a.kp + i]);
-  }
+  const int nthreads =
+      m * k >= kParallelQuantizeValues ? static_cast<int>(std::max<int64_t>(1, std::min<int64_t>(threads, m))) : 1;
+  std::vector<float> residual(precise ? static_cast<size_t>(nthreads * k) : 0);  // (allocated before the threads)
+#pragma omp parallel for schedule(static) num_threads(nthreads) if (nthreads > 1)
+  for (int64_t i = 0; i < m; ++i)
+    quantize_row(x, i, k, group, round_group, precise, residual.data() + (precise ? omp_get_thread_num() * k : 0), a);
   return a;
 }
 
@@ -685,6 +697,241 @@ INT8SERVE_AVX2 void rows_avx2_wide(const TileArgs& a, int64_t rows, int64_t tile
   }
 }
 
+// ---- avx2 with precise activations, many rows: a register-blocked GEMM ----
+//
+// A prefill chunk is compute-bound, and tile_avx2_wide, made for decode, spends more instructions around its
+// vpmaddwd than in them: it widens each step again for every pass of 4 rows, and its int32 lanes are (output, input
+// pair), so each group ends with a horizontal add and a permute per 8 outputs. Here each thread widens a K-block of
+// a tile once (kWideGemmGroups groups, 16 KB of int16, kept in L1) into an order where each int32 lane is one output:
+// per step of 4 inputs, one register holds inputs 0-1 and one inputs 2-3 of 8 outputs, and vpmaddwd with the row's
+// inputs 0-1 (then 2-3) broadcast to every lane adds into one sum per output. Every row of the call is multiplied
+// with the K-block, kWideGemmRows rows x 16 outputs at a time (8 sum registers, 4 of weights, 2 of activations: each
+// step is 4 weight loads and 8 broadcasts for 16 vpmaddwd). Each output's arithmetic is tile_avx2_wide's, in its
+// order (exact int32 group dots, then inner = fma(float(dot), xscale, inner), and acc = fma(inner, wscale, acc) at
+// each weight group's end), so every output has the same bits as every other path's, whatever the number of rows.
+// From this many rows up, gemv takes the GEMM (fewer: tile_avx2_wide's passes of 4 rows). On an AMD EPYC Zen 4 held
+// to avx2 (2 threads, weights from memory, benchmarks/gemv_builds.py, 2026-12-02), the passes were 1.27-1.50x faster
+// at 8 rows and 0.91-0.99x at 16.
+#ifndef INT8SERVE_WIDE_GEMM_MIN_ROWS
+#define INT8SERVE_WIDE_GEMM_MIN_ROWS 16
+#endif
+constexpr int64_t kWideGemmMinRows = INT8SERVE_WIDE_GEMM_MIN_ROWS;
+#ifndef INT8SERVE_WIDE_GEMM_ROWS
+#define INT8SERVE_WIDE_GEMM_ROWS 4
+#endif
+constexpr int kWideGemmRows = INT8SERVE_WIDE_GEMM_ROWS;  // activation rows a register block
+constexpr int kWideGemmVectors = 2;  // 8 outputs each: the register block's outputs (wide_block's assembly: 2)
+constexpr int64_t kWideColumns = 8 * kWideGemmVectors;          // outputs a register block
+#ifndef INT8SERVE_WIDE_GEMM_GROUPS
+#define INT8SERVE_WIDE_GEMM_GROUPS 4
+#endif
+constexpr int64_t kWideGemmGroups = INT8SERVE_WIDE_GEMM_GROUPS;  // groups a K-block: 64 outputs x 128 inputs x 2 bytes = 16 KB
+constexpr int64_t kWideStepWords = 2 * 16 * kWideGemmVectors;  // int16 a widened step of a register block's outputs
+constexpr int64_t kWideBytes = kTileRows * kWideGemmGroups * kGroup * 2;
+static_assert(kTileRows % kWideColumns == 0, "a tile holds whole register blocks of outputs");
+
+// The widened K-block of a tile: [column block][group - g0][step][vector][pair][8 outputs x 2 inputs] int16, w (not
+// w + 128): pair 0 holds inputs 4s, 4s + 1 of each output, pair 1 inputs 4s + 2, 4s + 3.
+INT8SERVE_AVX2 void widen_tile(const packed::Layout& lay, const uint8_t* tile, int64_t g0, int64_t g1, int16_t* out) {
+  const __m256i bias = _mm256_set1_epi16(128);
+  const int64_t ng = g1 - g0;
+  for (int64_t g = g0; g < g1; ++g) {
+    const uint8_t* group = lay.group(tile, g);
+    for (int b = 0; b < kBlocks; ++b)
+      for (int s = 0; s < kSteps; ++s)
+        for (int h = 0; h < 2; ++h) {  // outputs 16b + 8h .. 16b + 8h + 7
+          const __m128i* half = reinterpret_cast<const __m128i*>(group + b * kBlockBytes + s * 64 + 32 * h);
+          // int32 lanes (output o, pair p): outputs 0-3 of the half, then 4-7
+          const __m256 low = _mm256_castsi256_ps(_mm256_sub_epi16(_mm256_cvtepu8_epi16(_mm_load_si128(half)), bias));
+          const __m256 high =
+              _mm256_castsi256_ps(_mm256_sub_epi16(_mm256_cvtepu8_epi16(_mm_load_si128(half + 1)), bias));
+          // pair 0 / pair 1 of outputs 0, 1, 4, 5 | 2, 3, 6, 7; the permute puts the outputs in order
+          const __m256i pair0 = _mm256_permute4x64_epi64(_mm256_castps_si256(_mm256_shuffle_ps(low, high, 0x88)), 0xD8);
+          const __m256i pair1 = _mm256_permute4x64_epi64(_mm256_castps_si256(_mm256_shuffle_ps(low, high, 0xDD)), 0xD8);
+          const int64_t column = 16 * b + 8 * h;
+          int16_t* o = out + ((column / kWideColumns * ng + (g - g0)) * kSteps + s) * kWideStepWords +
+                       (column % kWideColumns) / 8 * 32;
+          _mm256_store_si256(reinterpret_cast<__m256i*>(o), pair0);
+          _mm256_store_si256(reinterpret_cast<__m256i*>(o + 16), pair1);
+        }
+  }
+}
+
+// What a register block works on: the call's rows, the tile's K-block and the running sums of its 64 outputs.
+struct WideBlock {
+  packed::Layout lay;
+  const uint8_t* tile;   // the packed tile (for its weight scales)
+  const int16_t* wide;   // widen_tile's K-block
+  const int16_t* x;      // the block's first row (Activations::wide), kp int16 a row
+  const float* xscale;   // that row's scales (an odd int8 row's: d / 256), `groups` a row, 2 rows apart
+  int64_t kp, groups, g0, g1;
+  int64_t wg[kWideGemmGroups];  // the weight group of each group g0..g1 - 1
+  float* inner;          // [rows][64]: the running sum of the current weight group (per row of the call)
+  float* acc;            // [rows][64]: the finished weight groups' sum
+};
+
+// One group of 4 rows x 16 outputs (wide_block's register block): sum[r][v] = the int32 dot products of row r with
+// outputs 8v..8v+7. Inline assembly: with intrinsics GCC kept fewer sums in registers than there are, copied them
+// between registers at every step, and (unrolled) computed every product of a group before adding them up; here the
+// 8 sums, the step's 4 weight registers, 2 of activations and 2 of products are the 16 ymm registers.
+#define INT8SERVE_WIDE_ROW(X, S0, S1)                 \
+  "vpbroadcastd \\step*8(%[" X "]), %%ymm12\n\t"     \
+  "vpbroadcastd \\step*8+4(%[" X "]), %%ymm13\n\t"   \
+  "vpmaddwd %%ymm8, %%ymm12, %%ymm14\n\t"           \
+  "vpaddd %%ymm14, %[" S0 "], %[" S0 "]\n\t"         \
+  "vpmaddwd %%ymm9, %%ymm13, %%ymm15\n\t"           \
+  "vpaddd %%ymm15, %[" S0 "], %[" S0 "]\n\t"         \
+  "vpmaddwd %%ymm10, %%ymm12, %%ymm14\n\t"          \
+  "vpaddd %%ymm14, %[" S1 "], %[" S1 "]\n\t"         \
+  "vpmaddwd %%ymm11, %%ymm13, %%ymm15\n\t"          \
+  "vpaddd %%ymm15, %[" S1 "], %[" S1 "]\n\t"
+
+INT8SERVE_AVX2 inline void group_sums_4x16(const int16_t* w, const int16_t* x, int64_t kp, __m256i sum[][2]) {
+  const int16_t *x0 = x, *x1 = x + kp, *x2 = x + 2 * kp, *x3 = x + 3 * kp;
+  __m256i s00, s01, s10, s11, s20, s21, s30, s31;
+  asm("vpxor %[s00], %[s00], %[s00]\n\t"
+      "vpxor %[s01], %[s01], %[s01]\n\t"
+      "vpxor %[s10], %[s10], %[s10]\n\t"
+      "vpxor %[s11], %[s11], %[s11]\n\t"
+      "vpxor %[s20], %[s20], %[s20]\n\t"
+      "vpxor %[s21], %[s21], %[s21]\n\t"
+      "vpxor %[s30], %[s30], %[s30]\n\t"
+      "vpxor %[s31], %[s31], %[s31]\n\t"
+      ".irp step,0,1,2,3,4,5,6,7\n\t"
+      "vmovdqa \\step*128(%[w]), %%ymm8\n\t"
+      "vmovdqa \\step*128+32(%[w]), %%ymm9\n\t"
+      "vmovdqa \\step*128+64(%[w]), %%ymm10\n\t"
+      "vmovdqa \\step*128+96(%[w]), %%ymm11\n\t"
+      INT8SERVE_WIDE_ROW("x0", "s00", "s01")
+      INT8SERVE_WIDE_ROW("x1", "s10", "s11")
+      INT8SERVE_WIDE_ROW("x2", "s20", "s21")
+      INT8SERVE_WIDE_ROW("x3", "s30", "s31")
+      ".endr"
+      : [s00] "=&x"(s00), [s01] "=&x"(s01), [s10] "=&x"(s10), [s11] "=&x"(s11), [s20] "=&x"(s20),
+        [s21] "=&x"(s21), [s30] "=&x"(s30), [s31] "=&x"(s31)
+      : [w] "r"(w), [x0] "r"(x0), [x1] "r"(x1), [x2] "r"(x2), [x3] "r"(x3)
+      : "xmm8", "xmm9", "xmm10", "xmm11", "xmm12", "xmm13", "xmm14", "xmm15", "memory");
+  sum[0][0] = s00, sum[0][1] = s01, sum[1][0] = s10, sum[1][1] = s11;
+  sum[2][0] = s20, sum[2][1] = s21, sum[3][0] = s30, sum[3][1] = s31;
+}
+#undef INT8SERVE_WIDE_ROW
+
+// R rows x the kWideColumns outputs of column block `cb` over the K-block.
+template <int R>
+INT8SERVE_AVX2 void wide_block(const WideBlock& a, int64_t cb) {
+  constexpr int V = kWideGemmVectors;
+  const int64_t ng = a.g1 - a.g0;
+  for (int64_t g = a.g0; g < a.g1; ++g) {
+    __m256i sum[R][V];  // int32: one output a lane
+    for (int r = 0; r < R; ++r)
+      for (int v = 0; v < V; ++v) sum[r][v] = _mm256_setzero_si256();
+    const int16_t* w = a.wide + (cb * ng + (g - a.g0)) * kSteps * kWideStepWords;
+    const int16_t* x = a.x + g * kGroup;
+    if constexpr (R == 4) {
+      group_sums_4x16(w, x, a.kp, sum);
+    } else {
+      for (int s = 0; s < kSteps; ++s) {
+        const __m256i* step = reinterpret_cast<const __m256i*>(w + s * kWideStepWords);
+        for (int r = 0; r < R; ++r) {
+          int32_t pair0, pair1;  // inputs 4s, 4s + 1 and 4s + 2, 4s + 3 of row r, 16 bits each
+          std::memcpy(&pair0, x + r * a.kp + 4 * s, 4);
+          std::memcpy(&pair1, x + r * a.kp + 4 * s + 2, 4);
+          const __m256i x0 = _mm256_set1_epi32(pair0), x1 = _mm256_set1_epi32(pair1);
+          for (int v = 0; v < V; ++v)
+            sum[r][v] = _mm256_add_epi32(sum[r][v], _mm256_add_epi32(_mm256_madd_epi16(_mm256_load_si256(step + 2 * v), x0),
+                                                                     _mm256_madd_epi16(_mm256_load_si256(step + 2 * v + 1), x1)));
+        }
+      }
+    }
+    const int64_t wg = a.wg[g - a.g0];  // (a division here, per group and block, cost more than it seems)
+    const bool first = g == wg * a.lay.span;
+    const bool last = g == std::min(a.groups, (wg + 1) * a.lay.span) - 1;
+    __m256 wscale[V];
+    for (int v = 0; v < V; ++v) {
+      wscale[v] = _mm256_setzero_ps();
+      if (!last) continue;
+      const __m128i raw = _mm_loadu_si128(
+          reinterpret_cast<const __m128i*>(a.lay.scales(a.tile, wg) + cb * kWideColumns + 8 * v));
+      wscale[v] = _mm256_castsi256_ps(_mm256_slli_epi32(_mm256_cvtepu16_epi32(raw), 16));
+    }
+    for (int r = 0; r < R; ++r) {
+      const __m256 xscale = _mm256_set1_ps(a.xscale[2 * r * a.groups + g]);
+      for (int v = 0; v < V; ++v) {
+        float* in = a.inner + r * kTileRows + cb * kWideColumns + 8 * v;
+        const __m256 before = first ? _mm256_setzero_ps() : _mm256_load_ps(in);
+        const __m256 total = _mm256_fmadd_ps(_mm256_cvtepi32_ps(sum[r][v]), xscale, before);
+        if (!last) {
+          _mm256_store_ps(in, total);
+          continue;
+        }
+        float* out = a.acc + r * kTileRows + cb * kWideColumns + 8 * v;
+        _mm256_store_ps(out, _mm256_fmadd_ps(total, wscale[v], _mm256_load_ps(out)));
+      }
+    }
+  }
+}
+
+INT8SERVE_AVX2 void wide_rows(const WideBlock& a, int64_t rows, int64_t cb) {
+  switch (rows) {
+    case 1: wide_block<1>(a, cb); break;
+    case 2: wide_block<2>(a, cb); break;
+    case 3: wide_block<3>(a, cb); break;
+    case 4: wide_block<4>(a, cb); break;
+    case 5: wide_block<5>(a, cb); break;
+    default: wide_block<kWideGemmRows>(a, cb); break;
+  }
+}
+
+// Per-thread room of gemm_avx2_wide: the widened K-block and each row's inner and acc sums over one tile.
+struct WideScratch {
+  int16_t* wide;
+  float* inner;
+  float* acc;
+};
+
+// All M rows of the call over tile `tile`: y [M, N] gets the tile's outputs.
+INT8SERVE_AVX2 void gemm_avx2_wide_tile(const TileArgs& base, int64_t m, const WideScratch& room, int64_t tile) {
+  std::fill(room.acc, room.acc + m * kTileRows, 0.0f);
+  WideBlock a{base.lay, base.lay.tile(base.packed, tile), room.wide, nullptr, nullptr, base.kp, base.groups, 0, 0,
+              {}, nullptr, nullptr};
+  for (int64_t g0 = 0; g0 < base.groups; g0 += kWideGemmGroups) {
+    a.g0 = g0;
+    a.g1 = std::min(base.groups, g0 + kWideGemmGroups);
+    for (int64_t g = a.g0; g < a.g1; ++g) a.wg[g - a.g0] = g / a.lay.span;
+    widen_tile(base.lay, a.tile, a.g0, a.g1, room.wide);
+    for (int64_t r0 = 0; r0 < m; r0 += kWideGemmRows) {
+      a.x = base.xwide + r0 * base.kp;
+      a.xscale = base.xscale + (2 * r0 + 1) * base.groups;
+      a.inner = room.inner + r0 * kTileRows;
+      a.acc = room.acc + r0 * kTileRows;
+      for (int64_t cb = 0; cb < kTileRows / kWideColumns; ++cb) wide_rows(a, std::min<int64_t>(kWideGemmRows, m - r0), cb);
+    }
+  }
+  const int64_t n0 = tile * kTileRows;
+  const int64_t count = std::min(kTileRows, base.n - n0);
+  for (int64_t r = 0; r < m; ++r)
+    std::memcpy(base.y + r * base.n + n0, room.acc + r * kTileRows, static_cast<size_t>(count) * sizeof(float));
+}
+
+// gemv's body for the avx2 path with precise activations and at least kWideGemmMinRows rows: each thread takes a
+// contiguous range of tiles and multiplies every row with each (gemm_avx2_wide_tile).
+INT8SERVE_AVX2 void gemm_avx2_wide(const Activations& act, TileArgs base, int64_t m, int64_t tiles, int nthreads) {
+  base.xscale = act.scale.data();
+  base.xwide = act.wide.data();
+  const int64_t sum_room = (m * kTileRows * 4 + 63) / 64 * 64;
+  const int64_t per_thread = kWideBytes + 2 * sum_room;
+  std::vector<uint8_t> storage(static_cast<size_t>(nthreads * per_thread + 64));  // (allocated before the threads)
+  uint8_t* aligned = storage.data() + (64 - reinterpret_cast<uintptr_t>(storage.data()) % 64) % 64;
+#pragma omp parallel num_threads(nthreads) if (nthreads > 1)
+  {
+    uint8_t* mine = aligned + omp_get_thread_num() * per_thread;
+    const WideScratch room{reinterpret_cast<int16_t*>(mine), reinterpret_cast<float*>(mine + kWideBytes),
+                           reinterpret_cast<float*>(mine + kWideBytes + sum_room)};
+#pragma omp for schedule(static)
+    for (int64_t tile = 0; tile < tiles; ++tile) gemm_avx2_wide_tile(base, m, room, tile);
+  }
+}
+
 // amx: up to 16 activation rows over one tile with AMX-INT8 tile instructions, 32 inputs (one activation group) at a
 // time. The packed layout is already what a tile multiply wants of its second operand: a block's 8 steps of one group,
 // 8 x 64 contiguous bytes, are 4 consecutive k of each of 16 output rows per 64-byte row. TDPBSUD multiplies the
@@ -992,7 +1239,7 @@ static int gemv(const float* x, int64_t m, int64_t k, const uint8_t* packed, int
   if (reinterpret_cast<uintptr_t>(packed) % 64 != 0) return -2;
   if (m == 0) return 0;
   const int64_t np = (n + kTileRows - 1) / kTileRows * kTileRows;
-  const Activations act = quantize(x, m, k, path, precise != 0);
+  const Activations act = quantize(x, m, k, path, precise != 0, threads);
   const bool pairs = precise != 0;
   const int64_t per_output = pairs ? 2 : 1;  // int8 rows per output row
   const int64_t rows_total = per_output * m;
@@ -1013,6 +1260,11 @@ static int gemv(const float* x, int64_t m, int64_t k, const uint8_t* packed, int
   // result (each tile is computed alike).
   const bool small = rows_total * np * act.kp < kParallelGemvWork;
   const int nthreads = small ? 1 : static_cast<int>(std::max<int64_t>(1, std::min<int64_t>(threads, tiles)));
+  if (wide && m >= kWideGemmMinRows) {  // a prefill chunk: the register-blocked GEMM, the same bits
+    base.y = y;
+    gemm_avx2_wide(act, base, m, tiles, nthreads);
+    return 0;
+  }
   const int64_t pass_rows = amx_tiles ? kAmxMaxRows : wide ? 2 * kMaxRows : kMaxRows;  // int8 rows, even with pairs
   base.far_hint = rows_total > pass_rows ||
                   (INT8SERVE_FAR_HINT_SINGLE_PASS < 0 ? !cpu_is_amd() : INT8SERVE_FAR_HINT_SINGLE_PASS > 0);
@@ -1074,7 +1326,7 @@ INT8SERVE_API int i8s_quantize(const float* x, int64_t m, int64_t k, int8_t* q, 
   const Impl path = resolve(impl);
   if (impl < kAuto || impl > kLastImpl || !cpu_has(path)) return -1;
   try {
-    const Activations act = quantize(x, m, k, path, precise != 0);
+    const Activations act = quantize(x, m, k, path, precise != 0, 1);
     std::memcpy(q, act.q.data(), act.q.size());
     std::memcpy(scale, act.scale.data(), act.scale.size() * sizeof(float));
   } catch (const std::bad_alloc&) {
