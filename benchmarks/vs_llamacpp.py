@@ -37,12 +37,13 @@ the same file. The issue #10 goals are for the 7B shape and are not applied.
     python -m benchmarks.vs_llamacpp --write docs/benchmarks.md     # 32 layers: ~14 GB of files, ~30 minutes
     python -m benchmarks.vs_llamacpp --gguf ../shared/models/smollm2-135m-instruct/SmolLM2-135M-Instruct.Q4_1.gguf \
         --rounds 3 --write docs/benchmarks.md                       # SmolLM2: ~5 minutes after the build
-    python -m benchmarks.vs_llamacpp --isa avx2 --write docs/benchmarks.md  # both engines' AVX2 code, decode only
+    python -m benchmarks.vs_llamacpp --isa avx2 --write docs/benchmarks.md  # both engines' AVX2 code
 
 With `--isa avx2` both engines run the code of an AVX2-only CPU (a Zen 2/3) on this one: llama.cpp built for AVX2
-only (`llamacpp_build.py --isa avx2`), ours with `INT8SERVE_KERNEL=avx2` and `INT8SERVE_ATTENTION=avx2`. Only decode
-is compared: our dense prefill path multiplies in bf16 wherever the CPU can, which an AVX2-only CPU cannot (it runs
-fp32 there), and no setting holds it to fp32. The section is kept apart from the native one.
+only (`llamacpp_build.py --isa avx2`), ours with `INT8SERVE_KERNEL=avx2` and `INT8SERVE_ATTENTION=avx2` (our
+kernels' AVX2 paths; prefill then multiplies through the int8 kernel's avx2 GEMM, as on an AVX2-only CPU), torch's
+own operations held to AVX2 (`ATEN_CPU_CAPABILITY=avx2`) and oneDNN too (`ONEDNN_MAX_CPU_ISA=AVX2`). The section is
+kept apart from the native one.
 """
 
 from __future__ import annotations
@@ -107,10 +108,10 @@ LABELS = {"decode_b1": "decode tok/s, batch 1",
           "prefill": f"prefill tok/s, {PROMPT}-token prompt",
           "prefill_server": f"prefill tok/s, the same prompt in the server's {DEFAULT_PREFILL_CHUNK}-token chunks "
                             "(llama.cpp: the figure above)"}
-# the figures of a run: every one natively; with --isa avx2 decode only (see the docstring)
-FIGURES = {"native": tuple(GOALS), "avx2": ("decode_b1", "decode_b4")}
-# what --isa avx2 sets for our side (the child process inherits it)
-AVX2_SETTINGS = {"INT8SERVE_KERNEL": "avx2", "INT8SERVE_ATTENTION": "avx2"}
+ISAS = ("native", "avx2")  # --isa: each engine's fastest code, or both held to AVX2 code (see the docstring)
+# what --isa avx2 sets for our side (the child process inherits it, and reads it before torch starts)
+AVX2_SETTINGS = {"INT8SERVE_KERNEL": "avx2", "INT8SERVE_ATTENTION": "avx2", "ATEN_CPU_CAPABILITY": "avx2",
+                 "ONEDNN_MAX_CPU_ISA": "AVX2"}
 LLAMA_CPP_TOOLS = {"decode_b1": f"`llama-bench -n {GEN}`",
                    "decode_b4": f"`llama-batched-bench -npp {BATCH_PROMPT} -ntg {GEN} -npl {BATCH}`",
                    "prefill": f"`llama-bench -p {PROMPT}`",
@@ -379,7 +380,7 @@ def ours_decode(model: Transformer, batch: int, start: int, gen: int) -> Figure:
 
 
 def measure_ours(model: Transformer, prompt: int = PROMPT, gen: int = GEN,
-                 batch_prompt: int = BATCH_PROMPT, names: Sequence[str] = FIGURES["native"]) -> dict[str, Figure]:
+                 batch_prompt: int = BATCH_PROMPT, names: Sequence[str] = tuple(GOALS)) -> dict[str, Figure]:
     """Our figures `names`, defined as llama.cpp's tools define theirs (see the module docstring)."""
     figures = {}
     for name, measure in (("decode_b1", lambda: ours_decode(model, 1, 0, gen)),
@@ -393,25 +394,35 @@ def measure_ours(model: Transformer, prompt: int = PROMPT, gen: int = GEN,
     return figures
 
 
-def ours_child(checkpoint: Path, isa: str = "native") -> None:
-    """In the child process: load our checkpoint (or map the cached int8 copy of a GGUF file), measure the figures of
-    `isa`, print them as JSON on stdout."""
+def ours_child(checkpoint: Path) -> None:
+    """In the child process: load our checkpoint (or map the cached int8 copy of a GGUF file), measure our figures
+    (with the path settings the parent's --isa put in the environment), print them as JSON on stdout."""
     torch.set_num_threads(THREADS)
     started = time.perf_counter()
     model = load_cached(checkpoint).model
     log(f"  ours: loaded in {time.perf_counter() - started:.0f} s, resident {rss_gb():.2f} GB")
-    figures = measure_ours(model, names=FIGURES[isa])
+    figures = measure_ours(model)
     print(json.dumps({name: dataclasses.asdict(f) for name, f in figures.items()}))
 
 
-def run_ours(checkpoint: Path, isa: str = "native") -> dict[str, Figure]:
+def run_ours(checkpoint: Path) -> dict[str, Figure]:
     """Our figures, measured in a child process (so that our weights leave memory before llama.cpp runs)."""
-    command = [sys.executable, "-m", "benchmarks.vs_llamacpp", "--ours-child", str(checkpoint), "--isa", isa]
+    command = [sys.executable, "-m", "benchmarks.vs_llamacpp", "--ours-child", str(checkpoint)]
     result = subprocess.run(command, stdout=subprocess.PIPE, text=True, check=False,
                             env={**os.environ, "OMP_NUM_THREADS": str(THREADS)})
     if result.returncode != 0:
         raise RuntimeError(f"measuring int8serve failed (exit {result.returncode}); see its output above")
     return {name: Figure(**values) for name, values in json.loads(result.stdout.splitlines()[-1]).items()}
+
+
+def prefill_path() -> str:
+    """What our prefill multiplies with (`int8.describe_dense`, the start line's words), as this process's settings
+    make it (the child inherits them)."""
+    try:
+        from int8serve.engine import int8
+        return int8.describe_dense()
+    except Exception as error:  # (a report line, never a reason to lose the run's figures)
+        return f"prefill matmuls: unknown ({error})"
 
 
 def kernel_path() -> str:
@@ -470,7 +481,7 @@ def batched_bench(llama: LlamaCpp, gguf_path: Path, repack: bool) -> float:
 
 
 def measure_llamacpp(llama: LlamaCpp, gguf_path: Path, reps: int, repack: bool,
-                     names: Sequence[str] = FIGURES["native"]) -> dict[str, Figure]:
+                     names: Sequence[str] = tuple(GOALS)) -> dict[str, Figure]:
     figures = {}
     for name, measure in (("decode_b1", lambda: llama_bench(llama, gguf_path, 0, GEN, reps, repack)),
                           ("decode_b4", lambda: batched_bench(llama, gguf_path, repack)),
@@ -505,8 +516,8 @@ def run_round(index: int, llama: LlamaCpp, files: WeightFiles, args: argparse.Na
     results: dict[str, dict[str, Figure]] = {}
     for engine in ([first, *({"llama.cpp", "int8serve"} - {first})]):
         quiet.wait()
-        results[engine] = run_ours(files.checkpoint, args.isa) if engine == "int8serve" else \
-            measure_llamacpp(llama, files.gguf, args.reps, args.llama_repack, FIGURES[args.isa])
+        results[engine] = run_ours(files.checkpoint) if engine == "int8serve" else \
+            measure_llamacpp(llama, files.gguf, args.reps, args.llama_repack)
         log(f"  {engine}: " + ", ".join(f"{k} {v.tok_s:.2f} tok/s" for k, v in results[engine].items()))
     return Round(first, bandwidth, results["llama.cpp"], results["int8serve"])
 
@@ -540,7 +551,7 @@ def results_table(rounds: Sequence[Round], gguf_type: str = "Q8_0", goals: bool 
     lines = [f"| | llama.cpp {gguf_type} (per round) | int8serve (per round) | int8serve ÷ llama.cpp (means of the "
              "rounds) |", "|---|---|---|---|"]
     for name, label in LABELS.items():
-        if name not in rounds[0].ours:  # (--isa avx2: decode only)
+        if name not in rounds[0].ours:  # (a figure not measured)
             continue
         theirs = " / ".join(f"{r.llama[name].tok_s:.2f}" for r in rounds)
         ours = " / ".join(f"{r.ours[name].tok_s:.2f}" for r in rounds)
@@ -601,7 +612,7 @@ def build_report(args: argparse.Namespace, rounds: Sequence[Round], files: Weigh
              f"- Date: {now}; code: {git_revision()}",
              f"- CPU: {machine_description()}, {cpu_model()}; {ram:.0f} GiB RAM; {THREADS} threads for "
              f"each engine; torch {torch.__version__}.",
-             f"- Our kernel path: {kernel_path()}.",
+             f"- Our kernel path: {kernel_path()}; {prefill_path()}.",
              *([AVX2_LINE] if args.isa == "avx2" else []),
              f"- llama.cpp: {llama.describe()}, binaries in `{llama.bin_dir}`"
              + ("." if args.llama_repack else "; run with `--repack 0` (no AMX path, no repacked weights)."),
@@ -625,11 +636,10 @@ def build_report(args: argparse.Namespace, rounds: Sequence[Round], files: Weigh
 
 AVX2_LINE = ("- AVX2 code only (`--isa avx2`): ours with "
              + " and ".join(f"`{k}={v}`" for k, v in AVX2_SETTINGS.items())
-             + "; llama.cpp as the next line says (built for AVX2 only, unless --llama-bin named other binaries). "
-             "Decode only: our dense prefill path multiplies in bf16 wherever the CPU can, which an AVX2-only CPU "
-             "cannot (fp32 there), and no setting holds it to fp32.")
+             + "; llama.cpp as the next line says (built for AVX2 only, unless --llama-bin named other binaries).")
 # the settings that choose our paths: shown before the command when this run had them (the child inherits them)
-PATH_SETTINGS = ("INT8SERVE_KERNEL", "INT8SERVE_ATTENTION", "INT8SERVE_PREFILL_MATMUL")
+PATH_SETTINGS = ("INT8SERVE_KERNEL", "INT8SERVE_ATTENTION", "INT8SERVE_PREFILL_MATMUL", "ATEN_CPU_CAPABILITY",
+                 "ONEDNN_MAX_CPU_ISA")
 
 
 def display_command(args: argparse.Namespace) -> str:
@@ -688,9 +698,9 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
                              "(default: the int8serve cache dir/vs-llamacpp)")
     parser.add_argument("--llama-cpp-python", default=DEFAULT_VERSION, metavar="VERSION",
                         help=f"the llama-cpp-python sdist whose llama.cpp is built (default {DEFAULT_VERSION})")
-    parser.add_argument("--isa", choices=tuple(FIGURES), default="native",
+    parser.add_argument("--isa", choices=ISAS, default="native",
                         help="native: each engine's fastest code for this CPU (default); avx2: both held to the code "
-                             "of an AVX2-only CPU (a Zen 2/3), decode only (see above)")
+                             "of an AVX2-only CPU (a Zen 2/3, see above)")
     parser.add_argument("--llama-bin", type=Path, metavar="DIR",
                         help="use the llama-bench and llama-batched-bench in DIR instead of building them")
     parser.add_argument("--no-llama-repack", dest="llama_repack", action="store_false",
@@ -744,7 +754,7 @@ def require_gguf() -> None:
 def main(argv: Sequence[str] | None = None) -> None:
     args = parse_args(argv)
     if args.ours_child:
-        ours_child(args.ours_child, args.isa)
+        ours_child(args.ours_child)
         return
     require_gguf()
     hold_to_isa(args.isa)

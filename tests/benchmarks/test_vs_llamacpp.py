@@ -225,24 +225,27 @@ def test_the_command_shows_the_path_settings_and_binaries_of_the_run(monkeypatch
     assert command == "INT8SERVE_KERNEL=avx2 python -m benchmarks.vs_llamacpp --layers 2 --llama-bin /opt/llama/bin"
 
 
-def test_avx2_runs_hold_our_side_to_its_avx2_paths_and_measure_decode_only(
-        files: vs_llamacpp.WeightFiles, tmp_path, monkeypatch: pytest.MonkeyPatch) -> None:
+def test_avx2_runs_hold_our_side_to_its_avx2_paths(files: vs_llamacpp.WeightFiles, tmp_path,
+                                                  monkeypatch: pytest.MonkeyPatch) -> None:
+    """--isa avx2: our kernels' AVX2 paths (prefill through the int8 kernel's GEMM, as on an AVX2-only CPU), torch's
+    and oneDNN's code held to AVX2 too, every figure measured, and a section of its own."""
     # a copy of the environment, so that what hold_to_isa sets leaves with the test
     monkeypatch.setattr(os, "environ", {k: v for k, v in os.environ.items() if k not in vs_llamacpp.PATH_SETTINGS})
     vs_llamacpp.hold_to_isa("avx2")
     assert "avx2" in vs_llamacpp.kernel_path()
-    assert {k: os.environ[k] for k in vs_llamacpp.AVX2_SETTINGS} == {"INT8SERVE_KERNEL": "avx2",
-                                                                     "INT8SERVE_ATTENTION": "avx2"}
+    assert {k: os.environ[k] for k in vs_llamacpp.AVX2_SETTINGS} == {
+        "INT8SERVE_KERNEL": "avx2", "INT8SERVE_ATTENTION": "avx2", "ATEN_CPU_CAPABILITY": "avx2",
+        "ONEDNN_MAX_CPU_ISA": "AVX2"}
     with engine.torch_threads(1):
-        figures = vs_llamacpp.measure_ours(load_model(files.checkpoint).model, prompt=16, gen=2, batch_prompt=8,
-                                           names=vs_llamacpp.FIGURES["avx2"])
-    assert set(figures) == {"decode_b1", "decode_b4"}
+        figures = vs_llamacpp.measure_ours(load_model(files.checkpoint).model, prompt=16, gen=2, batch_prompt=8)
+    assert set(figures) == set(vs_llamacpp.GOALS)
     rounds = [vs_llamacpp.Round("llama.cpp", 30.0, dict(figures), dict(figures))]
     args = vs_llamacpp.parse_args(["--layers", "2", "--isa", "avx2"])
     llama = vs_llamacpp.LlamaCpp(tmp_path / "bin", "0.3.36", {"isa": "avx2"})
     report = vs_llamacpp.build_report(args, rounds, files, llama)
-    assert "both held to AVX2 code" in report and "Decode only" in report and "built for AVX2 only" in report
-    assert "prefill tok/s" not in report and "**1.00×**" in report
+    assert "both held to AVX2 code" in report and "built for AVX2 only" in report
+    assert "prefill matmuls: our int8 kernel's avx2 path, every call" in report
+    assert "prefill tok/s" in report and "**1.00×**" in report
     assert "python -m benchmarks.vs_llamacpp --layers 2 --isa avx2" in report  # (the settings it implies not shown)
     assert vs_llamacpp.section_label(2, isa="avx2") == "--layers 2 --isa avx2"
     assert vs_llamacpp.section_label(32, cpu="AMD EPYC family 26 model 2", isa="avx2").endswith("model 2 --isa avx2")
