@@ -42,6 +42,10 @@ PROBES = [
     ("bf16 dot (vdpbf16ps), zmm", "vdpbf16ps %%zmm30, %%zmm31, %%zmm{r}", 32, {"avx512_bf16"}),
     ("int8 dot (vpdpbusd), zmm", "vpdpbusd %%zmm30, %%zmm31, %%zmm{r}", 64, {"avx512_vnni"}),
     ("int8 dot (vpdpbusd), ymm (AVX-VNNI)", "%{{vex%}} vpdpbusd %%ymm14, %%ymm15, %%ymm{r}", 32, {"avx_vnni"}),
+    # AVX2's integer products (what gemv.cpp's avx2 path and llama.cpp's AVX2 code run on): products summed in pairs,
+    # without the accumulation, which takes a vpaddd (and for vpmaddubsw a vpmaddwd) more
+    ("int16 pairs (vpmaddwd), ymm", "vpmaddwd %%ymm14, %%ymm15, %%ymm{r}", 16, {"avx2"}),
+    ("uint8 x int8 pairs (vpmaddubsw), ymm", "vpmaddubsw %%ymm14, %%ymm15, %%ymm{r}", 32, {"avx2"}),
 ]
 # Independent chains per thread (ymm0-13 beside the sources ymm14-15): more than latency x pipes of every probe. 10 were
 # too few for vdpbf16ps on an AMD EPYC Zen 5 (family 26 model 2, 2026-12-02, 10 and 14 alternated three times, best
