@@ -6,10 +6,15 @@ buffer and multiplies the chunk with it (int8.py, `Int8Linear._packed_forward`).
   code of the same library (`kernels.dequantize(..., impl=)`), into fp32 and into bf16;
 - the fp32 matmul (CPUs without native bf16): oneDNN (`int8.dense_matmul`) against torch's default `F.linear`
   (MKL in torch's CPU wheels), for a chunk of `--rows` rows (default 128, the engine's prefill chunk);
-- on CPUs with AMX-BF16 or AVX512-BF16, the whole bf16 step as Int8Linear runs it for chunks of `--bf16-rows` rows
+- on CPUs with AMX-BF16 or AVX512-BF16, the whole bf16 step as Int8Linear runs it for chunks of `--step-rows` rows
   (default 128 and 512): each path of our bf16 kernel straight from the packed weight (kernels/matmul.py: `amx`,
   `avx512bf16`) against dequantizing into bf16 and oneDNN's matmul (`int8.dense_matmul`), from fp32 rows to fp32
-  outputs.
+  outputs;
+- on the avx2 path (CPUs with AVX2 only, or `INT8SERVE_KERNEL=avx2`), the whole prefill step for chunks of
+  `--step-rows` rows: our int8 kernel's GEMM on 16-bit activations (what Int8Linear runs there, int8.kernel_rows)
+  against dequantizing into fp32 and oneDNN's fp32 matmul (`INT8SERVE_PREFILL_MATMUL=dense`). To measure an AVX2-only
+  CPU's two paths on a CPU with more, hold oneDNN to AVX2 as well:
+  `INT8SERVE_KERNEL=avx2 ONEDNN_MAX_CPU_ISA=AVX2 python -m benchmarks.prefill_paths --shapes gate/up down`.
 Candidates alternate within each round (which goes first alternates too), on weights that rotate through several
 distinct copies; medians over all rounds; the ratios are medians of per-round ratios.
 
@@ -20,6 +25,7 @@ from __future__ import annotations
 
 import argparse
 import datetime
+import os
 import statistics
 import time
 from collections.abc import Callable, Sequence
@@ -36,6 +42,7 @@ from int8serve.engine.kernels import matmul as prefill_matmul
 SCRIPT = "prefill_paths.py"
 SHAPES = {"qkvo": (4096, 4096), "gate/up": (4096, 11008), "down": (11008, 4096)}
 COPIES = 3
+HELD = ("INT8SERVE_KERNEL", "ONEDNN_MAX_CPU_ISA", "INT8SERVE_PREFILL_MATMUL")  # settings the command line shows
 
 
 def alternate(candidates: dict[str, Callable[[int], object]], rounds: int, copies: int) -> dict[str, list[float]]:
@@ -57,7 +64,7 @@ def ratio(new: list[float], old: list[float]) -> float:
     return statistics.median(o / n for n, o in zip(new, old, strict=True))
 
 
-def measure_shape(k: int, n: int, rows: int, rounds: int, bf16_rows: Sequence[int] = (128, 512)) -> list[str]:
+def measure_shape(k: int, n: int, rows: int, rounds: int, step_rows: Sequence[int] = (128, 512)) -> list[str]:
     generator = torch.Generator().manual_seed(n * k)
     scale = (torch.rand(n, k // 32, generator=generator) * 0.01 + 0.001).to(torch.bfloat16).float()
     packed = [kernels.pack_weight(torch.randint(-127, 128, (n, k), generator=generator, dtype=torch.int8), scale, 32)
@@ -85,9 +92,36 @@ def measure_shape(k: int, n: int, rows: int, rounds: int, bf16_rows: Sequence[in
              "GFLOP/s)" for c in candidates]
     lines.append(f"| {k}→{n} | fp32 matmul, {rows} rows | {' | '.join(cells)} | "
                  f"{ratio(seconds['dense_matmul'], seconds['F.linear']):.2f}× |")
-    for count in bf16_rows if prefill_matmul.available() else ():
+    for count in step_rows if prefill_matmul.available() else ():
         lines += measure_bf16_kernel(k, n, count, rounds, packed, generator)
+    for count in step_rows if kernels.path() == "avx2" else ():
+        lines.append(measure_avx2_kernel(k, n, count, rounds, packed, generator))
     return lines
+
+
+def measure_avx2_kernel(k: int, n: int, rows: int, rounds: int, packed: list[kernels.PackedWeight],
+                        generator: torch.Generator) -> str:
+    """The prefill step of the avx2 path from fp32 rows to fp32 outputs: dequantize + oneDNN's fp32 matmul against
+    our int8 kernel (its GEMM from 16 rows up, precise activations, as Int8Linear calls it)."""
+    buffer = torch.empty(n, k)
+    x = torch.randn(rows, k, generator=generator)
+
+    def dequantized(i: int) -> torch.Tensor:
+        kernels.dequantize(packed[i], buffer)
+        return int8.dense_matmul(x, buffer)
+
+    candidates = {"dequantize + oneDNN": dequantized,
+                  "avx2": lambda i: kernels.int8_gemv(x, packed[i], impl="avx2", precise=int8.PRECISE_ACTIVATIONS)}
+    seconds = alternate(candidates, rounds, COPIES)
+    flops = 2 * rows * n * k
+
+    def cell(name: str) -> str:
+        median = statistics.median(seconds[name])
+        return f"{median * 1e3:.1f} ms ({flops / median / 1e9:.0f} GFLOP/s)"
+
+    gain = ratio(seconds["avx2"], seconds["dequantize + oneDNN"])
+    return (f"| {k}→{n} | fp32 prefill step, {rows} rows, our int8 kernel's `avx2` GEMM | "
+            f"{cell('dequantize + oneDNN')} | {cell('avx2')} | {gain:.2f}× |")
 
 
 def measure_bf16_kernel(k: int, n: int, rows: int, rounds: int, packed: list[kernels.PackedWeight],
@@ -118,17 +152,19 @@ def measure_bf16_kernel(k: int, n: int, rows: int, rounds: int, packed: list[ker
 
 def report(args: argparse.Namespace, lines: list[str], load: float) -> str:
     now = datetime.datetime.now(datetime.UTC).strftime("%Y-%m-%d %H:%M UTC")
+    held = "".join(f"{name}={os.environ[name]} " for name in HELD if os.environ.get(name))
     library = "oneDNN" if int8.onednn_fp32() else "F.linear (no oneDNN in this torch)"
     return "\n".join([
         f"## Prefill path: dequantization, the fp32 matmul and our bf16 kernel (`benchmarks/{SCRIPT}`, {cpu_label()})",
         "",
-        f"- Command: `python -m benchmarks.{SCRIPT.removesuffix('.py')} --rows {args.rows} --bf16-rows "
-        f"{' '.join(map(str, args.bf16_rows))} --rounds {args.rounds}"
+        f"- Command: `{held}python -m benchmarks.{SCRIPT.removesuffix('.py')} --rows {args.rows} --step-rows "
+        f"{' '.join(map(str, args.step_rows))} --rounds {args.rounds}"
         + (f" --write {args.write}`" if args.write else "`"),
         f"- Date: {now}; CPU: {machine_description()}; {torch.get_num_threads()} threads; torch {torch.__version__}.",
         f"- Old: the scalar dequantization, torch's `F.linear` (MKL); new: the `{kernels.path()}` path's vector "
         f"code, `int8.dense_matmul` ({library}); on CPUs with AMX-BF16 or AVX512-BF16, for the bf16 step: dequantize + "
-        f"oneDNN (old) and each path of our bf16 kernel (new). The prefill path on this CPU: {int8.describe_dense()}.",
+        f"oneDNN (old) and each path of our bf16 kernel (new); on the avx2 path, for the fp32 step: dequantize + "
+        f"oneDNN (old) and our int8 kernel (new). The prefill path on this CPU: {int8.describe_dense()}.",
         f"- {args.rounds} alternating rounds, weights rotating through {COPIES} copies; other processes used "
         f"{load:.0%} of the CPUs.", "",
         "| shape K→N | step | old | new | new ÷ old (speed) |", "|---|---|---|---|---|", *lines, ""])
@@ -138,15 +174,16 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(prog=f"python -m benchmarks.{SCRIPT.removesuffix('.py')}", description=__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--rows", type=int, default=128, help="rows of the matmul (default 128, a prefill chunk)")
-    parser.add_argument("--bf16-rows", type=int, nargs="+", default=[128, 512], metavar="ROWS",
-                        help="rows of the bf16 step compared on CPUs with AMX-BF16 or AVX512-BF16 (default 128 512: "
-                             "a server's prefill chunk, a long prompt in one forward)")
+    parser.add_argument("--step-rows", "--bf16-rows", dest="step_rows", type=int, nargs="+", default=[128, 512],
+                        metavar="ROWS", help="rows of the whole prefill step compared (the bf16 step on CPUs with "
+                        "AMX-BF16 or AVX512-BF16, the avx2 path's fp32 step; default 128 512: a server's prefill "
+                        "chunk, a long prompt in one forward)")
     parser.add_argument("--rounds", type=int, default=6, help="alternating rounds (default 6)")
     parser.add_argument("--shapes", nargs="+", choices=list(SHAPES), default=list(SHAPES))
     parser.add_argument("--write", type=Path, metavar="FILE", help="replace this script's section of FILE")
     args = parser.parse_args(argv)
-    if args.rows < 1 or args.rounds < 1 or min(args.bf16_rows) < 1:
-        parser.error("--rows, --bf16-rows and --rounds must be at least 1")
+    if args.rows < 1 or args.rounds < 1 or min(args.step_rows) < 1:
+        parser.error("--rows, --step-rows and --rounds must be at least 1")
     return args
 
 
@@ -155,7 +192,7 @@ def main(argv: Sequence[str] | None = None) -> None:
     load = CpuShares()
     lines = []
     for shape in args.shapes:
-        lines += measure_shape(*SHAPES[shape], args.rows, args.rounds, args.bf16_rows)
+        lines += measure_shape(*SHAPES[shape], args.rows, args.rounds, args.step_rows)
         log(lines[-1])
     text = report(args, lines, load.others())
     publish(text, args.write, SCRIPT, cpu_label())
