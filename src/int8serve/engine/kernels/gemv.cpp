@@ -311,38 +311,89 @@ GroupRounder group_rounder(Impl impl) {
   }
 }
 
+// One group of a precise row on the avx2 path (32 values, the whole group): q_hi and q_lo, their scales and
+// corrections, and the 16-bit row 256 * q_hi + q_lo, by the same IEEE operations as quantize_group_avx2, the residual
+// of quantize_row and round_group_avx2, in registers (prefill quantizes many rows: it was 5% of a GEMM call's time).
+INT8SERVE_AVX2 void quantize_pair_avx2(const float* x, int8_t* qhi, int8_t* qlo, float* scale_hi, float* scale_lo,
+                                       int32_t* corr_hi, int32_t* corr_lo, int16_t* wide) {
+  __m256 v[4];
+  const __m256 sign = _mm256_set1_ps(-0.0f);
+  __m256 m = _mm256_setzero_ps();
+  for (int i = 0; i < 4; ++i) m = _mm256_max_ps(m, _mm256_andnot_ps(sign, v[i] = _mm256_loadu_ps(x + 8 * i)));
+  __m128 h = _mm_max_ps(_mm256_castps256_ps128(m), _mm256_extractf128_ps(m, 1));
+  h = _mm_max_ps(h, _mm_movehl_ps(h, h));
+  h = _mm_max_ss(h, _mm_shuffle_ps(h, h, 1));
+  const float inv = group_inverse(_mm_cvtss_f32(h), scale_hi);
+  const float d = *scale_hi;
+  const float inv256 = d > 0.0f ? (1.0f / d) * 256.0f : 0.0f;
+  *scale_lo = d * (1.0f / 256.0f);
+  const __m256i lo = _mm256_set1_epi32(-127), hi = _mm256_set1_epi32(127);
+  __m256i qh[4], ql[4];
+  __m256i sum_hi = _mm256_setzero_si256(), sum_lo = _mm256_setzero_si256();
+  for (int i = 0; i < 4; ++i) {
+    qh[i] = _mm256_min_epi32(_mm256_max_epi32(_mm256_cvtps_epi32(_mm256_mul_ps(v[i], _mm256_set1_ps(inv))), lo), hi);
+    const __m256 residual = _mm256_sub_ps(v[i], _mm256_mul_ps(_mm256_set1_ps(d), _mm256_cvtepi32_ps(qh[i])));
+    ql[i] = _mm256_min_epi32(_mm256_max_epi32(_mm256_cvtps_epi32(_mm256_mul_ps(residual, _mm256_set1_ps(inv256))), lo),
+                             hi);
+    sum_hi = _mm256_add_epi32(sum_hi, qh[i]);
+    sum_lo = _mm256_add_epi32(sum_lo, ql[i]);
+    const __m256i w = _mm256_add_epi32(_mm256_slli_epi32(qh[i], 8), ql[i]);  // |.| <= 32639: packs exactly
+    _mm_storeu_si128(reinterpret_cast<__m128i*>(wide + 8 * i),
+                     _mm_packs_epi32(_mm256_castsi256_si128(w), _mm256_extracti128_si256(w, 1)));
+  }
+  // int32 -> int8 in order: packs work within 128-bit lanes, the permute puts the 4-value pieces back in order
+  const __m256i order = _mm256_setr_epi32(0, 4, 1, 5, 2, 6, 3, 7);
+  const __m256i bytes_hi = _mm256_permutevar8x32_epi32(
+      _mm256_packs_epi16(_mm256_packs_epi32(qh[0], qh[1]), _mm256_packs_epi32(qh[2], qh[3])), order);
+  const __m256i bytes_lo = _mm256_permutevar8x32_epi32(
+      _mm256_packs_epi16(_mm256_packs_epi32(ql[0], ql[1]), _mm256_packs_epi32(ql[2], ql[3])), order);
+  _mm256_storeu_si256(reinterpret_cast<__m256i*>(qhi), bytes_hi);
+  _mm256_storeu_si256(reinterpret_cast<__m256i*>(qlo), bytes_lo);
+  alignas(32) int32_t sums[16];
+  _mm256_store_si256(reinterpret_cast<__m256i*>(sums), sum_hi);
+  _mm256_store_si256(reinterpret_cast<__m256i*>(sums + 8), sum_lo);
+  int32_t total_hi = 0, total_lo = 0;
+  for (int i = 0; i < 8; ++i) total_hi += sums[i], total_lo += sums[8 + i];
+  *corr_hi = -128 * total_hi;
+  *corr_lo = -128 * total_lo;
+}
+
 // Quantize input row i into int8 row i (precise: rows 2i and 2i + 1, see quantize; and row i of `wide` if the
-// Activations have it). `residual`: room for K floats.
+// Activations have it).
 void quantize_row(const float* x, int64_t i, int64_t k, GroupQuantizer group, GroupRounder round_group, bool precise,
-                  float* residual, Activations& a) {
+                  Activations& a) {
   const float* source = x + i * k;
   const int64_t r = precise ? 2 * i : i;  // the first int8 row
-  for (int64_t g = 0; g < a.groups; ++g)
-    group(source + g * kGroup, std::min(kGroup, k - g * kGroup), a.q.data() + r * a.kp + g * kGroup,
-          a.scale.data() + r * a.groups + g, a.corr.data() + r * a.groups + g);
-  if (!precise) return;
-  // the first row's quantization error, in plain fp32 (no fma: -ffp-contract=off), on the scale d / 256
-  const int8_t* q = a.q.data() + r * a.kp;
-  const float* scale = a.scale.data() + r * a.groups;
-  for (int64_t j = 0; j < k; ++j) residual[j] = source[j] - scale[j / kGroup] * static_cast<float>(q[j]);
   for (int64_t g = 0; g < a.groups; ++g) {
-    const float d = scale[g];
+    const int64_t count = std::min(kGroup, k - g * kGroup);
+    int8_t* q = a.q.data() + r * a.kp + g * kGroup;
+    float* scale = a.scale.data() + r * a.groups + g;
+    int32_t* corr = a.corr.data() + r * a.groups + g;
+    int16_t* wide = a.wide.empty() ? nullptr : a.wide.data() + i * a.kp + g * kGroup;
+    if (precise && wide && count == kGroup) {  // (the avx2 path: `wide` is only made there)
+      quantize_pair_avx2(source + g * kGroup, q, q + a.kp, scale, scale + a.groups, corr, corr + a.groups, wide);
+      continue;
+    }
+    group(source + g * kGroup, count, q, scale, corr);
+    if (!precise) continue;
+    // the group's quantization error, in plain fp32 (no fma: -ffp-contract=off), on the scale d / 256
+    const float d = *scale;
+    float residual[kGroup] = {};
+    for (int64_t j = 0; j < count; ++j) residual[j] = source[g * kGroup + j] - d * static_cast<float>(q[j]);
     const float inv256 = d > 0.0f ? (1.0f / d) * 256.0f : 0.0f;
-    a.scale[(r + 1) * a.groups + g] = d * (1.0f / 256.0f);  // exact: a power of two
-    round_group(residual + g * kGroup, std::min(kGroup, k - g * kGroup), inv256, a.q.data() + (r + 1) * a.kp + g * kGroup,
-                a.corr.data() + (r + 1) * a.groups + g);
+    scale[a.groups] = d * (1.0f / 256.0f);  // exact: a power of two
+    round_group(residual, count, inv256, q + a.kp, corr + a.groups);
+    if (wide)
+      for (int64_t j = 0; j < kGroup; ++j) wide[j] = static_cast<int16_t>(256 * q[j] + q[a.kp + j]);
   }
-  if (a.wide.empty()) return;
-  const int8_t* low = q + a.kp;
-  int16_t* wide = a.wide.data() + i * a.kp;
-  for (int64_t j = 0; j < a.kp; ++j) wide[j] = static_cast<int16_t>(256 * q[j] + low[j]);
 }
 
 // Quantize M rows. precise: 2 int8 rows per input row, the row (2r) and what its quantization left over (2r + 1) on
 // the scale d / 256 (d: row 2r's scale of the group), so that x = d / 256 * (256 * q_hi + q_lo) to about 1/(2 * 127 *
 // 256) of each group's largest value; the kernel combines each pair's dot products (see the top of this file).
-// Calls of kParallelQuantizeValues values or more (prefill chunks: 8 rows of 4096 and more) quantize on `threads`
-// threads, a row each at a time (each row's result is the same either way); decode's few rows stay on one.
+// Calls of kParallelQuantizeRows rows and kParallelQuantizeValues values or more (prefill chunks) quantize on
+// `threads` threads, a row each at a time (each row's result is the same either way); decode's few rows stay on one.
+constexpr int64_t kParallelQuantizeRows = 8;
 constexpr int64_t kParallelQuantizeValues = int64_t{1} << 15;
 
 Activations quantize(const float* x, int64_t m, int64_t k, Impl impl, bool precise, int threads) {
@@ -357,11 +408,9 @@ Activations quantize(const float* x, int64_t m, int64_t k, Impl impl, bool preci
   const GroupQuantizer group = group_quantizer(impl);
   const GroupRounder round_group = group_rounder(impl);
   const int nthreads =
-      m * k >= kParallelQuantizeValues ? static_cast<int>(std::max<int64_t>(1, std::min<int64_t>(threads, m))) : 1;
-  std::vector<float> residual(precise ? static_cast<size_t>(nthreads * k) : 0);  // (allocated before the threads)
+      m >= kParallelQuantizeRows && m * k >= kParallelQuantizeValues ? static_cast<int>(std::max<int64_t>(1, std::min<int64_t>(threads, m))) : 1;
 #pragma omp parallel for schedule(static) num_threads(nthreads) if (nthreads > 1)
-  for (int64_t i = 0; i < m; ++i)
-    quantize_row(x, i, k, group, round_group, precise, residual.data() + (precise ? omp_get_thread_num() * k : 0), a);
+  for (int64_t i = 0; i < m; ++i) quantize_row(x, i, k, group, round_group, precise, a);
   return a;
 }
 
@@ -716,10 +765,7 @@ INT8SERVE_AVX2 void rows_avx2_wide(const TileArgs& a, int64_t rows, int64_t tile
 #define INT8SERVE_WIDE_GEMM_MIN_ROWS 16
 #endif
 constexpr int64_t kWideGemmMinRows = INT8SERVE_WIDE_GEMM_MIN_ROWS;
-#ifndef INT8SERVE_WIDE_GEMM_ROWS
-#define INT8SERVE_WIDE_GEMM_ROWS 4
-#endif
-constexpr int kWideGemmRows = INT8SERVE_WIDE_GEMM_ROWS;  // activation rows a register block
+constexpr int kWideGemmRows = 4;  // activation rows a register block (group_sums_4x16)
 constexpr int kWideGemmVectors = 2;  // 8 outputs each: the register block's outputs (wide_block's assembly: 2)
 constexpr int64_t kWideColumns = 8 * kWideGemmVectors;          // outputs a register block
 #ifndef INT8SERVE_WIDE_GEMM_GROUPS
@@ -786,6 +832,9 @@ struct WideBlock {
   "vpmaddwd %%ymm11, %%ymm13, %%ymm15\n\t"          \
   "vpaddd %%ymm15, %[" S1 "], %[" S1 "]\n\t"
 
+struct GroupWeights { int16_t w[kSteps * kWideStepWords]; };  // a group of a register block's outputs, widened
+struct GroupInputs { int16_t x[kGroup]; };                       // a group of one row's inputs
+
 INT8SERVE_AVX2 inline void group_sums_4x16(const int16_t* w, const int16_t* x, int64_t kp, __m256i sum[][2]) {
   const int16_t *x0 = x, *x1 = x + kp, *x2 = x + 2 * kp, *x3 = x + 3 * kp;
   __m256i s00, s01, s10, s11, s20, s21, s30, s31;
@@ -809,15 +858,21 @@ INT8SERVE_AVX2 inline void group_sums_4x16(const int16_t* w, const int16_t* x, i
       ".endr"
       : [s00] "=&x"(s00), [s01] "=&x"(s01), [s10] "=&x"(s10), [s11] "=&x"(s11), [s20] "=&x"(s20),
         [s21] "=&x"(s21), [s30] "=&x"(s30), [s31] "=&x"(s31)
-      : [w] "r"(w), [x0] "r"(x0), [x1] "r"(x1), [x2] "r"(x2), [x3] "r"(x3)
-      : "xmm8", "xmm9", "xmm10", "xmm11", "xmm12", "xmm13", "xmm14", "xmm15", "memory");
+      : [w] "r"(w), [x0] "r"(x0), [x1] "r"(x1), [x2] "r"(x2), [x3] "r"(x3),
+        // what it reads, so that GCC needs no "memory" clobber (which made it reload every field of WideBlock after)
+        "m"(*reinterpret_cast<const GroupWeights*>(w)), "m"(*reinterpret_cast<const GroupInputs*>(x0)),
+        "m"(*reinterpret_cast<const GroupInputs*>(x1)), "m"(*reinterpret_cast<const GroupInputs*>(x2)),
+        "m"(*reinterpret_cast<const GroupInputs*>(x3))
+      : "xmm8", "xmm9", "xmm10", "xmm11", "xmm12", "xmm13", "xmm14", "xmm15");
   sum[0][0] = s00, sum[0][1] = s01, sum[1][0] = s10, sum[1][1] = s11;
   sum[2][0] = s20, sum[2][1] = s21, sum[3][0] = s30, sum[3][1] = s31;
 }
 #undef INT8SERVE_WIDE_ROW
 
 // R rows x the kWideColumns outputs of column block `cb` over the K-block.
-template <int R>
+// kEachGroup: every group is a weight group of its own (the default scheme, one weight scale per 32 inputs), so each
+// group's sum goes straight into acc (a branch-free epilogue).
+template <int R, bool kEachGroup>
 INT8SERVE_AVX2 void wide_block(const WideBlock& a, int64_t cb) {
   constexpr int V = kWideGemmVectors;
   const int64_t ng = a.g1 - a.g0;
@@ -844,8 +899,8 @@ INT8SERVE_AVX2 void wide_block(const WideBlock& a, int64_t cb) {
       }
     }
     const int64_t wg = a.wg[g - a.g0];  // (a division here, per group and block, cost more than it seems)
-    const bool first = g == wg * a.lay.span;
-    const bool last = g == std::min(a.groups, (wg + 1) * a.lay.span) - 1;
+    const bool first = kEachGroup || g == wg * a.lay.span;
+    const bool last = kEachGroup || g == std::min(a.groups, (wg + 1) * a.lay.span) - 1;
     __m256 wscale[V];
     for (int v = 0; v < V; ++v) {
       wscale[v] = _mm256_setzero_ps();
@@ -871,14 +926,13 @@ INT8SERVE_AVX2 void wide_block(const WideBlock& a, int64_t cb) {
   }
 }
 
+template <bool kEachGroup>
 INT8SERVE_AVX2 void wide_rows(const WideBlock& a, int64_t rows, int64_t cb) {
   switch (rows) {
-    case 1: wide_block<1>(a, cb); break;
-    case 2: wide_block<2>(a, cb); break;
-    case 3: wide_block<3>(a, cb); break;
-    case 4: wide_block<4>(a, cb); break;
-    case 5: wide_block<5>(a, cb); break;
-    default: wide_block<kWideGemmRows>(a, cb); break;
+    case 1: wide_block<1, kEachGroup>(a, cb); break;
+    case 2: wide_block<2, kEachGroup>(a, cb); break;
+    case 3: wide_block<3, kEachGroup>(a, cb); break;
+    default: wide_block<4, kEachGroup>(a, cb); break;
   }
 }
 
@@ -904,7 +958,13 @@ INT8SERVE_AVX2 void gemm_avx2_wide_tile(const TileArgs& base, int64_t m, const W
       a.xscale = base.xscale + (2 * r0 + 1) * base.groups;
       a.inner = room.inner + r0 * kTileRows;
       a.acc = room.acc + r0 * kTileRows;
-      for (int64_t cb = 0; cb < kTileRows / kWideColumns; ++cb) wide_rows(a, std::min<int64_t>(kWideGemmRows, m - r0), cb);
+      const int64_t rows = std::min<int64_t>(kWideGemmRows, m - r0);
+      for (int64_t cb = 0; cb < kTileRows / kWideColumns; ++cb) {
+        if (a.lay.span == 1)
+          wide_rows<true>(a, rows, cb);
+        else
+          wide_rows<false>(a, rows, cb);
+      }
     }
   }
   const int64_t n0 = tile * kTileRows;
