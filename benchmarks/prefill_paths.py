@@ -195,7 +195,12 @@ def main(argv: Sequence[str] | None = None) -> None:
         lines += measure_shape(*SHAPES[shape], args.rows, args.rounds, args.step_rows)
         log(lines[-1])
     text = report(args, lines, load.others())
-    publish(text, args.write, SCRIPT, cpu_label())
+    publish(text, args.write, SCRIPT, section_label())
+
+
+def section_label() -> str:
+    """This CPU's section; a run with a path held (INT8SERVE_KERNEL=avx2 ...) keeps one of its own."""
+    return " ".join([cpu_label(), *(f"{name}={os.environ[name]}" for name in HELD if os.environ.get(name))])
 
 
 if __name__ == "__main__":

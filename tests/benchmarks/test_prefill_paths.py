@@ -35,6 +35,7 @@ def test_the_avx2_path_s_prefill_step_is_measured_against_onednn(monkeypatch: py
     text = prefill_paths.report(prefill_paths.parse_args(["--step-rows", "40", "7"]), lines, 0.0)
     assert "`INT8SERVE_KERNEL=avx2 python -m benchmarks.prefill_paths --rows 128 --step-rows 40 7" in text
     assert "our int8 kernel's avx2 path, every call" in text
+    assert prefill_paths.section_label().endswith(" INT8SERVE_KERNEL=avx2")  # (a section apart from the CPU's own)
 
 
 def test_bad_arguments_are_refused() -> None:

@@ -58,9 +58,11 @@ PRECISE_ACTIVATIONS = True
 KERNEL_ROWS = 32
 KERNEL_ROWS_ROW_EXACT = 128
 # The avx2 path (CPUs with AVX2 only: no native bf16, so the dense path is fp32) multiplies calls of 16 rows and more
-# as a GEMM on 16-bit activations (gemv.cpp, gemm_avx2_wide), faster there than dequantizing for oneDNN's fp32 matmul
-# (benchmarks/prefill_paths.py, docs/benchmarks.md), so it takes every call: prefill is row-exact on those CPUs at no
-# cost (the prefix cache keeps replies too). INT8SERVE_PREFILL_MATMUL=dense gives prefill back to oneDNN.
+# as a GEMM on 16-bit activations (gemv.cpp, gemm_avx2_wide), faster there than dequantizing for oneDNN's fp32 matmul:
+# on an AMD EPYC Zen 4 held to AVX2 code (INT8SERVE_KERNEL=avx2 ONEDNN_MAX_CPU_ISA=AVX2, 2 threads, weights from
+# memory, benchmarks/prefill_paths.py, 2026-12-02) 1.24-1.37x for the three 7B shapes at 128 and at 512 rows (an
+# AVX2-only CPU itself not measured yet). So it takes every call: prefill is row-exact on those CPUs, at no cost (the
+# prefix cache keeps replies too). INT8SERVE_PREFILL_MATMUL=dense gives prefill back to oneDNN.
 ALL_ROWS = sys.maxsize
 
 
