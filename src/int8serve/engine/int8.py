@@ -2,16 +2,16 @@
 
 Decode reads every weight once per step, so its speed is the speed at which int8 weights stream from memory. Our
 kernel (engine/kernels: AMX, AVX-512 VNNI, AVX-VNNI, AVX2 or scalar, chosen from the CPU's flags) runs every call of
-up to `kernel_rows()` rows (decode; whole prefill chunks with INT8SERVE_PREFILL_MATMUL=row-exact) on int8
-activations quantized per 32 values; it streams the weights near memory speed where torch's `_weight_int8pack_mm` is
-compute-bound, and it takes a scale per group of 32/64/128 input values (like llama.cpp's Q8_0), which per-channel
-int8pack cannot. Longer calls are compute-bound. On CPUs with AMX-BF16 or AVX512-BF16 our bf16 kernel multiplies them
-straight from the packed layout (kernels/matmul.py: the same bf16 weight values, no dequantized copy). On the avx2 path
-(CPUs with AVX2 only) our int8 kernel takes them too, as a GEMM on 16-bit activations (see ALL_ROWS). Elsewhere, and
-with INT8SERVE_PREFILL_MATMUL=dense, each weight is dequantized from the packed layout into one reused buffer and
-multiplied with `F.linear`; without native bf16 arithmetic, bf16 matmuls are emulated and fp32 is faster (AVX2 EPYC,
-128 x 4096 x 4096: bf16 307 ms, fp32 66 ms), so it is fp32 there, through oneDNN rather than MKL (1.6-1.8x on that
-EPYC, benchmarks/prefill_paths.py).
+up to `kernel_rows()` rows (decode; whole prefill chunks on the avx2 path, or with
+INT8SERVE_PREFILL_MATMUL=row-exact) on int8 activations quantized per 32 values; it streams the weights near memory
+speed where torch's `_weight_int8pack_mm` is compute-bound, and it takes a scale per group of 32/64/128 input values
+(like llama.cpp's Q8_0), which per-channel int8pack cannot. Longer calls are compute-bound. On CPUs with AMX-BF16 or
+AVX512-BF16 our bf16 kernel multiplies them straight from the packed layout (kernels/matmul.py: the same bf16 weight
+values, no dequantized copy). On the avx2 path (CPUs with AVX2 only) our int8 kernel takes them too, as a GEMM on
+16-bit activations (see ALL_ROWS). Elsewhere, and with INT8SERVE_PREFILL_MATMUL=dense, each weight is dequantized from
+the packed layout into one reused buffer and multiplied with `F.linear`; without native bf16 arithmetic, bf16 matmuls
+are emulated and fp32 is faster (AVX2 EPYC, 128 x 4096 x 4096: bf16 307 ms, fp32 66 ms), so it is fp32 there,
+through oneDNN rather than MKL (1.6-1.8x on that EPYC, benchmarks/prefill_paths.py).
 The residual stream, norms and logits stay in fp32 around it.
 """
 

@@ -23,10 +23,10 @@ as their whole aligned chunk would be (`chunking.py`), so a token is computed by
 the cache: its keys, values and logits are the same bits.
 
 Where the model computes prefill row-exact (`Transformer.row_exact_prefill`, decided once here: our int8 kernel for
-whole chunks and the attention kernel: chunks of up to 32 rows, or the default 128 on AVX-512 VNNI CPUs with
-INT8SERVE_PREFILL_MATMUL=row-exact), the keys and values a decode step writes are the ones prefill would write, so a
-finished sequence also stores its generated tokens (`_finish`): the next chat turn, which resends the reply, reuses
-it instead of prefilling it again. Elsewhere only prompts are stored.
+whole chunks and the attention kernel: every chunk on CPUs with AVX2 only, elsewhere chunks of up to 32 rows, or the
+default 128 on AVX-512 VNNI CPUs with INT8SERVE_PREFILL_MATMUL=row-exact), the keys and values a decode step writes
+are the ones prefill would write, so a finished sequence also stores its generated tokens (`_finish`): the next chat
+turn, which resends the reply, reuses it instead of prefilling it again. Elsewhere only prompts are stored.
 """
 
 from __future__ import annotations

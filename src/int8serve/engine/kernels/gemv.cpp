@@ -407,8 +407,8 @@ Activations quantize(const float* x, int64_t m, int64_t k, Impl impl, bool preci
   if (precise && impl == kAvx2) a.wide.resize(static_cast<size_t>(m * a.kp));  // (tile_avx2_wide, gemm_avx2_wide)
   const GroupQuantizer group = group_quantizer(impl);
   const GroupRounder round_group = group_rounder(impl);
-  const int nthreads =
-      m >= kParallelQuantizeRows && m * k >= kParallelQuantizeValues ? static_cast<int>(std::max<int64_t>(1, std::min<int64_t>(threads, m))) : 1;
+  const bool parallel = m >= kParallelQuantizeRows && m * k >= kParallelQuantizeValues;
+  const int nthreads = parallel ? static_cast<int>(std::max<int64_t>(1, std::min<int64_t>(threads, m))) : 1;
 #pragma omp parallel for schedule(static) num_threads(nthreads) if (nthreads > 1)
   for (int64_t i = 0; i < m; ++i) quantize_row(x, i, k, group, round_group, precise, a);
   return a;
@@ -758,6 +758,11 @@ INT8SERVE_AVX2 void rows_avx2_wide(const TileArgs& a, int64_t rows, int64_t tile
 // step is 4 weight loads and 8 broadcasts for 16 vpmaddwd). Each output's arithmetic is tile_avx2_wide's, in its
 // order (exact int32 group dots, then inner = fma(float(dot), xscale, inner), and acc = fma(inner, wscale, acc) at
 // each weight group's end), so every output has the same bits as every other path's, whatever the number of rows.
+// What it reaches (an AMD EPYC Zen 4, one thread, 128 rows x 4096 -> 1024, the weight in cache, 2026-12-02): about
+// 4.4 G vpmaddwd/s in the step loop, of the 7.2 G/s the CPU issues of them alone (benchmarks/cpu_peak.py). Each
+// needs a vpaddd, and the two share the vector pipes: a loop of one step's loads, products and adds and nothing else
+// ran at 5.2 G/s (72%); with the activations' broadcasts, 4.3-4.6. Around the loop, the float arithmetic of each
+// group took about 10% of a call and quantizing the rows 4%. Against tile_avx2_wide's passes of 4 rows: 1.3x.
 // From this many rows up, gemv takes the GEMM (fewer: tile_avx2_wide's passes of 4 rows). On an AMD EPYC Zen 4 held
 // to avx2 (2 threads, weights from memory, benchmarks/gemv_builds.py, 2026-12-02), the passes were 1.27-1.50x faster
 // at 8 rows and 0.91-0.99x at 16.
@@ -768,10 +773,12 @@ constexpr int64_t kWideGemmMinRows = INT8SERVE_WIDE_GEMM_MIN_ROWS;
 constexpr int kWideGemmRows = 4;  // activation rows a register block (group_sums_4x16)
 constexpr int kWideGemmVectors = 2;  // 8 outputs each: the register block's outputs (wide_block's assembly: 2)
 constexpr int64_t kWideColumns = 8 * kWideGemmVectors;          // outputs a register block
+// Groups a K-block: 64 outputs x 128 inputs x 2 bytes = 16 KB, in L1 (8 and 16 groups, from L2, measured alike:
+// within 6%, one thread, the shape above).
 #ifndef INT8SERVE_WIDE_GEMM_GROUPS
 #define INT8SERVE_WIDE_GEMM_GROUPS 4
 #endif
-constexpr int64_t kWideGemmGroups = INT8SERVE_WIDE_GEMM_GROUPS;  // groups a K-block: 64 outputs x 128 inputs x 2 bytes = 16 KB
+constexpr int64_t kWideGemmGroups = INT8SERVE_WIDE_GEMM_GROUPS;
 constexpr int64_t kWideStepWords = 2 * 16 * kWideGemmVectors;  // int16 a widened step of a register block's outputs
 constexpr int64_t kWideBytes = kTileRows * kWideGemmGroups * kGroup * 2;
 static_assert(kTileRows % kWideColumns == 0, "a tile holds whole register blocks of outputs");
@@ -884,7 +891,7 @@ INT8SERVE_AVX2 void wide_block(const WideBlock& a, int64_t cb) {
     const int16_t* x = a.x + g * kGroup;
     if constexpr (R == 4) {
       group_sums_4x16(w, x, a.kp, sum);
-    } else {
+    } else {  // the last 1-3 rows of a call: the same integer sums, with intrinsics
       for (int s = 0; s < kSteps; ++s) {
         const __m256i* step = reinterpret_cast<const __m256i*>(w + s * kWideStepWords);
         for (int r = 0; r < R; ++r) {
@@ -892,9 +899,11 @@ INT8SERVE_AVX2 void wide_block(const WideBlock& a, int64_t cb) {
           std::memcpy(&pair0, x + r * a.kp + 4 * s, 4);
           std::memcpy(&pair1, x + r * a.kp + 4 * s + 2, 4);
           const __m256i x0 = _mm256_set1_epi32(pair0), x1 = _mm256_set1_epi32(pair1);
-          for (int v = 0; v < V; ++v)
-            sum[r][v] = _mm256_add_epi32(sum[r][v], _mm256_add_epi32(_mm256_madd_epi16(_mm256_load_si256(step + 2 * v), x0),
-                                                                     _mm256_madd_epi16(_mm256_load_si256(step + 2 * v + 1), x1)));
+          for (int v = 0; v < V; ++v) {
+            const __m256i pairs0 = _mm256_madd_epi16(_mm256_load_si256(step + 2 * v), x0);
+            const __m256i pairs1 = _mm256_madd_epi16(_mm256_load_si256(step + 2 * v + 1), x1);
+            sum[r][v] = _mm256_add_epi32(sum[r][v], _mm256_add_epi32(pairs0, pairs1));
+          }
         }
       }
     }
