@@ -40,10 +40,10 @@ the same file. The issue #10 goals are for the 7B shape and are not applied.
     python -m benchmarks.vs_llamacpp --isa avx2 --write docs/benchmarks.md  # both engines' AVX2 code
 
 With `--isa avx2` both engines run the code of an AVX2-only CPU (a Zen 2/3) on this one: llama.cpp built for AVX2
-only (`llamacpp_build.py --isa avx2`), ours with `INT8SERVE_KERNEL=avx2` and `INT8SERVE_ATTENTION=avx2` (our
-kernels' AVX2 paths; prefill then multiplies through the int8 kernel's avx2 GEMM, as on an AVX2-only CPU), torch's
-own operations held to AVX2 (`ATEN_CPU_CAPABILITY=avx2`) and oneDNN too (`ONEDNN_MAX_CPU_ISA=AVX2`). The section is
-kept apart from the native one.
+only (`llamacpp_build.py --isa avx2`), ours with `INT8SERVE_KERNEL=avx2`, `INT8SERVE_ATTENTION=avx2` and
+`INT8SERVE_ACTIVATION=avx2` (our kernels' AVX2 paths; prefill then multiplies through the int8 kernel's avx2 GEMM,
+as on an AVX2-only CPU), torch's own operations held to AVX2 (`ATEN_CPU_CAPABILITY=avx2`) and oneDNN too
+(`ONEDNN_MAX_CPU_ISA=AVX2`). The section is kept apart from the native one.
 """
 
 from __future__ import annotations
@@ -110,8 +110,8 @@ LABELS = {"decode_b1": "decode tok/s, batch 1",
                             "(llama.cpp: the figure above)"}
 ISAS = ("native", "avx2")  # --isa: each engine's fastest code, or both held to AVX2 code (see the docstring)
 # what --isa avx2 sets for our side (the child process inherits it, and reads it before torch starts)
-AVX2_SETTINGS = {"INT8SERVE_KERNEL": "avx2", "INT8SERVE_ATTENTION": "avx2", "ATEN_CPU_CAPABILITY": "avx2",
-                 "ONEDNN_MAX_CPU_ISA": "AVX2"}
+AVX2_SETTINGS = {"INT8SERVE_KERNEL": "avx2", "INT8SERVE_ATTENTION": "avx2", "INT8SERVE_ACTIVATION": "avx2",
+                 "ATEN_CPU_CAPABILITY": "avx2", "ONEDNN_MAX_CPU_ISA": "AVX2"}
 LLAMA_CPP_TOOLS = {"decode_b1": f"`llama-bench -n {GEN}`",
                    "decode_b4": f"`llama-batched-bench -npp {BATCH_PROMPT} -ntg {GEN} -npl {BATCH}`",
                    "prefill": f"`llama-bench -p {PROMPT}`",
@@ -638,8 +638,8 @@ AVX2_LINE = ("- AVX2 code only (`--isa avx2`): ours with "
              + " and ".join(f"`{k}={v}`" for k, v in AVX2_SETTINGS.items())
              + "; llama.cpp as the next line says (built for AVX2 only, unless --llama-bin named other binaries).")
 # the settings that choose our paths: shown before the command when this run had them (the child inherits them)
-PATH_SETTINGS = ("INT8SERVE_KERNEL", "INT8SERVE_ATTENTION", "INT8SERVE_PREFILL_MATMUL", "ATEN_CPU_CAPABILITY",
-                 "ONEDNN_MAX_CPU_ISA")
+PATH_SETTINGS = ("INT8SERVE_KERNEL", "INT8SERVE_ATTENTION", "INT8SERVE_ACTIVATION", "INT8SERVE_PREFILL_MATMUL",
+                 "ATEN_CPU_CAPABILITY", "ONEDNN_MAX_CPU_ISA")
 
 
 def display_command(args: argparse.Namespace) -> str:

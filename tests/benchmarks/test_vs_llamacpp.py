@@ -14,6 +14,7 @@ import torch
 
 from benchmarks import engine, vs_llamacpp
 from int8serve.engine import model_cache
+from int8serve.engine.kernels import activation, attention
 from int8serve.engine.loader import load_model, unpermute_meta_rotary
 
 TINY = dataclasses.replace(vs_llamacpp.LLAMA2_7B, dim=64, n_heads=4, n_kv_heads=4, hidden_dim=96, vocab_size=320,
@@ -234,8 +235,9 @@ def test_avx2_runs_hold_our_side_to_its_avx2_paths(files: vs_llamacpp.WeightFile
     vs_llamacpp.hold_to_isa("avx2")
     assert "avx2" in vs_llamacpp.kernel_path()
     assert {k: os.environ[k] for k in vs_llamacpp.AVX2_SETTINGS} == {
-        "INT8SERVE_KERNEL": "avx2", "INT8SERVE_ATTENTION": "avx2", "ATEN_CPU_CAPABILITY": "avx2",
-        "ONEDNN_MAX_CPU_ISA": "AVX2"}
+        "INT8SERVE_KERNEL": "avx2", "INT8SERVE_ATTENTION": "avx2", "INT8SERVE_ACTIVATION": "avx2",
+        "ATEN_CPU_CAPABILITY": "avx2", "ONEDNN_MAX_CPU_ISA": "AVX2"}
+    assert activation.resolve() == "avx2" and attention.resolve(attention.setting()) == "avx2"
     with engine.torch_threads(1):
         figures = vs_llamacpp.measure_ours(load_model(files.checkpoint).model, prompt=16, gen=2, batch_prompt=8)
     assert set(figures) == set(vs_llamacpp.GOALS)

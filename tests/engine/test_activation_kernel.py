@@ -54,3 +54,25 @@ def test_bad_inputs_are_refused() -> None:
         activation.silu_mul(torch.ones(2, 3), torch.ones(3, 2))
     with pytest.raises(ValueError, match="fp32 of one shape"):
         activation.silu_mul(torch.ones(2, 3, dtype=torch.bfloat16), torch.ones(2, 3, dtype=torch.bfloat16))
+
+
+def test_the_setting_chooses_the_path(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.delenv(activation.ENV, raising=False)
+    widest = activation.resolve("auto")
+    assert activation.resolve() == widest and widest in {"avx512", "avx2", "scalar"}
+    monkeypatch.setenv(activation.ENV, "scalar")
+    assert activation.resolve() == "scalar"
+    gate, up = inputs(3, 100)
+    assert torch.equal(activation.silu_mul(gate, up), activation.silu_mul(gate, up, "auto"))
+    monkeypatch.setenv(activation.ENV, "avx3")
+    with pytest.raises(ValueError, match="INT8SERVE_ACTIVATION='avx3'"):
+        activation.silu_mul(gate, up)
+
+
+@pytest.mark.skipif(activation.runs("avx512"), reason="this CPU runs every path: none can be refused")
+def test_a_forced_path_the_cpu_lacks_is_a_clear_error(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv(activation.ENV, "avx512")
+    with pytest.raises(RuntimeError, match="cannot run the avx512 SiLU path"):
+        activation.resolve()
+    with pytest.raises(RuntimeError, match="INT8SERVE_ACTIVATION"):
+        activation.silu_mul(*inputs(2, 16))

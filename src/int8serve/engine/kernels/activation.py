@@ -3,7 +3,8 @@
 Each element goes through the same operations wherever it sits, so a row's result does not depend on the rows that
 come with it (torch's SiLU rounds the tail of a call differently, which is why the model otherwise calls it row by
 row: `model.silu_rows`). A 512-token chunk of the 7B shape: 512 torch calls a layer and a separate product pass,
-against one call here. The paths (avx512, avx2, scalar) give the same bits; "auto" takes the widest this CPU runs.
+against one call here. The paths (avx512, avx2, scalar) give the same bits; "auto" takes the widest this CPU runs,
+and INT8SERVE_ACTIVATION forces one (benchmarks hold an engine to AVX2 code with it, as on a CPU without AVX-512).
 Without the library (no compiler, INT8SERVE_KERNELS=0) `available()` is False and the model keeps torch's SiLU.
 """
 
@@ -12,6 +13,7 @@ from __future__ import annotations
 import ctypes
 import functools
 import logging
+import os
 from pathlib import Path
 from typing import Literal
 
@@ -24,6 +26,7 @@ log = logging.getLogger(__name__)
 
 SOURCE = Path(__file__).with_name("activation.cpp")
 ABI_VERSION = 1  # must match i8e_abi_version() in activation.cpp
+ENV = "INT8SERVE_ACTIVATION"
 Impl = Literal["auto", "avx512", "avx2", "scalar"]
 IMPLS: dict[str, int] = {"auto": 0, "avx512": 1, "avx2": 2, "scalar": 3}
 _P, _I64, _INT = ctypes.c_void_p, ctypes.c_int64, ctypes.c_int
@@ -57,9 +60,31 @@ def runs(impl: Impl) -> bool:
     return not isinstance(loaded, str) and loaded.i8e_resolve(IMPLS[impl]) >= 0
 
 
-def silu_mul(gate: Tensor, up: Tensor, impl: Impl = "auto") -> Tensor:
-    """silu(gate) * up for fp32 tensors of one shape -> a new fp32 tensor. RuntimeError without the library or
-    when the CPU cannot run `impl`."""
+def resolve(impl: Impl | None = None) -> str:
+    """The path `impl` (None: the setting) runs on this CPU ("auto" -> the widest). RuntimeError without the
+    library or when the CPU cannot run it."""
+    loaded = _load()
+    if isinstance(loaded, str):
+        raise RuntimeError(f"the SiLU kernel is not available: {loaded}")
+    impl = setting() if impl is None else impl
+    code = loaded.i8e_resolve(IMPLS[impl])
+    if code < 0:
+        raise RuntimeError(f"this CPU cannot run the {impl} SiLU path ({ENV})")
+    return {v: k for k, v in IMPLS.items()}[code]
+
+
+def setting() -> Impl:
+    """INT8SERVE_ACTIVATION: auto (default), avx512, avx2 or scalar. ValueError for anything else."""
+    value = os.environ.get(ENV, "auto").strip().lower() or "auto"
+    if value not in IMPLS:
+        raise ValueError(f"{ENV}={value!r}: expected one of {', '.join(IMPLS)}")
+    return value  # type: ignore[return-value]
+
+
+def silu_mul(gate: Tensor, up: Tensor, impl: Impl | None = None) -> Tensor:
+    """silu(gate) * up for fp32 tensors of one shape -> a new fp32 tensor, on path `impl` (None: the
+    INT8SERVE_ACTIVATION setting). RuntimeError without the library or when the CPU cannot run the path."""
+    impl = setting() if impl is None else impl
     loaded = _load()
     if isinstance(loaded, str):
         raise RuntimeError(f"the SiLU kernel is not available: {loaded}")
@@ -71,5 +96,5 @@ def silu_mul(gate: Tensor, up: Tensor, impl: Impl = "auto") -> Tensor:
     status = loaded.i8e_silu_mul(gate.data_ptr(), up.data_ptr(), out.data_ptr(), gate.numel(), IMPLS[impl],
                                  kernel_threads())
     if status != 0:
-        raise RuntimeError(f"this CPU cannot run the {impl} SiLU path")
+        raise RuntimeError(f"this CPU cannot run the {impl} SiLU path ({ENV})")
     return out
