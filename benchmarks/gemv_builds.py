@@ -11,6 +11,10 @@ activations are precise (two int8 rows per row), as decode runs them. Every buil
 
     python -m benchmarks.gemv_builds                      # the default build against one without the prefetch hint
     python -m benchmarks.gemv_builds --variant "prefetch 4096=-DINT8SERVE_PREFETCH_BYTES=4096" --rows 1 4
+    python -m benchmarks.gemv_builds --variant now= --revision ebe2a2e --rows 4   # this code against a commit's
+
+`--revision REV` adds a build of the kernel's sources as they were at git revision REV (gemv.cpp and the headers
+beside it), so that a change to the code itself is timed against the code before it in the same run.
 """
 
 from __future__ import annotations
@@ -44,6 +48,7 @@ ROTATION_BYTES = 1.1e9
 class Variant:
     label: str
     defines: tuple[str, ...]
+    revision: str | None = None  # a git revision whose sources to build (None: the working tree's)
 
 
 def parse_variant(text: str) -> Variant:
@@ -57,10 +62,34 @@ def parse_variant(text: str) -> Variant:
     return Variant(label.strip(), defines)
 
 
+def revision_sources(revision: str, folder: Path) -> Path:
+    """gemv.cpp and the headers beside it as they were at git `revision`, written into `folder`; gemv.cpp's path."""
+    repo = Path(__file__).resolve().parent.parent
+    kernels_dir = kernels.SOURCE.parent.relative_to(repo).as_posix()
+
+    def git(*words: str) -> str:
+        done = subprocess.run(["git", *words], capture_output=True, text=True, cwd=repo, check=False)
+        if done.returncode != 0:
+            sys.exit(f"error: git {' '.join(words)}: {done.stderr.strip()}")
+        return done.stdout
+
+    names = [name for name in git("ls-tree", "--name-only", f"{revision}:{kernels_dir}").split()
+             if name == kernels.SOURCE.name or name.endswith(".h")]
+    if kernels.SOURCE.name not in names:
+        sys.exit(f"error: revision {revision} has no {kernels_dir}/{kernels.SOURCE.name}")
+    folder.mkdir(parents=True)
+    for name in names:
+        (folder / name).write_text(git("show", f"{revision}:{kernels_dir}/{name}"))
+    return folder / kernels.SOURCE.name
+
+
 def compile_variant(variant: Variant, folder: Path) -> ctypes.CDLL:
-    """gemv.cpp built with the project's flags and the variant's defines, loaded."""
-    output = folder / f"variant{len(list(folder.iterdir()))}.so"
-    command = [*kernels._command(kernels._compiler(), output), *variant.defines]  # the build's own command
+    """gemv.cpp (of the working tree, or of the variant's revision) built with the project's flags and the
+    variant's defines, loaded."""
+    number = len(list(folder.glob("variant*.so")))
+    output = folder / f"variant{number}.so"
+    source = revision_sources(variant.revision, folder / f"sources{number}") if variant.revision else kernels.SOURCE
+    command = [*kernels._command(kernels._compiler(), output, source), *variant.defines]  # the build's own command
     result = subprocess.run(command, capture_output=True, text=True, timeout=600, check=False)
     if result.returncode != 0:
         sys.exit(f"error: building {variant.label!r} failed:\n{result.stderr[-3000:]}")
@@ -105,9 +134,13 @@ def time_shape(libraries: dict[str, ctypes.CDLL], n: int, k: int, rows: int, rou
 
 def command_line(args: argparse.Namespace) -> str:
     words = ["python", "-m", f"benchmarks.{SCRIPT.removesuffix('.py')}"]
-    if [f"{v.label}={shlex.join(v.defines)}" for v in args.variant] != list(DEFAULT_VARIANTS):
-        for v in args.variant:
+    flagged = [v for v in args.variant if v.revision is None]
+    if [f"{v.label}={shlex.join(v.defines)}" for v in flagged] != list(DEFAULT_VARIANTS):
+        for v in flagged:
             words += ["--variant", f"{v.label}={shlex.join(v.defines)}"]
+    for v in args.variant:
+        if v.revision is not None:
+            words += ["--revision", v.revision]
     words += ["--shapes", *args.shapes, "--rows", *map(str, args.rows), "--rounds", str(args.rounds)]
     return shlex.join(words) + (f" --write {args.write}" if args.write else "")
 
@@ -121,7 +154,8 @@ def report(args: argparse.Namespace, results: list[tuple[str, int, Timing]], loa
              f"- Command: `{command_line(args)}`",
              f"- Date: {now}; CPU: {machine_description()}; kernel path {kernels.path()}, precise activations, "
              f"{args.threads} threads, a bf16 scale per 32 weights; weights rotate through > 1 GB of copies.",
-             "- Variants: " + "; ".join(f"{v.label}: `{shlex.join(v.defines) or '(no defines)'}`"
+             "- Variants: " + "; ".join(f"{v.label}: " + (f"the sources at {v.revision}" if v.revision else
+                                                          f"`{shlex.join(v.defines) or '(no defines)'}`")
                                         for v in args.variant) + ".",
              f"- Other processes used {load:.0%} of the CPUs during the run. GB/s = int8 weight bytes per call ÷ "
              "median call time; the ratios are medians of the per-round ratios.", "",
@@ -144,6 +178,9 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--variant", type=parse_variant, action="append",
                         help="LABEL=FLAGS, a build with these -D defines (repeat; the first is the reference; "
                              f"default: {' and '.join(repr(v) for v in DEFAULT_VARIANTS)})")
+    parser.add_argument("--revision", action="append", default=[], metavar="REV",
+                        help="also build the kernel's sources as they were at git revision REV (repeat; after the "
+                             "--variant builds)")
     parser.add_argument("--shapes", nargs="+", choices=list(SHAPES), default=["gate/up", "down"])
     parser.add_argument("--rows", type=int, nargs="+", default=[1, 2, 4], help="activation rows per call (decode "
                         "batch; precise activations make twice as many int8 rows)")
@@ -152,7 +189,11 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--threads", type=int, default=torch.get_num_threads())
     parser.add_argument("--write", type=Path, metavar="FILE", help="replace this script's section of FILE")
     args = parser.parse_args(argv)
-    args.variant = args.variant or [parse_variant(v) for v in DEFAULT_VARIANTS]
+    args.variant = args.variant or ([parse_variant("now=")] if args.revision
+                                    else [parse_variant(v) for v in DEFAULT_VARIANTS])
+    args.variant += [Variant(revision, (), revision) for revision in args.revision]
+    if len({v.label for v in args.variant}) < len(args.variant):
+        parser.error("every variant needs a label of its own")
     if len(args.variant) < 2:
         parser.error("give at least two variants (the first is the reference)")
     if min(args.rows) < 1 or args.rounds < 1 or args.calls < 1 or args.threads < 1:
