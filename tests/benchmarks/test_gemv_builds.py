@@ -42,3 +42,34 @@ def test_the_far_hint_forced_either_way_gives_the_same_bits(tmp_path: Path) -> N
     libraries = {v.label: gemv_builds.compile_variant(v, tmp_path) for v in map(gemv_builds.parse_variant, variants)}
     timing = gemv_builds.time_shape(libraries, 4096, 192, rows=1, rounds=1, calls=1, threads=2, rotation_bytes=1e5)
     assert timing.outputs_equal
+
+
+def test_the_four_row_decode_in_assembly_and_in_intrinsics_give_the_same_bits(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    # 4 rows of precise activations on the avx2 path: half_sums<4> (gemv.cpp), assembly by default
+    monkeypatch.setenv("INT8SERVE_KERNEL", "avx2")
+    variants = ["assembly=", "intrinsics=-DINT8SERVE_WIDE_DECODE_ASM=0"]
+    libraries = {v.label: gemv_builds.compile_variant(v, tmp_path) for v in map(gemv_builds.parse_variant, variants)}
+    for rows in (3, 4):
+        timing = gemv_builds.time_shape(libraries, 320, 4096 + 96, rows=rows, rounds=1, calls=1, threads=2,
+                                        rotation_bytes=1e5)
+        assert timing.outputs_equal
+
+
+def test_a_revision_is_built_from_its_own_sources(tmp_path: Path) -> None:
+    args = gemv_builds.parse_args(["--revision", "HEAD", "--rows", "1"])
+    assert [(v.label, v.revision) for v in args.variant] == [("now", None), ("HEAD", "HEAD")]
+    assert "--revision HEAD" in gemv_builds.command_line(args)
+    libraries = {v.label: gemv_builds.compile_variant(v, tmp_path) for v in args.variant}
+    assert (tmp_path / "sources1" / "gemv.cpp").read_text().startswith("//")  # the revision's own file was built
+    timing = gemv_builds.time_shape(libraries, 192, 160, rows=2, rounds=1, calls=1, threads=1, rotation_bytes=1e5)
+    assert timing.outputs_equal  # every revision since the packed layout v2 gives these bits
+    text = gemv_builds.report(args, [("qkvo", 2, timing)], 0.0)
+    assert "HEAD: the sources at HEAD" in text and "HEAD ÷ now" in text
+
+
+def test_a_revision_git_does_not_know_is_a_clear_error(tmp_path: Path) -> None:
+    with pytest.raises(SystemExit, match="no-such-revision"):
+        gemv_builds.revision_sources("no-such-revision", tmp_path / "src")
+    with pytest.raises(SystemExit):
+        gemv_builds.parse_args(["--variant", "HEAD=", "--revision", "HEAD"])  # two builds, one label

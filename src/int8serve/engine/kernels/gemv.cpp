@@ -679,53 +679,138 @@ INT8SERVE_ROWS(rows_avxvnni, tile_avxvnni, INT8SERVE_AVXVNNI)
 INT8SERVE_ROWS(rows_avx2, tile_avx2, INT8SERVE_AVX2)
 
 // avx2 with precise activations: each row as one 16-bit integer (Activations::wide, 256 * q_hi + q_lo) times the
-// weights widened to int16, with vpmaddwd: per 32 weights and row, 2 multiplies and 2 adds, where the two int8 passes
-// took 8 instructions (vpsignb, vpmaddubsw, vpmaddwd and an add, twice), and AVX2 has no int8 dot product. The
-// integers are the same (256 * dot_hi + dot_lo, exactly), so the result is every path's bits. O output rows (1..4),
-// 8 output rows (half a block) at a time: 2 registers of widened weights and 2 of sums per row.
+// weights widened to 16 bits, with vpmaddwd: per 32 weights and row, 2 multiplies and 2 adds, where the two int8 passes
+// took 8 instructions (vpsignb, vpmaddubsw, vpmaddwd and an add, twice), and AVX2 has no int8 dot product. The weights
+// are widened as stored (w + 128, zero-extended: no subtraction in the loop), and each output's group sum then gets
+// the row's correction, -128 * (its 32 inputs' sum) = 256 * corr_hi + corr_lo (quantize's corrections of the row's
+// two int8 rows). The integers are the same (256 * dot_hi + dot_lo, exactly: every partial sum stays below 2^28), so
+// the result is every path's bits. O output rows (1..4), 8 output rows (half a block) at a time: 2 registers of
+// widened weights and 2 of sums per row.
+
+// The sums of one group and half block (8 outputs) for O rows, 8 steps of 4 inputs: low[o] holds outputs 0-3 of the
+// half, high[o] outputs 4-7, as int32 lanes (output, input pair) of (w + 128) * x. ahead (or null): each step's line
+// kPrefetchBytes ahead, asked for at that step.
 template <int O>
+INT8SERVE_AVX2 inline void half_sums(const uint8_t* half, const int16_t* x, int64_t kp, const uint8_t* ahead,
+                                     __m256i* low, __m256i* high) {
+  for (int o = 0; o < O; ++o) low[o] = high[o] = _mm256_setzero_si256();
+  for (int s = 0; s < kSteps; ++s) {
+    if (ahead) _mm_prefetch(reinterpret_cast<const char*>(ahead + s * 64), _MM_HINT_T0);
+    const __m128i* p = reinterpret_cast<const __m128i*>(half + s * 64);
+    const __m256i w0 = _mm256_cvtepu8_epi16(_mm_load_si128(p)), w1 = _mm256_cvtepu8_epi16(_mm_load_si128(p + 1));
+    for (int o = 0; o < O; ++o) {
+      int64_t x4;  // inputs 4s..4s+3 of row o, 16 bits each
+      std::memcpy(&x4, x + o * kp + s * 4, 8);
+      const __m256i xb = _mm256_set1_epi64x(x4);
+      low[o] = _mm256_add_epi32(low[o], _mm256_madd_epi16(w0, xb));
+      high[o] = _mm256_add_epi32(high[o], _mm256_madd_epi16(w1, xb));
+    }
+  }
+}
+
+struct HalfSteps { uint8_t bytes[kSteps * 64]; };  // the 64-byte steps a half block's sums read (half of each)
+struct GroupInputs { int16_t x[kGroup]; };         // a group of one row's 16-bit inputs
+
+// 4 rows (4 sequences decoding): the same sums in inline assembly. With intrinsics GCC kept one sum in memory (a
+// store and a reload every step, a chain through the store buffer) and copied the others between registers each
+// step; here the 8 sums, 2 registers of weights, 2 of activations and 2 of products are 14 ymm registers.
+// INT8SERVE_WIDE_DECODE_ASM=0 builds the intrinsics instead (benchmarks/gemv_builds.py compares the two).
+#ifndef INT8SERVE_WIDE_DECODE_ASM
+#define INT8SERVE_WIDE_DECODE_ASM 1
+#endif
+#if INT8SERVE_WIDE_DECODE_ASM
+#define INT8SERVE_HALF_ROW(X, XR, L, H)                    \
+  "vpbroadcastq \\step*8(%[" X "]), %%ymm" XR "\n\t"       \
+  "vpmaddwd %%ymm8, %%ymm" XR ", %%ymm14\n\t"              \
+  "vpaddd %%ymm14, %[" L "], %[" L "]\n\t"                 \
+  "vpmaddwd %%ymm9, %%ymm" XR ", %%ymm15\n\t"              \
+  "vpaddd %%ymm15, %[" H "], %[" H "]\n\t"
+
+template <>
+INT8SERVE_AVX2 inline void half_sums<4>(const uint8_t* half, const int16_t* x, int64_t kp, const uint8_t* ahead,
+                                        __m256i* low, __m256i* high) {
+  if (ahead)  // (compute-bound: the 8 lines at once, before the arithmetic)
+    for (int s = 0; s < kSteps; ++s) _mm_prefetch(reinterpret_cast<const char*>(ahead + s * 64), _MM_HINT_T0);
+  const int16_t *x0 = x, *x1 = x + kp, *x2 = x + 2 * kp, *x3 = x + 3 * kp;
+  __m256i l0, l1, l2, l3, h0, h1, h2, h3;
+  asm("vpxor %[l0], %[l0], %[l0]\n\t"
+      "vpxor %[l1], %[l1], %[l1]\n\t"
+      "vpxor %[l2], %[l2], %[l2]\n\t"
+      "vpxor %[l3], %[l3], %[l3]\n\t"
+      "vpxor %[h0], %[h0], %[h0]\n\t"
+      "vpxor %[h1], %[h1], %[h1]\n\t"
+      "vpxor %[h2], %[h2], %[h2]\n\t"
+      "vpxor %[h3], %[h3], %[h3]\n\t"
+      ".irp step,0,1,2,3,4,5,6,7\n\t"
+      "vpmovzxbw \\step*64(%[w]), %%ymm8\n\t"
+      "vpmovzxbw \\step*64+16(%[w]), %%ymm9\n\t"
+      INT8SERVE_HALF_ROW("x0", "12", "l0", "h0")
+      INT8SERVE_HALF_ROW("x1", "13", "l1", "h1")
+      INT8SERVE_HALF_ROW("x2", "12", "l2", "h2")
+      INT8SERVE_HALF_ROW("x3", "13", "l3", "h3")
+      ".endr"
+      : [l0] "=&x"(l0), [l1] "=&x"(l1), [l2] "=&x"(l2), [l3] "=&x"(l3), [h0] "=&x"(h0), [h1] "=&x"(h1),
+        [h2] "=&x"(h2), [h3] "=&x"(h3)
+      : [w] "r"(half), [x0] "r"(x0), [x1] "r"(x1), [x2] "r"(x2), [x3] "r"(x3),
+        "m"(*reinterpret_cast<const HalfSteps*>(half)), "m"(*reinterpret_cast<const GroupInputs*>(x0)),
+        "m"(*reinterpret_cast<const GroupInputs*>(x1)), "m"(*reinterpret_cast<const GroupInputs*>(x2)),
+        "m"(*reinterpret_cast<const GroupInputs*>(x3))
+      : "xmm8", "xmm9", "xmm12", "xmm13", "xmm14", "xmm15");
+  low[0] = l0, low[1] = l1, low[2] = l2, low[3] = l3;
+  high[0] = h0, high[1] = h1, high[2] = h2, high[3] = h3;
+}
+#undef INT8SERVE_HALF_ROW
+#endif  // INT8SERVE_WIDE_DECODE_ASM
+
+// kEachGroup: every group is a weight group of its own (the default scheme, a weight scale per 32 inputs), so each
+// half block's sums go straight into acc, with no running sum per weight group to store and read back.
+// inner and acc hold each 8 outputs in hadd's order (0, 1, 4, 5, 2, 3, 6, 7), the weight scales are read in that order
+// (half_scales), and the tile's end puts acc back in order: one permute per 8 outputs and row a tile, not a group.
+INT8SERVE_AVX2 inline __m256 half_scales(const uint16_t* scales) {
+  const __m128i raw = _mm_shuffle_epi32(_mm_loadu_si128(reinterpret_cast<const __m128i*>(scales)), 0xD8);
+  return _mm256_castsi256_ps(_mm256_slli_epi32(_mm256_cvtepu16_epi32(raw), 16));
+}
+
+template <int O, bool kEachGroup>
 INT8SERVE_AVX2 void tile_avx2_wide(const TileArgs& a, int64_t tile) {
   const uint8_t* w = a.lay.tile(a.packed, tile);
   alignas(32) float acc[O][kTileRows] = {};
   alignas(32) float inner[O][kTileRows];
-  const __m256i bias = _mm256_set1_epi16(128);
   for (int64_t wg = 0; wg < a.lay.wgroups; ++wg) {
     const int64_t g0 = wg * a.lay.span, g1 = std::min(a.groups, (wg + 1) * a.lay.span);
+    const uint16_t* wscales = a.lay.scales(w, wg);
     for (int64_t g = g0; g < g1; ++g) {
       const uint8_t* wgb = a.lay.group(w, g);
+      __m256i corr[O];  // -128 * the sum of row o's 16-bit inputs of group g
+      __m256 xscale[O];
+      for (int o = 0; o < O; ++o) {
+        corr[o] = _mm256_set1_epi32(256 * a.xcorr[2 * o * a.groups + g] + a.xcorr[(2 * o + 1) * a.groups + g]);
+        xscale[o] = _mm256_set1_ps(a.xscale[(2 * o + 1) * a.groups + g]);
+      }
       for (int b = 0; b < kBlocks; ++b) {
         for (int h = 0; h < 2; ++h) {
-          __m256i low[O], high[O];  // rows 8h..8h+3 and 8h+4..8h+7 of the block: (row, k pair) int32 lanes
-          for (int o = 0; o < O; ++o) low[o] = high[o] = _mm256_setzero_si256();
-          for (int s = 0; s < kSteps; ++s) {
-            const uint8_t* p = wgb + b * kBlockBytes + s * 64;
-            if (kPrefetchBytes > 0 && h == 0)
-              _mm_prefetch(reinterpret_cast<const char*>(p + kPrefetchBytes), _MM_HINT_T0);
-            const __m128i* half = reinterpret_cast<const __m128i*>(p + 32 * h);
-            const __m256i w0 = _mm256_sub_epi16(_mm256_cvtepu8_epi16(_mm_load_si128(half)), bias);
-            const __m256i w1 = _mm256_sub_epi16(_mm256_cvtepu8_epi16(_mm_load_si128(half + 1)), bias);
-            for (int o = 0; o < O; ++o) {
-              int64_t x4;  // inputs 4s..4s+3 of row o, 16 bits each
-              std::memcpy(&x4, a.xwide + o * a.kp + g * kGroup + s * 4, 8);
-              const __m256i xb = _mm256_set1_epi64x(x4);
-              low[o] = _mm256_add_epi32(low[o], _mm256_madd_epi16(w0, xb));
-              high[o] = _mm256_add_epi32(high[o], _mm256_madd_epi16(w1, xb));
-            }
-          }
+          __m256i low[O], high[O];
+          const uint8_t* ahead = kPrefetchBytes > 0 && h == 0 ? wgb + b * kBlockBytes + kPrefetchBytes : nullptr;
+          half_sums<O>(wgb + b * kBlockBytes + 32 * h, a.xwide + g * kGroup, a.kp, ahead, low, high);
+          const int64_t column = b * kBlockRows + 8 * h;
+          const __m256 wscale = kEachGroup ? half_scales(wscales + column) : _mm256_setzero_ps();
           for (int o = 0; o < O; ++o) {
-            // lane pairs -> rows: hadd gives rows 0, 1, 4, 5 | 2, 3, 6, 7; the permute puts them in order
-            const __m256i dot = _mm256_permute4x64_epi64(_mm256_hadd_epi32(low[o], high[o]), 0xD8);
-            const __m256 xscale = _mm256_set1_ps(a.xscale[(2 * o + 1) * a.groups + g]);
-            float* in = inner[o] + b * kBlockRows + 8 * h;
-            const __m256 before = g == g0 ? _mm256_setzero_ps() : _mm256_load_ps(in);
-            _mm256_store_ps(in, _mm256_fmadd_ps(_mm256_cvtepi32_ps(dot), xscale, before));
+            // lane pairs -> outputs: hadd gives outputs 0, 1, 4, 5 | 2, 3, 6, 7, the order inner and acc keep
+            const __m256i dot = _mm256_add_epi32(_mm256_hadd_epi32(low[o], high[o]), corr[o]);
+            float* in = inner[o] + column;
+            const __m256 before = kEachGroup || g == g0 ? _mm256_setzero_ps() : _mm256_load_ps(in);
+            const __m256 total = _mm256_fmadd_ps(_mm256_cvtepi32_ps(dot), xscale[o], before);
+            if (kEachGroup)
+              _mm256_store_ps(acc[o] + column, _mm256_fmadd_ps(total, wscale, _mm256_load_ps(acc[o] + column)));
+            else
+              _mm256_store_ps(in, total);
           }
         }
       }
     }
+    if (kEachGroup) continue;
     for (int h = 0; h < 2 * kBlocks; ++h) {
-      const __m128i raw = _mm_loadu_si128(reinterpret_cast<const __m128i*>(a.lay.scales(w, wg) + 8 * h));
-      const __m256 scale = _mm256_castsi256_ps(_mm256_slli_epi32(_mm256_cvtepu16_epi32(raw), 16));
+      const __m256 scale = half_scales(wscales + 8 * h);
       for (int o = 0; o < O; ++o)
         _mm256_store_ps(acc[o] + 8 * h,
                         _mm256_fmadd_ps(_mm256_load_ps(inner[o] + 8 * h), scale, _mm256_load_ps(acc[o] + 8 * h)));
@@ -733,17 +818,30 @@ INT8SERVE_AVX2 void tile_avx2_wide(const TileArgs& a, int64_t tile) {
   }
   const int64_t n0 = tile * kTileRows;
   const int64_t count = std::min(kTileRows, a.n - n0);
-  for (int o = 0; o < O; ++o) std::memcpy(a.y + o * a.n + n0, acc[o], static_cast<size_t>(count) * sizeof(float));
+  for (int o = 0; o < O; ++o) {
+    for (int h = 0; h < 2 * kBlocks; ++h)  // back in order
+      _mm256_store_pd(reinterpret_cast<double*>(acc[o] + 8 * h),
+                      _mm256_permute4x64_pd(_mm256_load_pd(reinterpret_cast<const double*>(acc[o] + 8 * h)), 0xD8));
+    std::memcpy(a.y + o * a.n + n0, acc[o], static_cast<size_t>(count) * sizeof(float));
+  }
+}
+
+template <bool kEachGroup>
+INT8SERVE_AVX2 void rows_avx2_wide_of(const TileArgs& a, int64_t rows, int64_t tile) {
+  switch (rows / 2) {
+    case 1: tile_avx2_wide<1, kEachGroup>(a, tile); break;
+    case 2: tile_avx2_wide<2, kEachGroup>(a, tile); break;
+    case 3: tile_avx2_wide<3, kEachGroup>(a, tile); break;
+    default: tile_avx2_wide<4, kEachGroup>(a, tile); break;
+  }
 }
 
 // `rows` int8 rows of a pass (2..8: pairs, i.e. 1..4 output rows) -> tile_avx2_wide's instance.
 INT8SERVE_AVX2 void rows_avx2_wide(const TileArgs& a, int64_t rows, int64_t tile) {
-  switch (rows / 2) {
-    case 1: tile_avx2_wide<1>(a, tile); break;
-    case 2: tile_avx2_wide<2>(a, tile); break;
-    case 3: tile_avx2_wide<3>(a, tile); break;
-    default: tile_avx2_wide<4>(a, tile); break;
-  }
+  if (a.lay.span == 1)
+    rows_avx2_wide_of<true>(a, rows, tile);
+  else
+    rows_avx2_wide_of<false>(a, rows, tile);
 }
 
 // ---- avx2 with precise activations, many rows: a register-blocked GEMM ----
@@ -840,7 +938,6 @@ struct WideBlock {
   "vpaddd %%ymm15, %[" S1 "], %[" S1 "]\n\t"
 
 struct GroupWeights { int16_t w[kSteps * kWideStepWords]; };  // a group of a register block's outputs, widened
-struct GroupInputs { int16_t x[kGroup]; };                       // a group of one row's inputs
 
 INT8SERVE_AVX2 inline void group_sums_4x16(const int16_t* w, const int16_t* x, int64_t kp, __m256i sum[][2]) {
   const int16_t *x0 = x, *x1 = x + kp, *x2 = x + 2 * kp, *x3 = x + 3 * kp;
