@@ -41,7 +41,7 @@ import subprocess
 import sys
 import tempfile
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterable, Iterator
 from contextvars import ContextVar
 from dataclasses import dataclass
 from pathlib import Path
@@ -227,12 +227,18 @@ def _load() -> str | None:
     return None
 
 
+def env_choice(variable: str, choices: Iterable[str]) -> str:
+    """The value of a path setting (INT8SERVE_KERNEL, _ATTENTION, _ACTIVATION), "auto" when unset or empty; ValueError
+    naming the variable for a value not among `choices`."""
+    name = os.environ.get(variable, "auto").strip().lower() or "auto"
+    if name not in choices:
+        raise ValueError(f"{variable}={name!r}: expected one of {', '.join(choices)}")
+    return name
+
+
 def requested_path() -> Impl:
     """The path INT8SERVE_KERNEL asks for (default auto); an unknown name is an error that names the variable."""
-    name = os.environ.get(ENV_PATH, "auto").strip().lower() or "auto"
-    if name not in _IMPLS:
-        raise ValueError(f"{ENV_PATH}={name!r}: expected one of {', '.join(_IMPLS)}")
-    return name  # type: ignore[return-value]
+    return env_choice(ENV_PATH, _IMPLS)  # type: ignore[return-value]
 
 
 def cpu_has(path: Impl) -> bool:

@@ -13,14 +13,13 @@ from __future__ import annotations
 import ctypes
 import functools
 import logging
-import os
 from pathlib import Path
 from typing import Literal
 
 import torch
 from torch import Tensor
 
-from . import build, kernel_threads, load_library, open_library
+from . import build, env_choice, kernel_threads, load_library, open_library
 
 log = logging.getLogger(__name__)
 
@@ -60,12 +59,18 @@ def runs(impl: Impl) -> bool:
     return not isinstance(loaded, str) and loaded.i8e_resolve(IMPLS[impl]) >= 0
 
 
-def resolve(impl: Impl | None = None) -> str:
-    """The path `impl` (None: the setting) runs on this CPU ("auto" -> the widest). RuntimeError without the
-    library or when the CPU cannot run it."""
+def _library() -> ctypes.CDLL:
+    """The loaded library; RuntimeError with the reason when there is none."""
     loaded = _load()
     if isinstance(loaded, str):
         raise RuntimeError(f"the SiLU kernel is not available: {loaded}")
+    return loaded
+
+
+def resolve(impl: Impl | None = None) -> str:
+    """The path `impl` (None: the setting) runs on this CPU ("auto" -> the widest). RuntimeError without the
+    library or when the CPU cannot run it."""
+    loaded = _library()
     impl = setting() if impl is None else impl
     code = loaded.i8e_resolve(IMPLS[impl])
     if code < 0:
@@ -75,19 +80,14 @@ def resolve(impl: Impl | None = None) -> str:
 
 def setting() -> Impl:
     """INT8SERVE_ACTIVATION: auto (default), avx512, avx2 or scalar. ValueError for anything else."""
-    value = os.environ.get(ENV, "auto").strip().lower() or "auto"
-    if value not in IMPLS:
-        raise ValueError(f"{ENV}={value!r}: expected one of {', '.join(IMPLS)}")
-    return value  # type: ignore[return-value]
+    return env_choice(ENV, IMPLS)  # type: ignore[return-value]
 
 
 def silu_mul(gate: Tensor, up: Tensor, impl: Impl | None = None) -> Tensor:
     """silu(gate) * up for fp32 tensors of one shape -> a new fp32 tensor, on path `impl` (None: the
     INT8SERVE_ACTIVATION setting). RuntimeError without the library or when the CPU cannot run the path."""
     impl = setting() if impl is None else impl
-    loaded = _load()
-    if isinstance(loaded, str):
-        raise RuntimeError(f"the SiLU kernel is not available: {loaded}")
+    loaded = _library()
     if gate.shape != up.shape or gate.dtype != torch.float32 or up.dtype != torch.float32:
         raise ValueError(f"gate and up must be fp32 of one shape, got {gate.dtype} {tuple(gate.shape)} and "
                          f"{up.dtype} {tuple(up.shape)}")

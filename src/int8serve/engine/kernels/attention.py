@@ -26,7 +26,7 @@ from typing import Literal
 import torch
 from torch import Tensor
 
-from . import build, kernel_threads, load_library, open_library
+from . import build, env_choice, kernel_threads, load_library, open_library
 
 log = logging.getLogger(__name__)
 
@@ -94,10 +94,7 @@ def resolve(impl: Impl = "auto") -> str:
 
 def setting() -> Impl | Literal["torch"]:
     """INT8SERVE_ATTENTION: auto (default), avx512, avx2, scalar, or torch (the per-row torch path)."""
-    value = os.environ.get(ENV, "auto").strip().lower() or "auto"
-    if value not in SETTINGS:
-        raise ValueError(f"{ENV}={value!r}: expected one of {', '.join(SETTINGS)}")
-    return value  # type: ignore[return-value]
+    return env_choice(ENV, SETTINGS)  # type: ignore[return-value]
 
 
 def set_setting(value: str) -> None:
