@@ -20,7 +20,7 @@ from int8serve.catalog.registry import Catalog
 from int8serve.engine.loader import LoadedModel
 from int8serve.engine.scheduler import Engine
 from int8serve.engine.tokenizer import Tokenizer
-from int8serve.service.app import create_app
+from int8serve.service.app import REQUEST_ID_HEADER, create_app
 from int8serve.service.inference import RequestLimits
 from int8serve.service.policy import Policy
 from int8serve.service.request_log import TextFormatter, escape_controls
@@ -224,15 +224,31 @@ def test_a_client_that_stops_reading_is_cut_and_its_usage_recorded(hardened: Fas
 def test_the_row_is_written_when_the_engine_ends_whether_or_not_the_client_reads(live: LiveServer,
                                                                                  hardened: FastAPI) -> None:
     """A client that sends its request and never reads: the answer is complete in the engine, and its ledger row
-    (outcome ok) is there although the client has not read the final frame."""
-    before = len(_rows(hardened, MODEL))
+    (outcome ok) is there although the client has not read the final frame. The row is found by its request id
+    (the response header, read from the socket; the body stays unread): counting rows would also count a row that an
+    earlier test's request writes late."""
     with socket.create_connection(("127.0.0.1", live.port)) as sock:
         body = json.dumps({"prompt": "Once", "raw": True, "max_tokens": 20, "stream": True}).encode()
         sock.sendall(f"POST {RUN} HTTP/1.1\r\nHost: x\r\nAuthorization: Bearer {TOKEN}\r\n"
                      f"Content-Length: {len(body)}\r\n\r\n".encode() + body)
-        _wait(lambda: len(_rows(hardened, MODEL)) == before + 1)
-        row = _rows(hardened, MODEL)[-1]
+        request_id = _response_header(sock, REQUEST_ID_HEADER)
+        _wait(lambda: any(r["request_id"] == request_id for r in _rows(hardened, MODEL)))
+        row = next(r for r in _rows(hardened, MODEL) if r["request_id"] == request_id)
         assert row["outcome"] == "ok" and row["output_tokens"] >= 1
+
+
+def _response_header(sock: socket.socket, name: str) -> str:
+    """Read from `sock` only as far as the end of the response's headers; return the header `name`'s value."""
+    head = b""
+    while b"\r\n\r\n" not in head:
+        chunk = sock.recv(1)
+        assert chunk, f"the connection closed before the headers ended: {head!r}"
+        head += chunk
+    for line in head.decode("latin-1").split("\r\n")[1:]:
+        key, _, value = line.partition(":")
+        if key.strip().lower() == name.lower():
+            return value.strip()
+    raise AssertionError(f"no {name} header in {head!r}")
 
 
 def _rows(app: FastAPI, model: str) -> list[dict[str, Any]]:
