@@ -242,10 +242,12 @@ def test_matches_the_fp32_product(m: int, n: int, k: int) -> None:
 # (m 9 and 17: more int8 rows than amx's 16 per pass, precise or not, so its tiles are configured twice in a call)
 # (9, 70, 300) and (6, 70, 1000): more rows than one pass takes, over several chunks of groups (gemv.cpp, kChunkGroups),
 # the last one partial, with weight groups (and per-channel sums) running on from one chunk into the next
-# (m >= 16, precise, avx2: the register-blocked GEMM of gemv.cpp; (21, 70, 1000): 5 blocks of 4 rows and one of 1,
-# over K-blocks of 4 groups, the last one partial, with per-channel sums running on from one K-block into the next)
+# (m >= 16, precise, avx2: the register-blocked GEMM of gemv.cpp; (22, 70, 1000): 7 blocks of 3 rows and one of 1,
+# over K-blocks of 4 groups, the last one partial, with per-channel sums running on from one K-block into the next;
+# (17, 65, 64): 5 blocks and one of 2; (140, 70, 300): more rows than one pass over the tiles takes, so two passes of
+# 72 and 68 rows)
 ODD_SHAPES = [(1, 1, 1), (2, 17, 31), (3, 100, 33), (5, 200, 172), (4, 130, 96), (9, 70, 300), (2, 64, 4096),
-              (17, 65, 64), (6, 70, 1000), (21, 70, 1000)]
+              (17, 65, 64), (6, 70, 1000), (22, 70, 1000), (140, 70, 300)]
 
 
 @pytest.mark.parametrize("group_size", GROUP_SIZES)
@@ -320,7 +322,7 @@ def test_dequantize_streams_a_buffer_larger_than_the_caches(dtype: torch.dtype) 
 def test_rows_do_not_depend_on_the_batch_or_threads(impl: str, precise: bool, n: int, k: int) -> None:
     q, scale = group_weight(n, k, 32, seed=7)
     packed = kernels.pack_weight(q, scale, 32)
-    # 9 rows: passes of 4 + 4 + 1 inside the kernel; 17 (precise, avx2): the GEMM's blocks of 4 + 4 + 4 + 4 + 1
+    # 9 rows: passes of 4 + 4 + 1 inside the kernel; 17 (precise, avx2): the GEMM's blocks of 3 + 3 + 3 + 3 + 3 + 2
     x = torch.randn(17, k)
 
     def run(rows: torch.Tensor) -> torch.Tensor:

@@ -850,26 +850,34 @@ INT8SERVE_AVX2 void rows_avx2_wide(const TileArgs& a, int64_t rows, int64_t tile
 // vpmaddwd than in them: it widens each step again for every pass of 4 rows, and its int32 lanes are (output, input
 // pair), so each group ends with a horizontal add and a permute per 8 outputs. Here each thread widens a K-block of
 // a tile once (kWideGemmGroups groups, 16 KB of int16, kept in L1) into an order where each int32 lane is one output:
-// per step of 4 inputs, one register holds inputs 0-1 and one inputs 2-3 of 8 outputs, and vpmaddwd with the row's
-// inputs 0-1 (then 2-3) broadcast to every lane adds into one sum per output. Every row of the call is multiplied
-// with the K-block, kWideGemmRows rows x 16 outputs at a time (8 sum registers, 4 of weights, 2 of activations: each
-// step is 4 weight loads and 8 broadcasts for 16 vpmaddwd). Each output's arithmetic is tile_avx2_wide's, in its
-// order (exact int32 group dots, then inner = fma(float(dot), xscale, inner), and acc = fma(inner, wscale, acc) at
-// each weight group's end), so every output has the same bits as every other path's, whatever the number of rows.
-// What it reaches (an AMD EPYC Zen 4, one thread, 128 rows x 4096 -> 1024, the weight in cache, 2026-12-02): about
-// 4.4 G vpmaddwd/s in the step loop, of the 7.2 G/s the CPU issues of them alone (benchmarks/cpu_peak.py). Each
-// needs a vpaddd, and the two share the vector pipes: a loop of one step's loads, products and adds and nothing else
-// ran at 5.2 G/s (72%); with the activations' broadcasts, 4.3-4.6. Around the loop, the float arithmetic of each
-// group took about 10% of a call and quantizing the rows 4%. Against tile_avx2_wide's passes of 4 rows: 1.3x.
-// From this many rows up, gemv takes the GEMM (fewer: tile_avx2_wide's passes of 4 rows). On an AMD EPYC Zen 4 held
-// to avx2 (2 threads, weights from memory, benchmarks/gemv_builds.py, 2026-12-02), the passes were 1.27-1.50x faster
-// at 8 rows and 0.91-0.99x at 16.
+// per input pair, one register holds the pair's two inputs of 8 outputs, and vpmaddwd with the row's pair broadcast
+// to every lane adds into one sum per output. Every row of the call is multiplied with the K-block, kWideGemmRows
+// rows x kWideColumns outputs at a time. Each output's arithmetic is tile_avx2_wide's, in its order (exact int32
+// group dots, then inner = fma(float(dot), xscale, inner), and acc = fma(inner, wscale, acc) at each weight group's
+// end), so every output has the same bits as every other path's, whatever the number of rows.
+//
+// The register block is 3 rows x 32 outputs (group_sums_3x32): 12 sum registers, and per input pair 2 registers of
+// weights (outputs 0-15), 1 of the broadcast pair and 1 of products; outputs 16-31's weights are vpmaddwd's memory
+// operands. Per pair: 2 weight loads and 3 broadcasts for 12 vpmaddwd (each with its vpaddd), 29 instructions. An
+// AMD EPYC Zen 3 issues vpmaddwd 2 a cycle alone and 1.7 a cycle beside as many vpaddd (a loop of the two and nothing
+// else), loads 2 a cycle, and its vector side takes about 4 instructions a cycle, loads and broadcasts included, so
+// the instructions around the products count: the 4 rows x 16 outputs block before (per step of 4 inputs, 4 weight
+// loads and 8 broadcasts for 16 vpmaddwd: 2.75 instructions a product, against 2.42 here) ran its loop at 4.5 G
+// vpmaddwd/s on one thread, this one at 4.8 (a microbenchmark of the two loops over L1-resident data, 2026-12-03;
+// 6.4 G/s alone); with every weight as a memory operand (fewer instructions, but 15 loads per 12 products), 4.6.
+// After each group, the float arithmetic (per row and 8 outputs: a conversion, an fma with the row's scale and one
+// with the weight scale on the running sum in memory) is in the same assembly for the default scheme
+// (group_into_acc_3x32): from intrinsics GCC kept a second copy of each running sum on the stack and took a quarter
+// of a call there; now ~16%. With both, and the rows taken in passes of at most kWideGemmChunkRows, the whole call
+// runs at ~60% of the vpmaddwd peak on this Zen 3 (one or two threads, 128 or 512 rows, the 7B shapes), against
+// 49-54% before (benchmarks/gemv_builds.py against f183341, 2 threads, 16 / 128 / 512 rows: 1.09-1.12x /
+// 1.09-1.20x / 1.15-1.26x).
 #ifndef INT8SERVE_WIDE_GEMM_MIN_ROWS
 #define INT8SERVE_WIDE_GEMM_MIN_ROWS 16
 #endif
 constexpr int64_t kWideGemmMinRows = INT8SERVE_WIDE_GEMM_MIN_ROWS;
-constexpr int kWideGemmRows = 4;  // activation rows a register block (group_sums_4x16)
-constexpr int kWideGemmVectors = 2;  // 8 outputs each: the register block's outputs (wide_block's assembly: 2)
+constexpr int kWideGemmRows = 3;     // activation rows a register block (group_sums_3x32)
+constexpr int kWideGemmVectors = 4;  // 8 outputs each: the register block's outputs (group_sums_3x32's: 4)
 constexpr int64_t kWideColumns = 8 * kWideGemmVectors;          // outputs a register block
 // Groups a K-block: 64 outputs x 128 inputs x 2 bytes = 16 KB, in L1 (8 and 16 groups, from L2, measured alike:
 // within 6%, one thread, the shape above).
@@ -877,11 +885,12 @@ constexpr int64_t kWideColumns = 8 * kWideGemmVectors;          // outputs a reg
 #define INT8SERVE_WIDE_GEMM_GROUPS 4
 #endif
 constexpr int64_t kWideGemmGroups = INT8SERVE_WIDE_GEMM_GROUPS;
-constexpr int64_t kWideStepWords = 2 * 16 * kWideGemmVectors;  // int16 a widened step of a register block's outputs
+constexpr int64_t kWidePairWords = 2 * 8 * kWideGemmVectors;  // int16: one input pair of a register block's outputs
+constexpr int64_t kWideStepWords = 2 * kWidePairWords;        // int16: a step (4 inputs, 2 pairs) of them
 constexpr int64_t kWideBytes = kTileRows * kWideGemmGroups * kGroup * 2;
 static_assert(kTileRows % kWideColumns == 0, "a tile holds whole register blocks of outputs");
 
-// The widened K-block of a tile: [column block][group - g0][step][vector][pair][8 outputs x 2 inputs] int16, w (not
+// The widened K-block of a tile: [column block][group - g0][step][pair][vector][8 outputs x 2 inputs] int16, w (not
 // w + 128): pair 0 holds inputs 4s, 4s + 1 of each output, pair 1 inputs 4s + 2, 4s + 3.
 INT8SERVE_AVX2 void widen_tile(const packed::Layout& lay, const uint8_t* tile, int64_t g0, int64_t g1, int16_t* out) {
   const __m256i bias = _mm256_set1_epi16(128);
@@ -901,9 +910,9 @@ INT8SERVE_AVX2 void widen_tile(const packed::Layout& lay, const uint8_t* tile, i
           const __m256i pair1 = _mm256_permute4x64_epi64(_mm256_castps_si256(_mm256_shuffle_ps(low, high, 0xDD)), 0xD8);
           const int64_t column = 16 * b + 8 * h;
           int16_t* o = out + ((column / kWideColumns * ng + (g - g0)) * kSteps + s) * kWideStepWords +
-                       (column % kWideColumns) / 8 * 32;
+                       (column % kWideColumns) / 8 * 16;
           _mm256_store_si256(reinterpret_cast<__m256i*>(o), pair0);
-          _mm256_store_si256(reinterpret_cast<__m256i*>(o + 16), pair1);
+          _mm256_store_si256(reinterpret_cast<__m256i*>(o + kWidePairWords), pair1);
         }
   }
 }
@@ -921,56 +930,111 @@ struct WideBlock {
   float* acc;            // [rows][64]: the finished weight groups' sum
 };
 
-// One group of 4 rows x 16 outputs (wide_block's register block): sum[r][v] = the int32 dot products of row r with
-// outputs 8v..8v+7. Inline assembly: with intrinsics GCC kept fewer sums in registers than there are, copied them
-// between registers at every step, and (unrolled) computed every product of a group before adding them up; here the
-// 8 sums, the step's 4 weight registers, 2 of activations and 2 of products are the 16 ymm registers.
-#define INT8SERVE_WIDE_ROW(X, S0, S1)                 \
-  "vpbroadcastd \\step*8(%[" X "]), %%ymm12\n\t"     \
-  "vpbroadcastd \\step*8+4(%[" X "]), %%ymm13\n\t"   \
-  "vpmaddwd %%ymm8, %%ymm12, %%ymm14\n\t"           \
-  "vpaddd %%ymm14, %[" S0 "], %[" S0 "]\n\t"         \
-  "vpmaddwd %%ymm9, %%ymm13, %%ymm15\n\t"           \
-  "vpaddd %%ymm15, %[" S0 "], %[" S0 "]\n\t"         \
-  "vpmaddwd %%ymm10, %%ymm12, %%ymm14\n\t"          \
-  "vpaddd %%ymm14, %[" S1 "], %[" S1 "]\n\t"         \
-  "vpmaddwd %%ymm11, %%ymm13, %%ymm15\n\t"          \
-  "vpaddd %%ymm15, %[" S1 "], %[" S1 "]\n\t"
+// One group of 3 rows x 32 outputs (wide_block's register block): sum[r][v] = the int32 dot products of row r with
+// outputs 8v..8v+7. Inline assembly: with intrinsics GCC kept fewer sums in registers than there are and copied
+// them between registers at every step; here the 12 sums, 2 registers of weights, 1 of the broadcast pair and 1 of
+// products are the 16 ymm registers.
+#define INT8SERVE_WIDE_ROW(X, PAIR, S0, S1, S2, S3)                        \
+  "vpbroadcastd \\step*8+" PAIR "*4(%[" X "]), %%ymm12\n\t"               \
+  "vpmaddwd %%ymm14, %%ymm12, %%ymm13\n\t"                                 \
+  "vpaddd %%ymm13, %[" S0 "], %[" S0 "]\n\t"                               \
+  "vpmaddwd %%ymm15, %%ymm12, %%ymm13\n\t"                                 \
+  "vpaddd %%ymm13, %[" S1 "], %[" S1 "]\n\t"                               \
+  "vpmaddwd \\step*256+" PAIR "*128+64(%[w]), %%ymm12, %%ymm13\n\t"        \
+  "vpaddd %%ymm13, %[" S2 "], %[" S2 "]\n\t"                               \
+  "vpmaddwd \\step*256+" PAIR "*128+96(%[w]), %%ymm12, %%ymm13\n\t"        \
+  "vpaddd %%ymm13, %[" S3 "], %[" S3 "]\n\t"
+#define INT8SERVE_WIDE_PAIR(PAIR)                                          \
+  "vmovdqa \\step*256+" PAIR "*128(%[w]), %%ymm14\n\t"                     \
+  "vmovdqa \\step*256+" PAIR "*128+32(%[w]), %%ymm15\n\t"                  \
+  INT8SERVE_WIDE_ROW("x0", PAIR, "s00", "s01", "s02", "s03")               \
+  INT8SERVE_WIDE_ROW("x1", PAIR, "s10", "s11", "s12", "s13")               \
+  INT8SERVE_WIDE_ROW("x2", PAIR, "s20", "s21", "s22", "s23")
 
 struct GroupWeights { int16_t w[kSteps * kWideStepWords]; };  // a group of a register block's outputs, widened
+struct BlockScales { uint16_t s[kWideColumns]; };                // a register block's bf16 weight scales
+struct WideSums { float v[kWideGemmRows][kTileRows]; };          // the acc rows a register block updates
+static_assert(kWideStepWords * 2 == 256, "group_sums_3x32 addresses a step as 256 bytes");
+static_assert(kTileRows * sizeof(float) == 256, "group_into_acc_3x32 steps from row to row by 256 bytes");
 
-INT8SERVE_AVX2 inline void group_sums_4x16(const int16_t* w, const int16_t* x, int64_t kp, __m256i sum[][2]) {
-  const int16_t *x0 = x, *x1 = x + kp, *x2 = x + 2 * kp, *x3 = x + 3 * kp;
-  __m256i s00, s01, s10, s11, s20, s21, s30, s31;
-  asm("vpxor %[s00], %[s00], %[s00]\n\t"
-      "vpxor %[s01], %[s01], %[s01]\n\t"
-      "vpxor %[s10], %[s10], %[s10]\n\t"
-      "vpxor %[s11], %[s11], %[s11]\n\t"
-      "vpxor %[s20], %[s20], %[s20]\n\t"
-      "vpxor %[s21], %[s21], %[s21]\n\t"
-      "vpxor %[s30], %[s30], %[s30]\n\t"
-      "vpxor %[s31], %[s31], %[s31]\n\t"
-      ".irp step,0,1,2,3,4,5,6,7\n\t"
-      "vmovdqa \\step*128(%[w]), %%ymm8\n\t"
-      "vmovdqa \\step*128+32(%[w]), %%ymm9\n\t"
-      "vmovdqa \\step*128+64(%[w]), %%ymm10\n\t"
-      "vmovdqa \\step*128+96(%[w]), %%ymm11\n\t"
-      INT8SERVE_WIDE_ROW("x0", "s00", "s01")
-      INT8SERVE_WIDE_ROW("x1", "s10", "s11")
-      INT8SERVE_WIDE_ROW("x2", "s20", "s21")
-      INT8SERVE_WIDE_ROW("x3", "s30", "s31")
-      ".endr"
-      : [s00] "=&x"(s00), [s01] "=&x"(s01), [s10] "=&x"(s10), [s11] "=&x"(s11), [s20] "=&x"(s20),
-        [s21] "=&x"(s21), [s30] "=&x"(s30), [s31] "=&x"(s31)
-      : [w] "r"(w), [x0] "r"(x0), [x1] "r"(x1), [x2] "r"(x2), [x3] "r"(x3),
-        // what it reads, so that GCC needs no "memory" clobber (which made it reload every field of WideBlock after)
-        "m"(*reinterpret_cast<const GroupWeights*>(w)), "m"(*reinterpret_cast<const GroupInputs*>(x0)),
-        "m"(*reinterpret_cast<const GroupInputs*>(x1)), "m"(*reinterpret_cast<const GroupInputs*>(x2)),
-        "m"(*reinterpret_cast<const GroupInputs*>(x3))
-      : "xmm8", "xmm9", "xmm10", "xmm11", "xmm12", "xmm13", "xmm14", "xmm15");
-  sum[0][0] = s00, sum[0][1] = s01, sum[1][0] = s10, sum[1][1] = s11;
-  sum[2][0] = s20, sum[2][1] = s21, sum[3][0] = s30, sum[3][1] = s31;
+// The sums' assembly: zero them, then the 8 steps of a group, 2 pairs each.
+#define INT8SERVE_WIDE_SUMS                                                                              \
+  ".irp sum,%[s00],%[s01],%[s02],%[s03],%[s10],%[s11],%[s12],%[s13],%[s20],%[s21],%[s22],%[s23]\n\t"     \
+  "vpxor \\sum, \\sum, \\sum\n\t"                                                                        \
+  ".endr\n\t"                                                                                            \
+  ".irp step,0,1,2,3,4,5,6,7\n\t"                                                                        \
+  INT8SERVE_WIDE_PAIR("0")                                                                               \
+  INT8SERVE_WIDE_PAIR("1")                                                                               \
+  ".endr\n\t"
+#define INT8SERVE_WIDE_SUM_OPERANDS                                                                      \
+  [s00] "=&x"(s00), [s01] "=&x"(s01), [s02] "=&x"(s02), [s03] "=&x"(s03), [s10] "=&x"(s10),              \
+  [s11] "=&x"(s11), [s12] "=&x"(s12), [s13] "=&x"(s13), [s20] "=&x"(s20), [s21] "=&x"(s21),              \
+  [s22] "=&x"(s22), [s23] "=&x"(s23)
+// (what the sums read, so that GCC needs no "memory" clobber, which made it reload every field of WideBlock after)
+#define INT8SERVE_WIDE_SUM_INPUTS                                                                        \
+  [w] "r"(w), [x0] "r"(x0), [x1] "r"(x1), [x2] "r"(x2), "m"(*reinterpret_cast<const GroupWeights*>(w)),  \
+  "m"(*reinterpret_cast<const GroupInputs*>(x0)), "m"(*reinterpret_cast<const GroupInputs*>(x1)),        \
+  "m"(*reinterpret_cast<const GroupInputs*>(x2))
+
+INT8SERVE_AVX2 inline void group_sums_3x32(const int16_t* w, const int16_t* x, int64_t kp, __m256i sum[][4]) {
+  const int16_t *x0 = x, *x1 = x + kp, *x2 = x + 2 * kp;
+  __m256i s00, s01, s02, s03, s10, s11, s12, s13, s20, s21, s22, s23;
+  asm(INT8SERVE_WIDE_SUMS
+      : INT8SERVE_WIDE_SUM_OPERANDS
+      : INT8SERVE_WIDE_SUM_INPUTS
+      : "xmm12", "xmm13", "xmm14", "xmm15");
+  sum[0][0] = s00, sum[0][1] = s01, sum[0][2] = s02, sum[0][3] = s03;
+  sum[1][0] = s10, sum[1][1] = s11, sum[1][2] = s12, sum[1][3] = s13;
+  sum[2][0] = s20, sum[2][1] = s21, sum[2][2] = s22, sum[2][3] = s23;
 }
+
+// The default scheme (each group a weight group of its own): the sums of group_sums_3x32, then in the same assembly
+// the float arithmetic, per row r and vector v: total = fma(float(sum), xscale[r], 0), acc = fma(total, wscale[v],
+// acc). From intrinsics GCC kept a copy of every acc vector on the stack beside the one in `acc` (two stores each),
+// and the arithmetic after the sums took a quarter of a call.
+// xs: row 0's scale of the group (rows `xstride` bytes apart); scales: the block's 32 bf16 weight scales; acc: the
+// block's first row and column (rows kTileRows floats apart).
+#define INT8SERVE_WIDE_INNER(XS, S0, S1, S2, S3)                    \
+  "vbroadcastss " XS ", %%ymm12\n\t"                                \
+  ".irp sum,%[" S0 "],%[" S1 "],%[" S2 "],%[" S3 "]\n\t"            \
+  "vcvtdq2ps \\sum, \\sum\n\t"                                      \
+  "vfmadd132ps %%ymm12, %%ymm13, \\sum\n\t"                         \
+  ".endr\n\t"
+#define INT8SERVE_WIDE_ACC(V, S0, S1, S2)                           \
+  "vpmovzxwd " V "*16(%[scales]), %%ymm14\n\t"                      \
+  "vpslld $16, %%ymm14, %%ymm14\n\t"                                \
+  "vfmadd213ps " V "*32(%[acc]), %%ymm14, %[" S0 "]\n\t"            \
+  "vmovaps %[" S0 "], " V "*32(%[acc])\n\t"                         \
+  "vfmadd213ps " V "*32+256(%[acc]), %%ymm14, %[" S1 "]\n\t"        \
+  "vmovaps %[" S1 "], " V "*32+256(%[acc])\n\t"                     \
+  "vfmadd213ps " V "*32+512(%[acc]), %%ymm14, %[" S2 "]\n\t"        \
+  "vmovaps %[" S2 "], " V "*32+512(%[acc])\n\t"
+
+INT8SERVE_AVX2 inline void group_into_acc_3x32(const int16_t* w, const int16_t* x, int64_t kp, const float* xs,
+                                               int64_t xstride, const uint16_t* scales, float* acc) {
+  const int16_t *x0 = x, *x1 = x + kp, *x2 = x + 2 * kp;
+  __m256i s00, s01, s02, s03, s10, s11, s12, s13, s20, s21, s22, s23;
+  asm(INT8SERVE_WIDE_SUMS
+      "vxorps %%ymm13, %%ymm13, %%ymm13\n\t"
+      INT8SERVE_WIDE_INNER("(%[xs])", "s00", "s01", "s02", "s03")
+      INT8SERVE_WIDE_INNER("(%[xs],%[xstride],1)", "s10", "s11", "s12", "s13")
+      INT8SERVE_WIDE_INNER("(%[xs],%[xstride],2)", "s20", "s21", "s22", "s23")
+      INT8SERVE_WIDE_ACC("0", "s00", "s10", "s20")
+      INT8SERVE_WIDE_ACC("1", "s01", "s11", "s21")
+      INT8SERVE_WIDE_ACC("2", "s02", "s12", "s22")
+      INT8SERVE_WIDE_ACC("3", "s03", "s13", "s23")
+      : INT8SERVE_WIDE_SUM_OPERANDS, "+m"(*reinterpret_cast<WideSums*>(acc))
+      : INT8SERVE_WIDE_SUM_INPUTS, [xs] "r"(xs), [xstride] "r"(xstride), [scales] "r"(scales), [acc] "r"(acc),
+        "m"(*reinterpret_cast<const BlockScales*>(scales)), "m"(xs[0]), "m"(xs[xstride / 4]),
+        "m"(xs[xstride / 2])
+      : "xmm12", "xmm13", "xmm14", "xmm15");
+}
+#undef INT8SERVE_WIDE_ACC
+#undef INT8SERVE_WIDE_INNER
+#undef INT8SERVE_WIDE_SUM_INPUTS
+#undef INT8SERVE_WIDE_SUM_OPERANDS
+#undef INT8SERVE_WIDE_SUMS
+#undef INT8SERVE_WIDE_PAIR
 #undef INT8SERVE_WIDE_ROW
 
 // R rows x the kWideColumns outputs of column block `cb` over the K-block.
@@ -982,24 +1046,29 @@ INT8SERVE_AVX2 void wide_block(const WideBlock& a, int64_t cb) {
   const int64_t ng = a.g1 - a.g0;
   for (int64_t g = a.g0; g < a.g1; ++g) {
     __m256i sum[R][V];  // int32: one output a lane
-    for (int r = 0; r < R; ++r)
-      for (int v = 0; v < V; ++v) sum[r][v] = _mm256_setzero_si256();
     const int16_t* w = a.wide + (cb * ng + (g - a.g0)) * kSteps * kWideStepWords;
     const int16_t* x = a.x + g * kGroup;
-    if constexpr (R == 4) {
-      group_sums_4x16(w, x, a.kp, sum);
-    } else {  // the last 1-3 rows of a call: the same integer sums, with intrinsics
+    if constexpr (R == 3 && kEachGroup) {
+      group_into_acc_3x32(w, x, a.kp, a.xscale + g, 2 * a.groups * static_cast<int64_t>(sizeof(float)),
+                          a.lay.scales(a.tile, g) + cb * kWideColumns, a.acc + cb * kWideColumns);
+      continue;
+    } else if constexpr (R == 3) {
+      group_sums_3x32(w, x, a.kp, sum);
+    } else {  // the last 1-2 rows of a call: the same integer sums, with intrinsics
+      for (int r = 0; r < R; ++r)
+        for (int v = 0; v < V; ++v) sum[r][v] = _mm256_setzero_si256();
       for (int s = 0; s < kSteps; ++s) {
-        const __m256i* step = reinterpret_cast<const __m256i*>(w + s * kWideStepWords);
+        const __m256i* pair0 = reinterpret_cast<const __m256i*>(w + s * kWideStepWords);
+        const __m256i* pair1 = reinterpret_cast<const __m256i*>(w + s * kWideStepWords + kWidePairWords);
         for (int r = 0; r < R; ++r) {
-          int32_t pair0, pair1;  // inputs 4s, 4s + 1 and 4s + 2, 4s + 3 of row r, 16 bits each
-          std::memcpy(&pair0, x + r * a.kp + 4 * s, 4);
-          std::memcpy(&pair1, x + r * a.kp + 4 * s + 2, 4);
-          const __m256i x0 = _mm256_set1_epi32(pair0), x1 = _mm256_set1_epi32(pair1);
+          int32_t x01, x23;  // inputs 4s, 4s + 1 and 4s + 2, 4s + 3 of row r, 16 bits each
+          std::memcpy(&x01, x + r * a.kp + 4 * s, 4);
+          std::memcpy(&x23, x + r * a.kp + 4 * s + 2, 4);
+          const __m256i xb0 = _mm256_set1_epi32(x01), xb1 = _mm256_set1_epi32(x23);
           for (int v = 0; v < V; ++v) {
-            const __m256i pairs0 = _mm256_madd_epi16(_mm256_load_si256(step + 2 * v), x0);
-            const __m256i pairs1 = _mm256_madd_epi16(_mm256_load_si256(step + 2 * v + 1), x1);
-            sum[r][v] = _mm256_add_epi32(sum[r][v], _mm256_add_epi32(pairs0, pairs1));
+            const __m256i products0 = _mm256_madd_epi16(_mm256_load_si256(pair0 + v), xb0);
+            const __m256i products1 = _mm256_madd_epi16(_mm256_load_si256(pair1 + v), xb1);
+            sum[r][v] = _mm256_add_epi32(sum[r][v], _mm256_add_epi32(products0, products1));
           }
         }
       }
@@ -1007,26 +1076,29 @@ INT8SERVE_AVX2 void wide_block(const WideBlock& a, int64_t cb) {
     const int64_t wg = a.wg[g - a.g0];  // (a division here, per group and block, cost more than it seems)
     const bool first = kEachGroup || g == wg * a.lay.span;
     const bool last = kEachGroup || g == std::min(a.groups, (wg + 1) * a.lay.span) - 1;
-    __m256 wscale[V];
-    for (int v = 0; v < V; ++v) {
-      wscale[v] = _mm256_setzero_ps();
-      if (!last) continue;
-      const __m128i raw = _mm_loadu_si128(
-          reinterpret_cast<const __m128i*>(a.lay.scales(a.tile, wg) + cb * kWideColumns + 8 * v));
-      wscale[v] = _mm256_castsi256_ps(_mm256_slli_epi32(_mm256_cvtepu16_epi32(raw), 16));
-    }
+    // inner (in place of the sums): row by row, so that only the sums, the row's scale and a zero are live
+    __m256 total[R][V];
     for (int r = 0; r < R; ++r) {
       const __m256 xscale = _mm256_set1_ps(a.xscale[2 * r * a.groups + g]);
       for (int v = 0; v < V; ++v) {
-        float* in = a.inner + r * kTileRows + cb * kWideColumns + 8 * v;
+        const float* in = a.inner + r * kTileRows + cb * kWideColumns + 8 * v;
         const __m256 before = first ? _mm256_setzero_ps() : _mm256_load_ps(in);
-        const __m256 total = _mm256_fmadd_ps(_mm256_cvtepi32_ps(sum[r][v]), xscale, before);
-        if (!last) {
-          _mm256_store_ps(in, total);
-          continue;
-        }
+        total[r][v] = _mm256_fmadd_ps(_mm256_cvtepi32_ps(sum[r][v]), xscale, before);
+      }
+    }
+    if (!last) {
+      for (int r = 0; r < R; ++r)
+        for (int v = 0; v < V; ++v) _mm256_store_ps(a.inner + r * kTileRows + cb * kWideColumns + 8 * v, total[r][v]);
+      continue;
+    }
+    // acc: vector by vector, each weight scale converted once for the rows
+    const uint16_t* scales = a.lay.scales(a.tile, wg) + cb * kWideColumns;
+    for (int v = 0; v < V; ++v) {
+      const __m128i raw = _mm_loadu_si128(reinterpret_cast<const __m128i*>(scales + 8 * v));
+      const __m256 wscale = _mm256_castsi256_ps(_mm256_slli_epi32(_mm256_cvtepu16_epi32(raw), 16));
+      for (int r = 0; r < R; ++r) {
         float* out = a.acc + r * kTileRows + cb * kWideColumns + 8 * v;
-        _mm256_store_ps(out, _mm256_fmadd_ps(total, wscale[v], _mm256_load_ps(out)));
+        _mm256_store_ps(out, _mm256_fmadd_ps(total[r][v], wscale, _mm256_load_ps(out)));
       }
     }
   }
@@ -1037,8 +1109,7 @@ INT8SERVE_AVX2 void wide_rows(const WideBlock& a, int64_t rows, int64_t cb) {
   switch (rows) {
     case 1: wide_block<1, kEachGroup>(a, cb); break;
     case 2: wide_block<2, kEachGroup>(a, cb); break;
-    case 3: wide_block<3, kEachGroup>(a, cb); break;
-    default: wide_block<4, kEachGroup>(a, cb); break;
+    default: wide_block<3, kEachGroup>(a, cb); break;
   }
 }
 
@@ -1049,8 +1120,10 @@ struct WideScratch {
   float* acc;
 };
 
-// All M rows of the call over tile `tile`: y [M, N] gets the tile's outputs.
-INT8SERVE_AVX2 void gemm_avx2_wide_tile(const TileArgs& base, int64_t m, const WideScratch& room, int64_t tile) {
+// Rows [r_begin, r_end) of the call over tile `tile`: y gets their outputs of the tile.
+INT8SERVE_AVX2 void gemm_avx2_wide_tile(const TileArgs& base, int64_t r_begin, int64_t r_end, const WideScratch& room,
+                                        int64_t tile) {
+  const int64_t m = r_end - r_begin;
   std::fill(room.acc, room.acc + m * kTileRows, 0.0f);
   WideBlock a{base.lay, base.lay.tile(base.packed, tile), room.wide, nullptr, nullptr, base.kp, base.groups, 0, 0,
               {}, nullptr, nullptr};
@@ -1060,8 +1133,8 @@ INT8SERVE_AVX2 void gemm_avx2_wide_tile(const TileArgs& base, int64_t m, const W
     for (int64_t g = a.g0; g < a.g1; ++g) a.wg[g - a.g0] = g / a.lay.span;
     widen_tile(base.lay, a.tile, a.g0, a.g1, room.wide);
     for (int64_t r0 = 0; r0 < m; r0 += kWideGemmRows) {
-      a.x = base.xwide + r0 * base.kp;
-      a.xscale = base.xscale + (2 * r0 + 1) * base.groups;
+      a.x = base.xwide + (r_begin + r0) * base.kp;
+      a.xscale = base.xscale + (2 * (r_begin + r0) + 1) * base.groups;
       a.inner = room.inner + r0 * kTileRows;
       a.acc = room.acc + r0 * kTileRows;
       const int64_t rows = std::min<int64_t>(kWideGemmRows, m - r0);
@@ -1076,15 +1149,30 @@ INT8SERVE_AVX2 void gemm_avx2_wide_tile(const TileArgs& base, int64_t m, const W
   const int64_t n0 = tile * kTileRows;
   const int64_t count = std::min(kTileRows, base.n - n0);
   for (int64_t r = 0; r < m; ++r)
-    std::memcpy(base.y + r * base.n + n0, room.acc + r * kTileRows, static_cast<size_t>(count) * sizeof(float));
+    std::memcpy(base.y + (r_begin + r) * base.n + n0, room.acc + r * kTileRows,
+                static_cast<size_t>(count) * sizeof(float));
 }
 
+// Rows a pass over the tiles, at most: a call of more rows goes over every tile once per chunk of rows, in chunks of
+// about the same size (the weights are read again, and widened again, for each). A chunk's 16-bit inputs of a
+// K-block and its running sums (132 rows: 33 KB each) stay in L2; with every row of a 512-row call in one pass
+// (256 KB each) they did not, and the call ran at 55% of the vpmaddwd peak instead of 60% (Zen 3, one thread, the 7B
+// shapes; 96-row chunks: 60% at 512 rows, 58% at 128, two passes of 96 and 32).
+#ifndef INT8SERVE_WIDE_GEMM_CHUNK_ROWS
+#define INT8SERVE_WIDE_GEMM_CHUNK_ROWS 132
+#endif
+constexpr int64_t kWideGemmChunkRows = INT8SERVE_WIDE_GEMM_CHUNK_ROWS;
+static_assert(kWideGemmChunkRows % kWideGemmRows == 0, "a chunk holds whole register blocks of rows");
+
 // gemv's body for the avx2 path with precise activations and at least kWideGemmMinRows rows: each thread takes a
-// contiguous range of tiles and multiplies every row with each (gemm_avx2_wide_tile).
+// contiguous range of tiles and multiplies each chunk of rows with each (gemm_avx2_wide_tile).
 INT8SERVE_AVX2 void gemm_avx2_wide(const Activations& act, TileArgs base, int64_t m, int64_t tiles, int nthreads) {
   base.xscale = act.scale.data();
   base.xwide = act.wide.data();
-  const int64_t sum_room = (m * kTileRows * 4 + 63) / 64 * 64;
+  const int64_t passes = (m + kWideGemmChunkRows - 1) / kWideGemmChunkRows;
+  const int64_t even = (m + passes - 1) / passes;  // chunks of about the same size, whole register blocks
+  const int64_t chunk = (even + kWideGemmRows - 1) / kWideGemmRows * kWideGemmRows;
+  const int64_t sum_room = (chunk * kTileRows * 4 + 63) / 64 * 64;
   const int64_t per_thread = kWideBytes + 2 * sum_room;
   std::vector<uint8_t> storage(static_cast<size_t>(nthreads * per_thread + 64));  // (allocated before the threads)
   uint8_t* aligned = storage.data() + (64 - reinterpret_cast<uintptr_t>(storage.data()) % 64) % 64;
@@ -1093,8 +1181,12 @@ INT8SERVE_AVX2 void gemm_avx2_wide(const Activations& act, TileArgs base, int64_
     uint8_t* mine = aligned + omp_get_thread_num() * per_thread;
     const WideScratch room{reinterpret_cast<int16_t*>(mine), reinterpret_cast<float*>(mine + kWideBytes),
                            reinterpret_cast<float*>(mine + kWideBytes + sum_room)};
-#pragma omp for schedule(static)
-    for (int64_t tile = 0; tile < tiles; ++tile) gemm_avx2_wide_tile(base, m, room, tile);
+    for (int64_t r_begin = 0; r_begin < m; r_begin += chunk) {
+      // (the same tiles for each thread in every chunk, and no chunk reads another's outputs: no barrier between)
+#pragma omp for schedule(static) nowait
+      for (int64_t tile = 0; tile < tiles; ++tile)
+        gemm_avx2_wide_tile(base, r_begin, std::min(m, r_begin + chunk), room, tile);
+    }
   }
 }
 
