@@ -934,22 +934,23 @@ struct WideBlock {
 // outputs 8v..8v+7. Inline assembly: with intrinsics GCC kept fewer sums in registers than there are and copied
 // them between registers at every step; here the 12 sums, 2 registers of weights, 1 of the broadcast pair and 1 of
 // products are the 16 ymm registers.
-#define INT8SERVE_WIDE_ROW(X, PAIR, S0, S1, S2, S3)                        \
+// A product added to sum S, or (the group's first pair: no zeroing of the sums before) written to it.
+#define INT8SERVE_WIDE_ADD(WEIGHTS, S)                                     \
+  "vpmaddwd " WEIGHTS ", %%ymm12, %%ymm13\n\t"                             \
+  "vpaddd %%ymm13, %[" S "], %[" S "]\n\t"
+#define INT8SERVE_WIDE_SET(WEIGHTS, S) "vpmaddwd " WEIGHTS ", %%ymm12, %[" S "]\n\t"
+#define INT8SERVE_WIDE_ROW(OP, X, PAIR, S0, S1, S2, S3)                    \
   "vpbroadcastd \\step*8+" PAIR "*4(%[" X "]), %%ymm12\n\t"               \
-  "vpmaddwd %%ymm14, %%ymm12, %%ymm13\n\t"                                 \
-  "vpaddd %%ymm13, %[" S0 "], %[" S0 "]\n\t"                               \
-  "vpmaddwd %%ymm15, %%ymm12, %%ymm13\n\t"                                 \
-  "vpaddd %%ymm13, %[" S1 "], %[" S1 "]\n\t"                               \
-  "vpmaddwd \\step*256+" PAIR "*128+64(%[w]), %%ymm12, %%ymm13\n\t"        \
-  "vpaddd %%ymm13, %[" S2 "], %[" S2 "]\n\t"                               \
-  "vpmaddwd \\step*256+" PAIR "*128+96(%[w]), %%ymm12, %%ymm13\n\t"        \
-  "vpaddd %%ymm13, %[" S3 "], %[" S3 "]\n\t"
-#define INT8SERVE_WIDE_PAIR(PAIR)                                          \
+  OP("%%ymm14", S0)                                                        \
+  OP("%%ymm15", S1)                                                        \
+  OP("\\step*256+" PAIR "*128+64(%[w])", S2)                               \
+  OP("\\step*256+" PAIR "*128+96(%[w])", S3)
+#define INT8SERVE_WIDE_PAIR(OP, PAIR)                                      \
   "vmovdqa \\step*256+" PAIR "*128(%[w]), %%ymm14\n\t"                     \
   "vmovdqa \\step*256+" PAIR "*128+32(%[w]), %%ymm15\n\t"                  \
-  INT8SERVE_WIDE_ROW("x0", PAIR, "s00", "s01", "s02", "s03")               \
-  INT8SERVE_WIDE_ROW("x1", PAIR, "s10", "s11", "s12", "s13")               \
-  INT8SERVE_WIDE_ROW("x2", PAIR, "s20", "s21", "s22", "s23")
+  INT8SERVE_WIDE_ROW(OP, "x0", PAIR, "s00", "s01", "s02", "s03")           \
+  INT8SERVE_WIDE_ROW(OP, "x1", PAIR, "s10", "s11", "s12", "s13")           \
+  INT8SERVE_WIDE_ROW(OP, "x2", PAIR, "s20", "s21", "s22", "s23")
 
 struct GroupWeights { int16_t w[kSteps * kWideStepWords]; };  // a group of a register block's outputs, widened
 struct BlockScales { uint16_t s[kWideColumns]; };                // a register block's bf16 weight scales
@@ -957,14 +958,16 @@ struct WideSums { float v[kWideGemmRows][kTileRows]; };          // the acc rows
 static_assert(kWideStepWords * 2 == 256, "group_sums_3x32 addresses a step as 256 bytes");
 static_assert(kTileRows * sizeof(float) == 256, "group_into_acc_3x32 steps from row to row by 256 bytes");
 
-// The sums' assembly: zero them, then the 8 steps of a group, 2 pairs each.
+// The sums' assembly: the 8 steps of a group, 2 pairs each; the first pair's products start the sums (zeroing them
+// and adding took 24 of a group's ~540 instructions).
 #define INT8SERVE_WIDE_SUMS                                                                              \
-  ".irp sum,%[s00],%[s01],%[s02],%[s03],%[s10],%[s11],%[s12],%[s13],%[s20],%[s21],%[s22],%[s23]\n\t"     \
-  "vpxor \\sum, \\sum, \\sum\n\t"                                                                        \
+  ".irp step,0\n\t"                                                                                      \
+  INT8SERVE_WIDE_PAIR(INT8SERVE_WIDE_SET, "0")                                                           \
+  INT8SERVE_WIDE_PAIR(INT8SERVE_WIDE_ADD, "1")                                                           \
   ".endr\n\t"                                                                                            \
-  ".irp step,0,1,2,3,4,5,6,7\n\t"                                                                        \
-  INT8SERVE_WIDE_PAIR("0")                                                                               \
-  INT8SERVE_WIDE_PAIR("1")                                                                               \
+  ".irp step,1,2,3,4,5,6,7\n\t"                                                                          \
+  INT8SERVE_WIDE_PAIR(INT8SERVE_WIDE_ADD, "0")                                                           \
+  INT8SERVE_WIDE_PAIR(INT8SERVE_WIDE_ADD, "1")                                                           \
   ".endr\n\t"
 #define INT8SERVE_WIDE_SUM_OPERANDS                                                                      \
   [s00] "=&x"(s00), [s01] "=&x"(s01), [s02] "=&x"(s02), [s03] "=&x"(s03), [s10] "=&x"(s10),              \
@@ -1036,6 +1039,8 @@ INT8SERVE_AVX2 inline void group_into_acc_3x32(const int16_t* w, const int16_t* 
 #undef INT8SERVE_WIDE_SUMS
 #undef INT8SERVE_WIDE_PAIR
 #undef INT8SERVE_WIDE_ROW
+#undef INT8SERVE_WIDE_SET
+#undef INT8SERVE_WIDE_ADD
 
 // R rows x the kWideColumns outputs of column block `cb` over the K-block.
 // kEachGroup: every group is a weight group of its own (the default scheme, one weight scale per 32 inputs), so each
