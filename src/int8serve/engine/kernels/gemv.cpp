@@ -930,11 +930,7 @@ struct WideBlock {
   float* acc;            // [rows][64]: the finished weight groups' sum
 };
 
-// One group of 3 rows x 32 outputs (wide_block's register block): sum[r][v] = the int32 dot products of row r with
-// outputs 8v..8v+7. Inline assembly: with intrinsics GCC kept fewer sums in registers than there are and copied
-// them between registers at every step; here the 12 sums, 2 registers of weights, 1 of the broadcast pair and 1 of
-// products are the 16 ymm registers.
-// A product added to sum S, or (the group's first pair: no zeroing of the sums before) written to it.
+// The register block's assembly, in pieces. A product added to sum S, or (the group's first pair: no zeroing of the sums before) written to it.
 #define INT8SERVE_WIDE_ADD(WEIGHTS, S)                                     \
   "vpmaddwd " WEIGHTS ", %%ymm12, %%ymm13\n\t"                             \
   "vpaddd %%ymm13, %[" S "], %[" S "]\n\t"
@@ -979,6 +975,10 @@ static_assert(kTileRows * sizeof(float) == 256, "group_into_acc_3x32 steps from 
   "m"(*reinterpret_cast<const GroupInputs*>(x0)), "m"(*reinterpret_cast<const GroupInputs*>(x1)),        \
   "m"(*reinterpret_cast<const GroupInputs*>(x2))
 
+// One group of 3 rows x 32 outputs (wide_block's register block): sum[r][v] = the int32 dot products of row r with
+// outputs 8v..8v+7. Inline assembly: with intrinsics GCC kept fewer sums in registers than there are and copied
+// them between registers at every step; here the 12 sums, 2 registers of weights, 1 of the broadcast pair and 1 of
+// products are the 16 ymm registers.
 INT8SERVE_AVX2 inline void group_sums_3x32(const int16_t* w, const int16_t* x, int64_t kp, __m256i sum[][4]) {
   const int16_t *x0 = x, *x1 = x + kp, *x2 = x + 2 * kp;
   __m256i s00, s01, s02, s03, s10, s11, s12, s13, s20, s21, s22, s23;
@@ -993,8 +993,7 @@ INT8SERVE_AVX2 inline void group_sums_3x32(const int16_t* w, const int16_t* x, i
 
 // The default scheme (each group a weight group of its own): the sums of group_sums_3x32, then in the same assembly
 // the float arithmetic, per row r and vector v: total = fma(float(sum), xscale[r], 0), acc = fma(total, wscale[v],
-// acc). From intrinsics GCC kept a copy of every acc vector on the stack beside the one in `acc` (two stores each),
-// and the arithmetic after the sums took a quarter of a call.
+// acc) (why in assembly: the comment at the GEMM's constants above).
 // xs: row 0's scale of the group (rows `xstride` bytes apart); scales: the block's 32 bf16 weight scales; acc: the
 // block's first row and column (rows kTileRows floats apart).
 #define INT8SERVE_WIDE_INNER(XS, S0, S1, S2, S3)                    \
