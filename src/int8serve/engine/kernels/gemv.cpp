@@ -888,10 +888,26 @@ constexpr int64_t kWideGemmGroups = INT8SERVE_WIDE_GEMM_GROUPS;
 constexpr int64_t kWidePairWords = 2 * 8 * kWideGemmVectors;  // int16: one input pair of a register block's outputs
 constexpr int64_t kWideStepWords = 2 * kWidePairWords;        // int16: a step (4 inputs, 2 pairs) of them
 constexpr int64_t kWideBytes = kTileRows * kWideGemmGroups * kGroup * 2;
+constexpr int64_t kWideScaleBytes = kTileRows * kWideGemmGroups * 4;  // the K-block's weight scales in fp32
 static_assert(kTileRows % kWideColumns == 0, "a tile holds whole register blocks of outputs");
 
 // The widened K-block of a tile: [column block][group - g0][step][pair][vector][8 outputs x 2 inputs] int16, w (not
-// w + 128): pair 0 holds inputs 4s, 4s + 1 of each output, pair 1 inputs 4s + 2, 4s + 3.
+// w + 128): pair 0 holds inputs 4s, 4s + 1 of each output, pair 1 inputs 4s + 2, 4s + 3. With a weight group per
+// group (the default scheme), also the groups' weight scales in fp32, [column block][group - g0][32 outputs], for
+// group_into_acc_3x32: converted here once per K-block instead of once per register block of rows (8 of its ~45
+// float instructions a group; on the Zen 3, 128 rows, 2 threads: 1.00-1.02x, within the machine's noise).
+INT8SERVE_AVX2 void widen_scales(const packed::Layout& lay, const uint8_t* tile, int64_t g0, int64_t g1, float* out) {
+  const int64_t ng = g1 - g0;
+  for (int64_t g = g0; g < g1; ++g) {
+    const uint16_t* scales = lay.scales(tile, g);
+    for (int64_t column = 0; column < kTileRows; column += 8) {
+      const __m128i raw = _mm_loadu_si128(reinterpret_cast<const __m128i*>(scales + column));
+      float* o = out + (column / kWideColumns * ng + (g - g0)) * kWideColumns + column % kWideColumns;
+      _mm256_store_ps(o, _mm256_castsi256_ps(_mm256_slli_epi32(_mm256_cvtepu16_epi32(raw), 16)));
+    }
+  }
+}
+
 INT8SERVE_AVX2 void widen_tile(const packed::Layout& lay, const uint8_t* tile, int64_t g0, int64_t g1, int16_t* out) {
   const __m256i bias = _mm256_set1_epi16(128);
   const int64_t ng = g1 - g0;
@@ -922,6 +938,7 @@ struct WideBlock {
   packed::Layout lay;
   const uint8_t* tile;   // the packed tile (for its weight scales)
   const int16_t* wide;   // widen_tile's K-block
+  const float* wscale;   // widen_scales' fp32 weight scales of the K-block (the default scheme only)
   const int16_t* x;      // the block's first row (Activations::wide), kp int16 a row
   const float* xscale;   // that row's scales (an odd int8 row's: d / 256), `groups` a row, 2 rows apart
   int64_t kp, groups, g0, g1;
@@ -949,7 +966,7 @@ struct WideBlock {
   INT8SERVE_WIDE_ROW(OP, "x2", PAIR, "s20", "s21", "s22", "s23")
 
 struct GroupWeights { int16_t w[kSteps * kWideStepWords]; };  // a group of a register block's outputs, widened
-struct BlockScales { uint16_t s[kWideColumns]; };                // a register block's bf16 weight scales
+struct BlockScales { float s[kWideColumns]; };                   // a register block's weight scales (fp32)
 struct WideSums { float v[kWideGemmRows][kTileRows]; };          // the acc rows a register block updates
 static_assert(kWideStepWords * 2 == 256, "group_sums_3x32 addresses a step as 256 bytes");
 static_assert(kTileRows * sizeof(float) == 256, "group_into_acc_3x32 steps from row to row by 256 bytes");
@@ -992,19 +1009,19 @@ INT8SERVE_AVX2 inline void group_sums_3x32(const int16_t* w, const int16_t* x, i
 }
 
 // The default scheme (each group a weight group of its own): the sums of group_sums_3x32, then in the same assembly
-// the float arithmetic, per row r and vector v: total = fma(float(sum), xscale[r], 0), acc = fma(total, wscale[v],
-// acc) (why in assembly: the comment at the GEMM's constants above).
-// xs: row 0's scale of the group (rows `xstride` bytes apart); scales: the block's 32 bf16 weight scales; acc: the
-// block's first row and column (rows kTileRows floats apart).
+// the float arithmetic, per row r and vector v: total = float(sum) * xscale[r] (fma(float(sum), xscale[r], 0) of the
+// other paths: the same value, or -0 for +0, which no acc keeps: acc starts at +0 and fma(-0, w, +0) is +0), acc =
+// fma(total, wscale[v], acc) (why in assembly: the comment at the GEMM's constants above).
+// xs: row 0's scale of the group (rows `xstride` bytes apart); scales: the block's 32 fp32 weight scales
+// (widen_scales); acc: the block's first row and column (rows kTileRows floats apart).
 #define INT8SERVE_WIDE_INNER(XS, S0, S1, S2, S3)                    \
   "vbroadcastss " XS ", %%ymm12\n\t"                                \
   ".irp sum,%[" S0 "],%[" S1 "],%[" S2 "],%[" S3 "]\n\t"            \
   "vcvtdq2ps \\sum, \\sum\n\t"                                      \
-  "vfmadd132ps %%ymm12, %%ymm13, \\sum\n\t"                         \
+  "vmulps %%ymm12, \\sum, \\sum\n\t"                                \
   ".endr\n\t"
 #define INT8SERVE_WIDE_ACC(V, S0, S1, S2)                           \
-  "vpmovzxwd " V "*16(%[scales]), %%ymm14\n\t"                      \
-  "vpslld $16, %%ymm14, %%ymm14\n\t"                                \
+  "vmovaps " V "*32(%[scales]), %%ymm14\n\t"                        \
   "vfmadd213ps " V "*32(%[acc]), %%ymm14, %[" S0 "]\n\t"            \
   "vmovaps %[" S0 "], " V "*32(%[acc])\n\t"                         \
   "vfmadd213ps " V "*32+256(%[acc]), %%ymm14, %[" S1 "]\n\t"        \
@@ -1013,11 +1030,10 @@ INT8SERVE_AVX2 inline void group_sums_3x32(const int16_t* w, const int16_t* x, i
   "vmovaps %[" S2 "], " V "*32+512(%[acc])\n\t"
 
 INT8SERVE_AVX2 inline void group_into_acc_3x32(const int16_t* w, const int16_t* x, int64_t kp, const float* xs,
-                                               int64_t xstride, const uint16_t* scales, float* acc) {
+                                               int64_t xstride, const float* scales, float* acc) {
   const int16_t *x0 = x, *x1 = x + kp, *x2 = x + 2 * kp;
   __m256i s00, s01, s02, s03, s10, s11, s12, s13, s20, s21, s22, s23;
   asm(INT8SERVE_WIDE_SUMS
-      "vxorps %%ymm13, %%ymm13, %%ymm13\n\t"
       INT8SERVE_WIDE_INNER("(%[xs])", "s00", "s01", "s02", "s03")
       INT8SERVE_WIDE_INNER("(%[xs],%[xstride],1)", "s10", "s11", "s12", "s13")
       INT8SERVE_WIDE_INNER("(%[xs],%[xstride],2)", "s20", "s21", "s22", "s23")
@@ -1054,7 +1070,7 @@ INT8SERVE_AVX2 void wide_block(const WideBlock& a, int64_t cb) {
     const int16_t* x = a.x + g * kGroup;
     if constexpr (R == 3 && kEachGroup) {
       group_into_acc_3x32(w, x, a.kp, a.xscale + g, 2 * a.groups * static_cast<int64_t>(sizeof(float)),
-                          a.lay.scales(a.tile, g) + cb * kWideColumns, a.acc + cb * kWideColumns);
+                          a.wscale + (cb * ng + (g - a.g0)) * kWideColumns, a.acc + cb * kWideColumns);
       continue;
     } else if constexpr (R == 3) {
       group_sums_3x32(w, x, a.kp, sum);
@@ -1120,6 +1136,7 @@ INT8SERVE_AVX2 void wide_rows(const WideBlock& a, int64_t rows, int64_t cb) {
 // Per-thread room of gemm_avx2_wide: the widened K-block and each row's inner and acc sums over one tile.
 struct WideScratch {
   int16_t* wide;
+  float* wscale;
   float* inner;
   float* acc;
 };
@@ -1129,13 +1146,14 @@ INT8SERVE_AVX2 void gemm_avx2_wide_tile(const TileArgs& base, int64_t r_begin, i
                                         int64_t tile) {
   const int64_t m = r_end - r_begin;
   std::fill(room.acc, room.acc + m * kTileRows, 0.0f);
-  WideBlock a{base.lay, base.lay.tile(base.packed, tile), room.wide, nullptr, nullptr, base.kp, base.groups, 0, 0,
-              {}, nullptr, nullptr};
+  WideBlock a{base.lay, base.lay.tile(base.packed, tile), room.wide, room.wscale, nullptr, nullptr, base.kp,
+              base.groups, 0, 0, {}, nullptr, nullptr};
   for (int64_t g0 = 0; g0 < base.groups; g0 += kWideGemmGroups) {
     a.g0 = g0;
     a.g1 = std::min(base.groups, g0 + kWideGemmGroups);
     for (int64_t g = a.g0; g < a.g1; ++g) a.wg[g - a.g0] = g / a.lay.span;
     widen_tile(base.lay, a.tile, a.g0, a.g1, room.wide);
+    if (a.lay.span == 1) widen_scales(base.lay, a.tile, a.g0, a.g1, room.wscale);
     for (int64_t r0 = 0; r0 < m; r0 += kWideGemmRows) {
       a.x = base.xwide + (r_begin + r0) * base.kp;
       a.xscale = base.xscale + (2 * (r_begin + r0) + 1) * base.groups;
@@ -1177,14 +1195,15 @@ INT8SERVE_AVX2 void gemm_avx2_wide(const Activations& act, TileArgs base, int64_
   const int64_t even = (m + passes - 1) / passes;  // chunks of about the same size, whole register blocks
   const int64_t chunk = (even + kWideGemmRows - 1) / kWideGemmRows * kWideGemmRows;
   const int64_t sum_room = (chunk * kTileRows * 4 + 63) / 64 * 64;
-  const int64_t per_thread = kWideBytes + 2 * sum_room;
+  const int64_t per_thread = kWideBytes + kWideScaleBytes + 2 * sum_room;
   std::vector<uint8_t> storage(static_cast<size_t>(nthreads * per_thread + 64));  // (allocated before the threads)
   uint8_t* aligned = storage.data() + (64 - reinterpret_cast<uintptr_t>(storage.data()) % 64) % 64;
 #pragma omp parallel num_threads(nthreads) if (nthreads > 1)
   {
     uint8_t* mine = aligned + omp_get_thread_num() * per_thread;
+    uint8_t* sums = mine + kWideBytes + kWideScaleBytes;
     const WideScratch room{reinterpret_cast<int16_t*>(mine), reinterpret_cast<float*>(mine + kWideBytes),
-                           reinterpret_cast<float*>(mine + kWideBytes + sum_room)};
+                           reinterpret_cast<float*>(sums), reinterpret_cast<float*>(sums + sum_room)};
     for (int64_t r_begin = 0; r_begin < m; r_begin += chunk) {
       // (the same tiles for each thread in every chunk, and no chunk reads another's outputs: no barrier between)
 #pragma omp for schedule(static) nowait
