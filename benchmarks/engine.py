@@ -1,7 +1,8 @@
 """Benchmark the int8 engine on a Llama-2-7B-shaped model with random weights, on this CPU.
 
 The model is built directly in int8 (never as a 6.7 GB fp32 model first): `Transformer(config, "int8")` on the
-meta device, then every `Int8Linear` gets its own random int8 weight and small random scales. The weights are
+meta device, then every `Int8Linear` gets its own random int8 weight and small random scales (a scale per 32 inputs,
+the default scheme; `--group-size`). The weights are
 random, so the numbers say how fast the engine is, not what it would write.
 
 Everything is measured in one run, so that ratios are same-run ratios on a shared, noisy machine:
@@ -11,6 +12,9 @@ Everything is measured in one run, so that ratios are same-run ratios on a share
    before every step the bandwidth is sampled again (the host's memory bandwidth drifts by up to 2x within
    seconds), so each step is compared with the bandwidth of the same moment;
 4. roofline: int8 weight + scale bytes read per decode step / bandwidth = the ideal step time;
+   the non-matmul share of a step (issue #10 item 2: <= 8% at batch 1, <= 12% at batch 4): the same decode steps
+   again, each with a clock around every `Int8Linear` call (forward hooks, `LinearClock`), so that a step is split
+   into its linears and the rest within itself, not against linears timed at another moment;
 5. with --kernels: both linear paths of `Int8Linear` (`torch._weight_int8pack_mm` with bf16 activations, and
    dequantize into a reused bf16 buffer + `F.linear`) on the 7B shapes at several row counts M, rotating through
    more than 1.2 GB of distinct weights per shape so that caches do not flatter; `DENSE_ROWS_THRESHOLD` is chosen
@@ -49,7 +53,14 @@ from benchmarks.common import display_command, write_section
 from benchmarks.machine import QUIET, QUIET_BUDGET, CpuShares, QuietWaiter, least_contended, log, machine_facts, rss_gb
 from int8serve.engine.config import ModelConfig
 from int8serve.engine.generate import prefill
-from int8serve.engine.int8 import COMPUTE_DTYPE, DENSE_ROWS_THRESHOLD, Int8Linear, describe_dense
+from int8serve.engine.int8 import (
+    COMPUTE_DTYPE,
+    DEFAULT_GROUP_SIZE,
+    DENSE_ROWS_THRESHOLD,
+    GROUP_SIZES,
+    Int8Linear,
+    describe_dense,
+)
 from int8serve.engine.kernels import attention as attention_kernel
 from int8serve.engine.model import KVCache, RMSNorm, Transformer
 
@@ -62,6 +73,7 @@ LLAMA_CPP = {"prefill": 44.65, "decode_b1": 3.94, "decode_b4": 10.74}  # Q8_0 7B
 PLAIN_TORCH = {"prefill": 87.6, "decode_b1": 3.20, "decode_b4": 9.49}  # plain PyTorch int8 Llama, same shape
 
 TARGET_ROOFLINE = 0.70  # the issue's target for batch-1 decode
+TARGET_REST = {1: 0.08, 4: 0.12}  # issue #10 item 2: the non-matmul share of a decode step, by batch
 BANDWIDTH_GIB = 2.0
 KERNEL_SHAPES = [(4096, 4096, "qkvo"), (4096, 11008, "gate/up"), (11008, 4096, "down"), (4096, 32000, "lm_head")]
 LAYER_MIX = {"qkvo": 4, "gate/up": 2, "down": 1}  # linears per transformer block, by shape
@@ -157,6 +169,13 @@ def build_random_int8_model(config: ModelConfig, seed: int = 0, group_size: int 
     return model.eval()
 
 
+def describe_scales(group_size: int) -> str:
+    if group_size == 0:
+        return "a bf16 scale per output channel"
+    default = ", the default scheme" if group_size == DEFAULT_GROUP_SIZE else ""
+    return f"a bf16 scale per {group_size} input values{default}"
+
+
 def decode_bytes_per_step(model: Transformer) -> int:
     """Bytes of int8 weights and kernel (bf16) scales that every decode step reads once."""
     return sum(linear.weight_nbytes for linear in int8_linears(model))
@@ -188,6 +207,7 @@ class Timing:
     seconds: list[float]
     bandwidths: list[float] = field(default_factory=list)
     other_load: float = 0.0
+    linear_seconds: list[float] = field(default_factory=list)  # of each run, inside its Int8Linear calls (LinearClock)
 
     @property
     def median(self) -> float:
@@ -196,6 +216,15 @@ class Timing:
     @property
     def best(self) -> float:
         return min(self.seconds)
+
+    @property
+    def rest_share(self) -> float:
+        """Median over runs of the share of a run spent outside its Int8Linear calls."""
+        return statistics.median((s - inside) / s for s, inside in zip(self.seconds, self.linear_seconds, strict=True))
+
+    @property
+    def linear_median(self) -> float:
+        return statistics.median(self.linear_seconds)
 
     def roofline_share(self, step_bytes: int) -> float:
         """Median over runs of (ideal time at the bandwidth of that moment) / (measured time)."""
@@ -223,10 +252,48 @@ def time_runs(run: Callable[[], object], reps: int) -> Timing:
     return Timing(seconds, other_load=load.others())
 
 
+class LinearClock:
+    """Seconds spent inside a model's Int8Linear calls (forward hooks), so that a decode step is split into its
+    linears and the rest within the same step: the split does not depend on the bandwidth of another moment. The
+    hooks' own cost (a few microseconds a call) falls outside the calls, so it counts as rest."""
+
+    def __init__(self, model: nn.Module) -> None:
+        self.seconds = 0.0
+        self._entered = 0.0
+        self._handles = []
+        for linear in int8_linears(model):
+            self._handles += [linear.register_forward_pre_hook(self._enter), linear.register_forward_hook(self._leave)]
+
+    def _enter(self, _module: nn.Module, _args: object) -> None:
+        self._entered = time.perf_counter()
+
+    def _leave(self, _module: nn.Module, _args: object, _output: object) -> None:
+        self.seconds += time.perf_counter() - self._entered
+
+    def take(self) -> float:
+        """The seconds gathered since the last take."""
+        seconds, self.seconds = self.seconds, 0.0
+        return seconds
+
+    def close(self) -> None:
+        for handle in self._handles:
+            handle.remove()
+
+
 def time_decode(model: Transformer, cache: KVCache, slots: Sequence[int], starts: Sequence[int], steps: int,
-                probe: BandwidthProbe, warmup: int = 2) -> Timing:
+                probe: BandwidthProbe | None, warmup: int = 2, split: bool = False) -> Timing:
     """Durations of `steps` forwards of one new token per slot after `warmup` untimed ones, each just after a
-    bandwidth sample."""
+    bandwidth sample (with a probe); with `split`, also the time inside the Int8Linear calls of each (LinearClock)."""
+    clock = LinearClock(model) if split else None
+    try:
+        return _time_decode(model, cache, slots, starts, steps, probe, warmup, clock)
+    finally:
+        if clock is not None:
+            clock.close()
+
+
+def _time_decode(model: Transformer, cache: KVCache, slots: Sequence[int], starts: Sequence[int], steps: int,
+                 probe: BandwidthProbe | None, warmup: int, clock: LinearClock | None) -> Timing:
     generator = torch.Generator().manual_seed(3)
     positions = list(starts)
     timing = Timing([])
@@ -235,12 +302,17 @@ def time_decode(model: Transformer, cache: KVCache, slots: Sequence[int], starts
         if step == warmup:
             load = CpuShares()
         tokens = random_tokens((len(slots), 1), model.config.vocab_size, generator)
-        bandwidth = probe.sample()
+        bandwidth = probe.sample() if probe is not None else None
+        if clock is not None:
+            clock.take()
         started = time.perf_counter()
         logits = model(tokens, cache, list(slots), positions)
         if step >= warmup:
             timing.seconds.append(time.perf_counter() - started)
-            timing.bandwidths.append(bandwidth)
+            if bandwidth is not None:
+                timing.bandwidths.append(bandwidth)
+            if clock is not None:
+                timing.linear_seconds.append(clock.take())
         positions = [p + 1 for p in positions]
     timing.other_load = load.others()
     if not torch.isfinite(logits).all():
@@ -290,11 +362,14 @@ class AttentionRun:
     path: str  # what the setting ran on this CPU
     decode_b1: Timing
     decode_b4: Timing
+    split_b1: Timing  # the same steps again, each split into its Int8Linear calls and the rest (LinearClock)
+    split_b4: Timing
 
 
 @dataclass
 class EngineResults:
     layers: int
+    group_size: int  # the weights' scale scheme (0: per output channel)
     weight_bytes: int  # read per decode step
     linear_count: int
     flops_per_token: int  # in the linear layers
@@ -320,10 +395,11 @@ def attention_path(setting: str) -> str:
 
 
 def run_engine(config: ModelConfig, prompt_len: int, decode_steps: int, quiet: QuietWaiter,
-               attention: Sequence[str] = ("auto",)) -> EngineResults:
-    log(f"building a random int8 model: {config.n_layers} layers of the Llama-2-7B shape ...")
+               attention: Sequence[str] = ("auto",), group_size: int = DEFAULT_GROUP_SIZE) -> EngineResults:
+    log(f"building a random int8 model: {config.n_layers} layers of the Llama-2-7B shape, "
+        f"{describe_scales(group_size)} ...")
     started = time.perf_counter()
-    model = build_random_int8_model(config)
+    model = build_random_int8_model(config, group_size=group_size)
     build_seconds = time.perf_counter() - started
     weight_bytes = decode_bytes_per_step(model)
     resident = rss_gb()
@@ -360,7 +436,13 @@ def run_engine(config: ModelConfig, prompt_len: int, decode_steps: int, quiet: Q
         decode_b4 = least_contended(functools.partial(decode, [0, 1, 2, 3], b4_starts), quiet)
         log(f"  median step {decode_b4.median * 1e3:.1f} ms = {4 / decode_b4.median:.2f} tok/s aggregate; "
             f"roofline share {decode_b4.roofline_share(weight_bytes):.0%}")
-        runs.append(AttentionRun(setting, path, decode_b1, decode_b4))
+        splits = {}
+        for batch, slots, starts in ((1, [0], [prompt_len]), (4, [0, 1, 2, 3], b4_starts)):
+            log(f"decode batch {batch}, attention {path}: {decode_steps} steps split into the linears and the rest ...")
+            splits[batch] = least_contended(functools.partial(time_decode, model, cache, slots, starts, decode_steps,
+                                                              None, warmup, split=True), quiet)
+            log(f"  outside the linears: {splits[batch].rest_share:.1%} of a step (median over steps)")
+        runs.append(AttentionRun(setting, path, decode_b1, decode_b4, splits[1], splits[4]))
     del probe, decode
     gc.collect()
 
@@ -372,9 +454,10 @@ def run_engine(config: ModelConfig, prompt_len: int, decode_steps: int, quiet: Q
     profile = profile_decode_step(model, cache, prompt_len)
     log(f"  the linears alone take {linears_b1.median * 1e3:.1f} ms of a {decode_b1.median * 1e3:.1f} ms step at "
         f"batch 1, {linears_b4.median * 1e3:.1f} ms of {decode_b4.median * 1e3:.1f} ms at batch 4")
-    results = EngineResults(config.n_layers, weight_bytes, len(int8_linears(model)), linear_flops_per_token(model),
-                            build_seconds, resident, prompt_len, cache_len, prefill_timing, decode_b1, decode_b4,
-                            b4_starts, kv_bytes_b1, linears_b1, linears_b4, profile, runs)
+    results = EngineResults(config.n_layers, group_size, weight_bytes, len(int8_linears(model)),
+                            linear_flops_per_token(model), build_seconds, resident, prompt_len, cache_len,
+                            prefill_timing, decode_b1, decode_b4, b4_starts, kv_bytes_b1, linears_b1, linears_b4,
+                            profile, runs)
     del model, cache
     gc.collect()
     return results
@@ -515,9 +598,10 @@ def engine_report(r: EngineResults, start_bandwidth: float, best_bandwidth: floa
 
     lines = [
         f"Model: **{r.layers} of 32 layers** of the Llama-2-7B shape (dim 4096, 32 heads, hidden 11008, vocab 32000, "
-        f"untied head), random int8 weights with per-channel scales: **{r.weight_bytes / 1e9:.3f} GB** of int8 "
-        f"weights + bf16 scales read per decode step. Built directly in int8 in {r.build_seconds:.1f} s; process "
-        f"resident size after building {r.rss_gb:.2f} GB (int8 weights + the fp32 embedding). KV cache bf16, "
+        f"untied head), random int8 weights with {describe_scales(r.group_size)}: "
+        f"**{r.weight_bytes / 1e9:.3f} GB** of int8 weights + bf16 scales read per decode step. Built directly in "
+        f"int8 in {r.build_seconds:.1f} s; process resident size after building {r.rss_gb:.2f} GB (int8 weights + "
+        "the fp32 embedding). KV cache bf16, "
         f"{r.cache_len} positions per slot.",
         "",
         f"Roofline: {r.weight_bytes / 1e9:.3f} GB ÷ bandwidth. At the median bandwidth sampled just before the "
@@ -563,24 +647,31 @@ def engine_report(r: EngineResults, start_bandwidth: float, best_bandwidth: floa
         f"Other processes used {r.prefill.other_load:.0%} (prefill), {r.decode_b1.other_load:.0%} (decode B=1) and "
         f"{r.decode_b4.other_load:.0%} (decode B=4) of the CPUs during these measurements.",
         "",
-        f"Where a step goes: the {r.linear_count} `Int8Linear` calls alone (same inputs, nothing else) against the "
-        "whole step; the rest is attention over the KV cache (per sequence and layer), norms, rotary embeddings, "
-        f"residuals and Python. The linear calls alone stream {r.weight_bytes / r.linears_b1.median / 1e9:.1f} GB/s "
-        f"at batch 1, {r.weight_bytes / r.linears_b1.median / 1e9 / b1_bandwidth:.0%} of the median bandwidth "
-        "sampled before the batch-1 steps.",
+        f"Where a step goes (issue #10 item 2): the same decode steps run again with a clock around each of the "
+        f"{r.linear_count} `Int8Linear` calls (forward hooks), so each step is split into its linears and the rest "
+        "(attention over the KV cache, norms, rotary embeddings, residuals, the hooks themselves and Python) within "
+        "that step; the shares are medians over the steps. The linear calls timed alone (same inputs, nothing else) "
+        f"stream {r.weight_bytes / r.linears_b1.median / 1e9:.1f} GB/s at batch 1, "
+        f"{r.weight_bytes / r.linears_b1.median / 1e9 / b1_bandwidth:.0%} of the median bandwidth sampled before the "
+        "batch-1 steps.",
         "",
-        "| decode attention (`INT8SERVE_ATTENTION`) | batch | step ms | Int8Linear calls ms | weights streamed by "
-        "them | rest ms |",
-        "|---|---|---|---|---|---|",
+        "| decode attention (`INT8SERVE_ATTENTION`) | batch | step ms | inside the Int8Linear calls, ms | rest: share "
+        "of a step | goal | the linears alone, ms (GB/s) |",
+        "|---|---|---|---|---|---|---|",
     ]
+    verdicts = []
     for run in r.attention:
-        for batch, step, linears in ((1, run.decode_b1, r.linears_b1), (4, run.decode_b4, r.linears_b4)):
-            rest = step.median - linears.median
-            lines.append(f"| {run.path} (`{run.setting}`) | {batch} | {step.median * 1e3:.0f} | "
-                         f"{linears.median * 1e3:.0f} ({linears.median / step.median:.0%}) | "
-                         f"{r.weight_bytes / linears.median / 1e9:.1f} GB/s | {rest * 1e3:.0f} "
-                         f"({rest / step.median:.0%}) |")
+        for batch, split, alone in ((1, run.split_b1, r.linears_b1), (4, run.split_b4, r.linears_b4)):
+            goal = TARGET_REST[batch]
+            met = "met" if split.rest_share <= goal else "not met"
+            lines.append(f"| {run.path} (`{run.setting}`) | {batch} | {split.median * 1e3:.0f} | "
+                         f"{split.linear_median * 1e3:.0f} | **{split.rest_share:.1%}** | ≤ {goal:.0%}: {met} | "
+                         f"{alone.median * 1e3:.0f} ({r.weight_bytes / alone.median / 1e9:.1f} GB/s) |")
+            verdicts.append(f"batch {batch}: {split.rest_share:.1%} (goal ≤ {goal:.0%}: {met})")
     lines += [
+        "",
+        f"**The non-matmul share of a decode step ({r.attention[-1].path}): {'; '.join(verdicts[-2:])}.**",
+        "",
         "",
         "Ops with the most self time in one profiled batch-1 step (torch.profiler, which slows the step a little):",
         "",
@@ -695,6 +786,9 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--attention", nargs="+", default=["auto"], choices=attention_kernel.SETTINGS,
                         metavar="SETTING", help="decode attention settings (INT8SERVE_ATTENTION) to time, in this "
                         "order, e.g. `torch auto` for the row-by-row torch path against the kernel (default auto)")
+    parser.add_argument("--group-size", type=int, choices=GROUP_SIZES, default=DEFAULT_GROUP_SIZE,
+                        help="input values per weight scale, 0 = one per output channel (default "
+                             f"{DEFAULT_GROUP_SIZE}, the default scheme of `int8serve quantize`)")
     parser.add_argument("--no-engine", action="store_true", help="skip the model: bandwidth (and --kernels) only")
     parser.add_argument("--wait-quiet", type=float, default=120, metavar="SECONDS",
                         help="wait up to this long before each timed phase for other processes to leave the CPUs "
@@ -719,7 +813,7 @@ def main(argv: Sequence[str] | None = None) -> None:
     engine = None
     if not args.no_engine:
         config = ModelConfig(**{**LLAMA2_7B.to_dict(), "n_layers": args.layers})
-        engine = run_engine(config, args.prompt, args.decode_steps, quiet, args.attention)
+        engine = run_engine(config, args.prompt, args.decode_steps, quiet, args.attention, args.group_size)
         bandwidths.append(measure_bandwidth(quiet))
         log(f"read bandwidth again: {bandwidths[-1]:.1f} GB/s")
     kernels = run_kernels(args.kernel_m, quiet) if args.kernels else None
