@@ -336,13 +336,17 @@ class Int8Linear(nn.Module):
         chunk = chunking.CURRENT.get()  # a prefill chunk: the path of its whole aligned chunk (chunking.py)
         count = chunk.rows if chunk is not None else rows.shape[0]
         compute = self._packed_forward if self.packed is not None else self._stock_forward
-        out = compute(rows, count).reshape(*x.shape[:-1], self.out_features).to(x.dtype)
+        out = compute(rows, count).reshape(*x.shape[:-1], self.out_features)
+        if out.dtype is not x.dtype:
+            out = out.to(x.dtype)
         return self._refine(x, out) if self.refine_top else out
 
     def _packed_forward(self, rows: Tensor, count: int) -> Tensor:
-        # rows [M, in] -> fp32 [M, out]; `count` rows decide the path (batch invariance, chunking.py)
+        # rows [M, in] -> fp32 [M, out]; `count` rows decide the path (batch invariance, chunking.py). Up to
+        # KERNEL_ROWS rows (every decode step) our kernel takes the call whatever kernel_rows() says, so that setting
+        # is not read (a few microseconds a call, 225 calls a 7B step) for them.
         assert self.packed is not None
-        if count <= kernel_rows():
+        if count <= KERNEL_ROWS or count <= kernel_rows():
             out = kernels.int8_gemv(rows, self.packed, precise=PRECISE_ACTIVATIONS)
             # Prefill chunks round to bf16 as int8pack did: with fp32 outputs, test_prefix_cache found a chunk's last
             # logits differing by whether a cached prefix shortened the chunk (this kernel's rows are bitwise
