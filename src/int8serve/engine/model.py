@@ -40,12 +40,18 @@ SINGLE_THREAD_STEP_WORK = 1_000_000_000
 
 
 class RMSNorm(nn.Module):
-    def __init__(self, dim: int, eps: float) -> None:
+    """kernel=True (int8 models): one call of our kernel a row where it is available (kernels/activation.py), which
+    sums the squares in its own fixed order; the fp32 reference model keeps torch's six ops."""
+
+    def __init__(self, dim: int, eps: float, kernel: bool = False) -> None:
         super().__init__()
         self.eps = eps
+        self.kernel = kernel
         self.weight = nn.Parameter(torch.ones(dim), requires_grad=False)
 
     def forward(self, x: Tensor) -> Tensor:
+        if self.kernel and x.dtype is torch.float32 and activation_kernel.available():
+            return activation_kernel.rms_norm(x, self.weight, self.eps)
         x32 = x.float()
         normed = x32 * torch.rsqrt(x32.pow(2).mean(-1, keepdim=True) + self.eps)
         return (self.weight.float() * normed).to(x.dtype)
@@ -216,9 +222,9 @@ def silu_rows(x: Tensor) -> Tensor:
 class TransformerBlock(nn.Module):
     def __init__(self, config: ModelConfig, linear: type[nn.Module], **kw: object) -> None:
         super().__init__()
-        self.attention_norm = RMSNorm(config.dim, config.norm_eps)
+        self.attention_norm = RMSNorm(config.dim, config.norm_eps, kernel=linear is Int8Linear)
         self.attention = Attention(config, linear, **kw)
-        self.ffn_norm = RMSNorm(config.dim, config.norm_eps)
+        self.ffn_norm = RMSNorm(config.dim, config.norm_eps, kernel=linear is Int8Linear)
         self.feed_forward = FeedForward(config, linear, **kw)
 
     def forward(self, x: Tensor, cos: Tensor | None, sin: Tensor | None, cache_k: Tensor, cache_v: Tensor,
@@ -251,7 +257,7 @@ class Transformer(nn.Module):
         self.tok_embeddings = nn.Embedding(config.vocab_size, config.dim,
                                            _weight=torch.empty(config.vocab_size, config.dim), _freeze=True)
         self.layers = nn.ModuleList(TransformerBlock(config, linear, **kw) for _ in range(config.n_layers))
-        self.norm = RMSNorm(config.dim, config.norm_eps)
+        self.norm = RMSNorm(config.dim, config.norm_eps, kernel=precision == "int8")
         self.output = linear(config.dim, config.vocab_size, **head_kw)
         cos, sin = rope_tables(config.head_dim, config.max_seq_len, config.rope_theta)
         self.rope_cos, self.rope_sin = cos, sin  # plain attributes: not weights, never on the meta device
