@@ -72,6 +72,8 @@ def test_bad_inputs_are_refused() -> None:
         activation.rms_norm(torch.ones(2, 3, dtype=torch.bfloat16), torch.ones(3), EPS)
     with pytest.raises(ValueError, match="fp32"):
         activation.rms_norm(torch.ones(2, 3), torch.ones(4), EPS)
+    with pytest.raises(ValueError, match="fp32"):
+        activation.rms_norm(torch.ones(2, 0), torch.ones(0), EPS)
 
 
 def test_int8_models_use_the_kernel_and_the_fp32_reference_keeps_torch(monkeypatch: pytest.MonkeyPatch) -> None:

@@ -110,7 +110,7 @@ def rms_norm(x: Tensor, weight: Tensor, eps: float, impl: Impl | None = None) ->
     impl = setting() if impl is None else impl
     loaded = _library()
     dim = x.shape[-1]
-    if x.dtype is not torch.float32 or weight.shape != (dim,):
+    if x.dtype is not torch.float32 or weight.shape != (dim,) or dim == 0:
         raise ValueError(f"x must be fp32 [..., {weight.shape[0]}] for a weight of {tuple(weight.shape)}, got "
                          f"{x.dtype} {tuple(x.shape)}")
     x = x.contiguous()
