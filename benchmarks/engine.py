@@ -279,21 +279,23 @@ class LinearClock:
         for handle in self._handles:
             handle.remove()
 
+    def __enter__(self) -> LinearClock:
+        return self
+
+    def __exit__(self, *_exc: object) -> None:
+        self.close()
+
 
 def time_decode(model: Transformer, cache: KVCache, slots: Sequence[int], starts: Sequence[int], steps: int,
                 probe: BandwidthProbe | None, warmup: int = 2, split: bool = False) -> Timing:
     """Durations of `steps` forwards of one new token per slot after `warmup` untimed ones, each just after a
     bandwidth sample (with a probe); with `split`, also the time inside the Int8Linear calls of each (LinearClock)."""
-    clock = LinearClock(model) if split else None
-    try:
-        return _time_decode(model, cache, slots, starts, steps, probe, warmup, clock)
-    finally:
-        if clock is not None:
-            clock.close()
+    with LinearClock(model) if split else contextlib.nullcontext() as clock:
+        return _time_steps(model, cache, slots, starts, steps, probe, warmup, clock)
 
 
-def _time_decode(model: Transformer, cache: KVCache, slots: Sequence[int], starts: Sequence[int], steps: int,
-                 probe: BandwidthProbe | None, warmup: int, clock: LinearClock | None) -> Timing:
+def _time_steps(model: Transformer, cache: KVCache, slots: Sequence[int], starts: Sequence[int], steps: int,
+                probe: BandwidthProbe | None, warmup: int, clock: LinearClock | None) -> Timing:
     generator = torch.Generator().manual_seed(3)
     positions = list(starts)
     timing = Timing([])
