@@ -59,6 +59,7 @@ from int8serve.engine.int8 import (
     DENSE_ROWS_THRESHOLD,
     GROUP_SIZES,
     Int8Linear,
+    StackedInt8Linear,
     describe_dense,
 )
 from int8serve.engine.kernels import attention as attention_kernel
@@ -165,6 +166,7 @@ def build_random_int8_model(config: ModelConfig, seed: int = 0, group_size: int 
     left = [n for n, t in [*model.named_parameters(), *model.named_buffers()] if t.is_meta]
     if left:
         raise RuntimeError(f"tensors left on the meta device: {left[:5]}")
+    model.stack_projections()  # as the loaders do
     gc.collect()
     return model.eval()
 
@@ -253,22 +255,28 @@ def time_runs(run: Callable[[], object], reps: int) -> Timing:
 
 
 class LinearClock:
-    """Seconds spent inside a model's Int8Linear calls (forward hooks), so that a decode step is split into its
-    linears and the rest within the same step: the split does not depend on the bandwidth of another moment. The
-    hooks' own cost (a few microseconds a call) falls outside the calls, so it counts as rest."""
+    """Seconds spent inside a model's Int8Linear and StackedInt8Linear calls (forward hooks), so that a decode step is
+    split into its linears and the rest within the same step: the split does not depend on the bandwidth of another
+    moment. The hooks' own cost (a few microseconds a call) falls outside the calls, so it counts as rest; a layer
+    called from within a stacked call counts once."""
 
     def __init__(self, model: nn.Module) -> None:
         self.seconds = 0.0
         self._entered = 0.0
+        self._depth = 0
         self._handles = []
-        for linear in int8_linears(model):
+        for linear in (m for m in model.modules() if isinstance(m, (Int8Linear, StackedInt8Linear))):
             self._handles += [linear.register_forward_pre_hook(self._enter), linear.register_forward_hook(self._leave)]
 
     def _enter(self, _module: nn.Module, _args: object) -> None:
-        self._entered = time.perf_counter()
+        if self._depth == 0:
+            self._entered = time.perf_counter()
+        self._depth += 1
 
     def _leave(self, _module: nn.Module, _args: object, _output: object) -> None:
-        self.seconds += time.perf_counter() - self._entered
+        self._depth -= 1
+        if self._depth == 0:
+            self.seconds += time.perf_counter() - self._entered
 
     def take(self) -> float:
         """The seconds gathered since the last take."""

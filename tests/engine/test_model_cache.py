@@ -197,6 +197,10 @@ def test_a_later_load_maps_the_packed_copy_without_repacking(cache: Path, source
             assert mapped_files(module.packed.data) == [weights]  # the file's pages, not a copy in fresh memory
             assert module.packed.data.data_ptr() % kernels.ALIGNMENT == 0
     assert mapped_files(later.model.tok_embeddings.weight) == [weights]
+    for layer in later.model.layers:  # each stack of projections is a view of the mapping: nothing copied
+        for stack in (layer.attention.qkv, layer.feed_forward.gate_up):
+            assert stack is not None and mapped_files(stack.packed.data) == [weights]
+            assert stack.packed.data.data_ptr() == stack.layers[0].packed.data.data_ptr()
     assert torch.equal(logits(later), logits(fresh))  # bit for bit
     assert torch.equal(logits(load_model(cache_folder(source))), logits(fresh))  # --model may name the copy itself
 

@@ -3,6 +3,7 @@ each int8 layer in the kernel's layout; mapped back without copying (test_model_
 
 from __future__ import annotations
 
+import itertools
 import json
 import shutil
 from pathlib import Path
@@ -15,7 +16,7 @@ from safetensors.torch import load_file, save_file
 from int8serve.engine import kernels
 from int8serve.engine.int8 import Int8Linear
 from int8serve.engine.loader import LoadedModel, load_model
-from int8serve.engine.packed_checkpoint import load_packed, save_packed_checkpoint
+from int8serve.engine.packed_checkpoint import load_packed, map_safetensors, save_packed_checkpoint
 from int8serve.engine.sources import CheckpointError
 
 
@@ -81,3 +82,64 @@ def test_a_16_bit_embedding_table_is_stored_and_mapped_as_it_is(tmp_path: Path, 
     tokens = torch.tensor([[1, 5, 9, 200, 31]])
     cache_a, cache_b = loaded.model.new_cache(1, 8), mapped.model.new_cache(1, 8)
     assert torch.equal(loaded.model(tokens, cache_a, [0], [0]), mapped.model(tokens, cache_b, [0], [0]))
+
+
+def test_each_stack_of_projections_is_stored_end_to_end_and_mapped_as_one(tmp_path: Path,
+                                                                          stories_int8: LoadedModel) -> None:
+    folder = save_packed_checkpoint(stories_int8, tmp_path / "copy")
+    header_size = int.from_bytes((folder / "model.safetensors").read_bytes()[:8], "little")
+    header = json.loads((folder / "model.safetensors").read_bytes()[8:8 + header_size])
+    for parts in (("wq", "wk", "wv"), ("w1", "w3")):
+        kind = "attention" if parts[0] == "wq" else "feed_forward"
+        offsets = [header[f"layers.0.{kind}.{part}.packed_data"]["data_offsets"] for part in parts]
+        assert all(a[1] == b[0] for a, b in itertools.pairwise(offsets))  # each right after the one before
+    mapped = load_packed(folder, json.loads((folder / "int8serve.json").read_text())).model
+    for layer, original in zip(mapped.layers, stories_int8.model.layers, strict=True):
+        for stack, parts in ((layer.attention.qkv, (layer.attention.wq, layer.attention.wk, layer.attention.wv)),
+                             (layer.feed_forward.gate_up, (layer.feed_forward.w1, layer.feed_forward.w3))):
+            assert stack is not None and stack.layers == parts
+            assert stack.packed.data.data_ptr() == parts[0].packed.data.data_ptr()  # a view, not a copy
+        assert torch.equal(layer.attention.qkv.packed.data, original.attention.qkv.packed.data)
+    tokens = torch.tensor([[1, 5, 9, 200, 31]])
+    expected = stories_int8.model(tokens, stories_int8.model.new_cache(1, 8), [0], [0])
+    assert torch.equal(mapped(tokens, mapped.new_cache(1, 8), [0], [0]), expected)
+
+
+def test_map_safetensors_maps_every_tensor_of_a_file_adjacent_as_stored(tmp_path: Path) -> None:
+    tensors = {"a": torch.arange(64, dtype=torch.uint8), "b": torch.arange(10, dtype=torch.float32),
+               "c": torch.ones(2, 3, dtype=torch.bfloat16)}
+    save_file(tensors, tmp_path / "t.safetensors")
+    mapped = map_safetensors(tmp_path / "t.safetensors")
+    assert set(mapped) == set(tensors) and all(torch.equal(mapped[n], tensors[n]) for n in tensors)
+    assert mapped["a"].untyped_storage().data_ptr() == mapped["b"].untyped_storage().data_ptr()  # one mapping
+
+
+def _with_header(path: Path, header: dict, data: bytes) -> Path:
+    encoded = json.dumps(header).encode()
+    path.write_bytes(len(encoded).to_bytes(8, "little") + encoded + data)
+    return path
+
+
+@pytest.mark.parametrize(("header", "data", "error"), [
+    ({"x": {"dtype": "F32", "shape": [4], "data_offsets": [0, 16]}}, b"\0" * 8, "at bytes 0..16 of 8"),
+    ({"x": {"dtype": "F32", "shape": [3], "data_offsets": [0, 16]}}, b"\0" * 16, "F32 \\[3\\]"),
+    ({"x": {"dtype": "F32", "shape": [1], "data_offsets": [2, 6]}}, b"\0" * 8, "at bytes 2..6"),
+    ({"x": {"dtype": "F32", "shape": [-1], "data_offsets": [0, 4]}}, b"\0" * 8, "F32 \\[-1\\]"),
+    ({"x": {"dtype": "Q99", "shape": [1], "data_offsets": [0, 4]}}, b"\0" * 8, "Q99"),
+    ({"x": {"dtype": "F32", "shape": [1]}}, b"\0" * 8, "data_offsets"),
+    ({"x": "not an entry"}, b"", "string indices"),
+])
+def test_map_safetensors_refuses_entries_that_do_not_fit_the_file(tmp_path: Path, header: dict, data: bytes,
+                                                                  error: str) -> None:
+    with pytest.raises((ValueError, KeyError, TypeError), match=error):
+        map_safetensors(_with_header(tmp_path / "bad.safetensors", header, data))
+
+
+def test_map_safetensors_refuses_a_header_longer_than_the_file(tmp_path: Path) -> None:
+    path = tmp_path / "bad.safetensors"
+    path.write_bytes((10**9).to_bytes(8, "little") + b"{}")
+    with pytest.raises(ValueError, match="a header of 1000000000 bytes in a file of 10"):
+        map_safetensors(path)
+    path.write_bytes(b"\1\0")
+    with pytest.raises(ValueError, match="in a file of 2"):
+        map_safetensors(path)

@@ -362,4 +362,5 @@ def load_gguf(path: Path, precision: str, progress: bool = False, tokenizer_dir:
     group = DEFAULT_GROUP_SIZE if group_size is None else group_size
     windows = calibration_for(tokenizer, path) if precision == "int8" and quantizer == "gptq" else None
     _fill(model, source, renamer(source, config, precision), path, progress, group, windows)
+    model.stack_projections()  # decode reads q, k, v (gate, up) in one kernel call
     return LoadedModel(model.eval(), config, tokenizer, "gguf", path)

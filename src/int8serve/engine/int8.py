@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import functools
 import sys
+from collections.abc import Sequence
 
 import torch
 import torch.nn.functional as F
@@ -226,6 +227,31 @@ def dequantize(q: Tensor, scales: Tensor, dtype: torch.dtype = torch.float32) ->
     return q.to(dtype) * scales.to(dtype).repeat_interleave(size, dim=1)[:, :q.shape[1]]
 
 
+def rows_of_call(x: Tensor, in_features: int) -> tuple[Tensor, int]:
+    """x [..., in] -> (its rows [M, in], the row count that decides the call's path): a prefill chunk's path is that
+    of its whole aligned chunk (batch invariance, chunking.py)."""
+    rows = x.reshape(-1, in_features)
+    chunk = chunking.CURRENT.get()
+    return rows, chunk.rows if chunk is not None else rows.shape[0]
+
+
+def kernel_takes(count: int) -> bool:
+    """Whether a call deciding by `count` rows runs our kernel. Up to KERNEL_ROWS rows (every decode step) it does
+    whatever kernel_rows() says, so that setting is not read (a few microseconds a call, ~200 calls a 7B step)."""
+    return count <= KERNEL_ROWS or count <= kernel_rows()
+
+
+def kernel_matmul(rows: Tensor, packed: kernels.PackedWeight) -> Tensor:
+    """rows [M, in] through our kernel -> fp32 [M, out], or bf16 in a prefill chunk that is not row-exact."""
+    out = kernels.int8_gemv(rows, packed, precise=PRECISE_ACTIVATIONS)
+    # Prefill chunks round to bf16 as int8pack did: with fp32 outputs, test_prefix_cache found a chunk's last logits
+    # differing by whether a cached prefix shortened the chunk (this kernel's rows are bitwise independent, tested;
+    # the op downstream that is not, likely SDPA by its query count, is not pinned down). Row-exact chunks keep fp32,
+    # as decode does: their attention is the decode kernel's, row by row.
+    chunk = chunking.CURRENT.get()
+    return out.to(COMPUTE_DTYPE) if chunk is not None and not chunk.row_exact else out
+
+
 class DequantBuffer:
     """Scratch buffers shared by all int8 layers of a model (one per dtype), grown to the largest weight they held.
 
@@ -332,9 +358,7 @@ class Int8Linear(nn.Module):
 
     def forward(self, x: Tensor) -> Tensor:
         # x [..., in] -> [..., out], same dtype as x
-        rows = x.reshape(-1, self.in_features)
-        chunk = chunking.CURRENT.get()  # a prefill chunk: the path of its whole aligned chunk (chunking.py)
-        count = chunk.rows if chunk is not None else rows.shape[0]
+        rows, count = rows_of_call(x, self.in_features)
         compute = self._packed_forward if self.packed is not None else self._stock_forward
         out = compute(rows, count).reshape(*x.shape[:-1], self.out_features)
         if out.dtype is not x.dtype:
@@ -342,18 +366,10 @@ class Int8Linear(nn.Module):
         return self._refine(x, out) if self.refine_top else out
 
     def _packed_forward(self, rows: Tensor, count: int) -> Tensor:
-        # rows [M, in] -> fp32 [M, out]; `count` rows decide the path (batch invariance, chunking.py). Up to
-        # KERNEL_ROWS rows (every decode step) our kernel takes the call whatever kernel_rows() says, so that setting
-        # is not read (a few microseconds a call, 225 calls a 7B step) for them.
+        # rows [M, in] -> fp32 [M, out]; `count` rows decide the path (batch invariance, chunking.py)
         assert self.packed is not None
-        if count <= KERNEL_ROWS or count <= kernel_rows():
-            out = kernels.int8_gemv(rows, self.packed, precise=PRECISE_ACTIVATIONS)
-            # Prefill chunks round to bf16 as int8pack did: with fp32 outputs, test_prefix_cache found a chunk's last
-            # logits differing by whether a cached prefix shortened the chunk (this kernel's rows are bitwise
-            # independent, tested; the op downstream that is not, likely SDPA by its query count, is not pinned down).
-            # Row-exact chunks keep fp32, as decode does: their attention is the decode kernel's, row by row.
-            chunk = chunking.CURRENT.get()
-            return out.to(COMPUTE_DTYPE) if chunk is not None and not chunk.row_exact else out
+        if kernel_takes(count):
+            return kernel_matmul(rows, self.packed)
         if prefill_matmul.takes(count):  # (its CPUs multiply bf16 natively: dense_dtype() is bf16 there)
             # the same bf16 weight values and bf16-rounded outputs, without the dequantized copy (kernels/matmul.py)
             return prefill_matmul.matmul(rows, self.packed)
@@ -413,6 +429,56 @@ class Int8Linear(nn.Module):
         scheme = f"per group of {self.group_size}" if self.group_size else "per channel"
         kernel = f"kernel {kernels.path()}" if self.packed is not None else "torch kernels"
         return f"in_features={self.in_features}, out_features={self.out_features}, int8 {scheme}, {kernel}"
+
+
+class StackedInt8Linear(nn.Module):
+    """Int8Linear layers over the same input (q, k and v; gate and up) whose packed weights lie end to end in one
+    buffer (kernels.stack_packed), so that a decode step reads them in one kernel call: one call's overhead instead of
+    three, and one stream of weights that the prefetchers follow instead of three that each start cold. The outputs
+    are bitwise those of the layers' own calls (the kernel computes each output row alike, whatever the rows around
+    it). Each layer keeps its `packed` as a view into the buffer, so the model still holds one copy of each weight and
+    every other use of a layer (checkpoints, the dense prefill path, calibration) is unchanged; calls our kernel does
+    not take (long prefill chunks) go through the layers one by one.
+
+    The layers stay where the checkpoint names them; this module keeps them in a plain tuple, not as submodules.
+    """
+
+    def __init__(self, layers: Sequence[Int8Linear]) -> None:
+        super().__init__()
+        if not self.can_stack(layers):
+            raise ValueError("only Int8Linear layers of the same inputs holding our kernel's packed weights (and no "
+                             "refined rows) can be stacked")
+        self.packed, views, self.starts = kernels.stack_packed([layer.packed for layer in layers])
+        for layer, view in zip(layers, views, strict=True):
+            layer.set_packed(view)
+        self.layers = tuple(layers)
+        self._views = tuple(view.data.data_ptr() for view in views)
+        self.in_features = self.packed.in_features
+
+    @staticmethod
+    def can_stack(layers: Sequence[nn.Module]) -> bool:
+        return (all(isinstance(layer, Int8Linear) and layer.packed is not None and not layer.refine_top
+                    for layer in layers)
+                and kernels.can_stack([layer.packed for layer in layers]))
+
+    def current(self) -> bool:
+        """Whether each layer still holds its view into the buffer (set_quantized or set_packed since would leave
+        the buffer stale: the layers are then called one by one)."""
+        return all(layer.packed is not None and layer.packed.data.data_ptr() == view
+                   for layer, view in zip(self.layers, self._views, strict=True))
+
+    def forward(self, x: Tensor) -> tuple[Tensor, ...]:
+        # x [..., in] -> one [..., out_i] per layer, each in x's dtype
+        rows, count = rows_of_call(x, self.in_features)
+        if not (kernel_takes(count) and self.current()):
+            return tuple(layer(x) for layer in self.layers)
+        out = kernel_matmul(rows, self.packed).to(x.dtype)  # [M, stacked rows]
+        return tuple(out[:, start:start + layer.out_features].reshape(*x.shape[:-1], layer.out_features)
+                     for layer, start in zip(self.layers, self.starts, strict=True))
+
+    def extra_repr(self) -> str:
+        sizes = "+".join(str(layer.out_features) for layer in self.layers)
+        return f"in_features={self.in_features}, out_features={sizes}, one kernel call"
 
 
 def _padded(rows: Tensor) -> Tensor:

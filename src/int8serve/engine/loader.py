@@ -145,6 +145,7 @@ def load_model(path: str | Path, precision: Precision = "int8", progress: bool =
     quantizes = precision == "int8" and quantizer == "gptq" and kind != "int8"  # int8 checkpoints are int8 already
     windows = calibration_for(tokenizer, folder) if quantizes else None
     _fill(model, source, rename, folder, progress, group_size, windows)
+    model.stack_projections()  # decode reads q, k, v (gate, up) in one kernel call
     return LoadedModel(model.eval(), config, tokenizer, kind, folder)
 
 

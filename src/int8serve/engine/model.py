@@ -23,7 +23,7 @@ from torch import Tensor, nn
 
 from . import allocator, chunking, kernels
 from .config import ModelConfig
-from .int8 import COMPUTE_DTYPE, DequantBuffer, Int8Linear, kernel_rows
+from .int8 import COMPUTE_DTYPE, DequantBuffer, Int8Linear, StackedInt8Linear, kernel_rows
 from .kernels import activation as activation_kernel
 from .kernels import attention as attention_kernel
 
@@ -119,6 +119,14 @@ class Attention(nn.Module):
         self.wk = linear(config.dim, config.n_kv_heads * config.head_dim, **kw)
         self.wv = linear(config.dim, config.n_kv_heads * config.head_dim, **kw)
         self.wo = linear(config.n_heads * config.head_dim, config.dim, **kw)
+        self.qkv: StackedInt8Linear | None = None  # wq, wk, wv in one kernel call (Transformer.stack_projections)
+
+    def project(self, x: Tensor) -> tuple[Tensor, Tensor, Tensor]:
+        """x [..., dim] -> q, k, v [..., heads * head_dim] (no rope yet)."""
+        if self.qkv is not None:
+            q, k, v = self.qkv(x)
+            return q, k, v
+        return self.wq(x), self.wk(x), self.wv(x)
 
     def forward(self, x: Tensor, cos: Tensor | None, sin: Tensor | None, cache_k: Tensor, cache_v: Tensor,
                 slots: Sequence[int], starts: Sequence[int], step: KernelStep | None = None) -> Tensor:
@@ -126,9 +134,10 @@ class Attention(nn.Module):
             return self._kernel_decode(x, cache_k, cache_v, step)
         assert cos is not None and sin is not None
         batch, seq, _ = x.shape
-        q = apply_rope(self.wq(x).view(batch, seq, self.n_heads, self.head_dim), cos, sin)
-        k = apply_rope(self.wk(x).view(batch, seq, self.n_kv_heads, self.head_dim), cos, sin)
-        v = self.wv(x).view(batch, seq, self.n_kv_heads, self.head_dim)
+        q, k, v = self.project(x)
+        q = apply_rope(q.reshape(batch, seq, self.n_heads, self.head_dim), cos, sin)
+        k = apply_rope(k.reshape(batch, seq, self.n_kv_heads, self.head_dim), cos, sin)
+        v = v.reshape(batch, seq, self.n_kv_heads, self.head_dim)
         out = torch.empty(batch, seq, self.n_heads, self.head_dim, dtype=cache_k.dtype)
         # One sequence at a time: each reads its own slot up to its own position, without copying the cache.
         for row, (slot, start) in enumerate(zip(slots, starts, strict=True)):
@@ -151,9 +160,10 @@ class Attention(nn.Module):
         """x [B, T, dim] -> [B, T, dim]: every row's rope, cache write and attention in one kernel call."""
         batch, seq, _ = x.shape
         rows = batch * seq
-        q = self.wq(x).reshape(rows, self.n_heads, self.head_dim).contiguous()
-        k = self.wk(x).reshape(rows, self.n_kv_heads, self.head_dim).contiguous()
-        v = self.wv(x).reshape(rows, self.n_kv_heads, self.head_dim).contiguous()
+        q, k, v = self.project(x)
+        q = q.reshape(rows, self.n_heads, self.head_dim).contiguous()
+        k = k.reshape(rows, self.n_kv_heads, self.head_dim).contiguous()
+        v = v.reshape(rows, self.n_kv_heads, self.head_dim).contiguous()
         out = attention_kernel.decode_attention(q, k, v, step.cos, step.sin, step.slots, step.positions, cache_k,
                                                 cache_v, step.impl)  # fp32 [B * T, H, D]
         return self.wo(out.view(batch, seq, -1))
@@ -189,12 +199,17 @@ class Attention(nn.Module):
 class FeedForward(nn.Module):
     def __init__(self, config: ModelConfig, linear: type[nn.Module], **kw: object) -> None:
         super().__init__()
+        # (in this order, which is also the packed copy's: gate and up adjacent there, a stack without a copy)
         self.w1 = linear(config.dim, config.hidden_dim, **kw)  # gate
-        self.w2 = linear(config.hidden_dim, config.dim, **kw)  # down
         self.w3 = linear(config.dim, config.hidden_dim, **kw)  # up
+        self.w2 = linear(config.hidden_dim, config.dim, **kw)  # down
+        self.gate_up: StackedInt8Linear | None = None  # w1 and w3 in one kernel call (Transformer.stack_projections)
 
     def forward(self, x: Tensor) -> Tensor:
-        gate, up = self.w1(x), self.w3(x)
+        if self.gate_up is not None:
+            gate, up = self.gate_up(x)
+        else:
+            gate, up = self.w1(x), self.w3(x)
         if isinstance(self.w1, Int8Linear) and activation_kernel.available():
             # one pass, each element alike wherever it sits (kernels/activation.py); the fp32 reference keeps torch's
             return self.w2(activation_kernel.silu_mul(gate, up))
@@ -263,6 +278,26 @@ class Transformer(nn.Module):
         self.rope_cos, self.rope_sin = cos, sin  # plain attributes: not weights, never on the meta device
         # multiply-adds of the int8 linears per row (0 in fp32): how much work a decode step is
         self.int8_weights = sum(m.in_features * m.out_features for m in self.modules() if isinstance(m, Int8Linear))
+
+    def stack_projections(self) -> int:
+        """Put each layer's q, k and v weights, and its gate and up weights, end to end in one buffer each, so that
+        decode reads each set in one kernel call (StackedInt8Linear; the model keeps one copy of every weight). Called
+        by the loaders once the weights are set; again after a layer's weight is replaced, it stacks anew what changed.
+        A no-op without our kernel, for the fp32 model, or for shapes that cannot be stacked. Returns the stacked
+        sets."""
+        stacked = 0
+        for layer in self.layers:
+            for owner, name, parts in ((layer.attention, "qkv", ("wq", "wk", "wv")),
+                                       (layer.feed_forward, "gate_up", ("w1", "w3"))):
+                current = getattr(owner, name)
+                if current is not None and current.current():
+                    stacked += 1
+                    continue
+                linears = [getattr(owner, part) for part in parts]
+                if StackedInt8Linear.can_stack(linears):
+                    setattr(owner, name, StackedInt8Linear(linears))
+                    stacked += 1
+        return stacked
 
     @property
     def cache_dtype(self) -> torch.dtype:

@@ -5,9 +5,10 @@ their scales: loading it reads every byte into fresh memory and repacks each wei
 (gemv.cpp), which made a later start of the 7B shape take ~20 s on an idle 2-core machine. This format (version 3)
 stores what the model holds instead: each `Int8Linear`'s packed bytes with its bf16 scales among them (the
 `packed_data` tensor, kernels.PackedWeight), beside the full-precision embeddings and norms, in one safetensors file.
-Loading maps the file (safetensors' `safe_open` hands tensors out over a private memory map): nothing is read, copied
-or repacked; pages come in from the page cache as the first forward touches them, and the mapping is the model's only
-copy of its weights (issue 10's rule: one packed copy).
+Loading maps the file (one private memory map of the whole file, map_safetensors): nothing is read, copied or
+repacked; pages come in from the page cache as the first forward touches them, and the mapping is the model's only
+copy of its weights (issue 10's rule: one packed copy). The writer puts the weights of each stack of projections (q,
+k, v; gate, up: StackedInt8Linear) one after the other, so the stack is a view of the mapping too.
 
 The kernel needs each packed weight 64-byte aligned, and a mapping keeps the file's alignment, so the writer puts
 every tensor at a multiple of 64 bytes: the header is padded to end there, the packed data (multiples of 64 bytes)
@@ -20,12 +21,12 @@ from __future__ import annotations
 
 import contextlib
 import json
+import mmap
 import os
 import threading
 from pathlib import Path
 
 import torch
-from safetensors import SafetensorError, safe_open
 from torch import Tensor, nn
 
 from . import kernels
@@ -37,6 +38,7 @@ from .sources import CheckpointError
 
 WEIGHTS = "model.safetensors"
 _DTYPES = {torch.uint8: "U8", torch.bfloat16: "BF16", torch.float16: "F16", torch.float32: "F32"}
+_DTYPE_NAMES = {name: dtype for dtype, name in _DTYPES.items()}
 
 
 def save_packed_checkpoint(loaded: LoadedModel, destination: str | Path) -> Path:
@@ -124,34 +126,66 @@ def load_packed(folder: Path, meta: dict) -> LoadedModel:
     weights = folder / WEIGHTS
     _prefetch(weights)
     try:
-        with safe_open(str(weights), framework="pt", device="cpu") as handle:
-            stored = set(handle.keys())
-            used: set[str] = set()
+        mapped = map_safetensors(weights)
+        stored = set(mapped)
+        used: set[str] = set()
 
-            def take(name: str) -> Tensor:
-                if name not in stored:
-                    raise CheckpointError(f"{weights}: no tensor '{name}'")
-                used.add(name)
-                return handle.get_tensor(name)
+        def take(name: str) -> Tensor:
+            if name not in stored:
+                raise CheckpointError(f"{weights}: no tensor '{name}'")
+            used.add(name)
+            return mapped[name]
 
-            for name, module in model.named_modules():
-                if isinstance(module, Int8Linear):
-                    packed = kernels.adopt_packed(take(f"{name}.packed_data"), module.out_features,
-                                                  module.in_features, int(group_sizes[name]))
-                    module.set_packed(packed)
-                for parameter_name, parameter in list(module.named_parameters(recurse=False)):
-                    full_name = f"{name}.{parameter_name}" if name else parameter_name
-                    tensor = take(full_name)
-                    allowed = EMBEDDING_DTYPES if full_name == "tok_embeddings.weight" else (torch.float32,)
-                    if tensor.dtype not in allowed or tensor.shape != parameter.shape:
-                        raise CheckpointError(f"{weights}: tensor '{full_name}' is {tensor.dtype} "
-                                              f"{list(tensor.shape)}, the config describes {list(parameter.shape)}")
-                    setattr(module, parameter_name, nn.Parameter(tensor, requires_grad=False))
-    except (SafetensorError, OSError, ValueError, KeyError) as err:  # a cut or damaged file, a missing entry
+        for name, module in model.named_modules():
+            if isinstance(module, Int8Linear):
+                packed = kernels.adopt_packed(take(f"{name}.packed_data"), module.out_features,
+                                              module.in_features, int(group_sizes[name]))
+                module.set_packed(packed)
+            for parameter_name, parameter in list(module.named_parameters(recurse=False)):
+                full_name = f"{name}.{parameter_name}" if name else parameter_name
+                tensor = take(full_name)
+                allowed = EMBEDDING_DTYPES if full_name == "tok_embeddings.weight" else (torch.float32,)
+                if tensor.dtype not in allowed or tensor.shape != parameter.shape:
+                    raise CheckpointError(f"{weights}: tensor '{full_name}' is {tensor.dtype} "
+                                          f"{list(tensor.shape)}, the config describes {list(parameter.shape)}")
+                setattr(module, parameter_name, nn.Parameter(tensor, requires_grad=False))
+    except (OSError, ValueError, KeyError, TypeError) as err:  # a cut or damaged file, a missing entry
         raise CheckpointError(f"{weights}: not a usable packed copy ({type(err).__name__}: {err})") from err
     if stored - used:
         raise CheckpointError(f"{weights}: unexpected tensors {', '.join(sorted(stored - used)[:5])}")
+    model.stack_projections()  # decode reads q, k, v (gate, up) in one kernel call
     return LoadedModel(model.eval(), config, find_tokenizer(folder), "int8", folder)
+
+
+MAX_HEADER_BYTES = 100 << 20  # safetensors' own limit
+
+
+def map_safetensors(path: Path) -> dict[str, Tensor]:
+    """Every tensor of the safetensors file at `path`, as a view into one private memory map of the whole file: nothing
+    is read or copied (pages come from the page cache when touched, and other processes mapping the file share them),
+    and tensors stored one after the other are adjacent in memory too. safetensors' `safe_open` maps each tensor on
+    its own, so two adjacent in the file are not in memory, and the stacked projections (int8.StackedInt8Linear) read
+    adjacent weights as one without copying them. Raises ValueError (or OSError) for a file that is not one."""
+    with open(path, "rb") as f:
+        size = os.fstat(f.fileno()).st_size
+        header_bytes = int.from_bytes(f.read(8), "little")
+        if size < 8 or header_bytes > min(size - 8, MAX_HEADER_BYTES):
+            raise ValueError(f"a header of {header_bytes} bytes in a file of {size}")
+        header = json.loads(f.read(header_bytes))
+        if not isinstance(header, dict):
+            raise ValueError("the header is not a JSON object")
+        whole = torch.frombuffer(mmap.mmap(f.fileno(), 0, access=mmap.ACCESS_COPY), dtype=torch.uint8)
+    base, data_bytes = 8 + header_bytes, size - 8 - header_bytes
+    tensors = {}
+    for name, entry in header.items():
+        if name == "__metadata__":
+            continue
+        dtype, shape, (start, end) = _DTYPE_NAMES[entry["dtype"]], entry["shape"], entry["data_offsets"]
+        if not (all(isinstance(n, int) and n >= 0 for n in [*shape, start, end]) and start <= end <= data_bytes
+                and end - start == torch.Size(shape).numel() * dtype.itemsize and (base + start) % dtype.itemsize == 0):
+            raise ValueError(f"tensor '{name}': {entry['dtype']} {shape} at bytes {start}..{end} of {data_bytes}")
+        tensors[name] = whole[base + start:base + end].view(dtype).view(shape)
+    return tensors
 
 
 def _prefetch(path: Path) -> None:

@@ -41,7 +41,7 @@ import subprocess
 import sys
 import tempfile
 import time
-from collections.abc import Callable, Iterable, Iterator
+from collections.abc import Callable, Iterable, Iterator, Sequence
 from contextvars import ContextVar
 from dataclasses import dataclass
 from pathlib import Path
@@ -384,6 +384,51 @@ def adopt_packed(data: Tensor, out_features: int, in_features: int, group_size: 
     if data.device.type != "cpu" or not data.is_contiguous() or data.data_ptr() % ALIGNMENT:
         data = _aligned_empty(data.numel()).copy_(data)
     return PackedWeight(data, out_features, in_features, group_size)
+
+
+def can_stack(parts: Sequence[PackedWeight]) -> bool:
+    """Whether `parts` can lie end to end as one packed weight (see stack_packed): the same inputs and scheme."""
+    return len(parts) > 1 and len({(p.in_features, p.group_size) for p in parts}) == 1
+
+
+def stack_packed(parts: Sequence[PackedWeight]) -> tuple[PackedWeight, list[PackedWeight], list[int]]:
+    """Weights [N_i, K] over the same input as one packed weight whose bytes are theirs end to end: (the stacked
+    weight, each part as a view into it, the stacked weight's output row where each part's rows begin). A packed
+    weight is a sequence of tiles of 64 output rows, so each output row is computed as in its part alone (gemv.cpp
+    computes each tile on its own). A part of N_i rows not a multiple of 64 keeps its padding rows (zero weights and
+    scales: outputs 0) between it and the next.
+
+    Parts already end to end in one storage (the packed copy's file maps them so) are used where they are: the stacked
+    weight is a view over them, nothing is copied. Others are copied into one new buffer (on 2 MB pages when large)."""
+    if not can_stack(parts):
+        raise ValueError("only two or more weights of the same inputs and group size can be stacked, got "
+                         f"{[(p.out_features, p.in_features, p.group_size) for p in parts]}")
+    data = _spanning_view(parts)
+    views = list(parts)
+    if data is None:
+        data, views, offset = _aligned_empty(sum(p.nbytes for p in parts)), [], 0
+        for part in parts:
+            view = data[offset:offset + part.nbytes]
+            view.copy_(part.data)
+            views.append(PackedWeight(view, part.out_features, part.in_features, part.group_size))
+            offset += part.nbytes
+    starts, row = [], 0
+    for part in parts:
+        starts.append(row)
+        row += -(-part.out_features // TILE_ROWS) * TILE_ROWS
+    rows = starts[-1] + parts[-1].out_features
+    return PackedWeight(data, rows, parts[0].in_features, parts[0].group_size), views, starts
+
+
+def _spanning_view(parts: Sequence[PackedWeight]) -> Tensor | None:
+    """One uint8 view over the bytes of `parts` when they lie end to end in one storage, else None."""
+    first = parts[0].data
+    storage, end = first.untyped_storage().data_ptr(), first.data_ptr()
+    for part in parts:
+        if part.data.untyped_storage().data_ptr() != storage or part.data.data_ptr() != end:
+            return None
+        end += part.nbytes
+    return first.as_strided((end - first.data_ptr(),), (1,))
 
 
 def _aligned_empty(numel: int, alignment: int = ALIGNMENT) -> Tensor:
