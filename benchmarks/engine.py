@@ -330,9 +330,21 @@ def _time_steps(model: Transformer, cache: KVCache, slots: Sequence[int], starts
     return timing
 
 
+def decode_linears(model: Transformer) -> list[nn.Module]:
+    """The int8 linear calls of a decode step, in order: a stack of projections (StackedInt8Linear) as one call."""
+    calls: list[nn.Module] = []
+    for layer in model.layers:
+        attention, ffn = layer.attention, layer.feed_forward
+        calls += [attention.qkv] if attention.qkv is not None else [attention.wq, attention.wk, attention.wv]
+        calls.append(attention.wo)
+        calls += [ffn.gate_up] if ffn.gate_up is not None else [ffn.w1, ffn.w3]
+        calls.append(ffn.w2)
+    return [*calls, model.output]
+
+
 def time_linears_only(model: Transformer, rows: int, reps: int = 5) -> Timing:
-    """Every Int8Linear called once on `rows` rows, in model order: the weight part of a decode step."""
-    linears = int8_linears(model)
+    """Every int8 linear call of a decode step made once on `rows` rows, in order: the weight part of the step."""
+    linears = decode_linears(model)
     inputs = {m.in_features: torch.randn(rows, 1, m.in_features) for m in linears}
     seconds = []
     with torch.inference_mode():
@@ -464,7 +476,7 @@ def run_engine(config: ModelConfig, prompt_len: int, decode_steps: int, quiet: Q
     profile = profile_decode_step(model, cache, prompt_len)
     log(f"  the linears alone take {linears_b1.median * 1e3:.1f} ms of a {decode_b1.median * 1e3:.1f} ms step at "
         f"batch 1, {linears_b4.median * 1e3:.1f} ms of {decode_b4.median * 1e3:.1f} ms at batch 4")
-    results = EngineResults(config.n_layers, group_size, weight_bytes, len(int8_linears(model)),
+    results = EngineResults(config.n_layers, group_size, weight_bytes, len(decode_linears(model)),
                             linear_flops_per_token(model), build_seconds, resident, prompt_len, cache_len,
                             prefill_timing, decode_b1, decode_b4, b4_starts, kv_bytes_b1, linears_b1, linears_b4,
                             profile, runs)
@@ -658,7 +670,8 @@ def engine_report(r: EngineResults, start_bandwidth: float, best_bandwidth: floa
         f"{r.decode_b4.other_load:.0%} (decode B=4) of the CPUs during these measurements.",
         "",
         f"Where a step goes (issue #10 item 2): the same decode steps run again with a clock around each of the "
-        f"{r.linear_count} `Int8Linear` calls (forward hooks), so each step is split into its linears and the rest "
+        f"{r.linear_count} int8 linear calls (forward hooks; q, k, v and gate, up are one call each, "
+        "StackedInt8Linear), so each step is split into its linears and the rest "
         "(attention over the KV cache, norms, rotary embeddings, residuals, the hooks themselves and Python) within "
         "that step; the shares are medians over the steps. The linear calls timed alone (same inputs, nothing else) "
         f"stream {r.weight_bytes / r.linears_b1.median / 1e9:.1f} GB/s at batch 1, "

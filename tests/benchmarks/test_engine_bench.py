@@ -50,3 +50,19 @@ def test_a_split_decode_step_has_its_linears_inside_it(model: engine.Transformer
         assert 0 < timing.rest_share < 1
         assert timing.bandwidths == []  # no probe, no samples
     assert not any(linear._forward_hooks or linear._forward_pre_hooks for linear in engine.int8_linears(model))
+
+
+def test_a_stacked_call_is_one_linear_call_and_its_layers_are_not_counted_twice(model: engine.Transformer) -> None:
+    calls = engine.decode_linears(model)
+    assert len(calls) == 4 * TINY.n_layers + 1  # qkv, o, gate+up, down, and the output head
+    stack = model.layers[0].attention.qkv
+    assert stack is not None and calls[0] is stack
+    clock = engine.LinearClock(model)
+    try:
+        x = torch.randn(1, 200, TINY.dim)  # rows our kernel does not take: the stack calls its layers one by one
+        started = time.perf_counter()
+        stack(x)
+        elapsed = time.perf_counter() - started
+        assert 0 < clock.take() <= elapsed  # the layers' hooks ran inside the stack's: counted once
+    finally:
+        clock.close()
