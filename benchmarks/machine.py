@@ -74,6 +74,15 @@ def rss_gb() -> float:
     return int(match.group(1)) * 1024 / 1e9 if match else float("nan")
 
 
+def huge_pages_gb() -> float:
+    """GB of this process's anonymous memory on transparent huge pages (2 MB), or NaN where Linux does not say."""
+    try:
+        match = re.search(r"AnonHugePages:\s+(\d+) kB", Path("/proc/self/smaps_rollup").read_text())
+    except OSError:
+        return float("nan")
+    return int(match.group(1)) * 1024 / 1e9 if match else float("nan")
+
+
 # ---------------------------------------------------------------------------------------------------------------
 # Who uses the CPUs
 

@@ -83,7 +83,7 @@ from benchmarks.engine import (
     time_runs,
 )
 from benchmarks.llamacpp_build import DEFAULT_VERSION, BuildError, LlamaCpp, ensure_built
-from benchmarks.machine import CpuShares, QuietWaiter, cpu_label, machine_description, rss_gb
+from benchmarks.machine import CpuShares, QuietWaiter, cpu_label, huge_pages_gb, machine_description, rss_gb
 from int8serve.engine.chunking import aligned_chunk
 from int8serve.engine.config import ModelConfig
 from int8serve.engine.demo import cache_dir
@@ -400,8 +400,10 @@ def ours_child(checkpoint: Path) -> None:
     torch.set_num_threads(THREADS)
     started = time.perf_counter()
     model = load_cached(checkpoint).model
-    log(f"  ours: loaded in {time.perf_counter() - started:.0f} s, resident {rss_gb():.2f} GB")
+    log(f"  ours: loaded in {time.perf_counter() - started:.0f} s, resident {rss_gb():.2f} GB, "
+        f"{huge_pages_gb():.2f} GB of it on 2 MB pages")
     figures = measure_ours(model)
+    log(f"  ours: {huge_pages_gb():.2f} GB on 2 MB pages after measuring")
     print(json.dumps({name: dataclasses.asdict(f) for name, f in figures.items()}))
 
 
