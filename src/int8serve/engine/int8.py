@@ -452,7 +452,7 @@ class StackedInt8Linear(nn.Module):
         for layer, view in zip(layers, views, strict=True):
             layer.set_packed(view)
         self.layers = tuple(layers)
-        self._views = tuple(view.data.data_ptr() for view in views)
+        self._views = tuple(views)  # what each layer holds while the stack is current
         self.in_features = self.packed.in_features
 
     @staticmethod
@@ -464,8 +464,7 @@ class StackedInt8Linear(nn.Module):
     def current(self) -> bool:
         """Whether each layer still holds its view into the buffer (set_quantized or set_packed since would leave
         the buffer stale: the layers are then called one by one)."""
-        return all(layer.packed is not None and layer.packed.data.data_ptr() == view
-                   for layer, view in zip(self.layers, self._views, strict=True))
+        return all(layer.packed is view for layer, view in zip(self.layers, self._views, strict=True))
 
     def forward(self, x: Tensor) -> tuple[Tensor, ...]:
         # x [..., in] -> one [..., out_i] per layer, each in x's dtype

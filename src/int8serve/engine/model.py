@@ -289,8 +289,8 @@ class Transformer(nn.Module):
         for layer in self.layers:
             for owner, name, parts in ((layer.attention, "qkv", ("wq", "wk", "wv")),
                                        (layer.feed_forward, "gate_up", ("w1", "w3"))):
-                current = getattr(owner, name)
-                if current is not None and current.current():
+                stack = getattr(owner, name)
+                if stack is not None and stack.current():
                     stacked += 1
                     continue
                 linears = [getattr(owner, part) for part in parts]

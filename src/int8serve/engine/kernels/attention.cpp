@@ -190,7 +190,7 @@ constexpr int64_t kRowsAhead256 = INT8SERVE_ATTENTION_ROWS_AHEAD_AVX2;
 template <class T>
 inline void prefetch_rows(const T* rows, int64_t first, int64_t count, int64_t len, int64_t dim) {
   const int64_t end = std::min(len, first + count);
-  if (count <= 0 || first >= end) return;
+  if (first >= end) return;
   const char* begin = reinterpret_cast<const char*>(rows + first * dim);
   const int64_t bytes = (end - first) * dim * static_cast<int64_t>(sizeof(T));
   for (int64_t at = 0; at < bytes; at += 64) _mm_prefetch(begin + at, _MM_HINT_T0);
