@@ -174,17 +174,14 @@ void head_scalar(const float* q, const T* keys, const T* values, int64_t len, in
 // a profile of the avx512 path at position 512 had 82% of its scores loop's time on the instruction after the hint.
 // 4 rows ahead (1 KB of a bf16 head of 128), against 16 (the same CPU, 2026-12-03, the 32 layers' attention of a
 // decode step, alternating builds): batch 1 at position 512 15.9 -> 14.6 ms, at 1024 32.0 -> 28.7, at 2000 59.5 ->
-// 45.0; 4 rows at 512/384/256/128 41.1 -> 36.8; at 80-83 11.5 -> 11.9. The avx2 path gained less there (4 rows at
-// 512-128: 45.3 -> 42.3; 1 at 512: 17.5 either way) and keeps 16 until measured on an AVX2-only CPU.
-// (-DINT8SERVE_ATTENTION_ROWS_AHEAD=N and -DINT8SERVE_ATTENTION_ROWS_AHEAD_AVX2=N build other distances.)
+// 45.0; 4 rows at 512/384/256/128 41.1 -> 36.8; at 80-83 11.5 -> 11.9. The avx2 path on an AVX2-only AMD EPYC
+// Zen 3 (2026-12-03, the same measurement, 8-10 alternating rounds): batch 1 at 512 11.1 -> 10.4 ms (1.07x), 4 rows
+// at 512-128 31.1 -> 29.1, at 2000 44.4 -> 42.6, at 80 3.1 -> 3.0; 8 rows ahead was between the two.
+// (-DINT8SERVE_ATTENTION_ROWS_AHEAD=N builds another distance.)
 #ifndef INT8SERVE_ATTENTION_ROWS_AHEAD
 #define INT8SERVE_ATTENTION_ROWS_AHEAD 4
 #endif
-#ifndef INT8SERVE_ATTENTION_ROWS_AHEAD_AVX2
-#define INT8SERVE_ATTENTION_ROWS_AHEAD_AVX2 16
-#endif
-constexpr int64_t kRowsAhead512 = INT8SERVE_ATTENTION_ROWS_AHEAD;
-constexpr int64_t kRowsAhead256 = INT8SERVE_ATTENTION_ROWS_AHEAD_AVX2;
+constexpr int64_t kRowsAhead = INT8SERVE_ATTENTION_ROWS_AHEAD;
 
 // Asks for the lines of rows [first, first + count) of a head's keys or values (no row at or past len).
 template <class T>
@@ -250,9 +247,9 @@ void scores_avx512(const float* q, const T* keys, int64_t len, int64_t dim, floa
   __m512 qv[C];
   for (int c = 0; c < C; ++c) qv[c] = load16(q + 16 * c, c == C - 1 ? tail : 0xFFFF);
   int64_t l = 0;
-  prefetch_rows(keys, 0, kRowsAhead512, len, dim);
+  prefetch_rows(keys, 0, kRowsAhead, len, dim);
   for (; l + 4 <= len; l += 4) {  // 4 keys at a time: independent FMA chains
-    prefetch_rows(keys, l + kRowsAhead512, 4, len, dim);
+    prefetch_rows(keys, l + kRowsAhead, 4, len, dim);
     __m512 acc[4];
     for (int j = 0; j < 4; ++j) acc[j] = _mm512_setzero_ps();
     for (int c = 0; c < C; ++c) {
@@ -296,7 +293,7 @@ void weighted_sum_avx512(const float* p, const T* values, int64_t len, int64_t d
   __m512 acc[C];
   for (int c = 0; c < C; ++c) acc[c] = _mm512_setzero_ps();
   for (int64_t l = 0; l < len; ++l) {
-    prefetch_rows(values, l + kRowsAhead512, 1, len, dim);
+    prefetch_rows(values, l + kRowsAhead, 1, len, dim);
     const __m512 w = _mm512_set1_ps(p[l]);
     for (int c = 0; c < C; ++c)
       acc[c] = _mm512_fmadd_ps(w, load16(values + l * dim + 16 * c, c == C - 1 ? tail : 0xFFFF), acc[c]);
@@ -309,7 +306,7 @@ void weighted_sum_avx512(const float* p, const T* values, int64_t len, int64_t d
 template <class T, int C>
 void head_avx512_n(const float* q, const T* keys, const T* values, int64_t len, int64_t dim, float scale,
                    float* scratch, float* out) {
-  prefetch_rows(values, 0, kRowsAhead512, len, dim);  // while the scores are computed
+  prefetch_rows(values, 0, kRowsAhead, len, dim);  // while the scores are computed
   scores_avx512<T, C>(q, keys, len, dim, scale, scratch);
   const float sum = softmax_avx512(scratch, len);
   weighted_sum_avx512<T, C>(scratch, values, len, dim, 1.0f / sum, out);
@@ -382,9 +379,9 @@ void scores_avx2(const float* q, const T* keys, int64_t len, int64_t dim, float 
   __m256 qv[C];
   for (int c = 0; c < C; ++c) qv[c] = _mm256_loadu_ps(q + 8 * c);
   int64_t l = 0;
-  prefetch_rows(keys, 0, kRowsAhead256, len, dim);
+  prefetch_rows(keys, 0, kRowsAhead, len, dim);
   for (; l + 4 <= len; l += 4) {
-    prefetch_rows(keys, l + kRowsAhead256, 4, len, dim);
+    prefetch_rows(keys, l + kRowsAhead, 4, len, dim);
     __m256 acc[4];
     for (int j = 0; j < 4; ++j) acc[j] = _mm256_setzero_ps();
     for (int c = 0; c < C; ++c)
@@ -427,7 +424,7 @@ void weighted_sum_avx2(const float* p, const T* values, int64_t len, int64_t dim
   __m256 acc[C];
   for (int c = 0; c < C; ++c) acc[c] = _mm256_setzero_ps();
   for (int64_t l = 0; l < len; ++l) {
-    prefetch_rows(values, l + kRowsAhead256, 1, len, dim);
+    prefetch_rows(values, l + kRowsAhead, 1, len, dim);
     const __m256 w = _mm256_set1_ps(p[l]);
     for (int c = 0; c < C; ++c) acc[c] = _mm256_fmadd_ps(w, load8(values + l * dim + 8 * c), acc[c]);
   }
@@ -438,7 +435,7 @@ void weighted_sum_avx2(const float* p, const T* values, int64_t len, int64_t dim
 template <class T, int C>
 void head_avx2_n(const float* q, const T* keys, const T* values, int64_t len, int64_t dim, float scale,
                  float* scratch, float* out) {
-  prefetch_rows(values, 0, kRowsAhead256, len, dim);  // while the scores are computed
+  prefetch_rows(values, 0, kRowsAhead, len, dim);  // while the scores are computed
   scores_avx2<T, C>(q, keys, len, dim, scale, scratch);
   const float sum = softmax_avx2(scratch, len);
   weighted_sum_avx2<T, C>(scratch, values, len, dim, 1.0f / sum, out);
