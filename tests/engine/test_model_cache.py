@@ -15,7 +15,7 @@ import pytest
 import torch
 from tests.engine.test_hub import COMMIT, lay_out_hub_cache
 
-from int8serve.engine import int8, kernels, loader, model_cache
+from int8serve.engine import int8, kernels, loader, model_cache, packed_checkpoint
 from int8serve.engine.loader import LoadedModel, load_model
 from int8serve.engine.model_cache import cache_folder, load_cached, models_dir
 
@@ -203,6 +203,65 @@ def test_a_later_load_maps_the_packed_copy_without_repacking(cache: Path, source
             assert stack.packed.data.data_ptr() == stack.layers[0].packed.data.data_ptr()
     assert torch.equal(logits(later), logits(fresh))  # bit for bit
     assert torch.equal(logits(load_model(cache_folder(source))), logits(fresh))  # --model may name the copy itself
+
+
+def store_gate_and_up_apart(folder: Path) -> None:
+    """Rewrite the copy's file with each layer's down weight between its gate and up weights, the order in which
+    int8serve stored them before it stacked projections."""
+    weights = folder / "model.safetensors"
+    tensors = sorted(packed_checkpoint.map_safetensors(weights).items(), key=lambda item: item[1].data_ptr())
+    names = [name for name, _ in tensors]
+    for down in [name for name in names if name.endswith("feed_forward.w2.packed_data")]:
+        names.remove(down)
+        names.insert(names.index(down.replace(".w2.", ".w3.")), down)
+    by_name = dict(tensors)
+    entries = [(name, by_name[name].dtype, tuple(by_name[name].shape), lambda t=by_name[name]: t) for name in names]
+    packed_checkpoint._write_aligned_safetensors(folder / "rewritten", entries)
+    os.replace(folder / "rewritten", weights)
+
+
+def test_a_copy_that_stores_gate_and_up_apart_is_written_again_in_stack_order(
+        cache: Path, source: Path, quantized: list[Path], repacked: list[str],
+        caplog: pytest.LogCaptureFixture) -> None:
+    expected = logits(load_cached(source))
+    folder = cache_folder(source)
+    store_gate_and_up_apart(folder)
+    repacked.clear()
+    with caplog.at_level("INFO", logger="int8serve.engine.model_cache"):
+        old = load_cached(source)
+        new = load_cached(source)
+    layers = len(old.model.layers)
+    assert [stack.copied for stack in old.model.stacks()] == [False, True] * layers  # q, k, v stayed adjacent
+    rewrites = [r.getMessage() for r in caplog.records if "writing it again once" in r.getMessage()]
+    assert len(rewrites) == 1 and f"stores {layers} stacks of projections apart" in rewrites[0]
+    assert not [r for r in caplog.records if r.levelname == "WARNING"]
+    assert quantized == [source] and repacked == []  # written from the loaded weights: nothing quantized again
+    weights = str(folder / "model.safetensors")
+    assert [stack.copied for stack in new.model.stacks()] == [False] * (2 * layers)
+    assert all(mapped_files(stack.packed.data) == [weights] for stack in new.model.stacks())
+    assert torch.equal(logits(old), expected) and torch.equal(logits(new), expected)
+    assert [p.name for p in folder.parent.iterdir() if p.name.startswith(".")] == []
+
+
+def test_a_failed_rewrite_keeps_the_old_copy(cache: Path, source: Path, quantized: list[Path],
+                                            monkeypatch: pytest.MonkeyPatch,
+                                            caplog: pytest.LogCaptureFixture) -> None:
+    expected = logits(load_cached(source))
+    folder = cache_folder(source)
+    store_gate_and_up_apart(folder)
+
+    def disk_full(*_args: object) -> None:
+        raise OSError(28, "No space left on device")
+
+    monkeypatch.setattr(model_cache, "save_packed_checkpoint", disk_full)
+    with caplog.at_level("INFO", logger="int8serve.engine.model_cache"):
+        served = load_cached(source)
+    warnings = [r.getMessage() for r in caplog.records if r.levelname == "WARNING"]
+    assert len(warnings) == 1 and "No space left on device" in warnings[0] and "serving from the old one" in warnings[0]
+    assert torch.equal(logits(served), expected)
+    monkeypatch.setattr(model_cache, "save_packed_checkpoint", packed_checkpoint.save_packed_checkpoint)
+    assert torch.equal(logits(load_cached(source)), expected)  # the old copy is still there: not quantized again
+    assert quantized == [source]
 
 
 def test_an_older_int8_copy_is_rebuilt_once_and_said_so(cache: Path, source: Path, quantized: list[Path],

@@ -448,7 +448,10 @@ class StackedInt8Linear(nn.Module):
         if not self.can_stack(layers):
             raise ValueError("only Int8Linear layers of the same inputs holding our kernel's packed weights (and no "
                              "refined rows) can be stacked")
-        self.packed, views, self.starts = kernels.stack_packed([layer.packed for layer in layers])
+        parts = [layer.packed for layer in layers]
+        self.packed, views, self.starts = kernels.stack_packed(parts)
+        # whether the parts had to be copied into a new buffer (they did not lie end to end in one storage)
+        self.copied = any(view is not part for view, part in zip(views, parts, strict=True))
         for layer, view in zip(layers, views, strict=True):
             layer.set_packed(view)
         self.layers = tuple(layers)

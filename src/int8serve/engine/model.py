@@ -299,6 +299,11 @@ class Transformer(nn.Module):
                     stacked += 1
         return stacked
 
+    def stacks(self) -> list[StackedInt8Linear]:
+        """The stacks of projections that stack_projections made."""
+        return [stack for layer in self.layers for stack in (layer.attention.qkv, layer.feed_forward.gate_up)
+                if stack is not None]
+
     @property
     def cache_dtype(self) -> torch.dtype:
         return COMPUTE_DTYPE if self.precision == "int8" else torch.float32

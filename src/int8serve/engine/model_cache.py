@@ -94,12 +94,34 @@ def load_cached(source: Path, precision: Precision = "int8", progress: bool = Fa
         return load_model(source, precision, progress, group_size, quantizer)
     folder = cache_folder(source, group_size, quantizer)
     loaded = _load_copy(folder, source)
-    if loaded is None:
+    if loaded is None or _stored_apart(loaded):
         with locked(folder):
-            loaded = _load_copy(folder, source, quiet=True)  # another process may have written it meanwhile
             if loaded is None:
-                return _quantize_and_store(source, folder, progress, group_size, quantizer)
+                loaded = _load_copy(folder, source, quiet=True)  # another process may have written it meanwhile
+                if loaded is None:
+                    return _quantize_and_store(source, folder, progress, group_size, quantizer)
+            if _stored_apart(loaded):
+                _rewrite_in_stack_order(loaded, folder)
     return dataclasses.replace(loaded, path=source)
+
+
+def _stored_apart(loaded: LoadedModel) -> int:
+    """How many of the model's stacks of projections had to be copied at load: their weights do not lie end to end in
+    the file (a copy written before int8serve stacked q, k, v and gate, up stored gate, down, up)."""
+    return sum(stack.copied for stack in loaded.model.stacks())
+
+
+def _rewrite_in_stack_order(loaded: LoadedModel, folder: Path) -> None:
+    """Write the copy again from the model just loaded (its weights as they are: nothing is quantized again), in the
+    order that lets later starts map every stack in place. Without this each start would copy those stacks: ~2.9 GB
+    more resident memory and a slower start on the 7B."""
+    log.info("the cached int8 copy %s stores %d stacks of projections apart (written by an older int8serve), which "
+             "this start had to copy; writing it again once, in stack order", folder, _stored_apart(loaded))
+    try:
+        _store(loaded, folder, keep_old_until_written=True)
+    except OSError as err:
+        log.warning("could not write the int8 copy again to %s (%s); serving from the old one, which later starts "
+                    "copy in part again", folder, err)
 
 
 def _load_copy(folder: Path, source: Path, quiet: bool = False) -> LoadedModel | None:
@@ -147,15 +169,15 @@ def _quantize_and_store(source: Path, folder: Path, progress: bool, group_size: 
     return loaded
 
 
-def _store(loaded: LoadedModel, folder: Path) -> None:
-    """Write the checkpoint beside `folder` and rename it into place: a reader sees all of it or nothing."""
+def _store(loaded: LoadedModel, folder: Path, keep_old_until_written: bool = False) -> None:
+    """Write the checkpoint beside `folder` and rename it into place: a reader sees all of it or nothing. A copy
+    already there is removed first (an unusable one: its space may be needed), or with `keep_old_until_written` only
+    once the new one is written (a usable one, which a failed write must not cost)."""
     for pattern in (f".partial-{folder.name}-*", f".stale-{folder.name}-*"):  # left by a process that died
         for stale in folder.parent.glob(pattern):
             shutil.rmtree(stale, ignore_errors=True)
-    if folder.exists():  # an unusable copy (see _load_copy); a process that mapped it keeps its (unlinked) files
-        stale = folder.with_name(f".stale-{folder.name}-{os.getpid()}")
-        os.rename(folder, stale)
-        shutil.rmtree(stale, ignore_errors=True)
+    if folder.exists() and not keep_old_until_written:
+        _discard(folder)
     needed = _nbytes(loaded)
     free = shutil.disk_usage(folder.parent).free
     if free < needed * 1.05:
@@ -166,9 +188,18 @@ def _store(loaded: LoadedModel, folder: Path) -> None:
         for file in partial.iterdir():
             with open(file, "rb") as handle:
                 os.fsync(handle.fileno())
+        if folder.exists():
+            _discard(folder)
         os.rename(partial, folder)
     finally:
         shutil.rmtree(partial, ignore_errors=True)
+
+
+def _discard(folder: Path) -> None:
+    """Remove a copy; a process that mapped it keeps its (unlinked) files."""
+    stale = folder.with_name(f".stale-{folder.name}-{os.getpid()}")
+    os.rename(folder, stale)
+    shutil.rmtree(stale, ignore_errors=True)
 
 
 def _nbytes(loaded: LoadedModel) -> int:
