@@ -13,7 +13,8 @@ Everything is measured in one run, so that ratios are same-run ratios on a share
    seconds), so each step is compared with the bandwidth of the same moment;
 4. roofline: int8 weight + scale bytes read per decode step / bandwidth = the ideal step time;
    the non-matmul share of a step (issue #10 item 2: <= 8% at batch 1, <= 12% at batch 4): the same decode steps
-   again, each with a clock around every `Int8Linear` call (forward hooks, `LinearClock`), so that a step is split
+   again, each with a clock around every int8 linear call (`LinearClock`: the decode plan's own clock, or forward
+   hooks where steps go through the modules), so that a step is split
    into its linears and the rest within itself, not against linears timed at another moment;
 5. with --kernels: both linear paths of `Int8Linear` (`torch._weight_int8pack_mm` with bf16 activations, and
    dequantize into a reused bf16 buffer + `F.linear`) on the 7B shapes at several row counts M, rotating through
@@ -42,6 +43,7 @@ import statistics
 import sys
 import time
 from collections.abc import Callable, Iterator, Sequence
+from contextvars import Token
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -51,6 +53,7 @@ from torch import Tensor, nn
 
 from benchmarks.common import display_command, write_section
 from benchmarks.machine import QUIET, QUIET_BUDGET, CpuShares, QuietWaiter, least_contended, log, machine_facts, rss_gb
+from int8serve.engine import decode_plan
 from int8serve.engine.config import ModelConfig
 from int8serve.engine.generate import prefill
 from int8serve.engine.int8 import (
@@ -255,18 +258,33 @@ def time_runs(run: Callable[[], object], reps: int) -> Timing:
 
 
 class LinearClock:
-    """Seconds spent inside a model's Int8Linear and StackedInt8Linear calls (forward hooks), so that a decode step is
-    split into its linears and the rest within the same step: the split does not depend on the bandwidth of another
-    moment. The hooks' own cost (a few microseconds a call) falls outside the calls, so it counts as rest; a layer
-    called from within a stacked call counts once."""
+    """Seconds spent inside a model's int8 linear calls, so that a decode step is split into its linears and the rest
+    within the same step: the split does not depend on the bandwidth of another moment.
+
+    Forward hooks on the Int8Linear and StackedInt8Linear modules time the calls made through the modules (their own
+    cost, a few microseconds a call, falls outside the calls, so it counts as rest; a layer called from within a
+    stacked call counts once). Steps that run through a decode plan (engine/decode_plan.py: the layers' kernel calls
+    replayed without the modules) clock their own linear calls (decode_plan.LINEAR_TIMER); the hooks are marked so
+    that the plan still runs."""
 
     def __init__(self, model: nn.Module) -> None:
         self.seconds = 0.0
         self._entered = 0.0
         self._depth = 0
         self._handles = []
+        self._timer = decode_plan.LinearTimer()
+        self._token: Token | None = decode_plan.LINEAR_TIMER.set(self._timer)
+        enter, leave = self._hook(self._enter), self._hook(self._leave)
         for linear in (m for m in model.modules() if isinstance(m, (Int8Linear, StackedInt8Linear))):
-            self._handles += [linear.register_forward_pre_hook(self._enter), linear.register_forward_hook(self._leave)]
+            self._handles += [linear.register_forward_pre_hook(enter), linear.register_forward_hook(leave)]
+
+    @staticmethod
+    def _hook(method: Callable[..., None]) -> Callable[..., None]:
+        def hook(*args: object) -> None:
+            method(*args)
+
+        setattr(hook, decode_plan.PLAN_AWARE, True)
+        return hook
 
     def _enter(self, _module: nn.Module, _args: object) -> None:
         if self._depth == 0:
@@ -280,12 +298,17 @@ class LinearClock:
 
     def take(self) -> float:
         """The seconds gathered since the last take."""
-        seconds, self.seconds = self.seconds, 0.0
+        seconds = self.seconds + self._timer.seconds
+        self.seconds = self._timer.seconds = 0.0
         return seconds
 
     def close(self) -> None:
         for handle in self._handles:
             handle.remove()
+        self._handles = []
+        if self._token is not None:
+            decode_plan.LINEAR_TIMER.reset(self._token)
+            self._token = None
 
     def __enter__(self) -> LinearClock:
         return self
@@ -386,6 +409,7 @@ class AttentionRun:
     decode_b4: Timing
     split_b1: Timing  # the same steps again, each split into its Int8Linear calls and the rest (LinearClock)
     split_b4: Timing
+    planned: bool = False  # whether the steps ran through a decode plan (engine/decode_plan.py), not the modules
 
 
 @dataclass
@@ -464,7 +488,8 @@ def run_engine(config: ModelConfig, prompt_len: int, decode_steps: int, quiet: Q
             splits[batch] = least_contended(functools.partial(time_decode, model, cache, slots, starts, decode_steps,
                                                               None, warmup, split=True), quiet)
             log(f"  outside the linears: {splits[batch].rest_share:.1%} of a step (median over steps)")
-        runs.append(AttentionRun(setting, path, decode_b1, decode_b4, splits[1], splits[4]))
+        runs.append(AttentionRun(setting, path, decode_b1, decode_b4, splits[1], splits[4],
+                                 planned=decode_plan.usable(model)))
     del probe, decode
     gc.collect()
 
@@ -670,10 +695,11 @@ def engine_report(r: EngineResults, start_bandwidth: float, best_bandwidth: floa
         f"{r.decode_b4.other_load:.0%} (decode B=4) of the CPUs during these measurements.",
         "",
         f"Where a step goes (issue #10 item 2): the same decode steps run again with a clock around each of the "
-        f"{r.linear_count} int8 linear calls (forward hooks; q, k, v and gate, up are one call each, "
-        "StackedInt8Linear), so each step is split into its linears and the rest "
-        "(attention over the KV cache, norms, rotary embeddings, residuals, the hooks themselves and Python) within "
-        "that step; the shares are medians over the steps. The linear calls timed alone (same inputs, nothing else) "
+        f"{r.linear_count} int8 linear calls (q, k, v and gate, up are one call each, StackedInt8Linear; where the "
+        "steps run through a decode plan, engine/decode_plan.py, the plan clocks its own calls, else forward hooks "
+        "do), so each step is split into its linears and the rest (attention over the KV cache, norms, rotary "
+        "embeddings, residuals, the clock itself and Python) within that step; the shares are medians over the "
+        "steps. The linear calls timed alone (same inputs, nothing else) "
         f"stream {r.weight_bytes / r.linears_b1.median / 1e9:.1f} GB/s at batch 1, "
         f"{r.weight_bytes / r.linears_b1.median / 1e9 / b1_bandwidth:.0%} of the median bandwidth sampled before the "
         "batch-1 steps.",
@@ -687,7 +713,8 @@ def engine_report(r: EngineResults, start_bandwidth: float, best_bandwidth: floa
         for batch, split, alone in ((1, run.split_b1, r.linears_b1), (4, run.split_b4, r.linears_b4)):
             goal = TARGET_REST[batch]
             met = "met" if split.rest_share <= goal else "not met"
-            lines.append(f"| {run.path} (`{run.setting}`) | {batch} | {split.median * 1e3:.0f} | "
+            how = "decode plan" if run.planned else "modules"
+            lines.append(f"| {run.path} (`{run.setting}`), {how} | {batch} | {split.median * 1e3:.0f} | "
                          f"{split.linear_median * 1e3:.0f} | **{split.rest_share:.1%}** | ≤ {goal:.0%}: {met} | "
                          f"{alone.median * 1e3:.0f} ({r.weight_bytes / alone.median / 1e9:.1f} GB/s) |")
             verdicts.append(f"batch {batch}: {split.rest_share:.1%} (goal ≤ {goal:.0%}: {met})")
@@ -696,7 +723,8 @@ def engine_report(r: EngineResults, start_bandwidth: float, best_bandwidth: floa
         f"**The non-matmul share of a decode step ({r.attention[-1].path}): {'; '.join(verdicts[-2:])}.**",
         "",
         "",
-        "Ops with the most self time in one profiled batch-1 step (torch.profiler, which slows the step a little):",
+        "Ops with the most self time in one profiled batch-1 step (torch.profiler, which slows the step a little; "
+        "while it records, steps go through the modules, not a decode plan):",
         "",
         "| op | calls | self ms |",
         "|---|---|---|",

@@ -21,7 +21,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from . import allocator, chunking, kernels
+from . import allocator, chunking, decode_plan, kernels
 from .config import ModelConfig
 from .int8 import COMPUTE_DTYPE, DequantBuffer, Int8Linear, StackedInt8Linear, kernel_rows
 from .kernels import activation as activation_kernel
@@ -94,6 +94,7 @@ class KVCache:
         self.dtype = dtype
         self.k = [torch.empty(shape, dtype=dtype) for _ in range(config.n_layers)]
         self.v = [torch.empty(shape, dtype=dtype) for _ in range(config.n_layers)]
+        self.decode_plans: dict[tuple, decode_plan.DecodePlan] = {}  # by batch size and settings (plan_for)
 
     def nbytes(self) -> int:
         return sum(t.numel() * t.element_size() for t in self.k + self.v)
@@ -345,8 +346,13 @@ class Transformer(nn.Module):
             positions = torch.tensor(list(starts))[:, None] + torch.arange(seq)[None, :]  # [B, T]
             cos, sin = self.rope_cos[positions], self.rope_sin[positions]  # [B, T, D]
         x = self.tok_embeddings(tokens).float()  # the residual stream stays fp32
-        for i, layer in enumerate(self.layers):
-            x = layer(x, cos, sin, cache.k[i], cache.v[i], slots, starts, step)
+        plan = decode_plan.plan_for(self, cache, step, len(slots)) if step is not None and seq == 1 and \
+            chunking.CURRENT.get() is None else None
+        if plan is not None:  # the same kernel calls, without the modules around them (decode_plan.py)
+            x = plan.run(x, step)
+        else:
+            for i, layer in enumerate(self.layers):
+                x = layer(x, cos, sin, cache.k[i], cache.v[i], slots, starts, step)
         if not all_logits:
             x = x[:, -1:, :]
         logits = self.output(self.norm(x)).float()

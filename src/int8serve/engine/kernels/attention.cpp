@@ -471,14 +471,15 @@ void head_avx2(const float* q, const T* keys, const T* values, int64_t len, int6
 // ---- one (row, kv head) task, and the batch --------------------------------------------------------------------
 
 struct Problem {
-  const float* q;        // [B, H, D] before rope
-  const float* k;        // [B, Hkv, D] before rope
-  const float* v;        // [B, Hkv, D]
+  const float* q;        // [B, H, D] before rope, rows q_stride floats apart
+  const float* k;        // [B, Hkv, D] before rope, rows kv_stride floats apart
+  const float* v;        // [B, Hkv, D], rows kv_stride floats apart
   const float* cos;      // [P, D]
   const float* sin;      // [P, D]
   const int64_t* slots;  // [B]
   const int64_t* positions;  // [B]: the new token's position; it attends over [0, position]
   int64_t heads, kv_heads, dim, max_len;
+  int64_t q_stride, kv_stride;  // (a stacked projection's output holds each row's q, k and v side by side)
   float scale;
   float* out;  // [B, H, D]
 };
@@ -492,8 +493,8 @@ void store_task(const Problem& pb, T* cache_k, T* cache_v, int64_t row, int64_t 
   const int64_t base = (pb.slots[row] * pb.kv_heads + kv_head) * pb.max_len * dim;  // [slot, kv head, 0, 0]
   scratch.resize(static_cast<size_t>(dim));
   float* krot = scratch.data();
-  rope(pb.k + (row * pb.kv_heads + kv_head) * dim, pb.cos + pos * dim, pb.sin + pos * dim, dim, krot);
-  const float* value = pb.v + (row * pb.kv_heads + kv_head) * dim;
+  rope(pb.k + row * pb.kv_stride + kv_head * dim, pb.cos + pos * dim, pb.sin + pos * dim, dim, krot);
+  const float* value = pb.v + row * pb.kv_stride + kv_head * dim;
   for (int64_t d = 0; d < dim; ++d) {
     store_scalar(cache_k + base + pos * dim + d, krot[d]);
     store_scalar(cache_v + base + pos * dim + d, value[d]);
@@ -512,7 +513,7 @@ void attend_task(const Problem& pb, const T* cache_k, const T* cache_v, HeadFn<T
   float* scores = qrot + group * dim;  // [pos + 1]
   for (int64_t g = 0; g < group; ++g) {
     const int64_t h = kv_head * group + g;  // heads sharing a kv head are adjacent, as in repeat_kv
-    rope(pb.q + (row * pb.heads + h) * dim, cos, sin, dim, qrot + g * dim);
+    rope(pb.q + row * pb.q_stride + h * dim, cos, sin, dim, qrot + g * dim);
     head(qrot + g * dim, cache_k + base, cache_v + base, pos + 1, dim, pb.scale, scores,
          pb.out + (row * pb.heads + h) * dim);
   }
@@ -565,7 +566,7 @@ int resolve(int impl) {
 
 extern "C" {
 
-__attribute__((visibility("default"))) int i8a_abi_version() { return 2; }
+__attribute__((visibility("default"))) int i8a_abi_version() { return 3; }
 
 // Bit 0: the AVX2 path can run here; bit 1: the AVX-512 path can.
 __attribute__((visibility("default"))) int i8a_cpu_paths() {
@@ -575,16 +576,19 @@ __attribute__((visibility("default"))) int i8a_cpu_paths() {
 // The path `impl` resolves to on this CPU (1 AVX-512, 2 AVX2, 3 scalar), or -1 if the CPU cannot run it.
 __attribute__((visibility("default"))) int i8a_resolve(int impl) { return resolve(impl); }
 
-// Returns 0, or -1 (the CPU cannot run `impl`), -2 (unknown dtype), -3 (bad sizes), -4 (a slot or position out of
-// range, or a (slot, position) twice: the tasks write into the cache, so these are checked before anything runs).
+// Row b's q is at q + b * q_stride, its k and v at k (v) + b * kv_stride (in floats; H * D and Hkv * D when each is
+// its own contiguous tensor). Returns 0, or -1 (the CPU cannot run `impl`), -2 (unknown dtype), -3 (bad sizes), -4
+// (a slot or position out of range, or a (slot, position) twice: the tasks write into the cache, so these are
+// checked before anything runs).
 __attribute__((visibility("default"))) int i8a_decode(
-    const float* q, const float* k, const float* v, const float* cos, const float* sin, const int64_t* slots,
-    const int64_t* positions, int64_t batch, int64_t heads, int64_t kv_heads, int64_t dim, void* cache_k,
-    void* cache_v, int64_t n_slots, int64_t max_len, int64_t table_len, int dtype, float scale, float* out, int impl,
-    int threads) {
+    const float* q, const float* k, const float* v, int64_t q_stride, int64_t kv_stride, const float* cos,
+    const float* sin, const int64_t* slots, const int64_t* positions, int64_t batch, int64_t heads, int64_t kv_heads,
+    int64_t dim, void* cache_k, void* cache_v, int64_t n_slots, int64_t max_len, int64_t table_len, int dtype,
+    float scale, float* out, int impl, int threads) {
   const int path = resolve(impl);
   if (path < 0) return -1;
   if (kv_heads <= 0 || heads % kv_heads != 0 || dim <= 0 || dim % 2 != 0) return -3;
+  if (q_stride < heads * dim || kv_stride < kv_heads * dim) return -3;
   std::vector<std::pair<int64_t, int64_t>> written(static_cast<size_t>(batch));
   for (int64_t b = 0; b < batch; ++b) {
     if (slots[b] < 0 || slots[b] >= n_slots || positions[b] < 0 || positions[b] >= std::min(max_len, table_len))
@@ -593,7 +597,8 @@ __attribute__((visibility("default"))) int i8a_decode(
   }
   std::sort(written.begin(), written.end());
   if (std::adjacent_find(written.begin(), written.end()) != written.end()) return -4;
-  const Problem pb{q, k, v, cos, sin, slots, positions, heads, kv_heads, dim, max_len, scale, out};
+  const Problem pb{q, k, v, cos, sin, slots, positions, heads, kv_heads, dim, max_len, q_stride, kv_stride, scale,
+                   out};
   if (dtype == kF32) {
     run<float>(pb, cache_k, cache_v, path, batch, threads);
   } else if (dtype == kBF16) {

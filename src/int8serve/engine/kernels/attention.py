@@ -31,7 +31,7 @@ from . import build, env_choice, kernel_threads, load_library, open_library
 log = logging.getLogger(__name__)
 
 SOURCE = Path(__file__).with_name("attention.cpp")
-ABI_VERSION = 2  # must match i8a_abi_version() in attention.cpp
+ABI_VERSION = 3  # must match i8a_abi_version() in attention.cpp
 ENV = "INT8SERVE_ATTENTION"
 Impl = Literal["auto", "avx512", "avx2", "scalar"]
 IMPLS: dict[str, int] = {"auto": 0, "avx512": 1, "avx2": 2, "scalar": 3}
@@ -47,8 +47,8 @@ def _open(path: Path) -> ctypes.CDLL:
     lib.i8a_cpu_paths.restype = _INT
     lib.i8a_resolve.argtypes = [_INT]
     lib.i8a_resolve.restype = _INT
-    lib.i8a_decode.argtypes = [_P, _P, _P, _P, _P, _P, _P, _I64, _I64, _I64, _I64, _P, _P, _I64, _I64, _I64, _INT,
-                               _F32, _P, _INT, _INT]
+    lib.i8a_decode.argtypes = [_P, _P, _P, _I64, _I64, _P, _P, _P, _P, _I64, _I64, _I64, _I64, _P, _P, _I64, _I64,
+                               _I64, _INT, _F32, _P, _INT, _INT]
     lib.i8a_decode.restype = _INT
     return lib
 
@@ -118,8 +118,8 @@ def decode_attention(q: Tensor, k: Tensor, v: Tensor, cos: Tensor, sin: Tensor, 
     kv_heads, max_len = cache_k.shape[1], cache_k.shape[2]
     _check(q, k, v, cos, sin, slots, positions, cache_k, cache_v)
     out = torch.empty(batch, heads, dim, dtype=torch.float32)
-    args = (q.data_ptr(), k.data_ptr(), v.data_ptr(), cos.data_ptr(), sin.data_ptr(), slots.data_ptr(),
-            positions.data_ptr(), batch, heads, kv_heads, dim, cache_k.data_ptr(), cache_v.data_ptr(),
+    args = (q.data_ptr(), k.data_ptr(), v.data_ptr(), heads * dim, kv_heads * dim, cos.data_ptr(), sin.data_ptr(),
+            slots.data_ptr(), positions.data_ptr(), batch, heads, kv_heads, dim, cache_k.data_ptr(), cache_v.data_ptr(),
             cache_k.shape[0], max_len, cos.shape[0], DTYPES[cache_k.dtype], dim**-0.5, out.data_ptr(), IMPLS[impl],
             kernel_threads())
     lib = _library()
