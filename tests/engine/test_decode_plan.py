@@ -14,7 +14,7 @@ from torch import Tensor
 
 from int8serve.engine import decode_plan, kernels
 from int8serve.engine.config import ModelConfig
-from int8serve.engine.int8 import quantize
+from int8serve.engine.int8 import Int8Linear, quantize
 from int8serve.engine.kernels import attention as attention_kernel
 from int8serve.engine.loader import LoadedModel, load_model
 from int8serve.engine.model import KVCache, Transformer
@@ -37,6 +37,14 @@ def decode(model: Transformer, steps: int, starts: list[int], seed: int = 0) -> 
         tokens = torch.randint(3, model.config.vocab_size, (len(starts), 1), generator=generator)
         logits.append(model(tokens, cache, list(range(len(starts))), [s + step for s in starts]))
     return logits, cache
+
+
+def plan_of(model: Transformer) -> decode_plan.DecodePlan:
+    """The plan of a batch-1 step at position 0 on a new cache."""
+    cache = model.new_cache(1, 8)
+    model(torch.tensor([[5]]), cache, [0], [0])
+    (plan,) = cache.decode_plans.values()
+    return plan
 
 
 def assert_same(planned: tuple[list[Tensor], KVCache], modules: tuple[list[Tensor], KVCache]) -> None:
@@ -98,6 +106,13 @@ def test_a_replaced_weight_makes_the_plan_again_and_a_stale_stack_runs_the_modul
     assert not plan.current()
     planned, modules = both_ways(model, monkeypatch, 2, [3])
     assert_same(planned, modules)  # the new weight, in both
+    plan = plan_of(model)
+    down = model.layers[0].feed_forward.w2
+    model.layers[0].feed_forward.w2 = replacement = Int8Linear(down.in_features, down.out_features)
+    replacement.set_quantized(*quantize(torch.randn(down.out_features, down.in_features, generator=generator), 32), 32)
+    assert not plan.current()  # another module where the plan had one
+    planned, modules = both_ways(model, monkeypatch, 2, [3])
+    assert_same(planned, modules)
     runs.clear()
     query = model.layers[0].attention.wq  # part of a stack: the stack is stale until stacked again
     query.set_quantized(*quantize(torch.randn(query.out_features, query.in_features, generator=generator), 32), 32)

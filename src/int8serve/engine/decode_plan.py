@@ -156,7 +156,13 @@ class DecodePlan:
         self.layers = [self._layer_calls(i, layer) for i, layer in enumerate(model.layers)]
         self.modules = list(model.modules())
         # everything the calls point into, by identity: a replaced one makes the plan stale (and is kept alive here)
-        self._refs = [(layer.attention, "qkv", layer.attention.qkv) for layer in model.layers]
+        self._refs: list[tuple[object, str | int, object]] = [(model.layers, i, layer)
+                                                               for i, layer in enumerate(model.layers)]
+        self._refs += [(layer, name, getattr(layer, name)) for layer in model.layers
+                       for name in ("attention_norm", "attention", "ffn_norm", "feed_forward")]
+        self._refs += [(layer.attention, "wo", layer.attention.wo) for layer in model.layers]
+        self._refs += [(layer.feed_forward, "w2", layer.feed_forward.w2) for layer in model.layers]
+        self._refs += [(layer.attention, "qkv", layer.attention.qkv) for layer in model.layers]
         self._refs += [(layer.feed_forward, "gate_up", layer.feed_forward.gate_up) for layer in model.layers]
         self._refs += [(linear, "packed", linear.packed) for layer in model.layers
                        for linear in (*layer.attention.qkv.layers, layer.attention.wo,
@@ -175,7 +181,7 @@ class DecodePlan:
 
     def current(self) -> bool:
         """Whether every weight, table and cache the calls point into is still the model's."""
-        return all((owner[key] if isinstance(owner, list) else getattr(owner, key)) is held
+        return all((owner[key] if isinstance(key, int) else getattr(owner, key)) is held  # type: ignore[index]
                    for owner, key, held in self._refs)
 
     def _layer_calls(self, index: int, layer: nn.Module) -> _LayerCalls:
