@@ -149,6 +149,7 @@ def test_start_up_lines_describe_each_model(started: tuple[str, str], stories_hf
     assert "per account at most 4 requests in this engine" in err  # two accounts: each card's slots
     assert "per account at most 2 requests in this engine" in err
     assert f"serving {LLAMA}, {DEMO}" in err
+    assert err.count("decode steps: each layer's kernel calls replayed from a plan") == 2  # both int8, stacked
 
 
 @pytest.mark.parametrize(("args", "message"), [

@@ -37,7 +37,7 @@ from starlette.types import ASGIApp, Receive, Scope, Send
 from .builtin_model import builtin_model_path
 from .catalog.card import CardError, ModelCard
 from .catalog.registry import Catalog, UnknownModelError
-from .engine import kernels
+from .engine import decode_plan, kernels
 from .engine.int8 import Int8Linear, describe_dense, kernel_rows
 from .engine.kernels import matmul as prefill_matmul
 from .engine.model import Transformer
@@ -215,6 +215,7 @@ def _start_engine(settings: ServeSettings, served: ServedModel) -> tuple[Engine,
         f"  limits: context {context} tokens (card {card.context_length_limit}, model {loaded.config.max_seq_len}), "
         f"max_tokens <= {card.sequence_length_limit}, {card.max_concurrent_requests} slots, "
         f"queue {settings.max_queue}, prefill chunk {settings.prefill_chunk}",
+        f"  {decode_plan.describe(loaded.model)}",
         f"  prefix cache: {prefix.capacity_tokens} tokens ({prefix.nbytes() / 2**20:.0f} MiB), the default system "
         f"prompt's {warmed} tokens warmed in {warming:.1f} s; {_what_is_reused(engine, settings.prefill_chunk)}"
         if prefix is not None else "  prefix cache: off",

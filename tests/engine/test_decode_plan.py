@@ -173,3 +173,16 @@ def test_the_benchmarks_clock_splits_a_planned_step_and_its_hooks_leave_the_plan
     finally:
         decode_plan.LINEAR_TIMER.reset(token)
     assert timer.seconds > 0 and runs == [2, 2, 1]
+
+
+def test_the_start_up_line_says_how_decode_steps_run(stories_fp32: LoadedModel,
+                                                    monkeypatch: pytest.MonkeyPatch) -> None:
+    model = build_random_int8_model(ODD, group_size=32)
+    assert decode_plan.describe(model).startswith("decode steps: each layer's kernel calls replayed from a plan")
+    monkeypatch.setenv(decode_plan.ENV, "off")
+    assert decode_plan.describe(model) == "decode steps: through the modules (INT8SERVE_DECODE_PLAN=off)"
+    monkeypatch.delenv(decode_plan.ENV)
+    monkeypatch.setenv(attention_kernel.ENV, "torch")
+    assert decode_plan.describe(model) == "decode steps: through the modules (INT8SERVE_ATTENTION=torch)"
+    monkeypatch.delenv(attention_kernel.ENV)
+    assert decode_plan.describe(stories_fp32.model) == "decode steps: through the modules (the fp32 model)"

@@ -24,6 +24,7 @@ from __future__ import annotations
 
 import ctypes
 import time
+from collections.abc import Callable
 from contextvars import ContextVar
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING
@@ -65,6 +66,23 @@ def usable(model: Transformer) -> bool:
             and attention_kernel.setting() != "torch" and attention_kernel.available()
             and activation_kernel.available() and bool(model.layers)
             and all(_stackable_layer(layer) for layer in model.layers))
+
+
+def describe(model: Transformer) -> str:
+    """One line for start-up logs: how this model's decode steps run."""
+    if usable(model):
+        return f"decode steps: each layer's kernel calls replayed from a plan ({ENV}=off: through the modules)"
+    if model.precision != "int8":
+        reason = "the fp32 model"
+    elif setting() == "off":
+        reason = f"{ENV}=off"
+    elif not (kernels.available() and attention_kernel.available() and activation_kernel.available()):
+        reason = "our int8, attention or activation kernel is not available"
+    elif attention_kernel.setting() == "torch":
+        reason = f"{attention_kernel.ENV}=torch"
+    else:
+        reason = "a layer whose projections are not stacked"
+    return f"decode steps: through the modules ({reason})"
 
 
 def _stackable_layer(layer: nn.Module) -> bool:
@@ -229,62 +247,47 @@ class DecodePlan:
         self.slots.copy_(step.slots)
         self.positions.copy_(step.positions)
         timer = LINEAR_TIMER.get()
-        status = self._timed_layers(timer) if timer is not None else self._layers()
-        if status:
-            raise RuntimeError(f"a kernel call of the decode plan failed: {status}")
+        failed = self._layers(self._gemv if timer is None else _timed(self._gemv, timer))
+        if failed:
+            raise RuntimeError(f"a kernel call of the decode plan failed: {failed}")
         return self.x.view(self.batch, 1, -1)
 
-    def _layers(self) -> str | None:
-        gemv, attend, rms_norm, silu_mul = self._gemv, self._attend, self._rms_norm, self._silu_mul
+    def _layers(self, linear: Callable[..., int]) -> str | None:
+        """Every layer's calls in order; `linear` makes the int8 linear calls (i8s_gemv, or it with a clock).
+        Returns the call that failed, if one did."""
+        attend, rms_norm, silu_mul = self._attend, self._rms_norm, self._silu_mul
         x, projected = self.x, self.projected
         for calls in self.layers:
-            if rms_norm(*calls.attention_norm) or gemv(*calls.qkv):
+            if rms_norm(*calls.attention_norm) or linear(*calls.qkv):
                 return "RMSNorm or q/k/v"
             status = attend(*calls.attention)
             if status:
                 raise ValueError(f"i8a_decode failed with status {status}: {attention_kernel.STATUS.get(status, '?')}")
-            if gemv(*calls.wo):
+            if linear(*calls.wo):
                 return "output projection"
             x.add_(projected)
-            if rms_norm(*calls.ffn_norm) or gemv(*calls.gate_up):
+            if rms_norm(*calls.ffn_norm) or linear(*calls.gate_up):
                 return "RMSNorm or gate/up"
             for row in calls.silu:
                 if silu_mul(*row):
                     return "SiLU"
-            if gemv(*calls.down):
+            if linear(*calls.down):
                 return "down projection"
             x.add_(projected)
         return None
 
-    def _timed_layers(self, timer: LinearTimer) -> str | None:
-        """_layers with a clock around each int8 linear call (the same calls, in the same order)."""
-        gemv, attend, rms_norm, silu_mul = self._gemv, self._attend, self._rms_norm, self._silu_mul
-        x, projected, clock = self.x, self.projected, time.perf_counter
 
-        def timed(args: tuple) -> int:
-            started = clock()
-            status = gemv(*args)
-            timer.seconds += clock() - started
-            return status
+def _timed(gemv: Callable[..., int], timer: LinearTimer) -> Callable[..., int]:
+    """`gemv` with its time added to `timer`."""
+    clock = time.perf_counter
 
-        for calls in self.layers:
-            if rms_norm(*calls.attention_norm) or timed(calls.qkv):
-                return "RMSNorm or q/k/v"
-            status = attend(*calls.attention)
-            if status:
-                raise ValueError(f"i8a_decode failed with status {status}: {attention_kernel.STATUS.get(status, '?')}")
-            if timed(calls.wo):
-                return "output projection"
-            x.add_(projected)
-            if rms_norm(*calls.ffn_norm) or timed(calls.gate_up):
-                return "RMSNorm or gate/up"
-            for row in calls.silu:
-                if silu_mul(*row):
-                    return "SiLU"
-            if timed(calls.down):
-                return "down projection"
-            x.add_(projected)
-        return None
+    def timed(*args: object) -> int:
+        started = clock()
+        status = gemv(*args)
+        timer.seconds += clock() - started
+        return status
+
+    return timed
 
 
 def _address(tensor: Tensor, offset: int = 0) -> int:
