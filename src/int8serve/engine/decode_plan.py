@@ -1,14 +1,13 @@
 """A decode step's transformer layers as one fixed list of kernel calls, made once and replayed every step.
 
 Through the modules, each layer of a decode step is ~40 Python-level operations around its 9 kernel calls (module
-calls, reshapes, views, the wrappers' checks, new output tensors), and between two kernel calls the second core waits
-for the next parallel region. On the 7B shape that cost a batch-1 step far more than the operations themselves:
-an AVX2-only AMD EPYC Zen 3 (2026-12-03, 32 layers, position 512, the two paths alternating in one process, 8
-rounds) ran the layers in 264.8 ms a step through the modules and 237.0 ms through this plan (1.09-1.16x every
-round), for the same bits. So a plan holds, for one KV cache and one batch size, every layer's kernel calls with
-their arguments worked out (weights, caches, rope tables, its own input and output buffers), and a step is those
-calls back to back: RMSNorm, q/k/v (one stacked call), attention, output projection, residual, RMSNorm, gate/up
-(one stacked call), SiLU, down projection, residual.
+calls, reshapes, views, the wrappers' checks, new output tensors), and between two kernel calls the second core
+waits for the next parallel region. benchmarks/decode_plan.py on an AVX2-only AMD EPYC Zen 3 (2026-12-03, the two
+paths alternating in one process, the same bits): the 7B shape at position 512, batch 1 1.05x and 4 sequences 1.04x
+faster steps; SmolLM2-135M, where the modules were most of a step, 1.61x and 1.49x. So a plan holds, for one KV
+cache and one batch size, every layer's kernel calls with their arguments worked out (weights, caches, rope tables,
+its own input and output buffers), and a step is those calls back to back: RMSNorm, q/k/v (one stacked call),
+attention, output projection, residual, RMSNorm, gate/up (one stacked call), SiLU, down projection, residual.
 
 The calls are the modules' own, with the same inputs (kernels/, int8.StackedInt8Linear): the results are bitwise
 those of the module path, which tests assert. A plan is used only where the module path would make exactly these
@@ -62,27 +61,30 @@ LINEAR_TIMER: ContextVar[LinearTimer | None] = ContextVar("int8serve_decode_plan
 
 def usable(model: Transformer) -> bool:
     """Whether decode steps of `model` can run through a plan (kernels, stacks and settings allowing)."""
-    return (model.precision == "int8" and setting() != "off" and kernels.available()
-            and attention_kernel.setting() != "torch" and attention_kernel.available()
-            and activation_kernel.available() and bool(model.layers)
-            and all(_stackable_layer(layer) for layer in model.layers))
+    return _unusable_because(model) is None
 
 
 def describe(model: Transformer) -> str:
     """One line for start-up logs: how this model's decode steps run."""
-    if usable(model):
+    reason = _unusable_because(model)
+    if reason is None:
         return f"decode steps: each layer's kernel calls replayed from a plan ({ENV}=off: through the modules)"
-    if model.precision != "int8":
-        reason = "the fp32 model"
-    elif setting() == "off":
-        reason = f"{ENV}=off"
-    elif not (kernels.available() and attention_kernel.available() and activation_kernel.available()):
-        reason = "our int8, attention or activation kernel is not available"
-    elif attention_kernel.setting() == "torch":
-        reason = f"{attention_kernel.ENV}=torch"
-    else:
-        reason = "a layer whose projections are not stacked"
     return f"decode steps: through the modules ({reason})"
+
+
+def _unusable_because(model: Transformer) -> str | None:
+    """Why decode steps of `model` cannot run through a plan, or None when they can."""
+    if model.precision != "int8":
+        return "the fp32 model"
+    if setting() == "off":
+        return f"{ENV}=off"
+    if not (kernels.available() and attention_kernel.available() and activation_kernel.available()):
+        return "our int8, attention or activation kernel is not available"
+    if attention_kernel.setting() == "torch":
+        return f"{attention_kernel.ENV}=torch"
+    if not (model.layers and all(_stackable_layer(layer) for layer in model.layers)):
+        return "a layer whose projections are not stacked"
+    return None
 
 
 def _stackable_layer(layer: nn.Module) -> bool:
@@ -169,7 +171,10 @@ class DecodePlan:
         self.hidden = torch.empty(rows, config.hidden_dim, dtype=f32)
         self.slots = torch.empty(rows, dtype=torch.int64)
         self.positions = torch.empty(rows, dtype=torch.int64)
-        self._libraries()
+        self._gemv = kernels._library().i8s_gemv
+        self._attend = attention_kernel._library().i8a_decode
+        activations = activation_kernel._library()
+        self._rms_norm, self._silu_mul = activations.i8e_rms_norm, activations.i8e_silu_mul
         self._converted: list[Tensor] = []  # norm weights converted for the kernel (kept alive: the calls point in)
         self.layers = [self._layer_calls(i, layer) for i, layer in enumerate(model.layers)]
         self.modules = list(model.modules())
@@ -190,12 +195,6 @@ class DecodePlan:
         self._refs += [(model, "rope_cos", model.rope_cos), (model, "rope_sin", model.rope_sin)]
         self._refs += [(self.cache.k, i, t) for i, t in enumerate(self.cache.k)]
         self._refs += [(self.cache.v, i, t) for i, t in enumerate(self.cache.v)]
-
-    def _libraries(self) -> None:
-        self._gemv = kernels._library().i8s_gemv
-        self._attend = attention_kernel._library().i8a_decode
-        activations = activation_kernel._library()
-        self._rms_norm, self._silu_mul = activations.i8e_rms_norm, activations.i8e_silu_mul
 
     def current(self) -> bool:
         """Whether every weight, table and cache the calls point into is still the model's."""
@@ -247,34 +246,33 @@ class DecodePlan:
         self.slots.copy_(step.slots)
         self.positions.copy_(step.positions)
         timer = LINEAR_TIMER.get()
-        failed = self._layers(self._gemv if timer is None else _timed(self._gemv, timer))
-        if failed:
-            raise RuntimeError(f"a kernel call of the decode plan failed: {failed}")
+        self._layers(self._gemv if timer is None else _timed(self._gemv, timer))
         return self.x.view(self.batch, 1, -1)
 
-    def _layers(self, linear: Callable[..., int]) -> str | None:
-        """Every layer's calls in order; `linear` makes the int8 linear calls (i8s_gemv, or it with a clock).
-        Returns the call that failed, if one did."""
+    def _layers(self, linear: Callable[..., int]) -> None:
+        """Every layer's calls in order; `linear` makes the int8 linear calls (i8s_gemv, or it with a clock)."""
         attend, rms_norm, silu_mul = self._attend, self._rms_norm, self._silu_mul
         x, projected = self.x, self.projected
         for calls in self.layers:
             if rms_norm(*calls.attention_norm) or linear(*calls.qkv):
-                return "RMSNorm or q/k/v"
+                _failed("RMSNorm or q/k/v")
             status = attend(*calls.attention)
-            if status:
+            if status:  # (a slot twice at one position: the module path's error)
                 raise ValueError(f"i8a_decode failed with status {status}: {attention_kernel.STATUS.get(status, '?')}")
             if linear(*calls.wo):
-                return "output projection"
+                _failed("output projection")
             x.add_(projected)
             if rms_norm(*calls.ffn_norm) or linear(*calls.gate_up):
-                return "RMSNorm or gate/up"
-            for row in calls.silu:
-                if silu_mul(*row):
-                    return "SiLU"
+                _failed("RMSNorm or gate/up")
+            if any(silu_mul(*row) for row in calls.silu):
+                _failed("SiLU")
             if linear(*calls.down):
-                return "down projection"
+                _failed("down projection")
             x.add_(projected)
-        return None
+
+
+def _failed(call: str) -> None:
+    raise RuntimeError(f"a kernel call of the decode plan failed: {call}")
 
 
 def _timed(gemv: Callable[..., int], timer: LinearTimer) -> Callable[..., int]:

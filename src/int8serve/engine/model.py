@@ -346,7 +346,8 @@ class Transformer(nn.Module):
             positions = torch.tensor(list(starts))[:, None] + torch.arange(seq)[None, :]  # [B, T]
             cos, sin = self.rope_cos[positions], self.rope_sin[positions]  # [B, T, D]
         x = self.tok_embeddings(tokens).float()  # the residual stream stays fp32
-        plan = decode_plan.plan_for(self, cache, step, len(slots)) if step is not None and seq == 1 and \
+        # (a kernel step outside a prefill chunk is a decode step: _kernel_step)
+        plan = decode_plan.plan_for(self, cache, step, len(slots)) if step is not None and \
             chunking.CURRENT.get() is None else None
         if plan is not None:  # the same kernel calls, without the modules around them (decode_plan.py)
             x = plan.run(x, step)
