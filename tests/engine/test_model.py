@@ -94,6 +94,38 @@ def test_batched_decode_rows_are_independent(stories_int8) -> None:
     assert torch.equal(torch.cat(alone), together)
 
 
+@pytest.mark.parametrize("precision", ["fp32", "int8"])
+def test_last_logits_spare_the_last_layers_other_rows(stories_fp32, stories_int8, precision: str) -> None:
+    """Without all_logits the last layer's output projection and feed-forward take only each sequence's last row:
+    the cache gets the same keys and values as with all_logits, and the logits are the last rows' (bit for bit
+    through our int8 kernel, whose rows are independent of the rows around them)."""
+    model = (stories_int8 if precision == "int8" else stories_fp32).model
+    tokens = torch.tensor([TOKENS, TOKENS[::-1]])
+    seen: dict[str, list[int]] = {"first": [], "last": []}
+    hooks = [block.feed_forward.register_forward_pre_hook(
+        lambda _module, args, name=name: seen[name].append(args[0].shape[1]))
+        for name, block in (("first", model.layers[0]), ("last", model.layers[-1]))]
+    try:
+        everything = model.new_cache(3, 32)
+        full = model(tokens, everything, [2, 0], [0, 0], all_logits=True)[:, -1]
+        assert seen == {"first": [len(TOKENS)], "last": [len(TOKENS)]}
+        seen["first"].clear(), seen["last"].clear()
+        spared = model.new_cache(3, 32)
+        last = model(tokens, spared, [2, 0], [0, 0])
+        assert seen == {"first": [len(TOKENS)], "last": [1]}
+    finally:
+        for hook in hooks:
+            hook.remove()
+    for layer in range(model.config.n_layers):
+        for slot in (2, 0):  # (the rest of a new cache is uninitialised memory)
+            assert torch.equal(everything.k[layer][slot, :, :len(TOKENS)], spared.k[layer][slot, :, :len(TOKENS)])
+            assert torch.equal(everything.v[layer][slot, :, :len(TOKENS)], spared.v[layer][slot, :, :len(TOKENS)])
+    if precision == "int8":
+        assert torch.equal(last, full)
+    else:  # fp32 matmuls round a row by the rows beside it
+        assert torch.allclose(last, full, atol=1e-5, rtol=0)
+
+
 def test_forward_rejects_positions_past_the_cache(stories_fp32) -> None:
     model = stories_fp32.model
     with pytest.raises(ValueError, match="exceeds the KV cache"):

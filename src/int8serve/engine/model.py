@@ -130,9 +130,12 @@ class Attention(nn.Module):
         return self.wq(x), self.wk(x), self.wv(x)
 
     def forward(self, x: Tensor, cos: Tensor | None, sin: Tensor | None, cache_k: Tensor, cache_v: Tensor,
-                slots: Sequence[int], starts: Sequence[int], step: KernelStep | None = None) -> Tensor:
+                slots: Sequence[int], starts: Sequence[int], step: KernelStep | None = None,
+                last_only: bool = False) -> Tensor:
+        """x [B, T, dim] -> [B, T, dim], or [B, 1, dim] with `last_only`: every row's keys and values go into the
+        cache, but only the last row of each sequence goes through the output projection."""
         if step is not None:
-            return self._kernel_decode(x, cache_k, cache_v, step)
+            return self._kernel_decode(x, cache_k, cache_v, step, last_only)
         assert cos is not None and sin is not None
         batch, seq, _ = x.shape
         q, k, v = self.project(x)
@@ -155,9 +158,14 @@ class Attention(nn.Module):
                 cache_v[slot, :, end:chunk.keys_end] = 0
                 keys, values = cache_k[slot, :, :chunk.keys_end], cache_v[slot, :, :chunk.keys_end]
             out[row] = self._prefill_attention(q[row], keys, values, start)
-        return self.wo(out.reshape(batch, seq, -1).to(x.dtype))
+        return self._output(out.reshape(batch, seq, -1).to(x.dtype), last_only)
 
-    def _kernel_decode(self, x: Tensor, cache_k: Tensor, cache_v: Tensor, step: KernelStep) -> Tensor:
+    def _output(self, attended: Tensor, last_only: bool) -> Tensor:
+        # attended [B, T, heads * head_dim] -> wo's [B, T, dim], or [B, 1, dim] of the last rows
+        return self.wo(attended[:, -1:].contiguous() if last_only else attended)
+
+    def _kernel_decode(self, x: Tensor, cache_k: Tensor, cache_v: Tensor, step: KernelStep,
+                       last_only: bool = False) -> Tensor:
         """x [B, T, dim] -> [B, T, dim]: every row's rope, cache write and attention in one kernel call."""
         batch, seq, _ = x.shape
         rows = batch * seq
@@ -167,7 +175,7 @@ class Attention(nn.Module):
         v = v.reshape(rows, self.n_kv_heads, self.head_dim).contiguous()
         out = attention_kernel.decode_attention(q, k, v, step.cos, step.sin, step.slots, step.positions, cache_k,
                                                 cache_v, step.impl)  # fp32 [B * T, H, D]
-        return self.wo(out.view(batch, seq, -1))
+        return self._output(out.view(batch, seq, -1), last_only)
 
     def _prefill_attention(self, queries: Tensor, keys: Tensor, values: Tensor, start: int) -> Tensor:
         """A chunk's queries [T, H, D] at positions start.. against keys/values [Hkv, L, D] -> [T, H, D].
@@ -244,8 +252,13 @@ class TransformerBlock(nn.Module):
         self.feed_forward = FeedForward(config, linear, **kw)
 
     def forward(self, x: Tensor, cos: Tensor | None, sin: Tensor | None, cache_k: Tensor, cache_v: Tensor,
-                slots: Sequence[int], starts: Sequence[int], step: KernelStep | None = None) -> Tensor:
-        h = x + self.attention(self.attention_norm(x), cos, sin, cache_k, cache_v, slots, starts, step)
+                slots: Sequence[int], starts: Sequence[int], step: KernelStep | None = None,
+                last_only: bool = False) -> Tensor:
+        """x [B, T, dim] -> [B, T, dim]; with `last_only` -> [B, 1, dim], the last row of each sequence (the model's
+        last layer when only the last logits are wanted: the other rows' keys and values are all that is kept of
+        them, and those are written before the output projection)."""
+        attended = self.attention(self.attention_norm(x), cos, sin, cache_k, cache_v, slots, starts, step, last_only)
+        h = (x[:, -1:] if last_only else x) + attended
         return h + self.feed_forward(self.ffn_norm(h))
 
 
@@ -352,8 +365,12 @@ class Transformer(nn.Module):
         if plan is not None:  # the same kernel calls, without the modules around them (decode_plan.py)
             x = plan.run(x, step)
         else:
+            last = len(self.layers) - 1
             for i, layer in enumerate(self.layers):
-                x = layer(x, cos, sin, cache.k[i], cache.v[i], slots, starts, step)
+                # Past the last layer's attention only the logits are left to compute: without all_logits, only the
+                # last row's (a 512-token prompt of the 7B shape: 2.3% of its multiply-adds spared, as llama.cpp does)
+                x = layer(x, cos, sin, cache.k[i], cache.v[i], slots, starts, step,
+                          last_only=i == last and seq > 1 and not all_logits)
         if not all_logits:
             x = x[:, -1:, :]
         logits = self.output(self.norm(x)).float()
