@@ -13,6 +13,7 @@ from pathlib import Path
 import httpx
 import pytest
 from tests.engine.test_hub import lay_out_hub_cache
+from tests.fresh_cache import fresh_cache
 from tests.test_server import free_port
 
 
@@ -45,7 +46,7 @@ def serve_until_ready(env: dict[str, str], *args: str) -> str:
 def test_serve_a_hub_id_offline_writes_the_int8_copy(tmp_path: Path, stories_hf: Path) -> None:
     lay_out_hub_cache(tmp_path / "hub", "tiny-org/stories260K", stories_hf)
     env = {**os.environ, "HF_HUB_CACHE": str(tmp_path / "hub"), "HF_HUB_OFFLINE": "1",
-           "INT8SERVE_CACHE": str(tmp_path / "cache"), "INT8SERVE_DATA_DIR": str(tmp_path / "data"),
+           "INT8SERVE_CACHE": str(fresh_cache(tmp_path / "cache")), "INT8SERVE_DATA_DIR": str(tmp_path / "data"),
            "INT8SERVE_TOKENS": ""}
     first = serve_until_ready(env, "--model", "tiny-org/stories260K")
     assert "quantizing" in first and "once: later starts load the copy" in first

@@ -17,6 +17,7 @@ from pathlib import Path
 
 import httpx
 import pytest
+from tests.fresh_cache import fresh_cache
 from tests.test_server import free_port, start, stop
 
 from int8serve.engine.demo import demo_model_dir
@@ -162,7 +163,8 @@ def test_model_start_up_errors_are_clear(tmp_path: Path, shared_dir: Path, args:
     card = tmp_path / "nosuch.txt"
     card.write_text(demo_card((shared_dir / "seeds" / "000_ef2d276774d6e394.txt").read_text(), template="nosuch"))
     args = [arg.replace("{nosuch_card}", str(card)) for arg in args]
-    env = {**os.environ, "INT8SERVE_CACHE": str(tmp_path / "cache"), "INT8SERVE_DATA_DIR": str(tmp_path / "data")}
+    env = {**os.environ, "INT8SERVE_CACHE": str(fresh_cache(tmp_path / "cache")),
+           "INT8SERVE_DATA_DIR": str(tmp_path / "data")}
     result = subprocess.run([sys.executable, "-m", "int8serve", "serve", "--port", str(free_port()), *args],
                             capture_output=True, text=True, env=env, timeout=120)
     assert result.returncode != 0

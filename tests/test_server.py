@@ -16,6 +16,7 @@ from pathlib import Path
 
 import httpx
 import pytest
+from tests.fresh_cache import fresh_cache
 
 from int8serve.engine.int8 import kernel_rows
 
@@ -30,7 +31,7 @@ def free_port() -> int:
 
 def start(*args: str, tmp_path: Path) -> tuple[subprocess.Popen, int]:
     port = free_port()
-    env = {**os.environ, "INT8SERVE_CACHE": str(tmp_path / "cache"), "INT8SERVE_TOKENS": "",
+    env = {**os.environ, "INT8SERVE_CACHE": str(fresh_cache(tmp_path / "cache")), "INT8SERVE_TOKENS": "",
            "INT8SERVE_DATA_DIR": str(tmp_path / "data")}
     process = subprocess.Popen([sys.executable, "-m", "int8serve", "serve", "--port", str(port), *args],
                                stderr=subprocess.PIPE, stdout=subprocess.DEVNULL, text=True, env=env)
@@ -115,7 +116,8 @@ def test_serve_with_configured_tokens(tmp_path: Path) -> None:
     (["--database-url", "postgresql+psycopg://postgres@127.0.0.1:1/test"], "cannot use the ledger database"),
 ])
 def test_serve_start_up_errors_are_clear(tmp_path: Path, shared_dir: Path, args: list[str], message: str) -> None:
-    env = {**os.environ, "INT8SERVE_CACHE": str(tmp_path / "cache"), "INT8SERVE_DATA_DIR": str(tmp_path / "data")}
+    env = {**os.environ, "INT8SERVE_CACHE": str(fresh_cache(tmp_path / "cache")),
+           "INT8SERVE_DATA_DIR": str(tmp_path / "data")}
     if "--model" not in args:  # a local model: the built-in one would be fetched
         args = ["--model", str(shared_dir / "models" / "stories260K" / "hf"), *args]
     result = subprocess.run([sys.executable, "-m", "int8serve", "serve", "--port", str(free_port()), *args],

@@ -8,6 +8,7 @@ import sys
 from pathlib import Path
 
 import pytest
+from tests.fresh_cache import fresh_cache
 
 from int8serve.engine.demo import demo_model_dir
 
@@ -20,7 +21,7 @@ def run(*args: str, cache: Path) -> subprocess.CompletedProcess:
 
 @pytest.fixture(scope="module")
 def cache(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    return tmp_path_factory.mktemp("cache")
+    return fresh_cache(tmp_path_factory.mktemp("cache"))
 
 
 @pytest.fixture(scope="module")
