@@ -62,10 +62,11 @@ def parse_variant(text: str) -> Variant:
     return Variant(label.strip(), defines)
 
 
-def revision_sources(revision: str, folder: Path) -> Path:
-    """gemv.cpp and the headers beside it as they were at git `revision`, written into `folder`; gemv.cpp's path."""
+def revision_sources(revision: str, folder: Path, source: Path = kernels.SOURCE) -> Path:
+    """A kernel source (gemv.cpp; attention.cpp...) and the headers beside it as they were at git `revision`,
+    written into `folder`; the source's path there."""
     repo = Path(__file__).resolve().parent.parent
-    kernels_dir = kernels.SOURCE.parent.relative_to(repo).as_posix()
+    kernels_dir = source.parent.relative_to(repo).as_posix()
 
     def git(*words: str) -> str:
         done = subprocess.run(["git", *words], capture_output=True, text=True, cwd=repo, check=False)
@@ -74,13 +75,13 @@ def revision_sources(revision: str, folder: Path) -> Path:
         return done.stdout
 
     names = [name for name in git("ls-tree", "--name-only", f"{revision}:{kernels_dir}").split()
-             if name == kernels.SOURCE.name or name.endswith(".h")]
-    if kernels.SOURCE.name not in names:
-        sys.exit(f"error: revision {revision} has no {kernels_dir}/{kernels.SOURCE.name}")
+             if name == source.name or name.endswith(".h")]
+    if source.name not in names:
+        sys.exit(f"error: revision {revision} has no {kernels_dir}/{source.name}")
     folder.mkdir(parents=True)
     for name in names:
         (folder / name).write_text(git("show", f"{revision}:{kernels_dir}/{name}"))
-    return folder / kernels.SOURCE.name
+    return folder / source.name
 
 
 def compile_variant(variant: Variant, folder: Path) -> ctypes.CDLL:

@@ -125,15 +125,21 @@ def test_a_row_is_bitwise_the_same_whatever_else_is_in_the_batch(path: str, head
             assert torch.equal(solo_k[slot], cache_k[slot])
 
 
+# A prefill chunk's rows: 5 of slot 2 at the start of its cache, a row of slot 0, 21 of slot 1 (a run of 16 rows taken
+# together, then 5) far enough in for the keys to span several of attend_rows' 32 KB blocks at every head_dim of
+# SHAPES but the smallest (128 keys a block at head_dim 128 in bf16, 682 at 24, 2048 at 8), then 2 rows of slot 2.
+CHUNK_ROWS = ([7, 8, 9, 10, 11, 40, *range(1150, 1171), 12, 13], [2] * 5 + [0] + [1] * 21 + [2, 2])
+
+
 @pytest.mark.parametrize("path", ALL_PATHS)
-@pytest.mark.parametrize(("heads", "kv_heads", "dim", "dtype"), SHAPES[:3])
+@pytest.mark.parametrize(("heads", "kv_heads", "dim", "dtype"), SHAPES)
 def test_rows_of_one_slot_in_one_call_are_the_decode_steps_one_by_one(path: str, heads: int, kv_heads: int, dim: int,
                                                                       dtype: torch.dtype) -> None:
     """A prefill chunk's rows (one slot, consecutive positions, another sequence's row beside them) in one call give
     the bits of decoding them one step at a time: outputs and every key and value written."""
     runnable(path)
-    positions, slots = [7, 8, 9, 10, 11, 40], [2, 2, 2, 2, 2, 0]
-    case = Case(heads, kv_heads, dim, dtype, positions=positions, slots=slots)
+    positions, slots = CHUNK_ROWS
+    case = Case(heads, kv_heads, dim, dtype, positions=positions, slots=slots, n_slots=3, max_len=1200)
     together, cache_k, cache_v = case.run(path)
     step_k, step_v = case.cache_k.clone(), case.cache_v.clone()
     for row in range(len(positions)):
