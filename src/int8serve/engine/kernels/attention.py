@@ -105,14 +105,16 @@ def set_setting(value: str) -> None:
 
 
 def decode_attention(q: Tensor, k: Tensor, v: Tensor, cos: Tensor, sin: Tensor, slots: Tensor, positions: Tensor,
-                     cache_k: Tensor, cache_v: Tensor, impl: Impl = "auto") -> Tensor:
+                     cache_k: Tensor, cache_v: Tensor, impl: Impl = "auto", library: ctypes.CDLL | None = None
+                     ) -> Tensor:
     """One new token per row: rope, cache write at [slot, :, position], attention over [0, position].
 
     q [B, H, D], k/v [B, Hkv, D] fp32 before rope; cos/sin [P, D] fp32 tables; slots/positions int64 [B] (distinct
     (slot, position) pairs); cache_k/cache_v [S, Hkv, L, D] fp32, bf16 or fp16, contiguous. Returns fp32 [B, H, D].
     Row b's output depends only on row b's inputs and its slot's keys [0, position]. Rows may share a slot (the rows
     of a prefill chunk): every row's key and value are written before any row attends, so a row sees the rows of its
-    slot before it, computed exactly as a decode step at its position would compute it.
+    slot before it, computed exactly as a decode step at its position would compute it. `library`: another build of
+    attention.cpp, opened with `_open` (benchmarks compare builds), instead of this module's.
     """
     batch, heads, dim = q.shape
     kv_heads, max_len = cache_k.shape[1], cache_k.shape[2]
@@ -122,7 +124,7 @@ def decode_attention(q: Tensor, k: Tensor, v: Tensor, cos: Tensor, sin: Tensor, 
             slots.data_ptr(), positions.data_ptr(), batch, heads, kv_heads, dim, cache_k.data_ptr(), cache_v.data_ptr(),
             cache_k.shape[0], max_len, cos.shape[0], DTYPES[cache_k.dtype], dim**-0.5, out.data_ptr(), IMPLS[impl],
             kernel_threads())
-    lib = _library()
+    lib = library or _library()
     if torch.autograd._profiler_enabled():  # ctypes calls are invisible to torch.profiler unless labelled
         with torch.autograd.profiler.record_function("int8serve::decode_attention"):
             status = lib.i8a_decode(*args)
