@@ -10,11 +10,13 @@ buffer and multiplies the chunk with it (int8.py, `Int8Linear._packed_forward`).
   (default 128 and 512): each path of our bf16 kernel straight from the packed weight (kernels/matmul.py: `amx`,
   `avx512bf16`) against dequantizing into bf16 and oneDNN's matmul (`int8.dense_matmul`), from fp32 rows to fp32
   outputs;
-- on the avx2 path (CPUs with AVX2 only, or `INT8SERVE_KERNEL=avx2`), the whole prefill step for chunks of
-  `--step-rows` rows: our int8 kernel's GEMM on 16-bit activations (what Int8Linear runs there, int8.kernel_rows)
-  against dequantizing into fp32 and oneDNN's fp32 matmul (`INT8SERVE_PREFILL_MATMUL=dense`). To measure an AVX2-only
-  CPU's two paths on a CPU with more, hold oneDNN to AVX2 as well:
-  `INT8SERVE_KERNEL=avx2 ONEDNN_MAX_CPU_ISA=AVX2 python -m benchmarks.prefill_paths --shapes gate/up down`.
+- on the avx2 and avxvnni paths (CPUs with AVX2 only, or AVX-VNNI without AVX-512, or `INT8SERVE_KERNEL=avx2` /
+  `avxvnni`), the whole prefill step for chunks of `--step-rows` rows: our int8 kernel's GEMM on 16-bit activations
+  (what Int8Linear runs there, int8.kernel_rows) against dequantizing into fp32 and oneDNN's fp32 matmul
+  (`INT8SERVE_PREFILL_MATMUL=dense`). To measure such a CPU's two paths on a CPU with more, hold oneDNN to the same
+  instructions: `INT8SERVE_KERNEL=avx2 ONEDNN_MAX_CPU_ISA=AVX2 python -m benchmarks.prefill_paths`, or
+  `INT8SERVE_KERNEL=avxvnni ONEDNN_MAX_CPU_ISA=AVX2_VNNI ...` (then the bf16 kernel, which such CPUs lack, is left
+  out).
 Candidates alternate within each round (which goes first alternates too), on weights that rotate through several
 distinct copies; medians over all rounds; the ratios are medians of per-round ratios.
 
@@ -92,17 +94,20 @@ def measure_shape(k: int, n: int, rows: int, rounds: int, step_rows: Sequence[in
              "GFLOP/s)" for c in candidates]
     lines.append(f"| {k}→{n} | fp32 matmul, {rows} rows | {' | '.join(cells)} | "
                  f"{ratio(seconds['dense_matmul'], seconds['F.linear']):.2f}× |")
-    for count in step_rows if prefill_matmul.available() else ():
+    wide16 = kernels.path() in int8.WIDE16_PATHS
+    for count in step_rows if prefill_matmul.available() and not wide16 else ():
         lines += measure_bf16_kernel(k, n, count, rounds, packed, generator)
-    for count in step_rows if kernels.path() == "avx2" else ():
-        lines.append(measure_avx2_kernel(k, n, count, rounds, packed, generator))
+    for count in step_rows if wide16 else ():
+        lines += measure_wide16_kernel(k, n, count, rounds, packed, generator)
     return lines
 
 
-def measure_avx2_kernel(k: int, n: int, rows: int, rounds: int, packed: list[kernels.PackedWeight],
-                        generator: torch.Generator) -> str:
-    """The prefill step of the avx2 path from fp32 rows to fp32 outputs: dequantize + oneDNN's fp32 matmul against
-    our int8 kernel (its GEMM from 16 rows up, precise activations, as Int8Linear calls it)."""
+def measure_wide16_kernel(k: int, n: int, rows: int, rounds: int, packed: list[kernels.PackedWeight],
+                          generator: torch.Generator) -> list[str]:
+    """The prefill step of the avx2 or avxvnni path from fp32 rows to fp32 outputs: dequantize + oneDNN's fp32 matmul
+    against our int8 kernel (its GEMM from 16 rows up, precise activations, as Int8Linear calls it); on the avxvnni
+    path also the avx2 path's GEMM in the same rounds (vpmaddwd + vpaddd where avxvnni has vpdpwssd), a line more."""
+    path = kernels.path()
     buffer = torch.empty(n, k)
     x = torch.randn(rows, k, generator=generator)
 
@@ -110,8 +115,10 @@ def measure_avx2_kernel(k: int, n: int, rows: int, rounds: int, packed: list[ker
         kernels.dequantize(packed[i], buffer)
         return int8.dense_matmul(x, buffer)
 
-    candidates = {"dequantize + oneDNN": dequantized,
-                  "avx2": lambda i: kernels.int8_gemv(x, packed[i], impl="avx2", precise=int8.PRECISE_ACTIVATIONS)}
+    candidates = {"dequantize + oneDNN": dequantized}
+    for name in ("avx2", path):
+        candidates[name] = lambda i, name=name: kernels.int8_gemv(x, packed[i], impl=name,
+                                                                   precise=int8.PRECISE_ACTIVATIONS)
     seconds = alternate(candidates, rounds, COPIES)
     flops = 2 * rows * n * k
 
@@ -119,9 +126,13 @@ def measure_avx2_kernel(k: int, n: int, rows: int, rounds: int, packed: list[ker
         median = statistics.median(seconds[name])
         return f"{median * 1e3:.1f} ms ({flops / median / 1e9:.0f} GFLOP/s)"
 
-    gain = ratio(seconds["avx2"], seconds["dequantize + oneDNN"])
-    return (f"| {k}→{n} | fp32 prefill step, {rows} rows, our int8 kernel's `avx2` GEMM | "
-            f"{cell('dequantize + oneDNN')} | {cell('avx2')} | {gain:.2f}× |")
+    gain = ratio(seconds[path], seconds["dequantize + oneDNN"])
+    lines = [f"| {k}→{n} | fp32 prefill step, {rows} rows, our int8 kernel's `{path}` GEMM | "
+             f"{cell('dequantize + oneDNN')} | {cell(path)} | {gain:.2f}× |"]
+    if path != "avx2":
+        lines.append(f"| {k}→{n} | fp32 prefill step, {rows} rows: the `{path}` GEMM against the `avx2` one | "
+                     f"{cell('avx2')} | {cell(path)} | {ratio(seconds[path], seconds['avx2']):.2f}× |")
+    return lines
 
 
 def measure_bf16_kernel(k: int, n: int, rows: int, rounds: int, packed: list[kernels.PackedWeight],
@@ -163,8 +174,8 @@ def report(args: argparse.Namespace, lines: list[str], load: float) -> str:
         f"- Date: {now}; CPU: {machine_description()}; {torch.get_num_threads()} threads; torch {torch.__version__}.",
         f"- Old: the scalar dequantization, torch's `F.linear` (MKL); new: the `{kernels.path()}` path's vector "
         f"code, `int8.dense_matmul` ({library}); on CPUs with AMX-BF16 or AVX512-BF16, for the bf16 step: dequantize + "
-        f"oneDNN (old) and each path of our bf16 kernel (new); on the avx2 path, for the fp32 step: dequantize + "
-        f"oneDNN (old) and our int8 kernel (new). The prefill path on this CPU: {int8.describe_dense()}.",
+        f"oneDNN (old) and each path of our bf16 kernel (new); on the avx2 and avxvnni paths, for the fp32 step: "
+        f"dequantize + oneDNN (old) and our int8 kernel (new). The prefill path on this CPU: {int8.describe_dense()}.",
         f"- {args.rounds} alternating rounds, weights rotating through {COPIES} copies; other processes used "
         f"{load:.0%} of the CPUs.", "",
         "| shape K→N | step | old | new | new ÷ old (speed) |", "|---|---|---|---|---|", *lines, ""])
@@ -176,8 +187,8 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--rows", type=int, default=128, help="rows of the matmul (default 128, a prefill chunk)")
     parser.add_argument("--step-rows", "--bf16-rows", dest="step_rows", type=int, nargs="+", default=[128, 512],
                         metavar="ROWS", help="rows of the whole prefill step compared (the bf16 step on CPUs with "
-                        "AMX-BF16 or AVX512-BF16, the avx2 path's fp32 step; default 128 512: a server's prefill "
-                        "chunk, a long prompt in one forward)")
+                        "AMX-BF16 or AVX512-BF16, the avx2 or avxvnni path's fp32 step; default 128 512: a server's "
+                        "prefill chunk, a long prompt in one forward)")
     parser.add_argument("--rounds", type=int, default=6, help="alternating rounds (default 6)")
     parser.add_argument("--shapes", nargs="+", choices=list(SHAPES), default=list(SHAPES))
     parser.add_argument("--write", type=Path, metavar="FILE", help="replace this script's section of FILE")

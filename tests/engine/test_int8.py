@@ -158,32 +158,35 @@ def test_a_prefill_chunk_chooses_the_path_by_its_aligned_rows(chunk_rows: int) -
 
 def test_our_kernel_takes_the_calls_its_path_is_the_fastest_for(monkeypatch: pytest.MonkeyPatch) -> None:
     """By default our kernel takes calls of up to 32 rows on the paths beside which the dense path is faster for more
-    (measured in int8.py), and every call on the avx2 path, whose GEMM beats dequantizing for oneDNN's fp32 matmul
-    (CPUs with AVX2 only); INT8SERVE_PREFILL_MATMUL=row-exact gives the amx and vnni512 paths the default 128-row
-    prefill chunks (not the avxvnni one: 2x the dense path's time at 128 rows), and =dense gives every path's
-    prefill back to the dense path."""
+    (measured in int8.py), and every call on the avx2 and avxvnni paths, whose GEMM on 16-bit rows beats dequantizing
+    for oneDNN's fp32 matmul (CPUs with AVX2 only, or AVX-VNNI without AVX-512); INT8SERVE_PREFILL_MATMUL=row-exact
+    gives the amx and vnni512 paths the default 128-row prefill chunks, and =dense gives every path's prefill back to
+    the dense path."""
     for path in kernels.PATHS:
         if not kernels.cpu_has(path):
             continue
         monkeypatch.setenv(kernels.ENV_PATH, path)
         monkeypatch.delenv(prefill_matmul.ENV, raising=False)
         assert int8.KERNEL_ROWS == 32
-        assert int8.kernel_rows() == (int8.ALL_ROWS if path == "avx2" else int8.KERNEL_ROWS), path
+        assert int8.kernel_rows() == (int8.ALL_ROWS if path in ("avx2", "avxvnni") else int8.KERNEL_ROWS), path
         monkeypatch.setenv(prefill_matmul.ENV, " Row-Exact ")  # as the other settings: case and spaces do not matter
         assert prefill_matmul.row_exact_requested()
-        fast = {"amx": int8.KERNEL_ROWS_ROW_EXACT, "vnni512": int8.KERNEL_ROWS_ROW_EXACT, "avx2": int8.ALL_ROWS}
+        fast = {"amx": int8.KERNEL_ROWS_ROW_EXACT, "vnni512": int8.KERNEL_ROWS_ROW_EXACT, "avx2": int8.ALL_ROWS,
+                "avxvnni": int8.ALL_ROWS}
         assert int8.kernel_rows() == fast.get(path, int8.KERNEL_ROWS), path
         monkeypatch.setenv(prefill_matmul.ENV, "dense")
         assert int8.kernel_rows() == int8.KERNEL_ROWS, path
 
 
-def test_the_avx2_path_multiplies_every_prefill_row_as_decode_does(monkeypatch: pytest.MonkeyPatch) -> None:
-    """On the avx2 path (every x86 CPU can run it) a 128-row prefill chunk and a 300-row forward go through our
-    kernel's GEMM: each row has the bits of that row alone through the kernel (decode's), and the start line says so;
-    with INT8SERVE_PREFILL_MATMUL=dense they dequantize for the dense matmul instead."""
-    if not kernels.cpu_has("avx2"):
-        pytest.skip("this CPU lacks avx2")
-    monkeypatch.setenv(kernels.ENV_PATH, "avx2")
+@pytest.mark.parametrize("path", ["avx2", "avxvnni"])
+def test_the_16_bit_gemm_paths_multiply_every_prefill_row_as_decode_does(path: str, monkeypatch: pytest.MonkeyPatch
+                                                                         ) -> None:
+    """On the avx2 path (every x86 CPU can run it) and the avxvnni path a 128-row prefill chunk and a 300-row forward
+    go through our kernel's GEMM: each row has the bits of that row alone through the kernel (decode's), and the start
+    line says so; with INT8SERVE_PREFILL_MATMUL=dense they dequantize for the dense matmul instead."""
+    if not kernels.cpu_has(path):
+        pytest.skip(f"this CPU lacks the {path} path")
+    monkeypatch.setenv(kernels.ENV_PATH, path)
     monkeypatch.delenv(prefill_matmul.ENV, raising=False)
     layer, _ = make_layer(256, 200, group_size=32)
     x = torch.randn(300, 256)
@@ -196,7 +199,7 @@ def test_the_avx2_path_multiplies_every_prefill_row_as_decode_does(monkeypatch: 
     finally:
         chunking.CURRENT.reset(token)
     assert torch.equal(chunk, whole[:128])
-    assert "our int8 kernel's avx2 path, every call" in int8.describe_dense()
+    assert f"our int8 kernel's {path} path, every call" in int8.describe_dense()
     monkeypatch.setenv(prefill_matmul.ENV, "dense")
     assert not torch.equal(layer(x), whole)  # the dense path's fp32 or bf16 sums round otherwise
     assert "our int8 kernel" not in int8.describe_dense()

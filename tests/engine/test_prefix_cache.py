@@ -9,6 +9,7 @@ from typing import Any
 import pytest
 import torch
 
+from int8serve.engine import kernels
 from int8serve.engine.chunking import aligned_chunk
 from int8serve.engine.config import ModelConfig
 from int8serve.engine.int8 import kernel_rows
@@ -223,9 +224,17 @@ def test_prompts_of_any_length_share_their_prefix_exactly(stories_int8: LoadedMo
 # --- a reply's own tokens (row-exact prefill) -----------------------------------------------------------------------
 
 
-def test_decode_writes_the_keys_and_values_prefill_would(stories_int8: LoadedModel) -> None:
+@pytest.mark.parametrize("path", [None, "avx2", "avxvnni"])
+def test_decode_writes_the_keys_and_values_prefill_would(stories_int8: LoadedModel, path: str | None,
+                                                          monkeypatch: pytest.MonkeyPatch) -> None:
     """Row-exact prefill: a prompt prefilled in chunks, and the same tokens decoded one step at a time after a short
-    prefill (beside another sequence), leave the same bits in every layer's cache, and give the same logits."""
+    prefill (beside another sequence), leave the same bits in every layer's cache, and give the same logits. On this
+    CPU's own kernel path, and on the two whose kernel takes every prefill chunk as a GEMM on 16-bit rows."""
+    if path is not None:
+        if not kernels.cpu_has(path):
+            pytest.skip(f"this CPU lacks the {path} path")
+        monkeypatch.setenv(kernels.ENV_PATH, path)
+        assert kernel_rows() > 128  # every chunk through our kernel
     model = stories_int8.model
     assert model.row_exact_prefill(32, 4) == (kernel_rows() >= 32)  # 32, or 128 with row-exact prefill
     if not model.row_exact_prefill(32, 4):  # this CPU's prefill takes the dense path: nothing to compare

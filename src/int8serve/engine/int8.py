@@ -1,18 +1,18 @@
 """Weight-only int8: symmetric quantization (per output channel, or per group of input values) and the linear layer.
 
-Decode reads every weight once per step, so its speed is the speed at which int8 weights stream from memory. Our
-kernel (engine/kernels: AMX, AVX-512 VNNI, AVX-VNNI, AVX2 or scalar, chosen from the CPU's flags) runs every call of
-up to `kernel_rows()` rows (decode; whole prefill chunks on the avx2 path, or with
+Decode reads every weight once per step, so its speed is the speed at which int8 weights stream from memory. Our kernel
+(engine/kernels: AMX, AVX-512 VNNI, AVX-VNNI, AVX2 or scalar, chosen from the CPU's flags) runs every call of up to
+`kernel_rows()` rows (decode; whole prefill chunks on the avx2 and avxvnni paths, or with
 INT8SERVE_PREFILL_MATMUL=row-exact) on int8 activations quantized per 32 values; it streams the weights near memory
 speed where torch's `_weight_int8pack_mm` is compute-bound, and it takes a scale per group of 32/64/128 input values
 (like llama.cpp's Q8_0), which per-channel int8pack cannot. Longer calls are compute-bound. On CPUs with AMX-BF16 or
 AVX512-BF16 our bf16 kernel multiplies them straight from the packed layout (kernels/matmul.py: the same bf16 weight
-values, no dequantized copy). On the avx2 path (CPUs with AVX2 only) our int8 kernel takes them too, as a GEMM on
-16-bit activations (see ALL_ROWS). Elsewhere, and with INT8SERVE_PREFILL_MATMUL=dense, each weight is dequantized from
-the packed layout into one reused buffer and multiplied with `F.linear`; without native bf16 arithmetic, bf16 matmuls
-are emulated and fp32 is faster (AVX2 EPYC, 128 x 4096 x 4096: bf16 307 ms, fp32 66 ms), so it is fp32 there,
-through oneDNN rather than MKL (1.6-1.8x on that EPYC, benchmarks/prefill_paths.py).
-The residual stream, norms and logits stay in fp32 around it.
+values, no dequantized copy). On the avx2 and avxvnni paths (CPUs with AVX2 only, or with AVX-VNNI but no AVX-512) our
+int8 kernel takes them too, as a GEMM on 16-bit activations (see ALL_ROWS). Elsewhere, and with
+INT8SERVE_PREFILL_MATMUL=dense, each weight is dequantized from the packed layout into one reused buffer and multiplied
+with `F.linear`; without native bf16 arithmetic, bf16 matmuls are emulated and fp32 is faster (AVX2 EPYC, 128 x 4096 x
+4096: bf16 307 ms, fp32 66 ms), so it is fp32 there, through oneDNN rather than MKL (1.6-1.8x on that EPYC,
+benchmarks/prefill_paths.py). The residual stream, norms and logits stay in fp32 around it.
 """
 
 from __future__ import annotations
@@ -59,18 +59,24 @@ PRECISE_ACTIVATIONS = True
 KERNEL_ROWS = 32
 KERNEL_ROWS_ROW_EXACT = 128
 # The avx2 path (CPUs with AVX2 only: no native bf16, so the dense path is fp32) multiplies calls of 16 rows and more
-# as a GEMM on 16-bit activations (gemv.cpp, gemm_avx2_wide), faster there than dequantizing for oneDNN's fp32 matmul:
+# as a GEMM on 16-bit activations (gemv.cpp, gemm_wide16), faster there than dequantizing for oneDNN's fp32 matmul:
 # on an AMD EPYC Zen 4 held to AVX2 code (INT8SERVE_KERNEL=avx2 ONEDNN_MAX_CPU_ISA=AVX2, 2 threads, weights from
 # memory, benchmarks/prefill_paths.py, 2026-12-02) 1.24-1.37x for the three 7B shapes at 128 and at 512 rows (an
 # AVX2-only CPU itself not measured yet). So it takes every call: prefill is row-exact on those CPUs, at no cost (the
 # prefix cache keeps replies too). INT8SERVE_PREFILL_MATMUL=dense gives prefill back to oneDNN.
+# The avxvnni path (CPUs with AVX-VNNI but no AVX-512: Intel's Alder Lake and later client CPUs, Xeon 6 E-cores) runs
+# the same GEMM with vpdpwssd, one instruction for vpmaddwd + vpaddd, the same sums: on a Sapphire Rapids held to
+# those instructions (INT8SERVE_KERNEL=avxvnni ONEDNN_MAX_CPU_ISA=AVX2_VNNI, 2 threads, benchmarks/prefill_paths.py,
+# 2026-12-03) 1.44-1.70x dequantizing for oneDNN's fp32 matmul at 128 and 512 rows, and 1.23-1.29x the avx2 path's GEMM.
+# (Before, that path's prefill dequantized for oneDNN.)
 ALL_ROWS = sys.maxsize
+WIDE16_PATHS = ("avx2", "avxvnni")
 
 
 def kernel_rows() -> int:
     """How many rows a call may have and still run our kernel (on its path of this CPU)."""
     path = kernels.path()
-    if path == "avx2" and not prefill_matmul.dense_requested():
+    if path in WIDE16_PATHS and not prefill_matmul.dense_requested():
         return ALL_ROWS
     if path in ("amx", "vnni512") and prefill_matmul.row_exact_requested():
         return KERNEL_ROWS_ROW_EXACT

@@ -382,12 +382,12 @@ class Transformer(nn.Module):
 
         It needs int8 layers that run our kernel for whole chunks and for every decode batch (its rows are bitwise
         independent; the dense path is not), and the attention kernel for a bf16/fp16/fp32 cache. Where prefill takes
-        the dense path for speed (by default for chunks of more than `int8.kernel_rows()` = 32 rows, as the default
-        128, except on the avx2 path, whose kernel takes every chunk; INT8SERVE_PREFILL_MATMUL=row-exact raises that to
-        128 on CPUs with AVX-512 VNNI), or the attention
-        kernel is off, prefill keeps its own numerics and generated tokens are not reusable (the prefix cache keeps
-        prompts only). Decided once, when an engine is made: changing INT8SERVE_ATTENTION, INT8SERVE_KERNEL or
-        INT8SERVE_PREFILL_MATMUL in a running process is not supported.
+        the dense path for speed (by default for chunks of more than `int8.kernel_rows()` = 32 rows, as the default 128,
+        except on the avx2 and avxvnni paths, whose kernel takes every chunk; INT8SERVE_PREFILL_MATMUL=row-exact raises
+        that to 128 on CPUs with AVX-512 VNNI), or the attention kernel is off, prefill keeps its own numerics and
+        generated tokens are not reusable (the prefix cache keeps prompts only). Decided once, when an engine is made:
+        changing INT8SERVE_ATTENTION, INT8SERVE_KERNEL or INT8SERVE_PREFILL_MATMUL in a running process is not
+        supported.
         """
         linears = [m for m in self.modules() if isinstance(m, Int8Linear)]
         return (self.precision == "int8" and bool(linears) and all(m.packed is not None for m in linears)

@@ -5,11 +5,11 @@ cores while memory delivers 36-66 GB/s; on an AVX2 EPYC 9.3 GB/s of ~20) and tak
 `gemv.cpp` reads a weight repacked once at load time (`pack_weight`) so that one vector instruction multiplies 4
 weights of 8 or 16 output rows with 4 activation bytes; activations are quantized per row in groups of 32 values with
 an fp32 scale each (like llama.cpp's Q8_0), weights carry one bf16 scale per output row, or per group of 32/64/128
-input values (`group_size`), accumulation and output are fp32; with precise=True each row is quantized twice (the
-row, then its quantization error on 1/256 of its scale), for about 16-bit activations: twice the int8 arithmetic on
-the paths with int8 dot products, whose two sums are combined exactly before one conversion; the avx2 path multiplies
-the 16-bit values directly. See the comment at the top of gemv.cpp for the arithmetic, and benchmarks/kernels.py for
-speed and accuracy.
+input values (`group_size`), accumulation and output are fp32; with precise=True each row is quantized twice (the row,
+then its quantization error on 1/256 of its scale), for about 16-bit activations: twice the int8 arithmetic on the paths
+with int8 dot products, whose two sums are combined exactly before one conversion; the avx2 path multiplies the 16-bit
+values directly, and so does the avxvnni path in calls of 16 rows and more (its GEMM, with vpdpwssd). See the comment at
+the top of gemv.cpp for the arithmetic, and benchmarks/kernels.py for speed and accuracy.
 
 Paths, chosen at run time from the CPU's flags (the first one it can run), all bitwise identical: `amx` (AMX-INT8
 tile multiplies, up to 16 rows at once; Sapphire Rapids and later), `vnni512` (AVX-512 VNNI), `avxvnni` (AVX-VNNI on

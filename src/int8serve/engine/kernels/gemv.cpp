@@ -1,7 +1,7 @@
 // int8 weight x int8 activation matrix-vector products for decode (a few activation rows; more rows are taken 4 at a
 // time over each tile, or over each chunk of a tile, while it is in cache), fp32 accumulation and output, on every
-// x86-64 CPU; on the avx2 path with precise activations, calls of many rows (prefill) as a register-blocked GEMM
-// (gemm_avx2_wide), with the same bits.
+// x86-64 CPU; on the avx2 and avxvnni paths with precise activations, calls of many rows (prefill) as a
+// register-blocked GEMM (gemm_wide16; with vpdpwssd on the avxvnni path), with the same bits.
 //
 // y[m, n] = sum_w wscale[n, w] * (sum_{g in weight group w} xscale[m, g] * sum_{k in group g} w[n, k] * xq[m, k])
 //
@@ -382,7 +382,7 @@ void quantize_row(const float* x, int64_t i, int64_t k, GroupQuantizer group, Gr
     float* scale = a.scale.data() + r * a.groups + g;
     int32_t* corr = a.corr.data() + r * a.groups + g;
     int16_t* wide = a.wide.empty() ? nullptr : a.wide.data() + i * a.kp + g * kGroup;
-    if (precise && wide && count == kGroup) {  // (the avx2 path: `wide` is only made there)
+    if (precise && wide && count == kGroup) {  // (the avx2 and avxvnni paths: `wide` is only made there)
       quantize_pair_avx2(source + g * kGroup, q, q + a.kp, scale, scale + a.groups, corr, corr + a.groups, wide);
       continue;
     }
@@ -406,6 +406,16 @@ void quantize_row(const float* x, int64_t i, int64_t k, GroupQuantizer group, Gr
 // Calls of kParallelQuantizeRows rows and kParallelQuantizeValues values or more (prefill chunks) quantize on
 // `threads` threads, a row each at a time (each row's result is the same either way); decode's few rows stay on one.
 constexpr int64_t kParallelQuantizeRows = 8;
+// Calls of at least this many rows with precise activations run the register-blocked GEMM on 16-bit rows
+// (gemm_wide16, below) on the avx2 and avxvnni paths.
+#ifndef INT8SERVE_WIDE_GEMM_MIN_ROWS
+#define INT8SERVE_WIDE_GEMM_MIN_ROWS 16
+#endif
+constexpr int64_t kWideGemmMinRows = INT8SERVE_WIDE_GEMM_MIN_ROWS;
+
+// Whether a call of m rows on path `impl` multiplies precise rows as 16-bit integers (Activations::wide): every avx2
+// call (tile_avx2_wide, gemm_wide16), and the avxvnni path's GEMM calls (its decode takes the two int8 rows).
+bool takes_wide_rows(Impl impl, int64_t m) { return impl == kAvx2 || (impl == kAvxVnni && m >= kWideGemmMinRows); }
 constexpr int64_t kParallelQuantizeValues = int64_t{1} << 15;
 
 Activations quantize(const float* x, int64_t m, int64_t k, Impl impl, bool precise, int threads) {
@@ -416,7 +426,7 @@ Activations quantize(const float* x, int64_t m, int64_t k, Impl impl, bool preci
   a.q.assign(static_cast<size_t>(rows * a.kp), 0);
   a.scale.assign(static_cast<size_t>(rows * a.groups), 0.0f);
   a.corr.assign(static_cast<size_t>(rows * a.groups), 0);
-  if (precise && impl == kAvx2) a.wide.resize(static_cast<size_t>(m * a.kp));  // (tile_avx2_wide, gemm_avx2_wide)
+  if (precise && takes_wide_rows(impl, m)) a.wide.resize(static_cast<size_t>(m * a.kp));
   const GroupQuantizer group = group_quantizer(impl);
   const GroupRounder round_group = group_rounder(impl);
   const bool parallel = m >= kParallelQuantizeRows && m * k >= kParallelQuantizeValues;
@@ -884,10 +894,6 @@ INT8SERVE_AVX2 void rows_avx2_wide(const TileArgs& a, int64_t rows, int64_t tile
 // runs at ~60% of the vpmaddwd peak on this Zen 3 (one or two threads, 128 or 512 rows, the 7B shapes), against
 // 49-54% before (benchmarks/gemv_builds.py against f183341, 2 threads, 16 / 128 / 512 rows: 1.09-1.12x /
 // 1.09-1.20x / 1.15-1.26x).
-#ifndef INT8SERVE_WIDE_GEMM_MIN_ROWS
-#define INT8SERVE_WIDE_GEMM_MIN_ROWS 16
-#endif
-constexpr int64_t kWideGemmMinRows = INT8SERVE_WIDE_GEMM_MIN_ROWS;
 constexpr int kWideGemmRows = 3;     // activation rows a register block (group_sums_3x32)
 constexpr int kWideGemmVectors = 4;  // 8 outputs each: the register block's outputs (group_sums_3x32's: 4)
 constexpr int64_t kWideColumns = 8 * kWideGemmVectors;          // outputs a register block
@@ -964,6 +970,8 @@ struct WideBlock {
   "vpmaddwd " WEIGHTS ", %%ymm12, %%ymm13\n\t"                             \
   "vpaddd %%ymm13, %[" S "], %[" S "]\n\t"
 #define INT8SERVE_WIDE_SET(WEIGHTS, S) "vpmaddwd " WEIGHTS ", %%ymm12, %[" S "]\n\t"
+// AVX-VNNI: the same exact int32 sum in one instruction (VEX-encoded: the 16 ymm registers of AVX2)
+#define INT8SERVE_WIDE_DOT(WEIGHTS, S) "%{vex%} vpdpwssd " WEIGHTS ", %%ymm12, %[" S "]\n\t"
 #define INT8SERVE_WIDE_ROW(OP, X, PAIR, S0, S1, S2, S3)                    \
   "vpbroadcastd \\step*8+" PAIR "*4(%[" X "]), %%ymm12\n\t"               \
   OP("%%ymm14", S0)                                                        \
@@ -985,14 +993,14 @@ static_assert(kTileRows * sizeof(float) == 256, "group_into_acc_3x32 steps from 
 
 // The sums' assembly: the 8 steps of a group, 2 pairs each; the first pair's products start the sums (zeroing them
 // and adding took 24 of a group's ~540 instructions).
-#define INT8SERVE_WIDE_SUMS                                                                              \
+#define INT8SERVE_WIDE_SUMS(ADD)                                                                         \
   ".irp step,0\n\t"                                                                                      \
   INT8SERVE_WIDE_PAIR(INT8SERVE_WIDE_SET, "0")                                                           \
-  INT8SERVE_WIDE_PAIR(INT8SERVE_WIDE_ADD, "1")                                                           \
+  INT8SERVE_WIDE_PAIR(ADD, "1")                                                                          \
   ".endr\n\t"                                                                                            \
   ".irp step,1,2,3,4,5,6,7\n\t"                                                                          \
-  INT8SERVE_WIDE_PAIR(INT8SERVE_WIDE_ADD, "0")                                                           \
-  INT8SERVE_WIDE_PAIR(INT8SERVE_WIDE_ADD, "1")                                                           \
+  INT8SERVE_WIDE_PAIR(ADD, "0")                                                                          \
+  INT8SERVE_WIDE_PAIR(ADD, "1")                                                                          \
   ".endr\n\t"
 #define INT8SERVE_WIDE_SUM_OPERANDS                                                                      \
   [s00] "=&x"(s00), [s01] "=&x"(s01), [s02] "=&x"(s02), [s03] "=&x"(s03), [s10] "=&x"(s10),              \
@@ -1007,14 +1015,22 @@ static_assert(kTileRows * sizeof(float) == 256, "group_into_acc_3x32 steps from 
 // One group of 3 rows x 32 outputs (wide_block's register block): sum[r][v] = the int32 dot products of row r with
 // outputs 8v..8v+7. Inline assembly: with intrinsics GCC kept fewer sums in registers than there are and copied
 // them between registers at every step; here the 12 sums, 2 registers of weights, 1 of the broadcast pair and 1 of
-// products are the 16 ymm registers.
+// products are the 16 ymm registers. kDot (the avxvnni path): vpdpwssd instead of vpmaddwd and vpaddd, the same
+// sums (the instructions are in the assembly text only, so this AVX2 function runs it on a CPU with AVX-VNNI alone).
+template <bool kDot>
 INT8SERVE_AVX2 inline void group_sums_3x32(const int16_t* w, const int16_t* x, int64_t kp, __m256i sum[][4]) {
   const int16_t *x0 = x, *x1 = x + kp, *x2 = x + 2 * kp;
   __m256i s00, s01, s02, s03, s10, s11, s12, s13, s20, s21, s22, s23;
-  asm(INT8SERVE_WIDE_SUMS
-      : INT8SERVE_WIDE_SUM_OPERANDS
-      : INT8SERVE_WIDE_SUM_INPUTS
-      : "xmm12", "xmm13", "xmm14", "xmm15");
+#define INT8SERVE_WIDE_SUMS_ASM(ADD)        \
+  asm(INT8SERVE_WIDE_SUMS(ADD)              \
+      : INT8SERVE_WIDE_SUM_OPERANDS         \
+      : INT8SERVE_WIDE_SUM_INPUTS           \
+      : "xmm12", "xmm13", "xmm14", "xmm15")
+  if constexpr (kDot)
+    INT8SERVE_WIDE_SUMS_ASM(INT8SERVE_WIDE_DOT);
+  else
+    INT8SERVE_WIDE_SUMS_ASM(INT8SERVE_WIDE_ADD);
+#undef INT8SERVE_WIDE_SUMS_ASM
   sum[0][0] = s00, sum[0][1] = s01, sum[0][2] = s02, sum[0][3] = s03;
   sum[1][0] = s10, sum[1][1] = s11, sum[1][2] = s12, sum[1][3] = s13;
   sum[2][0] = s20, sum[2][1] = s21, sum[2][2] = s22, sum[2][3] = s23;
@@ -1041,23 +1057,30 @@ INT8SERVE_AVX2 inline void group_sums_3x32(const int16_t* w, const int16_t* x, i
   "vfmadd213ps " V "*32+512(%[acc]), %%ymm14, %[" S2 "]\n\t"        \
   "vmovaps %[" S2 "], " V "*32+512(%[acc])\n\t"
 
+template <bool kDot>
 INT8SERVE_AVX2 inline void group_into_acc_3x32(const int16_t* w, const int16_t* x, int64_t kp, const float* xs,
                                                int64_t xstride, const float* scales, float* acc) {
   const int16_t *x0 = x, *x1 = x + kp, *x2 = x + 2 * kp;
   __m256i s00, s01, s02, s03, s10, s11, s12, s13, s20, s21, s22, s23;
-  asm(INT8SERVE_WIDE_SUMS
-      INT8SERVE_WIDE_INNER("(%[xs])", "s00", "s01", "s02", "s03")
-      INT8SERVE_WIDE_INNER("(%[xs],%[xstride],1)", "s10", "s11", "s12", "s13")
-      INT8SERVE_WIDE_INNER("(%[xs],%[xstride],2)", "s20", "s21", "s22", "s23")
-      INT8SERVE_WIDE_ACC("0", "s00", "s10", "s20")
-      INT8SERVE_WIDE_ACC("1", "s01", "s11", "s21")
-      INT8SERVE_WIDE_ACC("2", "s02", "s12", "s22")
-      INT8SERVE_WIDE_ACC("3", "s03", "s13", "s23")
-      : INT8SERVE_WIDE_SUM_OPERANDS, "+m"(*reinterpret_cast<WideSums*>(acc))
-      : INT8SERVE_WIDE_SUM_INPUTS, [xs] "r"(xs), [xstride] "r"(xstride), [scales] "r"(scales), [acc] "r"(acc),
-        "m"(*reinterpret_cast<const BlockScales*>(scales)), "m"(xs[0]), "m"(xs[xstride / 4]),
-        "m"(xs[xstride / 2])
-      : "xmm12", "xmm13", "xmm14", "xmm15");
+#define INT8SERVE_WIDE_ACC_ASM(ADD)                                                                             \
+  asm(INT8SERVE_WIDE_SUMS(ADD)                                                                                  \
+      INT8SERVE_WIDE_INNER("(%[xs])", "s00", "s01", "s02", "s03")                                               \
+      INT8SERVE_WIDE_INNER("(%[xs],%[xstride],1)", "s10", "s11", "s12", "s13")                                  \
+      INT8SERVE_WIDE_INNER("(%[xs],%[xstride],2)", "s20", "s21", "s22", "s23")                                  \
+      INT8SERVE_WIDE_ACC("0", "s00", "s10", "s20")                                                              \
+      INT8SERVE_WIDE_ACC("1", "s01", "s11", "s21")                                                              \
+      INT8SERVE_WIDE_ACC("2", "s02", "s12", "s22")                                                              \
+      INT8SERVE_WIDE_ACC("3", "s03", "s13", "s23")                                                              \
+      : INT8SERVE_WIDE_SUM_OPERANDS, "+m"(*reinterpret_cast<WideSums*>(acc))                                    \
+      : INT8SERVE_WIDE_SUM_INPUTS, [xs] "r"(xs), [xstride] "r"(xstride), [scales] "r"(scales), [acc] "r"(acc), \
+        "m"(*reinterpret_cast<const BlockScales*>(scales)), "m"(xs[0]), "m"(xs[xstride / 4]),                  \
+        "m"(xs[xstride / 2])                                                                                    \
+      : "xmm12", "xmm13", "xmm14", "xmm15")
+  if constexpr (kDot)
+    INT8SERVE_WIDE_ACC_ASM(INT8SERVE_WIDE_DOT);
+  else
+    INT8SERVE_WIDE_ACC_ASM(INT8SERVE_WIDE_ADD);
+#undef INT8SERVE_WIDE_ACC_ASM
 }
 #undef INT8SERVE_WIDE_ACC
 #undef INT8SERVE_WIDE_INNER
@@ -1068,11 +1091,12 @@ INT8SERVE_AVX2 inline void group_into_acc_3x32(const int16_t* w, const int16_t* 
 #undef INT8SERVE_WIDE_ROW
 #undef INT8SERVE_WIDE_SET
 #undef INT8SERVE_WIDE_ADD
+#undef INT8SERVE_WIDE_DOT
 
 // R rows x the kWideColumns outputs of column block `cb` over the K-block.
 // kEachGroup: every group is a weight group of its own (the default scheme, one weight scale per 32 inputs), so each
 // group's sum goes straight into acc (a branch-free epilogue).
-template <int R, bool kEachGroup>
+template <int R, bool kEachGroup, bool kDot>
 INT8SERVE_AVX2 void wide_block(const WideBlock& a, int64_t cb) {
   constexpr int V = kWideGemmVectors;
   const int64_t ng = a.g1 - a.g0;
@@ -1081,11 +1105,11 @@ INT8SERVE_AVX2 void wide_block(const WideBlock& a, int64_t cb) {
     const int16_t* w = a.wide + (cb * ng + (g - a.g0)) * kSteps * kWideStepWords;
     const int16_t* x = a.x + g * kGroup;
     if constexpr (R == 3 && kEachGroup) {
-      group_into_acc_3x32(w, x, a.kp, a.xscale + g, 2 * a.groups * static_cast<int64_t>(sizeof(float)),
+      group_into_acc_3x32<kDot>(w, x, a.kp, a.xscale + g, 2 * a.groups * static_cast<int64_t>(sizeof(float)),
                           a.wscale + (cb * ng + (g - a.g0)) * kWideColumns, a.acc + cb * kWideColumns);
       continue;
     } else if constexpr (R == 3) {
-      group_sums_3x32(w, x, a.kp, sum);
+      group_sums_3x32<kDot>(w, x, a.kp, sum);
     } else {  // the last 1-2 rows of a call: the same integer sums, with intrinsics
       for (int r = 0; r < R; ++r)
         for (int v = 0; v < V; ++v) sum[r][v] = _mm256_setzero_si256();
@@ -1136,16 +1160,16 @@ INT8SERVE_AVX2 void wide_block(const WideBlock& a, int64_t cb) {
   }
 }
 
-template <bool kEachGroup>
+template <bool kEachGroup, bool kDot>
 INT8SERVE_AVX2 void wide_rows(const WideBlock& a, int64_t rows, int64_t cb) {
   switch (rows) {
-    case 1: wide_block<1, kEachGroup>(a, cb); break;
-    case 2: wide_block<2, kEachGroup>(a, cb); break;
-    default: wide_block<3, kEachGroup>(a, cb); break;
+    case 1: wide_block<1, kEachGroup, kDot>(a, cb); break;
+    case 2: wide_block<2, kEachGroup, kDot>(a, cb); break;
+    default: wide_block<3, kEachGroup, kDot>(a, cb); break;
   }
 }
 
-// Per-thread room of gemm_avx2_wide: the widened K-block and each row's inner and acc sums over one tile.
+// Per-thread room of gemm_wide16: the widened K-block and each row's inner and acc sums over one tile.
 struct WideScratch {
   int16_t* wide;
   float* wscale;
@@ -1154,7 +1178,8 @@ struct WideScratch {
 };
 
 // Rows [r_begin, r_end) of the call over tile `tile`: y gets their outputs of the tile.
-INT8SERVE_AVX2 void gemm_avx2_wide_tile(const TileArgs& base, int64_t r_begin, int64_t r_end, const WideScratch& room,
+template <bool kDot>
+INT8SERVE_AVX2 void gemm_wide16_tile(const TileArgs& base, int64_t r_begin, int64_t r_end, const WideScratch& room,
                                         int64_t tile) {
   const int64_t m = r_end - r_begin;
   std::fill(room.acc, room.acc + m * kTileRows, 0.0f);
@@ -1174,9 +1199,9 @@ INT8SERVE_AVX2 void gemm_avx2_wide_tile(const TileArgs& base, int64_t r_begin, i
       const int64_t rows = std::min<int64_t>(kWideGemmRows, m - r0);
       for (int64_t cb = 0; cb < kTileRows / kWideColumns; ++cb) {
         if (a.lay.span == 1)
-          wide_rows<true>(a, rows, cb);
+          wide_rows<true, kDot>(a, rows, cb);
         else
-          wide_rows<false>(a, rows, cb);
+          wide_rows<false, kDot>(a, rows, cb);
       }
     }
   }
@@ -1198,9 +1223,11 @@ INT8SERVE_AVX2 void gemm_avx2_wide_tile(const TileArgs& base, int64_t r_begin, i
 constexpr int64_t kWideGemmChunkRows = INT8SERVE_WIDE_GEMM_CHUNK_ROWS;
 static_assert(kWideGemmChunkRows % kWideGemmRows == 0, "a chunk holds whole register blocks of rows");
 
-// gemv's body for the avx2 path with precise activations and at least kWideGemmMinRows rows: each thread takes a
-// contiguous range of tiles and multiplies each chunk of rows with each (gemm_avx2_wide_tile).
-INT8SERVE_AVX2 void gemm_avx2_wide(const Activations& act, TileArgs base, int64_t m, int64_t tiles, int nthreads) {
+// gemv's body for the avx2 path (kDot false) and the avxvnni path (true) with precise activations and at least
+// kWideGemmMinRows rows: each thread takes a contiguous range of tiles and multiplies each chunk of rows with each
+// (gemm_wide16_tile).
+template <bool kDot>
+INT8SERVE_AVX2 void gemm_wide16(const Activations& act, TileArgs base, int64_t m, int64_t tiles, int nthreads) {
   base.xscale = act.scale.data();
   base.xwide = act.wide.data();
   const int64_t passes = (m + kWideGemmChunkRows - 1) / kWideGemmChunkRows;
@@ -1220,7 +1247,7 @@ INT8SERVE_AVX2 void gemm_avx2_wide(const Activations& act, TileArgs base, int64_
       // (the same tiles for each thread in every chunk, and no chunk reads another's outputs: no barrier between)
 #pragma omp for schedule(static) nowait
       for (int64_t tile = 0; tile < tiles; ++tile)
-        gemm_avx2_wide_tile(base, r_begin, std::min(m, r_begin + chunk), room, tile);
+        gemm_wide16_tile<kDot>(base, r_begin, std::min(m, r_begin + chunk), room, tile);
     }
   }
 }
@@ -1562,9 +1589,12 @@ static int gemv(const float* x, int64_t m, int64_t k, const uint8_t* packed, int
   // result (each tile is computed alike).
   const bool small = rows_total * np * act.kp < kParallelGemvWork;
   const int nthreads = small ? 1 : static_cast<int>(std::max<int64_t>(1, std::min<int64_t>(threads, tiles)));
-  if (wide && m >= kWideGemmMinRows) {  // a prefill chunk: the register-blocked GEMM, the same bits
+  if (pairs && takes_wide_rows(kernel, m) && m >= kWideGemmMinRows) {  // a prefill chunk: the GEMM, the same bits
     base.y = y;
-    gemm_avx2_wide(act, base, m, tiles, nthreads);
+    if (kernel == kAvxVnni)
+      gemm_wide16<true>(act, base, m, tiles, nthreads);
+    else
+      gemm_wide16<false>(act, base, m, tiles, nthreads);
     return 0;
   }
   const int64_t pass_rows = amx_tiles ? kAmxMaxRows : wide ? 2 * kMaxRows : kMaxRows;  // int8 rows, even with pairs

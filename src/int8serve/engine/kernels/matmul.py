@@ -22,8 +22,9 @@ at start):
 - `row-exact`: our int8 kernel takes whole default prefill chunks (up to `int8.KERNEL_ROWS_ROW_EXACT` rows) on the
   CPUs whose kernel path is fast enough at that size (AVX-512 VNNI, AMX), so that prefill computes every row as
   decode would and the prefix cache can keep replies too (chunking.py); slower prefill (int8.py has the figures).
-- `dense`: never this kernel: dequantize + oneDNN (to compare the two). On the avx2 path (CPUs with AVX2 only), where
-  our int8 kernel takes every prefill call by default (int8.kernel_rows), dequantize + oneDNN's fp32 matmul instead.
+- `dense`: never this kernel: dequantize + oneDNN (to compare the two). On the avx2 and avxvnni paths (CPUs with
+  AVX2 only, or AVX-VNNI without AVX-512), where our int8 kernel takes every prefill call by default
+  (int8.kernel_rows), dequantize + oneDNN's fp32 matmul instead.
 Another value acts as `auto` without this kernel, with a warning (the start line names it).
 """
 
@@ -81,8 +82,8 @@ def row_exact_requested() -> bool:
 
 
 def dense_requested() -> bool:
-    """Whether INT8SERVE_PREFILL_MATMUL=dense asks prefill to dequantize for oneDNN (on the avx2 path too, whose
-    int8 kernel otherwise takes every prefill call: int8.kernel_rows)."""
+    """Whether INT8SERVE_PREFILL_MATMUL=dense asks prefill to dequantize for oneDNN (on the avx2 and avxvnni paths
+    too, whose int8 kernel otherwise takes every prefill call: int8.kernel_rows)."""
     return _setting() == "dense"
 
 
