@@ -112,18 +112,13 @@ constexpr int64_t kPrefetchFarBytes512 = INT8SERVE_PREFETCH_FAR_BYTES_512;
 #ifndef INT8SERVE_FAR_HINT_SINGLE_PASS
 #define INT8SERVE_FAR_HINT_SINGLE_PASS -1
 #endif
-// From 8 int8 rows (4 sequences with precise activations) the amx path asks for each line once, one group's stride
-// (2176 bytes), measured on 2026-12-03 (the same CPU and script, after the hints of decode attention were found
-// waiting for free L1 miss buffers): a profile of 4-sequence decode steps had 55% of tile_amx's time on the
-// instructions right after its hints, and at 8 int8 rows 2176 bytes streamed 1.06-1.10x faster than 4096 (three
-// runs; gate/up 22.6-23.6 -> 23.5-25.0 GB/s, down 22.0-23.0 -> 24.5-25.1; at 16 rows 1.03-1.05x; 1088 bytes:
-// 0.94-0.97x; the L2 hint 8 or 32 KB ahead instead of 16: the same). At 6 int8 rows, whose tiles leave more time
-// between groups, 4096 stayed 1.12-1.14x faster, so fewer rows keep it.
-#ifndef INT8SERVE_AMX_PREFETCH_SPAN_MANY
-#define INT8SERVE_AMX_PREFETCH_SPAN_MANY 2176
-#endif
-constexpr int64_t kAmxPrefetchSpanMany = INT8SERVE_AMX_PREFETCH_SPAN_MANY;
-constexpr int64_t kAmxManyRows = 8;
+// At every row count the amx path asks for the 4 KB from 2 KB ahead. In the afternoon of 2026-12-03 (the same CPU and
+// script, after the hints of decode attention were found waiting for free L1 miss buffers) one group's stride (2176
+// bytes) measured 1.06-1.10x faster from 8 int8 rows (4 sequences with precise activations), three runs, and was taken
+// there; that evening three runs of the same comparison (2 threads, precise, streamed weights, the 7B decode shapes)
+// had 4096 faster at 8, 12 and 16 int8 rows: 1.13-1.24x (4 rows: gate/up 25.7 -> 29.4 GB/s, down 25.3 -> 28.8; against
+// 2176, 3264 bytes 1.04-1.26x; against 4096, 4352 bytes 1.01-1.03x and 5120 0.91-0.93x). The L2 hint 8 or 32 KB ahead
+// instead of 16 measured the same; without it, or without the L1 hint, slower (4 rows: 0.85x, 0.95-0.97x).
 #ifndef INT8SERVE_AMX_PREFETCH_SPAN
 #define INT8SERVE_AMX_PREFETCH_SPAN 4096
 #endif
@@ -1377,10 +1372,7 @@ INT8SERVE_VNNI512 void tile_amx_hinted(const TileArgs& a, int64_t rows, int64_t 
 }
 
 INT8SERVE_VNNI512 void tile_amx(const TileArgs& a, int64_t rows, int64_t tile) {
-  if (rows >= kAmxManyRows)
-    tile_amx_hinted<kAmxPrefetchSpanMany>(a, rows, tile);
-  else
-    tile_amx_hinted<kAmxPrefetchSpan>(a, rows, tile);
+  tile_amx_hinted<kAmxPrefetchSpan>(a, rows, tile);
 }
 
 using TileRows = void (*)(const TileArgs&, int64_t, int64_t);
