@@ -967,6 +967,12 @@ struct WideBlock {
 #define INT8SERVE_WIDE_SET(WEIGHTS, S) "vpmaddwd " WEIGHTS ", %%ymm12, %[" S "]\n\t"
 // AVX-VNNI: the same exact int32 sum in one instruction (VEX-encoded: the 16 ymm registers of AVX2)
 #define INT8SERVE_WIDE_DOT(WEIGHTS, S) "%{vex%} vpdpwssd " WEIGHTS ", %%ymm12, %[" S "]\n\t"
+// The assembly statement ASM(product op) of a function templated on kDot: vpdpwssd, or vpmaddwd + vpaddd
+#define INT8SERVE_WIDE_WITH_PRODUCTS(ASM) \
+  if constexpr (kDot)                     \
+    ASM(INT8SERVE_WIDE_DOT);              \
+  else                                    \
+    ASM(INT8SERVE_WIDE_ADD)
 #define INT8SERVE_WIDE_ROW(OP, X, PAIR, S0, S1, S2, S3)                    \
   "vpbroadcastd \\step*8+" PAIR "*4(%[" X "]), %%ymm12\n\t"               \
   OP("%%ymm14", S0)                                                        \
@@ -1021,10 +1027,7 @@ INT8SERVE_AVX2 inline void group_sums_3x32(const int16_t* w, const int16_t* x, i
       : INT8SERVE_WIDE_SUM_OPERANDS         \
       : INT8SERVE_WIDE_SUM_INPUTS           \
       : "xmm12", "xmm13", "xmm14", "xmm15")
-  if constexpr (kDot)
-    INT8SERVE_WIDE_SUMS_ASM(INT8SERVE_WIDE_DOT);
-  else
-    INT8SERVE_WIDE_SUMS_ASM(INT8SERVE_WIDE_ADD);
+  INT8SERVE_WIDE_WITH_PRODUCTS(INT8SERVE_WIDE_SUMS_ASM);
 #undef INT8SERVE_WIDE_SUMS_ASM
   sum[0][0] = s00, sum[0][1] = s01, sum[0][2] = s02, sum[0][3] = s03;
   sum[1][0] = s10, sum[1][1] = s11, sum[1][2] = s12, sum[1][3] = s13;
@@ -1071,10 +1074,7 @@ INT8SERVE_AVX2 inline void group_into_acc_3x32(const int16_t* w, const int16_t* 
         "m"(*reinterpret_cast<const BlockScales*>(scales)), "m"(xs[0]), "m"(xs[xstride / 4]),                  \
         "m"(xs[xstride / 2])                                                                                    \
       : "xmm12", "xmm13", "xmm14", "xmm15")
-  if constexpr (kDot)
-    INT8SERVE_WIDE_ACC_ASM(INT8SERVE_WIDE_DOT);
-  else
-    INT8SERVE_WIDE_ACC_ASM(INT8SERVE_WIDE_ADD);
+  INT8SERVE_WIDE_WITH_PRODUCTS(INT8SERVE_WIDE_ACC_ASM);
 #undef INT8SERVE_WIDE_ACC_ASM
 }
 #undef INT8SERVE_WIDE_ACC
@@ -1087,6 +1087,7 @@ INT8SERVE_AVX2 inline void group_into_acc_3x32(const int16_t* w, const int16_t* 
 #undef INT8SERVE_WIDE_SET
 #undef INT8SERVE_WIDE_ADD
 #undef INT8SERVE_WIDE_DOT
+#undef INT8SERVE_WIDE_WITH_PRODUCTS
 
 // R rows x the kWideColumns outputs of column block `cb` over the K-block.
 // kEachGroup: every group is a weight group of its own (the default scheme, one weight scale per 32 inputs), so each
