@@ -284,9 +284,12 @@ def test_activations_near_the_int16_limit_do_not_saturate_avx2() -> None:
     near[1::2, 1::2] *= -1
     rows = torch.cat([x, near]).repeat(2, 1)
     assert kernels.quantize_activations(near[:1], "avx2", precise=True)[0][1, 1] == 127
-    wide = kernels.int8_gemv(rows, packed, impl="avx2", precise=True)
-    assert torch.equal(wide, exact_reference(rows, packed, precise=True))
-    assert torch.equal(wide, kernels.int8_gemv(rows, packed, impl="scalar", precise=True))
+    # the avx2 path's vpmaddwd and the avxvnni path's vpdpwssd, in the GEMM (32 rows) and the 4-row decode assembly
+    for impl in [path for path in ("avx2", "avxvnni") if kernels.cpu_has(path)]:
+        for count in (32, 4):
+            wide = kernels.int8_gemv(rows[:count], packed, impl=impl, precise=True)
+            assert torch.equal(wide, exact_reference(rows[:count], packed, precise=True)), (impl, count)
+            assert torch.equal(wide, kernels.int8_gemv(rows[:count], packed, impl="scalar", precise=True))
 
 
 @pytest.mark.parametrize("group_size", GROUP_SIZES)

@@ -8,8 +8,8 @@ an fp32 scale each (like llama.cpp's Q8_0), weights carry one bf16 scale per out
 input values (`group_size`), accumulation and output are fp32; with precise=True each row is quantized twice (the row,
 then its quantization error on 1/256 of its scale), for about 16-bit activations: twice the int8 arithmetic on the paths
 with int8 dot products, whose two sums are combined exactly before one conversion; the avx2 path multiplies the 16-bit
-values directly, and so does the avxvnni path in calls of 16 rows and more (its GEMM, with vpdpwssd). See the comment at
-the top of gemv.cpp for the arithmetic, and benchmarks/kernels.py for speed and accuracy.
+values directly, and so does the avxvnni path in calls of 2 rows and more (with vpdpwssd). See the comment at the top of
+gemv.cpp for the arithmetic, and benchmarks/kernels.py for speed and accuracy.
 
 Paths, chosen at run time from the CPU's flags (the first one it can run), all bitwise identical: `amx` (AMX-INT8
 tile multiplies, up to 16 rows at once; Sapphire Rapids and later), `vnni512` (AVX-512 VNNI), `avxvnni` (AVX-VNNI on

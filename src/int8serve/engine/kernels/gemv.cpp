@@ -9,7 +9,7 @@
 // with `precise` each row is quantized twice: the row (q_hi, scale d), then what that left over on the fixed scale
 // d / 256 (q_lo), so that 256 * q_hi + q_lo is the row as a 16-bit integer on the scale d / 256. Each group's two
 // int32 dot products are combined exactly, 256 * dot_hi + dot_lo, before the one conversion to fp32 below (the avx2
-// path multiplies that 16-bit integer directly).
+// and avxvnni paths multiply that 16-bit integer directly).
 // Weights are int8, repacked once (see kernels/__init__.py, pack_weight) into tiles of 64 output rows, each group of
 // 32 inputs of a tile 2048 bytes:
 //
@@ -25,7 +25,8 @@
 //   - vnni512: `vpdpbusd` on zmm (unsigned weight x signed activation, 4 products summed into each int32 lane); the
 //     excess 128 * sum(xq of the group) is the same for every output row and is subtracted exactly by starting the
 //     group's accumulator at -128 * sum(xq);
-//   - avxvnni: the same instruction on ymm (8 rows per register, two per load);
+//   - avxvnni: the same instruction on ymm (8 rows per register, two per load); calls of 2 precise rows and more as
+//     on the avx2 path (below), with vpdpwssd for vpmaddwd + vpaddd;
 //   - avx2: `vpmaddubsw` + `vpmaddwd`. vpmaddubsw saturates its int16 pair sums, and 255 * 127 * 2 would, so it
 //     multiplies |w| (unsigned, <= 127) with sign(w) * x (signed, |.| <= 127): a pair sums to at most 32258;
 //   - scalar: plain C++, the reference.
@@ -408,9 +409,13 @@ constexpr int64_t kParallelQuantizeRows = 8;
 #endif
 constexpr int64_t kWideGemmMinRows = INT8SERVE_WIDE_GEMM_MIN_ROWS;
 
-// Whether a call of m rows on path `impl` multiplies precise rows as 16-bit integers (Activations::wide): every avx2
-// call (tile_avx2_wide, gemm_wide16), and the avxvnni path's GEMM calls (its decode takes the two int8 rows).
-bool takes_wide_rows(Impl impl, int64_t m) { return impl == kAvx2 || (impl == kAvxVnni && m >= kWideGemmMinRows); }
+// Whether a call of m rows on path `impl` multiplies precise rows as 16-bit integers (Activations::wide;
+// tile_avx2_wide, gemm_wide16): every avx2 call, and avxvnni calls of kAvxVnniWideRows rows and more. Below, the
+// avxvnni path multiplies a row's two int8 rows with vpdpbusd, as vnni512 does: on a Sapphire Rapids held to its code
+// (benchmarks/gemv_builds.py against ef46020, 2 threads, streamed weights, the 7B decode shapes, 2026-12-03) the 16-bit
+// rows with vpdpwssd were 1.18-1.39x faster at 4 rows, 1.01-1.19x at 3, the same at 2 and 0.93-0.95x at 1.
+constexpr int64_t kAvxVnniWideRows = 2;
+bool takes_wide_rows(Impl impl, int64_t m) { return impl == kAvx2 || (impl == kAvxVnni && m >= kAvxVnniWideRows); }
 constexpr int64_t kParallelQuantizeValues = int64_t{1} << 15;
 
 Activations quantize(const float* x, int64_t m, int64_t k, Impl impl, bool precise, int threads) {
@@ -695,21 +700,34 @@ INT8SERVE_CHUNK_ROWS(rows_vnni512, tile_vnni512, INT8SERVE_VNNI512)
 INT8SERVE_ROWS(rows_avxvnni, tile_avxvnni, INT8SERVE_AVXVNNI)
 INT8SERVE_ROWS(rows_avx2, tile_avx2, INT8SERVE_AVX2)
 
-// avx2 with precise activations: each row as one 16-bit integer (Activations::wide, 256 * q_hi + q_lo) times the
-// weights widened to 16 bits, with vpmaddwd: per 32 weights and row, 2 multiplies and 2 adds, where the two int8 passes
-// took 8 instructions (vpsignb, vpmaddubsw, vpmaddwd and an add, twice), and AVX2 has no int8 dot product. The weights
-// are widened as stored (w + 128, zero-extended: no subtraction in the loop), and each output's group sum then gets
-// the row's correction, -128 * (its 32 inputs' sum) = 256 * corr_hi + corr_lo (quantize's corrections of the row's
-// two int8 rows). The integers are the same (256 * dot_hi + dot_lo, exactly: every partial sum stays below 2^28), so
-// the result is every path's bits. O output rows (1..4), 8 output rows (half a block) at a time: 2 registers of
-// widened weights and 2 of sums per row.
+// avx2 (and avxvnni) with precise activations: each row as one 16-bit integer (Activations::wide, 256 * q_hi + q_lo)
+// times the weights widened to 16 bits, with vpmaddwd (avxvnni: vpdpwssd where 4 rows are in assembly): per 32 weights
+// and row, 2 multiplies and 2 adds, where the two int8 passes took 8 instructions (vpsignb, vpmaddubsw, vpmaddwd and an
+// add, twice), and AVX2 has no int8 dot product. The weights are widened as stored (w + 128, zero-extended: no
+// subtraction in the loop), and each output's group sum then gets the row's correction, -128 * (its 32 inputs' sum) =
+// 256 * corr_hi + corr_lo (quantize's corrections of the row's two int8 rows). The integers are the same (256 * dot_hi
+// + dot_lo, exactly: every partial sum stays below 2^28), so the result is every path's bits. O output rows (1..4), 8
+// output rows (half a block) at a time: 2 registers of widened weights and 2 of sums per row.
+
+#ifndef INT8SERVE_WIDE_DECODE_ASM
+#define INT8SERVE_WIDE_DECODE_ASM 1
+#endif
 
 // The sums of one group and half block (8 outputs) for O rows, 8 steps of 4 inputs: low[o] holds outputs 0-3 of the
 // half, high[o] outputs 4-7, as int32 lanes (output, input pair) of (w + 128) * x. ahead (or null): each step's line
 // kPrefetchBytes ahead, asked for at that step.
-template <int O>
+template <bool kDot>
+INT8SERVE_AVX2 inline void half_sums_4(const uint8_t* half, const int16_t* x, int64_t kp, const uint8_t* ahead,
+                                       __m256i* low, __m256i* high);
+
+// kDot (the avxvnni path): 4 rows take vpdpwssd in the assembly below, the same sums; fewer rows these intrinsics.
+template <int O, bool kDot>
 INT8SERVE_AVX2 inline void half_sums(const uint8_t* half, const int16_t* x, int64_t kp, const uint8_t* ahead,
                                      __m256i* low, __m256i* high) {
+  if constexpr (O == 4 && INT8SERVE_WIDE_DECODE_ASM) {
+    half_sums_4<kDot>(half, x, kp, ahead, low, high);
+    return;
+  }
   for (int o = 0; o < O; ++o) low[o] = high[o] = _mm256_setzero_si256();
   for (int s = 0; s < kSteps; ++s) {
     if (ahead) _mm_prefetch(reinterpret_cast<const char*>(ahead + s * 64), _MM_HINT_T0);
@@ -732,52 +750,58 @@ struct GroupInputs { int16_t x[kGroup]; };         // a group of one row's 16-bi
 // store and a reload every step, a chain through the store buffer) and copied the others between registers each
 // step; here the 8 sums, 2 registers of weights, 2 of activations and 2 of products are 14 ymm registers.
 // INT8SERVE_WIDE_DECODE_ASM=0 builds the intrinsics instead (benchmarks/gemv_builds.py compares the two).
-#ifndef INT8SERVE_WIDE_DECODE_ASM
-#define INT8SERVE_WIDE_DECODE_ASM 1
-#endif
-#if INT8SERVE_WIDE_DECODE_ASM
 #define INT8SERVE_HALF_ROW(X, XR, L, H)                    \
   "vpbroadcastq \\step*8(%[" X "]), %%ymm" XR "\n\t"       \
   "vpmaddwd %%ymm8, %%ymm" XR ", %%ymm14\n\t"              \
   "vpaddd %%ymm14, %[" L "], %[" L "]\n\t"                 \
   "vpmaddwd %%ymm9, %%ymm" XR ", %%ymm15\n\t"              \
   "vpaddd %%ymm15, %[" H "], %[" H "]\n\t"
+#define INT8SERVE_HALF_ROW_DOT(X, XR, L, H)                \
+  "vpbroadcastq \\step*8(%[" X "]), %%ymm" XR "\n\t"       \
+  "%{vex%} vpdpwssd %%ymm8, %%ymm" XR ", %[" L "]\n\t"       \
+  "%{vex%} vpdpwssd %%ymm9, %%ymm" XR ", %[" H "]\n\t"
 
-template <>
-INT8SERVE_AVX2 inline void half_sums<4>(const uint8_t* half, const int16_t* x, int64_t kp, const uint8_t* ahead,
-                                        __m256i* low, __m256i* high) {
+template <bool kDot>
+INT8SERVE_AVX2 inline void half_sums_4(const uint8_t* half, const int16_t* x, int64_t kp, const uint8_t* ahead,
+                                       __m256i* low, __m256i* high) {
   if (ahead)  // (compute-bound: the 8 lines at once, before the arithmetic)
     for (int s = 0; s < kSteps; ++s) _mm_prefetch(reinterpret_cast<const char*>(ahead + s * 64), _MM_HINT_T0);
   const int16_t *x0 = x, *x1 = x + kp, *x2 = x + 2 * kp, *x3 = x + 3 * kp;
   __m256i l0, l1, l2, l3, h0, h1, h2, h3;
-  asm("vpxor %[l0], %[l0], %[l0]\n\t"
-      "vpxor %[l1], %[l1], %[l1]\n\t"
-      "vpxor %[l2], %[l2], %[l2]\n\t"
-      "vpxor %[l3], %[l3], %[l3]\n\t"
-      "vpxor %[h0], %[h0], %[h0]\n\t"
-      "vpxor %[h1], %[h1], %[h1]\n\t"
-      "vpxor %[h2], %[h2], %[h2]\n\t"
-      "vpxor %[h3], %[h3], %[h3]\n\t"
-      ".irp step,0,1,2,3,4,5,6,7\n\t"
-      "vpmovzxbw \\step*64(%[w]), %%ymm8\n\t"
-      "vpmovzxbw \\step*64+16(%[w]), %%ymm9\n\t"
-      INT8SERVE_HALF_ROW("x0", "12", "l0", "h0")
-      INT8SERVE_HALF_ROW("x1", "13", "l1", "h1")
-      INT8SERVE_HALF_ROW("x2", "12", "l2", "h2")
-      INT8SERVE_HALF_ROW("x3", "13", "l3", "h3")
-      ".endr"
-      : [l0] "=&x"(l0), [l1] "=&x"(l1), [l2] "=&x"(l2), [l3] "=&x"(l3), [h0] "=&x"(h0), [h1] "=&x"(h1),
-        [h2] "=&x"(h2), [h3] "=&x"(h3)
-      : [w] "r"(half), [x0] "r"(x0), [x1] "r"(x1), [x2] "r"(x2), [x3] "r"(x3),
-        "m"(*reinterpret_cast<const HalfSteps*>(half)), "m"(*reinterpret_cast<const GroupInputs*>(x0)),
-        "m"(*reinterpret_cast<const GroupInputs*>(x1)), "m"(*reinterpret_cast<const GroupInputs*>(x2)),
-        "m"(*reinterpret_cast<const GroupInputs*>(x3))
-      : "xmm8", "xmm9", "xmm12", "xmm13", "xmm14", "xmm15");
+#define INT8SERVE_HALF_SUMS_ASM(ROW) \
+  asm("vpxor %[l0], %[l0], %[l0]\n\t"                                                                    \
+      "vpxor %[l1], %[l1], %[l1]\n\t"                                                                    \
+      "vpxor %[l2], %[l2], %[l2]\n\t"                                                                    \
+      "vpxor %[l3], %[l3], %[l3]\n\t"                                                                    \
+      "vpxor %[h0], %[h0], %[h0]\n\t"                                                                    \
+      "vpxor %[h1], %[h1], %[h1]\n\t"                                                                    \
+      "vpxor %[h2], %[h2], %[h2]\n\t"                                                                    \
+      "vpxor %[h3], %[h3], %[h3]\n\t"                                                                    \
+      ".irp step,0,1,2,3,4,5,6,7\n\t"                                                                    \
+      "vpmovzxbw \\step*64(%[w]), %%ymm8\n\t"                                                            \
+      "vpmovzxbw \\step*64+16(%[w]), %%ymm9\n\t"                                                         \
+      ROW("x0", "12", "l0", "h0")                                                                        \
+      ROW("x1", "13", "l1", "h1")                                                                        \
+      ROW("x2", "12", "l2", "h2")                                                                        \
+      ROW("x3", "13", "l3", "h3")                                                                        \
+      ".endr"                                                                                            \
+      : [l0] "=&x"(l0), [l1] "=&x"(l1), [l2] "=&x"(l2), [l3] "=&x"(l3), [h0] "=&x"(h0), [h1] "=&x"(h1),  \
+        [h2] "=&x"(h2), [h3] "=&x"(h3)                                                                   \
+      : [w] "r"(half), [x0] "r"(x0), [x1] "r"(x1), [x2] "r"(x2), [x3] "r"(x3),                           \
+        "m"(*reinterpret_cast<const HalfSteps*>(half)), "m"(*reinterpret_cast<const GroupInputs*>(x0)),  \
+        "m"(*reinterpret_cast<const GroupInputs*>(x1)), "m"(*reinterpret_cast<const GroupInputs*>(x2)),  \
+        "m"(*reinterpret_cast<const GroupInputs*>(x3))                                                   \
+      : "xmm8", "xmm9", "xmm12", "xmm13", "xmm14", "xmm15")
+  if constexpr (kDot)
+    INT8SERVE_HALF_SUMS_ASM(INT8SERVE_HALF_ROW_DOT);
+  else
+    INT8SERVE_HALF_SUMS_ASM(INT8SERVE_HALF_ROW);
+#undef INT8SERVE_HALF_SUMS_ASM
   low[0] = l0, low[1] = l1, low[2] = l2, low[3] = l3;
   high[0] = h0, high[1] = h1, high[2] = h2, high[3] = h3;
 }
 #undef INT8SERVE_HALF_ROW
-#endif  // INT8SERVE_WIDE_DECODE_ASM
+#undef INT8SERVE_HALF_ROW_DOT
 
 // kEachGroup: every group is a weight group of its own (the default scheme, a weight scale per 32 inputs), so each
 // half block's sums go straight into acc, with no running sum per weight group to store and read back.
@@ -788,7 +812,7 @@ INT8SERVE_AVX2 inline __m256 half_scales(const uint16_t* scales) {
   return _mm256_castsi256_ps(_mm256_slli_epi32(_mm256_cvtepu16_epi32(raw), 16));
 }
 
-template <int O, bool kEachGroup>
+template <int O, bool kEachGroup, bool kDot>
 INT8SERVE_AVX2 void tile_avx2_wide(const TileArgs& a, int64_t tile) {
   const uint8_t* w = a.lay.tile(a.packed, tile);
   alignas(32) float acc[O][kTileRows] = {};
@@ -808,7 +832,7 @@ INT8SERVE_AVX2 void tile_avx2_wide(const TileArgs& a, int64_t tile) {
         for (int h = 0; h < 2; ++h) {
           __m256i low[O], high[O];
           const uint8_t* ahead = kPrefetchBytes > 0 && h == 0 ? wgb + b * kBlockBytes + kPrefetchBytes : nullptr;
-          half_sums<O>(wgb + b * kBlockBytes + 32 * h, a.xwide + g * kGroup, a.kp, ahead, low, high);
+          half_sums<O, kDot>(wgb + b * kBlockBytes + 32 * h, a.xwide + g * kGroup, a.kp, ahead, low, high);
           const int64_t column = b * kBlockRows + 8 * h;
           const __m256 wscale = kEachGroup ? half_scales(wscales + column) : _mm256_setzero_ps();
           for (int o = 0; o < O; ++o) {
@@ -843,25 +867,33 @@ INT8SERVE_AVX2 void tile_avx2_wide(const TileArgs& a, int64_t tile) {
   }
 }
 
-template <bool kEachGroup>
-INT8SERVE_AVX2 void rows_avx2_wide_of(const TileArgs& a, int64_t rows, int64_t tile) {
+template <bool kEachGroup, bool kDot>
+INT8SERVE_AVX2 void rows_wide_of(const TileArgs& a, int64_t rows, int64_t tile) {
   switch (rows / 2) {
-    case 1: tile_avx2_wide<1, kEachGroup>(a, tile); break;
-    case 2: tile_avx2_wide<2, kEachGroup>(a, tile); break;
-    case 3: tile_avx2_wide<3, kEachGroup>(a, tile); break;
-    default: tile_avx2_wide<4, kEachGroup>(a, tile); break;
+    case 1: tile_avx2_wide<1, kEachGroup, kDot>(a, tile); break;
+    case 2: tile_avx2_wide<2, kEachGroup, kDot>(a, tile); break;
+    case 3: tile_avx2_wide<3, kEachGroup, kDot>(a, tile); break;
+    default: tile_avx2_wide<4, kEachGroup, kDot>(a, tile); break;
   }
 }
 
 // `rows` int8 rows of a pass (2..8: pairs, i.e. 1..4 output rows) -> tile_avx2_wide's instance.
 INT8SERVE_AVX2 void rows_avx2_wide(const TileArgs& a, int64_t rows, int64_t tile) {
   if (a.lay.span == 1)
-    rows_avx2_wide_of<true>(a, rows, tile);
+    rows_wide_of<true, false>(a, rows, tile);
   else
-    rows_avx2_wide_of<false>(a, rows, tile);
+    rows_wide_of<false, false>(a, rows, tile);
 }
 
-// ---- avx2 with precise activations, many rows: a register-blocked GEMM ----
+// The avxvnni path's: the same, with vpdpwssd where 4 rows are multiplied in assembly.
+INT8SERVE_AVX2 void rows_avxvnni_wide(const TileArgs& a, int64_t rows, int64_t tile) {
+  if (a.lay.span == 1)
+    rows_wide_of<true, true>(a, rows, tile);
+  else
+    rows_wide_of<false, true>(a, rows, tile);
+}
+
+// ---- avx2 and avxvnni with precise activations, many rows: a register-blocked GEMM ----
 //
 // A prefill chunk is compute-bound, and tile_avx2_wide, made for decode, spends more instructions around its
 // vpmaddwd than in them: it widens each step again for every pass of 4 rows, and its int32 lanes are (output, input
@@ -1573,16 +1605,19 @@ static int gemv(const float* x, int64_t m, int64_t k, const uint8_t* packed, int
   // needs two passes or more where the tiles take 16 rows at once (4 rows: 18.0-18.2 vs 22.9-23.0).
   const bool amx_tiles = path == kAmx && rows_total > kMaxRows;
   const Impl kernel = path == kAmx ? kVnni512 : path;
-  const bool wide = kernel == kAvx2 && pairs;  // precise rows as 16-bit integers (tile_avx2_wide)
+  const bool wide = pairs && takes_wide_rows(kernel, m);  // precise rows as 16-bit integers (tile_avx2_wide)
   const ChunkRows chunked = amx_tiles ? nullptr : chunk_rows(kernel);
-  const TileRows run = amx_tiles ? tile_amx : wide ? rows_avx2_wide : tile_rows(kernel);
+  const TileRows run = amx_tiles     ? tile_amx
+                       : !wide         ? tile_rows(kernel)
+                       : kernel == kAvx2 ? rows_avx2_wide
+                                         : rows_avxvnni_wide;
   // Each thread takes a contiguous range of tiles, i.e. one sequential stream of weights, and runs all activation
   // rows over each tile (in passes of up to 4 rows; vnni512 a chunk of groups at a time, see kChunkGroups) while it
   // is in cache. A small call stays on the calling thread (see kParallelGemvWork); the split never changes the
   // result (each tile is computed alike).
   const bool small = rows_total * np * act.kp < kParallelGemvWork;
   const int nthreads = small ? 1 : static_cast<int>(std::max<int64_t>(1, std::min<int64_t>(threads, tiles)));
-  if (pairs && takes_wide_rows(kernel, m) && m >= kWideGemmMinRows) {  // a prefill chunk: the GEMM, the same bits
+  if (wide && m >= kWideGemmMinRows) {  // a prefill chunk: the register-blocked GEMM, the same bits
     base.y = y;
     if (kernel == kAvxVnni)
       gemm_wide16<true>(act, base, m, tiles, nthreads);
