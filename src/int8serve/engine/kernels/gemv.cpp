@@ -118,8 +118,11 @@ constexpr int64_t kPrefetchFarBytes512 = INT8SERVE_PREFETCH_FAR_BYTES_512;
 // bytes) measured 1.06-1.10x faster from 8 int8 rows (4 sequences with precise activations), three runs, and was taken
 // there; that evening three runs of the same comparison (2 threads, precise, streamed weights, the 7B decode shapes)
 // had 4096 faster at 8, 12 and 16 int8 rows: 1.13-1.24x (4 rows: gate/up 25.7 -> 29.4 GB/s, down 25.3 -> 28.8; against
-// 2176, 3264 bytes 1.04-1.26x; against 4096, 4352 bytes 1.01-1.03x and 5120 0.91-0.93x). The L2 hint 8 or 32 KB ahead
-// instead of 16 measured the same; without it, or without the L1 hint, slower (4 rows: 0.85x, 0.95-0.97x).
+// 2176, 3264 bytes 1.04-1.26x; against 4096, 4352 bytes 1.01-1.03x and 5120 0.91-0.93x), and half an hour later, when
+// every build ran slower (26.4-26.7 GB/s at 4 rows), 2176 measured 0.98-1.05x of 4096: the best span moves with the
+// host's state, and 4096 was never the slower by more than 5%. The L2 hint 8 or 32 KB ahead instead of 16 measured the
+// same; without it, or without the L1 hint, slower (4 rows: 0.85x, 0.95-0.97x). A single vnni512 pass of all 8 int8
+// rows instead of the tiles: 0.90-1.16x of either, by shape and hour.
 #ifndef INT8SERVE_AMX_PREFETCH_SPAN
 #define INT8SERVE_AMX_PREFETCH_SPAN 4096
 #endif
