@@ -148,16 +148,9 @@ float softmax_scalar(float* s, int64_t len) {  // s <- exp(s - max), returns the
   return sum;
 }
 
-template <class T>
-void weighted_sum_scalar(const float* p, const T* values, int64_t len, int64_t dim, float inv_sum, float* out) {
-  for (int64_t d = 0; d < dim; ++d) out[d] = 0.0f;
-  for (int64_t l = 0; l < len; ++l)
-    for (int64_t d = 0; d < dim; ++d) out[d] += p[l] * load_scalar(values + l * dim + d);
-  for (int64_t d = 0; d < dim; ++d) out[d] *= inv_sum;
-}
-
-// The weighted sum in pieces (attend_rows): acc[d] += p[l] * value[l][d] over a range of l, then out = acc * inv_sum;
-// the same operations in the same order as weighted_sum_scalar.
+// The weighted sum in pieces, so that attend_rows can take the values a block at a time: acc[d] += p[l] * value[l][d]
+// over a range of l (acc waits in memory between the pieces), then out = acc * inv_sum. A decode step's
+// weighted_sum_* is the two over every l, from zeros: each path's pieces run the same operations in the same order.
 template <class T>
 void accumulate_scalar(const float* p, const T* values, int64_t len, int64_t dim, float* acc) {
   for (int64_t l = 0; l < len; ++l)
@@ -166,6 +159,13 @@ void accumulate_scalar(const float* p, const T* values, int64_t len, int64_t dim
 
 void finish_scalar(const float* acc, int64_t dim, float inv_sum, float* out) {
   for (int64_t d = 0; d < dim; ++d) out[d] = acc[d] * inv_sum;
+}
+
+template <class T>
+void weighted_sum_scalar(const float* p, const T* values, int64_t len, int64_t dim, float inv_sum, float* out) {
+  std::fill(out, out + dim, 0.0f);
+  accumulate_scalar(p, values, len, dim, out);
+  finish_scalar(out, dim, inv_sum, out);
 }
 
 template <class T>
@@ -299,23 +299,7 @@ float softmax_avx512(float* s, int64_t len) {
   return sum16(sum);
 }
 
-template <class T, int C>
-void weighted_sum_avx512(const float* p, const T* values, int64_t len, int64_t dim, float inv_sum, float* out) {
-  const __mmask16 tail = static_cast<__mmask16>((1u << (dim - 16 * (C - 1))) - 1);
-  __m512 acc[C];
-  for (int c = 0; c < C; ++c) acc[c] = _mm512_setzero_ps();
-  for (int64_t l = 0; l < len; ++l) {
-    prefetch_rows(values, l + kRowsAhead, 1, len, dim);
-    const __m512 w = _mm512_set1_ps(p[l]);
-    for (int c = 0; c < C; ++c)
-      acc[c] = _mm512_fmadd_ps(w, load16(values + l * dim + 16 * c, c == C - 1 ? tail : 0xFFFF), acc[c]);
-  }
-  const __m512 inv = _mm512_set1_ps(inv_sum);
-  for (int c = 0; c < C; ++c)
-    _mm512_mask_storeu_ps(out + 16 * c, c == C - 1 ? tail : 0xFFFF, _mm512_mul_ps(acc[c], inv));
-}
-
-// weighted_sum_avx512 in pieces (attend_rows): the running sums kept in acc between the pieces.
+// The weighted sum's pieces (see accumulate_scalar): the running sums in registers within a piece.
 template <class T, int C>
 void accumulate_avx512(const float* p, const T* values, int64_t len, int64_t dim, float* acc) {
   const __mmask16 tail = static_cast<__mmask16>((1u << (dim - 16 * (C - 1))) - 1);
@@ -338,6 +322,13 @@ void finish_avx512(const float* acc, int64_t dim, float inv_sum, float* out) {
     const __mmask16 m = c == C - 1 ? tail : 0xFFFF;
     _mm512_mask_storeu_ps(out + 16 * c, m, _mm512_mul_ps(load16(acc + 16 * c, m), inv));
   }
+}
+
+template <class T, int C>
+void weighted_sum_avx512(const float* p, const T* values, int64_t len, int64_t dim, float inv_sum, float* out) {
+  std::fill(out, out + dim, 0.0f);
+  accumulate_avx512<T, C>(p, values, len, dim, out);
+  finish_avx512<C>(out, dim, inv_sum, out);
 }
 
 template <class T, int C>
@@ -456,20 +447,7 @@ float softmax_avx2(float* s, int64_t len) {
   return sum8(sum8v);
 }
 
-template <class T, int C>
-void weighted_sum_avx2(const float* p, const T* values, int64_t len, int64_t dim, float inv_sum, float* out) {
-  __m256 acc[C];
-  for (int c = 0; c < C; ++c) acc[c] = _mm256_setzero_ps();
-  for (int64_t l = 0; l < len; ++l) {
-    prefetch_rows(values, l + kRowsAhead, 1, len, dim);
-    const __m256 w = _mm256_set1_ps(p[l]);
-    for (int c = 0; c < C; ++c) acc[c] = _mm256_fmadd_ps(w, load8(values + l * dim + 8 * c), acc[c]);
-  }
-  const __m256 inv = _mm256_set1_ps(inv_sum);
-  for (int c = 0; c < C; ++c) _mm256_storeu_ps(out + 8 * c, _mm256_mul_ps(acc[c], inv));
-}
-
-// weighted_sum_avx2 in pieces (attend_rows): the running sums kept in acc between the pieces.
+// The weighted sum's pieces (see accumulate_scalar): the running sums in registers within a piece.
 template <class T, int C>
 void accumulate_avx2(const float* p, const T* values, int64_t len, int64_t dim, float* acc) {
   __m256 sums[C];
@@ -486,6 +464,13 @@ template <int C>
 void finish_avx2(const float* acc, [[maybe_unused]] int64_t dim, float inv_sum, float* out) {
   const __m256 inv = _mm256_set1_ps(inv_sum);
   for (int c = 0; c < C; ++c) _mm256_storeu_ps(out + 8 * c, _mm256_mul_ps(_mm256_loadu_ps(acc + 8 * c), inv));
+}
+
+template <class T, int C>
+void weighted_sum_avx2(const float* p, const T* values, int64_t len, int64_t dim, float inv_sum, float* out) {
+  std::fill(out, out + dim, 0.0f);
+  accumulate_avx2<T, C>(p, values, len, dim, out);
+  finish_avx2<C>(out, dim, inv_sum, out);
 }
 
 template <class T, int C>

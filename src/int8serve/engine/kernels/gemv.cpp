@@ -1306,7 +1306,7 @@ void amx_configure(int64_t rows) {
 constexpr int64_t kAmxMaxRows = 16;
 
 // The four blocks' int32 sums of activation group g, for `rows` rows, into dots[row][64] (exact, no +128 correction).
-template <int64_t kHintBytes>  // asked for in each group, from kPrefetchBytes512 and kPrefetchL2Bytes512 ahead
+// Each group asks for kAmxPrefetchSpan bytes from kPrefetchBytes512 and from kPrefetchL2Bytes512 ahead.
 inline void amx_group_dots(const TileArgs& a, const uint8_t* wgb, int64_t g, int32_t (*dots)[kTileRows]) {
   INT8SERVE_TILE_LOAD(4, a.xq + g * kGroup, a.kp);
   INT8SERVE_TILE_ZERO(0);
@@ -1322,10 +1322,10 @@ inline void amx_group_dots(const TileArgs& a, const uint8_t* wgb, int64_t g, int
   INT8SERVE_TILE_DPBSUD(2, 4, 5);
   INT8SERVE_TILE_DPBSUD(3, 4, 6);
   if (kPrefetchBytes512 > 0)
-    for (int64_t line = 0; line < kHintBytes; line += 64)
+    for (int64_t line = 0; line < kAmxPrefetchSpan; line += 64)
       _mm_prefetch(reinterpret_cast<const char*>(wgb + kPrefetchBytes512 + line), _MM_HINT_T0);
   if (kPrefetchL2Bytes512 > 0)
-    for (int64_t line = 0; line < kHintBytes; line += 64)
+    for (int64_t line = 0; line < kAmxPrefetchSpan; line += 64)
       _mm_prefetch(reinterpret_cast<const char*>(wgb + kPrefetchL2Bytes512 + line), _MM_HINT_T1);
   constexpr int64_t kRowBytes = kTileRows * sizeof(int32_t);
   INT8SERVE_TILE_STORE(0, &dots[0][0], kRowBytes);
@@ -1355,8 +1355,7 @@ INT8SERVE_VNNI512 inline __m512 amx_weight_scale(const uint16_t* ws, int b) {
 
 // Needs amx_configure(rows) on the calling thread (i8s_gemv does it once per pass size). rows: int8 rows (with
 // pairs, rows / 2 output rows).
-template <int64_t kHintBytes>
-INT8SERVE_VNNI512 void tile_amx_hinted(const TileArgs& a, int64_t rows, int64_t tile) {
+INT8SERVE_VNNI512 void tile_amx(const TileArgs& a, int64_t rows, int64_t tile) {
   const uint8_t* w = a.lay.tile(a.packed, tile);
   const int64_t per = a.pairs ? 2 : 1, outputs = rows / per;  // int8 rows per output row
   alignas(64) int32_t dots[kAmxMaxRows][kTileRows];
@@ -1371,7 +1370,7 @@ INT8SERVE_VNNI512 void tile_amx_hinted(const TileArgs& a, int64_t rows, int64_t 
     // A weight group of one activation group (the default scheme): the general loop's arithmetic without its inner
     // sums in memory (the same fmas; 1.06-1.19x the speed at 4 and 8 rows, Sapphire Rapids, gemv_builds.py)
     if (g1 - g0 == 1) {
-      amx_group_dots<kHintBytes>(a, a.lay.group(w, g0), g0, dots);
+      amx_group_dots(a, a.lay.group(w, g0), g0, dots);
       for (int64_t o = 0; o < outputs; ++o) {
         const int64_t r = o * per;
         const __m512 xscale = _mm512_set1_ps(a.xscale[(r + per - 1) * a.groups + g0]);
@@ -1385,7 +1384,7 @@ INT8SERVE_VNNI512 void tile_amx_hinted(const TileArgs& a, int64_t rows, int64_t 
     }
     std::memset(inner, 0, static_cast<size_t>(outputs) * sizeof(inner[0]));
     for (int64_t g = g0; g < g1; ++g) {
-      amx_group_dots<kHintBytes>(a, a.lay.group(w, g), g, dots);
+      amx_group_dots(a, a.lay.group(w, g), g, dots);
       for (int64_t o = 0; o < outputs; ++o) {
         const int64_t r = o * per;
         const __m512 xscale = _mm512_set1_ps(a.xscale[(r + per - 1) * a.groups + g]);
@@ -1405,10 +1404,6 @@ INT8SERVE_VNNI512 void tile_amx_hinted(const TileArgs& a, int64_t rows, int64_t 
   const int64_t count = std::min(kTileRows, a.n - n0);
   for (int64_t o = 0; o < outputs; ++o)
     std::memcpy(a.y + o * a.n + n0, acc[o], static_cast<size_t>(count) * sizeof(float));
-}
-
-INT8SERVE_VNNI512 void tile_amx(const TileArgs& a, int64_t rows, int64_t tile) {
-  tile_amx_hinted<kAmxPrefetchSpan>(a, rows, tile);
 }
 
 using TileRows = void (*)(const TileArgs&, int64_t, int64_t);
