@@ -103,13 +103,15 @@ constexpr int64_t kPrefetchL2Bytes512 = INT8SERVE_PREFETCH_L2_BYTES_512;
 // line asked twice), 4 rows 1.09-1.14x (2176 bytes, one group's stride: 1.07-1.08x; 6 KB: 0.79-0.89x).
 // On an AMD EPYC Zen 4 the vnni512 line 4 KB ahead helps only calls of more than one pass of rows (2 threads,
 // precise, streamed weights, benchmarks/gemv_builds.py, 2026-12-02, the 7B decode shapes, two runs; without it: 1 row
-// 1.00-1.15x, 2 rows 0.86-1.07x, 4 rows 0.85-0.94x), so on AMD CPUs single-pass calls go without it (far_hint).
+// 1.00-1.15x, 2 rows 0.86-1.07x, 4 rows 0.85-0.94x), so on AMD CPUs calls of up to kMaxRows int8 rows (what was one
+// pass then) go without it (far_hint); since 2026-12-04 vnni512 takes 4 precise rows in one pass, with the hint
+// (without it 0.90-1.02x at 3 and 4 rows, the same CPU model and script).
 #ifndef INT8SERVE_PREFETCH_FAR_BYTES_512
 #define INT8SERVE_PREFETCH_FAR_BYTES_512 4096
 #endif
 constexpr int64_t kPrefetchFarBytes512 = INT8SERVE_PREFETCH_FAR_BYTES_512;
-// -1: single-pass calls take the far hint unless the CPU is AMD's (the rule above); 0 or 1: never or always
-// (benchmarks/gemv_builds.py builds variants to test the rule on another CPU).
+// -1: calls of up to kMaxRows int8 rows take the far hint unless the CPU is AMD's (the rule above); 0 or 1: never or
+// always (benchmarks/gemv_builds.py builds variants to test the rule on another CPU).
 #ifndef INT8SERVE_FAR_HINT_SINGLE_PASS
 #define INT8SERVE_FAR_HINT_SINGLE_PASS -1
 #endif
@@ -517,10 +519,11 @@ constexpr int64_t kSumFloats = 2 * kTileRows;  // per activation row
 #endif
 constexpr int64_t kChunkGroups = INT8SERVE_CHUNK_GROUPS;
 
-// vnni512: R activation rows (1..4) over activation groups [g0, g1) of one tile, reading its bytes strictly in memory
-// order: group by group, block by block, 64 bytes at a time. (Interleaving the 4 blocks of a group, to load each
-// activation broadcast once for all of them, halved the speed from memory at M = 1: the hardware prefetcher wants one
-// sequential stream.) `sums`: the pass's running sums (kSumFloats per row); the outputs are written at g1 == groups.
+// vnni512: R int8 activation rows (1..4; with pairs 2, 4, 6 or 8) over activation groups [g0, g1) of one tile,
+// reading its bytes strictly in memory order: group by group, block by block, 64 bytes at a time. (Interleaving the 4
+// blocks of a group, to load each activation broadcast once for all of them, halved the speed from memory at M = 1:
+// the hardware prefetcher wants one sequential stream.) `sums`: the pass's running sums (kSumFloats per row); the
+// outputs are written at g1 == groups.
 // A precise row's two int8 dot products as one (TileArgs): 256 * hi + lo, exact in int32.
 INT8SERVE_VNNI512 inline __m512i pair_dot(__m512i hi, __m512i lo) {
   return _mm512_add_epi32(_mm512_slli_epi32(hi, 8), lo);
@@ -685,10 +688,12 @@ INT8SERVE_TILE256(tile_avxvnni, DotAvxVnni, INT8SERVE_AVXVNNI)
 #define INT8SERVE_CHUNK_ROWS(NAME, KERNEL, TARGET)                                                       \
   TARGET void NAME(const TileArgs& a, int64_t rows, int64_t tile, int64_t g0, int64_t g1, float* sums) { \
     if (a.pairs) {                                                                                       \
-      if (rows == 2)                                                                                     \
-        KERNEL<2, true>(a, tile, g0, g1, sums);                                                          \
-      else                                                                                               \
-        KERNEL<4, true>(a, tile, g0, g1, sums);                                                          \
+      switch (rows) {                                                                                    \
+        case 2: KERNEL<2, true>(a, tile, g0, g1, sums); break;                                           \
+        case 4: KERNEL<4, true>(a, tile, g0, g1, sums); break;                                           \
+        case 6: KERNEL<6, true>(a, tile, g0, g1, sums); break;                                           \
+        default: KERNEL<8, true>(a, tile, g0, g1, sums); break;                                          \
+      }                                                                                                  \
       return;                                                                                            \
     }                                                                                                    \
     switch (rows) {                                                                                      \
@@ -1610,9 +1615,9 @@ static int gemv(const float* x, int64_t m, int64_t k, const uint8_t* packed, int
                        : kernel == kAvx2 ? rows_avx2_wide
                                          : rows_avxvnni_wide;
   // Each thread takes a contiguous range of tiles, i.e. one sequential stream of weights, and runs all activation
-  // rows over each tile (in passes of up to 4 rows; vnni512 a chunk of groups at a time, see kChunkGroups) while it
-  // is in cache. A small call stays on the calling thread (see kParallelGemvWork); the split never changes the
-  // result (each tile is computed alike).
+  // rows over each tile (in passes of up to 4 rows, or of 4 output rows with pairs; vnni512 a chunk of groups at a
+  // time, see kChunkGroups) while it is in cache. A small call stays on the calling thread (see kParallelGemvWork);
+  // the split never changes the result (each tile is computed alike).
   const bool small = rows_total * np * act.kp < kParallelGemvWork;
   const int nthreads = small ? 1 : static_cast<int>(std::max<int64_t>(1, std::min<int64_t>(threads, tiles)));
   if (wide && m >= kWideGemmMinRows) {  // a prefill chunk: the register-blocked GEMM, the same bits
@@ -1623,8 +1628,12 @@ static int gemv(const float* x, int64_t m, int64_t k, const uint8_t* packed, int
       gemm_wide16<false>(act, base, m, tiles, nthreads);
     return 0;
   }
-  const int64_t pass_rows = amx_tiles ? kAmxMaxRows : wide ? 2 * kMaxRows : kMaxRows;  // int8 rows, even with pairs
-  base.far_hint = rows_total > pass_rows ||
+  // int8 rows a pass (even with pairs): with pairs, 4 output rows on the 16-bit paths and on vnni512 (whose 8 int8 rows
+  // in one pass, against two passes of 4 over each chunk, on a Zen 4, 2 threads, streamed weights,
+  // benchmarks/gemv_builds.py against 1a9f4fc, three runs: 3 precise rows 1.04-1.31x, 4 rows 1.07-1.22x; 1 and 2 rows
+  // alike)
+  const int64_t pass_rows = amx_tiles ? kAmxMaxRows : wide || (pairs && kernel == kVnni512) ? 2 * kMaxRows : kMaxRows;
+  base.far_hint = rows_total > kMaxRows ||
                   (INT8SERVE_FAR_HINT_SINGLE_PASS < 0 ? !cpu_is_amd() : INT8SERVE_FAR_HINT_SINGLE_PASS > 0);
   // One pass of rows takes each tile whole; more take it kChunkGroups groups at a time, every pass over a chunk
   // before the next chunk (the weights stream from memory at one pace, and each chunk is read from memory once).
