@@ -199,10 +199,10 @@ constexpr int64_t kRowsAhead = INT8SERVE_ATTENTION_ROWS_AHEAD;
 // on their way while the last keys are read; a head's first kL2RowsAhead rows are asked for as it starts. AMD EPYC
 // Zen 4, 2 threads, bf16 caches, the 32 layers' attention of a decode step, alternating builds, 16 rounds a run (the
 // medians of the per-round ratios; the machine's noise moved single rounds by 0.9-1.3x): 32 rows ahead (8 KB of a
-// bf16 head of 128) against none, avx512, 4 rows at positions 512/384/256/128 1.06-1.08x in five runs, batch 1 at 512
-// 1.02-1.13x in four; the avx2 path on the same CPU 1.02x and 1.02x; 64 rows ahead 1.04x (4 rows) and 1.00-1.15x
-// (batch 1), 16 rows 1.04x and 1.05x. Not measured on an Intel CPU. (-DINT8SERVE_ATTENTION_L2_ROWS_AHEAD=0 builds
-// without them.)
+// bf16 head of 128) against none, avx512, 4 rows at positions 512/384/256/128 1.06-1.08x in five runs and 1.01x in a
+// sixth, batch 1 at 512 1.02-1.13x in four; the avx2 path on the same CPU 1.02x and 1.02x; 64 rows ahead 1.04x
+// (4 rows) and 1.00-1.15x (batch 1), 16 rows 1.04x and 1.05x. Not measured on an Intel CPU.
+// (-DINT8SERVE_ATTENTION_L2_ROWS_AHEAD=0 builds without them.)
 #ifndef INT8SERVE_ATTENTION_L2_ROWS_AHEAD
 #define INT8SERVE_ATTENTION_L2_ROWS_AHEAD 32
 #endif
@@ -219,13 +219,15 @@ inline void prefetch_rows(const T* rows, int64_t first, int64_t count, int64_t l
 }
 
 // The L2 hints for rows [first, first + count) of a head's stream of rows: its len keys, then its len values (row
-// len + i of the stream is value i). values null: the keys alone.
+// len + i of the stream is value i). values null: none (the rows of a prefill chunk, attend_rows, read each block
+// of keys and values once from memory and then from L1 for every row: there the hints only cost instructions, the
+// avx2 path's chunk attention 0.84-0.95x with them on a Zen 4, benchmarks/chunk_attention.py).
 template <class T>
 inline void hint_stream(const T* keys, const T* values, int64_t first, int64_t count, int64_t len, int64_t dim) {
-  if (kL2RowsAhead <= 0) return;
+  if (kL2RowsAhead <= 0 || values == nullptr) return;
   prefetch_rows<T, _MM_HINT_T1>(keys, first, count, len, dim);
   const int64_t begin = std::max(first, len), end = std::min(first + count, 2 * len);
-  if (values != nullptr && begin < end) prefetch_rows<T, _MM_HINT_T1>(values, begin - len, end - begin, len, dim);
+  if (begin < end) prefetch_rows<T, _MM_HINT_T1>(values, begin - len, end - begin, len, dim);
 }
 
 #pragma GCC push_options
@@ -276,7 +278,8 @@ inline __m512 exp16(__m512 x) {
   return _mm512_maskz_mov_ps(static_cast<__mmask16>(~tiny), _mm512_scalef_ps(p, n));
 }
 
-// values (or null): the head's values, whose first rows are asked for as the last keys are read (hint_stream).
+// values (or null: no L2 hints): the head's values, whose first rows are asked for as the last keys are read
+// (hint_stream).
 template <class T, int C>
 void scores_hinting_avx512(const float* q, const T* keys, int64_t len, int64_t dim, float scale, float* s,
                             const T* values) {
@@ -306,7 +309,7 @@ void scores_hinting_avx512(const float* q, const T* keys, int64_t len, int64_t d
   }
 }
 
-// The keys alone (a piece of attend_rows, whose blocks of values come later).
+// The keys alone, without L2 hints (a piece of attend_rows).
 template <class T, int C>
 void scores_avx512(const float* q, const T* keys, int64_t len, int64_t dim, float scale, float* s) {
   scores_hinting_avx512<T, C>(q, keys, len, dim, scale, s, nullptr);
@@ -334,14 +337,14 @@ float softmax_avx512(float* s, int64_t len) {
 }
 
 // The weighted sum's pieces (see accumulate_scalar): the running sums in registers within a piece.
-template <class T, int C>
+template <class T, int C, bool kHintL2 = false>  // kHintL2: a decode step's head (hint_stream), not attend_rows
 void accumulate_avx512(const float* p, const T* values, int64_t len, int64_t dim, float* acc) {
   const __mmask16 tail = static_cast<__mmask16>((1u << (dim - 16 * (C - 1))) - 1);
   __m512 sums[C];
   for (int c = 0; c < C; ++c) sums[c] = load16(acc + 16 * c, c == C - 1 ? tail : 0xFFFF);
   for (int64_t l = 0; l < len; ++l) {
     prefetch_rows(values, l + kRowsAhead, 1, len, dim);
-    if (kL2RowsAhead > 0) prefetch_rows<T, _MM_HINT_T1>(values, l + kL2RowsAhead, 1, len, dim);
+    if (kHintL2 && kL2RowsAhead > 0) prefetch_rows<T, _MM_HINT_T1>(values, l + kL2RowsAhead, 1, len, dim);
     const __m512 w = _mm512_set1_ps(p[l]);
     for (int c = 0; c < C; ++c)
       sums[c] = _mm512_fmadd_ps(w, load16(values + l * dim + 16 * c, c == C - 1 ? tail : 0xFFFF), sums[c]);
@@ -362,7 +365,7 @@ void finish_avx512(const float* acc, int64_t dim, float inv_sum, float* out) {
 template <class T, int C>
 void weighted_sum_avx512(const float* p, const T* values, int64_t len, int64_t dim, float inv_sum, float* out) {
   std::fill(out, out + dim, 0.0f);
-  accumulate_avx512<T, C>(p, values, len, dim, out);
+  accumulate_avx512<T, C, true>(p, values, len, dim, out);
   finish_avx512<C>(out, dim, inv_sum, out);
 }
 
@@ -492,13 +495,13 @@ float softmax_avx2(float* s, int64_t len) {
 }
 
 // The weighted sum's pieces (see accumulate_scalar): the running sums in registers within a piece.
-template <class T, int C>
+template <class T, int C, bool kHintL2 = false>  // kHintL2: a decode step's head (hint_stream), not attend_rows
 void accumulate_avx2(const float* p, const T* values, int64_t len, int64_t dim, float* acc) {
   __m256 sums[C];
   for (int c = 0; c < C; ++c) sums[c] = _mm256_loadu_ps(acc + 8 * c);
   for (int64_t l = 0; l < len; ++l) {
     prefetch_rows(values, l + kRowsAhead, 1, len, dim);
-    if (kL2RowsAhead > 0) prefetch_rows<T, _MM_HINT_T1>(values, l + kL2RowsAhead, 1, len, dim);
+    if (kHintL2 && kL2RowsAhead > 0) prefetch_rows<T, _MM_HINT_T1>(values, l + kL2RowsAhead, 1, len, dim);
     const __m256 w = _mm256_set1_ps(p[l]);
     for (int c = 0; c < C; ++c) sums[c] = _mm256_fmadd_ps(w, load8(values + l * dim + 8 * c), sums[c]);
   }
@@ -514,7 +517,7 @@ void finish_avx2(const float* acc, [[maybe_unused]] int64_t dim, float inv_sum, 
 template <class T, int C>
 void weighted_sum_avx2(const float* p, const T* values, int64_t len, int64_t dim, float inv_sum, float* out) {
   std::fill(out, out + dim, 0.0f);
-  accumulate_avx2<T, C>(p, values, len, dim, out);
+  accumulate_avx2<T, C, true>(p, values, len, dim, out);
   finish_avx2<C>(out, dim, inv_sum, out);
 }
 
