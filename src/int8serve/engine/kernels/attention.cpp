@@ -201,7 +201,8 @@ constexpr int64_t kRowsAhead = INT8SERVE_ATTENTION_ROWS_AHEAD;
 // medians of the per-round ratios; the machine's noise moved single rounds by 0.9-1.3x): 32 rows ahead (8 KB of a
 // bf16 head of 128) against none, avx512, 4 rows at positions 512/384/256/128 1.06-1.08x in five runs and 1.01x in a
 // sixth, batch 1 at 512 1.02-1.13x in four; the avx2 path on the same CPU 1.02x and 1.02x; 64 rows ahead 1.04x
-// (4 rows) and 1.00-1.15x (batch 1), 16 rows 1.04x and 1.05x. Not measured on an Intel CPU.
+// (4 rows) and 1.00-1.15x (batch 1), 16 rows 1.04x and 1.05x. On a Sapphire Rapids an earlier form (64 or 128 rows
+// ahead, keys and values apart, no hints as a head starts) gained nothing; this one was not measured there.
 // (-DINT8SERVE_ATTENTION_L2_ROWS_AHEAD=0 builds without them.)
 #ifndef INT8SERVE_ATTENTION_L2_ROWS_AHEAD
 #define INT8SERVE_ATTENTION_L2_ROWS_AHEAD 32
