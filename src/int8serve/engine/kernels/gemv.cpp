@@ -885,20 +885,14 @@ INT8SERVE_AVX2 void rows_wide_of(const TileArgs& a, int64_t rows, int64_t tile) 
   }
 }
 
-// `rows` int8 rows of a pass (2..8: pairs, i.e. 1..4 output rows) -> tile_avx2_wide's instance.
-INT8SERVE_AVX2 void rows_avx2_wide(const TileArgs& a, int64_t rows, int64_t tile) {
+// `rows` int8 rows of a pass (2..8: pairs, i.e. 1..4 output rows) -> tile_avx2_wide's instance; kDot: the avxvnni
+// path's (vpdpwssd where 4 rows are multiplied in assembly), else the avx2 path's.
+template <bool kDot>
+INT8SERVE_AVX2 void rows_wide(const TileArgs& a, int64_t rows, int64_t tile) {
   if (a.lay.span == 1)
-    rows_wide_of<true, false>(a, rows, tile);
+    rows_wide_of<true, kDot>(a, rows, tile);
   else
-    rows_wide_of<false, false>(a, rows, tile);
-}
-
-// The avxvnni path's: the same, with vpdpwssd where 4 rows are multiplied in assembly.
-INT8SERVE_AVX2 void rows_avxvnni_wide(const TileArgs& a, int64_t rows, int64_t tile) {
-  if (a.lay.span == 1)
-    rows_wide_of<true, true>(a, rows, tile);
-  else
-    rows_wide_of<false, true>(a, rows, tile);
+    rows_wide_of<false, kDot>(a, rows, tile);
 }
 
 // ---- avx2 and avxvnni with precise activations, many rows: a register-blocked GEMM ----
@@ -1609,11 +1603,9 @@ static int gemv(const float* x, int64_t m, int64_t k, const uint8_t* packed, int
   const bool amx_tiles = path == kAmx && rows_total > kMaxRows;
   const Impl kernel = path == kAmx ? kVnni512 : path;
   const bool wide = pairs && takes_wide_rows(kernel, m);  // precise rows as 16-bit integers (tile_avx2_wide)
+  const bool dot = kernel == kAvxVnni;  // 16-bit rows with vpdpwssd (else vpmaddwd + vpaddd)
   const ChunkRows chunked = amx_tiles ? nullptr : chunk_rows(kernel);
-  const TileRows run = amx_tiles     ? tile_amx
-                       : !wide         ? tile_rows(kernel)
-                       : kernel == kAvx2 ? rows_avx2_wide
-                                         : rows_avxvnni_wide;
+  const TileRows run = amx_tiles ? tile_amx : !wide ? tile_rows(kernel) : dot ? rows_wide<true> : rows_wide<false>;
   // Each thread takes a contiguous range of tiles, i.e. one sequential stream of weights, and runs all activation
   // rows over each tile (in passes of up to 4 rows, or of 4 output rows with pairs; vnni512 a chunk of groups at a
   // time, see kChunkGroups) while it is in cache. A small call stays on the calling thread (see kParallelGemvWork);
@@ -1622,7 +1614,7 @@ static int gemv(const float* x, int64_t m, int64_t k, const uint8_t* packed, int
   const int nthreads = small ? 1 : static_cast<int>(std::max<int64_t>(1, std::min<int64_t>(threads, tiles)));
   if (wide && m >= kWideGemmMinRows) {  // a prefill chunk: the register-blocked GEMM, the same bits
     base.y = y;
-    if (kernel == kAvxVnni)
+    if (dot)
       gemm_wide16<true>(act, base, m, tiles, nthreads);
     else
       gemm_wide16<false>(act, base, m, tiles, nthreads);
