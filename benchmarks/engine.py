@@ -53,7 +53,7 @@ from torch import Tensor, nn
 
 from benchmarks.common import display_command, write_section
 from benchmarks.machine import QUIET, QUIET_BUDGET, CpuShares, QuietWaiter, least_contended, log, machine_facts, rss_gb
-from int8serve.engine import decode_plan
+from int8serve.engine import decode_plan, kv_int8
 from int8serve.engine.config import ModelConfig
 from int8serve.engine.generate import prefill
 from int8serve.engine.int8 import (
@@ -194,7 +194,8 @@ def fill_cache(cache: KVCache, seed: int = 1) -> None:
     """Write small random values everywhere: untouched pages would all read the kernel's shared zero page."""
     generator = torch.Generator().manual_seed(seed)
     for tensor in cache.k + cache.v:
-        tensor.copy_(torch.randn(tensor.shape, generator=generator) * 0.5)
+        values = torch.randn(*tensor.shape[:-1], cache.head_dim, generator=generator) * 0.5
+        tensor.copy_(kv_int8.quantize(values) if tensor.dtype == torch.int8 else values)  # (an int8 cache: rows)
 
 
 def random_tokens(shape: tuple[int, ...], vocab: int, generator: torch.Generator) -> Tensor:
@@ -405,6 +406,7 @@ class AttentionRun:
 
     setting: str
     path: str  # what the setting ran on this CPU
+    kv_cache: str  # the model's KV cache (--kv-cache: bf16 or int8)
     decode_b1: Timing
     decode_b4: Timing
     split_b1: Timing  # the same steps again, each split into its Int8Linear calls and the rest (LinearClock)
@@ -440,8 +442,39 @@ def attention_path(setting: str) -> str:
     return f"kernel, {attention_kernel.resolve(setting)}"  # type: ignore[arg-type]
 
 
+def _b4_starts(prompt_len: int) -> list[int]:
+    return [prompt_len - i * (prompt_len // 4) for i in range(4)]  # 512, 384, 256, 128 for a 512 prompt
+
+
+def _decode_run(model: Transformer, cache: KVCache, decode: Callable[..., Timing], setting: str, kv_cache: str,
+                prompt_len: int, decode_steps: int, warmup: int, weight_bytes: int, quiet: QuietWaiter
+                ) -> AttentionRun:
+    """Batch-1 and batch-4 decode steps with one attention setting on `cache`, then split (LinearClock)."""
+    attention_kernel.set_setting(setting)
+    path = attention_path(setting)
+    b4_starts = _b4_starts(prompt_len)
+    log(f"decode batch 1, attention {path}, {kv_cache} KV cache: {decode_steps} steps from position {prompt_len} ...")
+    decode_b1 = least_contended(functools.partial(decode, [0], [prompt_len]), quiet)
+    log(f"  median step {decode_b1.median * 1e3:.1f} ms = {1 / decode_b1.median:.2f} tok/s; median bandwidth "
+        f"{statistics.median(decode_b1.bandwidths):.1f} GB/s; "
+        f"roofline share {decode_b1.roofline_share(weight_bytes):.0%}")
+    log(f"decode batch 4, attention {path}, {kv_cache} KV cache: slots 0-3 from positions {b4_starts} ...")
+    decode_b4 = least_contended(functools.partial(decode, [0, 1, 2, 3], b4_starts), quiet)
+    log(f"  median step {decode_b4.median * 1e3:.1f} ms = {4 / decode_b4.median:.2f} tok/s aggregate; "
+        f"roofline share {decode_b4.roofline_share(weight_bytes):.0%}")
+    splits = {}
+    for batch, slots, starts in ((1, [0], [prompt_len]), (4, [0, 1, 2, 3], b4_starts)):
+        log(f"decode batch {batch}, attention {path}: {decode_steps} steps split into the linears and the rest ...")
+        splits[batch] = least_contended(functools.partial(time_decode, model, cache, slots, starts, decode_steps,
+                                                          None, warmup, split=True), quiet)
+        log(f"  outside the linears: {splits[batch].rest_share:.1%} of a step (median over steps)")
+    return AttentionRun(setting, path, kv_cache, decode_b1, decode_b4, splits[1], splits[4],
+                        planned=decode_plan.usable(model))
+
+
 def run_engine(config: ModelConfig, prompt_len: int, decode_steps: int, quiet: QuietWaiter,
-               attention: Sequence[str] = ("auto",), group_size: int = DEFAULT_GROUP_SIZE) -> EngineResults:
+               attention: Sequence[str] = ("auto",), group_size: int = DEFAULT_GROUP_SIZE,
+               kv_caches: Sequence[str] = ("bf16",)) -> EngineResults:
     log(f"building a random int8 model: {config.n_layers} layers of the Llama-2-7B shape, "
         f"{describe_scales(group_size)} ...")
     started = time.perf_counter()
@@ -462,39 +495,30 @@ def run_engine(config: ModelConfig, prompt_len: int, decode_steps: int, quiet: Q
     del cache
     gc.collect()
 
-    cache = model.new_cache(4, cache_len)
-    fill_cache(cache)
-    probe = BandwidthProbe()
-    log(f"decode: 4-slot cache of {cache_len} positions ({cache.nbytes() / 1e9:.2f} GB); "
-        f"bandwidth sampled before every step; process resident {rss_gb():.2f} GB")
-    decode = functools.partial(time_decode, model, cache, steps=decode_steps, probe=probe, warmup=warmup)
-    b4_starts = [prompt_len - i * (prompt_len // 4) for i in range(4)]  # 512, 384, 256, 128 for a 512 prompt
-    runs = []
-    for setting in attention:
-        attention_kernel.set_setting(setting)
-        path = attention_path(setting)
-        log(f"decode batch 1, attention {path}: {decode_steps} steps from position {prompt_len} ...")
-        decode_b1 = least_contended(functools.partial(decode, [0], [prompt_len]), quiet)
-        log(f"  median step {decode_b1.median * 1e3:.1f} ms = {1 / decode_b1.median:.2f} tok/s; median bandwidth "
-            f"{statistics.median(decode_b1.bandwidths):.1f} GB/s; "
-            f"roofline share {decode_b1.roofline_share(weight_bytes):.0%}")
-        log(f"decode batch 4, attention {path}: slots 0-3 from positions {b4_starts} ...")
-        decode_b4 = least_contended(functools.partial(decode, [0, 1, 2, 3], b4_starts), quiet)
-        log(f"  median step {decode_b4.median * 1e3:.1f} ms = {4 / decode_b4.median:.2f} tok/s aggregate; "
-            f"roofline share {decode_b4.roofline_share(weight_bytes):.0%}")
-        splits = {}
-        for batch, slots, starts in ((1, [0], [prompt_len]), (4, [0, 1, 2, 3], b4_starts)):
-            log(f"decode batch {batch}, attention {path}: {decode_steps} steps split into the linears and the rest ...")
-            splits[batch] = least_contended(functools.partial(time_decode, model, cache, slots, starts, decode_steps,
-                                                              None, warmup, split=True), quiet)
-            log(f"  outside the linears: {splits[batch].rest_share:.1%} of a step (median over steps)")
-        runs.append(AttentionRun(setting, path, decode_b1, decode_b4, splits[1], splits[4],
-                                 planned=decode_plan.usable(model)))
-    del probe, decode
+    runs, caches = [], []
+    for kv_cache in kv_caches:
+        model.set_kv_cache(kv_cache)
+        cache = model.new_cache(4, cache_len)
+        caches.append(cache)
+        fill_cache(cache)
+        probe = BandwidthProbe()
+        log(f"decode: 4-slot {kv_cache} KV cache of {cache_len} positions ({cache.nbytes() / 1e9:.2f} GB); "
+            f"bandwidth sampled before every step; process resident {rss_gb():.2f} GB")
+        decode = functools.partial(time_decode, model, cache, steps=decode_steps, probe=probe, warmup=warmup)
+        for setting in attention:
+            runs.append(_decode_run(model, cache, decode, setting, kv_cache, prompt_len, decode_steps, warmup,
+                                    weight_bytes, quiet))
+        del probe, decode
+    decode_b1, decode_b4 = runs[0].decode_b1, runs[0].decode_b4  # the first KV cache, the first setting
+    b4_starts = _b4_starts(prompt_len)
+    model.set_kv_cache(kv_caches[0])
+    cache = caches[0]
+    del caches
     gc.collect()
 
     middle = prompt_len + warmup + decode_steps // 2
-    kv_bytes_b1 = 2 * config.n_layers * config.n_kv_heads * config.head_dim * middle * cache.k[0].element_size()
+    row_bytes = cache.k[0].shape[-1] * cache.k[0].element_size()  # a key's or value's bytes (kv_int8.row_size)
+    kv_bytes_b1 = 2 * config.n_layers * config.n_kv_heads * row_bytes * middle
     linears_b1 = least_contended(functools.partial(time_linears_only, model, 1), quiet)
     linears_b4 = least_contended(functools.partial(time_linears_only, model, 4), quiet)
     quiet.wait()
@@ -648,7 +672,7 @@ def engine_report(r: EngineResults, start_bandwidth: float, best_bandwidth: floa
         f"untied head), random int8 weights with {describe_scales(r.group_size)}: "
         f"**{r.weight_bytes / 1e9:.3f} GB** of int8 weights + bf16 scales read per decode step. Built directly in "
         f"int8 in {r.build_seconds:.1f} s; process resident size after building {r.rss_gb:.2f} GB (int8 weights + "
-        "the fp32 embedding). KV cache bf16, "
+        f"the fp32 embedding). KV cache {r.attention[0].kv_cache} in the tables above the split (`--kv-cache`), "
         f"{r.cache_len} positions per slot.",
         "",
         f"Roofline: {r.weight_bytes / 1e9:.3f} GB ÷ bandwidth. At the median bandwidth sampled just before the "
@@ -704,23 +728,26 @@ def engine_report(r: EngineResults, start_bandwidth: float, best_bandwidth: floa
         f"{r.weight_bytes / r.linears_b1.median / 1e9 / b1_bandwidth:.0%} of the median bandwidth sampled before the "
         "batch-1 steps.",
         "",
-        "| decode attention (`INT8SERVE_ATTENTION`) | batch | step ms | inside the Int8Linear calls, ms | rest: share "
-        "of a step | goal | the linears alone, ms (GB/s) |",
+        "| decode attention (`INT8SERVE_ATTENTION`), KV cache (`--kv-cache`) | batch | step ms | inside the Int8Linear "
+        "calls, ms | rest: share of a step | goal | the linears alone, ms (GB/s) |",
         "|---|---|---|---|---|---|---|",
     ]
     verdicts = []
     for run in r.attention:
+        run_verdicts = []
         for batch, split, alone in ((1, run.split_b1, r.linears_b1), (4, run.split_b4, r.linears_b4)):
             goal = TARGET_REST[batch]
             met = "met" if split.rest_share <= goal else "not met"
             how = "decode plan" if run.planned else "modules"
-            lines.append(f"| {run.path} (`{run.setting}`), {how} | {batch} | {split.median * 1e3:.0f} | "
-                         f"{split.linear_median * 1e3:.0f} | **{split.rest_share:.1%}** | ≤ {goal:.0%}: {met} | "
-                         f"{alone.median * 1e3:.0f} ({r.weight_bytes / alone.median / 1e9:.1f} GB/s) |")
-            verdicts.append(f"batch {batch}: {split.rest_share:.1%} (goal ≤ {goal:.0%}: {met})")
+            lines.append(f"| {run.path} (`{run.setting}`), {how}, {run.kv_cache} | {batch} | "
+                         f"{split.median * 1e3:.0f} | {split.linear_median * 1e3:.0f} | **{split.rest_share:.1%}** | "
+                         f"≤ {goal:.0%}: {met} | {alone.median * 1e3:.0f} "
+                         f"({r.weight_bytes / alone.median / 1e9:.1f} GB/s) |")
+            run_verdicts.append(f"batch {batch}: {split.rest_share:.1%} (goal ≤ {goal:.0%}: {met})")
+        verdicts.append(f"{run.path}, {run.kv_cache} KV cache: {'; '.join(run_verdicts)}")
     lines += [
         "",
-        f"**The non-matmul share of a decode step ({r.attention[-1].path}): {'; '.join(verdicts[-2:])}.**",
+        f"**The non-matmul share of a decode step ({'. '.join(verdicts[-2:])}).**",
         "",
         "",
         "Ops with the most self time in one profiled batch-1 step (torch.profiler, which slows the step a little; "
@@ -837,6 +864,8 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--attention", nargs="+", default=["auto"], choices=attention_kernel.SETTINGS,
                         metavar="SETTING", help="decode attention settings (INT8SERVE_ATTENTION) to time, in this "
                         "order, e.g. `torch auto` for the row-by-row torch path against the kernel (default auto)")
+    parser.add_argument("--kv-cache", nargs="+", default=["bf16"], choices=["bf16", "int8"], metavar="KIND",
+                        help="KV caches to time decode on, in this order (the server's --kv-cache; default bf16)")
     parser.add_argument("--group-size", type=int, choices=GROUP_SIZES, default=DEFAULT_GROUP_SIZE,
                         help="input values per weight scale, 0 = one per output channel (default "
                              f"{DEFAULT_GROUP_SIZE}, the default scheme of `int8serve quantize`)")
@@ -864,7 +893,8 @@ def main(argv: Sequence[str] | None = None) -> None:
     engine = None
     if not args.no_engine:
         config = ModelConfig(**{**LLAMA2_7B.to_dict(), "n_layers": args.layers})
-        engine = run_engine(config, args.prompt, args.decode_steps, quiet, args.attention, args.group_size)
+        engine = run_engine(config, args.prompt, args.decode_steps, quiet, args.attention, args.group_size,
+                            args.kv_cache)
         bandwidths.append(measure_bandwidth(quiet))
         log(f"read bandwidth again: {bandwidths[-1]:.1f} GB/s")
     kernels = run_kernels(args.kernel_m, quiet) if args.kernels else None

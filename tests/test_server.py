@@ -66,6 +66,7 @@ def test_serve_makes_and_prints_a_token_when_none_is_configured(tmp_path: Path, 
         assert "rate limits: 5 requests per 60 s per account and model" in text and "in this process" in text
         assert "response cache: on (card: in_memory), account scope, TTL 300 s" in text
         assert "daily allocation: off" in text
+        assert "KV cache: bf16 (--kv-cache int8: 0.56x), " in text and "for 4 x 512 positions" in text
         # the default 128-token prefill chunks take the dense path (replies are not reusable, and the line says how),
         # except on the avx2 path (an AVX2-only CPU), whose kernel takes every chunk row-exact
         if kernel_rows() < 128:
@@ -86,6 +87,33 @@ def test_serve_makes_and_prints_a_token_when_none_is_configured(tmp_path: Path, 
         assert process.poll() is None
         stop(process)
     assert process.returncode == 0
+
+
+def test_serve_with_an_int8_kv_cache(tmp_path: Path, shared_dir: Path) -> None:
+    """--kv-cache int8: the start-up line says so and gives its size; greedy answers come back, the same whether
+    the prompt prefix came from the prefix cache (its blocks int8 rows too) or not."""
+    process, port = start("--model", str(shared_dir / "models" / "stories260K" / "hf"), "--kv-cache", "int8",
+                          "--token", "t=acct", tmp_path=tmp_path)
+    try:
+        lines = []
+        while not any("ready: http://" in line for line in lines):
+            lines.append(process.stderr.readline())
+        text = "".join(lines)
+        size = re.search(r"KV cache: int8 rows, an fp32 scale per 32 values \(--kv-cache int8\), ([\d.]+) GiB for "
+                         r"4 x 512 positions", text)
+        assert size is not None, text
+        url = f"http://127.0.0.1:{port}/client/v4/accounts/acct/ai/v1/completions"
+        body = {"model": MODEL, "prompt": "Once upon a time, there was a little girl named Lily. She liked to play "
+                "in the park with her dog.", "max_tokens": 16, "temperature": 0}
+        answers = [httpx.post(url, headers={"Authorization": "Bearer t", "cf-skip-cache": "true"}, json=body,
+                              timeout=60) for _ in range(2)]
+        assert all(a.status_code == 200 for a in answers), answers[0].text
+        first, second = (a.json() for a in answers)
+        assert second["usage"]["prompt_tokens_details"]["cached_tokens"] >= 16  # the prefix cache's int8 blocks
+        assert first["choices"][0]["text"] and first["choices"][0]["text"] == second["choices"][0]["text"]
+    finally:
+        err = stop(process)
+    assert "Traceback" not in err
 
 
 def test_serve_with_configured_tokens(tmp_path: Path) -> None:

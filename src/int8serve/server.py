@@ -196,6 +196,8 @@ def _start_engine(settings: ServeSettings, served: ServedModel) -> tuple[Engine,
     if loaded.tokenizer_path is None:
         raise ServeError(f"{loaded.path}: no tokenizer.model (in the folder or its parent) or tokenizer.json")
     tokenizer = load_tokenizer(loaded.tokenizer_path)
+    if settings.dtype == "int8":
+        loaded.model.set_kv_cache(settings.kv_cache)  # before the engine and the prefix cache make their caches
     context = min(card.context_length_limit, loaded.config.max_seq_len)
     prefix = _prefix_cache(settings, loaded.model, card.max_concurrent_requests * context)
     engine = Engine(loaded.model, tokenizer, max_slots=card.max_concurrent_requests, max_queue=settings.max_queue,
@@ -215,12 +217,20 @@ def _start_engine(settings: ServeSettings, served: ServedModel) -> tuple[Engine,
         f"  limits: context {context} tokens (card {card.context_length_limit}, model {loaded.config.max_seq_len}), "
         f"max_tokens <= {card.sequence_length_limit}, {card.max_concurrent_requests} slots, "
         f"queue {settings.max_queue}, prefill chunk {settings.prefill_chunk}",
+        f"  KV cache: {_describe_kv_cache(loaded.model, engine)}",
         f"  {decode_plan.describe(loaded.model)}",
         f"  prefix cache: {prefix.capacity_tokens} tokens ({prefix.nbytes() / 2**20:.0f} MiB), the default system "
         f"prompt's {warmed} tokens warmed in {warming:.1f} s; {_what_is_reused(engine, settings.prefill_chunk)}"
         if prefix is not None else "  prefix cache: off",
     ]
     return engine, lines
+
+
+def _describe_kv_cache(model: Transformer, engine: Engine) -> str:
+    cache = engine.cache
+    what = {"int8": "int8 rows, an fp32 scale per 32 values (--kv-cache int8)",
+            "bf16": "bf16 (--kv-cache int8: 0.56x)"}.get(model.kv_cache, model.kv_cache)
+    return f"{what}, {cache.nbytes() / 2**30:.2f} GiB for {cache.n_slots} x {cache.max_seq_len} positions"
 
 
 def _what_is_reused(engine: Engine, prefill_chunk: int) -> str:

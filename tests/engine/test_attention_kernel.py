@@ -11,6 +11,7 @@ from collections.abc import Iterator
 import pytest
 import torch
 
+from int8serve.engine import kv_int8
 from int8serve.engine.kernels import BuildError, attention
 from int8serve.engine.model import apply_rope, rope_tables
 
@@ -39,8 +40,8 @@ class Case:
         self.k = torch.randn(batch, kv_heads, dim, generator=g)  # [B, Hkv, D]
         self.v = torch.randn(batch, kv_heads, dim, generator=g)
         self.cos, self.sin = rope_tables(dim, max_len, 10000.0)
-        self.cache_k = torch.randn(n_slots, kv_heads, max_len, dim, generator=g).to(dtype)
-        self.cache_v = torch.randn(n_slots, kv_heads, max_len, dim, generator=g).to(dtype)
+        self.cache_k = stored(torch.randn(n_slots, kv_heads, max_len, dim, generator=g), dtype)
+        self.cache_v = stored(torch.randn(n_slots, kv_heads, max_len, dim, generator=g), dtype)
         self.slots = torch.tensor(slots if slots is not None else list(range(batch)), dtype=torch.int64)
         self.positions = torch.tensor(positions, dtype=torch.int64)
 
@@ -61,12 +62,22 @@ class Case:
             slot, pos = int(self.slots[row]), int(self.positions[row])
             cos, sin = self.cos[pos][None, None], self.sin[pos][None, None]  # [1, 1, D]
             q = apply_rope(self.q[row][None, None], cos, sin)[0, 0]  # [H, D]
-            cache_k[slot, :, pos] = apply_rope(self.k[row][None, None], cos, sin)[0, 0]
-            cache_v[slot, :, pos] = self.v[row]
-            keys, values = cache_k[slot, :, :pos + 1].float(), cache_v[slot, :, :pos + 1].float()
+            cache_k[slot, :, pos] = stored(apply_rope(self.k[row][None, None], cos, sin)[0, 0], cache_k.dtype)
+            cache_v[slot, :, pos] = stored(self.v[row], cache_v.dtype)
+            keys, values = read(cache_k[slot, :, :pos + 1], dim), read(cache_v[slot, :, :pos + 1], dim)
             scores = q.view(kv_heads, heads // kv_heads, dim) @ keys.transpose(1, 2) * dim**-0.5
             out[row] = (torch.softmax(scores, -1) @ values).view(heads, dim)
         return out, cache_k, cache_v
+
+
+def stored(x: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+    """fp32 keys or values [..., D] as a cache of `dtype` holds them (int8: kv_int8's rows of values and scales)."""
+    return kv_int8.quantize(x) if dtype == torch.int8 else x.to(dtype)
+
+
+def read(rows: torch.Tensor, dim: int) -> torch.Tensor:
+    """A cache's rows [..., row] as fp32 [..., D]."""
+    return kv_int8.dequantize(rows, dim) if rows.dtype == torch.int8 else rows.float()
 
 
 SHAPES = [  # heads, kv heads, head_dim, cache dtype
@@ -76,6 +87,10 @@ SHAPES = [  # heads, kv heads, head_dim, cache dtype
     (6, 3, 24, torch.bfloat16),  # head_dim not a multiple of 16 (masked AVX-512 tail)
     (4, 1, 40, torch.float32),  # one kv head for all
     (8, 4, 32, torch.float16),  # an fp16 cache
+    (32, 32, 128, torch.int8),  # int8 caches (kv_int8.py): Llama-2-7B, 4 groups of 32 a row
+    (9, 3, 64, torch.int8),  # SmolLM2-135M: 2 groups
+    (8, 4, 8, torch.int8),  # stories260K: one short group (the vector paths' int8 rows take the scalar code)
+    (6, 3, 40, torch.int8),  # a group of 32 and a short one (likewise)
 ]
 
 
@@ -102,7 +117,7 @@ def test_every_position_from_the_first(path: str) -> None:
 
 
 @pytest.mark.parametrize("path", ALL_PATHS)
-@pytest.mark.parametrize(("heads", "kv_heads", "dim", "dtype"), SHAPES[:3])
+@pytest.mark.parametrize(("heads", "kv_heads", "dim", "dtype"), [*SHAPES[:3], *SHAPES[6:8]])
 def test_a_row_is_bitwise_the_same_whatever_else_is_in_the_batch(path: str, heads: int, kv_heads: int, dim: int,
                                                                  dtype: torch.dtype) -> None:
     runnable(path)
@@ -171,7 +186,7 @@ def test_bad_shapes_and_dtypes_are_refused() -> None:
     with pytest.raises(ValueError, match="do not fit"):
         attention.decode_attention(case.q, case.k[:, :2].contiguous(), case.v, case.cos, case.sin, case.slots,
                                    case.positions, case.cache_k, case.cache_v)
-    with pytest.raises(ValueError, match="fp32, bf16 or fp16"):
+    with pytest.raises(ValueError, match="fp32, bf16, fp16 or int8"):
         attention.decode_attention(case.q, case.k, case.v, case.cos, case.sin, case.slots, case.positions,
                                    case.cache_k.double(), case.cache_v.double())
 

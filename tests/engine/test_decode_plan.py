@@ -74,11 +74,14 @@ def both_ways(model: Transformer, monkeypatch: pytest.MonkeyPatch, steps: int, s
     return decode(model, steps, starts), modules
 
 
+@pytest.mark.parametrize("kv_cache", ["bf16", "int8"])
 @pytest.mark.parametrize("starts", [[0], [7], [30, 3, 17], [5, 5, 40, 0]])
-def test_a_plan_gives_the_modules_bits_on_gqa_and_padded_stacks(starts: list[int], runs: list[int],
+def test_a_plan_gives_the_modules_bits_on_gqa_and_padded_stacks(starts: list[int], kv_cache: str, runs: list[int],
                                                                  monkeypatch: pytest.MonkeyPatch) -> None:
     model = build_random_int8_model(ODD, group_size=32)
+    model.set_kv_cache(kv_cache)
     planned, modules = both_ways(model, monkeypatch, 4, starts)
+    assert planned[1].k[0].dtype == model.cache_dtype == {"bf16": torch.bfloat16, "int8": torch.int8}[kv_cache]
     assert runs == [len(starts)] * 4  # every step of the second run through the plan, none of the first
     assert_same(planned, modules)
 
@@ -92,6 +95,18 @@ def test_a_plan_gives_the_modules_bits_on_real_models(name: str, request: pytest
     assert_same(planned, modules)
     one_planned, one_modules = both_ways(loaded.model, monkeypatch, 2, [20])
     assert_same(one_planned, one_modules)
+
+
+def test_a_plan_gives_the_modules_bits_with_an_int8_kv_cache_on_smollm2(smollm2_int8: LoadedModel, runs: list[int],
+                                                                       monkeypatch: pytest.MonkeyPatch) -> None:
+    model = smollm2_int8.model  # head_dim 64: the vector paths' int8 rows (2 groups of 32)
+    model.set_kv_cache("int8")
+    try:
+        planned, modules = both_ways(model, monkeypatch, 2, [12, 0, 33, 9])
+    finally:
+        model.set_kv_cache("bf16")  # (a fixture of the whole session)
+    assert runs == [4] * 2 and planned[1].k[0].dtype == torch.int8
+    assert_same(planned, modules)
 
 
 def test_a_replaced_weight_makes_the_plan_again_and_a_stale_stack_runs_the_modules(

@@ -4,6 +4,7 @@ used first (its use by the scheduler, and exactness, are in test_scheduler.py)."
 from __future__ import annotations
 
 import random
+from collections.abc import Iterator
 from typing import Any
 
 import pytest
@@ -144,9 +145,19 @@ def prompts(tokenizer: Tokenizer) -> list[list[int]]:
         base[:70], other]
 
 
+@pytest.fixture(params=["bf16", "int8"])
+def kv_cache(request: pytest.FixtureRequest, stories_int8: LoadedModel) -> Iterator[str]:
+    """stories260K's KV caches (and so the prefix cache's blocks) in bf16, then as int8 rows (kv_int8.py)."""
+    stories_int8.model.set_kv_cache(request.param)
+    try:
+        yield request.param
+    finally:
+        stories_int8.model.set_kv_cache("bf16")  # (a fixture of the whole session)
+
+
 @pytest.mark.parametrize("params", [SamplingParams(temperature=0), SamplingParams(temperature=0.9, top_p=0.9, seed=7)])
 def test_logits_and_tokens_are_the_same_bits_with_the_cache_cold_warm_and_evicted(
-        stories_int8: LoadedModel, stories_tokenizer: Tokenizer, params: SamplingParams) -> None:
+        stories_int8: LoadedModel, stories_tokenizer: Tokenizer, params: SamplingParams, kv_cache: str) -> None:
     plain = engine_for(stories_int8, stories_tokenizer, None)
     cached = engine_for(stories_int8, stories_tokenizer, 512)
     tiny = engine_for(stories_int8, stories_tokenizer, 64)  # 4 blocks: evicts as it goes
@@ -165,6 +176,7 @@ def test_logits_and_tokens_are_the_same_bits_with_the_cache_cold_warm_and_evicte
             reused.append(from_cache)
     assert max(reused) >= 64 and cached.prefilled_tokens < plain.prefilled_tokens
     assert tiny.prefix_cache is not None and tiny.prefix_cache.stats.evicted_blocks > 0
+    assert cached.prefix_cache is not None and cached.prefix_cache.k[0].dtype == stories_int8.model.cache_dtype
 
 
 def test_a_prefix_shared_by_concurrent_requests(stories_int8: LoadedModel, stories_tokenizer: Tokenizer) -> None:
@@ -225,7 +237,7 @@ def test_prompts_of_any_length_share_their_prefix_exactly(stories_int8: LoadedMo
 
 
 @pytest.mark.parametrize("path", [None, "avx2", "avxvnni"])
-def test_decode_writes_the_keys_and_values_prefill_would(stories_int8: LoadedModel, path: str | None,
+def test_decode_writes_the_keys_and_values_prefill_would(stories_int8: LoadedModel, path: str | None, kv_cache: str,
                                                           monkeypatch: pytest.MonkeyPatch) -> None:
     """Row-exact prefill: a prompt prefilled in chunks, and the same tokens decoded one step at a time after a short
     prefill (beside another sequence), leave the same bits in every layer's cache, and give the same logits. On this

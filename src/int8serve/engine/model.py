@@ -21,7 +21,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from . import allocator, chunking, decode_plan, kernels
+from . import allocator, chunking, decode_plan, kernels, kv_int8
 from .config import ModelConfig
 from .int8 import COMPUTE_DTYPE, DequantBuffer, Int8Linear, StackedInt8Linear, kernel_rows
 from .kernels import activation as activation_kernel
@@ -29,6 +29,8 @@ from .kernels import attention as attention_kernel
 
 Precision = Literal["fp32", "int8"]
 MIN_PREFILL_QUERIES = 16
+# The KV caches an int8 model can keep (--kv-cache): bf16, or int8 rows with a scale per 32 values (kv_int8.py).
+KV_CACHES = {"bf16": COMPUTE_DTYPE, "int8": torch.int8}
 # A decode step of fewer int8 multiply-adds than this (rows x the int8 linears' weights) runs our kernels on one thread.
 # Its parallel regions are each a few microseconds of work, and on a busy machine each waits for the second thread to
 # be scheduled: measured on 2 loaded cores (SmolLM2-135M, 135 M weights, 211 kernel calls a step), a parallel region
@@ -81,15 +83,17 @@ def apply_rope(x: Tensor, cos: Tensor, sin: Tensor) -> Tensor:
 class KVCache:
     """Keys and values of every layer for `n_slots` sequences of up to `max_seq_len` tokens.
 
-    k[layer], v[layer]: [n_slots, n_kv_heads, max_seq_len, head_dim]. Memory is reserved with torch.empty, so
-    pages are only touched as positions are written.
+    k[layer], v[layer]: [n_slots, n_kv_heads, max_seq_len, head_dim], or for an int8 cache [..., kv_int8.width(
+    head_dim)] bytes a row (values and their scales). Memory is reserved with torch.empty, so pages are only touched
+    as positions are written.
     """
 
     def __init__(self, config: ModelConfig, n_slots: int, max_seq_len: int, dtype: torch.dtype) -> None:
         if max_seq_len > config.max_seq_len:
             raise ValueError(f"KV cache of {max_seq_len} positions exceeds the model's {config.max_seq_len}")
-        shape = (n_slots, config.n_kv_heads, max_seq_len, config.head_dim)
+        shape = (n_slots, config.n_kv_heads, max_seq_len, kv_int8.row_size(config.head_dim, dtype))
         self.n_slots = n_slots
+        self.head_dim = config.head_dim
         self.max_seq_len = max_seq_len
         self.dtype = dtype
         self.k = [torch.empty(shape, dtype=dtype) for _ in range(config.n_layers)]
@@ -98,6 +102,18 @@ class KVCache:
 
     def nbytes(self) -> int:
         return sum(t.numel() * t.element_size() for t in self.k + self.v)
+
+
+def write_rows(cache: Tensor, slot: int, start: int, rows: Tensor) -> None:
+    """cache[slot, :, start:start + T] = rows [Hkv, T, D] fp32, in the cache's dtype (rounded, or int8 rows)."""
+    end = start + rows.shape[1]
+    cache[slot, :, start:end] = kv_int8.quantize(rows) if cache.dtype == torch.int8 else rows
+
+
+def read_rows(cache: Tensor, slot: int, end: int, head_dim: int, dtype: torch.dtype) -> Tensor:
+    """cache[slot, :, :end] as [Hkv, end, D]: a view, or for an int8 cache its values as `dtype` (a copy)."""
+    rows = cache[slot, :, :end]
+    return kv_int8.dequantize(rows, head_dim, dtype) if cache.dtype == torch.int8 else rows
 
 
 @dataclass(frozen=True)
@@ -142,22 +158,27 @@ class Attention(nn.Module):
         q = apply_rope(q.reshape(batch, seq, self.n_heads, self.head_dim), cos, sin)
         k = apply_rope(k.reshape(batch, seq, self.n_kv_heads, self.head_dim), cos, sin)
         v = v.reshape(batch, seq, self.n_kv_heads, self.head_dim)
-        out = torch.empty(batch, seq, self.n_heads, self.head_dim, dtype=cache_k.dtype)
-        # One sequence at a time: each reads its own slot up to its own position, without copying the cache.
+        dim = self.head_dim
+        out = torch.empty(batch, seq, self.n_heads, dim, dtype=COMPUTE_DTYPE if cache_k.dtype == torch.int8
+                          else cache_k.dtype)
+        # One sequence at a time: each reads its own slot up to its own position, without copying the cache (an
+        # int8 cache's values are made fp32 for a decode step, as the kernel reads them, or bf16 for SDPA)
+        chunk = chunking.CURRENT.get()
+        decoding = chunk is None and seq == 1  # (a one-token prefill chunk computes as prefill)
         for row, (slot, start) in enumerate(zip(slots, starts, strict=True)):
             end = start + seq
-            cache_k[slot, :, start:end] = k[row].transpose(0, 1)
-            cache_v[slot, :, start:end] = v[row].transpose(0, 1)
-            keys, values = cache_k[slot, :, :end], cache_v[slot, :, :end]  # [Hkv, end, D]
-            chunk = chunking.CURRENT.get()
-            if chunk is None and seq == 1:  # decode (a one-token prefill chunk computes as prefill)
-                out[row, 0] = self._decode_attention(q[row, 0], keys, values)
-                continue
+            write_rows(cache_k, slot, start, k[row].transpose(0, 1))
+            write_rows(cache_v, slot, start, v[row].transpose(0, 1))
             if chunk is not None and chunk.keys_end > end:  # the keys of the aligned chunk, zeros past the prompt
-                cache_k[slot, :, end:chunk.keys_end] = 0
+                cache_k[slot, :, end:chunk.keys_end] = 0  # (an int8 row of zeros is zeros with scale 0)
                 cache_v[slot, :, end:chunk.keys_end] = 0
-                keys, values = cache_k[slot, :, :chunk.keys_end], cache_v[slot, :, :chunk.keys_end]
-            out[row] = self._prefill_attention(q[row], keys, values, start)
+                end = chunk.keys_end
+            wanted = torch.float32 if decoding else COMPUTE_DTYPE
+            keys, values = read_rows(cache_k, slot, end, dim, wanted), read_rows(cache_v, slot, end, dim, wanted)
+            if decoding:
+                out[row, 0] = self._decode_attention(q[row, 0], keys, values)
+            else:
+                out[row] = self._prefill_attention(q[row], keys, values, start)
         return self._output(out.reshape(batch, seq, -1).to(x.dtype), last_only)
 
     def _output(self, attended: Tensor, last_only: bool) -> Tensor:
@@ -275,6 +296,7 @@ class Transformer(nn.Module):
             raise ValueError(f"precision must be 'fp32' or 'int8', got {precision!r}")
         self.config = config
         self.precision = precision
+        self.kv_cache = "bf16" if precision == "int8" else "fp32"  # the caches new_cache makes (set_kv_cache)
         allocator.tune()  # the forwards' activations come and go by megabytes (allocator.py)
         if precision == "int8":
             buffer = DequantBuffer()  # shared by every layer
@@ -320,7 +342,17 @@ class Transformer(nn.Module):
 
     @property
     def cache_dtype(self) -> torch.dtype:
-        return COMPUTE_DTYPE if self.precision == "int8" else torch.float32
+        return KV_CACHES[self.kv_cache] if self.precision == "int8" else torch.float32
+
+    def set_kv_cache(self, kind: str) -> None:
+        """The KV caches `new_cache` makes from now on: "bf16" (the default) or "int8" (kv_int8.py: 0.56x the
+        memory and the bytes decode attention reads, at the cost of each key and value's rounding to int8). Int8
+        models only: the fp32 model is the reference and keeps fp32 caches."""
+        if kind not in KV_CACHES:
+            raise ValueError(f"KV cache must be one of {', '.join(KV_CACHES)}, got {kind!r}")
+        if self.precision != "int8":
+            raise ValueError("the fp32 reference model keeps an fp32 KV cache; --kv-cache applies to int8 models")
+        self.kv_cache = kind
 
     def new_cache(self, n_slots: int, max_seq_len: int | None = None) -> KVCache:
         return KVCache(self.config, n_slots, max_seq_len or self.config.max_seq_len, self.cache_dtype)

@@ -34,6 +34,7 @@ from dataclasses import dataclass
 
 import torch
 
+from . import kv_int8
 from .config import ModelConfig
 from .model import KVCache
 
@@ -68,7 +69,8 @@ class _Block:
 
 
 class PrefixCache:
-    """Keys and values of cached prefix blocks, for every layer: k[layer], v[layer] [blocks, n_kv_heads, B, D]."""
+    """Keys and values of cached prefix blocks, for every layer: k[layer], v[layer] [blocks, n_kv_heads, B, D] (an
+    int8 cache's rows of values and scales in place of D: kv_int8.py), copied row for row to and from a KVCache."""
 
     def __init__(self, config: ModelConfig, dtype: torch.dtype, capacity_tokens: int,
                  block_tokens: int = DEFAULT_BLOCK_TOKENS) -> None:
@@ -76,7 +78,8 @@ class PrefixCache:
             raise ValueError(f"the prefix cache needs room for one block of {block_tokens} tokens at least")
         self.block_tokens = block_tokens
         self.capacity_blocks = capacity_tokens // block_tokens
-        shape = (self.capacity_blocks, config.n_kv_heads, block_tokens, config.head_dim)
+        row = kv_int8.row_size(config.head_dim, dtype)
+        shape = (self.capacity_blocks, config.n_kv_heads, block_tokens, row)
         self.k = [torch.empty(shape, dtype=dtype) for _ in range(config.n_layers)]
         self.v = [torch.empty(shape, dtype=dtype) for _ in range(config.n_layers)]
         self.stats = PrefixStats()

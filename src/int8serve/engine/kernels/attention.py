@@ -26,17 +26,19 @@ from typing import Literal
 import torch
 from torch import Tensor
 
+from .. import kv_int8
 from . import build, env_choice, kernel_threads, load_library, open_library
 
 log = logging.getLogger(__name__)
 
 SOURCE = Path(__file__).with_name("attention.cpp")
-ABI_VERSION = 3  # must match i8a_abi_version() in attention.cpp
+ABI_VERSION = 4  # must match i8a_abi_version() in attention.cpp
 ENV = "INT8SERVE_ATTENTION"
 Impl = Literal["auto", "avx512", "avx2", "scalar"]
 IMPLS: dict[str, int] = {"auto": 0, "avx512": 1, "avx2": 2, "scalar": 3}
 SETTINGS = (*IMPLS, "torch")
-DTYPES = {torch.float32: 0, torch.bfloat16: 1, torch.float16: 2}  # cache dtypes the kernel reads and writes
+# cache dtypes the kernel reads and writes; int8: rows of int8 values and fp32 scales (kv_int8.py)
+DTYPES = {torch.float32: 0, torch.bfloat16: 1, torch.float16: 2, torch.int8: 3}
 STATUS = {-1: "the CPU cannot run this path", -2: "unsupported cache dtype", -3: "bad sizes",
           -4: "a slot or position out of range, or a slot twice at one position"}
 _P, _I64, _INT, _F32 = ctypes.c_void_p, ctypes.c_int64, ctypes.c_int, ctypes.c_float
@@ -110,7 +112,8 @@ def decode_attention(q: Tensor, k: Tensor, v: Tensor, cos: Tensor, sin: Tensor, 
     """One new token per row: rope, cache write at [slot, :, position], attention over [0, position].
 
     q [B, H, D], k/v [B, Hkv, D] fp32 before rope; cos/sin [P, D] fp32 tables; slots/positions int64 [B] (distinct
-    (slot, position) pairs); cache_k/cache_v [S, Hkv, L, D] fp32, bf16 or fp16, contiguous. Returns fp32 [B, H, D].
+    (slot, position) pairs); cache_k/cache_v [S, Hkv, L, D] fp32, bf16 or fp16, or int8 rows [S, Hkv, L,
+    kv_int8.width(D)], contiguous. Returns fp32 [B, H, D].
     Row b's output depends only on row b's inputs and its slot's keys [0, position]. Rows may share a slot (the rows
     of a prefill chunk): every row's key and value are written before any row attends, so a row sees the rows of its
     slot before it, computed exactly as a decode step at its position would compute it. `library`: another build of
@@ -139,7 +142,8 @@ def _check(q: Tensor, k: Tensor, v: Tensor, cos: Tensor, sin: Tensor, slots: Ten
            cache_k: Tensor, cache_v: Tensor) -> None:
     batch, heads, dim = q.shape
     kv_heads, cache_dim = cache_k.shape[1], cache_k.shape[3]
-    if k.shape != (batch, kv_heads, dim) or v.shape != k.shape or cache_dim != dim or heads % kv_heads:
+    row = kv_int8.width(dim) if cache_k.dtype == torch.int8 else dim
+    if k.shape != (batch, kv_heads, dim) or v.shape != k.shape or cache_dim != row or heads % kv_heads:
         raise ValueError(f"shapes q {tuple(q.shape)}, k {tuple(k.shape)}, v {tuple(v.shape)}, "
                          f"cache {tuple(cache_k.shape)} do not fit")
     if not all(t.dtype == torch.float32 and t.is_contiguous() for t in (q, k, v, cos, sin)):
@@ -147,7 +151,7 @@ def _check(q: Tensor, k: Tensor, v: Tensor, cos: Tensor, sin: Tensor, slots: Ten
     if cos.shape != sin.shape or cos.shape[1] != dim:
         raise ValueError(f"rope tables {tuple(cos.shape)} do not fit head_dim {dim}")
     if cache_k.dtype not in DTYPES or cache_v.dtype != cache_k.dtype or cache_v.shape != cache_k.shape:
-        raise ValueError(f"caches must be fp32, bf16 or fp16 of one shape, got {cache_k.dtype}/{cache_v.dtype}")
+        raise ValueError(f"caches must be fp32, bf16, fp16 or int8 of one shape, got {cache_k.dtype}/{cache_v.dtype}")
     if not (cache_k.is_contiguous() and cache_v.is_contiguous()):
         raise ValueError("caches must be contiguous")
     if slots.dtype != torch.int64 or positions.dtype != torch.int64 or slots.shape != (batch,) or \
