@@ -86,7 +86,7 @@ class ServeSettings(BaseSettings):
     kv_cache: Literal["bf16", "int8"] = Field(
         "bf16", description="how int8 models keep each key and value: bf16, or int8 with an fp32 scale per 32 values "
                             "(as llama.cpp's -ctk/-ctv q8_0): 0.56x the memory, and decode attention reads 0.56x "
-                            "the bytes (1.2-1.6x faster on the 7B shape), at some accuracy (SmolLM2 against fp32: "
+                            "the bytes (1.3-1.5x faster on the 7B shape), at some accuracy (SmolLM2 against fp32: "
                             "KLD 0.00105 -> 0.00138). With --dtype fp32 the cache stays fp32: an error")
     threads: int | None = Field(None, ge=1, description="torch threads. Default: all cores")
     card: Annotated[list[Path], NoDecode] = Field(
