@@ -67,3 +67,22 @@ def test_the_kernel_stores_the_bytes_of_kv_int8_quantize(path: str, dim: int) ->
                                cos, sin, torch.arange(batch), positions, cache_k, cache_v, path)  # type: ignore[arg-type]
     for row in range(batch):
         assert torch.equal(cache_v[row, 0, int(positions[row])], kv_int8.quantize(values[row])), row
+
+
+@pytest.mark.parametrize("dim", [128, 64, 8, 40])
+def test_the_kernels_quantize_and_dequantize_give_kv_int8s_bits(dim: int) -> None:
+    """The torch path's fast calls (attention.quantize_into, dequantize_rows: a cache slot's slice, strided values as
+    a projection's output gives them) against kv_int8's torch ops, edge values included."""
+    values = torch.randn(20, 3, dim) * torch.logspace(-3, 3, dim)  # [T, Hkv, D], read as [Hkv, T, D]
+    values[2, 1, 0], values[5, 0, -1], values[7] = float("nan"), float("inf"), 0.0
+    cache = torch.zeros(2, 3, 40, kv_int8.width(dim), dtype=torch.int8)
+    attention.quantize_into(cache[1, :, 11:31], values.transpose(0, 1))
+    assert torch.equal(cache[1, :, 11:31], kv_int8.quantize(values.transpose(0, 1)))
+    assert not cache[0].any() and not cache[1, :, :11].any() and not cache[1, :, 31:].any()  # nothing else written
+    # (the group with an inf has scale inf: its values come back NaN, whose payload torch's own bf16 conversions do
+    # not agree on; every other value is compared bit for bit)
+    for dtype in (torch.float32, torch.bfloat16, torch.float16):  # fp16: a dtype the C++ call leaves to torch
+        got, want = attention.dequantize_rows(cache[1, :, :31], dim, dtype), kv_int8.dequantize(cache[1, :, :31], dim,
+                                                                                                 dtype)
+        assert got.dtype == dtype and torch.equal(got.isnan(), want.isnan()) and got.isnan().any()
+        assert torch.equal(got.nan_to_num(0.0), want.nan_to_num(0.0))

@@ -63,6 +63,8 @@ def dequantize(rows: Tensor, head_dim: int, dtype: torch.dtype = torch.float32) 
     n = groups(head_dim)
     start = scales_at(head_dim)
     scale = rows[..., start:start + 4 * n].contiguous().view(torch.float32)  # [..., n]
-    values = rows[..., :head_dim].float()
+    if head_dim % GROUP == 0:  # whole groups: each scale over its 32 values by broadcasting (no expanded copy)
+        values = rows[..., :head_dim].unflatten(-1, (n, GROUP)).float()
+        return (values * scale[..., None]).flatten(-2).to(dtype)
     expanded = scale.repeat_interleave(GROUP, dim=-1)[..., :head_dim]
-    return (values * expanded).to(dtype)
+    return (rows[..., :head_dim].float() * expanded).to(dtype)

@@ -107,13 +107,16 @@ class KVCache:
 def write_rows(cache: Tensor, slot: int, start: int, rows: Tensor) -> None:
     """cache[slot, :, start:start + T] = rows [Hkv, T, D] fp32, in the cache's dtype (rounded, or int8 rows)."""
     end = start + rows.shape[1]
-    cache[slot, :, start:end] = kv_int8.quantize(rows) if cache.dtype == torch.int8 else rows
+    if cache.dtype == torch.int8:
+        attention_kernel.quantize_into(cache[slot, :, start:end], rows.float())
+    else:
+        cache[slot, :, start:end] = rows
 
 
 def read_rows(cache: Tensor, slot: int, end: int, head_dim: int, dtype: torch.dtype) -> Tensor:
     """cache[slot, :, :end] as [Hkv, end, D]: a view, or for an int8 cache its values as `dtype` (a copy)."""
     rows = cache[slot, :, :end]
-    return kv_int8.dequantize(rows, head_dim, dtype) if cache.dtype == torch.int8 else rows
+    return attention_kernel.dequantize_rows(rows, head_dim, dtype) if cache.dtype == torch.int8 else rows
 
 
 @dataclass(frozen=True)

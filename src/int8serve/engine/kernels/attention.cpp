@@ -1043,6 +1043,36 @@ int resolve(int impl) {
   return impl;
 }
 
+// ---- int8 rows to and from values for the torch path's SDPA (kv_int8's, fast) ------------------------------------
+//
+// A prefill chunk that SDPA computes reads its slot's keys and values [0, end) as bf16: from an int8 cache each chunk
+// converts them all again, and writes its own rows (i8a_quantize). In torch (kv_int8) that made 1024-token prompts
+// 1.07-1.11x slower to prefill on the 7B shape (4 layers, chunks of 128, a Zen 4; 1.00x with these two calls). The
+// same conversion: value = int8 * scale in fp32, then bf16 rounded to nearest even as torch rounds (a NaN, which only
+// a group with an inf makes, becomes 0x7FC0, c10's; torch's vector conversion gives another NaN), compiled for
+// AVX-512, AVX2 and plain x86-64 (GCC picks the CPU's at load).
+__attribute__((target_clones("arch=x86-64-v4", "avx2", "default")))
+void dequantize_row_f32(const int8_t* row, int64_t dim, float* out) {
+  for (int64_t g = 0; g < q8_groups(dim); ++g) {
+    const float scale = q8_scale(row, dim, g);
+    const int64_t end = std::min(dim, (g + 1) * kQ8Group);
+    for (int64_t d = g * kQ8Group; d < end; ++d) out[d] = static_cast<float>(row[d]) * scale;
+  }
+}
+
+__attribute__((target_clones("arch=x86-64-v4", "avx2", "default")))
+void dequantize_row_bf16(const int8_t* row, int64_t dim, uint16_t* out) {
+  for (int64_t g = 0; g < q8_groups(dim); ++g) {
+    const float scale = q8_scale(row, dim, g);
+    const int64_t end = std::min(dim, (g + 1) * kQ8Group);
+    for (int64_t d = g * kQ8Group; d < end; ++d) {
+      const float value = static_cast<float>(row[d]) * scale;
+      const uint32_t bits = float_to_bits(value);
+      out[d] = value != value ? 0x7FC0 : static_cast<uint16_t>((bits + 0x7FFF + ((bits >> 16) & 1)) >> 16);
+    }
+  }
+}
+
 }  // namespace
 
 extern "C" {
@@ -1056,6 +1086,43 @@ __attribute__((visibility("default"))) int i8a_cpu_paths() {
 
 // The path `impl` resolves to on this CPU (1 AVX-512, 2 AVX2, 3 scalar), or -1 if the CPU cannot run it.
 __attribute__((visibility("default"))) int i8a_resolve(int impl) { return resolve(impl); }
+
+// rows: `heads` runs of `positions` int8 rows (q8_width(dim) bytes each), the runs `head_stride` bytes apart (a cache
+// slot's [kv heads, positions]); out: [heads, positions, dim], fp32 (out_dtype 0) or bf16 (1). Returns 0, or -3.
+__attribute__((visibility("default"))) int i8a_dequantize(const int8_t* rows, int64_t heads, int64_t positions,
+                                                          int64_t head_stride, int64_t dim, void* out, int out_dtype,
+                                                          int threads) {
+  if (heads < 0 || positions < 0 || dim <= 0 || (out_dtype != kF32 && out_dtype != kBF16)) return -3;
+  const int64_t width = q8_width(dim), count = heads * positions;
+  const bool parallel = threads > 1 && count * dim >= int64_t{1} << 16;
+#pragma omp parallel for schedule(static) num_threads(threads) if (parallel)
+  for (int64_t i = 0; i < count; ++i) {
+    const int8_t* row = rows + (i / positions) * head_stride + (i % positions) * width;
+    if (out_dtype == kF32)
+      dequantize_row_f32(row, dim, static_cast<float*>(out) + i * dim);
+    else
+      dequantize_row_bf16(row, dim, static_cast<uint16_t*>(out) + i * dim);
+  }
+  return 0;
+}
+
+// x: fp32 [heads, positions, dim] with the given strides (in floats; the last dimension contiguous) -> the int8
+// rows of kv_int8.quantize, bit for bit, at out + head * out_head_stride + position * q8_width(dim) (a cache slot's
+// [kv heads, positions]). Returns 0, or -3.
+__attribute__((visibility("default"))) int i8a_quantize(const float* x, int64_t heads, int64_t positions,
+                                                        int64_t x_head_stride, int64_t x_position_stride, int64_t dim,
+                                                        int8_t* out, int64_t out_head_stride, int threads) {
+  if (heads < 0 || positions < 0 || dim <= 0) return -3;
+  const int64_t width = q8_width(dim), count = heads * positions;
+  const bool parallel = threads > 1 && count * dim >= int64_t{1} << 16;
+#pragma omp parallel for schedule(static) num_threads(threads) if (parallel)
+  for (int64_t i = 0; i < count; ++i) {
+    const int64_t head = i / positions, position = i % positions;
+    q8_store(x + head * x_head_stride + position * x_position_stride, dim,
+             out + head * out_head_stride + position * width);
+  }
+  return 0;
+}
 
 // Row b's q is at q + b * q_stride, its k and v at k (v) + b * kv_stride (in floats; H * D and Hkv * D when each is
 // its own contiguous tensor). Returns 0, or -1 (the CPU cannot run `impl`), -2 (unknown dtype), -3 (bad sizes), -4

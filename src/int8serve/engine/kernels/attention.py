@@ -52,6 +52,10 @@ def _open(path: Path) -> ctypes.CDLL:
     lib.i8a_decode.argtypes = [_P, _P, _P, _I64, _I64, _P, _P, _P, _P, _I64, _I64, _I64, _I64, _P, _P, _I64, _I64,
                                _I64, _INT, _F32, _P, _INT, _INT]
     lib.i8a_decode.restype = _INT
+    lib.i8a_dequantize.argtypes = [_P, _I64, _I64, _I64, _I64, _P, _INT, _INT]
+    lib.i8a_dequantize.restype = _INT
+    lib.i8a_quantize.argtypes = [_P, _I64, _I64, _I64, _I64, _I64, _P, _I64, _INT]
+    lib.i8a_quantize.restype = _INT
     return lib
 
 
@@ -135,6 +139,38 @@ def decode_attention(q: Tensor, k: Tensor, v: Tensor, cos: Tensor, sin: Tensor, 
         status = lib.i8a_decode(*args)
     if status != 0:
         raise ValueError(f"i8a_decode failed with status {status}: {STATUS.get(status, '?')} (impl {impl})")
+    return out
+
+
+def quantize_into(rows: Tensor, values: Tensor) -> None:
+    """rows[...] = kv_int8.quantize(values): values fp32 [Hkv, T, D] (any strides, each row contiguous) into an int8
+    cache's slice [Hkv, T, kv_int8.width(D)] (each head's rows contiguous), in one parallel C++ call (torch's ops
+    where the library is not available or the layouts differ)."""
+    heads, positions, dim = values.shape
+    if (isinstance(_load(), str) or values.dtype != torch.float32 or values.stride(2) != 1 or rows.dtype != torch.int8
+            or rows.shape != (heads, positions, kv_int8.width(dim)) or rows.stride(2) != 1
+            or rows.stride(1) != rows.shape[2]):
+        rows.copy_(kv_int8.quantize(values))
+        return
+    status = _library().i8a_quantize(values.data_ptr(), heads, positions, values.stride(0), values.stride(1), dim,
+                                     rows.data_ptr(), rows.stride(0), kernel_threads())
+    if status != 0:
+        raise ValueError(f"i8a_quantize failed with status {status}")
+
+
+def dequantize_rows(rows: Tensor, head_dim: int, dtype: torch.dtype) -> Tensor:
+    """An int8 cache's rows [Hkv, L, kv_int8.width(D)] (a slot's slice: each head's rows contiguous) -> [Hkv, L, D]
+    of fp32 or bf16, the values of kv_int8.dequantize bit for bit (a NaN's payload aside), in one parallel C++ call
+    (torch's ops where the library is not available, or for other layouts and dtypes)."""
+    heads, positions, width = rows.shape
+    if (isinstance(_load(), str) or dtype not in (torch.float32, torch.bfloat16) or rows.dtype != torch.int8
+            or width != kv_int8.width(head_dim) or rows.stride(2) != 1 or rows.stride(1) != width):
+        return kv_int8.dequantize(rows, head_dim, dtype)
+    out = torch.empty(heads, positions, head_dim, dtype=dtype)
+    status = _library().i8a_dequantize(rows.data_ptr(), heads, positions, rows.stride(0), head_dim, out.data_ptr(),
+                                       DTYPES[dtype], kernel_threads())
+    if status != 0:
+        raise ValueError(f"i8a_dequantize failed with status {status}")
     return out
 
 
