@@ -21,3 +21,9 @@ def test_a_short_run_prints_a_row_a_path(capsys: pytest.CaptureFixture[str]) -> 
     kv_cache.main(["--paths", "scalar", "--layers", "1", "--rounds", "1", "--cases", "batch 1 at 512"])
     rows = [line for line in capsys.readouterr().out.splitlines() if line.startswith("| scalar |")]
     assert len(rows) == 1 and rows[0].endswith("x |")
+
+
+def test_the_prefill_comparison_runs_both_caches(capsys: pytest.CaptureFixture[str]) -> None:
+    kv_cache.main(["--cases", "--prefill", "40", "--prefill-layers", "1", "--rounds", "2"])
+    out = capsys.readouterr().out
+    assert "Prefill, 40 tokens in chunks of 128, 1 layers of the 7B shape: bf16 cache" in out and "int8 ÷ bf16" in out
