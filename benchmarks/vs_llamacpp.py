@@ -39,6 +39,11 @@ the same file. The issue #10 goals are for the 7B shape and are not applied.
         --rounds 3 --write docs/benchmarks.md                       # SmolLM2: ~5 minutes after the build
     python -m benchmarks.vs_llamacpp --isa avx2 --write docs/benchmarks.md  # both engines' AVX2 code
 
+With `--kv-cache int8` both engines keep 8-bit keys and values: ours `--kv-cache int8` (engine/kv_int8.py), llama.cpp
+`-ctk q8_0 -ctv q8_0`; with `--batch-prompt N` the 4 sequences decode from position N instead of 64, where the keys
+and values they read weigh more beside the weights (4 x 2048 positions of the 7B: 4.3 GB of bf16 a step, 7.0 GB of
+weights). Either makes its own section, without the issue's goals (they are for the defaults).
+
 With `--isa avx2` both engines run the code of an AVX2-only CPU (a Zen 2/3) on this one: llama.cpp built for AVX2
 only (`llamacpp_build.py --isa avx2`), ours with `INT8SERVE_KERNEL=avx2`, `INT8SERVE_ATTENTION=avx2` and
 `INT8SERVE_ACTIVATION=avx2` (our kernels' AVX2 paths; prefill then multiplies through the int8 kernel's avx2 GEMM,
@@ -112,10 +117,17 @@ ISAS = ("native", "avx2")  # --isa: each engine's fastest code, or both held to 
 # what --isa avx2 sets for our side (the child process inherits it, and reads it before torch starts)
 AVX2_SETTINGS = {"INT8SERVE_KERNEL": "avx2", "INT8SERVE_ATTENTION": "avx2", "INT8SERVE_ACTIVATION": "avx2",
                  "ATEN_CPU_CAPABILITY": "avx2", "ONEDNN_MAX_CPU_ISA": "AVX2"}
-LLAMA_CPP_TOOLS = {"decode_b1": f"`llama-bench -n {GEN}`",
-                   "decode_b4": f"`llama-batched-bench -npp {BATCH_PROMPT} -ntg {GEN} -npl {BATCH}`",
-                   "prefill": f"`llama-bench -p {PROMPT}`",
-                   "prefill_server": f"`llama-bench -p {PROMPT}`"}
+KV_ENV = "INT8SERVE_KV_CACHE"  # --kv-cache for our child process (the server's variable of the same setting)
+LLAMA_KV = {"bf16": [], "int8": ["-ctk", "q8_0", "-ctv", "q8_0"]}  # llama.cpp's default KV cache is f16
+
+
+def llama_cpp_tools(batch_prompt: int = BATCH_PROMPT, kv_cache: str = "bf16") -> dict[str, str]:
+    """How llama.cpp measures each figure (the report's first column)."""
+    kv = "".join(f" {word}" for word in LLAMA_KV[kv_cache])
+    return {"decode_b1": f"`llama-bench -n {GEN}{kv}`",
+            "decode_b4": f"`llama-batched-bench -npp {batch_prompt} -ntg {GEN} -npl {BATCH}{kv}`",
+            "prefill": f"`llama-bench -p {PROMPT}{kv}`",
+            "prefill_server": f"`llama-bench -p {PROMPT}{kv}`"}
 
 
 def log(message: str) -> None:
@@ -394,22 +406,25 @@ def measure_ours(model: Transformer, prompt: int = PROMPT, gen: int = GEN,
     return figures
 
 
-def ours_child(checkpoint: Path) -> None:
+def ours_child(checkpoint: Path, batch_prompt: int = BATCH_PROMPT) -> None:
     """In the child process: load our checkpoint (or map the cached int8 copy of a GGUF file), measure our figures
-    (with the path settings the parent's --isa put in the environment), print them as JSON on stdout."""
+    (with the path settings the parent's --isa put in the environment, and its --kv-cache), print them as JSON on
+    stdout."""
     torch.set_num_threads(THREADS)
     started = time.perf_counter()
     model = load_cached(checkpoint).model
+    model.set_kv_cache(os.environ.get(KV_ENV, "bf16"))
     log(f"  ours: loaded in {time.perf_counter() - started:.0f} s, resident {rss_gb():.2f} GB, "
-        f"{huge_pages_gb():.2f} GB of it on 2 MB pages")
-    figures = measure_ours(model)
+        f"{huge_pages_gb():.2f} GB of it on 2 MB pages; {model.kv_cache} KV cache")
+    figures = measure_ours(model, batch_prompt=batch_prompt)
     log(f"  ours: {huge_pages_gb():.2f} GB on 2 MB pages after measuring")
     print(json.dumps({name: dataclasses.asdict(f) for name, f in figures.items()}))
 
 
-def run_ours(checkpoint: Path) -> dict[str, Figure]:
+def run_ours(checkpoint: Path, batch_prompt: int = BATCH_PROMPT) -> dict[str, Figure]:
     """Our figures, measured in a child process (so that our weights leave memory before llama.cpp runs)."""
-    command = [sys.executable, "-m", "benchmarks.vs_llamacpp", "--ours-child", str(checkpoint)]
+    command = [sys.executable, "-m", "benchmarks.vs_llamacpp", "--ours-child", str(checkpoint),
+               "--batch-prompt", str(batch_prompt)]
     result = subprocess.run(command, stdout=subprocess.PIPE, text=True, check=False,
                             env={**os.environ, "OMP_NUM_THREADS": str(THREADS)})
     if result.returncode != 0:
@@ -460,22 +475,24 @@ def run_tool(command: Sequence[object]) -> tuple[str, str]:
     return result.stdout, result.stderr
 
 
-def llama_bench(llama: LlamaCpp, gguf_path: Path, prompt: int, gen: int, reps: int, repack: bool) -> float:
+def llama_bench(llama: LlamaCpp, gguf_path: Path, prompt: int, gen: int, reps: int, repack: bool,
+                kv_cache: str = "bf16") -> float:
     """Mean tok/s of one llama-bench test (prompt tokens or generated tokens) over `reps` repetitions."""
     out, _ = run_tool([llama.bench, "-m", gguf_path, "-t", THREADS, "-p", prompt, "-n", gen, "-r", reps,
-                       "--repack", int(repack), "-o", "json"])
+                       "--repack", int(repack), *LLAMA_KV[kv_cache], "-o", "json"])
     rows = json.loads(out)
     if len(rows) != 1:
         raise RuntimeError(f"llama-bench printed {len(rows)} results, expected 1:\n{out}")
     return float(rows[0]["avg_ts"])
 
 
-def batched_bench(llama: LlamaCpp, gguf_path: Path, repack: bool) -> float:
+def batched_bench(llama: LlamaCpp, gguf_path: Path, repack: bool, batch_prompt: int = BATCH_PROMPT,
+                  kv_cache: str = "bf16") -> float:
     """Aggregate decode tok/s of BATCH sequences (S_TG of llama-batched-bench)."""
-    context = BATCH * (BATCH_PROMPT + GEN) + 64
+    context = BATCH * (batch_prompt + GEN) + 64
     out, err = run_tool([llama.batched_bench, "-m", gguf_path, "-t", THREADS, "-tb", THREADS, "-c", context,
-                         "-npp", BATCH_PROMPT, "-ntg", GEN, "-npl", BATCH, "--output-format", "jsonl",
-                         *([] if repack else ["--no-repack"])])
+                         "-npp", batch_prompt, "-ntg", GEN, "-npl", BATCH, "--output-format", "jsonl",
+                         *LLAMA_KV[kv_cache], *([] if repack else ["--no-repack"])])
     rows = [json.loads(line) for line in (out + "\n" + err).splitlines() if line.startswith('{"n_kv_max"')]
     if len(rows) != 1:
         raise RuntimeError(f"llama-batched-bench printed {len(rows)} JSON results, expected 1:\n{out[-2000:]}")
@@ -483,11 +500,12 @@ def batched_bench(llama: LlamaCpp, gguf_path: Path, repack: bool) -> float:
 
 
 def measure_llamacpp(llama: LlamaCpp, gguf_path: Path, reps: int, repack: bool,
-                     names: Sequence[str] = tuple(GOALS)) -> dict[str, Figure]:
+                     names: Sequence[str] = tuple(GOALS), batch_prompt: int = BATCH_PROMPT,
+                     kv_cache: str = "bf16") -> dict[str, Figure]:
     figures = {}
-    for name, measure in (("decode_b1", lambda: llama_bench(llama, gguf_path, 0, GEN, reps, repack)),
-                          ("decode_b4", lambda: batched_bench(llama, gguf_path, repack)),
-                          ("prefill", lambda: llama_bench(llama, gguf_path, PROMPT, 0, reps, repack))):
+    for name, measure in (("decode_b1", lambda: llama_bench(llama, gguf_path, 0, GEN, reps, repack, kv_cache)),
+                          ("decode_b4", lambda: batched_bench(llama, gguf_path, repack, batch_prompt, kv_cache)),
+                          ("prefill", lambda: llama_bench(llama, gguf_path, PROMPT, 0, reps, repack, kv_cache))):
         if name not in names:
             continue
         load = CpuShares()
@@ -518,8 +536,9 @@ def run_round(index: int, llama: LlamaCpp, files: WeightFiles, args: argparse.Na
     results: dict[str, dict[str, Figure]] = {}
     for engine in ([first, *({"llama.cpp", "int8serve"} - {first})]):
         quiet.wait()
-        results[engine] = run_ours(files.checkpoint) if engine == "int8serve" else \
-            measure_llamacpp(llama, files.gguf, args.reps, args.llama_repack)
+        results[engine] = run_ours(files.checkpoint, args.batch_prompt) if engine == "int8serve" else \
+            measure_llamacpp(llama, files.gguf, args.reps, args.llama_repack, batch_prompt=args.batch_prompt,
+                             kv_cache=args.kv_cache)
         log(f"  {engine}: " + ", ".join(f"{k} {v.tok_s:.2f} tok/s" for k, v in results[engine].items()))
     return Round(first, bandwidth, results["llama.cpp"], results["int8serve"])
 
@@ -549,7 +568,9 @@ def ratio_cell(rounds: Sequence[Round], name: str, goals: bool = True) -> str:
     return f"**{ratio:.2f}×** (rounds: {per_round}; goal ≥ {GOALS[name]}×: {verdict})"
 
 
-def results_table(rounds: Sequence[Round], gguf_type: str = "Q8_0", goals: bool = True) -> list[str]:
+def results_table(rounds: Sequence[Round], gguf_type: str = "Q8_0", goals: bool = True,
+                  tools: dict[str, str] | None = None) -> list[str]:
+    tools = tools or llama_cpp_tools()
     lines = [f"| | llama.cpp {gguf_type} (per round) | int8serve (per round) | int8serve ÷ llama.cpp (means of the "
              "rounds) |", "|---|---|---|---|"]
     for name, label in LABELS.items():
@@ -557,7 +578,7 @@ def results_table(rounds: Sequence[Round], gguf_type: str = "Q8_0", goals: bool 
             continue
         theirs = " / ".join(f"{r.llama[name].tok_s:.2f}" for r in rounds)
         ours = " / ".join(f"{r.ours[name].tok_s:.2f}" for r in rounds)
-        lines.append(f"| {label} ({LLAMA_CPP_TOOLS[name]}) | {theirs} | {ours} | "
+        lines.append(f"| {label} ({tools[name]}) | {theirs} | {ours} | "
                      f"{ratio_cell(rounds, name, goals)} |")
     return lines
 
@@ -621,13 +642,16 @@ def build_report(args: argparse.Namespace, rounds: Sequence[Round], files: Weigh
              weights,
              f"- {len(rounds)} rounds, alternating which engine goes first; each engine runs alone (ours in a "
              "child process), so only one engine's weights are in memory at a time.",
-             "", *results_table(rounds, files.gguf_type, goals=not args.gguf), "",
+             *(["- KV caches: ours int8 rows (`--kv-cache int8`), llama.cpp q8_0 (`-ctk q8_0 -ctv q8_0`)."]
+               if args.kv_cache == "int8" else []),
+             "", *results_table(rounds, files.gguf_type, goals=not args.gguf and not variant(args),
+                                tools=llama_cpp_tools(args.batch_prompt, args.kv_cache)), "",
              roofline_line(rounds, files), "",
              other_load_line(rounds), "",
              "The machine is shared with other engineers' work: absolute tok/s are noisy from one minute to the "
              "next. What counts are the ratios, measured from alternating runs of both engines in this same run. "
              f"Definitions: decode = tokens ÷ total time of {GEN} steps after a warm-up step (batch 1 from "
-             f"position 0; {BATCH} sequences from position {BATCH_PROMPT}); prefill = {PROMPT} ÷ mean time of one "
+             f"position 0; {BATCH} sequences from position {args.batch_prompt}); prefill = {PROMPT} ÷ mean time of one "
              "prompt in one forward (2 timed, after a 64-token warm-up); in the server's chunks = the same prompt "
              f"in aligned chunks of {DEFAULT_PREFILL_CHUNK} tokens, row-exact where the scheduler would make them "
              "so (2 timed, after one untimed); llama.cpp's figures are the tools' own "
@@ -660,6 +684,10 @@ def display_command(args: argparse.Namespace) -> str:
         words += ["--no-llama-repack"]
     if args.isa != "native":
         words += ["--isa", args.isa]
+    if args.kv_cache != "bf16":
+        words += ["--kv-cache", args.kv_cache]
+    if args.batch_prompt != BATCH_PROMPT:
+        words += ["--batch-prompt", str(args.batch_prompt)]
     if args.llama_bin:
         words += ["--llama-bin", str(args.llama_bin)]
     if args.write:
@@ -713,21 +741,36 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
                              "(default 30)")
     parser.add_argument("--write", type=Path, metavar="FILE",
                         help="replace this script's section of FILE (e.g. docs/benchmarks.md) with the results")
+    parser.add_argument("--kv-cache", choices=list(LLAMA_KV), default="bf16",
+                        help="both engines' KV caches: bf16 (ours; llama.cpp's f16, the defaults) or int8 (ours "
+                             "--kv-cache int8, llama.cpp -ctk q8_0 -ctv q8_0); int8 makes its own section")
+    parser.add_argument("--batch-prompt", type=int, default=BATCH_PROMPT, metavar="N",
+                        help=f"the position the {BATCH} sequences decode from (llama-batched-bench -npp; default "
+                             f"{BATCH_PROMPT}); another makes its own section")
     parser.add_argument("--ours-child", type=Path, help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
-    if args.layers < 1 or args.rounds < 1 or args.reps < 1:
-        parser.error("--layers, --rounds and --reps must be at least 1")
+    if args.layers < 1 or args.rounds < 1 or args.reps < 1 or args.batch_prompt < 1:
+        parser.error("--layers, --rounds, --reps and --batch-prompt must be at least 1")
     if args.gguf and not args.gguf.is_file():
         parser.error(f"--gguf {args.gguf}: no such file")
     return args
 
 
-def section_label(layers: int, gguf: Path | None = None, cpu: str | None = None, isa: str = "native") -> str:
+def section_label(layers: int, gguf: Path | None = None, cpu: str | None = None, isa: str = "native",
+                  kv_cache: str = "bf16", batch_prompt: int = BATCH_PROMPT) -> str:
     """The full shape has a section per kind of CPU (`cpu`, default this one's `cpu_label()`): the issue's goals are
     per CPU, and a run on one must not erase another's. A quick run's is kept apart (`--layers N`), and so is each
-    real model's (`--gguf FILE`: the file's name), and a run held to AVX2 code (`--isa avx2`)."""
+    real model's (`--gguf FILE`: the file's name), a run held to AVX2 code (`--isa avx2`), and one with other KV
+    caches or another batch position (`--kv-cache`, `--batch-prompt`)."""
     label = gguf.name if gguf else (cpu or cpu_label()) if layers == 32 else f"--layers {layers}"
-    return label if isa == "native" else f"{label} --isa {isa}"
+    label = label if isa == "native" else f"{label} --isa {isa}"
+    label = label if kv_cache == "bf16" else f"{label} --kv-cache {kv_cache}"
+    return label if batch_prompt == BATCH_PROMPT else f"{label} --batch-prompt {batch_prompt}"
+
+
+def variant(args: argparse.Namespace) -> bool:
+    """Whether this run's settings are not the defaults the issue's goals are for (--kv-cache, --batch-prompt)."""
+    return args.kv_cache != "bf16" or args.batch_prompt != BATCH_PROMPT
 
 
 def hold_to_isa(isa: str) -> None:
@@ -756,8 +799,10 @@ def require_gguf() -> None:
 def main(argv: Sequence[str] | None = None) -> None:
     args = parse_args(argv)
     if args.ours_child:
-        ours_child(args.ours_child)
+        ours_child(args.ours_child, args.batch_prompt)
         return
+    if args.kv_cache != "bf16":
+        os.environ[KV_ENV] = args.kv_cache  # (our child process reads it)
     require_gguf()
     hold_to_isa(args.isa)
     try:
@@ -775,7 +820,9 @@ def main(argv: Sequence[str] | None = None) -> None:
     report = build_report(args, rounds, files, llama)
     print(report)
     if args.write:
-        write_section(args.write, report, SCRIPT, section_label(args.layers, args.gguf, isa=args.isa))
+        write_section(args.write, report, SCRIPT, section_label(args.layers, args.gguf, isa=args.isa,
+                                                                kv_cache=args.kv_cache,
+                                                                batch_prompt=args.batch_prompt))
         log(f"wrote the section into {args.write}")
 
 

@@ -268,3 +268,18 @@ def test_the_avx2_build_of_llama_cpp_is_kept_apart_and_says_what_it_is(tmp_path)
     assert {"-DGGML_AVX512=OFF", "-DGGML_AVX_VNNI=OFF", "-DGGML_AVX2=ON"} <= set(llamacpp_build.ISA_FLAGS["avx2"])
     text = llamacpp_build.LlamaCpp(tmp_path, "0.3.36", {"isa": "avx2"}).describe()
     assert "built for AVX2 only" in text and "GGML_NATIVE=ON" not in text
+
+
+def test_kv_cache_and_batch_position_runs_are_their_own_sections_without_the_goals() -> None:
+    """--kv-cache int8 (ours int8 rows, llama.cpp q8_0) and --batch-prompt N: their own sections, flags in the
+    command and in llama.cpp's tool lines, and no goal verdicts (the issue's goals are for the defaults)."""
+    args = vs_llamacpp.parse_args(["--kv-cache", "int8", "--batch-prompt", "1024"])
+    assert vs_llamacpp.variant(args) and not vs_llamacpp.variant(vs_llamacpp.parse_args([]))
+    label = vs_llamacpp.section_label(32, cpu="X", kv_cache="int8", batch_prompt=1024)
+    assert label == "X --kv-cache int8 --batch-prompt 1024" != vs_llamacpp.section_label(32, cpu="X")
+    assert "--kv-cache int8 --batch-prompt 1024" in vs_llamacpp.display_command(args)
+    tools = vs_llamacpp.llama_cpp_tools(1024, "int8")
+    assert tools["decode_b4"] == "`llama-batched-bench -npp 1024 -ntg 32 -npl 4 -ctk q8_0 -ctv q8_0`"
+    assert vs_llamacpp.llama_cpp_tools()["decode_b1"] == "`llama-bench -n 32`"
+    with pytest.raises(SystemExit):
+        vs_llamacpp.parse_args(["--batch-prompt", "0"])
