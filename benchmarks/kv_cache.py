@@ -26,8 +26,8 @@ import torch
 
 from benchmarks.engine import LLAMA2_7B, build_random_int8_model
 from benchmarks.machine import cpu_label
+from benchmarks.row_exact import prefill
 from int8serve.engine import kv_int8
-from int8serve.engine.chunking import aligned_chunk
 from int8serve.engine.config import ModelConfig
 from int8serve.engine.int8 import DEFAULT_GROUP_SIZE
 from int8serve.engine.kernels import attention as attention_kernel
@@ -70,15 +70,10 @@ def measure(path: str, starts: list[int], layers: int, rounds: int) -> dict[str,
 
 
 def prefill_seconds(model: Transformer, tokens: list[int], chunk: int = 128) -> float:
-    """Seconds to prefill `tokens` into a new cache in aligned chunks, as the engine does."""
+    """Seconds to prefill `tokens` into a new cache in aligned chunks, as the engine does (row-exact where the model
+    makes them so)."""
     cache = model.new_cache(1, len(tokens) + chunk)
-    row_exact = model.row_exact_prefill(chunk, 4)
-    started, done = time.perf_counter(), 0
-    while done < len(tokens):
-        end, how = aligned_chunk(done, len(tokens), chunk, cache.max_seq_len, row_exact=row_exact)
-        model(torch.tensor([tokens[done:end]]), cache, [0], [done], prefill=how)
-        done = end
-    return time.perf_counter() - started
+    return prefill(model, tokens, cache, chunk, model.row_exact_prefill(chunk, 4))
 
 
 def measure_prefill(prompt: int, layers: int, rounds: int) -> dict[str, float]:
