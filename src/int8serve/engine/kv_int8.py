@@ -11,7 +11,9 @@ then, from the next multiple of 4 bytes, one fp32 scale per group of GROUP value
 value[d] = int8[d] * scale[d // GROUP]. Each group is quantized on its own, symmetric: scale = max |x| / 127 and
 int8 = round half to even (x / scale), clamped to [-127, 127]; a group of zeros gets scale 0, and a NaN the division
 makes is stored as 0. The kernel writes the rows of decode steps and row-exact prefill chunks; the torch path (the
-prefill chunks SDPA computes, and decode without the kernel) writes and reads them through `quantize` and `dequantize`.
+prefill chunks SDPA computes, and decode without the kernel) writes and reads them through kernels/attention.py's
+`quantize_into` and `dequantize_rows` (these functions' bits, one C++ call each), or through `quantize` and
+`dequantize` here where the library is not available.
 """
 
 from __future__ import annotations
