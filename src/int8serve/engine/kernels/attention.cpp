@@ -1048,30 +1048,24 @@ int resolve(int impl) {
 // A prefill chunk that SDPA computes reads its slot's keys and values [0, end) as bf16: from an int8 cache each chunk
 // converts them all again, and writes its own rows (i8a_quantize). In torch (kv_int8) that made 1024-token prompts
 // 1.07-1.11x slower to prefill on the 7B shape (4 layers, chunks of 128, a Zen 4; 1.00x with these two calls). The
-// same conversion: value = int8 * scale in fp32, then bf16 rounded to nearest even as torch rounds (a NaN, which only
-// a group with an inf makes, becomes 0x7FC0, c10's; torch's vector conversion gives another NaN), compiled for
-// AVX-512, AVX2 and plain x86-64 (GCC picks the CPU's at load).
-__attribute__((target_clones("arch=x86-64-v4", "avx2", "default")))
-void dequantize_row_f32(const int8_t* row, int64_t dim, float* out) {
+// same conversion: value = int8 * scale in fp32, then bf16 rounded to nearest even as torch rounds (to_bf16: a NaN,
+// which only a group with an inf makes, becomes 0x7FC0, c10's; torch's vector conversion gives another NaN), compiled
+// for AVX-512, AVX2 and plain x86-64 (GCC picks the CPU's at load).
+// One row: each group's values times its scale, stored as the cache's other dtypes are (store_scalar).
+template <class Out>
+inline void dequantize_row(const int8_t* row, int64_t dim, Out* out) {
   for (int64_t g = 0; g < q8_groups(dim); ++g) {
     const float scale = q8_scale(row, dim, g);
     const int64_t end = std::min(dim, (g + 1) * kQ8Group);
-    for (int64_t d = g * kQ8Group; d < end; ++d) out[d] = static_cast<float>(row[d]) * scale;
+    for (int64_t d = g * kQ8Group; d < end; ++d) store_scalar(out + d, static_cast<float>(row[d]) * scale);
   }
 }
 
 __attribute__((target_clones("arch=x86-64-v4", "avx2", "default")))
-void dequantize_row_bf16(const int8_t* row, int64_t dim, uint16_t* out) {
-  for (int64_t g = 0; g < q8_groups(dim); ++g) {
-    const float scale = q8_scale(row, dim, g);
-    const int64_t end = std::min(dim, (g + 1) * kQ8Group);
-    for (int64_t d = g * kQ8Group; d < end; ++d) {
-      const float value = static_cast<float>(row[d]) * scale;
-      const uint32_t bits = float_to_bits(value);
-      out[d] = value != value ? 0x7FC0 : static_cast<uint16_t>((bits + 0x7FFF + ((bits >> 16) & 1)) >> 16);
-    }
-  }
-}
+void dequantize_row_f32(const int8_t* row, int64_t dim, float* out) { dequantize_row(row, dim, out); }
+
+__attribute__((target_clones("arch=x86-64-v4", "avx2", "default")))
+void dequantize_row_bf16(const int8_t* row, int64_t dim, uint16_t* out) { dequantize_row(row, dim, out); }
 
 }  // namespace
 

@@ -147,7 +147,7 @@ def quantize_into(rows: Tensor, values: Tensor) -> None:
     cache's slice [Hkv, T, kv_int8.width(D)] (each head's rows contiguous), in one parallel C++ call (torch's ops
     where the library is not available or the layouts differ)."""
     heads, positions, dim = values.shape
-    if (isinstance(_load(), str) or values.dtype != torch.float32 or values.stride(2) != 1 or rows.dtype != torch.int8
+    if (not available() or values.dtype != torch.float32 or values.stride(2) != 1 or rows.dtype != torch.int8
             or rows.shape != (heads, positions, kv_int8.width(dim)) or rows.stride(2) != 1
             or rows.stride(1) != rows.shape[2]):
         rows.copy_(kv_int8.quantize(values))
@@ -163,7 +163,7 @@ def dequantize_rows(rows: Tensor, head_dim: int, dtype: torch.dtype) -> Tensor:
     of fp32 or bf16, the values of kv_int8.dequantize bit for bit (a NaN's payload aside), in one parallel C++ call
     (torch's ops where the library is not available, or for other layouts and dtypes)."""
     heads, positions, width = rows.shape
-    if (isinstance(_load(), str) or dtype not in (torch.float32, torch.bfloat16) or rows.dtype != torch.int8
+    if (not available() or dtype not in (torch.float32, torch.bfloat16) or rows.dtype != torch.int8
             or width != kv_int8.width(head_dim) or rows.stride(2) != 1 or rows.stride(1) != width):
         return kv_int8.dequantize(rows, head_dim, dtype)
     out = torch.empty(heads, positions, head_dim, dtype=dtype)
