@@ -76,3 +76,33 @@ def test_a_forced_path_the_cpu_lacks_is_a_clear_error(monkeypatch: pytest.Monkey
         activation.resolve()
     with pytest.raises(RuntimeError, match="INT8SERVE_ACTIVATION"):
         activation.silu_mul(*inputs(2, 16))
+
+
+@pytest.mark.parametrize("path", PATHS)
+@pytest.mark.parametrize("rows", [1, 4, 9])  # a decode step's rows: 1 and 4 thread alike at 11008, 9 splits rows
+def test_rows_read_in_place_from_a_stacked_output_give_the_contiguous_bits(path: str, rows: int) -> None:
+    hidden = 11008
+    gate, up = inputs(rows, hidden, seed=rows)
+    stacked = torch.cat([gate, up], dim=1)  # [rows, 2 * hidden], as a stacked gate/up projection writes them
+    views = stacked[:, :hidden], stacked[:, hidden:]
+    assert rows == 1 or not views[0].is_contiguous()
+    got = activation.silu_mul(*views, path)
+    assert got.is_contiguous() and got.shape == (rows, hidden)
+    assert torch.equal(got, activation.silu_mul(gate, up, "scalar"))
+    assert torch.equal(stacked, torch.cat([gate, up], dim=1))  # the inputs are only read
+
+
+def test_rows_with_different_strides_are_copied_first() -> None:
+    gate, up = inputs(3, 40)
+    wide = torch.zeros(3, 100)
+    wide[:, :40] = up
+    assert torch.equal(activation.silu_mul(gate, wide[:, :40]), activation.silu_mul(gate, up))
+    assert activation.silu_mul(torch.ones(0, 5), torch.ones(0, 5)).shape == (0, 5)
+
+
+def test_the_rows_entry_point_refuses_overlapping_rows() -> None:
+    lib = activation._library()
+    gate = torch.ones(2, 8)
+    out = torch.empty(2, 8)
+    status = lib.i8e_silu_mul_rows(gate.data_ptr(), gate.data_ptr(), out.data_ptr(), 2, 8, 4, 8, 0, 1)  # stride < n
+    assert status == -3

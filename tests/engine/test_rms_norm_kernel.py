@@ -4,6 +4,7 @@ to the exact value as torch's six ops; and the model uses it for int8 models onl
 
 from __future__ import annotations
 
+import numpy as np
 import pytest
 import torch
 
@@ -24,16 +25,19 @@ def rows(count: int, dim: int, seed: int = 0) -> tuple[torch.Tensor, torch.Tenso
 
 
 def documented_order(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
-    """The kernel's arithmetic in fp32 torch ops, one IEEE operation at a time (activation.cpp's comment)."""
-    out = torch.empty_like(x)
-    for r, row in enumerate(x):
-        lanes = torch.zeros(8)
+    """The kernel's arithmetic one IEEE fp32 operation at a time (activation.cpp's comment), in numpy float32
+    scalars (torch's 0-d tensor ops did not round every step to fp32: dims 200 and 576 came out 1 ulp off)."""
+    f32 = np.float32
+    out = np.empty(tuple(x.shape), dtype=f32)
+    for r, row in enumerate(x.numpy()):
+        lanes = [f32(0.0)] * 8
         for i, value in enumerate(row):
-            lanes[i % 8] = lanes[i % 8] + value * value
-        total = ((lanes[0] + lanes[1]) + (lanes[2] + lanes[3])) + ((lanes[4] + lanes[5]) + (lanes[6] + lanes[7]))
-        scale = 1.0 / torch.sqrt(total / torch.tensor(float(row.numel())) + torch.tensor(eps))
-        out[r] = weight * (row * scale)
-    return out
+            lanes[i % 8] = f32(lanes[i % 8] + f32(value * value))
+        total = f32(f32(f32(lanes[0] + lanes[1]) + f32(lanes[2] + lanes[3]))
+                    + f32(f32(lanes[4] + lanes[5]) + f32(lanes[6] + lanes[7])))
+        scale = f32(f32(1.0) / np.sqrt(f32(f32(total / f32(row.size)) + f32(eps))))
+        out[r] = weight.numpy() * (row * scale)
+    return torch.from_numpy(out)
 
 
 def torch_rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
@@ -41,7 +45,7 @@ def torch_rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.T
 
 
 @pytest.mark.parametrize("path", PATHS)
-@pytest.mark.parametrize("dim", [1, 7, 64, 100])  # below, at and past a vector, with tails
+@pytest.mark.parametrize("dim", [1, 7, 64, 100, 200, 576])  # below, at and past a vector, with tails
 def test_every_path_follows_the_documented_order_bit_for_bit(path: str, dim: int) -> None:
     x, weight = rows(5, dim)
     assert torch.equal(activation.rms_norm(x, weight, EPS, path), documented_order(x, weight, EPS))
@@ -85,3 +89,27 @@ def test_int8_models_use_the_kernel_and_the_fp32_reference_keeps_torch(monkeypat
     assert torch.equal(plain(x), torch_rms_norm(x, weight, EPS))
     monkeypatch.setattr(activation, "available", lambda: False)  # no compiler: torch's ops, the same formula
     assert torch.equal(fused(x), plain(x))
+
+
+@pytest.mark.parametrize("path", PATHS)
+@pytest.mark.parametrize("count, dim", [(1, 7), (4, 100), (4, 4096), (33, 576)])  # one thread and both
+def test_the_fused_residual_add_gives_the_bits_of_the_add_then_the_norm(path: str, count: int, dim: int) -> None:
+    x, weight = rows(count, dim)
+    delta = torch.randn(count, dim, generator=torch.Generator().manual_seed(5)) * 0.01
+    expected_x = x + delta
+    expected = activation.rms_norm(expected_x, weight, EPS, path)
+    stream = x.clone()
+    got = activation.add_rms_norm(stream, delta, weight, EPS, path)
+    assert torch.equal(stream, expected_x)  # the residual stream holds the sum, as torch's add gives it
+    assert torch.equal(got, expected)
+    assert torch.equal(got, documented_order(expected_x, weight, EPS))
+
+
+def test_the_fused_residual_add_refuses_what_it_cannot_update_in_place() -> None:
+    x, weight = rows(4, 8)
+    with pytest.raises(ValueError, match="contiguous fp32"):
+        activation.add_rms_norm(x.t().contiguous().t(), x, weight, EPS)  # not contiguous: no in-place update
+    with pytest.raises(ValueError, match="contiguous fp32"):
+        activation.add_rms_norm(x, x[:2], weight, EPS)
+    with pytest.raises(ValueError, match="contiguous fp32"):
+        activation.add_rms_norm(x.double(), x.double(), weight, EPS)

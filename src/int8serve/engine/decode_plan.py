@@ -7,9 +7,11 @@ paths alternating in one process, the same bits): the 7B shape at position 512, 
 faster steps; SmolLM2-135M, where the modules were most of a step, 1.61x and 1.49x. So a plan holds, for one KV
 cache and one batch size, every layer's kernel calls with their arguments worked out (weights, caches, rope tables,
 its own input and output buffers), and a step is those calls back to back: RMSNorm, q/k/v (one stacked call),
-attention, output projection, residual, RMSNorm, gate/up (one stacked call), SiLU, down projection, residual.
+attention, output projection, residual add and RMSNorm (one call), gate/up (one stacked call), SiLU (all rows in one
+call), down projection, and the residual add again in the next layer's first call.
 
-The calls are the modules' own, with the same inputs (kernels/, int8.StackedInt8Linear): the results are bitwise
+The calls are the modules' own, with the same inputs (kernels/, int8.StackedInt8Linear; the fused add is the same
+IEEE add as the modules' `+`): the results are bitwise
 those of the module path, which tests assert. A plan is used only where the module path would make exactly these
 calls: an int8 model with every layer stacked, our kernels for the linears, attention (kernels/attention.py) and
 activations, a decode step (one token per row, not a prefill chunk). It is checked before each step and made again
@@ -132,13 +134,13 @@ def plan_for(model: Transformer, cache: KVCache, step: KernelStep, batch: int) -
 
 @dataclass
 class _LayerCalls:
-    attention_norm: tuple
+    attention_norm: tuple  # after the first layer, with the previous layer's residual add (i8e_add_rms_norm)
     qkv: tuple
     attention: tuple
     wo: tuple
-    ffn_norm: tuple
+    ffn_norm: tuple  # with the attention's residual add
     gate_up: tuple
-    silu: list[tuple]  # one call a row: gate and up of a row are side by side in the stacked output
+    silu: tuple  # every row: gate and up of a row are side by side in the stacked output
     down: tuple
 
 
@@ -174,7 +176,8 @@ class DecodePlan:
         self._gemv = kernels._library().i8s_gemv
         self._attend = attention_kernel._library().i8a_decode
         activations = activation_kernel._library()
-        self._rms_norm, self._silu_mul = activations.i8e_rms_norm, activations.i8e_silu_mul
+        self._rms_norm, self._add_rms_norm = activations.i8e_rms_norm, activations.i8e_add_rms_norm
+        self._silu_mul = activations.i8e_silu_mul_rows
         self._converted: list[Tensor] = []  # norm weights converted for the kernel (kept alive: the calls point in)
         self.layers = [self._layer_calls(i, layer) for i, layer in enumerate(model.layers)]
         self.modules = list(model.modules())
@@ -210,7 +213,7 @@ class DecodePlan:
         q_start, k_start, v_start = qkv.starts
         width = qkv.packed.out_features
         return _LayerCalls(
-            attention_norm=self._norm_call(layer.attention_norm),
+            attention_norm=self._norm_call(layer.attention_norm, add=index > 0),
             qkv=self._gemv_call(self.normed, qkv.packed, self.qkv),
             attention=(at(self.qkv, q_start), at(self.qkv, k_start), at(self.qkv, v_start), width, width,
                        at(self.model.rope_cos), at(self.model.rope_sin), at(self.slots), at(self.positions), rows,
@@ -219,19 +222,20 @@ class DecodePlan:
                        attention.head_dim**-0.5, at(self.attended), attention_kernel.IMPLS[self.attention_impl],
                        self.threads),
             wo=self._gemv_call(self.attended, attention.wo.packed, self.projected),
-            ffn_norm=self._norm_call(layer.ffn_norm),
+            ffn_norm=self._norm_call(layer.ffn_norm, add=True),
             gate_up=self._gemv_call(self.normed, gate_up.packed, self.gate_up),
-            silu=[(at(self.gate_up, row * gate_up.packed.out_features),
-                   at(self.gate_up, row * gate_up.packed.out_features + gate_up.starts[1]),
-                   at(self.hidden, row * config.hidden_dim), config.hidden_dim,
-                   activation_kernel.IMPLS[self.activation_impl], self.threads) for row in range(rows)],
+            silu=(at(self.gate_up), at(self.gate_up, gate_up.starts[1]), at(self.hidden), rows, config.hidden_dim,
+                  gate_up.packed.out_features, config.hidden_dim, activation_kernel.IMPLS[self.activation_impl],
+                  self.threads),
             down=self._gemv_call(self.hidden, feed_forward.w2.packed, self.projected),
         )
 
-    def _norm_call(self, norm: nn.Module) -> tuple:
+    def _norm_call(self, norm: nn.Module, add: bool) -> tuple:
+        """RMSNorm of the residual stream into `normed`; with `add`, after adding `projected` into the stream."""
         weight = norm.weight.to(torch.float32).contiguous()  # (the module's call converts it the same way)
         self._converted.append(weight)
-        return (_address(self.x), _address(weight), _address(self.normed), self.batch, weight.shape[0],
+        added = (_address(self.projected),) if add else ()
+        return (_address(self.x), *added, _address(weight), _address(self.normed), self.batch, weight.shape[0],
                 ctypes.c_float(norm.eps), activation_kernel.IMPLS[self.activation_impl], self.threads)
 
     def _gemv_call(self, inputs: Tensor, packed: kernels.PackedWeight, out: Tensor) -> tuple:
@@ -251,24 +255,23 @@ class DecodePlan:
 
     def _layers(self, linear: Callable[..., int]) -> None:
         """Every layer's calls in order; `linear` makes the int8 linear calls (i8s_gemv, or it with a clock)."""
-        attend, rms_norm, silu_mul = self._attend, self._rms_norm, self._silu_mul
-        x, projected = self.x, self.projected
-        for calls in self.layers:
-            if rms_norm(*calls.attention_norm) or linear(*calls.qkv):
+        attend, add_rms_norm, silu_mul = self._attend, self._add_rms_norm, self._silu_mul
+        for index, calls in enumerate(self.layers):
+            # (the first layer's stream has nothing to add yet; each later one adds the previous layer's output)
+            if (add_rms_norm if index else self._rms_norm)(*calls.attention_norm) or linear(*calls.qkv):
                 _failed("RMSNorm or q/k/v")
             status = attend(*calls.attention)
             if status:  # (a slot twice at one position: the module path's error)
                 raise ValueError(f"i8a_decode failed with status {status}: {attention_kernel.STATUS.get(status, '?')}")
             if linear(*calls.wo):
                 _failed("output projection")
-            x.add_(projected)
-            if rms_norm(*calls.ffn_norm) or linear(*calls.gate_up):
-                _failed("RMSNorm or gate/up")
-            if any(silu_mul(*row) for row in calls.silu):
+            if add_rms_norm(*calls.ffn_norm) or linear(*calls.gate_up):
+                _failed("residual add, RMSNorm or gate/up")
+            if silu_mul(*calls.silu):
                 _failed("SiLU")
             if linear(*calls.down):
                 _failed("down projection")
-            x.add_(projected)
+        self.x.add_(self.projected)  # the last layer's output
 
 
 def _failed(call: str) -> None:

@@ -17,6 +17,11 @@
 // after a linear has streamed its weights through the caches. Every path adds in that order, so a row's result is
 // the same on every path and whatever rows come with it (a prefill chunk's rows as decode computes them).
 //
+// Decode plans (decode_plan.py) call the two over a whole step's rows at once: silu_mul over rows that sit apart in
+// memory (gate and up of a row side by side in the stacked projection's output), and RMSNorm after the residual add
+// in the same pass (x += delta, then the norm of the new x: the add is one IEEE operation, as torch's add_, so the
+// bits are those of the two apart).
+//
 // Plain C ABI, built and loaded like gemv.cpp (kernels/__init__.py: build(), ctypes).
 
 #include <immintrin.h>
@@ -35,7 +40,19 @@ constexpr float kLn2Lo = -2.12194440e-4f;
 constexpr float kMin = -87.0f, kMax = 88.0f;  // 2^n stays a normal float
 constexpr float kP[6] = {1.9875691500e-4f, 1.3981999507e-3f, 8.3334519073e-3f,
                          4.1665795894e-2f, 1.6666665459e-1f, 5.0000001201e-1f};
-constexpr int64_t kParallelElements = int64_t{1} << 16;  // below this, one thread
+// Below these many elements a call runs on one thread. In a decode plan the calls come between parallel int8 linears,
+// whose threads are still awake: the 7B shape's 4-row step (SiLU 44032 elements, RMSNorm 16384) spent 1.17x less time
+// in these calls with both threads than below 65536 on one (AMD EPYC Zen 4, 2 threads, the two builds alternating in
+// one process, 12 rounds); 1 row, under both thresholds, 1.03x. (-DINT8SERVE_SILU_PARALLEL=N and
+// -DINT8SERVE_NORM_PARALLEL=N build others.)
+#ifndef INT8SERVE_SILU_PARALLEL
+#define INT8SERVE_SILU_PARALLEL 16384
+#endif
+#ifndef INT8SERVE_NORM_PARALLEL
+#define INT8SERVE_NORM_PARALLEL 8192
+#endif
+constexpr int64_t kParallelSiluElements = INT8SERVE_SILU_PARALLEL;
+constexpr int64_t kParallelNormElements = INT8SERVE_NORM_PARALLEL;
 
 enum Impl { kAuto = 0, kAvx512 = 1, kAvx2 = 2, kScalar = 3 };
 
@@ -142,6 +159,13 @@ __attribute__((target("avx2"))) void rms_norm_avx2(const float* x, const float* 
   for (int64_t i = full; i < dim; ++i) out[i] = weight[i] * (x[i] * r);
 }
 
+// x += delta (one rounded add an element, stored), then out = RMSNorm(x), for one row.
+template <void (*kNorm)(const float*, const float*, float*, int64_t, float)>
+void add_rms_norm(float* x, const float* delta, const float* weight, float* out, int64_t dim, float eps) {
+  for (int64_t i = 0; i < dim; ++i) x[i] = x[i] + delta[i];  // (vectorized by the compiler: the same IEEE adds)
+  kNorm(x, weight, out, dim, eps);
+}
+
 bool cpu_has(Impl impl) {
   __builtin_cpu_init();
   switch (impl) {
@@ -163,7 +187,7 @@ Impl resolve(int impl) {
 
 #define I8E_API extern "C" __attribute__((visibility("default")))
 
-I8E_API int i8e_abi_version() { return 2; }
+I8E_API int i8e_abi_version() { return 3; }
 
 // The path `impl` (0 auto) resolves to on this CPU, or -1 if the CPU cannot run it.
 I8E_API int i8e_resolve(int impl) {
@@ -172,19 +196,31 @@ I8E_API int i8e_resolve(int impl) {
   return cpu_has(path) ? path : -1;
 }
 
-// out[i] = silu(gate[i]) * up[i] for i < n (out may be gate or up). Status: 0 ok, -1 the CPU cannot run `impl`.
-I8E_API int i8e_silu_mul(const float* gate, const float* up, float* out, int64_t n, int impl, int threads) {
-  if (i8e_resolve(impl) < 0 || n < 0) return -1;
+// For r < rows and i < n: out[r * out_stride + i] = silu(gate[r * in_stride + i]) * up[r * in_stride + i] (out may
+// be gate or up). Each row is cut into whole vectors, one piece per thread, the pieces of all rows shared out
+// statically. Status: 0 ok, -1 the CPU cannot run `impl`, -3 bad sizes.
+I8E_API int i8e_silu_mul_rows(const float* gate, const float* up, float* out, int64_t rows, int64_t n,
+                              int64_t in_stride, int64_t out_stride, int impl, int threads) {
+  if (i8e_resolve(impl) < 0) return -1;
+  if (rows < 0 || n < 0 || (rows > 1 && (in_stride < n || out_stride < n))) return -3;
   const Impl path = resolve(impl);
   const auto run = path == kAvx512 ? silu_mul_avx512 : path == kAvx2 ? silu_mul_avx2 : silu_mul_scalar;
-  const int64_t pieces = n < kParallelElements ? 1 : std::max(1, threads);
-  const int64_t piece = (n / pieces + 15) / 16 * 16;  // whole vectors: a thread's share never splits one
-#pragma omp parallel for schedule(static) num_threads(static_cast<int>(pieces)) if (pieces > 1)
+  const int64_t per_row = rows * n < kParallelSiluElements ? 1 : std::max(1, threads);
+  const int64_t piece = (n / per_row + 15) / 16 * 16;  // whole vectors: a thread's share never splits one
+  const int64_t pieces = rows * per_row;
+#pragma omp parallel for schedule(static) num_threads(threads) if (per_row > 1)
   for (int64_t t = 0; t < pieces; ++t) {
-    const int64_t begin = std::min(n, t * piece), end = t + 1 == pieces ? n : std::min(n, (t + 1) * piece);
-    run(gate + begin, up + begin, out + begin, end - begin);
+    const int64_t r = t / per_row, p = t % per_row;
+    const int64_t begin = std::min(n, p * piece), end = p + 1 == per_row ? n : std::min(n, (p + 1) * piece);
+    run(gate + r * in_stride + begin, up + r * in_stride + begin, out + r * out_stride + begin, end - begin);
   }
   return 0;
+}
+
+// out[i] = silu(gate[i]) * up[i] for i < n (out may be gate or up). Status: 0 ok, -1 the CPU cannot run `impl`.
+I8E_API int i8e_silu_mul(const float* gate, const float* up, float* out, int64_t n, int impl, int threads) {
+  if (n < 0) return -1;
+  return i8e_silu_mul_rows(gate, up, out, 1, n, n, n, impl, threads);
 }
 
 // out[r] = RMSNorm of row r of x [rows, dim] with `weight` [dim] (see the top of this file); out may be x. Status: 0
@@ -194,8 +230,21 @@ I8E_API int i8e_rms_norm(const float* x, const float* weight, float* out, int64_
   if (i8e_resolve(impl) < 0) return -1;
   if (rows < 0 || dim <= 0) return -3;
   const auto run = resolve(impl) == kScalar ? rms_norm_scalar : rms_norm_avx2;
-  const bool parallel = threads > 1 && rows > 1 && rows * dim >= kParallelElements;
+  const bool parallel = threads > 1 && rows > 1 && rows * dim >= kParallelNormElements;
 #pragma omp parallel for schedule(static) num_threads(threads) if (parallel)
   for (int64_t r = 0; r < rows; ++r) run(x + r * dim, weight, out + r * dim, dim, eps);
+  return 0;
+}
+
+// x += delta, then out = RMSNorm of each row of the new x, for x, delta, out [rows, dim] (a decode plan's residual
+// add and the next norm, one pass). out must not overlap x or delta. Status as i8e_rms_norm.
+I8E_API int i8e_add_rms_norm(float* x, const float* delta, const float* weight, float* out, int64_t rows,
+                             int64_t dim, float eps, int impl, int threads) {
+  if (i8e_resolve(impl) < 0) return -1;
+  if (rows < 0 || dim <= 0) return -3;
+  const auto run = resolve(impl) == kScalar ? add_rms_norm<rms_norm_scalar> : add_rms_norm<rms_norm_avx2>;
+  const bool parallel = threads > 1 && rows > 1 && rows * dim >= kParallelNormElements;
+#pragma omp parallel for schedule(static) num_threads(threads) if (parallel)
+  for (int64_t r = 0; r < rows; ++r) run(x + r * dim, delta + r * dim, weight, out + r * dim, dim, eps);
   return 0;
 }

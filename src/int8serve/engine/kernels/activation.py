@@ -25,7 +25,7 @@ from . import build, env_choice, kernel_threads, load_library, open_library
 log = logging.getLogger(__name__)
 
 SOURCE = Path(__file__).with_name("activation.cpp")
-ABI_VERSION = 2  # must match i8e_abi_version() in activation.cpp
+ABI_VERSION = 3  # must match i8e_abi_version() in activation.cpp
 ENV = "INT8SERVE_ACTIVATION"
 Impl = Literal["auto", "avx512", "avx2", "scalar"]
 IMPLS: dict[str, int] = {"auto": 0, "avx512": 1, "avx2": 2, "scalar": 3}
@@ -38,8 +38,12 @@ def _open(path: Path) -> ctypes.CDLL:
     lib.i8e_resolve.restype = _INT
     lib.i8e_silu_mul.argtypes = [_P, _P, _P, _I64, _INT, _INT]
     lib.i8e_silu_mul.restype = _INT
+    lib.i8e_silu_mul_rows.argtypes = [_P, _P, _P, _I64, _I64, _I64, _I64, _INT, _INT]
+    lib.i8e_silu_mul_rows.restype = _INT
     lib.i8e_rms_norm.argtypes = [_P, _P, _P, _I64, _I64, ctypes.c_float, _INT, _INT]
     lib.i8e_rms_norm.restype = _INT
+    lib.i8e_add_rms_norm.argtypes = [_P, _P, _P, _P, _I64, _I64, ctypes.c_float, _INT, _INT]
+    lib.i8e_add_rms_norm.restype = _INT
     return lib
 
 
@@ -87,20 +91,32 @@ def setting() -> Impl:
 
 
 def silu_mul(gate: Tensor, up: Tensor, impl: Impl | None = None) -> Tensor:
-    """silu(gate) * up for fp32 tensors of one shape -> a new fp32 tensor, on path `impl` (None: the
-    INT8SERVE_ACTIVATION setting). RuntimeError without the library or when the CPU cannot run the path."""
+    """silu(gate) * up for fp32 tensors of one shape -> a new contiguous fp32 tensor, on path `impl` (None: the
+    INT8SERVE_ACTIVATION setting). Rows that sit apart in memory with one stride (gate and up as views of a stacked
+    projection's output) are read in place. RuntimeError without the library or when the CPU cannot run the path."""
     impl = setting() if impl is None else impl
     loaded = _library()
     if gate.shape != up.shape or gate.dtype != torch.float32 or up.dtype != torch.float32:
         raise ValueError(f"gate and up must be fp32 of one shape, got {gate.dtype} {tuple(gate.shape)} and "
                          f"{up.dtype} {tuple(up.shape)}")
-    gate, up = gate.contiguous(), up.contiguous()
-    out = torch.empty_like(gate)
-    status = loaded.i8e_silu_mul(gate.data_ptr(), up.data_ptr(), out.data_ptr(), gate.numel(), IMPLS[impl],
-                                 kernel_threads())
+    out = torch.empty(gate.shape, dtype=torch.float32)
+    if out.numel() == 0:
+        return out
+    n = gate.shape[-1] if gate.dim() else 1
+    gate_rows, up_rows = _rows(gate, n), _rows(up, n)
+    if gate_rows.stride(0) != up_rows.stride(0):
+        gate_rows, up_rows = gate_rows.contiguous(), up_rows.contiguous()
+    status = loaded.i8e_silu_mul_rows(gate_rows.data_ptr(), up_rows.data_ptr(), out.data_ptr(), gate_rows.shape[0], n,
+                                      max(gate_rows.stride(0), n), n, IMPLS[impl], kernel_threads())
     if status != 0:
-        raise RuntimeError(f"this CPU cannot run the {impl} SiLU path ({ENV})")
+        raise RuntimeError(f"i8e_silu_mul_rows failed with status {status}: the {impl} SiLU path ({ENV})")
     return out
+
+
+def _rows(t: Tensor, n: int) -> Tensor:
+    """`t` as [rows, n] with unit stride along a row: a view where the layout allows, else a contiguous copy."""
+    rows = t.reshape(-1, n)
+    return rows if rows.stride(1) == 1 or n == 1 else rows.contiguous()
 
 
 def rms_norm(x: Tensor, weight: Tensor, eps: float, impl: Impl | None = None) -> Tensor:
@@ -120,4 +136,24 @@ def rms_norm(x: Tensor, weight: Tensor, eps: float, impl: Impl | None = None) ->
                                  IMPLS[impl], kernel_threads())
     if status != 0:
         raise RuntimeError(f"i8e_rms_norm failed with status {status}: the {impl} path ({ENV}) or the sizes")
+    return out
+
+
+def add_rms_norm(x: Tensor, delta: Tensor, weight: Tensor, eps: float, impl: Impl | None = None) -> Tensor:
+    """x += delta in place (a residual add), then RMSNorm of the new x as `rms_norm` gives it -> a new fp32 tensor;
+    one pass (activation.cpp). x must be contiguous fp32, delta fp32 of x's shape."""
+    impl = setting() if impl is None else impl
+    loaded = _library()
+    dim = x.shape[-1]
+    if (x.dtype is not torch.float32 or delta.dtype is not torch.float32 or delta.shape != x.shape
+            or weight.shape != (dim,) or dim == 0 or not x.is_contiguous()):
+        raise ValueError(f"x must be contiguous fp32 [..., {weight.shape[0]}] and delta fp32 of its shape, got x "
+                         f"{x.dtype} {tuple(x.shape)} and delta {delta.dtype} {tuple(delta.shape)}")
+    delta = delta.contiguous()
+    weight = weight.to(torch.float32).contiguous()
+    out = torch.empty_like(x)
+    status = loaded.i8e_add_rms_norm(x.data_ptr(), delta.data_ptr(), weight.data_ptr(), out.data_ptr(),
+                                     x.numel() // dim, dim, eps, IMPLS[impl], kernel_threads())
+    if status != 0:
+        raise RuntimeError(f"i8e_add_rms_norm failed with status {status}: the {impl} path ({ENV}) or the sizes")
     return out
