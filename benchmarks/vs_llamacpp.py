@@ -118,6 +118,7 @@ ISAS = ("native", "avx2")  # --isa: each engine's fastest code, or both held to 
 AVX2_SETTINGS = {"INT8SERVE_KERNEL": "avx2", "INT8SERVE_ATTENTION": "avx2", "INT8SERVE_ACTIVATION": "avx2",
                  "ATEN_CPU_CAPABILITY": "avx2", "ONEDNN_MAX_CPU_ISA": "AVX2"}
 KV_ENV = "INT8SERVE_KV_CACHE"  # --kv-cache for our child process (the server's variable of the same setting)
+PREFILL_ENV = "INT8SERVE_PREFILL_MATMUL"  # --prefill-matmul int8 for our child process (int8.one_int8_pass)
 LLAMA_KV = {"bf16": [], "int8": ["-ctk", "q8_0", "-ctv", "q8_0"]}  # llama.cpp's default KV cache is f16
 
 
@@ -644,6 +645,10 @@ def build_report(args: argparse.Namespace, rounds: Sequence[Round], files: Weigh
              "child process), so only one engine's weights are in memory at a time.",
              *(["- KV caches: ours int8 rows (`--kv-cache int8`), llama.cpp q8_0 (`-ctk q8_0 -ctv q8_0`)."]
                if args.kv_cache == "int8" else []),
+             *([f"- Our prefill with one int8 pass a row (`{PREFILL_ENV}=int8`): activations rounded to int8 per 32 "
+                "values, as llama.cpp's Q8_0 computes them, instead of our default's numerics (more accurate, "
+                "int8.py has the figures); decode unchanged. Not the issue's goals, which are for the defaults."]
+               if args.prefill_matmul == "int8" else []),
              "", *results_table(rounds, files.gguf_type, goals=not args.gguf and not variant(args),
                                 tools=llama_cpp_tools(args.batch_prompt, args.kv_cache)), "",
              roofline_line(rounds, files), "",
@@ -670,6 +675,7 @@ PATH_SETTINGS = ("INT8SERVE_KERNEL", "INT8SERVE_ATTENTION", "INT8SERVE_ACTIVATIO
 
 def display_command(args: argparse.Namespace) -> str:
     implied = AVX2_SETTINGS if args.isa == "avx2" else {}  # (--isa avx2 sets them)
+    implied = {**implied, **({PREFILL_ENV: args.prefill_matmul} if args.prefill_matmul != "auto" else {})}
     settings = [f"{name}={os.environ[name]}" for name in PATH_SETTINGS if os.environ.get(name) and name not in implied]
     words = [*settings, "python", "-m", "benchmarks.vs_llamacpp"]
     if args.gguf:
@@ -688,6 +694,8 @@ def display_command(args: argparse.Namespace) -> str:
         words += ["--kv-cache", args.kv_cache]
     if args.batch_prompt != BATCH_PROMPT:
         words += ["--batch-prompt", str(args.batch_prompt)]
+    if args.prefill_matmul != "auto":
+        words += ["--prefill-matmul", args.prefill_matmul]
     if args.llama_bin:
         words += ["--llama-bin", str(args.llama_bin)]
     if args.write:
@@ -747,6 +755,9 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--batch-prompt", type=int, default=BATCH_PROMPT, metavar="N",
                         help=f"the position the {BATCH} sequences decode from (llama-batched-bench -npp; default "
                              f"{BATCH_PROMPT}); another makes its own section")
+    parser.add_argument("--prefill-matmul", choices=["auto", "int8"], default="auto",
+                        help="our prefill: auto (the default numerics) or int8 (one int8 pass a row, llama.cpp's "
+                             f"numerics: {PREFILL_ENV}=int8); int8 makes its own section, without the goals")
     parser.add_argument("--ours-child", type=Path, help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
     if args.layers < 1 or args.rounds < 1 or args.reps < 1 or args.batch_prompt < 1:
@@ -757,20 +768,22 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
 
 
 def section_label(layers: int, gguf: Path | None = None, cpu: str | None = None, isa: str = "native",
-                  kv_cache: str = "bf16", batch_prompt: int = BATCH_PROMPT) -> str:
+                  kv_cache: str = "bf16", batch_prompt: int = BATCH_PROMPT, prefill_matmul: str = "auto") -> str:
     """The full shape has a section per kind of CPU (`cpu`, default this one's `cpu_label()`): the issue's goals are
     per CPU, and a run on one must not erase another's. A quick run's is kept apart (`--layers N`), and so is each
     real model's (`--gguf FILE`: the file's name), a run held to AVX2 code (`--isa avx2`), and one with other KV
-    caches or another batch position (`--kv-cache`, `--batch-prompt`)."""
+    caches, another batch position or our prefill's int8 pass (`--kv-cache`, `--batch-prompt`, `--prefill-matmul`)."""
     label = gguf.name if gguf else (cpu or cpu_label()) if layers == 32 else f"--layers {layers}"
     label = label if isa == "native" else f"{label} --isa {isa}"
     label = label if kv_cache == "bf16" else f"{label} --kv-cache {kv_cache}"
+    label = label if prefill_matmul == "auto" else f"{label} --prefill-matmul {prefill_matmul}"
     return label if batch_prompt == BATCH_PROMPT else f"{label} --batch-prompt {batch_prompt}"
 
 
 def variant(args: argparse.Namespace) -> bool:
-    """Whether this run's settings are not the defaults the issue's goals are for (--kv-cache, --batch-prompt)."""
-    return args.kv_cache != "bf16" or args.batch_prompt != BATCH_PROMPT
+    """Whether this run's settings are not the defaults the issue's goals are for (--kv-cache, --batch-prompt,
+    --prefill-matmul)."""
+    return args.kv_cache != "bf16" or args.batch_prompt != BATCH_PROMPT or args.prefill_matmul != "auto"
 
 
 def hold_to_isa(isa: str) -> None:
@@ -803,6 +816,11 @@ def main(argv: Sequence[str] | None = None) -> None:
         return
     if args.kv_cache != "bf16":
         os.environ[KV_ENV] = args.kv_cache  # (our child process reads it)
+    if args.prefill_matmul != "auto":
+        if os.environ.get(PREFILL_ENV, args.prefill_matmul) != args.prefill_matmul:
+            sys.exit(f"error: --prefill-matmul {args.prefill_matmul} sets {PREFILL_ENV}={args.prefill_matmul}, but the "
+                     f"environment has {PREFILL_ENV}={os.environ[PREFILL_ENV]}")
+        os.environ[PREFILL_ENV] = args.prefill_matmul  # (our child process reads it)
     require_gguf()
     hold_to_isa(args.isa)
     try:
@@ -822,7 +840,8 @@ def main(argv: Sequence[str] | None = None) -> None:
     if args.write:
         write_section(args.write, report, SCRIPT, section_label(args.layers, args.gguf, isa=args.isa,
                                                                 kv_cache=args.kv_cache,
-                                                                batch_prompt=args.batch_prompt))
+                                                                batch_prompt=args.batch_prompt,
+                                                                prefill_matmul=args.prefill_matmul))
         log(f"wrote the section into {args.write}")
 
 

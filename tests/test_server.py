@@ -116,6 +116,34 @@ def test_serve_with_an_int8_kv_cache(tmp_path: Path, shared_dir: Path) -> None:
     assert "Traceback" not in err
 
 
+def test_serve_with_llama_cpps_numerics_in_prefill(tmp_path: Path, shared_dir: Path,
+                                                   monkeypatch: pytest.MonkeyPatch) -> None:
+    """INT8SERVE_PREFILL_MATMUL=int8: the start lines say prefill takes one int8 pass a row and why the prefix cache
+    keeps prompts only; answers come back, the same with the prompt's prefix from the prefix cache."""
+    monkeypatch.setenv("INT8SERVE_PREFILL_MATMUL", "int8")
+    process, port = start("--model", str(shared_dir / "models" / "stories260K" / "hf"), "--token", "t=acct",
+                          tmp_path=tmp_path)
+    try:
+        lines = []
+        while not any("ready: http://" in line for line in lines):
+            lines.append(process.stderr.readline())
+        text = "".join(lines)
+        assert "every call, one int8 pass a row (INT8SERVE_PREFILL_MATMUL=int8" in text, text
+        assert "prompts only (INT8SERVE_PREFILL_MATMUL=int8: prefill's one int8 pass" in text, text
+        url = f"http://127.0.0.1:{port}/client/v4/accounts/acct/ai/v1/completions"
+        body = {"model": MODEL, "prompt": "Once upon a time, there was a little girl named Lily. She liked to play "
+                "in the park with her dog.", "max_tokens": 16, "temperature": 0}
+        answers = [httpx.post(url, headers={"Authorization": "Bearer t", "cf-skip-cache": "true"}, json=body,
+                              timeout=60) for _ in range(2)]
+        assert all(a.status_code == 200 for a in answers), answers[0].text
+        first, second = (a.json() for a in answers)
+        assert second["usage"]["prompt_tokens_details"]["cached_tokens"] >= 16
+        assert first["choices"][0]["text"] and first["choices"][0]["text"] == second["choices"][0]["text"]
+    finally:
+        err = stop(process)
+    assert "Traceback" not in err
+
+
 def test_serve_with_configured_tokens(tmp_path: Path) -> None:
     """The random-weight demo model, a test fixture, served under the seed's card by a plain --model PATH."""
     from int8serve.engine.demo import demo_model_dir

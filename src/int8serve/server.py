@@ -236,6 +236,8 @@ def _describe_kv_cache(model: Transformer, engine: Engine) -> str:
 def _what_is_reused(engine: Engine, prefill_chunk: int) -> str:
     if engine.row_exact_prefill:
         return "prompts and replies (row-exact prefill)"
+    if prefill_matmul.int8_requested():
+        return f"prompts only ({prefill_matmul.ENV}=int8: prefill's one int8 pass a row is not what decode computes)"
     if prefill_chunk > kernel_rows():  # the usual reason: the chunks are the dense path's
         return (f"prompts only (prefill chunks take the faster dense path; {prefill_matmul.ENV}=row-exact keeps "
                 "replies too, on CPUs with AVX-512 VNNI, at slower prefill)")

@@ -283,3 +283,19 @@ def test_kv_cache_and_batch_position_runs_are_their_own_sections_without_the_goa
     assert vs_llamacpp.llama_cpp_tools()["decode_b1"] == "`llama-bench -n 32`"
     with pytest.raises(SystemExit):
         vs_llamacpp.parse_args(["--batch-prompt", "0"])
+
+
+def test_a_run_with_our_int8_prefill_pass_is_its_own_section_without_the_goals(monkeypatch: pytest.MonkeyPatch
+                                                                               ) -> None:
+    """--prefill-matmul int8 (our prefill with llama.cpp's numerics): its own section, the flag in the command (not
+    the variable it sets for our child as well), no goal verdicts; a contradicting environment is refused."""
+    monkeypatch.delenv(vs_llamacpp.PREFILL_ENV, raising=False)
+    args = vs_llamacpp.parse_args(["--prefill-matmul", "int8"])
+    assert vs_llamacpp.variant(args)
+    assert vs_llamacpp.section_label(32, cpu="X", prefill_matmul="int8") == "X --prefill-matmul int8"
+    monkeypatch.setenv(vs_llamacpp.PREFILL_ENV, "int8")  # (as main sets it for the child)
+    command = vs_llamacpp.display_command(args)
+    assert "--prefill-matmul int8" in command and "INT8SERVE_PREFILL_MATMUL" not in command
+    monkeypatch.setenv(vs_llamacpp.PREFILL_ENV, "dense")
+    with pytest.raises(SystemExit, match="INT8SERVE_PREFILL_MATMUL=dense"):
+        vs_llamacpp.main(["--prefill-matmul", "int8", "--layers", "1"])

@@ -205,6 +205,36 @@ def test_the_16_bit_gemm_paths_multiply_every_prefill_row_as_decode_does(path: s
     assert "our int8 kernel" not in int8.describe_dense()
 
 
+@pytest.mark.parametrize("path", kernels.PATHS)
+def test_the_int8_prefill_setting_gives_prefill_one_int8_pass_and_decode_two(path: str,
+                                                                            monkeypatch: pytest.MonkeyPatch) -> None:
+    """INT8SERVE_PREFILL_MATMUL=int8: every prefill call (a chunk, or a call of more rows than any decode step) goes
+    through our kernel with one int8 pass a row, as llama.cpp computes; decode calls keep two (precise), and the
+    start line says which."""
+    if not kernels.cpu_has(path):
+        pytest.skip(f"this CPU lacks the {path} path")
+    monkeypatch.setenv(kernels.ENV_PATH, path)
+    monkeypatch.setenv(prefill_matmul.ENV, "int8")
+    assert prefill_matmul.setting_problem() is None and int8.kernel_rows() == int8.ALL_ROWS
+    layer, _ = make_layer(256, 200, group_size=32)
+    x = torch.randn(300, 256)
+    one_pass = kernels.int8_gemv(x, layer.packed, precise=False)
+    two_passes = kernels.int8_gemv(x, layer.packed, precise=True)
+    assert not torch.equal(one_pass, two_passes)  # (so the comparisons below tell the two apart)
+    assert torch.equal(layer(x), one_pass)  # a 300-row forward: prefill
+    assert torch.equal(layer(x[:4]), two_passes[:4])  # a 4-row decode step
+    token = chunking.CURRENT.set(chunking.PrefillChunk(rows=128, keys_end=128))
+    try:
+        chunk, short_chunk = layer(x[:128]), layer(x[:3])  # a whole chunk, and the end of a prompt
+    finally:
+        chunking.CURRENT.reset(token)
+    assert torch.equal(chunk, one_pass[:128].to(COMPUTE_DTYPE))  # (a chunk that is not row-exact rounds to bf16)
+    assert torch.equal(short_chunk, one_pass[:3].to(COMPUTE_DTYPE))
+    assert "one int8 pass a row" in int8.describe_dense()
+    monkeypatch.setenv(prefill_matmul.ENV, "auto")
+    assert "one int8 pass" not in int8.describe_dense()
+
+
 def test_fp32_dense_matmuls_go_through_onednn_where_torch_has_it() -> None:
     """The prefill matmul in fp32 (CPUs without native bf16) is oneDNN's, not MKL's (2.3x on an AVX2 EPYC)."""
     assert int8.onednn_fp32() == torch.backends.mkldnn.is_available()

@@ -164,8 +164,8 @@ def test_a_setting_it_does_not_take_turns_it_off_and_says_so(monkeypatch: pytest
     prefill_matmul._warn_once.cache_clear()
     with caplog.at_level("WARNING"):
         assert not prefill_matmul.enabled()
-    assert "INT8SERVE_PREFILL_MATMUL='fast': expected one of auto, row-exact, dense" in caplog.text
-    assert ("our bf16 kernel not used: INT8SERVE_PREFILL_MATMUL='fast' is not one of auto, row-exact, dense"
+    assert "INT8SERVE_PREFILL_MATMUL='fast': expected one of auto, row-exact, dense, int8" in caplog.text
+    assert ("our bf16 kernel not used: INT8SERVE_PREFILL_MATMUL='fast' is not one of auto, row-exact, dense, int8"
             in int8.describe_dense())
     layer = Int8Linear(64, 32)
     q, scale = quantize(torch.randn(32, 64), 32)

@@ -10,10 +10,11 @@ from typing import Any
 import pytest
 import torch
 
-from int8serve.engine import kernels
+from int8serve.engine import int8, kernels
 from int8serve.engine.chunking import aligned_chunk
 from int8serve.engine.config import ModelConfig
 from int8serve.engine.int8 import kernel_rows
+from int8serve.engine.kernels import matmul as prefill_matmul
 from int8serve.engine.loader import LoadedModel
 from int8serve.engine.model import KVCache
 from int8serve.engine.prefix_cache import PrefixCache
@@ -234,6 +235,15 @@ def test_prompts_of_any_length_share_their_prefix_exactly(stories_int8: LoadedMo
 
 
 # --- a reply's own tokens (row-exact prefill) -----------------------------------------------------------------------
+
+
+def test_prefill_with_one_int8_pass_is_not_row_exact(stories_int8: LoadedModel, monkeypatch: pytest.MonkeyPatch
+                                                    ) -> None:
+    """INT8SERVE_PREFILL_MATMUL=int8 gives our kernel every prefill call, but with one int8 pass a row where decode
+    takes two: its chunks are not what decode computes, so the prefix cache must not keep replies."""
+    monkeypatch.setenv(prefill_matmul.ENV, "int8")
+    assert kernel_rows() == int8.ALL_ROWS
+    assert not stories_int8.model.row_exact_prefill(32, 4)
 
 
 @pytest.mark.parametrize("path", [None, "avx2", "avxvnni"])

@@ -69,6 +69,12 @@ KERNEL_ROWS_ROW_EXACT = 128
 # those instructions (INT8SERVE_KERNEL=avxvnni ONEDNN_MAX_CPU_ISA=AVX2_VNNI, 2 threads, benchmarks/prefill_paths.py,
 # 2026-12-03) 1.44-1.70x dequantizing for oneDNN's fp32 matmul at 128 and 512 rows, and 1.23-1.29x the avx2 path's GEMM.
 # (Before, that path's prefill dequantized for oneDNN.)
+# INT8SERVE_PREFILL_MATMUL=int8 gives our kernel every prefill call with one int8 pass a row (one_int8_pass), as
+# llama.cpp's Q8_0 computes, on every path. On an AMD EPYC Zen 4 (2026-12-04, 2 threads, 128 rows, the three 7B
+# shapes, medians of 6 with the weights rotating through 3 copies): 236-280 G multiply-adds/s against 192-196 for
+# the bf16 kernel (the default there) and 145-150 with decode's two passes. Its accuracy on stories260K over
+# tinystories.txt (benchmarks/accuracy.py, mode `kernel`): KLD 0.000956, top-1 98.33%, against 0.000635 / 98.58% for
+# the bf16 prefill and 0.000481 / 98.75% with two passes. So it is an option, not the default.
 ALL_ROWS = sys.maxsize
 WIDE16_PATHS = ("avx2", "avxvnni")
 
@@ -76,7 +82,7 @@ WIDE16_PATHS = ("avx2", "avxvnni")
 def kernel_rows() -> int:
     """How many rows a call may have and still run our kernel (on its path of this CPU)."""
     path = kernels.path()
-    if path in WIDE16_PATHS and not prefill_matmul.dense_requested():
+    if prefill_matmul.int8_requested() or (path in WIDE16_PATHS and not prefill_matmul.dense_requested()):
         return ALL_ROWS
     if path in ("amx", "vnni512") and prefill_matmul.row_exact_requested():
         return KERNEL_ROWS_ROW_EXACT
@@ -139,6 +145,9 @@ def describe_dense() -> str:
     """One line for start-up logs: what the prefill (dense) path multiplies in."""
     dtype = dense_dtype()
     library = "oneDNN" if onednn_fp32() or dtype != torch.float32 else "torch's BLAS"
+    if kernels.available() and prefill_matmul.int8_requested():
+        return (f"prefill matmuls: our int8 kernel's {kernels.path()} path, every call, one int8 pass a row "
+                f"({prefill_matmul.ENV}=int8: llama.cpp's Q8_0 numerics, less accurate than the default)")
     if kernels.available() and kernel_rows() == ALL_ROWS:
         return (f"prefill matmuls: our int8 kernel's {kernels.path()} path, every call (16-bit activations, each row "
                 f"as decode computes it; {prefill_matmul.ENV}=dense: {'fp32' if dtype == torch.float32 else 'bf16'} "
@@ -249,13 +258,19 @@ def kernel_takes(count: int) -> bool:
 
 def kernel_matmul(rows: Tensor, packed: kernels.PackedWeight) -> Tensor:
     """rows [M, in] through our kernel -> fp32 [M, out], or bf16 in a prefill chunk that is not row-exact."""
-    out = kernels.int8_gemv(rows, packed, precise=PRECISE_ACTIVATIONS)
+    out = kernels.int8_gemv(rows, packed, precise=PRECISE_ACTIVATIONS and not one_int8_pass(rows.shape[0]))
     # Prefill chunks round to bf16 as int8pack did: with fp32 outputs, test_prefix_cache found a chunk's last logits
     # differing by whether a cached prefix shortened the chunk (this kernel's rows are bitwise independent, tested;
     # the op downstream that is not, likely SDPA by its query count, is not pinned down). Row-exact chunks keep fp32,
     # as decode does: their attention is the decode kernel's, row by row.
     chunk = chunking.CURRENT.get()
     return out.to(COMPUTE_DTYPE) if chunk is not None and not chunk.row_exact else out
+
+
+def one_int8_pass(count: int) -> bool:
+    """Whether a call of `count` rows is prefill that INT8SERVE_PREFILL_MATMUL=int8 gives one int8 pass a row: a
+    prefill chunk (the scheduler's), or a call of more rows than any decode step has (KERNEL_ROWS)."""
+    return prefill_matmul.int8_requested() and (chunking.CURRENT.get() is not None or count > KERNEL_ROWS)
 
 
 class DequantBuffer:

@@ -26,6 +26,7 @@ from .config import ModelConfig
 from .int8 import COMPUTE_DTYPE, DequantBuffer, Int8Linear, StackedInt8Linear, kernel_rows
 from .kernels import activation as activation_kernel
 from .kernels import attention as attention_kernel
+from .kernels import matmul as prefill_matmul
 
 Precision = Literal["fp32", "int8"]
 MIN_PREFILL_QUERIES = 16
@@ -419,14 +420,15 @@ class Transformer(nn.Module):
         independent; the dense path is not), and the attention kernel for a bf16/fp16/fp32 cache. Where prefill takes
         the dense path for speed (by default for chunks of more than `int8.kernel_rows()` = 32 rows, as the default 128,
         except on the avx2 and avxvnni paths, whose kernel takes every chunk; INT8SERVE_PREFILL_MATMUL=row-exact raises
-        that to 128 on CPUs with AVX-512 VNNI), or the attention kernel is off, prefill keeps its own numerics and
+        that to 128 on CPUs with AVX-512 VNNI; INT8SERVE_PREFILL_MATMUL=int8 gives prefill one int8 pass a row where
+        decode takes two), or the attention kernel is off, prefill keeps its own numerics and
         generated tokens are not reusable (the prefix cache keeps prompts only). Decided once, when an engine is made:
         changing INT8SERVE_ATTENTION, INT8SERVE_KERNEL or INT8SERVE_PREFILL_MATMUL in a running process is not
         supported.
         """
         linears = [m for m in self.modules() if isinstance(m, Int8Linear)]
         return (self.precision == "int8" and bool(linears) and all(m.packed is not None for m in linears)
-                and max(prefill_chunk, max_slots) <= kernel_rows()
+                and max(prefill_chunk, max_slots) <= kernel_rows() and not prefill_matmul.int8_requested()
                 and self.cache_dtype in attention_kernel.DTYPES and attention_kernel.setting() != "torch"
                 and attention_kernel.available())
 

@@ -25,6 +25,10 @@ at start):
 - `dense`: never this kernel: dequantize + oneDNN (to compare the two). On the avx2 and avxvnni paths (CPUs with
   AVX2 only, or AVX-VNNI without AVX-512), where our int8 kernel takes every prefill call by default
   (int8.kernel_rows), dequantize + oneDNN's fp32 matmul instead.
+- `int8`: our int8 kernel takes every prefill call with one int8 pass a row (activations rounded to int8 per 32
+  values, as llama.cpp's Q8_0 computes), where decode takes two (int8.PRECISE_ACTIVATIONS): faster where the CPU
+  has int8 dot products, and less accurate, so it is an option (int8.py has the figures). Not row-exact: the prefix
+  cache keeps prompts only.
 Another value acts as `auto` without this kernel, with a warning (the start line names it).
 """
 
@@ -53,7 +57,7 @@ PATHS = {"amx": 1, "avx512bf16": 2}  # i8m_matmul's `impl`; the first a CPU has 
 # Rapids).
 MAX_ROWS = {"amx": None, "avx512bf16": 256}
 ENV = "INT8SERVE_PREFILL_MATMUL"
-SETTINGS = ("auto", "row-exact", "dense")
+SETTINGS = ("auto", "row-exact", "dense", "int8")
 ROW_MULTIPLE = 32  # the kernel takes rows in pairs of 16-row tiles: fewer are padded with zero rows
 _P, _I64, _INT = ctypes.c_void_p, ctypes.c_int64, ctypes.c_int
 # The CPU flags (/proc/cpuinfo) the library needs at all, and those the amx path needs besides
@@ -81,6 +85,12 @@ def row_exact_requested() -> bool:
     return _setting() == "row-exact"
 
 
+def int8_requested() -> bool:
+    """Whether INT8SERVE_PREFILL_MATMUL=int8 asks our int8 kernel to take every prefill call with one int8 pass a
+    row (see above)."""
+    return _setting() == "int8"
+
+
 def dense_requested() -> bool:
     """Whether INT8SERVE_PREFILL_MATMUL=dense asks prefill to dequantize for oneDNN (on the avx2 and avxvnni paths
     too, whose int8 kernel otherwise takes every prefill call: int8.kernel_rows)."""
@@ -91,7 +101,7 @@ def setting_problem() -> str | None:
     """Why INT8SERVE_PREFILL_MATMUL turns the kernel off, if it does: "dense", or a value it does not take (the kernel
     is then not used and the start line says why, as for INT8SERVE_KERNEL)."""
     setting = _setting()
-    if setting in ("auto", "row-exact"):
+    if setting in ("auto", "row-exact", "int8"):  # (with int8 our int8 kernel takes every call: int8.kernel_rows)
         return None
     if setting not in SETTINGS:
         _warn_once(f"{ENV}={setting!r}: expected one of {', '.join(SETTINGS)}; prefill dequantizes for oneDNN")
