@@ -74,7 +74,10 @@ KERNEL_ROWS_ROW_EXACT = 128
 # shapes, medians of 6 with the weights rotating through 3 copies): 236-280 G multiply-adds/s against 192-196 for
 # the bf16 kernel (the default there) and 145-150 with decode's two passes. Its accuracy on stories260K over
 # tinystories.txt (benchmarks/accuracy.py, mode `kernel`): KLD 0.000956, top-1 98.33%, against 0.000635 / 98.58% for
-# the bf16 prefill and 0.000481 / 98.75% with two passes. So it is an option, not the default.
+# the bf16 prefill and 0.000481 / 98.75% with two passes. So it is an option, not the default. On the avx2 path,
+# which has no int8 dot product (vpmaddubsw + vpmaddwd + an add per 32 products, as many instructions as the 16-bit
+# GEMM's vpmaddwd + add twice), one pass is slower than the default: 109 against 142-143 G/s on the same Zen 4 held to
+# AVX2 (the start line says so). The avxvnni and amx paths with it are not measured yet.
 ALL_ROWS = sys.maxsize
 WIDE16_PATHS = ("avx2", "avxvnni")
 
@@ -146,8 +149,10 @@ def describe_dense() -> str:
     dtype = dense_dtype()
     library = "oneDNN" if onednn_fp32() or dtype != torch.float32 else "torch's BLAS"
     if kernels.available() and prefill_matmul.int8_requested():
+        slower = ("; slower than this path's default 16-bit GEMM, which has no int8 dot product to gain from: 0.77x "
+                  "on a Zen 4 held to AVX2") if kernels.path() == "avx2" else ""
         return (f"prefill matmuls: our int8 kernel's {kernels.path()} path, every call, one int8 pass a row "
-                f"({prefill_matmul.ENV}=int8: llama.cpp's Q8_0 numerics, less accurate than the default)")
+                f"({prefill_matmul.ENV}=int8: llama.cpp's Q8_0 numerics, less accurate than the default{slower})")
     if kernels.available() and kernel_rows() == ALL_ROWS:
         return (f"prefill matmuls: our int8 kernel's {kernels.path()} path, every call (16-bit activations, each row "
                 f"as decode computes it; {prefill_matmul.ENV}=dense: {'fp32' if dtype == torch.float32 else 'bf16'} "
