@@ -89,6 +89,20 @@ def test_serve_makes_and_prints_a_token_when_none_is_configured(tmp_path: Path, 
     assert process.returncode == 0
 
 
+def assert_the_prefix_cache_answers_alike(port: int) -> None:
+    """The same greedy completion twice for account `acct` (token `t`): the second reuses at least 16 prompt tokens
+    from the prefix cache and answers the same text."""
+    url = f"http://127.0.0.1:{port}/client/v4/accounts/acct/ai/v1/completions"
+    body = {"model": MODEL, "prompt": "Once upon a time, there was a little girl named Lily. She liked to play "
+            "in the park with her dog.", "max_tokens": 16, "temperature": 0}
+    answers = [httpx.post(url, headers={"Authorization": "Bearer t", "cf-skip-cache": "true"}, json=body,
+                          timeout=60) for _ in range(2)]
+    assert all(a.status_code == 200 for a in answers), answers[0].text
+    first, second = (a.json() for a in answers)
+    assert second["usage"]["prompt_tokens_details"]["cached_tokens"] >= 16
+    assert first["choices"][0]["text"] and first["choices"][0]["text"] == second["choices"][0]["text"]
+
+
 def test_serve_with_an_int8_kv_cache(tmp_path: Path, shared_dir: Path) -> None:
     """--kv-cache int8: the start-up line says so and gives its size; greedy answers come back, the same whether
     the prompt prefix came from the prefix cache (its blocks int8 rows too) or not."""
@@ -102,15 +116,7 @@ def test_serve_with_an_int8_kv_cache(tmp_path: Path, shared_dir: Path) -> None:
         size = re.search(r"KV cache: int8 rows, an fp32 scale per 32 values \(--kv-cache int8\), ([\d.]+) GiB for "
                          r"4 x 512 positions", text)
         assert size is not None, text
-        url = f"http://127.0.0.1:{port}/client/v4/accounts/acct/ai/v1/completions"
-        body = {"model": MODEL, "prompt": "Once upon a time, there was a little girl named Lily. She liked to play "
-                "in the park with her dog.", "max_tokens": 16, "temperature": 0}
-        answers = [httpx.post(url, headers={"Authorization": "Bearer t", "cf-skip-cache": "true"}, json=body,
-                              timeout=60) for _ in range(2)]
-        assert all(a.status_code == 200 for a in answers), answers[0].text
-        first, second = (a.json() for a in answers)
-        assert second["usage"]["prompt_tokens_details"]["cached_tokens"] >= 16  # the prefix cache's int8 blocks
-        assert first["choices"][0]["text"] and first["choices"][0]["text"] == second["choices"][0]["text"]
+        assert_the_prefix_cache_answers_alike(port)  # (its blocks int8 rows too)
     finally:
         err = stop(process)
     assert "Traceback" not in err
@@ -130,15 +136,7 @@ def test_serve_with_llama_cpps_numerics_in_prefill(tmp_path: Path, shared_dir: P
         text = "".join(lines)
         assert "every call, one int8 pass a row (INT8SERVE_PREFILL_MATMUL=int8" in text, text
         assert "prompts only (INT8SERVE_PREFILL_MATMUL=int8: prefill's one int8 pass" in text, text
-        url = f"http://127.0.0.1:{port}/client/v4/accounts/acct/ai/v1/completions"
-        body = {"model": MODEL, "prompt": "Once upon a time, there was a little girl named Lily. She liked to play "
-                "in the park with her dog.", "max_tokens": 16, "temperature": 0}
-        answers = [httpx.post(url, headers={"Authorization": "Bearer t", "cf-skip-cache": "true"}, json=body,
-                              timeout=60) for _ in range(2)]
-        assert all(a.status_code == 200 for a in answers), answers[0].text
-        first, second = (a.json() for a in answers)
-        assert second["usage"]["prompt_tokens_details"]["cached_tokens"] >= 16
-        assert first["choices"][0]["text"] and first["choices"][0]["text"] == second["choices"][0]["text"]
+        assert_the_prefix_cache_answers_alike(port)
     finally:
         err = stop(process)
     assert "Traceback" not in err
