@@ -275,7 +275,8 @@ def kernel_matmul(rows: Tensor, packed: kernels.PackedWeight) -> Tensor:
 def one_int8_pass(count: int) -> bool:
     """Whether a call of `count` rows is prefill that INT8SERVE_PREFILL_MATMUL=int8 gives one int8 pass a row: a
     prefill chunk (the scheduler's), or a call of more rows than any decode step has (KERNEL_ROWS)."""
-    return prefill_matmul.int8_requested() and (chunking.CURRENT.get() is not None or count > KERNEL_ROWS)
+    # (the setting is read only for prefill: a decode step's ~200 calls through the modules do not pay for it)
+    return (chunking.CURRENT.get() is not None or count > KERNEL_ROWS) and prefill_matmul.int8_requested()
 
 
 class DequantBuffer:
