@@ -261,7 +261,9 @@ void head_q8_scalar(const float* q, const int8_t* keys, const int8_t* values, in
 // decode step, alternating builds): batch 1 at position 512 15.9 -> 14.6 ms, at 1024 32.0 -> 28.7, at 2000 59.5 ->
 // 45.0; 4 rows at 512/384/256/128 41.1 -> 36.8; at 80-83 11.5 -> 11.9. The avx2 path on an AVX2-only AMD EPYC
 // Zen 3 (2026-12-03, the same measurement, 8-10 alternating rounds): batch 1 at 512 11.1 -> 10.4 ms (1.07x), 4 rows
-// at 512-128 31.1 -> 29.1, at 2000 44.4 -> 42.6, at 80 3.1 -> 3.0; 8 rows ahead was between the two.
+// at 512-128 31.1 -> 29.1, at 2000 44.4 -> 42.6, at 80 3.1 -> 3.0; 8 rows ahead was between the two. On an AMD EPYC
+// Zen 4 (2026-12-04, bf16, 32 layers, 16 alternating rounds, against 4 rows): 8 rows ahead 1.01-1.02x at 4 rows of
+// 512-128, 1.02-1.03x at batch 1, 0.99-1.05x at 4 rows of 1020 in two runs; 16 rows 0.98-1.01x. Kept at 4.
 // (-DINT8SERVE_ATTENTION_ROWS_AHEAD=N builds another distance.)
 #ifndef INT8SERVE_ATTENTION_ROWS_AHEAD
 #define INT8SERVE_ATTENTION_ROWS_AHEAD 4
