@@ -24,6 +24,7 @@ calls), and when INT8SERVE_DECODE_PLAN=off.
 from __future__ import annotations
 
 import ctypes
+import functools
 import time
 from collections.abc import Callable
 from contextvars import ContextVar
@@ -134,11 +135,11 @@ def plan_for(model: Transformer, cache: KVCache, step: KernelStep, batch: int) -
 
 @dataclass
 class _LayerCalls:
-    attention_norm: tuple  # after the first layer, with the previous layer's residual add (i8e_add_rms_norm)
+    attention_norm: Callable[[], int]  # after the first layer with the previous layer's residual add (_norm_call)
     qkv: tuple
     attention: tuple
     wo: tuple
-    ffn_norm: tuple  # with the attention's residual add
+    ffn_norm: Callable[[], int]  # with the attention's residual add
     gate_up: tuple
     silu: tuple  # every row: gate and up of a row are side by side in the stacked output
     down: tuple
@@ -213,6 +214,7 @@ class DecodePlan:
         q_start, k_start, v_start = qkv.starts
         width = qkv.packed.out_features
         return _LayerCalls(
+            # (the first layer's stream has nothing to add yet; each later one adds the previous layer's output)
             attention_norm=self._norm_call(layer.attention_norm, add=index > 0),
             qkv=self._gemv_call(self.normed, qkv.packed, self.qkv),
             attention=(at(self.qkv, q_start), at(self.qkv, k_start), at(self.qkv, v_start), width, width,
@@ -230,13 +232,15 @@ class DecodePlan:
             down=self._gemv_call(self.hidden, feed_forward.w2.packed, self.projected),
         )
 
-    def _norm_call(self, norm: nn.Module, add: bool) -> tuple:
-        """RMSNorm of the residual stream into `normed`; with `add`, after adding `projected` into the stream."""
+    def _norm_call(self, norm: nn.Module, add: bool) -> Callable[[], int]:
+        """The call of RMSNorm of the residual stream into `normed`; with `add`, after adding `projected` into the
+        stream (i8e_add_rms_norm)."""
         weight = norm.weight.to(torch.float32).contiguous()  # (the module's call converts it the same way)
         self._converted.append(weight)
-        added = (_address(self.projected),) if add else ()
-        return (_address(self.x), *added, _address(weight), _address(self.normed), self.batch, weight.shape[0],
-                ctypes.c_float(norm.eps), activation_kernel.IMPLS[self.activation_impl], self.threads)
+        kernel, added = (self._add_rms_norm, (_address(self.projected),)) if add else (self._rms_norm, ())
+        return functools.partial(kernel, _address(self.x), *added, _address(weight), _address(self.normed),
+                                 self.batch, weight.shape[0], ctypes.c_float(norm.eps),
+                                 activation_kernel.IMPLS[self.activation_impl], self.threads)
 
     def _gemv_call(self, inputs: Tensor, packed: kernels.PackedWeight, out: Tensor) -> tuple:
         return (_address(inputs), self.batch, packed.in_features, packed.data.data_ptr(), packed.out_features,
@@ -255,17 +259,16 @@ class DecodePlan:
 
     def _layers(self, linear: Callable[..., int]) -> None:
         """Every layer's calls in order; `linear` makes the int8 linear calls (i8s_gemv, or it with a clock)."""
-        attend, add_rms_norm, silu_mul = self._attend, self._add_rms_norm, self._silu_mul
-        for index, calls in enumerate(self.layers):
-            # (the first layer's stream has nothing to add yet; each later one adds the previous layer's output)
-            if (add_rms_norm if index else self._rms_norm)(*calls.attention_norm) or linear(*calls.qkv):
+        attend, silu_mul = self._attend, self._silu_mul
+        for calls in self.layers:
+            if calls.attention_norm() or linear(*calls.qkv):
                 _failed("RMSNorm or q/k/v")
             status = attend(*calls.attention)
             if status:  # (a slot twice at one position: the module path's error)
                 raise ValueError(f"i8a_decode failed with status {status}: {attention_kernel.STATUS.get(status, '?')}")
             if linear(*calls.wo):
                 _failed("output projection")
-            if add_rms_norm(*calls.ffn_norm) or linear(*calls.gate_up):
+            if calls.ffn_norm() or linear(*calls.gate_up):
                 _failed("residual add, RMSNorm or gate/up")
             if silu_mul(*calls.silu):
                 _failed("SiLU")
