@@ -796,9 +796,15 @@ def hold_to_isa(isa: str) -> None:
     if flags and "avx2" not in flags:
         sys.exit("error: --isa avx2 needs a CPU with AVX2, and this one has none")
     for name, value in AVX2_SETTINGS.items():
-        if os.environ.get(name, value) != value:
-            sys.exit(f"error: --isa avx2 sets {name}={value}, but the environment has {name}={os.environ[name]}")
-        os.environ[name] = value
+        set_for_our_side("--isa avx2", name, value)
+
+
+def set_for_our_side(flag: str, name: str, value: str) -> None:
+    """Sets the variable `name` that `flag` implies, for this process and our child; exits with a clear error where
+    the environment already asks for another value."""
+    if os.environ.get(name, value) != value:
+        sys.exit(f"error: {flag} sets {name}={value}, but the environment has {name}={os.environ[name]}")
+    os.environ[name] = value
 
 
 def require_gguf() -> None:
@@ -817,10 +823,7 @@ def main(argv: Sequence[str] | None = None) -> None:
     if args.kv_cache != "bf16":
         os.environ[KV_ENV] = args.kv_cache  # (our child process reads it)
     if args.prefill_matmul != "auto":
-        if os.environ.get(PREFILL_ENV, args.prefill_matmul) != args.prefill_matmul:
-            sys.exit(f"error: --prefill-matmul {args.prefill_matmul} sets {PREFILL_ENV}={args.prefill_matmul}, but the "
-                     f"environment has {PREFILL_ENV}={os.environ[PREFILL_ENV]}")
-        os.environ[PREFILL_ENV] = args.prefill_matmul  # (our child process reads it)
+        set_for_our_side(f"--prefill-matmul {args.prefill_matmul}", PREFILL_ENV, args.prefill_matmul)
     require_gguf()
     hold_to_isa(args.isa)
     try:
