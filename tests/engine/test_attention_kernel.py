@@ -165,6 +165,28 @@ def test_rows_of_one_slot_in_one_call_are_the_decode_steps_one_by_one(path: str,
     assert torch.equal(step_k, cache_k) and torch.equal(step_v, cache_v)
 
 
+@pytest.mark.parametrize("path", ALL_PATHS)
+@pytest.mark.parametrize(("heads", "kv_heads", "dim"), [(32, 32, 128), (6, 3, 24), (4, 2, 64)])
+def test_equal_keys_score_alike_wherever_they_fall(path: str, heads: int, kv_heads: int, dim: int) -> None:
+    """Keys that are all one key (bf16) score bitwise alike, whether a path computes them in blocks of several keys
+    or one at a time (the avx512 path's bf16 blocks of 16 sum each key's lanes in one shared tree): then every
+    softmax weight is exactly 1 and the output is the plain fp32 sum of the values, in order, times 1 / length."""
+    runnable(path)
+    for pos in (0, 15, 16, 17, 31, 40, 100):
+        case = Case(heads, kv_heads, dim, torch.bfloat16, positions=[pos], slots=[1], max_len=128, seed=pos)
+        _, written, _ = case.run(path)
+        case.cache_k[1, :, :pos + 1] = written[1, :, pos:pos + 1]  # every key [0, pos] is the one the step writes
+        out, _, _ = case.run(path)
+        values = case.cache_v[1, :, :pos].float()
+        values = torch.cat([values, case.v[0].to(torch.bfloat16).float()[:, None]], dim=1)  # [Hkv, pos + 1, D]
+        total = torch.zeros(kv_heads, dim)
+        for position in range(pos + 1):
+            total = total + values[:, position]
+        expected = total * (torch.tensor(1.0) / (pos + 1))  # fp32 throughout
+        group = heads // kv_heads
+        assert torch.equal(out[0], expected.repeat_interleave(group, dim=0)), pos
+
+
 def test_auto_takes_the_widest_path() -> None:
     assert attention.resolve("auto") == attention.cpu_paths()[-1]
     case = Case(8, 4, 8, torch.bfloat16, positions=[5, 9])
