@@ -277,7 +277,9 @@ constexpr int64_t kRowsAhead = INT8SERVE_ATTENTION_ROWS_AHEAD;
 // bf16 head of 128) against none, avx512, 4 rows at positions 512/384/256/128 1.06-1.08x in five runs and 1.01x in a
 // sixth, batch 1 at 512 1.02-1.13x in four; the avx2 path on the same CPU 1.02x and 1.02x; 64 rows ahead 1.04x
 // (4 rows) and 1.00-1.15x (batch 1), 16 rows 1.04x and 1.05x. On a Sapphire Rapids an earlier form (64 or 128 rows
-// ahead, keys and values apart, no hints as a head starts) gained nothing; this one was not measured there.
+// ahead, keys and values apart, no hints as a head starts) gained nothing; this one, against none (2026-12-04, the
+// same measurement, 12 rounds in random order): 4 rows at 512/384/256/128 1.09x, batch 1 at 512 1.09x, 4 rows at
+// 1020-960 1.05x; 64 rows ahead 0.98x, 0.98x, 1.00x of 32.
 // (-DINT8SERVE_ATTENTION_L2_ROWS_AHEAD=0 builds without them.)
 #ifndef INT8SERVE_ATTENTION_L2_ROWS_AHEAD
 #define INT8SERVE_ATTENTION_L2_ROWS_AHEAD 32
@@ -312,6 +314,11 @@ inline void hint_stream(const T* keys, const T* values, int64_t first, int64_t c
 #pragma GCC diagnostic ignored "-Wuninitialized"
 #pragma GCC diagnostic ignored "-Wmaybe-uninitialized"
 
+// Tried on a Sapphire Rapids (2026-12-04, bf16, 32 layers, 12 rounds in random order) and not kept: a bf16 row's 64
+// bytes as two vectors of 16 fp32, its even and odd values, by a shift and a mask (no vpmovzxwd), q split alike, and
+// the scores of 16 keys summed in one shared tree of shuffles (each key's pairs as sum16's, the same bits alone or in
+// a block): with the caches in L2 1.06x, from memory 0.91-0.98x; the scores alone that way 1.00-1.03x, the weighted
+// sum alone (512-bit loads of the values) the slower part.
 inline __m512 load16(const float* p, __mmask16 m) { return _mm512_maskz_loadu_ps(m, p); }
 inline __m512 load16(const Half* p, __mmask16 m) { return _mm512_cvtph_ps(_mm256_maskz_loadu_epi16(m, p)); }
 inline __m512 load16(const uint16_t* p, __mmask16 m) {
