@@ -232,6 +232,7 @@ def test_the_int8_prefill_setting_gives_prefill_one_int8_pass_and_decode_two(pat
     assert torch.equal(short_chunk, one_pass[:3].to(COMPUTE_DTYPE))
     assert "one int8 pass a row" in int8.describe_dense()
     assert ("slower than this path's default 16-bit GEMM" in int8.describe_dense()) == (path == "avx2")
+    assert ("slower than this CPU's default, bf16 on AMX tiles" in int8.describe_dense()) == (path == "amx")
     monkeypatch.setenv(prefill_matmul.ENV, "auto")
     assert "one int8 pass" not in int8.describe_dense()
 

@@ -77,7 +77,11 @@ KERNEL_ROWS_ROW_EXACT = 128
 # the bf16 prefill and 0.000481 / 98.75% with two passes. So it is an option, not the default. On the avx2 path,
 # which has no int8 dot product (vpmaddubsw + vpmaddwd + an add per 32 products, as many instructions as the 16-bit
 # GEMM's vpmaddwd + add twice), one pass is slower than the default: 109 against 142-143 G/s on the same Zen 4 held to
-# AVX2 (the start line says so). The avxvnni and amx paths with it are not measured yet.
+# AVX2 (the start line says so). On a Sapphire Rapids (2026-12-04, the same measurement): the amx path's one pass
+# (passes of 16 rows over each tile, one tile product a group of 32 and its sums scaled in vector code) 482-522 G/s
+# against 858-1003 for the AMX-BF16 prefill kernel, its default (0.53-0.57x: the start line says so too); the avxvnni
+# path held to its instructions (INT8SERVE_KERNEL=avxvnni) 225-229 against 150-162 for its 16-bit GEMM (1.42-1.51x);
+# the avx2 path there 110-111 against 119-125 (0.88-0.92x).
 ALL_ROWS = sys.maxsize
 WIDE16_PATHS = ("avx2", "avxvnni")
 
@@ -149,8 +153,10 @@ def describe_dense() -> str:
     dtype = dense_dtype()
     library = "oneDNN" if onednn_fp32() or dtype != torch.float32 else "torch's BLAS"
     if kernels.available() and prefill_matmul.int8_requested():
-        slower = ("; slower than this path's default 16-bit GEMM, which has no int8 dot product to gain from: 0.77x "
-                  "on a Zen 4 held to AVX2") if kernels.path() == "avx2" else ""
+        slower = {"avx2": "; slower than this path's default 16-bit GEMM, which has no int8 dot product to gain from: "
+                          "0.77x on a Zen 4 held to AVX2",
+                  "amx": "; slower than this CPU's default, bf16 on AMX tiles: 0.53-0.57x on a Sapphire Rapids"
+                  }.get(kernels.path(), "")
         return (f"prefill matmuls: our int8 kernel's {kernels.path()} path, every call, one int8 pass a row "
                 f"({prefill_matmul.ENV}=int8: llama.cpp's Q8_0 numerics, less accurate than the default{slower})")
     if kernels.available() and kernel_rows() == ALL_ROWS:
