@@ -1356,8 +1356,10 @@ INT8SERVE_VNNI512 inline __m512 amx_weight_scale(const uint16_t* ws, int b) {
 // the running sums stay in registers from the first group to the last, and a pair's two corrections are added as one
 // (256 * (dot_hi + corr_hi) + dot_lo + corr_lo = 256 * dot_hi + dot_lo + (256 * corr_hi + corr_lo), exact in int32:
 // the same sums, the same fmas, the same bits). The vector work after each group's tile products, not the memory,
-// held the general loop back at 4 sequences: 8 int8 rows without it streamed 1.14-1.19x faster (Sapphire Rapids,
-// gemv_builds.py, 2026-12-04).
+// held the general loop back at 4 sequences: 8 int8 rows without it streamed 1.11-1.21x faster (Sapphire Rapids,
+// gemv_builds.py, 2026-12-04, outputs not kept). This code against the general loop, the same CPU and script (the 7B
+// decode shapes, 9 rounds): 4 sequences 1.08-1.12x, 3 sequences 1.12-1.14x; the corrections loaded as the C tiles'
+// starting values instead (no integer add at all) were slower, 0.74-0.98x.
 template <int kOut, bool P>
 INT8SERVE_VNNI512 void tile_amx_span1(const TileArgs& a, int64_t tile) {
   constexpr int64_t kPer = P ? 2 : 1;  // int8 rows per output row
