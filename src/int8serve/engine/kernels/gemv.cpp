@@ -1656,7 +1656,9 @@ static int gemv(const float* x, int64_t m, int64_t k, const uint8_t* packed, int
                 act.groups, n, pairs, true, nullptr};
   // amx: up to 4 int8 rows (one token, or two, with precise activations) vnni512's single pass over each tile is the
   // faster (Sapphire Rapids, streamed weights: 1 row 26.0 vs 25.4 GB/s, 2 rows 24.2-25.1 vs 23.7-23.8); beyond, it
-  // needs two passes or more where the tiles take 16 rows at once (4 rows: 18.0-18.2 vs 22.9-23.0).
+  // needs two passes or more where the tiles take 16 rows at once (4 rows: 18.0-18.2 vs 22.9-23.0). Since
+  // tile_amx_span1 the tiles at 2 and 4 int8 rows measured 1.00-1.04x the vnni512 pass (the same CPU model,
+  // gemv_builds.py, three runs of 7-11 rounds, the 7B decode shapes and the output head): within the noise, kept.
   const bool amx_tiles = path == kAmx && rows_total > kMaxRows;
   const Impl kernel = path == kAmx ? kVnni512 : path;
   const bool wide = pairs && takes_wide_rows(kernel, m);  // precise rows as 16-bit integers (tile_avx2_wide)
