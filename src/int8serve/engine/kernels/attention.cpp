@@ -279,7 +279,8 @@ constexpr int64_t kRowsAhead = INT8SERVE_ATTENTION_ROWS_AHEAD;
 // (4 rows) and 1.00-1.15x (batch 1), 16 rows 1.04x and 1.05x. On a Sapphire Rapids an earlier form (64 or 128 rows
 // ahead, keys and values apart, no hints as a head starts) gained nothing; this one, against none (2026-12-04, the
 // same measurement, 12 rounds in random order): 4 rows at 512/384/256/128 1.09x, batch 1 at 512 1.09x, 4 rows at
-// 1020-960 1.05x; 64 rows ahead 0.98x, 0.98x, 1.00x of 32.
+// 1020-960 1.05x; 64 rows ahead 0.98x, 0.98x, 1.00x of 32. Carrying the hints on past a task's last values into the
+// first keys of the thread's next task (tasks dealt round-robin so that the next one is known): 0.93-0.99x, not kept.
 // (-DINT8SERVE_ATTENTION_L2_ROWS_AHEAD=0 builds without them.)
 #ifndef INT8SERVE_ATTENTION_L2_ROWS_AHEAD
 #define INT8SERVE_ATTENTION_L2_ROWS_AHEAD 32
