@@ -168,9 +168,9 @@ def test_rows_of_one_slot_in_one_call_are_the_decode_steps_one_by_one(path: str,
 @pytest.mark.parametrize("path", ALL_PATHS)
 @pytest.mark.parametrize(("heads", "kv_heads", "dim"), [(32, 32, 128), (6, 3, 24), (4, 2, 64)])
 def test_equal_keys_score_alike_wherever_they_fall(path: str, heads: int, kv_heads: int, dim: int) -> None:
-    """Keys that are all one key (bf16) score bitwise alike, whether a path computes them in blocks of several keys
-    or one at a time (the avx512 path's bf16 blocks of 16 sum each key's lanes in one shared tree): then every
-    softmax weight is exactly 1 and the output is the plain fp32 sum of the values, in order, times 1 / length."""
+    """Keys that are all one key (bf16) score bitwise alike wherever they fall (a path's blocks of several keys or
+    its tail of single ones): then every softmax weight is exactly 1 and the output is the plain fp32 sum of the
+    values, in order, times 1 / length. (A path that summed a block's keys in another order would fail it.)"""
     runnable(path)
     for pos in (0, 15, 16, 17, 31, 40, 100):
         case = Case(heads, kv_heads, dim, torch.bfloat16, positions=[pos], slots=[1], max_len=128, seed=pos)

@@ -246,10 +246,12 @@ def test_matches_the_fp32_product(m: int, n: int, k: int) -> None:
 # over K-blocks of 4 groups, the last one partial, with per-channel sums running on from one K-block into the next;
 # (17, 65, 64): 5 blocks and one of 2; (140, 70, 300): more rows than one pass over the tiles takes, so two passes of
 # 72 and 68 rows)
-# (the amx path's passes of up to 16 int8 rows: 3 and 4 rows make 1-4 output rows of the span-1 code with and without
-# pairs, as does the last pass of 17, 19 and 10 rows; 5, 9, 22 and 140 rows passes of more)
+# (the amx path takes calls of more than 4 int8 rows in passes of up to 16, and its span-1 code the passes of 1-4
+# output rows: with pairs (precise) the last pass of 9 and 17 rows (1 output row), 10 and 18 (2), 3 and 19 (3), 4 and
+# 20 (4); without, the last pass of 17 (1), 18 (2), 19 (3) and 20 rows (4))
 ODD_SHAPES = [(1, 1, 1), (2, 17, 31), (3, 100, 33), (5, 200, 172), (4, 130, 96), (9, 70, 300), (2, 64, 4096),
-              (17, 65, 64), (6, 70, 1000), (22, 70, 1000), (140, 70, 300), (19, 70, 300), (10, 130, 96)]
+              (17, 65, 64), (6, 70, 1000), (22, 70, 1000), (140, 70, 300), (19, 70, 300), (10, 130, 96),
+              (18, 70, 300), (20, 100, 33)]
 
 
 @pytest.mark.parametrize("group_size", GROUP_SIZES)
