@@ -1333,18 +1333,20 @@ inline void amx_group_dots(const TileArgs& a, const uint8_t* wgb, int64_t g, int
   INT8SERVE_TILE_STORE(3, &dots[0][3 * kBlockRows], kRowBytes);
 }
 
-// float(dot + correction) of int8 row r, block b, activation group g; with pairs, of rows r and r + 1 combined
-// (256 * dot_hi + dot_lo, see TileArgs).
-INT8SERVE_VNNI512 inline __m512i amx_row_dot(const TileArgs& a, const int32_t (*dots)[kTileRows], int64_t r, int b,
-                                             int64_t g) {
-  return _mm512_add_epi32(_mm512_load_si512(&dots[r][b * kBlockRows]), _mm512_set1_epi32(a.xcorr[r * a.groups + g]));
+// The correction of int8 row r at activation group g, broadcast; with pairs, of rows r and r + 1 as one integer:
+// 256 * (dot_hi + corr_hi) + dot_lo + corr_lo = 256 * dot_hi + dot_lo + (256 * corr_hi + corr_lo), exact in int32, so
+// a pair's dots take one add instead of two (the same sums, the same bits).
+INT8SERVE_VNNI512 inline __m512i amx_corr(const TileArgs& a, int64_t r, int64_t g, bool pairs) {
+  const int32_t corr = a.xcorr[r * a.groups + g];
+  return _mm512_set1_epi32(pairs ? 256 * corr + a.xcorr[(r + 1) * a.groups + g] : corr);
 }
 
-INT8SERVE_VNNI512 inline __m512 amx_dot(const TileArgs& a, const int32_t (*dots)[kTileRows], int64_t r, int b,
-                                        int64_t g) {
-  const __m512i dot = amx_row_dot(a, dots, r, b, g);
-  if (!a.pairs) return _mm512_cvtepi32_ps(dot);
-  return _mm512_cvtepi32_ps(pair_dot(dot, amx_row_dot(a, dots, r + 1, b, g)));
+// float(dot + correction) of int8 row r, block b (corr: amx_corr of its group); with pairs, of rows r and r + 1
+// combined (256 * dot_hi + dot_lo, see TileArgs). `pairs` is a.pairs (a constant where the caller's template knows it).
+INT8SERVE_VNNI512 inline __m512 amx_dot(const int32_t (*dots)[kTileRows], int64_t r, int b, bool pairs, __m512i corr) {
+  const __m512i hi = _mm512_load_si512(&dots[r][b * kBlockRows]);
+  const __m512i dot = pairs ? pair_dot(hi, _mm512_load_si512(&dots[r + 1][b * kBlockRows])) : hi;
+  return _mm512_cvtepi32_ps(_mm512_add_epi32(dot, corr));
 }
 
 INT8SERVE_VNNI512 inline __m512 amx_weight_scale(const uint16_t* ws, int b) {
@@ -1353,9 +1355,8 @@ INT8SERVE_VNNI512 inline __m512 amx_weight_scale(const uint16_t* ws, int b) {
 }
 
 // tile_amx of kOut output rows (P: with pairs) when every weight group is one activation group (the default scheme):
-// the running sums stay in registers from the first group to the last, and a pair's two corrections are added as one
-// (256 * (dot_hi + corr_hi) + dot_lo + corr_lo = 256 * dot_hi + dot_lo + (256 * corr_hi + corr_lo), exact in int32:
-// the same sums, the same fmas, the same bits). The vector work after each group's tile products, not the memory,
+// the running sums stay in registers from the first group to the last (the same fmas, the same bits). The vector
+// work after each group's tile products (before, with a pair's two corrections added apart), not the memory,
 // held the general loop back at 4 sequences: 8 int8 rows without it streamed 1.11-1.21x faster (Sapphire Rapids,
 // gemv_builds.py, 2026-12-04, outputs not kept). This code against the general loop, the same CPU and script (the 7B
 // decode shapes, 9 rounds): 4 sequences 1.08-1.12x, 3 sequences 1.12-1.14x; the corrections loaded as the C tiles'
@@ -1376,13 +1377,9 @@ INT8SERVE_VNNI512 void tile_amx_span1(const TileArgs& a, int64_t tile) {
     for (int o = 0; o < kOut; ++o) {
       const int64_t r = o * kPer;
       const __m512 xscale = _mm512_set1_ps(a.xscale[(r + kPer - 1) * a.groups + g]);
-      const int32_t corr = P ? 256 * a.xcorr[r * a.groups + g] + a.xcorr[(r + 1) * a.groups + g]
-                             : a.xcorr[r * a.groups + g];
-      const __m512i corrs = _mm512_set1_epi32(corr);
+      const __m512i corr = amx_corr(a, r, g, P);
       for (int b = 0; b < kBlocks; ++b) {
-        const __m512i hi = _mm512_load_si512(&dots[r][b * kBlockRows]);
-        const __m512i dot = P ? pair_dot(hi, _mm512_load_si512(&dots[r + 1][b * kBlockRows])) : hi;
-        const __m512 in = _mm512_fmadd_ps(_mm512_cvtepi32_ps(_mm512_add_epi32(dot, corrs)), xscale, zero);
+        const __m512 in = _mm512_fmadd_ps(amx_dot(dots, r, b, P, corr), xscale, zero);
         acc[o][b] = _mm512_fmadd_ps(in, scale[b], acc[o][b]);
       }
     }
@@ -1430,9 +1427,10 @@ INT8SERVE_VNNI512 void tile_amx(const TileArgs& a, int64_t rows, int64_t tile) {
       for (int64_t o = 0; o < outputs; ++o) {
         const int64_t r = o * per;
         const __m512 xscale = _mm512_set1_ps(a.xscale[(r + per - 1) * a.groups + g0]);
+        const __m512i corr = amx_corr(a, r, g0, a.pairs);
         for (int b = 0; b < kBlocks; ++b) {
           float* out = &acc[o][b * kBlockRows];
-          const __m512 in = _mm512_fmadd_ps(amx_dot(a, dots, r, b, g0), xscale, zero);
+          const __m512 in = _mm512_fmadd_ps(amx_dot(dots, r, b, a.pairs, corr), xscale, zero);
           _mm512_store_ps(out, _mm512_fmadd_ps(in, scale[b], _mm512_load_ps(out)));
         }
       }
@@ -1444,9 +1442,10 @@ INT8SERVE_VNNI512 void tile_amx(const TileArgs& a, int64_t rows, int64_t tile) {
       for (int64_t o = 0; o < outputs; ++o) {
         const int64_t r = o * per;
         const __m512 xscale = _mm512_set1_ps(a.xscale[(r + per - 1) * a.groups + g]);
+        const __m512i corr = amx_corr(a, r, g, a.pairs);
         for (int b = 0; b < kBlocks; ++b) {
           float* in = &inner[o][b * kBlockRows];
-          _mm512_store_ps(in, _mm512_fmadd_ps(amx_dot(a, dots, r, b, g), xscale, _mm512_load_ps(in)));
+          _mm512_store_ps(in, _mm512_fmadd_ps(amx_dot(dots, r, b, a.pairs, corr), xscale, _mm512_load_ps(in)));
         }
       }
     }
