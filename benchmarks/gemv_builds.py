@@ -28,7 +28,7 @@ import subprocess
 import sys
 import tempfile
 import time
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -84,17 +84,19 @@ def revision_sources(revision: str, folder: Path, source: Path = kernels.SOURCE)
     return folder / source.name
 
 
-def compile_variant(variant: Variant, folder: Path) -> ctypes.CDLL:
-    """gemv.cpp (of the working tree, or of the variant's revision) built with the project's flags and the
-    variant's defines, loaded."""
+def compile_variant(variant: Variant, folder: Path, source: Path = kernels.SOURCE,
+                    opener: Callable[[Path], ctypes.CDLL] = kernels._open) -> ctypes.CDLL:
+    """`source` (gemv.cpp; attention.cpp with attention's opener) of the working tree, or of the variant's
+    revision, built with the project's flags and the variant's defines, loaded with `opener`."""
     number = len(list(folder.glob("variant*.so")))
     output = folder / f"variant{number}.so"
-    source = revision_sources(variant.revision, folder / f"sources{number}") if variant.revision else kernels.SOURCE
+    if variant.revision:
+        source = revision_sources(variant.revision, folder / f"sources{number}", source)
     command = [*kernels._command(kernels._compiler(), output, source), *variant.defines]  # the build's own command
     result = subprocess.run(command, capture_output=True, text=True, timeout=600, check=False)
     if result.returncode != 0:
         sys.exit(f"error: building {variant.label!r} failed:\n{result.stderr[-3000:]}")
-    return kernels._open(output)  # checks the ABI version and declares every function's arguments
+    return opener(output)  # checks the ABI version and declares every function's arguments
 
 
 @dataclass

@@ -140,6 +140,34 @@ def test_a_row_is_bitwise_the_same_whatever_else_is_in_the_batch(path: str, head
             assert torch.equal(solo_k[slot], cache_k[slot])
 
 
+@pytest.mark.parametrize("path", ALL_PATHS)
+@pytest.mark.parametrize(("heads", "kv_heads", "dim", "dtype"), [
+    (32, 32, 128, torch.bfloat16),  # Llama-2-7B: kv heads 4 at a time
+    (7, 7, 24, torch.bfloat16),  # 4, then 3 (2 and 1), masked AVX-512 tails
+    (10, 5, 16, torch.float32),  # 4, then 1; grouped-query
+    (12, 6, 32, torch.float16),  # 4, then 2
+    (8, 2, 64, torch.bfloat16),  # 2 kv heads, each shared by 4 query heads
+    (6, 3, 40, torch.int8),  # int8 rows (one kv head a task today)
+])
+def test_a_head_is_bitwise_the_same_alone_and_beside_other_heads(path: str, heads: int, kv_heads: int, dim: int,
+                                                                 dtype: torch.dtype) -> None:
+    """A decode row's task attends up to 4 kv heads side by side (their keys and values read as parallel streams);
+    each head's output and the key and value it writes have the bits of that head attended alone, in a call with one
+    kv head."""
+    runnable(path)
+    case = Case(heads, kv_heads, dim, dtype, positions=[0, 3, 17, 64, 299], slots=[3, 0, 4, 1, 2])
+    out, cache_k, cache_v = case.run(path)
+    group = heads // kv_heads
+    for kv_head in range(kv_heads):
+        query_heads, kept = slice(kv_head * group, (kv_head + 1) * group), slice(kv_head, kv_head + 1)
+        alone_k, alone_v = case.cache_k[:, kept].contiguous(), case.cache_v[:, kept].contiguous()
+        alone = attention.decode_attention(case.q[:, query_heads].contiguous(), case.k[:, kept].contiguous(),
+                                           case.v[:, kept].contiguous(), case.cos, case.sin, case.slots,
+                                           case.positions, alone_k, alone_v, path)  # type: ignore[arg-type]
+        assert torch.equal(alone, out[:, query_heads]), f"kv head {kv_head}"
+        assert torch.equal(alone_k, cache_k[:, kept]) and torch.equal(alone_v, cache_v[:, kept]), f"kv head {kv_head}"
+
+
 # A prefill chunk's rows: 5 of slot 2 at the start of its cache, a row of slot 0, 21 of slot 1 (a run of 16 rows taken
 # together, then 5) far enough in for the keys to span several of attend_rows' 32 KB blocks at every head_dim of
 # SHAPES but the smallest (128 keys a block at head_dim 128 in bf16, 682 at 24, 2048 at 8), then 2 rows of slot 2.

@@ -7,7 +7,8 @@
 // two small matmuls; padding the rows to one length would change each row's reduction lengths, and so its bits,
 // with what else is in the batch. Here one task = (row, kv head), computed by one thread from start to end in a fixed
 // order that depends only on that row's data, so a row's output is bitwise the same whatever else is in the batch,
-// however many threads run and whichever thread takes the task.
+// however many threads run and whichever thread takes the task. (A decode row's task takes up to 4 kv heads and
+// reads them side by side, see kHeadsTogether: each head's operations stay those of the head alone.)
 //
 // Per task, for the G = H / Hkv query heads that share the kv head:
 //   rope:   q' = q * cos[pos] + rotate_half(q) * sin[pos] (and k'), as three separately rounded fp32 operations,
@@ -41,6 +42,41 @@ struct Half {  // an IEEE fp16 value
   uint16_t bits;
 };
 constexpr int64_t kMaxVectorDim = 128;
+
+// The heads of one row that a task attends side by side, at most kMaxHeadsTogether (see heads_together): each one's
+// query (after rope), keys and values (its [slot, kv head] of the cache), scores (len + 16 floats) and output.
+// Why: a head's keys (then values) are one stream of a few hundred KB, and one thread reading one stream at a time
+// left bandwidth unused. The vector paths now compute the scores of 4 keys of each head in turn, and the weighted sum
+// a value row of each head in turn, so that each thread has kHeadsTogether streams in flight. A read-only loop over a
+// batch-4 step's bf16 caches (Sapphire Rapids, 2 threads) streamed 25 GB/s one stream a thread, 27 two, 29 four.
+// The same CPU (2026-12-04, benchmarks/attention_builds.py, 12 rounds in random order, same bits), 4 kv heads a task
+// against 1: avx512, batch 1 at 512 1.16x, 4 rows at 512/384/256/128 1.14x, at 1020-960 1.07x, at 80-83 1.14x (2
+// heads: 1.12x, 1.11x, 1.03x, 1.09x); the avx2 path on the same CPU 1.20x, 1.21x, 1.15x, although its 4 heads' 64
+// query and 64 sum registers of 8 lanes do not fit in 16 (the compiler keeps them in L1). Not yet measured on AMD:
+// -DINT8SERVE_ATTENTION_HEADS_TOGETHER=1 builds the code that reads one head at a time, for that comparison.
+// The int8 rows' path takes one head at a time (one_by_one).
+constexpr int kMaxHeadsTogether = 4;
+#ifndef INT8SERVE_ATTENTION_HEADS_TOGETHER
+#define INT8SERVE_ATTENTION_HEADS_TOGETHER 4
+#endif
+constexpr int64_t kHeadsTogether = INT8SERVE_ATTENTION_HEADS_TOGETHER;
+static_assert(kHeadsTogether >= 1 && kHeadsTogether <= kMaxHeadsTogether, "1 to 4 heads side by side");
+template <class T>
+struct Heads {
+  int n;
+  const float* q[kMaxHeadsTogether];
+  const T* keys[kMaxHeadsTogether];
+  const T* values[kMaxHeadsTogether];
+  float* scores[kMaxHeadsTogether];
+  float* out[kMaxHeadsTogether];
+  Heads one(int i) const { return {1, {q[i]}, {keys[i]}, {values[i]}, {scores[i]}, {out[i]}}; }
+};
+
+// A path that attends one head at a time, as a function of Heads.
+template <class T, void (*kHead)(const float*, const T*, const T*, int64_t, int64_t, float, float*, float*)>
+void one_by_one(const Heads<T>& hs, int64_t len, int64_t dim, float scale) {
+  for (int n = 0; n < hs.n; ++n) kHead(hs.q[n], hs.keys[n], hs.values[n], len, dim, scale, hs.scores[n], hs.out[n]);
+}
 
 bool cpu_has_avx512() {
   static const bool has = [] {
@@ -362,41 +398,51 @@ inline __m512 exp16(__m512 x) {
   return _mm512_maskz_mov_ps(static_cast<__mmask16>(~tiny), _mm512_scalef_ps(p, n));
 }
 
-// values (or null: no L2 hints): the head's values, whose first rows are asked for as the last keys are read
-// (hint_stream).
-template <class T, int C>
-void scores_hinting_avx512(const float* q, const T* keys, int64_t len, int64_t dim, float scale, float* s,
-                            const T* values) {
+// N heads of one row (one len), each its own stream of keys, then values, read side by side: the scores of 4 keys of
+// each head in turn, the weighted sum a value row of each in turn. Each head's operations and their order are those
+// of the head alone (N = 1), so its bits do not depend on N. values (or null: no L2 hints): the heads' values, whose
+// first rows are asked for as the last keys are read (hint_stream).
+template <class T, int C, int N>
+void scores_hinting_avx512(const float* const* q, const T* const* keys, int64_t len, int64_t dim, float scale,
+                           float* const* s, const T* const* values) {
   const __mmask16 tail = static_cast<__mmask16>((1u << (dim - 16 * (C - 1))) - 1);
-  __m512 qv[C];
-  for (int c = 0; c < C; ++c) qv[c] = load16(q + 16 * c, c == C - 1 ? tail : 0xFFFF);
+  __m512 qv[N][C];
+  for (int n = 0; n < N; ++n)
+    for (int c = 0; c < C; ++c) qv[n][c] = load16(q[n] + 16 * c, c == C - 1 ? tail : 0xFFFF);
+  auto values_of = [&](int n) { return values == nullptr ? nullptr : values[n]; };
   int64_t l = 0;
-  prefetch_rows(keys, 0, kRowsAhead, len, dim);
-  hint_stream(keys, values, kRowsAhead, kL2RowsAhead - kRowsAhead, len, dim);
+  for (int n = 0; n < N; ++n) {
+    prefetch_rows(keys[n], 0, kRowsAhead, len, dim);
+    hint_stream(keys[n], values_of(n), kRowsAhead, kL2RowsAhead - kRowsAhead, len, dim);
+  }
   for (; l + 4 <= len; l += 4) {  // 4 keys at a time: independent FMA chains
-    prefetch_rows(keys, l + kRowsAhead, 4, len, dim);
-    hint_stream(keys, values, l + kL2RowsAhead, 4, len, dim);
-    __m512 acc[4];
-    for (int j = 0; j < 4; ++j) acc[j] = _mm512_setzero_ps();
-    for (int c = 0; c < C; ++c) {
-      const __mmask16 m = c == C - 1 ? tail : 0xFFFF;
-      for (int j = 0; j < 4; ++j) acc[j] = _mm512_fmadd_ps(qv[c], load16(keys + (l + j) * dim + 16 * c, m), acc[j]);
+    for (int n = 0; n < N; ++n) {
+      prefetch_rows(keys[n], l + kRowsAhead, 4, len, dim);
+      hint_stream(keys[n], values_of(n), l + kL2RowsAhead, 4, len, dim);
+      __m512 acc[4];
+      for (int j = 0; j < 4; ++j) acc[j] = _mm512_setzero_ps();
+      for (int c = 0; c < C; ++c) {
+        const __mmask16 m = c == C - 1 ? tail : 0xFFFF;
+        for (int j = 0; j < 4; ++j)
+          acc[j] = _mm512_fmadd_ps(qv[n][c], load16(keys[n] + (l + j) * dim + 16 * c, m), acc[j]);
+      }
+      for (int j = 0; j < 4; ++j) s[n][l + j] = sum16(acc[j]) * scale;
     }
-    for (int j = 0; j < 4; ++j) s[l + j] = sum16(acc[j]) * scale;
   }
-  for (; l < len; ++l) {
-    hint_stream(keys, values, l + kL2RowsAhead, 1, len, dim);
-    __m512 acc = _mm512_setzero_ps();
-    for (int c = 0; c < C; ++c)
-      acc = _mm512_fmadd_ps(qv[c], load16(keys + l * dim + 16 * c, c == C - 1 ? tail : 0xFFFF), acc);
-    s[l] = sum16(acc) * scale;
-  }
+  for (; l < len; ++l)
+    for (int n = 0; n < N; ++n) {
+      hint_stream(keys[n], values_of(n), l + kL2RowsAhead, 1, len, dim);
+      __m512 acc = _mm512_setzero_ps();
+      for (int c = 0; c < C; ++c)
+        acc = _mm512_fmadd_ps(qv[n][c], load16(keys[n] + l * dim + 16 * c, c == C - 1 ? tail : 0xFFFF), acc);
+      s[n][l] = sum16(acc) * scale;
+    }
 }
 
 // The keys alone, without L2 hints (a piece of attend_rows).
 template <class T, int C>
 void scores_avx512(const float* q, const T* keys, int64_t len, int64_t dim, float scale, float* s) {
-  scores_hinting_avx512<T, C>(q, keys, len, dim, scale, s, nullptr);
+  scores_hinting_avx512<T, C, 1>(&q, &keys, len, dim, scale, &s, nullptr);
 }
 
 float softmax_avx512(float* s, int64_t len) {
@@ -420,20 +466,30 @@ float softmax_avx512(float* s, int64_t len) {
   return sum16(sum);
 }
 
-// The weighted sum's pieces (see accumulate_scalar): the running sums in registers within a piece.
-template <class T, int C, bool kHintL2 = false>  // kHintL2: a decode step's head (hint_stream), not attend_rows
-void accumulate_avx512(const float* p, const T* values, int64_t len, int64_t dim, float* acc) {
+// The weighted sum's pieces (see accumulate_scalar) for N heads side by side: the running sums in registers within a
+// piece.
+template <class T, int C, int N, bool kHintL2>  // kHintL2: a decode step's heads (hint_stream), not attend_rows
+void accumulate_heads_avx512(const float* const* p, const T* const* values, int64_t len, int64_t dim,
+                             float* const* acc) {
   const __mmask16 tail = static_cast<__mmask16>((1u << (dim - 16 * (C - 1))) - 1);
-  __m512 sums[C];
-  for (int c = 0; c < C; ++c) sums[c] = load16(acc + 16 * c, c == C - 1 ? tail : 0xFFFF);
-  for (int64_t l = 0; l < len; ++l) {
-    prefetch_rows(values, l + kRowsAhead, 1, len, dim);
-    if (kHintL2 && kL2RowsAhead > 0) prefetch_rows<T, _MM_HINT_T1>(values, l + kL2RowsAhead, 1, len, dim);
-    const __m512 w = _mm512_set1_ps(p[l]);
-    for (int c = 0; c < C; ++c)
-      sums[c] = _mm512_fmadd_ps(w, load16(values + l * dim + 16 * c, c == C - 1 ? tail : 0xFFFF), sums[c]);
-  }
-  for (int c = 0; c < C; ++c) _mm512_mask_storeu_ps(acc + 16 * c, c == C - 1 ? tail : 0xFFFF, sums[c]);
+  __m512 sums[N][C];
+  for (int n = 0; n < N; ++n)
+    for (int c = 0; c < C; ++c) sums[n][c] = load16(acc[n] + 16 * c, c == C - 1 ? tail : 0xFFFF);
+  for (int64_t l = 0; l < len; ++l)
+    for (int n = 0; n < N; ++n) {
+      prefetch_rows(values[n], l + kRowsAhead, 1, len, dim);
+      if (kHintL2 && kL2RowsAhead > 0) prefetch_rows<T, _MM_HINT_T1>(values[n], l + kL2RowsAhead, 1, len, dim);
+      const __m512 w = _mm512_set1_ps(p[n][l]);
+      for (int c = 0; c < C; ++c)
+        sums[n][c] = _mm512_fmadd_ps(w, load16(values[n] + l * dim + 16 * c, c == C - 1 ? tail : 0xFFFF), sums[n][c]);
+    }
+  for (int n = 0; n < N; ++n)
+    for (int c = 0; c < C; ++c) _mm512_mask_storeu_ps(acc[n] + 16 * c, c == C - 1 ? tail : 0xFFFF, sums[n][c]);
+}
+
+template <class T, int C>  // one head, no L2 hints (a piece of attend_rows)
+void accumulate_avx512(const float* p, const T* values, int64_t len, int64_t dim, float* acc) {
+  accumulate_heads_avx512<T, C, 1, false>(&p, &values, len, dim, &acc);
 }
 
 template <int C>
@@ -446,35 +502,41 @@ void finish_avx512(const float* acc, int64_t dim, float inv_sum, float* out) {
   }
 }
 
-template <class T, int C>
-void weighted_sum_avx512(const float* p, const T* values, int64_t len, int64_t dim, float inv_sum, float* out) {
-  std::fill(out, out + dim, 0.0f);
-  accumulate_avx512<T, C, true>(p, values, len, dim, out);
-  finish_avx512<C>(out, dim, inv_sum, out);
+template <class T, int C, int N>
+void heads_avx512_n(const Heads<T>& hs, int64_t len, int64_t dim, float scale) {
+  for (int n = 0; n < N; ++n) prefetch_rows(hs.values[n], 0, kRowsAhead, len, dim);  // while the scores are computed
+  scores_hinting_avx512<T, C, N>(hs.q, hs.keys, len, dim, scale, hs.scores, hs.values);
+  float inv_sums[N];
+  for (int n = 0; n < N; ++n) {
+    inv_sums[n] = 1.0f / softmax_avx512(hs.scores[n], len);
+    std::fill(hs.out[n], hs.out[n] + dim, 0.0f);
+  }
+  accumulate_heads_avx512<T, C, N, true>(hs.scores, hs.values, len, dim, hs.out);
+  for (int n = 0; n < N; ++n) finish_avx512<C>(hs.out[n], dim, inv_sums[n], hs.out[n]);
 }
 
 template <class T, int C>
-void head_avx512_n(const float* q, const T* keys, const T* values, int64_t len, int64_t dim, float scale,
-                   float* scratch, float* out) {
-  prefetch_rows(values, 0, kRowsAhead, len, dim);  // while the scores are computed
-  scores_hinting_avx512<T, C>(q, keys, len, dim, scale, scratch, values);
-  const float sum = softmax_avx512(scratch, len);
-  weighted_sum_avx512<T, C>(scratch, values, len, dim, 1.0f / sum, out);
+void heads_avx512_c(const Heads<T>& hs, int64_t len, int64_t dim, float scale) {
+  switch (hs.n) {
+    case 4: return heads_avx512_n<T, C, 4>(hs, len, dim, scale);
+    case 3: heads_avx512_n<T, C, 2>(hs, len, dim, scale); return heads_avx512_n<T, C, 1>(hs.one(2), len, dim, scale);
+    case 2: return heads_avx512_n<T, C, 2>(hs, len, dim, scale);
+    default: return heads_avx512_n<T, C, 1>(hs, len, dim, scale);
+  }
 }
 
 template <class T>
-void head_avx512(const float* q, const T* keys, const T* values, int64_t len, int64_t dim, float scale,
-                 float* scratch, float* out) {
+void heads_avx512(const Heads<T>& hs, int64_t len, int64_t dim, float scale) {
   switch ((dim + 15) / 16) {
-    case 1: return head_avx512_n<T, 1>(q, keys, values, len, dim, scale, scratch, out);
-    case 2: return head_avx512_n<T, 2>(q, keys, values, len, dim, scale, scratch, out);
-    case 3: return head_avx512_n<T, 3>(q, keys, values, len, dim, scale, scratch, out);
-    case 4: return head_avx512_n<T, 4>(q, keys, values, len, dim, scale, scratch, out);
-    case 5: return head_avx512_n<T, 5>(q, keys, values, len, dim, scale, scratch, out);
-    case 6: return head_avx512_n<T, 6>(q, keys, values, len, dim, scale, scratch, out);
-    case 7: return head_avx512_n<T, 7>(q, keys, values, len, dim, scale, scratch, out);
-    case 8: return head_avx512_n<T, 8>(q, keys, values, len, dim, scale, scratch, out);
-    default: return head_scalar(q, keys, values, len, dim, scale, scratch, out);
+    case 1: return heads_avx512_c<T, 1>(hs, len, dim, scale);
+    case 2: return heads_avx512_c<T, 2>(hs, len, dim, scale);
+    case 3: return heads_avx512_c<T, 3>(hs, len, dim, scale);
+    case 4: return heads_avx512_c<T, 4>(hs, len, dim, scale);
+    case 5: return heads_avx512_c<T, 5>(hs, len, dim, scale);
+    case 6: return heads_avx512_c<T, 6>(hs, len, dim, scale);
+    case 7: return heads_avx512_c<T, 7>(hs, len, dim, scale);
+    case 8: return heads_avx512_c<T, 8>(hs, len, dim, scale);
+    default: return one_by_one<T, head_scalar<T>>(hs, len, dim, scale);
   }
 }
 
@@ -613,34 +675,41 @@ inline __m256 exp8(__m256 x) {
   return _mm256_andnot_ps(tiny, _mm256_mul_ps(p, _mm256_castsi256_ps(exponent)));
 }
 
-template <class T, int C>
-void scores_hinting_avx2(const float* q, const T* keys, int64_t len, int64_t dim, float scale, float* s,
-                          const T* values) {
-  __m256 qv[C];
-  for (int c = 0; c < C; ++c) qv[c] = _mm256_loadu_ps(q + 8 * c);
+// N heads side by side, as scores_hinting_avx512.
+template <class T, int C, int N>
+void scores_hinting_avx2(const float* const* q, const T* const* keys, int64_t len, int64_t dim, float scale,
+                         float* const* s, const T* const* values) {
+  __m256 qv[N][C];
+  for (int n = 0; n < N; ++n)
+    for (int c = 0; c < C; ++c) qv[n][c] = _mm256_loadu_ps(q[n] + 8 * c);
+  auto values_of = [&](int n) { return values == nullptr ? nullptr : values[n]; };
   int64_t l = 0;
-  prefetch_rows(keys, 0, kRowsAhead, len, dim);
-  hint_stream(keys, values, kRowsAhead, kL2RowsAhead - kRowsAhead, len, dim);
-  for (; l + 4 <= len; l += 4) {
-    prefetch_rows(keys, l + kRowsAhead, 4, len, dim);
-    hint_stream(keys, values, l + kL2RowsAhead, 4, len, dim);
-    __m256 acc[4];
-    for (int j = 0; j < 4; ++j) acc[j] = _mm256_setzero_ps();
-    for (int c = 0; c < C; ++c)
-      for (int j = 0; j < 4; ++j) acc[j] = _mm256_fmadd_ps(qv[c], load8(keys + (l + j) * dim + 8 * c), acc[j]);
-    for (int j = 0; j < 4; ++j) s[l + j] = sum8(acc[j]) * scale;
+  for (int n = 0; n < N; ++n) {
+    prefetch_rows(keys[n], 0, kRowsAhead, len, dim);
+    hint_stream(keys[n], values_of(n), kRowsAhead, kL2RowsAhead - kRowsAhead, len, dim);
   }
-  for (; l < len; ++l) {
-    hint_stream(keys, values, l + kL2RowsAhead, 1, len, dim);
-    __m256 acc = _mm256_setzero_ps();
-    for (int c = 0; c < C; ++c) acc = _mm256_fmadd_ps(qv[c], load8(keys + l * dim + 8 * c), acc);
-    s[l] = sum8(acc) * scale;
-  }
+  for (; l + 4 <= len; l += 4)
+    for (int n = 0; n < N; ++n) {
+      prefetch_rows(keys[n], l + kRowsAhead, 4, len, dim);
+      hint_stream(keys[n], values_of(n), l + kL2RowsAhead, 4, len, dim);
+      __m256 acc[4];
+      for (int j = 0; j < 4; ++j) acc[j] = _mm256_setzero_ps();
+      for (int c = 0; c < C; ++c)
+        for (int j = 0; j < 4; ++j) acc[j] = _mm256_fmadd_ps(qv[n][c], load8(keys[n] + (l + j) * dim + 8 * c), acc[j]);
+      for (int j = 0; j < 4; ++j) s[n][l + j] = sum8(acc[j]) * scale;
+    }
+  for (; l < len; ++l)
+    for (int n = 0; n < N; ++n) {
+      hint_stream(keys[n], values_of(n), l + kL2RowsAhead, 1, len, dim);
+      __m256 acc = _mm256_setzero_ps();
+      for (int c = 0; c < C; ++c) acc = _mm256_fmadd_ps(qv[n][c], load8(keys[n] + l * dim + 8 * c), acc);
+      s[n][l] = sum8(acc) * scale;
+    }
 }
 
 template <class T, int C>
 void scores_avx2(const float* q, const T* keys, int64_t len, int64_t dim, float scale, float* s) {
-  scores_hinting_avx2<T, C>(q, keys, len, dim, scale, s, nullptr);
+  scores_hinting_avx2<T, C, 1>(&q, &keys, len, dim, scale, &s, nullptr);
 }
 
 float softmax_avx2(float* s, int64_t len) {
@@ -667,18 +736,28 @@ float softmax_avx2(float* s, int64_t len) {
   return sum8(sum8v);
 }
 
-// The weighted sum's pieces (see accumulate_scalar): the running sums in registers within a piece.
-template <class T, int C, bool kHintL2 = false>  // kHintL2: a decode step's head (hint_stream), not attend_rows
+// The weighted sum's pieces (see accumulate_scalar) for N heads side by side: the running sums in registers within a
+// piece.
+template <class T, int C, int N, bool kHintL2>  // kHintL2: a decode step's heads (hint_stream), not attend_rows
+void accumulate_heads_avx2(const float* const* p, const T* const* values, int64_t len, int64_t dim,
+                           float* const* acc) {
+  __m256 sums[N][C];
+  for (int n = 0; n < N; ++n)
+    for (int c = 0; c < C; ++c) sums[n][c] = _mm256_loadu_ps(acc[n] + 8 * c);
+  for (int64_t l = 0; l < len; ++l)
+    for (int n = 0; n < N; ++n) {
+      prefetch_rows(values[n], l + kRowsAhead, 1, len, dim);
+      if (kHintL2 && kL2RowsAhead > 0) prefetch_rows<T, _MM_HINT_T1>(values[n], l + kL2RowsAhead, 1, len, dim);
+      const __m256 w = _mm256_set1_ps(p[n][l]);
+      for (int c = 0; c < C; ++c) sums[n][c] = _mm256_fmadd_ps(w, load8(values[n] + l * dim + 8 * c), sums[n][c]);
+    }
+  for (int n = 0; n < N; ++n)
+    for (int c = 0; c < C; ++c) _mm256_storeu_ps(acc[n] + 8 * c, sums[n][c]);
+}
+
+template <class T, int C>  // one head, no L2 hints (a piece of attend_rows)
 void accumulate_avx2(const float* p, const T* values, int64_t len, int64_t dim, float* acc) {
-  __m256 sums[C];
-  for (int c = 0; c < C; ++c) sums[c] = _mm256_loadu_ps(acc + 8 * c);
-  for (int64_t l = 0; l < len; ++l) {
-    prefetch_rows(values, l + kRowsAhead, 1, len, dim);
-    if (kHintL2 && kL2RowsAhead > 0) prefetch_rows<T, _MM_HINT_T1>(values, l + kL2RowsAhead, 1, len, dim);
-    const __m256 w = _mm256_set1_ps(p[l]);
-    for (int c = 0; c < C; ++c) sums[c] = _mm256_fmadd_ps(w, load8(values + l * dim + 8 * c), sums[c]);
-  }
-  for (int c = 0; c < C; ++c) _mm256_storeu_ps(acc + 8 * c, sums[c]);
+  accumulate_heads_avx2<T, C, 1, false>(&p, &values, len, dim, &acc);
 }
 
 template <int C>
@@ -687,44 +766,50 @@ void finish_avx2(const float* acc, [[maybe_unused]] int64_t dim, float inv_sum, 
   for (int c = 0; c < C; ++c) _mm256_storeu_ps(out + 8 * c, _mm256_mul_ps(_mm256_loadu_ps(acc + 8 * c), inv));
 }
 
-template <class T, int C>
-void weighted_sum_avx2(const float* p, const T* values, int64_t len, int64_t dim, float inv_sum, float* out) {
-  std::fill(out, out + dim, 0.0f);
-  accumulate_avx2<T, C, true>(p, values, len, dim, out);
-  finish_avx2<C>(out, dim, inv_sum, out);
+template <class T, int C, int N>
+void heads_avx2_n(const Heads<T>& hs, int64_t len, int64_t dim, float scale) {
+  for (int n = 0; n < N; ++n) prefetch_rows(hs.values[n], 0, kRowsAhead, len, dim);  // while the scores are computed
+  scores_hinting_avx2<T, C, N>(hs.q, hs.keys, len, dim, scale, hs.scores, hs.values);
+  float inv_sums[N];
+  for (int n = 0; n < N; ++n) {
+    inv_sums[n] = 1.0f / softmax_avx2(hs.scores[n], len);
+    std::fill(hs.out[n], hs.out[n] + dim, 0.0f);
+  }
+  accumulate_heads_avx2<T, C, N, true>(hs.scores, hs.values, len, dim, hs.out);
+  for (int n = 0; n < N; ++n) finish_avx2<C>(hs.out[n], dim, inv_sums[n], hs.out[n]);
 }
 
 template <class T, int C>
-void head_avx2_n(const float* q, const T* keys, const T* values, int64_t len, int64_t dim, float scale,
-                 float* scratch, float* out) {
-  prefetch_rows(values, 0, kRowsAhead, len, dim);  // while the scores are computed
-  scores_hinting_avx2<T, C>(q, keys, len, dim, scale, scratch, values);
-  const float sum = softmax_avx2(scratch, len);
-  weighted_sum_avx2<T, C>(scratch, values, len, dim, 1.0f / sum, out);
+void heads_avx2_c(const Heads<T>& hs, int64_t len, int64_t dim, float scale) {
+  switch (hs.n) {
+    case 4: return heads_avx2_n<T, C, 4>(hs, len, dim, scale);
+    case 3: heads_avx2_n<T, C, 2>(hs, len, dim, scale); return heads_avx2_n<T, C, 1>(hs.one(2), len, dim, scale);
+    case 2: return heads_avx2_n<T, C, 2>(hs, len, dim, scale);
+    default: return heads_avx2_n<T, C, 1>(hs, len, dim, scale);
+  }
 }
 
 template <class T>
-void head_avx2(const float* q, const T* keys, const T* values, int64_t len, int64_t dim, float scale,
-               float* scratch, float* out) {
-  if (dim % 8 != 0) return head_scalar(q, keys, values, len, dim, scale, scratch, out);
+void heads_avx2(const Heads<T>& hs, int64_t len, int64_t dim, float scale) {
+  if (dim % 8 != 0) return one_by_one<T, head_scalar<T>>(hs, len, dim, scale);
   switch (dim / 8) {
-    case 1: return head_avx2_n<T, 1>(q, keys, values, len, dim, scale, scratch, out);
-    case 2: return head_avx2_n<T, 2>(q, keys, values, len, dim, scale, scratch, out);
-    case 3: return head_avx2_n<T, 3>(q, keys, values, len, dim, scale, scratch, out);
-    case 4: return head_avx2_n<T, 4>(q, keys, values, len, dim, scale, scratch, out);
-    case 5: return head_avx2_n<T, 5>(q, keys, values, len, dim, scale, scratch, out);
-    case 6: return head_avx2_n<T, 6>(q, keys, values, len, dim, scale, scratch, out);
-    case 7: return head_avx2_n<T, 7>(q, keys, values, len, dim, scale, scratch, out);
-    case 8: return head_avx2_n<T, 8>(q, keys, values, len, dim, scale, scratch, out);
-    case 9: return head_avx2_n<T, 9>(q, keys, values, len, dim, scale, scratch, out);
-    case 10: return head_avx2_n<T, 10>(q, keys, values, len, dim, scale, scratch, out);
-    case 11: return head_avx2_n<T, 11>(q, keys, values, len, dim, scale, scratch, out);
-    case 12: return head_avx2_n<T, 12>(q, keys, values, len, dim, scale, scratch, out);
-    case 13: return head_avx2_n<T, 13>(q, keys, values, len, dim, scale, scratch, out);
-    case 14: return head_avx2_n<T, 14>(q, keys, values, len, dim, scale, scratch, out);
-    case 15: return head_avx2_n<T, 15>(q, keys, values, len, dim, scale, scratch, out);
-    case 16: return head_avx2_n<T, 16>(q, keys, values, len, dim, scale, scratch, out);
-    default: return head_scalar(q, keys, values, len, dim, scale, scratch, out);
+    case 1: return heads_avx2_c<T, 1>(hs, len, dim, scale);
+    case 2: return heads_avx2_c<T, 2>(hs, len, dim, scale);
+    case 3: return heads_avx2_c<T, 3>(hs, len, dim, scale);
+    case 4: return heads_avx2_c<T, 4>(hs, len, dim, scale);
+    case 5: return heads_avx2_c<T, 5>(hs, len, dim, scale);
+    case 6: return heads_avx2_c<T, 6>(hs, len, dim, scale);
+    case 7: return heads_avx2_c<T, 7>(hs, len, dim, scale);
+    case 8: return heads_avx2_c<T, 8>(hs, len, dim, scale);
+    case 9: return heads_avx2_c<T, 9>(hs, len, dim, scale);
+    case 10: return heads_avx2_c<T, 10>(hs, len, dim, scale);
+    case 11: return heads_avx2_c<T, 11>(hs, len, dim, scale);
+    case 12: return heads_avx2_c<T, 12>(hs, len, dim, scale);
+    case 13: return heads_avx2_c<T, 13>(hs, len, dim, scale);
+    case 14: return heads_avx2_c<T, 14>(hs, len, dim, scale);
+    case 15: return heads_avx2_c<T, 15>(hs, len, dim, scale);
+    case 16: return heads_avx2_c<T, 16>(hs, len, dim, scale);
+    default: return one_by_one<T, head_scalar<T>>(hs, len, dim, scale);
   }
 }
 
@@ -832,7 +917,7 @@ struct Problem {
 };
 
 template <class T>
-using HeadFn = void (*)(const float*, const T*, const T*, int64_t, int64_t, float, float*, float*);
+using HeadFn = void (*)(const Heads<T>&, int64_t, int64_t, float);
 
 template <class T>
 void store_task(const Problem& pb, T* cache_k, T* cache_v, int64_t row, int64_t kv_head, std::vector<float>& scratch) {
@@ -853,35 +938,50 @@ void store_task(const Problem& pb, T* cache_k, T* cache_v, int64_t row, int64_t 
   }
 }
 
+// Kv heads [kv_first, kv_first + kv_count) of a decode row, side by side (kv_count <= kMaxHeadsTogether).
 template <class T>
-void attend_task(const Problem& pb, const T* cache_k, const T* cache_v, HeadFn<T> head, int64_t row, int64_t kv_head,
-                 std::vector<float>& scratch) {
-  const int64_t dim = pb.dim, group = pb.heads / pb.kv_heads, pos = pb.positions[row];
+void attend_task(const Problem& pb, const T* cache_k, const T* cache_v, HeadFn<T> head, int64_t row, int64_t kv_first,
+                 int64_t kv_count, std::vector<float>& scratch) {
+  const int64_t dim = pb.dim, group = pb.heads / pb.kv_heads, pos = pb.positions[row], len = pos + 1;
   const float* cos = pb.cos + pos * dim;
   const float* sin = pb.sin + pos * dim;
-  const int64_t base = (pb.slots[row] * pb.kv_heads + kv_head) * pb.max_len * row_width<T>(dim);  // [slot, kv head]
-  scratch.resize(static_cast<size_t>(dim * group + pos + 1 + 16));
-  float* qrot = scratch.data();        // [G, D]
-  float* scores = qrot + group * dim;  // [pos + 1]
+  scratch.resize(static_cast<size_t>(kv_count * (group * dim + len + 16)));
+  float* qrot = scratch.data();                        // [kv_count, G, D]
+  float* scores = qrot + kv_count * group * dim;       // [kv_count, len + 16]
   for (int64_t g = 0; g < group; ++g) {
-    const int64_t h = kv_head * group + g;  // heads sharing a kv head are adjacent, as in repeat_kv
-    rope(pb.q + row * pb.q_stride + h * dim, cos, sin, dim, qrot + g * dim);
-    head(qrot + g * dim, cache_k + base, cache_v + base, pos + 1, dim, pb.scale, scores,
-         pb.out + (row * pb.heads + h) * dim);
+    Heads<T> hs{};
+    hs.n = static_cast<int>(kv_count);
+    for (int64_t i = 0; i < kv_count; ++i) {
+      const int64_t kv_head = kv_first + i, h = kv_head * group + g;  // heads sharing a kv head are adjacent
+      const int64_t base = (pb.slots[row] * pb.kv_heads + kv_head) * pb.max_len * row_width<T>(dim);
+      rope(pb.q + row * pb.q_stride + h * dim, cos, sin, dim, qrot + (i * group + g) * dim);
+      hs.q[i] = qrot + (i * group + g) * dim;
+      hs.keys[i] = cache_k + base;
+      hs.values[i] = cache_v + base;
+      hs.scores[i] = scores + i * (len + 16);
+      hs.out[i] = pb.out + (row * pb.heads + h) * dim;
+    }
+    head(hs, len, dim, pb.scale);
   }
 }
 
 template <class T>
 HeadFn<T> choose(int impl) {
   if constexpr (std::is_same_v<T, int8_t>) {
-    if (impl == kAvx512) return head_q8_avx512;
-    if (impl == kAvx2) return head_q8_avx2;
-    return head_q8_scalar;
+    if (impl == kAvx512) return one_by_one<int8_t, head_q8_avx512>;
+    if (impl == kAvx2) return one_by_one<int8_t, head_q8_avx2>;
+    return one_by_one<int8_t, head_q8_scalar>;
   } else {
-    if (impl == kAvx512) return head_avx512<T>;
-    if (impl == kAvx2) return head_avx2<T>;
-    return head_scalar<T>;
+    if (impl == kAvx512) return heads_avx512<T>;
+    if (impl == kAvx2) return heads_avx2<T>;
+    return one_by_one<T, head_scalar<T>>;
   }
+}
+
+// How many kv heads of a decode row one task attends side by side on path `impl`.
+template <class T>
+int64_t heads_together(int impl) {
+  return impl != kScalar && !std::is_same_v<T, int8_t> ? kHeadsTogether : 1;
 }
 
 // ---- rows of one slot together (a prefill chunk) ---------------------------------------------------------------
@@ -1019,13 +1119,23 @@ int64_t work(const Problem& pb, int64_t batch) {
   return keys * pb.heads * pb.dim * 2;  // scores and weighted sum
 }
 
+// A unit of a call's work: kv heads [kv_first, kv_first + kv_count) of one decode row (rows == 1), or one kv head of
+// a run of rows of one slot (attend_rows).
+struct Task {
+  int64_t first, rows, kv_first, kv_count;
+};
+
 template <class T>
 void run(const Problem& pb, void* cache_k, void* cache_v, int impl, int64_t batch, int threads) {
   const HeadFn<T> head = choose<T>(impl);
   const HeadPieces<T> pieces = choose_pieces<T>(impl, pb.dim);
-  const std::vector<std::pair<int64_t, int64_t>> runs = runs_of_rows(pb, batch);
-  const int64_t tasks = batch * pb.kv_heads, run_tasks = static_cast<int64_t>(runs.size()) * pb.kv_heads;
-  const bool parallel = threads > 1 && tasks > 1 && work(pb, batch) >= kParallelWork;
+  const int64_t together = heads_together<T>(impl);
+  std::vector<Task> work_list;
+  for (const auto& [first, rows] : runs_of_rows(pb, batch))
+    for (int64_t kv = 0; kv < pb.kv_heads; kv += rows == 1 ? together : 1)
+      work_list.push_back({first, rows, kv, rows == 1 ? std::min(together, pb.kv_heads - kv) : 1});
+  const int64_t stores = batch * pb.kv_heads, tasks = static_cast<int64_t>(work_list.size());
+  const bool parallel = threads > 1 && stores > 1 && work(pb, batch) >= kParallelWork;
   T* keys = static_cast<T*>(cache_k);
   T* values = static_cast<T*>(cache_v);
 #pragma omp parallel num_threads(threads) if (parallel)
@@ -1033,15 +1143,15 @@ void run(const Problem& pb, void* cache_k, void* cache_v, int impl, int64_t batc
     std::vector<float> scratch;
     // every key and value first (the implicit barrier after the loop): a row may attend to other rows of its slot
 #pragma omp for schedule(static)
-    for (int64_t t = 0; t < tasks; ++t) store_task<T>(pb, keys, values, t / pb.kv_heads, t % pb.kv_heads, scratch);
+    for (int64_t t = 0; t < stores; ++t) store_task<T>(pb, keys, values, t / pb.kv_heads, t % pb.kv_heads, scratch);
     // a decode step's rows (one a slot) each alone, as always; the rows of a prefill chunk together (attend_rows)
 #pragma omp for schedule(dynamic, 1)
-    for (int64_t t = 0; t < run_tasks; ++t) {
-      const auto [first, rows] = runs[static_cast<size_t>(t / pb.kv_heads)];
-      if (rows == 1)
-        attend_task<T>(pb, keys, values, head, first, t % pb.kv_heads, scratch);
+    for (int64_t t = 0; t < tasks; ++t) {
+      const Task& task = work_list[static_cast<size_t>(t)];
+      if (task.rows == 1)
+        attend_task<T>(pb, keys, values, head, task.first, task.kv_first, task.kv_count, scratch);
       else
-        attend_rows<T>(pb, keys, values, pieces, first, rows, t % pb.kv_heads, scratch);
+        attend_rows<T>(pb, keys, values, pieces, task.first, task.rows, task.kv_first, scratch);
     }
   }
 }
