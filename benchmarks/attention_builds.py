@@ -181,7 +181,7 @@ def main(argv: Sequence[str] | None = None) -> None:
                                                        for label, t in seconds.items()))
                 del step
         text = report(args, rows, load.others(), impl)
-    publish(text, args.write, SCRIPT, cpu_label())
+    publish(text, args.write, SCRIPT, f"{cpu_label()} {impl}")
 
 
 if __name__ == "__main__":

@@ -147,7 +147,9 @@ def test_a_row_is_bitwise_the_same_whatever_else_is_in_the_batch(path: str, head
     (10, 5, 16, torch.float32),  # 4, then 1; grouped-query
     (12, 6, 32, torch.float16),  # 4, then 2
     (8, 2, 64, torch.bfloat16),  # 2 kv heads, each shared by 4 query heads
-    (6, 3, 40, torch.int8),  # int8 rows (one kv head a task today)
+    (6, 3, 40, torch.int8),  # int8 rows: a group of 32 and a short one (the scalar code, one head at a time)
+    (16, 8, 64, torch.int8),  # int8 rows, 2 groups: 4 and 4
+    (7, 7, 32, torch.int8),  # int8 rows, 1 group: 4, then 3
 ])
 def test_a_head_is_bitwise_the_same_alone_and_beside_other_heads(path: str, heads: int, kv_heads: int, dim: int,
                                                                  dtype: torch.dtype) -> None:

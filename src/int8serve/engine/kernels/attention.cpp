@@ -52,9 +52,9 @@ constexpr int64_t kMaxVectorDim = 128;
 // The same CPU (2026-12-04, benchmarks/attention_builds.py, 12 rounds in random order, same bits), 4 kv heads a task
 // against 1: avx512, batch 1 at 512 1.16x, 4 rows at 512/384/256/128 1.14x, at 1020-960 1.07x, at 80-83 1.14x (2
 // heads: 1.12x, 1.11x, 1.03x, 1.09x); the avx2 path on the same CPU 1.20x, 1.21x, 1.15x, although its 4 heads' 64
-// query and 64 sum registers of 8 lanes do not fit in 16 (the compiler keeps them in L1). Not yet measured on AMD:
-// -DINT8SERVE_ATTENTION_HEADS_TOGETHER=1 builds the code that reads one head at a time, for that comparison.
-// The int8 rows' path takes one head at a time (one_by_one).
+// query and 64 sum registers of 8 lanes do not fit in 16 (the compiler keeps them in L1). Int8 rows, the same
+// measurement: avx512 1.24x, 1.17x, 1.27x, 1.16x (2 heads 1.15x, 1.16x, 1.15x, 1.09x); avx2 1.25x, 1.21x, 1.23x.
+// Not yet measured on AMD: -DINT8SERVE_ATTENTION_HEADS_TOGETHER=1 builds the code that reads one head at a time.
 constexpr int kMaxHeadsTogether = 4;
 #ifndef INT8SERVE_ATTENTION_HEADS_TOGETHER
 #define INT8SERVE_ATTENTION_HEADS_TOGETHER 4
@@ -72,10 +72,24 @@ struct Heads {
   Heads one(int i) const { return {1, {q[i]}, {keys[i]}, {values[i]}, {scores[i]}, {out[i]}}; }
 };
 
+template <class T>
+using HeadFn = void (*)(const Heads<T>&, int64_t len, int64_t dim, float scale);
+
 // A path that attends one head at a time, as a function of Heads.
 template <class T, void (*kHead)(const float*, const T*, const T*, int64_t, int64_t, float, float*, float*)>
 void one_by_one(const Heads<T>& hs, int64_t len, int64_t dim, float scale) {
   for (int n = 0; n < hs.n; ++n) kHead(hs.q[n], hs.keys[n], hs.values[n], len, dim, scale, hs.scores[n], hs.out[n]);
+}
+
+// hs.n heads by a path's code for 4, 2 and 1 heads side by side (3 = 2 + 1).
+template <class T, HeadFn<T> kFour, HeadFn<T> kTwo, HeadFn<T> kOne>
+void by_fours(const Heads<T>& hs, int64_t len, int64_t dim, float scale) {
+  switch (hs.n) {
+    case 4: return kFour(hs, len, dim, scale);
+    case 3: kTwo(hs, len, dim, scale); return kOne(hs.one(2), len, dim, scale);
+    case 2: return kTwo(hs, len, dim, scale);
+    default: return kOne(hs, len, dim, scale);
+  }
 }
 
 bool cpu_has_avx512() {
@@ -517,12 +531,7 @@ void heads_avx512_n(const Heads<T>& hs, int64_t len, int64_t dim, float scale) {
 
 template <class T, int C>
 void heads_avx512_c(const Heads<T>& hs, int64_t len, int64_t dim, float scale) {
-  switch (hs.n) {
-    case 4: return heads_avx512_n<T, C, 4>(hs, len, dim, scale);
-    case 3: heads_avx512_n<T, C, 2>(hs, len, dim, scale); return heads_avx512_n<T, C, 1>(hs.one(2), len, dim, scale);
-    case 2: return heads_avx512_n<T, C, 2>(hs, len, dim, scale);
-    default: return heads_avx512_n<T, C, 1>(hs, len, dim, scale);
-  }
+  by_fours<T, heads_avx512_n<T, C, 4>, heads_avx512_n<T, C, 2>, heads_avx512_n<T, C, 1>>(hs, len, dim, scale);
 }
 
 template <class T>
@@ -548,84 +557,101 @@ inline __m512 load16_i8(const int8_t* p) {
   return _mm512_cvtepi32_ps(_mm512_cvtepi8_epi32(_mm_loadu_si128(reinterpret_cast<const __m128i*>(p))));
 }
 
-template <int G>
-void scores_q8_hinting_avx512(const float* q, const int8_t* keys, int64_t len, int64_t dim, float scale, float* s,
-                              const int8_t* values) {
+// N heads side by side, as scores_hinting_avx512.
+template <int G, int N>
+void scores_q8_hinting_avx512(const float* const* q, const int8_t* const* keys, int64_t len, int64_t dim, float scale,
+                              float* const* s, const int8_t* const* values) {
   const int64_t width = q8_width(dim);
-  __m512 qv[2 * G];
-  for (int c = 0; c < 2 * G; ++c) qv[c] = _mm512_loadu_ps(q + 16 * c);
+  __m512 qv[N][2 * G];
+  for (int n = 0; n < N; ++n)
+    for (int c = 0; c < 2 * G; ++c) qv[n][c] = _mm512_loadu_ps(q[n] + 16 * c);
+  auto values_of = [&](int n) { return values == nullptr ? nullptr : values[n]; };
+  auto add_group = [&](int n, const int8_t* row, int g, __m512 acc) {  // acc + (group g's products with q) * scale
+    const __m512 part = _mm512_fmadd_ps(qv[n][2 * g + 1], load16_i8(row + 32 * g + 16),
+                                        _mm512_mul_ps(qv[n][2 * g], load16_i8(row + 32 * g)));
+    return _mm512_fmadd_ps(part, _mm512_set1_ps(q8_scale(row, dim, g)), acc);
+  };
   int64_t l = 0;
-  prefetch_rows(keys, 0, kRowsAhead, len, width);
-  hint_stream(keys, values, kRowsAhead, kL2RowsAhead - kRowsAhead, len, width);
-  for (; l + 4 <= len; l += 4) {
-    prefetch_rows(keys, l + kRowsAhead, 4, len, width);
-    hint_stream(keys, values, l + kL2RowsAhead, 4, len, width);
-    __m512 acc[4];
-    for (int j = 0; j < 4; ++j) acc[j] = _mm512_setzero_ps();
-    for (int g = 0; g < G; ++g)
-      for (int j = 0; j < 4; ++j) {
-        const int8_t* row = keys + (l + j) * width;
-        const __m512 part = _mm512_fmadd_ps(qv[2 * g + 1], load16_i8(row + 32 * g + 16),
-                                            _mm512_mul_ps(qv[2 * g], load16_i8(row + 32 * g)));
-        acc[j] = _mm512_fmadd_ps(part, _mm512_set1_ps(q8_scale(row, dim, g)), acc[j]);
-      }
-    for (int j = 0; j < 4; ++j) s[l + j] = sum16(acc[j]) * scale;
+  for (int n = 0; n < N; ++n) {
+    prefetch_rows(keys[n], 0, kRowsAhead, len, width);
+    hint_stream(keys[n], values_of(n), kRowsAhead, kL2RowsAhead - kRowsAhead, len, width);
   }
-  for (; l < len; ++l) {
-    hint_stream(keys, values, l + kL2RowsAhead, 1, len, width);
-    const int8_t* row = keys + l * width;
-    __m512 acc = _mm512_setzero_ps();
-    for (int g = 0; g < G; ++g) {
-      const __m512 part = _mm512_fmadd_ps(qv[2 * g + 1], load16_i8(row + 32 * g + 16),
-                                          _mm512_mul_ps(qv[2 * g], load16_i8(row + 32 * g)));
-      acc = _mm512_fmadd_ps(part, _mm512_set1_ps(q8_scale(row, dim, g)), acc);
+  for (; l + 4 <= len; l += 4)
+    for (int n = 0; n < N; ++n) {
+      prefetch_rows(keys[n], l + kRowsAhead, 4, len, width);
+      hint_stream(keys[n], values_of(n), l + kL2RowsAhead, 4, len, width);
+      __m512 acc[4];
+      for (int j = 0; j < 4; ++j) acc[j] = _mm512_setzero_ps();
+      for (int g = 0; g < G; ++g)
+        for (int j = 0; j < 4; ++j) acc[j] = add_group(n, keys[n] + (l + j) * width, g, acc[j]);
+      for (int j = 0; j < 4; ++j) s[n][l + j] = sum16(acc[j]) * scale;
     }
-    s[l] = sum16(acc) * scale;
-  }
+  for (; l < len; ++l)
+    for (int n = 0; n < N; ++n) {
+      hint_stream(keys[n], values_of(n), l + kL2RowsAhead, 1, len, width);
+      __m512 acc = _mm512_setzero_ps();
+      for (int g = 0; g < G; ++g) acc = add_group(n, keys[n] + l * width, g, acc);
+      s[n][l] = sum16(acc) * scale;
+    }
 }
 
 template <int G>
 void scores_q8_avx512(const float* q, const int8_t* keys, int64_t len, int64_t dim, float scale, float* s) {
-  scores_q8_hinting_avx512<G>(q, keys, len, dim, scale, s, nullptr);
+  scores_q8_hinting_avx512<G, 1>(&q, &keys, len, dim, scale, &s, nullptr);
 }
 
-template <int G, bool kHintL2 = false>
-void accumulate_q8_avx512(const float* p, const int8_t* values, int64_t len, int64_t dim, float* acc) {
+template <int G, int N, bool kHintL2>
+void accumulate_q8_heads_avx512(const float* const* p, const int8_t* const* values, int64_t len, int64_t dim,
+                                float* const* acc) {
   const int64_t width = q8_width(dim);
-  __m512 sums[2 * G];
-  for (int c = 0; c < 2 * G; ++c) sums[c] = _mm512_loadu_ps(acc + 16 * c);
-  for (int64_t l = 0; l < len; ++l) {
-    prefetch_rows(values, l + kRowsAhead, 1, len, width);
-    if (kHintL2 && kL2RowsAhead > 0) prefetch_rows<int8_t, _MM_HINT_T1>(values, l + kL2RowsAhead, 1, len, width);
-    const int8_t* row = values + l * width;
-    for (int g = 0; g < G; ++g) {
-      const __m512 w = _mm512_set1_ps(p[l] * q8_scale(row, dim, g));
-      sums[2 * g] = _mm512_fmadd_ps(w, load16_i8(row + 32 * g), sums[2 * g]);
-      sums[2 * g + 1] = _mm512_fmadd_ps(w, load16_i8(row + 32 * g + 16), sums[2 * g + 1]);
+  __m512 sums[N][2 * G];
+  for (int n = 0; n < N; ++n)
+    for (int c = 0; c < 2 * G; ++c) sums[n][c] = _mm512_loadu_ps(acc[n] + 16 * c);
+  for (int64_t l = 0; l < len; ++l)
+    for (int n = 0; n < N; ++n) {
+      prefetch_rows(values[n], l + kRowsAhead, 1, len, width);
+      if (kHintL2 && kL2RowsAhead > 0) prefetch_rows<int8_t, _MM_HINT_T1>(values[n], l + kL2RowsAhead, 1, len, width);
+      const int8_t* row = values[n] + l * width;
+      for (int g = 0; g < G; ++g) {
+        const __m512 w = _mm512_set1_ps(p[n][l] * q8_scale(row, dim, g));
+        sums[n][2 * g] = _mm512_fmadd_ps(w, load16_i8(row + 32 * g), sums[n][2 * g]);
+        sums[n][2 * g + 1] = _mm512_fmadd_ps(w, load16_i8(row + 32 * g + 16), sums[n][2 * g + 1]);
+      }
     }
+  for (int n = 0; n < N; ++n)
+    for (int c = 0; c < 2 * G; ++c) _mm512_storeu_ps(acc[n] + 16 * c, sums[n][c]);
+}
+
+template <int G>  // one head, no L2 hints (a piece of attend_rows)
+void accumulate_q8_avx512(const float* p, const int8_t* values, int64_t len, int64_t dim, float* acc) {
+  accumulate_q8_heads_avx512<G, 1, false>(&p, &values, len, dim, &acc);
+}
+
+template <int G, int N>
+void heads_q8_avx512_n(const Heads<int8_t>& hs, int64_t len, int64_t dim, float scale) {
+  for (int n = 0; n < N; ++n) prefetch_rows(hs.values[n], 0, kRowsAhead, len, q8_width(dim));
+  scores_q8_hinting_avx512<G, N>(hs.q, hs.keys, len, dim, scale, hs.scores, hs.values);
+  float inv_sums[N];
+  for (int n = 0; n < N; ++n) {
+    inv_sums[n] = 1.0f / softmax_avx512(hs.scores[n], len);
+    std::fill(hs.out[n], hs.out[n] + dim, 0.0f);
   }
-  for (int c = 0; c < 2 * G; ++c) _mm512_storeu_ps(acc + 16 * c, sums[c]);
+  accumulate_q8_heads_avx512<G, N, true>(hs.scores, hs.values, len, dim, hs.out);
+  for (int n = 0; n < N; ++n) finish_avx512<2 * G>(hs.out[n], dim, inv_sums[n], hs.out[n]);
 }
 
 template <int G>
-void head_q8_avx512_n(const float* q, const int8_t* keys, const int8_t* values, int64_t len, int64_t dim, float scale,
-                      float* scratch, float* out) {
-  prefetch_rows(values, 0, kRowsAhead, len, q8_width(dim));
-  scores_q8_hinting_avx512<G>(q, keys, len, dim, scale, scratch, values);
-  const float sum = softmax_avx512(scratch, len);
-  std::fill(out, out + dim, 0.0f);
-  accumulate_q8_avx512<G, true>(scratch, values, len, dim, out);
-  finish_avx512<2 * G>(out, dim, 1.0f / sum, out);
+void heads_q8_avx512_g(const Heads<int8_t>& hs, int64_t len, int64_t dim, float scale) {
+  by_fours<int8_t, heads_q8_avx512_n<G, 4>, heads_q8_avx512_n<G, 2>, heads_q8_avx512_n<G, 1>>(hs, len, dim, scale);
 }
 
-void head_q8_avx512(const float* q, const int8_t* keys, const int8_t* values, int64_t len, int64_t dim, float scale,
-                    float* scratch, float* out) {
+void heads_q8_avx512(const Heads<int8_t>& hs, int64_t len, int64_t dim, float scale) {
   switch (dim % kQ8Group == 0 ? dim / kQ8Group : 0) {
-    case 1: return head_q8_avx512_n<1>(q, keys, values, len, dim, scale, scratch, out);
-    case 2: return head_q8_avx512_n<2>(q, keys, values, len, dim, scale, scratch, out);
-    case 3: return head_q8_avx512_n<3>(q, keys, values, len, dim, scale, scratch, out);
-    case 4: return head_q8_avx512_n<4>(q, keys, values, len, dim, scale, scratch, out);
-    default: return head_q8_scalar(q, keys, values, len, dim, scale, scratch, out);
+    case 1: return heads_q8_avx512_g<1>(hs, len, dim, scale);
+    case 2: return heads_q8_avx512_g<2>(hs, len, dim, scale);
+    case 3: return heads_q8_avx512_g<3>(hs, len, dim, scale);
+    case 4: return heads_q8_avx512_g<4>(hs, len, dim, scale);
+    default: return one_by_one<int8_t, head_q8_scalar>(hs, len, dim, scale);
   }
 }
 
@@ -781,12 +807,7 @@ void heads_avx2_n(const Heads<T>& hs, int64_t len, int64_t dim, float scale) {
 
 template <class T, int C>
 void heads_avx2_c(const Heads<T>& hs, int64_t len, int64_t dim, float scale) {
-  switch (hs.n) {
-    case 4: return heads_avx2_n<T, C, 4>(hs, len, dim, scale);
-    case 3: heads_avx2_n<T, C, 2>(hs, len, dim, scale); return heads_avx2_n<T, C, 1>(hs.one(2), len, dim, scale);
-    case 2: return heads_avx2_n<T, C, 2>(hs, len, dim, scale);
-    default: return heads_avx2_n<T, C, 1>(hs, len, dim, scale);
-  }
+  by_fours<T, heads_avx2_n<T, C, 4>, heads_avx2_n<T, C, 2>, heads_avx2_n<T, C, 1>>(hs, len, dim, scale);
 }
 
 template <class T>
@@ -825,76 +846,98 @@ inline __m256 group_dot8(const float* q, const int8_t* values) {
   return part;
 }
 
-template <int G>
-void scores_q8_hinting_avx2(const float* q, const int8_t* keys, int64_t len, int64_t dim, float scale, float* s,
-                            const int8_t* values) {
+// N heads side by side, as scores_hinting_avx512.
+template <int G, int N>
+void scores_q8_hinting_avx2(const float* const* q, const int8_t* const* keys, int64_t len, int64_t dim, float scale,
+                            float* const* s, const int8_t* const* values) {
   const int64_t width = q8_width(dim);
+  auto values_of = [&](int n) { return values == nullptr ? nullptr : values[n]; };
+  auto dot = [&](int n, const int8_t* row, int g) { return group_dot8(q[n] + 32 * g, row + 32 * g); };
   int64_t l = 0;
-  prefetch_rows(keys, 0, kRowsAhead, len, width);
-  hint_stream(keys, values, kRowsAhead, kL2RowsAhead - kRowsAhead, len, width);
-  for (; l + 4 <= len; l += 4) {
-    prefetch_rows(keys, l + kRowsAhead, 4, len, width);
-    hint_stream(keys, values, l + kL2RowsAhead, 4, len, width);
-    __m256 acc[4];
-    for (int j = 0; j < 4; ++j) acc[j] = _mm256_setzero_ps();
-    for (int g = 0; g < G; ++g)
-      for (int j = 0; j < 4; ++j) {
-        const int8_t* row = keys + (l + j) * width;
-        acc[j] = _mm256_fmadd_ps(group_dot8(q + 32 * g, row + 32 * g), _mm256_set1_ps(q8_scale(row, dim, g)), acc[j]);
-      }
-    for (int j = 0; j < 4; ++j) s[l + j] = sum8(acc[j]) * scale;
+  for (int n = 0; n < N; ++n) {
+    prefetch_rows(keys[n], 0, kRowsAhead, len, width);
+    hint_stream(keys[n], values_of(n), kRowsAhead, kL2RowsAhead - kRowsAhead, len, width);
   }
-  for (; l < len; ++l) {
-    hint_stream(keys, values, l + kL2RowsAhead, 1, len, width);
-    const int8_t* row = keys + l * width;
-    __m256 acc = _mm256_setzero_ps();
-    for (int g = 0; g < G; ++g)
-      acc = _mm256_fmadd_ps(group_dot8(q + 32 * g, row + 32 * g), _mm256_set1_ps(q8_scale(row, dim, g)), acc);
-    s[l] = sum8(acc) * scale;
-  }
+  for (; l + 4 <= len; l += 4)
+    for (int n = 0; n < N; ++n) {
+      prefetch_rows(keys[n], l + kRowsAhead, 4, len, width);
+      hint_stream(keys[n], values_of(n), l + kL2RowsAhead, 4, len, width);
+      __m256 acc[4];
+      for (int j = 0; j < 4; ++j) acc[j] = _mm256_setzero_ps();
+      for (int g = 0; g < G; ++g)
+        for (int j = 0; j < 4; ++j) {
+          const int8_t* row = keys[n] + (l + j) * width;
+          acc[j] = _mm256_fmadd_ps(dot(n, row, g), _mm256_set1_ps(q8_scale(row, dim, g)), acc[j]);
+        }
+      for (int j = 0; j < 4; ++j) s[n][l + j] = sum8(acc[j]) * scale;
+    }
+  for (; l < len; ++l)
+    for (int n = 0; n < N; ++n) {
+      hint_stream(keys[n], values_of(n), l + kL2RowsAhead, 1, len, width);
+      const int8_t* row = keys[n] + l * width;
+      __m256 acc = _mm256_setzero_ps();
+      for (int g = 0; g < G; ++g) acc = _mm256_fmadd_ps(dot(n, row, g), _mm256_set1_ps(q8_scale(row, dim, g)), acc);
+      s[n][l] = sum8(acc) * scale;
+    }
 }
 
 template <int G>
 void scores_q8_avx2(const float* q, const int8_t* keys, int64_t len, int64_t dim, float scale, float* s) {
-  scores_q8_hinting_avx2<G>(q, keys, len, dim, scale, s, nullptr);
+  scores_q8_hinting_avx2<G, 1>(&q, &keys, len, dim, scale, &s, nullptr);
 }
 
-template <int G, bool kHintL2 = false>
-void accumulate_q8_avx2(const float* p, const int8_t* values, int64_t len, int64_t dim, float* acc) {
+template <int G, int N, bool kHintL2>
+void accumulate_q8_heads_avx2(const float* const* p, const int8_t* const* values, int64_t len, int64_t dim,
+                              float* const* acc) {
   const int64_t width = q8_width(dim);
-  __m256 sums[4 * G];
-  for (int c = 0; c < 4 * G; ++c) sums[c] = _mm256_loadu_ps(acc + 8 * c);
-  for (int64_t l = 0; l < len; ++l) {
-    prefetch_rows(values, l + kRowsAhead, 1, len, width);
-    if (kHintL2 && kL2RowsAhead > 0) prefetch_rows<int8_t, _MM_HINT_T1>(values, l + kL2RowsAhead, 1, len, width);
-    const int8_t* row = values + l * width;
-    for (int g = 0; g < G; ++g) {
-      const __m256 w = _mm256_set1_ps(p[l] * q8_scale(row, dim, g));
-      for (int c = 0; c < 4; ++c) sums[4 * g + c] = _mm256_fmadd_ps(w, load8_i8(row + 32 * g + 8 * c), sums[4 * g + c]);
+  __m256 sums[N][4 * G];
+  for (int n = 0; n < N; ++n)
+    for (int c = 0; c < 4 * G; ++c) sums[n][c] = _mm256_loadu_ps(acc[n] + 8 * c);
+  for (int64_t l = 0; l < len; ++l)
+    for (int n = 0; n < N; ++n) {
+      prefetch_rows(values[n], l + kRowsAhead, 1, len, width);
+      if (kHintL2 && kL2RowsAhead > 0) prefetch_rows<int8_t, _MM_HINT_T1>(values[n], l + kL2RowsAhead, 1, len, width);
+      const int8_t* row = values[n] + l * width;
+      for (int g = 0; g < G; ++g) {
+        const __m256 w = _mm256_set1_ps(p[n][l] * q8_scale(row, dim, g));
+        for (int c = 0; c < 4; ++c)
+          sums[n][4 * g + c] = _mm256_fmadd_ps(w, load8_i8(row + 32 * g + 8 * c), sums[n][4 * g + c]);
+      }
     }
+  for (int n = 0; n < N; ++n)
+    for (int c = 0; c < 4 * G; ++c) _mm256_storeu_ps(acc[n] + 8 * c, sums[n][c]);
+}
+
+template <int G>  // one head, no L2 hints (a piece of attend_rows)
+void accumulate_q8_avx2(const float* p, const int8_t* values, int64_t len, int64_t dim, float* acc) {
+  accumulate_q8_heads_avx2<G, 1, false>(&p, &values, len, dim, &acc);
+}
+
+template <int G, int N>
+void heads_q8_avx2_n(const Heads<int8_t>& hs, int64_t len, int64_t dim, float scale) {
+  for (int n = 0; n < N; ++n) prefetch_rows(hs.values[n], 0, kRowsAhead, len, q8_width(dim));
+  scores_q8_hinting_avx2<G, N>(hs.q, hs.keys, len, dim, scale, hs.scores, hs.values);
+  float inv_sums[N];
+  for (int n = 0; n < N; ++n) {
+    inv_sums[n] = 1.0f / softmax_avx2(hs.scores[n], len);
+    std::fill(hs.out[n], hs.out[n] + dim, 0.0f);
   }
-  for (int c = 0; c < 4 * G; ++c) _mm256_storeu_ps(acc + 8 * c, sums[c]);
+  accumulate_q8_heads_avx2<G, N, true>(hs.scores, hs.values, len, dim, hs.out);
+  for (int n = 0; n < N; ++n) finish_avx2<4 * G>(hs.out[n], dim, inv_sums[n], hs.out[n]);
 }
 
 template <int G>
-void head_q8_avx2_n(const float* q, const int8_t* keys, const int8_t* values, int64_t len, int64_t dim, float scale,
-                    float* scratch, float* out) {
-  prefetch_rows(values, 0, kRowsAhead, len, q8_width(dim));
-  scores_q8_hinting_avx2<G>(q, keys, len, dim, scale, scratch, values);
-  const float sum = softmax_avx2(scratch, len);
-  std::fill(out, out + dim, 0.0f);
-  accumulate_q8_avx2<G, true>(scratch, values, len, dim, out);
-  finish_avx2<4 * G>(out, dim, 1.0f / sum, out);
+void heads_q8_avx2_g(const Heads<int8_t>& hs, int64_t len, int64_t dim, float scale) {
+  by_fours<int8_t, heads_q8_avx2_n<G, 4>, heads_q8_avx2_n<G, 2>, heads_q8_avx2_n<G, 1>>(hs, len, dim, scale);
 }
 
-void head_q8_avx2(const float* q, const int8_t* keys, const int8_t* values, int64_t len, int64_t dim, float scale,
-                  float* scratch, float* out) {
+void heads_q8_avx2(const Heads<int8_t>& hs, int64_t len, int64_t dim, float scale) {
   switch (dim % kQ8Group == 0 ? dim / kQ8Group : 0) {
-    case 1: return head_q8_avx2_n<1>(q, keys, values, len, dim, scale, scratch, out);
-    case 2: return head_q8_avx2_n<2>(q, keys, values, len, dim, scale, scratch, out);
-    case 3: return head_q8_avx2_n<3>(q, keys, values, len, dim, scale, scratch, out);
-    case 4: return head_q8_avx2_n<4>(q, keys, values, len, dim, scale, scratch, out);
-    default: return head_q8_scalar(q, keys, values, len, dim, scale, scratch, out);
+    case 1: return heads_q8_avx2_g<1>(hs, len, dim, scale);
+    case 2: return heads_q8_avx2_g<2>(hs, len, dim, scale);
+    case 3: return heads_q8_avx2_g<3>(hs, len, dim, scale);
+    case 4: return heads_q8_avx2_g<4>(hs, len, dim, scale);
+    default: return one_by_one<int8_t, head_q8_scalar>(hs, len, dim, scale);
   }
 }
 
@@ -915,9 +958,6 @@ struct Problem {
   float scale;
   float* out;  // [B, H, D]
 };
-
-template <class T>
-using HeadFn = void (*)(const Heads<T>&, int64_t, int64_t, float);
 
 template <class T>
 void store_task(const Problem& pb, T* cache_k, T* cache_v, int64_t row, int64_t kv_head, std::vector<float>& scratch) {
@@ -968,8 +1008,8 @@ void attend_task(const Problem& pb, const T* cache_k, const T* cache_v, HeadFn<T
 template <class T>
 HeadFn<T> choose(int impl) {
   if constexpr (std::is_same_v<T, int8_t>) {
-    if (impl == kAvx512) return one_by_one<int8_t, head_q8_avx512>;
-    if (impl == kAvx2) return one_by_one<int8_t, head_q8_avx2>;
+    if (impl == kAvx512) return heads_q8_avx512;
+    if (impl == kAvx2) return heads_q8_avx2;
     return one_by_one<int8_t, head_q8_scalar>;
   } else {
     if (impl == kAvx512) return heads_avx512<T>;
@@ -979,9 +1019,8 @@ HeadFn<T> choose(int impl) {
 }
 
 // How many kv heads of a decode row one task attends side by side on path `impl`.
-template <class T>
 int64_t heads_together(int impl) {
-  return impl != kScalar && !std::is_same_v<T, int8_t> ? kHeadsTogether : 1;
+  return impl != kScalar ? kHeadsTogether : 1;
 }
 
 // ---- rows of one slot together (a prefill chunk) ---------------------------------------------------------------
@@ -1129,7 +1168,7 @@ template <class T>
 void run(const Problem& pb, void* cache_k, void* cache_v, int impl, int64_t batch, int threads) {
   const HeadFn<T> head = choose<T>(impl);
   const HeadPieces<T> pieces = choose_pieces<T>(impl, pb.dim);
-  const int64_t together = heads_together<T>(impl);
+  const int64_t together = heads_together(impl);
   std::vector<Task> work_list;
   for (const auto& [first, rows] : runs_of_rows(pb, batch))
     for (int64_t kv = 0; kv < pb.kv_heads; kv += rows == 1 ? together : 1)
