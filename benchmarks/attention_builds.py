@@ -111,7 +111,8 @@ def report(args: argparse.Namespace, rows: list[tuple[str, str, int, dict[str, l
     now = datetime.datetime.now(datetime.UTC).strftime("%Y-%m-%d %H:%M UTC")
     header = ("| case | KV cache | " + " | ".join(f"{label} ms (KV GB/s)" for label in labels) + " | "
               + " | ".join(f"{label} speed-up over {labels[0]}" for label in labels[1:]) + " |")
-    lines = [f"## Builds of the decode attention kernel compared (`benchmarks/{SCRIPT}`, {cpu_label()})", "",
+    lines = [f"## Builds of the decode attention kernel compared (`benchmarks/{SCRIPT}`, {cpu_label()}, {impl} path)",
+             "",
              f"- Command: `{display_command(SCRIPT.removesuffix('.py'), args.argv, ['--write'])}`",
              f"- Date: {now}; CPU: {machine_description()}; attention path {impl}, {args.threads} threads; the "
              f"attention of one decode step in all {LAYERS} layers ({HEADS} heads of {HEAD_DIM}), each over its own "
