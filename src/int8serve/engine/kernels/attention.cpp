@@ -359,6 +359,21 @@ inline void hint_stream(const T* keys, const T* values, int64_t first, int64_t c
   if (begin < end) prefetch_rows<T, _MM_HINT_T1>(values, begin - len, end - begin, len, dim);
 }
 
+// A decode task's N heads on a vector path, from its pieces: the scores (with the hints of the values), the softmax,
+// the weighted sum from zeros (with L2 hints), and its scaling by 1 / the softmax's sum.
+template <class T, int N, auto kScores, auto kSoftmax, auto kAccumulate, auto kFinish>
+void attend_heads(const Heads<T>& hs, int64_t len, int64_t dim, float scale) {
+  for (int n = 0; n < N; ++n) prefetch_rows(hs.values[n], 0, kRowsAhead, len, row_width<T>(dim));  // during scores
+  kScores(hs.q, hs.keys, len, dim, scale, hs.scores, hs.values);
+  float inv_sums[N];
+  for (int n = 0; n < N; ++n) {
+    inv_sums[n] = 1.0f / kSoftmax(hs.scores[n], len);
+    std::fill(hs.out[n], hs.out[n] + dim, 0.0f);
+  }
+  kAccumulate(hs.scores, hs.values, len, dim, hs.out);
+  for (int n = 0; n < N; ++n) kFinish(hs.out[n], dim, inv_sums[n], hs.out[n]);
+}
+
 #pragma GCC push_options
 #pragma GCC target("avx512f,avx512bw,avx512vl,fma")
 #pragma GCC diagnostic push  // GCC 12's AVX-512 headers use deliberately undefined operands (_mm256_undefined_pd)
@@ -517,17 +532,8 @@ void finish_avx512(const float* acc, int64_t dim, float inv_sum, float* out) {
 }
 
 template <class T, int C, int N>
-void heads_avx512_n(const Heads<T>& hs, int64_t len, int64_t dim, float scale) {
-  for (int n = 0; n < N; ++n) prefetch_rows(hs.values[n], 0, kRowsAhead, len, dim);  // while the scores are computed
-  scores_hinting_avx512<T, C, N>(hs.q, hs.keys, len, dim, scale, hs.scores, hs.values);
-  float inv_sums[N];
-  for (int n = 0; n < N; ++n) {
-    inv_sums[n] = 1.0f / softmax_avx512(hs.scores[n], len);
-    std::fill(hs.out[n], hs.out[n] + dim, 0.0f);
-  }
-  accumulate_heads_avx512<T, C, N, true>(hs.scores, hs.values, len, dim, hs.out);
-  for (int n = 0; n < N; ++n) finish_avx512<C>(hs.out[n], dim, inv_sums[n], hs.out[n]);
-}
+constexpr HeadFn<T> heads_avx512_n = attend_heads<T, N, scores_hinting_avx512<T, C, N>, softmax_avx512,
+                                                  accumulate_heads_avx512<T, C, N, true>, finish_avx512<C>>;
 
 template <class T, int C>
 void heads_avx512_c(const Heads<T>& hs, int64_t len, int64_t dim, float scale) {
@@ -628,17 +634,8 @@ void accumulate_q8_avx512(const float* p, const int8_t* values, int64_t len, int
 }
 
 template <int G, int N>
-void heads_q8_avx512_n(const Heads<int8_t>& hs, int64_t len, int64_t dim, float scale) {
-  for (int n = 0; n < N; ++n) prefetch_rows(hs.values[n], 0, kRowsAhead, len, q8_width(dim));
-  scores_q8_hinting_avx512<G, N>(hs.q, hs.keys, len, dim, scale, hs.scores, hs.values);
-  float inv_sums[N];
-  for (int n = 0; n < N; ++n) {
-    inv_sums[n] = 1.0f / softmax_avx512(hs.scores[n], len);
-    std::fill(hs.out[n], hs.out[n] + dim, 0.0f);
-  }
-  accumulate_q8_heads_avx512<G, N, true>(hs.scores, hs.values, len, dim, hs.out);
-  for (int n = 0; n < N; ++n) finish_avx512<2 * G>(hs.out[n], dim, inv_sums[n], hs.out[n]);
-}
+constexpr HeadFn<int8_t> heads_q8_avx512_n = attend_heads<int8_t, N, scores_q8_hinting_avx512<G, N>, softmax_avx512,
+                                                          accumulate_q8_heads_avx512<G, N, true>, finish_avx512<2 * G>>;
 
 template <int G>
 void heads_q8_avx512_g(const Heads<int8_t>& hs, int64_t len, int64_t dim, float scale) {
@@ -793,17 +790,8 @@ void finish_avx2(const float* acc, [[maybe_unused]] int64_t dim, float inv_sum, 
 }
 
 template <class T, int C, int N>
-void heads_avx2_n(const Heads<T>& hs, int64_t len, int64_t dim, float scale) {
-  for (int n = 0; n < N; ++n) prefetch_rows(hs.values[n], 0, kRowsAhead, len, dim);  // while the scores are computed
-  scores_hinting_avx2<T, C, N>(hs.q, hs.keys, len, dim, scale, hs.scores, hs.values);
-  float inv_sums[N];
-  for (int n = 0; n < N; ++n) {
-    inv_sums[n] = 1.0f / softmax_avx2(hs.scores[n], len);
-    std::fill(hs.out[n], hs.out[n] + dim, 0.0f);
-  }
-  accumulate_heads_avx2<T, C, N, true>(hs.scores, hs.values, len, dim, hs.out);
-  for (int n = 0; n < N; ++n) finish_avx2<C>(hs.out[n], dim, inv_sums[n], hs.out[n]);
-}
+constexpr HeadFn<T> heads_avx2_n = attend_heads<T, N, scores_hinting_avx2<T, C, N>, softmax_avx2,
+                                                accumulate_heads_avx2<T, C, N, true>, finish_avx2<C>>;
 
 template <class T, int C>
 void heads_avx2_c(const Heads<T>& hs, int64_t len, int64_t dim, float scale) {
@@ -914,17 +902,8 @@ void accumulate_q8_avx2(const float* p, const int8_t* values, int64_t len, int64
 }
 
 template <int G, int N>
-void heads_q8_avx2_n(const Heads<int8_t>& hs, int64_t len, int64_t dim, float scale) {
-  for (int n = 0; n < N; ++n) prefetch_rows(hs.values[n], 0, kRowsAhead, len, q8_width(dim));
-  scores_q8_hinting_avx2<G, N>(hs.q, hs.keys, len, dim, scale, hs.scores, hs.values);
-  float inv_sums[N];
-  for (int n = 0; n < N; ++n) {
-    inv_sums[n] = 1.0f / softmax_avx2(hs.scores[n], len);
-    std::fill(hs.out[n], hs.out[n] + dim, 0.0f);
-  }
-  accumulate_q8_heads_avx2<G, N, true>(hs.scores, hs.values, len, dim, hs.out);
-  for (int n = 0; n < N; ++n) finish_avx2<4 * G>(hs.out[n], dim, inv_sums[n], hs.out[n]);
-}
+constexpr HeadFn<int8_t> heads_q8_avx2_n = attend_heads<int8_t, N, scores_q8_hinting_avx2<G, N>, softmax_avx2,
+                                                        accumulate_q8_heads_avx2<G, N, true>, finish_avx2<4 * G>>;
 
 template <int G>
 void heads_q8_avx2_g(const Heads<int8_t>& hs, int64_t len, int64_t dim, float scale) {
