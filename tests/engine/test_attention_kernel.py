@@ -170,6 +170,18 @@ def test_a_head_is_bitwise_the_same_alone_and_beside_other_heads(path: str, head
         assert torch.equal(alone_k, cache_k[:, kept]) and torch.equal(alone_v, cache_v[:, kept]), f"kv head {kv_head}"
 
 
+@pytest.mark.parametrize("path", ["avx512", "avx2"])
+def test_a_task_takes_four_heads_unless_a_thread_would_have_fewer_than_two_tasks(path: str) -> None:
+    runnable(path)
+    assert attention.heads_together(path, 1, 32, 2) == 4  # Llama-2-7B at batch 1 on 2 threads: 8 tasks of 4 heads
+    assert attention.heads_together(path, 1, 32, 8) == 2  # on 8 threads: 16 tasks of 2
+    assert attention.heads_together(path, 1, 32, 16) == 1  # on 16: 32 tasks of 1
+    assert attention.heads_together(path, 4, 32, 16) == 4  # 4 rows on 16 threads: 32 tasks of 4
+    assert attention.heads_together(path, 1, 3, 2) == 1  # SmolLM2's 3 kv heads at batch 1: 3 tasks, not 1
+    assert attention.heads_together(path, 4, 3, 2) == 4  # at batch 4: 4 tasks of 3 heads
+    assert attention.heads_together("scalar", 4, 32, 2) == 1  # the scalar path reads one head at a time
+
+
 # A prefill chunk's rows: 5 of slot 2 at the start of its cache, a row of slot 0, 21 of slot 1 (a run of 16 rows taken
 # together, then 5) far enough in for the keys to span several of attend_rows' 32 KB blocks at every head_dim of
 # SHAPES but the smallest (128 keys a block at head_dim 128 in bf16, 682 at 24, 2048 at 8), then 2 rows of slot 2.

@@ -997,9 +997,16 @@ HeadFn<T> choose(int impl) {
   }
 }
 
-// How many kv heads of a decode row one task attends side by side on path `impl`.
-int64_t heads_together(int impl) {
-  return impl != kScalar ? kHeadsTogether : 1;
+// How many kv heads of a decode row one task attends side by side on path `impl`: kHeadsTogether on the vector paths,
+// fewer (halving) where that would leave fewer than two tasks a thread, so that every thread has work and the
+// dynamic schedule can even out rows of different lengths (a small model's few kv heads, batch 1, many threads).
+// decode_rows rows of kv_heads kv heads, other_tasks tasks besides (a prefill chunk's rows take one kv head a task).
+// The bits do not depend on it.
+int64_t heads_together(int impl, int64_t decode_rows, int64_t kv_heads, int64_t other_tasks, int threads) {
+  if (impl == kScalar) return 1;
+  for (int64_t together = kHeadsTogether; together > 1; together /= 2)
+    if (decode_rows * ((kv_heads + together - 1) / together) + other_tasks >= 2 * int64_t{threads}) return together;
+  return 1;
 }
 
 // ---- rows of one slot together (a prefill chunk) ---------------------------------------------------------------
@@ -1147,9 +1154,12 @@ template <class T>
 void run(const Problem& pb, void* cache_k, void* cache_v, int impl, int64_t batch, int threads) {
   const HeadFn<T> head = choose<T>(impl);
   const HeadPieces<T> pieces = choose_pieces<T>(impl, pb.dim);
-  const int64_t together = heads_together(impl);
+  const std::vector<std::pair<int64_t, int64_t>> runs = runs_of_rows(pb, batch);
+  const int64_t decode_rows = std::count_if(runs.begin(), runs.end(), [](const auto& run) { return run.second == 1; });
+  const int64_t chunk_tasks = (static_cast<int64_t>(runs.size()) - decode_rows) * pb.kv_heads;
+  const int64_t together = heads_together(impl, decode_rows, pb.kv_heads, chunk_tasks, threads);
   std::vector<Task> work_list;
-  for (const auto& [first, rows] : runs_of_rows(pb, batch))
+  for (const auto& [first, rows] : runs)
     for (int64_t kv = 0; kv < pb.kv_heads; kv += rows == 1 ? together : 1)
       work_list.push_back({first, rows, kv, rows == 1 ? std::min(together, pb.kv_heads - kv) : 1});
   const int64_t stores = batch * pb.kv_heads, tasks = static_cast<int64_t>(work_list.size());
@@ -1218,6 +1228,13 @@ __attribute__((visibility("default"))) int i8a_cpu_paths() {
 
 // The path `impl` resolves to on this CPU (1 AVX-512, 2 AVX2, 3 scalar), or -1 if the CPU cannot run it.
 __attribute__((visibility("default"))) int i8a_resolve(int impl) { return resolve(impl); }
+
+// The kv heads a task of a decode call attends side by side (heads_together) on the path `impl` resolves to, or -1.
+__attribute__((visibility("default"))) int64_t i8a_heads_together(int impl, int64_t decode_rows, int64_t kv_heads,
+                                                                   int threads) {
+  const int path = resolve(impl);
+  return path < 0 ? -1 : heads_together(path, decode_rows, kv_heads, 0, threads);
+}
 
 // rows: `heads` runs of `positions` int8 rows (q8_width(dim) bytes each), the runs `head_stride` bytes apart (a cache
 // slot's [kv heads, positions]); out: [heads, positions, dim], fp32 (out_dtype 0) or bf16 (1). Returns 0, or -3.

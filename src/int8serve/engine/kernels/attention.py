@@ -110,6 +110,17 @@ def set_setting(value: str) -> None:
     os.environ[ENV] = value
 
 
+def heads_together(impl: Impl, decode_rows: int, kv_heads: int, threads: int) -> int:
+    """How many kv heads of a row one task of a decode call reads side by side on `impl`'s path (attention.cpp's
+    heads_together: up to 4, fewer where that would leave a thread without two tasks)."""
+    function = _library().i8a_heads_together  # declared here: a benchmark opens older builds without it
+    function.argtypes, function.restype = [_INT, _I64, _I64, _INT], _I64
+    together = function(IMPLS[impl], decode_rows, kv_heads, threads)
+    if together < 0:
+        raise ValueError(f"this CPU cannot run the {impl} path")
+    return together
+
+
 def decode_attention(q: Tensor, k: Tensor, v: Tensor, cos: Tensor, sin: Tensor, slots: Tensor, positions: Tensor,
                      cache_k: Tensor, cache_v: Tensor, impl: Impl = "auto", library: ctypes.CDLL | None = None
                      ) -> Tensor:
