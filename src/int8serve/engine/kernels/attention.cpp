@@ -54,6 +54,7 @@ constexpr int64_t kMaxVectorDim = 128;
 // heads: 1.12x, 1.11x, 1.03x, 1.09x); the avx2 path on the same CPU 1.20x, 1.21x, 1.15x, although its 4 heads' 64
 // query and 64 sum registers of 8 lanes do not fit in 16 (the compiler keeps them in L1). Int8 rows, the same
 // measurement: avx512 1.24x, 1.17x, 1.27x, 1.16x (2 heads 1.15x, 1.16x, 1.15x, 1.09x); avx2 1.25x, 1.21x, 1.23x.
+// 8 heads a task (an ad-hoc build, avx512, bf16, 12 rounds): 1.01x at 4 rows of 512-128, 1.00x at batch 1: not kept.
 // Not yet measured on AMD: -DINT8SERVE_ATTENTION_HEADS_TOGETHER=1 builds the code that reads one head at a time.
 constexpr int kMaxHeadsTogether = 4;
 #ifndef INT8SERVE_ATTENTION_HEADS_TOGETHER
