@@ -35,7 +35,7 @@ from pathlib import Path
 import torch
 
 from benchmarks.common import display_command, publish
-from benchmarks.gemv_builds import Variant, compile_variant, parse_variant
+from benchmarks.gemv_builds import Variant, check_variants, compile_variant, parse_variant
 from benchmarks.machine import CpuShares, cpu_label, log, machine_description
 from int8serve.engine import kv_int8
 from int8serve.engine.kernels import attention
@@ -45,7 +45,7 @@ SCRIPT = "attention_builds.py"
 HEADS, HEAD_DIM, LAYERS = 32, 128, 32  # Llama-2-7B: 32 query and kv heads of 128
 CASES = {"b1@512": (512,), "b4@512-128": (512, 384, 256, 128), "b4@1020-960": (1020, 1000, 980, 960),
          "b1@2000": (2000,), "b4@80-83": (80, 81, 82, 83)}
-DTYPES = {"bf16": torch.bfloat16, "int8": torch.int8}
+KV_CACHES = ("bf16", "int8")
 
 
 @dataclass
@@ -143,7 +143,7 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
                         help="a build of attention.cpp as it was at git revision REV (repeat; the reference when it "
                              "comes first; without --variant, the working tree is compared with it as 'now')")
     parser.add_argument("--cases", nargs="+", choices=list(CASES), default=["b1@512", "b4@512-128", "b4@1020-960"])
-    parser.add_argument("--kv-cache", nargs="+", choices=list(DTYPES), default=["bf16"])
+    parser.add_argument("--kv-cache", nargs="+", choices=KV_CACHES, default=["bf16"])
     parser.add_argument("--impl", choices=["auto", "avx512", "avx2", "scalar"], default="auto",
                         help="the attention path (default: the CPU's best)")
     parser.add_argument("--rounds", type=int, default=12, help="rounds per case (default 12)")
@@ -152,10 +152,7 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     args.argv = list(argv) if argv is not None else sys.argv[1:]
     args.variant = [Variant(revision, (), revision) for revision in args.revision] + (
         args.variant or [parse_variant("now=")])
-    if len({v.label for v in args.variant}) < len(args.variant):
-        parser.error("every variant needs a label of its own")
-    if len(args.variant) < 2:
-        parser.error("give at least two builds: --revision REV, or two --variant")
+    check_variants(parser, args.variant, "give at least two builds: --revision REV, or two --variant")
     if args.rounds < 1:
         parser.error("--rounds must be at least 1")
     return args

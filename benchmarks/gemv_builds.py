@@ -84,6 +84,14 @@ def revision_sources(revision: str, folder: Path, source: Path = kernels.SOURCE)
     return folder / source.name
 
 
+def check_variants(parser: argparse.ArgumentParser, variants: Sequence[Variant], too_few: str) -> None:
+    """Exit with a usage error unless there are two builds or more, each with a label of its own."""
+    if len({v.label for v in variants}) < len(variants):
+        parser.error("every variant needs a label of its own")
+    if len(variants) < 2:
+        parser.error(too_few)
+
+
 def compile_variant(variant: Variant, folder: Path, source: Path = kernels.SOURCE,
                     opener: Callable[[Path], ctypes.CDLL] = kernels._open) -> ctypes.CDLL:
     """`source` (gemv.cpp; attention.cpp with attention's opener) of the working tree, or of the variant's
@@ -195,10 +203,7 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     args.variant = args.variant or ([parse_variant("now=")] if args.revision
                                     else [parse_variant(v) for v in DEFAULT_VARIANTS])
     args.variant += [Variant(revision, (), revision) for revision in args.revision]
-    if len({v.label for v in args.variant}) < len(args.variant):
-        parser.error("every variant needs a label of its own")
-    if len(args.variant) < 2:
-        parser.error("give at least two variants (the first is the reference)")
+    check_variants(parser, args.variant, "give at least two variants (the first is the reference)")
     if min(args.rows) < 1 or args.rounds < 1 or args.calls < 1 or args.threads < 1:
         parser.error("--rows, --rounds, --calls and --threads must be at least 1")
     return args
