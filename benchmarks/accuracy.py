@@ -8,7 +8,8 @@ inputs) and way of computing:
 - `kernel`: every Int8Linear call through our decode kernel, int8 activations per 32 values;
 - `kernel precise`: the same with precise activations (each row quantized twice, ~16 bits), the default;
 - `prefill (dense)`: what `int8serve eval-ppl` measures: windows computed as prefill, i.e. dequantized weights
-  (bf16 on CPUs with native bf16, fp32 elsewhere) in a dense matmul;
+  (bf16 on CPUs with native bf16, through our bf16 kernel with its fp32 sums where it runs; fp32 elsewhere) in a
+  dense matmul;
 - `weights only`: the int8 weights in fp32 math (no activation rounding at all): the floor of the weight scheme.
 The kernel computes each row on its own and every path gives the same bits, so the `kernel` rows are what decode
 gives on any CPU. Issue #10's targets: KLD <= 0.0005, top-1 >= 98.7%, PPL ratio <= 1.001.

@@ -68,7 +68,8 @@ def test_it_is_the_product_with_the_dequantized_bf16_weight(rows: int, out_featu
     got = prefill_matmul.matmul(x, packed, round_bf16=False, path=path)
     assert got.dtype == torch.float32 and got.shape == (rows, out_features) and got.is_contiguous()
     assert ((got.double() - exact).norm() / exact.norm()).item() < 1e-5  # fp32 accumulation
-    rounded = prefill_matmul.matmul(x, packed, path=path)
+    assert torch.equal(prefill_matmul.matmul(x, packed, path=path), got)  # the fp32 sums by default
+    rounded = prefill_matmul.matmul(x, packed, round_bf16=True, path=path)
     assert torch.equal(rounded, got.to(torch.bfloat16).float())  # round_bf16: the same sums, rounded once
 
 
@@ -131,6 +132,24 @@ def test_a_prefill_chunk_past_the_kernel_rows_takes_it(monkeypatch: pytest.Monke
         assert torch.equal(layer(x[-3:]), got[-3:])
     finally:
         chunking.CURRENT.reset(token)
+
+
+def test_prefill_keeps_the_fp32_sums_of_every_call_however_long() -> None:
+    """Int8Linear's prefill takes the kernel's fp32 sums, not rounded to bf16 as the dense path's bf16 matmul returns
+    them (the more accurate numerics, kernels/matmul.py), and on every path for calls of any length, so that prefill
+    has one numerics: a 1040-row call as 130-row ones."""
+    assert all(limit is None for limit in prefill_matmul.MAX_ROWS.values())
+    generator = torch.Generator().manual_seed(3)
+    layer = Int8Linear(512, 192)
+    q, scale = quantize(torch.randn(192, 512, generator=generator), 32)
+    layer.set_quantized(q, scale, 32)
+    x = torch.randn(1040, 512, generator=generator)
+    assert layer.packed is not None and prefill_matmul.takes(x.shape[0])
+    got = layer(x)
+    assert torch.equal(got, prefill_matmul.matmul(x, layer.packed, round_bf16=False))
+    assert not torch.equal(got, got.to(torch.bfloat16).float())  # sums, not bf16 values
+    for start in range(0, x.shape[0], 130):  # (130 rows: more than the int8 kernel's, a prefill call here too)
+        assert torch.equal(layer(x[start:start + 130]), got[start:start + 130])
 
 
 def test_a_call_longer_than_its_paths_limit_dequantizes_for_onednn(monkeypatch: pytest.MonkeyPatch) -> None:

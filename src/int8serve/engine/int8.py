@@ -74,7 +74,8 @@ KERNEL_ROWS_ROW_EXACT = 128
 # shapes, medians of 6 with the weights rotating through 3 copies): 236-280 G multiply-adds/s against 192-196 for
 # the bf16 kernel (the default there) and 145-150 with decode's two passes. Its accuracy on stories260K over
 # tinystories.txt (benchmarks/accuracy.py, mode `kernel`): KLD 0.000956, top-1 98.33%, against 0.000635 / 98.58% for
-# the bf16 prefill and 0.000481 / 98.75% with two passes. So it is an option, not the default. On the avx2 path,
+# the bf16 prefill (0.000537 / 98.70% since its fp32 sums are kept, kernels/matmul.py) and 0.000481 / 98.75% with two
+# passes. So it is an option, not the default. On the avx2 path,
 # which has no int8 dot product (vpmaddubsw + vpmaddwd + an add per 32 products, as many instructions as the 16-bit
 # GEMM's vpmaddwd + add twice), one pass is slower than the default: 109 against 142-143 G/s on the same Zen 4 held to
 # AVX2 (the start line says so). On a Sapphire Rapids (2026-12-04, the same measurement): the amx path's one pass
@@ -404,7 +405,8 @@ class Int8Linear(nn.Module):
         if kernel_takes(count):
             return kernel_matmul(rows, self.packed)
         if prefill_matmul.takes(count):  # (its CPUs multiply bf16 natively: dense_dtype() is bf16 there)
-            # the same bf16 weight values and bf16-rounded outputs, without the dequantized copy (kernels/matmul.py)
+            # the same bf16 weight values, without the dequantized copy; its fp32 sums kept, not rounded to bf16 as
+            # the dense path's bf16 matmul returns them (kernels/matmul.py: more accurate)
             return prefill_matmul.matmul(rows, self.packed)
         dense = self.dequant_buffer.view(self.out_features, self.in_features, dense_dtype())
         kernels.dequantize(self.packed, dense)

@@ -35,7 +35,8 @@
 // the loops (rows outer, or blocks outer) made no difference.
 // Every output is a sum over k in the same order whatever M, N or the thread count: row m of `out` depends on row m
 // of x only (each path in its own order: the two paths' bits differ). With `round_bf16` the finished sums are rounded
-// to the nearest even bf16 (kept as fp32), as the bf16 matmul they replace returned them.
+// to the nearest even bf16 (kept as fp32), as the bf16 matmul they replace returns them; Int8Linear keeps the fp32
+// sums instead (more accurate, kernels/matmul.py).
 //
 // Plain C ABI, built and loaded like gemv.cpp (kernels/__init__.py: build(), ctypes). The caller gives `out` room for
 // M rounded up to 32 rows and ldc >= the packed rows (N rounded up to 64); x's padding (rows, and inputs to a

@@ -7,7 +7,8 @@ reorders it once more); on a Sapphire Rapids that was ~20% of the matmul's time.
 a few at a time, while the previous ones multiply, from the one packed copy decode reads. Each output is the same sum
 over the same bf16 values as the dense path's (the dequantized weight's bits exactly), accumulated in fp32 in a fixed
 order: a row's result does not depend on how many rows come with it (oneDNN's AMX kernels round a row by its
-company, see int8.dense_matmul).
+company, see int8.dense_matmul). The sums stay fp32, where the dense path's bf16 matmul rounds them to bf16: more
+accurate (the note above MAX_ROWS).
 
 Two paths (`PATHS`), chosen from the CPU's flags: `amx` multiplies with AMX-BF16 tiles (Sapphire Rapids and later);
 `avx512bf16` with vdpbf16ps on zmm registers (AMD Zen 4, and Intel CPUs whose tile state Linux refuses). They sum in
@@ -50,12 +51,22 @@ log = logging.getLogger(__name__)
 SOURCE = Path(__file__).with_name("matmul.cpp")
 ABI_VERSION = 4  # must match i8m_abi_version() in matmul.cpp
 PATHS = {"amx": 1, "avx512bf16": 2}  # i8m_matmul's `impl`; the first a CPU has is the default
-# The longest call each path takes in Int8Linear; longer ones dequantize for oneDNN. Measured against dequantize +
-# oneDNN's bf16 matmul (benchmarks/prefill_paths.py, docs/benchmarks.md): on an AMD EPYC Zen 4 (2 threads, 2026-12-02,
-# the three 7B shapes, three runs) the vector path is 1.40-1.53x at 48 rows, 1.15-1.20x at 128 (the server's chunks),
-# 0.98-1.08x at 256, 0.94-1.02x at 384, 0.92-1.02x at 512; the tile path is faster at every size measured (Sapphire
-# Rapids).
-MAX_ROWS = {"amx": None, "avx512bf16": 256}
+# Int8Linear keeps the kernel's fp32 sums (`matmul`'s round_bf16 False); the dense path's bf16 matmul rounds its
+# outputs to bf16. Of prefill's three roundings (inputs, weights, outputs) that one cost the most: stories260K over
+# tinystories.txt, GPTQ per 32, 256-row windows (benchmarks/accuracy.py's `prefill (dense)`; AMD EPYC Zen 4,
+# 2026-12-04) measures KLD 0.000537, top-1 98.70%, PPL ratio 1.00037 with the sums kept, against 0.000635 / 98.58% /
+# 1.00078 rounded (decode's two int8 passes: 0.000481 / 98.75%). Attention in fp32 instead of bf16 on top: 0.000528,
+# not worth its time.
+# The longest call each path takes in Int8Linear (None: any); longer ones would dequantize for oneDNN. Measured
+# against dequantize + oneDNN's bf16 matmul (benchmarks/prefill_paths.py, docs/benchmarks.md): on an AMD EPYC Zen 4
+# (2 threads, 2026-12-02, the three 7B shapes, three runs) the vector path is 1.40-1.53x at 48 rows, 1.15-1.20x at 128
+# (the server's chunks), 0.98-1.08x at 256, 0.94-1.02x at 384, 0.92-1.02x at 512; the tile path is faster at every
+# size measured (Sapphire Rapids). The vector path took calls of up to 256 rows until its fp32 sums were kept
+# (`matmul`, round_bf16): one numerics for every prefill call is worth the little the longest calls lose. On the same
+# Zen 4 model (2026-12-04, 2 threads, medians of 2 weight copies x 3 rounds) 512 rows took 1.00-1.04x oneDNN's time
+# per 7B shape (q, k, v 131.8 ms against 127.1, o 46.0 against 46.0), and a 512-token prompt in one forward through
+# 8 layers of the 7B shape ran at 1.003x the speed of the 256-row limit (5 alternating rounds).
+MAX_ROWS: dict[str, int | None] = {"amx": None, "avx512bf16": None}
 ENV = "INT8SERVE_PREFILL_MATMUL"
 SETTINGS = ("auto", "row-exact", "dense", "int8")
 ROW_MULTIPLE = 32  # the kernel takes rows in pairs of 16-row tiles: fewer are padded with zero rows
@@ -178,13 +189,13 @@ def unavailable_reason() -> str | None:
     return loaded if isinstance(loaded, str) else setting_problem()
 
 
-def matmul(rows: Tensor, weight: PackedWeight, round_bf16: bool = True, path: str | None = None) -> Tensor:
+def matmul(rows: Tensor, weight: PackedWeight, round_bf16: bool = False, path: str | None = None) -> Tensor:
     """rows [M, K] (any float dtype; multiplied as bf16) @ dequantized(weight).T -> fp32 [M, N].
 
     The weight's values are its bf16 dequantization (int8 x bf16 scale, rounded to the nearest even bf16), as the
-    dense path's buffer holds them; the sums are fp32, rounded to bf16 at the end with `round_bf16` (the dense path's
-    bf16 output). `path`: one of `PATHS` (None: the default, `path()`). Raises RuntimeError if the kernel or that path
-    is not available here.
+    dense path's buffer holds them; the sums are fp32 (kept: more accurate, see the note above MAX_ROWS), or rounded to
+    bf16 at the end with `round_bf16`, as the dense path's bf16 matmul returns them. `path`: one of `PATHS` (None: the
+    default, `path()`). Raises RuntimeError if the kernel or that path is not available here.
     """
     loaded = _load()
     if isinstance(loaded, str):
