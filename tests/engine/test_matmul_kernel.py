@@ -116,7 +116,8 @@ def test_a_prefill_chunk_past_the_kernel_rows_takes_it(monkeypatch: pytest.Monke
     got = layer(x)
     assert torch.equal(got, prefill_matmul.matmul(x, layer.packed))
     how = "on AMX tiles" if prefill_matmul.path() == "amx" else "with AVX512-BF16 dot products"
-    assert f"prefill matmuls: bf16 {how} straight from the int8 weights (our kernel" in int8.describe_dense()
+    assert (f"prefill matmuls: bf16 {how} straight from the int8 weights, sums kept at full precision (our kernel"
+            in int8.describe_dense())
     assert int8.kernel_rows() == int8.KERNEL_ROWS  # 128-row prefill chunks: this kernel is faster from 32 rows up
     monkeypatch.setenv(prefill_matmul.ENV, "row-exact")  # our kernel takes the default chunks, this one longer calls
     assert prefill_matmul.enabled() and int8.kernel_rows() == int8.KERNEL_ROWS_ROW_EXACT

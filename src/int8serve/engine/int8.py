@@ -170,7 +170,8 @@ def describe_dense() -> str:
         limit = prefill_matmul.max_rows()
         how = "on AMX tiles" if prefill_matmul.path() == "amx" else "with AVX512-BF16 dot products"
         longer = f"; calls of more than {limit} rows through oneDNN" if limit is not None else ""
-        return f"prefill matmuls: bf16 {how} straight from the int8 weights (our kernel{longer})"
+        return (f"prefill matmuls: bf16 {how} straight from the int8 weights, sums kept at full precision "
+                f"(our kernel{longer})")
     return (f"prefill matmuls: bf16 through oneDNN (native bf16 on this CPU; our bf16 kernel not used: "
             f"{prefill_matmul.unavailable_reason()})")
 
