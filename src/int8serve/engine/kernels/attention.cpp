@@ -55,7 +55,10 @@ constexpr int64_t kMaxVectorDim = 128;
 // query and 64 sum registers of 8 lanes do not fit in 16 (the compiler keeps them in L1). Int8 rows, the same
 // measurement: avx512 1.24x, 1.17x, 1.27x, 1.16x (2 heads 1.15x, 1.16x, 1.15x, 1.09x); avx2 1.25x, 1.21x, 1.23x.
 // 8 heads a task (an ad-hoc build, avx512, bf16, 12 rounds): 1.01x at 4 rows of 512-128, 1.00x at batch 1: not kept.
-// Not yet measured on AMD: -DINT8SERVE_ATTENTION_HEADS_TOGETHER=1 builds the code that reads one head at a time.
+// On an AMD EPYC Zen 4 (2026-12-04, the same measurement), where one stream a thread already comes near the memory's
+// speed: avx512 bf16 1.01x, 1.02x, 0.99x, int8 1.06x, 1.08x, 1.02x; avx2 bf16 1.04x, 1.04x, 0.99x, int8 1.00x, 1.07x,
+// 0.95x (the first three cases; that 0.95x within the run's noise): no CPU loses by it, so 4 on every CPU. -DINT8SERVE_ATTENTION_HEADS_TOGETHER=1
+// builds the code that reads one head at a time.
 constexpr int kMaxHeadsTogether = 4;
 #ifndef INT8SERVE_ATTENTION_HEADS_TOGETHER
 #define INT8SERVE_ATTENTION_HEADS_TOGETHER 4

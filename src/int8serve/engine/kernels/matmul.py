@@ -65,7 +65,8 @@ PATHS = {"amx": 1, "avx512bf16": 2}  # i8m_matmul's `impl`; the first a CPU has 
 # (`matmul`, round_bf16): one numerics for every prefill call is worth the little the longest calls lose. On the same
 # Zen 4 model (2026-12-04, 2 threads, medians of 2 weight copies x 3 rounds) 512 rows took 1.00-1.04x oneDNN's time
 # per 7B shape (q, k, v 131.8 ms against 127.1, o 46.0 against 46.0), and a 512-token prompt in one forward through
-# 8 layers of the 7B shape ran at 1.003x the speed of the 256-row limit (5 alternating rounds).
+# 8 layers of the 7B shape ran at 1.003x the speed of the 256-row limit (5 alternating rounds), through 32 layers at
+# 0.994x (4 rounds; 28.4 tok/s both).
 MAX_ROWS: dict[str, int | None] = {"amx": None, "avx512bf16": None}
 ENV = "INT8SERVE_PREFILL_MATMUL"
 SETTINGS = ("auto", "row-exact", "dense", "int8")
