@@ -1,4 +1,4 @@
-"""int8 quality against the fp32 reference on real text (the issue's acceptance thresholds)."""
+"""int8 quality against the fp32 reference on real text (issue #10's acceptance thresholds)."""
 
 from __future__ import annotations
 
@@ -6,24 +6,77 @@ from pathlib import Path
 
 import pytest
 
-from int8serve.engine import int8
-from int8serve.engine.perplexity import evaluate, windows_of
+from int8serve.engine import int8, kernels
+from int8serve.engine.kernels import matmul as prefill_matmul
+from int8serve.engine.perplexity import PerplexityReport, evaluate, windows_of
+
+# Issue #10's targets for the default scheme, int8 against fp32 on stories260K over tinystories.txt (256-token windows)
+TARGET_KLD, TARGET_TOP1, TARGET_RATIO = 0.0005, 98.7, 1.001
+# What the bf16 prefill of CPUs with AVX512-BF16 or AMX is held to: its KLD is above the issue's target (measured on a
+# Zen 4, 2026-12-04: KLD 0.000537, top-1 98.70%, PPL ratio 1.00037; 0.000635 / 98.58% / 1.00078 when its sums were
+# rounded to bf16, which these bounds fail)
+BF16_PREFILL_KLD, BF16_PREFILL_TOP1 = 0.0006, 98.6
 
 
-def test_int8_matches_fp32_on_tinystories(shared_dir: Path, stories_fp32, stories_int8, stories_tokenizer) -> None:
-    """The prefill path (256-token windows, each one forward) on whatever CPU runs it: our bf16 kernel with its fp32
-    sums kept where the CPU has AVX512-BF16 or AMX (measured on a Zen 4, 2026-12-04: KLD 0.000537, top-1 98.70%, PPL
-    ratio 1.00037; 0.000635 / 98.58% / 1.00078 when its sums were rounded to bf16), decode's two int8 passes on AVX2
-    (0.000481 / 98.75%), fp32 elsewhere. A prefill that rounds its outputs to bf16 again fails the KLD bound."""
-    text = (shared_dir / "corpus" / "tinystories.txt").read_text(encoding="utf-8")
-    ids = stories_tokenizer.encode(text)
+@pytest.fixture(scope="module")
+def corpus_ids(shared_dir: Path, stories_tokenizer) -> list[int]:
+    return stories_tokenizer.encode((shared_dir / "corpus" / "tinystories.txt").read_text(encoding="utf-8"))
+
+
+def drift(stories_int8, stories_fp32, stories_tokenizer, ids: list[int]) -> PerplexityReport:
     report = evaluate(stories_int8.model, ids, 256, stories_tokenizer.bos_id, reference=stories_fp32.model)
-    message = f"{int8.describe_dense()}: KLD {report.kld:.6f}, top-1 {report.top1:.2f}%, PPL ratio {report.ratio:.5f}"
     assert report.tokens >= 100_000 - 256
     assert 3.0 < report.reference_perplexity < 10.0  # a trained model, not noise (vocab 512)
-    assert report.ratio <= 1.001, message
-    assert report.kld <= 0.0006, message
-    assert report.top1 >= 98.6, message
+    return report
+
+
+def describe(report: PerplexityReport, how: str) -> str:
+    return f"{how}: KLD {report.kld:.6f}, top-1 {report.top1:.2f}%, PPL ratio {report.ratio:.5f}"
+
+
+def prefill_is_row_exact() -> bool:
+    """Whether this CPU's prefill multiplies every row as decode does (our kernel, two int8 passes a row)."""
+    return (kernels.available() and int8.kernel_rows() == int8.ALL_ROWS and int8.PRECISE_ACTIVATIONS
+            and not prefill_matmul.int8_requested())
+
+
+@pytest.fixture(scope="module")
+def row_exact_reports() -> dict[str, PerplexityReport]:
+    """The report of the windows computed as decode computes them, once per module: on CPUs whose prefill already
+    does, the prefill test leaves its report here and the decode test reads it (the same computation)."""
+    return {}
+
+
+def test_prefill_matches_fp32_on_tinystories(corpus_ids, stories_fp32, stories_int8, stories_tokenizer,
+                                             row_exact_reports) -> None:
+    """The prefill path (each 256-token window one forward) as this CPU computes it: decode's two int8 passes a row on
+    AVX2 and AVX-VNNI CPUs (the issue's targets; 0.000481 / 98.75% on a Zen 4), our bf16 kernel with its fp32 sums
+    kept where the CPU has AVX512-BF16 or AMX (the bounds above), fp32 elsewhere."""
+    report = drift(stories_int8, stories_fp32, stories_tokenizer, corpus_ids)
+    message = describe(report, int8.describe_dense())
+    assert report.ratio <= TARGET_RATIO, message
+    if prefill_is_row_exact():
+        row_exact_reports["row-exact"] = report
+        assert report.kld <= TARGET_KLD, message
+        assert report.top1 >= TARGET_TOP1, message
+    else:
+        assert report.kld <= BF16_PREFILL_KLD, message
+        assert report.top1 >= BF16_PREFILL_TOP1, message
+
+
+def test_decode_numerics_meet_the_issue_targets(corpus_ids, stories_fp32, stories_int8, stories_tokenizer,
+                                                row_exact_reports, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Every row through our kernel with two int8 passes, as each decode step computes it, on this CPU's kernel path:
+    the default scheme meets the issue's targets on every CPU (0.000481 / 98.75% on a Zen 4)."""
+    assert kernels.available(), f"our kernel did not build here: {kernels.unavailable_reason()}"
+    monkeypatch.delenv(prefill_matmul.ENV, raising=False)  # (whatever prefill was asked to do)
+    monkeypatch.setattr(int8, "KERNEL_ROWS", int8.ALL_ROWS)  # 256-row windows go through the kernel, as decode rows
+    assert prefill_is_row_exact(), int8.describe_dense()
+    report = row_exact_reports.get("row-exact") or drift(stories_int8, stories_fp32, stories_tokenizer, corpus_ids)
+    message = describe(report, f"our kernel's {kernels.path()} path, two int8 passes a row")
+    assert report.ratio <= TARGET_RATIO, message
+    assert report.kld <= TARGET_KLD, message
+    assert report.top1 >= TARGET_TOP1, message
 
 
 def test_windows() -> None:
