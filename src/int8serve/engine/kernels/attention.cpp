@@ -793,6 +793,70 @@ void finish_avx2(const float* acc, [[maybe_unused]] int64_t dim, float inv_sum, 
   for (int c = 0; c < C; ++c) _mm256_storeu_ps(out + 8 * c, _mm256_mul_ps(_mm256_loadu_ps(acc + 8 * c), inv));
 }
 
+// attend_rows' pieces for kPairsTogether (row, query head) pairs of a prefill chunk at once: each 8 lanes of a key or
+// a value are loaded and widened once for the four pairs instead of once a pair, and the scores of 2 keys x 4 pairs
+// are 8 independent sums (scores_avx2's 4 wait on the fma's latency). Every score and running sum of a pair is still
+// computed with scores_avx2's and accumulate_avx2's operations in their order, so a row keeps its decode step's bits.
+// The weighted sum goes over the values 2 chunks of 8 lanes at a time, so that the 4 pairs' sums stay in registers
+// (accumulate_avx2's 16 chunks of a 128-wide head are all the ymm registers there are). AMD EPYC Zen 3, 2 threads, the
+// 32 layers' attention of a 128-row chunk of the 7B shape against one pair at a time (benchmarks/chunk_attention.py,
+// 2026-12-04): positions 0-127 1.09x, 512-639 1.07x, 1024-1151 1.10x, 1920-2047 1.17x. The weighted sum still takes
+// ~1.7x the scores' time there (perf). The avx512 path takes pairs one by one (not measured: no AVX-512 CPU then).
+constexpr int64_t kPairsTogether = 4;
+
+template <class T, int C>
+void scores_pairs_avx2(const float* const* q, const T* keys, int64_t len, int64_t dim, float scale, float* const* s) {
+  int64_t l = 0;
+  for (; l + 2 <= len; l += 2) {
+    __m256 acc[kPairsTogether][2];
+    for (auto& pair : acc) pair[0] = pair[1] = _mm256_setzero_ps();
+    for (int c = 0; c < C; ++c) {
+      const __m256 key0 = load8(keys + l * dim + 8 * c), key1 = load8(keys + (l + 1) * dim + 8 * c);
+      for (int i = 0; i < kPairsTogether; ++i) {
+        const __m256 qv = _mm256_loadu_ps(q[i] + 8 * c);
+        acc[i][0] = _mm256_fmadd_ps(qv, key0, acc[i][0]);
+        acc[i][1] = _mm256_fmadd_ps(qv, key1, acc[i][1]);
+      }
+    }
+    for (int i = 0; i < kPairsTogether; ++i) s[i][l] = sum8(acc[i][0]) * scale, s[i][l + 1] = sum8(acc[i][1]) * scale;
+  }
+  for (; l < len; ++l) {
+    __m256 acc[kPairsTogether];
+    for (auto& one : acc) one = _mm256_setzero_ps();
+    for (int c = 0; c < C; ++c) {
+      const __m256 key = load8(keys + l * dim + 8 * c);
+      for (int i = 0; i < kPairsTogether; ++i) acc[i] = _mm256_fmadd_ps(_mm256_loadu_ps(q[i] + 8 * c), key, acc[i]);
+    }
+    for (int i = 0; i < kPairsTogether; ++i) s[i][l] = sum8(acc[i]) * scale;
+  }
+}
+
+// Chunks [c0, c0 + S) of the 4 pairs' running sums over values [0, len).
+template <class T, int S>
+inline void accumulate_pairs_slice_avx2(const float* const* p, const T* values, int64_t len, int64_t dim, int c0,
+                                        float* const* acc) {
+  __m256 sums[kPairsTogether][S];
+  for (int i = 0; i < kPairsTogether; ++i)
+    for (int c = 0; c < S; ++c) sums[i][c] = _mm256_loadu_ps(acc[i] + 8 * (c0 + c));
+  for (int64_t l = 0; l < len; ++l) {
+    __m256 w[kPairsTogether];
+    for (int i = 0; i < kPairsTogether; ++i) w[i] = _mm256_broadcast_ss(p[i] + l);
+    for (int c = 0; c < S; ++c) {
+      const __m256 value = load8(values + l * dim + 8 * (c0 + c));
+      for (int i = 0; i < kPairsTogether; ++i) sums[i][c] = _mm256_fmadd_ps(w[i], value, sums[i][c]);
+    }
+  }
+  for (int i = 0; i < kPairsTogether; ++i)
+    for (int c = 0; c < S; ++c) _mm256_storeu_ps(acc[i] + 8 * (c0 + c), sums[i][c]);
+}
+
+template <class T, int C>
+void accumulate_pairs_avx2(const float* const* p, const T* values, int64_t len, int64_t dim, float* const* acc) {
+  int c0 = 0;
+  for (; c0 + 2 <= C; c0 += 2) accumulate_pairs_slice_avx2<T, 2>(p, values, len, dim, c0, acc);
+  if (c0 < C) accumulate_pairs_slice_avx2<T, 1>(p, values, len, dim, c0, acc);
+}
+
 template <class T, int C, int N>
 constexpr HeadFn<T> heads_avx2_n = attend_heads<T, N, scores_hinting_avx2<T, C, N>, softmax_avx2,
                                                 accumulate_heads_avx2<T, C, N, true>, finish_avx2<C>>;
@@ -1035,6 +1099,9 @@ struct HeadPieces {  // a path's pieces of head_* for one head_dim
   float (*softmax)(float*, int64_t);
   void (*accumulate)(const float*, const T*, int64_t, int64_t, float*);
   void (*finish)(const float*, int64_t, float, float*);
+  // the same for kPairsTogether pairs at once (nullptr: the path takes pairs one by one)
+  void (*scores_pairs)(const float* const*, const T*, int64_t, int64_t, float, float* const*) = nullptr;
+  void (*accumulate_pairs)(const float* const*, const T*, int64_t, int64_t, float* const*) = nullptr;
 };
 
 template <class T, int... C>
@@ -1047,7 +1114,8 @@ HeadPieces<T> avx512_pieces(int64_t chunks, std::integer_sequence<int, C...>) {
 template <class T, int... C>
 HeadPieces<T> avx2_pieces(int64_t chunks, std::integer_sequence<int, C...>) {
   const HeadPieces<T> table[] = {{scores_avx2<T, C + 1>, softmax_avx2, accumulate_avx2<T, C + 1>,
-                                  finish_avx2<C + 1>}...};
+                                  finish_avx2<C + 1>, scores_pairs_avx2<T, C + 1>,
+                                  accumulate_pairs_avx2<T, C + 1>}...};
   return table[chunks - 1];
 }
 
@@ -1109,17 +1177,52 @@ void attend_rows(const Problem& pb, const T* cache_k, const T* cache_v, const He
   const T* values = cache_v + base;
   const int64_t block = std::max<int64_t>(16, kBlockBytes / (width * static_cast<int64_t>(sizeof(T))));
   auto length = [&](int64_t pair) { return pb.positions[first + pair / group] + 1; };
-  for (int64_t l = 0; l < longest; l += block)
-    for (int64_t i = 0; i < pairs; ++i) {
+  // pairs [i, i + kPairsTogether) together where the path can (the shortest and longest of them: how many of the
+  // block's keys each takes); a pair's scores past its own length are computed with the others' and never read
+  auto together = [&](int64_t i, int64_t l, int64_t& fewest, int64_t& most) {
+    fewest = block, most = 0;
+    for (int64_t k = i; k < i + kPairsTogether; ++k) {
+      const int64_t n = std::min(block, length(k) - l);
+      fewest = std::min(fewest, std::max<int64_t>(n, 0)), most = std::max(most, n);
+    }
+  };
+  const float* q_of[kPairsTogether];
+  float* s_of[kPairsTogether];
+  float* acc_of[kPairsTogether];
+  for (int64_t l = 0; l < longest; l += block) {
+    int64_t i = 0, fewest, most;
+    for (; head.scores_pairs != nullptr && i + kPairsTogether <= pairs; i += kPairsTogether) {
+      together(i, l, fewest, most);
+      for (int64_t k = 0; k < kPairsTogether; ++k)
+        q_of[k] = qrot + (i + k) * dim, s_of[k] = scores + (i + k) * longest + l;
+      if (most > 0) head.scores_pairs(q_of, keys + l * width, most, dim, pb.scale, s_of);
+    }
+    for (; i < pairs; ++i) {
       const int64_t n = std::min(block, length(i) - l);
       if (n > 0) head.scores(qrot + i * dim, keys + l * width, n, dim, pb.scale, scores + i * longest + l);
     }
+  }
   for (int64_t i = 0; i < pairs; ++i) inv[i] = 1.0f / head.softmax(scores + i * longest, length(i));
-  for (int64_t l = 0; l < longest; l += block)
-    for (int64_t i = 0; i < pairs; ++i) {
+  for (int64_t l = 0; l < longest; l += block) {
+    int64_t i = 0, fewest, most;
+    // the values all four take together, then each pair's own rest, in order: each running sum adds its values in
+    // the order of the decode step
+    for (; head.accumulate_pairs != nullptr && i + kPairsTogether <= pairs; i += kPairsTogether) {
+      together(i, l, fewest, most);
+      for (int64_t k = 0; k < kPairsTogether; ++k)
+        s_of[k] = scores + (i + k) * longest + l, acc_of[k] = acc + (i + k) * dim;
+      if (fewest > 0) head.accumulate_pairs(s_of, values + l * width, fewest, dim, acc_of);
+      for (int64_t k = 0; k < kPairsTogether; ++k) {
+        const int64_t n = std::min(block, length(i + k) - l);
+        if (n > fewest)
+          head.accumulate(s_of[k] + fewest, values + (l + fewest) * width, n - fewest, dim, acc_of[k]);
+      }
+    }
+    for (; i < pairs; ++i) {
       const int64_t n = std::min(block, length(i) - l);
       if (n > 0) head.accumulate(scores + i * longest + l, values + l * width, n, dim, acc + i * dim);
     }
+  }
   for (int64_t i = 0; i < pairs; ++i) {
     const int64_t row = first + i / group, h = kv_head * group + i % group;
     head.finish(acc + i * dim, dim, inv[i], pb.out + (row * pb.heads + h) * dim);
