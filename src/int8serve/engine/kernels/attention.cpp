@@ -800,8 +800,12 @@ void finish_avx2(const float* acc, [[maybe_unused]] int64_t dim, float inv_sum, 
 // The weighted sum goes over the values 2 chunks of 8 lanes at a time, so that the 4 pairs' sums stay in registers
 // (accumulate_avx2's 16 chunks of a 128-wide head are all the ymm registers there are). AMD EPYC Zen 3, 2 threads, the
 // 32 layers' attention of a 128-row chunk of the 7B shape against one pair at a time (benchmarks/chunk_attention.py,
-// 2026-12-04): positions 0-127 1.09x, 512-639 1.07x, 1024-1151 1.10x, 1920-2047 1.17x. The weighted sum still takes
-// ~1.7x the scores' time there (perf). The avx512 path takes pairs one by one (not measured: no AVX-512 CPU then).
+// 2026-12-04, two runs): positions 0-127 1.09-1.14x, 512-639 1.07-1.14x, 1024-1151 1.10-1.16x, 1920-2047 1.16-1.17x.
+// The weighted sum still took ~1.7x the scores' time there (perf): widening bf16 values 8 at a time (vpmovzxwd from
+// memory, then a shift) was what it waited for. With 16 at a time by interleaving (accumulate_pairs_bf16x16_avx2),
+// against the 8 at a time just before: 0-127 1.23x, 512-639 1.35x, 1024-1151 1.43x, 1920-2047 1.35x. A score cannot
+// take that order (its lanes' sums would add other values together). The avx512 path takes pairs one by one (not
+// measured: no AVX-512 CPU then).
 constexpr int64_t kPairsTogether = 4;
 
 template <class T, int C>
@@ -850,9 +854,38 @@ inline void accumulate_pairs_slice_avx2(const float* const* p, const T* values, 
     for (int c = 0; c < S; ++c) _mm256_storeu_ps(acc[i] + 8 * (c0 + c), sums[i][c]);
 }
 
+// bf16 values, 16 at a time: one 32-byte load, and the fp32 lanes of values 0-3, 8-11 and 4-7, 12-15 by interleaving
+// it with zeros (2 instructions for 16 values, against 4 for two load8s); the running sums of those lanes are loaded
+// into that order and stored back from it once per call.
+inline void accumulate_pairs_bf16x16_avx2(const float* const* p, const uint16_t* values, int64_t len, int64_t dim,
+                                          int c0, float* const* acc) {
+  __m256 low[kPairsTogether], high[kPairsTogether];  // lanes: values 0-3, 8-11 / 4-7, 12-15 of the 16
+  for (int i = 0; i < kPairsTogether; ++i) {
+    const __m256 first = _mm256_loadu_ps(acc[i] + 8 * c0), second = _mm256_loadu_ps(acc[i] + 8 * c0 + 8);
+    low[i] = _mm256_permute2f128_ps(first, second, 0x20), high[i] = _mm256_permute2f128_ps(first, second, 0x31);
+  }
+  const __m256i zero = _mm256_setzero_si256();
+  for (int64_t l = 0; l < len; ++l) {
+    const __m256i raw = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(values + l * dim + 8 * c0));
+    const __m256 value_low = _mm256_castsi256_ps(_mm256_unpacklo_epi16(zero, raw));
+    const __m256 value_high = _mm256_castsi256_ps(_mm256_unpackhi_epi16(zero, raw));
+    for (int i = 0; i < kPairsTogether; ++i) {
+      const __m256 w = _mm256_broadcast_ss(p[i] + l);
+      low[i] = _mm256_fmadd_ps(w, value_low, low[i]);
+      high[i] = _mm256_fmadd_ps(w, value_high, high[i]);
+    }
+  }
+  for (int i = 0; i < kPairsTogether; ++i) {
+    _mm256_storeu_ps(acc[i] + 8 * c0, _mm256_permute2f128_ps(low[i], high[i], 0x20));
+    _mm256_storeu_ps(acc[i] + 8 * c0 + 8, _mm256_permute2f128_ps(low[i], high[i], 0x31));
+  }
+}
+
 template <class T, int C>
 void accumulate_pairs_avx2(const float* const* p, const T* values, int64_t len, int64_t dim, float* const* acc) {
   int c0 = 0;
+  if constexpr (std::is_same_v<T, uint16_t>)
+    for (; c0 + 2 <= C; c0 += 2) accumulate_pairs_bf16x16_avx2(p, values, len, dim, c0, acc);
   for (; c0 + 2 <= C; c0 += 2) accumulate_pairs_slice_avx2<T, 2>(p, values, len, dim, c0, acc);
   if (c0 < C) accumulate_pairs_slice_avx2<T, 1>(p, values, len, dim, c0, acc);
 }
