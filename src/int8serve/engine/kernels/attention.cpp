@@ -57,8 +57,8 @@ constexpr int64_t kMaxVectorDim = 128;
 // 8 heads a task (an ad-hoc build, avx512, bf16, 12 rounds): 1.01x at 4 rows of 512-128, 1.00x at batch 1: not kept.
 // On an AMD EPYC Zen 4 (2026-12-04, the same measurement), where one stream a thread already comes near the memory's
 // speed: avx512 bf16 1.01x, 1.02x, 0.99x, int8 1.06x, 1.08x, 1.02x; avx2 bf16 1.04x, 1.04x, 0.99x, int8 1.00x, 1.07x,
-// 0.95x (the first three cases; that 0.95x within the run's noise): no CPU loses by it, so 4 on every CPU. -DINT8SERVE_ATTENTION_HEADS_TOGETHER=1
-// builds the code that reads one head at a time.
+// 0.95x (the first three cases; that 0.95x within the run's noise): no CPU loses by it, so 4 on every CPU.
+// -DINT8SERVE_ATTENTION_HEADS_TOGETHER=1 builds the code that reads one head at a time.
 constexpr int kMaxHeadsTogether = 4;
 #ifndef INT8SERVE_ATTENTION_HEADS_TOGETHER
 #define INT8SERVE_ATTENTION_HEADS_TOGETHER 4
@@ -811,31 +811,30 @@ void finish_avx2(const float* acc, [[maybe_unused]] int64_t dim, float inv_sum, 
 // CPU then).
 constexpr int64_t kPairsTogether = 4;
 
+// The scores of keys [l, l + K) for the kPairsTogether pairs: K x 4 independent sums.
+template <class T, int C, int K>
+inline void scores_of_keys_avx2(const float* const* q, const T* keys, int64_t l, int64_t dim, float scale,
+                                float* const* s) {
+  __m256 acc[kPairsTogether][K];
+  for (auto& pair : acc)
+    for (auto& one : pair) one = _mm256_setzero_ps();
+  for (int c = 0; c < C; ++c) {
+    __m256 key[K];
+    for (int j = 0; j < K; ++j) key[j] = load8(keys + (l + j) * dim + 8 * c);
+    for (int i = 0; i < kPairsTogether; ++i) {
+      const __m256 qv = _mm256_loadu_ps(q[i] + 8 * c);
+      for (int j = 0; j < K; ++j) acc[i][j] = _mm256_fmadd_ps(qv, key[j], acc[i][j]);
+    }
+  }
+  for (int i = 0; i < kPairsTogether; ++i)
+    for (int j = 0; j < K; ++j) s[i][l + j] = sum8(acc[i][j]) * scale;
+}
+
 template <class T, int C>
 void scores_pairs_avx2(const float* const* q, const T* keys, int64_t len, int64_t dim, float scale, float* const* s) {
   int64_t l = 0;
-  for (; l + 2 <= len; l += 2) {
-    __m256 acc[kPairsTogether][2];
-    for (auto& pair : acc) pair[0] = pair[1] = _mm256_setzero_ps();
-    for (int c = 0; c < C; ++c) {
-      const __m256 key0 = load8(keys + l * dim + 8 * c), key1 = load8(keys + (l + 1) * dim + 8 * c);
-      for (int i = 0; i < kPairsTogether; ++i) {
-        const __m256 qv = _mm256_loadu_ps(q[i] + 8 * c);
-        acc[i][0] = _mm256_fmadd_ps(qv, key0, acc[i][0]);
-        acc[i][1] = _mm256_fmadd_ps(qv, key1, acc[i][1]);
-      }
-    }
-    for (int i = 0; i < kPairsTogether; ++i) s[i][l] = sum8(acc[i][0]) * scale, s[i][l + 1] = sum8(acc[i][1]) * scale;
-  }
-  for (; l < len; ++l) {
-    __m256 acc[kPairsTogether];
-    for (auto& one : acc) one = _mm256_setzero_ps();
-    for (int c = 0; c < C; ++c) {
-      const __m256 key = load8(keys + l * dim + 8 * c);
-      for (int i = 0; i < kPairsTogether; ++i) acc[i] = _mm256_fmadd_ps(_mm256_loadu_ps(q[i] + 8 * c), key, acc[i]);
-    }
-    for (int i = 0; i < kPairsTogether; ++i) s[i][l] = sum8(acc[i]) * scale;
-  }
+  for (; l + 2 <= len; l += 2) scores_of_keys_avx2<T, C, 2>(q, keys, l, dim, scale, s);
+  if (l < len) scores_of_keys_avx2<T, C, 1>(q, keys, l, dim, scale, s);
 }
 
 // Chunks [c0, c0 + S) of the 4 pairs' running sums over values [0, len).
@@ -1213,22 +1212,23 @@ void attend_rows(const Problem& pb, const T* cache_k, const T* cache_v, const He
   const T* values = cache_v + base;
   const int64_t block = std::max<int64_t>(16, kBlockBytes / (width * static_cast<int64_t>(sizeof(T))));
   auto length = [&](int64_t pair) { return pb.positions[first + pair / group] + 1; };
-  // pairs [i, i + kPairsTogether) together where the path can (the shortest and longest of them: how many of the
-  // block's keys each takes); a pair's scores past its own length are computed with the others' and never read
-  auto together = [&](int64_t i, int64_t l, int64_t& fewest, int64_t& most) {
-    fewest = block, most = 0;
+  // pairs [i, i + kPairsTogether) together where the path can: how many of block l's keys the shortest and the
+  // longest of them take; a pair's scores past its own length are computed with the others' and never read
+  auto keys_taken = [&](int64_t i, int64_t l) {
+    int64_t fewest = block, most = 0;
     for (int64_t k = i; k < i + kPairsTogether; ++k) {
       const int64_t n = std::min(block, length(k) - l);
       fewest = std::min(fewest, std::max<int64_t>(n, 0)), most = std::max(most, n);
     }
+    return std::pair{fewest, most};
   };
   const float* q_of[kPairsTogether];
   float* s_of[kPairsTogether];
   float* acc_of[kPairsTogether];
   for (int64_t l = 0; l < longest; l += block) {
-    int64_t i = 0, fewest, most;
+    int64_t i = 0;
     for (; head.scores_pairs != nullptr && i + kPairsTogether <= pairs; i += kPairsTogether) {
-      together(i, l, fewest, most);
+      const int64_t most = keys_taken(i, l).second;
       for (int64_t k = 0; k < kPairsTogether; ++k)
         q_of[k] = qrot + (i + k) * dim, s_of[k] = scores + (i + k) * longest + l;
       if (most > 0) head.scores_pairs(q_of, keys + l * width, most, dim, pb.scale, s_of);
@@ -1240,11 +1240,11 @@ void attend_rows(const Problem& pb, const T* cache_k, const T* cache_v, const He
   }
   for (int64_t i = 0; i < pairs; ++i) inv[i] = 1.0f / head.softmax(scores + i * longest, length(i));
   for (int64_t l = 0; l < longest; l += block) {
-    int64_t i = 0, fewest, most;
+    int64_t i = 0;
     // the values all four take together, then each pair's own rest, in order: each running sum adds its values in
     // the order of the decode step
     for (; head.accumulate_pairs != nullptr && i + kPairsTogether <= pairs; i += kPairsTogether) {
-      together(i, l, fewest, most);
+      const int64_t fewest = keys_taken(i, l).first;
       for (int64_t k = 0; k < kPairsTogether; ++k)
         s_of[k] = scores + (i + k) * longest + l, acc_of[k] = acc + (i + k) * dim;
       if (fewest > 0) head.accumulate_pairs(s_of, values + l * width, fewest, dim, acc_of);
