@@ -245,13 +245,16 @@ def test_matches_the_fp32_product(m: int, n: int, k: int) -> None:
 # (m >= 16, precise, avx2: the register-blocked GEMM of gemv.cpp; (22, 70, 1000): 7 blocks of 3 rows and one of 1,
 # over K-blocks of 4 groups, the last one partial, with per-channel sums running on from one K-block into the next;
 # (17, 65, 64): 5 blocks and one of 2; (140, 70, 300): more rows than one pass over the tiles takes, so two passes of
-# 72 and 68 rows)
+# 72 and 68 rows; the vnni512 path's GEMM takes the same calls in blocks of up to 6 rows over K-blocks of 8 groups:
+# (22, 70, 1000) 3 blocks of 6 and one of 4, (17, 65, 64) 6 + 6 + 5, (140, 70, 300) two passes of 72 and 68 rows, the
+# K-block of 10 groups split 8 + 2, (19, 70, 300) 6 + 6 + 6 + 1, (18, 70, 300) three of 6, (20, 100, 33) 6 + 6 + 6 + 2,
+# (21, 70, 300) 6 + 6 + 6 + 3)
 # (the amx path takes calls of more than 4 int8 rows in passes of up to 16, and its span-1 code the passes of 1-4
 # output rows: with pairs (precise) the last pass of 9 and 17 rows (1 output row), 10 and 18 (2), 3 and 19 (3), 4 and
 # 20 (4); without, the last pass of 17 (1), 18 (2), 19 (3) and 20 rows (4))
 ODD_SHAPES = [(1, 1, 1), (2, 17, 31), (3, 100, 33), (5, 200, 172), (4, 130, 96), (9, 70, 300), (2, 64, 4096),
               (17, 65, 64), (6, 70, 1000), (22, 70, 1000), (140, 70, 300), (19, 70, 300), (10, 130, 96),
-              (18, 70, 300), (20, 100, 33)]
+              (18, 70, 300), (20, 100, 33), (21, 70, 300)]
 
 
 @pytest.mark.parametrize("group_size", GROUP_SIZES)
@@ -288,8 +291,9 @@ def test_activations_near_the_int16_limit_do_not_saturate_avx2() -> None:
     near[1::2, 1::2] *= -1
     rows = torch.cat([x, near]).repeat(2, 1)
     assert kernels.quantize_activations(near[:1], "avx2", precise=True)[0][1, 1] == 127
-    # the avx2 path's vpmaddwd and the avxvnni path's vpdpwssd, in the GEMM (32 rows) and the 4-row decode assembly
-    for impl in [path for path in ("avx2", "avxvnni") if kernels.cpu_has(path)]:
+    # the avx2 path's vpmaddwd and the avxvnni path's vpdpwssd, in the GEMM (32 rows) and the 4-row decode assembly;
+    # vnni512's GEMM (32 rows), whose sums hold 256 * the high rows' dots before the low rows' are added
+    for impl in [path for path in ("avx2", "avxvnni", "vnni512") if kernels.cpu_has(path)]:
         for count in (32, 4):
             wide = kernels.int8_gemv(rows[:count], packed, impl=impl, precise=True)
             assert torch.equal(wide, exact_reference(rows[:count], packed, precise=True)), (impl, count)

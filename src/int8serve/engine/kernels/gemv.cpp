@@ -51,6 +51,7 @@
 
 #include <algorithm>
 #include <cmath>
+#include <cstddef>
 #include <cstdint>
 #include <cstring>
 #include <new>
@@ -413,6 +414,11 @@ constexpr int64_t kParallelQuantizeRows = 8;
 #define INT8SERVE_WIDE_GEMM_MIN_ROWS 16
 #endif
 constexpr int64_t kWideGemmMinRows = INT8SERVE_WIDE_GEMM_MIN_ROWS;
+// The same for the vnni512 path (gemm_exact_vnni512, below).
+#ifndef INT8SERVE_EXACT_GEMM_MIN_ROWS
+#define INT8SERVE_EXACT_GEMM_MIN_ROWS 16
+#endif
+constexpr int64_t kExactGemmMinRows = INT8SERVE_EXACT_GEMM_MIN_ROWS;
 
 // Whether a call of m rows on path `impl` multiplies precise rows as 16-bit integers (Activations::wide;
 // tile_avx2_wide, gemm_wide16): every avx2 call, and avxvnni calls of kAvxVnniWideRows rows and more. Below, the
@@ -1282,6 +1288,288 @@ INT8SERVE_AVX2 void gemm_wide16(const Activations& act, TileArgs base, int64_t m
   }
 }
 
+// vnni512 with precise activations, calls of kExactGemmMinRows rows and more (prefill chunks): a register-blocked
+// GEMM on the packed bytes as they are. The decode pass (tile_vnni512) spends a broadcast on every vpdpbusd and uses
+// each weight load for at most 8 int8 rows, keeps its sums in memory between groups and asks for lines ahead at every
+// step; here kExactRows rows x the 4 blocks of a tile (64 outputs) are 24 int32 sums in registers, and each step's 4
+// weight loads feed 24 vpdpbusd (the activations their broadcast memory operands). A row's two int8 rows go one after
+// the other into the same sums: the high row's dot products (started at its correction), shifted left by 8, then the
+// low row's (its correction added first). That is 256 * dot_hi + dot_lo, the integer every path combines (exact:
+// |.| < 2^28 throughout), in half the registers that two sets of sums would take. Then each output's float arithmetic
+// is every path's, in its order (float(dot) * xscale, fma with the weight scale into acc at the weight group's end,
+// inner in between for weight groups of several groups), so the bits are every path's whatever the number of rows.
+// Loop order as gemm_wide16's: each thread a contiguous range of tiles; per tile, K-blocks of kExactGemmGroups groups
+// (17 KB of weights and scales, in L1) over which every row of the chunk passes, kExactRows at a time, while the
+// next K-block is asked for into L2 a few lines a register block (1.02-1.04x).
+// Measured on an AMD EPYC Zen 4 (2026-12-04, 2 threads, the 7B shapes, benchmarks/gemv_builds.py against 76c20e0,
+// which took these calls in passes of 8 int8 rows over chunks of 8 groups): 16 rows 1.06-1.10x, 32 rows 1.16-1.27x,
+// 128 rows 1.11-1.27x, 512 rows 1.30-1.56x; 8 and 12 rows, where the passes were faster or as fast (0.87-0.93x,
+// 1.02-1.03x), keep them (kExactGemmMinRows). At 128 rows it multiplies ~172-179 G int8 pairs a second, against
+// 188-205 G multiply-adds for the bf16 prefill kernel (kernels/matmul.py) in the same runs: the same arithmetic peak
+// (one vpdpbusd, 64 products, a cycle: 32 of the two passes' pairs, as one vdpbf16ps), less the float arithmetic
+// each group's sums take here (a conversion, a multiply and an fma per 16 outputs and row: 72 of a group's ~550
+// instructions; without it, a timing build with wrong results, 186-193 G). From intrinsics GCC copied the sums
+// between registers and the stack at every step (90 G): the group's work is one inline assembly statement.
+constexpr int kExactRows = 6;  // rows a register block: 6 x 4 blocks = 24 of the 32 zmm registers hold sums
+#ifndef INT8SERVE_EXACT_GEMM_GROUPS
+#define INT8SERVE_EXACT_GEMM_GROUPS 8
+#endif
+constexpr int64_t kExactGemmGroups = INT8SERVE_EXACT_GEMM_GROUPS;
+#ifndef INT8SERVE_EXACT_GEMM_CHUNK_ROWS
+#define INT8SERVE_EXACT_GEMM_CHUNK_ROWS 132
+#endif
+constexpr int64_t kExactGemmChunkRows = INT8SERVE_EXACT_GEMM_CHUNK_ROWS;
+static_assert(kExactGemmChunkRows % kExactRows == 0, "a chunk holds whole register blocks of rows");
+
+// What a register block of rows works on.
+struct ExactBlock {
+  packed::Layout lay;
+  const uint8_t* tile;
+  const int8_t* xq;      // the block's first row's high int8 row (its low row follows, kp bytes on)
+  const float* xscale;   // that low row's scales (d / 256), rows 2 * groups apart
+  const int32_t* xcorr;  // the high row's corrections (the low row's follow, groups on)
+  int64_t kp, groups;
+  float* inner;          // [rows][64]: the running sum of the open weight group (weight groups of several groups)
+  float* acc;            // [rows][64]: the finished weight groups' sum
+};
+
+// The assembly of one group (exact_group): zmm0-23 hold the sums (row r's 4 blocks in zmm 4r..4r+3; rows past R are
+// not touched), zmm24-27 a step's weights of the 4 blocks, then the blocks' weight scales, zmm28 a broadcast row
+// constant. x: row 0's high int8 row at the group (rows `stride` bytes apart), x3 row 3's; xl, xl3 the same of the
+// low rows; consts: the rows' corrections and scales (ExactGroupRows).
+#define INT8SERVE_EXACT_ROW(R, ADDR, S0, S1, S2, S3)                            \
+  ".if %c[rows] > " #R "\n\t"                                                   \
+  "vpdpbusd \\step*4" ADDR "%{1to16%}, %%zmm24, %%zmm" #S0 "\n\t"               \
+  "vpdpbusd \\step*4" ADDR "%{1to16%}, %%zmm25, %%zmm" #S1 "\n\t"               \
+  "vpdpbusd \\step*4" ADDR "%{1to16%}, %%zmm26, %%zmm" #S2 "\n\t"               \
+  "vpdpbusd \\step*4" ADDR "%{1to16%}, %%zmm27, %%zmm" #S3 "\n\t"               \
+  ".endif\n\t"
+#define INT8SERVE_EXACT_PASS(X, X3)                                             \
+  ".irp step,0,1,2,3,4,5,6,7\n\t"                                               \
+  "vmovdqa64 \\step*64(%[w]), %%zmm24\n\t"                                      \
+  "vmovdqa64 \\step*64+512(%[w]), %%zmm25\n\t"                                  \
+  "vmovdqa64 \\step*64+1024(%[w]), %%zmm26\n\t"                                 \
+  "vmovdqa64 \\step*64+1536(%[w]), %%zmm27\n\t"                                 \
+  INT8SERVE_EXACT_ROW(0, "(%[" X "])", 0, 1, 2, 3)                              \
+  INT8SERVE_EXACT_ROW(1, "(%[" X "],%[stride],1)", 4, 5, 6, 7)                  \
+  INT8SERVE_EXACT_ROW(2, "(%[" X "],%[stride],2)", 8, 9, 10, 11)                \
+  INT8SERVE_EXACT_ROW(3, "(%[" X3 "])", 12, 13, 14, 15)                         \
+  INT8SERVE_EXACT_ROW(4, "(%[" X3 "],%[stride],1)", 16, 17, 18, 19)             \
+  INT8SERVE_EXACT_ROW(5, "(%[" X3 "],%[stride],2)", 20, 21, 22, 23)             \
+  ".endr\n\t"
+// Row R's sums: started at its high correction (START), shifted and given its low correction between the passes
+// (SHIFT), written out at the end (STORE).
+#define INT8SERVE_EXACT_START(R, S0, S1, S2, S3)                                \
+  ".if %c[rows] > " #R "\n\t"                                                   \
+  ".irp s," #S0 "," #S1 "," #S2 "," #S3 "\n\t"                                  \
+  "vpbroadcastd 8*" #R "(%[consts]), %%zmm\\s\n\t"                              \
+  ".endr\n\t"                                                                   \
+  ".endif\n\t"
+#define INT8SERVE_EXACT_SHIFT(R, S0, S1, S2, S3)                                \
+  ".if %c[rows] > " #R "\n\t"                                                   \
+  "vpbroadcastd 8*" #R "+4(%[consts]), %%zmm28\n\t"                             \
+  ".irp s," #S0 "," #S1 "," #S2 "," #S3 "\n\t"                                  \
+  "vpslld $8, %%zmm\\s, %%zmm\\s\n\t"                                           \
+  "vpaddd %%zmm28, %%zmm\\s, %%zmm\\s\n\t"                                      \
+  ".endr\n\t"                                                                   \
+  ".endif\n\t"
+#define INT8SERVE_EXACT_STORE(R, S0, S1, S2, S3)                                \
+  ".if %c[rows] > " #R "\n\t"                                                   \
+  "vmovdqa64 %%zmm" #S0 ", 256*" #R "(%[dots])\n\t"                             \
+  "vmovdqa64 %%zmm" #S1 ", 256*" #R "+64(%[dots])\n\t"                          \
+  "vmovdqa64 %%zmm" #S2 ", 256*" #R "+128(%[dots])\n\t"                         \
+  "vmovdqa64 %%zmm" #S3 ", 256*" #R "+192(%[dots])\n\t"                         \
+  ".endif\n\t"
+// The default scheme (a weight scale per group): row R's total = float(dot) * xscale, acc = fma(total, wscale, acc)
+// (acc: row R's 64 running sums, 256 bytes a row; zmm24-27 the 4 blocks' weight scales).
+#define INT8SERVE_EXACT_ACC(R, S0, S1, S2, S3)                                  \
+  ".if %c[rows] > " #R "\n\t"                                                   \
+  "vbroadcastss 48+4*" #R "(%[consts]), %%zmm28\n\t"                            \
+  ".irp s," #S0 "," #S1 "," #S2 "," #S3 "\n\t"                                  \
+  "vcvtdq2ps %%zmm\\s, %%zmm\\s\n\t"                                            \
+  "vmulps %%zmm28, %%zmm\\s, %%zmm\\s\n\t"                                      \
+  ".endr\n\t"                                                                   \
+  "vfmadd213ps 256*" #R "(%[acc]), %%zmm24, %%zmm" #S0 "\n\t"                   \
+  "vfmadd213ps 256*" #R "+64(%[acc]), %%zmm25, %%zmm" #S1 "\n\t"                \
+  "vfmadd213ps 256*" #R "+128(%[acc]), %%zmm26, %%zmm" #S2 "\n\t"               \
+  "vfmadd213ps 256*" #R "+192(%[acc]), %%zmm27, %%zmm" #S3 "\n\t"               \
+  "vmovaps %%zmm" #S0 ", 256*" #R "(%[acc])\n\t"                                \
+  "vmovaps %%zmm" #S1 ", 256*" #R "+64(%[acc])\n\t"                             \
+  "vmovaps %%zmm" #S2 ", 256*" #R "+128(%[acc])\n\t"                            \
+  "vmovaps %%zmm" #S3 ", 256*" #R "+192(%[acc])\n\t"                            \
+  ".endif\n\t"
+#define INT8SERVE_EXACT_ROWS(EACH)                                              \
+  EACH(0, 0, 1, 2, 3)                                                           \
+  EACH(1, 4, 5, 6, 7)                                                           \
+  EACH(2, 8, 9, 10, 11)                                                         \
+  EACH(3, 12, 13, 14, 15)                                                       \
+  EACH(4, 16, 17, 18, 19)                                                       \
+  EACH(5, 20, 21, 22, 23)
+
+// What the assembly reads of a group's rows besides their bytes: each row's corrections (high, low) and scale.
+struct ExactGroupRows {
+  int32_t corr[kExactRows][2];
+  float xscale[kExactRows];  // the low row's (d / 256)
+};
+static_assert(offsetof(ExactGroupRows, xscale) == 48, "INT8SERVE_EXACT_ACC reads the scales at 48");
+
+// R rows (1..6) x the tile's 64 outputs over one group: the exact int32 dots, 256 * (dot_hi + corr_hi) + dot_lo +
+// corr_lo, into dots[R][64]; or, kEach (the default scheme), their float arithmetic too, into acc with the group's
+// weight scales (bf16, 64).
+template <int R, bool kEach>
+INT8SERVE_VNNI512 inline void exact_group(const uint8_t* group, const int8_t* x, int64_t kp, const ExactGroupRows& rows,
+                                          const uint16_t* scales, float* acc, int32_t* dots) {
+  static_assert(R >= 1 && R <= kExactRows, "the assembly has room for kExactRows rows");
+  const int64_t stride = 2 * kp;
+  const int8_t *x3 = x + 3 * stride, *xl = x + kp, *xl3 = x3 + kp;
+  asm volatile(INT8SERVE_EXACT_ROWS(INT8SERVE_EXACT_START)
+               INT8SERVE_EXACT_PASS("x", "x3")
+               INT8SERVE_EXACT_ROWS(INT8SERVE_EXACT_SHIFT)
+               INT8SERVE_EXACT_PASS("xl", "xl3")
+               ".if %c[each]\n\t"
+               ".irp b,4,5,6,7\n\t"  // zmm24-27 (no more weights): block b - 4's weight scales as fp32
+               "vpmovzxwd 32*(\\b-4)(%[scales]), %%zmm2\\b\n\t"
+               "vpslld $16, %%zmm2\\b, %%zmm2\\b\n\t"
+               ".endr\n\t"
+               INT8SERVE_EXACT_ROWS(INT8SERVE_EXACT_ACC)
+               ".else\n\t"
+               INT8SERVE_EXACT_ROWS(INT8SERVE_EXACT_STORE)
+               ".endif\n\t"
+               :
+               : [rows] "i"(R), [each] "i"(kEach ? 1 : 0), [w] "r"(group), [x] "r"(x), [x3] "r"(x3), [xl] "r"(xl),
+                 [xl3] "r"(xl3), [stride] "r"(stride), [consts] "r"(&rows), [scales] "r"(scales), [acc] "r"(acc),
+                 [dots] "r"(dots)
+               : "memory", "xmm0", "xmm1", "xmm2", "xmm3", "xmm4", "xmm5", "xmm6", "xmm7", "xmm8", "xmm9", "xmm10",
+                 "xmm11", "xmm12", "xmm13", "xmm14", "xmm15", "xmm16", "xmm17", "xmm18", "xmm19", "xmm20", "xmm21",
+                 "xmm22", "xmm23", "xmm24", "xmm25", "xmm26", "xmm27", "xmm28");
+}
+#undef INT8SERVE_EXACT_ROWS
+#undef INT8SERVE_EXACT_ACC
+#undef INT8SERVE_EXACT_STORE
+#undef INT8SERVE_EXACT_SHIFT
+#undef INT8SERVE_EXACT_START
+#undef INT8SERVE_EXACT_PASS
+#undef INT8SERVE_EXACT_ROW
+
+// R rows x 64 outputs over groups [g0, g1) of the tile.
+template <int R, bool kEachGroup>
+INT8SERVE_VNNI512 void exact_block(const ExactBlock& a, int64_t g0, int64_t g1) {
+  for (int64_t g = g0; g < g1; ++g) {
+    const uint8_t* group = a.lay.group(a.tile, g);
+    ExactGroupRows rows;
+    for (int r = 0; r < R; ++r) {
+      for (int half = 0; half < 2; ++half) rows.corr[r][half] = a.xcorr[(2 * r + half) * a.groups + g];
+      rows.xscale[r] = a.xscale[2 * r * a.groups + g];
+    }
+    if constexpr (kEachGroup) {
+      exact_group<R, true>(group, a.xq + g * kGroup, a.kp, rows, a.lay.scales(a.tile, g), a.acc, nullptr);
+      continue;
+    }
+    alignas(64) int32_t dots[kExactRows][kTileRows];
+    exact_group<R, false>(group, a.xq + g * kGroup, a.kp, rows, nullptr, nullptr, &dots[0][0]);
+    const int64_t wg = g / a.lay.span;
+    const bool first = g == wg * a.lay.span;
+    const bool last = (g + 1) % a.lay.span == 0 || g + 1 == a.groups;
+    __m512 wscale[kBlocks];
+    if (last) {
+      const uint16_t* scales = a.lay.scales(a.tile, wg);
+      for (int b = 0; b < kBlocks; ++b) {
+        const __m256i raw = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(scales + b * kBlockRows));
+        wscale[b] = _mm512_castsi512_ps(_mm512_slli_epi32(_mm512_cvtepu16_epi32(raw), 16));
+      }
+    }
+    for (int r = 0; r < R; ++r) {
+      const __m512 xscale = _mm512_set1_ps(rows.xscale[r]);
+      for (int b = 0; b < kBlocks; ++b) {
+        float* in = a.inner + r * kTileRows + b * kBlockRows;
+        const __m512 product =
+            _mm512_cvtepi32_ps(_mm512_load_si512(static_cast<const void*>(&dots[r][b * kBlockRows])));
+        const __m512 total = first ? _mm512_mul_ps(product, xscale) : _mm512_fmadd_ps(product, xscale,
+                                                                                      _mm512_load_ps(in));
+        if (!last) {
+          _mm512_store_ps(in, total);
+          continue;
+        }
+        float* out = a.acc + r * kTileRows + b * kBlockRows;
+        _mm512_store_ps(out, _mm512_fmadd_ps(total, wscale[b], _mm512_load_ps(out)));
+      }
+    }
+  }
+}
+
+template <bool kEachGroup>
+INT8SERVE_VNNI512 void exact_rows(const ExactBlock& a, int64_t rows, int64_t g0, int64_t g1) {
+  switch (rows) {
+    case 1: exact_block<1, kEachGroup>(a, g0, g1); break;
+    case 2: exact_block<2, kEachGroup>(a, g0, g1); break;
+    case 3: exact_block<3, kEachGroup>(a, g0, g1); break;
+    case 4: exact_block<4, kEachGroup>(a, g0, g1); break;
+    case 5: exact_block<5, kEachGroup>(a, g0, g1); break;
+    default: exact_block<6, kEachGroup>(a, g0, g1); break;
+  }
+}
+
+// Rows [r_begin, r_end) of the call over tile `tile`: y gets their outputs of the tile. room: inner and acc, 64
+// floats a row each.
+INT8SERVE_VNNI512 void gemm_exact_tile(const TileArgs& base, int64_t r_begin, int64_t r_end, float* inner, float* acc,
+                                       int64_t tile) {
+  const int64_t m = r_end - r_begin;
+  std::fill(acc, acc + m * kTileRows, 0.0f);
+  ExactBlock a{base.lay, base.lay.tile(base.packed, tile), nullptr, nullptr, nullptr, base.kp, base.groups, nullptr,
+               nullptr};
+  for (int64_t g0 = 0; g0 < base.groups; g0 += kExactGemmGroups) {
+    const int64_t g1 = std::min(base.groups, g0 + kExactGemmGroups);
+    // the bytes after this K-block (the next one, or the next tile's first), asked for into L2 while it multiplies
+    const uint8_t* from = a.lay.group(a.tile, g0);
+    const int64_t block_bytes = (g1 - g0) * a.lay.wgroup_bytes() / a.lay.span;
+    const int64_t blocks = (m + kExactRows - 1) / kExactRows;
+    const int64_t per_block = (block_bytes / 64 + blocks - 1) / blocks;
+    for (int64_t r0 = 0; r0 < m; r0 += kExactRows) {
+      for (int64_t line = r0 / kExactRows * per_block, end = std::min(line + per_block, block_bytes / 64); line < end;
+           ++line)
+        _mm_prefetch(reinterpret_cast<const char*>(from + block_bytes + 64 * line), _MM_HINT_T1);
+      const int64_t row = r_begin + r0;  // the call's row: int8 rows 2 row (high) and 2 row + 1 (low)
+      a.xq = base.xq + 2 * row * base.kp;
+      a.xscale = base.xscale + (2 * row + 1) * base.groups;
+      a.xcorr = base.xcorr + 2 * row * base.groups;
+      a.inner = inner + r0 * kTileRows;
+      a.acc = acc + r0 * kTileRows;
+      const int64_t rows = std::min<int64_t>(kExactRows, m - r0);
+      if (a.lay.span == 1)
+        exact_rows<true>(a, rows, g0, g1);
+      else
+        exact_rows<false>(a, rows, g0, g1);
+    }
+  }
+  const int64_t n0 = tile * kTileRows;
+  const int64_t count = std::min(kTileRows, base.n - n0);
+  for (int64_t r = 0; r < m; ++r)
+    std::memcpy(base.y + (r_begin + r) * base.n + n0, acc + r * kTileRows, static_cast<size_t>(count) * sizeof(float));
+}
+
+// gemv's body for the vnni512 path with precise activations and at least kExactGemmMinRows rows.
+INT8SERVE_VNNI512 void gemm_exact_vnni512(const Activations& act, TileArgs base, int64_t m, int64_t tiles,
+                                          int nthreads) {
+  base.xq = act.q.data();
+  base.xscale = act.scale.data();
+  base.xcorr = act.corr.data();
+  const int64_t passes = (m + kExactGemmChunkRows - 1) / kExactGemmChunkRows;
+  const int64_t even = (m + passes - 1) / passes;
+  const int64_t chunk = (even + kExactRows - 1) / kExactRows * kExactRows;
+  const int64_t room = chunk * kTileRows;  // floats: a multiple of 64, so every row's sums stay 64-byte aligned
+  std::vector<float> storage(static_cast<size_t>(nthreads * 2 * room + 16));
+  float* aligned = storage.data() + (64 - reinterpret_cast<uintptr_t>(storage.data()) % 64) % 64 / sizeof(float);
+#pragma omp parallel num_threads(nthreads) if (nthreads > 1)
+  {
+    float* mine = aligned + omp_get_thread_num() * 2 * room;
+    for (int64_t r_begin = 0; r_begin < m; r_begin += chunk) {
+#pragma omp for schedule(static) nowait
+      for (int64_t tile = 0; tile < tiles; ++tile)
+        gemm_exact_tile(base, r_begin, std::min(m, r_begin + chunk), mine, mine + room, tile);
+    }
+  }
+}
+
 // amx: up to 16 activation rows over one tile with AMX-INT8 tile instructions, 32 inputs (one activation group) at a
 // time. The packed layout is already what a tile multiply wants of its second operand: a block's 8 steps of one group,
 // 8 x 64 contiguous bytes, are 4 consecutive k of each of 16 output rows per 64-byte row. TDPBSUD multiplies the
@@ -1670,6 +1958,11 @@ static int gemv(const float* x, int64_t m, int64_t k, const uint8_t* packed, int
   // the split never changes the result (each tile is computed alike).
   const bool small = rows_total * np * act.kp < kParallelGemvWork;
   const int nthreads = small ? 1 : static_cast<int>(std::max<int64_t>(1, std::min<int64_t>(threads, tiles)));
+  if (pairs && kernel == kVnni512 && !amx_tiles && m >= kExactGemmMinRows) {  // the same, on vnni512
+    base.y = y;
+    gemm_exact_vnni512(act, base, m, tiles, nthreads);
+    return 0;
+  }
   if (wide && m >= kWideGemmMinRows) {  // a prefill chunk: the register-blocked GEMM, the same bits
     base.y = y;
     if (dot)
