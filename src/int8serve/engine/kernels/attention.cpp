@@ -378,6 +378,10 @@ void attend_heads(const Heads<T>& hs, int64_t len, int64_t dim, float scale) {
   for (int n = 0; n < N; ++n) kFinish(hs.out[n], dim, inv_sums[n], hs.out[n]);
 }
 
+// attend_rows takes this many (row, query head) pairs of a prefill chunk at once on the vector paths (the avx2 pieces
+// say why: scores_pairs_avx2).
+constexpr int64_t kPairsTogether = 4;
+
 #pragma GCC push_options
 #pragma GCC target("avx512f,avx512bw,avx512vl,fma")
 #pragma GCC diagnostic push  // GCC 12's AVX-512 headers use deliberately undefined operands (_mm256_undefined_pd)
@@ -523,6 +527,74 @@ void accumulate_heads_avx512(const float* const* p, const T* const* values, int6
 template <class T, int C>  // one head, no L2 hints (a piece of attend_rows)
 void accumulate_avx512(const float* p, const T* values, int64_t len, int64_t dim, float* acc) {
   accumulate_heads_avx512<T, C, 1, false>(&p, &values, len, dim, &acc);
+}
+
+// attend_rows' pieces for kPairsTogether pairs at once, as the avx2 path's (scores_pairs_avx2 says why): each key and
+// value loaded (and widened) once for the four pairs, K keys x 4 pairs of independent score sums; every score and
+// running sum of a pair with scores_avx512's and accumulate_avx512's operations in their order (a row keeps its
+// decode step's bits).
+template <class T, int C, int K>
+inline void scores_of_keys_avx512(const float* const* q, const T* keys, int64_t l, int64_t dim, float scale,
+                                  float* const* s) {
+  const __mmask16 tail = static_cast<__mmask16>((1u << (dim - 16 * (C - 1))) - 1);
+  __m512 acc[kPairsTogether][K];
+  for (auto& pair : acc)
+    for (auto& one : pair) one = _mm512_setzero_ps();
+  for (int c = 0; c < C; ++c) {
+    const __mmask16 m = c == C - 1 ? tail : 0xFFFF;
+    __m512 key[K];
+    for (int j = 0; j < K; ++j) key[j] = load16(keys + (l + j) * dim + 16 * c, m);
+    for (int i = 0; i < kPairsTogether; ++i) {
+      const __m512 qv = load16(q[i] + 16 * c, m);
+      for (int j = 0; j < K; ++j) acc[i][j] = _mm512_fmadd_ps(qv, key[j], acc[i][j]);
+    }
+  }
+  for (int i = 0; i < kPairsTogether; ++i)
+    for (int j = 0; j < K; ++j) s[i][l + j] = sum16(acc[i][j]) * scale;
+}
+
+#ifndef INT8SERVE_PAIR_KEYS_512
+#define INT8SERVE_PAIR_KEYS_512 2
+#endif
+constexpr int kPairKeys512 = INT8SERVE_PAIR_KEYS_512;
+
+template <class T, int C>
+void scores_pairs_avx512(const float* const* q, const T* keys, int64_t len, int64_t dim, float scale,
+                         float* const* s) {
+  int64_t l = 0;
+  for (; l + kPairKeys512 <= len; l += kPairKeys512) scores_of_keys_avx512<T, C, kPairKeys512>(q, keys, l, dim, scale, s);
+  for (; l < len; ++l) scores_of_keys_avx512<T, C, 1>(q, keys, l, dim, scale, s);
+}
+
+// Chunks [C0, C0 + S) of the 4 pairs' running sums over values [0, len), len >= 1 (chunk C - 1 masked to the head's
+// tail).
+template <class T, int C, int C0, int S>
+inline void accumulate_pairs_slice_avx512(const float* const* p, const T* values, int64_t len, int64_t dim,
+                                          float* const* acc) {
+  const __mmask16 tail = static_cast<__mmask16>((1u << (dim - 16 * (C - 1))) - 1);
+  __m512 sums[kPairsTogether][S];
+  for (int i = 0; i < kPairsTogether; ++i)
+    for (int c = 0; c < S; ++c) sums[i][c] = load16(acc[i] + 16 * (C0 + c), C0 + c == C - 1 ? tail : 0xFFFF);
+  int64_t l = 0;
+  do {  // (len >= 1; with a for loop GCC kept the sums' home on the stack and stored every sum at every value, 0.87x)
+    __m512 w[kPairsTogether];
+    for (int i = 0; i < kPairsTogether; ++i) w[i] = _mm512_set1_ps(p[i][l]);
+    for (int c = 0; c < S; ++c) {
+      const __m512 value = load16(values + l * dim + 16 * (C0 + c), C0 + c == C - 1 ? tail : 0xFFFF);
+      for (int i = 0; i < kPairsTogether; ++i) sums[i][c] = _mm512_fmadd_ps(w[i], value, sums[i][c]);
+    }
+  } while (++l < len);
+  for (int i = 0; i < kPairsTogether; ++i)
+    for (int c = 0; c < S; ++c)
+      _mm512_mask_storeu_ps(acc[i] + 16 * (C0 + c), C0 + c == C - 1 ? tail : 0xFFFF, sums[i][c]);
+}
+
+// Chunks [C0, C): 4 at a time, then what is left.
+template <class T, int C, int C0 = 0>
+void accumulate_pairs_avx512(const float* const* p, const T* values, int64_t len, int64_t dim, float* const* acc) {
+  constexpr int S = std::min(4, C - C0);
+  accumulate_pairs_slice_avx512<T, C, C0, S>(p, values, len, dim, acc);
+  if constexpr (C0 + S < C) accumulate_pairs_avx512<T, C, C0 + S>(p, values, len, dim, acc);
 }
 
 template <int C>
@@ -809,7 +881,6 @@ void finish_avx2(const float* acc, [[maybe_unused]] int64_t dim, float inv_sum, 
 // bits), 0.96-0.99x; the scores of 8 pairs x 1 key (each key widened once for 8 pairs; the weighted sum 4 pairs at a
 // time as here), 1.00-1.06x (quartiles 0.85-1.13). The avx512 path takes pairs one by one (not measured: no AVX-512
 // CPU then).
-constexpr int64_t kPairsTogether = 4;
 
 // The scores of keys [l, l + K) for the kPairsTogether pairs: K x 4 independent sums.
 template <class T, int C, int K>
@@ -1142,7 +1213,8 @@ struct HeadPieces {  // a path's pieces of head_* for one head_dim
 template <class T, int... C>
 HeadPieces<T> avx512_pieces(int64_t chunks, std::integer_sequence<int, C...>) {
   const HeadPieces<T> table[] = {{scores_avx512<T, C + 1>, softmax_avx512, accumulate_avx512<T, C + 1>,
-                                  finish_avx512<C + 1>}...};
+                                  finish_avx512<C + 1>, scores_pairs_avx512<T, C + 1>,
+                                  accumulate_pairs_avx512<T, C + 1>}...};
   return table[chunks - 1];
 }
 
