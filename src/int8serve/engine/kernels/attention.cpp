@@ -530,9 +530,12 @@ void accumulate_avx512(const float* p, const T* values, int64_t len, int64_t dim
 }
 
 // attend_rows' pieces for kPairsTogether pairs at once, as the avx2 path's (scores_pairs_avx2 says why): each key and
-// value loaded (and widened) once for the four pairs, K keys x 4 pairs of independent score sums; every score and
-// running sum of a pair with scores_avx512's and accumulate_avx512's operations in their order (a row keeps its
-// decode step's bits).
+// value loaded (and widened) once for the four pairs, K keys x 4 pairs of independent score sums, the weighted sum 4
+// chunks of 16 lanes at a time (16 running sums in registers); every score and running sum of a pair with
+// scores_avx512's and accumulate_avx512's operations in their order (a row keeps its decode step's bits). AMD EPYC
+// Zen 4, 2 threads, the 32 layers' attention of a 128-row chunk of the 7B shape against one pair at a time
+// (benchmarks/chunk_attention.py, 2026-12-04): the scores alone 1.05-1.12x, the weighted sum alone 0.87x until its
+// loop became a do-while (below), then both 1.25-1.36x.
 template <class T, int C, int K>
 inline void scores_of_keys_avx512(const float* const* q, const T* keys, int64_t l, int64_t dim, float scale,
                                   float* const* s) {
@@ -553,10 +556,7 @@ inline void scores_of_keys_avx512(const float* const* q, const T* keys, int64_t 
     for (int j = 0; j < K; ++j) s[i][l + j] = sum16(acc[i][j]) * scale;
 }
 
-#ifndef INT8SERVE_PAIR_KEYS_512
-#define INT8SERVE_PAIR_KEYS_512 2
-#endif
-constexpr int kPairKeys512 = INT8SERVE_PAIR_KEYS_512;
+constexpr int kPairKeys512 = 2;  // keys a step of scores_pairs_avx512 (4 measured alike on a Zen 4: 0.97-1.01x)
 
 template <class T, int C>
 void scores_pairs_avx512(const float* const* q, const T* keys, int64_t len, int64_t dim, float scale,
@@ -879,8 +879,7 @@ void finish_avx2(const float* acc, [[maybe_unused]] int64_t dim, float inv_sum, 
 // take that order (its lanes' sums would add other values together). Tried, not kept: the 8 scores of a step reduced
 // side by side (sum8's additions lane for lane through permutes and shuffles: 27 instructions instead of 64, the same
 // bits), 0.96-0.99x; the scores of 8 pairs x 1 key (each key widened once for 8 pairs; the weighted sum 4 pairs at a
-// time as here), 1.00-1.06x (quartiles 0.85-1.13). The avx512 path takes pairs one by one (not measured: no AVX-512
-// CPU then).
+// time as here), 1.00-1.06x (quartiles 0.85-1.13). The avx512 path has its own (scores_pairs_avx512).
 
 // The scores of keys [l, l + K) for the kPairsTogether pairs: K x 4 independent sums.
 template <class T, int C, int K>
