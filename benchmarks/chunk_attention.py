@@ -120,7 +120,7 @@ def main(argv: list[str] | None = None) -> str:
         f"all {LAYERS} layers, each over its own cache; {args.rounds} alternating rounds, same bits checked first.",
         "", f"| chunk positions | {args.revision} | this build | speed-up (per round) |", "|---|---|---|---|",
         *rows, ""])
-    publish(report, args.write, "chunk_attention")
+    publish(report, args.write, "chunk_attention.py", cpu_label())  # a section per CPU model
     return report
 
 
