@@ -1,10 +1,15 @@
-"""What row-exact prefill costs: the server's prefill of one prompt with and without it, alternating, in one run.
+"""What row-exact prefill costs: the server's prefill of one prompt the default way and row-exact, alternating, in
+one run.
 
 Row-exact prefill (engine/chunking.py) computes every row of a prefill chunk as its decode step would: int8 layers
-through our kernel with fp32 outputs (instead of rounded to bf16) and attention through the decode attention kernel,
-row by row (instead of SDPA over the chunk). It is what lets the prefix cache keep a reply's tokens (issue 13). This
-script prefills one random prompt the way the engine does (chunks of `--chunk` aligned to the prompt's start, through
-`Transformer(..., prefill=PrefillChunk)`), once each way per round, and reports tok/s for both and their ratio.
+through our kernel with fp32 outputs, two int8 passes a row, and attention through the decode attention kernel, row by
+row. It is what lets the prefix cache keep a reply's tokens (issue 13), and it has decode's accuracy (issue 10). On
+CPUs with AVX2 only (or AVX-VNNI) it is the default; on CPUs with AVX-512 VNNI (or AMX) the default multiplies chunks
+of more than 32 rows with the bf16 kernel (or dequantizes for oneDNN) and attends with SDPA over the chunk, and
+`INT8SERVE_PREFILL_MATMUL=row-exact` asks for row-exact chunks. This script prefills one random prompt the way the
+engine does (chunks of `--chunk` aligned to the prompt's start, through `Transformer(..., prefill=PrefillChunk)`),
+once each way per round: the default (INT8SERVE_PREFILL_MATMUL as the environment has it) and row-exact (the setting
+`row-exact` for the duration of that prefill), and reports tok/s for both and their ratio.
 
     .venv/bin/python -m benchmarks.row_exact --model data/llama2-7b-shape-int8 --write docs/benchmarks.md
 """
@@ -16,14 +21,17 @@ import os
 import statistics
 import sys
 import time
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
+from contextlib import contextmanager
 from pathlib import Path
 
 import torch
 
 from benchmarks.common import display_command, write_section
-from benchmarks.machine import machine_description
+from benchmarks.machine import cpu_label, machine_description
+from int8serve.engine import int8
 from int8serve.engine.chunking import aligned_chunk
+from int8serve.engine.kernels import matmul as prefill_matmul
 from int8serve.engine.loader import load_model
 from int8serve.engine.model import KVCache, Transformer
 
@@ -38,6 +46,28 @@ def prefill(model: Transformer, prompt: list[int], cache: KVCache, chunk: int, r
     return time.perf_counter() - started
 
 
+@contextmanager
+def setting(value: str | None) -> Iterator[None]:
+    """INT8SERVE_PREFILL_MATMUL = `value` (None: as it was) inside the block, restored after."""
+    before = os.environ.get(prefill_matmul.ENV)
+    if value is not None:
+        os.environ[prefill_matmul.ENV] = value
+    try:
+        yield
+    finally:
+        if before is None:
+            os.environ.pop(prefill_matmul.ENV, None)
+        else:
+            os.environ[prefill_matmul.ENV] = before
+
+
+def prefill_way(model: Transformer, prompt: list[int], cache: KVCache, chunk: int, row_exact: bool,
+                default_is_row_exact: bool) -> float:
+    """Seconds to prefill `prompt` the default way, or row-exact (asking for it where it is not the default)."""
+    with setting("row-exact" if row_exact and not default_is_row_exact else None):
+        return prefill(model, prompt, cache, chunk, row_exact or default_is_row_exact)
+
+
 def main(argv: Sequence[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--model", type=Path, required=True, help="int8 checkpoint folder")
@@ -48,36 +78,40 @@ def main(argv: Sequence[str] | None = None) -> None:
     args = parser.parse_args(argv)
     started = time.monotonic()
     model = load_model(args.model, "int8").model
-    if not model.row_exact_prefill(args.chunk, 4):
-        raise SystemExit(f"this CPU/model cannot prefill row-exact with chunks of {args.chunk} (see "
-                         "Transformer.row_exact_prefill)")
+    default_is_row_exact = model.row_exact_prefill(args.chunk, 4)
+    with setting("row-exact"):
+        if not model.row_exact_prefill(args.chunk, 4):
+            raise SystemExit(f"this CPU/model cannot prefill row-exact with chunks of {args.chunk} (see "
+                             "Transformer.row_exact_prefill)")
     cache = model.new_cache(1, min(model.config.max_seq_len, args.prompt + 8))
     prompt = torch.randint(3, model.config.vocab_size, (args.prompt,), generator=torch.Generator().manual_seed(0))
     tokens = prompt.tolist()
-    prefill(model, tokens[:args.chunk], cache, args.chunk, True)  # warm-up: kernels built, pages touched
-    prefill(model, tokens[:args.chunk], cache, args.chunk, False)
+    for row_exact in (True, False):  # warm-up: kernels built, pages touched
+        prefill_way(model, tokens[:args.chunk], cache, args.chunk, row_exact, default_is_row_exact)
     seconds: dict[bool, list[float]] = {False: [], True: []}
     for round_ in range(args.rounds):
         for row_exact in ((False, True) if round_ % 2 == 0 else (True, False)):
-            seconds[row_exact].append(prefill(model, tokens, cache, args.chunk, row_exact))
+            seconds[row_exact].append(prefill_way(model, tokens, cache, args.chunk, row_exact, default_is_row_exact))
             print(f"round {round_ + 1}, row_exact={row_exact}: {seconds[row_exact][-1]:.2f} s", flush=True)
-    before, after = statistics.median(seconds[False]), statistics.median(seconds[True])
-    lines = ["| prefill numerics | median | tok/s |", "|---|---|---|",
-             f"| chunk's own (bf16-rounded int8 outputs, SDPA): before | {before:.2f} s | {args.prompt / before:.2f} |",
-             f"| row-exact (fp32 int8 outputs, decode attention kernel): now | {after:.2f} s | "
-             f"{args.prompt / after:.2f} |",
-             f"| row-exact ÷ before (time) | {after / before:.3f}× | |"]
+    default, exact = statistics.median(seconds[False]), statistics.median(seconds[True])
+    ratio = statistics.median(d / e for d, e in zip(seconds[False], seconds[True], strict=True))
+    how = ("row-exact (the default here)" if default_is_row_exact else
+           f"{os.environ.get(prefill_matmul.ENV) or 'auto'}: int8 layers {int8.describe_dense()}, SDPA over the chunk")
+    lines = ["| prefill | median | tok/s |", "|---|---|---|",
+             f"| the default ({how}) | {default:.2f} s | {args.prompt / default:.2f} |",
+             f"| row-exact (our int8 kernel, two int8 passes a row; the decode attention kernel) | {exact:.2f} s | "
+             f"{args.prompt / exact:.2f} |",
+             f"| row-exact ÷ default (speed, the median of the rounds' ratios) | {ratio:.3f}× | |"]
     print("\n".join(lines))
     if args.write is not None:
         command = display_command("row_exact", list(sys.argv[1:] if argv is None else argv), hidden=("--write",))
         body = "\n".join([
-            f"## Row-exact prefill: its cost (`benchmarks/row_exact.py`, {args.model.name})", "",
-            f"`{command}` — {machine_description()}, {time.strftime('%Y-%m-%d')}, "
+            f"## Row-exact prefill: its cost (`benchmarks/row_exact.py`, {args.model.name}, {cpu_label()})", "",
+            f"`{command}` — {machine_description()}, {time.strftime('%Y-%m-%d %H:%M', time.gmtime())} UTC, "
             f"{time.monotonic() - started:.0f} s, load average {os.getloadavg()[0]:.1f} at the end. One "
             f"{args.prompt}-token random prompt prefilled as the server does (chunks of {args.chunk}), each way "
-            f"{args.rounds} times, alternating; medians. \"Before\" is the chunk's own numerics of the same code "
-            "(as on main before row-exact prefill, but with SiLU row by row in both).", "", *lines])
-        write_section(args.write, body, "row_exact.py", args.model.name)
+            f"{args.rounds} times, alternating; medians.", "", *lines])
+        write_section(args.write, body, "row_exact.py", f"{args.model.name} {cpu_label()}")
 
 
 if __name__ == "__main__":
