@@ -114,13 +114,16 @@ class Timing:
 
 
 def time_shape(libraries: dict[str, ctypes.CDLL], n: int, k: int, rows: int, rounds: int, calls: int,
-               threads: int, rotation_bytes: float = ROTATION_BYTES) -> Timing:
-    """Median-ready call times of every build on [rows, k] x [n, k], weights rotating through distinct copies."""
+               threads: int, rotation_bytes: float = ROTATION_BYTES, group_size: int = 32) -> Timing:
+    """Median-ready call times of every build on [rows, k] x [n, k], weights rotating through distinct copies; a
+    weight scale per `group_size` inputs (0: per output row)."""
     generator = torch.Generator().manual_seed(n + k)
     block = torch.randint(-127, 128, (n, k), generator=generator, dtype=torch.int8)
-    scale = (torch.rand(n, k // 32, generator=generator) * 0.01 + 0.001).to(torch.bfloat16).float()
+    scale = (torch.rand(n, k // group_size if group_size else 1, generator=generator) * 0.01 + 0.001)
+    scale = scale.to(torch.bfloat16).float()
     copies = max(2, int(rotation_bytes // (n * k)))
-    weights = [kernels.pack_weight(torch.roll(block, i + 1, dims=0), scale, 32) for i in range(copies)]
+    weights = [kernels.pack_weight(torch.roll(block, i + 1, dims=0), scale if group_size else scale[:, 0], group_size)
+               for i in range(copies)]
     x = torch.randn(rows, k, generator=generator)
     timing = Timing({label: [] for label in libraries})
     outputs = {}
@@ -132,7 +135,7 @@ def time_shape(libraries: dict[str, ctypes.CDLL], n: int, k: int, rows: int, rou
             started = time.perf_counter()
             for call in range(calls):
                 packed = weights[(round_index * calls + call) % copies]
-                status = libraries[label].i8s_gemv(x.data_ptr(), rows, k, packed.data.data_ptr(), n, 32,
+                status = libraries[label].i8s_gemv(x.data_ptr(), rows, k, packed.data.data_ptr(), n, group_size,
                                                    y.data_ptr(), impl, 1, threads)
                 if status != 0:
                     sys.exit(f"error: i8s_gemv of {label!r} returned {status}")
@@ -141,6 +144,10 @@ def time_shape(libraries: dict[str, ctypes.CDLL], n: int, k: int, rows: int, rou
     first = next(iter(outputs.values()))
     timing.outputs_equal = all(torch.equal(first, y) for y in outputs.values())
     return timing
+
+
+def scale_scheme(group_size: int) -> str:
+    return f"a bf16 scale per {group_size} weights" if group_size else "a bf16 scale per output row"
 
 
 def command_line(args: argparse.Namespace) -> str:
@@ -153,6 +160,8 @@ def command_line(args: argparse.Namespace) -> str:
         if v.revision is not None:
             words += ["--revision", v.revision]
     words += ["--shapes", *args.shapes, "--rows", *map(str, args.rows), "--rounds", str(args.rounds)]
+    if args.group_size != 32:
+        words += ["--group-size", str(args.group_size)]
     return shlex.join(words) + (f" --write {args.write}" if args.write else "")
 
 
@@ -164,7 +173,7 @@ def report(args: argparse.Namespace, results: list[tuple[str, int, Timing]], loa
     lines = [f"## Builds of the decode kernel compared (`benchmarks/{SCRIPT}`, {cpu_label()})", "",
              f"- Command: `{command_line(args)}`",
              f"- Date: {now}; CPU: {machine_description()}; kernel path {kernels.path()}, precise activations, "
-             f"{args.threads} threads, a bf16 scale per 32 weights; weights rotate through > 1 GB of copies.",
+             f"{args.threads} threads, {scale_scheme(args.group_size)}; weights rotate through > 1 GB of copies.",
              "- Variants: " + "; ".join(f"{v.label}: " + (f"the sources at {v.revision}" if v.revision else
                                                           f"`{shlex.join(v.defines) or '(no defines)'}`")
                                         for v in args.variant) + ".",
@@ -198,6 +207,8 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--rounds", type=int, default=5, help="alternating rounds (default 5)")
     parser.add_argument("--calls", type=int, default=12, help="calls per build and round (default 12)")
     parser.add_argument("--threads", type=int, default=torch.get_num_threads())
+    parser.add_argument("--group-size", type=int, default=32, choices=(0, 32, 64, 128),
+                        help="inputs per weight scale (0: one scale per output row; default 32, the default scheme)")
     parser.add_argument("--write", type=Path, metavar="FILE", help="replace this script's section of FILE")
     args = parser.parse_args(argv)
     args.variant = args.variant or ([parse_variant("now=")] if args.revision
@@ -220,7 +231,8 @@ def main(argv: Sequence[str] | None = None) -> None:
         results = []
         for shape in args.shapes:
             for rows in args.rows:
-                timing = time_shape(libraries, *reversed(SHAPES[shape]), rows, args.rounds, args.calls, args.threads)
+                timing = time_shape(libraries, *reversed(SHAPES[shape]), rows, args.rounds, args.calls, args.threads,
+                                    group_size=args.group_size)
                 results.append((shape, rows, timing))
                 log(f"{shape} rows {rows}: " + ", ".join(
                     f"{label} {statistics.median(t) * 1e3:.2f} ms" for label, t in timing.seconds.items()))

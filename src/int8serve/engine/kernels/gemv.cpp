@@ -1358,7 +1358,7 @@ struct ExactBlock {
   INT8SERVE_EXACT_ROW(5, "(%[" X3 "],%[stride],2)", 20, 21, 22, 23)             \
   ".endr\n\t"
 // Row R's sums: started at its high correction (START), shifted and given its low correction between the passes
-// (SHIFT), written out at the end (STORE).
+// (SHIFT).
 #define INT8SERVE_EXACT_START(R, S0, S1, S2, S3)                                \
   ".if %c[rows] > " #R "\n\t"                                                   \
   ".irp s," #S0 "," #S1 "," #S2 "," #S3 "\n\t"                                  \
@@ -1373,12 +1373,28 @@ struct ExactBlock {
   "vpaddd %%zmm28, %%zmm\\s, %%zmm\\s\n\t"                                      \
   ".endr\n\t"                                                                   \
   ".endif\n\t"
-#define INT8SERVE_EXACT_STORE(R, S0, S1, S2, S3)                                \
-  ".if %c[rows] > " #R "\n\t"                                                   \
-  "vmovdqa64 %%zmm" #S0 ", 256*" #R "(%[dots])\n\t"                             \
-  "vmovdqa64 %%zmm" #S1 ", 256*" #R "+64(%[dots])\n\t"                          \
-  "vmovdqa64 %%zmm" #S2 ", 256*" #R "+128(%[dots])\n\t"                         \
-  "vmovdqa64 %%zmm" #S3 ", 256*" #R "+192(%[dots])\n\t"                         \
+// Weight groups of several groups (kMode 1: the weight group's first, 2: the others): row R's inner = float(dot) *
+// xscale, or fma(float(dot), xscale, inner), written back (inner: row R's 64 running sums, 256 bytes a row).
+#define INT8SERVE_EXACT_INNER(R, S0, S1, S2, S3)                               \
+  ".if %c[rows] > " #R "\n\t"                                                  \
+  "vbroadcastss 48+4*" #R "(%[consts]), %%zmm28\n\t"                           \
+  ".irp s," #S0 "," #S1 "," #S2 "," #S3 "\n\t"                                 \
+  "vcvtdq2ps %%zmm\\s, %%zmm\\s\n\t"                                          \
+  ".endr\n\t"                                                                  \
+  ".if %c[mode] == 1\n\t"                                                      \
+  ".irp s," #S0 "," #S1 "," #S2 "," #S3 "\n\t"                                 \
+  "vmulps %%zmm28, %%zmm\\s, %%zmm\\s\n\t"                                     \
+  ".endr\n\t"                                                                  \
+  ".else\n\t"                                                                  \
+  "vfmadd213ps 256*" #R "(%[inner]), %%zmm28, %%zmm" #S0 "\n\t"                \
+  "vfmadd213ps 256*" #R "+64(%[inner]), %%zmm28, %%zmm" #S1 "\n\t"             \
+  "vfmadd213ps 256*" #R "+128(%[inner]), %%zmm28, %%zmm" #S2 "\n\t"            \
+  "vfmadd213ps 256*" #R "+192(%[inner]), %%zmm28, %%zmm" #S3 "\n\t"            \
+  ".endif\n\t"                                                                 \
+  "vmovaps %%zmm" #S0 ", 256*" #R "(%[inner])\n\t"                             \
+  "vmovaps %%zmm" #S1 ", 256*" #R "+64(%[inner])\n\t"                          \
+  "vmovaps %%zmm" #S2 ", 256*" #R "+128(%[inner])\n\t"                         \
+  "vmovaps %%zmm" #S3 ", 256*" #R "+192(%[inner])\n\t"                         \
   ".endif\n\t"
 // The default scheme (a weight scale per group): row R's total = float(dot) * xscale, acc = fma(total, wscale, acc)
 // (acc: row R's 64 running sums, 256 bytes a row; zmm24-27 the 4 blocks' weight scales).
@@ -1414,11 +1430,11 @@ struct ExactGroupRows {
 static_assert(offsetof(ExactGroupRows, xscale) == 48, "INT8SERVE_EXACT_ACC reads the scales at 48");
 
 // R rows (1..6) x the tile's 64 outputs over one group: the exact int32 dots, 256 * (dot_hi + corr_hi) + dot_lo +
-// corr_lo, into dots[R][64]; or, kEach (the default scheme), their float arithmetic too, into acc with the group's
-// weight scales (bf16, 64).
-template <int R, bool kEach>
+// corr_lo, then their float arithmetic: kMode 0 (the default scheme, a weight group per group) into acc with the
+// group's weight scales (bf16, 64); 1 and 2 into inner (INT8SERVE_EXACT_INNER).
+template <int R, int kMode>
 INT8SERVE_VNNI512 inline void exact_group(const uint8_t* group, const int8_t* x, int64_t kp, const ExactGroupRows& rows,
-                                          const uint16_t* scales, float* acc, int32_t* dots) {
+                                          const uint16_t* scales, float* acc, float* inner) {
   static_assert(R >= 1 && R <= kExactRows, "the assembly has room for kExactRows rows");
   const int64_t stride = 2 * kp;
   const int8_t *x3 = x + 3 * stride, *xl = x + kp, *xl3 = x3 + kp;
@@ -1426,26 +1442,26 @@ INT8SERVE_VNNI512 inline void exact_group(const uint8_t* group, const int8_t* x,
                INT8SERVE_EXACT_PASS("x", "x3")
                INT8SERVE_EXACT_ROWS(INT8SERVE_EXACT_SHIFT)
                INT8SERVE_EXACT_PASS("xl", "xl3")
-               ".if %c[each]\n\t"
+               ".if %c[mode] == 0\n\t"
                ".irp b,4,5,6,7\n\t"  // zmm24-27 (no more weights): block b - 4's weight scales as fp32
                "vpmovzxwd 32*(\\b-4)(%[scales]), %%zmm2\\b\n\t"
                "vpslld $16, %%zmm2\\b, %%zmm2\\b\n\t"
                ".endr\n\t"
                INT8SERVE_EXACT_ROWS(INT8SERVE_EXACT_ACC)
                ".else\n\t"
-               INT8SERVE_EXACT_ROWS(INT8SERVE_EXACT_STORE)
+               INT8SERVE_EXACT_ROWS(INT8SERVE_EXACT_INNER)
                ".endif\n\t"
                :
-               : [rows] "i"(R), [each] "i"(kEach ? 1 : 0), [w] "r"(group), [x] "r"(x), [x3] "r"(x3), [xl] "r"(xl),
+               : [rows] "i"(R), [mode] "i"(kMode), [w] "r"(group), [x] "r"(x), [x3] "r"(x3), [xl] "r"(xl),
                  [xl3] "r"(xl3), [stride] "r"(stride), [consts] "r"(&rows), [scales] "r"(scales), [acc] "r"(acc),
-                 [dots] "r"(dots)
+                 [inner] "r"(inner)
                : "memory", "xmm0", "xmm1", "xmm2", "xmm3", "xmm4", "xmm5", "xmm6", "xmm7", "xmm8", "xmm9", "xmm10",
                  "xmm11", "xmm12", "xmm13", "xmm14", "xmm15", "xmm16", "xmm17", "xmm18", "xmm19", "xmm20", "xmm21",
                  "xmm22", "xmm23", "xmm24", "xmm25", "xmm26", "xmm27", "xmm28");
 }
 #undef INT8SERVE_EXACT_ROWS
 #undef INT8SERVE_EXACT_ACC
-#undef INT8SERVE_EXACT_STORE
+#undef INT8SERVE_EXACT_INNER
 #undef INT8SERVE_EXACT_SHIFT
 #undef INT8SERVE_EXACT_START
 #undef INT8SERVE_EXACT_PASS
@@ -1462,36 +1478,24 @@ INT8SERVE_VNNI512 void exact_block(const ExactBlock& a, int64_t g0, int64_t g1) 
       rows.xscale[r] = a.xscale[2 * r * a.groups + g];
     }
     if constexpr (kEachGroup) {
-      exact_group<R, true>(group, a.xq + g * kGroup, a.kp, rows, a.lay.scales(a.tile, g), a.acc, nullptr);
+      exact_group<R, 0>(group, a.xq + g * kGroup, a.kp, rows, a.lay.scales(a.tile, g), a.acc, nullptr);
       continue;
     }
-    alignas(64) int32_t dots[kExactRows][kTileRows];
-    exact_group<R, false>(group, a.xq + g * kGroup, a.kp, rows, nullptr, nullptr, &dots[0][0]);
     const int64_t wg = g / a.lay.span;
-    const bool first = g == wg * a.lay.span;
-    const bool last = (g + 1) % a.lay.span == 0 || g + 1 == a.groups;
-    __m512 wscale[kBlocks];
-    if (last) {
-      const uint16_t* scales = a.lay.scales(a.tile, wg);
-      for (int b = 0; b < kBlocks; ++b) {
-        const __m256i raw = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(scales + b * kBlockRows));
-        wscale[b] = _mm512_castsi512_ps(_mm512_slli_epi32(_mm512_cvtepu16_epi32(raw), 16));
-      }
-    }
-    for (int r = 0; r < R; ++r) {
-      const __m512 xscale = _mm512_set1_ps(rows.xscale[r]);
-      for (int b = 0; b < kBlocks; ++b) {
-        float* in = a.inner + r * kTileRows + b * kBlockRows;
-        const __m512 product =
-            _mm512_cvtepi32_ps(_mm512_load_si512(static_cast<const void*>(&dots[r][b * kBlockRows])));
-        const __m512 total = first ? _mm512_mul_ps(product, xscale) : _mm512_fmadd_ps(product, xscale,
-                                                                                      _mm512_load_ps(in));
-        if (!last) {
-          _mm512_store_ps(in, total);
-          continue;
-        }
+    if (g == wg * a.lay.span)
+      exact_group<R, 1>(group, a.xq + g * kGroup, a.kp, rows, nullptr, nullptr, a.inner);
+    else
+      exact_group<R, 2>(group, a.xq + g * kGroup, a.kp, rows, nullptr, nullptr, a.inner);
+    if ((g + 1) % a.lay.span != 0 && g + 1 != a.groups) continue;
+    // the weight group's end: acc = fma(inner, wscale, acc)
+    const uint16_t* scales = a.lay.scales(a.tile, wg);
+    for (int b = 0; b < kBlocks; ++b) {
+      const __m256i raw = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(scales + b * kBlockRows));
+      const __m512 wscale = _mm512_castsi512_ps(_mm512_slli_epi32(_mm512_cvtepu16_epi32(raw), 16));
+      for (int r = 0; r < R; ++r) {
         float* out = a.acc + r * kTileRows + b * kBlockRows;
-        _mm512_store_ps(out, _mm512_fmadd_ps(total, wscale[b], _mm512_load_ps(out)));
+        _mm512_store_ps(out, _mm512_fmadd_ps(_mm512_load_ps(a.inner + r * kTileRows + b * kBlockRows), wscale,
+                                             _mm512_load_ps(out)));
       }
     }
   }
