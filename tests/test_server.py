@@ -67,8 +67,8 @@ def test_serve_makes_and_prints_a_token_when_none_is_configured(tmp_path: Path, 
         assert "response cache: on (card: in_memory), account scope, TTL 300 s" in text
         assert "daily allocation: off" in text
         assert "KV cache: bf16 (--kv-cache int8: 0.56x), " in text and "for 4 x 512 positions" in text
-        # the default 128-token prefill chunks take the dense path (replies are not reusable, and the line says how),
-        # except on the avx2 path (an AVX2-only CPU), whose kernel takes every chunk row-exact
+        # the default 128-token prefill chunks take the dense path on the amx path (replies are not reusable, and the
+        # line says how); the vnni512, avx2 and avxvnni paths' kernel takes every chunk row-exact
         if kernel_rows() < 128:
             dense = "; prompts only (prefill chunks take the faster dense path; INT8SERVE_PREFILL_MATMUL=row-exact"
             assert dense in text

@@ -156,34 +156,51 @@ def test_a_prefill_chunk_chooses_the_path_by_its_aligned_rows(chunk_rows: int) -
     assert torch.equal(kernel, tail) == (chunk_rows <= int8.kernel_rows())  # prefill chunks round to bf16
 
 
-def test_our_kernel_takes_the_calls_its_path_is_the_fastest_for(monkeypatch: pytest.MonkeyPatch) -> None:
-    """By default our kernel takes calls of up to 32 rows on the paths beside which the dense path is faster for more
-    (measured in int8.py), and every call on the avx2 and avxvnni paths, whose GEMM on 16-bit rows beats dequantizing
-    for oneDNN's fp32 matmul (CPUs with AVX2 only, or AVX-VNNI without AVX-512); INT8SERVE_PREFILL_MATMUL=row-exact
-    gives the amx and vnni512 paths the default 128-row prefill chunks, and =dense gives every path's prefill back to
-    the dense path."""
+def test_our_kernel_takes_the_calls_of_each_path_by_default_and_by_setting(monkeypatch: pytest.MonkeyPatch) -> None:
+    """By default our kernel takes every call on the vnni512, avx2 and avxvnni paths (row-exact prefill: their GEMMs,
+    int8.py has the figures) and calls of up to 32 rows on the amx path, beside which the AMX-BF16 kernel is much
+    faster for more; INT8SERVE_PREFILL_MATMUL=row-exact gives the amx path the default 128-row prefill chunks,
+    =bf16 gives the other paths' long calls to the bf16 kernel where the CPU has it, and =dense gives every path's
+    prefill back to the dense path."""
     for path in kernels.PATHS:
         if not kernels.cpu_has(path):
             continue
         monkeypatch.setenv(kernels.ENV_PATH, path)
         monkeypatch.delenv(prefill_matmul.ENV, raising=False)
         assert int8.KERNEL_ROWS == 32
-        assert int8.kernel_rows() == (int8.ALL_ROWS if path in ("avx2", "avxvnni") else int8.KERNEL_ROWS), path
+        every_call = path in ("vnni512", "avx2", "avxvnni")
+        assert int8.kernel_rows() == (int8.ALL_ROWS if every_call else int8.KERNEL_ROWS), path
         monkeypatch.setenv(prefill_matmul.ENV, " Row-Exact ")  # as the other settings: case and spaces do not matter
         assert prefill_matmul.row_exact_requested()
-        fast = {"amx": int8.KERNEL_ROWS_ROW_EXACT, "vnni512": int8.KERNEL_ROWS_ROW_EXACT, "avx2": int8.ALL_ROWS,
-                "avxvnni": int8.ALL_ROWS}
-        assert int8.kernel_rows() == fast.get(path, int8.KERNEL_ROWS), path
+        row_exact = int8.KERNEL_ROWS_ROW_EXACT if path == "amx" else int8.KERNEL_ROWS
+        assert int8.kernel_rows() == (int8.ALL_ROWS if every_call else row_exact), path
+        monkeypatch.setenv(prefill_matmul.ENV, "bf16")
+        bf16_kernel = prefill_matmul.available()  # (the CPU's, whatever path INT8SERVE_KERNEL holds our kernel to)
+        assert int8.kernel_rows() == (int8.ALL_ROWS if every_call and not bf16_kernel else int8.KERNEL_ROWS), path
+        assert prefill_matmul.setting_problem() is None
         monkeypatch.setenv(prefill_matmul.ENV, "dense")
         assert int8.kernel_rows() == int8.KERNEL_ROWS, path
 
 
-@pytest.mark.parametrize("path", ["avx2", "avxvnni"])
-def test_the_16_bit_gemm_paths_multiply_every_prefill_row_as_decode_does(path: str, monkeypatch: pytest.MonkeyPatch
-                                                                         ) -> None:
-    """On the avx2 path (every x86 CPU can run it) and the avxvnni path a 128-row prefill chunk and a 300-row forward
-    go through our kernel's GEMM: each row has the bits of that row alone through the kernel (decode's), and the start
-    line says so; with INT8SERVE_PREFILL_MATMUL=dense they dequantize for the dense matmul instead."""
+def test_the_bf16_setting_without_a_bf16_kernel_says_so(monkeypatch: pytest.MonkeyPatch) -> None:
+    """INT8SERVE_PREFILL_MATMUL=bf16 on a CPU without AMX-BF16 or AVX512-BF16 (the avx2 path's CPUs): prefill stays
+    our kernel's, every call, and the start line says why the bf16 kernel is not used."""
+    monkeypatch.setenv(kernels.ENV_PATH, "avx2")
+    monkeypatch.setenv(prefill_matmul.ENV, "bf16")
+    monkeypatch.setattr(prefill_matmul, "available", lambda: False)
+    monkeypatch.setattr(prefill_matmul, "unavailable_reason", lambda: "this CPU has neither AMX-BF16 nor AVX512-BF16")
+    assert int8.kernel_rows() == int8.ALL_ROWS
+    line = int8.describe_dense()
+    assert "our int8 kernel's avx2 path, every call" in line
+    assert "=bf16 asked for our bf16 kernel, which is not used here: this CPU has neither" in line
+
+
+@pytest.mark.parametrize("path", ["avx2", "avxvnni", "vnni512"])
+def test_the_gemm_paths_multiply_every_prefill_row_as_decode_does(path: str, monkeypatch: pytest.MonkeyPatch) -> None:
+    """On the avx2 path (every x86 CPU can run it), the avxvnni and the vnni512 paths a 128-row prefill chunk and a
+    300-row forward go through our kernel's GEMM: each row has the bits of that row alone through the kernel
+    (decode's), and the start line says so; with INT8SERVE_PREFILL_MATMUL=dense they dequantize for the dense matmul
+    instead, and on the vnni512 path with =bf16 they take the bf16 kernel where the CPU has it."""
     if not kernels.cpu_has(path):
         pytest.skip(f"this CPU lacks the {path} path")
     monkeypatch.setenv(kernels.ENV_PATH, path)
@@ -203,6 +220,10 @@ def test_the_16_bit_gemm_paths_multiply_every_prefill_row_as_decode_does(path: s
     monkeypatch.setenv(prefill_matmul.ENV, "dense")
     assert not torch.equal(layer(x), whole)  # the dense path's fp32 or bf16 sums round otherwise
     assert "our int8 kernel" not in int8.describe_dense()
+    if path == "vnni512" and prefill_matmul.available():
+        monkeypatch.setenv(prefill_matmul.ENV, "bf16")
+        assert layer.packed is not None and torch.equal(layer(x), prefill_matmul.matmul(x, layer.packed))
+        assert "bf16 with AVX512-BF16 dot products" in int8.describe_dense()
 
 
 @pytest.mark.parametrize("path", kernels.PATHS)

@@ -36,6 +36,17 @@ def each_path() -> list:
             for name in prefill_matmul.PATHS]
 
 
+@pytest.fixture(autouse=True)
+def bf16_prefill(monkeypatch: pytest.MonkeyPatch) -> str | None:
+    """Int8Linear's calls of more than 32 rows through this kernel: the default on the amx path; elsewhere (vnni512:
+    our int8 kernel takes every call by default) INT8SERVE_PREFILL_MATMUL=bf16 asks for it. Returns the setting."""
+    if kernels.path() == "amx":
+        monkeypatch.delenv(prefill_matmul.ENV, raising=False)
+        return None
+    monkeypatch.setenv(prefill_matmul.ENV, "bf16")
+    return "bf16"
+
+
 def test_it_is_built_and_loaded_where_the_cpu_can_run_it() -> None:
     assert prefill_matmul.available(), prefill_matmul.unavailable_reason()
     assert set(prefill_matmul.paths()) == {name for name in prefill_matmul.PATHS if skip_reason(name) is None}
@@ -105,7 +116,8 @@ def test_the_default_path_is_the_tiles_where_the_cpu_has_them() -> None:
             prefill_matmul.matmul(x, packed, path=missing)
 
 
-def test_a_prefill_chunk_past_the_kernel_rows_takes_it(monkeypatch: pytest.MonkeyPatch) -> None:
+def test_a_prefill_chunk_past_the_kernel_rows_takes_it(monkeypatch: pytest.MonkeyPatch, bf16_prefill: str | None
+                                                      ) -> None:
     rows = int8.KERNEL_ROWS_ROW_EXACT + 1  # past our kernel's rows, by default and with row-exact prefill
     generator = torch.Generator().manual_seed(1)
     layer = Int8Linear(4096, 128)
@@ -119,16 +131,22 @@ def test_a_prefill_chunk_past_the_kernel_rows_takes_it(monkeypatch: pytest.Monke
     assert (f"prefill matmuls: bf16 {how} straight from the int8 weights, sums kept at full precision (our kernel"
             in int8.describe_dense())
     assert int8.kernel_rows() == int8.KERNEL_ROWS  # 128-row prefill chunks: this kernel is faster from 32 rows up
-    monkeypatch.setenv(prefill_matmul.ENV, "row-exact")  # our kernel takes the default chunks, this one longer calls
-    assert prefill_matmul.enabled() and int8.kernel_rows() == int8.KERNEL_ROWS_ROW_EXACT
-    assert torch.equal(layer(x), got)
+    monkeypatch.setenv(prefill_matmul.ENV, "row-exact")  # amx: our kernel takes the default chunks, this one longer
+    if kernels.path() == "amx":
+        assert prefill_matmul.enabled() and int8.kernel_rows() == int8.KERNEL_ROWS_ROW_EXACT
+        assert torch.equal(layer(x), got)
+    else:  # our kernel takes every call, as by default there
+        assert int8.kernel_rows() == int8.ALL_ROWS and not torch.equal(layer(x), got)
     monkeypatch.setenv(prefill_matmul.ENV, "dense")  # the dequantize-and-oneDNN path: the same values, other sum order
     assert not prefill_matmul.enabled() and f"{prefill_matmul.ENV}=dense" in int8.describe_dense()
     assert int8.kernel_rows() == int8.KERNEL_ROWS
     dense = layer(x)
     assert not torch.equal(dense, got) and ((dense - got).norm() / got.norm()).item() < 1e-2
     token = chunking.CURRENT.set(chunking.PrefillChunk(rows=rows, keys_end=rows))
-    monkeypatch.delenv(prefill_matmul.ENV)
+    if bf16_prefill is None:
+        monkeypatch.delenv(prefill_matmul.ENV)
+    else:
+        monkeypatch.setenv(prefill_matmul.ENV, bf16_prefill)
     try:  # an aligned chunk's tail takes the chunk's path, here the kernel, whatever its own length
         assert torch.equal(layer(x[-3:]), got[-3:])
     finally:
@@ -184,15 +202,21 @@ def test_a_setting_it_does_not_take_turns_it_off_and_says_so(monkeypatch: pytest
     prefill_matmul._warn_once.cache_clear()
     with caplog.at_level("WARNING"):
         assert not prefill_matmul.enabled()
-    assert "INT8SERVE_PREFILL_MATMUL='fast': expected one of auto, row-exact, dense, int8" in caplog.text
-    assert ("our bf16 kernel not used: INT8SERVE_PREFILL_MATMUL='fast' is not one of auto, row-exact, dense, int8"
-            in int8.describe_dense())
+    settings = "auto, row-exact, bf16, dense, int8"
+    assert f"INT8SERVE_PREFILL_MATMUL='fast': expected one of {settings}" in caplog.text
+    if kernels.path() == "amx":  # the default there: this kernel, now off
+        assert (f"our bf16 kernel not used: INT8SERVE_PREFILL_MATMUL='fast' is not one of {settings}"
+                in int8.describe_dense())
+    else:  # our int8 kernel takes every call by default, and keeps them
+        assert ("every call (16-bit activations, each row as decode computes it; INT8SERVE_PREFILL_MATMUL=dense"
+                in int8.describe_dense())
+        assert f"INT8SERVE_PREFILL_MATMUL='fast' is not one of {settings}, taken as auto" in int8.describe_dense()
     layer = Int8Linear(64, 32)
     q, scale = quantize(torch.randn(32, 64), 32)
     layer.set_quantized(q, scale, 32)
-    x = torch.randn(int8.kernel_rows() + 1, 64)
+    x = torch.randn(min(int8.kernel_rows(), 200) + 1, 64)
     expected = x @ (q.float() * scale.repeat_interleave(32, 1)).T
-    assert ((layer(x) - expected).norm() / expected.norm()).item() < 1e-2  # the dense bf16 path, which still works
+    assert ((layer(x) - expected).norm() / expected.norm()).item() < 1e-2  # the dense bf16 path (amx), which works
 
 
 # Rows whose packed copy (164 MB) does not fit what the process may still map: a clear error, not an abort.

@@ -55,7 +55,8 @@ PRECISE_ACTIVATIONS = True
 # our kernel, against 27.9 for the whole prompt in one dense forward). So every path takes up to 32 rows by default,
 # and prefill chunks of the default 128 rows take the dense path (or the AMX kernel): not row-exact (chunking.py),
 # so the prefix cache keeps prompts, not replies. INT8SERVE_PREFILL_MATMUL=row-exact gives our kernel whole chunks of
-# up to 128 rows on the amx and vnni512 paths (row-exact prefill, replies kept; the prefill figures above).
+# up to 128 rows on the amx path (row-exact prefill, replies kept; the prefill figures above). Since its GEMM the
+# vnni512 path takes every call by default (below, EVERY_CALL_PATHS): the figures above are of the code before.
 KERNEL_ROWS = 32
 KERNEL_ROWS_ROW_EXACT = 128
 # The avx2 path (CPUs with AVX2 only: no native bf16, so the dense path is fp32) multiplies calls of 16 rows and more
@@ -83,18 +84,36 @@ KERNEL_ROWS_ROW_EXACT = 128
 # against 858-1003 for the AMX-BF16 prefill kernel, its default (0.53-0.57x: the start line says so too); the avxvnni
 # path held to its instructions (INT8SERVE_KERNEL=avxvnni) 225-229 against 150-162 for its 16-bit GEMM (1.42-1.51x);
 # the avx2 path there 110-111 against 119-125 (0.88-0.92x).
+# The vnni512 path (AVX-512 VNNI without AMX: AMD's Zen 4, Intel's Ice Lake and Cascade Lake, and Sapphire Rapids
+# whose tile state Linux refuses) takes every call too since its GEMM (gemv.cpp, gemm_exact_vnni512): prefill is
+# row-exact there, with decode's accuracy, where the bf16 kernel (AVX512-BF16, the default there before) measured KLD
+# 0.000537 against the issue's 0.0005 (the note above). It costs speed on a Zen 4: the GEMM multiplies 0.84-0.92x as
+# fast as the bf16 kernel at 128 and 512 rows (two vpdpbusd where one vdpbf16ps does, the same peak, and each group's
+# sums scaled apart), and a 512-token prompt in the server's 128-token chunks, 32 layers of the 7B shape with the
+# default scheme, prefilled at 25.6 tok/s against 28.1 (0.915x; benchmarks/row_exact.py, 2026-12-04; 0.80x before the
+# GEMM, at 76c20e0). INT8SERVE_PREFILL_MATMUL=bf16 gives those calls back to the bf16 kernel where the CPU has it.
+# CPUs with AVX-512 VNNI but not AVX512-BF16 (Ice Lake, Cascade Lake), whose prefill dequantized for oneDNN before,
+# were not measured.
 ALL_ROWS = sys.maxsize
 WIDE16_PATHS = ("avx2", "avxvnni")
+EVERY_CALL_PATHS = (*WIDE16_PATHS, "vnni512")  # the paths whose kernel takes every prefill call by default
 
 
 def kernel_rows() -> int:
     """How many rows a call may have and still run our kernel (on its path of this CPU)."""
     path = kernels.path()
-    if prefill_matmul.int8_requested() or (path in WIDE16_PATHS and not prefill_matmul.dense_requested()):
+    if prefill_matmul.int8_requested():
         return ALL_ROWS
-    if path in ("amx", "vnni512") and prefill_matmul.row_exact_requested():
+    if path in EVERY_CALL_PATHS and not prefill_matmul.dense_requested() and not bf16_kernel_requested():
+        return ALL_ROWS
+    if path == "amx" and prefill_matmul.row_exact_requested():
         return KERNEL_ROWS_ROW_EXACT
     return KERNEL_ROWS
+
+
+def bf16_kernel_requested() -> bool:
+    """Whether INT8SERVE_PREFILL_MATMUL=bf16 gives long calls to the bf16 kernel, and this CPU has it."""
+    return prefill_matmul.bf16_requested() and prefill_matmul.available()
 
 
 # Without our kernel: above this many rows the dense bf16 path, at or below it torch's int8pack (per-channel only).
@@ -161,9 +180,15 @@ def describe_dense() -> str:
         return (f"prefill matmuls: our int8 kernel's {kernels.path()} path, every call, one int8 pass a row "
                 f"({prefill_matmul.ENV}=int8: llama.cpp's Q8_0 numerics, less accurate than the default{slower})")
     if kernels.available() and kernel_rows() == ALL_ROWS:
+        faster = (f"; {prefill_matmul.ENV}=bf16: our bf16 kernel, faster and less accurate"
+                  if prefill_matmul.available() else "")
+        unavailable = (f"; {prefill_matmul.ENV}=bf16 asked for our bf16 kernel, which is not used here: "
+                       f"{prefill_matmul.unavailable_reason()}" if prefill_matmul.bf16_requested() else "")
+        problem = prefill_matmul.setting_problem()  # (a value it does not take: the default's, as `auto`)
+        unavailable += f"; {problem}, taken as auto" if problem else ""
         return (f"prefill matmuls: our int8 kernel's {kernels.path()} path, every call (16-bit activations, each row "
                 f"as decode computes it; {prefill_matmul.ENV}=dense: {'fp32' if dtype == torch.float32 else 'bf16'} "
-                f"through {library})")
+                f"through {library}{faster}{unavailable})")
     if dtype == torch.float32:
         return f"prefill matmuls: fp32 through {library} (this CPU has no native bf16)"
     if kernels.available() and prefill_matmul.enabled():

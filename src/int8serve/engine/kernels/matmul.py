@@ -17,15 +17,19 @@ be built) `available()` is False and Int8Linear keeps the dequantize-and-oneDNN 
 
 INT8SERVE_PREFILL_MATMUL chooses how prefill chunks multiply (read when used; the engine decides row-exactness once,
 at start):
-- `auto` (the default): the fastest measured on this CPU. Our int8 kernel takes calls of up to `int8.KERNEL_ROWS`
-  rows; longer ones this kernel where the CPU has AMX-BF16 or AVX512-BF16 (up to its path's `MAX_ROWS`), else
-  dequantize + oneDNN.
-- `row-exact`: our int8 kernel takes whole default prefill chunks (up to `int8.KERNEL_ROWS_ROW_EXACT` rows) on the
-  CPUs whose kernel path is fast enough at that size (AVX-512 VNNI, AMX), so that prefill computes every row as
-  decode would and the prefix cache can keep replies too (chunking.py); slower prefill (int8.py has the figures).
-- `dense`: never this kernel: dequantize + oneDNN (to compare the two). On the avx2 and avxvnni paths (CPUs with
-  AVX2 only, or AVX-VNNI without AVX-512), where our int8 kernel takes every prefill call by default
-  (int8.kernel_rows), dequantize + oneDNN's fp32 matmul instead.
+- `auto` (the default): our int8 kernel takes calls of up to `int8.KERNEL_ROWS` rows on every path, and every call
+  on the vnni512, avx2 and avxvnni paths (int8.kernel_rows): there prefill computes every row as decode does
+  (row-exact: decode's accuracy, and the prefix cache keeps replies too, chunking.py). On the amx path longer calls
+  take this kernel (AMX-BF16, much faster there than our int8 tiles); where our int8 kernel does not take them and
+  this kernel is not available, dequantize + oneDNN.
+- `row-exact`: on the amx path our int8 kernel takes whole default prefill chunks too (up to
+  `int8.KERNEL_ROWS_ROW_EXACT` rows), so that prefill is row-exact there as well; slower prefill (int8.py has the
+  figures). Elsewhere the default.
+- `bf16`: this kernel takes the calls of more than `int8.KERNEL_ROWS` rows where the CPU has AMX-BF16 or AVX512-BF16,
+  whatever our int8 kernel's path (on the vnni512 path: faster prefill than the row-exact default, less accurate, not
+  row-exact; int8.py has the figures). Where the CPU has neither, the default (the start line says so).
+- `dense`: never this kernel: dequantize + oneDNN (to compare the two). On the vnni512, avx2 and avxvnni paths,
+  where our int8 kernel takes every prefill call by default, dequantize + oneDNN's bf16 or fp32 matmul instead.
 - `int8`: our int8 kernel takes every prefill call with one int8 pass a row (activations rounded to int8 per 32
   values, as llama.cpp's Q8_0 computes), where decode takes two (int8.PRECISE_ACTIVATIONS): faster where the CPU
   has int8 dot products, and less accurate, so it is an option (int8.py has the figures). Not row-exact: the prefix
@@ -69,7 +73,7 @@ PATHS = {"amx": 1, "avx512bf16": 2}  # i8m_matmul's `impl`; the first a CPU has 
 # 0.994x (4 rounds; 28.4 tok/s both).
 MAX_ROWS: dict[str, int | None] = {"amx": None, "avx512bf16": None}
 ENV = "INT8SERVE_PREFILL_MATMUL"
-SETTINGS = ("auto", "row-exact", "dense", "int8")
+SETTINGS = ("auto", "row-exact", "bf16", "dense", "int8")
 ROW_MULTIPLE = 32  # the kernel takes rows in pairs of 16-row tiles: fewer are padded with zero rows
 _P, _I64, _INT = ctypes.c_void_p, ctypes.c_int64, ctypes.c_int
 # The CPU flags (/proc/cpuinfo) the library needs at all, and those the amx path needs besides
@@ -103,9 +107,15 @@ def int8_requested() -> bool:
     return _setting() == "int8"
 
 
+def bf16_requested() -> bool:
+    """Whether INT8SERVE_PREFILL_MATMUL=bf16 asks this kernel to take prefill calls of more than int8.KERNEL_ROWS rows
+    on every path (on the vnni512 path faster than its default, not row-exact; see above)."""
+    return _setting() == "bf16"
+
+
 def dense_requested() -> bool:
-    """Whether INT8SERVE_PREFILL_MATMUL=dense asks prefill to dequantize for oneDNN (on the avx2 and avxvnni paths
-    too, whose int8 kernel otherwise takes every prefill call: int8.kernel_rows)."""
+    """Whether INT8SERVE_PREFILL_MATMUL=dense asks prefill to dequantize for oneDNN (on the vnni512, avx2 and avxvnni
+    paths too, whose int8 kernel otherwise takes every prefill call: int8.kernel_rows)."""
     return _setting() == "dense"
 
 
@@ -113,7 +123,7 @@ def setting_problem() -> str | None:
     """Why INT8SERVE_PREFILL_MATMUL turns the kernel off, if it does: "dense", or a value it does not take (the kernel
     is then not used and the start line says why, as for INT8SERVE_KERNEL)."""
     setting = _setting()
-    if setting in ("auto", "row-exact", "int8"):  # (with int8 our int8 kernel takes every call: int8.kernel_rows)
+    if setting in ("auto", "row-exact", "bf16", "int8"):  # (with int8 our int8 kernel takes every call: kernel_rows)
         return None
     if setting not in SETTINGS:
         _warn_once(f"{ENV}={setting!r}: expected one of {', '.join(SETTINGS)}; prefill dequantizes for oneDNN")
