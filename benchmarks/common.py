@@ -80,6 +80,21 @@ def publish(report: str, path: Path | None, script: str, label: str = "") -> Non
 
 
 @contextlib.contextmanager
+def environment(name: str, value: str | None) -> Iterator[None]:
+    """The environment variable `name` = `value` for the duration (None: leave it alone), restored after."""
+    before = os.environ.get(name)
+    if value is not None:
+        os.environ[name] = value
+    try:
+        yield
+    finally:
+        if before is None:
+            os.environ.pop(name, None)
+        else:
+            os.environ[name] = before
+
+
+@contextlib.contextmanager
 def started_server(model: Path, port: int, tokens: Sequence[str], extra: Sequence[str] = (),
                    timeout: float = 600.0) -> Iterator[str]:
     """`int8serve serve --model MODEL` on `port` with `tokens` (TOKEN=ACCOUNT) and `extra` flags, its data in a

@@ -16,18 +16,18 @@ A full 32-layer model of each kind is ~7 GB: with --layers 32 the two are built 
 from __future__ import annotations
 
 import argparse
+import contextlib
 import gc
 import os
 import statistics
 import sys
 import time
-from collections.abc import Iterator, Sequence
-from contextlib import contextmanager
+from collections.abc import Sequence
 from pathlib import Path
 
 import torch
 
-from benchmarks.common import display_command, write_section
+from benchmarks.common import display_command, environment, write_section
 from benchmarks.engine import LLAMA2_7B, build_random_int8_model, decode_bytes_per_step, fill_cache, random_tokens
 from benchmarks.machine import log, machine_facts
 from int8serve.engine import int8, kernels
@@ -37,19 +37,9 @@ from int8serve.engine.model import Transformer
 BATCHES = (1, 4)
 
 
-@contextmanager
-def forced_path(path: str | None) -> Iterator[None]:
+def forced_path(path: str | None) -> contextlib.AbstractContextManager[None]:
     """INT8SERVE_KERNEL=path for the duration (None: leave it alone)."""
-    before = os.environ.get(kernels.ENV_PATH)
-    if path is not None:
-        os.environ[kernels.ENV_PATH] = path
-    try:
-        yield
-    finally:
-        if before is None:
-            os.environ.pop(kernels.ENV_PATH, None)
-        else:
-            os.environ[kernels.ENV_PATH] = before
+    return environment(kernels.ENV_PATH, path)
 
 
 def build(config: ModelConfig, stock: bool) -> Transformer:

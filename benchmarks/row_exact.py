@@ -21,13 +21,12 @@ import os
 import statistics
 import sys
 import time
-from collections.abc import Iterator, Sequence
-from contextlib import contextmanager
+from collections.abc import Sequence
 from pathlib import Path
 
 import torch
 
-from benchmarks.common import display_command, write_section
+from benchmarks.common import display_command, environment, write_section
 from benchmarks.machine import cpu_label, machine_description
 from int8serve.engine import int8
 from int8serve.engine.chunking import aligned_chunk
@@ -46,25 +45,10 @@ def prefill(model: Transformer, prompt: list[int], cache: KVCache, chunk: int, r
     return time.perf_counter() - started
 
 
-@contextmanager
-def setting(value: str | None) -> Iterator[None]:
-    """INT8SERVE_PREFILL_MATMUL = `value` (None: as it was) inside the block, restored after."""
-    before = os.environ.get(prefill_matmul.ENV)
-    if value is not None:
-        os.environ[prefill_matmul.ENV] = value
-    try:
-        yield
-    finally:
-        if before is None:
-            os.environ.pop(prefill_matmul.ENV, None)
-        else:
-            os.environ[prefill_matmul.ENV] = before
-
-
 def prefill_way(model: Transformer, prompt: list[int], cache: KVCache, chunk: int, row_exact: bool,
                 default_is_row_exact: bool) -> float:
     """Seconds to prefill `prompt` the default way, or row-exact (asking for it where it is not the default)."""
-    with setting("row-exact" if row_exact and not default_is_row_exact else None):
+    with environment(prefill_matmul.ENV, "row-exact" if row_exact and not default_is_row_exact else None):
         return prefill(model, prompt, cache, chunk, row_exact or default_is_row_exact)
 
 
@@ -79,7 +63,7 @@ def main(argv: Sequence[str] | None = None) -> None:
     started = time.monotonic()
     model = load_model(args.model, "int8").model
     default_is_row_exact = model.row_exact_prefill(args.chunk, 4)
-    with setting("row-exact"):
+    with environment(prefill_matmul.ENV, "row-exact"):
         if not model.row_exact_prefill(args.chunk, 4):
             raise SystemExit(f"this CPU/model cannot prefill row-exact with chunks of {args.chunk} (see "
                              "Transformer.row_exact_prefill)")

@@ -1373,6 +1373,12 @@ struct ExactBlock {
   "vpaddd %%zmm28, %%zmm\\s, %%zmm\\s\n\t"                                      \
   ".endr\n\t"                                                                   \
   ".endif\n\t"
+// Row R's 4 sums written to its 64 floats at P (rows 256 bytes apart).
+#define INT8SERVE_EXACT_STORE(P, R, S0, S1, S2, S3)                            \
+  "vmovaps %%zmm" #S0 ", 256*" #R "(%[" P "])\n\t"                              \
+  "vmovaps %%zmm" #S1 ", 256*" #R "+64(%[" P "])\n\t"                           \
+  "vmovaps %%zmm" #S2 ", 256*" #R "+128(%[" P "])\n\t"                          \
+  "vmovaps %%zmm" #S3 ", 256*" #R "+192(%[" P "])\n\t"
 // Weight groups of several groups (kMode 1: the weight group's first, 2: the others): row R's inner = float(dot) *
 // xscale, or fma(float(dot), xscale, inner), written back (inner: row R's 64 running sums, 256 bytes a row).
 #define INT8SERVE_EXACT_INNER(R, S0, S1, S2, S3)                               \
@@ -1391,10 +1397,7 @@ struct ExactBlock {
   "vfmadd213ps 256*" #R "+128(%[inner]), %%zmm28, %%zmm" #S2 "\n\t"            \
   "vfmadd213ps 256*" #R "+192(%[inner]), %%zmm28, %%zmm" #S3 "\n\t"            \
   ".endif\n\t"                                                                 \
-  "vmovaps %%zmm" #S0 ", 256*" #R "(%[inner])\n\t"                             \
-  "vmovaps %%zmm" #S1 ", 256*" #R "+64(%[inner])\n\t"                          \
-  "vmovaps %%zmm" #S2 ", 256*" #R "+128(%[inner])\n\t"                         \
-  "vmovaps %%zmm" #S3 ", 256*" #R "+192(%[inner])\n\t"                         \
+  INT8SERVE_EXACT_STORE("inner", R, S0, S1, S2, S3)                            \
   ".endif\n\t"
 // The default scheme (a weight scale per group): row R's total = float(dot) * xscale, acc = fma(total, wscale, acc)
 // (acc: row R's 64 running sums, 256 bytes a row; zmm24-27 the 4 blocks' weight scales).
@@ -1409,10 +1412,7 @@ struct ExactBlock {
   "vfmadd213ps 256*" #R "+64(%[acc]), %%zmm25, %%zmm" #S1 "\n\t"                \
   "vfmadd213ps 256*" #R "+128(%[acc]), %%zmm26, %%zmm" #S2 "\n\t"               \
   "vfmadd213ps 256*" #R "+192(%[acc]), %%zmm27, %%zmm" #S3 "\n\t"               \
-  "vmovaps %%zmm" #S0 ", 256*" #R "(%[acc])\n\t"                                \
-  "vmovaps %%zmm" #S1 ", 256*" #R "+64(%[acc])\n\t"                             \
-  "vmovaps %%zmm" #S2 ", 256*" #R "+128(%[acc])\n\t"                            \
-  "vmovaps %%zmm" #S3 ", 256*" #R "+192(%[acc])\n\t"                            \
+  INT8SERVE_EXACT_STORE("acc", R, S0, S1, S2, S3)                              \
   ".endif\n\t"
 #define INT8SERVE_EXACT_ROWS(EACH)                                              \
   EACH(0, 0, 1, 2, 3)                                                           \
@@ -1462,6 +1462,7 @@ INT8SERVE_VNNI512 inline void exact_group(const uint8_t* group, const int8_t* x,
 #undef INT8SERVE_EXACT_ROWS
 #undef INT8SERVE_EXACT_ACC
 #undef INT8SERVE_EXACT_INNER
+#undef INT8SERVE_EXACT_STORE
 #undef INT8SERVE_EXACT_SHIFT
 #undef INT8SERVE_EXACT_START
 #undef INT8SERVE_EXACT_PASS
