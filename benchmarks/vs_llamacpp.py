@@ -118,7 +118,7 @@ ISAS = ("native", "avx2")  # --isa: each engine's fastest code, or both held to 
 AVX2_SETTINGS = {"INT8SERVE_KERNEL": "avx2", "INT8SERVE_ATTENTION": "avx2", "INT8SERVE_ACTIVATION": "avx2",
                  "ATEN_CPU_CAPABILITY": "avx2", "ONEDNN_MAX_CPU_ISA": "AVX2"}
 KV_ENV = "INT8SERVE_KV_CACHE"  # --kv-cache for our child process (the server's variable of the same setting)
-PREFILL_ENV = "INT8SERVE_PREFILL_MATMUL"  # --prefill-matmul int8 for our child process (int8.one_int8_pass)
+PREFILL_ENV = "INT8SERVE_PREFILL_MATMUL"  # --prefill-matmul int8 or bf16 for our child process
 LLAMA_KV = {"bf16": [], "int8": ["-ctk", "q8_0", "-ctv", "q8_0"]}  # llama.cpp's default KV cache is f16
 
 
@@ -649,6 +649,10 @@ def build_report(args: argparse.Namespace, rounds: Sequence[Round], files: Weigh
                 "values, as llama.cpp's Q8_0 computes them, instead of our default's numerics (more accurate, "
                 "int8.py has the figures); decode unchanged. Not the issue's goals, which are for the defaults."]
                if args.prefill_matmul == "int8" else []),
+             *([f"- Our prefill's calls of more than 32 rows through our bf16 kernel (`{PREFILL_ENV}=bf16`, the "
+                "default before prefill became row-exact on CPUs with AVX-512 VNNI): faster there, less accurate "
+                "(int8.py has the figures); decode unchanged. Not the issue's goals, which are for the defaults."]
+               if args.prefill_matmul == "bf16" else []),
              "", *results_table(rounds, files.gguf_type, goals=not args.gguf and not variant(args),
                                 tools=llama_cpp_tools(args.batch_prompt, args.kv_cache)), "",
              roofline_line(rounds, files), "",
@@ -755,9 +759,10 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--batch-prompt", type=int, default=BATCH_PROMPT, metavar="N",
                         help=f"the position the {BATCH} sequences decode from (llama-batched-bench -npp; default "
                              f"{BATCH_PROMPT}); another makes its own section")
-    parser.add_argument("--prefill-matmul", choices=["auto", "int8"], default="auto",
-                        help="our prefill: auto (the default numerics) or int8 (one int8 pass a row, llama.cpp's "
-                             f"numerics: {PREFILL_ENV}=int8); int8 makes its own section, without the goals")
+    parser.add_argument("--prefill-matmul", choices=["auto", "int8", "bf16"], default="auto",
+                        help="our prefill: auto (the default numerics), int8 (one int8 pass a row, llama.cpp's "
+                             f"numerics: {PREFILL_ENV}=int8) or bf16 (long calls through our bf16 kernel where the "
+                             "CPU has it); another than auto makes its own section, without the goals")
     parser.add_argument("--ours-child", type=Path, help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
     if args.layers < 1 or args.rounds < 1 or args.reps < 1 or args.batch_prompt < 1:
