@@ -7,7 +7,9 @@ For each quantizer (`gptq`, the default: rounding errors compensated, calibrated
 inputs) and way of computing:
 - `kernel`: every Int8Linear call through our decode kernel, int8 activations per 32 values;
 - `kernel precise`: the same with precise activations (each row quantized twice, ~16 bits), the default;
-- `prefill (dense)`: what `int8serve eval-ppl` measures: windows computed as prefill, i.e. dequantized weights
+- `prefill (dense)`: what `int8serve eval-ppl` measures: windows computed as prefill. Where prefill is row-exact (the
+  vnni512, avx2 and avxvnni paths by default) that is `kernel precise`; `INT8SERVE_PREFILL_MATMUL=bf16` (or `dense`)
+  measures the dense path there. Elsewhere: dequantized weights
   (bf16 on CPUs with native bf16, through our bf16 kernel with its fp32 sums where it runs; fp32 elsewhere) in a
   dense matmul;
 - `weights only`: the int8 weights in fp32 math (no activation rounding at all): the floor of the weight scheme.
@@ -81,7 +83,8 @@ def mode(name: str) -> Iterator[None]:
     """Int8Linear computes the way `name` says for the duration."""
     saved = int8.KERNEL_ROWS, int8.PRECISE_ACTIVATIONS, Int8Linear.forward
     int8.KERNEL_ROWS = 1 << 30 if name.startswith("kernel") else saved[0]
-    int8.PRECISE_ACTIVATIONS = name == "kernel precise"
+    # (prefill keeps the default, two int8 passes a row, where our kernel takes prefill calls: the row-exact CPUs)
+    int8.PRECISE_ACTIVATIONS = name == "kernel precise" or (name == "prefill (dense)" and saved[1])
     if name == "weights only":
         Int8Linear.forward = _weights_only  # type: ignore[method-assign]
     try:
