@@ -1,7 +1,7 @@
 // int8 weight x int8 activation matrix-vector products for decode (a few activation rows; more rows are taken 4 at a
 // time over each tile, or over each chunk of a tile, while it is in cache), fp32 accumulation and output, on every
-// x86-64 CPU; on the avx2 and avxvnni paths with precise activations, calls of many rows (prefill) as a
-// register-blocked GEMM (gemm_wide16; with vpdpwssd on the avxvnni path), with the same bits.
+// x86-64 CPU; on the avx2, avxvnni and vnni512 paths with precise activations, calls of many rows (prefill) as a
+// register-blocked GEMM (gemm_wide16, with vpdpwssd on the avxvnni path; gemm_exact_vnni512), with the same bits.
 //
 // y[m, n] = sum_w wscale[n, w] * (sum_{g in weight group w} xscale[m, g] * sum_{k in group g} w[n, k] * xq[m, k])
 //
