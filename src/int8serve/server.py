@@ -239,9 +239,9 @@ def _what_is_reused(engine: Engine, prefill_chunk: int) -> str:
     if prefill_matmul.int8_requested():
         return f"prompts only ({prefill_matmul.ENV}=int8: prefill's one int8 pass a row is not what decode computes)"
     if prefill_chunk > kernel_rows():  # the usual reason: the chunks are the dense path's (or the bf16 kernel's)
-        if prefill_matmul.bf16_requested() or prefill_matmul.dense_requested():
-            return (f"prompts only (prefill chunks take the dense path: {prefill_matmul.ENV}="
-                    f"{'bf16' if prefill_matmul.bf16_requested() else 'dense'})")
+        asked = "bf16" if prefill_matmul.bf16_requested() else "dense" if prefill_matmul.dense_requested() else None
+        if asked:
+            return f"prompts only (prefill chunks take the dense path: {prefill_matmul.ENV}={asked})"
         return (f"prompts only (prefill chunks take the faster dense path; {prefill_matmul.ENV}=row-exact keeps "
                 "replies too, at slower prefill)")
     return "prompts only (row-exact prefill needs our int8 and attention kernels, and one is off here)"

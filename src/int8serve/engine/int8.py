@@ -180,15 +180,17 @@ def describe_dense() -> str:
         return (f"prefill matmuls: our int8 kernel's {kernels.path()} path, every call, one int8 pass a row "
                 f"({prefill_matmul.ENV}=int8: llama.cpp's Q8_0 numerics, less accurate than the default{slower})")
     if kernels.available() and kernel_rows() == ALL_ROWS:
-        faster = (f"; {prefill_matmul.ENV}=bf16: our bf16 kernel, faster and less accurate"
-                  if prefill_matmul.available() else "")
-        unavailable = (f"; {prefill_matmul.ENV}=bf16 asked for our bf16 kernel, which is not used here: "
-                       f"{prefill_matmul.unavailable_reason()}" if prefill_matmul.bf16_requested() else "")
+        notes = [f"{prefill_matmul.ENV}=dense: {'fp32' if dtype == torch.float32 else 'bf16'} through {library}"]
+        if prefill_matmul.available():
+            notes.append(f"{prefill_matmul.ENV}=bf16: our bf16 kernel, faster and less accurate")
+        if prefill_matmul.bf16_requested():
+            notes.append(f"{prefill_matmul.ENV}=bf16 asked for our bf16 kernel, which is not used here: "
+                         f"{prefill_matmul.unavailable_reason()}")
         problem = prefill_matmul.setting_problem()  # (a value it does not take: the default's, as `auto`)
-        unavailable += f"; {problem}, taken as auto" if problem else ""
+        if problem:
+            notes.append(f"{problem}, taken as auto")
         return (f"prefill matmuls: our int8 kernel's {kernels.path()} path, every call (16-bit activations, each row "
-                f"as decode computes it; {prefill_matmul.ENV}=dense: {'fp32' if dtype == torch.float32 else 'bf16'} "
-                f"through {library}{faster}{unavailable})")
+                f"as decode computes it; {'; '.join(notes)})")
     if dtype == torch.float32:
         return f"prefill matmuls: fp32 through {library} (this CPU has no native bf16)"
     if kernels.available() and prefill_matmul.enabled():

@@ -562,7 +562,8 @@ template <class T, int C>
 void scores_pairs_avx512(const float* const* q, const T* keys, int64_t len, int64_t dim, float scale,
                          float* const* s) {
   int64_t l = 0;
-  for (; l + kPairKeys512 <= len; l += kPairKeys512) scores_of_keys_avx512<T, C, kPairKeys512>(q, keys, l, dim, scale, s);
+  for (; l + kPairKeys512 <= len; l += kPairKeys512)
+    scores_of_keys_avx512<T, C, kPairKeys512>(q, keys, l, dim, scale, s);
   for (; l < len; ++l) scores_of_keys_avx512<T, C, 1>(q, keys, l, dim, scale, s);
 }
 
@@ -572,21 +573,21 @@ template <class T, int C, int C0, int S>
 inline void accumulate_pairs_slice_avx512(const float* const* p, const T* values, int64_t len, int64_t dim,
                                           float* const* acc) {
   const __mmask16 tail = static_cast<__mmask16>((1u << (dim - 16 * (C - 1))) - 1);
+  const auto mask = [tail](int c) { return C0 + c == C - 1 ? tail : __mmask16(0xFFFF); };  // chunk C0 + c's lanes
   __m512 sums[kPairsTogether][S];
   for (int i = 0; i < kPairsTogether; ++i)
-    for (int c = 0; c < S; ++c) sums[i][c] = load16(acc[i] + 16 * (C0 + c), C0 + c == C - 1 ? tail : 0xFFFF);
+    for (int c = 0; c < S; ++c) sums[i][c] = load16(acc[i] + 16 * (C0 + c), mask(c));
   int64_t l = 0;
   do {  // (len >= 1; with a for loop GCC kept the sums' home on the stack and stored every sum at every value, 0.87x)
     __m512 w[kPairsTogether];
     for (int i = 0; i < kPairsTogether; ++i) w[i] = _mm512_set1_ps(p[i][l]);
     for (int c = 0; c < S; ++c) {
-      const __m512 value = load16(values + l * dim + 16 * (C0 + c), C0 + c == C - 1 ? tail : 0xFFFF);
+      const __m512 value = load16(values + l * dim + 16 * (C0 + c), mask(c));
       for (int i = 0; i < kPairsTogether; ++i) sums[i][c] = _mm512_fmadd_ps(w[i], value, sums[i][c]);
     }
   } while (++l < len);
   for (int i = 0; i < kPairsTogether; ++i)
-    for (int c = 0; c < S; ++c)
-      _mm512_mask_storeu_ps(acc[i] + 16 * (C0 + c), C0 + c == C - 1 ? tail : 0xFFFF, sums[i][c]);
+    for (int c = 0; c < S; ++c) _mm512_mask_storeu_ps(acc[i] + 16 * (C0 + c), mask(c), sums[i][c]);
 }
 
 // Chunks [C0, C): 4 at a time, then what is left.

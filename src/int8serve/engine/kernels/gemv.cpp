@@ -1379,18 +1379,24 @@ struct ExactBlock {
   "vmovaps %%zmm" #S1 ", 256*" #R "+64(%[" P "])\n\t"                           \
   "vmovaps %%zmm" #S2 ", 256*" #R "+128(%[" P "])\n\t"                          \
   "vmovaps %%zmm" #S3 ", 256*" #R "+192(%[" P "])\n\t"
-// Weight groups of several groups (kMode 1: the weight group's first, 2: the others): row R's inner = float(dot) *
-// xscale, or fma(float(dot), xscale, inner), written back (inner: row R's 64 running sums, 256 bytes a row).
-#define INT8SERVE_EXACT_INNER(R, S0, S1, S2, S3)                               \
-  ".if %c[rows] > " #R "\n\t"                                                  \
+// Row R's sums converted to fp32 (FLOAT, with zmm28 its scale) and multiplied by the scale (TIMES_XSCALE): total =
+// float(dot) * xscale.
+#define INT8SERVE_EXACT_FLOAT(R, S0, S1, S2, S3)                               \
   "vbroadcastss 48+4*" #R "(%[consts]), %%zmm28\n\t"                           \
   ".irp s," #S0 "," #S1 "," #S2 "," #S3 "\n\t"                                 \
   "vcvtdq2ps %%zmm\\s, %%zmm\\s\n\t"                                          \
-  ".endr\n\t"                                                                  \
-  ".if %c[mode] == 1\n\t"                                                      \
+  ".endr\n\t"
+#define INT8SERVE_EXACT_TIMES_XSCALE(S0, S1, S2, S3)                           \
   ".irp s," #S0 "," #S1 "," #S2 "," #S3 "\n\t"                                 \
   "vmulps %%zmm28, %%zmm\\s, %%zmm\\s\n\t"                                     \
-  ".endr\n\t"                                                                  \
+  ".endr\n\t"
+// Weight groups of several groups (kMode 1: the weight group's first, 2: the others): row R's inner = total, or
+// fma(float(dot), xscale, inner), written back (inner: row R's 64 running sums, 256 bytes a row).
+#define INT8SERVE_EXACT_INNER(R, S0, S1, S2, S3)                               \
+  ".if %c[rows] > " #R "\n\t"                                                  \
+  INT8SERVE_EXACT_FLOAT(R, S0, S1, S2, S3)                                     \
+  ".if %c[mode] == 1\n\t"                                                      \
+  INT8SERVE_EXACT_TIMES_XSCALE(S0, S1, S2, S3)                                 \
   ".else\n\t"                                                                  \
   "vfmadd213ps 256*" #R "(%[inner]), %%zmm28, %%zmm" #S0 "\n\t"                \
   "vfmadd213ps 256*" #R "+64(%[inner]), %%zmm28, %%zmm" #S1 "\n\t"             \
@@ -1399,19 +1405,16 @@ struct ExactBlock {
   ".endif\n\t"                                                                 \
   INT8SERVE_EXACT_STORE("inner", R, S0, S1, S2, S3)                            \
   ".endif\n\t"
-// The default scheme (a weight scale per group): row R's total = float(dot) * xscale, acc = fma(total, wscale, acc)
-// (acc: row R's 64 running sums, 256 bytes a row; zmm24-27 the 4 blocks' weight scales).
-#define INT8SERVE_EXACT_ACC(R, S0, S1, S2, S3)                                  \
-  ".if %c[rows] > " #R "\n\t"                                                   \
-  "vbroadcastss 48+4*" #R "(%[consts]), %%zmm28\n\t"                            \
-  ".irp s," #S0 "," #S1 "," #S2 "," #S3 "\n\t"                                  \
-  "vcvtdq2ps %%zmm\\s, %%zmm\\s\n\t"                                            \
-  "vmulps %%zmm28, %%zmm\\s, %%zmm\\s\n\t"                                      \
-  ".endr\n\t"                                                                   \
-  "vfmadd213ps 256*" #R "(%[acc]), %%zmm24, %%zmm" #S0 "\n\t"                   \
-  "vfmadd213ps 256*" #R "+64(%[acc]), %%zmm25, %%zmm" #S1 "\n\t"                \
-  "vfmadd213ps 256*" #R "+128(%[acc]), %%zmm26, %%zmm" #S2 "\n\t"               \
-  "vfmadd213ps 256*" #R "+192(%[acc]), %%zmm27, %%zmm" #S3 "\n\t"               \
+// The default scheme (a weight scale per group): row R's acc = fma(total, wscale, acc) (acc: row R's 64 running sums,
+// 256 bytes a row; zmm24-27 the 4 blocks' weight scales).
+#define INT8SERVE_EXACT_ACC(R, S0, S1, S2, S3)                                 \
+  ".if %c[rows] > " #R "\n\t"                                                  \
+  INT8SERVE_EXACT_FLOAT(R, S0, S1, S2, S3)                                     \
+  INT8SERVE_EXACT_TIMES_XSCALE(S0, S1, S2, S3)                                 \
+  "vfmadd213ps 256*" #R "(%[acc]), %%zmm24, %%zmm" #S0 "\n\t"                  \
+  "vfmadd213ps 256*" #R "+64(%[acc]), %%zmm25, %%zmm" #S1 "\n\t"               \
+  "vfmadd213ps 256*" #R "+128(%[acc]), %%zmm26, %%zmm" #S2 "\n\t"              \
+  "vfmadd213ps 256*" #R "+192(%[acc]), %%zmm27, %%zmm" #S3 "\n\t"              \
   INT8SERVE_EXACT_STORE("acc", R, S0, S1, S2, S3)                              \
   ".endif\n\t"
 #define INT8SERVE_EXACT_ROWS(EACH)                                              \
@@ -1463,6 +1466,8 @@ INT8SERVE_VNNI512 inline void exact_group(const uint8_t* group, const int8_t* x,
 #undef INT8SERVE_EXACT_ACC
 #undef INT8SERVE_EXACT_INNER
 #undef INT8SERVE_EXACT_STORE
+#undef INT8SERVE_EXACT_TIMES_XSCALE
+#undef INT8SERVE_EXACT_FLOAT
 #undef INT8SERVE_EXACT_SHIFT
 #undef INT8SERVE_EXACT_START
 #undef INT8SERVE_EXACT_PASS

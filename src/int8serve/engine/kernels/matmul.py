@@ -123,10 +123,10 @@ def setting_problem() -> str | None:
     """Why INT8SERVE_PREFILL_MATMUL turns the kernel off, if it does: "dense", or a value it does not take (the kernel
     is then not used and the start line says why, as for INT8SERVE_KERNEL)."""
     setting = _setting()
-    if setting in ("auto", "row-exact", "bf16", "int8"):  # (with int8 our int8 kernel takes every call: kernel_rows)
+    if setting in SETTINGS and setting != "dense":  # (with int8 our int8 kernel takes every call: kernel_rows)
         return None
     if setting not in SETTINGS:
-        _warn_once(f"{ENV}={setting!r}: expected one of {', '.join(SETTINGS)}; prefill dequantizes for oneDNN")
+        _warn_once(f"{ENV}={setting!r}: expected one of {', '.join(SETTINGS)}; taken as auto without this kernel")
         return f"{ENV}={setting!r} is not one of {', '.join(SETTINGS)}"
     return f"{ENV}={setting}"
 
