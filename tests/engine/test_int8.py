@@ -159,7 +159,7 @@ def test_a_prefill_chunk_chooses_the_path_by_its_aligned_rows(chunk_rows: int) -
 def test_our_kernel_takes_the_calls_of_each_path_by_default_and_by_setting(monkeypatch: pytest.MonkeyPatch) -> None:
     """By default our kernel takes every call on the vnni512, avx2 and avxvnni paths (row-exact prefill: their GEMMs,
     int8.py has the figures) and calls of up to 32 rows on the amx path, beside which the AMX-BF16 kernel is much
-    faster for more; INT8SERVE_PREFILL_MATMUL=row-exact gives the amx path the default 128-row prefill chunks,
+    faster for more; INT8SERVE_PREFILL_MATMUL=row-exact gives the amx path every call too (its AMX-INT8 GEMM),
     =bf16 gives the other paths' long calls to the bf16 kernel where the CPU has it, and =dense gives every path's
     prefill back to the dense path."""
     for path in kernels.PATHS:
@@ -172,8 +172,7 @@ def test_our_kernel_takes_the_calls_of_each_path_by_default_and_by_setting(monke
         assert int8.kernel_rows() == (int8.ALL_ROWS if every_call else int8.KERNEL_ROWS), path
         monkeypatch.setenv(prefill_matmul.ENV, " Row-Exact ")  # as the other settings: case and spaces do not matter
         assert prefill_matmul.row_exact_requested()
-        row_exact = int8.KERNEL_ROWS_ROW_EXACT if path == "amx" else int8.KERNEL_ROWS
-        assert int8.kernel_rows() == (int8.ALL_ROWS if every_call else row_exact), path
+        assert int8.kernel_rows() == (int8.ALL_ROWS if every_call or path == "amx" else int8.KERNEL_ROWS), path
         monkeypatch.setenv(prefill_matmul.ENV, "bf16")
         bf16_kernel = prefill_matmul.available()  # (the CPU's, whatever path INT8SERVE_KERNEL holds our kernel to)
         assert int8.kernel_rows() == (int8.ALL_ROWS if every_call and not bf16_kernel else int8.KERNEL_ROWS), path
@@ -223,7 +222,8 @@ def test_the_gemm_paths_multiply_every_prefill_row_as_decode_does(path: str, mon
     if path == "vnni512" and prefill_matmul.available():
         monkeypatch.setenv(prefill_matmul.ENV, "bf16")
         assert layer.packed is not None and torch.equal(layer(x), prefill_matmul.matmul(x, layer.packed))
-        assert "bf16 with AVX512-BF16 dot products" in int8.describe_dense()
+        how = "on AMX tiles" if prefill_matmul.path() == "amx" else "with AVX512-BF16 dot products"  # the CPU's best
+        assert f"bf16 {how}" in int8.describe_dense()
 
 
 @pytest.mark.parametrize("path", kernels.PATHS)

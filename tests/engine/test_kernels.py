@@ -251,10 +251,13 @@ def test_matches_the_fp32_product(m: int, n: int, k: int) -> None:
 # (21, 70, 300) 6 + 6 + 6 + 3)
 # (the amx path takes calls of more than 4 int8 rows in passes of up to 16, and its span-1 code the passes of 1-4
 # output rows: with pairs (precise) the last pass of 9 and 17 rows (1 output row), 10 and 18 (2), 3 and 19 (3), 4 and
-# 20 (4); without, the last pass of 17 (1), 18 (2), 19 (3) and 20 rows (4))
+# 20 (4); without, the last pass of 17 (1), 18 (2), 19 (3) and 20 rows (4); with pairs, calls of 32 rows and more
+# run its GEMM in register blocks of 16 rows over K-blocks of 8 groups: (33, 70, 1000) 16 + 16 + 1 over 4 K-blocks,
+# with per-channel sums running on from one K-block into the next; (47, 130, 300) 16 + 16 + 15, the K-block of 10
+# groups split 8 + 2, 3 tiles; (40, 65, 33) a padded second group; (140, 70, 300) two passes of 80 and 60 rows)
 ODD_SHAPES = [(1, 1, 1), (2, 17, 31), (3, 100, 33), (5, 200, 172), (4, 130, 96), (9, 70, 300), (2, 64, 4096),
               (17, 65, 64), (6, 70, 1000), (22, 70, 1000), (140, 70, 300), (19, 70, 300), (10, 130, 96),
-              (18, 70, 300), (20, 100, 33), (21, 70, 300)]
+              (18, 70, 300), (20, 100, 33), (21, 70, 300), (33, 70, 1000), (47, 130, 300), (40, 65, 33)]
 
 
 @pytest.mark.parametrize("group_size", GROUP_SIZES)

@@ -118,7 +118,7 @@ def test_the_default_path_is_the_tiles_where_the_cpu_has_them() -> None:
 
 def test_a_prefill_chunk_past_the_kernel_rows_takes_it(monkeypatch: pytest.MonkeyPatch, bf16_prefill: str | None
                                                       ) -> None:
-    rows = int8.KERNEL_ROWS_ROW_EXACT + 1  # past our kernel's rows, by default and with row-exact prefill
+    rows = 129  # a default prefill chunk and one more: past our kernel's rows by default on the amx path
     generator = torch.Generator().manual_seed(1)
     layer = Int8Linear(4096, 128)
     q, scale = quantize(torch.randn(128, 4096, generator=generator), 32)
@@ -131,12 +131,8 @@ def test_a_prefill_chunk_past_the_kernel_rows_takes_it(monkeypatch: pytest.Monke
     assert (f"prefill matmuls: bf16 {how} straight from the int8 weights, sums kept at full precision (our kernel"
             in int8.describe_dense())
     assert int8.kernel_rows() == int8.KERNEL_ROWS  # 128-row prefill chunks: this kernel is faster from 32 rows up
-    monkeypatch.setenv(prefill_matmul.ENV, "row-exact")  # amx: our kernel takes the default chunks, this one longer
-    if kernels.path() == "amx":
-        assert prefill_matmul.enabled() and int8.kernel_rows() == int8.KERNEL_ROWS_ROW_EXACT
-        assert torch.equal(layer(x), got)
-    else:  # our kernel takes every call, as by default there
-        assert int8.kernel_rows() == int8.ALL_ROWS and not torch.equal(layer(x), got)
+    monkeypatch.setenv(prefill_matmul.ENV, "row-exact")  # our kernel takes every call (amx: its AMX-INT8 GEMM)
+    assert int8.kernel_rows() == int8.ALL_ROWS and not torch.equal(layer(x), got)
     monkeypatch.setenv(prefill_matmul.ENV, "dense")  # the dequantize-and-oneDNN path: the same values, other sum order
     assert not prefill_matmul.enabled() and f"{prefill_matmul.ENV}=dense" in int8.describe_dense()
     assert int8.kernel_rows() == int8.KERNEL_ROWS

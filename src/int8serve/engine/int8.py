@@ -54,11 +54,14 @@ PRECISE_ACTIVATIONS = True
 # vs 36.3 / 18.6 vs 13.8 (a 512-token prompt in the server's 128-token chunks, 32 layers: 17.8-19.0 tok/s through
 # our kernel, against 27.9 for the whole prompt in one dense forward). So every path takes up to 32 rows by default,
 # and prefill chunks of the default 128 rows take the dense path (or the AMX kernel): not row-exact (chunking.py),
-# so the prefix cache keeps prompts, not replies. INT8SERVE_PREFILL_MATMUL=row-exact gives our kernel whole chunks of
-# up to 128 rows on the amx path (row-exact prefill, replies kept; the prefill figures above). Since its GEMM the
-# vnni512 path takes every call by default (below, EVERY_CALL_PATHS): the figures above are of the code before.
+# so the prefix cache keeps prompts, not replies. INT8SERVE_PREFILL_MATMUL=row-exact gives our kernel every call on
+# the amx path (row-exact prefill, replies kept, decode's accuracy), where calls of 32 rows and more run as an AMX-INT8
+# GEMM (gemv.cpp, gemm_exact_amx). That costs prefill speed: at 128 and 512 rows the GEMM multiplies 0.3-0.45x as
+# fast as the AMX-BF16 kernel, the default (Sapphire Rapids, 2026-12-05; each group of 32 inputs needs its own
+# scales, so every tile product's sums go through vector code, and on this CPU the tiles and the vector code hardly
+# run at once: docs/benchmarks.md, "Exact prefill on AMX"). Since its GEMM the vnni512 path takes every call by
+# default (below, EVERY_CALL_PATHS): the figures above are of the code before.
 KERNEL_ROWS = 32
-KERNEL_ROWS_ROW_EXACT = 128
 # The avx2 path (CPUs with AVX2 only: no native bf16, so the dense path is fp32) multiplies calls of 16 rows and more
 # as a GEMM on 16-bit activations (gemv.cpp, gemm_wide16), faster there than dequantizing for oneDNN's fp32 matmul:
 # on an AMD EPYC Zen 4 held to AVX2 code (INT8SERVE_KERNEL=avx2 ONEDNN_MAX_CPU_ISA=AVX2, 2 threads, weights from
@@ -107,7 +110,7 @@ def kernel_rows() -> int:
     if path in EVERY_CALL_PATHS and not prefill_matmul.dense_requested() and not bf16_kernel_requested():
         return ALL_ROWS
     if path == "amx" and prefill_matmul.row_exact_requested():
-        return KERNEL_ROWS_ROW_EXACT
+        return ALL_ROWS
     return KERNEL_ROWS
 
 

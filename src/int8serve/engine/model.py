@@ -420,7 +420,7 @@ class Transformer(nn.Module):
         independent; the dense path is not), and the attention kernel for a bf16/fp16/fp32 cache. Where prefill takes
         the dense path for speed (by default on the amx path for chunks of more than `int8.kernel_rows()` = 32 rows,
         as the default 128, where the vnni512, avx2 and avxvnni paths' kernel takes every chunk;
-        INT8SERVE_PREFILL_MATMUL=row-exact raises that to 128 on the amx path, =bf16 and =dense give the vnni512 path's
+        INT8SERVE_PREFILL_MATMUL=row-exact gives the amx path's every call too, =bf16 and =dense give the vnni512 path's
         chunks back to the bf16 kernel or the dense path; =int8 gives prefill one int8 pass a row where decode takes
         two), or the attention kernel is off, prefill keeps its own numerics and
         generated tokens are not reusable (the prefix cache keeps prompts only). Decided once, when an engine is made:

@@ -1,7 +1,8 @@
 // int8 weight x int8 activation matrix-vector products for decode (a few activation rows; more rows are taken 4 at a
 // time over each tile, or over each chunk of a tile, while it is in cache), fp32 accumulation and output, on every
-// x86-64 CPU; on the avx2, avxvnni and vnni512 paths with precise activations, calls of many rows (prefill) as a
-// register-blocked GEMM (gemm_wide16, with vpdpwssd on the avxvnni path; gemm_exact_vnni512), with the same bits.
+// x86-64 CPU; on the avx2, avxvnni, vnni512 and amx paths with precise activations, calls of many rows (prefill) as a
+// register-blocked GEMM (gemm_wide16, with vpdpwssd on the avxvnni path; gemm_exact_vnni512; gemm_exact_amx on AMX-INT8
+// tiles), with the same bits.
 //
 // y[m, n] = sum_w wscale[n, w] * (sum_{g in weight group w} xscale[m, g] * sum_{k in group g} w[n, k] * xq[m, k])
 //
@@ -31,7 +32,8 @@
 //     multiplies |w| (unsigned, <= 127) with sign(w) * x (signed, |.| <= 127): a pair sums to at most 32258;
 //   - scalar: plain C++, the reference.
 // The amx path (AMX-INT8: Sapphire Rapids and later) reads the same bytes as tiles, a block's 8 steps of one group
-// (8 x 64 bytes) each, and multiplies the activations of up to 16 rows with them at once (see tile_amx).
+// (8 x 64 bytes) each, and multiplies the activations of up to 16 rows with them at once (see tile_amx; calls of
+// kAmxGemmMinRows precise rows and more: gemm_exact_amx).
 // Each group's int32 dot product is exact (|dot| <= 32 * 127 * 127 < 2^24, so its conversion to fp32 is exact too;
 // a precise row's combined dot, |.| < 2^28, is rounded to the nearest fp32 by that conversion, on every path alike),
 // then, in group order, inner = fma(float(dot), xscale, inner) within a weight group, acc = fma(inner, wscale, acc)
@@ -419,6 +421,12 @@ constexpr int64_t kWideGemmMinRows = INT8SERVE_WIDE_GEMM_MIN_ROWS;
 #define INT8SERVE_EXACT_GEMM_MIN_ROWS 16
 #endif
 constexpr int64_t kExactGemmMinRows = INT8SERVE_EXACT_GEMM_MIN_ROWS;
+// The same for the amx path (gemm_exact_amx, below), whose quantized rows are padded to kAmxGemmRowMultiple int8 rows.
+#ifndef INT8SERVE_AMX_GEMM_MIN_ROWS
+#define INT8SERVE_AMX_GEMM_MIN_ROWS 32
+#endif
+constexpr int64_t kAmxGemmMinRows = INT8SERVE_AMX_GEMM_MIN_ROWS;
+constexpr int64_t kAmxGemmRowMultiple = 32;
 
 // Whether a call of m rows on path `impl` multiplies precise rows as 16-bit integers (Activations::wide;
 // tile_avx2_wide, gemm_wide16): every avx2 call, and avxvnni calls of kAvxVnniWideRows rows and more. Below, the
@@ -429,9 +437,12 @@ constexpr int64_t kAvxVnniWideRows = 2;
 bool takes_wide_rows(Impl impl, int64_t m) { return impl == kAvx2 || (impl == kAvxVnni && m >= kAvxVnniWideRows); }
 constexpr int64_t kParallelQuantizeValues = int64_t{1} << 15;
 
-Activations quantize(const float* x, int64_t m, int64_t k, Impl impl, bool precise, int threads) {
+// row_multiple: the int8 rows are padded with zeros (q and scale) to a multiple of it (gemm_exact_amx reads whole
+// register blocks).
+Activations quantize(const float* x, int64_t m, int64_t k, Impl impl, bool precise, int threads,
+                     int64_t row_multiple = 1) {
   Activations a;
-  const int64_t rows = precise ? 2 * m : m;
+  const int64_t rows = ((precise ? 2 * m : m) + row_multiple - 1) / row_multiple * row_multiple;
   a.kp = (k + kGroup - 1) / kGroup * kGroup;
   a.groups = a.kp / kGroup;
   a.q.assign(static_cast<size_t>(rows * a.kp), 0);
@@ -1759,6 +1770,257 @@ INT8SERVE_VNNI512 void tile_amx(const TileArgs& a, int64_t rows, int64_t tile) {
     std::memcpy(a.y + o * a.n + n0, acc[o], static_cast<size_t>(count) * sizeof(float));
 }
 
+// amx with precise activations, calls of kAmxGemmMinRows rows and more (prefill chunks): every path's exact arithmetic
+// on AMX-INT8 tiles, so that prefill here can be row-exact, with decode's accuracy (the AMX-BF16 prefill kernel rounds
+// activations and dequantized weights to bf16). A tile product takes one group of 32 inputs: each group's sums need
+// their own scales, so every group's C tiles go to memory and vector code does every path's float arithmetic on them
+// (the same fmas in the same order). A register block is 16 output rows (two A tiles of 16 int8 rows, each row's high
+// and low int8 rows in turn) x one block of 16 outputs (one B tile), whose 16 running sums stay in zmm registers over
+// a K-block of kAmxGemmGroups groups. TDPBSSD multiplies signed by signed bytes: each K-block's weights are copied
+// once as signed bytes (the top bit of w + 128 flipped, 16 KB in L1) for every row of the chunk, so the exact dot
+// products need no correction. A row's two combine as on every path, 256 * dot_hi + dot_lo, before the conversion.
+// Tile registers: tmm0-3 C (16 int8 rows x 16 int32; 0 and 1 for even groups, 2 and 3 for odd), tmm4-5 A (16 int8
+// rows x 32 bytes), tmm6-7 B (8 steps x 64 bytes; even and odd groups).
+constexpr int kAmxGemmRows = 16;  // output rows a register block: 32 int8 rows, two A tiles
+#ifndef INT8SERVE_AMX_GEMM_GROUPS
+#define INT8SERVE_AMX_GEMM_GROUPS 8
+#endif
+constexpr int64_t kAmxGemmGroups = INT8SERVE_AMX_GEMM_GROUPS;
+#ifndef INT8SERVE_AMX_GEMM_CHUNK_ROWS
+#define INT8SERVE_AMX_GEMM_CHUNK_ROWS 128
+#endif
+constexpr int64_t kAmxGemmChunkRows = INT8SERVE_AMX_GEMM_CHUNK_ROWS;
+static_assert(kAmxGemmChunkRows % kAmxGemmRows == 0, "a chunk holds whole register blocks of rows");
+static_assert(kAmxGemmRowMultiple == 2 * kAmxGemmRows, "the quantized rows are padded to whole register blocks");
+
+void amx_gemm_configure() {
+  TileConfig config;
+  for (int t = 0; t < 4; ++t) config.rows[t] = kAmxMaxRows, config.colsb[t] = 64;      // C: 16 x 16 int32
+  for (int t = 4; t < 6; ++t) config.rows[t] = kAmxMaxRows, config.colsb[t] = kGroup;  // A: 16 x 32 int8
+  for (int t = 6; t < 8; ++t) config.rows[t] = kSteps, config.colsb[t] = 64;           // B: 8 x 64 int8
+  tiles_configure(config);
+}
+
+// C += A (signed bytes) . B (signed bytes); AT&T order: B, A, C
+#define INT8SERVE_TILE_DPBSSD(C, A, B) asm volatile("tdpbssd %%tmm" #B ", %%tmm" #A ", %%tmm" #C ::)
+
+constexpr int64_t kAmxGemmGroupBytes = 2 * kAmxMaxRows * kGroup;  // a register block's two A tiles of one group
+
+// The quantized rows as A tiles, each contiguous (512 bytes: a tile load reads 8 whole lines, not 16 rows kp bytes
+// apart from L2): [register block][group][32 int8 rows][32 bytes]; and each register block's scales (its low int8
+// rows', d / 256) group by group: [register block][group][16 output rows]. storage: room for both (resized here).
+struct AmxGemmRows {
+  const int8_t* q;
+  const float* scale;
+};
+AmxGemmRows amx_gemm_rows(const Activations& act, int64_t m, int nthreads, std::vector<float>& storage) {
+  const int64_t blocks = (m + kAmxGemmRows - 1) / kAmxGemmRows;
+  const int64_t q_floats = blocks * act.groups * kAmxGemmGroupBytes / static_cast<int64_t>(sizeof(float));
+  storage.resize(static_cast<size_t>(q_floats + blocks * act.groups * kAmxGemmRows + 16));
+  float* start = storage.data() + (64 - reinterpret_cast<uintptr_t>(storage.data()) % 64) % 64 / sizeof(float);
+  int8_t* q = reinterpret_cast<int8_t*>(start);
+  float* scale = start + q_floats;
+#pragma omp parallel for schedule(static) num_threads(nthreads) if (nthreads > 1 && blocks > 1)
+  for (int64_t block = 0; block < blocks; ++block)
+    for (int64_t g = 0; g < act.groups; ++g) {
+      for (int64_t r = 0; r < 2 * kAmxGemmRows; ++r)
+        std::memcpy(q + (block * act.groups + g) * kAmxGemmGroupBytes + r * kGroup,
+                    act.q.data() + (block * 2 * kAmxGemmRows + r) * act.kp + g * kGroup, kGroup);
+      for (int64_t o = 0; o < kAmxGemmRows; ++o)
+        scale[(block * act.groups + g) * kAmxGemmRows + o] =
+            act.scale[(2 * (block * kAmxGemmRows + o) + 1) * act.groups + g];
+    }
+  return {q, scale};
+}
+
+// What a register block works on.
+struct AmxGemmBlock {
+  packed::Layout lay;
+  const uint8_t* tile;           // the packed tile (for its scales)
+  const int8_t* signed_weights;  // the K-block's groups as signed bytes, kGroupBytes a group from g0
+  const int8_t* xq;              // the block's A tiles (amx_gemm_rows), kAmxGemmGroupBytes a group
+  const float* xscale;           // the block's scales (amx_gemm_rows), kAmxGemmRows a group
+  int64_t groups;
+  float* acc;                    // the block's running sums, 64 floats a row (the tile's 4 blocks)
+  float* inner;                  // the same for the weight groups of several groups
+};
+
+// Tile loads and stores of 512 contiguous bytes (and 1 KB) that name the memory they read or write, rather than
+// clobbering all of it as amx_tiles.h's macros do.
+#define INT8SERVE_TILE_LOAD_512(T, BASE, STRIDE)                                                                 \
+  asm volatile("tileloadd (%1,%2,1), %%tmm" #T                                                                   \
+               :                                                                                                 \
+               : "m"(*reinterpret_cast<const int8_t(*)[512]>(BASE)), "r"(BASE), "r"(static_cast<int64_t>(STRIDE)))
+#define INT8SERVE_TILE_STORE_1K(T, BASE)                                                                         \
+  asm volatile("tilestored %%tmm" #T ", (%1,%2,1)"                                                               \
+               : "=m"(*reinterpret_cast<int32_t(*)[256]>(BASE))                                                  \
+               : "r"(BASE), "r"(int64_t{64}))
+
+// Group g's exact dot products of the block's 32 int8 rows with block b, into dots (32 x 16 int32; C tiles T0 and
+// T1, B tile U: the caller alternates them between groups).
+#define INT8SERVE_AMX_GEMM_PRODUCTS(T0, T1, U, a, b, g0, g, dots)                                                \
+  do {                                                                                                           \
+    INT8SERVE_TILE_LOAD_512(U, (a).signed_weights + ((g) - (g0)) * kGroupBytes + (b) * kBlockBytes, 64);         \
+    INT8SERVE_TILE_LOAD_512(4, (a).xq + (g) * kAmxGemmGroupBytes, kGroup);                                       \
+    INT8SERVE_TILE_LOAD_512(5, (a).xq + (g) * kAmxGemmGroupBytes + kAmxMaxRows * kGroup, kGroup);                \
+    INT8SERVE_TILE_ZERO(T0);                                                                                     \
+    INT8SERVE_TILE_ZERO(T1);                                                                                     \
+    INT8SERVE_TILE_DPBSSD(T0, 4, U);                                                                             \
+    INT8SERVE_TILE_DPBSSD(T1, 5, U);                                                                             \
+    INT8SERVE_TILE_STORE_1K(T0, &(dots)[0][0]);                                                                  \
+    INT8SERVE_TILE_STORE_1K(T1, &(dots)[kAmxMaxRows][0]);                                                        \
+  } while (0)
+
+// Every path's float arithmetic on a group's dot products, output row o (its high row's sums at o * 128 bytes of
+// dots, its low row's 64 bytes on; its scale at 4 * o bytes of xs) in zmm T: 256 * dot_hi + dot_lo, converted, then
+// with a weight group of one group (EACH) run_o = fma(fma(float, xscale, 0), wscale, run_o), else (INNER) run_o =
+// fma(float, xscale, run_o). Inline assembly: from intrinsics GCC kept the 16 running sums on the stack.
+#define INT8SERVE_AMX_DOT(o, T)                          \
+  "vpslld $8, " #o "*128(%[d]), %%zmm" #T "\n\t"         \
+  "vpaddd " #o "*128+64(%[d]), %%zmm" #T ", %%zmm" #T "\n\t" \
+  "vcvtdq2ps %%zmm" #T ", %%zmm" #T "\n\t"
+#define INT8SERVE_AMX_EACH(o, T) INT8SERVE_AMX_DOT(o, T)                  \
+  "vfmadd132ps 4*" #o "(%[xs])%{1to16%}, %[zero], %%zmm" #T "\n\t"        \
+  "vfmadd231ps %[ws], %%zmm" #T ", %[r" #o "]\n\t"
+#define INT8SERVE_AMX_INNER(o, T) INT8SERVE_AMX_DOT(o, T)                 \
+  "vfmadd231ps 4*" #o "(%[xs])%{1to16%}, %%zmm" #T ", %[r" #o "]\n\t"
+#define INT8SERVE_AMX_ROWS_0(ROW) ROW(0, 28) ROW(1, 29) ROW(2, 30) ROW(3, 31) ROW(4, 28) ROW(5, 29) ROW(6, 30) ROW(7, 31)
+#define INT8SERVE_AMX_ROWS_8(ROW) \
+  ROW(8, 28) ROW(9, 29) ROW(10, 30) ROW(11, 31) ROW(12, 28) ROW(13, 29) ROW(14, 30) ROW(15, 31)
+// (two statements of 8 rows: an asm statement takes at most 30 operands, and "+v" counts twice)
+#define INT8SERVE_AMX_SCALE_8(ROWS, ROW, A, B, C, D, E, F, G, H, dots, xs, wscale, zero)                           \
+  asm volatile(ROWS(ROW)                                                                                           \
+               : [r##A] "+v"(r##A), [r##B] "+v"(r##B), [r##C] "+v"(r##C), [r##D] "+v"(r##D), [r##E] "+v"(r##E),     \
+                 [r##F] "+v"(r##F), [r##G] "+v"(r##G), [r##H] "+v"(r##H)                                           \
+               : [d] "r"(dots), [xs] "r"(xs), [ws] "v"(wscale), [zero] "v"(zero),                                  \
+                 "m"(*reinterpret_cast<const int32_t(*)[512]>(dots)),                                            \
+                 "m"(*reinterpret_cast<const float(*)[kAmxGemmRows]>(xs))                                        \
+               : "xmm28", "xmm29", "xmm30", "xmm31")
+#define INT8SERVE_AMX_SCALE(ROW, dots, xs, wscale, zero)                                                     \
+  INT8SERVE_AMX_SCALE_8(INT8SERVE_AMX_ROWS_0, ROW, 0, 1, 2, 3, 4, 5, 6, 7, dots, xs, wscale, zero);          \
+  INT8SERVE_AMX_SCALE_8(INT8SERVE_AMX_ROWS_8, ROW, 8, 9, 10, 11, 12, 13, 14, 15, dots, xs, wscale, zero)
+#define INT8SERVE_AMX_16(M) M(0) M(1) M(2) M(3) M(4) M(5) M(6) M(7) M(8) M(9) M(10) M(11) M(12) M(13) M(14) M(15)
+
+// The block's rows over block b of groups [g0, g1): the 16 running sums (acc with kEachGroup, else inner, which goes
+// into acc at the end of each weight group) from memory into registers and back.
+template <bool kEachGroup>
+INT8SERVE_VNNI512 void amx_gemm_block(const AmxGemmBlock& a, int b, int64_t g0, int64_t g1) {
+  alignas(64) int32_t dots[2][2 * kAmxMaxRows][kBlockRows];
+  float* keep = (kEachGroup ? a.acc : a.inner) + b * kBlockRows;
+  const __m512 zero = _mm512_setzero_ps();
+#define INT8SERVE_AMX_LOAD_RUN(o) __m512 r##o = _mm512_load_ps(keep + (o) * kTileRows);
+  INT8SERVE_AMX_16(INT8SERVE_AMX_LOAD_RUN)
+#undef INT8SERVE_AMX_LOAD_RUN
+  const auto group = [&](int64_t g, const int32_t (*d)[kBlockRows]) INT8SERVE_VNNI512 {
+    const __m512 wscale = amx_weight_scale(a.lay.scales(a.tile, kEachGroup ? g : g / a.lay.span), b);
+    const float* xs = a.xscale + g * kAmxGemmRows;
+    if (kEachGroup) {
+      INT8SERVE_AMX_SCALE(INT8SERVE_AMX_EACH, &d[0][0], xs, wscale, zero);
+    } else {
+      INT8SERVE_AMX_SCALE(INT8SERVE_AMX_INNER, &d[0][0], xs, wscale, zero);
+      if ((g + 1) % a.lay.span == 0 || g + 1 == a.groups) {  // the weight group's end: inner into acc
+        float* acc = a.acc + b * kBlockRows;
+#define INT8SERVE_AMX_FLUSH(o)                                                                     \
+  _mm512_store_ps(acc + (o) * kTileRows, _mm512_fmadd_ps(r##o, wscale, _mm512_load_ps(acc + (o) * kTileRows))); \
+  r##o = zero;
+        INT8SERVE_AMX_16(INT8SERVE_AMX_FLUSH)
+#undef INT8SERVE_AMX_FLUSH
+      }
+    }
+  };
+  // Two groups a step, in alternating tiles and buffers. (Tile products issued two groups ahead of the vector code
+  // that reads them, in four buffers, measured 1.00-1.05x: the tiles and the vector code hardly overlap here.)
+  int64_t g = g0;
+  for (; g + 1 < g1; g += 2) {
+    INT8SERVE_AMX_GEMM_PRODUCTS(0, 1, 6, a, b, g0, g, dots[0]);
+    INT8SERVE_AMX_GEMM_PRODUCTS(2, 3, 7, a, b, g0, g + 1, dots[1]);
+    group(g, dots[0]);
+    group(g + 1, dots[1]);
+  }
+  if (g < g1) {
+    INT8SERVE_AMX_GEMM_PRODUCTS(0, 1, 6, a, b, g0, g, dots[0]);
+    group(g, dots[0]);
+  }
+#define INT8SERVE_AMX_STORE_RUN(o) _mm512_store_ps(keep + (o) * kTileRows, r##o);
+  INT8SERVE_AMX_16(INT8SERVE_AMX_STORE_RUN)
+#undef INT8SERVE_AMX_STORE_RUN
+}
+
+// Rows [r_begin, r_end) of the call over tile `tile`: y gets their outputs of the tile. room: inner and acc, 64 floats
+// a row each, for the rows rounded up to a register block; signed_weights: kAmxGemmGroups x kGroupBytes.
+INT8SERVE_VNNI512 void gemm_amx_tile(const TileArgs& base, int64_t r_begin, int64_t r_end, float* inner, float* acc,
+                                     int8_t* signed_weights, int64_t tile) {
+  const int64_t m = r_end - r_begin;
+  const int64_t padded = (m + kAmxGemmRows - 1) / kAmxGemmRows * kAmxGemmRows;
+  std::fill(acc, acc + padded * kTileRows, 0.0f);
+  if (base.lay.span != 1) std::fill(inner, inner + padded * kTileRows, 0.0f);
+  AmxGemmBlock a{base.lay, base.lay.tile(base.packed, tile), signed_weights, nullptr, nullptr, base.groups, nullptr,
+                 nullptr};
+  const __m512i flip = _mm512_set1_epi8(static_cast<char>(0x80));
+  for (int64_t g0 = 0; g0 < base.groups; g0 += kAmxGemmGroups) {
+    const int64_t g1 = std::min(base.groups, g0 + kAmxGemmGroups);
+    for (int64_t g = g0; g < g1; ++g) {  // w + 128 -> w: the top bit of each byte flipped
+      const uint8_t* from = a.lay.group(a.tile, g);
+      int8_t* to = signed_weights + (g - g0) * kGroupBytes;
+      for (int64_t i = 0; i < kGroupBytes; i += 64)
+        _mm512_store_si512(to + i, _mm512_xor_si512(_mm512_load_si512(from + i), flip));
+    }
+    // the bytes after this K-block (the next one, or the next tile's first), asked for into L2 while it multiplies
+    const uint8_t* next = a.lay.group(a.tile, g0) + (g1 - g0) * a.lay.wgroup_bytes() / a.lay.span;
+    const int64_t lines = (g1 - g0) * a.lay.wgroup_bytes() / a.lay.span / 64;
+    const int64_t blocks = padded / kAmxGemmRows;
+    const int64_t per_block = (lines + blocks - 1) / blocks;
+    for (int64_t r0 = 0; r0 < padded; r0 += kAmxGemmRows) {
+      for (int64_t line = r0 / kAmxGemmRows * per_block, end = std::min(line + per_block, lines); line < end; ++line)
+        _mm_prefetch(reinterpret_cast<const char*>(next + 64 * line), _MM_HINT_T1);
+      const int64_t row = r_begin + r0;  // the call's row: int8 rows 2 row (high) and 2 row + 1 (low)
+      a.xq = base.xq + row / kAmxGemmRows * base.groups * kAmxGemmGroupBytes;
+      a.xscale = base.xscale + row / kAmxGemmRows * base.groups * kAmxGemmRows;
+      a.acc = acc + r0 * kTileRows;
+      a.inner = inner + r0 * kTileRows;
+      for (int b = 0; b < kBlocks; ++b) {
+        if (a.lay.span == 1)
+          amx_gemm_block<true>(a, b, g0, g1);
+        else
+          amx_gemm_block<false>(a, b, g0, g1);
+      }
+    }
+  }
+  const int64_t n0 = tile * kTileRows;
+  const int64_t count = std::min(kTileRows, base.n - n0);
+  for (int64_t r = 0; r < m; ++r)
+    std::memcpy(base.y + (r_begin + r) * base.n + n0, acc + r * kTileRows, static_cast<size_t>(count) * sizeof(float));
+}
+
+// gemv's body for the amx path with precise activations and at least kAmxGemmMinRows rows. The activations' int8
+// rows are padded with zeros to a multiple of kAmxGemmRowMultiple (quantize): the tiles read whole register blocks.
+INT8SERVE_VNNI512 void gemm_exact_amx(const Activations& act, TileArgs base, int64_t m, int64_t tiles, int nthreads) {
+  std::vector<float> row_storage;
+  const AmxGemmRows rows = amx_gemm_rows(act, m, nthreads, row_storage);
+  base.xq = rows.q;
+  base.xscale = rows.scale;
+  const int64_t passes = (m + kAmxGemmChunkRows - 1) / kAmxGemmChunkRows;
+  const int64_t even = (m + passes - 1) / passes;
+  const int64_t chunk = (even + kAmxGemmRows - 1) / kAmxGemmRows * kAmxGemmRows;
+  const int64_t room = chunk * kTileRows;  // floats: a multiple of 64, so every row's sums stay 64-byte aligned
+  const int64_t weight_room = kAmxGemmGroups * kGroupBytes / static_cast<int64_t>(sizeof(float));
+  const int64_t per_thread = 2 * room + weight_room;
+  std::vector<float> storage(static_cast<size_t>(nthreads * per_thread + 16));
+  float* aligned = storage.data() + (64 - reinterpret_cast<uintptr_t>(storage.data()) % 64) % 64 / sizeof(float);
+#pragma omp parallel num_threads(nthreads) if (nthreads > 1)
+  {
+    float* mine = aligned + omp_get_thread_num() * per_thread;
+    int8_t* signed_weights = reinterpret_cast<int8_t*>(mine + 2 * room);
+    amx_gemm_configure();
+    for (int64_t r_begin = 0; r_begin < m; r_begin += chunk) {
+#pragma omp for schedule(static) nowait
+      for (int64_t tile = 0; tile < tiles; ++tile)
+        gemm_amx_tile(base, r_begin, std::min(m, r_begin + chunk), mine, mine + room, signed_weights, tile);
+    }
+    tiles_release();  // other code on this thread (oneDNN, the bf16 kernel) configures the tiles its own way
+  }
+}
+
 using TileRows = void (*)(const TileArgs&, int64_t, int64_t);
 using ChunkRows = void (*)(const TileArgs&, int64_t, int64_t, int64_t, int64_t, float*);
 
@@ -1944,8 +2206,9 @@ static int gemv(const float* x, int64_t m, int64_t k, const uint8_t* packed, int
   if (reinterpret_cast<uintptr_t>(packed) % 64 != 0) return -2;
   if (m == 0) return 0;
   const int64_t np = (n + kTileRows - 1) / kTileRows * kTileRows;
-  const Activations act = quantize(x, m, k, path, precise != 0, threads);
   const bool pairs = precise != 0;
+  const bool amx_gemm = pairs && path == kAmx && m >= kAmxGemmMinRows;
+  const Activations act = quantize(x, m, k, path, pairs, threads, amx_gemm ? kAmxGemmRowMultiple : 1);
   const int64_t per_output = pairs ? 2 : 1;  // int8 rows per output row
   const int64_t rows_total = per_output * m;
   const int64_t tiles = np / kTileRows;
@@ -1968,6 +2231,11 @@ static int gemv(const float* x, int64_t m, int64_t k, const uint8_t* packed, int
   // the split never changes the result (each tile is computed alike).
   const bool small = rows_total * np * act.kp < kParallelGemvWork;
   const int nthreads = small ? 1 : static_cast<int>(std::max<int64_t>(1, std::min<int64_t>(threads, tiles)));
+  if (amx_gemm) {  // the same, on AMX tiles
+    base.y = y;
+    gemm_exact_amx(act, base, m, tiles, nthreads);
+    return 0;
+  }
   if (pairs && kernel == kVnni512 && !amx_tiles && m >= kExactGemmMinRows) {  // the same, on vnni512
     base.y = y;
     gemm_exact_vnni512(act, base, m, tiles, nthreads);

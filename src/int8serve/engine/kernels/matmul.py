@@ -22,9 +22,8 @@ at start):
   (row-exact: decode's accuracy, and the prefix cache keeps replies too, chunking.py). On the amx path longer calls
   take this kernel (AMX-BF16, much faster there than our int8 tiles); where our int8 kernel does not take them and
   this kernel is not available, dequantize + oneDNN.
-- `row-exact`: on the amx path our int8 kernel takes whole default prefill chunks too (up to
-  `int8.KERNEL_ROWS_ROW_EXACT` rows), so that prefill is row-exact there as well; slower prefill (int8.py has the
-  figures). Elsewhere the default.
+- `row-exact`: on the amx path our int8 kernel takes every prefill call too (an AMX-INT8 GEMM), so that prefill is
+  row-exact there as well, with decode's accuracy; slower prefill (int8.py has the figures). Elsewhere the default.
 - `bf16`: this kernel takes the calls of more than `int8.KERNEL_ROWS` rows where the CPU has AMX-BF16 or AVX512-BF16,
   whatever our int8 kernel's path (on the vnni512 path: faster prefill than the row-exact default, less accurate, not
   row-exact; int8.py has the figures). Where the CPU has neither, the default (the start line says so).
