@@ -653,6 +653,11 @@ def build_report(args: argparse.Namespace, rounds: Sequence[Round], files: Weigh
                 "default before prefill became row-exact on CPUs with AVX-512 VNNI): faster there, less accurate "
                 "(int8.py has the figures); decode unchanged. Not the issue's goals, which are for the defaults."]
                if args.prefill_matmul == "bf16" else []),
+             *([f"- Our prefill row-exact on every path (`{PREFILL_ENV}=row-exact`): decode's arithmetic and accuracy "
+                "(two int8 passes a row); on AMX CPUs through our AMX-INT8 GEMM instead of the AMX-BF16 kernel, the "
+                "default there (slower, more accurate; int8.py has the figures); decode unchanged. Not the issue's "
+                "goals, which are for the defaults."]
+               if args.prefill_matmul == "row-exact" else []),
              "", *results_table(rounds, files.gguf_type, goals=not args.gguf and not variant(args),
                                 tools=llama_cpp_tools(args.batch_prompt, args.kv_cache)), "",
              roofline_line(rounds, files), "",
@@ -759,10 +764,11 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--batch-prompt", type=int, default=BATCH_PROMPT, metavar="N",
                         help=f"the position the {BATCH} sequences decode from (llama-batched-bench -npp; default "
                              f"{BATCH_PROMPT}); another makes its own section")
-    parser.add_argument("--prefill-matmul", choices=["auto", "int8", "bf16"], default="auto",
+    parser.add_argument("--prefill-matmul", choices=["auto", "int8", "bf16", "row-exact"], default="auto",
                         help="our prefill: auto (the default numerics), int8 (one int8 pass a row, llama.cpp's "
-                             f"numerics: {PREFILL_ENV}=int8) or bf16 (long calls through our bf16 kernel where the "
-                             "CPU has it); another than auto makes its own section, without the goals")
+                             f"numerics: {PREFILL_ENV}=int8), bf16 (long calls through our bf16 kernel where the "
+                             "CPU has it) or row-exact (decode's numerics on every path: on AMX CPUs our AMX-INT8 "
+                             "GEMM); another than auto makes its own section, without the goals")
     parser.add_argument("--ours-child", type=Path, help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
     if args.layers < 1 or args.rounds < 1 or args.reps < 1 or args.batch_prompt < 1:

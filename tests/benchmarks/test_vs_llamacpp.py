@@ -302,3 +302,4 @@ def test_a_run_with_our_int8_prefill_pass_is_its_own_section_without_the_goals(m
     monkeypatch.delenv(vs_llamacpp.PREFILL_ENV)  # bf16 (the bf16 kernel's prefill): a section of its own too
     assert vs_llamacpp.variant(vs_llamacpp.parse_args(["--prefill-matmul", "bf16"]))
     assert vs_llamacpp.section_label(32, cpu="X", prefill_matmul="bf16") == "X --prefill-matmul bf16"
+    assert vs_llamacpp.variant(vs_llamacpp.parse_args(["--prefill-matmul", "row-exact"]))
