@@ -12,7 +12,12 @@ inputs) and way of computing:
   measures the dense path there. Elsewhere: dequantized weights
   (bf16 on CPUs with native bf16, through our bf16 kernel with its fp32 sums where it runs; fp32 elsewhere) in a
   dense matmul;
-- `weights only`: the int8 weights in fp32 math (no activation rounding at all): the floor of the weight scheme.
+- `weights only`: the int8 weights in fp32 math (no activation rounding at all): the floor of the weight scheme;
+- `bf16 activations`, `bf16 weights`, `bf16 both`, `two bf16 activations`: the same fp32 math with the roundings an
+  AMX-BF16 kernel makes, one at a time: activations rounded to bf16, dequantized weights (w * scale) rounded to bf16,
+  both (what our bf16 prefill kernel multiplies, in another order of sums), and activations as the sum of two bf16
+  values (hi + lo, ~16 bits) with the weights exact (what a kernel of three bf16 tile products a step would compute:
+  x_hi w_hi + x_hi w_lo + x_lo w_hi). Which rounding costs how much accuracy.
 The kernel computes each row on its own and every path gives the same bits, so the `kernel` rows are what decode
 gives on any CPU. Issue #10's targets: KLD <= 0.0005, top-1 >= 98.7%, PPL ratio <= 1.001.
 
@@ -25,7 +30,7 @@ from __future__ import annotations
 import argparse
 import sys
 import time
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager
 from pathlib import Path
 
@@ -42,7 +47,23 @@ from int8serve.engine.perplexity import evaluate
 from int8serve.engine.tokenizer import AnyTokenizer, Tokenizer, load_tokenizer
 
 SHARED = Path(__file__).resolve().parents[2] / "shared"
-MODES = ("kernel", "kernel precise", "prefill (dense)", "weights only")
+def _bf16(t: Tensor) -> Tensor:
+    return t.to(torch.bfloat16).float()
+
+
+def _two_bf16(t: Tensor) -> Tensor:
+    high = _bf16(t)
+    return high + _bf16(t - high)
+
+
+def _same(t: Tensor) -> Tensor:
+    return t
+
+
+# name: (what rounds the activations, what rounds the dequantized weights), in fp32 math
+EMULATIONS = {"weights only": (_same, _same), "bf16 activations": (_bf16, _same), "bf16 weights": (_same, _bf16),
+              "bf16 both": (_bf16, _bf16), "two bf16 activations": (_two_bf16, _same)}
+MODES = ("kernel", "kernel precise", "prefill (dense)", *EMULATIONS)
 SMOLLM2 = SHARED / "models" / "smollm2-135m-instruct" / "SmolLM2-135M-Instruct.Q4_1.gguf"
 # Issue #15's goal on SmolLM2 (weight-only int8 per 32 inputs simulated in fp32 measured KLD 0.0012, top-1 98.0%).
 SMOLLM2_GOAL = "KLD ≤ 0.0013, top-1 ≥ 97.9%"
@@ -85,19 +106,23 @@ def mode(name: str) -> Iterator[None]:
     int8.KERNEL_ROWS = 1 << 30 if name.startswith("kernel") else saved[0]
     # (prefill keeps the default, two int8 passes a row, where our kernel takes prefill calls: the row-exact CPUs)
     int8.PRECISE_ACTIVATIONS = name == "kernel precise" or (name == "prefill (dense)" and saved[1])
-    if name == "weights only":
-        Int8Linear.forward = _weights_only  # type: ignore[method-assign]
+    if name in EMULATIONS:
+        Int8Linear.forward = _emulation(*EMULATIONS[name])  # type: ignore[method-assign]
     try:
         yield
     finally:
         int8.KERNEL_ROWS, int8.PRECISE_ACTIVATIONS, Int8Linear.forward = saved  # type: ignore[method-assign]
 
 
-def _weights_only(self: Int8Linear, x: Tensor) -> Tensor:
-    weight = getattr(self, "_fp32_weight", None)
-    if weight is None:
-        weight = self._fp32_weight = dequantize(*self.quantized())
-    return (x.float() @ weight.T).to(x.dtype)
+def _emulation(activations: Callable[[Tensor], Tensor], weights: Callable[[Tensor], Tensor]
+               ) -> Callable[[Int8Linear, Tensor], Tensor]:
+    """An Int8Linear.forward in fp32 math on the int8 weights dequantized in fp32, each side rounded as given."""
+    def forward(self: Int8Linear, x: Tensor) -> Tensor:
+        weight = getattr(self, "_fp32_weight", None)
+        if weight is None:
+            weight = self._fp32_weight = dequantize(*self.quantized())
+        return (activations(x.float()) @ weights(weight).T).to(x.dtype)
+    return forward
 
 
 def main(argv: Sequence[str] | None = None) -> None:
