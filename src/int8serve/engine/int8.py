@@ -56,11 +56,11 @@ PRECISE_ACTIVATIONS = True
 # and prefill chunks of the default 128 rows take the dense path (or the AMX kernel): not row-exact (chunking.py),
 # so the prefix cache keeps prompts, not replies. INT8SERVE_PREFILL_MATMUL=row-exact gives our kernel every call on
 # the amx path (row-exact prefill, replies kept, decode's accuracy), where calls of 32 rows and more run as an AMX-INT8
-# GEMM (gemv.cpp, gemm_exact_amx). That costs prefill speed: at 128 and 512 rows the GEMM multiplies 0.3-0.45x as
-# fast as the AMX-BF16 kernel, the default (Sapphire Rapids, 2026-12-05; each group of 32 inputs needs its own
-# scales, so every tile product's sums go through vector code, and on this CPU the tiles and the vector code hardly
-# run at once: docs/benchmarks.md, "Exact prefill on AMX"). Since its GEMM the vnni512 path takes every call by
-# default (below, EVERY_CALL_PATHS): the figures above are of the code before.
+# GEMM (gemv.cpp, gemm_exact_amx). That costs half the prefill speed of the AMX-BF16 kernel, the default: a 512-token
+# prompt in 128-token chunks, 32 layers of the 7B shape, 0.468x (Sapphire Rapids, 2026-12-05, benchmarks/row_exact.py;
+# each group of 32 inputs needs its own scales, so every tile product's sums go through vector code, and on this CPU
+# the tiles and the vector code do not run at once: docs/benchmarks.md, "Exact prefill on AMX"). Since its GEMM the
+# vnni512 path takes every call by default (below, EVERY_CALL_PATHS): the figures above are of the code before.
 KERNEL_ROWS = 32
 # The avx2 path (CPUs with AVX2 only: no native bf16, so the dense path is fp32) multiplies calls of 16 rows and more
 # as a GEMM on 16-bit activations (gemv.cpp, gemm_wide16), faster there than dequantizing for oneDNN's fp32 matmul:

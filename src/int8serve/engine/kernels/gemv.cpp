@@ -1781,6 +1781,12 @@ INT8SERVE_VNNI512 void tile_amx(const TileArgs& a, int64_t rows, int64_t tile) {
 // products need no correction. A row's two combine as on every path, 256 * dot_hi + dot_lo, before the conversion.
 // Tile registers: tmm0-3 C (16 int8 rows x 16 int32; 0 and 1 for even groups, 2 and 3 for odd), tmm4-5 A (16 int8
 // rows x 32 bytes), tmm6-7 B (8 steps x 64 bytes; even and odd groups).
+// Measured on a Sapphire Rapids (2026-12-05, 2 threads, the 7B shapes, benchmarks/gemv_builds.py against 9fe2a4d,
+// which took these calls in passes of 16 int8 rows over each tile): 32 rows 1.02-1.04x, 64 rows 1.16-1.20x, 128 rows
+// 1.20-1.32x, 512 rows 1.19-1.28x; at 16 rows the passes were faster (1.15-1.28x), so they keep those calls
+// (kAmxGemmMinRows). It is still about half as fast as the AMX-BF16 prefill kernel (kernels/matmul.py), whose sums
+// stay in the tiles over all inputs: here the tile work and the vector work take turns rather than overlapping
+// (benchmarks/amx_overlap.py: each alone 77-80 TSC cycles a step, both 182).
 constexpr int kAmxGemmRows = 16;  // output rows a register block: 32 int8 rows, two A tiles
 #ifndef INT8SERVE_AMX_GEMM_GROUPS
 #define INT8SERVE_AMX_GEMM_GROUPS 8
