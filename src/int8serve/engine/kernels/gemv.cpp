@@ -475,6 +475,37 @@ struct TileArgs {
   float* y;               // first output row of this pass
 };
 
+// The GEMMs' last step for rows [r_begin, r_begin + m) of tile `tile`: their outputs of the tile (acc, 64 floats a
+// row) into y.
+void store_tile_rows(const TileArgs& base, int64_t r_begin, int64_t m, int64_t tile, const float* acc) {
+  const int64_t n0 = tile * kTileRows;
+  const int64_t count = std::min(kTileRows, base.n - n0);
+  for (int64_t r = 0; r < m; ++r)
+    std::memcpy(base.y + (r_begin + r) * base.n + n0, acc + r * kTileRows, static_cast<size_t>(count) * sizeof(float));
+}
+
+// The GEMMs' hint while a K-block multiplies: the `bytes` after it (the next K-block, or the next tile's first) asked
+// for into L2, register block `block` of `blocks` asking for its share of the lines.
+inline void ask_for_next_kblock(const uint8_t* next, int64_t bytes, int64_t block, int64_t blocks) {
+  const int64_t lines = bytes / 64, per_block = (lines + blocks - 1) / blocks;
+  for (int64_t line = block * per_block, end = std::min(line + per_block, lines); line < end; ++line)
+    _mm_prefetch(reinterpret_cast<const char*>(next + 64 * line), _MM_HINT_T1);
+}
+
+// Rows a pass of a GEMM over the tiles: a call of m rows in chunks of about the same size, of at most about max_rows,
+// whole register blocks of block_rows.
+int64_t gemm_chunk_rows(int64_t m, int64_t max_rows, int64_t block_rows) {
+  const int64_t passes = (m + max_rows - 1) / max_rows;
+  const int64_t even = (m + passes - 1) / passes;
+  return (even + block_rows - 1) / block_rows * block_rows;
+}
+
+// The first 64-byte aligned element of storage (allocated with 64 bytes to spare).
+template <typename T>
+T* aligned64(std::vector<T>& storage) {
+  return storage.data() + (64 - reinterpret_cast<uintptr_t>(storage.data()) % 64) % 64 / sizeof(T);
+}
+
 // The exact int32 dot product of int8 row r (+ its correction) with group g of a tile's 64 rows, into dot[64].
 void group_dot_scalar(const TileArgs& a, const uint8_t* w, int64_t r, int64_t g, int32_t* dot) {
   for (int64_t i = 0; i < kTileRows; ++i) dot[i] = a.xcorr[r * a.groups + g];
@@ -1252,11 +1283,7 @@ INT8SERVE_AVX2 void gemm_wide16_tile(const TileArgs& base, int64_t r_begin, int6
       }
     }
   }
-  const int64_t n0 = tile * kTileRows;
-  const int64_t count = std::min(kTileRows, base.n - n0);
-  for (int64_t r = 0; r < m; ++r)
-    std::memcpy(base.y + (r_begin + r) * base.n + n0, room.acc + r * kTileRows,
-                static_cast<size_t>(count) * sizeof(float));
+  store_tile_rows(base, r_begin, m, tile, room.acc);
 }
 
 // Rows a pass over the tiles, at most: a call of more rows goes over every tile once per chunk of rows, in chunks of
@@ -1277,13 +1304,11 @@ template <bool kDot>
 INT8SERVE_AVX2 void gemm_wide16(const Activations& act, TileArgs base, int64_t m, int64_t tiles, int nthreads) {
   base.xscale = act.scale.data();
   base.xwide = act.wide.data();
-  const int64_t passes = (m + kWideGemmChunkRows - 1) / kWideGemmChunkRows;
-  const int64_t even = (m + passes - 1) / passes;  // chunks of about the same size, whole register blocks
-  const int64_t chunk = (even + kWideGemmRows - 1) / kWideGemmRows * kWideGemmRows;
+  const int64_t chunk = gemm_chunk_rows(m, kWideGemmChunkRows, kWideGemmRows);
   const int64_t sum_room = (chunk * kTileRows * 4 + 63) / 64 * 64;
   const int64_t per_thread = kWideBytes + kWideScaleBytes + 2 * sum_room;
   std::vector<uint8_t> storage(static_cast<size_t>(nthreads * per_thread + 64));  // (allocated before the threads)
-  uint8_t* aligned = storage.data() + (64 - reinterpret_cast<uintptr_t>(storage.data()) % 64) % 64;
+  uint8_t* aligned = aligned64(storage);
 #pragma omp parallel num_threads(nthreads) if (nthreads > 1)
   {
     uint8_t* mine = aligned + omp_get_thread_num() * per_thread;
@@ -1540,15 +1565,10 @@ INT8SERVE_VNNI512 void gemm_exact_tile(const TileArgs& base, int64_t r_begin, in
                nullptr};
   for (int64_t g0 = 0; g0 < base.groups; g0 += kExactGemmGroups) {
     const int64_t g1 = std::min(base.groups, g0 + kExactGemmGroups);
-    // the bytes after this K-block (the next one, or the next tile's first), asked for into L2 while it multiplies
-    const uint8_t* from = a.lay.group(a.tile, g0);
     const int64_t block_bytes = (g1 - g0) * a.lay.wgroup_bytes() / a.lay.span;
-    const int64_t blocks = (m + kExactRows - 1) / kExactRows;
-    const int64_t per_block = (block_bytes / 64 + blocks - 1) / blocks;
+    const uint8_t* next = a.lay.group(a.tile, g0) + block_bytes;
     for (int64_t r0 = 0; r0 < m; r0 += kExactRows) {
-      for (int64_t line = r0 / kExactRows * per_block, end = std::min(line + per_block, block_bytes / 64); line < end;
-           ++line)
-        _mm_prefetch(reinterpret_cast<const char*>(from + block_bytes + 64 * line), _MM_HINT_T1);
+      ask_for_next_kblock(next, block_bytes, r0 / kExactRows, (m + kExactRows - 1) / kExactRows);
       const int64_t row = r_begin + r0;  // the call's row: int8 rows 2 row (high) and 2 row + 1 (low)
       a.xq = base.xq + 2 * row * base.kp;
       a.xscale = base.xscale + (2 * row + 1) * base.groups;
@@ -1562,10 +1582,7 @@ INT8SERVE_VNNI512 void gemm_exact_tile(const TileArgs& base, int64_t r_begin, in
         exact_rows<false>(a, rows, g0, g1);
     }
   }
-  const int64_t n0 = tile * kTileRows;
-  const int64_t count = std::min(kTileRows, base.n - n0);
-  for (int64_t r = 0; r < m; ++r)
-    std::memcpy(base.y + (r_begin + r) * base.n + n0, acc + r * kTileRows, static_cast<size_t>(count) * sizeof(float));
+  store_tile_rows(base, r_begin, m, tile, acc);
 }
 
 // gemv's body for the vnni512 path with precise activations and at least kExactGemmMinRows rows.
@@ -1574,12 +1591,10 @@ INT8SERVE_VNNI512 void gemm_exact_vnni512(const Activations& act, TileArgs base,
   base.xq = act.q.data();
   base.xscale = act.scale.data();
   base.xcorr = act.corr.data();
-  const int64_t passes = (m + kExactGemmChunkRows - 1) / kExactGemmChunkRows;
-  const int64_t even = (m + passes - 1) / passes;
-  const int64_t chunk = (even + kExactRows - 1) / kExactRows * kExactRows;
+  const int64_t chunk = gemm_chunk_rows(m, kExactGemmChunkRows, kExactRows);
   const int64_t room = chunk * kTileRows;  // floats: a multiple of 64, so every row's sums stay 64-byte aligned
   std::vector<float> storage(static_cast<size_t>(nthreads * 2 * room + 16));
-  float* aligned = storage.data() + (64 - reinterpret_cast<uintptr_t>(storage.data()) % 64) % 64 / sizeof(float);
+  float* aligned = aligned64(storage);
 #pragma omp parallel num_threads(nthreads) if (nthreads > 1)
   {
     float* mine = aligned + omp_get_thread_num() * 2 * room;
@@ -1823,7 +1838,7 @@ AmxGemmRows amx_gemm_rows(const Activations& act, int64_t m, int nthreads, std::
   const int64_t blocks = (m + kAmxGemmRows - 1) / kAmxGemmRows;
   const int64_t q_floats = blocks * act.groups * kAmxGemmGroupBytes / static_cast<int64_t>(sizeof(float));
   storage.resize(static_cast<size_t>(q_floats + blocks * act.groups * kAmxGemmRows + 16));
-  float* start = storage.data() + (64 - reinterpret_cast<uintptr_t>(storage.data()) % 64) % 64 / sizeof(float);
+  float* start = aligned64(storage);
   int8_t* q = reinterpret_cast<int8_t*>(start);
   float* scale = start + q_floats;
 #pragma omp parallel for schedule(static) num_threads(nthreads) if (nthreads > 1 && blocks > 1)
@@ -1971,14 +1986,10 @@ INT8SERVE_VNNI512 void gemm_amx_tile(const TileArgs& base, int64_t r_begin, int6
       for (int64_t i = 0; i < kGroupBytes; i += 64)
         _mm512_store_si512(to + i, _mm512_xor_si512(_mm512_load_si512(from + i), flip));
     }
-    // the bytes after this K-block (the next one, or the next tile's first), asked for into L2 while it multiplies
-    const uint8_t* next = a.lay.group(a.tile, g0) + (g1 - g0) * a.lay.wgroup_bytes() / a.lay.span;
-    const int64_t lines = (g1 - g0) * a.lay.wgroup_bytes() / a.lay.span / 64;
-    const int64_t blocks = padded / kAmxGemmRows;
-    const int64_t per_block = (lines + blocks - 1) / blocks;
+    const int64_t block_bytes = (g1 - g0) * a.lay.wgroup_bytes() / a.lay.span;
+    const uint8_t* next = a.lay.group(a.tile, g0) + block_bytes;
     for (int64_t r0 = 0; r0 < padded; r0 += kAmxGemmRows) {
-      for (int64_t line = r0 / kAmxGemmRows * per_block, end = std::min(line + per_block, lines); line < end; ++line)
-        _mm_prefetch(reinterpret_cast<const char*>(next + 64 * line), _MM_HINT_T1);
+      ask_for_next_kblock(next, block_bytes, r0 / kAmxGemmRows, padded / kAmxGemmRows);
       const int64_t row = r_begin + r0;  // the call's row: int8 rows 2 row (high) and 2 row + 1 (low)
       a.xq = base.xq + row / kAmxGemmRows * base.groups * kAmxGemmGroupBytes;
       a.xscale = base.xscale + row / kAmxGemmRows * base.groups * kAmxGemmRows;
@@ -1992,10 +2003,7 @@ INT8SERVE_VNNI512 void gemm_amx_tile(const TileArgs& base, int64_t r_begin, int6
       }
     }
   }
-  const int64_t n0 = tile * kTileRows;
-  const int64_t count = std::min(kTileRows, base.n - n0);
-  for (int64_t r = 0; r < m; ++r)
-    std::memcpy(base.y + (r_begin + r) * base.n + n0, acc + r * kTileRows, static_cast<size_t>(count) * sizeof(float));
+  store_tile_rows(base, r_begin, m, tile, acc);
 }
 
 // gemv's body for the amx path with precise activations and at least kAmxGemmMinRows rows. The activations' int8
@@ -2005,14 +2013,12 @@ INT8SERVE_VNNI512 void gemm_exact_amx(const Activations& act, TileArgs base, int
   const AmxGemmRows rows = amx_gemm_rows(act, m, nthreads, row_storage);
   base.xq = rows.q;
   base.xscale = rows.scale;
-  const int64_t passes = (m + kAmxGemmChunkRows - 1) / kAmxGemmChunkRows;
-  const int64_t even = (m + passes - 1) / passes;
-  const int64_t chunk = (even + kAmxGemmRows - 1) / kAmxGemmRows * kAmxGemmRows;
+  const int64_t chunk = gemm_chunk_rows(m, kAmxGemmChunkRows, kAmxGemmRows);
   const int64_t room = chunk * kTileRows;  // floats: a multiple of 64, so every row's sums stay 64-byte aligned
   const int64_t weight_room = kAmxGemmGroups * kGroupBytes / static_cast<int64_t>(sizeof(float));
   const int64_t per_thread = 2 * room + weight_room;
   std::vector<float> storage(static_cast<size_t>(nthreads * per_thread + 16));
-  float* aligned = storage.data() + (64 - reinterpret_cast<uintptr_t>(storage.data()) % 64) % 64 / sizeof(float);
+  float* aligned = aligned64(storage);
 #pragma omp parallel num_threads(nthreads) if (nthreads > 1)
   {
     float* mine = aligned + omp_get_thread_num() * per_thread;
