@@ -246,16 +246,19 @@ def test_prefill_with_one_int8_pass_is_not_row_exact(stories_int8: LoadedModel, 
     assert not stories_int8.model.row_exact_prefill(32, 4)
 
 
-@pytest.mark.parametrize("path", [None, "avx2", "avxvnni"])
-def test_decode_writes_the_keys_and_values_prefill_would(stories_int8: LoadedModel, path: str | None, kv_cache: str,
-                                                          monkeypatch: pytest.MonkeyPatch) -> None:
+@pytest.mark.parametrize(("path", "chunk"), [(None, 32), ("avx2", 32), ("avxvnni", 32), ("amx", 128)])
+def test_decode_writes_the_keys_and_values_prefill_would(stories_int8: LoadedModel, path: str | None, chunk: int,
+                                                          kv_cache: str, monkeypatch: pytest.MonkeyPatch) -> None:
     """Row-exact prefill: a prompt prefilled in chunks, and the same tokens decoded one step at a time after a short
     prefill (beside another sequence), leave the same bits in every layer's cache, and give the same logits. On this
-    CPU's own kernel path, and on the two whose kernel takes every prefill chunk as a GEMM on 16-bit rows."""
+    CPU's own kernel path, on the two whose kernel takes every prefill chunk as a GEMM on 16-bit rows, and on the amx
+    path with INT8SERVE_PREFILL_MATMUL=row-exact, whose 128-row chunks go through its AMX-INT8 GEMM."""
     if path is not None:
         if not kernels.cpu_has(path):
             pytest.skip(f"this CPU lacks the {path} path")
         monkeypatch.setenv(kernels.ENV_PATH, path)
+        if path == "amx":
+            monkeypatch.setenv(prefill_matmul.ENV, "row-exact")
         assert kernel_rows() > 128  # every chunk through our kernel
     model = stories_int8.model
     assert model.row_exact_prefill(32, 4) == (kernel_rows() >= 32)  # 32, or 128 with row-exact prefill
@@ -265,7 +268,7 @@ def test_decode_writes_the_keys_and_values_prefill_would(stories_int8: LoadedMod
     rng = random.Random(3)
     tokens = [1] + [rng.randint(3, 500) for _ in range(150)]
     prefilled, stepped = model.new_cache(2, 256), model.new_cache(2, 256)
-    want = _prefill(model, tokens, prefilled, slot=0, upto=len(tokens), all_logits=True)
+    want = _prefill(model, tokens, prefilled, slot=0, upto=len(tokens), chunk=chunk, all_logits=True)
     _prefill(model, tokens, stepped, slot=1, upto=40)
     for position in range(40, len(tokens)):
         other = rng.randint(3, 500)  # a second sequence decoding in slot 0 of the same step
@@ -293,10 +296,11 @@ def _prefill(model: Any, tokens: list[int], cache: KVCache, slot: int, upto: int
 @pytest.mark.parametrize("chunk", [32, 128, 256])
 def test_the_next_turn_reuses_the_reply_exactly(stories_int8: LoadedModel, stories_tokenizer: Tokenizer,
                                                 params: SamplingParams, chunk: int) -> None:
-    """A 3-turn conversation resent whole each turn, token by token: with row-exact prefill (chunks of 32; of 128 on
-    AVX-512 VNNI with INT8SERVE_PREFILL_MATMUL=row-exact) each turn reuses the previous prompt and all of its reply
-    that is in the cache (every generated token but the last); with chunks the kernel does not take (128 by default,
-    256: the dense path) only prompts are reused. Either way every
+    """A 3-turn conversation resent whole each turn, token by token: with row-exact prefill (every chunk size where
+    our kernel takes every call: CPUs without AMX; on AMX CPUs chunks of 32, or any with
+    INT8SERVE_PREFILL_MATMUL=row-exact) each turn reuses the previous prompt and all of its reply that is in the cache
+    (every generated token but the last); with chunks the kernel does not take (128 and 256 on AMX CPUs by default:
+    the bf16 kernel) only prompts are reused. Either way every
     token and every logits row equals the no-cache engine's, bit for bit, though another request ran beside turn 1."""
     plain = engine_for(stories_int8, stories_tokenizer, None, chunk=chunk)
     cached = engine_for(stories_int8, stories_tokenizer, 2048, chunk=chunk)
