@@ -336,16 +336,17 @@ def test_dequantize_streams_a_buffer_larger_than_the_caches(dtype: torch.dtype) 
 def test_rows_do_not_depend_on_the_batch_or_threads(impl: str, precise: bool, n: int, k: int) -> None:
     q, scale = group_weight(n, k, 32, seed=7)
     packed = kernels.pack_weight(q, scale, 32)
-    # 9 rows: passes of 4 + 4 + 1 inside the kernel; 17 (precise, avx2): the GEMM's blocks of 3 + 3 + 3 + 3 + 3 + 2
-    x = torch.randn(17, k)
+    # 9 rows: passes of 4 + 4 + 1 inside the kernel; 17 (precise, avx2): the GEMM's blocks of 3 + 3 + 3 + 3 + 3 + 2;
+    # 33 and 40 (precise): the GEMMs of every path, amx's in register blocks of 16 + 16 + 1 and 16 + 16 + 8
+    x = torch.randn(40, k)
 
     def run(rows: torch.Tensor) -> torch.Tensor:
         return kernels.int8_gemv(rows, packed, impl=impl, precise=precise)
 
     together = run(x)
-    for count in (1, 2, 3, 4, 9):
+    for count in (1, 2, 3, 4, 9, 17, 33):
         assert torch.equal(run(x[:count]), together[:count])
-    for i in range(17):
+    for i in range(0, 40, 3):
         assert torch.equal(run(x[i : i + 1])[0], together[i])
     threads = torch.get_num_threads()
     try:
