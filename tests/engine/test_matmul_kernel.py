@@ -133,6 +133,8 @@ def test_a_prefill_chunk_past_the_kernel_rows_takes_it(monkeypatch: pytest.Monke
     assert int8.kernel_rows() == int8.KERNEL_ROWS  # 128-row prefill chunks: this kernel is faster from 32 rows up
     monkeypatch.setenv(prefill_matmul.ENV, "row-exact")  # our kernel takes every call (amx: its AMX-INT8 GEMM)
     assert int8.kernel_rows() == int8.ALL_ROWS and not torch.equal(layer(x), got)
+    # on the amx path the start line says what that costs against the default
+    assert ("about half as fast as this CPU's default" in int8.describe_dense()) == (kernels.path() == "amx")
     monkeypatch.setenv(prefill_matmul.ENV, "dense")  # the dequantize-and-oneDNN path: the same values, other sum order
     assert not prefill_matmul.enabled() and f"{prefill_matmul.ENV}=dense" in int8.describe_dense()
     assert int8.kernel_rows() == int8.KERNEL_ROWS

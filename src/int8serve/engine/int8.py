@@ -161,8 +161,8 @@ def dense_matmul(rows: Tensor, weight: Tensor) -> Tensor:
     weight only. In fp32, and in bf16 on CPUs without AMX, each row's result is independent of M (padded to
     MIN_DENSE_ROWS rows, see _padded). On CPUs with AMX, oneDNN's bf16 kernels round a row by how many come with it
     (a Sapphire Rapids, 2026-12-02, 4096 inputs: 131 of 132 row counts from 1 to 384 differ from the same rows among
-    512); there the rows that must not depend on their company (decode, row-exact prefill chunks) take our kernel,
-    whose paths `amx` and `vnni512` take up to 128 rows (kernel_rows)."""
+    512); there the rows that must not depend on their company (decode, row-exact prefill chunks) take our kernel
+    (kernel_rows)."""
     x = _padded(rows.to(weight.dtype))
     if weight.dtype == torch.float32 and weight.numel() >= ONEDNN_MIN_WEIGHTS and onednn_fp32():
         out = torch.ops.mkldnn._linear_pointwise(x, weight, None, "none", [], "")
@@ -184,6 +184,9 @@ def describe_dense() -> str:
                 f"({prefill_matmul.ENV}=int8: llama.cpp's Q8_0 numerics, less accurate than the default{slower})")
     if kernels.available() and kernel_rows() == ALL_ROWS:
         notes = [f"{prefill_matmul.ENV}=dense: {'fp32' if dtype == torch.float32 else 'bf16'} through {library}"]
+        if kernels.path() == "amx":  # (only with =row-exact: the AMX-INT8 GEMM)
+            notes.insert(0, "about half as fast as this CPU's default, bf16 on AMX tiles: 0.45-0.47x on a Sapphire "
+                            "Rapids")
         if prefill_matmul.available():
             notes.append(f"{prefill_matmul.ENV}=bf16: our bf16 kernel, faster and less accurate")
         if prefill_matmul.bf16_requested():
