@@ -9,7 +9,8 @@ buffer and multiplies the chunk with it (int8.py, `Int8Linear._packed_forward`).
 - on CPUs with AMX-BF16 or AVX512-BF16, the whole bf16 step as Int8Linear runs it for chunks of `--step-rows` rows
   (default 128 and 512): each path of our bf16 kernel straight from the packed weight (kernels/matmul.py: `amx`,
   `avx512bf16`) against dequantizing into bf16 and oneDNN's matmul (`int8.dense_matmul`), from fp32 rows to fp32
-  outputs;
+  outputs; and on the amx and vnni512 paths, in the same rounds, our int8 kernel's GEMM with decode's numerics (what
+  row-exact prefill multiplies with) against the CPU's best bf16 kernel path;
 - on the avx2 and avxvnni paths (CPUs with AVX2 only, or AVX-VNNI without AVX-512, or `INT8SERVE_KERNEL=avx2` /
   `avxvnni`), the whole prefill step for chunks of `--step-rows` rows: our int8 kernel's GEMM on 16-bit activations
   (what Int8Linear runs there, int8.kernel_rows) against dequantizing into fp32 and oneDNN's fp32 matmul
@@ -45,6 +46,7 @@ SCRIPT = "prefill_paths.py"
 SHAPES = {"qkvo": (4096, 4096), "gate/up": (4096, 11008), "down": (11008, 4096)}
 COPIES = 3
 HELD = ("INT8SERVE_KERNEL", "ONEDNN_MAX_CPU_ISA", "INT8SERVE_PREFILL_MATMUL")  # settings the command line shows
+EXACT_GEMM_PATHS = ("amx", "vnni512")  # our int8 kernel's paths with a GEMM of decode's numerics beside a bf16 kernel
 
 
 def alternate(candidates: dict[str, Callable[[int], object]], rounds: int, copies: int) -> dict[str, list[float]]:
@@ -138,7 +140,9 @@ def measure_wide16_kernel(k: int, n: int, rows: int, rounds: int, packed: list[k
 def measure_bf16_kernel(k: int, n: int, rows: int, rounds: int, packed: list[kernels.PackedWeight],
                         generator: torch.Generator) -> list[str]:
     """The bf16 prefill step from fp32 rows to fp32 outputs: dequantize + oneDNN against each path of our bf16
-    kernel, one line per path."""
+    kernel, one line per path; on the amx and vnni512 paths a line more, in the same rounds: our int8 kernel's GEMM
+    with decode's numerics (row-exact prefill: INT8SERVE_PREFILL_MATMUL=row-exact on the amx path, the default on the
+    vnni512 one) against the CPU's best bf16 kernel path."""
     buffer = torch.empty(n, k, dtype=torch.bfloat16)
     x = torch.randn(rows, k, generator=generator)
 
@@ -149,6 +153,9 @@ def measure_bf16_kernel(k: int, n: int, rows: int, rounds: int, packed: list[ker
     candidates = {"dequantize + oneDNN": dequantized}
     for path in prefill_matmul.paths():
         candidates[path] = lambda i, path=path: prefill_matmul.matmul(x, packed[i], path=path)
+    exact = kernels.path() if kernels.path() in EXACT_GEMM_PATHS else None
+    if exact:
+        candidates["int8"] = lambda i: kernels.int8_gemv(x, packed[i], precise=True)
     seconds = alternate(candidates, rounds, COPIES)
     flops = 2 * rows * n * k
 
@@ -156,9 +163,15 @@ def measure_bf16_kernel(k: int, n: int, rows: int, rounds: int, packed: list[ker
         median = statistics.median(seconds[name])
         return f"{median * 1e3:.1f} ms ({flops / median / 1e12:.2f} TFLOP/s)"
 
-    return [f"| {k}→{n} | bf16 prefill step, {rows} rows, our `{path}` path | {cell('dequantize + oneDNN')} | "
-            f"{cell(path)} | {ratio(seconds[path], seconds['dequantize + oneDNN']):.2f}× |"
-            for path in prefill_matmul.paths()]
+    lines = [f"| {k}→{n} | bf16 prefill step, {rows} rows, our `{path}` path | {cell('dequantize + oneDNN')} | "
+             f"{cell(path)} | {ratio(seconds[path], seconds['dequantize + oneDNN']):.2f}× |"
+             for path in prefill_matmul.paths()]
+    if exact:
+        best = prefill_matmul.path()
+        lines.append(f"| {k}→{n} | row-exact prefill step, {rows} rows: our int8 kernel's `{exact}` GEMM (decode's "
+                     f"numerics) against our bf16 kernel's `{best}` path | {cell(best)} | {cell('int8')} | "
+                     f"{ratio(seconds['int8'], seconds[best]):.2f}× |")
+    return lines
 
 
 def report(args: argparse.Namespace, lines: list[str], load: float) -> str:
@@ -174,8 +187,10 @@ def report(args: argparse.Namespace, lines: list[str], load: float) -> str:
         f"- Date: {now}; CPU: {machine_description()}; {torch.get_num_threads()} threads; torch {torch.__version__}.",
         f"- Old: the scalar dequantization, torch's `F.linear` (MKL); new: the `{kernels.path()}` path's vector "
         f"code, `int8.dense_matmul` ({library}); on CPUs with AMX-BF16 or AVX512-BF16, for the bf16 step: dequantize + "
-        f"oneDNN (old) and each path of our bf16 kernel (new); on the avx2 and avxvnni paths, for the fp32 step: "
-        f"dequantize + oneDNN (old) and our int8 kernel (new). The prefill path on this CPU: {int8.describe_dense()}.",
+        f"oneDNN (old) and each path of our bf16 kernel (new), and on the amx and vnni512 paths our int8 kernel's "
+        f"GEMM with decode's numerics (new, row-exact) against the best of those paths (old); on the avx2 and avxvnni "
+        f"paths, for the fp32 step: dequantize + oneDNN (old) and our int8 kernel (new). The prefill path on this "
+        f"CPU: {int8.describe_dense()}.",
         f"- {args.rounds} alternating rounds, weights rotating through {COPIES} copies; other processes used "
         f"{load:.0%} of the CPUs.", "",
         "| shape K→N | step | old | new | new ÷ old (speed) |", "|---|---|---|---|---|", *lines, ""])

@@ -13,12 +13,19 @@ def test_a_tiny_shape_is_measured_and_reported() -> None:
     lines = prefill_paths.measure_shape(64, 96, rows=4, rounds=2, step_rows=(40, 7))
     wide16 = kernels.path() in int8.WIDE16_PATHS  # (an AVX2-only or AVX-VNNI CPU: its fp32 step, the test below)
     paths = () if wide16 else prefill_matmul.paths()  # the bf16 step, old against each path of our kernel
-    assert len(lines) == 3 + 2 * len(paths) + (2 if kernels.path() == "avx2" else 4 if wide16 else 0)
+    # and, where our int8 kernel has a GEMM of decode's numerics beside the bf16 kernel, that GEMM against it
+    exact = 1 if paths and kernels.path() in prefill_paths.EXACT_GEMM_PATHS else 0
+    assert len(lines) == 3 + 2 * (len(paths) + exact) + (2 if kernels.path() == "avx2" else 4 if wide16 else 0)
     assert "dequantize into fp32" in lines[0] and "dequantize into bf16" in lines[1]
     assert "fp32 matmul, 4 rows" in lines[2]
-    bf16_steps = lines[3:3 + 2 * len(paths)]
+    bf16_steps = [line for line in lines if "bf16 prefill step" in line]
     for line, (rows, path) in zip(bf16_steps, [(rows, path) for rows in (40, 7) for path in paths], strict=True):
         assert f"bf16 prefill step, {rows} rows, our `{path}` path" in line and "TFLOP/s" in line
+    exact_steps = [line for line in lines if "row-exact prefill step" in line]
+    assert len(exact_steps) == 2 * exact
+    for line, rows in zip(exact_steps, (40, 7), strict=False):
+        assert (f"row-exact prefill step, {rows} rows: our int8 kernel's `{kernels.path()}` GEMM" in line
+                and f"against our bf16 kernel's `{prefill_matmul.path()}` path" in line)
     assert all(line.rstrip().endswith("× |") for line in lines)
     text = prefill_paths.report(prefill_paths.parse_args(["--rows", "4"]), lines, 0.0)
     assert "| shape K→N | step | old | new |" in text and "prefill matmuls" in text
