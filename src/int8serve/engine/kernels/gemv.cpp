@@ -1798,8 +1798,8 @@ INT8SERVE_VNNI512 void tile_amx(const TileArgs& a, int64_t rows, int64_t tile) {
 // rows x 32 bytes), tmm6-7 B (8 steps x 64 bytes; even and odd groups).
 // Measured on a Sapphire Rapids (2026-12-05, 2 threads, the 7B shapes, benchmarks/gemv_builds.py against 9fe2a4d,
 // which took these calls in passes of 16 int8 rows over each tile): 32 rows 1.02-1.04x, 64 rows 1.16-1.20x, 128 rows
-// 1.20-1.32x, 512 rows 1.19-1.28x; at 16 rows the passes were faster (1.15-1.28x), so they keep those calls
-// (kAmxGemmMinRows). It is still about half as fast as the AMX-BF16 prefill kernel (kernels/matmul.py), whose sums
+// 1.20-1.32x, 512 rows 1.19-1.28x; at 16 and 24 rows the passes are faster (the GEMM from 16 rows: 0.79-0.92x,
+// gemv_builds.py -DINT8SERVE_AMX_GEMM_MIN_ROWS=16), so they keep those calls (kAmxGemmMinRows). It is still about half as fast as the AMX-BF16 prefill kernel (kernels/matmul.py), whose sums
 // stay in the tiles over all inputs: here the tile work and the vector work take turns rather than overlapping
 // (benchmarks/amx_overlap.py: each alone 77-80 TSC cycles a step, both 182).
 constexpr int kAmxGemmRows = 16;  // output rows a register block: 32 int8 rows, two A tiles
