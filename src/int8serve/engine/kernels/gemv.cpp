@@ -421,12 +421,11 @@ constexpr int64_t kWideGemmMinRows = INT8SERVE_WIDE_GEMM_MIN_ROWS;
 #define INT8SERVE_EXACT_GEMM_MIN_ROWS 16
 #endif
 constexpr int64_t kExactGemmMinRows = INT8SERVE_EXACT_GEMM_MIN_ROWS;
-// The same for the amx path (gemm_exact_amx, below), whose quantized rows are padded to kAmxGemmRowMultiple int8 rows.
+// The same for the amx path (gemm_exact_amx, below).
 #ifndef INT8SERVE_AMX_GEMM_MIN_ROWS
 #define INT8SERVE_AMX_GEMM_MIN_ROWS 32
 #endif
 constexpr int64_t kAmxGemmMinRows = INT8SERVE_AMX_GEMM_MIN_ROWS;
-constexpr int64_t kAmxGemmRowMultiple = 32;
 
 // Whether a call of m rows on path `impl` multiplies precise rows as 16-bit integers (Activations::wide;
 // tile_avx2_wide, gemm_wide16): every avx2 call, and avxvnni calls of kAvxVnniWideRows rows and more. Below, the
@@ -437,12 +436,9 @@ constexpr int64_t kAvxVnniWideRows = 2;
 bool takes_wide_rows(Impl impl, int64_t m) { return impl == kAvx2 || (impl == kAvxVnni && m >= kAvxVnniWideRows); }
 constexpr int64_t kParallelQuantizeValues = int64_t{1} << 15;
 
-// row_multiple: the int8 rows are padded with zeros (q and scale) to a multiple of it (gemm_exact_amx reads whole
-// register blocks).
-Activations quantize(const float* x, int64_t m, int64_t k, Impl impl, bool precise, int threads,
-                     int64_t row_multiple = 1) {
+Activations quantize(const float* x, int64_t m, int64_t k, Impl impl, bool precise, int threads) {
   Activations a;
-  const int64_t rows = ((precise ? 2 * m : m) + row_multiple - 1) / row_multiple * row_multiple;
+  const int64_t rows = precise ? 2 * m : m;
   a.kp = (k + kGroup - 1) / kGroup * kGroup;
   a.groups = a.kp / kGroup;
   a.q.assign(static_cast<size_t>(rows * a.kp), 0);
@@ -484,9 +480,12 @@ void store_tile_rows(const TileArgs& base, int64_t r_begin, int64_t m, int64_t t
     std::memcpy(base.y + (r_begin + r) * base.n + n0, acc + r * kTileRows, static_cast<size_t>(count) * sizeof(float));
 }
 
-// The GEMMs' hint while a K-block multiplies: the `bytes` after it (the next K-block, or the next tile's first) asked
-// for into L2, register block `block` of `blocks` asking for its share of the lines.
-inline void ask_for_next_kblock(const uint8_t* next, int64_t bytes, int64_t block, int64_t blocks) {
+// The GEMMs' hint while the K-block of groups [g0, g1) of `tile` multiplies: as many bytes after it (the next K-block,
+// or the next tile's first) asked for into L2, register block `block` of `blocks` asking for its share of the lines.
+inline void ask_for_next_kblock(const packed::Layout& lay, const uint8_t* tile, int64_t g0, int64_t g1, int64_t block,
+                                int64_t blocks) {
+  const int64_t bytes = (g1 - g0) * lay.wgroup_bytes() / lay.span;
+  const uint8_t* next = lay.group(tile, g0) + bytes;
   const int64_t lines = bytes / 64, per_block = (lines + blocks - 1) / blocks;
   for (int64_t line = block * per_block, end = std::min(line + per_block, lines); line < end; ++line)
     _mm_prefetch(reinterpret_cast<const char*>(next + 64 * line), _MM_HINT_T1);
@@ -1565,10 +1564,8 @@ INT8SERVE_VNNI512 void gemm_exact_tile(const TileArgs& base, int64_t r_begin, in
                nullptr};
   for (int64_t g0 = 0; g0 < base.groups; g0 += kExactGemmGroups) {
     const int64_t g1 = std::min(base.groups, g0 + kExactGemmGroups);
-    const int64_t block_bytes = (g1 - g0) * a.lay.wgroup_bytes() / a.lay.span;
-    const uint8_t* next = a.lay.group(a.tile, g0) + block_bytes;
     for (int64_t r0 = 0; r0 < m; r0 += kExactRows) {
-      ask_for_next_kblock(next, block_bytes, r0 / kExactRows, (m + kExactRows - 1) / kExactRows);
+      ask_for_next_kblock(a.lay, a.tile, g0, g1, r0 / kExactRows, (m + kExactRows - 1) / kExactRows);
       const int64_t row = r_begin + r0;  // the call's row: int8 rows 2 row (high) and 2 row + 1 (low)
       a.xq = base.xq + 2 * row * base.kp;
       a.xscale = base.xscale + (2 * row + 1) * base.groups;
@@ -1799,9 +1796,10 @@ INT8SERVE_VNNI512 void tile_amx(const TileArgs& a, int64_t rows, int64_t tile) {
 // Measured on a Sapphire Rapids (2026-12-05, 2 threads, the 7B shapes, benchmarks/gemv_builds.py against 9fe2a4d,
 // which took these calls in passes of 16 int8 rows over each tile): 32 rows 1.02-1.04x, 64 rows 1.16-1.20x, 128 rows
 // 1.20-1.32x, 512 rows 1.19-1.28x; at 16 and 24 rows the passes are faster (the GEMM from 16 rows: 0.79-0.92x,
-// gemv_builds.py -DINT8SERVE_AMX_GEMM_MIN_ROWS=16), so they keep those calls (kAmxGemmMinRows). It is still about half as fast as the AMX-BF16 prefill kernel (kernels/matmul.py), whose sums
-// stay in the tiles over all inputs: here the tile work and the vector work take turns rather than overlapping
-// (benchmarks/amx_overlap.py: each alone 77-80 TSC cycles a step, both 182).
+// gemv_builds.py -DINT8SERVE_AMX_GEMM_MIN_ROWS=16), so they keep those calls (kAmxGemmMinRows). It is still about
+// half as fast as the AMX-BF16 prefill kernel (kernels/matmul.py), whose sums stay in the tiles over all inputs: here
+// the tile work and the vector work take turns rather than overlapping (benchmarks/amx_overlap.py: each alone 77-80
+// TSC cycles a step, both 182).
 constexpr int kAmxGemmRows = 16;  // output rows a register block: 32 int8 rows, two A tiles
 #ifndef INT8SERVE_AMX_GEMM_GROUPS
 #define INT8SERVE_AMX_GEMM_GROUPS 8
@@ -1812,7 +1810,6 @@ constexpr int64_t kAmxGemmGroups = INT8SERVE_AMX_GEMM_GROUPS;
 #endif
 constexpr int64_t kAmxGemmChunkRows = INT8SERVE_AMX_GEMM_CHUNK_ROWS;
 static_assert(kAmxGemmChunkRows % kAmxGemmRows == 0, "a chunk holds whole register blocks of rows");
-static_assert(kAmxGemmRowMultiple == 2 * kAmxGemmRows, "the quantized rows are padded to whole register blocks");
 
 void amx_gemm_configure() {
   TileConfig config;
@@ -1829,7 +1826,8 @@ constexpr int64_t kAmxGemmGroupBytes = 2 * kAmxMaxRows * kGroup;  // a register 
 
 // The quantized rows as A tiles, each contiguous (512 bytes: a tile load reads 8 whole lines, not 16 rows kp bytes
 // apart from L2): [register block][group][32 int8 rows][32 bytes]; and each register block's scales (its low int8
-// rows', d / 256) group by group: [register block][group][16 output rows]. storage: room for both (resized here).
+// rows', d / 256) group by group: [register block][group][16 output rows]; the last block's rows past the call's
+// zeros (a new vector's). storage: room for both (resized here).
 struct AmxGemmRows {
   const int8_t* q;
   const float* scale;
@@ -1842,15 +1840,17 @@ AmxGemmRows amx_gemm_rows(const Activations& act, int64_t m, int nthreads, std::
   int8_t* q = reinterpret_cast<int8_t*>(start);
   float* scale = start + q_floats;
 #pragma omp parallel for schedule(static) num_threads(nthreads) if (nthreads > 1 && blocks > 1)
-  for (int64_t block = 0; block < blocks; ++block)
+  for (int64_t block = 0; block < blocks; ++block) {
+    const int64_t outputs = std::min<int64_t>(kAmxGemmRows, m - block * kAmxGemmRows);  // the call's rows here
     for (int64_t g = 0; g < act.groups; ++g) {
-      for (int64_t r = 0; r < 2 * kAmxGemmRows; ++r)
+      for (int64_t r = 0; r < 2 * outputs; ++r)
         std::memcpy(q + (block * act.groups + g) * kAmxGemmGroupBytes + r * kGroup,
                     act.q.data() + (block * 2 * kAmxGemmRows + r) * act.kp + g * kGroup, kGroup);
-      for (int64_t o = 0; o < kAmxGemmRows; ++o)
+      for (int64_t o = 0; o < outputs; ++o)
         scale[(block * act.groups + g) * kAmxGemmRows + o] =
             act.scale[(2 * (block * kAmxGemmRows + o) + 1) * act.groups + g];
     }
+  }
   return {q, scale};
 }
 
@@ -1905,7 +1905,8 @@ struct AmxGemmBlock {
   "vfmadd231ps %[ws], %%zmm" #T ", %[r" #o "]\n\t"
 #define INT8SERVE_AMX_INNER(o, T) INT8SERVE_AMX_DOT(o, T)                 \
   "vfmadd231ps 4*" #o "(%[xs])%{1to16%}, %%zmm" #T ", %[r" #o "]\n\t"
-#define INT8SERVE_AMX_ROWS_0(ROW) ROW(0, 28) ROW(1, 29) ROW(2, 30) ROW(3, 31) ROW(4, 28) ROW(5, 29) ROW(6, 30) ROW(7, 31)
+#define INT8SERVE_AMX_ROWS_0(ROW) \
+  ROW(0, 28) ROW(1, 29) ROW(2, 30) ROW(3, 31) ROW(4, 28) ROW(5, 29) ROW(6, 30) ROW(7, 31)
 #define INT8SERVE_AMX_ROWS_8(ROW) \
   ROW(8, 28) ROW(9, 29) ROW(10, 30) ROW(11, 31) ROW(12, 28) ROW(13, 29) ROW(14, 30) ROW(15, 31)
 // (two statements of 8 rows: an asm statement takes at most 30 operands, and "+v" counts twice)
@@ -1986,10 +1987,8 @@ INT8SERVE_VNNI512 void gemm_amx_tile(const TileArgs& base, int64_t r_begin, int6
       for (int64_t i = 0; i < kGroupBytes; i += 64)
         _mm512_store_si512(to + i, _mm512_xor_si512(_mm512_load_si512(from + i), flip));
     }
-    const int64_t block_bytes = (g1 - g0) * a.lay.wgroup_bytes() / a.lay.span;
-    const uint8_t* next = a.lay.group(a.tile, g0) + block_bytes;
     for (int64_t r0 = 0; r0 < padded; r0 += kAmxGemmRows) {
-      ask_for_next_kblock(next, block_bytes, r0 / kAmxGemmRows, padded / kAmxGemmRows);
+      ask_for_next_kblock(a.lay, a.tile, g0, g1, r0 / kAmxGemmRows, padded / kAmxGemmRows);
       const int64_t row = r_begin + r0;  // the call's row: int8 rows 2 row (high) and 2 row + 1 (low)
       a.xq = base.xq + row / kAmxGemmRows * base.groups * kAmxGemmGroupBytes;
       a.xscale = base.xscale + row / kAmxGemmRows * base.groups * kAmxGemmRows;
@@ -2006,8 +2005,7 @@ INT8SERVE_VNNI512 void gemm_amx_tile(const TileArgs& base, int64_t r_begin, int6
   store_tile_rows(base, r_begin, m, tile, acc);
 }
 
-// gemv's body for the amx path with precise activations and at least kAmxGemmMinRows rows. The activations' int8
-// rows are padded with zeros to a multiple of kAmxGemmRowMultiple (quantize): the tiles read whole register blocks.
+// gemv's body for the amx path with precise activations and at least kAmxGemmMinRows rows.
 INT8SERVE_VNNI512 void gemm_exact_amx(const Activations& act, TileArgs base, int64_t m, int64_t tiles, int nthreads) {
   std::vector<float> row_storage;
   const AmxGemmRows rows = amx_gemm_rows(act, m, nthreads, row_storage);
@@ -2219,8 +2217,7 @@ static int gemv(const float* x, int64_t m, int64_t k, const uint8_t* packed, int
   if (m == 0) return 0;
   const int64_t np = (n + kTileRows - 1) / kTileRows * kTileRows;
   const bool pairs = precise != 0;
-  const bool amx_gemm = pairs && path == kAmx && m >= kAmxGemmMinRows;
-  const Activations act = quantize(x, m, k, path, pairs, threads, amx_gemm ? kAmxGemmRowMultiple : 1);
+  const Activations act = quantize(x, m, k, path, pairs, threads);
   const int64_t per_output = pairs ? 2 : 1;  // int8 rows per output row
   const int64_t rows_total = per_output * m;
   const int64_t tiles = np / kTileRows;
@@ -2243,7 +2240,7 @@ static int gemv(const float* x, int64_t m, int64_t k, const uint8_t* packed, int
   // the split never changes the result (each tile is computed alike).
   const bool small = rows_total * np * act.kp < kParallelGemvWork;
   const int nthreads = small ? 1 : static_cast<int>(std::max<int64_t>(1, std::min<int64_t>(threads, tiles)));
-  if (amx_gemm) {  // the same, on AMX tiles
+  if (pairs && path == kAmx && m >= kAmxGemmMinRows) {  // the same, on AMX tiles
     base.y = y;
     gemm_exact_amx(act, base, m, tiles, nthreads);
     return 0;
