@@ -34,6 +34,8 @@
 #include <utility>
 #include <vector>
 
+#include "prefetch.h"
+
 namespace {
 
 enum Impl { kAuto = 0, kAvx512 = 1, kAvx2 = 2, kScalar = 3 };
@@ -348,8 +350,14 @@ inline void prefetch_rows(const T* rows, int64_t first, int64_t count, int64_t l
   if (first >= end) return;
   const char* begin = reinterpret_cast<const char*>(rows + first * dim);
   const int64_t bytes = (end - first) * dim * static_cast<int64_t>(sizeof(T));
-  for (int64_t at = 0; at < bytes; at += 64) _mm_prefetch(begin + at, kHint);
+  for (int64_t at = 0; at < bytes; at += 64) ask_for_line<kHint>(begin + at);  // (prefetch.h: why not _mm_prefetch)
 }
+
+// The int8 cache's score loops go without hint_stream's L2 hints: since prefetch.h made those hints real (2026-12-05),
+// its decode attention measured 0.95-1.00x with them on an AMD EPYC Zen 4 (benchmarks/attention_builds.py against
+// 8fca354, avx512 and avx2 paths, the three cases, two runs), where the bf16 cache's measured 1.01-1.10x and keeps
+// them.
+constexpr bool kHintQ8Stream = false;
 
 // The L2 hints for rows [first, first + count) of a head's stream of rows: its len keys, then its len values (row
 // len + i of the stream is value i). values null: none (the rows of a prefill chunk, attend_rows, read each block
@@ -648,7 +656,7 @@ void scores_q8_hinting_avx512(const float* const* q, const int8_t* const* keys, 
   __m512 qv[N][2 * G];
   for (int n = 0; n < N; ++n)
     for (int c = 0; c < 2 * G; ++c) qv[n][c] = _mm512_loadu_ps(q[n] + 16 * c);
-  auto values_of = [&](int n) { return values == nullptr ? nullptr : values[n]; };
+  auto values_of = [&](int n) { return kHintQ8Stream && values != nullptr ? values[n] : nullptr; };
   auto add_group = [&](int n, const int8_t* row, int g, __m512 acc) {  // acc + (group g's products with q) * scale
     const __m512 part = _mm512_fmadd_ps(qv[n][2 * g + 1], load16_i8(row + 32 * g + 16),
                                         _mm512_mul_ps(qv[n][2 * g], load16_i8(row + 32 * g)));
@@ -1013,7 +1021,7 @@ template <int G, int N>
 void scores_q8_hinting_avx2(const float* const* q, const int8_t* const* keys, int64_t len, int64_t dim, float scale,
                             float* const* s, const int8_t* const* values) {
   const int64_t width = q8_width(dim);
-  auto values_of = [&](int n) { return values == nullptr ? nullptr : values[n]; };
+  auto values_of = [&](int n) { return kHintQ8Stream && values != nullptr ? values[n] : nullptr; };
   auto dot = [&](int n, const int8_t* row, int g) { return group_dot8(q[n] + 32 * g, row + 32 * g); };
   int64_t l = 0;
   for (int n = 0; n < N; ++n) {

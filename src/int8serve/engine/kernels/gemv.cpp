@@ -61,6 +61,7 @@
 
 #include "amx_tiles.h"
 #include "packed_layout.h"
+#include "prefetch.h"
 
 namespace {
 
@@ -488,7 +489,7 @@ inline void ask_for_next_kblock(const packed::Layout& lay, const uint8_t* tile, 
   const uint8_t* next = lay.group(tile, g0) + bytes;
   const int64_t lines = bytes / 64, per_block = (lines + blocks - 1) / blocks;
   for (int64_t line = block * per_block, end = std::min(line + per_block, lines); line < end; ++line)
-    _mm_prefetch(reinterpret_cast<const char*>(next + 64 * line), _MM_HINT_T1);
+    ask_for_line<_MM_HINT_T1>(next + 64 * line);  // (prefetch.h: why not _mm_prefetch)
 }
 
 // Rows a pass of a GEMM over the tiles: a call of m rows in chunks of about the same size, of at most about max_rows,
