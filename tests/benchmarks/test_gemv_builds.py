@@ -36,9 +36,11 @@ def test_builds_are_timed_and_agree(tmp_path: Path) -> None:
     assert "no prefetch ÷ default" in text and "4096→4096 (qkvo) | 3 |" in text and "outputs differ" not in text
 
 
-def test_the_far_hint_forced_either_way_gives_the_same_bits(tmp_path: Path) -> None:
-    # INT8SERVE_FAR_HINT_SINGLE_PASS overrides the AMD rule of single-pass calls (gemv.cpp): 1 row is one pass
-    variants = ["default=", "never=-DINT8SERVE_FAR_HINT_SINGLE_PASS=0", "always=-DINT8SERVE_FAR_HINT_SINGLE_PASS=1"]
+def test_the_far_hints_forced_either_way_give_the_same_bits(tmp_path: Path) -> None:
+    # INT8SERVE_FAR_HINT_SINGLE_PASS and INT8SERVE_L2_HINT_ALWAYS override the AMD rule of single-pass calls
+    # (gemv.cpp): 1 row is one pass
+    variants = ["default=", "never=-DINT8SERVE_FAR_HINT_SINGLE_PASS=0", "always=-DINT8SERVE_FAR_HINT_SINGLE_PASS=1",
+                "L2 always=-DINT8SERVE_L2_HINT_ALWAYS=1"]
     libraries = {v.label: gemv_builds.compile_variant(v, tmp_path) for v in map(gemv_builds.parse_variant, variants)}
     timing = gemv_builds.time_shape(libraries, 4096, 192, rows=1, rounds=1, calls=1, threads=2, rotation_bytes=1e5)
     assert timing.outputs_equal

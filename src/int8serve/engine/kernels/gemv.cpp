@@ -90,7 +90,7 @@ constexpr int64_t kPrefetchBytes = INT8SERVE_PREFETCH_BYTES;
 // 2 MB pages, in the packed layout v1: amx 4 rows 1.26-1.29x, 1 and 2 rows 0.95-0.99x, so it was for calls of more
 // than 4 int8 rows only; since the layout v2 it pays at 2 rows too, and is asked for at every row count (the same
 // CPU and script, docs/benchmarks.md: without it 1 row 0.97-1.00x, 2 rows 0.86-0.91x, 4 rows 0.71-0.75x; 16, 32 and
-// 64 KB ahead alike). Not measured on a Zen 4.
+// 64 KB ahead alike). On AMD CPUs calls of 1 and 2 precise rows go without it (INT8SERVE_L2_HINT_ALWAYS, below).
 #ifndef INT8SERVE_PREFETCH_BYTES_512
 #define INT8SERVE_PREFETCH_BYTES_512 2048  // kGroupBytes
 #endif
@@ -118,6 +118,12 @@ constexpr int64_t kPrefetchFarBytes512 = INT8SERVE_PREFETCH_FAR_BYTES_512;
 // always (benchmarks/gemv_builds.py builds variants to test the rule on another CPU).
 #ifndef INT8SERVE_FAR_HINT_SINGLE_PASS
 #define INT8SERVE_FAR_HINT_SINGLE_PASS -1
+#endif
+// The L2 hint (kPrefetchL2Bytes512) follows the same rule on AMD CPUs: on a Zen 4 (2026-12-05, 2 threads, precise,
+// streamed weights, the 7B decode shapes, 6 rounds, benchmarks/gemv_builds.py) calls of 1 and 2 precise rows ran
+// 1.06-1.19x faster without it and 4 rows 0.83-0.89x as fast. INT8SERVE_L2_HINT_ALWAYS=1 builds the rule out.
+#ifndef INT8SERVE_L2_HINT_ALWAYS
+#define INT8SERVE_L2_HINT_ALWAYS 0
 #endif
 // At every row count the amx path asks for the 4 KB from 2 KB ahead. In the afternoon of 2026-12-03 (the same CPU and
 // script, after the hints of decode attention were found waiting for free L1 miss buffers) one group's stride (2176
@@ -469,6 +475,7 @@ struct TileArgs {
   int64_t kp, groups, n;
   bool pairs;
   bool far_hint;          // vnni512: ask for the line kPrefetchFarBytes512 ahead too (see there)
+  bool l2_hint;           // vnni512: ask for the line kPrefetchL2Bytes512 ahead into L2 (see INT8SERVE_L2_HINT_ALWAYS)
   float* y;               // first output row of this pass
 };
 
@@ -595,7 +602,7 @@ INT8SERVE_VNNI512 void tile_vnni512(const TileArgs& a, int64_t tile, int64_t g0,
         if (kPrefetchBytes512 > 0) _mm_prefetch(reinterpret_cast<const char*>(p + kPrefetchBytes512), _MM_HINT_T0);
         if (kPrefetchFarBytes512 > 0 && a.far_hint)
           _mm_prefetch(reinterpret_cast<const char*>(p + kPrefetchFarBytes512), _MM_HINT_T0);
-        if (kPrefetchL2Bytes512 > 0)
+        if (kPrefetchL2Bytes512 > 0 && a.l2_hint)
           _mm_prefetch(reinterpret_cast<const char*>(p + kPrefetchL2Bytes512), _MM_HINT_T1);
         const __m512i v = _mm512_load_si512(static_cast<const void*>(p));
         for (int r = 0; r < R; ++r) {
@@ -2223,7 +2230,7 @@ static int gemv(const float* x, int64_t m, int64_t k, const uint8_t* packed, int
   const int64_t rows_total = per_output * m;
   const int64_t tiles = np / kTileRows;
   TileArgs base{packed::layout(act.groups, group_size), packed, nullptr, nullptr, nullptr, nullptr, act.kp,
-                act.groups, n, pairs, true, nullptr};
+                act.groups, n, pairs, true, true, nullptr};
   // amx: up to 4 int8 rows (one token, or two, with precise activations) vnni512's single pass over each tile is the
   // faster (Sapphire Rapids, streamed weights: 1 row 26.0 vs 25.4 GB/s, 2 rows 24.2-25.1 vs 23.7-23.8); beyond, it
   // needs two passes or more where the tiles take 16 rows at once (4 rows: 18.0-18.2 vs 22.9-23.0). Since
@@ -2266,6 +2273,7 @@ static int gemv(const float* x, int64_t m, int64_t k, const uint8_t* packed, int
   const int64_t pass_rows = amx_tiles ? kAmxMaxRows : wide || (pairs && kernel == kVnni512) ? 2 * kMaxRows : kMaxRows;
   base.far_hint = rows_total > kMaxRows ||
                   (INT8SERVE_FAR_HINT_SINGLE_PASS < 0 ? !cpu_is_amd() : INT8SERVE_FAR_HINT_SINGLE_PASS > 0);
+  base.l2_hint = INT8SERVE_L2_HINT_ALWAYS || rows_total > kMaxRows || !cpu_is_amd();
   // One pass of rows takes each tile whole; more take it kChunkGroups groups at a time, every pass over a chunk
   // before the next chunk (the weights stream from memory at one pace, and each chunk is read from memory once).
   const int64_t chunk = rows_total > pass_rows ? kChunkGroups : act.groups;
