@@ -54,7 +54,7 @@ def attention_hints() -> dict[str, set[str]]:
     return hints_by_function(kernels.build(source=attention.SOURCE))
 
 
-@pytest.mark.parametrize("gemm", ["gemm_exact_vnni512", "gemm_exact_amx"])
+@pytest.mark.parametrize("gemm", ["gemm_exact_vnni512", "gemm_exact_amx", "gemm_wide16<false>", "gemm_wide16<true>"])
 def test_the_gemms_ask_for_their_next_kblock(gemv_hints: dict[str, set[str]], gemm: str) -> None:
     assert "prefetcht1" in hints_of(gemv_hints, gemm), f"{gemm} has no L2 hint in the built code"
 

@@ -987,6 +987,13 @@ constexpr int64_t kWideColumns = 8 * kWideGemmVectors;          // outputs a reg
 #define INT8SERVE_WIDE_GEMM_GROUPS 4
 #endif
 constexpr int64_t kWideGemmGroups = INT8SERVE_WIDE_GEMM_GROUPS;
+// While a K-block multiplies, the next one is asked for into L2 (ask_for_next_kblock), as the other GEMMs do: widening
+// loads a K-block's weights all at once. On a Zen 4 held to the avx2 path (2026-12-05, 2 threads, the 7B shapes,
+// benchmarks/gemv_builds.py -DINT8SERVE_WIDE_GEMM_HINT=0 against it): without it 16 rows 0.82-0.89x, 32 rows
+// 0.89-0.96x, 128 and 512 rows 0.93-0.98x (6 rounds).
+#ifndef INT8SERVE_WIDE_GEMM_HINT
+#define INT8SERVE_WIDE_GEMM_HINT 1
+#endif
 constexpr int64_t kWidePairWords = 2 * 8 * kWideGemmVectors;  // int16: one input pair of a register block's outputs
 constexpr int64_t kWideStepWords = 2 * kWidePairWords;        // int16: a step (4 inputs, 2 pairs) of them
 constexpr int64_t kWideBytes = kTileRows * kWideGemmGroups * kGroup * 2;
@@ -1277,6 +1284,8 @@ INT8SERVE_AVX2 void gemm_wide16_tile(const TileArgs& base, int64_t r_begin, int6
     widen_tile(base.lay, a.tile, a.g0, a.g1, room.wide);
     if (a.lay.span == 1) widen_scales(base.lay, a.tile, a.g0, a.g1, room.wscale);
     for (int64_t r0 = 0; r0 < m; r0 += kWideGemmRows) {
+      if (INT8SERVE_WIDE_GEMM_HINT)
+        ask_for_next_kblock(a.lay, a.tile, a.g0, a.g1, r0 / kWideGemmRows, (m + kWideGemmRows - 1) / kWideGemmRows);
       a.x = base.xwide + (r_begin + r0) * base.kp;
       a.xscale = base.xscale + (2 * (r_begin + r0) + 1) * base.groups;
       a.inner = room.inner + r0 * kTileRows;
