@@ -366,6 +366,7 @@ constexpr bool kHintQ8Stream = false;
 template <class T>
 inline void hint_stream(const T* keys, const T* values, int64_t first, int64_t count, int64_t len, int64_t dim) {
   if (kL2RowsAhead <= 0 || values == nullptr) return;
+  if constexpr (std::is_same_v<T, int8_t> && !kHintQ8Stream) return;  // the int8 cache's rows
   prefetch_rows<T, _MM_HINT_T1>(keys, first, count, len, dim);
   const int64_t begin = std::max(first, len), end = std::min(first + count, 2 * len);
   if (begin < end) prefetch_rows<T, _MM_HINT_T1>(values, begin - len, end - begin, len, dim);
@@ -656,7 +657,7 @@ void scores_q8_hinting_avx512(const float* const* q, const int8_t* const* keys, 
   __m512 qv[N][2 * G];
   for (int n = 0; n < N; ++n)
     for (int c = 0; c < 2 * G; ++c) qv[n][c] = _mm512_loadu_ps(q[n] + 16 * c);
-  auto values_of = [&](int n) { return kHintQ8Stream && values != nullptr ? values[n] : nullptr; };
+  auto values_of = [&](int n) { return values == nullptr ? nullptr : values[n]; };
   auto add_group = [&](int n, const int8_t* row, int g, __m512 acc) {  // acc + (group g's products with q) * scale
     const __m512 part = _mm512_fmadd_ps(qv[n][2 * g + 1], load16_i8(row + 32 * g + 16),
                                         _mm512_mul_ps(qv[n][2 * g], load16_i8(row + 32 * g)));
@@ -1021,7 +1022,7 @@ template <int G, int N>
 void scores_q8_hinting_avx2(const float* const* q, const int8_t* const* keys, int64_t len, int64_t dim, float scale,
                             float* const* s, const int8_t* const* values) {
   const int64_t width = q8_width(dim);
-  auto values_of = [&](int n) { return kHintQ8Stream && values != nullptr ? values[n] : nullptr; };
+  auto values_of = [&](int n) { return values == nullptr ? nullptr : values[n]; };
   auto dot = [&](int n, const int8_t* row, int g) { return group_dot8(q[n] + 32 * g, row + 32 * g); };
   int64_t l = 0;
   for (int n = 0; n < N; ++n) {

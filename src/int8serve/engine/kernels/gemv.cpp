@@ -2280,9 +2280,11 @@ static int gemv(const float* x, int64_t m, int64_t k, const uint8_t* packed, int
   // benchmarks/gemv_builds.py against 1a9f4fc, three runs: 3 precise rows 1.04-1.31x, 4 rows 1.07-1.22x; 1 and 2 rows
   // alike)
   const int64_t pass_rows = amx_tiles ? kAmxMaxRows : wide || (pairs && kernel == kVnni512) ? 2 * kMaxRows : kMaxRows;
+  // the far and L2 hints: for every call of more than one pass, and for single passes unless the CPU is AMD's
+  const bool single_pass_hints = !cpu_is_amd();
   base.far_hint = rows_total > kMaxRows ||
-                  (INT8SERVE_FAR_HINT_SINGLE_PASS < 0 ? !cpu_is_amd() : INT8SERVE_FAR_HINT_SINGLE_PASS > 0);
-  base.l2_hint = INT8SERVE_L2_HINT_ALWAYS || rows_total > kMaxRows || !cpu_is_amd();
+                  (INT8SERVE_FAR_HINT_SINGLE_PASS < 0 ? single_pass_hints : INT8SERVE_FAR_HINT_SINGLE_PASS > 0);
+  base.l2_hint = rows_total > kMaxRows || INT8SERVE_L2_HINT_ALWAYS || single_pass_hints;
   // One pass of rows takes each tile whole; more take it kChunkGroups groups at a time, every pass over a chunk
   // before the next chunk (the weights stream from memory at one pace, and each chunk is read from memory once).
   const int64_t chunk = rows_total > pass_rows ? kChunkGroups : act.groups;
