@@ -13,12 +13,47 @@ def test_the_probes_of_this_cpu_are_measured_and_reported(monkeypatch: pytest.Mo
     monkeypatch.setattr(cpu_peak, "SHAPES", [(64, 96, "qkvo"), (64, 96, "gate/up"), (96, 64, "down")])
     probes = cpu_peak.run_probes(threads=1)
     flags = kernels.cpu_flags()
-    assert [p.name for p in probes] == [name for name, _, _, needs in cpu_peak.PROBES if needs <= flags]
-    assert "fp32 FMA, ymm" in [p.name for p in probes]  # every x86-64 CPU we serve on has AVX2 and FMA
+    assert [p.name for p in probes] == [spec.name for spec in cpu_peak.PROBES if spec.needs <= flags]
+    names = [p.name for p in probes]
+    # every x86-64 CPU we serve on has AVX2 and FMA, and so the accumulated integer probes
+    assert "fp32 FMA, ymm" in names and cpu_peak.ACCUMULATED_INT16 in names
     assert all(p.instructions_per_second > 1e8 for p in probes)  # one per cycle or more at > 1 GHz: 1e9
+    by_name = {p.name: p for p in probes}
+    # a vpaddd beside each vpmaddwd can only slow it: the accumulated rate is at most the products' alone (+ noise)
+    assert by_name[cpu_peak.ACCUMULATED_INT16].instructions_per_second < \
+        1.2 * by_name["int16 pairs (vpmaddwd), ymm"].instructions_per_second
     args = cpu_peak.parse_args(["--rows", "8", "--rounds", "2", "--threads", "1"])
     text = cpu_peak.report(args, probes, cpu_peak.time_dense(8, 2), 0.0)
     assert "| fp32 FMA, ymm | 8 |" in text and "share of the" in text and "A 7B block's seven matmuls" in text
+    assert "our int8 kernel" not in text
+
+
+def test_the_kernels_gemm_is_reported_against_its_own_peak(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr(cpu_peak, "ITERATIONS", 200_000)
+    monkeypatch.setattr(cpu_peak, "SHAPES", [(64, 96, "qkvo"), (64, 96, "gate/up"), (96, 64, "down")])
+    probes = cpu_peak.run_probes(threads=1)
+    args = cpu_peak.parse_args(["--rows", "20", "--rounds", "2", "--threads", "1"])
+    text = cpu_peak.report(args, probes, cpu_peak.time_dense(20, 2), 0.0, cpu_peak.time_kernel(20, 2))
+    table = text[text.index(f"| our int8 kernel ({kernels.path()}, precise), 20 rows"):]
+    rows = [line for line in table.splitlines() if line.startswith("| 64 -> 96") or line.startswith("| 96 -> 64")]
+    assert len(rows) == 3
+    peak, per_mac = cpu_peak.kernel_peak(probes)
+    if kernels.path() == "avx2":  # 16-bit rows: vpmaddwd + vpaddd, one of its multiply-adds for each
+        assert peak is not None and peak.name == cpu_peak.ACCUMULATED_INT16 and per_mac == 1
+    if kernels.path() == "vnni512":  # two int8 passes a row through vpdpbusd
+        assert peak is not None and peak.name.startswith("int8 dot (vpdpbusd), zmm") and per_mac == 2
+    if peak is not None:
+        assert all(row.rstrip(" |").endswith("%") for row in rows), rows
+        assert f"share of the {peak.name} peak" in table
+    else:
+        assert all(row.rstrip(" |").endswith("?") for row in rows), rows
+
+
+def test_whether_the_kernel_takes_prefill_follows_the_setting(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("INT8SERVE_PREFILL_MATMUL", "dense")
+    assert not cpu_peak.kernel_takes_prefill()  # the dense path: no kernel table
+    monkeypatch.setenv("INT8SERVE_PREFILL_MATMUL", "int8")
+    assert cpu_peak.kernel_takes_prefill() == kernels.available()
 
 
 def test_bad_arguments_are_refused() -> None:
