@@ -57,6 +57,7 @@ class ProbeSpec(NamedTuple):
 
 
 ACCUMULATED_INT16 = "int16 pairs accumulated (vpmaddwd + vpaddd), ymm"  # our avx2 GEMM's arithmetic
+INT16_DOT_AVX_VNNI = "int16 dot (vpdpwssd), ymm (AVX-VNNI)"  # our avxvnni GEMM's: the same sums in one
 
 
 PROBES = [
@@ -66,6 +67,7 @@ PROBES = [
     ProbeSpec("int8 dot (vpdpbusd), zmm", "vpdpbusd %%zmm30, %%zmm31, %%zmm{r}", 64, {"avx512_vnni"}),
     ProbeSpec("int8 dot (vpdpbusd), ymm (AVX-VNNI)", "%{{vex%}} vpdpbusd %%ymm14, %%ymm15, %%ymm{r}", 32,
               {"avx_vnni"}),
+    ProbeSpec(INT16_DOT_AVX_VNNI, "%{{vex%}} vpdpwssd %%ymm14, %%ymm15, %%ymm{r}", 16, {"avx_vnni"}),
     # AVX2's integer products (what gemv.cpp's avx2 path and llama.cpp's AVX2 code run on): products summed in pairs,
     # without the accumulation, which takes a vpaddd (and for vpmaddubsw a vpmaddwd) more
     ProbeSpec("int16 pairs (vpmaddwd), ymm", "vpmaddwd %%ymm14, %%ymm15, %%ymm{r}", 16, {"avx2"}),
@@ -185,9 +187,11 @@ def time_kernel(m: int, rounds: int) -> dict[str, float]:
 
 def kernel_peak(probes: Sequence[Probe]) -> tuple[Probe | None, int]:
     """The probe our kernel's GEMM multiplies with on this CPU's path, and how many of its multiply-adds each of the
-    call's takes: two on vnni512 (two int8 passes a row), one on avx2 (16-bit rows, vpmaddwd + vpaddd)."""
-    wanted = {"avx2": (ACCUMULATED_INT16, 1), "vnni512": ("int8 dot (vpdpbusd), zmm", 2)}.get(kernels.path())
-    if wanted is None:  # (avxvnni's vpdpwssd is not probed)
+    call's takes: two on vnni512 (two int8 passes a row), one on avx2 and avxvnni (16-bit rows: vpmaddwd + vpaddd,
+    or vpdpwssd). None on the amx path (its tiles are not probed)."""
+    wanted = {"avx2": (ACCUMULATED_INT16, 1), "avxvnni": (INT16_DOT_AVX_VNNI, 1),
+              "vnni512": ("int8 dot (vpdpbusd), zmm", 2)}.get(kernels.path())
+    if wanted is None:
         return None, 1
     return next((p for p in probes if p.name == wanted[0]), None), wanted[1]
 

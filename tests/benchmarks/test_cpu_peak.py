@@ -40,6 +40,8 @@ def test_the_kernels_gemm_is_reported_against_its_own_peak(monkeypatch: pytest.M
     peak, per_mac = cpu_peak.kernel_peak(probes)
     if kernels.path() == "avx2":  # 16-bit rows: vpmaddwd + vpaddd, one of its multiply-adds for each
         assert peak is not None and peak.name == cpu_peak.ACCUMULATED_INT16 and per_mac == 1
+    if kernels.path() == "avxvnni":  # 16-bit rows through vpdpwssd
+        assert peak is not None and peak.name == cpu_peak.INT16_DOT_AVX_VNNI and per_mac == 1
     if kernels.path() == "vnni512":  # two int8 passes a row through vpdpbusd
         assert peak is not None and peak.name.startswith("int8 dot (vpdpbusd), zmm") and per_mac == 2
     if peak is not None:
