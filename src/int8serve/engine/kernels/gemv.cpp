@@ -977,7 +977,11 @@ INT8SERVE_AVX2 void rows_wide(const TileArgs& a, int64_t rows, int64_t tile) {
 // of a call there; now ~16%. With both, and the rows taken in passes of at most kWideGemmChunkRows, the whole call
 // runs at ~60% of the vpmaddwd peak on this Zen 3 (one or two threads, 128 or 512 rows, the 7B shapes), against
 // 49-54% before (benchmarks/gemv_builds.py against f183341, 2 threads, 16 / 128 / 512 rows: 1.09-1.12x /
-// 1.09-1.20x / 1.15-1.26x).
+// 1.09-1.20x / 1.15-1.26x). Against what such a GEMM can reach at all, vpmaddwd + vpaddd in a loop of nothing else
+// (benchmarks/cpu_peak.py, 2026-12-05, the same CPU model): 74-77%. The sums alone run at that loop's rate; the
+// float arithmetic after each group, which every path's bits require, costs most of the rest (a build without it
+// ran 1.16x faster; a 3 x 16 block with its running sums in registers, inputs broadcast ahead in memory, and each
+// group's float arithmetic run from memory after the next group's sums were not faster: docs/benchmarks.md).
 constexpr int kWideGemmRows = 3;     // activation rows a register block (group_sums_3x32)
 constexpr int kWideGemmVectors = 4;  // 8 outputs each: the register block's outputs (group_sums_3x32's: 4)
 constexpr int64_t kWideColumns = 8 * kWideGemmVectors;          // outputs a register block
