@@ -489,14 +489,24 @@ void store_tile_rows(const TileArgs& base, int64_t r_begin, int64_t m, int64_t t
 }
 
 // The GEMMs' hint while the K-block of groups [g0, g1) of `tile` multiplies: as many bytes after it (the next K-block,
-// or the next tile's first) asked for into L2, register block `block` of `blocks` asking for its share of the lines.
-inline void ask_for_next_kblock(const packed::Layout& lay, const uint8_t* tile, int64_t g0, int64_t g1, int64_t block,
-                                int64_t blocks) {
+// or the next tile's first) asked for into L2, each of the K-block's `blocks` register blocks of rows asking for its
+// share of the lines (ask_for_share). Made once per K-block: its divisions stay out of the loop over register blocks.
+struct NextKBlock {
+  const uint8_t* next;  // the first byte after the K-block
+  int64_t lines;        // 64-byte lines asked for in all
+  int64_t per_block;    // lines a register block asks for
+};
+
+inline NextKBlock next_kblock(const packed::Layout& lay, const uint8_t* tile, int64_t g0, int64_t g1, int64_t blocks) {
   const int64_t bytes = (g1 - g0) * lay.wgroup_bytes() / lay.span;
-  const uint8_t* next = lay.group(tile, g0) + bytes;
-  const int64_t lines = bytes / 64, per_block = (lines + blocks - 1) / blocks;
-  for (int64_t line = block * per_block, end = std::min(line + per_block, lines); line < end; ++line)
-    ask_for_line<_MM_HINT_T1>(next + 64 * line);  // (prefetch.h: why not _mm_prefetch)
+  const int64_t lines = bytes / 64;
+  return NextKBlock{lay.group(tile, g0) + bytes, lines, (lines + blocks - 1) / blocks};
+}
+
+// Register block `block`'s share of the next K-block's lines.
+inline void ask_for_share(const NextKBlock& k, int64_t block) {
+  for (int64_t line = block * k.per_block, end = std::min(line + k.per_block, k.lines); line < end; ++line)
+    ask_for_line<_MM_HINT_T1>(k.next + 64 * line);  // (prefetch.h: why not _mm_prefetch)
 }
 
 // Rows a pass of a GEMM over the tiles: a call of m rows in chunks of about the same size, of at most about max_rows,
@@ -991,7 +1001,7 @@ constexpr int64_t kWideColumns = 8 * kWideGemmVectors;          // outputs a reg
 #define INT8SERVE_WIDE_GEMM_GROUPS 4
 #endif
 constexpr int64_t kWideGemmGroups = INT8SERVE_WIDE_GEMM_GROUPS;
-// While a K-block multiplies, the next one is asked for into L2 (ask_for_next_kblock), as the other GEMMs do: widening
+// While a K-block multiplies, the next one is asked for into L2 (next_kblock), as the other GEMMs do: widening
 // loads a K-block's weights all at once. On a Zen 4 held to the avx2 path (2026-12-05, 2 threads, the 7B shapes,
 // benchmarks/gemv_builds.py -DINT8SERVE_WIDE_GEMM_HINT=0 against it): without it 16 rows 0.82-0.89x, 32 rows
 // 0.89-0.96x, 128 and 512 rows 0.93-0.98x (6 rounds).
@@ -1287,9 +1297,9 @@ INT8SERVE_AVX2 void gemm_wide16_tile(const TileArgs& base, int64_t r_begin, int6
     for (int64_t g = a.g0; g < a.g1; ++g) a.wg[g - a.g0] = g / a.lay.span;
     widen_tile(base.lay, a.tile, a.g0, a.g1, room.wide);
     if (a.lay.span == 1) widen_scales(base.lay, a.tile, a.g0, a.g1, room.wscale);
+    const NextKBlock next = next_kblock(a.lay, a.tile, a.g0, a.g1, (m + kWideGemmRows - 1) / kWideGemmRows);
     for (int64_t r0 = 0; r0 < m; r0 += kWideGemmRows) {
-      if (INT8SERVE_WIDE_GEMM_HINT)
-        ask_for_next_kblock(a.lay, a.tile, a.g0, a.g1, r0 / kWideGemmRows, (m + kWideGemmRows - 1) / kWideGemmRows);
+      if (INT8SERVE_WIDE_GEMM_HINT) ask_for_share(next, r0 / kWideGemmRows);
       a.x = base.xwide + (r_begin + r0) * base.kp;
       a.xscale = base.xscale + (2 * (r_begin + r0) + 1) * base.groups;
       a.inner = room.inner + r0 * kTileRows;
@@ -1585,8 +1595,9 @@ INT8SERVE_VNNI512 void gemm_exact_tile(const TileArgs& base, int64_t r_begin, in
                nullptr};
   for (int64_t g0 = 0; g0 < base.groups; g0 += kExactGemmGroups) {
     const int64_t g1 = std::min(base.groups, g0 + kExactGemmGroups);
+    const NextKBlock next = next_kblock(a.lay, a.tile, g0, g1, (m + kExactRows - 1) / kExactRows);
     for (int64_t r0 = 0; r0 < m; r0 += kExactRows) {
-      ask_for_next_kblock(a.lay, a.tile, g0, g1, r0 / kExactRows, (m + kExactRows - 1) / kExactRows);
+      ask_for_share(next, r0 / kExactRows);
       const int64_t row = r_begin + r0;  // the call's row: int8 rows 2 row (high) and 2 row + 1 (low)
       a.xq = base.xq + 2 * row * base.kp;
       a.xscale = base.xscale + (2 * row + 1) * base.groups;
@@ -2008,8 +2019,9 @@ INT8SERVE_VNNI512 void gemm_amx_tile(const TileArgs& base, int64_t r_begin, int6
       for (int64_t i = 0; i < kGroupBytes; i += 64)
         _mm512_store_si512(to + i, _mm512_xor_si512(_mm512_load_si512(from + i), flip));
     }
+    const NextKBlock next = next_kblock(a.lay, a.tile, g0, g1, padded / kAmxGemmRows);
     for (int64_t r0 = 0; r0 < padded; r0 += kAmxGemmRows) {
-      ask_for_next_kblock(a.lay, a.tile, g0, g1, r0 / kAmxGemmRows, padded / kAmxGemmRows);
+      ask_for_share(next, r0 / kAmxGemmRows);
       const int64_t row = r_begin + r0;  // the call's row: int8 rows 2 row (high) and 2 row + 1 (low)
       a.xq = base.xq + row / kAmxGemmRows * base.groups * kAmxGemmGroupBytes;
       a.xscale = base.xscale + row / kAmxGemmRows * base.groups * kAmxGemmRows;
