@@ -85,6 +85,23 @@ def test_it_is_the_product_with_the_dequantized_bf16_weight(rows: int, out_featu
 
 
 @pytest.mark.parametrize("path", each_path())
+@pytest.mark.parametrize(("out_features", "in_features", "group_size"), [(96, 64, 32), (172, 200, 0), (130, 256, 128)])
+def test_each_weight_is_its_dequantization_bit_for_bit(out_features: int, in_features: int, group_size: int,
+                                                       path: str) -> None:
+    """Rows of the identity pick single weights: each output must be the dense buffer's bf16 value exactly (every
+    int8 value, scales from 1e-6 to 1e2)."""
+    generator = torch.Generator().manual_seed(3)
+    spread = 10.0 ** torch.empty(out_features, 1).uniform_(-6, 2, generator=generator)  # each row its own magnitude
+    q, scale = quantize(torch.randn(out_features, in_features, generator=generator) * spread, group_size)
+    q[0] = torch.arange(in_features) % 255 - 127  # every weight value, -127 to 127
+    packed = kernels.pack_weight(q, scale, group_size)
+    dense = torch.empty(out_features, in_features, dtype=torch.bfloat16)
+    kernels.dequantize(packed, dense)
+    got = prefill_matmul.matmul(torch.eye(in_features), packed, path=path)
+    assert torch.equal(got, dense.float().T), f"{(got != dense.float().T).sum().item()} weights differ"
+
+
+@pytest.mark.parametrize("path", each_path())
 def test_a_row_does_not_depend_on_the_rows_with_it(path: str) -> None:
     packed, _ = packed_weight(320, 1024, 32)
     x = torch.randn(160, 1024)
