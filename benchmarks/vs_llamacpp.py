@@ -22,8 +22,9 @@ one run; the ratios ours ÷ llama.cpp are the result, the absolute figures are c
    32 steps together through one model forward per step) and prefill tok/s of a 512-token prompt
    (`llama-bench -p 512`; ours: `generate.prefill`, one forward of 512 tokens). Ours also prefills the same prompt
    as the server's scheduler does, in aligned chunks of its default 128 tokens (row-exact where the scheduler would
-   make them so), against the same llama.cpp figure. Ours runs in a child process per round, so only one engine's
-   weights are in memory at a time.
+   make them so), against the same llama.cpp figure: alone in the engine (up to 512 tokens a step where the model
+   computes each row on its own) and beside running streams (one chunk a step). Ours runs in a child process per
+   round, so only one engine's weights are in memory at a time.
 4. The table (both engines, ratios, the bandwidth roofline measured in this run, CPU and flags, our kernel path)
    goes into this script's section of docs/benchmarks.md with --write.
 
@@ -96,7 +97,7 @@ from int8serve.engine.int8 import COMPUTE_DTYPE, DEFAULT_GROUP_SIZE, GROUP_SIZES
 from int8serve.engine.loader import LoadedModel, save_int8_checkpoint
 from int8serve.engine.model import Transformer
 from int8serve.engine.model_cache import load_cached
-from int8serve.engine.scheduler import DEFAULT_PREFILL_CHUNK
+from int8serve.engine.scheduler import DEFAULT_PREFILL_CHUNK, DEFAULT_SOLO_PREFILL_TOKENS, solo_prefill_chunks
 
 SCRIPT = "vs_llamacpp.py"
 WEIGHTS_VERSION = 2  # bump when the files written change, so that cached ones are rewritten
@@ -107,12 +108,14 @@ GEN = 32  # decode figures: tokens generated per sequence
 BATCH = 4  # sequences decoding together
 BATCH_PROMPT = 64  # tokens of each sequence's prompt before the batched decode (llama-batched-bench -npp)
 # issue #10: ours ÷ llama.cpp (the prefill goal holds for the server's chunking too: it is what users get)
-GOALS = {"decode_b1": 1.05, "decode_b4": 1.3, "prefill": 2.0, "prefill_server": 2.0}
+GOALS = {"decode_b1": 1.05, "decode_b4": 1.3, "prefill": 2.0, "prefill_server": 2.0, "prefill_busy": 2.0}
 LABELS = {"decode_b1": "decode tok/s, batch 1",
           "decode_b4": f"aggregate decode tok/s, {BATCH} sequences",
           "prefill": f"prefill tok/s, {PROMPT}-token prompt",
-          "prefill_server": f"prefill tok/s, the same prompt in the server's {DEFAULT_PREFILL_CHUNK}-token chunks "
-                            "(llama.cpp: the figure above)"}
+          "prefill_server": f"prefill tok/s, the same prompt alone in the server: its {DEFAULT_PREFILL_CHUNK}-token "
+                            f"chunks, up to {DEFAULT_SOLO_PREFILL_TOKENS} tokens a step (llama.cpp: the figure above)",
+          "prefill_busy": f"prefill tok/s, the same prompt beside running streams: one {DEFAULT_PREFILL_CHUNK}-token "
+                          "chunk a step, the decode steps between them not counted (llama.cpp: the figure above)"}
 ISAS = ("native", "avx2")  # --isa: each engine's fastest code, or both held to AVX2 code (see the docstring)
 # what --isa avx2 sets for our side (the child process inherits it, and reads it before torch starts)
 AVX2_SETTINGS = {"INT8SERVE_KERNEL": "avx2", "INT8SERVE_ATTENTION": "avx2", "INT8SERVE_ACTIVATION": "avx2",
@@ -128,7 +131,8 @@ def llama_cpp_tools(batch_prompt: int = BATCH_PROMPT, kv_cache: str = "bf16") ->
     return {"decode_b1": f"`llama-bench -n {GEN}{kv}`",
             "decode_b4": f"`llama-batched-bench -npp {batch_prompt} -ntg {GEN} -npl {BATCH}{kv}`",
             "prefill": f"`llama-bench -p {PROMPT}{kv}`",
-            "prefill_server": f"`llama-bench -p {PROMPT}{kv}`"}
+            "prefill_server": f"`llama-bench -p {PROMPT}{kv}`",
+            "prefill_busy": f"`llama-bench -p {PROMPT}{kv}`"}
 
 
 def log(message: str) -> None:
@@ -363,19 +367,21 @@ def ours_prefill(model: Transformer, prompt: int, reps: int = 2) -> Figure:
     return Figure(prompt / statistics.mean(timing.seconds), timing.other_load)
 
 
-def ours_server_prefill(model: Transformer, prompt: int, chunk: int = DEFAULT_PREFILL_CHUNK, reps: int = 2
-                        ) -> Figure:
+def ours_server_prefill(model: Transformer, prompt: int, alone: bool, chunk: int = DEFAULT_PREFILL_CHUNK,
+                        reps: int = 2) -> Figure:
     """tok/s of prefilling one `prompt`-token prompt as the scheduler does: aligned chunks of `chunk` tokens,
-    row-exact where the model makes them so (`Transformer.row_exact_prefill`, with the server's 4 slots); mean of
+    row-exact where the model makes them so (`Transformer.row_exact_prefill`, with the server's 4 slots); `alone`
+    in the engine, as many chunks a step as the scheduler then takes (`solo_prefill_chunks`), else one; mean of
     `reps` after one warm-up prefill of the whole prompt."""
     row_exact = model.row_exact_prefill(chunk, BATCH)
+    chunks = solo_prefill_chunks(model, chunk) if alone else 1
     cache = model.new_cache(1, prompt + chunk)
     tokens = random_tokens((prompt,), model.config.vocab_size, torch.Generator().manual_seed(2)).tolist()
 
     def run() -> None:
         done = 0
         while done < prompt:
-            end, how = aligned_chunk(done, prompt, chunk, cache.max_seq_len, row_exact=row_exact)
+            end, how = aligned_chunk(done, prompt, chunk, cache.max_seq_len, row_exact=row_exact, chunks=chunks)
             model(torch.tensor([tokens[done:end]]), cache, [0], [done], prefill=how)
             done = end
 
@@ -399,7 +405,8 @@ def measure_ours(model: Transformer, prompt: int = PROMPT, gen: int = GEN,
     for name, measure in (("decode_b1", lambda: ours_decode(model, 1, 0, gen)),
                           ("decode_b4", lambda: ours_decode(model, BATCH, batch_prompt, gen)),
                           ("prefill", lambda: ours_prefill(model, prompt)),
-                          ("prefill_server", lambda: ours_server_prefill(model, prompt))):
+                          ("prefill_server", lambda: ours_server_prefill(model, prompt, alone=True)),
+                          ("prefill_busy", lambda: ours_server_prefill(model, prompt, alone=False))):
         if name not in names:
             continue
         figures[name] = measure()
@@ -513,8 +520,9 @@ def measure_llamacpp(llama: LlamaCpp, gguf_path: Path, reps: int, repack: bool,
         tok_s = measure()
         figures[name] = Figure(tok_s, load.others())
         log(f"    {name}: {tok_s:.2f} tok/s (others used {figures[name].other_load:.0%} of the CPUs)")
-    if "prefill_server" in names:
-        figures["prefill_server"] = figures["prefill"]  # llama.cpp's one prefill figure, against both of ours
+    for name in ("prefill_server", "prefill_busy"):
+        if name in names:
+            figures[name] = figures["prefill"]  # llama.cpp's one prefill figure, against each of ours
     return figures
 
 

@@ -18,7 +18,9 @@ import httpx
 import pytest
 from tests.fresh_cache import fresh_cache
 
+from int8serve.engine import int8
 from int8serve.engine.int8 import kernel_rows
+from int8serve.engine.kernels import matmul as prefill_matmul
 
 MODEL = "@cf/meta/llama-2-7b-chat-int8"
 
@@ -74,6 +76,10 @@ def test_serve_makes_and_prints_a_token_when_none_is_configured(tmp_path: Path, 
             assert dense in text
         else:
             assert "; prompts and replies (row-exact prefill)" in text
+        if int8.kernel_takes(128) or prefill_matmul.takes(128):  # each row of a chunk on its own: 4 chunks a step
+            assert "prefill chunk 128 (a prompt alone: up to 512 tokens a step)" in text
+        else:
+            assert "prefill chunk 128 (one a step, a prompt alone too: this model's prefill rounds a row by" in text
         assert f"usage ledger: sqlite:///{tmp_path / 'data' / 'usage.sqlite3'}" in text
         url = f"http://127.0.0.1:{port}/client/v4/accounts/{account}/ai/run/{MODEL}"
         answer = httpx.post(url, headers={"Authorization": f"Bearer {token}"},

@@ -125,6 +125,15 @@ def test_a_bad_value_names_where_it_came_from(tmp_path: Path, monkeypatch: pytes
     assert message in str(info.value)
 
 
+def test_solo_prefill_tokens_defaults_to_four_chunks_and_takes_no_negative(monkeypatch: pytest.MonkeyPatch) -> None:
+    assert load_settings(flags()).settings.solo_prefill_tokens == 512
+    assert load_settings(flags("--solo-prefill-tokens", "0")).settings.solo_prefill_tokens == 0
+    monkeypatch.setenv("INT8SERVE_SOLO_PREFILL_TOKENS", "1024")
+    assert load_settings(flags()).settings.solo_prefill_tokens == 1024
+    with pytest.raises(ValueError, match=r"--solo-prefill-tokens: Input should be greater than or equal to 0"):
+        load_settings(flags("--solo-prefill-tokens", "-128"))
+
+
 def test_bad_variables_are_errors_not_ignored(monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setenv("INT8SERVE_PORT", "eighty")
     with pytest.raises(ValueError, match=r"INT8SERVE_PORT: .*integer"):

@@ -168,6 +168,7 @@ def _add_serve_parser(commands: argparse._SubParsersAction) -> None:
     option("--tokens-file", field="tokens_file", type=Path, metavar="FILE")
     option("--max-queue", field="max_queue", type=int, metavar="N")
     option("--prefill-chunk", field="prefill_chunk", type=int, metavar="N")
+    option("--solo-prefill-tokens", field="solo_prefill_tokens", type=int, metavar="N")
     option("--prefix-cache", field="prefix_cache", action=argparse.BooleanOptionalAction)
     option("--prefix-cache-tokens", field="prefix_cache_tokens", type=_positive_int, metavar="N")
     option("--shutdown-timeout", field="shutdown_timeout", type=float, metavar="SECONDS")

@@ -201,7 +201,8 @@ def _start_engine(settings: ServeSettings, served: ServedModel) -> tuple[Engine,
     context = min(card.context_length_limit, loaded.config.max_seq_len)
     prefix = _prefix_cache(settings, loaded.model, card.max_concurrent_requests * context)
     engine = Engine(loaded.model, tokenizer, max_slots=card.max_concurrent_requests, max_queue=settings.max_queue,
-                    max_seq_len=context, prefill_chunk=settings.prefill_chunk, prefix_cache=prefix)
+                    max_seq_len=context, prefill_chunk=settings.prefill_chunk, prefix_cache=prefix,
+                    solo_prefill_tokens=settings.solo_prefill_tokens)
     warming = time.perf_counter()
     warmed = engine.warm(template_prefix_ids(tokenizer, served.template, card.default_context)) \
         if prefix is not None else 0
@@ -216,7 +217,7 @@ def _start_engine(settings: ServeSettings, served: ServedModel) -> tuple[Engine,
         f"{time.perf_counter() - started:.1f} s), template {served.template.name}",
         f"  limits: context {context} tokens (card {card.context_length_limit}, model {loaded.config.max_seq_len}), "
         f"max_tokens <= {card.sequence_length_limit}, {card.max_concurrent_requests} slots, "
-        f"queue {settings.max_queue}, prefill chunk {settings.prefill_chunk}",
+        f"queue {settings.max_queue}, prefill chunk {settings.prefill_chunk} ({_solo_prefill(engine, settings)})",
         f"  KV cache: {_describe_kv_cache(loaded.model, engine)}",
         f"  {decode_plan.describe(loaded.model)}",
         f"  prefix cache: {prefix.capacity_tokens} tokens ({prefix.nbytes() / 2**20:.0f} MiB), the default system "
@@ -231,6 +232,14 @@ def _describe_kv_cache(model: Transformer, engine: Engine) -> str:
     what = {"int8": "int8 rows, an fp32 scale per 32 values (--kv-cache int8)",
             "bf16": "bf16 (--kv-cache int8: 0.56x)"}.get(model.kv_cache, model.kv_cache)
     return f"{what}, {cache.nbytes() / 2**30:.2f} GiB for {cache.n_slots} x {cache.max_seq_len} positions"
+
+
+def _solo_prefill(engine: Engine, settings: ServeSettings) -> str:
+    if engine.solo_prefill_chunks > 1:
+        return f"a prompt alone: up to {engine.solo_prefill_chunks * settings.prefill_chunk} tokens a step"
+    if settings.solo_prefill_tokens < 2 * settings.prefill_chunk:
+        return "one a step, a prompt alone too: --solo-prefill-tokens"
+    return "one a step, a prompt alone too: this model's prefill rounds a row by the rows with it"
 
 
 def _what_is_reused(engine: Engine, prefill_chunk: int) -> str:

@@ -83,6 +83,62 @@ def _drain(handle):
         yield handle._sync_queue.get()
 
 
+def prefill_rows(engine: Engine) -> list[int]:
+    """The prompt tokens of each prefill step the engine runs from now on."""
+    rows: list[int] = []
+    engine.on_step.append(lambda kind, _seconds, count: rows.append(count) if kind == "prefill" else None)
+    return rows
+
+
+def run_alone(engine: Engine, ids: list[int], max_tokens: int = 12) -> tuple[list[int], str, str]:
+    """One request, the engine driven step by step until it is done."""
+    handle = engine.submit(GenerationRequest(ids, max_tokens, GREEDY))
+    while engine.stats().running or engine.stats().waiting:
+        engine.step()
+    return collect(handle)
+
+
+def test_a_prompt_alone_takes_several_chunks_a_step_and_gives_the_same_tokens(stories_int8, stories_tokenizer
+                                                                             ) -> None:
+    long_prompt = prompt(stories_tokenizer, "The big brown dog ran in the park with a ball. " * 6)  # 85 tokens
+    assert stories_int8.model.prefill_rows_independent(8)
+    results, steps = [], []
+    for solo in (0, 32):  # one 8-token chunk a step, or four
+        engine = Engine(stories_int8.model, stories_tokenizer, max_slots=4, max_seq_len=512, prefill_chunk=8,
+                        solo_prefill_tokens=solo)
+        assert engine.solo_prefill_chunks == max(1, solo // 8)
+        steps.append(prefill_rows(engine))
+        results.append(run_alone(engine, long_prompt))
+    assert results[0] == results[1] and results[0][0]
+    chunks = -(-len(long_prompt) // 8)
+    assert steps[0] == [8] * (chunks - 1) + [len(long_prompt) - 8 * (chunks - 1)]
+    assert steps[1] == [32] * (len(long_prompt) // 32) + [len(long_prompt) % 32]
+
+
+def test_a_prompt_beside_running_or_waiting_requests_takes_one_chunk_a_step(engine, stories_tokenizer) -> None:
+    assert engine.solo_prefill_chunks == 512 // 8  # the default: 512 tokens a step when alone
+    steps = prefill_rows(engine)
+    running = engine.submit(GenerationRequest(prompt(stories_tokenizer, "Once"), 200, GREEDY))
+    engine.step()
+    long_prompt = prompt(stories_tokenizer, "The big brown dog ran in the park with a ball. " * 6)
+    engine.submit(GenerationRequest(long_prompt, 5, GREEDY))
+    for _ in range(3):
+        engine.step()
+    assert steps[1:] == [8, 8, 8]  # one chunk a step while the first stream decodes
+    running.cancel()
+    engine.step()  # (cancelled at the step's start: the long prompt is alone from this step on)
+    assert steps[4:] == [len(long_prompt) - 24]  # the rest of it in one step
+
+
+def test_a_model_that_rounds_a_row_by_its_company_takes_one_chunk_a_step(stories_int8, stories_tokenizer,
+                                                                           monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("INT8SERVE_PREFILL_MATMUL", "dense")
+    engine = Engine(stories_int8.model, stories_tokenizer, max_slots=4, max_seq_len=512, prefill_chunk=64)
+    assert engine.solo_prefill_chunks == 1
+    with pytest.raises(ValueError, match="solo_prefill_tokens >= 0"):
+        Engine(stories_int8.model, stories_tokenizer, solo_prefill_tokens=-1)
+
+
 def test_bounded_queue_and_reject_if_busy(engine, stories_tokenizer) -> None:
     ids = prompt(stories_tokenizer, "Hi")
     request = GenerationRequest(ids, 10, GREEDY)

@@ -19,6 +19,13 @@ keys [0, own position]), per-row norms, rope and SiLU. A chunk's numbers then de
 where it ends, and the keys and values decode writes are the ones prefill would write, so the prefix cache can keep
 a reply's generated tokens too (scheduler.py).
 
+Several aligned chunks of one prompt may go through one forward (`aligned_chunk(..., chunks=n)`: the scheduler does
+so for a prompt alone in the engine, `Engine(solo_prefill_tokens=...)`), where every row's numbers are those the
+chunks give one by one: the int8 layers choose by the chunk's rows and compute each row on its own (only where they
+do: `Transformer.prefill_rows_independent`), and attention runs once per aligned chunk (`PrefillChunk.pieces`), with
+that chunk's queries and keys, as its own forward would. The weights are then read, and on the bf16 prefill kernel
+made into tiles, once for all of them instead of once a chunk.
+
 `PrefillChunk` carries this to the layers for the duration of one forward (`Transformer(..., prefill=...)`).
 """
 
@@ -33,17 +40,34 @@ __all__ = ["CURRENT", "PrefillChunk", "aligned_chunk"]
 @dataclass(frozen=True)
 class PrefillChunk:
     rows: int  # the rows of a whole chunk (prefill_chunk): the layers choose their kernel by this
-    keys_end: int  # attention sees positions [0, keys_end): the end of the aligned chunk
+    keys_end: int  # attention sees positions [0, keys_end): the end of the (last) aligned chunk
     row_exact: bool = False  # every row computed as its decode step would be (see above)
+
+    def pieces(self, start: int, count: int) -> list[tuple[int, int, int]]:
+        """The aligned chunks of a forward of `count` rows from position `start`: (first row, rows, the end of the
+        keys it attends to) each, in order; one piece for a single chunk."""
+        pieces, row = [], 0
+        while row < count:
+            position = start + row
+            chunk_end = (position // self.rows + 1) * self.rows
+            rows = min(count - row, chunk_end - position)
+            pieces.append((row, rows, min(self.keys_end, chunk_end)))
+            row += rows
+        return pieces
 
 
 CURRENT: contextvars.ContextVar[PrefillChunk | None] = contextvars.ContextVar("int8serve_prefill_chunk",
                                                                              default=None)
 
 
-def aligned_chunk(prefilled: int, prompt_tokens: int, chunk_tokens: int, max_positions: int, row_exact: bool = False
-                  ) -> tuple[int, PrefillChunk]:
-    """The end of the next chunk of a prompt prefilled up to `prefilled`, and how the layers compute it."""
+def aligned_chunk(prefilled: int, prompt_tokens: int, chunk_tokens: int, max_positions: int, row_exact: bool = False,
+                  chunks: int = 1) -> tuple[int, PrefillChunk]:
+    """The end of the next `chunks` aligned chunks of a prompt prefilled up to `prefilled` (fewer at its end), and how
+    the layers compute them."""
+    if chunks < 1:
+        raise ValueError(f"chunks must be >= 1, got {chunks}")
     start = prefilled // chunk_tokens * chunk_tokens  # where this chunk starts when nothing is reused
-    end = min(prompt_tokens, start + chunk_tokens)
-    return end, PrefillChunk(rows=chunk_tokens, keys_end=min(max_positions, start + chunk_tokens), row_exact=row_exact)
+    end = min(prompt_tokens, start + chunks * chunk_tokens)
+    last_start = max(start, (end - 1) // chunk_tokens * chunk_tokens)  # the last aligned chunk's first position
+    return end, PrefillChunk(rows=chunk_tokens, keys_end=min(max_positions, last_start + chunk_tokens),
+                             row_exact=row_exact)

@@ -23,7 +23,7 @@ from torch import Tensor, nn
 
 from . import allocator, chunking, decode_plan, kernels, kv_int8
 from .config import ModelConfig
-from .int8 import COMPUTE_DTYPE, DequantBuffer, Int8Linear, StackedInt8Linear, kernel_rows
+from .int8 import COMPUTE_DTYPE, DequantBuffer, Int8Linear, StackedInt8Linear, kernel_rows, kernel_takes
 from .kernels import activation as activation_kernel
 from .kernels import attention as attention_kernel
 from .kernels import matmul as prefill_matmul
@@ -177,12 +177,15 @@ class Attention(nn.Module):
                 cache_k[slot, :, end:chunk.keys_end] = 0  # (an int8 row of zeros is zeros with scale 0)
                 cache_v[slot, :, end:chunk.keys_end] = 0
                 end = chunk.keys_end
-            wanted = torch.float32 if decoding else COMPUTE_DTYPE
-            keys, values = read_rows(cache_k, slot, end, dim, wanted), read_rows(cache_v, slot, end, dim, wanted)
             if decoding:
+                keys, values = (read_rows(cache, slot, end, dim, torch.float32) for cache in (cache_k, cache_v))
                 out[row, 0] = self._decode_attention(q[row, 0], keys, values)
-            else:
-                out[row] = self._prefill_attention(q[row], keys, values, start)
+                continue
+            # each aligned chunk of a prefill forward attends as its own forward would (chunking.py)
+            for first, rows, keys_end in chunk.pieces(start, seq) if chunk is not None else [(0, seq, end)]:
+                keys, values = (read_rows(cache, slot, keys_end, dim, COMPUTE_DTYPE) for cache in (cache_k, cache_v))
+                out[row, first:first + rows] = self._prefill_attention(q[row, first:first + rows], keys, values,
+                                                                       start + first)
         return self._output(out.reshape(batch, seq, -1).to(x.dtype), last_only)
 
     def _output(self, attended: Tensor, last_only: bool) -> Tensor:
@@ -432,6 +435,18 @@ class Transformer(nn.Module):
                 and max(prefill_chunk, max_slots) <= kernel_rows() and not prefill_matmul.int8_requested()
                 and self.cache_dtype in attention_kernel.DTYPES and attention_kernel.setting() != "torch"
                 and attention_kernel.available())
+
+    def prefill_rows_independent(self, prefill_chunk: int) -> bool:
+        """Whether each row of a prefill chunk of `prefill_chunk` rows gets the same bits however many rows go through
+        the int8 layers with it, so that several aligned chunks may share one forward (chunking.py).
+
+        It holds where every int8 layer takes such chunks through our int8 kernel or our bf16 prefill kernel, which
+        compute each row on its own; not on the dense path (oneDNN rounds a row by its company), nor for the fp32 or
+        bf16 reference models. Decided once, when an engine is made, as row_exact_prefill is.
+        """
+        linears = [m for m in self.modules() if isinstance(m, Int8Linear)]
+        return (self.precision == "int8" and bool(linears) and all(m.packed is not None for m in linears)
+                and (kernel_takes(prefill_chunk) or prefill_matmul.takes(prefill_chunk)))
 
     def _kernel_step(self, seq: int, cache: KVCache, slots: Sequence[int], starts: Sequence[int]
                      ) -> KernelStep | None:

@@ -8,7 +8,10 @@ Each engine step:
 1. drops cancelled sequences (their slot is free for the next step);
 2. admits waiting requests into free slots, the request of the owner with the fewest running sequences first (FIFO
    among equals), so that one owner (the service passes the account) cannot keep the others waiting behind it;
-3. runs one prefill chunk for one admitted request (so a long prompt never freezes the running streams);
+3. runs one prefill chunk for one admitted request (so a long prompt never freezes the running streams); a prompt
+   alone in the engine (nothing else running or waiting) takes up to `solo_prefill_tokens` of whole chunks in that
+   step, where the model computes them with the same bits as one by one (`Transformer.prefill_rows_independent`,
+   chunking.py): its weights are read once for all of them;
 4. decodes one token for every running sequence in ONE batched forward.
 
 Outputs do not depend on the batch: each sequence samples with its own seeded generator, prompts are chunked the
@@ -55,6 +58,22 @@ from .tokenizer import AnyTokenizer
 log = logging.getLogger(__name__)
 
 DEFAULT_PREFILL_CHUNK = 128
+# Prompt tokens one prefill step may take when the prompt is alone in the engine: four 128-token chunks in one forward
+# instead of four, each weight read (and on the bf16 prefill kernel made into tiles) once for the 512 rows instead of
+# once per 128 (benchmarks/vs_llamacpp.py measures a 512-token prompt both ways). What it costs: a request that
+# arrives meanwhile waits for that step to end.
+DEFAULT_SOLO_PREFILL_TOKENS = 512
+
+
+def solo_prefill_chunks(model: object, prefill_chunk: int, solo_prefill_tokens: int = DEFAULT_SOLO_PREFILL_TOKENS
+                        ) -> int:
+    """The aligned chunks a prompt alone in the engine takes in one prefill step: as many as `solo_prefill_tokens`
+    hold where the model computes each row of a chunk on its own (`Transformer.prefill_rows_independent`; a test
+    double that cannot say takes one), else one."""
+    rows_independent = getattr(model, "prefill_rows_independent", None)
+    if rows_independent is None or not rows_independent(prefill_chunk):
+        return 1
+    return max(1, solo_prefill_tokens // prefill_chunk)
 
 
 class FinishReason(StrEnum):
@@ -188,9 +207,10 @@ class Engine:
 
     def __init__(self, model: Transformer, tokenizer: AnyTokenizer, max_slots: int = 4, max_queue: int = 32,
                  max_seq_len: int | None = None, prefill_chunk: int = DEFAULT_PREFILL_CHUNK,
-                 prefix_cache: PrefixCache | None = None) -> None:
-        if max_slots < 1 or max_queue < 0 or prefill_chunk < 1:
-            raise ValueError("max_slots and prefill_chunk must be >= 1, max_queue >= 0")
+                 prefix_cache: PrefixCache | None = None, solo_prefill_tokens: int = DEFAULT_SOLO_PREFILL_TOKENS
+                 ) -> None:
+        if max_slots < 1 or max_queue < 0 or prefill_chunk < 1 or solo_prefill_tokens < 0:
+            raise ValueError("max_slots and prefill_chunk must be >= 1, max_queue and solo_prefill_tokens >= 0")
         if prefix_cache is not None and prefill_chunk % prefix_cache.block_tokens:
             raise ValueError(f"prefill_chunk ({prefill_chunk}) must be a multiple of the prefix cache's block of "
                              f"{prefix_cache.block_tokens} tokens")
@@ -199,6 +219,8 @@ class Engine:
         # with row-exact prefill, generated tokens go into the prefix cache too (see the module's docstring).
         row_exact = getattr(model, "row_exact_prefill", None)
         self.row_exact_prefill = bool(row_exact is not None and row_exact(prefill_chunk, max_slots))
+        # ... and how many chunks a prompt alone may take in one step
+        self.solo_prefill_chunks = solo_prefill_chunks(model, prefill_chunk, solo_prefill_tokens)
         self.prefilled_tokens = 0  # prompt tokens computed by prefill (the rest came from the prefix cache)
         self.model = model
         self.tokenizer = tokenizer
@@ -235,7 +257,7 @@ class Engine:
                         sampler=Sampler(SamplingParams(temperature=0), self.model.config.vocab_size),
                         detokenizer=self.tokenizer.detokenizer())
         while not seq.decoding:
-            self._prefill_chunk(seq)
+            self._prefill_chunk(seq, self.solo_prefill_chunks)
         return self.prefix_cache.lookup(prompt_ids, len(prompt_ids)).tokens
 
     def submit(self, request: GenerationRequest, reject_if_busy: bool = False) -> RequestHandle:
@@ -350,21 +372,24 @@ class Engine:
         return chosen
 
     def _prefill_one(self) -> None:
-        # the admitted sequence that has waited longest gets one chunk
+        # the admitted sequence that has waited longest gets one chunk, or several if nothing else runs or waits
         pending = [seq for seq in self._running.values() if not seq.decoding]
         if not pending:
             return
         seq = min(pending, key=lambda s: s.handle.queued_at)
-        logits = self._prefill_chunk(seq)
+        with self._wake:
+            alone = len(self._running) == 1 and not self._waiting
+        logits = self._prefill_chunk(seq, self.solo_prefill_chunks if alone else 1)
         if seq.decoding:
             self._advance(seq, logits)
 
-    def _prefill_chunk(self, seq: _Sequence) -> torch.Tensor:
-        """Reuse what the prefix cache holds of the prompt, then prefill one chunk; -> the chunk's last logits."""
+    def _prefill_chunk(self, seq: _Sequence, chunks: int = 1) -> torch.Tensor:
+        """Reuse what the prefix cache holds of the prompt, then prefill `chunks` aligned chunks (fewer at its end);
+        -> the last logits."""
         prompt = seq.request.prompt_ids
         self._reuse_prefix(seq)
         end, how = aligned_chunk(seq.prefilled, len(prompt), self.prefill_chunk, self.max_seq_len,
-                                 row_exact=self.row_exact_prefill)
+                                 row_exact=self.row_exact_prefill, chunks=chunks)
         chunk = prompt[seq.prefilled:end]
         started = time.perf_counter()
         logits = self.model(torch.tensor([chunk]), self.cache, [seq.slot], [seq.prefilled], prefill=how)[0]
