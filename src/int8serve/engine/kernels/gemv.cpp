@@ -488,9 +488,10 @@ void store_tile_rows(const TileArgs& base, int64_t r_begin, int64_t m, int64_t t
     std::memcpy(base.y + (r_begin + r) * base.n + n0, acc + r * kTileRows, static_cast<size_t>(count) * sizeof(float));
 }
 
-// The GEMMs' hint while the K-block of groups [g0, g1) of `tile` multiplies: as many bytes after it (the next K-block,
-// or the next tile's first) asked for into L2, each of the K-block's `blocks` register blocks of rows asking for its
-// share of the lines (ask_for_share). Made once per K-block: its divisions stay out of the loop over register blocks.
+// The GEMMs' hint (all but the AMX one: INT8SERVE_AMX_GEMM_HINT) while the K-block of groups [g0, g1) of `tile`
+// multiplies: as many bytes after it (the next K-block, or the next tile's first) asked for into L2, each of the
+// K-block's `blocks` register blocks of rows asking for its share of the lines (ask_for_share). Made once per K-block:
+// its divisions stay out of the loop over register blocks.
 struct NextKBlock {
   const uint8_t* next;  // the first byte after the K-block
   int64_t lines;        // 64-byte lines asked for in all
@@ -1841,6 +1842,14 @@ constexpr int64_t kAmxGemmGroups = INT8SERVE_AMX_GEMM_GROUPS;
 #define INT8SERVE_AMX_GEMM_CHUNK_ROWS 128
 #endif
 constexpr int64_t kAmxGemmChunkRows = INT8SERVE_AMX_GEMM_CHUNK_ROWS;
+// Unlike the other GEMMs, this one does not ask for its next K-block into L2 (next_kblock): on a Sapphire Rapids
+// (2026-12-05, 2 threads, the 7B shapes, benchmarks/gemv_builds.py -DINT8SERVE_AMX_GEMM_HINT=0 against =1, 8 rounds)
+// the calls were faster without it: 32 rows 1.06-1.08x, 64 rows 1.01-1.03x, 128 and 512 rows 1.00-1.02x (6 rounds).
+// Its tiles and its vector code take turns, and each K-block's weights are copied as signed bytes first: the
+// hardware prefetcher keeps up with that stream alone.
+#ifndef INT8SERVE_AMX_GEMM_HINT
+#define INT8SERVE_AMX_GEMM_HINT 0
+#endif
 static_assert(kAmxGemmChunkRows % kAmxGemmRows == 0, "a chunk holds whole register blocks of rows");
 
 void amx_gemm_configure() {
@@ -2021,7 +2030,7 @@ INT8SERVE_VNNI512 void gemm_amx_tile(const TileArgs& base, int64_t r_begin, int6
     }
     const NextKBlock next = next_kblock(a.lay, a.tile, g0, g1, padded / kAmxGemmRows);
     for (int64_t r0 = 0; r0 < padded; r0 += kAmxGemmRows) {
-      ask_for_share(next, r0 / kAmxGemmRows);
+      if (INT8SERVE_AMX_GEMM_HINT) ask_for_share(next, r0 / kAmxGemmRows);
       const int64_t row = r_begin + r0;  // the call's row: int8 rows 2 row (high) and 2 row + 1 (low)
       a.xq = base.xq + row / kAmxGemmRows * base.groups * kAmxGemmGroupBytes;
       a.xscale = base.xscale + row / kAmxGemmRows * base.groups * kAmxGemmRows;
