@@ -22,8 +22,9 @@ one run; the ratios ours ÷ llama.cpp are the result, the absolute figures are c
    32 steps together through one model forward per step) and prefill tok/s of a 512-token prompt
    (`llama-bench -p 512`; ours: `generate.prefill`, one forward of 512 tokens). Ours also prefills the same prompt
    as the server's scheduler does, in aligned chunks of its default 128 tokens (row-exact where the scheduler would
-   make them so), against the same llama.cpp figure: alone in the engine (up to 512 tokens a step where the model
-   computes each row on its own) and beside running streams (one chunk a step). Ours runs in a child process per
+   make them so), against the same llama.cpp figure: alone in the engine (512 tokens a step where the bf16 prefill
+   kernel takes the chunks, else one chunk: `scheduler.solo_prefill_chunks`) and beside running streams (one chunk a
+   step). Ours runs in a child process per
    round, so only one engine's weights are in memory at a time.
 4. The table (both engines, ratios, the bandwidth roofline measured in this run, CPU and flags, our kernel path)
    goes into this script's section of docs/benchmarks.md with --write.
@@ -113,7 +114,8 @@ LABELS = {"decode_b1": "decode tok/s, batch 1",
           "decode_b4": f"aggregate decode tok/s, {BATCH} sequences",
           "prefill": f"prefill tok/s, {PROMPT}-token prompt",
           "prefill_server": f"prefill tok/s, the same prompt alone in the server: its {DEFAULT_PREFILL_CHUNK}-token "
-                            f"chunks, up to {DEFAULT_SOLO_PREFILL_TOKENS} tokens a step (llama.cpp: the figure above)",
+                            f"chunks, {DEFAULT_SOLO_PREFILL_TOKENS} tokens a step where the bf16 prefill kernel "
+                            "takes them, else one chunk (llama.cpp: the figure above)",
           "prefill_busy": f"prefill tok/s, the same prompt beside running streams: one {DEFAULT_PREFILL_CHUNK}-token "
                           "chunk a step, the decode steps between them not counted (llama.cpp: the figure above)"}
 ISAS = ("native", "avx2")  # --isa: each engine's fastest code, or both held to AVX2 code (see the docstring)
@@ -676,9 +678,9 @@ def build_report(args: argparse.Namespace, rounds: Sequence[Round], files: Weigh
              f"position 0; {BATCH} sequences from position {args.batch_prompt}); prefill = {PROMPT} ÷ mean time of one "
              "prompt in one forward (2 timed, after a 64-token warm-up); in the server = the same prompt in aligned "
              f"chunks of {DEFAULT_PREFILL_CHUNK} tokens, row-exact where the scheduler would make them so, alone "
-             f"as many chunks a forward as the scheduler then takes (up to {DEFAULT_SOLO_PREFILL_TOKENS} tokens, "
-             "where the model computes each row on its own), beside running streams one (2 timed, after one "
-             "untimed); llama.cpp's figures are the tools' own "
+             f"as many chunks a forward as the scheduler then takes ({DEFAULT_SOLO_PREFILL_TOKENS} tokens where the "
+             "bf16 prefill kernel takes them, else one), beside running streams one (2 timed, after one untimed); "
+             "llama.cpp's figures are the tools' own "
              f"(`avg_ts` of {args.reps} repetitions, `S_TG`). Ours go through the engine's model forward "
              "(`Transformer`, `generate.prefill`), without the scheduler or the HTTP server."]
     return "\n".join(lines) + "\n"

@@ -76,8 +76,10 @@ def test_serve_makes_and_prints_a_token_when_none_is_configured(tmp_path: Path, 
             assert dense in text
         else:
             assert "; prompts and replies (row-exact prefill)" in text
-        if int8.kernel_takes(128) or prefill_matmul.takes(128):  # each row of a chunk on its own: 4 chunks a step
+        if prefill_matmul.takes(128) and not int8.kernel_takes(128):  # the bf16 kernel: 4 chunks a step pay
             assert "prefill chunk 128 (a prompt alone: up to 512 tokens a step)" in text
+        elif int8.kernel_takes(128):
+            assert "prefill chunk 128 (one a step, a prompt alone too: our int8 kernel's prefill is hardly" in text
         else:
             assert "prefill chunk 128 (one a step, a prompt alone too: this model's prefill rounds a row by" in text
         assert f"usage ledger: sqlite:///{tmp_path / 'data' / 'usage.sqlite3'}" in text

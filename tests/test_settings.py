@@ -125,8 +125,9 @@ def test_a_bad_value_names_where_it_came_from(tmp_path: Path, monkeypatch: pytes
     assert message in str(info.value)
 
 
-def test_solo_prefill_tokens_defaults_to_four_chunks_and_takes_no_negative(monkeypatch: pytest.MonkeyPatch) -> None:
-    assert load_settings(flags()).settings.solo_prefill_tokens == 512
+def test_solo_prefill_tokens_is_the_engines_choice_by_default_and_takes_no_negative(monkeypatch: pytest.MonkeyPatch
+                                                                                    ) -> None:
+    assert load_settings(flags()).settings.solo_prefill_tokens is None  # the engine's: where it pays
     assert load_settings(flags("--solo-prefill-tokens", "0")).settings.solo_prefill_tokens == 0
     monkeypatch.setenv("INT8SERVE_SOLO_PREFILL_TOKENS", "1024")
     assert load_settings(flags()).settings.solo_prefill_tokens == 1024

@@ -235,11 +235,15 @@ def _describe_kv_cache(model: Transformer, engine: Engine) -> str:
 
 
 def _solo_prefill(engine: Engine, settings: ServeSettings) -> str:
+    chunk, asked = settings.prefill_chunk, settings.solo_prefill_tokens
     if engine.solo_prefill_chunks > 1:
-        return f"a prompt alone: up to {engine.solo_prefill_chunks * settings.prefill_chunk} tokens a step"
-    if settings.solo_prefill_tokens < 2 * settings.prefill_chunk:
-        return "one a step, a prompt alone too: --solo-prefill-tokens"
-    return "one a step, a prompt alone too: this model's prefill rounds a row by the rows with it"
+        return f"a prompt alone: up to {engine.solo_prefill_chunks * chunk} tokens a step"
+    if not engine.model.prefill_rows_independent(chunk):
+        return "one a step, a prompt alone too: this model's prefill rounds a row by the rows with it"
+    if asked is None:
+        return ("one a step, a prompt alone too: our int8 kernel's prefill is hardly faster in longer steps "
+                "(--solo-prefill-tokens)")
+    return f"one a step, a prompt alone too: --solo-prefill-tokens {asked}"
 
 
 def _what_is_reused(engine: Engine, prefill_chunk: int) -> str:

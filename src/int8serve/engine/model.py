@@ -448,6 +448,15 @@ class Transformer(nn.Module):
         return (self.precision == "int8" and bool(linears) and all(m.packed is not None for m in linears)
                 and (kernel_takes(prefill_chunk) or prefill_matmul.takes(prefill_chunk)))
 
+    def prefill_makes_tiles(self, prefill_chunk: int) -> bool:
+        """Whether prefill chunks of `prefill_chunk` rows go through our bf16 prefill kernel, which makes each weight's
+        bf16 tiles once per call: there several aligned chunks in one forward are faster than one a step (a 512-token
+        prompt of the 7B shape in four 128-token chunks: 1.20-1.29x in one forward on a Sapphire Rapids,
+        benchmarks/vs_llamacpp.py; 1.40x through 8 layers). Our int8 kernel's GEMMs multiply 128 and 512 rows at the
+        same rate (row-exact chunks through 8 layers, 4 a forward: 1.02x), not worth the wait of a request that
+        arrives meanwhile."""
+        return self.prefill_rows_independent(prefill_chunk) and not kernel_takes(prefill_chunk)
+
     def _kernel_step(self, seq: int, cache: KVCache, slots: Sequence[int], starts: Sequence[int]
                      ) -> KernelStep | None:
         """A KernelStep when this forward is a decode step the attention kernel can take, or a row-exact prefill

@@ -11,7 +11,7 @@ Each engine step:
 3. runs one prefill chunk for one admitted request (so a long prompt never freezes the running streams); a prompt
    alone in the engine (nothing else running or waiting) takes up to `solo_prefill_tokens` of whole chunks in that
    step, where the model computes them with the same bits as one by one (`Transformer.prefill_rows_independent`,
-   chunking.py): its weights are read once for all of them;
+   chunking.py), by default where that is faster (`solo_prefill_chunks`);
 4. decodes one token for every running sequence in ONE batched forward.
 
 Outputs do not depend on the batch: each sequence samples with its own seeded generator, prompts are chunked the
@@ -58,22 +58,25 @@ from .tokenizer import AnyTokenizer
 log = logging.getLogger(__name__)
 
 DEFAULT_PREFILL_CHUNK = 128
-# Prompt tokens one prefill step may take when the prompt is alone in the engine: four 128-token chunks in one forward
-# instead of four, each weight read (and on the bf16 prefill kernel made into tiles) once for the 512 rows instead of
-# once per 128. A 512-token prompt of the 7B shape (benchmarks/vs_llamacpp.py, 32 layers, 2 threads, Sapphire
+# Prompt tokens one prefill step may take when the prompt is alone in the engine, by default where it pays
+# (`Transformer.prefill_makes_tiles`: the bf16 prefill kernel makes each weight's tiles once for the 512 rows instead
+# of once per 128). A 512-token prompt of the 7B shape (benchmarks/vs_llamacpp.py, 32 layers, 2 threads, Sapphire
 # Rapids, 2026-12-05): 127.6 / 148.1 tok/s against 106.2 / 115.0 one chunk a step (1.20x / 1.29x). What it costs: a
 # request that arrives meanwhile waits for that step to end.
 DEFAULT_SOLO_PREFILL_TOKENS = 512
 
 
-def solo_prefill_chunks(model: object, prefill_chunk: int, solo_prefill_tokens: int = DEFAULT_SOLO_PREFILL_TOKENS
-                        ) -> int:
+def solo_prefill_chunks(model: object, prefill_chunk: int, solo_prefill_tokens: int | None = None) -> int:
     """The aligned chunks a prompt alone in the engine takes in one prefill step: as many as `solo_prefill_tokens`
     hold where the model computes each row of a chunk on its own (`Transformer.prefill_rows_independent`; a test
-    double that cannot say takes one), else one."""
+    double that cannot say takes one), else one. None: DEFAULT_SOLO_PREFILL_TOKENS where several chunks a forward
+    pay (`Transformer.prefill_makes_tiles`), else one chunk."""
     rows_independent = getattr(model, "prefill_rows_independent", None)
     if rows_independent is None or not rows_independent(prefill_chunk):
         return 1
+    if solo_prefill_tokens is None:
+        pays = getattr(model, "prefill_makes_tiles", None)
+        solo_prefill_tokens = DEFAULT_SOLO_PREFILL_TOKENS if pays is not None and pays(prefill_chunk) else 0
     return max(1, solo_prefill_tokens // prefill_chunk)
 
 
@@ -208,9 +211,8 @@ class Engine:
 
     def __init__(self, model: Transformer, tokenizer: AnyTokenizer, max_slots: int = 4, max_queue: int = 32,
                  max_seq_len: int | None = None, prefill_chunk: int = DEFAULT_PREFILL_CHUNK,
-                 prefix_cache: PrefixCache | None = None, solo_prefill_tokens: int = DEFAULT_SOLO_PREFILL_TOKENS
-                 ) -> None:
-        if max_slots < 1 or max_queue < 0 or prefill_chunk < 1 or solo_prefill_tokens < 0:
+                 prefix_cache: PrefixCache | None = None, solo_prefill_tokens: int | None = None) -> None:
+        if max_slots < 1 or max_queue < 0 or prefill_chunk < 1 or (solo_prefill_tokens or 0) < 0:
             raise ValueError("max_slots and prefill_chunk must be >= 1, max_queue and solo_prefill_tokens >= 0")
         if prefix_cache is not None and prefill_chunk % prefix_cache.block_tokens:
             raise ValueError(f"prefill_chunk ({prefill_chunk}) must be a multiple of the prefix cache's block of "
