@@ -7,19 +7,22 @@ the code: this script measures it, on this CPU, in the same run as the matmul th
 1. A small C++ probe (compiled here with the project's compiler) times long chains of independent multiply
    instructions in registers on every core at once (OpenMP, one thread per core): fp32 FMA (`vfmadd231ps`), bf16 dot
    products (`vdpbf16ps`, AVX-512 BF16: 32 multiply-adds per zmm instruction) and int8 dot products (`vpdpbusd`,
-   AVX-512 VNNI: 64 per zmm; AVX-VNNI on ymm), each where the CPU has it. Multiply-adds per second = the peak.
+   AVX-512 VNNI: 64 per zmm; AVX-VNNI on ymm) and AMX tile products (`tdpbf16ps`: 16 x 16 x 32 multiply-adds,
+   `tdpbssd`: 16 x 16 x 64; tiles of nonzero values), each where the CPU has it. Multiply-adds per second = the
+   peak.
    AVX2's integer products sum their pairs but do not accumulate: the probes also time them with the instructions
    that accumulate their sums (vpmaddwd + vpaddd, as our avx2 GEMM multiplies 16-bit rows; vpmaddubsw + vpmaddwd +
    vpaddd, as int8 x int8 code on AVX2 does), a group of instructions a step of each chain.
 2. The dense prefill matmul as Int8Linear runs it (`int8.dense_matmul`: bf16 through oneDNN on CPUs with native
-   bf16, fp32 elsewhere), for a 512-row chunk on the Llama-2-7B shapes, after the dequantization (not timed); and,
-   where our int8 kernel takes prefill calls (the vnni512, avx2 and avxvnni paths), its GEMM with precise
-   activations on the same rows, as prefill runs it.
+   bf16, fp32 elsewhere), for a 512-row chunk on the Llama-2-7B shapes, after the dequantization (not timed); and
+   what prefill runs instead where it does: our int8 kernel's GEMM with precise activations (the vnni512, avx2 and
+   avxvnni paths), or our bf16 prefill kernel (kernels/matmul.py: AMX CPUs), on the same rows.
 3. The share of its instruction's peak each matmul reaches, and the prefill tok/s that peak would allow for the 7B
    shape's linear layers alone (2 x 6.48 G multiply-adds per token, the head excluded: prefill computes it for one
    row).
 
     python -m benchmarks.cpu_peak --write docs/benchmarks.md     # about a minute
+    python -m benchmarks.cpu_peak --rows 128                      # the server's prefill chunk
 """
 
 from __future__ import annotations
@@ -40,6 +43,7 @@ import torch
 from benchmarks.common import display_command, publish
 from benchmarks.machine import CpuShares, cpu_label, log, machine_description
 from int8serve.engine import int8, kernels
+from int8serve.engine.kernels import matmul as prefill_matmul
 
 # Independent chains per thread (ymm0-13 beside the sources ymm14-15): more than latency x pipes of every probe. 10 were
 # too few for vdpbf16ps on an AMD EPYC Zen 5 (family 26 model 2, 2026-12-02, 10 and 14 alternated three times, best
@@ -54,16 +58,19 @@ class ProbeSpec(NamedTuple):
     macs: int  # multiply-adds per instruction (or group)
     needs: set[str]  # CPU flags
     chains: int = ACCUMULATORS  # a group's scratch registers (ymm12-13) are not accumulators
+    tiles: bool = False  # AMX: the thread configures its tiles first (C: tmm0-5, A: tmm6, B: tmm7)
 
 
 ACCUMULATED_INT16 = "int16 pairs accumulated (vpmaddwd + vpaddd), ymm"  # our avx2 GEMM's arithmetic
 INT16_DOT_AVX_VNNI = "int16 dot (vpdpwssd), ymm (AVX-VNNI)"  # our avxvnni GEMM's: the same sums in one
+BF16_DOT_ZMM = "bf16 dot (vdpbf16ps), zmm"  # our bf16 prefill kernel's vector path
+BF16_TILES = "bf16 tile product (tdpbf16ps), AMX"  # its tile path, and oneDNN's bf16 matmul on AMX CPUs
 
 
 PROBES = [
     ProbeSpec("fp32 FMA, zmm", "vfmadd231ps %%zmm30, %%zmm31, %%zmm{r}", 16, {"avx512f"}),
     ProbeSpec("fp32 FMA, ymm", "vfmadd231ps %%ymm14, %%ymm15, %%ymm{r}", 8, {"avx2", "fma"}),
-    ProbeSpec("bf16 dot (vdpbf16ps), zmm", "vdpbf16ps %%zmm30, %%zmm31, %%zmm{r}", 32, {"avx512_bf16"}),
+    ProbeSpec(BF16_DOT_ZMM, "vdpbf16ps %%zmm30, %%zmm31, %%zmm{r}", 32, {"avx512_bf16"}),
     ProbeSpec("int8 dot (vpdpbusd), zmm", "vpdpbusd %%zmm30, %%zmm31, %%zmm{r}", 64, {"avx512_vnni"}),
     ProbeSpec("int8 dot (vpdpbusd), ymm (AVX-VNNI)", "%{{vex%}} vpdpbusd %%ymm14, %%ymm15, %%ymm{r}", 32,
               {"avx_vnni"}),
@@ -78,6 +85,11 @@ PROBES = [
     ProbeSpec("uint8 x int8 pairs accumulated (vpmaddubsw + vpmaddwd + vpaddd), ymm",
               "vpmaddubsw %%ymm14, %%ymm15, %%ymm13; vpmaddwd %%ymm13, %%ymm12, %%ymm13; "
               "vpaddd %%ymm13, %%ymm{r}, %%ymm{r}", 32, {"avx2"}, chains=12),
+    # AMX: six C tiles, each a chain of tile products of the same A and B (16 rows of 64 bytes each)
+    ProbeSpec(BF16_TILES, "tdpbf16ps %%tmm7, %%tmm6, %%tmm{r}", 16 * 16 * 32, {"amx_bf16", "amx_tile"}, chains=6,
+              tiles=True),
+    ProbeSpec("int8 tile product (tdpbssd), AMX", "tdpbssd %%tmm7, %%tmm6, %%tmm{r}", 16 * 16 * 64,
+              {"amx_int8", "amx_tile"}, chains=6, tiles=True),
 ]
 ITERATIONS = 20_000_000
 SHAPES = [(4096, 4096, "qkvo"), (4096, 11008, "gate/up"), (11008, 4096, "down")]
@@ -95,24 +107,56 @@ class Probe:
         return self.instructions_per_second * self.macs_per_instruction
 
 
+# The tile probes' set-up, in each thread: Linux's permission for the tile data (arch_prctl ARCH_REQ_XCOMP_PERM,
+# once per process), 16 x 64-byte rows in every tile, and A and B loaded with nonzero values (bf16 1.0, int8 bytes
+# 0x80 and 0x3f: the tile unit's power, and so perhaps its clock, may depend on them).
+TILE_SETUP = r"""
+#include <sys/syscall.h>
+#include <unistd.h>
+#include <cstdint>
+struct alignas(64) TileConfig { uint8_t palette = 1, start_row = 0, reserved[14] = {}; uint16_t colsb[16] = {};
+                                uint8_t rows[16] = {}; };
+static bool tiles_on() {
+  static const bool granted = syscall(SYS_arch_prctl, 0x1023, 18) == 0;
+  if (!granted) return false;
+  TileConfig config;
+  for (int t = 0; t < 8; ++t) config.rows[t] = 16, config.colsb[t] = 64;
+  asm volatile("ldtilecfg %0" : : "m"(config));
+  alignas(64) static thread_local uint16_t values[512];
+  for (uint16_t& v : values) v = 0x3f80;
+  asm volatile("tileloadd (%0,%1,1), %%tmm6" : : "r"(values), "r"(int64_t{64}) : "memory");
+  asm volatile("tileloadd (%0,%1,1), %%tmm7" : : "r"(values), "r"(int64_t{64}) : "memory");
+  return true;
+}
+"""
+
+
 def probe_source(probes: Sequence[ProbeSpec]) -> str:
     """A C++ program: `probe WHICH N` runs probe WHICH's chains N times on every thread and prints the instructions
-    (or groups) per second of all threads together."""
+    (or groups) per second of all threads together (exit status 3 if Linux refused a tile probe its tiles)."""
     functions, calls = [], []
     for index, probe in enumerate(probes):
         body = "".join(f'"{probe.instruction.format(r=r)}\\n\\t"' for r in range(probe.chains))
         functions.append(f"static void probe{index}(long n) {{ for (long i = 0; i < n; ++i) asm volatile({body} ::: "
                          f"\"memory\"); }}")
         calls.append(f"    case {index}: probe{index}(n); break;")
+    tiles = any(p.tiles for p in probes)
     return "\n".join([
         "#include <chrono>", "#include <cstdio>", "#include <cstdlib>", "#include <omp.h>",
+        TILE_SETUP if tiles else "",
         *functions,
         "int main(int argc, char** argv) {",
         "  const int which = std::atoi(argv[1]); const long n = std::atol(argv[2]);",
         f"  const int chains[] = {{{', '.join(str(p.chains) for p in probes)}}};",
+        f"  const bool tiles[] = {{{', '.join('true' if p.tiles else 'false' for p in probes)}}};",
+        "  bool refused = false;",
         "  const auto start = std::chrono::steady_clock::now();",
         "#pragma omp parallel",
-        "  switch (which) {", *calls, "  }",
+        "  {",
+        "    if (tiles[which]) { if (!tiles_on()) refused = true; }" if tiles else "",
+        "    if (!refused) switch (which) {", *calls, "    }",
+        "  }",
+        "  if (refused) return 3;",
         "  const double seconds = std::chrono::duration<double>(std::chrono::steady_clock::now() - start).count();",
         "  std::printf(\"%.6e\\n\", double(n) * chains[which] * omp_get_max_threads() / seconds);",
         "}",
@@ -134,8 +178,15 @@ def run_probes(threads: int) -> list[Probe]:
         env = {**os.environ, "OMP_NUM_THREADS": str(threads), "OMP_PROC_BIND": "spread"}
         results = []
         for index, probe in enumerate(runnable):
-            rates = [float(subprocess.run([str(binary), str(index), str(ITERATIONS)], env=env, capture_output=True,
-                                          text=True, check=True).stdout) for _ in range(3)]
+            runs = [subprocess.run([str(binary), str(index), str(ITERATIONS)], env=env, capture_output=True,
+                                   text=True, check=False) for _ in range(3)]
+            if any(run.returncode == 3 for run in runs):  # (the CPU has AMX, this process may not use it)
+                log(f"  {probe.name}: not measured, Linux refused the tile data (arch_prctl)")
+                continue
+            for run in runs:
+                if run.returncode != 0:
+                    sys.exit(f"error: probe {probe.name!r} failed ({run.returncode}): {run.stderr[-2000:]}")
+            rates = [float(run.stdout) for run in runs]
             results.append(Probe(probe.name, probe.macs, max(rates)))
             log(f"  {probe.name}: {max(rates) / 1e9:.2f} G instructions/s on {threads} threads")
     return results
@@ -185,6 +236,39 @@ def time_kernel(m: int, rounds: int) -> dict[str, float]:
     return seconds
 
 
+def bf16_kernel_takes_prefill(rows: int) -> bool:
+    """Whether our bf16 prefill kernel takes prefill calls of `rows` rows on this CPU (by default on AMX CPUs, past
+    our int8 kernel's rows; int8.py)."""
+    return prefill_matmul.takes(rows) and not int8.kernel_takes(rows)
+
+
+def time_bf16_kernel(m: int, rounds: int) -> dict[str, float]:
+    """Seconds (median of `rounds`) of our bf16 prefill kernel's call of m rows per 7B shape (fp32 rows, the fp32 sums
+    kept, as Int8Linear calls it), random int8 weights with a bf16 scale per 32 inputs."""
+    generator = torch.Generator().manual_seed(0)
+    seconds = {}
+    for k, n, label in SHAPES:
+        weight = torch.randint(-127, 128, (n, k), generator=generator, dtype=torch.int8)
+        scale = (torch.rand(n, k // 32, generator=generator) * 0.01 + 0.001).to(torch.bfloat16).float()
+        packed = kernels.pack_weight(weight, scale, 32)
+        x = torch.randn(m, k, generator=generator)
+        prefill_matmul.matmul(x, packed)  # warm-up (its buffers)
+        times = []
+        for _ in range(rounds):
+            started = time.perf_counter()
+            prefill_matmul.matmul(x, packed)
+            times.append(time.perf_counter() - started)
+        seconds[label] = sorted(times)[len(times) // 2]
+        log(f"  our bf16 kernel ({prefill_matmul.path()}) {m} x {k} -> {n}: {seconds[label] * 1e3:.1f} ms")
+    return seconds
+
+
+def bf16_peak(probes: Sequence[Probe], path: str | None) -> Probe | None:
+    """The probe a bf16 matmul on `path` multiplies with: AMX tiles ("amx", and oneDNN on AMX CPUs) or vdpbf16ps."""
+    wanted = BF16_TILES if path == "amx" else BF16_DOT_ZMM
+    return next((p for p in probes if p.name == wanted), None)
+
+
 def kernel_peak(probes: Sequence[Probe]) -> tuple[Probe | None, int]:
     """The probe our kernel's GEMM multiplies with on this CPU's path, and how many of its multiply-adds each of the
     call's takes: two on vnni512 (two int8 passes a row), one on avx2 and avxvnni (16-bit rows: vpmaddwd + vpaddd,
@@ -219,9 +303,10 @@ def matmul_table(title: str, rows: int, seconds: dict[str, float], peak: Probe |
 
 
 def report(args: argparse.Namespace, probes: list[Probe], dense: dict[str, float], load: float,
-           kernel: dict[str, float] | None = None) -> str:
+           kernel: dict[str, float] | None = None, bf16_kernel: dict[str, float] | None = None) -> str:
     dtype = int8.dense_dtype()
-    used = next((p for p in probes if p.name.startswith("bf16")), None) if dtype == torch.bfloat16 else \
+    amx = {"amx_bf16", "amx_tile"} <= kernels.cpu_flags()  # (oneDNN's bf16 matmul takes the tiles there)
+    used = bf16_peak(probes, "amx" if amx else None) if dtype == torch.bfloat16 else \
         next((p for p in probes if p.name.startswith("fp32 FMA, zmm")), None) or \
         next((p for p in probes if p.name.startswith("fp32")), None)
     lines = [
@@ -230,14 +315,17 @@ def report(args: argparse.Namespace, probes: list[Probe], dense: dict[str, float
         f"- Command: `{display_command('cpu_peak', sys.argv[1:])}`",
         f"- Date: {time.strftime('%Y-%m-%d %H:%M UTC', time.gmtime())}; CPU: {machine_description()}; "
         f"{args.threads} threads; torch {torch.__version__}; other processes used {load:.0%} of the CPUs.",
-        f"- Peak: independent chains ({ACCUMULATORS}, or 12-13 for a group of instructions) of one instruction, or "
-        "of one group, in registers per thread, all threads at once, best of 3. The dense matmul: "
+        f"- Peak: independent chains ({ACCUMULATORS}, or 12-13 for a group of instructions, 6 C tiles for AMX) of one "
+        "instruction, or of one group, in registers per thread, all threads at once, best of 3. The dense matmul: "
         f"`int8.dense_matmul` (what prefill chunks of more than `int8.kernel_rows()` rows run after dequantizing, "
         f"{dtype}), median of {args.rounds}.",
     ]
     if kernel is not None:
         lines.append(f"- Our int8 kernel's call (`kernels.int8_gemv`, path {kernels.path()}, precise activations: what "
                      "prefill runs on this CPU), the same rows, median of the same count.")
+    if bf16_kernel is not None:
+        lines.append(f"- Our bf16 prefill kernel's call (`kernels.matmul.matmul`, path {prefill_matmul.path()}, fp32 "
+                     "rows and sums: what prefill runs on this CPU), the same rows, median of the same count.")
     lines += [
         "",
         "| instruction | multiply-adds each | G instructions (or groups)/s | G multiply-adds/s | 7B prefill ceiling "
@@ -255,6 +343,9 @@ def report(args: argparse.Namespace, probes: list[Probe], dense: dict[str, float
         if per_mac > 1:
             lines += ["", f"(The kernel's share counts {per_mac} of the peak's multiply-adds for each of its own: "
                       f"{per_mac} int8 passes a row.)"]
+    if bf16_kernel is not None:
+        lines += matmul_table(f"our bf16 prefill kernel ({prefill_matmul.path()})", args.rows, bf16_kernel,
+                              bf16_peak(probes, prefill_matmul.path()))
     return "\n".join(lines) + "\n"
 
 
@@ -279,7 +370,8 @@ def main(argv: Sequence[str] | None = None) -> None:
     probes = run_probes(args.threads)
     dense = time_dense(args.rows, args.rounds)
     kernel = time_kernel(args.rows, args.rounds) if kernel_takes_prefill() else None
-    publish(report(args, probes, dense, load.others(), kernel), args.write, "cpu_peak.py", cpu_label())
+    bf16_kernel = time_bf16_kernel(args.rows, args.rounds) if bf16_kernel_takes_prefill(args.rows) else None
+    publish(report(args, probes, dense, load.others(), kernel, bf16_kernel), args.write, "cpu_peak.py", cpu_label())
 
 
 if __name__ == "__main__":
