@@ -1715,8 +1715,26 @@ INT8SERVE_VNNI512 inline __m512 amx_weight_scale(const uint16_t* ws, int b) {
 // gemv_builds.py, 2026-12-04, outputs not kept). This code against the general loop, the same CPU and script (the 7B
 // decode shapes, 9 rounds): 4 sequences 1.08-1.12x, 3 sequences 1.12-1.14x; the corrections loaded as the C tiles'
 // starting values instead (no integer add at all) were slower, 0.74-0.98x.
+// Its loops start on 64-byte boundaries (GCC's align-loops for this function alone). Its speed at 4 sequences had
+// come to depend on where the linker put it: on a Sapphire Rapids (2026-12-05, 2 threads, the 7B decode shapes,
+// gemv_builds.py) the builds of the same tile_amx at the last commits alternated between two speeds, 7-12% apart, as
+// the function moved (start address 48 or 0 modulo 64), and 4 sequences' decode through 8 layers read 49.6-52.6
+// tok/s against 51.7-55.2 at 69cd9d9. Aligned (-DINT8SERVE_AMX_LOOP_ALIGN=64 against 0, 6 rounds): 4 sequences
+// 1.14-1.16x (25-27 -> 28-30 GB/s, near batch 1's 30-32), 3 sequences 1.01-1.04x, 1 and 2 sequences 0.97-1.03x;
+// 32-byte alignment 1.11-1.13x at 4. The flag for the whole library instead moved other loops the wrong way (3
+// sequences 0.90x, 128-row GEMM calls down to 0.77x).
+#ifndef INT8SERVE_AMX_LOOP_ALIGN
+#define INT8SERVE_AMX_LOOP_ALIGN 64
+#endif
+#define INT8SERVE_STR2(x) #x
+#define INT8SERVE_STR(x) INT8SERVE_STR2(x)
+#if INT8SERVE_AMX_LOOP_ALIGN
+#define INT8SERVE_AMX_ALIGN __attribute__((optimize("align-loops=" INT8SERVE_STR(INT8SERVE_AMX_LOOP_ALIGN))))
+#else
+#define INT8SERVE_AMX_ALIGN
+#endif
 template <int kOut, bool P>
-INT8SERVE_VNNI512 void tile_amx_span1(const TileArgs& a, int64_t tile) {
+INT8SERVE_VNNI512 INT8SERVE_AMX_ALIGN void tile_amx_span1(const TileArgs& a, int64_t tile) {
   constexpr int64_t kPer = P ? 2 : 1;  // int8 rows per output row
   const uint8_t* w = a.lay.tile(a.packed, tile);
   alignas(64) int32_t dots[kAmxMaxRows][kTileRows];
