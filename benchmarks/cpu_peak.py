@@ -33,7 +33,7 @@ import subprocess
 import sys
 import tempfile
 import time
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import NamedTuple
@@ -215,9 +215,10 @@ def kernel_takes_prefill() -> bool:
     return kernels.available() and int8.kernel_rows() == int8.ALL_ROWS
 
 
-def time_kernel(m: int, rounds: int) -> dict[str, float]:
-    """Seconds (median of `rounds`) of our int8 kernel's call of m rows per 7B shape, precise activations (as prefill
-    calls it), random int8 weights with a bf16 scale per 32 inputs (the default scheme)."""
+def time_packed(m: int, rounds: int, multiply: Callable[[torch.Tensor, kernels.PackedWeight], object], name: str
+                ) -> dict[str, float]:
+    """Seconds (median of `rounds`) of `multiply`(x, packed) for m rows per 7B shape, random int8 weights with a bf16
+    scale per 32 inputs (the default scheme)."""
     generator = torch.Generator().manual_seed(0)
     seconds = {}
     for k, n, label in SHAPES:
@@ -225,15 +226,21 @@ def time_kernel(m: int, rounds: int) -> dict[str, float]:
         scale = (torch.rand(n, k // 32, generator=generator) * 0.01 + 0.001).to(torch.bfloat16).float()
         packed = kernels.pack_weight(weight, scale, 32)
         x = torch.randn(m, k, generator=generator)
-        kernels.int8_gemv(x, packed, precise=True)  # warm-up
+        multiply(x, packed)  # warm-up (its buffers)
         times = []
         for _ in range(rounds):
             started = time.perf_counter()
-            kernels.int8_gemv(x, packed, precise=True)
+            multiply(x, packed)
             times.append(time.perf_counter() - started)
         seconds[label] = sorted(times)[len(times) // 2]
-        log(f"  our kernel ({kernels.path()}) {m} x {k} -> {n}: {seconds[label] * 1e3:.1f} ms")
+        log(f"  {name} {m} x {k} -> {n}: {seconds[label] * 1e3:.1f} ms")
     return seconds
+
+
+def time_kernel(m: int, rounds: int) -> dict[str, float]:
+    """Our int8 kernel's call of m rows per 7B shape, precise activations (as prefill calls it): `time_packed`."""
+    return time_packed(m, rounds, lambda x, packed: kernels.int8_gemv(x, packed, precise=True),
+                       f"our kernel ({kernels.path()})")
 
 
 def bf16_kernel_takes_prefill(rows: int) -> bool:
@@ -243,24 +250,9 @@ def bf16_kernel_takes_prefill(rows: int) -> bool:
 
 
 def time_bf16_kernel(m: int, rounds: int) -> dict[str, float]:
-    """Seconds (median of `rounds`) of our bf16 prefill kernel's call of m rows per 7B shape (fp32 rows, the fp32 sums
-    kept, as Int8Linear calls it), random int8 weights with a bf16 scale per 32 inputs."""
-    generator = torch.Generator().manual_seed(0)
-    seconds = {}
-    for k, n, label in SHAPES:
-        weight = torch.randint(-127, 128, (n, k), generator=generator, dtype=torch.int8)
-        scale = (torch.rand(n, k // 32, generator=generator) * 0.01 + 0.001).to(torch.bfloat16).float()
-        packed = kernels.pack_weight(weight, scale, 32)
-        x = torch.randn(m, k, generator=generator)
-        prefill_matmul.matmul(x, packed)  # warm-up (its buffers)
-        times = []
-        for _ in range(rounds):
-            started = time.perf_counter()
-            prefill_matmul.matmul(x, packed)
-            times.append(time.perf_counter() - started)
-        seconds[label] = sorted(times)[len(times) // 2]
-        log(f"  our bf16 kernel ({prefill_matmul.path()}) {m} x {k} -> {n}: {seconds[label] * 1e3:.1f} ms")
-    return seconds
+    """Our bf16 prefill kernel's call of m rows per 7B shape (fp32 rows, the fp32 sums kept, as Int8Linear calls it):
+    `time_packed`."""
+    return time_packed(m, rounds, prefill_matmul.matmul, f"our bf16 kernel ({prefill_matmul.path()})")
 
 
 def bf16_peak(probes: Sequence[Probe], path: str | None) -> Probe | None:
