@@ -264,7 +264,7 @@ def bf16_peak(probes: Sequence[Probe], path: str | None) -> Probe | None:
 def kernel_peak(probes: Sequence[Probe]) -> tuple[Probe | None, int]:
     """The probe our kernel's GEMM multiplies with on this CPU's path, and how many of its multiply-adds each of the
     call's takes: two on vnni512 (two int8 passes a row), one on avx2 and avxvnni (16-bit rows: vpmaddwd + vpaddd,
-    or vpdpwssd). None on the amx path (its tiles are not probed)."""
+    or vpdpwssd). None on the amx path (its int8 GEMM is not read against the tile probes)."""
     wanted = {"avx2": (ACCUMULATED_INT16, 1), "avxvnni": (INT16_DOT_AVX_VNNI, 1),
               "vnni512": ("int8 dot (vpdpbusd), zmm", 2)}.get(kernels.path())
     if wanted is None:

@@ -24,8 +24,7 @@ one run; the ratios ours ÷ llama.cpp are the result, the absolute figures are c
    as the server's scheduler does, in aligned chunks of its default 128 tokens (row-exact where the scheduler would
    make them so), against the same llama.cpp figure: alone in the engine (512 tokens a step where the bf16 prefill
    kernel takes the chunks, else one chunk: `scheduler.solo_prefill_chunks`) and beside running streams (one chunk a
-   step). Ours runs in a child process per
-   round, so only one engine's weights are in memory at a time.
+   step). Ours runs in a child process per round, so only one engine's weights are in memory at a time.
 4. The table (both engines, ratios, the bandwidth roofline measured in this run, CPU and flags, our kernel path)
    goes into this script's section of docs/benchmarks.md with --write.
 

@@ -430,9 +430,8 @@ class Transformer(nn.Module):
         changing INT8SERVE_ATTENTION, INT8SERVE_KERNEL or INT8SERVE_PREFILL_MATMUL in a running process is not
         supported.
         """
-        linears = [m for m in self.modules() if isinstance(m, Int8Linear)]
-        return (self.precision == "int8" and bool(linears) and all(m.packed is not None for m in linears)
-                and max(prefill_chunk, max_slots) <= kernel_rows() and not prefill_matmul.int8_requested()
+        return (self._packed_int8() and max(prefill_chunk, max_slots) <= kernel_rows()
+                and not prefill_matmul.int8_requested()
                 and self.cache_dtype in attention_kernel.DTYPES and attention_kernel.setting() != "torch"
                 and attention_kernel.available())
 
@@ -444,9 +443,12 @@ class Transformer(nn.Module):
         compute each row on its own; not on the dense path (oneDNN rounds a row by its company), nor for the fp32 or
         bf16 reference models. Decided once, when an engine is made, as row_exact_prefill is.
         """
+        return self._packed_int8() and (kernel_takes(prefill_chunk) or prefill_matmul.takes(prefill_chunk))
+
+    def _packed_int8(self) -> bool:
+        """An int8 model whose every int8 layer holds its weight packed for our kernels."""
         linears = [m for m in self.modules() if isinstance(m, Int8Linear)]
-        return (self.precision == "int8" and bool(linears) and all(m.packed is not None for m in linears)
-                and (kernel_takes(prefill_chunk) or prefill_matmul.takes(prefill_chunk)))
+        return self.precision == "int8" and bool(linears) and all(m.packed is not None for m in linears)
 
     def prefill_makes_tiles(self, prefill_chunk: int) -> bool:
         """Whether prefill chunks of `prefill_chunk` rows go through our bf16 prefill kernel, which makes each weight's
