@@ -7,7 +7,9 @@ access. The build is native (`GGML_NATIVE=ON`: the compiler targets this CPU, as
 would), CPU only, static, and only the two benchmark tools; it takes ~10 minutes on 2 cores and is skipped when the
 binaries are already in `<cache>/llama.cpp/llama-cpp-python-<version>-<BUILD_TAG>/bin`. With `--isa avx2` the
 compiler is held to AVX2 (`GGML_NATIVE=OFF`, no AVX-512 or AVX-VNNI), into `...-<BUILD_TAG>-avx2/bin`: the code an
-AVX2-only CPU (a Zen 2/3) runs, for `vs_llamacpp.py --isa avx2` on a CPU that has more.
+AVX2-only CPU (a Zen 2/3) runs, for `vs_llamacpp.py --isa avx2` on a CPU that has more. `--isa avxvnni` adds AVX-VNNI
+(still no AVX-512), into `...-avxvnni/bin`: the code of Intel's client CPUs since Alder Lake (whose P-cores are the
+Sapphire Rapids' Golden Cove cores without AVX-512 or AMX) and other AVX-VNNI CPUs without AVX-512.
 
 One patch is applied to the sources before building (`patch_amx`): on CPUs with AMX (Sapphire Rapids and later)
 the GGML_NATIVE build uses llama.cpp's AMX kernels for Q8_0, which die with SIGILL at their first `tileloadd` on
@@ -19,6 +21,7 @@ other repacked layout exists for Q8_0 on x86), about 3x slower at prefill, which
 
     python -m benchmarks.llamacpp_build            # build (or say where the cached build is)
     python -m benchmarks.llamacpp_build --isa avx2 # the AVX2-only build, in a folder of its own
+    python -m benchmarks.llamacpp_build --isa avxvnni  # AVX2 + AVX-VNNI, no AVX-512 (Intel client CPUs)
 """
 
 from __future__ import annotations
@@ -46,12 +49,18 @@ CMAKE_FLAGS = ("-DCMAKE_BUILD_TYPE=Release", "-DBUILD_SHARED_LIBS=OFF", "-DGGML_
                "-DLLAMA_BUILD_TESTS=OFF", "-DLLAMA_BUILD_SERVER=OFF", "-DGGML_OPENMP=ON")
 # What the compiler may use: "native" all this CPU has (as a user building llama.cpp for it would); "avx2" the code of
 # an AVX2-only CPU (a Zen 2/3, an older Xeon) on any newer one, to compare the two engines' AVX2 code where no such
-# CPU is at hand (vs_llamacpp.py --isa avx2 holds ours to its avx2 paths alike).
+# CPU is at hand (vs_llamacpp.py --isa avx2 holds ours to its avx2 paths alike); "avxvnni" that and AVX-VNNI, the code
+# of an AVX-VNNI CPU without AVX-512 (Intel's Alder Lake and later client CPUs; vs_llamacpp.py --isa avxvnni), where
+# llama.cpp's Q8_0 dot products use vpdpbusd on ymm registers.
+_AVX2 = ("-DGGML_NATIVE=OFF", "-DGGML_AVX=ON", "-DGGML_AVX2=ON", "-DGGML_FMA=ON", "-DGGML_F16C=ON", "-DGGML_BMI2=ON",
+         "-DGGML_AVX512=OFF")
 ISA_FLAGS = {
     "native": ("-DGGML_NATIVE=ON",),
-    "avx2": ("-DGGML_NATIVE=OFF", "-DGGML_AVX=ON", "-DGGML_AVX2=ON", "-DGGML_FMA=ON", "-DGGML_F16C=ON",
-             "-DGGML_BMI2=ON", "-DGGML_AVX512=OFF", "-DGGML_AVX_VNNI=OFF"),
+    "avx2": (*_AVX2, "-DGGML_AVX_VNNI=OFF"),
+    "avxvnni": (*_AVX2, "-DGGML_AVX_VNNI=ON"),
 }
+# How a build held to an ISA describes itself (LlamaCpp.describe)
+ISA_WORDS = {"avx2": "AVX2 only", "avxvnni": "AVX2 and AVX-VNNI only (no AVX-512)"}
 
 
 class BuildError(RuntimeError):
@@ -88,9 +97,10 @@ class LlamaCpp:
         if not self.info:  # binaries this module did not build (--llama-bin): their options are not known here
             return (f"llama.cpp binaries in `{self.bin_dir}`, not built by `benchmarks/llamacpp_build.py` "
                     "(their build options are not recorded here)")
-        if self.info.get("isa") == "avx2":
-            return (f"llama.cpp from the `llama-cpp-python` {self.version} sdist, built for AVX2 only (`"
-                    + " ".join(ISA_FLAGS["avx2"]) + "`, CPU only)")
+        isa = self.info.get("isa", "native")
+        if isa in ISA_WORDS:
+            return (f"llama.cpp from the `llama-cpp-python` {self.version} sdist, built for {ISA_WORDS[isa]} (`"
+                    + " ".join(ISA_FLAGS[isa]) + "`, CPU only)")
         patch = ", with the AMX fix of ggml-org/llama.cpp#26954" if self.info.get("amx_patch") == "True" else ""
         return f"llama.cpp from the `llama-cpp-python` {self.version} sdist (`GGML_NATIVE=ON`, CPU only{patch})"
 
@@ -230,7 +240,8 @@ def main(argv: Sequence[str] | None = None) -> None:
     parser.add_argument("--llama-cpp-python", default=DEFAULT_VERSION, metavar="VERSION",
                         help=f"the llama-cpp-python sdist whose llama.cpp to build (default {DEFAULT_VERSION})")
     parser.add_argument("--isa", choices=tuple(ISA_FLAGS), default="native",
-                        help="native: all this CPU has (default); avx2: AVX2 code only, as on a Zen 2/3")
+                        help="native: all this CPU has (default); avx2: AVX2 code only, as on a Zen 2/3; avxvnni: "
+                             "AVX2 and AVX-VNNI, no AVX-512, as on Intel's client CPUs since Alder Lake")
     args = parser.parse_args(argv)
     try:
         built = ensure_built(args.llama_cpp_python, args.isa)

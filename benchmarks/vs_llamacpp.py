@@ -39,6 +39,7 @@ the same file. The issue #10 goals are for the 7B shape and are not applied.
     python -m benchmarks.vs_llamacpp --gguf ../shared/models/smollm2-135m-instruct/SmolLM2-135M-Instruct.Q4_1.gguf \
         --rounds 3 --write docs/benchmarks.md                       # SmolLM2: ~5 minutes after the build
     python -m benchmarks.vs_llamacpp --isa avx2 --write docs/benchmarks.md  # both engines' AVX2 code
+    python -m benchmarks.vs_llamacpp --isa avxvnni --write docs/benchmarks.md  # AVX2 + AVX-VNNI code
 
 With `--kv-cache int8` both engines keep 8-bit keys and values: ours `--kv-cache int8` (engine/kv_int8.py), llama.cpp
 `-ctk q8_0 -ctv q8_0`; with `--batch-prompt N` the 4 sequences decode from position N instead of 64, where the keys
@@ -49,7 +50,11 @@ With `--isa avx2` both engines run the code of an AVX2-only CPU (a Zen 2/3) on t
 only (`llamacpp_build.py --isa avx2`), ours with `INT8SERVE_KERNEL=avx2`, `INT8SERVE_ATTENTION=avx2` and
 `INT8SERVE_ACTIVATION=avx2` (our kernels' AVX2 paths; prefill then multiplies through the int8 kernel's avx2 GEMM,
 as on an AVX2-only CPU), torch's own operations held to AVX2 (`ATEN_CPU_CAPABILITY=avx2`) and oneDNN too
-(`ONEDNN_MAX_CPU_ISA=AVX2`). The section is kept apart from the native one.
+(`ONEDNN_MAX_CPU_ISA=AVX2`). The section is kept apart from the native one. `--isa avxvnni` holds both to AVX2 and
+AVX-VNNI, the code of an AVX-VNNI CPU without AVX-512 (Intel's client CPUs since Alder Lake, whose P-cores are this
+project's Sapphire Rapids' cores without AVX-512 or AMX): llama.cpp built so (`llamacpp_build.py --isa avxvnni`), ours
+with `INT8SERVE_KERNEL=avxvnni` (its GEMM multiplies prefill with vpdpwssd) and oneDNN at `AVX2_VNNI`; a section of its
+own too.
 """
 
 from __future__ import annotations
@@ -117,10 +122,15 @@ LABELS = {"decode_b1": "decode tok/s, batch 1",
                             "takes them, else one chunk (llama.cpp: the figure above)",
           "prefill_busy": f"prefill tok/s, the same prompt beside running streams: one {DEFAULT_PREFILL_CHUNK}-token "
                           "chunk a step, the decode steps between them not counted (llama.cpp: the figure above)"}
-ISAS = ("native", "avx2")  # --isa: each engine's fastest code, or both held to AVX2 code (see the docstring)
-# what --isa avx2 sets for our side (the child process inherits it, and reads it before torch starts)
+# what --isa avx2 / avxvnni set for our side (the child process inherits it, and reads it before torch starts); our
+# attention and activation kernels have no AVX-VNNI code of their own (their avx2 paths), nor has torch
 AVX2_SETTINGS = {"INT8SERVE_KERNEL": "avx2", "INT8SERVE_ATTENTION": "avx2", "INT8SERVE_ACTIVATION": "avx2",
                  "ATEN_CPU_CAPABILITY": "avx2", "ONEDNN_MAX_CPU_ISA": "AVX2"}
+ISA_SETTINGS = {"avx2": AVX2_SETTINGS,
+                "avxvnni": {**AVX2_SETTINGS, "INT8SERVE_KERNEL": "avxvnni", "ONEDNN_MAX_CPU_ISA": "AVX2_VNNI"}}
+ISA_CPU_FLAGS = {"avx2": ("avx2",), "avxvnni": ("avx2", "avx_vnni")}  # what the CPU needs for each (/proc/cpuinfo)
+ISA_CODE = {"avx2": "AVX2 code", "avxvnni": "AVX2 and AVX-VNNI code"}  # the section's words for what both ran
+ISAS = ("native", *ISA_SETTINGS)  # --isa: each engine's fastest code, or both held to older code (see the docstring)
 KV_ENV = "INT8SERVE_KV_CACHE"  # --kv-cache for our child process (the server's variable of the same setting)
 PREFILL_ENV = "INT8SERVE_PREFILL_MATMUL"  # --prefill-matmul int8 or bf16 for our child process
 LLAMA_KV = {"bf16": [], "int8": ["-ctk", "q8_0", "-ctv", "q8_0"]}  # llama.cpp's default KV cache is f16
@@ -621,7 +631,7 @@ def weights_lines(args: argparse.Namespace, files: WeightFiles) -> list[str]:
                 "weights dequantized, then rounded by GPTQ to its int8 format (a bf16 scale per 32 inputs), once, "
                 "into the model cache, which each round maps. The same model, each engine's own format of it."]
     shape = f"{args.layers} layers" + (f", {cpu_label()}" if args.layers == 32 else "")
-    held = ", both held to AVX2 code" if args.isa == "avx2" else ""
+    held = f", both held to {ISA_CODE[args.isa]}" if args.isa in ISA_CODE else ""
     return [f"## int8serve vs llama.cpp{held}: same CPU, same run, same random weights ({shape})",
             f"- Weights: one random int8 model, {args.layers} of 32 layers of the Llama-2-7B shape (dim 4096, "
             f"hidden 11008, vocab 32000, untied head) with {scale_scheme(args.group_size)}, written as our int8 "
@@ -646,7 +656,7 @@ def build_report(args: argparse.Namespace, rounds: Sequence[Round], files: Weigh
              f"- CPU: {machine_description()}, {cpu_model()}; {ram:.0f} GiB RAM; {THREADS} threads for "
              f"each engine; torch {torch.__version__}.",
              f"- Our kernel path: {kernel_path()}; {prefill_path()}.",
-             *([AVX2_LINE] if args.isa == "avx2" else []),
+             *([isa_line(args.isa)] if args.isa in ISA_SETTINGS else []),
              f"- llama.cpp: {llama.describe()}, binaries in `{llama.bin_dir}`"
              + ("." if args.llama_repack else "; run with `--repack 0` (no AMX path, no repacked weights)."),
              weights,
@@ -685,16 +695,21 @@ def build_report(args: argparse.Namespace, rounds: Sequence[Round], files: Weigh
     return "\n".join(lines) + "\n"
 
 
-AVX2_LINE = ("- AVX2 code only (`--isa avx2`): ours with "
-             + " and ".join(f"`{k}={v}`" for k, v in AVX2_SETTINGS.items())
-             + "; llama.cpp as the next line says (built for AVX2 only, unless --llama-bin named other binaries).")
+def isa_line(isa: str) -> str:
+    """The report's line on what --isa held both engines to."""
+    return (f"- {ISA_CODE[isa]} only (`--isa {isa}`): ours with "
+            + " and ".join(f"`{k}={v}`" for k, v in ISA_SETTINGS[isa].items())
+            + f"; llama.cpp as the next line says (built for {ISA_CODE[isa]} only, unless --llama-bin named other "
+            "binaries).")
+
+
 # the settings that choose our paths: shown before the command when this run had them (the child inherits them)
 PATH_SETTINGS = ("INT8SERVE_KERNEL", "INT8SERVE_ATTENTION", "INT8SERVE_ACTIVATION", "INT8SERVE_PREFILL_MATMUL",
                  "ATEN_CPU_CAPABILITY", "ONEDNN_MAX_CPU_ISA")
 
 
 def display_command(args: argparse.Namespace) -> str:
-    implied = AVX2_SETTINGS if args.isa == "avx2" else {}  # (--isa avx2 sets them)
+    implied = ISA_SETTINGS.get(args.isa, {})  # (--isa sets them)
     implied = {**implied, **({PREFILL_ENV: args.prefill_matmul} if args.prefill_matmul != "auto" else {})}
     settings = [f"{name}={os.environ[name]}" for name in PATH_SETTINGS if os.environ.get(name) and name not in implied]
     words = [*settings, "python", "-m", "benchmarks.vs_llamacpp"]
@@ -758,7 +773,8 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
                         help=f"the llama-cpp-python sdist whose llama.cpp is built (default {DEFAULT_VERSION})")
     parser.add_argument("--isa", choices=ISAS, default="native",
                         help="native: each engine's fastest code for this CPU (default); avx2: both held to the code "
-                             "of an AVX2-only CPU (a Zen 2/3, see above)")
+                             "of an AVX2-only CPU (a Zen 2/3, see above); avxvnni: to AVX2 and AVX-VNNI code, as on "
+                             "Intel's client CPUs since Alder Lake")
     parser.add_argument("--llama-bin", type=Path, metavar="DIR",
                         help="use the llama-bench and llama-batched-bench in DIR instead of building them")
     parser.add_argument("--no-llama-repack", dest="llama_repack", action="store_false",
@@ -793,8 +809,9 @@ def section_label(layers: int, gguf: Path | None = None, cpu: str | None = None,
                   kv_cache: str = "bf16", batch_prompt: int = BATCH_PROMPT, prefill_matmul: str = "auto") -> str:
     """The full shape has a section per kind of CPU (`cpu`, default this one's `cpu_label()`): the issue's goals are
     per CPU, and a run on one must not erase another's. A quick run's is kept apart (`--layers N`), and so is each
-    real model's (`--gguf FILE`: the file's name), a run held to AVX2 code (`--isa avx2`), and one with other KV
-    caches, another batch position or our prefill's int8 pass (`--kv-cache`, `--batch-prompt`, `--prefill-matmul`)."""
+    real model's (`--gguf FILE`: the file's name), a run held to older code (`--isa avx2|avxvnni`), and one with other
+    KV caches, another batch position or our prefill's int8 pass (`--kv-cache`, `--batch-prompt`,
+    `--prefill-matmul`)."""
     label = gguf.name if gguf else (cpu or cpu_label()) if layers == 32 else f"--layers {layers}"
     label = label if isa == "native" else f"{label} --isa {isa}"
     label = label if kv_cache == "bf16" else f"{label} --kv-cache {kv_cache}"
@@ -809,16 +826,18 @@ def variant(args: argparse.Namespace) -> bool:
 
 
 def hold_to_isa(isa: str) -> None:
-    """--isa avx2: our side's settings (AVX2_SETTINGS) for this process and its children; exits with a clear error
-    where the CPU has no AVX2 or the environment already asks for another path."""
+    """--isa avx2|avxvnni: our side's settings (ISA_SETTINGS) for this process and its children; exits with a clear
+    error where the CPU lacks what that code needs or the environment already asks for another path."""
     if isa == "native":
         return
     from int8serve.engine import kernels
     flags = kernels.cpu_flags()
-    if flags and "avx2" not in flags:
-        sys.exit("error: --isa avx2 needs a CPU with AVX2, and this one has none")
-    for name, value in AVX2_SETTINGS.items():
-        set_for_our_side("--isa avx2", name, value)
+    missing = [flag for flag in ISA_CPU_FLAGS[isa] if flags and flag not in flags]
+    if missing:
+        sys.exit(f"error: --isa {isa} needs a CPU with {' and '.join(ISA_CPU_FLAGS[isa])}, and this one has no "
+                 f"{' or '.join(missing)}")
+    for name, value in ISA_SETTINGS[isa].items():
+        set_for_our_side(f"--isa {isa}", name, value)
 
 
 def set_for_our_side(flag: str, name: str, value: str) -> None:

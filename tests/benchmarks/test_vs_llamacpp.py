@@ -14,7 +14,7 @@ import torch
 
 from benchmarks import engine, vs_llamacpp
 from int8serve.engine import model_cache
-from int8serve.engine.kernels import activation, attention
+from int8serve.engine.kernels import activation, attention, cpu_flags
 from int8serve.engine.loader import load_model, unpermute_meta_rotary
 
 TINY = dataclasses.replace(vs_llamacpp.LLAMA2_7B, dim=64, n_heads=4, n_kv_heads=4, hidden_dim=96, vocab_size=320,
@@ -259,6 +259,45 @@ def test_avx2_runs_refuse_another_path_asked_for(monkeypatch: pytest.MonkeyPatch
         vs_llamacpp.hold_to_isa("avx2")
 
 
+@pytest.mark.skipif("avx_vnni" not in cpu_flags(), reason="this CPU has no AVX-VNNI (avx_vnni)")
+def test_avxvnni_runs_hold_our_side_to_its_avxvnni_paths(files: vs_llamacpp.WeightFiles, tmp_path,
+                                                        monkeypatch: pytest.MonkeyPatch) -> None:
+    """--isa avxvnni: our kernel's avxvnni path (prefill through its vpdpwssd GEMM), the attention and activation
+    kernels' and torch's AVX2 code, oneDNN at AVX2_VNNI, every figure measured, and a section of its own."""
+    monkeypatch.setattr(os, "environ", {k: v for k, v in os.environ.items() if k not in vs_llamacpp.PATH_SETTINGS})
+    vs_llamacpp.hold_to_isa("avxvnni")
+    assert {k: os.environ[k] for k in vs_llamacpp.PATH_SETTINGS if k in os.environ} == {
+        "INT8SERVE_KERNEL": "avxvnni", "INT8SERVE_ATTENTION": "avx2", "INT8SERVE_ACTIVATION": "avx2",
+        "ATEN_CPU_CAPABILITY": "avx2", "ONEDNN_MAX_CPU_ISA": "AVX2_VNNI"}
+    assert "avxvnni" in vs_llamacpp.kernel_path()
+    assert activation.resolve() == "avx2" and attention.resolve(attention.setting()) == "avx2"
+    with engine.torch_threads(1):
+        figures = vs_llamacpp.measure_ours(load_model(files.checkpoint).model, prompt=16, gen=2, batch_prompt=8)
+    assert set(figures) == set(vs_llamacpp.GOALS) and all(value.tok_s > 0 for value in figures.values())
+    rounds = [vs_llamacpp.Round("llama.cpp", 30.0, dict(figures), dict(figures))]
+    args = vs_llamacpp.parse_args(["--layers", "2", "--isa", "avxvnni"])
+    llama = vs_llamacpp.LlamaCpp(tmp_path / "bin", "0.3.36", {"isa": "avxvnni"})
+    report = vs_llamacpp.build_report(args, rounds, files, llama)
+    assert "both held to AVX2 and AVX-VNNI code" in report and "built for AVX2 and AVX-VNNI only" in report
+    assert "`INT8SERVE_KERNEL=avxvnni`" in report and "`ONEDNN_MAX_CPU_ISA=AVX2_VNNI`" in report
+    assert "prefill matmuls: our int8 kernel's avxvnni path, every call" in report
+    assert "python -m benchmarks.vs_llamacpp --layers 2 --isa avxvnni" in report
+    labels = {vs_llamacpp.section_label(32, cpu="X", isa=isa) for isa in vs_llamacpp.ISAS}
+    assert labels == {"X", "X --isa avx2", "X --isa avxvnni"}
+
+
+def test_an_isa_the_cpu_lacks_is_refused_by_name(monkeypatch: pytest.MonkeyPatch) -> None:
+    from int8serve.engine import kernels
+
+    monkeypatch.setattr(kernels, "cpu_flags", lambda: frozenset({"sse2", "avx", "avx2", "fma"}))
+    monkeypatch.setattr(os, "environ", {k: v for k, v in os.environ.items() if k not in vs_llamacpp.PATH_SETTINGS})
+    with pytest.raises(SystemExit, match=r"--isa avxvnni needs a CPU with avx2 and avx_vnni, .* no avx_vnni"):
+        vs_llamacpp.hold_to_isa("avxvnni")
+    assert "INT8SERVE_KERNEL" not in os.environ  # (nothing set on the way out)
+    vs_llamacpp.hold_to_isa("avx2")  # what it has is accepted
+    assert os.environ["INT8SERVE_KERNEL"] == "avx2"
+
+
 def test_the_avx2_build_of_llama_cpp_is_kept_apart_and_says_what_it_is(tmp_path) -> None:
     from benchmarks import llamacpp_build
 
@@ -268,6 +307,12 @@ def test_the_avx2_build_of_llama_cpp_is_kept_apart_and_says_what_it_is(tmp_path)
     assert {"-DGGML_AVX512=OFF", "-DGGML_AVX_VNNI=OFF", "-DGGML_AVX2=ON"} <= set(llamacpp_build.ISA_FLAGS["avx2"])
     text = llamacpp_build.LlamaCpp(tmp_path, "0.3.36", {"isa": "avx2"}).describe()
     assert "built for AVX2 only" in text and "GGML_NATIVE=ON" not in text
+    vnni = set(llamacpp_build.ISA_FLAGS["avxvnni"])
+    assert {"-DGGML_AVX512=OFF", "-DGGML_AVX_VNNI=ON", "-DGGML_AVX2=ON", "-DGGML_NATIVE=OFF"} <= vnni
+    assert "-DGGML_AVX_VNNI=OFF" not in vnni
+    assert llamacpp_build.build_root("0.3.36", "avxvnni").name == native.name + "-avxvnni"
+    text = llamacpp_build.LlamaCpp(tmp_path, "0.3.36", {"isa": "avxvnni"}).describe()
+    assert "built for AVX2 and AVX-VNNI only (no AVX-512)" in text and "-DGGML_AVX_VNNI=ON" in text
 
 
 def test_kv_cache_and_batch_position_runs_are_their_own_sections_without_the_goals() -> None:
