@@ -55,7 +55,8 @@ bench-robust: install
 
 # issue 10: int8serve vs llama.cpp on this CPU, same run, same random 7B-shape weights. The first run builds
 # llama.cpp (~10 minutes on 2 cores) and writes ~14 GB of weights into the cache dir; LAYERS=2 for a quick run;
-# ISA=avx2 holds both engines to AVX2 code (as on a Zen 2/3; a section of its own).
+# ISA=avx2 holds both engines to AVX2 code (as on a Zen 2/3), ISA=avxvnni to AVX2 + AVX-VNNI (Intel client CPUs),
+# ISA=avx512vnni to AVX-512 VNNI without BF16 or AMX (Cascade/Ice Lake); each makes a section of its own.
 LAYERS ?= 32
 ISA ?= native
 bench-llamacpp: install

@@ -9,7 +9,9 @@ binaries are already in `<cache>/llama.cpp/llama-cpp-python-<version>-<BUILD_TAG
 compiler is held to AVX2 (`GGML_NATIVE=OFF`, no AVX-512 or AVX-VNNI), into `...-<BUILD_TAG>-avx2/bin`: the code an
 AVX2-only CPU (a Zen 2/3) runs, for `vs_llamacpp.py --isa avx2` on a CPU that has more. `--isa avxvnni` adds AVX-VNNI
 (still no AVX-512), into `...-avxvnni/bin`: the code of Intel's client CPUs since Alder Lake (whose P-cores are the
-Sapphire Rapids' Golden Cove cores without AVX-512 or AMX) and other AVX-VNNI CPUs without AVX-512.
+Sapphire Rapids' Golden Cove cores without AVX-512 or AMX) and other AVX-VNNI CPUs without AVX-512. `--isa
+avx512vnni` allows AVX-512 with VNNI but neither AVX512-BF16 nor AMX, into `...-avx512vnni/bin`: the code of Intel's
+Cascade Lake and Ice Lake Xeons.
 
 One patch is applied to the sources before building (`patch_amx`): on CPUs with AMX (Sapphire Rapids and later)
 the GGML_NATIVE build uses llama.cpp's AMX kernels for Q8_0, which die with SIGILL at their first `tileloadd` on
@@ -22,6 +24,7 @@ other repacked layout exists for Q8_0 on x86), about 3x slower at prefill, which
     python -m benchmarks.llamacpp_build            # build (or say where the cached build is)
     python -m benchmarks.llamacpp_build --isa avx2 # the AVX2-only build, in a folder of its own
     python -m benchmarks.llamacpp_build --isa avxvnni  # AVX2 + AVX-VNNI, no AVX-512 (Intel client CPUs)
+    python -m benchmarks.llamacpp_build --isa avx512vnni  # AVX-512 + VNNI, no BF16 or AMX (Cascade/Ice Lake)
 """
 
 from __future__ import annotations
@@ -51,16 +54,19 @@ CMAKE_FLAGS = ("-DCMAKE_BUILD_TYPE=Release", "-DBUILD_SHARED_LIBS=OFF", "-DGGML_
 # an AVX2-only CPU (a Zen 2/3, an older Xeon) on any newer one, to compare the two engines' AVX2 code where no such
 # CPU is at hand (vs_llamacpp.py --isa avx2 holds ours to its avx2 paths alike); "avxvnni" that and AVX-VNNI, the code
 # of an AVX-VNNI CPU without AVX-512 (Intel's Alder Lake and later client CPUs; vs_llamacpp.py --isa avxvnni), where
-# llama.cpp's Q8_0 dot products use vpdpbusd on ymm registers.
-_AVX2 = ("-DGGML_NATIVE=OFF", "-DGGML_AVX=ON", "-DGGML_AVX2=ON", "-DGGML_FMA=ON", "-DGGML_F16C=ON", "-DGGML_BMI2=ON",
-         "-DGGML_AVX512=OFF")
+# llama.cpp's Q8_0 dot products use vpdpbusd on ymm registers; "avx512vnni" AVX-512 with VNNI, no AVX512-BF16 or AMX
+# (Intel's Cascade Lake and Ice Lake; vs_llamacpp.py --isa avx512vnni).
+_X86 = ("-DGGML_NATIVE=OFF", "-DGGML_AVX=ON", "-DGGML_AVX2=ON", "-DGGML_FMA=ON", "-DGGML_F16C=ON", "-DGGML_BMI2=ON")
 ISA_FLAGS = {
     "native": ("-DGGML_NATIVE=ON",),
-    "avx2": (*_AVX2, "-DGGML_AVX_VNNI=OFF"),
-    "avxvnni": (*_AVX2, "-DGGML_AVX_VNNI=ON"),
+    "avx2": (*_X86, "-DGGML_AVX512=OFF", "-DGGML_AVX_VNNI=OFF"),
+    "avxvnni": (*_X86, "-DGGML_AVX512=OFF", "-DGGML_AVX_VNNI=ON"),
+    "avx512vnni": (*_X86, "-DGGML_AVX_VNNI=OFF", "-DGGML_AVX512=ON", "-DGGML_AVX512_VNNI=ON", "-DGGML_AVX512_VBMI=OFF",
+                   "-DGGML_AVX512_BF16=OFF", "-DGGML_AMX_TILE=OFF", "-DGGML_AMX_INT8=OFF", "-DGGML_AMX_BF16=OFF"),
 }
 # How a build held to an ISA describes itself (LlamaCpp.describe)
-ISA_WORDS = {"avx2": "AVX2 only", "avxvnni": "AVX2 and AVX-VNNI only (no AVX-512)"}
+ISA_WORDS = {"avx2": "AVX2 only", "avxvnni": "AVX2 and AVX-VNNI only (no AVX-512)",
+             "avx512vnni": "AVX-512 with VNNI only (no AVX512-BF16, no AMX)"}
 
 
 class BuildError(RuntimeError):
@@ -241,7 +247,8 @@ def main(argv: Sequence[str] | None = None) -> None:
                         help=f"the llama-cpp-python sdist whose llama.cpp to build (default {DEFAULT_VERSION})")
     parser.add_argument("--isa", choices=tuple(ISA_FLAGS), default="native",
                         help="native: all this CPU has (default); avx2: AVX2 code only, as on a Zen 2/3; avxvnni: "
-                             "AVX2 and AVX-VNNI, no AVX-512, as on Intel's client CPUs since Alder Lake")
+                             "AVX2 and AVX-VNNI, no AVX-512, as on Intel's client CPUs since Alder Lake; avx512vnni: "
+                             "AVX-512 with VNNI, no AVX512-BF16 or AMX, as on Cascade Lake and Ice Lake Xeons")
     args = parser.parse_args(argv)
     try:
         built = ensure_built(args.llama_cpp_python, args.isa)

@@ -40,6 +40,7 @@ the same file. The issue #10 goals are for the 7B shape and are not applied.
         --rounds 3 --write docs/benchmarks.md                       # SmolLM2: ~5 minutes after the build
     python -m benchmarks.vs_llamacpp --isa avx2 --write docs/benchmarks.md  # both engines' AVX2 code
     python -m benchmarks.vs_llamacpp --isa avxvnni --write docs/benchmarks.md  # AVX2 + AVX-VNNI code
+    python -m benchmarks.vs_llamacpp --isa avx512vnni --write docs/benchmarks.md  # AVX-512 VNNI, no BF16 or AMX
 
 With `--kv-cache int8` both engines keep 8-bit keys and values: ours `--kv-cache int8` (engine/kv_int8.py), llama.cpp
 `-ctk q8_0 -ctv q8_0`; with `--batch-prompt N` the 4 sequences decode from position N instead of 64, where the keys
@@ -54,7 +55,9 @@ as on an AVX2-only CPU), torch's own operations held to AVX2 (`ATEN_CPU_CAPABILI
 AVX-VNNI, the code of an AVX-VNNI CPU without AVX-512 (Intel's client CPUs since Alder Lake, whose P-cores are this
 project's Sapphire Rapids' cores without AVX-512 or AMX): llama.cpp built so (`llamacpp_build.py --isa avxvnni`), ours
 with `INT8SERVE_KERNEL=avxvnni` (its GEMM multiplies prefill with vpdpwssd) and oneDNN at `AVX2_VNNI`; a section of its
-own too.
+own too. `--isa avx512vnni` holds both to AVX-512 with VNNI, without AVX512-BF16 or AMX: the code of Intel's Cascade
+Lake and Ice Lake Xeons (llama.cpp built so; ours `INT8SERVE_KERNEL=vnni512`, whose GEMM takes prefill as on a Zen 4,
+the avx512 attention and activation kernels, oneDNN at `AVX512_CORE_VNNI`).
 """
 
 from __future__ import annotations
@@ -127,9 +130,14 @@ LABELS = {"decode_b1": "decode tok/s, batch 1",
 AVX2_SETTINGS = {"INT8SERVE_KERNEL": "avx2", "INT8SERVE_ATTENTION": "avx2", "INT8SERVE_ACTIVATION": "avx2",
                  "ATEN_CPU_CAPABILITY": "avx2", "ONEDNN_MAX_CPU_ISA": "AVX2"}
 ISA_SETTINGS = {"avx2": AVX2_SETTINGS,
-                "avxvnni": {**AVX2_SETTINGS, "INT8SERVE_KERNEL": "avxvnni", "ONEDNN_MAX_CPU_ISA": "AVX2_VNNI"}}
-ISA_CPU_FLAGS = {"avx2": ("avx2",), "avxvnni": ("avx2", "avx_vnni")}  # what the CPU needs for each (/proc/cpuinfo)
-ISA_CODE = {"avx2": "AVX2 code", "avxvnni": "AVX2 and AVX-VNNI code"}  # the section's words for what both ran
+                "avxvnni": {**AVX2_SETTINGS, "INT8SERVE_KERNEL": "avxvnni", "ONEDNN_MAX_CPU_ISA": "AVX2_VNNI"},
+                "avx512vnni": {"INT8SERVE_KERNEL": "vnni512", "INT8SERVE_ATTENTION": "avx512",
+                               "INT8SERVE_ACTIVATION": "avx512", "ATEN_CPU_CAPABILITY": "avx512",
+                               "ONEDNN_MAX_CPU_ISA": "AVX512_CORE_VNNI"}}
+ISA_CPU_FLAGS = {"avx2": ("avx2",), "avxvnni": ("avx2", "avx_vnni"),  # what the CPU needs for each (/proc/cpuinfo)
+                 "avx512vnni": ("avx512f", "avx512bw", "avx512vl", "avx512_vnni")}
+ISA_CODE = {"avx2": "AVX2 code", "avxvnni": "AVX2 and AVX-VNNI code",  # the section's words for what both ran
+            "avx512vnni": "AVX-512 VNNI code without BF16 or AMX"}
 ISAS = ("native", *ISA_SETTINGS)  # --isa: each engine's fastest code, or both held to older code (see the docstring)
 KV_ENV = "INT8SERVE_KV_CACHE"  # --kv-cache for our child process (the server's variable of the same setting)
 PREFILL_ENV = "INT8SERVE_PREFILL_MATMUL"  # --prefill-matmul int8 or bf16 for our child process
@@ -774,7 +782,8 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--isa", choices=ISAS, default="native",
                         help="native: each engine's fastest code for this CPU (default); avx2: both held to the code "
                              "of an AVX2-only CPU (a Zen 2/3, see above); avxvnni: to AVX2 and AVX-VNNI code, as on "
-                             "Intel's client CPUs since Alder Lake")
+                             "Intel's client CPUs since Alder Lake; avx512vnni: to AVX-512 with VNNI, no BF16 or AMX, "
+                             "as on Cascade Lake and Ice Lake Xeons")
     parser.add_argument("--llama-bin", type=Path, metavar="DIR",
                         help="use the llama-bench and llama-batched-bench in DIR instead of building them")
     parser.add_argument("--no-llama-repack", dest="llama_repack", action="store_false",
@@ -809,7 +818,7 @@ def section_label(layers: int, gguf: Path | None = None, cpu: str | None = None,
                   kv_cache: str = "bf16", batch_prompt: int = BATCH_PROMPT, prefill_matmul: str = "auto") -> str:
     """The full shape has a section per kind of CPU (`cpu`, default this one's `cpu_label()`): the issue's goals are
     per CPU, and a run on one must not erase another's. A quick run's is kept apart (`--layers N`), and so is each
-    real model's (`--gguf FILE`: the file's name), a run held to older code (`--isa avx2|avxvnni`), and one with other
+    real model's (`--gguf FILE`: the file's name), a run held to older code (`--isa ...`), and one with other
     KV caches, another batch position or our prefill's int8 pass (`--kv-cache`, `--batch-prompt`,
     `--prefill-matmul`)."""
     label = gguf.name if gguf else (cpu or cpu_label()) if layers == 32 else f"--layers {layers}"

@@ -259,31 +259,48 @@ def test_avx2_runs_refuse_another_path_asked_for(monkeypatch: pytest.MonkeyPatch
         vs_llamacpp.hold_to_isa("avx2")
 
 
-@pytest.mark.skipif("avx_vnni" not in cpu_flags(), reason="this CPU has no AVX-VNNI (avx_vnni)")
-def test_avxvnni_runs_hold_our_side_to_its_avxvnni_paths(files: vs_llamacpp.WeightFiles, tmp_path,
-                                                        monkeypatch: pytest.MonkeyPatch) -> None:
-    """--isa avxvnni: our kernel's avxvnni path (prefill through its vpdpwssd GEMM), the attention and activation
-    kernels' and torch's AVX2 code, oneDNN at AVX2_VNNI, every figure measured, and a section of its own."""
+# --isa: what each holds our side to, the kernel path, the words of the report, and the CPU flag it needs
+HELD = {
+    "avxvnni": ({"INT8SERVE_KERNEL": "avxvnni", "INT8SERVE_ATTENTION": "avx2", "INT8SERVE_ACTIVATION": "avx2",
+                 "ATEN_CPU_CAPABILITY": "avx2", "ONEDNN_MAX_CPU_ISA": "AVX2_VNNI"},
+                "avx2", "AVX2 and AVX-VNNI code", "AVX2 and AVX-VNNI only", "avx_vnni"),
+    "avx512vnni": ({"INT8SERVE_KERNEL": "vnni512", "INT8SERVE_ATTENTION": "avx512", "INT8SERVE_ACTIVATION": "avx512",
+                    "ATEN_CPU_CAPABILITY": "avx512", "ONEDNN_MAX_CPU_ISA": "AVX512_CORE_VNNI"},
+                   "avx512", "AVX-512 VNNI code without BF16 or AMX", "AVX-512 with VNNI only", "avx512_vnni"),
+}
+
+
+@pytest.mark.parametrize("isa", list(HELD))
+def test_runs_held_to_vnni_code_hold_our_side_to_its_paths(isa: str, files: vs_llamacpp.WeightFiles, tmp_path,
+                                                           monkeypatch: pytest.MonkeyPatch) -> None:
+    """--isa avxvnni (Intel client CPUs) and avx512vnni (Cascade/Ice Lake): our kernel's path for that code, whose
+    GEMM takes prefill, the attention and activation kernels' and torch's matching code, oneDNN held alike, every
+    figure measured, and a section of its own."""
+    settings, vector_path, code, built, flag = HELD[isa]
+    if flag not in cpu_flags():
+        pytest.skip(f"this CPU has no {flag}")
     monkeypatch.setattr(os, "environ", {k: v for k, v in os.environ.items() if k not in vs_llamacpp.PATH_SETTINGS})
-    vs_llamacpp.hold_to_isa("avxvnni")
-    assert {k: os.environ[k] for k in vs_llamacpp.PATH_SETTINGS if k in os.environ} == {
-        "INT8SERVE_KERNEL": "avxvnni", "INT8SERVE_ATTENTION": "avx2", "INT8SERVE_ACTIVATION": "avx2",
-        "ATEN_CPU_CAPABILITY": "avx2", "ONEDNN_MAX_CPU_ISA": "AVX2_VNNI"}
-    assert "avxvnni" in vs_llamacpp.kernel_path()
-    assert activation.resolve() == "avx2" and attention.resolve(attention.setting()) == "avx2"
+    vs_llamacpp.hold_to_isa(isa)
+    assert {k: os.environ[k] for k in vs_llamacpp.PATH_SETTINGS if k in os.environ} == settings
+    path = settings["INT8SERVE_KERNEL"]
+    assert path in vs_llamacpp.kernel_path()
+    assert activation.resolve() == vector_path and attention.resolve(attention.setting()) == vector_path
     with engine.torch_threads(1):
         figures = vs_llamacpp.measure_ours(load_model(files.checkpoint).model, prompt=16, gen=2, batch_prompt=8)
     assert set(figures) == set(vs_llamacpp.GOALS) and all(value.tok_s > 0 for value in figures.values())
     rounds = [vs_llamacpp.Round("llama.cpp", 30.0, dict(figures), dict(figures))]
-    args = vs_llamacpp.parse_args(["--layers", "2", "--isa", "avxvnni"])
-    llama = vs_llamacpp.LlamaCpp(tmp_path / "bin", "0.3.36", {"isa": "avxvnni"})
+    args = vs_llamacpp.parse_args(["--layers", "2", "--isa", isa])
+    llama = vs_llamacpp.LlamaCpp(tmp_path / "bin", "0.3.36", {"isa": isa})
     report = vs_llamacpp.build_report(args, rounds, files, llama)
-    assert "both held to AVX2 and AVX-VNNI code" in report and "built for AVX2 and AVX-VNNI only" in report
-    assert "`INT8SERVE_KERNEL=avxvnni`" in report and "`ONEDNN_MAX_CPU_ISA=AVX2_VNNI`" in report
-    assert "prefill matmuls: our int8 kernel's avxvnni path, every call" in report
-    assert "python -m benchmarks.vs_llamacpp --layers 2 --isa avxvnni" in report
+    assert f"both held to {code}" in report and f"built for {built}" in report
+    assert all(f"`{name}={value}`" in report for name, value in settings.items())
+    assert f"prefill matmuls: our int8 kernel's {path} path, every call" in report
+    assert f"python -m benchmarks.vs_llamacpp --layers 2 --isa {isa}" in report
+
+
+def test_each_isa_has_its_own_section() -> None:
     labels = {vs_llamacpp.section_label(32, cpu="X", isa=isa) for isa in vs_llamacpp.ISAS}
-    assert labels == {"X", "X --isa avx2", "X --isa avxvnni"}
+    assert labels == {"X", "X --isa avx2", "X --isa avxvnni", "X --isa avx512vnni"}
 
 
 def test_an_isa_the_cpu_lacks_is_refused_by_name(monkeypatch: pytest.MonkeyPatch) -> None:
@@ -313,6 +330,10 @@ def test_the_avx2_build_of_llama_cpp_is_kept_apart_and_says_what_it_is(tmp_path)
     assert llamacpp_build.build_root("0.3.36", "avxvnni").name == native.name + "-avxvnni"
     text = llamacpp_build.LlamaCpp(tmp_path, "0.3.36", {"isa": "avxvnni"}).describe()
     assert "built for AVX2 and AVX-VNNI only (no AVX-512)" in text and "-DGGML_AVX_VNNI=ON" in text
+    avx512 = set(llamacpp_build.ISA_FLAGS["avx512vnni"])
+    assert {"-DGGML_AVX512=ON", "-DGGML_AVX512_VNNI=ON", "-DGGML_AVX512_BF16=OFF", "-DGGML_AMX_INT8=OFF"} <= avx512
+    text = llamacpp_build.LlamaCpp(tmp_path, "0.3.36", {"isa": "avx512vnni"}).describe()
+    assert "built for AVX-512 with VNNI only (no AVX512-BF16, no AMX)" in text
 
 
 def test_kv_cache_and_batch_position_runs_are_their_own_sections_without_the_goals() -> None:
