@@ -973,26 +973,26 @@ INT8SERVE_AVX2 void rows_wide(const TileArgs& a, int64_t rows, int64_t tile) {
 // group dots, then inner = fma(float(dot), xscale, inner), and acc = fma(inner, wscale, acc) at each weight group's
 // end), so every output has the same bits as every other path's, whatever the number of rows.
 //
-// The register block is 3 rows x 32 outputs (group_sums_3x32): 12 sum registers, and per input pair 2 registers of
-// weights (outputs 0-15), 1 of the broadcast pair and 1 of products; outputs 16-31's weights are vpmaddwd's memory
-// operands. Per pair: 2 weight loads and 3 broadcasts for 12 vpmaddwd (each with its vpaddd), 29 instructions. An
-// AMD EPYC Zen 3 issues vpmaddwd 2 a cycle alone and 1.7 a cycle beside as many vpaddd (a loop of the two and nothing
-// else), loads 2 a cycle, and its vector side takes about 4 instructions a cycle, loads and broadcasts included, so
-// the instructions around the products count: the 4 rows x 16 outputs block before (per step of 4 inputs, 4 weight
-// loads and 8 broadcasts for 16 vpmaddwd: 2.75 instructions a product, against 2.42 here) ran its loop at 4.5 G
-// vpmaddwd/s on one thread, this one at 4.8 (a microbenchmark of the two loops over L1-resident data, 2026-12-03;
-// 6.4 G/s alone); with every weight as a memory operand (fewer instructions, but 15 loads per 12 products), 4.6.
-// After each group, the float arithmetic (per row and 8 outputs: a conversion, an fma with the row's scale and one
-// with the weight scale on the running sum in memory) is in the same assembly for the default scheme
-// (group_into_acc_3x32): from intrinsics GCC kept a second copy of each running sum on the stack and took a quarter
-// of a call there; now ~16%. With both, and the rows taken in passes of at most kWideGemmChunkRows, the whole call
-// runs at ~60% of the vpmaddwd peak on this Zen 3 (one or two threads, 128 or 512 rows, the 7B shapes), against
-// 49-54% before (benchmarks/gemv_builds.py against f183341, 2 threads, 16 / 128 / 512 rows: 1.09-1.12x /
-// 1.09-1.20x / 1.15-1.26x). Against what such a GEMM can reach at all, vpmaddwd + vpaddd in a loop of nothing else
-// (benchmarks/cpu_peak.py, 2026-12-05, the same CPU model): 74-77%. The sums alone run at that loop's rate; the
-// float arithmetic after each group, which every path's bits require, costs most of the rest (a build without it
-// ran 1.16x faster; a 3 x 16 block with its running sums in registers, inputs broadcast ahead in memory, and each
-// group's float arithmetic run from memory after the next group's sums were not faster: docs/benchmarks.md).
+// The register block is 3 rows x 32 outputs (group_sums_3x32; on the avxvnni path 6 x 16, group_into_acc_6x16): 12 sum
+// registers, and per input pair 2 registers of weights (outputs 0-15), 1 of the broadcast pair and 1 of products;
+// outputs 16-31's weights are vpmaddwd's memory operands. Per pair: 2 weight loads and 3 broadcasts for 12 vpmaddwd
+// (each with its vpaddd), 29 instructions. An AMD EPYC Zen 3 issues vpmaddwd 2 a cycle alone and 1.7 a cycle beside as
+// many vpaddd (a loop of the two and nothing else), loads 2 a cycle, and its vector side takes about 4 instructions a
+// cycle, loads and broadcasts included, so the instructions around the products count: the 4 rows x 16 outputs block
+// before (per step of 4 inputs, 4 weight loads and 8 broadcasts for 16 vpmaddwd: 2.75 instructions a product, against
+// 2.42 here) ran its loop at 4.5 G vpmaddwd/s on one thread, this one at 4.8 (a microbenchmark of the two loops over
+// L1-resident data, 2026-12-03; 6.4 G/s alone); with every weight as a memory operand (fewer instructions, but 15 loads
+// per 12 products), 4.6. After each group, the float arithmetic (per row and 8 outputs: a conversion, an fma with the
+// row's scale and one with the weight scale on the running sum in memory) is in the same assembly for the default
+// scheme (group_into_acc_3x32): from intrinsics GCC kept a second copy of each running sum on the stack and took a
+// quarter of a call there; now ~16%. With both, and the rows taken in passes of at most kWideGemmChunkRows, the whole
+// call runs at ~60% of the vpmaddwd peak on this Zen 3 (one or two threads, 128 or 512 rows, the 7B shapes), against
+// 49-54% before (benchmarks/gemv_builds.py against f183341, 2 threads, 16 / 128 / 512 rows: 1.09-1.12x / 1.09-1.20x /
+// 1.15-1.26x). Against what such a GEMM can reach at all, vpmaddwd + vpaddd in a loop of nothing else
+// (benchmarks/cpu_peak.py, 2026-12-05, the same CPU model): 74-77%. The sums alone run at that loop's rate; the float
+// arithmetic after each group, which every path's bits require, costs most of the rest (a build without it ran 1.16x
+// faster; a 3 x 16 block with its running sums in registers, inputs broadcast ahead in memory, and each group's float
+// arithmetic run from memory after the next group's sums were not faster: docs/benchmarks.md).
 constexpr int kWideGemmRows = 3;     // activation rows a register block (group_sums_3x32)
 constexpr int kWideGemmVectors = 4;  // 8 outputs each: the register block's outputs (group_sums_3x32's: 4)
 constexpr int64_t kWideColumns = 8 * kWideGemmVectors;          // outputs a register block
@@ -1188,6 +1188,117 @@ INT8SERVE_AVX2 inline void group_into_acc_3x32(const int16_t* w, const int16_t* 
   INT8SERVE_WIDE_WITH_PRODUCTS(INT8SERVE_WIDE_ACC_ASM);
 #undef INT8SERVE_WIDE_ACC_ASM
 }
+
+// The same group as 6 rows x 16 outputs (one half of a register block's 32 outputs, `half` 0 or 1): 12 sums, the half's
+// 2 registers of weights, 1 of the broadcast pair and 1 of products (the avx2 path's; unused with kDot). Per input pair
+// 2 weight loads and 6 broadcasts for 12 products, every product's operands in registers, where the 3 x 32 block loads
+// 2 weight registers and 3 broadcasts and takes the other 6 products' weights from memory. INT8SERVE_WIDE6_DOT /
+// INT8SERVE_WIDE6_ADD: whether the avxvnni / avx2 path's default scheme takes it for every 6 rows (the 3 x 32 block
+// takes the last 3 and fewer). On a Sapphire Rapids (Golden Cove cores, as Intel's client CPUs with AVX-VNNI;
+// 2026-12-05, 2 threads, benchmarks/gemv_builds.py -DINT8SERVE_WIDE6_DOT=1 against 0, the 7B shapes, 4 rounds, the same
+// bits) the avxvnni path's GEMM ran 1.02-1.06x faster at 18 rows, 1.07-1.09x at 24 and 48, 1.08-1.13x at 128 (the
+// server's chunks), 1.08-1.10x at 512: 149 -> ~163 G multiply-adds/s, 57% -> ~63% of vpdpwssd's peak there. (Asking for
+// both 3-row shares of the next K-block's hint at the start of a 6-row block made it 0.92-0.96x at 16-24 rows instead:
+// one share before each half.) Held to the avx2 path the same CPU measured 1.02-1.10x (16-512 rows), but the avx2
+// path's CPUs are other cores (AMD's Zen 2/3, Intel's before Alder Lake), on which the count of instructions around
+// vpmaddwd mattered (the note above kWideGemmRows; 6 x 16 issues 2.67 instructions a product there, 3 x 32 2.42), so
+// that path keeps the 3 x 32 block until one of them measures it.
+#ifndef INT8SERVE_WIDE6_DOT
+#define INT8SERVE_WIDE6_DOT 1
+#endif
+#ifndef INT8SERVE_WIDE6_ADD
+#define INT8SERVE_WIDE6_ADD 0
+#endif
+constexpr int kWide6Rows = 6;
+struct WideSums6 { float v[kWide6Rows][kTileRows]; };  // the acc rows group_into_acc_6x16 updates
+#define INT8SERVE_WIDE6_ROW(OP, X, PAIR, S0, S1)                           \
+  "vpbroadcastd \\step*8+" PAIR "*4" X ", %%ymm12\n\t"                    \
+  OP("%%ymm14", S0)                                                        \
+  OP("%%ymm15", S1)
+#define INT8SERVE_WIDE6_PAIR(OP, PAIR)                                     \
+  "vmovdqa \\step*256+" PAIR "*128(%[w]), %%ymm14\n\t"                     \
+  "vmovdqa \\step*256+" PAIR "*128+32(%[w]), %%ymm15\n\t"                  \
+  INT8SERVE_WIDE6_ROW(OP, "(%[x0])", PAIR, "s00", "s01")                   \
+  INT8SERVE_WIDE6_ROW(OP, "(%[x0],%[kpb],1)", PAIR, "s10", "s11")          \
+  INT8SERVE_WIDE6_ROW(OP, "(%[x0],%[kpb],2)", PAIR, "s20", "s21")          \
+  INT8SERVE_WIDE6_ROW(OP, "(%[x3])", PAIR, "s30", "s31")                   \
+  INT8SERVE_WIDE6_ROW(OP, "(%[x3],%[kpb],1)", PAIR, "s40", "s41")          \
+  INT8SERVE_WIDE6_ROW(OP, "(%[x3],%[kpb],2)", PAIR, "s50", "s51")
+#define INT8SERVE_WIDE6_SUMS(ADD)                                          \
+  ".irp step,0\n\t"                                                        \
+  INT8SERVE_WIDE6_PAIR(INT8SERVE_WIDE_SET, "0")                            \
+  INT8SERVE_WIDE6_PAIR(ADD, "1")                                           \
+  ".endr\n\t"                                                              \
+  ".irp step,1,2,3,4,5,6,7\n\t"                                            \
+  INT8SERVE_WIDE6_PAIR(ADD, "0")                                           \
+  INT8SERVE_WIDE6_PAIR(ADD, "1")                                           \
+  ".endr\n\t"
+#define INT8SERVE_WIDE6_INNER(XS, S0, S1)                                  \
+  "vbroadcastss " XS ", %%ymm12\n\t"                                       \
+  "vcvtdq2ps %[" S0 "], %[" S0 "]\n\t"                                     \
+  "vmulps %%ymm12, %[" S0 "], %[" S0 "]\n\t"                               \
+  "vcvtdq2ps %[" S1 "], %[" S1 "]\n\t"                                     \
+  "vmulps %%ymm12, %[" S1 "], %[" S1 "]\n\t"
+#define INT8SERVE_WIDE6_ACC_ROW(V, R, S)                                   \
+  "vfmadd213ps " V "*32+" R "*256(%[acc]), %%ymm14, %[" S "]\n\t"          \
+  "vmovaps %[" S "], " V "*32+" R "*256(%[acc])\n\t"
+#define INT8SERVE_WIDE6_ACC(V, S0, S1, S2, S3, S4, S5)                     \
+  "vmovaps " V "*32(%[scales]), %%ymm14\n\t"                               \
+  INT8SERVE_WIDE6_ACC_ROW(V, "0", S0) INT8SERVE_WIDE6_ACC_ROW(V, "1", S1)  \
+  INT8SERVE_WIDE6_ACC_ROW(V, "2", S2) INT8SERVE_WIDE6_ACC_ROW(V, "3", S3)  \
+  INT8SERVE_WIDE6_ACC_ROW(V, "4", S4) INT8SERVE_WIDE6_ACC_ROW(V, "5", S5)
+
+// w: the group's widened weights of the register block (both halves); x, xs, xstride: as group_into_acc_3x32's;
+// scales and acc: the register block's first weight scale and acc element (the half's are 16 further on). Two
+// assembly statements (the sums, then the float arithmetic), as one would have more operands than GCC allows.
+template <bool kDot>
+INT8SERVE_AVX2 inline void group_into_acc_6x16(const int16_t* w, int half, const int16_t* x, int64_t kp,
+                                               const float* xs, int64_t xstride, const float* scales, float* acc) {
+  const int16_t *x0 = x, *x3 = x + 3 * kp, *wh = w + 32 * half;  // (a half: 2 vectors of 8 outputs x 2 inputs)
+  const int64_t kpb = 2 * kp;
+  const float* xs3 = xs + 3 * (xstride / 4);
+  const float* sh = scales + 16 * half;
+  float* ah = acc + 16 * half;
+  __m256i s00, s01, s10, s11, s20, s21, s30, s31, s40, s41, s50, s51;
+#define INT8SERVE_WIDE6_SUMS_ASM(ADD)                                                                          \
+  asm(INT8SERVE_WIDE6_SUMS(ADD)                                                                                \
+      : [s00] "=&x"(s00), [s01] "=&x"(s01), [s10] "=&x"(s10), [s11] "=&x"(s11), [s20] "=&x"(s20),              \
+        [s21] "=&x"(s21), [s30] "=&x"(s30), [s31] "=&x"(s31), [s40] "=&x"(s40), [s41] "=&x"(s41),              \
+        [s50] "=&x"(s50), [s51] "=&x"(s51)                                                                     \
+      : [w] "r"(wh), [x0] "r"(x0), [x3] "r"(x3), [kpb] "r"(kpb), "m"(*reinterpret_cast<const GroupWeights*>(w)), \
+        "m"(*reinterpret_cast<const GroupInputs*>(x0)), "m"(*reinterpret_cast<const GroupInputs*>(x0 + kp)),   \
+        "m"(*reinterpret_cast<const GroupInputs*>(x0 + 2 * kp)), "m"(*reinterpret_cast<const GroupInputs*>(x3)), \
+        "m"(*reinterpret_cast<const GroupInputs*>(x3 + kp)), "m"(*reinterpret_cast<const GroupInputs*>(x3 + 2 * kp)) \
+      : "xmm12", "xmm13", "xmm14", "xmm15")
+  INT8SERVE_WIDE_WITH_PRODUCTS(INT8SERVE_WIDE6_SUMS_ASM);
+#undef INT8SERVE_WIDE6_SUMS_ASM
+  // (the float arithmetic in four statements, for the same reason: three rows' inner sums, then a vector's acc)
+#define INT8SERVE_WIDE6_INNER_ASM(XS, A0, A1, B0, B1, C0, C1)                                                \
+  asm(INT8SERVE_WIDE6_INNER("(%[xs])", "a0", "a1")                                                            \
+      INT8SERVE_WIDE6_INNER("(%[xs],%[xstride],1)", "b0", "b1")                                               \
+      INT8SERVE_WIDE6_INNER("(%[xs],%[xstride],2)", "c0", "c1")                                               \
+      : [a0] "+x"(A0), [a1] "+x"(A1), [b0] "+x"(B0), [b1] "+x"(B1), [c0] "+x"(C0), [c1] "+x"(C1)              \
+      : [xs] "r"(XS), [xstride] "r"(xstride), "m"(XS[0]), "m"(XS[xstride / 4]), "m"(XS[xstride / 2])          \
+      : "xmm12")
+  INT8SERVE_WIDE6_INNER_ASM(xs, s00, s01, s10, s11, s20, s21);
+  INT8SERVE_WIDE6_INNER_ASM(xs3, s30, s31, s40, s41, s50, s51);
+#undef INT8SERVE_WIDE6_INNER_ASM
+#define INT8SERVE_WIDE6_ACC_ASM(V, S0, S1, S2, S3, S4, S5)                                                    \
+  asm(INT8SERVE_WIDE6_ACC(V, "s0", "s1", "s2", "s3", "s4", "s5")                                              \
+      : [s0] "+x"(S0), [s1] "+x"(S1), [s2] "+x"(S2), [s3] "+x"(S3), [s4] "+x"(S4), [s5] "+x"(S5),             \
+        "+m"(*reinterpret_cast<WideSums6*>(acc))                                                              \
+      : [scales] "r"(sh), [acc] "r"(ah), "m"(*reinterpret_cast<const BlockScales*>(scales))                   \
+      : "xmm14")
+  INT8SERVE_WIDE6_ACC_ASM("0", s00, s10, s20, s30, s40, s50);
+  INT8SERVE_WIDE6_ACC_ASM("1", s01, s11, s21, s31, s41, s51);
+#undef INT8SERVE_WIDE6_ACC_ASM
+}
+#undef INT8SERVE_WIDE6_ACC
+#undef INT8SERVE_WIDE6_ACC_ROW
+#undef INT8SERVE_WIDE6_INNER
+#undef INT8SERVE_WIDE6_SUMS
+#undef INT8SERVE_WIDE6_PAIR
+#undef INT8SERVE_WIDE6_ROW
 #undef INT8SERVE_WIDE_ACC
 #undef INT8SERVE_WIDE_INNER
 #undef INT8SERVE_WIDE_SUM_INPUTS
@@ -1276,6 +1387,24 @@ INT8SERVE_AVX2 void wide_rows(const WideBlock& a, int64_t rows, int64_t cb) {
   }
 }
 
+// 6 rows x the kWideColumns outputs of column block `cb` over the K-block, the default scheme (group_into_acc_6x16).
+template <bool kDot>
+INT8SERVE_AVX2 void wide_block6(const WideBlock& a, int64_t cb) {
+  const int64_t ng = a.g1 - a.g0;
+  const int64_t xstride = 2 * a.groups * static_cast<int64_t>(sizeof(float));
+  for (int64_t g = a.g0; g < a.g1; ++g) {
+    const int16_t* w = a.wide + (cb * ng + (g - a.g0)) * kSteps * kWideStepWords;
+    const float* scales = a.wscale + (cb * ng + (g - a.g0)) * kWideColumns;
+    for (int half = 0; half < 2; ++half)
+      group_into_acc_6x16<kDot>(w, half, a.x + g * kGroup, a.kp, a.xscale + g, xstride, scales,
+                                a.acc + cb * kWideColumns);
+  }
+}
+
+// Whether the path's default scheme takes 6-row blocks (INT8SERVE_WIDE6_DOT, INT8SERVE_WIDE6_ADD).
+template <bool kDot>
+constexpr bool kWide6 = kDot ? INT8SERVE_WIDE6_DOT != 0 : INT8SERVE_WIDE6_ADD != 0;
+
 // Per-thread room of gemm_wide16: the widened K-block and each row's inner and acc sums over one tile.
 struct WideScratch {
   int16_t* wide;
@@ -1299,7 +1428,20 @@ INT8SERVE_AVX2 void gemm_wide16_tile(const TileArgs& base, int64_t r_begin, int6
     widen_tile(base.lay, a.tile, a.g0, a.g1, room.wide);
     if (a.lay.span == 1) widen_scales(base.lay, a.tile, a.g0, a.g1, room.wscale);
     const NextKBlock next = next_kblock(a.lay, a.tile, a.g0, a.g1, (m + kWideGemmRows - 1) / kWideGemmRows);
-    for (int64_t r0 = 0; r0 < m; r0 += kWideGemmRows) {
+    int64_t r0 = 0;
+    if (kWide6<kDot> && a.lay.span == 1) {
+      static_assert(kTileRows / kWideColumns == 2 && kWide6Rows == 2 * kWideGemmRows, "a share per column block");
+      for (; r0 + kWide6Rows <= m; r0 += kWide6Rows) {
+        a.x = base.xwide + (r_begin + r0) * base.kp;
+        a.xscale = base.xscale + (2 * (r_begin + r0) + 1) * base.groups;
+        a.acc = room.acc + r0 * kTileRows;
+        for (int64_t cb = 0; cb < 2; ++cb) {  // (the two 3-row blocks' shares of the hint, one before each half)
+          if (INT8SERVE_WIDE_GEMM_HINT) ask_for_share(next, r0 / kWideGemmRows + cb);
+          wide_block6<kDot>(a, cb);
+        }
+      }
+    }
+    for (; r0 < m; r0 += kWideGemmRows) {
       if (INT8SERVE_WIDE_GEMM_HINT) ask_for_share(next, r0 / kWideGemmRows);
       a.x = base.xwide + (r_begin + r0) * base.kp;
       a.xscale = base.xscale + (2 * (r_begin + r0) + 1) * base.groups;
