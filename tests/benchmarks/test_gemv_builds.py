@@ -75,3 +75,24 @@ def test_a_revision_git_does_not_know_is_a_clear_error(tmp_path: Path) -> None:
         gemv_builds.revision_sources("no-such-revision", tmp_path / "src")
     with pytest.raises(SystemExit):
         gemv_builds.parse_args(["--variant", "HEAD=", "--revision", "HEAD"])  # two builds, one label
+
+
+def test_each_register_block_and_broadcast_form_of_the_gemms_gives_the_same_bits(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """The 16-bit GEMM's 6 x 16 and 3 x 32 blocks (INT8SERVE_WIDE6_DOT on the avxvnni path, INT8SERVE_WIDE6_ADD on the
+    avx2 path) and the vnni512 GEMM's broadcasts in a register or as memory operands (INT8SERVE_EXACT_BROADCAST_REG):
+    each CPU runs one of each by default (gemv.cpp), and every one must give the same bits. Row counts with 6-row
+    blocks and each kind of tail."""
+    from int8serve.engine import kernels
+
+    variants = ["older forms=-DINT8SERVE_WIDE6_DOT=0 -DINT8SERVE_WIDE6_ADD=0 -DINT8SERVE_EXACT_BROADCAST_REG=0",
+                "newer forms=-DINT8SERVE_WIDE6_DOT=1 -DINT8SERVE_WIDE6_ADD=1 -DINT8SERVE_EXACT_BROADCAST_REG=1"]
+    libraries = {v.label: gemv_builds.compile_variant(v, tmp_path) for v in map(gemv_builds.parse_variant, variants)}
+    paths = [path for path in ("avx2", "avxvnni", "vnni512") if kernels.cpu_has(path)]
+    assert "avx2" in paths, "every x86 machine of this project has AVX2"
+    for path in paths:
+        monkeypatch.setenv(kernels.ENV_PATH, path)
+        for rows in (17, 40):
+            timing = gemv_builds.time_shape(libraries, 192, 4096 + 96, rows=rows, rounds=1, calls=1, threads=2,
+                                            rotation_bytes=1e5)
+            assert timing.outputs_equal, (path, rows)

@@ -1542,16 +1542,25 @@ struct ExactBlock {
   float* acc;            // [rows][64]: the finished weight groups' sum
 };
 
-// The assembly of one group (exact_group): zmm0-23 hold the sums (row r's 4 blocks in zmm 4r..4r+3; rows past R are
-// not touched), zmm24-27 a step's weights of the 4 blocks, then the blocks' weight scales, zmm28 a broadcast row
-// constant. x: row 0's high int8 row at the group (rows `stride` bytes apart), x3 row 3's; xl, xl3 the same of the
-// low rows; consts: the rows' corrections and scales (ExactGroupRows).
+// The assembly of one group (exact_group): zmm0-23 hold the sums (row r's 4 blocks in zmm 4r..4r+3; rows past R are not
+// touched), zmm24-27 a step's weights of the 4 blocks, then the blocks' weight scales, zmm28 a broadcast row constant,
+// zmm29 a row's broadcast input bytes (where they are not memory operands: exact_broadcasts_in_a_register). x: row 0's
+// high int8 row at the group (rows `stride` bytes apart), x3 row 3's; xl, xl3 the same of the low rows; consts: the
+// rows' corrections and scales (ExactGroupRows).
 #define INT8SERVE_EXACT_ROW(R, ADDR, S0, S1, S2, S3)                            \
   ".if %c[rows] > " #R "\n\t"                                                   \
+  ".if %c[regbc]\n\t"                                                          \
+  "vpbroadcastd \\step*4" ADDR ", %%zmm29\n\t"                                   \
+  "vpdpbusd %%zmm29, %%zmm24, %%zmm" #S0 "\n\t"                                 \
+  "vpdpbusd %%zmm29, %%zmm25, %%zmm" #S1 "\n\t"                                 \
+  "vpdpbusd %%zmm29, %%zmm26, %%zmm" #S2 "\n\t"                                 \
+  "vpdpbusd %%zmm29, %%zmm27, %%zmm" #S3 "\n\t"                                 \
+  ".else\n\t"                                                                  \
   "vpdpbusd \\step*4" ADDR "%{1to16%}, %%zmm24, %%zmm" #S0 "\n\t"               \
   "vpdpbusd \\step*4" ADDR "%{1to16%}, %%zmm25, %%zmm" #S1 "\n\t"               \
   "vpdpbusd \\step*4" ADDR "%{1to16%}, %%zmm26, %%zmm" #S2 "\n\t"               \
   "vpdpbusd \\step*4" ADDR "%{1to16%}, %%zmm27, %%zmm" #S3 "\n\t"               \
+  ".endif\n\t"                                                                 \
   ".endif\n\t"
 #define INT8SERVE_EXACT_PASS(X, X3)                                             \
   ".irp step,0,1,2,3,4,5,6,7\n\t"                                               \
@@ -1644,7 +1653,7 @@ static_assert(offsetof(ExactGroupRows, xscale) == 48, "INT8SERVE_EXACT_ACC reads
 // R rows (1..6) x the tile's 64 outputs over one group: the exact int32 dots, 256 * (dot_hi + corr_hi) + dot_lo +
 // corr_lo, then their float arithmetic: kMode 0 (the default scheme, a weight group per group) into acc with the
 // group's weight scales (bf16, 64); 1 and 2 into inner (INT8SERVE_EXACT_INNER).
-template <int R, int kMode>
+template <int R, int kMode, bool kRegBroadcast>
 INT8SERVE_VNNI512 inline void exact_group(const uint8_t* group, const int8_t* x, int64_t kp, const ExactGroupRows& rows,
                                           const uint16_t* scales, float* acc, float* inner) {
   static_assert(R >= 1 && R <= kExactRows, "the assembly has room for kExactRows rows");
@@ -1664,12 +1673,12 @@ INT8SERVE_VNNI512 inline void exact_group(const uint8_t* group, const int8_t* x,
                INT8SERVE_EXACT_ROWS(INT8SERVE_EXACT_INNER)
                ".endif\n\t"
                :
-               : [rows] "i"(R), [mode] "i"(kMode), [w] "r"(group), [x] "r"(x), [x3] "r"(x3), [xl] "r"(xl),
-                 [xl3] "r"(xl3), [stride] "r"(stride), [consts] "r"(&rows), [scales] "r"(scales), [acc] "r"(acc),
-                 [inner] "r"(inner)
+               : [rows] "i"(R), [mode] "i"(kMode), [regbc] "i"(kRegBroadcast ? 1 : 0), [w] "r"(group), [x] "r"(x),
+                 [x3] "r"(x3), [xl] "r"(xl), [xl3] "r"(xl3), [stride] "r"(stride), [consts] "r"(&rows),
+                 [scales] "r"(scales), [acc] "r"(acc), [inner] "r"(inner)
                : "memory", "xmm0", "xmm1", "xmm2", "xmm3", "xmm4", "xmm5", "xmm6", "xmm7", "xmm8", "xmm9", "xmm10",
                  "xmm11", "xmm12", "xmm13", "xmm14", "xmm15", "xmm16", "xmm17", "xmm18", "xmm19", "xmm20", "xmm21",
-                 "xmm22", "xmm23", "xmm24", "xmm25", "xmm26", "xmm27", "xmm28");
+                 "xmm22", "xmm23", "xmm24", "xmm25", "xmm26", "xmm27", "xmm28", "xmm29");
 }
 #undef INT8SERVE_EXACT_ROWS
 #undef INT8SERVE_EXACT_ACC
@@ -1683,7 +1692,7 @@ INT8SERVE_VNNI512 inline void exact_group(const uint8_t* group, const int8_t* x,
 #undef INT8SERVE_EXACT_ROW
 
 // R rows x 64 outputs over groups [g0, g1) of the tile.
-template <int R, bool kEachGroup>
+template <int R, bool kEachGroup, bool kRegBroadcast>
 INT8SERVE_VNNI512 void exact_block(const ExactBlock& a, int64_t g0, int64_t g1) {
   for (int64_t g = g0; g < g1; ++g) {
     const uint8_t* group = a.lay.group(a.tile, g);
@@ -1693,14 +1702,14 @@ INT8SERVE_VNNI512 void exact_block(const ExactBlock& a, int64_t g0, int64_t g1) 
       rows.xscale[r] = a.xscale[2 * r * a.groups + g];
     }
     if constexpr (kEachGroup) {
-      exact_group<R, 0>(group, a.xq + g * kGroup, a.kp, rows, a.lay.scales(a.tile, g), a.acc, nullptr);
+      exact_group<R, 0, kRegBroadcast>(group, a.xq + g * kGroup, a.kp, rows, a.lay.scales(a.tile, g), a.acc, nullptr);
       continue;
     }
     const int64_t wg = g / a.lay.span;
     if (g == wg * a.lay.span)
-      exact_group<R, 1>(group, a.xq + g * kGroup, a.kp, rows, nullptr, nullptr, a.inner);
+      exact_group<R, 1, kRegBroadcast>(group, a.xq + g * kGroup, a.kp, rows, nullptr, nullptr, a.inner);
     else
-      exact_group<R, 2>(group, a.xq + g * kGroup, a.kp, rows, nullptr, nullptr, a.inner);
+      exact_group<R, 2, kRegBroadcast>(group, a.xq + g * kGroup, a.kp, rows, nullptr, nullptr, a.inner);
     if ((g + 1) % a.lay.span != 0 && g + 1 != a.groups) continue;
     // the weight group's end: acc = fma(inner, wscale, acc)
     const uint16_t* scales = a.lay.scales(a.tile, wg);
@@ -1716,20 +1725,21 @@ INT8SERVE_VNNI512 void exact_block(const ExactBlock& a, int64_t g0, int64_t g1) 
   }
 }
 
-template <bool kEachGroup>
+template <bool kEachGroup, bool kRegBroadcast>
 INT8SERVE_VNNI512 void exact_rows(const ExactBlock& a, int64_t rows, int64_t g0, int64_t g1) {
   switch (rows) {
-    case 1: exact_block<1, kEachGroup>(a, g0, g1); break;
-    case 2: exact_block<2, kEachGroup>(a, g0, g1); break;
-    case 3: exact_block<3, kEachGroup>(a, g0, g1); break;
-    case 4: exact_block<4, kEachGroup>(a, g0, g1); break;
-    case 5: exact_block<5, kEachGroup>(a, g0, g1); break;
-    default: exact_block<6, kEachGroup>(a, g0, g1); break;
+    case 1: exact_block<1, kEachGroup, kRegBroadcast>(a, g0, g1); break;
+    case 2: exact_block<2, kEachGroup, kRegBroadcast>(a, g0, g1); break;
+    case 3: exact_block<3, kEachGroup, kRegBroadcast>(a, g0, g1); break;
+    case 4: exact_block<4, kEachGroup, kRegBroadcast>(a, g0, g1); break;
+    case 5: exact_block<5, kEachGroup, kRegBroadcast>(a, g0, g1); break;
+    default: exact_block<6, kEachGroup, kRegBroadcast>(a, g0, g1); break;
   }
 }
 
 // Rows [r_begin, r_end) of the call over tile `tile`: y gets their outputs of the tile. room: inner and acc, 64
 // floats a row each.
+template <bool kRegBroadcast>
 INT8SERVE_VNNI512 void gemm_exact_tile(const TileArgs& base, int64_t r_begin, int64_t r_end, float* inner, float* acc,
                                        int64_t tile) {
   const int64_t m = r_end - r_begin;
@@ -1749,12 +1759,29 @@ INT8SERVE_VNNI512 void gemm_exact_tile(const TileArgs& base, int64_t r_begin, in
       a.acc = acc + r0 * kTileRows;
       const int64_t rows = std::min<int64_t>(kExactRows, m - r0);
       if (a.lay.span == 1)
-        exact_rows<true>(a, rows, g0, g1);
+        exact_rows<true, kRegBroadcast>(a, rows, g0, g1);
       else
-        exact_rows<false>(a, rows, g0, g1);
+        exact_rows<false, kRegBroadcast>(a, rows, g0, g1);
     }
   }
   store_tile_rows(base, r_begin, m, tile, acc);
+}
+
+// How the GEMM's rows reach vpdpbusd: each row's 4 input bytes of a step broadcast once into a register for the 4
+// products that use them (6 broadcasts and 4 weight loads a step of 24 products), or as each product's embedded
+// broadcast memory operand (24 loads and 4). A Sapphire Rapids held to the vnni512 path (Intel: two 512-bit multiply
+// ports, two 512-bit loads a cycle; 2026-12-05, 2 threads, benchmarks/gemv_builds.py
+// -DINT8SERVE_EXACT_BROADCAST_REG=1 against 0, the 7B shapes, 4 rounds, the same bits) ran the register form
+// 1.09-1.12x faster at 16 rows, 1.12-1.14x at 32, 1.12-1.15x at 128 and 1.14-1.15x at 512: its loads, not its
+// products, bounded the memory-operand form. AMD's Zen 4, this path's main CPU, was measured with the memory operands
+// only (77% of vpdpbusd's peak there, docs/benchmarks.md), so AMD CPUs keep them until one measures the other.
+// INT8SERVE_EXACT_BROADCAST_REG: -1 (default) that rule, 0 never, 1 always.
+#ifndef INT8SERVE_EXACT_BROADCAST_REG
+#define INT8SERVE_EXACT_BROADCAST_REG -1
+#endif
+bool exact_broadcasts_in_a_register() {
+  if (INT8SERVE_EXACT_BROADCAST_REG >= 0) return INT8SERVE_EXACT_BROADCAST_REG != 0;
+  return !cpu_is_amd();
 }
 
 // gemv's body for the vnni512 path with precise activations and at least kExactGemmMinRows rows.
@@ -1767,13 +1794,19 @@ INT8SERVE_VNNI512 void gemm_exact_vnni512(const Activations& act, TileArgs base,
   const int64_t room = chunk * kTileRows;  // floats: a multiple of 64, so every row's sums stay 64-byte aligned
   std::vector<float> storage(static_cast<size_t>(nthreads * 2 * room + 16));
   float* aligned = aligned64(storage);
+  const bool reg_broadcast = exact_broadcasts_in_a_register();
 #pragma omp parallel num_threads(nthreads) if (nthreads > 1)
   {
     float* mine = aligned + omp_get_thread_num() * 2 * room;
     for (int64_t r_begin = 0; r_begin < m; r_begin += chunk) {
 #pragma omp for schedule(static) nowait
-      for (int64_t tile = 0; tile < tiles; ++tile)
-        gemm_exact_tile(base, r_begin, std::min(m, r_begin + chunk), mine, mine + room, tile);
+      for (int64_t tile = 0; tile < tiles; ++tile) {
+        const int64_t r_end = std::min(m, r_begin + chunk);
+        if (reg_broadcast)
+          gemm_exact_tile<true>(base, r_begin, r_end, mine, mine + room, tile);
+        else
+          gemm_exact_tile<false>(base, r_begin, r_end, mine, mine + room, tile);
+      }
     }
   }
 }
