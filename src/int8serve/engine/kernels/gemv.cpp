@@ -1194,20 +1194,21 @@ INT8SERVE_AVX2 inline void group_into_acc_3x32(const int16_t* w, const int16_t* 
 // 2 weight loads and 6 broadcasts for 12 products, every product's operands in registers, where the 3 x 32 block loads
 // 2 weight registers and 3 broadcasts and takes the other 6 products' weights from memory. INT8SERVE_WIDE6_DOT /
 // INT8SERVE_WIDE6_ADD: whether the avxvnni / avx2 path's default scheme takes it for every 6 rows (the 3 x 32 block
-// takes the last 3 and fewer). On a Sapphire Rapids (Golden Cove cores, as Intel's client CPUs with AVX-VNNI;
-// 2026-12-05, 2 threads, benchmarks/gemv_builds.py -DINT8SERVE_WIDE6_DOT=1 against 0, the 7B shapes, 4 rounds, the same
-// bits) the avxvnni path's GEMM ran 1.02-1.06x faster at 18 rows, 1.07-1.09x at 24 and 48, 1.08-1.13x at 128 (the
-// server's chunks), 1.08-1.10x at 512: 149 -> ~163 G multiply-adds/s, 57% -> ~63% of vpdpwssd's peak there. (Asking for
-// both 3-row shares of the next K-block's hint at the start of a 6-row block made it 0.92-0.96x at 16-24 rows instead:
-// one share before each half.) Held to the avx2 path the same CPU measured 1.02-1.10x (16-512 rows), but the avx2
-// path's CPUs are other cores (AMD's Zen 2/3, Intel's before Alder Lake), on which the count of instructions around
-// vpmaddwd mattered (the note above kWideGemmRows; 6 x 16 issues 2.67 instructions a product there, 3 x 32 2.42), so
-// that path keeps the 3 x 32 block until one of them measures it.
+// takes the last 3 and fewer); -1, the default, leaves it to wide6_blocks' rule. On a Sapphire Rapids (Golden Cove
+// cores, as Intel's client CPUs with AVX-VNNI; 2026-12-05, 2 threads, benchmarks/gemv_builds.py -DINT8SERVE_WIDE6_DOT=1
+// against 0, the 7B shapes, 4 rounds, the same bits) the avxvnni path's GEMM ran 1.02-1.06x faster at 18 rows,
+// 1.07-1.09x at 24 and 48, 1.08-1.13x at 128 (the server's chunks), 1.08-1.10x at 512: 149 -> ~163 G multiply-adds/s,
+// 57% -> ~63% of vpdpwssd's peak there. (Asking for both 3-row shares of the next K-block's hint at the start of a
+// 6-row block made it 0.92-0.96x at 16-24 rows instead: one share before each half.) Held to the avx2 path the same CPU
+// measured 1.02-1.10x (16-512 rows): fewer loads a product help an Intel core, whose loads the 3 x 32 block nearly
+// fills (11 a pair of 12 products; a Skylake loads 2 a cycle). On AMD's Zen 2/3 the count of instructions around
+// vpmaddwd decided the block's shape (the note above kWideGemmRows; 6 x 16 issues 2.67 instructions a product there, 3
+// x 32 2.42), so AMD CPUs keep the 3 x 32 block until one measures the other.
 #ifndef INT8SERVE_WIDE6_DOT
-#define INT8SERVE_WIDE6_DOT 1
+#define INT8SERVE_WIDE6_DOT -1
 #endif
 #ifndef INT8SERVE_WIDE6_ADD
-#define INT8SERVE_WIDE6_ADD 0
+#define INT8SERVE_WIDE6_ADD -1
 #endif
 constexpr int kWide6Rows = 6;
 struct WideSums6 { float v[kWide6Rows][kTileRows]; };  // the acc rows group_into_acc_6x16 updates
@@ -1401,9 +1402,14 @@ INT8SERVE_AVX2 void wide_block6(const WideBlock& a, int64_t cb) {
   }
 }
 
-// Whether the path's default scheme takes 6-row blocks (INT8SERVE_WIDE6_DOT, INT8SERVE_WIDE6_ADD).
+// Whether the path's default scheme takes 6-row blocks (INT8SERVE_WIDE6_DOT, INT8SERVE_WIDE6_ADD: -1 the rule above,
+// the avxvnni path always, the avx2 path unless the CPU is AMD's; 0 never; 1 always).
 template <bool kDot>
-constexpr bool kWide6 = kDot ? INT8SERVE_WIDE6_DOT != 0 : INT8SERVE_WIDE6_ADD != 0;
+bool wide6_blocks() {
+  const int setting = kDot ? INT8SERVE_WIDE6_DOT : INT8SERVE_WIDE6_ADD;
+  if (setting >= 0) return setting != 0;
+  return kDot || !cpu_is_amd();
+}
 
 // Per-thread room of gemm_wide16: the widened K-block and each row's inner and acc sums over one tile.
 struct WideScratch {
@@ -1429,7 +1435,7 @@ INT8SERVE_AVX2 void gemm_wide16_tile(const TileArgs& base, int64_t r_begin, int6
     if (a.lay.span == 1) widen_scales(base.lay, a.tile, a.g0, a.g1, room.wscale);
     const NextKBlock next = next_kblock(a.lay, a.tile, a.g0, a.g1, (m + kWideGemmRows - 1) / kWideGemmRows);
     int64_t r0 = 0;
-    if (kWide6<kDot> && a.lay.span == 1) {
+    if (a.lay.span == 1 && wide6_blocks<kDot>()) {
       static_assert(kTileRows / kWideColumns == 2 && kWide6Rows == 2 * kWideGemmRows, "a share per column block");
       for (; r0 + kWide6Rows <= m; r0 += kWide6Rows) {
         a.x = base.xwide + (r_begin + r0) * base.kp;
