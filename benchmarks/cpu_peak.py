@@ -297,7 +297,7 @@ def matmul_table(title: str, rows: int, seconds: dict[str, float], peak: Probe |
 def report(args: argparse.Namespace, probes: list[Probe], dense: dict[str, float], load: float,
            kernel: dict[str, float] | None = None, bf16_kernel: dict[str, float] | None = None) -> str:
     dtype = int8.dense_dtype()
-    amx = {"amx_bf16", "amx_tile"} <= kernels.cpu_flags()  # (oneDNN's bf16 matmul takes the tiles there)
+    amx = kernels.cpu_flags() >= prefill_matmul.AMX_FLAGS  # (oneDNN's bf16 matmul takes the tiles there)
     used = bf16_peak(probes, "amx" if amx else None) if dtype == torch.bfloat16 else \
         next((p for p in probes if p.name.startswith("fp32 FMA, zmm")), None) or \
         next((p for p in probes if p.name.startswith("fp32")), None)

@@ -96,7 +96,7 @@ from benchmarks.engine import (
     time_prefill,
     time_runs,
 )
-from benchmarks.llamacpp_build import DEFAULT_VERSION, BuildError, LlamaCpp, ensure_built
+from benchmarks.llamacpp_build import DEFAULT_VERSION, ISA_FLAGS, BuildError, LlamaCpp, ensure_built
 from benchmarks.machine import CpuShares, QuietWaiter, cpu_label, huge_pages_gb, machine_description, rss_gb
 from int8serve.engine.chunking import aligned_chunk
 from int8serve.engine.config import ModelConfig
@@ -138,7 +138,8 @@ ISA_CPU_FLAGS = {"avx2": ("avx2",), "avxvnni": ("avx2", "avx_vnni"),  # what the
                  "avx512vnni": ("avx512f", "avx512bw", "avx512vl", "avx512_vnni")}
 ISA_CODE = {"avx2": "AVX2 code", "avxvnni": "AVX2 and AVX-VNNI code",  # the section's words for what both ran
             "avx512vnni": "AVX-512 VNNI code without BF16 or AMX"}
-ISAS = ("native", *ISA_SETTINGS)  # --isa: each engine's fastest code, or both held to older code (see the docstring)
+ISAS = tuple(ISA_FLAGS)  # --isa (llamacpp_build's): each engine's fastest code, or both held to older code (docstring)
+assert set(ISAS) == {"native", *ISA_SETTINGS}, "every llama.cpp build held to an ISA needs our side's settings above"
 KV_ENV = "INT8SERVE_KV_CACHE"  # --kv-cache for our child process (the server's variable of the same setting)
 PREFILL_ENV = "INT8SERVE_PREFILL_MATMUL"  # --prefill-matmul int8 or bf16 for our child process
 LLAMA_KV = {"bf16": [], "int8": ["-ctk", "q8_0", "-ctv", "q8_0"]}  # llama.cpp's default KV cache is f16

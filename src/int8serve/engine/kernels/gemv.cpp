@@ -193,6 +193,9 @@ bool cpu_is_amd() {
   return amd;
 }
 
+// A build setting of the form -1 (the default: `rule`, measured per CPU kind), 0 (never) or 1 (always).
+bool setting_or_rule(int setting, bool rule) { return setting < 0 ? rule : setting != 0; }
+
 inline float bf16_to_float(uint16_t v) {
   const uint32_t bits = uint32_t(v) << 16;
   float f;
@@ -1406,9 +1409,7 @@ INT8SERVE_AVX2 void wide_block6(const WideBlock& a, int64_t cb) {
 // the avxvnni path always, the avx2 path unless the CPU is AMD's; 0 never; 1 always).
 template <bool kDot>
 bool wide6_blocks() {
-  const int setting = kDot ? INT8SERVE_WIDE6_DOT : INT8SERVE_WIDE6_ADD;
-  if (setting >= 0) return setting != 0;
-  return kDot || !cpu_is_amd();
+  return setting_or_rule(kDot ? INT8SERVE_WIDE6_DOT : INT8SERVE_WIDE6_ADD, kDot || !cpu_is_amd());
 }
 
 // Per-thread room of gemm_wide16: the widened K-block and each row's inner and acc sums over one tile.
@@ -1427,6 +1428,7 @@ INT8SERVE_AVX2 void gemm_wide16_tile(const TileArgs& base, int64_t r_begin, int6
   std::fill(room.acc, room.acc + m * kTileRows, 0.0f);
   WideBlock a{base.lay, base.lay.tile(base.packed, tile), room.wide, room.wscale, nullptr, nullptr, base.kp,
               base.groups, 0, 0, {}, nullptr, nullptr};
+  const bool six_rows = a.lay.span == 1 && wide6_blocks<kDot>();  // (the default scheme's 6 x 16 blocks)
   for (int64_t g0 = 0; g0 < base.groups; g0 += kWideGemmGroups) {
     a.g0 = g0;
     a.g1 = std::min(base.groups, g0 + kWideGemmGroups);
@@ -1435,7 +1437,7 @@ INT8SERVE_AVX2 void gemm_wide16_tile(const TileArgs& base, int64_t r_begin, int6
     if (a.lay.span == 1) widen_scales(base.lay, a.tile, a.g0, a.g1, room.wscale);
     const NextKBlock next = next_kblock(a.lay, a.tile, a.g0, a.g1, (m + kWideGemmRows - 1) / kWideGemmRows);
     int64_t r0 = 0;
-    if (a.lay.span == 1 && wide6_blocks<kDot>()) {
+    if (six_rows) {
       static_assert(kTileRows / kWideColumns == 2 && kWide6Rows == 2 * kWideGemmRows, "a share per column block");
       for (; r0 + kWide6Rows <= m; r0 += kWide6Rows) {
         a.x = base.xwide + (r_begin + r0) * base.kp;
@@ -1785,10 +1787,7 @@ INT8SERVE_VNNI512 void gemm_exact_tile(const TileArgs& base, int64_t r_begin, in
 #ifndef INT8SERVE_EXACT_BROADCAST_REG
 #define INT8SERVE_EXACT_BROADCAST_REG -1
 #endif
-bool exact_broadcasts_in_a_register() {
-  if (INT8SERVE_EXACT_BROADCAST_REG >= 0) return INT8SERVE_EXACT_BROADCAST_REG != 0;
-  return !cpu_is_amd();
-}
+bool exact_broadcasts_in_a_register() { return setting_or_rule(INT8SERVE_EXACT_BROADCAST_REG, !cpu_is_amd()); }
 
 // gemv's body for the vnni512 path with precise activations and at least kExactGemmMinRows rows.
 INT8SERVE_VNNI512 void gemm_exact_vnni512(const Activations& act, TileArgs base, int64_t m, int64_t tiles,
@@ -2506,8 +2505,7 @@ static int gemv(const float* x, int64_t m, int64_t k, const uint8_t* packed, int
   const int64_t pass_rows = amx_tiles ? kAmxMaxRows : wide || (pairs && kernel == kVnni512) ? 2 * kMaxRows : kMaxRows;
   // the far and L2 hints: for every call of more than one pass, and for single passes unless the CPU is AMD's
   const bool single_pass_hints = !cpu_is_amd();
-  base.far_hint = rows_total > kMaxRows ||
-                  (INT8SERVE_FAR_HINT_SINGLE_PASS < 0 ? single_pass_hints : INT8SERVE_FAR_HINT_SINGLE_PASS > 0);
+  base.far_hint = rows_total > kMaxRows || setting_or_rule(INT8SERVE_FAR_HINT_SINGLE_PASS, single_pass_hints);
   base.l2_hint = rows_total > kMaxRows || INT8SERVE_L2_HINT_ALWAYS || single_pass_hints;
   // One pass of rows takes each tile whole; more take it kChunkGroups groups at a time, every pass over a chunk
   // before the next chunk (the weights stream from memory at one pace, and each chunk is read from memory once).
