@@ -187,8 +187,13 @@ void step_jobs(const Args& a, const Step& step, uint16_t* buf, std::vector<Dequa
 // falls behind. (This was 128 jobs ahead, which a step of 4 tiles x 8 groups x 4 blocks = 128 jobs never reached:
 // no hint at all. It went unnoticed while the scales were an array of their own; with them in the stream, 128-row
 // chunks of 4096 -> 11008 took 7.0-7.1 ms against 5.9-6.2 before. Sapphire Rapids, 2 threads, 6 weight copies in
-// turn: 4 jobs ahead 5.9-6.3 ms, 8: 6.1-6.2, 16: 6.2, 32: 6.5, 64: 6.6-6.7; 512 rows 18-20 ms alike.)
-constexpr size_t kJobsAhead = 8;
+// turn: 4 jobs ahead 5.9-6.3 ms, 8: 6.1-6.2, 16: 6.2, 32: 6.5, 64: 6.6-6.7; 512 rows 18-20 ms alike.) A build with
+// -DINT8SERVE_MATMUL_JOBS_AHEAD=N asks N jobs ahead instead (benchmarks/matmul_builds.py compares builds).
+#ifndef INT8SERVE_MATMUL_JOBS_AHEAD
+#define INT8SERVE_MATMUL_JOBS_AHEAD 8
+#endif
+constexpr size_t kJobsAhead = INT8SERVE_MATMUL_JOBS_AHEAD;
+static_assert(kJobsAhead >= 1, "at least the next job");
 
 INT8SERVE_BF16 void run_jobs(const std::vector<DequantJob>& jobs, size_t* next, size_t count) {
   const size_t end = std::min(jobs.size(), *next + count);

@@ -199,15 +199,17 @@ def unavailable_reason() -> str | None:
     return loaded if isinstance(loaded, str) else setting_problem()
 
 
-def matmul(rows: Tensor, weight: PackedWeight, round_bf16: bool = False, path: str | None = None) -> Tensor:
+def matmul(rows: Tensor, weight: PackedWeight, round_bf16: bool = False, path: str | None = None,
+           library: ctypes.CDLL | None = None) -> Tensor:
     """rows [M, K] (any float dtype; multiplied as bf16) @ dequantized(weight).T -> fp32 [M, N].
 
     The weight's values are its bf16 dequantization (int8 x bf16 scale, rounded to the nearest even bf16), as the
     dense path's buffer holds them; the sums are fp32 (kept: more accurate, see the note above MAX_ROWS), or rounded to
     bf16 at the end with `round_bf16`, as the dense path's bf16 matmul returns them. `path`: one of `PATHS` (None: the
-    default, `path()`). Raises RuntimeError if the kernel or that path is not available here.
+    default, `path()`). `library`: another build of matmul.cpp (benchmarks/matmul_builds.py; None: the project's).
+    Raises RuntimeError if the kernel or that path is not available here.
     """
-    loaded = _load()
+    loaded = _load() if library is None else library
     if isinstance(loaded, str):
         raise RuntimeError(f"our bf16 prefill matmul is not available: {loaded}")
     if path is not None and path not in PATHS:
