@@ -23,7 +23,6 @@ import argparse
 import ctypes
 import datetime
 import random
-import shlex
 import statistics
 import sys
 import tempfile
@@ -35,7 +34,14 @@ from pathlib import Path
 import torch
 
 from benchmarks.common import display_command, publish
-from benchmarks.gemv_builds import Variant, check_variants, compile_variant, parse_variant
+from benchmarks.gemv_builds import (
+    add_build_arguments,
+    builds_in_order,
+    compile_variant,
+    describe_variants,
+    speedup_cell,
+    timed_in_random_order,
+)
 from benchmarks.machine import CpuShares, cpu_label, log, machine_description
 from int8serve.engine import kv_int8
 from int8serve.engine.kernels import attention
@@ -96,13 +102,7 @@ def time_case(libraries: dict[str, ctypes.CDLL], step: Step, impl: str, rounds: 
     for label, out in outputs.items():
         if not all(torch.equal(a, b) for a, b in zip(first, out, strict=True)):
             sys.exit(f"error: {label!r} gives other bits than {next(iter(outputs))!r} at {step.positions}")
-    seconds: dict[str, list[float]] = {label: [] for label in libraries}
-    for _ in range(rounds):
-        labels = list(libraries)
-        order.shuffle(labels)
-        for label in labels:
-            seconds[label].append(step.seconds(libraries[label], impl))
-    return seconds
+    return timed_in_random_order(libraries, rounds, order, lambda lib: step.seconds(lib, impl))
 
 
 def report(args: argparse.Namespace, rows: list[tuple[str, str, int, dict[str, list[float]]]], load: float,
@@ -117,18 +117,13 @@ def report(args: argparse.Namespace, rows: list[tuple[str, str, int, dict[str, l
              f"- Date: {now}; CPU: {machine_description()}; attention path {impl}, {args.threads} threads; the "
              f"attention of one decode step in all {LAYERS} layers ({HEADS} heads of {HEAD_DIM}), each over its own "
              f"cache; {args.rounds} rounds, the builds in a random order each; same bits checked first.",
-             "- Variants: " + "; ".join(f"{v.label}: " + (f"the sources at {v.revision}" if v.revision else
-                                                          f"`{shlex.join(v.defines) or '(no defines)'}`")
-                                        for v in args.variant) + ".",
+             describe_variants(args.variant),
              f"- Other processes used {load:.0%} of the CPUs during the run. The ratios are medians of the "
              "per-round ratios, with their quartiles.", "", header, "|" + "---|" * (2 + 2 * len(labels) - 1)]
     for case, kv_cache, kv_bytes, seconds in rows:
         medians = {label: statistics.median(seconds[label]) for label in labels}
         cells = [f"{medians[label] * 1e3:.1f} ({kv_bytes / medians[label] / 1e9:.1f})" for label in labels]
-        for label in labels[1:]:
-            ratios = [a / b for a, b in zip(seconds[labels[0]], seconds[label], strict=True)]
-            q1, _, q3 = statistics.quantiles(ratios, n=4) if len(ratios) > 1 else (ratios[0],) * 3
-            cells.append(f"**{statistics.median(ratios):.2f}x** ({q1:.2f}-{q3:.2f})")
+        cells += [speedup_cell(seconds[labels[0]], seconds[label]) for label in labels[1:]]
         lines.append(f"| {case} | {kv_cache} | " + " | ".join(cells) + " |")
     return "\n".join(lines) + "\n"
 
@@ -136,12 +131,7 @@ def report(args: argparse.Namespace, rows: list[tuple[str, str, int, dict[str, l
 def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(prog=f"python -m benchmarks.{SCRIPT.removesuffix('.py')}", description=__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--variant", type=parse_variant, action="append", default=[],
-                        help="LABEL=FLAGS, a build of the working tree's attention.cpp with these -D defines "
-                             "(repeat; the first build given is the reference)")
-    parser.add_argument("--revision", action="append", default=[], metavar="REV",
-                        help="a build of attention.cpp as it was at git revision REV (repeat; the reference when it "
-                             "comes first; without --variant, the working tree is compared with it as 'now')")
+    add_build_arguments(parser, "attention.cpp")
     parser.add_argument("--cases", nargs="+", choices=list(CASES), default=["b1@512", "b4@512-128", "b4@1020-960"])
     parser.add_argument("--kv-cache", nargs="+", choices=KV_CACHES, default=["bf16"])
     parser.add_argument("--impl", choices=["auto", "avx512", "avx2", "scalar"], default="auto",
@@ -150,9 +140,7 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--write", type=Path, metavar="FILE", help="replace this script's section of FILE")
     args = parser.parse_args(argv)
     args.argv = list(argv) if argv is not None else sys.argv[1:]
-    args.variant = [Variant(revision, (), revision) for revision in args.revision] + (
-        args.variant or [parse_variant("now=")])
-    check_variants(parser, args.variant, "give at least two builds: --revision REV, or two --variant")
+    args.variant = builds_in_order(parser, args)
     if args.rounds < 1:
         parser.error("--rounds must be at least 1")
     return args

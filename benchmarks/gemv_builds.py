@@ -22,6 +22,7 @@ from __future__ import annotations
 import argparse
 import ctypes
 import datetime
+import random
 import shlex
 import statistics
 import subprocess
@@ -90,6 +91,52 @@ def check_variants(parser: argparse.ArgumentParser, variants: Sequence[Variant],
         parser.error("every variant needs a label of its own")
     if len(variants) < 2:
         parser.error(too_few)
+
+
+def describe_variants(variants: Sequence[Variant]) -> str:
+    """The report's line naming each build: its defines, or the revision whose sources it is."""
+    return "- Variants: " + "; ".join(f"{v.label}: " + (f"the sources at {v.revision}" if v.revision else
+                                                      f"`{shlex.join(v.defines) or '(no defines)'}`")
+                                    for v in variants) + "."
+
+
+def add_build_arguments(parser: argparse.ArgumentParser, source: str) -> None:
+    """--variant and --revision for a script whose builds are the first given as the reference (attention_builds,
+    matmul_builds); `source`: the file they build (attention.cpp, matmul.cpp)."""
+    parser.add_argument("--variant", type=parse_variant, action="append", default=[],
+                        help=f"LABEL=FLAGS, a build of the working tree's {source} with these -D defines (repeat; "
+                             "the first build given is the reference)")
+    parser.add_argument("--revision", action="append", default=[], metavar="REV",
+                        help=f"a build of {source} as it was at git revision REV (repeat; the reference when it "
+                             "comes first; without --variant, the working tree is compared with it as 'now')")
+
+
+def builds_in_order(parser: argparse.ArgumentParser, args: argparse.Namespace) -> list[Variant]:
+    """add_build_arguments' builds: the revisions first, then the variants (the working tree as 'now' without any);
+    a usage error unless there are two or more, each with a label of its own."""
+    variants = [Variant(revision, (), revision) for revision in args.revision] + (args.variant or
+                                                                                   [parse_variant("now=")])
+    check_variants(parser, variants, "give at least two builds: --revision REV, or two --variant")
+    return variants
+
+
+def timed_in_random_order(libraries: dict[str, ctypes.CDLL], rounds: int, order: random.Random,
+                          seconds_of: Callable[[ctypes.CDLL], float]) -> dict[str, list[float]]:
+    """`rounds` times of every build, `seconds_of(library)` each, the builds in a new random order every round."""
+    seconds: dict[str, list[float]] = {label: [] for label in libraries}
+    for _ in range(rounds):
+        labels = list(libraries)
+        order.shuffle(labels)
+        for label in labels:
+            seconds[label].append(seconds_of(libraries[label]))
+    return seconds
+
+
+def speedup_cell(reference: Sequence[float], seconds: Sequence[float]) -> str:
+    """`**median x** (quartiles)` of the per-round ratios reference time / this build's."""
+    ratios = [a / b for a, b in zip(reference, seconds, strict=True)]
+    q1, _, q3 = statistics.quantiles(ratios, n=4) if len(ratios) > 1 else (ratios[0],) * 3
+    return f"**{statistics.median(ratios):.2f}x** ({q1:.2f}-{q3:.2f})"
 
 
 def compile_variant(variant: Variant, folder: Path, source: Path = kernels.SOURCE,
@@ -174,9 +221,7 @@ def report(args: argparse.Namespace, results: list[tuple[str, int, Timing]], loa
              f"- Command: `{command_line(args)}`",
              f"- Date: {now}; CPU: {machine_description()}; kernel path {kernels.path()}, precise activations, "
              f"{args.threads} threads, {scale_scheme(args.group_size)}; weights rotate through > 1 GB of copies.",
-             "- Variants: " + "; ".join(f"{v.label}: " + (f"the sources at {v.revision}" if v.revision else
-                                                          f"`{shlex.join(v.defines) or '(no defines)'}`")
-                                        for v in args.variant) + ".",
+             describe_variants(args.variant),
              f"- Other processes used {load:.0%} of the CPUs during the run. GB/s = int8 weight bytes per call ÷ "
              "median call time; the ratios are medians of the per-round ratios.", "",
              header, "|" + "---|" * (2 + 2 * len(labels) - 1)]

@@ -21,7 +21,6 @@ import argparse
 import ctypes
 import datetime
 import random
-import shlex
 import statistics
 import sys
 import tempfile
@@ -33,7 +32,14 @@ from pathlib import Path
 import torch
 
 from benchmarks.common import display_command, publish
-from benchmarks.gemv_builds import Variant, check_variants, compile_variant, parse_variant
+from benchmarks.gemv_builds import (
+    add_build_arguments,
+    builds_in_order,
+    compile_variant,
+    describe_variants,
+    speedup_cell,
+    timed_in_random_order,
+)
 from benchmarks.machine import CpuShares, cpu_label, log, machine_description
 from int8serve.engine import kernels
 from int8serve.engine.kernels import matmul
@@ -85,13 +91,7 @@ def time_case(libraries: dict[str, ctypes.CDLL], case: Case, path: str, rounds: 
     for label, out in outputs.items():
         if not torch.equal(outputs[reference], out):
             sys.exit(f"error: {label!r} gives other bits than {reference!r} ({case.shape}, {case.rows} rows)")
-    seconds: dict[str, list[float]] = {label: [] for label in libraries}
-    for _ in range(rounds):
-        labels = list(libraries)
-        order.shuffle(labels)
-        for label in labels:
-            seconds[label].append(case.seconds(libraries[label], path))
-    return seconds
+    return timed_in_random_order(libraries, rounds, order, lambda lib: case.seconds(lib, path))
 
 
 def report(args: argparse.Namespace, rows: list[tuple[Case, dict[str, list[float]]]], load: float) -> str:
@@ -106,19 +106,14 @@ def report(args: argparse.Namespace, rows: list[tuple[Case, dict[str, list[float
              f"bf16 weight scale per 32 inputs, the weights rotating through copies ({ROTATION_BYTES / 1e9:.1f} GB "
              f"a shape); {args.rounds} rounds of {CALLS} calls, the builds in a random order each; same bits "
              "checked first.",
-             "- Variants: " + "; ".join(f"{v.label}: " + (f"the sources at {v.revision}" if v.revision else
-                                                          f"`{shlex.join(v.defines) or '(no defines)'}`")
-                                        for v in args.variant) + ".",
-             f"- Other processes used {load:.0%} of the CPUs during the run.", "", header,
-             "|" + "---|" * (2 + 2 * len(labels) - 1)]
+             describe_variants(args.variant),
+             f"- Other processes used {load:.0%} of the CPUs during the run. The ratios are medians of the "
+             "per-round ratios, with their quartiles.", "", header, "|" + "---|" * (2 + 2 * len(labels) - 1)]
     for case, seconds in rows:
         k, n = SHAPES[case.shape]
         medians = {label: statistics.median(seconds[label]) for label in labels}
         cells = [f"{medians[label] * 1e3:.2f} ({case.multiply_adds() / medians[label] / 1e9:.0f})" for label in labels]
-        for label in labels[1:]:
-            ratios = [a / b for a, b in zip(seconds[labels[0]], seconds[label], strict=True)]
-            q1, _, q3 = statistics.quantiles(ratios, n=4) if len(ratios) > 1 else (ratios[0],) * 3
-            cells.append(f"**{statistics.median(ratios):.2f}x** ({q1:.2f}-{q3:.2f})")
+        cells += [speedup_cell(seconds[labels[0]], seconds[label]) for label in labels[1:]]
         lines.append(f"| {k}→{n} ({case.shape}) | {case.rows} | " + " | ".join(cells) + " |")
     return "\n".join(lines) + "\n"
 
@@ -126,12 +121,7 @@ def report(args: argparse.Namespace, rows: list[tuple[Case, dict[str, list[float
 def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(prog=f"python -m benchmarks.{SCRIPT.removesuffix('.py')}", description=__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--variant", type=parse_variant, action="append", default=[],
-                        help="LABEL=FLAGS, a build of the working tree's matmul.cpp with these -D defines (repeat; "
-                             "the first build given is the reference)")
-    parser.add_argument("--revision", action="append", default=[], metavar="REV",
-                        help="a build of matmul.cpp as it was at git revision REV (repeat; the reference when it "
-                             "comes first; without --variant, the working tree is compared with it as 'now')")
+    add_build_arguments(parser, "matmul.cpp")
     parser.add_argument("--shapes", nargs="+", choices=list(SHAPES), default=list(SHAPES))
     parser.add_argument("--rows", type=int, nargs="+", default=[128, 512],
                         help="rows a call (default 128, the server's chunk, and 512, a prompt in one forward)")
@@ -141,9 +131,7 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--write", type=Path, metavar="FILE", help="replace this script's section of FILE")
     args = parser.parse_args(argv)
     args.argv = list(argv) if argv is not None else sys.argv[1:]
-    args.variant = [Variant(revision, (), revision) for revision in args.revision] + (
-        args.variant or [parse_variant("now=")])
-    check_variants(parser, args.variant, "give at least two builds: --revision REV, or two --variant")
+    args.variant = builds_in_order(parser, args)
     if args.rounds < 1 or min(args.rows) < 1:
         parser.error("--rounds and --rows must be at least 1")
     return args
