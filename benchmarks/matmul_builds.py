@@ -6,13 +6,15 @@ int8 weights) and its tile products share a core, and on when the weights arrive
 CPUs and move with the host's load, so a change is timed against its reference round after round in one run. Each
 variant is matmul.cpp built with the project's flags plus `-D` defines, or its sources at a git revision; every build
 must give the same bits (checked first: a build that does not stops the run). Calls rotate through copies of the
-weight (more than `ROTATION_BYTES` together), so that each call reads its weight from memory, as prefill does.
+weight (about `ROTATION_BYTES` together), so that each call reads its weight from memory, as prefill does.
 
     python -m benchmarks.matmul_builds --revision HEAD~1                     # this code against the commit before
     python -m benchmarks.matmul_builds --variant now= --variant "4 ahead=-DINT8SERVE_MATMUL_JOBS_AHEAD=4"
     python -m benchmarks.matmul_builds --revision HEAD~1 --path avx512bf16 --rows 48 128
 
-The ratios are medians of the per-round ratios (the reference's time ÷ this build's), with their quartiles.
+The ratios are medians of the per-round ratios (the reference's time ÷ this build's), with their quartiles. A second
+build of the same code (`--variant "again=-DUNUSED=1"`) shows what the run cannot tell apart: before 9fbf3f0 two such
+builds differed by up to 18%, each in its own steady way, because the kernel's scratch sat where malloc put it.
 """
 
 from __future__ import annotations
