@@ -59,6 +59,7 @@
 #include <new>
 #include <vector>
 
+#include "aligned.h"
 #include "amx_tiles.h"
 #include "packed_layout.h"
 #include "prefetch.h"
@@ -519,12 +520,6 @@ int64_t gemm_chunk_rows(int64_t m, int64_t max_rows, int64_t block_rows) {
   const int64_t passes = (m + max_rows - 1) / max_rows;
   const int64_t even = (m + passes - 1) / passes;
   return (even + block_rows - 1) / block_rows * block_rows;
-}
-
-// The first 64-byte aligned element of storage (allocated with 64 bytes to spare).
-template <typename T>
-T* aligned64(std::vector<T>& storage) {
-  return storage.data() + (64 - reinterpret_cast<uintptr_t>(storage.data()) % 64) % 64 / sizeof(T);
 }
 
 // The exact int32 dot product of int8 row r (+ its correction) with group g of a tile's 64 rows, into dot[64].

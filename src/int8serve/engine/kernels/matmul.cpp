@@ -56,6 +56,7 @@
 #include <new>
 #include <vector>
 
+#include "aligned.h"
 #include "amx_tiles.h"
 #include "packed_layout.h"
 
@@ -415,38 +416,6 @@ INT8SERVE_BF16 void pack_rows(const void* x, bool fp32, int64_t m, int64_t k, in
   }
 }
 
-// A thread's scratch of at least `count` values of T, page-aligned, kept between calls and grown (never shrunk) when a
-// call needs more; nullptr when memory runs out. Why aligned: every tile load of the packed rows (A) and of the sums
-// between K-blocks reads 16 rows of 64 bytes, and a row that starts off a 64-byte boundary reads two cache lines.
-// These were std::vectors, whose data malloc aligns to 16 bytes only: the kernel's speed then hung on the heap's
-// state when each buffer was first grown, once per thread and process. Measured on a Sapphire Rapids (2026-12-05, 2
-// threads, benchmarks/matmul_builds.py, the 7B shapes, 8 rounds, the same bits): the packed rows 16 bytes off
-// 0.84-0.91x, the sums 16 bytes off 0.92-0.99x, both 32 bytes off 0.81-0.89x; identical builds of the vector version
-// measured 0.84-1.18x of one another within one run, the page-aligned ones within 1-2% (the offset between the
-// buffers within their pages did not matter: 0.98-1.03x).
-class PageBuffer {
- public:
-  PageBuffer() = default;
-  PageBuffer(const PageBuffer&) = delete;
-  PageBuffer& operator=(const PageBuffer&) = delete;
-  ~PageBuffer() { std::free(data_); }
-  template <class T>
-  T* at_least(int64_t count) {
-    const size_t bytes = (static_cast<size_t>(count) * sizeof(T) + kPage - 1) / kPage * kPage;
-    if (bytes > size_) {
-      std::free(data_);
-      data_ = std::aligned_alloc(kPage, bytes);
-      size_ = data_ != nullptr ? bytes : 0;
-    }
-    return static_cast<T*>(data_);
-  }
-
- private:
-  static constexpr size_t kPage = 4096;
-  void* data_ = nullptr;
-  size_t size_ = 0;
-};
-
 }  // namespace
 
 #define I8M_API extern "C" __attribute__((visibility("default")))
@@ -470,10 +439,16 @@ I8M_API int i8m_matmul(const void* x, int x_fp32, int64_t m, int64_t k, const ui
   const bool use_tiles = impl == kTiles || (impl == kAuto && tiles_ready());
   const int64_t mp = (m + kRowsPerPass - 1) / kRowsPerPass * kRowsPerPass, kp = (k + kGroup - 1) / kGroup * kGroup;
   const int64_t groups = kp / kGroup;
-  // the calling thread's packed rows, kept and grown (the engine calls from one thread)
-  static thread_local PageBuffer rows;
-  uint16_t* packed_rows = rows.at_least<uint16_t>(mp * kp);
-  if (packed_rows == nullptr) return -2;
+  // the calling thread's packed rows, kept and grown (the engine calls from one thread), on 64-byte boundaries: every
+  // tile load reads 16 rows of 64 bytes (aligned.h)
+  static thread_local std::vector<uint16_t> rows;
+  try {
+    if (rows.size() < static_cast<size_t>(mp * kp + kAlignSlack<uint16_t>))
+      rows.resize(static_cast<size_t>(mp * kp + kAlignSlack<uint16_t>));
+  } catch (const std::bad_alloc&) {
+    return -2;
+  }
+  uint16_t* packed_rows = aligned64(rows);
   const int nthreads = static_cast<int>(std::max<int64_t>(1, std::min<int64_t>(threads, tiles)));
   pack_rows(x, x_fp32 != 0, m, k, mp, kp, packed_rows, nthreads);
   const Args args{packed_rows, mp, kp, m, use_tiles, packed, packed::layout(groups, group_size), out, ldc,
@@ -484,15 +459,17 @@ I8M_API int i8m_matmul(const void* x, int x_fp32, int64_t m, int64_t k, const ui
     const int count = nthreads > 1 ? omp_get_num_threads() : 1, id = nthreads > 1 ? omp_get_thread_num() : 0;
     // each thread's two buffers of B tiles (128 KB each) and its panel's sums between K-blocks (mp x 256 fp32), kept
     // for its later calls (OpenMP's threads live as long as the process); no exception may leave the region
-    static thread_local PageBuffer tiles_room, sums_room;
+    // (each on 64-byte boundaries, as the rows)
+    static thread_local std::vector<uint16_t> tile_room;
+    static thread_local std::vector<float> sum_room;
     constexpr int64_t kBufferWords = kPanelTiles * kBlocks * kBlockGroups * kBTileWords;
-    uint16_t* both = tiles_room.at_least<uint16_t>(2 * kBufferWords);
-    float* sums = sums_room.at_least<float>(mp * kPanelTiles * kTileRows);
     try {
-      if (both == nullptr || sums == nullptr) throw std::bad_alloc();
-      uint16_t* buffers[2] = {both, both + kBufferWords};
+      if (tile_room.empty()) tile_room.resize(static_cast<size_t>(2 * kBufferWords + kAlignSlack<uint16_t>));
+      if (sum_room.size() < static_cast<size_t>(mp * kPanelTiles * kTileRows + kAlignSlack<float>))
+        sum_room.resize(static_cast<size_t>(mp * kPanelTiles * kTileRows + kAlignSlack<float>));
+      uint16_t* buffers[2] = {aligned64(tile_room), aligned64(tile_room) + kBufferWords};
       if (use_tiles) configure_tiles();
-      multiply_tiles(args, tiles * id / count, tiles * (id + 1) / count, buffers, sums);
+      multiply_tiles(args, tiles * id / count, tiles * (id + 1) / count, buffers, aligned64(sum_room));
       if (use_tiles) tiles_release();  // other code on this thread (oneDNN, gemv.cpp) configures the tiles its own way
     } catch (const std::bad_alloc&) {
       if (use_tiles) tiles_release();
