@@ -23,7 +23,7 @@ import socket
 import threading
 import time
 import uuid
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
@@ -217,6 +217,14 @@ def sdk(base_url: str) -> Iterator[Cloudflare]:
     client = Cloudflare(api_token=TOKEN, base_url=f"{base_url}/client/v4", max_retries=0, timeout=60)
     yield client
     client.close()
+
+
+def wait_for(condition: Callable[[], Any], what: str, timeout: float = 30.0) -> None:
+    """Poll `condition` until it holds; fail with `what` after a generous deadline."""
+    deadline = time.monotonic() + timeout
+    while not condition():
+        assert time.monotonic() < deadline, f"timed out waiting for {what}"
+        time.sleep(0.01)
 
 
 def wait_idle(engines: dict[str, Engine], timeout: float = 30.0) -> None:

@@ -12,7 +12,7 @@ import json
 import socket
 import threading
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Iterator
 from typing import Any
 
 import httpx
@@ -28,7 +28,7 @@ from int8serve.service.app import create_app
 from int8serve.service.inference import RequestLimits
 from int8serve.service.policy import Policy
 
-from .conftest import ACCOUNT, CONTEXT, MODEL, TOKEN, TOKENS, LiveServer
+from .conftest import ACCOUNT, CONTEXT, MODEL, TOKEN, TOKENS, LiveServer, wait_for
 
 RUN = f"/client/v4/accounts/{ACCOUNT}/ai/run/{MODEL}"
 AUTH = {"Authorization": f"Bearer {TOKEN}"}
@@ -114,14 +114,6 @@ def served(catalog: Catalog, gated: GatedEngine) -> Iterator[tuple[LiveServer, P
     with LiveServer(app) as live:
         yield live, policy
     policy.close()
-
-
-def wait_for(condition: Callable[[], Any], what: str, timeout: float = 30.0) -> None:
-    """Poll `condition` until it holds; fail with `what` after a generous deadline."""
-    deadline = time.monotonic() + timeout
-    while not condition():
-        assert time.monotonic() < deadline, f"timed out waiting for {what}"
-        time.sleep(0.01)
 
 
 def row_of(policy: Policy, request_id: str) -> dict[str, Any]:

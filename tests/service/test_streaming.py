@@ -11,7 +11,7 @@ from fastapi import FastAPI
 
 from int8serve.engine.scheduler import Engine
 
-from .conftest import ACCOUNT, SCRIPT_PIECES, SCRIPT_TEXT, SCRIPTED_MODEL, SLOW_MODEL, TOKEN
+from .conftest import ACCOUNT, SCRIPT_PIECES, SCRIPT_TEXT, SCRIPTED_MODEL, SLOW_MODEL, TOKEN, wait_for
 
 SCRIPTED_URL = f"/client/v4/accounts/{ACCOUNT}/ai/run/{SCRIPTED_MODEL}"
 SLOW_URL = f"/client/v4/accounts/{ACCOUNT}/ai/run/{SLOW_MODEL}"
@@ -104,15 +104,17 @@ def _row(app: FastAPI, request_id: str | None = None) -> dict[str, object]:
     table = ledger.table
     query = (table.select().where(table.c.request_id == request_id) if request_id is not None else
              table.select().where(table.c.model == SLOW_MODEL).order_by(table.c.time.desc()).limit(1))
-    deadline = time.monotonic() + 10
-    while True:
+
+    def read() -> dict[str, object] | None:
         assert ledger.flush()
         with ledger.database.connect() as conn:
             found = conn.execute(query).mappings().first()
-        if found is not None:
-            return dict(found)
-        assert time.monotonic() < deadline, f"no ledger row for request {request_id}"
-        time.sleep(0.02)
+        return dict(found) if found is not None else None
+
+    wait_for(lambda: read() is not None, f"the ledger row of request {request_id}", timeout=10)
+    row = read()
+    assert row is not None
+    return row
 
 
 def test_disconnected_stream_frees_its_slot(http: httpx.Client, base_url: str, auth: dict[str, str],
