@@ -971,8 +971,8 @@ INT8SERVE_AVX2 void rows_wide(const TileArgs& a, int64_t rows, int64_t tile) {
 // group dots, then inner = fma(float(dot), xscale, inner), and acc = fma(inner, wscale, acc) at each weight group's
 // end), so every output has the same bits as every other path's, whatever the number of rows.
 //
-// The register block is 3 rows x 32 outputs (group_sums_3x32; on the avxvnni path 6 x 16, group_into_acc_6x16): 12 sum
-// registers, and per input pair 2 registers of weights (outputs 0-15), 1 of the broadcast pair and 1 of products;
+// The register block is 3 rows x 32 outputs (group_sums_3x32; 6 x 16 where wide6_blocks says, group_into_acc_6x16): 12
+// sum registers, and per input pair 2 registers of weights (outputs 0-15), 1 of the broadcast pair and 1 of products;
 // outputs 16-31's weights are vpmaddwd's memory operands. Per pair: 2 weight loads and 3 broadcasts for 12 vpmaddwd
 // (each with its vpaddd), 29 instructions. An AMD EPYC Zen 3 issues vpmaddwd 2 a cycle alone and 1.7 a cycle beside as
 // many vpaddd (a loop of the two and nothing else), loads 2 a cycle, and its vector side takes about 4 instructions a
@@ -1431,13 +1431,17 @@ INT8SERVE_AVX2 void gemm_wide16_tile(const TileArgs& base, int64_t r_begin, int6
     widen_tile(base.lay, a.tile, a.g0, a.g1, room.wide);
     if (a.lay.span == 1) widen_scales(base.lay, a.tile, a.g0, a.g1, room.wscale);
     const NextKBlock next = next_kblock(a.lay, a.tile, a.g0, a.g1, (m + kWideGemmRows - 1) / kWideGemmRows);
+    const auto at_row = [&](int64_t r0) {  // the block's rows from the call's row r0 on
+      a.x = base.xwide + (r_begin + r0) * base.kp;
+      a.xscale = base.xscale + (2 * (r_begin + r0) + 1) * base.groups;
+      a.inner = room.inner + r0 * kTileRows;
+      a.acc = room.acc + r0 * kTileRows;
+    };
     int64_t r0 = 0;
     if (six_rows) {
       static_assert(kTileRows / kWideColumns == 2 && kWide6Rows == 2 * kWideGemmRows, "a share per column block");
       for (; r0 + kWide6Rows <= m; r0 += kWide6Rows) {
-        a.x = base.xwide + (r_begin + r0) * base.kp;
-        a.xscale = base.xscale + (2 * (r_begin + r0) + 1) * base.groups;
-        a.acc = room.acc + r0 * kTileRows;
+        at_row(r0);
         for (int64_t cb = 0; cb < 2; ++cb) {  // (the two 3-row blocks' shares of the hint, one before each half)
           if (INT8SERVE_WIDE_GEMM_HINT) ask_for_share(next, r0 / kWideGemmRows + cb);
           wide_block6<kDot>(a, cb);
@@ -1446,10 +1450,7 @@ INT8SERVE_AVX2 void gemm_wide16_tile(const TileArgs& base, int64_t r_begin, int6
     }
     for (; r0 < m; r0 += kWideGemmRows) {
       if (INT8SERVE_WIDE_GEMM_HINT) ask_for_share(next, r0 / kWideGemmRows);
-      a.x = base.xwide + (r_begin + r0) * base.kp;
-      a.xscale = base.xscale + (2 * (r_begin + r0) + 1) * base.groups;
-      a.inner = room.inner + r0 * kTileRows;
-      a.acc = room.acc + r0 * kTileRows;
+      at_row(r0);
       const int64_t rows = std::min<int64_t>(kWideGemmRows, m - r0);
       for (int64_t cb = 0; cb < kTileRows / kWideColumns; ++cb) {
         if (a.lay.span == 1)
