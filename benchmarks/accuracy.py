@@ -12,7 +12,11 @@ inputs) and way of computing:
   measures the dense path there. Elsewhere: dequantized weights
   (bf16 on CPUs with native bf16, through our bf16 kernel with its fp32 sums where it runs; fp32 elsewhere) in a
   dense matmul;
-- `weights only`: the int8 weights in fp32 math (no activation rounding at all): the floor of the weight scheme;
+- `bf16 kernel`: every call of more than 32 rows through our bf16 prefill kernel (AMX-BF16 tiles or AVX512-BF16
+  vectors, its fp32 sums kept), as `INT8SERVE_PREFILL_MATMUL=bf16` asks; the default prefill of AMX CPUs. Only
+  on CPUs that have one of the two;
+- `weights only`: the int8 weights in fp32 math (no activation rounding at all): the floor of the weight scheme (the
+  head's largest logits refined as the model refines them, in this mode and the next);
 - `bf16 activations`, `bf16 weights`, `bf16 both`, `two bf16 activations`: the same fp32 math with the roundings an
   AMX-BF16 kernel makes, one at a time: activations rounded to bf16, dequantized weights (w * scale) rounded to bf16,
   both (what our bf16 prefill kernel multiplies, in another order of sums), and activations as the sum of two bf16
@@ -20,6 +24,8 @@ inputs) and way of computing:
   x_hi w_hi + x_hi w_lo + x_lo w_hi). Which rounding costs how much accuracy.
 The kernel computes each row on its own and every path gives the same bits, so the `kernel` rows are what decode
 gives on any CPU. Issue #10's targets: KLD <= 0.0005, top-1 >= 98.7%, PPL ratio <= 1.001.
+The output head refines its 16 largest logits a row from its int8 rows plus their rounding error (Int8Linear's
+residual, kept when quantizing); `--drop-head-residual` measures the model without it, as before it was kept.
 
     .venv/bin/python -m benchmarks.accuracy --write docs/benchmarks.md     # ~10 minutes on a quiet machine
     .venv/bin/python -m benchmarks.accuracy --model smollm2 --windows 8 --write docs/benchmarks.md
@@ -28,6 +34,7 @@ gives on any CPU. Issue #10's targets: KLD <= 0.0005, top-1 >= 98.7%, PPL ratio 
 from __future__ import annotations
 
 import argparse
+import os
 import sys
 import time
 from collections.abc import Callable, Iterator, Sequence
@@ -40,7 +47,8 @@ from torch import Tensor
 from benchmarks.common import display_command, write_section
 from benchmarks.machine import log, machine_facts
 from int8serve.engine import int8, kernels
-from int8serve.engine.int8 import Int8Linear, dequantize
+from int8serve.engine.int8 import Int8Linear, StackedInt8Linear, dequantize
+from int8serve.engine.kernels import matmul as prefill_matmul
 from int8serve.engine.loader import DEFAULT_QUANTIZER, QUANTIZERS, load_model
 from int8serve.engine.model import Transformer
 from int8serve.engine.perplexity import evaluate
@@ -63,7 +71,7 @@ def _same(t: Tensor) -> Tensor:
 # name: (what rounds the activations, what rounds the dequantized weights), in fp32 math
 EMULATIONS = {"weights only": (_same, _same), "bf16 activations": (_bf16, _same), "bf16 weights": (_same, _bf16),
               "bf16 both": (_bf16, _bf16), "two bf16 activations": (_two_bf16, _same)}
-MODES = ("kernel", "kernel precise", "prefill (dense)", *EMULATIONS)
+MODES = ("kernel", "kernel precise", "prefill (dense)", "bf16 kernel", *EMULATIONS)
 SMOLLM2 = SHARED / "models" / "smollm2-135m-instruct" / "SmolLM2-135M-Instruct.Q4_1.gguf"
 # Issue #15's goal on SmolLM2 (weight-only int8 per 32 inputs simulated in fp32 measured KLD 0.0012, top-1 98.0%).
 SMOLLM2_GOAL = "KLD ≤ 0.0013, top-1 ≥ 97.9%"
@@ -102,16 +110,28 @@ class RememberedReference:
 @contextmanager
 def mode(name: str) -> Iterator[None]:
     """Int8Linear computes the way `name` says for the duration."""
-    saved = int8.KERNEL_ROWS, int8.PRECISE_ACTIVATIONS, Int8Linear.forward
+    saved = int8.KERNEL_ROWS, int8.PRECISE_ACTIVATIONS, Int8Linear.forward, StackedInt8Linear.forward
+    saved_setting = os.environ.get(prefill_matmul.ENV)
     int8.KERNEL_ROWS = 1 << 30 if name.startswith("kernel") else saved[0]
     # (prefill keeps the default, two int8 passes a row, where our kernel takes prefill calls: the row-exact CPUs)
-    int8.PRECISE_ACTIVATIONS = name == "kernel precise" or (name == "prefill (dense)" and saved[1])
+    int8.PRECISE_ACTIVATIONS = name == "kernel precise" or (name in ("prefill (dense)", "bf16 kernel") and saved[1])
+    if name == "bf16 kernel":
+        if not prefill_matmul.available():
+            raise SystemExit(f"mode 'bf16 kernel': this CPU has no bf16 prefill kernel "
+                             f"({prefill_matmul.unavailable_reason()})")
+        os.environ[prefill_matmul.ENV] = "bf16"
     if name in EMULATIONS:
         Int8Linear.forward = _emulation(*EMULATIONS[name])  # type: ignore[method-assign]
+        # the stacked projections' calls (q, k, v; gate, up: one kernel call where our kernel takes every call) too
+        StackedInt8Linear.forward = lambda self, x: tuple(layer(x) for layer in self.layers)  # type: ignore
     try:
         yield
     finally:
-        int8.KERNEL_ROWS, int8.PRECISE_ACTIVATIONS, Int8Linear.forward = saved  # type: ignore[method-assign]
+        int8.KERNEL_ROWS, int8.PRECISE_ACTIVATIONS, Int8Linear.forward, StackedInt8Linear.forward = saved  # type: ignore
+        if saved_setting is None:
+            os.environ.pop(prefill_matmul.ENV, None)
+        else:
+            os.environ[prefill_matmul.ENV] = saved_setting
 
 
 def _emulation(activations: Callable[[Tensor], Tensor], weights: Callable[[Tensor], Tensor]
@@ -121,7 +141,8 @@ def _emulation(activations: Callable[[Tensor], Tensor], weights: Callable[[Tenso
         weight = getattr(self, "_fp32_weight", None)
         if weight is None:
             weight = self._fp32_weight = dequantize(*self.quantized())
-        return (activations(x.float()) @ weights(weight).T).to(x.dtype)
+        out = (activations(x.float()) @ weights(weight).T).to(x.dtype)
+        return self._refine(x, out) if self.refine_top else out  # the head's largest logits, as the model's own
     return forward
 
 
@@ -134,6 +155,8 @@ def main(argv: Sequence[str] | None = None) -> None:
     parser.add_argument("--model", choices=["stories260K", "smollm2"], default="stories260K")
     parser.add_argument("--windows", type=int, default=8,
                         help="smollm2: 256-token windows of each of sotu.txt and tinystories.txt (default: 8)")
+    parser.add_argument("--drop-head-residual", action="store_true",
+                        help="measure the int8 models without the output head's residual (as before it was kept)")
     parser.add_argument("--write", type=Path, metavar="FILE", help="write the table into this Markdown file")
     args = parser.parse_args(argv)
     if args.model == "smollm2":
@@ -151,6 +174,8 @@ def main(argv: Sequence[str] | None = None) -> None:
     for quantizer in args.quantizers:
         for group_size in args.group_sizes:
             model = load_model(model_dir, "int8", group_size=group_size, quantizer=quantizer).model
+            if args.drop_head_residual:
+                model.output.residual = model.output.residual_scale = None
             for name in args.modes:
                 started = time.perf_counter()
                 with mode(name):
@@ -180,6 +205,8 @@ def main(argv: Sequence[str] | None = None) -> None:
         f"{time.strftime('%Y-%m-%d', time.gmtime())}.",
         "- Scales are bf16, chosen per group by least squares among absmax/127 rounded up and the two bf16 values "
         f"below it. {goal}",
+        "- The output head's 16 largest logits a row from its int8 rows plus their rounding error (the head's "
+        "residual): " + ("dropped (`--drop-head-residual`)." if args.drop_head_residual else "kept, the default."),
         f"- Command: `{command}`",
         "",
         "| quantizer | weight scales | computed as | KLD (nats/token) | top-1 | PPL ratio |",

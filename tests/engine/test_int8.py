@@ -131,6 +131,68 @@ def test_refined_head_gives_exact_top_logits(kernel: bool, group_size: int, monk
 
 
 @pytest.mark.parametrize("group_size", [0, 32])
+@pytest.mark.parametrize("in_features", [64, 71])
+def test_the_residual_is_4_bit_values_two_a_byte_within_half_a_step(group_size: int, in_features: int) -> None:
+    torch.manual_seed(in_features)
+    error = torch.randn(5, in_features) * torch.rand(5, 1)
+    error[2] = 0.0  # an all-zero row stays zero
+    codes, scales = int8.quantize_residual(error, group_size)
+    assert codes.dtype == torch.uint8 and codes.shape == (5, -(-in_features // 2))
+    assert scales.dtype == torch.bfloat16 and scales.shape == (5, kernels.weight_groups(in_features, group_size))
+    values = int8.residual_values(codes, in_features)
+    assert values.shape == (5, in_features) and values.abs().max() <= int8.RESIDUAL_LEVELS
+    size = group_size or in_features
+    per_input = scales.float().repeat_interleave(size, dim=1)[:, :in_features]
+    assert torch.all((values * per_input - error).abs() <= per_input * 0.5 * (1 + 2**-7) + 1e-9)
+    assert not values[2].any() and not scales[2].any()
+    assert int(codes[0, 0] & 15) - 8 == values[0, 0] and int(codes[0, 0] >> 4) - 8 == values[0, 1]  # low first
+
+
+@pytest.mark.parametrize("kernel", [True, False])
+@pytest.mark.parametrize("group_size", [0, 32])
+def test_a_head_with_its_residual_refines_from_the_original_weight(kernel: bool, group_size: int,
+                                                                   monkeypatch: pytest.MonkeyPatch) -> None:
+    """The residual (the rounding error in 4 bits) brings the refined logits ~14x closer to the full-precision
+    weight's than the int8 rows alone; the others stay the int8 weight's."""
+    if not kernel:
+        monkeypatch.setattr(kernels, "available", lambda: False)
+    layer, _ = make_layer(64, 300, refine_top=8, group_size=group_size)
+    torch.manual_seed(64 + 300)
+    original = torch.randn(300, 64)  # make_layer's weight
+    x = torch.randn(3, 64)
+    without = layer(x)
+    layer.set_residual(original)
+    assert layer.residual is not None and layer.residual.dtype == torch.uint8 and layer.residual.shape == (300, 32)
+    groups = kernels.weight_groups(64, group_size)
+    assert layer.residual_scale is not None and layer.residual_scale.shape == (300, groups)
+    got = layer(x)
+    exact = x @ original.T
+    top = got.topk(8, dim=-1).indices
+    residual_error = (got.gather(1, top) - exact.gather(1, top)).abs().max()
+    int8_error = (without.gather(1, top) - exact.gather(1, top)).abs().max()
+    assert residual_error < int8_error / 5, (residual_error, int8_error)
+    rest = torch.ones_like(got, dtype=torch.bool).scatter_(1, top, False)
+    assert torch.equal(got[rest], without[rest])  # only the refined logits change
+
+
+def test_only_the_refined_head_keeps_a_residual_of_its_own_shape() -> None:
+    layer, dense = make_layer(64, 96, group_size=32)
+    with pytest.raises(ValueError, match="output head"):
+        layer.set_residual(dense)
+    head, dense = make_layer(64, 96, refine_top=4, group_size=32)
+    with pytest.raises(ValueError, match="shape"):
+        head.set_residual(dense.T.contiguous())
+    with pytest.raises(ValueError, match="uint8"):
+        head.set_residual_quantized(torch.zeros(96, 64, dtype=torch.int8), torch.ones(96, 2))
+    with pytest.raises(ValueError, match="residual scales"):
+        head.set_residual_quantized(torch.zeros(96, 32, dtype=torch.uint8), torch.ones(96, 3))
+    head.set_residual(dense * 1.01)
+    assert head.residual is not None
+    head.set_quantized(*quantize(dense, 32), 32)  # a new weight: the old one's error no longer applies
+    assert head.residual is None and head.residual_scale is None
+
+
+@pytest.mark.parametrize("group_size", [0, 32])
 def test_rows_do_not_depend_on_the_batch(group_size: int) -> None:
     layer, _ = make_layer(64, 300, refine_top=8, group_size=group_size)
     x = torch.randn(4, 64)

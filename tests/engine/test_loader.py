@@ -401,6 +401,7 @@ def test_int8_checkpoint_round_trip(stories_dirs: tuple[Path, Path], tmp_path: P
 
     reloaded = load_model(destination)  # int8 is the default precision
     assert reloaded.source_format == "int8"
+    assert original.model.output.residual is not None  # (compared below with every buffer)
     assert reloaded.tokenizer_path == destination / "tokenizer.model"
     assert reloaded.config == original.config
     before, after = model_tensors(original), model_tensors(reloaded)
@@ -417,6 +418,20 @@ def test_int8_checkpoint_round_trip(stories_dirs: tuple[Path, Path], tmp_path: P
     assert torch.equal(our_logits(reloaded, STORIES_TOKENS), our_logits(original, STORIES_TOKENS))
 
     expect_error(destination, CheckpointError, str(destination), "int8", "fp32")
+
+
+@pytest.mark.parametrize(("edit", "fragment"), [
+    (lambda t: t.update({"layers.0.attention.wq.residual": t["output.residual"][:64].clone()}),
+     "unexpected tensor 'layers.0.attention.wq.residual'"),
+    (lambda t: t.pop("output.residual_scale"), "unexpected tensor 'output.residual'"),
+    (lambda t: t.update({"output.residual": t["output.residual"][:, :16].contiguous()}), "tensor 'output.residual'"),
+])
+def test_an_int8_checkpoint_refuses_a_residual_that_is_not_the_heads(stories_dirs: tuple[Path, Path], tmp_path: Path,
+                                                                      edit: Callable, fragment: str) -> None:
+    destination = save_int8_checkpoint(load_model(stories_dirs[0], "int8", quantizer="rtn"), tmp_path / "int8")
+    assert load_model(destination).model.output.residual is not None  # rounding to nearest keeps it too
+    rewrite_safetensors(destination / "model.safetensors", edit)
+    expect_error(destination, CheckpointError, fragment, precision="int8")
 
 
 def sixteen_bit_copy(hf_dir: Path, destination: Path, dtype: torch.dtype) -> Path:

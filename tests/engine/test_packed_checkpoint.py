@@ -32,13 +32,31 @@ def test_every_tensor_is_aligned_and_readable_by_safetensors(tmp_path: Path, sto
         for name in handle.keys():  # noqa: SIM118
             module_name, _, kind = name.rpartition(".")
             module = modules[module_name]
-            if isinstance(module, Int8Linear):
+            if isinstance(module, Int8Linear) and kind.startswith("residual"):  # the head's (Int8Linear.set_residual)
+                assert torch.equal(handle.get_tensor(name), getattr(module, kind))
+            elif isinstance(module, Int8Linear):
                 assert torch.equal(handle.get_tensor(name), getattr(module.packed, kind.removeprefix("packed_")))
             else:
                 assert torch.equal(handle.get_tensor(name), module.weight)
     meta = json.loads((folder / "int8serve.json").read_text())
     assert meta["layout"] == kernels.LAYOUT and meta["weights_bytes"] == weights.stat().st_size
     assert (folder / "tokenizer.model").read_bytes() == stories_int8.tokenizer_path.read_bytes()
+
+
+def test_the_heads_residual_is_stored_and_mapped_and_an_older_copy_loads(tmp_path: Path,
+                                                                         stories_int8: LoadedModel) -> None:
+    head = stories_int8.model.output
+    assert head.residual is not None and head.residual_scale is not None  # quantizing from fp32 keeps it
+    folder = save_packed_checkpoint(stories_int8, tmp_path / "copy")
+    meta = json.loads((folder / "int8serve.json").read_text())
+    mapped = load_packed(folder, meta).model.output
+    assert torch.equal(mapped.residual, head.residual) and torch.equal(mapped.residual_scale, head.residual_scale)
+    weights = folder / "model.safetensors"
+    tensors = {name: t for name, t in load_file(weights).items() if ".residual" not in name}
+    save_file(tensors, weights)  # as written before the residual
+    meta["weights_bytes"] = weights.stat().st_size
+    older = load_packed(folder, meta).model.output
+    assert older.residual is None and older.packed is not None
 
 
 def test_a_stored_config_that_does_not_fit_the_tensors_is_refused(tmp_path: Path, stories_int8: LoadedModel) -> None:

@@ -33,7 +33,9 @@ COMPUTE_DTYPE = torch.bfloat16
 # (benchmarks/accuracy.py, docs/benchmarks.md "int8 accuracy"; stories260K against fp32 through the kernel with
 # precise activations, rounding to nearest): per 32, KLD 0.000636 and top-1 98.51%; per channel 0.000794 and 98.36%;
 # at 6% more bytes per step (a 2-byte scale per 32 weights). With GPTQ's rounding (gptq.py, the loader's default)
-# per 32 reaches issue #10's targets: KLD 0.000482, top-1 98.78% (targets 0.0005, 98.7%).
+# per 32 reaches issue #10's targets: KLD 0.000482, top-1 98.78% (targets 0.0005, 98.7%). Since the output head keeps
+# its rounding error for the logits it refines (Int8Linear.set_residual): 0.000418 / 98.90% through the kernel with
+# precise activations, 0.000473 / 98.81% through the bf16 prefill kernel (Zen 4, 2026-12-05).
 DEFAULT_GROUP_SIZE = 32
 GROUP_SIZES = (0, 32, 64, 128)
 # Our kernel quantizes activations twice (the row, then its quantization error on 1/256 of the row's scale: ~16-bit
@@ -79,7 +81,8 @@ KERNEL_ROWS = 32
 # the bf16 kernel (the default there) and 145-150 with decode's two passes. Its accuracy on stories260K over
 # tinystories.txt (benchmarks/accuracy.py, mode `kernel`): KLD 0.000956, top-1 98.33%, against 0.000635 / 98.58% for
 # the bf16 prefill (0.000537 / 98.70% since its fp32 sums are kept, kernels/matmul.py) and 0.000481 / 98.75% with two
-# passes. So it is an option, not the default. On the avx2 path,
+# passes (with the head's residual, 2026-12-05: 0.000893, 0.000473 and 0.000418). So it is an option, not the default.
+# On the avx2 path,
 # which has no int8 dot product (vpmaddubsw + vpmaddwd + an add per 32 products, as many instructions as the 16-bit
 # GEMM's vpmaddwd + add twice), one pass is slower than the default: 109 against 142-143 G/s on the same Zen 4 held to
 # AVX2 (the start line says so). On a Sapphire Rapids (2026-12-04, the same measurement): the amx path's one pass
@@ -87,16 +90,17 @@ KERNEL_ROWS = 32
 # against 858-1003 for the AMX-BF16 prefill kernel, its default (0.53-0.57x: the start line says so too); the avxvnni
 # path held to its instructions (INT8SERVE_KERNEL=avxvnni) 225-229 against 150-162 for its 16-bit GEMM (1.42-1.51x);
 # the avx2 path there 110-111 against 119-125 (0.88-0.92x).
-# The vnni512 path (AVX-512 VNNI without AMX: AMD's Zen 4, Intel's Ice Lake and Cascade Lake, and Sapphire Rapids
-# whose tile state Linux refuses) takes every call too since its GEMM (gemv.cpp, gemm_exact_vnni512): prefill is
-# row-exact there, with decode's accuracy, where the bf16 kernel (AVX512-BF16, the default there before) measured KLD
-# 0.000537 against the issue's 0.0005 (the note above). It costs speed on a Zen 4: the GEMM multiplies 0.84-0.92x as
-# fast as the bf16 kernel at 128 and 512 rows (two vpdpbusd where one vdpbf16ps does, the same peak, and each group's
-# sums scaled apart), and a 512-token prompt in the server's 128-token chunks, 32 layers of the 7B shape with the
-# default scheme, prefilled at 25.6 tok/s against 28.1 (0.915x; benchmarks/row_exact.py, 2026-12-04; 0.80x before the
-# GEMM, at 76c20e0). INT8SERVE_PREFILL_MATMUL=bf16 gives those calls back to the bf16 kernel where the CPU has it.
-# CPUs with AVX-512 VNNI but not AVX512-BF16 (Ice Lake, Cascade Lake), whose prefill dequantized for oneDNN before,
-# were not measured.
+# The vnni512 path (AVX-512 VNNI without AMX: AMD's Zen 4, Intel's Ice Lake and Cascade Lake, and Sapphire Rapids whose
+# tile state Linux refuses) takes every call too since its GEMM (gemv.cpp, gemm_exact_vnni512): prefill is row-exact
+# there, with decode's accuracy, where the bf16 kernel (AVX512-BF16, the default there before) measured KLD 0.000537
+# against the issue's 0.0005 (the note above; since the head's residual 0.000473 against 0.000418: both meet the
+# targets, and row-exact stays for its accuracy and for the prefix cache keeping replies). It costs speed on a Zen 4:
+# the GEMM multiplies 0.84-0.92x as fast as the bf16 kernel at 128 and 512 rows (two vpdpbusd where one vdpbf16ps does,
+# the same peak, and each group's sums scaled apart), and a 512-token prompt in the server's 128-token chunks, 32 layers
+# of the 7B shape with the default scheme, prefilled at 25.6 tok/s against 28.1 (0.915x; benchmarks/row_exact.py,
+# 2026-12-04; 0.80x before the GEMM, at 76c20e0). INT8SERVE_PREFILL_MATMUL=bf16 gives those calls back to the bf16
+# kernel where the CPU has it. CPUs with AVX-512 VNNI but not AVX512-BF16 (Ice Lake, Cascade Lake), whose prefill
+# dequantized for oneDNN before, were not measured.
 ALL_ROWS = sys.maxsize
 WIDE16_PATHS = ("avx2", "avxvnni")
 EVERY_CALL_PATHS = (*WIDE16_PATHS, "vnni512")  # the paths whose kernel takes every prefill call by default
@@ -320,6 +324,33 @@ def one_int8_pass(count: int) -> bool:
     return (chunking.CURRENT.get() is not None or count > KERNEL_ROWS) and prefill_matmul.int8_requested()
 
 
+# The output head's residual (Int8Linear.set_residual): the head's rounding error as 4-bit values (-7..7, stored + 8,
+# two a byte) with a bf16 scale per group of the layer's scheme. 4 bits make the refined rows ~12-bit weights, which
+# measure as the 8-bit residual's did (stories260K in decode's numerics: KLD 0.000418 against 0.000416,
+# top-1 98.90% against 98.89%; 0.000481 / 98.75% without), at half the memory (the 7B's head:
+# 66 MB and 8 MB of scales; mapped from the model cache's copy, only the pages of rows read become resident).
+RESIDUAL_LEVELS = 7
+
+
+def quantize_residual(error: Tensor, group_size: int) -> tuple[Tensor, Tensor]:
+    """error [N, K] -> (uint8 [N, ceil(K / 2)]: each value + 8 in 4 bits, inputs 2j and 2j + 1 in the low and high
+    nibble of byte j; bf16 scales [N, G], one per row and weight group of `group_size` inputs, 0: one per row)."""
+    n, k = error.shape
+    size = group_size or k
+    groups = -(-k // size)
+    padded = F.pad(error.float(), (0, groups * size - k)).view(n, groups, size)
+    scales = (padded.abs().amax(dim=2) / RESIDUAL_LEVELS).to(torch.bfloat16)  # [N, G]
+    safe = torch.where(scales > 0, scales.float(), 1.0)[..., None]
+    codes = (padded / safe).round_().clamp_(-RESIDUAL_LEVELS, RESIDUAL_LEVELS).add_(8).to(torch.uint8)
+    codes = F.pad(codes.view(n, -1)[:, :k], (0, k % 2), value=8)  # an even count: whole bytes
+    return (codes[:, 0::2] | (codes[:, 1::2] << 4)).contiguous(), scales
+
+
+def residual_values(packed: Tensor, in_features: int) -> Tensor:
+    """quantize_residual's bytes [..., ceil(K / 2)] -> their values [..., K] in fp32 (times the scales: the error)."""
+    return torch.stack([packed & 15, packed >> 4], dim=-1).flatten(-2)[..., :in_features].float() - 8
+
+
 class DequantBuffer:
     """Scratch buffers shared by all int8 layers of a model (one per dtype), grown to the largest weight they held.
 
@@ -350,10 +381,15 @@ class Int8Linear(nn.Module):
         self.out_features = out_features
         # The kernels' outputs are a few digits short of fp32 (int8 or bf16 activations). For the output head that is
         # visible in the token distribution, so the `refine_top` largest logits of each row are recomputed
-        # exactly in fp32 from their int8 rows (a few thousand multiply-adds per row).
+        # exactly in fp32 from their int8 rows (a few thousand multiply-adds per row), plus the rows' rounding error
+        # where the layer keeps it (set_residual).
         self.refine_top = refine_top
         self.register_buffer("weight", torch.empty(out_features, in_features, dtype=torch.int8))
         self.register_buffer("scale", torch.empty(out_features, dtype=torch.float32))
+        # The head's rounding error in 4 bits with a scale per group (set_residual): None, or uint8 [out, in / 2]
+        # (quantize_residual) and bf16 [out, groups]
+        self.register_buffer("residual", None)
+        self.register_buffer("residual_scale", None)
         self.register_buffer("packed_data", None)  # the packed weight with its scales (kernels.PackedWeight.data)
         self.packed: kernels.PackedWeight | None = None
         self.group_size = 0
@@ -371,6 +407,7 @@ class Int8Linear(nn.Module):
         group_size = group_size_of(scale, self.in_features) if group_size is None else group_size
         scale = scale.float().reshape(self.out_features, kernels.weight_groups(self.in_features, group_size))
         self.group_size = group_size
+        self.residual = self.residual_scale = None  # (another weight's error)
         if kernels.available():
             self.packed = kernels.pack_weight(q, scale, group_size)
             self.weight = self.scale = self.kernel_scale = None  # the packed layout is the only copy
@@ -400,6 +437,44 @@ class Int8Linear(nn.Module):
         self.packed = packed
         self.weight = self.scale = self.kernel_scale = None
         self.packed_data = packed.data
+        self.residual = self.residual_scale = None  # (another weight's error)
+
+    def set_residual(self, original: Tensor) -> None:
+        """Keep what rounding `original` (the full-precision weight this layer's int8 weight was made from) left over,
+        for the rows that `refine_top` recomputes: the error original - q * scale in 4 bits (quantize_residual), so
+        that those rows are ~12-bit weights. Only the output head refines: its weights' rounding moves the token
+        distribution more than any other layer's (stories260K against fp32, the int8 weights in fp32 math: KLD
+        0.000482, 0.000412 with an exact head, 0.000417 with the head's 16 largest logits a row from exact rows;
+        docs/benchmarks.md). It costs half a byte per head weight in memory, and a decode step reads `refine_top` of
+        its rows."""
+        if tuple(original.shape) != (self.out_features, self.in_features):
+            raise ValueError(f"original weight of shape {tuple(original.shape)}, expected "
+                             f"{(self.out_features, self.in_features)}")
+        q, scales = self.quantized()
+        codes = torch.empty(self.out_features, -(-self.in_features // 2), dtype=torch.uint8)
+        residual_scales = torch.empty(self.out_features, scales.shape[1] if scales.dim() == 2 else 1,
+                                      dtype=torch.bfloat16)
+        rows = max(1, QUANTIZE_CHUNK // self.in_features)  # bounded temporaries (the 7B's head: 0.5 GB in fp32)
+        for start in range(0, self.out_features, rows):
+            end = min(self.out_features, start + rows)
+            error = original[start:end].float() - dequantize(q[start:end], scales[start:end])
+            codes[start:end], residual_scales[start:end] = quantize_residual(error, self.group_size)
+        self.set_residual_quantized(codes, residual_scales)
+
+    def set_residual_quantized(self, codes: Tensor, scales: Tensor) -> None:
+        """The residual as set_residual makes it (a checkpoint's copy): quantize_residual's uint8 [out, ceil(in / 2)]
+        and scales [out, groups] in the layer's scheme (kept in bf16)."""
+        if not self.refine_top:
+            raise ValueError("only a layer that refines its largest outputs (the output head) keeps a residual")
+        groups = kernels.weight_groups(self.in_features, self.group_size)
+        expected = (self.out_features, -(-self.in_features // 2))
+        if tuple(codes.shape) != expected or codes.dtype != torch.uint8:
+            raise ValueError(f"residual of shape {tuple(codes.shape)}/{codes.dtype}, expected {expected}/uint8")
+        if tuple(scales.shape) != (self.out_features, groups) or not scales.is_floating_point():
+            raise ValueError(f"residual scales of shape {tuple(scales.shape)}/{scales.dtype}, expected "
+                             f"{(self.out_features, groups)}, floating point")
+        self.residual = codes.contiguous()
+        self.residual_scale = scales.to(torch.bfloat16).contiguous()
 
     def packed_copy(self) -> kernels.PackedWeight:
         """The weight in the kernel's layout: the layer's own copy, or (stock path) one packed now."""
@@ -464,16 +539,24 @@ class Int8Linear(nn.Module):
         return dense_matmul(rows, dense)
 
     def _rows(self, top: Tensor) -> Tensor:
-        """The dequantized fp32 weight rows `top` (int64 [...]) -> [..., in], exact (int8 x bf16 scale in fp32)."""
+        """The dequantized fp32 weight rows `top` (int64 [...]) -> [..., in], exact (int8 x bf16 scale in fp32),
+        with their residual added where the layer keeps one."""
         if self.packed is not None:
-            return kernels.weight_rows(self.packed, top).float() * kernels.row_scales(self.packed, top)
-        assert self.weight is not None and self.scale is not None
-        scales = self.scale[top]  # [...] or [..., groups]
-        if self.group_size:
-            scales = scales.repeat_interleave(self.group_size, dim=-1)[..., :self.in_features]
+            rows = kernels.weight_rows(self.packed, top).float() * kernels.row_scales(self.packed, top)
         else:
-            scales = scales[..., None]
-        return self.weight[top].float() * scales
+            assert self.weight is not None and self.scale is not None
+            rows = self.weight[top].float() * self._spread(self.scale[top], top)
+        if self.residual is not None:
+            rows += residual_values(self.residual[top], self.in_features) * self._spread(
+                self.residual_scale[top].float(), top)
+        return rows
+
+    def _spread(self, scales: Tensor, top: Tensor) -> Tensor:
+        """The scales of rows `top` ([...] or [..., 1] per channel, [..., groups]) -> one per weight, broadcastable to
+        [..., in]."""
+        if self.group_size:
+            return scales.repeat_interleave(self.group_size, dim=-1)[..., :self.in_features]
+        return scales.reshape(*top.shape, 1)
 
     def _refine(self, x: Tensor, out: Tensor) -> Tensor:
         # x [..., in], out [..., out] -> out with its top-k entries per row recomputed in fp32

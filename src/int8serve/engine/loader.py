@@ -145,6 +145,8 @@ def load_model(path: str | Path, precision: Precision = "int8", progress: bool =
     quantizes = precision == "int8" and quantizer == "gptq" and kind != "int8"  # int8 checkpoints are int8 already
     windows = calibration_for(tokenizer, folder) if quantizes else None
     _fill(model, source, rename, folder, progress, group_size, windows)
+    if kind == "int8":
+        _attach_residuals(model, source, folder)
     model.stack_projections()  # decode reads q, k, v (gate, up) in one kernel call
     return LoadedModel(model.eval(), config, tokenizer, kind, folder)
 
@@ -207,8 +209,8 @@ def _open_int8(folder: Path, meta: dict) -> tuple[ModelConfig, TensorSource, Ren
     source = SafetensorsSource([folder / "model.safetensors"])
 
     def rename(name: str, tensor: Tensor) -> Iterator[tuple[str, Weight]]:
-        if name.endswith(".scale"):
-            return  # assigned together with its int8 weight
+        if name.endswith((".scale", RESIDUAL, RESIDUAL_SCALE)):
+            return  # assigned together with its int8 weight; a residual once the weights are in (_attach_residuals)
         if tensor.dtype != torch.int8:
             yield name, tensor
             return
@@ -218,6 +220,28 @@ def _open_int8(folder: Path, meta: dict) -> tuple[ModelConfig, TensorSource, Ren
         yield name, (tensor, source.get(scale_name))
 
     return config, source, rename
+
+
+# An int8 layer's residual in a checkpoint (Int8Linear.set_residual: the output head's rounding error, int8 with its
+# scales), stored as "<layer>.residual" and "<layer>.residual_scale"; optional (older checkpoints have none).
+RESIDUAL, RESIDUAL_SCALE = ".residual", ".residual_scale"
+
+
+def _attach_residuals(model: Transformer, source: TensorSource, folder: Path) -> None:
+    """Give each int8 layer the residual its checkpoint stores (after its weight: set_quantized drops a residual)."""
+    modules = dict(model.named_modules())
+    for name in source.names():
+        if not name.endswith(RESIDUAL):
+            continue
+        layer = modules.get(name.removesuffix(RESIDUAL))
+        scale_name = name.removesuffix(RESIDUAL) + RESIDUAL_SCALE
+        if not isinstance(layer, Int8Linear) or not layer.refine_top or scale_name not in source.names():
+            raise CheckpointError(f"{folder}: unexpected tensor '{name}' (a residual is the output head's, beside "
+                                  f"its '{scale_name}')")
+        try:
+            layer.set_residual_quantized(source.get(name), source.get(scale_name))
+        except ValueError as error:
+            raise CheckpointError(f"{folder}: tensor '{name}': {error}") from error
 
 
 def _tokenizer_vocab_size(path: Path) -> int:
@@ -289,6 +313,8 @@ def _assign(modules: dict[str, nn.Module], name: str, weight: Weight, folder: Pa
             module.set_quantized(weight[0], weight[1], checkpoint_group)
         else:
             module.set_quantized(*quantize(weight, group_size), group_size)
+            if module.refine_top:
+                module.set_residual(weight)  # the refined logits' rows from ~16-bit weights (the output head)
             _give_back_freed_memory()
     elif isinstance(weight, tuple):
         raise CheckpointError(f"{folder}: tensor '{name}' is int8, but that layer stays in full precision")
@@ -335,6 +361,8 @@ def save_int8_checkpoint(loaded: LoadedModel, destination: str | Path) -> Path:
     for name, module in loaded.model.named_modules():
         if isinstance(module, Int8Linear):
             tensors[f"{name}.weight"], tensors[f"{name}.scale"] = module.quantized()  # read from the packed copy
+            if module.residual is not None:
+                tensors[name + RESIDUAL], tensors[name + RESIDUAL_SCALE] = module.residual, module.residual_scale
             group_sizes.add(module.group_size)
         elif hasattr(module, "weight") and isinstance(module.weight, nn.Parameter):
             tensors[f"{name}.weight"] = module.weight.data

@@ -51,7 +51,8 @@ def models_dir() -> Path:
 def quantization_settings(group_size: int = int8.DEFAULT_GROUP_SIZE,
                           quantizer: str = DEFAULT_QUANTIZER) -> dict[str, str | int]:
     """What decides the bytes of an int8 copy besides its source."""
-    code = inspect.getsource(int8.quantize) + inspect.getsource(int8._quantize_groups)
+    code = (inspect.getsource(int8.quantize) + inspect.getsource(int8._quantize_groups)
+            + inspect.getsource(int8.Int8Linear.set_residual))
     if quantizer == "gptq":
         code += inspect.getsource(gptq) + inspect.getsource(calibration) + calibration.calibration_text()
     return {"format": INT8_FORMAT, "version": INT8_FORMAT_VERSION, "group_size": group_size,

@@ -32,7 +32,16 @@ from torch import Tensor, nn
 from . import kernels
 from .config import ModelConfig
 from .int8 import Int8Linear
-from .loader import EMBEDDING_DTYPES, INT8_FORMAT, PACKED_FORMAT_VERSION, LoadedModel, copy_tokenizer, find_tokenizer
+from .loader import (
+    EMBEDDING_DTYPES,
+    INT8_FORMAT,
+    PACKED_FORMAT_VERSION,
+    RESIDUAL,
+    RESIDUAL_SCALE,
+    LoadedModel,
+    copy_tokenizer,
+    find_tokenizer,
+)
 from .model import Transformer
 from .sources import CheckpointError
 
@@ -67,6 +76,10 @@ def save_packed_checkpoint(loaded: LoadedModel, destination: str | Path) -> Path
         entries.append((f"{name}.packed_data", torch.uint8, (nbytes,), lambda m=module: m.packed_copy().data))
     for name, tensor in dense:  # fp32, but for 16-bit embeddings (loader.EMBEDDING_DTYPES), stored as they are
         entries.append((name, tensor.dtype, tuple(tensor.shape), lambda t=tensor: t))
+    for name, module in packed:  # the output head's residual (Int8Linear.set_residual): bf16 scales, then bytes, last
+        if module.residual is not None:
+            for suffix, tensor in ((RESIDUAL_SCALE, module.residual_scale), (RESIDUAL, module.residual)):
+                entries.append((name + suffix, tensor.dtype, tuple(tensor.shape), lambda t=tensor: t))
     size = _write_aligned_safetensors(folder / WEIGHTS, entries)
     meta = {"format": INT8_FORMAT, "version": PACKED_FORMAT_VERSION, "layout": kernels.LAYOUT,
             "config": loaded.config.to_dict(),
@@ -141,6 +154,8 @@ def load_packed(folder: Path, meta: dict) -> LoadedModel:
                 packed = kernels.adopt_packed(take(f"{name}.packed_data"), module.out_features,
                                               module.in_features, int(group_sizes[name]))
                 module.set_packed(packed)
+                if name + RESIDUAL in stored:  # (copies written before the residual have none)
+                    module.set_residual_quantized(take(name + RESIDUAL), take(name + RESIDUAL_SCALE))
             for parameter_name, parameter in list(module.named_parameters(recurse=False)):
                 full_name = f"{name}.{parameter_name}" if name else parameter_name
                 tensor = take(full_name)

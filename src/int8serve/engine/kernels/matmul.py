@@ -59,7 +59,8 @@ PATHS = {"amx": 1, "avx512bf16": 2}  # i8m_matmul's `impl`; the first a CPU has 
 # tinystories.txt, GPTQ per 32, 256-row windows (benchmarks/accuracy.py's `prefill (dense)`; AMD EPYC Zen 4,
 # 2026-12-04) measures KLD 0.000537, top-1 98.70%, PPL ratio 1.00037 with the sums kept, against 0.000635 / 98.58% /
 # 1.00078 rounded (decode's two int8 passes: 0.000481 / 98.75%). Attention in fp32 instead of bf16 on top: 0.000528,
-# not worth its time.
+# not worth its time. Since the output head refines its largest logits from ~16-bit rows (int8.Int8Linear.set_residual;
+# `bf16 kernel` mode, 2026-12-05): 0.000473 / 98.81% / 1.00055, within issue #10's targets (decode's: 0.000418).
 # The longest call each path takes in Int8Linear (None: any); longer ones would dequantize for oneDNN. Measured
 # against dequantize + oneDNN's bf16 matmul (benchmarks/prefill_paths.py, docs/benchmarks.md): on an AMD EPYC Zen 4
 # (2 threads, 2026-12-02, the three 7B shapes, three runs) the vector path is 1.40-1.53x at 48 rows, 1.15-1.20x at 128

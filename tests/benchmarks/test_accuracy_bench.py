@@ -1,0 +1,60 @@
+"""benchmarks/accuracy.py: each way of computing is what its name says (the emulations reach every linear layer, the
+stacked projections included; `bf16 kernel` asks for our bf16 prefill kernel and gives the setting back), and a
+short run writes its table."""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import pytest
+import torch
+
+from benchmarks import accuracy as bench
+from int8serve.engine import int8
+from int8serve.engine.kernels import matmul as prefill_matmul
+from int8serve.engine.loader import LoadedModel
+
+TOKENS = torch.tensor([[1, 403, 407, 261, 378, 442, 290]])
+
+
+def forward(loaded: LoadedModel) -> torch.Tensor:
+    model = loaded.model
+    return model(TOKENS, model.new_cache(1, TOKENS.shape[1]), [0], [0], all_logits=True)
+
+
+@pytest.mark.parametrize("name", list(bench.EMULATIONS))
+def test_an_emulation_reaches_every_linear_layer(name: str, stories_int8: LoadedModel,
+                                                 monkeypatch: pytest.MonkeyPatch) -> None:
+    assert any(layer.attention.qkv is not None for layer in stories_int8.model.layers)  # stacked, as loaded
+    calls: list[int] = []
+    real = int8.kernel_matmul
+    monkeypatch.setattr(int8, "kernel_matmul", lambda rows, packed: calls.append(rows.shape[0]) or real(rows, packed))
+    forward(stories_int8)
+    assert calls  # (our kernel takes these calls when not emulating)
+    calls.clear()
+    with bench.mode(name):
+        emulated = forward(stories_int8)
+    assert calls == [] and torch.isfinite(emulated).all()
+
+
+def test_the_bf16_kernel_mode_sets_and_restores_the_prefill_setting(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv(prefill_matmul.ENV, "dense")
+    if not prefill_matmul.available():
+        with pytest.raises(SystemExit, match="no bf16 prefill kernel"), bench.mode("bf16 kernel"):
+            pass
+    else:
+        with bench.mode("bf16 kernel"):
+            assert os.environ[prefill_matmul.ENV] == "bf16" and int8.bf16_kernel_requested()
+    assert os.environ[prefill_matmul.ENV] == "dense"
+
+
+def test_a_short_run_writes_its_table(tmp_path: Path) -> None:
+    doc = tmp_path / "bench.md"
+    doc.write_text("# Benchmarks\n")
+    bench.main(["--quantizers", "rtn", "--group-sizes", "32", "--modes", "kernel precise", "weights only",
+                "--tokens", "600", "--drop-head-residual", "--write", str(doc)])
+    text = doc.read_text()
+    assert "<!-- benchmarks/accuracy.py: begin -->" in text and "dropped (`--drop-head-residual`)" in text
+    rows = [line for line in text.splitlines() if line.startswith("| rtn |")]
+    assert [row.split(" | ")[2] for row in rows] == ["kernel precise", "weights only"]
