@@ -1777,8 +1777,9 @@ INT8SERVE_VNNI512 void gemm_exact_tile(const TileArgs& base, int64_t r_begin, in
 // ports, two 512-bit loads a cycle; 2026-12-05, 2 threads, benchmarks/gemv_builds.py
 // -DINT8SERVE_EXACT_BROADCAST_REG=1 against 0, the 7B shapes, 4 rounds, the same bits) ran the register form
 // 1.09-1.12x faster at 16 rows, 1.12-1.14x at 32, 1.12-1.15x at 128 and 1.14-1.15x at 512: its loads, not its
-// products, bounded the memory-operand form. AMD's Zen 4, this path's main CPU, was measured with the memory operands
-// only (77% of vpdpbusd's peak there, docs/benchmarks.md), so AMD CPUs keep them until one measures the other.
+// products, bounded the memory-operand form. On AMD's Zen 4, this path's main CPU (2026-12-05, the same script, 5
+// rounds, 16, 128 and 512 rows), the register form ran 0.98-1.04x, inside the run's noise floor (a second build of
+// the same code: 0.98-1.02x; docs/benchmarks.md): AMD CPUs keep the memory operands.
 // INT8SERVE_EXACT_BROADCAST_REG: -1 (default) that rule, 0 never, 1 always.
 #ifndef INT8SERVE_EXACT_BROADCAST_REG
 #define INT8SERVE_EXACT_BROADCAST_REG -1
