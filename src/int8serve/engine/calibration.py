@@ -96,7 +96,7 @@ def quantize_blocks(model: Transformer, weight_of: WeightOf, windows: Tensor, gr
             head.add(model.norm(hidden))
         weight = weight_of("output.weight")
         model.output.set_quantized(*quantize_gptq(weight, head.matrix, group_size), group_size)
-        model.output.set_residual(weight)  # the refined logits' rows from ~16-bit weights (Int8Linear.set_residual)
+        model.output.set_residual(weight)  # the refined logits come from ~12-bit rows (Int8Linear.set_residual)
 
 
 def _linears(block: nn.Module) -> list[tuple[str, Int8Linear]]:

@@ -222,7 +222,7 @@ def _open_int8(folder: Path, meta: dict) -> tuple[ModelConfig, TensorSource, Ren
     return config, source, rename
 
 
-# An int8 layer's residual in a checkpoint (Int8Linear.set_residual: the output head's rounding error, int8 with its
+# An int8 layer's residual in a checkpoint (Int8Linear.set_residual: the output head's rounding error in 4 bits, with
 # scales), stored as "<layer>.residual" and "<layer>.residual_scale"; optional (older checkpoints have none).
 RESIDUAL, RESIDUAL_SCALE = ".residual", ".residual_scale"
 
@@ -314,7 +314,7 @@ def _assign(modules: dict[str, nn.Module], name: str, weight: Weight, folder: Pa
         else:
             module.set_quantized(*quantize(weight, group_size), group_size)
             if module.refine_top:
-                module.set_residual(weight)  # the refined logits' rows from ~16-bit weights (the output head)
+                module.set_residual(weight)  # the refined logits come from ~12-bit rows (the output head)
             _give_back_freed_memory()
     elif isinstance(weight, tuple):
         raise CheckpointError(f"{folder}: tensor '{name}' is int8, but that layer stays in full precision")
