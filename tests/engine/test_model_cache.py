@@ -69,6 +69,18 @@ def test_the_first_load_writes_the_copy_and_later_loads_read_it(cache: Path, sou
     assert torch.equal(logits(second), logits(load_model(source, "int8")))
 
 
+def test_the_first_start_serves_from_the_copy_it_wrote(cache: Path, source: Path, quantized: list[Path]) -> None:
+    """Mapped as a later start maps it, so that the quantized model's fresh memory is given back (the 7B's 7.3 GB),
+    with the same bits as the model quantized in memory."""
+    first = load_cached(source)
+    assert quantized == [source] and first.path == source and first.source_format == "int8"
+    weights = str(cache_folder(source) / "model.safetensors")
+    head = first.model.output
+    assert head.packed is not None and mapped_files(head.packed.data) == [weights]
+    assert head.residual is not None and mapped_files(head.residual) == [weights]
+    assert torch.equal(logits(first), logits(load_model(source, "int8")))
+
+
 def test_no_model_cache_and_fp32_write_nothing(cache: Path, source: Path, quantized: list[Path]) -> None:
     load_cached(source, use_cache=False)
     load_cached(source, "fp32")
@@ -131,6 +143,7 @@ def test_a_failed_write_leaves_nothing_and_still_serves(cache: Path, source: Pat
     monkeypatch.setattr(model_cache, "save_packed_checkpoint", disk_full)
     loaded = load_cached(source)
     assert torch.equal(logits(loaded), logits(load_model(source, "int8")))
+    assert loaded.source_format == "hf"  # the model quantized in memory, no copy to map
     assert [p.name for p in models_dir().iterdir() if not p.name.endswith(".lock")] == []
     assert "could not write the int8 copy" in caplog.text and "No space left on device" in caplog.text
 

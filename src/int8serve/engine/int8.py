@@ -192,7 +192,7 @@ def describe_dense() -> str:
             notes.insert(0, "about half as fast as this CPU's default, bf16 on AMX tiles: 0.45-0.47x on a Sapphire "
                             "Rapids")
         if prefill_matmul.available():
-            notes.append(f"{prefill_matmul.ENV}=bf16: our bf16 kernel, faster and less accurate")
+            notes.append(f"{prefill_matmul.ENV}=bf16: our bf16 kernel, faster, a little less accurate, not row-exact")
         if prefill_matmul.bf16_requested():
             notes.append(f"{prefill_matmul.ENV}=bf16 asked for our bf16 kernel, which is not used here: "
                          f"{prefill_matmul.unavailable_reason()}")

@@ -281,8 +281,8 @@ def _fill(model: Transformer, source: TensorSource, rename: Renamer, folder: Pat
             return next(w for n, w in rename(deferred[internal], source.get(deferred[internal])) if n == internal)
 
         calibration.quantize_blocks(model, weight_of, calibration_windows, group_size, progress,
-                                    after_block=_give_back_freed_memory)
-        _give_back_freed_memory()
+                                    after_block=give_back_freed_memory)
+        give_back_freed_memory()
     missing = [n for n, t in [*model.named_parameters(), *model.named_buffers()] if t.is_meta]
     if missing:
         raise CheckpointError(f"{folder}: checkpoint has no weights for {', '.join(missing[:5])}"
@@ -315,7 +315,7 @@ def _assign(modules: dict[str, nn.Module], name: str, weight: Weight, folder: Pa
             module.set_quantized(*quantize(weight, group_size), group_size)
             if module.refine_top:
                 module.set_residual(weight)  # the refined logits come from ~12-bit rows (the output head)
-            _give_back_freed_memory()
+            give_back_freed_memory()
     elif isinstance(weight, tuple):
         raise CheckpointError(f"{folder}: tensor '{name}' is int8, but that layer stays in full precision")
     else:
@@ -340,7 +340,7 @@ def _libc() -> ctypes.CDLL | None:
         return None
 
 
-def _give_back_freed_memory() -> None:
+def give_back_freed_memory() -> None:
     """Return the heap's free pages to the system. The temporaries of quantizing one weight are freed between int8
     weights that stay, and glibc keeps such holes resident: a 7B first start peaked at 9.46 GB without this (and
     without writing into one preallocated tensor), 7.57 GB with both; the int8 copy is 7.14 GB."""

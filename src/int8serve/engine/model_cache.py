@@ -36,7 +36,15 @@ from pathlib import Path
 from . import calibration, gptq, int8
 from .config import ConfigError, read_json
 from .demo import cache_dir
-from .loader import DEFAULT_QUANTIZER, INT8_FORMAT, INT8_FORMAT_VERSION, LoadedModel, detect_format, load_model
+from .loader import (
+    DEFAULT_QUANTIZER,
+    INT8_FORMAT,
+    INT8_FORMAT_VERSION,
+    LoadedModel,
+    detect_format,
+    give_back_freed_memory,
+    load_model,
+)
 from .model import Precision
 from .packed_checkpoint import load_packed, save_packed_checkpoint
 from .sources import CheckpointError
@@ -167,7 +175,16 @@ def _quantize_and_store(source: Path, folder: Path, progress: bool, group_size: 
     except OSError as err:
         log.warning("could not write the int8 copy to %s (%s); serving without it, the next start quantizes "
                     "again", folder, err)
-    return loaded
+        return loaded
+    # Serve from the copy just written, mapped as a later start maps it (the same bits): the quantized model's fresh
+    # memory (the 7B's 7.3 GB) is given back, and the first start serves in a later start's memory, where pages come
+    # in as forwards read them (the output head's residual only where its rows are read).
+    mapped = _load_copy(folder, source, quiet=True)
+    if mapped is None:
+        return loaded
+    del loaded
+    give_back_freed_memory()
+    return dataclasses.replace(mapped, path=source)
 
 
 def _store(loaded: LoadedModel, folder: Path, keep_old_until_written: bool = False) -> None:
