@@ -51,7 +51,7 @@ SCRIPT = "attention_builds.py"
 HEADS, HEAD_DIM, LAYERS = 32, 128, 32  # Llama-2-7B: 32 query and kv heads of 128
 CASES = {"b1@512": (512,), "b4@512-128": (512, 384, 256, 128), "b4@1020-960": (1020, 1000, 980, 960),
          "b1@2000": (2000,), "b4@80-83": (80, 81, 82, 83)}
-KV_CACHES = ("bf16", "int8")
+KV_CACHES = ("bf16", "fp16", "int8")
 
 
 @dataclass
@@ -71,8 +71,9 @@ class Step:
         self.caches = [(self._cache(g, rows, length), self._cache(g, rows, length)) for _ in range(LAYERS)]
 
     def _cache(self, g: torch.Generator, rows: int, length: int) -> torch.Tensor:
-        if self.kv_cache == "bf16":
-            return torch.randn(rows, HEADS, length, HEAD_DIM, generator=g).to(torch.bfloat16)
+        if self.kv_cache in ("bf16", "fp16"):
+            dtype = torch.bfloat16 if self.kv_cache == "bf16" else torch.float16
+            return torch.randn(rows, HEADS, length, HEAD_DIM, generator=g).to(dtype)
         cache = torch.empty(rows, HEADS, length, kv_int8.width(HEAD_DIM), dtype=torch.int8)
         for slot in range(rows):
             attention.quantize_into(cache[slot], torch.randn(HEADS, length, HEAD_DIM, generator=g))

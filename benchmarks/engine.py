@@ -66,7 +66,7 @@ from int8serve.engine.int8 import (
     describe_dense,
 )
 from int8serve.engine.kernels import attention as attention_kernel
-from int8serve.engine.model import KVCache, RMSNorm, Transformer
+from int8serve.engine.model import KV_CACHES, KVCache, RMSNorm, Transformer
 
 LLAMA2_7B = ModelConfig(dim=4096, n_layers=32, n_heads=32, n_kv_heads=32, vocab_size=32000, hidden_dim=11008,
                         max_seq_len=4096, tie_embeddings=False)
@@ -864,7 +864,7 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--attention", nargs="+", default=["auto"], choices=attention_kernel.SETTINGS,
                         metavar="SETTING", help="decode attention settings (INT8SERVE_ATTENTION) to time, in this "
                         "order, e.g. `torch auto` for the row-by-row torch path against the kernel (default auto)")
-    parser.add_argument("--kv-cache", nargs="+", default=["bf16"], choices=["bf16", "int8"], metavar="KIND",
+    parser.add_argument("--kv-cache", nargs="+", default=["bf16"], choices=list(KV_CACHES), metavar="KIND",
                         help="KV caches to time decode on, in this order (the server's --kv-cache; default bf16)")
     parser.add_argument("--group-size", type=int, choices=GROUP_SIZES, default=DEFAULT_GROUP_SIZE,
                         help="input values per weight scale, 0 = one per output channel (default "

@@ -68,7 +68,8 @@ def test_serve_makes_and_prints_a_token_when_none_is_configured(tmp_path: Path, 
         assert "rate limits: 5 requests per 60 s per account and model" in text and "in this process" in text
         assert "response cache: on (card: in_memory), account scope, TTL 300 s" in text
         assert "daily allocation: off" in text
-        assert "KV cache: bf16 (--kv-cache int8: 0.56x), " in text and "for 4 x 512 positions" in text
+        assert "KV cache: bf16 (--kv-cache fp16: more precise, the same memory; --kv-cache int8: 0.56x), " in text
+        assert "for 4 x 512 positions" in text
         # the default 128-token prefill chunks take the dense path on the amx path (replies are not reusable, and the
         # line says how); the vnni512, avx2 and avxvnni paths' kernel takes every chunk row-exact
         if kernel_rows() < 128:
@@ -111,20 +112,23 @@ def assert_the_prefix_cache_answers_alike(port: int) -> None:
     assert first["choices"][0]["text"] and first["choices"][0]["text"] == second["choices"][0]["text"]
 
 
-def test_serve_with_an_int8_kv_cache(tmp_path: Path, shared_dir: Path) -> None:
-    """--kv-cache int8: the start-up line says so and gives its size; greedy answers come back, the same whether
-    the prompt prefix came from the prefix cache (its blocks int8 rows too) or not."""
-    process, port = start("--model", str(shared_dir / "models" / "stories260K" / "hf"), "--kv-cache", "int8",
+@pytest.mark.parametrize(("kind", "said"), [
+    ("int8", r"int8 rows, an fp32 scale per 32 values \(--kv-cache int8\)"),
+    ("fp16", r"fp16 \(--kv-cache fp16; values beyond \+-65504 stored as \+-65504\)"),
+])
+def test_serve_with_another_kv_cache(kind: str, said: str, tmp_path: Path, shared_dir: Path) -> None:
+    """--kv-cache int8 or fp16: the start-up line says so and gives its size; greedy answers come back, the same
+    whether the prompt prefix came from the prefix cache (its blocks in the cache's dtype too) or not."""
+    process, port = start("--model", str(shared_dir / "models" / "stories260K" / "hf"), "--kv-cache", kind,
                           "--token", "t=acct", tmp_path=tmp_path)
     try:
         lines = []
         while not any("ready: http://" in line for line in lines):
             lines.append(process.stderr.readline())
         text = "".join(lines)
-        size = re.search(r"KV cache: int8 rows, an fp32 scale per 32 values \(--kv-cache int8\), ([\d.]+) GiB for "
-                         r"4 x 512 positions", text)
+        size = re.search(rf"KV cache: {said}, ([\d.]+) GiB for 4 x 512 positions", text)
         assert size is not None, text
-        assert_the_prefix_cache_answers_alike(port)  # (its blocks int8 rows too)
+        assert_the_prefix_cache_answers_alike(port)  # (its blocks in the same dtype)
     finally:
         err = stop(process)
     assert "Traceback" not in err

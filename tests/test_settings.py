@@ -204,6 +204,9 @@ def test_the_kv_cache_setting(monkeypatch: pytest.MonkeyPatch, capsys: pytest.Ca
         load_settings(flags("--dtype", "fp32"))
     monkeypatch.delenv("INT8SERVE_KV_CACHE")
     assert load_settings(flags("--dtype", "fp32")).settings.kv_cache == "bf16"  # (the fp32 model's cache stays fp32)
+    assert load_settings(flags("--kv-cache", "fp16")).settings.kv_cache == "fp16"
+    with pytest.raises(ValueError, match="--kv-cache fp16 applies to int8 models"):
+        load_settings(flags("--kv-cache", "fp16", "--dtype", "fp32"))
     with pytest.raises(SystemExit):
         build_parser().parse_args(["serve", "--kv-cache", "fp8"])
     assert "invalid choice: 'fp8'" in capsys.readouterr().err

@@ -230,7 +230,9 @@ def _start_engine(settings: ServeSettings, served: ServedModel) -> tuple[Engine,
 def _describe_kv_cache(model: Transformer, engine: Engine) -> str:
     cache = engine.cache
     what = {"int8": "int8 rows, an fp32 scale per 32 values (--kv-cache int8)",
-            "bf16": "bf16 (--kv-cache int8: 0.56x)"}.get(model.kv_cache, model.kv_cache)
+            "fp16": "fp16 (--kv-cache fp16; values beyond +-65504 stored as +-65504)",
+            "bf16": "bf16 (--kv-cache fp16: more precise, the same memory; --kv-cache int8: 0.56x)"
+            }.get(model.kv_cache, model.kv_cache)
     return f"{what}, {cache.nbytes() / 2**30:.2f} GiB for {cache.n_slots} x {cache.max_seq_len} positions"
 
 

@@ -74,14 +74,15 @@ def both_ways(model: Transformer, monkeypatch: pytest.MonkeyPatch, steps: int, s
     return decode(model, steps, starts), modules
 
 
-@pytest.mark.parametrize("kv_cache", ["bf16", "int8"])
+@pytest.mark.parametrize("kv_cache", ["bf16", "fp16", "int8"])
 @pytest.mark.parametrize("starts", [[0], [7], [30, 3, 17], [5, 5, 40, 0]])
 def test_a_plan_gives_the_modules_bits_on_gqa_and_padded_stacks(starts: list[int], kv_cache: str, runs: list[int],
                                                                  monkeypatch: pytest.MonkeyPatch) -> None:
     model = build_random_int8_model(ODD, group_size=32)
     model.set_kv_cache(kv_cache)
     planned, modules = both_ways(model, monkeypatch, 4, starts)
-    assert planned[1].k[0].dtype == model.cache_dtype == {"bf16": torch.bfloat16, "int8": torch.int8}[kv_cache]
+    assert planned[1].k[0].dtype == model.cache_dtype == {"bf16": torch.bfloat16, "fp16": torch.float16,
+                                                                 "int8": torch.int8}[kv_cache]
     assert runs == [len(starts)] * 4  # every step of the second run through the plan, none of the first
     assert_same(planned, modules)
 

@@ -217,9 +217,54 @@ def test_an_int8_kv_cache_holds_the_same_rows_through_the_kernel_and_the_torch_p
         model.set_kv_cache("bf16")
 
 
+def test_an_fp16_kv_cache_holds_the_same_rows_through_the_kernel_and_the_torch_path(
+        stories_int8, monkeypatch: pytest.MonkeyPatch) -> None:
+    """--kv-cache fp16: the attention kernel's store and the torch path's write_rows round alike, and the two paths
+    agree on the logits as closely as with a bf16 cache."""
+    model = stories_int8.model
+    model.set_kv_cache("fp16")
+    try:
+        ids = torch.tensor([TOKENS])
+        runs = {}
+        for setting in ("auto", "torch"):
+            monkeypatch.setenv(attention_kernel.ENV, setting)
+            cache = model.new_cache(1, 32)
+            model(ids[:, :4], cache, [0], [0])
+            steps = [model(ids[:, i:i + 1], cache, [0], [i]) for i in range(4, len(TOKENS))]
+            runs[setting] = torch.cat(steps), cache
+        (kernel_logits, kernel_cache), (torch_logits, torch_cache) = runs["auto"], runs["torch"]
+        assert kernel_cache.k[0].dtype == torch.float16
+        assert torch.equal(kernel_cache.k[0][0, :, :len(TOKENS)], torch_cache.k[0][0, :, :len(TOKENS)])
+        assert torch.equal(kernel_cache.v[0][0, :, :len(TOKENS)], torch_cache.v[0][0, :, :len(TOKENS)])
+        assert (kernel_logits - torch_logits).abs().max().item() <= 0.05
+        assert torch.equal(kernel_logits.argmax(-1), torch_logits.argmax(-1))
+    finally:
+        model.set_kv_cache("bf16")
+
+
+def test_an_fp16_kv_cache_stores_values_beyond_its_range_as_its_largest(stories_int8) -> None:
+    """An outlier beyond fp16's range becomes +-65504 in both write paths (NaN stays NaN), not an infinity that would
+    make every later score of its row NaN."""
+    rows = torch.tensor([[[1e6, -1e6, 70000.0, 1.5, float("nan")]]])  # [Hkv 1, T 1, D 5]
+    cache = torch.zeros(1, 1, 2, 5, dtype=torch.float16)
+    model_module.write_rows(cache, 0, 1, rows)
+    assert cache[0, 0, 1, :4].tolist() == [65504.0, -65504.0, 65504.0, 1.5] and cache[0, 0, 1, 4].isnan()
+    if not attention_kernel.available():
+        pytest.fail(f"the attention kernel did not build: {attention_kernel.unavailable_reason()}")
+    heads, dim = 2, 8
+    cos, sin = rope_tables(dim, 4, 10000.0)
+    q, v = torch.randn(1, heads, dim), torch.randn(1, heads, dim)
+    k = torch.randn(1, heads, dim)
+    k[0, 0, 0], k[0, 1, 3] = 1e6, -2e5
+    cache_k, cache_v = (torch.zeros(1, heads, 4, dim, dtype=torch.float16) for _ in range(2))
+    out = attention_kernel.decode_attention(q, k, v, cos, sin, torch.tensor([0]), torch.tensor([0]), cache_k, cache_v)
+    assert cache_k[0, 0, 0, 0].item() == 65504.0 and cache_k[0, 1, 0, 3].item() == -65504.0  # position 0: no rotation
+    assert torch.isfinite(cache_k).all() and torch.isfinite(out).all()
+
+
 def test_only_int8_models_take_an_int8_kv_cache(stories_fp32, stories_int8) -> None:
     with pytest.raises(ValueError, match="fp32 reference model keeps an fp32 KV cache"):
         stories_fp32.model.set_kv_cache("int8")
-    with pytest.raises(ValueError, match="must be one of bf16, int8"):
+    with pytest.raises(ValueError, match="must be one of bf16, fp16, int8"):
         stories_int8.model.set_kv_cache("fp8")
     assert stories_fp32.model.cache_dtype == torch.float32 and stories_int8.model.cache_dtype == torch.bfloat16

@@ -146,9 +146,9 @@ def prompts(tokenizer: Tokenizer) -> list[list[int]]:
         base[:70], other]
 
 
-@pytest.fixture(params=["bf16", "int8"])
+@pytest.fixture(params=["bf16", "fp16", "int8"])
 def kv_cache(request: pytest.FixtureRequest, stories_int8: LoadedModel) -> Iterator[str]:
-    """stories260K's KV caches (and so the prefix cache's blocks) in bf16, then as int8 rows (kv_int8.py)."""
+    """stories260K's KV caches (and so the prefix cache's blocks) in bf16, in fp16, then as int8 rows (kv_int8.py)."""
     stories_int8.model.set_kv_cache(request.param)
     try:
         yield request.param

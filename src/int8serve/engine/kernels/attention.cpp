@@ -168,7 +168,9 @@ inline float from_half(Half value) {
 
 inline float load_scalar(const float* p) { return *p; }
 inline float load_scalar(const Half* p) { return from_half(*p); }
-inline void store_scalar(Half* p, float v) { *p = to_half(v); }
+// fp16 caches take values beyond fp16's range as +-65504 (NaN stays NaN), as model.write_rows does: an infinity would
+// make every later score of its row NaN.
+inline void store_scalar(Half* p, float v) { *p = to_half(std::fabs(v) > 65504.0f ? std::copysign(65504.0f, v) : v); }
 inline float load_scalar(const uint16_t* p) { return from_bf16(*p); }
 inline void store_scalar(float* p, float v) { *p = v; }
 inline void store_scalar(uint16_t* p, float v) { *p = to_bf16(v); }
