@@ -192,6 +192,8 @@ class Attention(nn.Module):
             # each aligned chunk of a prefill forward attends as its own forward would (chunking.py)
             for first, rows, keys_end in chunk.pieces(start, seq) if chunk is not None else [(0, seq, end)]:
                 keys, values = (read_rows(cache, slot, keys_end, dim, COMPUTE_DTYPE) for cache in (cache_k, cache_v))
+                if keys.dtype == torch.float16:  # SDPA over fp16 keys ran 0.91x its speed over bf16 ones, over fp32
+                    keys, values = keys.float(), values.float()  # 0.99x (Zen 4, a 1024-token prompt, 4 7B layers)
                 out[row, first:first + rows] = self._prefill_attention(q[row, first:first + rows], keys, values,
                                                                        start + first)
         return self._output(out.reshape(batch, seq, -1).to(x.dtype), last_only)
