@@ -34,7 +34,6 @@ residual, kept when quantizing); `--drop-head-residual` measures the model witho
 from __future__ import annotations
 
 import argparse
-import os
 import sys
 import time
 from collections.abc import Callable, Iterator, Sequence
@@ -44,7 +43,7 @@ from pathlib import Path
 import torch
 from torch import Tensor
 
-from benchmarks.common import display_command, write_section
+from benchmarks.common import display_command, environment, write_section
 from benchmarks.machine import log, machine_facts
 from int8serve.engine import int8, kernels
 from int8serve.engine.int8 import Int8Linear, StackedInt8Linear, dequantize
@@ -110,28 +109,22 @@ class RememberedReference:
 @contextmanager
 def mode(name: str) -> Iterator[None]:
     """Int8Linear computes the way `name` says for the duration."""
+    if name == "bf16 kernel" and not prefill_matmul.available():
+        raise SystemExit(f"mode 'bf16 kernel': this CPU has no bf16 prefill kernel "
+                         f"({prefill_matmul.unavailable_reason()})")
     saved = int8.KERNEL_ROWS, int8.PRECISE_ACTIVATIONS, Int8Linear.forward, StackedInt8Linear.forward
-    saved_setting = os.environ.get(prefill_matmul.ENV)
     int8.KERNEL_ROWS = 1 << 30 if name.startswith("kernel") else saved[0]
     # (prefill keeps the default, two int8 passes a row, where our kernel takes prefill calls: the row-exact CPUs)
     int8.PRECISE_ACTIVATIONS = name == "kernel precise" or (name in ("prefill (dense)", "bf16 kernel") and saved[1])
-    if name == "bf16 kernel":
-        if not prefill_matmul.available():
-            raise SystemExit(f"mode 'bf16 kernel': this CPU has no bf16 prefill kernel "
-                             f"({prefill_matmul.unavailable_reason()})")
-        os.environ[prefill_matmul.ENV] = "bf16"
     if name in EMULATIONS:
         Int8Linear.forward = _emulation(*EMULATIONS[name])  # type: ignore[method-assign]
         # the stacked projections' calls (q, k, v; gate, up: one kernel call where our kernel takes every call) too
         StackedInt8Linear.forward = lambda self, x: tuple(layer(x) for layer in self.layers)  # type: ignore
     try:
-        yield
+        with environment(prefill_matmul.ENV, "bf16" if name == "bf16 kernel" else None):
+            yield
     finally:
         int8.KERNEL_ROWS, int8.PRECISE_ACTIVATIONS, Int8Linear.forward, StackedInt8Linear.forward = saved  # type: ignore
-        if saved_setting is None:
-            os.environ.pop(prefill_matmul.ENV, None)
-        else:
-            os.environ[prefill_matmul.ENV] = saved_setting
 
 
 def _emulation(activations: Callable[[Tensor], Tensor], weights: Callable[[Tensor], Tensor]

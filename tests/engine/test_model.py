@@ -187,55 +187,38 @@ def test_silu_rows_is_each_rows_own_silu(shape: tuple[int, ...]) -> None:
     assert got.shape == x.shape and torch.equal(got, expected)
 
 
-def test_an_int8_kv_cache_holds_the_same_rows_through_the_kernel_and_the_torch_path(
-        stories_int8, monkeypatch: pytest.MonkeyPatch) -> None:
-    """--kv-cache int8: decode steps through the attention kernel (its store) and through the torch path
-    (INT8SERVE_ATTENTION=torch: kv_int8.quantize, each row dequantized, fp32 matmuls) after the same prefill write
-    the same int8 rows from the same keys and values (the first layer's, whose inputs the two paths share) and agree
-    on the logits as closely as they do with a bf16 cache."""
+def kernel_and_torch_runs(model, monkeypatch: pytest.MonkeyPatch) -> list[tuple[torch.Tensor, object]]:
+    """TOKENS prefilled 4 at once, then decoded a step at a time, through the attention kernel (`auto`) and through the
+    torch path: [(the steps' logits, the cache)] for each, in that order."""
+    ids = torch.tensor([TOKENS])
+    runs = []
+    for setting in ("auto", "torch"):
+        monkeypatch.setenv(attention_kernel.ENV, setting)
+        cache = model.new_cache(1, 32)
+        model(ids[:, :4], cache, [0], [0])
+        steps = [model(ids[:, i:i + 1], cache, [0], [i]) for i in range(4, len(TOKENS))]
+        runs.append((torch.cat(steps), cache))
+    return runs
+
+
+@pytest.mark.parametrize(("kind", "dtype"), [("int8", torch.int8), ("fp16", torch.float16)])
+def test_another_kv_cache_holds_the_same_rows_through_the_kernel_and_the_torch_path(
+        kind: str, dtype: torch.dtype, stories_int8, monkeypatch: pytest.MonkeyPatch) -> None:
+    """--kv-cache int8 or fp16: decode steps through the attention kernel (its store) and through the torch path
+    (INT8SERVE_ATTENTION=torch: kv_int8.quantize and each row dequantized, or write_rows, with fp32 matmuls) after the
+    same prefill write the same rows from the same keys and values (the first layer's, whose inputs the two paths
+    share) and agree on the logits as closely as they do with a bf16 cache."""
     model = stories_int8.model
-    model.set_kv_cache("int8")
+    model.set_kv_cache(kind)
     try:
-        ids = torch.tensor([TOKENS])
-        runs = {}
-        for setting in ("auto", "torch"):
-            monkeypatch.setenv(attention_kernel.ENV, setting)
-            cache = model.new_cache(1, 32)
-            model(ids[:, :4], cache, [0], [0])
-            steps = [model(ids[:, i:i + 1], cache, [0], [i]) for i in range(4, len(TOKENS))]
-            runs[setting] = torch.cat(steps), cache
-        (kernel_logits, kernel_cache), (torch_logits, torch_cache) = runs["auto"], runs["torch"]
-        assert kernel_cache.k[0].dtype == torch.int8
-        assert kernel_cache.k[0].shape[-1] == kv_int8.width(model.config.head_dim)
+        (kernel_logits, kernel_cache), (torch_logits, torch_cache) = kernel_and_torch_runs(model, monkeypatch)
+        assert kernel_cache.k[0].dtype == dtype
+        if kind == "int8":
+            assert kernel_cache.k[0].shape[-1] == kv_int8.width(model.config.head_dim)
         assert torch.equal(kernel_cache.k[0][0, :, :len(TOKENS)], torch_cache.k[0][0, :, :len(TOKENS)])
         assert torch.equal(kernel_cache.v[0][0, :, :len(TOKENS)], torch_cache.v[0][0, :, :len(TOKENS)])
         # the torch path rounds each attention output to bf16 (its bf16 cache's dtype): with a bf16 cache the two paths'
         # logits differ by up to 0.022 here, with the int8 one 0.019; a misread scale would move them by whole units
-        assert (kernel_logits - torch_logits).abs().max().item() <= 0.05
-        assert torch.equal(kernel_logits.argmax(-1), torch_logits.argmax(-1))
-    finally:
-        model.set_kv_cache("bf16")
-
-
-def test_an_fp16_kv_cache_holds_the_same_rows_through_the_kernel_and_the_torch_path(
-        stories_int8, monkeypatch: pytest.MonkeyPatch) -> None:
-    """--kv-cache fp16: the attention kernel's store and the torch path's write_rows round alike, and the two paths
-    agree on the logits as closely as with a bf16 cache."""
-    model = stories_int8.model
-    model.set_kv_cache("fp16")
-    try:
-        ids = torch.tensor([TOKENS])
-        runs = {}
-        for setting in ("auto", "torch"):
-            monkeypatch.setenv(attention_kernel.ENV, setting)
-            cache = model.new_cache(1, 32)
-            model(ids[:, :4], cache, [0], [0])
-            steps = [model(ids[:, i:i + 1], cache, [0], [i]) for i in range(4, len(TOKENS))]
-            runs[setting] = torch.cat(steps), cache
-        (kernel_logits, kernel_cache), (torch_logits, torch_cache) = runs["auto"], runs["torch"]
-        assert kernel_cache.k[0].dtype == torch.float16
-        assert torch.equal(kernel_cache.k[0][0, :, :len(TOKENS)], torch_cache.k[0][0, :, :len(TOKENS)])
-        assert torch.equal(kernel_cache.v[0][0, :, :len(TOKENS)], torch_cache.v[0][0, :, :len(TOKENS)])
         assert (kernel_logits - torch_logits).abs().max().item() <= 0.05
         assert torch.equal(kernel_logits.argmax(-1), torch_logits.argmax(-1))
     finally:

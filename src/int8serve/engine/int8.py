@@ -243,10 +243,19 @@ def quantize(weight: Tensor, group_size: int = DEFAULT_GROUP_SIZE) -> tuple[Tens
     scales = torch.empty(n, groups)
     rows = max(1, QUANTIZE_CHUNK // (groups * size))  # bounded temporaries: loading streams (see test_loader)
     for start in range(0, n, rows):
-        w = weight[start:start + rows].float()
-        padded = (F.pad(w, (0, groups * size - k)) if groups * size != k else w).view(-1, groups, size)
-        q[start:start + rows], scales[start:start + rows] = _quantize_groups(padded)
+        q[start:start + rows], scales[start:start + rows] = _quantize_groups(_in_groups(weight[start:start + rows],
+                                                                                        group_size))
     return q[:, :k].contiguous(), scales
+
+
+def _in_groups(weight: Tensor, group_size: int) -> Tensor:
+    """weight [R, K] -> fp32 [R, G, size]: each row in groups of `group_size` inputs (0: the whole row), the last
+    group zero-padded."""
+    k = weight.shape[1]
+    size = group_size or k
+    groups = -(-k // size)
+    w = weight.float()
+    return (F.pad(w, (0, groups * size - k)) if groups * size != k else w).view(-1, groups, size)
 
 
 QUANTIZE_CHUNK = 1 << 22  # weights quantized at a time
@@ -336,9 +345,7 @@ def quantize_residual(error: Tensor, group_size: int) -> tuple[Tensor, Tensor]:
     """error [N, K] -> (uint8 [N, ceil(K / 2)]: each value + 8 in 4 bits, inputs 2j and 2j + 1 in the low and high
     nibble of byte j; bf16 scales [N, G], one per row and weight group of `group_size` inputs, 0: one per row)."""
     n, k = error.shape
-    size = group_size or k
-    groups = -(-k // size)
-    padded = F.pad(error.float(), (0, groups * size - k)).view(n, groups, size)
+    padded = _in_groups(error, group_size)
     scales = (padded.abs().amax(dim=2) / RESIDUAL_LEVELS).to(torch.bfloat16)  # [N, G]
     safe = torch.where(scales > 0, scales.float(), 1.0)[..., None]
     codes = (padded / safe).round_().clamp_(-RESIDUAL_LEVELS, RESIDUAL_LEVELS).add_(8).to(torch.uint8)
@@ -452,7 +459,7 @@ class Int8Linear(nn.Module):
                              f"{(self.out_features, self.in_features)}")
         q, scales = self.quantized()
         codes = torch.empty(self.out_features, -(-self.in_features // 2), dtype=torch.uint8)
-        residual_scales = torch.empty(self.out_features, scales.shape[1] if scales.dim() == 2 else 1,
+        residual_scales = torch.empty(self.out_features, kernels.weight_groups(self.in_features, self.group_size),
                                       dtype=torch.bfloat16)
         rows = max(1, QUANTIZE_CHUNK // self.in_features)  # bounded temporaries (the 7B's head: 0.5 GB in fp32)
         for start in range(0, self.out_features, rows):

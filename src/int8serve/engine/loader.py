@@ -230,12 +230,11 @@ RESIDUAL, RESIDUAL_SCALE = ".residual", ".residual_scale"
 def _attach_residuals(model: Transformer, source: TensorSource, folder: Path) -> None:
     """Give each int8 layer the residual its checkpoint stores (after its weight: set_quantized drops a residual)."""
     modules = dict(model.named_modules())
-    for name in source.names():
-        if not name.endswith(RESIDUAL):
-            continue
+    names = set(source.names())
+    for name in sorted(n for n in names if n.endswith(RESIDUAL)):
         layer = modules.get(name.removesuffix(RESIDUAL))
         scale_name = name.removesuffix(RESIDUAL) + RESIDUAL_SCALE
-        if not isinstance(layer, Int8Linear) or not layer.refine_top or scale_name not in source.names():
+        if not isinstance(layer, Int8Linear) or not layer.refine_top or scale_name not in names:
             raise CheckpointError(f"{folder}: unexpected tensor '{name}' (a residual is the output head's, beside "
                                   f"its '{scale_name}')")
         try:
