@@ -67,6 +67,7 @@ from int8serve.engine.int8 import (
 )
 from int8serve.engine.kernels import attention as attention_kernel
 from int8serve.engine.model import KV_CACHES, KVCache, RMSNorm, Transformer
+from int8serve.engine.scheduler import DEFAULT_PREFILL_CHUNK
 
 LLAMA2_7B = ModelConfig(dim=4096, n_layers=32, n_heads=32, n_kv_heads=32, vocab_size=32000, hidden_dim=11008,
                         max_seq_len=4096, tie_embeddings=False)
@@ -406,7 +407,7 @@ class AttentionRun:
 
     setting: str
     path: str  # what the setting ran on this CPU
-    kv_cache: str  # the model's KV cache (--kv-cache: bf16 or int8)
+    kv_cache: str  # the model's KV cache (--kv-cache: bf16, fp16 or int8; auto resolved)
     decode_b1: Timing
     decode_b4: Timing
     split_b1: Timing  # the same steps again, each split into its Int8Linear calls and the rest (LinearClock)
@@ -472,22 +473,30 @@ def _decode_run(model: Transformer, cache: KVCache, decode: Callable[..., Timing
                         planned=decode_plan.usable(model))
 
 
+def server_kv_cache(model: Transformer, kind: str) -> str:
+    """The KV cache the server keeps for `--kv-cache kind`: auto as Transformer.default_kv_cache gives it for the
+    server's default prefill chunks and 4 slots."""
+    return model.default_kv_cache(DEFAULT_PREFILL_CHUNK, 4)[0] if kind == "auto" else kind
+
+
 def run_engine(config: ModelConfig, prompt_len: int, decode_steps: int, quiet: QuietWaiter,
                attention: Sequence[str] = ("auto",), group_size: int = DEFAULT_GROUP_SIZE,
-               kv_caches: Sequence[str] = ("bf16",)) -> EngineResults:
+               kv_caches: Sequence[str] = ("auto",)) -> EngineResults:
     log(f"building a random int8 model: {config.n_layers} layers of the Llama-2-7B shape, "
         f"{describe_scales(group_size)} ...")
     started = time.perf_counter()
     model = build_random_int8_model(config, group_size=group_size)
     build_seconds = time.perf_counter() - started
     weight_bytes = decode_bytes_per_step(model)
+    kv_caches = list(dict.fromkeys(server_kv_cache(model, kind) for kind in kv_caches))
+    model.set_kv_cache(kv_caches[0])  # (prefill writes into the first)
     resident = rss_gb()
     log(f"  built in {build_seconds:.1f} s; int8 weights + scales {weight_bytes / 1e9:.2f} GB; "
         f"process resident {resident:.2f} GB")
     warmup = 2
     cache_len = max(640, prompt_len + warmup + decode_steps + 8)
 
-    log(f"prefill: {prompt_len}-token prompt, 1-slot cache of {cache_len} positions ...")
+    log(f"prefill: {prompt_len}-token prompt, 1-slot {kv_caches[0]} cache of {cache_len} positions ...")
     cache = model.new_cache(1, cache_len)
     prefill_timing = least_contended(functools.partial(time_prefill, model, cache, prompt_len), quiet)
     log(f"  median {prefill_timing.median:.2f} s = {prompt_len / prefill_timing.median:.1f} tok/s "
@@ -864,8 +873,9 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--attention", nargs="+", default=["auto"], choices=attention_kernel.SETTINGS,
                         metavar="SETTING", help="decode attention settings (INT8SERVE_ATTENTION) to time, in this "
                         "order, e.g. `torch auto` for the row-by-row torch path against the kernel (default auto)")
-    parser.add_argument("--kv-cache", nargs="+", default=["bf16"], choices=list(KV_CACHES), metavar="KIND",
-                        help="KV caches to time decode on, in this order (the server's --kv-cache; default bf16)")
+    parser.add_argument("--kv-cache", nargs="+", default=["auto"], choices=["auto", *KV_CACHES], metavar="KIND",
+                        help="KV caches to time decode on, in this order (the server's --kv-cache; default auto, "
+                             "the server's default: fp16, or bf16 where prefill attends through SDPA on AMX tiles)")
     parser.add_argument("--group-size", type=int, choices=GROUP_SIZES, default=DEFAULT_GROUP_SIZE,
                         help="input values per weight scale, 0 = one per output channel (default "
                              f"{DEFAULT_GROUP_SIZE}, the default scheme of `int8serve quantize`)")

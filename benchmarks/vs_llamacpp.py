@@ -92,6 +92,7 @@ from benchmarks.engine import (
     int8_linears,
     measure_bandwidth,
     random_tokens,
+    server_kv_cache,
     time_decode,
     time_prefill,
     time_runs,
@@ -142,10 +143,12 @@ ISAS = tuple(ISA_FLAGS)  # --isa (llamacpp_build's): each engine's fastest code,
 assert set(ISAS) == {"native", *ISA_SETTINGS}, "every llama.cpp build held to an ISA needs our side's settings above"
 KV_ENV = "INT8SERVE_KV_CACHE"  # --kv-cache for our child process (the server's variable of the same setting)
 PREFILL_ENV = "INT8SERVE_PREFILL_MATMUL"  # --prefill-matmul int8 or bf16 for our child process
-LLAMA_KV = {"bf16": [], "int8": ["-ctk", "q8_0", "-ctv", "q8_0"]}  # llama.cpp's default KV cache is f16
+# Our --kv-cache -> llama.cpp's flags: its default KV cache is f16, beside our 16-bit ones (auto: fp16, or bf16 on AMX
+# CPUs whose prefill attends through SDPA, Transformer.default_kv_cache)
+LLAMA_KV = {"auto": [], "fp16": [], "bf16": [], "int8": ["-ctk", "q8_0", "-ctv", "q8_0"]}
 
 
-def llama_cpp_tools(batch_prompt: int = BATCH_PROMPT, kv_cache: str = "bf16") -> dict[str, str]:
+def llama_cpp_tools(batch_prompt: int = BATCH_PROMPT, kv_cache: str = "auto") -> dict[str, str]:
     """How llama.cpp measures each figure (the report's first column)."""
     kv = "".join(f" {word}" for word in LLAMA_KV[kv_cache])
     return {"decode_b1": f"`llama-bench -n {GEN}{kv}`",
@@ -441,23 +444,31 @@ def ours_child(checkpoint: Path, batch_prompt: int = BATCH_PROMPT) -> None:
     torch.set_num_threads(THREADS)
     started = time.perf_counter()
     model = load_cached(checkpoint).model
-    model.set_kv_cache(os.environ.get(KV_ENV, "bf16"))
+    model.set_kv_cache(server_kv_cache(model, os.environ.get(KV_ENV, "auto")))
     log(f"  ours: loaded in {time.perf_counter() - started:.0f} s, resident {rss_gb():.2f} GB, "
         f"{huge_pages_gb():.2f} GB of it on 2 MB pages; {model.kv_cache} KV cache")
     figures = measure_ours(model, batch_prompt=batch_prompt)
     log(f"  ours: {huge_pages_gb():.2f} GB on 2 MB pages after measuring")
-    print(json.dumps({name: dataclasses.asdict(f) for name, f in figures.items()}))
+    print(json.dumps({"kv_cache": model.kv_cache,
+                      "figures": {name: dataclasses.asdict(f) for name, f in figures.items()}}))
 
 
-def run_ours(checkpoint: Path, batch_prompt: int = BATCH_PROMPT) -> dict[str, Figure]:
-    """Our figures, measured in a child process (so that our weights leave memory before llama.cpp runs)."""
+def run_ours(checkpoint: Path, batch_prompt: int = BATCH_PROMPT) -> tuple[dict[str, Figure], str]:
+    """Our figures, measured in a child process (so that our weights leave memory before llama.cpp runs), and the
+    KV cache it kept."""
     command = [sys.executable, "-m", "benchmarks.vs_llamacpp", "--ours-child", str(checkpoint),
                "--batch-prompt", str(batch_prompt)]
     result = subprocess.run(command, stdout=subprocess.PIPE, text=True, check=False,
                             env={**os.environ, "OMP_NUM_THREADS": str(THREADS)})
     if result.returncode != 0:
         raise RuntimeError(f"measuring int8serve failed (exit {result.returncode}); see its output above")
-    return {name: Figure(**values) for name, values in json.loads(result.stdout.splitlines()[-1]).items()}
+    return parse_ours(result.stdout)
+
+
+def parse_ours(stdout: str) -> tuple[dict[str, Figure], str]:
+    """ours_child's last line: our figures and the KV cache it kept."""
+    measured = json.loads(stdout.splitlines()[-1])
+    return {name: Figure(**values) for name, values in measured["figures"].items()}, measured["kv_cache"]
 
 
 def prefill_path() -> str:
@@ -504,7 +515,7 @@ def run_tool(command: Sequence[object]) -> tuple[str, str]:
 
 
 def llama_bench(llama: LlamaCpp, gguf_path: Path, prompt: int, gen: int, reps: int, repack: bool,
-                kv_cache: str = "bf16") -> float:
+                kv_cache: str = "auto") -> float:
     """Mean tok/s of one llama-bench test (prompt tokens or generated tokens) over `reps` repetitions."""
     out, _ = run_tool([llama.bench, "-m", gguf_path, "-t", THREADS, "-p", prompt, "-n", gen, "-r", reps,
                        "--repack", int(repack), *LLAMA_KV[kv_cache], "-o", "json"])
@@ -515,7 +526,7 @@ def llama_bench(llama: LlamaCpp, gguf_path: Path, prompt: int, gen: int, reps: i
 
 
 def batched_bench(llama: LlamaCpp, gguf_path: Path, repack: bool, batch_prompt: int = BATCH_PROMPT,
-                  kv_cache: str = "bf16") -> float:
+                  kv_cache: str = "auto") -> float:
     """Aggregate decode tok/s of BATCH sequences (S_TG of llama-batched-bench)."""
     context = BATCH * (batch_prompt + GEN) + 64
     out, err = run_tool([llama.batched_bench, "-m", gguf_path, "-t", THREADS, "-tb", THREADS, "-c", context,
@@ -529,7 +540,7 @@ def batched_bench(llama: LlamaCpp, gguf_path: Path, repack: bool, batch_prompt: 
 
 def measure_llamacpp(llama: LlamaCpp, gguf_path: Path, reps: int, repack: bool,
                      names: Sequence[str] = tuple(GOALS), batch_prompt: int = BATCH_PROMPT,
-                     kv_cache: str = "bf16") -> dict[str, Figure]:
+                     kv_cache: str = "auto") -> dict[str, Figure]:
     figures = {}
     for name, measure in (("decode_b1", lambda: llama_bench(llama, gguf_path, 0, GEN, reps, repack, kv_cache)),
                           ("decode_b4", lambda: batched_bench(llama, gguf_path, repack, batch_prompt, kv_cache)),
@@ -556,6 +567,7 @@ class Round:
     bandwidth: float  # GB/s, 2 threads, at the start of the round
     llama: dict[str, Figure]
     ours: dict[str, Figure]
+    ours_kv_cache: str  # the KV cache our child kept
 
 
 def run_round(index: int, llama: LlamaCpp, files: WeightFiles, args: argparse.Namespace, quiet: QuietWaiter) -> Round:
@@ -563,13 +575,16 @@ def run_round(index: int, llama: LlamaCpp, files: WeightFiles, args: argparse.Na
     bandwidth = measure_bandwidth(quiet, THREADS)
     log(f"round {index + 1}: {first} first; read bandwidth {bandwidth:.1f} GB/s")
     results: dict[str, dict[str, Figure]] = {}
+    kv_cache = args.kv_cache
     for engine in ([first, *({"llama.cpp", "int8serve"} - {first})]):
         quiet.wait()
-        results[engine] = run_ours(files.checkpoint, args.batch_prompt) if engine == "int8serve" else \
-            measure_llamacpp(llama, files.gguf, args.reps, args.llama_repack, batch_prompt=args.batch_prompt,
-                             kv_cache=args.kv_cache)
+        if engine == "int8serve":
+            results[engine], kv_cache = run_ours(files.checkpoint, args.batch_prompt)
+        else:
+            results[engine] = measure_llamacpp(llama, files.gguf, args.reps, args.llama_repack,
+                                               batch_prompt=args.batch_prompt, kv_cache=args.kv_cache)
         log(f"  {engine}: " + ", ".join(f"{k} {v.tok_s:.2f} tok/s" for k, v in results[engine].items()))
-    return Round(first, bandwidth, results["llama.cpp"], results["int8serve"])
+    return Round(first, bandwidth, results["llama.cpp"], results["int8serve"], kv_cache)
 
 
 def mean_of(rounds: Sequence[Round], engine: str, name: str) -> float:
@@ -655,6 +670,15 @@ def scale_scheme(group_size: int) -> str:
     return f"a bf16 scale per {group_size} input values ({shared}{default})"
 
 
+def kv_cache_line(kv_cache: str, rounds: Sequence[Round]) -> str:
+    """Which KV caches the engines kept: ours as its child said (auto: Transformer.default_kv_cache's choice)."""
+    if kv_cache == "int8":
+        return "- KV caches: ours int8 rows (`--kv-cache int8`), llama.cpp q8_0 (`-ctk q8_0 -ctv q8_0`)."
+    ours = " and ".join(dict.fromkeys(r.ours_kv_cache for r in rounds))
+    how = "the default, `--kv-cache auto`" if kv_cache == "auto" else f"`--kv-cache {kv_cache}`"
+    return f"- KV caches: ours {ours} ({how}), llama.cpp f16 (its default)."
+
+
 def build_report(args: argparse.Namespace, rounds: Sequence[Round], files: WeightFiles, llama: LlamaCpp) -> str:
     now = datetime.datetime.now(datetime.UTC).strftime("%Y-%m-%d %H:%M UTC")
     ram = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES") / 2**30
@@ -671,8 +695,7 @@ def build_report(args: argparse.Namespace, rounds: Sequence[Round], files: Weigh
              weights,
              f"- {len(rounds)} rounds, alternating which engine goes first; each engine runs alone (ours in a "
              "child process), so only one engine's weights are in memory at a time.",
-             *(["- KV caches: ours int8 rows (`--kv-cache int8`), llama.cpp q8_0 (`-ctk q8_0 -ctv q8_0`)."]
-               if args.kv_cache == "int8" else []),
+             kv_cache_line(args.kv_cache, rounds),
              *([f"- Our prefill with one int8 pass a row (`{PREFILL_ENV}=int8`): activations rounded to int8 per 32 "
                 "values, as llama.cpp's Q8_0 computes them, instead of our default's numerics (more accurate, "
                 "int8.py has the figures); decode unchanged. Not the issue's goals, which are for the defaults."]
@@ -734,7 +757,7 @@ def display_command(args: argparse.Namespace) -> str:
         words += ["--no-llama-repack"]
     if args.isa != "native":
         words += ["--isa", args.isa]
-    if args.kv_cache != "bf16":
+    if args.kv_cache != "auto":
         words += ["--kv-cache", args.kv_cache]
     if args.batch_prompt != BATCH_PROMPT:
         words += ["--batch-prompt", str(args.batch_prompt)]
@@ -795,9 +818,11 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
                              "(default 30)")
     parser.add_argument("--write", type=Path, metavar="FILE",
                         help="replace this script's section of FILE (e.g. docs/benchmarks.md) with the results")
-    parser.add_argument("--kv-cache", choices=list(LLAMA_KV), default="bf16",
-                        help="both engines' KV caches: bf16 (ours; llama.cpp's f16, the defaults) or int8 (ours "
-                             "--kv-cache int8, llama.cpp -ctk q8_0 -ctv q8_0); int8 makes its own section")
+    parser.add_argument("--kv-cache", choices=list(LLAMA_KV), default="auto",
+                        help="both engines' KV caches: auto (ours as the server's default: fp16, or bf16 where "
+                             "prefill attends through SDPA on AMX tiles; llama.cpp's f16), fp16 or bf16 (ours; "
+                             "llama.cpp's f16) or int8 (ours --kv-cache int8, llama.cpp -ctk q8_0 -ctv q8_0); "
+                             "another than auto makes its own section")
     parser.add_argument("--batch-prompt", type=int, default=BATCH_PROMPT, metavar="N",
                         help=f"the position the {BATCH} sequences decode from (llama-batched-bench -npp; default "
                              f"{BATCH_PROMPT}); another makes its own section")
@@ -816,7 +841,7 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
 
 
 def section_label(layers: int, gguf: Path | None = None, cpu: str | None = None, isa: str = "native",
-                  kv_cache: str = "bf16", batch_prompt: int = BATCH_PROMPT, prefill_matmul: str = "auto") -> str:
+                  kv_cache: str = "auto", batch_prompt: int = BATCH_PROMPT, prefill_matmul: str = "auto") -> str:
     """The full shape has a section per kind of CPU (`cpu`, default this one's `cpu_label()`): the issue's goals are
     per CPU, and a run on one must not erase another's. A quick run's is kept apart (`--layers N`), and so is each
     real model's (`--gguf FILE`: the file's name), a run held to older code (`--isa ...`), and one with other
@@ -824,7 +849,7 @@ def section_label(layers: int, gguf: Path | None = None, cpu: str | None = None,
     `--prefill-matmul`)."""
     label = gguf.name if gguf else (cpu or cpu_label()) if layers == 32 else f"--layers {layers}"
     label = label if isa == "native" else f"{label} --isa {isa}"
-    label = label if kv_cache == "bf16" else f"{label} --kv-cache {kv_cache}"
+    label = label if kv_cache == "auto" else f"{label} --kv-cache {kv_cache}"
     label = label if prefill_matmul == "auto" else f"{label} --prefill-matmul {prefill_matmul}"
     return label if batch_prompt == BATCH_PROMPT else f"{label} --batch-prompt {batch_prompt}"
 
@@ -832,7 +857,7 @@ def section_label(layers: int, gguf: Path | None = None, cpu: str | None = None,
 def variant(args: argparse.Namespace) -> bool:
     """Whether this run's settings are not the defaults the issue's goals are for (--kv-cache, --batch-prompt,
     --prefill-matmul)."""
-    return args.kv_cache != "bf16" or args.batch_prompt != BATCH_PROMPT or args.prefill_matmul != "auto"
+    return args.kv_cache != "auto" or args.batch_prompt != BATCH_PROMPT or args.prefill_matmul != "auto"
 
 
 def hold_to_isa(isa: str) -> None:
@@ -871,7 +896,7 @@ def main(argv: Sequence[str] | None = None) -> None:
     if args.ours_child:
         ours_child(args.ours_child, args.batch_prompt)
         return
-    if args.kv_cache != "bf16":
+    if args.kv_cache != "auto":
         os.environ[KV_ENV] = args.kv_cache  # (our child process reads it)
     if args.prefill_matmul != "auto":
         set_for_our_side(f"--prefill-matmul {args.prefill_matmul}", PREFILL_ENV, args.prefill_matmul)

@@ -18,9 +18,10 @@ import httpx
 import pytest
 from tests.fresh_cache import fresh_cache
 
-from int8serve.engine import int8
+from int8serve.engine import int8, kernels
 from int8serve.engine.int8 import kernel_rows
 from int8serve.engine.kernels import matmul as prefill_matmul
+from int8serve.engine.model import SDPA_BF16_TILE_FLAGS
 
 MODEL = "@cf/meta/llama-2-7b-chat-int8"
 
@@ -68,7 +69,12 @@ def test_serve_makes_and_prints_a_token_when_none_is_configured(tmp_path: Path, 
         assert "rate limits: 5 requests per 60 s per account and model" in text and "in this process" in text
         assert "response cache: on (card: in_memory), account scope, TTL 300 s" in text
         assert "daily allocation: off" in text
-        assert "KV cache: bf16 (--kv-cache fp16: more precise, the same memory; --kv-cache int8: 0.56x), " in text
+        # the default cache: fp16 where prefill is row-exact or SDPA has no AMX tiles to multiply bf16 on
+        expected = "fp16" if kernel_rows() >= 128 or not kernels.cpu_flags() >= SDPA_BF16_TILE_FLAGS else "bf16"
+        said = re.search(r"KV cache: (\w+) \(the default here: prefill attends through (.+?); (.+?) to choose\)", text)
+        assert said is not None, text
+        assert said[1] == expected and said[3] == " or ".join(
+            f"--kv-cache {kind}" for kind in ("fp16", "bf16", "int8") if kind != expected)
         assert "for 4 x 512 positions" in text
         # the default 128-token prefill chunks take the dense path on the amx path (replies are not reusable, and the
         # line says how); the vnni512, avx2 and avxvnni paths' kernel takes every chunk row-exact
@@ -114,10 +120,11 @@ def assert_the_prefix_cache_answers_alike(port: int) -> None:
 
 @pytest.mark.parametrize(("kind", "said"), [
     ("int8", r"int8 rows, an fp32 scale per 32 values \(--kv-cache int8\)"),
-    ("fp16", r"fp16 \(--kv-cache fp16; values beyond \+-65504 stored as \+-65504\)"),
+    ("fp16", r"fp16 \(--kv-cache fp16\); values beyond \+-65504 stored as \+-65504"),
+    ("bf16", r"bf16 \(--kv-cache bf16\)"),
 ])
 def test_serve_with_another_kv_cache(kind: str, said: str, tmp_path: Path, shared_dir: Path) -> None:
-    """--kv-cache int8 or fp16: the start-up line says so and gives its size; greedy answers come back, the same
+    """--kv-cache int8, fp16 or bf16: the start-up line says so and gives its size; greedy answers come back, the same
     whether the prompt prefix came from the prefix cache (its blocks in the cache's dtype too) or not."""
     process, port = start("--model", str(shared_dir / "models" / "stories260K" / "hf"), "--kv-cache", kind,
                           "--token", "t=acct", tmp_path=tmp_path)

@@ -196,17 +196,18 @@ def test_the_quantizer_of_a_first_start(monkeypatch: pytest.MonkeyPatch) -> None
 
 
 def test_the_kv_cache_setting(monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]) -> None:
-    assert load_settings(flags()).settings.kv_cache == "bf16"
+    assert load_settings(flags()).settings.kv_cache == "auto"
     assert load_settings(flags("--kv-cache", "int8")).settings.kv_cache == "int8"
     monkeypatch.setenv("INT8SERVE_KV_CACHE", "int8")
     assert load_settings(flags()).settings.kv_cache == "int8"
     with pytest.raises(ValueError, match="--kv-cache int8 applies to int8 models"):
         load_settings(flags("--dtype", "fp32"))
     monkeypatch.delenv("INT8SERVE_KV_CACHE")
-    assert load_settings(flags("--dtype", "fp32")).settings.kv_cache == "bf16"  # (the fp32 model's cache stays fp32)
-    assert load_settings(flags("--kv-cache", "fp16")).settings.kv_cache == "fp16"
-    with pytest.raises(ValueError, match="--kv-cache fp16 applies to int8 models"):
-        load_settings(flags("--kv-cache", "fp16", "--dtype", "fp32"))
+    assert load_settings(flags("--dtype", "fp32")).settings.kv_cache == "auto"  # (the fp32 model's cache stays fp32)
+    for kind in ("bf16", "fp16"):
+        assert load_settings(flags("--kv-cache", kind)).settings.kv_cache == kind
+        with pytest.raises(ValueError, match=f"--kv-cache {kind} applies to int8 models"):
+            load_settings(flags("--kv-cache", kind, "--dtype", "fp32"))
     with pytest.raises(SystemExit):
         build_parser().parse_args(["serve", "--kv-cache", "fp8"])
     assert "invalid choice: 'fp8'" in capsys.readouterr().err

@@ -158,7 +158,7 @@ def _add_serve_parser(commands: argparse._SubParsersAction) -> None:
     option("--dtype", field="dtype", choices=["int8", "fp32"])
     option("--model-cache", field="model_cache", action=argparse.BooleanOptionalAction)
     option("--quantizer", field="quantizer", choices=list(QUANTIZERS))
-    option("--kv-cache", field="kv_cache", choices=["bf16", "fp16", "int8"])
+    option("--kv-cache", field="kv_cache", choices=["auto", "bf16", "fp16", "int8"])
     option("--threads", field="threads", type=int, metavar="N")
     option("--card", field="card", type=Path, action="append", metavar="FILE")
     option("--served-model-name", field="served_model_name", metavar="NAME")

@@ -196,8 +196,13 @@ def _start_engine(settings: ServeSettings, served: ServedModel) -> tuple[Engine,
     if loaded.tokenizer_path is None:
         raise ServeError(f"{loaded.path}: no tokenizer.model (in the folder or its parent) or tokenizer.json")
     tokenizer = load_tokenizer(loaded.tokenizer_path)
-    if settings.dtype == "int8":
-        loaded.model.set_kv_cache(settings.kv_cache)  # before the engine and the prefix cache make their caches
+    kv_cache_reason = None
+    if settings.dtype == "int8":  # before the engine and the prefix cache make their caches
+        kv_cache = settings.kv_cache
+        if kv_cache == "auto":
+            kv_cache, kv_cache_reason = loaded.model.default_kv_cache(settings.prefill_chunk,
+                                                                      card.max_concurrent_requests)
+        loaded.model.set_kv_cache(kv_cache)
     context = min(card.context_length_limit, loaded.config.max_seq_len)
     prefix = _prefix_cache(settings, loaded.model, card.max_concurrent_requests * context)
     engine = Engine(loaded.model, tokenizer, max_slots=card.max_concurrent_requests, max_queue=settings.max_queue,
@@ -218,7 +223,7 @@ def _start_engine(settings: ServeSettings, served: ServedModel) -> tuple[Engine,
         f"  limits: context {context} tokens (card {card.context_length_limit}, model {loaded.config.max_seq_len}), "
         f"max_tokens <= {card.sequence_length_limit}, {card.max_concurrent_requests} slots, "
         f"queue {settings.max_queue}, prefill chunk {settings.prefill_chunk} ({_solo_prefill(engine, settings)})",
-        f"  KV cache: {_describe_kv_cache(loaded.model, engine)}",
+        f"  KV cache: {_describe_kv_cache(loaded.model, engine, kv_cache_reason)}",
         f"  {decode_plan.describe(loaded.model)}",
         f"  prefix cache: {prefix.capacity_tokens} tokens ({prefix.nbytes() / 2**20:.0f} MiB), the default system "
         f"prompt's {warmed} tokens warmed in {warming:.1f} s; {_what_is_reused(engine, settings.prefill_chunk)}"
@@ -227,12 +232,19 @@ def _start_engine(settings: ServeSettings, served: ServedModel) -> tuple[Engine,
     return engine, lines
 
 
-def _describe_kv_cache(model: Transformer, engine: Engine) -> str:
+def _describe_kv_cache(model: Transformer, engine: Engine, default_because: str | None) -> str:
+    """What the cache holds and its size; for the default (--kv-cache auto), why this kind on this CPU."""
     cache = engine.cache
-    what = {"int8": "int8 rows, an fp32 scale per 32 values (--kv-cache int8)",
-            "fp16": "fp16 (--kv-cache fp16; values beyond +-65504 stored as +-65504)",
-            "bf16": "bf16 (--kv-cache fp16: more precise, the same memory; --kv-cache int8: 0.56x)"
-            }.get(model.kv_cache, model.kv_cache)
+    if default_because is not None:
+        others = " or ".join(f"--kv-cache {kind}" for kind in ("fp16", "bf16", "int8") if kind != model.kv_cache)
+        what = f"{model.kv_cache} (the default here: {default_because}; {others} to choose)"
+    else:
+        what = {"int8": "int8 rows, an fp32 scale per 32 values (--kv-cache int8)",
+                "fp16": "fp16 (--kv-cache fp16)",
+                "bf16": "bf16 (--kv-cache bf16)",
+                "fp32": "fp32 (the fp32 reference model's)"}.get(model.kv_cache, model.kv_cache)
+    if model.kv_cache == "fp16":
+        what += "; values beyond +-65504 stored as +-65504"
     return f"{what}, {cache.nbytes() / 2**30:.2f} GiB for {cache.n_slots} x {cache.max_seq_len} positions"
 
 

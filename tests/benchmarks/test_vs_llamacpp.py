@@ -125,12 +125,13 @@ def test_report_has_both_engines_and_ratios(files: vs_llamacpp.WeightFiles, tmp_
     def figures(scale: float) -> dict[str, vs_llamacpp.Figure]:
         return {name: vs_llamacpp.Figure(scale * (i + 1), 0.1) for i, name in enumerate(vs_llamacpp.LABELS)}
 
-    rounds = [vs_llamacpp.Round("llama.cpp", 30.0, figures(2.0), figures(1.0)),
-              vs_llamacpp.Round("int8serve", 40.0, figures(2.0), figures(3.0))]
+    rounds = [vs_llamacpp.Round("llama.cpp", 30.0, figures(2.0), figures(1.0), "fp16"),
+              vs_llamacpp.Round("int8serve", 40.0, figures(2.0), figures(3.0), "fp16")]
     args = vs_llamacpp.parse_args(["--layers", "2", "--write", str(tmp_path / "b.md")])
     llama = vs_llamacpp.LlamaCpp(tmp_path / "bin", "0.3.36", {})
     report = vs_llamacpp.build_report(args, rounds, files, llama)
     assert "**1.00×** (rounds: 0.50 / 1.50" in report
+    assert "- KV caches: ours fp16 (the default, `--kv-cache auto`), llama.cpp f16 (its default)." in report
     assert "--layers 2" in report and "GB/s" in report and "Our kernel path" in report
     vs_llamacpp.write_section(args.write, report, vs_llamacpp.SCRIPT)
     assert "<!-- benchmarks/vs_llamacpp.py: begin -->" in args.write.read_text()
@@ -188,7 +189,7 @@ def test_a_gguf_report_names_the_file_and_sets_no_goal(files: vs_llamacpp.Weight
     figures = {name: vs_llamacpp.Figure(2.0, 0.1) for name in vs_llamacpp.LABELS}
     real = dataclasses.replace(files, checkpoint=files.gguf, gguf_type="Q4_1", description="a model (2 layers)")
     args = vs_llamacpp.parse_args(["--gguf", str(files.gguf), "--rounds", "1"])
-    report = vs_llamacpp.build_report(args, [vs_llamacpp.Round("llama.cpp", 30.0, figures, figures)], real,
+    report = vs_llamacpp.build_report(args, [vs_llamacpp.Round("llama.cpp", 30.0, figures, figures, "bf16")], real,
                                       vs_llamacpp.LlamaCpp(tmp_path / "bin", "0.3.36", {}))
     assert f"same GGUF file ({files.gguf.name})" in report and "| llama.cpp Q4_1 (per round) |" in report
     assert "**1.00×** (rounds: 1.00) |" in report and "goal" not in report
@@ -241,7 +242,7 @@ def test_avx2_runs_hold_our_side_to_its_avx2_paths(files: vs_llamacpp.WeightFile
     with engine.torch_threads(1):
         figures = vs_llamacpp.measure_ours(load_model(files.checkpoint).model, prompt=16, gen=2, batch_prompt=8)
     assert set(figures) == set(vs_llamacpp.GOALS)
-    rounds = [vs_llamacpp.Round("llama.cpp", 30.0, dict(figures), dict(figures))]
+    rounds = [vs_llamacpp.Round("llama.cpp", 30.0, dict(figures), dict(figures), "bf16")]
     args = vs_llamacpp.parse_args(["--layers", "2", "--isa", "avx2"])
     llama = vs_llamacpp.LlamaCpp(tmp_path / "bin", "0.3.36", {"isa": "avx2"})
     report = vs_llamacpp.build_report(args, rounds, files, llama)
@@ -288,7 +289,7 @@ def test_runs_held_to_vnni_code_hold_our_side_to_its_paths(isa: str, files: vs_l
     with engine.torch_threads(1):
         figures = vs_llamacpp.measure_ours(load_model(files.checkpoint).model, prompt=16, gen=2, batch_prompt=8)
     assert set(figures) == set(vs_llamacpp.GOALS) and all(value.tok_s > 0 for value in figures.values())
-    rounds = [vs_llamacpp.Round("llama.cpp", 30.0, dict(figures), dict(figures))]
+    rounds = [vs_llamacpp.Round("llama.cpp", 30.0, dict(figures), dict(figures), "bf16")]
     args = vs_llamacpp.parse_args(["--layers", "2", "--isa", isa])
     llama = vs_llamacpp.LlamaCpp(tmp_path / "bin", "0.3.36", {"isa": isa})
     report = vs_llamacpp.build_report(args, rounds, files, llama)
@@ -347,6 +348,16 @@ def test_kv_cache_and_batch_position_runs_are_their_own_sections_without_the_goa
     tools = vs_llamacpp.llama_cpp_tools(1024, "int8")
     assert tools["decode_b4"] == "`llama-batched-bench -npp 1024 -ntg 32 -npl 4 -ctk q8_0 -ctv q8_0`"
     assert vs_llamacpp.llama_cpp_tools()["decode_b1"] == "`llama-bench -n 32`"
+    assert vs_llamacpp.kv_cache_line("int8", []) == ("- KV caches: ours int8 rows (`--kv-cache int8`), llama.cpp "
+                                                     "q8_0 (`-ctk q8_0 -ctv q8_0`).")
+    for kind in ("fp16", "bf16"):  # a 16-bit cache of ours against llama.cpp's f16: its own section, no goals
+        args = vs_llamacpp.parse_args(["--kv-cache", kind])
+        assert vs_llamacpp.variant(args)
+        assert vs_llamacpp.llama_cpp_tools(kv_cache=kind)["decode_b1"] == "`llama-bench -n 32`"
+        assert vs_llamacpp.section_label(32, cpu="X", kv_cache=kind) == f"X --kv-cache {kind}"
+        rounds = [vs_llamacpp.Round("llama.cpp", 30.0, {}, {}, kind)]
+        assert vs_llamacpp.kv_cache_line(kind, rounds) == (f"- KV caches: ours {kind} (`--kv-cache {kind}`), "
+                                                           "llama.cpp f16 (its default).")
     with pytest.raises(SystemExit):
         vs_llamacpp.parse_args(["--batch-prompt", "0"])
 
@@ -369,3 +380,27 @@ def test_a_run_with_our_int8_prefill_pass_is_its_own_section_without_the_goals(m
     assert vs_llamacpp.variant(vs_llamacpp.parse_args(["--prefill-matmul", "bf16"]))
     assert vs_llamacpp.section_label(32, cpu="X", prefill_matmul="bf16") == "X --prefill-matmul bf16"
     assert vs_llamacpp.variant(vs_llamacpp.parse_args(["--prefill-matmul", "row-exact"]))
+
+
+@pytest.mark.parametrize("asked", ["auto", "int8"])
+def test_our_child_reports_the_kv_cache_it_kept(asked: str, files: vs_llamacpp.WeightFiles,
+                                                 monkeypatch: pytest.MonkeyPatch,
+                                                 capsys: pytest.CaptureFixture[str]) -> None:
+    """The child keeps the server's default cache (auto: Transformer.default_kv_cache for the server's chunks and
+    slots) or the one --kv-cache asked for, and says which beside its figures."""
+    kept = {}
+
+    def measure(model, batch_prompt):  # (test_our_side_measures measures the figures): the cache here
+        kept["kind"] = model.kv_cache
+        kept["default"] = model.default_kv_cache(vs_llamacpp.DEFAULT_PREFILL_CHUNK, 4)[0]
+        return {name: vs_llamacpp.Figure(1.5, 0.1) for name in vs_llamacpp.LABELS}
+
+    monkeypatch.setattr(vs_llamacpp, "measure_ours", measure)
+    if asked != "auto":
+        monkeypatch.setenv(vs_llamacpp.KV_ENV, asked)
+    else:
+        monkeypatch.delenv(vs_llamacpp.KV_ENV, raising=False)
+    vs_llamacpp.ours_child(files.checkpoint)
+    figures, kind = vs_llamacpp.parse_ours(capsys.readouterr().out)
+    assert kind == kept["kind"] == (kept["default"] if asked == "auto" else asked)
+    assert set(figures) == set(vs_llamacpp.LABELS) and figures["decode_b1"].tok_s == 1.5

@@ -12,6 +12,7 @@ from transformers import LlamaConfig, LlamaForCausalLM
 from int8serve.engine import kernels, kv_int8
 from int8serve.engine import model as model_module
 from int8serve.engine.kernels import attention as attention_kernel
+from int8serve.engine.kernels import matmul as prefill_matmul
 from int8serve.engine.loader import load_model
 from int8serve.engine.model import apply_rope, rope_tables, silu_rows
 
@@ -251,3 +252,41 @@ def test_only_int8_models_take_an_int8_kv_cache(stories_fp32, stories_int8) -> N
     with pytest.raises(ValueError, match="must be one of bf16, fp16, int8"):
         stories_int8.model.set_kv_cache("fp8")
     assert stories_fp32.model.cache_dtype == torch.float32 and stories_int8.model.cache_dtype == torch.bfloat16
+
+
+AMX_FLAGS = frozenset({"avx512f", "amx_tile", "amx_bf16", "amx_int8"})
+
+
+@pytest.mark.parametrize("flags", [AMX_FLAGS, frozenset({"avx512f", "avx2"})], ids=["amx", "no amx"])
+def test_the_default_kv_cache_is_fp16_where_prefill_is_row_exact(stories_int8, flags: frozenset[str],
+                                                                  monkeypatch: pytest.MonkeyPatch) -> None:
+    """Row-exact prefill attends through our attention kernel, which reads fp16 as fast as bf16: fp16 on any CPU."""
+    monkeypatch.setenv(prefill_matmul.ENV, "row-exact")
+    monkeypatch.setattr(kernels, "cpu_flags", lambda: flags)
+    model = stories_int8.model
+    if not model.row_exact_prefill(128, 4, torch.float16):
+        pytest.fail(f"INT8SERVE_PREFILL_MATMUL=row-exact did not make prefill row-exact: kernel "
+                    f"{kernels.unavailable_reason()}, attention {attention_kernel.unavailable_reason()}")
+    kind, why = model.default_kv_cache(128, 4)
+    assert (kind, why) == ("fp16", "prefill attends through our attention kernel, which reads fp16 as fast as bf16")
+    assert model.kv_cache == "bf16"  # asking changes nothing
+
+
+@pytest.mark.parametrize(("flags", "expected"), [(AMX_FLAGS, "bf16"), (frozenset({"avx512f", "avx2"}), "fp16")],
+                         ids=["amx", "no amx"])
+def test_the_default_kv_cache_where_prefill_attends_through_sdpa(stories_int8, flags: frozenset[str], expected: str,
+                                                                 monkeypatch: pytest.MonkeyPatch) -> None:
+    """Prefill through SDPA (here: one int8 pass a row, never row-exact): bf16 where SDPA multiplies it on AMX tiles,
+    fp16 elsewhere; the reason names which."""
+    monkeypatch.setenv(prefill_matmul.ENV, "int8")
+    monkeypatch.setattr(kernels, "cpu_flags", lambda: flags)
+    model = stories_int8.model
+    assert not model.row_exact_prefill(128, 4, torch.float16)
+    kind, why = model.default_kv_cache(128, 4)
+    assert kind == expected and why.startswith("prefill attends through SDPA")
+    assert ("AMX tiles" in why) == (expected == "bf16")
+
+
+def test_the_fp32_model_has_no_default_kv_cache_to_choose(stories_fp32) -> None:
+    with pytest.raises(ValueError, match="fp32 reference model keeps an fp32 KV cache"):
+        stories_fp32.model.default_kv_cache(128, 4)

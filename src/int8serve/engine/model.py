@@ -35,6 +35,11 @@ MIN_PREFILL_QUERIES = 16
 # Zen 4; values beyond its range are stored as +-FP16_MAX, see write_rows); or int8 rows with a scale per 32 values
 # (kv_int8.py).
 KV_CACHES = {"bf16": COMPUTE_DTYPE, "fp16": torch.float16, "int8": torch.int8}
+# The flags of a CPU whose torch SDPA multiplies bf16 on AMX tiles: there SDPA reads bf16 keys ~2.7x faster than an
+# fp16 cache's (as fp32; fp16 itself no faster), a 128-row chunk at 896 positions 3.5 against 9.6 ms a 7B layer
+# (Emerald Rapids, 2 threads): 0.905-0.947x the speed of a 1024-token prefill (`benchmarks/kv_cache.py --kinds bf16
+# fp16 --prefill 1024 --cases`); elsewhere fp16 keys as fp32 cost SDPA 0.995x (Zen 4).
+SDPA_BF16_TILE_FLAGS = frozenset({"amx_bf16", "amx_tile"})
 FP16_MAX = 65504.0  # the largest finite fp16 value
 # A decode step of fewer int8 multiply-adds than this (rows x the int8 linears' weights) runs our kernels on one thread.
 # Its parallel regions are each a few microseconds of work, and on a busy machine each waits for the second thread to
@@ -372,6 +377,23 @@ class Transformer(nn.Module):
             raise ValueError("the fp32 reference model keeps an fp32 KV cache; --kv-cache applies to int8 models")
         self.kv_cache = kind
 
+    def default_kv_cache(self, prefill_chunk: int, max_slots: int) -> tuple[str, str]:
+        """The KV cache `--kv-cache auto` (the server's default) gives this int8 model, and why in a few words.
+
+        fp16 is the more accurate cache in the same memory (stories260K against fp32 in decode's numerics: KLD
+        0.000308 against bf16's 0.000418) and decode attention reads it as fast (0.97-1.01x, the avx512 and avx2
+        paths, Zen 4 and Emerald Rapids); so is a row-exact prefill, whose attention is the same kernel. Only SDPA
+        on AMX tiles reads bf16 faster (SDPA_BF16_TILE_FLAGS): where prefill attends through SDPA on such a CPU (its
+        default prefill, the bf16 kernel), the cache stays bf16.
+        """
+        if self.precision != "int8":
+            raise ValueError("the fp32 reference model keeps an fp32 KV cache; --kv-cache applies to int8 models")
+        if self.row_exact_prefill(prefill_chunk, max_slots, KV_CACHES["fp16"]):
+            return "fp16", "prefill attends through our attention kernel, which reads fp16 as fast as bf16"
+        if kernels.cpu_flags() >= SDPA_BF16_TILE_FLAGS:
+            return "bf16", "prefill attends through SDPA, which multiplies bf16 keys on this CPU's AMX tiles"
+        return "fp16", "prefill attends through SDPA, as fast over fp16 keys as over bf16 ones on a CPU without AMX"
+
     def new_cache(self, n_slots: int, max_seq_len: int | None = None) -> KVCache:
         return KVCache(self.config, n_slots, max_seq_len or self.config.max_seq_len, self.cache_dtype)
 
@@ -426,7 +448,7 @@ class Transformer(nn.Module):
         logits = self.output(self.norm(x)).float()
         return logits if all_logits else logits[:, 0, :]
 
-    def row_exact_prefill(self, prefill_chunk: int, max_slots: int) -> bool:
+    def row_exact_prefill(self, prefill_chunk: int, max_slots: int, cache_dtype: torch.dtype | None = None) -> bool:
         """Whether prefill chunks of `prefill_chunk` rows can be computed row-exact (chunking.py): every row with the
         bits its decode step would give, so that the keys and values decode writes equal prefill's.
 
@@ -439,11 +461,12 @@ class Transformer(nn.Module):
         two), or the attention kernel is off, prefill keeps its own numerics and
         generated tokens are not reusable (the prefix cache keeps prompts only). Decided once, when an engine is made:
         changing INT8SERVE_ATTENTION, INT8SERVE_KERNEL or INT8SERVE_PREFILL_MATMUL in a running process is not
-        supported.
+        supported. `cache_dtype`: for caches of that dtype instead of those new_cache makes.
         """
         return (self._packed_int8() and max(prefill_chunk, max_slots) <= kernel_rows()
                 and not prefill_matmul.int8_requested()
-                and self.cache_dtype in attention_kernel.DTYPES and attention_kernel.setting() != "torch"
+                and (cache_dtype or self.cache_dtype) in attention_kernel.DTYPES
+                and attention_kernel.setting() != "torch"
                 and attention_kernel.available())
 
     def prefill_rows_independent(self, prefill_chunk: int) -> bool:
