@@ -84,9 +84,9 @@ class ServeSettings(BaseSettings):
                             "package ships: more accurate; about an hour for a 7B model on 2 cores) or rtn (each "
                             "weight rounded to its nearest step: minutes). Later starts load the cached copy")
     kv_cache: Literal["auto", "bf16", "fp16", "int8"] = Field(
-        "auto", description="how int8 models keep each key and value: fp16, bf16 with 3 more bits of mantissa in the "
-                            "same memory (as llama.cpp's default f16 cache; stories260K against fp32: KLD 0.000308 "
-                            "against bf16's 0.000418), values beyond +-65504 stored as +-65504; bf16; or int8 with "
+        "auto", description="how int8 models keep each key and value: fp16 (bf16's memory with 3 more bits of "
+                            "mantissa, as llama.cpp's default f16 cache; stories260K against fp32: KLD 0.000308 "
+                            "against bf16's 0.000418; values beyond +-65504 stored as +-65504); bf16; or int8 with "
                             "an fp32 scale per 32 values (as llama.cpp's -ctk/-ctv q8_0): 0.56x the memory, and "
                             "decode attention reads 0.56x the bytes (1.3-1.5x faster on the 7B shape), at some "
                             "accuracy (SmolLM2 against fp32: KLD 0.00105 -> 0.00138). Default auto: fp16, but bf16 "
