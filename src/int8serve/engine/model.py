@@ -367,10 +367,10 @@ class Transformer(nn.Module):
         return KV_CACHES[self.kv_cache] if self.precision == "int8" else torch.float32
 
     def set_kv_cache(self, kind: str) -> None:
-        """The KV caches `new_cache` makes from now on: "bf16" (the default), "fp16" (the same memory, more precise
+        """The KV caches `new_cache` makes from now on: "bf16" (a new model's), "fp16" (the same memory, more precise
         within fp16's range: KV_CACHES) or "int8" (kv_int8.py: 0.56x the memory and the bytes decode attention reads,
-        at the cost of each key and value's rounding to int8). Int8 models only: the fp32 model is the reference and
-        keeps fp32 caches."""
+        at the cost of each key and value's rounding to int8). The server's default, `--kv-cache auto`, is what
+        default_kv_cache gives. Int8 models only: the fp32 model is the reference and keeps fp32 caches."""
         if kind not in KV_CACHES:
             raise ValueError(f"KV cache must be one of {', '.join(KV_CACHES)}, got {kind!r}")
         if self.precision != "int8":
