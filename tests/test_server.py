@@ -141,6 +141,25 @@ def test_serve_with_another_kv_cache(kind: str, said: str, tmp_path: Path, share
     assert "Traceback" not in err
 
 
+def test_the_fp32_reference_model_says_its_cache_is_fp32(tmp_path: Path, shared_dir: Path) -> None:
+    """--dtype fp32: --kv-cache auto (the default) keeps the reference model's fp32 cache, and the line says so."""
+    process, port = start("--model", str(shared_dir / "models" / "stories260K" / "hf"), "--dtype", "fp32",
+                          "--token", "t=acct", tmp_path=tmp_path)
+    try:
+        lines = []
+        while not any("ready: http://" in line for line in lines):
+            lines.append(process.stderr.readline())
+        text = "".join(lines)
+        assert re.search(r"KV cache: fp32 \(the fp32 reference model's\), [\d.]+ GiB for 4 x 512 positions", text), text
+        answer = httpx.post(f"http://127.0.0.1:{port}/client/v4/accounts/acct/ai/run/{MODEL}",
+                            headers={"Authorization": "Bearer t"},
+                            json={"prompt": "Once upon a time", "raw": True, "max_tokens": 4}, timeout=60)
+        assert answer.status_code == 200 and answer.json()["result"]["response"]
+    finally:
+        err = stop(process)
+    assert "Traceback" not in err
+
+
 def test_serve_with_llama_cpps_numerics_in_prefill(tmp_path: Path, shared_dir: Path,
                                                    monkeypatch: pytest.MonkeyPatch) -> None:
     """INT8SERVE_PREFILL_MATMUL=int8: the start lines say prefill takes one int8 pass a row and why the prefix cache
