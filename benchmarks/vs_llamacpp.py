@@ -42,10 +42,12 @@ the same file. The issue #10 goals are for the 7B shape and are not applied.
     python -m benchmarks.vs_llamacpp --isa avxvnni --write docs/benchmarks.md  # AVX2 + AVX-VNNI code
     python -m benchmarks.vs_llamacpp --isa avx512vnni --write docs/benchmarks.md  # AVX-512 VNNI, no BF16 or AMX
 
-With `--kv-cache int8` both engines keep 8-bit keys and values: ours `--kv-cache int8` (engine/kv_int8.py), llama.cpp
-`-ctk q8_0 -ctv q8_0`; with `--batch-prompt N` the 4 sequences decode from position N instead of 64, where the keys
+Our side keeps the server's default KV cache (`--kv-cache auto`: fp16, or bf16 where prefill attends through SDPA on
+AMX tiles; the report names it), llama.cpp its default f16. With `--kv-cache int8` both engines keep 8-bit keys and
+values: ours `--kv-cache int8` (engine/kv_int8.py), llama.cpp `-ctk q8_0 -ctv q8_0`; `--kv-cache fp16` or `bf16` hold
+ours to one 16-bit cache; with `--batch-prompt N` the 4 sequences decode from position N instead of 64, where the keys
 and values they read weigh more beside the weights (4 x 2048 positions of the 7B: 4.3 GB of bf16 a step, 7.0 GB of
-weights). Either makes its own section, without the issue's goals (they are for the defaults).
+weights). Each makes its own section, without the issue's goals (they are for the defaults).
 
 With `--isa avx2` both engines run the code of an AVX2-only CPU (a Zen 2/3) on this one: llama.cpp built for AVX2
 only (`llamacpp_build.py --isa avx2`), ours with `INT8SERVE_KERNEL=avx2`, `INT8SERVE_ATTENTION=avx2` and
