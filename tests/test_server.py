@@ -50,6 +50,14 @@ def start(*args: str, tmp_path: Path) -> tuple[subprocess.Popen, int]:
     pytest.fail("the server did not become ready")
 
 
+def startup_text(process: subprocess.Popen) -> str:
+    """The start-up lines of a live server, up to the one saying it is ready."""
+    lines: list[str] = []
+    while not any("ready: http://" in line for line in lines):
+        lines.append(process.stderr.readline())
+    return "".join(lines)
+
+
 def stop(process: subprocess.Popen) -> str:
     process.send_signal(signal.SIGTERM)
     _, err = process.communicate(timeout=30)
@@ -59,11 +67,7 @@ def stop(process: subprocess.Popen) -> str:
 def test_serve_makes_and_prints_a_token_when_none_is_configured(tmp_path: Path, shared_dir: Path) -> None:
     process, port = start("--model", str(shared_dir / "models" / "stories260K" / "hf"), tmp_path=tmp_path)
     try:
-        # the start-up lines, up to the one saying the model is loaded; read them from the live process
-        lines = []
-        while not any("ready: http://" in line for line in lines):
-            lines.append(process.stderr.readline())
-        text = "".join(lines)
+        text = startup_text(process)  # (read from the live process)
         token, account = re.search(r"API token (\S+) for account (\S+);", text).groups()
         assert "context 512 tokens" in text and "4 slots" in text
         assert "rate limits: 5 requests per 60 s per account and model" in text and "in this process" in text
@@ -129,10 +133,7 @@ def test_serve_with_another_kv_cache(kind: str, said: str, tmp_path: Path, share
     process, port = start("--model", str(shared_dir / "models" / "stories260K" / "hf"), "--kv-cache", kind,
                           "--token", "t=acct", tmp_path=tmp_path)
     try:
-        lines = []
-        while not any("ready: http://" in line for line in lines):
-            lines.append(process.stderr.readline())
-        text = "".join(lines)
+        text = startup_text(process)
         size = re.search(rf"KV cache: {said}, ([\d.]+) GiB for 4 x 512 positions", text)
         assert size is not None, text
         assert_the_prefix_cache_answers_alike(port)  # (its blocks in the same dtype)
@@ -146,10 +147,7 @@ def test_the_fp32_reference_model_says_its_cache_is_fp32(tmp_path: Path, shared_
     process, port = start("--model", str(shared_dir / "models" / "stories260K" / "hf"), "--dtype", "fp32",
                           "--token", "t=acct", tmp_path=tmp_path)
     try:
-        lines = []
-        while not any("ready: http://" in line for line in lines):
-            lines.append(process.stderr.readline())
-        text = "".join(lines)
+        text = startup_text(process)
         assert re.search(r"KV cache: fp32 \(the fp32 reference model's\), [\d.]+ GiB for 4 x 512 positions", text), text
         answer = httpx.post(f"http://127.0.0.1:{port}/client/v4/accounts/acct/ai/run/{MODEL}",
                             headers={"Authorization": "Bearer t"},
@@ -168,10 +166,7 @@ def test_serve_with_llama_cpps_numerics_in_prefill(tmp_path: Path, shared_dir: P
     process, port = start("--model", str(shared_dir / "models" / "stories260K" / "hf"), "--token", "t=acct",
                           tmp_path=tmp_path)
     try:
-        lines = []
-        while not any("ready: http://" in line for line in lines):
-            lines.append(process.stderr.readline())
-        text = "".join(lines)
+        text = startup_text(process)
         assert "every call, one int8 pass a row (INT8SERVE_PREFILL_MATMUL=int8" in text, text
         assert "prompts only (INT8SERVE_PREFILL_MATMUL=int8: prefill's one int8 pass" in text, text
         assert_the_prefix_cache_answers_alike(port)
