@@ -40,7 +40,7 @@ from .model_specs import (
     served_model_specs,
 )
 from .prompt_templates import PromptTemplate, UnknownTemplateError, render_prompt, template_named
-from .settings import DEFAULT_DAILY_NEURONS, LoadedSettings, SettingsFileError, load_settings
+from .settings import DEFAULT_DAILY_NEURONS, LoadedSettings, ServeSettings, SettingsFileError, load_settings
 from .stderr_handler import StderrHandler
 
 
@@ -58,6 +58,9 @@ def _add_model_args(parser: argparse.ArgumentParser, dtype: bool = True) -> None
         parser.add_argument("--dtype", choices=["int8", "fp32"], default="int8",
                             help="int8: weight-only int8 (the served path); fp32: full-precision reference "
                                  "(default: %(default)s)")
+        parser.add_argument("--kv-cache", choices=["auto", "bf16", "fp16", "int8"], default="auto",
+                            help="an int8 model's KV cache, as serve's --kv-cache (default auto: the one serve "
+                                 "keeps on this CPU, so that the numbers are the server's)")
     parser.add_argument("--model-cache", action=argparse.BooleanOptionalAction, default=True,
                         help="load a full-precision --model through its int8 copy in $INT8SERVE_CACHE/models, "
                              "written on first use (default: on)")
@@ -257,6 +260,7 @@ def open_model(spec: ModelSpec, dtype: str, use_cache: bool = True, group_size: 
 
 
 def cmd_generate(args: argparse.Namespace) -> None:
+    _check_kv_cache(args)
     if args.max_tokens < 1:
         raise UsageError("--max-tokens must be at least 1")
     try:
@@ -269,6 +273,7 @@ def cmd_generate(args: argparse.Namespace) -> None:
     named = args.model is None or parse_model_entry(args.model).name is not None  # a card was chosen
     card_choice = card_template(card) if named and not args.template else None
     loaded, tokenizer = open_model(spec, args.dtype, args.model_cache)
+    _apply_kv_cache(loaded, args.dtype, args.kv_cache, card)
     template = template_named(args.template) if args.template else (card_choice or template_for(tokenizer))
     system = "" if args.no_system else args.system if args.system is not None else (
         card.default_context if named else None)
@@ -292,6 +297,25 @@ def cmd_generate(args: argparse.Namespace) -> None:
           f"finish {stats.finish_reason}", file=sys.stderr)
 
 
+def _check_kv_cache(args: argparse.Namespace) -> None:
+    if args.dtype != "int8" and args.kv_cache != "auto":
+        raise UsageError(f"--kv-cache {args.kv_cache} applies to int8 models; --dtype fp32 keeps the fp32 reference "
+                         "cache")
+
+
+def _apply_kv_cache(loaded: LoadedModel, dtype: str, kind: str, card: ModelCard) -> None:
+    """--kv-cache for generate and eval-ppl: as `serve` resolves it (auto: Transformer.default_kv_cache for serve's
+    default prefill chunk and the card's slots), said on stderr."""
+    if dtype != "int8":
+        return
+    why = None
+    if kind == "auto":
+        kind, why = loaded.model.default_kv_cache(ServeSettings.model_fields["prefill_chunk"].default,
+                                                  card.max_concurrent_requests)
+    loaded.model.set_kv_cache(kind)
+    print(f"KV cache: {kind}" + (f" (the default here: {why})" if why else ""), file=sys.stderr)
+
+
 def cmd_quantize(args: argparse.Namespace) -> None:
     started = time.perf_counter()
     loaded = load_model(resolve(args.src), "int8", progress=sys.stderr.isatty(), group_size=args.group_size,
@@ -302,10 +326,12 @@ def cmd_quantize(args: argparse.Namespace) -> None:
 
 
 def cmd_eval_ppl(args: argparse.Namespace) -> None:
+    _check_kv_cache(args)
     if not args.text.is_file():
         raise UsageError(f"{args.text}: no such file")
-    spec, _card = model_spec(args.model)
+    spec, card = model_spec(args.model)
     loaded, tokenizer = open_model(spec, args.dtype, args.model_cache, args.group_size, args.quantizer)
+    _apply_kv_cache(loaded, args.dtype, args.kv_cache, card)
     reference = None
     if args.compare_to == "fp32":
         reference = load_model(loaded.path, "fp32").model

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import re
 import subprocess
 import sys
 from pathlib import Path
@@ -66,6 +67,25 @@ def test_eval_ppl_compare_to_fp32_prints_the_metrics(cache: Path, stories_hf: Pa
     assert "over 2048 tokens in 8 windows" in result.stdout
 
 
+def test_eval_ppl_measures_the_servers_kv_cache_or_the_one_asked_for(cache: Path, stories_hf: Path,
+                                                                     shared_dir: Path) -> None:
+    """By default the cache serve keeps on this CPU (the line says which and why), so that the figures are the
+    server's; --kv-cache int8 measures that cache's rounding too: a larger KLD."""
+    kld = {}
+    for kind in ("auto", "int8"):
+        result = run("eval-ppl", "--model", str(stories_hf), "--text", str(shared_dir / "corpus" / "tinystories.txt"),
+                     "--compare-to", "fp32", "--max-windows", "8", "--kv-cache", kind, cache=cache)
+        assert result.returncode == 0, result.stderr
+        said = [line for line in result.stderr.splitlines() if line.startswith("KV cache: ")]
+        if kind == "auto":
+            assert len(said) == 1 and re.fullmatch(r"KV cache: (fp16|bf16) \(the default here: prefill attends .+\)",
+                                                   said[0]), result.stderr
+        else:
+            assert said == ["KV cache: int8"]
+        kld[kind] = float(re.search(r"KLD ([\d.]+)", result.stdout)[1])
+    assert kld["int8"] > kld["auto"] > 0
+
+
 @pytest.mark.parametrize(
     ("args", "message"),
     [
@@ -75,6 +95,8 @@ def test_eval_ppl_compare_to_fp32_prints_the_metrics(cache: Path, stories_hf: Pa
         (["generate", "--model", "@cf/x/y=", "hi"], "expected NAME=PATH"),
         (["generate", "--temperature", "-1", "hi"], "temperature"),
         (["eval-ppl", "--text", "/no/such/file.txt"], "no such file"),
+        (["generate", "--dtype", "fp32", "--kv-cache", "int8", "hi"], "--kv-cache int8 applies to int8 models"),
+        (["eval-ppl", "--dtype", "fp32", "--kv-cache", "bf16", "--text", "x"], "--kv-cache bf16 applies to int8"),
     ],
 )
 def test_user_errors_are_one_clear_line(cache: Path, args: list[str], message: str) -> None:
