@@ -201,6 +201,7 @@ class Attention(nn.Module):
                     keys, values = keys.float(), values.float()  # 0.99x (Zen 4, a 1024-token prompt, 4 7B layers)
                 out[row, first:first + rows] = self._prefill_attention(q[row, first:first + rows], keys, values,
                                                                        start + first)
+        del q, k, v  # (v is a view of the projections' output: gone before wo's call, as are q and k)
         return self._output(out.reshape(batch, seq, -1).to(x.dtype), last_only)
 
     def _output(self, attended: Tensor, last_only: bool) -> Tensor:
@@ -264,8 +265,11 @@ class FeedForward(nn.Module):
             gate, up = self.w1(x), self.w3(x)
         if isinstance(self.w1, Int8Linear) and activation_kernel.available():
             # one pass, each element alike wherever it sits (kernels/activation.py); the fp32 reference keeps torch's
-            return self.w2(activation_kernel.silu_mul(gate, up))
-        return self.w2(silu_rows(gate) * up)
+            hidden = activation_kernel.silu_mul(gate, up)
+        else:
+            hidden = silu_rows(gate) * up
+        del gate, up  # (the projections' output, 45 MB at 512 rows of the 7B shape, freed before down's call)
+        return self.w2(hidden)
 
 
 def silu_rows(x: Tensor) -> Tensor:
