@@ -45,6 +45,7 @@ from benchmarks.gemv_builds import (
 from benchmarks.machine import CpuShares, cpu_label, log, machine_description
 from int8serve.engine import kv_int8
 from int8serve.engine.kernels import attention
+from int8serve.engine.model import KV_CACHES as MODEL_KV_CACHES
 from int8serve.engine.model import rope_tables
 
 SCRIPT = "attention_builds.py"
@@ -71,9 +72,8 @@ class Step:
         self.caches = [(self._cache(g, rows, length), self._cache(g, rows, length)) for _ in range(LAYERS)]
 
     def _cache(self, g: torch.Generator, rows: int, length: int) -> torch.Tensor:
-        if self.kv_cache in ("bf16", "fp16"):
-            dtype = torch.bfloat16 if self.kv_cache == "bf16" else torch.float16
-            return torch.randn(rows, HEADS, length, HEAD_DIM, generator=g).to(dtype)
+        if self.kv_cache != "int8":
+            return torch.randn(rows, HEADS, length, HEAD_DIM, generator=g).to(MODEL_KV_CACHES[self.kv_cache])
         cache = torch.empty(rows, HEADS, length, kv_int8.width(HEAD_DIM), dtype=torch.int8)
         for slot in range(rows):
             attention.quantize_into(cache[slot], torch.randn(HEADS, length, HEAD_DIM, generator=g))

@@ -476,7 +476,7 @@ def _decode_run(model: Transformer, cache: KVCache, decode: Callable[..., Timing
 def server_kv_cache(model: Transformer, kind: str) -> str:
     """The KV cache the server keeps for `--kv-cache kind`: auto as Transformer.default_kv_cache gives it for the
     server's default prefill chunks and 4 slots."""
-    return model.default_kv_cache(DEFAULT_PREFILL_CHUNK, 4)[0] if kind == "auto" else kind
+    return model.kv_cache_for(kind, DEFAULT_PREFILL_CHUNK, 4)[0]
 
 
 def run_engine(config: ModelConfig, prompt_len: int, decode_steps: int, quiet: QuietWaiter,

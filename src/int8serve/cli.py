@@ -40,7 +40,14 @@ from .model_specs import (
     served_model_specs,
 )
 from .prompt_templates import PromptTemplate, UnknownTemplateError, render_prompt, template_named
-from .settings import DEFAULT_DAILY_NEURONS, LoadedSettings, ServeSettings, SettingsFileError, load_settings
+from .settings import (
+    DEFAULT_DAILY_NEURONS,
+    LoadedSettings,
+    ServeSettings,
+    SettingsFileError,
+    kv_cache_problem,
+    load_settings,
+)
 from .stderr_handler import StderrHandler
 
 
@@ -298,9 +305,9 @@ def cmd_generate(args: argparse.Namespace) -> None:
 
 
 def _check_kv_cache(args: argparse.Namespace) -> None:
-    if args.dtype != "int8" and args.kv_cache != "auto":
-        raise UsageError(f"--kv-cache {args.kv_cache} applies to int8 models; --dtype fp32 keeps the fp32 reference "
-                         "cache")
+    problem = kv_cache_problem(args.kv_cache, args.dtype)
+    if problem:
+        raise UsageError(problem)
 
 
 def _apply_kv_cache(loaded: LoadedModel, dtype: str, kind: str, card: ModelCard) -> None:
@@ -308,10 +315,8 @@ def _apply_kv_cache(loaded: LoadedModel, dtype: str, kind: str, card: ModelCard)
     default prefill chunk and the card's slots), said on stderr."""
     if dtype != "int8":
         return
-    why = None
-    if kind == "auto":
-        kind, why = loaded.model.default_kv_cache(ServeSettings.model_fields["prefill_chunk"].default,
-                                                  card.max_concurrent_requests)
+    kind, why = loaded.model.kv_cache_for(kind, ServeSettings.model_fields["prefill_chunk"].default,
+                                          card.max_concurrent_requests)
     loaded.model.set_kv_cache(kind)
     print(f"KV cache: {kind}" + (f" (the default here: {why})" if why else ""), file=sys.stderr)
 

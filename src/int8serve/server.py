@@ -198,10 +198,8 @@ def _start_engine(settings: ServeSettings, served: ServedModel) -> tuple[Engine,
     tokenizer = load_tokenizer(loaded.tokenizer_path)
     kv_cache_reason = None
     if settings.dtype == "int8":  # before the engine and the prefix cache make their caches
-        kv_cache = settings.kv_cache
-        if kv_cache == "auto":
-            kv_cache, kv_cache_reason = loaded.model.default_kv_cache(settings.prefill_chunk,
-                                                                      card.max_concurrent_requests)
+        kv_cache, kv_cache_reason = loaded.model.kv_cache_for(settings.kv_cache, settings.prefill_chunk,
+                                                              card.max_concurrent_requests)
         loaded.model.set_kv_cache(kv_cache)
     context = min(card.context_length_limit, loaded.config.max_seq_len)
     prefix = _prefix_cache(settings, loaded.model, card.max_concurrent_requests * context)

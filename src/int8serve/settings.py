@@ -54,6 +54,13 @@ _file_values: contextvars.ContextVar[Mapping[str, Any] | None] = contextvars.Con
                                                                                        default=None)
 
 
+def kv_cache_problem(kv_cache: str, dtype: str) -> str | None:
+    """Why --kv-cache cannot go with --dtype (serve's settings and the generate/eval-ppl commands say it alike)."""
+    if kv_cache != "auto" and dtype != "int8":
+        return f"--kv-cache {kv_cache} applies to int8 models; --dtype fp32 keeps the fp32 reference cache"
+    return None
+
+
 class SettingsFileError(ValueError):
     """The TOML file cannot be read or has a key that is no setting."""
 
@@ -208,9 +215,9 @@ class ServeSettings(BaseSettings):
 
     @model_validator(mode="after")
     def _kv_cache_needs_int8(self) -> ServeSettings:
-        if self.kv_cache != "auto" and self.dtype != "int8":
-            raise ValueError(f"--kv-cache {self.kv_cache} applies to int8 models; --dtype fp32 keeps the fp32 "
-                             "reference cache")
+        problem = kv_cache_problem(self.kv_cache, self.dtype)
+        if problem:
+            raise ValueError(problem)
         return self
 
     @field_validator("account_rpm", mode="before")

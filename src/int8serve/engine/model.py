@@ -398,6 +398,11 @@ class Transformer(nn.Module):
             return "bf16", "prefill attends through SDPA, which multiplies bf16 keys on this CPU's AMX tiles"
         return "fp16", "prefill attends through SDPA, as fast over fp16 keys as over bf16 ones on a CPU without AMX"
 
+    def kv_cache_for(self, kind: str, prefill_chunk: int, max_slots: int) -> tuple[str, str | None]:
+        """The cache `--kv-cache kind` gives this int8 model, and why where `kind` is "auto" (default_kv_cache's
+        choice; None for a kind asked for)."""
+        return self.default_kv_cache(prefill_chunk, max_slots) if kind == "auto" else (kind, None)
+
     def new_cache(self, n_slots: int, max_seq_len: int | None = None) -> KVCache:
         return KVCache(self.config, n_slots, max_seq_len or self.config.max_seq_len, self.cache_dtype)
 
