@@ -1201,7 +1201,9 @@ INT8SERVE_AVX2 inline void group_into_acc_3x32(const int16_t* w, const int16_t* 
 // measured 1.02-1.10x (16-512 rows): fewer loads a product help an Intel core, whose loads the 3 x 32 block nearly
 // fills (11 a pair of 12 products; a Skylake loads 2 a cycle). On AMD's Zen 2/3 the count of instructions around
 // vpmaddwd decided the block's shape (the note above kWideGemmRows; 6 x 16 issues 2.67 instructions a product there, 3
-// x 32 2.42), so AMD CPUs keep the 3 x 32 block until one measures the other.
+// x 32 2.42), so AMD CPUs keep the 3 x 32 block until one measures the other faster. A Zen 1, whose AVX2 integer
+// products all share one resource (2026-12-06, 2 threads, benchmarks/gemv_builds.py -DINT8SERVE_WIDE6_ADD=1 against the
+// default, the 7B shapes, 5 rounds), ran 6 x 16 at 0.97-1.02x (16-512 rows): alike.
 #ifndef INT8SERVE_WIDE6_DOT
 #define INT8SERVE_WIDE6_DOT -1
 #endif
