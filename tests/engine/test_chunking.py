@@ -93,10 +93,16 @@ def test_the_real_chat_models_chunks_in_one_forward_give_the_same_bits(smollm2_i
     assert_same_prefill(model, [random.Random(1).randint(3, 40000) for _ in range(300)], 64, chunks=4, reused=40)
 
 
-def test_each_chunk_of_a_forward_attends_as_its_own_forward_would(stories_int8: LoadedModel,
+# Prefill paths that are not row-exact (their attention is SDPA's over each chunk, not the decode kernel's per row) but
+# compute each row on its own, so that several chunks go in one forward: one int8 pass a row on every CPU with our
+# int8 kernel, the bf16 kernel where the CPU has it (elsewhere INT8SERVE_PREFILL_MATMUL=bf16 leaves prefill row-exact)
+@pytest.mark.parametrize("setting", ["int8", "bf16"])
+def test_each_chunk_of_a_forward_attends_as_its_own_forward_would(stories_int8: LoadedModel, setting: str,
                                                                    monkeypatch: pytest.MonkeyPatch) -> None:
     """The same attention calls (queries, keys, first position) whether the chunks go one by one or together: SDPA's
     bits may depend on how many queries and keys it is given (chunking.py), so a forward never merges them."""
+    if setting == "bf16" and not prefill_matmul.available():
+        pytest.skip(f"this CPU has no bf16 prefill kernel: {prefill_matmul.unavailable_reason()}")
     calls: list[tuple[int, int, int]] = []
     original = Attention._prefill_attention
 
@@ -106,8 +112,9 @@ def test_each_chunk_of_a_forward_attends_as_its_own_forward_would(stories_int8: 
         return original(self, queries, keys, values, start)
 
     monkeypatch.setattr(Attention, "_prefill_attention", recorded)
-    monkeypatch.setenv(prefill_matmul.ENV, "bf16")  # not row-exact (whose attention is the decode kernel's, per row)
+    monkeypatch.setenv(prefill_matmul.ENV, setting)
     model, tokens = stories_int8.model, list(range(3, 203))
+    assert not model.row_exact_prefill(64, 4) and model.prefill_rows_independent(64), setting
     seen = []
     for chunks in (1, 4):
         calls.clear()
