@@ -12,9 +12,13 @@ activations are precise (two int8 rows per row), as decode runs them. Every buil
     python -m benchmarks.gemv_builds                      # the default build against one without the prefetch hint
     python -m benchmarks.gemv_builds --variant "prefetch 4096=-DINT8SERVE_PREFETCH_BYTES=4096" --rows 1 4
     python -m benchmarks.gemv_builds --variant now= --revision ebe2a2e --rows 4   # this code against a commit's
+    python -m benchmarks.gemv_builds --variant now= --variant "one core=-fno-lto" --rows 1 128   # GCC's LTO or not
 
-`--revision REV` adds a build of the kernel's sources as they were at git revision REV (gemv.cpp and the headers
-beside it), so that a change to the code itself is timed against the code before it in the same run.
+A variant's flags are `-D` defines, and `-fno-lto`: the build on one core, without GCC's link-time optimizer
+(kernels._parallel_flags), which must give the same code. The working tree's source without flags is the library the
+server builds, loaded from the kernels' cache. `--revision REV` adds a build of the kernel's sources as they were at
+git revision REV (gemv.cpp and the headers beside it), so that a change to the code itself is timed against the code
+before it in the same run.
 """
 
 from __future__ import annotations
@@ -43,6 +47,9 @@ SCRIPT = "gemv_builds.py"
 DEFAULT_VARIANTS = ("default=", "no prefetch=-DINT8SERVE_PREFETCH_BYTES=0")
 SHAPES = {"qkvo": (4096, 4096), "gate/up": (4096, 11008), "down": (11008, 4096), "lm_head": (4096, 32000)}
 ROTATION_BYTES = 1.1e9
+# flags a variant may add besides -D defines: -fno-lto builds on one core as before kernels._parallel_flags (the
+# same code, which a variant "one core=-fno-lto" shows in the same run)
+OTHER_FLAGS = ("-fno-lto",)
 
 
 @dataclass(frozen=True)
@@ -58,8 +65,9 @@ def parse_variant(text: str) -> Variant:
     if not sep or not label.strip():
         raise argparse.ArgumentTypeError(f"a variant is LABEL=FLAGS (e.g. 'no prefetch=-DX=0'), not {text!r}")
     defines = tuple(shlex.split(flags))
-    if any(not flag.startswith("-D") for flag in defines):
-        raise argparse.ArgumentTypeError(f"only -D defines may vary between builds, not {flags!r}")
+    if any(not flag.startswith("-D") and flag not in OTHER_FLAGS for flag in defines):
+        raise argparse.ArgumentTypeError(f"only -D defines and {', '.join(OTHER_FLAGS)} may vary between builds, "
+                                         f"not {flags!r}")
     return Variant(label.strip(), defines)
 
 
@@ -142,7 +150,13 @@ def speedup_cell(reference: Sequence[float], seconds: Sequence[float]) -> str:
 def compile_variant(variant: Variant, folder: Path, source: Path = kernels.SOURCE,
                     opener: Callable[[Path], ctypes.CDLL] = kernels._open) -> ctypes.CDLL:
     """`source` (gemv.cpp; attention.cpp with attention's opener) of the working tree, or of the variant's
-    revision, built with the project's flags and the variant's defines, loaded with `opener`."""
+    revision, built with the project's flags and the variant's defines, loaded with `opener`. The working tree's
+    source without defines is the library the server builds: its cached build is loaded (built first if need be)."""
+    if not variant.defines and not variant.revision:
+        try:
+            return opener(kernels.build(source=source))
+        except kernels.BuildError as error:
+            sys.exit(f"error: building {variant.label!r} failed: {error}")
     number = len(list(folder.glob("variant*.so")))
     output = folder / f"variant{number}.so"
     if variant.revision:

@@ -15,7 +15,8 @@ def test_a_variant_is_a_label_and_defines() -> None:
     variant = gemv_builds.parse_variant("no prefetch=-DINT8SERVE_PREFETCH_BYTES=0")
     assert variant == gemv_builds.Variant("no prefetch", ("-DINT8SERVE_PREFETCH_BYTES=0",))
     assert gemv_builds.parse_variant("default=").defines == ()
-    for bad in ("no label", "=-DX=1", "fast=-O0", "march=-march=native"):
+    assert gemv_builds.parse_variant("one core=-fno-lto -DX=1").defines == ("-fno-lto", "-DX=1")
+    for bad in ("no label", "=-DX=1", "fast=-O0", "march=-march=native", "lto=-flto=8"):
         with pytest.raises(argparse.ArgumentTypeError):
             gemv_builds.parse_variant(bad)
 
@@ -28,6 +29,8 @@ def test_one_variant_is_refused() -> None:
 def test_builds_are_timed_and_agree(tmp_path: Path) -> None:
     libraries = {v.label: gemv_builds.compile_variant(v, tmp_path)
                  for v in map(gemv_builds.parse_variant, gemv_builds.DEFAULT_VARIANTS)}
+    # the default build is the kernels' own cached library: only the other one was compiled here
+    assert [path.name for path in tmp_path.iterdir()] == ["variant0.so"]
     timing = gemv_builds.time_shape(libraries, 192, 160, rows=3, rounds=2, calls=2, threads=1, rotation_bytes=1e5)
     assert timing.outputs_equal
     assert all(len(seconds) == 2 and min(seconds) > 0 for seconds in timing.seconds.values())
@@ -63,7 +66,8 @@ def test_a_revision_is_built_from_its_own_sources(tmp_path: Path) -> None:
     assert [(v.label, v.revision) for v in args.variant] == [("now", None), ("HEAD", "HEAD")]
     assert "--revision HEAD" in gemv_builds.command_line(args)
     libraries = {v.label: gemv_builds.compile_variant(v, tmp_path) for v in args.variant}
-    assert (tmp_path / "sources1" / "gemv.cpp").read_text().startswith("//")  # the revision's own file was built
+    assert (tmp_path / "sources0" / "gemv.cpp").read_text().startswith("//")  # the revision's own file was built
+    assert sorted(path.name for path in tmp_path.iterdir()) == ["sources0", "variant0.so"]  # "now": the cached one
     timing = gemv_builds.time_shape(libraries, 192, 160, rows=2, rounds=1, calls=1, threads=1, rotation_bytes=1e5)
     assert timing.outputs_equal  # every revision since the packed layout v2 gives these bits
     text = gemv_builds.report(args, [("qkvo", 2, timing)], 0.0)
