@@ -148,10 +148,12 @@ def speedup_cell(reference: Sequence[float], seconds: Sequence[float]) -> str:
 
 
 def compile_variant(variant: Variant, folder: Path, source: Path = kernels.SOURCE,
-                    opener: Callable[[Path], ctypes.CDLL] = kernels._open) -> ctypes.CDLL:
+                    opener: Callable[[Path], ctypes.CDLL] = kernels._open, runner: Sequence[str] = ()
+                    ) -> ctypes.CDLL:
     """`source` (gemv.cpp; attention.cpp with attention's opener) of the working tree, or of the variant's
     revision, built with the project's flags and the variant's defines, loaded with `opener`. The working tree's
-    source without defines is the library the server builds: its cached build is loaded (built first if need be)."""
+    source without defines is the library the server builds: its cached build is loaded (built first if need be).
+    `runner`: a command to run the compiler under (tests/variant_builds.py: `chrt --idle 0`, in the background)."""
     if not variant.defines and not variant.revision:
         try:
             return opener(kernels.build(source=source))
@@ -162,6 +164,7 @@ def compile_variant(variant: Variant, folder: Path, source: Path = kernels.SOURC
     if variant.revision:
         source = revision_sources(variant.revision, folder / f"sources{number}", source)
     command = [*kernels._command(kernels._compiler(), output, source), *variant.defines]  # the build's own command
+    command = [*runner, *command]
     result = subprocess.run(command, capture_output=True, text=True, timeout=600, check=False)
     if result.returncode != 0:
         sys.exit(f"error: building {variant.label!r} failed:\n{result.stderr[-3000:]}")

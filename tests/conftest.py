@@ -5,6 +5,7 @@ from __future__ import annotations
 from pathlib import Path
 
 import pytest
+from tests.variant_builds import VariantBuilds, requested
 
 from int8serve.engine.gguf_loader import load_gguf
 from int8serve.engine.loader import LoadedModel, load_model
@@ -13,6 +14,33 @@ from int8serve.engine.tokenizer import Tokenizer
 # The repository is /work/main (this file is /work/main/tests/conftest.py) and the read-only
 # reference data lives next to it in /work/shared.
 SHARED_DIR = Path(__file__).resolve().parents[1].parent / "shared"
+
+
+_VARIANT_BUILDS = pytest.StashKey[VariantBuilds]()
+
+
+def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
+    """The tests with a `builds` marker run last; their kernel builds start now, in the background
+    (tests/variant_builds.py)."""
+    late = [item for item in items if requested(item)]
+    if not late:
+        return
+    items[:] = [item for item in items if not requested(item)] + late
+    builds = config.stash[_VARIANT_BUILDS] = VariantBuilds()
+    builds.start(key for item in late for key in requested(item))
+
+
+def pytest_unconfigure(config: pytest.Config) -> None:
+    if (builds := config.stash.get(_VARIANT_BUILDS, None)) is not None:
+        builds.close()
+
+
+@pytest.fixture
+def variant_builds(request: pytest.FixtureRequest) -> VariantBuilds:
+    """The builds named by the test's `builds` marker, made in the background since the suite was collected."""
+    builds = request.config.stash.get(_VARIANT_BUILDS, None)
+    assert builds is not None, "a test that takes variant_builds needs a @pytest.mark.builds(...)"
+    return builds
 
 
 @pytest.fixture(scope="session")

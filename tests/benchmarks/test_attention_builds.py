@@ -8,7 +8,8 @@ from pathlib import Path
 
 import pytest
 import torch
-from benchmarks.gemv_builds import Variant, parse_variant
+from benchmarks.gemv_builds import Variant
+from tests.variant_builds import VariantBuilds
 
 from benchmarks import attention_builds as bench
 from int8serve.engine.kernels import attention
@@ -23,9 +24,10 @@ def small_shape(monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setattr(bench, "CASES", {"b1@40": (40,), "b4@40-37": (40, 39, 38, 37)})
 
 
-def test_one_head_at_a_time_and_four_side_by_side_agree_and_are_timed(tmp_path: Path, small_shape: None) -> None:
-    one = parse_variant("one=-DINT8SERVE_ATTENTION_HEADS_TOGETHER=1")
-    libraries = {"one": bench.compile_variant(one, tmp_path, attention.SOURCE, attention._open),
+@pytest.mark.builds(attention=["one=-DINT8SERVE_ATTENTION_HEADS_TOGETHER=1"])
+def test_one_head_at_a_time_and_four_side_by_side_agree_and_are_timed(variant_builds: VariantBuilds,
+                                                                       small_shape: None) -> None:
+    libraries = {**variant_builds.libraries("attention", ["one=-DINT8SERVE_ATTENTION_HEADS_TOGETHER=1"]),
                  "four": attention._library()}  # the default build
     for kv_cache in ("bf16", "int8"):
         step = bench.Step((40, 39, 38, 37), kv_cache)

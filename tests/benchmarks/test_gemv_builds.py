@@ -7,6 +7,7 @@ import argparse
 from pathlib import Path
 
 import pytest
+from tests.variant_builds import VariantBuilds
 
 from benchmarks import gemv_builds
 
@@ -39,22 +40,27 @@ def test_builds_are_timed_and_agree(tmp_path: Path) -> None:
     assert "no prefetch ÷ default" in text and "4096→4096 (qkvo) | 3 |" in text and "outputs differ" not in text
 
 
-def test_the_far_hints_forced_either_way_give_the_same_bits(tmp_path: Path) -> None:
-    # INT8SERVE_FAR_HINT_SINGLE_PASS and INT8SERVE_L2_HINT_ALWAYS override the AMD rule of single-pass calls
-    # (gemv.cpp): 1 row is one pass
-    variants = ["default=", "never=-DINT8SERVE_FAR_HINT_SINGLE_PASS=0", "always=-DINT8SERVE_FAR_HINT_SINGLE_PASS=1",
-                "L2 always=-DINT8SERVE_L2_HINT_ALWAYS=1"]
-    libraries = {v.label: gemv_builds.compile_variant(v, tmp_path) for v in map(gemv_builds.parse_variant, variants)}
+# INT8SERVE_FAR_HINT_SINGLE_PASS and INT8SERVE_L2_HINT_ALWAYS override the AMD rule of single-pass calls (gemv.cpp)
+FAR_HINTS = ["default=", "never=-DINT8SERVE_FAR_HINT_SINGLE_PASS=0", "always=-DINT8SERVE_FAR_HINT_SINGLE_PASS=1",
+             "L2 always=-DINT8SERVE_L2_HINT_ALWAYS=1"]
+
+
+@pytest.mark.builds(gemv=FAR_HINTS)
+def test_the_far_hints_forced_either_way_give_the_same_bits(variant_builds: VariantBuilds) -> None:
+    libraries = variant_builds.libraries("gemv", FAR_HINTS)  # 1 row is one pass
     timing = gemv_builds.time_shape(libraries, 4096, 192, rows=1, rounds=1, calls=1, threads=2, rotation_bytes=1e5)
     assert timing.outputs_equal
 
 
+FOUR_ROW_DECODE = ["assembly=", "intrinsics=-DINT8SERVE_WIDE_DECODE_ASM=0"]
+
+
+@pytest.mark.builds(gemv=FOUR_ROW_DECODE)
 def test_the_four_row_decode_in_assembly_and_in_intrinsics_give_the_same_bits(
-        tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+        variant_builds: VariantBuilds, monkeypatch: pytest.MonkeyPatch) -> None:
     # 4 rows of precise activations on the avx2 path: half_sums<4> (gemv.cpp), assembly by default
     monkeypatch.setenv("INT8SERVE_KERNEL", "avx2")
-    variants = ["assembly=", "intrinsics=-DINT8SERVE_WIDE_DECODE_ASM=0"]
-    libraries = {v.label: gemv_builds.compile_variant(v, tmp_path) for v in map(gemv_builds.parse_variant, variants)}
+    libraries = variant_builds.libraries("gemv", FOUR_ROW_DECODE)
     for rows in (3, 4):
         timing = gemv_builds.time_shape(libraries, 320, 4096 + 96, rows=rows, rounds=1, calls=1, threads=2,
                                         rotation_bytes=1e5)
@@ -81,17 +87,20 @@ def test_a_revision_git_does_not_know_is_a_clear_error(tmp_path: Path) -> None:
         gemv_builds.parse_args(["--variant", "HEAD=", "--revision", "HEAD"])  # two builds, one label
 
 
+GEMM_FORMS = ["older forms=-DINT8SERVE_WIDE6_DOT=0 -DINT8SERVE_WIDE6_ADD=0 -DINT8SERVE_EXACT_BROADCAST_REG=0",
+              "newer forms=-DINT8SERVE_WIDE6_DOT=1 -DINT8SERVE_WIDE6_ADD=1 -DINT8SERVE_EXACT_BROADCAST_REG=1"]
+
+
+@pytest.mark.builds(gemv=GEMM_FORMS)
 def test_each_register_block_and_broadcast_form_of_the_gemms_gives_the_same_bits(
-        tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+        variant_builds: VariantBuilds, monkeypatch: pytest.MonkeyPatch) -> None:
     """The 16-bit GEMM's 6 x 16 and 3 x 32 blocks (INT8SERVE_WIDE6_DOT on the avxvnni path, INT8SERVE_WIDE6_ADD on the
     avx2 path) and the vnni512 GEMM's broadcasts in a register or as memory operands (INT8SERVE_EXACT_BROADCAST_REG):
     each CPU runs one of each by default (gemv.cpp), and every one must give the same bits. Row counts with 6-row
     blocks and each kind of tail."""
     from int8serve.engine import kernels
 
-    variants = ["older forms=-DINT8SERVE_WIDE6_DOT=0 -DINT8SERVE_WIDE6_ADD=0 -DINT8SERVE_EXACT_BROADCAST_REG=0",
-                "newer forms=-DINT8SERVE_WIDE6_DOT=1 -DINT8SERVE_WIDE6_ADD=1 -DINT8SERVE_EXACT_BROADCAST_REG=1"]
-    libraries = {v.label: gemv_builds.compile_variant(v, tmp_path) for v in map(gemv_builds.parse_variant, variants)}
+    libraries = variant_builds.libraries("gemv", GEMM_FORMS)
     paths = [path for path in ("avx2", "avxvnni", "vnni512") if kernels.cpu_has(path)]
     assert "avx2" in paths, "every x86 machine of this project has AVX2"
     for path in paths:
