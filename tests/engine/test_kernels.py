@@ -120,6 +120,24 @@ def test_library_is_cached_under_int8serve_cache() -> None:
     assert kernels.build() == path
 
 
+def test_gcc_builds_on_every_cpu_up_to_a_limit_and_the_key_does_not_count_them(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    gcc = kernels._compiler()
+    assert "Free Software Foundation" in kernels._compiler_version(gcc), "the project's machines build with GCC"
+    keys = set()
+    for cpus, jobs in ((1, 1), (3, 3), (64, kernels.MAX_BUILD_JOBS)):
+        monkeypatch.setattr(kernels.os, "sched_getaffinity", lambda _pid, n=cpus: set(range(n)))
+        command = kernels._command(gcc, tmp_path / "x.so")
+        assert [flag for flag in command if "lto" in flag] == [f"-flto={jobs}"]
+        keys.add(kernels._build_key(gcc))
+    assert len(keys) == 1  # one cached library whatever the number of CPUs
+    other = tmp_path / "clang++"  # another compiler: no GCC flags
+    other.write_text("#!/bin/sh\necho 'clang version 17.0.6'\n")
+    other.chmod(0o755)
+    assert not [flag for flag in kernels._command(str(other), tmp_path / "x.so") if "lto" in flag]
+    assert kernels._build_key(str(other)) not in keys
+
+
 def packed_in_torch(q: torch.Tensor, scale: torch.Tensor, group_size: int) -> kernels.PackedWeight:
     """pack_weight's torch version (used where the library is not built)."""
     n, k = q.shape

@@ -66,6 +66,9 @@ PATHS: tuple[Impl, ...] = ("amx", "vnni512", "avxvnni", "avx2", "scalar")  # in 
 _IMPLS = {"auto": 0, "vnni512": 1, "avxvnni": 2, "avx2": 3, "scalar": 4, "amx": 5}  # gemv.cpp's numbers
 ABI_VERSION = 8  # must match i8s_abi_version() in gemv.cpp
 ENV_PATH = "INT8SERVE_KERNEL"
+# each of GCC's parallel jobs holds a part of the program in memory; a container's CPU quota does not show in the
+# affinity, which may list a large host's every CPU
+MAX_BUILD_JOBS = 8
 # -ffp-contract=off: the scalar path must round exactly like the vector paths (explicit fma only). No -march: the
 # vector functions carry their own target attributes and are only called after a runtime CPU check.
 CXXFLAGS = ["-O3", "-std=c++17", "-fPIC", "-shared", "-fopenmp", "-ffp-contract=off", "-fvisibility=hidden",
@@ -108,7 +111,7 @@ def _parallel_flags(cxx: str) -> list[str]:
     over the whole source before it splits it. A number of jobs rather than `auto` (GCC 10 and later only)."""
     if "Free Software Foundation" not in _compiler_version(cxx):
         return []  # other compilers (clang) build on one core, as before
-    return [f"-flto={len(os.sched_getaffinity(0))}"]
+    return [f"-flto={min(len(os.sched_getaffinity(0)), MAX_BUILD_JOBS)}"]
 
 
 def _command(cxx: str, output: Path, source: Path = SOURCE) -> list[str]:
