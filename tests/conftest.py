@@ -19,11 +19,12 @@ SHARED_DIR = Path(__file__).resolve().parents[1].parent / "shared"
 _VARIANT_BUILDS = pytest.StashKey[VariantBuilds]()
 
 
+@pytest.hookimpl(trylast=True)  # after -k and -m have deselected theirs: no build for a test that will not run
 def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
     """The tests with a `builds` marker run last; their kernel builds start now, in the background
     (tests/variant_builds.py)."""
     late = [item for item in items if requested(item)]
-    if not late:
+    if not late or config.option.collectonly:
         return
     items[:] = [item for item in items if not requested(item)] + late
     builds = config.stash[_VARIANT_BUILDS] = VariantBuilds()

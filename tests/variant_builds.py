@@ -75,7 +75,9 @@ class VariantBuilds:
         return {variant.label: self.builds[name, variant].result() for _, variant in wanted}
 
     def close(self) -> None:
+        """Drops the builds not started and waits for the one under way (a session cut short by -x; Ctrl-C stops
+        the compiler too, which is in the terminal's process group), then removes the folder."""
         for future in self.builds.values():
             future.cancel()
-        self.worker.shutdown(wait=True)  # the build under way ends (seconds) before its folder goes
+        self.worker.shutdown(wait=True)
         shutil.rmtree(self.folder, ignore_errors=True)
