@@ -26,9 +26,8 @@ from pathlib import Path
 import torch
 
 from benchmarks.common import display_command, publish
-from benchmarks.gemv_builds import revision_sources
+from benchmarks.gemv_builds import compile_source, revision_sources
 from benchmarks.machine import CpuShares, cpu_label, machine_description
-from int8serve.engine import kernels
 from int8serve.engine.kernels import attention
 from int8serve.engine.model import rope_tables
 
@@ -37,10 +36,7 @@ HEADS, HEAD_DIM, LAYERS, CHUNK = 32, 128, 32, 128  # Llama-2-7B: 32 query and kv
 
 def build(source: Path, output: Path) -> ctypes.CDLL:
     """`source` built with the project's own command, opened as attention.py opens its library."""
-    result = subprocess.run(kernels._command(kernels._compiler(), output, source), capture_output=True, text=True,
-                            timeout=600, check=False)
-    if result.returncode != 0:
-        sys.exit(f"error: building {source} failed:\n{result.stderr[-3000:]}")
+    compile_source(source, output)
     return attention._open(output)
 
 

@@ -147,6 +147,16 @@ def speedup_cell(reference: Sequence[float], seconds: Sequence[float]) -> str:
     return f"**{statistics.median(ratios):.2f}x** ({q1:.2f}-{q3:.2f})"
 
 
+def compile_source(source: Path, output: Path, flags: Sequence[str] = (), runner: Sequence[str] = (),
+                   name: str | None = None) -> None:
+    """`source` built into `output` with the server's own command (kernels._command) plus `flags`, under `runner`
+    (a command prefix, or none); exits with the compiler's message, naming the build `name`, if it fails."""
+    command = [*runner, *kernels._command(kernels._compiler(), output, source), *flags]
+    result = subprocess.run(command, capture_output=True, text=True, timeout=600, check=False)
+    if result.returncode != 0:
+        sys.exit(f"error: building {name or source} failed:\n{result.stderr[-3000:]}")
+
+
 def compile_variant(variant: Variant, folder: Path, source: Path = kernels.SOURCE,
                     opener: Callable[[Path], ctypes.CDLL] = kernels._open, runner: Sequence[str] = ()
                     ) -> ctypes.CDLL:
@@ -163,11 +173,7 @@ def compile_variant(variant: Variant, folder: Path, source: Path = kernels.SOURC
     output = folder / f"variant{number}.so"
     if variant.revision:
         source = revision_sources(variant.revision, folder / f"sources{number}", source)
-    command = [*kernels._command(kernels._compiler(), output, source), *variant.defines]  # the build's own command
-    command = [*runner, *command]
-    result = subprocess.run(command, capture_output=True, text=True, timeout=600, check=False)
-    if result.returncode != 0:
-        sys.exit(f"error: building {variant.label!r} failed:\n{result.stderr[-3000:]}")
+    compile_source(source, output, variant.defines, runner, repr(variant.label))
     return opener(output)  # checks the ABI version and declares every function's arguments
 
 

@@ -16,7 +16,6 @@ from __future__ import annotations
 import argparse
 import datetime
 import statistics
-import subprocess
 import sys
 import tempfile
 import time
@@ -24,6 +23,7 @@ from collections.abc import Sequence
 from pathlib import Path
 
 from benchmarks.common import display_command, publish
+from benchmarks.gemv_builds import compile_source
 from benchmarks.machine import CpuShares, cpu_label, log, machine_description
 from int8serve.engine import kernels
 from int8serve.engine.kernels import activation, attention, matmul
@@ -36,11 +36,8 @@ ONE_CORE = "-fno-lto"
 
 def build_seconds(source: Path, output: Path, extra: Sequence[str] = ()) -> float:
     """Wall time of one build of `source` with the project's command (plus `extra` flags); exits if it fails."""
-    command = [*kernels._command(kernels._compiler(), output, source), *extra]
     started = time.perf_counter()
-    done = subprocess.run(command, capture_output=True, text=True, timeout=1800, check=False)
-    if done.returncode != 0:
-        sys.exit(f"error: building {source.name} failed:\n{done.stderr[-3000:]}")
+    compile_source(source, output, extra, name=source.name)
     return time.perf_counter() - started
 
 

@@ -23,12 +23,13 @@ _VARIANT_BUILDS = pytest.StashKey[VariantBuilds]()
 def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
     """The tests with a `builds` marker run last; their kernel builds start now, in the background
     (tests/variant_builds.py)."""
-    late = [item for item in items if requested(item)]
+    wanted = [(item, requested(item)) for item in items]
+    late = [item for item, needs in wanted if needs]
     if not late or config.option.collectonly:
         return
-    items[:] = [item for item in items if not requested(item)] + late
+    items[:] = [item for item, needs in wanted if not needs] + late
     builds = config.stash[_VARIANT_BUILDS] = VariantBuilds()
-    builds.start(key for item in late for key in requested(item))
+    builds.start(key for _, needs in wanted for key in needs)
 
 
 def pytest_unconfigure(config: pytest.Config) -> None:
