@@ -192,3 +192,40 @@ def test_a_16_bit_checkpoint_calibrates_in_its_own_precision_to_the_same_int8(st
                                   lambda name: internal[f"layers.0.{name}"].half())
     assert {p.dtype for p in block.attention.parameters()} == {torch.float16}
 
+
+
+def test_layers_quantized_together_get_the_bits_they_get_one_at_a_time() -> None:
+    # GPTQ treats each output row on its own: the calibration quantizes small layers sharing an input (q, k and v;
+    # gate and up) in one column loop, which must change nothing but the time
+    covariance = InputCovariance(160)
+    covariance.add(correlated_inputs(500, 160, seed=10))
+    factor = InverseHessianFactor(covariance.matrix)
+    parts = [torch.randn(rows, 160, generator=torch.Generator().manual_seed(rows)) for rows in (40, 24, 24)]
+    q, scales = quantize_gptq(torch.cat(parts), factor, 32)
+    alone = [quantize_gptq(part, factor, 32) for part in parts]
+    assert torch.equal(q, torch.cat([a[0] for a in alone])) and torch.equal(scales, torch.cat([a[1] for a in alone]))
+
+
+def test_the_calibration_quantizes_small_layers_together_and_large_ones_apart(
+        stories_hf: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    from int8serve.engine import calibration
+
+    calls: list[int] = []
+    real = calibration.quantize_gptq
+
+    def counted(weight: torch.Tensor, *args: object) -> tuple[torch.Tensor, torch.Tensor]:
+        calls.append(weight.shape[0])
+        return real(weight, *args)
+
+    monkeypatch.setattr(calibration, "quantize_gptq", counted)
+    together = load_model(stories_hf, "int8")
+    layers = together.model.config.n_layers
+    assert len(calls) == 4 * layers + 1  # q, k, v as one; o; gate and up as one; down; the head
+    calls.clear()
+    monkeypatch.setattr(calibration, "MERGE_BYTES", 0)
+    apart = load_model(stories_hf, "int8")
+    assert len(calls) == 7 * layers + 1
+    for name, module in together.model.named_modules():
+        if isinstance(module, int8.Int8Linear):
+            assert all(torch.equal(a, b) for a, b in zip(module.quantized(),
+                                                          apart.model.get_submodule(name).quantized(), strict=True))

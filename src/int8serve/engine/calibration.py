@@ -32,6 +32,7 @@ log = logging.getLogger(__name__)
 
 CALIBRATION_TOKENS = 2048  # measured on stories260K: see docs/benchmarks.md "int8 accuracy"
 WINDOW = 256
+MERGE_BYTES = 64 << 20  # layers sharing an input are quantized in one loop while their fp32 copy fits in this
 # The linear layers of a block, by the input they share (one covariance each).
 _INPUTS = {"attention.wq": "attention_in", "attention.wk": "attention_in", "attention.wv": "attention_in",
            "attention.wo": "attention_out", "feed_forward.w1": "ffn_in", "feed_forward.w3": "ffn_in",
@@ -79,15 +80,11 @@ def quantize_blocks(model: Transformer, weight_of: WeightOf, windows: Tensor, gr
             hidden = block(hidden, cos, sin, cache, cache_v, range(batch), [0] * batch)
         for hook in covariances.pop("hooks"):
             hook.remove()
-        factors: dict[str, InverseHessianFactor] = {}  # one per input, shared by the layers reading it
-        for name, linear in _linears(model.layers[index]):
-            key = _INPUTS[name]
-            if key not in factors:
-                factors[key] = InverseHessianFactor.taking(covariances.pop(key))
-            full = _module(block, name)
-            linear.set_quantized(*quantize_gptq(full.weight, factors[key], group_size), group_size)
-            full.weight = None  # its full-precision copy is done with: free it before the next layer's factor
-        del block, covariances, factors
+        for key, names in _by_input(model.layers[index]).items():
+            factor = InverseHessianFactor.taking(covariances.pop(key))
+            _quantize_sharing(block, model.layers[index], names, factor, group_size)
+            del factor
+        del block, covariances
         if after_block is not None:
             after_block()
     if isinstance(model.output, Int8Linear) and any(t.is_meta for t in model.output.buffers()):
@@ -99,8 +96,31 @@ def quantize_blocks(model: Transformer, weight_of: WeightOf, windows: Tensor, gr
         model.output.set_residual(weight)  # the refined logits come from ~12-bit rows (Int8Linear.set_residual)
 
 
-def _linears(block: nn.Module) -> list[tuple[str, Int8Linear]]:
-    return [(name, module) for name, module in block.named_modules() if isinstance(module, Int8Linear)]
+def _by_input(block: nn.Module) -> dict[str, list[str]]:
+    """The int8 layers of `block` by the input they share, in the block's order."""
+    shared: dict[str, list[str]] = {}
+    for name, module in block.named_modules():
+        if isinstance(module, Int8Linear):
+            shared.setdefault(_INPUTS[name], []).append(name)
+    return shared
+
+
+def _quantize_sharing(block: nn.Module, int8_block: nn.Module, names: list[str], factor: InverseHessianFactor,
+                      group_size: int) -> None:
+    """Quantize the layers `names` of `block`, which share an input and so `factor`, into `int8_block`: together
+    when their fp32 copy is small (one column loop instead of several: the same bits, since GPTQ treats each output
+    row on its own, and a loop of small layers is mostly the fixed cost of each torch op), else one at a time, each
+    full-precision weight freed as soon as it is quantized (a 7B block's first-start memory)."""
+    layers = [(name, _module(block, name)) for name in names]
+    together = sum(full.weight.numel() for _, full in layers) * 4 <= MERGE_BYTES
+    for group in [layers] if together else [[layer] for layer in layers]:
+        weight = torch.cat([full.weight for _, full in group]) if len(group) > 1 else group[0][1].weight
+        q, scales = quantize_gptq(weight, factor, group_size)
+        del weight
+        rows = [full.weight.shape[0] for _, full in group]
+        for (name, full), part_q, part_scales in zip(group, q.split(rows), scales.split(rows), strict=True):
+            _module(int8_block, name).set_quantized(part_q.contiguous(), part_scales.contiguous(), group_size)
+            full.weight = None  # its full-precision copy is done with: free it before the next layer
 
 
 def _module(block: nn.Module, name: str) -> nn.Module:

@@ -90,7 +90,7 @@ def quantize_gptq(weight: Tensor, hessian: Tensor | InverseHessianFactor, group_
     if scale is not None:
         scales[:, 0] = scale
     diagonal = upper.diagonal().tolist()
-    rounded = torch.empty(n)  # the column loop's one scratch row: its many small ops allocate nothing
+    rounded = torch.empty(BLOCK_COLUMNS, n)  # a block's rounded columns, made int8 in one op once it is done
     for start in range(0, k, BLOCK_COLUMNS):
         end = min(k, start + BLOCK_COLUMNS)
         block = w_t[start:end]  # [B, N], a view: updated in place
@@ -104,13 +104,13 @@ def quantize_gptq(weight: Tensor, hessian: Tensor | InverseHessianFactor, group_
                         scale = scales[:, column // group_size] = _group_scales(w_t[column:column + group_size].T)
                     assert scale is not None
                     safe = torch.where(scale > 0, scale, 1.0)  # an all-zero group stays zero
-                weights, error = block[j], errors[j]
-                torch.div(weights, safe, out=rounded).round_().clamp_(-127, 127)
-                q_t[column].copy_(rounded)
-                # error = (weights - rounded * scale) / U[column, column], spread over the block's later columns
-                torch.mul(rounded, scale, out=error)
+                weights, error, levels = block[j], errors[j], rounded[j]
+                torch.div(weights, safe, out=levels).round_().clamp_(-127, 127)
+                # error = (weights - levels * scale) / U[column, column], spread over the block's later columns
+                torch.mul(levels, scale, out=error)
                 torch.sub(weights, error, out=error).div_(diagonal[column])
                 block[j + 1:].addr_(block_upper[j, j + 1:], error, alpha=-1)  # no [B, N] temporary
+        q_t[start:end].copy_(rounded[:end - start])
         if end < k:
             # the one big matmul of a block, on every thread, in place (no [K - end, N] temporary)
             w_t[end:].addmm_(upper[start:end, end:].T, errors, alpha=-1)
