@@ -53,7 +53,7 @@ from int8serve.engine.generate import generate
 from int8serve.engine.int8 import COMPUTE_DTYPE, Int8Linear
 from int8serve.engine.loader import load_model
 from int8serve.engine.perplexity import evaluate
-from int8serve.engine.sampling import SamplingParams
+from int8serve.engine.sampling_params import SamplingParams
 from int8serve.engine.tokenizer import Tokenizer
 
 SHAPES = [(4096, 4096, "qkvo"), (4096, 11008, "gate/up"), (11008, 4096, "down"), (4096, 32000, "lm_head")]

@@ -41,7 +41,7 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
-from int8serve.engine.demo import cache_dir
+from int8serve.engine.cache_files import cache_dir
 
 __all__ = ["DEFAULT_VERSION", "BuildError", "LlamaCpp", "ensure_built"]
 

@@ -75,7 +75,7 @@ from int8serve.engine.chat_template import render_prompt
 from int8serve.engine.config import ModelConfig, config_from_hf, read_json
 from int8serve.engine.loader import LoadedModel, detect_format, find_tokenizer, load_model, save_int8_checkpoint
 from int8serve.engine.model import Transformer
-from int8serve.engine.sampling import SamplingParams
+from int8serve.engine.sampling_params import SamplingParams
 from int8serve.engine.scheduler import Engine, GenerationRequest, QueueFullError
 from int8serve.engine.tokenizer import Tokenizer
 from int8serve.server import warm_up_thread_pool

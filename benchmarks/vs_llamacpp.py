@@ -101,9 +101,9 @@ from benchmarks.engine import (
 )
 from benchmarks.llamacpp_build import DEFAULT_VERSION, ISA_FLAGS, BuildError, LlamaCpp, ensure_built
 from benchmarks.machine import CpuShares, QuietWaiter, cpu_label, huge_pages_gb, machine_description, rss_gb
+from int8serve.engine.cache_files import cache_dir
 from int8serve.engine.chunking import aligned_chunk
 from int8serve.engine.config import ModelConfig
-from int8serve.engine.demo import cache_dir
 from int8serve.engine.int8 import COMPUTE_DTYPE, DEFAULT_GROUP_SIZE, GROUP_SIZES, Int8Linear
 from int8serve.engine.loader import LoadedModel, save_int8_checkpoint
 from int8serve.engine.model import Transformer

@@ -216,7 +216,7 @@ def test_serve_start_up_errors_are_clear(tmp_path: Path, shared_dir: Path, args:
 def test_serve_policy_flags_reach_the_settings(tmp_path: Path) -> None:
     """The serving-policy flags and their defaults, as `serve` hands them to the policy."""
     from int8serve.cli import serve_settings
-    from int8serve.server import policy_settings
+    from int8serve.startup import policy_settings
 
     def settings(*argv: str):
         return policy_settings(serve_settings(argv).settings)

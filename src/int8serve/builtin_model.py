@@ -28,9 +28,8 @@ import zipfile
 from dataclasses import dataclass
 from pathlib import Path
 
-from .engine.demo import cache_dir
-from .engine.model_cache import locked
-from .engine.sources import CheckpointError
+from .engine.cache_files import cache_dir, locked
+from .engine.errors import CheckpointError
 
 __all__ = ["BUILTIN", "BuiltinModel", "BuiltinModelError", "builtin_model_path", "fetch_builtin"]
 

@@ -14,22 +14,17 @@ import sys
 import time
 from collections.abc import Sequence
 from pathlib import Path
-
-import torch
+from typing import TYPE_CHECKING
 
 from .builtin_model import builtin_model_path
 from .catalog.card import ModelCard
 from .catalog.registry import Catalog, UnknownModelError
 from .engine.chat_template import TEMPLATES
 from .engine.config import ConfigError
-from .engine.generate import GenerationStats, generate
-from .engine.int8 import DEFAULT_GROUP_SIZE, GROUP_SIZES
-from .engine.loader import DEFAULT_QUANTIZER, QUANTIZERS, LoadedModel, load_model, save_int8_checkpoint
-from .engine.model_cache import load_cached
+from .engine.errors import CheckpointError
 from .engine.model_source import MODEL_HELP, resolve
-from .engine.perplexity import evaluate
-from .engine.sampling import SamplingParams
-from .engine.sources import CheckpointError
+from .engine.quant_options import DEFAULT_GROUP_SIZE, DEFAULT_QUANTIZER, GROUP_SIZES, QUANTIZERS
+from .engine.sampling_params import SamplingParams
 from .engine.tokenizer import AnyTokenizer, load_tokenizer, template_for
 from .model_specs import (
     BUILTIN_CARD,
@@ -49,6 +44,12 @@ from .settings import (
     load_settings,
 )
 from .stderr_handler import StderrHandler
+
+if TYPE_CHECKING:
+    from .engine.loader import LoadedModel
+
+# Nothing above imports torch (1-2 s on a small CPU): `--help`, a mistyped flag, a bad token or an unknown model
+# answer at once. Each command imports the engine when it needs it (tests/test_cli_imports.py holds this).
 
 
 class UsageError(Exception):
@@ -256,6 +257,8 @@ def resolve_model(spec: ModelSpec) -> Path:
 
 def open_model(spec: ModelSpec, dtype: str, use_cache: bool = True, group_size: int = DEFAULT_GROUP_SIZE,
                quantizer: str = DEFAULT_QUANTIZER) -> tuple[LoadedModel, AnyTokenizer]:
+    from .engine.model_cache import load_cached
+
     loaded = load_cached(resolve_model(spec), dtype, progress=sys.stderr.isatty(), use_cache=use_cache,
                          group_size=group_size, quantizer=quantizer)
     if loaded.tokenizer_path is None:
@@ -293,6 +296,8 @@ def cmd_generate(args: argparse.Namespace) -> None:
     if len(prompt_ids) >= context:
         raise UsageError(f"the prompt is {len(prompt_ids)} tokens; the model's context is {context}")
     max_tokens = min(args.max_tokens, context - len(prompt_ids))
+    from .engine.generate import GenerationStats, generate
+
     stats = GenerationStats()
     detok = tokenizer.detokenizer()
     for token in generate(loaded.model, prompt_ids, params, max_tokens, tokenizer.stop_ids, stats=stats):
@@ -322,6 +327,8 @@ def _apply_kv_cache(loaded: LoadedModel, dtype: str, kind: str, card: ModelCard)
 
 
 def cmd_quantize(args: argparse.Namespace) -> None:
+    from .engine.loader import load_model, save_int8_checkpoint
+
     started = time.perf_counter()
     loaded = load_model(resolve(args.src), "int8", progress=sys.stderr.isatty(), group_size=args.group_size,
                         quantizer=args.quantizer)
@@ -337,6 +344,9 @@ def cmd_eval_ppl(args: argparse.Namespace) -> None:
     spec, card = model_spec(args.model)
     loaded, tokenizer = open_model(spec, args.dtype, args.model_cache, args.group_size, args.quantizer)
     _apply_kv_cache(loaded, args.dtype, args.kv_cache, card)
+    from .engine.loader import load_model
+    from .engine.perplexity import evaluate
+
     reference = None
     if args.compare_to == "fp32":
         reference = load_model(loaded.path, "fp32").model
@@ -353,13 +363,21 @@ def cmd_eval_ppl(args: argparse.Namespace) -> None:
 
 
 def cmd_serve(args: argparse.Namespace) -> None:
-    from .server import run_server  # the HTTP stack is only imported to serve
+    from .startup import ServeError, prepare
 
     loaded = serve_settings(args)
+    tokens = parse_tokens(loaded.settings.tokens, loaded.settings.tokens_file, where=_token_origin(loaded.sources))
+    try:
+        prepared = prepare(loaded.settings)  # checks all it can before the engine and the HTTP stack are imported
+    except ServeError as err:
+        raise SystemExit(f"int8serve serve: error: {err}") from None
+    import torch
+
+    from .server import run_server
+
     if loaded.settings.threads:
         torch.set_num_threads(loaded.settings.threads)
-    tokens = parse_tokens(loaded.settings.tokens, loaded.settings.tokens_file, where=_token_origin(loaded.sources))
-    run_server(loaded, tokens)
+    run_server(loaded, tokens, prepared)
 
 
 def serve_settings(args: argparse.Namespace | Sequence[str]) -> LoadedSettings:
@@ -422,6 +440,8 @@ def main(argv: Sequence[str] | None = None) -> None:
     if args.command != "serve":  # serve configures its own logging
         _say_what_loading_does()
     if getattr(args, "threads", None):
+        import torch
+
         torch.set_num_threads(args.threads)
     try:
         COMMANDS[args.command](args)

@@ -4,9 +4,10 @@ This is the only module that knows all three layers. It serves every model it is
 repeated; `model_specs.py`), each under its card with its own engine, slots and limits. Its life, as an operator
 sees it:
 
-1. check what can be checked at once (the cards and their templates, the model folders, the serving policy's Redis
-   and database), so that a wrong flag fails in a second, not after minutes of loading; fetch the built-in model if
-   it is served and not in the cache yet (once); print the effective settings;
+1. before this module is imported, `startup.prepare` checks what can be checked at once (the cards and their
+   templates, the model folders, the serving policy's Redis and database), so that a wrong flag fails in a second,
+   not after minutes of loading, and fetches the built-in model if it is served and not in the cache yet (once);
+   then `run_server` prints the effective settings;
 2. listen at once, with `/healthz` 200 and `/readyz` 503 ("the model is loading") while the weights load (with a
    progress bar on a terminal) in a background thread, one model after the other; then build one engine per model
    (slots = its card's max_concurrent_requests, context = its card's limit within the model's) and the app, and
@@ -28,35 +29,29 @@ import threading
 import time
 from collections.abc import Iterator
 from dataclasses import dataclass
-from pathlib import Path
 
 import torch
 import uvicorn
 from starlette.types import ASGIApp, Receive, Scope, Send
 
-from .builtin_model import builtin_model_path
-from .catalog.card import CardError, ModelCard
-from .catalog.registry import Catalog, UnknownModelError
+from .catalog.card import ModelCard
 from .engine import decode_plan, kernels
 from .engine.int8 import Int8Linear, describe_dense, kernel_rows
 from .engine.kernels import matmul as prefill_matmul
 from .engine.model import Transformer
 from .engine.model_cache import load_cached
-from .engine.model_source import resolve as resolve_model_source
 from .engine.prefix_cache import DEFAULT_BLOCK_TOKENS, PrefixCache
 from .engine.scheduler import Engine
-from .engine.sources import CheckpointError
 from .engine.tokenizer import AnyTokenizer, load_tokenizer
-from .model_specs import ModelSpecError, served_model_specs
-from .prompt_templates import PromptTemplate, UnknownTemplateError, render_prompt, template_named
+from .prompt_templates import PromptTemplate, render_prompt, template_named
 from .service.app import create_app
 from .service.connections import uvicorn_config
 from .service.inference import RequestLimits
 from .service.lifecycle import Lifecycle, LifecycleMiddleware, Phase
-from .service.policy import Policy, PolicySettings, PolicyStartupError
 from .service.policy.fairness import default_inflight_limit
 from .service.request_log import configure_logging
 from .settings import LoadedSettings, ServeSettings
+from .startup import Prepared, ServedModel, ServeError
 
 log = logging.getLogger("int8serve.server")
 
@@ -77,37 +72,6 @@ def warm_up_thread_pool() -> None:
     torch.mm(torch.ones(256, 256), torch.ones(256, 256))
 
 
-class ServeError(Exception):
-    """A start-up problem the operator can fix (printed without a traceback)."""
-
-
-def policy_settings(settings: ServeSettings) -> PolicySettings:
-    """The serving policy's part of the settings (validated once, by ServeSettings)."""
-    return PolicySettings.model_construct(
-        default_rpm=settings.rpm, account_rpm=dict(settings.account_rpm), cache=settings.response_cache,
-        cache_ttl=settings.cache_ttl, cache_scope=settings.cache_scope, daily_neurons=settings.daily_neurons,
-        redis_url=settings.redis_url, database_url=settings.database_url, data_dir=settings.data_dir)
-
-
-@dataclass
-class ServedModel:
-    """One model to serve, checked: its card, its chat template and where its weights are."""
-
-    card: ModelCard
-    template: PromptTemplate
-    model_path: Path
-    builtin: bool  # the built-in model (fetched into the cache)
-
-
-@dataclass
-class Prepared:
-    """What is checked before the server listens."""
-
-    catalog: Catalog
-    models: list[ServedModel]
-    policy: Policy
-
-
 @dataclass
 class Service:
     """The loaded models behind the app."""
@@ -115,36 +79,6 @@ class Service:
     app: object
     engines: list[Engine]
     summary: list[str]
-
-
-def prepare(settings: ServeSettings) -> Prepared:
-    try:
-        specs = served_model_specs(settings.model, settings.served_model_name)
-        catalog = Catalog.load(settings.card)
-        cards = [catalog.get(spec.name or "") for spec in specs]
-        templates = [_template(card) for card in cards]
-    except (CardError, UnknownModelError, ModelSpecError, UnknownTemplateError) as err:
-        raise ServeError(str(err)) from err
-    try:  # Redis and the database before any download: a wrong URL fails in a second
-        policy = Policy.build(policy_settings(settings))
-    except (ValueError, PolicyStartupError) as err:
-        raise ServeError(str(err)) from err
-    models = []
-    for spec, card, template in zip(specs, cards, templates, strict=True):
-        try:  # a Hub id or the built-in model is fetched here, before listening: a missing model fails at once
-            path = builtin_model_path() if spec.builtin else resolve_model_source(spec.source or "")
-        except CheckpointError as err:
-            policy.close()
-            raise ServeError(str(err)) from err
-        models.append(ServedModel(card=card, template=template, model_path=path, builtin=spec.builtin))
-    return Prepared(catalog=catalog, models=models, policy=policy)
-
-
-def _template(card: ModelCard) -> PromptTemplate:
-    try:
-        return template_named(card.prompt_template)
-    except UnknownTemplateError as err:
-        raise UnknownTemplateError(f"card {card.source_path}: the model {card.name} needs {err}") from None
 
 
 def load_service(settings: ServeSettings, prepared: Prepared, tokens: dict[str, str],
@@ -353,12 +287,9 @@ class _Server(uvicorn.Server):
         self.should_exit = True
 
 
-def run_server(loaded: LoadedSettings, tokens: dict[str, str]) -> None:
+def run_server(loaded: LoadedSettings, tokens: dict[str, str], prepared: Prepared) -> None:
+    """Serve what `startup.prepare` checked (the caller checks first: see startup.py)."""
     settings = loaded.settings
-    try:
-        prepared = prepare(settings)
-    except ServeError as err:
-        raise SystemExit(f"int8serve serve: error: {err}") from None
     tokens = dict(tokens)
     generated = not tokens
     if generated:

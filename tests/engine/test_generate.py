@@ -6,7 +6,7 @@ import torch
 from transformers import LlamaForCausalLM
 
 from int8serve.engine.generate import GenerationStats, generate
-from int8serve.engine.sampling import SamplingParams
+from int8serve.engine.sampling_params import SamplingParams
 
 GREEDY = SamplingParams(temperature=0)
 

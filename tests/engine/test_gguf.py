@@ -23,9 +23,9 @@ from tests.engine.test_tokenizer import PLAIN_TEXTS, TYPED_TAGS
 
 from int8serve.cli import main
 from int8serve.engine.config import ConfigError
+from int8serve.engine.errors import CheckpointError
 from int8serve.engine.gguf_loader import GGUFFile, dequantize_q4_1, write_tokenizer
 from int8serve.engine.loader import LoadedModel, load_model
-from int8serve.engine.sources import CheckpointError
 from int8serve.engine.tokenizer import Tokenizer
 
 T = gguf.GGMLQuantizationType

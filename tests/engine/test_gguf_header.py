@@ -12,9 +12,9 @@ import gguf
 import numpy as np
 import pytest
 
+from int8serve.engine.errors import CheckpointError
 from int8serve.engine.gguf_header import read_header
 from int8serve.engine.gguf_loader import GGUFFile
-from int8serve.engine.sources import CheckpointError
 
 
 def reference(path: Path) -> tuple[dict[str, Any], list[tuple[str, str, tuple[int, ...], int, int]]]:

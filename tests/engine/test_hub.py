@@ -27,10 +27,10 @@ import torch
 from tests.engine.test_loader import make_hf_model, our_logits
 
 from int8serve.cli import main
+from int8serve.engine.errors import CheckpointError
 from int8serve.engine.hub import HubError, HubId, choose_files, fetch, parse_hub_id
 from int8serve.engine.loader import load_model
 from int8serve.engine.model_source import resolve
-from int8serve.engine.sources import CheckpointError
 from int8serve.engine.tokenizer import load_tokenizer
 
 COMMIT = "0123456789abcdef0123456789abcdef01234567"

@@ -25,9 +25,9 @@ from safetensors.torch import load_file, save_file
 from transformers import LlamaConfig, LlamaForCausalLM
 
 from int8serve.engine.config import ConfigError, meta_hidden_dim
+from int8serve.engine.errors import CheckpointError
 from int8serve.engine.int8 import DEFAULT_GROUP_SIZE, Int8Linear
 from int8serve.engine.loader import LoadedModel, load_model, save_int8_checkpoint, unpermute_meta_rotary
-from int8serve.engine.sources import CheckpointError
 
 # The small random model: GQA (4 query heads, 2 kv heads), head_dim 16. Its SwiGLU width is the one Meta's formula
 # gives for dim 64 and multiple_of 32, so the same weights can also be written in Meta's layout.

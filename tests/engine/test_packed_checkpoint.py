@@ -14,10 +14,10 @@ from safetensors import safe_open
 from safetensors.torch import load_file, save_file
 
 from int8serve.engine import kernels
+from int8serve.engine.errors import CheckpointError
 from int8serve.engine.int8 import Int8Linear
 from int8serve.engine.loader import LoadedModel, load_model
 from int8serve.engine.packed_checkpoint import load_packed, map_safetensors, save_packed_checkpoint
-from int8serve.engine.sources import CheckpointError
 
 
 def test_every_tensor_is_aligned_and_readable_by_safetensors(tmp_path: Path, stories_int8: LoadedModel) -> None:

@@ -18,7 +18,7 @@ from int8serve.engine.kernels import matmul as prefill_matmul
 from int8serve.engine.loader import LoadedModel
 from int8serve.engine.model import KVCache
 from int8serve.engine.prefix_cache import PrefixCache
-from int8serve.engine.sampling import SamplingParams
+from int8serve.engine.sampling_params import SamplingParams
 from int8serve.engine.scheduler import Engine, GenerationRequest
 from int8serve.engine.tokenizer import Tokenizer
 

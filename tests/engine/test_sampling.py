@@ -5,7 +5,8 @@ from __future__ import annotations
 import pytest
 import torch
 
-from int8serve.engine.sampling import Sampler, SamplingParams
+from int8serve.engine.sampling import Sampler
+from int8serve.engine.sampling_params import SamplingParams
 
 
 def draws(params: SamplingParams, logits: torch.Tensor, n: int = 50) -> list[int]:

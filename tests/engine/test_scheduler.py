@@ -11,7 +11,7 @@ import pytest
 from int8serve.engine import int8
 from int8serve.engine.generate import generate
 from int8serve.engine.kernels import matmul as prefill_matmul
-from int8serve.engine.sampling import SamplingParams
+from int8serve.engine.sampling_params import SamplingParams
 from int8serve.engine.scheduler import Engine, EngineStoppedError, GenerationRequest, QueueFullError
 
 GREEDY = SamplingParams(temperature=0)

@@ -20,7 +20,7 @@ from int8serve.engine.generate import generate
 from int8serve.engine.int8 import Int8Linear, dequantize
 from int8serve.engine.loader import LoadedModel, load_model, save_int8_checkpoint
 from int8serve.engine.packed_checkpoint import save_packed_checkpoint
-from int8serve.engine.sampling import SamplingParams
+from int8serve.engine.sampling_params import SamplingParams
 from int8serve.engine.scheduler import Engine, GenerationRequest
 from int8serve.engine.tokenizer import AnyTokenizer, load_tokenizer
 

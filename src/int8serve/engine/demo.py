@@ -9,7 +9,6 @@ loader as any real checkpoint.
 from __future__ import annotations
 
 import json
-import os
 import shutil
 import tempfile
 from pathlib import Path
@@ -17,6 +16,7 @@ from pathlib import Path
 import torch
 from safetensors.torch import save_file
 
+from .cache_files import cache_dir
 from .demo_tokenizer import DEMO_VOCAB_SIZE, train_demo_tokenizer
 
 DEMO_VERSION = 1
@@ -39,14 +39,6 @@ DEMO_CONFIG = {
     "eos_token_id": 2,
     "torch_dtype": "float32",
 }
-
-
-def cache_dir() -> Path:
-    """$INT8SERVE_CACHE, else $XDG_CACHE_HOME/int8serve, else ~/.cache/int8serve."""
-    if os.environ.get("INT8SERVE_CACHE"):
-        return Path(os.environ["INT8SERVE_CACHE"])
-    base = Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache")
-    return base / "int8serve"
 
 
 def demo_model_dir(root: Path | None = None) -> Path:

@@ -13,7 +13,8 @@ from dataclasses import dataclass, field
 import torch
 
 from .model import KVCache, Transformer
-from .sampling import Sampler, SamplingParams
+from .sampling import Sampler
+from .sampling_params import SamplingParams
 
 PREFILL_CHUNK = 512  # tokens per prefill forward: bounds the activation memory of a long prompt
 

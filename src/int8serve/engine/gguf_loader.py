@@ -32,8 +32,9 @@ import torch
 from torch import Tensor
 
 from .config import ConfigError, ModelConfig
+from .errors import CheckpointError
 from .gguf_tokenizer import Vocabulary, model_proto
-from .sources import CheckpointError, TensorSource
+from .sources import TensorSource
 
 log = logging.getLogger(__name__)
 
@@ -348,7 +349,7 @@ def load_gguf(path: Path, precision: str, progress: bool = False, tokenizer_dir:
               group_size: int | None = None, quantizer: str = "gptq") -> Any:
     """A `LoadedModel` from a GGUF file; its rebuilt tokenizer (tokenizer.model or tokenizer.json) is written into
     `tokenizer_dir`."""
-    from .demo import cache_dir
+    from .cache_files import cache_dir
     from .int8 import DEFAULT_GROUP_SIZE
     from .loader import LoadedModel, _fill, calibration_for
     from .model import Transformer

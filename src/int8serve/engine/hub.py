@@ -21,7 +21,7 @@ import re
 from dataclasses import dataclass
 from pathlib import Path
 
-from .sources import CheckpointError
+from .errors import CheckpointError
 
 log = logging.getLogger(__name__)
 

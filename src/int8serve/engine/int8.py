@@ -27,17 +27,9 @@ from torch import Tensor, nn
 
 from . import chunking, kernels
 from .kernels import matmul as prefill_matmul
+from .quant_options import DEFAULT_GROUP_SIZE, GROUP_SIZES
 
 COMPUTE_DTYPE = torch.bfloat16
-# The default weight scheme: one bf16 scale per 32 input values (0 = per output channel). Chosen by measurement
-# (benchmarks/accuracy.py, docs/benchmarks.md "int8 accuracy"; stories260K against fp32 through the kernel with
-# precise activations, rounding to nearest): per 32, KLD 0.000636 and top-1 98.51%; per channel 0.000794 and 98.36%;
-# at 6% more bytes per step (a 2-byte scale per 32 weights). With GPTQ's rounding (gptq.py, the loader's default)
-# per 32 reaches issue #10's targets: KLD 0.000482, top-1 98.78% (targets 0.0005, 98.7%). Since the output head keeps
-# its rounding error for the logits it refines (Int8Linear.set_residual): 0.000418 / 98.90% through the kernel with
-# precise activations, 0.000473 / 98.81% through the bf16 prefill kernel (Zen 4, 2026-12-05).
-DEFAULT_GROUP_SIZE = 32
-GROUP_SIZES = (0, 32, 64, 128)
 # Our kernel quantizes activations twice (the row, then its quantization error on 1/256 of the row's scale: ~16-bit
 # activations) when True. Measured: one int8 pass costs as much accuracy as the int8 weights (KLD 0.00100 against
 # 0.00055 on 8k tokens); two are free while memory-bound (batch 1-2) and cost int8 arithmetic beyond, less since the

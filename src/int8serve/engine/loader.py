@@ -28,16 +28,14 @@ from tqdm import tqdm
 
 from . import calibration
 from .config import ModelConfig, config_from_hf, config_from_meta, read_json
-from .int8 import DEFAULT_GROUP_SIZE, Int8Linear, group_size_of, quantize
+from .errors import CheckpointError
+from .int8 import Int8Linear, group_size_of, quantize
 from .model import Precision, Transformer
-from .sources import CheckpointError, MetaShardsSource, SafetensorsSource, TensorSource, hf_weight_files
+from .quant_options import DEFAULT_GROUP_SIZE, DEFAULT_QUANTIZER, QUANTIZERS
+from .sources import MetaShardsSource, SafetensorsSource, TensorSource, hf_weight_files
 
 log = logging.getLogger(__name__)
 
-# How full-precision weights become int8: "gptq" (error-compensating, calibrated on the package's own text: the
-# default, measured more accurate) or "rtn" (each weight rounded to its nearest step: no calibration, faster).
-QUANTIZERS = ("gptq", "rtn")
-DEFAULT_QUANTIZER = "gptq"
 
 INT8_FORMAT = "int8serve-int8"
 INT8_FORMAT_VERSION = 2  # 2: "group_size" (0 = per channel), scales [N] or [N, ceil(K / group_size)]

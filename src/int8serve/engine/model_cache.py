@@ -20,9 +20,7 @@ warning, never the start.
 
 from __future__ import annotations
 
-import contextlib
 import dataclasses
-import fcntl
 import hashlib
 import inspect
 import json
@@ -30,12 +28,12 @@ import logging
 import os
 import re
 import shutil
-from collections.abc import Iterator
 from pathlib import Path
 
 from . import calibration, gptq, int8
+from .cache_files import cache_dir, locked
 from .config import ConfigError, read_json
-from .demo import cache_dir
+from .errors import CheckpointError
 from .loader import (
     DEFAULT_QUANTIZER,
     INT8_FORMAT,
@@ -47,7 +45,6 @@ from .loader import (
 )
 from .model import Precision
 from .packed_checkpoint import load_packed, save_packed_checkpoint
-from .sources import CheckpointError
 
 log = logging.getLogger(__name__)
 
@@ -146,23 +143,6 @@ def _load_copy(folder: Path, source: Path, quiet: bool = False) -> LoadedModel |
         return None
     log.info("mapped the int8 copy of %s from the cache: %s", source, folder)
     return loaded
-
-
-@contextlib.contextmanager
-def locked(folder: Path, doing: str = "writing the int8 copy") -> Iterator[None]:
-    """An exclusive lock on `folder` (its `.lock` file beside it), across processes; waits, saying that another
-    process is `doing` it, while another holds it."""
-    folder.parent.mkdir(parents=True, exist_ok=True)
-    with open(folder.with_name(folder.name + ".lock"), "a") as handle:
-        try:
-            fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
-        except BlockingIOError:
-            log.info("another process is %s %s; waiting for it", doing, folder)
-            fcntl.flock(handle, fcntl.LOCK_EX)
-        try:
-            yield
-        finally:
-            fcntl.flock(handle, fcntl.LOCK_UN)
 
 
 def _quantize_and_store(source: Path, folder: Path, progress: bool, group_size: int, quantizer: str

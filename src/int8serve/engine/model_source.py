@@ -9,8 +9,8 @@ from __future__ import annotations
 
 from pathlib import Path
 
+from .errors import CheckpointError
 from .hub import HubId, fetch, parse_hub_id
-from .sources import CheckpointError
 
 MODEL_HELP = ("the model: a checkpoint folder (Hugging Face config.json, Meta params.json, or an int8 checkpoint "
               "from 'int8serve quantize'), a llama.cpp .gguf file (F32/F16/BF16/Q8_0/Q4_1), or a Hugging Face Hub id "

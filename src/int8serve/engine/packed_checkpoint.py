@@ -31,6 +31,7 @@ from torch import Tensor, nn
 
 from . import kernels
 from .config import ModelConfig
+from .errors import CheckpointError
 from .int8 import Int8Linear
 from .loader import (
     EMBEDDING_DTYPES,
@@ -43,7 +44,6 @@ from .loader import (
     find_tokenizer,
 )
 from .model import Transformer
-from .sources import CheckpointError
 
 WEIGHTS = "model.safetensors"
 _DTYPES = {torch.uint8: "U8", torch.bfloat16: "BF16", torch.float16: "F16", torch.float32: "F32"}

@@ -51,7 +51,8 @@ from .chunking import aligned_chunk
 from .detokenizer import ByteDetokenizer, IncrementalDetokenizer
 from .model import KVCache, Transformer
 from .prefix_cache import PrefixCache
-from .sampling import Sampler, SamplingParams
+from .sampling import Sampler
+from .sampling_params import SamplingParams
 from .stops import StopMatcher
 from .tokenizer import AnyTokenizer
 

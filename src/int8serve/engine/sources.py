@@ -15,9 +15,7 @@ import torch
 from safetensors import SafetensorError, safe_open
 from torch import Tensor
 
-
-class CheckpointError(ValueError):
-    """A checkpoint is missing, unreadable, or does not fit the model its config describes."""
+from .errors import CheckpointError
 
 
 class TensorSource:

@@ -1,5 +1,5 @@
-"""The HTTP service: routes, auth, validation, errors, streaming. Never touches a tensor."""
+"""The HTTP service: routes, auth, validation, errors, streaming. Never touches a tensor.
 
-from .app import create_app
-
-__all__ = ["create_app"]
+Its modules are imported one by one (`int8serve.service.app.create_app` builds the app), so that the command line
+can check a token or reach the policy's Redis and database without importing the app and the engine behind it.
+"""

@@ -12,7 +12,7 @@ import httpx
 import pytest
 
 from int8serve.engine.chat_template import DEFAULT_SYSTEM_PROMPT
-from int8serve.engine.sampling import SamplingParams
+from int8serve.engine.sampling_params import SamplingParams
 from int8serve.service.policy.cache import CachedAnswer, CacheDirectives, CacheKey, MemoryCache, cache_key
 from int8serve.service.protocol.run import RunRequest, ValidatedRun
 

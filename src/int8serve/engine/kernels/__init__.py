@@ -50,6 +50,8 @@ from typing import Literal
 import torch
 from torch import Tensor
 
+from ..cache_files import cache_dir
+
 log = logging.getLogger(__name__)
 
 SOURCE = Path(__file__).with_name("gemv.cpp")
@@ -73,14 +75,6 @@ MAX_BUILD_JOBS = 8
 # vector functions carry their own target attributes and are only called after a runtime CPU check.
 CXXFLAGS = ["-O3", "-std=c++17", "-fPIC", "-shared", "-fopenmp", "-ffp-contract=off", "-fvisibility=hidden",
             "-Wall", "-Wextra", "-Wno-uninitialized", "-Wno-maybe-uninitialized"]
-
-
-def cache_dir() -> Path:
-    """$INT8SERVE_CACHE, else $XDG_CACHE_HOME/int8serve, else ~/.cache/int8serve (as the demo model's cache)."""
-    if os.environ.get("INT8SERVE_CACHE"):
-        return Path(os.environ["INT8SERVE_CACHE"])
-    base = Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache")
-    return base / "int8serve"
 
 
 class BuildError(RuntimeError):

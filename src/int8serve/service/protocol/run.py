@@ -37,7 +37,7 @@ from pydantic_core import PydanticCustomError
 
 from int8serve.catalog.card import ModelCard
 from int8serve.engine.chat_template import Segment
-from int8serve.engine.sampling import SamplingParams
+from int8serve.engine.sampling_params import SamplingParams
 from int8serve.prompt_templates import render_prompt, template_named
 
 from ..errors import BAD_INPUT, CONTEXT_WINDOW, LORA_UNSUPPORTED, ApiError

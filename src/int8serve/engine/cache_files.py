@@ -1,0 +1,44 @@
+"""Where int8serve keeps what it makes once, and the lock that lets one process make it.
+
+The int8 copies of models, the compiled kernels and the built-in model live under one cache folder; a process that
+writes one of them holds a lock beside it, so that two servers starting together do not write it twice. Plain
+files and locks, no tensors: the command line finds the cache without importing torch.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import fcntl
+import logging
+import os
+from collections.abc import Iterator
+from pathlib import Path
+
+__all__ = ["cache_dir", "locked"]
+
+log = logging.getLogger(__name__)
+
+
+def cache_dir() -> Path:
+    """$INT8SERVE_CACHE, else $XDG_CACHE_HOME/int8serve, else ~/.cache/int8serve."""
+    if os.environ.get("INT8SERVE_CACHE"):
+        return Path(os.environ["INT8SERVE_CACHE"])
+    base = Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache")
+    return base / "int8serve"
+
+
+@contextlib.contextmanager
+def locked(folder: Path, doing: str = "writing the int8 copy") -> Iterator[None]:
+    """An exclusive lock on `folder` (its `.lock` file beside it), across processes; waits, saying that another
+    process is `doing` it, while another holds it."""
+    folder.parent.mkdir(parents=True, exist_ok=True)
+    with open(folder.with_name(folder.name + ".lock"), "a") as handle:
+        try:
+            fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            log.info("another process is %s %s; waiting for it", doing, folder)
+            fcntl.flock(handle, fcntl.LOCK_EX)
+        try:
+            yield
+        finally:
+            fcntl.flock(handle, fcntl.LOCK_UN)

@@ -1,0 +1,84 @@
+"""What `int8serve serve` checks before it loads anything, so that a wrong flag fails in a second.
+
+The cards and their chat templates, the model folders (a Hub id or the built-in model is fetched here, before the
+server listens) and the serving policy's Redis and database: none of it needs torch, the engine or the HTTP app,
+which `server.py` imports only once these checks have passed (importing them alone takes seconds on a small CPU).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+
+from .builtin_model import builtin_model_path
+from .catalog.card import CardError, ModelCard
+from .catalog.registry import Catalog, UnknownModelError
+from .engine.errors import CheckpointError
+from .engine.model_source import resolve as resolve_model_source
+from .model_specs import ModelSpecError, served_model_specs
+from .prompt_templates import PromptTemplate, UnknownTemplateError, template_named
+from .service.policy import Policy, PolicySettings, PolicyStartupError
+from .settings import ServeSettings
+
+__all__ = ["Prepared", "ServeError", "ServedModel", "policy_settings", "prepare"]
+
+
+class ServeError(Exception):
+    """A start-up problem the operator can fix (printed without a traceback)."""
+
+
+def policy_settings(settings: ServeSettings) -> PolicySettings:
+    """The serving policy's part of the settings (validated once, by ServeSettings)."""
+    return PolicySettings.model_construct(
+        default_rpm=settings.rpm, account_rpm=dict(settings.account_rpm), cache=settings.response_cache,
+        cache_ttl=settings.cache_ttl, cache_scope=settings.cache_scope, daily_neurons=settings.daily_neurons,
+        redis_url=settings.redis_url, database_url=settings.database_url, data_dir=settings.data_dir)
+
+
+@dataclass
+class ServedModel:
+    """One model to serve, checked: its card, its chat template and where its weights are."""
+
+    card: ModelCard
+    template: PromptTemplate
+    model_path: Path
+    builtin: bool  # the built-in model (fetched into the cache)
+
+
+@dataclass
+class Prepared:
+    """What is checked before the server listens."""
+
+    catalog: Catalog
+    models: list[ServedModel]
+    policy: Policy
+
+
+def prepare(settings: ServeSettings) -> Prepared:
+    try:
+        specs = served_model_specs(settings.model, settings.served_model_name)
+        catalog = Catalog.load(settings.card)
+        cards = [catalog.get(spec.name or "") for spec in specs]
+        templates = [_template(card) for card in cards]
+    except (CardError, UnknownModelError, ModelSpecError, UnknownTemplateError) as err:
+        raise ServeError(str(err)) from err
+    try:  # Redis and the database before any download: a wrong URL fails in a second
+        policy = Policy.build(policy_settings(settings))
+    except (ValueError, PolicyStartupError) as err:
+        raise ServeError(str(err)) from err
+    models = []
+    for spec, card, template in zip(specs, cards, templates, strict=True):
+        try:  # a Hub id or the built-in model is fetched here, before listening: a missing model fails at once
+            path = builtin_model_path() if spec.builtin else resolve_model_source(spec.source or "")
+        except CheckpointError as err:
+            policy.close()
+            raise ServeError(str(err)) from err
+        models.append(ServedModel(card=card, template=template, model_path=path, builtin=spec.builtin))
+    return Prepared(catalog=catalog, models=models, policy=policy)
+
+
+def _template(card: ModelCard) -> PromptTemplate:
+    try:
+        return template_named(card.prompt_template)
+    except UnknownTemplateError as err:
+        raise UnknownTemplateError(f"card {card.source_path}: the model {card.name} needs {err}") from None
