@@ -257,10 +257,11 @@ def resolve_model(spec: ModelSpec) -> Path:
 
 def open_model(spec: ModelSpec, dtype: str, use_cache: bool = True, group_size: int = DEFAULT_GROUP_SIZE,
                quantizer: str = DEFAULT_QUANTIZER) -> tuple[LoadedModel, AnyTokenizer]:
+    path = resolve_model(spec)  # a missing folder or Hub id is said before the engine is imported
     from .engine.model_cache import load_cached
 
-    loaded = load_cached(resolve_model(spec), dtype, progress=sys.stderr.isatty(), use_cache=use_cache,
-                         group_size=group_size, quantizer=quantizer)
+    loaded = load_cached(path, dtype, progress=sys.stderr.isatty(), use_cache=use_cache, group_size=group_size,
+                         quantizer=quantizer)
     if loaded.tokenizer_path is None:
         raise UsageError(f"{loaded.path}: no tokenizer.model (in the folder or its parent) or tokenizer.json")
     try:
@@ -327,10 +328,11 @@ def _apply_kv_cache(loaded: LoadedModel, dtype: str, kind: str, card: ModelCard)
 
 
 def cmd_quantize(args: argparse.Namespace) -> None:
+    started = time.perf_counter()
+    source = resolve(args.src)
     from .engine.loader import load_model, save_int8_checkpoint
 
-    started = time.perf_counter()
-    loaded = load_model(resolve(args.src), "int8", progress=sys.stderr.isatty(), group_size=args.group_size,
+    loaded = load_model(source, "int8", progress=sys.stderr.isatty(), group_size=args.group_size,
                         quantizer=args.quantizer)
     folder = save_int8_checkpoint(loaded, args.dst)
     size = sum(f.stat().st_size for f in folder.iterdir() if f.is_file())
