@@ -16,7 +16,6 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import TYPE_CHECKING
 
-from .builtin_model import builtin_model_path
 from .catalog.card import ModelCard
 from .catalog.registry import Catalog, UnknownModelError
 from .engine.chat_template import TEMPLATES
@@ -32,6 +31,7 @@ from .model_specs import (
     ModelSpec,
     ModelSpecError,
     parse_model_entry,
+    resolve_model,
     served_model_specs,
 )
 from .prompt_templates import PromptTemplate, UnknownTemplateError, render_prompt, template_named
@@ -248,11 +248,6 @@ def card_template(card: ModelCard) -> PromptTemplate:
         return template_named(card.prompt_template)
     except UnknownTemplateError as err:
         raise UsageError(f"the model {card.name} needs {err}") from err
-
-
-def resolve_model(spec: ModelSpec) -> Path:
-    """The local folder or file of `spec`'s weights: the built-in model is fetched, a Hub id downloaded."""
-    return builtin_model_path() if spec.builtin else resolve(spec.source or "")
 
 
 def open_model(spec: ModelSpec, dtype: str, use_cache: bool = True, group_size: int = DEFAULT_GROUP_SIZE,

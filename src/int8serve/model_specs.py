@@ -18,7 +18,10 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
-__all__ = ["BUILTIN_CARD", "DEFAULT_SERVED_MODEL", "ModelSpec", "ModelSpecError", "parse_model_entry",
+from .builtin_model import builtin_model_path
+from .engine.model_source import resolve as resolve_source
+
+__all__ = ["BUILTIN_CARD", "DEFAULT_SERVED_MODEL", "ModelSpec", "ModelSpecError", "parse_model_entry", "resolve_model",
            "served_model_specs"]
 
 DEFAULT_SERVED_MODEL = "@cf/meta/llama-2-7b-chat-int8"  # the card of a plain --model PATH
@@ -76,3 +79,8 @@ def served_model_specs(entries: Sequence[str], served_model_name: str | None = N
             raise ModelSpecError(f"the model {spec.name} is given twice: one --model per card")
         seen.add(spec.name)
     return named
+
+
+def resolve_model(spec: ModelSpec) -> Path:
+    """The local folder or file of `spec`'s weights: the built-in model is fetched, a Hub id downloaded."""
+    return builtin_model_path() if spec.builtin else resolve_source(spec.source or "")

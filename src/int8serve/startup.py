@@ -10,12 +10,10 @@ from __future__ import annotations
 from dataclasses import dataclass
 from pathlib import Path
 
-from .builtin_model import builtin_model_path
 from .catalog.card import CardError, ModelCard
 from .catalog.registry import Catalog, UnknownModelError
 from .engine.errors import CheckpointError
-from .engine.model_source import resolve as resolve_model_source
-from .model_specs import ModelSpecError, served_model_specs
+from .model_specs import ModelSpecError, resolve_model, served_model_specs
 from .prompt_templates import PromptTemplate, UnknownTemplateError, template_named
 from .service.policy import Policy, PolicySettings, PolicyStartupError
 from .settings import ServeSettings
@@ -69,7 +67,7 @@ def prepare(settings: ServeSettings) -> Prepared:
     models = []
     for spec, card, template in zip(specs, cards, templates, strict=True):
         try:  # a Hub id or the built-in model is fetched here, before listening: a missing model fails at once
-            path = builtin_model_path() if spec.builtin else resolve_model_source(spec.source or "")
+            path = resolve_model(spec)
         except CheckpointError as err:
             policy.close()
             raise ServeError(str(err)) from err
