@@ -295,7 +295,7 @@ def cmd_generate(args: argparse.Namespace) -> None:
     from .engine.generate import GenerationStats, generate
 
     stats = GenerationStats()
-    detok = tokenizer.detokenizer()
+    detok = tokenizer.detokenizer(prompt_ids if args.raw else ())
     for token in generate(loaded.model, prompt_ids, params, max_tokens, tokenizer.stop_ids, stats=stats):
         sys.stdout.write(detok.push(token))
         sys.stdout.flush()

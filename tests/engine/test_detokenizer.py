@@ -148,6 +148,32 @@ def test_leading_space_is_stripped_once(llama: Tokenizer) -> None:
     assert stream(llama, [UNK, hi]) == [" ⁇ ", " Hi", ""]
 
 
+def continuation(tok: Tokenizer, prompt: list[int], ids: list[int]) -> str:
+    detok = tok.detokenizer(after=prompt)
+    return "".join(detok.push(i) for i in ids) + detok.flush()
+
+
+@settings(max_examples=300, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
+@given(prompt=st.text(min_size=1, max_size=30), ids=_llama_ids)
+def test_a_continuation_is_the_end_of_decoding_prompt_and_reply(llama: Tokenizer, prompt: str,
+                                                                 ids: list[int]) -> None:
+    """A raw prompt's reply: what decoding prompt and reply together adds to the prompt's own decode."""
+    prompt_ids = llama.encode(prompt)
+    whole, alone = llama.decode(prompt_ids + ids), llama.decode(prompt_ids)
+    assert whole.startswith(alone) and continuation(llama, prompt_ids, ids) == whole[len(alone):]
+
+
+def test_a_continuation_keeps_the_first_space(llama: Tokenizer, stories: Tokenizer) -> None:
+    for tok, prompt in ((llama, "Once upon"), (stories, "Once upon")):
+        a_time = tok.encode("Once upon a time")[len(tok.encode(prompt)):]
+        assert tok.decode(a_time) == "a time"  # decoded alone, the first piece loses its space
+        assert continuation(tok, tok.encode(prompt), a_time) == " a time"
+        assert continuation(tok, [BOS], a_time) == "a time"  # a prompt of no text is no text to continue
+    euro = utf8_ids("€")
+    # ids no text encodes: the prompt's incomplete bytes stay its own, the reply's lone byte is its own U+FFFD
+    assert continuation(llama, llama.encode("Price:") + euro[:2], euro[2:]) == "\ufffd"
+
+
 def test_leading_space_with_remove_extra_whitespaces(stories: Tokenizer) -> None:
     sp = stories.processor
     space, the = sp.piece_to_id("▁"), sp.piece_to_id("▁the")

@@ -104,6 +104,19 @@ def test_raw_prompt_reaches_the_engine_as_its_exact_ids(
     assert resp.json()["result"]["usage"]["prompt_tokens"] == len(request.prompt_ids)
 
 
+def test_a_raw_reply_continues_the_prompt_text(http: httpx.Client, run_url: str, auth: dict[str, str],
+                                              submitted: list[GenerationRequest]) -> None:
+    """SentencePiece drops the leading space of a text's first piece: a raw prompt's reply is decoded as the end
+    of prompt + reply ("...a little" + " girl"), a chat reply alone (Workers AI's "New", " York")."""
+    body = {"prompt": STORY, "raw": True, "max_tokens": 8, "temperature": 0}
+    raw = http.post(run_url, headers=auth, json=body).json()["result"]["response"]
+    assert raw.startswith(" ") and raw[1:2].isalpha()  # the story goes on with a word, after a space
+    assert _stream_text(http, run_url, auth, body) == raw
+    chat = http.post(run_url, headers=auth, json={**body, "raw": False}).json()["result"]["response"]
+    assert not chat.startswith(" ")
+    assert [r.continues_prompt for r in submitted] == [True, True, False]
+
+
 def test_templated_prompt_and_messages_reach_the_engine_as_exact_ids(
         http: httpx.Client, run_url: str, auth: dict[str, str], submitted: list[GenerationRequest],
         stories_tokenizer: Tokenizer) -> None:

@@ -193,8 +193,9 @@ class BPETokenizer:
         """Text of `ids` without special tokens, as `tokenizers` decodes them."""
         return self._tok.decode(list(ids), skip_special_tokens=True)
 
-    def detokenizer(self) -> ByteDetokenizer:
-        """A fresh streaming detokenizer for one sequence (the byte table is shared)."""
+    def detokenizer(self, after: Sequence[int] = ()) -> ByteDetokenizer:
+        """A fresh streaming detokenizer for one sequence (the byte table is shared). `after` changes nothing: a
+        byte-level token's text is the same after any prompt."""
         return ByteDetokenizer(self._token_bytes)
 
     @cached_property

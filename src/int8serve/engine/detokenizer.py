@@ -23,6 +23,10 @@ against ``sentencepiece.SentencePieceProcessor.decode``) one piece at a time:
   as Python's ``errors="replace"`` does), and a non-byte piece (even ``<s>``) ends the run:
   ``[<0xE2>, <s>, <0x82>, <0xAC>]`` gives three U+FFFD.
 
+A reply that continues its prompt's text (a raw prompt, a completion) is decoded as the end of ``prompt +
+reply``: built with ``after=prompt_ids``, the detokenizer starts in the state those ids leave, so "Once upon" then
+``▁a`` gives " a", where the reply decoded alone gives "a" (a chat reply is decoded alone, as Workers AI sends it).
+
 While streaming, the bytes at the end of a run that are a proper prefix of some valid character are
 held back (at most 3 bytes) until they complete, are proven invalid, the run ends, or
 :meth:`IncrementalDetokenizer.flush` is called. Hence a delta never contains a U+FFFD that a later
@@ -125,12 +129,19 @@ def _probe_leading_space(
 class IncrementalDetokenizer:
     """Turns a stream of token ids into text deltas whose concatenation equals ``decode(ids)``."""
 
-    def __init__(self, table: PieceTable) -> None:
+    def __init__(self, table: PieceTable, after: Sequence[int] = ()) -> None:
+        """``after``: ids whose text the stream continues (not emitted): the deltas are then the text that
+        ``decode(after + ids)`` adds to ``decode(after)``."""
         self._table = table
         self._pending = b""  # bytes of the current byte run not yet emitted (at most 3)
         self._at_bos = True  # SentencePiece's ``is_bos_ws``: a leading ▁ may still be stripped
         self._ws_seen = False  # the previous non-byte piece had its leading ▁ stripped
         self._text_started = False  # some text (or a byte) has been produced
+        for token_id in after:  # once some text is out, no later piece is stripped: the rest changes nothing
+            self.push(token_id)
+            if self._text_started:
+                break
+        self._pending = b""  # a prompt is whole characters; nothing of it may leak into the reply
 
     @property
     def pending(self) -> bytes:
@@ -234,6 +245,7 @@ class ByteDetokenizer:
     """
 
     def __init__(self, token_bytes: Sequence[bytes]) -> None:
+        """Byte-level tokens carry their spaces, so a reply reads the same alone or after its prompt."""
         self._token_bytes = token_bytes
         self._decoder = codecs.getincrementaldecoder("utf-8")(errors="replace")
 

@@ -110,6 +110,7 @@ class GenerationRequest:
     params: SamplingParams = field(default_factory=SamplingParams)
     request_id: str = ""
     owner: str = ""  # who asked (the service passes the account): free slots go to the owner with fewest running
+    continues_prompt: bool = False  # the reply continues the prompt's text (a raw prompt): decoded as its end
 
 
 @dataclass(frozen=True)
@@ -365,7 +366,8 @@ class Engine:
                 request = handle.request
                 stops = StopMatcher(request.params.stop) if request.params.stop else None
                 self._running[slot] = _Sequence(
-                    handle=handle, slot=slot, detokenizer=self.tokenizer.detokenizer(), stops=stops,
+                    handle=handle, slot=slot, stops=stops,
+                    detokenizer=self.tokenizer.detokenizer(request.prompt_ids if request.continues_prompt else ()),
                     sampler=Sampler(request.params, self.model.config.vocab_size, request.prompt_ids))
 
     def _next_waiting(self) -> RequestHandle:

@@ -30,7 +30,7 @@ the Hugging Face ``tokenizer.json`` of Llama 2 and stories260K (``tokenizers`` 0
 
 from __future__ import annotations
 
-from collections.abc import Iterable
+from collections.abc import Iterable, Sequence
 from functools import cached_property
 from pathlib import Path
 
@@ -118,9 +118,10 @@ class Tokenizer:
         """Text of ``ids``, exactly as ``SentencePieceProcessor.decode`` gives it."""
         return self._sp.decode(list(ids))
 
-    def detokenizer(self) -> IncrementalDetokenizer:
-        """A fresh streaming detokenizer for one sequence (the piece table is shared)."""
-        return IncrementalDetokenizer(self._piece_table)
+    def detokenizer(self, after: Sequence[int] = ()) -> IncrementalDetokenizer:
+        """A fresh streaming detokenizer for one sequence (the piece table is shared); with `after` (a raw prompt's
+        ids) its text continues theirs: the first piece keeps its leading space."""
+        return IncrementalDetokenizer(self._piece_table, after)
 
     @cached_property
     def _piece_table(self) -> PieceTable:

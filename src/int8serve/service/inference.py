@@ -268,7 +268,8 @@ class InferenceCall:
         inflight = self.inference.inflight[self._served().card.name]
         inflight.acquire(self.account)
         generation = GenerationRequest(prompt_ids=list(run.prompt_ids), max_tokens=run.checked.max_tokens,
-                                       params=run.checked.params, request_id=self.request_id, owner=self.account)
+                                       params=run.checked.params, request_id=self.request_id, owner=self.account,
+                                       continues_prompt=run.checked.raw)
         try:
             return engine.submit(generation, reject_if_busy=run.checked.reject_if_busy)
         except (QueueFullError, EngineStoppedError, ValueError) as err:
