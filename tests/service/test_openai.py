@@ -77,6 +77,43 @@ def test_chat_equals_ai_run_messages(oai: OpenAI, http: httpx.Client, auth: dict
     assert out.choices[0].finish_reason == ("length" if out.usage.completion_tokens == 16 else "stop")
 
 
+def test_chat_stream_usage_comes_once_either_way(oai: OpenAI) -> None:
+    for options in (None, {"include_usage": True}):
+        chunks = list(oai.chat.completions.create(model=MODEL, messages=MESSAGES, max_tokens=6, temperature=0,
+                                                  stream=True, stream_options=options))
+        with_usage = [c for c in chunks if c.usage is not None]
+        assert len(with_usage) == 1 and with_usage[0] is chunks[-1]
+        assert chunks[-1].usage.completion_tokens == 6  # type: ignore[union-attr]
+        finals = [c for c in chunks if c.choices and c.choices[0].finish_reason]
+        assert len(finals) == 1 and finals[0].choices[0].finish_reason == "length"
+        assert (chunks[-1].choices == []) == (options is not None)  # OpenAI's own usage chunk when asked for
+
+
+def test_tool_conversation_messages(oai: OpenAI, http: httpx.Client, auth: dict[str, str], run_url: str) -> None:
+    """A history from a tool-using client: assistant content null with tool_calls, a tool message (dropped by the
+    template, as Workers AI drops it), and `developer` as the system message."""
+    call = {"id": "call_1", "type": "function", "function": {"name": "weather", "arguments": "{}"}}
+    history = [{"role": "developer", "content": "You tell stories."},
+               {"role": "user", "content": "Tell me a story."},
+               {"role": "assistant", "content": None, "tool_calls": [call]},
+               {"role": "tool", "tool_call_id": "call_1", "content": "sunny"}]
+    out = oai.chat.completions.create(model=MODEL, messages=history, max_tokens=8, temperature=0)  # type: ignore[arg-type]
+    same = [{"role": "system", "content": "You tell stories."}, {"role": "user", "content": "Tell me a story."},
+            {"role": "assistant", "content": ""}]
+    native = http.post(run_url, headers=auth, json={"messages": same, "max_tokens": 8,
+                                                    "temperature": 0}).json()["result"]
+    assert out.choices[0].message.content == native["response"]
+    assert out.usage is not None and out.usage.prompt_tokens == native["usage"]["prompt_tokens"]
+    for bad in ({"role": "user", "content": None}, {"role": "tool", "content": None},
+                {"role": "robot", "content": "x"}):
+        with pytest.raises(openai.BadRequestError) as info:
+            oai.chat.completions.create(model=MODEL, messages=[bad], max_tokens=2)  # type: ignore[list-item]
+        assert info.value.code == 5006
+    with pytest.raises(openai.BadRequestError) as only_tool:
+        oai.chat.completions.create(model=MODEL, messages=[{"role": "tool", "tool_call_id": "c", "content": "x"}])
+    assert "no message with role" in only_tool.value.message
+
+
 def test_content_parts_and_max_completion_tokens(oai: OpenAI) -> None:
     out = oai.chat.completions.create(model=MODEL, max_completion_tokens=3, temperature=0,
                                       messages=[{"role": "user", "content": [{"type": "text", "text": "Hi"}]}])
@@ -102,7 +139,10 @@ def test_completions_streaming_equals_non_stream(oai: OpenAI) -> None:
     texts, chunks = _stream_completion(oai)
     assert "".join(texts) == _complete(oai).choices[0].text
     assert all(c.object == "text_completion" for c in chunks)
-    assert chunks[-1].usage is None  # no usage chunk unless asked
+    # unasked, the usage rides on the last chunk with its finish_reason, as Workers AI sends it; once either way
+    assert chunks[-1].choices[0].finish_reason in ("stop", "length") and chunks[-1].usage is not None
+    assert [c for c in chunks if c.usage is not None] == [chunks[-1]]
+    assert chunks[-1].usage.completion_tokens == _complete(oai).usage.completion_tokens  # type: ignore[union-attr]
 
 
 def test_models_list(oai: OpenAI) -> None:
@@ -111,6 +151,22 @@ def test_models_list(oai: OpenAI) -> None:
     assert UNSERVED_MODEL not in models
     assert models[MODEL].object == "model" and models[MODEL].owned_by == "meta"
     assert isinstance(models[MODEL].created, int)
+
+
+def test_model_retrieve(base_url: str, oai: OpenAI, http: httpx.Client, auth: dict[str, str]) -> None:
+    listed = {m.id: m for m in oai.models.list()}
+    for name in (MODEL, SLOW_MODEL):
+        assert oai.models.retrieve(name) == listed[name]
+    with OpenAI(api_key=TOKEN, base_url=f"{base_url}/v1", max_retries=0) as alias:
+        assert alias.models.retrieve(MODEL) == listed[MODEL]
+    quoted = http.get(f"{base_url}/v1/models/{MODEL.replace('@', '%40').replace('/', '%2F')}", headers=auth)
+    assert quoted.status_code == 200 and quoted.json()["id"] == MODEL
+    for name in (UNSERVED_MODEL, "@cf/nobody/nothing"):
+        with pytest.raises(openai.NotFoundError) as info:
+            oai.models.retrieve(name)
+        assert info.value.code == 5007 and name in info.value.message
+    with pytest.raises(openai.AuthenticationError):
+        _client(base_url, token="wrong-token").models.retrieve(MODEL)
 
 
 def test_v1_alias_takes_the_account_from_the_token(base_url: str, oai: OpenAI) -> None:

@@ -108,12 +108,16 @@ class _OpenAIFormat:
                 "choices": choices}
 
     def final_frames(self, answer: Answer, neurons: float) -> Sequence[bytes]:
-        frames = [encode_frame(self._envelope([self._last_choice(answer.openai_finish_reason)], self.chunk_obj))]
+        """The last chunk: `finish_reason` with the usage on it, as Workers AI sends it (since 2026-02-17); with
+        `stream_options.include_usage`, OpenAI's own form instead: the usage alone in one more chunk with no
+        choices. Either way the usage comes once, so a client that adds up the chunks' usage counts it once."""
+        usage = {**openai_usage(answer), "neurons": neurons}
+        last = self._envelope([self._last_choice(answer.openai_finish_reason)], self.chunk_obj)
         if self.request is not None and self.request.include_usage:
-            frames.append(encode_frame({**self._envelope([], self.chunk_obj),
-                                        "usage": {**openai_usage(answer), "neurons": neurons}}))
-        frames.append(DONE_FRAME)
-        return frames
+            frames = [encode_frame(last), encode_frame({**self._envelope([], self.chunk_obj), "usage": usage})]
+        else:
+            frames = [encode_frame({**last, "usage": usage})]
+        return [*frames, DONE_FRAME]
 
     def _last_choice(self, finish_reason: str) -> dict[str, Any]:
         raise NotImplementedError

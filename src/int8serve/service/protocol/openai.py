@@ -9,10 +9,15 @@ equivalent Workers AI body, by `validate_run_body` — so types, ranges and defa
 other sampling parameters (so they are part of the response cache key).
 
 Chat messages go through the card's chat template (`/ai/run` with `messages`); a completion's prompt goes to the
-model as it is (`/ai/run` with `raw: true`). Accepted without effect: `user`, `n: 1`, `stream_options` (its
-`include_usage` is honoured), `logprobs: false`, `top_logprobs: 0`, `echo: false`, `best_of: 1`, `suffix: ""`,
-`response_format: {"type": "text"}`, `tools: []`, `tool_choice: "none"|"auto"`, `parallel_tool_calls`,
-`store: false`, `metadata`, `logit_bias: {}`, and Workers AI's `options` (`rejectIfBusy`).
+model as it is (`/ai/run` with `raw: true`). Messages as OpenAI's clients send them in a conversation that used tools:
+an assistant message with `content: null` (and `tool_calls`, not rendered) is an empty assistant turn, and a `tool`
+message is passed on, so that the template drops it as Workers AI drops every role it does not render. A
+`developer` message is OpenAI's newer name for a system message and is rendered as one.
+
+Accepted without effect: `user`, `n: 1`, `stream_options` (its `include_usage` is honoured), `logprobs: false`,
+`top_logprobs: 0`, `echo: false`, `best_of: 1`, `suffix: ""`, `response_format: {"type": "text"}`, `tools: []`,
+`tool_choice: "none"|"auto"`, `parallel_tool_calls`, `store: false`, `metadata`, `logit_bias: {}`, and Workers AI's
+`options` (`rejectIfBusy`).
 """
 
 from __future__ import annotations
@@ -41,11 +46,23 @@ class TextPart(BaseModel):
 
 class OpenAIMessage(BaseModel):
     model_config = ConfigDict(extra="ignore")
-    role: Literal["system", "user", "assistant"]
-    content: str | list[TextPart] = Field(description="text, or text content parts (joined)")
+    role: Literal["system", "developer", "user", "assistant", "tool"]
+    content: str | list[TextPart] | None = Field(description="text, or text content parts (joined); null only for "
+                                                             "an assistant message (one that called tools)")
 
-    def text(self) -> str:
-        return self.content if isinstance(self.content, str) else "".join(p.text for p in self.content)
+    @model_validator(mode="after")
+    def _content_given(self) -> OpenAIMessage:
+        if self.content is None and self.role != "assistant":
+            raise ValueError(f"a '{self.role}' message needs 'content' (only an assistant message may have null)")
+        return self
+
+    def workers_ai_message(self) -> dict[str, str]:
+        """The message as `/ai/run` takes it: `developer` is a system message, null content is empty."""
+        if self.content is None or isinstance(self.content, str):
+            text = self.content or ""
+        else:
+            text = "".join(p.text for p in self.content)
+        return {"role": "system" if self.role == "developer" else self.role, "content": text}
 
 
 class StreamOptions(BaseModel):
@@ -135,7 +152,7 @@ class ChatCompletionRequest(OpenAIRequest):
     messages: list[OpenAIMessage] = Field(min_length=1)
 
     def _workers_ai_body(self) -> dict[str, Any]:
-        return {"messages": [{"role": m.role, "content": m.text()} for m in self.messages]}
+        return {"messages": [m.workers_ai_message() for m in self.messages]}
 
 
 class CompletionRequest(OpenAIRequest):

@@ -4,7 +4,8 @@ Under `/client/v4/accounts/{account_id}/ai/v1/` and as plain `/v1/` aliases (the
 
 * `POST chat/completions`: the messages through the card's chat template (`/ai/run` with `messages`);
 * `POST completions`: the prompt as it is (`/ai/run` with `raw: true`);
-* `GET models`: the served models as an OpenAI list (`id` = card name, `owned_by` = the name's author segment).
+* `GET models`: the served models as an OpenAI list (`id` = card name, `owned_by` = the name's author segment);
+* `GET models/{model}`: one of them (the SDK's `models.retrieve`); a model not served is 404 (5007).
 
 Authentication, the rate limit, the response cache, metering and the ledger are those of `/ai/run`
 (`inference.py`); the bodies are `protocol/openai.py`'s. Errors are `{"error": {"message", "type", "param",
@@ -22,9 +23,16 @@ from starlette.responses import Response
 from int8serve.catalog.card import ModelCard
 
 from ..deps import Account, Services, TokenAccount
-from ..errors import json_response
+from ..errors import NO_SUCH_MODEL, ApiError, json_response
 from ..formats import ChatFormat, CompletionFormat
-from ..protocol.answers import OPENAI_ERROR_RESPONSES, SSE_RESPONSE, ChatCompletion, Completion, ModelList
+from ..protocol.answers import (
+    OPENAI_ERROR_RESPONSES,
+    SSE_RESPONSE,
+    ChatCompletion,
+    Completion,
+    ModelEntry,
+    ModelList,
+)
 
 __all__ = ["router"]
 
@@ -38,10 +46,18 @@ def _body(model: str) -> dict[str, object]:
         "schema": {"$ref": f"#/components/schemas/{model}"}}}}}
 
 
+def _entry(card: ModelCard) -> dict[str, object]:
+    return {"id": card.name, "object": "model", "created": _created(card), "owned_by": card.author}
+
+
 def _models(app: Services) -> Response:
-    data = [{"id": card.name, "object": "model", "created": _created(card), "owned_by": card.author}
-            for card in (app.catalog.get(name) for name in app.engines)]
-    return json_response({"object": "list", "data": data})
+    return json_response({"object": "list", "data": [_entry(app.catalog.get(name)) for name in app.engines]})
+
+
+def _model(app: Services, model: str) -> Response:
+    if model not in app.engines:
+        raise ApiError(NO_SUCH_MODEL, model=model, note="")
+    return json_response(_entry(app.catalog.get(model)))
 
 
 def _created(card: ModelCard) -> int:
@@ -57,6 +73,7 @@ CHAT = {"response_model": ChatCompletion, "openapi_extra": _body("ChatCompletion
 COMPLETION = {"response_model": Completion, "openapi_extra": _body("CompletionRequest"),
               "responses": {200: SSE_RESPONSE}, "summary": "Completion"}
 MODELS = {"response_model": ModelList, "summary": "The served models"}
+MODEL = {"response_model": ModelEntry, "summary": "One served model"}
 
 
 @router.post(ACCOUNT_PREFIX + "/chat/completions", **CHAT)
@@ -74,6 +91,11 @@ async def models(account: Account, app: Services) -> Response:
     return _models(app)
 
 
+@router.get(ACCOUNT_PREFIX + "/models/{model:path}", **MODEL)
+async def model(model: str, account: Account, app: Services) -> Response:
+    return _model(app, model)
+
+
 @router.post("/v1/chat/completions", **CHAT)
 async def chat_alias(request: Request, account: TokenAccount, app: Services) -> Response:
     return await app.inference.run(request, account, ChatFormat())
@@ -87,3 +109,8 @@ async def completions_alias(request: Request, account: TokenAccount, app: Servic
 @router.get("/v1/models", **MODELS)
 async def models_alias(account: TokenAccount, app: Services) -> Response:
     return _models(app)
+
+
+@router.get("/v1/models/{model:path}", **MODEL)
+async def model_alias(model: str, account: TokenAccount, app: Services) -> Response:
+    return _model(app, model)
