@@ -25,6 +25,18 @@ def test_healthz_needs_no_auth(http: httpx.Client) -> None:
     assert resp.headers["content-type"] == "application/json"
 
 
+@pytest.mark.parametrize("path", ["/healthz", "/readyz", "/v1/models",
+                                  f"/client/v4/accounts/{ACCOUNT}/ai/models/search"])
+def test_head_is_get_without_a_body(http: httpx.Client, auth: dict[str, str], path: str) -> None:
+    """Load balancers and uptime monitors probe with HEAD (RFC 9110: a server supports GET and HEAD)."""
+    got, head = http.get(path, headers=auth), http.head(path, headers=auth)
+    assert got.status_code == head.status_code == 200 and got.content and head.content == b""
+    assert head.headers["content-type"] == got.headers["content-type"]
+    assert head.headers["content-length"] == str(len(got.content))
+    assert http.head(path).status_code == http.get(path).status_code  # credentials checked as for GET
+    assert http.head(f"/client/v4/accounts/{ACCOUNT}/ai/run/{MODEL}", headers=auth).status_code == 405  # POST only
+
+
 def test_readyz_reports_every_engine(http: httpx.Client) -> None:
     resp = http.get("/readyz")
     assert resp.status_code == 200

@@ -7,7 +7,7 @@ together with the app-wide pieces:
 * one exception handler (`errors.py`) answering every error in the envelope of the route's API;
 * middleware, outermost first: metrics (every answer's final status), the request id (`cf-ai-req-id`, a fresh
   uuid4 on every answer, also the engine request id in the logs; unexpected exceptions become a logged 500/3043),
-  and the lifecycle gate (`lifecycle.py`: 503 while loading or draining);
+  the lifecycle gate (`lifecycle.py`: 503 while loading or draining), and `HEAD` answered as `GET` without a body;
 * the OpenAPI document at `/openapi.json` (and `/docs`), with the request bodies, which routes parse themselves
   (JSON whatever the Content-Type, in a worker thread), added to its components.
 
@@ -93,6 +93,26 @@ class RequestContextMiddleware:
             await internal_error_response(extra)(scope, receive, send)
 
 
+class HeadAsGetMiddleware:
+    """Answers `HEAD` as the same `GET` without its body (RFC 9110 section 9.3.2), as load balancers' and uptime
+    monitors' probes expect: FastAPI's routes register the methods they name only."""
+
+    def __init__(self, app: ASGIApp) -> None:
+        self.app = app
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] != "http" or scope["method"] != "HEAD":
+            await self.app(scope, receive, send)
+            return
+
+        async def send_headers_only(message: Message) -> None:
+            if message["type"] == "http.response.body":
+                message = {**message, "body": b""}
+            await send(message)
+
+        await self.app({**scope, "method": "GET"}, receive, send_headers_only)
+
+
 def create_app(catalog: Catalog, engines: Mapping[str, Engine], tokens: Mapping[str, str], demo: bool = False, *,
                policy: Policy | None = None, limits: RequestLimits | None = None, log_prompts: bool = False,
                lifecycle: Lifecycle | None = None, metrics_token: str | None = None) -> FastAPI:
@@ -135,6 +155,7 @@ def create_app(catalog: Catalog, engines: Mapping[str, Engine], tokens: Mapping[
     app.router.redirect_slashes = False  # an API: unknown paths are 404 envelopes, not redirects
     app.state.services = services
     install_error_handlers(app)
+    app.add_middleware(HeadAsGetMiddleware)  # innermost: the metrics and the log still see HEAD
     app.add_middleware(LifecycleMiddleware, lifecycle=lifecycle)  # inside the two below: its 503s are counted
     app.add_middleware(RequestContextMiddleware, demo=demo)
     app.add_middleware(MetricsMiddleware, metrics=metrics)  # outermost: sees every answer's final status
