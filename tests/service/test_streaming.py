@@ -14,6 +14,7 @@ from int8serve.engine.scheduler import Engine
 from .conftest import ACCOUNT, SCRIPT_PIECES, SCRIPT_TEXT, SCRIPTED_MODEL, SLOW_MODEL, TOKEN, wait_for
 
 SCRIPTED_URL = f"/client/v4/accounts/{ACCOUNT}/ai/run/{SCRIPTED_MODEL}"
+RAW_REPLY = " " + SCRIPT_TEXT  # after a raw prompt the script's first piece, "▁H", keeps its space
 SLOW_URL = f"/client/v4/accounts/{ACCOUNT}/ai/run/{SLOW_MODEL}"
 
 
@@ -28,7 +29,7 @@ def test_sse_bytes_exactly(http: httpx.Client, auth: dict[str, str]) -> None:
         raw = resp.read()
     assert len(SCRIPT_PIECES) == 15
     expected = (
-        'data: {"response":"H"}\n\n'
+        'data: {"response":" H"}\n\n'
         'data: {"response":"é"}\n\n'
         'data: {"response":" "}\n\n'
         'data: {"response":"🙂"}\n\n'
@@ -50,10 +51,10 @@ def test_sse_chunks_hold_whole_characters(http: httpx.Client, auth: dict[str, st
         chunk.decode("utf-8")  # strict: no chunk ends inside a character
     deltas = [json.loads(line[6:])["response"] for line in b"".join(chunks).decode().split("\n\n")
               if line.startswith("data: {")]
-    assert "".join(deltas) == SCRIPT_TEXT
+    assert "".join(deltas) == RAW_REPLY
     assert all(d for d in deltas[:-1]) and deltas[-1] == ""  # no empty delta before the usage frame
     collected = http.post(SCRIPTED_URL, headers=auth, json={"prompt": "Once", "raw": True}).json()
-    assert collected["result"]["response"] == SCRIPT_TEXT
+    assert collected["result"]["response"] == RAW_REPLY
 
 
 def test_emoji_and_cjk_prompt_on_the_real_model(http: httpx.Client, run_url: str, auth: dict[str, str]) -> None:
