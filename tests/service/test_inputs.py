@@ -42,11 +42,16 @@ def test_schema_wording(card: ModelCard) -> None:
     check = card.input_validator
     assert schema_error_detail(check, {"prompt": "hi"}) is None
     assert schema_error_detail(check, {}) == ("oneOf at '/' not met, 0 matches: required properties at '/' are "
-                                              "'prompt', required properties at '/' are 'messages'")
+                                              "'prompt', required properties at '/' are 'messages'", None)
     assert schema_error_detail(check, {"messages": [{"role": "user"}]}) == (
         "oneOf at '/' not met, 0 matches: required properties at '/' are 'prompt', "
-        "required properties at '/messages/0' are 'content'")
-    assert schema_error_detail(check, "text") == "Type mismatch of '/', 'object' not in 'string'"
+        "required properties at '/messages/0' are 'content'", None)
+    assert schema_error_detail(check, "text") == ("Type mismatch of '/', 'object' not in 'string'", None)
+    assert schema_error_detail(check, {"prompt": "hi", "stream": 1}) == (  # oneOf's branches both complain
+        "oneOf at '/' not met, 0 matches: Type mismatch of '/stream', 'boolean' not in 'integer', required "
+        "properties at '/' are 'messages'", None)
+    assert schema_error_detail(card.input_validator.evolve(schema={"properties": {"max_tokens": {"maximum": 9}}}),
+                               {"max_tokens": 10}) == ("Value at '/max_tokens' must be <= 9, got 10", "max_tokens")
 
 
 def build_run_request(body: Any, card: ModelCard, tokenizer: Tokenizer, window: int) -> RunRequest:

@@ -228,24 +228,28 @@ def test_errors_as_sdk_exceptions(base_url: str, oai: OpenAI) -> None:
     with pytest.raises(openai.NotFoundError) as nf:
         oai.completions.create(model="@cf/nobody/nothing", prompt="x")
     assert nf.value.code == 5007 and nf.value.body["type"] == "not_found_error"  # type: ignore[index]
+    assert nf.value.param is None
     with pytest.raises(openai.AuthenticationError) as au:
         _client(base_url, token="wrong-token").chat.completions.create(model=MODEL, messages=MESSAGES)
     assert au.value.code == 10000
     with pytest.raises(openai.BadRequestError) as n2:
         oai.chat.completions.create(model=MODEL, messages=MESSAGES, n=2)
-    assert n2.value.code == 5006 and "'n' must be 1" in n2.value.message
+    assert n2.value.code == 5006 and "'n' must be 1" in n2.value.message and n2.value.param == "n"
     with pytest.raises(openai.BadRequestError) as unknown:
         oai.chat.completions.create(model=MODEL, messages=MESSAGES, extra_body={"frobnicate": 1})
-    assert "frobnicate" in unknown.value.message
+    assert "frobnicate" in unknown.value.message and unknown.value.param == "frobnicate"
     with pytest.raises(openai.BadRequestError):
         oai.chat.completions.create(model=MODEL, messages=MESSAGES, tools=[{"type": "function", "function": {
             "name": "f", "parameters": {"type": "object"}}}])
     with pytest.raises(openai.BadRequestError) as batch:
         oai.completions.create(model=MODEL, prompt=["a", "b"])
-    assert "batches" in batch.value.message
+    assert "batches" in batch.value.message and batch.value.param == "prompt"
     with pytest.raises(openai.BadRequestError) as temp:
         oai.completions.create(model=MODEL, prompt="x", temperature=6)
-    assert "temperature" in temp.value.message
+    assert "temperature" in temp.value.message and temp.value.param == "temperature"  # the card's schema
+    with pytest.raises(openai.BadRequestError) as role:
+        oai.chat.completions.create(model=MODEL, messages=[{"role": "robot", "content": "x"}])  # type: ignore[list-item]
+    assert role.value.param == "messages"
     with pytest.raises(openai.BadRequestError):
         oai.completions.create(model=MODEL, prompt="x", stop=["a", "b", "c", "d", "e"])
     with pytest.raises(openai.APIStatusError) as ctx:

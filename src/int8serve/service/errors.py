@@ -192,14 +192,16 @@ def is_openai_path(path: str) -> bool:
     return len(parts) >= 7 and parts[1:4] == ["client", "v4", "accounts"] and parts[5:7] == ["ai", "v1"]
 
 
-def openai_error(code: int, message: str, status: int) -> dict[str, Any]:
+def openai_error(code: int, message: str, status: int, param: str | None = None) -> dict[str, Any]:
+    """OpenAI's error object; `param` names the request's field at fault (the SDK's `e.param`)."""
     kind = "capacity_error" if code == 3040 else OPENAI_TYPES.get(status, "api_error")
-    return {"error": {"message": message, "type": kind, "param": None, "code": code}}
+    return {"error": {"message": message, "type": kind, "param": param, "code": code}}
 
 
 def openai_error_response(err: ApiError) -> Response:
     status = OPENAI_STATUS.get(err.code, err.status)
-    return json_response(openai_error(err.code, err.message, status), status=status, headers=err.headers)
+    return json_response(openai_error(err.code, err.message, status, err.fields.get("param")), status=status,
+                         headers=err.headers)
 
 
 def answered_status(path: str, err: ApiError) -> int:

@@ -32,6 +32,7 @@ __all__ = [
     "pointer",
     "read_body",
     "schema_error_detail",
+    "top_field",
     "type_mismatch",
     "validation_error_detail",
 ]
@@ -128,10 +129,17 @@ def type_mismatch(where: str, expected: str | Sequence[str], value: Any) -> str:
     return f"Type mismatch of '{where}', '{wanted}' not in '{json_type(value)}'"
 
 
-def schema_error_detail(validator: jsonschema.protocols.Validator, instance: Any) -> str | None:
-    """The first violation of a card's JSON Schema by `instance`, worded like Workers AI's; None when valid."""
+def schema_error_detail(validator: jsonschema.protocols.Validator, instance: Any) -> tuple[str, str | None] | None:
+    """The first violation of a card's JSON Schema by `instance`, worded like Workers AI's, and the top-level field
+    it is about (OpenAI's `param`); None when valid."""
     error = next(iter(validator.iter_errors(instance)), None)
-    return None if error is None else _describe(error, validator)
+    return None if error is None else (_describe(error, validator), top_field(error.absolute_path))
+
+
+def top_field(path: Iterable[Any]) -> str | None:
+    """The body's field a problem at `path` is in (`messages` for `/messages/1/content`); None for the body."""
+    first = next(iter(path), None)
+    return first if isinstance(first, str) else None
 
 
 def _describe(error: jsonschema.ValidationError, validator: jsonschema.protocols.Validator) -> str:

@@ -30,6 +30,7 @@ from pydantic import BaseModel, ConfigDict, Field, StrictBool, ValidationError, 
 from int8serve.catalog.card import ModelCard
 
 from ..errors import BAD_INPUT, ApiError
+from .body import top_field
 from .run import JsonInteger, JsonNumber, ValidatedRun, validate_run_body
 
 __all__ = ["MAX_STOP_SEQUENCES", "ChatCompletionRequest", "CompletionRequest", "OpenAIRequest"]
@@ -123,7 +124,7 @@ class OpenAIRequest(BaseModel):
         try:
             return cls.model_validate(body)
         except ValidationError as err:
-            raise ApiError(BAD_INPUT, detail=_detail(err)) from None
+            raise ApiError(BAD_INPUT, detail=_detail(err), param=_param(err)) from None
 
     @property
     def include_usage(self) -> bool:
@@ -164,8 +165,15 @@ class CompletionRequest(OpenAIRequest):
         prompts = [self.prompt] if isinstance(self.prompt, str) else self.prompt
         if len(prompts) != 1:
             raise ApiError(BAD_INPUT, detail=f"'prompt' must be one string (batches are not supported), got a list "
-                                             f"of {len(prompts)}")
+                                             f"of {len(prompts)}", param="prompt")
         return {"prompt": prompts[0], "raw": True}
+
+
+def _param(err: ValidationError) -> str | None:
+    """The field OpenAI's error object names in `param`: the first unsupported one, else the first problem's."""
+    problems = err.errors(include_url=False)
+    extra = [p["loc"] for p in problems if p["type"] == "extra_forbidden"]
+    return top_field(extra[0] if extra else problems[0]["loc"])
 
 
 def _detail(err: ValidationError) -> str:

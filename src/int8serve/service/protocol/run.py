@@ -41,7 +41,7 @@ from int8serve.engine.sampling_params import SamplingParams
 from int8serve.prompt_templates import render_prompt, template_named
 
 from ..errors import BAD_INPUT, CONTEXT_WINDOW, LORA_UNSUPPORTED, ApiError
-from .body import schema_error_detail, type_mismatch, validation_error_detail
+from .body import schema_error_detail, top_field, type_mismatch, validation_error_detail
 
 __all__ = [
     "DEFAULT_TEMPERATURE",
@@ -174,12 +174,12 @@ class RunBody(BaseModel):
             raise ApiError(LORA_UNSUPPORTED, model=card.name)
         for name in UNSUPPORTED_FEATURES:
             if _feature_requested(name, getattr(self, name)):
-                raise ApiError(BAD_INPUT, detail=f"'/{name}' is not supported by the model {card.name}")
+                raise ApiError(BAD_INPUT, detail=f"'/{name}' is not supported by the model {card.name}", param=name)
         form: Literal["prompt", "messages"] = "messages" if self.messages is not None else "prompt"
         template = template_named(card.prompt_template)  # a served card's template exists (checked at start)
         if form == "prompt":
             if self.prompt is None:
-                raise ApiError(BAD_INPUT, detail="required properties at '/' are 'prompt'")
+                raise ApiError(BAD_INPUT, detail="required properties at '/' are 'prompt'", param="prompt")
             segments = render_prompt(template, self.prompt, self.raw, card.default_context)
         else:
             segments = _render(self.messages or [], template.render_messages)
@@ -205,16 +205,17 @@ def validate_run_body(body: Any, card: ModelCard) -> ValidatedRun:
     messages = body.get("messages") if isinstance(body, dict) else None
     if isinstance(messages, list) and len(messages) > MAX_MESSAGES:  # before the schema: bounds its cost
         raise ApiError(BAD_INPUT, detail=f"Array at '/messages' must have at most {MAX_MESSAGES} items "
-                                         f"({len(messages)})")
-    detail = schema_error_detail(card.input_validator, body)
-    if detail is not None:
-        raise ApiError(BAD_INPUT, detail=detail)
+                                         f"({len(messages)})", param="messages")
+    problem = schema_error_detail(card.input_validator, body)
+    if problem is not None:
+        raise ApiError(BAD_INPUT, detail=problem[0], param=problem[1])
     if not isinstance(body, dict):  # a schema without "type": "object"
         raise ApiError(BAD_INPUT, detail=type_mismatch("/", "object", body))
     try:
         parsed = run_body_model(card).model_validate(body)
     except ValidationError as err:
-        raise ApiError(BAD_INPUT, detail=validation_error_detail(err)) from None
+        raise ApiError(BAD_INPUT, detail=validation_error_detail(err),
+                       param=top_field(err.errors(include_url=False)[0]["loc"])) from None
     return parsed.to_run(card)
 
 
@@ -261,7 +262,8 @@ def _feature_requested(name: str, value: Any) -> bool:
 def _render(messages: list[RunMessage], render_messages: Callable[[list[dict[str, str]]], list[Segment]]
             ) -> list[Segment]:
     if not any(m.role in RENDERED_ROLES for m in messages):
-        raise ApiError(BAD_INPUT, detail="no message with role 'system', 'user' or 'assistant' at '/messages'")
+        raise ApiError(BAD_INPUT, detail="no message with role 'system', 'user' or 'assistant' at '/messages'",
+                       param="messages")
     return render_messages([{"role": m.role, "content": m.content} for m in messages])
 
 
