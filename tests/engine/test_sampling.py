@@ -59,3 +59,27 @@ def test_frequency_and_presence_penalties_are_additive_over_output() -> None:
 def test_invalid_params_are_refused(bad: dict) -> None:
     with pytest.raises(ValueError):
         SamplingParams(**bad)
+
+
+@pytest.mark.parametrize("params", [dict(temperature=1e-320), dict(temperature=1e-39), dict(temperature=1e-7),
+                                    dict(temperature=1e-320, top_k=3), dict(temperature=1e-39, top_p=0.5),
+                                    dict(temperature=0.7, repetition_penalty=1e-320),
+                                    dict(temperature=1e-320, repetition_penalty=1e-320, top_k=2, top_p=0.9)])
+def test_tiny_temperatures_and_penalties_sample_the_most_likely_token(params: dict) -> None:
+    """Values the API admits (1e-320 is within 0-5): dividing by them overflows the logits to infinity, which
+    made softmax NaN and torch.multinomial raise."""
+    logits = torch.tensor([0.5, 3.0, -2.0, 2.9, 1.0])
+    sampler = Sampler(SamplingParams(seed=7, **params), logits.numel(), prompt_ids=[1])
+    picked = [sampler.sample(logits) for _ in range(20)]
+    if params.get("repetition_penalty"):  # the seen token's logit saturates at the largest float: it wins
+        assert torch.isfinite(sampler._penalize(logits.clone())).all()
+        assert picked == [1] * 20
+    else:
+        assert picked == [1] * 20  # as good as greedy: the distance to the best, divided by ~0, is -inf
+
+
+def test_an_ordinary_temperature_keeps_its_bits() -> None:
+    """The overflow-safe form is taken only where the plain one overflows, so seeded draws do not change."""
+    logits = torch.randn(1000) * 20
+    sampler = Sampler(SamplingParams(temperature=0.3, seed=1), logits.numel())
+    assert torch.equal(sampler._scaled(logits), logits / 0.3)

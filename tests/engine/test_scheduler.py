@@ -191,6 +191,32 @@ def test_cancel_frees_the_slot_within_one_step(engine, stories_tokenizer) -> Non
     assert events[-1].finish_reason == "cancelled" and events[-1].completion_tokens >= 2
 
 
+def test_a_sampling_failure_ends_its_own_request_only(engine, stories_tokenizer, monkeypatch) -> None:
+    """One request's sampling raising (its parameters, its logits) fails that request, not the others beside it,
+    and the engine goes on serving: it used to end every running and waiting request of every owner."""
+    from int8serve.engine.sampling import Sampler
+
+    real = Sampler.sample
+
+    def sample(self: Sampler, logits):
+        if self.params.seed == 666 and self.output_counts.sum() >= 3:
+            raise RuntimeError("probability tensor contains either inf, nan or element < 0")
+        return real(self, logits)
+
+    monkeypatch.setattr(Sampler, "sample", sample)
+    engine.start()
+    ids = prompt(stories_tokenizer, "Once upon a time")
+    victim = engine.submit(GenerationRequest(ids, 40, GREEDY, owner="b"))
+    bad = engine.submit(GenerationRequest(ids, 40, SamplingParams(temperature=1.0, seed=666), owner="a"))
+    waiting = [engine.submit(GenerationRequest(ids, 5, GREEDY, owner="c")) for _ in range(2)]
+    bad_events = list(bad.iter_events(timeout=60))
+    assert bad_events[-1].finish_reason == "error" and "inf, nan" in bad_events[-1].error
+    assert bad_events[-1].completion_tokens == 3
+    beside = collect(victim)
+    assert all(collect(h)[2] == "length" for h in waiting)
+    assert beside == collect(engine.submit(GenerationRequest(ids, 40, GREEDY)))  # in full, the tokens of alone
+
+
 def test_async_consumer_and_finish_reasons(engine, stories_tokenizer) -> None:
     engine.start()
 

@@ -101,6 +101,30 @@ def test_numbers_of_any_size_are_400_on_openai_routes(client: httpx.Client, fiel
         assert (resp.status_code, _code(resp)) == (400, 5006), resp.text
 
 
+EXTREMES = [{"temperature": 1e-320}, {"temperature": 1e-39}, {"temperature": 1e-39, "top_p": 0.001},
+            {"temperature": 0.7, "repetition_penalty": 1e-320},
+            {"temperature": 5, "repetition_penalty": 2, "frequency_penalty": 2, "top_k": 50}]
+
+
+def test_the_smallest_admitted_numbers_sample_and_harm_nobody_else(client: httpx.Client, live: LiveServer) -> None:
+    """Found by an audit: a temperature or repetition penalty of 1e-320 (within the schema's ranges) overflowed the
+    sampler to NaN, and the engine then ended every running request of every account with a 500."""
+    other = httpx.Client(base_url=live.url, timeout=60)
+    with other, other.stream("POST", f"/client/v4/accounts/{OTHER_ACCOUNT}/ai/run/{SLOW_MODEL}",
+                             headers=OTHER_AUTH, json={**LONG, "max_tokens": 300, "stream": True}) as victim:  # ~6 s
+        assert victim.status_code == 200
+        lines = victim.iter_lines()
+        assert next(line for line in lines if line.startswith("data: "))  # the victim is running
+        for extreme in EXTREMES:
+            for body in ({"prompt": "Once upon a time", "raw": True, "max_tokens": 8, **extreme},
+                         {"messages": [{"role": "user", "content": "Tell me a story"}], "max_tokens": 8, **extreme}):
+                resp = client.post(SLOW_RUN, headers=AUTH, content=json.dumps(body))  # the victim's engine
+                assert resp.status_code == 200, (extreme, resp.text)
+                assert resp.json()["result"]["usage"]["completion_tokens"] > 0
+        frames = [json.loads(line[6:]) for line in lines if line.startswith("data: {")]
+    assert "errors" not in frames[-1] and frames[-1]["usage"]["completion_tokens"] == 300
+
+
 SEARCH = f"/client/v4/accounts/{ACCOUNT}/ai/models/search"
 USAGE = f"/client/v4/accounts/{ACCOUNT}/ai/usage"
 

@@ -6,6 +6,13 @@ whatever else runs beside it. Semantics follow the peers users compare against:
 - `frequency_penalty` and `presence_penalty` are additive over generated tokens (OpenAI / vLLM);
 - `temperature == 0` means greedy; `top_k` and `top_p` filter after temperature;
 - `stop` strings end the text (applied by the scheduler to the decoded text, `stops.py`).
+
+Every value the API admits must sample: a temperature or a repetition penalty of 1e-320 is in range, and dividing
+by it overflows logits to infinity (softmax of inf - inf is NaN, and `torch.multinomial` raises). So the order of
+the logits is kept and infinities are avoided: a penalty's overflow saturates at the largest float, and a
+temperature that overflows the scaled logits scales their distance to the largest one instead (the largest, and its
+ties, at 0): the same distribution wherever the first form is finite, which is used then, so that seeded draws keep
+their bits.
 """
 
 from __future__ import annotations
@@ -42,14 +49,24 @@ class Sampler:
         logits = self._penalize(logits.float().clone())
         if self.params.greedy:
             return int(torch.argmax(logits))
-        probs = torch.softmax(self._filter(logits / self.params.temperature), dim=-1)
+        probs = torch.softmax(self._filter(self._scaled(logits)), dim=-1)
         return int(torch.multinomial(probs, 1, generator=self.generator))
+
+    def _scaled(self, logits: Tensor) -> Tensor:
+        """logits / temperature, finite where the logits are (see the module's docstring)."""
+        scaled = logits / self.params.temperature
+        if not bool(torch.isfinite(scaled).all()) and bool(torch.isfinite(logits).all()):
+            distance = logits - logits.max()  # 1e-320 is 0 as a float32: 0 / 0 must not be NaN
+            scaled = torch.where(distance == 0, 0.0, distance / self.params.temperature)
+        return scaled
 
     def _penalize(self, logits: Tensor) -> Tensor:
         p = self.params
         if p.repetition_penalty != 1.0:
             seen = logits[self.seen]
-            logits[self.seen] = torch.where(seen < 0, seen * p.repetition_penalty, seen / p.repetition_penalty)
+            penalized = torch.where(seen < 0, seen * p.repetition_penalty, seen / p.repetition_penalty)
+            finite = torch.finfo(logits.dtype).max
+            logits[self.seen] = penalized.clamp(-finite, finite)  # a tiny penalty overflows: saturate, keep order
         if p.frequency_penalty or p.presence_penalty:
             logits -= p.frequency_penalty * self.output_counts
             logits -= p.presence_penalty * (self.output_counts > 0).float()

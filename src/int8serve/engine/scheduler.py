@@ -434,7 +434,12 @@ class Engine:
 
     def _advance(self, seq: _Sequence, logits: torch.Tensor) -> None:
         """Sample the next token of `seq` from `logits` and emit it, or finish the sequence."""
-        token = seq.sampler.sample(logits)
+        try:
+            token = seq.sampler.sample(logits)
+        except Exception as err:  # this sequence's own sampling (its parameters, its logits): it alone fails
+            log.exception("sampling failed for request %s", seq.request.request_id)
+            self._finish(seq, FinishReason.ERROR, f"{type(err).__name__}: {err}")
+            return
         if token in self.stop_ids:
             self._finish(seq, FinishReason.STOP)
             return
