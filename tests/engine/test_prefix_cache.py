@@ -17,7 +17,7 @@ from int8serve.engine.int8 import kernel_rows
 from int8serve.engine.kernels import matmul as prefill_matmul
 from int8serve.engine.loader import LoadedModel
 from int8serve.engine.model import KVCache
-from int8serve.engine.prefix_cache import PrefixCache
+from int8serve.engine.prefix_cache import PUBLIC, PrefixCache
 from int8serve.engine.sampling_params import SamplingParams
 from int8serve.engine.scheduler import Engine, GenerationRequest
 from int8serve.engine.tokenizer import Tokenizer
@@ -80,6 +80,29 @@ def test_least_recently_used_chains_go_first_descendants_before_ancestors() -> N
     assert prefix.stats.evicted_blocks == 2
     assert prefix.lookup(a, limit=len(a)).tokens == B
     assert prefix.lookup(b, limit=B).tokens == B and prefix.lookup(c, limit=len(c)).tokens == 2 * B
+
+
+def test_a_block_is_reused_only_by_owners_that_computed_it_or_when_public() -> None:
+    """Accounts are isolated: another account's cached prompt is neither found (cached tokens, speed) nor copied."""
+    prefix = PrefixCache(CONFIG, torch.float16, capacity_tokens=64, block_tokens=B)
+    cache = filled_cache()
+    secret = list(range(1, 15))
+    prefix.store(secret, cache, slot=0, computed=len(secret), final=True, owner="alice")
+    assert prefix.lookup(secret, limit=13, owner="alice").tokens == 13
+    assert prefix.lookup(secret, limit=13, owner="mallory").tokens == 0  # neither whole blocks nor a partial one
+    assert prefix.lookup(secret[:6], limit=6, owner="mallory").tokens == 0
+    assert prefix.lookup(secret, limit=13).tokens == 0  # the engine's default owner is an owner too
+    stored = prefix.stats.stored_blocks
+    prefix.store(secret, cache, slot=1, computed=8, owner="bob")  # bob computed the first two blocks himself
+    assert prefix.stats.stored_blocks == stored  # the same keys and values: one copy, now bob's as well
+    assert prefix.lookup(secret, limit=13, owner="bob").tokens == 8
+    assert prefix.lookup(secret, limit=13, owner="alice").tokens == 13
+    system = [50, 51, 52, 53, 54, 55]
+    prefix.store(system, cache, slot=0, computed=6, final=True, owner=PUBLIC)  # the card's default system prompt
+    assert all(prefix.lookup([*system, 9], limit=6, owner=who).tokens == 6 for who in ("alice", "mallory", ""))
+    prefix.store([*system, 7, 7, 7], cache, slot=0, computed=9, final=True, owner="alice")
+    assert prefix.lookup([*system, 7, 7, 7, 1], limit=9, owner="mallory").tokens == 6  # the public part only
+    assert prefix.lookup([*system, 7, 7, 7, 1], limit=9, owner="alice").tokens == 9
 
 
 def test_capacity_below_one_block_is_refused() -> None:
@@ -208,6 +231,28 @@ def test_warming_the_default_system_prompt(stories_int8: LoadedModel, stories_to
     assert engine.warm(system) == 50  # all of it, to the token
     _ids, _logits, reused = run_alone(engine, prompts(stories_tokenizer)[0], SamplingParams(temperature=0))
     assert reused == 50
+
+
+def test_accounts_do_not_reuse_each_others_prompts_but_all_reuse_the_warmed_one(
+        stories_int8: LoadedModel, stories_tokenizer: Tokenizer) -> None:
+    """Found by an audit: an account learned another's prompt word by word from its cached-token count."""
+    engine = engine_for(stories_int8, stories_tokenizer, 512)
+    system, prompt = prompts(stories_tokenizer)[0][:40], prompts(stories_tokenizer)[0]
+    engine.warm(system)
+
+    def reused(owner: str) -> tuple[list[int], int]:
+        handle = engine.submit(GenerationRequest(prompt, 6, SamplingParams(temperature=0), owner=owner))
+        events: list[Any] = []
+        while not events or events[-1].finish_reason is None:
+            engine.step()
+            events += list(_drain(handle))
+        return [e.token_id for e in events if e.token_id is not None], events[-1].cached_tokens
+
+    first, none = reused("alice")
+    assert none == 40  # the public system prompt only
+    assert reused("alice")[1] == len(prompt) - 1  # her own prompt, to its last token
+    assert reused("mallory") == (first, 40)  # the same answer, without alice's blocks
+    assert reused("mallory")[1] == len(prompt) - 1  # once computed for himself, his own
 
 
 def test_prompts_of_any_length_share_their_prefix_exactly(stories_int8: LoadedModel,

@@ -12,7 +12,7 @@ from openai import OpenAI
 from int8serve.engine.scheduler import Engine
 from int8serve.service.request_log import REQUEST_LOGGER
 
-from .conftest import ACCOUNT, MODEL, TOKEN
+from .conftest import ACCOUNT, MODEL, OTHER_ACCOUNT, OTHER_TOKEN, TOKEN
 
 SYSTEM = "You are a storyteller. You tell short, happy stories about a little girl and her dog in the park."
 
@@ -65,3 +65,23 @@ def test_the_request_log_says_how_many_prompt_tokens_were_reused(http: httpx.Cli
     [record] = [r for r in caplog.records if r.name == REQUEST_LOGGER
                 and r.fields["request_id"] == resp.headers["cf-ai-req-id"]]  # type: ignore[attr-defined]
     assert record.fields["cached_prompt_tokens"] >= 32  # type: ignore[attr-defined]
+
+
+def test_another_accounts_prompt_is_not_reused(base_url: str) -> None:
+    """Found by an audit: one account read another's secret word by word from `cached_tokens` (and could from the
+    prefill's speed). Each account reuses only what it sent itself (and the card's public default system prompt)."""
+    secret = "The vault code is seven three nine, and Lily keeps it under the red dog bed."
+    body = {"model": MODEL, "prompt": secret, "max_tokens": 2, "temperature": 0}
+    owner = OpenAI(api_key=TOKEN, base_url=f"{base_url}/client/v4/accounts/{ACCOUNT}/ai/v1", max_retries=0)
+    other = OpenAI(api_key=OTHER_TOKEN, base_url=f"{base_url}/client/v4/accounts/{OTHER_ACCOUNT}/ai/v1",
+                   max_retries=0)
+
+    def cached(client: OpenAI) -> int:
+        usage = client.completions.create(**body, extra_headers={"cf-skip-cache": "true"}).usage
+        assert usage is not None and usage.prompt_tokens_details is not None
+        return usage.prompt_tokens_details.cached_tokens or 0
+
+    first = cached(owner)
+    assert cached(owner) > first and cached(owner) >= 16  # the owner's own prompt comes back from the cache
+    assert cached(other) == 0  # the same text from another account: nothing (a raw prompt has no system prompt)
+    assert cached(other) > 0  # once it computed the prompt itself, its own

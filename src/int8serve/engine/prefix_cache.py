@@ -19,6 +19,11 @@ values); elsewhere decode's numbers differ from prefill's, and a reply is reusab
 prefilled it. A reply comes back in the next chat turn as text, re-tokenized by the chat template: it is reused up
 to the first token whose id differs (token-granular longest common prefix).
 
+Accounts are isolated: a block is reusable only by the owners (accounts) that computed it themselves, or by every
+owner when it is public (the card's default system prompt, which the engine warms at start: public text). Otherwise
+a request's cached-token count, or its speed, would tell an account which prompt another account had sent. Two
+owners that computed the same block share its one copy.
+
 Memory is bounded by `capacity_tokens` (reserved once; pages are touched as blocks are written). The least recently
 used block goes first; a chain is touched from its last block to its first, so a block's descendants always go
 before it and nothing unreachable stays behind.
@@ -38,9 +43,10 @@ from . import kv_int8
 from .config import ModelConfig
 from .model import KVCache
 
-__all__ = ["DEFAULT_BLOCK_TOKENS", "PrefixCache", "PrefixHit", "PrefixStats"]
+__all__ = ["DEFAULT_BLOCK_TOKENS", "PUBLIC", "PrefixCache", "PrefixHit", "PrefixStats"]
 
 DEFAULT_BLOCK_TOKENS = 16
+PUBLIC = None  # the owner of blocks every owner may reuse
 
 
 @dataclass(frozen=True)
@@ -101,23 +107,25 @@ class PrefixCache:
         self._blocks: dict[int, _Block] = {}  # block id -> what it holds
         self._by_key: dict[bytes, int] = {}
         self._children: dict[bytes, set[int]] = {}  # chain hash -> the blocks that continue it
+        self._readers: dict[int, set[str] | None] = {}  # block id -> the owners that may reuse it (None: all)
         self._recent: OrderedDict[int, None] = OrderedDict()  # block ids, least recently used first
         self._free = list(range(self.capacity_blocks - 1, -1, -1))
 
-    def lookup(self, tokens: Sequence[int], limit: int, held: int = 0) -> PrefixHit:
-        """The longest cached prefix of `tokens`, of at most `limit` tokens: whole blocks, then part of one.
+    def lookup(self, tokens: Sequence[int], limit: int, held: int = 0, owner: str = "") -> PrefixHit:
+        """The longest prefix of `tokens` cached for `owner`, of at most `limit` tokens: whole blocks, then part of
+        one.
 
         `held`: how many of them the caller already has (a prompt looked up again before each prefill chunk); only
         tokens beyond those count as reused in `stats`."""
         blocks, parent, b = [], b"", self.block_tokens
         for key in self._chain(tokens, limit // b):
             block = self._by_key.get(key)
-            if block is None:
+            if block is None or not self._readable(block, owner):
                 break
             blocks.append(block)
             parent = key
         start = len(blocks) * b
-        tail, partial = self._best_continuation(parent, tokens[start:min(start + b, limit)])
+        tail, partial = self._best_continuation(parent, tokens[start:min(start + b, limit)], owner)
         if partial is not None:
             blocks.append(partial)
         hit = PrefixHit(tuple(blocks), tail if partial is not None else b, start + tail)
@@ -137,9 +145,11 @@ class PrefixCache:
                 cache.k[layer][slot, :, i * b:i * b + n] = self.k[layer][block, :, :n]
                 cache.v[layer][slot, :, i * b:i * b + n] = self.v[layer][block, :, :n]
 
-    def store(self, tokens: Sequence[int], cache: KVCache, slot: int, computed: int, final: bool = False) -> None:
-        """Keep the blocks of tokens[:computed] (prefilled in `slot`) that are not cached yet: the full ones, and with
-        `final` (the prompt is done) its last, partial one."""
+    def store(self, tokens: Sequence[int], cache: KVCache, slot: int, computed: int, final: bool = False,
+              owner: str | None = "") -> None:
+        """Keep the blocks of tokens[:computed] (prefilled in `slot` for `owner`, or `PUBLIC`) that are not cached
+        yet: the full ones, and with `final` (the prompt is done) its last, partial one. A block already cached for
+        others becomes `owner`'s too: it computed the same keys and values (the cache is exact)."""
         b, stored, parent = self.block_tokens, [], b""
         ends = list(range(b, computed + 1, b)) + ([computed] if final and computed % b else [])
         for i, end in enumerate(ends):
@@ -152,6 +162,8 @@ class PrefixCache:
                     break
                 self._copy_in(block, cache, slot, i, len(piece))
                 self._register(block, _Block(parent, key, piece))
+                self._readers[block] = set()
+            self._grant(block, owner)
             stored.append(block)
             parent = key
         self._touch(stored)
@@ -166,16 +178,29 @@ class PrefixCache:
             keys.append(previous)
         return keys
 
-    def _best_continuation(self, parent: bytes, wanted: Sequence[int]) -> tuple[int, int | None]:
-        """Of the blocks that continue `parent`, the one sharing the most leading tokens with `wanted`."""
+    def _best_continuation(self, parent: bytes, wanted: Sequence[int], owner: str) -> tuple[int, int | None]:
+        """Of the blocks of `owner` that continue `parent`, the one sharing the most leading tokens with `wanted`."""
         best, best_block = 0, None
         for block in self._children.get(parent, ()):
+            if not self._readable(block, owner):
+                continue
             held = self._blocks[block].tokens
             n = next((i for i, (a, c) in enumerate(zip(held, wanted, strict=False)) if a != c),
                      min(len(held), len(wanted)))
             if n > best:
                 best, best_block = n, block
         return best, best_block
+
+    def _readable(self, block: int, owner: str) -> bool:
+        readers = self._readers[block]
+        return readers is PUBLIC or owner in readers
+
+    def _grant(self, block: int, owner: str | None) -> None:
+        readers = self._readers[block]
+        if owner is PUBLIC:
+            self._readers[block] = PUBLIC
+        elif readers is not PUBLIC:
+            readers.add(owner)
 
     def _register(self, block: int, entry: _Block) -> None:
         self._blocks[block] = entry
@@ -196,6 +221,7 @@ class PrefixCache:
                 del self._recent[block]
                 entry = self._blocks.pop(block)
                 del self._by_key[entry.key]
+                del self._readers[block]
                 self._children[entry.parent].discard(block)
                 self.stats.evicted_blocks += 1
                 return block

@@ -50,7 +50,7 @@ import torch
 from .chunking import aligned_chunk
 from .detokenizer import ByteDetokenizer, IncrementalDetokenizer
 from .model import KVCache, Transformer
-from .prefix_cache import PrefixCache
+from .prefix_cache import PUBLIC, PrefixCache
 from .sampling import Sampler
 from .sampling_params import SamplingParams
 from .stops import StopMatcher
@@ -198,6 +198,7 @@ class _Sequence:
     # the next decode step has run)
     cached: int = 0  # tokens in the KV cache: the next one is written at this position
     last_token: int = -1  # sampled but not yet in the cache: the input of the next decode
+    public_prefix: bool = False  # its prompt's blocks are reusable by every owner (the warmed system prompt)
 
     @property
     def request(self) -> GenerationRequest:
@@ -260,7 +261,7 @@ class Engine:
             return 0
         seq = _Sequence(handle=RequestHandle(GenerationRequest(list(prompt_ids), 1), None), slot=0,
                         sampler=Sampler(SamplingParams(temperature=0), self.model.config.vocab_size),
-                        detokenizer=self.tokenizer.detokenizer())
+                        detokenizer=self.tokenizer.detokenizer(), public_prefix=True)
         while not seq.decoding:
             self._prefill_chunk(seq, self.solo_prefill_chunks)
         return self.prefix_cache.lookup(prompt_ids, len(prompt_ids)).tokens
@@ -403,8 +404,13 @@ class Engine:
         seq.prefilled = seq.cached = end
         self.prefilled_tokens += len(chunk)
         if self.prefix_cache is not None:
-            self.prefix_cache.store(prompt, self.cache, seq.slot, seq.prefilled, final=seq.decoding)
+            self.prefix_cache.store(prompt, self.cache, seq.slot, seq.prefilled, final=seq.decoding,
+                                    owner=self._prefix_owner(seq))
         return logits
+
+    @staticmethod
+    def _prefix_owner(seq: _Sequence) -> str | None:
+        return PUBLIC if seq.public_prefix else seq.request.owner
 
     def _reuse_prefix(self, seq: _Sequence) -> None:
         """Copy into the slot the cached blocks that continue the prompt beyond what it holds (at least the last
@@ -412,7 +418,7 @@ class Engine:
         if self.prefix_cache is None:
             return
         prompt = seq.request.prompt_ids
-        hit = self.prefix_cache.lookup(prompt, limit=len(prompt) - 1, held=seq.prefilled)
+        hit = self.prefix_cache.lookup(prompt, limit=len(prompt) - 1, held=seq.prefilled, owner=seq.request.owner)
         if hit.tokens > seq.prefilled:
             self.prefix_cache.load(hit, self.cache, seq.slot)
             seq.reused += hit.tokens - seq.prefilled
@@ -480,7 +486,7 @@ class Engine:
             return  # a failed step may have left the slot half written
         tokens = [*seq.request.prompt_ids, *seq.generated_ids]
         if seq.cached > len(seq.request.prompt_ids):
-            self.prefix_cache.store(tokens, self.cache, seq.slot, seq.cached, final=True)
+            self.prefix_cache.store(tokens, self.cache, seq.slot, seq.cached, final=True, owner=seq.request.owner)
 
     def _final(self, handle: RequestHandle, generated: int, reason: FinishReason, error: str | None = None,
                text: str = "", cached_tokens: int = 0) -> TokenEvent:
