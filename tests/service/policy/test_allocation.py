@@ -1,6 +1,7 @@
 """The daily neuron allocation under concurrency: a request in flight holds its worst case (prompt + `max_tokens`)
 against the allocation until its ledger row is recorded, so that at most one request crosses the line however many
-arrive at once; the reservation goes back however a request ends."""
+arrive at once; the reservation goes back however a request ends; with Redis the replicas share their reservations,
+renew them while they run, and a dead replica's reservations lapse."""
 
 from __future__ import annotations
 
@@ -13,19 +14,25 @@ from typing import Any
 
 import httpx
 import pytest
+import redis
+import redis.asyncio
 
 from int8serve.engine.scheduler import Engine
 from int8serve.service.errors import ApiError
 from int8serve.service.policy import Policy, PolicySettings
+from int8serve.service.policy.allocation import Reservation, SharedReservations
 from int8serve.service.policy.ledger import utc_now
 
 from ..conftest import MODEL, SLOW_MODEL
 from .conftest import (
     ACCOUNTS,
     CARD_NEURON_COST,
+    REDIS_URL,
     PolicyServer,
+    RedisServer,
     UtcClock,
     auth_for,
+    postgres_url,
 )
 
 SMALL = {"prompt": "Once upon a time", "raw": True, "max_tokens": 4, "temperature": 0}
@@ -47,6 +54,18 @@ def burst(server: PolicyServer, account: str, bodies: list[dict[str, Any]], mode
                                                            headers=auth_for(account)) for body in bodies)))
 
     return asyncio.run(main())
+
+
+def held_in_redis(server: PolicyServer, account: str, day: str) -> tuple[int, int]:
+    """(leases, amounts) of `account`'s reservations in Redis, as another replica would find them."""
+    shared = server.policy.allocation.shared  # type: ignore[union-attr]
+    assert shared is not None
+    leases, amounts, _used = shared.keys(account, day)
+    client = redis.Redis.from_url(REDIS_URL)
+    try:
+        return int(client.zcard(leases)), int(client.hlen(amounts))
+    finally:
+        client.close()
 
 
 def wait_for(condition: Callable[[], bool], what: str, timeout: float = 20.0) -> None:
@@ -106,11 +125,15 @@ def test_a_request_in_flight_holds_its_worst_case_until_it_ends(policy_server: C
         refused = server.post("acct-a", SMALL)
         assert (refused.status_code, code(refused)) == (429, 3036)
         assert refused.headers["x-should-retry"] == "false"
+        if backend:
+            assert held_in_redis(server, "acct-a", "2026-06-15") == (1, 1)
     (row,) = server.wait_rows(1)
     assert row["outcome"] == "aborted" and row["neurons"] < 20
     assert worst == pytest.approx((row["input_tokens"] + 300) * CARD_NEURON_COST)  # prompt + max_tokens
     wait_for(lambda: allocation.reserved("acct-a") == 0, "the aborted stream's reservation was never released")
     assert server.post("acct-a", SMALL).status_code == 200
+    if backend:
+        assert held_in_redis(server, "acct-a", "2026-06-15") == (0, 0)
 
 
 def _abort_collected(server: PolicyServer, engine: Engine) -> None:
@@ -129,7 +152,7 @@ def test_every_way_a_request_ends_gives_its_reservation_back(policy_server: Call
                                                              backend: dict[str, Any]) -> None:
     """Served, answered from the cache, over the context window (413, after admission), refused for capacity
     (3040), a stream and a collected request whose clients left, refused by the rate limiter (3021, after the
-    allocation admitted it): none of them leaves a reservation behind."""
+    allocation admitted it): none of them leaves a reservation behind, in this process or in Redis."""
     server = policy_server(daily_neurons=10_000, account_rpm={"acct-a": 8}, **backend)
     allocation = server.policy.allocation
     assert allocation is not None
@@ -153,17 +176,96 @@ def test_every_way_a_request_ends_gives_its_reservation_back(policy_server: Call
             break
     assert (limited.status_code, code(limited)) == (429, 3021)
     wait_for(lambda: allocation.reserved("acct-a") == 0, "a reservation was left behind")
+    if backend:
+        wait_for(lambda: held_in_redis(server, "acct-a", "2026-06-15") == (0, 0), "Redis kept a reservation")
     rows = server.rows()
     assert sorted(r["outcome"] for r in rows) == ["aborted", "aborted"] + ["ok"] * (len(rows) - 2)
 
 
+def test_replicas_share_their_reservations_through_redis(policy_server: Callable[..., PolicyServer],
+                                                         engines: dict[str, Engine], pg_schema: str,
+                                                         redis_prefix: str, utc_clock: UtcClock) -> None:
+    """Two replicas, one Redis, one PostgreSQL ledger, an allocation of 50 and leases of 0.5 s. A streams a request
+    whose worst case (~56 neurons) reaches the allocation: B refuses the account at once, nothing being used yet —
+    and still does after 1.2 s, A renewing its lease. When A's client leaves, A releases the reservation and B
+    serves the account again. Then A serves a request that crosses the line, and B refuses at once: the cost came
+    with the release, before B reads the ledger again."""
+    shared = {"daily_neurons": 50, "rate_limits": False, "cache": False, "database_url": postgres_url(pg_schema),
+              "redis_url": f"{REDIS_URL}?key_prefix={redis_prefix}", "allocation_lease_seconds": 0.5}
+    a, b = policy_server(**shared), policy_server(**shared)
+    with a.http.stream("POST", a.run_url("acct-a", SLOW_MODEL), headers=auth_for("acct-a"),
+                       json=LONG_STREAM) as streamed:
+        lines = streamed.iter_lines()  # kept: an iterator dropped closes the connection
+        next(lines)
+        refused = b.post("acct-a", SMALL)
+        assert (refused.status_code, code(refused)) == (429, 3036)
+        time.sleep(1.2)
+        refused = b.post("acct-a", SMALL)
+        assert (refused.status_code, code(refused)) == (429, 3036)
+        assert b.post("acct-b", SMALL).status_code == 200
+    wait_for(lambda: held_in_redis(a, "acct-a", "2026-06-15") == (0, 0), "A never released its reservation")
+    served = b.post("acct-a", SMALL)
+    assert served.status_code == 200, served.text
+    # B has just read the ledger (it reads it again in a second); A serves a request that crosses the line: its
+    # cost reaches Redis with its release, so B refuses the account at once, not a second later
+    assert b.usage("acct-a").json()["result"]["daily_allocation"]["remaining_today"] > 40
+    crossing = a.post("acct-a", {**SMALL, "max_tokens": 300})
+    assert crossing.status_code == 200 and float(crossing.headers["cf-ai-neurons"]) > 50
+    refused = b.post("acct-a", SMALL)
+    assert (refused.status_code, code(refused)) == (429, 3036)
+
+
+def test_a_dead_replicas_reservation_lapses(policy_server: Callable[..., PolicyServer], redis_prefix: str,
+                                            utc_clock: UtcClock) -> None:
+    """A replica reserved 100 neurons of acct-a's 50 and died: nobody renews its lease (1 s here), so the account
+    is refused until it lapses, then served."""
+    server = policy_server(daily_neurons=50, rate_limits=False, redis_url=f"{REDIS_URL}?key_prefix={redis_prefix}")
+    day = utc_clock().date().isoformat()
+
+    async def dead_replica() -> None:
+        client = redis.asyncio.Redis.from_url(REDIS_URL)
+        try:
+            shared = SharedReservations(client, f"{redis_prefix}:allocation", lease_seconds=1.0)
+            assert await shared.admit(Reservation("acct-a", day, 100.0), 0.0, 50.0, ttl=3600)
+            assert await shared.reserved("acct-a", day) == 100.0
+        finally:
+            await client.aclose()
+
+    asyncio.run(dead_replica())
+    refused = server.post("acct-a", SMALL)
+    assert (refused.status_code, code(refused)) == (429, 3036)
+    time.sleep(1.1)
+    assert server.post("acct-a", SMALL).status_code == 200
+
+
+def test_while_redis_is_away_each_replica_carries_on_alone(policy_server: Callable[..., PolicyServer],
+                                                          private_redis: RedisServer, utc_clock: UtcClock) -> None:
+    """Redis dies: no request fails, and the replica still lets at most one request cross the line, on its own
+    reservations and the ledger."""
+    server = policy_server(daily_neurons=20, rate_limits=False, cache=False, retry_seconds=60,
+                           redis_url=f"redis://127.0.0.1:{private_redis.port}/0?key_prefix=alloc")
+    assert server.post("acct-b", SMALL).status_code == 200
+    private_redis.kill()
+    bodies = [{"prompt": f"Once upon a time {n}", "raw": True, "max_tokens": 60, "temperature": 0} for n in range(4)]
+    answers = burst(server, "acct-a", bodies)
+    served = [float(r.headers["cf-ai-neurons"]) for r in answers if r.status_code == 200]
+    assert served and all(code(r) == 3036 for r in answers if r.status_code != 200)
+    assert sum(served) - max(served) < 20
+    assert server.policy.fallbacks.snapshot()["local_operations"]["allocation"] > 0  # type: ignore[index]
+    assert server.policy.allocation is not None and server.policy.allocation.reserved("acct-a") == 0
+
+
 @pytest.fixture
-def allocation_policy(tmp_path: Path) -> Iterator[Policy]:
-    policy = Policy.build(PolicySettings(daily_neurons=50, data_dir=tmp_path / "data"))
+def allocation_policy(request: pytest.FixtureRequest, tmp_path: Path) -> Iterator[Policy]:
+    settings: dict[str, Any] = {"daily_neurons": 50, "data_dir": tmp_path / "data"}
+    if request.param == "redis":
+        settings["redis_url"] = f"{REDIS_URL}?key_prefix={request.getfixturevalue('redis_prefix')}"
+    policy = Policy.build(PolicySettings(**settings))
     yield policy
     policy.close()
 
 
+@pytest.mark.parametrize("allocation_policy", ["local", "redis"], indirect=True)
 def test_reservations_narrow_freely_and_widen_only_if_there_is_room(allocation_policy: Policy) -> None:
     """Admission is `used + reserved < allocation`; a reservation narrowed once the prompt is tokenized frees room
     at once; one that must widen (a prompt longer than its bound) is admitted again, and refused if the others now
@@ -190,5 +292,7 @@ def test_reservations_narrow_freely_and_widen_only_if_there_is_room(allocation_p
             await allocation.release(reservation, 0.0)
             await allocation.release(reservation, 0.0)  # twice is harmless
         assert allocation.reserved("acct", when) == 0.0
+        if allocation.shared is not None:
+            assert await allocation.shared.reserved("acct", when.date().isoformat()) == 0.0
 
     asyncio.run(scenario())
