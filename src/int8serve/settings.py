@@ -166,9 +166,10 @@ class ServeSettings(BaseSettings):
                                 "max_concurrent_requests when several accounts are configured, no cap with one; "
                                 "0 = no cap")
     # --- serving policy (docs/policy.md) ---
-    redis_url: str | None = Field(None, description="share rate limits and the response cache with every replica "
-                                                    "using this Redis (redis://host:6379/0; ?key_prefix=NAME "
-                                                    "namespaces the keys). Default: in this process")
+    redis_url: str | None = Field(None, description="share rate limits, the response cache and the daily "
+                                                    "allocation's reservations with every replica using this Redis "
+                                                    "(redis://host:6379/0; ?key_prefix=NAME namespaces the keys). "
+                                                    "Default: in this process")
     database_url: str | None = Field(None, description="the usage ledger's database, a SQLAlchemy URL such as "
                                                        "postgresql+psycopg://user@host:5432/db. Default: a SQLite "
                                                        "file in the data dir")

@@ -17,7 +17,9 @@ What each step does to the answer:
 
 * every answer gets `cf-aig-cache-status` (HIT or MISS) and, once the account's limit is known, the
   `x-ratelimit-*-requests` headers — errors included (an answer that does not count shows the window unchanged);
-* admission refuses with 429/3036 (allocation used up) or 429/3021 (`Retry-After`); neither is counted;
+* admission refuses with 429/3036 (allocation used up) or 429/3021 (`Retry-After`); neither is counted. An admitted
+  request holds its worst case against the daily allocation until `finish` (or until it leaves before the engine
+  has it): at most one request crosses the line (`policy/allocation.py`);
 * a cache hit costs 0 neurons, still counts for the limiter, and is replayed as the original's frames;
 * a complete answer is metered (`cf-ai-neurons` header, or `neurons` in the final usage frame) and its ledger row
   is durable before the answer (or the final frame) is released;
@@ -66,6 +68,7 @@ from .formats import WireFormat
 from .lifecycle import Lifecycle
 from .metrics import ServiceMetrics
 from .policy import NEURONS_HEADER, LedgerUnavailableError, Outcome, Policy, UsageRow, billed_neurons, format_neurons
+from .policy.allocation import Reservation
 from .policy.cache import CACHE_STATUS_HEADER, CachedAnswer, CacheDirectives, CacheKey
 from .policy.fairness import InflightLimiter
 from .policy.ledger import utc_now
@@ -172,6 +175,7 @@ class InferenceCall:
         self.directives = CacheDirectives()
         self._streaming = False  # a live stream: observed when it ends, not when the route returns
         self._closed = False
+        self.reservation: Reservation | None = None  # its worst case held against the daily allocation
 
     async def answer(self, model: str | None) -> Response:
         try:
@@ -193,20 +197,27 @@ class InferenceCall:
             self.served = self.inference.served(model)
         checked = await self._checked_body()
         card, engine = self._served()
-        await self._admit(card)
         window = min(card.context_length_limit, engine.max_seq_len)
-        run = await self.inference.workers.tokenize(self.account, card.name, checked, window)
-        if self.policy.caches(card):
-            self.directives = self.policy.cache.directives(self.request.headers)
-            self.cache_key = self.policy.cache.key(self.account, card.name, run)
-            hit = await self.policy.cache.get(self.cache_key, self.directives)
-            self.obs.cache(card.name, hit is not None)
-            if hit is not None:
-                return await self._replay(run, hit)
-        handle = self._submit(engine, run)
-        self.obs.fields["stream"] = run.checked.stream
-        sink: asyncio.Queue[str | Finished] | None = asyncio.Queue() if run.checked.stream else None
-        ended = self.inference.spawn(self._follow(handle, sink))
+        await self._admit(card, checked, window)
+        try:  # until the engine has the request, every way out gives the reservation back
+            run = await self.inference.workers.tokenize(self.account, card.name, checked, window)
+            if self.reservation is not None and self.policy.allocation is not None:
+                worst = card.policy.neurons(run.prompt_tokens, run.checked.max_tokens)
+                await self.policy.allocation.resize(self.reservation, worst)
+            if self.policy.caches(card):
+                self.directives = self.policy.cache.directives(self.request.headers)
+                self.cache_key = self.policy.cache.key(self.account, card.name, run)
+                hit = await self.policy.cache.get(self.cache_key, self.directives)
+                self.obs.cache(card.name, hit is not None)
+                if hit is not None:
+                    return await self._replay(run, hit)
+            handle = self._submit(engine, run)
+            self.obs.fields["stream"] = run.checked.stream
+            sink: asyncio.Queue[str | Finished] | None = asyncio.Queue() if run.checked.stream else None
+            ended = self.inference.spawn(self._follow(handle, sink))  # from here on, `finish` releases it
+        except BaseException:
+            self._release_soon()
+            raise
         if sink is not None:
             return self._stream(handle, ended, sink)
         return await self._collected(handle, ended)
@@ -239,23 +250,40 @@ class InferenceCall:
 
     # ---- admission ----
 
-    async def _admit(self, card: ModelCard) -> None:
+    async def _admit(self, card: ModelCard, checked: ValidatedRun, window: int) -> None:
         """The daily allocation (3036), then one hit on the account's window (3021); only an admitted request
-        counts."""
+        counts. The allocation holds the request's worst case (prompt + `max_tokens`, the prompt bounded by its
+        bytes until it is tokenized) until the request ends: `finish`, or `_release_soon` on the way out before
+        the engine has it."""
         if self.policy.allocation is not None:
+            prompt = min(checked.prompt_tokens_bound(), max(0, window - checked.max_tokens))  # more would be 413
+            worst = card.policy.neurons(prompt, checked.max_tokens)
             try:
-                await self.policy.allocation.check(self.account)
+                self.reservation = await self.policy.allocation.reserve(self.account, worst, self.received)
             except ApiError:
                 await self._show_window(card)
                 raise
-        status = await self.policy.limiter.acquire(card, self.account)
+        try:
+            status = await self.policy.limiter.acquire(card, self.account)
+        except BaseException:
+            self._release_soon()
+            raise
         if status is None:
             return
         headers = status.headers()
         retry_after = headers.pop("retry-after", None)
         self.headers.update(headers)
         if not status.allowed:
+            self._release_soon()
             raise ApiError(RATE_LIMITED, headers={"retry-after": retry_after or "1"})
+
+    def _release_soon(self, neurons: float = 0.0) -> None:
+        """Give the request's reservation back where it cannot wait for Redis (an exception, a cancelled task);
+        `neurons`: what its ledger row records (none when it ends before the engine ran it)."""
+        if self.reservation is not None and self.policy.allocation is not None:
+            task = self.policy.allocation.release_soon(self.reservation, neurons)
+            if task is not None:
+                self.inference.lifecycle.track(task)  # the drain waits for Redis' part
 
     async def _show_window(self, card: ModelCard) -> None:
         status = await self.policy.limiter.describe(card, self.account)
@@ -294,6 +322,9 @@ class InferenceCall:
                 self.obs.token(event)
                 if event.text and sink is not None:
                     sink.put_nowait(event.text)
+        except BaseException:  # not the engine's answer (a bug, a cancelled task): no row, the reservation goes
+            self._release_soon()
+            raise
         finally:
             self.inference.inflight[self._served().card.name].release(self.account)
         finished = await self.finish(builder.answer())
@@ -355,7 +386,15 @@ class InferenceCall:
     # ---- the end ----
 
     async def finish(self, answer: Answer, cached: bool = False) -> Finished:
-        """Meter, write the ledger row (durable before returning), cache a complete answer, record metrics."""
+        """Meter, write the ledger row (durable before returning), release the request's reservation, cache a
+        complete answer, record metrics."""
+        try:
+            return await self._finish(answer, cached)
+        except BaseException:  # whatever failed, the reservation does not outlive the request
+            self._release_soon()
+            raise
+
+    async def _finish(self, answer: Answer, cached: bool) -> Finished:
         card = self._served().card
         outcome = _outcome(answer)
         neurons = billed_neurons(card, outcome, answer.prompt_tokens, answer.completion_tokens,
@@ -366,12 +405,19 @@ class InferenceCall:
                        input_tokens=answer.prompt_tokens, output_tokens=answer.completion_tokens, neurons=neurons,
                        cached=cached, outcome=outcome.value, latency_ms=round(self.obs.elapsed() * 1000, 3))
         failure = None if outcome is Outcome.OK else self._failure(answer)
+        recorded = neurons
         try:
             await self.policy.ledger.record(row)
         except LedgerUnavailableError:
             log.error("request %s: the usage ledger cannot take its row; the answer is not acknowledged",
                       self.request_id)
-            failure = INTERNAL
+            failure, recorded = INTERNAL, 0.0
+        except BaseException:  # cancelled while the row was being written: the writer writes it all the same
+            self._release_soon(neurons)
+            raise
+        # the row counts as used now: the reservation goes, after the row, so that the request always counts
+        if self.reservation is not None and self.policy.allocation is not None:
+            await self.policy.allocation.release(self.reservation, recorded)
         if failure is None and not cached and self.cache_key is not None:
             entry = self.policy.cache.answer(answer.deltas, answer.prompt_tokens, answer.completion_tokens,
                                              answer.finish_reason)

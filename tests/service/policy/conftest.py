@@ -283,6 +283,14 @@ class TcpProxy:
                     sock.shutdown(socket.SHUT_RDWR)
 
 
+@pytest.fixture
+def private_redis() -> Iterator[RedisServer]:
+    """A redis-server of this test's own, which it may kill."""
+    server = RedisServer(free_port()).start()
+    yield server
+    server.kill()
+
+
 def postgres_url(schema: str, port: int | None = None) -> str:
     """The test database's URL with `schema` as the only search path (so the ledger table is made there)."""
     url = sa.make_url(POSTGRES_URL)

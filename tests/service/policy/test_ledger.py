@@ -4,6 +4,7 @@ no database work on the event loop's thread."""
 
 from __future__ import annotations
 
+import asyncio
 import socket
 import threading
 import time
@@ -21,7 +22,7 @@ from cloudflare import Cloudflare
 from int8serve.engine.scheduler import Engine
 from int8serve.service.policy import UsageRow, format_neurons
 from int8serve.service.policy.ledger import Ledger, make_database, utc_now
-from int8serve.service.policy.spool import FileSpool, SpoolLockedError
+from int8serve.service.policy.spool import FileSpool, MemorySpool, SpoolLockedError
 
 from ..conftest import MODEL, SCRIPTED_MODEL, SLOW_MODEL
 from .conftest import ACCOUNTS, CARD_NEURON_COST, PolicyServer, UtcClock, auth_for, sse_data
@@ -200,6 +201,28 @@ def wait_used_up(server: PolicyServer, account: str) -> None:
     while server.usage(account).json()["result"]["daily_allocation"]["remaining_today"] > 0:
         assert time.monotonic() < deadline, "the other replica's row was never counted"
         time.sleep(0.05)
+
+
+def test_a_reading_of_the_ledger_counts_rows_recorded_after_it() -> None:
+    """The daily allocation reads the ledger in a thread, then checks on the event loop: a row recorded in between
+    (a request that ended, its reservation released meanwhile) must count, or two requests could cross the line."""
+    ledger = Ledger(make_database("sqlite://"), MemorySpool())
+    ledger.create_schema()
+    ledger.start()
+
+    async def scenario() -> None:
+        now = utc_now()
+        since = now.replace(hour=0, minute=0, second=0, microsecond=0)
+        reading = await ledger.neurons_reading("acct", since)
+        assert reading.now() == 0.0
+        await ledger.record(UsageRow("r1", now, "acct", MODEL, 10, 20, 5.508, False, "ok", 1.0))
+        assert reading.now() == pytest.approx(5.508)
+        assert await ledger.neurons_used("acct", since) == pytest.approx(5.508)
+
+    try:
+        asyncio.run(scenario())
+    finally:
+        ledger.close()
 
 
 def test_no_database_work_on_the_event_loop_thread(policy_server: Callable[..., PolicyServer]) -> None:

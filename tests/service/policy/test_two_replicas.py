@@ -5,20 +5,11 @@ of the limit, so that together they never admit more than the limit)."""
 from __future__ import annotations
 
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 
-import pytest
-
-from .conftest import REDIS_URL, PolicyServer, RedisServer, free_port, postgres_url
+from .conftest import REDIS_URL, PolicyServer, RedisServer, postgres_url
 
 BODY = {"prompt": "Once upon a time", "raw": True, "max_tokens": 8, "temperature": 0}
-
-
-@pytest.fixture
-def private_redis() -> Iterator[RedisServer]:
-    server = RedisServer(free_port()).start()
-    yield server
-    server.kill()
 
 
 def remaining_today(server: PolicyServer, account: str) -> float:

@@ -8,7 +8,7 @@ One concept per module:
 * `metering.py` — neurons of a request, by how it ended;
 * `ledger.py` / `spool.py` — the durable usage ledger (SQLAlchemy) and its local spool;
 * `usage.py` — the usage endpoint's period and result;
-* `allocation.py` — the optional daily neuron allocation (3036);
+* `allocation.py` — the optional daily neuron allocation (3036) and the reservations of requests in flight;
 * `fallback.py` / `redis_state.py` — Redis as shared state, and carrying on without it;
 * `policy.py` — all of it assembled (`Policy.build`, `Policy.in_memory`).
 

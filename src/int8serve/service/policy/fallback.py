@@ -43,7 +43,7 @@ class FallbackCounter:
     def __init__(self) -> None:
         self._lock = threading.Lock()
         self.outages = 0
-        self.local_operations: Counter[str] = Counter()  # by component: "ratelimit", "cache"
+        self.local_operations: Counter[str] = Counter()  # by component: "ratelimit", "cache", "allocation"
 
     def outage(self) -> None:
         with self._lock:
@@ -122,8 +122,8 @@ class SharedStateGuard:
     def __init__(self, counter: FallbackCounter, retry_seconds: float = 1.0, name: str = "Redis",
                  clock: Callable[[], float] = time.monotonic) -> None:
         self.counter = counter
-        self.outage = Outage(name, "rate limits and the response cache fall back to this process until it returns",
-                             retry_seconds, clock, on_outage=counter.outage)
+        self.outage = Outage(name, "rate limits, the response cache and the daily allocation's reservations fall "
+                             "back to this process until it returns", retry_seconds, clock, on_outage=counter.outage)
 
     @property
     def healthy(self) -> bool:
@@ -137,7 +137,7 @@ class SharedStateGuard:
             except SHARED_STATE_ERRORS as err:
                 self.outage.failed(err)
             else:
-                self.outage.recovered("rate limits and the response cache are shared again")
+                self.outage.recovered("rate limits, the response cache and reservations are shared again")
                 return result
         self.counter.served_locally(component)
         return await local()

@@ -52,6 +52,7 @@ from .spool import Spool
 __all__ = [
     "Ledger",
     "LedgerUnavailableError",
+    "NeuronsReading",
     "UsageGroup",
     "UsageRow",
     "make_database",
@@ -104,6 +105,21 @@ class UsageRow:
 
     def to_db(self) -> dict[str, Any]:
         return {**asdict(self), "day": self.day}
+
+
+@dataclass(frozen=True)
+class NeuronsReading:
+    """An account's neurons of one day as the ledger read them (`Ledger.neurons_reading`)."""
+
+    ledger: Ledger
+    account: str
+    day: str  # YYYY-MM-DD
+    total: float  # the database's sum and the spooled rows, as last read
+    recorded_then: float  # what this process had recorded when `total` was read
+
+    def now(self) -> float:
+        """The total plus what this process recorded since it was read: no I/O, safe on the event loop."""
+        return self.total + (self.ledger.recorded_neurons(self.account, self.day) - self.recorded_then)
 
 
 @dataclass(frozen=True)
@@ -275,7 +291,19 @@ class Ledger:
         """Neurons metered to `account` since `since`, spooled rows included. The database is read at most every
         `max_age` seconds per account; in between, and while it is away, the last total read plus what this
         process recorded since."""
-        return await self._read(lambda: self._neurons_used(account, since, max_age))
+        return (await self.neurons_reading(account, since, max_age)).now()
+
+    async def neurons_reading(self, account: str, since: datetime, max_age: float = 1.0) -> NeuronsReading:
+        """`neurons_used`, as a reading whose `now()` adds what this process recorded up to the moment it is
+        called, without I/O: a check on the event loop sees every row recorded before it, even one recorded
+        while the database was being read (the daily allocation relies on it)."""
+        total, recorded_then = await self._read(lambda: self._neurons_used(account, since, max_age))
+        return NeuronsReading(self, account, since.date().isoformat(), total, recorded_then)
+
+    def recorded_neurons(self, account: str, day: str) -> float:
+        """Neurons of `account` this process recorded for `day` (YYYY-MM-DD) since it started."""
+        with self._lock:
+            return self._recorded[(account, day)]
 
     # ---- any other thread (start-up, shutdown, tests) ----
 
@@ -469,7 +497,9 @@ class Ledger:
         by_model, by_day = self._query(lambda conn: self._db_usage(conn, account, since, until, skip))
         return (_merge(by_model, pending, lambda r: r.model), _merge(by_day, pending, lambda r: r.day))
 
-    def _neurons_used(self, account: str, since: datetime, max_age: float) -> float:
+    def _neurons_used(self, account: str, since: datetime, max_age: float) -> tuple[float, float]:
+        """(the total as last read, what this process had recorded when it was read): the total now is the first
+        plus what this process recorded since (`NeuronsReading`)."""
         key, day = (account, since), since.date().isoformat()
         with self._lock:
             recorded = self._recorded[(account, day)]
@@ -483,10 +513,10 @@ class Ledger:
                 self._db_sums[key] = cached = (total + sum(r.neurons for r in pending), recorded, time.monotonic())
             except LedgerUnavailableError:
                 if cached is None:  # never read: what this process recorded today
-                    return recorded
+                    return 0.0, 0.0
         assert cached is not None
         total, recorded_then, _read_at = cached
-        return total + (recorded - recorded_then)
+        return total, recorded_then
 
     def _db_neurons(self, conn: sa.Connection, account: str, since: datetime, skip: Sequence[str]) -> float:
         t = self.table

@@ -23,7 +23,7 @@ from limits.aio.storage import RedisStorage
 from int8serve.catalog.card import ModelCard
 from int8serve.redact import hide_password, without
 
-from .allocation import DailyAllocation
+from .allocation import DailyAllocation, SharedReservations
 from .cache import Clock, MemoryCache, RedisCache, ResponseCache
 from .fallback import FallbackCounter, SharedStateGuard
 from .ledger import Ledger, make_database, short_error
@@ -64,7 +64,7 @@ class Policy:
         guard = SharedStateGuard(fallbacks, settings.retry_seconds) if target is not None else None
         limiter, cache = _limiter_and_cache(settings, target, guard, clock)
         ledger, database, spool = _ledger(settings)
-        allocation = DailyAllocation(settings.daily_neurons, ledger) if settings.daily_neurons else None
+        allocation = _allocation(settings, ledger, target, guard)
         return cls(settings=settings, limiter=limiter, cache=cache, ledger=ledger, allocation=allocation,
                    fallbacks=fallbacks, shared_state=guard, redis=target, database=database, spool=spool)
 
@@ -112,6 +112,18 @@ def _redis_target(settings: PolicySettings) -> RedisTarget | None:
     except (ValueError, RedisUnreachableError) as err:
         raise PolicyStartupError(str(err)) from None
     return target
+
+
+def _allocation(settings: PolicySettings, ledger: Ledger, target: RedisTarget | None,
+                guard: SharedStateGuard | None) -> DailyAllocation | None:
+    """The daily allocation, if on; with Redis, its reservations shared by the replicas."""
+    if not settings.daily_neurons:
+        return None
+    if target is None or guard is None:
+        return DailyAllocation(settings.daily_neurons, ledger)
+    client = redis.asyncio.Redis(connection_pool=target.async_pool(settings.backend_timeout))
+    shared = SharedReservations(client, target.key("allocation"), settings.allocation_lease_seconds)
+    return DailyAllocation(settings.daily_neurons, ledger, shared, guard)
 
 
 def _limiter_and_cache(settings: PolicySettings, target: RedisTarget | None, guard: SharedStateGuard | None,

@@ -61,6 +61,8 @@ class PolicySettings(BaseModel):
     cache_max_entries: int = Field(DEFAULT_CACHE_MAX_ENTRIES, ge=1)
     cache_max_bytes: int = Field(DEFAULT_CACHE_MAX_BYTES, ge=1)
     daily_neurons: float | None = Field(None, gt=0, allow_inf_nan=False)  # per-account daily allocation; None = off
+    # how long a replica's reservation of the allocation in Redis outlives the replica (renewed while it runs)
+    allocation_lease_seconds: float = Field(30.0, gt=0)
     redis_url: str | None = None
     database_url: str | None = None
     data_dir: Path | None = None
