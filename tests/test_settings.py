@@ -211,3 +211,14 @@ def test_the_kv_cache_setting(monkeypatch: pytest.MonkeyPatch, capsys: pytest.Ca
     with pytest.raises(SystemExit):
         build_parser().parse_args(["serve", "--kv-cache", "fp8"])
     assert "invalid choice: 'fp8'" in capsys.readouterr().err
+
+
+def test_the_database_timeout_reaches_the_ledger() -> None:
+    from int8serve.service.policy.settings import DEFAULT_DATABASE_TIMEOUT as POLICY_DEFAULT
+    from int8serve.settings import DEFAULT_DATABASE_TIMEOUT
+    from int8serve.startup import policy_settings
+
+    assert DEFAULT_DATABASE_TIMEOUT == POLICY_DEFAULT == load_settings(flags()).settings.database_timeout
+    assert policy_settings(load_settings(flags("--database-timeout", "2.5")).settings).database_timeout == 2.5
+    with pytest.raises(SystemExit):
+        flags("--database-timeout", "0")

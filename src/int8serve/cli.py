@@ -202,6 +202,7 @@ def _add_serve_parser(commands: argparse._SubParsersAction) -> None:
     option("--redis-url", field="redis_url", metavar="URL", group=policy)
     option("--database-url", field="database_url", metavar="URL", group=policy)
     option("--data-dir", field="data_dir", type=Path, metavar="DIR", group=policy)
+    option("--database-timeout", field="database_timeout", type=_positive_float, metavar="SECONDS", group=policy)
     option("--rpm", field="rpm", type=_non_negative_int, metavar="N", group=policy)
     option("--account-rpm", field="account_rpm", action="append", metavar="ACCOUNT=N", group=policy)
     option("--cache", field="response_cache", action=argparse.BooleanOptionalAction, group=policy)

@@ -39,10 +39,11 @@ from .redact import hide_password
 
 ENV_PREFIX = "INT8SERVE_"
 CONFIG_ENV = ENV_PREFIX + "CONFIG"
-# = service.policy.settings.DEFAULT_CACHE_TTL_SECONDS / DEFAULT_DAILY_NEURONS, repeated so that reading the settings
-# does not import the HTTP stack (tests/test_settings.py checks they agree)
+# = service.policy.settings.DEFAULT_CACHE_TTL_SECONDS / DEFAULT_DAILY_NEURONS / DEFAULT_DATABASE_TIMEOUT, repeated so
+# that reading the settings does not import the HTTP stack (tests/test_settings.py checks they agree)
 DEFAULT_CACHE_TTL = 300
 DEFAULT_DAILY_NEURONS = 10_000
+DEFAULT_DATABASE_TIMEOUT = 5.0
 DEFAULT_SHUTDOWN_TIMEOUT = 30.0
 DEFAULT_MAX_CONNECTIONS = 512  # = service.connections.DEFAULT_MAX_CONNECTIONS
 DEFAULT_HEADER_TIMEOUT = 10.0  # = service.connections.DEFAULT_HEADER_TIMEOUT
@@ -174,6 +175,11 @@ class ServeSettings(BaseSettings):
                                                        "file in the data dir")
     data_dir: Path = Field(Path("data"), description="where this server keeps its ledger (without a database URL) "
                                                      "and the ledger's spool; one per server")
+    database_timeout: float = Field(DEFAULT_DATABASE_TIMEOUT, gt=0, allow_inf_nan=False,
+                                    description="seconds the usage ledger gives its database for one piece of work "
+                                                "(a write, a read, a connection) before treating it as away: rows "
+                                                "wait in the spool, usage reads answer 503; requests never wait "
+                                                "for it")
     rpm: int | None = Field(None, ge=0, description="requests per minute per account and model, instead of the "
                                                     "card's default (0 = unlimited; the card's per-account values "
                                                     "still apply)")
