@@ -12,7 +12,9 @@ No database I/O ever happens on the event loop's thread, and a request never wai
    (`spool.py`, fsync) and only then lets the request be acknowledged. The writer never touches the database
    (unless the spool itself cannot be written: then it inserts the row directly, within the deadline below);
 2. the flusher thread, on its own, inserts the spooled rows in order (at most `FLUSH_BATCH` a transaction) and takes
-   them out of the spool after the commit;
+   them out of the spool after the commit. A row the database refuses for its data (`DataError`,
+   `IntegrityError`: a value it cannot store, not an outage) is found by splitting the batch, moved to the
+   dead-letter file next to the spool and logged as an error; the other rows are written;
 3. every piece of database work has a client-side deadline (`timeout`, 5 s; `deadline.py`): a flush, a read or a
    connection that gets no answer in time counts as the database being away, however healthy the TCP connection
    looks. While it is away, rows stay in the spool (one warning per outage, counted in `outages`), the flusher
@@ -82,6 +84,7 @@ DEFAULT_STATEMENT_TIMEOUT = DEFAULT_DATABASE_TIMEOUT
 DEFAULT_SPOOL_ALARM_ROWS = 10_000
 ALLOCATION_READ_WAIT = 0.5  # seconds admission waits for a fresh daily total before using the last one
 SPOOL_COMPACT_ROWS = 1_000  # rows already written that may stay in the spool file before it is rewritten
+REJECTED = (sa.exc.DataError, sa.exc.IntegrityError)  # the database refuses the row itself: no retry will help
 
 
 def utc_now() -> datetime:
@@ -262,6 +265,7 @@ class Ledger:
         self.spool_alarm_rows = spool_alarm_rows
         self.outage = Outage("the ledger database", f"rows are kept in the spool {spool_name} and replayed when "
                              "it returns", retry_seconds, logger=log)
+        self.rejected = 0  # rows the database refused for their data, moved to the dead-letter file
         self._tasks: queue.Queue[_Task] = queue.Queue()
         # locks: _spool_lock (every spool operation, so that the file and _unflushed change together), _lock
         # (_unflushed, _recorded, _db_sums, also read by the reader threads) and _flushing (the flusher's state, and
@@ -353,8 +357,8 @@ class Ledger:
     # ---- any other thread (start-up, shutdown, tests) ----
 
     def flush(self, timeout: float = 10.0) -> bool:
-        """Block until every row recorded so far is in the database; False if it is not reachable in time, or a
-        flush attempt failed meanwhile."""
+        """Block until every row recorded so far is in the database (or, refused for its data, in the dead-letter
+        file); False if it is not reachable in time, or a flush attempt failed meanwhile."""
         if self._closed:
             return self.pending == 0
         self.start()
@@ -554,21 +558,59 @@ class Ledger:
             self._flushing.notify_all()
 
     def _flush_batch(self, seconds: float) -> bool:
-        """Insert the oldest spooled rows (at most FLUSH_BATCH) within `seconds`. False when the database is away."""
+        """Insert the oldest spooled rows (at most FLUSH_BATCH) within `seconds`; rows the database refuses for
+        their data go to the dead-letter file. False when the database is away."""
         with self._lock:
             batch = self._unflushed[:FLUSH_BATCH]
         if not batch:
             return True
+        error: BaseException | None = None
         try:
             self._write([s.row for s in batch], seconds)
+            inserted, dead = list(batch), []
+        except REJECTED as err:
+            inserted, dead, error = self._sift(batch, err, seconds)
         except (SQLAlchemyError, OSError) as err:
-            self._failed(err)
+            inserted, dead, error = [], [], err
+        if self._settle(inserted, dead):  # refused rows that could not be moved aside: not in a tight loop
+            with self._flushing:
+                self._flushing.wait(self.outage.retry_seconds)
+        if error is not None:
+            self._failed(error)
             return False
-        self._settle(batch)
-        self.outage.recovered(f"{len(batch)} spooled rows replayed")
+        self.outage.recovered(f"{len(inserted)} spooled rows replayed")
         self._wake()
         self._check_spool_size()
         return True
+
+    def _sift(self, batch: Sequence[_Spooled], err: BaseException, seconds: float
+              ) -> tuple[list[_Spooled], list[tuple[_Spooled, str]], BaseException | None]:
+        """The batch was refused: insert it in halves, each in its own transaction, down to the rows that are
+        refused alone (about 2 log2(n) transactions per bad row) -> (inserted, refused with the reason, the
+        error that stopped it if the database went away meanwhile)."""
+        inserted: list[_Spooled] = []
+        dead: list[tuple[_Spooled, str]] = []
+
+        def sift(part: Sequence[_Spooled], failure: BaseException | None) -> None:
+            if failure is None:
+                try:
+                    self._write([s.row for s in part], seconds)
+                    inserted.extend(part)
+                    return
+                except REJECTED as refused:
+                    failure = refused
+            if len(part) == 1:
+                dead.append((part[0], short_error(failure)))
+                return
+            half = len(part) // 2
+            sift(part[:half], None)
+            sift(part[half:], None)
+
+        try:
+            sift(batch, err)
+        except (SQLAlchemyError, OSError) as lost:
+            return inserted, dead, lost
+        return inserted, dead, None
 
     def _write(self, rows: Sequence[UsageRow], seconds: float) -> None:
         """One transaction, within `seconds`."""
@@ -576,16 +618,35 @@ class Ledger:
             for start in range(0, len(rows), INSERT_CHUNK):
                 self._insert_ignore(conn, rows[start:start + INSERT_CHUNK])
 
-    def _settle(self, inserted: Sequence[_Spooled]) -> None:
-        """Take rows written out of the spool: empty it when nothing is left; else rewrite it with what is left
-        once the rows written linger in it in numbers (at least SPOOL_COMPACT_ROWS, and at least as many as the
-        rows left, so that replaying a long spool rewrites it a few times, not once a batch)."""
+    def _settle(self, inserted: Sequence[_Spooled], dead: Sequence[tuple[_Spooled, str]]) -> int:
+        """Take rows written (or refused and dead-lettered) out of the spool: empty it when nothing is left; else
+        rewrite it with what is left once the rows done linger in it in numbers (at least SPOOL_COMPACT_ROWS, and
+        at least as many as the rows left, so that replaying a long spool rewrites it a few times, not once a
+        batch). -> the number of refused rows that stay in the spool (the dead-letter file could not be written)."""
+        if not inserted and not dead:
+            return 0
+        kept = 0
         with self._spool_lock:
-            done = {s.seq for s in inserted}
+            if dead and not self._spool_closed:
+                entries = [{"row": s.row.to_json(), "reason": reason, "time": utc_now().isoformat()}
+                           for s, reason in dead]
+                try:
+                    self.spool.dead_letter(entries)
+                except OSError as err:
+                    log.error("cannot write %d refused ledger rows to %s (%s): they stay in the spool",
+                              len(dead), self.spool.dead_letter_name, err)
+                    kept, dead = len(dead), []
+            done = {s.seq for s in inserted} | {s.seq for s, _ in dead}
             with self._lock:
                 self._unflushed = [s for s in self._unflushed if s.seq not in done]
+                self.rejected += len(dead)
             self._stale += len(done)
             self._compact(max(SPOOL_COMPACT_ROWS, self.pending))
+        for spooled, reason in dead:
+            row = spooled.row
+            log.error("the ledger database refused row %s (account %r, model %r): %s; moved to %s", row.request_id,
+                      row.account[:200], row.model[:200], reason, self.spool.dead_letter_name)
+        return kept
 
     def _compact(self, stale_rows: int) -> None:
         """With `_spool_lock` held: rewrite the spool with the rows still waiting once `stale_rows` rows that are
@@ -602,7 +663,7 @@ class Ledger:
             else:
                 return
             self._stale = 0
-        except OSError as err:  # the rows are in the database: replaying them later is harmless
+        except OSError as err:  # the rows are in the database (or the dead-letter file): replaying is harmless
             log.error("cannot rewrite the ledger spool %s: %s", self.spool_name, err)
 
     def _check_spool_size(self) -> None:

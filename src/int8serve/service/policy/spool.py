@@ -11,6 +11,10 @@ nothing is left, or replaces it (a new file, fsynced, renamed over the old one) 
 * replaying a row twice (a crash between the database commit and taking it out of the spool) is harmless, because
   rows are inserted idempotently on their request id.
 
+A row the database refuses for its data (not an outage: a value it cannot store) is moved to the dead-letter file
+next to the spool, `ledger-dead-letter.jsonl` — one JSON object per line, `{"row": ..., "reason": ..., "time": ...}`
+— so that it cannot hold up the rows behind it.
+
 The file is locked (`flock`) while a server uses it: two processes sharing a data directory is an error at start-up
 rather than two writers interleaving one file. A torn last line (a crash in the middle of an append, which was
 therefore never acknowledged) is dropped when the spool is opened.
@@ -31,9 +35,11 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any, Protocol
 
-__all__ = ["FileSpool", "MemorySpool", "Spool", "SpoolLockedError"]
+__all__ = ["DEAD_LETTER_FILE", "FileSpool", "MemorySpool", "Spool", "SpoolLockedError"]
 
 log = logging.getLogger(__name__)
+
+DEAD_LETTER_FILE = "ledger-dead-letter.jsonl"
 
 
 class SpoolLockedError(Exception):
@@ -49,6 +55,11 @@ class Spool(Protocol):
 
     def replace(self, rows: Sequence[dict[str, Any]]) -> None: ...
 
+    def dead_letter(self, entries: Sequence[dict[str, Any]]) -> None: ...
+
+    @property
+    def dead_letter_name(self) -> str: ...
+
     def close(self) -> None: ...
 
 
@@ -57,6 +68,7 @@ class MemorySpool:
 
     def __init__(self) -> None:
         self._rows: list[dict[str, Any]] = []
+        self.dead: list[dict[str, Any]] = []  # rows the database refused, with the reason
 
     def append(self, rows: Sequence[dict[str, Any]]) -> None:
         self._rows.extend(rows)
@@ -70,6 +82,13 @@ class MemorySpool:
     def replace(self, rows: Sequence[dict[str, Any]]) -> None:
         self._rows = list(rows)
 
+    def dead_letter(self, entries: Sequence[dict[str, Any]]) -> None:
+        self.dead.extend(entries)
+
+    @property
+    def dead_letter_name(self) -> str:
+        return "memory"
+
     def close(self) -> None:
         pass
 
@@ -77,8 +96,10 @@ class MemorySpool:
 class FileSpool:
     """JSON lines appended with `fsync`; locked for this process."""
 
-    def __init__(self, path: Path) -> None:
+    def __init__(self, path: Path, dead_letter: Path | None = None) -> None:
         self.path = Path(path)
+        self.dead_letter_path = Path(dead_letter) if dead_letter is not None else self.path.with_name(
+            DEAD_LETTER_FILE)
         self._new = self.path.with_name(self.path.name + ".new")  # what `replace` writes before renaming it
         self.path.parent.mkdir(parents=True, exist_ok=True)
         while True:
@@ -134,6 +155,22 @@ class FileSpool:
         old, self._fd = self._fd, fd
         os.close(old)  # releases the old file's lock; it has no name any more
         _fsync_dir(self.path.parent)
+
+    def dead_letter(self, entries: Sequence[dict[str, Any]]) -> None:
+        """Append `entries` to the dead-letter file, durably."""
+        created = not self.dead_letter_path.exists()
+        fd = os.open(self.dead_letter_path, os.O_WRONLY | os.O_CREAT | os.O_APPEND, 0o600)
+        try:
+            _write_all(fd, _lines(entries))
+            os.fsync(fd)
+        finally:
+            os.close(fd)
+        if created:
+            _fsync_dir(self.dead_letter_path.parent)
+
+    @property
+    def dead_letter_name(self) -> str:
+        return str(self.dead_letter_path)
 
     def close(self) -> None:
         if self._fd >= 0:
