@@ -34,6 +34,7 @@ from pydantic_settings import (
     SettingsError,
 )
 
+from .accounts import ACCOUNT_ID_RULE, is_valid_account
 from .model_specs import BUILTIN_CARD, DEFAULT_SERVED_MODEL, ModelSpecError, parse_model_entry
 from .redact import hide_password
 
@@ -115,7 +116,8 @@ class ServeSettings(BaseSettings):
     tokens: Annotated[list[str], NoDecode] = Field(
         default_factory=list, description="API tokens as TOKEN=ACCOUNT_ID; the flag --token is repeatable, the "
                                           "variable comma-separated. With none (and no --tokens-file) a token is "
-                                          "made at start-up and printed: auth is never off")
+                                          "made at start-up and printed: auth is never off. An account id is "
+                                          f"{ACCOUNT_ID_RULE}")
     tokens_file: Path | None = Field(None, description="a file of TOKEN=ACCOUNT_ID lines (# comments allowed), "
                                                        "added to the tokens")
     max_queue: int = Field(32, ge=0, description="requests that may wait for a free slot; beyond it 429 code 3040")
@@ -247,6 +249,9 @@ class ServeSettings(BaseSettings):
     @classmethod
     def _non_negative_limits(cls, value: dict[str, int]) -> dict[str, int]:
         for account, number in value.items():
+            if not is_valid_account(account):
+                shown = account if len(account) <= 40 else f"{account[:40]}... ({len(account)} characters)"
+                raise ValueError(f"account id {shown!r} is not usable: an account id is {ACCOUNT_ID_RULE}")
             if number < 0:
                 raise ValueError(f"{account}: requests per minute must be >= 0, got {number}")
         return value

@@ -57,6 +57,8 @@ from sqlalchemy.dialects import postgresql, sqlite
 from sqlalchemy.exc import SQLAlchemyError
 from sqlalchemy.pool import StaticPool
 
+from int8serve.accounts import MAX_ACCOUNT_ID_LENGTH
+
 from .deadline import deadline, expire, watch
 from .fallback import Outage
 from .settings import DEFAULT_DATABASE_TIMEOUT, DEFAULT_LEDGER_TABLE
@@ -142,7 +144,7 @@ def usage_table(name: str = DEFAULT_LEDGER_TABLE, metadata: sa.MetaData | None =
         sa.Column("request_id", sa.String(64), primary_key=True),
         sa.Column("time", sa.DateTime(), nullable=False),  # naive UTC
         sa.Column("day", sa.String(10), nullable=False),  # YYYY-MM-DD (UTC), for grouping on any database
-        sa.Column("account", sa.String(128), nullable=False),
+        sa.Column("account", sa.String(MAX_ACCOUNT_ID_LENGTH), nullable=False),
         sa.Column("model", sa.String(256), nullable=False),
         sa.Column("input_tokens", sa.Integer(), nullable=False),
         sa.Column("output_tokens", sa.Integer(), nullable=False),
