@@ -42,6 +42,13 @@ def run_cli(*args: str, tmp_path: Path) -> tuple[dict, str]:
     (["generate", "--help"], 0, ""),
     (["serve", "--tokens-file", "/nonexistent/tokens"], 2, "no such tokens file"),
     (["serve", "--token", "no-account"], 2, "expected TOKEN=ACCOUNT_ID"),
+    # an account id the usage ledger cannot store (its column holds 128 characters), or one a URL cannot carry as it
+    # is: refused at start, rather than every ledger row failing later
+    (["serve", "--token", "tok=" + "L" * 129], 2,
+     "--token: account id 'LLLLLLLLLLLLLLLLLLLLLLLLLLLLLLLLLLLLLLLL... (129 characters)' is not usable: an account id "
+     "is 1 to 128 characters: ASCII letters, digits and . _ ~ -, starting with a letter or digit"),
+    (["serve", "--token", "tok=acct/one"], 2, "--token: account id 'acct/one' is not usable"),
+    (["serve", "--account-rpm", "acct one=5"], 2, "account id 'acct one' is not usable"),
     (["serve", "--max-connections", "0"], 2, "expected a whole number >= 1"),
     (["serve", "--model", "@cf/none/such=/nonexistent"], 1, "unknown model '@cf/none/such'"),
     (["serve", "--model", "/nonexistent/folder"], 1, "no such model folder"),

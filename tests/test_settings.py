@@ -211,3 +211,36 @@ def test_the_kv_cache_setting(monkeypatch: pytest.MonkeyPatch, capsys: pytest.Ca
     with pytest.raises(SystemExit):
         build_parser().parse_args(["serve", "--kv-cache", "fp8"])
     assert "invalid choice: 'fp8'" in capsys.readouterr().err
+
+
+def test_account_ids_the_ledger_can_store(tmp_path: Path) -> None:
+    """An account id is at most 128 characters (the ledger's column) of letters, digits and . _ ~ - (a URL carries
+    them as they are): a token file, --token or --account-rpm naming another is refused at start, with the rule."""
+    from int8serve.cli import UsageError, parse_tokens
+    from int8serve.service.policy.ledger import usage_table
+
+    assert usage_table().c.account.type.length == 128
+    longest = "a" * 128
+    assert parse_tokens([f"t1={longest}", "t2=023e105f4ecef8ad9ca31a8372d0c353", "t3=acct_b.x~1-2"], None) == {
+        "t1": longest, "t2": "023e105f4ecef8ad9ca31a8372d0c353", "t3": "acct_b.x~1-2"}
+    for account in ["a" * 129, "acct one", "acct/one", "-acct", "..", "compte-é", "acct\x1b"]:
+        with pytest.raises(UsageError, match="is not usable: an account id is 1 to 128 characters"):
+            parse_tokens([f"tok={account}"], None)
+    tokens = tmp_path / "tokens"
+    tokens.write_text("tok-a=acct-a\n# a comment\ntok-b=" + "b" * 200 + "\n")
+    with pytest.raises(UsageError, match=r"tokens:3: account id 'b{40}\.\.\. \(200 characters\)' is not usable"):
+        parse_tokens([], tokens)
+    with pytest.raises(ValueError, match="account id 'x y' is not usable"):
+        load_settings(flags("--account-rpm", "x y=5"))
+    assert load_settings(flags("--account-rpm", f"{longest}=5")).settings.account_rpm == {longest: 5}
+
+
+def test_the_database_timeout_reaches_the_ledger() -> None:
+    from int8serve.service.policy.settings import DEFAULT_DATABASE_TIMEOUT as POLICY_DEFAULT
+    from int8serve.settings import DEFAULT_DATABASE_TIMEOUT
+    from int8serve.startup import policy_settings
+
+    assert DEFAULT_DATABASE_TIMEOUT == POLICY_DEFAULT == load_settings(flags()).settings.database_timeout
+    assert policy_settings(load_settings(flags("--database-timeout", "2.5")).settings).database_timeout == 2.5
+    with pytest.raises(SystemExit):
+        flags("--database-timeout", "0")

@@ -202,6 +202,7 @@ def _add_serve_parser(commands: argparse._SubParsersAction) -> None:
     option("--redis-url", field="redis_url", metavar="URL", group=policy)
     option("--database-url", field="database_url", metavar="URL", group=policy)
     option("--data-dir", field="data_dir", type=Path, metavar="DIR", group=policy)
+    option("--database-timeout", field="database_timeout", type=_positive_float, metavar="SECONDS", group=policy)
     option("--rpm", field="rpm", type=_non_negative_int, metavar="N", group=policy)
     option("--account-rpm", field="account_rpm", action="append", metavar="ACCOUNT=N", group=policy)
     option("--cache", field="response_cache", action=argparse.BooleanOptionalAction, group=policy)
@@ -403,6 +404,7 @@ def parse_tokens(entries: Sequence[str], tokens_file: Path | None, where: str = 
             line = line.split("#", 1)[0].strip()
             if line:
                 located.append((f"{tokens_file}:{number}", line))
+    from .accounts import ACCOUNT_ID_RULE, is_valid_account
     from .service.auth import is_valid_token
 
     tokens: dict[str, str] = {}
@@ -413,10 +415,17 @@ def parse_tokens(entries: Sequence[str], tokens_file: Path | None, where: str = 
             shown = entry if sep and account else "<hidden>"  # never echo what may be a secret token whole
             raise UsageError(f"{origin}: expected TOKEN=ACCOUNT_ID with a token of visible ASCII "
                              f"characters, got {shown!r}")
+        if not is_valid_account(account):  # the usage ledger could not store its rows
+            raise UsageError(f"{origin}: account id {_shorten(account)!r} is not usable: an account id is "
+                             f"{ACCOUNT_ID_RULE}")
         if tokens.get(token, account) != account:
             raise UsageError(f"{origin}: token is already mapped to account {tokens[token]}")
         tokens[token] = account
     return tokens
+
+
+def _shorten(text: str, keep: int = 40) -> str:
+    return text if len(text) <= keep else f"{text[:keep]}... ({len(text)} characters)"
 
 
 COMMANDS = {"serve": cmd_serve, "generate": cmd_generate, "quantize": cmd_quantize, "eval-ppl": cmd_eval_ppl}

@@ -34,15 +34,17 @@ from pydantic_settings import (
     SettingsError,
 )
 
+from .accounts import ACCOUNT_ID_RULE, is_valid_account
 from .model_specs import BUILTIN_CARD, DEFAULT_SERVED_MODEL, ModelSpecError, parse_model_entry
 from .redact import hide_password
 
 ENV_PREFIX = "INT8SERVE_"
 CONFIG_ENV = ENV_PREFIX + "CONFIG"
-# = service.policy.settings.DEFAULT_CACHE_TTL_SECONDS / DEFAULT_DAILY_NEURONS, repeated so that reading the settings
-# does not import the HTTP stack (tests/test_settings.py checks they agree)
+# = service.policy.settings.DEFAULT_CACHE_TTL_SECONDS / DEFAULT_DAILY_NEURONS / DEFAULT_DATABASE_TIMEOUT, repeated so
+# that reading the settings does not import the HTTP stack (tests/test_settings.py checks they agree)
 DEFAULT_CACHE_TTL = 300
 DEFAULT_DAILY_NEURONS = 10_000
+DEFAULT_DATABASE_TIMEOUT = 5.0
 DEFAULT_SHUTDOWN_TIMEOUT = 30.0
 DEFAULT_MAX_CONNECTIONS = 512  # = service.connections.DEFAULT_MAX_CONNECTIONS
 DEFAULT_HEADER_TIMEOUT = 10.0  # = service.connections.DEFAULT_HEADER_TIMEOUT
@@ -114,7 +116,8 @@ class ServeSettings(BaseSettings):
     tokens: Annotated[list[str], NoDecode] = Field(
         default_factory=list, description="API tokens as TOKEN=ACCOUNT_ID; the flag --token is repeatable, the "
                                           "variable comma-separated. With none (and no --tokens-file) a token is "
-                                          "made at start-up and printed: auth is never off")
+                                          "made at start-up and printed: auth is never off. An account id is "
+                                          f"{ACCOUNT_ID_RULE}")
     tokens_file: Path | None = Field(None, description="a file of TOKEN=ACCOUNT_ID lines (# comments allowed), "
                                                        "added to the tokens")
     max_queue: int = Field(32, ge=0, description="requests that may wait for a free slot; beyond it 429 code 3040")
@@ -175,6 +178,11 @@ class ServeSettings(BaseSettings):
                                                        "file in the data dir")
     data_dir: Path = Field(Path("data"), description="where this server keeps its ledger (without a database URL) "
                                                      "and the ledger's spool; one per server")
+    database_timeout: float = Field(DEFAULT_DATABASE_TIMEOUT, gt=0, allow_inf_nan=False,
+                                    description="seconds the usage ledger gives its database for one piece of work "
+                                                "(a write, a read, a connection) before treating it as away: rows "
+                                                "wait in the spool, usage reads answer 503; requests never wait "
+                                                "for it")
     rpm: int | None = Field(None, ge=0, description="requests per minute per account and model, instead of the "
                                                     "card's default (0 = unlimited; the card's per-account values "
                                                     "still apply)")
@@ -242,6 +250,9 @@ class ServeSettings(BaseSettings):
     @classmethod
     def _non_negative_limits(cls, value: dict[str, int]) -> dict[str, int]:
         for account, number in value.items():
+            if not is_valid_account(account):
+                shown = account if len(account) <= 40 else f"{account[:40]}... ({len(account)} characters)"
+                raise ValueError(f"account id {shown!r} is not usable: an account id is {ACCOUNT_ID_RULE}")
             if number < 0:
                 raise ValueError(f"{account}: requests per minute must be >= 0, got {number}")
         return value

@@ -30,7 +30,8 @@ def policy_settings(settings: ServeSettings) -> PolicySettings:
     return PolicySettings.model_construct(
         default_rpm=settings.rpm, account_rpm=dict(settings.account_rpm), cache=settings.response_cache,
         cache_ttl=settings.cache_ttl, cache_scope=settings.cache_scope, daily_neurons=settings.daily_neurons,
-        redis_url=settings.redis_url, database_url=settings.database_url, data_dir=settings.data_dir)
+        redis_url=settings.redis_url, database_url=settings.database_url, data_dir=settings.data_dir,
+        database_timeout=settings.database_timeout)
 
 
 @dataclass

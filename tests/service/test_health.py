@@ -87,5 +87,7 @@ def test_create_app_checks_its_arguments(catalog: Catalog, engines: dict[str, En
         create_app(catalog, {"@cf/x/y": engines[MODEL]}, TOKENS)
     with pytest.raises(ValueError, match="tokens"):
         create_app(catalog, {}, {"has space": ACCOUNT})
+    with pytest.raises(ValueError, match="an account id is 1 to 128 characters"):
+        create_app(catalog, {}, {"tok": "a" * 129})  # the usage ledger could not store its rows
     with pytest.raises(ValueError, match="positive"):
         create_app(catalog, {}, TOKENS, limits=RequestLimits(max_body_bytes=0))

@@ -33,6 +33,7 @@ from starlette.types import ASGIApp, Message, Receive, Scope, Send
 from int8serve.catalog.registry import Catalog
 from int8serve.engine.scheduler import Engine
 
+from ..accounts import ACCOUNT_ID_RULE, is_valid_account
 from .auth import is_valid_token
 from .deps import AppServices
 from .errors import install_error_handlers, internal_error_response
@@ -132,6 +133,8 @@ def create_app(catalog: Catalog, engines: Mapping[str, Engine], tokens: Mapping[
             raise ValueError(f"engine for {name!r} has no card in the catalog (known: {', '.join(catalog.names())})")
     if not all(is_valid_token(t) for t in (*tokens, *([metrics_token] if metrics_token is not None else []))):
         raise ValueError("API tokens must be non-empty strings of visible ASCII characters (no spaces)")
+    if not all(is_valid_account(a) for a in tokens.values()):
+        raise ValueError(f"an account id is {ACCOUNT_ID_RULE}")
     owned = policy is None
     policy = policy if policy is not None else Policy.in_memory()
     limits = limits or RequestLimits(max_inflight_per_account=_inflight_limit(catalog, engines, tokens))

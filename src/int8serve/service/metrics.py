@@ -23,8 +23,9 @@ Counters (`_total`), gauges and histograms, with their labels:
 * `int8serve_rate_limited_requests_total{model,code}`: refused at admission, 3021 (rate limit) or 3036 (allocation)
 * `int8serve_fallback_outages_total`, `int8serve_fallback_local_operations_total{component}`: shared state (Redis)
   lost, and operations served in-process meanwhile (the policy's `FallbackCounter`, read at scrape time)
-* `int8serve_ledger_spooled_rows`, `int8serve_ledger_outages_total`: ledger rows waiting in the spool, and times
-  the ledger's database was lost
+* `int8serve_ledger_spooled_rows`, `int8serve_ledger_outages_total`, `int8serve_ledger_rejected_rows_total`: ledger
+  rows waiting in the spool, times the ledger's database was lost (or hung), and rows it refused for their data
+  (moved to the dead-letter file)
 * `int8serve_prompt_tokens_prefilled_total{model}`, `int8serve_prefix_cache_hits_total{model}`,
   `int8serve_prefix_cache_reused_tokens_total{model}`, `int8serve_prefix_cache_evicted_blocks_total{model}`,
   `int8serve_prefix_cache_tokens{model}`: prompt tokens computed, and what the prefix cache saved
@@ -102,7 +103,10 @@ class _StateCollector(Collector):
             spooled.add_metric([], float(self.ledger.pending))
             lost = CounterMetricFamily(PREFIX + "ledger_outages", "Times the ledger's database was lost.")
             lost.add_metric([], float(self.ledger.outages))
-            yield from (spooled, lost)
+            rejected = CounterMetricFamily(PREFIX + "ledger_rejected_rows", "Ledger rows the database refused for "
+                                           "their data, moved to the dead-letter file.")
+            rejected.add_metric([], float(self.ledger.rejected))
+            yield from (spooled, lost, rejected)
 
 
     def _prefill(self) -> Iterable[Metric]:

@@ -209,7 +209,8 @@ class RedisServer:
 
 class TcpProxy:
     """Forwards a loopback port to `upstream`; `cut()` drops every connection and refuses new ones (they are
-    accepted and closed at once) until `restore()`."""
+    accepted and closed at once) until `restore()`; `blackhole()` keeps every connection open, accepts new ones,
+    and forwards nothing until `restore()` — a database host that froze: TCP is fine, no answer ever comes."""
 
     def __init__(self, upstream: tuple[str, int]) -> None:
         self.upstream = upstream
@@ -217,6 +218,7 @@ class TcpProxy:
         self.listener.settimeout(0.1)  # so that stop() is noticed
         self.port = self.listener.getsockname()[1]
         self.cut_off = threading.Event()
+        self.blackholed = threading.Event()
         self.stopped = threading.Event()
         self.lock = threading.Lock()
         self.sockets: list[socket.socket] = []
@@ -230,8 +232,12 @@ class TcpProxy:
         self.cut_off.set()
         self._drop_all()
 
+    def blackhole(self) -> None:
+        self.blackholed.set()
+
     def restore(self) -> None:
         self.cut_off.clear()
+        self.blackholed.clear()
 
     def stop(self) -> None:
         self.stopped.set()
@@ -270,10 +276,11 @@ class TcpProxy:
             for a, b in ((client, server), (server, client)):
                 threading.Thread(target=self._pump, args=(a, b), daemon=True).start()
 
-    @staticmethod
-    def _pump(source: socket.socket, sink: socket.socket) -> None:
+    def _pump(self, source: socket.socket, sink: socket.socket) -> None:
         try:
             while data := source.recv(65536):
+                while self.blackholed.is_set() and not self.stopped.is_set():  # held, not lost
+                    time.sleep(0.02)
                 sink.sendall(data)
         except OSError:
             pass

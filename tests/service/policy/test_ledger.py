@@ -254,8 +254,10 @@ def test_spool_replay_is_ordered_and_idempotent(tmp_path: Path) -> None:
     spool.close()
     with (tmp_path / "spool.jsonl").open("ab") as f:
         f.write(b'{"request_id": "torn')  # a crash in the middle of an append: never acknowledged
+    (tmp_path / "spool.jsonl.new").write_bytes(b'{"request_id": "r3"}\n')  # a crash while rewriting the spool
 
     first = Ledger(make_database(url), FileSpool(tmp_path / "spool.jsonl"))
+    assert not (tmp_path / "spool.jsonl.new").exists()  # the spool itself was never left incomplete
     first.create_schema()
     with first.database.begin() as conn:  # r0 and r1 made it to the database before the crash
         conn.execute(sa.insert(first.table), [rows[0].to_db(), rows[1].to_db()])

@@ -6,21 +6,32 @@ The table (`int8serve_usage` by default) is made by SQLAlchemy: a SQLite file in
 SQLAlchemy URL with `--database-url` (PostgreSQL when replicas share one ledger); `request_id` is its primary key,
 and rows are inserted with "on conflict do nothing", so writing a row twice is harmless.
 
-No database I/O ever happens on the event loop's thread. One writer thread owns the writes:
+No database I/O ever happens on the event loop's thread, and a request never waits for the database:
 
-1. `await ledger.record(row)` hands the row to the thread, which appends it to the durable spool (`spool.py`,
-   fsync) and only then lets the request be acknowledged;
-2. the thread then inserts every spooled row, in order, and empties the spool after the commit;
-3. if the database is unreachable, rows stay in the spool (one warning per outage, counted in `outages`), the thread
-   tries again every `retry_seconds`, and replays them in order when it returns; the spool also survives a restart.
-   When the spool passes `spool_alarm_rows` rows a warning says so (and `/metrics` shows its size).
+1. `await ledger.record(row)` hands the row to the writer thread, which appends it to the durable spool
+   (`spool.py`, fsync) and only then lets the request be acknowledged. The writer never touches the database
+   (unless the spool itself cannot be written: then it inserts the row directly, within the deadline below);
+2. the flusher thread, on its own, inserts the spooled rows in order (at most `FLUSH_BATCH` a transaction) and takes
+   them out of the spool after the commit. A row the database refuses for its data (`DataError`,
+   `IntegrityError`: a value it cannot store, not an outage) is found by splitting the batch, moved to the
+   dead-letter file next to the spool and logged as an error; the other rows are written;
+3. every piece of database work has a client-side deadline (`timeout`, 5 s; `deadline.py`): a flush, a read or a
+   connection that gets no answer in time counts as the database being away, however healthy the TCP connection
+   looks. While it is away, rows stay in the spool (one warning per outage, counted in `outages`), the flusher
+   tries again every `retry_seconds` with a fresh connection, and replays them in order when it returns; the spool
+   also survives a restart. When the spool passes `spool_alarm_rows` rows a warning says so (and `/metrics` shows
+   its size).
 
-Reads (the usage endpoint, the daily allocation) run on reader threads beside the writer, so a slow report never
-delays metering; they add the rows still in the spool to what the database holds (leaving those rows out of the
-query, so that a row flushed meanwhile counts once), and a client sees its own requests in its usage at once.
-While the database is away the usage endpoint answers 503, and the daily allocation counts the last total it read
-plus what this process recorded since (other replicas' rows of that time are counted once the database is back).
-No statement runs longer than the statement timeout (5 s): a database that hangs is a database that is away.
+Reads (the usage endpoint, the daily allocation) run on reader threads beside the writer and the flusher, so a slow
+report never delays metering; they add the rows still in the spool to what the database holds (leaving those rows
+out of the query, so that a row flushed meanwhile counts once), and a client sees its own requests in its usage at
+once. While the database is away reads fail at once: the usage endpoint answers 503, and the daily allocation
+counts the last total it read plus what this process recorded since (other replicas' rows of that time are counted
+once the database is back). Admission waits at most `ALLOCATION_READ_WAIT` for a fresh total; a slower read
+finishes in the background and the last total is used meanwhile.
+
+`close()` is bounded too: the spooled rows are written if the database answers within the time given, and
+otherwise stay in the spool, to be replayed at the next start.
 """
 
 from __future__ import annotations
@@ -31,6 +42,7 @@ import contextlib
 import enum
 import itertools
 import logging
+import math
 import queue
 import threading
 import time
@@ -45,11 +57,15 @@ from sqlalchemy.dialects import postgresql, sqlite
 from sqlalchemy.exc import SQLAlchemyError
 from sqlalchemy.pool import StaticPool
 
+from int8serve.accounts import MAX_ACCOUNT_ID_LENGTH
+
+from .deadline import deadline, expire, watch
 from .fallback import Outage
-from .settings import DEFAULT_LEDGER_TABLE
+from .settings import DEFAULT_DATABASE_TIMEOUT, DEFAULT_LEDGER_TABLE
 from .spool import Spool
 
 __all__ = [
+    "DEFAULT_DATABASE_TIMEOUT",
     "Ledger",
     "LedgerUnavailableError",
     "NeuronsReading",
@@ -65,9 +81,13 @@ log = logging.getLogger(__name__)
 
 T = TypeVar("T")
 INSERT_CHUNK = 500
+FLUSH_BATCH = 2_000  # rows in one flush transaction, so that a flush fits its deadline
 OUTCOMES = ("ok", "aborted", "error")
-DEFAULT_STATEMENT_TIMEOUT = 5.0  # seconds
+DEFAULT_STATEMENT_TIMEOUT = DEFAULT_DATABASE_TIMEOUT
 DEFAULT_SPOOL_ALARM_ROWS = 10_000
+ALLOCATION_READ_WAIT = 0.5  # seconds admission waits for a fresh daily total before using the last one
+SPOOL_COMPACT_ROWS = 1_000  # rows already written that may stay in the spool file before it is rewritten
+REJECTED = (sa.exc.DataError, sa.exc.IntegrityError)  # the database refuses the row itself: no retry will help
 
 
 def utc_now() -> datetime:
@@ -140,7 +160,7 @@ def usage_table(name: str = DEFAULT_LEDGER_TABLE, metadata: sa.MetaData | None =
         sa.Column("request_id", sa.String(64), primary_key=True),
         sa.Column("time", sa.DateTime(), nullable=False),  # naive UTC
         sa.Column("day", sa.String(10), nullable=False),  # YYYY-MM-DD (UTC), for grouping on any database
-        sa.Column("account", sa.String(128), nullable=False),
+        sa.Column("account", sa.String(MAX_ACCOUNT_ID_LENGTH), nullable=False),
         sa.Column("model", sa.String(256), nullable=False),
         sa.Column("input_tokens", sa.Integer(), nullable=False),
         sa.Column("output_tokens", sa.Integer(), nullable=False),
@@ -156,7 +176,8 @@ def make_database(url: str, statement_timeout: float = DEFAULT_STATEMENT_TIMEOUT
     """A SQLAlchemy engine for the ledger: in-memory SQLite shared by threads, file SQLite in WAL mode, or a
     server database whose connections fail fast and are checked before reuse. No statement runs longer than
     `statement_timeout` seconds (PostgreSQL's `statement_timeout`; on SQLite, waiting for a lock and running are
-    both bounded)."""
+    both bounded). A server that stops answering altogether is the business of `deadline.py`, whose hooks the
+    engine has (`watch`): the ledger runs all its database work within a deadline."""
     parsed = sa.make_url(url)
     if parsed.get_backend_name() == "sqlite":
         if parsed.database in (None, "", ":memory:"):
@@ -165,14 +186,37 @@ def make_database(url: str, statement_timeout: float = DEFAULT_STATEMENT_TIMEOUT
             engine = sa.create_engine(url, connect_args={"timeout": statement_timeout})
             sa.event.listen(engine, "connect", _sqlite_wal)
         _sqlite_statement_timeout(engine, statement_timeout)
-        return engine
-    connect_args: dict[str, Any] = {}
-    if parsed.get_backend_name() == "postgresql":
-        options = " ".join(filter(None, [str(parsed.query.get("options", "")),  # the URL's own options stay
-                                         f"-c statement_timeout={int(statement_timeout * 1000)}"]))
-        connect_args = {"connect_timeout": 3, "keepalives": 1, "keepalives_idle": 5, "keepalives_interval": 2,
-                        "keepalives_count": 2, "options": options}
-    return sa.create_engine(url, pool_pre_ping=True, pool_size=3, max_overflow=2, connect_args=connect_args)
+        return watch(engine, ping=False)
+    if parsed.get_backend_name() != "postgresql":
+        return watch(sa.create_engine(url, pool_pre_ping=True, pool_size=3, max_overflow=2,
+                                      pool_timeout=statement_timeout), ping=False)
+    options = " ".join(filter(None, [str(parsed.query.get("options", "")),  # the URL's own options stay
+                                     f"-c statement_timeout={int(statement_timeout * 1000)}"]))
+    connect_args: dict[str, Any] = {
+        # libpq's connect_timeout is whole seconds, at least 2
+        "connect_timeout": min(3, max(2, math.ceil(statement_timeout))),
+        "keepalives": 1, "keepalives_idle": 5, "keepalives_interval": 2, "keepalives_count": 2, "options": options}
+    if _libpq_version(parsed.get_driver_name()) >= 120000:  # unacknowledged data: the peer is gone
+        connect_args["tcp_user_timeout"] = int(statement_timeout * 1000)
+    # pooled connections are pinged by `watch` within the work's deadline, not by pool_pre_ping (unbounded)
+    engine = sa.create_engine(url, pool_pre_ping=False, pool_size=3, max_overflow=2, pool_timeout=statement_timeout,
+                              connect_args=connect_args)
+    return watch(engine, ping=True)
+
+
+def _libpq_version(driver: str) -> int:
+    try:
+        if driver == "psycopg":
+            import psycopg
+
+            return int(psycopg.pq.version())
+        if driver == "psycopg2":
+            import psycopg2.extensions
+
+            return int(psycopg2.extensions.libpq_version())
+    except (ImportError, AttributeError):
+        pass
+    return 0
 
 
 def _sqlite_wal(dbapi_connection: Any, _record: Any) -> None:
@@ -205,7 +249,6 @@ class LedgerUnavailableError(Exception):
 
 class _Job(enum.Enum):
     WRITE = "write"
-    FLUSH = "flush"
     STOP = "stop"
 
 
@@ -216,13 +259,23 @@ class _Task:
     row: UsageRow | None = None
 
 
+@dataclass(frozen=True)
+class _Spooled:
+    """A row in the spool, numbered in the order it was spooled."""
+
+    seq: int
+    row: UsageRow
+
+
 class Ledger:
-    """The durable usage ledger, its writer thread and its readers (see the module docstring)."""
+    """The durable usage ledger, its writer, flusher and reader threads (see the module docstring)."""
 
     def __init__(self, database: sa.Engine, spool: Spool, table_name: str = DEFAULT_LEDGER_TABLE,
                  retry_seconds: float = 1.0, spool_name: str = "memory",
-                 spool_alarm_rows: int = DEFAULT_SPOOL_ALARM_ROWS) -> None:
-        self.database = database
+                 spool_alarm_rows: int = DEFAULT_SPOOL_ALARM_ROWS,
+                 timeout: float = DEFAULT_DATABASE_TIMEOUT) -> None:
+        self.database = watch(database)
+        self.timeout = timeout
         self.metadata = sa.MetaData()
         self.table = usage_table(table_name, self.metadata)
         self.spool = spool
@@ -230,26 +283,43 @@ class Ledger:
         self.spool_alarm_rows = spool_alarm_rows
         self.outage = Outage("the ledger database", f"rows are kept in the spool {spool_name} and replayed when "
                              "it returns", retry_seconds, logger=log)
+        self.rejected = 0  # rows the database refused for their data, moved to the dead-letter file
         self._tasks: queue.Queue[_Task] = queue.Queue()
-        self._lock = threading.Lock()  # guards _unflushed and _recorded, read by the reader threads
-        self._unflushed = _rows_from_spool(spool.read())  # left by a previous run: replayed first
-        if self._unflushed:
+        # locks: _spool_lock (every spool operation, so that the file and _unflushed change together), _lock
+        # (_unflushed, _recorded, _db_sums, also read by the reader threads) and _flushing (the flusher's state, and
+        # its waiters). _lock may be taken inside either of the others, and nothing is taken inside _lock
+        self._spool_lock = threading.Lock()
+        self._lock = threading.Lock()
+        self._flushing = threading.Condition()
+        self._seq = itertools.count(1)
+        self._unflushed = [_Spooled(next(self._seq), row) for row in _rows_from_spool(spool.read())]
+        self._last_seq = self._unflushed[-1].seq if self._unflushed else 0
+        if self._unflushed:  # left by a previous run: replayed first
             log.warning("replaying %d ledger rows left in %s", len(self._unflushed), spool_name)
+        self._stale = 0  # rows still in the spool file that are in the database already
         self._recorded: Counter[tuple[str, str]] = Counter()  # neurons this process recorded, by (account, day)
         self._db_sums: dict[tuple[str, datetime], tuple[float, float, float]] = {}  # -> (sum, recorded, read at)
+        self._refreshing: dict[tuple[str, datetime], concurrent.futures.Future[None]] = {}
         self._alarmed = False
+        self._failures = 0  # failed flush attempts, for `flush()`
+        self._closing = False
+        self._close_by = 0.0
         self._writer = threading.Thread(target=self._run, name="int8serve-ledger", daemon=True)
+        self._flusher = threading.Thread(target=self._flush_loop, name="int8serve-ledger-flush", daemon=True)
         self._readers = concurrent.futures.ThreadPoolExecutor(2, thread_name_prefix="int8serve-ledger-read")
         self._start_lock = threading.Lock()
         self._closed = False
+        self._spool_closed = False
 
     # ---- set-up (start-up thread) ----
 
     def create_schema(self) -> None:
-        """Create the table and its index if missing; raises SQLAlchemyError when the database is unreachable."""
+        """Create the table and its index if missing; raises SQLAlchemyError when the database is unreachable (or
+        does not answer within the timeout)."""
         for attempt in itertools.count():
             try:
-                self.metadata.create_all(self.database, checkfirst=True)
+                with deadline(self.timeout):
+                    self.metadata.create_all(self.database, checkfirst=True)
                 return
             except (sa.exc.IntegrityError, sa.exc.ProgrammingError):
                 if attempt >= 2:  # a replica starting at the same moment may have won the race; else a real error
@@ -258,8 +328,9 @@ class Ledger:
 
     def start(self) -> Ledger:
         with self._start_lock:
-            if self._writer.ident is None:
+            if self._writer.ident is None and not self._closed:
                 self._writer.start()
+                self._flusher.start()
         return self
 
     @property
@@ -279,25 +350,34 @@ class Ledger:
     # ---- event-loop side ----
 
     async def record(self, row: UsageRow) -> None:
-        """Return once `row` is durable (spooled, or in the database); raises LedgerUnavailableError if neither."""
+        """Return once `row` is durable (spooled, or in the database); raises LedgerUnavailableError if neither.
+        Never waits for the database while the spool can be written."""
         await asyncio.wrap_future(self._put(_Job.WRITE, row))
 
     async def usage(self, account: str, since: datetime, until: datetime) -> tuple[list[UsageGroup], list[UsageGroup]]:
         """(by model, by day) totals of `account` for `since` <= time < `until`, spooled rows included; read beside
-        the writer, so that reading never delays metering. LedgerUnavailableError while the database is away."""
+        the writer, so that reading never delays metering. LedgerUnavailableError while the database is away, or
+        when it does not answer within the timeout."""
         return await self._read(lambda: self._usage(account, since, until))
 
-    async def neurons_used(self, account: str, since: datetime, max_age: float = 1.0) -> float:
+    async def neurons_used(self, account: str, since: datetime, max_age: float = 1.0,
+                           wait: float = ALLOCATION_READ_WAIT) -> float:
         """Neurons metered to `account` since `since`, spooled rows included. The database is read at most every
-        `max_age` seconds per account; in between, and while it is away, the last total read plus what this
-        process recorded since."""
-        return (await self.neurons_reading(account, since, max_age)).now()
+        `max_age` seconds per account, and waited for at most `wait` seconds (the read goes on in the background);
+        in between, and while it is away, the last total read plus what this process recorded since."""
+        return (await self.neurons_reading(account, since, max_age, wait)).now()
 
-    async def neurons_reading(self, account: str, since: datetime, max_age: float = 1.0) -> NeuronsReading:
+    async def neurons_reading(self, account: str, since: datetime, max_age: float = 1.0,
+                              wait: float = ALLOCATION_READ_WAIT) -> NeuronsReading:
         """`neurons_used`, as a reading whose `now()` adds what this process recorded up to the moment it is
         called, without I/O: a check on the event loop sees every row recorded before it, even one recorded
         while the database was being read (the daily allocation relies on it)."""
-        total, recorded_then = await self._read(lambda: self._neurons_used(account, since, max_age))
+        key = (account, since)
+        if not self._closed and self.healthy and not self._fresh(key, max_age):
+            refresh = self._refresh(key)
+            if refresh is not None:  # never raises; left running when slower than `wait`
+                await asyncio.wait([asyncio.wrap_future(refresh)], timeout=wait)
+        total, recorded_then = self._last_read(account, since)
         return NeuronsReading(self, account, since.date().isoformat(), total, recorded_then)
 
     def recorded_neurons(self, account: str, day: str) -> float:
@@ -308,35 +388,64 @@ class Ledger:
     # ---- any other thread (start-up, shutdown, tests) ----
 
     def flush(self, timeout: float = 10.0) -> bool:
-        """Block until every row recorded so far is in the database; False if it is not reachable in time."""
-        try:
-            return bool(self._put(_Job.FLUSH).result(timeout))
-        except (concurrent.futures.TimeoutError, LedgerUnavailableError):
-            return False
+        """Block until every row recorded so far is in the database (or, refused for its data, in the dead-letter
+        file); False if it is not reachable in time, or a flush attempt failed meanwhile."""
+        if self._closed:
+            return self.pending == 0
+        self.start()
+        ends = time.monotonic() + timeout
+        with self._lock:
+            target = self._last_seq
+        with self._flushing:
+            failures = self._failures
+            self._flushing.notify_all()
+            while not self._settled_through(target):
+                left = ends - time.monotonic()
+                if self._failures > failures or left <= 0 or not self._flusher.is_alive():
+                    return False
+                self._flushing.wait(left)
+            return True
 
     def close(self, timeout: float = 10.0) -> None:
-        """Write what can be written, stop the threads, release the spool (rows left there are replayed at the
-        next start)."""
-        if self._closed:
-            return
-        if self._writer.is_alive():
-            stopped = self._put(_Job.STOP)
+        """Stop taking rows, write what the database takes within `timeout` seconds (nothing more is tried while it
+        is away), stop the threads and release the spool: rows left there are replayed at the next start."""
+        with self._start_lock:
+            if self._closed:
+                return
+            self._closed = True  # no write is queued behind the stop
+            stopped = self._put_task(_Job.STOP) if self._writer.is_alive() else None
+        ends = time.monotonic() + timeout
+        if stopped is not None:
             with contextlib.suppress(concurrent.futures.TimeoutError):
-                stopped.result(timeout)
-            self._writer.join(timeout)
-        self._closed = True
+                stopped.result(max(0.0, ends - time.monotonic()))
+            self._writer.join(max(0.0, ends - time.monotonic()))
+        if self._flusher.is_alive():
+            with self._flushing:
+                self._closing, self._close_by = True, ends
+                self._flushing.notify_all()
+            self._flusher.join(max(0.0, ends - time.monotonic()))
+            if self._flusher.is_alive() and self._flusher.ident is not None:  # in a flush past the time given
+                expire(self._flusher.ident)
+                self._flusher.join(2.0)
         self._readers.shutdown(wait=False, cancel_futures=True)
-        if self._unflushed:
-            log.warning("%d ledger rows stay in %s until the next start", len(self._unflushed), self.spool_name)
-        self.spool.close()
+        with self._spool_lock:
+            self._compact(1)  # the next start replays only the rows still waiting
+            self._spool_closed = True
+            if self._unflushed:
+                log.warning("%d ledger rows stay in %s until the next start", len(self._unflushed), self.spool_name)
+            self.spool.close()
         self.database.dispose()
 
     # ---- plumbing ----
 
     def _put(self, job: _Job, row: UsageRow | None = None) -> concurrent.futures.Future[Any]:
-        if self._closed:
-            raise LedgerUnavailableError("the ledger is closed")
         self.start()  # a no-op once started; lazily for ledgers made without an explicit start
+        with self._start_lock:
+            if self._closed:
+                raise LedgerUnavailableError("the ledger is closed")
+            return self._put_task(job, row)
+
+    def _put_task(self, job: _Job, row: UsageRow | None = None) -> concurrent.futures.Future[Any]:
         task = _Task(job, concurrent.futures.Future(), row)
         self._tasks.put(task)
         return task.done
@@ -344,53 +453,44 @@ class Ledger:
     async def _read(self, read: Callable[[], T]) -> T:
         if self._closed:
             raise LedgerUnavailableError("the ledger is closed")
-        return await asyncio.wrap_future(self._readers.submit(read))
+        try:
+            future = self._readers.submit(read)
+        except RuntimeError:  # shut down meanwhile
+            raise LedgerUnavailableError("the ledger is closed") from None
+        try:  # the read has its own deadline; this one only guards against a reader stuck elsewhere
+            return await asyncio.wait_for(asyncio.wrap_future(future), self.timeout + 1.0)
+        except TimeoutError:
+            raise LedgerUnavailableError("the ledger database did not answer in time") from None
 
-    # ---- the writer thread ----
+    def _wake(self) -> None:
+        with self._flushing:
+            self._flushing.notify_all()
+
+    def _settled_through(self, seq: int) -> bool:
+        with self._lock:
+            return not self._unflushed or self._unflushed[0].seq > seq
+
+    # ---- the writer thread: the spool ----
 
     def _run(self) -> None:
         while True:
             tasks = self._next_tasks()
+            writes = [t for t in tasks if t.job is _Job.WRITE]
             try:
-                if self._process(tasks):
-                    return
+                if writes:
+                    self._spool_rows(writes)
             except Exception:  # a bug must not leave requests waiting forever on a dead writer
-                log.exception("the ledger writer failed on a batch of %d jobs", len(tasks))
-                for task in tasks:
+                log.exception("the ledger writer failed on a batch of %d rows", len(writes))
+                for task in writes:
                     if not task.done.done():
                         task.done.set_exception(LedgerUnavailableError("the ledger writer failed"))
-                if any(task.job is _Job.STOP for task in tasks):
+            for task in tasks:
+                if task.job is _Job.STOP:
+                    task.done.set_result(True)
                     return
 
-    def _process(self, tasks: Sequence[_Task]) -> bool:
-        """One batch: writes first (spooled, acknowledged), then the database, then flushes and a stop. True when
-        the thread should end."""
-        writes = [t for t in tasks if t.job is _Job.WRITE]
-        if writes:
-            self._spool_rows(writes)
-        if self._unflushed and self.outage.should_try():
-            self._flush()
-        stop = None
-        for task in tasks:
-            if task.job is _Job.FLUSH:
-                if self._unflushed and self.healthy:
-                    self._flush()
-                task.done.set_result(not self._unflushed)
-            elif task.job is _Job.STOP:
-                stop = task
-        if stop is None:
-            return False
-        if self._unflushed:
-            self._flush()
-        stop.done.set_result(True)
-        return True
-
     def _next_tasks(self) -> list[_Task]:
-        timeout = self.outage.seconds_to_retry if self._unflushed else None
-        try:
-            tasks = [self._tasks.get(timeout=timeout)]
-        except queue.Empty:
-            return []
+        tasks = [self._tasks.get()]
         while True:
             try:
                 tasks.append(self._tasks.get_nowait())
@@ -400,7 +500,14 @@ class Ledger:
     def _spool_rows(self, writes: Sequence[_Task]) -> None:
         rows = [task.row for task in writes if task.row is not None]
         try:
-            self.spool.append([row.to_json() for row in rows])
+            with self._spool_lock:
+                self.spool.append([row.to_json() for row in rows])
+                with self._lock:
+                    for row in rows:
+                        spooled = _Spooled(next(self._seq), row)
+                        self._unflushed.append(spooled)
+                        self._last_seq = spooled.seq
+                        self._recorded[(row.account, row.day)] += row.neurons
         except OSError as err:
             log.error("cannot append to the ledger spool %s (%s): writing to the database directly",
                       self.spool_name, err)
@@ -408,53 +515,199 @@ class Ledger:
             for task in writes:
                 task.done.set_exception(error) if error else task.done.set_result(None)
             return
-        with self._lock:
-            self._unflushed.extend(rows)
-            for row in rows:
-                self._recorded[(row.account, row.day)] += row.neurons
-        self._check_spool_size()
         for task in writes:
             task.done.set_result(None)
+        self._wake()
+        self._check_spool_size()
 
     def _insert_now(self, rows: Sequence[UsageRow]) -> LedgerUnavailableError | None:
+        if not self.healthy:  # no waiting for a database known to be away
+            return LedgerUnavailableError("neither the spool nor the database can take ledger rows")
         try:
-            with self.database.begin() as conn:
-                self._insert_ignore(conn, rows)
+            self._write(rows, self.timeout)
         except SQLAlchemyError as err:
             self.outage.failed(err)
+            self._wake()
             return LedgerUnavailableError("neither the spool nor the database can take ledger rows")
         with self._lock:
             for row in rows:
                 self._recorded[(row.account, row.day)] += row.neurons
         return None
 
-    def _flush(self) -> None:
-        rows = list(self._unflushed)
+    # ---- the flusher thread: spool -> database ----
+
+    def _flush_loop(self) -> None:
+        while True:
+            with self._flushing:
+                while not self._closing:
+                    if self.outage.healthy:
+                        if self.pending:
+                            break
+                        self._flushing.wait()
+                    elif (wait := self.outage.seconds_to_retry) > 0:
+                        self._flushing.wait(wait)
+                    else:
+                        break
+                closing = self._closing
+            try:
+                if closing:
+                    self._final_flush()
+                    return
+                if not self.outage.should_try():  # a reader found it away meanwhile
+                    continue
+                if self.pending:
+                    self._flush_batch(self.timeout)
+                else:
+                    self._probe()
+            except Exception as err:  # a bug: counted as a failed attempt, tried again later
+                log.exception("the ledger flusher failed")
+                self._failed(err)
+                if closing:
+                    return
+
+    def _final_flush(self) -> None:
+        """At close: what the database takes before `_close_by`, if it is not known to be away."""
+        while self.pending and self.healthy:
+            left = self._close_by - time.monotonic()
+            if left <= 0 or not self._flush_batch(min(self.timeout, left)):
+                return
+
+    def _probe(self) -> None:
+        """While the database is away and no row waits: is it back?"""
         try:
-            with self.database.begin() as conn:
-                for start in range(0, len(rows), INSERT_CHUNK):
-                    self._insert_ignore(conn, rows[start:start + INSERT_CHUNK])
+            with deadline(self.timeout), self.database.connect() as conn:
+                conn.exec_driver_sql("SELECT 1").all()
         except (SQLAlchemyError, OSError) as err:
-            self.outage.failed(err)
+            self._failed(err)
+            return
+        self.outage.recovered()
+
+    def _failed(self, err: BaseException) -> None:
+        self.outage.failed(err)
+        with self._flushing:
+            self._failures += 1
+            self._flushing.notify_all()
+
+    def _flush_batch(self, seconds: float) -> bool:
+        """Insert the oldest spooled rows (at most FLUSH_BATCH) within `seconds`; rows the database refuses for
+        their data go to the dead-letter file. False when the database is away."""
+        with self._lock:
+            batch = self._unflushed[:FLUSH_BATCH]
+        if not batch:
+            return True
+        error: BaseException | None = None
+        try:
+            self._write([s.row for s in batch], seconds)
+            inserted, dead = list(batch), []
+        except REJECTED as err:
+            inserted, dead, error = self._sift(batch, err, seconds)
+        except (SQLAlchemyError, OSError) as err:
+            inserted, dead, error = [], [], err
+        if self._settle(inserted, dead):  # refused rows that could not be moved aside: not in a tight loop
+            with self._flushing:
+                self._flushing.wait(self.outage.retry_seconds)
+        if error is not None:
+            self._failed(error)
+            return False
+        self.outage.recovered(f"{len(inserted)} spooled rows replayed")
+        self._wake()
+        self._check_spool_size()
+        return True
+
+    def _sift(self, batch: Sequence[_Spooled], err: BaseException, seconds: float
+              ) -> tuple[list[_Spooled], list[tuple[_Spooled, str]], BaseException | None]:
+        """The batch was refused: insert it in halves, each in its own transaction, down to the rows that are
+        refused alone (about 2 log2(n) transactions per bad row) -> (inserted, refused with the reason, the
+        error that stopped it if the database went away meanwhile)."""
+        inserted: list[_Spooled] = []
+        dead: list[tuple[_Spooled, str]] = []
+
+        def sift(part: Sequence[_Spooled], failure: BaseException | None) -> None:
+            if failure is None:
+                try:
+                    self._write([s.row for s in part], seconds)
+                    inserted.extend(part)
+                    return
+                except REJECTED as refused:
+                    failure = refused
+            if len(part) == 1:
+                dead.append((part[0], short_error(failure)))
+                return
+            half = len(part) // 2
+            sift(part[:half], None)
+            sift(part[half:], None)
+
+        try:
+            sift(batch, err)
+        except (SQLAlchemyError, OSError) as lost:
+            return inserted, dead, lost
+        return inserted, dead, None
+
+    def _write(self, rows: Sequence[UsageRow], seconds: float) -> None:
+        """One transaction, within `seconds`."""
+        with deadline(seconds), self.database.begin() as conn:
+            for start in range(0, len(rows), INSERT_CHUNK):
+                self._insert_ignore(conn, rows[start:start + INSERT_CHUNK])
+
+    def _settle(self, inserted: Sequence[_Spooled], dead: Sequence[tuple[_Spooled, str]]) -> int:
+        """Take rows written (or refused and dead-lettered) out of the spool: empty it when nothing is left; else
+        rewrite it with what is left once the rows done linger in it in numbers (at least SPOOL_COMPACT_ROWS, and
+        at least as many as the rows left, so that replaying a long spool rewrites it a few times, not once a
+        batch). -> the number of refused rows that stay in the spool (the dead-letter file could not be written)."""
+        if not inserted and not dead:
+            return 0
+        kept = 0
+        with self._spool_lock:
+            if dead and not self._spool_closed:
+                entries = [{"row": s.row.to_json(), "reason": reason, "time": utc_now().isoformat()}
+                           for s, reason in dead]
+                try:
+                    self.spool.dead_letter(entries)
+                except OSError as err:
+                    log.error("cannot write %d refused ledger rows to %s (%s): they stay in the spool",
+                              len(dead), self.spool.dead_letter_name, err)
+                    kept, dead = len(dead), []
+            done = {s.seq for s in inserted} | {s.seq for s, _ in dead}
+            with self._lock:
+                self._unflushed = [s for s in self._unflushed if s.seq not in done]
+                self.rejected += len(dead)
+            self._stale += len(done)
+            self._compact(max(SPOOL_COMPACT_ROWS, self.pending))
+        for spooled, reason in dead:
+            row = spooled.row
+            log.error("the ledger database refused row %s (account %r, model %r): %s; moved to %s", row.request_id,
+                      row.account[:200], row.model[:200], reason, self.spool.dead_letter_name)
+        return kept
+
+    def _compact(self, stale_rows: int) -> None:
+        """With `_spool_lock` held: rewrite the spool with the rows still waiting once `stale_rows` rows that are
+        done linger in it (empty it when none is waiting)."""
+        if self._spool_closed or not self._stale:
             return
         with self._lock:
-            self._unflushed = self._unflushed[len(rows):]
+            left = list(self._unflushed)
         try:
-            self.spool.clear()
-        except OSError as err:  # the rows are in the database: replaying them later is harmless
-            log.error("cannot empty the ledger spool %s: %s", self.spool_name, err)
-        self.outage.recovered(f"{len(rows)} spooled rows replayed")
-        self._check_spool_size()
+            if not left:
+                self.spool.clear()
+            elif self._stale >= stale_rows:
+                self.spool.replace([s.row.to_json() for s in left])
+            else:
+                return
+            self._stale = 0
+        except OSError as err:  # the rows are in the database (or the dead-letter file): replaying is harmless
+            log.error("cannot rewrite the ledger spool %s: %s", self.spool_name, err)
 
     def _check_spool_size(self) -> None:
         """The spool's alarm: one warning when it passes `spool_alarm_rows`, one when it is back under."""
-        pending = len(self._unflushed)
-        if pending >= self.spool_alarm_rows and not self._alarmed:
-            self._alarmed = True
+        with self._lock:
+            pending = len(self._unflushed)
+            over = pending >= self.spool_alarm_rows
+            changed = over != self._alarmed
+            self._alarmed = over
+        if changed and over:
             log.warning("the ledger spool %s holds %d rows (alarm at %d): the database has not taken rows for "
                         "a while", self.spool_name, pending, self.spool_alarm_rows)
-        elif pending < self.spool_alarm_rows and self._alarmed:
-            self._alarmed = False
+        elif changed:
             log.warning("the ledger spool %s is back under %d rows", self.spool_name, self.spool_alarm_rows)
 
     def _insert_ignore(self, conn: sa.Connection, rows: Sequence[UsageRow]) -> None:
@@ -476,17 +729,18 @@ class Ledger:
 
     def _pending_rows(self, account: str, since: datetime, until: datetime | None = None) -> list[UsageRow]:
         with self._lock:
-            return [r for r in self._unflushed
-                    if r.account == account and r.time >= since and (until is None or r.time < until)]
+            return [s.row for s in self._unflushed
+                    if s.row.account == account and s.row.time >= since and (until is None or s.row.time < until)]
 
     def _query(self, query: Callable[[sa.Connection], T]) -> T:
-        if not self.outage.should_try():
+        if not self.healthy:  # the flusher finds out when it is back; a read never waits for that
             raise LedgerUnavailableError("the ledger database is unreachable")
         try:
-            with self.database.connect() as conn:
+            with deadline(self.timeout), self.database.connect() as conn:
                 result = query(conn)
         except (SQLAlchemyError, OSError) as err:
             self.outage.failed(err)
+            self._wake()
             raise LedgerUnavailableError("the ledger database is unreachable") from None
         return result
 
@@ -497,24 +751,43 @@ class Ledger:
         by_model, by_day = self._query(lambda conn: self._db_usage(conn, account, since, until, skip))
         return (_merge(by_model, pending, lambda r: r.model), _merge(by_day, pending, lambda r: r.day))
 
-    def _neurons_used(self, account: str, since: datetime, max_age: float) -> tuple[float, float]:
-        """(the total as last read, what this process had recorded when it was read): the total now is the first
-        plus what this process recorded since (`NeuronsReading`)."""
-        key, day = (account, since), since.date().isoformat()
+    def _fresh(self, key: tuple[str, datetime], max_age: float) -> bool:
+        with self._lock:
+            cached = self._db_sums.get(key)
+        return cached is not None and time.monotonic() - cached[2] < max_age
+
+    def _refresh(self, key: tuple[str, datetime]) -> concurrent.futures.Future[None] | None:
+        """The read of `key`'s database total in flight, or a new one; None once the readers are shut down."""
+        with self._lock:
+            running = self._refreshing.get(key)
+            if running is not None and not running.done():
+                return running
+            try:
+                future = self._refreshing[key] = self._readers.submit(self._read_sum, *key)
+            except RuntimeError:
+                return None
+            return future
+
+    def _read_sum(self, account: str, since: datetime) -> None:
+        day = since.date().isoformat()
         with self._lock:
             recorded = self._recorded[(account, day)]
-        cached = self._db_sums.get(key)
-        fresh = cached is not None and time.monotonic() - cached[2] < max_age
-        if not fresh:
-            pending = self._pending_rows(account, since)
-            skip = [r.request_id for r in pending]
-            try:
-                total = self._query(lambda conn: self._db_neurons(conn, account, since, skip))
-                self._db_sums[key] = cached = (total + sum(r.neurons for r in pending), recorded, time.monotonic())
-            except LedgerUnavailableError:
-                if cached is None:  # never read: what this process recorded today
-                    return 0.0, 0.0
-        assert cached is not None
+        pending = self._pending_rows(account, since)
+        skip = [r.request_id for r in pending]
+        try:
+            total = self._query(lambda conn: self._db_neurons(conn, account, since, skip))
+        except LedgerUnavailableError:
+            return
+        with self._lock:
+            self._db_sums[(account, since)] = (total + sum(r.neurons for r in pending), recorded, time.monotonic())
+
+    def _last_read(self, account: str, since: datetime) -> tuple[float, float]:
+        """(the total as last read, what this process had recorded when it was read); (0, 0) when never read, so
+        that the total now is what this process recorded (`NeuronsReading.now`)."""
+        with self._lock:
+            cached = self._db_sums.get((account, since))
+        if cached is None:
+            return 0.0, 0.0
         total, recorded_then, _read_at = cached
         return total, recorded_then
 

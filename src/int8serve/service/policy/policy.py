@@ -164,7 +164,8 @@ def _ledger(settings: PolicySettings) -> tuple[Ledger, str, str]:
         url = "sqlite://"
     shown = hide_password(url)
     try:
-        ledger = Ledger(make_database(url), spool, settings.ledger_table, settings.retry_seconds, spool_name)
+        ledger = Ledger(make_database(url, settings.database_timeout), spool, settings.ledger_table,
+                        settings.retry_seconds, spool_name, timeout=settings.database_timeout)
         ledger.create_schema()
     except (sa.exc.ArgumentError, sa.exc.NoSuchModuleError, ImportError, ValueError) as err:
         spool.close()

@@ -27,6 +27,7 @@ __all__ = [
     "DEFAULT_CACHE_MAX_ENTRIES",
     "DEFAULT_CACHE_TTL_SECONDS",
     "DEFAULT_DAILY_NEURONS",
+    "DEFAULT_DATABASE_TIMEOUT",
     "DEFAULT_LEDGER_TABLE",
     "MAX_CACHE_TTL_SECONDS",
     "PolicySettings",
@@ -38,6 +39,8 @@ DEFAULT_CACHE_MAX_ENTRIES = 256  # per account (per scope owner)
 DEFAULT_CACHE_MAX_BYTES = 16 << 20  # per account
 DEFAULT_DAILY_NEURONS = 10_000  # Workers AI's free daily allocation
 DEFAULT_LEDGER_TABLE = "int8serve_usage"
+DEFAULT_DATABASE_TIMEOUT = 5.0  # seconds: ledger database work (a flush, a read, a connection) that takes longer
+# means the database is away
 
 
 class PolicySettings(BaseModel):
@@ -69,4 +72,6 @@ class PolicySettings(BaseModel):
     ledger_table: str = Field(DEFAULT_LEDGER_TABLE, pattern=r"^[A-Za-z0-9_]+$")
     backend_timeout: float = Field(1.0, gt=0)  # seconds for one Redis call before it counts as lost
     retry_seconds: float = Field(1.0, gt=0)  # how soon a lost Redis or database is tried again
+    database_timeout: float = Field(DEFAULT_DATABASE_TIMEOUT, gt=0)  # seconds for one piece of ledger database
+    # work (a statement, a flush, a read) before the database counts as away
     replica_stamp_seconds: float = Field(5.0, gt=0)  # how often a replica counts the replicas sharing its Redis

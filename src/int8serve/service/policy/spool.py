@@ -1,24 +1,32 @@
 """The ledger's durable local spool: rows are on disk before a request is acknowledged, whatever the database does.
 
 Every ledger row is first appended to `<data dir>/ledger-spool.jsonl` (one JSON object per line, then `fsync`),
-and only then is the answer that it meters released. The ledger's writer thread moves spooled rows into the
-database in order and empties the spool once they are all committed. So:
+and only then is the answer that it meters released. The ledger's flusher thread moves spooled rows into the
+database in order, on its own, and takes them out of the spool once they are committed: it empties the file when
+nothing is left, or replaces it (a new file, fsynced, renamed over the old one) with the rows still waiting. So:
 
-* the database being slow or down never delays or fails a request — rows wait in the spool and are replayed, in
-  order, when it returns;
+* the database being slow, down or hung never delays or fails a request — rows wait in the spool and are
+  replayed, in order, when it returns;
 * a crash loses nothing that was acknowledged: the spool is replayed at the next start;
-* replaying a row twice (a crash between the database commit and emptying the spool) is harmless, because rows are
-  inserted idempotently on their request id.
+* replaying a row twice (a crash between the database commit and taking it out of the spool) is harmless, because
+  rows are inserted idempotently on their request id.
+
+A row the database refuses for its data (not an outage: a value it cannot store) is moved to the dead-letter file
+next to the spool, `ledger-dead-letter.jsonl` — one JSON object per line, `{"row": ..., "reason": ..., "time": ...}`
+— so that it cannot hold up the rows behind it.
 
 The file is locked (`flock`) while a server uses it: two processes sharing a data directory is an error at start-up
 rather than two writers interleaving one file. A torn last line (a crash in the middle of an append, which was
 therefore never acknowledged) is dropped when the spool is opened.
+
+A spool is not thread-safe: the ledger serialises its calls.
 
 `MemorySpool` is the same interface in memory, for the embedded defaults that have no data directory.
 """
 
 from __future__ import annotations
 
+import contextlib
 import fcntl
 import json
 import logging
@@ -27,9 +35,11 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any, Protocol
 
-__all__ = ["FileSpool", "MemorySpool", "Spool", "SpoolLockedError"]
+__all__ = ["DEAD_LETTER_FILE", "FileSpool", "MemorySpool", "Spool", "SpoolLockedError"]
 
 log = logging.getLogger(__name__)
+
+DEAD_LETTER_FILE = "ledger-dead-letter.jsonl"
 
 
 class SpoolLockedError(Exception):
@@ -43,6 +53,13 @@ class Spool(Protocol):
 
     def clear(self) -> None: ...
 
+    def replace(self, rows: Sequence[dict[str, Any]]) -> None: ...
+
+    def dead_letter(self, entries: Sequence[dict[str, Any]]) -> None: ...
+
+    @property
+    def dead_letter_name(self) -> str: ...
+
     def close(self) -> None: ...
 
 
@@ -51,6 +68,7 @@ class MemorySpool:
 
     def __init__(self) -> None:
         self._rows: list[dict[str, Any]] = []
+        self.dead: list[dict[str, Any]] = []  # rows the database refused, with the reason
 
     def append(self, rows: Sequence[dict[str, Any]]) -> None:
         self._rows.extend(rows)
@@ -61,6 +79,16 @@ class MemorySpool:
     def clear(self) -> None:
         self._rows.clear()
 
+    def replace(self, rows: Sequence[dict[str, Any]]) -> None:
+        self._rows = list(rows)
+
+    def dead_letter(self, entries: Sequence[dict[str, Any]]) -> None:
+        self.dead.extend(entries)
+
+    @property
+    def dead_letter_name(self) -> str:
+        return "memory"
+
     def close(self) -> None:
         pass
 
@@ -68,28 +96,31 @@ class MemorySpool:
 class FileSpool:
     """JSON lines appended with `fsync`; locked for this process."""
 
-    def __init__(self, path: Path) -> None:
+    def __init__(self, path: Path, dead_letter: Path | None = None) -> None:
         self.path = Path(path)
+        self.dead_letter_path = Path(dead_letter) if dead_letter is not None else self.path.with_name(
+            DEAD_LETTER_FILE)
+        self._new = self.path.with_name(self.path.name + ".new")  # what `replace` writes before renaming it
         self.path.parent.mkdir(parents=True, exist_ok=True)
-        created = not self.path.exists()
-        self._fd = os.open(self.path, os.O_RDWR | os.O_CREAT | os.O_APPEND, 0o600)
-        try:
-            fcntl.flock(self._fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-        except BlockingIOError:
-            os.close(self._fd)
-            raise SpoolLockedError(f"{self.path} is in use by another int8serve process: give each server "
-                                   "its own --data-dir") from None
+        while True:
+            created = not self.path.exists()
+            self._fd = os.open(self.path, os.O_RDWR | os.O_CREAT | os.O_APPEND, 0o600)
+            try:
+                fcntl.flock(self._fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            except BlockingIOError:
+                os.close(self._fd)
+                raise SpoolLockedError(f"{self.path} is in use by another int8serve process: give each server "
+                                       "its own --data-dir") from None
+            if _same_file(self._fd, self.path):
+                break
+            os.close(self._fd)  # the owner replaced the file between our open and our lock: open it again
         if created:
             _fsync_dir(self.path.parent)
+        self._new.unlink(missing_ok=True)  # a replacement a crash left unfinished: the spool itself is whole
         self._drop_torn_tail()
 
     def append(self, rows: Sequence[dict[str, Any]]) -> None:
-        data = b"".join(json.dumps(row, ensure_ascii=False, separators=(",", ":")).encode("utf-8") + b"\n"
-                        for row in rows)
-        view = memoryview(data)
-        while view:
-            written = os.write(self._fd, view)
-            view = view[written:]
+        _write_all(self._fd, _lines(rows))
         os.fsync(self._fd)
 
     def read(self) -> list[dict[str, Any]]:
@@ -106,6 +137,40 @@ class FileSpool:
     def clear(self) -> None:
         os.ftruncate(self._fd, 0)
         os.fsync(self._fd)
+
+    def replace(self, rows: Sequence[dict[str, Any]]) -> None:
+        """The spool becomes `rows`, atomically: a new file, locked, written and fsynced, renamed over the old one.
+        A crash at any point leaves either the old spool or the new one, whole."""
+        fd = os.open(self._new, os.O_RDWR | os.O_CREAT | os.O_TRUNC | os.O_APPEND, 0o600)
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)  # locked before it is the spool: no moment unlocked
+            _write_all(fd, _lines(rows))
+            os.fsync(fd)
+            os.replace(self._new, self.path)
+        except BaseException:
+            os.close(fd)
+            with contextlib.suppress(OSError):
+                self._new.unlink()
+            raise
+        old, self._fd = self._fd, fd
+        os.close(old)  # releases the old file's lock; it has no name any more
+        _fsync_dir(self.path.parent)
+
+    def dead_letter(self, entries: Sequence[dict[str, Any]]) -> None:
+        """Append `entries` to the dead-letter file, durably."""
+        created = not self.dead_letter_path.exists()
+        fd = os.open(self.dead_letter_path, os.O_WRONLY | os.O_CREAT | os.O_APPEND, 0o600)
+        try:
+            _write_all(fd, _lines(entries))
+            os.fsync(fd)
+        finally:
+            os.close(fd)
+        if created:
+            _fsync_dir(self.dead_letter_path.parent)
+
+    @property
+    def dead_letter_name(self) -> str:
+        return str(self.dead_letter_path)
 
     def close(self) -> None:
         if self._fd >= 0:
@@ -127,6 +192,27 @@ class FileSpool:
             log.warning("%s: dropping a torn last line (%d bytes) left by a crash", self.path, len(data) - keep)
             os.ftruncate(self._fd, keep)
             os.fsync(self._fd)
+
+
+def _lines(rows: Sequence[dict[str, Any]]) -> bytes:
+    return b"".join(json.dumps(row, ensure_ascii=False, separators=(",", ":")).encode("utf-8") + b"\n"
+                    for row in rows)
+
+
+def _write_all(fd: int, data: bytes) -> None:
+    view = memoryview(data)
+    while view:
+        written = os.write(fd, view)
+        view = view[written:]
+
+
+def _same_file(fd: int, path: Path) -> bool:
+    try:
+        named = os.stat(path)
+    except FileNotFoundError:
+        return False
+    opened = os.fstat(fd)
+    return (opened.st_dev, opened.st_ino) == (named.st_dev, named.st_ino)
 
 
 def _fsync_dir(folder: Path) -> None:

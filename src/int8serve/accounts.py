@@ -1,0 +1,26 @@
+"""What an account id may be: what the usage ledger can store and what a URL carries as it is.
+
+Account ids come from the operator (`--token TOKEN=ACCOUNT_ID`, `--tokens-file`, `INT8SERVE_TOKENS`, the config
+file; `--account-rpm ACCOUNT=N`) and are checked when the server starts, so that none can fail later: every ledger
+row names its account, in a column of `MAX_ACCOUNT_ID_LENGTH` characters (PostgreSQL refuses a longer value), and
+clients put the id in URLs (`/client/v4/accounts/{account_id}/...`), where other characters would need escaping.
+Cloudflare's own account ids are 32 hex digits.
+
+This module imports nothing, so that the command line can check ids before it loads anything else.
+"""
+
+from __future__ import annotations
+
+import re
+
+__all__ = ["ACCOUNT_ID_RULE", "MAX_ACCOUNT_ID_LENGTH", "is_valid_account"]
+
+MAX_ACCOUNT_ID_LENGTH = 128  # the ledger's `account` column
+ACCOUNT_ID_RULE = (f"1 to {MAX_ACCOUNT_ID_LENGTH} characters: ASCII letters, digits and . _ ~ -, starting with a "
+                   "letter or digit")
+_ACCOUNT_ID = re.compile(rf"[A-Za-z0-9][A-Za-z0-9._~-]{{0,{MAX_ACCOUNT_ID_LENGTH - 1}}}")
+
+
+def is_valid_account(account: object) -> bool:
+    """Can this be configured as an account id (`ACCOUNT_ID_RULE`)?"""
+    return isinstance(account, str) and _ACCOUNT_ID.fullmatch(account) is not None

@@ -1,0 +1,118 @@
+"""A row the ledger's database refuses for its data (here an account id longer than the `account` column, which
+PostgreSQL refuses with a DataError; on SQLite, which stores any length, a NaN that it turns into NULL) is moved to
+the dead-letter file next to the spool, with the reason, and logged as an error; the rows around it are written. A
+database that is away is not a refusal: then every row waits in the spool."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import logging
+import math
+from pathlib import Path
+
+import pytest
+import sqlalchemy as sa
+
+from int8serve.service.policy.ledger import Ledger, UsageRow, make_database, utc_now
+from int8serve.service.policy.spool import DEAD_LETTER_FILE, FileSpool
+
+from ..conftest import MODEL
+from .conftest import TcpProxy, pg_rows, postgres_url
+
+LONG_ACCOUNT = "L" * 130  # the column holds 128 characters
+
+
+def _row(request_id: str, account: str = "acct-a", neurons: float = 2.754) -> UsageRow:
+    return UsageRow(request_id, utc_now(), account, MODEL, 10, 5, neurons, False, "ok", 12.5)
+
+
+def _record(ledger: Ledger, rows: list[UsageRow]) -> None:
+    async def record() -> None:
+        for row in rows:
+            await ledger.record(row)
+
+    asyncio.run(record())
+
+
+def _dead_letters(folder: Path) -> list[dict]:
+    path = folder / DEAD_LETTER_FILE
+    return [json.loads(line) for line in path.read_text().splitlines()] if path.exists() else []
+
+
+def _errors(caplog: pytest.LogCaptureFixture) -> list[str]:
+    return [r.getMessage() for r in caplog.records if r.levelno == logging.ERROR]
+
+
+def test_a_row_postgresql_refuses_does_not_hold_up_the_others(pg_schema: str, tmp_path: Path,
+                                                               caplog: pytest.LogCaptureFixture) -> None:
+    caplog.set_level(logging.WARNING, logger="int8serve.service.policy.ledger")
+    spool = tmp_path / "ledger-spool.jsonl"
+    ledger = Ledger(make_database(postgres_url(pg_schema)), FileSpool(spool), spool_name=str(spool))
+    ledger.create_schema()
+    rows = [_row("ok-1"), _row("long-1", LONG_ACCOUNT), _row("ok-2"), _row("ok-3", "acct-b")]
+    _record(ledger, rows)
+    assert ledger.flush(timeout=10)
+    assert sorted(r["request_id"] for r in pg_rows(pg_schema)) == ["ok-1", "ok-2", "ok-3"]
+    (dead,) = _dead_letters(tmp_path)
+    assert dead["row"]["request_id"] == "long-1" and dead["row"]["account"] == LONG_ACCOUNT
+    assert "DataError" in dead["reason"] and "too long" in dead["reason"]
+    assert spool.read_bytes() == b"" and ledger.pending == 0 and ledger.rejected == 1
+    assert ledger.healthy and ledger.outages == 0  # a refusal is not an outage
+    (error,) = _errors(caplog)
+    assert "long-1" in error and "refused" in error and DEAD_LETTER_FILE in error
+
+    _record(ledger, [_row("ok-4")])  # and the ledger carries on
+    assert ledger.flush() and len(pg_rows(pg_schema)) == 4
+    ledger.close()
+
+
+def test_a_refused_row_left_in_the_spool_by_an_earlier_run(pg_schema: str, tmp_path: Path) -> None:
+    """The spool of a server that ran with the long account (and could not write anything since) is replayed at the
+    next start: the refused row first, then the others, which are all written."""
+    spool_path = tmp_path / "ledger-spool.jsonl"
+    spool = FileSpool(spool_path)
+    spool.append([_row("long-1", LONG_ACCOUNT).to_json()] + [_row(f"ok-{n}").to_json() for n in range(1, 2_501)])
+    spool.close()  # more rows than one flush transaction takes
+    ledger = Ledger(make_database(postgres_url(pg_schema)), FileSpool(spool_path))
+    ledger.create_schema()
+    assert ledger.flush(timeout=20)
+    assert len(pg_rows(pg_schema)) == 2_500
+    assert [d["row"]["request_id"] for d in _dead_letters(tmp_path)] == ["long-1"]
+    assert spool_path.read_bytes() == b""
+    ledger.close()
+
+
+def test_a_database_away_is_not_a_refusal(pg_schema: str, pg_proxy: TcpProxy, tmp_path: Path) -> None:
+    """While the database is cut off nothing is moved aside, whatever the rows; when it is back the good rows are
+    written and the refused one is moved aside."""
+    spool = tmp_path / "ledger-spool.jsonl"
+    ledger = Ledger(make_database(postgres_url(pg_schema, pg_proxy.port)), FileSpool(spool), retry_seconds=0.2)
+    ledger.create_schema()
+    pg_proxy.cut()
+    _record(ledger, [_row("ok-1"), _row("long-1", LONG_ACCOUNT), _row("ok-2")])
+    assert not ledger.flush(timeout=2)
+    assert ledger.pending == 3 and len(spool.read_text().splitlines()) == 3 and _dead_letters(tmp_path) == []
+    pg_proxy.restore()
+    assert ledger.flush(timeout=10)
+    assert sorted(r["request_id"] for r in pg_rows(pg_schema)) == ["ok-1", "ok-2"]
+    assert [d["row"]["request_id"] for d in _dead_letters(tmp_path)] == ["long-1"]
+    ledger.close()
+
+
+def test_a_row_sqlite_refuses_does_not_hold_up_the_others(tmp_path: Path,
+                                                          caplog: pytest.LogCaptureFixture) -> None:
+    caplog.set_level(logging.WARNING, logger="int8serve.service.policy.ledger")
+    spool = tmp_path / "ledger-spool.jsonl"
+    ledger = Ledger(make_database(f"sqlite:///{tmp_path / 'usage.sqlite3'}"), FileSpool(spool))
+    ledger.create_schema()
+    _record(ledger, [_row("ok-1"), _row("nan-1", neurons=math.nan), _row("ok-2"), _row("long-1", LONG_ACCOUNT)])
+    assert ledger.flush()
+    with ledger.database.connect() as conn:
+        ids = conn.execute(sa.select(ledger.table.c.request_id).order_by(ledger.table.c.request_id)).scalars().all()
+    assert ids == ["long-1", "ok-1", "ok-2"]  # SQLite stores a long account; a NaN it turns into NULL: refused
+    (dead,) = _dead_letters(tmp_path)
+    assert dead["row"]["request_id"] == "nan-1" and "IntegrityError" in dead["reason"]
+    assert spool.read_bytes() == b"" and ledger.rejected == 1 and ledger.healthy
+    assert any("nan-1" in e for e in _errors(caplog))
+    ledger.close()
