@@ -16,7 +16,7 @@ import signal
 import sqlite3
 import threading
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -29,22 +29,14 @@ from int8serve.service.policy.policy import LEDGER_FILE, SPOOL_FILE
 from int8serve.service.policy.spool import FileSpool, SpoolLockedError
 
 from ..conftest import MODEL
+from . import test_crash
 from .conftest import PolicyServer, TcpProxy, auth_for, pg_rows, postgres_url, sse_data
 from .test_crash import ACCOUNT, TOKEN, Server, spooled_ids, start_server
 from .test_faults import BODY
 
 TIMEOUT = 2.0  # the database timeout these tests give the ledger
+servers = test_crash.servers  # the fixture: the `serve` processes a test started, killed at its end
 QUICK = 1.5  # an answer that did not wait for the database (admission may wait 0.5 s for the daily allocation)
-
-
-@pytest.fixture
-def servers() -> Iterator[list[Server]]:
-    """`serve` processes a test started; any still running at the end is killed."""
-    started: list[Server] = []
-    yield started
-    for server in started:
-        if server.process.poll() is None:
-            server.kill()
 
 
 def _timed(call: Callable[[], httpx.Response]) -> tuple[httpx.Response, float]:
