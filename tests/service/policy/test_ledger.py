@@ -225,6 +225,53 @@ def test_a_reading_of_the_ledger_counts_rows_recorded_after_it() -> None:
         ledger.close()
 
 
+class GatedSpool(MemorySpool):
+    """A spool whose appends wait for `gate`: a writer busy on a slow fsync."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.gate = threading.Event()
+
+    def append(self, rows: Any) -> None:
+        self.gate.wait(10)
+        super().append(rows)
+
+
+def test_a_cancelled_caller_does_not_fail_the_other_rows_of_its_batch() -> None:
+    """Found in review: a request task cancelled while its row waited for the writer cancelled the writer's future,
+    setting its result raised, and the writer then failed every other row of that batch (500s for requests whose
+    rows were written and billed)."""
+    spool = GatedSpool()
+    ledger = Ledger(make_database("sqlite://"), spool)
+    ledger.create_schema()
+    ledger.start()
+    now = utc_now()
+
+    def row(i: int) -> UsageRow:
+        return UsageRow(f"r{i}", now, "acct", MODEL, 1, 1, 1.0, False, "ok", 1.0)
+
+    async def scenario() -> list[Any]:
+        first = asyncio.ensure_future(ledger.record(row(1)))  # the writer takes it and waits in append
+        await asyncio.sleep(0.2)
+        cancelled = asyncio.ensure_future(ledger.record(row(2)))
+        others = [asyncio.ensure_future(ledger.record(row(i))) for i in range(3, 6)]
+        await asyncio.sleep(0.1)
+        cancelled.cancel()
+        await asyncio.sleep(0.1)
+        spool.gate.set()
+        await first
+        return await asyncio.gather(*others, return_exceptions=True)
+
+    try:
+        assert asyncio.run(scenario()) == [None, None, None]
+        assert ledger.flush(5)
+        with ledger.database.connect() as conn:
+            ids = sorted(r[0] for r in conn.execute(sa.select(ledger.table.c.request_id)))
+        assert ids == [f"r{i}" for i in range(1, 6)]  # the cancelled caller's row is written all the same
+    finally:
+        ledger.close()
+
+
 def test_no_database_work_on_the_event_loop_thread(policy_server: Callable[..., PolicyServer]) -> None:
     server = policy_server(daily_neurons=10_000)
     threads: set[str] = set()

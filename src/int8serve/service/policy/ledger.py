@@ -351,8 +351,9 @@ class Ledger:
 
     async def record(self, row: UsageRow) -> None:
         """Return once `row` is durable (spooled, or in the database); raises LedgerUnavailableError if neither.
-        Never waits for the database while the spool can be written."""
-        await asyncio.wrap_future(self._put(_Job.WRITE, row))
+        Never waits for the database while the spool can be written. Cancelling the caller does not cancel the
+        write: the row is written all the same, and the other rows of its batch are acknowledged as usual."""
+        await asyncio.shield(asyncio.wrap_future(self._put(_Job.WRITE, row)))
 
     async def usage(self, account: str, since: datetime, until: datetime) -> tuple[list[UsageGroup], list[UsageGroup]]:
         """(by model, by day) totals of `account` for `since` <= time < `until`, spooled rows included; read beside
@@ -482,8 +483,7 @@ class Ledger:
             except Exception:  # a bug must not leave requests waiting forever on a dead writer
                 log.exception("the ledger writer failed on a batch of %d rows", len(writes))
                 for task in writes:
-                    if not task.done.done():
-                        task.done.set_exception(LedgerUnavailableError("the ledger writer failed"))
+                    _answer(task.done, LedgerUnavailableError("the ledger writer failed"))
             for task in tasks:
                 if task.job is _Job.STOP:
                     task.done.set_result(True)
@@ -513,10 +513,10 @@ class Ledger:
                       self.spool_name, err)
             error = self._insert_now(rows)
             for task in writes:
-                task.done.set_exception(error) if error else task.done.set_result(None)
+                _answer(task.done, error)
             return
         for task in writes:
-            task.done.set_result(None)
+            _answer(task.done, None)
         self._wake()
         self._check_spool_size()
 
@@ -770,9 +770,9 @@ class Ledger:
 
     def _read_sum(self, account: str, since: datetime) -> None:
         day = since.date().isoformat()
-        with self._lock:
+        with self._lock:  # one snapshot: a row spooled between the two would count twice (`NeuronsReading.now`)
             recorded = self._recorded[(account, day)]
-        pending = self._pending_rows(account, since)
+            pending = [s.row for s in self._unflushed if s.row.account == account and s.row.time >= since]
         skip = [r.request_id for r in pending]
         try:
             total = self._query(lambda conn: self._db_neurons(conn, account, since, skip))
@@ -845,3 +845,12 @@ def _rows_from_spool(records: Sequence[dict[str, Any]]) -> list[UsageRow]:
 def short_error(err: BaseException) -> str:
     text = " ".join(str(getattr(err, "orig", None) or err).split())
     return f"{type(err).__name__}: {text[:200]}"
+
+
+def _answer(done: concurrent.futures.Future[Any], error: BaseException | None) -> None:
+    """Tell a writer's caller how its row went, unless nobody waits any more (a future cancelled meanwhile)."""
+    with contextlib.suppress(concurrent.futures.InvalidStateError):
+        if error is None:
+            done.set_result(None)
+        else:
+            done.set_exception(error)
