@@ -331,6 +331,66 @@ def test_sigterm_drains_a_stream_in_flight_and_refuses_new_requests(tmp_path: Pa
     assert [(tokens, outcome) for _, tokens, outcome in rows] == [(completed, "ok")]
 
 
+def test_a_second_signal_cuts_at_once_and_keeps_the_row(tmp_path: Path, shared_dir: Path) -> None:
+    """Found by an audit: a second SIGTERM during the drain exited without the stream's ledger row (uvicorn's
+    forced exit cancelled it). It now cuts what is in flight at once, rows written, as the shutdown timeout does."""
+    process, port = start("--model", str(shared_dir / "models" / "stories260K" / "hf"), "--token", "t-1=acct-1",
+                          "--shutdown-timeout", "300", tmp_path=tmp_path)
+    base = f"http://127.0.0.1:{port}"
+    url = f"{base}/client/v4/accounts/acct-1/ai/run/{MODEL}"
+    try:
+        with httpx.stream("POST", url, headers={"Authorization": "Bearer t-1"}, timeout=120, json={
+                "prompt": "Once upon a time", "raw": True, "stream": True, "max_tokens": 480}) as streamed:
+            lines = streamed.iter_lines()
+            _first_frame(lines)
+            process.send_signal(signal.SIGTERM)
+            deadline = time.monotonic() + 30
+            while httpx.get(f"{base}/readyz", timeout=10).status_code != 503:
+                assert time.monotonic() < deadline, "the server did not start draining"
+                time.sleep(0.01)
+            process.send_signal(signal.SIGTERM)
+            signalled = time.monotonic()
+            rest = list(lines)
+        _, err = process.communicate(timeout=120)
+        exited = time.monotonic() - signalled
+    finally:
+        if process.poll() is None:
+            process.kill()
+    assert process.returncode == 0, err
+    assert "cutting the 1 requests in flight now" in err and exited < 30, err  # not the 300 s timeout
+    frames = [line for line in rest if line.startswith("data: ")]
+    assert frames, err
+    rows = _ledger_rows(tmp_path / "data")
+    assert len(rows) == 1 and 0 < rows[0][1] <= 480, err  # the stream's row, with what it had generated
+
+
+def test_a_signal_while_the_model_loads_exits_cleanly(tmp_path: Path, smollm2_gguf: Path) -> None:
+    """Found by an audit: SIGTERM while the weights loaded ended in SIGABRT (exit 134, "terminate called without an
+    active exception": the interpreter exited under the load thread's torch work)."""
+    port = free_port()
+    env = {**os.environ, "INT8SERVE_CACHE": str(fresh_cache(tmp_path / "cache")), "INT8SERVE_TOKENS": "",
+           "INT8SERVE_DATA_DIR": str(tmp_path / "data")}
+    process = subprocess.Popen([sys.executable, "-m", "int8serve", "serve", "--port", str(port), "--model",
+                                str(smollm2_gguf), "--no-model-cache", "--quantizer", "rtn"],
+                               stderr=subprocess.PIPE, stdout=subprocess.DEVNULL, text=True, env=env)
+    try:
+        deadline = time.monotonic() + 60
+        while True:
+            assert process.poll() is None and time.monotonic() < deadline, "serve did not start loading"
+            try:
+                if "loading" in httpx.get(f"http://127.0.0.1:{port}/readyz", timeout=1).text:
+                    break
+            except httpx.TransportError:
+                time.sleep(0.05)
+        process.send_signal(signal.SIGTERM)
+        _, err = process.communicate(timeout=60)
+    finally:
+        if process.poll() is None:
+            process.kill()
+    assert process.returncode == 0, err
+    assert "stopped while loading the model" in err and "terminate called" not in err, err
+
+
 def test_shutdown_timeout_cuts_what_is_left_and_meters_it(tmp_path: Path, shared_dir: Path) -> None:
     process, port = start("--model", str(shared_dir / "models" / "stories260K" / "hf"), "--token", "t-1=acct-1",
                           "--shutdown-timeout", "0.3", tmp_path=tmp_path)

@@ -14,14 +14,17 @@ sees it:
    turn ready;
 3. on SIGTERM or SIGINT, drain: `/readyz` 503 at once, new API requests 503, requests in flight (streams included)
    finish for up to `shutdown_timeout` seconds, after which the engine cuts what is left (those answers end, and
-   are metered, with what they generated); then the usage ledger is flushed and the process exits 0. A second
-   signal stops at once.
+   their ledger rows are written: outcome `error`, the tokens they generated, 0 neurons); then the usage ledger is
+   flushed and the process exits 0. A second signal cuts at once, rows still written; a third stops without
+   waiting for them. A signal while the weights load stops the loading: the ledger is flushed and the process
+   exits 0 at once, without waiting for the load thread (which may be minutes inside torch).
 """
 
 from __future__ import annotations
 
 import contextlib
 import logging
+import os
 import secrets
 import signal
 import sys
@@ -253,6 +256,7 @@ class _Server(uvicorn.Server):
         self.shutdown_timeout = shutdown_timeout
         self.engines: list[Engine] = []
         self._draining = False
+        self._cut_now = threading.Event()  # a second signal during the drain: stop waiting for requests in flight
 
     @contextlib.contextmanager
     def capture_signals(self) -> Iterator[None]:
@@ -264,7 +268,12 @@ class _Server(uvicorn.Server):
                 signal.signal(sig, handler)
 
     def handle_exit(self, sig: int, frame: object) -> None:
-        if self._draining or self.lifecycle.phase is not Phase.READY:  # a second signal, or nothing to drain
+        if self._draining and not self._cut_now.is_set():  # a second signal: cut now, their rows still written
+            log.warning("signal again: cutting the %d requests in flight now (signal once more to stop without "
+                        "waiting for their ledger rows)", self.lifecycle.requests)
+            self._cut_now.set()
+            return
+        if self._draining or self.lifecycle.phase is not Phase.READY:  # a third signal, or nothing to drain
             self.force_exit = self._draining
             self.should_exit = True
             return
@@ -278,13 +287,25 @@ class _Server(uvicorn.Server):
                  self.lifecycle.requests, self.shutdown_timeout)
         for engine in self.engines:
             engine.stop_accepting()
-        if not self.lifecycle.wait_idle(self.shutdown_timeout):
-            log.warning("shutdown timeout: cutting the %d requests still in flight", self.lifecycle.requests)
+        if not self._wait_idle_unless_cut(self.shutdown_timeout):
+            if not self._cut_now.is_set():
+                log.warning("shutdown timeout: cutting the %d requests still in flight", self.lifecycle.requests)
             for engine in self.engines:
-                engine.stop()  # their answers end with what was generated (and are metered)
+                engine.stop()  # their answers end; their rows are written (outcome error)
             self.lifecycle.wait_idle(CUT_GRACE_SECONDS)
         log.info("drained in %.1f s (%d new requests refused)", time.monotonic() - started, self.lifecycle.refused)
         self.should_exit = True
+
+    def _wait_idle_unless_cut(self, timeout: float) -> bool:
+        """`lifecycle.wait_idle(timeout)`, given up early when a second signal comes; True if idle."""
+        deadline = time.monotonic() + timeout
+        while not self._cut_now.is_set():
+            left = deadline - time.monotonic()
+            if left <= 0:
+                return False
+            if self.lifecycle.wait_idle(min(left, 0.1)):
+                return True
+        return False
 
 
 def run_server(loaded: LoadedSettings, tokens: dict[str, str], prepared: Prepared) -> None:
@@ -322,7 +343,8 @@ def run_server(loaded: LoadedSettings, tokens: dict[str, str], prepared: Prepare
             log.info("%s", line)
 
     warm_up_thread_pool()
-    threading.Thread(target=load, name="int8serve-load", daemon=True).start()
+    loader = threading.Thread(target=load, name="int8serve-load", daemon=True)
+    loader.start()
     try:
         server.run()
     finally:
@@ -333,6 +355,12 @@ def run_server(loaded: LoadedSettings, tokens: dict[str, str], prepared: Prepare
         log.info("usage ledger flushed; stopped")
     if failure:
         raise SystemExit(f"int8serve serve: error: {failure[0]}")
+    if loader.is_alive():  # stopped while loading: the interpreter's exit would abort inside torch's threads
+        log.info("stopped while loading the model")
+        logging.shutdown()
+        sys.stdout.flush()
+        sys.stderr.flush()
+        os._exit(0)
 
 
 def _print_start(loaded: LoadedSettings, prepared: Prepared, tokens: dict[str, str], generated: bool) -> None:
