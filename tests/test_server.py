@@ -364,6 +364,15 @@ def test_a_second_signal_cuts_at_once_and_keeps_the_row(tmp_path: Path, shared_d
     assert len(rows) == 1 and 0 < rows[0][1] <= 480, err  # the stream's row, with what it had generated
 
 
+def test_sighup_drains_as_sigterm_does(tmp_path: Path, shared_dir: Path) -> None:
+    """A closed terminal or SSH session sends SIGHUP: it used to kill the server at once (exit 129)."""
+    process, _port = start("--model", str(shared_dir / "models" / "stories260K" / "hf"), "--token", "t-1=acct-1",
+                           tmp_path=tmp_path)
+    process.send_signal(signal.SIGHUP)
+    _, err = process.communicate(timeout=60)
+    assert process.returncode == 0 and "drained in" in err and "usage ledger flushed" in err, err
+
+
 def test_a_signal_while_the_model_loads_exits_cleanly(tmp_path: Path, smollm2_gguf: Path) -> None:
     """Found by an audit: SIGTERM while the weights loaded ended in SIGABRT (exit 134, "terminate called without an
     active exception": the interpreter exited under the load thread's torch work)."""

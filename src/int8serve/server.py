@@ -12,12 +12,12 @@ sees it:
    progress bar on a terminal) in a background thread, one model after the other; then build one engine per model
    (slots = its card's max_concurrent_requests, context = its card's limit within the model's) and the app, and
    turn ready;
-3. on SIGTERM or SIGINT, drain: `/readyz` 503 at once, new API requests 503, requests in flight (streams included)
-   finish for up to `shutdown_timeout` seconds, after which the engine cuts what is left (those answers end, and
-   their ledger rows are written: outcome `error`, the tokens they generated, 0 neurons); then the usage ledger is
-   flushed and the process exits 0. A second signal cuts at once, rows still written; a third stops without
-   waiting for them. A signal while the weights load stops the loading: the ledger is flushed and the process
-   exits 0 at once, without waiting for the load thread (which may be minutes inside torch).
+3. on SIGTERM, SIGINT or SIGHUP, drain: `/readyz` 503 at once, new API requests 503, requests in flight (streams
+   included) finish for up to `shutdown_timeout` seconds, after which the engine cuts what is left (those answers
+   end, and their ledger rows are written: outcome `error`, the tokens they generated, 0 neurons); then the usage
+   ledger is flushed and the process exits 0. A second signal cuts at once, rows still written; a third stops without
+   waiting for them. A signal while the weights load stops the loading: the ledger is flushed and the process exits 0
+   at once, without waiting for the load thread (which may be minutes inside torch).
 """
 
 from __future__ import annotations
@@ -260,7 +260,9 @@ class _Server(uvicorn.Server):
 
     @contextlib.contextmanager
     def capture_signals(self) -> Iterator[None]:
-        previous = {sig: signal.signal(sig, self.handle_exit) for sig in (signal.SIGINT, signal.SIGTERM)}
+        # SIGHUP too: a closed terminal or SSH session drains as SIGTERM does (it used to kill, without a drain)
+        drained = (signal.SIGINT, signal.SIGTERM, signal.SIGHUP)
+        previous = {sig: signal.signal(sig, self.handle_exit) for sig in drained}
         try:
             yield
         finally:
