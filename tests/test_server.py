@@ -254,6 +254,21 @@ def test_serve_policy_flag_errors(tmp_path: Path, shared_dir: Path, capsys: pyte
     assert message in err and "Traceback" not in err
 
 
+def test_a_port_in_use_is_said_at_once(tmp_path: Path, shared_dir: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    """Found by an audit: serve printed "listening on ..." and only then uvicorn's bind error (exit 3)."""
+    from int8serve.cli import main
+
+    with socket.socket() as taken:
+        taken.bind(("127.0.0.1", 0))
+        taken.listen()
+        port = taken.getsockname()[1]
+        with pytest.raises(SystemExit) as info:
+            main(["serve", "--data-dir", str(tmp_path / "data"), "--port", str(port), "--model",
+                  str(shared_dir / "models" / "stories260K" / "hf")])
+    text = capsys.readouterr().err + str(info.value.code)
+    assert f"cannot listen on 127.0.0.1:{port}: Address already in use" in text and "listening on" not in text, text
+
+
 @pytest.mark.parametrize("args", [
     ["--database-url", "postgresql+psycopg://app:S3cretPw@127.0.0.1:1/test"],  # unreachable
     ["--database-url", "nosuchdb://app:S3cretPw@db/x"],  # no such dialect

@@ -7,6 +7,7 @@ which `server.py` imports only once these checks have passed (importing them alo
 
 from __future__ import annotations
 
+import socket
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -61,6 +62,7 @@ def prepare(settings: ServeSettings) -> Prepared:
         templates = [_template(card) for card in cards]
     except (CardError, UnknownModelError, ModelSpecError, UnknownTemplateError) as err:
         raise ServeError(str(err)) from err
+    _check_port(settings.host, settings.port)
     try:  # Redis and the database before any download: a wrong URL fails in a second
         policy = Policy.build(policy_settings(settings))
     except (ValueError, PolicyStartupError) as err:
@@ -74,6 +76,17 @@ def prepare(settings: ServeSettings) -> Prepared:
             raise ServeError(str(err)) from err
         models.append(ServedModel(card=card, template=template, model_path=path, builtin=spec.builtin))
     return Prepared(catalog=catalog, models=models, policy=policy)
+
+
+def _check_port(host: str, port: int) -> None:
+    """Fail at once, in one sentence, where uvicorn would fail after printing that it listens (a port in use)."""
+    family = socket.AF_INET6 if ":" in host else socket.AF_INET
+    with socket.socket(family, socket.SOCK_STREAM) as probe:
+        probe.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)  # as uvicorn binds: TIME_WAIT is no conflict
+        try:
+            probe.bind((host, port))
+        except OSError as err:
+            raise ServeError(f"cannot listen on {host}:{port}: {err.strerror or err} (--port, --host)") from None
 
 
 def _template(card: ModelCard) -> PromptTemplate:
