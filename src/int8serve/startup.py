@@ -62,7 +62,6 @@ def prepare(settings: ServeSettings) -> Prepared:
         templates = [_template(card) for card in cards]
     except (CardError, UnknownModelError, ModelSpecError, UnknownTemplateError) as err:
         raise ServeError(str(err)) from err
-    _check_port(settings.host, settings.port)
     try:  # Redis and the database before any download: a wrong URL fails in a second
         policy = Policy.build(policy_settings(settings))
     except (ValueError, PolicyStartupError) as err:
@@ -75,6 +74,11 @@ def prepare(settings: ServeSettings) -> Prepared:
             policy.close()
             raise ServeError(str(err)) from err
         models.append(ServedModel(card=card, template=template, model_path=path, builtin=spec.builtin))
+    try:  # last: the flags' own mistakes are said first
+        _check_port(settings.host, settings.port)
+    except ServeError:
+        policy.close()
+        raise
     return Prepared(catalog=catalog, models=models, policy=policy)
 
 
