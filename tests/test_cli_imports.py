@@ -76,3 +76,101 @@ def test_a_command_that_runs_the_model_imports_torch(tmp_path: Path, stories_hf:
     report, stderr = run_cli("eval-ppl", "--model", str(stories_hf), "--text", str(text), "--window", "32",
                              "--max-windows", "1", "--no-model-cache", tmp_path=tmp_path)
     assert report == {"code": 0, "torch": True}, stderr
+
+
+SECRET = "SUPERSECRET123"
+
+
+def _write(path: Path, data: bytes) -> Path:
+    path.write_bytes(data)
+    return path
+
+
+@pytest.mark.parametrize(("lines", "message"), [
+    (b"MY SECRET123 TOKEN=acct\n", "tokens:1: expected TOKEN=ACCOUNT_ID"),
+    (b"# a comment\nexport SUPERSECRET123=acct\n", "tokens:2: expected TOKEN=ACCOUNT_ID"),
+    (b"ok=acct\nSUPER\xef\xbb\xbfSECRET123=acct\n", "tokens:2: expected TOKEN=ACCOUNT_ID"),
+    (b"SUPERSECRET123\n", "tokens:1: expected TOKEN=ACCOUNT_ID with a token of visible ASCII characters: "
+     "there is no '='"),
+    (b"ok=acct\nSUPERSECRET123=acct\xff\n", "tokens:2: not UTF-8 text (byte 0xff)"),
+    (b"", "holds no tokens"),
+    (b"# SUPERSECRET123=acct\n\n   # nothing\n", "holds no tokens"),
+])
+def test_a_bad_tokens_file_is_refused_without_showing_a_token(lines: bytes, message: str, tmp_path: Path) -> None:
+    tokens = _write(tmp_path / "tokens", lines)
+    report, stderr = run_cli("serve", "--tokens-file", str(tokens), "--port", "1", "--model", "/nonexistent",
+                             tmp_path=tmp_path)
+    assert report["code"] == 2, stderr
+    assert message in stderr
+    assert "SECRET" not in stderr and "Traceback" not in stderr
+    assert stderr.count("\n") == 1, stderr  # one line
+
+
+@pytest.mark.parametrize(("args", "env"), [
+    (["--token", f"{SECRET}=acct"], {}),
+    (["--metrics-token", SECRET], {}),
+    ([], {"INT8SERVE_TOKENS": f"{SECRET}=acct"}),
+    ([], {"INT8SERVE_DATABASE_URL": f"postgresql://user:{SECRET}@127.0.0.1:1/db"}),
+    (["--database-url", f"postgresql://user:{SECRET}@127.0.0.1:1/db", "--metrics-token", SECRET], {}),
+])
+def test_a_settings_error_across_fields_shows_no_secret(args: list[str], env: dict[str, str], tmp_path: Path,
+                                                        monkeypatch: pytest.MonkeyPatch) -> None:
+    for name, value in env.items():
+        monkeypatch.setenv(name, value)
+    report, stderr = run_cli("serve", *args, "--dtype", "fp32", "--kv-cache", "int8", tmp_path=tmp_path)
+    assert report["code"] == 2, stderr
+    assert "--kv-cache int8 applies to int8 models; --dtype fp32" in stderr
+    assert SECRET not in stderr and "--?" not in stderr
+
+
+def test_a_bom_at_the_start_of_a_tokens_file_is_skipped() -> None:
+    import tempfile
+
+    from int8serve.cli import parse_tokens
+
+    with tempfile.TemporaryDirectory() as folder:
+        tokens = _write(Path(folder) / "tokens", "\ufefftok=acct\r\nother=acct2\n".encode())
+        assert parse_tokens([], tokens) == {"tok": "acct", "other": "acct2"}
+
+
+def test_eval_ppl_on_a_text_that_is_not_utf8_is_a_usage_error(tmp_path: Path) -> None:
+    text = _write(tmp_path / "text.txt", b"abc\xffdef")
+    report, stderr = run_cli("eval-ppl", "--text", str(text), "--model", "/nonexistent", tmp_path=tmp_path)
+    assert report == {"code": 2, "torch": False}, stderr
+    assert "text.txt: not UTF-8 text (byte 0xff at offset 3)" in stderr and "Traceback" not in stderr
+
+
+@pytest.mark.parametrize("command", [["generate", "hi"], ["eval-ppl", "--text", "t.txt"], ["quantize", "a", "b"]])
+@pytest.mark.parametrize("threads", ["0", "-1"])
+def test_threads_below_one_is_refused_by_the_parser(command: list[str], threads: str, tmp_path: Path) -> None:
+    report, stderr = run_cli(*command, "--threads", threads, tmp_path=tmp_path)
+    assert report == {"code": 2, "torch": False}, stderr
+    assert f"argument --threads: expected a whole number >= 1, got '{threads}'" in stderr
+
+
+def _fake_model(folder: Path) -> Path:
+    folder.mkdir(parents=True)
+    (folder / "config.json").write_text("{}")
+    (folder / "model.safetensors").write_bytes(b"fp32 weights")
+    return folder
+
+
+@pytest.mark.parametrize(("dst", "message"), [
+    ("src", "DST src is the source model SRC"),
+    ("./src/../src/", "is the source model SRC"),
+    ("src/int8", "DST src/int8 is a folder inside the source model src"),
+    ("full", "DST full is a folder that already holds files"),
+    ("file.txt", "DST file.txt is an existing file"),
+    (".", "DST . is a folder around the source model src"),
+])
+def test_quantize_never_writes_over_a_model_a_file_or_a_folder_with_files(dst: str, message: str,
+                                                                          tmp_path: Path) -> None:
+    src = _fake_model(tmp_path / "src")
+    (src / "int8").mkdir()
+    _fake_model(tmp_path / "full")
+    (tmp_path / "file.txt").write_text("keep me")
+    report, stderr = run_cli("quantize", "src", dst, tmp_path=tmp_path)
+    assert report == {"code": 2, "torch": False}, stderr
+    assert message in stderr and "Traceback" not in stderr
+    assert (src / "model.safetensors").read_bytes() == b"fp32 weights"
+    assert (tmp_path / "file.txt").read_text() == "keep me"

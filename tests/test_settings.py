@@ -244,3 +244,48 @@ def test_the_database_timeout_reaches_the_ledger() -> None:
     assert policy_settings(load_settings(flags("--database-timeout", "2.5")).settings).database_timeout == 2.5
     with pytest.raises(SystemExit):
         flags("--database-timeout", "0")
+
+
+@pytest.mark.parametrize(("text", "message"), [
+    ("port = true", "port = true: expected a number, got a boolean"),
+    ("max_queue = true", "max_queue = true: expected a number, got a boolean"),
+    ("shutdown_timeout = false", "shutdown_timeout = false: expected a number, got a boolean"),
+    ("max-queue = \"64\"", "max_queue = '64': expected a number, got a string"),
+    ("prefix_cache = 1", "prefix_cache = 1: expected true or false, got a number"),
+    ("log_prompts = \"yes\"", "log_prompts = 'yes': expected true or false, got a string"),
+    ("account_rpm = { acct = true }", "acct: expected a whole number, got a boolean"),
+])
+def test_the_config_file_is_strict_for_numbers_and_booleans(tmp_path: Path, text: str, message: str) -> None:
+    path = write_config(tmp_path, text)
+    with pytest.raises(SettingsFileError) as err:
+        load_settings(flags("--config", str(path)))
+    assert str(err.value).startswith(f"{path}: ") and str(err.value).endswith(message)
+
+
+def test_daily_neurons_true_in_the_config_file_is_the_flag_alone(tmp_path: Path) -> None:
+    on = load_settings(flags("--config", str(write_config(tmp_path, "daily_neurons = true"))))
+    assert on.settings.daily_neurons == DEFAULT_DAILY_NEURONS and on.sources["daily_neurons"] == "file"
+    off = load_settings(flags("--config", str(write_config(tmp_path, "daily_neurons = false"))))
+    assert off.settings.daily_neurons is None
+    some = load_settings(flags("--config", str(write_config(tmp_path, "daily_neurons = 500\nport = 9000\n"
+                                                                      "shutdown_timeout = 5"))))
+    assert (some.settings.daily_neurons, some.settings.port, some.settings.shutdown_timeout) == (500, 9000, 5.0)
+
+
+def test_token_errors_name_the_line_and_the_problem_never_the_token(tmp_path: Path) -> None:
+    from int8serve.cli import UsageError, parse_tokens
+
+    cases = [("\ufeffok=a\nMY SECRET TOKEN=acct\n", "the token has a space or other blank at character 3"),
+             ("x=a\nexport SECRETTOKEN=acct", "it starts with 'export'"),
+             ("a=b\n\nSECRET\u200bTOKEN=acct", "an invisible or non-ASCII character ('\\u200b') at character 7"),
+             ("SECRETTOKEN=", "there is no account id after '='")]
+    for text, problem in cases:
+        path = tmp_path / "tokens"
+        path.write_text(text, encoding="utf-8")
+        with pytest.raises(UsageError) as err:
+            parse_tokens([], path)
+        assert problem in str(err.value) and "SECRET" not in str(err.value)
+        assert str(err.value).startswith(f"{path}:{text.count(chr(10)) + 1 if not text.endswith(chr(10)) else 2}:")
+    with pytest.raises(UsageError) as err:
+        parse_tokens(["SECRET TOKEN=acct"], None)
+    assert "SECRET" not in str(err.value) and str(err.value).startswith("--token: ")

@@ -72,7 +72,8 @@ def _add_model_args(parser: argparse.ArgumentParser, dtype: bool = True) -> None
     parser.add_argument("--model-cache", action=argparse.BooleanOptionalAction, default=True,
                         help="load a full-precision --model through its int8 copy in $INT8SERVE_CACHE/models, "
                              "written on first use (default: on)")
-    parser.add_argument("--threads", type=int, default=None, help="torch threads (default: all cores)")
+    parser.add_argument("--threads", type=_positive_int, default=None, metavar="N",
+                        help="torch threads, at least 1 (default: all cores)")
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -110,9 +111,12 @@ def build_parser() -> argparse.ArgumentParser:
                                             "output channel), and write it to DST (int8serve.json + "
                                             "model.safetensors + tokenizer.model).")
     quant.add_argument("src", type=Path, help="the source model: a folder, a .gguf file or a Hub id org/name[@rev]")
-    quant.add_argument("dst", type=Path, help="destination folder (created)")
+    quant.add_argument("dst", type=Path, help="destination folder: created, or an existing empty folder (never "
+                                              "SRC, a folder inside or around it, a file or a folder holding files: "
+                                              "remove it first or choose another path)")
     _add_quantization(quant)
-    quant.add_argument("--threads", type=int, default=None, help="torch threads (default: all cores)")
+    quant.add_argument("--threads", type=_positive_int, default=None, metavar="N",
+                       help="torch threads, at least 1 (default: all cores)")
 
     _add_serve_parser(commands)
 
@@ -164,7 +168,8 @@ def _add_serve_parser(commands: argparse._SubParsersAction) -> None:
                                                            help=help_text(field), **kwargs)
 
     serve.add_argument("--config", type=Path, default=argparse.SUPPRESS, metavar="FILE",
-                       help="a TOML file of settings (keys as the flags, e.g. max_queue = 64) [env INT8SERVE_CONFIG]")
+                       help="a TOML file of settings (keys as the flags, e.g. max_queue = 64; numbers as numbers, "
+                            "on/off as true/false) [env INT8SERVE_CONFIG]")
     option("--model", field="model", action="append", metavar="PATH|NAME=PATH")
     option("--dtype", field="dtype", choices=["int8", "fp32"])
     option("--model-cache", field="model_cache", action=argparse.BooleanOptionalAction)
@@ -219,10 +224,9 @@ def _non_negative_int(text: str) -> int:
 
 
 def _positive_int(text: str) -> int:
-    value = _non_negative_int(text)
-    if value < 1:
+    if not text.strip().isdigit() or int(text) < 1:
         raise argparse.ArgumentTypeError(f"expected a whole number >= 1, got {text!r}")
-    return value
+    return int(text)
 
 
 def _positive_float(text: str) -> float:
@@ -325,7 +329,9 @@ def _apply_kv_cache(loaded: LoadedModel, dtype: str, kind: str, card: ModelCard)
 
 def cmd_quantize(args: argparse.Namespace) -> None:
     started = time.perf_counter()
+    _check_destination(args.src, args.dst)  # before a Hub download or a long quantization
     source = resolve(args.src)
+    _check_destination(source, args.dst)
     from .engine.loader import load_model, save_int8_checkpoint
 
     loaded = load_model(source, "int8", progress=sys.stderr.isatty(), group_size=args.group_size,
@@ -335,10 +341,35 @@ def cmd_quantize(args: argparse.Namespace) -> None:
     print(f"wrote {folder} ({size / 1e6:.1f} MB) in {time.perf_counter() - started:.1f} s", file=sys.stderr)
 
 
+def _check_destination(src: Path, dst: Path) -> None:
+    """Refuse a quantize DST that would overwrite something: SRC itself (its weights replaced by int8 ones, for
+    good), a folder inside or around SRC, an existing file or a folder that holds anything."""
+    target = dst.expanduser().resolve()
+    source = src.expanduser().resolve() if src.expanduser().exists() else None
+    if source is not None:
+        if target == source:
+            raise UsageError(f"DST {dst} is the source model SRC: quantizing it in place would overwrite its "
+                             "weights; choose another destination folder")
+        if source in target.parents or target in source.parents:
+            where = "inside" if source in target.parents else "around"
+            raise UsageError(f"DST {dst} is a folder {where} the source model {src}; choose a destination "
+                             "folder apart from it")
+    if target.is_file() or (target.exists() and not target.is_dir()):
+        raise UsageError(f"DST {dst} is an existing file; quantize writes a folder: choose another path")
+    if target.is_dir() and any(target.iterdir()):
+        raise UsageError(f"DST {dst} is a folder that already holds files; quantize does not overwrite: remove "
+                         "it first or choose another path")
+
+
 def cmd_eval_ppl(args: argparse.Namespace) -> None:
     _check_kv_cache(args)
     if not args.text.is_file():
         raise UsageError(f"{args.text}: no such file")
+    try:
+        text = args.text.read_text(encoding="utf-8")
+    except UnicodeDecodeError as err:
+        raise UsageError(f"{args.text}: not UTF-8 text (byte 0x{err.object[err.start]:02x} at offset "
+                         f"{err.start})") from None
     spec, card = model_spec(args.model)
     loaded, tokenizer = open_model(spec, args.dtype, args.model_cache, args.group_size, args.quantizer)
     _apply_kv_cache(loaded, args.dtype, args.kv_cache, card)
@@ -348,7 +379,7 @@ def cmd_eval_ppl(args: argparse.Namespace) -> None:
     reference = None
     if args.compare_to == "fp32":
         reference = load_model(loaded.path, "fp32").model
-    ids = tokenizer.encode(args.text.read_text(encoding="utf-8"))
+    ids = tokenizer.encode(text)
     if args.max_windows:
         ids = ids[: args.max_windows * args.window]
     try:
@@ -395,15 +426,17 @@ def _token_origin(sources: dict[str, str]) -> str:
 
 
 def parse_tokens(entries: Sequence[str], tokens_file: Path | None, where: str = "--token") -> dict[str, str]:
-    """TOKEN=ACCOUNT_ID entries (from a flag, variable or the config file) and the lines of a tokens file."""
+    """TOKEN=ACCOUNT_ID entries (from a flag, variable or the config file) and the lines of a tokens file.
+
+    An error says where the entry is (flag, variable, file and line) and what is wrong with it, never the entry
+    itself: it may hold a secret token."""
     located = [(f"{where} (entry {n})" if len(entries) > 1 else where, entry) for n, entry in enumerate(entries, 1)]
     if tokens_file is not None:
-        if not tokens_file.is_file():
-            raise UsageError(f"{tokens_file}: no such tokens file")
-        for number, line in enumerate(tokens_file.read_text().splitlines(), 1):
-            line = line.split("#", 1)[0].strip()
-            if line:
-                located.append((f"{tokens_file}:{number}", line))
+        lines = _tokens_file_lines(tokens_file)
+        if not lines:
+            raise UsageError(f"tokens file {tokens_file} holds no tokens (it is empty or only comments): add "
+                             "TOKEN=ACCOUNT_ID lines to it, or leave --tokens-file out")
+        located += lines
     from .accounts import ACCOUNT_ID_RULE, is_valid_account
     from .service.auth import is_valid_token
 
@@ -412,9 +445,8 @@ def parse_tokens(entries: Sequence[str], tokens_file: Path | None, where: str = 
         token, sep, account = entry.partition("=")
         token, account = token.strip(), account.strip()
         if not sep or not is_valid_token(token) or not account:
-            shown = entry if sep and account else "<hidden>"  # never echo what may be a secret token whole
-            raise UsageError(f"{origin}: expected TOKEN=ACCOUNT_ID with a token of visible ASCII "
-                             f"characters, got {shown!r}")
+            raise UsageError(f"{origin}: expected TOKEN=ACCOUNT_ID with a token of visible ASCII characters: "
+                             f"{_token_problem(token, sep, account)} (the entry is not shown: it may hold a secret)")
         if not is_valid_account(account):  # the usage ledger could not store its rows
             raise UsageError(f"{origin}: account id {_shorten(account)!r} is not usable: an account id is "
                              f"{ACCOUNT_ID_RULE}")
@@ -422,6 +454,43 @@ def parse_tokens(entries: Sequence[str], tokens_file: Path | None, where: str = 
             raise UsageError(f"{origin}: token is already mapped to account {tokens[token]}")
         tokens[token] = account
     return tokens
+
+
+def _tokens_file_lines(tokens_file: Path) -> list[tuple[str, str]]:
+    """(file:line, entry) for each line of a tokens file that is not blank or a comment; a UTF-8 BOM is skipped."""
+    if not tokens_file.is_file():
+        raise UsageError(f"{tokens_file}: no such tokens file")
+    data = tokens_file.read_bytes()
+    try:
+        text = data.decode("utf-8-sig")
+    except UnicodeDecodeError as err:
+        line = data[: err.start].count(b"\n") + 1
+        raise UsageError(f"{tokens_file}:{line}: not UTF-8 text (byte 0x{data[err.start]:02x}); a tokens file "
+                         "holds TOKEN=ACCOUNT_ID lines of ASCII") from None
+    lines = []
+    for number, line in enumerate(text.splitlines(), 1):
+        line = line.split("#", 1)[0].strip()
+        if line:
+            lines.append((f"{tokens_file}:{number}", line))
+    return lines
+
+
+def _token_problem(token: str, sep: str, account: str) -> str:
+    """What is wrong with a TOKEN=ACCOUNT_ID entry, said without showing the token."""
+    if not sep:
+        return "there is no '='"
+    if not token:
+        return "there is no token before '='"
+    if not account:
+        return "there is no account id after '='"
+    if token.startswith("export ") or token.startswith("export\t"):
+        return "it starts with 'export' (a shell line? write TOKEN=ACCOUNT_ID alone)"
+    for position, char in enumerate(token, 1):
+        if char.isspace():
+            return f"the token has a space or other blank at character {position}"
+        if not (char.isascii() and char.isprintable()):
+            return f"the token has an invisible or non-ASCII character ({char!a}) at character {position}"
+    return "the token is not usable in an Authorization header"
 
 
 def _shorten(text: str, keep: int = 40) -> str:

@@ -7,7 +7,8 @@ with this precedence (highest first):
 
 1. a command-line flag (`--max-queue 64`);
 2. an environment variable, `INT8SERVE_` + the field name in capitals (`INT8SERVE_MAX_QUEUE=64`);
-3. the TOML file given by `--config` or `INT8SERVE_CONFIG` (`max_queue = 64`; `max-queue` works too);
+3. the TOML file given by `--config` or `INT8SERVE_CONFIG` (`max_queue = 64`; `max-queue` works too), strict for
+   types: a number setting takes a number, an on/off one true or false (`daily_neurons = true`: the flag alone);
 4. the default.
 
 The field descriptions are also the help of `int8serve serve --help`, so the two cannot drift apart. A bad value
@@ -22,7 +23,8 @@ import os
 import tomllib
 from collections.abc import Mapping
 from pathlib import Path
-from typing import Annotated, Any, Literal
+from types import UnionType
+from typing import Annotated, Any, Literal, Union, get_args, get_origin
 
 from pydantic import Field, ValidationError, field_validator, model_validator
 from pydantic_settings import (
@@ -118,8 +120,8 @@ class ServeSettings(BaseSettings):
                                           "variable comma-separated. With none (and no --tokens-file) a token is "
                                           "made at start-up and printed: auth is never off. An account id is "
                                           f"{ACCOUNT_ID_RULE}")
-    tokens_file: Path | None = Field(None, description="a file of TOKEN=ACCOUNT_ID lines (# comments allowed), "
-                                                       "added to the tokens")
+    tokens_file: Path | None = Field(None, description="a UTF-8 file of TOKEN=ACCOUNT_ID lines (# comments "
+                                                       "allowed), added to the tokens; a file with none is refused")
     max_queue: int = Field(32, ge=0, description="requests that may wait for a free slot; beyond it 429 code 3040")
     prefix_cache: bool = Field(True, description="keep the keys and values of prompt prefixes (the default system "
                                                  "prompt, earlier turns of a chat) and prefill only what follows "
@@ -202,7 +204,8 @@ class ServeSettings(BaseSettings):
     daily_neurons: float | None = Field(None, gt=0, allow_inf_nan=False,
                                         description="a daily neuron allocation per account, reset 00:00 UTC, beyond "
                                                     "which requests get 429 code 3036 (off by default; the flag "
-                                                    f"alone: {DEFAULT_DAILY_NEURONS:,})")
+                                                    f"alone, or true in the config file: "
+                                                    f"{DEFAULT_DAILY_NEURONS:,}; false there: off)")
 
     @field_validator("card", "tokens", "model", mode="before")
     @classmethod
@@ -300,7 +303,39 @@ def read_config_file(path: Path) -> dict[str, Any]:
     unknown = sorted(key for key in values if key not in ServeSettings.model_fields)
     if unknown:
         raise SettingsFileError(f"{path}: unknown setting(s) {', '.join(unknown)} (see 'int8serve serve --help')")
+    if isinstance(values.get("daily_neurons"), bool):  # true: as the flag alone; false: off
+        values["daily_neurons"] = float(DEFAULT_DAILY_NEURONS) if values["daily_neurons"] else None
+    for key, value in values.items():
+        problem = _file_type_problem(key, value) if value is not None else None
+        if problem:
+            raise SettingsFileError(f"{path}: {key} = {_shown_input(key, value)}: {problem}")
     return values
+
+
+def _file_type_problem(field: str, value: Any) -> str | None:
+    """Why a TOML value cannot be the setting `field`: the file is strict for numbers and booleans (TOML has
+    them), where pydantic alone would take true for 1, or "yes" for true."""
+    annotation = ServeSettings.model_fields[field].annotation
+    types = {arg for arg in get_args(annotation) if arg is not type(None)} if get_origin(annotation) in (
+        Union, UnionType) else {annotation}
+    if types <= {int, float}:
+        if isinstance(value, bool) or not isinstance(value, int | float):
+            return f"expected a number, got {_toml_kind(value)}"
+    elif types == {bool} and not isinstance(value, bool):
+        return f"expected true or false, got {_toml_kind(value)}"
+    elif get_origin(annotation) is dict and isinstance(value, dict):  # account_rpm: a table of whole numbers
+        for key, number in value.items():
+            if isinstance(number, bool) or not isinstance(number, int):
+                return f"{key}: expected a whole number, got {_toml_kind(number)}"
+    return None
+
+
+def _toml_kind(value: Any) -> str:
+    if isinstance(value, bool):
+        return "a boolean"
+    if isinstance(value, int | float):
+        return "a number"
+    return {str: "a string", list: "an array", dict: "a table"}.get(type(value), type(value).__name__)
 
 
 class LoadedSettings:
@@ -354,7 +389,10 @@ def _source(name: str, flags: Mapping[str, Any], env_keys: set[str], file_values
 def _explain(err: ValidationError, sources: Mapping[str, str], config_file: Path | None) -> str:
     problems = []
     for error in err.errors():
-        field = str(error["loc"][0]) if error["loc"] else "?"
+        if not error["loc"]:  # a check across several fields (_kv_cache_needs_int8): its message names the flags
+            problems.append(str(error["msg"]).removeprefix("Value error, "))  # and it never shows the input
+            continue
+        field = str(error["loc"][0])
         source = sources.get(field, "flag")
         origin = {"flag": flag_name(field), "env": env_name(field),
                   "file": f"{field} in {config_file}", "default": f"default of {field}"}[source]
@@ -382,8 +420,10 @@ def _shown_input(field: str, value: Any) -> str:
     """A bad value as an error message may show it: secrets never, URLs without their password."""
     if field in SECRET_FIELDS:
         return "a hidden value"
-    if field in URL_FIELDS and isinstance(value, str):
-        return repr(hide_password(value))
+    if field in URL_FIELDS:
+        return repr(hide_password(value)) if isinstance(value, str) else "a hidden value"
+    if isinstance(value, bool):
+        return str(value).lower()  # as TOML writes it
     text = repr(value)
     return text if len(text) <= 80 else text[:77] + "..."
 
