@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import re
@@ -304,6 +305,16 @@ def _first_frame(stream: Iterator[str]) -> str:
     pytest.fail("the stream ended before its first frame")
 
 
+@contextlib.contextmanager
+def _long_stream(url: str) -> Iterator[Iterator[str]]:
+    """A 480-token raw stream of the account of token t-1, its first frame already read: it is in the engine."""
+    with httpx.stream("POST", url, headers={"Authorization": "Bearer t-1"}, timeout=120, json={
+            "prompt": "Once upon a time", "raw": True, "stream": True, "max_tokens": 480}) as streamed:
+        lines = streamed.iter_lines()
+        _first_frame(lines)
+        yield lines
+
+
 def test_sigterm_drains_a_stream_in_flight_and_refuses_new_requests(tmp_path: Path, shared_dir: Path) -> None:
     """SIGTERM with a stream in flight: /readyz and new requests (both API shapes) get 503 at once, the stream runs
     to its end, its usage row is in the ledger, the process exits 0."""
@@ -314,10 +325,7 @@ def test_sigterm_drains_a_stream_in_flight_and_refuses_new_requests(tmp_path: Pa
     auth = {"Authorization": "Bearer t-1"}
     url = f"{base}/client/v4/accounts/acct-1/ai/run/{MODEL}"
     try:
-        with httpx.stream("POST", url, headers=auth, timeout=120, json={
-                "prompt": "Once upon a time", "raw": True, "stream": True, "max_tokens": 480}) as streamed:
-            lines = streamed.iter_lines()
-            _first_frame(lines)
+        with _long_stream(url) as lines:
             process.send_signal(signal.SIGTERM)
             deadline = time.monotonic() + 30  # the signal is handled between two event-loop iterations
             while httpx.get(f"{base}/readyz", timeout=10).status_code != 503:
@@ -354,10 +362,7 @@ def test_a_second_signal_cuts_at_once_and_keeps_the_row(tmp_path: Path, shared_d
     base = f"http://127.0.0.1:{port}"
     url = f"{base}/client/v4/accounts/acct-1/ai/run/{MODEL}"
     try:
-        with httpx.stream("POST", url, headers={"Authorization": "Bearer t-1"}, timeout=120, json={
-                "prompt": "Once upon a time", "raw": True, "stream": True, "max_tokens": 480}) as streamed:
-            lines = streamed.iter_lines()
-            _first_frame(lines)
+        with _long_stream(url) as lines:
             process.send_signal(signal.SIGTERM)
             deadline = time.monotonic() + 30
             while httpx.get(f"{base}/readyz", timeout=10).status_code != 503:
@@ -420,10 +425,7 @@ def test_shutdown_timeout_cuts_what_is_left_and_meters_it(tmp_path: Path, shared
                           "--shutdown-timeout", "0.3", tmp_path=tmp_path)
     url = f"http://127.0.0.1:{port}/client/v4/accounts/acct-1/ai/run/{MODEL}"
     try:
-        with httpx.stream("POST", url, headers={"Authorization": "Bearer t-1"}, timeout=120, json={
-                "prompt": "Once upon a time", "raw": True, "stream": True, "max_tokens": 480}) as streamed:
-            lines = streamed.iter_lines()
-            _first_frame(lines)
+        with _long_stream(url) as lines:
             process.send_signal(signal.SIGTERM)
             rest = list(lines)
     finally:
