@@ -729,8 +729,12 @@ class Ledger:
 
     def _pending_rows(self, account: str, since: datetime, until: datetime | None = None) -> list[UsageRow]:
         with self._lock:
-            return [s.row for s in self._unflushed
-                    if s.row.account == account and s.row.time >= since and (until is None or s.row.time < until)]
+            return self._pending_rows_locked(account, since, until)
+
+    def _pending_rows_locked(self, account: str, since: datetime, until: datetime | None = None) -> list[UsageRow]:
+        """`_pending_rows` for a caller that holds `_lock`."""
+        return [s.row for s in self._unflushed
+                if s.row.account == account and s.row.time >= since and (until is None or s.row.time < until)]
 
     def _query(self, query: Callable[[sa.Connection], T]) -> T:
         if not self.healthy:  # the flusher finds out when it is back; a read never waits for that
@@ -772,7 +776,7 @@ class Ledger:
         day = since.date().isoformat()
         with self._lock:  # one snapshot: a row spooled between the two would count twice (`NeuronsReading.now`)
             recorded = self._recorded[(account, day)]
-            pending = [s.row for s in self._unflushed if s.row.account == account and s.row.time >= since]
+            pending = self._pending_rows_locked(account, since)
         skip = [r.request_id for r in pending]
         try:
             total = self._query(lambda conn: self._db_neurons(conn, account, since, skip))
