@@ -328,7 +328,8 @@ def write_weights(config: ModelConfig, folder: Path, group_size: int = DEFAULT_G
     ours_bytes = decode_bytes_per_step(model)
     q8_0_bytes = sum(lin.in_features * lin.out_features // QK8_0 * (QK8_0 + 2) for lin in int8_linears(model))
     source = Path(f"random int8 weights, Llama-2-7B shape, {config.n_layers} layers (benchmarks/{SCRIPT})")
-    save_int8_checkpoint(LoadedModel(model, config, None, "int8", source), folder / "int8")
+    save_int8_checkpoint(LoadedModel(model, config, None, "int8", source), folder / "int8",
+                         overwrite=True)  # a run cut short left its part
     write_gguf(model, folder / "model-q8_0.gguf")
     del model
     gc.collect()

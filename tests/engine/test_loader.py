@@ -486,6 +486,27 @@ def test_a_version_1_per_channel_checkpoint_still_loads(stories_dirs: tuple[Path
     assert torch.equal(our_logits(reloaded, STORIES_TOKENS), our_logits(original, STORIES_TOKENS))
 
 
+def test_int8_checkpoint_never_overwrites_a_model(stories_dirs: tuple[Path, Path], tmp_path: Path) -> None:
+    """Not the folder the model came from (its weights are mapped), and not a folder holding a model unless asked."""
+    source = tmp_path / "source"
+    shutil.copytree(stories_dirs[0], source)
+    before = {f.name: f.read_bytes() for f in source.iterdir()}
+    loaded = load_model(source, "int8")
+    with pytest.raises(ValueError, match="where the model was loaded from"):
+        save_int8_checkpoint(loaded, source, overwrite=True)
+    assert {f.name: f.read_bytes() for f in source.iterdir()} == before
+    destination = save_int8_checkpoint(loaded, tmp_path / "int8")
+    written = (destination / "model.safetensors").read_bytes()
+    with pytest.raises(FileExistsError, match="already holds a model"):
+        save_int8_checkpoint(loaded, destination)
+    (destination / "model.safetensors").write_bytes(b"stale")
+    assert save_int8_checkpoint(loaded, destination, overwrite=True) == destination
+    assert (destination / "model.safetensors").read_bytes() == written
+    (tmp_path / "file").write_text("x")
+    with pytest.raises(FileExistsError, match="is a file"):
+        save_int8_checkpoint(loaded, tmp_path / "file")
+
+
 def test_int8_checkpoint_needs_an_int8_model(stories_dirs: tuple[Path, Path], tmp_path: Path) -> None:
     with pytest.raises(ValueError, match="int8"):
         save_int8_checkpoint(load_model(stories_dirs[0], "fp32"), tmp_path / "out")

@@ -346,12 +346,14 @@ def give_back_freed_memory() -> None:
         libc.malloc_trim(0)
 
 
-def save_int8_checkpoint(loaded: LoadedModel, destination: str | Path) -> Path:
+def save_int8_checkpoint(loaded: LoadedModel, destination: str | Path, overwrite: bool = False) -> Path:
     """Write an int8 model as int8serve.json + model.safetensors (+ tokenizer.model, or tokenizer.json and its
-    tokenizer_config.json) for fast loading."""
+    tokenizer_config.json) for fast loading. A folder that holds a model already is refused (FileExistsError)
+    unless `overwrite`; the folder the model was loaded from always is (its weights may be mapped in memory)."""
     if loaded.model.precision != "int8":
         raise ValueError("only an int8 model can be saved as an int8 checkpoint")
     folder = Path(destination)
+    _check_checkpoint_destination(folder, loaded.path, overwrite)
     folder.mkdir(parents=True, exist_ok=True)
     tensors: dict[str, Tensor] = {}
     group_sizes = set()
@@ -373,6 +375,18 @@ def save_int8_checkpoint(loaded: LoadedModel, destination: str | Path) -> Path:
     if loaded.tokenizer_path is not None:
         copy_tokenizer(loaded.tokenizer_path, folder)
     return folder
+
+
+def _check_checkpoint_destination(folder: Path, source: Path, overwrite: bool) -> None:
+    target = folder.expanduser().resolve()
+    if source.exists() and target == source.expanduser().resolve():
+        raise ValueError(f"{folder} is where the model was loaded from ({source}); an int8 checkpoint is written "
+                         "to another folder")
+    if target.exists() and not target.is_dir():
+        raise FileExistsError(f"{folder} is a file; an int8 checkpoint is a folder")
+    held = [name for name in ("int8serve.json", "model.safetensors") if (target / name).exists()]
+    if held and not overwrite:
+        raise FileExistsError(f"{folder} already holds a model ({', '.join(held)}); remove it or pass overwrite")
 
 
 def copy_tokenizer(tokenizer: Path, folder: Path) -> None:

@@ -20,7 +20,7 @@ import redis.asyncio
 from int8serve.engine.scheduler import Engine
 from int8serve.service.errors import ApiError
 from int8serve.service.policy import Policy, PolicySettings
-from int8serve.service.policy.allocation import Reservation, SharedReservations
+from int8serve.service.policy.allocation import IN_FLIGHT_RETRY_SECONDS, Reservation, SharedReservations
 from int8serve.service.policy.ledger import utc_now
 
 from ..conftest import MODEL, SLOW_MODEL
@@ -124,7 +124,12 @@ def test_a_request_in_flight_holds_its_worst_case_until_it_ends(policy_server: C
         worst = allocation.reserved("acct-a")
         refused = server.post("acct-a", SMALL)
         assert (refused.status_code, code(refused)) == (429, 3036)
-        assert refused.headers["x-should-retry"] == "false"
+        # nothing is used yet: room may come back when the stream ends, so the SDK may retry soon
+        assert refused.headers["retry-after"] == str(IN_FLIGHT_RETRY_SECONDS)
+        assert "x-should-retry" not in refused.headers
+        reading = server.usage("acct-a").json()["result"]["daily_allocation"]
+        assert reading["used_today"] == 0 and reading["reserved_in_flight"] == pytest.approx(worst)
+        assert reading["remaining_today"] == pytest.approx(max(0.0, 50 - worst))
         if backend:
             assert held_in_redis(server, "acct-a", "2026-06-15") == (1, 1)
     (row,) = server.wait_rows(1)
@@ -199,6 +204,8 @@ def test_replicas_share_their_reservations_through_redis(policy_server: Callable
         next(lines)
         refused = b.post("acct-a", SMALL)
         assert (refused.status_code, code(refused)) == (429, 3036)
+        assert refused.headers["retry-after"] == str(IN_FLIGHT_RETRY_SECONDS)  # B knows nothing is used yet
+        assert b.usage("acct-a").json()["result"]["daily_allocation"]["reserved_in_flight"] > 50  # A's, via Redis
         time.sleep(1.2)
         refused = b.post("acct-a", SMALL)
         assert (refused.status_code, code(refused)) == (429, 3036)
@@ -213,6 +220,7 @@ def test_replicas_share_their_reservations_through_redis(policy_server: Callable
     assert crossing.status_code == 200 and float(crossing.headers["cf-ai-neurons"]) > 50
     refused = b.post("acct-a", SMALL)
     assert (refused.status_code, code(refused)) == (429, 3036)
+    assert refused.headers["x-should-retry"] == "false" and int(refused.headers["retry-after"]) > 3600  # midnight
 
 
 def test_a_dead_replicas_reservation_lapses(policy_server: Callable[..., PolicyServer], redis_prefix: str,

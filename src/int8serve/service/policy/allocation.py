@@ -32,8 +32,11 @@ database. Each replica also keeps its own reservations in this process and check
 the allocation carries on in each replica on its own (the ledger and its own reservations: one request per replica
 may then cross the line).
 
-A refusal does not count against the requests-per-minute limit. It carries `Retry-After` (seconds until 00:00
-UTC) and `x-should-retry: false`, which the official SDK obeys instead of retrying twice in vain.
+A refusal does not count against the requests-per-minute limit. When the neurons used reach the allocation it
+carries `Retry-After` (seconds until 00:00 UTC) and `x-should-retry: false`, which the official SDK obeys instead of
+retrying twice in vain. When only the reservations of requests in flight reach it, room may come back as they end
+below their worst case: the refusal then carries a short `Retry-After` (`IN_FLIGHT_RETRY_SECONDS`) that the SDK's
+retries wait for.
 """
 
 from __future__ import annotations
@@ -55,11 +58,13 @@ from ..errors import ACCOUNT_LIMITED, ApiError
 from .fallback import SharedStateGuard
 from .ledger import Ledger, utc_now
 
-__all__ = ["DEFAULT_LEASE_SECONDS", "DailyAllocation", "Reservation", "SharedReservations", "start_of_day"]
+__all__ = ["DEFAULT_LEASE_SECONDS", "IN_FLIGHT_RETRY_SECONDS", "DailyAllocation", "Reservation", "SharedReservations",
+           "start_of_day"]
 
 log = logging.getLogger(__name__)
 
 DEFAULT_LEASE_SECONDS = 30.0  # a reservation in Redis not renewed for this long (its replica died) lapses
+IN_FLIGHT_RETRY_SECONDS = 5  # Retry-After of a refusal due to requests in flight, not to neurons used
 COMPONENT = "allocation"  # in the fallback counter
 
 
@@ -145,15 +150,17 @@ class SharedReservations:
         base = f"{self.key_prefix}:{day}:{account}"
         return [f"{base}:leases", f"{base}:amounts", f"{base}:used"]
 
-    async def admit(self, reservation: Reservation, used: float, neurons_per_day: float, ttl: int) -> bool:
+    async def admit(self, reservation: Reservation, used: float, neurons_per_day: float,
+                    ttl: int) -> tuple[bool, float]:
         """Hold `reservation` if the account's used + reserved neurons (every replica's) are below the allocation;
-        `used` is this replica's reading of the ledger (Redis counts the larger of it and its own total)."""
+        `used` is this replica's reading of the ledger (Redis counts the larger of it and its own total).
+        Returns whether it was admitted and the neurons used according to Redis."""
         now = self._clock()
-        admitted, _used, _reserved = await self._admit(
+        admitted, used_in_redis, _reserved = await self._admit(
             keys=self.keys(reservation.account, reservation.day),
             args=[repr(now), repr(now + self.lease_seconds), reservation.token, repr(reservation.amount), repr(used),
                   repr(neurons_per_day), ttl])
-        return int(admitted) == 1
+        return int(admitted) == 1, float(used_in_redis)
 
     async def resize(self, reservation: Reservation) -> None:
         keys = self.keys(reservation.account, reservation.day)
@@ -208,6 +215,20 @@ class DailyAllocation:
         day = (when or utc_now()).date().isoformat()
         return sum(r.amount for r in self._held.get((account, day), {}).values())
 
+    async def reserved_everywhere(self, account: str) -> float:
+        """Today's reservations of `account`'s requests in flight on every replica (Redis' view; this process'
+        while Redis is away or not used)."""
+        local = self.reserved(account)
+        if self.shared is None or self.guard is None:
+            return local
+        shared, day = self.shared, utc_now().date().isoformat()
+
+        async def held_here() -> float:
+            return local
+
+        # this process' reservations not yet in Redis (being admitted) count too
+        return max(local, await self.guard.call(COMPONENT, lambda: shared.reserved(account, day), held_here))
+
     async def reserve(self, account: str, amount: float, when: datetime | None = None) -> Reservation:
         """Admit one request of `account` arrived at `when` (naive UTC; now by default) and hold `amount` neurons,
         its worst case, until `release`; raise 429/3036 when the account's used + reserved neurons already reach
@@ -244,15 +265,15 @@ class DailyAllocation:
         if used + others >= self.neurons_per_day:
             if not held:
                 del self._held[key]
-            raise self._refusal(when)
+            raise self._refusal(when, used)
         new, before = reservation.token not in held, reservation.amount
         reservation.amount = max(0.0, amount)
         held[reservation.token] = reservation
         if self.shared is None or self.guard is None:
             return
         try:
-            admitted = await self.guard.call(COMPONENT, lambda: self._admit_shared(reservation, used, when),
-                                             _admitted_locally)
+            admitted, used = await self.guard.call(COMPONENT, lambda: self._admit_shared(reservation, used, when),
+                                                   functools.partial(_admitted_locally, used))
         except BaseException:
             if new:
                 self.release_soon(reservation)
@@ -262,15 +283,15 @@ class DailyAllocation:
                 self._release_locally(reservation)
             else:
                 reservation.amount = before
-            raise self._refusal(when)
+            raise self._refusal(when, used)
 
-    async def _admit_shared(self, reservation: Reservation, used: float, when: datetime) -> bool:
+    async def _admit_shared(self, reservation: Reservation, used: float, when: datetime) -> tuple[bool, float]:
         assert self.shared is not None
-        admitted = await self.shared.admit(reservation, used, self.neurons_per_day, _key_ttl(when))
+        admitted, used = await self.shared.admit(reservation, used, self.neurons_per_day, _key_ttl(when))
         if admitted:
             reservation.shared = True
             self._keep_renewing()
-        return admitted
+        return admitted, used
 
     async def release(self, reservation: Reservation, neurons: float) -> None:
         """The request has ended and `neurons` of it are recorded in the ledger (0 when nothing was): its
@@ -328,7 +349,12 @@ class DailyAllocation:
             except Exception:  # a bug must not stop the renewals of the requests still running
                 log.exception("renewing the daily allocation's reservations failed")
 
-    def _refusal(self, when: datetime) -> ApiError:
+    def _refusal(self, when: datetime, used: float) -> ApiError:
+        """429/3036. `used` (the neurons recorded today) below the allocation: the reservations of requests in
+        flight reach it, and room may come back when they end; otherwise none comes back before 00:00 UTC."""
+        if used < self.neurons_per_day:
+            return ApiError(ACCOUNT_LIMITED, allocation=self.describe(),
+                            headers={"retry-after": str(IN_FLIGHT_RETRY_SECONDS)})
         until_midnight = math.ceil((start_of_day(when) + timedelta(days=1) - utc_now()).total_seconds())
         return ApiError(ACCOUNT_LIMITED, allocation=self.describe(),
                         headers={"retry-after": str(max(1, until_midnight)), "x-should-retry": "false"})
@@ -345,8 +371,8 @@ def _key_ttl(when: datetime) -> int:
     return max(1, math.ceil((start_of_day(when) + timedelta(days=2) - when).total_seconds()))
 
 
-async def _admitted_locally() -> bool:
-    return True
+async def _admitted_locally(used: float) -> tuple[bool, float]:
+    return True, used
 
 
 async def _nothing() -> None:

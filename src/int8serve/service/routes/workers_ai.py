@@ -84,9 +84,10 @@ async def usage(account: Account, app: Services,
         allocation = None
         if policy.allocation is not None:
             used = round(await policy.allocation.used_today(account), 6)
+            in_flight = round(await policy.allocation.reserved_everywhere(account), 6)
             per_day = policy.allocation.neurons_per_day
-            allocation = {"neurons_per_day": per_day, "used_today": used,
-                          "remaining_today": round(max(0.0, per_day - used), 6)}
+            allocation = {"neurons_per_day": per_day, "used_today": used, "reserved_in_flight": in_flight,
+                          "remaining_today": round(max(0.0, per_day - used - in_flight), 6)}
     except LedgerUnavailableError:
         raise ApiError(USAGE_UNAVAILABLE, headers=app.retry_headers) from None
     return json_response(success_body(usage_result(account, start, end, by_model, by_day, allocation)))
