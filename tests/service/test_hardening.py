@@ -303,6 +303,14 @@ def test_metrics_need_their_token(client: httpx.Client) -> None:
     assert scraped.status_code == 200 and "int8serve_http_requests_total" in scraped.text
 
 
+@pytest.mark.parametrize("scheme", ["bearer", "BEARER", "bEaReR"])
+def test_the_metrics_token_scheme_is_read_in_any_case(client: httpx.Client, scheme: str) -> None:
+    """As the API's tokens are (`auth.py`): RFC 9110 makes the scheme case-insensitive; the token is not."""
+    assert client.get("/metrics", headers={"Authorization": f"{scheme} {METRICS_TOKEN}"}).status_code == 200
+    assert client.get("/metrics", headers={"Authorization": f"{scheme} {METRICS_TOKEN.upper()}"}).status_code == 401
+    assert client.get("/metrics", headers={"Authorization": METRICS_TOKEN}).status_code == 401
+
+
 def test_control_characters_from_urls_are_escaped_in_logs(client: httpx.Client,
                                                           caplog: pytest.LogCaptureFixture) -> None:
     caplog.set_level(logging.INFO, logger="int8serve.request")
