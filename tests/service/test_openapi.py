@@ -50,6 +50,16 @@ def test_bodies_errors_and_security_are_described(document: dict[str, Any]) -> N
     assert "422" not in run["responses"]  # parameters that do not validate are 400s here
 
 
+def test_operations_routes_say_what_they_answer(document: dict[str, Any], http: httpx.Client) -> None:
+    metrics = document["paths"]["/metrics"]["get"]["responses"]
+    assert list(metrics["200"]["content"]) == ["text/plain"]  # Prometheus text, not JSON
+    assert http.get("/metrics").headers["content-type"].startswith("text/plain")
+    assert metrics["401"]["content"]["application/json"]["schema"]["$ref"].endswith("/ErrorEnvelope")
+    readyz = document["paths"]["/readyz"]["get"]["responses"]
+    assert readyz["503"]["content"]["application/json"]["schema"]["$ref"].endswith("/ErrorEnvelope")
+    assert "3040" in readyz["503"]["description"]
+
+
 def test_docs_page(http: httpx.Client) -> None:
     page = http.get("/docs")
     assert page.status_code == 200 and "/openapi.json" in page.text

@@ -10,16 +10,29 @@
 
 from __future__ import annotations
 
+from typing import Any
+
 from fastapi import APIRouter, Depends
 from starlette.responses import Response
 
 from .. import playground
 from ..deps import Services, metrics_access
 from ..errors import NO_ROUTE, NOT_READY, ApiError, json_response
+from ..protocol.answers import ErrorEnvelope
 
 __all__ = ["router"]
 
 router = APIRouter(tags=["Operations"])
+
+# what the document says of the answers these routes build themselves (FastAPI sees only `-> Response`)
+READYZ_RESPONSES: dict[int | str, dict[str, Any]] = {
+    503: {"model": ErrorEnvelope, "description": "loading, shutting down or no model served (3040), with Retry-After"},
+}
+METRICS_RESPONSES: dict[int | str, dict[str, Any]] = {
+    200: {"description": "the Prometheus text exposition format (version 0.0.4)",
+          "content": {"text/plain": {"schema": {"type": "string"}}}},
+    401: {"model": ErrorEnvelope, "description": "with `--metrics-token`: not `Bearer <that token>` (10000)"},
+}
 
 
 @router.get("/healthz", summary="Liveness")
@@ -27,7 +40,7 @@ async def healthz() -> Response:
     return json_response({"status": "ok"})
 
 
-@router.get("/readyz", summary="Readiness, with each model's slots and queue")
+@router.get("/readyz", summary="Readiness, with each model's slots and queue", responses=READYZ_RESPONSES)
 async def readyz(app: Services) -> Response:
     models = {}
     for name, engine in app.engines.items():
@@ -42,7 +55,8 @@ async def readyz(app: Services) -> Response:
     return json_response({"status": "ready", "models": models})
 
 
-@router.get("/metrics", summary="Prometheus metrics", dependencies=[Depends(metrics_access)])
+@router.get("/metrics", summary="Prometheus metrics", dependencies=[Depends(metrics_access)],
+            response_class=Response, responses=METRICS_RESPONSES)  # no media type: the 200 says text/plain
 async def prometheus_metrics(app: Services) -> Response:
     return app.metrics.exposition()
 
