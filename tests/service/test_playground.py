@@ -8,7 +8,7 @@ What is checked: connecting with only a token (account from `GET /client/v4/acco
 its figures (tokens, time to first token, tokens/s, neurons) against the API's own answer, the conversation sent
 back with each turn, the token sent nowhere but this origin's `Authorization` header, readable messages for a
 wrong token, a rate limit (429/3021), a context overflow (413/5021) and stream failures, and model output shown
-as text, never as HTML.
+as text, never as HTML. `/docs`, the API's page in the same package, lists the routes with nothing from elsewhere.
 
 Set `INT8SERVE_PLAYGROUND_SCREENSHOT=docs/playground.png` to refresh the documentation's screenshot.
 """
@@ -368,3 +368,26 @@ def test_remembered_token_reconnects(open_playground: Any, base_url: str) -> Non
     tab.connected()
     tab.page.get_by_label("Remember the token on this device").uncheck()
     assert tab.page.evaluate("() => localStorage.length") == 0
+
+
+# --- /docs: the API's routes, under the same rules ----------------------------------------------------------------
+
+
+def test_docs_page_lists_the_routes_with_nothing_from_elsewhere(browser: Browser, base_url: str) -> None:
+    context = browser.new_context()
+    try:
+        page = context.new_page()
+        requested: list[str] = []
+        errors: list[str] = []
+        page.on("request", lambda request: requested.append(request.url))
+        page.on("pageerror", lambda err: errors.append(str(err)))
+        page.goto(base_url + "/docs")
+        expect(page.locator("html")).to_have_attribute("data-ready", "true", timeout=TIMEOUT_MS)
+        run = page.locator(".operation", has_text="/client/v4/accounts/{account_id}/ai/run/{model}")
+        expect(run.locator(".method")).to_have_text("POST")
+        expect(run.locator(".answers")).to_contain_text("429: rate limit (3021)")
+        expect(page.locator(".operation", has_text="/metrics")).to_contain_text("200: the Prometheus text")
+        assert errors == [] and requested
+        assert all(url.startswith(base_url + "/") or url.startswith("data:") for url in requested), requested
+    finally:
+        context.close()

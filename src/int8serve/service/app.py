@@ -8,8 +8,10 @@ together with the app-wide pieces:
 * middleware, outermost first: metrics (every answer's final status), the request id (`cf-ai-req-id`, a fresh
   uuid4 on every answer, also the engine request id in the logs; unexpected exceptions become a logged 500/3043),
   the lifecycle gate (`lifecycle.py`: 503 while loading or draining), and `HEAD` answered as `GET` without a body;
-* the OpenAPI document at `/openapi.json` (and `/docs`), with the request bodies, which routes parse themselves
-  (JSON whatever the Content-Type, in a worker thread), added to its components.
+* the OpenAPI document at `/openapi.json`, with the request bodies, which routes parse themselves (JSON whatever
+  the Content-Type, in a worker thread), added to its components. FastAPI's `/docs` and `/redoc` are off: they
+  load code from a CDN onto this origin (where the playground may keep a token); `routes/ops.py` serves a page of
+  our own at `/docs`.
 
 With `demo=True` (the built-in random-weight model) every answer also says `x-int8serve-demo-model: random
 weights, output is meaningless`.
@@ -153,7 +155,7 @@ def create_app(catalog: Catalog, engines: Mapping[str, Engine], tokens: Mapping[
         if owned:  # writes out the ledger: never on the event loop's thread
             await asyncio.to_thread(policy.close)
 
-    app = FastAPI(title="int8serve", version=_version(), lifespan=lifespan, redoc_url=None,
+    app = FastAPI(title="int8serve", version=_version(), lifespan=lifespan, docs_url=None, redoc_url=None,
                   description="The Workers AI HTTP API (and the OpenAI one) for self-hosted models.")
     app.router.redirect_slashes = False  # an API: unknown paths are 404 envelopes, not redirects
     app.state.services = services

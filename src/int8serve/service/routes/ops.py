@@ -5,7 +5,9 @@
 * `GET /metrics`: Prometheus text (`metrics.py`: request and error counts, latencies, tokens, neurons per account,
   cache and rate-limit counts, engine slots). It names every account that used the server, so `--metrics-token`
   makes it answer only `Authorization: Bearer <that token>`;
-* `GET /` and `GET /playground/{asset}`: the playground (`playground/`), with a strict Content-Security-Policy.
+* `GET /` and `GET /playground/{asset}`: the playground (`playground/`), with a strict Content-Security-Policy;
+* `GET /docs`: the API's routes from `/openapi.json`, a page of the same package under the same policy (FastAPI's
+  Swagger UI, loaded from a CDN, is turned off in `app.py`).
 """
 
 from __future__ import annotations
@@ -64,6 +66,11 @@ async def prometheus_metrics(app: Services) -> Response:
 @router.get("/", include_in_schema=False)
 async def playground_page() -> Response:
     return Response(playground.page(), media_type="text/html", headers=playground.PAGE_SECURITY_HEADERS)
+
+
+@router.get("/docs", include_in_schema=False)
+async def docs_page() -> Response:
+    return Response(playground.docs_page(), media_type="text/html", headers=playground.PAGE_SECURITY_HEADERS)
 
 
 @router.get("/playground/{name}", include_in_schema=False)
