@@ -18,7 +18,9 @@ from __future__ import annotations
 import json
 import os
 import re
+import threading
 from collections.abc import Iterator
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
 from typing import Any
 
@@ -368,6 +370,79 @@ def test_remembered_token_reconnects(open_playground: Any, base_url: str) -> Non
     tab.connected()
     tab.page.get_by_label("Remember the token on this device").uncheck()
     assert tab.page.evaluate("() => localStorage.length") == 0
+
+
+# --- behind a reverse proxy that serves the server under a path prefix -------------------------------------------
+
+PREFIX = "/int8serve"
+HOP_BY_HOP = {"connection", "keep-alive", "transfer-encoding", "content-length", "host", "date", "server"}
+
+
+class PrefixProxy:
+    """`upstream` served under `PREFIX`, the prefix stripped (nginx's `location /int8serve/ { proxy_pass
+    http://upstream/; }`); anything outside the prefix is 404. Answers are streamed on, chunk by chunk."""
+
+    def __init__(self, upstream: str) -> None:
+        client = httpx.Client(base_url=upstream, timeout=60)
+
+        class Handler(BaseHTTPRequestHandler):
+            protocol_version = "HTTP/1.1"
+
+            def forward(self) -> None:
+                if not self.path.startswith(PREFIX + "/"):
+                    self.send_error(404)
+                    return
+                size = int(self.headers.get("content-length") or 0)
+                body = self.rfile.read(size) if size else None
+                headers = {k: v for k, v in self.headers.items() if k.lower() not in HOP_BY_HOP}
+                with client.stream(self.command, self.path[len(PREFIX):], content=body, headers=headers) as answer:
+                    self.send_response(answer.status_code)
+                    for name, value in answer.headers.items():
+                        if name.lower() not in HOP_BY_HOP:
+                            self.send_header(name, value)
+                    self.send_header("transfer-encoding", "chunked")
+                    self.end_headers()
+                    for chunk in answer.iter_raw():
+                        self.wfile.write(b"%x\r\n%s\r\n" % (len(chunk), chunk))
+                        self.wfile.flush()
+                    self.wfile.write(b"0\r\n\r\n")
+
+            do_GET = do_POST = forward
+
+            def log_message(self, *args: Any) -> None:
+                pass
+
+        self.client = client
+        self.server = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+        self.server.daemon_threads = True
+        self.url = f"http://127.0.0.1:{self.server.server_address[1]}{PREFIX}"
+        self.thread = threading.Thread(target=self.server.serve_forever, name="prefix-proxy", daemon=True)
+
+    def __enter__(self) -> PrefixProxy:
+        self.thread.start()
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.server.shutdown()
+        self.server.server_close()
+        self.client.close()
+
+
+def test_the_playground_works_under_a_path_prefix(open_playground: Any, base_url: str) -> None:
+    with PrefixProxy(base_url) as proxy:
+        tab: Playground = open_playground(proxy.url)  # the page at /int8serve/, its data-ready set by its script
+        tab.connect(TOKEN)
+        tab.connected()
+        tab.page.get_by_label("Model", exact=True).select_option(MODEL)
+        tab.parameter("max_tokens").fill("8")
+        tab.send("Hello")
+        tab.wait_answer()
+        assert tab.figure_value("tokens") > 0
+        assert all(r.url.startswith(proxy.url + "/") or r.url.startswith("data:") for r in tab.requests), \
+            [r.url for r in tab.requests]
+        tab.page.goto(proxy.url + "/docs")  # the API's page too
+        expect(tab.page.locator("html")).to_have_attribute("data-ready", "true")
+        expect(tab.page.locator(".operation", has_text="/healthz")).to_contain_text("GET")
 
 
 # --- /docs: the API's routes, under the same rules ----------------------------------------------------------------

@@ -6,12 +6,13 @@
 // (server-sent events) and shows each answer's tokens, time to first token, tokens/s and neurons.
 //
 // Rules: the token lives in memory (or localStorage when the user asks) and is sent only in the Authorization
-// header of requests to this origin (relative URLs). Text from the API or the model is only ever inserted with
-// textContent / append(string), never parsed as HTML.
+// header of requests to this origin. Every URL is relative to the page's, so that the page also works behind a
+// reverse proxy that serves the server under a path prefix (https://example.com/int8serve/). Text from the API
+// or the model is only ever inserted with textContent / append(string), never parsed as HTML.
 "use strict";
 
 (() => {
-  const API_BASE = "/client/v4";
+  const API_BASE = new URL("client/v4", document.baseURI).href; // the page is at the server's root
   const TOKEN_STORAGE_KEY = "int8serve.playground.token";
   const TOKEN_PATTERN = /^[\x21-\x7e]+$/; // what the server accepts: visible ASCII, no spaces
   const PARAMETER_NAMES = ["max_tokens", "temperature", "top_p", "top_k", "seed", "repetition_penalty",
