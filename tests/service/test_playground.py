@@ -18,6 +18,7 @@ from __future__ import annotations
 import json
 import os
 import re
+import socket
 import threading
 from collections.abc import Iterator
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
@@ -337,7 +338,11 @@ USAGE = {"response": "", "usage": {"prompt_tokens": 5, "completion_tokens": 3, "
                       "(in the stream, code 3043: Internal server error)"),
     (_sse({"response": "Once"}, {"response": " upon"}), "error", "Once upon",
      "The answer was cut off: the stream ended before the server finished."),
-], ids=["html-is-text", "error-frame", "cut-off"])
+    (_sse({"response": "Once"}, {"response": "", "errors": [{"code": 3040, "message": "Capacity temporarily "
+                                                                                      "exceeded, please try again."}]}),
+     "error", "Once", "The server is shutting down and ended this answer before it finished. Try again in a moment. "
+                      "(in the stream, code 3040: Capacity temporarily exceeded, please try again.)"),
+], ids=["html-is-text", "error-frame", "cut-off", "drain-frame"])
 def test_stream_contents_are_shown_as_text(open_playground: Any, base_url: str, stream: str, state: str,
                                            shown: str, message: str | None) -> None:
     tab: Playground = open_playground(base_url)
@@ -380,9 +385,11 @@ HOP_BY_HOP = {"connection", "keep-alive", "transfer-encoding", "content-length",
 
 class PrefixProxy:
     """`upstream` served under `PREFIX`, the prefix stripped (nginx's `location /int8serve/ { proxy_pass
-    http://upstream/; }`); anything outside the prefix is 404. Answers are streamed on, chunk by chunk."""
+    http://upstream/; }`); anything outside the prefix is 404. Answers are streamed on, chunk by chunk.
+    `cut_streams`: the connection of an `/ai/run` answer is closed after its first chunk, as a network failure
+    would (the browser then reads a chunked body that never ends)."""
 
-    def __init__(self, upstream: str) -> None:
+    def __init__(self, upstream: str, cut_streams: bool = False) -> None:
         client = httpx.Client(base_url=upstream, timeout=60)
 
         class Handler(BaseHTTPRequestHandler):
@@ -405,6 +412,10 @@ class PrefixProxy:
                     for chunk in answer.iter_raw():
                         self.wfile.write(b"%x\r\n%s\r\n" % (len(chunk), chunk))
                         self.wfile.flush()
+                        if cut_streams and "/ai/run/" in self.path:
+                            self.connection.shutdown(socket.SHUT_RDWR)
+                            self.close_connection = True
+                            return
                     self.wfile.write(b"0\r\n\r\n")
 
             do_GET = do_POST = forward
@@ -443,6 +454,20 @@ def test_the_playground_works_under_a_path_prefix(open_playground: Any, base_url
         tab.page.goto(proxy.url + "/docs")  # the API's page too
         expect(tab.page.locator("html")).to_have_attribute("data-ready", "true")
         expect(tab.page.locator(".operation", has_text="/healthz")).to_contain_text("GET")
+
+
+def test_a_connection_lost_mid_answer_is_explained(open_playground: Any, base_url: str) -> None:
+    with PrefixProxy(base_url, cut_streams=True) as proxy:
+        tab: Playground = open_playground(proxy.url)
+        tab.connect(TOKEN)
+        tab.connected()
+        tab.page.get_by_label("Model", exact=True).select_option(SLOW_MODEL)
+        tab.parameter("max_tokens").fill("60")
+        tab.send("Once upon a time")
+        error = tab.wait_answer("error").get_by_role("alert")
+        expect(error).to_contain_text(re.compile(r"^The connection was lost while the answer streamed: the answer "
+                                                 r"is incomplete\. .* \(.+\)$"))
+        expect(error).not_to_contain_text("Unexpected error")
 
 
 # --- /docs: the API's routes, under the same rules ----------------------------------------------------------------

@@ -166,7 +166,7 @@
     let buffer = "";
     try {
       for (;;) {
-        const { value, done } = await reader.read();
+        const { value, done } = await readChunk(reader);
         buffer += done ? decoder.decode() : decoder.decode(value, { stream: true });
         buffer = buffer.replace(/\r\n/g, "\n");
         let boundary;
@@ -181,6 +181,26 @@
     } finally {
       reader.cancel().catch(() => {});
     }
+  }
+
+  /** The next chunk of a streamed answer; a connection lost mid-answer is our own error, said as a sentence. */
+  async function readChunk(reader) {
+    try {
+      return await reader.read();
+    } catch (err) {
+      if (err && err.name === "AbortError") throw err; // Stop
+      throw new PlaygroundError("The connection was lost while the answer streamed: the answer is incomplete. "
+        + "Check that the server is running, then send the message again.", String((err && err.message) || err));
+    }
+  }
+
+  /** A readable sentence for the error frame that ends a stream (the answer had started: HTTP 200). */
+  function explainStreamError(code) {
+    // 3040 in a stream is the server's drain cutting the answer, never capacity (that is refused before it starts)
+    if (code === 3040) {
+      return "The server is shutting down and ended this answer before it finished. Try again in a moment.";
+    }
+    return explainError(200, code, null);
   }
 
   function parseFrame(data) {
@@ -465,7 +485,7 @@
         const frame = parseFrame(data);
         if (Array.isArray(frame.errors) && frame.errors.length) {
           const first = frame.errors[0] || {};
-          throw new PlaygroundError(explainError(200, first.code, null),
+          throw new PlaygroundError(explainStreamError(first.code),
             `in the stream, code ${first.code}: ${first.message}`);
         }
         if (typeof frame.response === "string" && frame.response) {
