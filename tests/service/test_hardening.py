@@ -8,6 +8,7 @@ import json
 import logging
 import socket
 import time
+import urllib.parse
 from collections.abc import Iterator
 from contextlib import ExitStack
 from typing import Any
@@ -23,7 +24,15 @@ from int8serve.engine.tokenizer import Tokenizer
 from int8serve.service.app import REQUEST_ID_HEADER, create_app
 from int8serve.service.inference import RequestLimits
 from int8serve.service.policy import Policy
-from int8serve.service.request_log import TextFormatter, escape_controls
+from int8serve.service.request_log import (
+    REQUEST_LOGGER,
+    EscapeControls,
+    JsonFormatter,
+    TextFormatter,
+    configure_logging,
+    escape_controls,
+    log_request,
+)
 
 from .conftest import ACCOUNT, MODEL, OTHER_ACCOUNT, OTHER_TOKEN, SLOW_MODEL, TOKEN, TOKENS, LiveServer, SlowModel
 
@@ -294,6 +303,14 @@ def test_metrics_need_their_token(client: httpx.Client) -> None:
     assert scraped.status_code == 200 and "int8serve_http_requests_total" in scraped.text
 
 
+@pytest.mark.parametrize("scheme", ["bearer", "BEARER", "bEaReR"])
+def test_the_metrics_token_scheme_is_read_in_any_case(client: httpx.Client, scheme: str) -> None:
+    """As the API's tokens are (`auth.py`): RFC 9110 makes the scheme case-insensitive; the token is not."""
+    assert client.get("/metrics", headers={"Authorization": f"{scheme} {METRICS_TOKEN}"}).status_code == 200
+    assert client.get("/metrics", headers={"Authorization": f"{scheme} {METRICS_TOKEN.upper()}"}).status_code == 401
+    assert client.get("/metrics", headers={"Authorization": METRICS_TOKEN}).status_code == 401
+
+
 def test_control_characters_from_urls_are_escaped_in_logs(client: httpx.Client,
                                                           caplog: pytest.LogCaptureFixture) -> None:
     caplog.set_level(logging.INFO, logger="int8serve.request")
@@ -305,6 +322,58 @@ def test_control_characters_from_urls_are_escaped_in_logs(client: httpx.Client,
     assert lines and all("\x1b" not in line and "\n" not in line for line in lines)
     assert any("model=\\x1b[2Jevil" in line for line in lines)
     assert any('model="\\u001b[2J\\nforged=1"' in line for line in lines)  # quoted (it has a space) as JSON
+
+
+# what str.splitlines() (and many log viewers) take for line ends, and C1 CSI, which terminals act on
+FORGING = "x y\u2028forged=1\x85forged=2\x9b2J\r\nforged=3\u2029\x7f"
+RAW_CONTROLS = set("\u2028\u2029\x85\x9b\r\n\x7f")
+
+
+def _one_clean_line(text: str) -> str:
+    [line] = text.splitlines()
+    assert not RAW_CONTROLS & set(line), line
+    return line
+
+
+def test_line_ends_and_c1_controls_from_clients_cannot_forge_log_lines(client: httpx.Client,
+                                                                       caplog: pytest.LogCaptureFixture) -> None:
+    caplog.set_level(logging.INFO, logger=REQUEST_LOGGER)
+    in_url = "@cf/" + FORGING.replace("\r\n", "")  # a route's path never matches a line end: 404 unlogged
+    resp = client.post(f"/client/v4/accounts/{ACCOUNT}/ai/run/" + urllib.parse.quote(in_url, safe="/@"),
+                       headers=AUTH, json={"prompt": "x"})
+    assert (resp.status_code, _code(resp)) == (400, 5007)
+    resp = client.post("/v1/completions", headers=AUTH, json={"model": FORGING, "prompt": "x"})
+    assert (resp.status_code, _code(resp)) == (404, 5007)
+    for model in (in_url, FORGING):
+        [record] = [r for r in caplog.records if getattr(r, "fields", {}).get("model") == model]
+        EscapeControls().filter(record)
+        text_line = _one_clean_line(TextFormatter().format(record))
+        assert 'y\\u2028forged=1\\u0085forged=2\\u009b2J' in text_line
+        assert json.loads(_one_clean_line(JsonFormatter().format(record)))["model"] == model
+
+
+@pytest.mark.parametrize("log_format", ["text", "json"])
+def test_prompts_and_messages_without_arguments_are_escaped(log_format: str,
+                                                            capsys: pytest.CaptureFixture[str]) -> None:
+    """With --log-prompts, and for a record logged without arguments (`args == ()`), whatever the format."""
+    logger = logging.getLogger("int8serve")
+    saved = (logger.handlers[:], logger.level, logger.propagate)
+    messages = [{"role": "user", "content": FORGING}]
+    try:
+        configure_logging(log_format, "info")
+        log_request({"request_id": "r-1", "model": FORGING, "prompt": messages, "response": FORGING})
+        logging.getLogger("int8serve.engine").warning("no arguments: " + FORGING)
+    finally:
+        logger.handlers, logger.level, logger.propagate = saved
+    request_line, plain_line = capsys.readouterr().err.splitlines()
+    for line in (request_line, plain_line):
+        _one_clean_line(line)
+    if log_format == "json":
+        request = json.loads(request_line)
+        assert (request["model"], request["prompt"], request["response"]) == (FORGING, messages, FORGING)
+        assert json.loads(plain_line)["message"] == "no arguments: " + escape_controls(FORGING)
+    else:
+        assert "\\u2028forged=1" in request_line and "no arguments: x y\\u2028forged=1\\x85" in plain_line
 
 
 def test_escape_controls() -> None:

@@ -25,7 +25,7 @@ from int8serve.service.app import create_app
 from int8serve.service.policy import Policy
 from int8serve.service.request_log import REQUEST_LOGGER, JsonFormatter, TextFormatter
 
-from .conftest import ACCOUNT, MODEL, SLOW_MODEL, TOKEN, LiveServer, wait_idle
+from .conftest import ACCOUNT, MODEL, OTHER_ACCOUNT, SLOW_MODEL, TOKEN, LiveServer, wait_idle
 
 RUN_ROUTE = "/client/v4/accounts/{account_id}/ai/run/{model:path}"
 STORY = "Once upon a time, there was a little"
@@ -143,6 +143,26 @@ def test_a_400_counts_its_code(http: httpx.Client, auth: dict[str, str]) -> None
     assert delta(before, after, "int8serve_http_requests_total", route="unmatched", status="404") == 1
     # a refused request produces no tokens
     assert delta(before, after, "int8serve_prompt_tokens_total", model=MODEL) == 0
+
+
+def test_head_and_non_api_routes_count_under_their_route(http: httpx.Client, auth: dict[str, str]) -> None:
+    """A HEAD counts under its GET's route with its error code; `/openapi.json` and `/docs` by their path."""
+    before = scrape(http)
+    assert http.head("/healthz").status_code == 200
+    refused = http.head(f"/client/v4/accounts/{OTHER_ACCOUNT}/ai/models/search", headers=auth)
+    assert (refused.status_code, refused.content) == (403, b"")  # a token of another account: 403/10000
+    assert http.get("/openapi.json").status_code == 200 and http.get("/docs").status_code == 200
+    assert http.get("/openapi.json/nowhere").status_code == 404
+    after = scrape(http)
+    assert delta(before, after, "int8serve_http_requests_total", route="/healthz", status="200") == 1
+    search = "/client/v4/accounts/{account_id}/ai/models/search"
+    assert delta(before, after, "int8serve_http_requests_total", route=search, status="403") == 1
+    assert delta(before, after, "int8serve_errors_total", code="10000", status="403") == 1
+    assert delta(before, after, "int8serve_errors_total", code="none", status="403") == 0
+    assert delta(before, after, "int8serve_http_requests_total", route="/openapi.json", status="200") == 1
+    assert delta(before, after, "int8serve_http_requests_total", route="/docs", status="200") == 1
+    assert delta(before, after, "int8serve_http_requests_total", route="unmatched", status="200") == 0
+    assert delta(before, after, "int8serve_http_requests_total", route="unmatched", status="404") == 1
 
 
 def test_slot_gauges_during_a_slow_stream(http: httpx.Client, base_url: str, auth: dict[str, str],

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import re
 from typing import Any
 
 import httpx
@@ -9,6 +10,7 @@ import pytest
 from fastapi.routing import APIRoute
 from openapi_spec_validator import validate
 
+from int8serve.service.playground import PAGE_SECURITY_HEADERS
 from int8serve.service.routes import openai, ops, workers_ai
 
 from .conftest import MODEL
@@ -50,9 +52,27 @@ def test_bodies_errors_and_security_are_described(document: dict[str, Any]) -> N
     assert "422" not in run["responses"]  # parameters that do not validate are 400s here
 
 
-def test_docs_page(http: httpx.Client) -> None:
+def test_operations_routes_say_what_they_answer(document: dict[str, Any], http: httpx.Client) -> None:
+    metrics = document["paths"]["/metrics"]["get"]["responses"]
+    assert list(metrics["200"]["content"]) == ["text/plain"]  # Prometheus text, not JSON
+    assert http.get("/metrics").headers["content-type"].startswith("text/plain")
+    assert metrics["401"]["content"]["application/json"]["schema"]["$ref"].endswith("/ErrorEnvelope")
+    readyz = document["paths"]["/readyz"]["get"]["responses"]
+    assert readyz["503"]["content"]["application/json"]["schema"]["$ref"].endswith("/ErrorEnvelope")
+    assert "3040" in readyz["503"]["description"]
+
+
+def test_docs_page_loads_no_code_from_elsewhere(http: httpx.Client) -> None:
+    """Not FastAPI's Swagger UI (scripts from a CDN on the origin where the playground keeps its token)."""
     page = http.get("/docs")
-    assert page.status_code == 200 and "/openapi.json" in page.text
+    assert page.status_code == 200 and page.headers["content-type"].startswith("text/html")
+    assert page.headers["content-security-policy"] == PAGE_SECURITY_HEADERS["content-security-policy"]
+    assert 'href="openapi.json"' in page.text
+    assert not re.search(r"\b(src|href)=[\"']?(https?:)?//", page.text), page.text
+    script = http.get("/playground/docs.js")
+    assert script.status_code == 200 and "openapi.json" in script.text and "https:" not in script.text
+    for path in ("/redoc", "/docs/oauth2-redirect"):
+        assert http.get(path).status_code == 404
 
 
 def test_a_real_answer_fits_the_documented_model(http: httpx.Client, run_url: str, auth: dict[str, str],

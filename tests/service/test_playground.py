@@ -8,7 +8,7 @@ What is checked: connecting with only a token (account from `GET /client/v4/acco
 its figures (tokens, time to first token, tokens/s, neurons) against the API's own answer, the conversation sent
 back with each turn, the token sent nowhere but this origin's `Authorization` header, readable messages for a
 wrong token, a rate limit (429/3021), a context overflow (413/5021) and stream failures, and model output shown
-as text, never as HTML.
+as text, never as HTML. `/docs`, the API's page in the same package, lists the routes with nothing from elsewhere.
 
 Set `INT8SERVE_PLAYGROUND_SCREENSHOT=docs/playground.png` to refresh the documentation's screenshot.
 """
@@ -18,7 +18,10 @@ from __future__ import annotations
 import json
 import os
 import re
+import socket
+import threading
 from collections.abc import Iterator
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
 from typing import Any
 
@@ -335,7 +338,11 @@ USAGE = {"response": "", "usage": {"prompt_tokens": 5, "completion_tokens": 3, "
                       "(in the stream, code 3043: Internal server error)"),
     (_sse({"response": "Once"}, {"response": " upon"}), "error", "Once upon",
      "The answer was cut off: the stream ended before the server finished."),
-], ids=["html-is-text", "error-frame", "cut-off"])
+    (_sse({"response": "Once"}, {"response": "", "errors": [{"code": 3040, "message": "Capacity temporarily "
+                                                                                      "exceeded, please try again."}]}),
+     "error", "Once", "The server is shutting down and ended this answer before it finished. Try again in a moment. "
+                      "(in the stream, code 3040: Capacity temporarily exceeded, please try again.)"),
+], ids=["html-is-text", "error-frame", "cut-off", "drain-frame"])
 def test_stream_contents_are_shown_as_text(open_playground: Any, base_url: str, stream: str, state: str,
                                            shown: str, message: str | None) -> None:
     tab: Playground = open_playground(base_url)
@@ -368,3 +375,119 @@ def test_remembered_token_reconnects(open_playground: Any, base_url: str) -> Non
     tab.connected()
     tab.page.get_by_label("Remember the token on this device").uncheck()
     assert tab.page.evaluate("() => localStorage.length") == 0
+
+
+# --- behind a reverse proxy that serves the server under a path prefix -------------------------------------------
+
+PREFIX = "/int8serve"
+HOP_BY_HOP = {"connection", "keep-alive", "transfer-encoding", "content-length", "host", "date", "server"}
+
+
+class PrefixProxy:
+    """`upstream` served under `PREFIX`, the prefix stripped (nginx's `location /int8serve/ { proxy_pass
+    http://upstream/; }`); anything outside the prefix is 404. Answers are streamed on, chunk by chunk.
+    `cut_streams`: the connection of an `/ai/run` answer is closed after its first chunk, as a network failure
+    would (the browser then reads a chunked body that never ends)."""
+
+    def __init__(self, upstream: str, cut_streams: bool = False) -> None:
+        client = httpx.Client(base_url=upstream, timeout=60)
+
+        class Handler(BaseHTTPRequestHandler):
+            protocol_version = "HTTP/1.1"
+
+            def forward(self) -> None:
+                if not self.path.startswith(PREFIX + "/"):
+                    self.send_error(404)
+                    return
+                size = int(self.headers.get("content-length") or 0)
+                body = self.rfile.read(size) if size else None
+                headers = {k: v for k, v in self.headers.items() if k.lower() not in HOP_BY_HOP}
+                with client.stream(self.command, self.path[len(PREFIX):], content=body, headers=headers) as answer:
+                    self.send_response(answer.status_code)
+                    for name, value in answer.headers.items():
+                        if name.lower() not in HOP_BY_HOP:
+                            self.send_header(name, value)
+                    self.send_header("transfer-encoding", "chunked")
+                    self.end_headers()
+                    for chunk in answer.iter_raw():
+                        self.wfile.write(b"%x\r\n%s\r\n" % (len(chunk), chunk))
+                        self.wfile.flush()
+                        if cut_streams and "/ai/run/" in self.path:
+                            self.connection.shutdown(socket.SHUT_RDWR)
+                            self.close_connection = True
+                            return
+                    self.wfile.write(b"0\r\n\r\n")
+
+            do_GET = do_POST = forward
+
+            def log_message(self, *args: Any) -> None:
+                pass
+
+        self.client = client
+        self.server = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+        self.server.daemon_threads = True
+        self.url = f"http://127.0.0.1:{self.server.server_address[1]}{PREFIX}"
+        self.thread = threading.Thread(target=self.server.serve_forever, name="prefix-proxy", daemon=True)
+
+    def __enter__(self) -> PrefixProxy:
+        self.thread.start()
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.server.shutdown()
+        self.server.server_close()
+        self.client.close()
+
+
+def test_the_playground_works_under_a_path_prefix(open_playground: Any, base_url: str) -> None:
+    with PrefixProxy(base_url) as proxy:
+        tab: Playground = open_playground(proxy.url)  # the page at /int8serve/, its data-ready set by its script
+        tab.connect(TOKEN)
+        tab.connected()
+        tab.page.get_by_label("Model", exact=True).select_option(MODEL)
+        tab.parameter("max_tokens").fill("8")
+        tab.send("Hello")
+        tab.wait_answer()
+        assert tab.figure_value("tokens") > 0
+        assert all(r.url.startswith(proxy.url + "/") or r.url.startswith("data:") for r in tab.requests), \
+            [r.url for r in tab.requests]
+        tab.page.goto(proxy.url + "/docs")  # the API's page too
+        expect(tab.page.locator("html")).to_have_attribute("data-ready", "true")
+        expect(tab.page.locator(".operation", has_text="/healthz")).to_contain_text("GET")
+
+
+def test_a_connection_lost_mid_answer_is_explained(open_playground: Any, base_url: str) -> None:
+    with PrefixProxy(base_url, cut_streams=True) as proxy:
+        tab: Playground = open_playground(proxy.url)
+        tab.connect(TOKEN)
+        tab.connected()
+        tab.page.get_by_label("Model", exact=True).select_option(SLOW_MODEL)
+        tab.parameter("max_tokens").fill("60")
+        tab.send("Once upon a time")
+        error = tab.wait_answer("error").get_by_role("alert")
+        expect(error).to_contain_text(re.compile(r"^The connection was lost while the answer streamed: the answer "
+                                                 r"is incomplete\. .* \(.+\)$"))
+        expect(error).not_to_contain_text("Unexpected error")
+
+
+# --- /docs: the API's routes, under the same rules ----------------------------------------------------------------
+
+
+def test_docs_page_lists_the_routes_with_nothing_from_elsewhere(browser: Browser, base_url: str) -> None:
+    context = browser.new_context()
+    try:
+        page = context.new_page()
+        requested: list[str] = []
+        errors: list[str] = []
+        page.on("request", lambda request: requested.append(request.url))
+        page.on("pageerror", lambda err: errors.append(str(err)))
+        page.goto(base_url + "/docs")
+        expect(page.locator("html")).to_have_attribute("data-ready", "true", timeout=TIMEOUT_MS)
+        run = page.locator(".operation", has_text="/client/v4/accounts/{account_id}/ai/run/{model}")
+        expect(run.locator(".method")).to_have_text("POST")
+        expect(run.locator(".answers")).to_contain_text("429: rate limit (3021)")
+        expect(page.locator(".operation", has_text="/metrics")).to_contain_text("200: the Prometheus text")
+        assert errors == [] and requested
+        assert all(url.startswith(base_url + "/") or url.startswith("data:") for url in requested), requested
+    finally:
+        context.close()

@@ -5,11 +5,14 @@ inference request lifecycle in `inference.py`, the card's serving policy in `pol
 together with the app-wide pieces:
 
 * one exception handler (`errors.py`) answering every error in the envelope of the route's API;
-* middleware, outermost first: metrics (every answer's final status), the request id (`cf-ai-req-id`, a fresh
-  uuid4 on every answer, also the engine request id in the logs; unexpected exceptions become a logged 500/3043),
-  the lifecycle gate (`lifecycle.py`: 503 while loading or draining), and `HEAD` answered as `GET` without a body;
-* the OpenAPI document at `/openapi.json` (and `/docs`), with the request bodies, which routes parse themselves
-  (JSON whatever the Content-Type, in a worker thread), added to its components.
+* middleware, outermost first: `HEAD` answered as `GET` without a body (outside the metrics, which then count a
+  HEAD under the GET's route and read the error code from its body), metrics (every answer's final status), the
+  request id (`cf-ai-req-id`, a fresh uuid4 on every answer, also the engine request id in the logs; unexpected
+  exceptions become a logged 500/3043), and the lifecycle gate (`lifecycle.py`: 503 while loading or draining);
+* the OpenAPI document at `/openapi.json`, with the request bodies, which routes parse themselves (JSON whatever
+  the Content-Type, in a worker thread), added to its components. FastAPI's `/docs` and `/redoc` are off: they
+  load code from a CDN onto this origin (where the playground may keep a token); `routes/ops.py` serves a page of
+  our own at `/docs`.
 
 With `demo=True` (the built-in random-weight model) every answer also says `x-int8serve-demo-model: random
 weights, output is meaningless`.
@@ -153,15 +156,17 @@ def create_app(catalog: Catalog, engines: Mapping[str, Engine], tokens: Mapping[
         if owned:  # writes out the ledger: never on the event loop's thread
             await asyncio.to_thread(policy.close)
 
-    app = FastAPI(title="int8serve", version=_version(), lifespan=lifespan, redoc_url=None,
+    app = FastAPI(title="int8serve", version=_version(), lifespan=lifespan, docs_url=None, redoc_url=None,
                   description="The Workers AI HTTP API (and the OpenAI one) for self-hosted models.")
     app.router.redirect_slashes = False  # an API: unknown paths are 404 envelopes, not redirects
     app.state.services = services
     install_error_handlers(app)
-    app.add_middleware(HeadAsGetMiddleware)  # innermost: the metrics and the log still see HEAD
     app.add_middleware(LifecycleMiddleware, lifecycle=lifecycle)  # inside the two below: its 503s are counted
     app.add_middleware(RequestContextMiddleware, demo=demo)
-    app.add_middleware(MetricsMiddleware, metrics=metrics)  # outermost: sees every answer's final status
+    app.add_middleware(MetricsMiddleware, metrics=metrics)  # sees every answer's final status
+    # outermost: the scope it passes on is the one the router writes the route into and the metrics read, and
+    # the body it strips is past the metrics, which read an error's code from it
+    app.add_middleware(HeadAsGetMiddleware)
     for router in (workers_ai.router, openai.router, ops.router):
         app.include_router(router)
     app.openapi = lambda: _openapi(app)  # type: ignore[method-assign]

@@ -32,7 +32,7 @@ from .errors import (
     ApiError,
 )
 
-__all__ = ["authenticate", "is_valid_token", "token_account"]
+__all__ = ["authenticate", "bearer_token", "is_valid_token", "token_account"]
 
 # "Bearer" (any case), one or more spaces, then one token of visible ASCII characters.
 _BEARER = re.compile(r"[Bb][Ee][Aa][Rr][Ee][Rr] +([\x21-\x7e]+) *")
@@ -42,6 +42,13 @@ _VISIBLE = re.compile(r"[\x21-\x7e]+")
 def is_valid_token(token: object) -> bool:
     """Can this be configured as a token, i.e. sent in a header? Visible ASCII, no spaces, not empty."""
     return isinstance(token, str) and _VISIBLE.fullmatch(token) is not None
+
+
+def bearer_token(authorization: str | None) -> str | None:
+    """The token of an `Authorization: Bearer <token>` header (the scheme in any case, RFC 9110 section 11.1), or
+    None when the header is missing or is not one."""
+    match = _BEARER.fullmatch(authorization) if authorization is not None else None
+    return match.group(1) if match is not None else None
 
 
 def authenticate(headers: Mapping[str, str], account_id: str, tokens: Mapping[str, str]) -> str:
@@ -66,10 +73,10 @@ def token_account(headers: Mapping[str, str], tokens: Mapping[str, str]) -> str:
 def _credential(headers: Mapping[str, str]) -> str:
     authorization = headers.get("authorization")
     if authorization is not None:
-        match = _BEARER.fullmatch(authorization)
-        if match is None:
+        token = bearer_token(authorization)
+        if token is None:
             raise ApiError(INVALID_HEADERS, error_chain=[CHAIN_AUTHORIZATION])
-        return match.group(1)
+        return token
     key, email = headers.get("x-auth-key"), headers.get("x-auth-email")
     if key is None and email is None:
         raise ApiError(MISSING_AUTH)

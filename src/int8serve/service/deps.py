@@ -18,7 +18,7 @@ from fastapi.security import APIKeyHeader, HTTPBearer
 from int8serve.catalog.registry import Catalog
 from int8serve.engine.scheduler import Engine
 
-from .auth import authenticate, token_account
+from .auth import authenticate, bearer_token, token_account
 from .errors import AUTHENTICATION, ApiError
 from .inference import Inference
 from .lifecycle import Lifecycle
@@ -78,10 +78,11 @@ metrics_bearer = HTTPBearer(auto_error=False, scheme_name="metricsToken",
 
 async def metrics_access(request: Request, app: Services,
                          _token: Annotated[object, Security(metrics_bearer)] = None) -> None:
-    """`/metrics` with `--metrics-token`: only `Authorization: Bearer <that token>` may read it (401/10000)."""
+    """`/metrics` with `--metrics-token`: only `Authorization: Bearer <that token>` may read it (401/10000); the
+    scheme is read in any case, as the API's tokens are (`auth.py`)."""
     if app.metrics_token is None:
         return
-    sent = request.headers.get("authorization", "")
-    expected = f"Bearer {app.metrics_token}"
-    if not hmac.compare_digest(sent.encode("utf-8", "replace"), expected.encode("utf-8")):
+    sent = bearer_token(request.headers.get("authorization")) or ""
+    # in constant time: the answer's timing does not tell how much of a guess was right
+    if not hmac.compare_digest(sent.encode("ascii"), app.metrics_token.encode("ascii")):
         raise ApiError(AUTHENTICATION)

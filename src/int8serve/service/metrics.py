@@ -7,7 +7,8 @@ its own `CollectorRegistry`, so several apps in one process (tests) never collid
 
 Counters (`_total`), gauges and histograms, with their labels:
 
-* `int8serve_http_requests_total{route,status}`: every HTTP answer; route = the route template (`unmatched`: 404s)
+* `int8serve_http_requests_total{route,status}`: every HTTP answer (a HEAD under its GET's route); route = the route
+  template, `/openapi.json` and the pages by their path, `unmatched` for a path no route answers (404s)
 * `int8serve_errors_total{code,status}`: error codes answered (`errors[0].code`); status 200 = a stream's error frame
 * `int8serve_num_requests_running{model}`, `int8serve_num_requests_waiting{model}`, `int8serve_slots{model}`,
   `int8serve_slot_usage_ratio{model}`: gauges read from `Engine.stats()` at scrape time
@@ -318,15 +319,12 @@ class MetricsMiddleware:
         size = 0
         metrics = self.metrics
 
-        def route() -> str:  # the route template; set by the router before the endpoint runs
-            return getattr(scope.get("route"), "path", None) or "unmatched"
-
         async def counting_send(message: Message) -> None:
             # counted before the message goes out, so a client that got its answer sees it in /metrics
             nonlocal status, size
             if message["type"] == "http.response.start":
                 status = int(message["status"])
-                metrics.http_requests.labels(route(), str(status)).inc()
+                metrics.http_requests.labels(_route_label(scope), str(status)).inc()
             elif message["type"] == "http.response.body" and status >= 400:
                 if size <= MAX_ERROR_BODY:
                     chunk = message.get("body", b"")
@@ -340,8 +338,23 @@ class MetricsMiddleware:
             await self.app(scope, receive, counting_send)
         finally:
             if not status:  # nothing was answered: the server sends a bare 500
-                metrics.http_requests.labels(route(), "500").inc()
+                metrics.http_requests.labels(_route_label(scope), "500").inc()
                 metrics.count_error("none", 500)
+
+
+def _route_label(scope: Scope) -> str:
+    """The template of the route that answered (`/client/v4/accounts/{account_id}/ai/run/{model:path}`), or
+    `unmatched`: labels come from the app's routes only, never from a path a client made up.
+
+    The router writes the route into the scope before the endpoint runs. FastAPI's own routes put themselves in
+    `scope["route"]`; the plain Starlette routes FastAPI adds (`/openapi.json`) leave only their endpoint, which
+    is looked up among the app's routes."""
+    route = scope.get("route")
+    if route is None and "endpoint" in scope:
+        endpoint = scope["endpoint"]
+        route = next((r for r in getattr(scope.get("app"), "routes", ()) if getattr(r, "endpoint", None) is endpoint),
+                     None)
+    return getattr(route, "path", None) or "unmatched"
 
 
 def _error_code(body: bytes) -> str:

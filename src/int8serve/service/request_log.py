@@ -13,7 +13,10 @@ body's `prompt` or `messages`) and `response` are added.
 
 Values come from clients (a model name in a URL, a prompt), so no log line may carry their control characters: an
 escape sequence would rewrite the operator's terminal, a newline would forge a log line. `EscapeControls`, on every
-handler `configure_logging` installs (uvicorn's access log included), writes them as `\x1b`, `\n`, ... .
+handler `configure_logging` installs (uvicorn's access log included), writes them as `\x1b`, `\n`, ... . Values
+written as JSON (quoted text values, every JSON line) go through `_json`: `json.dumps` escapes only what JSON
+requires (below U+0020), so it also escapes DEL, the C1 controls (U+0085 NEL, U+009B CSI) and U+2028/U+2029, which
+terminals act on and line-splitting readers (Python's `str.splitlines`, many log viewers) take for line ends.
 """
 
 from __future__ import annotations
@@ -35,6 +38,7 @@ LOG_FORMATS = ("text", "json")
 
 request_log = logging.getLogger(REQUEST_LOGGER)
 _CONTROLS = re.compile(r"[\x00-\x1f\x7f-\x9f\u2028\u2029]")
+_JSON_UNESCAPED_CONTROLS = re.compile(r"[\x7f-\x9f\u2028\u2029]")  # the ones json.dumps leaves raw
 
 
 def escape_controls(text: str) -> str:
@@ -42,16 +46,23 @@ def escape_controls(text: str) -> str:
     return _CONTROLS.sub(lambda m: m.group().encode("unicode_escape").decode("ascii"), text)
 
 
+def _json(value: Any) -> str:
+    """`value` as one line of JSON without any control character (parsed back, it is `value` again)."""
+    text = json.dumps(value, ensure_ascii=False, default=str)
+    return _JSON_UNESCAPED_CONTROLS.sub(lambda m: f"\\u{ord(m.group()):04x}", text)
+
+
 class EscapeControls(logging.Filter):
     """Escapes control characters in a record's message arguments (and in a message without arguments)."""
 
     def filter(self, record: logging.LogRecord) -> bool:
-        if isinstance(record.args, tuple):
+        if not record.args:  # a record logged without arguments has `args == ()`
+            if isinstance(record.msg, str):
+                record.msg = escape_controls(record.msg)
+        elif isinstance(record.args, tuple):
             record.args = tuple(escape_controls(a) if isinstance(a, str) else a for a in record.args)
         elif isinstance(record.args, dict):
             record.args = {k: escape_controls(v) if isinstance(v, str) else v for k, v in record.args.items()}
-        elif isinstance(record.msg, str):
-            record.msg = escape_controls(record.msg)
         return True
 
 
@@ -64,7 +75,7 @@ def _text_value(value: Any) -> str:
         return f"{value:.4f}".rstrip("0").rstrip(".") if value else "0"
     if isinstance(value, str) and value and not any(c.isspace() or c in '"=' for c in value):
         return escape_controls(value)
-    return json.dumps(value, ensure_ascii=False)  # escapes control characters
+    return _json(value)
 
 
 def log_request(fields: Mapping[str, Any]) -> None:
@@ -98,7 +109,7 @@ class JsonFormatter(logging.Formatter):
             out["message"] = record.getMessage()
         if record.exc_info:
             out["exc_info"] = self.formatException(record.exc_info)
-        return json.dumps(out, ensure_ascii=False, default=str)
+        return _json(out)
 
 
 def _timestamp(record: logging.LogRecord) -> str:

@@ -17,7 +17,11 @@ The token stays in the browser: in memory, or in `localStorage` when the user as
 in the `Authorization` header of requests to this origin. The page's Content-Security-Policy allows scripts,
 styles and connections to this origin only, and model output is inserted as text, never as HTML.
 
-This module holds the page and its assets; `routes/ops.py` serves them.
+The API's own page at `/docs` (`docs.html`, `docs.js`) lives here too, under the same rules: it lists the routes
+of `/openapi.json` as text. FastAPI's default `/docs` (Swagger UI) would load its code from a CDN onto this origin,
+where a remembered token is readable by any script, and shows nothing offline.
+
+This module holds the pages and their assets; `routes/ops.py` serves them.
 """
 
 from __future__ import annotations
@@ -28,13 +32,14 @@ from importlib import resources
 
 from ..protocol.run import WORKERS_AI_PARAMETERS
 
-__all__ = ["ASSET_TYPES", "PAGE_SECURITY_HEADERS", "asset", "page", "server_parameter_ranges"]
+__all__ = ["ASSET_TYPES", "PAGE_SECURITY_HEADERS", "asset", "docs_page", "page", "server_parameter_ranges"]
 
 STATIC_DIR = "static"
 INDEX_FILE = "index.html"
+DOCS_FILE = "docs.html"
 RANGES_PLACEHOLDER = "__INT8SERVE_PARAMETER_RANGES__"
 # asset file name -> Content-Type (a `text/*` type: Starlette adds `; charset=utf-8`)
-ASSET_TYPES = {"playground.js": "text/javascript", "playground.css": "text/css"}
+ASSET_TYPES = {"playground.js": "text/javascript", "playground.css": "text/css", "docs.js": "text/javascript"}
 
 PAGE_SECURITY_HEADERS = {
     "content-security-policy": "default-src 'none'; script-src 'self'; style-src 'self'; connect-src 'self'; "
@@ -56,6 +61,12 @@ def server_parameter_ranges() -> dict[str, dict[str, object]]:
 def page() -> str:
     """The page, with the parameter ranges inlined."""
     return _read_static(INDEX_FILE).replace(RANGES_PLACEHOLDER, _script_json(server_parameter_ranges()))
+
+
+@cache
+def docs_page() -> str:
+    """The `/docs` page: the API's routes, read by its script from `/openapi.json`."""
+    return _read_static(DOCS_FILE)
 
 
 @cache

@@ -5,10 +5,14 @@
 * `GET /metrics`: Prometheus text (`metrics.py`: request and error counts, latencies, tokens, neurons per account,
   cache and rate-limit counts, engine slots). It names every account that used the server, so `--metrics-token`
   makes it answer only `Authorization: Bearer <that token>`;
-* `GET /` and `GET /playground/{asset}`: the playground (`playground/`), with a strict Content-Security-Policy.
+* `GET /` and `GET /playground/{asset}`: the playground (`playground/`), with a strict Content-Security-Policy;
+* `GET /docs`: the API's routes from `/openapi.json`, a page of the same package under the same policy (FastAPI's
+  Swagger UI, loaded from a CDN, is turned off in `app.py`).
 """
 
 from __future__ import annotations
+
+from typing import Any
 
 from fastapi import APIRouter, Depends
 from starlette.responses import Response
@@ -16,10 +20,21 @@ from starlette.responses import Response
 from .. import playground
 from ..deps import Services, metrics_access
 from ..errors import NO_ROUTE, NOT_READY, ApiError, json_response
+from ..protocol.answers import ErrorEnvelope
 
 __all__ = ["router"]
 
 router = APIRouter(tags=["Operations"])
+
+# what the document says of the answers these routes build themselves (FastAPI sees only `-> Response`)
+READYZ_RESPONSES: dict[int | str, dict[str, Any]] = {
+    503: {"model": ErrorEnvelope, "description": "loading, shutting down or no model served (3040), with Retry-After"},
+}
+METRICS_RESPONSES: dict[int | str, dict[str, Any]] = {
+    200: {"description": "the Prometheus text exposition format (version 0.0.4)",
+          "content": {"text/plain": {"schema": {"type": "string"}}}},
+    401: {"model": ErrorEnvelope, "description": "with `--metrics-token`: not `Bearer <that token>` (10000)"},
+}
 
 
 @router.get("/healthz", summary="Liveness")
@@ -27,7 +42,7 @@ async def healthz() -> Response:
     return json_response({"status": "ok"})
 
 
-@router.get("/readyz", summary="Readiness, with each model's slots and queue")
+@router.get("/readyz", summary="Readiness, with each model's slots and queue", responses=READYZ_RESPONSES)
 async def readyz(app: Services) -> Response:
     models = {}
     for name, engine in app.engines.items():
@@ -42,7 +57,8 @@ async def readyz(app: Services) -> Response:
     return json_response({"status": "ready", "models": models})
 
 
-@router.get("/metrics", summary="Prometheus metrics", dependencies=[Depends(metrics_access)])
+@router.get("/metrics", summary="Prometheus metrics", dependencies=[Depends(metrics_access)],
+            response_class=Response, responses=METRICS_RESPONSES)  # no media type: the 200 says text/plain
 async def prometheus_metrics(app: Services) -> Response:
     return app.metrics.exposition()
 
@@ -50,6 +66,11 @@ async def prometheus_metrics(app: Services) -> Response:
 @router.get("/", include_in_schema=False)
 async def playground_page() -> Response:
     return Response(playground.page(), media_type="text/html", headers=playground.PAGE_SECURITY_HEADERS)
+
+
+@router.get("/docs", include_in_schema=False)
+async def docs_page() -> Response:
+    return Response(playground.docs_page(), media_type="text/html", headers=playground.PAGE_SECURITY_HEADERS)
 
 
 @router.get("/playground/{name}", include_in_schema=False)

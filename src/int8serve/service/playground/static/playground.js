@@ -6,12 +6,13 @@
 // (server-sent events) and shows each answer's tokens, time to first token, tokens/s and neurons.
 //
 // Rules: the token lives in memory (or localStorage when the user asks) and is sent only in the Authorization
-// header of requests to this origin (relative URLs). Text from the API or the model is only ever inserted with
-// textContent / append(string), never parsed as HTML.
+// header of requests to this origin. Every URL is relative to the page's, so that the page also works behind a
+// reverse proxy that serves the server under a path prefix (https://example.com/int8serve/). Text from the API
+// or the model is only ever inserted with textContent / append(string), never parsed as HTML.
 "use strict";
 
 (() => {
-  const API_BASE = "/client/v4";
+  const API_BASE = new URL("client/v4", document.baseURI).href; // the page is at the server's root
   const TOKEN_STORAGE_KEY = "int8serve.playground.token";
   const TOKEN_PATTERN = /^[\x21-\x7e]+$/; // what the server accepts: visible ASCII, no spaces
   const PARAMETER_NAMES = ["max_tokens", "temperature", "top_p", "top_k", "seed", "repetition_penalty",
@@ -165,7 +166,7 @@
     let buffer = "";
     try {
       for (;;) {
-        const { value, done } = await reader.read();
+        const { value, done } = await readChunk(reader);
         buffer += done ? decoder.decode() : decoder.decode(value, { stream: true });
         buffer = buffer.replace(/\r\n/g, "\n");
         let boundary;
@@ -180,6 +181,26 @@
     } finally {
       reader.cancel().catch(() => {});
     }
+  }
+
+  /** The next chunk of a streamed answer; a connection lost mid-answer is our own error, said as a sentence. */
+  async function readChunk(reader) {
+    try {
+      return await reader.read();
+    } catch (err) {
+      if (err && err.name === "AbortError") throw err; // Stop
+      throw new PlaygroundError("The connection was lost while the answer streamed: the answer is incomplete. "
+        + "Check that the server is running, then send the message again.", String((err && err.message) || err));
+    }
+  }
+
+  /** A readable sentence for the error frame that ends a stream (the answer had started: HTTP 200). */
+  function explainStreamError(code) {
+    // 3040 in a stream is the server's drain cutting the answer, never capacity (that is refused before it starts)
+    if (code === 3040) {
+      return "The server is shutting down and ended this answer before it finished. Try again in a moment.";
+    }
+    return explainError(200, code, null);
   }
 
   function parseFrame(data) {
@@ -464,7 +485,7 @@
         const frame = parseFrame(data);
         if (Array.isArray(frame.errors) && frame.errors.length) {
           const first = frame.errors[0] || {};
-          throw new PlaygroundError(explainError(200, first.code, null),
+          throw new PlaygroundError(explainStreamError(first.code),
             `in the stream, code ${first.code}: ${first.message}`);
         }
         if (typeof frame.response === "string" && frame.response) {
