@@ -20,9 +20,11 @@ import sqlalchemy as sa
 from cloudflare import Cloudflare
 
 from int8serve.engine.scheduler import Engine
+from int8serve.service.errors import ApiError
 from int8serve.service.policy import UsageRow, format_neurons
 from int8serve.service.policy.ledger import Ledger, make_database, utc_now
 from int8serve.service.policy.spool import FileSpool, MemorySpool, SpoolLockedError
+from int8serve.service.policy.usage import parse_period
 
 from ..conftest import MODEL, SCRIPTED_MODEL, SLOW_MODEL
 from .conftest import ACCOUNTS, CARD_NEURON_COST, PolicyServer, UtcClock, auth_for, sse_data
@@ -315,3 +317,17 @@ def test_spool_replay_is_ordered_and_idempotent(tmp_path: Path) -> None:
         ids = conn.execute(sa.select(first.table.c.request_id).order_by(first.table.c.time)).scalars().all()
     assert ids == ["r0", "r1", "r2", "r3", "r4"]
     first.close()
+
+
+@pytest.mark.parametrize("since, until", [("0001-01-01T00:00:00+01:00", None),
+                                          ("2026-01-01", "9999-12-31T23:59:59-01:00")])
+def test_a_time_whose_offset_leaves_the_calendar_is_a_400(since: str, until: str | None) -> None:
+    """The offset moves it before year 1 or after 9999: a clear 400/1001, not a 500 (OverflowError)."""
+    with pytest.raises(ApiError) as refused:
+        parse_period(since, until)
+    assert (refused.value.status, refused.value.code) == (400, 1001)
+
+
+def test_the_last_day_of_the_calendar_is_a_whole_day() -> None:
+    since, until = parse_period("9999-12-30", "9999-12-31")
+    assert (since, until) == (datetime(9999, 12, 30), datetime.max)

@@ -107,3 +107,36 @@ def test_the_allocation_counts_rows_spooled_during_an_outage(pg_schema: str, pg_
     allowed = 1 + next(i for i in range(1, 10) if used * (i + 1) >= 4.0)  # requests until 4 neurons are used
     assert statuses[:allowed - 1] == [200] * (allowed - 1) and set(statuses[allowed - 1:]) == {429}
     pg_proxy.restore()
+
+
+@pytest.mark.parametrize("backend", ["sqlite", "postgresql"])
+def test_a_spool_of_more_rows_than_a_statement_has_parameters_is_read(backend: str, tmp_path: Path,
+                                                                       request: pytest.FixtureRequest) -> None:
+    """After a long outage an account may have 70,000 rows in the spool, two of them written already: the usage
+    and the allocation's total count each row once (the spooled ids went as one bind parameter each, past
+    PostgreSQL's 65,535: every read failed and marked the database away)."""
+    import asyncio
+    from datetime import timedelta
+
+    from int8serve.service.policy.ledger import UsageRow, utc_now
+
+    url = (f"sqlite:///{tmp_path / 'ledger.sqlite3'}" if backend == "sqlite"
+           else postgres_url(request.getfixturevalue("pg_schema")))
+    now = utc_now()
+    rows = [UsageRow(f"r{n}", now, "acct", "m", 3, 2, 0.5, False, "ok", 1.0) for n in range(70_000)]
+    spool = MemorySpool()
+    spool.append([r.to_json() for r in rows])
+    ledger = Ledger(make_database(url), spool)
+    ledger.create_schema()  # the flusher is not started: the rows stay pending, as while a long spool drains
+    written_only = UsageRow("db-only", now, "acct", "m", 3, 2, 0.25, False, "ok", 1.0)
+    with ledger.database.begin() as conn:  # two spooled rows written already, and one not in the spool
+        conn.execute(sa.insert(ledger.table), [r.to_db() for r in (rows[0], rows[1], written_only)])
+
+    async def read() -> tuple[Any, float]:
+        by_model, _by_day = await ledger.usage("acct", now - timedelta(days=1), now + timedelta(days=1))
+        return by_model, await ledger.neurons_used("acct", now - timedelta(hours=1), wait=30)
+
+    (group,), used = asyncio.run(read())
+    assert (group.requests, group.input_tokens, group.neurons) == (70_001, 210_003, 35_000.25)
+    assert used == pytest.approx(35_000.25) and ledger.healthy
+    ledger.close(timeout=1)

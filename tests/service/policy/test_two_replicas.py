@@ -61,3 +61,28 @@ def test_during_a_redis_outage_each_replica_admits_its_share(policy_server: Call
     assert during_a[0].json()["errors"][0]["code"] == 3021
     assert during_b[0].headers["x-ratelimit-limit-requests"] == "2"  # the replica's share is what it shows
     assert during_b[0].headers["x-ratelimit-remaining-requests"] == "0"
+
+
+def test_during_a_redis_outage_retry_after_is_when_the_share_has_room(policy_server: Callable[..., PolicyServer],
+                                                                       private_redis: RedisServer) -> None:
+    """acct-a may make 4 requests in a 4-second window, shared by two replicas. A admits 3 through Redis, a second
+    apart; Redis dies: A's share is 2, so 2 of its 3 admissions must leave the window before it admits again. The
+    refusal's Retry-After says when that is (the second one's exit), and a client that waits that long is served
+    (it said when the oldest alone leaves: a retry then was refused again)."""
+    url = f"redis://127.0.0.1:{private_redis.port}/0?key_prefix=room"
+    settings = {"redis_url": url, "account_rpm": {"acct-a": 4}, "window_seconds": 4, "cache": False,
+                "retry_seconds": 60, "replica_stamp_seconds": 1e-6}
+    a, b = policy_server(**settings), policy_server(**settings)
+    assert b.post("acct-b", BODY).status_code == 200  # B stamps itself in Redis
+    for n in range(3):
+        if n:
+            time.sleep(1.0)
+        assert a.post("acct-a", {**BODY, "seed": n + 1}).status_code == 200
+    assert a.policy.limiter.replicas is not None and a.policy.limiter.replicas.count == 2
+    private_redis.kill()
+    refused = a.post("acct-a", {**BODY, "seed": 9})
+    assert refused.status_code == 429
+    retry_after = int(refused.headers["retry-after"])
+    assert retry_after >= 2  # the second admission, ~1 s after the first, leaves ~3 s from now
+    time.sleep(retry_after)
+    assert a.post("acct-a", {**BODY, "seed": 10}).status_code == 200

@@ -41,6 +41,7 @@ import concurrent.futures
 import contextlib
 import enum
 import itertools
+import json
 import logging
 import math
 import queue
@@ -798,7 +799,7 @@ class Ledger:
     def _db_neurons(self, conn: sa.Connection, account: str, since: datetime, skip: Sequence[str]) -> float:
         t = self.table
         total = conn.execute(sa.select(sa.func.coalesce(sa.func.sum(t.c.neurons), 0.0))
-                             .where(t.c.account == account, t.c.time >= since, t.c.request_id.not_in(skip))
+                             .where(t.c.account == account, t.c.time >= since, _none_of(conn, t.c.request_id, skip))
                              ).scalar_one()
         return float(total)
 
@@ -812,7 +813,8 @@ class Ledger:
             sa.func.coalesce(sa.func.sum(t.c.output_tokens), 0).label("output_tokens"),
             sa.func.coalesce(sa.func.sum(t.c.neurons), 0.0).label("neurons"),
         )
-        where = (t.c.account == account, t.c.time >= since, t.c.time < until, t.c.request_id.not_in(skip))
+        where = (t.c.account == account, t.c.time >= since, t.c.time < until,
+                 _none_of(conn, t.c.request_id, skip))
 
         def grouped(column: sa.Column[Any]) -> list[UsageGroup]:
             rows = conn.execute(sa.select(column, *totals).where(*where).group_by(column).order_by(column))
@@ -821,6 +823,21 @@ class Ledger:
                                neurons=round(float(r.neurons), 6)) for r in rows]
 
         return grouped(t.c.model), grouped(t.c.day)
+
+
+def _none_of(conn: sa.Connection, column: sa.Column[str], values: Sequence[str]) -> sa.ColumnElement[bool]:
+    """`column NOT IN values`, with the values as one JSON parameter on PostgreSQL and SQLite: one parameter per
+    value would fail past PostgreSQL's 65,535 (SQLite's 32,766) — a spool holding a long outage's rows."""
+    if not values:
+        return sa.true()
+    if conn.dialect.name == "postgresql":
+        ids = sa.bindparam("spooled_ids", list(values), type_=postgresql.JSONB)
+        elements = sa.func.jsonb_array_elements_text(ids).table_valued("value")
+    elif conn.dialect.name == "sqlite":
+        elements = sa.func.json_each(json.dumps(list(values))).table_valued("value")
+    else:
+        return column.not_in(values)
+    return column.not_in(sa.select(elements.c.value))
 
 
 def _merge(groups: Sequence[UsageGroup], rows: Sequence[UsageRow], name_of: Callable[[UsageRow], str]

@@ -14,7 +14,9 @@ While Redis is down the in-process windows take over (`fallback.py`). Every admi
 recorded in the in-process window, so that a fallback starts from this replica's recent history instead of from
 zero. During an outage each replica admits only its share of the limit, N // R (at least 1), R being the replicas
 that shared the Redis just before it went away (`ReplicaCount`): two replicas of an account limited to 4 admit at
-most 2 each in a window, 4 together, instead of 4 each. Redis is authoritative again as soon as it answers.
+most 2 each in a window, 4 together, instead of 4 each. Redis is authoritative again as soon as it answers. A
+refusal's `Retry-After` then is the time until enough of this replica's admissions leave the window for one more
+to fit in its share (`_admitted_at` keeps their times: `limits` tells only when the oldest leaves).
 """
 
 from __future__ import annotations
@@ -23,6 +25,7 @@ import asyncio
 import math
 import time
 import uuid
+from collections import deque
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
 
@@ -117,6 +120,8 @@ class RateLimiter:
         self._shared = MovingWindowRateLimiter(shared) if shared is not None else None
         self._guard = guard
         self.replicas = replicas
+        # (model, account) -> the times of the admissions in the in-process window, oldest first
+        self._admitted_at: dict[tuple[str, str], deque[float]] = {}
 
     def limit_for(self, card: ModelCard, account: str) -> int | None:
         """Requests per window allowed to `account` on `card`'s model; None = unlimited."""
@@ -139,8 +144,8 @@ class RateLimiter:
         async def shared() -> RateLimitStatus:
             assert self._shared is not None
             status = await self._hit(self._shared, item, ids)
-            if status.allowed:
-                await self._local.hit(item, *ids)  # shadow copy for a fallback; its answer does not matter
+            if status.allowed:  # shadow copy for a fallback
+                await self._local_hit(item, ids)
             if self.replicas is not None:
                 await self.replicas.refresh()
             return status
@@ -154,8 +159,15 @@ class RateLimiter:
         shadow copies) in the window of the whole limit."""
         async with self._local_lock:
             stats = await self._local.get_window_stats(item, *ids)
-            allowed = item.amount - stats.remaining < self._share(item) and await self._local.hit(item, *ids)
+            allowed = item.amount - stats.remaining < self._share(item) and await self._local_hit(item, ids)
             return await self._degraded_stats(item, ids, allowed)
+
+    async def _local_hit(self, item: RateLimitItem, ids: tuple[str, str]) -> bool:
+        """A hit in the in-process window, its time kept for `_degraded_stats`."""
+        if not await self._local.hit(item, *ids):
+            return False
+        self._admitted_at.setdefault(ids, deque(maxlen=item.amount)).append(time.time())
+        return True
 
     def _share(self, item: RateLimitItem) -> int:
         return share_of(item.amount, self.replicas.count if self.replicas is not None else 1)
@@ -163,9 +175,18 @@ class RateLimiter:
     async def _degraded_stats(self, item: RateLimitItem, ids: tuple[str, str], allowed: bool) -> RateLimitStatus:
         """This replica's window while Redis is away, against its share of the limit."""
         stats = await self._local.get_window_stats(item, *ids)
-        share = self._share(item)
-        return RateLimitStatus(allowed=allowed, limit=share, remaining=max(0, share - (item.amount - stats.remaining)),
-                               reset_after=max(0.0, stats.reset_time - time.time()))
+        share, admitted = self._share(item), item.amount - stats.remaining
+        reset_at = stats.reset_time if allowed else self._room_at(ids, admitted - share, stats.reset_time)
+        return RateLimitStatus(allowed=allowed, limit=share, remaining=max(0, share - admitted),
+                               reset_after=max(0.0, reset_at - time.time()))
+
+    def _room_at(self, ids: tuple[str, str], over: int, oldest_leaves_at: float) -> float:
+        """When one more admission fits in the share: once `over` + 1 of the window's admissions have left it."""
+        window = self.settings.window_seconds
+        in_window = [t for t in self._admitted_at.get(ids, ()) if t > time.time() - window]
+        if over <= 0 or not in_window:
+            return oldest_leaves_at
+        return in_window[min(over, len(in_window) - 1)] + window
 
     async def describe(self, card: ModelCard, account: str) -> RateLimitStatus | None:
         """The window as it is, without recording anything (for answers that do not count)."""

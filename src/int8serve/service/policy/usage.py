@@ -46,13 +46,13 @@ def _parse_time(raw: str, name: str, *, end_of_day: bool) -> datetime:
                 raise ValueError("too large")
             return datetime.fromtimestamp(int(text), UTC).replace(tzinfo=None)
         value = datetime.fromisoformat(text.replace("Z", "+00:00").replace("z", "+00:00"))
+        if value.tzinfo is not None:  # an offset may move it past year 1 or 9999
+            value = value.astimezone(UTC).replace(tzinfo=None)
     except (ValueError, OverflowError, OSError):
         problem = f"expected a date, an ISO 8601 time or unix seconds, got {raw[:40]!r}"
         raise ApiError(BAD_QUERY, name=name, problem=problem) from None
-    if value.tzinfo is not None:
-        value = value.astimezone(UTC).replace(tzinfo=None)
-    if len(text) == 10 and end_of_day and value < datetime.max - timedelta(days=1):  # a plain date: the whole day
-        value += timedelta(days=1)
+    if len(text) == 10 and end_of_day:  # a plain date: the whole day (the last one there is: to its end)
+        value = value + timedelta(days=1) if value < datetime.max - timedelta(days=1) else datetime.max
     return value
 
 
