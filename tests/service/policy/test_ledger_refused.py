@@ -1,11 +1,13 @@
 """A row the ledger's database refuses for its data (here an account id longer than the `account` column, which
 PostgreSQL refuses with a DataError; on SQLite, which stores any length, a NaN that it turns into NULL) is moved to
-the dead-letter file next to the spool, with the reason, and logged as an error; the rows around it are written. A
+the dead-letter file next to the spool, with the reason, and logged as an error; the rows around it are written. So
+is a row with a value SQLAlchemy cannot even send (a StatementError raised in Python, before the driver). A
 database that is away is not a refusal: then every row waits in the spool."""
 
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import json
 import logging
 import math
@@ -42,6 +44,19 @@ def _dead_letters(folder: Path) -> list[dict]:
 
 def _errors(caplog: pytest.LogCaptureFixture) -> list[str]:
     return [r.getMessage() for r in caplog.records if r.levelno == logging.ERROR]
+
+
+@pytest.fixture(params=["sqlite", "postgresql"])
+def database_url(request: pytest.FixtureRequest, tmp_path: Path) -> str:
+    """The ledger's database: a SQLite file in the test's folder, or a PostgreSQL schema of the test's own."""
+    if request.param == "sqlite":
+        return f"sqlite:///{tmp_path / 'usage.sqlite3'}"
+    return postgres_url(request.getfixturevalue("pg_schema"))
+
+
+def _stored_ids(ledger: Ledger) -> list[str]:
+    with ledger.database.connect() as conn:
+        return list(conn.execute(sa.select(ledger.table.c.request_id).order_by(ledger.table.c.request_id)).scalars())
 
 
 def test_a_row_postgresql_refuses_does_not_hold_up_the_others(pg_schema: str, tmp_path: Path,
@@ -115,4 +130,21 @@ def test_a_row_sqlite_refuses_does_not_hold_up_the_others(tmp_path: Path,
     assert dead["row"]["request_id"] == "nan-1" and "IntegrityError" in dead["reason"]
     assert spool.read_bytes() == b"" and ledger.rejected == 1 and ledger.healthy
     assert any("nan-1" in e for e in _errors(caplog))
+    ledger.close()
+
+
+def test_a_value_sqlalchemy_cannot_send_is_a_refusal_not_an_outage(database_url: str, tmp_path: Path) -> None:
+    """A bool column given "yes" fails in Python, while SQLAlchemy builds the statement: a StatementError that no
+    retry will change, not the database away (which held up every row behind it, forever)."""
+    spool = tmp_path / "ledger-spool.jsonl"
+    ledger = Ledger(make_database(database_url), FileSpool(spool), retry_seconds=0.2)
+    ledger.create_schema()
+    bad = dataclasses.replace(_row("bad-1"), cached="yes")  # a row of the wrong type, which only a bug could make
+    _record(ledger, [_row("ok-1"), bad, _row("ok-2")])
+    assert ledger.flush(timeout=10)
+    assert _stored_ids(ledger) == ["ok-1", "ok-2"]
+    (dead,) = _dead_letters(tmp_path)
+    assert dead["row"]["request_id"] == "bad-1" and dead["row"]["cached"] == "yes"
+    assert "StatementError" in dead["reason"] and "Not a boolean value" in dead["reason"]
+    assert ledger.healthy and ledger.outages == 0 and ledger.rejected == 1 and spool.read_bytes() == b""
     ledger.close()

@@ -13,7 +13,8 @@ No database I/O ever happens on the event loop's thread, and a request never wai
    (unless the spool itself cannot be written: then it inserts the row directly, within the deadline below);
 2. the flusher thread, on its own, inserts the spooled rows in order (at most `FLUSH_BATCH` a transaction) and takes
    them out of the spool after the commit. A row the database refuses for its data (`DataError`,
-   `IntegrityError`: a value it cannot store, not an outage) is found by splitting the batch, moved to the
+   `IntegrityError`: a value it cannot store, not an outage; or a `StatementError` of SQLAlchemy's own, raised
+   before the driver saw the statement: a value it cannot even send) is found by splitting the batch, moved to the
    dead-letter file next to the spool and logged as an error; the other rows are written;
 3. every piece of database work has a client-side deadline (`timeout`, 5 s; `deadline.py`): a flush, a read or a
    connection that gets no answer in time counts as the database being away, however healthy the TCP connection
@@ -88,6 +89,15 @@ DEFAULT_SPOOL_ALARM_ROWS = 10_000
 ALLOCATION_READ_WAIT = 0.5  # seconds admission waits for a fresh daily total before using the last one
 SPOOL_COMPACT_ROWS = 1_000  # rows already written that may stay in the spool file before it is rewritten
 REJECTED = (sa.exc.DataError, sa.exc.IntegrityError)  # the database refuses the row itself: no retry will help
+
+
+def _refused(err: BaseException) -> bool:
+    """Is `err` a refusal of the rows themselves, which no retry will change (rather than the database away)? The
+    database's `REJECTED` errors, and a `StatementError` that is not the driver's (`DBAPIError`): SQLAlchemy raised
+    it in Python, building the statement, for a value it cannot send (`Not a boolean value: 'yes'`)."""
+    if isinstance(err, REJECTED):
+        return True
+    return isinstance(err, sa.exc.StatementError) and not isinstance(err, sa.exc.DBAPIError)
 
 
 def utc_now() -> datetime:
@@ -599,10 +609,8 @@ class Ledger:
         try:
             self._write([s.row for s in batch], seconds)
             inserted, dead = list(batch), []
-        except REJECTED as err:
-            inserted, dead, error = self._sift(batch, err, seconds)
         except (SQLAlchemyError, OSError) as err:
-            inserted, dead, error = [], [], err
+            inserted, dead, error = self._sift(batch, err, seconds) if _refused(err) else ([], [], err)
         if self._settle(inserted, dead):  # refused rows that could not be moved aside: not in a tight loop
             with self._flushing:
                 self._flushing.wait(self.outage.retry_seconds)
@@ -628,8 +636,10 @@ class Ledger:
                     self._write([s.row for s in part], seconds)
                     inserted.extend(part)
                     return
-                except REJECTED as refused:
-                    failure = refused
+                except SQLAlchemyError as err:
+                    if not _refused(err):
+                        raise
+                    failure = err
             if len(part) == 1:
                 dead.append((part[0], short_error(failure)))
                 return
