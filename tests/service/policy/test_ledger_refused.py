@@ -11,6 +11,7 @@ import dataclasses
 import json
 import logging
 import math
+from datetime import datetime
 from pathlib import Path
 
 import pytest
@@ -148,3 +149,49 @@ def test_a_value_sqlalchemy_cannot_send_is_a_refusal_not_an_outage(database_url:
     assert "StatementError" in dead["reason"] and "Not a boolean value" in dead["reason"]
     assert ledger.healthy and ledger.outages == 0 and ledger.rejected == 1 and spool.read_bytes() == b""
     ledger.close()
+
+
+def _spooled(request_id: str, **fields: object) -> dict:
+    return {**_row(request_id).to_json(), **fields}
+
+
+UNREADABLE = [  # spooled records that are not ledger rows: (request id, the record, what the reason names)
+    ("bad-bool", _spooled("bad-bool", cached="yes"), "cached"),
+    ("bad-count", _spooled("bad-count", input_tokens="10"), "input_tokens"),  # SQLite would store it as it is
+    ("bad-big", _spooled("bad-big", output_tokens=2**63), "output_tokens"),
+    ("bad-time", _spooled("bad-time", time="yesterday"), "yesterday"),
+    ("bad-null", _spooled("bad-null", neurons=None), "neurons"),
+    ("bad-text", _spooled("bad-text", account="\ud800"), "surrogate"),
+    ("bad-fields", {**_spooled("bad-fields"), "extra": 1}, "extra"),
+]
+
+
+def test_an_unreadable_spooled_row_is_set_aside_at_replay(database_url: str, tmp_path: Path,
+                                                          caplog: pytest.LogCaptureFixture) -> None:
+    """A spooled record with a field of the wrong type (a damaged or hand-edited spool) goes to the dead-letter
+    file when the spool is read; the rows around it are written, and the database is not taken for away."""
+    caplog.set_level(logging.WARNING, logger="int8serve.service.policy.ledger")
+    spool = tmp_path / "ledger-spool.jsonl"
+    records = [_spooled("ok-1"), *(record for _, record, _ in UNREADABLE), [1, 2], _spooled("ok-2")]
+    spool.write_text("".join(json.dumps(record) + "\n" for record in records))
+    ledger = Ledger(make_database(database_url), FileSpool(spool), retry_seconds=0.2)
+    assert ledger.pending == 2 and ledger.rejected == len(UNREADABLE) + 1
+    assert len(spool.read_text().splitlines()) == 2  # the spool holds the rows alone already
+    ledger.create_schema()
+    assert ledger.flush(timeout=10)
+    assert _stored_ids(ledger) == ["ok-1", "ok-2"]
+    dead = _dead_letters(tmp_path)
+    assert [d["row"] for d in dead] == records[1:-1]
+    for (_, _, named), entry in zip(UNREADABLE, dead, strict=False):
+        assert named in entry["reason"]
+    assert "JSON object" in dead[-1]["reason"]
+    assert ledger.healthy and ledger.outages == 0 and spool.read_bytes() == b""
+    assert sum("unreadable ledger row" in e for e in _errors(caplog)) == len(UNREADABLE) + 1
+    ledger.close()
+
+
+def test_a_spooled_row_reads_back_as_it_was_written() -> None:
+    row = _row("ok-1")
+    assert UsageRow.from_json(json.loads(json.dumps(row.to_json()))) == row
+    aware = UsageRow.from_json(_spooled("ok-2", time="2026-06-15T12:00:00+02:00", neurons=3))
+    assert aware.time == datetime(2026, 6, 15, 10, 0) and aware.neurons == 3.0 and type(aware.neurons) is float

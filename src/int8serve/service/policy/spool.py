@@ -233,8 +233,14 @@ class FileSpool:
 
 
 def _lines(rows: Sequence[dict[str, Any]]) -> bytes:
-    return b"".join(json.dumps(row, ensure_ascii=False, separators=(",", ":")).encode("utf-8") + b"\n"
-                    for row in rows)
+    return b"".join(_line(row) for row in rows)
+
+
+def _line(row: dict[str, Any]) -> bytes:
+    try:
+        return json.dumps(row, ensure_ascii=False, separators=(",", ":")).encode("utf-8") + b"\n"
+    except UnicodeEncodeError:  # a lone surrogate (a damaged row on its way to the dead-letter file): escaped
+        return json.dumps(row, separators=(",", ":")).encode("ascii") + b"\n"
 
 
 def _write_all(fd: int, data: bytes) -> None:
