@@ -161,6 +161,7 @@ UNREADABLE = [  # spooled records that are not ledger rows: (request id, the rec
     ("bad-big", _spooled("bad-big", output_tokens=2**63), "output_tokens"),
     ("bad-time", _spooled("bad-time", time="yesterday"), "yesterday"),
     ("bad-null", _spooled("bad-null", neurons=None), "neurons"),
+    ("bad-huge", _spooled("bad-huge", latency_ms=10**400), "latency_ms"),  # beyond any float
     ("bad-text", _spooled("bad-text", account="\ud800"), "surrogate"),
     ("bad-fields", {**_spooled("bad-fields"), "extra": 1}, "extra"),
 ]

@@ -163,7 +163,8 @@ def _from_json_field(name: str, value: Any) -> Any:
     if name in ("input_tokens", "output_tokens") and type(value) is int and 0 <= value <= MAX_COUNT:
         return value
     if name in ("neurons", "latency_ms") and type(value) in (int, float):  # not a bool
-        return float(value)
+        with contextlib.suppress(OverflowError):  # an integer beyond any float: refused below
+            return float(value)
     if name == "cached" and type(value) is bool:
         return value
     raise ValueError(f"{name} must be {_EXPECTED[name]}, not {value!r:.100}")
