@@ -1,14 +1,17 @@
 """A row the ledger's database refuses for its data (here an account id longer than the `account` column, which
 PostgreSQL refuses with a DataError; on SQLite, which stores any length, a NaN that it turns into NULL) is moved to
-the dead-letter file next to the spool, with the reason, and logged as an error; the rows around it are written. A
+the dead-letter file next to the spool, with the reason, and logged as an error; the rows around it are written. So
+is a row with a value SQLAlchemy cannot even send (a StatementError raised in Python, before the driver). A
 database that is away is not a refusal: then every row waits in the spool."""
 
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import json
 import logging
 import math
+from datetime import datetime
 from pathlib import Path
 
 import pytest
@@ -42,6 +45,19 @@ def _dead_letters(folder: Path) -> list[dict]:
 
 def _errors(caplog: pytest.LogCaptureFixture) -> list[str]:
     return [r.getMessage() for r in caplog.records if r.levelno == logging.ERROR]
+
+
+@pytest.fixture(params=["sqlite", "postgresql"])
+def database_url(request: pytest.FixtureRequest, tmp_path: Path) -> str:
+    """The ledger's database: a SQLite file in the test's folder, or a PostgreSQL schema of the test's own."""
+    if request.param == "sqlite":
+        return f"sqlite:///{tmp_path / 'usage.sqlite3'}"
+    return postgres_url(request.getfixturevalue("pg_schema"))
+
+
+def _stored_ids(ledger: Ledger) -> list[str]:
+    with ledger.database.connect() as conn:
+        return list(conn.execute(sa.select(ledger.table.c.request_id).order_by(ledger.table.c.request_id)).scalars())
 
 
 def test_a_row_postgresql_refuses_does_not_hold_up_the_others(pg_schema: str, tmp_path: Path,
@@ -116,3 +132,67 @@ def test_a_row_sqlite_refuses_does_not_hold_up_the_others(tmp_path: Path,
     assert spool.read_bytes() == b"" and ledger.rejected == 1 and ledger.healthy
     assert any("nan-1" in e for e in _errors(caplog))
     ledger.close()
+
+
+def test_a_value_sqlalchemy_cannot_send_is_a_refusal_not_an_outage(database_url: str, tmp_path: Path) -> None:
+    """A bool column given "yes" fails in Python, while SQLAlchemy builds the statement: a StatementError that no
+    retry will change, not the database away (which held up every row behind it, forever)."""
+    spool = tmp_path / "ledger-spool.jsonl"
+    ledger = Ledger(make_database(database_url), FileSpool(spool), retry_seconds=0.2)
+    ledger.create_schema()
+    bad = dataclasses.replace(_row("bad-1"), cached="yes")  # a row of the wrong type, which only a bug could make
+    _record(ledger, [_row("ok-1"), bad, _row("ok-2")])
+    assert ledger.flush(timeout=10)
+    assert _stored_ids(ledger) == ["ok-1", "ok-2"]
+    (dead,) = _dead_letters(tmp_path)
+    assert dead["row"]["request_id"] == "bad-1" and dead["row"]["cached"] == "yes"
+    assert "StatementError" in dead["reason"] and "Not a boolean value" in dead["reason"]
+    assert ledger.healthy and ledger.outages == 0 and ledger.rejected == 1 and spool.read_bytes() == b""
+    ledger.close()
+
+
+def _spooled(request_id: str, **fields: object) -> dict:
+    return {**_row(request_id).to_json(), **fields}
+
+
+UNREADABLE = [  # spooled records that are not ledger rows: (request id, the record, what the reason names)
+    ("bad-bool", _spooled("bad-bool", cached="yes"), "cached"),
+    ("bad-count", _spooled("bad-count", input_tokens="10"), "input_tokens"),  # SQLite would store it as it is
+    ("bad-big", _spooled("bad-big", output_tokens=2**63), "output_tokens"),
+    ("bad-time", _spooled("bad-time", time="yesterday"), "yesterday"),
+    ("bad-null", _spooled("bad-null", neurons=None), "neurons"),
+    ("bad-huge", _spooled("bad-huge", latency_ms=10**400), "latency_ms"),  # beyond any float
+    ("bad-text", _spooled("bad-text", account="\ud800"), "surrogate"),
+    ("bad-fields", {**_spooled("bad-fields"), "extra": 1}, "extra"),
+]
+
+
+def test_an_unreadable_spooled_row_is_set_aside_at_replay(database_url: str, tmp_path: Path,
+                                                          caplog: pytest.LogCaptureFixture) -> None:
+    """A spooled record with a field of the wrong type (a damaged or hand-edited spool) goes to the dead-letter
+    file when the spool is read; the rows around it are written, and the database is not taken for away."""
+    caplog.set_level(logging.WARNING, logger="int8serve.service.policy.ledger")
+    spool = tmp_path / "ledger-spool.jsonl"
+    records = [_spooled("ok-1"), *(record for _, record, _ in UNREADABLE), [1, 2], _spooled("ok-2")]
+    spool.write_text("".join(json.dumps(record) + "\n" for record in records))
+    ledger = Ledger(make_database(database_url), FileSpool(spool), retry_seconds=0.2)
+    assert ledger.pending == 2 and ledger.rejected == len(UNREADABLE) + 1
+    assert len(spool.read_text().splitlines()) == 2  # the spool holds the rows alone already
+    ledger.create_schema()
+    assert ledger.flush(timeout=10)
+    assert _stored_ids(ledger) == ["ok-1", "ok-2"]
+    dead = _dead_letters(tmp_path)
+    assert [d["row"] for d in dead] == records[1:-1]
+    for (_, _, named), entry in zip(UNREADABLE, dead, strict=False):
+        assert named in entry["reason"]
+    assert "JSON object" in dead[-1]["reason"]
+    assert ledger.healthy and ledger.outages == 0 and spool.read_bytes() == b""
+    assert sum("unreadable ledger row" in e for e in _errors(caplog)) == len(UNREADABLE) + 1
+    ledger.close()
+
+
+def test_a_spooled_row_reads_back_as_it_was_written() -> None:
+    row = _row("ok-1")
+    assert UsageRow.from_json(json.loads(json.dumps(row.to_json()))) == row
+    aware = UsageRow.from_json(_spooled("ok-2", time="2026-06-15T12:00:00+02:00", neurons=3))
+    assert aware.time == datetime(2026, 6, 15, 10, 0) and aware.neurons == 3.0 and type(aware.neurons) is float

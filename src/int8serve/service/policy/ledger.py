@@ -13,14 +13,17 @@ No database I/O ever happens on the event loop's thread, and a request never wai
    (unless the spool itself cannot be written: then it inserts the row directly, within the deadline below);
 2. the flusher thread, on its own, inserts the spooled rows in order (at most `FLUSH_BATCH` a transaction) and takes
    them out of the spool after the commit. A row the database refuses for its data (`DataError`,
-   `IntegrityError`: a value it cannot store, not an outage) is found by splitting the batch, moved to the
+   `IntegrityError`: a value it cannot store, not an outage; or a `StatementError` of SQLAlchemy's own, raised
+   before the driver saw the statement: a value it cannot even send) is found by splitting the batch, moved to the
    dead-letter file next to the spool and logged as an error; the other rows are written;
 3. every piece of database work has a client-side deadline (`timeout`, 5 s; `deadline.py`): a flush, a read or a
    connection that gets no answer in time counts as the database being away, however healthy the TCP connection
    looks. While it is away, rows stay in the spool (one warning per outage, counted in `outages`), the flusher
    tries again every `retry_seconds` with a fresh connection, and replays them in order when it returns; the spool
    also survives a restart. When the spool passes `spool_alarm_rows` rows a warning says so (and `/metrics` shows
-   its size).
+   its size). A record in the spool that is not a ledger row (a field of the wrong type: a damaged or hand-edited
+   spool) is moved to the dead-letter file when the spool is read at start-up, like a refused row: sent to the
+   database, it could be stored as it is (SQLite) or fail every batch it is in.
 
 Reads (the usage endpoint, the daily allocation) run on reader threads beside the writer and the flusher, so a slow
 report never delays metering; they add the rows still in the spool to what the database holds (leaving those rows
@@ -49,7 +52,7 @@ import threading
 import time
 from collections import Counter
 from collections.abc import Callable, Sequence
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, fields
 from datetime import UTC, datetime
 from typing import Any, TypeVar
 
@@ -89,6 +92,20 @@ DEFAULT_SPOOL_ALARM_ROWS = 10_000
 ALLOCATION_READ_WAIT = 0.5  # seconds admission waits for a fresh daily total before using the last one
 SPOOL_COMPACT_ROWS = 1_000  # rows already written that may stay in the spool file before it is rewritten
 REJECTED = (sa.exc.DataError, sa.exc.IntegrityError)  # the database refuses the row itself: no retry will help
+MAX_COUNT = 2**31 - 1  # the largest token count the table's Integer columns hold
+_EXPECTED = {  # what each field of a spooled row must be, as read from JSON
+    "request_id": "a string", "time": "an ISO 8601 time", "account": "a string", "model": "a string",
+    "input_tokens": f"an integer from 0 to {MAX_COUNT}", "output_tokens": f"an integer from 0 to {MAX_COUNT}",
+    "neurons": "a number", "cached": "true or false", "outcome": "a string", "latency_ms": "a number"}
+
+
+def _refused(err: BaseException) -> bool:
+    """Is `err` a refusal of the rows themselves, which no retry will change (rather than the database away)? The
+    database's `REJECTED` errors, and a `StatementError` that is not the driver's (`DBAPIError`): SQLAlchemy raised
+    it in Python, building the statement, for a value it cannot send (`Not a boolean value: 'yes'`)."""
+    if isinstance(err, REJECTED):
+        return True
+    return isinstance(err, sa.exc.StatementError) and not isinstance(err, sa.exc.DBAPIError)
 
 
 def utc_now() -> datetime:
@@ -121,11 +138,37 @@ class UsageRow:
         return {**asdict(self), "time": self.time.isoformat()}
 
     @classmethod
-    def from_json(cls, data: dict[str, Any]) -> UsageRow:
-        return cls(**{**data, "time": datetime.fromisoformat(data["time"])})
+    def from_json(cls, data: Any) -> UsageRow:
+        """The row `to_json` made, each field checked (the spool may be damaged or edited by hand): ValueError for
+        anything else."""
+        if not isinstance(data, dict):
+            raise ValueError(f"a ledger row is a JSON object, not {type(data).__name__}")
+        names = [f.name for f in fields(cls)]
+        if set(data) != set(names):
+            raise ValueError(f"fields missing: {sorted(set(names) - set(data))}, "
+                             f"unknown: {sorted(set(data) - set(names))[:10]}")
+        return cls(**{name: _from_json_field(name, data[name]) for name in names})
 
     def to_db(self) -> dict[str, Any]:
         return {**asdict(self), "day": self.day}
+
+
+def _from_json_field(name: str, value: Any) -> Any:
+    """The value of the row's field `name` from JSON, if it has the field's type; else ValueError."""
+    if name == "time" and isinstance(value, str):
+        when = datetime.fromisoformat(value)  # ValueError if it is not one
+        return when if when.tzinfo is None else when.astimezone(UTC).replace(tzinfo=None)  # naive UTC, as written
+    if _EXPECTED[name] == "a string" and isinstance(value, str):
+        value.encode("utf-8")  # UnicodeEncodeError (a ValueError) for a lone surrogate, which no database takes
+        return value
+    if name in ("input_tokens", "output_tokens") and type(value) is int and 0 <= value <= MAX_COUNT:
+        return value
+    if name in ("neurons", "latency_ms") and type(value) in (int, float):  # not a bool
+        with contextlib.suppress(OverflowError):  # an integer beyond any float: refused below
+            return float(value)
+    if name == "cached" and type(value) is bool:
+        return value
+    raise ValueError(f"{name} must be {_EXPECTED[name]}, not {value!r:.100}")
 
 
 @dataclass(frozen=True)
@@ -293,7 +336,8 @@ class Ledger:
         self._lock = threading.Lock()
         self._flushing = threading.Condition()
         self._seq = itertools.count(1)
-        self._unflushed = [_Spooled(next(self._seq), row) for row in _rows_from_spool(spool.read())]
+        rows, unreadable = _rows_from_spool(spool.read())
+        self._unflushed = [_Spooled(next(self._seq), row) for row in rows]
         self._last_seq = self._unflushed[-1].seq if self._unflushed else 0
         if self._unflushed:  # left by a previous run: replayed first
             log.warning("replaying %d ledger rows left in %s", len(self._unflushed), spool_name)
@@ -311,8 +355,29 @@ class Ledger:
         self._start_lock = threading.Lock()
         self._closed = False
         self._spool_closed = False
+        if unreadable:
+            self._set_aside(unreadable)
 
     # ---- set-up (start-up thread) ----
+
+    def _set_aside(self, unreadable: Sequence[tuple[Any, str]]) -> None:
+        """Move the spooled records that are not ledger rows (with the reason) to the dead-letter file, as the
+        database's refusals are, and out of the spool."""
+        entries = [{"row": record, "reason": reason, "time": utc_now().isoformat()} for record, reason in unreadable]
+        with self._spool_lock:
+            try:
+                self.spool.dead_letter(entries)
+            except OSError as err:  # in the log at least: the spool is rewritten without them sooner or later
+                log.error("cannot write %d unreadable ledger rows of %s to %s (%s); they were: %s", len(entries),
+                          self.spool_name, self.spool.dead_letter_name, err, entries)
+                return
+            with self._lock:
+                self.rejected += len(entries)
+            self._stale += len(entries)
+            self._compact(1)
+        for record, reason in unreadable:
+            log.error("an unreadable ledger row in %s (%s): %.300r; moved to %s", self.spool_name, reason, record,
+                      self.spool.dead_letter_name)
 
     def create_schema(self) -> None:
         """Create the table and its index if missing; raises SQLAlchemyError when the database is unreachable (or
@@ -600,10 +665,8 @@ class Ledger:
         try:
             self._write([s.row for s in batch], seconds)
             inserted, dead = list(batch), []
-        except REJECTED as err:
-            inserted, dead, error = self._sift(batch, err, seconds)
         except (SQLAlchemyError, OSError) as err:
-            inserted, dead, error = [], [], err
+            inserted, dead, error = self._sift(batch, err, seconds) if _refused(err) else ([], [], err)
         if self._settle(inserted, dead):  # refused rows that could not be moved aside: not in a tight loop
             with self._flushing:
                 self._flushing.wait(self.outage.retry_seconds)
@@ -629,8 +692,10 @@ class Ledger:
                     self._write([s.row for s in part], seconds)
                     inserted.extend(part)
                     return
-                except REJECTED as refused:
-                    failure = refused
+                except SQLAlchemyError as err:
+                    if not _refused(err):
+                        raise
+                    failure = err
             if len(part) == 1:
                 dead.append((part[0], short_error(failure)))
                 return
@@ -853,14 +918,15 @@ def _merge(groups: Sequence[UsageGroup], rows: Sequence[UsageRow], name_of: Call
     return [merged[name] for name in sorted(merged)]
 
 
-def _rows_from_spool(records: Sequence[dict[str, Any]]) -> list[UsageRow]:
-    rows = []
+def _rows_from_spool(records: Sequence[Any]) -> tuple[list[UsageRow], list[tuple[Any, str]]]:
+    """(the spooled records that are ledger rows, as rows; the others, with the reason)."""
+    rows, unreadable = [], []
     for record in records:
         try:
             rows.append(UsageRow.from_json(record))
-        except (TypeError, ValueError, KeyError) as err:
-            log.error("skipping an unreadable spooled ledger row %r: %s", record, err)
-    return rows
+        except (TypeError, ValueError) as err:
+            unreadable.append((record, short_error(err)))
+    return rows, unreadable
 
 
 def short_error(err: BaseException) -> str:

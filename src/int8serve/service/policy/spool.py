@@ -19,6 +19,13 @@ The file is locked (`flock`) while a server uses it: two processes sharing a dat
 rather than two writers interleaving one file. A torn last line (a crash in the middle of an append, which was
 therefore never acknowledged) is dropped when the spool is opened.
 
+An append that fails part way (a full disk, an I/O error) raises, so its rows are not acknowledged, and is undone
+at once: the file is cut back to its size before the append, so that the next acknowledged row cannot be glued to
+the torn bytes (and lost as an unreadable line at replay). If even that cut fails, every later append tries it
+again first and raises while it fails: nothing is appended, nor acknowledged, after garbage. A failed append to the
+dead-letter file is cut back the same way; entries after a torn line there (a crash, a cut that failed) start on
+a new line.
+
 A spool is not thread-safe: the ledger serialises its calls.
 
 `MemorySpool` is the same interface in memory, for the embedded defaults that have no data directory.
@@ -101,6 +108,7 @@ class FileSpool:
         self.dead_letter_path = Path(dead_letter) if dead_letter is not None else self.path.with_name(
             DEAD_LETTER_FILE)
         self._new = self.path.with_name(self.path.name + ".new")  # what `replace` writes before renaming it
+        self._torn_at: int | None = None  # the size to cut the file back to: an append failed and is not undone yet
         self.path.parent.mkdir(parents=True, exist_ok=True)
         while True:
             created = not self.path.exists()
@@ -120,8 +128,20 @@ class FileSpool:
         self._drop_torn_tail()
 
     def append(self, rows: Sequence[dict[str, Any]]) -> None:
-        _write_all(self._fd, _lines(rows))
-        os.fsync(self._fd)
+        """Append `rows` durably, or raise OSError with the file as it was (see the module docstring)."""
+        self._undo_torn_append()
+        size = os.fstat(self._fd).st_size
+        try:
+            _write_all(self._fd, _lines(rows))
+            os.fsync(self._fd)
+        except BaseException:
+            self._torn_at = size  # whatever part of `rows` reached the file was never acknowledged
+            try:
+                self._undo_torn_append()
+            except OSError as err:
+                log.error("%s: cannot cut off a failed append (%s): no row is appended until it can be", self.path,
+                          err)
+            raise
 
     def read(self) -> list[dict[str, Any]]:
         rows = []
@@ -135,8 +155,8 @@ class FileSpool:
         return rows
 
     def clear(self) -> None:
-        os.ftruncate(self._fd, 0)
-        os.fsync(self._fd)
+        _truncate(self._fd, 0)
+        self._torn_at = None
 
     def replace(self, rows: Sequence[dict[str, Any]]) -> None:
         """The spool becomes `rows`, atomically: a new file, locked, written and fsynced, renamed over the old one.
@@ -153,16 +173,23 @@ class FileSpool:
                 self._new.unlink()
             raise
         old, self._fd = self._fd, fd
+        self._torn_at = None  # the new file holds `rows` alone
         os.close(old)  # releases the old file's lock; it has no name any more
         _fsync_dir(self.path.parent)
 
     def dead_letter(self, entries: Sequence[dict[str, Any]]) -> None:
         """Append `entries` to the dead-letter file, durably."""
         created = not self.dead_letter_path.exists()
-        fd = os.open(self.dead_letter_path, os.O_WRONLY | os.O_CREAT | os.O_APPEND, 0o600)
+        fd = os.open(self.dead_letter_path, os.O_RDWR | os.O_CREAT | os.O_APPEND, 0o600)
         try:
-            _write_all(fd, _lines(entries))
-            os.fsync(fd)
+            size = os.fstat(fd).st_size
+            try:
+                _write_all(fd, _new_line(fd, size) + _lines(entries))
+                os.fsync(fd)
+            except BaseException:
+                with contextlib.suppress(OSError):  # if the cut fails, the next entries start on a new line
+                    _truncate(fd, size)
+                raise
         finally:
             os.close(fd)
         if created:
@@ -174,6 +201,10 @@ class FileSpool:
 
     def close(self) -> None:
         if self._fd >= 0:
+            try:  # else the next start drops the torn last line, but keeps any whole line of the failed append
+                self._undo_torn_append()
+            except OSError as err:
+                log.error("%s: cannot cut off a failed append (%s)", self.path, err)
             fcntl.flock(self._fd, fcntl.LOCK_UN)
             os.close(self._fd)
             self._fd = -1
@@ -185,18 +216,31 @@ class FileSpool:
             chunks.append(chunk)
         return b"".join(chunks)
 
+    def _undo_torn_append(self) -> None:
+        """Cut off what a failed append left, if anything; OSError while that cannot be done."""
+        if self._torn_at is None:
+            return
+        _truncate(self._fd, self._torn_at)
+        log.warning("%s: cut off a failed append (back to %d bytes)", self.path, self._torn_at)
+        self._torn_at = None
+
     def _drop_torn_tail(self) -> None:
         data = self._contents()
         if data and not data.endswith(b"\n"):
             keep = data.rfind(b"\n") + 1
             log.warning("%s: dropping a torn last line (%d bytes) left by a crash", self.path, len(data) - keep)
-            os.ftruncate(self._fd, keep)
-            os.fsync(self._fd)
+            _truncate(self._fd, keep)
 
 
 def _lines(rows: Sequence[dict[str, Any]]) -> bytes:
-    return b"".join(json.dumps(row, ensure_ascii=False, separators=(",", ":")).encode("utf-8") + b"\n"
-                    for row in rows)
+    return b"".join(_line(row) for row in rows)
+
+
+def _line(row: dict[str, Any]) -> bytes:
+    try:
+        return json.dumps(row, ensure_ascii=False, separators=(",", ":")).encode("utf-8") + b"\n"
+    except UnicodeEncodeError:  # a lone surrogate (a damaged row on its way to the dead-letter file): escaped
+        return json.dumps(row, separators=(",", ":")).encode("ascii") + b"\n"
 
 
 def _write_all(fd: int, data: bytes) -> None:
@@ -204,6 +248,17 @@ def _write_all(fd: int, data: bytes) -> None:
     while view:
         written = os.write(fd, view)
         view = view[written:]
+
+
+def _truncate(fd: int, size: int) -> None:
+    os.ftruncate(fd, size)
+    os.fsync(fd)
+
+
+def _new_line(fd: int, size: int) -> bytes:
+    """A newline if the file of `fd` (`size` bytes) ends in the middle of a line, so that what follows starts its
+    own line; else nothing."""
+    return b"\n" if size and os.pread(fd, 1, size - 1) != b"\n" else b""
 
 
 def _same_file(fd: int, path: Path) -> bool:
