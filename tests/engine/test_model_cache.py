@@ -13,8 +13,11 @@ from pathlib import Path
 
 import pytest
 import torch
+from gguf import GGMLQuantizationType as GGMLType
+from tests.engine.test_gguf import write_gguf
 from tests.engine.test_hub import COMMIT, lay_out_hub_cache
 
+from int8serve.builtin_model import BUILTIN
 from int8serve.engine import int8, kernels, loader, model_cache, packed_checkpoint
 from int8serve.engine.loader import LoadedModel, load_model
 from int8serve.engine.model_cache import cache_folder, load_cached, models_dir
@@ -91,6 +94,24 @@ def test_an_int8_checkpoint_is_loaded_as_it_is(cache: Path, source: Path, tmp_pa
     int8 = loader.save_int8_checkpoint(load_model(source, "int8"), tmp_path / "int8")
     assert load_cached(int8).path == int8
     assert not models_dir().exists()
+
+
+def test_a_gguf_inside_the_cache_is_quantized_once(cache: Path, stories_hf: Path, quantized: list[Path]) -> None:
+    """The built-in model's GGUF lives in $INT8SERVE_CACHE/builtin: its int8 copy is kept like any other GGUF's (every
+    start quantized it again, 20-25 s, when the cache refused whatever lay inside it)."""
+    gguf = write_gguf(builtin_model_path_in(cache), stories_hf, lambda name, shape: GGMLType.F32)
+    first = load_cached(gguf)
+    second = load_cached(gguf)
+    assert quantized == [gguf]  # once
+    assert second.source_format == "int8" and second.path == gguf
+    assert (cache_folder(gguf) / "int8serve.json").is_file()
+    assert torch.equal(logits(first), logits(second))
+
+
+def builtin_model_path_in(cache: Path) -> Path:
+    folder = cache / "builtin" / BUILTIN.folder
+    folder.mkdir(parents=True)
+    return folder / "stories260K.F32.gguf"
 
 
 def test_the_key_follows_the_source_and_the_quantization(cache: Path, source: Path,

@@ -86,8 +86,9 @@ def cache_folder(source: Path, group_size: int = int8.DEFAULT_GROUP_SIZE,
 
 
 def cacheable(source: Path, precision: Precision) -> bool:
-    """An int8 load of a full-precision source that is not already in our cache (the demo model lives there)."""
-    if precision != "int8" or source.resolve().is_relative_to(cache_dir().resolve()):
+    """An int8 load of a full-precision source that is not itself one of our copies. Elsewhere in the cache is fine:
+    the built-in model's GGUF lives there, and the demo model's int8 folder is int8 already."""
+    if precision != "int8" or source.resolve().is_relative_to(models_dir().resolve()):
         return False
     return source.is_file() or detect_format(source) != "int8"
 
