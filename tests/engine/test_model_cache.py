@@ -169,6 +169,27 @@ def test_a_failed_write_leaves_nothing_and_still_serves(cache: Path, source: Pat
     assert "could not write the int8 copy" in caplog.text and "No space left on device" in caplog.text
 
 
+def test_a_read_only_cache_costs_a_warning_not_the_start(read_only_cache: Path, source: Path,
+                                                          caplog: pytest.LogCaptureFixture) -> None:
+    """The lock beside the copy could not be made: the start ended with EROFS's traceback."""
+    loaded = load_cached(source)
+    assert torch.equal(logits(loaded), logits(load_model(source, "int8")))
+    assert caplog.text.count("cannot write to the model cache") == 1 and "Read-only file system" in caplog.text
+    assert list(read_only_cache.iterdir()) == []
+
+
+def test_a_gguf_with_a_read_only_cache_keeps_its_tokenizer_in_a_temporary_folder(
+        read_only_cache: Path, stories_hf: Path, tmp_path: Path, caplog: pytest.LogCaptureFixture) -> None:
+    gguf = write_gguf(tmp_path / "stories260K.F32.gguf", stories_hf, lambda name, shape: GGMLType.F32)
+    expected = logits(load_model(gguf, "int8"))
+    for use_cache in (False, True):  # --no-model-cache too: it still wrote the rebuilt tokenizer into the cache
+        loaded = load_cached(gguf, use_cache=use_cache)
+        assert loaded.tokenizer_path is not None and loaded.tokenizer_path.is_file()
+        assert not loaded.tokenizer_path.is_relative_to(read_only_cache)
+        assert torch.equal(logits(loaded), expected)
+    assert "tokenizer into the cache" in caplog.text and list(read_only_cache.iterdir()) == []
+
+
 def test_a_partial_copy_left_by_a_crash_is_ignored_and_removed(cache: Path, source: Path) -> None:
     folder = cache_folder(source)
     stale = folder.with_name(f".partial-{folder.name}-12345")

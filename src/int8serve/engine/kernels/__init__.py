@@ -50,7 +50,7 @@ from typing import Literal
 import torch
 from torch import Tensor
 
-from ..cache_files import cache_dir
+from ..cache_files import cache_dir, scratch_folder
 
 log = logging.getLogger(__name__)
 
@@ -132,13 +132,20 @@ def build(verbose: bool = False, source: Path = SOURCE) -> Path:
     its holder dies. The library is written to a temporary name, synced and renamed into place, then its size and
     sha256 are recorded beside it: a library that does not match its record (cut short by a power loss, emptied,
     overwritten) or has none is said so in the log and built again, never loaded (a cut-short one crashed every start
-    with SIGBUS).
+    with SIGBUS). A cache that cannot be written costs a warning and a build in a temporary folder.
     """
     cxx = _compiler()
     library = cache_dir() / "kernels" / _build_key(cxx, source) / LIBRARY
     if _damage(library) is None:
         return library
-    return _build_in_cache(cxx, source, library, verbose)
+    try:
+        return _build_in_cache(cxx, source, library, verbose)
+    except OSError as error:  # a read-only or full cache
+        log.warning("cannot write the kernel cache %s (%s); building %s in a temporary folder, again at every start",
+                    library.parent, error, source.name)
+        library = scratch_folder("kernels") / LIBRARY
+        _compile(cxx, source, library, verbose)
+        return library
 
 
 LIBRARY = "int8serve_kernels.so"
