@@ -157,9 +157,11 @@ def test_a_damaged_cached_library_is_said_so_and_built_again(damage: str, tmp_pa
     assert kernels._damage(library) is None  # rebuilt, and recorded
 
 
+@pytest.mark.usefixtures("umask_022")
 def test_a_library_without_a_record_is_built_again(tmp_path: Path, monkeypatch: pytest.MonkeyPatch,
                                                    caplog: pytest.LogCaptureFixture) -> None:
-    """No record: its build was cut short before the record was written (or made before records were kept)."""
+    """No record: its build was cut short before the record was written (or made before records were kept). Built
+    0755 (mkstemp's 0600, made 0711 by the linker: only its owner could load it from a shared cache)."""
     good = kernels.build()
     monkeypatch.setenv("INT8SERVE_CACHE", str(tmp_path))
     library = kernels.cache_dir() / good.relative_to(good.parents[2])
@@ -167,6 +169,7 @@ def test_a_library_without_a_record_is_built_again(tmp_path: Path, monkeypatch: 
     shutil.copyfile(good, library)
     assert kernels.build() == library
     assert "no record of a finished build" in caplog.text and kernels._damage(library) is None
+    assert f"{library.stat().st_mode & 0o777:o}" == "755"
 
 
 def test_a_read_only_cache_builds_the_library_in_a_temporary_folder(read_only_cache: Path,

@@ -19,7 +19,7 @@ import tempfile
 from collections.abc import Iterator
 from pathlib import Path
 
-__all__ = ["cache_dir", "locked", "scratch_folder"]
+__all__ = ["cache_dir", "locked", "scratch_folder", "usual_mode"]
 
 log = logging.getLogger(__name__)
 
@@ -55,3 +55,23 @@ def scratch_folder(what: str) -> Path:
     folder = Path(tempfile.mkdtemp(prefix=f"int8serve-{what}-"))
     atexit.register(shutil.rmtree, folder, ignore_errors=True)
     return folder
+
+
+def usual_mode(path: Path, executable: bool = False) -> None:
+    """Give `path` the mode open() gives a new file (0666, 0777 if `executable`, less the umask), for a file made
+    by a writer that makes it private (safetensors' save_file and mkstemp: 0600): a checkpoint quantized by one user
+    can then be served by another."""
+    path.chmod((0o777 if executable else 0o666) & ~_umask())
+
+
+def _umask() -> int:
+    """The process's umask, read without setting it where Linux shows it (os.umask sets it: a race with threads)."""
+    try:
+        for line in Path("/proc/self/status").read_text().splitlines():
+            if line.startswith("Umask:"):
+                return int(line.split()[1], 8)
+    except OSError:
+        pass
+    mask = os.umask(0o022)
+    os.umask(mask)
+    return mask

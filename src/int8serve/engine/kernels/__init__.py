@@ -50,7 +50,7 @@ from typing import Literal
 import torch
 from torch import Tensor
 
-from ..cache_files import cache_dir, scratch_folder
+from ..cache_files import cache_dir, scratch_folder, usual_mode
 
 log = logging.getLogger(__name__)
 
@@ -204,6 +204,7 @@ def _compile(cxx: str, source: Path, library: Path, verbose: bool) -> None:
             print(f"built {library} in {time.perf_counter() - start:.1f} s", file=sys.stderr)
         log.info("built %s in %.1f s", library, time.perf_counter() - start)
         data = tmp.read_bytes()
+        usual_mode(tmp, executable=True)  # mkstemp's 0600, which the linker made 0711: loadable by its owner only
         _replace_durably(tmp, library)
         record = _record(library).with_suffix(f".{os.getpid()}.partial")
         record.write_text(f"{len(data)} {hashlib.sha256(data).hexdigest()}\n")
