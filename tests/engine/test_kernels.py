@@ -8,6 +8,9 @@ the flag they need as the reason.
 
 from __future__ import annotations
 
+import hashlib
+import os
+import shutil
 import subprocess
 import sys
 from collections.abc import Iterator
@@ -118,6 +121,66 @@ def test_library_is_cached_under_int8serve_cache() -> None:
     path = kernels.build()
     assert path.is_file() and kernels.cache_dir() in path.parents
     assert kernels.build() == path
+
+
+# a fresh process on the cache it is given: loads the gemv library (building it when needed) and multiplies
+USE_THE_KERNEL = """
+import torch
+from int8serve.engine import kernels
+assert kernels.loaded(), kernels._load()
+q, scale = torch.randint(-127, 128, (64, 256), dtype=torch.int8), torch.rand(64) * 0.01
+x = torch.randn(2, 256)
+got = kernels.int8_gemv(x, kernels.pack_weight(q, scale))
+want = x @ (q.float() * scale[:, None]).T
+assert (got - want).norm() < 0.02 * want.norm(), (got - want).norm() / want.norm()  # int8 activations
+"""
+DAMAGES = {"cut short": lambda good: good[:20_000], "empty": lambda good: b"",
+           "garbage": lambda good: bytes(range(256)) * 16, "garbage with a matching record": lambda good: b"\x7fELF"}
+
+
+@pytest.mark.parametrize("damage", list(DAMAGES))
+def test_a_damaged_cached_library_is_said_so_and_built_again(damage: str, tmp_path: Path) -> None:
+    """A library cut short (a power loss during its first build) crashed every start with SIGBUS; an empty or garbage
+    one left the kernels off for good. In a subprocess, so that a crash fails this test rather than the suite."""
+    good = kernels.build()
+    library = tmp_path / good.relative_to(kernels.cache_dir())  # the same key, in a cache of its own
+    library.parent.mkdir(parents=True)
+    library.write_bytes(DAMAGES[damage](good.read_bytes()))
+    record = kernels._record(library)
+    shutil.copyfile(kernels._record(good), record)
+    if damage == "garbage with a matching record":  # the record checks out: the load fails, not the check
+        record.write_text(f"{len(library.read_bytes())} {hashlib.sha256(library.read_bytes()).hexdigest()}\n")
+    done = subprocess.run([sys.executable, "-c", USE_THE_KERNEL], capture_output=True, text=True, timeout=600,
+                          env={**os.environ, "INT8SERVE_CACHE": str(tmp_path), "INT8SERVE_KERNEL": "auto"})
+    assert done.returncode == 0, f"{done.returncode}: {done.stderr[-3000:]}"  # -7 was the SIGBUS
+    assert done.stderr.count("building it again") == 1, done.stderr[-3000:]
+    assert kernels._damage(library) is None  # rebuilt, and recorded
+
+
+@pytest.mark.usefixtures("umask_022")
+def test_a_library_without_a_record_is_built_again(tmp_path: Path, monkeypatch: pytest.MonkeyPatch,
+                                                   caplog: pytest.LogCaptureFixture) -> None:
+    """No record: its build was cut short before the record was written (or made before records were kept). Built
+    0755 (mkstemp's 0600, made 0711 by the linker: only its owner could load it from a shared cache)."""
+    good = kernels.build()
+    monkeypatch.setenv("INT8SERVE_CACHE", str(tmp_path))
+    library = kernels.cache_dir() / good.relative_to(good.parents[2])
+    library.parent.mkdir(parents=True)
+    shutil.copyfile(good, library)
+    assert kernels.build() == library
+    assert "no record of a finished build" in caplog.text and kernels._damage(library) is None
+    assert f"{library.stat().st_mode & 0o777:o}" == "755"
+
+
+def test_a_read_only_cache_builds_the_library_in_a_temporary_folder(read_only_cache: Path,
+                                                                     caplog: pytest.LogCaptureFixture) -> None:
+    """Rather than leave the model on torch's kernels (~500 -> 8 tok/s decode on SmolLM2)."""
+    from int8serve.engine.kernels import activation
+
+    library = kernels.build(source=activation.SOURCE)
+    assert not library.is_relative_to(read_only_cache) and library.is_file()
+    assert activation._open(library).i8e_abi_version() == activation.ABI_VERSION
+    assert "cannot write the kernel cache" in caplog.text and "Read-only file system" in caplog.text
 
 
 def test_gcc_builds_on_every_cpu_up_to_a_limit_and_the_key_does_not_count_them(

@@ -22,6 +22,7 @@ import pytest
 import torch
 from safetensors import safe_open
 from safetensors.torch import load_file, save_file
+from tests.file_modes import modes
 from transformers import LlamaConfig, LlamaForCausalLM
 
 from int8serve.engine.config import ConfigError, meta_hidden_dim
@@ -760,3 +761,11 @@ def test_pickled_code_is_refused_not_run(layout: str, hf_model: LlamaForCausalLM
     # The payload is live: an unsafe load does run it (so the check above is meaningful).
     torch.load(file, weights_only=False)
     assert marker.exists()
+
+
+@pytest.mark.usefixtures("umask_022")
+def test_a_checkpoint_is_readable_by_other_users(stories_hf: Path, tmp_path: Path) -> None:
+    """safetensors' save_file wrote model.safetensors 0600: a checkpoint quantized by one user could not be served by
+    another."""
+    destination = save_int8_checkpoint(load_model(stories_hf, "int8", quantizer="rtn"), tmp_path / "int8")
+    assert set(modes(destination).items()) == {(".", "755"), *((p.name, "644") for p in destination.iterdir())}

@@ -13,8 +13,11 @@ from pathlib import Path
 
 import pytest
 import torch
+from gguf import GGMLQuantizationType as GGMLType
+from tests.engine.test_gguf import write_gguf
 from tests.engine.test_hub import COMMIT, lay_out_hub_cache
 
+from int8serve.builtin_model import BUILTIN
 from int8serve.engine import int8, kernels, loader, model_cache, packed_checkpoint
 from int8serve.engine.loader import LoadedModel, load_model
 from int8serve.engine.model_cache import cache_folder, load_cached, models_dir
@@ -93,6 +96,24 @@ def test_an_int8_checkpoint_is_loaded_as_it_is(cache: Path, source: Path, tmp_pa
     assert not models_dir().exists()
 
 
+def test_a_gguf_inside_the_cache_is_quantized_once(cache: Path, stories_hf: Path, quantized: list[Path]) -> None:
+    """The built-in model's GGUF lives in $INT8SERVE_CACHE/builtin: its int8 copy is kept like any other GGUF's (every
+    start quantized it again, 20-25 s, when the cache refused whatever lay inside it)."""
+    gguf = write_gguf(builtin_model_path_in(cache), stories_hf, lambda name, shape: GGMLType.F32)
+    first = load_cached(gguf)
+    second = load_cached(gguf)
+    assert quantized == [gguf]  # once
+    assert second.source_format == "int8" and second.path == gguf
+    assert (cache_folder(gguf) / "int8serve.json").is_file()
+    assert torch.equal(logits(first), logits(second))
+
+
+def builtin_model_path_in(cache: Path) -> Path:
+    folder = cache / "builtin" / BUILTIN.folder
+    folder.mkdir(parents=True)
+    return folder / "stories260K.F32.gguf"
+
+
 def test_the_key_follows_the_source_and_the_quantization(cache: Path, source: Path,
                                                           monkeypatch: pytest.MonkeyPatch) -> None:
     before = cache_folder(source)
@@ -146,6 +167,27 @@ def test_a_failed_write_leaves_nothing_and_still_serves(cache: Path, source: Pat
     assert loaded.source_format == "hf"  # the model quantized in memory, no copy to map
     assert [p.name for p in models_dir().iterdir() if not p.name.endswith(".lock")] == []
     assert "could not write the int8 copy" in caplog.text and "No space left on device" in caplog.text
+
+
+def test_a_read_only_cache_costs_a_warning_not_the_start(read_only_cache: Path, source: Path,
+                                                          caplog: pytest.LogCaptureFixture) -> None:
+    """The lock beside the copy could not be made: the start ended with EROFS's traceback."""
+    loaded = load_cached(source)
+    assert torch.equal(logits(loaded), logits(load_model(source, "int8")))
+    assert caplog.text.count("cannot write to the model cache") == 1 and "Read-only file system" in caplog.text
+    assert list(read_only_cache.iterdir()) == []
+
+
+def test_a_gguf_with_a_read_only_cache_keeps_its_tokenizer_in_a_temporary_folder(
+        read_only_cache: Path, stories_hf: Path, tmp_path: Path, caplog: pytest.LogCaptureFixture) -> None:
+    gguf = write_gguf(tmp_path / "stories260K.F32.gguf", stories_hf, lambda name, shape: GGMLType.F32)
+    expected = logits(load_model(gguf, "int8"))
+    for use_cache in (False, True):  # --no-model-cache too: it still wrote the rebuilt tokenizer into the cache
+        loaded = load_cached(gguf, use_cache=use_cache)
+        assert loaded.tokenizer_path is not None and loaded.tokenizer_path.is_file()
+        assert not loaded.tokenizer_path.is_relative_to(read_only_cache)
+        assert torch.equal(logits(loaded), expected)
+    assert "tokenizer into the cache" in caplog.text and list(read_only_cache.iterdir()) == []
 
 
 def test_a_partial_copy_left_by_a_crash_is_ignored_and_removed(cache: Path, source: Path) -> None:

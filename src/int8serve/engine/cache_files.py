@@ -2,19 +2,24 @@
 
 The int8 copies of models, the compiled kernels and the built-in model live under one cache folder; a process that
 writes one of them holds a lock beside it, so that two servers starting together do not write it twice. Plain
-files and locks, no tensors: the command line finds the cache without importing torch.
+files and locks, no tensors: the command line finds the cache without importing torch. A cache that cannot be written
+(read-only, full) costs each writer a warning, never the start: what it would have kept goes to a temporary folder
+for this process (`scratch_folder`), or is made again at the next start.
 """
 
 from __future__ import annotations
 
+import atexit
 import contextlib
 import fcntl
 import logging
 import os
+import shutil
+import tempfile
 from collections.abc import Iterator
 from pathlib import Path
 
-__all__ = ["cache_dir", "locked"]
+__all__ = ["cache_dir", "locked", "scratch_folder", "usual_mode"]
 
 log = logging.getLogger(__name__)
 
@@ -42,3 +47,31 @@ def locked(folder: Path, doing: str = "writing the int8 copy") -> Iterator[None]
             yield
         finally:
             fcntl.flock(handle, fcntl.LOCK_UN)
+
+
+def scratch_folder(what: str) -> Path:
+    """A new temporary folder for what the cache could not keep (`what` names it), removed when the process ends:
+    until then, files in it stay readable (a tokenizer read again, a library loaded)."""
+    folder = Path(tempfile.mkdtemp(prefix=f"int8serve-{what}-"))
+    atexit.register(shutil.rmtree, folder, ignore_errors=True)
+    return folder
+
+
+def usual_mode(path: Path, executable: bool = False) -> None:
+    """Give `path` the mode open() gives a new file (0666, 0777 if `executable`, less the umask), for a file made
+    by a writer that makes it private (safetensors' save_file and mkstemp: 0600): a checkpoint quantized by one user
+    can then be served by another."""
+    path.chmod((0o777 if executable else 0o666) & ~_umask())
+
+
+def _umask() -> int:
+    """The process's umask, read without setting it where Linux shows it (os.umask sets it: a race with threads)."""
+    try:
+        for line in Path("/proc/self/status").read_text().splitlines():
+            if line.startswith("Umask:"):
+                return int(line.split()[1], 8)
+    except OSError:
+        pass
+    mask = os.umask(0o022)
+    os.umask(mask)
+    return mask

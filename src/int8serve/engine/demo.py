@@ -16,7 +16,7 @@ from pathlib import Path
 import torch
 from safetensors.torch import save_file
 
-from .cache_files import cache_dir
+from .cache_files import cache_dir, usual_mode
 from .demo_tokenizer import DEMO_VOCAB_SIZE, train_demo_tokenizer
 
 DEMO_VERSION = 1
@@ -50,6 +50,7 @@ def demo_model_dir(root: Path | None = None) -> Path:
     staging = Path(tempfile.mkdtemp(prefix=".demo-", dir=folder.parent))
     try:
         write_demo_model(staging)
+        usual_mode(staging, executable=True)  # mkdtemp makes it 0700
         try:
             staging.rename(folder)
         except OSError:  # another process made it first
@@ -64,6 +65,7 @@ def write_demo_model(folder: Path) -> None:
     train_demo_tokenizer(folder)
     (folder / "config.json").write_text(json.dumps(DEMO_CONFIG, indent=2) + "\n")
     save_file(random_hf_weights(DEMO_CONFIG, DEMO_SEED), str(folder / "model.safetensors"))
+    usual_mode(folder / "model.safetensors")
 
 
 def random_hf_weights(config: dict, seed: int) -> dict[str, torch.Tensor]:

@@ -17,6 +17,8 @@ from pathlib import Path
 
 import sentencepiece
 
+from .cache_files import usual_mode
+
 __all__ = ["DEMO_VOCAB_SIZE", "demo_text", "train_demo_tokenizer"]
 
 DEMO_VOCAB_SIZE = 512
@@ -79,6 +81,7 @@ def _write_atomically(target: Path, data: bytes) -> None:
     try:
         with os.fdopen(fd, "wb") as tmp:
             tmp.write(data)
+        usual_mode(Path(tmp_name))  # mkstemp makes it 0600
         os.replace(tmp_name, target)
     except BaseException:
         Path(tmp_name).unlink(missing_ok=True)

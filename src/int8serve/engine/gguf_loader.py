@@ -349,7 +349,6 @@ def load_gguf(path: Path, precision: str, progress: bool = False, tokenizer_dir:
               group_size: int | None = None, quantizer: str = "gptq") -> Any:
     """A `LoadedModel` from a GGUF file; its rebuilt tokenizer (tokenizer.model or tokenizer.json) is written into
     `tokenizer_dir`."""
-    from .cache_files import cache_dir
     from .int8 import DEFAULT_GROUP_SIZE
     from .loader import LoadedModel, _fill, calibration_for
     from .model import Transformer
@@ -357,7 +356,7 @@ def load_gguf(path: Path, precision: str, progress: bool = False, tokenizer_dir:
     file = GGUFFile.open(path)
     config = config_from_gguf(file)
     source = GGUFSource(file)
-    tokenizer = write_tokenizer(file, tokenizer_dir or cache_dir() / "tokenizers")
+    tokenizer = write_tokenizer(file, tokenizer_dir) if tokenizer_dir else _cache_tokenizer(file)
     with torch.device("meta"):
         model = Transformer(config, precision)
     group = DEFAULT_GROUP_SIZE if group_size is None else group_size
@@ -365,3 +364,16 @@ def load_gguf(path: Path, precision: str, progress: bool = False, tokenizer_dir:
     _fill(model, source, renamer(source, config, precision), path, progress, group, windows)
     model.stack_projections()  # decode reads q, k, v (gate, up) in one kernel call
     return LoadedModel(model.eval(), config, tokenizer, "gguf", path)
+
+
+def _cache_tokenizer(file: GGUFFile) -> Path:
+    """The file's tokenizer in the cache's tokenizers/; in a temporary folder when the cache cannot be written."""
+    from .cache_files import cache_dir, scratch_folder
+
+    try:
+        return write_tokenizer(file, cache_dir() / "tokenizers")
+    except OSError as err:
+        scratch = scratch_folder("tokenizer")
+        log.warning("cannot write %s's tokenizer into the cache (%s); using a temporary folder, %s", file.path.name,
+                    err, scratch)
+        return write_tokenizer(file, scratch)

@@ -27,6 +27,7 @@ from torch import Tensor, nn
 from tqdm import tqdm
 
 from . import calibration
+from .cache_files import usual_mode
 from .config import ModelConfig, config_from_hf, config_from_meta, read_json
 from .errors import CheckpointError
 from .int8 import Int8Linear, group_size_of, quantize
@@ -366,6 +367,7 @@ def save_int8_checkpoint(loaded: LoadedModel, destination: str | Path, overwrite
         elif hasattr(module, "weight") and isinstance(module.weight, nn.Parameter):
             tensors[f"{name}.weight"] = module.weight.data
     save_file({k: v.contiguous() for k, v in tensors.items()}, str(folder / "model.safetensors"))
+    usual_mode(folder / "model.safetensors")  # save_file makes it 0600, the other files 0644
     group_size = max(group_sizes, default=0)
     scheme = f"per group of {group_size} input values" if group_size else "per output channel"
     meta = {"format": INT8_FORMAT, "version": INT8_FORMAT_VERSION, "config": loaded.config.to_dict(),

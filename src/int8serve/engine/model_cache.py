@@ -20,6 +20,7 @@ warning, never the start.
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import hashlib
 import inspect
@@ -86,8 +87,9 @@ def cache_folder(source: Path, group_size: int = int8.DEFAULT_GROUP_SIZE,
 
 
 def cacheable(source: Path, precision: Precision) -> bool:
-    """An int8 load of a full-precision source that is not already in our cache (the demo model lives there)."""
-    if precision != "int8" or source.resolve().is_relative_to(cache_dir().resolve()):
+    """An int8 load of a full-precision source that is not itself one of our copies. Elsewhere in the cache is fine:
+    the built-in model's GGUF lives there, and the demo model's int8 folder is int8 already."""
+    if precision != "int8" or source.resolve().is_relative_to(models_dir().resolve()):
         return False
     return source.is_file() or detect_format(source) != "int8"
 
@@ -101,7 +103,11 @@ def load_cached(source: Path, precision: Precision = "int8", progress: bool = Fa
     folder = cache_folder(source, group_size, quantizer)
     loaded = _load_copy(folder, source)
     if loaded is None or _stored_apart(loaded):
-        with locked(folder):
+        with contextlib.ExitStack() as stack:
+            if not _enter_lock(stack, folder, source):
+                if loaded is None:
+                    return load_model(source, precision, progress, group_size, quantizer)
+                return dataclasses.replace(loaded, path=source)
             if loaded is None:
                 loaded = _load_copy(folder, source, quiet=True)  # another process may have written it meanwhile
                 if loaded is None:
@@ -109,6 +115,18 @@ def load_cached(source: Path, precision: Precision = "int8", progress: bool = Fa
             if _stored_apart(loaded):
                 _rewrite_in_stack_order(loaded, folder)
     return dataclasses.replace(loaded, path=source)
+
+
+def _enter_lock(stack: contextlib.ExitStack, folder: Path, source: Path) -> bool:
+    """Take the lock on `folder` into `stack`; False, with a warning, when the cache cannot be written (read-only, or
+    no room even for the lock): the model is then served without it."""
+    try:
+        stack.enter_context(locked(folder))
+    except OSError as err:
+        log.warning("cannot write to the model cache %s (%s); serving %s without writing to it", folder.parent, err,
+                    source)
+        return False
+    return True
 
 
 def _stored_apart(loaded: LoadedModel) -> int:

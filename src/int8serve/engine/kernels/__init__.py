@@ -50,7 +50,7 @@ from typing import Literal
 import torch
 from torch import Tensor
 
-from ..cache_files import cache_dir
+from ..cache_files import cache_dir, scratch_folder, usual_mode
 
 log = logging.getLogger(__name__)
 
@@ -129,39 +129,108 @@ def build(verbose: bool = False, source: Path = SOURCE) -> Path:
     compiler) and return the library's path.
 
     Concurrent first uses (several test workers, server processes) serialize on an flock, which the kernel drops if
-    its holder dies, and the library is written to a temporary name and renamed into place, so a half-written file
-    is never loaded.
+    its holder dies. The library is written to a temporary name, synced and renamed into place, then its size and
+    sha256 are recorded beside it: a library that does not match its record (cut short by a power loss, emptied,
+    overwritten) or has none is said so in the log and built again, never loaded (a cut-short one crashed every start
+    with SIGBUS). A cache that cannot be written costs a warning and a build in a temporary folder.
     """
     cxx = _compiler()
-    directory = cache_dir() / "kernels" / _build_key(cxx, source)
-    library = directory / "int8serve_kernels.so"
-    if library.is_file():
+    library = cache_dir() / "kernels" / _build_key(cxx, source) / LIBRARY
+    if _damage(library) is None:
         return library
-    directory.mkdir(parents=True, exist_ok=True)
-    with open(directory / "lock", "w") as lock:
+    try:
+        return _build_in_cache(cxx, source, library, verbose)
+    except OSError as error:  # a read-only or full cache
+        log.warning("cannot write the kernel cache %s (%s); building %s in a temporary folder, again at every start",
+                    library.parent, error, source.name)
+        library = scratch_folder("kernels") / LIBRARY
+        _compile(cxx, source, library, verbose)
+        return library
+
+
+LIBRARY = "int8serve_kernels.so"
+
+
+def _record(library: Path) -> Path:
+    """Where `build` records the size and sha256 of `library`, once it is in place."""
+    return library.with_name(library.name + ".sha256")
+
+
+def _damage(library: Path) -> str | None:
+    """None when `library` is the file its build recorded; else what is wrong with it ("missing" when absent)."""
+    try:
+        data = library.read_bytes()
+    except FileNotFoundError:
+        return "missing"
+    try:
+        recorded = _record(library).read_text().split()
+    except FileNotFoundError:
+        return "no record of a finished build (a build cut short, or one made before int8serve recorded them)"
+    found = [str(len(data)), hashlib.sha256(data).hexdigest()]
+    if recorded != found:
+        return f"{found[0]} bytes, sha256 {found[1][:16]}; the build recorded {' '.join(recorded)[:90]}"
+    return None
+
+
+def _build_in_cache(cxx: str, source: Path, library: Path, verbose: bool) -> Path:
+    """Build `library` under the cache's lock, unless another process did meanwhile; a damaged one is replaced."""
+    library.parent.mkdir(parents=True, exist_ok=True)
+    with open(library.parent / "lock", "w") as lock:
         fcntl.flock(lock, fcntl.LOCK_EX)
-        if library.is_file():
+        damage = _damage(library)
+        if damage is None:
             return library
-        fd, tmp_name = tempfile.mkstemp(suffix=".so", dir=directory)
-        os.close(fd)
-        tmp = Path(tmp_name)
-        try:
-            command = _command(cxx, tmp, source)
-            start = time.perf_counter()
-            try:
-                result = subprocess.run(command, capture_output=True, text=True, timeout=600)
-            except (OSError, subprocess.SubprocessError) as error:
-                raise BuildError(f"{cxx} failed to run: {error}") from error
-            if result.returncode != 0:
-                raise BuildError(f"compiling {source.name} failed ({result.returncode}):\n{result.stderr[-4000:]}")
-            if verbose:
-                print(f"built {library} in {time.perf_counter() - start:.1f} s", file=sys.stderr)
-            log.info("built %s in %.1f s", library, time.perf_counter() - start)
-            os.replace(tmp, library)
-        finally:
-            with contextlib.suppress(FileNotFoundError):
-                tmp.unlink()
+        if damage != "missing":
+            log.warning("the cached kernel library %s cannot be used, building it again: %s", library, damage)
+            discard_library(library)
+        _compile(cxx, source, library, verbose)
     return library
+
+
+def _compile(cxx: str, source: Path, library: Path, verbose: bool) -> None:
+    """Compile to a temporary name, sync, rename to `library`, then record its size and sha256 beside it."""
+    fd, tmp_name = tempfile.mkstemp(suffix=".so", dir=library.parent)
+    os.close(fd)
+    tmp = Path(tmp_name)
+    try:
+        start = time.perf_counter()
+        try:
+            result = subprocess.run(_command(cxx, tmp, source), capture_output=True, text=True, timeout=600)
+        except (OSError, subprocess.SubprocessError) as error:
+            raise BuildError(f"{cxx} failed to run: {error}") from error
+        if result.returncode != 0:
+            raise BuildError(f"compiling {source.name} failed ({result.returncode}):\n{result.stderr[-4000:]}")
+        if verbose:
+            print(f"built {library} in {time.perf_counter() - start:.1f} s", file=sys.stderr)
+        log.info("built %s in %.1f s", library, time.perf_counter() - start)
+        data = tmp.read_bytes()
+        usual_mode(tmp, executable=True)  # mkstemp's 0600, which the linker made 0711: loadable by its owner only
+        _replace_durably(tmp, library)
+        record = _record(library).with_suffix(f".{os.getpid()}.partial")
+        record.write_text(f"{len(data)} {hashlib.sha256(data).hexdigest()}\n")
+        _replace_durably(record, _record(library))
+    finally:
+        with contextlib.suppress(FileNotFoundError):
+            tmp.unlink()
+
+
+def _replace_durably(written: Path, target: Path) -> None:
+    """Rename `written` to `target` once its bytes are on disk, then sync the folder so that the rename is too."""
+    with open(written, "rb") as handle:
+        os.fsync(handle.fileno())
+    os.replace(written, target)
+    folder = os.open(target.parent, os.O_RDONLY)
+    try:
+        os.fsync(folder)
+    finally:
+        os.close(folder)
+
+
+def discard_library(library: Path) -> None:
+    """Remove a cached library and its record (a process that loaded it keeps its unlinked file)."""
+    for file in (library, _record(library)):
+        with contextlib.suppress(FileNotFoundError):
+            file.unlink()
 
 
 _THREAD_LIMIT: ContextVar[int | None] = ContextVar("int8serve_kernel_thread_limit", default=None)
@@ -208,9 +277,24 @@ def load_library(source: Path, opener: Callable[[Path], ctypes.CDLL], builder: C
     if os.uname().machine not in ("x86_64", "AMD64"):
         return f"needs x86-64, not {os.uname().machine}"
     try:
-        return opener(builder(source=source))
+        return open_built(source, opener, builder)
     except Exception as error:  # a missing compiler, a failed build, a bad library: fall back, never crash
         return f"{type(error).__name__}: {error}"
+
+
+def open_built(source: Path, opener: Callable[[Path], ctypes.CDLL], builder: Callable[..., Path]) -> ctypes.CDLL:
+    """`opener` on the library `builder` made of `source`; a cached one that does not load (its file damaged though
+    its record matches) is said so once, deleted and built again, once."""
+    library = builder(source=source)
+    try:
+        return opener(library)
+    except (OSError, AttributeError, BuildError) as error:  # dlopen's refusal, a missing symbol, another ABI
+        if library.name != LIBRARY:
+            raise
+        log.warning("the cached kernel library %s does not load (%s); deleting it and building it again", library,
+                    error)
+        discard_library(library)
+    return opener(builder(source=source))
 
 
 def _open(path: Path) -> ctypes.CDLL:
@@ -237,7 +321,7 @@ def _load() -> str | None:
     if sys.platform != "linux" or os.uname().machine not in ("x86_64", "AMD64"):
         return f"needs Linux on x86-64, not {sys.platform}/{os.uname().machine}"
     try:
-        _lib = _open(build())
+        _lib = open_built(SOURCE, _open, build)
     except Exception as error:  # a missing compiler, a failed build, a bad library: fall back, never crash
         return f"{type(error).__name__}: {error}"
     return None
