@@ -27,7 +27,7 @@ from torch import Tensor, nn
 from tqdm import tqdm
 
 from . import calibration
-from .config import ModelConfig, config_from_hf, config_from_meta, read_json
+from .config import ConfigError, ModelConfig, config_from_hf, config_from_meta, read_json
 from .errors import CheckpointError
 from .int8 import Int8Linear, group_size_of, quantize
 from .model import Precision, Transformer
@@ -202,8 +202,7 @@ def _open_int8(folder: Path, meta: dict) -> tuple[ModelConfig, TensorSource, Ren
                               f"{' or '.join(map(str, (*READABLE_VERSIONS, PACKED_FORMAT_VERSION)))}")
     if not (folder / "model.safetensors").is_file():
         raise CheckpointError(f"{folder}: int8serve.json but no model.safetensors")
-    config = ModelConfig.from_dict(meta.get("config", {}))
-
+    config = int8_config(folder, meta)
     source = SafetensorsSource([folder / "model.safetensors"])
 
     def rename(name: str, tensor: Tensor) -> Iterator[tuple[str, Weight]]:
@@ -218,6 +217,14 @@ def _open_int8(folder: Path, meta: dict) -> tuple[ModelConfig, TensorSource, Ren
         yield name, (tensor, source.get(scale_name))
 
     return config, source, rename
+
+
+def int8_config(folder: Path, meta: dict) -> ModelConfig:
+    """The model config an int8 checkpoint's int8serve.json (read into `meta`) records."""
+    try:
+        return ModelConfig.from_dict(meta.get("config"))
+    except ConfigError as err:
+        raise ConfigError(f"{folder / 'int8serve.json'}: {str(err).removeprefix('model config: ')}") from err
 
 
 # An int8 layer's residual in a checkpoint (Int8Linear.set_residual: the output head's rounding error in 4 bits, with

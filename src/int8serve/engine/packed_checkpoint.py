@@ -30,7 +30,6 @@ import torch
 from torch import Tensor, nn
 
 from . import kernels
-from .config import ModelConfig
 from .errors import CheckpointError
 from .int8 import Int8Linear
 from .loader import (
@@ -42,6 +41,7 @@ from .loader import (
     LoadedModel,
     copy_tokenizer,
     find_tokenizer,
+    int8_config,
 )
 from .model import Transformer
 
@@ -132,7 +132,7 @@ def check_packed_meta(folder: Path, meta: dict) -> None:
 def load_packed(folder: Path, meta: dict) -> LoadedModel:
     """Map the packed copy in `folder` (int8serve.json already read into `meta`) into an int8 Transformer."""
     check_packed_meta(folder, meta)
-    config = ModelConfig.from_dict(meta.get("config", {}))
+    config = int8_config(folder, meta)
     group_sizes = meta.get("group_sizes", {})
     with torch.device("meta"):
         model = Transformer(config, "int8")
