@@ -252,7 +252,10 @@ def _tokenizer_vocab_size(path: Path) -> int:
     import sentencepiece
 
     processor = sentencepiece.SentencePieceProcessor()
-    processor.Load(str(path))
+    try:
+        processor.Load(str(path))
+    except (RuntimeError, OSError) as err:
+        raise CheckpointError(f"{path}: not a valid SentencePiece tokenizer model ({err})") from err
     return processor.GetPieceSize()
 
 
@@ -311,10 +314,9 @@ def _assign(modules: dict[str, nn.Module], name: str, weight: Weight, folder: Pa
     if isinstance(module, Int8Linear):
         if isinstance(weight, tuple):
             try:
-                checkpoint_group = group_size_of(weight[1], module.in_features)
+                module.set_quantized(weight[0], weight[1], group_size_of(weight[1], module.in_features))
             except ValueError as error:
                 raise CheckpointError(f"{folder}: tensor '{name}': {error}") from error
-            module.set_quantized(weight[0], weight[1], checkpoint_group)
         else:
             module.set_quantized(*quantize(weight, group_size), group_size)
             if module.refine_top:

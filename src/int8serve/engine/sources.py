@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import json
 from collections.abc import Iterable
-from pathlib import Path
+from pathlib import Path, PurePosixPath
 
 import torch
 from safetensors import SafetensorError, safe_open
@@ -177,11 +177,7 @@ def hf_weight_files(folder: Path) -> TensorSource:
                                ("pytorch_model.bin.index.json", TorchFilesSource)):
         index = folder / index_name
         if index.is_file():
-            try:
-                weight_map = json.loads(index.read_text())["weight_map"]
-            except (json.JSONDecodeError, KeyError, TypeError) as err:
-                raise CheckpointError(f"{index}: not a valid shard index ({err})") from err
-            files = [folder / name for name in dict.fromkeys(weight_map.values())]
+            files = _shard_files(index)
             missing = [str(f) for f in files if not f.is_file()]
             if missing:
                 raise CheckpointError(f"{index}: shard files missing: {', '.join(missing)}")
@@ -191,3 +187,21 @@ def hf_weight_files(folder: Path) -> TensorSource:
     if (folder / "pytorch_model.bin").is_file():
         return TorchFilesSource([folder / "pytorch_model.bin"])
     raise CheckpointError(f"{folder}: no model.safetensors, sharded safetensors index or pytorch_model.bin")
+
+
+def _shard_files(index: Path) -> list[Path]:
+    """The shard files a `*.index.json` names: file names inside its folder (a path that leads out of it, such as
+    `../x.safetensors` or `/etc/x`, is refused)."""
+    try:
+        weight_map = json.loads(index.read_text())["weight_map"]
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError, KeyError, TypeError) as err:
+        raise CheckpointError(f"{index}: not a valid shard index ({type(err).__name__}: {err})") from err
+    if not isinstance(weight_map, dict) or not all(isinstance(v, str) for v in weight_map.values()):
+        raise CheckpointError(f"{index}: not a valid shard index ('weight_map' must map tensor names to file names)")
+    files = []
+    for name in dict.fromkeys(weight_map.values()):
+        parts = PurePosixPath(name).parts
+        if not parts or PurePosixPath(name).is_absolute() or ".." in parts or "\\" in name:
+            raise CheckpointError(f"{index}: shard {name!r} is not a file name inside the model folder")
+        files.append(index.parent / name)
+    return files
