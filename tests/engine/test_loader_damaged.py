@@ -90,6 +90,29 @@ def test_a_shard_in_a_subfolder_is_still_read(model: Path) -> None:
     assert load_model(model, "fp32").config.n_layers == 5
 
 
+# --- non-finite weights ----------------------------------------------------------------------------------------------
+
+
+def poison(file: Path, name: str) -> None:
+    rewrite(file, lambda t: t[name].view(-1).__setitem__(3, float("nan")))
+
+
+@pytest.mark.parametrize("quantizer", ["gptq", "rtn"])
+@pytest.mark.parametrize("tensor", ["model.layers.1.mlp.up_proj.weight", "model.embed_tokens.weight"])
+def test_non_finite_source_weights_are_refused_naming_the_tensor(model: Path, quantizer: str, tensor: str) -> None:
+    poison(model / "model.safetensors", tensor)
+    expect(model, (str(model), f"'{tensor}'", "non-finite"), quantizer=quantizer)
+
+
+def test_a_whole_file_of_nan_is_refused_before_gptq(model: Path) -> None:
+    """The auditor's file: every weight NaN, which GPTQ's Cholesky factorization used to fail on."""
+    data = bytearray((model / "model.safetensors").read_bytes())
+    start = 8 + int.from_bytes(data[:8], "little")
+    data[start:] = b"\xff\xff\xc0\x7f" * ((len(data) - start) // 4)
+    (model / "model.safetensors").write_bytes(bytes(data))
+    expect(model, (str(model), "non-finite"), quantizer="gptq")
+
+
 # --- int8 checkpoints -----------------------------------------------------------------------------------------------
 
 
@@ -104,6 +127,16 @@ def test_an_int8_scale_of_the_wrong_shape_is_refused(int8_checkpoint: Path, tmp_
     scale = "layers.0.attention.wq.scale"
     rewrite(folder / "model.safetensors", lambda t: t.update({scale: torch.ones(128)}))
     expect(folder, (str(folder), "layers.0.attention.wq", "scale"))
+
+
+def test_an_int8_checkpoint_with_a_nan_scale_or_norm_is_refused(int8_checkpoint: Path, tmp_path: Path) -> None:
+    folder = tmp_path / "q8"
+    shutil.copytree(int8_checkpoint, folder)
+    poison(folder / "model.safetensors", "layers.2.feed_forward.w2.scale")
+    expect(folder, (str(folder), "'layers.2.feed_forward.w2.scale'", "non-finite"))
+    shutil.copyfile(int8_checkpoint / "model.safetensors", folder / "model.safetensors")
+    poison(folder / "model.safetensors", "norm.weight")
+    expect(folder, (str(folder), "'norm.weight'", "non-finite"))
 
 
 @pytest.mark.parametrize("config", [None, [], {"dim": "64"}])

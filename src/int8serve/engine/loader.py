@@ -272,6 +272,10 @@ def _fill(model: Transformer, source: TensorSource, rename: Renamer, folder: Pat
     desc = "loading weights" if model.precision == "fp32" or calibration_windows is not None else "quantizing to int8"
     for name in tqdm(names, desc=desc, unit="tensor", disable=not progress, leave=False):
         for internal, weight in rename(name, source.get(name)):
+            if isinstance(weight, tuple):  # an int8 weight: its scales are what can be NaN
+                check_finite(folder, internal.removesuffix("weight") + "scale", weight[1])
+            else:
+                check_finite(folder, name, weight)
             if calibration_windows is not None and _for_int8_layer(modules, internal, weight):
                 _check_shape(modules, internal, weight, folder)
                 deferred[internal] = name
@@ -294,6 +298,20 @@ def _fill(model: Transformer, source: TensorSource, rename: Renamer, folder: Pat
     if missing:
         raise CheckpointError(f"{folder}: checkpoint has no weights for {', '.join(missing[:5])}"
                               + (f" and {len(missing) - 5} more" if len(missing) > 5 else ""))
+
+
+def check_finite(where: Path, name: str, tensor: Tensor) -> None:
+    """Refuse a float tensor holding NaN or infinity (a damaged file: 0xff bytes read as NaN): loaded, it would
+    make every answer NaN, or stop GPTQ in a failed factorization."""
+    if tensor.is_floating_point() and not all_finite(tensor):
+        raise CheckpointError(f"{where}: tensor '{name}' holds non-finite values (NaN or infinity): the file is "
+                              "damaged")
+
+
+def all_finite(tensor: Tensor, chunk: int = 1 << 22) -> bool:
+    """Whether every value is finite, read a chunk at a time (no temporary the size of the tensor)."""
+    flat = tensor.reshape(-1)
+    return all(bool(torch.isfinite(flat[start:start + chunk]).all()) for start in range(0, flat.numel(), chunk))
 
 
 def _for_int8_layer(modules: dict[str, nn.Module], name: str, weight: Weight) -> bool:

@@ -39,6 +39,7 @@ from .loader import (
     RESIDUAL,
     RESIDUAL_SCALE,
     LoadedModel,
+    check_finite,
     copy_tokenizer,
     find_tokenizer,
     int8_config,
@@ -155,6 +156,7 @@ def load_packed(folder: Path, meta: dict) -> LoadedModel:
                                               module.in_features, int(group_sizes[name]))
                 module.set_packed(packed)
                 if name + RESIDUAL in stored:  # (copies written before the residual have none)
+                    check_finite(weights, name + RESIDUAL_SCALE, take(name + RESIDUAL_SCALE))
                     module.set_residual_quantized(take(name + RESIDUAL), take(name + RESIDUAL_SCALE))
             for parameter_name, parameter in list(module.named_parameters(recurse=False)):
                 full_name = f"{name}.{parameter_name}" if name else parameter_name
@@ -163,7 +165,10 @@ def load_packed(folder: Path, meta: dict) -> LoadedModel:
                 if tensor.dtype not in allowed or tensor.shape != parameter.shape:
                     raise CheckpointError(f"{weights}: tensor '{full_name}' is {tensor.dtype} "
                                           f"{list(tensor.shape)}, the config describes {list(parameter.shape)}")
+                check_finite(weights, full_name, tensor)  # the norms and embeddings: a few MB, not the int8 weights
                 setattr(module, parameter_name, nn.Parameter(tensor, requires_grad=False))
+    except CheckpointError:
+        raise
     except (OSError, ValueError, KeyError, TypeError) as err:  # a cut or damaged file, a missing entry
         raise CheckpointError(f"{weights}: not a usable packed copy ({type(err).__name__}: {err})") from err
     if stored - used:
