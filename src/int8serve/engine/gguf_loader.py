@@ -255,7 +255,12 @@ def write_tokenizer(file: GGUFFile, folder: Path) -> Path:
     model = file.get("tokenizer.ggml.model")
     if model == "gpt2":
         return _write_bpe_tokenizer(file, folder)
-    proto = model_proto(vocabulary(file))
+    try:
+        proto = model_proto(vocabulary(file))
+    except (TypeError, ValueError) as err:
+        if isinstance(err, CheckpointError):
+            raise
+        raise CheckpointError(f"{file.path}: tokenizer: {err}") from err
     path = folder / f"gguf-{hashlib.sha256(proto).hexdigest()[:16]}.model"
     if not path.is_file():
         folder.mkdir(parents=True, exist_ok=True)
