@@ -16,9 +16,12 @@ import pytest
 import torch
 from safetensors.torch import load_file, save_file
 
-from int8serve.engine.config import ConfigError
+from int8serve.engine import loader
+from int8serve.engine.config import ConfigError, ModelConfig
 from int8serve.engine.errors import CheckpointError
+from int8serve.engine.int8 import Int8Linear
 from int8serve.engine.loader import load_model, save_int8_checkpoint
+from int8serve.engine.model import Transformer, rope_tables, weight_shapes
 from int8serve.engine.tokenizer import load_tokenizer
 
 
@@ -111,6 +114,56 @@ def test_a_whole_file_of_nan_is_refused_before_gptq(model: Path) -> None:
     data[start:] = b"\xff\xff\xc0\x7f" * ((len(data) - start) // 4)
     (model / "model.safetensors").write_bytes(bytes(data))
     expect(model, (str(model), "non-finite"), quantizer="gptq")
+
+
+# --- a config that does not describe the weights -----------------------------------------------------------------
+
+
+def test_weight_shapes_are_the_models() -> None:
+    config = ModelConfig(dim=64, n_layers=3, n_heads=8, n_kv_heads=2, vocab_size=300, hidden_dim=200, head_dim=16)
+    for precision in ("fp32", "int8"):
+        with torch.device("meta"):
+            model = Transformer(config, precision)
+        built = {f"{name}.weight": (m.out_features, m.in_features) if isinstance(m, Int8Linear) else
+                 tuple(m.weight.shape) for name, m in model.named_modules() if hasattr(m, "weight")}
+        assert built == weight_shapes(config)
+
+
+@pytest.fixture
+def never_built(monkeypatch: pytest.MonkeyPatch) -> None:
+    """A config the weights refute must be refused before the model is built (10^7 layers took minutes)."""
+    def refuse(*args: object, **kw: object) -> None:
+        raise AssertionError("the model was built")
+
+    monkeypatch.setattr(loader, "Transformer", refuse)
+
+
+@pytest.mark.parametrize(("changes", "fragments"), [
+    ({"num_hidden_layers": 10**7}, ("the config describes 10000000 layers, the checkpoint holds weights for 5",)),
+    ({"num_hidden_layers": 4}, ("unexpected tensor 'layers.4.", "the config describes 4 layers")),
+    ({"hidden_size": 10**9, "head_dim": None}, ("'tok_embeddings.weight' has shape (512, 64)", "(512, 1000000000)")),
+    ({"vocab_size": 10**12}, ("'tok_embeddings.weight' has shape (512, 64)", "(1000000000000, 64)")),
+])
+def test_a_config_the_weights_refute_is_refused_before_building(model: Path, never_built: None, changes: dict,
+                                                                 fragments: tuple[str, ...]) -> None:
+    config = json.loads((model / "config.json").read_text())
+    config.update(changes)
+    (model / "config.json").write_text(json.dumps(config))
+    expect(model, (str(model), *fragments))
+
+
+def test_a_context_of_ten_billion_positions_costs_nothing_until_used(model: Path) -> None:
+    """max_position_embeddings 10^10 used to build 40 GB rotary tables at once; they grow as caches need them, to
+    the same bits as tables built at once."""
+    config = json.loads((model / "config.json").read_text())
+    (model / "config.json").write_text(json.dumps({**config, "max_position_embeddings": 10**10}))
+    loaded = load_model(model, "int8", quantizer="rtn")
+    assert loaded.config.max_seq_len == 10**10 and loaded.model.rope_cos.shape[0] <= 4096
+    cache = loaded.model.new_cache(1, 5000)  # past the first block of the tables
+    cos, sin = rope_tables(loaded.config.head_dim, 5000, loaded.config.rope_theta)
+    assert torch.equal(loaded.model.rope_cos[:5000], cos) and torch.equal(loaded.model.rope_sin[:5000], sin)
+    logits = loaded.model(torch.tensor([[1, 403, 407, 261]]), cache, [0], [4990], all_logits=True)
+    assert logits.shape == (1, 4, 512) and bool(torch.isfinite(logits).all())
 
 
 # --- int8 checkpoints -----------------------------------------------------------------------------------------------

@@ -115,6 +115,9 @@ class GGUFSource(TensorSource):
     def names(self) -> list[str]:
         return list(self.file.tensors)
 
+    def shape(self, name: str) -> tuple[int, ...]:
+        return self.file.tensors[name].shape
+
     def type_of(self, name: str) -> str:
         return self.file.tensors[name].type
 
@@ -356,12 +359,13 @@ def load_gguf(path: Path, precision: str, progress: bool = False, tokenizer_dir:
     `tokenizer_dir`."""
     from .cache_files import cache_dir
     from .int8 import DEFAULT_GROUP_SIZE
-    from .loader import LoadedModel, _fill, calibration_for
+    from .loader import LoadedModel, _fill, calibration_for, check_config_fits, shapes_by_model_name
     from .model import Transformer
 
     file = GGUFFile.open(path)
     config = config_from_gguf(file)
     source = GGUFSource(file)
+    check_config_fits(config, shapes_by_model_name(source, internal_name), path)
     tokenizer = write_tokenizer(file, tokenizer_dir or cache_dir() / "tokenizers")
     with torch.device("meta"):
         model = Transformer(config, precision)

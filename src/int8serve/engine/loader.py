@@ -30,7 +30,7 @@ from . import calibration
 from .config import ConfigError, ModelConfig, config_from_hf, config_from_meta, read_json
 from .errors import CheckpointError
 from .int8 import Int8Linear, group_size_of, quantize
-from .model import Precision, Transformer
+from .model import Precision, Transformer, weight_shapes
 from .quant_options import DEFAULT_GROUP_SIZE, DEFAULT_QUANTIZER, QUANTIZERS
 from .sources import MetaShardsSource, SafetensorsSource, TensorSource, hf_weight_files
 
@@ -138,6 +138,7 @@ def load_model(path: str | Path, precision: Precision = "int8", progress: bool =
         config, source, rename = _open_meta(folder, tokenizer)
     else:
         config, source, rename = _open_hf(folder)
+    check_config_fits(config, shapes_by_model_name(source, hf_to_internal if kind == "hf" else str), folder)
     with torch.device("meta"):
         model = Transformer(config, precision)
     quantizes = precision == "int8" and quantizer == "gptq" and kind != "int8"  # int8 checkpoints are int8 already
@@ -147,6 +148,28 @@ def load_model(path: str | Path, precision: Precision = "int8", progress: bool =
         _attach_residuals(model, source, folder)
     model.stack_projections()  # decode reads q, k, v (gate, up) in one kernel call
     return LoadedModel(model.eval(), config, tokenizer, kind, folder)
+
+
+def shapes_by_model_name(source: TensorSource, internal: Callable[[str], str | None]) -> dict[str, tuple[int, ...]]:
+    """Each checkpoint tensor's shape as the file's headers say, by its name in the model (`internal`)."""
+    return {name: source.shape(original) for original in source.names() if (name := internal(original))}
+
+
+def check_config_fits(config: ModelConfig, shapes: dict[str, tuple[int, ...]], where: Path) -> None:
+    """Refuse a config that does not describe the checkpoint's weights (`shapes`, by model name), before the model is
+    built: a config of 10^7 layers or a width of 10^9 would otherwise be built (or allocated) first."""
+    layers = sorted({int(m.group(1)) for name in shapes if (m := re.match(r"layers\.(\d+)\.", name))})
+    held = layers[-1] + 1 if layers else 0
+    if held > config.n_layers:
+        extra = next(name for name in shapes if name.startswith(f"layers.{held - 1}."))
+        raise CheckpointError(f"{where}: unexpected tensor '{extra}': the config describes {config.n_layers} layers")
+    if held < config.n_layers:
+        raise CheckpointError(f"{where}: the config describes {config.n_layers} layers, the checkpoint holds weights "
+                              f"for {held}")
+    for name, expected in weight_shapes(config).items():
+        if name in shapes and tuple(shapes[name]) != expected:
+            raise CheckpointError(f"{where}: tensor '{name}' has shape {tuple(shapes[name])}, but the config "
+                                  f"describes {expected}")
 
 
 def calibration_for(tokenizer: Path | None, folder: Path) -> Tensor | None:

@@ -39,6 +39,7 @@ from .loader import (
     RESIDUAL,
     RESIDUAL_SCALE,
     LoadedModel,
+    check_config_fits,
     check_finite,
     copy_tokenizer,
     find_tokenizer,
@@ -135,12 +136,13 @@ def load_packed(folder: Path, meta: dict) -> LoadedModel:
     check_packed_meta(folder, meta)
     config = int8_config(folder, meta)
     group_sizes = meta.get("group_sizes", {})
-    with torch.device("meta"):
-        model = Transformer(config, "int8")
     weights = folder / WEIGHTS
     _prefetch(weights)
     try:
         mapped = map_safetensors(weights)
+        check_config_fits(config, {name: tuple(t.shape) for name, t in mapped.items()}, weights)
+        with torch.device("meta"):
+            model = Transformer(config, "int8")
         stored = set(mapped)
         used: set[str] = set()
 

@@ -27,6 +27,10 @@ class TensorSource:
     def get(self, name: str) -> Tensor:
         raise NotImplementedError
 
+    def shape(self, name: str) -> tuple[int, ...]:
+        """The tensor's shape, where the format says it without reading the data."""
+        return tuple(self.get(name).shape)
+
 
 _SAFETENSORS_DTYPES = {
     "F64": torch.float64, "F32": torch.float32, "F16": torch.float16, "BF16": torch.bfloat16,
@@ -63,6 +67,16 @@ class SafetensorsSource(TensorSource):
                 size = int.from_bytes(f.read(8), "little")
                 self._headers[file] = size, json.loads(f.read(size))
         return self._headers[file]
+
+    def shape(self, name: str) -> tuple[int, ...]:
+        file = self._where[name]
+        try:
+            shape = self._header(file)[1][name]["shape"]
+            if not all(isinstance(n, int) and n >= 0 for n in shape):
+                raise ValueError(f"shape {shape}")
+            return tuple(shape)
+        except (OSError, KeyError, TypeError, ValueError) as err:
+            raise CheckpointError(f"{file}: tensor '{name}' is unreadable ({err})") from err
 
     def get(self, name: str) -> Tensor:
         file = self._where[name]
@@ -109,6 +123,7 @@ class _TorchFile:
         self.path = path
         data, mapped = torch_load(path)
         self.names = list(data)
+        self.shapes = {name: tuple(tensor.shape) for name, tensor in data.items()}
         self._kept = None if mapped else data
 
     def get(self, name: str) -> Tensor:
@@ -131,6 +146,9 @@ class TorchFilesSource(TensorSource):
 
     def get(self, name: str) -> Tensor:
         return self._where[name].get(name)
+
+    def shape(self, name: str) -> tuple[int, ...]:
+        return self._where[name].shapes[name]
 
 
 # Meta's model-parallel shards split each weight along one dimension (Meta's llama/model.py: Column-, Row-
@@ -162,6 +180,13 @@ class MetaShardsSource(TensorSource):
 
     def names(self) -> list[str]:
         return list(self._shards[0].names)
+
+    def shape(self, name: str) -> tuple[int, ...]:
+        shapes = [shard.shapes[name] for shard in self._shards]
+        dim = meta_shard_dim(name)
+        if len(shapes) == 1 or dim is None or any(len(s) <= dim for s in shapes):
+            return shapes[0]
+        return (*shapes[0][:dim], sum(s[dim] for s in shapes), *shapes[0][dim + 1:])
 
     def get(self, name: str) -> Tensor:
         parts = [shard.get(name) for shard in self._shards]
