@@ -152,6 +152,10 @@ def test_config_file_problems(tmp_path: Path) -> None:
         load_settings(flags("--config", str(write_config(tmp_path, "port = = 1\n"))))
     with pytest.raises(SettingsFileError, match=r"unknown setting.*max_queeue"):
         load_settings(flags("--config", str(write_config(tmp_path, "max_queeue = 1\n"))))
+    latin1 = tmp_path / "latin1.toml"
+    latin1.write_bytes("port = 8080\n# café\n".encode("latin-1"))
+    with pytest.raises(SettingsFileError, match=rf"^{latin1}:2: not UTF-8 text \(byte 0xe9\)"):
+        load_settings(flags("--config", str(latin1)))
 
 
 def test_cli_reports_settings_errors_without_a_traceback(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:

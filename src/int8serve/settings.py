@@ -297,6 +297,10 @@ def read_config_file(path: Path) -> dict[str, Any]:
             raw = tomllib.load(handle)
     except FileNotFoundError:
         raise SettingsFileError(f"{path}: no such config file") from None
+    except UnicodeDecodeError as err:  # TOML is UTF-8; the error alone names no file
+        line = path.read_bytes()[: err.start].count(b"\n") + 1
+        raise SettingsFileError(f"{path}:{line}: not UTF-8 text (byte 0x{err.object[err.start]:02x}); a config file "
+                                "is TOML, which is UTF-8") from None
     except (OSError, tomllib.TOMLDecodeError) as err:
         raise SettingsFileError(f"{path}: not a readable TOML file: {err}") from None
     values = {key.replace("-", "_"): value for key, value in raw.items()}

@@ -108,3 +108,37 @@ def test_sizes_past_the_end_of_the_file_are_refused_without_allocating_them(tmp_
     (tmp_path / "lie.gguf").write_bytes(header + body)
     with pytest.raises(CheckpointError, match=r"runs past the end of the file|cut short"):
         GGUFFile.open(tmp_path / "lie.gguf")
+
+
+def test_arrays_nested_thousands_deep_are_refused_not_recursed(tmp_path: Path) -> None:
+    nested = b"".join(struct.pack("<IQ", 9, 1) for _ in range(5000)) + struct.pack("<IQ", 4, 0)
+    body = struct.pack("<Q", 4) + b"deep" + struct.pack("<I", 9) + nested
+    (tmp_path / "deep.gguf").write_bytes(b"GGUF" + struct.pack("<IQQ", 3, 0, 1) + body)
+    with pytest.raises(CheckpointError, match="nested more than 8 deep"):
+        GGUFFile.open(tmp_path / "deep.gguf")
+
+
+def test_arrays_of_arrays_still_read(tmp_path: Path) -> None:
+    body = struct.pack("<Q", 4) + b"nest" + struct.pack("<IIQ", 9, 9, 2)
+    body += struct.pack("<IQ", 5, 2) + struct.pack("<2i", 1, 2) + struct.pack("<IQ", 5, 1) + struct.pack("<i", 3)
+    (tmp_path / "nest.gguf").write_bytes(b"GGUF" + struct.pack("<IQQ", 3, 0, 1) + body)
+    assert read_header(tmp_path / "nest.gguf").metadata["nest"] == [[1, 2], [3]]
+
+
+@pytest.mark.parametrize(("dims", "offset"), [((64, 2**40), 0), ((4,), 10**12), ((3, 4), -40)])
+def test_a_tensor_whose_data_is_not_inside_the_file_is_refused(tmp_path: Path, dims: tuple[int, ...],
+                                                              offset: int) -> None:
+    """dims [64, 2^40] used to reach torch.empty(256 TB); a tensor is checked against the file's size first."""
+    path = every_type_gguf(tmp_path / "every.gguf")
+    header = read_header(path)
+    first = header.tensors[0]  # a.weight: F32 [4, 3] at offset 0
+    data = bytearray(path.read_bytes())
+    entry = data.index(b"a.weight") + len(b"a.weight")
+    assert struct.unpack_from("<I", data, entry)[0] == 2 and first.data_offset == header.data_offset
+    # the same number of dimensions (the directory keeps its size): dims, type F32, offset
+    new_dims = dims if len(dims) == 2 else (*dims, 1)
+    offset = offset if offset >= 0 else len(data) - header.data_offset + offset  # the last 40 bytes hold no 48
+    data[entry + 4:entry + 4 + 16 + 12] = struct.pack("<2QIQ", *new_dims, 0, offset)
+    (tmp_path / "lie.gguf").write_bytes(bytes(data))
+    with pytest.raises(CheckpointError, match=r"tensor 'a.weight' .* does not lie within the file"):
+        GGUFFile.open(tmp_path / "lie.gguf")

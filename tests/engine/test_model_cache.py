@@ -335,7 +335,7 @@ def test_an_older_int8_copy_is_rebuilt_once_and_said_so(cache: Path, source: Pat
     assert [p.name for p in folder.parent.iterdir() if p.name.startswith(".")] == []  # the old copy is gone
 
 
-@pytest.mark.parametrize("damage", ["cut short", "header", "layout", "missing tensor"])
+@pytest.mark.parametrize("damage", ["cut short", "header", "layout", "missing tensor", "0xff data", "layers"])
 def test_a_damaged_copy_is_detected_and_rebuilt(cache: Path, source: Path, quantized: list[Path], damage: str,
                                                 monkeypatch: pytest.MonkeyPatch,
                                                 caplog: pytest.LogCaptureFixture) -> None:
@@ -350,8 +350,16 @@ def test_a_damaged_copy_is_detected_and_rebuilt(cache: Path, source: Path, quant
         with open(weights, "r+b") as f:
             f.seek(8)
             f.write(b"\xff" * 16)
+    elif damage == "0xff data":  # the same size, the data overwritten: NaN norms and embeddings
+        header_bytes = int.from_bytes(weights.read_bytes()[:8], "little")
+        with open(weights, "r+b") as f:
+            f.seek(8 + header_bytes)
+            f.write(b"\xff" * (weights.stat().st_size - 8 - header_bytes))
     elif damage == "layout":  # written by a version whose kernel tiles its weights another way
         monkeypatch.setattr(kernels, "LAYOUT", {**kernels.LAYOUT, "version": kernels.LAYOUT["version"] + 1})
+    elif damage == "layers":  # a config the weights refute, refused before the model is built
+        meta["config"]["n_layers"] = 10**7
+        meta_file.write_text(json.dumps(meta))
     else:
         meta["group_sizes"].pop("layers.0.attention.wq")
         meta_file.write_text(json.dumps(meta))

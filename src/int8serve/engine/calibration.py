@@ -66,6 +66,7 @@ def quantize_blocks(model: Transformer, weight_of: WeightOf, windows: Tensor, gr
     with torch.inference_mode():
         hidden = model.tok_embeddings(windows).float()  # [S, T, dim]
     positions = torch.arange(windows.shape[1])
+    model.cover_positions(windows.shape[1])
     cos, sin = model.rope_cos[positions][None], model.rope_sin[positions][None]  # [1, T, D]
     batch = windows.shape[0]
     cos, sin = cos.expand(batch, -1, -1), sin.expand(batch, -1, -1)

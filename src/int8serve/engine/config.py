@@ -16,6 +16,10 @@ class ConfigError(ValueError):
     """A config file is missing, unreadable or describes an impossible model."""
 
 
+# Sizes that must be whole numbers >= 1 (a config that says otherwise is refused, never rounded or defaulted)
+_WHOLE_FIELDS = ("dim", "n_layers", "n_heads", "n_kv_heads", "vocab_size", "hidden_dim", "max_seq_len")
+
+
 @dataclass(frozen=True)
 class ModelConfig:
     dim: int  # model width (Llama-2-7B: 4096)
@@ -33,11 +37,17 @@ class ModelConfig:
     eos_id: int = 2
 
     def __post_init__(self) -> None:
-        if self.head_dim == 0:
-            object.__setattr__(self, "head_dim", self.dim // max(self.n_heads, 1))
-        for name in ("dim", "n_layers", "n_heads", "n_kv_heads", "vocab_size", "hidden_dim", "max_seq_len"):
+        for name in (*_WHOLE_FIELDS, "head_dim", "bos_id", "eos_id"):
+            value = getattr(self, name)
+            if isinstance(value, bool) or not isinstance(value, int):
+                raise ConfigError(f"model config: {name} must be a whole number, got {value!r}")
+        for name in _WHOLE_FIELDS:
             if getattr(self, name) <= 0:
                 raise ConfigError(f"model config: {name} must be positive, got {getattr(self, name)}")
+        if self.head_dim < 0:
+            raise ConfigError(f"model config: head_dim must be positive (0: dim // n_heads), got {self.head_dim}")
+        if self.head_dim == 0:
+            object.__setattr__(self, "head_dim", self.dim // self.n_heads)
         if self.n_heads % self.n_kv_heads:
             raise ConfigError(f"model config: n_heads {self.n_heads} is not a multiple of n_kv_heads {self.n_kv_heads}")
         if self.head_dim % 2:
@@ -47,7 +57,9 @@ class ModelConfig:
         return asdict(self)
 
     @classmethod
-    def from_dict(cls, values: dict[str, Any]) -> ModelConfig:
+    def from_dict(cls, values: Any) -> ModelConfig:
+        if not isinstance(values, dict):
+            raise ConfigError(f"model config: expected an object of fields, got {type(values).__name__}")
         known = {k: v for k, v in values.items() if k in cls.__dataclass_fields__}
         try:
             return cls(**known)
@@ -75,72 +87,102 @@ def read_json(path: Path) -> dict[str, Any]:
     return data
 
 
-def _require(data: dict[str, Any], key: str, path: Path) -> Any:
-    if key not in data:
-        raise ConfigError(f"{path}: missing field '{key}'")
-    return data[key]
-
-
 def config_from_hf(path: Path) -> ModelConfig:
     """Read a Hugging Face `LlamaForCausalLM` config.json."""
     data = read_json(path)
     model_type = data.get("model_type", "llama")
     if model_type != "llama":
         raise ConfigError(f"{path}: model_type '{model_type}' is not supported (only 'llama')")
-    n_heads = int(_require(data, "num_attention_heads", path))
     rope = data.get("rope_parameters") or data.get("rope_scaling") or {}
+    if not isinstance(rope, dict):
+        raise ConfigError(f"{path}: rope_parameters / rope_scaling must be an object, got {rope!r}")
     if rope.get("rope_type", rope.get("type", "default")) not in ("default", None):
         raise ConfigError(f"{path}: rope scaling {rope} is not supported")
+    n_heads = whole(data, "num_attention_heads", path)
+    return _build(path, dict(
+        dim=whole(data, "hidden_size", path),
+        n_layers=whole(data, "num_hidden_layers", path),
+        n_heads=n_heads,
+        n_kv_heads=whole(data, "num_key_value_heads", path, default=n_heads),
+        vocab_size=whole(data, "vocab_size", path),
+        hidden_dim=whole(data, "intermediate_size", path),
+        norm_eps=_number(data, "rms_norm_eps", path, 1e-5),
+        rope_theta=_number(data, "rope_theta", path, _number(rope, "rope_theta", path, 10000.0)),
+        max_seq_len=whole(data, "max_position_embeddings", path, default=4096),
+        tie_embeddings=bool(data.get("tie_word_embeddings", False)),
+        head_dim=whole(data, "head_dim", path, default=0, minimum=0),
+        bos_id=whole(data, "bos_token_id", path, default=1, minimum=None),
+        eos_id=_eos(data, path),
+    ))
+
+
+_REQUIRED = object()
+
+
+def whole(data: dict[str, Any], key: str, path: Path, default: Any = _REQUIRED, minimum: int | None = 1) -> int:
+    """`data[key]` as a whole number (an integral float such as 64.0 is one) of at least `minimum`; absent or null:
+    `default`. Anything else (64.7, "64", true, 0 heads) is refused: rounding or defaulting would load another
+    model than the file describes."""
+    value = data.get(key)
+    if value is None:
+        if default is _REQUIRED:
+            raise ConfigError(f"{path}: missing field '{key}'")
+        return default
+    if isinstance(value, bool) or not isinstance(value, int | float) or not float(value).is_integer():
+        raise ConfigError(f"{path}: '{key}' must be a whole number, got {value!r}")
+    if minimum is not None and value < minimum:
+        raise ConfigError(f"{path}: '{key}' must be at least {minimum}, got {int(value)}")
+    return int(value)
+
+
+def _number(data: dict[str, Any], key: str, path: Path, default: float) -> float:
+    value = data.get(key)
+    if value is None:
+        return default
+    if isinstance(value, bool) or not isinstance(value, int | float) or value != value:
+        raise ConfigError(f"{path}: '{key}' must be a number, got {value!r}")
+    return float(value)
+
+
+def _eos(data: dict[str, Any], path: Path) -> int:
+    """`eos_token_id`: one id, or a list of them (the first is the model's EOS); absent or null: 2."""
+    value = data.get("eos_token_id")
+    if isinstance(value, list):
+        if not value:
+            raise ConfigError(f"{path}: 'eos_token_id' is an empty list")
+        return whole({"eos_token_id": value[0]}, "eos_token_id", path, minimum=0)
+    return whole(data, "eos_token_id", path, default=2, minimum=0)
+
+
+def _build(path: Path, fields: dict[str, Any]) -> ModelConfig:
     try:
-        return ModelConfig(
-            dim=int(_require(data, "hidden_size", path)),
-            n_layers=int(_require(data, "num_hidden_layers", path)),
-            n_heads=n_heads,
-            n_kv_heads=int(data.get("num_key_value_heads") or n_heads),
-            vocab_size=int(_require(data, "vocab_size", path)),
-            hidden_dim=int(_require(data, "intermediate_size", path)),
-            norm_eps=float(data.get("rms_norm_eps", 1e-5)),
-            rope_theta=float(data.get("rope_theta", rope.get("rope_theta", 10000.0))),
-            max_seq_len=int(data.get("max_position_embeddings", 4096)),
-            tie_embeddings=bool(data.get("tie_word_embeddings", False)),
-            head_dim=int(data.get("head_dim") or 0),
-            bos_id=int(1 if data.get("bos_token_id") is None else data["bos_token_id"]),
-            eos_id=int(_eos(data.get("eos_token_id", 2))),
-        )
-    except (TypeError, ValueError) as err:
-        if isinstance(err, ConfigError):
-            raise
-        raise ConfigError(f"{path}: {err}") from err
-
-
-def _eos(value: Any) -> int:
-    return int(value[0] if isinstance(value, list) else (value if value is not None else 2))
+        return ModelConfig(**fields)
+    except ConfigError as err:
+        raise ConfigError(f"{path}: {str(err).removeprefix('model config: ')}") from err
 
 
 def config_from_meta(path: Path, tokenizer_vocab_size: int | None, tied: bool) -> ModelConfig:
     """Read a Meta `params.json`; `vocab_size: -1` means "take it from the tokenizer"."""
     data = read_json(path)
-    vocab = int(data.get("vocab_size", -1))
+    vocab = whole(data, "vocab_size", path, default=-1, minimum=None)
     if vocab <= 0:
         if tokenizer_vocab_size is None:
             raise ConfigError(f"{path}: vocab_size is {vocab} and no tokenizer.model was found to take it from")
         vocab = tokenizer_vocab_size
-    dim = int(_require(data, "dim", path))
-    n_heads = int(_require(data, "n_heads", path))
-    try:
-        return ModelConfig(
-            dim=dim,
-            n_layers=int(_require(data, "n_layers", path)),
-            n_heads=n_heads,
-            n_kv_heads=int(data.get("n_kv_heads") or n_heads),
-            vocab_size=vocab,
-            hidden_dim=meta_hidden_dim(dim, int(data.get("multiple_of", 256)), data.get("ffn_dim_multiplier")),
-            norm_eps=float(data.get("norm_eps", 1e-5)),
-            rope_theta=float(data.get("rope_theta", 10000.0)),
-            max_seq_len=int(data.get("max_seq_len", 4096)),
-            tie_embeddings=tied,
-        )
-    except (TypeError, ValueError) as err:
-        if isinstance(err, ConfigError):
-            raise
-        raise ConfigError(f"{path}: {err}") from err
+    dim = whole(data, "dim", path)
+    n_heads = whole(data, "n_heads", path)
+    multiplier = data.get("ffn_dim_multiplier")
+    if multiplier is not None:
+        multiplier = _number(data, "ffn_dim_multiplier", path, 1.0)
+    return _build(path, dict(
+        dim=dim,
+        n_layers=whole(data, "n_layers", path),
+        n_heads=n_heads,
+        n_kv_heads=whole(data, "n_kv_heads", path, default=n_heads),
+        vocab_size=vocab,
+        hidden_dim=meta_hidden_dim(dim, whole(data, "multiple_of", path, default=256), multiplier),
+        norm_eps=_number(data, "norm_eps", path, 1e-5),
+        rope_theta=_number(data, "rope_theta", path, 10000.0),
+        max_seq_len=whole(data, "max_seq_len", path, default=4096),
+        tie_embeddings=tied,
+    ))

@@ -27,6 +27,9 @@ from gguf import GGML_QUANT_SIZES, GGUF_DEFAULT_ALIGNMENT, GGUF_MAGIC, GGMLQuant
 __all__ = ["GGUFHeader", "HeaderTensor", "read_header"]
 
 SUPPORTED_VERSIONS = (2, 3)
+# Arrays of arrays exist (llama.cpp writes none deeper than 2); a crafted file nesting thousands deep must be an error,
+# not Python's recursion limit.
+MAX_ARRAY_DEPTH = 8
 # Scalar value types: their struct code (string and array are read by hand)
 _SCALARS = {GGUFValueType.UINT8: "B", GGUFValueType.INT8: "b", GGUFValueType.UINT16: "H",
             GGUFValueType.INT16: "h", GGUFValueType.UINT32: "I", GGUFValueType.INT32: "i",
@@ -80,8 +83,10 @@ class _Cursor:
         if self.offset + size > len(self.buffer):
             raise ValueError(f"{what} at offset {self.offset} runs past the end of the file")
 
-    def value(self, value_type: int) -> Any:
+    def value(self, value_type: int, depth: int = 0) -> Any:
         """One value of `value_type`; strings that are not UTF-8 read as None (the whole array, for an array)."""
+        if depth > MAX_ARRAY_DEPTH:
+            raise ValueError(f"metadata arrays nested more than {MAX_ARRAY_DEPTH} deep at offset {self.offset}")
         kind = GGUFValueType(value_type)
         if kind in _SCALARS:
             return self.scalar(_SCALARS[kind])
@@ -92,7 +97,7 @@ class _Cursor:
             item_kind = GGUFValueType(item_type)
             if item_kind in _SCALARS:
                 return self.array(_SCALARS[item_kind], count)
-            items = [self.value(item_type) for _ in range(count)]
+            items = [self.value(item_type, depth + 1) for _ in range(count)]
             return None if item_kind == GGUFValueType.STRING and None in items else items
         raise ValueError(f"unknown metadata value type {value_type}")
 
@@ -142,7 +147,11 @@ def _read(buffer: mmap.mmap) -> GGUFHeader:
         elements = 1
         for size in dims:
             elements *= size
-        tensors.append(HeaderTensor(name, kind, dims, data_offset + offset, elements * block_bytes // block))
+        n_bytes = elements * block_bytes // block
+        if elements % block or data_offset + offset + n_bytes > len(buffer):
+            raise ValueError(f"tensor '{name}' ({kind.name} {list(dims)}: {n_bytes} bytes at offset {offset} of the "
+                             f"data) does not lie within the file ({len(buffer)} bytes)")
+        tensors.append(HeaderTensor(name, kind, dims, data_offset + offset, n_bytes))
     if len({t.name for t in tensors}) != len(tensors):
         raise ValueError("duplicated tensor names")
     return GGUFHeader(version, metadata, tensors, data_offset)

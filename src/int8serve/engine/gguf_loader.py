@@ -115,6 +115,9 @@ class GGUFSource(TensorSource):
     def names(self) -> list[str]:
         return list(self.file.tensors)
 
+    def shape(self, name: str) -> tuple[int, ...]:
+        return self.file.tensors[name].shape
+
     def type_of(self, name: str) -> str:
         return self.file.tensors[name].type
 
@@ -255,7 +258,12 @@ def write_tokenizer(file: GGUFFile, folder: Path) -> Path:
     model = file.get("tokenizer.ggml.model")
     if model == "gpt2":
         return _write_bpe_tokenizer(file, folder)
-    proto = model_proto(vocabulary(file))
+    try:
+        proto = model_proto(vocabulary(file))
+    except (TypeError, ValueError) as err:
+        if isinstance(err, CheckpointError):
+            raise
+        raise CheckpointError(f"{file.path}: tokenizer: {err}") from err
     path = folder / f"gguf-{hashlib.sha256(proto).hexdigest()[:16]}.model"
     if not path.is_file():
         folder.mkdir(parents=True, exist_ok=True)
@@ -350,12 +358,13 @@ def load_gguf(path: Path, precision: str, progress: bool = False, tokenizer_dir:
     """A `LoadedModel` from a GGUF file; its rebuilt tokenizer (tokenizer.model or tokenizer.json) is written into
     `tokenizer_dir`."""
     from .int8 import DEFAULT_GROUP_SIZE
-    from .loader import LoadedModel, _fill, calibration_for
+    from .loader import LoadedModel, _fill, calibration_for, check_config_fits, shapes_by_model_name
     from .model import Transformer
 
     file = GGUFFile.open(path)
     config = config_from_gguf(file)
     source = GGUFSource(file)
+    check_config_fits(config, shapes_by_model_name(source, internal_name), path)
     tokenizer = write_tokenizer(file, tokenizer_dir) if tokenizer_dir else _cache_tokenizer(file)
     with torch.device("meta"):
         model = Transformer(config, precision)

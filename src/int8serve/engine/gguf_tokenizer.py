@@ -35,13 +35,28 @@ class Vocabulary:
 
 
 def model_proto(vocab: Vocabulary) -> bytes:
-    """A serialized SentencePiece ModelProto holding `vocab`."""
-    if not len(vocab.tokens) == len(vocab.scores) == len(vocab.types):
-        raise ValueError(f"GGUF vocabulary: {len(vocab.tokens)} tokens, {len(vocab.scores)} scores, "
-                         f"{len(vocab.types)} types")
+    """A serialized SentencePiece ModelProto holding `vocab`; ValueError for a vocabulary SentencePiece would refuse
+    (or that is not one: numbers for tokens, text for scores)."""
+    _check(vocab)
     pieces = b"".join(_message(1, _piece(t, s, k)) for t, s, k in zip(vocab.tokens, vocab.scores, vocab.types,
                                                                           strict=True))
     return pieces + _message(2, _trainer_spec(vocab)) + _message(3, _normalizer_spec(vocab))
+
+
+def _check(vocab: Vocabulary) -> None:
+    if not len(vocab.tokens) == len(vocab.scores) == len(vocab.types):
+        raise ValueError(f"GGUF vocabulary: {len(vocab.tokens)} tokens, {len(vocab.scores)} scores, "
+                         f"{len(vocab.types)} types")
+    for what, values, kinds in (("tokens", vocab.tokens, str), ("scores", vocab.scores, int | float),
+                                ("token types", vocab.types, int)):
+        wrong = next((v for v in values if isinstance(v, bool) or not isinstance(v, kinds)), None)
+        if wrong is not None:
+            raise ValueError(f"GGUF vocabulary: {what} must be {kinds.__name__ if kinds is str else 'numbers'}, "
+                             f"got {wrong!r}")
+    if len(set(vocab.tokens)) != len(vocab.tokens):
+        seen: set[str] = set()
+        duplicate = next(t for t in vocab.tokens if t in seen or seen.add(t))
+        raise ValueError(f"GGUF vocabulary: the token {duplicate!r} is there more than once")
 
 
 def _piece(token: str, score: float, kind: int) -> bytes:

@@ -28,10 +28,10 @@ from tqdm import tqdm
 
 from . import calibration
 from .cache_files import usual_mode
-from .config import ModelConfig, config_from_hf, config_from_meta, read_json
+from .config import ConfigError, ModelConfig, config_from_hf, config_from_meta, read_json
 from .errors import CheckpointError
 from .int8 import Int8Linear, group_size_of, quantize
-from .model import Precision, Transformer
+from .model import Precision, Transformer, weight_shapes
 from .quant_options import DEFAULT_GROUP_SIZE, DEFAULT_QUANTIZER, QUANTIZERS
 from .sources import MetaShardsSource, SafetensorsSource, TensorSource, hf_weight_files
 
@@ -139,6 +139,7 @@ def load_model(path: str | Path, precision: Precision = "int8", progress: bool =
         config, source, rename = _open_meta(folder, tokenizer)
     else:
         config, source, rename = _open_hf(folder)
+    check_config_fits(config, shapes_by_model_name(source, hf_to_internal if kind == "hf" else str), folder)
     with torch.device("meta"):
         model = Transformer(config, precision)
     quantizes = precision == "int8" and quantizer == "gptq" and kind != "int8"  # int8 checkpoints are int8 already
@@ -148,6 +149,28 @@ def load_model(path: str | Path, precision: Precision = "int8", progress: bool =
         _attach_residuals(model, source, folder)
     model.stack_projections()  # decode reads q, k, v (gate, up) in one kernel call
     return LoadedModel(model.eval(), config, tokenizer, kind, folder)
+
+
+def shapes_by_model_name(source: TensorSource, internal: Callable[[str], str | None]) -> dict[str, tuple[int, ...]]:
+    """Each checkpoint tensor's shape as the file's headers say, by its name in the model (`internal`)."""
+    return {name: source.shape(original) for original in source.names() if (name := internal(original))}
+
+
+def check_config_fits(config: ModelConfig, shapes: dict[str, tuple[int, ...]], where: Path) -> None:
+    """Refuse a config that does not describe the checkpoint's weights (`shapes`, by model name), before the model is
+    built: a config of 10^7 layers or a width of 10^9 would otherwise be built (or allocated) first."""
+    layers = sorted({int(m.group(1)) for name in shapes if (m := re.match(r"layers\.(\d+)\.", name))})
+    held = layers[-1] + 1 if layers else 0
+    if held > config.n_layers:
+        extra = next(name for name in shapes if name.startswith(f"layers.{held - 1}."))
+        raise CheckpointError(f"{where}: unexpected tensor '{extra}': the config describes {config.n_layers} layers")
+    if held < config.n_layers:
+        raise CheckpointError(f"{where}: the config describes {config.n_layers} layers, the checkpoint holds weights "
+                              f"for {held}")
+    for name, expected in weight_shapes(config).items():
+        if name in shapes and tuple(shapes[name]) != expected:
+            raise CheckpointError(f"{where}: tensor '{name}' has shape {tuple(shapes[name])}, but the config "
+                                  f"describes {expected}")
 
 
 def calibration_for(tokenizer: Path | None, folder: Path) -> Tensor | None:
@@ -203,8 +226,7 @@ def _open_int8(folder: Path, meta: dict) -> tuple[ModelConfig, TensorSource, Ren
                               f"{' or '.join(map(str, (*READABLE_VERSIONS, PACKED_FORMAT_VERSION)))}")
     if not (folder / "model.safetensors").is_file():
         raise CheckpointError(f"{folder}: int8serve.json but no model.safetensors")
-    config = ModelConfig.from_dict(meta.get("config", {}))
-
+    config = int8_config(folder, meta)
     source = SafetensorsSource([folder / "model.safetensors"])
 
     def rename(name: str, tensor: Tensor) -> Iterator[tuple[str, Weight]]:
@@ -219,6 +241,14 @@ def _open_int8(folder: Path, meta: dict) -> tuple[ModelConfig, TensorSource, Ren
         yield name, (tensor, source.get(scale_name))
 
     return config, source, rename
+
+
+def int8_config(folder: Path, meta: dict) -> ModelConfig:
+    """The model config an int8 checkpoint's int8serve.json (read into `meta`) records."""
+    try:
+        return ModelConfig.from_dict(meta.get("config"))
+    except ConfigError as err:
+        raise ConfigError(f"{folder / 'int8serve.json'}: {str(err).removeprefix('model config: ')}") from err
 
 
 # An int8 layer's residual in a checkpoint (Int8Linear.set_residual: the output head's rounding error in 4 bits, with
@@ -246,7 +276,10 @@ def _tokenizer_vocab_size(path: Path) -> int:
     import sentencepiece
 
     processor = sentencepiece.SentencePieceProcessor()
-    processor.Load(str(path))
+    try:
+        processor.Load(str(path))
+    except (RuntimeError, OSError) as err:
+        raise CheckpointError(f"{path}: not a valid SentencePiece tokenizer model ({err})") from err
     return processor.GetPieceSize()
 
 
@@ -263,6 +296,10 @@ def _fill(model: Transformer, source: TensorSource, rename: Renamer, folder: Pat
     desc = "loading weights" if model.precision == "fp32" or calibration_windows is not None else "quantizing to int8"
     for name in tqdm(names, desc=desc, unit="tensor", disable=not progress, leave=False):
         for internal, weight in rename(name, source.get(name)):
+            if isinstance(weight, tuple):  # an int8 weight: its scales are what can be NaN
+                check_finite(folder, internal.removesuffix("weight") + "scale", weight[1])
+            else:
+                check_finite(folder, name, weight)
             if calibration_windows is not None and _for_int8_layer(modules, internal, weight):
                 _check_shape(modules, internal, weight, folder)
                 deferred[internal] = name
@@ -287,6 +324,20 @@ def _fill(model: Transformer, source: TensorSource, rename: Renamer, folder: Pat
                               + (f" and {len(missing) - 5} more" if len(missing) > 5 else ""))
 
 
+def check_finite(where: Path, name: str, tensor: Tensor) -> None:
+    """Refuse a float tensor holding NaN or infinity (a damaged file: 0xff bytes read as NaN): loaded, it would
+    make every answer NaN, or stop GPTQ in a failed factorization."""
+    if tensor.is_floating_point() and not all_finite(tensor):
+        raise CheckpointError(f"{where}: tensor '{name}' holds non-finite values (NaN or infinity): the file is "
+                              "damaged")
+
+
+def all_finite(tensor: Tensor, chunk: int = 1 << 22) -> bool:
+    """Whether every value is finite, read a chunk at a time (no temporary the size of the tensor)."""
+    flat = tensor.reshape(-1)
+    return all(bool(torch.isfinite(flat[start:start + chunk]).all()) for start in range(0, flat.numel(), chunk))
+
+
 def _for_int8_layer(modules: dict[str, nn.Module], name: str, weight: Weight) -> bool:
     """A full-precision weight that an int8 layer will quantize."""
     return isinstance(modules.get(name.rpartition(".")[0]), Int8Linear) and not isinstance(weight, tuple)
@@ -305,10 +356,9 @@ def _assign(modules: dict[str, nn.Module], name: str, weight: Weight, folder: Pa
     if isinstance(module, Int8Linear):
         if isinstance(weight, tuple):
             try:
-                checkpoint_group = group_size_of(weight[1], module.in_features)
+                module.set_quantized(weight[0], weight[1], group_size_of(weight[1], module.in_features))
             except ValueError as error:
                 raise CheckpointError(f"{folder}: tensor '{name}': {error}") from error
-            module.set_quantized(weight[0], weight[1], checkpoint_group)
         else:
             module.set_quantized(*quantize(weight, group_size), group_size)
             if module.refine_top:

@@ -69,10 +69,10 @@ class RMSNorm(nn.Module):
         return (self.weight.float() * normed).to(x.dtype)
 
 
-def rope_tables(head_dim: int, max_seq_len: int, theta: float) -> tuple[Tensor, Tensor]:
-    """cos, sin [max_seq_len, head_dim] in fp32, halves duplicated for rotate_half."""
+def rope_tables(head_dim: int, max_seq_len: int, theta: float, start: int = 0) -> tuple[Tensor, Tensor]:
+    """cos, sin [max_seq_len, head_dim] in fp32 for positions start.., halves duplicated for rotate_half."""
     inv_freq = 1.0 / (theta ** (torch.arange(0, head_dim, 2, dtype=torch.float32, device="cpu") / head_dim))
-    angles = torch.outer(torch.arange(max_seq_len, dtype=torch.float32, device="cpu"), inv_freq)
+    angles = torch.outer(torch.arange(start, start + max_seq_len, dtype=torch.float32, device="cpu"), inv_freq)
     angles = torch.cat([angles, angles], dim=-1)
     return angles.cos(), angles.sin()
 
@@ -313,6 +313,24 @@ def _dense_linear(in_features: int, out_features: int) -> nn.Linear:
     return nn.Linear(in_features, out_features, bias=False)
 
 
+def weight_shapes(config: ModelConfig) -> dict[str, tuple[int, ...]]:
+    """The shape of every weight a checkpoint holds for `config` (the output head's even where tied), by the
+    Transformer's names, without building it (tests/engine/test_loader_damaged.py holds the two equal)."""
+    q, kv = config.n_heads * config.head_dim, config.n_kv_heads * config.head_dim
+    layer = {"attention.wq": (q, config.dim), "attention.wk": (kv, config.dim), "attention.wv": (kv, config.dim),
+             "attention.wo": (config.dim, q), "feed_forward.w1": (config.hidden_dim, config.dim),
+             "feed_forward.w3": (config.hidden_dim, config.dim), "feed_forward.w2": (config.dim, config.hidden_dim),
+             "attention_norm": (config.dim,), "ffn_norm": (config.dim,)}
+    shapes = {"tok_embeddings.weight": (config.vocab_size, config.dim), "norm.weight": (config.dim,),
+              "output.weight": (config.vocab_size, config.dim)}
+    for index in range(config.n_layers):
+        shapes.update({f"layers.{index}.{name}.weight": shape for name, shape in layer.items()})
+    return shapes
+
+
+ROPE_BLOCK = 4096  # positions of the rotary tables built at once (Transformer.cover_positions)
+
+
 class Transformer(nn.Module):
     """Llama 2. Build it on the meta device and let a loader assign the weights (see `loader.py`)."""
 
@@ -336,8 +354,8 @@ class Transformer(nn.Module):
         self.layers = nn.ModuleList(TransformerBlock(config, linear, **kw) for _ in range(config.n_layers))
         self.norm = RMSNorm(config.dim, config.norm_eps, kernel=precision == "int8")
         self.output = linear(config.dim, config.vocab_size, **head_kw)
-        cos, sin = rope_tables(config.head_dim, config.max_seq_len, config.rope_theta)
-        self.rope_cos, self.rope_sin = cos, sin  # plain attributes: not weights, never on the meta device
+        # plain attributes: not weights, never on the meta device; grown as caches need them (cover_positions)
+        self.rope_cos, self.rope_sin = rope_tables(config.head_dim, ROPE_BLOCK, config.rope_theta)
         # multiply-adds of the int8 linears per row (0 in fp32): how much work a decode step is
         self.int8_weights = sum(m.in_features * m.out_features for m in self.modules() if isinstance(m, Int8Linear))
 
@@ -404,7 +422,22 @@ class Transformer(nn.Module):
         return self.default_kv_cache(prefill_chunk, max_slots) if kind == "auto" else (kind, None)
 
     def new_cache(self, n_slots: int, max_seq_len: int | None = None) -> KVCache:
-        return KVCache(self.config, n_slots, max_seq_len or self.config.max_seq_len, self.cache_dtype)
+        cache = KVCache(self.config, n_slots, max_seq_len or self.config.max_seq_len, self.cache_dtype)
+        self.cover_positions(cache.max_seq_len)
+        return cache
+
+    def cover_positions(self, positions: int) -> None:
+        """Rotary tables for positions 0..positions - 1 at least. They are built for the contexts actually used, not
+        for the config's max_seq_len: a config may say 10^10 (a 40 GB table), and the served context is the card's.
+        Built a block of ROPE_BLOCK positions at a time, so that a position's row is the same bits whatever the
+        table's length."""
+        have = self.rope_cos.shape[0]
+        if positions <= have:
+            return
+        blocks = [rope_tables(self.config.head_dim, ROPE_BLOCK, self.config.rope_theta, start)
+                  for start in range(have, positions, ROPE_BLOCK)]
+        self.rope_cos = torch.cat([self.rope_cos, *(cos for cos, _ in blocks)])
+        self.rope_sin = torch.cat([self.rope_sin, *(sin for _, sin in blocks)])
 
     @torch.inference_mode()
     def forward(self, tokens: Tensor, cache: KVCache, slots: Sequence[int], starts: Sequence[int],
@@ -427,6 +460,7 @@ class Transformer(nn.Module):
             raise ValueError(f"{batch} rows but {len(slots)} slots and {len(starts)} starts")
         if max(starts) + seq > cache.max_seq_len:
             raise ValueError(f"position {max(starts) + seq} exceeds the KV cache's {cache.max_seq_len}")
+        self.cover_positions(cache.max_seq_len)  # (a cache made without new_cache)
         one_thread = seq == 1 and batch * self.int8_weights < SINGLE_THREAD_STEP_WORK
         with kernels.limit_threads(1) if one_thread else contextlib.nullcontext():
             return self._layers(tokens, cache, slots, starts, all_logits)

@@ -12,7 +12,8 @@ The key is the source and the quantization, never a guess:
   calibration text, so that a change to how weights are rounded (group-wise scales, say) can never load a copy made
   the old way.
 How the copy is stored (the packed layout and its version) is not in the key: a copy stored another way (an older
-int8serve's plain int8 checkpoint), cut short or otherwise unusable is said so once in the log and rebuilt in place.
+int8serve's plain int8 checkpoint), cut short or otherwise unusable (NaN norms or embeddings: bytes overwritten in
+place, which no size check sees) is said so once in the log and rebuilt in place.
 Written atomically (a partial folder renamed into place) under a lock, so that two servers starting together
 quantize once: the second waits, then loads the first one's copy. A full disk or an unwritable cache costs a
 warning, never the start.

@@ -30,7 +30,6 @@ import torch
 from torch import Tensor, nn
 
 from . import kernels
-from .config import ModelConfig
 from .errors import CheckpointError
 from .int8 import Int8Linear
 from .loader import (
@@ -40,8 +39,11 @@ from .loader import (
     RESIDUAL,
     RESIDUAL_SCALE,
     LoadedModel,
+    check_config_fits,
+    check_finite,
     copy_tokenizer,
     find_tokenizer,
+    int8_config,
 )
 from .model import Transformer
 
@@ -132,14 +134,15 @@ def check_packed_meta(folder: Path, meta: dict) -> None:
 def load_packed(folder: Path, meta: dict) -> LoadedModel:
     """Map the packed copy in `folder` (int8serve.json already read into `meta`) into an int8 Transformer."""
     check_packed_meta(folder, meta)
-    config = ModelConfig.from_dict(meta.get("config", {}))
+    config = int8_config(folder, meta)
     group_sizes = meta.get("group_sizes", {})
-    with torch.device("meta"):
-        model = Transformer(config, "int8")
     weights = folder / WEIGHTS
     _prefetch(weights)
     try:
         mapped = map_safetensors(weights)
+        check_config_fits(config, {name: tuple(t.shape) for name, t in mapped.items()}, weights)
+        with torch.device("meta"):
+            model = Transformer(config, "int8")
         stored = set(mapped)
         used: set[str] = set()
 
@@ -155,6 +158,7 @@ def load_packed(folder: Path, meta: dict) -> LoadedModel:
                                               module.in_features, int(group_sizes[name]))
                 module.set_packed(packed)
                 if name + RESIDUAL in stored:  # (copies written before the residual have none)
+                    check_finite(weights, name + RESIDUAL_SCALE, take(name + RESIDUAL_SCALE))
                     module.set_residual_quantized(take(name + RESIDUAL), take(name + RESIDUAL_SCALE))
             for parameter_name, parameter in list(module.named_parameters(recurse=False)):
                 full_name = f"{name}.{parameter_name}" if name else parameter_name
@@ -163,7 +167,10 @@ def load_packed(folder: Path, meta: dict) -> LoadedModel:
                 if tensor.dtype not in allowed or tensor.shape != parameter.shape:
                     raise CheckpointError(f"{weights}: tensor '{full_name}' is {tensor.dtype} "
                                           f"{list(tensor.shape)}, the config describes {list(parameter.shape)}")
+                check_finite(weights, full_name, tensor)  # the norms and embeddings: a few MB, not the int8 weights
                 setattr(module, parameter_name, nn.Parameter(tensor, requires_grad=False))
+    except CheckpointError:
+        raise
     except (OSError, ValueError, KeyError, TypeError) as err:  # a cut or damaged file, a missing entry
         raise CheckpointError(f"{weights}: not a usable packed copy ({type(err).__name__}: {err})") from err
     if stored - used:

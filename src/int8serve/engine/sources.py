@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import json
 from collections.abc import Iterable
-from pathlib import Path
+from pathlib import Path, PurePosixPath
 
 import torch
 from safetensors import SafetensorError, safe_open
@@ -26,6 +26,10 @@ class TensorSource:
 
     def get(self, name: str) -> Tensor:
         raise NotImplementedError
+
+    def shape(self, name: str) -> tuple[int, ...]:
+        """The tensor's shape, where the format says it without reading the data."""
+        return tuple(self.get(name).shape)
 
 
 _SAFETENSORS_DTYPES = {
@@ -63,6 +67,16 @@ class SafetensorsSource(TensorSource):
                 size = int.from_bytes(f.read(8), "little")
                 self._headers[file] = size, json.loads(f.read(size))
         return self._headers[file]
+
+    def shape(self, name: str) -> tuple[int, ...]:
+        file = self._where[name]
+        try:
+            shape = self._header(file)[1][name]["shape"]
+            if not all(isinstance(n, int) and n >= 0 for n in shape):
+                raise ValueError(f"shape {shape}")
+            return tuple(shape)
+        except (OSError, KeyError, TypeError, ValueError) as err:
+            raise CheckpointError(f"{file}: tensor '{name}' is unreadable ({err})") from err
 
     def get(self, name: str) -> Tensor:
         file = self._where[name]
@@ -109,6 +123,7 @@ class _TorchFile:
         self.path = path
         data, mapped = torch_load(path)
         self.names = list(data)
+        self.shapes = {name: tuple(tensor.shape) for name, tensor in data.items()}
         self._kept = None if mapped else data
 
     def get(self, name: str) -> Tensor:
@@ -131,6 +146,9 @@ class TorchFilesSource(TensorSource):
 
     def get(self, name: str) -> Tensor:
         return self._where[name].get(name)
+
+    def shape(self, name: str) -> tuple[int, ...]:
+        return self._where[name].shapes[name]
 
 
 # Meta's model-parallel shards split each weight along one dimension (Meta's llama/model.py: Column-, Row-
@@ -163,6 +181,13 @@ class MetaShardsSource(TensorSource):
     def names(self) -> list[str]:
         return list(self._shards[0].names)
 
+    def shape(self, name: str) -> tuple[int, ...]:
+        shapes = [shard.shapes[name] for shard in self._shards]
+        dim = meta_shard_dim(name)
+        if len(shapes) == 1 or dim is None or any(len(s) <= dim for s in shapes):
+            return shapes[0]
+        return (*shapes[0][:dim], sum(s[dim] for s in shapes), *shapes[0][dim + 1:])
+
     def get(self, name: str) -> Tensor:
         parts = [shard.get(name) for shard in self._shards]
         if len(parts) == 1:
@@ -177,11 +202,7 @@ def hf_weight_files(folder: Path) -> TensorSource:
                                ("pytorch_model.bin.index.json", TorchFilesSource)):
         index = folder / index_name
         if index.is_file():
-            try:
-                weight_map = json.loads(index.read_text())["weight_map"]
-            except (json.JSONDecodeError, KeyError, TypeError) as err:
-                raise CheckpointError(f"{index}: not a valid shard index ({err})") from err
-            files = [folder / name for name in dict.fromkeys(weight_map.values())]
+            files = _shard_files(index)
             missing = [str(f) for f in files if not f.is_file()]
             if missing:
                 raise CheckpointError(f"{index}: shard files missing: {', '.join(missing)}")
@@ -191,3 +212,21 @@ def hf_weight_files(folder: Path) -> TensorSource:
     if (folder / "pytorch_model.bin").is_file():
         return TorchFilesSource([folder / "pytorch_model.bin"])
     raise CheckpointError(f"{folder}: no model.safetensors, sharded safetensors index or pytorch_model.bin")
+
+
+def _shard_files(index: Path) -> list[Path]:
+    """The shard files a `*.index.json` names: file names inside its folder (a path that leads out of it, such as
+    `../x.safetensors` or `/etc/x`, is refused)."""
+    try:
+        weight_map = json.loads(index.read_text())["weight_map"]
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError, KeyError, TypeError) as err:
+        raise CheckpointError(f"{index}: not a valid shard index ({type(err).__name__}: {err})") from err
+    if not isinstance(weight_map, dict) or not all(isinstance(v, str) for v in weight_map.values()):
+        raise CheckpointError(f"{index}: not a valid shard index ('weight_map' must map tensor names to file names)")
+    files = []
+    for name in dict.fromkeys(weight_map.values()):
+        parts = PurePosixPath(name).parts
+        if not parts or PurePosixPath(name).is_absolute() or ".." in parts or "\\" in name:
+            raise CheckpointError(f"{index}: shard {name!r} is not a file name inside the model folder")
+        files.append(index.parent / name)
+    return files

@@ -39,6 +39,7 @@ import sentencepiece
 from int8serve.engine.bpe_tokenizer import BPETokenizer
 from int8serve.engine.chat_template import ChatTemplate, Control, Segment, get_template
 from int8serve.engine.detokenizer import IncrementalDetokenizer, PieceTable
+from int8serve.engine.errors import CheckpointError
 
 __all__ = ["AnyTokenizer", "Tokenizer", "load_tokenizer", "template_for"]
 
@@ -149,11 +150,17 @@ AnyTokenizer = Tokenizer | BPETokenizer
 
 
 def load_tokenizer(path: str | Path) -> AnyTokenizer:
-    """The tokenizer in the file `path`: SentencePiece for a ``.model`` file, byte-level BPE for a ``.json`` one."""
+    """The tokenizer in the file `path`: SentencePiece for a ``.model`` file, byte-level BPE for a ``.json`` one.
+
+    Raises CheckpointError for a file that is not a usable tokenizer (garbage, empty, cut short)."""
     path = Path(path)
-    if path.suffix == ".json":
-        return BPETokenizer(path)
-    return Tokenizer(path)
+    try:
+        return BPETokenizer(path) if path.suffix == ".json" else Tokenizer(path)
+    except ValueError as err:  # a damaged or foreign file: a CheckpointError (a ValueError) that names it
+        if isinstance(err, CheckpointError):
+            raise
+        message = str(err) if str(path) in str(err) else f"{path}: {err}"
+        raise CheckpointError(message) from err
 
 
 def template_for(tokenizer: AnyTokenizer) -> ChatTemplate:
