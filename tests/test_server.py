@@ -33,10 +33,10 @@ def free_port() -> int:
         return sock.getsockname()[1]
 
 
-def start(*args: str, tmp_path: Path) -> tuple[subprocess.Popen, int]:
+def start(*args: str, tmp_path: Path, env: dict[str, str] | None = None) -> tuple[subprocess.Popen, int]:
     port = free_port()
     env = {**os.environ, "INT8SERVE_CACHE": str(fresh_cache(tmp_path / "cache")), "INT8SERVE_TOKENS": "",
-           "INT8SERVE_DATA_DIR": str(tmp_path / "data")}
+           "INT8SERVE_DATA_DIR": str(tmp_path / "data"), **(env or {})}
     process = subprocess.Popen([sys.executable, "-m", "int8serve", "serve", "--port", str(port), *args],
                                stderr=subprocess.PIPE, stdout=subprocess.DEVNULL, text=True, env=env)
     deadline = time.monotonic() + 600  # generous: a first start may quantize, on a loaded machine (issue 16)
@@ -138,6 +138,21 @@ def test_serve_with_another_kv_cache(kind: str, said: str, tmp_path: Path, share
         size = re.search(rf"KV cache: {said}, ([\d.]+) GiB for 4 x 512 positions", text)
         assert size is not None, text
         assert_the_prefix_cache_answers_alike(port)  # (its blocks in the same dtype)
+    finally:
+        err = stop(process)
+    assert "Traceback" not in err
+
+
+def test_serve_without_our_kernels_runs_on_torchs_and_says_so_once(tmp_path: Path, shared_dir: Path) -> None:
+    """No compiler, or INT8SERVE_KERNELS=0: the server starts on torch's stock kernels (it stopped at start, asking
+    the missing library for its path), says so once, and answers, its prefix cache too."""
+    process, port = start("--model", str(shared_dir / "models" / "stories260K" / "hf"), "--token", "t=acct",
+                          tmp_path=tmp_path, env={"INT8SERVE_KERNELS": "0"})
+    try:
+        text = startup_text(process)
+        assert text.count("int8 decode kernel not available, using torch's kernels instead") == 1, text
+        assert "row-exact prefill needs our int8 kernel, not available here" in text, text
+        assert_the_prefix_cache_answers_alike(port)
     finally:
         err = stop(process)
     assert "Traceback" not in err

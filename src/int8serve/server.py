@@ -200,6 +200,8 @@ def _what_is_reused(engine: Engine, prefill_chunk: int) -> str:
         return "prompts and replies (row-exact prefill)"
     if prefill_matmul.int8_requested():
         return f"prompts only ({prefill_matmul.ENV}=int8: prefill's one int8 pass a row is not what decode computes)"
+    if not kernels.available():
+        return "prompts only (row-exact prefill needs our int8 kernel, not available here)"
     if prefill_chunk > kernel_rows():  # the usual reason: the chunks are the dense path's (or the bf16 kernel's)
         asked = "bf16" if prefill_matmul.bf16_requested() else "dense" if prefill_matmul.dense_requested() else None
         if asked:

@@ -99,7 +99,9 @@ EVERY_CALL_PATHS = (*WIDE16_PATHS, "vnni512")  # the paths whose kernel takes ev
 
 
 def kernel_rows() -> int:
-    """How many rows a call may have and still run our kernel (on its path of this CPU)."""
+    """How many rows a call may have and still run our kernel (on its path of this CPU); 0 without it."""
+    if not kernels.available():
+        return 0
     path = kernels.path()
     if prefill_matmul.int8_requested():
         return ALL_ROWS
