@@ -134,8 +134,8 @@ got = kernels.int8_gemv(x, kernels.pack_weight(q, scale))
 want = x @ (q.float() * scale[:, None]).T
 assert (got - want).norm() < 0.02 * want.norm(), (got - want).norm() / want.norm()  # int8 activations
 """
-DAMAGES = {"cut short": lambda good: good[:20_000], "empty": lambda good: b"",
-           "garbage": lambda good: bytes(range(256)) * 16, "garbage with a matching record": lambda good: b"\x7fELF"}
+# (an empty or garbage library fails the record's check as one cut short does: a build each costs 5 s)
+DAMAGES = {"cut short": lambda good: good[:20_000], "garbage with a matching record": lambda good: b"\x7fELF"}
 
 
 @pytest.mark.parametrize("damage", list(DAMAGES))
