@@ -82,6 +82,20 @@ def test_least_recently_used_chains_go_first_descendants_before_ancestors() -> N
     assert prefix.lookup(b, limit=B).tokens == B and prefix.lookup(c, limit=len(c)).tokens == 2 * B
 
 
+def test_the_index_stays_within_the_capacity_however_many_prompts_pass() -> None:
+    """Distinct prompts, as a server sees over weeks: the blocks stay at capacity, and so does the index of which
+    blocks continue which chain (it kept an empty entry for every chain ever evicted)."""
+    prefix = PrefixCache(CONFIG, torch.float16, capacity_tokens=8 * B, block_tokens=B)
+    cache = filled_cache()
+    rng = random.Random(0)
+    for _ in range(500):
+        prompt = [rng.randrange(1, 64) for _ in range(rng.randint(B, 40))]
+        prefix.lookup(prompt, limit=len(prompt) - 1)
+        prefix.store(prompt, cache, 0, len(prompt), final=True)
+    assert prefix.stats.evicted_blocks > 1000
+    assert len(prefix._blocks) <= 8 and 0 < len(prefix._children) <= 8
+
+
 def test_a_block_is_reused_only_by_owners_that_computed_it_or_when_public() -> None:
     """Accounts are isolated: another account's cached prompt is neither found (cached tokens, speed) nor copied."""
     prefix = PrefixCache(CONFIG, torch.float16, capacity_tokens=64, block_tokens=B)

@@ -222,7 +222,10 @@ class PrefixCache:
                 entry = self._blocks.pop(block)
                 del self._by_key[entry.key]
                 del self._readers[block]
-                self._children[entry.parent].discard(block)
+                siblings = self._children[entry.parent]
+                siblings.discard(block)
+                if not siblings:  # else an empty set stays for every chain ever evicted: memory without bound
+                    del self._children[entry.parent]
                 self.stats.evicted_blocks += 1
                 return block
         return None
