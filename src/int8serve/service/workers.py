@@ -17,18 +17,25 @@ stream's token gaps by 6-19% and leave `/healthz` at a p99 of ~10 ms, where pars
 process had stretched the gaps tenfold.
 
 The worker process is started on first use (spawned, never forked from this multi-threaded process) with the
-served cards and tokenizer files; if it dies it is started again and the request it held fails (500/3043).
+served cards and tokenizer files; if it dies it is started again and the request it held fails (500/3043). It is
+ours, one process and two pipes (`_WorkerProcess`), rather than a `ProcessPoolExecutor`: a pool's worker killed
+while it writes a result larger than the pipe's buffer (a checked 1 MiB body is one) leaves the pool's manager
+thread blocked for ever on the half-written message, the pool never marked broken, every later large body hanging
+and the interpreter's exit too. Here this process holds only the reading end of the results' pipe, so a worker's
+death is an end of file at once, whatever it was writing.
 """
 
 from __future__ import annotations
 
 import asyncio
-import concurrent.futures
 import logging
 import multiprocessing
 import os
+import signal
+import threading
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass
+from multiprocessing.connection import Connection
 from pathlib import Path
 from typing import Any, TypeVar
 
@@ -104,7 +111,9 @@ class RequestWorkers:
         self.inline_chars = inline_chars
         self.keep_prompts = keep_prompts
         self._threads = anyio.CapacityLimiter(threads)
-        self._pool: concurrent.futures.ProcessPoolExecutor | None = None
+        self._worker: _WorkerProcess | None = None
+        self._worker_turn = anyio.CapacityLimiter(1)  # one call at a time in the worker; the others wait here
+        self._swap = threading.Lock()  # guards `_worker`, set by calls (threads) and `close` (the event loop)
         self._gates: dict[str, asyncio.Semaphore] = {}
 
     async def check(self, account: str, fmt: WireFormat, raw: bytes, model: str | None) -> Checked:
@@ -120,33 +129,106 @@ class RequestWorkers:
         return await self._in_process(account, _tokenize_in_worker, model, run, window)
 
     def close(self) -> None:
-        if self._pool is not None:
-            self._pool.shutdown(wait=False, cancel_futures=True)
-            self._pool = None
+        self._discard(self._worker)
+
+    def _discard(self, worker: _WorkerProcess | None) -> None:
+        """Stop `worker` and forget it, if it is still the current one (the server's shutdown, on the event loop,
+        and a call that found it dead, in a thread, may both try)."""
+        with self._swap:
+            if worker is None or worker is not self._worker:
+                return
+            self._worker = None
+        worker.stop()
 
     async def _in_process(self, account: str, work: Callable[..., T], *args: Any) -> T:
         gate = self._gates.setdefault(account, asyncio.Semaphore(1))
         async with gate:
-            pool = self._started()
-            try:
-                return await asyncio.wrap_future(pool.submit(work, *args))
-            except concurrent.futures.process.BrokenProcessPool:
-                log.error("the request worker process died; starting a new one")
-                self.close()
-                raise ApiError(INTERNAL) from None
+            # not cancellable while the worker has the call: the pipes stay in step (the call ends on its own)
+            return await anyio.to_thread.run_sync(self._call, work, args, limiter=self._worker_turn)
 
-    def _started(self) -> concurrent.futures.ProcessPoolExecutor:
-        if self._pool is None:
-            paths = {name: tokenizer.path for name, tokenizer in self.tokenizers.items()}
-            self._pool = concurrent.futures.ProcessPoolExecutor(
-                max_workers=1, mp_context=multiprocessing.get_context("spawn"), initializer=_start_worker,
-                initargs=(self.resolve, paths))
-        return self._pool
+    def _call(self, work: Callable[..., T], args: tuple[Any, ...]) -> T:
+        worker = self._started()
+        try:
+            ok, value = worker.call(work, args)
+        except (EOFError, OSError) as err:  # it died (killed, out of memory): only the call it held fails
+            log.error("the request worker process died (%s); a new one starts with the next large request",
+                      worker.describe_exit() or type(err).__name__)
+            self._discard(worker)
+            raise ApiError(INTERNAL) from None
+        if not ok:
+            raise value
+        return value
+
+    def _started(self) -> _WorkerProcess:
+        worker = self._worker
+        if worker is not None and not worker.process.is_alive():  # died between two calls
+            log.error("the request worker process died (%s); starting a new one", worker.describe_exit())
+            self._discard(worker)
+        with self._swap:
+            if self._worker is None:
+                paths = {name: tokenizer.path for name, tokenizer in self.tokenizers.items()}
+                self._worker = _WorkerProcess(self.resolve, paths)
+            return self._worker
+
+
+class _WorkerProcess:
+    """One spawned worker process and its two pipes (see the module docstring): `call` sends it a function and its
+    arguments and returns (True, result) or (False, the exception it raised); EOFError/OSError once it is dead."""
+
+    def __init__(self, resolve: Resolver, tokenizer_paths: Mapping[str, Path]) -> None:
+        context = multiprocessing.get_context("spawn")
+        calls_in, self._calls = context.Pipe(duplex=False)
+        self._results, results_out = context.Pipe(duplex=False)
+        self.process = context.Process(target=_serve, args=(resolve, dict(tokenizer_paths), calls_in, results_out),
+                                       name="int8serve-request-worker", daemon=True)
+        self.process.start()
+        calls_in.close()  # the worker's ends: with them closed here, its death is an end of file for this process
+        results_out.close()
+
+    def call(self, work: Callable[..., Any], args: tuple[Any, ...]) -> tuple[bool, Any]:
+        self._calls.send((work, args))
+        return self._results.recv()
+
+    def describe_exit(self) -> str:
+        self.process.join(timeout=1)
+        code = self.process.exitcode
+        if code is None:
+            return ""
+        return f"killed by signal {-code}" if code < 0 else f"exit status {code}"
+
+    def stop(self) -> None:
+        """Kill it (a body it parses is of no use now) and reap it."""
+        if self.process.is_alive():
+            self.process.kill()
+        self.process.join(timeout=5)
+        self._calls.close()
+        self._results.close()
 
 
 # --- in the worker process --------------------------------------------------------------------------------------
 
 _worker: tuple[Resolver, dict[str, AnyTokenizer]] | None = None
+
+
+def _serve(resolve: Resolver, tokenizer_paths: Mapping[str, Path], calls: Connection, results: Connection) -> None:
+    """The worker's loop: each call's outcome goes back as (True, result) or (False, exception), until the server
+    closes its end of the calls' pipe."""
+    signal.signal(signal.SIGINT, signal.SIG_IGN)  # a Ctrl-C is the server's to handle: it stops this process
+    _start_worker(resolve, tokenizer_paths)
+    while True:
+        try:
+            work, args = calls.recv()
+        except EOFError:
+            return
+        try:
+            outcome: tuple[bool, Any] = (True, work(*args))
+        except Exception as err:
+            outcome = (False, err)
+        try:
+            results.send(outcome)
+        except Exception:  # an outcome that cannot be pickled: nothing of it was written
+            log.exception("a request worker's answer could not be sent back")
+            results.send((False, ApiError(INTERNAL)))
 
 
 def _start_worker(resolve: Resolver, tokenizer_paths: Mapping[str, Path]) -> None:
