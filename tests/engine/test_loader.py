@@ -172,10 +172,10 @@ def meta_params(model: LlamaForCausalLM, **overrides: object) -> dict:
     return params
 
 
-def expect_error(path: Path, error: type[Exception], *fragments: str, precision: str = "fp32") -> str:
+def expect_error(path: Path, error: type[Exception], *fragments: str, precision: str = "fp32", **kw: object) -> str:
     """load_model(path) raises exactly `error` and its message contains every fragment."""
     with pytest.raises(error) as info:
-        load_model(path, precision)
+        load_model(path, precision, **kw)  # type: ignore[arg-type]
     message = str(info.value)
     for fragment in fragments:
         assert fragment in message, f"{fragment!r} not in {message!r}"

@@ -14,7 +14,9 @@ from pathlib import Path
 
 import pytest
 import torch
-from safetensors.torch import load_file, save_file
+from safetensors.torch import load_file
+from tests.engine.test_loader import expect_error
+from tests.engine.test_loader import rewrite_safetensors as rewrite
 
 from int8serve.engine import loader
 from int8serve.engine.config import ConfigError, ModelConfig
@@ -33,19 +35,10 @@ def model(stories_hf: Path, tmp_path: Path) -> Path:
 
 
 def expect(path: Path, fragments: tuple[str, ...], error: type[Exception] = CheckpointError, **kw: object) -> str:
-    with pytest.raises(error) as info:
-        load_model(path, **kw)  # type: ignore[arg-type]
-    message = str(info.value)
+    """The int8 load of `path` raises `error`, one line holding every fragment."""
+    message = expect_error(path, error, *fragments, precision="int8", **kw)
     assert "\n" not in message
-    for fragment in fragments:
-        assert fragment in message, f"{fragment!r} not in {message!r}"
     return message
-
-
-def rewrite(file: Path, edit: Callable[[dict[str, torch.Tensor]], None]) -> None:
-    tensors = load_file(str(file))
-    edit(tensors)
-    save_file(tensors, str(file))
 
 
 # --- tokenizers ---------------------------------------------------------------------------------------------------
