@@ -162,6 +162,9 @@ UNREADABLE = [  # spooled records that are not ledger rows: (request id, the rec
     ("bad-time", _spooled("bad-time", time="yesterday"), "yesterday"),
     ("bad-null", _spooled("bad-null", neurons=None), "neurons"),
     ("bad-huge", _spooled("bad-huge", latency_ms=10**400), "latency_ms"),  # beyond any float
+    ("bad-infinite", _spooled("bad-infinite", neurons=float("inf")), "neurons"),  # json writes, reads Infinity
+    ("bad-negative", _spooled("bad-negative", latency_ms=-1.0), "latency_ms"),
+    ("bad-offset", _spooled("bad-offset", time="9999-12-31T23:30:00-01:00"), "out of range"),  # past 9999 in UTC
     ("bad-text", _spooled("bad-text", account="\ud800"), "surrogate"),
     ("bad-fields", {**_spooled("bad-fields"), "extra": 1}, "extra"),
 ]

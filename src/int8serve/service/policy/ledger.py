@@ -96,7 +96,8 @@ MAX_COUNT = 2**31 - 1  # the largest token count the table's Integer columns hol
 _EXPECTED = {  # what each field of a spooled row must be, as read from JSON
     "request_id": "a string", "time": "an ISO 8601 time", "account": "a string", "model": "a string",
     "input_tokens": f"an integer from 0 to {MAX_COUNT}", "output_tokens": f"an integer from 0 to {MAX_COUNT}",
-    "neurons": "a number", "cached": "true or false", "outcome": "a string", "latency_ms": "a number"}
+    "neurons": "a finite number >= 0", "cached": "true or false", "outcome": "a string",
+    "latency_ms": "a finite number >= 0"}
 
 
 def _refused(err: BaseException) -> bool:
@@ -157,7 +158,10 @@ def _from_json_field(name: str, value: Any) -> Any:
     """The value of the row's field `name` from JSON, if it has the field's type; else ValueError."""
     if name == "time" and isinstance(value, str):
         when = datetime.fromisoformat(value)  # ValueError if it is not one
-        return when if when.tzinfo is None else when.astimezone(UTC).replace(tzinfo=None)  # naive UTC, as written
+        try:
+            return when if when.tzinfo is None else when.astimezone(UTC).replace(tzinfo=None)  # naive UTC, as written
+        except OverflowError:  # its offset moves it past year 1 or 9999
+            raise ValueError(f"time is out of range in UTC: {value!r:.100}") from None
     if _EXPECTED[name] == "a string" and isinstance(value, str):
         value.encode("utf-8")  # UnicodeEncodeError (a ValueError) for a lone surrogate, which no database takes
         return value
@@ -165,7 +169,9 @@ def _from_json_field(name: str, value: Any) -> Any:
         return value
     if name in ("neurons", "latency_ms") and type(value) in (int, float):  # not a bool
         with contextlib.suppress(OverflowError):  # an integer beyond any float: refused below
-            return float(value)
+            number = float(value)
+            if math.isfinite(number) and number >= 0:  # json reads NaN and Infinity: no sum survives them
+                return number
     if name == "cached" and type(value) is bool:
         return value
     raise ValueError(f"{name} must be {_EXPECTED[name]}, not {value!r:.100}")
