@@ -44,7 +44,11 @@ def edit(path: Path, **changes: Any) -> Path:
     ({"rope_parameters": "yarn"}, "rope_parameters / rope_scaling must be an object, got 'yarn'"),
     ({"eos_token_id": []}, "'eos_token_id' is an empty list"),
     ({"eos_token_id": ["x"]}, "'eos_token_id' must be a whole number"),
-    ({"rms_norm_eps": "x"}, "'rms_norm_eps' must be a number"),
+    ({"rms_norm_eps": "x"}, "'rms_norm_eps' must be a positive number"),
+    ({"rms_norm_eps": float("inf")}, "'rms_norm_eps' must be a positive number, got inf"),
+    ({"rope_theta": -1}, "'rope_theta' must be a positive number, got -1"),
+    ({"vocab_size": 10**400}, "'vocab_size' must be at most 2147483647, got an integer of 1329 bits"),
+    ({"num_hidden_layers": 1e300}, "'num_hidden_layers' must be at most 2147483647, got 1e+300"),
     ({"head_dim": 7}, "head_dim 7 must be even"),
 ])
 def test_a_bad_hf_field_is_one_error_naming_the_file(hf_config: Path, changes: dict, fragment: str) -> None:
@@ -86,3 +90,13 @@ def test_an_int8_checkpoints_config_is_checked(tmp_path: Path, config: Any, frag
 def test_model_config_refuses_non_integer_sizes() -> None:
     with pytest.raises(ConfigError, match="vocab_size must be a whole number"):
         ModelConfig(dim=64, n_layers=1, n_heads=4, n_kv_heads=4, vocab_size=8.0, hidden_dim=8)  # type: ignore[arg-type]
+
+
+@pytest.mark.parametrize("changes", [{"rope_theta": "10000"}, {"norm_eps": None}, {"norm_eps": float("nan")},
+                                     {"tie_embeddings": "yes"}])
+def test_an_int8_checkpoints_config_is_checked_field_by_field(changes: dict) -> None:
+    """int8serve.json's config goes through ModelConfig: every field of the right type, not only the sizes."""
+    values = {**ModelConfig(dim=64, n_layers=2, n_heads=4, n_kv_heads=4, vocab_size=32, hidden_dim=96).to_dict(),
+              **changes}
+    with pytest.raises(ConfigError, match=next(iter(changes))):
+        ModelConfig.from_dict(values)

@@ -7,6 +7,7 @@ Both formats describe the same Llama 2 architecture with different names; this m
 from __future__ import annotations
 
 import json
+import math
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
@@ -41,6 +42,11 @@ class ModelConfig:
             value = getattr(self, name)
             if isinstance(value, bool) or not isinstance(value, int):
                 raise ConfigError(f"model config: {name} must be a whole number, got {value!r}")
+        for name in ("norm_eps", "rope_theta"):
+            if not _positive_number(getattr(self, name)):
+                raise ConfigError(f"model config: {name} must be a positive number, got {getattr(self, name)!r:.60}")
+        if not isinstance(self.tie_embeddings, bool):
+            raise ConfigError(f"model config: tie_embeddings must be true or false, got {self.tie_embeddings!r:.60}")
         for name in _WHOLE_FIELDS:
             if getattr(self, name) <= 0:
                 raise ConfigError(f"model config: {name} must be positive, got {getattr(self, name)}")
@@ -108,7 +114,7 @@ def config_from_hf(path: Path) -> ModelConfig:
         hidden_dim=whole(data, "intermediate_size", path),
         norm_eps=_number(data, "rms_norm_eps", path, 1e-5),
         rope_theta=_number(data, "rope_theta", path, _number(rope, "rope_theta", path, 10000.0)),
-        max_seq_len=whole(data, "max_position_embeddings", path, default=4096),
+        max_seq_len=whole(data, "max_position_embeddings", path, default=4096, maximum=None),
         tie_embeddings=bool(data.get("tie_word_embeddings", False)),
         head_dim=whole(data, "head_dim", path, default=0, minimum=0),
         bos_id=whole(data, "bos_token_id", path, default=1, minimum=None),
@@ -119,7 +125,11 @@ def config_from_hf(path: Path) -> ModelConfig:
 _REQUIRED = object()
 
 
-def whole(data: dict[str, Any], key: str, path: Path, default: Any = _REQUIRED, minimum: int | None = 1) -> int:
+MAX_WHOLE = 2**31 - 1
+
+
+def whole(data: dict[str, Any], key: str, path: Path, default: Any = _REQUIRED, minimum: int | None = 1,
+          maximum: int | None = MAX_WHOLE) -> int:
     """`data[key]` as a whole number (an integral float such as 64.0 is one) of at least `minimum`; absent or null:
     `default`. Anything else (64.7, "64", true, 0 heads) is refused: rounding or defaulting would load another
     model than the file describes."""
@@ -128,10 +138,14 @@ def whole(data: dict[str, Any], key: str, path: Path, default: Any = _REQUIRED, 
         if default is _REQUIRED:
             raise ConfigError(f"{path}: missing field '{key}'")
         return default
-    if isinstance(value, bool) or not isinstance(value, int | float) or not float(value).is_integer():
+    if isinstance(value, bool) or not isinstance(value, int | float) or (isinstance(value, float)
+                                                                          and not value.is_integer()):
         raise ConfigError(f"{path}: '{key}' must be a whole number, got {value!r}")
     if minimum is not None and value < minimum:
         raise ConfigError(f"{path}: '{key}' must be at least {minimum}, got {int(value)}")
+    if maximum is not None and value > maximum:  # no model has a width or a vocabulary past 2^31
+        shown = f"{value:.3g}" if isinstance(value, float) else f"an integer of {value.bit_length()} bits"
+        raise ConfigError(f"{path}: '{key}' must be at most {maximum}, got {shown}")
     return int(value)
 
 
@@ -139,9 +153,19 @@ def _number(data: dict[str, Any], key: str, path: Path, default: float) -> float
     value = data.get(key)
     if value is None:
         return default
-    if isinstance(value, bool) or not isinstance(value, int | float) or value != value:
-        raise ConfigError(f"{path}: '{key}' must be a number, got {value!r}")
+    if not _positive_number(value):
+        raise ConfigError(f"{path}: '{key}' must be a positive number, got {value!r:.60}")
     return float(value)
+
+
+def _positive_number(value: Any) -> bool:
+    """A finite number above 0 (not a bool; an integer too large for a float is not one)."""
+    if isinstance(value, bool) or not isinstance(value, int | float):
+        return False
+    try:
+        return math.isfinite(float(value)) and value > 0
+    except OverflowError:
+        return False
 
 
 def _eos(data: dict[str, Any], path: Path) -> int:
@@ -183,6 +207,6 @@ def config_from_meta(path: Path, tokenizer_vocab_size: int | None, tied: bool) -
         hidden_dim=meta_hidden_dim(dim, whole(data, "multiple_of", path, default=256), multiplier),
         norm_eps=_number(data, "norm_eps", path, 1e-5),
         rope_theta=_number(data, "rope_theta", path, 10000.0),
-        max_seq_len=whole(data, "max_seq_len", path, default=4096),
+        max_seq_len=whole(data, "max_seq_len", path, default=4096, maximum=None),
         tie_embeddings=tied,
     ))
