@@ -50,6 +50,7 @@ from typing import Literal
 import torch
 from torch import Tensor
 
+from ...durable import fsync_folder
 from ..cache_files import cache_dir, scratch_folder, usual_mode
 
 log = logging.getLogger(__name__)
@@ -219,11 +220,7 @@ def _replace_durably(written: Path, target: Path) -> None:
     with open(written, "rb") as handle:
         os.fsync(handle.fileno())
     os.replace(written, target)
-    folder = os.open(target.parent, os.O_RDONLY)
-    try:
-        os.fsync(folder)
-    finally:
-        os.close(folder)
+    fsync_folder(target.parent)
 
 
 def discard_library(library: Path) -> None:

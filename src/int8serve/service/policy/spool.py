@@ -42,6 +42,8 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any, Protocol
 
+from int8serve.durable import fsync_folder
+
 __all__ = ["DEAD_LETTER_FILE", "FileSpool", "MemorySpool", "Spool", "SpoolLockedError"]
 
 log = logging.getLogger(__name__)
@@ -123,7 +125,7 @@ class FileSpool:
                 break
             os.close(self._fd)  # the owner replaced the file between our open and our lock: open it again
         if created:
-            _fsync_dir(self.path.parent)
+            fsync_folder(self.path.parent)
         self._new.unlink(missing_ok=True)  # a replacement a crash left unfinished: the spool itself is whole
         self._drop_torn_tail()
 
@@ -175,7 +177,7 @@ class FileSpool:
         old, self._fd = self._fd, fd
         self._torn_at = None  # the new file holds `rows` alone
         os.close(old)  # releases the old file's lock; it has no name any more
-        _fsync_dir(self.path.parent)
+        fsync_folder(self.path.parent)
 
     def dead_letter(self, entries: Sequence[dict[str, Any]]) -> None:
         """Append `entries` to the dead-letter file, durably."""
@@ -193,7 +195,7 @@ class FileSpool:
         finally:
             os.close(fd)
         if created:
-            _fsync_dir(self.dead_letter_path.parent)
+            fsync_folder(self.dead_letter_path.parent)
 
     @property
     def dead_letter_name(self) -> str:
@@ -270,9 +272,3 @@ def _same_file(fd: int, path: Path) -> bool:
     return (opened.st_dev, opened.st_ino) == (named.st_dev, named.st_ino)
 
 
-def _fsync_dir(folder: Path) -> None:
-    fd = os.open(folder, os.O_RDONLY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
