@@ -129,10 +129,10 @@ def test_page_is_served_with_its_security_headers(http: httpx.Client) -> None:
     assert "script-src 'self'" in csp and "connect-src 'self'" in csp and "unsafe-inline" not in csp
     page = _FormControls()
     page.feed(resp.text)
-    # only this origin's own assets: no CDN, no inline script
-    assert page.stylesheets == ["/playground/playground.css"]
+    # only this origin's own assets, relative (the page works under a proxy's path prefix): no CDN, no inline script
+    assert page.stylesheets == ["playground/playground.css"]
     sources = [s.get("src") for s in page.scripts if s.get("type") != "application/json"]
-    assert sources == ["/playground/playground.js"]
+    assert sources == ["playground/playground.js"]
     assert not re.search(r"https?://", resp.text)
 
 
