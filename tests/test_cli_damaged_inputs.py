@@ -37,9 +37,9 @@ CASES: dict[str, tuple[Callable[[Path], object], str]] = {
 }
 
 
+# each damage once, each command at least once (the commands share their error handling; a subprocess costs 1.6 s)
 @pytest.mark.parametrize(("command", "case"), [
-    ("generate", "config"), ("generate", "tokenizer"), ("quantize", "tokenizer"),
-    *((command, case) for command in ("generate", "quantize", "eval-ppl") for case in ("index", "nan")),
+    ("generate", "config"), ("quantize", "tokenizer"), ("eval-ppl", "index"), ("generate", "nan"), ("quantize", "nan"),
 ])
 def test_a_damaged_model_is_one_line_and_exit_2(command: str, case: str, stories_hf: Path, tmp_path: Path) -> None:
     model = Path(shutil.copytree(stories_hf, tmp_path / "model"))
