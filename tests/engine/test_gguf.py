@@ -24,7 +24,7 @@ from tests.engine.test_tokenizer import PLAIN_TEXTS, TYPED_TAGS
 from int8serve.cli import main
 from int8serve.engine.config import ConfigError
 from int8serve.engine.errors import CheckpointError
-from int8serve.engine.gguf_loader import GGUFFile, dequantize_q4_1, write_tokenizer
+from int8serve.engine.gguf_loader import GGUFFile, config_from_gguf, dequantize_q4_1, write_tokenizer
 from int8serve.engine.loader import LoadedModel, load_model
 from int8serve.engine.tokenizer import Tokenizer
 
@@ -259,3 +259,30 @@ def test_generate_from_a_gguf_file(q8_gguf: Path, capsys: pytest.CaptureFixture)
     main(["generate", "--model", str(q8_gguf), "--raw", "--temperature", "0", "--max-tokens", "8",
           "Once upon a time"])
     assert capsys.readouterr().out.startswith(", there was a little girl")  # as from the folder (test_cli.py)
+
+
+class _Metadata:
+    """The part of a GGUFFile that config_from_gguf reads."""
+
+    def __init__(self, **values: object) -> None:
+        self.path, self.tensors = Path("model.gguf"), {}
+        self.values = {"general.architecture": "llama", "llama.attention.head_count": 8, "llama.block_count": 5,
+                       "llama.embedding_length": 64, "llama.feed_forward_length": 172,
+                       "tokenizer.ggml.tokens": ["a"] * 512, **values}
+
+    def get(self, key: str, default: object = None) -> object:
+        return self.values.get(key, default)
+
+
+@pytest.mark.parametrize(("values", "message"), [
+    ({"llama.attention.head_count": 8.5}, "'llama.attention.head_count' must be a whole number, got 8.5"),
+    ({"llama.block_count": "5"}, "'llama.block_count' must be a whole number, got '5'"),
+    ({"llama.attention.head_count_kv": 0}, "'llama.attention.head_count_kv' must be at least 1"),
+    ({"llama.embedding_length": None}, "missing field 'llama.embedding_length'"),
+])
+def test_gguf_sizes_are_checked_as_config_json_s_are(values: dict, message: str) -> None:
+    """Never truncated (8.5 heads is not 8) nor defaulted; the error names the file and the key."""
+    with pytest.raises(ConfigError) as refused:
+        config_from_gguf(_Metadata(**values))  # type: ignore[arg-type]
+    assert str(refused.value).startswith("model.gguf: ") and message in str(refused.value)
+    assert config_from_gguf(_Metadata()).n_kv_heads == 8  # (absent: as many as the query heads)

@@ -31,7 +31,7 @@ import numpy as np
 import torch
 from torch import Tensor
 
-from .config import ConfigError, ModelConfig
+from .config import ConfigError, ModelConfig, whole
 from .errors import CheckpointError
 from .gguf_tokenizer import Vocabulary, model_proto
 from .sources import TensorSource
@@ -195,23 +195,25 @@ def config_from_gguf(file: GGUFFile) -> ModelConfig:
     scaling = file.get("llama.rope.scaling.type", "none")
     if scaling not in ("none", None):
         raise ConfigError(f"{file.path}: rope scaling {scaling!r} is not supported")
+    def size(key: str, **kw: Any) -> int:  # a whole number, checked as config.json's are (never truncated)
+        return whole({key: file.get(key)}, key, file.path, **kw)
+
     try:
-        n_heads = int(_require(file, "llama.attention.head_count"))
-        dim = int(_require(file, "llama.embedding_length"))
+        n_heads = size("llama.attention.head_count")
         return ModelConfig(
-            dim=dim,
-            n_layers=int(_require(file, "llama.block_count")),
+            dim=size("llama.embedding_length"),
+            n_layers=size("llama.block_count"),
             n_heads=n_heads,
-            n_kv_heads=int(file.get("llama.attention.head_count_kv") or n_heads),
+            n_kv_heads=size("llama.attention.head_count_kv", default=n_heads),
             vocab_size=len(_require(file, "tokenizer.ggml.tokens")),
-            hidden_dim=int(_require(file, "llama.feed_forward_length")),
+            hidden_dim=size("llama.feed_forward_length"),
             norm_eps=_f32(file.get("llama.attention.layer_norm_rms_epsilon", 1e-5)),
             rope_theta=_f32(file.get("llama.rope.freq_base", 10000.0)),
-            max_seq_len=int(file.get("llama.context_length", 4096)),
+            max_seq_len=size("llama.context_length", default=4096, maximum=None),
             tie_embeddings="output.weight" not in file.tensors,
-            head_dim=int(file.get("llama.attention.key_length") or 0),
-            bos_id=int(file.get("tokenizer.ggml.bos_token_id", 1)),
-            eos_id=int(file.get("tokenizer.ggml.eos_token_id", 2)),
+            head_dim=size("llama.attention.key_length", default=0, minimum=0),
+            bos_id=size("tokenizer.ggml.bos_token_id", default=1, minimum=None),
+            eos_id=size("tokenizer.ggml.eos_token_id", default=2, minimum=None),
         )
     except (TypeError, ValueError) as err:
         if isinstance(err, ConfigError):
