@@ -17,7 +17,9 @@ from pathlib import Path
 import pytest
 import sqlalchemy as sa
 
+from int8serve.service.policy import Policy, PolicySettings
 from int8serve.service.policy.ledger import Ledger, UsageRow, make_database, utc_now
+from int8serve.service.policy.policy import PolicyStartupError
 from int8serve.service.policy.spool import DEAD_LETTER_FILE, FileSpool
 
 from ..conftest import MODEL
@@ -199,3 +201,18 @@ def test_a_spooled_row_reads_back_as_it_was_written() -> None:
     assert UsageRow.from_json(json.loads(json.dumps(row.to_json()))) == row
     aware = UsageRow.from_json(_spooled("ok-2", time="2026-06-15T12:00:00+02:00", neurons=3))
     assert aware.time == datetime(2026, 6, 15, 10, 0) and aware.neurons == 3.0 and type(aware.neurons) is float
+
+
+def test_a_table_of_the_ledgers_name_with_other_columns_is_refused_at_start(database_url: str,
+                                                                             tmp_path: Path) -> None:
+    """Someone else's (or an older) `int8serve_usage` table: every row would be refused and the ledger would take
+    the database for away, forever, while it answers (the server ready, usage 503). Said at start instead."""
+    with make_database(database_url).begin() as conn:
+        conn.execute(sa.text("CREATE TABLE int8serve_usage (request_id VARCHAR(64) PRIMARY KEY, account TEXT)"))
+    with pytest.raises(PolicyStartupError) as refused:
+        Policy.build(PolicySettings(database_url=database_url, data_dir=tmp_path / "data"))
+    message = str(refused.value)
+    assert message.startswith("cannot use the ledger database")
+    assert "int8serve_usage exists with other columns" in message
+    assert "missing: time, day, model" in message
+    Policy.build(PolicySettings(database_url=database_url, data_dir=tmp_path / "data", ledger_table="other")).close()

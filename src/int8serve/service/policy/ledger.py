@@ -71,6 +71,7 @@ from .spool import Spool
 __all__ = [
     "DEFAULT_DATABASE_TIMEOUT",
     "Ledger",
+    "LedgerSchemaError",
     "LedgerUnavailableError",
     "NeuronsReading",
     "UsageGroup",
@@ -293,6 +294,10 @@ def _sqlite_statement_timeout(engine: sa.Engine, seconds: float) -> None:
     sa.event.listen(engine, "after_cursor_execute", after)
 
 
+class LedgerSchemaError(Exception):
+    """The database holds a table of the ledger's name that is not the ledger's."""
+
+
 class LedgerUnavailableError(Exception):
     """The ledger's database cannot be read right now."""
 
@@ -392,11 +397,23 @@ class Ledger:
             try:
                 with deadline(self.timeout):
                     self.metadata.create_all(self.database, checkfirst=True)
+                    self._check_columns()
                 return
             except (sa.exc.IntegrityError, sa.exc.ProgrammingError):
                 if attempt >= 2:  # a replica starting at the same moment may have won the race; else a real error
                     raise
                 time.sleep(0.2)
+
+    def _check_columns(self) -> None:
+        """A table of that name made by something else (or by another version) would refuse every row: the ledger
+        would take the database for away, forever, while it answers. Said at start instead (LedgerSchemaError)."""
+        with self.database.connect() as conn:
+            found = {column["name"] for column in sa.inspect(conn).get_columns(self.table.name)}
+        missing = [column.name for column in self.table.columns if column.name not in found]
+        if missing:
+            raise LedgerSchemaError(f"its table {self.table.name} exists with other columns than the ledger's "
+                                    f"(missing: {', '.join(missing)}): give the ledger a database of its own, or "
+                                    "rename that table")
 
     def start(self) -> Ledger:
         with self._start_lock:

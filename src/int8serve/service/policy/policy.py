@@ -26,7 +26,7 @@ from int8serve.redact import hide_password, without
 from .allocation import DailyAllocation, SharedReservations
 from .cache import Clock, MemoryCache, RedisCache, ResponseCache
 from .fallback import FallbackCounter, SharedStateGuard
-from .ledger import Ledger, make_database, short_error
+from .ledger import Ledger, LedgerSchemaError, make_database, short_error
 from .ratelimit import RateLimiter, ReplicaCount
 from .redis_state import RedisTarget, RedisUnreachableError, check_reachable
 from .settings import PolicySettings
@@ -174,5 +174,8 @@ def _ledger(settings: PolicySettings) -> tuple[Ledger, str, str]:
         spool.close()
         raise PolicyStartupError(f"cannot use the ledger database {shown}: {without(short_error(err), url)}"
                                  ) from None
+    except LedgerSchemaError as err:
+        spool.close()
+        raise PolicyStartupError(f"cannot use the ledger database {shown}: {err}") from None
     ledger.start()
     return ledger, shown if url != "sqlite://" else "sqlite:// (in memory)", spool_name
