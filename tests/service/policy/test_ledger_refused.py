@@ -216,3 +216,16 @@ def test_a_table_of_the_ledgers_name_with_other_columns_is_refused_at_start(data
     assert "int8serve_usage exists with other columns" in message
     assert "missing: time, day, model" in message
     Policy.build(PolicySettings(database_url=database_url, data_dir=tmp_path / "data", ledger_table="other")).close()
+
+
+@pytest.mark.parametrize("folder", ["q?1", "e%41f"])
+def test_the_sqlite_ledger_is_in_the_data_dir_whatever_its_name(folder: str, tmp_path: Path) -> None:
+    """A `?` began a URL query (two data dirs `q?1`, `q?2` shared one ledger `q`, outside both) and `%41` was
+    decoded (a valid folder refused): the ledger is `<data dir>/usage.sqlite3`, and the start-up line says so."""
+    data_dir = tmp_path / folder
+    policy = Policy.build(PolicySettings(data_dir=data_dir))
+    try:
+        assert policy.database == f"sqlite:///{data_dir.resolve()}/usage.sqlite3"
+    finally:
+        policy.close()
+    assert (data_dir / "usage.sqlite3").is_file() and sorted(p.name for p in tmp_path.iterdir()) == [folder]

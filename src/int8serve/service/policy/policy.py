@@ -15,6 +15,7 @@ import time
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
+from urllib.parse import quote
 
 import redis.asyncio
 import sqlalchemy as sa
@@ -156,13 +157,16 @@ def _ledger(settings: PolicySettings) -> tuple[Ledger, str, str]:
             spool_name = str(Path(data_dir) / SPOOL_FILE)
     except (OSError, SpoolLockedError) as err:
         raise PolicyStartupError(f"data directory {data_dir}: {err}") from None
+    shown = None
     if settings.database_url:
         url = settings.database_url
     elif data_dir is not None:
-        url = f"sqlite:///{(Path(data_dir) / LEDGER_FILE).resolve()}"
+        ledger_file = (Path(data_dir) / LEDGER_FILE).resolve()
+        # SQLAlchemy reads a `?` in the path as a query and decodes `%41`: the path goes percent-encoded
+        url, shown = f"sqlite:///{quote(str(ledger_file), safe='/')}", f"sqlite:///{ledger_file}"
     else:
         url = "sqlite://"
-    shown = hide_password(url)
+    shown = shown or hide_password(url)
     try:
         ledger = Ledger(make_database(url, settings.database_timeout), spool, settings.ledger_table,
                         settings.retry_seconds, spool_name, timeout=settings.database_timeout)
