@@ -451,3 +451,11 @@ def test_shutdown_timeout_cuts_what_is_left_and_meters_it(tmp_path: Path, shared
     assert json.loads(frames[-1].removeprefix("data: "))["errors"][0]["code"] == 3040  # cut: says "try again"
     rows = _ledger_rows(tmp_path / "data")
     assert len(rows) == 1 and 0 < rows[0][1] < 480  # metered with what it had generated
+
+
+def test_printed_urls_bracket_an_ipv6_host() -> None:
+    """`--host ::1` printed `http://::1:8787`, which curl refuses as a URL."""
+    from int8serve.server import base_url
+
+    assert base_url("::1", 8787) == "http://[::1]:8787" and base_url("::", 1) == "http://[::]:1"
+    assert base_url("127.0.0.1", 8787) == "http://127.0.0.1:8787" and base_url("localhost", 80) == "http://localhost:80"

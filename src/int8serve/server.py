@@ -64,6 +64,11 @@ FIRST_PROMPT = "What is the capital of France?"
 CUT_GRACE_SECONDS = 5.0
 
 
+def base_url(host: str, port: int) -> str:
+    """`http://host:port`, an IPv6 address in brackets (`http://[::1]:8787`: without them it is no URL)."""
+    return f"http://[{host}]:{port}" if ":" in host else f"http://{host}:{port}"
+
+
 def warm_up_thread_pool() -> None:
     """Run one parallel torch op on the main thread, before the model loads in its worker thread.
 
@@ -108,7 +113,7 @@ def load_service(settings: ServeSettings, prepared: Prepared, tokens: dict[str, 
                      log_prompts=settings.log_prompts, lifecycle=lifecycle, metrics_token=settings.metrics_token)
     if settings.dtype == "int8":
         summary[:0] = [kernels.describe(), describe_dense()]
-    summary.append(f"ready: http://{settings.host}:{settings.port}/client/v4  (health /healthz, readiness /readyz, "
+    summary.append(f"ready: {base_url(settings.host, settings.port)}/client/v4  (health /healthz, readiness /readyz, "
                    f"metrics /metrics), serving {', '.join(engines)}")
     return Service(app=app, engines=list(engines.values()), summary=summary)
 
@@ -378,14 +383,14 @@ def _print_start(loaded: LoadedSettings, prepared: Prepared, tokens: dict[str, s
         lines += [f"  {line}" for line in prepared.policy.describe(served.card)]
     lines.append(f"tokens: {len(tokens)} configured" if not generated else
                  "tokens: none configured, made one for this run")
-    lines.append(f"listening on http://{settings.host}:{settings.port}; loading the model"
+    lines.append(f"listening on {base_url(settings.host, settings.port)}; loading the model"
                  f"{'s' if len(prepared.models) > 1 else ''} (/readyz is 503 until ready)")
     for line in lines:
         print(f"int8serve: {line}", file=sys.stderr)
     if generated:
         token, account = next(iter(tokens.items()))
         print(f"int8serve: API token {token} for account {account}; try:\n"
-              f"  curl http://{settings.host}:{settings.port}/client/v4/accounts/{account}/ai/run/"
+              f"  curl {base_url(settings.host, settings.port)}/client/v4/accounts/{account}/ai/run/"
               f"{prepared.models[0].card.name} -H 'Authorization: Bearer {token}' "
               f"-d '{{\"prompt\": \"{FIRST_PROMPT}\", \"stream\": true}}'", file=sys.stderr)
     sys.stderr.flush()
