@@ -276,6 +276,18 @@ def test_daily_neurons_true_in_the_config_file_is_the_flag_alone(tmp_path: Path)
     assert (some.settings.daily_neurons, some.settings.port, some.settings.shutdown_timeout) == (500, 9000, 5.0)
 
 
+def test_a_config_files_string_is_one_entry_a_variables_is_a_comma_list(tmp_path: Path,
+                                                                          monkeypatch: pytest.MonkeyPatch) -> None:
+    """`model = '/models/a,b'` in the file is one path (it was split into '/models/a' and 'b'); the variable keeps
+    its documented comma-separated form, and the file's array form works."""
+    one = load_settings(flags("--config", str(write_config(tmp_path, "model = '/models/a,b'"))))
+    assert one.settings.model == ["/models/a,b"]
+    two = load_settings(flags("--config", str(write_config(tmp_path, "model = ['/m/a', '/m/b']"))))
+    assert two.settings.model == ["/m/a", "/m/b"]
+    monkeypatch.setenv("INT8SERVE_MODEL", "/m/a, /m/b")
+    assert load_settings(flags()).settings.model == ["/m/a", "/m/b"]
+
+
 def test_token_errors_name_the_line_and_the_problem_never_the_token(tmp_path: Path) -> None:
     from int8serve.cli import UsageError, parse_tokens
 

@@ -54,6 +54,8 @@ DEFAULT_HEADER_TIMEOUT = 10.0  # = service.connections.DEFAULT_HEADER_TIMEOUT
 LogLevel = Literal["critical", "error", "warning", "info", "debug"]
 
 # the values of the TOML file being read, for the file source (a context variable: no class-level state)
+LIST_FIELDS = ("card", "tokens", "model")  # settings that are lists: comma-separated in a variable
+
 _file_values: contextvars.ContextVar[Mapping[str, Any] | None] = contextvars.ContextVar("int8serve_file_values",
                                                                                        default=None)
 
@@ -207,10 +209,10 @@ class ServeSettings(BaseSettings):
                                                     f"alone, or true in the config file: "
                                                     f"{DEFAULT_DAILY_NEURONS:,}; false there: off)")
 
-    @field_validator("card", "tokens", "model", mode="before")
+    @field_validator(*LIST_FIELDS, mode="before")
     @classmethod
     def _split_list(cls, value: Any) -> Any:
-        """A variable holds a comma-separated list."""
+        """A variable holds a comma-separated list (a config file's string is one entry: `read_config_file`)."""
         if isinstance(value, str):
             return [item.strip() for item in value.split(",") if item.strip()]
         return value
@@ -307,6 +309,9 @@ def read_config_file(path: Path) -> dict[str, Any]:
     unknown = sorted(key for key in values if key not in ServeSettings.model_fields)
     if unknown:
         raise SettingsFileError(f"{path}: unknown setting(s) {', '.join(unknown)} (see 'int8serve serve --help')")
+    for key in LIST_FIELDS:  # a TOML string is one entry (a path may hold a comma); lists are TOML arrays
+        if isinstance(values.get(key), str):
+            values[key] = [values[key]]
     if isinstance(values.get("daily_neurons"), bool):  # true: as the flag alone; false: off
         values["daily_neurons"] = float(DEFAULT_DAILY_NEURONS) if values["daily_neurons"] else None
     for key, value in values.items():
