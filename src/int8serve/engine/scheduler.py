@@ -49,6 +49,7 @@ import torch
 
 from .chunking import aligned_chunk
 from .detokenizer import ByteDetokenizer, IncrementalDetokenizer
+from .fingerprint import model_fingerprint
 from .model import KVCache, Transformer
 from .prefix_cache import PUBLIC, PrefixCache
 from .sampling import Sampler
@@ -230,6 +231,7 @@ class Engine:
         self.prefilled_tokens = 0  # prompt tokens computed by prefill (the rest came from the prefix cache)
         self.model = model
         self.tokenizer = tokenizer
+        self.fingerprint = model_fingerprint(model)  # the weights and numerics, for the response cache's key
         self.stop_ids = frozenset(tokenizer.stop_ids)  # EOS and the model's end-of-turn tokens
         self.max_slots = max_slots
         self.max_queue = max_queue
