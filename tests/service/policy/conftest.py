@@ -34,7 +34,7 @@ from int8serve.engine.scheduler import Engine
 from int8serve.service.app import create_app
 from int8serve.service.policy import Policy, PolicySettings
 
-from ..conftest import MODEL, TOKENS, LiveServer
+from ..conftest import MODEL, SLOW_MODEL, TOKENS, LiveServer
 
 CARD_NEURON_COST = 0.1836  # the built-in card's input and output token cost
 STAGING_ACCOUNT = "32118455"  # the card gives it 60 requests a minute
@@ -49,6 +49,19 @@ POSTGRES_URL = os.environ.get("INT8SERVE_TEST_DATABASE_URL", "postgresql+psycopg
 
 def auth_for(account: str) -> dict[str, str]:
     return {"Authorization": f"Bearer {ACCOUNTS[account]}"}
+
+
+@contextlib.contextmanager
+def collected_request(server: PolicyServer, max_tokens: int) -> Iterator[None]:
+    """A non-streamed request of acct-a on the slow engine, sent on a raw connection kept open until the block ends:
+    then its client leaves while it runs."""
+    payload = json.dumps({"prompt": "Once upon a time", "raw": True, "max_tokens": max_tokens, "temperature": 0})
+    host, port = server.url.removeprefix("http://").split(":")
+    with socket.create_connection((host, int(port))) as sock:
+        sock.sendall(f"POST {server.run_url('acct-a', SLOW_MODEL)} HTTP/1.1\r\nHost: x\r\n"
+                     f"Authorization: Bearer {ACCOUNTS['acct-a']}\r\nContent-Length: {len(payload)}\r\n\r\n"
+                     f"{payload}".encode())
+        yield
 
 
 class PolicyServer:

@@ -6,7 +6,6 @@ renew them while they run, and a dead replica's reservations lapse."""
 from __future__ import annotations
 
 import asyncio
-import socket
 import time
 from collections.abc import Callable, Iterator
 from pathlib import Path
@@ -25,13 +24,13 @@ from int8serve.service.policy.ledger import utc_now
 
 from ..conftest import MODEL, SLOW_MODEL
 from .conftest import (
-    ACCOUNTS,
     CARD_NEURON_COST,
     REDIS_URL,
     PolicyServer,
     RedisServer,
     UtcClock,
     auth_for,
+    collected_request,
     postgres_url,
 )
 
@@ -143,12 +142,7 @@ def test_a_request_in_flight_holds_its_worst_case_until_it_ends(policy_server: C
 
 def _abort_collected(server: PolicyServer, engine: Engine) -> None:
     """A non-streamed request on the slow engine whose client leaves while it runs."""
-    payload = b'{"prompt": "Once upon a time", "raw": true, "max_tokens": 300, "temperature": 0}'
-    host, port = server.url.removeprefix("http://").split(":")
-    with socket.create_connection((host, int(port))) as sock:
-        sock.sendall(f"POST {server.run_url('acct-a', SLOW_MODEL)} HTTP/1.1\r\nHost: x\r\n"
-                     f"Authorization: Bearer {ACCOUNTS['acct-a']}\r\nContent-Length: {len(payload)}\r\n\r\n"
-                     .encode() + payload)
+    with collected_request(server, max_tokens=300):
         wait_running(engine)
 
 

@@ -5,7 +5,6 @@ no database work on the event loop's thread."""
 from __future__ import annotations
 
 import asyncio
-import socket
 import threading
 import time
 from collections.abc import Callable
@@ -27,7 +26,7 @@ from int8serve.service.policy.spool import FileSpool, MemorySpool, SpoolLockedEr
 from int8serve.service.policy.usage import parse_period
 
 from ..conftest import MODEL, SCRIPTED_MODEL, SLOW_MODEL
-from .conftest import ACCOUNTS, CARD_NEURON_COST, PolicyServer, UtcClock, auth_for, sse_data
+from .conftest import ACCOUNTS, CARD_NEURON_COST, PolicyServer, UtcClock, auth_for, collected_request, sse_data
 
 ALLOCATION_MESSAGE = ("You have used up your daily free allocation of 10,000 neurons. Please upgrade to Cloudflare's "
                       "Workers Paid plan if you would like to continue usage.")
@@ -56,12 +55,7 @@ def test_neurons_from_the_card(policy_server: Callable[..., PolicyServer]) -> No
 
 def _abort_collected(server: PolicyServer, engines: dict[str, Engine]) -> None:
     """A non-streamed request on the slow engine whose client leaves while it runs."""
-    payload = b'{"prompt": "Once upon a time", "raw": true, "max_tokens": 400, "temperature": 0}'
-    host, port = server.url.removeprefix("http://").split(":")
-    with socket.create_connection((host, int(port))) as sock:
-        sock.sendall(f"POST {server.run_url('acct-a', SLOW_MODEL)} HTTP/1.1\r\nHost: x\r\n"
-                     f"Authorization: Bearer {ACCOUNTS['acct-a']}\r\nContent-Length: {len(payload)}\r\n\r\n"
-                     .encode() + payload)
+    with collected_request(server, max_tokens=400):
         engine, deadline = engines[SLOW_MODEL], time.monotonic() + 30
         while engine.stats().running == 0:
             assert time.monotonic() < deadline, "the request did not start"
