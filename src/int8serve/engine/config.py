@@ -6,8 +6,10 @@ Both formats describe the same Llama 2 architecture with different names; this m
 
 from __future__ import annotations
 
+import contextlib
 import json
 import math
+from collections.abc import Iterator
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
@@ -179,8 +181,15 @@ def _eos(data: dict[str, Any], path: Path) -> int:
 
 
 def _build(path: Path, fields: dict[str, Any]) -> ModelConfig:
-    try:
+    with naming(path):
         return ModelConfig(**fields)
+
+
+@contextlib.contextmanager
+def naming(path: Path) -> Iterator[None]:
+    """ModelConfig's errors inside the block name the file `path` instead of "model config"."""
+    try:
+        yield
     except ConfigError as err:
         raise ConfigError(f"{path}: {str(err).removeprefix('model config: ')}") from err
 

@@ -28,7 +28,7 @@ from tqdm import tqdm
 
 from . import calibration
 from .cache_files import usual_mode
-from .config import ConfigError, ModelConfig, config_from_hf, config_from_meta, read_json
+from .config import ModelConfig, config_from_hf, config_from_meta, naming, read_json
 from .errors import CheckpointError
 from .int8 import Int8Linear, group_size_of, quantize
 from .model import Precision, Transformer, weight_shapes
@@ -245,10 +245,8 @@ def _open_int8(folder: Path, meta: dict) -> tuple[ModelConfig, TensorSource, Ren
 
 def int8_config(folder: Path, meta: dict) -> ModelConfig:
     """The model config an int8 checkpoint's int8serve.json (read into `meta`) records."""
-    try:
+    with naming(folder / "int8serve.json"):
         return ModelConfig.from_dict(meta.get("config"))
-    except ConfigError as err:
-        raise ConfigError(f"{folder / 'int8serve.json'}: {str(err).removeprefix('model config: ')}") from err
 
 
 # An int8 layer's residual in a checkpoint (Int8Linear.set_residual: the output head's rounding error in 4 bits, with
