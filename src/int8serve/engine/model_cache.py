@@ -32,6 +32,7 @@ import re
 import shutil
 from pathlib import Path
 
+from ..durable import fsync_file
 from . import calibration, gptq, int8
 from .cache_files import cache_dir, locked
 from .config import ConfigError, read_json
@@ -203,8 +204,7 @@ def _store(loaded: LoadedModel, folder: Path, keep_old_until_written: bool = Fal
     try:
         save_packed_checkpoint(loaded, partial)
         for file in partial.iterdir():
-            with open(file, "rb") as handle:
-                os.fsync(handle.fileno())
+            fsync_file(file)
         if folder.exists():
             _discard(folder)
         os.rename(partial, folder)

@@ -50,7 +50,7 @@ from typing import Literal
 import torch
 from torch import Tensor
 
-from ...durable import fsync_folder
+from ...durable import replace_durably
 from ..cache_files import cache_dir, scratch_folder, usual_mode
 
 log = logging.getLogger(__name__)
@@ -206,21 +206,13 @@ def _compile(cxx: str, source: Path, library: Path, verbose: bool) -> None:
         log.info("built %s in %.1f s", library, time.perf_counter() - start)
         data = tmp.read_bytes()
         usual_mode(tmp, executable=True)  # mkstemp's 0600, which the linker made 0711: loadable by its owner only
-        _replace_durably(tmp, library)
+        replace_durably(tmp, library)
         record = _record(library).with_suffix(f".{os.getpid()}.partial")
         record.write_text(f"{len(data)} {hashlib.sha256(data).hexdigest()}\n")
-        _replace_durably(record, _record(library))
+        replace_durably(record, _record(library))
     finally:
         with contextlib.suppress(FileNotFoundError):
             tmp.unlink()
-
-
-def _replace_durably(written: Path, target: Path) -> None:
-    """Rename `written` to `target` once its bytes are on disk, then sync the folder so that the rename is too."""
-    with open(written, "rb") as handle:
-        os.fsync(handle.fileno())
-    os.replace(written, target)
-    fsync_folder(target.parent)
 
 
 def discard_library(library: Path) -> None:
