@@ -206,8 +206,7 @@ class InferenceCall:
                 await self.policy.allocation.resize(self.reservation, worst)
             if self.policy.caches(card):
                 self.directives = self.policy.cache.directives(self.request.headers)
-                # the card and the weights behind it: another model under the same name never answers from it
-                self.cache_key = self.policy.cache.key(self.account, f"{card.name}#{engine.fingerprint}", run)
+                self.cache_key = self.policy.cache.key(self.account, card.name, run, engine.fingerprint)
                 hit = await self.policy.cache.get(self.cache_key, self.directives)
                 self.obs.cache(card.name, hit is not None)
                 if hit is not None:

@@ -104,6 +104,7 @@ def test_cache_key_unit() -> None:
     keys = {cache_key("acct", "@cf/m", run) for run in changed}
     keys |= {cache_key("acct", "@cf/other", base), cache_key("other-acct", "@cf/m", base)}
     assert key not in keys and len(keys) == len(changed) + 2
+    assert cache_key("acct", "@cf/m", base, weights="other weights") != key  # the engine's fingerprint
 
 
 def test_stream_replay_equals_the_original_stream(policy_server: Callable[..., PolicyServer],

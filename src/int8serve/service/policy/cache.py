@@ -72,13 +72,14 @@ class CacheKey(NamedTuple):
     digest: str
 
 
-def cache_key(owner: str, model: str, run: RunRequest) -> CacheKey:
-    """`owner`'s key for `run` on `model`: a digest of the owner and of everything that changes the output (not
-    `stream`)."""
+def cache_key(owner: str, model: str, run: RunRequest, weights: str = "") -> CacheKey:
+    """`owner`'s key for `run` on `model` served by `weights` (the engine's fingerprint: another model under the same
+    name never answers from it): a digest of the owner and of everything that changes the output (not `stream`)."""
     material = {
         "v": KEY_VERSION,
         "owner": owner,
         "model": model,
+        "weights": weights,
         "form": run.checked.form,
         "raw": run.checked.raw,
         "prompt_ids": list(run.prompt_ids),
@@ -234,9 +235,9 @@ class ResponseCache:
         self._guard = guard
         self._clock = clock
 
-    def key(self, account: str, model: str, run: RunRequest) -> CacheKey:
+    def key(self, account: str, model: str, run: RunRequest, weights: str = "") -> CacheKey:
         """The key of `account`'s request: its own unless the cache is shared by all accounts."""
-        return cache_key(account if self.scope == "account" else "", model, run)
+        return cache_key(account if self.scope == "account" else "", model, run, weights)
 
     def directives(self, headers: Mapping[str, str]) -> CacheDirectives:
         return CacheDirectives.from_headers(headers, max_ttl=self.default_ttl)
