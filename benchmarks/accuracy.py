@@ -21,7 +21,10 @@ inputs) and way of computing:
   AMX-BF16 kernel makes, one at a time: activations rounded to bf16, dequantized weights (w * scale) rounded to bf16,
   both (what our bf16 prefill kernel multiplies, in another order of sums), and activations as the sum of two bf16
   values (hi + lo, ~16 bits) with the weights exact (what a kernel of three bf16 tile products a step would compute:
-  x_hi w_hi + x_hi w_lo + x_lo w_hi). Which rounding costs how much accuracy.
+  x_hi w_hi + x_hi w_lo + x_lo w_hi). Which rounding costs how much accuracy;
+- `int8 activations per 32` (what `kernel` computes, emulated), `..., asymmetric` (0..255 from each block's minimum
+  to its maximum), and the same per 16 inputs: whether any one int8 pass a row (twice decode's int8 arithmetic speed)
+  could keep the accuracy targets.
 The kernel computes each row on its own and every path gives the same bits, so the `kernel` rows are what decode
 gives on any CPU. Issue #10's targets: KLD <= 0.0005, top-1 >= 98.7%, PPL ratio <= 1.001.
 The output head refines its 16 largest logits a row from its int8 rows plus their rounding error (Int8Linear's
@@ -41,6 +44,7 @@ from contextlib import contextmanager
 from pathlib import Path
 
 import torch
+import torch.nn.functional as F
 from torch import Tensor
 
 from benchmarks.common import display_command, environment, write_section
@@ -67,9 +71,31 @@ def _same(t: Tensor) -> Tensor:
     return t
 
 
+def _int8_blocks(size: int, asymmetric: bool) -> Callable[[Tensor], Tensor]:
+    """Activations rounded to 8 bits per block of `size` inputs, as a kernel of one int8 pass a row would take them:
+    symmetric (-127..127 times absmax / 127, what `kernel` computes) or asymmetric (0..255 from the block's minimum to
+    its maximum, the unsigned bytes `vpdpbusd` multiplies, its zero point corrected in the sums)."""
+    def rounded(t: Tensor) -> Tensor:
+        width = t.shape[-1]
+        blocks = F.pad(t, (0, -width % size)).unflatten(-1, (-1, size))  # [..., blocks, size]
+        if asymmetric:
+            low = blocks.amin(-1, keepdim=True)
+            step = (blocks.amax(-1, keepdim=True) - low).clamp_min(1e-30) / 255
+            blocks = ((blocks - low) / step).round().clamp(0, 255) * step + low
+        else:
+            step = blocks.abs().amax(-1, keepdim=True).clamp_min(1e-30) / 127
+            blocks = (blocks / step).round().clamp(-127, 127) * step
+        return blocks.flatten(-2)[..., :width]
+    return rounded
+
+
 # name: (what rounds the activations, what rounds the dequantized weights), in fp32 math
 EMULATIONS = {"weights only": (_same, _same), "bf16 activations": (_bf16, _same), "bf16 weights": (_same, _bf16),
-              "bf16 both": (_bf16, _bf16), "two bf16 activations": (_two_bf16, _same)}
+              "bf16 both": (_bf16, _bf16), "two bf16 activations": (_two_bf16, _same),
+              "int8 activations per 32": (_int8_blocks(32, asymmetric=False), _same),
+              "int8 activations per 32, asymmetric": (_int8_blocks(32, asymmetric=True), _same),
+              "int8 activations per 16": (_int8_blocks(16, asymmetric=False), _same),
+              "int8 activations per 16, asymmetric": (_int8_blocks(16, asymmetric=True), _same)}
 MODES = ("kernel", "kernel precise", "prefill (dense)", "bf16 kernel", *EMULATIONS)
 SMOLLM2 = SHARED / "models" / "smollm2-135m-instruct" / "SmolLM2-135M-Instruct.Q4_1.gguf"
 # Issue #15's goal on SmolLM2 (weight-only int8 per 32 inputs simulated in fp32 measured KLD 0.0012, top-1 98.0%).

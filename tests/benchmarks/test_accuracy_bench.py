@@ -58,3 +58,17 @@ def test_a_short_run_writes_its_table(tmp_path: Path) -> None:
     assert "<!-- benchmarks/accuracy.py: begin -->" in text and "dropped (`--drop-head-residual`)" in text
     rows = [line for line in text.splitlines() if line.startswith("| rtn |")]
     assert [row.split(" | ")[2] for row in rows] == ["kernel precise", "weights only"]
+
+
+def test_the_one_pass_emulation_computes_what_the_kernel_computes(stories_int8: LoadedModel) -> None:
+    """`int8 activations per 32` rounds as `kernel` (one int8 pass a row) does: its logits are the kernel's up to the
+    order of sums, where two passes (`kernel precise`) and the asymmetric rounding give others."""
+    logits = {}
+    for name in ("kernel", "kernel precise", "int8 activations per 32", "int8 activations per 32, asymmetric"):
+        with bench.mode(name):
+            logits[name] = forward(stories_int8)
+    emulated, kernel = logits["int8 activations per 32"], logits["kernel"]
+    gap = (emulated - kernel).abs().max().item()
+    assert gap < 2e-3, gap
+    for other in ("kernel precise", "int8 activations per 32, asymmetric"):
+        assert (logits[other] - kernel).abs().max().item() > 10 * gap, other
