@@ -4,7 +4,9 @@ huge allocation, for files that are not GGUF, cut short, or lie about their size
 
 from __future__ import annotations
 
+import json
 import struct
+import tracemalloc
 from pathlib import Path
 from typing import Any
 
@@ -142,3 +144,55 @@ def test_a_tensor_whose_data_is_not_inside_the_file_is_refused(tmp_path: Path, d
     (tmp_path / "lie.gguf").write_bytes(bytes(data))
     with pytest.raises(CheckpointError, match=r"tensor 'a.weight' .* does not lie within the file"):
         GGUFFile.open(tmp_path / "lie.gguf")
+
+
+def large_array_gguf(path: Path, values: np.ndarray) -> Path:
+    """A GGUF file whose metadata holds `values` as "t.large" and [3, 1, 2] (int32) as "t.small", written by hand:
+    GGUFWriter wants a Python list of the values."""
+    kind = {np.dtype(np.uint8): gguf.GGUFValueType.UINT8, np.dtype(np.float32): gguf.GGUFValueType.FLOAT32}
+
+    def array(key: str, item_type: int, data: np.ndarray) -> bytes:
+        return struct.pack(f"<Q{len(key)}sIIQ", len(key), key.encode(), gguf.GGUFValueType.ARRAY, item_type,
+                           len(data)) + data.astype(data.dtype.newbyteorder("<")).tobytes()
+
+    with open(path, "wb") as out:
+        out.write(b"GGUF" + struct.pack("<IQQ", 3, 0, 2))
+        out.write(array("t.large", kind[values.dtype], values))
+        out.write(array("t.small", gguf.GGUFValueType.INT32, np.array([3, 1, 2], dtype=np.int32)))
+    return path
+
+
+@pytest.mark.parametrize("dtype", [np.uint8, np.float32])
+def test_a_large_numeric_array_costs_about_its_own_size(tmp_path: Path, dtype: type) -> None:
+    """A 16 MB metadata array used to become a list of Python numbers (a pointer each, and the tuple it was unpacked
+    into, and an object for each float): 268 MB at the peak for uint8, 168 MB for float32."""
+    values = (np.arange(16 * 2**20 // np.dtype(dtype).itemsize) % 251).astype(dtype)
+    path = large_array_gguf(tmp_path / "large.gguf", values)
+    tracemalloc.start()
+    try:
+        metadata = read_header(path).metadata
+        _, peak = tracemalloc.get_traced_memory()
+    finally:
+        tracemalloc.stop()
+    assert peak < values.nbytes * 1.1 + 2**20
+    large = metadata["t.large"]
+    assert len(large) == len(values) and np.array_equal(np.asarray(large), values)
+    assert large[0] == 0 and large[-1] == values[-1].item() and type(large[300]) is type(values[300].item())
+    assert metadata["t.small"] == [3, 1, 2] and list(metadata["t.small"]) == [3, 1, 2]
+
+
+def test_a_numeric_array_reads_as_the_list_it_stands_for(tmp_path: Path) -> None:
+    """What the loader does with scores, token types and merges: len, truth, iteration of Python numbers, JSON."""
+    path = large_array_gguf(tmp_path / "small.gguf", np.array([0.5, -1.25, 2.0], dtype=np.float32))
+    large, small = read_header(path).metadata["t.large"], read_header(path).metadata["t.small"]
+    assert large == [0.5, -1.25, 2.0] and [0.5, -1.25, 2.0] == large  # noqa: SIM300 (the list on the left too)
+    assert large != [0.5, -1.25] and large != "x"
+    assert all(type(v) is float for v in large) and json.dumps(list(large)) == "[0.5, -1.25, 2.0]"
+    assert large and len(large) == 3 and -1.25 in large and large[1:] == [-1.25, 2.0] and sorted(small) == [1, 2, 3]
+    assert repr(small) == "[3, 1, 2]"
+
+
+def test_a_big_endian_files_numeric_arrays_read_in_its_byte_order(tmp_path: Path) -> None:
+    body = struct.pack(">Q", 4) + b"ints" + struct.pack(">IIQ", 9, 5, 3) + struct.pack(">3i", 1, -2, 70000)
+    (tmp_path / "big.gguf").write_bytes(b"GGUF" + struct.pack(">IQQ", 3, 0, 1) + body)
+    assert read_header(tmp_path / "big.gguf").metadata["ints"] == [1, -2, 70000]

@@ -33,3 +33,15 @@ def test_a_good_vocabulary_is_written(tmp_path: Path) -> None:
     metadata = {"tokenizer.ggml.model": "llama", "tokenizer.ggml.tokens": TOKENS,
                 "tokenizer.ggml.scores": [0.0, 0.0, 0.0, -1, -2.5], "tokenizer.ggml.token_type": [2, 3, 3, 1, 1]}
     assert write_tokenizer(GGUFFile(tmp_path / "vocab.gguf", metadata, {}), tmp_path).is_file()
+
+
+@pytest.mark.parametrize(("changes", "fragment"), [
+    ({"tokenizer.ggml.merges": [5, 6]}, "merges must be text, got 5"),
+    ({"tokenizer.ggml.tokens": ["a", "b", 7, "<e>"]}, "tokens must be text, got 7"),
+])
+def test_a_byte_level_vocabulary_of_numbers_is_refused(tmp_path: Path, changes: dict, fragment: str) -> None:
+    """Numbers where a `gpt2` vocabulary holds text ended the start with an AttributeError or a TypeError."""
+    metadata = {"tokenizer.ggml.model": "gpt2", "tokenizer.ggml.tokens": ["a", "b", "ab", "<e>"],
+                "tokenizer.ggml.merges": ["a b"], "tokenizer.ggml.eos_token_id": 3, **changes}
+    with pytest.raises(CheckpointError, match=rf"^{tmp_path / 'vocab.gguf'}: tokenizer: {fragment}"):
+        write_tokenizer(GGUFFile(tmp_path / "vocab.gguf", metadata, {}), tmp_path / "tokenizers")

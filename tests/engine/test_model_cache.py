@@ -138,6 +138,66 @@ def test_a_hub_snapshot_is_keyed_by_repo_and_commit(tmp_path: Path, cache: Path,
     assert cache_folder(one).name.startswith("tiny-org--stories260K-")
 
 
+def other_copies_said(caplog: pytest.LogCaptureFixture) -> list[str]:
+    return [r.getMessage() for r in caplog.records if "other int8 cop" in r.getMessage()]
+
+
+def test_a_new_copy_names_the_other_copies_of_its_source_and_keeps_them(cache: Path, source: Path, tmp_path: Path,
+                                                                       monkeypatch: pytest.MonkeyPatch,
+                                                                       caplog: pytest.LogCaptureFixture) -> None:
+    """A new int8serve (another key for the same source) used to write its copy beside the old one (7 GB for a 7B)
+    and say nothing of the old one."""
+    caplog.set_level("INFO", logger="int8serve.engine.model_cache")
+    another_source = Path(shutil.copytree(source, tmp_path / "elsewhere" / "stories260K"))
+    load_cached(another_source, quantizer="rtn")
+    load_cached(source, quantizer="rtn")
+    assert other_copies_said(caplog) == []  # the first copy of each source
+    first = cache_folder(source, quantizer="rtn")
+    monkeypatch.setattr(model_cache, "INT8_FORMAT_VERSION", 99)  # what a new version's quantizer does to the key
+    load_cached(source, quantizer="rtn")
+    second = cache_folder(source, quantizer="rtn")
+    (said,) = other_copies_said(caplog)
+    assert said.startswith(f"the model cache also holds 1 other int8 copy of {source} ")
+    size = sum(f.stat().st_size for f in first.iterdir()) / 1e6
+    assert f"{first} ({size:.1f} MB)" in said and said.endswith(f"`rm -r {first}` frees the space")
+    assert str(cache_folder(another_source, quantizer="rtn")) not in said
+    assert (first / "model.safetensors").is_file()  # kept: an older server may map it
+    weights = source / "model.safetensors"
+    os.utime(weights, ns=(weights.stat().st_atime_ns, weights.stat().st_mtime_ns + 1))  # the source changed
+    load_cached(source, quantizer="rtn")
+    said = other_copies_said(caplog)[-1]
+    assert "holds 2 other int8 copies" in said
+    assert said.endswith(f"`rm -r {' '.join(sorted(map(str, (first, second))))}` frees the space")
+    caplog.clear()
+    load_cached(source, quantizer="rtn")  # mapped, nothing written: nothing said
+    assert other_copies_said(caplog) == []
+
+
+def test_a_copy_that_records_only_the_path_it_was_given_still_loads_and_is_named(cache: Path, source: Path,
+                                                                                 monkeypatch: pytest.MonkeyPatch,
+                                                                                 quantized: list[Path],
+                                                                                 caplog: pytest.LogCaptureFixture
+                                                                                 ) -> None:
+    """Copies written before `source_identity` recorded `source`, the path as given: an absolute one is enough."""
+    caplog.set_level("INFO", logger="int8serve.engine.model_cache")
+    load_cached(source, quantizer="rtn")
+    older = cache_folder(source, quantizer="rtn")
+    meta = model_cache.read_json(older / "int8serve.json")
+    assert meta["source_identity"] == model_cache.source_identity(source)
+    del meta["source_identity"]
+    (older / "int8serve.json").write_text(json.dumps(meta))
+    assert load_cached(source, quantizer="rtn").source_format == "int8" and quantized == [source]  # mapped
+    monkeypatch.setattr(model_cache, "INT8_FORMAT_VERSION", 99)
+    load_cached(source, quantizer="rtn")
+    (said,) = other_copies_said(caplog)
+    assert f"`rm -r {older}`" in said
+    meta["source"] = "stories260K"  # relative: to the folder that server started in, which it does not say
+    (older / "int8serve.json").write_text(json.dumps(meta))
+    monkeypatch.setattr(model_cache, "INT8_FORMAT_VERSION", 100)
+    load_cached(source, quantizer="rtn")
+    assert f"{older}" not in other_copies_said(caplog)[-1]
+
+
 def test_a_second_process_waits_for_the_first_then_loads_its_copy(cache: Path, source: Path,
                                                                    quantized: list[Path]) -> None:
     folder = cache_folder(source)
@@ -147,7 +207,7 @@ def test_a_second_process_waits_for_the_first_then_loads_its_copy(cache: Path, s
         waiter.start()
         time.sleep(0.5)
         assert not done  # it waits for the lock
-        model_cache._store(load_model(source, "int8"), folder)  # the other server's copy lands
+        model_cache._store(load_model(source, "int8"), model_cache.source_identity(source), folder)  # it lands
     waiter.join(timeout=60)
     assert done and done[0].source_format == "int8"  # loaded, not quantized again
     assert quantized == []
@@ -156,7 +216,7 @@ def test_a_second_process_waits_for_the_first_then_loads_its_copy(cache: Path, s
 def test_a_failed_write_leaves_nothing_and_still_serves(cache: Path, source: Path,
                                                        monkeypatch: pytest.MonkeyPatch,
                                                        caplog: pytest.LogCaptureFixture) -> None:
-    def disk_full(loaded: LoadedModel, destination: Path) -> None:
+    def disk_full(loaded: LoadedModel, destination: Path, **_options: object) -> None:
         Path(destination).mkdir(parents=True)
         (Path(destination) / "model.safetensors").write_bytes(b"half")
         raise OSError(28, "No space left on device")
@@ -305,7 +365,7 @@ def test_a_failed_rewrite_keeps_the_old_copy(cache: Path, source: Path, quantize
     folder = cache_folder(source)
     store_gate_and_up_apart(folder)
 
-    def disk_full(*_args: object) -> None:
+    def disk_full(*_args: object, **_options: object) -> None:
         raise OSError(28, "No space left on device")
 
     monkeypatch.setattr(model_cache, "save_packed_checkpoint", disk_full)

@@ -51,6 +51,10 @@ def byte_level_json(tokens: Sequence[str], merges: Sequence[str], types: Sequenc
     Control tokens (type 3) become special added tokens, user-defined ones (type 4) plain added tokens, as llama.cpp
     and Hugging Face's converter treat them. Raises ValueError for a vocabulary that cannot be this kind.
     """
+    for what, values in (("tokens", tokens), ("merges", merges)):
+        wrong = next((value for value in values if not isinstance(value, str)), None)
+        if wrong is not None:
+            raise ValueError(f"{what} must be text, got {wrong!r}")
     pre = pre or "default"
     if pre not in SUPPORTED_PRE:
         raise ValueError(f"pre-tokenizer {pre!r} is not supported (supported: {', '.join(SUPPORTED_PRE)})")

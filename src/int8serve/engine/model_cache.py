@@ -17,6 +17,12 @@ place, which no size check sees) is said so once in the log and rebuilt in place
 Written atomically (a partial folder renamed into place) under a lock, so that two servers starting together
 quantize once: the second waits, then loads the first one's copy. A full disk or an unwritable cache costs a
 warning, never the start.
+
+A new key leaves the copies of the old keys where they are (~7 GB each for a 7B): a server of another version on the
+same host may still map one, so they are never removed here. Each copy records which source it was made from
+(`source_identity` in its int8serve.json), and writing a new copy says in one log line which other copies of the
+same source (a Hub repo, or a path) the cache holds, their size and the `rm -r` that frees them. A copy written
+before that field, which records only the path it was given (`source`), is counted when that path is absolute.
 """
 
 from __future__ import annotations
@@ -29,8 +35,10 @@ import json
 import logging
 import os
 import re
+import shlex
 import shutil
 from pathlib import Path
+from typing import Any
 
 from ..durable import fsync_file
 from . import calibration, gptq, int8
@@ -69,13 +77,29 @@ def quantization_settings(group_size: int = int8.DEFAULT_GROUP_SIZE,
 
 def source_identity(source: Path) -> dict[str, object]:
     """What identifies the weights at `source`: a Hub snapshot's repo and commit, else its files' stat."""
+    named = _named_source(source)
+    if "hub" in named:
+        return named
+    files = [source] if source.is_file() else sorted(p for p in source.iterdir() if p.is_file())
+    return {**named, "files": [[p.name, p.stat().st_size, p.stat().st_mtime_ns] for p in files]}
+
+
+def _named_source(source: Path) -> dict[str, object]:
+    """Where the weights at `source` come from, without their version: a Hub snapshot's repo (and commit), else the
+    resolved path. Reads no file, so that it also names a source that is gone."""
     resolved = source.resolve() if source.is_file() else source
     snapshots = resolved.parent
     if snapshots.name == "snapshots" and snapshots.parent.name.startswith("models--"):
         return {"hub": snapshots.parent.name.removeprefix("models--").replace("--", "/"), "commit": resolved.name}
-    files = [source] if source.is_file() else sorted(p for p in source.iterdir() if p.is_file())
-    return {"path": str(source.resolve()),
-            "files": [[p.name, p.stat().st_size, p.stat().st_mtime_ns] for p in files]}
+    return {"path": str(source.resolve())}
+
+
+def _source_name(identity: dict[str, Any]) -> str | None:
+    """What every copy of one source shares, whatever the source's version and the quantization: the Hub repo, or
+    the path."""
+    if isinstance(identity.get("hub"), str):
+        return f"hub:{identity['hub']}"
+    return identity["path"] if isinstance(identity.get("path"), str) else None
 
 
 def cache_folder(source: Path, group_size: int = int8.DEFAULT_GROUP_SIZE,
@@ -103,6 +127,7 @@ def load_cached(source: Path, precision: Precision = "int8", progress: bool = Fa
     if not use_cache or not cacheable(source, precision):
         return load_model(source, precision, progress, group_size, quantizer)
     folder = cache_folder(source, group_size, quantizer)
+    identity = source_identity(source)
     loaded = _load_copy(folder, source)
     if loaded is None or _stored_apart(loaded):
         with contextlib.ExitStack() as stack:
@@ -113,9 +138,9 @@ def load_cached(source: Path, precision: Precision = "int8", progress: bool = Fa
             if loaded is None:
                 loaded = _load_copy(folder, source, quiet=True)  # another process may have written it meanwhile
                 if loaded is None:
-                    return _quantize_and_store(source, folder, progress, group_size, quantizer)
+                    return _quantize_and_store(source, identity, folder, progress, group_size, quantizer)
             if _stored_apart(loaded):
-                _rewrite_in_stack_order(loaded, folder)
+                _rewrite_in_stack_order(loaded, identity, folder)
     return dataclasses.replace(loaded, path=source)
 
 
@@ -137,14 +162,14 @@ def _stored_apart(loaded: LoadedModel) -> int:
     return sum(stack.copied for stack in loaded.model.stacks())
 
 
-def _rewrite_in_stack_order(loaded: LoadedModel, folder: Path) -> None:
+def _rewrite_in_stack_order(loaded: LoadedModel, identity: dict[str, object], folder: Path) -> None:
     """Write the copy again from the model just loaded (its weights as they are: nothing is quantized again), in the
     order that lets later starts map every stack in place. Without this each start would copy those stacks: ~2.9 GB
     more resident memory and a slower start on the 7B."""
     log.info("the cached int8 copy %s stores %d stacks of projections apart (written by an older int8serve), which "
              "this start had to copy; writing it again once, in stack order", folder, _stored_apart(loaded))
     try:
-        _store(loaded, folder, keep_old_until_written=True)
+        _store(loaded, identity, folder, keep_old_until_written=True)
     except OSError as err:
         log.warning("could not write the int8 copy again to %s (%s); serving from the old one, which later starts "
                     "copy in part again", folder, err)
@@ -165,17 +190,18 @@ def _load_copy(folder: Path, source: Path, quiet: bool = False) -> LoadedModel |
     return loaded
 
 
-def _quantize_and_store(source: Path, folder: Path, progress: bool, group_size: int, quantizer: str
-                        ) -> LoadedModel:
+def _quantize_and_store(source: Path, identity: dict[str, object], folder: Path, progress: bool, group_size: int,
+                        quantizer: str) -> LoadedModel:
     log.info("quantizing %s to int8 with %s (once: later starts load the copy written to %s)", source, quantizer,
              folder)
     loaded = load_model(source, "int8", progress, group_size, quantizer)
     try:
-        _store(loaded, folder)
+        _store(loaded, identity, folder)
     except OSError as err:
         log.warning("could not write the int8 copy to %s (%s); serving without it, the next start quantizes "
                     "again", folder, err)
         return loaded
+    _say_other_copies(source, identity, folder)
     # Serve from the copy just written, mapped as a later start maps it (the same bits): the quantized model's fresh
     # memory (the 7B's 7.3 GB) is given back, and the first start serves in a later start's memory, where pages come
     # in as forwards read them (the output head's residual only where its rows are read).
@@ -187,7 +213,8 @@ def _quantize_and_store(source: Path, folder: Path, progress: bool, group_size: 
     return dataclasses.replace(mapped, path=source)
 
 
-def _store(loaded: LoadedModel, folder: Path, keep_old_until_written: bool = False) -> None:
+def _store(loaded: LoadedModel, identity: dict[str, object], folder: Path, keep_old_until_written: bool = False
+           ) -> None:
     """Write the checkpoint beside `folder` and rename it into place: a reader sees all of it or nothing. A copy
     already there is removed first (an unusable one: its space may be needed), or with `keep_old_until_written` only
     once the new one is written (a usable one, which a failed write must not cost)."""
@@ -202,7 +229,7 @@ def _store(loaded: LoadedModel, folder: Path, keep_old_until_written: bool = Fal
         raise OSError(f"{needed / 1e9:.1f} GB needed, {free / 1e9:.1f} GB free")
     partial = folder.with_name(f".partial-{folder.name}-{os.getpid()}")
     try:
-        save_packed_checkpoint(loaded, partial)
+        save_packed_checkpoint(loaded, partial, source_identity=identity)
         for file in partial.iterdir():
             fsync_file(file)
         if folder.exists():
@@ -210,6 +237,58 @@ def _store(loaded: LoadedModel, folder: Path, keep_old_until_written: bool = Fal
         os.rename(partial, folder)
     finally:
         shutil.rmtree(partial, ignore_errors=True)
+
+
+def _say_other_copies(source: Path, identity: dict[str, Any], folder: Path) -> None:
+    """One log line naming the cache's other copies of `source` beside the one just written to `folder`, their size
+    and how to remove them. They are left alone: a server of another int8serve version may be mapping one."""
+    try:
+        others = [(other, _folder_bytes(other)) for other in _other_copies(identity, folder)]
+    except OSError:  # an unreadable cache folder: nothing to say
+        return
+    if not others:
+        return
+    listed = ", ".join(f"{other} ({_size(size)})" for other, size in others)
+    log.info("the model cache also holds %d other int8 %s of %s (another int8serve version's, other quantization "
+             "settings' or an earlier version of its files'), %s in all: %s; kept, as a server may still map one; "
+             "if none does, `rm -r %s` frees the space", len(others), "copy" if len(others) == 1 else "copies",
+             source, _size(sum(size for _, size in others)), listed,
+             " ".join(shlex.quote(str(other)) for other, _ in others))
+
+
+def _other_copies(identity: dict[str, Any], folder: Path) -> list[Path]:
+    """The copies in `folder`'s cache, other than `folder`, that were made from the same source as `identity`'s."""
+    name = _source_name(identity)
+    others = []
+    for entry in sorted(folder.parent.iterdir()):
+        if entry == folder or entry.name.startswith(".") or not entry.is_dir():  # .partial-*, .stale-*: in writing
+            continue
+        try:
+            meta = read_json(entry / "int8serve.json")
+        except ConfigError:
+            continue
+        if name is not None and _copy_source_name(meta) == name:
+            others.append(entry)
+    return others
+
+
+def _copy_source_name(meta: dict[str, Any]) -> str | None:
+    """The source a copy's int8serve.json says it was made from; None when it cannot say for sure."""
+    identity = meta.get("source_identity")
+    if isinstance(identity, dict):
+        return _source_name(identity)
+    given = meta.get("source")  # a copy written before source_identity: the path as --model gave it
+    if isinstance(given, str) and Path(given).is_absolute():  # a relative one was relative to an unknown folder
+        return _source_name(_named_source(Path(given)))
+    return None
+
+
+def _folder_bytes(folder: Path) -> int:
+    return sum(file.stat().st_size for file in folder.rglob("*") if file.is_file())
+
+
+def _size(nbytes: int) -> str:
+    return f"{nbytes / 1e9:.1f} GB" if nbytes >= 1e8 else f"{nbytes / 1e6:.1f} MB"
 
 
 def _discard(folder: Path) -> None:

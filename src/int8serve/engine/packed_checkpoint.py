@@ -52,8 +52,10 @@ _DTYPES = {torch.uint8: "U8", torch.bfloat16: "BF16", torch.float16: "F16", torc
 _DTYPE_NAMES = {name: dtype for dtype, name in _DTYPES.items()}
 
 
-def save_packed_checkpoint(loaded: LoadedModel, destination: str | Path) -> Path:
-    """Write an int8 model as int8serve.json (version 3) + model.safetensors (packed layout) + its tokenizer.
+def save_packed_checkpoint(loaded: LoadedModel, destination: str | Path,
+                           source_identity: dict[str, object] | None = None) -> Path:
+    """Write an int8 model as int8serve.json (version 3) + model.safetensors (packed layout) + its tokenizer;
+    `source_identity` (what the model cache keys the copy by) is recorded in int8serve.json when given.
 
     Tensors are written one at a time from the model's own copies, so writing costs no second copy of the model (a
     layer on torch's stock kernels is packed as it is written: twice, for its data and then for its scales, rather
@@ -87,6 +89,7 @@ def save_packed_checkpoint(loaded: LoadedModel, destination: str | Path) -> Path
             "config": loaded.config.to_dict(),
             "group_sizes": {name: module.group_size for name, module in packed},
             "weights_bytes": size, "source": str(loaded.path),
+            **({"source_identity": source_identity} if source_identity is not None else {}),
             "note": "int8serve's own cache format (the kernel's packed layout); `int8serve quantize` writes the "
                     "portable one"}
     (folder / "int8serve.json").write_text(json.dumps(meta, indent=2) + "\n")
