@@ -66,7 +66,7 @@ async def prometheus_metrics(app: Services) -> Response:
 
 @router.get("/", include_in_schema=False)
 async def playground_page() -> Response:
-    return Response(playground.page(), media_type="text/html", headers=playground.PAGE_SECURITY_HEADERS)
+    return Response(playground.page(), media_type="text/html", headers=playground.page_security_headers())
 
 
 @router.get("/docs", include_in_schema=False)
