@@ -410,7 +410,8 @@ def test_sighup_drains_as_sigterm_does(tmp_path: Path, shared_dir: Path) -> None
 
 def test_a_signal_while_the_model_loads_exits_cleanly(tmp_path: Path, smollm2_gguf: Path) -> None:
     """Found by an audit: SIGTERM while the weights loaded ended in SIGABRT (exit 134, "terminate called without an
-    active exception": the interpreter exited under the load thread's torch work)."""
+    active exception": the interpreter exited under the load thread's torch work). Meanwhile /metrics answers 200
+    (a scraper must not take the minutes a 7B loads for a target down), saying the server is loading."""
     port = free_port()
     env = {**os.environ, "INT8SERVE_CACHE": str(fresh_cache(tmp_path / "cache")), "INT8SERVE_TOKENS": "",
            "INT8SERVE_DATA_DIR": str(tmp_path / "data")}
@@ -426,6 +427,7 @@ def test_a_signal_while_the_model_loads_exits_cleanly(tmp_path: Path, smollm2_gg
                     break
             except httpx.TransportError:
                 time.sleep(0.05)
+        scraped = httpx.get(f"http://127.0.0.1:{port}/metrics", timeout=10)
         process.send_signal(signal.SIGTERM)
         _, err = process.communicate(timeout=60)
     finally:
@@ -433,6 +435,8 @@ def test_a_signal_while_the_model_loads_exits_cleanly(tmp_path: Path, smollm2_gg
             process.kill()
     assert process.returncode == 0, err
     assert "stopped while loading the model" in err and "terminate called" not in err, err
+    assert scraped.status_code == 200, scraped.text
+    assert 'int8serve_phase{phase="loading"} 1.0' in scraped.text and "process_resident_memory_bytes" in scraped.text
 
 
 def test_shutdown_timeout_cuts_what_is_left_and_meters_it(tmp_path: Path, shared_dir: Path) -> None:

@@ -8,16 +8,20 @@ from pathlib import Path
 
 import pytest
 
+from int8serve import cli
 from int8serve.cli import build_parser, main
 from int8serve.settings import (
     CONFIG_ENV,
     DEFAULT_CACHE_TTL,
     DEFAULT_DAILY_NEURONS,
+    ENGINE_VARIABLES,
     ServeSettings,
     SettingsFileError,
     env_name,
     flag_name,
+    known_variables,
     load_settings,
+    unknown_variable_warnings,
 )
 
 
@@ -305,3 +309,53 @@ def test_token_errors_name_the_line_and_the_problem_never_the_token(tmp_path: Pa
     with pytest.raises(UsageError) as err:
         parse_tokens(["SECRET TOKEN=acct"], None)
     assert "SECRET" not in str(err.value) and str(err.value).startswith("--token: ")
+
+
+# --- INT8SERVE_* variables that nothing reads ----------------------------------------------------------------------
+
+PACKAGE = Path(__file__).parents[1] / "src" / "int8serve"
+# an INT8SERVE_ name in the package's Python code (not `__INT8SERVE_PARAMETER_RANGES__`, a placeholder of the page)
+VARIABLE_NAME = re.compile(r"(?<![A-Za-z0-9_])INT8SERVE_[A-Z0-9_]*[A-Z0-9]")
+
+
+def test_every_int8serve_variable_named_in_the_package_is_known() -> None:
+    """A variable added to the code without adding it to the known names would be warned of as a typo at every
+    start: every INT8SERVE_ name the package's Python code holds is a setting's, INT8SERVE_CONFIG or the engine's."""
+    named = {name for path in PACKAGE.rglob("*.py") for name in VARIABLE_NAME.findall(path.read_text())}
+    assert {"INT8SERVE_KERNEL", "INT8SERVE_PREFILL_MATMUL", "INT8SERVE_CACHE", "INT8SERVE_MAX_QUEUE"} <= named
+    assert named - known_variables() == set()
+    assert not ENGINE_VARIABLES - named  # and no engine variable is known that the code no longer reads
+    # the kernels' INT8SERVE_ names (INT8SERVE_TILE_LOAD, ...) are macros: C++ reads no environment
+    for path in (*PACKAGE.rglob("*.cpp"), *PACKAGE.rglob("*.h")):
+        assert "getenv" not in path.read_text(), path
+
+
+def test_unknown_variables_are_named_with_the_closest_known_one() -> None:
+    environ = {"INT8SERVE_MAX_QUEU": "4", "INT8SERVE_MAX_QUEUE": "8", "int8serve_port": "1", "INT8SERVE_KERNL": "avx2",
+               "INT8SERVE_FROBNICATE": "1", "INT8SERVE_TEST_DATABASE_URL": "x", "INT8SERVE_CONFIG": "f", "PATH": "/"}
+    assert unknown_variable_warnings(environ) == [
+        "INT8SERVE_FROBNICATE is not a variable int8serve reads: it is ignored ('int8serve serve --help' names each "
+        "setting's variable)",
+        "INT8SERVE_KERNL is not a variable int8serve reads: it is ignored (did you mean INT8SERVE_KERNEL?)",
+        "INT8SERVE_MAX_QUEU is not a variable int8serve reads: it is ignored (did you mean INT8SERVE_MAX_QUEUE?)",
+    ]
+
+
+@pytest.mark.parametrize("command", [["serve", "--max-queue", "3"], ["quantize", "src", "dst"]])
+def test_every_command_warns_of_an_unknown_variable_once_and_goes_on(command: list[str],
+                                                                     monkeypatch: pytest.MonkeyPatch,
+                                                                     capsys: pytest.CaptureFixture[str]) -> None:
+    """A typo'd variable was ignored without a word; one of another version must not stop a server either."""
+    monkeypatch.setenv("INT8SERVE_MAX_QUEU", "4")
+    monkeypatch.setenv("INT8SERVE_PORT", "2222")
+    ran = []
+    monkeypatch.setitem(cli.COMMANDS, command[0], lambda args: ran.append(args))
+    main(command)
+    err = capsys.readouterr().err
+    assert err.count("warning") == 1, err
+    assert f"int8serve {command[0]}: warning: INT8SERVE_MAX_QUEU is not a variable int8serve reads: it is ignored " \
+           "(did you mean INT8SERVE_MAX_QUEUE?)" in err
+    assert len(ran) == 1  # the command ran
+    if command[0] == "serve":
+        settings = cli.serve_settings(ran[0]).settings
+        assert (settings.max_queue, settings.port) == (3, 2222)

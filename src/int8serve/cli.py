@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import argparse
 import logging
+import os
 import sys
 import time
 from collections.abc import Sequence
@@ -42,6 +43,7 @@ from .settings import (
     SettingsFileError,
     kv_cache_problem,
     load_settings,
+    unknown_variable_warnings,
 )
 from .stderr_handler import StderrHandler
 
@@ -512,6 +514,8 @@ def _say_what_loading_does() -> None:
 
 def main(argv: Sequence[str] | None = None) -> None:
     args = build_parser().parse_args(argv)
+    for warning in unknown_variable_warnings(os.environ):  # a typo'd variable would be ignored without a word
+        print(f"int8serve {args.command}: warning: {warning}", file=sys.stderr)
     if args.command != "serve":  # serve configures its own logging
         _say_what_loading_does()
     if getattr(args, "threads", None):

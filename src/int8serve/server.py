@@ -51,6 +51,7 @@ from .service.app import create_app
 from .service.connections import uvicorn_config
 from .service.inference import RequestLimits
 from .service.lifecycle import Lifecycle, LifecycleMiddleware, Phase
+from .service.metrics import LoadingMetrics, ServiceMetrics
 from .service.policy.fairness import default_inflight_limit
 from .service.request_log import configure_logging
 from .settings import LoadedSettings, ServeSettings
@@ -244,10 +245,11 @@ def template_prefix_ids(tokenizer: AnyTokenizer, template: PromptTemplate | None
 
 
 class _Deferred:
-    """The ASGI app uvicorn serves: the lifecycle gate alone while the model loads, then the real app."""
+    """The ASGI app uvicorn serves: the lifecycle gate alone while the model loads (answering `/metrics` with
+    `metrics`), then the real app."""
 
-    def __init__(self, lifecycle: Lifecycle) -> None:
-        self.target: ASGIApp = LifecycleMiddleware(None, lifecycle)
+    def __init__(self, lifecycle: Lifecycle, metrics: ASGIApp) -> None:
+        self.target: ASGIApp = LifecycleMiddleware(None, lifecycle, metrics=metrics)
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         await self.target(scope, receive, send)
@@ -326,7 +328,8 @@ def run_server(loaded: LoadedSettings, tokens: dict[str, str], prepared: Prepare
         tokens[secrets.token_urlsafe(24)] = secrets.token_hex(16)
     _print_start(loaded, prepared, tokens, generated)
     lifecycle = Lifecycle(Phase.LOADING)
-    deferred = _Deferred(lifecycle)
+    loading_metrics = ServiceMetrics(policy=prepared.policy, lifecycle=lifecycle)  # the phase, the process, the ledger
+    deferred = _Deferred(lifecycle, LoadingMetrics(loading_metrics, settings.metrics_token))
     # JSON: uvicorn's own loggers go through the same JSON handler instead of uvicorn's default config
     log_config = None if settings.log_format == "json" else uvicorn.config.LOGGING_CONFIG
     config = uvicorn_config(deferred, host=settings.host, port=settings.port, log_level=settings.log_level,

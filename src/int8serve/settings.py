@@ -14,11 +14,18 @@ with this precedence (highest first):
 The field descriptions are also the help of `int8serve serve --help`, so the two cannot drift apart. A bad value
 names where it came from (`--port`, `INT8SERVE_PORT` or the file), and the start-up summary says where each effective
 value came from, with secrets (tokens, passwords in URLs) hidden.
+
+An `INT8SERVE_*` variable that nothing reads (a typo of `INT8SERVE_MAX_QUEUE`) would be ignored without a word, as
+pydantic-settings ignores variables that are no field: every command warns of each one at start
+(`unknown_variable_warnings`, with the known name closest to it), and goes on (a variable of another version of
+int8serve must not stop a server). The known names are the settings' (derived from the fields), `INT8SERVE_CONFIG`,
+and `ENGINE_VARIABLES`, the engine's own.
 """
 
 from __future__ import annotations
 
 import contextvars
+import difflib
 import os
 import tomllib
 from collections.abc import Mapping
@@ -42,6 +49,14 @@ from .redact import hide_password
 
 ENV_PREFIX = "INT8SERVE_"
 CONFIG_ENV = ENV_PREFIX + "CONFIG"
+# INT8SERVE_* variables that are no setting of `serve`: the engine's, read by every command, each where it is used
+# (engine/cache_files.py, engine/kernels/, engine/decode_plan.py). tests/test_settings.py checks that every INT8SERVE_
+# name in the package's code is one of these or a setting's
+ENGINE_VARIABLES = frozenset({
+    "INT8SERVE_CACHE", "INT8SERVE_KERNELS", "INT8SERVE_KERNEL", "INT8SERVE_ATTENTION", "INT8SERVE_ACTIVATION",
+    "INT8SERVE_PREFILL_MATMUL", "INT8SERVE_DECODE_PLAN"})
+TEST_VARIABLE_PREFIX = ENV_PREFIX + "TEST_"  # the test suite's own (tests/), never read by the package
+UNKNOWN_VARIABLE_HINT = "'int8serve serve --help' names each setting's variable"
 # = service.policy.settings.DEFAULT_CACHE_TTL_SECONDS / DEFAULT_DAILY_NEURONS / DEFAULT_DATABASE_TIMEOUT, repeated so
 # that reading the settings does not import the HTTP stack (tests/test_settings.py checks they agree)
 DEFAULT_CACHE_TTL = 300
@@ -278,6 +293,32 @@ URL_FIELDS = {"redis_url", "database_url"}
 
 def env_name(field: str) -> str:
     return ENV_PREFIX + field.upper()
+
+
+def known_variables() -> frozenset[str]:
+    """Every INT8SERVE_* variable int8serve reads: one per setting of `serve`, the config file's, the engine's."""
+    return frozenset({CONFIG_ENV, *ENGINE_VARIABLES, *(env_name(name) for name in ServeSettings.model_fields)})
+
+
+def unknown_variable_warnings(environ: Mapping[str, str]) -> list[str]:
+    """A warning for each INT8SERVE_* variable of `environ` that int8serve does not read (a typo, or a variable of
+    another version), naming the known variable closest to it, if one is close. The settings' variables are read in
+    any case (pydantic-settings), the others as they are written."""
+    known = known_variables()
+    settings_variables = {env_name(name) for name in ServeSettings.model_fields}
+    suffixes = {name.removeprefix(ENV_PREFIX): name for name in known}
+    warnings = []
+    for name in sorted(environ):
+        upper = name.upper()
+        if not upper.startswith(ENV_PREFIX) or upper.startswith(TEST_VARIABLE_PREFIX):
+            continue
+        if name in known or upper in settings_variables:
+            continue
+        # compared without the prefix, which every name shares: no name is "close" to INT8SERVE_PORT for it alone
+        close = difflib.get_close_matches(upper.removeprefix(ENV_PREFIX), list(suffixes), n=1)
+        hint = f"did you mean {suffixes[close[0]]}?" if close else UNKNOWN_VARIABLE_HINT
+        warnings.append(f"{name} is not a variable int8serve reads: it is ignored ({hint})")
+    return warnings
 
 
 def flag_name(field: str) -> str:

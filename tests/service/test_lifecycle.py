@@ -9,8 +9,11 @@ from collections.abc import Iterator
 import httpx
 import pytest
 from fastapi import FastAPI
+from prometheus_client.parser import text_string_to_metric_families
 
 from int8serve.service.lifecycle import Lifecycle, LifecycleMiddleware, Phase
+from int8serve.service.metrics import LoadingMetrics, ServiceMetrics
+from int8serve.service.policy import Policy
 
 from .conftest import ACCOUNT, MODEL, SLOW_MODEL, LiveServer
 from .test_errors import assert_error
@@ -33,6 +36,44 @@ def test_while_loading_only_healthz_is_200(loading_url: str) -> None:
     assert openai.status_code == 503
     assert openai.json()["error"] == {"message": "Not ready: the model is loading", "type": "capacity_error",
                                       "param": None, "code": 3040}
+
+
+@pytest.mark.parametrize("metrics_token", [None, "scrape-secret"])
+def test_while_loading_metrics_answer_200_and_say_so(metrics_token: str | None) -> None:
+    """A 7B loads for minutes: a Prometheus scraper given 503s meanwhile marks the target down and alerts. /metrics
+    answers what exists (the phase, the process, the ledger), behind the same --metrics-token; /readyz stays 503."""
+    lifecycle = Lifecycle(Phase.LOADING)
+    policy = Policy.in_memory()
+    metrics = LoadingMetrics(ServiceMetrics(policy=policy, lifecycle=lifecycle), metrics_token)
+    headers = {"Authorization": f"Bearer {metrics_token}"} if metrics_token else {}
+    try:
+        with LiveServer(LifecycleMiddleware(None, lifecycle, metrics=metrics)) as live:
+            scraped = httpx.get(f"{live.url}/metrics", headers=headers)
+            readyz = httpx.get(f"{live.url}/readyz")
+            refused = httpx.get(f"{live.url}/metrics", headers={"Authorization": "Bearer wrong"})
+            lifecycle.start_draining()  # a signal while loading
+            draining = httpx.get(f"{live.url}/metrics", headers=headers)
+    finally:
+        policy.close()
+    assert scraped.status_code == 200 and scraped.headers["content-type"].startswith("text/plain")
+    samples = {(s.name, tuple(sorted(s.labels.items()))): s.value
+               for family in text_string_to_metric_families(scraped.text) for s in family.samples}
+    assert [labels for (name, labels), v in samples.items() if name == "int8serve_phase" and v == 1] == \
+        [(("phase", "loading"),)]
+    assert samples[("int8serve_phase", (("phase", "ready"),))] == 0
+    assert samples[("process_resident_memory_bytes", ())] > 0
+    assert samples[("int8serve_ledger_spooled_rows", ())] == 0
+    assert readyz.status_code == 503 and readyz.json()["errors"][0]["message"] == "Not ready: the model is loading"
+    assert refused.status_code == (401 if metrics_token else 200)
+    if metrics_token:
+        assert refused.json()["errors"][0]["code"] == 10000
+    assert draining.status_code == 200 and 'int8serve_phase{phase="draining"} 1.0' in draining.text
+
+
+def test_a_ready_server_says_its_phase_in_metrics(http: httpx.Client) -> None:
+    scraped = http.get("/metrics").text
+    assert 'int8serve_phase{phase="ready"} 1.0' in scraped and 'int8serve_phase{phase="loading"} 0.0' in scraped
+    assert "process_cpu_seconds_total" in scraped
 
 
 @pytest.fixture

@@ -385,7 +385,9 @@ HOP_BY_HOP = {"connection", "keep-alive", "transfer-encoding", "content-length",
 
 class PrefixProxy:
     """`upstream` served under `PREFIX`, the prefix stripped (nginx's `location /int8serve/ { proxy_pass
-    http://upstream/; }`); anything outside the prefix is 404. Answers are streamed on, chunk by chunk.
+    http://upstream/; }`); anything outside the prefix is 404. `PREFIX` alone, without its slash, is forwarded as
+    `/`, as Traefik's StripPrefix and Caddy's `handle_path /int8serve*` do (nginx answers it with a redirect of its
+    own). Answers are streamed on, chunk by chunk.
     `cut_streams`: the connection of an `/ai/run` answer is closed after its first chunk, as a network failure
     would (the browser then reads a chunked body that never ends)."""
 
@@ -396,13 +398,15 @@ class PrefixProxy:
             protocol_version = "HTTP/1.1"
 
             def forward(self) -> None:
-                if not self.path.startswith(PREFIX + "/"):
+                path, mark, query = self.path.partition("?")
+                if path != PREFIX and not path.startswith(PREFIX + "/"):
                     self.send_error(404)
                     return
+                upstream_path = (path[len(PREFIX):] or "/") + mark + query
                 size = int(self.headers.get("content-length") or 0)
                 body = self.rfile.read(size) if size else None
                 headers = {k: v for k, v in self.headers.items() if k.lower() not in HOP_BY_HOP}
-                with client.stream(self.command, self.path[len(PREFIX):], content=body, headers=headers) as answer:
+                with client.stream(self.command, upstream_path, content=body, headers=headers) as answer:
                     self.send_response(answer.status_code)
                     for name, value in answer.headers.items():
                         if name.lower() not in HOP_BY_HOP:
@@ -454,6 +458,29 @@ def test_the_playground_works_under_a_path_prefix(open_playground: Any, base_url
         tab.page.goto(proxy.url + "/docs")  # the API's page too
         expect(tab.page.locator("html")).to_have_attribute("data-ready", "true")
         expect(tab.page.locator(".operation", has_text="/healthz")).to_contain_text("GET")
+
+
+def test_the_playground_without_its_trailing_slash_under_a_path_prefix_moves_to_it(open_playground: Any,
+                                                                                  base_url: str) -> None:
+    """`https://example.com/int8serve` (no slash) reaches the server as `/`, as `/int8serve/` does, so only the page
+    can tell: its relative URLs would resolve outside the prefix (`/playground/playground.js`), and it would stay
+    dead. It moves itself to the URL with the slash (query and fragment kept), and works there."""
+    with PrefixProxy(base_url) as proxy:
+        tab: Playground = open_playground(proxy.url)
+        tab.requests.clear()
+        tab.page.goto(proxy.url + "?from=bookmark#top")
+        expect(tab.page).to_have_url(proxy.url + "/?from=bookmark#top")
+        expect(tab.page.locator("html")).to_have_attribute("data-ready", "true")
+        tab.connect(TOKEN)
+        tab.connected()
+        # before the page moved, the browser's preload scanner may have asked for its assets outside the prefix
+        # (404s, never applied: the page errors nothing, `open_playground` checks); everything else is inside
+        outside = {r.url for r in tab.requests if not r.url.startswith(proxy.url + "/") and r.url != proxy.url +
+                   "?from=bookmark"}
+        assert outside <= {f"{proxy.url.removesuffix(PREFIX)}/playground/{name}"
+                           for name in ("playground.css", "playground.js")}, outside
+        assert [r.url for r in tab.requests if r.resource_type == "document"] == [
+            proxy.url + "?from=bookmark", proxy.url + "/?from=bookmark"]
 
 
 def test_a_connection_lost_mid_answer_is_explained(open_playground: Any, base_url: str) -> None:

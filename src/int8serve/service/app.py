@@ -142,7 +142,7 @@ def create_app(catalog: Catalog, engines: Mapping[str, Engine], tokens: Mapping[
     policy = policy if policy is not None else Policy.in_memory()
     limits = limits or RequestLimits(max_inflight_per_account=_inflight_limit(catalog, engines, tokens))
     lifecycle = lifecycle if lifecycle is not None else Lifecycle()
-    metrics = ServiceMetrics(engines, policy, log_prompts=log_prompts)  # this app's own registry
+    metrics = ServiceMetrics(engines, policy, log_prompts=log_prompts, lifecycle=lifecycle)  # this app's own
     services = AppServices(catalog=catalog, engines=dict(engines), tokens=dict(tokens), policy=policy,
                            metrics=metrics, lifecycle=lifecycle, metrics_token=metrics_token,
                            inference=Inference(catalog, engines, policy, metrics, lifecycle, limits),

@@ -32,7 +32,7 @@ from .errors import (
     ApiError,
 )
 
-__all__ = ["authenticate", "bearer_token", "is_valid_token", "token_account"]
+__all__ = ["authenticate", "bearer_token", "check_metrics_token", "is_valid_token", "token_account"]
 
 # "Bearer" (any case), one or more spaces, then one token of visible ASCII characters.
 _BEARER = re.compile(r"[Bb][Ee][Aa][Rr][Ee][Rr] +([\x21-\x7e]+) *")
@@ -49,6 +49,16 @@ def bearer_token(authorization: str | None) -> str | None:
     None when the header is missing or is not one."""
     match = _BEARER.fullmatch(authorization) if authorization is not None else None
     return match.group(1) if match is not None else None
+
+
+def check_metrics_token(authorization: str | None, metrics_token: str | None) -> None:
+    """`/metrics` with `--metrics-token`: raise 401/10000 unless `authorization` is `Bearer <that token>`; compared
+    in constant time, so the answer's timing does not tell how much of a guess was right."""
+    if metrics_token is None:
+        return
+    sent = bearer_token(authorization) or ""
+    if not hmac.compare_digest(sent.encode("ascii"), metrics_token.encode("ascii")):
+        raise ApiError(AUTHENTICATION)
 
 
 def authenticate(headers: Mapping[str, str], account_id: str, tokens: Mapping[str, str]) -> str:

@@ -8,7 +8,6 @@ credentials in the OpenAPI document; the headers are read and judged by `auth.py
 
 from __future__ import annotations
 
-import hmac
 from dataclasses import dataclass, field
 from typing import Annotated
 
@@ -18,8 +17,7 @@ from fastapi.security import APIKeyHeader, HTTPBearer
 from int8serve.catalog.registry import Catalog
 from int8serve.engine.scheduler import Engine
 
-from .auth import authenticate, bearer_token, token_account
-from .errors import AUTHENTICATION, ApiError
+from .auth import authenticate, check_metrics_token, token_account
 from .inference import Inference
 from .lifecycle import Lifecycle
 from .metrics import ServiceMetrics
@@ -80,9 +78,4 @@ async def metrics_access(request: Request, app: Services,
                          _token: Annotated[object, Security(metrics_bearer)] = None) -> None:
     """`/metrics` with `--metrics-token`: only `Authorization: Bearer <that token>` may read it (401/10000); the
     scheme is read in any case, as the API's tokens are (`auth.py`)."""
-    if app.metrics_token is None:
-        return
-    sent = bearer_token(request.headers.get("authorization")) or ""
-    # in constant time: the answer's timing does not tell how much of a guess was right
-    if not hmac.compare_digest(sent.encode("ascii"), app.metrics_token.encode("ascii")):
-        raise ApiError(AUTHENTICATION)
+    check_metrics_token(request.headers.get("authorization"), app.metrics_token)

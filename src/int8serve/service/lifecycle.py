@@ -5,7 +5,9 @@ that depends on two things this module keeps: the phase, and the count of API re
 counts until its last byte is sent, and the work it leaves behind until its ledger row is written).
 `LifecycleMiddleware` is the gate in front of the routes:
 
-* loading (the weights are not in memory yet): `/healthz` 200, `/readyz` 503, any other path 503;
+* loading (the weights are not in memory yet): `/healthz` 200, `/readyz` 503, `/metrics` 200 with what exists
+  already (the phase, the process's metrics: `metrics.LoadingMetrics`), so that a Prometheus scraper does not take
+  minutes of loading for a target down; any other path 503;
 * ready: everything goes to the routes, and API requests are counted in flight;
 * draining (after SIGTERM/SIGINT): `/readyz` 503 at once, new API requests 503 with the error envelope of their
   route (Cloudflare's, or OpenAI's under `/v1/` and `/ai/v1/`), while the requests already in flight finish.
@@ -96,11 +98,12 @@ class Lifecycle:
 
 class LifecycleMiddleware:
     """The gate described in the module docstring. `app` may be None while the model loads (the server has no
-    routes yet): then only the gate answers."""
+    routes yet): then only the gate answers, and `metrics` (if given) answers `/metrics`."""
 
-    def __init__(self, app: ASGIApp | None, lifecycle: Lifecycle) -> None:
+    def __init__(self, app: ASGIApp | None, lifecycle: Lifecycle, metrics: ASGIApp | None = None) -> None:
         self.app = app
         self.lifecycle = lifecycle
+        self.metrics = metrics
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         if scope["type"] == "lifespan" and self.app is None:
@@ -124,6 +127,8 @@ class LifecycleMiddleware:
                 lifecycle._leave()
         elif path == "/healthz":  # alive, even while loading
             await json_response({"status": "ok"})(scope, receive, send)
+        elif path == "/metrics" and self.app is None and self.metrics is not None:  # scraped while loading
+            await self.metrics(scope, receive, send)
         else:
             lifecycle.refused += path != "/readyz"
             error = ApiError(NOT_READY, reason=lifecycle.not_ready_reason(), headers=RETRY_AFTER)

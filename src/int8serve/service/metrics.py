@@ -5,8 +5,16 @@ Names follow vLLM's (`vllm:num_requests_running`, `vllm:time_to_first_token_seco
 `_total` on counters (colons are reserved for recording rules, so vLLM's `vllm:` form is not used). Every app has
 its own `CollectorRegistry`, so several apps in one process (tests) never collide.
 
+`/metrics` answers from the moment the server listens, while the model loads too (`LoadingMetrics`): a scraper
+that got 503s for the minutes a 7B takes to load would mark the target down and alert. Then it holds what exists
+already: the phase, the process's own metrics, the ledger's spool; the engines' metrics appear once they run.
+
 Counters (`_total`), gauges and histograms, with their labels:
 
+* `int8serve_phase{phase}`: 1 for the phase the server is in (`loading`, `ready`, `draining`), 0 for the others;
+  `/readyz` is 200 only in `ready` (and when every engine accepts requests)
+* `process_cpu_seconds_total`, `process_resident_memory_bytes`, `process_virtual_memory_bytes`,
+  `process_open_fds`, `process_start_time_seconds`, ...: prometheus_client's process metrics (Linux)
 * `int8serve_http_requests_total{route,status}`: every HTTP answer (a HEAD under its GET's route); route = the route
   template, `/openapi.json` and the pages by their path, `unmatched` for a path no route answers (404s)
 * `int8serve_errors_total{code,status}`: error codes answered (`errors[0].code`); status 200 = a stream's error frame
@@ -41,18 +49,29 @@ import time
 from collections.abc import Iterable, Mapping
 from typing import Any
 
-from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, Counter, Histogram, generate_latest
+from prometheus_client import (
+    CONTENT_TYPE_LATEST,
+    CollectorRegistry,
+    Counter,
+    Histogram,
+    ProcessCollector,
+    generate_latest,
+)
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metric
 from prometheus_client.registry import Collector
+from starlette.datastructures import Headers
 from starlette.responses import Response
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from int8serve.engine.scheduler import Engine, TokenEvent
 
+from .auth import check_metrics_token
+from .errors import ApiError, error_response
+from .lifecycle import Lifecycle, Phase
 from .policy import Policy
 from .request_log import log_request
 
-__all__ = ["PREFIX", "MetricsMiddleware", "RequestObservation", "ServiceMetrics"]
+__all__ = ["PREFIX", "LoadingMetrics", "MetricsMiddleware", "RequestObservation", "ServiceMetrics"]
 
 PREFIX = "int8serve_"
 
@@ -65,14 +84,23 @@ MAX_ERROR_BODY = 65536
 
 
 class _StateCollector(Collector):
-    """Gauges read at scrape time: engine slots and queues, the policy's fallback counter and the ledger's spool."""
+    """Gauges read at scrape time: the phase, engine slots and queues, the policy's fallback counter and the
+    ledger's spool."""
 
-    def __init__(self, engines: Mapping[str, Engine], policy: Policy | None) -> None:
+    def __init__(self, engines: Mapping[str, Engine], policy: Policy | None, lifecycle: Lifecycle | None) -> None:
         self.engines = engines
         self.fallbacks = policy.fallbacks if policy is not None else None
         self.ledger = policy.ledger if policy is not None else None
+        self.lifecycle = lifecycle
 
     def collect(self) -> Iterable[Metric]:
+        if self.lifecycle is not None:
+            phase = GaugeMetricFamily(PREFIX + "phase", "1 for the phase the server is in (loading, ready, "
+                                      "draining), 0 for the others.", labels=["phase"])
+            current = self.lifecycle.phase
+            for each in Phase:
+                phase.add_metric([each.value], 1.0 if each is current else 0.0)
+            yield phase
         running = GaugeMetricFamily(PREFIX + "num_requests_running", "Requests in an engine slot.", labels=["model"])
         waiting = GaugeMetricFamily(PREFIX + "num_requests_waiting", "Requests waiting for a slot.", labels=["model"])
         slots = GaugeMetricFamily(PREFIX + "slots", "Engine slots (concurrent sequences).", labels=["model"])
@@ -140,10 +168,11 @@ class ServiceMetrics:
     """The metrics of one app, in their own registry; `observe` starts one request's observation."""
 
     def __init__(self, engines: Mapping[str, Engine] | None = None, policy: Policy | None = None,
-                 log_prompts: bool = False) -> None:
+                 log_prompts: bool = False, lifecycle: Lifecycle | None = None) -> None:
         self.registry = CollectorRegistry(auto_describe=True)
         self.log_prompts = log_prompts
         r = self.registry
+        ProcessCollector(registry=r)
         self.http_requests = Counter(PREFIX + "http_requests", "HTTP answers by route template and status.",
                                      ["route", "status"], registry=r)
         self.errors = Counter(PREFIX + "errors", "Error codes answered (status 200: a stream's error frame).",
@@ -171,7 +200,7 @@ class ServiceMetrics:
                                    ["model", "kind"], buckets=ROW_BUCKETS, registry=r)
         self._engines: dict[str, Engine] = {}
         self._callbacks: list[tuple[Engine, Any]] = []
-        self.registry.register(_StateCollector(self._engines, policy))
+        self.registry.register(_StateCollector(self._engines, policy, lifecycle))
         for name, engine in (engines or {}).items():
             self.watch_engine(name, engine)
 
@@ -204,6 +233,23 @@ class ServiceMetrics:
 
     def count_error(self, code: int | str, status: int) -> None:
         self.errors.labels(str(code), str(status)).inc()
+
+
+class LoadingMetrics:
+    """`GET /metrics` while the model loads, before the app and its route exist (the lifecycle gate's `metrics`):
+    what `metrics` holds then (the phase, the process, the ledger), behind the same `--metrics-token`."""
+
+    def __init__(self, metrics: ServiceMetrics, metrics_token: str | None = None) -> None:
+        self.metrics = metrics
+        self.metrics_token = metrics_token
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        try:
+            check_metrics_token(Headers(scope=scope).get("authorization"), self.metrics_token)
+            response = self.metrics.exposition()
+        except ApiError as error:
+            response = error_response(scope.get("path", ""), error)
+        await response(scope, receive, send)
 
 
 class RequestObservation:

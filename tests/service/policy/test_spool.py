@@ -1,12 +1,15 @@
 """A spool append that fails part way (a full disk) must leave nothing behind: its rows were not acknowledged, and
 the torn bytes would otherwise glue the NEXT acknowledged row into an unreadable line, lost at replay. The same for
 the dead-letter file. The failures are real partial writes: a file-size limit (RLIMIT_FSIZE, in a subprocess, as a
-full disk would) and a write that stops half way."""
+full disk would) and a write that stops half way. A whole line of the spool that is not JSON (not a torn last line)
+is dead-lettered at replay, byte for byte."""
 
 from __future__ import annotations
 
+import base64
 import errno
 import json
+import logging
 import os
 import subprocess
 import sys
@@ -164,3 +167,47 @@ def test_a_partial_dead_letter_is_cut_off_and_entries_start_on_their_own_line(tm
     lines = dead.read_bytes().splitlines()
     assert json.loads(lines[0])["row"]["request_id"] == "d1" and lines[1] == b'{"row": {"request_id": "torn'
     assert json.loads(lines[2])["row"]["request_id"] == "d3" and len(lines) == 3
+
+
+DAMAGED_LINES = [  # whole lines in the middle of a spool that are not JSON: a bad hand edit, a damaged disk block
+    b'{"request_id": "half-edited", ',
+    b"\x00" * 12,  # a block of zeros, as a file system may leave after a power loss
+    b'{"request_id": "caf\xe9"}\r',  # Latin-1, not UTF-8; a carriage return is part of the line
+]
+
+
+def test_a_line_that_is_not_json_is_dead_lettered_byte_for_byte_at_replay(tmp_path: Path,
+                                                                         caplog: pytest.LogCaptureFixture) -> None:
+    """A line in the middle of the spool that is not JSON goes to the dead-letter file as it is (skipped, it would be
+    lost at the spool's next rewrite), said once in the log; the rows around it are written. A torn last line (a
+    crash in the middle of an append, never acknowledged) is still dropped, and not dead-lettered."""
+    caplog.set_level(logging.WARNING)
+    path = tmp_path / "ledger-spool.jsonl"
+    whole = [json.dumps(_row("ok-1")).encode(), *DAMAGED_LINES, json.dumps(_row("ok-2")).encode()]
+    path.write_bytes(b"\n".join(whole) + b'\n{"request_id": "torn')
+    ledger = Ledger(make_database(f"sqlite:///{tmp_path / 'usage.sqlite3'}"), FileSpool(path),
+                    spool_name=str(path))
+    try:
+        assert [s.row.request_id for s in ledger._unflushed] == ["ok-1", "ok-2"]
+        assert ledger.rejected == len(DAMAGED_LINES)
+        assert _ids_in(path) == ["ok-1", "ok-2"]  # the spool holds the rows alone already
+        dead = [json.loads(line) for line in (tmp_path / DEAD_LETTER_FILE).read_bytes().splitlines()]
+        kept = [entry["line"].encode() if "line" in entry else base64.b64decode(entry["line_base64"])
+                for entry in dead]
+        assert kept == DAMAGED_LINES
+        assert [entry["reason"].split(":")[0] for entry in dead] == ["line 2 is not JSON", "line 3 is not JSON",
+                                                                      "line 4 is not JSON"]
+        assert "line" in dead[0] and "line_base64" in dead[2] and all("time" in entry for entry in dead)
+        errors = [r.getMessage() for r in caplog.records if r.levelno >= logging.ERROR]
+        assert len(errors) == len(DAMAGED_LINES)
+        assert all("unreadable ledger row" in e and DEAD_LETTER_FILE in e for e in errors)
+        assert sum("torn last line" in r.getMessage() for r in caplog.records) == 1
+        ledger.create_schema()
+        assert ledger.flush(timeout=10) and path.read_bytes() == b""
+    finally:
+        ledger.close()
+
+
+def _ids_in(path: Path) -> list[str]:
+    """The request ids of the spool file's lines, read as they are (the spool is locked by its ledger)."""
+    return [json.loads(line)["request_id"] for line in path.read_bytes().splitlines()]

@@ -17,6 +17,13 @@ The token stays in the browser: in memory, or in `localStorage` when the user as
 in the `Authorization` header of requests to this origin. The page's Content-Security-Policy allows scripts,
 styles and connections to this origin only, and model output is inserted as text, never as HTML.
 
+Its URLs are relative, so it works behind a reverse proxy that serves the server under a path prefix. Such a proxy
+(Traefik's StripPrefix, Caddy's `handle_path`) forwards `/int8serve` without its slash as `/`, like `/int8serve/`:
+the server cannot tell them apart, and from `/int8serve` the relative URLs would resolve outside the prefix. So the
+page's one inline script, first in its head, moves a page whose path lacks the slash to the same URL with it (a
+server-side redirect could only loop); the Content-Security-Policy allows that script alone, by its hash
+(`page_security_headers`).
+
 The API's own page at `/docs` (`docs.html`, `docs.js`) lives here too, under the same rules: it lists the routes
 of `/openapi.json` as text. FastAPI's default `/docs` (Swagger UI) would load its code from a CDN onto this origin,
 where a remembered token is readable by any script, and shows nothing offline.
@@ -26,13 +33,17 @@ This module holds the pages and their assets; `routes/ops.py` serves them.
 
 from __future__ import annotations
 
+import base64
+import hashlib
 import json
+import re
 from functools import cache
 from importlib import resources
 
 from ..protocol.run import WORKERS_AI_PARAMETERS
 
-__all__ = ["ASSET_TYPES", "PAGE_SECURITY_HEADERS", "asset", "docs_page", "page", "server_parameter_ranges"]
+__all__ = ["ASSET_TYPES", "PAGE_SECURITY_HEADERS", "asset", "docs_page", "page", "page_security_headers",
+           "server_parameter_ranges"]
 
 STATIC_DIR = "static"
 INDEX_FILE = "index.html"
@@ -48,6 +59,7 @@ PAGE_SECURITY_HEADERS = {
     "referrer-policy": "no-referrer",
     "cache-control": "no-cache",
 }
+_INLINE_SCRIPT = re.compile(r"<script>(.*?)</script>", re.DOTALL)  # a script of the page itself, no attributes
 
 
 def server_parameter_ranges() -> dict[str, dict[str, object]]:
@@ -61,6 +73,17 @@ def server_parameter_ranges() -> dict[str, dict[str, object]]:
 def page() -> str:
     """The page, with the parameter ranges inlined."""
     return _read_static(INDEX_FILE).replace(RANGES_PLACEHOLDER, _script_json(server_parameter_ranges()))
+
+
+@cache
+def page_security_headers() -> dict[str, str]:
+    """The playground page's headers: `PAGE_SECURITY_HEADERS`, its inline script allowed by its hash (CSP level 2),
+    as it is in the file: a change to the script changes the hash with it."""
+    hashes = [base64.b64encode(hashlib.sha256(script.encode("utf-8")).digest()).decode("ascii")
+              for script in _INLINE_SCRIPT.findall(_read_static(INDEX_FILE))]
+    allowed = " ".join(["'self'", *(f"'sha256-{h}'" for h in hashes)])
+    policy = PAGE_SECURITY_HEADERS["content-security-policy"].replace("script-src 'self'", f"script-src {allowed}")
+    return {**PAGE_SECURITY_HEADERS, "content-security-policy": policy}
 
 
 @cache

@@ -21,9 +21,10 @@ No database I/O ever happens on the event loop's thread, and a request never wai
    looks. While it is away, rows stay in the spool (one warning per outage, counted in `outages`), the flusher
    tries again every `retry_seconds` with a fresh connection, and replays them in order when it returns; the spool
    also survives a restart. When the spool passes `spool_alarm_rows` rows a warning says so (and `/metrics` shows
-   its size). A record in the spool that is not a ledger row (a field of the wrong type: a damaged or hand-edited
-   spool) is moved to the dead-letter file when the spool is read at start-up, like a refused row: sent to the
-   database, it could be stored as it is (SQLite) or fail every batch it is in.
+   its size). A record in the spool that is not a ledger row (a field of the wrong type, or a line that is not JSON
+   at all: a damaged or hand-edited spool) is moved to the dead-letter file when the spool is read at start-up,
+   like a refused row: sent to the database, it could be stored as it is (SQLite) or fail every batch it is in, and
+   skipped, it would be lost at the spool's next rewrite.
 
 Reads (the usage endpoint, the daily allocation) run on reader threads beside the writer and the flusher, so a slow
 report never delays metering; they add the rows still in the spool to what the database holds (leaving those rows
@@ -66,7 +67,7 @@ from int8serve.accounts import MAX_ACCOUNT_ID_LENGTH
 from .deadline import deadline, expire, watch
 from .fallback import Outage
 from .settings import DEFAULT_DATABASE_TIMEOUT, DEFAULT_LEDGER_TABLE
-from .spool import Spool
+from .spool import Spool, UnreadableLine
 
 __all__ = [
     "DEFAULT_DATABASE_TIMEOUT",
@@ -374,7 +375,8 @@ class Ledger:
     def _set_aside(self, unreadable: Sequence[tuple[Any, str]]) -> None:
         """Move the spooled records that are not ledger rows (with the reason) to the dead-letter file, as the
         database's refusals are, and out of the spool."""
-        entries = [{"row": record, "reason": reason, "time": utc_now().isoformat()} for record, reason in unreadable]
+        entries = [{**_dead_letter_entry(record, reason), "time": utc_now().isoformat()}
+                   for record, reason in unreadable]
         with self._spool_lock:
             try:
                 self.spool.dead_letter(entries)
@@ -387,7 +389,8 @@ class Ledger:
             self._stale += len(entries)
             self._compact(1)
         for record, reason in unreadable:
-            log.error("an unreadable ledger row in %s (%s): %.300r; moved to %s", self.spool_name, reason, record,
+            shown = record.data if isinstance(record, UnreadableLine) else record
+            log.error("an unreadable ledger row in %s (%s): %.300r; moved to %s", self.spool_name, reason, shown,
                       self.spool.dead_letter_name)
 
     def create_schema(self) -> None:
@@ -945,11 +948,22 @@ def _rows_from_spool(records: Sequence[Any]) -> tuple[list[UsageRow], list[tuple
     """(the spooled records that are ledger rows, as rows; the others, with the reason)."""
     rows, unreadable = [], []
     for record in records:
+        if isinstance(record, UnreadableLine):
+            unreadable.append((record, record.reason))
+            continue
         try:
             rows.append(UsageRow.from_json(record))
         except (TypeError, ValueError) as err:
             unreadable.append((record, short_error(err)))
     return rows, unreadable
+
+
+def _dead_letter_entry(record: Any, reason: str) -> dict[str, Any]:
+    """A spooled record that is not a ledger row, for the dead-letter file: `{"row": ...}` for a JSON value,
+    `{"line": ...}` (or `"line_base64"`) for a line that is not JSON, byte for byte."""
+    if isinstance(record, UnreadableLine):
+        return record.dead_letter_entry()
+    return {"row": record, "reason": reason}
 
 
 def short_error(err: BaseException) -> str:

@@ -13,7 +13,10 @@ nothing is left, or replaces it (a new file, fsynced, renamed over the old one) 
 
 A row the database refuses for its data (not an outage: a value it cannot store) is moved to the dead-letter file
 next to the spool, `ledger-dead-letter.jsonl` — one JSON object per line, `{"row": ..., "reason": ..., "time": ...}`
-— so that it cannot hold up the rows behind it.
+— so that it cannot hold up the rows behind it. So is a line in the middle of the spool that is not JSON at all (a
+damaged disk block, a bad hand edit): `read` gives it as an `UnreadableLine`, its bytes as they are, and the ledger
+moves it to the dead-letter file as `{"line": ..., "reason": ..., "time": ...}` (`"line_base64"` instead of
+`"line"` when its bytes are not UTF-8), byte for byte, for an operator to inspect.
 
 The file is locked (`flock`) while a server uses it: two processes sharing a data directory is an error at start-up
 rather than two writers interleaving one file. A torn last line (a crash in the middle of an append, which was
@@ -38,13 +41,15 @@ import fcntl
 import json
 import logging
 import os
+from base64 import b64encode
 from collections.abc import Sequence
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Protocol
 
 from int8serve.durable import fsync_folder
 
-__all__ = ["DEAD_LETTER_FILE", "FileSpool", "MemorySpool", "Spool", "SpoolLockedError"]
+__all__ = ["DEAD_LETTER_FILE", "FileSpool", "MemorySpool", "Spool", "SpoolLockedError", "UnreadableLine"]
 
 log = logging.getLogger(__name__)
 
@@ -55,10 +60,29 @@ class SpoolLockedError(Exception):
     """Another process holds the spool: two servers were given the same data directory."""
 
 
+@dataclass(frozen=True)
+class UnreadableLine:
+    """A whole line of the spool that is not JSON: damaged on disk or by hand, not torn by a crash (a torn last line
+    is dropped when the spool is opened). Kept as its bytes, for the dead-letter file."""
+
+    number: int  # from 1, in the spool as it was read
+    data: bytes  # without its newline
+    reason: str
+
+    def dead_letter_entry(self) -> dict[str, Any]:
+        """The line for the dead-letter file, byte for byte: as text when its bytes are UTF-8 (a JSON string gives
+        them back exactly), else in base64."""
+        try:
+            kept = {"line": self.data.decode("utf-8")}
+        except UnicodeDecodeError:
+            kept = {"line_base64": b64encode(self.data).decode("ascii")}
+        return {**kept, "reason": self.reason}
+
+
 class Spool(Protocol):
     def append(self, rows: Sequence[dict[str, Any]]) -> None: ...
 
-    def read(self) -> list[dict[str, Any]]: ...
+    def read(self) -> list[Any]: ...
 
     def clear(self) -> None: ...
 
@@ -82,7 +106,7 @@ class MemorySpool:
     def append(self, rows: Sequence[dict[str, Any]]) -> None:
         self._rows.extend(rows)
 
-    def read(self) -> list[dict[str, Any]]:
+    def read(self) -> list[Any]:
         return list(self._rows)
 
     def clear(self) -> None:
@@ -145,16 +169,19 @@ class FileSpool:
                           err)
             raise
 
-    def read(self) -> list[dict[str, Any]]:
-        rows = []
-        for number, line in enumerate(self._contents().splitlines(), 1):
+    def read(self) -> list[Any]:
+        """Each line's JSON value (blank lines skipped), or an `UnreadableLine` for a line that is not JSON (its
+        reader moves it to the dead-letter file and says so)."""
+        records: list[Any] = []
+        for number, line in enumerate(self._contents().split(b"\n")[:-1], 1):  # whole lines: the tail was dropped
             if not line.strip():
                 continue
             try:
-                rows.append(json.loads(line))
-            except ValueError:
-                log.error("%s:%d: skipping an unreadable spool line", self.path, number)
-        return rows
+                records.append(json.loads(line))
+            except ValueError as err:  # UnicodeDecodeError too
+                records.append(UnreadableLine(number, line, f"line {number} is not JSON: {type(err).__name__}: "
+                                                            f"{str(err)[:200]}"))
+        return records
 
     def clear(self) -> None:
         _truncate(self._fd, 0)

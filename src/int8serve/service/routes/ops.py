@@ -3,8 +3,9 @@
 * `GET /healthz`: 200 while the process is alive (even while loading or draining);
 * `GET /readyz`: 200 with each model's engine load, 503/3040 while loading, draining or with no model served;
 * `GET /metrics`: Prometheus text (`metrics.py`: request and error counts, latencies, tokens, neurons per account,
-  cache and rate-limit counts, engine slots). It names every account that used the server, so `--metrics-token`
-  makes it answer only `Authorization: Bearer <that token>`;
+  cache and rate-limit counts, engine slots, the phase, the process). It names every account that used the server,
+  so `--metrics-token` makes it answer only `Authorization: Bearer <that token>`. While the model loads, before
+  these routes exist, the lifecycle gate answers it (`metrics.LoadingMetrics`, the same token);
 * `GET /` and `GET /playground/{asset}`: the playground (`playground/`), with a strict Content-Security-Policy;
 * `GET /docs`: the API's routes from `/openapi.json`, a page of the same package under the same policy (FastAPI's
   Swagger UI, loaded from a CDN, is turned off in `app.py`).
@@ -65,7 +66,7 @@ async def prometheus_metrics(app: Services) -> Response:
 
 @router.get("/", include_in_schema=False)
 async def playground_page() -> Response:
-    return Response(playground.page(), media_type="text/html", headers=playground.PAGE_SECURITY_HEADERS)
+    return Response(playground.page(), media_type="text/html", headers=playground.page_security_headers())
 
 
 @router.get("/docs", include_in_schema=False)
