@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import re
 from collections.abc import Iterator
 from typing import Any
 
@@ -252,13 +253,44 @@ def test_errors_as_sdk_exceptions(base_url: str, oai: OpenAI) -> None:
     assert role.value.param == "messages"
     with pytest.raises(openai.BadRequestError):
         oai.completions.create(model=MODEL, prompt="x", stop=["a", "b", "c", "d", "e"])
-    with pytest.raises(openai.APIStatusError) as ctx:
+    with pytest.raises(openai.BadRequestError) as ctx:
         oai.completions.create(model=MODEL, prompt=STORY * 20, max_tokens=500)
-    assert ctx.value.status_code == 413 and ctx.value.code == 5021
+    assert ctx.value.code == "context_length_exceeded"
     # harmless fields the SDK and tools send are accepted
     out = oai.chat.completions.create(model=MODEL, messages=MESSAGES, max_tokens=2, n=1, logprobs=False,
                                       response_format={"type": "text"}, parallel_tool_calls=False, user="u")
     assert out.choices[0].message.role == "assistant"
+
+
+CONTEXT_MESSAGE = re.compile(r"This model's maximum context length is 512 tokens\. However, you requested (\d+) "
+                             r"tokens \((\d+) in the (messages|prompt), (\d+) in the completion\)\. Please reduce "
+                             r"the length of the (messages|prompt) or completion\.")
+
+
+def test_context_overflow_is_openais_context_length_exceeded(oai: OpenAI, http: httpx.Client,
+                                                             auth: dict[str, str], run_url: str) -> None:
+    """What LangChain and LiteLLM recognise as a context overflow: 400, code `context_length_exceeded`, OpenAI's
+    words, `param` the messages or the prompt; /ai/run keeps Workers AI's 413/5021 for the same body."""
+    long_messages = [{"role": "user", "content": STORY * 20}]
+    cases = [("messages", lambda: oai.chat.completions.create(model=MODEL, messages=long_messages, max_tokens=300),
+              {"messages": long_messages, "max_tokens": 300}),
+             ("prompt", lambda: oai.completions.create(model=MODEL, prompt=STORY * 20, max_tokens=300),
+              {"prompt": STORY * 20, "raw": True, "max_tokens": 300})]
+    for param, call, native_body in cases:
+        with pytest.raises(openai.BadRequestError) as info:
+            call()
+        error = info.value
+        assert error.status_code == 400 and error.code == "context_length_exceeded" and error.param == param
+        assert error.body["type"] == "invalid_request_error"  # type: ignore[index]
+        match = CONTEXT_MESSAGE.fullmatch(error.body["message"])  # type: ignore[index]
+        assert match is not None, error.body
+        requested, prompt_tokens, where, completion, reduce = match.groups()
+        assert (where, reduce, int(completion)) == (param, param, 300)
+        assert int(requested) == int(prompt_tokens) + 300 > 512
+        native = http.post(run_url, headers=auth, json=native_body)
+        assert native.status_code == 413 and native.json()["errors"] == [{"code": 5021, "message": (
+            f"AiError: Ai: The estimated number of input and maximum output tokens ({requested}) exceeded this "
+            "model context window limit (512).")}]
 
 
 @pytest.fixture(scope="module")

@@ -299,5 +299,6 @@ def tokenize_run(checked: ValidatedRun, tokenizer: PromptTokenizer, context_wind
     prompt_ids = tuple(tokenizer.encode_segments(checked.segments))
     estimated = len(prompt_ids) + checked.max_tokens
     if estimated > context_window:
-        raise ApiError(CONTEXT_WINDOW, tokens=estimated, limit=context_window)
+        raise ApiError(CONTEXT_WINDOW, tokens=estimated, limit=context_window, prompt_tokens=len(prompt_ids),
+                       max_tokens=checked.max_tokens, param=checked.form)
     return RunRequest(checked=checked, prompt_ids=prompt_ids)
