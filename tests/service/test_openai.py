@@ -293,6 +293,56 @@ def test_context_overflow_is_openais_context_length_exceeded(oai: OpenAI, http: 
             "model context window limit (512).")}]
 
 
+def _prompt_tokens(http: httpx.Client, auth: dict[str, str], run_url: str, body: dict[str, Any]) -> int:
+    answer = http.post(run_url, headers=auth, json={**body, "max_tokens": 1})
+    assert answer.status_code == 200, answer.text
+    return int(answer.json()["result"]["usage"]["prompt_tokens"])
+
+
+def test_omitted_max_tokens_gets_the_room_the_prompt_leaves(oai: OpenAI, http: httpx.Client, auth: dict[str, str],
+                                                            run_url: str) -> None:
+    """Without max_tokens (or max_completion_tokens) a prompt longer than the context less the card's default
+    (512 - 256) is answered, as OpenAI answers it: the reply gets the room left and ends with "length"."""
+    words = "word " * 165
+    messages = [{"role": "user", "content": words}]
+    in_chat = _prompt_tokens(http, auth, run_url, {"messages": messages})
+    in_prompt = _prompt_tokens(http, auth, run_url, {"prompt": words, "raw": True})
+    assert 256 < in_chat < 512 and 256 < in_prompt < 512
+    chat = oai.chat.completions.create(model=MODEL, messages=messages, temperature=0)  # type: ignore[arg-type]
+    assert chat.usage is not None and chat.usage.prompt_tokens == in_chat
+    assert chat.usage.completion_tokens == 512 - in_chat and chat.choices[0].finish_reason == "length"
+    completion = oai.completions.create(model=MODEL, prompt=words, temperature=0)
+    assert completion.usage is not None and completion.usage.prompt_tokens == in_prompt
+    assert completion.usage.completion_tokens == 512 - in_prompt and completion.choices[0].finish_reason == "length"
+    chunks = list(oai.chat.completions.create(model=MODEL, messages=messages, temperature=0,  # type: ignore[arg-type]
+                                              stream=True))
+    assert [c.choices[0].finish_reason for c in chunks if c.choices and c.choices[0].finish_reason] == ["length"]
+    assert chunks[-1].usage is not None and chunks[-1].usage.completion_tokens == 512 - in_chat
+    short = oai.completions.create(model=MODEL, prompt="word " * 60, temperature=0)  # room for the card's 256
+    assert short.usage is not None and short.usage.completion_tokens <= 256
+    # /ai/run keeps Workers AI's contract: the card's 256 are reserved, and the same prompt does not fit
+    native = http.post(run_url, headers=auth, json={"messages": messages})
+    assert native.status_code == 413 and native.json()["errors"][0]["code"] == 5021
+
+
+def test_omitted_max_tokens_and_a_prompt_that_fills_the_window(oai: OpenAI) -> None:
+    """Refused only when the prompt alone leaves no room, with OpenAI's words for that."""
+    words = "word " * 200
+    calls = [("messages", lambda: oai.chat.completions.create(model=MODEL, messages=[{"role": "user",
+                                                                                       "content": words}])),
+             ("prompt", lambda: oai.completions.create(model=MODEL, prompt=words))]
+    for param, call in calls:
+        with pytest.raises(openai.BadRequestError) as info:
+            call()
+        assert info.value.code == "context_length_exceeded" and info.value.param == param
+        assert re.fullmatch(rf"This model's maximum context length is 512 tokens\. However, your {param} resulted "
+                            rf"in \d+ tokens, which leaves no room for the completion\. Please reduce the length of "
+                            rf"the {param}\.", info.value.body["message"]), info.value.body  # type: ignore[index]
+    with pytest.raises(openai.BadRequestError) as explicit:  # a max_tokens that does not fit stays an error
+        oai.completions.create(model=MODEL, prompt="word " * 100, max_tokens=256)
+    assert explicit.value.code == "context_length_exceeded" and "256 in the completion" in explicit.value.message
+
+
 @pytest.fixture(scope="module")
 def policy_app(catalog: Catalog, engines: dict[str, Engine]) -> Iterator[FastAPI]:
     """The card's policy: 5 requests a minute, and the response cache."""

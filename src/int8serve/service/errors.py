@@ -40,6 +40,7 @@ __all__ = [
     "BAD_QUERY",
     "CAPACITY",
     "CONTEXT_WINDOW",
+    "CONTEXT_WINDOW_PROMPT",
     "FORBIDDEN",
     "INCOMPLETE_REQUEST",
     "INTERNAL",
@@ -111,6 +112,15 @@ CONTEXT_WINDOW = ErrorKind(
                       "This model's maximum context length is {limit} tokens. However, you requested {tokens} tokens "
                       "({prompt_tokens} in the {param}, {max_tokens} in the completion). Please reduce the length "
                       "of the {param} or completion."),
+)
+# the prompt alone leaves no room for a reply, where max_tokens was not given (the OpenAI routes: there the reply
+# gets the room the prompt leaves); the same fields, `tokens` being the prompt and a one-token reply
+CONTEXT_WINDOW_PROMPT = ErrorKind(
+    413, 5021, _CONTEXT_WINDOW_TEMPLATE, ai=True,
+    openai=OpenAIForm(400, "context_length_exceeded",
+                      "This model's maximum context length is {limit} tokens. However, your {param} resulted in "
+                      "{prompt_tokens} tokens, which leaves no room for the completion. Please reduce the length of "
+                      "the {param}."),
 )
 REQUEST_TIMEOUT = ErrorKind(408, 3007, "Request timeout", ai=True)  # the body did not arrive in time
 REQUEST_ABORTED = ErrorKind(408, 3008, "Request was aborted", ai=True)

@@ -5,8 +5,10 @@ fields the SDK or common tools send without effect must have their harmless valu
 equivalent Workers AI body, by `validate_run_body` — so types, ranges and defaults are the card's, exactly as on
 `/ai/run`: `temperature` 0–5 (a superset of OpenAI's 0–2; default the card's 0.6, not OpenAI's 1), `seed`
 1–9999999999, and the extensions `top_k` and `repetition_penalty`. `max_completion_tokens` wins over `max_tokens`
-(both given and different: 400). `stop` is a string or up to 4 non-empty strings, handed to the engine with the
-other sampling parameters (so they are part of the response cache key).
+(both given and different: 400); neither given, the reply gets the card's default (256) or the room the prompt
+leaves in the context window if less, as OpenAI bounds it (`ValidatedRun.fit_max_tokens`). `stop` is a string or
+up to 4 non-empty strings, handed to the engine with the other sampling parameters (so they are part of the response
+cache key).
 
 Chat messages go through the card's chat template (`/ai/run` with `messages`); a completion's prompt goes to the
 model as it is (`/ai/run` with `raw: true`). Messages as OpenAI's clients send them in a conversation that used tools:
@@ -140,8 +142,8 @@ class OpenAIRequest(BaseModel):
             passed["max_tokens"] = tokens
         checked = validate_run_body({**body, **passed}, card)
         stops = [self.stop] if isinstance(self.stop, str) else list(self.stop or [])
-        return dataclasses.replace(checked, params=dataclasses.replace(checked.params,
-                                                                       stop=tuple(dict.fromkeys(stops))))
+        params = dataclasses.replace(checked.params, stop=tuple(dict.fromkeys(stops)))
+        return dataclasses.replace(checked, params=params, fit_max_tokens=tokens is None)
 
     def _workers_ai_body(self) -> dict[str, Any]:
         raise NotImplementedError

@@ -14,10 +14,13 @@ empty prompt. `repetition_penalty` is multiplicative (Hugging Face semantics), w
 the schema allows 0, it is read as "no penalty" (1.0).
 
 `tokenize_run` is the last step: the prompt ids, and prompt + `max_tokens` within the context window (413/5021).
+A run whose `max_tokens` was not given on an OpenAI route (`ValidatedRun.fit_max_tokens`) gets instead, as OpenAI
+does, the card's default bounded by the room the prompt leaves, and is refused only when the prompt leaves none.
 """
 
 from __future__ import annotations
 
+import dataclasses
 import functools
 from collections.abc import Callable, Iterable, Iterator, Mapping
 from dataclasses import dataclass
@@ -40,7 +43,7 @@ from int8serve.engine.chat_template import Segment
 from int8serve.engine.sampling_params import SamplingParams
 from int8serve.prompt_templates import render_prompt, template_named
 
-from ..errors import BAD_INPUT, CONTEXT_WINDOW, LORA_UNSUPPORTED, ApiError
+from ..errors import BAD_INPUT, CONTEXT_WINDOW, CONTEXT_WINDOW_PROMPT, LORA_UNSUPPORTED, ApiError
 from .body import schema_error_detail, top_field, type_mismatch, validation_error_detail
 
 __all__ = [
@@ -143,6 +146,19 @@ class ValidatedRun:
     reject_if_busy: bool
     form: Literal["prompt", "messages"]
     raw: bool  # prompt form only: no chat template
+    # `max_tokens` is the card's default, bounded by the room the prompt leaves in the context window (the OpenAI
+    # routes when the body gives neither max_tokens nor max_completion_tokens); False: it must fit as it is
+    fit_max_tokens: bool = False
+
+    def worst_cases(self, prompt_bound: int, window: int) -> tuple[tuple[int, int], ...]:
+        """The (prompt tokens, generated tokens) pairs among which the costliest a request could be is, for a
+        prompt of at most `prompt_bound` tokens that the context `window` does not refuse: the longest prompt
+        beside `max_tokens`, and, when the room bounds `max_tokens`, the longest prompt beside a shorter reply."""
+        longest = min(prompt_bound, max(0, window - self.max_tokens))  # more would be refused
+        if not self.fit_max_tokens:
+            return ((longest, self.max_tokens),)
+        fitted = min(prompt_bound, max(0, window - 1))
+        return (longest, self.max_tokens), (fitted, max(1, min(self.max_tokens, window - fitted)))
 
     def prompt_tokens_bound(self) -> int:
         """At most how many tokens the prompt will be, without the tokenizer: a BOS, one id per control, and per
@@ -295,8 +311,15 @@ class RunRequest:
 
 
 def tokenize_run(checked: ValidatedRun, tokenizer: PromptTokenizer, context_window: int) -> RunRequest:
-    """The prompt ids, and prompt + `max_tokens` within `context_window` (else 413/5021)."""
+    """The prompt ids, and prompt + `max_tokens` within `context_window` (else 413/5021); with `fit_max_tokens`,
+    `max_tokens` bounded by the room the prompt leaves (413/5021 when it leaves none)."""
     prompt_ids = tuple(tokenizer.encode_segments(checked.segments))
+    room = context_window - len(prompt_ids)
+    if checked.fit_max_tokens and room < checked.max_tokens:
+        if room < 1:
+            raise ApiError(CONTEXT_WINDOW_PROMPT, tokens=len(prompt_ids) + 1, limit=context_window,
+                           prompt_tokens=len(prompt_ids), max_tokens=1, param=checked.form)
+        checked = dataclasses.replace(checked, max_tokens=room)
     estimated = len(prompt_ids) + checked.max_tokens
     if estimated > context_window:
         raise ApiError(CONTEXT_WINDOW, tokens=estimated, limit=context_window, prompt_tokens=len(prompt_ids),
