@@ -12,7 +12,7 @@ from int8serve.engine.chat_template import render_prompt
 from int8serve.engine.tokenizer import Tokenizer
 from int8serve.service.auth import authenticate
 from int8serve.service.errors import ApiError
-from int8serve.service.protocol.body import parse_json_body, schema_error_detail
+from int8serve.service.protocol.body import OPENAI_WORDING, parse_json_body, schema_error_detail
 from int8serve.service.protocol.run import RunRequest, tokenize_run, validate_run_body
 from int8serve.service.streaming import encode_frame
 
@@ -53,6 +53,14 @@ def test_schema_wording(card: ModelCard) -> None:
         "properties at '/' are 'messages'", None)
     assert schema_error_detail(card.input_validator.evolve(schema={"properties": {"max_tokens": {"maximum": 9}}}),
                                {"max_tokens": 10}) == ("Value at '/max_tokens' must be <= 9, got 10", "max_tokens")
+    # the OpenAI routes: the branch the body chose, fields as OpenAI's clients name them
+    assert schema_error_detail(check, {"messages": [{"role": "user", "content": "a" * 4097}]}, OPENAI_WORDING) == (
+        "String at 'messages[0].content' is longer than 4096 characters (4097)", "messages")
+    assert schema_error_detail(check, {"prompt": "a" * 4097, "raw": True}, OPENAI_WORDING) == (
+        "String at 'prompt' is longer than 4096 characters (4097)", "prompt")
+    assert schema_error_detail(check, {}, OPENAI_WORDING) == (  # no branch chosen: both
+        "oneOf at 'body' not met, 0 matches: required properties at 'body' are 'prompt', required properties at "
+        "'body' are 'messages'", None)
 
 
 def build_run_request(body: Any, card: ModelCard, tokenizer: Tokenizer, window: int) -> RunRequest:

@@ -262,6 +262,28 @@ def test_errors_as_sdk_exceptions(base_url: str, oai: OpenAI) -> None:
     assert out.choices[0].message.role == "assistant"
 
 
+def test_errors_with_a_clear_culprit_name_it(oai: OpenAI, http: httpx.Client, auth: dict[str, str],
+                                             run_url: str) -> None:
+    """`param` names the field (the top-level one, as every OpenAI error here), and the message speaks of what the
+    client sent: a chat's message, never Workers AI's `prompt` branch."""
+    long = [{"role": "system", "content": "Be brief."}, {"role": "user", "content": "a" * 4097}]
+    with pytest.raises(openai.BadRequestError) as chat:
+        oai.chat.completions.create(model=MODEL, messages=long, max_tokens=2)  # type: ignore[arg-type]
+    assert chat.value.param == "messages" and chat.value.code == 5006
+    assert chat.value.body["message"] == (  # type: ignore[index]
+        "AiError: Bad input: Error: String at 'messages[1].content' is longer than 4096 characters (4097)")
+    with pytest.raises(openai.BadRequestError) as completion:
+        oai.completions.create(model=MODEL, prompt="a" * 4097, max_tokens=2)
+    assert completion.value.param == "prompt" and "'prompt' is longer than 4096" in completion.value.message
+    assert "messages" not in completion.value.message
+    with pytest.raises(openai.BadRequestError) as both:
+        oai.chat.completions.create(model=MODEL, messages=MESSAGES, max_tokens=3, max_completion_tokens=2)
+    assert both.value.param == "max_tokens" and "differ" in both.value.message
+    native = http.post(run_url, headers=auth, json={"messages": long}).json()["errors"][0]["message"]
+    assert native.startswith("AiError: Bad input: Error: oneOf at '/' not met, 0 matches: required properties at "
+                             "'/' are 'prompt', String at '/messages/1/content' is longer")  # Workers AI's, as it was
+
+
 CONTEXT_MESSAGE = re.compile(r"This model's maximum context length is 512 tokens\. However, you requested (\d+) "
                              r"tokens \((\d+) in the (messages|prompt), (\d+) in the completion\)\. Please reduce "
                              r"the length of the (messages|prompt) or completion\.")

@@ -32,7 +32,7 @@ from pydantic import BaseModel, ConfigDict, Field, StrictBool, ValidationError, 
 from int8serve.catalog.card import ModelCard
 
 from ..errors import BAD_INPUT, ApiError
-from .body import top_field
+from .body import OPENAI_WORDING, top_field
 from .run import JsonInteger, JsonNumber, ValidatedRun, validate_run_body
 
 __all__ = ["MAX_STOP_SEQUENCES", "ChatCompletionRequest", "CompletionRequest", "OpenAIRequest"]
@@ -114,19 +114,18 @@ class OpenAIRequest(BaseModel):
     logit_bias: Annotated[dict[str, Any], Field(max_length=0)] | None = None
     response_format: TextFormat | None = None
 
-    @model_validator(mode="after")
-    def _one_max_tokens(self) -> OpenAIRequest:
-        if None not in (self.max_tokens, self.max_completion_tokens) and self.max_tokens != self.max_completion_tokens:
-            raise ValueError("'max_tokens' and 'max_completion_tokens' differ: give one of them")
-        return self
-
     @classmethod
     def parse(cls, body: Any) -> OpenAIRequest:
         """`body` checked against this model (400/5006 naming the field)."""
         try:
-            return cls.model_validate(body)
+            request = cls.model_validate(body)
         except ValidationError as err:
             raise ApiError(BAD_INPUT, detail=_detail(err), param=_param(err)) from None
+        if None not in (request.max_tokens, request.max_completion_tokens) and \
+                request.max_tokens != request.max_completion_tokens:
+            raise ApiError(BAD_INPUT, detail="'max_tokens' and 'max_completion_tokens' differ: give one of them",
+                           param="max_tokens")
+        return request
 
     @property
     def include_usage(self) -> bool:
@@ -140,7 +139,7 @@ class OpenAIRequest(BaseModel):
         tokens = self.max_completion_tokens if self.max_completion_tokens is not None else self.max_tokens
         if tokens is not None:
             passed["max_tokens"] = tokens
-        checked = validate_run_body({**body, **passed}, card)
+        checked = validate_run_body({**body, **passed}, card, OPENAI_WORDING)
         stops = [self.stop] if isinstance(self.stop, str) else list(self.stop or [])
         params = dataclasses.replace(checked.params, stop=tuple(dict.fromkeys(stops)))
         return dataclasses.replace(checked, params=params, fit_max_tokens=tokens is None)

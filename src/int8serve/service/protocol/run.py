@@ -44,7 +44,7 @@ from int8serve.engine.sampling_params import SamplingParams
 from int8serve.prompt_templates import render_prompt, template_named
 
 from ..errors import BAD_INPUT, CONTEXT_WINDOW, CONTEXT_WINDOW_PROMPT, LORA_UNSUPPORTED, ApiError
-from .body import schema_error_detail, top_field, type_mismatch, validation_error_detail
+from .body import WORKERS_AI_WORDING, Wording, schema_error_detail, top_field, type_mismatch, validation_error_detail
 
 __all__ = [
     "DEFAULT_TEMPERATURE",
@@ -224,21 +224,22 @@ class RunBody(BaseModel):
         )
 
 
-def validate_run_body(body: Any, card: ModelCard) -> ValidatedRun:
-    """A parsed `/ai/run` body checked for `card`: the message count, the card's JSON Schema, then the model."""
+def validate_run_body(body: Any, card: ModelCard, wording: Wording = WORKERS_AI_WORDING) -> ValidatedRun:
+    """A parsed `/ai/run` body checked for `card`: the message count, the card's JSON Schema, then the model;
+    complaints worded as Workers AI words them, or as `wording` says (the OpenAI routes')."""
     messages = body.get("messages") if isinstance(body, dict) else None
     if isinstance(messages, list) and len(messages) > MAX_MESSAGES:  # before the schema: bounds its cost
-        raise ApiError(BAD_INPUT, detail=f"Array at '/messages' must have at most {MAX_MESSAGES} items "
-                                         f"({len(messages)})", param="messages")
-    problem = schema_error_detail(card.input_validator, body)
+        raise ApiError(BAD_INPUT, detail=f"Array at '{wording.locate(['messages'])}' must have at most {MAX_MESSAGES} "
+                                         f"items ({len(messages)})", param="messages")
+    problem = schema_error_detail(card.input_validator, body, wording)
     if problem is not None:
         raise ApiError(BAD_INPUT, detail=problem[0], param=problem[1])
     if not isinstance(body, dict):  # a schema without "type": "object"
-        raise ApiError(BAD_INPUT, detail=type_mismatch("/", "object", body))
+        raise ApiError(BAD_INPUT, detail=type_mismatch(wording.locate([]), "object", body))
     try:
         parsed = run_body_model(card).model_validate(body)
     except ValidationError as err:
-        raise ApiError(BAD_INPUT, detail=validation_error_detail(err),
+        raise ApiError(BAD_INPUT, detail=validation_error_detail(err, wording),
                        param=top_field(err.errors(include_url=False)[0]["loc"])) from None
     return parsed.to_run(card)
 
