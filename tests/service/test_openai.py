@@ -284,6 +284,45 @@ def test_errors_with_a_clear_culprit_name_it(oai: OpenAI, http: httpx.Client, au
                              "'/' are 'prompt', String at '/messages/1/content' is longer")  # Workers AI's, as it was
 
 
+CHAT = {"model": MODEL, "messages": [{"role": "user", "content": "hi"}], "max_tokens": 2}
+IMAGE = {"type": "image_url", "image_url": {"url": "https://example.com/cat.png"}}
+
+
+@pytest.mark.parametrize(("path", "body", "message", "param"), [
+    ("chat/completions", {**CHAT, "stop": ["a", "b", "c", "d", "e"]},
+     "'stop': at most 4 stop sequences are supported, got 5", "stop"),
+    ("chat/completions", {**CHAT, "stop": [""]}, "'stop[0]': stop sequences must not be empty", "stop"),
+    ("chat/completions", {**CHAT, "stop": ""}, "'stop': stop sequences must not be empty", "stop"),
+    ("chat/completions", {**CHAT, "stop": 5}, "'stop' must be a string or an array, got integer", "stop"),
+    ("chat/completions", {**CHAT, "messages": [{"role": "user", "content": [IMAGE]}]},
+     "'messages[0].content[0].type': only text content parts are supported by this model, got a part of type "
+     "'image_url'", "messages"),
+    ("chat/completions", {**CHAT, "messages": [{"role": "user", "content": [{"type": "text", "text": "hi"}, IMAGE]}]},
+     "'messages[0].content[1].type': only text content parts are supported by this model, got a part of type "
+     "'image_url'", "messages"),
+    ("chat/completions", {**CHAT, "messages": [{"role": "user", "content": ["hi"]}]},
+     "'messages[0].content[0]' must be an object, got string", "messages"),
+    ("chat/completions", {**CHAT, "messages": ["hi"]}, "'messages[0]' must be an object, got string", "messages"),
+    ("chat/completions", {**CHAT, "stream_options": 1}, "'stream_options' must be an object, got integer",
+     "stream_options"),
+    ("completions", {"model": MODEL, "prompt": [1, 2, 3]},
+     "'prompt': token-id prompts are not supported; give the prompt as text (a string)", "prompt"),
+    ("completions", {"model": MODEL, "prompt": [[1, 2, 3]]},
+     "'prompt': token-id prompts are not supported; give the prompt as text (a string)", "prompt"),
+    ("completions", {"model": MODEL, "prompt": None}, "'prompt' must be a string or an array, got null", "prompt"),
+    ("chat/completions", [], "the request body must be a JSON object, got array", None),
+    ("completions", "prompt", "the request body must be a JSON object, got string", None),
+])
+def test_bad_bodies_are_told_what_is_wrong_in_their_own_terms(http: httpx.Client, auth: dict[str, str], path: str,
+                                                              body: Any, message: str, param: str | None) -> None:
+    """A union's complaint comes from the member the value's type chose, in the client's words: never pydantic's
+    member tags (`constrained-str`, `list[TextPart]`) or class names."""
+    answer = http.post(f"/v1/{path}", headers=auth, json=body)
+    assert answer.status_code == 400, answer.text
+    assert answer.json()["error"] == {"message": f"AiError: Bad input: Error: {message}",
+                                      "type": "invalid_request_error", "param": param, "code": 5006}
+
+
 CONTEXT_MESSAGE = re.compile(r"This model's maximum context length is 512 tokens\. However, you requested (\d+) "
                              r"tokens \((\d+) in the (messages|prompt), (\d+) in the completion\)\. Please reduce "
                              r"the length of the (messages|prompt) or completion\.")

@@ -27,23 +27,57 @@ from __future__ import annotations
 import dataclasses
 from typing import Annotated, Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, StrictBool, ValidationError, model_validator
+from pydantic import (
+    AfterValidator,
+    BaseModel,
+    ConfigDict,
+    Field,
+    StrictBool,
+    ValidationError,
+    field_validator,
+    model_validator,
+)
+from pydantic_core import PydanticCustomError
 
 from int8serve.catalog.card import ModelCard
 
 from ..errors import BAD_INPUT, ApiError
-from .body import OPENAI_WORDING, top_field
+from .body import OPENAI_WORDING, json_type
+from .problems import openai_detail
 from .run import JsonInteger, JsonNumber, ValidatedRun, validate_run_body
 
 __all__ = ["MAX_STOP_SEQUENCES", "ChatCompletionRequest", "CompletionRequest", "OpenAIRequest"]
 
 MAX_STOP_SEQUENCES = 4
 
-Stop = Annotated[str, Field(min_length=1)]
+
+def _non_empty_stop(value: str) -> str:
+    if not value:
+        raise PydanticCustomError("empty_stop", "stop sequences must not be empty")
+    return value
+
+
+def _few_stops(value: list[str]) -> list[str]:
+    if len(value) > MAX_STOP_SEQUENCES:
+        raise PydanticCustomError("too_many_stops", "at most {limit} stop sequences are supported, got {count}",
+                                  {"limit": MAX_STOP_SEQUENCES, "count": len(value)})
+    return value
+
+
+def _text_part(kind: str) -> str:
+    if kind != "text":
+        raise PydanticCustomError("unsupported_part", "only text content parts are supported by this model, got a "
+                                                      "part of type '{kind}'", {"kind": kind})
+    return kind
+
+
+# the checks are our functions, for their words; the schema still says what they check (the OpenAPI document)
+Stop = Annotated[str, AfterValidator(_non_empty_stop), Field(json_schema_extra={"minLength": 1})]
+Stops = Annotated[list[Stop], AfterValidator(_few_stops), Field(json_schema_extra={"maxItems": MAX_STOP_SEQUENCES})]
 
 
 class TextPart(BaseModel):
-    type: Literal["text"]
+    type: Annotated[str, AfterValidator(_text_part)] = Field(json_schema_extra={"enum": ["text"]})
     text: str
 
 
@@ -93,7 +127,7 @@ class OpenAIRequest(BaseModel):
     presence_penalty: JsonNumber | None = None
     top_k: JsonInteger | None = Field(None, description="extension: top-k filter (1-50)")
     repetition_penalty: JsonNumber | None = Field(None, description="extension: multiplicative penalty (0-2)")
-    stop: Stop | Annotated[list[Stop], Field(max_length=MAX_STOP_SEQUENCES)] | None = None
+    stop: Stop | Stops | None = None
     stream: StrictBool | None = None
     stream_options: StreamOptions | None = None
     options: dict[str, Any] | None = Field(None, description="Workers AI's options, e.g. {\"rejectIfBusy\": true}")
@@ -117,10 +151,13 @@ class OpenAIRequest(BaseModel):
     @classmethod
     def parse(cls, body: Any) -> OpenAIRequest:
         """`body` checked against this model (400/5006 naming the field)."""
+        if not isinstance(body, dict):
+            raise ApiError(BAD_INPUT, detail=f"the request body must be a JSON object, got {json_type(body)}")
         try:
             request = cls.model_validate(body)
         except ValidationError as err:
-            raise ApiError(BAD_INPUT, detail=_detail(err), param=_param(err)) from None
+            detail, param = openai_detail(err, body)
+            raise ApiError(BAD_INPUT, detail=detail, param=param) from None
         if None not in (request.max_tokens, request.max_completion_tokens) and \
                 request.max_tokens != request.max_completion_tokens:
             raise ApiError(BAD_INPUT, detail="'max_tokens' and 'max_completion_tokens' differ: give one of them",
@@ -162,6 +199,14 @@ class CompletionRequest(OpenAIRequest):
 
     prompt: str | list[str] = Field(description="one prompt (a list of one string is accepted)")
 
+    @field_validator("prompt", mode="before")
+    @classmethod
+    def _no_token_ids(cls, value: Any) -> Any:
+        if isinstance(value, list) and any(isinstance(p, int | list) and not isinstance(p, bool) for p in value):
+            raise PydanticCustomError("token_prompt", "token-id prompts are not supported; give the prompt as text "
+                                                      "(a string)")
+        return value
+
     def _workers_ai_body(self) -> dict[str, Any]:
         prompts = [self.prompt] if isinstance(self.prompt, str) else self.prompt
         if len(prompts) != 1:
@@ -169,26 +214,3 @@ class CompletionRequest(OpenAIRequest):
                                              f"of {len(prompts)}", param="prompt")
         return {"prompt": prompts[0], "raw": True}
 
-
-def _param(err: ValidationError) -> str | None:
-    """The field OpenAI's error object names in `param`: the first unsupported one, else the first problem's."""
-    problems = err.errors(include_url=False)
-    extra = [p["loc"] for p in problems if p["type"] == "extra_forbidden"]
-    return top_field(extra[0] if extra else problems[0]["loc"])
-
-
-def _detail(err: ValidationError) -> str:
-    """The first problem, naming the field as OpenAI's clients know it (`stream_options.include_usage`)."""
-    problems = err.errors(include_url=False)
-    extra = [".".join(map(str, p["loc"])) for p in problems if p["type"] == "extra_forbidden"]
-    if extra:
-        return "unsupported field(s): " + ", ".join(repr(name) for name in extra)
-    first = problems[0]
-    field = ".".join(str(p) for p in first["loc"])
-    if first["type"] == "literal_error":
-        return f"'{field}' must be {first['ctx']['expected']} (nothing else is supported), got {first['input']!r}"
-    if first["type"] == "too_long" and field in ("tools", "functions", "logit_bias"):
-        return f"'{field}' is not supported by this model"
-    if first["type"] == "value_error":
-        return str(first["ctx"]["error"])
-    return f"'{field}': {first['msg']}"
