@@ -183,6 +183,21 @@ def test_v1_alias_takes_the_account_from_the_token(base_url: str, oai: OpenAI) -
     assert info.value.code == 10000
 
 
+def test_a_malformed_key_is_an_authentication_error(base_url: str, http: httpx.Client, run_url: str) -> None:
+    """A key with a space (`OpenAI(api_key="tok A")`) is a key OpenAI cannot use: 401, the reason in the message;
+    /ai/run keeps Cloudflare's 400/6003 with its error chain."""
+    for url in (f"{base_url}/v1", f"{base_url}/client/v4/accounts/{ACCOUNT}/ai/v1"):
+        with OpenAI(api_key="tok A", base_url=url, max_retries=0) as client, \
+                pytest.raises(openai.AuthenticationError) as info:
+            client.chat.completions.create(model=MODEL, messages=MESSAGES, max_tokens=2)  # type: ignore[arg-type]
+        assert info.value.body == {"message": "Invalid request headers: Invalid format for Authorization header",
+                                   "type": "authentication_error", "param": None, "code": 6003}
+    native = http.post(run_url, headers={"Authorization": "Bearer tok A"}, json={"prompt": "hi"})
+    assert native.status_code == 400 and native.json()["errors"] == [{
+        "code": 6003, "message": "Invalid request headers",
+        "error_chain": [{"code": 6111, "message": "Invalid format for Authorization header"}]}]
+
+
 # --- stop sequences ---------------------------------------------------------------------------------------------
 
 

@@ -208,7 +208,9 @@ def json_response(body: Any, status: int = 200, headers: Mapping[str, str] | Non
 
 # --- the OpenAI shape (routes under /v1/ and /ai/v1/: routes/openai.py) -----------------------------------------
 
-OPENAI_STATUS = {5007: 404, 9106: 401}  # OpenAI's statuses where they differ from /ai/run's
+# OpenAI's statuses where they differ from /ai/run's: an unknown model is 404; missing credentials and a malformed
+# Authorization header (`OpenAI(api_key="tok A")`) are an invalid API key, 401 (Cloudflare's API answers 400 for both)
+OPENAI_STATUS = {5007: 404, 9106: 401, 6003: 401}
 OPENAI_TYPES = {400: "invalid_request_error", 401: "authentication_error", 403: "permission_error",
                 404: "not_found_error", 405: "invalid_request_error", 408: "timeout_error",
                 413: "invalid_request_error", 429: "rate_limit_error", 500: "server_error",
@@ -234,7 +236,10 @@ def _openai_answer(err: ApiError) -> tuple[int, int | str, str]:
     form = err.kind.openai
     if form is not None:
         return form.status, form.code, form.template.format(**err.fields)
-    return OPENAI_STATUS.get(err.code, err.status), err.code, err.message
+    message = err.message
+    if err.error_chain:  # OpenAI's shape has no chain: its reasons join the message ("...: Invalid format for ...")
+        message += ": " + "; ".join(str(link.get("message")) for link in err.error_chain)
+    return OPENAI_STATUS.get(err.code, err.status), err.code, message
 
 
 def openai_error_response(err: ApiError) -> Response:

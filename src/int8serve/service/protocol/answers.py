@@ -133,8 +133,8 @@ _STATUSES = {
 ERROR_RESPONSES = _errors(ErrorEnvelope, _STATUSES)
 OPENAI_ERROR_RESPONSES = _errors(OpenAIError, {
     **_STATUSES, 404: "unknown model (5007)", 413: "body too large (3006)",
-    400: "bad input (5006), malformed headers (6003), context window exceeded (`context_length_exceeded`)",
-    401: "missing credentials (9106) or unknown token (10000)",
+    400: "bad input (5006), context window exceeded (`context_length_exceeded`)",
+    401: "missing credentials (9106), a malformed Authorization header (6003) or an unknown token (10000)",
 })
 SSE_RESPONSE: dict[str, Any] = {"content": {"text/event-stream": {"schema": {"type": "string"}}},
                                 "description": "with `stream: true`: server-sent events, one `data: {...}` frame per "
