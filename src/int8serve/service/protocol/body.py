@@ -119,7 +119,10 @@ def field_path(path: Iterable[Any]) -> str:
     """A field as OpenAI's clients name it (`messages[0].content`); `body` for the body itself."""
     text = ""
     for part in path:
-        text += f"[{part}]" if isinstance(part, int) else f".{part}" if text else str(part)
+        if isinstance(part, int):
+            text += f"[{part}]"
+        else:
+            text += f".{part}" if text else str(part)
     return text or "body"
 
 
