@@ -213,4 +213,3 @@ class CompletionRequest(OpenAIRequest):
             raise ApiError(BAD_INPUT, detail=f"'prompt' must be one string (batches are not supported), got a list "
                                              f"of {len(prompts)}", param="prompt")
         return {"prompt": prompts[0], "raw": True}
-
