@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 from typing import Any
 
 import pytest
@@ -11,7 +12,7 @@ from int8serve.engine.chat_template import render_prompt
 from int8serve.engine.tokenizer import Tokenizer
 from int8serve.service.auth import authenticate
 from int8serve.service.errors import ApiError
-from int8serve.service.protocol.body import parse_json_body, schema_error_detail
+from int8serve.service.protocol.body import OPENAI_WORDING, parse_json_body, schema_error_detail
 from int8serve.service.protocol.run import RunRequest, tokenize_run, validate_run_body
 from int8serve.service.streaming import encode_frame
 
@@ -52,6 +53,14 @@ def test_schema_wording(card: ModelCard) -> None:
         "properties at '/' are 'messages'", None)
     assert schema_error_detail(card.input_validator.evolve(schema={"properties": {"max_tokens": {"maximum": 9}}}),
                                {"max_tokens": 10}) == ("Value at '/max_tokens' must be <= 9, got 10", "max_tokens")
+    # the OpenAI routes: the branch the body chose, fields as OpenAI's clients name them
+    assert schema_error_detail(check, {"messages": [{"role": "user", "content": "a" * 4097}]}, OPENAI_WORDING) == (
+        "String at 'messages[0].content' is longer than 4096 characters (4097)", "messages")
+    assert schema_error_detail(check, {"prompt": "a" * 4097, "raw": True}, OPENAI_WORDING) == (
+        "String at 'prompt' is longer than 4096 characters (4097)", "prompt")
+    assert schema_error_detail(check, {}, OPENAI_WORDING) == (  # no branch chosen: both
+        "oneOf at 'body' not met, 0 matches: required properties at 'body' are 'prompt', required properties at "
+        "'body' are 'messages'", None)
 
 
 def build_run_request(body: Any, card: ModelCard, tokenizer: Tokenizer, window: int) -> RunRequest:
@@ -75,6 +84,22 @@ def test_build_run_request(card: ModelCard, stories_tokenizer: Tokenizer) -> Non
     assert (err.status, err.code) == (413, 5021)
     assert "(513) exceeded this model context window limit (512)." in err.message
     assert build_run_request({"prompt": "Hi", "max_tokens": 7.0}, card, stories_tokenizer, 512).checked.max_tokens == 7
+
+
+def test_a_fitted_max_tokens_is_bounded_by_the_room_and_reserved_at_its_worst(card: ModelCard,
+                                                                            stories_tokenizer: Tokenizer) -> None:
+    """OpenAI's routes without max_tokens: the card's 256, or the room the prompt leaves if less; the daily
+    allocation prices both ends of what such a request may be (a long prompt beside a short reply costs more
+    where input tokens cost more)."""
+    fitted = dataclasses.replace(validate_run_body({"prompt": "word " * 165, "raw": True}, card), fit_max_tokens=True)
+    run = tokenize_run(fitted, stories_tokenizer, 512)
+    assert 256 < run.prompt_tokens < 512 and run.checked.max_tokens == 512 - run.prompt_tokens
+    assert tokenize_run(fitted, stories_tokenizer, 2048).checked.max_tokens == 256
+    err = _fails(lambda: tokenize_run(fitted, stories_tokenizer, run.prompt_tokens))
+    assert (err.status, err.code, err.fields["prompt_tokens"]) == (413, 5021, run.prompt_tokens)
+    assert fitted.worst_cases(10_000, 512) == ((256, 256), (511, 1))
+    assert fitted.worst_cases(100, 512) == ((100, 256), (100, 256))
+    assert dataclasses.replace(fitted, fit_max_tokens=False).worst_cases(10_000, 512) == ((256, 256),)
 
 
 def test_numbers_are_bounded_when_parsed() -> None:

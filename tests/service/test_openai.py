@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import re
 from collections.abc import Iterator
 from typing import Any
 
@@ -182,6 +183,21 @@ def test_v1_alias_takes_the_account_from_the_token(base_url: str, oai: OpenAI) -
     assert info.value.code == 10000
 
 
+def test_a_malformed_key_is_an_authentication_error(base_url: str, http: httpx.Client, run_url: str) -> None:
+    """A key with a space (`OpenAI(api_key="tok A")`) is a key OpenAI cannot use: 401, the reason in the message;
+    /ai/run keeps Cloudflare's 400/6003 with its error chain."""
+    for url in (f"{base_url}/v1", f"{base_url}/client/v4/accounts/{ACCOUNT}/ai/v1"):
+        with OpenAI(api_key="tok A", base_url=url, max_retries=0) as client, \
+                pytest.raises(openai.AuthenticationError) as info:
+            client.chat.completions.create(model=MODEL, messages=MESSAGES, max_tokens=2)  # type: ignore[arg-type]
+        assert info.value.body == {"message": "Invalid request headers: Invalid format for Authorization header",
+                                   "type": "authentication_error", "param": None, "code": 6003}
+    native = http.post(run_url, headers={"Authorization": "Bearer tok A"}, json={"prompt": "hi"})
+    assert native.status_code == 400 and native.json()["errors"] == [{
+        "code": 6003, "message": "Invalid request headers",
+        "error_chain": [{"code": 6111, "message": "Invalid format for Authorization header"}]}]
+
+
 # --- stop sequences ---------------------------------------------------------------------------------------------
 
 
@@ -252,13 +268,155 @@ def test_errors_as_sdk_exceptions(base_url: str, oai: OpenAI) -> None:
     assert role.value.param == "messages"
     with pytest.raises(openai.BadRequestError):
         oai.completions.create(model=MODEL, prompt="x", stop=["a", "b", "c", "d", "e"])
-    with pytest.raises(openai.APIStatusError) as ctx:
+    with pytest.raises(openai.BadRequestError) as ctx:
         oai.completions.create(model=MODEL, prompt=STORY * 20, max_tokens=500)
-    assert ctx.value.status_code == 413 and ctx.value.code == 5021
+    assert ctx.value.code == "context_length_exceeded"
     # harmless fields the SDK and tools send are accepted
     out = oai.chat.completions.create(model=MODEL, messages=MESSAGES, max_tokens=2, n=1, logprobs=False,
                                       response_format={"type": "text"}, parallel_tool_calls=False, user="u")
     assert out.choices[0].message.role == "assistant"
+
+
+def test_errors_with_a_clear_culprit_name_it(oai: OpenAI, http: httpx.Client, auth: dict[str, str],
+                                             run_url: str) -> None:
+    """`param` names the field (the top-level one, as every OpenAI error here), and the message speaks of what the
+    client sent: a chat's message, never Workers AI's `prompt` branch."""
+    long = [{"role": "system", "content": "Be brief."}, {"role": "user", "content": "a" * 4097}]
+    with pytest.raises(openai.BadRequestError) as chat:
+        oai.chat.completions.create(model=MODEL, messages=long, max_tokens=2)  # type: ignore[arg-type]
+    assert chat.value.param == "messages" and chat.value.code == 5006
+    assert chat.value.body["message"] == (  # type: ignore[index]
+        "AiError: Bad input: Error: String at 'messages[1].content' is longer than 4096 characters (4097)")
+    with pytest.raises(openai.BadRequestError) as completion:
+        oai.completions.create(model=MODEL, prompt="a" * 4097, max_tokens=2)
+    assert completion.value.param == "prompt" and "'prompt' is longer than 4096" in completion.value.message
+    assert "messages" not in completion.value.message
+    with pytest.raises(openai.BadRequestError) as both:
+        oai.chat.completions.create(model=MODEL, messages=MESSAGES, max_tokens=3, max_completion_tokens=2)
+    assert both.value.param == "max_tokens" and "differ" in both.value.message
+    native = http.post(run_url, headers=auth, json={"messages": long}).json()["errors"][0]["message"]
+    assert native.startswith("AiError: Bad input: Error: oneOf at '/' not met, 0 matches: required properties at "
+                             "'/' are 'prompt', String at '/messages/1/content' is longer")  # Workers AI's, as it was
+
+
+CHAT = {"model": MODEL, "messages": [{"role": "user", "content": "hi"}], "max_tokens": 2}
+IMAGE = {"type": "image_url", "image_url": {"url": "https://example.com/cat.png"}}
+
+
+@pytest.mark.parametrize(("path", "body", "message", "param"), [
+    ("chat/completions", {**CHAT, "stop": ["a", "b", "c", "d", "e"]},
+     "'stop': at most 4 stop sequences are supported, got 5", "stop"),
+    ("chat/completions", {**CHAT, "stop": [""]}, "'stop[0]': stop sequences must not be empty", "stop"),
+    ("chat/completions", {**CHAT, "stop": ""}, "'stop': stop sequences must not be empty", "stop"),
+    ("chat/completions", {**CHAT, "stop": 5}, "'stop' must be a string or an array, got integer", "stop"),
+    ("chat/completions", {**CHAT, "messages": [{"role": "user", "content": [IMAGE]}]},
+     "'messages[0].content[0].type': only text content parts are supported by this model, got a part of type "
+     "'image_url'", "messages"),
+    ("chat/completions", {**CHAT, "messages": [{"role": "user", "content": [{"type": "text", "text": "hi"}, IMAGE]}]},
+     "'messages[0].content[1].type': only text content parts are supported by this model, got a part of type "
+     "'image_url'", "messages"),
+    ("chat/completions", {**CHAT, "messages": [{"role": "user", "content": ["hi"]}]},
+     "'messages[0].content[0]' must be an object, got string", "messages"),
+    ("chat/completions", {**CHAT, "messages": ["hi"]}, "'messages[0]' must be an object, got string", "messages"),
+    ("chat/completions", {**CHAT, "stream_options": 1}, "'stream_options' must be an object, got integer",
+     "stream_options"),
+    ("completions", {"model": MODEL, "prompt": [1, 2, 3]},
+     "'prompt': token-id prompts are not supported; give the prompt as text (a string)", "prompt"),
+    ("completions", {"model": MODEL, "prompt": [[1, 2, 3]]},
+     "'prompt': token-id prompts are not supported; give the prompt as text (a string)", "prompt"),
+    ("completions", {"model": MODEL, "prompt": None}, "'prompt' must be a string or an array, got null", "prompt"),
+    ("chat/completions", [], "the request body must be a JSON object, got array", None),
+    ("completions", "prompt", "the request body must be a JSON object, got string", None),
+])
+def test_bad_bodies_are_told_what_is_wrong_in_their_own_terms(http: httpx.Client, auth: dict[str, str], path: str,
+                                                              body: Any, message: str, param: str | None) -> None:
+    """A union's complaint comes from the member the value's type chose, in the client's words: never pydantic's
+    member tags (`constrained-str`, `list[TextPart]`) or class names."""
+    answer = http.post(f"/v1/{path}", headers=auth, json=body)
+    assert answer.status_code == 400, answer.text
+    assert answer.json()["error"] == {"message": f"AiError: Bad input: Error: {message}",
+                                      "type": "invalid_request_error", "param": param, "code": 5006}
+
+
+CONTEXT_MESSAGE = re.compile(r"This model's maximum context length is 512 tokens\. However, you requested (\d+) "
+                             r"tokens \((\d+) in the (messages|prompt), (\d+) in the completion\)\. Please reduce "
+                             r"the length of the (messages|prompt) or completion\.")
+
+
+def test_context_overflow_is_openais_context_length_exceeded(oai: OpenAI, http: httpx.Client,
+                                                             auth: dict[str, str], run_url: str) -> None:
+    """What LangChain and LiteLLM recognise as a context overflow: 400, code `context_length_exceeded`, OpenAI's
+    words, `param` the messages or the prompt; /ai/run keeps Workers AI's 413/5021 for the same body."""
+    long_messages = [{"role": "user", "content": STORY * 20}]
+    cases = [("messages", lambda: oai.chat.completions.create(model=MODEL, messages=long_messages, max_tokens=300),
+              {"messages": long_messages, "max_tokens": 300}),
+             ("prompt", lambda: oai.completions.create(model=MODEL, prompt=STORY * 20, max_tokens=300),
+              {"prompt": STORY * 20, "raw": True, "max_tokens": 300})]
+    for param, call, native_body in cases:
+        with pytest.raises(openai.BadRequestError) as info:
+            call()
+        error = info.value
+        assert error.status_code == 400 and error.code == "context_length_exceeded" and error.param == param
+        assert error.body["type"] == "invalid_request_error"  # type: ignore[index]
+        match = CONTEXT_MESSAGE.fullmatch(error.body["message"])  # type: ignore[index]
+        assert match is not None, error.body
+        requested, prompt_tokens, where, completion, reduce = match.groups()
+        assert (where, reduce, int(completion)) == (param, param, 300)
+        assert int(requested) == int(prompt_tokens) + 300 > 512
+        native = http.post(run_url, headers=auth, json=native_body)
+        assert native.status_code == 413 and native.json()["errors"] == [{"code": 5021, "message": (
+            f"AiError: Ai: The estimated number of input and maximum output tokens ({requested}) exceeded this "
+            "model context window limit (512).")}]
+
+
+def _prompt_tokens(http: httpx.Client, auth: dict[str, str], run_url: str, body: dict[str, Any]) -> int:
+    answer = http.post(run_url, headers=auth, json={**body, "max_tokens": 1})
+    assert answer.status_code == 200, answer.text
+    return int(answer.json()["result"]["usage"]["prompt_tokens"])
+
+
+def test_omitted_max_tokens_gets_the_room_the_prompt_leaves(oai: OpenAI, http: httpx.Client, auth: dict[str, str],
+                                                            run_url: str) -> None:
+    """Without max_tokens (or max_completion_tokens) a prompt longer than the context less the card's default
+    (512 - 256) is answered, as OpenAI answers it: the reply gets the room left and ends with "length"."""
+    words = "word " * 165
+    messages = [{"role": "user", "content": words}]
+    in_chat = _prompt_tokens(http, auth, run_url, {"messages": messages})
+    in_prompt = _prompt_tokens(http, auth, run_url, {"prompt": words, "raw": True})
+    assert 256 < in_chat < 512 and 256 < in_prompt < 512
+    chat = oai.chat.completions.create(model=MODEL, messages=messages, temperature=0)  # type: ignore[arg-type]
+    assert chat.usage is not None and chat.usage.prompt_tokens == in_chat
+    assert chat.usage.completion_tokens == 512 - in_chat and chat.choices[0].finish_reason == "length"
+    completion = oai.completions.create(model=MODEL, prompt=words, temperature=0)
+    assert completion.usage is not None and completion.usage.prompt_tokens == in_prompt
+    assert completion.usage.completion_tokens == 512 - in_prompt and completion.choices[0].finish_reason == "length"
+    chunks = list(oai.chat.completions.create(model=MODEL, messages=messages, temperature=0,  # type: ignore[arg-type]
+                                              stream=True))
+    assert [c.choices[0].finish_reason for c in chunks if c.choices and c.choices[0].finish_reason] == ["length"]
+    assert chunks[-1].usage is not None and chunks[-1].usage.completion_tokens == 512 - in_chat
+    short = oai.completions.create(model=MODEL, prompt="word " * 60, temperature=0)  # room for the card's 256
+    assert short.usage is not None and short.usage.completion_tokens <= 256
+    # /ai/run keeps Workers AI's contract: the card's 256 are reserved, and the same prompt does not fit
+    native = http.post(run_url, headers=auth, json={"messages": messages})
+    assert native.status_code == 413 and native.json()["errors"][0]["code"] == 5021
+
+
+def test_omitted_max_tokens_and_a_prompt_that_fills_the_window(oai: OpenAI) -> None:
+    """Refused only when the prompt alone leaves no room, with OpenAI's words for that."""
+    words = "word " * 200
+    calls = [("messages", lambda: oai.chat.completions.create(model=MODEL, messages=[{"role": "user",
+                                                                                       "content": words}])),
+             ("prompt", lambda: oai.completions.create(model=MODEL, prompt=words))]
+    for param, call in calls:
+        with pytest.raises(openai.BadRequestError) as info:
+            call()
+        assert info.value.code == "context_length_exceeded" and info.value.param == param
+        assert re.fullmatch(rf"This model's maximum context length is 512 tokens\. However, your {param} resulted "
+                            rf"in \d+ tokens, which leaves no room for the completion\. Please reduce the length of "
+                            rf"the {param}\.", info.value.body["message"]), info.value.body  # type: ignore[index]
+    with pytest.raises(openai.BadRequestError) as explicit:  # a max_tokens that does not fit stays an error
+        oai.completions.create(model=MODEL, prompt="word " * 100, max_tokens=256)
+    assert explicit.value.code == "context_length_exceeded" and "256 in the completion" in explicit.value.message
 
 
 @pytest.fixture(scope="module")

@@ -9,7 +9,8 @@ Two schemes are accepted, as on api.cloudflare.com:
 
 When both are present, `Authorization` wins. Answers (the generic Cloudflare API's):
 nothing → 400/9106; a malformed header → 400/6003 with an `error_chain` naming it; an unknown token → 401/10000;
-a known token used under another account's URL → 403/10000.
+a known token used under another account's URL → 403/10000. On the OpenAI routes missing credentials and a
+malformed header are 401, as OpenAI answers a key it cannot use (`errors.OPENAI_STATUS`).
 
 Tokens are compared in constant time against every configured token, so response timing does not reveal how much
 of a guessed token was right.

@@ -13,6 +13,11 @@ Codes Cloudflare does not document (marked "ours" below) were chosen so that the
 Workers AI code: 1001 for a malformed query parameter, 1002 for usage data that cannot be read right now, 3043 for
 an internal error. 503 answers (an engine that is shutting down, `/readyz` while not ready) reuse 3040 ("try
 again"), with a `Retry-After` header like the 429s.
+
+The OpenAI routes answer the same errors in OpenAI's shape (`{"error": {"message", "type", "param", "code"}}`),
+with the Workers AI code and, where OpenAI's clients branch on something else, OpenAI's status (`OPENAI_STATUS`) or
+OpenAI's whole answer (`ErrorKind.openai`): a context overflow is OpenAI's 400 `context_length_exceeded` there,
+the only form in which LangChain and LiteLLM recognise it (and fall back to a model with a larger window).
 """
 
 from __future__ import annotations
@@ -35,6 +40,7 @@ __all__ = [
     "BAD_QUERY",
     "CAPACITY",
     "CONTEXT_WINDOW",
+    "CONTEXT_WINDOW_PROMPT",
     "FORBIDDEN",
     "INCOMPLETE_REQUEST",
     "INTERNAL",
@@ -52,6 +58,7 @@ __all__ = [
     "USAGE_UNAVAILABLE",
     "ApiError",
     "ErrorKind",
+    "OpenAIForm",
     "answered_status",
     "error_body",
     "error_response",
@@ -69,6 +76,15 @@ log = logging.getLogger(__name__)
 
 
 @dataclass(frozen=True)
+class OpenAIForm:
+    """An error as OpenAI itself answers it, for the OpenAI routes; `template` is formatted as `ErrorKind`'s."""
+
+    status: int
+    code: str
+    template: str
+
+
+@dataclass(frozen=True)
 class ErrorKind:
     """One row of the error table. `template` is formatted with the keyword arguments given to `ApiError`."""
 
@@ -76,6 +92,7 @@ class ErrorKind:
     code: int
     template: str
     ai: bool  # True: a Workers AI error (`result: {}`); False: a generic API error (`result: null`)
+    openai: OpenAIForm | None = None  # OpenAI's own answer on the OpenAI routes (None: this row, OPENAI_STATUS)
 
 
 # --- the table -------------------------------------------------------------------------------------------------
@@ -85,11 +102,25 @@ NO_SUCH_MODEL = ErrorKind(400, 5007, "No such model {model} or task{note}", ai=T
 INCOMPLETE_REQUEST = ErrorKind(400, 3003, "Request is missing headers or body: {what}", ai=True)
 LORA_UNSUPPORTED = ErrorKind(405, 5005, "The model {model} does not support LoRa inference", ai=True)
 REQUEST_TOO_LARGE = ErrorKind(413, 3006, "Request is too large", ai=True)
+# prompt + max_tokens beyond the window; fields: tokens, limit, prompt_tokens, max_tokens, param ("messages" or
+# "prompt": the body's form, OpenAI's `param`)
+_CONTEXT_WINDOW_TEMPLATE = ("AiError: Ai: The estimated number of input and maximum output tokens ({tokens}) exceeded "
+                            "this model context window limit ({limit}).")
 CONTEXT_WINDOW = ErrorKind(
-    413, 5021,
-    "AiError: Ai: The estimated number of input and maximum output tokens ({tokens}) exceeded this model "
-    "context window limit ({limit}).",
-    ai=True,
+    413, 5021, _CONTEXT_WINDOW_TEMPLATE, ai=True,
+    openai=OpenAIForm(400, "context_length_exceeded",
+                      "This model's maximum context length is {limit} tokens. However, you requested {tokens} tokens "
+                      "({prompt_tokens} in the {param}, {max_tokens} in the completion). Please reduce the length "
+                      "of the {param} or completion."),
+)
+# the prompt alone leaves no room for a reply, where max_tokens was not given (the OpenAI routes: there the reply
+# gets the room the prompt leaves); the same fields, `tokens` being the prompt and a one-token reply
+CONTEXT_WINDOW_PROMPT = ErrorKind(
+    413, 5021, _CONTEXT_WINDOW_TEMPLATE, ai=True,
+    openai=OpenAIForm(400, "context_length_exceeded",
+                      "This model's maximum context length is {limit} tokens. However, your {param} resulted in "
+                      "{prompt_tokens} tokens, which leaves no room for the completion. Please reduce the length of "
+                      "the {param}."),
 )
 REQUEST_TIMEOUT = ErrorKind(408, 3007, "Request timeout", ai=True)  # the body did not arrive in time
 REQUEST_ABORTED = ErrorKind(408, 3008, "Request was aborted", ai=True)
@@ -177,7 +208,9 @@ def json_response(body: Any, status: int = 200, headers: Mapping[str, str] | Non
 
 # --- the OpenAI shape (routes under /v1/ and /ai/v1/: routes/openai.py) -----------------------------------------
 
-OPENAI_STATUS = {5007: 404, 9106: 401}  # OpenAI's statuses where they differ from /ai/run's
+# OpenAI's statuses where they differ from /ai/run's: an unknown model is 404; missing credentials and a malformed
+# Authorization header (`OpenAI(api_key="tok A")`) are an invalid API key, 401 (Cloudflare's API answers 400 for both)
+OPENAI_STATUS = {5007: 404, 9106: 401, 6003: 401}
 OPENAI_TYPES = {400: "invalid_request_error", 401: "authentication_error", 403: "permission_error",
                 404: "not_found_error", 405: "invalid_request_error", 408: "timeout_error",
                 413: "invalid_request_error", 429: "rate_limit_error", 500: "server_error",
@@ -192,21 +225,32 @@ def is_openai_path(path: str) -> bool:
     return len(parts) >= 7 and parts[1:4] == ["client", "v4", "accounts"] and parts[5:7] == ["ai", "v1"]
 
 
-def openai_error(code: int, message: str, status: int, param: str | None = None) -> dict[str, Any]:
+def openai_error(code: int | str, message: str, status: int, param: str | None = None) -> dict[str, Any]:
     """OpenAI's error object; `param` names the request's field at fault (the SDK's `e.param`)."""
     kind = "capacity_error" if code == 3040 else OPENAI_TYPES.get(status, "api_error")
     return {"error": {"message": message, "type": kind, "param": param, "code": code}}
 
 
+def _openai_answer(err: ApiError) -> tuple[int, int | str, str]:
+    """The status, code and message of `err` on the OpenAI routes."""
+    form = err.kind.openai
+    if form is not None:
+        return form.status, form.code, form.template.format(**err.fields)
+    message = err.message
+    if err.error_chain:  # OpenAI's shape has no chain: its reasons join the message ("...: Invalid format for ...")
+        message += ": " + "; ".join(str(link.get("message")) for link in err.error_chain)
+    return OPENAI_STATUS.get(err.code, err.status), err.code, message
+
+
 def openai_error_response(err: ApiError) -> Response:
-    status = OPENAI_STATUS.get(err.code, err.status)
-    return json_response(openai_error(err.code, err.message, status, err.fields.get("param")), status=status,
+    status, code, message = _openai_answer(err)
+    return json_response(openai_error(code, message, status, err.fields.get("param")), status=status,
                          headers=err.headers)
 
 
 def answered_status(path: str, err: ApiError) -> int:
     """The HTTP status `err` is answered with on `path`."""
-    return OPENAI_STATUS.get(err.code, err.status) if is_openai_path(path) else err.status
+    return _openai_answer(err)[0] if is_openai_path(path) else err.status
 
 
 def error_response(path: str, err: ApiError) -> Response:

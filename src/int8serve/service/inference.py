@@ -256,8 +256,8 @@ class InferenceCall:
         bytes until it is tokenized) until the request ends: `finish`, or `_release_soon` on the way out before
         the engine has it."""
         if self.policy.allocation is not None:
-            prompt = min(checked.prompt_tokens_bound(), max(0, window - checked.max_tokens))  # more would be 413
-            worst = card.policy.neurons(prompt, checked.max_tokens)
+            worst = max(card.policy.neurons(prompt, generated)
+                        for prompt, generated in checked.worst_cases(checked.prompt_tokens_bound(), window))
             try:
                 self.reservation = await self.policy.allocation.reserve(self.account, worst, self.received)
             except ApiError:

@@ -62,7 +62,8 @@ class OpenAIErrorBody(BaseModel):
     message: str
     type: str
     param: str | None
-    code: int
+    code: int | str = Field(description="the Workers AI code, or OpenAI's own where its clients branch on it "
+                                        "(`context_length_exceeded`)")
 
 
 class OpenAIError(BaseModel):
@@ -130,7 +131,11 @@ _STATUSES = {
     500: "internal error (3043)", 503: "loading or shutting down (3040)",
 }
 ERROR_RESPONSES = _errors(ErrorEnvelope, _STATUSES)
-OPENAI_ERROR_RESPONSES = _errors(OpenAIError, {**_STATUSES, 404: "unknown model (5007)"})
+OPENAI_ERROR_RESPONSES = _errors(OpenAIError, {
+    **_STATUSES, 404: "unknown model (5007)", 413: "body too large (3006)",
+    400: "bad input (5006), context window exceeded (`context_length_exceeded`)",
+    401: "missing credentials (9106), a malformed Authorization header (6003) or an unknown token (10000)",
+})
 SSE_RESPONSE: dict[str, Any] = {"content": {"text/event-stream": {"schema": {"type": "string"}}},
                                 "description": "with `stream: true`: server-sent events, one `data: {...}` frame per "
                                                "text delta, a usage frame with neurons, then `data: [DONE]`"}

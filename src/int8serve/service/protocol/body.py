@@ -4,7 +4,9 @@ Workers AI reads the body as JSON whatever the Content-Type says (curl `-d` send
 body with 400/3003 and anything else it cannot use with 400/5006, quoting its JSON Schema validator (`oneOf at '/'
 not met, 0 matches: required properties at '/' are 'prompt', ...`). Clients show these messages to people, so the
 same words are produced here, both for the card's own JSON Schema (`schema_error_detail`) and for the pydantic
-models of `protocol/` (`validation_error_detail`).
+models of `protocol/` (`validation_error_detail`). The OpenAI routes check the same schema, but their clients sent
+neither Workers AI's pointers nor a `prompt` in a chat: `OPENAI_WORDING` names a field as they do
+(`messages[0].content`) and keeps, of the schema's prompt/messages `oneOf`, the branch the body chose.
 
 Parsing is bounded so that no value in a body can cost more than its bytes: a body is at most `max_bytes` (413/3006,
 judged on `Content-Length` and on the bytes actually read), an integer literal has at most `MAX_INTEGER_DIGITS`
@@ -15,7 +17,8 @@ digits and a number must be finite (`1e400` is not a number here). The parse run
 from __future__ import annotations
 
 import json
-from collections.abc import Iterable, Sequence
+from collections.abc import Callable, Iterable, Sequence
+from dataclasses import dataclass
 from typing import Any
 
 import jsonschema
@@ -27,6 +30,10 @@ from ..errors import BAD_INPUT, INCOMPLETE_REQUEST, REQUEST_TOO_LARGE, ApiError
 __all__ = [
     "DEFAULT_MAX_BODY_BYTES",
     "MAX_INTEGER_DIGITS",
+    "OPENAI_WORDING",
+    "WORKERS_AI_WORDING",
+    "Wording",
+    "field_path",
     "json_type",
     "parse_json_body",
     "pointer",
@@ -108,6 +115,30 @@ def pointer(path: Iterable[Any]) -> str:
     return "/" + "/".join(str(p).replace("~", "~0").replace("/", "~1") for p in path)
 
 
+def field_path(path: Iterable[Any]) -> str:
+    """A field as OpenAI's clients name it (`messages[0].content`); `body` for the body itself."""
+    text = ""
+    for part in path:
+        if isinstance(part, int):
+            text += f"[{part}]"
+        else:
+            text += f".{part}" if text else str(part)
+    return text or "body"
+
+
+@dataclass(frozen=True)
+class Wording:
+    """How a complaint names its place in the body (`locate`), and whether, of a `oneOf` whose branches each require
+    their own properties, it reports only the branch the body chose (the one whose required properties it has)."""
+
+    locate: Callable[[Sequence[Any]], str]
+    chosen_branch: bool
+
+
+WORKERS_AI_WORDING = Wording(pointer, chosen_branch=False)  # Workers AI's validator: every branch, JSON pointers
+OPENAI_WORDING = Wording(field_path, chosen_branch=True)
+
+
 def json_type(value: Any) -> str:
     if value is None:
         return "null"
@@ -129,11 +160,31 @@ def type_mismatch(where: str, expected: str | Sequence[str], value: Any) -> str:
     return f"Type mismatch of '{where}', '{wanted}' not in '{json_type(value)}'"
 
 
-def schema_error_detail(validator: jsonschema.protocols.Validator, instance: Any) -> tuple[str, str | None] | None:
-    """The first violation of a card's JSON Schema by `instance`, worded like Workers AI's, and the top-level field
-    it is about (OpenAI's `param`); None when valid."""
+def schema_error_detail(validator: jsonschema.protocols.Validator, instance: Any,
+                        wording: Wording = WORKERS_AI_WORDING) -> tuple[str, str | None] | None:
+    """The first violation of a card's JSON Schema by `instance`, worded like Workers AI's (or as `wording` says),
+    and the top-level field it is about (OpenAI's `param`); None when valid."""
     error = next(iter(validator.iter_errors(instance)), None)
-    return None if error is None else (_describe(error, validator), top_field(error.absolute_path))
+    if error is None:
+        return None
+    if wording.chosen_branch:
+        error = _chosen_branch(error)
+    return _describe(error, validator, wording), top_field(error.absolute_path)
+
+
+def _chosen_branch(error: jsonschema.ValidationError) -> jsonschema.ValidationError:
+    """The first complaint of the `oneOf`/`anyOf` branch the instance chose: the one branch that does not miss a
+    property it requires (`messages` for a chat); `error` itself when that is not one branch."""
+    while error.validator in ("oneOf", "anyOf") and error.context:
+        branches: dict[Any, list[jsonschema.ValidationError]] = {}
+        for sub in error.context:
+            branches.setdefault(sub.relative_schema_path[0], []).append(sub)
+        chosen = [subs for subs in branches.values()
+                  if not any(s.validator == "required" and s.absolute_path == error.absolute_path for s in subs)]
+        if len(chosen) != 1:
+            break
+        error = chosen[0][0]
+    return error
 
 
 def top_field(path: Iterable[Any]) -> str | None:
@@ -142,8 +193,8 @@ def top_field(path: Iterable[Any]) -> str | None:
     return first if isinstance(first, str) else None
 
 
-def _describe(error: jsonschema.ValidationError, validator: jsonschema.protocols.Validator) -> str:
-    where = pointer(error.absolute_path)
+def _describe(error: jsonschema.ValidationError, validator: jsonschema.protocols.Validator, wording: Wording) -> str:
+    where = wording.locate(error.absolute_path)
     keyword, expected, instance = error.validator, error.validator_value, error.instance
     if keyword == "required":
         missing = [p for p in expected if isinstance(instance, dict) and p not in instance]
@@ -154,7 +205,7 @@ def _describe(error: jsonschema.ValidationError, validator: jsonschema.protocols
         matches = sum(1 for branch in expected if validator.evolve(schema=branch).is_valid(instance))
         text = f"{keyword} at '{where}' not met, {matches} matches"
         if error.context:  # each branch's complaints, in order; the same complaint from two branches once
-            text += ": " + ", ".join(dict.fromkeys(_describe(sub, validator) for sub in error.context))
+            text += ": " + ", ".join(dict.fromkeys(_describe(sub, validator, wording) for sub in error.context))
         return text
     if keyword == "maxLength":
         return f"String at '{where}' is longer than {expected} characters ({len(instance)})"
@@ -171,8 +222,13 @@ def _describe(error: jsonschema.ValidationError, validator: jsonschema.protocols
     if keyword == "additionalProperties" and isinstance(instance, dict):
         known = set((error.schema or {}).get("properties", {}))
         extra = [k for k in instance if k not in known]
-        return ", ".join(f"Additional or unevaluated properties '{where.rstrip('/')}/{k}' at '{where}' not allowed"
-                         for k in extra)
+
+        def inside(key: str) -> str:  # Workers AI's words join the pointer and the key as they are
+            if wording is WORKERS_AI_WORDING:
+                return f"{where.rstrip('/')}/{key}"
+            return wording.locate([*error.absolute_path, key])
+
+        return ", ".join(f"Additional or unevaluated properties '{inside(k)}' at '{where}' not allowed" for k in extra)
     return f"{error.message} at '{where}'"
 
 
@@ -182,11 +238,11 @@ _EXPECTED_TYPES = {"int_type": "integer", "int_from_float": "integer", "float_ty
                    "model_type": "object", "model_attributes_type": "object"}
 
 
-def validation_error_detail(error: ValidationError) -> str:
+def validation_error_detail(error: ValidationError, wording: Wording = WORKERS_AI_WORDING) -> str:
     """The first problem pydantic found, in Workers AI's words (`Value at '/top_k' must be between 1 and 50, got
     51`); errors raised by our own validators carry their words in their message."""
     first = error.errors(include_url=False)[0]
-    where, kind, value = pointer(first["loc"]), first["type"], first.get("input")
+    where, kind, value = wording.locate(first["loc"]), first["type"], first.get("input")
     if kind in _EXPECTED_TYPES:
         return type_mismatch(where, _EXPECTED_TYPES[kind], value)
     if kind == "out_of_range":

@@ -5,8 +5,10 @@ fields the SDK or common tools send without effect must have their harmless valu
 equivalent Workers AI body, by `validate_run_body` — so types, ranges and defaults are the card's, exactly as on
 `/ai/run`: `temperature` 0–5 (a superset of OpenAI's 0–2; default the card's 0.6, not OpenAI's 1), `seed`
 1–9999999999, and the extensions `top_k` and `repetition_penalty`. `max_completion_tokens` wins over `max_tokens`
-(both given and different: 400). `stop` is a string or up to 4 non-empty strings, handed to the engine with the
-other sampling parameters (so they are part of the response cache key).
+(both given and different: 400); neither given, the reply gets the card's default (256) or the room the prompt
+leaves in the context window if less, as OpenAI bounds it (`ValidatedRun.fit_max_tokens`). `stop` is a string or
+up to 4 non-empty strings, handed to the engine with the other sampling parameters (so they are part of the response
+cache key).
 
 Chat messages go through the card's chat template (`/ai/run` with `messages`); a completion's prompt goes to the
 model as it is (`/ai/run` with `raw: true`). Messages as OpenAI's clients send them in a conversation that used tools:
@@ -25,23 +27,57 @@ from __future__ import annotations
 import dataclasses
 from typing import Annotated, Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, StrictBool, ValidationError, model_validator
+from pydantic import (
+    AfterValidator,
+    BaseModel,
+    ConfigDict,
+    Field,
+    StrictBool,
+    ValidationError,
+    field_validator,
+    model_validator,
+)
+from pydantic_core import PydanticCustomError
 
 from int8serve.catalog.card import ModelCard
 
 from ..errors import BAD_INPUT, ApiError
-from .body import top_field
+from .body import OPENAI_WORDING, json_type
+from .problems import openai_detail
 from .run import JsonInteger, JsonNumber, ValidatedRun, validate_run_body
 
 __all__ = ["MAX_STOP_SEQUENCES", "ChatCompletionRequest", "CompletionRequest", "OpenAIRequest"]
 
 MAX_STOP_SEQUENCES = 4
 
-Stop = Annotated[str, Field(min_length=1)]
+
+def _non_empty_stop(value: str) -> str:
+    if not value:
+        raise PydanticCustomError("empty_stop", "stop sequences must not be empty")
+    return value
+
+
+def _few_stops(value: list[str]) -> list[str]:
+    if len(value) > MAX_STOP_SEQUENCES:
+        raise PydanticCustomError("too_many_stops", "at most {limit} stop sequences are supported, got {count}",
+                                  {"limit": MAX_STOP_SEQUENCES, "count": len(value)})
+    return value
+
+
+def _text_part(kind: str) -> str:
+    if kind != "text":
+        raise PydanticCustomError("unsupported_part", "only text content parts are supported by this model, got a "
+                                                      "part of type '{kind}'", {"kind": kind})
+    return kind
+
+
+# the checks are our functions, for their words; the schema still says what they check (the OpenAPI document)
+Stop = Annotated[str, AfterValidator(_non_empty_stop), Field(json_schema_extra={"minLength": 1})]
+Stops = Annotated[list[Stop], AfterValidator(_few_stops), Field(json_schema_extra={"maxItems": MAX_STOP_SEQUENCES})]
 
 
 class TextPart(BaseModel):
-    type: Literal["text"]
+    type: Annotated[str, AfterValidator(_text_part)] = Field(json_schema_extra={"enum": ["text"]})
     text: str
 
 
@@ -91,7 +127,7 @@ class OpenAIRequest(BaseModel):
     presence_penalty: JsonNumber | None = None
     top_k: JsonInteger | None = Field(None, description="extension: top-k filter (1-50)")
     repetition_penalty: JsonNumber | None = Field(None, description="extension: multiplicative penalty (0-2)")
-    stop: Stop | Annotated[list[Stop], Field(max_length=MAX_STOP_SEQUENCES)] | None = None
+    stop: Stop | Stops | None = None
     stream: StrictBool | None = None
     stream_options: StreamOptions | None = None
     options: dict[str, Any] | None = Field(None, description="Workers AI's options, e.g. {\"rejectIfBusy\": true}")
@@ -112,19 +148,21 @@ class OpenAIRequest(BaseModel):
     logit_bias: Annotated[dict[str, Any], Field(max_length=0)] | None = None
     response_format: TextFormat | None = None
 
-    @model_validator(mode="after")
-    def _one_max_tokens(self) -> OpenAIRequest:
-        if None not in (self.max_tokens, self.max_completion_tokens) and self.max_tokens != self.max_completion_tokens:
-            raise ValueError("'max_tokens' and 'max_completion_tokens' differ: give one of them")
-        return self
-
     @classmethod
     def parse(cls, body: Any) -> OpenAIRequest:
         """`body` checked against this model (400/5006 naming the field)."""
+        if not isinstance(body, dict):
+            raise ApiError(BAD_INPUT, detail=f"the request body must be a JSON object, got {json_type(body)}")
         try:
-            return cls.model_validate(body)
+            request = cls.model_validate(body)
         except ValidationError as err:
-            raise ApiError(BAD_INPUT, detail=_detail(err), param=_param(err)) from None
+            detail, param = openai_detail(err, body)
+            raise ApiError(BAD_INPUT, detail=detail, param=param) from None
+        if None not in (request.max_tokens, request.max_completion_tokens) and \
+                request.max_tokens != request.max_completion_tokens:
+            raise ApiError(BAD_INPUT, detail="'max_tokens' and 'max_completion_tokens' differ: give one of them",
+                           param="max_tokens")
+        return request
 
     @property
     def include_usage(self) -> bool:
@@ -138,10 +176,10 @@ class OpenAIRequest(BaseModel):
         tokens = self.max_completion_tokens if self.max_completion_tokens is not None else self.max_tokens
         if tokens is not None:
             passed["max_tokens"] = tokens
-        checked = validate_run_body({**body, **passed}, card)
+        checked = validate_run_body({**body, **passed}, card, OPENAI_WORDING)
         stops = [self.stop] if isinstance(self.stop, str) else list(self.stop or [])
-        return dataclasses.replace(checked, params=dataclasses.replace(checked.params,
-                                                                       stop=tuple(dict.fromkeys(stops))))
+        params = dataclasses.replace(checked.params, stop=tuple(dict.fromkeys(stops)))
+        return dataclasses.replace(checked, params=params, fit_max_tokens=tokens is None)
 
     def _workers_ai_body(self) -> dict[str, Any]:
         raise NotImplementedError
@@ -161,33 +199,17 @@ class CompletionRequest(OpenAIRequest):
 
     prompt: str | list[str] = Field(description="one prompt (a list of one string is accepted)")
 
+    @field_validator("prompt", mode="before")
+    @classmethod
+    def _no_token_ids(cls, value: Any) -> Any:
+        if isinstance(value, list) and any(isinstance(p, int | list) and not isinstance(p, bool) for p in value):
+            raise PydanticCustomError("token_prompt", "token-id prompts are not supported; give the prompt as text "
+                                                      "(a string)")
+        return value
+
     def _workers_ai_body(self) -> dict[str, Any]:
         prompts = [self.prompt] if isinstance(self.prompt, str) else self.prompt
         if len(prompts) != 1:
             raise ApiError(BAD_INPUT, detail=f"'prompt' must be one string (batches are not supported), got a list "
                                              f"of {len(prompts)}", param="prompt")
         return {"prompt": prompts[0], "raw": True}
-
-
-def _param(err: ValidationError) -> str | None:
-    """The field OpenAI's error object names in `param`: the first unsupported one, else the first problem's."""
-    problems = err.errors(include_url=False)
-    extra = [p["loc"] for p in problems if p["type"] == "extra_forbidden"]
-    return top_field(extra[0] if extra else problems[0]["loc"])
-
-
-def _detail(err: ValidationError) -> str:
-    """The first problem, naming the field as OpenAI's clients know it (`stream_options.include_usage`)."""
-    problems = err.errors(include_url=False)
-    extra = [".".join(map(str, p["loc"])) for p in problems if p["type"] == "extra_forbidden"]
-    if extra:
-        return "unsupported field(s): " + ", ".join(repr(name) for name in extra)
-    first = problems[0]
-    field = ".".join(str(p) for p in first["loc"])
-    if first["type"] == "literal_error":
-        return f"'{field}' must be {first['ctx']['expected']} (nothing else is supported), got {first['input']!r}"
-    if first["type"] == "too_long" and field in ("tools", "functions", "logit_bias"):
-        return f"'{field}' is not supported by this model"
-    if first["type"] == "value_error":
-        return str(first["ctx"]["error"])
-    return f"'{field}': {first['msg']}"

@@ -14,10 +14,13 @@ empty prompt. `repetition_penalty` is multiplicative (Hugging Face semantics), w
 the schema allows 0, it is read as "no penalty" (1.0).
 
 `tokenize_run` is the last step: the prompt ids, and prompt + `max_tokens` within the context window (413/5021).
+A run whose `max_tokens` was not given on an OpenAI route (`ValidatedRun.fit_max_tokens`) gets instead, as OpenAI
+does, the card's default bounded by the room the prompt leaves, and is refused only when the prompt leaves none.
 """
 
 from __future__ import annotations
 
+import dataclasses
 import functools
 from collections.abc import Callable, Iterable, Iterator, Mapping
 from dataclasses import dataclass
@@ -40,8 +43,8 @@ from int8serve.engine.chat_template import Segment
 from int8serve.engine.sampling_params import SamplingParams
 from int8serve.prompt_templates import render_prompt, template_named
 
-from ..errors import BAD_INPUT, CONTEXT_WINDOW, LORA_UNSUPPORTED, ApiError
-from .body import schema_error_detail, top_field, type_mismatch, validation_error_detail
+from ..errors import BAD_INPUT, CONTEXT_WINDOW, CONTEXT_WINDOW_PROMPT, LORA_UNSUPPORTED, ApiError
+from .body import WORKERS_AI_WORDING, Wording, schema_error_detail, top_field, type_mismatch, validation_error_detail
 
 __all__ = [
     "DEFAULT_TEMPERATURE",
@@ -143,6 +146,19 @@ class ValidatedRun:
     reject_if_busy: bool
     form: Literal["prompt", "messages"]
     raw: bool  # prompt form only: no chat template
+    # `max_tokens` is the card's default, bounded by the room the prompt leaves in the context window (the OpenAI
+    # routes when the body gives neither max_tokens nor max_completion_tokens); False: it must fit as it is
+    fit_max_tokens: bool = False
+
+    def worst_cases(self, prompt_bound: int, window: int) -> tuple[tuple[int, int], ...]:
+        """The (prompt tokens, generated tokens) pairs among which the costliest a request could be is, for a
+        prompt of at most `prompt_bound` tokens that the context `window` does not refuse: the longest prompt
+        beside `max_tokens`, and, when the room bounds `max_tokens`, the longest prompt beside a shorter reply."""
+        longest = min(prompt_bound, max(0, window - self.max_tokens))  # more would be refused
+        if not self.fit_max_tokens:
+            return ((longest, self.max_tokens),)
+        fitted = min(prompt_bound, max(0, window - 1))
+        return (longest, self.max_tokens), (fitted, max(1, min(self.max_tokens, window - fitted)))
 
     def prompt_tokens_bound(self) -> int:
         """At most how many tokens the prompt will be, without the tokenizer: a BOS, one id per control, and per
@@ -208,21 +224,22 @@ class RunBody(BaseModel):
         )
 
 
-def validate_run_body(body: Any, card: ModelCard) -> ValidatedRun:
-    """A parsed `/ai/run` body checked for `card`: the message count, the card's JSON Schema, then the model."""
+def validate_run_body(body: Any, card: ModelCard, wording: Wording = WORKERS_AI_WORDING) -> ValidatedRun:
+    """A parsed `/ai/run` body checked for `card`: the message count, the card's JSON Schema, then the model;
+    complaints worded as Workers AI words them, or as `wording` says (the OpenAI routes')."""
     messages = body.get("messages") if isinstance(body, dict) else None
     if isinstance(messages, list) and len(messages) > MAX_MESSAGES:  # before the schema: bounds its cost
-        raise ApiError(BAD_INPUT, detail=f"Array at '/messages' must have at most {MAX_MESSAGES} items "
-                                         f"({len(messages)})", param="messages")
-    problem = schema_error_detail(card.input_validator, body)
+        raise ApiError(BAD_INPUT, detail=f"Array at '{wording.locate(['messages'])}' must have at most {MAX_MESSAGES} "
+                                         f"items ({len(messages)})", param="messages")
+    problem = schema_error_detail(card.input_validator, body, wording)
     if problem is not None:
         raise ApiError(BAD_INPUT, detail=problem[0], param=problem[1])
     if not isinstance(body, dict):  # a schema without "type": "object"
-        raise ApiError(BAD_INPUT, detail=type_mismatch("/", "object", body))
+        raise ApiError(BAD_INPUT, detail=type_mismatch(wording.locate([]), "object", body))
     try:
         parsed = run_body_model(card).model_validate(body)
     except ValidationError as err:
-        raise ApiError(BAD_INPUT, detail=validation_error_detail(err),
+        raise ApiError(BAD_INPUT, detail=validation_error_detail(err, wording),
                        param=top_field(err.errors(include_url=False)[0]["loc"])) from None
     return parsed.to_run(card)
 
@@ -295,9 +312,17 @@ class RunRequest:
 
 
 def tokenize_run(checked: ValidatedRun, tokenizer: PromptTokenizer, context_window: int) -> RunRequest:
-    """The prompt ids, and prompt + `max_tokens` within `context_window` (else 413/5021)."""
+    """The prompt ids, and prompt + `max_tokens` within `context_window` (else 413/5021); with `fit_max_tokens`,
+    `max_tokens` bounded by the room the prompt leaves (413/5021 when it leaves none)."""
     prompt_ids = tuple(tokenizer.encode_segments(checked.segments))
+    room = context_window - len(prompt_ids)
+    if checked.fit_max_tokens and room < checked.max_tokens:
+        if room < 1:
+            raise ApiError(CONTEXT_WINDOW_PROMPT, tokens=len(prompt_ids) + 1, limit=context_window,
+                           prompt_tokens=len(prompt_ids), max_tokens=1, param=checked.form)
+        checked = dataclasses.replace(checked, max_tokens=room)
     estimated = len(prompt_ids) + checked.max_tokens
     if estimated > context_window:
-        raise ApiError(CONTEXT_WINDOW, tokens=estimated, limit=context_window)
+        raise ApiError(CONTEXT_WINDOW, tokens=estimated, limit=context_window, prompt_tokens=len(prompt_ids),
+                       max_tokens=checked.max_tokens, param=checked.form)
     return RunRequest(checked=checked, prompt_ids=prompt_ids)

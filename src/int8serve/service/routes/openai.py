@@ -10,7 +10,9 @@ Under `/client/v4/accounts/{account_id}/ai/v1/` and as plain `/v1/` aliases (the
 Authentication, the rate limit, the response cache, metering and the ledger are those of `/ai/run`
 (`inference.py`); the bodies are `protocol/openai.py`'s. Errors are `{"error": {"message", "type", "param",
 "code"}}` with the Workers AI code as `code` and the same status as on `/ai/run`, except that an unknown model
-(5007) is 404 (the SDK's NotFoundError) and missing credentials (9106) are 401 (`errors.py`).
+(5007) is 404 (the SDK's NotFoundError), missing credentials (9106) and a malformed Authorization header (6003,
+its reason in the message) are 401, and a context overflow is OpenAI's own 400 `context_length_exceeded`
+(`errors.py`).
 """
 
 from __future__ import annotations
