@@ -294,6 +294,11 @@ def test_errors_with_a_clear_culprit_name_it(oai: OpenAI, http: httpx.Client, au
     with pytest.raises(openai.BadRequestError) as both:
         oai.chat.completions.create(model=MODEL, messages=MESSAGES, max_tokens=3, max_completion_tokens=2)
     assert both.value.param == "max_tokens" and "differ" in both.value.message
+    with pytest.raises(openai.BadRequestError) as completion_tokens:  # (it reaches the card's schema as max_tokens)
+        oai.chat.completions.create(model=MODEL, messages=MESSAGES, max_completion_tokens=10**6)
+    assert completion_tokens.value.param == "max_completion_tokens"
+    assert "'max_completion_tokens'" in completion_tokens.value.message and "'max_tokens'" not in \
+        completion_tokens.value.message
     native = http.post(run_url, headers=auth, json={"messages": long}).json()["errors"][0]["message"]
     assert native.startswith("AiError: Bad input: Error: oneOf at '/' not met, 0 matches: required properties at "
                              "'/' are 'prompt', String at '/messages/1/content' is longer")  # Workers AI's, as it was

@@ -176,10 +176,21 @@ class OpenAIRequest(BaseModel):
         tokens = self.max_completion_tokens if self.max_completion_tokens is not None else self.max_tokens
         if tokens is not None:
             passed["max_tokens"] = tokens
-        checked = validate_run_body({**body, **passed}, card, OPENAI_WORDING)
+        try:
+            checked = validate_run_body({**body, **passed}, card, OPENAI_WORDING)
+        except ApiError as err:
+            raise self._as_sent(err) from None
         stops = [self.stop] if isinstance(self.stop, str) else list(self.stop or [])
         params = dataclasses.replace(checked.params, stop=tuple(dict.fromkeys(stops)))
         return dataclasses.replace(checked, params=params, fit_max_tokens=tokens is None)
+
+    def _as_sent(self, err: ApiError) -> ApiError:
+        """`err` naming `max_completion_tokens` where the client sent that (it reaches the card as `max_tokens`)."""
+        if self.max_completion_tokens is None or err.fields.get("param") != "max_tokens":
+            return err
+        detail = str(err.fields.get("detail", "")).replace("'max_tokens'", "'max_completion_tokens'")
+        return ApiError(err.kind, headers=err.headers, error_chain=err.error_chain,
+                        **{**err.fields, "detail": detail, "param": "max_completion_tokens"})
 
     def _workers_ai_body(self) -> dict[str, Any]:
         raise NotImplementedError
