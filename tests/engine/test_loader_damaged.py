@@ -19,11 +19,11 @@ from tests.engine.test_loader import expect_error
 from tests.engine.test_loader import rewrite_safetensors as rewrite
 
 from int8serve.engine import loader
-from int8serve.engine.config import ConfigError, ModelConfig
+from int8serve.engine.config import ConfigError, ModelConfig, weight_shapes
 from int8serve.engine.errors import CheckpointError
 from int8serve.engine.int8 import Int8Linear
 from int8serve.engine.loader import load_model, save_int8_checkpoint
-from int8serve.engine.model import Transformer, rope_tables, weight_shapes
+from int8serve.engine.model import Transformer, rope_tables
 from int8serve.engine.tokenizer import load_tokenizer
 
 

@@ -1,7 +1,9 @@
 """The model's shape, read from a Hugging Face `config.json` or a Meta `params.json`.
 
 Both formats describe the same Llama 2 architecture with different names; this module turns either into one
-`ModelConfig` so that the rest of the engine never needs to know where a checkpoint came from.
+`ModelConfig` so that the rest of the engine never needs to know where a checkpoint came from. `weight_shapes` says
+the shape of each weight a config implies, without torch: a config can be checked against a checkpoint's headers
+before anything is built or loaded (model_files.py).
 """
 
 from __future__ import annotations
@@ -219,3 +221,18 @@ def config_from_meta(path: Path, tokenizer_vocab_size: int | None, tied: bool) -
         max_seq_len=whole(data, "max_seq_len", path, default=4096, maximum=None),
         tie_embeddings=tied,
     ))
+
+
+def weight_shapes(config: ModelConfig) -> dict[str, tuple[int, ...]]:
+    """The shape of every weight a checkpoint holds for `config` (the output head's even where tied), by the
+    Transformer's names, without building it (tests/engine/test_loader_damaged.py holds the two equal)."""
+    q, kv = config.n_heads * config.head_dim, config.n_kv_heads * config.head_dim
+    layer = {"attention.wq": (q, config.dim), "attention.wk": (kv, config.dim), "attention.wv": (kv, config.dim),
+             "attention.wo": (config.dim, q), "feed_forward.w1": (config.hidden_dim, config.dim),
+             "feed_forward.w3": (config.hidden_dim, config.dim), "feed_forward.w2": (config.dim, config.hidden_dim),
+             "attention_norm": (config.dim,), "ffn_norm": (config.dim,)}
+    shapes = {"tok_embeddings.weight": (config.vocab_size, config.dim), "norm.weight": (config.dim,),
+              "output.weight": (config.vocab_size, config.dim)}
+    for index in range(config.n_layers):
+        shapes.update({f"layers.{index}.{name}.weight": shape for name, shape in layer.items()})
+    return shapes

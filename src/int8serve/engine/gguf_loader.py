@@ -23,16 +23,15 @@ import os
 import re
 import shutil
 from collections.abc import Callable, Iterator
-from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-import numpy as np
 import torch
 from torch import Tensor
 
-from .config import ConfigError, ModelConfig, whole
+from .config import ModelConfig
 from .errors import CheckpointError
+from .gguf_file import GGUFFile, TensorInfo, check_tensor_types, config_from_gguf, internal_name, require
 from .gguf_tokenizer import Vocabulary, model_proto
 from .sources import TensorSource
 
@@ -42,61 +41,14 @@ Q8_0_BLOCK = 32  # weights per Q8_0 block; each block is an fp16 scale then 32 i
 _Q8_0_BYTES = 2 + Q8_0_BLOCK
 Q4_1_BLOCK = 32  # weights per Q4_1 block: fp16 scale d, fp16 minimum m, then 16 bytes of 4-bit values: 20 bytes
 _Q4_1_BYTES = 2 + 2 + Q4_1_BLOCK // 2
+# gguf_file.SUPPORTED_TYPES, the types a file is checked for before loading, are these tables' keys
 _FLOAT_TYPES = {"F32": torch.float32, "F16": torch.float16, "BF16": torch.bfloat16}
 _BLOCK_TYPES = {"Q8_0": (Q8_0_BLOCK, _Q8_0_BYTES), "Q4_1": (Q4_1_BLOCK, _Q4_1_BYTES)}  # weights, bytes per block
-SUPPORTED_TYPES = (*_FLOAT_TYPES, *_BLOCK_TYPES)
-
-_NAMES = [
-    (r"token_embd\.weight", "tok_embeddings.weight"),
-    (r"output_norm\.weight", "norm.weight"),
-    (r"output\.weight", "output.weight"),
-    (r"blk\.(\d+)\.attn_q\.weight", r"layers.\1.attention.wq.weight"),
-    (r"blk\.(\d+)\.attn_k\.weight", r"layers.\1.attention.wk.weight"),
-    (r"blk\.(\d+)\.attn_v\.weight", r"layers.\1.attention.wv.weight"),
-    (r"blk\.(\d+)\.attn_output\.weight", r"layers.\1.attention.wo.weight"),
-    (r"blk\.(\d+)\.ffn_gate\.weight", r"layers.\1.feed_forward.w1.weight"),
-    (r"blk\.(\d+)\.ffn_down\.weight", r"layers.\1.feed_forward.w2.weight"),
-    (r"blk\.(\d+)\.ffn_up\.weight", r"layers.\1.feed_forward.w3.weight"),
-    (r"blk\.(\d+)\.attn_norm\.weight", r"layers.\1.attention_norm.weight"),
-    (r"blk\.(\d+)\.ffn_norm\.weight", r"layers.\1.ffn_norm.weight"),
-]
 
 # The hook for Q8_0 without a round trip through floats: given a layer's name and its Q8_0 weight as (int8 [N, K],
 # fp16 scales [N, K // 32]), return what `loader._assign` accepts for that layer, or None to fall back to
 # dequantize + per-channel quantize. Set by the engine once it has a group-wise (per-32) int8 weight format.
 Q8_0_DIRECT: Callable[[str, Tensor, Tensor], Any] | None = None
-
-
-@dataclass(frozen=True)
-class TensorInfo:
-    type: str  # GGML type name: F32, F16, BF16, Q8_0, ...
-    shape: tuple[int, ...]  # PyTorch order: (rows, columns) for a matrix
-    offset: int  # absolute position of the data in the file
-    nbytes: int
-
-
-@dataclass
-class GGUFFile:
-    """The metadata and tensor directory of a GGUF file (no tensor data is read)."""
-
-    path: Path
-    metadata: dict[str, Any]
-    tensors: dict[str, TensorInfo]
-
-    @classmethod
-    def open(cls, path: Path) -> GGUFFile:
-        from .gguf_header import read_header  # imports the gguf package: only for a GGUF model
-
-        try:
-            header = read_header(path)
-        except (ValueError, OSError, KeyError) as err:
-            raise CheckpointError(f"{path}: not a readable GGUF file ({err})") from err
-        tensors = {t.name: TensorInfo(t.type.name, tuple(reversed(t.dims)), t.data_offset, t.n_bytes)
-                   for t in header.tensors}
-        return cls(path, header.metadata, tensors)
-
-    def get(self, key: str, default: Any = None) -> Any:
-        return self.metadata.get(key, default)
 
 
 class GGUFSource(TensorSource):
@@ -105,12 +57,7 @@ class GGUFSource(TensorSource):
 
     def __init__(self, file: GGUFFile) -> None:
         self.file = file
-        unsupported = {info.type for info in file.tensors.values() if info.type not in SUPPORTED_TYPES}
-        if unsupported:
-            names = [n for n, i in file.tensors.items() if i.type in unsupported][:3]
-            raise CheckpointError(f"{file.path}: tensor type {', '.join(sorted(unsupported))} is not supported "
-                                  f"(e.g. {', '.join(names)}); int8serve reads GGUF files in "
-                                  f"{', '.join(SUPPORTED_TYPES)}: use llama-2-7b-chat.Q8_0.gguf, or the fp16 one")
+        check_tensor_types(file)
 
     def names(self) -> list[str]:
         return list(self.file.tensors)
@@ -178,59 +125,7 @@ def dequantize_q4_1(blocks: Tensor) -> Tensor:
     return (q * d + m).reshape(rows, -1)
 
 
-def internal_name(name: str) -> str | None:
-    for pattern, replacement in _NAMES:
-        if re.fullmatch(pattern, name):
-            return re.sub(pattern, replacement, name)
-    return None
-
-
 # --- the model's shape -------------------------------------------------------------------------------------------
-
-
-def config_from_gguf(file: GGUFFile) -> ModelConfig:
-    arch = file.get("general.architecture")
-    if arch != "llama":
-        raise ConfigError(f"{file.path}: architecture {arch!r} is not supported (only 'llama')")
-    scaling = file.get("llama.rope.scaling.type", "none")
-    if scaling not in ("none", None):
-        raise ConfigError(f"{file.path}: rope scaling {scaling!r} is not supported")
-    def size(key: str, **kw: Any) -> int:  # a whole number, checked as config.json's are (never truncated)
-        return whole({key: file.get(key)}, key, file.path, **kw)
-
-    try:
-        n_heads = size("llama.attention.head_count")
-        return ModelConfig(
-            dim=size("llama.embedding_length"),
-            n_layers=size("llama.block_count"),
-            n_heads=n_heads,
-            n_kv_heads=size("llama.attention.head_count_kv", default=n_heads),
-            vocab_size=len(_require(file, "tokenizer.ggml.tokens")),
-            hidden_dim=size("llama.feed_forward_length"),
-            norm_eps=_f32(file.get("llama.attention.layer_norm_rms_epsilon", 1e-5)),
-            rope_theta=_f32(file.get("llama.rope.freq_base", 10000.0)),
-            max_seq_len=size("llama.context_length", default=4096, maximum=None),
-            tie_embeddings="output.weight" not in file.tensors,
-            head_dim=size("llama.attention.key_length", default=0, minimum=0),
-            bos_id=size("tokenizer.ggml.bos_token_id", default=1, minimum=None),
-            eos_id=size("tokenizer.ggml.eos_token_id", default=2, minimum=None),
-        )
-    except (TypeError, ValueError) as err:
-        if isinstance(err, ConfigError):
-            raise
-        raise ConfigError(f"{file.path}: {err}") from err
-
-
-def _f32(value: Any) -> float:
-    """A float32 metadata value as the decimal it was written from (1e-05, not 9.999999747378752e-06)."""
-    return float(str(np.float32(value)))
-
-
-def _require(file: GGUFFile, key: str) -> Any:
-    value = file.get(key)
-    if value is None:
-        raise ConfigError(f"{file.path}: missing metadata '{key}'")
-    return value
 
 
 # --- the tokenizer -----------------------------------------------------------------------------------------------
@@ -240,7 +135,7 @@ def vocabulary(file: GGUFFile) -> Vocabulary:
     model = file.get("tokenizer.ggml.model")
     if model != "llama":
         raise CheckpointError(f"{file.path}: tokenizer {model!r} is not supported (only SentencePiece, 'llama')")
-    tokens = _require(file, "tokenizer.ggml.tokens")
+    tokens = require(file, "tokenizer.ggml.tokens")
     return Vocabulary(
         tokens=tokens,
         scores=file.get("tokenizer.ggml.scores") or [0.0] * len(tokens),
@@ -278,7 +173,7 @@ def write_tokenizer(file: GGUFFile, folder: Path) -> Path:
 def _write_bpe_tokenizer(file: GGUFFile, folder: Path) -> Path:
     from .bpe_tokenizer import byte_level_json
 
-    tokens = _require(file, "tokenizer.ggml.tokens")
+    tokens = require(file, "tokenizer.ggml.tokens")
     merges = file.get("tokenizer.ggml.merges")
     if not merges:
         raise CheckpointError(f"{file.path}: a 'gpt2' tokenizer without tokenizer.ggml.merges")

@@ -5,6 +5,9 @@ Three folder formats are recognised, by the file that describes them:
 - `params.json`: Meta's original layout (`consolidated.NN.pth`, interleaved rotary pairs in q/k);
 - `config.json`: a Hugging Face `LlamaForCausalLM` folder (safetensors or .bin, single or sharded).
 
+Which format a folder is, where its tokenizer is and whether its config describes its weights are decided in
+model_files.py, which `serve` also runs over every model before it loads any.
+
 The model is built on the meta device and each weight is read, converted and assigned one at a time, so peak
 memory stays near the final model's size plus one layer.
 """
@@ -28,41 +31,35 @@ from tqdm import tqdm
 
 from . import calibration
 from .cache_files import usual_mode
-from .config import ModelConfig, config_from_hf, config_from_meta, naming, read_json
+from .config import ModelConfig, config_from_hf, config_from_meta, read_json
 from .errors import CheckpointError
 from .int8 import Int8Linear, group_size_of, quantize
-from .model import Precision, Transformer, weight_shapes
+from .model import Precision, Transformer
+from .model_files import (
+    IGNORED,
+    INT8_FORMAT,
+    INT8_FORMAT_VERSION,
+    PACKED_FORMAT_VERSION,
+    READABLE_VERSIONS,
+    check_config_fits,
+    check_int8_format,
+    detect_format,
+    find_tokenizer,
+    hf_to_internal,
+    int8_config,
+    tokenizer_vocab_size,
+)
 from .quant_options import DEFAULT_GROUP_SIZE, DEFAULT_QUANTIZER, QUANTIZERS
 from .sources import MetaShardsSource, SafetensorsSource, TensorSource, hf_weight_files
 
 log = logging.getLogger(__name__)
 
 
-INT8_FORMAT = "int8serve-int8"
-INT8_FORMAT_VERSION = 2  # 2: "group_size" (0 = per channel), scales [N] or [N, ceil(K / group_size)]
-READABLE_VERSIONS = (1, 2)  # 1: per-channel scales [N] only
-PACKED_FORMAT_VERSION = 3  # the model cache's copy in the kernel's packed layout (packed_checkpoint.py)
 # The token embeddings are a lookup table, never multiplied: a 16-bit source keeps its dtype (each looked-up row
 # is widened to fp32 exactly), which saves 0.26 GB of the 7B's memory against widening the table to fp32.
 # Every other full-precision tensor (norms, a full-precision model's layers) is fp32.
 EMBEDDING_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
 
-_HF_NAMES = [
-    (r"model\.embed_tokens\.weight", "tok_embeddings.weight"),
-    (r"model\.norm\.weight", "norm.weight"),
-    (r"lm_head\.weight", "output.weight"),
-    (r"model\.layers\.(\d+)\.self_attn\.q_proj\.weight", r"layers.\1.attention.wq.weight"),
-    (r"model\.layers\.(\d+)\.self_attn\.k_proj\.weight", r"layers.\1.attention.wk.weight"),
-    (r"model\.layers\.(\d+)\.self_attn\.v_proj\.weight", r"layers.\1.attention.wv.weight"),
-    (r"model\.layers\.(\d+)\.self_attn\.o_proj\.weight", r"layers.\1.attention.wo.weight"),
-    (r"model\.layers\.(\d+)\.mlp\.gate_proj\.weight", r"layers.\1.feed_forward.w1.weight"),
-    (r"model\.layers\.(\d+)\.mlp\.down_proj\.weight", r"layers.\1.feed_forward.w2.weight"),
-    (r"model\.layers\.(\d+)\.mlp\.up_proj\.weight", r"layers.\1.feed_forward.w3.weight"),
-    (r"model\.layers\.(\d+)\.input_layernorm\.weight", r"layers.\1.attention_norm.weight"),
-    (r"model\.layers\.(\d+)\.post_attention_layernorm\.weight", r"layers.\1.ffn_norm.weight"),
-]
-# Tensors some checkpoints carry that the model recomputes instead.
-_IGNORED = re.compile(r"(.*rotary_emb\.inv_freq|rope\.freqs)$")
 
 
 @dataclass
@@ -74,39 +71,11 @@ class LoadedModel:
     path: Path
 
 
-def hf_to_internal(name: str) -> str | None:
-    for pattern, replacement in _HF_NAMES:
-        if re.fullmatch(pattern, name):
-            return re.sub(pattern, replacement, name)
-    return None
-
-
 def unpermute_meta_rotary(weight: Tensor, n_heads: int) -> Tensor:
     """Meta q/k rows (interleaved rotary pairs) -> Hugging Face order (first half, second half per head)."""
     out_features, in_features = weight.shape
     return (weight.view(n_heads, out_features // n_heads // 2, 2, in_features)
             .transpose(1, 2).reshape(out_features, in_features))
-
-
-def find_tokenizer(folder: Path) -> Path | None:
-    """tokenizer.model in the folder, or in its parent (Meta's releases keep it one level up); else the folder's
-    tokenizer.json (a byte-level BPE model such as SmolLM2 has no tokenizer.model)."""
-    for candidate in (folder / "tokenizer.model", folder.parent / "tokenizer.model", folder / "tokenizer.json"):
-        if candidate.is_file():
-            return candidate
-    return None
-
-
-def detect_format(folder: Path) -> str:
-    if not folder.exists():
-        raise CheckpointError(f"{folder}: no such model folder")
-    if not folder.is_dir():
-        raise CheckpointError(f"{folder}: a model is a folder (config.json, params.json or int8serve.json) or a "
-                              ".gguf file")
-    for marker, kind in (("int8serve.json", "int8"), ("params.json", "meta"), ("config.json", "hf")):
-        if (folder / marker).is_file():
-            return kind
-    raise CheckpointError(f"{folder}: not a model folder: expected int8serve.json, params.json or config.json")
 
 
 def load_model(path: str | Path, precision: Precision = "int8", progress: bool = False,
@@ -156,23 +125,6 @@ def shapes_by_model_name(source: TensorSource, internal: Callable[[str], str | N
     return {name: source.shape(original) for original in source.names() if (name := internal(original))}
 
 
-def check_config_fits(config: ModelConfig, shapes: dict[str, tuple[int, ...]], where: Path) -> None:
-    """Refuse a config that does not describe the checkpoint's weights (`shapes`, by model name), before the model is
-    built: a config of 10^7 layers or a width of 10^9 would otherwise be built (or allocated) first."""
-    layers = sorted({int(m.group(1)) for name in shapes if (m := re.match(r"layers\.(\d+)\.", name))})
-    held = layers[-1] + 1 if layers else 0
-    if held > config.n_layers:
-        extra = next(name for name in shapes if name.startswith(f"layers.{held - 1}."))
-        raise CheckpointError(f"{where}: unexpected tensor '{extra}': the config describes {config.n_layers} layers")
-    if held < config.n_layers:
-        raise CheckpointError(f"{where}: the config describes {config.n_layers} layers, the checkpoint holds weights "
-                              f"for {held}")
-    for name, expected in weight_shapes(config).items():
-        if name in shapes and tuple(shapes[name]) != expected:
-            raise CheckpointError(f"{where}: tensor '{name}' has shape {tuple(shapes[name])}, but the config "
-                                  f"describes {expected}")
-
-
 def calibration_for(tokenizer: Path | None, folder: Path) -> Tensor | None:
     """GPTQ's calibration windows in the model's own tokens, or None (said in the log) without a tokenizer."""
     if tokenizer is None:
@@ -208,7 +160,7 @@ def _open_meta(folder: Path, tokenizer: Path | None) -> tuple[ModelConfig, Tenso
     if not shards:
         raise CheckpointError(f"{folder}: params.json but no consolidated.*.pth weights")
     source = MetaShardsSource(shards)
-    vocab = _tokenizer_vocab_size(tokenizer) if tokenizer and tokenizer.suffix == ".model" else None
+    vocab = tokenizer_vocab_size(tokenizer) if tokenizer and tokenizer.suffix == ".model" else None
     config = config_from_meta(folder / "params.json", vocab, tied="output.weight" not in source.names())
     heads = {"wq": config.n_heads, "wk": config.n_kv_heads}
 
@@ -220,10 +172,7 @@ def _open_meta(folder: Path, tokenizer: Path | None) -> tuple[ModelConfig, Tenso
 
 
 def _open_int8(folder: Path, meta: dict) -> tuple[ModelConfig, TensorSource, Renamer]:
-    if meta.get("format") != INT8_FORMAT or meta.get("version") not in READABLE_VERSIONS:
-        raise CheckpointError(f"{folder / 'int8serve.json'}: format {meta.get('format')!r} version "
-                              f"{meta.get('version')!r}, expected {INT8_FORMAT!r} version "
-                              f"{' or '.join(map(str, (*READABLE_VERSIONS, PACKED_FORMAT_VERSION)))}")
+    check_int8_format(folder, meta, READABLE_VERSIONS)
     if not (folder / "model.safetensors").is_file():
         raise CheckpointError(f"{folder}: int8serve.json but no model.safetensors")
     config = int8_config(folder, meta)
@@ -241,12 +190,6 @@ def _open_int8(folder: Path, meta: dict) -> tuple[ModelConfig, TensorSource, Ren
         yield name, (tensor, source.get(scale_name))
 
     return config, source, rename
-
-
-def int8_config(folder: Path, meta: dict) -> ModelConfig:
-    """The model config an int8 checkpoint's int8serve.json (read into `meta`) records."""
-    with naming(folder / "int8serve.json"):
-        return ModelConfig.from_dict(meta.get("config"))
 
 
 # An int8 layer's residual in a checkpoint (Int8Linear.set_residual: the output head's rounding error in 4 bits, with
@@ -270,17 +213,6 @@ def _attach_residuals(model: Transformer, source: TensorSource, folder: Path) ->
             raise CheckpointError(f"{folder}: tensor '{name}': {error}") from error
 
 
-def _tokenizer_vocab_size(path: Path) -> int:
-    import sentencepiece
-
-    processor = sentencepiece.SentencePieceProcessor()
-    try:
-        processor.Load(str(path))
-    except (RuntimeError, OSError) as err:
-        raise CheckpointError(f"{path}: not a valid SentencePiece tokenizer model ({err})") from err
-    return processor.GetPieceSize()
-
-
 def _fill(model: Transformer, source: TensorSource, rename: Renamer, folder: Path, progress: bool,
           group_size: int, calibration_windows: Tensor | None = None) -> None:
     """Assign every checkpoint tensor to the model, then check that nothing is missing.
@@ -288,7 +220,7 @@ def _fill(model: Transformer, source: TensorSource, rename: Renamer, folder: Pat
     With `calibration_windows`, the full-precision weights of int8 layers are left for GPTQ (calibration.py), which
     reads them again one block at a time once the embeddings and norms are in.
     """
-    names = [n for n in source.names() if not _IGNORED.fullmatch(n)]
+    names = [n for n in source.names() if not IGNORED.fullmatch(n)]
     modules = dict(model.named_modules())
     deferred: dict[str, str] = {}  # internal name of a full-precision int8-layer weight -> its checkpoint name
     desc = "loading weights" if model.precision == "fp32" or calibration_windows is not None else "quantizing to int8"

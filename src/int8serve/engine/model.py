@@ -313,21 +313,6 @@ def _dense_linear(in_features: int, out_features: int) -> nn.Linear:
     return nn.Linear(in_features, out_features, bias=False)
 
 
-def weight_shapes(config: ModelConfig) -> dict[str, tuple[int, ...]]:
-    """The shape of every weight a checkpoint holds for `config` (the output head's even where tied), by the
-    Transformer's names, without building it (tests/engine/test_loader_damaged.py holds the two equal)."""
-    q, kv = config.n_heads * config.head_dim, config.n_kv_heads * config.head_dim
-    layer = {"attention.wq": (q, config.dim), "attention.wk": (kv, config.dim), "attention.wv": (kv, config.dim),
-             "attention.wo": (config.dim, q), "feed_forward.w1": (config.hidden_dim, config.dim),
-             "feed_forward.w3": (config.hidden_dim, config.dim), "feed_forward.w2": (config.dim, config.hidden_dim),
-             "attention_norm": (config.dim,), "ffn_norm": (config.dim,)}
-    shapes = {"tok_embeddings.weight": (config.vocab_size, config.dim), "norm.weight": (config.dim,),
-              "output.weight": (config.vocab_size, config.dim)}
-    for index in range(config.n_layers):
-        shapes.update({f"layers.{index}.{name}.weight": shape for name, shape in layer.items()})
-    return shapes
-
-
 ROPE_BLOCK = 4096  # positions of the rotary tables built at once (Transformer.cover_positions)
 
 

@@ -46,8 +46,9 @@ from .loader import (
     int8_config,
 )
 from .model import Transformer
+from .model_files import PACKED_WEIGHTS, check_packed_size, safetensors_header
 
-WEIGHTS = "model.safetensors"
+WEIGHTS = PACKED_WEIGHTS
 _DTYPES = {torch.uint8: "U8", torch.bfloat16: "BF16", torch.float16: "F16", torch.float32: "F32"}
 _DTYPE_NAMES = {name: dtype for dtype, name in _DTYPES.items()}
 
@@ -127,11 +128,7 @@ def check_packed_meta(folder: Path, meta: dict) -> None:
                               f"(version {PACKED_FORMAT_VERSION}) that later starts map")
     if meta.get("layout") != kernels.LAYOUT:
         raise CheckpointError(f"{folder}: packed layout {meta.get('layout')}, this version reads {kernels.LAYOUT}")
-    weights = folder / WEIGHTS
-    size = weights.stat().st_size if weights.is_file() else None
-    if size != meta.get("weights_bytes"):
-        raise CheckpointError(f"{weights}: {size} bytes, int8serve.json says {meta.get('weights_bytes')} (a copy "
-                              "cut short or changed)")
+    check_packed_size(folder, meta)
 
 
 def load_packed(folder: Path, meta: dict) -> LoadedModel:
@@ -182,9 +179,6 @@ def load_packed(folder: Path, meta: dict) -> LoadedModel:
     return LoadedModel(model.eval(), config, find_tokenizer(folder), "int8", folder)
 
 
-MAX_HEADER_BYTES = 100 << 20  # safetensors' own limit
-
-
 def map_safetensors(path: Path) -> dict[str, Tensor]:
     """Every tensor of the safetensors file at `path`, as a view into one private memory map of the whole file: nothing
     is read or copied (pages come from the page cache when touched, and other processes mapping the file share them),
@@ -192,13 +186,7 @@ def map_safetensors(path: Path) -> dict[str, Tensor]:
     its own, so two adjacent in the file are not in memory, and the stacked projections (int8.StackedInt8Linear) read
     adjacent weights as one without copying them. Raises ValueError (or OSError) for a file that is not one."""
     with open(path, "rb") as f:
-        size = os.fstat(f.fileno()).st_size
-        header_bytes = int.from_bytes(f.read(8), "little")
-        if size < 8 or header_bytes > min(size - 8, MAX_HEADER_BYTES):
-            raise ValueError(f"a header of {header_bytes} bytes in a file of {size}")
-        header = json.loads(f.read(header_bytes))
-        if not isinstance(header, dict):
-            raise ValueError("the header is not a JSON object")
+        header_bytes, header, size = safetensors_header(f)
         whole = torch.frombuffer(mmap.mmap(f.fileno(), 0, access=mmap.ACCESS_COPY), dtype=torch.uint8)
     base, data_bytes = 8 + header_bytes, size - 8 - header_bytes
     tensors = {}

@@ -9,13 +9,14 @@ from __future__ import annotations
 
 import json
 from collections.abc import Iterable
-from pathlib import Path, PurePosixPath
+from pathlib import Path
 
 import torch
 from safetensors import SafetensorError, safe_open
 from torch import Tensor
 
 from .errors import CheckpointError
+from .model_files import hf_weight_paths
 
 
 class TensorSource:
@@ -198,35 +199,5 @@ class MetaShardsSource(TensorSource):
 
 def hf_weight_files(folder: Path) -> TensorSource:
     """The weights of a Hugging Face folder: one or sharded safetensors, else one or sharded .bin files."""
-    for index_name, opener in (("model.safetensors.index.json", SafetensorsSource),
-                               ("pytorch_model.bin.index.json", TorchFilesSource)):
-        index = folder / index_name
-        if index.is_file():
-            files = _shard_files(index)
-            missing = [str(f) for f in files if not f.is_file()]
-            if missing:
-                raise CheckpointError(f"{index}: shard files missing: {', '.join(missing)}")
-            return opener(files)
-    if (folder / "model.safetensors").is_file():
-        return SafetensorsSource([folder / "model.safetensors"])
-    if (folder / "pytorch_model.bin").is_file():
-        return TorchFilesSource([folder / "pytorch_model.bin"])
-    raise CheckpointError(f"{folder}: no model.safetensors, sharded safetensors index or pytorch_model.bin")
-
-
-def _shard_files(index: Path) -> list[Path]:
-    """The shard files a `*.index.json` names: file names inside its folder (a path that leads out of it, such as
-    `../x.safetensors` or `/etc/x`, is refused)."""
-    try:
-        weight_map = json.loads(index.read_text())["weight_map"]
-    except (OSError, UnicodeDecodeError, json.JSONDecodeError, KeyError, TypeError) as err:
-        raise CheckpointError(f"{index}: not a valid shard index ({type(err).__name__}: {err})") from err
-    if not isinstance(weight_map, dict) or not all(isinstance(v, str) for v in weight_map.values()):
-        raise CheckpointError(f"{index}: not a valid shard index ('weight_map' must map tensor names to file names)")
-    files = []
-    for name in dict.fromkeys(weight_map.values()):
-        parts = PurePosixPath(name).parts
-        if not parts or PurePosixPath(name).is_absolute() or ".." in parts or "\\" in name:
-            raise CheckpointError(f"{index}: shard {name!r} is not a file name inside the model folder")
-        files.append(index.parent / name)
-    return files
+    files, kind = hf_weight_paths(folder)
+    return SafetensorsSource(files) if kind == "safetensors" else TorchFilesSource(files)

@@ -1,0 +1,174 @@
+"""check_model_files: a model's files checked from their configs and headers, before `serve` loads anything.
+
+Every form of model the loader takes passes; each damage is refused with the loader's own error naming the file, and
+the loader refuses the same copy too (the check says early what the load would say late, never something else). The
+check reads no tensor data and imports no torch (tests/test_cli_imports.py and the last test here).
+"""
+
+from __future__ import annotations
+
+import json
+import shutil
+import subprocess
+import sys
+from collections.abc import Callable
+from pathlib import Path
+
+import pytest
+import torch
+from tests.engine.test_gguf import write_gguf
+from tests.engine.test_loader import rewrite_safetensors
+
+from int8serve.engine.config import ConfigError
+from int8serve.engine.demo import demo_model_dir
+from int8serve.engine.errors import CheckpointError
+from int8serve.engine.loader import LoadedModel, load_model, save_int8_checkpoint
+from int8serve.engine.model_files import check_model_files
+from int8serve.engine.packed_checkpoint import save_packed_checkpoint
+
+
+@pytest.fixture(scope="module")
+def stories_int8_folder(stories_hf: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
+    return save_int8_checkpoint(load_model(stories_hf, "int8", quantizer="rtn"), tmp_path_factory.mktemp("q8") / "m")
+
+
+def test_every_form_of_model_passes(stories_hf: Path, stories_meta: Path, smollm2_gguf: Path, stories_int8: LoadedModel,
+                                    stories_int8_folder: Path, tmp_path: Path) -> None:
+    packed = save_packed_checkpoint(stories_int8, tmp_path / "packed")  # the model cache's copy
+    for model in (stories_hf, stories_meta, smollm2_gguf, stories_int8_folder, packed, demo_model_dir(tmp_path)):
+        check_model_files(model)
+
+
+def copy(source: Path, folder: Path) -> Path:
+    shutil.copytree(source, folder)
+    folder.chmod(0o755)
+    for file in folder.iterdir():
+        file.chmod(0o644)
+    return folder
+
+
+def edit_config(folder: Path, **changes: object) -> None:
+    config = json.loads((folder / "config.json").read_text())
+    (folder / "config.json").write_text(json.dumps({**config, **changes}))
+
+
+def cut(file: Path, keep: float = 0.6) -> None:
+    data = file.read_bytes()
+    file.write_bytes(data[:int(len(data) * keep)])
+
+
+# damage to a copy of stories260K's Hugging Face folder -> the error and a fragment of its message
+HF_DAMAGE: dict[str, tuple[Callable[[Path], object], type[Exception], str]] = {
+    "config not JSON": (lambda f: (f / "config.json").write_text("{"), ConfigError, "config.json: not valid JSON"),
+    "config field": (lambda f: edit_config(f, num_attention_heads=None), ConfigError,
+                     "missing field 'num_attention_heads'"),
+    "not llama": (lambda f: edit_config(f, model_type="qwen2"), ConfigError, "model_type 'qwen2' is not supported"),
+    "more layers": (lambda f: edit_config(f, num_hidden_layers=10**7), CheckpointError,
+                    "the config describes 10000000 layers, the checkpoint holds weights for 5"),
+    "other width": (lambda f: edit_config(f, intermediate_size=4096), CheckpointError,
+                    "'layers.0.feed_forward.w1.weight' has shape (172, 64), but the config describes (4096, 64)"),
+    "cut weights": (lambda f: cut(f / "model.safetensors"), CheckpointError, "model.safetensors: cut short: tensor"),
+    "header only": (lambda f: cut(f / "model.safetensors", 0.001), CheckpointError,
+                    "model.safetensors: not a readable safetensors file"),
+    "no weights": (lambda f: (f / "model.safetensors").unlink(), CheckpointError, "no model.safetensors"),
+    "missing tensor": (lambda f: rewrite_safetensors(f / "model.safetensors",
+                                                     lambda t: t.pop("model.layers.3.mlp.up_proj.weight")),
+                       CheckpointError, "checkpoint has no weights for layers.3.feed_forward.w3.weight"),
+    "foreign tensor": (lambda f: rewrite_safetensors(f / "model.safetensors",
+                                                     lambda t: t.update({"model.vision.weight": torch.ones(2)})),
+                       CheckpointError, "unexpected tensor 'model.vision.weight' for a Llama model"),
+    "shard index": (lambda f: (f / "model.safetensors.index.json").write_text('{"weight_map": 5}'), CheckpointError,
+                    "not a valid shard index"),
+    "missing shard": (lambda f: (f / "model.safetensors.index.json").write_text(
+        '{"weight_map": {"a": "model-00002.safetensors"}}'), CheckpointError, "shard files missing"),
+    "damaged tokenizer": (lambda f: (f / "tokenizer.model").write_bytes(b"garbage" * 10), CheckpointError,
+                          "tokenizer.model: not a valid SentencePiece tokenizer model"),
+}
+
+
+@pytest.mark.parametrize("damage", list(HF_DAMAGE))
+def test_a_damaged_folder_is_refused_as_the_loader_refuses_it(damage: str, stories_hf: Path, tmp_path: Path) -> None:
+    spoil, error, fragment = HF_DAMAGE[damage]
+    folder = copy(stories_hf, tmp_path / "model")
+    spoil(folder)
+    with pytest.raises(error) as checked:
+        check_model_files(folder)
+    assert fragment in str(checked.value) and str(folder) in str(checked.value)
+    with pytest.raises((CheckpointError, ConfigError)):  # the load says so too, later
+        load_model(folder, "int8", quantizer="gptq")
+
+
+def test_no_tokenizer_is_refused(stories_hf: Path, tmp_path: Path) -> None:
+    """The loader itself takes a folder without one (quantize writes no tokenizer then); serve cannot serve it."""
+    folder = copy(stories_hf, tmp_path / "model")
+    (folder / "tokenizer.model").unlink()
+    (folder / "tokenizer.json").unlink()
+    with pytest.raises(CheckpointError, match=r"no tokenizer\.model \(in the folder or its parent\) or tokenizer"):
+        check_model_files(folder)
+    (folder / "tokenizer.json").write_text('{"model": ')
+    with pytest.raises(CheckpointError, match=r"tokenizer\.json: not valid JSON"):
+        check_model_files(folder)
+
+
+@pytest.mark.parametrize(("make", "fragment"), [
+    (lambda root: root, "not a model folder: expected int8serve.json, params.json or config.json"),
+    (lambda root: root / "none", "no such model folder"),
+])
+def test_a_folder_that_is_no_model(make: Callable[[Path], Path], fragment: str, tmp_path: Path) -> None:
+    with pytest.raises(CheckpointError, match=fragment):
+        check_model_files(make(tmp_path))
+
+
+def test_a_meta_folder_without_usable_shards(stories_meta: Path, tmp_path: Path) -> None:
+    folder = copy(stories_meta, tmp_path / "meta")
+    (folder / "consolidated.00.pth").write_bytes(b"")
+    with pytest.raises(CheckpointError, match=r"consolidated\.00\.pth: an empty file"):
+        check_model_files(folder)
+    (folder / "consolidated.00.pth").unlink()
+    with pytest.raises(CheckpointError, match=r"params\.json but no consolidated"):
+        check_model_files(folder)
+
+
+def test_a_damaged_int8_checkpoint(stories_int8_folder: Path, tmp_path: Path) -> None:
+    folder = copy(stories_int8_folder, tmp_path / "q8")
+    cut(folder / "model.safetensors")
+    with pytest.raises(CheckpointError, match="cut short"):
+        check_model_files(folder)
+    meta = json.loads((folder / "int8serve.json").read_text())
+    (folder / "int8serve.json").write_text(json.dumps({**meta, "version": 9}))
+    with pytest.raises(CheckpointError, match="format 'int8serve-int8' version 9"):
+        check_model_files(folder)
+    (folder / "int8serve.json").write_text(json.dumps({**meta, "config": {"dim": "64"}}))
+    with pytest.raises(ConfigError, match=r"int8serve\.json"):
+        check_model_files(folder)
+
+
+def test_a_packed_copy_cut_short(stories_int8: LoadedModel, tmp_path: Path) -> None:
+    packed = save_packed_checkpoint(stories_int8, tmp_path / "packed")
+    cut(packed / "model.safetensors")
+    with pytest.raises(CheckpointError, match=r"bytes, int8serve\.json says"):
+        check_model_files(packed)
+
+
+def test_a_damaged_gguf_file(smollm2_gguf: Path, stories_hf: Path, tmp_path: Path) -> None:
+    short = tmp_path / "cut.gguf"
+    shutil.copyfile(smollm2_gguf, short)
+    cut(short)
+    with pytest.raises(CheckpointError, match=r"not a readable GGUF file \(.* does not lie within the file"):
+        check_model_files(short)
+    from gguf import GGMLQuantizationType as T
+
+    q4_0 = write_gguf(tmp_path / "q4.gguf", stories_hf, lambda n, s: T.Q4_0 if "mlp.up" in n else T.F32)
+    with pytest.raises(CheckpointError, match=r"tensor type Q4_0 is not supported \(e.g. blk.0.ffn_up.weight"):
+        check_model_files(q4_0)
+    other = write_gguf(tmp_path / "qwen.gguf", stories_hf, lambda n, s: T.F32, arch="qwen2")
+    with pytest.raises(ConfigError, match="architecture 'qwen2' is not supported"):
+        check_model_files(other)
+
+
+def test_the_check_reads_no_tensor_and_imports_no_torch(smollm2_gguf: Path, stories_hf: Path) -> None:
+    code = ("import sys; from pathlib import Path; from int8serve.engine.model_files import check_model_files; "
+            f"check_model_files(Path({str(smollm2_gguf)!r})); check_model_files(Path({str(stories_hf)!r})); "
+            "print('torch' in sys.modules)")
+    result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=60)
+    assert result.stdout.strip() == "False", result.stderr
