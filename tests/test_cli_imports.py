@@ -52,6 +52,7 @@ def run_cli(*args: str, tmp_path: Path) -> tuple[dict, str]:
     (["serve", "--max-connections", "0"], 2, "expected a whole number >= 1"),
     (["serve", "--model", "@cf/none/such=/nonexistent"], 1, "unknown model '@cf/none/such'"),
     (["serve", "--model", "/nonexistent/folder"], 1, "no such model folder"),
+    (["serve", "--model", "."], 1, "model @cf/meta/llama-2-7b-chat-int8: .: not a model folder"),  # cwd: empty
     (["serve", "--redis-url", "redis://127.0.0.1:1/0"], 1, "cannot reach Redis at redis://127.0.0.1:1/0"),
     (["serve", "--database-url", "postgresql://root@127.0.0.1:1/test"], 1, "cannot use the ledger database"),
     (["generate", "--model", "/nonexistent/folder", "hello"], 2, "no such model folder"),
@@ -67,6 +68,17 @@ def test_help_and_errors_come_without_importing_torch(args: list[str], code: int
     assert report["code"] == code, stderr
     assert message in stderr
     assert not report["torch"], f"int8serve {' '.join(args)} imported torch before it ended"
+
+
+def test_serve_checks_models_files_without_importing_torch(tmp_path: Path, shared_dir: Path) -> None:
+    # both models pass their checks (a GGUF file's header; a folder's safetensors header, tokenizer), then Redis fails
+    models = shared_dir / "models"
+    report, stderr = run_cli("serve", "--model", f"@cf/meta/llama-2-7b-chat-int8={models / 'stories260K' / 'hf'}",
+                             "--model", "@hf/huggingfacetb/smollm2-135m-instruct="
+                             f"{models / 'smollm2-135m-instruct' / 'SmolLM2-135M-Instruct.Q4_1.gguf'}",
+                             "--redis-url", "redis://127.0.0.1:1/0", tmp_path=tmp_path)
+    assert report == {"code": 1, "torch": False}, stderr
+    assert "cannot reach Redis" in stderr
 
 
 def test_a_command_that_runs_the_model_imports_torch(tmp_path: Path, stories_hf: Path) -> None:

@@ -19,6 +19,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from .builtin_model import builtin_model_path
+from .engine.model_source import hub_id_of
 from .engine.model_source import resolve as resolve_source
 
 __all__ = ["BUILTIN_CARD", "DEFAULT_SERVED_MODEL", "ModelSpec", "ModelSpecError", "parse_model_entry", "resolve_model",
@@ -43,6 +44,11 @@ class ModelSpec:
     @property
     def builtin(self) -> bool:
         return self.source is None
+
+    @property
+    def fetched(self) -> bool:
+        """The built-in model or a Hub id: resolving it may download it (anything else is a path on disk)."""
+        return self.source is None or hub_id_of(self.source) is not None
 
 
 def parse_model_entry(entry: str) -> ModelSpec:

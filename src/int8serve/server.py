@@ -5,13 +5,13 @@ repeated; `model_specs.py`), each under its card with its own engine, slots and 
 sees it:
 
 1. before this module is imported, `startup.prepare` checks what can be checked at once (the cards and their
-   templates, the model folders, the serving policy's Redis and database), so that a wrong flag fails in a second,
-   not after minutes of loading, and fetches the built-in model if it is served and not in the cache yet (once);
-   then `run_server` prints the effective settings;
+   templates, every model's files by their configs and headers, the serving policy's Redis and database), so that a
+   wrong flag or a bad model fails in a second, not after minutes of loading, and fetches the built-in model if it is
+   served and not in the cache yet (once); then `run_server` prints the effective settings;
 2. listen at once, with `/healthz` 200 and `/readyz` 503 ("the model is loading") while the weights load (with a
    progress bar on a terminal) in a background thread, one model after the other; then build one engine per model
    (slots = its card's max_concurrent_requests, context = its card's limit within the model's) and the app, and
-   turn ready;
+   turn ready. What only the weights tell (damaged tensor data) ends the start here;
 3. on SIGTERM, SIGINT or SIGHUP, drain: `/readyz` 503 at once, new API requests 503, requests in flight (streams
    included) finish for up to `shutdown_timeout` seconds, after which the engine cuts what is left (those answers
    end, and their ledger rows are written: outcome `error`, the tokens they generated, 0 neurons); then the usage

@@ -1,8 +1,11 @@
 """What `int8serve serve` checks before it loads anything, so that a wrong flag fails in a second.
 
-The cards and their chat templates, the model folders (a Hub id or the built-in model is fetched here, before the
-server listens) and the serving policy's Redis and database: none of it needs torch, the engine or the HTTP app,
-which `server.py` imports only once these checks have passed (importing them alone takes seconds on a small CPU).
+The cards and their chat templates, every model's files (a folder that is no model, a config.json that is not JSON
+or does not describe the weights, no tokenizer, a weight file cut short: engine/model_files.py reads the configs and
+headers, not the tensors), the serving policy's Redis and database, and the port. Every model on disk is checked
+before a Hub id or the built-in model is fetched (here too, before the server listens), so that a typo in one
+`--model` never waits for another's download or load. None of it needs torch, the engine or the HTTP app, which
+`server.py` imports only once these checks have passed (importing them alone takes seconds on a small CPU).
 """
 
 from __future__ import annotations
@@ -13,8 +16,10 @@ from pathlib import Path
 
 from .catalog.card import CardError, ModelCard
 from .catalog.registry import Catalog, UnknownModelError
+from .engine.config import ConfigError
 from .engine.errors import CheckpointError
-from .model_specs import ModelSpecError, resolve_model, served_model_specs
+from .engine.model_files import check_model_files
+from .model_specs import ModelSpec, ModelSpecError, resolve_model, served_model_specs
 from .prompt_templates import PromptTemplate, UnknownTemplateError, template_named
 from .service.policy import Policy, PolicySettings, PolicyStartupError
 from .settings import ServeSettings
@@ -55,6 +60,9 @@ class Prepared:
 
 
 def prepare(settings: ServeSettings) -> Prepared:
+    """Check everything `serve` is given before anything loads or listens, in the order that fails fastest: the cards,
+    every model on disk (its files, without loading it: engine/model_files.py), Redis and the database, then the
+    models to fetch (the built-in one, Hub ids), checked in turn once fetched, and last the port."""
     try:
         specs = served_model_specs(settings.model, settings.served_model_name)
         catalog = Catalog.load(settings.card)
@@ -62,24 +70,32 @@ def prepare(settings: ServeSettings) -> Prepared:
         templates = [_template(card) for card in cards]
     except (CardError, UnknownModelError, ModelSpecError, UnknownTemplateError) as err:
         raise ServeError(str(err)) from err
+    # every path on disk before any download: a typo in the last --model fails at once, not after the first's fetch
+    paths = {spec: _checked_model(spec, card) for spec, card in zip(specs, cards, strict=True) if not spec.fetched}
     try:  # Redis and the database before any download: a wrong URL fails in a second
         policy = Policy.build(policy_settings(settings))
     except (ValueError, PolicyStartupError) as err:
         raise ServeError(str(err)) from err
-    models = []
-    for spec, card, template in zip(specs, cards, templates, strict=True):
-        try:  # a Hub id or the built-in model is fetched here, before listening: a missing model fails at once
-            path = resolve_model(spec)
-        except CheckpointError as err:
-            policy.close()
-            raise ServeError(str(err)) from err
-        models.append(ServedModel(card=card, template=template, model_path=path, builtin=spec.builtin))
-    try:  # last: the flags' own mistakes are said first
-        _check_port(settings.host, settings.port)
+    try:
+        models = [ServedModel(card=card, template=template, builtin=spec.builtin,
+                              model_path=paths[spec] if spec in paths else _checked_model(spec, card))
+                  for spec, card, template in zip(specs, cards, templates, strict=True)]
+        _check_port(settings.host, settings.port)  # last: the flags' own mistakes are said first
     except ServeError:
         policy.close()
         raise
     return Prepared(catalog=catalog, models=models, policy=policy)
+
+
+def _checked_model(spec: ModelSpec, card: ModelCard) -> Path:
+    """Where `spec`'s weights are (a Hub id or the built-in model is fetched here, before listening), their files
+    checked as far as can be without loading them; an error names the model and the file at fault."""
+    try:
+        path = resolve_model(spec)
+        check_model_files(path)
+    except (CheckpointError, ConfigError) as err:
+        raise ServeError(f"model {card.name}: {err}") from err
+    return path
 
 
 def _check_port(host: str, port: int) -> None:
