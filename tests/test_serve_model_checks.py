@@ -139,3 +139,17 @@ def test_a_typo_in_a_local_path_is_said_before_any_download(fetched: str, tmp_pa
     assert_refused_before_loading(result, took, BAD, typo, "no such model folder or .gguf file")
     assert "fetching" not in result.stderr and "download" not in result.stderr, result.stderr
 
+
+def test_an_error_only_the_load_finds_names_the_model_without_a_class_name(tmp_path: Path, stories_hf: Path) -> None:
+    """Damaged tensor data (NaN weights) passes the checks of the files: the load thread finds it, after listening."""
+    bad = copy_model(stories_hf, tmp_path / "models" / "nan")
+    data = bytearray((bad / "model.safetensors").read_bytes())
+    start = 8 + int.from_bytes(data[:8], "little")
+    data[start:] = b"\xff\xff\xc0\x7f" * ((len(data) - start) // 4)
+    (bad / "model.safetensors").write_bytes(bytes(data))
+    result, _ = serve("--model", f"{BAD}={bad}", "--quantizer", "rtn", tmp_path=tmp_path)
+    assert result.returncode == 1, result.stderr
+    last = result.stderr.strip().splitlines()[-1]
+    assert last.startswith(f"int8serve serve: error: model {BAD}: {bad}: tensor '"), result.stderr
+    assert last.endswith("holds non-finite values (NaN or infinity): the file is damaged"), last
+    assert "listening on" in result.stderr and "Traceback" not in result.stderr

@@ -11,7 +11,7 @@ sees it:
 2. listen at once, with `/healthz` 200 and `/readyz` 503 ("the model is loading") while the weights load (with a
    progress bar on a terminal) in a background thread, one model after the other; then build one engine per model
    (slots = its card's max_concurrent_requests, context = its card's limit within the model's) and the app, and
-   turn ready. What only the weights tell (damaged tensor data) ends the start here;
+   turn ready. What only the weights tell (damaged tensor data) ends the start here, the error naming the model;
 3. on SIGTERM, SIGINT or SIGHUP, drain: `/readyz` 503 at once, new API requests 503, requests in flight (streams
    included) finish for up to `shutdown_timeout` seconds, after which the engine cuts what is left (those answers
    end, and their ledger rows are written: outcome `error`, the tokens they generated, 0 neurons); then the usage
@@ -39,6 +39,7 @@ from starlette.types import ASGIApp, Receive, Scope, Send
 
 from .catalog.card import ModelCard
 from .engine import decode_plan, kernels
+from .engine.errors import CheckpointError
 from .engine.int8 import Int8Linear, describe_dense, kernel_rows
 from .engine.kernels import matmul as prefill_matmul
 from .engine.model import Transformer
@@ -99,7 +100,12 @@ def load_service(settings: ServeSettings, prepared: Prepared, tokens: dict[str, 
     summary: list[str] = []
     try:
         for served in prepared.models:
-            engine, lines = _start_engine(settings, served)
+            try:
+                engine, lines = _start_engine(settings, served)
+            except ServeError:  # a setting's (--prefill-chunk), said as it is
+                raise
+            except Exception as err:  # e.g. damaged tensor data, which only the load reads
+                raise ServeError(f"model {served.card.name}: {_failure(err)}") from err
             engines[served.card.name] = engine
             inflight[served.card.name] = _inflight_cap(settings, served.card, tokens)
             cap = inflight[served.card.name]
@@ -119,6 +125,12 @@ def load_service(settings: ServeSettings, prepared: Prepared, tokens: dict[str, 
     return Service(app=app, engines=list(engines.values()), summary=summary)
 
 
+def _failure(err: Exception) -> str:
+    """A model's load error as the operator reads it: the engine's own (a checkpoint, a config, a file: they name the
+    file) as it is; anything else with its kind, which may be all it says (MemoryError)."""
+    return str(err) if isinstance(err, ValueError | OSError) else f"{type(err).__name__}: {err}"
+
+
 def _inflight_cap(settings: ServeSettings, card: ModelCard, tokens: dict[str, str]) -> int | None:
     """Requests of one account in this model's engine: the operator's cap, else the card's slots when several
     accounts share the server (`policy/fairness.py`)."""
@@ -136,8 +148,8 @@ def _start_engine(settings: ServeSettings, served: ServedModel) -> tuple[Engine,
         log.info("loading %s weights of %s from %s", settings.dtype, card.name, served.model_path)
     loaded = load_cached(served.model_path, settings.dtype, progress=sys.stderr.isatty(),
                          use_cache=settings.model_cache, quantizer=settings.quantizer)
-    if loaded.tokenizer_path is None:
-        raise ServeError(f"{loaded.path}: no tokenizer.model (in the folder or its parent) or tokenizer.json")
+    if loaded.tokenizer_path is None:  # said before loading (model_files.py); a folder changed since, here
+        raise CheckpointError(f"{loaded.path}: no tokenizer.model (in the folder or its parent) or tokenizer.json")
     tokenizer = load_tokenizer(loaded.tokenizer_path)
     kv_cache_reason = None
     if settings.dtype == "int8":  # before the engine and the prefix cache make their caches
