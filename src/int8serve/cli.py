@@ -9,6 +9,7 @@ card it runs under: `model_specs.py`); without it, the built-in model SmolLM2-13
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import logging
 import os
 import sys
@@ -99,12 +100,19 @@ def build_parser() -> argparse.ArgumentParser:
     gen.add_argument("--template", choices=list(TEMPLATES), default=None,
                      help="prompt template, by Workers AI's name (default: the card's, see above)")
     gen.add_argument("--max-tokens", type=int, default=256, help="tokens to generate at most (default: 256)")
-    gen.add_argument("--temperature", type=float, default=0.6, help="0 = greedy (default: 0.6)")
-    gen.add_argument("--top-p", type=float, default=1.0, help="nucleus sampling mass (default: 1.0 = off)")
-    gen.add_argument("--top-k", type=int, default=0, help="sample among the k most likely (default: 0 = off)")
-    gen.add_argument("--repetition-penalty", type=float, default=1.0, help="multiplicative, HF style (1.0 = off)")
-    gen.add_argument("--frequency-penalty", type=float, default=0.0, help="additive, OpenAI style (0 = off)")
-    gen.add_argument("--presence-penalty", type=float, default=0.0, help="additive, OpenAI style (0 = off)")
+    # unset sampling flags take the card's defaults, as a request that leaves them out does (serve)
+    gen.add_argument("--temperature", type=float, default=None,
+                     help="0 = greedy (default: the card's, as the API's: 0.6 for Llama-2, 0.2 for the built-in)")
+    gen.add_argument("--top-p", type=float, default=None,
+                     help="nucleus sampling mass (default: the card's: 1.0 = off for Llama-2, 0.9 for the built-in)")
+    gen.add_argument("--top-k", type=int, default=None,
+                     help="sample among the k most likely (default: the card's, else 0 = off)")
+    gen.add_argument("--repetition-penalty", type=float, default=None,
+                     help="multiplicative, HF style (default: the card's, else 1.0 = off)")
+    gen.add_argument("--frequency-penalty", type=float, default=None,
+                     help="additive, OpenAI style (default: the card's, else 0 = off)")
+    gen.add_argument("--presence-penalty", type=float, default=None,
+                     help="additive, OpenAI style (default: the card's, else 0 = off)")
     gen.add_argument("--seed", type=int, default=None, help="same seed, same output (default: random)")
 
     quant = commands.add_parser("quantize", help="write a pre-quantized int8 checkpoint that loads fast",
@@ -276,13 +284,8 @@ def cmd_generate(args: argparse.Namespace) -> None:
     _check_kv_cache(args)
     if args.max_tokens < 1:
         raise UsageError("--max-tokens must be at least 1")
-    try:
-        params = SamplingParams(temperature=args.temperature, top_p=args.top_p, top_k=args.top_k,
-                                repetition_penalty=args.repetition_penalty, seed=args.seed,
-                                frequency_penalty=args.frequency_penalty, presence_penalty=args.presence_penalty)
-    except ValueError as err:
-        raise UsageError(str(err)) from err
     spec, card = model_spec(args.model)
+    params = _sampling_params(args, card)
     named = args.model is None or parse_model_entry(args.model).name is not None  # a card was chosen
     card_choice = card_template(card) if named and not args.template else None
     loaded, tokenizer = open_model(spec, args.dtype, args.model_cache)
@@ -310,6 +313,21 @@ def cmd_generate(args: argparse.Namespace) -> None:
     print(f"prompt tokens {stats.prompt_tokens}, generated tokens {stats.generated_tokens}, "
           f"prefill {stats.prefill_tok_s:.1f} tok/s, decode {stats.decode_tok_s:.1f} tok/s, "
           f"finish {stats.finish_reason}", file=sys.stderr)
+
+
+SAMPLING_FLAGS = ("temperature", "top_p", "top_k", "repetition_penalty", "frequency_penalty", "presence_penalty")
+
+
+def _sampling_params(args: argparse.Namespace, card: ModelCard) -> SamplingParams:
+    """The flags given, and for the others the card's defaults, as `serve` fills a body that leaves them out."""
+    from .service.protocol.run import run_body_model
+
+    given = {name: getattr(args, name) for name in SAMPLING_FLAGS if getattr(args, name) is not None}
+    body = run_body_model(card).model_construct(**given)  # (the flags' ranges are SamplingParams', not the API's)
+    try:
+        return dataclasses.replace(body.sampling_params(), seed=args.seed)
+    except ValueError as err:
+        raise UsageError(str(err)) from err
 
 
 def _check_kv_cache(args: argparse.Namespace) -> None:
