@@ -152,11 +152,13 @@ def test_a_context_of_ten_billion_positions_costs_nothing_until_used(model: Path
     (model / "config.json").write_text(json.dumps({**config, "max_position_embeddings": 10**10}))
     loaded = load_model(model, "int8", quantizer="rtn")
     assert loaded.config.max_seq_len == 10**10 and loaded.model.rope_cos.shape[0] <= 4096
-    cache = loaded.model.new_cache(1, 5000)  # past the first block of the tables
-    cos, sin = rope_tables(loaded.config.head_dim, 5000, loaded.config.rope_theta)
-    assert torch.equal(loaded.model.rope_cos[:5000], cos) and torch.equal(loaded.model.rope_sin[:5000], sin)
-    logits = loaded.model(torch.tensor([[1, 403, 407, 261]]), cache, [0], [4990], all_logits=True)
-    assert logits.shape == (1, 4, 512) and bool(torch.isfinite(logits).all())
+    cache = loaded.model.new_cache(1, 4200)  # past the first block of the tables
+    cos, sin = rope_tables(loaded.config.head_dim, 4200, loaded.config.rope_theta)
+    assert torch.equal(loaded.model.rope_cos[:4200], cos) and torch.equal(loaded.model.rope_sin[:4200], sin)
+    # every position attended to is written (rows past 4096 alone would read the cache's unwritten memory)
+    tokens = torch.tensor([[1, *([403, 407, 261] * 1400)[:4199]]])
+    logits = loaded.model(tokens, cache, [0], [0], all_logits=True)
+    assert logits.shape == (1, 4200, 512) and bool(torch.isfinite(logits).all())
 
 
 # --- int8 checkpoints -----------------------------------------------------------------------------------------------
