@@ -50,6 +50,7 @@ def test_while_loading_metrics_answer_200_and_say_so(metrics_token: str | None) 
         with LiveServer(LifecycleMiddleware(None, lifecycle, metrics=metrics)) as live:
             scraped = httpx.get(f"{live.url}/metrics", headers=headers)
             readyz = httpx.get(f"{live.url}/readyz")
+            posted = httpx.post(f"{live.url}/metrics", headers=headers)  # only a scrape's methods, as once ready
             refused = httpx.get(f"{live.url}/metrics", headers={"Authorization": "Bearer wrong"})
             lifecycle.start_draining()  # a signal while loading
             draining = httpx.get(f"{live.url}/metrics", headers=headers)
@@ -64,6 +65,7 @@ def test_while_loading_metrics_answer_200_and_say_so(metrics_token: str | None) 
     assert samples[("process_resident_memory_bytes", ())] > 0
     assert samples[("int8serve_ledger_spooled_rows", ())] == 0
     assert readyz.status_code == 503 and readyz.json()["errors"][0]["message"] == "Not ready: the model is loading"
+    assert posted.status_code == 503 and posted.json()["errors"][0]["message"] == "Not ready: the model is loading"
     assert refused.status_code == (401 if metrics_token else 200)
     if metrics_token:
         assert refused.json()["errors"][0]["code"] == 10000

@@ -299,6 +299,10 @@ def test_errors_with_a_clear_culprit_name_it(oai: OpenAI, http: httpx.Client, au
     assert completion_tokens.value.param == "max_completion_tokens"
     assert "'max_completion_tokens'" in completion_tokens.value.message and "'max_tokens'" not in \
         completion_tokens.value.message
+    with pytest.raises(openai.BadRequestError) as tools_only:  # the template renders none of them
+        oai.chat.completions.create(model=MODEL, messages=[{"role": "tool", "content": "x", "tool_call_id": "c"}])
+    assert tools_only.value.param == "messages" and tools_only.value.body["message"].endswith(  # type: ignore[index]
+        "no message with role 'system', 'user' or 'assistant' at 'messages'")
     native = http.post(run_url, headers=auth, json={"messages": long}).json()["errors"][0]["message"]
     assert native.startswith("AiError: Bad input: Error: oneOf at '/' not met, 0 matches: required properties at "
                              "'/' are 'prompt', String at '/messages/1/content' is longer")  # Workers AI's, as it was

@@ -127,7 +127,8 @@ class LifecycleMiddleware:
                 lifecycle._leave()
         elif path == "/healthz":  # alive, even while loading
             await json_response({"status": "ok"})(scope, receive, send)
-        elif path == "/metrics" and self.app is None and self.metrics is not None:  # scraped while loading
+        elif path == "/metrics" and scope.get("method") in ("GET", "HEAD") and self.app is None \
+                and self.metrics is not None:  # scraped while loading (other methods: not ready, as elsewhere)
             await self.metrics(scope, receive, send)
         else:
             lifecycle.refused += path != "/readyz"

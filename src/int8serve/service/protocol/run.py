@@ -192,13 +192,15 @@ class RunBody(BaseModel):
     tools: Any = Field(None, description="not supported by this model")
     functions: Any = Field(None, description="not supported by this model")
 
-    def to_run(self, card: ModelCard) -> ValidatedRun:
-        """The engine-ready form of this body for `card` (raises ApiError for what the model cannot do)."""
+    def to_run(self, card: ModelCard, wording: Wording = WORKERS_AI_WORDING) -> ValidatedRun:
+        """The engine-ready form of this body for `card` (raises ApiError for what the model cannot do, naming
+        fields as `wording` does)."""
         if self.lora is not None:
             raise ApiError(LORA_UNSUPPORTED, model=card.name)
         for name in UNSUPPORTED_FEATURES:
             if _feature_requested(name, getattr(self, name)):
-                raise ApiError(BAD_INPUT, detail=f"'/{name}' is not supported by the model {card.name}", param=name)
+                raise ApiError(BAD_INPUT, detail=f"'{wording.locate([name])}' is not supported by the model "
+                                                 f"{card.name}", param=name)
         form: Literal["prompt", "messages"] = "messages" if self.messages is not None else "prompt"
         template = template_named(card.prompt_template)  # a served card's template exists (checked at start)
         if form == "prompt":
@@ -206,7 +208,7 @@ class RunBody(BaseModel):
                 raise ApiError(BAD_INPUT, detail="required properties at '/' are 'prompt'", param="prompt")
             segments = render_prompt(template, self.prompt, self.raw, card.default_context)
         else:
-            segments = _render(self.messages or [], template.render_messages)
+            segments = _render(self.messages or [], template.render_messages, wording)
         return ValidatedRun(segments=tuple(segments), max_tokens=self.max_tokens, params=self.sampling_params(),
                             stream=self.stream, reject_if_busy=bool(self.options and self.options.rejectIfBusy),
                             form=form, raw=self.raw and form == "prompt")
@@ -241,7 +243,7 @@ def validate_run_body(body: Any, card: ModelCard, wording: Wording = WORKERS_AI_
     except ValidationError as err:
         raise ApiError(BAD_INPUT, detail=validation_error_detail(err, wording),
                        param=top_field(err.errors(include_url=False)[0]["loc"])) from None
-    return parsed.to_run(card)
+    return parsed.to_run(card, wording)
 
 
 @functools.cache
@@ -284,11 +286,11 @@ def _feature_requested(name: str, value: Any) -> bool:
     return not (name == "response_format" and isinstance(value, dict) and value.get("type") in (None, "text"))
 
 
-def _render(messages: list[RunMessage], render_messages: Callable[[list[dict[str, str]]], list[Segment]]
-            ) -> list[Segment]:
+def _render(messages: list[RunMessage], render_messages: Callable[[list[dict[str, str]]], list[Segment]],
+            wording: Wording) -> list[Segment]:
     if not any(m.role in RENDERED_ROLES for m in messages):
-        raise ApiError(BAD_INPUT, detail="no message with role 'system', 'user' or 'assistant' at '/messages'",
-                       param="messages")
+        raise ApiError(BAD_INPUT, detail=f"no message with role 'system', 'user' or 'assistant' at "
+                                         f"'{wording.locate(['messages'])}'", param="messages")
     return render_messages([{"role": m.role, "content": m.content} for m in messages])
 
 
