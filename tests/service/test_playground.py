@@ -10,7 +10,7 @@ back with each turn, the token sent nowhere but this origin's `Authorization` he
 wrong token, a rate limit (429/3021), a context overflow (413/5021) and stream failures, and model output shown
 as text, never as HTML. `/docs`, the API's page in the same package, lists the routes with nothing from elsewhere.
 
-Set `INT8SERVE_PLAYGROUND_SCREENSHOT=docs/playground.png` to refresh the documentation's screenshot.
+Set `INT8SERVE_TEST_PLAYGROUND_SCREENSHOT=docs/playground.png` to refresh the documentation's screenshot.
 """
 
 from __future__ import annotations
@@ -39,7 +39,7 @@ from .conftest import ACCOUNT, MODEL, SLOW_MODEL, TOKEN, TOKENS, UNSERVED_MODEL,
 
 CHROMIUM = Path("/usr/bin/chromium")
 CHROMIUM_ARGS = ["--headless=new", "--no-sandbox", "--disable-gpu", "--disable-dev-shm-usage"]
-SCREENSHOT_ENV = "INT8SERVE_PLAYGROUND_SCREENSHOT"
+SCREENSHOT_ENV = "INT8SERVE_TEST_PLAYGROUND_SCREENSHOT"
 TIMEOUT_MS = 20_000
 CARD_NEURON_COST = 0.1836
 SYSTEM_PROMPT = "You are a storyteller for small children."
