@@ -17,7 +17,9 @@ Counters (`_total`), gauges and histograms, with their labels:
   `process_open_fds`, `process_start_time_seconds`, ...: prometheus_client's process metrics (Linux)
 * `int8serve_http_requests_total{route,status}`: every HTTP answer (a HEAD under its GET's route); route = the route
   template, `/openapi.json` and the pages by their path, `unmatched` for a path no route answers (404s)
-* `int8serve_errors_total{code,status}`: error codes answered (`errors[0].code`); status 200 = a stream's error frame
+* `int8serve_errors_total{code,status}`: error codes answered (`errors[0].code`, on the OpenAI routes `error.code`:
+  the same Workers AI code but where OpenAI has its own, a context overflow being `context_length_exceeded`
+  with status 400 there and 5021 with 413 on `/ai/run`); status 200 = a stream's error frame
 * `int8serve_num_requests_running{model}`, `int8serve_num_requests_waiting{model}`, `int8serve_slots{model}`,
   `int8serve_slot_usage_ratio{model}`: gauges read from `Engine.stats()` at scrape time
 * `int8serve_request_queue_time_seconds{model}`: engine queue → slot
