@@ -379,6 +379,26 @@ def test_max_tokens_branches_must_agree(seed_text: str) -> None:
         parse_card(text, "x.txt")
 
 
+LAUGHS = "".join(f"{a}: &{a} [{', '.join([f'*{b}'] * 9)}]\n" for b, a in zip("abcd", "bcde", strict=True))
+BOMB = 'a: &a ["lol", "lol", "lol", "lol", "lol", "lol", "lol", "lol", "lol"]\n' + LAUGHS  # 9**5 strings expanded
+
+
+def test_yaml_aliases_are_refused(seed_text: str) -> None:
+    """A "billion laughs" card is refused at once, naming the alias, instead of expanding (four more levels of
+    nine aliases, still under 1 KB, take minutes and gigabytes)."""
+    bomb = seed_text.replace("---\nmodel:", "---\n" + BOMB + "model:", 1)
+    bomb = bomb.replace('value: "https://ai.meta.com/llama/"', "value: *e")
+    assert len(bomb) < len(seed_text) + 1024
+    with pytest.raises(CardError) as info:
+        parse_card(bomb, "bomb.txt")
+    assert info.value.field == "front matter"
+    assert "YAML aliases are not allowed in a card (*a)" in info.value.problem
+    assert "line 3" in info.value.problem  # where the first alias is
+    config = seed_text.replace("max_concurrent_requests: 4", "max_concurrent_requests: &n 4\\nx: *n")
+    with pytest.raises(CardError, match=r"field 'model\.properties\[constellation_config\]': invalid YAML: .*\(\*n\)"):
+        parse_card(config, "x.txt")
+
+
 @pytest.mark.parametrize(
     ("old", "new", "field", "word"),
     [

@@ -4,7 +4,8 @@ A card is the model's single source of truth: its id and name, its limits, its r
 JSON Schemas and its serving policy (response cache, requests-per-minute quota, neuron metering).
 The format is the one of Cloudflare's catalog (see the built-in card in `cards/`):
 
-* YAML front matter between two `---` lines; anything after the closing line is ignored;
+* YAML front matter between two `---` lines; anything after the closing line is ignored; YAML aliases (`*name`)
+  are refused (nested ones make a "billion laughs");
 * `model.properties` is a list of `{property_id, value}` with string values;
 * the `constellation_config` property value is itself YAML;
 * `json_schema.input` / `json_schema.output` are JSON strings (a YAML mapping is accepted too).
@@ -187,8 +188,16 @@ class ModelCard:
 
 
 class _Loader(yaml.SafeLoader):
-    """Safe YAML where mapping keys stay the text written (account `00123` stays "00123", not 83)
-    and a duplicated key is an error instead of silently keeping the last one."""
+    """Safe YAML where mapping keys stay the text written (account `00123` stays "00123", not 83),
+    a duplicated key is an error instead of silently keeping the last one, and an alias (`*name`) is an error:
+    nested aliases let a 1 KB card expand to gigabytes (a "billion laughs"), and no card needs one."""
+
+    def compose_node(self, parent: yaml.Node | None, index: Any) -> yaml.Node:
+        if self.check_event(yaml.AliasEvent):
+            event = self.peek_event()
+            raise yaml.composer.ComposerError(None, None, f"YAML aliases are not allowed in a card (*{event.anchor})",
+                                              event.start_mark)
+        return super().compose_node(parent, index)
 
     def construct_mapping(self, node: yaml.MappingNode, deep: bool = False) -> dict[Any, Any]:
         self.flatten_mapping(node)
