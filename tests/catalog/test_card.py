@@ -2,12 +2,14 @@
 
 from __future__ import annotations
 
+import dataclasses
 import uuid
 from importlib import resources
 from pathlib import Path
 
 import jsonschema
 import pytest
+import referencing.exceptions
 
 from int8serve.catalog.card import CardError, ModelCard, builtin_cards, load_card, parse_card
 
@@ -371,6 +373,61 @@ def test_malformed_card(seed_text: str, tmp_path: Path, old: str, new: str, fiel
     assert info.value.source == str(path)
     assert info.value.field == field
     assert isinstance(info.value, ValueError)
+
+
+PROMPT_SPEC = '\\"prompt\\": {\\n'
+
+
+def _prompt_ref(seed_text: str, ref: str) -> str:
+    """The seed with `"$ref": ref` beside the prompt's type (and a `definitions` the refs may point into)."""
+    text = seed_text.replace(PROMPT_SPEC, PROMPT_SPEC.replace("{", f'{{\\"$ref\\": \\"{ref}\\", '), 1)
+    return text.replace('\\"type\\": \\"object\\",', '\\"type\\": \\"object\\", \\"definitions\\": '
+                        '{\\"short\\": {\\"maxLength\\": 10}},', 1)
+
+
+@pytest.mark.parametrize(
+    "ref",
+    ["#/definitions/nope", "http://127.0.0.1:9/schema.json", "other.json#/definitions/short",
+     "https://json-schema.org/draft/2020-12/schema"],
+)
+def test_a_ref_must_resolve_within_the_schema(seed_text: str, monkeypatch: pytest.MonkeyPatch, ref: str) -> None:
+    """An unresolvable or remote `$ref` stops the start (it answered 500 to every request, the remote one after an
+    outbound connection); nothing is fetched to find out."""
+    fetched = _no_network(monkeypatch)
+    with pytest.raises(CardError) as info:
+        parse_card(_prompt_ref(seed_text, ref), "ref.txt")
+    assert info.value.field == "json_schema.input"
+    assert info.value.problem == (f"$ref {ref!r} at oneOf/0/properties/prompt does not resolve within the schema "
+                                  "(a card's schema may refer only to itself)")
+    assert fetched == []
+
+
+def _no_network(monkeypatch: pytest.MonkeyPatch) -> list[object]:
+    """What jsonschema would fetch (`urllib.request.urlopen`), recorded instead (and not fetched)."""
+    fetched: list[object] = []
+
+    def urlopen(request: object, *args: object, **kwargs: object) -> None:
+        fetched.append(request)
+        raise OSError("no network in this test")
+    monkeypatch.setattr("urllib.request.urlopen", urlopen)
+    return fetched
+
+
+def test_a_ref_within_the_schema_is_served(seed_text: str, monkeypatch: pytest.MonkeyPatch) -> None:
+    card = parse_card(_prompt_ref(seed_text, "#/definitions/short"), "ref.txt")
+    assert _errors(card, {"prompt": "Tell me"}) == []
+    (error,) = card.input_validator.iter_errors({"prompt": "Tell me a story"})
+    assert any(sub.message == "'Tell me a story' is too long" for sub in error.context)  # the definition applies
+    nested = '{"type": "object", "properties": {"a": {"$id": "urn:x:a", "$defs": {"n": {"type": "integer"}}, ' \
+             '"$ref": "#/$defs/n"}}}'
+    card = parse_card(MINIMAL.replace('input: "{\\"type\\": \\"object\\"}"', f"input: '{nested}'"), "m.txt")
+    assert _errors(card, {"a": 1}) == [] and _errors(card, {"a": "x"}) == ["'x' is not of type 'integer'"]
+    # a remote $ref that reached the request validator (it cannot, the card is refused) is not fetched either
+    fetched = _no_network(monkeypatch)
+    remote = dataclasses.replace(card, input_schema={"properties": {"a": {"$ref": "http://127.0.0.1:9/s.json"}}})
+    with pytest.raises(referencing.exceptions.Unresolvable):
+        _errors(remote, {"a": 1})
+    assert fetched == []
 
 
 def test_max_tokens_branches_must_agree(seed_text: str) -> None:

@@ -43,6 +43,7 @@ import json
 import re
 import reprlib
 import uuid
+from collections.abc import Iterator
 from dataclasses import dataclass, field
 from functools import cached_property
 from importlib import resources
@@ -50,6 +51,9 @@ from pathlib import Path
 from typing import Annotated, Any, Literal, NamedTuple, Self, TypeVar, get_args
 
 import jsonschema
+import referencing
+import referencing.exceptions
+import referencing.jsonschema
 import yaml
 from pydantic import AfterValidator, BaseModel, BeforeValidator, Field, ValidationError, model_validator
 
@@ -160,8 +164,10 @@ class ModelCard:
 
     @cached_property
     def input_validator(self) -> jsonschema.protocols.Validator:
-        """A `jsonschema` validator for request bodies (the card's own input schema)."""
-        return jsonschema.validators.validator_for(self.input_schema)(self.input_schema)
+        """A `jsonschema` validator for request bodies (the card's own input schema). Its registry retrieves
+        nothing: a `$ref` resolves within the schema (checked at load) or to a bundled meta-schema, never over the
+        network (jsonschema's default would fetch a remote `$ref` at every request)."""
+        return jsonschema.validators.validator_for(self.input_schema)(self.input_schema, registry=_NO_RETRIEVAL)
 
     def to_search_result(self) -> dict[str, Any]:
         """One element of `models/search`'s `result` array."""
@@ -255,17 +261,66 @@ def _yaml_mapping(value: Any) -> Any:
 
 
 def _json_schema(value: Any) -> Any:
-    """A JSON Schema, written as a JSON string (or a YAML mapping); `check_schema` says whether it is one."""
+    """A JSON Schema, written as a JSON string (or a YAML mapping); `check_schema` says whether it is one, and every
+    `$ref` in it must resolve within it."""
     try:
         value = json.loads(value) if isinstance(value, str) else value
         if isinstance(value, dict):
             jsonschema.validators.validator_for(value).check_schema(value)
+            _check_refs(value)
     except json.JSONDecodeError as e:
         raise ValueError(f"invalid JSON: {e}") from None
     except jsonschema.SchemaError as e:
         path = "/".join(str(p) for p in e.absolute_path) or "(root)"
         raise ValueError(f"not a valid JSON Schema at {path}: {e.message}") from None
     return value
+
+
+_NO_RETRIEVAL = referencing.Registry()  # retrieves nothing: an unknown URI is unresolvable, never fetched
+_SCHEMA_KEYWORDS = ("items", "additionalItems", "additionalProperties", "not", "if", "then", "else", "contains",
+                    "propertyNames", "unevaluatedItems", "unevaluatedProperties", "contentSchema")
+_SCHEMA_LIST_KEYWORDS = ("allOf", "anyOf", "oneOf", "prefixItems", "items")
+_SCHEMA_MAP_KEYWORDS = ("properties", "patternProperties", "definitions", "$defs", "dependentSchemas",
+                        "dependencies")
+_REF_KEYWORDS = ("$ref", "$dynamicRef", "$recursiveRef")
+
+
+def _children(schema: dict[str, Any]) -> Iterator[tuple[tuple[str | int, ...], dict[str, Any]]]:
+    """The schema objects directly inside `schema`, each with its path from it, found through the keywords that hold
+    schemas (so a `default` or an `enum` value that looks like a schema is not one)."""
+    for key in _SCHEMA_KEYWORDS:
+        if isinstance(schema.get(key), dict):
+            yield (key,), schema[key]
+    for key in _SCHEMA_LIST_KEYWORDS:
+        if isinstance(schema.get(key), list):
+            yield from (((key, i), sub) for i, sub in enumerate(schema[key]) if isinstance(sub, dict))
+    for key in _SCHEMA_MAP_KEYWORDS:
+        if isinstance(schema.get(key), dict):
+            yield from (((key, name), sub) for name, sub in schema[key].items() if isinstance(sub, dict))
+
+
+def _check_refs(schema: dict[str, Any]) -> None:
+    """Every `$ref` resolves within `schema` itself: no other document, nothing fetched (a remote `$ref` would
+    make the server open a connection per request, an unresolvable one fail every request)."""
+    validator = jsonschema.validators.validator_for(schema)
+    specification = referencing.jsonschema.specification_with(validator.ID_OF(validator.META_SCHEMA))
+
+    def check(sub: dict[str, Any], path: tuple[str | int, ...], resolver: referencing.Resolver) -> None:
+        resolver = resolver.in_subresource(specification.create_resource(sub))  # a nested `$id` moves the base
+        for key in _REF_KEYWORDS:
+            ref = sub.get(key)
+            if not isinstance(ref, str):
+                continue
+            try:
+                resolver.lookup(ref)
+            except referencing.exceptions.Unresolvable:
+                where = "/".join(str(p) for p in path) or "(root)"
+                raise ValueError(f"{key} {ref!r} at {where} does not resolve within the schema (a card's schema "
+                                 "may refer only to itself)") from None
+        for step, child in _children(sub):
+            check(child, (*path, *step), resolver)
+
+    check(schema, (), _NO_RETRIEVAL.resolver_with_root(specification.create_resource(schema)))
 
 
 def _unique(key: str, *below: str) -> AfterValidator:
