@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import dataclasses
+import json
 import uuid
 from importlib import resources
 from pathlib import Path
@@ -428,6 +429,68 @@ def test_a_ref_within_the_schema_is_served(seed_text: str, monkeypatch: pytest.M
     with pytest.raises(referencing.exceptions.Unresolvable):
         _errors(remote, {"a": 1})
     assert fetched == []
+
+
+MAX_TOKENS_SPEC = '\\"max_tokens\\": {'
+
+
+def _with_property(seed_text: str, name: str, spec: str) -> str:
+    """The seed with the property `name` (`spec`, JSON) added to both branches of its input schema."""
+    escaped = spec.replace('"', '\\"')
+    return seed_text.replace(MAX_TOKENS_SPEC, f'\\"{name}\\": {escaped}, {MAX_TOKENS_SPEC}')
+
+
+@pytest.mark.parametrize(
+    ("name", "spec", "problem"),
+    [
+        ("temperature", '{"type": "number", "default": "hot"}', "expected a number from 0 to 5, got 'hot'"),
+        ("top_p", '{"type": "number", "default": "x"}', "expected a number from 0.001 to 1, got 'x'"),
+        ("seed", '{"type": "integer", "default": "abc"}', "expected an integer from 1 to 9999999999, got 'abc'"),
+        ("temperature", '{"type": "number", "default": 99}', "expected a number from 0 to 5, got 99"),
+        ("temperature", '{"type": "number", "maximum": 2, "default": 3}', "expected a number from 0 to 2, got 3"),
+        ("top_k", '{"type": "integer", "default": 2.5}', "expected an integer from 1 to 50, got 2.5"),
+        ("presence_penalty", '{"type": "number", "default": true}', "expected a number from -2 to 2, got True"),
+        ("top_p", '{"type": "string", "default": "0.5"}', "expected a number from 0.001 to 1, got '0.5'"),
+    ],
+)
+def test_a_sampling_default_must_be_a_value_a_request_may_send(seed_text: str, name: str, spec: str,
+                                                               problem: str) -> None:
+    """A default of the wrong type answered 500 to every request; one out of range was used for requests that
+    left the parameter out, while a request sending it was refused."""
+    with pytest.raises(CardError) as info:
+        parse_card(_with_property(seed_text, name, spec), "x.txt")
+    assert str(info.value) == f"card x.txt: field 'json_schema.input.oneOf[0].properties.{name}.default': {problem}"
+
+
+@pytest.mark.parametrize(
+    ("name", "spec"),
+    [("temperature", '{"type": "number", "minimum": 0, "maximum": 100, "default": 99}'),
+     ("temperature", '{"type": "number", "default": 0}'), ("top_k", '{"type": "integer", "default": 5.0}'),
+     ("seed", '{"type": "integer", "default": 42}'), ("top_p", '{"type": "number", "default": 1}')],
+)
+def test_a_sampling_default_within_its_range_is_taken(seed_text: str, name: str, spec: str) -> None:
+    card = parse_card(_with_property(seed_text, name, spec), "x.txt")
+    assert card.input_schema["oneOf"][1]["properties"][name] == json.loads(spec)
+
+
+@pytest.mark.parametrize(
+    ("which", "old", "new", "problem"),
+    [
+        ("input", '\\"type\\": \\"boolean\\",\\n          \\"default\\": false',
+         '\\"type\\": \\"boolean\\",\\n          \\"default\\": \\"no\\"',
+         "default 'no' at oneOf/0/properties/raw is not valid under its own schema: 'no' is not of type 'boolean'"),
+        ("input", '\\"maxLength\\": 4096\\n        }', '\\"maxLength\\": 4, \\"default\\": \\"Hello\\"}',
+         "default 'Hello' at oneOf/0/properties/prompt is not valid under its own schema: 'Hello' is too long"),
+        ("output", '\\"type\\": \\"string\\"\\n        }', '\\"type\\": \\"string\\", \\"default\\": 1}',
+         "default 1 at oneOf/0/properties/response is not valid under its own schema: 1 is not of type 'string'"),
+    ],
+)
+def test_every_default_must_be_valid_under_its_own_schema(seed_text: str, which: str, old: str, new: str,
+                                                          problem: str) -> None:
+    assert old in seed_text
+    with pytest.raises(CardError) as info:
+        parse_card(seed_text.replace(old, new, 1), "x.txt")
+    assert (info.value.field, info.value.problem) == (f"json_schema.{which}", problem)
 
 
 def test_max_tokens_branches_must_agree(seed_text: str) -> None:

@@ -34,6 +34,11 @@ value counts as absent):
 
 Integers may be written as YAML integers or as strings of digits ("2048"); anything else, and any
 zero or negative limit, is an error. Neuron metrics must be one of `KNOWN_NEURON_METRICS`.
+
+The schemas are checked as what requests will meet: every `$ref` resolves within the schema itself (nothing is
+ever fetched), every `default` is valid under the schema that declares it, and the default of a sampling parameter
+(`sampling.WORKERS_AI_PARAMETERS`: `temperature`, `top_p`, ...) is a value a request may send, within the range
+Workers AI's and the card's declarations give together.
 """
 
 from __future__ import annotations
@@ -56,6 +61,8 @@ import referencing.exceptions
 import referencing.jsonschema
 import yaml
 from pydantic import AfterValidator, BaseModel, BeforeValidator, Field, ValidationError, model_validator
+
+from int8serve.catalog.sampling import sampling_parameters, schema_branches
 
 __all__ = ["DEFAULT_PROMPT_TEMPLATE", "KNOWN_NEURON_METRICS", "CardError", "ModelCard", "NeuronCost", "RateLimit",
            "ServingPolicy", "Task", "builtin_cards", "load_card", "parse_card"]
@@ -323,6 +330,24 @@ def _check_refs(schema: dict[str, Any]) -> None:
     check(schema, (), _NO_RETRIEVAL.resolver_with_root(specification.create_resource(schema)))
 
 
+def _check_defaults(schema: dict[str, Any]) -> None:
+    """Every `default` in `schema` is valid under the schema object that declares it (a request that leaves the
+    property out gets the default, which the schema never sees). Raises ValueError, saying where."""
+    validator = jsonschema.validators.validator_for(schema)(schema, registry=_NO_RETRIEVAL)
+
+    def check(sub: dict[str, Any], path: tuple[str | int, ...]) -> None:
+        if "default" in sub:
+            error = jsonschema.exceptions.best_match(validator.evolve(schema=sub).iter_errors(sub["default"]))
+            if error is not None:
+                where = "/".join(str(p) for p in path) or "(root)"
+                raise ValueError(f"default {reprlib.repr(sub['default'])} at {where} is not valid under its own "
+                                 f"schema: {error.message}")
+        for step, child in _children(sub):
+            check(child, (*path, *step))
+
+    check(schema, ())
+
+
 def _unique(key: str, *below: str) -> AfterValidator:
     """For a list of models: no two items with the same `key` (a repeat is reported at its index, then `below`)."""
 
@@ -519,6 +544,33 @@ def _default_max_tokens(schema: dict[str, Any], seq_limit: int, source: str) -> 
     return value
 
 
+def _check_sampling_defaults(schema: dict[str, Any], source: str) -> None:
+    """A sampling parameter's default, wherever the schema declares one, is what a request may send: a number (an
+    integer for an integer parameter) within the range Workers AI's and the card's declarations give together (a
+    request that leaves the parameter out gets it unchecked)."""
+    merged = sampling_parameters(schema)
+    for path, branch in schema_branches(schema):
+        properties = branch.get("properties")
+        for name, spec in (properties.items() if isinstance(properties, dict) else ()):
+            if name not in merged or not isinstance(spec, dict) or "default" not in spec:
+                continue
+            problem = _out_of_range(spec["default"], merged[name])
+            if problem:
+                fld = "".join(f"[{p}]" if isinstance(p, int) else f".{p}" for p in path)
+                raise CardError(source, f"json_schema.input{fld}.properties.{name}.default", problem)
+
+
+def _out_of_range(value: Any, spec: dict[str, Any]) -> str | None:
+    """Why `value` is not a valid value of the sampling parameter `spec`, as a request's would be refused; None if
+    it is one."""
+    integer = spec.get("type") == "integer"
+    low, high = spec.get("minimum", float("-inf")), spec.get("maximum", float("inf"))
+    numeric = not isinstance(value, bool) and isinstance(value, int | float)
+    if numeric and (not integer or float(value).is_integer()) and low <= value <= high:
+        return None
+    return f"expected {'an integer' if integer else 'a number'} from {low} to {high}, got {reprlib.repr(value)}"
+
+
 def parse_card(text: str, source: str) -> ModelCard:
     """Parse and validate a card; `source` (usually the file path) is only used in error messages."""
     raw = _front_matter(text, source)
@@ -527,6 +579,13 @@ def parse_card(text: str, source: str) -> ModelCard:
     values = {p.property_id: p.value for p in model.properties}
     props = _validated(CardProperties, values, source, raw, under=("model", "properties"))
     config = props.constellation_config
+    default_max_tokens = _default_max_tokens(schemas.input, props.sequence_length_limit, source)
+    _check_sampling_defaults(schemas.input, source)
+    for name, schema in (("input", schemas.input), ("output", schemas.output)):
+        try:
+            _check_defaults(schema)
+        except ValueError as e:
+            raise CardError(source, f"json_schema.{name}", str(e)) from None
     return ModelCard(
         source_path=source,
         id=model.id,
@@ -540,7 +599,7 @@ def parse_card(text: str, source: str) -> ModelCard:
         context_length_limit=props.context_length_limit,
         sequence_length_limit=props.sequence_length_limit,
         max_concurrent_requests=config.max_concurrent_requests,
-        default_max_tokens=_default_max_tokens(schemas.input, props.sequence_length_limit, source),
+        default_max_tokens=default_max_tokens,
         prompt_template=props.prompt_template,
         default_context=props.default_context,
         input_schema=schemas.input,

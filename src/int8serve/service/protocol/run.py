@@ -22,7 +22,7 @@ from __future__ import annotations
 
 import dataclasses
 import functools
-from collections.abc import Callable, Iterable, Iterator, Mapping
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 from typing import Annotated, Any, Literal, Protocol
 
@@ -39,6 +39,7 @@ from pydantic import (
 from pydantic_core import PydanticCustomError
 
 from int8serve.catalog.card import ModelCard
+from int8serve.catalog.sampling import DEFAULT_TEMPERATURE, WORKERS_AI_PARAMETERS, sampling_parameters
 from int8serve.engine.chat_template import Segment
 from int8serve.engine.sampling_params import SamplingParams
 from int8serve.prompt_templates import render_prompt, template_named
@@ -59,17 +60,6 @@ __all__ = [
 ]
 
 MAX_MESSAGES = 256  # messages per request: 256 × the schema's 4096 characters already fill the body limit
-DEFAULT_TEMPERATURE = 0.6  # Workers AI's default for this model when the card declares none
-# today's Workers AI schema for this model: sampling parameters the seed's card does not list (a card may)
-WORKERS_AI_PARAMETERS: dict[str, dict[str, Any]] = {
-    "temperature": {"type": "number", "minimum": 0, "maximum": 5, "default": DEFAULT_TEMPERATURE},
-    "top_p": {"type": "number", "minimum": 0.001, "maximum": 1},
-    "top_k": {"type": "integer", "minimum": 1, "maximum": 50},
-    "seed": {"type": "integer", "minimum": 1, "maximum": 9_999_999_999},
-    "repetition_penalty": {"type": "number", "minimum": 0, "maximum": 2},
-    "frequency_penalty": {"type": "number", "minimum": -2, "maximum": 2},
-    "presence_penalty": {"type": "number", "minimum": -2, "maximum": 2},
-}
 UNSUPPORTED_FEATURES = ("response_format", "tools", "functions")
 RENDERED_ROLES = ("system", "user", "assistant")
 
@@ -250,33 +240,15 @@ def validate_run_body(body: Any, card: ModelCard, wording: Wording = WORKERS_AI_
 def run_body_model(card: ModelCard) -> type[RunBody]:
     """`RunBody` with `card`'s limits and defaults: `max_tokens` (default, at most the sequence length limit) and
     any sampling parameter the card's schema declares (its range and default win over Workers AI's)."""
-    declared = _declared_properties(card.input_schema)
     fields: dict[str, Any] = {
         "max_tokens": (Annotated[JsonInteger, max_tokens_limit(card.sequence_length_limit)],
                        card.default_max_tokens)}
-    for name, spec in WORKERS_AI_PARAMETERS.items():
-        merged = {**spec, **declared.get(name, {})}
+    for name, merged in sampling_parameters(card.input_schema).items():
         kind = JsonInteger if merged.get("type") == "integer" else JsonNumber
         checked = Annotated[kind, between(merged.get("minimum", float("-inf")), merged.get("maximum", float("inf")))]
         default = merged.get("default")
         fields[name] = (checked, default) if default is not None else (checked | None, None)
     return create_model(f"RunBody_{card.id.replace('-', '_')}", __base__=RunBody, **fields)
-
-
-def _declared_properties(schema: Mapping[str, Any]) -> dict[str, dict[str, Any]]:
-    """The property specs of the schema and its direct oneOf/anyOf/allOf branches (where the card lists them)."""
-    out: dict[str, dict[str, Any]] = {}
-    for branch in _branches(schema):
-        for name, spec in (branch.get("properties") or {}).items():
-            if isinstance(spec, Mapping):
-                out.setdefault(name, {}).update(spec)
-    return out
-
-
-def _branches(schema: Mapping[str, Any]) -> Iterator[Mapping[str, Any]]:
-    yield schema
-    for key in ("oneOf", "anyOf", "allOf"):
-        yield from (b for b in schema.get(key) or [] if isinstance(b, Mapping))
 
 
 def _feature_requested(name: str, value: Any) -> bool:
