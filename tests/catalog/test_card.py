@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import logging
 import uuid
 from importlib import resources
 from pathlib import Path
@@ -590,6 +591,41 @@ def test_malformed_constellation_config(config: str, field: str, word: str) -> N
         parse_card(_with_config(config), "m.txt")
     assert info.value.field == f"{CFG}.{field}", str(info.value)
     assert word in info.value.problem, str(info.value)
+
+
+@pytest.mark.parametrize(
+    ("config", "field", "known"),
+    [
+        ("max_request_per_min:\n  default: 2", "max_request_per_min", "max_requests_per_min"),
+        (METRIC.replace("neurons:", "neuron:") + "\n      neuron_cost: 0.18", "neuron", "neurons"),
+        ("max_concurrent_request: 4", "max_concurrent_request", "max_concurrent_requests"),
+        ("infer_respones_cache: in_memory", "infer_respones_cache", "infer_response_cache"),
+        ("max_requests_per_min:\n  defualt: 2", "max_requests_per_min.defualt", "default"),
+        ("max_requests_per_min:\n  account:\n    '1': 2", "max_requests_per_min.account", "accounts"),
+        ("neurons:\n  metric: []", "neurons.metric", "metrics"),
+        (METRIC + "\n      neuron_costs: 0.18", "neurons.metrics[0].neuron_costs", "neuron_cost"),
+    ],
+)
+def test_a_misspelled_constellation_key_is_refused(config: str, field: str, known: str) -> None:
+    """Ignored, a misspelled key silently turned rate limiting or billing off."""
+    with pytest.raises(CardError) as info:
+        parse_card(_with_config(config), "m.txt")
+    assert str(info.value) == f"card m.txt: field '{CFG}.{field}': unknown key; did you mean '{known}'?"
+
+
+def test_other_unknown_constellation_keys_are_ignored_with_one_warning(caplog: pytest.LogCaptureFixture) -> None:
+    """Keys that are no typo of a known one may be a newer catalog's: kept, said once in the log."""
+    config = ("max_requests_per_min:\n  default: 3\n  per_day: 9\nmax_requests_per_day: 100\n"
+              "infer_response_cache_ttl: 60\n" + METRIC + "\n      neuron_cost: 0.5\n      unit: token")
+    text = _with_config(config)
+    with caplog.at_level(logging.WARNING, logger="int8serve.catalog.card"):
+        card = parse_card(text, "new.txt")
+        parse_card(text, "new.txt")  # the same card again: no second warning
+    assert card.policy.rpm_for("a") == 3 and card.policy.neurons(2, 0) == 1.0
+    assert [r.getMessage() for r in caplog.records] == [
+        "card new.txt: field 'model.properties[constellation_config]': unknown keys ignored (not read by this "
+        "version of int8serve): max_requests_per_day, infer_response_cache_ttl, max_requests_per_min.per_day, "
+        "neurons.metrics[0].unit"]
 
 
 def test_constellation_config_is_the_mapping_validated(card: ModelCard) -> None:

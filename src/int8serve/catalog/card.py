@@ -31,6 +31,10 @@ value counts as absent):
 * no `constellation_config`, or keys missing from it: no response cache, no requests-per-minute
   limit (`rpm_for` returns None), no neuron metering (0 neurons), `max_concurrent_requests` 1;
   `infer_response_cache: off` (YAML false) also means no cache.
+* a `constellation_config` key it does not know: a typing mistake of a known one (`max_request_per_min`,
+  `neuron`, `defualt`: one or two edits away) is an error that names the known one ("did you mean ..."), since
+  ignoring it would turn rate limiting or billing off; any other is ignored with one log warning (it may be a key
+  of a newer Cloudflare catalog).
 
 Integers may be written as YAML integers or as strings of digits ("2048"); anything else, and any
 zero or negative limit, is an error. Neuron metrics must be one of `KNOWN_NEURON_METRICS`.
@@ -44,11 +48,13 @@ Workers AI's and the card's declarations give together.
 from __future__ import annotations
 
 import copy
+import difflib
 import json
+import logging
 import re
 import reprlib
 import uuid
-from collections.abc import Iterator
+from collections.abc import Iterable, Iterator
 from dataclasses import dataclass, field
 from functools import cached_property
 from importlib import resources
@@ -66,6 +72,8 @@ from int8serve.catalog.sampling import sampling_parameters, schema_branches
 
 __all__ = ["DEFAULT_PROMPT_TEMPLATE", "KNOWN_NEURON_METRICS", "CardError", "ModelCard", "NeuronCost", "RateLimit",
            "ServingPolicy", "Task", "builtin_cards", "load_card", "parse_card"]
+
+log = logging.getLogger(__name__)
 
 NeuronMetricName = Literal["input_tokens", "output_tokens"]
 KNOWN_NEURON_METRICS: tuple[str, ...] = get_args(NeuronMetricName)
@@ -370,7 +378,8 @@ JsonSchema = Annotated[dict[str, Any], BeforeValidator(_json_schema)]
 
 
 class _Section(BaseModel, strict=True):
-    """A mapping of the card: strict types (no "1" for 1 unless the type says so); unknown keys are ignored."""
+    """A mapping of the card: strict types (no "1" for 1 unless the type says so); unknown keys are ignored (but see
+    `_PolicySection`)."""
 
     @model_validator(mode="before")
     @classmethod
@@ -422,21 +431,59 @@ class CardFrontMatter(_Section, protected_namespaces=()):  # `model_display_name
     model_display_name: str | None = None  # default: the last segment of the name
 
 
-class RequestsPerMinute(_Section):
+class _PolicySection(_Section, extra="allow"):
+    """A mapping of `constellation_config`. A key that is one or two typing mistakes away from a known one is
+    refused, naming it: ignored, `max_request_per_min` or `neuron` would turn rate limiting or billing off. Other
+    unknown keys (a newer catalog's) are kept in `model_extra` and reported by `_warn_unknown_keys`."""
+
+    @model_validator(mode="before")
+    @classmethod
+    def _no_misspelled_keys(cls, data: Any) -> Any:
+        for key in data if isinstance(data, dict) else ():
+            if key not in cls.model_fields and isinstance(key, str):
+                known = _misspelled(key, cls.model_fields)
+                if known is not None:
+                    raise _Invalid(f"unknown key; did you mean '{known}'?", key)
+        return data
+
+
+def _misspelled(key: str, known: Iterable[str]) -> str | None:
+    """The known key that `key` is a typing mistake of, if any: at most one edit (a letter added, dropped, changed or
+    two swapped) for a name of up to 15 characters, two for a longer one. `difflib` ranks the candidates."""
+    for name in difflib.get_close_matches(key, list(known), n=3, cutoff=0.6):
+        if _edits(key, name) <= (1 if len(name) <= 15 else 2):
+            return name
+    return None
+
+
+def _edits(a: str, b: str) -> int:
+    """The optimal-string-alignment distance: insertions, deletions, substitutions and adjacent swaps."""
+    rows = [list(range(len(b) + 1))]
+    for i, ca in enumerate(a, start=1):
+        row = [i]
+        for j, cb in enumerate(b, start=1):
+            row.append(min(rows[-1][j] + 1, row[j - 1] + 1, rows[-1][j - 1] + (ca != cb)))
+            if i > 1 and j > 1 and ca == b[j - 2] and a[i - 2] == cb:
+                row[j] = min(row[j], rows[-2][j - 2] + 1)
+        rows.append(row)
+    return rows[-1][-1]
+
+
+class RequestsPerMinute(_PolicySection):
     default: Limit | None = None  # None: unlimited
     accounts: dict[str, Limit] = {}
 
 
-class NeuronMetric(_Section):
+class NeuronMetric(_PolicySection):
     name: NeuronMetricName
     neuron_cost: Annotated[float, Field(ge=0, allow_inf_nan=False)]
 
 
-class Neurons(_Section):
+class Neurons(_PolicySection):
     metrics: Annotated[list[NeuronMetric], _unique("name", "name")] = []
 
 
-class ConstellationConfig(_Section, extra="allow"):
+class ConstellationConfig(_PolicySection):
     """The YAML inside the `constellation_config` property: the serving policy and the engine's slots."""
 
     # YAML 1.1 reads `off` / `no` as false: no cache
@@ -544,6 +591,22 @@ def _default_max_tokens(schema: dict[str, Any], seq_limit: int, source: str) -> 
     return value
 
 
+_warned: set[tuple[str, tuple[str, ...]]] = set()
+
+
+def _warn_unknown_keys(config: ConstellationConfig, source: str) -> None:
+    """One log warning per card (once per process) naming the `constellation_config` keys it does not know, which
+    are ignored: they may be a newer catalog's, so they do not stop the start."""
+    sections: list[tuple[str, BaseModel]] = [("", config), ("max_requests_per_min.", config.max_requests_per_min),
+                                             ("neurons.", config.neurons)]
+    sections += [(f"neurons.metrics[{i}].", m) for i, m in enumerate(config.neurons.metrics)]
+    unknown = tuple(f"{prefix}{key}" for prefix, section in sections for key in section.model_extra or {})
+    if unknown and (source, unknown) not in _warned:
+        _warned.add((source, unknown))
+        log.warning("card %s: field 'model.properties[constellation_config]': unknown key%s ignored (not read by this "
+                    "version of int8serve): %s", source, "s" if len(unknown) > 1 else "", ", ".join(unknown))
+
+
 def _check_sampling_defaults(schema: dict[str, Any], source: str) -> None:
     """A sampling parameter's default, wherever the schema declares one, is what a request may send: a number (an
     integer for an integer parameter) within the range Workers AI's and the card's declarations give together (a
@@ -580,6 +643,7 @@ def parse_card(text: str, source: str) -> ModelCard:
     props = _validated(CardProperties, values, source, raw, under=("model", "properties"))
     config = props.constellation_config
     default_max_tokens = _default_max_tokens(schemas.input, props.sequence_length_limit, source)
+    _warn_unknown_keys(config, source)
     _check_sampling_defaults(schemas.input, source)
     for name, schema in (("input", schemas.input), ("output", schemas.output)):
         try:
