@@ -111,6 +111,28 @@ def test_neurons_with_different_costs(seed_text: str) -> None:
     assert parse_card(text, "x").policy.neurons(10, 3) == pytest.approx(10 * 0.1836 + 3 * 1.5)
 
 
+@pytest.mark.parametrize(
+    ("prices", "tokens", "neurons"),
+    [
+        (("0.1234567", "1.7000001"), (2, 1), 1.946914),  # 1.9469135: binary floats and round() gave 1.946913
+        (("0.1234567", "1.7000001"), (6, 13), 22.840742),  # 22.8407415
+        (("0.0000005", "0"), (1, 0), 0.000001),  # half a millionth rounds up
+        (("0.0000005", "0"), (3, 0), 0.000002),  # 0.0000015
+        (("0.1836", "0.1836"), (100, 50), 27.54),
+        (("0.00000049", "0"), (1, 0), 0.0),
+    ],
+)
+def test_neurons_are_decimal_rounded_half_up(seed_text: str, prices: tuple[str, str], tokens: tuple[int, int],
+                                             neurons: float) -> None:
+    text = seed_text
+    for metric, price in zip(("input_tokens", "output_tokens"), prices, strict=True):
+        text = text.replace(f"{metric}\\n      neuron_cost: 0.1836", f"{metric}\\n      neuron_cost: {price}")
+    policy = parse_card(text, "x").policy
+    assert [str(c.cost) for c in policy.neuron_costs] == [str(float(p)) for p in prices]
+    assert policy.neurons(*tokens) == neurons
+    assert repr(policy.neurons(*tokens)) == repr(neurons)  # no float noise left for the frame's JSON
+
+
 def test_schemas_are_parsed_and_valid(card: ModelCard) -> None:
     assert card.input_schema["type"] == "object"
     assert len(card.input_schema["oneOf"]) == 2

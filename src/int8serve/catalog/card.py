@@ -56,6 +56,7 @@ import reprlib
 import uuid
 from collections.abc import Iterable, Iterator
 from dataclasses import dataclass, field
+from decimal import ROUND_HALF_UP, Decimal
 from functools import cached_property
 from importlib import resources
 from pathlib import Path
@@ -127,13 +128,26 @@ class ServingPolicy:
         return self.rate_limit.rpm_for(account_id)
 
     def neurons(self, input_tokens: int, output_tokens: int) -> float:
-        """Σ count × cost over the card's metrics, rounded to 6 decimals (float noise off the ledger);
-        0.0 when the card meters nothing."""
+        """Σ count × cost over the card's metrics, in decimal arithmetic on the prices as written, rounded half up
+        to 6 decimals (2 × 0.1234567 + 1 × 1.7000001 = 1.9469135 → 1.946914, where binary floats and `round` went
+        either way); 0.0 when the card meters nothing. The header, the stream's frame, the ledger and `/ai/usage`
+        all carry this value."""
         counts = {"input_tokens": input_tokens, "output_tokens": output_tokens}
         for name, n in counts.items():
             if isinstance(n, bool) or not isinstance(n, int) or n < 0:
                 raise ValueError(f"{name} must be a non-negative integer, got {n!r}")
-        return round(sum((counts[c.metric] * c.cost for c in self.neuron_costs), 0.0), 6)
+        exact = sum((counts[c.metric] * _as_written(c.cost) for c in self.neuron_costs), Decimal(0))
+        return float(exact.quantize(NEURON_QUANTUM, rounding=ROUND_HALF_UP))
+
+
+NEURON_QUANTUM = Decimal("0.000001")  # neurons are billed to 6 decimals
+
+
+def _as_written(price: float) -> Decimal:
+    """A price as the card wrote it: the shortest decimal that reads back as the float YAML parsed, which is the
+    text itself for any price of up to 15 significant digits (`Decimal(0.1234567)` would be the binary value,
+    0.12345670000000000332...)."""
+    return Decimal(repr(price))
 
 
 @dataclass(frozen=True, eq=False)

@@ -1,8 +1,8 @@
 """What one request costs, in neurons: the card's `neurons.metrics` applied to the tokens that were billed.
 
-neurons = Σ over the card's metrics of count × `neuron_cost`, where `input_tokens` is the prompt after the chat
-template and `output_tokens` the generated tokens (`ModelCard.policy.neurons`). Which tokens are billed depends on
-how the request ended (`Outcome`):
+neurons = Σ over the card's metrics of count × `neuron_cost` (in decimal, rounded half up to 6 decimals), where
+`input_tokens` is the prompt after the chat template and `output_tokens` the generated tokens
+(`ModelCard.policy.neurons`). Which tokens are billed depends on how the request ended (`Outcome`):
 
 * `ok` — a complete answer: all of them;
 * `aborted` — the client went away: the tokens the engine actually generated, plus the prompt if the engine had
