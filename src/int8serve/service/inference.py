@@ -58,7 +58,7 @@ from .errors import (
     RATE_LIMITED,
     REQUEST_ABORTED,
     REQUEST_TIMEOUT,
-    UNAVAILABLE,
+    SHUTTING_DOWN,
     ApiError,
     ErrorKind,
     answered_status,
@@ -305,7 +305,7 @@ class InferenceCall:
             if isinstance(err, QueueFullError):
                 raise ApiError(CAPACITY, headers=retry) from None
             if isinstance(err, EngineStoppedError):
-                raise ApiError(UNAVAILABLE, headers=retry) from None
+                raise ApiError(SHUTTING_DOWN, headers=retry) from None
             raise ApiError(BAD_INPUT, detail=str(err)) from None  # the engine's own checks; ours come first
         except BaseException:
             inflight.release(self.account)
@@ -340,7 +340,7 @@ class InferenceCall:
             watcher.cancel()
         if finished.failure is not None:
             raise ApiError(finished.failure, headers=self.inference.retry_headers
-                           if finished.failure is UNAVAILABLE else None)
+                           if finished.failure is SHUTTING_DOWN else None)
         self.headers[NEURONS_HEADER] = format_neurons(finished.neurons)
         return json_response(self.fmt.json_body(finished.answer), headers=self.headers)
 
@@ -428,7 +428,7 @@ class InferenceCall:
         if answer.finish_reason is FinishReason.CANCELLED:
             return REQUEST_ABORTED
         if answer.finish_reason is FinishReason.SHUTDOWN:
-            return UNAVAILABLE
+            return SHUTTING_DOWN
         log.error("request %s failed in the engine: %s", self.request_id, answer.error)
         return INTERNAL
 
