@@ -368,6 +368,33 @@ class _HeldBody:
                     self.first_frame.set()
 
 
+def _send_part_of_body(port: int, path: str, body: dict) -> socket.socket:
+    """A connection that sent a POST's headers and the first 10 bytes of its JSON `body`, and nothing more."""
+    data = json.dumps(body).encode()
+    sock = socket.create_connection(("127.0.0.1", port), timeout=30)
+    sock.sendall(f"POST {path} HTTP/1.1\r\nHost: 127.0.0.1\r\nAuthorization: Bearer t-1\r\n"
+                 f"Content-Type: application/json\r\nContent-Length: {len(data)}\r\n\r\n".encode() + data[:10])
+    return sock
+
+
+def _answer_on(sock: socket.socket) -> tuple[int, dict[str, str], bytes]:
+    """The status, headers (lower-case names) and body of the answer that comes on `sock` (its Content-Length
+    bytes; without one, what comes until the connection closes)."""
+    with sock:
+        received = b""
+        while b"\r\n\r\n" not in received:
+            chunk = sock.recv(65536)
+            assert chunk, f"the connection closed before an answer: {received!r}"
+            received += chunk
+        head, body = received.split(b"\r\n\r\n", 1)
+        status_line, *lines = head.decode("latin-1").split("\r\n")
+        headers = {name.lower(): value.strip() for name, value in (line.split(":", 1) for line in lines)}
+        length = int(headers.get("content-length", sys.maxsize))
+        while len(body) < length and (chunk := sock.recv(65536)):
+            body += chunk
+    return int(status_line.split()[1]), headers, body
+
+
 @contextlib.contextmanager
 def _long_stream(url: str) -> Iterator[Iterator[str]]:
     """A 480-token raw stream of the account of token t-1, its first frame already read: it is in the engine."""
@@ -492,6 +519,44 @@ def test_requests_received_before_the_signal_are_served_by_the_drain(tmp_path: P
     outcomes = sorted((outcome, tokens) for _, tokens, outcome in _ledger_rows(tmp_path / "data"))
     assert [outcome for outcome, _ in outcomes] == ["error", "ok", "ok"], outcomes
     assert 0 < outcomes[0][1] < 480  # the cut stream, metered with what it had generated
+
+
+def test_the_cut_ends_requests_still_sending_their_body(tmp_path: Path, shared_dir: Path) -> None:
+    """Found by an audit: at the shutdown timeout a request still sending its body was left waiting for it (up to
+    --body-timeout), until uvicorn cancelled it 10 s later: a bare text/plain 500, a CancelledError traceback per
+    request, and with --shutdown-timeout 1 the process exited 11.9 s after the signal. At the cut it is answered at
+    once with the drain's refusal, in its route's shape, and the process exits."""
+    process, port = start("--model", str(shared_dir / "models" / "stories260K" / "hf"), "--token", "t-1=acct-1",
+                          "--shutdown-timeout", "1", tmp_path=tmp_path)
+    run = {"prompt": "Once upon a time", "raw": True, "stream": True, "max_tokens": 100}
+    chat = {"model": MODEL, "messages": [{"role": "user", "content": "Hi"}]}
+    try:
+        senders = [_send_part_of_body(port, f"/client/v4/accounts/acct-1/ai/run/{MODEL}", run),
+                   _send_part_of_body(port, "/v1/chat/completions", chat)]
+        time.sleep(0.3)  # read by the server: in flight
+        process.send_signal(signal.SIGTERM)
+        signalled = time.monotonic()
+        (run_status, run_headers, run_body), (chat_status, chat_headers, chat_body) = (
+            _answer_on(sender) for sender in senders)
+        answered = time.monotonic() - signalled
+        _, err = process.communicate(timeout=60)
+        exited = time.monotonic() - signalled
+    finally:
+        if process.poll() is None:
+            process.kill()
+    assert process.returncode == 0, err
+    assert "draining: 2 requests in flight" in err and "cutting the 2 requests still in flight" in err, err
+    assert "Traceback" not in err and "CancelledError" not in err, err
+    assert run_status == 503 and run_headers["content-type"] == "application/json", run_body
+    assert json.loads(run_body) == {"success": False, "errors": [{"code": 3040, "message": "Not ready: the server is "
+                                                                   "shutting down"}], "messages": [], "result": None}
+    assert chat_status == 503, chat_body
+    assert json.loads(chat_body)["error"] == {"message": "Not ready: the server is shutting down",
+                                              "type": "capacity_error", "param": None, "code": 3040}
+    assert run_headers["retry-after"] == chat_headers["retry-after"] == "1"
+    assert 0.9 < answered < 3, answered  # at the cut, 1 s after the signal
+    assert exited < 4, exited  # no longer held 10 s more by the requests' tasks
+    assert _ledger_rows(tmp_path / "data") == []  # none reached the engine
 
 
 def test_sighup_drains_as_sigterm_does(tmp_path: Path, shared_dir: Path) -> None:

@@ -143,8 +143,9 @@ FORBIDDEN = ErrorKind(403, 10000, "Authentication error", ai=False)
 NO_ROUTE = ErrorKind(404, 7000, "No route for that URI", ai=False)
 BAD_QUERY = ErrorKind(400, 1001, "Invalid query parameter '{name}': {problem}", ai=False)  # ours
 NOT_READY = ErrorKind(503, 3040, "Not ready: {reason}", ai=False)
-# a request the shutdown ends without an answer (the engine stopped at the drain's end): the drain's own refusal of
-# new requests (NOT_READY, `lifecycle.py`), never "capacity", so that a client retries elsewhere and knows why
+# a request the shutdown ends without an answer (cut at the drain's end, before or in the engine): the drain's own
+# refusal of new requests (NOT_READY, `lifecycle.py`), never "capacity", so that a client retries elsewhere and knows
+# why
 SHUTTING_DOWN = ErrorKind(503, 3040, "Not ready: the server is shutting down", ai=False)
 USAGE_UNAVAILABLE = ErrorKind(503, 1002, "Usage data is temporarily unavailable, please try again.", ai=False)  # ours
 

@@ -195,23 +195,12 @@ class InferenceCall:
         if model is not None:
             self.obs.fields["model"] = model
             self.served = self.inference.served(model)
-        checked = await self._checked_body()
-        card, engine = self._served()
-        window = min(card.context_length_limit, engine.max_seq_len)
-        await self._admit(card, checked, window)
-        try:  # until the engine has the request, every way out gives the reservation back
-            run = await self.inference.workers.tokenize(self.account, card.name, checked, window)
-            if self.reservation is not None and self.policy.allocation is not None:
-                worst = card.policy.neurons(run.prompt_tokens, run.checked.max_tokens)
-                await self.policy.allocation.resize(self.reservation, worst)
-            if self.policy.caches(card):
-                self.directives = self.policy.cache.directives(self.request.headers)
-                self.cache_key = self.policy.cache.key(self.account, card.name, run, engine.fingerprint)
-                hit = await self.policy.cache.get(self.cache_key, self.directives)
-                self.obs.cache(card.name, hit is not None)
-                if hit is not None:
-                    return await self._replay(run, hit)
-            handle = self._submit(engine, run)
+        try:  # until the engine has the request, every way out gives its reservation (if it has one) back
+            async with self.inference.lifecycle.until_cut():  # the drain's end refuses what no engine has yet
+                run, hit = await self._before_the_engine()
+            if hit is not None:
+                return await self._replay(run, hit)
+            handle = self._submit(self._served().engine, run)
             self.obs.fields["stream"] = run.checked.stream
             sink: asyncio.Queue[str | Finished] | None = asyncio.Queue() if run.checked.stream else None
             ended = self.inference.spawn(self._follow(handle, sink))  # from here on, `finish` releases it
@@ -221,6 +210,24 @@ class InferenceCall:
         if sink is not None:
             return self._stream(handle, ended, sink)
         return await self._collected(handle, ended)
+
+    async def _before_the_engine(self) -> tuple[RunRequest, CachedAnswer | None]:
+        """The body checked, the request admitted and tokenized; the response cache's answer, if it has one."""
+        checked = await self._checked_body()
+        card, engine = self._served()
+        window = min(card.context_length_limit, engine.max_seq_len)
+        await self._admit(card, checked, window)
+        run = await self.inference.workers.tokenize(self.account, card.name, checked, window)
+        if self.reservation is not None and self.policy.allocation is not None:
+            worst = card.policy.neurons(run.prompt_tokens, run.checked.max_tokens)
+            await self.policy.allocation.resize(self.reservation, worst)
+        hit = None
+        if self.policy.caches(card):
+            self.directives = self.policy.cache.directives(self.request.headers)
+            self.cache_key = self.policy.cache.key(self.account, card.name, run, engine.fingerprint)
+            hit = await self.policy.cache.get(self.cache_key, self.directives)
+            self.obs.cache(card.name, hit is not None)
+        return run, hit
 
     def _served(self) -> Served:
         assert self.served is not None
