@@ -11,6 +11,7 @@ import socket
 import sqlite3
 import subprocess
 import sys
+import threading
 import time
 from collections.abc import Iterator
 from pathlib import Path
@@ -320,6 +321,80 @@ def _first_frame(stream: Iterator[str]) -> str:
     pytest.fail("the stream ended before its first frame")
 
 
+def _wait_until_draining(base: str) -> None:
+    deadline = time.monotonic() + 30  # the signal is handled between two event-loop iterations
+    while httpx.get(f"{base}/readyz", timeout=10).status_code != 503:
+        assert time.monotonic() < deadline, "the server did not start draining"
+        time.sleep(0.02)
+
+
+class _HeldBody:
+    """A POST of `body` (JSON, `padding` spaces before its last brace) in a thread, all but its last bytes sent at
+    once (`sent`) and the rest on `release`: until then the server has the request but not its body. Its answer:
+    `status` and the lines of its body (`first_frame` is set at a stream's first `data:` line)."""
+
+    def __init__(self, url: str, body: dict, padding: int = 0) -> None:
+        text = json.dumps(body)
+        self.body = (text[:-1] + " " * padding + text[-1]).encode()
+        self.url = url
+        self.sent = threading.Event()
+        self.first_frame = threading.Event()
+        self.status: int | None = None
+        self.lines: list[str] = []
+        self._rest = threading.Event()
+        self._thread = threading.Thread(target=self._post, daemon=True)
+        self._thread.start()
+
+    def release(self) -> None:
+        self._rest.set()
+
+    def join(self) -> None:
+        self._thread.join(60)
+        assert not self._thread.is_alive(), "no answer"
+
+    def _content(self) -> Iterator[bytes]:
+        yield self.body[:-2]
+        self.sent.set()
+        self._rest.wait(60)
+        yield self.body[-2:]
+
+    def _post(self) -> None:
+        headers = {"Authorization": "Bearer t-1", "Content-Length": str(len(self.body))}
+        with httpx.stream("POST", self.url, content=self._content(), headers=headers, timeout=60) as answer:
+            self.status = answer.status_code
+            for line in answer.iter_lines():
+                self.lines.append(line)
+                if line.startswith("data: "):
+                    self.first_frame.set()
+
+
+def _send_part_of_body(port: int, path: str, body: dict) -> socket.socket:
+    """A connection that sent a POST's headers and the first 10 bytes of its JSON `body`, and nothing more."""
+    data = json.dumps(body).encode()
+    sock = socket.create_connection(("127.0.0.1", port), timeout=30)
+    sock.sendall(f"POST {path} HTTP/1.1\r\nHost: 127.0.0.1\r\nAuthorization: Bearer t-1\r\n"
+                 f"Content-Type: application/json\r\nContent-Length: {len(data)}\r\n\r\n".encode() + data[:10])
+    return sock
+
+
+def _answer_on(sock: socket.socket) -> tuple[int, dict[str, str], bytes]:
+    """The status, headers (lower-case names) and body of the answer that comes on `sock` (its Content-Length
+    bytes; without one, what comes until the connection closes)."""
+    with sock:
+        received = b""
+        while b"\r\n\r\n" not in received:
+            chunk = sock.recv(65536)
+            assert chunk, f"the connection closed before an answer: {received!r}"
+            received += chunk
+        head, body = received.split(b"\r\n\r\n", 1)
+        status_line, *lines = head.decode("latin-1").split("\r\n")
+        headers = {name.lower(): value.strip() for name, value in (line.split(":", 1) for line in lines)}
+        length = int(headers.get("content-length", sys.maxsize))
+        while len(body) < length and (chunk := sock.recv(65536)):
+            body += chunk
+    return int(status_line.split()[1]), headers, body
+
+
 @contextlib.contextmanager
 def _long_stream(url: str) -> Iterator[Iterator[str]]:
     """A 480-token raw stream of the account of token t-1, its first frame already read: it is in the engine."""
@@ -397,6 +472,91 @@ def test_a_second_signal_cuts_at_once_and_keeps_the_row(tmp_path: Path, shared_d
     assert frames, err
     rows = _ledger_rows(tmp_path / "data")
     assert len(rows) == 1 and 0 < rows[0][1] <= 480, err  # the stream's row, with what it had generated
+
+
+def test_requests_received_before_the_signal_are_served_by_the_drain(tmp_path: Path, shared_dir: Path) -> None:
+    """Found by an audit: requests received before SIGTERM that had not reached the engine yet (sending their body,
+    checked in the worker process, tokenized) got 503 "Capacity temporarily exceeded" at once, though the drain had
+    30 s to answer them, and had counted against their account's rate limit. The drain serves them; one that
+    reaches the engine during the drain is still cut at the drain's end (here a second signal), and metered."""
+    process, port = start("--model", str(shared_dir / "models" / "stories260K" / "hf"), "--token", "t-1=acct-1",
+                          tmp_path=tmp_path)  # the default --shutdown-timeout, 30 s
+    base = f"http://127.0.0.1:{port}"
+    url = f"{base}/client/v4/accounts/acct-1/ai/run/{MODEL}"
+    chat = {"model": MODEL, "messages": [{"role": "user", "content": "Hi"}], "max_tokens": 8}
+    held = [_HeldBody(url, {"prompt": "Once upon a time", "raw": True, "max_tokens": 8}),
+            _HeldBody(f"{base}/v1/chat/completions", chat, padding=80_000),  # over 64 KiB: the worker process's
+            _HeldBody(url, {"prompt": "Once upon a time", "raw": True, "stream": True, "max_tokens": 480})]
+    answered, checked_in_worker, streamed = held
+    try:
+        for request in held:
+            assert request.sent.wait(30), "a request's headers were not sent"
+        time.sleep(0.3)  # read by the server: in flight
+        process.send_signal(signal.SIGTERM)
+        _wait_until_draining(base)
+        for request in (answered, checked_in_worker):
+            request.release()
+        for request in (answered, checked_in_worker):
+            request.join()
+        streamed.release()
+        assert streamed.first_frame.wait(30), streamed.lines
+        process.send_signal(signal.SIGTERM)  # in the engine since the drain began: cut as any other
+        streamed.join()
+        _, err = process.communicate(timeout=60)
+    finally:
+        for request in held:
+            request.release()
+        if process.poll() is None:
+            process.kill()
+    assert process.returncode == 0, err
+    assert "draining: 3 requests in flight" in err, err
+    assert answered.status == 200, answered.lines
+    assert json.loads(answered.lines[0])["result"]["usage"]["completion_tokens"] >= 1
+    assert checked_in_worker.status == 200, checked_in_worker.lines
+    assert json.loads(checked_in_worker.lines[0])["choices"][0]["message"]["content"]
+    frames = [line.removeprefix("data: ") for line in streamed.lines if line.startswith("data: ")]
+    assert json.loads(frames[-1])["errors"] == [{"code": 3040, "message": "Not ready: the server is shutting down"}]
+    outcomes = sorted((outcome, tokens) for _, tokens, outcome in _ledger_rows(tmp_path / "data"))
+    assert [outcome for outcome, _ in outcomes] == ["error", "ok", "ok"], outcomes
+    assert 0 < outcomes[0][1] < 480  # the cut stream, metered with what it had generated
+
+
+def test_the_cut_ends_requests_still_sending_their_body(tmp_path: Path, shared_dir: Path) -> None:
+    """Found by an audit: at the shutdown timeout a request still sending its body was left waiting for it (up to
+    --body-timeout), until uvicorn cancelled it 10 s later: a bare text/plain 500, a CancelledError traceback per
+    request, and with --shutdown-timeout 1 the process exited 11.9 s after the signal. At the cut it is answered at
+    once with the drain's refusal, in its route's shape, and the process exits."""
+    process, port = start("--model", str(shared_dir / "models" / "stories260K" / "hf"), "--token", "t-1=acct-1",
+                          "--shutdown-timeout", "1", tmp_path=tmp_path)
+    run = {"prompt": "Once upon a time", "raw": True, "stream": True, "max_tokens": 100}
+    chat = {"model": MODEL, "messages": [{"role": "user", "content": "Hi"}]}
+    try:
+        senders = [_send_part_of_body(port, f"/client/v4/accounts/acct-1/ai/run/{MODEL}", run),
+                   _send_part_of_body(port, "/v1/chat/completions", chat)]
+        time.sleep(0.3)  # read by the server: in flight
+        process.send_signal(signal.SIGTERM)
+        signalled = time.monotonic()
+        (run_status, run_headers, run_body), (chat_status, chat_headers, chat_body) = (
+            _answer_on(sender) for sender in senders)
+        answered = time.monotonic() - signalled
+        _, err = process.communicate(timeout=60)
+        exited = time.monotonic() - signalled
+    finally:
+        if process.poll() is None:
+            process.kill()
+    assert process.returncode == 0, err
+    assert "draining: 2 requests in flight" in err and "cutting the 2 requests still in flight" in err, err
+    assert "Traceback" not in err and "CancelledError" not in err, err
+    assert run_status == 503 and run_headers["content-type"] == "application/json", run_body
+    assert json.loads(run_body) == {"success": False, "errors": [{"code": 3040, "message": "Not ready: the server is "
+                                                                   "shutting down"}], "messages": [], "result": None}
+    assert chat_status == 503, chat_body
+    assert json.loads(chat_body)["error"] == {"message": "Not ready: the server is shutting down",
+                                              "type": "capacity_error", "param": None, "code": 3040}
+    assert run_headers["retry-after"] == chat_headers["retry-after"] == "1"
+    assert 0.9 < answered < 3, answered  # at the cut, 1 s after the signal
+    assert exited < 4, exited  # no longer held 10 s more by the requests' tasks
+    assert _ledger_rows(tmp_path / "data") == []  # none reached the engine
 
 
 def test_sighup_drains_as_sigterm_does(tmp_path: Path, shared_dir: Path) -> None:

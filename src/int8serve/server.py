@@ -13,11 +13,13 @@ sees it:
    (slots = its card's max_concurrent_requests, context = its card's limit within the model's) and the app, and
    turn ready. What only the weights tell (damaged tensor data) ends the start here, the error naming the model;
 3. on SIGTERM, SIGINT or SIGHUP, drain: `/readyz` 503 at once, new API requests 503, requests in flight (streams
-   included) finish for up to `shutdown_timeout` seconds, after which the engine cuts what is left (those answers
-   end, and their ledger rows are written: outcome `error`, the tokens they generated, 0 neurons); then the usage
-   ledger is flushed and the process exits 0. A second signal cuts at once, rows still written; a third stops without
-   waiting for them. A signal while the weights load stops the loading: the ledger is flushed and the process exits 0
-   at once, without waiting for the load thread (which may be minutes inside torch).
+   included, and those received but not yet in the engine) finish for up to `shutdown_timeout` seconds, after
+   which what is left is cut: a request not in the engine yet is answered 503 at once (`lifecycle.cut`), and the
+   engine ends the others (those answers end, and their ledger rows are written: outcome `error`, the tokens they
+   generated, 0 neurons); then the usage ledger is flushed and the process exits 0. A second signal cuts at once,
+   rows still written; a third stops without waiting for them. A signal while the weights load stops the loading:
+   the ledger is flushed and the process exits 0 at once, without waiting for the load thread (which may be
+   minutes inside torch).
 """
 
 from __future__ import annotations
@@ -308,11 +310,12 @@ class _Server(uvicorn.Server):
         started = time.monotonic()
         log.info("draining: %d requests in flight, waiting up to %g s for them (signal again to stop now)",
                  self.lifecycle.requests, self.shutdown_timeout)
-        for engine in self.engines:
-            engine.stop_accepting()
+        # the engines take requests until the cut: those received before the signal (the gate refuses new ones)
+        # may still be reading their body, being checked or tokenized, and have the drain's time to be answered
         if not self._wait_idle_unless_cut(self.shutdown_timeout):
             if not self._cut_now.is_set():
                 log.warning("shutdown timeout: cutting the %d requests still in flight", self.lifecycle.requests)
+            self.lifecycle.cut()  # those not in an engine (sending their body, checked, tokenized) are refused now
             for engine in self.engines:
                 engine.stop()  # their answers end; their rows are written (outcome error)
             self.lifecycle.wait_idle(CUT_GRACE_SECONDS)

@@ -361,12 +361,14 @@ def test_unexpected_exception_is_a_logged_500_envelope(monkeypatch: pytest.Monke
     assert http.post(run_url, headers=auth, json={"prompt": "Once", "raw": True, "max_tokens": 1}).status_code == 200
 
 
-def test_draining_engine_is_503(monkeypatch: pytest.MonkeyPatch, engines: dict[str, Engine], http: httpx.Client,
-                                run_url: str, auth: dict[str, str]) -> None:
+def test_a_stopped_engine_is_503_shutting_down(monkeypatch: pytest.MonkeyPatch, engines: dict[str, Engine],
+                                              http: httpx.Client, run_url: str, auth: dict[str, str]) -> None:
+    """An engine stops only when the server shuts down: the answer is the drain's own refusal (it said "Capacity
+    temporarily exceeded", which is not why)."""
     def stopped(*args: Any, **kwargs: Any) -> Any:
-        raise EngineStoppedError("the engine is shutting down")
+        raise EngineStoppedError("the engine was stopped")
 
     monkeypatch.setattr(engines[MODEL], "submit", stopped)
     resp = http.post(run_url, headers=auth, json={"prompt": "hi", "stream": True})
-    assert_error(resp, 503, 3040, "Capacity temporarily exceeded, please try again.")
+    assert_error(resp, 503, 3040, "Not ready: the server is shutting down", ai=False)
     assert resp.headers["retry-after"] == "1"

@@ -3,19 +3,27 @@ SIGTERM path is in tests/test_server.py)."""
 
 from __future__ import annotations
 
+import asyncio
+import json
 import threading
+import time
 from collections.abc import Iterator
+from typing import Any
 
 import httpx
 import pytest
 from fastapi import FastAPI
 from prometheus_client.parser import text_string_to_metric_families
 
+from int8serve.catalog.registry import Catalog
+from int8serve.engine.scheduler import Engine
+from int8serve.service.app import create_app
+from int8serve.service.errors import INTERNAL, SHUTTING_DOWN, ApiError
 from int8serve.service.lifecycle import Lifecycle, LifecycleMiddleware, Phase
 from int8serve.service.metrics import LoadingMetrics, ServiceMetrics
 from int8serve.service.policy import Policy
 
-from .conftest import ACCOUNT, MODEL, SLOW_MODEL, LiveServer
+from .conftest import ACCOUNT, MODEL, SLOW_MODEL, TOKENS, LiveServer
 from .test_errors import assert_error
 
 
@@ -109,6 +117,78 @@ def test_drain_lets_a_stream_finish_and_refuses_new_requests(http: httpx.Client,
     assert refused.headers["retry-after"] == "1"
     assert refused_openai.status_code == 503 and refused_openai.json()["error"]["code"] == 3040
     assert probes == [200, 503, 200]
+
+
+def test_the_cut_ends_what_no_engine_has_yet(catalog: Catalog, engines: dict[str, Engine], auth: dict[str, str],
+                                             monkeypatch: pytest.MonkeyPatch) -> None:
+    """The drain's end (`Lifecycle.cut`): a request whose large body the worker process is still checking ends at
+    once with the drain's refusal, and a request that comes after it is refused at once, in its route's shape (a
+    body still being sent: tests/test_server.py)."""
+    lifecycle = Lifecycle()
+    policy = Policy.in_memory()
+    app = create_app(catalog, engines, TOKENS, policy=policy, lifecycle=lifecycle)
+    in_worker, release = threading.Event(), threading.Event()
+
+    def slow_worker(*args: Any) -> Any:  # the worker process, taking its time over a body
+        in_worker.set()
+        release.wait(30)
+        raise ApiError(INTERNAL)
+
+    monkeypatch.setattr(app.state.services.inference.workers, "_call", slow_worker)
+    body = json.dumps({"prompt": "Once upon a time", "raw": True, "max_tokens": 4})
+    large = (body[:-1] + " " * 70_000 + "}").encode()  # over 64 KiB: checked in the worker process
+    answers: list[httpx.Response] = []
+    try:
+        with LiveServer(app) as live:
+            def send() -> None:
+                answers.append(httpx.post(f"{live.url}/client/v4/accounts/{ACCOUNT}/ai/run/{MODEL}", headers=auth,
+                                          content=large, timeout=30))
+
+            sender = threading.Thread(target=send)
+            sender.start()
+            assert in_worker.wait(30), "the body never reached the worker"
+            cut = time.monotonic()
+            lifecycle.cut()
+            sender.join(30)
+            waited = time.monotonic() - cut
+            after = httpx.post(f"{live.url}/v1/completions", headers=auth, json={"model": MODEL, "prompt": "x"},
+                               timeout=30)
+    finally:
+        release.set()
+        app.state.services.metrics.unwatch_engines()
+        policy.close()
+    assert waited < 1, waited  # not when the worker is done with it
+    (answer,) = answers
+    assert_error(answer, 503, 3040, "Not ready: the server is shutting down", ai=False)
+    assert answer.headers["retry-after"] == "1"
+    assert after.status_code == 503 and after.headers["retry-after"] == "1"
+    assert after.json()["error"] == {"message": "Not ready: the server is shutting down", "type": "capacity_error",
+                                     "param": None, "code": 3040}
+
+
+def test_until_cut_ends_its_block_at_the_cut_and_refuses_after_it() -> None:
+    """A block waiting when another thread calls `cut` ends with the drain's refusal; one entered after it is refused
+    at once; a TimeoutError of the block's own is left as it is."""
+    lifecycle = Lifecycle()
+
+    async def blocks() -> list[object]:
+        async def guarded(seconds: float, timeout: float | None = None) -> object:
+            try:
+                async with lifecycle.until_cut(), asyncio.timeout(timeout):
+                    await asyncio.sleep(seconds)
+            except (ApiError, TimeoutError) as err:
+                return err
+            return None
+
+        assert isinstance(await guarded(10, timeout=0.01), TimeoutError)
+        waiting = asyncio.create_task(guarded(10))
+        await asyncio.sleep(0.05)
+        threading.Thread(target=lifecycle.cut).start()
+        return [await asyncio.wait_for(waiting, 5), await guarded(0)]
+
+    for refusal in asyncio.run(blocks()):
+        assert isinstance(refusal, ApiError) and refusal.kind is SHUTTING_DOWN, refusal
+        assert refusal.headers == {"retry-after": "1"}
 
 
 def test_wait_idle_times_out_with_requests_in_flight() -> None:

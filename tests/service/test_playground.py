@@ -338,10 +338,10 @@ USAGE = {"response": "", "usage": {"prompt_tokens": 5, "completion_tokens": 3, "
                       "(in the stream, code 3043: Internal server error)"),
     (_sse({"response": "Once"}, {"response": " upon"}), "error", "Once upon",
      "The answer was cut off: the stream ended before the server finished."),
-    (_sse({"response": "Once"}, {"response": "", "errors": [{"code": 3040, "message": "Capacity temporarily "
-                                                                                      "exceeded, please try again."}]}),
+    (_sse({"response": "Once"}, {"response": "", "errors": [{"code": 3040, "message": "Not ready: the server is "
+                                                                                      "shutting down"}]}),
      "error", "Once", "The server is shutting down and ended this answer before it finished. Try again in a moment. "
-                      "(in the stream, code 3040: Capacity temporarily exceeded, please try again.)"),
+                      "(in the stream, code 3040: Not ready: the server is shutting down)"),
 ], ids=["html-is-text", "error-frame", "cut-off", "drain-frame"])
 def test_stream_contents_are_shown_as_text(open_playground: Any, base_url: str, stream: str, state: str,
                                            shown: str, message: str | None) -> None:

@@ -87,7 +87,8 @@ def test_a_worker_killed_while_it_writes_a_large_result_fails_that_call_alone(wo
     assert not zombies()
 
 
-def test_a_worker_killed_while_it_works_fails_that_call(workers: RequestWorkers) -> None:
+def test_a_worker_killed_while_it_works_fails_that_call(workers: RequestWorkers,
+                                                        caplog: pytest.LogCaptureFixture) -> None:
     async def scenario() -> None:
         worker = await workers._in_process("acct-a", pid)
         call = asyncio.create_task(workers._in_process("acct-a", large_result_after, 30))
@@ -99,6 +100,7 @@ def test_a_worker_killed_while_it_works_fails_that_call(workers: RequestWorkers)
 
     asyncio.run(scenario())
     assert not zombies()
+    assert "the request worker process died (killed by signal 9)" in caplog.text
 
 
 def test_a_worker_dead_between_calls_is_replaced_before_the_next(workers: RequestWorkers) -> None:
@@ -112,7 +114,9 @@ def test_a_worker_dead_between_calls_is_replaced_before_the_next(workers: Reques
     assert not zombies()
 
 
-def test_closing_the_workers_ends_the_call_in_flight(workers: RequestWorkers) -> None:
+def test_closing_the_workers_ends_the_call_in_flight(workers: RequestWorkers,
+                                                     caplog: pytest.LogCaptureFixture) -> None:
+    """As the server stops (its request cut at the drain's end, its caller gone): not said to have died."""
     async def scenario() -> None:
         await workers._in_process("acct-a", pid)
         call = asyncio.create_task(workers._in_process("acct-a", large_result_after, 30))
@@ -125,6 +129,7 @@ def test_closing_the_workers_ends_the_call_in_flight(workers: RequestWorkers) ->
 
     asyncio.run(scenario())
     assert not zombies() and not workers_alive()
+    assert "died" not in caplog.text, caplog.text
 
 
 def test_an_error_in_the_worker_comes_back_as_it_was_raised(workers: RequestWorkers) -> None:

@@ -101,7 +101,7 @@ class QueueFullError(Exception):
 
 
 class EngineStoppedError(Exception):
-    """The engine is shutting down and takes no new requests."""
+    """The engine was stopped (`Engine.stop`) and takes no new requests."""
 
 
 @dataclass(frozen=True)
@@ -269,7 +269,8 @@ class Engine:
         return self.prefix_cache.lookup(prompt_ids, len(prompt_ids)).tokens
 
     def submit(self, request: GenerationRequest, reject_if_busy: bool = False) -> RequestHandle:
-        """Queue a request. Raises QueueFullError when it cannot be taken, EngineStoppedError when draining."""
+        """Queue a request. Raises QueueFullError when it cannot be taken, EngineStoppedError once `stop` was
+        called."""
         self._check(request)
         try:
             loop = asyncio.get_running_loop()
@@ -298,10 +299,6 @@ class Engine:
         """True while the engine thread runs and takes new requests."""
         with self._wake:
             return self._accepting and self._thread.is_alive()
-
-    def stop_accepting(self) -> None:
-        with self._wake:
-            self._accepting = False
 
     def stop(self, timeout: float = 10.0) -> None:
         """Cancel everything and end the engine thread."""

@@ -11,7 +11,7 @@ captures of real answers. Successful answers use `success_body`.
 
 Codes Cloudflare does not document (marked "ours" below) were chosen so that they never collide with a documented
 Workers AI code: 1001 for a malformed query parameter, 1002 for usage data that cannot be read right now, 3043 for
-an internal error. 503 answers (an engine that is shutting down, `/readyz` while not ready) reuse 3040 ("try
+an internal error. 503 answers (a server that is shutting down, `/readyz` while not ready) reuse 3040 ("try
 again"), with a `Retry-After` header like the 429s.
 
 The OpenAI routes answer the same errors in OpenAI's shape (`{"error": {"message", "type", "param", "code"}}`),
@@ -54,7 +54,7 @@ __all__ = [
     "REQUEST_ABORTED",
     "REQUEST_TIMEOUT",
     "REQUEST_TOO_LARGE",
-    "UNAVAILABLE",
+    "SHUTTING_DOWN",
     "USAGE_UNAVAILABLE",
     "ApiError",
     "ErrorKind",
@@ -134,8 +134,6 @@ ACCOUNT_LIMITED = ErrorKind(
     "Paid plan if you would like to continue usage.",
     ai=True,
 )
-# the engine is draining (shutdown): same code and words as capacity, but 503 so that retries go elsewhere
-UNAVAILABLE = ErrorKind(503, 3040, "Capacity temporarily exceeded, please try again.", ai=True)
 INTERNAL = ErrorKind(500, 3043, "Internal server error", ai=True)  # ours: no public code for this
 # the generic Cloudflare API (auth, routing)
 MISSING_AUTH = ErrorKind(400, 9106, "Missing X-Auth-Key, X-Auth-Email or Authorization headers", ai=False)
@@ -145,6 +143,10 @@ FORBIDDEN = ErrorKind(403, 10000, "Authentication error", ai=False)
 NO_ROUTE = ErrorKind(404, 7000, "No route for that URI", ai=False)
 BAD_QUERY = ErrorKind(400, 1001, "Invalid query parameter '{name}': {problem}", ai=False)  # ours
 NOT_READY = ErrorKind(503, 3040, "Not ready: {reason}", ai=False)
+# a request the shutdown ends without an answer (cut at the drain's end, before or in the engine): the drain's own
+# refusal of new requests (NOT_READY, `lifecycle.py`), never "capacity", so that a client retries elsewhere and knows
+# why
+SHUTTING_DOWN = ErrorKind(503, 3040, "Not ready: the server is shutting down", ai=False)
 USAGE_UNAVAILABLE = ErrorKind(503, 1002, "Usage data is temporarily unavailable, please try again.", ai=False)  # ours
 
 # the `error_chain` entries of INVALID_HEADERS, by offending header

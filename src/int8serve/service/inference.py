@@ -58,7 +58,7 @@ from .errors import (
     RATE_LIMITED,
     REQUEST_ABORTED,
     REQUEST_TIMEOUT,
-    UNAVAILABLE,
+    SHUTTING_DOWN,
     ApiError,
     ErrorKind,
     answered_status,
@@ -195,23 +195,12 @@ class InferenceCall:
         if model is not None:
             self.obs.fields["model"] = model
             self.served = self.inference.served(model)
-        checked = await self._checked_body()
-        card, engine = self._served()
-        window = min(card.context_length_limit, engine.max_seq_len)
-        await self._admit(card, checked, window)
-        try:  # until the engine has the request, every way out gives the reservation back
-            run = await self.inference.workers.tokenize(self.account, card.name, checked, window)
-            if self.reservation is not None and self.policy.allocation is not None:
-                worst = card.policy.neurons(run.prompt_tokens, run.checked.max_tokens)
-                await self.policy.allocation.resize(self.reservation, worst)
-            if self.policy.caches(card):
-                self.directives = self.policy.cache.directives(self.request.headers)
-                self.cache_key = self.policy.cache.key(self.account, card.name, run, engine.fingerprint)
-                hit = await self.policy.cache.get(self.cache_key, self.directives)
-                self.obs.cache(card.name, hit is not None)
-                if hit is not None:
-                    return await self._replay(run, hit)
-            handle = self._submit(engine, run)
+        try:  # until the engine has the request, every way out gives its reservation (if it has one) back
+            async with self.inference.lifecycle.until_cut():  # the drain's end refuses what no engine has yet
+                run, hit = await self._before_the_engine()
+            if hit is not None:
+                return await self._replay(run, hit)
+            handle = self._submit(self._served().engine, run)
             self.obs.fields["stream"] = run.checked.stream
             sink: asyncio.Queue[str | Finished] | None = asyncio.Queue() if run.checked.stream else None
             ended = self.inference.spawn(self._follow(handle, sink))  # from here on, `finish` releases it
@@ -221,6 +210,24 @@ class InferenceCall:
         if sink is not None:
             return self._stream(handle, ended, sink)
         return await self._collected(handle, ended)
+
+    async def _before_the_engine(self) -> tuple[RunRequest, CachedAnswer | None]:
+        """The body checked, the request admitted and tokenized; the response cache's answer, if it has one."""
+        checked = await self._checked_body()
+        card, engine = self._served()
+        window = min(card.context_length_limit, engine.max_seq_len)
+        await self._admit(card, checked, window)
+        run = await self.inference.workers.tokenize(self.account, card.name, checked, window)
+        if self.reservation is not None and self.policy.allocation is not None:
+            worst = card.policy.neurons(run.prompt_tokens, run.checked.max_tokens)
+            await self.policy.allocation.resize(self.reservation, worst)
+        hit = None
+        if self.policy.caches(card):
+            self.directives = self.policy.cache.directives(self.request.headers)
+            self.cache_key = self.policy.cache.key(self.account, card.name, run, engine.fingerprint)
+            hit = await self.policy.cache.get(self.cache_key, self.directives)
+            self.obs.cache(card.name, hit is not None)
+        return run, hit
 
     def _served(self) -> Served:
         assert self.served is not None
@@ -305,7 +312,7 @@ class InferenceCall:
             if isinstance(err, QueueFullError):
                 raise ApiError(CAPACITY, headers=retry) from None
             if isinstance(err, EngineStoppedError):
-                raise ApiError(UNAVAILABLE, headers=retry) from None
+                raise ApiError(SHUTTING_DOWN, headers=retry) from None
             raise ApiError(BAD_INPUT, detail=str(err)) from None  # the engine's own checks; ours come first
         except BaseException:
             inflight.release(self.account)
@@ -340,7 +347,7 @@ class InferenceCall:
             watcher.cancel()
         if finished.failure is not None:
             raise ApiError(finished.failure, headers=self.inference.retry_headers
-                           if finished.failure is UNAVAILABLE else None)
+                           if finished.failure is SHUTTING_DOWN else None)
         self.headers[NEURONS_HEADER] = format_neurons(finished.neurons)
         return json_response(self.fmt.json_body(finished.answer), headers=self.headers)
 
@@ -428,7 +435,7 @@ class InferenceCall:
         if answer.finish_reason is FinishReason.CANCELLED:
             return REQUEST_ABORTED
         if answer.finish_reason is FinishReason.SHUTDOWN:
-            return UNAVAILABLE
+            return SHUTTING_DOWN
         log.error("request %s failed in the engine: %s", self.request_id, answer.error)
         return INTERNAL
 

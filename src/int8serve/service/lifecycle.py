@@ -14,19 +14,25 @@ counts until its last byte is sent, and the work it leaves behind until its ledg
 
 `/healthz`, `/readyz` and `/metrics` are never counted nor refused by the drain, so that probes and scrapes keep
 working until the process exits. The server (`server.py`) waits with `wait_idle` for the in-flight count to reach
-zero, up to its shutdown timeout.
+zero, up to its shutdown timeout; then it calls `cut`: a request that no engine has yet (still sending its body,
+waiting for or in the worker process, being tokenized: what `until_cut` guards) ends at once with the drain's
+refusal, and the engines end the others. Nothing of a request cut there is left waiting for a body that may never
+come: the process exits as soon as the answers are sent.
 """
 
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import enum
 import threading
 import time
+from collections.abc import AsyncIterator
+from dataclasses import dataclass
 
 from starlette.types import ASGIApp, Receive, Scope, Send
 
-from .errors import NOT_READY, ApiError, error_response, json_response
+from .errors import NOT_READY, SHUTTING_DOWN, ApiError, error_response, json_response
 
 __all__ = ["UNGATED_PATHS", "Lifecycle", "LifecycleMiddleware", "Phase"]
 
@@ -49,6 +55,8 @@ class Lifecycle:
         self.requests = 0  # HTTP requests being answered
         self._idle = threading.Condition()
         self.refused = 0  # requests answered 503 because of the phase
+        self._cut = False
+        self._until_cut: set[_Guard] = set()  # the blocks `until_cut` guards now
 
     @property
     def ready(self) -> bool:
@@ -79,6 +87,46 @@ class Lifecycle:
                 self._idle.wait(left)
         return True
 
+    def cut(self) -> None:
+        """The drain's end (its timeout, or a second signal), from any thread: every block `until_cut` guards ends
+        now, and any entered from now on at once."""
+        with self._idle:
+            self._cut = True
+            guards = list(self._until_cut)
+        for guard in guards:
+            with contextlib.suppress(RuntimeError):  # its event loop has closed: nothing left to end
+                guard.loop.call_soon_threadsafe(self._end, guard)
+
+    @contextlib.asynccontextmanager
+    async def until_cut(self) -> AsyncIterator[None]:
+        """The block, ended at the cut (cancelled where it waits) with the drain's refusal: 503/3040 "Not ready: the
+        server is shutting down", `Retry-After`. For what a request does before an engine has it."""
+        try:
+            async with asyncio.timeout(None) as deadline:
+                guard = _Guard(asyncio.get_running_loop(), deadline)
+                with self._idle:
+                    cut = self._cut
+                    if not cut:
+                        self._until_cut.add(guard)
+                if cut:
+                    raise ApiError(SHUTTING_DOWN, headers=RETRY_AFTER)
+                try:
+                    yield
+                finally:
+                    with self._idle:
+                        self._until_cut.discard(guard)
+        except TimeoutError:
+            if not deadline.expired():  # not the cut's
+                raise
+            raise ApiError(SHUTTING_DOWN, headers=RETRY_AFTER) from None
+
+    def _end(self, guard: _Guard) -> None:
+        """On the guard's event loop: cancel its block if it is still in it."""
+        with self._idle:
+            inside = guard in self._until_cut
+        if inside:
+            guard.deadline.reschedule(guard.loop.time())
+
     def track(self, task: asyncio.Future[object]) -> None:
         """Count `task` in flight until it ends: work a request leaves running after its answer is sent (the
         engine finishing a stream whose client left, its ledger row), which the drain must wait for too."""
@@ -94,6 +142,14 @@ class Lifecycle:
             self._in_flight -= 1
             if not self._in_flight:
                 self._idle.notify_all()
+
+
+@dataclass(frozen=True, eq=False)
+class _Guard:
+    """One block `until_cut` guards: its event loop, and the deadline that cancels it."""
+
+    loop: asyncio.AbstractEventLoop
+    deadline: asyncio.Timeout
 
 
 class LifecycleMiddleware:

@@ -131,14 +131,15 @@ class RequestWorkers:
     def close(self) -> None:
         self._discard(self._worker)
 
-    def _discard(self, worker: _WorkerProcess | None) -> None:
+    def _discard(self, worker: _WorkerProcess | None) -> bool:
         """Stop `worker` and forget it, if it is still the current one (the server's shutdown, on the event loop,
-        and a call that found it dead, in a thread, may both try)."""
+        and a call that found it dead, in a thread, may both try); False if it was not."""
         with self._swap:
             if worker is None or worker is not self._worker:
-                return
+                return False
             self._worker = None
         worker.stop()
+        return True
 
     async def _in_process(self, account: str, work: Callable[..., T], *args: Any) -> T:
         gate = self._gates.setdefault(account, asyncio.Semaphore(1))
@@ -151,9 +152,9 @@ class RequestWorkers:
         try:
             ok, value = worker.call(work, args)
         except (EOFError, OSError) as err:  # it died (killed, out of memory): only the call it held fails
-            log.error("the request worker process died (%s); a new one starts with the next large request",
-                      worker.describe_exit() or type(err).__name__)
-            self._discard(worker)
+            if self._discard(worker):  # not when `close` stopped it (the server is stopping)
+                log.error("the request worker process died (%s); a new one starts with the next large request",
+                          worker.describe_exit() or type(err).__name__)
             raise ApiError(INTERNAL) from None
         if not ok:
             raise value
