@@ -17,8 +17,11 @@ import numpy as np
 from .config import ConfigError, ModelConfig, whole
 from .errors import CheckpointError
 
-FLOAT_TYPES = ("F32", "F16", "BF16")  # read as they are
-BLOCK_TYPES = ("Q8_0", "Q4_1")  # dequantized, then quantized to the engine's int8 (gguf_loader.py)
+# The tensor types the loader reads (gguf_loader.py), the one list of them. Float types are read as they are (the
+# name of their torch dtype); block types are dequantized, then quantized to the engine's int8: (weights per block,
+# bytes per block). Q8_0: an fp16 scale, then 32 int8. Q4_1: an fp16 scale, an fp16 minimum, then 32 4-bit values.
+FLOAT_TYPES = {"F32": "float32", "F16": "float16", "BF16": "bfloat16"}
+BLOCK_TYPES = {"Q8_0": (32, 2 + 32), "Q4_1": (32, 2 + 2 + 32 // 2)}
 SUPPORTED_TYPES = (*FLOAT_TYPES, *BLOCK_TYPES)
 # tokenizer.ggml.model: "llama" is SentencePiece (rebuilt as a tokenizer.model), "gpt2" byte-level BPE (tokenizer.json)
 TOKENIZER_MODELS = ("llama", "gpt2")

@@ -8,7 +8,8 @@ What differs from a Hugging Face folder, and is undone here:
 - tensor types: F32, F16 and BF16 are read as is; Q8_0 (blocks of 32 int8 with one fp16 scale) is, for now,
   dequantized and quantized again to the engine's int8. `Q8_0_DIRECT` is the hook for loading it without that
   round trip. Q4_1 (blocks of 32 4-bit values with an fp16 scale and an fp16 minimum: SmolLM2-135M-Instruct's
-  file) is dequantized as llama.cpp does it and then quantized to our int8 (said once in the log);
+  file) is dequantized as llama.cpp does it and then quantized to our int8 (said once in the log); the list of
+  types, with their block sizes, is gguf_file.py's;
 - the tokenizer: SentencePiece (`tokenizer.ggml.model` "llama") is rebuilt as a tokenizer.model; a byte-level BPE
   vocabulary ("gpt2": tokens and merges) as a Hugging Face tokenizer.json (bpe_tokenizer.py).
 Other types (Q4_K, ...) are refused with their name. Tensors are read with plain file reads, one at a time, like
@@ -31,19 +32,24 @@ from torch import Tensor
 
 from .config import ModelConfig
 from .errors import CheckpointError
-from .gguf_file import GGUFFile, TensorInfo, check_tensor_types, config_from_gguf, internal_name, require
+from .gguf_file import (
+    BLOCK_TYPES,
+    FLOAT_TYPES,
+    GGUFFile,
+    TensorInfo,
+    check_tensor_types,
+    config_from_gguf,
+    internal_name,
+    require,
+)
 from .gguf_tokenizer import Vocabulary, model_proto
 from .sources import TensorSource
 
 log = logging.getLogger(__name__)
 
-Q8_0_BLOCK = 32  # weights per Q8_0 block; each block is an fp16 scale then 32 int8: 34 bytes
-_Q8_0_BYTES = 2 + Q8_0_BLOCK
-Q4_1_BLOCK = 32  # weights per Q4_1 block: fp16 scale d, fp16 minimum m, then 16 bytes of 4-bit values: 20 bytes
-_Q4_1_BYTES = 2 + 2 + Q4_1_BLOCK // 2
-# gguf_file.SUPPORTED_TYPES, the types a file is checked for before loading, are these tables' keys
-_FLOAT_TYPES = {"F32": torch.float32, "F16": torch.float16, "BF16": torch.bfloat16}
-_BLOCK_TYPES = {"Q8_0": (Q8_0_BLOCK, _Q8_0_BYTES), "Q4_1": (Q4_1_BLOCK, _Q4_1_BYTES)}  # weights, bytes per block
+Q8_0_BLOCK, _Q8_0_BYTES = BLOCK_TYPES["Q8_0"]  # 32 weights: an fp16 scale then 32 int8, 34 bytes
+Q4_1_BLOCK, _Q4_1_BYTES = BLOCK_TYPES["Q4_1"]  # 32 weights: fp16 scale d, fp16 minimum m, 16 bytes of nibbles
+_DTYPES = {name: getattr(torch, dtype) for name, dtype in FLOAT_TYPES.items()}
 
 # The hook for Q8_0 without a round trip through floats: given a layer's name and its Q8_0 weight as (int8 [N, K],
 # fp16 scales [N, K // 32]), return what `loader._assign` accepts for that layer, or None to fall back to
@@ -71,10 +77,10 @@ class GGUFSource(TensorSource):
     def get(self, name: str) -> Tensor:
         info = self.file.tensors[name]
         data = _read(self.file.path, info)
-        if info.type in _FLOAT_TYPES:
-            return data.view(_FLOAT_TYPES[info.type]).reshape(info.shape)
+        if info.type in _DTYPES:
+            return data.view(_DTYPES[info.type]).reshape(info.shape)
         rows, cols = _matrix(info, name, self.file.path)
-        block, nbytes = _BLOCK_TYPES[info.type]
+        block, nbytes = BLOCK_TYPES[info.type]
         return data.reshape(rows, cols // block * nbytes)
 
 
@@ -91,7 +97,7 @@ def _read(path: Path, info: TensorInfo) -> Tensor:
 
 
 def _matrix(info: TensorInfo, name: str, path: Path) -> tuple[int, int]:
-    block, nbytes = _BLOCK_TYPES[info.type]
+    block, nbytes = BLOCK_TYPES[info.type]
     if len(info.shape) != 2 or info.shape[1] % block or info.nbytes != info.shape[0] * info.shape[1] // block * nbytes:
         raise CheckpointError(f"{path}: {info.type} tensor '{name}' has shape {info.shape} ({info.nbytes} bytes)")
     return info.shape
