@@ -99,7 +99,7 @@ class BPETokenizer:
         try:
             self._tok = tokenizers.Tokenizer.from_file(str(self.path))
         except Exception as exc:  # the library raises a bare Exception for a malformed file
-            raise ValueError(f"not a valid tokenizer.json: {self.path} ({exc})") from exc
+            raise ValueError(f"{self.path}: not a valid tokenizer.json ({exc})") from exc
         definition = json.loads(self.path.read_text(encoding="utf-8"))
         decoder = definition.get("decoder") or {}
         if decoder.get("type") != "ByteLevel" or (definition.get("model") or {}).get("type") != "BPE":
