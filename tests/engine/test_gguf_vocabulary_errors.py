@@ -1,6 +1,6 @@
 """A GGUF vocabulary SentencePiece cannot hold (numbers for tokens, text for scores, too few types, a token twice)
-is one CheckpointError naming the file, said before any tokenizer file is written; so is a byte-level vocabulary
-whose tokenizer is written but is not one the engine can use."""
+is one CheckpointError naming the file, said before any tokenizer file is written; so is a byte-level vocabulary the
+`tokenizers` library cannot hold, and one whose tokenizer is written but is not one the engine can use."""
 
 from __future__ import annotations
 
@@ -42,6 +42,10 @@ def test_a_good_vocabulary_is_written(tmp_path: Path) -> None:
     # numbers where a `gpt2` vocabulary holds text ended the start with an AttributeError or a TypeError
     ({"tokenizer.ggml.merges": [5, 6]}, "tokenizer: merges must be text, got 5"),
     ({"tokenizer.ggml.tokens": ["a", "b", 7, "<e>"]}, "tokenizer: tokens must be text, got 7"),
+    # the library panicked (a BaseException, past every `except Exception`) on a merge that makes no token
+    ({"tokenizer.ggml.tokens": ["a", "b", "<e>"]}, "tokenizer: merge 'a b' makes 'ab', no token of the vocabulary"),
+    # an IndexError
+    ({"tokenizer.ggml.add_bos_token": True, "tokenizer.ggml.bos_token_id": 9}, "tokenizer: the BOS id 9 is no token"),
     # written, then refused by the engine's tokenizer (it was, but only when the server loaded it, after the model)
     ({"tokenizer.ggml.eos_token_id": None}, "tokenizer: no EOS token"),
     ({"tokenizer.ggml.merges": []}, "a 'gpt2' tokenizer without tokenizer.ggml.merges"),
