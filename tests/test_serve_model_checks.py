@@ -2,10 +2,11 @@
 
 Found by an audit: with `--model A=good --model B=bad`, a folder B that was no model (or had a broken config.json,
 no tokenizer, a weight file cut short) was found only once A had loaded, after the server already listened; and a
-typo in a local path waited for the built-in model's download. Each test runs `serve` as an operator does (a real
-process) with SmolLM2 first, whose load (quantized with GPTQ, no model cache) takes many seconds, and a bad model
-second: the error must come before anything loads or listens, name the model and the file, and carry no exception
-class name.
+typo in a local path waited for the built-in model's download. A later review found the same of tokenizers the
+check could build but did not (a tokenizer.json that is none, a GGUF vocabulary one score short). Each test runs
+`serve` as an operator does (a real process) with SmolLM2 first, whose load (quantized with GPTQ, no model cache)
+takes many seconds, and a bad model second: the error must come before anything loads or listens, name the model
+and the file, and carry no exception class name.
 """
 
 from __future__ import annotations
@@ -20,6 +21,8 @@ from collections.abc import Callable
 from pathlib import Path
 
 import pytest
+from gguf import GGMLQuantizationType
+from tests.engine.test_gguf import one_score_fewer, write_gguf
 from tests.fresh_cache import fresh_cache
 from tests.test_server import free_port
 
@@ -80,6 +83,13 @@ def cut_short(file: Path) -> None:
     file.write_bytes(data[:len(data) * 2 // 3])
 
 
+def tokenizer_json_not_one(folder: Path) -> None:
+    """JSON, but no tokenizer, as the folder's only tokenizer (as in SmolLM2's folder): the check took it, and
+    `serve` stopped after listening and quantizing."""
+    (folder / "tokenizer.model").unlink()
+    (folder / "tokenizer.json").write_text('{"version": "1.0"}')
+
+
 # damage to a copy of stories260K's folder -> the file the error names (relative to the folder), a fragment of it
 FOLDER_DAMAGE: dict[str, tuple[Callable[[Path], None], str, str]] = {
     "broken config.json": (broken_json, "config.json", "not valid JSON"),
@@ -87,6 +97,8 @@ FOLDER_DAMAGE: dict[str, tuple[Callable[[Path], None], str, str]] = {
     "no tokenizer": (no_tokenizer, "", "no tokenizer.model (in the folder or its parent) or tokenizer.json"),
     "damaged tokenizer": (lambda f: (f / "tokenizer.model").write_bytes(b"garbage" * 10), "tokenizer.model",
                           "not a valid SentencePiece tokenizer model"),
+    "tokenizer.json not a tokenizer": (tokenizer_json_not_one, "tokenizer.json",
+                                       "not a valid tokenizer.json (Model missing"),
     "cut safetensors": (lambda f: cut_short(f / "model.safetensors"), "model.safetensors", "cut short"),
     "no weights": (lambda f: (f / "model.safetensors").unlink(), "", "no model.safetensors"),
 }
@@ -111,12 +123,33 @@ def test_a_damaged_model_folder_is_refused_before_the_first_model_loads(damage: 
     assert_refused_before_loading(result, took, BAD, bad / file if file else bad, fragment)
 
 
-def test_a_cut_gguf_file_is_refused_before_the_first_model_loads(tmp_path: Path, smollm2_gguf: Path) -> None:
-    cut = tmp_path / "cut.gguf"
-    shutil.copyfile(smollm2_gguf, cut)
+def cut_gguf(gguf_file: Path, stories_hf: Path, folder: Path) -> Path:
+    cut = shutil.copyfile(gguf_file, folder / "cut.gguf")
     cut_short(cut)
-    result, took = serve("--model", f"{BUILTIN_CARD}={smollm2_gguf}", "--model", f"{BAD}={cut}", tmp_path=tmp_path)
-    assert_refused_before_loading(result, took, BAD, cut, "does not lie within the file")
+    return cut
+
+
+def short_of_a_score(gguf_file: Path, stories_hf: Path, folder: Path) -> Path:
+    """stories260K as GGUF, its vocabulary one score short of its tokens: the check took it, and `serve` stopped
+    after listening and loading the model before."""
+    return write_gguf(folder / "short.gguf", stories_hf, lambda n, s: GGMLQuantizationType.F32,
+                      vocabulary=one_score_fewer)
+
+
+# a bad GGUF file, made from SmolLM2's or stories260K's -> a fragment of the error
+GGUF_DAMAGE: dict[str, tuple[Callable[[Path, Path, Path], Path], str]] = {
+    "cut short": (cut_gguf, "does not lie within the file"),
+    "one score fewer than tokens": (short_of_a_score, "tokenizer: GGUF vocabulary: 512 tokens, 511 scores, 512 types"),
+}
+
+
+@pytest.mark.parametrize("damage", list(GGUF_DAMAGE))
+def test_a_bad_gguf_file_is_refused_before_the_first_model_loads(damage: str, tmp_path: Path, smollm2_gguf: Path,
+                                                                 stories_hf: Path) -> None:
+    make, fragment = GGUF_DAMAGE[damage]
+    bad = make(smollm2_gguf, stories_hf, tmp_path)
+    result, took = serve("--model", f"{BUILTIN_CARD}={smollm2_gguf}", "--model", f"{BAD}={bad}", tmp_path=tmp_path)
+    assert_refused_before_loading(result, took, BAD, bad, fragment)
 
 
 def test_a_single_bad_model_is_refused_before_listening(tmp_path: Path, stories_hf: Path) -> None:

@@ -1,8 +1,9 @@
 """What `int8serve serve` checks before it loads anything, so that a wrong flag fails in a second.
 
 The cards and their chat templates, every model's files (a folder that is no model, a config.json that is not JSON
-or does not describe the weights, no tokenizer, a weight file cut short: engine/model_files.py reads the configs and
-headers, not the tensors), the serving policy's Redis and database, and the port. Every model on disk is checked
+or does not describe the weights, no tokenizer or one the engine cannot use, a weight file cut short:
+engine/model_files.py reads the configs and headers, not the tensors, and builds the tokenizer as the server does),
+the serving policy's Redis and database, and the port. Every model on disk is checked
 before a Hub id or the built-in model is fetched (here too, before the server listens), so that a typo in one
 `--model` never waits for another's download or load. None of it needs torch, the engine or the HTTP app, which
 `server.py` imports only once these checks have passed (importing them alone takes seconds on a small CPU).

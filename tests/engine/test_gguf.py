@@ -8,6 +8,7 @@ dequantized weights, and int8 logits within a stated bound; ids of the rebuilt t
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import logging
 from collections.abc import Callable
@@ -74,7 +75,17 @@ def add_vocabulary(writer: gguf.GGUFWriter, tokenizer_model: Path) -> None:
     writer.add_remove_extra_whitespaces(sp.normalize("a  b") == "▁a▁b")  # stories260K collapses, Llama 2 does not
 
 
-def write_gguf(path: Path, hf: Path, choose: TypeChooser, arch: str = "llama") -> Path:
+def one_score_fewer(writer: gguf.GGUFWriter, tokenizer_model: Path) -> None:
+    """The vocabulary with one score fewer than tokens, as a damaged or hand-made file may hold it."""
+    add_vocabulary(writer, tokenizer_model)
+    scores = writer.kv_data[0]["tokenizer.ggml.scores"]
+    writer.kv_data[0]["tokenizer.ggml.scores"] = dataclasses.replace(scores, value=scores.value[:-1])
+
+
+def write_gguf(path: Path, hf: Path, choose: TypeChooser, arch: str = "llama",
+               vocabulary: Callable[[gguf.GGUFWriter, Path], None] | None = None) -> Path:
+    """The Hugging Face folder `hf` as a GGUF file; `vocabulary` writes its vocabulary (add_vocabulary, looked up when
+    called: a script that replaces this module's add_vocabulary still reaches the file)."""
     config = json.loads((hf / "config.json").read_text())
     writer = gguf.GGUFWriter(path, arch)
     writer.add_context_length(config["max_position_embeddings"])
@@ -86,7 +97,7 @@ def write_gguf(path: Path, hf: Path, choose: TypeChooser, arch: str = "llama") -
     writer.add_layer_norm_rms_eps(config["rms_norm_eps"])
     writer.add_rope_freq_base(config["rope_theta"])
     writer.add_rope_dimension_count(config["hidden_size"] // config["num_attention_heads"])
-    add_vocabulary(writer, hf / "tokenizer.model")
+    (vocabulary or add_vocabulary)(writer, hf / "tokenizer.model")
     heads = {"q_proj": config["num_attention_heads"], "k_proj": config["num_key_value_heads"]}
     for name, tensor in load_file(hf / "model.safetensors").items():
         data = tensor.float().numpy()

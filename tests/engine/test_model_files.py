@@ -14,9 +14,12 @@ import sys
 from collections.abc import Callable
 from pathlib import Path
 
+import gguf
 import pytest
+import sentencepiece
+import tokenizers
 import torch
-from tests.engine.test_gguf import write_gguf
+from tests.engine.test_gguf import one_score_fewer, write_gguf
 from tests.engine.test_loader import rewrite_safetensors
 
 from int8serve.engine.config import ConfigError
@@ -57,6 +60,15 @@ def cut(file: Path, keep: float = 0.6) -> None:
     file.write_bytes(data[:int(len(data) * keep)])
 
 
+def tokenizer_json_only(folder: Path, text: str) -> None:
+    """The folder's tokenizer is its tokenizer.json alone (as in SmolLM2's folder), holding `text`."""
+    (folder / "tokenizer.model").unlink()
+    (folder / "tokenizer.json").write_text(text)
+
+
+# a tokenizer.json the library reads, but of a kind the engine does not (a Llama folder's, without tokenizer.model)
+WORD_LEVEL = tokenizers.Tokenizer(tokenizers.models.WordLevel({"<unk>": 0, "a": 1}, unk_token="<unk>")).to_str()
+
 # damage to a copy of stories260K's Hugging Face folder -> the error and a fragment of its message
 HF_DAMAGE: dict[str, tuple[Callable[[Path], object], type[Exception], str]] = {
     "config not JSON": (lambda f: (f / "config.json").write_text("{"), ConfigError, "config.json: not valid JSON"),
@@ -83,6 +95,11 @@ HF_DAMAGE: dict[str, tuple[Callable[[Path], object], type[Exception], str]] = {
         '{"weight_map": {"a": "model-00002.safetensors"}}'), CheckpointError, "shard files missing"),
     "damaged tokenizer": (lambda f: (f / "tokenizer.model").write_bytes(b"garbage" * 10), CheckpointError,
                           "tokenizer.model: not a valid SentencePiece tokenizer model"),
+    # JSON, but no tokenizer: it passed, and serve stopped after listening and quantizing ("Model missing")
+    "tokenizer.json not one": (lambda f: tokenizer_json_only(f, '{"version": "1.0"}'), CheckpointError,
+                               "tokenizer.json: not a valid tokenizer.json (Model missing"),
+    "tokenizer.json of another kind": (lambda f: tokenizer_json_only(f, WORD_LEVEL), CheckpointError,
+                                       "tokenizer.json: not a byte-level BPE tokenizer (model 'WordLevel'"),
 }
 
 
@@ -106,7 +123,7 @@ def test_no_tokenizer_is_refused(stories_hf: Path, tmp_path: Path) -> None:
     with pytest.raises(CheckpointError, match=r"no tokenizer\.model \(in the folder or its parent\) or tokenizer"):
         check_model_files(folder)
     (folder / "tokenizer.json").write_text('{"model": ')
-    with pytest.raises(CheckpointError, match=r"tokenizer\.json: not valid JSON"):
+    with pytest.raises(CheckpointError, match=r"tokenizer\.json: not a valid tokenizer\.json \(EOF while parsing"):
         check_model_files(folder)
 
 
@@ -164,6 +181,39 @@ def test_a_damaged_gguf_file(smollm2_gguf: Path, stories_hf: Path, tmp_path: Pat
     other = write_gguf(tmp_path / "qwen.gguf", stories_hf, lambda n, s: T.F32, arch="qwen2")
     with pytest.raises(ConfigError, match="architecture 'qwen2' is not supported"):
         check_model_files(other)
+
+
+def byte_level_without_eos(writer: gguf.GGUFWriter, tokenizer_model: Path) -> None:
+    """A byte-level BPE (`gpt2`) vocabulary of the model's size with no EOS (no id, none of the end-of-turn tokens):
+    its tokenizer.json is written, and the engine's tokenizer refuses it."""
+    size = sentencepiece.SentencePieceProcessor(model_file=str(tokenizer_model)).vocab_size()
+    writer.add_tokenizer_model("gpt2")
+    writer.add_token_list(["a", "b", "ab", *(f"t{i}" for i in range(3, size))])
+    writer.add_token_merges(["a b"])
+
+
+# a GGUF vocabulary of which the loader makes no tokenizer the engine can use -> what the check and the load say
+GGUF_VOCABULARY_DAMAGE: dict[str, tuple[Callable[[gguf.GGUFWriter, Path], None], str]] = {
+    "one score fewer": (one_score_fewer, "tokenizer: GGUF vocabulary: 512 tokens, 511 scores, 512 types"),
+    "byte-level without EOS": (byte_level_without_eos, "tokenizer: no EOS token (no eos_token in "),
+}
+
+
+@pytest.mark.parametrize("damage", list(GGUF_VOCABULARY_DAMAGE))
+def test_a_gguf_vocabulary_the_loader_cannot_use_is_refused_in_the_loaders_words(
+        damage: str, stories_hf: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """The check passed these (it asked only for the tokenizer's kind, tokens, and merges for `gpt2`); `serve` then
+    stopped after listening and loading the models before (the second only when the server loaded its tokenizer)."""
+    vocabulary, fragment = GGUF_VOCABULARY_DAMAGE[damage]
+    bad = write_gguf(tmp_path / "bad.gguf", stories_hf, lambda n, s: gguf.GGMLQuantizationType.F32,
+                     vocabulary=vocabulary)
+    with pytest.raises(CheckpointError) as checked:
+        check_model_files(bad)
+    assert str(checked.value).startswith(f"{bad}: {fragment}"), checked.value
+    monkeypatch.setenv("INT8SERVE_CACHE", str(tmp_path / "cache"))  # where the load writes the rebuilt tokenizer
+    with pytest.raises(CheckpointError) as loaded:
+        load_model(bad, "int8", quantizer="rtn")
+    assert str(loaded.value) == str(checked.value)
 
 
 def test_the_check_reads_no_tensor_and_imports_no_torch(smollm2_gguf: Path, stories_hf: Path) -> None:

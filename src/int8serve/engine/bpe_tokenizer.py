@@ -69,6 +69,8 @@ def byte_level_json(tokens: Sequence[str], merges: Sequence[str], types: Sequenc
         left, sep, right = merge.partition(" ")
         if not sep or left not in vocab or right not in vocab:
             raise ValueError(f"merge {merge!r} is not two tokens of the vocabulary")
+        if left + right not in vocab:  # the library would panic (a BaseException) on it
+            raise ValueError(f"merge {merge!r} makes {left + right!r}, no token of the vocabulary")
         pairs.append((left, right))
     tok = tokenizers.Tokenizer(models.BPE(vocab, pairs, fuse_unk=False, byte_fallback=False))
     byte_level = pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=True)
@@ -80,6 +82,8 @@ def byte_level_json(tokens: Sequence[str], merges: Sequence[str], types: Sequenc
     tok.add_tokens([tokenizers.AddedToken(t, special=False, normalized=False)
                     for t, kind in zip(tokens, types, strict=True) if kind == _USER_DEFINED])
     if add_bos and bos_id is not None:
+        if not 0 <= bos_id < len(tokens):
+            raise ValueError(f"the BOS id {bos_id} is no token of the vocabulary ({len(tokens)} tokens)")
         bos = tokens[bos_id]
         tok.post_processor = processors.TemplateProcessing(single=f"{bos} $A", pair=f"{bos} $A {bos} $B",
                                                            special_tokens=[(bos, bos_id)])
@@ -99,7 +103,7 @@ class BPETokenizer:
         try:
             self._tok = tokenizers.Tokenizer.from_file(str(self.path))
         except Exception as exc:  # the library raises a bare Exception for a malformed file
-            raise ValueError(f"not a valid tokenizer.json: {self.path} ({exc})") from exc
+            raise ValueError(f"{self.path}: not a valid tokenizer.json ({exc})") from exc
         definition = json.loads(self.path.read_text(encoding="utf-8"))
         decoder = definition.get("decoder") or {}
         if decoder.get("type") != "ByteLevel" or (definition.get("model") or {}).get("type") != "BPE":

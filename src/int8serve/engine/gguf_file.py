@@ -1,8 +1,8 @@
 """A GGUF file as the engine reads it before any tensor: its tensor directory, the model's config from its metadata,
-its tensor names in the model's terms, and whether its tensor types and tokenizer are ones the loader takes.
+its tensor names in the model's terms, and whether its tensor types are ones the loader reads.
 
 No torch: `serve` checks a GGUF model with these before it loads anything (model_files.py), and gguf_loader.py
-builds the model from the same answers, so that the check and the load never disagree.
+builds the model from the same answers (its tokenizer: gguf_tokenizer.py, used by both the same way).
 """
 
 from __future__ import annotations
@@ -17,11 +17,12 @@ import numpy as np
 from .config import ConfigError, ModelConfig, whole
 from .errors import CheckpointError
 
-FLOAT_TYPES = ("F32", "F16", "BF16")  # read as they are
-BLOCK_TYPES = ("Q8_0", "Q4_1")  # dequantized, then quantized to the engine's int8 (gguf_loader.py)
+# The tensor types the loader reads (gguf_loader.py), the one list of them. Float types are read as they are (the
+# name of their torch dtype); block types are dequantized, then quantized to the engine's int8: (weights per block,
+# bytes per block). Q8_0: an fp16 scale, then 32 int8. Q4_1: an fp16 scale, an fp16 minimum, then 32 4-bit values.
+FLOAT_TYPES = {"F32": "float32", "F16": "float16", "BF16": "bfloat16"}
+BLOCK_TYPES = {"Q8_0": (32, 2 + 32), "Q4_1": (32, 2 + 2 + 32 // 2)}
 SUPPORTED_TYPES = (*FLOAT_TYPES, *BLOCK_TYPES)
-# tokenizer.ggml.model: "llama" is SentencePiece (rebuilt as a tokenizer.model), "gpt2" byte-level BPE (tokenizer.json)
-TOKENIZER_MODELS = ("llama", "gpt2")
 
 _NAMES = [
     (r"token_embd\.weight", "tok_embeddings.weight"),
@@ -87,17 +88,6 @@ def check_tensor_types(file: GGUFFile) -> None:
         raise CheckpointError(f"{file.path}: tensor type {', '.join(sorted(unsupported))} is not supported "
                               f"(e.g. {', '.join(names)}); int8serve reads GGUF files in "
                               f"{', '.join(SUPPORTED_TYPES)}: use llama-2-7b-chat.Q8_0.gguf, or the fp16 one")
-
-
-def check_tokenizer(file: GGUFFile) -> None:
-    """Refuse a file whose vocabulary the loader cannot rebuild as a tokenizer (gguf_loader.write_tokenizer)."""
-    model = file.get("tokenizer.ggml.model")
-    if model not in TOKENIZER_MODELS:
-        raise CheckpointError(f"{file.path}: tokenizer {model!r} is not supported (only SentencePiece, 'llama', and "
-                              "byte-level BPE, 'gpt2')")
-    require(file, "tokenizer.ggml.tokens")
-    if model == "gpt2" and not file.get("tokenizer.ggml.merges"):
-        raise CheckpointError(f"{file.path}: a 'gpt2' tokenizer without tokenizer.ggml.merges")
 
 
 def config_from_gguf(file: GGUFFile) -> ModelConfig:

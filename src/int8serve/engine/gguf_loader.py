@@ -4,24 +4,22 @@ Users of llama.cpp already have Llama-2-7B-chat as GGUF (`llama-2-7b-chat.Q8_0.g
 What differs from a Hugging Face folder, and is undone here:
 - tensor names (`blk.N.attn_q.weight`, ...) and the model's shape in `llama.*` metadata keys;
 - q/k rows in Meta's interleaved rotary order (llama.cpp's converter permutes the Hugging Face rows back);
-- no `tokenizer.model`: it is rebuilt from the file's own vocabulary (gguf_tokenizer.py);
+- no tokenizer file: it is rebuilt from the file's own vocabulary (gguf_tokenizer.py, which `serve`'s check before
+  loading uses too): SentencePiece (`tokenizer.ggml.model` "llama") as a tokenizer.model, a byte-level BPE
+  vocabulary ("gpt2": tokens and merges) as a Hugging Face tokenizer.json;
 - tensor types: F32, F16 and BF16 are read as is; Q8_0 (blocks of 32 int8 with one fp16 scale) is, for now,
   dequantized and quantized again to the engine's int8. `Q8_0_DIRECT` is the hook for loading it without that
   round trip. Q4_1 (blocks of 32 4-bit values with an fp16 scale and an fp16 minimum: SmolLM2-135M-Instruct's
-  file) is dequantized as llama.cpp does it and then quantized to our int8 (said once in the log);
-- the tokenizer: SentencePiece (`tokenizer.ggml.model` "llama") is rebuilt as a tokenizer.model; a byte-level BPE
-  vocabulary ("gpt2": tokens and merges) as a Hugging Face tokenizer.json (bpe_tokenizer.py).
+  file) is dequantized as llama.cpp does it and then quantized to our int8 (said once in the log); the list of
+  types, with their block sizes, is gguf_file.py's.
 Other types (Q4_K, ...) are refused with their name. Tensors are read with plain file reads, one at a time, like
 the safetensors source: a memory map would count the whole file as resident.
 """
 
 from __future__ import annotations
 
-import hashlib
 import logging
-import os
 import re
-import shutil
 from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
@@ -31,19 +29,23 @@ from torch import Tensor
 
 from .config import ModelConfig
 from .errors import CheckpointError
-from .gguf_file import GGUFFile, TensorInfo, check_tensor_types, config_from_gguf, internal_name, require
-from .gguf_tokenizer import Vocabulary, model_proto
+from .gguf_file import (
+    BLOCK_TYPES,
+    FLOAT_TYPES,
+    GGUFFile,
+    TensorInfo,
+    check_tensor_types,
+    config_from_gguf,
+    internal_name,
+)
+from .gguf_tokenizer import write_tokenizer
 from .sources import TensorSource
 
 log = logging.getLogger(__name__)
 
-Q8_0_BLOCK = 32  # weights per Q8_0 block; each block is an fp16 scale then 32 int8: 34 bytes
-_Q8_0_BYTES = 2 + Q8_0_BLOCK
-Q4_1_BLOCK = 32  # weights per Q4_1 block: fp16 scale d, fp16 minimum m, then 16 bytes of 4-bit values: 20 bytes
-_Q4_1_BYTES = 2 + 2 + Q4_1_BLOCK // 2
-# gguf_file.SUPPORTED_TYPES, the types a file is checked for before loading, are these tables' keys
-_FLOAT_TYPES = {"F32": torch.float32, "F16": torch.float16, "BF16": torch.bfloat16}
-_BLOCK_TYPES = {"Q8_0": (Q8_0_BLOCK, _Q8_0_BYTES), "Q4_1": (Q4_1_BLOCK, _Q4_1_BYTES)}  # weights, bytes per block
+Q8_0_BLOCK, _Q8_0_BYTES = BLOCK_TYPES["Q8_0"]  # 32 weights: an fp16 scale then 32 int8, 34 bytes
+Q4_1_BLOCK, _Q4_1_BYTES = BLOCK_TYPES["Q4_1"]  # 32 weights: fp16 scale d, fp16 minimum m, 16 bytes of nibbles
+_DTYPES = {name: getattr(torch, dtype) for name, dtype in FLOAT_TYPES.items()}
 
 # The hook for Q8_0 without a round trip through floats: given a layer's name and its Q8_0 weight as (int8 [N, K],
 # fp16 scales [N, K // 32]), return what `loader._assign` accepts for that layer, or None to fall back to
@@ -71,10 +73,10 @@ class GGUFSource(TensorSource):
     def get(self, name: str) -> Tensor:
         info = self.file.tensors[name]
         data = _read(self.file.path, info)
-        if info.type in _FLOAT_TYPES:
-            return data.view(_FLOAT_TYPES[info.type]).reshape(info.shape)
+        if info.type in _DTYPES:
+            return data.view(_DTYPES[info.type]).reshape(info.shape)
         rows, cols = _matrix(info, name, self.file.path)
-        block, nbytes = _BLOCK_TYPES[info.type]
+        block, nbytes = BLOCK_TYPES[info.type]
         return data.reshape(rows, cols // block * nbytes)
 
 
@@ -91,7 +93,7 @@ def _read(path: Path, info: TensorInfo) -> Tensor:
 
 
 def _matrix(info: TensorInfo, name: str, path: Path) -> tuple[int, int]:
-    block, nbytes = _BLOCK_TYPES[info.type]
+    block, nbytes = BLOCK_TYPES[info.type]
     if len(info.shape) != 2 or info.shape[1] % block or info.nbytes != info.shape[0] * info.shape[1] // block * nbytes:
         raise CheckpointError(f"{path}: {info.type} tensor '{name}' has shape {info.shape} ({info.nbytes} bytes)")
     return info.shape
@@ -123,80 +125,6 @@ def dequantize_q4_1(blocks: Tensor) -> Tensor:
     packed = grouped[:, :, 4:]
     q = torch.cat([packed & 0x0F, packed >> 4], dim=-1).float()  # [N, blocks, 32]: low nibbles first
     return (q * d + m).reshape(rows, -1)
-
-
-# --- the model's shape -------------------------------------------------------------------------------------------
-
-
-# --- the tokenizer -----------------------------------------------------------------------------------------------
-
-
-def vocabulary(file: GGUFFile) -> Vocabulary:
-    model = file.get("tokenizer.ggml.model")
-    if model != "llama":
-        raise CheckpointError(f"{file.path}: tokenizer {model!r} is not supported (only SentencePiece, 'llama')")
-    tokens = require(file, "tokenizer.ggml.tokens")
-    return Vocabulary(
-        tokens=tokens,
-        scores=file.get("tokenizer.ggml.scores") or [0.0] * len(tokens),
-        types=file.get("tokenizer.ggml.token_type") or [1] * len(tokens),
-        bos_id=int(file.get("tokenizer.ggml.bos_token_id", 1)),
-        eos_id=int(file.get("tokenizer.ggml.eos_token_id", 2)),
-        unk_id=int(file.get("tokenizer.ggml.unknown_token_id", 0)),
-        pad_id=int(file.get("tokenizer.ggml.padding_token_id", -1)),
-        add_space_prefix=bool(file.get("tokenizer.ggml.add_space_prefix", True)),
-        remove_extra_whitespaces=bool(file.get("tokenizer.ggml.remove_extra_whitespaces", False)),
-    )
-
-
-def write_tokenizer(file: GGUFFile, folder: Path) -> Path:
-    """The file's tokenizer, content-addressed in `folder` (written once, atomically): SentencePiece as
-    `gguf-<hash>.model`, byte-level BPE as `gguf-<hash>/tokenizer.json` beside its tokenizer_config.json."""
-    model = file.get("tokenizer.ggml.model")
-    if model == "gpt2":
-        return _write_bpe_tokenizer(file, folder)
-    try:
-        proto = model_proto(vocabulary(file))
-    except (TypeError, ValueError) as err:
-        if isinstance(err, CheckpointError):
-            raise
-        raise CheckpointError(f"{file.path}: tokenizer: {err}") from err
-    path = folder / f"gguf-{hashlib.sha256(proto).hexdigest()[:16]}.model"
-    if not path.is_file():
-        folder.mkdir(parents=True, exist_ok=True)
-        partial = path.with_suffix(f".{os.getpid()}.partial")
-        partial.write_bytes(proto)
-        os.replace(partial, path)
-    return path
-
-
-def _write_bpe_tokenizer(file: GGUFFile, folder: Path) -> Path:
-    from .bpe_tokenizer import byte_level_json
-
-    tokens = require(file, "tokenizer.ggml.tokens")
-    merges = file.get("tokenizer.ggml.merges")
-    if not merges:
-        raise CheckpointError(f"{file.path}: a 'gpt2' tokenizer without tokenizer.ggml.merges")
-    bos, eos = file.get("tokenizer.ggml.bos_token_id"), file.get("tokenizer.ggml.eos_token_id")
-    try:
-        definition, config = byte_level_json(
-            tokens, merges, file.get("tokenizer.ggml.token_type"), file.get("tokenizer.ggml.pre"),
-            None if bos is None else int(bos), None if eos is None else int(eos),
-            add_bos=bool(file.get("tokenizer.ggml.add_bos_token", False)))
-    except ValueError as err:
-        raise CheckpointError(f"{file.path}: tokenizer: {err}") from err
-    digest = hashlib.sha256((definition + config).encode()).hexdigest()[:16]
-    target = folder / f"gguf-{digest}"
-    if not (target / "tokenizer.json").is_file():
-        partial = folder / f".gguf-{digest}.{os.getpid()}.partial"
-        partial.mkdir(parents=True, exist_ok=True)
-        (partial / "tokenizer_config.json").write_text(config, encoding="utf-8")
-        (partial / "tokenizer.json").write_text(definition, encoding="utf-8")
-        try:
-            os.rename(partial, target)
-        except OSError:  # another process wrote it first
-            shutil.rmtree(partial, ignore_errors=True)
-    return target / "tokenizer.json"
 
 
 # --- tensors into the model --------------------------------------------------------------------------------------

@@ -47,10 +47,10 @@ from .model_files import (
     find_tokenizer,
     hf_to_internal,
     int8_config,
-    tokenizer_vocab_size,
 )
 from .quant_options import DEFAULT_GROUP_SIZE, DEFAULT_QUANTIZER, QUANTIZERS
 from .sources import MetaShardsSource, SafetensorsSource, TensorSource, hf_weight_files
+from .tokenizer import load_tokenizer
 
 log = logging.getLogger(__name__)
 
@@ -132,8 +132,6 @@ def calibration_for(tokenizer: Path | None, folder: Path) -> Tensor | None:
                     "text: quantizing by rounding each "
                     "weight to its nearest int8 step (the 'rtn' quantizer)", folder)
         return None
-    from .tokenizer import load_tokenizer
-
     tokens = load_tokenizer(tokenizer)  # SentencePiece or byte-level BPE; BOS first where the model has one
     return calibration.calibration_windows(tokens.encode, tokens.bos_id if tokens.add_bos else None)
 
@@ -160,7 +158,7 @@ def _open_meta(folder: Path, tokenizer: Path | None) -> tuple[ModelConfig, Tenso
     if not shards:
         raise CheckpointError(f"{folder}: params.json but no consolidated.*.pth weights")
     source = MetaShardsSource(shards)
-    vocab = tokenizer_vocab_size(tokenizer) if tokenizer and tokenizer.suffix == ".model" else None
+    vocab = load_tokenizer(tokenizer).vocab_size if tokenizer and tokenizer.suffix == ".model" else None
     config = config_from_meta(folder / "params.json", vocab, tied="output.weight" not in source.names())
     heads = {"wq": config.n_heads, "wk": config.n_kv_heads}
 

@@ -2,17 +2,21 @@
 
 `serve` loads its models one after the other while it already listens, and loading one takes seconds (minutes for a
 7B to quantize). A folder that is no model, a config.json that is not JSON or does not describe the weights, a
-missing tokenizer or a weight file cut short used to be found only when that model's turn came, after every model
-before it had loaded. `check_model_files` reads only what describes a model (config.json, params.json or
-int8serve.json, the safetensors or GGUF headers, the folder's listing, the tokenizer's file), imports no torch and
-raises the loader's own errors (CheckpointError, ConfigError, naming the file), so `serve` refuses such a model in a
-second, before it listens. What only the tensor data can tell (NaN weights, a damaged .pth or .bin) is still found
-while loading.
+missing or broken tokenizer or a weight file cut short used to be found only when that model's turn came, after
+every model before it had loaded. `check_model_files` reads what describes a model (config.json, params.json or
+int8serve.json, the safetensors or GGUF headers, the folder's listing) and builds its tokenizer with the code the
+loader and the server build it with (tokenizer.load_tokenizer; a GGUF file's rebuilt from its vocabulary by
+gguf_tokenizer.write_tokenizer, into a temporary folder: a fraction of a second for SmolLM2's 49k tokens). It imports
+no torch and raises the loader's own errors (CheckpointError, ConfigError, naming the file), so `serve` refuses
+such a model in a second, before it listens. What only the tensor data can tell (NaN weights, a damaged .pth or
+.bin) is still found while loading.
 
 The loader (loader.py, gguf_loader.py, sources.py) decides the same things with the functions here: which format a
 folder is, where its tokenizer is, how checkpoint names map onto the model's, which shard files an index names, and
-whether the config describes the weights' shapes. So a model this check passes is one the loader takes, as far as
-the headers go, and one it refuses is one the loader would refuse.
+whether the config describes the weights' shapes. So a model this check passes is one the loader takes, but for
+what only loading tells: the tensor data, and the shapes in a .pth or .bin (a pickle, not read without torch). One it
+refuses is one the loader refuses too, but for a folder without a tokenizer, which the loader takes (quantize then
+writes none) and the server cannot serve.
 """
 
 from __future__ import annotations
@@ -21,11 +25,16 @@ import json
 import math
 import os
 import re
+import tempfile
 from pathlib import Path, PurePosixPath
-from typing import BinaryIO
+from typing import TYPE_CHECKING, BinaryIO
 
-from .config import ConfigError, ModelConfig, config_from_hf, config_from_meta, naming, read_json, weight_shapes
+from .config import ModelConfig, config_from_hf, config_from_meta, naming, read_json, weight_shapes
 from .errors import CheckpointError
+from .tokenizer import AnyTokenizer, load_tokenizer
+
+if TYPE_CHECKING:
+    from .gguf_file import GGUFFile
 
 __all__ = ["check_config_fits", "check_model_files", "detect_format", "find_tokenizer", "hf_to_internal",
            "hf_weight_paths", "int8_config", "safetensors_header", "shard_files"]
@@ -127,18 +136,6 @@ def check_packed_size(folder: Path, meta: dict) -> None:
                               "cut short or changed)")
 
 
-def tokenizer_vocab_size(path: Path) -> int:
-    """The number of pieces of the SentencePiece model at `path` (CheckpointError if it is none)."""
-    import sentencepiece
-
-    processor = sentencepiece.SentencePieceProcessor()
-    try:
-        processor.Load(str(path))
-    except (RuntimeError, OSError) as err:
-        raise CheckpointError(f"{path}: not a valid SentencePiece tokenizer model ({err})") from err
-    return processor.GetPieceSize()
-
-
 # --- weight files -------------------------------------------------------------------------------------------------
 
 
@@ -226,8 +223,8 @@ def safetensors_shapes(file: Path) -> dict[str, tuple[int, ...]]:
 
 def check_model_files(path: Path) -> None:
     """Raise CheckpointError or ConfigError (naming the file) if `path`, a model folder or a .gguf file, is not one
-    the loader can load and serve, as far as its config, its weight files' headers and its tokenizer's file tell.
-    Reads no tensor data and imports no torch."""
+    the loader can load and serve, as far as its config, its weight files' headers and its tokenizer (built as the
+    loader and the server build it) tell. Reads no tensor data and imports no torch."""
     if path.suffix == ".gguf" and path.is_file():
         _check_gguf(path)
         return
@@ -265,7 +262,7 @@ def _check_meta(folder: Path) -> None:
         raise CheckpointError(f"{folder}: params.json but no consolidated.*.pth weights")
     _check_not_empty(shards)
     tokenizer = _check_tokenizer(folder)
-    vocab = tokenizer_vocab_size(tokenizer) if tokenizer.suffix == ".model" else None
+    vocab = tokenizer.vocab_size if tokenizer.path.suffix == ".model" else None  # as loader._open_meta counts it
     config_from_meta(folder / "params.json", vocab, tied=False)  # whether the head is tied: only the .pth tells
 
 
@@ -283,7 +280,7 @@ def _check_int8(folder: Path) -> None:
 
 
 def _check_gguf(path: Path) -> None:
-    from .gguf_file import GGUFFile, check_tensor_types, check_tokenizer, config_from_gguf, internal_name
+    from .gguf_file import GGUFFile, check_tensor_types, config_from_gguf, internal_name
 
     file = GGUFFile.open(path)
     config = config_from_gguf(file)
@@ -297,7 +294,19 @@ def _check_gguf(path: Path) -> None:
             raise CheckpointError(f"{path}: unexpected tensor '{name}' for a Llama model")
         shapes[internal] = info.shape
     _check_weights(config, shapes, path)
-    check_tokenizer(file)
+    _check_gguf_tokenizer(file)
+
+
+def _check_gguf_tokenizer(file: GGUFFile) -> None:
+    """The file's tokenizer rebuilt and loaded as the loader does it (gguf_tokenizer.write_tokenizer), into a
+    temporary folder rather than the cache."""
+    from .gguf_tokenizer import write_tokenizer
+
+    try:
+        with tempfile.TemporaryDirectory(prefix="int8serve-check-") as scratch:
+            write_tokenizer(file, Path(scratch))
+    except OSError as err:
+        raise CheckpointError(f"{file.path}: its tokenizer could not be checked ({err})") from err
 
 
 def _check_weights(config: ModelConfig, shapes: dict[str, tuple[int, ...]], where: Path) -> None:
@@ -316,17 +325,10 @@ def _check_not_empty(files: list[Path]) -> None:
             raise CheckpointError(f"{file}: an empty file, no weights")
 
 
-def _check_tokenizer(folder: Path) -> Path:
-    """The folder's tokenizer, refused if there is none or its file is not one (a SentencePiece model that does not
-    load; a tokenizer.json that is not a JSON object)."""
+def _check_tokenizer(folder: Path) -> AnyTokenizer:
+    """The folder's tokenizer, loaded as the server loads it (tokenizer.load_tokenizer); refused if there is none or
+    its file is not a tokenizer the engine can use."""
     tokenizer = find_tokenizer(folder)
     if tokenizer is None:
         raise CheckpointError(f"{folder}: no tokenizer.model (in the folder or its parent) or tokenizer.json")
-    if tokenizer.suffix == ".model":
-        tokenizer_vocab_size(tokenizer)
-    else:
-        try:
-            read_json(tokenizer)
-        except ConfigError as err:
-            raise CheckpointError(str(err)) from err
-    return tokenizer
+    return load_tokenizer(tokenizer)

@@ -51,7 +51,7 @@ class Tokenizer:
         self.path = Path(model_path)
         self._sp = _load(self.path)
         if self._sp.bos_id() < 0 or self._sp.eos_id() < 0:
-            raise ValueError(f"tokenizer model {self.path} defines no BOS or no EOS piece")
+            raise ValueError(f"{self.path}: the tokenizer model defines no BOS or no EOS piece")
 
     @property
     def bos_id(self) -> int:
@@ -135,14 +135,14 @@ class Tokenizer:
 def _load(path: Path) -> sentencepiece.SentencePieceProcessor:
     """Load a SentencePiece model, with errors that name the file."""
     if not path.exists():
-        raise FileNotFoundError(f"tokenizer model not found: {path}")
+        raise FileNotFoundError(f"{path}: tokenizer model not found")
     if not path.is_file():
-        raise ValueError(f"tokenizer model path is not a file: {path}")
+        raise ValueError(f"{path}: the tokenizer model is not a file")
     sp = sentencepiece.SentencePieceProcessor()
     try:
         sp.Load(str(path))
     except (RuntimeError, OSError) as exc:
-        raise ValueError(f"not a valid SentencePiece tokenizer model: {path} ({exc})") from exc
+        raise ValueError(f"{path}: not a valid SentencePiece tokenizer model ({exc})") from exc
     return sp
 
 
