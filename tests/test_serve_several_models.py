@@ -9,9 +9,11 @@ minute, 1 neuron per token).
 
 from __future__ import annotations
 
+import contextlib
 import os
 import subprocess
 import sys
+import time
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -200,3 +202,40 @@ def test_an_existing_path_with_an_equals_sign_is_a_path(tmp_path: Path) -> None:
     odd = tmp_path / "v=1"
     odd.mkdir()
     assert served_model_specs([str(odd)]) == [ModelSpec(LLAMA, str(odd))]
+
+
+def serve_error(tmp_path: Path, *args: str) -> tuple[int, str]:
+    """`int8serve serve ARGS` expected to stop at start: its exit status and stderr (a failure if it turns ready)."""
+    port = free_port()
+    env = {**os.environ, "INT8SERVE_CACHE": str(fresh_cache(tmp_path / "cache")),
+           "INT8SERVE_DATA_DIR": str(tmp_path / "data"), "INT8SERVE_TOKENS": ""}
+    process = subprocess.Popen([sys.executable, "-m", "int8serve", "serve", "--port", str(port), *args],
+                               stderr=subprocess.PIPE, stdout=subprocess.DEVNULL, text=True, env=env)
+    try:
+        deadline = time.monotonic() + 300
+        while process.poll() is None and time.monotonic() < deadline:
+            with contextlib.suppress(httpx.TransportError):
+                ready = httpx.get(f"http://127.0.0.1:{port}/readyz", timeout=1).status_code == 200
+                assert not ready, "the server turned ready"
+            time.sleep(0.2)
+    finally:
+        if process.poll() is None:
+            process.kill()
+        _, err = process.communicate(timeout=30)
+    return process.returncode, err
+
+
+@pytest.mark.parametrize("flags", [[], ["--no-prefix-cache"], ["--dtype", "fp32"]],
+                         ids=["prefix-cache", "no-prefix-cache", "fp32"])
+def test_a_template_the_models_tokenizer_cannot_encode_stops_the_start(tmp_path: Path, stories_hf: Path,
+                                                                       flags: list[str]) -> None:
+    """Found by an audit: the SmolLM2 card's chatml on stories260K's SentencePiece tokenizer (no '<|im_start|>') was
+    only caught by the prefix cache's warm-up; without it (--no-prefix-cache, --dtype fp32) the server turned ready
+    and answered every request 500/3043. Now every flag stops the start, in one line naming card, model and token."""
+    status, err = serve_error(tmp_path, "--model", f"{BUILTIN_CARD}={stories_hf}", *flags)
+    assert status == 1 and "Traceback" not in err, err
+    assert err.strip().splitlines()[-1] == (
+        f"int8serve serve: error: model {BUILTIN_CARD}: its card's prompt template 'chatml' needs the control token "
+        f"'<|im_start|>', which the tokenizer of {stories_hf} does not have (serve this model under a card naming "
+        "its own template)")
+
