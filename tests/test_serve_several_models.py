@@ -9,16 +9,18 @@ minute, 1 neuron per token).
 
 from __future__ import annotations
 
+import contextlib
 import os
 import subprocess
 import sys
+import time
 from collections.abc import Iterator
 from pathlib import Path
 
 import httpx
 import pytest
 from tests.fresh_cache import fresh_cache
-from tests.test_server import free_port, start, stop
+from tests.test_server import free_port, start, startup_text, stop
 
 from int8serve.engine.demo import demo_model_dir
 from int8serve.model_specs import BUILTIN_CARD, DEFAULT_SERVED_MODEL, ModelSpec, ModelSpecError, served_model_specs
@@ -200,3 +202,83 @@ def test_an_existing_path_with_an_equals_sign_is_a_path(tmp_path: Path) -> None:
     odd = tmp_path / "v=1"
     odd.mkdir()
     assert served_model_specs([str(odd)]) == [ModelSpec(LLAMA, str(odd))]
+
+
+def serve_error(tmp_path: Path, *args: str) -> tuple[int, str]:
+    """`int8serve serve ARGS` expected to stop at start: its exit status and stderr (a failure if it turns ready)."""
+    port = free_port()
+    env = {**os.environ, "INT8SERVE_CACHE": str(fresh_cache(tmp_path / "cache")),
+           "INT8SERVE_DATA_DIR": str(tmp_path / "data"), "INT8SERVE_TOKENS": ""}
+    process = subprocess.Popen([sys.executable, "-m", "int8serve", "serve", "--port", str(port), *args],
+                               stderr=subprocess.PIPE, stdout=subprocess.DEVNULL, text=True, env=env)
+    try:
+        deadline = time.monotonic() + 300
+        while process.poll() is None and time.monotonic() < deadline:
+            with contextlib.suppress(httpx.TransportError):
+                ready = httpx.get(f"http://127.0.0.1:{port}/readyz", timeout=1).status_code == 200
+                assert not ready, "the server turned ready"
+            time.sleep(0.2)
+    finally:
+        if process.poll() is None:
+            process.kill()
+        _, err = process.communicate(timeout=30)
+    return process.returncode, err
+
+
+@pytest.mark.parametrize("flags", [[], ["--no-prefix-cache"], ["--dtype", "fp32"]],
+                         ids=["prefix-cache", "no-prefix-cache", "fp32"])
+def test_a_template_the_models_tokenizer_cannot_encode_stops_the_start(tmp_path: Path, stories_hf: Path,
+                                                                       flags: list[str]) -> None:
+    """Found by an audit: the SmolLM2 card's chatml on stories260K's SentencePiece tokenizer (no '<|im_start|>') was
+    only caught by the prefix cache's warm-up; without it (--no-prefix-cache, --dtype fp32) the server turned ready
+    and answered every request 500/3043. Now every flag stops the start, in one line naming card, model and token."""
+    status, err = serve_error(tmp_path, "--model", f"{BUILTIN_CARD}={stories_hf}", *flags)
+    assert status == 1 and "Traceback" not in err, err
+    assert err.strip().splitlines()[-1] == (
+        f"int8serve serve: error: model {BUILTIN_CARD}: its card's prompt template 'chatml' needs the control token "
+        f"'<|im_start|>', which the tokenizer of {stories_hf} does not have (serve this model under a card naming "
+        "its own template)")
+
+
+SMALL, LONG = "@cf/int8serve-test/small-context", "@cf/int8serve-test/long-default-context"
+
+
+def small_card(seed: str) -> str:
+    """The seed's card with a context of 100 tokens and max_tokens <= 60 (default 32): shorter than the llama2
+    template's default system prompt."""
+    return (seed.replace(LLAMA, SMALL).replace('value: "2048"', 'value: "100"').replace('value: "1800"', 'value: "60"')
+            .replace('\\"default\\": 256', '\\"default\\": 32'))
+
+
+def long_default_context_card(seed: str) -> str:
+    """The seed's card with a default_context of ~2,000 characters: more than stories260K's 512 positions."""
+    system = "You are a careful storyteller who writes short and happy tales for small children. " * 24
+    return seed.replace(LLAMA, LONG).replace('      value: "1800"\n', '      value: "1800"\n    - property_id: '
+                                             f'"default_context"\n      value: "{system.strip()}"\n')
+
+
+def test_a_default_system_prompt_longer_than_the_context_does_not_stop_the_start(tmp_path: Path, shared_dir: Path,
+                                                                                   stories_hf: Path) -> None:
+    """Found by an audit: the prefix cache's warm-up prefilled the template's default system prompt past the context
+    window ("position 128 exceeds the KV cache's 100") and the start died after "listening". It is now skipped (said
+    once); the server starts, raw prompts are answered and templated ones get 413/5021, as without the prefix cache."""
+    seed = (shared_dir / "seeds" / "000_ef2d276774d6e394.txt").read_text()
+    cards = [tmp_path / "small.txt", tmp_path / "long.txt"]
+    cards[0].write_text(small_card(seed))
+    cards[1].write_text(long_default_context_card(seed))
+    process, port = start("--model", f"{SMALL}={stories_hf}", "--model", f"{LONG}={stories_hf}", "--card",
+                          str(cards[0]), "--card", str(cards[1]), "--token", f"{TOKEN}={ACCOUNT}", tmp_path=tmp_path)
+    try:
+        text = startup_text(process)
+        assert "context 100 tokens (card 100, model 512)" in text and "context 512 tokens (card 2048" in text, text
+        assert text.count("prefix cache: not warming the ") == 2, text
+        assert "in the context of 100 tokens" in text and "in the context of 512 tokens" in text, text
+        base = f"http://127.0.0.1:{port}"
+        for model in (SMALL, LONG):
+            raw = run(base, model, {"prompt": "Once upon a time", "raw": True, "temperature": 0, "max_tokens": 8})
+            assert raw.status_code == 200 and raw.json()["result"]["response"].startswith(", there was"), raw.text
+            templated = run(base, model, {"prompt": "Once upon a time", "max_tokens": 8})
+            assert templated.status_code == 413 and templated.json()["errors"][0]["code"] == 5021, templated.text
+    finally:
+        err = stop(process)
+    assert process.returncode == 0 and "Traceback" not in err, err

@@ -247,6 +247,25 @@ def test_warming_the_default_system_prompt(stories_int8: LoadedModel, stories_to
     assert reused == 50
 
 
+def test_a_prefix_that_leaves_no_room_in_the_context_is_not_warmed(stories_int8: LoadedModel,
+                                                                     stories_tokenizer: Tokenizer,
+                                                                     caplog: pytest.LogCaptureFixture) -> None:
+    """Found by an audit: warming a default system prompt longer than the context window prefilled past the KV cache
+    ("position 128 exceeds the KV cache's 100") and stopped the server's start. A prefix that leaves no room for one
+    more prompt token and one generated token is skipped, and the log says so."""
+    prompt = stories_tokenizer.encode(STORY * 4, bos=True)
+    engine = Engine(stories_int8.model, stories_tokenizer, max_slots=2, max_seq_len=64, prefill_chunk=32,
+                    prefix_cache=PrefixCache(stories_int8.model.config, stories_int8.model.cache_dtype, 256))
+    with caplog.at_level("INFO", logger="int8serve.engine.scheduler"):
+        assert engine.warm(prompt[:100]) == 0  # past the context window
+        assert engine.warm(prompt[:63]) == 0  # fits, but no prompt that starts with it does
+    assert [r.getMessage() for r in caplog.records] == [
+        f"prefix cache: not warming the {n} tokens every templated prompt starts with: they leave no room for a "
+        "prompt and its reply in the context of 64 tokens" for n in (100, 63)]
+    assert engine.prefix_cache is not None and engine.prefix_cache.cached_tokens == 0
+    assert engine.warm(prompt[:62]) == 62  # room for one more prompt token and one generated
+
+
 def test_accounts_do_not_reuse_each_others_prompts_but_all_reuse_the_warmed_one(
         stories_int8: LoadedModel, stories_tokenizer: Tokenizer) -> None:
     """Found by an audit: an account learned another's prompt word by word from its cached-token count."""

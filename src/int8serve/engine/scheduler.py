@@ -256,10 +256,17 @@ class Engine:
 
     def warm(self, prompt_ids: list[int]) -> int:
         """Before `start`: prefill `prompt_ids` into a slot so that the prefix cache keeps their full blocks (e.g.
-        the default system prompt of the served card's template). Returns the tokens now cached."""
+        the default system prompt of the served card's template). Returns the tokens now cached.
+
+        A prefix that leaves no room in the context window for one more prompt token and one generated token is not
+        warmed (no request that starts with it fits: each gets 413), and the log says so once."""
         if self._thread.ident is not None:
             raise RuntimeError("warm the prefix cache before the engine starts")
         if self.prefix_cache is None or not prompt_ids:
+            return 0
+        if len(prompt_ids) + 2 > self.max_seq_len:
+            log.info("prefix cache: not warming the %d tokens every templated prompt starts with: they leave no room "
+                     "for a prompt and its reply in the context of %d tokens", len(prompt_ids), self.max_seq_len)
             return 0
         seq = _Sequence(handle=RequestHandle(GenerationRequest(list(prompt_ids), 1), None), slot=0,
                         sampler=Sampler(SamplingParams(temperature=0), self.model.config.vocab_size),
