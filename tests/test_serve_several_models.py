@@ -273,6 +273,7 @@ def test_a_default_system_prompt_longer_than_the_context_does_not_stop_the_start
         assert "context 100 tokens (card 100, model 512)" in text and "context 512 tokens (card 2048" in text, text
         assert text.count("prefix cache: not warming the ") == 2, text
         assert "in the context of 100 tokens" in text and "in the context of 512 tokens" in text, text
+        assert text.count("tokens not warmed: they leave no room for a prompt and its reply") == 2, text  # summary
         base = f"http://127.0.0.1:{port}"
         for model in (SMALL, LONG):
             raw = run(base, model, {"prompt": "Once upon a time", "raw": True, "temperature": 0, "max_tokens": 8})

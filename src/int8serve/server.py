@@ -165,8 +165,8 @@ def _start_engine(settings: ServeSettings, served: ServedModel) -> tuple[Engine,
                     max_seq_len=context, prefill_chunk=settings.prefill_chunk, prefix_cache=prefix,
                     solo_prefill_tokens=settings.solo_prefill_tokens)
     warming = time.perf_counter()
-    warmed = engine.warm(template_prefix_ids(tokenizer, served.template, card.default_context)) \
-        if prefix is not None else 0
+    prefix_ids = template_prefix_ids(tokenizer, served.template, card.default_context) if prefix is not None else []
+    warmed = engine.warm(prefix_ids) if prefix is not None else 0
     warming = time.perf_counter() - warming
     engine.start()
     # full-precision parameters (embeddings, norms) + int8 weights (of Int8Linear, packed or not)
@@ -182,7 +182,8 @@ def _start_engine(settings: ServeSettings, served: ServedModel) -> tuple[Engine,
         f"  KV cache: {_describe_kv_cache(loaded.model, engine, kv_cache_reason)}",
         f"  {decode_plan.describe(loaded.model)}",
         f"  prefix cache: {prefix.capacity_tokens} tokens ({prefix.nbytes() / 2**20:.0f} MiB), the default system "
-        f"prompt's {warmed} tokens warmed in {warming:.1f} s; {_what_is_reused(engine, settings.prefill_chunk)}"
+        f"prompt's {_warmed(warmed, len(prefix_ids), context, warming)}; "
+        f"{_what_is_reused(engine, settings.prefill_chunk)}"
         if prefix is not None else "  prefix cache: off",
     ]
     return engine, lines
@@ -224,6 +225,12 @@ def _solo_prefill(engine: Engine, settings: ServeSettings) -> str:
         return ("one a step, a prompt alone too: our int8 kernel's prefill is hardly faster in longer steps "
                 "(--solo-prefill-tokens)")
     return f"one a step, a prompt alone too: --solo-prefill-tokens {asked}"
+
+
+def _warmed(warmed: int, prefix_tokens: int, context: int, seconds: float) -> str:
+    if prefix_tokens + 2 > context:  # (Engine.warm skipped them and said why)
+        return f"{prefix_tokens} tokens not warmed: they leave no room for a prompt and its reply in the context"
+    return f"{warmed} tokens warmed in {seconds:.1f} s"
 
 
 def _what_is_reused(engine: Engine, prefill_chunk: int) -> str:
