@@ -8,8 +8,9 @@ service and the command line ask one place. A card may also give the system prom
 (`default_context`, as Workers AI's catalog does): `render_prompt` applies it.
 
 A template that renders may still write control tokens (chatml's `<|im_start|>`) that the served model's tokenizer
-lacks: `missing_control_token` finds that once the tokenizer is loaded, so that `serve` stops at start (every model,
-whatever the flags) instead of answering every request 500.
+lacks: `missing_control_token` finds that with the tokenizer `serve` builds while checking each model's files
+(startup.prepare), so that it stops before it loads or listens (every model, whatever the flags) instead of answering
+every request 500.
 """
 
 from __future__ import annotations

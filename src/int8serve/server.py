@@ -49,7 +49,7 @@ from .engine.model_cache import load_cached
 from .engine.prefix_cache import DEFAULT_BLOCK_TOKENS, PrefixCache
 from .engine.scheduler import Engine
 from .engine.tokenizer import AnyTokenizer, load_tokenizer
-from .prompt_templates import PromptTemplate, missing_control_token, render_prompt, template_named
+from .prompt_templates import PromptTemplate, render_prompt, template_named
 from .service.app import create_app
 from .service.connections import uvicorn_config
 from .service.inference import RequestLimits
@@ -152,8 +152,7 @@ def _start_engine(settings: ServeSettings, served: ServedModel) -> tuple[Engine,
                          use_cache=settings.model_cache, quantizer=settings.quantizer)
     if loaded.tokenizer_path is None:  # said before loading (model_files.py); a folder changed since, here
         raise CheckpointError(f"{loaded.path}: no tokenizer.model (in the folder or its parent) or tokenizer.json")
-    tokenizer = load_tokenizer(loaded.tokenizer_path)
-    _check_template(served, tokenizer)
+    tokenizer = load_tokenizer(loaded.tokenizer_path)  # (the card's template checked with it: startup.prepare)
     kv_cache_reason = None
     if settings.dtype == "int8":  # before the engine and the prefix cache make their caches
         kv_cache, kv_cache_reason = loaded.model.kv_cache_for(settings.kv_cache, settings.prefill_chunk,
@@ -187,16 +186,6 @@ def _start_engine(settings: ServeSettings, served: ServedModel) -> tuple[Engine,
         if prefix is not None else "  prefix cache: off",
     ]
     return engine, lines
-
-
-def _check_template(served: ServedModel, tokenizer: AnyTokenizer) -> None:
-    """Stop the start if the card's template writes a control token the model's tokenizer lacks: every request
-    would fail (whatever the flags; the prefix cache's warm-up used to be the only thing that noticed)."""
-    missing = missing_control_token(tokenizer, served.template, served.card.default_context)
-    if missing is not None:
-        raise ServeError(f"model {served.card.name}: its card's prompt template {served.template.name!r} needs the "
-                         f"control token {missing!r}, which the tokenizer of {served.model_path} does not have "
-                         "(serve this model under a card naming its own template)")
 
 
 def _describe_kv_cache(model: Transformer, engine: Engine, default_because: str | None) -> str:

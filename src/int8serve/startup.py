@@ -21,7 +21,7 @@ from .engine.config import ConfigError
 from .engine.errors import CheckpointError
 from .engine.model_files import check_model_files
 from .model_specs import ModelSpec, ModelSpecError, resolve_model, served_model_specs
-from .prompt_templates import PromptTemplate, UnknownTemplateError, template_named
+from .prompt_templates import PromptTemplate, UnknownTemplateError, missing_control_token, template_named
 from .service.policy import Policy, PolicySettings, PolicyStartupError
 from .settings import ServeSettings
 
@@ -72,14 +72,15 @@ def prepare(settings: ServeSettings) -> Prepared:
     except (CardError, UnknownModelError, ModelSpecError, UnknownTemplateError) as err:
         raise ServeError(str(err)) from err
     # every path on disk before any download: a typo in the last --model fails at once, not after the first's fetch
-    paths = {spec: _checked_model(spec, card) for spec, card in zip(specs, cards, strict=True) if not spec.fetched}
+    paths = {spec: _checked_model(spec, card, template)
+             for spec, card, template in zip(specs, cards, templates, strict=True) if not spec.fetched}
     try:  # Redis and the database before any download: a wrong URL fails in a second
         policy = Policy.build(policy_settings(settings))
     except (ValueError, PolicyStartupError) as err:
         raise ServeError(str(err)) from err
     try:
         models = [ServedModel(card=card, template=template, builtin=spec.builtin,
-                              model_path=paths[spec] if spec in paths else _checked_model(spec, card))
+                              model_path=paths[spec] if spec in paths else _checked_model(spec, card, template))
                   for spec, card, template in zip(specs, cards, templates, strict=True)]
         _check_port(settings.host, settings.port)  # last: the flags' own mistakes are said first
     except ServeError:
@@ -88,14 +89,20 @@ def prepare(settings: ServeSettings) -> Prepared:
     return Prepared(catalog=catalog, models=models, policy=policy)
 
 
-def _checked_model(spec: ModelSpec, card: ModelCard) -> Path:
+def _checked_model(spec: ModelSpec, card: ModelCard, template: PromptTemplate) -> Path:
     """Where `spec`'s weights are (a Hub id or the built-in model is fetched here, before listening), their files
-    checked as far as can be without loading them; an error names the model and the file at fault."""
+    checked as far as can be without loading them, and the card's template written with their tokenizer (a control
+    token it lacks would fail every request); an error names the model and the file at fault."""
     try:
         path = resolve_model(spec)
-        check_model_files(path)
+        tokenizer = check_model_files(path)
     except (CheckpointError, ConfigError) as err:
         raise ServeError(f"model {card.name}: {err}") from err
+    missing = missing_control_token(tokenizer, template, card.default_context)
+    if missing is not None:
+        raise ServeError(f"model {card.name}: its card's prompt template {template.name!r} needs the control token "
+                         f"{missing!r}, which the tokenizer of {path} does not have (serve this model under a card "
+                         "naming its own template)")
     return path
 
 

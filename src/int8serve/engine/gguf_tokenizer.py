@@ -23,9 +23,13 @@ import struct
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 from .errors import CheckpointError
 from .gguf_file import GGUFFile, require
+
+if TYPE_CHECKING:
+    from .tokenizer import AnyTokenizer
 
 __all__ = ["TOKENIZER_MODELS", "Vocabulary", "model_proto", "tokenizer_files", "vocabulary", "write_tokenizer"]
 
@@ -107,16 +111,21 @@ def _byte_level_files(file: GGUFFile, tokens: Sequence[str]) -> dict[str, bytes]
 def write_tokenizer(file: GGUFFile, folder: Path) -> Path:
     """The file's tokenizer (`tokenizer_files`), content-addressed in `folder` (written once, atomically):
     SentencePiece as `gguf-<hash>.model`, byte-level BPE as `gguf-<hash>/tokenizer.json` beside its
-    tokenizer_config.json. It is loaded once as the server loads it (tokenizer.load_tokenizer), so that a tokenizer
-    the engine cannot use (no EOS, a model SentencePiece refuses) is a CheckpointError naming the GGUF file, here."""
+    tokenizer_config.json. It is loaded once as the server loads it (`built_tokenizer`)."""
+    return built_tokenizer(file, folder)[0]
+
+
+def built_tokenizer(file: GGUFFile, folder: Path) -> tuple[Path, AnyTokenizer]:
+    """`write_tokenizer`'s file and the tokenizer loaded from it as the server loads it (tokenizer.load_tokenizer),
+    so that a tokenizer the engine cannot use (no EOS, a model SentencePiece refuses) is a CheckpointError naming the
+    GGUF file, here."""
     from .tokenizer import load_tokenizer
 
     path = _write(tokenizer_files(file), folder)
     try:
-        load_tokenizer(path)
+        return path, load_tokenizer(path)
     except CheckpointError as err:
         raise CheckpointError(f"{file.path}: tokenizer: {str(err).removeprefix(f'{path}: ')}") from err
-    return path
 
 
 def _write(files: dict[str, bytes], folder: Path) -> Path:

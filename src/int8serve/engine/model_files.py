@@ -221,23 +221,22 @@ def safetensors_shapes(file: Path) -> dict[str, tuple[int, ...]]:
 # --- the check ----------------------------------------------------------------------------------------------------
 
 
-def check_model_files(path: Path) -> None:
+def check_model_files(path: Path) -> AnyTokenizer:
     """Raise CheckpointError or ConfigError (naming the file) if `path`, a model folder or a .gguf file, is not one
     the loader can load and serve, as far as its config, its weight files' headers and its tokenizer (built as the
-    loader and the server build it) tell. Reads no tensor data and imports no torch."""
+    loader and the server build it) tell; else that tokenizer (whether the card's template can use it is the
+    caller's to ask). Reads no tensor data and imports no torch."""
     if path.suffix == ".gguf" and path.is_file():
-        _check_gguf(path)
-        return
+        return _check_gguf(path)
     kind = detect_format(path)
     if kind == "int8":
-        _check_int8(path)
-    elif kind == "meta":
-        _check_meta(path)
-    else:
-        _check_hf(path)
+        return _check_int8(path)
+    if kind == "meta":
+        return _check_meta(path)
+    return _check_hf(path)
 
 
-def _check_hf(folder: Path) -> None:
+def _check_hf(folder: Path) -> AnyTokenizer:
     config = config_from_hf(folder / "config.json")
     files, kind = hf_weight_paths(folder)
     if kind == "bin":  # a pickle: its shapes are not told without torch
@@ -253,10 +252,10 @@ def _check_hf(folder: Path) -> None:
                     raise CheckpointError(f"{folder}: unexpected tensor '{name}' for a Llama model")
                 shapes[internal] = shape
         _check_weights(config, shapes, folder)
-    _check_tokenizer(folder)
+    return _check_tokenizer(folder)
 
 
-def _check_meta(folder: Path) -> None:
+def _check_meta(folder: Path) -> AnyTokenizer:
     shards = sorted(folder.glob("consolidated.*.pth"))
     if not shards:
         raise CheckpointError(f"{folder}: params.json but no consolidated.*.pth weights")
@@ -264,9 +263,10 @@ def _check_meta(folder: Path) -> None:
     tokenizer = _check_tokenizer(folder)
     vocab = tokenizer.vocab_size if tokenizer.path.suffix == ".model" else None  # as loader._open_meta counts it
     config_from_meta(folder / "params.json", vocab, tied=False)  # whether the head is tied: only the .pth tells
+    return tokenizer
 
 
-def _check_int8(folder: Path) -> None:
+def _check_int8(folder: Path) -> AnyTokenizer:
     meta = read_json(folder / "int8serve.json")
     check_int8_format(folder, meta, (*READABLE_VERSIONS, PACKED_FORMAT_VERSION))
     config = int8_config(folder, meta)
@@ -276,10 +276,10 @@ def _check_int8(folder: Path) -> None:
         raise CheckpointError(f"{folder}: int8serve.json but no model.safetensors")
     else:
         _check_weights(config, safetensors_shapes(folder / "model.safetensors"), folder)
-    _check_tokenizer(folder)
+    return _check_tokenizer(folder)
 
 
-def _check_gguf(path: Path) -> None:
+def _check_gguf(path: Path) -> AnyTokenizer:
     from .gguf_file import GGUFFile, check_tensor_types, config_from_gguf, internal_name
 
     file = GGUFFile.open(path)
@@ -294,17 +294,17 @@ def _check_gguf(path: Path) -> None:
             raise CheckpointError(f"{path}: unexpected tensor '{name}' for a Llama model")
         shapes[internal] = info.shape
     _check_weights(config, shapes, path)
-    _check_gguf_tokenizer(file)
+    return _check_gguf_tokenizer(file)
 
 
-def _check_gguf_tokenizer(file: GGUFFile) -> None:
-    """The file's tokenizer rebuilt and loaded as the loader does it (gguf_tokenizer.write_tokenizer), into a
+def _check_gguf_tokenizer(file: GGUFFile) -> AnyTokenizer:
+    """The file's tokenizer rebuilt and loaded as the loader does it (gguf_tokenizer.built_tokenizer), into a
     temporary folder rather than the cache."""
-    from .gguf_tokenizer import write_tokenizer
+    from .gguf_tokenizer import built_tokenizer
 
     try:
         with tempfile.TemporaryDirectory(prefix="int8serve-check-") as scratch:
-            write_tokenizer(file, Path(scratch))
+            return built_tokenizer(file, Path(scratch))[1]
     except OSError as err:
         raise CheckpointError(f"{file.path}: its tokenizer could not be checked ({err})") from err
 
