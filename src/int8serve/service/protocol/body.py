@@ -29,6 +29,7 @@ from ..errors import BAD_INPUT, INCOMPLETE_REQUEST, REQUEST_TOO_LARGE, ApiError
 
 __all__ = [
     "DEFAULT_MAX_BODY_BYTES",
+    "EXPECTED_TYPES",
     "MAX_INTEGER_DIGITS",
     "OPENAI_WORDING",
     "WORKERS_AI_WORDING",
@@ -233,7 +234,8 @@ def _describe(error: jsonschema.ValidationError, validator: jsonschema.protocols
 
 
 # pydantic's error types → the JSON type the field wanted
-_EXPECTED_TYPES = {"int_type": "integer", "int_from_float": "integer", "float_type": "number",
+# pydantic's error types that say "not of this type" → the JSON type expected
+EXPECTED_TYPES = {"int_type": "integer", "int_from_float": "integer", "float_type": "number",
                    "bool_type": "boolean", "string_type": "string", "list_type": "array", "dict_type": "object",
                    "model_type": "object", "model_attributes_type": "object"}
 
@@ -243,8 +245,8 @@ def validation_error_detail(error: ValidationError, wording: Wording = WORKERS_A
     51`); errors raised by our own validators carry their words in their message."""
     first = error.errors(include_url=False)[0]
     where, kind, value = wording.locate(first["loc"]), first["type"], first.get("input")
-    if kind in _EXPECTED_TYPES:
-        return type_mismatch(where, _EXPECTED_TYPES[kind], value)
+    if kind in EXPECTED_TYPES:
+        return type_mismatch(where, EXPECTED_TYPES[kind], value)
     if kind == "out_of_range":
         return f"Value at '{where}' {first['msg']}, got {json.dumps(value)}"
     if kind == "string_too_long":

@@ -17,14 +17,12 @@ from typing import Any
 
 from pydantic import ValidationError
 
-from .body import field_path, json_type, top_field
+from .body import EXPECTED_TYPES, field_path, json_type, top_field
 
 __all__ = ["Problem", "openai_detail", "problems"]
 
-# pydantic's error types that say "not of this type" → the type, as the sentence names it
-TYPE_NAMES = {"string_type": "a string", "list_type": "an array", "dict_type": "an object", "model_type": "an object",
-              "model_attributes_type": "an object", "bool_type": "a boolean", "int_type": "an integer",
-              "int_from_float": "an integer", "float_type": "a number"}
+# pydantic's error types that say "not of this type" → the type, as the sentence names it ("an array")
+TYPE_NAMES = {kind: f"{'an' if name[0] in 'aeiou' else 'a'} {name}" for kind, name in EXPECTED_TYPES.items()}
 UNSUPPORTED_WHEN_GIVEN = ("tools", "functions", "logit_bias")  # accepted empty only
 
 
