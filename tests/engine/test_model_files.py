@@ -19,7 +19,7 @@ import pytest
 import sentencepiece
 import tokenizers
 import torch
-from tests.engine.test_gguf import one_score_fewer, write_gguf
+from tests.engine.test_gguf import one_score_fewer, q8_0_where_possible, write_gguf
 from tests.engine.test_loader import rewrite_safetensors
 
 from int8serve.engine.config import ConfigError
@@ -181,6 +181,29 @@ def test_a_damaged_gguf_file(smollm2_gguf: Path, stories_hf: Path, tmp_path: Pat
     other = write_gguf(tmp_path / "qwen.gguf", stories_hf, lambda n, s: T.F32, arch="qwen2")
     with pytest.raises(ConfigError, match="architecture 'qwen2' is not supported"):
         check_model_files(other)
+
+
+def test_a_block_quantized_tensor_whose_rows_are_not_whole_blocks(stories_hf: Path, tmp_path: Path,
+                                                                  monkeypatch: pytest.MonkeyPatch) -> None:
+    """ffn_down [64, 172] declared Q8_0: 344 whole blocks, as the header's check asks, and the shape the config
+    describes, so the check passed it and only the load found that rows of 172 values are not whole blocks of 32
+    (after the models before it had loaded). The check refuses it now, in the load's words."""
+    path = write_gguf(tmp_path / "q8.gguf", stories_hf, q8_0_where_possible)  # ffn_down stays F32: 172 % 32 != 0
+    data = bytearray(path.read_bytes())
+    name = b"blk.0.ffn_down.weight"
+    kind = data.index(name) + len(name) + 4 + 2 * 8  # the name, its number of dimensions (uint32), two uint64 sizes
+    assert data[kind - 16:kind + 4] == b"".join(n.to_bytes(8, "little") for n in (172, 64)) + bytes(4)  # F32 = 0
+    data[kind:kind + 4] = gguf.GGMLQuantizationType.Q8_0.value.to_bytes(4, "little")
+    path.write_bytes(data)
+    expected = (f"{path}: Q8_0 tensor 'blk.0.ffn_down.weight' has shape (64, 172): its rows of 172 values do not "
+                "split into blocks of 32")
+    with pytest.raises(CheckpointError) as checked:
+        check_model_files(path)
+    assert str(checked.value) == expected
+    monkeypatch.setenv("INT8SERVE_CACHE", str(tmp_path / "cache"))
+    with pytest.raises(CheckpointError) as loaded:
+        load_model(path, "int8", quantizer="rtn")
+    assert str(loaded.value) == expected
 
 
 def byte_level_without_eos(writer: gguf.GGUFWriter, tokenizer_model: Path) -> None:

@@ -81,13 +81,36 @@ def internal_name(name: str) -> str | None:
 
 
 def check_tensor_types(file: GGUFFile) -> None:
-    """Refuse a file holding tensors of a type the loader cannot read (K-quants, ...), naming the type."""
+    """Refuse a file holding tensors of a type the loader cannot read (K-quants, ...), naming the type, or a
+    block-quantized tensor whose rows are not whole blocks."""
     unsupported = {info.type for info in file.tensors.values() if info.type not in SUPPORTED_TYPES}
     if unsupported:
         names = [n for n, i in file.tensors.items() if i.type in unsupported][:3]
         raise CheckpointError(f"{file.path}: tensor type {', '.join(sorted(unsupported))} is not supported "
                               f"(e.g. {', '.join(names)}); int8serve reads GGUF files in "
                               f"{', '.join(SUPPORTED_TYPES)}: use llama-2-7b-chat.Q8_0.gguf, or the fp16 one")
+    for name, info in file.tensors.items():
+        if info.type in BLOCK_TYPES:
+            block_matrix_shape(file.path, name, info)
+
+
+def block_matrix_shape(path: Path, name: str, info: TensorInfo) -> tuple[int, int]:
+    """(rows, columns) of a block-quantized tensor (Q8_0, Q4_1), whose every row must be whole blocks; else refused.
+
+    The header's own check asks only that the whole tensor be whole blocks: [64, 172] in Q8_0 (344 blocks) passes
+    it, but its rows cannot be read as rows of blocks."""
+    block, block_bytes = BLOCK_TYPES[info.type]
+    if len(info.shape) != 2:
+        raise CheckpointError(f"{path}: {info.type} tensor '{name}' has shape {info.shape}: a block-quantized tensor "
+                              "must be a matrix")
+    rows, cols = info.shape
+    if cols % block:
+        raise CheckpointError(f"{path}: {info.type} tensor '{name}' has shape {info.shape}: its rows of {cols} "
+                              f"values do not split into blocks of {block}")
+    if info.nbytes != rows * cols // block * block_bytes:
+        raise CheckpointError(f"{path}: {info.type} tensor '{name}' has shape {info.shape} but {info.nbytes} bytes, "
+                              f"not {rows * cols // block * block_bytes}")
+    return rows, cols
 
 
 def config_from_gguf(file: GGUFFile) -> ModelConfig:

@@ -34,6 +34,7 @@ from .gguf_file import (
     FLOAT_TYPES,
     GGUFFile,
     TensorInfo,
+    block_matrix_shape,
     check_tensor_types,
     config_from_gguf,
     internal_name,
@@ -75,7 +76,7 @@ class GGUFSource(TensorSource):
         data = _read(self.file.path, info)
         if info.type in _DTYPES:
             return data.view(_DTYPES[info.type]).reshape(info.shape)
-        rows, cols = _matrix(info, name, self.file.path)
+        rows, cols = block_matrix_shape(self.file.path, name, info)
         block, nbytes = BLOCK_TYPES[info.type]
         return data.reshape(rows, cols // block * nbytes)
 
@@ -90,13 +91,6 @@ def _read(path: Path, info: TensorInfo) -> Tensor:
     except OSError as err:
         raise CheckpointError(f"{path}: tensor data unreadable ({err})") from err
     return data
-
-
-def _matrix(info: TensorInfo, name: str, path: Path) -> tuple[int, int]:
-    block, nbytes = BLOCK_TYPES[info.type]
-    if len(info.shape) != 2 or info.shape[1] % block or info.nbytes != info.shape[0] * info.shape[1] // block * nbytes:
-        raise CheckpointError(f"{path}: {info.type} tensor '{name}' has shape {info.shape} ({info.nbytes} bytes)")
-    return info.shape
 
 
 def unpack_q8_0(blocks: Tensor) -> tuple[Tensor, Tensor]:
