@@ -17,6 +17,7 @@ from .conftest import ACCOUNTS, STAGING_ACCOUNT, PolicyServer
 
 RATE_MESSAGE = "rate limiting: inference request per min rate reached"
 SMALL = {"prompt": "Once upon a time", "raw": True, "max_tokens": 2, "temperature": 0}
+REAL_TIME = time.time
 
 
 def sdk(server: PolicyServer, token: str = TOKEN, **options: object) -> Cloudflare:
@@ -26,6 +27,12 @@ def sdk(server: PolicyServer, token: str = TOKEN, **options: object) -> Cloudfla
 def limit_headers(resp: httpx.Response) -> tuple[int, int, str]:
     return (int(resp.headers["x-ratelimit-limit-requests"]), int(resp.headers["x-ratelimit-remaining-requests"]),
             resp.headers["x-ratelimit-reset-requests"])
+
+
+def step_wall_clock(monkeypatch: pytest.MonkeyPatch, seconds: float) -> None:
+    """The wall clock (`time.time`) `seconds` away from the real time, as an NTP step moves it; `time.monotonic`
+    does not move."""
+    monkeypatch.setattr(time, "time", lambda: REAL_TIME() + seconds)
 
 
 def test_card_limit_through_the_sdk(policy_server: Callable[..., PolicyServer], backend: dict[str, Any]) -> None:
@@ -115,3 +122,34 @@ def test_sdk_default_retries_wait_out_the_window(policy_server: Callable[..., Po
     assert [r.status_code for r in seen] == [200, 200, 429, 200]
     retry_after = int(seen[2].headers["retry-after"])
     assert 1 <= retry_after <= 3 and waited >= retry_after  # it slept as told (only a lower bound: no flake)
+
+
+def test_a_wall_clock_stepped_back_never_asks_for_more_than_the_window(policy_server: Callable[..., PolicyServer],
+                                                                     backend: dict[str, Any],
+                                                                     monkeypatch: pytest.MonkeyPatch) -> None:
+    """The window full, the wall clock steps back an hour: the refusal's `Retry-After` and reset are still at most
+    the 60-second window (they were the step plus the window, 3660 s, and the SDK does not wait that long)."""
+    server = policy_server(account_rpm={"acct-e": 3}, **backend)
+    assert [server.post("acct-e", SMALL).status_code for _ in range(3)] == [200, 200, 200]
+    step_wall_clock(monkeypatch, -3600)
+    refused = server.post("acct-e", SMALL)
+    assert refused.status_code == 429
+    assert 55 <= int(refused.headers["retry-after"]) <= 60
+    assert 55 <= int(refused.headers["x-ratelimit-reset-requests"].removesuffix("s")) <= 60
+
+
+def test_the_in_process_window_ignores_wall_clock_steps(policy_server: Callable[..., PolicyServer],
+                                                        monkeypatch: pytest.MonkeyPatch) -> None:
+    """The in-process window runs on the monotonic clock: a wall clock stepped an hour forward does not empty it,
+    and one stepped an hour back does not keep its admissions for an hour — they leave after the window's own
+    seconds (shown on a 2-second window)."""
+    server = policy_server(window_seconds=2, account_rpm={"acct-e": 2})
+    assert [server.post("acct-e", SMALL).status_code for _ in range(2)] == [200, 200]
+    admitted = time.monotonic()
+    step_wall_clock(monkeypatch, 3600)
+    assert server.post("acct-e", SMALL).status_code == 429
+    step_wall_clock(monkeypatch, -3600)
+    refused = server.post("acct-e", SMALL)
+    assert refused.status_code == 429 and 1 <= int(refused.headers["retry-after"]) <= 2
+    time.sleep(max(0.0, admitted + 2.1 - time.monotonic()))
+    assert server.post("acct-e", SMALL).status_code == 200

@@ -17,6 +17,12 @@ that shared the Redis just before it went away (`ReplicaCount`): two replicas of
 most 2 each in a window, 4 together, instead of 4 each. Redis is authoritative again as soon as it answers. A
 refusal's `Retry-After` then is the time until enough of this replica's admissions leave the window for one more
 to fit in its share (`_admitted_at` keeps their times: `limits` tells only when the oldest leaves).
+
+Clocks: the in-process window runs on the monotonic clock (`MonotonicMemoryStorage`), so a wall-clock step (NTP, a
+VM resumed) neither empties it nor keeps its admissions longer than the window. In Redis, `limits` stamps each
+admission with the admitting replica's `time.time()` (replicas must have synchronised clocks); a replica whose clock
+steps back sees every stamp as recent, but the key expires on Redis' own clock a window after the last admission.
+Either way no reset or `Retry-After` is more than the window (`RateLimiter._seconds_until`).
 """
 
 from __future__ import annotations
@@ -39,7 +45,7 @@ from int8serve.catalog.card import ModelCard
 from .fallback import SHARED_STATE_ERRORS, SharedStateGuard
 from .settings import PolicySettings
 
-__all__ = ["RateLimitStatus", "RateLimiter", "ReplicaCount", "share_of"]
+__all__ = ["MonotonicMemoryStorage", "RateLimitStatus", "RateLimiter", "ReplicaCount", "share_of"]
 
 NAMESPACE = "RPM"
 REPLICA_TTL_SECONDS = 30.0  # a replica that has not stamped itself for this long is no longer counted
@@ -49,6 +55,46 @@ def share_of(limit: int, replicas: int) -> int:
     """What one of `replicas` replicas may admit on its own while they cannot share a window: N // R, at least 1
     (so together they admit at most N, unless N < R)."""
     return max(1, limit // max(1, replicas))
+
+
+class MonotonicMemoryStorage(MemoryStorage):
+    """`limits`' in-process storage with its moving windows on `clock` (monotonic) instead of `time.time()`, whose
+    steps moved the window: one back by an hour kept the last minute's admissions in it for an hour, one forward
+    emptied it. Only the moving window is served (`acquire_entry`, `get_moving_window`), in the clock's seconds (so
+    `get_window_stats().reset_time` is too). A key keeps its newest `limit` stamps, newest first, as `limits`' Redis
+    list does, until a look finds none of them in the window."""
+
+    def __init__(self, clock: Callable[[], float] = time.monotonic) -> None:
+        super().__init__()
+        self.clock = clock
+        self.stamps: dict[str, list[float]] = {}
+
+    async def acquire_entry(self, key: str, limit: int, expiry: int, amount: int = 1) -> bool:
+        """Record `amount` admissions if the window has room (no await between test and record: atomic)."""
+        if amount > limit:
+            return False
+        now, stamps = self.clock(), self.stamps.get(key, [])
+        if len(stamps) > limit - amount and stamps[limit - amount] > now - expiry:
+            return False
+        self.stamps[key] = ([now] * amount + stamps)[:limit]
+        return True
+
+    async def get_moving_window(self, key: str, limit: int, expiry: int) -> tuple[float, int]:
+        """(the oldest stamp in the window, or now; how many are in it)."""
+        now = self.clock()
+        in_window = [stamp for stamp in self.stamps.get(key, ()) if stamp > now - expiry]
+        if not in_window:
+            self.stamps.pop(key, None)
+            return now, 0
+        return in_window[-1], len(in_window)
+
+    async def clear(self, key: str) -> None:
+        self.stamps.pop(key, None)
+        await super().clear(key)
+
+    async def reset(self) -> int | None:
+        self.stamps.clear()
+        return await super().reset()
 
 
 class ReplicaCount:
@@ -111,16 +157,18 @@ class RateLimiter:
     """Admits requests against each account's moving window, shared through Redis when configured."""
 
     def __init__(self, settings: PolicySettings, shared: Storage | None = None,
-                 guard: SharedStateGuard | None = None, replicas: ReplicaCount | None = None) -> None:
+                 guard: SharedStateGuard | None = None, replicas: ReplicaCount | None = None,
+                 clock: Callable[[], float] = time.monotonic) -> None:
         if (shared is None) != (guard is None):
             raise ValueError("shared storage and its guard go together")
         self.settings = settings
-        self._local = MovingWindowRateLimiter(MemoryStorage())
+        self._clock = clock  # the in-process window's; the shared one's is the wall clock (`limits` stamps with it)
+        self._local = MovingWindowRateLimiter(MonotonicMemoryStorage(clock))
         self._local_lock = asyncio.Lock()  # a degraded admission is a check then a hit: one at a time
         self._shared = MovingWindowRateLimiter(shared) if shared is not None else None
         self._guard = guard
         self.replicas = replicas
-        # (model, account) -> the times of the admissions in the in-process window, oldest first
+        # (model, account) -> the times (`clock`) of the admissions in the in-process window, oldest first
         self._admitted_at: dict[tuple[str, str], deque[float]] = {}
 
     def limit_for(self, card: ModelCard, account: str) -> int | None:
@@ -166,7 +214,7 @@ class RateLimiter:
         """A hit in the in-process window, its time kept for `_degraded_stats`."""
         if not await self._local.hit(item, *ids):
             return False
-        self._admitted_at.setdefault(ids, deque(maxlen=item.amount)).append(time.time())
+        self._admitted_at.setdefault(ids, deque(maxlen=item.amount)).append(self._clock())
         return True
 
     def _share(self, item: RateLimitItem) -> int:
@@ -178,12 +226,12 @@ class RateLimiter:
         share, admitted = self._share(item), item.amount - stats.remaining
         reset_at = stats.reset_time if allowed else self._room_at(ids, admitted - share, stats.reset_time)
         return RateLimitStatus(allowed=allowed, limit=share, remaining=max(0, share - admitted),
-                               reset_after=max(0.0, reset_at - time.time()))
+                               reset_after=self._seconds_until(reset_at, self._clock()))
 
     def _room_at(self, ids: tuple[str, str], over: int, oldest_leaves_at: float) -> float:
         """When one more admission fits in the share: once `over` + 1 of the window's admissions have left it."""
         window = self.settings.window_seconds
-        in_window = [t for t in self._admitted_at.get(ids, ()) if t > time.time() - window]
+        in_window = [t for t in self._admitted_at.get(ids, ()) if t > self._clock() - window]
         if over <= 0 or not in_window:
             return oldest_leaves_at
         return in_window[min(over, len(in_window) - 1)] + window
@@ -207,15 +255,19 @@ class RateLimiter:
     def _item(self, limit: int) -> RateLimitItem:
         return RateLimitItemPerSecond(limit, self.settings.window_seconds, namespace=NAMESPACE)
 
-    @classmethod
-    async def _hit(cls, limiter: MovingWindowRateLimiter, item: RateLimitItem, ids: tuple[str, str]
+    async def _hit(self, limiter: MovingWindowRateLimiter, item: RateLimitItem, ids: tuple[str, str]
                    ) -> RateLimitStatus:
         allowed = await limiter.hit(item, *ids)
-        return await cls._stats(limiter, item, ids, allowed)
+        return await self._stats(limiter, item, ids, allowed)
 
-    @staticmethod
-    async def _stats(limiter: MovingWindowRateLimiter, item: RateLimitItem, ids: tuple[str, str], allowed: bool
-                     ) -> RateLimitStatus:
+    async def _stats(self, limiter: MovingWindowRateLimiter, item: RateLimitItem, ids: tuple[str, str],
+                     allowed: bool) -> RateLimitStatus:
         stats = await limiter.get_window_stats(item, *ids)
+        now = self._clock() if limiter is self._local else time.time()  # Redis' stamps are wall-clock times
         return RateLimitStatus(allowed=allowed, limit=item.amount, remaining=stats.remaining,
-                               reset_after=max(0.0, stats.reset_time - time.time()))
+                               reset_after=self._seconds_until(stats.reset_time, now))
+
+    def _seconds_until(self, reset_time: float, now: float) -> float:
+        """Seconds from `now` to `reset_time`, within [0, window]: no admission stays longer than the window (a
+        wall clock stepped back made Redis' stamps look recent, and the wait the size of the step)."""
+        return min(float(self.settings.window_seconds), max(0.0, reset_time - now))
