@@ -116,9 +116,10 @@ def policy_server(tmp_path: Path, catalog: Catalog, engines: dict[str, Engine]
     numbers = itertools.count()
     with contextlib.ExitStack() as stack:
 
-        def start(clock: Callable[[], float] = time.time, **settings: Any) -> PolicyServer:
+        def start(clock: Callable[[], float] = time.time, monotonic: Callable[[], float] = time.monotonic,
+                  **settings: Any) -> PolicyServer:
             settings.setdefault("data_dir", tmp_path / f"data{next(numbers)}")
-            policy = Policy.build(PolicySettings(**settings), clock=clock)
+            policy = Policy.build(PolicySettings(**settings), clock=clock, monotonic=monotonic)
             stack.callback(policy.close)
             app = create_app(catalog, engines, POLICY_TOKENS, policy=policy)
             live = stack.enter_context(LiveServer(app))

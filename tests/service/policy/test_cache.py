@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import asyncio
 import dataclasses
+import time
 from collections.abc import Callable
 from typing import Any
 
@@ -17,7 +18,7 @@ from int8serve.service.policy.cache import CachedAnswer, CacheDirectives, CacheK
 from int8serve.service.protocol.run import RunRequest, ValidatedRun
 
 from ..conftest import SLOW_MODEL
-from .conftest import CARD_NEURON_COST, FakeClock, PolicyServer, auth_for, sse_data
+from .conftest import CARD_NEURON_COST, REDIS_URL, FakeClock, PolicyServer, auth_for, sse_data
 
 STORY = "Once upon a time, there was a little"
 BASE: dict[str, Any] = {"prompt": STORY, "max_tokens": 4, "temperature": 1.0, "top_p": 0.95, "top_k": 40,
@@ -155,7 +156,7 @@ def test_aborted_streams_are_not_cached(policy_server: Callable[..., PolicyServe
 def test_skip_cache_and_ttl(policy_server: Callable[..., PolicyServer]) -> None:
     """The skip headers, and TTLs on a fake clock (an entry's age is the subject, not the machine's speed)."""
     clock = FakeClock()
-    server = policy_server(rate_limits=False, clock=clock)
+    server = policy_server(rate_limits=False, clock=clock, monotonic=clock)
     skip = {"cf-aig-skip-cache": "true"}
     one = {**BASE, "seed": 100}
     assert status(server.post("acct-a", one, skip)) == "MISS"
@@ -175,6 +176,37 @@ def test_skip_cache_and_ttl(policy_server: Callable[..., PolicyServer]) -> None:
     clock.advance(1.1)
     assert status(server.post("acct-a", short, {"cf-aig-cache-ttl": "1"})) == "MISS"
     assert status(server.post("acct-a", short, {"cf-aig-cache-ttl": "nonsense"})) == "HIT"  # ignored
+
+
+def test_in_process_ages_ignore_wall_clock_steps(policy_server: Callable[..., PolicyServer]) -> None:
+    """In this process an entry's TTL and age run on the monotonic clock: with the wall clock stepped an hour
+    forward a fresh entry is still fresh, and with it stepped an hour back an entry stored for 1 s is gone 1.2 s
+    later (it was served for the hour when they ran on the wall clock)."""
+    wall = FakeClock()
+    server = policy_server(rate_limits=False, clock=wall)
+    body = {**BASE, "seed": 102}
+    assert status(server.post("acct-a", body, {"cf-aig-cache-ttl": "1"})) == "MISS"
+    wall.advance(3600)
+    assert status(server.post("acct-a", body, {"cf-aig-cache-ttl": "1"})) == "HIT"
+    wall.advance(-7200)
+    time.sleep(1.2)
+    assert status(server.post("acct-a", body)) == "MISS"
+
+
+def test_a_shared_entry_stamped_in_the_future_has_no_known_age(policy_server: Callable[..., PolicyServer],
+                                                                redis_prefix: str) -> None:
+    """A shared entry's age is read from the wall-clock time its writer stamped in it (Redis' TTL bounds its life).
+    A stamp in the future — this replica's clock stepped back since, or behind the writer's — tells no age: a request
+    that bounds the age (`cf-aig-cache-ttl`) does not take the entry; one that does not, does."""
+    wall = FakeClock()
+    server = policy_server(rate_limits=False, clock=wall, redis_url=f"{REDIS_URL}?key_prefix={redis_prefix}")
+    body = {**BASE, "seed": 103}
+    assert status(server.post("acct-a", body)) == "MISS"
+    assert status(server.post("acct-a", body, {"cf-aig-cache-ttl": "2"})) == "HIT"
+    wall.advance(-3600)
+    assert status(server.post("acct-a", body)) == "HIT"
+    assert status(server.post("acct-a", body, {"cf-aig-cache-ttl": "2"})) == "MISS"
+    assert status(server.post("acct-a", body, {"cf-aig-cache-ttl": "2"})) == "HIT"  # stored again, stamped now
 
 
 def test_no_cache_setting(policy_server: Callable[..., PolicyServer]) -> None:

@@ -20,6 +20,12 @@ Where: `MemoryCache` (this process; LRU partitions per account, each bounded in 
 its TTL) by default; `RedisCache` (`SET ... EX ttl`, shared by replicas) with `--redis-url`, falling back to the
 memory cache while Redis is away (`fallback.py`). Entries larger than the per-account byte bound are never stored.
 
+Clocks: in this process an entry's expiry and age run on the monotonic clock, so a wall-clock step (NTP, a resumed
+VM) neither keeps an entry past its TTL nor ages a fresh one. A shared entry lives as long as Redis' TTL says, and its
+age is read from the wall-clock time its writer stamped in it (`CachedAnswer.created`); a stamp in the future (this
+replica's clock stepped back since, or behind the writer's) tells no age, so a request that bounds the age does not
+take that entry: it is answered anew, and the new answer replaces the entry.
+
 Per request, AI Gateway's headers are honoured: `cf-aig-skip-cache: true` neither reads nor writes the cache;
 `cf-aig-cache-ttl: N` stores the answer for N seconds — at most the server's `--cache-ttl`, so that no client keeps
 entries longer than the operator allows — and only accepts a stored answer younger than N seconds (the older names
@@ -129,27 +135,34 @@ class CacheDirectives:
 
 
 class CacheStore(Protocol):
-    async def get(self, key: CacheKey) -> CachedAnswer | None: ...
+    async def get(self, key: CacheKey, max_age: float | None = None) -> CachedAnswer | None: ...
 
     async def put(self, key: CacheKey, answer: CachedAnswer, ttl: int) -> None: ...
+
+
+class _Entry(NamedTuple):
+    stored: float  # the cache's clock (monotonic)
+    expires: float
+    size: int
+    answer: CachedAnswer
 
 
 class _Partition:
     """One owner's entries: least recently used first out, bounded in number and in bytes."""
 
     def __init__(self) -> None:
-        self.entries: OrderedDict[str, tuple[float, int, CachedAnswer]] = OrderedDict()  # digest -> (expires, size, a)
+        self.entries: OrderedDict[str, _Entry] = OrderedDict()
         self.bytes = 0
 
     def drop(self, digest: str) -> None:
-        _expires, size, _answer = self.entries.pop(digest)
-        self.bytes -= size
+        self.bytes -= self.entries.pop(digest).size
 
 
 class MemoryCache:
-    """Entries in this process, in one LRU partition per owner, each bounded by `max_entries` and `max_bytes`."""
+    """Entries in this process, in one LRU partition per owner, each bounded by `max_entries` and `max_bytes`; their
+    expiry and age on `clock` (monotonic: wall-clock steps do not move them)."""
 
-    def __init__(self, max_entries: int, max_bytes: int, clock: Clock = time.time) -> None:
+    def __init__(self, max_entries: int, max_bytes: int, clock: Clock = time.monotonic) -> None:
         self.max_entries = max_entries
         self.max_bytes = max_bytes
         self._clock = clock
@@ -162,16 +175,20 @@ class MemoryCache:
     def bytes(self) -> int:
         return sum(p.bytes for p in self._partitions.values())
 
-    async def get(self, key: CacheKey) -> CachedAnswer | None:
+    async def get(self, key: CacheKey, max_age: float | None = None) -> CachedAnswer | None:
+        """The entry for `key`, unless expired or older than `max_age` seconds."""
         partition = self._partitions.get(key.owner)
         entry = partition.entries.get(key.digest) if partition is not None else None
         if partition is None or entry is None:
             return None
-        if entry[0] <= self._clock():
+        now = self._clock()
+        if entry.expires <= now:
             self._drop(key.owner, key.digest)
             return None
+        if max_age is not None and now - entry.stored > max_age:
+            return None
         partition.entries.move_to_end(key.digest)
-        return entry[2]
+        return entry.answer
 
     async def put(self, key: CacheKey, answer: CachedAnswer, ttl: int) -> None:
         size = len(answer.to_bytes()) + len(key.digest)
@@ -180,7 +197,8 @@ class MemoryCache:
         partition = self._partitions.setdefault(key.owner, _Partition())
         if key.digest in partition.entries:
             partition.drop(key.digest)
-        partition.entries[key.digest] = (self._clock() + ttl, size, answer)
+        now = self._clock()
+        partition.entries[key.digest] = _Entry(now, now + ttl, size, answer)
         partition.bytes += size
         while len(partition.entries) > self.max_entries or partition.bytes > self.max_bytes:
             partition.drop(next(iter(partition.entries)))
@@ -193,25 +211,32 @@ class MemoryCache:
 
 
 class RedisCache:
-    """Entries as `<prefix>:cache:v1:<key>` strings with a Redis TTL; entries over `max_entry_bytes` are skipped."""
+    """Entries as `<prefix>:cache:v1:<key>` strings with a Redis TTL; entries over `max_entry_bytes` are skipped.
+    Their age is `clock` (the wall clock, as their `created`) minus their `created`."""
 
-    def __init__(self, client: redis.asyncio.Redis, prefix: str, max_entry_bytes: int) -> None:
+    def __init__(self, client: redis.asyncio.Redis, prefix: str, max_entry_bytes: int,
+                 clock: Clock = time.time) -> None:
         self.client = client
         self.prefix = prefix
         self.max_entry_bytes = max_entry_bytes
+        self._clock = clock
 
     def _key(self, key: CacheKey) -> str:
         return f"{self.prefix}:cache:v{KEY_VERSION}:{key.digest}"
 
-    async def get(self, key: CacheKey) -> CachedAnswer | None:
+    async def get(self, key: CacheKey, max_age: float | None = None) -> CachedAnswer | None:
+        """The entry for `key`, unless older than `max_age` seconds or, then, stamped in the future (no known age)."""
         blob = await self.client.get(self._key(key))
         if blob is None:
             return None
         try:
-            return CachedAnswer.from_bytes(blob)
+            answer = CachedAnswer.from_bytes(blob)
         except (ValueError, KeyError, TypeError):
             log.warning("ignoring an unreadable cache entry %s", key.digest)
             return None
+        if max_age is not None and not 0.0 <= self._clock() - answer.created <= max_age:
+            return None
+        return answer
 
     async def put(self, key: CacheKey, answer: CachedAnswer, ttl: int) -> None:
         blob = answer.to_bytes()
@@ -220,7 +245,8 @@ class RedisCache:
 
 
 class ResponseCache:
-    """The cache the pipeline talks to: shared when Redis is configured and answering, else in this process."""
+    """The cache the pipeline talks to: shared when Redis is configured and answering, else in this process.
+    `clock` (the wall clock) stamps the answers' `created`."""
 
     def __init__(self, default_ttl: int, local: MemoryCache, shared: CacheStore | None = None,
                  guard: SharedStateGuard | None = None, clock: Clock = time.time, scope: str = "account") -> None:
@@ -246,10 +272,7 @@ class ResponseCache:
         """A stored answer for `key`, unless skipped or older than the request's own TTL."""
         if directives.skip:
             return None
-        answer = await self._route(lambda store: store.get(key))
-        if answer is not None and directives.ttl is not None and self._clock() - answer.created > directives.ttl:
-            return None
-        return answer
+        return await self._route(lambda store: store.get(key, directives.ttl))
 
     async def put(self, key: CacheKey, answer: CachedAnswer, directives: CacheDirectives) -> None:
         if directives.skip:

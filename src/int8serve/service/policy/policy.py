@@ -57,13 +57,15 @@ class Policy:
     spool: str = "memory"
 
     @classmethod
-    def build(cls, settings: PolicySettings | None = None, clock: Clock = time.time) -> Policy:
-        """The policy `settings` describe; `clock` (unix seconds) ages cached answers (tests pass a fake one)."""
+    def build(cls, settings: PolicySettings | None = None, clock: Clock = time.time,
+              monotonic: Clock = time.monotonic) -> Policy:
+        """The policy `settings` describe; `clock` (unix seconds) stamps cached answers and ages shared ones,
+        `monotonic` runs what this process keeps (its cache entries, its rate-limit windows); tests pass fake ones."""
         settings = settings or PolicySettings()
         fallbacks = FallbackCounter()
         target = _redis_target(settings)
         guard = SharedStateGuard(fallbacks, settings.retry_seconds) if target is not None else None
-        limiter, cache = _limiter_and_cache(settings, target, guard, clock)
+        limiter, cache = _limiter_and_cache(settings, target, guard, clock, monotonic)
         ledger, database, spool = _ledger(settings)
         allocation = _allocation(settings, ledger, target, guard)
         return cls(settings=settings, limiter=limiter, cache=cache, ledger=ledger, allocation=allocation,
@@ -128,20 +130,21 @@ def _allocation(settings: PolicySettings, ledger: Ledger, target: RedisTarget | 
 
 
 def _limiter_and_cache(settings: PolicySettings, target: RedisTarget | None, guard: SharedStateGuard | None,
-                       clock: Clock = time.time) -> tuple[RateLimiter, ResponseCache]:
-    local_cache = MemoryCache(settings.cache_max_entries, settings.cache_max_bytes, clock)
+                       clock: Clock = time.time, monotonic: Clock = time.monotonic
+                       ) -> tuple[RateLimiter, ResponseCache]:
+    local_cache = MemoryCache(settings.cache_max_entries, settings.cache_max_bytes, monotonic)
     if target is None or guard is None:
-        return RateLimiter(settings), ResponseCache(settings.cache_ttl, local_cache, scope=settings.cache_scope,
-                                                    clock=clock)
+        return (RateLimiter(settings, clock=monotonic),
+                ResponseCache(settings.cache_ttl, local_cache, scope=settings.cache_scope, clock=clock))
     pool = target.async_pool(settings.backend_timeout)
     uri = target.url.replace("unix://", "redis+unix://", 1) if target.url.startswith("unix://") else target.url
     storage = RedisStorage("async+" + uri, implementation="redispy", key_prefix=target.key("limits"),
                            wrap_exceptions=True, connection_pool=pool)
     shared_cache = RedisCache(redis.asyncio.Redis(connection_pool=pool), target.key_prefix,
-                              max_entry_bytes=settings.cache_max_bytes)
+                              max_entry_bytes=settings.cache_max_bytes, clock=clock)
     replicas = ReplicaCount(redis.asyncio.Redis(connection_pool=pool), target.key("replicas"),
                             every=settings.replica_stamp_seconds)
-    return (RateLimiter(settings, storage, guard, replicas),
+    return (RateLimiter(settings, storage, guard, replicas, clock=monotonic),
             ResponseCache(settings.cache_ttl, local_cache, shared_cache, guard, clock=clock,
                           scope=settings.cache_scope))
 
