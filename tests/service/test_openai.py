@@ -3,7 +3,10 @@
 from __future__ import annotations
 
 import re
+import time
+import uuid
 from collections.abc import Iterator
+from pathlib import Path
 from typing import Any
 
 import httpx
@@ -12,6 +15,7 @@ import pytest
 from fastapi import FastAPI
 from openai import OpenAI
 
+from int8serve.catalog.card import builtin_cards, parse_card
 from int8serve.catalog.registry import Catalog
 from int8serve.engine.scheduler import Engine
 from int8serve.service.app import create_app
@@ -152,6 +156,40 @@ def test_models_list(oai: OpenAI) -> None:
     assert UNSERVED_MODEL not in models
     assert models[MODEL].object == "model" and models[MODEL].owned_by == "meta"
     assert isinstance(models[MODEL].created, int)
+
+
+def _dated_card(name: str, created_at: str) -> Any:
+    """The built-in card as `name`, with the catalog's `created_at`."""
+    builtin = builtin_cards()[0]
+    text = Path(builtin.source_path).read_text(encoding="utf-8")
+    text = text.replace(builtin.name, name).replace(builtin.id, str(uuid.uuid5(uuid.NAMESPACE_URL, name)))
+    return parse_card(text.replace("  source: 1\n", f'  source: 1\n  created_at: "{created_at}"\n', 1), name)
+
+
+@pytest.fixture
+def new_york(monkeypatch: pytest.MonkeyPatch) -> Iterator[None]:
+    """The process' local time zone is New York's (UTC-4 in September) for the test."""
+    monkeypatch.setenv("TZ", "America/New_York")
+    time.tzset()
+    yield
+    monkeypatch.undo()
+    time.tzset()
+
+
+def test_models_created_is_utc_in_any_local_time_zone(engines: dict[str, Engine], new_york: None) -> None:
+    """The catalog writes `created_at` without a zone ("2023-09-25 19:21:11.898"), in UTC: `created` is that Unix
+    time whatever the server's time zone (it was read as local time: 4 hours later in New York). A time with an
+    offset keeps it."""
+    dated = {"@cf/int8serve-test/naive": "2023-09-25 19:21:11.898",
+             "@cf/int8serve-test/offset": "2023-09-25T15:21:11.898-04:00"}
+    catalog = Catalog([_dated_card(name, created_at) for name, created_at in dated.items()])
+    policy = Policy.in_memory(rate_limits=False, cache=False)
+    try:
+        with LiveServer(create_app(catalog, {name: engines[MODEL] for name in dated}, TOKENS, policy=policy)) as live:
+            listed = httpx.get(f"{live.url}/v1/models", headers={"Authorization": f"Bearer {TOKEN}"}).json()
+    finally:
+        policy.close()
+    assert {m["id"]: m["created"] for m in listed["data"]} == dict.fromkeys(dated, 1695669671)
 
 
 def test_model_retrieve(base_url: str, oai: OpenAI, http: httpx.Client, auth: dict[str, str]) -> None:

@@ -4,7 +4,8 @@ Under `/client/v4/accounts/{account_id}/ai/v1/` and as plain `/v1/` aliases (the
 
 * `POST chat/completions`: the messages through the card's chat template (`/ai/run` with `messages`);
 * `POST completions`: the prompt as it is (`/ai/run` with `raw: true`);
-* `GET models`: the served models as an OpenAI list (`id` = card name, `owned_by` = the name's author segment);
+* `GET models`: the served models as an OpenAI list (`id` = card name, `owned_by` = the name's author segment,
+  `created` = the card's `created_at` in Unix seconds, UTC when it has no zone);
 * `GET models/{model}`: one of them (the SDK's `models.retrieve`); a model not served is 404 (5007).
 
 Authentication, the rate limit, the response cache, metering and the ledger are those of `/ai/run`
@@ -17,7 +18,7 @@ its reason in the message) are 401, and a context overflow is OpenAI's own 400 `
 
 from __future__ import annotations
 
-from datetime import datetime
+from datetime import UTC, datetime
 
 from fastapi import APIRouter, Request
 from starlette.responses import Response
@@ -63,11 +64,16 @@ def _model(app: Services, model: str) -> Response:
 
 
 def _created(card: ModelCard) -> int:
+    """The card's `created_at` as Unix seconds (0 without one): a time without a zone, as the catalog writes it
+    ("2023-09-25 19:21:11.898"), is UTC — not the server's local time."""
     raw = (card.front_matter.get("model") or {}).get("created_at")
+    if raw is None:
+        return 0
     try:
-        return int(datetime.fromisoformat(str(raw)).timestamp()) if raw is not None else 0
+        created = datetime.fromisoformat(str(raw))
     except ValueError:
         return 0
+    return int((created if created.tzinfo is not None else created.replace(tzinfo=UTC)).timestamp())
 
 
 CHAT = {"response_model": ChatCompletion, "openapi_extra": _body("ChatCompletionRequest"),
