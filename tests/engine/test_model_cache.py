@@ -3,9 +3,11 @@ later starts map its packed layout without repacking, and an old or damaged copy
 
 from __future__ import annotations
 
+import inspect
 import json
 import logging
 import os
+import re
 import shutil
 import threading
 import time
@@ -128,6 +130,27 @@ def test_the_key_follows_the_source_and_the_quantization(cache: Path, source: Pa
     assert cache_folder(source, quantizer="rtn") == cache_folder(source, quantizer="rtn")
     monkeypatch.setattr(model_cache, "INT8_FORMAT_VERSION", 99)
     assert cache_folder(source) != touched
+
+
+def test_comments_docstrings_and_layout_of_the_quantizing_code_keep_the_key(
+        cache: Path, source: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """A new int8serve whose quantizing code differs only in comments, docstrings or layout keeps the copy (a 7B's
+    GPTQ is ~23 minutes and 7 GB of disk); a changed statement makes a new one. Before, any byte of its source did."""
+    keys = {quantizer: cache_folder(source, quantizer=quantizer) for quantizer in ("gptq", "rtn")}
+    real = inspect.getsource
+    gptq_text, quantize_text = real(model_cache.gptq), real(int8.quantize)
+    edited: dict[object, str] = {
+        model_cache.gptq: gptq_text.replace('"""', '"""Reworded. ', 1) + "\n# a new comment\n",
+        int8.quantize: quantize_text.replace("def quantize(weight: Tensor",
+                                             "def quantize(  # reflowed\n    weight: Tensor"),
+    }
+    assert edited[int8.quantize] != quantize_text
+    monkeypatch.setattr(model_cache.inspect, "getsource", lambda code: edited.get(code) or real(code))
+    assert {quantizer: cache_folder(source, quantizer=quantizer) for quantizer in keys} == keys
+    edited[model_cache.gptq] = re.sub(r"(?m)^DAMPING = .*$", "DAMPING = 0.5", gptq_text)  # a statement changes
+    assert edited[model_cache.gptq] != gptq_text
+    assert cache_folder(source, quantizer="gptq") != keys["gptq"]
+    assert cache_folder(source, quantizer="rtn") == keys["rtn"]
 
 
 def test_a_hub_snapshot_is_keyed_by_repo_and_commit(tmp_path: Path, cache: Path, stories_hf: Path) -> None:

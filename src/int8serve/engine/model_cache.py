@@ -8,9 +8,10 @@ neither reads, copies nor repacks the weights.
 The key is the source and the quantization, never a guess:
 - the source: a Hub snapshot by repo and commit (immutable); anything else by its resolved path and the name, size
   and modification time of each file (hashing 13 GB at every start would cost more than it saves);
-- the quantization: the int8 format's name and version, the quantizer (gptq or rtn) and its source code and
-  calibration text, so that a change to how weights are rounded (group-wise scales, say) can never load a copy made
-  the old way.
+- the quantization: the int8 format's name and version, the quantizer (gptq or rtn) and its code and calibration
+  text, so that a change to how weights are rounded (group-wise scales, say) can never load a copy made the old way.
+  The code is taken as its syntax tree without docstrings (`code_fingerprint`): a new version that changes only
+  comments, docstrings or layout there keeps the copy.
 How the copy is stored (the packed layout and its version) is not in the key: a copy stored another way (an older
 int8serve's plain int8 checkpoint), cut short or otherwise unusable (NaN norms or embeddings: bytes overwritten in
 place, which no size check sees) is said so once in the log and rebuilt in place.
@@ -27,6 +28,7 @@ before that field, which records only the path it was given (`source`), is count
 
 from __future__ import annotations
 
+import ast
 import contextlib
 import dataclasses
 import hashlib
@@ -37,6 +39,7 @@ import os
 import re
 import shlex
 import shutil
+import textwrap
 from pathlib import Path
 from typing import Any
 
@@ -67,12 +70,25 @@ def models_dir() -> Path:
 def quantization_settings(group_size: int = int8.DEFAULT_GROUP_SIZE,
                           quantizer: str = DEFAULT_QUANTIZER) -> dict[str, str | int]:
     """What decides the bytes of an int8 copy besides its source."""
-    code = (inspect.getsource(int8.quantize) + inspect.getsource(int8._quantize_groups)
-            + inspect.getsource(int8.Int8Linear.set_residual))
+    code = "".join(map(code_fingerprint, (int8.quantize, int8._quantize_groups, int8.Int8Linear.set_residual)))
     if quantizer == "gptq":
-        code += inspect.getsource(gptq) + inspect.getsource(calibration) + calibration.calibration_text()
+        code += code_fingerprint(gptq) + code_fingerprint(calibration) + calibration.calibration_text()
     return {"format": INT8_FORMAT, "version": INT8_FORMAT_VERSION, "group_size": group_size,
             "quantizer": f"{quantizer}-{hashlib.sha256(code.encode()).hexdigest()[:16]}"}
+
+
+def code_fingerprint(code: object) -> str:
+    """The syntax tree of a function's or module's source without its docstrings: what it computes, so that a change
+    to a comment, a docstring or the layout of the quantizing code keeps the key (and a 7B's copy: ~23 minutes of
+    GPTQ and 7 GB of disk) while any change to a statement makes a new one."""
+    tree = ast.parse(textwrap.dedent(inspect.getsource(code)))  # type: ignore[arg-type]
+    for node in ast.walk(tree):
+        body = getattr(node, "body", None)
+        if (isinstance(node, (ast.Module, ast.ClassDef, ast.FunctionDef, ast.AsyncFunctionDef)) and body
+                and isinstance(body[0], ast.Expr) and isinstance(body[0].value, ast.Constant)
+                and isinstance(body[0].value.value, str)):
+            node.body = body[1:] or [ast.Pass()]
+    return ast.dump(tree)  # no line or column numbers: they are attributes, left out by default
 
 
 def source_identity(source: Path) -> dict[str, object]:
