@@ -182,6 +182,30 @@ def test_daily_allocation_resets_at_utc_midnight(policy_server: Callable[..., Po
     assert 0 < allocation["used_today"] < 10
 
 
+def test_used_today_counts_that_day_only(policy_server: Callable[..., PolicyServer], utc_clock: UtcClock,
+                                         backend: dict[str, Any]) -> None:
+    """Found by an audit: "used today" counted every later day's rows too. Two replicas on one database, the other
+    one's clock 5 s ahead across midnight: its rows of 00:00 made this one, still at 23:59:55, refuse with 3036 and
+    `x-should-retry: false` while its usage showed nothing that day (so did one server whose clock was stepped back
+    to a day with no rows). Used today is the account's neurons of that UTC day, neither before nor after."""
+    utc_clock.set(datetime(2026, 6, 15, 23, 59, 55))
+    server = policy_server(daily_neurons=100, rate_limits=False, cache=False, **backend)
+    insert_row(server, "day-before", datetime(2026, 6, 14, 23, 59, 59), 500.0)
+    insert_row(server, "today", datetime(2026, 6, 15, 8), 20.0)
+    insert_row(server, "tomorrow", datetime(2026, 6, 16, 0, 0, 0), 112.914)  # the other replica's, already 00:00
+    served = server.post("acct-a", {"prompt": "Once", "raw": True, "max_tokens": 2})
+    assert served.status_code == 200, served.text
+    result = server.usage("acct-a", since="2026-06-15").json()["result"]
+    (day,) = result["by_day"]
+    assert day["day"] == "2026-06-15"
+    assert result["daily_allocation"]["used_today"] == pytest.approx(day["neurons"], abs=1e-6)
+    assert day["neurons"] == pytest.approx(20.0 + float(served.headers["cf-ai-neurons"]), abs=1e-6)
+    utc_clock.set(datetime(2026, 6, 16, 0, 0, 1))  # the next day: the other replica's rows, 112.914 of 100
+    assert server.usage("acct-a").json()["result"]["daily_allocation"]["used_today"] == pytest.approx(112.914)
+    refused = server.post("acct-a", {"prompt": "Once", "raw": True, "max_tokens": 2})
+    assert (refused.status_code, refused.headers["x-should-retry"]) == (429, "false")
+
+
 def insert_row(server: PolicyServer, request_id: str, when: datetime, neurons: float) -> None:
     """A row of acct-a written straight into the ledger's database, as another replica would."""
     ledger = server.policy.ledger
@@ -219,6 +243,24 @@ def test_a_reading_of_the_ledger_counts_rows_recorded_after_it() -> None:
         asyncio.run(scenario())
     finally:
         ledger.close()
+
+
+def test_a_days_total_leaves_out_the_spooled_rows_of_later_days() -> None:
+    """The rows still in the spool count towards their own day only (the database's rows: above)."""
+    spool = MemorySpool()
+    rows = [("late", datetime(2026, 6, 15, 23, 59, 59), 2.0), ("next", datetime(2026, 6, 16), 30.0)]
+    spool.append([UsageRow(name, when, "acct", MODEL, 1, 1, neurons, False, "ok", 1.0).to_json()
+                  for name, when, neurons in rows])
+    ledger = Ledger(make_database("sqlite://"), spool)  # not started: the rows stay in the spool
+    ledger.create_schema()
+
+    async def days() -> list[float]:
+        return [await ledger.neurons_used("acct", datetime(2026, 6, day)) for day in (15, 16, 17)]
+
+    try:
+        assert asyncio.run(days()) == [2.0, 30.0, 0.0]
+    finally:
+        ledger.close(timeout=1)
 
 
 class GatedSpool(MemorySpool):

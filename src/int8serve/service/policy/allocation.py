@@ -10,12 +10,13 @@ is one check-and-reserve:
 
     admitted  if  used + reserved < allocation
 
-`used` being the account's neurons since 00:00 UTC (read from the ledger, across all models and — with a shared
-database — all replicas, plus the rows this process recorded since), `reserved` the worst cases of its requests
-still in flight. The request admitted while the sum is below the allocation but whose own worst case takes it
-there crosses the line: it is served in full, and every later request is refused while it runs — and after it, if
-what it really cost used the allocation up. So at most one request crosses the line however many arrive at once:
-the requests admitted before the last one cost less than the allocation together.
+`used` being the account's neurons of the UTC day, from 00:00 to midnight (read from the ledger, across all models
+and — with a shared database — all replicas, plus the rows this process recorded since; a later day's rows, written
+by a replica whose clock is ahead, never count), `reserved` the worst cases of its requests still in flight. The
+request admitted while the sum is below the allocation but whose own worst case takes it there crosses the line: it
+is served in full, and every later request is refused while it runs — and after it, if what it really cost used the
+allocation up. So at most one request crosses the line however many arrive at once: the requests admitted before the
+last one cost less than the allocation together.
 
 A reservation is released, its real cost then counting as used, when the request's ledger row is recorded — and in
 every other way a request ends: refused by the rate limiter, over the context window, answered from the cache, an

@@ -54,7 +54,7 @@ import time
 from collections import Counter
 from collections.abc import Callable, Sequence
 from dataclasses import asdict, dataclass, fields
-from datetime import UTC, datetime
+from datetime import UTC, datetime, timedelta
 from typing import Any, TypeVar
 
 import sqlalchemy as sa
@@ -92,6 +92,7 @@ OUTCOMES = ("ok", "aborted", "error")
 DEFAULT_STATEMENT_TIMEOUT = DEFAULT_DATABASE_TIMEOUT
 DEFAULT_SPOOL_ALARM_ROWS = 10_000
 ALLOCATION_READ_WAIT = 0.5  # seconds admission waits for a fresh daily total before using the last one
+DAY = timedelta(days=1)  # the period of a daily total: `since` <= time < `since` + DAY
 SPOOL_COMPACT_ROWS = 1_000  # rows already written that may stay in the spool file before it is rewritten
 REJECTED = (sa.exc.DataError, sa.exc.IntegrityError)  # the database refuses the row itself: no retry will help
 MAX_COUNT = 2**31 - 1  # the largest token count the table's Integer columns hold
@@ -455,9 +456,11 @@ class Ledger:
 
     async def neurons_used(self, account: str, since: datetime, max_age: float = 1.0,
                            wait: float = ALLOCATION_READ_WAIT) -> float:
-        """Neurons metered to `account` since `since`, spooled rows included. The database is read at most every
-        `max_age` seconds per account, and waited for at most `wait` seconds (the read goes on in the background);
-        in between, and while it is away, the last total read plus what this process recorded since."""
+        """Neurons metered to `account` in the day from `since` (`since` <= time < `since` + 1 day; with `since` at
+        00:00, that UTC day: a later day's rows, another replica's whose clock is ahead, never count), spooled rows
+        included. The database is read at most every `max_age` seconds per account, and waited for at most `wait`
+        seconds (the read goes on in the background); in between, and while it is away, the last total read plus
+        what this process recorded since."""
         return (await self.neurons_reading(account, since, max_age, wait)).now()
 
     async def neurons_reading(self, account: str, since: datetime, max_age: float = 1.0,
@@ -868,7 +871,7 @@ class Ledger:
         day = since.date().isoformat()
         with self._lock:  # one snapshot: a row spooled between the two would count twice (`NeuronsReading.now`)
             recorded = self._recorded[(account, day)]
-            pending = self._pending_rows_locked(account, since)
+            pending = self._pending_rows_locked(account, since, _day_after(since))
         skip = [r.request_id for r in pending]
         try:
             total = self._query(lambda conn: self._db_neurons(conn, account, since, skip))
@@ -888,10 +891,11 @@ class Ledger:
         return total, recorded_then
 
     def _db_neurons(self, conn: sa.Connection, account: str, since: datetime, skip: Sequence[str]) -> float:
+        """The database's neurons of `account` for `since` <= time < `since` + DAY, but the rows `skip`."""
         t = self.table
         total = conn.execute(sa.select(sa.func.coalesce(sa.func.sum(t.c.neurons), 0.0))
-                             .where(t.c.account == account, t.c.time >= since, _none_of(conn, t.c.request_id, skip))
-                             ).scalar_one()
+                             .where(t.c.account == account, t.c.time >= since, t.c.time < _day_after(since),
+                                    _none_of(conn, t.c.request_id, skip))).scalar_one()
         return float(total)
 
     def _db_usage(self, conn: sa.Connection, account: str, since: datetime, until: datetime, skip: Sequence[str]
@@ -914,6 +918,11 @@ class Ledger:
                                neurons=round(float(r.neurons), 6)) for r in rows]
 
         return grouped(t.c.model), grouped(t.c.day)
+
+
+def _day_after(since: datetime) -> datetime:
+    """The end of a daily total's period: `since` + DAY (the calendar's end for its last day)."""
+    return since + DAY if since < datetime.max - DAY else datetime.max
 
 
 def _none_of(conn: sa.Connection, column: sa.Column[str], values: Sequence[str]) -> sa.ColumnElement[bool]:
