@@ -44,6 +44,7 @@ import asyncio
 import concurrent.futures
 import contextlib
 import enum
+import functools
 import itertools
 import json
 import logging
@@ -54,7 +55,7 @@ import time
 from collections import Counter
 from collections.abc import Callable, Sequence
 from dataclasses import asdict, dataclass, fields
-from datetime import UTC, datetime, timedelta
+from datetime import UTC, date, datetime, timedelta
 from typing import Any, TypeVar
 
 import sqlalchemy as sa
@@ -343,8 +344,8 @@ class Ledger:
         self.rejected = 0  # rows the database refused for their data, moved to the dead-letter file
         self._tasks: queue.Queue[_Task] = queue.Queue()
         # locks: _spool_lock (every spool operation, so that the file and _unflushed change together), _lock
-        # (_unflushed, _recorded, _db_sums, also read by the reader threads) and _flushing (the flusher's state, and
-        # its waiters). _lock may be taken inside either of the others, and nothing is taken inside _lock
+        # (_unflushed, _recorded, _db_sums, _refreshing, also read by the reader threads) and _flushing (the flusher's
+        # state, and its waiters). _lock may be taken inside either of the others, and nothing is taken inside _lock
         self._spool_lock = threading.Lock()
         self._lock = threading.Lock()
         self._flushing = threading.Condition()
@@ -355,9 +356,12 @@ class Ledger:
         if self._unflushed:  # left by a previous run: replayed first
             log.warning("replaying %d ledger rows left in %s", len(self._unflushed), spool_name)
         self._stale = 0  # rows still in the spool file that are in the database already
+        # the state of each account and day: only yesterday's and today's are kept (`_forget_past_days_locked`)
         self._recorded: Counter[tuple[str, str]] = Counter()  # neurons this process recorded, by (account, day)
         self._db_sums: dict[tuple[str, datetime], tuple[float, float, float]] = {}  # -> (sum, recorded, read at)
-        self._refreshing: dict[tuple[str, datetime], concurrent.futures.Future[None]] = {}
+        self._refreshing: dict[tuple[str, datetime], concurrent.futures.Future[None]] = {}  # the reads running
+        self._today: date | None = None  # the clock's day when that state was last trimmed
+        self._forgets = 0  # how many times it was, so that a read across a trim stores nothing forgotten
         self._alarmed = False
         self._failures = 0  # failed flush attempts, for `flush()`
         self._closing = False
@@ -469,6 +473,8 @@ class Ledger:
         called, without I/O: a check on the event loop sees every row recorded before it, even one recorded
         while the database was being read (the daily allocation relies on it)."""
         key = (account, since)
+        with self._lock:
+            self._forget_past_days_locked()
         if not self._closed and self.healthy and not self._fresh(key, max_age):
             refresh = self._refresh(key)
             if refresh is not None:  # never raises; left running when slower than `wait`
@@ -598,6 +604,7 @@ class Ledger:
             with self._spool_lock:
                 self.spool.append([row.to_json() for row in rows])
                 with self._lock:
+                    self._forget_past_days_locked()
                     for row in rows:
                         spooled = _Spooled(next(self._seq), row)
                         self._unflushed.append(spooled)
@@ -625,6 +632,7 @@ class Ledger:
             self._wake()
             return LedgerUnavailableError("neither the spool nor the database can take ledger rows")
         with self._lock:
+            self._forget_past_days_locked()
             for row in rows:
                 self._recorded[(row.account, row.day)] += row.neurons
         return None
@@ -850,6 +858,24 @@ class Ledger:
         by_model, by_day = self._query(lambda conn: self._db_usage(conn, account, since, until, skip))
         return (_merge(by_model, pending, lambda r: r.model), _merge(by_day, pending, lambda r: r.day))
 
+    def _forget_past_days_locked(self) -> None:
+        """With `_lock` held, once a day by the clock: drop the state of every (account, day) but today's and
+        yesterday's (a request that arrived before midnight may still run, and its row counts to its day), so that
+        it does not grow with accounts x days. A day forgotten is read again from the database when asked for: its
+        total and what this process recorded of it go together, the one is never kept without the other."""
+        today = utc_now().date()
+        if today == self._today:
+            return
+        self._today, self._forgets = today, self._forgets + 1
+        self._recorded = Counter({key: n for key, n in self._recorded.items() if self._kept_locked(key[1])})
+        self._db_sums = {key: v for key, v in self._db_sums.items() if self._kept_locked(key[1].date().isoformat())}
+
+    def _kept_locked(self, day: str) -> bool:
+        """Is the state of `day` (YYYY-MM-DD) kept after the last trim: today's or yesterday's?"""
+        if self._today is None:
+            return True
+        return day in (self._today.isoformat(), (self._today - DAY).isoformat())
+
     def _fresh(self, key: tuple[str, datetime], max_age: float) -> bool:
         with self._lock:
             cached = self._db_sums.get(key)
@@ -865,12 +891,19 @@ class Ledger:
                 future = self._refreshing[key] = self._readers.submit(self._read_sum, *key)
             except RuntimeError:
                 return None
-            return future
+        future.add_done_callback(functools.partial(self._refreshed, key))  # outside `_lock`: it may run at once
+        return future
+
+    def _refreshed(self, key: tuple[str, datetime], future: concurrent.futures.Future[None]) -> None:
+        """A read of `key`'s total ended: it is no longer running (unless another one took its place)."""
+        with self._lock:
+            if self._refreshing.get(key) is future:
+                del self._refreshing[key]
 
     def _read_sum(self, account: str, since: datetime) -> None:
         day = since.date().isoformat()
         with self._lock:  # one snapshot: a row spooled between the two would count twice (`NeuronsReading.now`)
-            recorded = self._recorded[(account, day)]
+            recorded, forgets = self._recorded[(account, day)], self._forgets
             pending = self._pending_rows_locked(account, since, _day_after(since))
         skip = [r.request_id for r in pending]
         try:
@@ -878,6 +911,8 @@ class Ledger:
         except LedgerUnavailableError:
             return
         with self._lock:
+            if forgets != self._forgets and not self._kept_locked(day):  # `recorded` was forgotten meanwhile
+                return
             self._db_sums[(account, since)] = (total + sum(r.neurons for r in pending), recorded, time.monotonic())
 
     def _last_read(self, account: str, since: datetime) -> tuple[float, float]:
