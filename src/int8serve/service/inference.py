@@ -166,7 +166,7 @@ class InferenceCall:
         self.account = account
         self.fmt = fmt
         self.request_id: str = request.scope.get(REQUEST_ID_SCOPE_KEY) or str(uuid.uuid4())
-        self.received = utc_now()  # naive UTC, the ledger's time
+        self.admitted_at = utc_now()  # naive UTC, the ledger's time and the day it counts to: set at admission
         self.obs = inference.metrics.observe(self.request_id)
         self.obs.fields["account"] = account
         self.headers: dict[str, str] = {CACHE_STATUS_HEADER: "MISS"}
@@ -261,12 +261,15 @@ class InferenceCall:
         """The daily allocation (3036), then one hit on the account's window (3021); only an admitted request
         counts. The allocation holds the request's worst case (prompt + `max_tokens`, the prompt bounded by its
         bytes until it is tokenized) until the request ends: `finish`, or `_release_soon` on the way out before
-        the engine has it."""
+        the engine has it. The request's time (its ledger row's, and the day it counts to) is taken here, once its
+        body is in, not when its headers came: a body that arrives across midnight is admitted in the new day, and
+        counts to it."""
+        self.admitted_at = utc_now()
         if self.policy.allocation is not None:
             worst = max(card.policy.neurons(prompt, generated)
                         for prompt, generated in checked.worst_cases(checked.prompt_tokens_bound(), window))
             try:
-                self.reservation = await self.policy.allocation.reserve(self.account, worst, self.received)
+                self.reservation = await self.policy.allocation.reserve(self.account, worst, self.admitted_at)
             except ApiError:
                 await self._show_window(card)
                 raise
@@ -408,7 +411,7 @@ class InferenceCall:
                                  started=answer.started, cached=cached)
         self.obs.answer(self.account, card.name, answer.prompt_tokens, answer.completion_tokens, neurons,
                         outcome.value, cached, answer.text)
-        row = UsageRow(request_id=self.request_id, time=self.received, account=self.account, model=card.name,
+        row = UsageRow(request_id=self.request_id, time=self.admitted_at, account=self.account, model=card.name,
                        input_tokens=answer.prompt_tokens, output_tokens=answer.completion_tokens, neurons=neurons,
                        cached=cached, outcome=outcome.value, latency_ms=round(self.obs.elapsed() * 1000, 3))
         failure = None if outcome is Outcome.OK else self._failure(answer)

@@ -334,3 +334,25 @@ def test_the_state_of_past_days_is_dropped(allocation_policy: Policy, utc_clock:
     asyncio.run(scenario())
     wait_for(lambda: not ledger._refreshing, "the ledger keeps the reads it made")
     assert len(ledger._recorded) <= 2 * len(accounts) and len(ledger._db_sums) <= 2 * len(accounts)
+
+
+@pytest.mark.parametrize("allocation_policy", ["local", "redis"], indirect=True)
+def test_a_refusal_for_a_day_already_over_is_not_final(allocation_policy: Policy, utc_clock: UtcClock) -> None:
+    """Found by an audit: a request admitted just before midnight whose check ends after it (the ledger read, Redis)
+    was refused for a day already over with `x-should-retry: false` and `Retry-After: 1` (the time to that midnight,
+    negative, made 1): the SDK then gives up at once although the new day has room. It is retried now: a retry
+    is admitted against the new day."""
+    allocation, ledger = allocation_policy.allocation, allocation_policy.ledger
+    assert allocation is not None
+
+    async def scenario() -> None:
+        utc_clock.set(datetime(2026, 6, 15, 23, 59, 59, 900_000))
+        when = utc_clock()
+        await ledger.record(UsageRow("used-up", when, "acct", MODEL, 1, 1, 50.0, False, "ok", 1.0))
+        utc_clock.set(datetime(2026, 6, 16, 0, 0, 0, 100_000))  # the day ended during the check
+        with pytest.raises(ApiError) as refused:
+            await allocation.reserve("acct", 1.0, when)
+        assert refused.value.code == 3036 and refused.value.headers == {"retry-after": "1"}
+        await allocation.release(await allocation.reserve("acct", 1.0), 0.0)
+
+    asyncio.run(scenario())

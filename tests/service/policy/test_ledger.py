@@ -5,9 +5,10 @@ no database work on the event loop's thread."""
 from __future__ import annotations
 
 import asyncio
+import json
 import threading
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from datetime import datetime, timedelta
 from pathlib import Path
 from typing import Any
@@ -180,6 +181,33 @@ def test_daily_allocation_resets_at_utc_midnight(policy_server: Callable[..., Po
     assert server.post("acct-a", {"prompt": "Once", "raw": True, "max_tokens": 2}).status_code == 200
     allocation = server.usage("acct-a").json()["result"]["daily_allocation"]
     assert 0 < allocation["used_today"] < 10
+
+
+def test_a_body_that_arrives_across_midnight_counts_to_the_new_day(policy_server: Callable[..., PolicyServer],
+                                                                   utc_clock: UtcClock) -> None:
+    """Found by an audit: a request whose headers came at 23:59:50 of a day whose allocation was used up, and whose
+    body ended at 00:00:10, was refused for the day before: 3036 with `x-should-retry: false` and `Retry-After: 1`
+    (the time to a midnight already past) — the SDK gives up at once, while a retry at once was served. A request
+    is admitted, and counted in the ledger, at the time its body is in: the new day."""
+    utc_clock.set(datetime(2026, 6, 15, 23, 59, 50))
+    server = policy_server(daily_neurons=10_000, rate_limits=False, cache=False)
+    insert_row(server, "late", utc_clock(), 10_000.0)
+    wait_used_up(server, "acct-a")
+    payload = json.dumps({"prompt": "Once upon a time", "raw": True, "max_tokens": 2}).encode()
+
+    def body() -> Iterator[bytes]:
+        yield payload[:10]
+        time.sleep(0.5)  # the server has the headers and waits for the rest of the body
+        utc_clock.set(datetime(2026, 6, 16, 0, 0, 10))
+        yield payload[10:]
+
+    answer = server.http.post(server.run_url("acct-a"), content=body(),
+                              headers={**auth_for("acct-a"), "content-length": str(len(payload))})
+    assert answer.status_code == 200, (answer.headers, answer.text)
+    row = next(r for r in server.rows() if r["request_id"] == answer.headers["cf-ai-req-id"])
+    assert row["day"] == "2026-06-16" and row["time"] >= datetime(2026, 6, 16, 0, 0, 10)
+    assert server.usage("acct-a").json()["result"]["daily_allocation"]["used_today"] == pytest.approx(
+        float(answer.headers["cf-ai-neurons"]))
 
 
 def test_used_today_counts_that_day_only(policy_server: Callable[..., PolicyServer], utc_clock: UtcClock,

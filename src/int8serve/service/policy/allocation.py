@@ -37,7 +37,9 @@ A refusal does not count against the requests-per-minute limit. When the neurons
 carries `Retry-After` (seconds until 00:00 UTC) and `x-should-retry: false`, which the official SDK obeys instead of
 retrying twice in vain. When only the reservations of requests in flight reach it, room may come back as they end
 below their worst case: the refusal then carries a short `Retry-After` (`IN_FLIGHT_RETRY_SECONDS`) that the SDK's
-retries wait for.
+retries wait for. A request counts to the day it is admitted in (its ledger row's time, taken once its body is in),
+however late it ends; should that day end while it is being checked, its refusal is not final either
+(`Retry-After: 1`): the retry is admitted in the new day.
 """
 
 from __future__ import annotations
@@ -79,7 +81,7 @@ class Reservation:
     """The worst case of one admitted request, held against its account's allocation until it is released."""
 
     account: str
-    day: str  # YYYY-MM-DD (UTC): the day the request arrived, as its ledger row says
+    day: str  # YYYY-MM-DD (UTC): the day the request was admitted in, as its ledger row says
     amount: float  # neurons
     token: str = field(default_factory=lambda: uuid.uuid4().hex)  # never the client-visible request id
     shared: bool = False  # Redis holds it too
@@ -231,9 +233,9 @@ class DailyAllocation:
         return max(local, await self.guard.call(COMPONENT, lambda: shared.reserved(account, day), held_here))
 
     async def reserve(self, account: str, amount: float, when: datetime | None = None) -> Reservation:
-        """Admit one request of `account` arrived at `when` (naive UTC; now by default) and hold `amount` neurons,
-        its worst case, until `release`; raise 429/3036 when the account's used + reserved neurons already reach
-        the allocation."""
+        """Admit one request of `account` at `when` (naive UTC; now by default: its ledger row's time) and hold
+        `amount` neurons, its worst case, until `release`; raise 429/3036 when the account's used + reserved
+        neurons of `when`'s day already reach the allocation."""
         when = when or utc_now()
         reservation = Reservation(account, when.date().isoformat(), 0.0)
         await self._hold(reservation, amount, when)
@@ -351,14 +353,18 @@ class DailyAllocation:
                 log.exception("renewing the daily allocation's reservations failed")
 
     def _refusal(self, when: datetime, used: float) -> ApiError:
-        """429/3036. `used` (the neurons recorded today) below the allocation: the reservations of requests in
-        flight reach it, and room may come back when they end; otherwise none comes back before 00:00 UTC."""
+        """429/3036. `used` (the neurons recorded on `when`'s day) below the allocation: the reservations of
+        requests in flight reach it, and room may come back when they end; otherwise none comes back before 00:00
+        UTC — unless that midnight has passed during the check (admitted just before it): then a retry counts to
+        the new day, and the refusal says so (`Retry-After: 1`, no `x-should-retry: false`, which the SDK obeys)."""
         if used < self.neurons_per_day:
             return ApiError(ACCOUNT_LIMITED, allocation=self.describe(),
                             headers={"retry-after": str(IN_FLIGHT_RETRY_SECONDS)})
         until_midnight = math.ceil((start_of_day(when) + timedelta(days=1) - utc_now()).total_seconds())
+        if until_midnight <= 0:
+            return ApiError(ACCOUNT_LIMITED, allocation=self.describe(), headers={"retry-after": "1"})
         return ApiError(ACCOUNT_LIMITED, allocation=self.describe(),
-                        headers={"retry-after": str(max(1, until_midnight)), "x-should-retry": "false"})
+                        headers={"retry-after": str(until_midnight), "x-should-retry": "false"})
 
     def describe(self) -> str:
         """`10,000` — as Workers AI's message writes it."""
