@@ -18,10 +18,11 @@ import httpx
 import pytest
 import sqlalchemy as sa
 from cloudflare import Cloudflare
+from tests.file_modes import modes
 
 from int8serve.engine.scheduler import Engine
 from int8serve.service.errors import ApiError
-from int8serve.service.policy import UsageRow, format_neurons
+from int8serve.service.policy import Policy, PolicySettings, UsageRow, format_neurons
 from int8serve.service.policy.ledger import Ledger, make_database, utc_now
 from int8serve.service.policy.spool import FileSpool, MemorySpool, SpoolLockedError
 from int8serve.service.policy.usage import parse_period
@@ -381,6 +382,25 @@ def test_spool_replay_is_ordered_and_idempotent(tmp_path: Path) -> None:
         ids = conn.execute(sa.select(first.table.c.request_id).order_by(first.table.c.time)).scalars().all()
     assert ids == ["r0", "r1", "r2", "r3", "r4"]
     first.close()
+
+
+@pytest.mark.usefixtures("umask_022")
+@pytest.mark.parametrize("made_by_the_user", [False, True])
+def test_the_ledger_in_the_data_dir_is_for_its_owner_alone(made_by_the_user: bool, tmp_path: Path) -> None:
+    """Every account's requests, tokens and neurons: the SQLite ledger and its WAL files are 0600 like the spool,
+    and a data directory int8serve makes is 0700 (one the operator made keeps the mode they gave it)."""
+    data_dir = tmp_path / "data"
+    if made_by_the_user:
+        data_dir.mkdir(mode=0o755)
+    policy = Policy.build(PolicySettings(data_dir=data_dir))
+    try:
+        asyncio.run(policy.ledger.record(_row("r0", utc_now())))
+        assert policy.ledger.flush()
+        assert modes(data_dir) == {".": "755" if made_by_the_user else "700", "usage.sqlite3": "600",
+                                   "usage.sqlite3-wal": "600", "usage.sqlite3-shm": "600",
+                                   "ledger-spool.jsonl": "600"}
+    finally:
+        policy.close()
 
 
 @pytest.mark.parametrize("since, until", [("0001-01-01T00:00:00+01:00", None),

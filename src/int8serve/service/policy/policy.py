@@ -11,6 +11,7 @@ uses them) and is closed with `close()`, which writes out the ledger.
 
 from __future__ import annotations
 
+import os
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -155,7 +156,9 @@ def _ledger(settings: PolicySettings) -> tuple[Ledger, str, str]:
     spool_name = "memory"
     try:
         if data_dir is not None:
-            data_dir.mkdir(parents=True, exist_ok=True)
+            data_dir.mkdir(mode=0o700, parents=True, exist_ok=True)  # only its owner reads the accounts' usage
+            if not settings.database_url:
+                _create_private(Path(data_dir) / LEDGER_FILE)
             spool = FileSpool(Path(data_dir) / SPOOL_FILE)
             spool_name = str(Path(data_dir) / SPOOL_FILE)
     except (OSError, SpoolLockedError) as err:
@@ -186,3 +189,9 @@ def _ledger(settings: PolicySettings) -> tuple[Ledger, str, str]:
         raise PolicyStartupError(f"cannot use the ledger database {shown}: {err}") from None
     ledger.start()
     return ledger, shown if url != "sqlite://" else "sqlite:// (in memory)", spool_name
+
+
+def _create_private(path: Path) -> None:
+    """Create `path` 0600 unless it exists (like the spool), before SQLite opens it: SQLite gives the database's
+    -wal and -shm files the mode of the database itself."""
+    os.close(os.open(path, os.O_WRONLY | os.O_CREAT, 0o600))
