@@ -14,6 +14,7 @@ import sys
 from pathlib import Path
 
 import pytest
+from tests.test_server import free_port
 
 _RUN = """
 import json, sys
@@ -133,6 +134,24 @@ def test_a_settings_error_across_fields_shows_no_secret(args: list[str], env: di
     assert report["code"] == 2, stderr
     assert "--kv-cache int8 applies to int8 models; --dtype fp32" in stderr
     assert SECRET not in stderr and "--?" not in stderr
+
+
+@pytest.mark.parametrize(("args", "env", "origin"), [
+    (["--metrics-token", f"{SECRET} 2"], {}, "--metrics-token"),  # a space
+    ([], {"INT8SERVE_METRICS_TOKEN": f"{SECRET}\u00e9"}, "INT8SERVE_METRICS_TOKEN"),  # not ASCII
+])
+def test_a_metrics_token_no_header_can_carry_is_refused_at_once_without_showing_it(
+        args: list[str], env: dict[str, str], origin: str, tmp_path: Path, stories_hf: Path,
+        monkeypatch: pytest.MonkeyPatch) -> None:
+    """As an API token is: it was found only when the app was built, once the model had loaded (blamed on the API
+    tokens), or, while loading, by a scrape with the wrong token: a 500 whose traceback showed a character of it."""
+    for name, value in env.items():
+        monkeypatch.setenv(name, value)
+    report, stderr = run_cli("serve", "--model", str(stories_hf), "--port", str(free_port()), *args,
+                             tmp_path=tmp_path)
+    assert report == {"code": 2, "torch": False}, stderr
+    assert stderr == (f"int8serve serve: error: {origin}: Value error, expected one or more visible ASCII "
+                      "characters (no spaces) (got a hidden value)\n")
 
 
 def test_a_bom_at_the_start_of_a_tokens_file_is_skipped() -> None:

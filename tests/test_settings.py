@@ -3,6 +3,7 @@ in --help, bad values named by where they came from, secrets never printed."""
 
 from __future__ import annotations
 
+import json
 import re
 from pathlib import Path
 
@@ -147,6 +148,26 @@ def test_bad_variables_are_errors_not_ignored(monkeypatch: pytest.MonkeyPatch) -
     monkeypatch.setenv("INT8SERVE_ACCOUNT_RPM", "a=lots")
     with pytest.raises(ValueError, match=r"INT8SERVE_ACCOUNT_RPM: .*expected ACCOUNT=N"):
         load_settings(flags())
+
+
+@pytest.mark.parametrize("token", ["s3cret token", "s3cr\u00e9t", "s3cret\u200b", ""])
+def test_a_metrics_token_must_be_one_a_header_can_carry(token: str, tmp_path: Path,
+                                                         monkeypatch: pytest.MonkeyPatch) -> None:
+    """Checked with the settings, as the API tokens are; the error names where it came from, never the token."""
+    with pytest.raises(ValueError) as flag:
+        load_settings(flags("--metrics-token", token))
+    monkeypatch.setenv("INT8SERVE_METRICS_TOKEN", token)
+    with pytest.raises(ValueError) as env:
+        load_settings(flags())
+    monkeypatch.delenv("INT8SERVE_METRICS_TOKEN")
+    config = write_config(tmp_path, f"metrics_token = {json.dumps(token)}\n")
+    with pytest.raises(ValueError) as file:
+        load_settings(flags("--config", str(config)))
+    for refused, origin in [(flag, "--metrics-token"), (env, "INT8SERVE_METRICS_TOKEN"),
+                            (file, f"metrics_token in {config}")]:
+        assert str(refused.value) == (f"{origin}: Value error, expected one or more visible ASCII characters (no "
+                                      "spaces) (got a hidden value)")
+    assert load_settings(flags("--metrics-token", "s3cret-token_~!")).settings.metrics_token == "s3cret-token_~!"
 
 
 def test_config_file_problems(tmp_path: Path) -> None:

@@ -457,8 +457,7 @@ def parse_tokens(entries: Sequence[str], tokens_file: Path | None, where: str = 
             raise UsageError(f"tokens file {tokens_file} holds no tokens (it is empty or only comments): add "
                              "TOKEN=ACCOUNT_ID lines to it, or leave --tokens-file out")
         located += lines
-    from .accounts import ACCOUNT_ID_RULE, is_valid_account
-    from .service.auth import is_valid_token
+    from .accounts import ACCOUNT_ID_RULE, is_valid_account, is_valid_token
 
     tokens: dict[str, str] = {}
     for origin, entry in located:

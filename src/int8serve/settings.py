@@ -43,7 +43,7 @@ from pydantic_settings import (
     SettingsError,
 )
 
-from .accounts import ACCOUNT_ID_RULE, is_valid_account
+from .accounts import ACCOUNT_ID_RULE, TOKEN_RULE, is_valid_account, is_valid_token
 from .model_specs import BUILTIN_CARD, DEFAULT_SERVED_MODEL, ModelSpecError, parse_model_entry
 from .redact import hide_password
 
@@ -166,7 +166,8 @@ class ServeSettings(BaseSettings):
                                                                     "object each; either way one line per request")
     log_prompts: bool = Field(False, description="also log each request's prompt and response text (never logged "
                                                  "otherwise)")
-    metrics_token: str | None = Field(None, min_length=1, description="a bearer token that GET /metrics requires. "
+    metrics_token: str | None = Field(None, description="a bearer token that GET /metrics requires, "
+                                      f"{TOKEN_RULE}. "
                                       "/metrics exposes request counts by route and status, error codes, latencies, "
                                       "token counts, engine slots and queue, cache and rate-limit counts, and the "
                                       "neurons billed to every account by id. Default: no token (anyone who can "
@@ -230,6 +231,15 @@ class ServeSettings(BaseSettings):
         """A variable holds a comma-separated list (a config file's string is one entry: `read_config_file`)."""
         if isinstance(value, str):
             return [item.strip() for item in value.split(",") if item.strip()]
+        return value
+
+    @field_validator("metrics_token")
+    @classmethod
+    def _metrics_token(cls, value: str | None) -> str | None:
+        """Checked here, before anything loads, as the API tokens are: a token that cannot be sent in a header
+        failed only when the app was built, after the model had loaded (the error's text never shows it)."""
+        if value is not None and not is_valid_token(value):
+            raise ValueError(f"expected {TOKEN_RULE}")
         return value
 
     @field_validator("model")

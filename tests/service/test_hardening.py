@@ -22,6 +22,8 @@ from int8serve.engine.loader import LoadedModel
 from int8serve.engine.scheduler import Engine
 from int8serve.engine.tokenizer import Tokenizer
 from int8serve.service.app import REQUEST_ID_HEADER, create_app
+from int8serve.service.auth import check_metrics_token
+from int8serve.service.errors import ApiError
 from int8serve.service.inference import RequestLimits
 from int8serve.service.policy import Policy
 from int8serve.service.request_log import (
@@ -309,6 +311,16 @@ def test_the_metrics_token_scheme_is_read_in_any_case(client: httpx.Client, sche
     assert client.get("/metrics", headers={"Authorization": f"{scheme} {METRICS_TOKEN}"}).status_code == 200
     assert client.get("/metrics", headers={"Authorization": f"{scheme} {METRICS_TOKEN.upper()}"}).status_code == 401
     assert client.get("/metrics", headers={"Authorization": METRICS_TOKEN}).status_code == 401
+
+
+def test_a_metrics_bearer_that_is_not_ascii_is_a_401(client: httpx.Client) -> None:
+    """Never a 500, whose traceback would show a character of the token being compared."""
+    for sent in ["Bearer mé".encode(), b"Bearer \xff\xfe", f"Bearer {METRICS_TOKEN}\u00e9".encode()]:
+        refused = client.get("/metrics", headers={"Authorization": sent})
+        assert (refused.status_code, _code(refused)) == (401, 10000), sent
+    with pytest.raises(ApiError) as refused_here:  # nor a configured token no header can carry (settings refuse it)
+        check_metrics_token("Bearer m\u00e9", "m\u00e9")
+    assert refused_here.value.status == 401
 
 
 def test_control_characters_from_urls_are_escaped_in_logs(client: httpx.Client,

@@ -36,8 +36,7 @@ from starlette.types import ASGIApp, Message, Receive, Scope, Send
 from int8serve.catalog.registry import Catalog
 from int8serve.engine.scheduler import Engine
 
-from ..accounts import ACCOUNT_ID_RULE, is_valid_account
-from .auth import is_valid_token
+from ..accounts import ACCOUNT_ID_RULE, TOKEN_RULE, is_valid_account, is_valid_token
 from .deps import AppServices
 from .errors import install_error_handlers, internal_error_response
 from .inference import REQUEST_ID_SCOPE_KEY, Inference, RequestLimits
@@ -134,8 +133,10 @@ def create_app(catalog: Catalog, engines: Mapping[str, Engine], tokens: Mapping[
     for name in engines:
         if name not in catalog:
             raise ValueError(f"engine for {name!r} has no card in the catalog (known: {', '.join(catalog.names())})")
-    if not all(is_valid_token(t) for t in (*tokens, *([metrics_token] if metrics_token is not None else []))):
-        raise ValueError("API tokens must be non-empty strings of visible ASCII characters (no spaces)")
+    if not all(is_valid_token(t) for t in tokens):
+        raise ValueError(f"an API token is {TOKEN_RULE}")
+    if metrics_token is not None and not is_valid_token(metrics_token):
+        raise ValueError(f"the metrics token is {TOKEN_RULE}")
     if not all(is_valid_account(a) for a in tokens.values()):
         raise ValueError(f"an account id is {ACCOUNT_ID_RULE}")
     owned = policy is None

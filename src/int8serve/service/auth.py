@@ -22,6 +22,7 @@ import hmac
 import re
 from collections.abc import Mapping
 
+from ..accounts import is_valid_token
 from .errors import (
     AUTHENTICATION,
     CHAIN_AUTH_EMAIL,
@@ -37,12 +38,6 @@ __all__ = ["authenticate", "bearer_token", "check_metrics_token", "is_valid_toke
 
 # "Bearer" (any case), one or more spaces, then one token of visible ASCII characters.
 _BEARER = re.compile(r"[Bb][Ee][Aa][Rr][Ee][Rr] +([\x21-\x7e]+) *")
-_VISIBLE = re.compile(r"[\x21-\x7e]+")
-
-
-def is_valid_token(token: object) -> bool:
-    """Can this be configured as a token, i.e. sent in a header? Visible ASCII, no spaces, not empty."""
-    return isinstance(token, str) and _VISIBLE.fullmatch(token) is not None
 
 
 def bearer_token(authorization: str | None) -> str | None:
@@ -54,11 +49,12 @@ def bearer_token(authorization: str | None) -> str | None:
 
 def check_metrics_token(authorization: str | None, metrics_token: str | None) -> None:
     """`/metrics` with `--metrics-token`: raise 401/10000 unless `authorization` is `Bearer <that token>`; compared
-    in constant time, so the answer's timing does not tell how much of a guess was right."""
+    in constant time, so the answer's timing does not tell how much of a guess was right. Compared as UTF-8 bytes:
+    no character of either side can make the comparison raise (a 500 whose traceback would show the token)."""
     if metrics_token is None:
         return
     sent = bearer_token(authorization) or ""
-    if not hmac.compare_digest(sent.encode("ascii"), metrics_token.encode("ascii")):
+    if not hmac.compare_digest(sent.encode("utf-8", "surrogatepass"), metrics_token.encode("utf-8", "surrogatepass")):
         raise ApiError(AUTHENTICATION)
 
 
@@ -91,7 +87,7 @@ def _credential(headers: Mapping[str, str]) -> str:
     key, email = headers.get("x-auth-key"), headers.get("x-auth-email")
     if key is None and email is None:
         raise ApiError(MISSING_AUTH)
-    if key is None or not _VISIBLE.fullmatch(key.strip()):
+    if key is None or not is_valid_token(key.strip()):
         raise ApiError(INVALID_HEADERS, error_chain=[CHAIN_AUTH_KEY])
     if email is None or not email.strip():
         raise ApiError(INVALID_HEADERS, error_chain=[CHAIN_AUTH_EMAIL])
