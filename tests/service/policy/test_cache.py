@@ -5,7 +5,10 @@ from __future__ import annotations
 
 import asyncio
 import dataclasses
+import gc
+import random
 import time
+import tracemalloc
 from collections.abc import Callable
 from typing import Any
 
@@ -14,6 +17,7 @@ import pytest
 
 from int8serve.engine.chat_template import DEFAULT_SYSTEM_PROMPT
 from int8serve.engine.sampling_params import SamplingParams
+from int8serve.service.policy import cache as cache_module
 from int8serve.service.policy.cache import CachedAnswer, CacheDirectives, CacheKey, MemoryCache, cache_key
 from int8serve.service.protocol.run import RunRequest, ValidatedRun
 
@@ -230,7 +234,7 @@ def test_directives_from_headers() -> None:
 def test_memory_cache_bounds() -> None:
     """Bounded in entries and in bytes (least recently used out first), each entry with its own TTL."""
     now = [1000.0]
-    cache = MemoryCache(max_entries=3, max_bytes=2000, clock=lambda: now[0])
+    cache = MemoryCache(max_entries=3, max_bytes=3000, clock=lambda: now[0])
 
     def answer(text: str) -> CachedAnswer:
         return CachedAnswer((text,), 1, 1, "stop", created=now[0])
@@ -245,7 +249,7 @@ def test_memory_cache_bounds() -> None:
         await cache.put(k("d"), answer("d"), ttl=10)
         assert [await cache.get(k(key)) is not None for key in "abcd"] == [True, False, True, True]
         await cache.put(k("big"), answer("x" * 1850), ttl=10)  # evicts until the bytes fit
-        assert cache.bytes <= 2000 and await cache.get(k("big")) is not None and len(cache) == 1
+        assert cache.bytes <= 3000 and await cache.get(k("big")) is not None and len(cache) == 1
         await cache.put(k("huge"), answer("x" * 5000), ttl=10)  # larger than a whole partition: not stored
         assert await cache.get(k("huge")) is None
         await cache.put(k("short"), answer("s"), ttl=1)
@@ -266,3 +270,37 @@ def test_one_account_filling_the_cache_evicts_only_its_own_entries() -> None:
 
     assert asyncio.run(scenario()) == [True, True]
     assert len(cache) == 4  # the flooder's 3 newest and the victim's 1
+
+
+TOKEN_DELTAS: dict[str, Callable[[random.Random], str]] = {  # what a streaming detokenizer gives, token by token
+    "two letters": lambda rnd: chr(97 + rnd.randrange(26)) + chr(97 + rnd.randrange(26)),
+    "one CJK character": lambda rnd: chr(0x4E00 + rnd.randrange(20_000)),
+    "a word": lambda rnd: " " + "".join(chr(97 + rnd.randrange(26)) for _ in range(rnd.randrange(2, 10))),
+}
+
+
+@pytest.mark.parametrize("delta", list(TOKEN_DELTAS))
+def test_a_full_partition_holds_no_more_memory_than_its_byte_bound(delta: str) -> None:
+    """The bound counted an answer's JSON, while each delta is a str object of its own (~50 bytes over its text):
+    256 answers of 2,048 tokens were counted 3 MiB of the 16 MiB and held 20-42 MiB. What is counted is what is
+    held (traced: the answers' objects, made here, and the cache's own)."""
+    max_bytes, make, rnd = 1 << 20, TOKEN_DELTAS[delta], random.Random(0)
+    cache = MemoryCache(max_entries=256, max_bytes=max_bytes)
+
+    async def fill() -> None:
+        for n in range(256):
+            deltas = tuple(make(rnd) for _ in range(2048))
+            await cache.put(CacheKey("acct", f"{n:064x}"), CachedAnswer(deltas, 10, 2048, "length", 0.0), ttl=60)
+
+    gc.collect()
+    tracemalloc.start()
+    try:
+        asyncio.run(fill())
+        gc.collect()
+        snapshot = tracemalloc.take_snapshot()
+    finally:
+        tracemalloc.stop()
+    here = [tracemalloc.Filter(True, name) for name in (__file__, cache_module.__file__, "<string>")]
+    held = sum(stat.size for stat in snapshot.filter_traces(here).statistics("filename"))
+    assert max_bytes * 0.8 < cache.bytes <= max_bytes  # full
+    assert held <= max_bytes * 1.05, f"{held / 2**20:.1f} MiB held, {cache.bytes / 2**20:.1f} MiB counted"

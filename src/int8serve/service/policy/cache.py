@@ -38,6 +38,7 @@ import dataclasses
 import hashlib
 import json
 import logging
+import sys
 import time
 from collections import OrderedDict
 from collections.abc import Awaitable, Callable, Mapping
@@ -71,6 +72,9 @@ KEY_VERSION = 2
 CACHE_SCOPES = ("account", "global")
 _TRUE = ("true", "1", "yes")
 MAX_TTL_DIGITS = 9
+# what an in-memory entry holds besides its deltas and key: the answer object and its fields, the entry's tuple, its
+# place in the partition (~380 bytes, measured with tracemalloc)
+ENTRY_OVERHEAD_BYTES = 512
 
 
 class CacheKey(NamedTuple):
@@ -147,6 +151,13 @@ class _Entry(NamedTuple):
     answer: CachedAnswer
 
 
+def _held_bytes(answer: CachedAnswer, digest: str) -> int:
+    """The memory an in-memory entry holds, which its partition's byte bound counts: each delta is a str object of
+    its own, ~50 bytes over its text (a token's delta is a few characters: ~10x its JSON, which was counted)."""
+    return (ENTRY_OVERHEAD_BYTES + sys.getsizeof(answer.deltas) + sum(map(sys.getsizeof, answer.deltas))
+            + sys.getsizeof(digest))
+
+
 class _Partition:
     """One owner's entries: least recently used first out, bounded in number and in bytes."""
 
@@ -191,7 +202,7 @@ class MemoryCache:
         return entry.answer
 
     async def put(self, key: CacheKey, answer: CachedAnswer, ttl: int) -> None:
-        size = len(answer.to_bytes()) + len(key.digest)
+        size = _held_bytes(answer, key.digest)
         if size > self.max_bytes:
             return  # larger than a whole partition: not stored
         partition = self._partitions.setdefault(key.owner, _Partition())
