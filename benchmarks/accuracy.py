@@ -24,7 +24,8 @@ inputs) and way of computing:
   x_hi w_hi + x_hi w_lo + x_lo w_hi). Which rounding costs how much accuracy;
 - `int8 activations per 32` (what `kernel` computes, emulated), `..., asymmetric` (0..255 from each block's minimum
   to its maximum), and the same per 16 inputs: whether any one int8 pass a row (twice decode's int8 arithmetic speed)
-  could keep the accuracy targets.
+  could keep the accuracy targets; `--only wq wk wv` (say) rounds only those linears' activations, the others exact:
+  whether one pass on some linears could.
 The kernel computes each row on its own and every path gives the same bits, so the `kernel` rows are what decode
 gives on any CPU. Issue #10's targets: KLD <= 0.0005, top-1 >= 98.7%, PPL ratio <= 1.001.
 The output head refines its 16 largest logits a row from its int8 rows plus their rounding error (Int8Linear's
@@ -96,6 +97,8 @@ EMULATIONS = {"weights only": (_same, _same), "bf16 activations": (_bf16, _same)
               "int8 activations per 32, asymmetric": (_int8_blocks(32, asymmetric=True), _same),
               "int8 activations per 16": (_int8_blocks(16, asymmetric=False), _same),
               "int8 activations per 16, asymmetric": (_int8_blocks(16, asymmetric=True), _same)}
+# the model's linears by their last name: attention's q, k, v, o; the feed-forward's gate (w1), down (w2), up (w3)
+LINEARS = ("wq", "wk", "wv", "wo", "w1", "w2", "w3", "output")
 MODES = ("kernel", "kernel precise", "prefill (dense)", "bf16 kernel", *EMULATIONS)
 SMOLLM2 = SHARED / "models" / "smollm2-135m-instruct" / "SmolLM2-135M-Instruct.Q4_1.gguf"
 # Issue #15's goal on SmolLM2 (weight-only int8 per 32 inputs simulated in fp32 measured KLD 0.0012, top-1 98.0%).
@@ -153,6 +156,21 @@ def mode(name: str) -> Iterator[None]:
         int8.KERNEL_ROWS, int8.PRECISE_ACTIVATIONS, Int8Linear.forward, StackedInt8Linear.forward = saved  # type: ignore
 
 
+@contextmanager
+def emulating_only(model: Transformer, linears: Sequence[str]) -> Iterator[None]:
+    """The emulations round the activations of the linears named in `linears` (LINEARS' names) only, for the
+    duration; the others take them exact."""
+    layers = [(name.rsplit(".", 1)[-1], layer) for name, layer in model.named_modules()
+              if isinstance(layer, Int8Linear)]
+    for name, layer in layers:
+        layer.emulated = name in linears  # type: ignore[assignment]
+    try:
+        yield
+    finally:
+        for _, layer in layers:
+            del layer.emulated
+
+
 def _emulation(activations: Callable[[Tensor], Tensor], weights: Callable[[Tensor], Tensor]
                ) -> Callable[[Int8Linear, Tensor], Tensor]:
     """An Int8Linear.forward in fp32 math on the int8 weights dequantized in fp32, each side rounded as given."""
@@ -160,7 +178,8 @@ def _emulation(activations: Callable[[Tensor], Tensor], weights: Callable[[Tenso
         weight = getattr(self, "_fp32_weight", None)
         if weight is None:
             weight = self._fp32_weight = dequantize(*self.quantized())
-        out = (activations(x.float()) @ weights(weight).T).to(x.dtype)
+        rows = activations(x.float()) if getattr(self, "emulated", True) else x.float()  # --only leaves it exact
+        out = (rows @ weights(weight).T).to(x.dtype)
         return self._refine(x, out) if self.refine_top else out  # the head's largest logits, as the model's own
     return forward
 
@@ -176,6 +195,9 @@ def main(argv: Sequence[str] | None = None) -> None:
                         help="smollm2: 256-token windows of each of sotu.txt and tinystories.txt (default: 8)")
     parser.add_argument("--drop-head-residual", action="store_true",
                         help="measure the int8 models without the output head's residual (as before it was kept)")
+    parser.add_argument("--only", nargs="+", metavar="LINEAR", choices=LINEARS,
+                        help="the emulations round the activations of these linears only (e.g. --only wq wk wv: "
+                             "one int8 pass for the attention's inputs alone); the others take them exact")
     parser.add_argument("--write", type=Path, metavar="FILE", help="write the table into this Markdown file")
     args = parser.parse_args(argv)
     if args.model == "smollm2":
@@ -197,7 +219,7 @@ def main(argv: Sequence[str] | None = None) -> None:
                 model.output.residual = model.output.residual_scale = None
             for name in args.modes:
                 started = time.perf_counter()
-                with mode(name):
+                with mode(name), emulating_only(model, args.only or LINEARS):
                     r = evaluate(model, ids, 256, bos, reference=fp32)  # type: ignore[arg-type]
                 scheme = f"per {group_size} inputs" if group_size else "per output channel"
                 default = " (default)" if quantizer == DEFAULT_QUANTIZER else ""
@@ -224,6 +246,8 @@ def main(argv: Sequence[str] | None = None) -> None:
         f"{time.strftime('%Y-%m-%d', time.gmtime())}.",
         "- Scales are bf16, chosen per group by least squares among absmax/127 rounded up and the two bf16 values "
         f"below it. {goal}",
+        *([f"- Emulations round the activations of {', '.join(args.only)} only (`--only`); the other linears take "
+           "them exact."] if args.only else []),
         "- The output head's 16 largest logits a row from its int8 rows plus their rounding error (the head's "
         "residual): " + ("dropped (`--drop-head-residual`)." if args.drop_head_residual else "kept, the default."),
         f"- Command: `{command}`",

@@ -72,3 +72,20 @@ def test_the_one_pass_emulation_computes_what_the_kernel_computes(stories_int8: 
     assert gap < 2e-3, gap
     for other in ("kernel precise", "int8 activations per 32, asymmetric"):
         assert (logits[other] - kernel).abs().max().item() > 10 * gap, other
+
+
+def test_only_the_named_linears_are_emulated(stories_int8: LoadedModel) -> None:
+    """`--only`: the emulation rounds the activations of the named linears and leaves the others' exact."""
+    model = stories_int8.model
+    with bench.mode("weights only"):
+        exact = forward(stories_int8)
+    logits = {}
+    with bench.mode("int8 activations per 32"):
+        everywhere = forward(stories_int8)
+        for only in ([], ["wq", "wk", "wv"], list(bench.LINEARS)):
+            with bench.emulating_only(model, only):
+                logits[len(only)] = forward(stories_int8)
+    assert torch.equal(logits[0], exact)
+    assert torch.equal(logits[len(bench.LINEARS)], everywhere)
+    assert not torch.equal(logits[3], exact) and not torch.equal(logits[3], everywhere)
+    assert not any(hasattr(layer, "emulated") for layer in model.modules())  # given back
