@@ -1,17 +1,27 @@
 """`int8serve generate` samples as `serve` does for the same card: a sampling flag left unset takes the card's
-default (the built-in SmolLM2 card's temperature 0.2 and top_p 0.9, Llama-2's 0.6), a flag given wins."""
+default (the built-in SmolLM2 card's temperature 0.2 and top_p 0.9, Llama-2's 0.6), a flag given wins; and it
+prompts the model as `serve` does for the same --model (the card's template and default system prompt)."""
 
 from __future__ import annotations
 
+from collections.abc import Iterator
 from pathlib import Path
+from types import SimpleNamespace
 
 import pytest
 
+from int8serve import cli
+from int8serve.catalog.registry import Catalog
 from int8serve.cli import UsageError, _sampling_params, build_parser, model_spec
+from int8serve.engine import generate as engine_generate
+from int8serve.engine.model_files import check_model_files
 from int8serve.engine.sampling_params import SamplingParams
+from int8serve.model_specs import served_model_specs
+from int8serve.service.protocol.run import run_body_model
 
 SMOLLM2 = "@hf/huggingfacetb/smollm2-135m-instruct"
 LLAMA = "@cf/meta/llama-2-7b-chat-int8"
+QUESTION = "What is the capital of France?"
 
 
 def params(model: str, *flags: str) -> SamplingParams:
@@ -35,3 +45,24 @@ def test_given_flags_win_and_the_seed_is_kept(smollm2_gguf: Path) -> None:
 def test_a_flag_out_of_range_is_a_usage_error(stories_hf: Path) -> None:
     with pytest.raises(UsageError, match="top_p"):
         params(f"{LLAMA}={stories_hf}", "--top-p", "1.5")
+
+
+def test_a_plain_path_is_prompted_as_serve_prompts_it(smollm2_gguf: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """A plain --model PATH runs under the Llama-2 card in serve (llama2, its default system prompt); generate took
+    chatml for a vocabulary holding <|im_start|> (SmolLM2's), so the same seed did not give the server's text."""
+    tokenizer = check_model_files(smollm2_gguf)  # as serve builds it
+    loaded = SimpleNamespace(config=SimpleNamespace(max_seq_len=8192), model=None)
+    monkeypatch.setattr(cli, "open_model", lambda *args, **kwargs: (loaded, tokenizer))
+    prompts: list[list[int]] = []
+
+    def generated(model: object, prompt_ids: list[int], *args: object, **kwargs: object) -> Iterator[int]:
+        prompts.append(list(prompt_ids))
+        yield from ()
+
+    monkeypatch.setattr(engine_generate, "generate", generated)
+    cli.main(["generate", "--model", str(smollm2_gguf), "--dtype", "fp32", "--seed", "1", QUESTION])
+    (spec,) = served_model_specs([str(smollm2_gguf)])  # what serve runs for the same --model
+    card = Catalog.load().get(spec.name or "")
+    body = run_body_model(card).model_validate({"prompt": QUESTION})
+    assert card.prompt_template == "llama2"
+    assert prompts == [tokenizer.encode_segments(body.to_run(card).segments)]

@@ -20,19 +20,18 @@ from typing import TYPE_CHECKING
 
 from .catalog.card import ModelCard
 from .catalog.registry import Catalog, UnknownModelError
-from .engine.chat_template import TEMPLATES
+from .engine.chat_template import TEMPLATES, Segment
 from .engine.config import ConfigError
 from .engine.errors import CheckpointError
 from .engine.model_source import MODEL_HELP, resolve
 from .engine.quant_options import DEFAULT_GROUP_SIZE, DEFAULT_QUANTIZER, GROUP_SIZES, QUANTIZERS
 from .engine.sampling_params import SamplingParams
-from .engine.tokenizer import AnyTokenizer, load_tokenizer, template_for
+from .engine.tokenizer import AnyTokenizer, load_tokenizer
 from .model_specs import (
     BUILTIN_CARD,
     DEFAULT_SERVED_MODEL,
     ModelSpec,
     ModelSpecError,
-    parse_model_entry,
     resolve_model,
     served_model_specs,
 )
@@ -86,10 +85,10 @@ def build_parser() -> argparse.ArgumentParser:
     gen = commands.add_parser("generate", help="generate text from a prompt, streamed to the terminal",
                               description="Generate text for one prompt. Without --raw the prompt goes through "
                                           "the chat template exactly as Workers AI applies it (with its default "
-                                          "system prompt): --template, else the card's when --model names one "
-                                          "(NAME=PATH, or the built-in model: chatml), else chatml if the model's "
-                                          "vocabulary has <|im_start|>, else llama2; with --raw it is fed to the "
-                                          "model as is.")
+                                          "system prompt): --template, else the card's, as serve renders it for "
+                                          "the same --model (NAME=PATH: NAME's; a plain PATH: "
+                                          f"{DEFAULT_SERVED_MODEL}'s, llama2; the built-in model: chatml); with "
+                                          "--raw it is fed to the model as is.")
     _add_model_args(gen)
     gen.add_argument("prompt", help="the prompt text")
     gen.add_argument("--raw", action="store_true", help="no chat template: feed the prompt as is")
@@ -286,14 +285,10 @@ def cmd_generate(args: argparse.Namespace) -> None:
         raise UsageError("--max-tokens must be at least 1")
     spec, card = model_spec(args.model)
     params = _sampling_params(args, card)
-    named = args.model is None or parse_model_entry(args.model).name is not None  # a card was chosen
-    card_choice = card_template(card) if named and not args.template else None
+    template = template_named(args.template) if args.template else card_template(card)
     loaded, tokenizer = open_model(spec, args.dtype, args.model_cache)
     _apply_kv_cache(loaded, args.dtype, args.kv_cache, card)
-    template = template_named(args.template) if args.template else (card_choice or template_for(tokenizer))
-    system = "" if args.no_system else args.system if args.system is not None else (
-        card.default_context if named else None)
-    segments = render_prompt(template, args.prompt, args.raw, system)
+    segments = prompt_segments(args, card, template)
     try:
         prompt_ids = tokenizer.encode_segments(segments)
     except ValueError as err:
@@ -313,6 +308,13 @@ def cmd_generate(args: argparse.Namespace) -> None:
     print(f"prompt tokens {stats.prompt_tokens}, generated tokens {stats.generated_tokens}, "
           f"prefill {stats.prefill_tok_s:.1f} tok/s, decode {stats.decode_tok_s:.1f} tok/s, "
           f"finish {stats.finish_reason}", file=sys.stderr)
+
+
+def prompt_segments(args: argparse.Namespace, card: ModelCard, template: PromptTemplate) -> list[Segment]:
+    """generate's prompt as `serve` renders a `prompt` body for the same --model: with the card's template (or
+    --template) and its default system prompt (or --system, --no-system), a plain PATH's card included."""
+    system = "" if args.no_system else args.system if args.system is not None else card.default_context
+    return render_prompt(template, args.prompt, args.raw, system)
 
 
 SAMPLING_FLAGS = ("temperature", "top_p", "top_k", "repetition_penalty", "frequency_penalty", "presence_penalty")

@@ -23,6 +23,7 @@ from int8serve.engine.packed_checkpoint import save_packed_checkpoint
 from int8serve.engine.sampling_params import SamplingParams
 from int8serve.engine.scheduler import Engine, GenerationRequest
 from int8serve.engine.tokenizer import AnyTokenizer, load_tokenizer
+from int8serve.model_specs import BUILTIN_CARD
 
 GREEDY = SamplingParams(temperature=0)
 
@@ -97,8 +98,9 @@ def _cache(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
 
 @pytest.mark.usefixtures("_cache")
 def test_cli_generate_with_the_models_own_template(smollm2_gguf: Path, capsys: pytest.CaptureFixture) -> None:
-    main(["generate", "--model", str(smollm2_gguf), "--dtype", "fp32", "--no-system", "--temperature", "0",
-          "--max-tokens", "16", "What is the capital of France?"])
+    # under its card (chatml): a plain PATH runs under the Llama-2 card's template, as serve runs it
+    main(["generate", "--model", f"{BUILTIN_CARD}={smollm2_gguf}", "--dtype", "fp32", "--no-system",
+          "--temperature", "0", "--max-tokens", "16", "What is the capital of France?"])
     captured = capsys.readouterr()
     assert captured.out == "The capital of France is Paris.\n"
     assert "finish stop" in captured.err
