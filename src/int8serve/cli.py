@@ -414,10 +414,12 @@ def cmd_eval_ppl(args: argparse.Namespace) -> None:
 
 
 def cmd_serve(args: argparse.Namespace) -> None:
+    from .service.request_log import configure_logging
     from .startup import ServeError, prepare
 
     loaded = serve_settings(args)
     tokens = parse_tokens(loaded.settings.tokens, loaded.settings.tokens_file, where=_token_origin(loaded.sources))
+    configure_logging(loaded.settings.log_format, loaded.settings.log_level)  # prepare's fetches log their progress
     try:
         prepared = prepare(loaded.settings)  # checks all it can before the engine and the HTTP stack are imported
     except ServeError as err:
