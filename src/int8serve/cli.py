@@ -22,7 +22,7 @@ from .catalog.card import ModelCard
 from .catalog.registry import Catalog, UnknownModelError
 from .engine.chat_template import TEMPLATES, Segment
 from .engine.config import ConfigError
-from .engine.errors import CheckpointError
+from .engine.errors import CheckpointError, EngineVariableError
 from .engine.model_source import MODEL_HELP, resolve
 from .engine.quant_options import DEFAULT_GROUP_SIZE, DEFAULT_QUANTIZER, GROUP_SIZES, QUANTIZERS
 from .engine.sampling_params import SamplingParams
@@ -545,7 +545,7 @@ def main(argv: Sequence[str] | None = None) -> None:
         torch.set_num_threads(args.threads)
     try:
         COMMANDS[args.command](args)
-    except (UsageError, CheckpointError, ConfigError, FileNotFoundError) as err:
+    except (UsageError, CheckpointError, ConfigError, EngineVariableError, FileNotFoundError) as err:
         print(f"int8serve {args.command}: error: {err}", file=sys.stderr)
         raise SystemExit(2) from None
     except KeyboardInterrupt:

@@ -14,8 +14,8 @@ from tests.fresh_cache import fresh_cache
 from int8serve.engine.demo import demo_model_dir
 
 
-def run(*args: str, cache: Path) -> subprocess.CompletedProcess:
-    env = {**os.environ, "INT8SERVE_CACHE": str(cache)}
+def run(*args: str, cache: Path, **variables: str) -> subprocess.CompletedProcess:
+    env = {**os.environ, "INT8SERVE_CACHE": str(cache), **variables}
     return subprocess.run([sys.executable, "-m", "int8serve", *args], capture_output=True, text=True, env=env,
                           timeout=300)
 
@@ -103,3 +103,22 @@ def test_user_errors_are_one_clear_line(cache: Path, args: list[str], message: s
     result = run(*args, cache=cache)
     assert result.returncode == 2
     assert message in result.stderr and "Traceback" not in result.stderr
+
+
+@pytest.mark.parametrize(("command", "variable", "choices"), [
+    ("generate", "INT8SERVE_ATTENTION", "auto, avx512, avx2, scalar, torch"),
+    ("generate", "INT8SERVE_ACTIVATION", "auto, avx512, avx2, scalar"),
+    ("generate", "INT8SERVE_DECODE_PLAN", "auto, off"),
+    ("eval-ppl", "INT8SERVE_ATTENTION", "auto, avx512, avx2, scalar, torch"),
+])
+def test_a_bad_engine_variable_is_one_clear_line(cache: Path, stories_hf: Path, shared_dir: Path, command: str,
+                                                 variable: str, choices: str) -> None:
+    """An engine variable is read when the model first runs: its ValueError ended generate and eval-ppl with a
+    traceback (serve said it in one line)."""
+    args = {"generate": ["--raw", "--max-tokens", "2", "Once"],
+            "eval-ppl": ["--text", str(shared_dir / "corpus" / "tinystories.txt"), "--max-windows", "1"]}[command]
+    result = run(command, "--model", str(stories_hf), *args, cache=cache, **{variable: "bogus"})
+    assert result.returncode == 2, result.stderr
+    assert result.stderr.strip().splitlines()[-1] == (f"int8serve {command}: error: {variable}='bogus': expected "
+                                                      f"one of {choices}")
+    assert "Traceback" not in result.stderr

@@ -52,6 +52,7 @@ from torch import Tensor
 
 from ...durable import replace_durably
 from ..cache_files import cache_dir, scratch_folder, usual_mode
+from ..errors import EngineVariableError
 
 log = logging.getLogger(__name__)
 
@@ -317,11 +318,12 @@ def _load() -> str | None:
 
 
 def env_choice(variable: str, choices: Iterable[str]) -> str:
-    """The value of a path setting (INT8SERVE_KERNEL, _ATTENTION, _ACTIVATION), "auto" when unset or empty; ValueError
-    naming the variable for a value not among `choices`."""
+    """The value of a path setting (INT8SERVE_KERNEL, _ATTENTION, _ACTIVATION), "auto" when unset or empty;
+    EngineVariableError (a ValueError, said in one line by every command) naming the variable for a value not among
+    `choices`."""
     name = os.environ.get(variable, "auto").strip().lower() or "auto"
     if name not in choices:
-        raise ValueError(f"{variable}={name!r}: expected one of {', '.join(choices)}")
+        raise EngineVariableError(f"{variable}={name!r}: expected one of {', '.join(choices)}")
     return name
 
 
