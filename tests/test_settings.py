@@ -3,6 +3,7 @@ in --help, bad values named by where they came from, secrets never printed."""
 
 from __future__ import annotations
 
+import argparse
 import json
 import re
 from pathlib import Path
@@ -303,14 +304,54 @@ def test_daily_neurons_true_in_the_config_file_is_the_flag_alone(tmp_path: Path)
 
 def test_a_config_files_string_is_one_entry_a_variables_is_a_comma_list(tmp_path: Path,
                                                                           monkeypatch: pytest.MonkeyPatch) -> None:
-    """`model = '/models/a,b'` in the file is one path (it was split into '/models/a' and 'b'); the variable keeps
-    its documented comma-separated form, and the file's array form works."""
-    one = load_settings(flags("--config", str(write_config(tmp_path, "model = '/models/a,b'"))))
-    assert one.settings.model == ["/models/a,b"]
+    """`model = '/models/a,b'` in the file is one path, where there is one (it was split into '/models/a' and 'b');
+    the variable keeps its documented comma-separated form, and the file's array form works."""
+    (tmp_path / "a,b").mkdir()
+    one = load_settings(flags("--config", str(write_config(tmp_path, f"model = '{tmp_path}/a,b'"))))
+    assert one.settings.model == [f"{tmp_path}/a,b"]
     two = load_settings(flags("--config", str(write_config(tmp_path, "model = ['/m/a', '/m/b']"))))
     assert two.settings.model == ["/m/a", "/m/b"]
     monkeypatch.setenv("INT8SERVE_MODEL", "/m/a, /m/b")
     assert load_settings(flags()).settings.model == ["/m/a", "/m/b"]
+
+
+@pytest.mark.parametrize(("key", "value", "problem"), [
+    ("model", "a=/m/x,b=/m/y", "no file or folder 'a=/m/x,b=/m/y'"),
+    ("model", "/m/x, /m/y", "no file or folder '/m/x, /m/y'"),
+    ("card", "/c/x.txt,/c/y.txt", "no file or folder '/c/x.txt,/c/y.txt'"),
+    ("tokens", "SECRET1=acct1,SECRET2=acct2", "its account id would hold a comma"),
+])
+def test_a_config_files_string_of_several_entries_says_to_write_a_list(tmp_path: Path, key: str, value: str,
+                                                                      problem: str) -> None:
+    """Before f57c623 such a string was split on commas; since, it was one entry, and `model = "a=/x,b=/y"` failed
+    later with "no such model folder", naming neither the file nor the array it needs."""
+    config = write_config(tmp_path, f"{key} = '{value}'\n")
+    with pytest.raises(SettingsFileError) as info:
+        load_settings(flags("--config", str(config)))
+    assert str(info.value) == (f"{key} in {config}: one string is one entry ({problem}); for several write a list: "
+                               f'{key} = ["...", "..."]')
+    assert "SECRET" not in str(info.value)
+
+
+def test_a_config_key_written_as_a_flag_or_mistyped_names_the_setting(tmp_path: Path) -> None:
+    """Every serve flag typed as a key of the file: a setting, or an error naming the setting it is (`token`,
+    `cache`, `no_cache` were "unknown setting(s)" without a hint, where a mistyped variable gets one)."""
+    serve = build_parser()._subparsers._group_actions[0].choices["serve"]  # type: ignore[union-attr]
+    checked = 0
+    for action in serve._actions:
+        for option in action.option_strings:
+            key = option.removeprefix("--").replace("-", "_")
+            if key in ServeSettings.model_fields or option in ("-h", "--help", "--config"):
+                continue
+            value = "true" if isinstance(action, argparse.BooleanOptionalAction) else '["a=b"]'
+            with pytest.raises(SettingsFileError) as info:
+                load_settings(flags("--config", str(write_config(tmp_path, f"{key} = {value}\n"))))
+            hint = f"{action.dest} = false" if option.startswith("--no-") else action.dest
+            assert f"unknown setting(s) {key} (did you mean {hint}?)" in str(info.value), option
+            checked += 1
+    assert checked == 6  # --token, --cache and the --no- flags of the 4 on/off settings
+    with pytest.raises(SettingsFileError, match=r"unknown setting\(s\) max_queeue \(did you mean max_queue\?\)"):
+        load_settings(flags("--config", str(write_config(tmp_path, "max_queeue = 1\n"))))
 
 
 def test_token_errors_name_the_line_and_the_problem_never_the_token(tmp_path: Path) -> None:

@@ -67,6 +67,7 @@ DEFAULT_MAX_CONNECTIONS = 512  # = service.connections.DEFAULT_MAX_CONNECTIONS
 DEFAULT_HEADER_TIMEOUT = 10.0  # = service.connections.DEFAULT_HEADER_TIMEOUT
 
 LogLevel = Literal["critical", "error", "warning", "info", "debug"]
+FLAG_KEYS = {"token": "tokens", "cache": "response_cache"}  # serve's flags named otherwise than their setting
 
 # the values of the TOML file being read, for the file source (a context variable: no class-level state)
 LIST_FIELDS = ("card", "tokens", "model")  # settings that are lists: comma-separated in a variable
@@ -359,9 +360,14 @@ def read_config_file(path: Path) -> dict[str, Any]:
     values = {key.replace("-", "_"): value for key, value in raw.items()}
     unknown = sorted(key for key in values if key not in ServeSettings.model_fields)
     if unknown:
-        raise SettingsFileError(f"{path}: unknown setting(s) {', '.join(unknown)} (see 'int8serve serve --help')")
+        named = ", ".join(key + (f" (did you mean {hint}?)" if (hint := _key_hint(key)) else "") for key in unknown)
+        raise SettingsFileError(f"{path}: unknown setting(s) {named}; see 'int8serve serve --help'")
     for key in LIST_FIELDS:  # a TOML string is one entry (a path may hold a comma); lists are TOML arrays
         if isinstance(values.get(key), str):
+            problem = _several_entries(key, values[key])
+            if problem:
+                raise SettingsFileError(f"{key} in {path}: one string is one entry ({problem}); for several write a "
+                                        f'list: {key} = ["...", "..."]')
             values[key] = [values[key]]
     if isinstance(values.get("daily_neurons"), bool):  # true: as the flag alone; false: off
         values["daily_neurons"] = float(DEFAULT_DAILY_NEURONS) if values["daily_neurons"] else None
@@ -370,6 +376,33 @@ def read_config_file(path: Path) -> dict[str, Any]:
         if problem:
             raise SettingsFileError(f"{path}: {key} = {_shown_input(key, value)}: {problem}")
     return values
+
+
+def _key_hint(key: str) -> str | None:
+    """The setting an unknown key of the file likely means: a flag's name that is not its setting's (`token`,
+    `cache`, `no_cache`: `response_cache = false`), else the closest setting's name."""
+    fields = ServeSettings.model_fields
+    if key in FLAG_KEYS:
+        return FLAG_KEYS[key]
+    negated = FLAG_KEYS.get(key.removeprefix("no_"), key.removeprefix("no_"))
+    if key.startswith("no_") and negated in fields and fields[negated].annotation is bool:
+        return f"{negated} = false"
+    close = difflib.get_close_matches(key, [*fields, *FLAG_KEYS], n=1)
+    return FLAG_KEYS.get(close[0], close[0]) if close else None
+
+
+def _several_entries(key: str, value: str) -> str | None:
+    """Why a list setting's string in the file, holding a comma, reads as several entries written as one (it was
+    split on commas before a path could hold one), else None."""
+    if "," not in value:
+        return None
+    if key == "tokens":  # an account id holds no comma
+        return "its account id would hold a comma" if "," in value.partition("=")[2] else None
+    try:
+        source = parse_model_entry(value).source if key == "model" else value
+    except ModelSpecError:
+        source = value
+    return None if source is None or Path(source).expanduser().exists() else f"no file or folder {value!r}"
 
 
 def _file_type_problem(field: str, value: Any) -> str | None:
