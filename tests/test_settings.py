@@ -421,3 +421,25 @@ def test_every_command_warns_of_an_unknown_variable_once_and_goes_on(command: li
     if command[0] == "serve":
         settings = cli.serve_settings(ran[0]).settings
         assert (settings.max_queue, settings.port) == (3, 2222)
+
+
+def test_a_renamed_variable_is_read_under_its_new_name(tmp_path: Path, monkeypatch: pytest.MonkeyPatch,
+                                                       capsys: pytest.CaptureFixture[str]) -> None:
+    """INT8SERVE_DATA became INT8SERVE_DATA_DIR (a74ee7a): an old deployment's INT8SERVE_DATA was warned of as a typo
+    and the server started on ./data, leaving its ledger and the spool of rows not yet written aside."""
+    old = tmp_path / "old-data"
+    monkeypatch.setenv("INT8SERVE_DATA", str(old))
+    loaded = load_settings(flags())
+    assert (loaded.settings.data_dir, loaded.sources["data_dir"]) == (old, "env")
+    assert load_settings(flags("--data-dir", str(tmp_path / "flag"))).settings.data_dir == tmp_path / "flag"
+    monkeypatch.setitem(cli.COMMANDS, "serve", lambda args: None)
+    main(["serve"])
+    assert capsys.readouterr().err == ("int8serve serve: warning: INT8SERVE_DATA is the old name of "
+                                       "INT8SERVE_DATA_DIR: serve reads it as INT8SERVE_DATA_DIR while "
+                                       "INT8SERVE_DATA_DIR is not set; rename it to INT8SERVE_DATA_DIR\n")
+    monkeypatch.setenv("INT8SERVE_DATA_DIR", str(old))  # the same: fine
+    assert load_settings(flags()).settings.data_dir == old
+    monkeypatch.setenv("INT8SERVE_DATA_DIR", str(tmp_path / "new-data"))  # which one holds the ledger? refused
+    with pytest.raises(ValueError, match=rf"^INT8SERVE_DATA={old} and INT8SERVE_DATA_DIR={tmp_path}/new-data are "
+                                         r"both set: INT8SERVE_DATA is the old name of INT8SERVE_DATA_DIR"):
+        load_settings(flags())

@@ -55,6 +55,10 @@ CONFIG_ENV = ENV_PREFIX + "CONFIG"
 ENGINE_VARIABLES = frozenset({
     "INT8SERVE_CACHE", "INT8SERVE_KERNELS", "INT8SERVE_KERNEL", "INT8SERVE_ATTENTION", "INT8SERVE_ACTIVATION",
     "INT8SERVE_PREFILL_MATMUL", "INT8SERVE_DECODE_PLAN"})
+# variables renamed since a release: the old name is read as the new one while the new one is unset (with a
+# warning), and both set to different values stop serve, so that a deployment keeps its data dir (its usage ledger
+# and the spool of rows not yet written) instead of starting on ./data beside it
+RENAMED_VARIABLES = {"INT8SERVE_DATA": "INT8SERVE_DATA_DIR"}  # a74ee7a
 TEST_VARIABLE_PREFIX = ENV_PREFIX + "TEST_"  # the test suite's own (tests/), never read by the package
 UNKNOWN_VARIABLE_HINT = "'int8serve serve --help' names each setting's variable"
 # = service.policy.settings.DEFAULT_CACHE_TTL_SECONDS / DEFAULT_DAILY_NEURONS / DEFAULT_DATABASE_TIMEOUT, repeated so
@@ -308,7 +312,8 @@ def env_name(field: str) -> str:
 
 def known_variables() -> frozenset[str]:
     """Every INT8SERVE_* variable int8serve reads: one per setting of `serve`, the config file's, the engine's."""
-    return frozenset({CONFIG_ENV, *ENGINE_VARIABLES, *(env_name(name) for name in ServeSettings.model_fields)})
+    return frozenset({CONFIG_ENV, *ENGINE_VARIABLES, *RENAMED_VARIABLES,
+                      *(env_name(name) for name in ServeSettings.model_fields)})
 
 
 def unknown_variable_warnings(environ: Mapping[str, str]) -> list[str]:
@@ -322,6 +327,11 @@ def unknown_variable_warnings(environ: Mapping[str, str]) -> list[str]:
     for name in sorted(environ):
         upper = name.upper()
         if not upper.startswith(ENV_PREFIX) or upper.startswith(TEST_VARIABLE_PREFIX):
+            continue
+        if upper in RENAMED_VARIABLES:
+            new = RENAMED_VARIABLES[upper]
+            warnings.append(f"{name} is the old name of {new}: serve reads it as {new} while {new} is not set; "
+                            f"rename it to {new}")
             continue
         if name in known or upper in settings_variables:
             continue
@@ -458,10 +468,12 @@ def load_settings(flags: Mapping[str, Any]) -> LoadedSettings:
     config_file = Path(config) if config is not None else None
     file_values = read_config_file(config_file) if config_file is not None else {}
     env_keys = {key.upper() for key in os.environ if key.upper().startswith(ENV_PREFIX)}
+    renamed = {name: value for name, value in renamed_settings(os.environ).items() if name not in flags}
+    env_keys |= {env_name(name) for name in renamed}
     sources = {name: _source(name, flags, env_keys, file_values) for name in ServeSettings.model_fields}
     marker = _file_values.set(file_values)
     try:
-        settings = ServeSettings(**flags)
+        settings = ServeSettings(**renamed, **flags)
     except ValidationError as err:
         raise ValueError(_explain(err, sources, config_file)) from None
     except SettingsError as err:
@@ -469,6 +481,21 @@ def load_settings(flags: Mapping[str, Any]) -> LoadedSettings:
     finally:
         _file_values.reset(marker)
     return LoadedSettings(settings, sources, config_file)
+
+
+def renamed_settings(environ: Mapping[str, str]) -> dict[str, str]:
+    """The settings given by the old names of their variables (RENAMED_VARIABLES), as the new names would give them;
+    ValueError when an old and a new name are both set to different values (which data dir is in use?)."""
+    upper = {name.upper(): value for name, value in environ.items()}
+    values = {}
+    for old, new in RENAMED_VARIABLES.items():
+        if not upper.get(old, "").strip():
+            continue
+        if upper.get(new, "").strip() and upper[new] != upper[old]:
+            raise ValueError(f"{old}={upper[old]} and {new}={upper[new]} are both set: {old} is the old name of "
+                             f"{new}; keep the one in use and unset the other")
+        values[new.removeprefix(ENV_PREFIX).lower()] = upper[old]
+    return values
 
 
 def _source(name: str, flags: Mapping[str, Any], env_keys: set[str], file_values: Mapping[str, Any]) -> str:
