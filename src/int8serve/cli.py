@@ -177,7 +177,8 @@ def _add_serve_parser(commands: argparse._SubParsersAction) -> None:
                                                            help=help_text(field), **kwargs)
 
     serve.add_argument("--config", type=Path, default=argparse.SUPPRESS, metavar="FILE",
-                       help="a TOML file of settings (keys as the flags, e.g. max_queue = 64; numbers as numbers, "
+                       help="a TOML file of settings (keys as the variables' names in lower case, e.g. max_queue = 64, "
+                            "tokens = [...] for --token, response_cache = false for --no-cache; numbers as numbers, "
                             "on/off as true/false) [env INT8SERVE_CONFIG]")
     option("--model", field="model", action="append", metavar="PATH|NAME=PATH")
     option("--dtype", field="dtype", choices=["int8", "fp32"])
