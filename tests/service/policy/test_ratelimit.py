@@ -3,6 +3,7 @@ headers on every answer, and what the official SDK sees."""
 
 from __future__ import annotations
 
+import asyncio
 import time
 from collections.abc import Callable
 from typing import Any
@@ -10,10 +11,13 @@ from typing import Any
 import cloudflare
 import httpx
 import pytest
+import redis.asyncio
 from cloudflare import Cloudflare
 
+from int8serve.service.policy.ratelimit import ReplicaCount
+
 from ..conftest import ACCOUNT, MODEL, OTHER_ACCOUNT, OTHER_TOKEN, SCRIPTED_MODEL, TOKEN
-from .conftest import ACCOUNTS, STAGING_ACCOUNT, PolicyServer
+from .conftest import ACCOUNTS, STAGING_ACCOUNT, PolicyServer, RedisServer
 
 RATE_MESSAGE = "rate limiting: inference request per min rate reached"
 SMALL = {"prompt": "Once upon a time", "raw": True, "max_tokens": 2, "temperature": 0}
@@ -153,3 +157,29 @@ def test_the_in_process_window_ignores_wall_clock_steps(policy_server: Callable[
     assert refused.status_code == 429 and 1 <= int(refused.headers["retry-after"]) <= 2
     time.sleep(max(0.0, admitted + 2.1 - time.monotonic()))
     assert server.post("acct-e", SMALL).status_code == 200
+
+
+def test_a_replica_stepped_back_an_hour_goes_on_stamping_and_counting(private_redis: RedisServer,
+                                                                     monkeypatch: pytest.MonkeyPatch) -> None:
+    """When a replica next stamps itself is `every` seconds of the monotonic clock: after its wall clock stepped
+    back an hour it still stamps itself, at the new wall-clock time, and counts a replica that joined meanwhile (it
+    did neither for that hour: its next stamp was due at the old wall-clock time plus `every`)."""
+
+    async def scenario() -> tuple[int, float | None]:
+        client = redis.asyncio.Redis(port=private_redis.port)
+        wall = lambda: time.time()  # noqa: E731 (read at each call: the step below moves it)
+        first = ReplicaCount(client, "replicas", every=0.05, clock=wall)
+        await first.refresh()
+        assert first.count == 1
+        step_wall_clock(monkeypatch, -3600)
+        joined = ReplicaCount(client, "replicas", every=0.05, clock=wall)
+        await joined.refresh()
+        await asyncio.sleep(0.1)
+        await first.refresh()
+        stamp = await client.zscore("replicas", first.member)
+        await client.aclose()
+        return first.count, stamp
+
+    count, stamp = asyncio.run(scenario())
+    assert count == 2
+    assert stamp is not None and abs(stamp - (REAL_TIME() - 3600)) < 5  # the wall-clock time, as stepped

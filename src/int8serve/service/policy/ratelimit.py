@@ -100,21 +100,26 @@ class MonotonicMemoryStorage(MemoryStorage):
 class ReplicaCount:
     """How many replicas share this Redis. While Redis answers, each replica stamps itself (at most once every
     `every` seconds, on an admission) in the sorted set `key` with the time, drops the stamps older than
-    REPLICA_TTL_SECONDS, and reads how many are left. While Redis is away the last count stands."""
+    REPLICA_TTL_SECONDS, and reads how many are left. While Redis is away the last count stands.
+
+    The stamps are wall-clock times (`clock`), which every replica compares; when the next one is due is a
+    duration of this replica's own, on the monotonic clock (`timer`): a wall clock stepped back an hour stopped the
+    replica stamping itself and counting the others for that hour."""
 
     def __init__(self, client: redis.asyncio.Redis, key: str, every: float = 5.0,
-                 clock: Callable[[], float] = time.time) -> None:
-        self.client, self.key, self.every, self._clock = client, key, every, clock
+                 clock: Callable[[], float] = time.time, timer: Callable[[], float] = time.monotonic) -> None:
+        self.client, self.key, self.every, self._clock, self._timer = client, key, every, clock, timer
         self.member = uuid.uuid4().hex
         self.count = 1
-        self._next = 0.0
+        self._next: float | None = None  # on the timer
 
     async def refresh(self) -> None:
         """Stamp this replica and count the live ones, if due; a failure keeps the last count."""
-        now = self._clock()
-        if now < self._next:
+        due = self._timer()
+        if self._next is not None and due < self._next:
             return
-        self._next = now + self.every
+        self._next = due + self.every
+        now = self._clock()
         try:
             async with self.client.pipeline(transaction=True) as pipe:
                 pipe.zadd(self.key, {self.member: now})
