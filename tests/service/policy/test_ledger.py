@@ -112,6 +112,11 @@ def test_usage_endpoint_and_account_isolation(policy_server: Callable[..., Polic
     assert resp.status_code == 200 and resp.headers["content-type"] == "application/json"
     result = resp.json()["result"]
     assert result["account_id"] == "acct-a" and result["daily_allocation"] is None
+    # the default period in whole seconds, as docs/policy.md shows it: 30 days up to now rounded up (the clock is a
+    # few microseconds past noon, the rows too)
+    noon = datetime.combine(utc_clock().date(), datetime.min.time()) + timedelta(hours=12)
+    assert (result["since"], result["until"]) == (f"{(noon - timedelta(days=30)).date()}T12:00:01Z",
+                                                  f"{noon.date()}T12:00:01Z")
     totals = result["totals"]
     assert totals["requests"] == 5 and totals["cached_requests"] == 1
     assert totals["input_tokens"] == sum(r["input_tokens"] for r in rows)
@@ -410,6 +415,15 @@ def test_a_time_whose_offset_leaves_the_calendar_is_a_400(since: str, until: str
     with pytest.raises(ApiError) as refused:
         parse_period(since, until)
     assert (refused.value.status, refused.value.code) == (400, 1001)
+
+
+def test_the_default_period_is_in_whole_seconds() -> None:
+    """Its end is now rounded up to a second (a row written this second is in), its start 30 days before; a time
+    given keeps its fraction."""
+    now = datetime(2026, 11, 6, 14, 55, 53, 444184)
+    assert parse_period(None, None, now) == (datetime(2026, 10, 7, 14, 55, 54), datetime(2026, 11, 6, 14, 55, 54))
+    assert parse_period(None, None, now.replace(microsecond=0))[1] == now.replace(microsecond=0)
+    assert parse_period("2026-11-06T14:00:00.5Z", None, now)[0] == datetime(2026, 11, 6, 14, 0, 0, 500000)
 
 
 def test_the_last_day_of_the_calendar_is_a_whole_day() -> None:

@@ -5,7 +5,8 @@ Only the caller's own account can be read: the route authenticates the token aga
 
 * `since` / `until` accept a date (`2024-05-01`), an ISO 8601 time (`2024-05-01T12:00:00Z`, an offset, or no zone
   = UTC) or unix seconds; a date as `until` includes that whole day;
-* the default is the last 30 days up to now.
+* the default is the last 30 days up to now, in whole seconds: `until` is now rounded up to the next second (so
+  that a row written a moment ago is in), `since` 30 days before it.
 
 The result holds the totals (requests, cached requests, input/output tokens, neurons) over the period, by model and
 by UTC day, plus the daily allocation when it is on. Every row of the ledger counts as a request: complete,
@@ -30,12 +31,17 @@ DEFAULT_PERIOD_START = datetime.min + DEFAULT_PERIOD
 
 def parse_period(since: str | None, until: str | None, now: datetime | None = None) -> tuple[datetime, datetime]:
     """(since, until) as naive UTC datetimes; 400/1001 when unreadable or empty."""
-    now = now or utc_now()
-    end = _parse_time(until, "until", end_of_day=True) if until else now
+    end = _parse_time(until, "until", end_of_day=True) if until else _whole_second_up(now or utc_now())
     start = _parse_time(since, "since", end_of_day=False) if since else max(end, DEFAULT_PERIOD_START) - DEFAULT_PERIOD
     if start >= end:
         raise ApiError(BAD_QUERY, name="since", problem="must be earlier than 'until'")
     return start, end
+
+
+def _whole_second_up(value: datetime) -> datetime:
+    """`value` rounded up to a whole second (the period ends before `until`: every row up to `value` is in)."""
+    whole = value.replace(microsecond=0)
+    return whole if whole == value else whole + timedelta(seconds=1)
 
 
 def _parse_time(raw: str, name: str, *, end_of_day: bool) -> datetime:

@@ -74,8 +74,10 @@ async def model_schema(account: Account, app: Services, model: str | None = None
 @router.get("/accounts/{account_id}/ai/usage", summary="The account's metered usage")
 async def usage(account: Account, app: Services,
                 since: Annotated[str | None, Query(max_length=64, description="a date, ISO 8601 time or unix "
-                                                                              "seconds (default: 30 days ago)")] = None,
-                until: Annotated[str | None, Query(max_length=64, description="as since (default: now)")] = None
+                                                                              "seconds (default: 30 days before "
+                                                                              "until)")] = None,
+                until: Annotated[str | None, Query(max_length=64, description="as since (default: now, rounded up "
+                                                                              "to a whole second)")] = None
                 ) -> Response:
     start, end = parse_period(since, until)
     policy = app.policy
