@@ -199,8 +199,9 @@ class ServeSettings(BaseSettings):
                                                     "(redis://host:6379/0; ?key_prefix=NAME namespaces the keys). "
                                                     "Default: in this process")
     database_url: str | None = Field(None, description="the usage ledger's database, a SQLAlchemy URL such as "
-                                                       "postgresql+psycopg://user@host:5432/db. Default: a SQLite "
-                                                       "file in the data dir")
+                                                       "postgresql+psycopg://user@host:5432/db (its driver: pip "
+                                                       "install 'int8serve[postgres]'). Default: a SQLite file in "
+                                                       "the data dir")
     data_dir: Path = Field(Path("data"), description="where this server keeps its ledger (without a database URL) "
                                                      "and the ledger's spool; one per server")
     database_timeout: float = Field(DEFAULT_DATABASE_TIMEOUT, gt=0, allow_inf_nan=False,

@@ -11,6 +11,7 @@ import dataclasses
 import json
 import logging
 import math
+import sys
 from datetime import datetime
 from pathlib import Path
 
@@ -216,6 +217,21 @@ def test_a_table_of_the_ledgers_name_with_other_columns_is_refused_at_start(data
     assert "int8serve_usage exists with other columns" in message
     assert "missing: time, day, model" in message
     Policy.build(PolicySettings(database_url=database_url, data_dir=tmp_path / "data", ledger_table="other")).close()
+
+
+def test_a_missing_postgresql_driver_names_the_extra_that_installs_it(tmp_path: Path,
+                                                                       monkeypatch: pytest.MonkeyPatch) -> None:
+    """psycopg is not a dependency of int8serve but of its `postgres` extra: without it a PostgreSQL URL was
+    "invalid database URL ...: No module named 'psycopg'", and nothing said how to get it."""
+    monkeypatch.setitem(sys.modules, "psycopg", None)  # as where it is not installed: importing it fails
+    with pytest.raises(PolicyStartupError) as refused:
+        Policy.build(PolicySettings(database_url="postgresql+psycopg://app@db.internal/usage", data_dir=tmp_path))
+    message = str(refused.value)
+    assert message.startswith("invalid database URL 'postgresql+psycopg://app@db.internal/usage': ")
+    assert message.endswith("(the driver comes with the 'postgres' extra: pip install 'int8serve[postgres]')")
+    with pytest.raises(PolicyStartupError) as unknown:  # a URL no extra helps with says no such thing
+        Policy.build(PolicySettings(database_url="nosuchdb://x", data_dir=tmp_path))
+    assert str(unknown.value).startswith("invalid database URL") and "pip install" not in str(unknown.value)
 
 
 @pytest.mark.parametrize("folder", ["q?1", "e%41f"])

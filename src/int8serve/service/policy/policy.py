@@ -38,6 +38,8 @@ __all__ = ["LEDGER_FILE", "SPOOL_FILE", "Policy", "PolicyStartupError"]
 
 LEDGER_FILE = "usage.sqlite3"
 SPOOL_FILE = "ledger-spool.jsonl"
+# database drivers that an extra of int8serve installs (pyproject.toml), by the module a URL's driver imports
+DRIVER_EXTRAS = {"psycopg": "postgres"}
 
 
 class PolicyStartupError(Exception):
@@ -150,6 +152,13 @@ def _limiter_and_cache(settings: PolicySettings, target: RedisTarget | None, gua
                           scope=settings.cache_scope))
 
 
+def _extra_hint(err: Exception) -> str:
+    """How to install a database driver that is missing, when an extra of int8serve has it."""
+    module = (getattr(err, "name", None) or "").partition(".")[0] if isinstance(err, ImportError) else ""
+    extra = DRIVER_EXTRAS.get(module)
+    return f" (the driver comes with the {extra!r} extra: pip install 'int8serve[{extra}]')" if extra else ""
+
+
 def _ledger(settings: PolicySettings) -> tuple[Ledger, str, str]:
     data_dir = settings.data_dir
     spool: Spool = MemorySpool()
@@ -179,7 +188,8 @@ def _ledger(settings: PolicySettings) -> tuple[Ledger, str, str]:
         ledger.create_schema()
     except (sa.exc.ArgumentError, sa.exc.NoSuchModuleError, ImportError, ValueError) as err:
         spool.close()
-        raise PolicyStartupError(f"invalid database URL {shown!r}: {without(str(err), url)}") from None
+        raise PolicyStartupError(f"invalid database URL {shown!r}: {without(str(err), url)}{_extra_hint(err)}"
+                                 ) from None
     except sa.exc.SQLAlchemyError as err:
         spool.close()
         raise PolicyStartupError(f"cannot use the ledger database {shown}: {without(short_error(err), url)}"
