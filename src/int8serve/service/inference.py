@@ -15,7 +15,8 @@ engine is given back at that moment. The drain on shutdown waits for these tasks
 
 What each step does to the answer:
 
-* every answer gets `cf-aig-cache-status` (HIT or MISS) and, once the account's limit is known, the
+* every answer (authentication has passed: the route's dependency answers its failures, without these headers)
+  gets `cf-aig-cache-status` (HIT or MISS) and, once the account's limit is known, the
   `x-ratelimit-*-requests` headers — errors included (an answer that does not count shows the window unchanged);
 * admission refuses with 429/3036 (allocation used up) or 429/3021 (`Retry-After`); neither is counted. An admitted
   request holds its worst case against the daily allocation until `finish` (or until it leaves before the engine

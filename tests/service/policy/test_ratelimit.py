@@ -86,7 +86,8 @@ def test_card_and_operator_overrides(policy_server: Callable[..., PolicyServer],
 def test_what_counts_and_headers_on_every_answer(policy_server: Callable[..., PolicyServer],
                                                  backend: dict[str, Any]) -> None:
     """Refused bodies (400) do not count but show the window; a request admitted and then found too long for the
-    context (413/5021) counts; so do answers and cache hits; a 401 has no account, so no window."""
+    context (413/5021) counts; so do answers and cache hits; the answers of authentication (400/9106, 401, 403)
+    have no account, so no window, and no cache status either (README, docs/policy.md: "past authentication")."""
     server = policy_server(account_rpm={"acct-a": 4}, **backend)
     for body in ({}, {"prompt": ""}, {"prompt": "x", "temperature": 9}, "not an object"):
         resp = server.post("acct-a", body)
@@ -105,7 +106,13 @@ def test_what_counts_and_headers_on_every_answer(policy_server: Callable[..., Po
     refused = server.post("acct-a", SMALL)
     assert refused.status_code == 429 and int(refused.headers["retry-after"]) >= 1
     unauthenticated = server.http.post(server.run_url("acct-a"), json=SMALL, headers={"Authorization": "Bearer no"})
-    assert unauthenticated.status_code == 401 and "x-ratelimit-limit-requests" not in unauthenticated.headers
+    missing = server.http.post(server.run_url("acct-a"), json=SMALL)
+    forbidden = server.http.post(server.run_url("acct-b"), json=SMALL, headers={"Authorization": "Bearer tok-acct-a"})
+    for refused_auth, (status, code) in ((unauthenticated, (401, 10000)), (missing, (400, 9106)),
+                                         (forbidden, (403, 10000))):
+        assert (refused_auth.status_code, refused_auth.json()["errors"][0]["code"]) == (status, code)
+        assert "x-ratelimit-limit-requests" not in refused_auth.headers
+        assert "cf-aig-cache-status" not in refused_auth.headers
 
 
 def test_sdk_default_retries_wait_out_the_window(policy_server: Callable[..., PolicyServer]) -> None:
