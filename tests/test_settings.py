@@ -16,11 +16,13 @@ from int8serve.settings import (
     CONFIG_ENV,
     DEFAULT_CACHE_TTL,
     DEFAULT_DAILY_NEURONS,
+    ENGINE_VARIABLE_HELP,
     ENGINE_VARIABLES,
     ServeSettings,
     SettingsFileError,
     env_name,
     flag_name,
+    help_text,
     known_variables,
     load_settings,
     unknown_variable_warnings,
@@ -201,6 +203,52 @@ def test_help_documents_every_setting_with_its_variable(capsys: pytest.CaptureFi
         assert env_name(name) in text, name
         assert " ".join(info.description.split()[:6]) in text, name
     assert "INT8SERVE_CONFIG" in text and "--config" in text
+
+
+def test_help_says_each_default_once_and_each_bound(capsys: pytest.CaptureFixture[str]) -> None:
+    """A default said in words ("Default: the built-in model ...") is not followed by a bare "default: none"; every
+    bound of a setting beyond its type's (at least 1 or 16, at most 2592000, ...) is in its help, as the code checks
+    it; and what the help says of signals and queues is what the server does."""
+    for name, info in ServeSettings.model_fields.items():
+        text = help_text(name)
+        assert ("Default:" in info.description) != ("; default:" in text), text
+        for bound in info.metadata:
+            if least := getattr(bound, "ge", 0):
+                assert f"at least {least}" in info.description or f"{least} to " in info.description, name
+            if most := getattr(bound, "le", None):
+                assert f"at most {most}" in info.description or f" to {most}" in info.description, name
+    assert "SIGTERM, SIGINT or SIGHUP" in help_text("shutdown_timeout")  # server.py drains on each
+    assert "per model" in help_text("max_queue")  # each served model's engine has its own queue
+    with pytest.raises(SystemExit):
+        main(["serve", "--help"])
+    assert "default: none" not in " ".join(capsys.readouterr().out.split()).split("--model PATH|NAME=PATH")[1][:900]
+
+
+@pytest.mark.parametrize("command", ["serve", "generate", "quantize", "eval-ppl"])
+def test_every_commands_help_lists_the_engine_variables_with_their_values(command: str,
+                                                                          capsys: pytest.CaptureFixture[str]
+                                                                          ) -> None:
+    with pytest.raises(SystemExit):
+        main([command, "--help"])
+    text = "".join(capsys.readouterr().out.split())  # argparse wraps lines, and breaks them at a hyphen
+    assert set(ENGINE_VARIABLE_HELP) == ENGINE_VARIABLES
+    for name, (values, what) in ENGINE_VARIABLE_HELP.items():
+        assert f"{name}={'|'.join(values)}:{''.join(what.split())}" in text, name
+
+
+def test_the_engine_variables_values_in_the_help_are_the_engines() -> None:
+    """--help lists them without importing torch; these are the values the engine takes."""
+    from int8serve.engine import decode_plan, kernels
+    from int8serve.engine.kernels import activation, attention, matmul
+
+    taken = {"INT8SERVE_KERNEL": set(kernels._IMPLS), "INT8SERVE_ATTENTION": set(attention.SETTINGS),
+             "INT8SERVE_ACTIVATION": set(activation.IMPLS), "INT8SERVE_PREFILL_MATMUL": set(matmul.SETTINGS),
+             "INT8SERVE_DECODE_PLAN": set(decode_plan.SETTINGS)}
+    assert kernels.ENV_PATH == "INT8SERVE_KERNEL" and attention.ENV == "INT8SERVE_ATTENTION"
+    assert activation.ENV == "INT8SERVE_ACTIVATION" and matmul.ENV == "INT8SERVE_PREFILL_MATMUL"
+    assert decode_plan.ENV == "INT8SERVE_DECODE_PLAN"
+    for name, values in taken.items():
+        assert set(ENGINE_VARIABLE_HELP[name][0]) == values, name
 
 
 def test_summary_says_where_each_value_came_from_and_hides_secrets(tmp_path: Path,

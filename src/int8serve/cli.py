@@ -41,6 +41,7 @@ from .settings import (
     LoadedSettings,
     ServeSettings,
     SettingsFileError,
+    engine_variables_help,
     kv_cache_problem,
     load_settings,
     unknown_variable_warnings,
@@ -139,6 +140,8 @@ def build_parser() -> argparse.ArgumentParser:
     ppl.add_argument("--compare-to", choices=["fp32"], default=None, help="reference to compare against")
     ppl.add_argument("--max-windows", type=int, default=None, help="stop after this many windows")
     _add_quantization(ppl)
+    for command in commands.choices.values():  # (serve's formatter keeps the lines, the others' make a paragraph)
+        command.epilog = engine_variables_help()
     return parser
 
 

@@ -59,6 +59,24 @@ ENGINE_VARIABLES = frozenset({
 # warning), and both set to different values stop serve, so that a deployment keeps its data dir (its usage ledger
 # and the spool of rows not yet written) instead of starting on ./data beside it
 RENAMED_VARIABLES = {"INT8SERVE_DATA": "INT8SERVE_DATA_DIR"}  # a74ee7a
+
+# what each engine variable takes and does, for the commands' --help (engine_variables_help); the values are those
+# of engine/kernels/__init__.py, attention.py, activation.py, matmul.py and decode_plan.py, repeated so that --help
+# imports no torch (tests/test_settings.py checks they agree, and that every engine variable is here)
+ENGINE_VARIABLE_HELP: dict[str, tuple[tuple[str, ...], str]] = {
+    "INT8SERVE_CACHE": (("DIR",), "where compiled kernels, int8 copies of models and the built-in model are kept "
+                                  "(default: $XDG_CACHE_HOME/int8serve, else ~/.cache/int8serve)"),
+    "INT8SERVE_KERNELS": (("0",), "no C++ kernels: torch's paths only (slower)"),
+    "INT8SERVE_KERNEL": (("auto", "amx", "vnni512", "avxvnni", "avx2", "scalar"),
+                         "the int8 matmul kernel's path (auto: the best this CPU has)"),
+    "INT8SERVE_ATTENTION": (("auto", "avx512", "avx2", "scalar", "torch"),
+                            "decode attention's path (torch: row by row in torch)"),
+    "INT8SERVE_ACTIVATION": (("auto", "avx512", "avx2", "scalar"), "the feed-forward's silu(gate) * up path"),
+    "INT8SERVE_PREFILL_MATMUL": (("auto", "row-exact", "bf16", "dense", "int8"),
+                                 "how prefill chunks multiply (README, \"How the engine works\")"),
+    "INT8SERVE_DECODE_PLAN": (("auto", "off"), "whether decode steps replay a fixed list of kernel calls (off: "
+                                               "every step through the modules)"),
+}
 TEST_VARIABLE_PREFIX = ENV_PREFIX + "TEST_"  # the test suite's own (tests/), never read by the package
 UNKNOWN_VARIABLE_HINT = "'int8serve serve --help' names each setting's variable"
 # = service.policy.settings.DEFAULT_CACHE_TTL_SECONDS / DEFAULT_DAILY_NEURONS / DEFAULT_DATABASE_TIMEOUT, repeated so
@@ -126,7 +144,7 @@ class ServeSettings(BaseSettings):
                             "where prefill attends through SDPA on AMX tiles (Sapphire Rapids and later), which "
                             "read bf16 keys faster (a 1024-token prompt 1.09-1.10x); the start-up line says which. "
                             "With --dtype fp32 the cache stays fp32: any other choice than auto is an error")
-    threads: int | None = Field(None, ge=1, description="torch threads. Default: all cores")
+    threads: int | None = Field(None, ge=1, description="torch threads, at least 1. Default: all cores")
     card: Annotated[list[Path], NoDecode] = Field(
         default_factory=list, description="extra catalog card files (or folders of *.txt cards); the flag is "
                                           "repeatable, the variable comma-separated")
@@ -136,7 +154,7 @@ class ServeSettings(BaseSettings):
                                                       "the built-in model's card")
     # --- the server ---
     host: str = Field("127.0.0.1", min_length=1, description="address to listen on")
-    port: int = Field(8787, ge=0, le=65535, description="port to listen on")
+    port: int = Field(8787, ge=0, le=65535, description="port to listen on, 0 to 65535")
     tokens: Annotated[list[str], NoDecode] = Field(
         default_factory=list, description="API tokens as TOKEN=ACCOUNT_ID; the flag --token is repeatable, the "
                                           "variable comma-separated. With none (and no --tokens-file) a token is "
@@ -144,16 +162,17 @@ class ServeSettings(BaseSettings):
                                           f"{ACCOUNT_ID_RULE}")
     tokens_file: Path | None = Field(None, description="a UTF-8 file of TOKEN=ACCOUNT_ID lines (# comments "
                                                        "allowed), added to the tokens; a file with none is refused")
-    max_queue: int = Field(32, ge=0, description="requests that may wait for a free slot; beyond it 429 code 3040")
+    max_queue: int = Field(32, ge=0, description="requests that may wait for a free slot, per model (each has its "
+                                                 "own queue); beyond it 429 code 3040")
     prefix_cache: bool = Field(True, description="keep the keys and values of prompt prefixes (the default system "
                                                  "prompt, earlier turns of a chat) and prefill only what follows "
                                                  "them; exact: answers are the same bits without it "
                                                  "(--no-prefix-cache turns it off)")
-    prefix_cache_tokens: int | None = Field(None, ge=16, description="prompt tokens the prefix cache may hold. "
-                                            "Default: 1/16 of the slots' positions (512 for 4 x 2048), 0.25 GiB on "
-                                            "the 7B model")
-    prefill_chunk: int = Field(128, ge=1, description="prompt tokens per prefill step, so that running streams keep "
-                                                      "flowing")
+    prefix_cache_tokens: int | None = Field(None, ge=16, description="prompt tokens the prefix cache may hold, at "
+                                            "least 16. Default: 1/16 of the slots' positions (512 for 4 x 2048), "
+                                            "0.25 GiB on the 7B model")
+    prefill_chunk: int = Field(128, ge=1, description="prompt tokens per prefill step, at least 1, so that running "
+                                                      "streams keep flowing")
     solo_prefill_tokens: int | None = Field(None, ge=0, description="prompt tokens one prefill step may take when "
                                             "the prompt is alone in the server (nothing else running or waiting): "
                                             "whole chunks in one forward, the same bits as one by one, where the "
@@ -163,9 +182,9 @@ class ServeSettings(BaseSettings):
                                             "chunk a step (our int8 kernel gains ~2%). 0: one chunk a step. The "
                                             "start line says which")
     shutdown_timeout: float = Field(DEFAULT_SHUTDOWN_TIMEOUT, ge=0, allow_inf_nan=False,
-                                    description="on SIGTERM/SIGINT, seconds that requests in flight (streams "
-                                                "included) may take to finish before they are cut; new requests "
-                                                "get 503 meanwhile")
+                                    description="on SIGTERM, SIGINT or SIGHUP, seconds that requests in flight "
+                                                "(streams included) may take to finish before they are cut; new "
+                                                "requests get 503 meanwhile")
     log_level: LogLevel = Field("info", description="server log level")
     log_format: Literal["text", "json"] = Field("text", description="log lines as readable text or as one JSON "
                                                                     "object each; either way one line per request")
@@ -178,8 +197,8 @@ class ServeSettings(BaseSettings):
                                       "neurons billed to every account by id. Default: no token (anyone who can "
                                       "reach the port may read it)")
     # --- what one client may cost (docs/policy.md, "Hostile clients") ---
-    max_connections: int = Field(DEFAULT_MAX_CONNECTIONS, ge=1, description="open connections at most; beyond it "
-                                                                            "new requests get 503")
+    max_connections: int = Field(DEFAULT_MAX_CONNECTIONS, ge=1, description="open connections at most (at least "
+                                                                            "1); beyond it new requests get 503")
     header_timeout: float = Field(DEFAULT_HEADER_TIMEOUT, gt=0, allow_inf_nan=False,
                                   description="seconds a client may take to send a request's headers before its "
                                               "connection is closed")
@@ -219,8 +238,8 @@ class ServeSettings(BaseSettings):
     response_cache: bool = Field(True, description="serve repeated requests from the response cache when the card "
                                                    "allows it (--no-cache turns it off)")
     cache_ttl: int = Field(DEFAULT_CACHE_TTL, ge=1, le=30 * 24 * 3600,
-                           description="seconds a cached answer is served; a request's cf-aig-cache-ttl header may ask "
-                                       "for less, never for more")
+                           description="seconds a cached answer is served, 1 to 2592000 (30 days); a request's "
+                                       "cf-aig-cache-ttl header may ask for less, never for more")
     cache_scope: Literal["account", "global"] = Field(
         "account", description="account: each account is answered from its own cached answers only; global: "
                                "identical requests of different accounts share answers (one trusted tenant only: an "
@@ -317,6 +336,13 @@ def known_variables() -> frozenset[str]:
                       *(env_name(name) for name in ServeSettings.model_fields)})
 
 
+def engine_variables_help() -> str:
+    """The engine's variables, one a line, for the epilog of every command's --help (each line ends with ';' or '.'
+    so that it still reads where argparse joins the lines into one paragraph)."""
+    lines = [f"  {name}={'|'.join(values)}:\n      {what}" for name, (values, what) in ENGINE_VARIABLE_HELP.items()]
+    return "engine variables (every command's engine reads them):\n" + ";\n".join(lines) + "."
+
+
 def unknown_variable_warnings(environ: Mapping[str, str]) -> list[str]:
     """A warning for each INT8SERVE_* variable of `environ` that int8serve does not read (a typo, or a variable of
     another version), naming the known variable closest to it, if one is close. The settings' variables are read in
@@ -348,11 +374,13 @@ def flag_name(field: str) -> str:
 
 
 def help_text(field: str) -> str:
-    """A flag's help: the field's description, its variable and its default."""
+    """A flag's help: the field's description, its variable and its default, unless the description says the
+    default in words ("Default: ..."), where the value would be a bare "none"."""
     info = ServeSettings.model_fields[field]
     default = info.get_default(call_default_factory=True)
     shown = "none" if default is None or default in ([], {}) else default
-    return f"{info.description} [env {env_name(field)}; default: {shown}]".replace("%", "%%")
+    said = "Default:" in (info.description or "")
+    return f"{info.description} [env {env_name(field)}{'' if said else f'; default: {shown}'}]".replace("%", "%%")
 
 
 def read_config_file(path: Path) -> dict[str, Any]:
