@@ -12,6 +12,7 @@ import pytest
 
 from int8serve import cli
 from int8serve.cli import build_parser, main
+from int8serve.engine.quant_options import QUANTIZER_TIMES
 from int8serve.settings import (
     CONFIG_ENV,
     DEFAULT_CACHE_TTL,
@@ -249,6 +250,21 @@ def test_the_engine_variables_values_in_the_help_are_the_engines() -> None:
     assert decode_plan.ENV == "INT8SERVE_DECODE_PLAN"
     for name, values in taken.items():
         assert set(ENGINE_VARIABLE_HELP[name][0]) == values, name
+
+
+def test_the_quantizers_times_are_the_measured_ones_everywhere(capsys: pytest.CaptureFixture[str]) -> None:
+    """serve, quantize and eval-ppl say one thing of how long each quantizer takes (they said an hour, minutes,
+    seconds), and its figures are docs/benchmarks.md's and the README's."""
+    for command in ("serve", "quantize", "eval-ppl"):
+        with pytest.raises(SystemExit):
+            main([command, "--help"])
+        assert QUANTIZER_TIMES in " ".join(capsys.readouterr().out.split()), command
+    figures = re.findall(r"\d+ s\b", QUANTIZER_TIMES)
+    assert figures == ["581 s", "1395 s", "808 s"]
+    root = Path(__file__).parents[1]
+    for document in ("README.md", "docs/benchmarks.md"):
+        text = " ".join((root / document).read_text().split())
+        assert all(figure in text for figure in figures), document
 
 
 def test_summary_says_where_each_value_came_from_and_hides_secrets(tmp_path: Path,

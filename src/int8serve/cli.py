@@ -24,7 +24,7 @@ from .engine.chat_template import TEMPLATES, Segment
 from .engine.config import ConfigError
 from .engine.errors import CheckpointError, EngineVariableError
 from .engine.model_source import MODEL_HELP, resolve
-from .engine.quant_options import DEFAULT_GROUP_SIZE, DEFAULT_QUANTIZER, GROUP_SIZES, QUANTIZERS
+from .engine.quant_options import DEFAULT_GROUP_SIZE, DEFAULT_QUANTIZER, GROUP_SIZES, QUANTIZER_TIMES, QUANTIZERS
 from .engine.sampling_params import SamplingParams
 from .engine.tokenizer import AnyTokenizer, load_tokenizer
 from .model_specs import (
@@ -151,8 +151,8 @@ def _add_quantization(parser: argparse.ArgumentParser) -> None:
                              "(default: %(default)s; a pre-quantized checkpoint keeps its own)")
     parser.add_argument("--quantizer", choices=QUANTIZERS, default=DEFAULT_QUANTIZER,
                         help="how full-precision weights become int8: gptq moves each weight's rounding error onto "
-                             "the weights not yet rounded, calibrated on a text the package ships (more accurate; "
-                             "minutes for a 7B model); rtn rounds each weight to its nearest step (seconds) "
+                             "the weights not yet rounded, calibrated on a text the package ships (more accurate); "
+                             f"rtn rounds each weight to its nearest step (less accurate); {QUANTIZER_TIMES} "
                              "(default: %(default)s)")
 
 

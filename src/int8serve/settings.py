@@ -44,6 +44,7 @@ from pydantic_settings import (
 )
 
 from .accounts import ACCOUNT_ID_RULE, TOKEN_RULE, is_valid_account, is_valid_token
+from .engine.quant_options import QUANTIZER_TIMES
 from .model_specs import BUILTIN_CARD, DEFAULT_SERVED_MODEL, ModelSpecError, parse_model_entry
 from .redact import hide_password
 
@@ -132,8 +133,8 @@ class ServeSettings(BaseSettings):
     quantizer: Literal["gptq", "rtn"] = Field(
         "gptq", description="how a full-precision --model becomes int8 on its first start: gptq (each weight's "
                             "rounding error moved onto the weights not yet rounded, calibrated on a text the "
-                            "package ships: more accurate; about an hour for a 7B model on 2 cores) or rtn (each "
-                            "weight rounded to its nearest step: minutes). Later starts load the cached copy")
+                            "package ships: more accurate) or rtn (each weight rounded to its nearest step: less "
+                            f"accurate); {QUANTIZER_TIMES}. Later starts load the cached copy")
     kv_cache: Literal["auto", "bf16", "fp16", "int8"] = Field(
         "auto", description="how int8 models keep each key and value: fp16 (bf16's memory with 3 more bits of "
                             "mantissa, as llama.cpp's default f16 cache; stories260K against fp32: KLD 0.000308 "

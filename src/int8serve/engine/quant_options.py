@@ -6,7 +6,7 @@ which act on them, take them from here.
 
 from __future__ import annotations
 
-__all__ = ["DEFAULT_GROUP_SIZE", "DEFAULT_QUANTIZER", "GROUP_SIZES", "QUANTIZERS"]
+__all__ = ["DEFAULT_GROUP_SIZE", "DEFAULT_QUANTIZER", "GROUP_SIZES", "QUANTIZERS", "QUANTIZER_TIMES"]
 
 # The default weight scheme: one bf16 scale per 32 input values (0 = per output channel). Chosen by measurement
 # (benchmarks/accuracy.py, docs/benchmarks.md "int8 accuracy"; stories260K against fp32 through the kernel with
@@ -22,3 +22,7 @@ GROUP_SIZES = (0, 32, 64, 128)
 # default, measured more accurate) or "rtn" (each weight rounded to its nearest step: no calibration, faster).
 QUANTIZERS = ("gptq", "rtn")
 DEFAULT_QUANTIZER = "gptq"
+# What each took on the 7B shape (docs/benchmarks.md, "First and later start of a 7B-shape model" and the notes
+# below it), said alike by the help of serve, quantize and eval-ppl and by the README (tests/test_settings.py)
+QUANTIZER_TIMES = ("a 7B model's first quantization on 2 cores took 10 to 23 minutes with gptq (581 s on an Emerald "
+                   "Rapids, 1395 s on a Zen 4) and 13 minutes with rtn (808 s on a shared Sapphire Rapids)")
