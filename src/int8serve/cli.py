@@ -119,7 +119,8 @@ def build_parser() -> argparse.ArgumentParser:
                                 description="Quantize SRC (Hugging Face or Meta folder, .gguf file or Hub id) to "
                                             "weight-only int8, with a scale per --group-size input values (or per "
                                             "output channel), and write it to DST (int8serve.json + "
-                                            "model.safetensors + tokenizer.model).")
+                                            "model.safetensors + the tokenizer: tokenizer.model, or tokenizer.json + "
+                                            "tokenizer_config.json for a byte-level BPE).")
     quant.add_argument("src", type=Path, help="the source model: a folder, a .gguf file or a Hub id org/name[@rev]")
     quant.add_argument("dst", type=Path, help="destination folder: created, or an existing empty folder (never "
                                               "SRC, a folder inside or around it, a file or a folder holding files: "

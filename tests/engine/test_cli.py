@@ -53,6 +53,8 @@ def test_quantize_then_generate_from_the_int8_checkpoint(cache: Path, stories_me
     result = run("quantize", str(stories_meta), str(out), cache=cache)
     assert result.returncode == 0, result.stderr
     assert {p.name for p in out.iterdir()} >= {"int8serve.json", "model.safetensors", "tokenizer.model"}
+    described = " ".join(run("quantize", "--help", cache=cache).stdout.split())
+    assert all(p.name in described for p in out.iterdir()), sorted(p.name for p in out.iterdir())  # as --help says
     gen = run("generate", "--model", str(out), "--raw", "--temperature", "0", "--max-tokens", "30",
               "Once upon a time", cache=cache)
     assert gen.returncode == 0, gen.stderr

@@ -7,6 +7,8 @@ independently of the engine's loader; answers against what transformers gives on
 
 from __future__ import annotations
 
+import contextlib
+import io
 from pathlib import Path
 
 import gguf
@@ -132,6 +134,13 @@ def test_the_engine_serves_it_with_bpe_streaming_and_its_stop_tokens(smollm2_int
     assert not {e.token_id for e in events} & smollm2_tokenizer.stop_ids
 
 
+def help_of(command: str) -> str:
+    """`int8serve COMMAND --help`'s text."""
+    with pytest.raises(SystemExit), contextlib.redirect_stdout(io.StringIO()) as out:
+        main([command, "--help"])
+    return out.getvalue()
+
+
 @pytest.mark.parametrize("layout", ["portable", "packed"])
 def test_int8_checkpoints_keep_the_bpe_tokenizer(layout: str, smollm2_int8: LoadedModel, tmp_path: Path) -> None:
     """`int8serve quantize` (portable) and the model cache (packed) write tokenizer.json + tokenizer_config.json, and
@@ -143,6 +152,10 @@ def test_int8_checkpoints_keep_the_bpe_tokenizer(layout: str, smollm2_int8: Load
         folder = save_packed_checkpoint(smollm2_int8, tmp_path / "packed")
         loaded = load_model(folder, "int8")
     assert {p.name for p in folder.iterdir()} >= {"tokenizer.json", "tokenizer_config.json"}
+    if layout == "portable":  # what `quantize --help` says it writes
+        help_text = " ".join(help_of("quantize").split())
+        assert all(p.name in help_text for p in folder.iterdir()), sorted(p.name for p in folder.iterdir())
+        assert "tokenizer.json + tokenizer_config.json for a byte-level BPE" in help_text
     assert loaded.tokenizer_path == folder / "tokenizer.json"
     tokenizer = load_tokenizer(loaded.tokenizer_path)
     assert (tokenizer.eos_id, tokenizer.add_bos, tokenizer.stop_ids) == (2, False, {0, 2})
