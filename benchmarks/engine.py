@@ -72,7 +72,8 @@ from int8serve.engine.scheduler import DEFAULT_PREFILL_CHUNK
 LLAMA2_7B = ModelConfig(dim=4096, n_layers=32, n_heads=32, n_kv_heads=32, vocab_size=32000, hidden_dim=11008,
                         max_seq_len=4096, tie_embeddings=False)
 
-# From /work/shared/reference/cpu-measurements.md: measured on another day, on another CPU.
+# From ../shared/reference/cpu-measurements.md (beside the repository): measured on another day, on another CPU.
+REFERENCE_FILE = "`../shared/reference/cpu-measurements.md`"
 REFERENCE_DAY = "2026-11-24 on a 2 vCPU Sapphire Rapids (AVX-512 VNNI, AMX), 2 threads"
 LLAMA_CPP = {"prefill": 44.65, "decode_b1": 3.94, "decode_b4": 10.74}  # Q8_0 7B GGUF
 PLAIN_TORCH = {"prefill": 87.6, "decode_b1": 3.20, "decode_b4": 9.49}  # plain PyTorch int8 Llama, same shape
@@ -843,11 +844,11 @@ def build_report(args: argparse.Namespace, machine: dict[str, str], bandwidths: 
     if engine is not None:
         lines += ["### Prefill and decode", "", *engine_report(engine, bandwidths[0], best), ""]
         if engine.layers == LLAMA2_7B.n_layers:
-            lines += [f"The llama.cpp and plain-PyTorch columns are copied from `cpu-measurements.md`, measured "
+            lines += [f"The llama.cpp and plain-PyTorch columns are copied from {REFERENCE_FILE}, measured "
                       f"{REFERENCE_DAY}: **another day and another CPU**, so those ratios compare absolute figures, "
                       "not same-run measurements. Only the roofline shares are same-run ratios.", ""]
             if machine["amx"] == "no":
-                lines += [f"This CPU has no AMX ({describe_dense()}), where `cpu-measurements.md` saw 1.7–1.8 "
+                lines += [f"This CPU has no AMX ({describe_dense()}), where {REFERENCE_FILE} saw 1.7–1.8 "
                           "TFLOP/s with AMX: the prefill comparison with the other day's figures mostly measures "
                           "that difference.", ""]
         else:
