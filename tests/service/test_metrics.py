@@ -165,6 +165,28 @@ def test_head_and_non_api_routes_count_under_their_route(http: httpx.Client, aut
     assert delta(before, after, "int8serve_http_requests_total", route="unmatched", status="404") == 1
 
 
+def test_refusals_while_draining_count_under_their_route(app: FastAPI, http: httpx.Client,
+                                                        auth: dict[str, str]) -> None:
+    """The lifecycle gate answers before the router runs: its 503s count under the route that would have answered
+    (found by an audit: `unmatched`, which is for a path no route answers)."""
+    lifecycle = app.state.services.lifecycle
+    before = scrape(http)
+    lifecycle.start_draining()
+    try:
+        search = http.get(f"/client/v4/accounts/{ACCOUNT}/ai/models/search", headers=auth)
+        chat = http.post("/v1/chat/completions", headers=auth, json={"model": MODEL, "messages": []})
+        nowhere = http.get("/no/such/route")
+        after = scrape(http)
+    finally:
+        lifecycle.mark_ready()
+    assert [search.status_code, chat.status_code, nowhere.status_code] == [503, 503, 503]
+    route = "/client/v4/accounts/{account_id}/ai/models/search"
+    assert delta(before, after, "int8serve_http_requests_total", route=route, status="503") == 1
+    assert delta(before, after, "int8serve_http_requests_total", route="/v1/chat/completions", status="503") == 1
+    assert delta(before, after, "int8serve_http_requests_total", route="unmatched", status="503") == 1
+    assert delta(before, after, "int8serve_errors_total", code="3040", status="503") == 3
+
+
 def test_slot_gauges_during_a_slow_stream(http: httpx.Client, base_url: str, auth: dict[str, str],
                                           engines: dict[str, Engine]) -> None:
     body = {"prompt": STORY, "raw": True, "max_tokens": 200, "temperature": 0, "stream": True}

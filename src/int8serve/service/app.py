@@ -31,6 +31,7 @@ from fastapi import FastAPI
 from fastapi.openapi.utils import get_openapi
 from pydantic.json_schema import models_json_schema
 from starlette.datastructures import MutableHeaders
+from starlette.routing import BaseRoute
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from int8serve.catalog.registry import Catalog
@@ -48,13 +49,14 @@ from .protocol.openai import ChatCompletionRequest, CompletionRequest
 from .protocol.run import RunBody
 from .routes import openai, ops, workers_ai
 
-__all__ = ["DEMO_HEADER", "REQUEST_ID_HEADER", "RequestContextMiddleware", "create_app"]
+__all__ = ["DEMO_HEADER", "REQUEST_ID_HEADER", "RequestContextMiddleware", "create_app", "route_table"]
 
 log = logging.getLogger(__name__)
 
 REQUEST_ID_HEADER = "cf-ai-req-id"
 DEMO_HEADER = ("x-int8serve-demo-model", "random weights, output is meaningless")
 BODY_MODELS = (RunBody, ChatCompletionRequest, CompletionRequest)
+ROUTERS = (workers_ai.router, openai.router, ops.router)
 
 
 class RequestContextMiddleware:
@@ -164,14 +166,21 @@ def create_app(catalog: Catalog, engines: Mapping[str, Engine], tokens: Mapping[
     install_error_handlers(app)
     app.add_middleware(LifecycleMiddleware, lifecycle=lifecycle)  # inside the two below: its 503s are counted
     app.add_middleware(RequestContextMiddleware, demo=demo)
-    app.add_middleware(MetricsMiddleware, metrics=metrics)  # sees every answer's final status
+    app.add_middleware(MetricsMiddleware, metrics=metrics, routes=route_table())  # sees every answer's final status
     # outermost: the scope it passes on is the one the router writes the route into and the metrics read, and
     # the body it strips is past the metrics, which read an error's code from it
     app.add_middleware(HeadAsGetMiddleware)
-    for router in (workers_ai.router, openai.router, ops.router):
+    for router in ROUTERS:
         app.include_router(router)
     app.openapi = lambda: _openapi(app)  # type: ignore[method-assign]
     return app
+
+
+def route_table() -> list[BaseRoute]:
+    """The routes of every app `create_app` makes, with their templates: FastAPI's own (`/openapi.json`), then the
+    routers'. The metrics label an answer the router did not give (the lifecycle gate's) with the one that matches."""
+    bare = FastAPI(docs_url=None, redoc_url=None)
+    return [*bare.routes, *(route for router in ROUTERS for route in router.routes)]
 
 
 def _inflight_limit(catalog: Catalog, engines: Mapping[str, Engine], tokens: Mapping[str, str]

@@ -16,7 +16,8 @@ Counters (`_total`), gauges and histograms, with their labels:
 * `process_cpu_seconds_total`, `process_resident_memory_bytes`, `process_virtual_memory_bytes`,
   `process_open_fds`, `process_start_time_seconds`, ...: prometheus_client's process metrics (Linux)
 * `int8serve_http_requests_total{route,status}`: every HTTP answer (a HEAD under its GET's route); route = the route
-  template, `/openapi.json` and the pages by their path, `unmatched` for a path no route answers (404s)
+  template, `/openapi.json` and the pages by their path, `unmatched` for a path no route answers (404s); the
+  lifecycle gate's refusals (503 while loading or draining) count under the route that would have answered
 * `int8serve_errors_total{code,status}`: error codes answered (`errors[0].code`, on the OpenAI routes `error.code`:
   the same Workers AI code but where OpenAI has its own, a context overflow being `context_length_exceeded`
   with status 400 there and 5021 with 413 on `/ai/run`); status 200 = a stream's error frame
@@ -48,7 +49,7 @@ from __future__ import annotations
 
 import json
 import time
-from collections.abc import Iterable, Mapping
+from collections.abc import Iterable, Mapping, Sequence
 from typing import Any
 
 from prometheus_client import (
@@ -63,6 +64,7 @@ from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metri
 from prometheus_client.registry import Collector
 from starlette.datastructures import Headers
 from starlette.responses import Response
+from starlette.routing import BaseRoute, Match
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from int8serve.engine.scheduler import Engine, TokenEvent
@@ -354,9 +356,10 @@ class MetricsMiddleware:
     from the answer's JSON body: `errors[0].code` for Cloudflare envelopes, `error.code` / `error.type` for
     OpenAI-style ones)."""
 
-    def __init__(self, app: ASGIApp, metrics: ServiceMetrics) -> None:
+    def __init__(self, app: ASGIApp, metrics: ServiceMetrics, routes: Sequence[BaseRoute] = ()) -> None:
         self.app = app
         self.metrics = metrics
+        self.routes = routes  # the app's (`app.route_table`): labels of answers the router did not give
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         if scope["type"] != "http":
@@ -372,7 +375,7 @@ class MetricsMiddleware:
             nonlocal status, size
             if message["type"] == "http.response.start":
                 status = int(message["status"])
-                metrics.http_requests.labels(_route_label(scope), str(status)).inc()
+                metrics.http_requests.labels(_route_label(scope, self.routes), str(status)).inc()
             elif message["type"] == "http.response.body" and status >= 400:
                 if size <= MAX_ERROR_BODY:
                     chunk = message.get("body", b"")
@@ -386,23 +389,32 @@ class MetricsMiddleware:
             await self.app(scope, receive, counting_send)
         finally:
             if not status:  # nothing was answered: the server sends a bare 500
-                metrics.http_requests.labels(_route_label(scope), "500").inc()
+                metrics.http_requests.labels(_route_label(scope, self.routes), "500").inc()
                 metrics.count_error("none", 500)
 
 
-def _route_label(scope: Scope) -> str:
+def _route_label(scope: Scope, routes: Sequence[BaseRoute]) -> str:
     """The template of the route that answered (`/client/v4/accounts/{account_id}/ai/run/{model:path}`), or
     `unmatched`: labels come from the app's routes only, never from a path a client made up.
 
-    The router writes the route into the scope before the endpoint runs. FastAPI's own routes put themselves in
-    `scope["route"]`; the plain Starlette routes FastAPI adds (`/openapi.json`) leave only their endpoint, which
-    is looked up among the app's routes."""
-    route = scope.get("route")
-    if route is None and "endpoint" in scope:
-        endpoint = scope["endpoint"]
-        route = next((r for r in getattr(scope.get("app"), "routes", ()) if getattr(r, "endpoint", None) is endpoint),
-                     None)
+    FastAPI's routes put themselves in `scope["route"]` before the endpoint runs. An answer without one (FastAPI's
+    own `/openapi.json`, a plain Starlette route; an answer given before the router ran: the lifecycle gate's 503
+    while draining or loading) is labelled with the route of `routes` (the app's, `app.route_table`) that answers
+    its path and method, as the router matches."""
+    route = scope.get("route") or _matching_route(scope, routes)
     return getattr(route, "path", None) or "unmatched"
+
+
+def _matching_route(scope: Scope, routes: Sequence[BaseRoute]) -> BaseRoute | None:
+    """The route the router would take for `scope`: the first full match, else the first partial one."""
+    partial = None
+    for route in routes:
+        match, _child = route.matches(scope)
+        if match is Match.FULL:
+            return route
+        if match is Match.PARTIAL and partial is None:
+            partial = route
+    return partial
 
 
 def _error_code(body: bytes) -> str:
