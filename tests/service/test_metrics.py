@@ -307,6 +307,43 @@ def test_errors_are_logged_with_their_code_as_json(http: httpx.Client, auth: dic
     assert "Quillfeather" not in lines[0]
 
 
+def test_every_answer_has_one_log_line_with_its_request_id(http: httpx.Client, auth: dict[str, str],
+                                                          caplog: pytest.LogCaptureFixture) -> None:
+    """Found by an audit: the request ids of 401, 403 and 404 answers were in no log line (only inference requests
+    had one). Each answer has exactly one, an inference request still one."""
+    caplog.set_level(logging.INFO, logger=REQUEST_LOGGER)
+    search = f"/client/v4/accounts/{ACCOUNT}/ai/models/search"
+    answers = {  # the inference request first: a second line of it would be written by the time the others' are
+        "run": http.post(run_url(), headers=auth, json={"prompt": STORY, "max_tokens": 2}),
+        "401": http.get(search, headers={"Authorization": "Bearer not-a-known-token"}),
+        "403": http.get(f"/client/v4/accounts/{OTHER_ACCOUNT}/ai/models/search", headers=auth),
+        "404": http.get("/no/such/route", headers=auth),
+        "200": http.get(search, headers=auth),
+    }
+    ids = {name: resp.headers["cf-ai-req-id"] for name, resp in answers.items()}
+    wait_for(lambda: all(request_records(caplog, i) for i in ids.values()), "the log lines")  # (written after)
+    lines = {name: request_records(caplog, i) for name, i in ids.items()}
+    assert {name: len(records) for name, records in lines.items()} == dict.fromkeys(answers, 1)
+    fields = {name: records[0].fields for name, records in lines.items()}  # type: ignore[attr-defined]
+    route = "/client/v4/accounts/{account_id}/ai/models/search"
+    assert {k: fields["401"][k] for k in ("route", "status", "error_code", "outcome", "account")} == {
+        "route": route, "status": 401, "error_code": 10000, "outcome": "rejected", "account": None}
+    assert (fields["403"]["status"], fields["403"]["error_code"]) == (403, 10000)
+    assert (fields["404"]["route"], fields["404"]["status"], fields["404"]["error_code"]) == ("unmatched", 404, 7000)
+    assert (fields["200"]["account"], fields["200"]["status"], fields["200"]["outcome"]) == (ACCOUNT, 200, "ok")
+    assert all(f["total_s"] >= 0 for f in fields.values())
+    assert (fields["run"]["model"], fields["run"]["status"]) == (MODEL, 200)  # the inference line, not a second one
+    assert [r.levelno for r in lines["401"]] == [logging.INFO]
+
+
+def test_probes_are_logged_at_debug_only(http: httpx.Client, caplog: pytest.LogCaptureFixture) -> None:
+    caplog.set_level(logging.DEBUG, logger=REQUEST_LOGGER)
+    ids = [http.get(path).headers["cf-ai-req-id"] for path in ("/healthz", "/readyz", "/metrics")]
+    wait_for(lambda: all(request_records(caplog, i) for i in ids), "the log lines")  # (written after the answer)
+    levels = [[r.levelno for r in request_records(caplog, i)] for i in ids]
+    assert levels == [[logging.DEBUG]] * 3
+
+
 def test_log_prompts_adds_prompt_and_response(policy_app: tuple[FastAPI, httpx.Client],
                                               caplog: pytest.LogCaptureFixture) -> None:
     _app, client = policy_app

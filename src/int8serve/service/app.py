@@ -40,13 +40,14 @@ from int8serve.engine.scheduler import Engine
 from ..accounts import ACCOUNT_ID_RULE, TOKEN_RULE, is_valid_account, is_valid_token
 from .deps import AppServices
 from .errors import install_error_handlers, internal_error_response
-from .inference import REQUEST_ID_SCOPE_KEY, Inference, RequestLimits
+from .inference import Inference, RequestLimits
 from .lifecycle import Lifecycle, LifecycleMiddleware
 from .metrics import MetricsMiddleware, ServiceMetrics
 from .policy import Policy
 from .policy.fairness import default_inflight_limit
 from .protocol.openai import ChatCompletionRequest, CompletionRequest
 from .protocol.run import RunBody
+from .request_log import REQUEST_ID_SCOPE_KEY
 from .routes import openai, ops, workers_ai
 
 __all__ = ["DEMO_HEADER", "REQUEST_ID_HEADER", "RequestContextMiddleware", "create_app", "route_table"]

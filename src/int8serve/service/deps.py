@@ -22,6 +22,7 @@ from .inference import Inference
 from .lifecycle import Lifecycle
 from .metrics import ServiceMetrics
 from .policy import Policy
+from .request_log import ACCOUNT_SCOPE_KEY
 
 __all__ = ["Account", "AppServices", "Services", "TokenAccount", "current_account", "metrics_access"]
 
@@ -58,13 +59,17 @@ async def current_account(account_id: str, request: Request, app: Services,
                           _token: Annotated[object, Security(bearer)] = None,
                           _key: Annotated[object, Security(auth_key)] = None) -> str:
     """The account in the URL, if the request's credentials belong to it."""
-    return authenticate(request.headers, account_id, app.tokens)
+    account = authenticate(request.headers, account_id, app.tokens)
+    request.scope[ACCOUNT_SCOPE_KEY] = account  # for the request's log line
+    return account
 
 
 async def token_owner(request: Request, app: Services, _token: Annotated[object, Security(bearer)] = None,
                       _key: Annotated[object, Security(auth_key)] = None) -> str:
     """The account of the request's token, for routes whose URL names none (`/v1/...`, `/client/v4/accounts`)."""
-    return token_account(request.headers, app.tokens)
+    account = token_account(request.headers, app.tokens)
+    request.scope[ACCOUNT_SCOPE_KEY] = account  # for the request's log line
+    return account
 
 
 Account = Annotated[str, Depends(current_account)]

@@ -75,15 +75,15 @@ from .policy.fairness import InflightLimiter
 from .policy.ledger import utc_now
 from .protocol.body import DEFAULT_MAX_BODY_BYTES, read_body
 from .protocol.run import RunRequest, ValidatedRun
+from .request_log import REQUEST_ID_SCOPE_KEY
 from .streaming import Answer, AnswerBuilder, EventStreamResponse, watch_disconnect
 from .workers import RequestWorkers, Resolver
 
-__all__ = ["REQUEST_ID_SCOPE_KEY", "Inference", "InferenceCall", "RequestLimits", "Served"]
+__all__ = ["Inference", "InferenceCall", "RequestLimits", "Served"]
 
 log = logging.getLogger(__name__)
 
 T = TypeVar("T")
-REQUEST_ID_SCOPE_KEY = "int8serve.request_id"
 
 
 @dataclass(frozen=True)
@@ -168,7 +168,7 @@ class InferenceCall:
         self.fmt = fmt
         self.request_id: str = request.scope.get(REQUEST_ID_SCOPE_KEY) or str(uuid.uuid4())
         self.admitted_at = utc_now()  # naive UTC, the ledger's time and the day it counts to: set at admission
-        self.obs = inference.metrics.observe(self.request_id)
+        self.obs = inference.metrics.observe(self.request_id, request.scope)
         self.obs.fields["account"] = account
         self.headers: dict[str, str] = {CACHE_STATUS_HEADER: "MISS"}
         self.served: Served | None = None

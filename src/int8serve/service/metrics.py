@@ -48,6 +48,7 @@ Counters (`_total`), gauges and histograms, with their labels:
 from __future__ import annotations
 
 import json
+import logging
 import time
 from collections.abc import Iterable, Mapping, Sequence
 from typing import Any
@@ -71,9 +72,9 @@ from int8serve.engine.scheduler import Engine, TokenEvent
 
 from .auth import check_metrics_token
 from .errors import ApiError, error_response
-from .lifecycle import Lifecycle, Phase
+from .lifecycle import UNGATED_PATHS, Lifecycle, Phase
 from .policy import Policy
-from .request_log import log_request
+from .request_log import ACCOUNT_SCOPE_KEY, OBSERVED_SCOPE_KEY, REQUEST_ID_SCOPE_KEY, log_request
 
 __all__ = ["PREFIX", "LoadingMetrics", "MetricsMiddleware", "RequestObservation", "ServiceMetrics"]
 
@@ -232,7 +233,10 @@ class ServiceMetrics:
     def exposition(self) -> Response:
         return Response(generate_latest(self.registry), media_type=CONTENT_TYPE_LATEST)
 
-    def observe(self, request_id: str) -> RequestObservation:
+    def observe(self, request_id: str, scope: Scope | None = None) -> RequestObservation:
+        """One inference request's observation; its line replaces the one `MetricsMiddleware` writes for `scope`."""
+        if scope is not None:
+            scope[OBSERVED_SCOPE_KEY] = True
         return RequestObservation(self, request_id)
 
     def count_error(self, code: int | str, status: int) -> None:
@@ -354,7 +358,8 @@ class RequestObservation:
 class MetricsMiddleware:
     """Counts every HTTP answer by route template and status, and the error code of every error envelope (read
     from the answer's JSON body: `errors[0].code` for Cloudflare envelopes, `error.code` / `error.type` for
-    OpenAI-style ones)."""
+    OpenAI-style ones); writes the log line of every answer no `RequestObservation` writes one for (all but the
+    inference requests': `request_log.py`)."""
 
     def __init__(self, app: ASGIApp, metrics: ServiceMetrics, routes: Sequence[BaseRoute] = ()) -> None:
         self.app = app
@@ -365,14 +370,16 @@ class MetricsMiddleware:
         if scope["type"] != "http":
             await self.app(scope, receive, send)
             return
+        started = time.monotonic()
         status = 0
+        code = "none"
         body: list[bytes] = []
         size = 0
         metrics = self.metrics
 
         async def counting_send(message: Message) -> None:
             # counted before the message goes out, so a client that got its answer sees it in /metrics
-            nonlocal status, size
+            nonlocal status, size, code
             if message["type"] == "http.response.start":
                 status = int(message["status"])
                 metrics.http_requests.labels(_route_label(scope, self.routes), str(status)).inc()
@@ -382,7 +389,8 @@ class MetricsMiddleware:
                     body.append(chunk)
                     size += len(chunk)
                 if not message.get("more_body", False):
-                    metrics.count_error(_error_code(b"".join(body)), status)
+                    code = _error_code(b"".join(body))
+                    metrics.count_error(code, status)
             await send(message)
 
         try:
@@ -391,6 +399,18 @@ class MetricsMiddleware:
             if not status:  # nothing was answered: the server sends a bare 500
                 metrics.http_requests.labels(_route_label(scope, self.routes), "500").inc()
                 metrics.count_error("none", 500)
+            if not scope.get(OBSERVED_SCOPE_KEY):
+                self._log(scope, status or 500, code, time.monotonic() - started)
+
+    def _log(self, scope: Scope, status: int, code: str, seconds: float) -> None:
+        """The log line of an answer no `RequestObservation` observed (DEBUG for a probe answered as expected)."""
+        path = scope.get("path", "")
+        probe = path in UNGATED_PATHS and (status < 400 or (path == "/readyz" and status == 503))
+        log_request({"request_id": scope.get(REQUEST_ID_SCOPE_KEY), "account": scope.get(ACCOUNT_SCOPE_KEY),
+                     "route": _route_label(scope, self.routes), "status": status,
+                     "error_code": _logged_code(code),
+                     "outcome": "ok" if status < 400 else "rejected", "total_s": round(seconds, 6)},
+                    logging.DEBUG if probe else None)
 
 
 def _route_label(scope: Scope, routes: Sequence[BaseRoute]) -> str:
@@ -415,6 +435,13 @@ def _matching_route(scope: Scope, routes: Sequence[BaseRoute]) -> BaseRoute | No
         if match is Match.PARTIAL and partial is None:
             partial = route
     return partial
+
+
+def _logged_code(code: str) -> int | str | None:
+    """An error code as a request line has it: a number, OpenAI's word (`context_length_exceeded`) or null."""
+    if code == "none":
+        return None
+    return int(code) if code.isdigit() else code
 
 
 def _error_code(body: bytes) -> str:

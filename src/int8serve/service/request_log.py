@@ -1,12 +1,19 @@
-"""Structured logs: one line per inference request on the `int8serve.request` logger, as text or JSON.
+"""Structured logs: one line per request on the `int8serve.request` logger, as text or JSON.
 
 The line's fields travel on the log record as `record.fields` (a dict); `JsonFormatter` writes them as one JSON
 object per line, `TextFormatter` (the default) writes the message, which already reads `key=value ...`.
 
-Fields: `request_id` (the `cf-ai-req-id` header), `account`, `model`, `status` (the HTTP status sent), `error_code`
-(the Workers AI code of an error answer or of a stream's error frame, else null), `outcome` (ok, aborted, error,
-rejected), `prompt_tokens`, `completion_tokens`, `neurons`, `cached`, `stream`, and timings in seconds: `queue_s`
-(waiting for a slot), `ttft_s` (request received → first token), `total_s` (request received → answer complete).
+Fields of an inference request's line (`metrics.RequestObservation`): `request_id` (the `cf-ai-req-id` header),
+`account`, `model`, `status` (the HTTP status sent), `error_code` (the Workers AI code of an error answer or of a
+stream's error frame, else null), `outcome` (ok, aborted, error, rejected), `prompt_tokens`, `completion_tokens`,
+`neurons`, `cached`, `stream`, and timings in seconds: `queue_s` (waiting for a slot), `ttft_s` (request received →
+first token), `total_s` (request received → answer complete).
+
+Every other answer (a 401, a 404, the lifecycle gate's 503, the models' list, ...) has a line of its own, written by
+`metrics.MetricsMiddleware`: `request_id`, `account` (once the token is known: else null), `route` (the route
+template, as in the metrics), `status`, `error_code` (the answer's `errors[0].code` or `error.code`), `outcome` (ok,
+rejected) and `total_s`. Probes and scrapes that are answered as expected (`/healthz`, `/metrics` 2xx, `/readyz`
+200 or 503) are logged at DEBUG only: they come every few seconds.
 
 Prompt and response text are never logged unless the operator asks for it (`--log-prompts`): then `prompt` (the
 body's `prompt` or `messages`) and `response` are added.
@@ -30,10 +37,14 @@ from typing import Any
 
 from ..stderr_handler import StderrHandler
 
-__all__ = ["LOG_FORMATS", "REQUEST_LOGGER", "EscapeControls", "JsonFormatter", "TextFormatter", "configure_logging",
-           "escape_controls", "log_request"]
+__all__ = ["ACCOUNT_SCOPE_KEY", "LOG_FORMATS", "OBSERVED_SCOPE_KEY", "REQUEST_ID_SCOPE_KEY", "REQUEST_LOGGER",
+           "EscapeControls", "JsonFormatter", "TextFormatter", "configure_logging", "escape_controls", "log_request"]
 
 REQUEST_LOGGER = "int8serve.request"
+# what the middleware leaves in an HTTP request's ASGI scope for those inside it
+REQUEST_ID_SCOPE_KEY = "int8serve.request_id"  # its `cf-ai-req-id`
+ACCOUNT_SCOPE_KEY = "int8serve.account"  # the account its token acts for, once authenticated
+OBSERVED_SCOPE_KEY = "int8serve.observed"  # an inference request: its own line is written (RequestObservation)
 LOG_FORMATS = ("text", "json")
 
 request_log = logging.getLogger(REQUEST_LOGGER)
@@ -78,11 +89,12 @@ def _text_value(value: Any) -> str:
     return _json(value)
 
 
-def log_request(fields: Mapping[str, Any]) -> None:
-    """Write one request line (INFO; WARNING for 5xx answers and stream error frames)."""
+def log_request(fields: Mapping[str, Any], level: int | None = None) -> None:
+    """Write one request line (by default INFO; WARNING for 5xx answers and stream error frames)."""
     message = "request " + " ".join(f"{k}={_text_value(v)}" for k, v in fields.items())
     status = fields.get("status") or 0
-    level = logging.WARNING if status >= 500 or (status == 200 and fields.get("error_code")) else logging.INFO
+    if level is None:
+        level = logging.WARNING if status >= 500 or (status == 200 and fields.get("error_code")) else logging.INFO
     request_log.log(level, message, extra={"fields": dict(fields)})
 
 
