@@ -19,6 +19,7 @@ import httpx
 import pytest
 import sqlalchemy as sa
 import torch
+from prometheus_client.parser import text_string_to_metric_families
 
 from int8serve.catalog.registry import Catalog
 from int8serve.engine.loader import LoadedModel
@@ -130,6 +131,13 @@ def row_of(policy: Policy, request_id: str) -> dict[str, Any]:
     return dict(row)
 
 
+def prompt_tokens_counted(live: LiveServer) -> float:
+    """`int8serve_prompt_tokens_total` of MODEL, scraped."""
+    scraped = httpx.get(f"{live.url}/metrics", timeout=30).text
+    return next((sample.value for family in text_string_to_metric_families(scraped) for sample in family.samples
+                 if sample.name == "int8serve_prompt_tokens_total" and sample.labels == {"model": MODEL}), 0.0)
+
+
 def neurons(input_tokens: int, output_tokens: int) -> float:
     return round((input_tokens + output_tokens) * NEURON_COST, 6)
 
@@ -224,8 +232,10 @@ def test_an_engine_failure_mid_stream(served: tuple[LiveServer, Policy], gated: 
 def test_a_request_that_leaves_while_queued_never_reaches_the_engine(served: tuple[LiveServer, Policy],
                                                                      gated: GatedEngine, stream: bool) -> None:
     """The one slot is taken; a second request waits in the queue and its client leaves: it is dropped from the
-    queue, never prefilled, its row is `aborted` with 0 tokens and 0 neurons; the first request is unaffected."""
+    queue, never prefilled, its row is `aborted` with 0 tokens and 0 neurons, and the metrics count none of its prompt
+    tokens as processed (found by an audit: they were); the first request is unaffected."""
     live, policy = served
+    before = prompt_tokens_counted(live)
     with httpx.Client(base_url=live.url, timeout=30) as http, \
             http.stream("POST", RUN, headers=AUTH, json={**LONG, "max_tokens": 8, "stream": True}) as first:
         gated.run_steps(1)  # the first request holds the slot
@@ -244,4 +254,6 @@ def test_a_request_that_leaves_while_queued_never_reaches_the_engine(served: tup
     assert (row["outcome"], row["output_tokens"], row["neurons"]) == ("aborted", 0, 0.0)
     assert second.started_at == 0.0
     assert gated.model.prefilled == [gated.handles[0].request.prompt_ids]  # type: ignore[attr-defined]
+    row_of(policy, gated.handles[0].request.request_id)  # (written after its metrics)
+    assert prompt_tokens_counted(live) - before == len(gated.handles[0].request.prompt_ids)
     wait_for(lambda: gated.stats().running == gated.stats().waiting == 0, "the engine to be idle")

@@ -411,7 +411,7 @@ class InferenceCall:
         neurons = billed_neurons(card, outcome, answer.prompt_tokens, answer.completion_tokens,
                                  started=answer.started, cached=cached)
         self.obs.answer(self.account, card.name, answer.prompt_tokens, answer.completion_tokens, neurons,
-                        outcome.value, cached, answer.text)
+                        outcome.value, cached, answer.text, started=answer.started)
         row = UsageRow(request_id=self.request_id, time=self.admitted_at, account=self.account, model=card.name,
                        input_tokens=answer.prompt_tokens, output_tokens=answer.completion_tokens, neurons=neurons,
                        cached=cached, outcome=outcome.value, latency_ms=round(self.obs.elapsed() * 1000, 3))

@@ -29,7 +29,8 @@ Counters (`_total`), gauges and histograms, with their labels:
 * `int8serve_e2e_request_latency_seconds{model}`: request received → answer complete (answered requests; cache
   hits included)
 * `int8serve_prompt_tokens_total{model}`, `int8serve_generation_tokens_total{model}`: tokens the engine processed and
-  generated (aborted requests included, cache hits not)
+  generated (of the requests it took into a slot, aborted ones included; not of cache hits, nor of a request whose
+  client left while it was queued)
 * `int8serve_neurons_total{account,model}`: neurons billed
 * `int8serve_cache_hits_total{model}`, `int8serve_cache_misses_total{model}`: response cache lookups
 * `int8serve_rate_limited_requests_total{model,code}`: refused at admission, 3021 (rate limit) or 3036 (allocation)
@@ -303,7 +304,9 @@ class RequestObservation:
         self.fields["cached_prompt_tokens"] = event.cached_tokens
 
     def answer(self, account: str, model: str, prompt_tokens: int, completion_tokens: int, neurons: float,
-               outcome: str, cached: bool, text: str) -> None:
+               outcome: str, cached: bool, text: str, started: bool = True) -> None:
+        """How the request ended; `started`: the engine took it into a slot (else it processed none of its prompt:
+        its client left while it was queued)."""
         f = self.fields
         f.update(account=account, model=model, prompt_tokens=prompt_tokens, completion_tokens=completion_tokens,
                  neurons=neurons, outcome=outcome, cached=cached)
@@ -313,7 +316,7 @@ class RequestObservation:
             self.engine_tokens = True
             m = self.metrics
             m.neurons.labels(account, model).inc(neurons)
-            if not cached:
+            if started and not cached:
                 m.prompt_tokens.labels(model).inc(prompt_tokens)
                 m.generation_tokens.labels(model).inc(completion_tokens)
 
