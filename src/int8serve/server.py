@@ -50,11 +50,11 @@ from .engine.prefix_cache import DEFAULT_BLOCK_TOKENS, PrefixCache
 from .engine.scheduler import Engine
 from .engine.tokenizer import AnyTokenizer, load_tokenizer
 from .prompt_templates import PromptTemplate, render_prompt, template_named
-from .service.app import create_app
+from .service.app import create_app, loading_app
 from .service.connections import uvicorn_config
 from .service.inference import RequestLimits
-from .service.lifecycle import Lifecycle, LifecycleMiddleware, Phase
-from .service.metrics import LoadingMetrics, ServiceMetrics
+from .service.lifecycle import Lifecycle, Phase
+from .service.metrics import ServiceMetrics
 from .service.policy.fairness import default_inflight_limit
 from .service.request_log import configure_logging
 from .settings import LoadedSettings, ServeSettings
@@ -94,7 +94,7 @@ class Service:
 
 
 def load_service(settings: ServeSettings, prepared: Prepared, tokens: dict[str, str],
-                 lifecycle: Lifecycle) -> Service:
+                 lifecycle: Lifecycle, metrics: ServiceMetrics | None = None) -> Service:
     """Load the weights, start one engine per model and build the app (the slow part, run while the server
     listens)."""
     engines: dict[str, Engine] = {}
@@ -119,7 +119,8 @@ def load_service(settings: ServeSettings, prepared: Prepared, tokens: dict[str, 
     limits = RequestLimits(body_timeout=settings.body_timeout, stall_timeout=settings.stall_timeout,
                            max_inflight_per_account=inflight)
     app = create_app(prepared.catalog, engines, tokens, policy=prepared.policy, limits=limits,
-                     log_prompts=settings.log_prompts, lifecycle=lifecycle, metrics_token=settings.metrics_token)
+                     log_prompts=settings.log_prompts, lifecycle=lifecycle, metrics_token=settings.metrics_token,
+                     metrics=metrics)
     if settings.dtype == "int8":
         summary[:0] = [kernels.describe(), describe_dense()]
     summary.append(f"ready: {base_url(settings.host, settings.port)}/client/v4  (health /healthz, readiness /readyz, "
@@ -266,11 +267,10 @@ def template_prefix_ids(tokenizer: AnyTokenizer, template: PromptTemplate | None
 
 
 class _Deferred:
-    """The ASGI app uvicorn serves: the lifecycle gate alone while the model loads (answering `/metrics` with
-    `metrics`), then the real app."""
+    """The ASGI app uvicorn serves: `loading` (the lifecycle gate alone) while the model loads, then the real app."""
 
-    def __init__(self, lifecycle: Lifecycle, metrics: ASGIApp) -> None:
-        self.target: ASGIApp = LifecycleMiddleware(None, lifecycle, metrics=metrics)
+    def __init__(self, loading: ASGIApp) -> None:
+        self.target: ASGIApp = loading
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         await self.target(scope, receive, send)
@@ -350,8 +350,8 @@ def run_server(loaded: LoadedSettings, tokens: dict[str, str], prepared: Prepare
         tokens[secrets.token_urlsafe(24)] = secrets.token_hex(16)
     _print_start(loaded, prepared, tokens, generated)
     lifecycle = Lifecycle(Phase.LOADING)
-    loading_metrics = ServiceMetrics(policy=prepared.policy, lifecycle=lifecycle)  # the phase, the process, the ledger
-    deferred = _Deferred(lifecycle, LoadingMetrics(loading_metrics, settings.metrics_token))
+    metrics = ServiceMetrics(policy=prepared.policy, lifecycle=lifecycle)  # from the start: loading's answers count
+    deferred = _Deferred(loading_app(lifecycle, metrics, settings.metrics_token))
     # JSON: uvicorn's own loggers go through the same JSON handler instead of uvicorn's default config
     log_config = None if settings.log_format == "json" else uvicorn.config.LOGGING_CONFIG
     config = uvicorn_config(deferred, host=settings.host, port=settings.port, log_level=settings.log_level,
@@ -363,7 +363,7 @@ def run_server(loaded: LoadedSettings, tokens: dict[str, str], prepared: Prepare
 
     def load() -> None:
         try:
-            service = load_service(settings, prepared, tokens, lifecycle)
+            service = load_service(settings, prepared, tokens, lifecycle, metrics)
         except Exception as err:  # reported by the main thread, which then exits 1
             log.debug("loading failed", exc_info=True)
             failure.append(str(err) if isinstance(err, ServeError) else f"{type(err).__name__}: {err}")

@@ -17,7 +17,7 @@ from prometheus_client.parser import text_string_to_metric_families
 
 from int8serve.catalog.registry import Catalog
 from int8serve.engine.scheduler import Engine
-from int8serve.service.app import create_app
+from int8serve.service.app import create_app, loading_app
 from int8serve.service.errors import INTERNAL, SHUTTING_DOWN, ApiError
 from int8serve.service.lifecycle import Lifecycle, LifecycleMiddleware, Phase
 from int8serve.service.metrics import LoadingMetrics, ServiceMetrics
@@ -78,6 +78,47 @@ def test_while_loading_metrics_answer_200_and_say_so(metrics_token: str | None) 
     if metrics_token:
         assert refused.json()["errors"][0]["code"] == 10000
     assert draining.status_code == 200 and 'int8serve_phase{phase="draining"} 1.0' in draining.text
+
+
+def test_answers_while_loading_are_counted_and_the_app_counts_on(catalog: Catalog, engines: dict[str, Engine]) -> None:
+    """Found by an audit: the gate's answers while the model loaded were counted nowhere (no metrics middleware,
+    and metrics the app never saw). `loading_app` counts them, with request ids, in the metrics `create_app` then
+    goes on counting in."""
+    lifecycle = Lifecycle(Phase.LOADING)
+    policy = Policy.in_memory()
+    metrics = ServiceMetrics(policy=policy, lifecycle=lifecycle)
+    scraper = {"Authorization": "Bearer scrape-secret"}
+    run = f"/client/v4/accounts/{ACCOUNT}/ai/run/{MODEL}"
+    try:
+        with LiveServer(loading_app(lifecycle, metrics, "scrape-secret")) as live:  # type: ignore[arg-type]
+            answers = [httpx.get(f"{live.url}/readyz"), httpx.post(f"{live.url}{run}", json={"prompt": "x"}),
+                       httpx.get(f"{live.url}/metrics")]
+            loading = counted(httpx.get(f"{live.url}/metrics", headers=scraper).text)
+        app = create_app(catalog, engines, TOKENS, policy=policy, lifecycle=lifecycle, metrics=metrics,
+                         metrics_token="scrape-secret")
+        lifecycle.mark_ready()
+        with LiveServer(app) as live:
+            ready = counted(httpx.get(f"{live.url}/metrics", headers=scraper).text)
+        app.state.services.metrics.unwatch_engines()
+    finally:
+        policy.close()
+    assert [a.status_code for a in answers] == [503, 503, 401]
+    assert all(a.headers["cf-ai-req-id"] for a in answers)
+    run_route = "/client/v4/accounts/{account_id}/ai/run/{model:path}"
+    expected = {("int8serve_http_requests_total", (("route", "/readyz"), ("status", "503"))): 1,
+                ("int8serve_http_requests_total", (("route", run_route), ("status", "503"))): 1,
+                ("int8serve_http_requests_total", (("route", "/metrics"), ("status", "401"))): 1,
+                ("int8serve_errors_total", (("code", "3040"), ("status", "503"))): 2,
+                ("int8serve_errors_total", (("code", "10000"), ("status", "401"))): 1}
+    assert {key: loading.get(key) for key in expected} == expected
+    assert {key: ready.get(key) for key in expected} == expected  # the same metrics, once ready
+    assert ready[("int8serve_http_requests_total", (("route", "/metrics"), ("status", "200")))] == 1  # loading's scrape
+    assert ready[("int8serve_slots", (("model", MODEL),))] == 4
+
+
+def counted(exposition: str) -> dict[tuple[str, tuple[tuple[str, str], ...]], float]:
+    return {(s.name, tuple(sorted(s.labels.items()))): s.value
+            for family in text_string_to_metric_families(exposition) for s in family.samples}
 
 
 def test_a_ready_server_says_its_phase_in_metrics(http: httpx.Client) -> None:

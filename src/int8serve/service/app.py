@@ -42,7 +42,7 @@ from .deps import AppServices
 from .errors import install_error_handlers, internal_error_response
 from .inference import Inference, RequestLimits
 from .lifecycle import Lifecycle, LifecycleMiddleware
-from .metrics import MetricsMiddleware, ServiceMetrics
+from .metrics import LoadingMetrics, MetricsMiddleware, ServiceMetrics
 from .policy import Policy
 from .policy.fairness import default_inflight_limit
 from .protocol.openai import ChatCompletionRequest, CompletionRequest
@@ -50,7 +50,7 @@ from .protocol.run import RunBody
 from .request_log import REQUEST_ID_SCOPE_KEY
 from .routes import openai, ops, workers_ai
 
-__all__ = ["DEMO_HEADER", "REQUEST_ID_HEADER", "RequestContextMiddleware", "create_app", "route_table"]
+__all__ = ["DEMO_HEADER", "REQUEST_ID_HEADER", "RequestContextMiddleware", "create_app", "loading_app", "route_table"]
 
 log = logging.getLogger(__name__)
 
@@ -121,7 +121,8 @@ class HeadAsGetMiddleware:
 
 def create_app(catalog: Catalog, engines: Mapping[str, Engine], tokens: Mapping[str, str], demo: bool = False, *,
                policy: Policy | None = None, limits: RequestLimits | None = None, log_prompts: bool = False,
-               lifecycle: Lifecycle | None = None, metrics_token: str | None = None) -> FastAPI:
+               lifecycle: Lifecycle | None = None, metrics_token: str | None = None,
+               metrics: ServiceMetrics | None = None) -> FastAPI:
     """The HTTP API over `engines` (model name → started Engine; every name must be a card of `catalog`).
 
     `tokens` maps API token → account id. `demo` marks every answer as coming from the random-weight demo model.
@@ -131,7 +132,8 @@ def create_app(catalog: Catalog, engines: Mapping[str, Engine], tokens: Mapping[
     `lifecycle` (default: a new one, ready) is the phase behind `/readyz` and the gate that refuses new requests
     while draining.
     `log_prompts` adds prompt and response text to the per-request log line. `metrics_token`: `/metrics` answers
-    only this bearer token.
+    only this bearer token. `metrics` (default: new ones): those `loading_app` counted in while the models loaded,
+    made with the same `policy` and `lifecycle`; the app goes on counting in them.
     """
     for name in engines:
         if name not in catalog:
@@ -146,7 +148,11 @@ def create_app(catalog: Catalog, engines: Mapping[str, Engine], tokens: Mapping[
     policy = policy if policy is not None else Policy.in_memory()
     limits = limits or RequestLimits(max_inflight_per_account=_inflight_limit(catalog, engines, tokens))
     lifecycle = lifecycle if lifecycle is not None else Lifecycle()
-    metrics = ServiceMetrics(engines, policy, log_prompts=log_prompts, lifecycle=lifecycle)  # this app's own
+    if metrics is None:
+        metrics = ServiceMetrics(policy=policy, lifecycle=lifecycle)  # this app's own
+    metrics.log_prompts = log_prompts
+    for name, engine in engines.items():
+        metrics.watch_engine(name, engine)
     services = AppServices(catalog=catalog, engines=dict(engines), tokens=dict(tokens), policy=policy,
                            metrics=metrics, lifecycle=lifecycle, metrics_token=metrics_token,
                            inference=Inference(catalog, engines, policy, metrics, lifecycle, limits),
@@ -175,6 +181,15 @@ def create_app(catalog: Catalog, engines: Mapping[str, Engine], tokens: Mapping[
         app.include_router(router)
     app.openapi = lambda: _openapi(app)  # type: ignore[method-assign]
     return app
+
+
+def loading_app(lifecycle: Lifecycle, metrics: ServiceMetrics, metrics_token: str | None = None) -> ASGIApp:
+    """What answers while the models load, before `create_app` can make the app: the lifecycle gate alone (`/healthz`
+    200, `/readyz` and the API 503, `/metrics` with what `metrics` holds, behind `metrics_token`), inside the same
+    middleware as the app's, so that its answers have request ids, log lines and are counted in `metrics` (give
+    the same to `create_app`: the counts go on)."""
+    gate = LifecycleMiddleware(None, lifecycle, metrics=LoadingMetrics(metrics, metrics_token))
+    return HeadAsGetMiddleware(MetricsMiddleware(RequestContextMiddleware(gate), metrics, routes=route_table()))
 
 
 def route_table() -> list[BaseRoute]:

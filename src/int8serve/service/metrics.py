@@ -7,7 +7,9 @@ its own `CollectorRegistry`, so several apps in one process (tests) never collid
 
 `/metrics` answers from the moment the server listens, while the model loads too (`LoadingMetrics`): a scraper
 that got 503s for the minutes a 7B takes to load would mark the target down and alert. Then it holds what exists
-already: the phase, the process's own metrics, the ledger's spool; the engines' metrics appear once they run.
+already: the phase, the process's own metrics, the ledger's spool, and the answers given meanwhile (`/readyz` and
+the API's 503s: the server's metrics are made before loading, `app.loading_app` counts in them and the app goes on
+doing so); the engines' metrics appear once they run.
 
 Counters (`_total`), gauges and histograms, with their labels:
 
