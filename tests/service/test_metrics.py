@@ -10,6 +10,8 @@ from __future__ import annotations
 
 import json
 import logging
+import socket
+import time
 import uuid
 from collections.abc import Iterator
 from typing import Any
@@ -25,7 +27,7 @@ from int8serve.service.app import create_app
 from int8serve.service.policy import Policy
 from int8serve.service.request_log import REQUEST_LOGGER, JsonFormatter, TextFormatter
 
-from .conftest import ACCOUNT, MODEL, OTHER_ACCOUNT, SLOW_MODEL, TOKEN, LiveServer, wait_idle
+from .conftest import ACCOUNT, MODEL, OTHER_ACCOUNT, SLOW_MODEL, TOKEN, LiveServer, wait_for, wait_idle
 
 RUN_ROUTE = "/client/v4/accounts/{account_id}/ai/run/{model:path}"
 STORY = "Once upon a time, there was a little"
@@ -342,6 +344,40 @@ def test_probes_are_logged_at_debug_only(http: httpx.Client, caplog: pytest.LogC
     wait_for(lambda: all(request_records(caplog, i) for i in ids), "the log lines")  # (written after the answer)
     levels = [[r.levelno for r in request_records(caplog, i)] for i in ids]
     assert levels == [[logging.DEBUG]] * 3
+
+
+def test_a_client_that_leaves_is_logged_aborted_at_info_and_no_frame_is_counted(
+        http: httpx.Client, base_url: str, server: LiveServer, auth: dict[str, str], engines: dict[str, Engine],
+        caplog: pytest.LogCaptureFixture) -> None:
+    """Found by an audit: a client leaving mid-stream was logged WARNING 200/3008 and counted as an error frame
+    never sent, and one leaving mid-body as an answered 400/3003. Both are the client gone: outcome aborted, 3008,
+    INFO, as a client leaving a collected request; a stream's missing frame is not counted."""
+    caplog.set_level(logging.INFO, logger=REQUEST_LOGGER)
+    before = scrape(http)
+    body = {"prompt": STORY, "raw": True, "max_tokens": 200, "temperature": 0, "stream": True}
+    with httpx.Client(base_url=base_url, timeout=30) as streamer, \
+            streamer.stream("POST", run_url(SLOW_MODEL), headers=auth, json=body) as resp:
+        request_id = resp.headers["cf-ai-req-id"]
+        next(line for line in resp.iter_lines() if line.startswith("data: "))  # generating now: leave
+    payload = json.dumps({"prompt": STORY, "max_tokens": 4}).encode()
+    with socket.create_connection(("127.0.0.1", server.port)) as sock:  # the body is never all sent
+        sock.sendall(f"POST {run_url()} HTTP/1.1\r\nHost: x\r\nAuthorization: Bearer {TOKEN}\r\n"
+                     f"Content-Length: {len(payload) + 10}\r\n\r\n".encode() + payload)
+        time.sleep(0.2)
+    wait_for(lambda: request_records(caplog, request_id), "the stream's log line")
+    wait_for(lambda: [r for r in caplog.records if getattr(r, "fields", {}).get("status") == 408], "the body's")
+    wait_idle(engines)
+    after = scrape(http)
+    stream_line = request_records(caplog, request_id)
+    (body_line,) = [r for r in caplog.records if getattr(r, "fields", {}).get("status") == 408]
+    for record, status in ((stream_line[0], 200), (body_line, 408)):
+        fields = record.fields  # type: ignore[attr-defined]
+        assert (record.levelno, fields["status"], fields["error_code"], fields["outcome"]) == (
+            logging.INFO, status, 3008, "aborted")
+    assert len(stream_line) == 1 and stream_line[0].fields["stream"] is True  # type: ignore[attr-defined]
+    assert delta(before, after, "int8serve_errors_total", code="3008", status="200") == 0
+    assert delta(before, after, "int8serve_errors_total", code="3003", status="400") == 0
+    assert delta(before, after, "int8serve_errors_total", code="3008", status="408") == 1
 
 
 def test_log_prompts_adds_prompt_and_response(policy_app: tuple[FastAPI, httpx.Client],

@@ -22,7 +22,9 @@ Counters (`_total`), gauges and histograms, with their labels:
   lifecycle gate's refusals (503 while loading or draining) count under the route that would have answered
 * `int8serve_errors_total{code,status}`: error codes answered (`errors[0].code`, on the OpenAI routes `error.code`:
   the same Workers AI code but where OpenAI has its own, a context overflow being `context_length_exceeded`
-  with status 400 there and 5021 with 413 on `/ai/run`); status 200 = a stream's error frame
+  with status 400 there and 5021 with 413 on `/ai/run`); status 200 = a stream's error frame. A client that left
+  (its body half-sent, or waiting for its answer) is answered 408/3008, which nobody receives; a stream whose client
+  left is sent no frame and is not counted here (its log line and ledger row say `aborted`)
 * `int8serve_num_requests_running{model}`, `int8serve_num_requests_waiting{model}`, `int8serve_slots{model}`,
   `int8serve_slot_usage_ratio{model}`: gauges read from `Engine.stats()` at scrape time
 * `int8serve_request_queue_time_seconds{model}`: engine queue → slot
@@ -74,7 +76,7 @@ from starlette.types import ASGIApp, Message, Receive, Scope, Send
 from int8serve.engine.scheduler import Engine, TokenEvent
 
 from .auth import check_metrics_token
-from .errors import ApiError, error_response
+from .errors import REQUEST_ABORTED, ApiError, error_response
 from .lifecycle import UNGATED_PATHS, Lifecycle, Phase
 from .policy import Policy
 from .request_log import ACCOUNT_SCOPE_KEY, OBSERVED_SCOPE_KEY, REQUEST_ID_SCOPE_KEY, log_request
@@ -183,8 +185,8 @@ class ServiceMetrics:
         ProcessCollector(registry=r)
         self.http_requests = Counter(PREFIX + "http_requests", "HTTP answers by route template and status.",
                                      ["route", "status"], registry=r)
-        self.errors = Counter(PREFIX + "errors", "Error codes answered (status 200: a stream's error frame).",
-                              ["code", "status"], registry=r)
+        self.errors = Counter(PREFIX + "errors", "Error codes answered (status 200: a stream's error frame; a stream "
+                              "whose client left is sent none and not counted).", ["code", "status"], registry=r)
         self.queue_time = Histogram(PREFIX + "request_queue_time_seconds", "Time waiting for an engine slot.",
                                     ["model"], buckets=LATENCY_BUCKETS, registry=r)
         self.ttft = Histogram(PREFIX + "time_to_first_token_seconds", "Request received to first generated token.",
@@ -332,11 +334,13 @@ class RequestObservation:
         now = time.monotonic()
         f["status"], f["error_code"] = status, error_code
         f["total_s"] = round(now - self.started, 6)
+        if error_code == REQUEST_ABORTED.code:  # the client left: whatever it was sent, it received no more
+            f["outcome"] = "aborted"
         if f["outcome"] is None:
             f["outcome"] = "ok" if status < 400 else "rejected"
         if error_code is not None and f["outcome"] == "ok":
             f["outcome"] = "error"
-        if in_stream and error_code is not None:
+        if in_stream and error_code is not None and f["outcome"] != "aborted":  # an error frame was sent
             m.count_error(error_code, status)
         if error_code in (3021, 3036) and status == 429 and f["model"]:
             m.rate_limited.labels(f["model"], str(error_code)).inc()

@@ -5,9 +5,10 @@ object per line, `TextFormatter` (the default) writes the message, which already
 
 Fields of an inference request's line (`metrics.RequestObservation`): `request_id` (the `cf-ai-req-id` header),
 `account`, `model`, `status` (the HTTP status sent), `error_code` (the Workers AI code of an error answer or of a
-stream's error frame, else null), `outcome` (ok, aborted, error, rejected), `prompt_tokens`, `completion_tokens`,
-`neurons`, `cached`, `stream`, and timings in seconds: `queue_s` (waiting for a slot), `ttft_s` (request received →
-first token), `total_s` (request received → answer complete).
+stream's error frame, else null), `outcome` (ok, aborted, error, rejected; `aborted`: the client left, error_code
+3008 — a stream keeps the 200 it was sent and is sent no error frame; logged at INFO), `prompt_tokens`,
+`completion_tokens`, `neurons`, `cached`, `stream`, and timings in seconds: `queue_s` (waiting for a slot), `ttft_s`
+(request received → first token), `total_s` (request received → answer complete).
 
 Every other answer (a 401, a 404, the lifecycle gate's 503, the models' list, ...) has a line of its own, written by
 `metrics.MetricsMiddleware`: `request_id`, `account` (once the token is known: else null), `route` (the route
@@ -90,11 +91,13 @@ def _text_value(value: Any) -> str:
 
 
 def log_request(fields: Mapping[str, Any], level: int | None = None) -> None:
-    """Write one request line (by default INFO; WARNING for 5xx answers and stream error frames)."""
+    """Write one request line (by default INFO; WARNING for 5xx answers and stream error frames, not for a client
+    that left: outcome `aborted`)."""
     message = "request " + " ".join(f"{k}={_text_value(v)}" for k, v in fields.items())
     status = fields.get("status") or 0
     if level is None:
-        level = logging.WARNING if status >= 500 or (status == 200 and fields.get("error_code")) else logging.INFO
+        failed = status >= 500 or (status == 200 and fields.get("error_code"))
+        level = logging.WARNING if failed and fields.get("outcome") != "aborted" else logging.INFO
     request_log.log(level, message, extra={"fields": dict(fields)})
 
 

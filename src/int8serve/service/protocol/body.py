@@ -25,7 +25,7 @@ import jsonschema
 from pydantic import ValidationError
 from starlette.requests import ClientDisconnect, Request
 
-from ..errors import BAD_INPUT, INCOMPLETE_REQUEST, REQUEST_TOO_LARGE, ApiError
+from ..errors import BAD_INPUT, INCOMPLETE_REQUEST, REQUEST_ABORTED, REQUEST_TOO_LARGE, ApiError
 
 __all__ = [
     "DEFAULT_MAX_BODY_BYTES",
@@ -51,7 +51,8 @@ MAX_INTEGER_DIGITS = 30  # far beyond any range the API accepts (seed <= 9999999
 
 async def read_body(request: Request, max_bytes: int = DEFAULT_MAX_BODY_BYTES) -> bytes:
     """The raw body, refused (413/3006) as soon as it is known to exceed `max_bytes`: from `Content-Length` before
-    reading anything, else while reading (chunked uploads, or a header that lies)."""
+    reading anything, else while reading (chunked uploads, or a header that lies). A client that leaves before all
+    of it is sent is 408/3008, aborted, as one that leaves while waiting for its answer (nobody reads either)."""
     declared = request.headers.get("content-length", "").strip()
     if declared.isascii() and declared.isdigit() and (len(declared) > 18 or int(declared) > max_bytes):
         raise ApiError(REQUEST_TOO_LARGE)
@@ -63,8 +64,8 @@ async def read_body(request: Request, max_bytes: int = DEFAULT_MAX_BODY_BYTES) -
             if size > max_bytes:
                 raise ApiError(REQUEST_TOO_LARGE)
             chunks.append(chunk)
-    except ClientDisconnect:
-        raise ApiError(INCOMPLETE_REQUEST, what="body") from None
+    except ClientDisconnect:  # the client left: aborted, as one that leaves while waiting for its answer
+        raise ApiError(REQUEST_ABORTED) from None
     return b"".join(chunks)
 
 
