@@ -212,7 +212,7 @@ def test_slot_gauges_during_a_slow_stream(http: httpx.Client, base_url: str, aut
 
 @pytest.fixture(scope="module")
 def policy_app(catalog: Catalog, engines: dict[str, Engine]) -> Iterator[tuple[FastAPI, httpx.Client]]:
-    tokens = {f"tok-{name}": f"acct-{name}" for name in ("limit", "cache", "log")}
+    tokens = {f"tok-{name}": f"acct-{name}" for name in ("limit", "cache", "log", "replay")}
     policy = Policy.in_memory(default_rpm=2)
     app = create_app(catalog, engines, tokens, policy=policy, log_prompts=True)
     with LiveServer(app) as live, httpx.Client(base_url=live.url, timeout=30) as client:
@@ -240,6 +240,24 @@ def test_a_429_counts_3021_and_the_rate_limited_counter(policy_app: tuple[FastAP
     assert delta(before, after, "int8serve_http_requests_total", route=RUN_ROUTE, status="429") == 1
     assert delta(before, after, "int8serve_http_requests_total", route=RUN_ROUTE, status="200") == 2
     assert delta(before, after, "int8serve_cache_misses_total", model=MODEL) == 2
+
+
+def test_a_streamed_cache_hit_is_logged_as_a_stream(policy_app: tuple[FastAPI, httpx.Client],
+                                                    caplog: pytest.LogCaptureFixture) -> None:
+    """Found by an audit: the replay of a cache hit was logged with `stream: false`."""
+    _app, client = policy_app
+    caplog.set_level(logging.INFO, logger=REQUEST_LOGGER)
+    body = {"prompt": STORY, "max_tokens": 3, "seed": 11, "raw": True, "stream": True}
+    ids, statuses = [], []
+    for _ in range(2):
+        with client.stream("POST", run_url(account="acct-replay"), headers=as_account("replay"), json=body) as resp:
+            resp.read()
+        ids.append(resp.headers["cf-ai-req-id"])
+        statuses.append(resp.headers["cf-aig-cache-status"])
+    assert statuses == ["MISS", "HIT"]
+    wait_for(lambda: all(request_records(caplog, i) for i in ids), "both log lines")
+    fields = [request_records(caplog, i)[0].fields for i in ids]  # type: ignore[attr-defined]
+    assert [(f["cached"], f["stream"]) for f in fields] == [(False, True), (True, True)]
 
 
 def test_cache_hits_and_misses(policy_app: tuple[FastAPI, httpx.Client]) -> None:

@@ -199,10 +199,10 @@ class InferenceCall:
         try:  # until the engine has the request, every way out gives its reservation (if it has one) back
             async with self.inference.lifecycle.until_cut():  # the drain's end refuses what no engine has yet
                 run, hit = await self._before_the_engine()
+            self.obs.fields["stream"] = run.checked.stream  # a cache hit's replay too
             if hit is not None:
                 return await self._replay(run, hit)
             handle = self._submit(self._served().engine, run)
-            self.obs.fields["stream"] = run.checked.stream
             sink: asyncio.Queue[str | Finished] | None = asyncio.Queue() if run.checked.stream else None
             ended = self.inference.spawn(self._follow(handle, sink))  # from here on, `finish` releases it
         except BaseException:
