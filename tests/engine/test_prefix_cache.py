@@ -243,8 +243,11 @@ def test_warming_the_default_system_prompt(stories_int8: LoadedModel, stories_to
     engine = engine_for(stories_int8, stories_tokenizer, 512)
     system = prompts(stories_tokenizer)[0][:50]
     assert engine.warm(system) == 50  # all of it, to the token
+    stats = engine.prefix_cache.stats  # type: ignore[union-attr]
+    assert (stats.hits, stats.reused_tokens) == (0, 0)  # the warm-up is no request's hit (it was: found by an audit)
     _ids, _logits, reused = run_alone(engine, prompts(stories_tokenizer)[0], SamplingParams(temperature=0))
     assert reused == 50
+    assert (stats.hits, stats.reused_tokens) == (1, 50)
 
 
 def test_a_prefix_that_leaves_no_room_in_the_context_is_not_warmed(stories_int8: LoadedModel,

@@ -111,12 +111,14 @@ class PrefixCache:
         self._recent: OrderedDict[int, None] = OrderedDict()  # block ids, least recently used first
         self._free = list(range(self.capacity_blocks - 1, -1, -1))
 
-    def lookup(self, tokens: Sequence[int], limit: int, held: int = 0, owner: str = "") -> PrefixHit:
+    def lookup(self, tokens: Sequence[int], limit: int, held: int = 0, owner: str = "", count: bool = True
+               ) -> PrefixHit:
         """The longest prefix of `tokens` cached for `owner`, of at most `limit` tokens: whole blocks, then part of
         one.
 
         `held`: how many of them the caller already has (a prompt looked up again before each prefill chunk); only
-        tokens beyond those count as reused in `stats`."""
+        tokens beyond those count as reused in `stats`. `count=False`: a look that is no request's (the engine's
+        warm-up checking what it cached), left out of `stats`."""
         blocks, parent, b = [], b"", self.block_tokens
         for key in self._chain(tokens, limit // b):
             block = self._by_key.get(key)
@@ -130,6 +132,8 @@ class PrefixCache:
             blocks.append(partial)
         hit = PrefixHit(tuple(blocks), tail if partial is not None else b, start + tail)
         self._touch(blocks)
+        if not count:
+            return hit
         self.stats.lookups += 1
         if hit.tokens > held:
             self.stats.hits += 1

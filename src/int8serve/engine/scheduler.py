@@ -273,7 +273,7 @@ class Engine:
                         detokenizer=self.tokenizer.detokenizer(), public_prefix=True)
         while not seq.decoding:
             self._prefill_chunk(seq, self.solo_prefill_chunks)
-        return self.prefix_cache.lookup(prompt_ids, len(prompt_ids)).tokens
+        return self.prefix_cache.lookup(prompt_ids, len(prompt_ids), count=False).tokens  # no request's hit
 
     def submit(self, request: GenerationRequest, reject_if_busy: bool = False) -> RequestHandle:
         """Queue a request. Raises QueueFullError when it cannot be taken, EngineStoppedError once `stop` was

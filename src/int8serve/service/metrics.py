@@ -45,7 +45,8 @@ Counters (`_total`), gauges and histograms, with their labels:
   (moved to the dead-letter file)
 * `int8serve_prompt_tokens_prefilled_total{model}`, `int8serve_prefix_cache_hits_total{model}`,
   `int8serve_prefix_cache_reused_tokens_total{model}`, `int8serve_prefix_cache_evicted_blocks_total{model}`,
-  `int8serve_prefix_cache_tokens{model}`: prompt tokens computed, and what the prefix cache saved
+  `int8serve_prefix_cache_tokens{model}`: prompt tokens computed, and what the prefix cache saved (the start-up
+  warm-up's tokens are prefilled, and no hit)
 * `int8serve_engine_step_duration_seconds{model,kind}`, `int8serve_engine_step_rows{model,kind}`: one engine forward
   (kind `prefill`: one chunk, rows = its tokens; `decode`: one batch, rows = its sequences), from `Engine.on_step`
 """
