@@ -24,6 +24,7 @@ from prometheus_client.parser import text_string_to_metric_families
 from int8serve.catalog.registry import Catalog
 from int8serve.engine.scheduler import Engine
 from int8serve.service.app import create_app
+from int8serve.service.metrics import ServiceMetrics
 from int8serve.service.policy import Policy
 from int8serve.service.request_log import REQUEST_LOGGER, JsonFormatter, TextFormatter
 
@@ -87,6 +88,27 @@ def test_metrics_need_no_token_and_are_valid_exposition(http: httpx.Client) -> N
     samples = scrape(http)
     assert value(samples, "int8serve_slots", model=MODEL) == 4
     assert value(samples, "int8serve_slots", model=SLOW_MODEL) == 1
+
+
+def test_every_served_model_has_its_series_from_the_start(engines: dict[str, Engine]) -> None:
+    """Found by an audit: a model's counters and histograms appeared with their first event, so two replicas exposed
+    different series and a ratio over them had no data. Each starts at 0 when the engine is served."""
+    metrics = ServiceMetrics(engines)
+    try:
+        samples = {(s.name, frozenset(s.labels.items())): s.value
+                   for family in text_string_to_metric_families(metrics.exposition().body.decode())
+                   for s in family.samples}
+    finally:
+        metrics.unwatch_engines()
+    for model in engines:
+        for name in ("int8serve_prompt_tokens_total", "int8serve_generation_tokens_total",
+                     "int8serve_cache_hits_total", "int8serve_cache_misses_total",
+                     "int8serve_request_queue_time_seconds_count", "int8serve_time_to_first_token_seconds_count",
+                     "int8serve_time_per_output_token_seconds_count", "int8serve_e2e_request_latency_seconds_count"):
+            assert samples.get((name, frozenset({"model": model}.items()))) == 0, (name, model)
+        for code in ("3021", "3036"):
+            labels = frozenset({"model": model, "code": code}.items())
+            assert samples.get(("int8serve_rate_limited_requests_total", labels)) == 0, (code, model)
 
 
 # --- a request moves its counters and histograms -----------------------------------------------------------------

@@ -35,7 +35,8 @@ Counters (`_total`), gauges and histograms, with their labels:
 * `int8serve_prompt_tokens_total{model}`, `int8serve_generation_tokens_total{model}`: tokens the engine processed and
   generated (of the requests it took into a slot, aborted ones included; not of cache hits, nor of a request whose
   client left while it was queued)
-* `int8serve_neurons_total{account,model}`: neurons billed
+* `int8serve_neurons_total{account,model}`: neurons billed (an account's series appears with its first request; every
+  other series labelled by model only starts at 0 when its engine is served, so that replicas expose the same ones)
 * `int8serve_cache_hits_total{model}`, `int8serve_cache_misses_total{model}`: response cache lookups
 * `int8serve_rate_limited_requests_total{model,code}`: refused at admission, 3021 (rate limit) or 3036 (allocation)
 * `int8serve_fallback_outages_total`, `int8serve_fallback_local_operations_total{component}`: shared state (Redis)
@@ -216,8 +217,14 @@ class ServiceMetrics:
             self.watch_engine(name, engine)
 
     def watch_engine(self, model: str, engine: Engine) -> None:
-        """Scrape `engine`'s slots and time its steps (through its `on_step` callbacks)."""
+        """Scrape `engine`'s slots and time its steps (through its `on_step` callbacks); the model's series start at
+        0, so that every server serving it exposes the same ones from the start."""
         self._engines[model] = engine
+        for family in (self.queue_time, self.ttft, self.tpot, self.e2e, self.prompt_tokens, self.generation_tokens,
+                       self.cache_hits, self.cache_misses):
+            family.labels(model)
+        for code in ("3021", "3036"):
+            self.rate_limited.labels(model, code)
         duration = {kind: self.step_duration.labels(model, kind) for kind in ("prefill", "decode")}
         rows = {kind: self.step_rows.labels(model, kind) for kind in ("prefill", "decode")}
 
