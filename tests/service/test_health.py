@@ -85,8 +85,10 @@ def test_demo_header_on_every_answer(demo_url: str) -> None:
 def test_create_app_checks_its_arguments(catalog: Catalog, engines: dict[str, Engine]) -> None:
     with pytest.raises(ValueError, match="no card"):
         create_app(catalog, {"@cf/x/y": engines[MODEL]}, TOKENS)
-    with pytest.raises(ValueError, match="tokens"):
+    with pytest.raises(ValueError, match="an API token is"):
         create_app(catalog, {}, {"has space": ACCOUNT})
+    with pytest.raises(ValueError, match="the metrics token is"):
+        create_app(catalog, {}, TOKENS, metrics_token="has space")
     with pytest.raises(ValueError, match="an account id is 1 to 128 characters"):
         create_app(catalog, {}, {"tok": "a" * 129})  # the usage ledger could not store its rows
     with pytest.raises(ValueError, match="positive"):
