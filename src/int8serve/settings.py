@@ -164,7 +164,8 @@ class ServeSettings(BaseSettings):
     tokens_file: Path | None = Field(None, description="a UTF-8 file of TOKEN=ACCOUNT_ID lines (# comments "
                                                        "allowed), added to the tokens; a file with none is refused")
     max_queue: int = Field(32, ge=0, description="requests that may wait for a free slot, per model (each has its "
-                                                 "own queue); beyond it 429 code 3040")
+                                                 "own queue); beyond it 429 code 3040 (for the account holding the "
+                                                 "most requests in the engine)")
     prefix_cache: bool = Field(True, description="keep the keys and values of prompt prefixes (the default system "
                                                  "prompt, earlier turns of a chat) and prefill only what follows "
                                                  "them; exact: answers are the same bits without it "

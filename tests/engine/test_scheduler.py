@@ -286,3 +286,30 @@ def test_stop_strings_cut_the_text_and_end_the_sequence(engine, stories_tokenize
     _, never_text, never_reason = collect(engine.submit(GenerationRequest(ids, 40, SamplingParams(
         temperature=0, stop=(full_text[3:6] + "\x00",)))))
     assert (never_text, never_reason) == (full_text, "length")
+
+
+def test_a_full_queue_takes_an_owner_with_nothing_in_the_engine(engine, stories_tokenizer) -> None:
+    """4 slots and a queue of 2, filled by "a" and "b" with 3 requests each (2 running, 1 waiting): "c", who has
+    nothing in the engine, is still taken, in the place of the newest waiting request of an owner holding the most,
+    which ends at once, refused, never started; so is "d"; then the queue holds one request of each newcomer and
+    turns away "e", who would hold as many, and "b", who would hold more. An audit found "c" refused on every try
+    while "a" and "b" kept the slots and the queue, each within its share."""
+    ids = prompt(stories_tokenizer, "Once")
+    held = {owner: [engine.submit(GenerationRequest(ids, 300, GREEDY, owner=owner)) for _ in range(3)]
+            for owner in ("a", "b")}
+    engine.step()
+    assert (engine.stats().running, engine.stats().waiting) == (4, 2)
+    newcomers = [engine.submit(GenerationRequest(ids, 3, GREEDY, owner=owner)) for owner in ("c", "d")]
+    assert (engine.stats().running, engine.stats().waiting) == (4, 2)
+    for displaced in (held["b"][2], held["a"][2]):  # b's was the newest waiting: the first to go
+        (event,) = list(displaced.iter_events(timeout=1))
+        assert (event.finish_reason, event.completion_tokens, event.started_at) == ("refused", 0, 0.0)
+    for owner in ("e", "b"):
+        with pytest.raises(QueueFullError):
+            engine.submit(GenerationRequest(ids, 3, GREEDY, owner=owner))
+    held["a"][0].cancel()
+    engine.step()  # the freed slot goes to c (nothing running), then d
+    assert [h.started_at > 0 for h in newcomers] == [True, False]
+    for handle in [*held["a"], *held["b"], *newcomers]:
+        handle.cancel()
+    engine.step()

@@ -1,5 +1,6 @@
-"""Abort paths, exactly: what a cut stream, a stuck reader, an engine failure mid-stream and a client that leaves
-while queued cost, and what they leave in the engine and the ledger.
+"""Abort paths, exactly: what a cut stream, a stuck reader, an engine failure mid-stream, a client that leaves
+while queued and a request whose place in the full queue goes to another account cost, and what they leave in the
+engine and the ledger.
 
 The engine here is the real stories260K engine with one slot, driven step by step: each engine step waits for a
 permit from the test (`GatedEngine`), so the test knows how many tokens the engine generated when it cuts — no
@@ -13,6 +14,7 @@ import socket
 import threading
 import time
 from collections.abc import Iterator
+from concurrent.futures import ThreadPoolExecutor
 from typing import Any
 
 import httpx
@@ -29,7 +31,7 @@ from int8serve.service.app import create_app
 from int8serve.service.inference import RequestLimits
 from int8serve.service.policy import Policy
 
-from .conftest import ACCOUNT, CONTEXT, MODEL, TOKEN, TOKENS, LiveServer, wait_for
+from .conftest import ACCOUNT, CONTEXT, MODEL, OTHER_ACCOUNT, OTHER_TOKEN, TOKEN, TOKENS, LiveServer, wait_for
 
 RUN = f"/client/v4/accounts/{ACCOUNT}/ai/run/{MODEL}"
 AUTH = {"Authorization": f"Bearer {TOKEN}"}
@@ -158,10 +160,12 @@ def test_a_cut_stream_is_billed_exactly_the_tokens_it_was_sent(served: tuple[Liv
     a token, one token a forward) and leaves; the request is cancelled before another token, its slot is freed,
     and its row has exactly the tokens the client was sent."""
     live, policy = served
+    gated.allow()  # the step that takes the request into the slot: its 200 comes then
     with httpx.Client(base_url=live.url, timeout=30) as http, \
             http.stream("POST", RUN, headers=AUTH, json={**LONG, "stream": True}) as resp:
         request_id, lines = resp.headers["cf-ai-req-id"], resp.iter_lines()
-        gated.run_steps(3)
+        wait_for(lambda: gated.steps_done == 1, "the first step")
+        gated.run_steps(2)
         sent = gated.model.forwards  # type: ignore[attr-defined]
         frames = data_frames(lines, sent)
         assert all(f["response"] and "usage" not in f for f in frames)
@@ -208,10 +212,12 @@ def test_an_engine_failure_mid_stream(served: tuple[LiveServer, Policy], gated: 
     """Two steps' tokens sent, then a step fails: the stream ends with the 3043 error frame and no [DONE], the slot
     is free, the row says `error` with the generated tokens and 0 neurons, and the engine serves the next request."""
     live, policy = served
+    gated.allow()  # the step that takes the request into the slot: its 200 comes then
     with httpx.Client(base_url=live.url, timeout=30) as http:
         with http.stream("POST", RUN, headers=AUTH, json={**LONG, "stream": True}) as resp:
             request_id, lines = resp.headers["cf-ai-req-id"], resp.iter_lines()
-            gated.run_steps(2)
+            wait_for(lambda: gated.steps_done == 1, "the first step")
+            gated.run_steps(1)
             sent = gated.model.forwards  # type: ignore[attr-defined]
             data_frames(lines, sent)
             gated.model.broken.set()  # type: ignore[attr-defined]
@@ -236,9 +242,10 @@ def test_a_request_that_leaves_while_queued_never_reaches_the_engine(served: tup
     tokens as processed (found by an audit: they were); the first request is unaffected."""
     live, policy = served
     before = prompt_tokens_counted(live)
+    gated.allow()  # the first request takes the slot (its 200 comes then) and holds it
     with httpx.Client(base_url=live.url, timeout=30) as http, \
             http.stream("POST", RUN, headers=AUTH, json={**LONG, "max_tokens": 8, "stream": True}) as first:
-        gated.run_steps(1)  # the first request holds the slot
+        wait_for(lambda: gated.steps_done == 1, "the first step")
         queued = {"prompt": "A different story about a cat", "raw": True, "max_tokens": 8, "stream": stream}
         with socket.create_connection(("127.0.0.1", live.port)) as sock:
             payload = json.dumps(queued).encode()
@@ -257,3 +264,56 @@ def test_a_request_that_leaves_while_queued_never_reaches_the_engine(served: tup
     row_of(policy, gated.handles[0].request.request_id)  # (written after its metrics)
     assert prompt_tokens_counted(live) - before == len(gated.handles[0].request.prompt_ids)
     wait_for(lambda: gated.stats().running == gated.stats().waiting == 0, "the engine to be idle")
+
+
+def _post(url: str, token: str, account: str, body: dict[str, Any]) -> httpx.Response:
+    """One request on a client of its own (for a thread): its answer, read whole."""
+    with httpx.Client(base_url=url, timeout=30) as http:
+        return http.post(f"/client/v4/accounts/{account}/ai/run/{MODEL}", headers={"Authorization": f"Bearer {token}"},
+                         json=body)
+
+
+def test_a_newcomer_account_takes_the_place_of_the_newest_waiting_request_of_the_account_holding_most(
+        catalog: Catalog, gated: GatedEngine) -> None:
+    """One slot and a queue of 2, all held by one account: another account's stream is still taken, and the first
+    account's newest waiting request — a stream — is answered 429/3040 at once (no engine step runs meanwhile),
+    before any byte of a 200, exactly as a full queue refuses: no ledger row, its reservation given back. The
+    newcomer is served; the first account's retry is refused as by a full queue. An audit found the
+    newcomer refused on every try (the SDK's 3 attempts) while the others each stayed within their share."""
+    policy = Policy.in_memory(rate_limits=False, cache=False, daily_neurons=10_000)
+    app = create_app(catalog, {MODEL: gated}, TOKENS, policy=policy, limits=RequestLimits(stall_timeout=1.0))
+    allocation = policy.allocation
+    assert allocation is not None
+    body = {**LONG, "max_tokens": 4}
+    with LiveServer(app) as live, ThreadPoolExecutor(4) as pool:
+        gated.allow()  # the first request takes the slot
+        first = pool.submit(_post, live.url, TOKEN, ACCOUNT, {**body, "stream": True})
+        wait_for(lambda: gated.stats().running == 1, "the first request to take the slot")
+        queued = []
+        for waiting, stream in ((1, False), (2, True)):  # the stream is the newer
+            queued.append(pool.submit(_post, live.url, TOKEN, ACCOUNT, {**body, "stream": stream}))
+            wait_for(lambda n=waiting: gated.stats().waiting == n, "a request to queue")
+        wait_for(lambda: allocation.reserved(ACCOUNT) > 0 and len(gated.handles) == 3, "three reservations")
+        held = allocation.reserved(ACCOUNT)
+        steps = gated.steps_done
+        newcomer = pool.submit(_post, live.url, OTHER_TOKEN, OTHER_ACCOUNT, {**body, "stream": True})
+        displaced = queued[1].result(timeout=20)
+        assert (displaced.status_code, displaced.json()["errors"][0]["code"]) == (429, 3040)
+        assert displaced.headers["retry-after"] == "1" and displaced.headers["content-type"] == "application/json"
+        retry = _post(live.url, TOKEN, ACCOUNT, {**body, "stream": True})
+        assert (retry.status_code, retry.json()["errors"][0]["code"]) == (429, 3040)
+        assert gated.steps_done == steps and gated.stats().waiting == 2
+        wait_for(lambda: allocation.reserved(ACCOUNT) == pytest.approx(held * 2 / 3), "the reservation released")
+        gated.open()
+        answers = [first.result(timeout=30), queued[0].result(timeout=30), newcomer.result(timeout=30)]
+    assert [a.status_code for a in answers] == [200, 200, 200]
+    assert answers[2].text.endswith("data: [DONE]\n\n")
+    first_handle, older, refused, other = gated.handles
+    assert refused.started_at == 0.0 and refused.request.request_id == displaced.headers["cf-ai-req-id"]
+    for handle in (first_handle, older, other):
+        assert row_of(policy, handle.request.request_id)["outcome"] == "ok"
+    with policy.ledger.database.connect() as conn:
+        ids = set(conn.execute(sa.select(policy.ledger.table.c.request_id)).scalars())
+    assert ids == {h.request.request_id for h in (first_handle, older, other)}  # none for the two refused
+    assert allocation.reserved(ACCOUNT) == allocation.reserved(OTHER_ACCOUNT) == 0
+    policy.close()

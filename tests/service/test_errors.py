@@ -16,7 +16,7 @@ from cloudflare import Cloudflare
 
 from int8serve.engine.scheduler import Engine, EngineStoppedError
 
-from .conftest import ACCOUNT, MODEL, OTHER_TOKEN, SLOW_MODEL, TOKEN, UNSERVED_MODEL
+from .conftest import ACCOUNT, MODEL, OTHER_TOKEN, SLOW_MODEL, TOKEN, UNSERVED_MODEL, wait_for
 
 BAD_INPUT = "AiError: Bad input: Error: "
 NEITHER = ("oneOf at '/' not met, 0 matches: required properties at '/' are 'prompt', "
@@ -303,14 +303,21 @@ def test_odd_bodies_are_4xx_never_500(http: httpx.Client, run_url: str, auth: di
 
 @contextmanager
 def occupied(base_url: str, n: int) -> Iterator[None]:
-    """`n` long streams open on the slow engine (1 slot, queue of 1); closed (and cancelled) on exit."""
-    body = {"prompt": "Once upon a time", "raw": True, "stream": True, "max_tokens": 400}
-    with ExitStack() as stack:
+    """`n` long streams sent to the slow engine (1 slot, queue of 1), each on a connection of its own held open
+    until exit (then closed: cancelled). Raw connections: a queued stream's 200 comes only with its slot."""
+    payload = json.dumps({"prompt": "Once upon a time", "raw": True, "stream": True, "max_tokens": 400}).encode()
+    host, port = base_url.removeprefix("http://").split(":")
+    with ExitStack() as stack, httpx.Client(base_url=base_url, timeout=30) as http:
         for _ in range(n):
-            client = stack.enter_context(httpx.Client(base_url=base_url, timeout=30))
-            resp = stack.enter_context(client.stream("POST", SLOW_URL, headers={"Authorization": f"Bearer {TOKEN}"},
-                                                     json=body))
-            assert resp.status_code == 200
+            sock = stack.enter_context(socket.create_connection((host, int(port))))
+            sock.sendall(f"POST {SLOW_URL} HTTP/1.1\r\nHost: x\r\nAuthorization: Bearer {TOKEN}\r\n"
+                         f"Content-Length: {len(payload)}\r\n\r\n".encode() + payload)
+
+        def held() -> int:
+            stats = http.get("/readyz").json()["models"][SLOW_MODEL]
+            return stats["running"] + stats["waiting"]
+
+        wait_for(lambda: held() == n, f"{n} requests in the slow engine")
         yield
 
 

@@ -14,6 +14,12 @@ Each engine step:
    chunking.py), by default where that is faster (`solo_prefill_chunks`);
 4. decodes one token for every running sequence in ONE batched forward.
 
+The waiting queue holds at most `max_queue` requests beyond the free slots. When it is full, a request whose owner
+holds fewer requests in the engine (running and waiting) than another owner, even with this one, takes the place of
+that owner's newest waiting request, which ends at once with `FinishReason.REFUSED` (the service answers it as a
+full queue: 429); otherwise the newcomer is refused (`QueueFullError`). Owners that each stay within a fair share
+therefore cannot keep out one that has nothing in the engine.
+
 Outputs do not depend on the batch: each sequence samples with its own seeded generator, prompts are chunked the
 same way whatever else runs, and the decode kernel computes each row independently of the others
 (tests/engine/test_scheduler.py checks this). Stop strings (`SamplingParams.stop`) are applied to the decoded text
@@ -41,7 +47,7 @@ import logging
 import queue
 import threading
 import time
-from collections.abc import AsyncIterator, Iterator
+from collections.abc import AsyncIterator, Callable, Iterator
 from dataclasses import dataclass, field
 from enum import StrEnum
 
@@ -88,6 +94,7 @@ class FinishReason(StrEnum):
     STOP = "stop"  # end of sequence token, or a stop string
     LENGTH = "length"  # max_tokens, or the end of the context
     CANCELLED = "cancelled"  # the submitter cancelled it (`RequestHandle.cancel`)
+    REFUSED = "refused"  # never started: its place in the full queue went to another owner's request (`submit`)
     SHUTDOWN = "shutdown"  # the engine stopped before it could finish
     ERROR = "error"  # a step failed
 
@@ -147,6 +154,7 @@ class RequestHandle:
         self.request = request
         self._loop = loop
         self._async_queue: asyncio.Queue[TokenEvent] | None = asyncio.Queue() if loop else None
+        self._placed: asyncio.Event | None = asyncio.Event() if loop else None  # taken into a slot, or ended
         self._sync_queue: queue.SimpleQueue[TokenEvent] = queue.SimpleQueue()
         self.cancelled = threading.Event()
         self.queued_at = time.monotonic()
@@ -156,14 +164,34 @@ class RequestHandle:
         """Ask the engine to drop this request; its slot is freed at the next step."""
         self.cancelled.set()
 
-    def _emit(self, event: TokenEvent) -> None:  # called from the engine thread
-        if self._loop is not None and self._async_queue is not None:
-            try:
-                self._loop.call_soon_threadsafe(self._async_queue.put_nowait, event)
-            except RuntimeError:  # the event loop is closed: nobody listens any more
-                self.cancel()
+    def _emit(self, event: TokenEvent) -> None:  # called from the engine thread (or `Engine.submit`'s)
+        if self._loop is not None:
+            self._call_in_loop(self._deliver, event)
         else:
             self._sync_queue.put(event)
+
+    def _place(self) -> None:  # called from the engine thread: the request was taken into a slot
+        if self._loop is not None and self._placed is not None:
+            self._call_in_loop(self._placed.set)
+
+    def _call_in_loop(self, callback: Callable[..., object], *args: object) -> None:
+        assert self._loop is not None
+        try:
+            self._loop.call_soon_threadsafe(callback, *args)
+        except RuntimeError:  # the event loop is closed: nobody listens any more
+            self.cancel()
+
+    def _deliver(self, event: TokenEvent) -> None:  # in the event loop
+        assert self._async_queue is not None and self._placed is not None
+        self._async_queue.put_nowait(event)
+        if event.finish_reason is not None:
+            self._placed.set()
+
+    async def placed(self) -> None:
+        """Wait until the engine takes the request into a slot (`started_at` is then set) or ends it without one
+        (its final event is then in `events()`)."""
+        assert self._placed is not None, "submitted outside an event loop"
+        await self._placed.wait()
 
     async def events(self) -> AsyncIterator[TokenEvent]:
         """Events until (and including) the final one, which has a finish_reason."""
@@ -277,7 +305,8 @@ class Engine:
 
     def submit(self, request: GenerationRequest, reject_if_busy: bool = False) -> RequestHandle:
         """Queue a request. Raises QueueFullError when it cannot be taken, EngineStoppedError once `stop` was
-        called."""
+        called. A full queue still takes the request of an owner that holds fewer than another (see
+        `_displaceable`): that other's newest waiting request then ends at once, `FinishReason.REFUSED`."""
         self._check(request)
         try:
             loop = asyncio.get_running_loop()
@@ -287,13 +316,30 @@ class Engine:
         with self._wake:
             if not self._accepting:
                 raise EngineStoppedError("the engine is shutting down")
-            busy = len(self._running) + len(self._waiting) >= self.max_slots
-            if (reject_if_busy and busy) or len(self._waiting) >= self.max_queue + max(
-                    0, self.max_slots - len(self._running)):
-                raise QueueFullError("no free slot" if reject_if_busy else "the waiting queue is full")
+            if reject_if_busy and len(self._running) + len(self._waiting) >= self.max_slots:
+                raise QueueFullError("no free slot")
+            displaced = None
+            if len(self._waiting) >= self.max_queue + max(0, self.max_slots - len(self._running)):
+                displaced = self._displaceable(request.owner)
+                if displaced is None:
+                    raise QueueFullError("the waiting queue is full")
+                self._waiting.remove(displaced)
             self._waiting.append(handle)
             self._wake.notify()
+        if displaced is not None:
+            displaced._emit(self._final(displaced, 0, FinishReason.REFUSED))
         return handle
+
+    def _displaceable(self, owner: str) -> RequestHandle | None:
+        """With the queue full: the newest waiting request of the owner holding the most requests (running and
+        waiting) if `owner`, with one more, would still hold fewer than that owner; else None (the newcomer is
+        refused). So a full queue refuses the owners with the most in the engine, never one that holds little."""
+        held = collections.Counter(seq.request.owner for seq in self._running.values())
+        held.update(h.request.owner for h in self._waiting)
+        most = max(reversed(self._waiting), key=lambda h: held[h.request.owner], default=None)  # newest of equals
+        if most is None or held[owner] + 1 >= held[most.request.owner]:
+            return None
+        return most
 
     def stats(self) -> EngineStats:
         with self._wake:
@@ -370,6 +416,7 @@ class Engine:
                 handle = self._next_waiting()
                 slot = free.pop(0)
                 handle.started_at = time.monotonic()
+                handle._place()
                 request = handle.request
                 stops = StopMatcher(request.params.stop) if request.params.stop else None
                 self._running[slot] = _Sequence(

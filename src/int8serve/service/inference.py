@@ -24,7 +24,10 @@ What each step does to the answer:
 * a cache hit costs 0 neurons, still counts for the limiter, and is replayed as the original's frames;
 * a complete answer is metered (`cf-ai-neurons` header, or `neurons` in the final usage frame) and its ledger row
   is durable before the answer (or the final frame) is released;
-* a request the client left or stopped reading is `aborted`, a failed one `error`; nothing of either is cached.
+* a request the client left or stopped reading is `aborted`, a failed one `error`; nothing of either is cached;
+* a full engine queue refuses with 429/3040 (counted, no ledger row, the reservation given back), at once or later:
+  a waiting request whose place goes to another account's (`Engine.submit`) gets that same answer, so a stream's
+  200 goes out only once the engine has taken its request into a slot.
 
 Everything that can fail with a status is checked before the first byte of a 200.
 """
@@ -209,6 +212,7 @@ class InferenceCall:
             self._release_soon()
             raise
         if sink is not None:
+            await self._until_placed(handle, ended)
             return self._stream(handle, ended, sink)
         return await self._collected(handle, ended)
 
@@ -338,7 +342,12 @@ class InferenceCall:
             raise
         finally:
             self.inference.inflight[self._served().card.name].release(self.account)
-        finished = await self.finish(builder.answer())
+        answer = builder.answer()
+        if answer.finish_reason is FinishReason.REFUSED:  # its place went to another account's request: refused
+            self._release_soon()  # as by a full queue (`_submit`), without a row
+            finished = Finished(answer, 0.0, CAPACITY)
+        else:
+            finished = await self.finish(answer)
         if sink is not None:
             sink.put_nowait(finished)
         return finished
@@ -349,11 +358,29 @@ class InferenceCall:
             finished = await asyncio.shield(ended)
         finally:
             watcher.cancel()
-        if finished.failure is not None:
-            raise ApiError(finished.failure, headers=self.inference.retry_headers
-                           if finished.failure is SHUTTING_DOWN else None)
+        self._raise_failure(finished)
         self.headers[NEURONS_HEADER] = format_neurons(finished.neurons)
         return json_response(self.fmt.json_body(finished.answer), headers=self.headers)
+
+    async def _until_placed(self, handle: RequestHandle, ended: asyncio.Task[Finished]) -> None:
+        """A stream's 200 waits until the engine takes the request into a slot: until then it may still end with
+        a status, as a collected request does (429/3040 when its place in the full queue went to another account's
+        request, 503/3040 when the server stops)."""
+        watcher = asyncio.create_task(watch_disconnect(self.request.receive, handle.cancel))
+        try:
+            await handle.placed()
+        except asyncio.CancelledError:  # the exchange is over: so is the request
+            handle.cancel()
+            raise
+        finally:
+            watcher.cancel()
+        if not handle.started_at:  # ended without a slot
+            self._raise_failure(await asyncio.shield(ended))
+
+    def _raise_failure(self, finished: Finished) -> None:
+        if finished.failure is not None:
+            retry = finished.failure is SHUTTING_DOWN or finished.failure is CAPACITY
+            raise ApiError(finished.failure, headers=self.inference.retry_headers if retry else None)
 
     def _stream(self, handle: RequestHandle, ended: asyncio.Task[Finished], sink: asyncio.Queue[str | Finished]
                 ) -> EventStreamResponse:

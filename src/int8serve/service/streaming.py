@@ -1,11 +1,12 @@
 """What an inference request produced (`Answer`), and how a streamed answer travels: SSE frames with deadlines.
 
 A streamed answer is `text/event-stream` (that exact Content-Type), one `data: <compact JSON>` frame per non-empty
-text delta, then the format's final frames. Two things can go wrong once the 200 headers are out, and neither may
-hold an engine slot:
+text delta, then the format's final frames. Its 200 headers go out once the engine has taken the request into a
+slot: a request still waiting may yet be refused with a status (`inference.py`). Two things can go wrong once the
+headers are out, and neither may hold an engine slot:
 
-* the client goes away: a task watching the connection cancels the engine request at once (also while the request
-  still waits for a slot, when no frame is being sent);
+* the client goes away: a task watching the connection cancels the engine request at once (as one does while the
+  request still waits for a slot);
 * the client stays connected but stops reading: when one frame cannot be handed to the connection within
   `send_timeout` seconds the stream is cut (the connection is closed) and the engine request cancelled.
 

@@ -5,7 +5,9 @@ account take the 4 slots of this model for minutes and fill the queue, and every
 server also caps the requests an account has in its engines — admitted, not yet finished, whether in a slot or
 waiting for one. Beyond the cap the account gets 429/3040 (`Capacity temporarily exceeded`), for that account only:
 the others keep being served. Together with the engine's admission order (a free slot goes to the account with the
-fewest running sequences) an account alone may use every slot, and a newcomer gets the next slot that frees.
+fewest running sequences) an account alone may use every slot, and a newcomer gets the next slot that frees. When
+the shares of several accounts fill the engine's queue, the queue refuses the account holding the most instead of a
+newcomer: the newcomer's request takes the place of that account's newest waiting one (`Engine.submit`).
 
 The count is per server (replicas each keep their own), held on the event loop, and released when the engine ends
 the request — not when the client leaves, since the engine may still be working on it.
