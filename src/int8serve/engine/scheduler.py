@@ -8,10 +8,12 @@ Each engine step:
 1. drops cancelled sequences (their slot is free for the next step);
 2. admits waiting requests into free slots, the request of the owner with the fewest running sequences first (FIFO
    among equals), so that one owner (the service passes the account) cannot keep the others waiting behind it;
-3. runs one prefill chunk for one admitted request (so a long prompt never freezes the running streams); a prompt
-   alone in the engine (nothing else running or waiting) takes up to `solo_prefill_tokens` of whole chunks in that
-   step, where the model computes them with the same bits as one by one (`Transformer.prefill_rows_independent`,
-   chunking.py), by default where that is faster (`solo_prefill_chunks`);
+3. runs one prefill chunk for one admitted request (so a long prompt never freezes the running streams); the prompts
+   being prefilled take turns, a chunk each (one that has had none goes first), so a short prompt admitted beside
+   long ones waits for at most one chunk of each, not for their whole prefills; a prompt alone in the engine
+   (nothing else running or waiting) takes up to `solo_prefill_tokens` of whole chunks in that step, where the model
+   computes them with the same bits as one by one (`Transformer.prefill_rows_independent`, chunking.py), by default
+   where that is faster (`solo_prefill_chunks`);
 4. decodes one token for every running sequence in ONE batched forward.
 
 The waiting queue holds at most `max_queue` requests beyond the free slots. When it is full, a request whose owner
@@ -222,6 +224,7 @@ class _Sequence:
     stops: StopMatcher | None = None
     prefilled: int = 0  # prompt tokens already in the KV cache
     reused: int = 0  # of which copied from the prefix cache
+    prefill_turn: int = 0  # the engine step of its last prefill chunk (0: none yet)
     generated: int = 0
     generated_ids: list[int] = field(default_factory=list)  # the sampled tokens (the last is in the KV cache once
     # the next decode step has run)
@@ -432,11 +435,13 @@ class Engine:
         return chosen
 
     def _prefill_one(self) -> None:
-        # the admitted sequence that has waited longest gets one chunk, or several if nothing else runs or waits
+        # the prompts being prefilled take turns, one chunk each (several if nothing else runs or waits): first one
+        # that has had no chunk yet (the oldest first), else the one whose last chunk is the oldest
         pending = [seq for seq in self._running.values() if not seq.decoding]
         if not pending:
             return
-        seq = min(pending, key=lambda s: s.handle.queued_at)
+        seq = min(pending, key=lambda s: (s.prefill_turn, s.handle.queued_at))
+        seq.prefill_turn = self._steps
         with self._wake:
             alone = len(self._running) == 1 and not self._waiting
         logits = self._prefill_chunk(seq, self.solo_prefill_chunks if alone else 1)
