@@ -10,6 +10,7 @@ timing is involved. Its model records the prompts it prefilled and can be made t
 from __future__ import annotations
 
 import json
+import re
 import socket
 import threading
 import time
@@ -30,6 +31,7 @@ from int8serve.engine.tokenizer import Tokenizer
 from int8serve.service.app import create_app
 from int8serve.service.inference import RequestLimits
 from int8serve.service.policy import Policy
+from int8serve.service.streaming import UNSENT_ANSWER_BYTES
 
 from .conftest import ACCOUNT, CONTEXT, MODEL, OTHER_ACCOUNT, OTHER_TOKEN, TOKEN, TOKENS, LiveServer, wait_for
 
@@ -206,6 +208,62 @@ def test_a_stuck_reader_is_cut_and_billed_what_the_engine_generated(catalog: Cat
     generated = gated.model.forwards  # type: ignore[attr-defined]  # one prefill chunk, then one token a step
     assert row["outcome"] == "aborted" and row["output_tokens"] == generated < 480
     assert row["neurons"] == neurons(len(handle.request.prompt_ids), generated)
+
+
+def test_a_stuck_reader_holds_at_most_the_bound_of_unsent_answer(catalog: Catalog,
+                                                                   served: tuple[LiveServer, Policy],
+                                                                   gated: GatedEngine) -> None:
+    """A client that reads nothing, the stall timeout far away (30 s): the frames waiting for its connection pass
+    UNSENT_ANSWER_BYTES long before the 480 tokens, and the stream is cut there as a stall is — the request
+    cancelled, the connection closed, the row `aborted` with every token generated. Found by an audit: the frames
+    piled up in an unbounded queue (~100 KB) and the engine generated until the stall timeout. What the server never
+    handed to the connection (the frames of the same answer, replayed to a reading client, less what this client
+    got) is the bound at most, and two frames that were never kept: the one that would have passed it, and the
+    token the engine was generating when the request was cancelled."""
+    live, policy = served
+    app = create_app(catalog, {MODEL: gated}, TOKENS, policy=policy, limits=RequestLimits(stall_timeout=30.0))
+    gated.model.delay = 0.01  # type: ignore[attr-defined]
+    gated.open()
+    body = {"model": MODEL, "messages": [{"role": "user", "content": "Hi"}], "max_tokens": 480, "stream": True,
+            "temperature": 0}
+    server_sock = socket.socket()
+    server_sock.setsockopt(socket.SOL_SOCKET, socket.SO_SNDBUF, 4096)
+    server_sock.bind(("127.0.0.1", 0))
+    with LiveServer(app, sock=server_sock) as stuck, socket.socket() as sock:
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 2048)
+        sock.connect(("127.0.0.1", stuck.port))
+        payload = json.dumps(body).encode()
+        sock.sendall(f"POST /v1/chat/completions HTTP/1.1\r\nHost: x\r\nAuthorization: Bearer {TOKEN}\r\n"
+                     f"Content-Type: application/json\r\nContent-Length: {len(payload)}\r\n\r\n".encode() + payload)
+        started = time.monotonic()
+        wait_for(lambda: gated.handles and gated.handles[0].cancelled.is_set(), "the stream to be cut", timeout=15)
+        received = _read_to_the_end(sock)
+        assert time.monotonic() - started < 15  # cut and closed long before the stall timeout
+    handle = gated.handles[0]
+    row = row_of(policy, handle.request.request_id)
+    generated = gated.model.forwards  # type: ignore[attr-defined]  # one prefill chunk, then one token a step
+    assert row["outcome"] == "aborted" and row["output_tokens"] == generated < 400
+    assert row["neurons"] == neurons(len(handle.request.prompt_ids), generated)
+    with httpx.Client(base_url=live.url, timeout=30) as http:  # the same answer, read, as far as the cut
+        replayed = http.post("/v1/chat/completions", headers=AUTH, json={**body, "max_tokens": generated}).content
+    frames = [len(frame) for frame in _delta_frames(replayed)]
+    unsent = sum(frames) - sum(len(frame) for frame in _delta_frames(received))
+    assert UNSENT_ANSWER_BYTES < unsent <= UNSENT_ANSWER_BYTES + 2 * max(frames)
+
+
+def _read_to_the_end(sock: socket.socket) -> bytes:
+    """Everything the server sent on `sock`, until it closes the connection."""
+    sock.settimeout(10)
+    received = b""
+    while chunk := sock.recv(65536):
+        received += chunk
+    return received
+
+
+def _delta_frames(raw: bytes) -> list[bytes]:
+    """The whole chat delta frames in `raw` (an HTTP response, chunked or not): data frames with a `delta`."""
+    return [frame for frame in re.findall(rb"data: [^\n]*\n\n", raw) if b'"delta":{' in frame
+            and b'"finish_reason":null' in frame]
 
 
 def test_an_engine_failure_mid_stream(served: tuple[LiveServer, Policy], gated: GatedEngine) -> None:

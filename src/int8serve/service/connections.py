@@ -7,7 +7,7 @@ answer on it ended. The body has a deadline of its own (`RequestLimits.body_time
 number of open connections is bounded by uvicorn's `limit_concurrency` (beyond it: 503). A connection also buffers
 at most `WRITE_BUFFER_BYTES` of answer that its client has not read before the answer waits for it (asyncio's
 default is 64 KiB), so a client that stops reading holds little memory, and a stream notices it soon
-(`streaming.py` cuts it).
+(`streaming.py` cuts it, or bounds what waits for the connection: `UNSENT_ANSWER_BYTES`).
 """
 
 from __future__ import annotations

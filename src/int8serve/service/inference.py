@@ -79,7 +79,7 @@ from .policy.ledger import utc_now
 from .protocol.body import DEFAULT_MAX_BODY_BYTES, read_body
 from .protocol.run import RunRequest, ValidatedRun
 from .request_log import REQUEST_ID_SCOPE_KEY
-from .streaming import Answer, AnswerBuilder, EventStreamResponse, watch_disconnect
+from .streaming import UNSENT_ANSWER_BYTES, Answer, AnswerBuilder, EventStreamResponse, watch_disconnect
 from .workers import RequestWorkers, Resolver
 
 __all__ = ["Inference", "InferenceCall", "RequestLimits", "Served"]
@@ -180,6 +180,8 @@ class InferenceCall:
         self._streaming = False  # a live stream: observed when it ends, not when the route returns
         self._closed = False
         self.reservation: Reservation | None = None  # its worst case held against the daily allocation
+        self._unsent = 0  # bytes of the stream's frames not yet handed to the connection (in `sink`, or being sent)
+        self._cut = asyncio.Event()  # set once they grew past UNSENT_ANSWER_BYTES: the stream is cut
 
     async def answer(self, model: str | None) -> Response:
         try:
@@ -206,7 +208,7 @@ class InferenceCall:
             if hit is not None:
                 return await self._replay(run, hit)
             handle = self._submit(self._served().engine, run)
-            sink: asyncio.Queue[str | Finished] | None = asyncio.Queue() if run.checked.stream else None
+            sink: asyncio.Queue[bytes | Finished] | None = asyncio.Queue() if run.checked.stream else None
             ended = self.inference.spawn(self._follow(handle, sink))  # from here on, `finish` releases it
         except BaseException:
             self._release_soon()
@@ -328,15 +330,15 @@ class InferenceCall:
 
     # ---- the engine's answer ----
 
-    async def _follow(self, handle: RequestHandle, sink: asyncio.Queue[str | Finished] | None = None) -> Finished:
-        """Task: the engine's events into an answer (text deltas also into `sink`), then `finish`."""
+    async def _follow(self, handle: RequestHandle, sink: asyncio.Queue[bytes | Finished] | None = None) -> Finished:
+        """Task: the engine's events into an answer (text deltas also into `sink`, as frames), then `finish`."""
         builder = AnswerBuilder(prompt_tokens=len(handle.request.prompt_ids))
         try:
             async for event in handle.events():
                 builder.add(event)
                 self.obs.token(event)
                 if event.text and sink is not None:
-                    sink.put_nowait(event.text)
+                    self._queue_frame(handle, sink, self.fmt.delta_frame(event.text))
         except BaseException:  # not the engine's answer (a bug, a cancelled task): no row, the reservation goes
             self._release_soon()
             raise
@@ -351,6 +353,18 @@ class InferenceCall:
         if sink is not None:
             sink.put_nowait(finished)
         return finished
+
+    def _queue_frame(self, handle: RequestHandle, sink: asyncio.Queue[bytes | Finished], frame: bytes) -> None:
+        """`frame` into `sink`, unless the frames waiting there would pass UNSENT_ANSWER_BYTES: the client does not
+        read, so the engine request is cancelled and the stream cut, as a stall is (`EventStreamResponse`)."""
+        if self._cut.is_set():
+            return
+        if self._unsent + len(frame) > UNSENT_ANSWER_BYTES:
+            handle.cancel()
+            self._cut.set()
+            return
+        self._unsent += len(frame)
+        sink.put_nowait(frame)
 
     async def _collected(self, handle: RequestHandle, ended: asyncio.Task[Finished]) -> Response:
         watcher = asyncio.create_task(watch_disconnect(self.request.receive, handle.cancel))
@@ -382,13 +396,14 @@ class InferenceCall:
             retry = finished.failure is SHUTTING_DOWN or finished.failure is CAPACITY
             raise ApiError(finished.failure, headers=self.inference.retry_headers if retry else None)
 
-    def _stream(self, handle: RequestHandle, ended: asyncio.Task[Finished], sink: asyncio.Queue[str | Finished]
+    def _stream(self, handle: RequestHandle, ended: asyncio.Task[Finished], sink: asyncio.Queue[bytes | Finished]
                 ) -> EventStreamResponse:
         self._streaming = True
 
         async def frames() -> Any:
-            while isinstance(item := await sink.get(), str):
-                yield self.fmt.delta_frame(item)
+            while isinstance(item := await sink.get(), bytes):
+                yield item
+                self._unsent -= len(item)  # handed to the connection
             if item.failure is not None:
                 yield self.fmt.error_frame(item.failure)
             else:
@@ -402,7 +417,7 @@ class InferenceCall:
                 self.inference.spawn(self._observe_stream(ended))
 
         return EventStreamResponse(frames(), on_close=closed, headers=self.headers,
-                                   send_timeout=self.inference.limits.stall_timeout)
+                                   send_timeout=self.inference.limits.stall_timeout, cut=self._cut)
 
     async def _observe_stream(self, ended: Awaitable[Finished]) -> None:
         finished = await ended

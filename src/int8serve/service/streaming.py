@@ -8,7 +8,10 @@ headers are out, and neither may hold an engine slot:
 * the client goes away: a task watching the connection cancels the engine request at once (as one does while the
   request still waits for a slot);
 * the client stays connected but stops reading: when one frame cannot be handed to the connection within
-  `send_timeout` seconds the stream is cut (the connection is closed) and the engine request cancelled.
+  `send_timeout` seconds the stream is cut (the connection is closed) and the engine request cancelled. The frames
+  the engine produced meanwhile wait for the connection; once more than `UNSENT_ANSWER_BYTES` of them wait, the
+  stream is cut the same way at once (`EventStreamResponse`'s `cut`): the engine does not go on generating for a
+  client that does not take what it has.
 
 An engine failure after the headers cannot become an HTTP error any more: the stream then ends with the format's
 error frame and no `[DONE]`, so clients that wait for `[DONE]` can tell a broken answer from a finished one.
@@ -33,6 +36,7 @@ from int8serve.engine.scheduler import FinishReason, TokenEvent
 __all__ = [
     "DONE_FRAME",
     "SSE_CONTENT_TYPE",
+    "UNSENT_ANSWER_BYTES",
     "Answer",
     "AnswerBuilder",
     "EventStreamResponse",
@@ -45,6 +49,7 @@ log = logging.getLogger(__name__)
 
 SSE_CONTENT_TYPE = "text/event-stream"
 DONE_FRAME = b"data: [DONE]\n\n"
+UNSENT_ANSWER_BYTES = 16 << 10  # frames of a stream waiting for its connection (besides the connection's own buffer)
 
 
 def encode_frame(payload: Any) -> bytes:
@@ -120,39 +125,59 @@ async def watch_disconnect(receive: Receive, on_disconnect: Callable[[], None]) 
 
 class EventStreamResponse(StreamingResponse):
     """A 200 `text/event-stream` answer that cuts a client which stopped reading and runs `on_close` when the
-    response ends for any reason, even if the body iterator never started."""
+    response ends for any reason, even if the body iterator never started. A client stopped reading when one
+    frame cannot be sent within `send_timeout` seconds, or when `cut` is set (its unsent answer grew too large):
+    either way the frame being sent is given up, and the stream ends there."""
 
     def __init__(self, content: AsyncIterator[bytes], on_close: Callable[[], None], *,
-                 headers: dict[str, str] | None = None, send_timeout: float | None = None) -> None:
+                 headers: dict[str, str] | None = None, send_timeout: float | None = None,
+                 cut: asyncio.Event | None = None) -> None:
         merged = {"content-type": SSE_CONTENT_TYPE, "cache-control": "no-cache", "x-accel-buffering": "no",
                   **(headers or {})}
         super().__init__(content, status_code=200, headers=merged)
         self._on_close = on_close
         self.send_timeout = send_timeout
         self.stalled = False
+        self._cut = cut or asyncio.Event()
+        self._sending: asyncio.Timeout | None = None  # the deadline of the frame being sent
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
-        watcher = asyncio.create_task(watch_disconnect(receive, self._on_close))
+        watchers = [asyncio.create_task(watch_disconnect(receive, self._on_close)),
+                    asyncio.create_task(self._cut_when_set())]
         try:
             await self.stream_response(self._with_deadline(send))
         except TimeoutError:  # the client stopped reading: end here, and the server closes the connection
             self.stalled = True
-            log.warning("a streamed answer was cut: its client read nothing for %s s", self.send_timeout)
+            if self._cut.is_set():
+                log.warning("a streamed answer was cut: its client left over %d bytes of it unread",
+                            UNSENT_ANSWER_BYTES)
+            else:
+                log.warning("a streamed answer was cut: its client read nothing for %s s", self.send_timeout)
         except OSError:
             raise ClientDisconnect() from None
         finally:
-            watcher.cancel()
-            with contextlib.suppress(asyncio.CancelledError):
-                await watcher
+            for watcher in watchers:
+                watcher.cancel()
+                with contextlib.suppress(asyncio.CancelledError):
+                    await watcher
             self._on_close()
 
+    async def _cut_when_set(self) -> None:
+        """Task: once `cut` is set, the frame being sent (if one is) times out now."""
+        await self._cut.wait()
+        if self._sending is not None:
+            self._sending.reschedule(asyncio.get_running_loop().time())
+
     def _with_deadline(self, send: Send) -> Send:
-        if self.send_timeout is None:
-            return send
         timeout = self.send_timeout
 
         async def send_in_time(message: Message) -> None:
-            async with asyncio.timeout(timeout):
-                await send(message)
+            if self._cut.is_set():
+                raise TimeoutError
+            try:
+                async with asyncio.timeout(timeout) as self._sending:
+                    await send(message)
+            finally:
+                self._sending = None
 
         return send_in_time
