@@ -14,7 +14,7 @@ import pytest
 import redis.asyncio
 from cloudflare import Cloudflare
 
-from int8serve.service.policy.ratelimit import ReplicaCount
+from int8serve.service.policy.ratelimit import MonotonicMemoryStorage, ReplicaCount
 
 from ..conftest import ACCOUNT, MODEL, OTHER_ACCOUNT, OTHER_TOKEN, SCRIPTED_MODEL, TOKEN
 from .conftest import ACCOUNTS, STAGING_ACCOUNT, PolicyServer, RedisServer
@@ -190,3 +190,24 @@ def test_a_replica_stepped_back_an_hour_goes_on_stamping_and_counting(private_re
     count, stamp = asyncio.run(scenario())
     assert count == 2
     assert stamp is not None and abs(stamp - (REAL_TIME() - 3600)) < 5  # the wall-clock time, as stepped
+
+
+def test_the_in_process_window_keeps_only_the_stamps_in_it() -> None:
+    """A limit far above the traffic (1,000 a minute, 2 admitted a second for 10 minutes): the key keeps the stamps
+    of the last 60 seconds, newest first, and no older ones (an audit found every stamp up to the limit kept, and
+    copied on each admission: 1,000 here); the window still admits and refuses as before."""
+    now = [0.0]
+    storage = MonotonicMemoryStorage(clock=lambda: now[0])
+
+    async def scenario() -> None:
+        for tick in range(1200):
+            now[0] = tick / 2
+            assert await storage.acquire_entry("k", 1000, 60)
+            assert storage.stamps["k"] == [now[0] - i / 2 for i in range(min(tick + 1, 120))]
+        assert await storage.get_moving_window("k", 1000, 60) == (now[0] - 59.5, 120)
+        assert not await storage.acquire_entry("k", 120, 60)  # a window of 120 is full
+        now[0] += 0.5
+        assert await storage.acquire_entry("k", 120, 60)  # the oldest left it
+        assert len(storage.stamps["k"]) == 120
+
+    asyncio.run(scenario())

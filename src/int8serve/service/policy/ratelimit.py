@@ -28,7 +28,9 @@ Either way no reset or `Retry-After` is more than the window (`RateLimiter._seco
 from __future__ import annotations
 
 import asyncio
+import bisect
 import math
+import operator
 import time
 import uuid
 from collections import deque
@@ -61,8 +63,10 @@ class MonotonicMemoryStorage(MemoryStorage):
     """`limits`' in-process storage with its moving windows on `clock` (monotonic) instead of `time.time()`, whose
     steps moved the window: one back by an hour kept the last minute's admissions in it for an hour, one forward
     emptied it. Only the moving window is served (`acquire_entry`, `get_moving_window`), in the clock's seconds (so
-    `get_window_stats().reset_time` is too). A key keeps its newest `limit` stamps, newest first, as `limits`' Redis
-    list does, until a look finds none of them in the window."""
+    `get_window_stats().reset_time` is too). A key keeps the stamps in its window, newest first, at most `limit` of
+    them, as `limits`' Redis list does: an admission drops the stamps that left the window (they were kept however
+    old while admissions went on, up to `limit` of them, and copied on each), and a look that finds none in it drops
+    the key."""
 
     def __init__(self, clock: Callable[[], float] = time.monotonic) -> None:
         super().__init__()
@@ -73,10 +77,12 @@ class MonotonicMemoryStorage(MemoryStorage):
         """Record `amount` admissions if the window has room (no await between test and record: atomic)."""
         if amount > limit:
             return False
-        now, stamps = self.clock(), self.stamps.get(key, [])
+        now, stamps = self.clock(), self.stamps.setdefault(key, [])
         if len(stamps) > limit - amount and stamps[limit - amount] > now - expiry:
             return False
-        self.stamps[key] = ([now] * amount + stamps)[:limit]
+        del stamps[bisect.bisect_left(stamps, expiry - now, key=operator.neg):]  # newest first: the old ones last
+        stamps[:0] = [now] * amount
+        del stamps[limit:]
         return True
 
     async def get_moving_window(self, key: str, limit: int, expiry: int) -> tuple[float, int]:
