@@ -153,6 +153,19 @@ def test_comments_docstrings_and_layout_of_the_quantizing_code_keep_the_key(
     assert cache_folder(source, quantizer="rtn") == keys["rtn"]
 
 
+def plus_one(x):  # type: ignore[no-untyped-def]  # (no annotations: the fingerprint below stays short)
+    """A docstring, left out."""
+    return x + 1  # a comment, left out
+
+
+def test_the_code_fingerprint_is_the_same_on_every_python() -> None:
+    """What `code_fingerprint` hashes leaves out the fields one Python version writes and another does not (empty
+    lists, None: ast.dump differs between 3.11, 3.12 and 3.13), so a new Python keeps the model cache's copies."""
+    assert model_cache.code_fingerprint(plus_one) == (
+        "Module(body=[FunctionDef(name='plus_one', args=arguments(args=[arg(arg='x')]), "
+        "body=[Return(value=BinOp(left=Name(id='x', ctx=Load()), op=Add(), right=Constant(value=1)))])])")
+
+
 def test_a_hub_snapshot_is_keyed_by_repo_and_commit(tmp_path: Path, cache: Path, stories_hf: Path) -> None:
     one = lay_out_hub_cache(tmp_path / "hub-a", "tiny-org/stories260K", stories_hf)
     other = lay_out_hub_cache(tmp_path / "hub-b", "tiny-org/stories260K", stories_hf)  # another HF_HUB_CACHE

@@ -18,12 +18,14 @@ ledger is written (in memory). The policy tests (`tests/service/policy/`) build 
 
 from __future__ import annotations
 
+import json
 import os
 import socket
 import threading
 import time
 import uuid
 from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
@@ -128,6 +130,22 @@ class LiveServer:
     def __exit__(self, *exc: object) -> None:
         self.server.should_exit = True
         self.thread.join(10)
+
+
+@contextmanager
+def stuck_reader(app: FastAPI, body: dict[str, Any], token: str) -> Iterator[tuple[LiveServer, socket.socket]]:
+    """`app` served with a 4 KiB send buffer, and a client with a 2 KiB receive buffer that POSTs `body` to
+    /v1/chat/completions and reads nothing: the buffers between them fill within a few frames of a stream."""
+    server_sock = socket.socket()
+    server_sock.setsockopt(socket.SOL_SOCKET, socket.SO_SNDBUF, 4096)
+    server_sock.bind(("127.0.0.1", 0))
+    with LiveServer(app, sock=server_sock) as live, socket.socket() as sock:
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 2048)
+        sock.connect(("127.0.0.1", live.port))
+        payload = json.dumps(body).encode()
+        sock.sendall(f"POST /v1/chat/completions HTTP/1.1\r\nHost: x\r\nAuthorization: Bearer {token}\r\n"
+                     f"Content-Type: application/json\r\nContent-Length: {len(payload)}\r\n\r\n".encode() + payload)
+        yield live, sock
 
 
 # --- data and models --------------------------------------------------------------------------------------------

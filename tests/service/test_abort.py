@@ -33,7 +33,18 @@ from int8serve.service.inference import RequestLimits
 from int8serve.service.policy import Policy
 from int8serve.service.streaming import UNSENT_ANSWER_BYTES
 
-from .conftest import ACCOUNT, CONTEXT, MODEL, OTHER_ACCOUNT, OTHER_TOKEN, TOKEN, TOKENS, LiveServer, wait_for
+from .conftest import (
+    ACCOUNT,
+    CONTEXT,
+    MODEL,
+    OTHER_ACCOUNT,
+    OTHER_TOKEN,
+    TOKEN,
+    TOKENS,
+    LiveServer,
+    stuck_reader,
+    wait_for,
+)
 
 RUN = f"/client/v4/accounts/{ACCOUNT}/ai/run/{MODEL}"
 AUTH = {"Authorization": f"Bearer {TOKEN}"}
@@ -191,16 +202,8 @@ def test_a_stuck_reader_is_cut_and_billed_what_the_engine_generated(catalog: Cat
     app = create_app(catalog, {MODEL: gated}, TOKENS, policy=policy, limits=RequestLimits(stall_timeout=1.0))
     gated.model.delay = 0.02  # type: ignore[attr-defined]
     gated.open()
-    server_sock = socket.socket()
-    server_sock.setsockopt(socket.SOL_SOCKET, socket.SO_SNDBUF, 4096)
-    server_sock.bind(("127.0.0.1", 0))
-    with LiveServer(app, sock=server_sock) as live, socket.socket() as sock:
-        sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 2048)
-        sock.connect(("127.0.0.1", live.port))
-        body = json.dumps({"model": MODEL, "messages": [{"role": "user", "content": "Hi"}], "max_tokens": 480,
-                           "stream": True}).encode()
-        sock.sendall(f"POST /v1/chat/completions HTTP/1.1\r\nHost: x\r\nAuthorization: Bearer {TOKEN}\r\n"
-                     f"Content-Type: application/json\r\nContent-Length: {len(body)}\r\n\r\n".encode() + body)
+    body = {"model": MODEL, "messages": [{"role": "user", "content": "Hi"}], "max_tokens": 480, "stream": True}
+    with stuck_reader(app, body, TOKEN):
         wait_for(lambda: gated.handles and gated.handles[0].cancelled.is_set(), "the stalled stream to be cut")
         wait_for(lambda: gated.stats().running == 0, "the slot to be freed")
     handle = gated.handles[0]
@@ -226,15 +229,7 @@ def test_a_stuck_reader_holds_at_most_the_bound_of_unsent_answer(catalog: Catalo
     gated.open()
     body = {"model": MODEL, "messages": [{"role": "user", "content": "Hi"}], "max_tokens": 480, "stream": True,
             "temperature": 0}
-    server_sock = socket.socket()
-    server_sock.setsockopt(socket.SOL_SOCKET, socket.SO_SNDBUF, 4096)
-    server_sock.bind(("127.0.0.1", 0))
-    with LiveServer(app, sock=server_sock) as stuck, socket.socket() as sock:
-        sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 2048)
-        sock.connect(("127.0.0.1", stuck.port))
-        payload = json.dumps(body).encode()
-        sock.sendall(f"POST /v1/chat/completions HTTP/1.1\r\nHost: x\r\nAuthorization: Bearer {TOKEN}\r\n"
-                     f"Content-Type: application/json\r\nContent-Length: {len(payload)}\r\n\r\n".encode() + payload)
+    with stuck_reader(app, body, TOKEN) as (_, sock):
         started = time.monotonic()
         wait_for(lambda: gated.handles and gated.handles[0].cancelled.is_set(), "the stream to be cut", timeout=15)
         received = _read_to_the_end(sock)

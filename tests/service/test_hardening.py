@@ -36,7 +36,18 @@ from int8serve.service.request_log import (
     log_request,
 )
 
-from .conftest import ACCOUNT, MODEL, OTHER_ACCOUNT, OTHER_TOKEN, SLOW_MODEL, TOKEN, TOKENS, LiveServer, SlowModel
+from .conftest import (
+    ACCOUNT,
+    MODEL,
+    OTHER_ACCOUNT,
+    OTHER_TOKEN,
+    SLOW_MODEL,
+    TOKEN,
+    TOKENS,
+    LiveServer,
+    SlowModel,
+    stuck_reader,
+)
 
 BIG = "1" + "0" * 400
 HUGE = "9" * 5000
@@ -238,16 +249,8 @@ def test_a_client_that_stops_reading_is_cut_and_its_usage_recorded(hardened: Fas
                                                                   wide_slow_engine: Engine) -> None:
     """A stream whose client reads nothing: the server's buffers fill, the stream is cut after the stall timeout
     (1 s here), the engine slot is freed long before the 480 tokens would have ended, and the ledger has its row."""
-    server_sock = socket.socket()
-    server_sock.setsockopt(socket.SOL_SOCKET, socket.SO_SNDBUF, 4096)
-    server_sock.bind(("127.0.0.1", 0))
-    with LiveServer(hardened, sock=server_sock) as live, socket.socket() as sock:
-        sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 2048)
-        sock.connect(("127.0.0.1", live.port))
-        body = json.dumps({"model": SLOW_MODEL, "messages": [{"role": "user", "content": "Hi"}], "max_tokens": 480,
-                           "stream": True}).encode()
-        sock.sendall(f"POST /v1/chat/completions HTTP/1.1\r\nHost: x\r\nAuthorization: Bearer {TOKEN}\r\n"
-                     f"Content-Type: application/json\r\nContent-Length: {len(body)}\r\n\r\n".encode() + body)
+    body = {"model": SLOW_MODEL, "messages": [{"role": "user", "content": "Hi"}], "max_tokens": 480, "stream": True}
+    with stuck_reader(hardened, body, TOKEN):
         _wait(lambda: wide_slow_engine.stats().running == 1)
         _wait(lambda: wide_slow_engine.stats().running == 0)  # cut (the row says so: fewer than 480 tokens)
     ledger = hardened.state.services.policy.ledger

@@ -88,7 +88,19 @@ def code_fingerprint(code: object) -> str:
                 and isinstance(body[0], ast.Expr) and isinstance(body[0].value, ast.Constant)
                 and isinstance(body[0].value.value, str)):
             node.body = body[1:] or [ast.Pass()]
-    return ast.dump(tree)  # no line or column numbers: they are attributes, left out by default
+    return _tree_text(tree)
+
+
+def _tree_text(node: object) -> str:
+    """`node` as text, as `ast.dump` writes it but the same on every Python: no empty or None field (3.12 added
+    `type_params=[]` to every function, 3.13 leaves such fields out), and no line or column numbers."""
+    if isinstance(node, ast.AST):
+        fields = (f"{name}={_tree_text(value)}" for name, value in ast.iter_fields(node)
+                  if value is not None and value != [])
+        return f"{type(node).__name__}({', '.join(fields)})"
+    if isinstance(node, list):
+        return f"[{', '.join(map(_tree_text, node))}]"
+    return repr(node)
 
 
 def source_identity(source: Path) -> dict[str, object]:
