@@ -9,6 +9,7 @@ timing is involved. Its model records the prompts it prefilled and can be made t
 
 from __future__ import annotations
 
+import asyncio
 import json
 import re
 import socket
@@ -16,6 +17,7 @@ import threading
 import time
 from collections.abc import Iterator
 from concurrent.futures import ThreadPoolExecutor
+from types import SimpleNamespace
 from typing import Any
 
 import httpx
@@ -29,7 +31,7 @@ from int8serve.engine.loader import LoadedModel
 from int8serve.engine.scheduler import Engine, GenerationRequest, RequestHandle
 from int8serve.engine.tokenizer import Tokenizer
 from int8serve.service.app import create_app
-from int8serve.service.inference import RequestLimits
+from int8serve.service.inference import InferenceCall, RequestLimits
 from int8serve.service.policy import Policy
 from int8serve.service.streaming import UNSENT_ANSWER_BYTES
 
@@ -370,3 +372,24 @@ def test_a_newcomer_account_takes_the_place_of_the_newest_waiting_request_of_the
     assert ids == {h.request.request_id for h in (first_handle, older, other)}  # none for the two refused
     assert allocation.reserved(ACCOUNT) == allocation.reserved(OTHER_ACCOUNT) == 0
     policy.close()
+
+
+def test_frames_that_wait_only_for_the_event_loop_are_not_cut() -> None:
+    """The engine's tokens of an event-loop pause reach the stream together: past UNSENT_ANSWER_BYTES while nothing
+    is being sent, they are no client's fault and are kept; the same frames while a send waits on the connection
+    cut the stream (found by review: the bound counted both alike, so a reading client could be cut)."""
+    frame = b"x" * 200
+    for sending in (False, True):
+        handle = SimpleNamespace(cancelled=False)
+        handle.cancel = lambda handle=handle: setattr(handle, "cancelled", True)
+        call = SimpleNamespace(_cut=asyncio.Event(), _unsent=0, _response=SimpleNamespace(sending=sending))
+        sink: asyncio.Queue[bytes] = asyncio.Queue()
+        count = 2 * UNSENT_ANSWER_BYTES // len(frame)
+        for _ in range(count):
+            InferenceCall._queue_frame(call, handle, sink, frame)  # type: ignore[arg-type]
+        kept = sink.qsize() * len(frame)
+        if sending:
+            assert handle.cancelled and call._cut.is_set() and UNSENT_ANSWER_BYTES - len(frame) < kept
+            assert kept <= UNSENT_ANSWER_BYTES
+        else:
+            assert not handle.cancelled and not call._cut.is_set() and kept == count * len(frame)

@@ -182,6 +182,7 @@ class InferenceCall:
         self.reservation: Reservation | None = None  # its worst case held against the daily allocation
         self._unsent = 0  # bytes of the stream's frames not yet handed to the connection (in `sink`, or being sent)
         self._cut = asyncio.Event()  # set once they grew past UNSENT_ANSWER_BYTES: the stream is cut
+        self._response: EventStreamResponse | None = None  # the stream's, once made
 
     async def answer(self, model: str | None) -> Response:
         try:
@@ -355,11 +356,14 @@ class InferenceCall:
         return finished
 
     def _queue_frame(self, handle: RequestHandle, sink: asyncio.Queue[bytes | Finished], frame: bytes) -> None:
-        """`frame` into `sink`, unless the frames waiting there would pass UNSENT_ANSWER_BYTES: the client does not
-        read, so the engine request is cancelled and the stream cut, as a stall is (`EventStreamResponse`)."""
+        """`frame` into `sink`, unless the frames waiting there would pass UNSENT_ANSWER_BYTES while the connection
+        cannot take the one being sent: the client does not read, so the engine request is cancelled and the stream
+        cut, as a stall is (`EventStreamResponse`). Frames that only wait for the event loop (the engine's tokens of
+        a pause arrive together) are no client's fault: they are kept."""
         if self._cut.is_set():
             return
-        if self._unsent + len(frame) > UNSENT_ANSWER_BYTES:
+        blocked = self._response is not None and self._response.sending
+        if blocked and self._unsent and self._unsent + len(frame) > UNSENT_ANSWER_BYTES:
             handle.cancel()
             self._cut.set()
             return
@@ -416,8 +420,9 @@ class InferenceCall:
                 self._closed = True
                 self.inference.spawn(self._observe_stream(ended))
 
-        return EventStreamResponse(frames(), on_close=closed, headers=self.headers,
-                                   send_timeout=self.inference.limits.stall_timeout, cut=self._cut)
+        self._response = EventStreamResponse(frames(), on_close=closed, headers=self.headers,
+                                             send_timeout=self.inference.limits.stall_timeout, cut=self._cut)
+        return self._response
 
     async def _observe_stream(self, ended: Awaitable[Finished]) -> None:
         finished = await ended

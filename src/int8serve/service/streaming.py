@@ -162,6 +162,11 @@ class EventStreamResponse(StreamingResponse):
                     await watcher
             self._on_close()
 
+    @property
+    def sending(self) -> bool:
+        """Whether a frame is being sent now: seen from another task, only while the connection cannot take it."""
+        return self._sending is not None
+
     async def _cut_when_set(self) -> None:
         """Task: once `cut` is set, the frame being sent (if one is) times out now."""
         await self._cut.wait()
