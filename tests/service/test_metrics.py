@@ -111,6 +111,21 @@ def test_every_served_model_has_its_series_from_the_start(engines: dict[str, Eng
             assert samples.get(("int8serve_rate_limited_requests_total", labels)) == 0, (code, model)
 
 
+def test_an_engine_watched_again_has_its_steps_timed_once(catalog: Catalog, engines: dict[str, Engine]) -> None:
+    """Metrics made with the engines, then given to create_app (which watches every engine it serves): each engine
+    keeps one step callback, so its step histograms count each step once (found by review: twice)."""
+    before = {name: len(engine.on_step) for name, engine in engines.items()}
+    metrics = ServiceMetrics(engines)
+    app = create_app(catalog, engines, {TOKEN: ACCOUNT}, metrics=metrics)
+    try:
+        assert {name: len(engine.on_step) for name, engine in engines.items()} == {
+            name: count + 1 for name, count in before.items()}
+    finally:
+        app.state.services.metrics.unwatch_engines()
+        app.state.services.policy.close()
+    assert {name: len(engine.on_step) for name, engine in engines.items()} == before
+
+
 # --- a request moves its counters and histograms -----------------------------------------------------------------
 
 

@@ -335,8 +335,9 @@ class Engine:
 
     def _displaceable(self, owner: str) -> RequestHandle | None:
         """With the queue full: the newest waiting request of the owner holding the most requests (running and
-        waiting) if `owner`, with one more, would still hold fewer than that owner; else None (the newcomer is
-        refused). So a full queue refuses the owners with the most in the engine, never one that holds little."""
+        waiting) among the owners with a request waiting, if `owner`, with one more, would still hold fewer than
+        that owner; else None (the newcomer is refused). So a full queue refuses the owners with the most in the
+        engine, never one that holds little."""
         held = collections.Counter(seq.request.owner for seq in self._running.values())
         held.update(h.request.owner for h in self._waiting)
         most = max(reversed(self._waiting), key=lambda h: held[h.request.owner], default=None)  # newest of equals

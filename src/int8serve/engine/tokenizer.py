@@ -37,11 +37,11 @@ from pathlib import Path
 import sentencepiece
 
 from int8serve.engine.bpe_tokenizer import BPETokenizer
-from int8serve.engine.chat_template import ChatTemplate, Control, Segment, get_template
+from int8serve.engine.chat_template import Control, Segment
 from int8serve.engine.detokenizer import IncrementalDetokenizer, PieceTable
 from int8serve.engine.errors import CheckpointError
 
-__all__ = ["AnyTokenizer", "Tokenizer", "load_tokenizer", "template_for"]
+__all__ = ["AnyTokenizer", "Tokenizer", "load_tokenizer"]
 
 
 class Tokenizer:
@@ -162,10 +162,3 @@ def load_tokenizer(path: str | Path) -> AnyTokenizer:
         message = str(err) if str(path) in str(err) else f"{path}: {err}"
         raise CheckpointError(message) from err
 
-
-def template_for(tokenizer: AnyTokenizer) -> ChatTemplate:
-    """The prompt template a model's vocabulary implies when no card names one: ``chatml`` if it has
-    ``<|im_start|>``/``<|im_end|>``, else ``llama2``."""
-    if tokenizer.token_id(Control.IM_START.value) is not None and tokenizer.token_id(Control.IM_END.value) is not None:
-        return get_template("chatml")
-    return get_template("llama2")

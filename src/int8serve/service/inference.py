@@ -170,7 +170,7 @@ class InferenceCall:
         self.account = account
         self.fmt = fmt
         self.request_id: str = request.scope.get(REQUEST_ID_SCOPE_KEY) or str(uuid.uuid4())
-        self.admitted_at = utc_now()  # naive UTC, the ledger's time and the day it counts to: set at admission
+        self.admitted_at = utc_now()  # naive UTC, the ledger's time and its day: set again at admission (`answer`)
         self.obs = inference.metrics.observe(self.request_id, request.scope)
         self.obs.fields["account"] = account
         self.headers: dict[str, str] = {CACHE_STATUS_HEADER: "MISS"}

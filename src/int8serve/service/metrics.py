@@ -218,7 +218,10 @@ class ServiceMetrics:
 
     def watch_engine(self, model: str, engine: Engine) -> None:
         """Scrape `engine`'s slots and time its steps (through its `on_step` callbacks); the model's series start at
-        0, so that every server serving it exposes the same ones from the start."""
+        0, so that every server serving it exposes the same ones from the start. Watched once: an engine already
+        watched (metrics made with it, then given to create_app) is left as it is, its steps timed once."""
+        if self._engines.get(model) is engine:
+            return
         self._engines[model] = engine
         for family in (self.queue_time, self.ttft, self.tpot, self.e2e, self.prompt_tokens, self.generation_tokens,
                        self.cache_hits, self.cache_misses):
