@@ -5,6 +5,7 @@ from __future__ import annotations
 import builtins
 import errno
 import io
+import logging
 import os
 from collections.abc import Iterator
 from pathlib import Path
@@ -42,6 +43,16 @@ def pytest_unconfigure(config: pytest.Config) -> None:
     if (builds := config.stash.get(_VARIANT_BUILDS, None)) is not None:
         builds.close()
 
+
+
+@pytest.fixture(autouse=True)
+def _int8serve_logger(monkeypatch: pytest.MonkeyPatch) -> None:
+    """A command run in-process (`main(["serve", ...])`, `generate`) installs its log handler on the `int8serve`
+    logger (propagation off): the logger is put back after each test, so that later tests' caplog still sees its
+    records and their servers' request lines do not reach the terminal between tests."""
+    logger = logging.getLogger("int8serve")
+    for name in ("handlers", "propagate", "level"):
+        monkeypatch.setattr(logger, name, getattr(logger, name))
 
 @pytest.fixture
 def variant_builds(request: pytest.FixtureRequest) -> VariantBuilds:

@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import contextlib
 import json
-import logging
 import os
 import re
 import signal
@@ -27,15 +26,6 @@ from int8serve.engine.kernels import matmul as prefill_matmul
 from int8serve.engine.model import SDPA_BF16_TILE_FLAGS
 
 MODEL = "@cf/meta/llama-2-7b-chat-int8"
-
-
-@pytest.fixture(autouse=True)
-def _int8serve_logger(monkeypatch: pytest.MonkeyPatch) -> None:
-    """An in-process `main(["serve", ...])` installs serve's log handler (propagation off) before its checks: the
-    `int8serve` logger is put back after each test, so that later tests' caplog still sees its records."""
-    logger = logging.getLogger("int8serve")
-    for name in ("handlers", "propagate", "level"):
-        monkeypatch.setattr(logger, name, getattr(logger, name))
 
 
 def free_port() -> int:
