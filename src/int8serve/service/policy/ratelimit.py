@@ -16,7 +16,7 @@ zero. During an outage each replica admits only its share of the limit, N // R (
 that shared the Redis just before it went away (`ReplicaCount`): two replicas of an account limited to 4 admit at
 most 2 each in a window, 4 together, instead of 4 each. Redis is authoritative again as soon as it answers. A
 refusal's `Retry-After` then is the time until enough of this replica's admissions leave the window for one more
-to fit in its share (`_admitted_at` keeps their times: `limits` tells only when the oldest leaves).
+to fit in its share (read from the in-process storage's stamps: `limits` tells only when the oldest leaves).
 
 Clocks: the in-process window runs on the monotonic clock (`MonotonicMemoryStorage`), so a wall-clock step (NTP, a
 VM resumed) neither empties it nor keeps its admissions longer than the window. In Redis, `limits` stamps each
@@ -33,7 +33,6 @@ import math
 import operator
 import time
 import uuid
-from collections import deque
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
 
@@ -174,13 +173,12 @@ class RateLimiter:
             raise ValueError("shared storage and its guard go together")
         self.settings = settings
         self._clock = clock  # the in-process window's; the shared one's is the wall clock (`limits` stamps with it)
-        self._local = MovingWindowRateLimiter(MonotonicMemoryStorage(clock))
+        self._local_stamps = MonotonicMemoryStorage(clock)
+        self._local = MovingWindowRateLimiter(self._local_stamps)
         self._local_lock = asyncio.Lock()  # a degraded admission is a check then a hit: one at a time
         self._shared = MovingWindowRateLimiter(shared) if shared is not None else None
         self._guard = guard
         self.replicas = replicas
-        # (model, account) -> the times (`clock`) of the admissions in the in-process window, oldest first
-        self._admitted_at: dict[tuple[str, str], deque[float]] = {}
 
     def limit_for(self, card: ModelCard, account: str) -> int | None:
         """Requests per window allowed to `account` on `card`'s model; None = unlimited."""
@@ -204,7 +202,7 @@ class RateLimiter:
             assert self._shared is not None
             status = await self._hit(self._shared, item, ids)
             if status.allowed:  # shadow copy for a fallback
-                await self._local_hit(item, ids)
+                await self._local.hit(item, *ids)
             if self.replicas is not None:
                 await self.replicas.refresh()
             return status
@@ -218,15 +216,8 @@ class RateLimiter:
         shadow copies) in the window of the whole limit."""
         async with self._local_lock:
             stats = await self._local.get_window_stats(item, *ids)
-            allowed = item.amount - stats.remaining < self._share(item) and await self._local_hit(item, ids)
+            allowed = item.amount - stats.remaining < self._share(item) and await self._local.hit(item, *ids)
             return await self._degraded_stats(item, ids, allowed)
-
-    async def _local_hit(self, item: RateLimitItem, ids: tuple[str, str]) -> bool:
-        """A hit in the in-process window, its time kept for `_degraded_stats`."""
-        if not await self._local.hit(item, *ids):
-            return False
-        self._admitted_at.setdefault(ids, deque(maxlen=item.amount)).append(self._clock())
-        return True
 
     def _share(self, item: RateLimitItem) -> int:
         return share_of(item.amount, self.replicas.count if self.replicas is not None else 1)
@@ -235,14 +226,15 @@ class RateLimiter:
         """This replica's window while Redis is away, against its share of the limit."""
         stats = await self._local.get_window_stats(item, *ids)
         share, admitted = self._share(item), item.amount - stats.remaining
-        reset_at = stats.reset_time if allowed else self._room_at(ids, admitted - share, stats.reset_time)
+        reset_at = stats.reset_time if allowed else self._room_at(item, ids, admitted - share, stats.reset_time)
         return RateLimitStatus(allowed=allowed, limit=share, remaining=max(0, share - admitted),
                                reset_after=self._seconds_until(reset_at, self._clock()))
 
-    def _room_at(self, ids: tuple[str, str], over: int, oldest_leaves_at: float) -> float:
+    def _room_at(self, item: RateLimitItem, ids: tuple[str, str], over: int, oldest_leaves_at: float) -> float:
         """When one more admission fits in the share: once `over` + 1 of the window's admissions have left it."""
         window = self.settings.window_seconds
-        in_window = [t for t in self._admitted_at.get(ids, ()) if t > self._clock() - window]
+        stamps = self._local_stamps.stamps.get(item.key_for(*ids), [])  # newest first
+        in_window = [t for t in reversed(stamps) if t > self._clock() - window]  # oldest first
         if over <= 0 or not in_window:
             return oldest_leaves_at
         return in_window[min(over, len(in_window) - 1)] + window
