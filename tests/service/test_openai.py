@@ -385,6 +385,24 @@ def test_bad_bodies_are_told_what_is_wrong_in_their_own_terms(http: httpx.Client
                                       "type": "invalid_request_error", "param": param, "code": 5006}
 
 
+def test_a_completion_asking_for_logprobs_is_refused_even_with_0(http: httpx.Client, auth: dict[str, str]) -> None:
+    """The legacy API's `logprobs` is a count, and 0 still asks for the sampled token's log probability: refused
+    as 1 is, not answered with `logprobs: null`. Its absence (null, or the false some clients send) is harmless, as
+    a chat's boolean `logprobs` is with 0 (= false)."""
+    completion = {"model": MODEL, "prompt": STORY, "max_tokens": 1}
+    for count in (0, 1):
+        answer = http.post("/v1/completions", headers=auth, json={**completion, "logprobs": count})
+        assert answer.status_code == 400, answer.text
+        assert answer.json()["error"] == {
+            "message": f"AiError: Bad input: Error: 'logprobs': log probabilities are not supported (only null or "
+                       f"false), got {count}", "type": "invalid_request_error", "param": "logprobs", "code": 5006}
+    for harmless in (None, False):
+        answer = http.post("/v1/completions", headers=auth, json={**completion, "logprobs": harmless})
+        assert answer.status_code == 200 and answer.json()["choices"][0]["logprobs"] is None, answer.text
+    for boolean in (0, False):
+        assert http.post("/v1/chat/completions", headers=auth, json={**CHAT, "logprobs": boolean}).status_code == 200
+
+
 CONTEXT_MESSAGE = re.compile(r"This model's maximum context length is 512 tokens\. However, you requested (\d+) "
                              r"tokens \((\d+) in the (messages|prompt), (\d+) in the completion\)\. Please reduce "
                              r"the length of the (messages|prompt) or completion\.")

@@ -16,10 +16,11 @@ an assistant message with `content: null` (and `tool_calls`, not rendered) is an
 message is passed on, so that the template drops it as Workers AI drops every role it does not render. A
 `developer` message is OpenAI's newer name for a system message and is rendered as one.
 
-Accepted without effect: `user`, `n: 1`, `stream_options` (its `include_usage` is honoured), `logprobs: false`,
-`top_logprobs: 0`, `echo: false`, `best_of: 1`, `suffix: ""`, `response_format: {"type": "text"}`, `tools: []`,
-`tool_choice: "none"|"auto"`, `parallel_tool_calls`, `store: false`, `metadata`, `logit_bias: {}`, and Workers AI's
-`options` (`rejectIfBusy`).
+Accepted without effect: `user`, `n: 1`, `stream_options` (its `include_usage` is honoured), `logprobs: false` (and a
+chat's `0`, its boolean's false; a completion's `logprobs` is a count, whose 0 too asks for the sampled token's log
+probability: refused), `top_logprobs: 0`, `echo: false`, `best_of: 1`, `suffix: ""`,
+`response_format: {"type": "text"}`, `tools: []`, `tool_choice: "none"|"auto"`, `parallel_tool_calls`, `store: false`,
+`metadata`, `logit_bias: {}`, and Workers AI's `options` (`rejectIfBusy`).
 """
 
 from __future__ import annotations
@@ -209,6 +210,17 @@ class CompletionRequest(OpenAIRequest):
     """`POST completions`: the prompt goes to the model as it is."""
 
     prompt: str | list[str] = Field(description="one prompt (a list of one string is accepted)")
+    # the legacy API's `logprobs` is a count: 0 too asks for the sampled token's log probability (a chat's is a
+    # boolean, where 0 is false)
+    logprobs: Literal[False] | None = None
+
+    @field_validator("logprobs", mode="before")
+    @classmethod
+    def _no_logprobs(cls, value: Any) -> Any:
+        if value is not None and value is not False:  # not `in (None, False)`: 0 == False
+            raise PydanticCustomError("logprobs", "log probabilities are not supported (only null or false), got "
+                                                  "{value}", {"value": repr(value)})
+        return value
 
     @field_validator("prompt", mode="before")
     @classmethod
