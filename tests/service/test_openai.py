@@ -140,6 +140,24 @@ def test_chat_streaming_equals_non_stream(oai: OpenAI) -> None:
     assert chunks[-1].usage.completion_tokens == whole.usage.completion_tokens  # type: ignore[union-attr]
 
 
+def test_a_streamed_chat_without_text_ends_with_empty_content(oai: OpenAI) -> None:
+    """A stop string at the very start leaves the answer no text: the stream still opens the message with
+    `{"role": "assistant", "content": ""}`, as OpenAI's does, so the SDK's stream helper (or any client adding up the
+    deltas) ends with the non-streamed answer's "", not None."""
+    reply = oai.chat.completions.create(model=MODEL, messages=MESSAGES, max_tokens=8, temperature=0)
+    asked = {"model": MODEL, "messages": MESSAGES, "max_tokens": 8, "temperature": 0,
+             "stop": (reply.choices[0].message.content or "")[:1]}
+    whole = oai.chat.completions.create(**asked)
+    assert whole.choices[0].message.content == "" and whole.choices[0].finish_reason == "stop"
+    chunks = list(oai.chat.completions.create(**asked, stream=True))
+    assert chunks[0].choices[0].delta.role == "assistant" and chunks[0].choices[0].delta.content == ""
+    with oai.chat.completions.stream(**asked) as stream:
+        for _ in stream:
+            pass
+        final = stream.get_final_completion()
+    assert final.choices[0].message.content == "" and final.choices[0].finish_reason == "stop"
+
+
 def test_completions_streaming_equals_non_stream(oai: OpenAI) -> None:
     texts, chunks = _stream_completion(oai)
     assert "".join(texts) == _complete(oai).choices[0].text

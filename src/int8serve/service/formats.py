@@ -141,21 +141,21 @@ class ChatFormat(_OpenAIFormat):
                   "finish_reason": answer.openai_finish_reason}
         return {**self._envelope([choice]), "usage": openai_usage(answer)}
 
-    def _delta(self, content: str | None) -> dict[str, Any]:
-        delta: dict[str, Any] = {}
-        if not self._role_sent:
-            delta["role"] = "assistant"
-            self._role_sent = True
-        if content is not None:
-            delta["content"] = content
-        return delta
+    def _delta(self, content: str) -> dict[str, Any]:
+        """The first delta opens the message with its role and a `content`, "" if there is no text yet (as OpenAI's
+        first chunk): a client adding up the deltas of an answer without text ends with "", as `json_body` has it,
+        not None."""
+        if self._role_sent:
+            return {"content": content} if content else {}
+        self._role_sent = True
+        return {"role": "assistant", "content": content}
 
     def delta_frame(self, text: str) -> bytes:
         choice = {"index": 0, "delta": self._delta(text), "logprobs": None, "finish_reason": None}
         return encode_frame(self._envelope([choice], self.chunk_obj))
 
     def _last_choice(self, finish_reason: str) -> dict[str, Any]:
-        return {"index": 0, "delta": self._delta(None), "logprobs": None, "finish_reason": finish_reason}
+        return {"index": 0, "delta": self._delta(""), "logprobs": None, "finish_reason": finish_reason}
 
 
 class CompletionFormat(_OpenAIFormat):
