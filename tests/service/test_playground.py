@@ -6,9 +6,10 @@ it these tests fail, loudly: they are the only check that the page works at all.
 What is checked: connecting with only a token (account from `GET /client/v4/accounts`, models from
 `models/search`, parameter limits from the card's schema), a streamed answer that grows on screen before it ends,
 its figures (tokens, time to first token, tokens/s, neurons) against the API's own answer, the conversation sent
-back with each turn, the token sent nowhere but this origin's `Authorization` header, readable messages for a
-wrong token, a rate limit (429/3021), a context overflow (413/5021) and stream failures, and model output shown
-as text, never as HTML. `/docs`, the API's page in the same package, lists the routes with nothing from elsewhere.
+back with each turn (and none after New chat, even one clicked mid-answer), the token sent nowhere but this
+origin's `Authorization` header, readable messages for a wrong token, a rate limit (429/3021), a context overflow
+(413/5021) and stream failures, and model output shown as text, never as HTML. `/docs`, the API's page in the same
+package, lists the routes with nothing from elsewhere.
 
 Set `INT8SERVE_TEST_PLAYGROUND_SCREENSHOT=docs/playground.png` to refresh the documentation's screenshot.
 """
@@ -244,6 +245,29 @@ def test_answer_appears_while_it_streams_and_can_be_stopped(open_playground: Any
     stopped = tab.wait_answer("stopped")
     expect(stopped.get_by_role("alert")).to_have_text("Stopped.")
     expect(tab.page.get_by_role("button", name="Send")).to_be_enabled()
+
+
+def test_new_chat_while_an_answer_streams_starts_from_nothing(open_playground: Any, base_url: str) -> None:
+    """New chat stops the answer; the stopped turn, ended after the conversation was cleared, stays out of it."""
+    tab: Playground = open_playground(base_url)
+    tab.connect(TOKEN)
+    tab.connected()
+    tab.page.get_by_label("Model", exact=True).select_option(SLOW_MODEL)
+    tab.parameter("max_tokens").fill("300")  # ~8 s on the slowed model
+    tab.parameter("temperature").fill("0")
+    tab.send(FIRST_QUESTION)
+    tab.page.wait_for_function(
+        "() => document.querySelector('#history .turn.assistant:last-child .content').textContent.length > 0")
+    tab.page.get_by_role("button", name="New chat").click()
+    expect(tab.page.get_by_role("button", name="Send")).to_be_enabled()  # the stopped send has ended
+    assert tab.page.locator("#history .turn").count() == 0
+
+    tab.page.get_by_label("Model", exact=True).select_option(MODEL)
+    tab.parameter("max_tokens").fill("8")
+    tab.send(SECOND_QUESTION)
+    tab.wait_answer()
+    assert tab.page.locator("#history .turn").count() == 2
+    assert tab.run_bodies()[-1]["messages"] == [{"role": "user", "content": SECOND_QUESTION}]
 
 
 # --- errors, as people read them -------------------------------------------------------------------------------------

@@ -456,7 +456,8 @@
     const model = ui.model.value;
     const system = ui.systemPrompt.value.trim();
     const question = { role: "user", content: text };
-    const messages = [...(system ? [{ role: "system", content: system }] : []), ...state.history, question];
+    const conversation = state.history; // New chat replaces it: this turn is kept only in the one it was asked in
+    const messages = [...(system ? [{ role: "system", content: system }] : []), ...conversation, question];
     ui.message.value = "";
     appendTurn("user", "You", text);
     const turn = appendTurn("assistant", `Assistant · ${model}`, "");
@@ -500,13 +501,13 @@
       }
       timing.end = performance.now();
       if (!finished) throw new PlaygroundError("The answer was cut off: the stream ended before the server finished.");
-      state.history.push(question, { role: "assistant", content: reply });
+      keepTurn(conversation, question, reply);
       turn.item.dataset.state = "done";
       showFigures(turn, answerFigures(usage || {}, timing), cached);
     } catch (err) {
       if (err && err.name === "AbortError") {
         turn.item.dataset.state = "stopped";
-        if (reply) state.history.push(question, { role: "assistant", content: reply });
+        if (reply) keepTurn(conversation, question, reply);
         showTurnError(turn, new PlaygroundError("Stopped."));
       } else {
         turn.item.dataset.state = "error";
@@ -518,6 +519,11 @@
       updateControls();
       scrollToEnd();
     }
+  }
+
+  /** Adds a question and its answer to `conversation`, unless New chat has replaced it since it was asked. */
+  function keepTurn(conversation, question, reply) {
+    if (conversation === state.history) conversation.push(question, { role: "assistant", content: reply });
   }
 
   function newChat() {
