@@ -7,9 +7,9 @@ What is checked: connecting with only a token (account from `GET /client/v4/acco
 `models/search`, parameter limits from the card's schema), a streamed answer that grows on screen before it ends,
 its figures (tokens, time to first token, tokens/s, neurons) against the API's own answer, the conversation sent
 back with each turn (and none after New chat, even one clicked mid-answer), the token sent nowhere but this
-origin's `Authorization` header, readable messages for a wrong token, a rate limit (429/3021), a context overflow
-(413/5021) and stream failures, and model output shown as text, never as HTML. `/docs`, the API's page in the same
-package, lists the routes with nothing from elsewhere.
+origin's `Authorization` header, readable messages for a wrong token, a rate limit (429/3021), too many requests
+at once (429/3040), a context overflow (413/5021) and stream failures, and model output shown as text, never as
+HTML. `/docs`, the API's page in the same package, lists the routes with nothing from elsewhere.
 
 Set `INT8SERVE_TEST_PLAYGROUND_SCREENSHOT=docs/playground.png` to refresh the documentation's screenshot.
 """
@@ -34,6 +34,7 @@ from playwright.sync_api import Browser, Page, Request, Route, expect, sync_play
 from int8serve.catalog.registry import Catalog
 from int8serve.engine.scheduler import Engine
 from int8serve.service.app import create_app
+from int8serve.service.inference import RequestLimits
 from int8serve.service.policy import Policy
 
 from .conftest import ACCOUNT, MODEL, SLOW_MODEL, TOKEN, TOKENS, UNSERVED_MODEL, LiveServer
@@ -341,6 +342,40 @@ def test_rate_limit_is_explained(open_playground: Any, one_request_a_minute: str
         r"^Rate limit reached: this account may send 1 request a minute to this model\. Try again in \d+ s\."))
     expect(error).to_contain_text("(HTTP 429, code 3021: rate limiting: inference request per min rate reached)")
     assert tab.page.locator("#history .turn.assistant").count() == 2
+
+
+@pytest.fixture
+def one_request_at_a_time(catalog: Catalog, engines: dict[str, Engine]) -> Iterator[str]:
+    """A server that lets each account have one request at a time in a model's engine."""
+    policy = Policy.in_memory(rate_limits=False, cache=False)
+    app: FastAPI = create_app(catalog, engines, TOKENS, policy=policy,
+                              limits=RequestLimits(max_inflight_per_account=1))
+    try:
+        with LiveServer(app) as live:
+            yield live.url
+    finally:
+        policy.close()
+
+
+def test_too_many_requests_at_once_is_explained(open_playground: Any, one_request_at_a_time: str) -> None:
+    """429/3040 answers an account over its share of the engine (here: its queue has room) as it answers a full
+    engine, with the same words: the sentence is true of both."""
+    tab: Playground = open_playground(one_request_at_a_time)
+    tab.connect(TOKEN)
+    tab.connected()
+    tab.page.get_by_label("Model", exact=True).select_option(SLOW_MODEL)
+    tab.parameter("max_tokens").fill("8")
+    with httpx.Client(base_url=one_request_at_a_time, timeout=30) as http, \
+            http.stream("POST", f"/client/v4/accounts/{ACCOUNT}/ai/run/{SLOW_MODEL}",
+                        headers={"Authorization": f"Bearer {TOKEN}"},
+                        json={"prompt": "Once upon a time", "max_tokens": 300, "stream": True}) as held:
+        assert held.status_code == 200  # the account's one request, admitted: ~8 s on the slowed model
+        tab.send("Hello")
+        error = tab.wait_answer("error").get_by_role("alert")
+        expect(error).to_have_text("Too many requests at once: this account already has as many requests in progress "
+                                   "as the server allows it, or the server is full. Try again in a moment. "
+                                   "(HTTP 429, code 3040: Capacity temporarily exceeded, please try again.)")
+    expect(tab.page.get_by_label("Message")).to_have_value("Hello")  # ready to send again
 
 
 # --- what the page does with odd streams (served by the browser's request interception) --------------------------

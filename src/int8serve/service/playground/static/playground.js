@@ -130,9 +130,11 @@
       case 3036:
         return "This account has used up its daily allocation of neurons. It resets at 00:00 UTC.";
       case 3040:
+        // 429: the account's share of the engine (policy/fairness.py) or a full engine, with the same answer
         return status === 503
           ? "The server is starting or shutting down. Try again in a moment."
-          : "The server is at capacity: every slot and its queue are busy. Try again in a moment.";
+          : "Too many requests at once: this account already has as many requests in progress as the server allows "
+            + "it, or the server is full. Try again in a moment.";
       case 5021:
         return "The conversation is too long for the model's context window (prompt tokens + max_tokens). "
           + "Start a new chat, shorten the message or lower max_tokens.";
