@@ -4,12 +4,13 @@ The browser is Debian's `/usr/bin/chromium`, driven by Playwright (which never d
 it these tests fail, loudly: they are the only check that the page works at all.
 
 What is checked: connecting with only a token (account from `GET /client/v4/accounts`, models from
-`models/search`, parameter limits from the card's schema), a streamed answer that grows on screen before it ends,
-its figures (tokens, time to first token, tokens/s, neurons) against the API's own answer, the conversation sent
-back with each turn (and none after New chat, even one clicked mid-answer), the token sent nowhere but this
-origin's `Authorization` header, readable messages for a wrong token, a rate limit (429/3021), too many requests
-at once (429/3040), a context overflow (413/5021) and stream failures, and model output shown as text, never as
-HTML. `/docs`, the API's page in the same package, lists the routes with nothing from elsewhere.
+`models/search`, parameter limits from the card's schema, those of the model picked last however late the answers
+come), a streamed answer that grows on screen before it ends, its figures (tokens, time to first token, tokens/s,
+neurons) against the API's own answer, the conversation sent back with each turn (and none after New chat, even one
+clicked mid-answer), the token sent nowhere but this origin's `Authorization` header, readable messages for a wrong
+token, a rate limit (429/3021), too many requests at once (429/3040), a context overflow (413/5021) and stream
+failures, and model output shown as text, never as HTML. `/docs`, the API's page in the same package, lists the
+routes with nothing from elsewhere.
 
 Set `INT8SERVE_TEST_PLAYGROUND_SCREENSHOT=docs/playground.png` to refresh the documentation's screenshot.
 """
@@ -25,6 +26,7 @@ from collections.abc import Iterator
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
 from typing import Any
+from urllib.parse import parse_qs, urlsplit
 
 import httpx
 import pytest
@@ -421,6 +423,65 @@ def test_stream_contents_are_shown_as_text(open_playground: Any, base_url: str, 
         assert tab.figure_value("tokens") == 3 and tab.figure_value("neurons") == pytest.approx(1.4688)
     else:
         expect(answer.get_by_role("alert")).to_have_text(message)
+
+
+# counts the API answers whose body the page has read, each once all that the page does with it (its promise
+# continuations) has run: a later count proves that an answer was applied, or dropped
+COUNT_ANSWERS_READ = """
+    window.__answersRead = 0;
+    for (const method of ["json", "text"]) {
+        const read = Response.prototype[method];
+        Response.prototype[method] = function () {
+            const reading = read.call(this);
+            const counted = () => setTimeout(() => { window.__answersRead += 1; });
+            reading.then(counted, counted);
+            return reading;
+        };
+    }
+"""
+LATE_LIMITS = {"type": "integer", "minimum": 1, "maximum": 7, "default": 3}
+
+
+@pytest.mark.parametrize(("status", "late_answer"), [
+    (200, {"success": True, "errors": [], "messages": [],
+           "result": {"input": {"type": "object", "properties": {"max_tokens": LATE_LIMITS}}, "output": {}}}),
+    (500, {"success": False, "errors": [{"code": 3043, "message": "Internal server error"}], "messages": [],
+           "result": None}),
+], ids=["other-limits", "failure"])
+def test_limits_are_those_of_the_model_picked_last(open_playground: Any, base_url: str, status: int,
+                                                   late_answer: dict[str, Any]) -> None:
+    """A model's schema (or its failure) that arrives after another model was picked changes nothing."""
+    tab: Playground = open_playground(base_url)
+    tab.page.add_init_script(COUNT_ANSWERS_READ)
+    tab.open()
+    tab.connect(TOKEN)
+    tab.connected()
+    held: list[Route] = []
+
+    def hold_slow_schema(route: Route) -> None:
+        if parse_qs(urlsplit(route.request.url).query)["model"] == [SLOW_MODEL]:
+            held.append(route)
+        else:
+            route.continue_()
+
+    tab.page.route(re.compile(r".*/ai/models/schema\?.*"), hold_slow_schema)
+    read = tab.page.evaluate("() => window.__answersRead")
+    picker = tab.page.get_by_label("Model", exact=True)
+    picker.select_option(SLOW_MODEL)
+    picker.select_option(MODEL)
+    tab.page.wait_for_function("read => window.__answersRead === read + 1", arg=read)  # the picked model's
+    range_shown = tab.page.locator("#param-max_tokens-range")
+    expect(range_shown).to_have_text("1 – 1800, default 256")
+    assert len(held) == 1
+    held[0].fulfill(status=status, json=late_answer)  # the slow model's, late
+    tab.page.wait_for_function("read => window.__answersRead === read + 2", arg=read)
+    expect(range_shown).to_have_text("1 – 1800, default 256")
+    expect(tab.parameter("max_tokens")).to_have_attribute("max", "1800")
+    expect(tab.page.locator("#connect-status")).to_have_text(f"Connected: account {ACCOUNT}.")
+    tab.parameter("max_tokens").fill("8")  # beyond the late schema's 7: checked against the picked model's limit
+    tab.send("Hello")
+    tab.wait_answer()
+    assert tab.run_bodies()[-1]["max_tokens"] == 8
 
 
 def test_remembered_token_reconnects(open_playground: Any, base_url: str) -> None:

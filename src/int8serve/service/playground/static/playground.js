@@ -47,6 +47,7 @@
     limits: {}, // parameter -> {type, minimum, maximum, default}
     history: [], // the conversation sent with each request (without the system prompt)
     controller: null, // the AbortController of the answer being streamed
+    limitsRequest: 0, // the number of the latest models/schema request: only its answer sets the limits
     connecting: false,
   };
 
@@ -306,9 +307,18 @@
     return { ...(schema.properties || {}), ...((messagesForm && messagesForm.properties) || {}) };
   }
 
+  /** Bounds the inputs with the picked model's limits; an answer that comes after another pick is dropped. */
   async function loadModelLimits() {
     const name = ui.model.value;
-    const schema = await apiResult(`${accountBase()}/models/schema?model=${encodeURIComponent(name)}`);
+    const request = ++state.limitsRequest;
+    let schema;
+    try {
+      schema = await apiResult(`${accountBase()}/models/schema?model=${encodeURIComponent(name)}`);
+    } catch (err) {
+      if (request === state.limitsRequest) throw err;
+      return;
+    }
+    if (request !== state.limitsRequest) return; // the later pick's own request sets the limits
     const cardProperties = messagesFormProperties(schema && schema.input);
     const sequenceLimit = Number(cardProperty(state.models.get(name), "sequence_length_limit"));
     for (const parameter of PARAMETER_NAMES) {
