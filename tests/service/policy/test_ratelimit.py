@@ -6,6 +6,7 @@ from __future__ import annotations
 import asyncio
 import time
 from collections.abc import Callable
+from pathlib import Path
 from typing import Any
 
 import cloudflare
@@ -14,10 +15,12 @@ import pytest
 import redis.asyncio
 from cloudflare import Cloudflare
 
-from int8serve.service.policy.ratelimit import MonotonicMemoryStorage, ReplicaCount
+from int8serve.catalog.registry import Catalog
+from int8serve.service.policy import Policy, PolicySettings
+from int8serve.service.policy.ratelimit import MonotonicMemoryStorage, RateLimitStatus, ReplicaCount
 
 from ..conftest import ACCOUNT, MODEL, OTHER_ACCOUNT, OTHER_TOKEN, SCRIPTED_MODEL, TOKEN
-from .conftest import ACCOUNTS, STAGING_ACCOUNT, PolicyServer, RedisServer
+from .conftest import ACCOUNTS, STAGING_ACCOUNT, PolicyServer, RedisServer, auth_for
 
 RATE_MESSAGE = "rate limiting: inference request per min rate reached"
 SMALL = {"prompt": "Once upon a time", "raw": True, "max_tokens": 2, "temperature": 0}
@@ -113,6 +116,48 @@ def test_what_counts_and_headers_on_every_answer(policy_server: Callable[..., Po
         assert (refused_auth.status_code, refused_auth.json()["errors"][0]["code"]) == (status, code)
         assert "x-ratelimit-limit-requests" not in refused_auth.headers
         assert "cf-aig-cache-status" not in refused_auth.headers
+
+
+def test_concurrent_admissions_each_report_their_own_remaining(backend: dict[str, Any], catalog: Catalog,
+                                                               tmp_path: Path) -> None:
+    """Requests admitted at the same time each report the window as their own admission left it: 3 taking the
+    3rd, 4th and 5th places of 5 report 2, 1 and 0, the fourth is refused (with Redis each read the window again
+    after its hit, counting the others' admissions too, and several reported the same count: 2, 2, 2 or 2, 0, 0)."""
+    policy = Policy.build(PolicySettings(data_dir=tmp_path, **backend))
+    card = catalog.get(MODEL)
+
+    async def scenario() -> tuple[list[RateLimitStatus | None], list[RateLimitStatus | None]]:
+        first = [await policy.limiter.acquire(card, "acct-a") for _ in range(2)]
+        together = await asyncio.gather(*(policy.limiter.acquire(card, "acct-a") for _ in range(4)))
+        return first, list(together)
+
+    try:
+        first, together = asyncio.run(scenario())
+    finally:
+        policy.close()
+    assert [s.remaining for s in first if s is not None] == [4, 3]
+    statuses = [s for s in together if s is not None]
+    assert sorted((s.allowed, s.remaining) for s in statuses) == [(False, 0), (True, 0), (True, 1), (True, 2)]
+    assert {s.limit for s in statuses} == {5}
+    refused = next(s for s in statuses if not s.allowed)
+    assert 55 <= refused.reset_after <= 60
+
+
+def test_concurrent_answers_carry_distinct_remaining_counts(policy_server: Callable[..., PolicyServer],
+                                                           backend: dict[str, Any]) -> None:
+    """Through the server: 4 requests sent at once by an account limited to 5 read 4, 3, 2 and 1 remaining, in
+    some order, and the next one 0 (with Redis they read 1, 2, 1, 1)."""
+    server = policy_server(**backend)
+
+    async def together() -> list[httpx.Response]:
+        async with httpx.AsyncClient(base_url=server.url, timeout=30, headers=auth_for("acct-a")) as client:
+            return await asyncio.gather(*(client.post(server.run_url("acct-a"), json={**SMALL, "prompt": f"Tale {n}"})
+                                          for n in range(4)))
+
+    answers = asyncio.run(together())
+    assert [r.status_code for r in answers] == [200] * 4
+    assert sorted(limit_headers(r)[1] for r in answers) == [1, 2, 3, 4]
+    assert limit_headers(server.post("acct-a", SMALL))[:2] == (5, 0)
 
 
 def test_sdk_default_retries_wait_out_the_window(policy_server: Callable[..., PolicyServer]) -> None:

@@ -20,7 +20,6 @@ from urllib.parse import quote
 
 import redis.asyncio
 import sqlalchemy as sa
-from limits.aio.storage import RedisStorage
 
 from int8serve.catalog.card import ModelCard
 from int8serve.redact import hide_password, without
@@ -29,7 +28,7 @@ from .allocation import DailyAllocation, SharedReservations
 from .cache import Clock, MemoryCache, RedisCache, ResponseCache
 from .fallback import FallbackCounter, SharedStateGuard
 from .ledger import Ledger, LedgerSchemaError, make_database, short_error
-from .ratelimit import RateLimiter, ReplicaCount
+from .ratelimit import CountingRedisStorage, RateLimiter, ReplicaCount
 from .redis_state import RedisTarget, RedisUnreachableError, check_reachable
 from .settings import PolicySettings
 from .spool import FileSpool, MemorySpool, Spool, SpoolLockedError
@@ -141,8 +140,8 @@ def _limiter_and_cache(settings: PolicySettings, target: RedisTarget | None, gua
                 ResponseCache(settings.cache_ttl, local_cache, scope=settings.cache_scope, clock=clock))
     pool = target.async_pool(settings.backend_timeout)
     uri = target.url.replace("unix://", "redis+unix://", 1) if target.url.startswith("unix://") else target.url
-    storage = RedisStorage("async+" + uri, implementation="redispy", key_prefix=target.key("limits"),
-                           wrap_exceptions=True, connection_pool=pool)
+    storage = CountingRedisStorage("async+" + uri, key_prefix=target.key("limits"), wrap_exceptions=True,
+                                   connection_pool=pool)
     shared_cache = RedisCache(redis.asyncio.Redis(connection_pool=pool), target.key_prefix,
                               max_entry_bytes=settings.cache_max_bytes, clock=clock)
     replicas = ReplicaCount(redis.asyncio.Redis(connection_pool=pool), target.key("replicas"),

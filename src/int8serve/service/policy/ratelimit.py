@@ -5,7 +5,10 @@ N requests of this account and model were admitted in the last 60 seconds. Admis
 test-and-record (`hit`): in memory by default, and in Redis (a Lua script) with `--redis-url`, so that every
 replica sharing that Redis sees one window and an account limited to 5 gets 5 in total — not 5 per replica
 (LiteLLM #27736 read a local copy and wrote to Redis, and got N × limit). A refused attempt is not recorded, so
-retrying a 429 does not push the window further away.
+retrying a 429 does not push the window further away. The same test-and-record tells how full it left the window,
+so each answer's remaining count is its own admission's: in Redis one script (`CountingRedisStorage`) records and
+counts (reading the window again in a second round trip counted the requests admitted in between as well: 3 taking
+the last 3 places of 5 all reported 2 left, instead of 2, 1 and 0).
 
 Limits resolve from the operator's settings over the card (`settings.py`): operator per-account value, card
 per-account value, operator default, card default; 0 or "none" means unlimited (no headers then).
@@ -35,21 +38,44 @@ import time
 import uuid
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
+from typing import Any
 
 import redis.asyncio
 from limits import RateLimitItem, RateLimitItemPerSecond
-from limits.aio.storage import MemoryStorage, Storage
+from limits.aio.storage import MemoryStorage, RedisStorage
 from limits.aio.strategies import MovingWindowRateLimiter
+from limits.errors import StorageError
 
 from int8serve.catalog.card import ModelCard
 
 from .fallback import SHARED_STATE_ERRORS, SharedStateGuard
 from .settings import PolicySettings
 
-__all__ = ["MonotonicMemoryStorage", "RateLimitStatus", "RateLimiter", "ReplicaCount", "share_of"]
+__all__ = ["CountingRedisStorage", "MonotonicMemoryStorage", "RateLimitStatus", "RateLimiter", "ReplicaCount",
+           "share_of"]
 
 NAMESPACE = "RPM"
 REPLICA_TTL_SECONDS = 30.0  # a replica that has not stamped itself for this long is no longer counted
+
+# `limits`' acquire_moving_window.lua for one admission (same list, newest first, same stamps), then the count and
+# the oldest stamp of the window it left, as its moving_window.lua reads them; ARGV: now, limit, expiry
+ACQUIRE_AND_COUNT = """
+local now, limit, expiry = tonumber(ARGV[1]), tonumber(ARGV[2]), tonumber(ARGV[3])
+local since = now - expiry
+local last = redis.call('lindex', KEYS[1], limit - 1)
+local admitted = not (last and tonumber(last) >= since)
+if admitted then
+    redis.call('lpush', KEYS[1], now)
+    redis.call('ltrim', KEYS[1], 0, limit - 1)
+    redis.call('expire', KEYS[1], expiry)
+end
+local count, oldest = 0, now
+for _, stamp in ipairs(redis.call('lrange', KEYS[1], 0, limit - 1)) do
+    if tonumber(stamp) < since then break end
+    count, oldest = count + 1, tonumber(stamp)
+end
+return {admitted and 1 or 0, tostring(oldest), count}
+"""
 
 
 def share_of(limit: int, replicas: int) -> int:
@@ -100,6 +126,28 @@ class MonotonicMemoryStorage(MemoryStorage):
     async def reset(self) -> int | None:
         self.stamps.clear()
         return await super().reset()
+
+
+class CountingRedisStorage(RedisStorage):
+    """`limits`' Redis storage (through redis-py), plus an admission that also tells how full it left the window
+    (`acquire_counted`), in the same script: `limits` has none, and its `get_window_stats` is a round trip of its
+    own, after which other requests may have been admitted too."""
+
+    def __init__(self, uri: str, **options: Any) -> None:
+        super().__init__(uri, implementation="redispy", **options)
+        self._acquire_and_count = self.bridge.get_connection().register_script(ACQUIRE_AND_COUNT)
+
+    async def acquire_counted(self, key: str, limit: int, expiry: int) -> tuple[bool, float, int]:
+        """Record one admission if the window has room: (admitted, the oldest stamp in the window or now, how many
+        stamps are in it), all as of this admission."""
+        try:
+            admitted, oldest, count = await self._acquire_and_count([self.bridge.prefixed_key(key)],
+                                                                    [time.time(), limit, expiry])
+        except self.base_exceptions as exc:
+            if self.wrap_exceptions:
+                raise StorageError(exc) from exc
+            raise
+        return bool(admitted), float(oldest), int(count)
 
 
 class ReplicaCount:
@@ -166,7 +214,7 @@ class RateLimitStatus:
 class RateLimiter:
     """Admits requests against each account's moving window, shared through Redis when configured."""
 
-    def __init__(self, settings: PolicySettings, shared: Storage | None = None,
+    def __init__(self, settings: PolicySettings, shared: CountingRedisStorage | None = None,
                  guard: SharedStateGuard | None = None, replicas: ReplicaCount | None = None,
                  clock: Callable[[], float] = time.monotonic) -> None:
         if (shared is None) != (guard is None):
@@ -176,6 +224,7 @@ class RateLimiter:
         self._local_stamps = MonotonicMemoryStorage(clock)
         self._local = MovingWindowRateLimiter(self._local_stamps)
         self._local_lock = asyncio.Lock()  # a degraded admission is a check then a hit: one at a time
+        self._shared_storage = shared
         self._shared = MovingWindowRateLimiter(shared) if shared is not None else None
         self._guard = guard
         self.replicas = replicas
@@ -199,8 +248,7 @@ class RateLimiter:
         item, ids = self._item(limit), (card.name, account)
 
         async def shared() -> RateLimitStatus:
-            assert self._shared is not None
-            status = await self._hit(self._shared, item, ids)
+            status = await self._shared_hit(item, ids)
             if status.allowed:  # shadow copy for a fallback
                 await self._local.hit(item, *ids)
             if self.replicas is not None:
@@ -260,8 +308,17 @@ class RateLimiter:
 
     async def _hit(self, limiter: MovingWindowRateLimiter, item: RateLimitItem, ids: tuple[str, str]
                    ) -> RateLimitStatus:
+        """In process: nothing suspends between the hit and the read, so the read is this admission's window."""
         allowed = await limiter.hit(item, *ids)
         return await self._stats(limiter, item, ids, allowed)
+
+    async def _shared_hit(self, item: RateLimitItem, ids: tuple[str, str]) -> RateLimitStatus:
+        """One admission in Redis, and the window as it left it, in one script (see `CountingRedisStorage`)."""
+        assert self._shared_storage is not None
+        allowed, oldest, admitted = await self._shared_storage.acquire_counted(
+            item.key_for(*ids), item.amount, item.get_expiry())
+        return RateLimitStatus(allowed=allowed, limit=item.amount, remaining=item.amount - admitted,
+                               reset_after=self._seconds_until(oldest + item.get_expiry(), time.time()))
 
     async def _stats(self, limiter: MovingWindowRateLimiter, item: RateLimitItem, ids: tuple[str, str],
                      allowed: bool) -> RateLimitStatus:
