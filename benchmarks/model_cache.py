@@ -9,7 +9,8 @@ decide the cost). With an empty `$INT8SERVE_CACHE` (a temporary folder):
    process's peak resident size (VmHWM) against the size of the int8 copy (goal: <= 1.3x);
 2. a later start: `int8serve serve --model DIR`, from the spawn to `/readyz` 200 (goal: <= 15 s), and its peak RSS;
    with `--requests N` (default 4), that server then answers N concurrent requests and its peak RSS while serving
-   with the card's 4 slots x 2048 KV positions is taken (issue 10's goal: <= 12 GB);
+   with the card's 4 slots x 2048 KV positions is taken (issue 10's goal: <= 12 GB): with `--fill` measured with
+   every slot filled to its context, else computed from the positions the requests wrote;
 3. the later start's loading step alone (`load_cached` in a process of its own).
 Only one 7B process runs at a time: run it under `flock /tmp/int8serve-7b.lock` on a shared machine.
 """
@@ -103,16 +104,40 @@ def first_load(model: Path, env: dict[str, str]) -> dict[str, float]:
     return json.loads(result.stdout.strip().splitlines()[-1])
 
 
-def serve_requests(port: int, count: int, prompt_words: int, max_tokens: int) -> dict[str, float]:
-    """`count` concurrent streaming requests of distinct prompts; their tokens and the time until all ended."""
+def fill_prompt(model: Path, tokens: int, index: int) -> str:
+    """Raw text that the model's tokenizer makes exactly `tokens` tokens with its BOS, distinct for each index: digits,
+    one token each in Llama's tokenizer, so that a prompt of ~2,000 tokens stays within the card's 4,096 characters."""
+    from int8serve.engine.model_files import find_tokenizer
+    from int8serve.engine.tokenizer import load_tokenizer
+
+    tokenizer = load_tokenizer(find_tokenizer(model))
+    text = f"Request {index}: "
+    digits = "".join(str((index + i) % 10) for i in range(max(0, tokens - len(tokenizer.encode(text, bos=True)))))
+    counted = len(tokenizer.encode(text + digits, bos=True))
+    if counted != tokens:
+        raise RuntimeError(f"a prompt of {len(digits)} digits makes {counted} tokens, not {tokens}")
+    return text + digits
+
+
+def serve_requests(port: int, count: int, prompt_words: int, max_tokens: int,
+                   fill: tuple[Path, int] | None = None) -> dict[str, float]:
+    """`count` concurrent requests of distinct prompts; their tokens and the time until all ended. With `fill`
+    (the model folder, the context): raw prompts of context - max_tokens tokens, so that the slots' every KV position
+    is written, and the first request is sent alone, the others a second later, so that the largest prefill forward
+    (a prompt alone in the engine: `--solo-prefill-tokens`) is part of the peak too."""
     import httpx
 
     url = f"http://127.0.0.1:{port}/client/v4/accounts/bench/ai/run/@cf/meta/llama-2-7b-chat-int8"
     words = WORDS.split()
+    prompts = [fill_prompt(fill[0], fill[1] - max_tokens, index) if fill else
+               f"Request {index}: " + " ".join(words[(index + i) % len(words)] for i in range(prompt_words))
+               for index in range(count)]
 
     def one(index: int) -> int:
-        prompt = f"Request {index}: " + " ".join(words[(index + i) % len(words)] for i in range(prompt_words))
-        body = {"prompt": prompt, "max_tokens": max_tokens, "stream": False, "seed": index + 1}
+        if fill and index:
+            time.sleep(1.0)
+        body = {"prompt": prompts[index], "max_tokens": max_tokens, "stream": False, "seed": index + 1,
+                **({"raw": True} if fill else {})}
         answer = httpx.post(url, json=body, headers={"Authorization": "Bearer bench"}, timeout=3600, trust_env=False)
         if answer.status_code != 200:
             raise RuntimeError(f"request {index}: {answer.status_code} {answer.text[:500]}")
@@ -131,7 +156,7 @@ def process_rss(pid: int) -> dict[str, int]:
 
 
 def later_start(model: Path, env: dict[str, str], data: Path, requests: int = 0, prompt_words: int = 150,
-                max_tokens: int = 32) -> dict[str, float]:
+                max_tokens: int = 32, fill: bool = False) -> dict[str, float]:
     import httpx
 
     port = free_port()
@@ -161,7 +186,11 @@ def later_start(model: Path, env: dict[str, str], data: Path, requests: int = 0,
                   "warm_seconds": float(warmed.group(1)) if warmed else float("nan"),
                   "cpu_seconds": sum(int(t) for t in ticks) / os.sysconf("SC_CLK_TCK")}
         if requests:
-            served = serve_requests(port, requests, prompt_words, max_tokens)
+            context = re.search(r"context (\d+) tokens", text)
+            if fill and not context:
+                raise RuntimeError("--fill: the server's start line names no context")
+            served = serve_requests(port, requests, prompt_words, max_tokens,
+                                    (model, int(context.group(1))) if fill and context else None)
             serving_rss = process_rss(process.pid)
             result.update({f"served_{key}": value for key, value in served.items()})
             result.update({"serving_peak_rss": serving_rss["VmHWM"], "serving_rss": serving_rss["VmRSS"]})
@@ -220,12 +249,16 @@ def report(model: Path, first: dict[str, float] | None, later: dict[str, float],
         kv = kv_cache_bytes()
         written = min(2048, -(-int(later["served_tokens_per_request"]) // 128) * 128)  # prefill writes whole chunks
         bound = later["serving_peak_rss"] + kv * (1 - written / 2048)
+        filled = written >= 2048
+        full = ("every slot filled to its context (measured, `--fill`: the first request alone, the others a "
+                "second later)" if filled else
+                f"with every slot full (computed: + the {(1 - written / 2048) * kv / 1e9:.2f} GB of the "
+                f"{kv / 1e9:.2f} GB bf16 KV cache not yet written) {bound / 1e9:.2f} GB")
         lines.append(
             f"| serving: the same server after {later['served_requests']:.0f} concurrent requests of "
             f"{later['served_tokens_per_request']:.0f} tokens each ({later['served_seconds']:.0f} s), 4 slots x 2048 "
-            f"KV positions | | **{later['serving_peak_rss'] / 1e9:.2f} GB**; with every slot full (computed: + the "
-            f"{(1 - written / 2048) * kv / 1e9:.2f} GB of the {kv / 1e9:.2f} GB bf16 KV cache not yet written) "
-            f"{bound / 1e9:.2f} GB | <= 12 GB: {'met' if bound <= 12e9 else 'not met'} |")
+            f"KV positions | | **{later['serving_peak_rss'] / 1e9:.2f} GB**; {full} | <= 12 GB: "
+            f"{'met' if bound <= 12e9 else 'not met'} |")
     lines += [
         "",
         "The first row is the loading step alone (a process that only calls `load_cached`), so that its peak is the "
@@ -254,6 +287,10 @@ def main() -> None:
                              "start's time and peak, not the later starts')")
     parser.add_argument("--prompt-words", type=int, default=150, help="words of each request's prompt")
     parser.add_argument("--max-tokens", type=int, default=32, help="tokens each request generates")
+    parser.add_argument("--fill", action="store_true",
+                        help="the requests fill their slots: raw prompts of the context less --max-tokens tokens, the "
+                             "first sent alone (a prompt alone prefills in the largest forward), so the serving peak "
+                             "is measured with every KV position written, not computed")
     args = parser.parse_args()
     if args.make_fp16:
         make_fp16(args.make_fp16)
@@ -281,7 +318,7 @@ def main() -> None:
         for run in range(args.later_runs):
             last = run == args.later_runs - 1
             starts.append(later_start(args.model, env, Path(tmp) / f"data{run}", args.requests if last else 0,
-                                      args.prompt_words, args.max_tokens))
+                                      args.prompt_words, args.max_tokens, args.fill))
             print(f"later: {starts[-1]}", file=sys.stderr)
         later = {**min(starts, key=lambda start: start["seconds"]),
                  **{k: v for k, v in starts[-1].items() if k.startswith("serv")}}
