@@ -59,7 +59,8 @@ def run_cli(*args: str, tmp_path: Path) -> tuple[dict, str]:
     (["generate", "--model", "/nonexistent/folder", "hello"], 2, "no such model folder"),
     (["quantize", "/nonexistent/folder", "dst"], 2, "no such model folder"),
     (["generate", "--max-tokens", "0", "hello"], 2, "--max-tokens must be at least 1"),
-    (["generate", "--temperature", "-1", "hello"], 2, "temperature must be >= 0"),
+    (["generate", "--temperature", "-1", "hello"], 2, "--temperature must be between 0 and 5"),
+    (["generate", "--frequency-penalty", "nan", "hello"], 2, "--frequency-penalty must be between -2 and 2"),
     (["eval-ppl", "--text", "/nonexistent.txt"], 2, "/nonexistent.txt: no such file"),
     (["quantize", "src", "dst", "--group-size", "7"], 2, "invalid choice: 7"),
 ])

@@ -43,8 +43,35 @@ def test_given_flags_win_and_the_seed_is_kept(smollm2_gguf: Path) -> None:
 
 
 def test_a_flag_out_of_range_is_a_usage_error(stories_hf: Path) -> None:
-    with pytest.raises(UsageError, match="top_p"):
+    with pytest.raises(UsageError, match=r"--top-p must be between 0\.001 and 1"):
         params(f"{LLAMA}={stories_hf}", "--top-p", "1.5")
+
+
+@pytest.mark.parametrize(("flag", "value", "bounds", "shown"), [
+    ("--frequency-penalty", "inf", "-2 and 2", "inf"),
+    ("--presence-penalty", "nan", "-2 and 2", "nan"),
+    ("--frequency-penalty", "1e39", "-2 and 2", "1e+39"),
+    ("--presence-penalty", "-2.5", "-2 and 2", "-2.5"),
+    ("--temperature", "inf", "0 and 5", "inf"),
+    ("--temperature", "6", "0 and 5", "6"),
+    ("--top-k", "51", "1 and 50", "51"),
+    ("--repetition-penalty", "3", "0 and 2", "3"),
+])
+def test_the_flags_take_the_ranges_the_api_takes(stories_hf: Path, flag: str, value: str, bounds: str,
+                                                 shown: str) -> None:
+    """The flags skipped the API's ranges: an infinite or NaN penalty crashed mid-generation with a traceback, or
+    (greedy) printed "⁇ ⁇ ⁇" with exit 0; temperature inf sampled uniform noise. What the server refuses, generate
+    now refuses before the model loads."""
+    with pytest.raises(UsageError) as refused:
+        params(f"{LLAMA}={stories_hf}", flag, value)
+    assert str(refused.value) == f"{flag} must be between {bounds} (the range the API takes for {LLAMA}), got {shown}"
+
+
+def test_the_api_ranges_ends_are_taken(stories_hf: Path) -> None:
+    edge = params(f"{LLAMA}={stories_hf}", "--temperature", "5", "--frequency-penalty", "-2", "--presence-penalty",
+                  "2", "--top-k", "50", "--repetition-penalty", "0")
+    assert (edge.temperature, edge.frequency_penalty, edge.presence_penalty, edge.top_k) == (5, -2, 2, 50)
+    assert edge.repetition_penalty == 1.0  # 0 = off, as the API reads it
 
 
 def test_a_plain_path_is_prompted_as_serve_prompts_it(smollm2_gguf: Path, monkeypatch: pytest.MonkeyPatch) -> None:

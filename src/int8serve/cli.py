@@ -20,6 +20,7 @@ from typing import TYPE_CHECKING
 
 from .catalog.card import ModelCard
 from .catalog.registry import Catalog, UnknownModelError
+from .catalog.sampling import WORKERS_AI_PARAMETERS
 from .engine.chat_template import TEMPLATES, Segment
 from .engine.config import ConfigError
 from .engine.errors import CheckpointError, EngineVariableError
@@ -100,19 +101,27 @@ def build_parser() -> argparse.ArgumentParser:
     gen.add_argument("--template", choices=list(TEMPLATES), default=None,
                      help="prompt template, by Workers AI's name (default: the card's, see above)")
     gen.add_argument("--max-tokens", type=int, default=256, help="tokens to generate at most (default: 256)")
-    # unset sampling flags take the card's defaults, as a request that leaves them out does (serve)
-    gen.add_argument("--temperature", type=float, default=None,
-                     help="0 = greedy (default: the card's, as the API's: 0.6 for Llama-2, 0.2 for the built-in)")
-    gen.add_argument("--top-p", type=float, default=None,
-                     help="nucleus sampling mass (default: the card's: 1.0 = off for Llama-2, 0.9 for the built-in)")
-    gen.add_argument("--top-k", type=int, default=None,
-                     help="sample among the k most likely (default: the card's, else 0 = off)")
-    gen.add_argument("--repetition-penalty", type=float, default=None,
-                     help="multiplicative, HF style (default: the card's, else 1.0 = off)")
-    gen.add_argument("--frequency-penalty", type=float, default=None,
-                     help="additive, OpenAI style (default: the card's, else 0 = off)")
-    gen.add_argument("--presence-penalty", type=float, default=None,
-                     help="additive, OpenAI style (default: the card's, else 0 = off)")
+    sampling = gen.add_argument_group("sampling", "A flag given takes the range the API takes for the card (below: "
+                                                  "Workers AI's; a card may declare its own); one left out takes the "
+                                                  "card's default, as a request that leaves it out does.")
+    sampling.add_argument("--temperature", type=float, default=None,
+                          help=f"{_api_range('temperature')}, 0 = greedy (default: the card's, as the API's: 0.6 "
+                               "for Llama-2, 0.2 for the built-in)")
+    sampling.add_argument("--top-p", type=float, default=None,
+                          help=f"nucleus sampling mass, {_api_range('top_p')} (default: the card's: 1.0 = off for "
+                               "Llama-2, 0.9 for the built-in)")
+    sampling.add_argument("--top-k", type=int, default=None,
+                          help=f"sample among the k most likely, {_api_range('top_k')} (default: the card's, else "
+                               "off)")
+    sampling.add_argument("--repetition-penalty", type=float, default=None,
+                          help=f"multiplicative, HF style, {_api_range('repetition_penalty')}, 0 or 1 = off "
+                               "(default: the card's, else off)")
+    sampling.add_argument("--frequency-penalty", type=float, default=None,
+                          help=f"additive, OpenAI style, {_api_range('frequency_penalty')} (default: the card's, "
+                               "else 0 = off)")
+    sampling.add_argument("--presence-penalty", type=float, default=None,
+                          help=f"additive, OpenAI style, {_api_range('presence_penalty')} (default: the card's, "
+                               "else 0 = off)")
     gen.add_argument("--seed", type=int, default=None, help="same seed, same output (default: random)")
 
     quant = commands.add_parser("quantize", help="write a pre-quantized int8 checkpoint that loads fast",
@@ -144,6 +153,12 @@ def build_parser() -> argparse.ArgumentParser:
     for command in commands.choices.values():  # (serve's formatter keeps the lines, the others' make a paragraph)
         command.epilog = engine_variables_help()
     return parser
+
+
+def _api_range(name: str) -> str:
+    """Workers AI's range for a sampling parameter, for --help (a card may declare its own)."""
+    spec = WORKERS_AI_PARAMETERS[name]
+    return f"{spec['minimum']} to {spec['maximum']}"
 
 
 def _add_quantization(parser: argparse.ArgumentParser) -> None:
@@ -326,11 +341,21 @@ SAMPLING_FLAGS = ("temperature", "top_p", "top_k", "repetition_penalty", "freque
 
 
 def _sampling_params(args: argparse.Namespace, card: ModelCard) -> SamplingParams:
-    """The flags given, and for the others the card's defaults, as `serve` fills a body that leaves them out."""
+    """The flags given, checked against the ranges the HTTP API takes for the card (a value the server would refuse,
+    inf or NaN among them, is a usage error), and for the others the card's defaults, as `serve` fills a body that
+    leaves them out."""
+    from pydantic import ValidationError
+
     from .service.protocol.run import run_body_model
 
     given = {name: getattr(args, name) for name in SAMPLING_FLAGS if getattr(args, name) is not None}
-    body = run_body_model(card).model_construct(**given)  # (the flags' ranges are SamplingParams', not the API's)
+    try:
+        body = run_body_model(card).model_validate(given)
+    except ValidationError as err:
+        first = err.errors(include_url=False)[0]
+        flag = "--" + str(first["loc"][0]).replace("_", "-")
+        raise UsageError(f"{flag} {first['msg']} (the range the API takes for {card.name}), got "
+                         f"{first['input']:g}") from None
     try:
         return dataclasses.replace(body.sampling_params(), seed=args.seed)
     except ValueError as err:

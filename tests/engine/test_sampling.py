@@ -61,6 +61,23 @@ def test_invalid_params_are_refused(bad: dict) -> None:
         SamplingParams(**bad)
 
 
+@pytest.mark.parametrize(("bad", "message"), [
+    (dict(temperature=float("inf")), "temperature must be a finite number >= 0"),
+    (dict(temperature=float("nan")), "temperature must be a finite number >= 0"),
+    (dict(top_p=float("nan")), "top_p must be in"),
+    (dict(repetition_penalty=float("inf")), "repetition_penalty must be a finite number > 0"),
+    (dict(frequency_penalty=float("inf")), "frequency_penalty must be a finite number"),
+    (dict(frequency_penalty=float("nan")), "frequency_penalty must be a finite number"),
+    (dict(presence_penalty=float("-inf")), "presence_penalty must be a finite number"),
+])
+def test_non_finite_params_are_refused(bad: dict, message: str) -> None:
+    """An infinite or NaN temperature or penalty reached the logits: sampling raised mid-generation ("probability
+    tensor contains either inf, nan..."), greedy decoding picked token 0 every step, temperature inf sampled
+    uniform noise."""
+    with pytest.raises(ValueError, match=message):
+        SamplingParams(**bad)
+
+
 @pytest.mark.parametrize("params", [dict(temperature=1e-320), dict(temperature=1e-39), dict(temperature=1e-7),
                                     dict(temperature=1e-320, top_k=3), dict(temperature=1e-39, top_p=0.5),
                                     dict(temperature=0.7, repetition_penalty=1e-320),

@@ -6,6 +6,7 @@ and check them without importing torch.
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 
 __all__ = ["MAX_SEED", "SamplingParams"]
@@ -25,11 +26,15 @@ class SamplingParams:
     stop: tuple[str, ...] = ()  # stop strings: generation ends before the first one in the text (`stops.py`)
 
     def __post_init__(self) -> None:
+        # an infinite or NaN value reaches the logits as inf or NaN: softmax gives NaN and sampling fails mid-way
         checks = [
-            (self.temperature >= 0, "temperature must be >= 0"),
+            (math.isfinite(self.temperature) and self.temperature >= 0, "temperature must be a finite number >= 0"),
             (0 < self.top_p <= 1, "top_p must be in (0, 1]"),
             (self.top_k >= 0, "top_k must be >= 0"),
-            (self.repetition_penalty > 0, "repetition_penalty must be > 0"),
+            (math.isfinite(self.repetition_penalty) and self.repetition_penalty > 0,
+             "repetition_penalty must be a finite number > 0"),
+            (math.isfinite(self.frequency_penalty), "frequency_penalty must be a finite number"),
+            (math.isfinite(self.presence_penalty), "presence_penalty must be a finite number"),
             (self.seed is None or 0 <= self.seed <= MAX_SEED, f"seed must be in [0, {MAX_SEED}]"),
             (all(isinstance(s, str) and s for s in self.stop), "stop strings must be non-empty strings"),
         ]
