@@ -172,12 +172,23 @@ def test_eval_ppl_on_a_text_that_is_not_utf8_is_a_usage_error(tmp_path: Path) ->
     assert "text.txt: not UTF-8 text (byte 0xff at offset 3)" in stderr and "Traceback" not in stderr
 
 
-@pytest.mark.parametrize("command", [["generate", "hi"], ["eval-ppl", "--text", "t.txt"], ["quantize", "a", "b"]])
-@pytest.mark.parametrize("threads", ["0", "-1"])
-def test_threads_below_one_is_refused_by_the_parser(command: list[str], threads: str, tmp_path: Path) -> None:
+@pytest.mark.parametrize("command", [["generate", "hi"], ["eval-ppl", "--text", "t.txt"], ["quantize", "a", "b"],
+                                     ["serve"]])
+@pytest.mark.parametrize("threads", ["0", "-1", "1025", "99999999999"])
+def test_threads_out_of_range_is_refused_by_the_parser(command: list[str], threads: str, tmp_path: Path) -> None:
+    """serve's --threads took any int: -1 ended in a traceback from torch.set_num_threads (called before serve's
+    settings were checked), and a count beyond a C int ("Overflow when unpacking long") on every command."""
     report, stderr = run_cli(*command, "--threads", threads, tmp_path=tmp_path)
     assert report == {"code": 2, "torch": False}, stderr
-    assert f"argument --threads: expected a whole number >= 1, got '{threads}'" in stderr
+    assert f"argument --threads: expected a whole number from 1 to 1024, got '{threads}'" in stderr
+    assert "Traceback" not in stderr
+
+
+def test_serve_sets_its_threads_once_its_settings_are_checked(tmp_path: Path) -> None:
+    """A bad setting beside --threads is said before torch is imported (it was imported to set the threads first)."""
+    report, stderr = run_cli("serve", "--threads", "2", "--dtype", "fp32", "--kv-cache", "int8", tmp_path=tmp_path)
+    assert report == {"code": 2, "torch": False}, stderr
+    assert "--kv-cache int8 applies to int8 models; --dtype fp32" in stderr
 
 
 def _fake_model(folder: Path) -> Path:

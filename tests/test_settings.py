@@ -144,6 +144,20 @@ def test_solo_prefill_tokens_is_the_engines_choice_by_default_and_takes_no_negat
         load_settings(flags("--solo-prefill-tokens", "-128"))
 
 
+@pytest.mark.parametrize("threads", ["0", "1025", "99999999999"])
+def test_threads_beyond_what_torch_takes_are_refused_from_each_source(threads: str, tmp_path: Path,
+                                                                      monkeypatch: pytest.MonkeyPatch) -> None:
+    """INT8SERVE_THREADS or the file's threads = 99999999999 passed the settings and ended serve, after its
+    start-up checks, in a traceback from torch.set_num_threads ("Overflow when unpacking long")."""
+    monkeypatch.setenv("INT8SERVE_THREADS", threads)
+    with pytest.raises(ValueError, match=rf"INT8SERVE_THREADS: Input should be .+ (1|1024) \(got '{threads}'\)"):
+        load_settings(flags())
+    monkeypatch.delenv("INT8SERVE_THREADS")
+    with pytest.raises(ValueError, match=r"threads in .+: Input should be"):
+        load_settings(flags("--config", str(write_config(tmp_path, f"threads = {threads}\n"))))
+    assert load_settings(flags("--config", str(write_config(tmp_path, "threads = 1024\n")))).settings.threads == 1024
+
+
 def test_bad_variables_are_errors_not_ignored(monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setenv("INT8SERVE_PORT", "eighty")
     with pytest.raises(ValueError, match=r"INT8SERVE_PORT: .*integer"):

@@ -39,6 +39,7 @@ from .model_specs import (
 from .prompt_templates import PromptTemplate, UnknownTemplateError, render_prompt, template_named
 from .settings import (
     DEFAULT_DAILY_NEURONS,
+    MAX_THREADS,
     LoadedSettings,
     ServeSettings,
     SettingsFileError,
@@ -76,8 +77,8 @@ def _add_model_args(parser: argparse.ArgumentParser, dtype: bool = True) -> None
     parser.add_argument("--model-cache", action=argparse.BooleanOptionalAction, default=True,
                         help="load a full-precision --model through its int8 copy in $INT8SERVE_CACHE/models, "
                              "written on first use (default: on)")
-    parser.add_argument("--threads", type=_positive_int, default=None, metavar="N",
-                        help="torch threads, at least 1 (default: all cores)")
+    parser.add_argument("--threads", type=_thread_count, default=None, metavar="N",
+                        help=f"torch threads, 1 to {MAX_THREADS} (default: all cores)")
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -135,8 +136,8 @@ def build_parser() -> argparse.ArgumentParser:
                                               "SRC, a folder inside or around it, a file or a folder holding files: "
                                               "remove it first or choose another path)")
     _add_quantization(quant)
-    quant.add_argument("--threads", type=_positive_int, default=None, metavar="N",
-                       help="torch threads, at least 1 (default: all cores)")
+    quant.add_argument("--threads", type=_thread_count, default=None, metavar="N",
+                       help=f"torch threads, 1 to {MAX_THREADS} (default: all cores)")
 
     _add_serve_parser(commands)
 
@@ -204,7 +205,7 @@ def _add_serve_parser(commands: argparse._SubParsersAction) -> None:
     option("--model-cache", field="model_cache", action=argparse.BooleanOptionalAction)
     option("--quantizer", field="quantizer", choices=list(QUANTIZERS))
     option("--kv-cache", field="kv_cache", choices=["auto", "bf16", "fp16", "int8"])
-    option("--threads", field="threads", type=int, metavar="N")
+    option("--threads", field="threads", type=_thread_count, metavar="N")
     option("--card", field="card", type=Path, action="append", metavar="FILE")
     option("--served-model-name", field="served_model_name", metavar="NAME")
     option("--host", field="host")
@@ -255,6 +256,13 @@ def _non_negative_int(text: str) -> int:
 def _positive_int(text: str) -> int:
     if not text.strip().isdigit() or int(text) < 1:
         raise argparse.ArgumentTypeError(f"expected a whole number >= 1, got {text!r}")
+    return int(text)
+
+
+def _thread_count(text: str) -> int:
+    """--threads: torch takes a C int (a larger count ended in a traceback, "Overflow when unpacking long")."""
+    if not text.strip().isdigit() or not 1 <= int(text) <= MAX_THREADS:
+        raise argparse.ArgumentTypeError(f"expected a whole number from 1 to {MAX_THREADS}, got {text!r}")
     return int(text)
 
 
@@ -569,7 +577,7 @@ def main(argv: Sequence[str] | None = None) -> None:
         print(f"int8serve {args.command}: warning: {warning}", file=sys.stderr)
     if args.command != "serve":  # serve configures its own logging
         _say_what_loading_does()
-    if getattr(args, "threads", None):
+    if args.command != "serve" and args.threads:  # serve's are set once its settings are checked (cmd_serve)
         import torch
 
         torch.set_num_threads(args.threads)

@@ -88,6 +88,7 @@ DEFAULT_DATABASE_TIMEOUT = 5.0
 DEFAULT_SHUTDOWN_TIMEOUT = 30.0
 DEFAULT_MAX_CONNECTIONS = 512  # = service.connections.DEFAULT_MAX_CONNECTIONS
 DEFAULT_HEADER_TIMEOUT = 10.0  # = service.connections.DEFAULT_HEADER_TIMEOUT
+MAX_THREADS = 1024  # torch threads: more than any CPU we know has cores (torch takes up to a C int: 2**31 - 1)
 
 LogLevel = Literal["critical", "error", "warning", "info", "debug"]
 FLAG_KEYS = {"token": "tokens", "cache": "response_cache"}  # serve's flags named otherwise than their setting
@@ -145,7 +146,8 @@ class ServeSettings(BaseSettings):
                             "where prefill attends through SDPA on AMX tiles (Sapphire Rapids and later), which "
                             "read bf16 keys faster (a 1024-token prompt 1.09-1.10x); the start-up line says which. "
                             "With --dtype fp32 the cache stays fp32: any other choice than auto is an error")
-    threads: int | None = Field(None, ge=1, description="torch threads, at least 1. Default: all cores")
+    threads: int | None = Field(None, ge=1, le=MAX_THREADS,
+                                description=f"torch threads, 1 to {MAX_THREADS}. Default: all cores")
     card: Annotated[list[Path], NoDecode] = Field(
         default_factory=list, description="extra catalog card files (or folders of *.txt cards); the flag is "
                                           "repeatable, the variable comma-separated")
