@@ -172,6 +172,19 @@ def test_eval_ppl_on_a_text_that_is_not_utf8_is_a_usage_error(tmp_path: Path) ->
     assert "text.txt: not UTF-8 text (byte 0xff at offset 3)" in stderr and "Traceback" not in stderr
 
 
+@pytest.mark.parametrize(("args", "message"), [
+    (["--raw", "hi \udcff there"], "the prompt is not UTF-8 text (byte 0xff at offset 3)"),
+    (["--system", "caf\u00e9 \udcc3", "hi"], "--system is not UTF-8 text (byte 0xc3 at offset 6)"),
+])
+def test_a_prompt_that_is_not_utf8_is_a_usage_error(args: list[str], message: str, tmp_path: Path,
+                                                    stories_hf: Path) -> None:
+    """A byte that is not UTF-8 in an argument (Python passes it as a lone surrogate: here written as one, which the
+    subprocess gets back as the byte) ended generate, once the model had loaded, in a traceback from the tokenizer."""
+    report, stderr = run_cli("generate", "--model", str(stories_hf), "--no-model-cache", *args, tmp_path=tmp_path)
+    assert report == {"code": 2, "torch": False}, stderr
+    assert stderr == f"int8serve generate: error: {message}\n"
+
+
 @pytest.mark.parametrize("command", [["generate", "hi"], ["eval-ppl", "--text", "t.txt"], ["quantize", "a", "b"],
                                      ["serve"]])
 @pytest.mark.parametrize("threads", ["0", "-1", "1025", "99999999999"])

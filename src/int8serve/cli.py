@@ -308,6 +308,8 @@ def open_model(spec: ModelSpec, dtype: str, use_cache: bool = True, group_size: 
 
 
 def cmd_generate(args: argparse.Namespace) -> None:
+    _check_utf8(args.prompt, "the prompt")
+    _check_utf8(args.system, "--system")
     _check_kv_cache(args)
     if args.max_tokens < 1:
         raise UsageError("--max-tokens must be at least 1")
@@ -336,6 +338,20 @@ def cmd_generate(args: argparse.Namespace) -> None:
     print(f"prompt tokens {stats.prompt_tokens}, generated tokens {stats.generated_tokens}, "
           f"prefill {stats.prefill_tok_s:.1f} tok/s, decode {stats.decode_tok_s:.1f} tok/s, "
           f"finish {stats.finish_reason}", file=sys.stderr)
+
+
+def _check_utf8(text: str | None, what: str) -> None:
+    """Refuse an argument that held bytes that are not UTF-8: Python passes each as a lone surrogate (U+DC80 to
+    U+DCFF), which the tokenizers cannot take (a traceback once the model had loaded)."""
+    if text is None:
+        return
+    try:
+        text.encode("utf-8")
+    except UnicodeEncodeError as err:
+        offset = len(text[: err.start].encode("utf-8", "surrogateescape"))
+        char = ord(text[err.start])
+        found = f"byte 0x{char - 0xDC00:02x}" if 0xDC80 <= char <= 0xDCFF else f"character U+{char:04X}"
+        raise UsageError(f"{what} is not UTF-8 text ({found} at offset {offset})") from None
 
 
 def prompt_segments(args: argparse.Namespace, card: ModelCard, template: PromptTemplate) -> list[Segment]:
