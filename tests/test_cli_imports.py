@@ -172,6 +172,16 @@ def test_eval_ppl_on_a_text_that_is_not_utf8_is_a_usage_error(tmp_path: Path) ->
     assert "text.txt: not UTF-8 text (byte 0xff at offset 3)" in stderr and "Traceback" not in stderr
 
 
+@pytest.mark.parametrize("windows", ["0", "-1"])
+def test_max_windows_below_one_is_refused_by_the_parser(windows: str, tmp_path: Path, stories_hf: Path) -> None:
+    """--max-windows 0 measured every window (0 read as no limit) and -1 all but the last, with exit 0."""
+    text = _write(tmp_path / "t.txt", b"Once upon a time there was a cat. " * 20)
+    report, stderr = run_cli("eval-ppl", "--model", str(stories_hf), "--no-model-cache", "--text", str(text),
+                             "--window", "32", "--max-windows", windows, tmp_path=tmp_path)
+    assert report == {"code": 2, "torch": False}, stderr
+    assert f"argument --max-windows: expected a whole number >= 1, got '{windows}'" in stderr
+
+
 @pytest.mark.parametrize(("args", "message"), [
     (["--raw", "hi \udcff there"], "the prompt is not UTF-8 text (byte 0xff at offset 3)"),
     (["--system", "caf\u00e9 \udcc3", "hi"], "--system is not UTF-8 text (byte 0xc3 at offset 6)"),

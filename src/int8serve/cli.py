@@ -149,7 +149,8 @@ def build_parser() -> argparse.ArgumentParser:
     ppl.add_argument("--text", type=Path, required=True, help="UTF-8 text file")
     ppl.add_argument("--window", type=int, default=256, help="tokens per window (default: 256)")
     ppl.add_argument("--compare-to", choices=["fp32"], default=None, help="reference to compare against")
-    ppl.add_argument("--max-windows", type=int, default=None, help="stop after this many windows")
+    ppl.add_argument("--max-windows", type=_positive_int, default=None, metavar="N",
+                     help="stop after this many windows, at least 1 (default: every window of the text)")
     _add_quantization(ppl)
     for command in commands.choices.values():  # (serve's formatter keeps the lines, the others' make a paragraph)
         command.epilog = engine_variables_help()
@@ -456,7 +457,7 @@ def cmd_eval_ppl(args: argparse.Namespace) -> None:
     if args.compare_to == "fp32":
         reference = load_model(loaded.path, "fp32").model
     ids = tokenizer.encode(text)
-    if args.max_windows:
+    if args.max_windows is not None:
         ids = ids[: args.max_windows * args.window]
     try:
         report = evaluate(loaded.model, ids, args.window, tokenizer.bos_id if tokenizer.add_bos else None, reference,
