@@ -14,6 +14,7 @@ from int8serve import cli
 from int8serve.cli import build_parser, main
 from int8serve.engine.quant_options import QUANTIZER_TIMES
 from int8serve.settings import (
+    CHOICE_VARIABLES,
     CONFIG_ENV,
     DEFAULT_CACHE_TTL,
     DEFAULT_DAILY_NEURONS,
@@ -21,6 +22,7 @@ from int8serve.settings import (
     ENGINE_VARIABLES,
     ServeSettings,
     SettingsFileError,
+    check_engine_variables,
     env_name,
     flag_name,
     help_text,
@@ -264,6 +266,26 @@ def test_the_engine_variables_values_in_the_help_are_the_engines() -> None:
     assert decode_plan.ENV == "INT8SERVE_DECODE_PLAN"
     for name, values in taken.items():
         assert set(ENGINE_VARIABLE_HELP[name][0]) == values, name
+
+
+@pytest.mark.parametrize("variable", CHOICE_VARIABLES)
+@pytest.mark.parametrize("command", ["serve", "generate", "quantize", "eval-ppl"])
+def test_every_command_refuses_a_bad_engine_variable_at_its_start(variable: str, command: str,
+                                                                   monkeypatch: pytest.MonkeyPatch,
+                                                                   capsys: pytest.CaptureFixture[str]) -> None:
+    """Checked before anything runs, on every CPU: a path may read a variable only on some CPUs (on a Sapphire Rapids
+    eval-ppl never read INT8SERVE_ATTENTION, and a bad value was taken without a word)."""
+    choices = ENGINE_VARIABLE_HELP[variable][0]
+    for value in (*choices, f" {choices[-1].upper()} ", ""):  # (case and spaces ignored, empty = auto)
+        check_engine_variables({variable: value})
+    monkeypatch.setenv(variable, "bogus")
+    args = {"serve": [], "generate": ["--model", "nowhere", "hi"], "quantize": ["nowhere", "elsewhere"],
+            "eval-ppl": ["--model", "nowhere", "--text", "nothing.txt"]}[command]
+    with pytest.raises(SystemExit) as exit_info:
+        main([command, *args])
+    assert exit_info.value.code == 2
+    assert capsys.readouterr().err.strip().splitlines()[-1] == (
+        f"int8serve {command}: error: {variable}='bogus': expected one of {', '.join(choices)}")
 
 
 def test_the_quantizers_times_are_the_measured_ones_everywhere(capsys: pytest.CaptureFixture[str]) -> None:

@@ -43,6 +43,7 @@ from .settings import (
     LoadedSettings,
     ServeSettings,
     SettingsFileError,
+    check_engine_variables,
     engine_variables_help,
     kv_cache_problem,
     load_settings,
@@ -599,6 +600,7 @@ def main(argv: Sequence[str] | None = None) -> None:
 
         torch.set_num_threads(args.threads)
     try:
+        check_engine_variables(os.environ)  # (a path may read one only on some CPUs: each command checks them all)
         COMMANDS[args.command](args)
     except (UsageError, CheckpointError, ConfigError, EngineVariableError, FileNotFoundError) as err:
         print(f"int8serve {args.command}: error: {err}", file=sys.stderr)

@@ -44,6 +44,7 @@ from pydantic_settings import (
 )
 
 from .accounts import ACCOUNT_ID_RULE, TOKEN_RULE, is_valid_account, is_valid_token
+from .engine.errors import EngineVariableError
 from .engine.quant_options import QUANTIZER_TIMES
 from .model_specs import BUILTIN_CARD, DEFAULT_SERVED_MODEL, ModelSpecError, parse_model_entry
 from .redact import hide_password
@@ -78,6 +79,10 @@ ENGINE_VARIABLE_HELP: dict[str, tuple[tuple[str, ...], str]] = {
     "INT8SERVE_DECODE_PLAN": (("auto", "off"), "whether decode steps replay a fixed list of kernel calls (off: "
                                                "every step through the modules)"),
 }
+# the engine variables whose value must be one of their choices (kernels.env_choice refuses any other where the engine
+# reads it); every command checks them at its start, since a path may read one only on some CPUs (eval-ppl's prefill
+# reads INT8SERVE_ATTENTION where it is row-exact, not on an AMX CPU's bf16 prefill)
+CHOICE_VARIABLES = ("INT8SERVE_KERNEL", "INT8SERVE_ATTENTION", "INT8SERVE_ACTIVATION", "INT8SERVE_DECODE_PLAN")
 TEST_VARIABLE_PREFIX = ENV_PREFIX + "TEST_"  # the test suite's own (tests/), never read by the package
 UNKNOWN_VARIABLE_HINT = "'int8serve serve --help' names each setting's variable"
 # = service.policy.settings.DEFAULT_CACHE_TTL_SECONDS / DEFAULT_DAILY_NEURONS / DEFAULT_DATABASE_TIMEOUT, repeated so
@@ -345,6 +350,16 @@ def engine_variables_help() -> str:
     so that it still reads where argparse joins the lines into one paragraph)."""
     lines = [f"  {name}={'|'.join(values)}:\n      {what}" for name, (values, what) in ENGINE_VARIABLE_HELP.items()]
     return "engine variables (every command's engine reads them):\n" + ";\n".join(lines) + "."
+
+
+def check_engine_variables(environ: Mapping[str, str]) -> None:
+    """EngineVariableError for the first of CHOICE_VARIABLES in `environ` whose value is not one of its choices, in
+    the words the engine uses where it reads it (kernels.env_choice: case and spaces ignored, empty = auto)."""
+    for variable in CHOICE_VARIABLES:
+        choices = ENGINE_VARIABLE_HELP[variable][0]
+        value = environ.get(variable, "auto").strip().lower() or "auto"
+        if value not in choices:
+            raise EngineVariableError(f"{variable}={value!r}: expected one of {', '.join(choices)}")
 
 
 def unknown_variable_warnings(environ: Mapping[str, str]) -> list[str]:
