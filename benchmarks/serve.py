@@ -75,6 +75,7 @@ from int8serve.engine.chat_template import render_prompt
 from int8serve.engine.config import ModelConfig, config_from_hf, read_json
 from int8serve.engine.loader import LoadedModel, detect_format, find_tokenizer, load_model, save_int8_checkpoint
 from int8serve.engine.model import Transformer
+from int8serve.engine.model_files import missing_tokenizer
 from int8serve.engine.sampling_params import SamplingParams
 from int8serve.engine.scheduler import Engine, GenerationRequest, QueueFullError
 from int8serve.engine.tokenizer import Tokenizer
@@ -764,7 +765,7 @@ def prompt_token_ids(model: Path, prompt: str) -> list[int]:
     """The ids the server makes of a raw prompt."""
     tokenizer = find_tokenizer(model)
     if tokenizer is None:
-        raise SystemExit(f"{model}: no tokenizer.model in the folder or its parent")
+        raise SystemExit(missing_tokenizer(model))
     return Tokenizer(tokenizer).encode_segments(render_prompt(prompt, raw=True))
 
 

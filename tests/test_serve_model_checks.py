@@ -94,7 +94,7 @@ def tokenizer_json_not_one(folder: Path) -> None:
 FOLDER_DAMAGE: dict[str, tuple[Callable[[Path], None], str, str]] = {
     "broken config.json": (broken_json, "config.json", "not valid JSON"),
     "config against the weights": (wider_than_the_weights, "", "but the config describes"),
-    "no tokenizer": (no_tokenizer, "", "no tokenizer.model (in the folder or its parent) or tokenizer.json"),
+    "no tokenizer": (no_tokenizer, "", "no tokenizer.model or tokenizer.json"),
     "damaged tokenizer": (lambda f: (f / "tokenizer.model").write_bytes(b"garbage" * 10), "tokenizer.model",
                           "not a valid SentencePiece tokenizer model"),
     "tokenizer.json not a tokenizer": (tokenizer_json_not_one, "tokenizer.json",
@@ -117,7 +117,7 @@ def test_a_folder_that_is_no_model_is_refused_before_the_first_model_loads(tmp_p
 def test_a_damaged_model_folder_is_refused_before_the_first_model_loads(damage: str, tmp_path: Path,
                                                                         smollm2_gguf: Path, stories_hf: Path) -> None:
     spoil, file, fragment = FOLDER_DAMAGE[damage]
-    bad = copy_model(stories_hf, tmp_path / "models" / "bad")  # (no tokenizer.model in its parent either)
+    bad = copy_model(stories_hf, tmp_path / "models" / "bad")
     spoil(bad)
     result, took = serve("--model", f"{BUILTIN_CARD}={smollm2_gguf}", "--model", f"{BAD}={bad}", tmp_path=tmp_path)
     assert_refused_before_loading(result, took, BAD, bad / file if file else bad, fragment)

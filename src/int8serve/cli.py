@@ -24,6 +24,7 @@ from .catalog.sampling import WORKERS_AI_PARAMETERS
 from .engine.chat_template import TEMPLATES, Segment
 from .engine.config import ConfigError
 from .engine.errors import CheckpointError, EngineVariableError
+from .engine.model_files import missing_tokenizer
 from .engine.model_source import MODEL_HELP, resolve
 from .engine.quant_options import DEFAULT_GROUP_SIZE, DEFAULT_QUANTIZER, GROUP_SIZES, QUANTIZER_TIMES, QUANTIZERS
 from .engine.sampling_params import SamplingParams
@@ -302,7 +303,7 @@ def open_model(spec: ModelSpec, dtype: str, use_cache: bool = True, group_size: 
     loaded = load_cached(path, dtype, progress=sys.stderr.isatty(), use_cache=use_cache, group_size=group_size,
                          quantizer=quantizer)
     if loaded.tokenizer_path is None:
-        raise UsageError(f"{loaded.path}: no tokenizer.model (in the folder or its parent) or tokenizer.json")
+        raise UsageError(missing_tokenizer(loaded.path))
     try:
         return loaded, load_tokenizer(loaded.tokenizer_path)
     except ValueError as err:

@@ -46,6 +46,7 @@ from .engine.int8 import Int8Linear, describe_dense, kernel_rows
 from .engine.kernels import matmul as prefill_matmul
 from .engine.model import Transformer
 from .engine.model_cache import load_cached
+from .engine.model_files import missing_tokenizer
 from .engine.prefix_cache import DEFAULT_BLOCK_TOKENS, PrefixCache
 from .engine.scheduler import Engine
 from .engine.tokenizer import AnyTokenizer, load_tokenizer
@@ -152,7 +153,7 @@ def _start_engine(settings: ServeSettings, served: ServedModel) -> tuple[Engine,
     loaded = load_cached(served.model_path, settings.dtype, progress=sys.stderr.isatty(),
                          use_cache=settings.model_cache, quantizer=settings.quantizer)
     if loaded.tokenizer_path is None:  # said before loading (model_files.py); a folder changed since, here
-        raise CheckpointError(f"{loaded.path}: no tokenizer.model (in the folder or its parent) or tokenizer.json")
+        raise CheckpointError(missing_tokenizer(loaded.path))
     tokenizer = load_tokenizer(loaded.tokenizer_path)  # (the card's template checked with it: startup.prepare)
     kv_cache_reason = None
     if settings.dtype == "int8":  # before the engine and the prefix cache make their caches

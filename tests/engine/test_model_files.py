@@ -25,7 +25,8 @@ from tests.engine.test_loader import rewrite_safetensors
 from int8serve.engine.config import ConfigError
 from int8serve.engine.demo import demo_model_dir
 from int8serve.engine.errors import CheckpointError
-from int8serve.engine.loader import LoadedModel, load_model, save_int8_checkpoint
+from int8serve.engine.gguf_loader import GGUFFile, write_tokenizer
+from int8serve.engine.loader import LoadedModel, copy_tokenizer, load_model, save_int8_checkpoint
 from int8serve.engine.model_files import check_model_files
 from int8serve.engine.packed_checkpoint import save_packed_checkpoint
 
@@ -120,11 +121,41 @@ def test_no_tokenizer_is_refused(stories_hf: Path, tmp_path: Path) -> None:
     folder = copy(stories_hf, tmp_path / "model")
     (folder / "tokenizer.model").unlink()
     (folder / "tokenizer.json").unlink()
-    with pytest.raises(CheckpointError, match=r"no tokenizer\.model \(in the folder or its parent\) or tokenizer"):
+    with pytest.raises(CheckpointError, match=r"no tokenizer\.model or tokenizer\.json"):
         check_model_files(folder)
     (folder / "tokenizer.json").write_text('{"model": ')
     with pytest.raises(CheckpointError, match=r"tokenizer\.json: not a valid tokenizer\.json \(EOF while parsing"):
         check_model_files(folder)
+
+
+def test_a_folders_own_tokenizer_wins_over_a_tokenizer_model_in_its_parent(
+        stories_hf: Path, stories_meta: Path, smollm2_gguf: Path, shared_dir: Path, tmp_path: Path) -> None:
+    """A model folder copied into a folder that holds Llama-2's tokenizer.model: the parent's came before the
+    folder's own tokenizer.json, and SmolLM2 was run with Llama-2's ids (garbage, rc 0). Only a Meta folder
+    (params.json) takes its parent's, where Meta's download puts it, and only when it has none of its own."""
+    shutil.copyfile(shared_dir / "models" / "llama2-tokenizer" / "tokenizer.model", tmp_path / "tokenizer.model")
+    bpe = copy(stories_hf, tmp_path / "bpe")
+    (bpe / "tokenizer.model").unlink()
+    copy_tokenizer(write_tokenizer(GGUFFile.open(smollm2_gguf), tmp_path / "built"), bpe)  # SmolLM2's tokenizer.json
+    assert check_model_files(bpe).path == bpe / "tokenizer.json"
+    assert load_model(bpe, "fp32").tokenizer_path == bpe / "tokenizer.json"
+
+    hf = copy(stories_hf, tmp_path / "hf")
+    for name in ("tokenizer.model", "tokenizer.json"):
+        (hf / name).unlink()
+    with pytest.raises(CheckpointError, match=r"/hf: no tokenizer\.model or tokenizer\.json$"):
+        check_model_files(hf)
+    assert load_model(hf, "fp32").tokenizer_path is None
+
+    meta = copy(stories_meta, tmp_path / "meta")
+    assert check_model_files(meta).path == meta / "tokenizer.model"  # its own first
+    (meta / "tokenizer.model").unlink()
+    assert check_model_files(meta).path == tmp_path / "tokenizer.model"
+    assert load_model(meta, "fp32").tokenizer_path == tmp_path / "tokenizer.model"
+    (tmp_path / "tokenizer.model").unlink()
+    with pytest.raises(CheckpointError, match=r"no tokenizer\.model or tokenizer\.json, nor a tokenizer\.model in "
+                                              r"its parent folder"):
+        check_model_files(meta)
 
 
 @pytest.mark.parametrize(("make", "fragment"), [

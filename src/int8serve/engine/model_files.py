@@ -37,7 +37,7 @@ if TYPE_CHECKING:
     from .gguf_file import GGUFFile
 
 __all__ = ["check_config_fits", "check_model_files", "detect_format", "find_tokenizer", "hf_to_internal",
-           "hf_weight_paths", "int8_config", "safetensors_header", "shard_files"]
+           "hf_weight_paths", "int8_config", "missing_tokenizer", "safetensors_header", "shard_files"]
 
 INT8_FORMAT = "int8serve-int8"
 INT8_FORMAT_VERSION = 2  # 2: "group_size" (0 = per channel), scales [N] or [N, ceil(K / group_size)]
@@ -76,12 +76,24 @@ def hf_to_internal(name: str) -> str | None:
 
 
 def find_tokenizer(folder: Path) -> Path | None:
-    """tokenizer.model in the folder, or in its parent (Meta's releases keep it one level up); else the folder's
-    tokenizer.json (a byte-level BPE model such as SmolLM2 has no tokenizer.model)."""
-    for candidate in (folder / "tokenizer.model", folder.parent / "tokenizer.model", folder / "tokenizer.json"):
-        if candidate.is_file():
-            return candidate
-    return None
+    """The folder's tokenizer.model, else its tokenizer.json (a byte-level BPE model such as SmolLM2 has no
+    tokenizer.model); else, for a Meta folder only, the tokenizer.model one level up, where Meta's download puts it
+    beside the model folders. Any other folder's parent may hold another model's tokenizer: a SmolLM2 folder copied
+    beside Llama-2's tokenizer.model was run with Llama-2's ids when the parent's came before its own tokenizer.json."""
+    candidates = [folder / "tokenizer.model", folder / "tokenizer.json"]
+    if _meta_layout(folder):
+        candidates.append(folder.parent / "tokenizer.model")
+    return next((candidate for candidate in candidates if candidate.is_file()), None)
+
+
+def missing_tokenizer(folder: Path) -> str:
+    """What a folder without a tokenizer (find_tokenizer) is said to lack."""
+    above = ", nor a tokenizer.model in its parent folder" if _meta_layout(folder) else ""
+    return f"{folder}: no tokenizer.model or tokenizer.json{above}"
+
+
+def _meta_layout(folder: Path) -> bool:
+    return (folder / "params.json").is_file() and not (folder / "int8serve.json").is_file()
 
 
 def detect_format(folder: Path) -> str:
@@ -330,5 +342,5 @@ def _check_tokenizer(folder: Path) -> AnyTokenizer:
     its file is not a tokenizer the engine can use."""
     tokenizer = find_tokenizer(folder)
     if tokenizer is None:
-        raise CheckpointError(f"{folder}: no tokenizer.model (in the folder or its parent) or tokenizer.json")
+        raise CheckpointError(missing_tokenizer(folder))
     return load_tokenizer(tokenizer)
