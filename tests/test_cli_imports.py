@@ -228,6 +228,10 @@ def _fake_model(folder: Path) -> Path:
     ("full", "DST full is a folder that already holds files"),
     ("file.txt", "DST file.txt is an existing file"),
     (".", "DST . is a folder around the source model src"),
+    # a DST that cannot be made: said before loading, not as mkdir's traceback after minutes of quantizing
+    ("file.txt/int8", "DST file.txt/int8 cannot be made: {tmp}/file.txt is a file, not a folder"),
+    ("dangling", "DST dangling cannot be made: dangling is a symbolic link to {tmp}/nowhere, which does not exist"),
+    ("dangling/int8", "DST dangling/int8 cannot be made: dangling is a symbolic link to {tmp}/nowhere"),
 ])
 def test_quantize_never_writes_over_a_model_a_file_or_a_folder_with_files(dst: str, message: str,
                                                                           tmp_path: Path) -> None:
@@ -235,8 +239,10 @@ def test_quantize_never_writes_over_a_model_a_file_or_a_folder_with_files(dst: s
     (src / "int8").mkdir()
     _fake_model(tmp_path / "full")
     (tmp_path / "file.txt").write_text("keep me")
+    (tmp_path / "dangling").symlink_to(tmp_path / "nowhere")
     report, stderr = run_cli("quantize", "src", dst, tmp_path=tmp_path)
     assert report == {"code": 2, "torch": False}, stderr
-    assert message in stderr and "Traceback" not in stderr
+    assert message.format(tmp=tmp_path.resolve()) in stderr and "Traceback" not in stderr
     assert (src / "model.safetensors").read_bytes() == b"fp32 weights"
     assert (tmp_path / "file.txt").read_text() == "keep me"
+    assert not (tmp_path / "nowhere").exists()

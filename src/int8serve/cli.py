@@ -13,6 +13,7 @@ import dataclasses
 import logging
 import os
 import sys
+import tempfile
 import time
 from collections.abc import Sequence
 from pathlib import Path
@@ -409,15 +410,22 @@ def _apply_kv_cache(loaded: LoadedModel, dtype: str, kind: str, card: ModelCard)
 def cmd_quantize(args: argparse.Namespace) -> None:
     started = time.perf_counter()
     _check_destination(args.src, args.dst)  # before a Hub download or a long quantization
+    _check_writable(args.dst)
     source = resolve(args.src)
     _check_destination(source, args.dst)
+    from .durable import write_whole
     from .engine.loader import load_model, save_int8_checkpoint
 
     loaded = load_model(source, "int8", progress=sys.stderr.isatty(), group_size=args.group_size,
                         quantizer=args.quantizer)
-    folder = save_int8_checkpoint(loaded, args.dst)
+    folder = args.dst.expanduser().resolve()  # (a symbolic link's target)
+    try:  # all of it or nothing: a full disk or an interruption leaves no partial checkpoint
+        write_whole(folder, lambda partial: save_int8_checkpoint(loaded, partial))
+    except OSError as err:
+        raise UsageError(f"DST {args.dst}: the checkpoint could not be written ({err}); nothing of it was "
+                         "kept") from err
     size = sum(f.stat().st_size for f in folder.iterdir() if f.is_file())
-    print(f"wrote {folder} ({size / 1e6:.1f} MB) in {time.perf_counter() - started:.1f} s", file=sys.stderr)
+    print(f"wrote {args.dst} ({size / 1e6:.1f} MB) in {time.perf_counter() - started:.1f} s", file=sys.stderr)
 
 
 def _check_destination(src: Path, dst: Path) -> None:
@@ -438,6 +446,25 @@ def _check_destination(src: Path, dst: Path) -> None:
     if target.is_dir() and any(target.iterdir()):
         raise UsageError(f"DST {dst} is a folder that already holds files; quantize does not overwrite: remove "
                          "it first or choose another path")
+
+
+def _check_writable(dst: Path) -> None:
+    """Refuse a quantize DST that cannot be written (a read-only file system, a folder of another user's, a path
+    through a file or a symbolic link to nothing) before the minutes of quantizing: a folder is made and removed
+    where the checkpoint's will be."""
+    given = dst.expanduser()
+    for link in (given, *given.parents):
+        if link.is_symlink() and not link.exists():  # (as mkdir does: a folder is not made through it)
+            raise UsageError(f"DST {dst} cannot be made: {link} is a symbolic link to {os.readlink(link)}, which does "
+                             "not exist; make that folder first or choose another path")
+    target = given.resolve()
+    where = next(folder for folder in (target, *target.parents) if folder.exists())
+    if not where.is_dir():
+        raise UsageError(f"DST {dst} cannot be made: {where} is a file, not a folder")
+    try:
+        os.rmdir(tempfile.mkdtemp(prefix=".int8serve-probe-", dir=where))
+    except OSError as err:
+        raise UsageError(f"DST {dst} cannot be written: {err.strerror or err} ({where})") from err
 
 
 def cmd_eval_ppl(args: argparse.Namespace) -> None:
@@ -603,7 +630,7 @@ def main(argv: Sequence[str] | None = None) -> None:
     try:
         check_engine_variables(os.environ)  # (a path may read one only on some CPUs: each command checks them all)
         COMMANDS[args.command](args)
-    except (UsageError, CheckpointError, ConfigError, EngineVariableError, FileNotFoundError) as err:
+    except (UsageError, CheckpointError, ConfigError, EngineVariableError, OSError) as err:
         print(f"int8serve {args.command}: error: {err}", file=sys.stderr)
         raise SystemExit(2) from None
     except KeyboardInterrupt:

@@ -18,6 +18,7 @@ import ctypes
 import functools
 import json
 import logging
+import os
 import re
 import shutil
 from collections.abc import Callable, Iterator
@@ -25,6 +26,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import torch
+from safetensors import SafetensorError
 from safetensors.torch import save_file
 from torch import Tensor, nn
 from tqdm import tqdm
@@ -328,7 +330,8 @@ def give_back_freed_memory() -> None:
 def save_int8_checkpoint(loaded: LoadedModel, destination: str | Path, overwrite: bool = False) -> Path:
     """Write an int8 model as int8serve.json + model.safetensors (+ tokenizer.model, or tokenizer.json and its
     tokenizer_config.json) for fast loading. A folder that holds a model already is refused (FileExistsError)
-    unless `overwrite`; the folder the model was loaded from always is (its weights may be mapped in memory)."""
+    unless `overwrite`; the folder the model was loaded from always is (its weights may be mapped in memory). A
+    write that fails raises OSError, and leaves what it wrote: durable.write_whole leaves nothing."""
     if loaded.model.precision != "int8":
         raise ValueError("only an int8 model can be saved as an int8 checkpoint")
     folder = Path(destination)
@@ -344,7 +347,7 @@ def save_int8_checkpoint(loaded: LoadedModel, destination: str | Path, overwrite
             group_sizes.add(module.group_size)
         elif hasattr(module, "weight") and isinstance(module.weight, nn.Parameter):
             tensors[f"{name}.weight"] = module.weight.data
-    save_file({k: v.contiguous() for k, v in tensors.items()}, str(folder / "model.safetensors"))
+    _save_safetensors({k: v.contiguous() for k, v in tensors.items()}, folder / "model.safetensors")
     usual_mode(folder / "model.safetensors")  # save_file makes it 0600, the other files 0644
     group_size = max(group_sizes, default=0)
     scheme = f"per group of {group_size} input values" if group_size else "per output channel"
@@ -355,6 +358,18 @@ def save_int8_checkpoint(loaded: LoadedModel, destination: str | Path, overwrite
     if loaded.tokenizer_path is not None:
         copy_tokenizer(loaded.tokenizer_path, folder)
     return folder
+
+
+def _save_safetensors(tensors: dict[str, Tensor], file: Path) -> None:
+    """save_file, its failure to write (a full disk) raised as the OSError it is: safetensors raises its own error
+    type, which callers that handle a failed write (OSError) did not catch."""
+    try:
+        save_file(tensors, str(file))
+    except SafetensorError as err:
+        code = re.search(r"\(os error (\d+)\)", str(err))
+        if code is None:
+            raise OSError(f"{file}: {err}") from err
+        raise OSError(int(code[1]), os.strerror(int(code[1])), str(file)) from err
 
 
 def _check_checkpoint_destination(folder: Path, source: Path, overwrite: bool) -> None:

@@ -43,7 +43,7 @@ import textwrap
 from pathlib import Path
 from typing import Any
 
-from ..durable import fsync_file
+from ..durable import write_whole
 from . import calibration, gptq, int8
 from .cache_files import cache_dir, locked
 from .config import ConfigError, read_json
@@ -243,9 +243,10 @@ def _quantize_and_store(source: Path, identity: dict[str, object], folder: Path,
 
 def _store(loaded: LoadedModel, identity: dict[str, object], folder: Path, keep_old_until_written: bool = False
            ) -> None:
-    """Write the checkpoint beside `folder` and rename it into place: a reader sees all of it or nothing. A copy
-    already there is removed first (an unusable one: its space may be needed), or with `keep_old_until_written` only
-    once the new one is written (a usable one, which a failed write must not cost)."""
+    """Write the checkpoint beside `folder` and rename it into place (durable.write_whole, in `.partial-<name>-<pid>`):
+    a reader sees all of it or nothing. A copy already there is removed first (an unusable one: its space may be
+    needed), or with `keep_old_until_written` only once the new one is written (a usable one, which a failed write
+    must not cost)."""
     for pattern in (f".partial-{folder.name}-*", f".stale-{folder.name}-*"):  # left by a process that died
         for stale in folder.parent.glob(pattern):
             shutil.rmtree(stale, ignore_errors=True)
@@ -255,16 +256,8 @@ def _store(loaded: LoadedModel, identity: dict[str, object], folder: Path, keep_
     free = shutil.disk_usage(folder.parent).free
     if free < needed * 1.05:
         raise OSError(f"{needed / 1e9:.1f} GB needed, {free / 1e9:.1f} GB free")
-    partial = folder.with_name(f".partial-{folder.name}-{os.getpid()}")
-    try:
-        save_packed_checkpoint(loaded, partial, source_identity=identity)
-        for file in partial.iterdir():
-            fsync_file(file)
-        if folder.exists():
-            _discard(folder)
-        os.rename(partial, folder)
-    finally:
-        shutil.rmtree(partial, ignore_errors=True)
+    write_whole(folder, lambda partial: save_packed_checkpoint(loaded, partial, source_identity=identity),
+                make_room=_discard)
 
 
 def _say_other_copies(source: Path, identity: dict[str, Any], folder: Path) -> None:
