@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
 import subprocess
 import sys
 from pathlib import Path
@@ -246,3 +247,21 @@ def test_quantize_never_writes_over_a_model_a_file_or_a_folder_with_files(dst: s
     assert (src / "model.safetensors").read_bytes() == b"fp32 weights"
     assert (tmp_path / "file.txt").read_text() == "keep me"
     assert not (tmp_path / "nowhere").exists()
+
+
+@pytest.mark.parametrize(("removed", "message"), [
+    (["tokenizer.model", "tokenizer.json"], "{model}: no tokenizer.model or tokenizer.json"),
+    (["tokenizer.model"], "{model}/tokenizer.json: not a byte-level BPE tokenizer (model 'BPE', decoder 'Sequence'); "
+                          "a SentencePiece model needs its tokenizer.model"),
+])
+def test_quantize_refuses_a_source_without_a_usable_tokenizer(removed: list[str], message: str, stories_hf: Path,
+                                                              tmp_path: Path) -> None:
+    """It wrote the checkpoint without one, said "wrote", and generate and serve then refused it: refused before
+    loading now, with serve's own check of the model's files (model_files.check_model_files)."""
+    model = shutil.copytree(stories_hf, tmp_path / "hf")
+    for name in removed:
+        (model / name).unlink()
+    report, stderr = run_cli("quantize", str(model), "int8", tmp_path=tmp_path)
+    assert report == {"code": 2, "torch": False}, stderr
+    assert stderr == f"int8serve quantize: error: {message.format(model=model)}\n"
+    assert not (tmp_path / "int8").exists()

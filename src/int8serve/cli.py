@@ -25,7 +25,7 @@ from .catalog.sampling import WORKERS_AI_PARAMETERS
 from .engine.chat_template import TEMPLATES, Segment
 from .engine.config import ConfigError
 from .engine.errors import CheckpointError, EngineVariableError
-from .engine.model_files import missing_tokenizer
+from .engine.model_files import check_model_files, missing_tokenizer
 from .engine.model_source import MODEL_HELP, resolve
 from .engine.quant_options import DEFAULT_GROUP_SIZE, DEFAULT_QUANTIZER, GROUP_SIZES, QUANTIZER_TIMES, QUANTIZERS
 from .engine.sampling_params import SamplingParams
@@ -413,6 +413,7 @@ def cmd_quantize(args: argparse.Namespace) -> None:
     _check_writable(args.dst)
     source = resolve(args.src)
     _check_destination(source, args.dst)
+    check_model_files(source)  # as serve checks it: without a tokenizer the checkpoint could not be served
     from .durable import write_whole
     from .engine.loader import load_model, save_int8_checkpoint
 

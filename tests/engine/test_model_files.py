@@ -117,7 +117,7 @@ def test_a_damaged_folder_is_refused_as_the_loader_refuses_it(damage: str, stori
 
 
 def test_no_tokenizer_is_refused(stories_hf: Path, tmp_path: Path) -> None:
-    """The loader itself takes a folder without one (quantize writes no tokenizer then); serve cannot serve it."""
+    """The loader itself takes a folder without one (the weights alone load); serve and quantize refuse it."""
     folder = copy(stories_hf, tmp_path / "model")
     (folder / "tokenizer.model").unlink()
     (folder / "tokenizer.json").unlink()

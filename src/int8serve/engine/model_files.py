@@ -15,8 +15,9 @@ The loader (loader.py, gguf_loader.py, sources.py) decides the same things with 
 folder is, where its tokenizer is, how checkpoint names map onto the model's, which shard files an index names, and
 whether the config describes the weights' shapes. So a model this check passes is one the loader takes, but for
 what only loading tells: the tensor data, and the shapes in a .pth or .bin (a pickle, not read without torch). One it
-refuses is one the loader refuses too, but for a folder without a tokenizer, which the loader takes (quantize then
-writes none) and the server cannot serve.
+refuses is one the loader refuses too, but for a folder without a tokenizer, which the loader takes (the weights
+alone load) and no command does: serve, generate and eval-ppl need it to run the model, and `quantize` runs this
+check on its source before loading, so that it never writes a checkpoint that could not be served.
 """
 
 from __future__ import annotations
