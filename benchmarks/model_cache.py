@@ -217,8 +217,8 @@ def report(model: Path, first: dict[str, float] | None, later: dict[str, float],
         "process itself used).",
         f"- Model: `{model.name}`, the Llama-2-7B shape as a Hugging Face folder with random fp16 weights "
         f"({sum(p.stat().st_size for p in model.iterdir()) / 1e9:.1f} GB), quantized with "
-        f"`{quantizer}`{' (the default)' if quantizer == DEFAULT_QUANTIZER else ''}; `$INT8SERVE_CACHE` empty at "
-        "the start. "
+        f"`{quantizer}`{' (the default)' if quantizer == DEFAULT_QUANTIZER else ''}; "
+        f"{'`$INT8SERVE_CACHE` empty at the start' if first is not None else 'the int8 copy in the cache already'}. "
         "The int8 copy is stored in the kernel's packed layout and mapped by later starts (no read into fresh "
         "memory, no repacking).",
         "",
@@ -239,12 +239,13 @@ def report(model: Path, first: dict[str, float] | None, later: dict[str, float],
         f"({later['cpu_seconds']:.1f} s of CPU; best of {len(later['all_seconds'])}: "
         f"{' / '.join(f'{seconds:.1f}' for seconds in later['all_seconds'])} s) | "
         f"{later['peak_rss'] / 1e9:.2f} GB, of it "
-        f"{later['rss_file'] / 1e9:.2f} GB the mapped copy | <= {GOAL_READY_S:.0f} s: "
+        f"{later['rss_file'] / 1e9:.2f} GB mapped files (the int8 copy, libraries) | <= {GOAL_READY_S:.0f} s: "
         f"{'met' if later['seconds'] <= GOAL_READY_S else 'not met'} |",
         f"| later, the loading step alone (`load_cached` in a process of its own, a cache hit) | "
         f"{alone['seconds']:.2f} s ({alone['cpu_seconds']:.1f} s of CPU for the whole process, its imports "
         f"included) | {alone['peak_rss'] / 1e9:.2f} GB (pages are mapped as a forward first reads them) | |",
     ]
+    filled = False
     if "serving_peak_rss" in later:
         kv = kv_cache_bytes()
         written = min(2048, -(-int(later["served_tokens_per_request"]) // 128) * 128)  # prefill writes whole chunks
@@ -261,9 +262,11 @@ def report(model: Path, first: dict[str, float] | None, later: dict[str, float],
             f"{'met' if bound <= 12e9 else 'not met'} |")
     lines += [
         "",
-        "The first row is the loading step alone (a process that only calls `load_cached`), so that its peak is the "
-        "quantization's and not the KV cache's, which `serve` allocates after it. The KV cache is reserved at start "
-        "and its pages become resident as positions are written, hence the computed full-cache figure.",
+        *(["The first row is the loading step alone (a process that only calls `load_cached`), so that its peak is "
+           "the quantization's and not the KV cache's, which `serve` allocates after it."] if first else []),
+        "The KV cache is reserved at start and its pages become resident as positions are written"
+        + (": with `--fill` every position is written before the serving peak is read." if filled else
+           ", hence the computed full-cache figure."),
     ]
     return "\n".join(lines)
 
