@@ -41,6 +41,16 @@ def test_a_forwards_pieces_are_its_aligned_chunks_each_with_its_own_keys() -> No
     assert PrefillChunk(rows=128, keys_end=128).pieces(5, 1) == [(0, 1, 128)]
 
 
+def test_a_calls_rows_are_placed_at_their_offsets_in_their_aligned_chunks() -> None:
+    """A call's rows are the last ones of each sequence's in the forward: all of them, or the last alone."""
+    chunk = PrefillChunk(rows=128, keys_end=256, ends=(82,))
+    assert chunk.placements(65) == [(0, 65, 17)] and chunk.placements(1) == [(0, 1, 81)]
+    assert PrefillChunk(rows=128, keys_end=256, ends=(200,)).placements(160) == [(0, 88, 40), (88, 72, 0)]
+    assert PrefillChunk(rows=64, keys_end=64, ends=(30, 50)).placements(20) == [(0, 10, 20), (10, 10, 40)]
+    with pytest.raises(ValueError, match="3 rows for 2 sequences"):
+        PrefillChunk(rows=64, keys_end=64, ends=(30, 50)).placements(3)
+
+
 def prefill(model: torch.nn.Module, tokens: list[int], chunk: int, chunks: int, reused: int = 0
             ) -> tuple[torch.Tensor, object]:
     """Prefill `tokens` into slot 1 as the scheduler would (`reused` tokens first, as a prefix-cache hit leaves the

@@ -358,6 +358,29 @@ def test_dense_matmul_rows_do_not_depend_on_how_many_come_together(dtype: torch.
         assert torch.equal(int8.dense_matmul(x[start:stop], weight), whole[start:stop]), (start, stop)
 
 
+@pytest.mark.parametrize("dtype", [torch.float32, COMPUTE_DTYPE])
+def test_a_prefill_chunks_dense_rows_are_those_its_whole_aligned_chunk_gives(dtype: torch.dtype) -> None:
+    """Whatever a cached prefix left of an aligned chunk, or wherever the prompt ends, each row of a prefill call gets
+    the bits the whole chunk gives it, on every CPU: on AMX CPUs, whose oneDNN bf16 matmul rounds a row by its
+    company (above), the call's rows are multiplied at their places among the chunk's (chunking.py)."""
+    generator = torch.Generator().manual_seed(0)
+    weight = torch.randn(1536, 576, generator=generator).to(dtype)  # SmolLM2's gate (64 wide does not show it)
+    x = torch.randn(256, 576, generator=generator)
+
+    def call(start: int, stop: int) -> torch.Tensor:  # the rows [start, stop) of a forward that ends at `stop`
+        token = chunking.CURRENT.set(chunking.PrefillChunk(rows=128, keys_end=256, ends=(stop,)))
+        try:
+            return int8.dense_matmul(x[start:stop], weight)
+        finally:
+            chunking.CURRENT.reset(token)
+
+    whole = torch.cat([call(0, 128), call(128, 256)])
+    assert torch.allclose(whole.float(), x @ weight.float().T, rtol=2e-2, atol=0.5)
+    for start, stop in [(17, 82), (60, 82), (100, 128), (3, 120), (150, 200), (180, 200), (139, 140), (0, 256)]:
+        assert torch.equal(call(start, stop), whole[start:stop]), (start, stop)
+        assert torch.equal(call(stop - 1, stop), whole[stop - 1:stop]), stop  # the last row alone (the output head)
+
+
 def test_set_quantized_rejects_wrong_shapes() -> None:
     layer = Int8Linear(64, 32)
     with pytest.raises(ValueError, match="expected"):

@@ -319,6 +319,36 @@ def test_prompts_of_any_length_share_their_prefix_exactly(stories_int8: LoadedMo
     assert min(reused) >= 4
 
 
+# The dense path on this CPU: INT8SERVE_PREFILL_MATMUL=dense, and the default where our bf16 kernel is not available
+DENSE_PATHS = ["dense", "auto without the bf16 kernel"]
+
+
+@pytest.mark.parametrize("setting", DENSE_PATHS)
+def test_the_dense_path_gives_the_same_bits_whatever_prefix_the_cache_held(
+        smollm2_int8: LoadedModel, smollm2_tokenizer: Tokenizer, setting: str, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Found by an audit on a Sapphire Rapids: with INT8SERVE_PREFILL_MATMUL=dense, SmolLM2's answer to a chat's next
+    turn changed with the prefix cache (5 of 6 prompts gave other first logits). oneDNN's bf16 matmul on AMX rounds a
+    row by how many come with it, and a cached prefix removes rows from the front of the aligned chunk: the dense path
+    must compute a chunk's rows as the whole aligned chunk would (chunking.py). SmolLM2, whose 576-wide layers show it
+    (stories260K's 64-wide ones do not)."""
+    if setting == "dense":
+        monkeypatch.setenv(prefill_matmul.ENV, "dense")
+    else:
+        monkeypatch.setattr(prefill_matmul, "_load", lambda: "not built (the test's)")
+    assert not int8.kernel_takes(128) and not prefill_matmul.takes(128)  # the chunks dequantize for oneDNN
+    greedy, rng = SamplingParams(temperature=0), random.Random(5)
+    plain = engine_for(smollm2_int8, smollm2_tokenizer, None, chunk=128)
+    for length, reused in ((82, 17), (82, 16), (60, 30), (200, 150), (120, 3), (140, 139)):
+        prompt = [1] + [rng.randint(3, 40000) for _ in range(length - 1)]
+        want_ids, want_logits, _ = run_alone(plain, prompt, greedy, max_tokens=1)
+        cached = engine_for(smollm2_int8, smollm2_tokenizer, 8192, chunk=128)
+        assert cached.warm(prompt[:reused]) == reused
+        ids, logits, from_cache = run_alone(cached, prompt, greedy, max_tokens=1)
+        assert from_cache == reused
+        assert torch.equal(logits[-1], want_logits[-1]), f"{length} tokens, {reused} from the cache: logits differ"
+        assert ids == want_ids
+
+
 # --- a reply's own tokens (row-exact prefill) -----------------------------------------------------------------------
 
 

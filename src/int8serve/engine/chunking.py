@@ -9,6 +9,10 @@ are computed with it, nor on where the chunk ends:
   nor by where the prompt ends: the kernels round differently (int8 activations or bf16 dense), and positions that
   two prompts share must be computed by the same one in both, whatever their lengths (the kernels compute each row
   on its own; a dense fp32 matmul rounds a row by how many come with it below ~12, so it is given at least 16);
+* where the dense path's matmul rounds a row by how many come with it at any count (oneDNN's bf16 on AMX CPUs:
+  `int8.dense_rows_independent`), it is given the whole aligned chunk: `rows` rows, the call's at their offsets in
+  the chunk and zeros elsewhere (`PrefillChunk.placements`), so that a row is computed in the same company whether
+  the cache supplied the rows before it or not;
 * attention sees the keys up to the end of the aligned chunk, [0, (a+1)·C) — the positions past the prompt are
   zeros, and masked — and at least 16 queries (SDPA runs another kernel for a single one).
 
@@ -42,6 +46,7 @@ class PrefillChunk:
     rows: int  # the rows of a whole chunk (prefill_chunk): the layers choose their kernel by this
     keys_end: int  # attention sees positions [0, keys_end): the end of the (last) aligned chunk
     row_exact: bool = False  # every row computed as its decode step would be (see above)
+    ends: tuple[int, ...] = ()  # where each sequence's rows of this forward end (set by Transformer.forward)
 
     def pieces(self, start: int, count: int) -> list[tuple[int, int, int]]:
         """The aligned chunks of a forward of `count` rows from position `start`: (first row, rows, the end of the
@@ -54,6 +59,16 @@ class PrefillChunk:
             pieces.append((row, rows, min(self.keys_end, chunk_end)))
             row += rows
         return pieces
+
+    def placements(self, count: int) -> list[tuple[int, int, int]]:
+        """Where the `count` rows of a call in this forward lie in their aligned chunks: (first row, rows, offset in
+        the chunk) each, in order. A call's rows are the last count / len(ends) of each sequence's: all of them, or
+        its last one only (the last layer past attention, the output head)."""
+        if not self.ends or count % len(self.ends):
+            raise ValueError(f"{count} rows for {len(self.ends)} sequences")
+        per = count // len(self.ends)
+        return [(sequence * per + first, rows, (end - per + first) % self.rows)
+                for sequence, end in enumerate(self.ends) for first, rows, _ in self.pieces(end - per, per)]
 
 
 CURRENT: contextvars.ContextVar[PrefillChunk | None] = contextvars.ContextVar("int8serve_prefill_chunk",

@@ -160,13 +160,38 @@ def dense_matmul(rows: Tensor, weight: Tensor) -> Tensor:
     MIN_DENSE_ROWS rows, see _padded). On CPUs with AMX, oneDNN's bf16 kernels round a row by how many come with it
     (a Sapphire Rapids, 2026-12-02, 4096 inputs: 131 of 132 row counts from 1 to 384 differ from the same rows among
     512); there the rows that must not depend on their company (decode, row-exact prefill chunks) take our kernel
-    (kernel_rows)."""
-    x = _padded(rows.to(weight.dtype))
+    (kernel_rows), and a prefill chunk's rows go in as their whole aligned chunk (_in_aligned_chunks)."""
+    chunk = chunking.CURRENT.get()
+    if chunk is not None and chunk.ends and not dense_rows_independent(weight.dtype):
+        return _in_aligned_chunks(rows.to(weight.dtype), weight, chunk)
+    return _dense(_padded(rows.to(weight.dtype)), weight)[:rows.shape[0]]
+
+
+@functools.cache
+def dense_rows_independent(dtype: torch.dtype) -> bool:
+    """Whether the dense matmul in `dtype` gives a row the same bits however many rows come with it (from
+    MIN_DENSE_ROWS): in fp32, and in bf16 where the CPU has no AMX-BF16 (see dense_matmul; as for
+    kernels.cpu_flags, a CPU whose flags cannot be read is taken as one without)."""
+    return dtype == torch.float32 or "amx_bf16" not in kernels.cpu_flags()
+
+
+def _in_aligned_chunks(rows: Tensor, weight: Tensor, chunk: chunking.PrefillChunk) -> Tensor:
+    """The rows of a prefill call, each aligned chunk's at their offsets among `chunk.rows` rows (zeros elsewhere):
+    oneDNN multiplies as many rows, at the same places, as for the whole chunk, however many of them the prefix cache
+    supplied (chunking.py). A short chunk, or the last row alone (the output head), costs a whole chunk's rows."""
+    parts = []
+    for first, count, offset in chunk.placements(rows.shape[0]):
+        padded = rows.new_zeros(chunk.rows, rows.shape[1])
+        padded[offset:offset + count] = rows[first:first + count]
+        parts.append(_dense(padded, weight)[offset:offset + count])
+    return parts[0] if len(parts) == 1 else torch.cat(parts)
+
+
+def _dense(x: Tensor, weight: Tensor) -> Tensor:
+    """x [M, in] @ weight [out, in].T: oneDNN's matmul (fp32 through `mkldnn._linear_pointwise` where it pays)."""
     if weight.dtype == torch.float32 and weight.numel() >= ONEDNN_MIN_WEIGHTS and onednn_fp32():
-        out = torch.ops.mkldnn._linear_pointwise(x, weight, None, "none", [], "")
-    else:  # bf16: torch's F.linear is oneDNN's already
-        out = F.linear(x, weight)
-    return out[:rows.shape[0]]
+        return torch.ops.mkldnn._linear_pointwise(x, weight, None, "none", [], "")
+    return F.linear(x, weight)  # (bf16: torch's F.linear is oneDNN's already)
 
 
 def describe_dense() -> str:

@@ -14,7 +14,7 @@ from __future__ import annotations
 
 import contextlib
 from collections.abc import Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import Literal
 
 import torch
@@ -432,6 +432,8 @@ class Transformer(nn.Module):
         Returns fp32 logits [B, V] for the last position of each row, or [B, T, V] with all_logits. `prefill`: this
         is a chunk of a prompt, computed as its whole aligned chunk would be (chunking.py).
         """
+        if prefill is not None:  # (where the rows of each call lie: PrefillChunk.placements)
+            prefill = replace(prefill, ends=tuple(start + tokens.shape[1] for start in starts))
         token = chunking.CURRENT.set(prefill)
         try:
             return self._forward(tokens, cache, slots, starts, all_logits)
