@@ -21,6 +21,7 @@ from tests.engine.test_hub import COMMIT, lay_out_hub_cache
 
 from int8serve.builtin_model import BUILTIN
 from int8serve.engine import int8, kernels, loader, model_cache, packed_checkpoint
+from int8serve.engine.gguf_loader import GGUFFile, write_tokenizer
 from int8serve.engine.loader import LoadedModel, load_model
 from int8serve.engine.model_cache import cache_folder, load_cached, models_dir
 
@@ -293,6 +294,77 @@ def test_a_partial_copy_left_by_a_crash_is_ignored_and_removed(cache: Path, sour
     (stale / "model.safetensors").write_bytes(b"half")
     load_cached(source)
     assert not stale.exists() and (folder / "int8serve.json").is_file()
+
+
+def tokenizer_files_in(folder: Path) -> dict[str, bytes]:
+    return {name: (folder / name).read_bytes() for name in loader.TOKENIZER_FILES if (folder / name).is_file()}
+
+
+def copy_beside_llama2_tokenizer(stories_hf: Path, tmp_path: Path, shared_dir: Path, smollm2_gguf: Path | None
+                                 ) -> Path:
+    """stories260K in a folder that holds Llama-2's tokenizer.model, with SmolLM2's tokenizer.json (and its
+    tokenizer_config.json) from `smollm2_gguf`, or none. Quantized with rtn: no calibration text is tokenized."""
+    shutil.copyfile(shared_dir / "models" / "llama2-tokenizer" / "tokenizer.model", tmp_path / "tokenizer.model")
+    source = Path(shutil.copytree(stories_hf, tmp_path / "stories260K"))
+    for name in loader.TOKENIZER_FILES:
+        (source / name).unlink()
+    if smollm2_gguf is not None:
+        loader.copy_tokenizer(write_tokenizer(GGUFFile.open(smollm2_gguf), tmp_path / "built"), source)
+    return source
+
+
+def give_the_parents_tokenizer(folder: Path) -> None:
+    """The copy as int8serve wrote it before a folder's own tokenizer.json came first: the parent's tokenizer.model."""
+    for name in loader.TOKENIZER_FILES:
+        (folder / name).unlink(missing_ok=True)
+    loader.copy_tokenizer(folder.parents[2] / "tokenizer.model", folder)  # cache/models/<copy>: beside the cache
+
+
+@pytest.mark.parametrize("own", [True, False])
+def test_a_copy_holding_the_parent_folders_tokenizer_gets_the_sources_own(
+        cache: Path, stories_hf: Path, smollm2_gguf: Path, tmp_path: Path, shared_dir: Path, quantized: list[Path],
+        own: bool, caplog: pytest.LogCaptureFixture) -> None:
+    """A copy written before cfea3d1 kept the Llama-2 tokenizer.model of the source's parent folder: the key covers the
+    source's own files only, so later starts mapped it and tokenized with Llama-2's ids. It gets the source's own
+    files (none, for a source without any: generate and serve then say it has none), without quantizing again."""
+    source = copy_beside_llama2_tokenizer(stories_hf, tmp_path, shared_dir, smollm2_gguf if own else None)
+    expected = logits(load_cached(source, quantizer="rtn"))
+    folder = cache_folder(source, quantizer="rtn")
+    wanted = tokenizer_files_in(source)
+    assert tokenizer_files_in(folder) == wanted
+    assert set(wanted) == ({"tokenizer.json", "tokenizer_config.json"} if own else set())
+    give_the_parents_tokenizer(folder)
+    with caplog.at_level("INFO", logger="int8serve.engine.model_cache"):
+        mended = load_cached(source, quantizer="rtn")
+        again = load_cached(source, quantizer="rtn")
+    said = [r.getMessage() for r in caplog.records if "holds another tokenizer" in r.getMessage()]
+    assert len(said) == 1 and "(tokenizer.model)" in said[0]
+    assert not [r for r in caplog.records if r.levelname == "WARNING"]
+    assert tokenizer_files_in(folder) == wanted
+    expected_path = folder / "tokenizer.json" if own else None
+    assert mended.tokenizer_path == expected_path and again.tokenizer_path == expected_path
+    assert quantized == [source]  # the weights kept
+    assert torch.equal(logits(mended), expected)
+    assert [p.name for p in folder.parent.iterdir() if p.name.startswith(".")] == []
+
+
+def test_a_copys_tokenizer_that_cannot_be_replaced_is_not_served(
+        cache: Path, stories_hf: Path, smollm2_gguf: Path, tmp_path: Path, shared_dir: Path,
+        monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture) -> None:
+    source = copy_beside_llama2_tokenizer(stories_hf, tmp_path, shared_dir, smollm2_gguf)
+    load_cached(source, quantizer="rtn")
+    folder = cache_folder(source, quantizer="rtn")
+    give_the_parents_tokenizer(folder)
+
+    def disk_full(*_args: object) -> None:
+        raise OSError(28, "No space left on device")
+
+    monkeypatch.setattr(model_cache, "replace_durably", disk_full)
+    assert load_cached(source, quantizer="rtn").tokenizer_path == source / "tokenizer.json"
+    warnings = [r.getMessage() for r in caplog.records if r.levelname == "WARNING"]
+    assert len(warnings) == 1 and "No space left on device" in warnings[0] and "serving the source's own" in warnings[0]
+    assert set(tokenizer_files_in(folder)) == {"tokenizer.model"}
+    assert [p.name for p in folder.parent.iterdir() if p.name.startswith(".")] == []
 
 
 def test_quantizing_by_blocks_of_rows_gives_the_same_bits(monkeypatch: pytest.MonkeyPatch) -> None:

@@ -384,11 +384,20 @@ def _check_checkpoint_destination(folder: Path, source: Path, overwrite: bool) -
         raise FileExistsError(f"{folder} already holds a model ({', '.join(held)}); remove it or pass overwrite")
 
 
+TOKENIZER_FILES = ("tokenizer.model", "tokenizer.json", "tokenizer_config.json")  # what copy_tokenizer may write
+
+
 def copy_tokenizer(tokenizer: Path, folder: Path) -> None:
     """tokenizer.model, or tokenizer.json with the tokenizer_config.json beside it, into `folder`."""
-    files = [(tokenizer, "tokenizer.model")]
-    if tokenizer.suffix == ".json":
-        files = [(tokenizer, "tokenizer.json"), (tokenizer.with_name("tokenizer_config.json"), "tokenizer_config.json")]
-    for source, name in files:
-        if source.is_file() and source.resolve() != (folder / name).resolve():
+    for name, source in tokenizer_files(tokenizer).items():
+        if source.resolve() != (folder / name).resolve():
             shutil.copyfile(source, folder / name)
+
+
+def tokenizer_files(tokenizer: Path) -> dict[str, Path]:
+    """The files copy_tokenizer copies for `tokenizer`, by their name in the copy: tokenizer.model, or tokenizer.json
+    and the tokenizer_config.json beside it (when there is one)."""
+    files = {"tokenizer.model": tokenizer}
+    if tokenizer.suffix == ".json":
+        files = {"tokenizer.json": tokenizer, "tokenizer_config.json": tokenizer.with_name("tokenizer_config.json")}
+    return {name: source for name, source in files.items() if source.is_file()}

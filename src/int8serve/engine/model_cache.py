@@ -14,7 +14,9 @@ The key is the source and the quantization, never a guess:
   comments, docstrings or layout there keeps the copy.
 How the copy is stored (the packed layout and its version) is not in the key: a copy stored another way (an older
 int8serve's plain int8 checkpoint), cut short or otherwise unusable (NaN norms or embeddings: bytes overwritten in
-place, which no size check sees) is said so once in the log and rebuilt in place.
+place, which no size check sees) is said so once in the log and rebuilt in place. A copy whose tokenizer files are
+not the source folder's (an older int8serve copied the tokenizer.model of the folder above the source when the source
+had its own tokenizer.json) gets the source's, said once in the log: its weights are kept.
 Written atomically (a partial folder renamed into place) under a lock, so that two servers starting together
 quantize once: the second waits, then loads the first one's copy. A full disk or an unwritable cache costs a
 warning, never the start.
@@ -31,6 +33,7 @@ from __future__ import annotations
 import ast
 import contextlib
 import dataclasses
+import filecmp
 import hashlib
 import inspect
 import json
@@ -43,7 +46,7 @@ import textwrap
 from pathlib import Path
 from typing import Any
 
-from ..durable import write_whole
+from ..durable import fsync_folder, replace_durably, write_whole
 from . import calibration, gptq, int8
 from .cache_files import cache_dir, locked
 from .config import ConfigError, read_json
@@ -52,10 +55,14 @@ from .loader import (
     DEFAULT_QUANTIZER,
     INT8_FORMAT,
     INT8_FORMAT_VERSION,
+    TOKENIZER_FILES,
     LoadedModel,
+    copy_tokenizer,
     detect_format,
+    find_tokenizer,
     give_back_freed_memory,
     load_model,
+    tokenizer_files,
 )
 from .model import Precision
 from .packed_checkpoint import load_packed, save_packed_checkpoint
@@ -157,16 +164,20 @@ def load_cached(source: Path, precision: Precision = "int8", progress: bool = Fa
     folder = cache_folder(source, group_size, quantizer)
     identity = source_identity(source)
     loaded = _load_copy(folder, source)
-    if loaded is None or _stored_apart(loaded):
+    if loaded is None or _stored_apart(loaded) or _other_tokenizer(folder, source):
         with contextlib.ExitStack() as stack:
             if not _enter_lock(stack, folder, source):
                 if loaded is None:
                     return load_model(source, precision, progress, group_size, quantizer)
+                if _other_tokenizer(folder, source):  # the copy cannot be mended: the source's own is served
+                    loaded = dataclasses.replace(loaded, tokenizer_path=find_tokenizer(source))
                 return dataclasses.replace(loaded, path=source)
             if loaded is None:
                 loaded = _load_copy(folder, source, quiet=True)  # another process may have written it meanwhile
                 if loaded is None:
                     return _quantize_and_store(source, identity, folder, progress, group_size, quantizer)
+            if _other_tokenizer(folder, source):  # (another process may have replaced it meanwhile)
+                loaded = _replace_tokenizer(loaded, folder, source)
             if _stored_apart(loaded):
                 _rewrite_in_stack_order(loaded, identity, folder)
     return dataclasses.replace(loaded, path=source)
@@ -188,6 +199,54 @@ def _stored_apart(loaded: LoadedModel) -> int:
     """How many of the model's stacks of projections had to be copied at load: their weights do not lie end to end in
     the file (a copy written before int8serve stacked q, k, v and gate, up stored gate, down, up)."""
     return sum(stack.copied for stack in loaded.model.stacks())
+
+
+def _other_tokenizer(folder: Path, source: Path) -> bool:
+    """Whether the copy in `folder` holds other tokenizer files (names or bytes) than the folder `source` gives
+    (find_tokenizer). A copy written before a folder's own tokenizer.json came first holds the tokenizer.model of the
+    source's parent folder, which is another model's: the cache's key covers only the source's own files, so such a
+    copy is still found. A GGUF source's tokenizer is rebuilt from the file, never looked up: nothing to compare."""
+    if not source.is_dir():
+        return False
+    wanted = _source_tokenizer_files(source)
+    held = {name: folder / name for name in TOKENIZER_FILES if (folder / name).is_file()}
+    return held.keys() != wanted.keys() or any(not filecmp.cmp(held[name], wanted[name], shallow=False)
+                                               for name in held)
+
+
+def _source_tokenizer_files(source: Path) -> dict[str, Path]:
+    tokenizer = find_tokenizer(source)
+    return tokenizer_files(tokenizer) if tokenizer is not None else {}
+
+
+def _replace_tokenizer(loaded: LoadedModel, folder: Path, source: Path) -> LoadedModel:
+    """Give the copy in `folder` the source's tokenizer files in place of its own (nothing is quantized again), each
+    renamed into place, then remove those the source does not have: a reader finds the old tokenizer or the new one.
+    A failed write is said, and the source's tokenizer served."""
+    tokenizer, wanted = find_tokenizer(source), _source_tokenizer_files(source)
+    held = [name for name in TOKENIZER_FILES if (folder / name).is_file()]
+    log.info("the cached int8 copy %s holds another tokenizer (%s) than its source %s (%s): written by an older "
+             "int8serve, which took a tokenizer.model in the folder above the source before the source's own, or "
+             "changed since; replacing the copy's", folder, " + ".join(held) or "none", source,
+             " + ".join(wanted) or "none")
+    partial = folder.with_name(f".partial-{folder.name}-tokenizer-{os.getpid()}")
+    try:
+        partial.mkdir()
+        if tokenizer is not None:
+            copy_tokenizer(tokenizer, partial)
+        # tokenizer.model or tokenizer.json (what find_tokenizer picks) last, once its tokenizer_config.json is there
+        for name in sorted(wanted, key=lambda name: name != "tokenizer_config.json"):
+            replace_durably(partial / name, folder / name)
+        for name in set(held) - set(wanted):
+            (folder / name).unlink()
+        fsync_folder(folder)
+    except OSError as err:
+        log.warning("could not replace the tokenizer of the int8 copy %s (%s); serving the source's own", folder,
+                    err)
+        return dataclasses.replace(loaded, tokenizer_path=tokenizer)
+    finally:
+        shutil.rmtree(partial, ignore_errors=True)
+    return dataclasses.replace(loaded, tokenizer_path=find_tokenizer(folder))
 
 
 def _rewrite_in_stack_order(loaded: LoadedModel, identity: dict[str, object], folder: Path) -> None:
