@@ -3,7 +3,8 @@
 A DST on a read-only file system was found by mkdir's traceback after the minutes of quantizing; a write that failed
 half way (a full disk) ended in safetensors' or shutil's traceback and left a partial folder: int8serve.json, a
 model.safetensors or a tokenizer.model cut short. Run in-process, with the failures simulated (a chmod does not stop
-the root user the tests may run as, and no test mounts a file system).
+the root user the tests may run as, and no test mounts a file system); a quantize stopped by a signal runs in a
+subprocess.
 """
 
 from __future__ import annotations
@@ -11,10 +12,14 @@ from __future__ import annotations
 import errno
 import os
 import shutil
+import signal
+import subprocess
+import sys
 from pathlib import Path
 
 import pytest
 from safetensors import SafetensorError
+from tests.fresh_cache import fresh_cache
 
 from int8serve.cli import main
 from int8serve.engine import loader
@@ -102,3 +107,80 @@ def test_an_existing_empty_folder_is_filled_and_kept(stories_hf: Path, tmp_path:
     assert listing(tmp_path) == {"int8": "750", "int8/int8serve.json": "644", "int8/model.safetensors": "644",
                                  "int8/tokenizer.model": "644"}
     assert load_model(folder).tokenizer_path == folder / "tokenizer.model"
+
+
+# quantize, its checkpoint's weights written, then waiting to be stopped (as a 7B's write of minutes would be)
+STOPPED_IN_WRITING = """
+import sys, time
+from int8serve.engine import loader
+write = loader.save_file
+def write_then_wait(tensors, filename, *args, **kwargs):
+    write(tensors, filename, *args, **kwargs)
+    print("written", filename, file=sys.stderr, flush=True)
+    time.sleep(300)
+loader.save_file = write_then_wait
+from int8serve.cli import main
+main(sys.argv[1:])
+"""
+
+
+@pytest.mark.parametrize(("dst", "stop"), [("int8", signal.SIGTERM), ("empty", signal.SIGTERM),
+                                           ("int8", signal.SIGHUP)])
+def test_a_quantize_stopped_by_sigterm_or_sighup_leaves_nothing(
+        dst: str, stop: signal.Signals, stories_hf: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    """timeout, docker stop and systemd send SIGTERM, whose default action ends the process without unwinding: it left
+    a hidden .partial-int8-<pid> beside DST, or a .partial-<pid> inside an empty DST, which a rerun then refused as a
+    folder that already holds files while `ls` showed nothing."""
+    out = tmp_path / "out"
+    (out / "empty").mkdir(parents=True)
+    before = listing(out)
+    env = {**os.environ, "INT8SERVE_CACHE": str(fresh_cache(tmp_path / "cache"))}
+    child = subprocess.Popen([sys.executable, "-c", STOPPED_IN_WRITING, "quantize", str(stories_hf), str(out / dst),
+                              "--quantizer", "rtn"], stderr=subprocess.PIPE, text=True, env=env)
+    assert child.stderr is not None
+    try:
+        said = [next(line for line in child.stderr if line.startswith("written") or "Error" in line)]
+        assert said[0].startswith(f"written {out}"), said
+        child.send_signal(stop)
+        said.append(child.stderr.read())
+        assert child.wait(timeout=60) == 128 + stop, said
+    finally:
+        child.kill()
+        child.wait()
+    assert "Traceback" not in said[1]
+    assert listing(out) == before
+    assert quantize(capsys, stories_hf, out / dst) == (0, [])
+    assert load_model(out / dst).tokenizer_path == out / dst / "tokenizer.model"
+
+
+def ended_process() -> int:
+    done = subprocess.run([sys.executable, "-c", "import os; print(os.getpid())"], capture_output=True, text=True,
+                          check=True)
+    return int(done.stdout)
+
+
+def test_partial_folders_left_by_an_ended_quantize_are_removed_and_a_running_ones_named(
+        stories_hf: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    """A quantize ended by SIGKILL (or a crash) leaves its partial folder; the next one removes it once its process is
+    gone, and names the folder of one still running rather than saying that an empty-looking DST holds files."""
+    ended = ended_process()
+    handler = signal.getsignal(signal.SIGTERM)
+    beside, inside = tmp_path / f".partial-int8-{ended}", tmp_path / "empty" / f".partial-{ended}"
+    for partial in (beside, inside):
+        partial.mkdir(parents=True)
+        (partial / "model.safetensors").write_bytes(b"half")
+    for dst, partial in (("int8", beside), ("empty", inside)):
+        main(["quantize", str(stories_hf), str(tmp_path / dst), "--quantizer", "rtn"])
+        assert (f"removed {partial}, the partial checkpoint of a quantize that was stopped (process {ended})"
+                in capsys.readouterr().err.splitlines())
+    assert not beside.exists() and not inside.exists()
+    assert signal.getsignal(signal.SIGTERM) is handler  # quantize's own handler, for its duration only
+    assert load_model(tmp_path / "empty").tokenizer_path == tmp_path / "empty" / "tokenizer.model"
+
+    running = tmp_path / "running" / f".partial-{os.getpid()}"
+    running.mkdir(parents=True)
+    assert quantize(capsys, stories_hf, running.parent) == (2, [
+        f"int8serve quantize: error: DST {running.parent} holds only {running.name}, the partial checkpoint of a "
+        f"quantize still running (process {os.getpid()}): wait for it to end, or remove the folder if that process "
+        "is no quantize"])
+    assert running.is_dir()

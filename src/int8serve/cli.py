@@ -9,19 +9,23 @@ card it runs under: `model_specs.py`); without it, the built-in model SmolLM2-13
 from __future__ import annotations
 
 import argparse
+import contextlib
 import dataclasses
 import logging
 import os
+import shutil
+import signal
 import sys
 import tempfile
 import time
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
 from pathlib import Path
 from typing import TYPE_CHECKING
 
 from .catalog.card import ModelCard
 from .catalog.registry import Catalog, UnknownModelError
 from .catalog.sampling import WORKERS_AI_PARAMETERS
+from .durable import partial_folders, process_alive, write_whole
 from .engine.chat_template import TEMPLATES, Segment
 from .engine.config import ConfigError
 from .engine.errors import CheckpointError, EngineVariableError
@@ -408,13 +412,18 @@ def _apply_kv_cache(loaded: LoadedModel, dtype: str, kind: str, card: ModelCard)
 
 
 def cmd_quantize(args: argparse.Namespace) -> None:
+    with _signals_as_exit(signal.SIGTERM, signal.SIGHUP):  # so that an interrupted write removes what it wrote
+        _quantize(args)
+
+
+def _quantize(args: argparse.Namespace) -> None:
     started = time.perf_counter()
+    _remove_stale_partials(args.dst)
     _check_destination(args.src, args.dst)  # before a Hub download or a long quantization
     _check_writable(args.dst)
     source = resolve(args.src)
     _check_destination(source, args.dst)
     check_model_files(source)  # as serve checks it: without a tokenizer the checkpoint could not be served
-    from .durable import write_whole
     from .engine.loader import load_model, save_int8_checkpoint
 
     loaded = load_model(source, "int8", progress=sys.stderr.isatty(), group_size=args.group_size,
@@ -427,6 +436,37 @@ def cmd_quantize(args: argparse.Namespace) -> None:
                          "kept") from err
     size = sum(f.stat().st_size for f in folder.iterdir() if f.is_file())
     print(f"wrote {args.dst} ({size / 1e6:.1f} MB) in {time.perf_counter() - started:.1f} s", file=sys.stderr)
+
+
+@contextlib.contextmanager
+def _signals_as_exit(*signals: signal.Signals) -> Iterator[None]:
+    """Within the block, `signals` (SIGTERM: timeout, docker stop, systemd; SIGHUP: a closed terminal) raise
+    SystemExit(128 + signal), as Ctrl-C raises KeyboardInterrupt: their default action ends the process at once, and
+    a write in progress (durable.write_whole) would leave its partial folder. A signal ignored (nohup) stays so."""
+    previous = {}
+    for number in signals:
+        if signal.getsignal(number) is signal.SIG_DFL:
+            with contextlib.suppress(ValueError):  # (not the main thread: left as it is)
+                previous[number] = signal.signal(number, _exit_on_signal)
+    try:
+        yield
+    finally:
+        for number, handler in previous.items():
+            signal.signal(number, handler)
+
+
+def _exit_on_signal(number: int, _frame: object) -> None:
+    raise SystemExit(128 + number)
+
+
+def _remove_stale_partials(dst: Path) -> None:
+    """Remove the partial folders that a quantize into `dst` left when it was ended without unwinding (SIGKILL, a
+    crash; hidden: `ls` does not show them), once their process is gone; said on stderr."""
+    for partial, pid in partial_folders(dst.expanduser().resolve()):
+        if not process_alive(pid):
+            shutil.rmtree(partial, ignore_errors=True)
+            print(f"removed {partial}, the partial checkpoint of a quantize that was stopped (process {pid})",
+                  file=sys.stderr)
 
 
 def _check_destination(src: Path, dst: Path) -> None:
@@ -444,7 +484,13 @@ def _check_destination(src: Path, dst: Path) -> None:
                              "folder apart from it")
     if target.is_file() or (target.exists() and not target.is_dir()):
         raise UsageError(f"DST {dst} is an existing file; quantize writes a folder: choose another path")
-    if target.is_dir() and any(target.iterdir()):
+    held = sorted(target.iterdir()) if target.is_dir() else []
+    partials = partial_folders(target)
+    if held and [entry for entry, _ in partials] == held:  # hidden: `ls` shows an empty folder
+        raise UsageError(f"DST {dst} holds only {', '.join(entry.name for entry in held)}, the partial checkpoint "
+                         f"of a quantize still running (process {', '.join(str(pid) for _, pid in partials)}): "
+                         "wait for it to end, or remove the folder if that process is no quantize")
+    if held:
         raise UsageError(f"DST {dst} is a folder that already holds files; quantize does not overwrite: remove "
                          "it first or choose another path")
 

@@ -10,11 +10,12 @@ from __future__ import annotations
 
 import contextlib
 import os
+import re
 import shutil
 from collections.abc import Callable
 from pathlib import Path
 
-__all__ = ["fsync_file", "fsync_folder", "replace_durably", "write_whole"]
+__all__ = ["fsync_file", "fsync_folder", "partial_folders", "process_alive", "replace_durably", "write_whole"]
 
 
 def fsync_file(path: Path) -> None:
@@ -42,8 +43,10 @@ def replace_durably(written: Path, target: Path) -> None:
 def write_whole(folder: Path, write: Callable[[Path], object], make_room: Callable[[Path], object] | None = None
                 ) -> None:
     """Write the folder `folder` whole or not at all: `write(partial)` fills a new folder, whose files are made
-    durable and then take `folder`'s place. On any error (an interruption too) what was written is removed, with the
-    folders above `folder` made for it, and the error raised: nothing is left half written.
+    durable and then take `folder`'s place. On any error (an interruption too: Ctrl-C, or SIGTERM and SIGHUP where the
+    caller turns them into SystemExit, as `quantize` does) what was written is removed, with the folders above
+    `folder` made for it, and the error raised: nothing is left half written. A process ended without unwinding
+    (SIGKILL, a signal left to its default action, a crash) leaves its partial folder: `partial_folders` finds it.
 
     The partial folder lies beside `folder` and is renamed to it (one rename, on one file system); a `folder` already
     there is handed to `make_room` first (the model cache moves its old copy aside). Without `make_room`, `folder` may
@@ -60,6 +63,30 @@ def write_whole(folder: Path, write: Callable[[Path], object], make_room: Callab
             with contextlib.suppress(OSError):
                 parent.rmdir()
         raise
+
+
+def partial_folders(folder: Path) -> list[tuple[Path, int]]:
+    """The partial folders that writes of `folder` (write_whole) have left, each with the id of the process that made
+    it: `.partial-<name>-<pid>` beside `folder`, `.partial-<pid>` inside it."""
+    patterns = [(folder.parent, re.compile(rf"\.partial-{re.escape(folder.name)}-(\d+)")),
+                (folder, re.compile(r"\.partial-(\d+)"))]
+    found = []
+    for where, pattern in patterns:
+        if where.is_dir():
+            found += [(entry, int(match[1])) for entry in sorted(where.iterdir())
+                      if (match := pattern.fullmatch(entry.name)) and entry.is_dir() and not entry.is_symlink()]
+    return found
+
+
+def process_alive(pid: int) -> bool:
+    """Whether a process `pid` runs (perhaps another user's); a reused id counts as running."""
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True
 
 
 def _make_parents(folder: Path) -> list[Path]:
