@@ -65,6 +65,19 @@ def test_a_destination_on_a_read_only_file_system_is_refused_before_loading(
     assert list(read_only.iterdir()) == []
 
 
+@pytest.mark.parametrize("dst", ["loop", "loop/int8"])
+def test_a_destination_through_a_symbolic_link_loop_is_refused_in_one_line(
+        dst: str, stories_hf: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    """`ln -s loop loop`: resolving DST raised RuntimeError("Symlink loop from ..."), a traceback."""
+    (tmp_path / "loop").symlink_to("loop")
+    code, errors = quantize(capsys, stories_hf, tmp_path / dst)
+    assert (code, len(errors)) == (2, 1), errors
+    assert errors[0].startswith(f"int8serve quantize: error: DST {tmp_path / dst} cannot be resolved ("), errors
+    assert "loop" in errors[0].removeprefix(f"int8serve quantize: error: DST {tmp_path / dst}"), errors
+    assert errors[0].endswith("); choose another path"), errors
+    assert [p.name for p in tmp_path.iterdir()] == ["loop"]
+
+
 def weights_cut_short(tensors: object, filename: str, *args: object, **kwargs: object) -> None:
     """safetensors' save_file on a disk that fills up half way."""
     Path(filename).write_bytes(b"\0" * 4096)

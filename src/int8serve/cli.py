@@ -428,7 +428,7 @@ def _quantize(args: argparse.Namespace) -> None:
 
     loaded = load_model(source, "int8", progress=sys.stderr.isatty(), group_size=args.group_size,
                         quantizer=args.quantizer)
-    folder = args.dst.expanduser().resolve()  # (a symbolic link's target)
+    folder = _resolved(args.dst)  # (a symbolic link's target)
     try:  # all of it or nothing: a full disk or an interruption leaves no partial checkpoint
         write_whole(folder, lambda partial: save_int8_checkpoint(loaded, partial))
     except OSError as err:
@@ -462,7 +462,7 @@ def _exit_on_signal(number: int, _frame: object) -> None:
 def _remove_stale_partials(dst: Path) -> None:
     """Remove the partial folders that a quantize into `dst` left when it was ended without unwinding (SIGKILL, a
     crash; hidden: `ls` does not show them), once their process is gone; said on stderr."""
-    for partial, pid in partial_folders(dst.expanduser().resolve()):
+    for partial, pid in partial_folders(_resolved(dst)):
         if not process_alive(pid):
             shutil.rmtree(partial, ignore_errors=True)
             print(f"removed {partial}, the partial checkpoint of a quantize that was stopped (process {pid})",
@@ -472,8 +472,8 @@ def _remove_stale_partials(dst: Path) -> None:
 def _check_destination(src: Path, dst: Path) -> None:
     """Refuse a quantize DST that would overwrite something: SRC itself (its weights replaced by int8 ones, for
     good), a folder inside or around SRC, an existing file or a folder that holds anything."""
-    target = dst.expanduser().resolve()
-    source = src.expanduser().resolve() if src.expanduser().exists() else None
+    target = _resolved(dst)
+    source = _resolved(src, "SRC") if src.expanduser().exists() else None
     if source is not None:
         if target == source:
             raise UsageError(f"DST {dst} is the source model SRC: quantizing it in place would overwrite its "
@@ -495,16 +495,25 @@ def _check_destination(src: Path, dst: Path) -> None:
                          "it first or choose another path")
 
 
+def _resolved(path: Path, name: str = "DST") -> Path:
+    """`path` with `~` and every symbolic link resolved; a UsageError when it cannot be (a link that leads back to
+    itself: `ln -s loop loop`)."""
+    try:
+        return path.expanduser().resolve()
+    except (RuntimeError, OSError) as err:  # RuntimeError("Symlink loop from ...") before Python 3.13
+        raise UsageError(f"{name} {path} cannot be resolved ({err}); choose another path") from None
+
+
 def _check_writable(dst: Path) -> None:
     """Refuse a quantize DST that cannot be written (a read-only file system, a folder of another user's, a path
     through a file or a symbolic link to nothing) before the minutes of quantizing: a folder is made and removed
     where the checkpoint's will be."""
     given = dst.expanduser()
+    target = _resolved(dst)
     for link in (given, *given.parents):
         if link.is_symlink() and not link.exists():  # (as mkdir does: a folder is not made through it)
             raise UsageError(f"DST {dst} cannot be made: {link} is a symbolic link to {os.readlink(link)}, which does "
                              "not exist; make that folder first or choose another path")
-    target = given.resolve()
     where = next(folder for folder in (target, *target.parents) if folder.exists())
     if not where.is_dir():
         raise UsageError(f"DST {dst} cannot be made: {where} is a file, not a folder")
