@@ -288,6 +288,40 @@ def test_every_command_refuses_a_bad_engine_variable_at_its_start(variable: str,
         f"int8serve {command}: error: {variable}='bogus': expected one of {', '.join(choices)}")
 
 
+def test_the_commands_check_and_the_engine_read_a_variable_through_one_function(
+        monkeypatch: pytest.MonkeyPatch) -> None:
+    """check_engine_variables repeated the engine's reading (case and spaces ignored, empty = auto) and its message,
+    two texts that could drift apart; both are now engine.variables.env_choice's, which imports no torch."""
+    import os
+
+    from int8serve.engine import decode_plan, kernels, variables
+    from int8serve.engine.kernels import activation, attention
+
+    readers = {"INT8SERVE_KERNEL": kernels.requested_path, "INT8SERVE_ATTENTION": attention.setting,
+               "INT8SERVE_ACTIVATION": activation.setting, "INT8SERVE_DECODE_PLAN": decode_plan.setting}
+    assert set(readers) == set(CHOICE_VARIABLES)
+    assert kernels.env_choice is attention.env_choice is activation.env_choice is variables.env_choice
+    for variable, read in readers.items():
+        monkeypatch.setenv(variable, " Bogus ")
+        with pytest.raises(ValueError) as engine:
+            read()
+        with pytest.raises(ValueError) as command:
+            check_engine_variables(os.environ)
+        assert str(command.value) == str(engine.value) == (
+            f"{variable}='bogus': expected one of {', '.join(ENGINE_VARIABLE_HELP[variable][0])}")
+        monkeypatch.delenv(variable)
+    asked = []
+
+    def spy(variable: str, choices: tuple[str, ...], environ: object = None) -> str:
+        asked.append((variable, choices, environ))
+        return "auto"
+
+    monkeypatch.setattr(variables, "env_choice", spy)
+    environ = {"INT8SERVE_KERNEL": "bogus"}
+    check_engine_variables(environ)
+    assert asked == [(variable, ENGINE_VARIABLE_HELP[variable][0], environ) for variable in CHOICE_VARIABLES]
+
+
 def test_the_quantizers_times_are_the_measured_ones_everywhere(capsys: pytest.CaptureFixture[str]) -> None:
     """serve, quantize and eval-ppl say one thing of how long each quantizer takes (they said an hour, minutes,
     seconds), and its figures are docs/benchmarks.md's and the README's."""

@@ -44,7 +44,7 @@ from pydantic_settings import (
 )
 
 from .accounts import ACCOUNT_ID_RULE, TOKEN_RULE, is_valid_account, is_valid_token
-from .engine.errors import EngineVariableError
+from .engine import variables
 from .engine.quant_options import QUANTIZER_TIMES
 from .model_specs import BUILTIN_CARD, DEFAULT_SERVED_MODEL, ModelSpecError, parse_model_entry
 from .redact import hide_password
@@ -79,7 +79,7 @@ ENGINE_VARIABLE_HELP: dict[str, tuple[tuple[str, ...], str]] = {
     "INT8SERVE_DECODE_PLAN": (("auto", "off"), "whether decode steps replay a fixed list of kernel calls (off: "
                                                "every step through the modules)"),
 }
-# the engine variables whose value must be one of their choices (kernels.env_choice refuses any other where the engine
+# the engine variables whose value must be one of their choices (variables.env_choice refuses any other where the engine
 # reads it); every command checks them at its start, since a path may read one only on some CPUs (eval-ppl's prefill
 # reads INT8SERVE_ATTENTION where it is row-exact, not on an AMX CPU's bf16 prefill)
 CHOICE_VARIABLES = ("INT8SERVE_KERNEL", "INT8SERVE_ATTENTION", "INT8SERVE_ACTIVATION", "INT8SERVE_DECODE_PLAN")
@@ -353,13 +353,10 @@ def engine_variables_help() -> str:
 
 
 def check_engine_variables(environ: Mapping[str, str]) -> None:
-    """EngineVariableError for the first of CHOICE_VARIABLES in `environ` whose value is not one of its choices, in
-    the words the engine uses where it reads it (kernels.env_choice: case and spaces ignored, empty = auto)."""
+    """EngineVariableError for the first of CHOICE_VARIABLES in `environ` whose value is not one of its choices, read
+    and worded as the engine reads it (variables.env_choice: case and spaces ignored, empty = auto)."""
     for variable in CHOICE_VARIABLES:
-        choices = ENGINE_VARIABLE_HELP[variable][0]
-        value = environ.get(variable, "auto").strip().lower() or "auto"
-        if value not in choices:
-            raise EngineVariableError(f"{variable}={value!r}: expected one of {', '.join(choices)}")
+        variables.env_choice(variable, ENGINE_VARIABLE_HELP[variable][0], environ)
 
 
 def unknown_variable_warnings(environ: Mapping[str, str]) -> list[str]:

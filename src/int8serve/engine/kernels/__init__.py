@@ -41,7 +41,7 @@ import subprocess
 import sys
 import tempfile
 import time
-from collections.abc import Callable, Iterable, Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from contextvars import ContextVar
 from dataclasses import dataclass
 from pathlib import Path
@@ -52,7 +52,7 @@ from torch import Tensor
 
 from ...durable import replace_durably
 from ..cache_files import cache_dir, scratch_folder, usual_mode
-from ..errors import EngineVariableError
+from ..variables import env_choice  # (activation, attention and decode_plan read their variable through it too)
 
 log = logging.getLogger(__name__)
 
@@ -317,19 +317,10 @@ def _load() -> str | None:
     return None
 
 
-def env_choice(variable: str, choices: Iterable[str]) -> str:
-    """The value of a path setting (INT8SERVE_KERNEL, _ATTENTION, _ACTIVATION), "auto" when unset or empty;
-    EngineVariableError (a ValueError, said in one line by every command) naming the variable for a value not among
-    `choices`."""
-    name = os.environ.get(variable, "auto").strip().lower() or "auto"
-    if name not in choices:
-        raise EngineVariableError(f"{variable}={name!r}: expected one of {', '.join(choices)}")
-    return name
-
-
 def requested_path() -> Impl:
     """The path INT8SERVE_KERNEL asks for (default auto); an unknown name is an error that names the variable."""
-    return env_choice(ENV_PATH, _IMPLS)  # type: ignore[return-value]
+    # listed as --help lists them (settings.ENGINE_VARIABLE_HELP), in the order auto prefers the paths
+    return env_choice(ENV_PATH, ("auto", *PATHS))  # type: ignore[return-value]
 
 
 def cpu_has(path: Impl) -> bool:
