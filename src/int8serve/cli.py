@@ -339,7 +339,11 @@ def cmd_generate(args: argparse.Namespace) -> None:
 
     stats = GenerationStats()
     detok = tokenizer.detokenizer(prompt_ids if args.raw else ())
-    for token in generate(loaded.model, prompt_ids, params, max_tokens, tokenizer.stop_ids, stats=stats):
+    # prefilled as serve's engine prefills it (its default --prefill-chunk, the card's slots): the server's tokens
+    tokens = generate(loaded.model, prompt_ids, params, max_tokens, tokenizer.stop_ids, stats=stats,
+                      prefill_chunk=ServeSettings.model_fields["prefill_chunk"].default,
+                      max_slots=card.max_concurrent_requests)
+    for token in tokens:
         sys.stdout.write(detok.push(token))
         sys.stdout.flush()
     sys.stdout.write(detok.flush() + "\n")

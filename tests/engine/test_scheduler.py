@@ -48,8 +48,9 @@ def test_seeded_request_gives_the_same_text_alone_or_beside_three_others(engine,
     for handle in handles[1:]:
         collect(handle)
     assert together == alone
-    # and the engine's batched path equals the plain one-sequence loop
-    single = list(generate(engine.model, ids, seeded, 80, stories_tokenizer.eos_id))
+    # and the engine's batched path equals the plain one-sequence loop, prefilled in the engine's chunks
+    single = list(generate(engine.model, ids, seeded, 80, stories_tokenizer.eos_id,
+                           prefill_chunk=engine.prefill_chunk, max_slots=engine.max_slots))
     assert alone[0] == single
 
 

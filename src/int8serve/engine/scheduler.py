@@ -76,6 +76,13 @@ DEFAULT_PREFILL_CHUNK = 128
 DEFAULT_SOLO_PREFILL_TOKENS = 512
 
 
+def row_exact_prefill(model: object, prefill_chunk: int, max_slots: int) -> bool:
+    """Whether an engine of `max_slots` slots computes `model`'s prefill chunks of `prefill_chunk` rows row-exact
+    (`Transformer.row_exact_prefill`; a test double that cannot say keeps prefill's own numerics)."""
+    row_exact = getattr(model, "row_exact_prefill", None)
+    return bool(row_exact is not None and row_exact(prefill_chunk, max_slots))
+
+
 def solo_prefill_chunks(model: object, prefill_chunk: int, solo_prefill_tokens: int | None = None) -> int:
     """The aligned chunks a prompt alone in the engine takes in one prefill step: as many as `solo_prefill_tokens`
     hold where the model computes each row of a chunk on its own (`Transformer.prefill_rows_independent`; a test
@@ -253,10 +260,9 @@ class Engine:
             raise ValueError(f"prefill_chunk ({prefill_chunk}) must be a multiple of the prefix cache's block of "
                              f"{prefix_cache.block_tokens} tokens")
         self.prefix_cache = prefix_cache
-        # Decided once, from what the model can do (a test double that cannot say keeps prefill's own numerics):
-        # with row-exact prefill, generated tokens go into the prefix cache too (see the module's docstring).
-        row_exact = getattr(model, "row_exact_prefill", None)
-        self.row_exact_prefill = bool(row_exact is not None and row_exact(prefill_chunk, max_slots))
+        # Decided once, from what the model can do: with row-exact prefill, generated tokens go into the prefix cache
+        # too (see the module's docstring).
+        self.row_exact_prefill = row_exact_prefill(model, prefill_chunk, max_slots)
         # ... and how many chunks a prompt alone may take in one step
         self.solo_prefill_chunks = solo_prefill_chunks(model, prefill_chunk, solo_prefill_tokens)
         self.prefilled_tokens = 0  # prompt tokens computed by prefill (the rest came from the prefix cache)
