@@ -43,10 +43,10 @@ def test_a_prefills_freed_activations_are_reused() -> None:
     # (a prefill now and then touches a few fresh 2 MB stretches of the padded heap, 512 faults each). glibc's defaults
     # (with `allocator.tune` replaced by a no-op) gave 5,600-42,600: its thresholds adapt to what the process did
     # before, so that figure is not asserted, and a minimum over several prefills would not tell the two apart (once
-    # 0 untuned). A tuning that did nothing would be at 5,600 or more. On a Sapphire Rapids one process in 6 measured
-    # 2,816 (0, 0, 512, 512, 512 the others), so the median of three processes is what is asserted.
+    # 0 untuned). A tuning that did nothing would be at 5,600 or more. On a Sapphire Rapids 2,816 came in 1 process of
+    # 6, and in 2 of 3 once (0 the third; 0-512 the others), so the median of three processes is held under 4,000.
     faults = sorted(page_faults() for _ in range(3))
-    assert faults[1] < 2_500, faults
+    assert faults[1] < 4_000, faults
 
 
 def test_settings_the_user_made_are_kept(monkeypatch: pytest.MonkeyPatch) -> None:
