@@ -164,12 +164,13 @@ def load_cached(source: Path, precision: Precision = "int8", progress: bool = Fa
     folder = cache_folder(source, group_size, quantizer)
     identity = source_identity(source)
     loaded = _load_copy(folder, source)
-    if loaded is None or _stored_apart(loaded) or _other_tokenizer(folder, source):
+    other_tokenizer = loaded is not None and _other_tokenizer(folder, source)
+    if loaded is None or _stored_apart(loaded) or other_tokenizer:
         with contextlib.ExitStack() as stack:
             if not _enter_lock(stack, folder, source):
                 if loaded is None:
                     return load_model(source, precision, progress, group_size, quantizer)
-                if _other_tokenizer(folder, source):  # the copy cannot be mended: the source's own is served
+                if other_tokenizer:  # the copy cannot be mended: the source's own is served
                     loaded = dataclasses.replace(loaded, tokenizer_path=find_tokenizer(source))
                 return dataclasses.replace(loaded, path=source)
             if loaded is None:
