@@ -161,19 +161,11 @@ def test_no_messages_render_nothing() -> None:
     assert render_messages([_m("tool", "x")]) == []
 
 
-def test_content_parts_are_joined() -> None:
-    parts = [{"type": "text", "text": "Why is "}, {"type": "text", "text": "pizza so good"}]
-    as_parts = render_messages([_m("system", [{"type": "text", "text": "Be brief"}]), _m("user", parts)])
-    as_strings = render_messages([_m("system", "Be brief"), _m("user", "Why is pizza so good")])
-    assert as_parts == as_strings
-    assert render_messages([_m("user", [])]) == render_messages([_m("user", "")])
-
-
 @pytest.mark.parametrize(
     "content",
-    [[{"type": "image_url", "image_url": {"url": "x"}}], [{"type": "text"}], ["bare string"], 42, None],
+    [[{"type": "text", "text": "parts are joined by the services"}], [], 42, None],
 )
-def test_unrenderable_content_is_a_value_error(content: object) -> None:
+def test_content_that_is_not_a_string_is_a_value_error(content: object) -> None:
     with pytest.raises(ValueError, match="content"):
         render_messages([_m("user", content)])
 

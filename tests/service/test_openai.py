@@ -119,10 +119,18 @@ def test_tool_conversation_messages(oai: OpenAI, http: httpx.Client, auth: dict[
     assert "no message with role" in only_tool.value.message
 
 
-def test_content_parts_and_max_completion_tokens(oai: OpenAI) -> None:
-    out = oai.chat.completions.create(model=MODEL, max_completion_tokens=3, temperature=0,
-                                      messages=[{"role": "user", "content": [{"type": "text", "text": "Hi"}]}])
-    assert out.usage is not None and out.usage.completion_tokens <= 3
+def test_content_parts_are_joined_and_max_completion_tokens_holds(oai: OpenAI) -> None:
+    """Text content parts are joined as they are: the same prompt and answer as the one plain string."""
+    question = [{"type": "text", "text": "Why is "}, {"type": "text", "text": "pizza so good"}]
+    parts = [{"role": "system", "content": [{"type": "text", "text": "Be brief"}]},
+             {"role": "user", "content": question}]
+    plain = [{"role": "system", "content": "Be brief"}, {"role": "user", "content": "Why is pizza so good"}]
+    as_parts, as_plain = (oai.chat.completions.create(model=MODEL, messages=messages, max_completion_tokens=3,
+                                                      temperature=0) for messages in (parts, plain))
+    assert as_parts.choices[0].message.content == as_plain.choices[0].message.content
+    assert as_parts.usage is not None and as_plain.usage is not None
+    assert as_parts.usage.prompt_tokens == as_plain.usage.prompt_tokens
+    assert 0 < as_parts.usage.completion_tokens <= 3
 
 
 def test_chat_streaming_equals_non_stream(oai: OpenAI) -> None:

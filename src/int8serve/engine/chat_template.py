@@ -73,11 +73,6 @@ _USER_POST: tuple[Segment, ...] = (" [/INST]",)
 _ASSISTANT_PRE: tuple[Segment, ...] = (" ",)
 _ASSISTANT_POST: tuple[Segment, ...] = (Control.EOS,)
 
-# Text parts of a list-valued ``content`` are concatenated as they are: the template adds nothing
-# the client did not send (no separator), in the same spirit as "content is not stripped".
-_CONTENT_PART_SEPARATOR = ""
-
-
 def render_messages(messages: Sequence[Mapping[str, Any]]) -> list[Segment]:
     """Render chat ``messages`` with the Workers AI ``llama2`` template.
 
@@ -161,22 +156,13 @@ def segments_to_text(segments: Iterable[Segment]) -> str:
 
 
 def _content_text(message: Mapping[str, Any]) -> str:
-    """Return a message's content as one string (a list of text parts is concatenated)."""
+    """Return a message's content, which must be a string (the services join OpenAI's text parts before)."""
     if "content" not in message:
         raise ValueError(f"message with role {message.get('role')!r} has no 'content'")
     content = message["content"]
     if isinstance(content, str):
         return content
-    if isinstance(content, list):
-        return _CONTENT_PART_SEPARATOR.join(_part_text(part) for part in content)
-    raise ValueError(f"message content must be a string or a list of text parts, not {type(content).__name__}")
-
-
-def _part_text(part: Any) -> str:
-    """Return the text of one ``{"type": "text", "text": ...}`` content part."""
-    if isinstance(part, Mapping) and part.get("type") == "text" and isinstance(part.get("text"), str):
-        return part["text"]
-    raise ValueError(f"unsupported content part (only {{'type': 'text', 'text': str}} is accepted): {part!r}")
+    raise ValueError(f"message content must be a string, not {type(content).__name__}")
 
 
 def _merged(pieces: Sequence[Segment]) -> list[Segment]:
