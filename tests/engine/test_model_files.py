@@ -23,12 +23,14 @@ from tests.engine.test_gguf import one_score_fewer, q8_0_where_possible, write_g
 from tests.engine.test_loader import rewrite_safetensors
 
 from int8serve.engine.config import ConfigError
-from int8serve.engine.demo import demo_model_dir
+from int8serve.engine.demo import DEMO_CONFIG, demo_model_dir
 from int8serve.engine.errors import CheckpointError
+from int8serve.engine.gguf_file import config_from_gguf
 from int8serve.engine.gguf_loader import GGUFFile, write_tokenizer
 from int8serve.engine.loader import LoadedModel, copy_tokenizer, load_model, save_int8_checkpoint
 from int8serve.engine.model_files import check_model_files
 from int8serve.engine.packed_checkpoint import save_packed_checkpoint
+from int8serve.engine.tokenizer import AnyTokenizer, Tokenizer, load_tokenizer
 
 
 @pytest.fixture(scope="module")
@@ -36,11 +38,26 @@ def stories_int8_folder(stories_hf: Path, tmp_path_factory: pytest.TempPathFacto
     return save_int8_checkpoint(load_model(stories_hf, "int8", quantizer="rtn"), tmp_path_factory.mktemp("q8") / "m")
 
 
-def test_every_form_of_model_passes(stories_hf: Path, stories_meta: Path, smollm2_gguf: Path, stories_int8: LoadedModel,
-                                    stories_int8_folder: Path, tmp_path: Path) -> None:
+SAMPLE_TEXT = "Once upon a time, Lily said: \"Héllo, wörld!\" 42 times.\n"
+
+
+def test_every_form_of_model_passes_with_its_own_tokenizer(
+        stories_hf: Path, stories_meta: Path, smollm2_gguf: Path, stories_int8: LoadedModel, stories_int8_folder: Path,
+        stories_tokenizer: Tokenizer, smollm2_tokenizer: AnyTokenizer, tmp_path: Path) -> None:
+    """The tokenizer the check returns is the model's: the vocabulary its config names, the ids its tokenizer gives."""
     packed = save_packed_checkpoint(stories_int8, tmp_path / "packed")  # the model cache's copy
-    for model in (stories_hf, stories_meta, smollm2_gguf, stories_int8_folder, packed, demo_model_dir(tmp_path)):
-        check_model_files(model)
+    demo = demo_model_dir(tmp_path)
+    stories = (stories_tokenizer, stories_int8.config.vocab_size)
+    expected: dict[Path, tuple[AnyTokenizer, int]] = {
+        stories_hf: stories, stories_meta: stories, stories_int8_folder: stories, packed: stories,
+        smollm2_gguf: (smollm2_tokenizer, config_from_gguf(GGUFFile.open(smollm2_gguf)).vocab_size),
+        demo: (load_tokenizer(demo / "tokenizer.model"), DEMO_CONFIG["vocab_size"]),
+    }
+    for model, (tokenizer, vocab_size) in expected.items():
+        checked = check_model_files(model)
+        assert type(checked) is type(tokenizer), model
+        assert checked.vocab_size == vocab_size, model
+        assert checked.encode(SAMPLE_TEXT, bos=True) == tokenizer.encode(SAMPLE_TEXT, bos=True), model
 
 
 def copy(source: Path, folder: Path) -> Path:
