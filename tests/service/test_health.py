@@ -1,8 +1,6 @@
-"""`/healthz`, `/readyz` (with the engines' load) and the demo-model marker header."""
+"""`/healthz` and `/readyz` (with the engines' load)."""
 
 from __future__ import annotations
-
-from collections.abc import Iterator
 
 import httpx
 import pytest
@@ -15,8 +13,6 @@ from int8serve.service.inference import RequestLimits
 
 from .conftest import ACCOUNT, MODEL, SCRIPTED_MODEL, SLOW_MODEL, TOKENS, LiveServer
 from .test_errors import assert_error
-
-DEMO = ("x-int8serve-demo-model", "random weights, output is meaningless")
 
 
 def test_healthz_needs_no_auth(http: httpx.Client) -> None:
@@ -61,25 +57,6 @@ def test_no_engine_is_not_ready(catalog: Catalog) -> None:
     with LiveServer(create_app(catalog, {}, TOKENS)) as live:
         assert httpx.get(f"{live.url}/readyz").status_code == 503
         assert httpx.get(f"{live.url}/healthz").status_code == 200
-
-
-@pytest.fixture(scope="module")
-def demo_url(catalog: Catalog, engines: dict[str, Engine]) -> Iterator[str]:
-    with LiveServer(create_app(catalog, {MODEL: engines[MODEL]}, TOKENS, demo=True)) as live:
-        yield live.url
-
-
-def test_demo_header_on_every_answer(demo_url: str) -> None:
-    auth = {"Authorization": f"Bearer {next(iter(TOKENS))}"}
-    url = f"{demo_url}/client/v4/accounts/{ACCOUNT}/ai/run/{MODEL}"
-    answers = [httpx.post(url, headers=auth, json={"prompt": "Once", "raw": True, "max_tokens": 2}),
-               httpx.post(url, headers=auth, json={}), httpx.get(f"{demo_url}/healthz"), httpx.get(f"{demo_url}/x")]
-    with httpx.stream("POST", url, headers=auth, json={"prompt": "Once", "raw": True, "max_tokens": 2,
-                                                       "stream": True}) as streamed:
-        answers.append(streamed)
-    assert [r.status_code for r in answers] == [200, 400, 200, 404, 200]
-    for resp in answers:
-        assert resp.headers[DEMO[0]] == DEMO[1]
 
 
 def test_create_app_checks_its_arguments(catalog: Catalog, engines: dict[str, Engine]) -> None:

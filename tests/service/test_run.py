@@ -73,7 +73,6 @@ def test_envelope_and_content_type_are_exact(http: httpx.Client, run_url: str, a
     assert list(body["result"]) == ["response", "tool_calls", "usage"]
     assert list(body["result"]["usage"]) == ["prompt_tokens", "completion_tokens", "total_tokens"]
     uuid.UUID(resp.headers["cf-ai-req-id"])
-    assert "x-int8serve-demo-model" not in resp.headers
 
 
 def test_curl_style_body_without_json_content_type(http: httpx.Client, base_url: str, auth: dict[str, str]) -> None:

@@ -21,7 +21,6 @@ from .demo_tokenizer import DEMO_VOCAB_SIZE, train_demo_tokenizer
 
 DEMO_VERSION = 1
 DEMO_SEED = 1234
-DEMO_WARNING = "demo model with RANDOM weights: its output is meaningless (pass --model for a real one)"
 DEMO_CONFIG = {
     "architectures": ["LlamaForCausalLM"],
     "model_type": "llama",

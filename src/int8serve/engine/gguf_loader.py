@@ -45,7 +45,7 @@ from .sources import TensorSource
 log = logging.getLogger(__name__)
 
 Q8_0_BLOCK, _Q8_0_BYTES = BLOCK_TYPES["Q8_0"]  # 32 weights: an fp16 scale then 32 int8, 34 bytes
-Q4_1_BLOCK, _Q4_1_BYTES = BLOCK_TYPES["Q4_1"]  # 32 weights: fp16 scale d, fp16 minimum m, 16 bytes of nibbles
+_Q4_1_BYTES = BLOCK_TYPES["Q4_1"][1]  # 32 weights: fp16 scale d, fp16 minimum m, 16 bytes of nibbles
 _DTYPES = {name: getattr(torch, dtype) for name, dtype in FLOAT_TYPES.items()}
 
 # The hook for Q8_0 without a round trip through floats: given a layer's name and its Q8_0 weight as (int8 [N, K],

@@ -61,7 +61,6 @@ class PrefixHit:
 @dataclass
 class PrefixStats:
     hits: int = 0  # lookups that reused at least one token beyond what the slot held
-    lookups: int = 0
     reused_tokens: int = 0
     stored_blocks: int = 0
     evicted_blocks: int = 0
@@ -134,7 +133,6 @@ class PrefixCache:
         self._touch(blocks)
         if not count:
             return hit
-        self.stats.lookups += 1
         if hit.tokens > held:
             self.stats.hits += 1
             self.stats.reused_tokens += hit.tokens - held

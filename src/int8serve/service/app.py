@@ -13,9 +13,6 @@ together with the app-wide pieces:
   the Content-Type, in a worker thread), added to its components. FastAPI's `/docs` and `/redoc` are off: they
   load code from a CDN onto this origin (where the playground may keep a token); `routes/ops.py` serves a page of
   our own at `/docs`.
-
-With `demo=True` (the built-in random-weight model) every answer also says `x-int8serve-demo-model: random
-weights, output is meaningless`.
 """
 
 from __future__ import annotations
@@ -50,24 +47,22 @@ from .protocol.run import RunBody
 from .request_log import REQUEST_ID_SCOPE_KEY
 from .routes import openai, ops, workers_ai
 
-__all__ = ["DEMO_HEADER", "REQUEST_ID_HEADER", "RequestContextMiddleware", "create_app", "loading_app", "route_table"]
+__all__ = ["REQUEST_ID_HEADER", "RequestContextMiddleware", "create_app", "loading_app", "route_table"]
 
 log = logging.getLogger(__name__)
 
 REQUEST_ID_HEADER = "cf-ai-req-id"
-DEMO_HEADER = ("x-int8serve-demo-model", "random weights, output is meaningless")
 BODY_MODELS = (RunBody, ChatCompletionRequest, CompletionRequest)
 ROUTERS = (workers_ai.router, openai.router, ops.router)
 
 
 class RequestContextMiddleware:
-    """Gives every HTTP request a fresh uuid4 id, adds the `cf-ai-req-id` (and demo) header to every answer, and
+    """Gives every HTTP request a fresh uuid4 id, adds the `cf-ai-req-id` header to every answer, and
     turns an exception that escaped the routes into a logged 500 envelope (or, if the answer had already
     started, lets it propagate so the server drops the connection)."""
 
-    def __init__(self, app: ASGIApp, demo: bool = False) -> None:
+    def __init__(self, app: ASGIApp) -> None:
         self.app = app
-        self.demo = demo
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         if scope["type"] != "http":
@@ -76,8 +71,6 @@ class RequestContextMiddleware:
         request_id = str(uuid.uuid4())
         scope[REQUEST_ID_SCOPE_KEY] = request_id
         extra = {REQUEST_ID_HEADER: request_id}
-        if self.demo:
-            extra[DEMO_HEADER[0]] = DEMO_HEADER[1]
         started = False
 
         async def send_with_headers(message: Message) -> None:
@@ -119,13 +112,13 @@ class HeadAsGetMiddleware:
         await self.app({**scope, "method": "GET"}, receive, send_headers_only)
 
 
-def create_app(catalog: Catalog, engines: Mapping[str, Engine], tokens: Mapping[str, str], demo: bool = False, *,
+def create_app(catalog: Catalog, engines: Mapping[str, Engine], tokens: Mapping[str, str], *,
                policy: Policy | None = None, limits: RequestLimits | None = None, log_prompts: bool = False,
                lifecycle: Lifecycle | None = None, metrics_token: str | None = None,
                metrics: ServiceMetrics | None = None) -> FastAPI:
     """The HTTP API over `engines` (model name → started Engine; every name must be a card of `catalog`).
 
-    `tokens` maps API token → account id. `demo` marks every answer as coming from the random-weight demo model.
+    `tokens` maps API token → account id.
     `policy` is the serving policy (rate limits, cache, ledger); without one, the card's policy with everything in
     memory (`Policy.in_memory()`), closed when the app's lifespan ends. `limits` bounds what a request may cost
     (`RequestLimits`; each model's per-account share of its engine defaults to `policy/fairness.py`'s).
@@ -172,7 +165,7 @@ def create_app(catalog: Catalog, engines: Mapping[str, Engine], tokens: Mapping[
     app.state.services = services
     install_error_handlers(app)
     app.add_middleware(LifecycleMiddleware, lifecycle=lifecycle)  # inside the two below: its 503s are counted
-    app.add_middleware(RequestContextMiddleware, demo=demo)
+    app.add_middleware(RequestContextMiddleware)
     app.add_middleware(MetricsMiddleware, metrics=metrics, routes=route_table())  # sees every answer's final status
     # outermost: the scope it passes on is the one the router writes the route into and the metrics read, and
     # the body it strips is past the metrics, which read an error's code from it

@@ -137,7 +137,6 @@ class EventStreamResponse(StreamingResponse):
         super().__init__(content, status_code=200, headers=merged)
         self._on_close = on_close
         self.send_timeout = send_timeout
-        self.stalled = False
         self._cut = cut or asyncio.Event()
         self._sending: asyncio.Timeout | None = None  # the deadline of the frame being sent
 
@@ -147,7 +146,6 @@ class EventStreamResponse(StreamingResponse):
         try:
             await self.stream_response(self._with_deadline(send))
         except TimeoutError:  # the client stopped reading: end here, and the server closes the connection
-            self.stalled = True
             if self._cut.is_set():
                 log.warning("a streamed answer was cut: its client left over %d bytes of it unread",
                             UNSENT_ANSWER_BYTES)
