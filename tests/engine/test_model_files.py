@@ -19,6 +19,7 @@ import pytest
 import sentencepiece
 import tokenizers
 import torch
+from safetensors.torch import save
 from tests.engine.test_gguf import one_score_fewer, q8_0_where_possible, write_gguf
 from tests.engine.test_loader import rewrite_safetensors
 
@@ -28,7 +29,7 @@ from int8serve.engine.errors import CheckpointError
 from int8serve.engine.gguf_file import config_from_gguf
 from int8serve.engine.gguf_loader import GGUFFile, write_tokenizer
 from int8serve.engine.loader import LoadedModel, copy_tokenizer, load_model, save_int8_checkpoint
-from int8serve.engine.model_files import check_model_files
+from int8serve.engine.model_files import check_model_files, safetensors_shapes
 from int8serve.engine.packed_checkpoint import save_packed_checkpoint
 from int8serve.engine.tokenizer import AnyTokenizer, Tokenizer, load_tokenizer
 
@@ -78,6 +79,23 @@ def cut(file: Path, keep: float = 0.6) -> None:
     file.write_bytes(data[:int(len(data) * keep)])
 
 
+def with_header(header: bytes, data: bytes = bytes(131)) -> bytes:
+    """A safetensors file's bytes: `header` (its length first) and `data`."""
+    return len(header).to_bytes(8, "little") + header + data
+
+
+def header_edited(data: bytes, change: Callable[[dict], object]) -> bytes:
+    """The safetensors file `data` with its JSON header rewritten by `change`, its tensor data left as it is."""
+    size = int.from_bytes(data[:8], "little")
+    header = json.loads(data[8:8 + size])
+    change(header)
+    return with_header(json.dumps(header).encode(), data[8 + size:])
+
+
+def edit_header(file: Path, change: Callable[[dict], object]) -> None:
+    file.write_bytes(header_edited(file.read_bytes(), change))
+
+
 def tokenizer_json_only(folder: Path, text: str) -> None:
     """The folder's tokenizer is its tokenizer.json alone (as in SmolLM2's folder), holding `text`."""
     (folder / "tokenizer.model").unlink()
@@ -97,7 +115,16 @@ HF_DAMAGE: dict[str, tuple[Callable[[Path], object], type[Exception], str]] = {
                     "the config describes 10000000 layers, the checkpoint holds weights for 5"),
     "other width": (lambda f: edit_config(f, intermediate_size=4096), CheckpointError,
                     "'layers.0.feed_forward.w1.weight' has shape (172, 64), but the config describes (4096, 64)"),
-    "cut weights": (lambda f: cut(f / "model.safetensors"), CheckpointError, "model.safetensors: cut short: tensor"),
+    "cut weights": (lambda f: cut(f / "model.safetensors"), CheckpointError,
+                    "model.safetensors: not a readable safetensors file: cut short, or with bytes added"),
+    # the hand-written reading of the header passed these three; the loader's safe_open refused them
+    "bytes added": (lambda f: (f / "model.safetensors").write_bytes((f / "model.safetensors").read_bytes() + bytes(64)),
+                    CheckpointError, "model.safetensors: not a readable safetensors file: cut short, or with bytes"),
+    "overlapping tensors": (lambda f: edit_header(f / "model.safetensors", lambda h: h[
+        "model.layers.0.input_layernorm.weight"].update(data_offsets=[0, 256])), CheckpointError,
+        "invalid offset for tensor"),
+    "unknown dtype": (lambda f: edit_header(f / "model.safetensors", lambda h: h["model.norm.weight"].update(
+        dtype="F12")), CheckpointError, "unknown variant `F12`"),
     "header only": (lambda f: cut(f / "model.safetensors", 0.001), CheckpointError,
                     "model.safetensors: not a readable safetensors file"),
     "no weights": (lambda f: (f / "model.safetensors").unlink(), CheckpointError, "no model.safetensors"),
@@ -131,6 +158,69 @@ def test_a_damaged_folder_is_refused_as_the_loader_refuses_it(damage: str, stori
     assert fragment in str(checked.value) and str(folder) in str(checked.value)
     with pytest.raises((CheckpointError, ConfigError)):  # the load says so too, later
         load_model(folder, "int8", quantizer="gptq")
+
+
+def small_safetensors() -> bytes:
+    return save({"a": torch.zeros(4, 8), "b": torch.ones(3, dtype=torch.int8)})
+
+
+def edited(change: Callable[[dict], object]) -> bytes:
+    return header_edited(small_safetensors(), change)
+
+
+# a damaged safetensors file (from a valid one of tensors a [4, 8] F32 and b [3] I8) -> a fragment of the error
+SAFETENSORS_DAMAGE: dict[str, tuple[Callable[[], bytes], str]] = {
+    "0 bytes": (lambda: b"", "an empty file, no weights"),
+    "5 bytes": (lambda: small_safetensors()[:5], "cut short: fewer than the 8 bytes"),
+    "cut in its header": (lambda: small_safetensors()[:40], "cut short, or not a safetensors file: its header runs"),
+    "cut in its data": (lambda: small_safetensors()[:-5], "cut short, or with bytes added"),
+    "bytes added": (lambda: small_safetensors() + bytes(8), "cut short, or with bytes added"),
+    "header length 2^63": (lambda: (1 << 63).to_bytes(8, "little") + small_safetensors()[8:],
+                           "not a readable safetensors file: its first 8 bytes give a header longer"),
+    "header not JSON": (lambda: with_header(b'{"a": {'), "invalid JSON in header"),
+    "header not UTF-8": (lambda: with_header(b'{"\xff": 1}'), "invalid UTF-8 in header"),
+    "header a list": (lambda: with_header(b"[1, 2]"), "invalid type: sequence"),
+    "header a number": (lambda: with_header(b"5"), "invalid type: integer `5`"),
+    "unknown dtype": (lambda: edited(lambda h: h["a"].update(dtype="Q4")), "unknown variant `Q4`"),
+    "overlapping offsets": (lambda: edited(lambda h: h["b"].update(data_offsets=[0, 3])), "invalid offset"),
+    "a gap between tensors": (lambda: edited(lambda h: h["b"].update(data_offsets=[129, 132])), "invalid offset"),
+    "start after end": (lambda: edited(lambda h: h["b"].update(data_offsets=[131, 128])), "invalid offset"),
+    "bytes out of the file": (lambda: edited(lambda h: h["b"].update(data_offsets=[128, 1000])),
+                              "invalid shape, data type, or offset"),
+    "bytes not the shape's": (lambda: edited(lambda h: h["a"].update(shape=[4, 9])),
+                              "invalid shape, data type, or offset"),
+    "a shape of 2^126 elements": (lambda: edited(lambda h: h["b"].update(shape=[1 << 62, 1 << 62, 4])), "overflow"),
+    "a negative dimension": (lambda: edited(lambda h: h["b"].update(shape=[-3])), "expected usize"),
+    "no data_offsets": (lambda: edited(lambda h: h["b"].pop("data_offsets")), "missing field `data_offsets`"),
+    "an entry not a dict": (lambda: edited(lambda h: h.update(b=5)), "invalid type: integer `5`"),
+    "__metadata__ not strings": (lambda: edited(lambda h: h.update(__metadata__={"k": 5})), "expected a string"),
+}
+
+
+@pytest.mark.parametrize("damage", list(SAFETENSORS_DAMAGE))
+def test_a_damaged_safetensors_file_is_one_line_naming_it(damage: str, tmp_path: Path) -> None:
+    """Read with safetensors' own safe_open, as the loader reads it: the header is refused if it does not describe
+    exactly the file's bytes (the hand-written reading took overlapping tensors, gaps, bytes added, unknown dtypes)."""
+    make, fragment = SAFETENSORS_DAMAGE[damage]
+    file = tmp_path / "model.safetensors"
+    file.write_bytes(make())
+    with pytest.raises(CheckpointError) as refused:
+        safetensors_shapes(file)
+    message = str(refused.value)
+    assert message.startswith(f"{file}: ") and fragment in message and "\n" not in message, message
+
+
+def test_a_safetensors_file_that_is_a_folder_or_none(tmp_path: Path) -> None:
+    with pytest.raises(CheckpointError, match=r"/model\.safetensors: not a readable safetensors file \(.*No such file"):
+        safetensors_shapes(tmp_path / "model.safetensors")
+    (tmp_path / "model.safetensors").mkdir()
+    with pytest.raises(CheckpointError, match=r"/model\.safetensors: a folder, not a safetensors file$"):
+        safetensors_shapes(tmp_path / "model.safetensors")
+
+
+def test_an_undamaged_safetensors_file(tmp_path: Path) -> None:
+    (tmp_path / "model.safetensors").write_bytes(small_safetensors())
+    assert safetensors_shapes(tmp_path / "model.safetensors") == {"a": (4, 8), "b": (3,)}
 
 
 def test_no_tokenizer_is_refused(stories_hf: Path, tmp_path: Path) -> None:

@@ -23,12 +23,13 @@ check on its source before loading, so that it never writes a checkpoint that co
 from __future__ import annotations
 
 import json
-import math
 import os
 import re
 import tempfile
 from pathlib import Path, PurePosixPath
 from typing import TYPE_CHECKING, BinaryIO
+
+from safetensors import SafetensorError, safe_open
 
 from .config import ModelConfig, config_from_hf, config_from_meta, naming, read_json, weight_shapes
 from .errors import CheckpointError
@@ -38,7 +39,8 @@ if TYPE_CHECKING:
     from .gguf_file import GGUFFile
 
 __all__ = ["check_config_fits", "check_model_files", "detect_format", "find_tokenizer", "hf_to_internal",
-           "hf_weight_paths", "int8_config", "missing_tokenizer", "safetensors_header", "shard_files"]
+           "hf_weight_paths", "int8_config", "missing_tokenizer", "safetensors_header", "safetensors_shapes",
+           "shard_files", "unreadable_safetensors"]
 
 INT8_FORMAT = "int8serve-int8"
 INT8_FORMAT_VERSION = 2  # 2: "group_size" (0 = per channel), scales [N] or [N, ceil(K / group_size)]
@@ -47,9 +49,13 @@ PACKED_FORMAT_VERSION = 3  # the model cache's copy in the kernel's packed layou
 PACKED_WEIGHTS = "model.safetensors"  # the packed copy's one weight file
 
 MAX_HEADER_BYTES = 100 << 20  # safetensors' own limit
-# bytes per element of each safetensors dtype (the format's list)
-_SAFETENSORS_BYTES = {"BOOL": 1, "U8": 1, "I8": 1, "F8_E5M2": 1, "F8_E4M3": 1, "I16": 2, "U16": 2, "F16": 2,
-                      "BF16": 2, "I32": 4, "U32": 4, "F32": 4, "I64": 8, "U64": 8, "F64": 8}
+# what safetensors' errors about a file's length mean (a download cut short, most often)
+_SAFETENSORS_SAYS = {
+    "header too large": "its first 8 bytes give a header longer than the library's limit of 100 MB",
+    "header too small": "cut short: fewer than the 8 bytes that give its header's length",
+    "invalid header length": "cut short, or not a safetensors file: its header runs past the end of the file",
+    "file not fully covered": "cut short, or with bytes added: its tensors do not end where the file does",
+}
 
 _HF_NAMES = [
     (r"model\.embed_tokens\.weight", "tok_embeddings.weight"),
@@ -190,7 +196,9 @@ def shard_files(index: Path) -> list[Path]:
 
 def safetensors_header(f: BinaryIO) -> tuple[int, dict, int]:
     """The header of the safetensors file open as `f` (read from its start): its size in bytes, the header, and the
-    file's size. Raises ValueError (or OSError) for a file that is not one."""
+    file's size. Raises ValueError (or OSError) for a file that is not one. Only for packed_checkpoint.map_safetensors,
+    which maps the whole file at once and needs where the data starts; a model's files are checked, and read, with
+    the library's safe_open (safetensors_shapes, sources.SafetensorsSource)."""
     size = os.fstat(f.fileno()).st_size
     header_bytes = int.from_bytes(f.read(8), "little")
     if size < 8 or header_bytes > min(size - 8, MAX_HEADER_BYTES):
@@ -202,33 +210,26 @@ def safetensors_header(f: BinaryIO) -> tuple[int, dict, int]:
 
 
 def safetensors_shapes(file: Path) -> dict[str, tuple[int, ...]]:
-    """Each tensor's shape in a safetensors file, from its header, each tensor's bytes checked to lie within the file
-    (a file cut short is refused here, not when its last tensor is read)."""
+    """Each tensor's shape in a safetensors file, read with the library's safe_open as the loader reads the file
+    (sources.SafetensorsSource): it refuses a header that does not describe exactly the file's bytes (a file cut short
+    or with bytes added, tensors that overlap, leave gaps or do not fit their shape, an unknown dtype) and reads no
+    tensor. framework="numpy" imports numpy, not torch."""
+    if file.is_dir():  # safe_open says "No such device"
+        raise CheckpointError(f"{file}: a folder, not a safetensors file")
     try:
-        with open(file, "rb") as f:
-            header_bytes, header, size = safetensors_header(f)
-    except (OSError, UnicodeDecodeError, ValueError) as err:
-        raise CheckpointError(f"{file}: not a readable safetensors file ({err})") from err
-    data_bytes = size - 8 - header_bytes
-    shapes = {}
-    for name, entry in header.items():
-        if name == "__metadata__":
-            continue
-        try:
-            shape, (start, end) = entry["shape"], entry["data_offsets"]
-            if not all(isinstance(n, int) and n >= 0 for n in [*shape, start, end]) or start > end:
-                raise ValueError(f"shape {shape}, bytes {start}..{end}")
-        except (KeyError, TypeError, ValueError) as err:
-            raise CheckpointError(f"{file}: tensor '{name}' is unreadable ({err})") from err
-        item = _SAFETENSORS_BYTES.get(entry.get("dtype"))
-        if item is not None and end - start != math.prod(shape) * item:
-            raise CheckpointError(f"{file}: tensor '{name}' ({entry['dtype']} {shape}) takes {end - start} bytes, "
-                                  f"its shape needs {math.prod(shape) * item}")
-        if end > data_bytes:
-            raise CheckpointError(f"{file}: cut short: tensor '{name}' ends at byte {8 + header_bytes + end}, the "
-                                  f"file has {size}")
-        shapes[name] = tuple(shape)
-    return shapes
+        _check_not_empty([file])
+        with safe_open(str(file), framework="numpy") as handle:
+            return {name: tuple(handle.get_slice(name).get_shape()) for name in handle.keys()}  # noqa: SIM118
+    except (SafetensorError, OSError) as err:
+        raise unreadable_safetensors(file, err) from err
+
+
+def unreadable_safetensors(file: Path, err: Exception) -> CheckpointError:
+    """The error for a safetensors file the library refuses with `err`: one line naming the file, with what its words
+    for a file cut short mean."""
+    said = " ".join(str(err).split())
+    meaning = next((f": {words}" for phrase, words in _SAFETENSORS_SAYS.items() if phrase in said), "")
+    return CheckpointError(f"{file}: not a readable safetensors file{meaning} ({said})")
 
 
 # --- the check ----------------------------------------------------------------------------------------------------

@@ -16,7 +16,7 @@ from safetensors import SafetensorError, safe_open
 from torch import Tensor
 
 from .errors import CheckpointError
-from .model_files import hf_weight_paths
+from .model_files import hf_weight_paths, unreadable_safetensors
 
 
 class TensorSource:
@@ -57,7 +57,7 @@ class SafetensorsSource(TensorSource):
                     for key in handle.keys():  # noqa: SIM118 - safe_open has keys() but is not a Mapping
                         self._where[key] = file
             except (SafetensorError, OSError, ValueError) as err:
-                raise CheckpointError(f"{file}: not a readable safetensors file ({err})") from err
+                raise unreadable_safetensors(file, err) from err
 
     def names(self) -> list[str]:
         return list(self._where)
