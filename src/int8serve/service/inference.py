@@ -21,7 +21,8 @@ What each step does to the answer:
 * admission refuses with 429/3036 (allocation used up) or 429/3021 (`Retry-After`); neither is counted. An admitted
   request holds its worst case against the daily allocation until `finish` (or until it leaves before the engine
   has it): at most one request crosses the line (`policy/allocation.py`);
-* a cache hit costs 0 neurons, still counts for the limiter, and is replayed as the original's frames;
+* a cache hit costs 0 neurons, still counts for the limiter, and is replayed as the original's frames, with a live
+  stream's deadline: cut when its client stops reading, stopped when it leaves (its log line then says `aborted`);
 * a complete answer is metered (`cf-ai-neurons` header, or `neurons` in the final usage frame) and its ledger row
   is durable before the answer (or the final frame) is released;
 * a request the client left or stopped reading is `aborted`, a failed one `error`; nothing of either is cached;
@@ -437,9 +438,35 @@ class InferenceCall:
             raise ApiError(finished.failure)
         if run.checked.stream:
             frames = [self.fmt.delta_frame(d) for d in answer.deltas] + list(self.fmt.final_frames(answer, 0.0))
-            return EventStreamResponse(_replay(frames), on_close=_nothing, headers=self.headers)
+            return self._replayed_stream(frames)
         self.headers[NEURONS_HEADER] = format_neurons(0.0)
         return json_response(self.fmt.json_body(answer), headers=self.headers)
+
+    def _replayed_stream(self, frames: Sequence[bytes]) -> EventStreamResponse:
+        """A cached answer's frames, sent as a live stream's are: cut after `stall_timeout` seconds without a
+        frame taken, stopped once the client leaves, and observed when it ends (a cut one as `aborted`, 3008). Its
+        ledger row is written already (`_replay`): a hit costs nothing, cut or not."""
+        self._streaming = True
+        delivered = False  # every frame was handed to the connection
+
+        async def replay() -> Any:
+            nonlocal delivered
+            for frame in frames:
+                # the server's send returns at once while the connection takes bytes: without a pause the whole
+                # answer would go out in one tick, into the transport of a client that reset it meanwhile
+                await asyncio.sleep(0)
+                if self._closed:  # the client left
+                    return
+                yield frame
+            delivered = True
+
+        def closed() -> None:  # the response ended, however (also called when the client leaves)
+            if not self._closed:
+                self._closed = True
+                self.obs.finish(200, None if delivered else REQUEST_ABORTED.code, in_stream=True)
+
+        return EventStreamResponse(replay(), on_close=closed, headers=self.headers,
+                                   send_timeout=self.inference.limits.stall_timeout)
 
     # ---- the end ----
 
@@ -496,12 +523,4 @@ def _outcome(answer: Answer) -> Outcome:
         return Outcome.OK
     return Outcome.ABORTED if answer.finish_reason is FinishReason.CANCELLED else Outcome.ERROR
 
-
-async def _replay(frames: Sequence[bytes]) -> Any:
-    for frame in frames:
-        yield frame
-
-
-def _nothing() -> None:
-    pass
 

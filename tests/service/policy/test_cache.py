@@ -6,7 +6,11 @@ from __future__ import annotations
 import asyncio
 import dataclasses
 import gc
+import json
+import logging
 import random
+import socket
+import struct
 import time
 import tracemalloc
 from collections.abc import Callable
@@ -15,13 +19,19 @@ from typing import Any
 import httpx
 import pytest
 
+from int8serve.catalog.registry import Catalog
 from int8serve.engine.chat_template import DEFAULT_SYSTEM_PROMPT
 from int8serve.engine.sampling_params import SamplingParams
+from int8serve.engine.scheduler import Engine
+from int8serve.service.app import create_app
+from int8serve.service.inference import RequestLimits
+from int8serve.service.policy import Policy
 from int8serve.service.policy import cache as cache_module
 from int8serve.service.policy.cache import CachedAnswer, CacheDirectives, CacheKey, MemoryCache, cache_key
 from int8serve.service.protocol.run import RunRequest, ValidatedRun
+from int8serve.service.request_log import REQUEST_LOGGER
 
-from ..conftest import SLOW_MODEL
+from ..conftest import MODEL, SLOW_MODEL, TOKEN, TOKENS, LiveServer, stuck_reader, wait_for
 from .conftest import CARD_NEURON_COST, REDIS_URL, FakeClock, PolicyServer, auth_for, sse_data
 
 STORY = "Once upon a time, there was a little"
@@ -155,6 +165,63 @@ def test_aborted_streams_are_not_cached(policy_server: Callable[..., PolicyServe
     for row in rows:
         assert 1 <= row["output_tokens"] < 300
         assert row["neurons"] == pytest.approx((row["input_tokens"] + row["output_tokens"]) * CARD_NEURON_COST)
+
+
+def test_a_replay_whose_client_resets_stops_and_is_logged_as_cut(policy_server: Callable[..., PolicyServer],
+                                                                caplog: pytest.LogCaptureFixture) -> None:
+    """Found by an audit: a streamed hit wrote all its frames in one tick of the event loop, into the connection of
+    a client that had reset it: ~320 `socket.send() raised exception.` lines for one request of a 480-token answer
+    (a hit costs no neurons: any account could fill the log), and the request's line said outcome=ok. Now the replay
+    stops when its client leaves, as a live stream does, and its line says it was cut (aborted, 3008)."""
+    server = policy_server(rate_limits=False)
+    caplog.set_level(logging.INFO, logger=REQUEST_LOGGER)
+    body = {"prompt": "Once upon a time", "raw": True, "max_tokens": 480, "seed": 4343, "stream": True}
+    fill, frames = server.stream("acct-a", body)
+    assert status(fill) == "MISS" and len(sse_data(frames)) > 300
+    payload = json.dumps(body).encode()
+    host, port = server.url.removeprefix("http://").split(":")
+    with socket.create_connection((host, int(port))) as sock:
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))  # close() resets
+        sock.sendall(f"POST {server.run_url('acct-a')} HTTP/1.1\r\nHost: x\r\nAuthorization: Bearer "
+                     f"tok-acct-a\r\nContent-Length: {len(payload)}\r\n\r\n".encode() + payload)
+        assert sock.recv(10) == b"HTTP/1.1 2"
+    wait_for(lambda: _cached_line(caplog), "the replayed request's log line", timeout=10)
+    time.sleep(0.3)  # what the server might still write into the reset connection
+    assert [r for r in caplog.records if r.name == "asyncio"] == []
+    assert {k: _cached_line(caplog)[k] for k in ("status", "outcome", "error_code", "stream")} == {  # type: ignore[index]
+        "status": 200, "outcome": "aborted", "error_code": 3008, "stream": True}
+
+
+def test_a_replay_whose_client_reads_nothing_is_cut_after_the_stall_timeout(
+        catalog: Catalog, engines: dict[str, Engine], caplog: pytest.LogCaptureFixture) -> None:
+    """A streamed hit to a client that reads nothing is cut after the stall timeout, as a live stream is (the
+    replay had no deadline: it waited for the client as long as the connection stayed open)."""
+    policy = Policy.in_memory(rate_limits=False)
+    app = create_app(catalog, engines, TOKENS, policy=policy, limits=RequestLimits(stall_timeout=0.5))
+    body = {"model": MODEL, "messages": [{"role": "user", "content": "Hi"}], "max_tokens": 480, "stream": True,
+            "temperature": 0}
+    with LiveServer(app) as live, httpx.stream("POST", f"{live.url}/v1/chat/completions", json=body,
+                                               headers={"Authorization": f"Bearer {TOKEN}"}) as fill:
+        assert status(fill) == "MISS" and len(sse_data(fill.read())) > 300  # ~70 KB of frames
+    caplog.set_level(logging.INFO, logger=REQUEST_LOGGER)
+    try:
+        with stuck_reader(app, body, TOKEN) as (_, sock):
+            started = time.monotonic()
+            wait_for(lambda: _cached_line(caplog), "the replay to be cut", timeout=10)
+            assert 0.5 <= time.monotonic() - started < 5
+            sock.settimeout(5)
+            while sock.recv(65536):  # what the buffers held, then the end: the server closed the connection
+                pass
+    finally:
+        policy.close()
+    assert {k: _cached_line(caplog)[k] for k in ("status", "outcome", "error_code")} == {  # type: ignore[index]
+        "status": 200, "outcome": "aborted", "error_code": 3008}
+
+
+def _cached_line(caplog: pytest.LogCaptureFixture) -> dict[str, Any] | None:
+    """The fields of the first request log line of a cache hit."""
+    lines = [r.fields for r in caplog.records if r.name == REQUEST_LOGGER and r.fields.get("cached")]  # type: ignore
+    return lines[0] if lines else None
 
 
 def test_skip_cache_and_ttl(policy_server: Callable[..., PolicyServer]) -> None:
