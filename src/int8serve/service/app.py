@@ -8,7 +8,9 @@ together with the app-wide pieces:
 * middleware, outermost first: `HEAD` answered as `GET` without a body (outside the metrics, which then count a
   HEAD under the GET's route and read the error code from its body), metrics (every answer's final status), the
   request id (`cf-ai-req-id`, a fresh uuid4 on every answer, also the engine request id in the logs; unexpected
-  exceptions become a logged 500/3043), and the lifecycle gate (`lifecycle.py`: 503 while loading or draining);
+  exceptions become a logged 500/3043), the refusal of a request whose body length is ambiguous (`framing.py`:
+  400/6003, the connection closed after it), and the lifecycle gate (`lifecycle.py`: 503 while loading or
+  draining);
 * the OpenAPI document at `/openapi.json`, with the request bodies, which routes parse themselves (JSON whatever
   the Content-Type, in a worker thread), added to its components. FastAPI's `/docs` and `/redoc` are off: they
   load code from a CDN onto this origin (where the playground may keep a token); `routes/ops.py` serves a page of
@@ -37,6 +39,7 @@ from int8serve.engine.scheduler import Engine
 from ..accounts import ACCOUNT_ID_RULE, TOKEN_RULE, is_valid_account, is_valid_token
 from .deps import AppServices
 from .errors import install_error_handlers, internal_error_response
+from .framing import AmbiguousLengthMiddleware
 from .inference import Inference, RequestLimits
 from .lifecycle import Lifecycle, LifecycleMiddleware
 from .metrics import LoadingMetrics, MetricsMiddleware, ServiceMetrics
@@ -164,7 +167,8 @@ def create_app(catalog: Catalog, engines: Mapping[str, Engine], tokens: Mapping[
     app.router.redirect_slashes = False  # an API: unknown paths are 404 envelopes, not redirects
     app.state.services = services
     install_error_handlers(app)
-    app.add_middleware(LifecycleMiddleware, lifecycle=lifecycle)  # inside the two below: its 503s are counted
+    app.add_middleware(LifecycleMiddleware, lifecycle=lifecycle)  # inside the three below: its 503s are counted
+    app.add_middleware(AmbiguousLengthMiddleware)  # before anything reads a body; its 400s are counted and logged
     app.add_middleware(RequestContextMiddleware)
     app.add_middleware(MetricsMiddleware, metrics=metrics, routes=route_table())  # sees every answer's final status
     # outermost: the scope it passes on is the one the router writes the route into and the metrics read, and
@@ -182,7 +186,8 @@ def loading_app(lifecycle: Lifecycle, metrics: ServiceMetrics, metrics_token: st
     middleware as the app's, so that its answers have request ids, log lines and are counted in `metrics` (give
     the same to `create_app`: the counts go on)."""
     gate = LifecycleMiddleware(None, lifecycle, metrics=LoadingMetrics(metrics, metrics_token))
-    return HeadAsGetMiddleware(MetricsMiddleware(RequestContextMiddleware(gate), metrics, routes=route_table()))
+    framed = AmbiguousLengthMiddleware(gate)
+    return HeadAsGetMiddleware(MetricsMiddleware(RequestContextMiddleware(framed), metrics, routes=route_table()))
 
 
 def route_table() -> list[BaseRoute]:

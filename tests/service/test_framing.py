@@ -1,0 +1,103 @@
+"""Requests framed as RFC 9112 allows but h11 and uvicorn leave to the application, on raw sockets against a live
+server: a body length the headers do not settle (refused, the connection closed) and absolute-form targets."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import socket
+from typing import Any
+
+import pytest
+
+from int8serve.service.app import REQUEST_ID_HEADER
+from int8serve.service.framing import AmbiguousLengthMiddleware
+from int8serve.service.request_log import REQUEST_LOGGER
+
+from .conftest import ACCOUNT, MODEL, TOKEN, LiveServer
+
+RUN = f"/client/v4/accounts/{ACCOUNT}/ai/run/{MODEL}"
+AUTH = f"Authorization: Bearer {TOKEN}\r\n"
+SMUGGLED = "GET /healthz HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n"
+
+
+def exchange(server: LiveServer, request: str, timeout: float = 5.0) -> bytes:
+    """Everything the server sends back on one connection for `request` (bytes as sent), until it closes it; fails
+    if it keeps the connection open `timeout` seconds after its last byte."""
+    with socket.create_connection(("127.0.0.1", server.port)) as sock:
+        sock.settimeout(timeout)
+        sock.sendall(request.encode())
+        received = b""
+        while chunk := sock.recv(65536):  # socket.timeout: the server kept the connection open
+            received += chunk
+        return received
+
+
+def answers(received: bytes) -> list[tuple[int, dict[str, str], Any]]:
+    """The HTTP/1.1 answers in `received`: status, headers (lower-case names), JSON body (each has a length)."""
+    out = []
+    while received:
+        head, _, rest = received.partition(b"\r\n\r\n")
+        status_line, *lines = head.decode().split("\r\n")
+        headers = {name.lower(): value.strip() for name, value in (line.split(":", 1) for line in lines)}
+        length = int(headers["content-length"])
+        out.append((int(status_line.split()[1]), headers, json.loads(rest[:length])))
+        received = rest[length:]
+    return out
+
+
+@pytest.mark.parametrize("path", [RUN, "/v1/chat/completions"], ids=["run", "openai"])
+def test_content_length_with_transfer_encoding_is_refused_and_the_connection_closed(
+        server: LiveServer, path: str, caplog: pytest.LogCaptureFixture) -> None:
+    """Found by an audit: a request with both headers (h11 reads its body as chunked) got 400/3003 and the
+    connection stayed open, so the `GET /healthz` after its empty chunked body was answered too — inside the body
+    for a proxy that goes by Content-Length: a request the proxy never saw. RFC 9112 section 6.3: the server must
+    close the connection. Now the request is refused in the API's envelope, counted and logged, and nothing after
+    it is answered."""
+    caplog.set_level("INFO", logger=REQUEST_LOGGER)
+    body = f"0\r\n\r\n{SMUGGLED}"  # by Content-Length, one body; by Transfer-Encoding, an empty one and a request
+    received = exchange(server, f"POST {path} HTTP/1.1\r\nHost: x\r\n{AUTH}Content-Type: application/json\r\n"
+                                f"Content-Length: {len(body)}\r\nTransfer-Encoding: chunked\r\n\r\n{body}")
+    [(status, headers, body)] = answers(received)  # one answer, then the end of the connection
+    assert (status, headers["connection"]) == (400, "close") and headers[REQUEST_ID_HEADER]
+    reason = "Invalid request headers: Content-Length and Transfer-Encoding given together"
+    if path == RUN:
+        assert body == {"success": False, "errors": [{"code": 6003, "message": reason}], "messages": [],
+                        "result": None}
+    else:  # OpenAI's shape, and its 400 (6003 is OpenAI's 401 for a malformed Authorization header)
+        assert body["error"]["message"] == reason and body["error"]["type"] == "invalid_request_error"
+    lines = [r.fields for r in caplog.records if getattr(r, "fields", {}).get("request_id")  # type: ignore[attr-defined]
+             == headers[REQUEST_ID_HEADER]]
+    assert [(f["status"], f["outcome"]) for f in lines] == [(400, "rejected")]
+
+
+def test_a_body_framed_once_keeps_its_connection(server: LiveServer) -> None:
+    """A chunked body alone, and the request after it on the connection, are answered as before."""
+    received = exchange(server, f"POST {RUN} HTTP/1.1\r\nHost: x\r\n{AUTH}Transfer-Encoding: chunked\r\n\r\n"
+                                f"2\r\n{{}}\r\n0\r\n\r\n{SMUGGLED}")
+    assert [(status, headers.get("connection")) for status, headers, _ in answers(received)] == [
+        (400, None), (200, "close")]  # `{}` has no prompt; the next request is answered on the same connection
+
+
+@pytest.mark.parametrize("headers", [
+    [(b"transfer-encoding", b"chunked"), (b"transfer-encoding", b"chunked")],
+    [(b"transfer-encoding", b"chunked"), (b"content-length", b"5")],
+])
+def test_every_ambiguous_length_is_refused_before_the_app(headers: list[tuple[bytes, bytes]]) -> None:
+    """Transfer-Encoding twice never reaches the app through h11 (it refuses the request itself), but would
+    through another HTTP implementation: the middleware refuses it too, without calling the app or reading."""
+    async def app(scope: Any, receive: Any, send: Any) -> None:
+        raise AssertionError("the app was called")
+
+    async def receive() -> Any:
+        raise AssertionError("the body was read")
+
+    sent: list[Any] = []
+
+    async def send(message: Any) -> None:
+        sent.append(message)
+
+    scope = {"type": "http", "method": "POST", "path": RUN, "headers": [(b"host", b"x"), *headers]}
+    asyncio.run(AmbiguousLengthMiddleware(app)(scope, receive, send))
+    assert sent[0]["status"] == 400 and (b"connection", b"close") in sent[0]["headers"]
+    assert json.loads(sent[1]["body"])["errors"][0]["code"] == 6003
