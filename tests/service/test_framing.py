@@ -14,7 +14,7 @@ from int8serve.service.app import REQUEST_ID_HEADER
 from int8serve.service.framing import AmbiguousLengthMiddleware
 from int8serve.service.request_log import REQUEST_LOGGER
 
-from .conftest import ACCOUNT, MODEL, TOKEN, LiveServer
+from .conftest import ACCOUNT, MODEL, OTHER_ACCOUNT, OTHER_TOKEN, TOKEN, LiveServer
 
 RUN = f"/client/v4/accounts/{ACCOUNT}/ai/run/{MODEL}"
 AUTH = f"Authorization: Bearer {TOKEN}\r\n"
@@ -34,14 +34,16 @@ def exchange(server: LiveServer, request: str, timeout: float = 5.0) -> bytes:
 
 
 def answers(received: bytes) -> list[tuple[int, dict[str, str], Any]]:
-    """The HTTP/1.1 answers in `received`: status, headers (lower-case names), JSON body (each has a length)."""
+    """The HTTP/1.1 answers in `received`: status, headers (lower-case names), body (parsed if JSON; each has a
+    length)."""
     out = []
     while received:
         head, _, rest = received.partition(b"\r\n\r\n")
         status_line, *lines = head.decode().split("\r\n")
         headers = {name.lower(): value.strip() for name, value in (line.split(":", 1) for line in lines)}
         length = int(headers["content-length"])
-        out.append((int(status_line.split()[1]), headers, json.loads(rest[:length])))
+        body = json.loads(rest[:length]) if headers["content-type"] == "application/json" else rest[:length]
+        out.append((int(status_line.split()[1]), headers, body))
         received = rest[length:]
     return out
 
@@ -101,3 +103,44 @@ def test_every_ambiguous_length_is_refused_before_the_app(headers: list[tuple[by
     asyncio.run(AmbiguousLengthMiddleware(app)(scope, receive, send))
     assert sent[0]["status"] == 400 and (b"connection", b"close") in sent[0]["headers"]
     assert json.loads(sent[1]["body"])["errors"][0]["code"] == 6003
+
+
+def request(method: str, target: str, token: str | None = TOKEN, body: dict[str, Any] | None = None) -> str:
+    """One request on a connection the server closes after it."""
+    payload = json.dumps(body) if body is not None else ""
+    auth = f"Authorization: Bearer {token}\r\n" if token else ""
+    return (f"{method} {target} HTTP/1.1\r\nHost: x\r\n{auth}Content-Length: {len(payload)}\r\n"
+            f"Connection: close\r\n\r\n{payload}")
+
+
+def answer(server: LiveServer, method: str, target: str, **options: Any) -> tuple[int, Any]:
+    [(status, _, body)] = answers(exchange(server, request(method, target, **options)))
+    return status, body
+
+
+@pytest.mark.parametrize("origin", ["http://evil.example", "HTTPS://127.0.0.1:1", "http://"])
+def test_an_absolute_form_target_is_routed_by_its_path(server: LiveServer, origin: str) -> None:
+    """Found by an audit: `GET http://evil.example/healthz HTTP/1.1` (what a client sends to a proxy) was 404/7000:
+    uvicorn leaves the whole URL in the path. RFC 9112 section 3.2.2: a server must accept the absolute form. Now
+    it is routed by its path, with its query string, and the host in it changes nothing."""
+    assert answer(server, "GET", f"{origin}/healthz") == (200, {"status": "ok"})
+    status, body = answer(server, "POST", f"{origin}{RUN}", body={"prompt": "Once upon a time", "max_tokens": 2})
+    assert status == 200 and body["success"] is True and body["result"]["usage"]["completion_tokens"] == 2
+    status, body = answer(server, "GET", f"{origin}/client/v4/accounts?page=2&per_page=5")
+    assert status == 200 and body["result_info"]["page"] == 2 and body["result_info"]["per_page"] == 5
+    assert answer(server, "GET", origin) == answer(server, "GET", "/")  # the playground page
+
+
+@pytest.mark.parametrize(("target", "token"), [
+    (f"/client/v4/accounts/{ACCOUNT}/ai/run/{MODEL}", OTHER_TOKEN),  # another account's token
+    (f"/client/v4/accounts/{OTHER_ACCOUNT}/ai/run/{MODEL}", TOKEN),
+    (f"/client/v4/accounts/{ACCOUNT}/ai/run/{MODEL}", None),
+    (f"/client/v4/accounts/{ACCOUNT}/ai/run/{MODEL}", "not-a-known-token"),
+])
+def test_an_absolute_form_target_is_refused_as_its_path_is(server: LiveServer, target: str, token: str | None
+                                                           ) -> None:
+    """Authentication and account isolation are the path's: an absolute-form target gets the same refusal."""
+    body = {"prompt": "Once upon a time", "max_tokens": 2}
+    refused = answer(server, "POST", target, token=token, body=body)
+    assert refused[0] in (400, 401, 403)
+    assert answer(server, "POST", f"http://evil.example{target}", token=token, body=body) == refused

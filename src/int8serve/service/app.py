@@ -5,12 +5,12 @@ inference request lifecycle in `inference.py`, the card's serving policy in `pol
 together with the app-wide pieces:
 
 * one exception handler (`errors.py`) answering every error in the envelope of the route's API;
-* middleware, outermost first: `HEAD` answered as `GET` without a body (outside the metrics, which then count a
-  HEAD under the GET's route and read the error code from its body), metrics (every answer's final status), the
-  request id (`cf-ai-req-id`, a fresh uuid4 on every answer, also the engine request id in the logs; unexpected
-  exceptions become a logged 500/3043), the refusal of a request whose body length is ambiguous (`framing.py`:
-  400/6003, the connection closed after it), and the lifecycle gate (`lifecycle.py`: 503 while loading or
-  draining);
+* middleware, outermost first: an absolute-form request target (`GET http://host/healthz`) routed by its path
+  (`framing.py`), `HEAD` answered as `GET` without a body (outside the metrics, which then count a HEAD under the
+  GET's route and read the error code from its body), metrics (every answer's final status), the request id
+  (`cf-ai-req-id`, a fresh uuid4 on every answer, also the engine request id in the logs; unexpected exceptions
+  become a logged 500/3043), the refusal of a request whose body length is ambiguous (`framing.py`: 400/6003, the
+  connection closed after it), and the lifecycle gate (`lifecycle.py`: 503 while loading or draining);
 * the OpenAPI document at `/openapi.json`, with the request bodies, which routes parse themselves (JSON whatever
   the Content-Type, in a worker thread), added to its components. FastAPI's `/docs` and `/redoc` are off: they
   load code from a CDN onto this origin (where the playground may keep a token); `routes/ops.py` serves a page of
@@ -39,7 +39,7 @@ from int8serve.engine.scheduler import Engine
 from ..accounts import ACCOUNT_ID_RULE, TOKEN_RULE, is_valid_account, is_valid_token
 from .deps import AppServices
 from .errors import install_error_handlers, internal_error_response
-from .framing import AmbiguousLengthMiddleware
+from .framing import AbsoluteFormMiddleware, AmbiguousLengthMiddleware
 from .inference import Inference, RequestLimits
 from .lifecycle import Lifecycle, LifecycleMiddleware
 from .metrics import LoadingMetrics, MetricsMiddleware, ServiceMetrics
@@ -171,9 +171,10 @@ def create_app(catalog: Catalog, engines: Mapping[str, Engine], tokens: Mapping[
     app.add_middleware(AmbiguousLengthMiddleware)  # before anything reads a body; its 400s are counted and logged
     app.add_middleware(RequestContextMiddleware)
     app.add_middleware(MetricsMiddleware, metrics=metrics, routes=route_table())  # sees every answer's final status
-    # outermost: the scope it passes on is the one the router writes the route into and the metrics read, and
-    # the body it strips is past the metrics, which read an error's code from it
+    # outside the metrics: the scope it passes on is the one the router writes the route into and the metrics read,
+    # and the body it strips is past the metrics, which read an error's code from it
     app.add_middleware(HeadAsGetMiddleware)
+    app.add_middleware(AbsoluteFormMiddleware)  # before anything reads the path
     for router in ROUTERS:
         app.include_router(router)
     app.openapi = lambda: _openapi(app)  # type: ignore[method-assign]
@@ -187,7 +188,8 @@ def loading_app(lifecycle: Lifecycle, metrics: ServiceMetrics, metrics_token: st
     the same to `create_app`: the counts go on)."""
     gate = LifecycleMiddleware(None, lifecycle, metrics=LoadingMetrics(metrics, metrics_token))
     framed = AmbiguousLengthMiddleware(gate)
-    return HeadAsGetMiddleware(MetricsMiddleware(RequestContextMiddleware(framed), metrics, routes=route_table()))
+    counted = MetricsMiddleware(RequestContextMiddleware(framed), metrics, routes=route_table())
+    return AbsoluteFormMiddleware(HeadAsGetMiddleware(counted))
 
 
 def route_table() -> list[BaseRoute]:
