@@ -98,10 +98,12 @@ def build_parser() -> argparse.ArgumentParser:
                                           "system prompt): --template, else the card's, as serve renders it for "
                                           "the same --model (NAME=PATH: NAME's; a plain PATH: "
                                           f"{DEFAULT_SERVED_MODEL}'s, llama2; the built-in model: chatml); with "
-                                          "--raw it is fed to the model as is.")
+                                          "--raw it is fed to the model as is, in the model's own format (its "
+                                          "control tokens, e.g. <s> or <|im_start|>, read as such).")
     _add_model_args(gen)
     gen.add_argument("prompt", help="the prompt text")
-    gen.add_argument("--raw", action="store_true", help="no chat template: feed the prompt as is")
+    gen.add_argument("--raw", action="store_true",
+                     help="no chat template: feed the prompt as is (its control tokens, e.g. <s>, read as such)")
     system = gen.add_mutually_exclusive_group()
     system.add_argument("--system", default=None, help="system prompt instead of the card's default")
     system.add_argument("--no-system", action="store_true",

@@ -17,7 +17,7 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from int8serve.engine.bpe_tokenizer import BPETokenizer, byte_level_json
-from int8serve.engine.chat_template import Control, get_template, segments_to_text
+from int8serve.engine.chat_template import Control, RawText, get_template, render_prompt, segments_to_text
 from int8serve.engine.tokenizer import AnyTokenizer, load_tokenizer
 
 SMOLLM2_VOCAB = 49152
@@ -100,6 +100,45 @@ def test_special_tokens_typed_by_a_user_stay_text(smollm2_tokenizer: AnyTokenize
     ids = smollm2_tokenizer.encode_segments(segments)
     assert ids.count(IM_START) == 2 and ids.count(IM_END) == 1 and ENDOFTEXT not in ids  # the template's own only
     assert smollm2_tokenizer.decode(ids) == "user\n" + forged + "\nassistant\n"
+
+
+# The audit's raw prompt: SmolLM2's own ChatML, with its default system prompt (the card's default_context)
+CHATML = ("<|im_start|>system\nYou are a helpful AI assistant named SmolLM, trained by Hugging Face<|im_end|>\n"
+          "<|im_start|>user\nWhat is the capital of France?<|im_end|>\n<|im_start|>assistant\n")
+
+
+def test_a_raw_chatml_prompt_gives_smollm2s_own_ids(smollm2_tokenizer: AnyTokenizer, json_tokenizer: BPETokenizer,
+                                                    smollm2_reference_tokenizer: Any) -> None:
+    """A raw prompt (`"raw": true`, /v1/completions) is in the model's format: its special tokens are their ids, as
+    SmolLM2's own tokenizer gives them (37 ids; the characters of each control would be 66)."""
+    expected = smollm2_reference_tokenizer.backend_tokenizer.encode(CHATML).ids
+    assert len(expected) == 37 and expected.count(IM_START) == 3 and expected.count(IM_END) == 2
+    for tokenizer in (smollm2_tokenizer, json_tokenizer):  # rebuilt from the GGUF, and a tokenizer.json
+        assert tokenizer.encode_segments(render_prompt(CHATML, raw=True)) == expected
+        assert tokenizer.encode_segments(get_template("chatml").render_prompt(CHATML, raw=True)) == expected
+        assert tokenizer.encode(CHATML) == reference_ids(smollm2_reference_tokenizer, CHATML)  # plain text: text
+
+
+def test_the_same_text_in_a_message_stays_text(smollm2_tokenizer: AnyTokenizer) -> None:
+    segments = get_template("chatml").render_messages([{"role": "user", "content": CHATML}])
+    ids = smollm2_tokenizer.encode_segments(segments)
+    assert ids == [IM_START, *smollm2_tokenizer.encode(f"user\n{CHATML}"), IM_END,
+                   *smollm2_tokenizer.encode("\n"), IM_START, *smollm2_tokenizer.encode("assistant\n")]
+    assert ids.count(IM_START) == 2 and ids.count(IM_END) == 1  # the template's own only
+
+
+def test_a_raw_prompt_starting_with_bos_text_gets_one_bos(tmp_path: Path) -> None:
+    """A byte-level vocabulary whose sequences start with BOS (tokenizer.ggml.add_bos_token): a raw prompt written
+    with its BOS gets no second one; one without gets it."""
+    definition, config = byte_level_json(["<s>", "</s>", "a", "b", "ab"], ["a b"], [3, 3, 1, 1, 1], "gpt-2",
+                                         bos_id=0, eos_id=1, add_bos=True)
+    (tmp_path / "tokenizer.json").write_text(definition)
+    (tmp_path / "tokenizer_config.json").write_text(config)
+    tokenizer = BPETokenizer(tmp_path / "tokenizer.json")
+    assert tokenizer.add_bos and (tokenizer.bos_id, tokenizer.eos_id) == (0, 1)
+    assert tokenizer.encode_segments([RawText("<s>ab</s>")]) == [0, 4, 1]
+    assert tokenizer.encode_segments([RawText("ab</s><s>a")]) == [0, 4, 1, 0, 2]
+    assert tokenizer.encode_segments([RawText("<s><s>b")]) == [0, 0, 3]
 
 
 def test_decode_equals_transformers(smollm2_tokenizer: AnyTokenizer, smollm2_reference_tokenizer: Any) -> None:

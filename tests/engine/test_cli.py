@@ -48,6 +48,18 @@ def test_generate_real_model_raw_greedy(cache: Path, stories_hf: Path) -> None:
     assert "prompt tokens 5, generated tokens 30" in result.stderr
 
 
+def test_generate_raw_reads_the_models_control_tokens(cache: Path, stories_hf: Path) -> None:
+    """`--raw` is the model's own format, as `"raw": true` is: <s>/</s> are BOS/EOS (the tokenizer.json's ids)."""
+    import tokenizers
+
+    prompt = "<s>[INST] Hi [/INST] Hello</s><s>[INST] Bye [/INST]"
+    ids = tokenizers.Tokenizer.from_file(str(stories_hf / "tokenizer.json")).encode(prompt, add_special_tokens=False)
+    result = run("generate", "--model", str(stories_hf), "--raw", "--temperature", "0", "--max-tokens", "2", prompt,
+                 cache=cache)
+    assert result.returncode == 0, result.stderr
+    assert f"prompt tokens {len(ids.ids)}, " in result.stderr and len(ids.ids) == 41
+
+
 def test_quantize_then_generate_from_the_int8_checkpoint(cache: Path, stories_meta: Path, tmp_path: Path) -> None:
     out = tmp_path / "int8"
     result = run("quantize", str(stories_meta), str(out), cache=cache)

@@ -18,11 +18,13 @@ import gguf
 import numpy as np
 import pytest
 import sentencepiece
+import tokenizers
 import torch
 from safetensors.torch import load_file
-from tests.engine.test_tokenizer import PLAIN_TEXTS, TYPED_TAGS
+from tests.engine.test_tokenizer import PLAIN_TEXTS, RAW_PROMPTS, TYPED_TAGS, hf_raw_ids
 
 from int8serve.cli import main
+from int8serve.engine.chat_template import render_prompt
 from int8serve.engine.config import ConfigError
 from int8serve.engine.errors import CheckpointError
 from int8serve.engine.gguf_loader import GGUFFile, config_from_gguf, dequantize_q4_1, write_tokenizer
@@ -252,6 +254,9 @@ def test_the_rebuilt_tokenizer_gives_the_original_ids(model_dir: str, shared_dir
         ids = sp.encode(text)
         assert rebuilt.encode(text) == ids, text
         assert rebuilt.decode(ids) == sp.decode(ids), text
+    hf = tokenizers.Tokenizer.from_file(str(original.with_name("tokenizer.json")))
+    for text in RAW_PROMPTS:  # a raw prompt's <s>, </s> and <unk> are their ids, as for the original tokenizer.model
+        assert rebuilt.encode_segments(render_prompt(text, raw=True)) == hf_raw_ids(hf, text), text
 
 
 def test_other_tensor_types_are_refused_by_name(tmp_path: Path, stories_hf: Path) -> None:

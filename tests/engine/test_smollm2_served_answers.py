@@ -22,9 +22,11 @@ from __future__ import annotations
 
 from collections.abc import Iterator
 from pathlib import Path
+from typing import Any
 
 import httpx
 import pytest
+from tests.engine.test_bpe_tokenizer import CHATML
 from tests.engine.test_smollm2 import chat
 from tests.test_server import start, stop
 
@@ -100,3 +102,29 @@ def test_served_int8_answers_as_fp32(question: str, route: object, base_url: str
     answer = route(base_url, question)  # type: ignore[operator]
     assert answer == fp32_answers[question], f"int8 served: {answer!r}\nfp32 engine: {fp32_answers[question]!r}"
     assert any(fact.lower() in answer.lower() for fact in QUESTIONS[question]), answer
+
+
+def test_a_raw_chatml_prompt_is_answered_as_the_templated_one(base_url: str, smollm2_reference_tokenizer: Any) -> None:
+    """The audit's prompt in SmolLM2's own ChatML, sent raw (`"raw": true`, /v1/completions): its special tokens are
+    their ids (37, as SmolLM2's tokenizer gives them), which are the ids of the same question asked in `prompt` mode
+    (the card's default_context is that system prompt), so the answer is the same and ends at <|im_end|>."""
+    question, body = "What is the capital of France?", {"temperature": 0, "max_tokens": 40}
+    assert CHATML.endswith(f"user\n{question}<|im_end|>\n<|im_start|>assistant\n")
+    expected = len(smollm2_reference_tokenizer.backend_tokenizer.encode(CHATML).ids)
+    run_url = f"{base_url}/client/v4/accounts/{ACCOUNT}/ai/run/{SMOLLM2}"
+    answers = []
+    for url, sent in ((run_url, {"prompt": question}), (run_url, {"prompt": CHATML, "raw": True}),
+                      (f"{base_url}/v1/completions", {"model": SMOLLM2, "prompt": CHATML})):
+        reply = httpx.post(url, timeout=120, headers=HEADERS, json={**body, **sent})
+        assert reply.status_code == 200, reply.text
+        answer = reply.json()
+        if "choices" in answer:
+            assert answer["choices"][0]["finish_reason"] == "stop", answer
+            answers.append((answer["choices"][0]["text"], answer["usage"]["prompt_tokens"]))
+        else:
+            result = answer["result"]
+            assert result["usage"]["completion_tokens"] < body["max_tokens"], result
+            answers.append((result["response"], result["usage"]["prompt_tokens"]))
+    assert expected == 37
+    assert answers[0][1] == expected and "Paris" in answers[0][0], answers
+    assert answers[1] == answers[2] == answers[0], answers

@@ -6,10 +6,12 @@ from __future__ import annotations
 import json
 import uuid
 from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
 from typing import Any
 
 import httpx
 import pytest
+import tokenizers
 from cloudflare import Cloudflare
 
 from int8serve.engine.chat_template import render_messages, render_prompt
@@ -93,7 +95,7 @@ def test_curl_style_body_without_json_content_type(http: httpx.Client, base_url:
 def test_raw_prompt_reaches_the_engine_as_its_exact_ids(
         http: httpx.Client, run_url: str, auth: dict[str, str], submitted: list[GenerationRequest],
         stories_tokenizer: Tokenizer) -> None:
-    prompt = "Lily saw a <s> cat [INST] and"  # typed controls stay text in raw mode too
+    prompt = "Lily saw a cat [INST] and"
     resp = http.post(run_url, headers=auth, json={"prompt": prompt, "raw": True, "max_tokens": 4})
     assert resp.status_code == 200
     (request,) = submitted
@@ -101,6 +103,38 @@ def test_raw_prompt_reaches_the_engine_as_its_exact_ids(
     assert request.prompt_ids == stories_tokenizer.encode(prompt, bos=True)
     assert request.max_tokens == 4
     assert resp.json()["result"]["usage"]["prompt_tokens"] == len(request.prompt_ids)
+
+
+# The model's own format (§6.1: a raw prompt must adhere to it): Llama 2's turns, for the Llama-2 stand-in
+LLAMA2_RAW = "<s>[INST] Hi [/INST] Hello</s><s>[INST] Bye [/INST]"
+
+
+@pytest.mark.parametrize("route", ["ai-run", "completions"])
+def test_a_raw_prompts_controls_reach_the_engine_as_their_ids(
+        route: str, http: httpx.Client, base_url: str, run_url: str, auth: dict[str, str],
+        submitted: list[GenerationRequest], stories_hf: Path) -> None:
+    """`"raw": true` and /v1/completions: the prompt's <s>/</s> are BOS/EOS as the model's tokenizer.json gives them,
+    one BOS (the prompt's own); the usage counts those ids."""
+    body = {"prompt": LLAMA2_RAW, "max_tokens": 4, "temperature": 0}
+    if route == "ai-run":
+        resp = http.post(run_url, headers=auth, json={**body, "raw": True})
+        usage = resp.json()["result"]["usage"]
+    else:
+        resp = http.post(f"{base_url}/v1/completions", headers=auth, json={**body, "model": MODEL})
+        usage = resp.json()["usage"]
+    assert resp.status_code == 200, resp.text
+    (request,) = submitted
+    hf = tokenizers.Tokenizer.from_file(str(stories_hf / "tokenizer.json"))
+    assert request.prompt_ids == hf.encode(LLAMA2_RAW, add_special_tokens=False).ids
+    assert request.prompt_ids[:1] == [1] and request.prompt_ids[1] != 1 and request.prompt_ids.count(2) == 1
+    assert usage["prompt_tokens"] == len(request.prompt_ids)
+
+
+def test_an_eos_inside_a_raw_prompt_does_not_end_the_reply(http: httpx.Client, run_url: str,
+                                                          auth: dict[str, str]) -> None:
+    body = {"prompt": "Once upon a time</s><s>Lily saw a", "raw": True, "max_tokens": 6, "temperature": 0}
+    result = http.post(run_url, headers=auth, json=body).json()["result"]
+    assert result["usage"]["completion_tokens"] == 6 and result["response"].strip()
 
 
 def test_a_raw_reply_continues_the_prompt_text(http: httpx.Client, run_url: str, auth: dict[str, str],

@@ -13,10 +13,16 @@ import subprocess
 import time
 from collections.abc import Iterator
 from multiprocessing.connection import Connection
+from pathlib import Path
 
 import pytest
+import tokenizers
 
+from int8serve.engine.chat_template import render_prompt
+from int8serve.engine.sampling_params import SamplingParams
+from int8serve.engine.tokenizer import Tokenizer
 from int8serve.service.errors import ApiError
+from int8serve.service.protocol.run import ValidatedRun
 from int8serve.service.workers import RequestWorkers, Resolver
 
 LARGE = 16 << 20  # far beyond a pipe's 64 KiB buffer
@@ -136,3 +142,24 @@ def test_an_error_in_the_worker_comes_back_as_it_was_raised(workers: RequestWork
     with pytest.raises(ApiError) as refused:
         asyncio.run(workers._in_process("acct-a", bad_request))
     assert (refused.value.status, refused.value.code) == (400, 5006)
+
+
+def test_a_raw_prompt_tokenized_in_the_worker_gets_the_ids_a_thread_gives(stories_tokenizer: Tokenizer,
+                                                                          stories_hf: Path) -> None:
+    """A long prompt is tokenized in the worker process (its tokenizer loaded from the file there): a raw prompt's
+    <s>/</s> are their ids there too, the ids the tokenizer.json gives."""
+    prompt = "<s>[INST] Hi [/INST] Hello</s><s>[INST] Bye [/INST]"
+    run = ValidatedRun(segments=tuple(render_prompt(prompt, raw=True)), max_tokens=4, params=SamplingParams(),
+                       stream=False, reject_if_busy=False, form="prompt", raw=True)
+    expected = tokenizers.Tokenizer.from_file(str(stories_hf / "tokenizer.json")).encode(
+        prompt, add_special_tokens=False).ids
+    resolve = Resolver({}, frozenset())
+    for inline_chars in (1 << 14, 0):  # in a thread of this process; in the worker
+        pool = RequestWorkers(resolve, {"stories": stories_tokenizer}, inline_chars=inline_chars)
+        try:
+            tokenized = asyncio.run(pool.tokenize("acct-a", "stories", run, 512))
+        finally:
+            pool.close()
+        assert list(tokenized.prompt_ids) == expected, inline_chars
+        assert tokenized.prompt_tokens == len(expected)
+    assert not zombies()

@@ -11,7 +11,9 @@ What the engine asks of it is what `tokenizer.Tokenizer` gives for SentencePiece
 (`encode_segments`), text for ids (whole, and streamed by `detokenizer.ByteDetokenizer`), BOS/EOS and the ids that
 end a reply (`stop_ids`). Special tokens typed by a user stay text: text is encoded with the library's
 `encode_special_tokens`, so "<|im_end|>" in a message is the ids of its characters; only the template's `Control`
-markers become control ids.
+markers become control ids. A raw prompt (`RawText`) is in the model's own format: it is encoded with the special
+tokens parsed, as the library encodes by default ("<|im_end|>" is its id), and one that starts with the BOS the
+tokenizer would add gets no second one.
 """
 
 from __future__ import annotations
@@ -25,7 +27,7 @@ from typing import Any
 import tokenizers
 from tokenizers import decoders, models, pre_tokenizers, processors
 
-from .chat_template import Control, Segment
+from .chat_template import Control, RawText, Segment
 from .detokenizer import ByteDetokenizer
 
 __all__ = ["END_OF_TURN_TOKENS", "BPETokenizer", "byte_level_json"]
@@ -177,10 +179,14 @@ class BPETokenizer:
         return [self.bos_id, *ids] if bos else ids
 
     def encode_segments(self, segments: Iterable[Segment]) -> list[int]:
-        """Ids of a rendered template: BOS first if the model wants one, controls as their ids, text encoded."""
+        """Ids of a rendered template: BOS first if the model wants one, controls as their ids, text encoded (a raw
+        prompt's special tokens as their ids, its own leading BOS being the first)."""
         ids = [self.bos_id] if self._add_bos else []
         for index, segment in enumerate(segments):
-            if isinstance(segment, str):
+            if isinstance(segment, RawText):
+                raw = self._parsing_special_tokens.encode(segment, add_special_tokens=False).ids
+                ids.extend(raw[1:] if index == 0 and self._add_bos and raw[:1] == [self.bos_id] else raw)
+            elif isinstance(segment, str):
                 ids.extend(self._tok.encode(segment, add_special_tokens=False).ids)
             elif segment is Control.BOS:
                 if not (index == 0 and self._add_bos):
@@ -196,6 +202,14 @@ class BPETokenizer:
             else:
                 raise TypeError(f"a segment is a str or a Control, not {type(segment).__name__}")
         return ids
+
+    @cached_property
+    def _parsing_special_tokens(self) -> tokenizers.Tokenizer:
+        """The same tokenizer reading the special tokens spelled in text (a raw prompt's), a copy made on first use:
+        the flag is the tokenizer's own, and other threads encode plain text with `_tok` meanwhile."""
+        tok = tokenizers.Tokenizer.from_str(self._tok.to_str())
+        tok.encode_special_tokens = False
+        return tok
 
     def decode(self, ids: Iterable[int]) -> str:
         """Text of `ids` without special tokens, as `tokenizers` decodes them."""

@@ -15,6 +15,10 @@ The rendered prompt is a list of *segments*: text (``str``) or a :class:`Control
 ``<s>``/``</s>`` that the template writes become :data:`Control.BOS`/:data:`Control.EOS`, which the
 tokenizer maps to control ids, while the same characters typed by a user inside a message stay
 ordinary text. That way a user cannot forge turn boundaries by typing ``</s><s>[INST]``.
+A *raw* prompt (``"raw": true``, every ``/v1/completions`` prompt) is the other way round: it is written in the
+model's own format ("you must adhere to the specific model's expected formatting", §6.1), so it is one
+:class:`RawText` segment, whose control tokens the tokenizer parses (``<s>``, ``</s>``, ``<|im_start|>``: their
+ids, as Hugging Face's tokenizers, TGI, vLLM and llama.cpp read a raw prompt). There is no template to protect.
 :func:`segments_to_text` gives back the literal string Workers AI's documentation shows.
 
 Models name their template as Workers AI's catalog does (``promptTemplate``); :func:`get_template` gives it by name.
@@ -38,6 +42,7 @@ __all__ = [
     "TEMPLATES",
     "ChatTemplate",
     "Control",
+    "RawText",
     "Segment",
     "get_template",
     "render_chatml_messages",
@@ -62,7 +67,14 @@ class Control(enum.Enum):
     IM_END = "<|im_end|>"
 
 
-#: One piece of a rendered prompt: literal text or a control token.
+class RawText(str):
+    """A raw prompt's text, in the model's own format: the tokenizer reads the control tokens spelled in it (a plain
+    ``str`` segment, a message's text, keeps them as text)."""
+
+    __slots__ = ()
+
+
+#: One piece of a rendered prompt: literal text (plain, or :class:`RawText`) or a control token.
 Segment = str | Control
 
 # The ``llama2`` template of Workers AI: role -> (pre, post), with ``<s>``/``</s>`` as controls.
@@ -110,11 +122,11 @@ def render_chatml_messages(messages: Sequence[Mapping[str, Any]]) -> list[Segmen
 def render_prompt(prompt: str, raw: bool = False) -> list[Segment]:
     """Render a ``prompt``-mode request.
 
-    With ``raw`` the prompt goes to the model untouched (as text: a typed ``<s>`` stays text).
+    With ``raw`` the prompt goes to the model as it is, one :class:`RawText` (its ``<s>``/``</s>`` are BOS/EOS).
     Otherwise it becomes ``[system: DEFAULT_SYSTEM_PROMPT, user: prompt]`` rendered as messages.
     """
     if raw:
-        return [prompt] if prompt else []
+        return [RawText(prompt)] if prompt else []
     return render_messages([{"role": "system", "content": DEFAULT_SYSTEM_PROMPT}, {"role": "user", "content": prompt}])
 
 
@@ -128,10 +140,10 @@ class ChatTemplate:
 
     def render_prompt(self, prompt: str, raw: bool = False,
                       system: str | None = DEFAULT_SYSTEM_PROMPT) -> list[Segment]:
-        """A ``prompt``-mode request: as is with ``raw``, else ``[system, user: prompt]`` rendered as messages
-        (``[user: prompt]`` alone with ``system=None``)."""
+        """A ``prompt``-mode request: as is with ``raw`` (one :class:`RawText`), else ``[system, user: prompt]``
+        rendered as messages (``[user: prompt]`` alone with ``system=None``)."""
         if raw:
-            return [prompt] if prompt else []
+            return [RawText(prompt)] if prompt else []
         user = {"role": "user", "content": prompt}
         return self.render_messages([{"role": "system", "content": system}, user] if system is not None else [user])
 

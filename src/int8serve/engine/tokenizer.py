@@ -26,10 +26,15 @@ the Hugging Face ``tokenizer.json`` of Llama 2 and stories260K (``tokenizers`` 0
   not (the template marks its own controls as :class:`~int8serve.engine.chat_template.Control`),
   so a user cannot forge turn boundaries. Plain text gives identical ids in SentencePiece, in HF
   with ``encode_special_tokens = True``, and here.
+* A raw prompt (:class:`~int8serve.engine.chat_template.RawText`) is in the model's own format, and is read as HF
+  reads it: split on the model's special pieces (its control pieces, ``<s>``/``</s>``, and its unknown piece
+  ``<unk>``: HF's special tokens, spelled as the model spells them), each one its id, each piece of text between
+  encoded on its own. One BOS: a prompt that starts with its own ``<s>`` gets no second one.
 """
 
 from __future__ import annotations
 
+import re
 from collections.abc import Iterable, Sequence
 from functools import cached_property
 from pathlib import Path
@@ -37,7 +42,7 @@ from pathlib import Path
 import sentencepiece
 
 from int8serve.engine.bpe_tokenizer import BPETokenizer
-from int8serve.engine.chat_template import Control, Segment
+from int8serve.engine.chat_template import Control, RawText, Segment
 from int8serve.engine.detokenizer import IncrementalDetokenizer, PieceTable
 from int8serve.engine.errors import CheckpointError
 
@@ -97,7 +102,8 @@ class Tokenizer:
         """Ids of a rendered template: exactly one leading BOS, controls as ids, text encoded.
 
         A BOS marker at the very start is the leading BOS itself, not a second one. Later markers
-        (the ``</s><s>`` between turns) become their ids.
+        (the ``</s><s>`` between turns) become their ids. A raw prompt's special pieces are their ids,
+        its own leading ``<s>`` being the leading BOS.
         """
         ids = [self.bos_id]
         for index, segment in enumerate(segments):
@@ -106,6 +112,9 @@ class Tokenizer:
                     ids.append(self.bos_id)
             elif segment is Control.EOS:
                 ids.append(self.eos_id)
+            elif isinstance(segment, RawText):
+                raw = self._encode_raw(segment)
+                ids.extend(raw[1:] if index == 0 and raw[:1] == [self.bos_id] else raw)
             elif isinstance(segment, str):
                 ids.extend(self._sp.encode(segment))
             elif isinstance(segment, Control):
@@ -114,6 +123,32 @@ class Tokenizer:
             else:
                 raise TypeError(f"a segment is a str or a Control, not {type(segment).__name__}")
         return ids
+
+    def _encode_raw(self, text: str) -> list[int]:
+        """Ids of a raw prompt's text: its special pieces as their ids, the text between them encoded."""
+        ids: list[int] = []
+        for index, part in enumerate(self._special_spelling.split(text)):
+            if index % 2:  # a special piece (the pattern's one group)
+                ids.append(self._special_pieces[part])
+            elif part:
+                ids.extend(self._sp.encode(part))
+        return ids
+
+    @cached_property
+    def _special_pieces(self) -> dict[str, int]:
+        """The pieces a raw prompt may spell to get their ids, as HF's tokenizer.json makes them special tokens: BOS,
+        EOS and the other control pieces, and the unknown piece (``<s>``, ``</s>``, ``<unk>``), spelled as the model
+        spells them."""
+        sp = self._sp
+        special = {sp.bos_id(), sp.eos_id(), *(i for i in range(sp.get_piece_size())
+                                               if sp.is_control(i) or sp.is_unknown(i))}
+        return {piece: index for index in sorted(special) if (piece := sp.id_to_piece(index))}
+
+    @cached_property
+    def _special_spelling(self) -> re.Pattern[str]:
+        """Any special piece, the longest where several start at one place (HF's matching), as the one group."""
+        spellings = sorted(self._special_pieces, key=len, reverse=True)
+        return re.compile("(" + "|".join(map(re.escape, spellings)) + ")")
 
     def decode(self, ids: Iterable[int]) -> str:
         """Text of ``ids``, exactly as ``SentencePieceProcessor.decode`` gives it."""

@@ -153,8 +153,9 @@ class ValidatedRun:
     def prompt_tokens_bound(self) -> int:
         """At most how many tokens the prompt will be, without the tokenizer: a BOS, one id per control, and per
         text segment one per UTF-8 byte plus one (a token covers at least one byte; SentencePiece may add a lone
-        dummy prefix). The daily allocation reserves with it until the prompt is tokenized (and checks again in
-        the unlikely case a tokenizer gives more)."""
+        dummy prefix; a control token written in a raw prompt, several bytes, is one id, which pays for the dummy
+        prefix of the text after it). The daily allocation reserves with it until the prompt is tokenized (and
+        checks again in the unlikely case a tokenizer gives more)."""
         return 1 + sum(len(s.encode("utf-8", "surrogatepass")) + 1 if isinstance(s, str) else 1
                        for s in self.segments)
 
