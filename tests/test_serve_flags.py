@@ -1,0 +1,155 @@
+"""`int8serve serve`'s flags are checked by ServeSettings alone, as their INT8SERVE_* variables are.
+
+A review found serve's flags checked twice, by argparse helpers of the command line and by the settings, with other
+bounds and words: `--prefix-cache-tokens 0` said "expected a whole number >= 1" where the bound is 16, and
+`--cache-ttl 99999999` passed the command line to be refused by the settings only. Each value of a flag now goes to
+ServeSettings as typed, as a variable's does: it takes or refuses the same values, and a refusal is one line naming the
+flag and the bound it breaks (exit 2), said before anything loads. `--threads` is checked as every command checks it.
+These run `main` in this process and stop it where serve would start checking its models (`startup.prepare`).
+"""
+
+from __future__ import annotations
+
+from types import UnionType
+from typing import Any, Literal, Union, get_args, get_origin
+
+import pytest
+
+from int8serve import startup
+from int8serve.cli import main
+from int8serve.settings import MAX_THREADS, ServeSettings, env_name, flag_name, load_settings
+
+# every number setting of serve but --threads (checked as the other commands check theirs: below)
+NUMBER_FLAGS = ("--port", "--max-queue", "--prefill-chunk", "--solo-prefill-tokens", "--prefix-cache-tokens",
+                "--shutdown-timeout", "--max-connections", "--header-timeout", "--body-timeout", "--stall-timeout",
+                "--max-inflight-per-account", "--database-timeout", "--rpm", "--cache-ttl", "--daily-neurons")
+NASTY = ("0", "-1", "7" * 400, "nan", "inf", "1e400", "", " 5")
+
+
+class Reached(Exception):
+    """serve got past its settings to the checks of its models: the settings it had."""
+
+
+@pytest.fixture(autouse=True)
+def settings_only(monkeypatch: pytest.MonkeyPatch) -> None:
+    """No INT8SERVE_* variable of the machine leaks in, and serve stops where it would check its models."""
+    import os
+
+    for name in list(os.environ):
+        if name.upper().startswith("INT8SERVE_"):
+            monkeypatch.delenv(name)
+
+    def stop(settings: ServeSettings) -> None:
+        raise Reached(settings)
+
+    monkeypatch.setattr(startup, "prepare", stop)
+
+
+def serve(*argv: str) -> ServeSettings:
+    """The settings `int8serve serve ARGV` starts with; SystemExit when it refuses them."""
+    with pytest.raises(Reached) as reached:
+        main(["serve", *argv])
+    return reached.value.args[0]
+
+
+def refused(capsys: pytest.CaptureFixture[str], *argv: str) -> str:
+    """What `int8serve serve ARGV` says when it refuses its flags (exit 2, as argparse's)."""
+    capsys.readouterr()
+    with pytest.raises(SystemExit) as exit_info:
+        main(["serve", *argv])
+    assert exit_info.value.code == 2
+    return capsys.readouterr().err
+
+
+def field_of(flag: str) -> str:
+    return next(name for name in ServeSettings.model_fields if flag_name(name) == flag)
+
+
+def test_every_number_setting_is_checked_here() -> None:
+    def is_number(annotation: Any) -> bool:
+        union = get_origin(annotation) in (Union, UnionType)
+        kinds = set(get_args(annotation)) - {type(None)} if union else {annotation}
+        return bool(kinds) and kinds <= {int, float}
+
+    numbers = {name for name, info in ServeSettings.model_fields.items() if is_number(info.annotation)}
+    assert numbers == {field_of(flag) for flag in NUMBER_FLAGS} | {"threads"}
+
+
+@pytest.mark.parametrize("value", NASTY)
+@pytest.mark.parametrize("flag", NUMBER_FLAGS)
+def test_a_flag_takes_what_its_variable_takes_and_refuses_it_in_one_line(
+        flag: str, value: str, capsys: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch) -> None:
+    field = field_of(flag)
+    monkeypatch.setenv(env_name(field), value)
+    try:
+        from_variable: Any = getattr(load_settings({}).settings, field)
+    except ValueError as err:
+        from_variable = str(err)
+    monkeypatch.delenv(env_name(field))
+    if not isinstance(from_variable, str):  # taken: the same value from the flag
+        assert getattr(serve(flag, value), field) == from_variable
+        return
+    said = refused(capsys, flag, value)
+    assert said == f"int8serve serve: error: {from_variable.replace(env_name(field), flag, 1)}\n"
+    assert said.startswith(f"int8serve serve: error: {flag}: Input should be ")
+
+
+@pytest.mark.parametrize(("argv", "message"), [
+    (["--prefix-cache-tokens", "0"], "--prefix-cache-tokens: Input should be greater than or equal to 16 (got '0')"),
+    (["--prefix-cache-tokens", "5"], "--prefix-cache-tokens: Input should be greater than or equal to 16 (got '5')"),
+    (["--cache-ttl", "99999999"], "--cache-ttl: Input should be less than or equal to 2592000 (got '99999999')"),
+    (["--cache-ttl", "0"], "--cache-ttl: Input should be greater than or equal to 1 (got '0')"),
+    (["--max-connections", "0"], "--max-connections: Input should be greater than or equal to 1 (got '0')"),
+    (["--port", "65536"], "--port: Input should be less than or equal to 65535 (got '65536')"),
+    (["--rpm", "-1"], "--rpm: Input should be greater than or equal to 0 (got '-1')"),
+    (["--header-timeout", "0"], "--header-timeout: Input should be greater than 0 (got '0')"),
+    (["--daily-neurons", "nan"], "--daily-neurons: Input should be a finite number (got 'nan')"),
+    (["--max-queue", "2.5"], "--max-queue: Input should be a valid integer, unable to parse string as an integer "
+                             "(got '2.5')"),
+    (["--dtype", "fp8"], "--dtype: Input should be 'int8' or 'fp32' (got 'fp8')"),
+    (["--kv-cache", "fp8"], "--kv-cache: Input should be 'auto', 'bf16', 'fp16' or 'int8' (got 'fp8')"),
+    (["--quantizer", "awq"], "--quantizer: Input should be 'gptq' or 'rtn' (got 'awq')"),
+    (["--log-format", "xml"], "--log-format: Input should be 'text' or 'json' (got 'xml')"),
+    (["--cache-scope", "world"], "--cache-scope: Input should be 'account' or 'global' (got 'world')"),
+    (["--log-level", "loud", "--max-queue", "-1"], "--max-queue: Input should be greater than or equal to 0 (got "
+     "'-1'); --log-level: Input should be 'critical', 'error', 'warning', 'info' or 'debug' (got 'loud')"),
+])
+def test_a_refusal_names_the_flag_and_the_settings_bound(argv: list[str], message: str,
+                                                         capsys: pytest.CaptureFixture[str]) -> None:
+    assert refused(capsys, *argv) == f"int8serve serve: error: {message}\n"
+
+
+def test_the_flags_values_are_the_settings(monkeypatch: pytest.MonkeyPatch) -> None:
+    settings = serve("--port", "0", "--max-queue", " 5", "--prefix-cache-tokens", "16", "--cache-ttl", "2592000",
+                     "--shutdown-timeout", "0", "--header-timeout", "1e-3", "--daily-neurons", "--dtype", "fp32",
+                     "--log-level", "debug", "--cache-scope", "global")
+    assert (settings.port, settings.max_queue, settings.prefix_cache_tokens, settings.cache_ttl) == (0, 5, 16, 2592000)
+    assert (settings.shutdown_timeout, settings.header_timeout, settings.daily_neurons) == (0.0, 0.001, 10_000.0)
+    assert (settings.dtype, settings.log_level, settings.cache_scope) == ("fp32", "debug", "global")
+    monkeypatch.setenv("INT8SERVE_MAX_QUEUE", "7")
+    monkeypatch.setenv("INT8SERVE_DTYPE", "fp32")
+    assert (serve().max_queue, serve("--max-queue", "9").max_queue, serve("--dtype", "int8").dtype) == (7, 9, "int8")
+
+
+def test_help_shows_each_choice_and_default_from_the_settings(capsys: pytest.CaptureFixture[str]) -> None:
+    with pytest.raises(SystemExit):
+        main(["serve", "--help"])
+    text = " ".join(capsys.readouterr().out.split())
+    for name, info in ServeSettings.model_fields.items():
+        if get_origin(info.annotation) is Literal:
+            choices = "{" + ",".join(get_args(info.annotation)) + "}"
+            assert f"{flag_name(name)} {choices}" in text, name
+            assert f"{env_name(name)}; default: {info.default}]" in text, name
+
+
+@pytest.mark.parametrize("value", [*NASTY, "1025"])
+def test_threads_are_checked_as_every_command_checks_them(value: str, capsys: pytest.CaptureFixture[str]) -> None:
+    if value == " 5":
+        assert serve("--threads", value).threads == 5
+        return
+    said = refused(capsys, "--threads", value).splitlines()[-1]
+    assert said == f"int8serve serve: error: argument --threads: expected a whole number from 1 to {MAX_THREADS}, " \
+                   f"got {value!r}"
+    with pytest.raises(SystemExit):
+        main(["generate", "--threads", value, "hello"])
+    assert capsys.readouterr().err.splitlines()[-1] == said.replace("int8serve serve:", "int8serve generate:")
