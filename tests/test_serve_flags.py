@@ -10,6 +10,7 @@ These run `main` in this process and stop it where serve would start checking it
 
 from __future__ import annotations
 
+from pathlib import Path
 from types import UnionType
 from typing import Any, Literal, Union, get_args, get_origin
 
@@ -17,7 +18,14 @@ import pytest
 
 from int8serve import startup
 from int8serve.cli import main
-from int8serve.settings import MAX_THREADS, ServeSettings, env_name, flag_name, load_settings
+from int8serve.settings import (
+    MAX_THREADS,
+    PREFIX_CACHE_BLOCK_TOKENS,
+    ServeSettings,
+    env_name,
+    flag_name,
+    load_settings,
+)
 
 # every number setting of serve but --threads (checked as the other commands check theirs: below)
 NUMBER_FLAGS = ("--port", "--max-queue", "--prefill-chunk", "--solo-prefill-tokens", "--prefix-cache-tokens",
@@ -91,7 +99,7 @@ def test_a_flag_takes_what_its_variable_takes_and_refuses_it_in_one_line(
         return
     said = refused(capsys, flag, value)
     assert said == f"int8serve serve: error: {from_variable.replace(env_name(field), flag, 1)}\n"
-    assert said.startswith(f"int8serve serve: error: {flag}: Input should be ")
+    assert said.startswith(f"int8serve serve: error: {flag}: ")
 
 
 @pytest.mark.parametrize(("argv", "message"), [
@@ -153,3 +161,27 @@ def test_threads_are_checked_as_every_command_checks_them(value: str, capsys: py
     with pytest.raises(SystemExit):
         main(["generate", "--threads", value, "hello"])
     assert capsys.readouterr().err.splitlines()[-1] == said.replace("int8serve serve:", "int8serve generate:")
+
+
+def test_a_prefill_chunk_the_prefix_cache_cannot_take_is_refused_before_anything_loads(
+        tmp_path: Path, capsys: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch) -> None:
+    """--prefill-chunk 100 passed the settings: serve listened, printed its token, loaded the model, and only then
+    said that the chunk must be a multiple of the prefix cache's block (exit 1)."""
+    from int8serve.engine.prefix_cache import DEFAULT_BLOCK_TOKENS
+
+    assert PREFIX_CACHE_BLOCK_TOKENS == DEFAULT_BLOCK_TOKENS
+    problem = "Value error, expected a multiple of 16 with the prefix cache, whose blocks are 16 tokens " \
+              "(--no-prefix-cache turns it off) (got {})"
+    assert refused(capsys, "--prefill-chunk", "100") == \
+        f"int8serve serve: error: --prefill-chunk: {problem.format(repr('100'))}\n"
+    config = tmp_path / "int8serve.toml"
+    config.write_text("prefill_chunk = 8\n")
+    assert refused(capsys, "--config", str(config)) == \
+        f"int8serve serve: error: prefill_chunk in {config}: {problem.format(8)}\n"
+    monkeypatch.setenv("INT8SERVE_PREFILL_CHUNK", "24")
+    assert refused(capsys) == f"int8serve serve: error: INT8SERVE_PREFILL_CHUNK: {problem.format(repr('24'))}\n"
+    # without the prefix cache (off, or the fp32 reference's: none) any chunk of 1 or more
+    assert serve("--no-prefix-cache").prefill_chunk == serve("--dtype", "fp32").prefill_chunk == 24
+    monkeypatch.setenv("INT8SERVE_PREFIX_CACHE", "false")
+    assert serve("--prefill-chunk", "100").prefill_chunk == 100
+    assert serve("--prefix-cache", "--prefill-chunk", "96").prefill_chunk == 96

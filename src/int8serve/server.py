@@ -105,8 +105,6 @@ def load_service(settings: ServeSettings, prepared: Prepared, tokens: dict[str, 
         for served in prepared.models:
             try:
                 engine, lines = _start_engine(settings, served)
-            except ServeError:  # a setting's (--prefill-chunk), said as it is
-                raise
             except Exception as err:  # e.g. damaged tensor data, which only the load reads
                 raise ServeError(f"model {served.card.name}: {_failure(err)}") from err
             engines[served.card.name] = engine
@@ -246,9 +244,6 @@ def _prefix_cache(settings: ServeSettings, model: Transformer, slot_positions: i
     if not settings.prefix_cache or settings.dtype != "int8":
         return None
     tokens = settings.prefix_cache_tokens or max(DEFAULT_BLOCK_TOKENS, slot_positions // 16)
-    if settings.prefill_chunk % DEFAULT_BLOCK_TOKENS:
-        raise ServeError(f"--prefill-chunk must be a multiple of {DEFAULT_BLOCK_TOKENS} with the prefix cache "
-                         "(or use --no-prefix-cache)")
     return PrefixCache(model.config, model.cache_dtype, tokens)
 
 

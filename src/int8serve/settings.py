@@ -33,7 +33,7 @@ from pathlib import Path
 from types import UnionType
 from typing import Annotated, Any, Literal, Union, get_args, get_origin
 
-from pydantic import Field, ValidationError, field_validator, model_validator
+from pydantic import Field, ValidationError, ValidationInfo, field_validator, model_validator
 from pydantic_settings import (
     BaseSettings,
     InitSettingsSource,
@@ -94,6 +94,9 @@ DEFAULT_SHUTDOWN_TIMEOUT = 30.0
 DEFAULT_MAX_CONNECTIONS = 512  # = service.connections.DEFAULT_MAX_CONNECTIONS
 DEFAULT_HEADER_TIMEOUT = 10.0  # = service.connections.DEFAULT_HEADER_TIMEOUT
 MAX_THREADS = 1024  # torch threads: more than any CPU we know has cores (torch takes up to a C int: 2**31 - 1)
+# = engine.prefix_cache.DEFAULT_BLOCK_TOKENS, repeated so that reading the settings imports no torch
+# (tests/test_serve_flags.py checks they agree): with the prefix cache, prefill chunks end at whole blocks
+PREFIX_CACHE_BLOCK_TOKENS = 16
 
 LogLevel = Literal["critical", "error", "warning", "info", "debug"]
 FLAG_KEYS = {"token": "tokens", "cache": "response_cache"}  # serve's flags named otherwise than their setting
@@ -180,8 +183,9 @@ class ServeSettings(BaseSettings):
     prefix_cache_tokens: int | None = Field(None, ge=16, description="prompt tokens the prefix cache may hold, at "
                                             "least 16. Default: 1/16 of the slots' positions (512 for 4 x 2048), "
                                             "0.25 GiB on the 7B model")
-    prefill_chunk: int = Field(128, ge=1, description="prompt tokens per prefill step, at least 1, so that running "
-                                                      "streams keep flowing")
+    prefill_chunk: int = Field(128, ge=1, description="prompt tokens per prefill step, at least 1 (a multiple of "
+                                                      f"{PREFIX_CACHE_BLOCK_TOKENS} with the prefix cache), so that "
+                                                      "running streams keep flowing")
     solo_prefill_tokens: int | None = Field(None, ge=0, description="prompt tokens one prefill step may take when "
                                             "the prompt is alone in the server (nothing else running or waiting): "
                                             "whole chunks in one forward, the same bits as one by one, where the "
@@ -284,6 +288,17 @@ class ServeSettings(BaseSettings):
                 parse_model_entry(entry)
             except ModelSpecError as err:
                 raise ValueError(str(err)) from None
+        return value
+
+    @field_validator("prefill_chunk")
+    @classmethod
+    def _whole_prefix_cache_blocks(cls, value: int, info: ValidationInfo) -> int:
+        """With the prefix cache (an int8 model's), prefill chunks end at whole blocks of it: checked here, before
+        anything loads (the server found it once the model had loaded). prefix_cache and dtype come before it."""
+        with_prefix_cache = info.data.get("prefix_cache") and info.data.get("dtype") == "int8"
+        if with_prefix_cache and value % PREFIX_CACHE_BLOCK_TOKENS:
+            raise ValueError(f"expected a multiple of {PREFIX_CACHE_BLOCK_TOKENS} with the prefix cache, whose "
+                             f"blocks are {PREFIX_CACHE_BLOCK_TOKENS} tokens (--no-prefix-cache turns it off)")
         return value
 
     @model_validator(mode="after")
