@@ -185,3 +185,19 @@ def test_a_prefill_chunk_the_prefix_cache_cannot_take_is_refused_before_anything
     monkeypatch.setenv("INT8SERVE_PREFIX_CACHE", "false")
     assert serve("--prefill-chunk", "100").prefill_chunk == 100
     assert serve("--prefix-cache", "--prefill-chunk", "96").prefill_chunk == 96
+
+
+@pytest.mark.parametrize("tokens", ["2147483648", "9" * 20, "7" * 400])
+def test_a_prefix_cache_no_memory_could_hold_is_refused_before_anything_loads(
+        tokens: str, capsys: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch) -> None:
+    """--prefix-cache-tokens (or its variable) of 20 digits or more passed the settings and ended serve, once the
+    model had loaded, in torch's C++ stack dump ("Overflow when unpacking long long"); fewer, in "Storage size
+    calculation overflowed". At most 2**31 - 1 tokens now (about a TiB of keys and values even for stories260K)."""
+    shown = repr(tokens) if len(tokens) < 79 else f"'{tokens[:76]}..."
+    assert refused(capsys, "--prefix-cache-tokens", tokens) == (
+        "int8serve serve: error: --prefix-cache-tokens: Input should be less than or equal to 2147483647 "
+        f"(got {shown})\n")
+    monkeypatch.setenv("INT8SERVE_PREFIX_CACHE_TOKENS", tokens)
+    assert refused(capsys).startswith("int8serve serve: error: INT8SERVE_PREFIX_CACHE_TOKENS: Input should be less "
+                                      "than or equal to 2147483647")
+    assert serve("--prefix-cache-tokens", "2147483647").prefix_cache_tokens == 2**31 - 1

@@ -97,6 +97,10 @@ MAX_THREADS = 1024  # torch threads: more than any CPU we know has cores (torch 
 # = engine.prefix_cache.DEFAULT_BLOCK_TOKENS, repeated so that reading the settings imports no torch
 # (tests/test_serve_flags.py checks they agree): with the prefix cache, prefill chunks end at whole blocks
 PREFIX_CACHE_BLOCK_TOKENS = 16
+# the prefix cache's tokens: about a TiB of keys and values even for stories260K (5 layers of 4 x 8), more than a
+# server holds (a count of 20 digits ended serve, once the model had loaded, in torch's C++ stack dump: its sizes
+# overflowed)
+MAX_PREFIX_CACHE_TOKENS = 2**31 - 1
 
 LogLevel = Literal["critical", "error", "warning", "info", "debug"]
 FLAG_KEYS = {"token": "tokens", "cache": "response_cache"}  # serve's flags named otherwise than their setting
@@ -180,9 +184,10 @@ class ServeSettings(BaseSettings):
                                                  "prompt, earlier turns of a chat) and prefill only what follows "
                                                  "them; exact: answers are the same bits without it "
                                                  "(--no-prefix-cache turns it off)")
-    prefix_cache_tokens: int | None = Field(None, ge=16, description="prompt tokens the prefix cache may hold, at "
-                                            "least 16. Default: 1/16 of the slots' positions (512 for 4 x 2048), "
-                                            "0.25 GiB on the 7B model")
+    prefix_cache_tokens: int | None = Field(
+        None, ge=16, le=MAX_PREFIX_CACHE_TOKENS, description="prompt tokens the prefix cache may hold, at least 16, "
+        f"at most {MAX_PREFIX_CACHE_TOKENS}. Default: 1/16 of the slots' positions (512 for 4 x 2048), 0.25 GiB on "
+        "the 7B model")
     prefill_chunk: int = Field(128, ge=1, description="prompt tokens per prefill step, at least 1 (a multiple of "
                                                       f"{PREFIX_CACHE_BLOCK_TOKENS} with the prefix cache), so that "
                                                       "running streams keep flowing")
