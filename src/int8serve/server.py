@@ -52,7 +52,7 @@ from .engine.scheduler import Engine
 from .engine.tokenizer import AnyTokenizer, load_tokenizer
 from .prompt_templates import PromptTemplate, render_prompt, template_named
 from .service.app import create_app, loading_app
-from .service.connections import uvicorn_config
+from .service.connections import ConnectionBudget, uvicorn_config
 from .service.inference import RequestLimits
 from .service.lifecycle import Lifecycle, Phase
 from .service.metrics import ServiceMetrics
@@ -347,12 +347,14 @@ def run_server(loaded: LoadedSettings, tokens: dict[str, str], prepared: Prepare
     _print_start(loaded, prepared, tokens, generated)
     lifecycle = Lifecycle(Phase.LOADING)
     metrics = ServiceMetrics(policy=prepared.policy, lifecycle=lifecycle)  # from the start: loading's answers count
+    connections = ConnectionBudget(settings.max_connections)
+    metrics.watch_connections(connections)
     deferred = _Deferred(loading_app(lifecycle, metrics, settings.metrics_token))
     # JSON: uvicorn's own loggers go through the same JSON handler instead of uvicorn's default config
     log_config = None if settings.log_format == "json" else uvicorn.config.LOGGING_CONFIG
     config = uvicorn_config(deferred, host=settings.host, port=settings.port, log_level=settings.log_level,
                             log_config=log_config, timeout_graceful_shutdown=CUT_GRACE_SECONDS,
-                            header_timeout=settings.header_timeout, max_connections=settings.max_connections)
+                            header_timeout=settings.header_timeout, connections=connections)
     configure_logging(settings.log_format, settings.log_level)  # after uvicorn's config made its loggers
     server = _Server(config, lifecycle, settings.shutdown_timeout)
     failure: list[str] = []

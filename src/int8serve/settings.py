@@ -216,7 +216,8 @@ class ServeSettings(BaseSettings):
                                       "reach the port may read it)")
     # --- what one client may cost (docs/policy.md, "Hostile clients") ---
     max_connections: int = Field(DEFAULT_MAX_CONNECTIONS, ge=1, description="open connections at most (at least "
-                                                                            "1); beyond it new requests get 503")
+                                 "1); a new one closes an idle one, and only when every connection has a request in "
+                                 "progress do new ones get 503 code 3040")
     header_timeout: float = Field(DEFAULT_HEADER_TIMEOUT, gt=0, allow_inf_nan=False,
                                   description="seconds a client may take to send a request's headers before its "
                                               "connection is closed")

@@ -1,63 +1,206 @@
-"""Connection limits for uvicorn: how many connections, and how long a client may take to send a request's headers.
+"""Connection limits for uvicorn: how many connections, which one goes when they are all taken, and how long a
+client may take to send a request's headers.
 
 uvicorn bounds idle keep-alive connections (`timeout_keep_alive`) but not a client that opens a connection and
 sends its headers a byte at a time (slowloris): such a connection is held for ever. `HeaderDeadlineProtocol` closes
 a connection whose request headers are not complete `header_timeout` seconds after it opened, or after the previous
-answer on it ended. The body has a deadline of its own (`RequestLimits.body_timeout`, answered 408/3007), and the
-number of open connections is bounded by uvicorn's `limit_concurrency` (beyond it: 503). A connection also buffers
-at most `WRITE_BUFFER_BYTES` of answer that its client has not read before the answer waits for it (asyncio's
-default is 64 KiB), so a client that stops reading holds little memory, and a stream notices it soon
-(`streaming.py` cuts it, or bounds what waits for the connection: `UNSENT_ANSWER_BYTES`).
+answer on it ended. The body has a deadline of its own (`RequestLimits.body_timeout`, answered 408/3007).
+
+The number of open connections is bounded by a `ConnectionBudget` of `max_connections`, counted here rather than
+with uvicorn's `limit_concurrency` (which let connections that never sent a byte take every place, and answered
+everyone else a plain-text 503 that no log line or metric saw). A connection that comes when all are taken makes
+room by closing an idle one, so that idle connections never keep anyone out:
+
+1. the oldest connection that has not sent a whole request head yet (a flood of connections that send nothing
+   closes itself, oldest first, and never the connections that real clients have already used);
+2. else the keep-alive connection idle for the longest time, between two requests;
+3. else (every connection has a request in progress) the newcomer is not counted: up to `REFUSALS` of them at once
+   have `REFUSAL_TIMEOUT` seconds to send their request head, answered 503/3040 in the route's envelope with
+   `Retry-After` (the lifecycle gate answers it, inside the request log and the metrics; probes and scrapes are
+   answered as usual), and then closed; beyond those the newcomer is closed at once.
+
+A connection that has sent nothing needs no deadline shorter than `header_timeout`: it is the first to go when its
+place is wanted, and until then it costs one file descriptor within the budget.
+
+A connection also buffers at most `WRITE_BUFFER_BYTES` of answer that its client has not read before the answer
+waits for it (asyncio's default is 64 KiB), so a client that stops reading holds little memory, and a stream
+notices it soon (`streaming.py` cuts it, or bounds what waits for the connection: `UNSENT_ANSWER_BYTES`).
 """
 
 from __future__ import annotations
 
 import asyncio
+import logging
+import time
 from typing import Any
 
 import uvicorn
+from starlette.types import ASGIApp, Receive, Scope, Send
 from uvicorn.protocols.http.h11_impl import H11Protocol
 
-__all__ = ["DEFAULT_HEADER_TIMEOUT", "DEFAULT_MAX_CONNECTIONS", "HeaderDeadlineProtocol", "uvicorn_config"]
+__all__ = ["CLOSE_REASONS", "DEFAULT_HEADER_TIMEOUT", "DEFAULT_MAX_CONNECTIONS", "OVER_LIMIT_SCOPE_KEY", "REFUSALS",
+           "ConnectionBudget", "HeaderDeadlineProtocol", "uvicorn_config"]
+
+log = logging.getLogger(__name__)
 
 DEFAULT_HEADER_TIMEOUT = 10.0
 DEFAULT_MAX_CONNECTIONS = 512
 WRITE_BUFFER_BYTES = 16 << 10
+REFUSALS = 16  # connections beyond the limit waiting at once for their request head, to be answered 503
+REFUSAL_TIMEOUT = 2.0  # seconds such a connection has to send its request head
+OVER_LIMIT_SCOPE_KEY = "int8serve.over_connection_limit"  # in the scope of a request to answer 503/3040
+WARNING_INTERVAL = 10.0  # seconds between two warnings of one kind (a flood would write one a connection)
+# why connections are closed by the server, as `int8serve_connections_closed_total{reason}` counts them
+CLOSE_REASONS = ("evicted", "over_limit", "header_timeout")
+
+
+class _Occasional:
+    """A warning logged at most once every `WARNING_INTERVAL` seconds, saying how many were left unsaid."""
+
+    def __init__(self, message: str) -> None:
+        self.message = message
+        self._next = 0.0
+        self._unsaid = 0
+
+    def __call__(self, *args: object) -> None:
+        now = time.monotonic()
+        if now < self._next:
+            self._unsaid += 1
+            return
+        more = f" ({self._unsaid} more times since the last warning)" if self._unsaid else ""
+        log.warning(self.message + more, *args)
+        self._next, self._unsaid = now + WARNING_INTERVAL, 0
+
+
+class ConnectionBudget:
+    """The open connections of one server: at most `limit` counted, and which one to close for a new one (see the
+    module docstring). Runs on the server's event loop; `closed` counts the connections closed by the server."""
+
+    def __init__(self, limit: int = DEFAULT_MAX_CONNECTIONS) -> None:
+        if limit < 1:
+            raise ValueError("the connection limit must be at least 1")
+        self.limit = limit
+        self._counted: set[HeaderDeadlineProtocol] = set()
+        self._unheard: dict[HeaderDeadlineProtocol, None] = {}  # no whole request head yet: the oldest first
+        self._between: dict[HeaderDeadlineProtocol, None] = {}  # between two requests: the longest idle first
+        self.refusing = 0  # connections beyond the limit, to be answered 503
+        self.closed = dict.fromkeys(CLOSE_REASONS, 0)
+        self._warn_evicted = _Occasional(f"at the connection limit ({limit}, --max-connections): closing idle "
+                                         "connections for new ones")
+        self._warn_full = _Occasional(f"every connection (--max-connections {limit}) has a request in progress: "
+                                      "answering new connections 503/3040, closing those beyond %d at once")
+
+    @property
+    def open(self) -> int:
+        """Connections counted now."""
+        return len(self._counted)
+
+    def admit(self, conn: HeaderDeadlineProtocol) -> bool:
+        """Count `conn`, a new connection, closing the idlest counted one if the limit is reached; False (`conn` not
+        counted) if every counted connection has a request in progress."""
+        if len(self._counted) >= self.limit:
+            idlest = next(iter(self._unheard or self._between), None)
+            if idlest is None:
+                self._warn_full(REFUSALS)
+                return False
+            self.release(idlest)
+            self.closed["evicted"] += 1
+            self._warn_evicted()
+            idlest.evict()
+        self._counted.add(conn)
+        self._unheard[conn] = None
+        return True
+
+    def busy(self, conn: HeaderDeadlineProtocol) -> None:
+        """`conn` has a request in progress: it is not closed for a newcomer."""
+        self._unheard.pop(conn, None)
+        self._between.pop(conn, None)
+
+    def idle(self, conn: HeaderDeadlineProtocol) -> None:
+        """`conn` answered its request and waits for the next: the newest of the idle ones."""
+        if conn in self._counted:
+            self._unheard.pop(conn, None)
+            self._between.pop(conn, None)
+            self._between[conn] = None
+
+    def release(self, conn: HeaderDeadlineProtocol) -> None:
+        """`conn` is closed (or closing): no longer counted."""
+        self._counted.discard(conn)
+        self.busy(conn)
+
+
+def _over_limit(app: ASGIApp) -> ASGIApp:
+    """`app`, told (in the scope) that the request came on a connection beyond the limit."""
+
+    async def over_limit(scope: Scope, receive: Receive, send: Send) -> None:
+        scope[OVER_LIMIT_SCOPE_KEY] = True
+        await app(scope, receive, send)
+
+    return over_limit
 
 
 class HeaderDeadlineProtocol(H11Protocol):
-    """uvicorn's h11 protocol, closing connections whose request headers take longer than `header_timeout`."""
+    """uvicorn's h11 protocol, counted in `budget`, closing connections whose request headers take longer than
+    `header_timeout` (see the module docstring)."""
 
     header_timeout = DEFAULT_HEADER_TIMEOUT
+    budget: ConnectionBudget  # the server's: `uvicorn_config` makes a subclass for it
 
     def __init__(self, *args: Any, **kwargs: Any) -> None:
         super().__init__(*args, **kwargs)
         self._deadline: asyncio.TimerHandle | None = None
         self._seen_cycle: object = None
+        self._over_limit = False
 
     def connection_made(self, transport: asyncio.Transport) -> None:  # type: ignore[override]
         super().connection_made(transport)
         transport.set_write_buffer_limits(high=WRITE_BUFFER_BYTES)
-        self._arm()
+        if self.budget.admit(self):
+            self._arm(self.header_timeout)
+        elif self.budget.refusing < REFUSALS:  # answered 503 once its request head is in, then closed
+            self._over_limit = True
+            self.budget.refusing += 1
+            self.app = _over_limit(self.app)
+            self._arm(min(self.header_timeout, REFUSAL_TIMEOUT))
+        else:
+            self.budget.closed["over_limit"] += 1
+            transport.close()
 
     def connection_lost(self, exc: Exception | None) -> None:
         self._disarm()
+        self.budget.release(self)
+        if self._over_limit:
+            self._over_limit = False
+            self.budget.refusing -= 1
         super().connection_lost(exc)
 
     def on_response_complete(self) -> None:
-        super().on_response_complete()
-        self._arm()  # the next request on this connection has the same deadline
+        super().on_response_complete()  # starts the next request if it is in already (pipelined)
+        if not self.transport.is_closing() and self.cycle.response_complete:
+            self.budget.idle(self)
+            self._arm(self.header_timeout)  # the next request on this connection has the same deadline
 
     def handle_events(self) -> None:
         super().handle_events()
         if self.cycle is not None and self.cycle is not self._seen_cycle:  # a request's headers are complete
             self._seen_cycle = self.cycle
             self._disarm()
+            self.budget.busy(self)
+            if self._over_limit:
+                self.cycle.keep_alive = False  # one answer, then closed
 
-    def _arm(self) -> None:
+    def evict(self) -> None:
+        """Close this idle connection for a new one (at once, if its client has not read its last answer)."""
+        self._disarm()
+        if self.transport.get_write_buffer_size():
+            self.transport.abort()
+        else:
+            self.transport.close()
+
+    def _arm(self, seconds: float) -> None:
         self._disarm()
         if not self.transport.is_closing():
-            self._deadline = self.loop.call_later(self.header_timeout, self._expire)
+            self._deadline = self.loop.call_later(seconds, self._expire)
 
     def _disarm(self) -> None:
         if self._deadline is not None:
@@ -68,11 +211,16 @@ class HeaderDeadlineProtocol(H11Protocol):
         self._deadline = None
         if not self.transport.is_closing():
             self.logger.debug("closing a connection whose request headers took over %s s", self.header_timeout)
+            self.budget.closed["header_timeout"] += 1
             self.transport.close()
 
 
 def uvicorn_config(app: Any, *, host: str, port: int, header_timeout: float = DEFAULT_HEADER_TIMEOUT,
-                   max_connections: int = DEFAULT_MAX_CONNECTIONS, **options: Any) -> uvicorn.Config:
-    """uvicorn's settings for `app` with int8serve's connection limits."""
-    protocol = type("HeaderDeadline", (HeaderDeadlineProtocol,), {"header_timeout": header_timeout})
-    return uvicorn.Config(app, host=host, port=port, http=protocol, limit_concurrency=max_connections, **options)
+                   max_connections: int = DEFAULT_MAX_CONNECTIONS, connections: ConnectionBudget | None = None,
+                   **options: Any) -> uvicorn.Config:
+    """uvicorn's settings for `app` with int8serve's connection limits; `connections`: the budget to count them in
+    (the one the metrics read), by default a new one of `max_connections`."""
+    budget = connections if connections is not None else ConnectionBudget(max_connections)
+    protocol = type("HeaderDeadline", (HeaderDeadlineProtocol,), {"header_timeout": header_timeout,
+                                                                  "budget": budget})
+    return uvicorn.Config(app, host=host, port=port, http=protocol, **options)

@@ -12,6 +12,10 @@ counts until its last byte is sent, and the work it leaves behind until its ledg
 * draining (after SIGTERM/SIGINT): `/readyz` 503 at once, new API requests 503 with the error envelope of their
   route (Cloudflare's, or OpenAI's under `/v1/` and `/ai/v1/`), while the requests already in flight finish.
 
+Whatever the phase, a request on a connection beyond the server's connection limit (`connections.py`: every other
+connection has a request in progress) is answered 503/3040 "Capacity temporarily exceeded" in its route's envelope,
+with `Retry-After` and `Connection: close`, but for the probes and scrapes below.
+
 `/healthz`, `/readyz` and `/metrics` are never counted nor refused by the drain, so that probes and scrapes keep
 working until the process exits. The server (`server.py`) waits with `wait_idle` for the in-flight count to reach
 zero, up to its shutdown timeout; then it calls `cut`: a request that no engine has yet (still sending its body,
@@ -32,12 +36,14 @@ from dataclasses import dataclass
 
 from starlette.types import ASGIApp, Receive, Scope, Send
 
-from .errors import NOT_READY, SHUTTING_DOWN, ApiError, error_response, json_response
+from .connections import OVER_LIMIT_SCOPE_KEY
+from .errors import NOT_READY, SERVER_BUSY, SHUTTING_DOWN, ApiError, error_response, json_response
 
 __all__ = ["UNGATED_PATHS", "Lifecycle", "LifecycleMiddleware", "Phase"]
 
 UNGATED_PATHS = frozenset({"/healthz", "/readyz", "/metrics"})
 RETRY_AFTER = {"retry-after": "1"}
+OVER_LIMIT_HEADERS = {**RETRY_AFTER, "connection": "close"}
 
 
 class Phase(enum.Enum):
@@ -171,7 +177,9 @@ class LifecycleMiddleware:
             return
         lifecycle = self.lifecycle
         path = scope.get("path", "")
-        if self.app is not None and path in UNGATED_PATHS:
+        if scope.get(OVER_LIMIT_SCOPE_KEY) and path not in UNGATED_PATHS:  # a connection beyond the server's limit
+            await error_response(path, ApiError(SERVER_BUSY, headers=OVER_LIMIT_HEADERS))(scope, receive, send)
+        elif self.app is not None and path in UNGATED_PATHS:
             await self.app(scope, receive, send)
         elif self.app is not None and lifecycle.ready:
             lifecycle._enter()

@@ -48,6 +48,11 @@ Counters (`_total`), gauges and histograms, with their labels:
   `int8serve_prefix_cache_reused_tokens_total{model}`, `int8serve_prefix_cache_evicted_blocks_total{model}`,
   `int8serve_prefix_cache_tokens{model}`: prompt tokens computed, and what the prefix cache saved (the start-up
   warm-up's tokens are prefilled, and no hit)
+* `int8serve_open_connections`, `int8serve_connections_closed_total{reason}`: the connections counted against
+  `--max-connections`, and those the server closed (`connections.py`): `evicted` (idle, closed for a new one),
+  `over_limit` (closed at once: every connection had a request in progress and `REFUSALS` newcomers were waiting
+  for their 503 already), `header_timeout`; the 503s of connections beyond the limit are counted as answers (status
+  503, code 3040)
 * `int8serve_engine_step_duration_seconds{model,kind}`, `int8serve_engine_step_rows{model,kind}`: one engine forward
   (kind `prefill`: one chunk, rows = its tokens; `decode`: one batch, rows = its sequences), from `Engine.on_step`
 """
@@ -78,6 +83,7 @@ from starlette.types import ASGIApp, Message, Receive, Scope, Send
 from int8serve.engine.scheduler import Engine, TokenEvent
 
 from .auth import check_metrics_token
+from .connections import ConnectionBudget
 from .errors import REQUEST_ABORTED, ApiError, error_response
 from .lifecycle import UNGATED_PATHS, Lifecycle, Phase
 from .policy import Policy
@@ -104,6 +110,7 @@ class _StateCollector(Collector):
         self.fallbacks = policy.fallbacks if policy is not None else None
         self.ledger = policy.ledger if policy is not None else None
         self.lifecycle = lifecycle
+        self.connections: ConnectionBudget | None = None
 
     def collect(self) -> Iterable[Metric]:
         if self.lifecycle is not None:
@@ -148,7 +155,19 @@ class _StateCollector(Collector):
                                            "their data, moved to the dead-letter file.")
             rejected.add_metric([], float(self.ledger.rejected))
             yield from (spooled, lost, rejected)
+        if self.connections is not None:
+            yield from self._connections(self.connections)
 
+    @staticmethod
+    def _connections(budget: ConnectionBudget) -> Iterable[Metric]:
+        """The connections counted against the limit, and those the server closed, by reason."""
+        counted = GaugeMetricFamily(PREFIX + "open_connections", "Connections counted against --max-connections.")
+        counted.add_metric([], float(budget.open))
+        closed = CounterMetricFamily(PREFIX + "connections_closed", "Connections the server closed: evicted (idle, "
+                                     "for a new one), over_limit (at once), header_timeout.", labels=["reason"])
+        for reason, count in budget.closed.items():
+            closed.add_metric([reason], float(count))
+        yield from (counted, closed)
 
     def _prefill(self) -> Iterable[Metric]:
         """Prompt tokens prefilled, and what the prefix cache saved (engine counters, read at scrape time)."""
@@ -212,7 +231,8 @@ class ServiceMetrics:
                                    ["model", "kind"], buckets=ROW_BUCKETS, registry=r)
         self._engines: dict[str, Engine] = {}
         self._callbacks: list[tuple[Engine, Any]] = []
-        self.registry.register(_StateCollector(self._engines, policy, lifecycle))
+        self._state = _StateCollector(self._engines, policy, lifecycle)
+        self.registry.register(self._state)
         for name, engine in (engines or {}).items():
             self.watch_engine(name, engine)
 
@@ -238,6 +258,10 @@ class ServiceMetrics:
 
         engine.on_step.append(on_step)
         self._callbacks.append((engine, on_step))
+
+    def watch_connections(self, budget: ConnectionBudget) -> None:
+        """Expose the server's connections (`connections.py`), read at scrape time."""
+        self._state.connections = budget
 
     def unwatch_engines(self) -> None:
         """Remove this app's step callbacks (engines may outlive the app, e.g. in tests)."""

@@ -1,0 +1,179 @@
+"""What one client can do to the server's connections (`service/connections.py`), tried with raw sockets against a
+real server: floods of connections that send nothing, connections that are all busy, a client that stops reading.
+
+Small numbers (`max_connections` 4 or 8) keep each test to a second or two.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import socket
+import time
+from collections.abc import Iterator
+from contextlib import ExitStack
+
+import httpx
+import pytest
+from fastapi import FastAPI
+
+from int8serve.catalog.registry import Catalog
+from int8serve.engine.scheduler import Engine
+from int8serve.service.app import REQUEST_ID_HEADER, create_app
+from int8serve.service.connections import REFUSAL_TIMEOUT, REFUSALS
+from int8serve.service.inference import RequestLimits
+from int8serve.service.policy import Policy
+from int8serve.service.request_log import REQUEST_LOGGER
+
+from .conftest import ACCOUNT, MODEL, TOKEN, TOKENS, LiveServer
+
+RUN = f"/client/v4/accounts/{ACCOUNT}/ai/run/{MODEL}"
+SEARCH = f"/client/v4/accounts/{ACCOUNT}/ai/models/search"
+AUTH = f"Authorization: Bearer {TOKEN}\r\n"
+
+
+@pytest.fixture(scope="module")
+def small_app(catalog: Catalog, engines: dict[str, Engine]) -> Iterator[FastAPI]:
+    """One engine; a body may take 5 s to arrive, so that a half-sent body keeps its connection busy."""
+    policy = Policy.in_memory(rate_limits=False, cache=False)
+    yield create_app(catalog, {MODEL: engines[MODEL]}, TOKENS, policy=policy, limits=RequestLimits(body_timeout=5))
+    policy.close()
+
+
+def _connect(live: LiveServer) -> socket.socket:
+    return socket.create_connection(("127.0.0.1", live.port), timeout=10)
+
+
+def _read_response(sock: socket.socket) -> tuple[str, dict[str, str], bytes]:
+    """One HTTP/1.1 response with a Content-Length: its status line, headers (lower-case names) and body."""
+    data = b""
+    while b"\r\n\r\n" not in data:
+        chunk = sock.recv(65536)
+        assert chunk, f"the connection closed before a response: {data!r}"
+        data += chunk
+    head, _, body = data.partition(b"\r\n\r\n")
+    status, *lines = head.decode("latin-1").split("\r\n")
+    headers = {name.strip().lower(): value.strip() for name, _, value in (line.partition(":") for line in lines)}
+    while len(body) < int(headers.get("content-length", "0")):
+        chunk = sock.recv(65536)
+        assert chunk, "the connection closed in the middle of a body"
+        body += chunk
+    return status, headers, body
+
+
+def _get(sock: socket.socket, path: str) -> tuple[str, dict[str, str], bytes]:
+    sock.sendall(f"GET {path} HTTP/1.1\r\nHost: x\r\n{AUTH}\r\n".encode())
+    return _read_response(sock)
+
+
+def _closed_by_server(sock: socket.socket, timeout: float = 5.0) -> bool:
+    sock.settimeout(timeout)
+    try:
+        return sock.recv(1) == b""
+    except ConnectionResetError:
+        return True
+    except TimeoutError:
+        return False
+
+
+def _wait(condition: object, timeout: float = 10.0) -> None:
+    deadline = time.monotonic() + timeout
+    while not condition():  # type: ignore[operator]
+        assert time.monotonic() < deadline, "timed out"
+        time.sleep(0.02)
+
+
+def _open_connections(live: LiveServer) -> int:
+    return len(live.server.server_state.connections)
+
+
+# --- a flood of connections that send nothing ---------------------------------------------------------------------
+
+
+def test_connections_that_send_nothing_cannot_keep_anyone_out(small_app: FastAPI) -> None:
+    """30 silent connections against a limit of 8: the oldest silent ones are closed for the newcomers, and neither
+    a keep-alive connection opened before the flood nor a new client is refused."""
+    with LiveServer(small_app, max_connections=8) as live, ExitStack() as stack:
+        kept = stack.enter_context(_connect(live))
+        assert _get(kept, "/healthz")[0] == "HTTP/1.1 200 OK"
+        flood = [stack.enter_context(_connect(live)) for _ in range(30)]
+        closed = [_closed_by_server(sock, timeout=2) for sock in flood[:23]]
+        assert all(closed), closed  # the oldest silent connections made room, at once
+        assert _get(kept, SEARCH)[0] == "HTTP/1.1 200 OK"  # the keep-alive connection is served
+        assert httpx.get(f"{live.url}{SEARCH}", headers={"Authorization": f"Bearer {TOKEN}"}).status_code == 200
+        assert not _closed_by_server(flood[-1], timeout=0.2)  # the newest silent one is still open
+        assert _open_connections(live) <= 8
+        small_app.state.services.metrics.watch_connections(live.server.config.http.budget)  # as `serve` does
+        metrics = httpx.get(f"{live.url}/metrics").text
+    assert "int8serve_open_connections 8.0" in metrics
+    assert 'int8serve_connections_closed_total{reason="evicted"} 24.0' in metrics  # 23, and one for the new client
+
+
+# --- every connection busy ----------------------------------------------------------------------------------------
+
+
+def _busy(live: LiveServer) -> socket.socket:
+    """A connection whose request is in progress: its headers are in, its body is not."""
+    sock = _connect(live)
+    sock.sendall(f"POST {RUN} HTTP/1.1\r\nHost: x\r\n{AUTH}Content-Length: 100\r\n\r\n{{\"prompt\"".encode())
+    return sock
+
+
+def test_a_newcomer_beyond_the_limit_is_answered_503_3040_in_the_envelope(small_app: FastAPI,
+                                                                         caplog: pytest.LogCaptureFixture) -> None:
+    """4 connections busy with requests against a limit of 4: none is closed, and a newcomer's request is answered
+    503/3040 in its API's envelope, with Retry-After and a request id, counted in /metrics and logged; once the busy
+    ones are gone, newcomers are served again."""
+    caplog.set_level(logging.INFO, logger=REQUEST_LOGGER)
+    with LiveServer(small_app, max_connections=4) as live, ExitStack() as stack:
+        busy = [stack.enter_context(_busy(live)) for _ in range(4)]
+        _wait(lambda: small_app.state.services.lifecycle.requests == 4)  # the 4 are in the app, reading their body
+        with _connect(live) as newcomer:
+            body = b'{"prompt":"Once","raw":true,"max_tokens":2}'
+            newcomer.sendall(f"POST {RUN} HTTP/1.1\r\nHost: x\r\n{AUTH}Content-Length: {len(body)}\r\n\r\n".encode()
+                             + body)
+            status, headers, answer = _read_response(newcomer)
+        assert status.startswith("HTTP/1.1 503 "), (status, answer)
+        assert headers["content-type"] == "application/json"
+        assert json.loads(answer) == {"success": False, "errors": [{"code": 3040, "message": "Capacity temporarily "
+                                      "exceeded, please try again."}], "messages": [], "result": {}}
+        assert headers["retry-after"] == "1" and headers["connection"] == "close"
+        request_id = headers[REQUEST_ID_HEADER]
+        with _connect(live) as newcomer:
+            newcomer.sendall(f"POST /v1/chat/completions HTTP/1.1\r\nHost: x\r\n{AUTH}Content-Length: 2\r\n\r\n{{}}"
+                             .encode())
+            status, headers, answer = _read_response(newcomer)
+        assert status.startswith("HTTP/1.1 503 ") and headers["retry-after"] == "1"
+        assert json.loads(answer)["error"]["code"] == 3040  # OpenAI's shape on its routes
+        with _connect(live) as scraper:  # probes and scrapes are answered all the same
+            status, _headers, metrics = _get(scraper, "/metrics")
+        assert status == "HTTP/1.1 200 OK"
+        assert f'int8serve_http_requests_total{{route="{RUN_ROUTE}",status="503"}} 1.0' in metrics.decode()
+        assert 'int8serve_errors_total{code="3040",status="503"} 2.0' in metrics.decode()
+        assert all(not _closed_by_server(sock, timeout=0.05) for sock in busy)  # none of the busy ones was closed
+        for sock in busy:
+            sock.close()
+        _wait(lambda: _open_connections(live) == 0)
+        assert httpx.get(f"{live.url}{SEARCH}", headers={"Authorization": f"Bearer {TOKEN}"}).status_code == 200
+    [line] = [r.fields for r in caplog.records if getattr(r, "fields", {}).get("request_id") == request_id]
+    assert (line["status"], line["error_code"], line["route"]) == (503, 3040, RUN_ROUTE)
+
+
+RUN_ROUTE = "/client/v4/accounts/{account_id}/ai/run/{model:path}"
+
+
+def test_newcomers_beyond_the_limit_that_send_nothing_are_closed_soon(small_app: FastAPI) -> None:
+    """Every connection busy: 16 newcomers wait for their request head (2 s at most), the others are closed at once,
+    and the budget's count stays at the limit."""
+    with LiveServer(small_app, max_connections=2, header_timeout=30) as live, ExitStack() as stack:
+        busy = [stack.enter_context(_busy(live)) for _ in range(2)]
+        _wait(lambda: small_app.state.services.lifecycle.requests == 2)
+        newcomers = [stack.enter_context(_connect(live)) for _ in range(REFUSALS + 4)]
+        started = time.monotonic()
+        assert all(_closed_by_server(sock, timeout=1) for sock in newcomers[REFUSALS:])  # 16 were waiting already
+        assert not any(_closed_by_server(sock, timeout=0.01) for sock in newcomers[:REFUSALS])
+        assert all(_closed_by_server(sock, timeout=5) for sock in newcomers)
+        assert time.monotonic() - started < REFUSAL_TIMEOUT + 1.5
+        budget = live.server.config.http.budget
+        assert (budget.open, budget.refusing, budget.closed["over_limit"]) == (2, 0, 4)
+        assert all(not _closed_by_server(sock, timeout=0.05) for sock in busy)
