@@ -354,7 +354,8 @@ def run_server(loaded: LoadedSettings, tokens: dict[str, str], prepared: Prepare
     log_config = None if settings.log_format == "json" else uvicorn.config.LOGGING_CONFIG
     config = uvicorn_config(deferred, host=settings.host, port=settings.port, log_level=settings.log_level,
                             log_config=log_config, timeout_graceful_shutdown=CUT_GRACE_SECONDS,
-                            header_timeout=settings.header_timeout, connections=connections)
+                            header_timeout=settings.header_timeout, stall_timeout=settings.stall_timeout,
+                            connections=connections)
     configure_logging(settings.log_format, settings.log_level)  # after uvicorn's config made its loggers
     server = _Server(config, lifecycle, settings.shutdown_timeout)
     failure: list[str] = []

@@ -225,7 +225,9 @@ class ServeSettings(BaseSettings):
                                                                             "request's body; beyond it 408 code 3007")
     stall_timeout: float = Field(30.0, gt=0, allow_inf_nan=False,
                                  description="a streamed answer whose client reads nothing for this many seconds is "
-                                             "cut and its engine slot freed (its usage is recorded)")
+                                             "cut and its engine slot freed (its usage is recorded); any connection "
+                                             "whose client leaves over 16 KiB of answers unread that long is "
+                                             "aborted")
     max_inflight_per_account: int | None = Field(
         None, ge=0, description="requests one account may have in the engine at once (running or waiting for a "
                                 "slot); beyond it 429 code 3040 for that account only. Default: the card's "

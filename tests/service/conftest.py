@@ -133,13 +133,15 @@ class LiveServer:
 
 
 @contextmanager
-def stuck_reader(app: FastAPI, body: dict[str, Any], token: str) -> Iterator[tuple[LiveServer, socket.socket]]:
-    """`app` served with a 4 KiB send buffer, and a client with a 2 KiB receive buffer that POSTs `body` to
-    /v1/chat/completions and reads nothing: the buffers between them fill within a few frames of a stream."""
+def stuck_reader(app: FastAPI, body: dict[str, Any], token: str, **limits: Any
+                 ) -> Iterator[tuple[LiveServer, socket.socket]]:
+    """`app` served (with the connection `limits` of `LiveServer`) with a 4 KiB send buffer, and a client with a
+    2 KiB receive buffer that POSTs `body` to /v1/chat/completions and reads nothing: the buffers between them fill
+    within a few frames of a stream."""
     server_sock = socket.socket()
     server_sock.setsockopt(socket.SOL_SOCKET, socket.SO_SNDBUF, 4096)
     server_sock.bind(("127.0.0.1", 0))
-    with LiveServer(app, sock=server_sock) as live, socket.socket() as sock:
+    with LiveServer(app, sock=server_sock, **limits) as live, socket.socket() as sock:
         sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 2048)
         sock.connect(("127.0.0.1", live.port))
         payload = json.dumps(body).encode()

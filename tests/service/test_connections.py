@@ -6,6 +6,7 @@ Small numbers (`max_connections` 4 or 8) keep each test to a second or two.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import logging
 import socket
@@ -25,7 +26,7 @@ from int8serve.service.inference import RequestLimits
 from int8serve.service.policy import Policy
 from int8serve.service.request_log import REQUEST_LOGGER
 
-from .conftest import ACCOUNT, MODEL, TOKEN, TOKENS, LiveServer
+from .conftest import ACCOUNT, MODEL, SLOW_MODEL, TOKEN, TOKENS, LiveServer, stuck_reader, wait_for
 
 RUN = f"/client/v4/accounts/{ACCOUNT}/ai/run/{MODEL}"
 SEARCH = f"/client/v4/accounts/{ACCOUNT}/ai/models/search"
@@ -177,3 +178,55 @@ def test_newcomers_beyond_the_limit_that_send_nothing_are_closed_soon(small_app:
         budget = live.server.config.http.budget
         assert (budget.open, budget.refusing, budget.closed["over_limit"]) == (2, 0, 4)
         assert all(not _closed_by_server(sock, timeout=0.05) for sock in busy)
+
+
+# --- a client that never reads ------------------------------------------------------------------------------------
+
+
+def _never_reading(live: LiveServer) -> socket.socket:
+    """A connection with a 2 KiB receive buffer that has sent 150 pipelined `GET /openapi.json` and reads nothing."""
+    sock = socket.socket()
+    sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 2048)
+    sock.connect(("127.0.0.1", live.port))
+    sock.sendall(b"GET /openapi.json HTTP/1.1\r\nHost: x\r\n\r\n" * 150)
+    return sock
+
+
+def test_a_client_that_reads_no_answer_is_cut_after_the_stall_timeout(small_app: FastAPI) -> None:
+    """Answers that are not streamed have the stall timeout too: a client that pipelines requests and never reads
+    their answers is aborted once its answers wait for it over `stall_timeout` (1 s here), not held for ever."""
+    with LiveServer(small_app, stall_timeout=1.0) as live, _never_reading(live) as sock:
+        budget = live.server.config.http.budget
+        _wait(lambda: budget.open == 1)
+        _wait(lambda: budget.open == 0, timeout=8)
+        assert budget.closed["write_stalled"] == 1
+        received = b""
+        with contextlib.suppress(ConnectionResetError):
+            while chunk := sock.recv(65536):
+                received += chunk
+        assert received.count(b"HTTP/1.1 200 OK\r\n") < 150  # the rest was given up
+
+
+def test_a_stream_whose_client_reads_nothing_is_cut_once(catalog: Catalog, engines: dict[str, Engine],
+                                                        caplog: pytest.LogCaptureFixture) -> None:
+    """The connection's stall rule and the stream's own deadline (both 1 s): the connection's comes first, the stream
+    ends as for a client that left — its engine request cancelled long before its 480 tokens, one ledger row
+    `aborted` — and one warning says it, not two."""
+    caplog.set_level(logging.WARNING)
+    policy = Policy.in_memory(rate_limits=False, cache=False)
+    app = create_app(catalog, {SLOW_MODEL: engines[SLOW_MODEL]}, TOKENS, policy=policy,
+                     limits=RequestLimits(stall_timeout=1.0))
+    body = {"model": SLOW_MODEL, "messages": [{"role": "user", "content": "Hi"}], "max_tokens": 480, "stream": True}
+    with stuck_reader(app, body, TOKEN, stall_timeout=1.0) as (live, _sock):
+        wait_for(lambda: engines[SLOW_MODEL].stats().running == 1, "the stream to start")
+        wait_for(lambda: engines[SLOW_MODEL].stats().running == 0, "the stream to be cut", timeout=10)
+        assert live.server.config.http.budget.closed["write_stalled"] == 1
+    ledger = policy.ledger
+    assert ledger.flush()
+    with ledger.database.connect() as conn:
+        rows = conn.execute(ledger.table.select()).mappings().all()
+    assert [row["outcome"] for row in rows] == ["aborted"] and 0 < rows[0]["output_tokens"] < 480
+    warnings = [r.getMessage() for r in caplog.records if r.levelno >= logging.WARNING]
+    assert warnings == ["aborting a connection whose client left an answer unread for 1.0 s (--stall-timeout)"]
+    app.state.services.metrics.unwatch_engines()
+    policy.close()

@@ -1,5 +1,5 @@
 """Connection limits for uvicorn: how many connections, which one goes when they are all taken, and how long a
-client may take to send a request's headers.
+client may take to send a request's headers or leave an answer unread.
 
 uvicorn bounds idle keep-alive connections (`timeout_keep_alive`) but not a client that opens a connection and
 sends its headers a byte at a time (slowloris): such a connection is held for ever. `HeaderDeadlineProtocol` closes
@@ -24,7 +24,14 @@ place is wanted, and until then it costs one file descriptor within the budget.
 
 A connection also buffers at most `WRITE_BUFFER_BYTES` of answer that its client has not read before the answer
 waits for it (asyncio's default is 64 KiB), so a client that stops reading holds little memory, and a stream
-notices it soon (`streaming.py` cuts it, or bounds what waits for the connection: `UNSENT_ANSWER_BYTES`).
+notices it soon (`streaming.py` cuts it, or bounds what waits for the connection: `UNSENT_ANSWER_BYTES`). Whatever
+the answer, streamed or not, a connection whose unsent answer stays above that mark (the transport's writing
+paused, until the client has read all but a quarter of it) for `stall_timeout` seconds is aborted, and so is one
+closed with an answer still unsent `stall_timeout` seconds after the close: without it a client that sends
+requests and never reads the answers (pipelined, or a single large one) held its connection for as long as it
+liked. The stream's own deadline (one frame not handed over within the same `stall_timeout`) starts when a frame is
+sent, so after the transport paused: this rule comes first, and the stream then ends as for a client that left
+(its engine request cancelled, its row `aborted`), one warning for the two.
 """
 
 from __future__ import annotations
@@ -45,13 +52,14 @@ log = logging.getLogger(__name__)
 
 DEFAULT_HEADER_TIMEOUT = 10.0
 DEFAULT_MAX_CONNECTIONS = 512
+DEFAULT_STALL_TIMEOUT = 30.0
 WRITE_BUFFER_BYTES = 16 << 10
 REFUSALS = 16  # connections beyond the limit waiting at once for their request head, to be answered 503
 REFUSAL_TIMEOUT = 2.0  # seconds such a connection has to send its request head
 OVER_LIMIT_SCOPE_KEY = "int8serve.over_connection_limit"  # in the scope of a request to answer 503/3040
 WARNING_INTERVAL = 10.0  # seconds between two warnings of one kind (a flood would write one a connection)
 # why connections are closed by the server, as `int8serve_connections_closed_total{reason}` counts them
-CLOSE_REASONS = ("evicted", "over_limit", "header_timeout")
+CLOSE_REASONS = ("evicted", "over_limit", "header_timeout", "write_stalled")
 
 
 class _Occasional:
@@ -89,6 +97,8 @@ class ConnectionBudget:
                                          "connections for new ones")
         self._warn_full = _Occasional(f"every connection (--max-connections {limit}) has a request in progress: "
                                       "answering new connections 503/3040, closing those beyond %d at once")
+        self.warn_stalled = _Occasional("aborting a connection whose client left an answer unread for %s s "
+                                        "(--stall-timeout)")
 
     @property
     def open(self) -> int:
@@ -144,11 +154,13 @@ class HeaderDeadlineProtocol(H11Protocol):
     `header_timeout` (see the module docstring)."""
 
     header_timeout = DEFAULT_HEADER_TIMEOUT
+    stall_timeout = DEFAULT_STALL_TIMEOUT
     budget: ConnectionBudget  # the server's: `uvicorn_config` makes a subclass for it
 
     def __init__(self, *args: Any, **kwargs: Any) -> None:
         super().__init__(*args, **kwargs)
         self._deadline: asyncio.TimerHandle | None = None
+        self._stall: asyncio.TimerHandle | None = None  # armed while the answer waits for the client
         self._seen_cycle: object = None
         self._over_limit = False
 
@@ -168,6 +180,7 @@ class HeaderDeadlineProtocol(H11Protocol):
 
     def connection_lost(self, exc: Exception | None) -> None:
         self._disarm()
+        self._stop_watching_stall()
         self.budget.release(self)
         if self._over_limit:
             self._over_limit = False
@@ -176,7 +189,9 @@ class HeaderDeadlineProtocol(H11Protocol):
 
     def on_response_complete(self) -> None:
         super().on_response_complete()  # starts the next request if it is in already (pipelined)
-        if not self.transport.is_closing() and self.cycle.response_complete:
+        if self.transport.is_closing():  # the answer said `Connection: close`
+            self._watch_stall_if_unsent()
+        elif self.cycle.response_complete:
             self.budget.idle(self)
             self._arm(self.header_timeout)  # the next request on this connection has the same deadline
 
@@ -188,6 +203,34 @@ class HeaderDeadlineProtocol(H11Protocol):
             self.budget.busy(self)
             if self._over_limit:
                 self.cycle.keep_alive = False  # one answer, then closed
+
+    def pause_writing(self) -> None:
+        super().pause_writing()
+        self._watch_stall_if_unsent()
+
+    def resume_writing(self) -> None:
+        super().resume_writing()
+        if not self.transport.is_closing():  # closing: what is left must still go within the deadline
+            self._stop_watching_stall()
+
+    def timeout_keep_alive_handler(self) -> None:
+        super().timeout_keep_alive_handler()
+        self._watch_stall_if_unsent()
+
+    def _watch_stall_if_unsent(self) -> None:
+        if self._stall is None and self.transport.get_write_buffer_size():
+            self._stall = self.loop.call_later(self.stall_timeout, self._abort_stalled)
+
+    def _stop_watching_stall(self) -> None:
+        if self._stall is not None:
+            self._stall.cancel()
+            self._stall = None
+
+    def _abort_stalled(self) -> None:
+        self._stall = None
+        self.budget.closed["write_stalled"] += 1
+        self.budget.warn_stalled(self.stall_timeout)
+        self.transport.abort()  # the answer is given up: its stream (if it is one) ends as for a client that left
 
     def evict(self) -> None:
         """Close this idle connection for a new one (at once, if its client has not read its last answer)."""
@@ -213,14 +256,15 @@ class HeaderDeadlineProtocol(H11Protocol):
             self.logger.debug("closing a connection whose request headers took over %s s", self.header_timeout)
             self.budget.closed["header_timeout"] += 1
             self.transport.close()
+            self._watch_stall_if_unsent()  # its last answer may still be going out
 
 
 def uvicorn_config(app: Any, *, host: str, port: int, header_timeout: float = DEFAULT_HEADER_TIMEOUT,
-                   max_connections: int = DEFAULT_MAX_CONNECTIONS, connections: ConnectionBudget | None = None,
-                   **options: Any) -> uvicorn.Config:
+                   stall_timeout: float = DEFAULT_STALL_TIMEOUT, max_connections: int = DEFAULT_MAX_CONNECTIONS,
+                   connections: ConnectionBudget | None = None, **options: Any) -> uvicorn.Config:
     """uvicorn's settings for `app` with int8serve's connection limits; `connections`: the budget to count them in
     (the one the metrics read), by default a new one of `max_connections`."""
     budget = connections if connections is not None else ConnectionBudget(max_connections)
     protocol = type("HeaderDeadline", (HeaderDeadlineProtocol,), {"header_timeout": header_timeout,
-                                                                  "budget": budget})
+                                                                  "stall_timeout": stall_timeout, "budget": budget})
     return uvicorn.Config(app, host=host, port=port, http=protocol, **options)

@@ -51,7 +51,8 @@ Counters (`_total`), gauges and histograms, with their labels:
 * `int8serve_open_connections`, `int8serve_connections_closed_total{reason}`: the connections counted against
   `--max-connections`, and those the server closed (`connections.py`): `evicted` (idle, closed for a new one),
   `over_limit` (closed at once: every connection had a request in progress and `REFUSALS` newcomers were waiting
-  for their 503 already), `header_timeout`; the 503s of connections beyond the limit are counted as answers (status
+  for their 503 already), `header_timeout`, `write_stalled` (aborted: its client left an answer unread for
+  `--stall-timeout`); the 503s of connections beyond the limit are counted as answers (status
   503, code 3040)
 * `int8serve_engine_step_duration_seconds{model,kind}`, `int8serve_engine_step_rows{model,kind}`: one engine forward
   (kind `prefill`: one chunk, rows = its tokens; `decode`: one batch, rows = its sequences), from `Engine.on_step`
@@ -164,7 +165,8 @@ class _StateCollector(Collector):
         counted = GaugeMetricFamily(PREFIX + "open_connections", "Connections counted against --max-connections.")
         counted.add_metric([], float(budget.open))
         closed = CounterMetricFamily(PREFIX + "connections_closed", "Connections the server closed: evicted (idle, "
-                                     "for a new one), over_limit (at once), header_timeout.", labels=["reason"])
+                                     "for a new one), over_limit (at once), header_timeout, write_stalled.",
+                                     labels=["reason"])
         for reason, count in budget.closed.items():
             closed.add_metric([reason], float(count))
         yield from (counted, closed)
