@@ -52,7 +52,7 @@ from .engine.scheduler import Engine
 from .engine.tokenizer import AnyTokenizer, load_tokenizer
 from .prompt_templates import PromptTemplate, render_prompt, template_named
 from .service.app import create_app, loading_app
-from .service.connections import ConnectionBudget, uvicorn_config
+from .service.connections import ConnectionBudget, ConnectionServer, uvicorn_config
 from .service.inference import RequestLimits
 from .service.lifecycle import Lifecycle, Phase
 from .service.metrics import ServiceMetrics
@@ -272,7 +272,7 @@ class _Deferred:
         await self.target(scope, receive, send)
 
 
-class _Server(uvicorn.Server):
+class _Server(ConnectionServer):
     """uvicorn, with int8serve's drain on the first SIGTERM/SIGINT (see the module docstring) and exit status 0
     after a clean shutdown (uvicorn would re-raise the signal and die of it)."""
 

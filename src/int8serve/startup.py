@@ -3,10 +3,11 @@
 The cards and their chat templates, every model's files (a folder that is no model, a config.json that is not JSON
 or does not describe the weights, no tokenizer or one the engine cannot use, a weight file cut short:
 engine/model_files.py reads the configs and headers, not the tensors, and builds the tokenizer as the server does),
-the serving policy's Redis and database, and the port. Every model on disk is checked
-before a Hub id or the built-in model is fetched (here too, before the server listens), so that a typo in one
-`--model` never waits for another's download or load. None of it needs torch, the engine or the HTTP app, which
-`server.py` imports only once these checks have passed (importing them alone takes seconds on a small CPU).
+the serving policy's Redis and database, the port, and the open files `--max-connections` needs. Every model on
+disk is checked before a Hub id or the built-in model is fetched (here too, before the server listens), so that a
+typo in one `--model` never waits for another's download or load. None of it needs torch, the engine or the HTTP
+app, which `server.py` imports only once these checks have passed (importing them alone takes seconds on a small
+CPU).
 """
 
 from __future__ import annotations
@@ -22,6 +23,7 @@ from .engine.errors import CheckpointError
 from .engine.model_files import check_model_files
 from .model_specs import ModelSpec, ModelSpecError, resolve_model, served_model_specs
 from .prompt_templates import PromptTemplate, UnknownTemplateError, missing_control_token, template_named
+from .service.connections import FdLimitError, raise_fd_limit
 from .service.policy import Policy, PolicySettings, PolicyStartupError
 from .settings import ServeSettings
 
@@ -61,9 +63,14 @@ class Prepared:
 
 
 def prepare(settings: ServeSettings) -> Prepared:
-    """Check everything `serve` is given before anything loads or listens, in the order that fails fastest: the cards,
-    every model on disk (its files, without loading it: engine/model_files.py), Redis and the database, then the
-    models to fetch (the built-in one, Hub ids), checked in turn once fetched, and last the port."""
+    """Check everything `serve` is given before anything loads or listens, in the order that fails fastest: the open
+    files the connection limit needs (the soft limit raised to the hard one: `connections.raise_fd_limit`), the
+    cards, every model on disk (its files, without loading it: engine/model_files.py), Redis and the database, then
+    the models to fetch (the built-in one, Hub ids), checked in turn once fetched, and last the port."""
+    try:
+        raise_fd_limit(settings.max_connections)
+    except FdLimitError as err:
+        raise ServeError(str(err)) from None
     try:
         specs = served_model_specs(settings.model, settings.served_model_name)
         catalog = Catalog.load(settings.card)

@@ -32,7 +32,6 @@ from typing import Any
 import httpx
 import pytest
 import torch
-import uvicorn
 from cloudflare import Cloudflare
 from fastapi import FastAPI
 
@@ -43,7 +42,7 @@ from int8serve.engine.prefix_cache import PrefixCache
 from int8serve.engine.scheduler import Engine
 from int8serve.engine.tokenizer import Tokenizer
 from int8serve.service.app import create_app
-from int8serve.service.connections import uvicorn_config
+from int8serve.service.connections import ConnectionServer, uvicorn_config
 from int8serve.service.policy import Policy
 
 ACCOUNT = "023e105f4ecef8ad9ca31a8372d0c353"
@@ -112,7 +111,7 @@ class LiveServer:
     def __init__(self, app: FastAPI, sock: socket.socket | None = None, **limits: Any) -> None:
         config = uvicorn_config(app, host="127.0.0.1", port=0, log_level="warning", lifespan="off",
                                 timeout_graceful_shutdown=2, **limits)
-        self.server = uvicorn.Server(config)
+        self.server = ConnectionServer(config)
         sockets = [sock] if sock is not None else None
         self.thread = threading.Thread(target=self.server.run, kwargs={"sockets": sockets}, name="uvicorn-test",
                                        daemon=True)

@@ -9,19 +9,26 @@ from __future__ import annotations
 import contextlib
 import json
 import logging
+import resource
+import signal
 import socket
+import subprocess
+import sys
 import time
 from collections.abc import Iterator
 from contextlib import ExitStack
+from pathlib import Path
+from typing import Any
 
 import httpx
 import pytest
 from fastapi import FastAPI
+from tests.test_server import free_port
 
 from int8serve.catalog.registry import Catalog
 from int8serve.engine.scheduler import Engine
 from int8serve.service.app import REQUEST_ID_HEADER, create_app
-from int8serve.service.connections import REFUSAL_TIMEOUT, REFUSALS
+from int8serve.service.connections import REFUSAL_TIMEOUT, REFUSALS, fds_needed
 from int8serve.service.inference import RequestLimits
 from int8serve.service.policy import Policy
 from int8serve.service.request_log import REQUEST_LOGGER
@@ -230,3 +237,74 @@ def test_a_stream_whose_client_reads_nothing_is_cut_once(catalog: Catalog, engin
     assert warnings == ["aborting a connection whose client left an answer unread for 1.0 s (--stall-timeout)"]
     app.state.services.metrics.unwatch_engines()
     policy.close()
+
+
+# --- file descriptors ---------------------------------------------------------------------------------------------
+
+
+def _python(code: str, *args: str, nofile: tuple[int, int], timeout: float = 60, **kwargs: Any
+            ) -> subprocess.CompletedProcess[str]:
+    """`code` in a fresh interpreter whose limit on open files is `nofile` (soft, hard)."""
+    return subprocess.run([sys.executable, "-c", code, *args], capture_output=True, text=True, timeout=timeout,
+                          preexec_fn=lambda: resource.setrlimit(resource.RLIMIT_NOFILE, nofile), **kwargs)
+
+
+def test_the_soft_limit_on_open_files_is_raised_to_the_hard_one() -> None:
+    code = ("import resource; from int8serve.service.connections import raise_fd_limit; "
+            "print(raise_fd_limit(8), *resource.getrlimit(resource.RLIMIT_NOFILE))")
+    assert _python(code, nofile=(256, 2048)).stdout.split() == ["2048", "2048", "2048"]
+
+
+def test_serve_refuses_a_connection_limit_beyond_the_open_files(tmp_path: Path) -> None:
+    """One line, before anything else is checked (the model folder does not exist), naming what would fit."""
+    code = "from int8serve.cli import main; main(['serve', '--max-connections', '5000', '--model', '/nonexistent'])"
+    result = _python(code, nofile=(256, 1024), cwd=tmp_path)
+    assert result.returncode == 1
+    assert result.stderr.strip().splitlines() == [
+        f"int8serve serve: error: --max-connections 5000 needs up to {fds_needed(5000)} open files (16 refused "
+        "connections, 256 being accepted and 128 for the rest beside them), but this process may open 1024 "
+        "(ulimit -n): raise the hard limit (ulimit -Hn, LimitNOFILE=, docker --ulimit nofile=) or lower "
+        f"--max-connections to {1024 - fds_needed(0)} or less"]
+
+
+SERVER = """
+import sys
+from int8serve.service.connections import ConnectionServer, uvicorn_config
+
+async def app(scope, receive, send):
+    await send({"type": "http.response.start", "status": 200, "headers": []})
+    await send({"type": "http.response.body", "body": b"ok"})
+
+config = uvicorn_config(app, host="127.0.0.1", port=int(sys.argv[1]), max_connections=1000, lifespan="off",
+                        log_level="info")
+ConnectionServer(config).run()
+"""
+
+
+def test_accept_running_out_of_file_descriptors_is_one_log_line(tmp_path: Path) -> None:
+    """A connection limit beyond what the process may open (64 files): 300 idle connections. accept() fails with
+    EMFILE for those beyond, and asyncio reported it with a traceback for every connection it tried — ~66,000 in
+    20 s in an audit; one line now. The server still answers once connections are closed."""
+    port = free_port()
+    with subprocess.Popen([sys.executable, "-c", SERVER, str(port)], stderr=subprocess.PIPE, text=True,
+                          preexec_fn=lambda: resource.setrlimit(resource.RLIMIT_NOFILE, (64, 64))) as server:
+        try:
+            _wait(lambda: _answers(port), timeout=20)
+            with ExitStack() as stack:
+                for _ in range(300):
+                    stack.enter_context(socket.create_connection(("127.0.0.1", port)))
+                time.sleep(1.5)  # accept() fails, and is tried again after 1 s
+            _wait(lambda: _answers(port), timeout=10)
+        finally:
+            server.send_signal(signal.SIGTERM)
+            _, log = server.communicate(timeout=20)
+    assert log.count("Too many open files") == 1, log[-3000:]
+    assert "Traceback" not in log
+    assert "cannot accept new connections: [Errno 24] Too many open files (this process may open 64 files" in log
+
+
+def _answers(port: int) -> bool:
+    try:
+        return httpx.get(f"http://127.0.0.1:{port}/", timeout=2).status_code == 200
+    except httpx.HTTPError:
+        return False

@@ -32,12 +32,21 @@ requests and never reads the answers (pipelined, or a single large one) held its
 liked. The stream's own deadline (one frame not handed over within the same `stall_timeout`) starts when a frame is
 sent, so after the transport paused: this rule comes first, and the stream then ends as for a client that left
 (its engine request cancelled, its row `aborted`), one warning for the two.
+
+Every connection is a file descriptor. `raise_fd_limit` (at start) raises the process's soft limit on open files
+to its hard limit and refuses to start when `fds_needed` (the connections, the refused ones, those accepted in one
+go before they are counted, and `RESERVED_FDS` for the rest) does not fit in it, so that the server closes excess
+connections itself before accept() runs out of descriptors. uvicorn accepts up to its backlog in one go, so the
+backlog is `ACCEPT_BACKLOG`, not uvicorn's 2048. If accept() runs out all the same (other descriptors, a limit
+lowered later), asyncio calls the loop's exception handler for every connection it tries, with a traceback each:
+`ConnectionServer` logs one line every `WARNING_INTERVAL` seconds instead.
 """
 
 from __future__ import annotations
 
 import asyncio
 import logging
+import resource
 import time
 from typing import Any
 
@@ -46,7 +55,8 @@ from starlette.types import ASGIApp, Receive, Scope, Send
 from uvicorn.protocols.http.h11_impl import H11Protocol
 
 __all__ = ["CLOSE_REASONS", "DEFAULT_HEADER_TIMEOUT", "DEFAULT_MAX_CONNECTIONS", "OVER_LIMIT_SCOPE_KEY", "REFUSALS",
-           "ConnectionBudget", "HeaderDeadlineProtocol", "uvicorn_config"]
+           "ConnectionBudget", "ConnectionServer", "FdLimitError", "HeaderDeadlineProtocol", "fds_needed",
+           "raise_fd_limit", "uvicorn_config"]
 
 log = logging.getLogger(__name__)
 
@@ -58,6 +68,12 @@ REFUSALS = 16  # connections beyond the limit waiting at once for their request 
 REFUSAL_TIMEOUT = 2.0  # seconds such a connection has to send its request head
 OVER_LIMIT_SCOPE_KEY = "int8serve.over_connection_limit"  # in the scope of a request to answer 503/3040
 WARNING_INTERVAL = 10.0  # seconds between two warnings of one kind (a flood would write one a connection)
+ACCEPT_BACKLOG = 256  # the listen queue, and how many connections asyncio accepts in one go before they are counted
+# descriptors besides the connections: ~15 at rest (stdio, the event loop, the listening socket, the log, the
+# SQLite ledger and its spool, one per served model's weight file), the request worker's pipes, the PostgreSQL
+# ledger's two pools (5 each at most), a Redis connection per call in flight, /proc files read by the metrics
+RESERVED_FDS = 128
+ACCEPT_OUT_OF_RESOURCES = "socket.accept() out of system resource"  # asyncio's message
 # why connections are closed by the server, as `int8serve_connections_closed_total{reason}` counts them
 CLOSE_REASONS = ("evicted", "over_limit", "header_timeout", "write_stalled")
 
@@ -259,6 +275,63 @@ class HeaderDeadlineProtocol(H11Protocol):
             self._watch_stall_if_unsent()  # its last answer may still be going out
 
 
+class FdLimitError(Exception):
+    """The process may not open the file descriptors its connection limit needs."""
+
+
+def fds_needed(max_connections: int) -> int:
+    """File descriptors a server of `max_connections` may hold at once (see the module docstring)."""
+    return max_connections + REFUSALS + ACCEPT_BACKLOG + RESERVED_FDS
+
+
+def raise_fd_limit(max_connections: int) -> int:
+    """Raise the soft limit on open files to the hard one; the limit now. FdLimitError if `fds_needed` exceeds it."""
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    if soft != hard:
+        try:
+            resource.setrlimit(resource.RLIMIT_NOFILE, (hard, hard))
+            soft = hard
+        except (ValueError, OSError):  # a hard limit of "unlimited" beyond the kernel's: as much as is needed
+            wanted = max(soft, fds_needed(max_connections))
+            try:
+                resource.setrlimit(resource.RLIMIT_NOFILE, (wanted, hard))
+                soft = wanted
+            except (ValueError, OSError):
+                pass
+    needed = fds_needed(max_connections)
+    if soft != resource.RLIM_INFINITY and needed > soft:
+        most = soft - fds_needed(0)
+        fix = f"lower --max-connections to {most} or less" if most >= 1 else "--max-connections cannot help"
+        raise FdLimitError(f"--max-connections {max_connections} needs up to {needed} open files ({REFUSALS} "
+                           f"refused connections, {ACCEPT_BACKLOG} being accepted and {RESERVED_FDS} for the rest "
+                           f"beside them), but this process may open {soft} (ulimit -n): raise the hard limit "
+                           f"(ulimit -Hn, LimitNOFILE=, docker --ulimit nofile=) or {fix}")
+    return soft
+
+
+class ConnectionServer(uvicorn.Server):
+    """uvicorn's server, logging accept()'s running out of file descriptors once every `WARNING_INTERVAL` seconds
+    instead of a traceback for every connection it tries."""
+
+    async def startup(self, sockets: list[Any] | None = None) -> None:
+        loop = asyncio.get_running_loop()
+        limit = resource.getrlimit(resource.RLIMIT_NOFILE)[0]
+        warn = _Occasional(f"cannot accept new connections: %s (this process may open {limit} files, ulimit -n); "
+                           "they wait in the listen queue")
+        previous = loop.get_exception_handler()
+
+        def handle(loop: asyncio.AbstractEventLoop, context: dict[str, Any]) -> None:
+            if context.get("message") == ACCEPT_OUT_OF_RESOURCES:
+                warn(context.get("exception"))
+            elif previous is not None:
+                previous(loop, context)
+            else:
+                loop.default_exception_handler(context)
+
+        loop.set_exception_handler(handle)
+        await super().startup(sockets)
+
+
 def uvicorn_config(app: Any, *, host: str, port: int, header_timeout: float = DEFAULT_HEADER_TIMEOUT,
                    stall_timeout: float = DEFAULT_STALL_TIMEOUT, max_connections: int = DEFAULT_MAX_CONNECTIONS,
                    connections: ConnectionBudget | None = None, **options: Any) -> uvicorn.Config:
@@ -267,4 +340,5 @@ def uvicorn_config(app: Any, *, host: str, port: int, header_timeout: float = DE
     budget = connections if connections is not None else ConnectionBudget(max_connections)
     protocol = type("HeaderDeadline", (HeaderDeadlineProtocol,), {"header_timeout": header_timeout,
                                                                   "stall_timeout": stall_timeout, "budget": budget})
+    options.setdefault("backlog", ACCEPT_BACKLOG)
     return uvicorn.Config(app, host=host, port=port, http=protocol, **options)
