@@ -17,17 +17,20 @@ stream's token gaps by 6-19% and leave `/healthz` at a p99 of ~10 ms, where pars
 process had stretched the gaps tenfold.
 
 The worker process is started on first use (spawned, never forked from this multi-threaded process) with the
-served cards and tokenizer files; if it dies it is started again and the request it held fails (500/3043). It is
-ours, one process and two pipes (`_WorkerProcess`), rather than a `ProcessPoolExecutor`: a pool's worker killed
-while it writes a result larger than the pipe's buffer (a checked 1 MiB body is one) leaves the pool's manager
-thread blocked for ever on the half-written message, the pool never marked broken, every later large body hanging
-and the interpreter's exit too. Here this process holds only the reading end of the results' pipe, so a worker's
-death is an end of file at once, whatever it was writing.
+served cards and tokenizer files; if it dies it is started again and the request it held fails (500/3043). When
+it cannot be started for want of file descriptors (its pipes: the process is at its limit on open files), the
+request is answered 503/3040 with `Retry-After`, as the server's other capacity refusals are, and one line is
+logged. It is ours, one process and two pipes (`_WorkerProcess`), rather than a `ProcessPoolExecutor`: a pool's
+worker killed while it writes a result larger than the pipe's buffer (a checked 1 MiB body is one) leaves the pool's
+manager thread blocked for ever on the half-written message, the pool never marked broken, every later large body
+hanging and the interpreter's exit too. Here this process holds only the reading end of the results' pipe, so a
+worker's death is an end of file at once, whatever it was writing.
 """
 
 from __future__ import annotations
 
 import asyncio
+import errno
 import logging
 import multiprocessing
 import os
@@ -46,7 +49,7 @@ from int8serve.catalog.card import ModelCard
 from int8serve.engine.chat_template import Control
 from int8serve.engine.tokenizer import AnyTokenizer, load_tokenizer
 
-from .errors import INTERNAL, NO_SUCH_MODEL, ApiError
+from .errors import INTERNAL, NO_SUCH_MODEL, SERVER_BUSY, ApiError
 from .formats import WireFormat
 from .protocol.body import parse_json_body
 from .protocol.run import RunRequest, ValidatedRun, tokenize_run
@@ -58,6 +61,7 @@ log = logging.getLogger(__name__)
 T = TypeVar("T")
 INLINE_BYTES = 64 << 10
 INLINE_CHARS = 16 << 10
+OUT_OF_FILES = (errno.EMFILE, errno.ENFILE)  # this process's limit on open files, or the system's
 
 
 @dataclass(frozen=True)
@@ -168,8 +172,20 @@ class RequestWorkers:
         with self._swap:
             if self._worker is None:
                 paths = {name: tokenizer.path for name, tokenizer in self.tokenizers.items()}
-                self._worker = _WorkerProcess(self.resolve, paths)
+                self._worker = _start_worker_process(self.resolve, paths)
             return self._worker
+
+
+def _start_worker_process(resolve: Resolver, tokenizer_paths: Mapping[str, Path]) -> _WorkerProcess:
+    """A new worker process; ApiError 503/3040 if no file descriptor is left for its pipes."""
+    try:
+        return _WorkerProcess(resolve, tokenizer_paths)
+    except OSError as err:
+        if err.errno not in OUT_OF_FILES:
+            raise
+        log.warning("cannot start the request worker process: %s; a large request is answered 503 (code 3040)",
+                    err.strerror or err)
+        raise ApiError(SERVER_BUSY, headers={"retry-after": "1"}) from None
 
 
 class _WorkerProcess:
@@ -178,11 +194,20 @@ class _WorkerProcess:
 
     def __init__(self, resolve: Resolver, tokenizer_paths: Mapping[str, Path]) -> None:
         context = multiprocessing.get_context("spawn")
-        calls_in, self._calls = context.Pipe(duplex=False)
-        self._results, results_out = context.Pipe(duplex=False)
-        self.process = context.Process(target=_serve, args=(resolve, dict(tokenizer_paths), calls_in, results_out),
-                                       name="int8serve-request-worker", daemon=True)
-        self.process.start()
+        ends: list[Connection] = []  # closed again if the process cannot be started
+        try:
+            calls_in, self._calls = context.Pipe(duplex=False)
+            ends += (calls_in, self._calls)
+            self._results, results_out = context.Pipe(duplex=False)
+            ends += (self._results, results_out)
+            self.process = context.Process(target=_serve, args=(resolve, dict(tokenizer_paths), calls_in,
+                                                                results_out),
+                                           name="int8serve-request-worker", daemon=True)
+            self.process.start()
+        except BaseException:
+            for end in ends:
+                end.close()
+            raise
         calls_in.close()  # the worker's ends: with them closed here, its death is an end of file for this process
         results_out.close()
 
