@@ -8,6 +8,7 @@ Each script writes its results between two markers that name it (`<!-- benchmark
 from __future__ import annotations
 
 import contextlib
+import math
 import os
 import re
 import shlex
@@ -21,9 +22,10 @@ from collections.abc import Iterator, Sequence
 from pathlib import Path
 
 import httpx
+import numpy as np
 
-__all__ = ["display_command", "free_port", "publish", "replace_section", "started_server", "stop_process",
-           "wait_ready", "write_section"]
+__all__ = ["display_command", "free_port", "percentile", "publish", "replace_section", "started_server",
+           "stop_process", "wait_ready", "write_section"]
 
 DOCS_HEADER = ("# Benchmarks\n\nMeasured performance of int8serve on its CPU machine. Each section is written by the "
                "script it names; rerun the command it shows to refresh it.\n")
@@ -33,6 +35,12 @@ def free_port() -> int:
     with socket.socket() as sock:
         sock.bind(("127.0.0.1", 0))
         return sock.getsockname()[1]
+
+
+def percentile(values: Sequence[float], q: float) -> float:
+    """The q-th percentile of `values` (in any order) by numpy's default, linear interpolation between the closest
+    ranks (as vLLM reports them); NaN for no values."""
+    return float(np.percentile(values, q)) if len(values) else math.nan
 
 
 def display_command(script: str, argv: Sequence[str], hidden: Sequence[str] = ()) -> str:

@@ -92,7 +92,7 @@ from typing import Any
 
 import httpx
 
-from benchmarks.common import display_command, free_port, write_section
+from benchmarks.common import display_command, free_port, percentile, write_section
 from benchmarks.machine import machine_description
 
 REPO = Path(__file__).resolve().parents[1]
@@ -881,16 +881,6 @@ class Health:
         slowest = max(samples, key=lambda s: s[1], default=(start + math.nan, math.nan, None, None))
         return cls(len(samples), len(samples) - len(failures), percentile(latencies, 50), percentile(latencies, 99),
                    slowest[1] * 1000, slowest[0] - start, failures)
-
-
-def percentile(ordered: Sequence[float], q: float) -> float:
-    """The q-th percentile of sorted values, linear interpolation between closest ranks (numpy's default)."""
-    if not ordered:
-        return float("nan")
-    rank = (len(ordered) - 1) * q / 100
-    low = int(rank)
-    high = min(low + 1, len(ordered) - 1)
-    return ordered[low] + (ordered[high] - ordered[low]) * (rank - low)
 
 
 def examples(records: Iterable[RequestRecord]) -> list[str]:

@@ -67,7 +67,7 @@ from pathlib import Path
 import httpx
 import torch
 
-from benchmarks.common import display_command, free_port, stop_process, wait_ready, write_section
+from benchmarks.common import display_command, free_port, percentile, stop_process, wait_ready, write_section
 from benchmarks.engine import LLAMA2_7B, build_random_int8_model
 from benchmarks.machine import QUIET, CpuShares, NoWait, QuietWaiter, least_contended, log, machine_facts
 from int8serve.catalog.registry import Catalog
@@ -125,17 +125,6 @@ class RequestRecord:
     @property
     def itls(self) -> list[float]:
         return [b - a for a, b in zip(self.token_times, self.token_times[1:], strict=False)]
-
-
-def percentile(values: Sequence[float], q: float) -> float:
-    """The q-th percentile with linear interpolation between closest ranks (numpy's default, as vLLM uses)."""
-    if not values:
-        return math.nan
-    ordered = sorted(values)
-    rank = (len(ordered) - 1) * q / 100
-    low = math.floor(rank)
-    high = min(low + 1, len(ordered) - 1)
-    return ordered[low] + (ordered[high] - ordered[low]) * (rank - low)
 
 
 @dataclass(frozen=True)
