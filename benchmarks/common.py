@@ -8,6 +8,7 @@ Each script writes its results between two markers that name it (`<!-- benchmark
 from __future__ import annotations
 
 import contextlib
+import json
 import math
 import os
 import re
@@ -20,12 +21,13 @@ import tempfile
 import time
 from collections.abc import Iterator, Sequence
 from pathlib import Path
+from typing import Any
 
 import httpx
 import numpy as np
 
-__all__ = ["display_command", "free_port", "percentile", "publish", "replace_section", "started_server",
-           "stop_process", "wait_ready", "write_section"]
+__all__ = ["display_command", "error_code", "free_port", "parse_frame", "percentile", "publish", "replace_section",
+           "started_server", "stop_process", "wait_ready", "write_section"]
 
 DOCS_HEADER = ("# Benchmarks\n\nMeasured performance of int8serve on its CPU machine. Each section is written by the "
                "script it names; rerun the command it shows to refresh it.\n")
@@ -41,6 +43,43 @@ def percentile(values: Sequence[float], q: float) -> float:
     """The q-th percentile of `values` (in any order) by numpy's default, linear interpolation between the closest
     ranks (as vLLM reports them); NaN for no values."""
     return float(np.percentile(values, q)) if len(values) else math.nan
+
+
+def parse_frame(line: str) -> tuple[str, Any]:
+    """One line of a server-sent event stream, of either API (Workers AI or OpenAI): ("done" | "error" | "data" |
+    "other", its JSON payload). "other" is a line with no data (a comment, a blank line); a data line that is not
+    JSON is "data" with no payload, so that a benchmark reading a damaged stream counts it and goes on."""
+    if not line.startswith("data:"):
+        return "other", None
+    data = line.removeprefix("data:").strip()
+    if data == "[DONE]":
+        return "done", None
+    try:
+        payload = json.loads(data)
+    except ValueError:
+        return "data", None
+    if error_code(payload) is not None or (isinstance(payload, dict) and ("error" in payload or payload.get("errors"))):
+        return "error", payload
+    return "data", payload
+
+
+def error_code(answer: Any) -> int | str | None:
+    """`errors[0].code` of a Cloudflare envelope (or a stream's error frame), or `error.code` of an OpenAI error;
+    an answer's body (bytes) is read as JSON first. None when there is none, or the body is not JSON."""
+    if isinstance(answer, bytes):
+        try:
+            answer = json.loads(answer)
+        except ValueError:
+            return None
+    if not isinstance(answer, dict):
+        return None
+    errors = answer.get("errors")
+    if isinstance(errors, list) and errors and isinstance(errors[0], dict):
+        return errors[0].get("code")
+    error = answer.get("error")
+    if isinstance(error, dict):
+        return error.get("code")
+    return None
 
 
 def display_command(script: str, argv: Sequence[str], hidden: Sequence[str] = ()) -> str:

@@ -92,7 +92,7 @@ from typing import Any
 
 import httpx
 
-from benchmarks.common import display_command, free_port, percentile, write_section
+from benchmarks.common import display_command, error_code, free_port, parse_frame, percentile, write_section
 from benchmarks.machine import machine_description
 
 REPO = Path(__file__).resolve().parents[1]
@@ -258,43 +258,6 @@ def request_url(planned: PlannedRequest) -> str:
 # Reading answers
 
 
-def error_code(payload: Any) -> int | str | None:
-    """`errors[0].code` of a Cloudflare envelope (or a stream's error frame), or `error.code` of an OpenAI error."""
-    if not isinstance(payload, dict):
-        return None
-    errors = payload.get("errors")
-    if isinstance(errors, list) and errors and isinstance(errors[0], dict):
-        return errors[0].get("code")
-    error = payload.get("error")
-    if isinstance(error, dict):
-        return error.get("code")
-    return None
-
-
-def body_error_code(content: bytes) -> int | str | None:
-    try:
-        return error_code(json.loads(content))
-    except ValueError:
-        return None
-
-
-def classify_frame(line: str) -> tuple[str, int | str | None]:
-    """("done" | "error" | "data" | "other", error code) of one SSE line, for both API shapes."""
-    if not line.startswith("data:"):
-        return "other", None
-    data = line.removeprefix("data:").strip()
-    if data == "[DONE]":
-        return "done", None
-    try:
-        payload = json.loads(data)
-    except ValueError:
-        return "data", None
-    code = error_code(payload)
-    if code is not None or (isinstance(payload, dict) and ("error" in payload or payload.get("errors"))):
-        return "error", code
-    return "data", None
-
-
 def malformed_answer(content: bytes, route: str) -> str | None:
     """What is wrong with a 200 JSON answer (`success: true` and a `result.response` string on Workers AI routes,
     a `choices` list on OpenAI ones), or None."""
@@ -329,12 +292,12 @@ def note_headers(record: RequestRecord, response: httpx.Response) -> None:
 async def read_stream(response: httpx.Response, planned: PlannedRequest, record: RequestRecord) -> None:
     """Read SSE frames until `[DONE]`, an error frame, the cut, or the end of the body ("truncated")."""
     async for line in response.aiter_lines():
-        kind, code = classify_frame(line)
+        kind, payload = parse_frame(line)
         if kind == "done":
             record.stream_end = "done"
             return
         if kind == "error":
-            record.stream_end, record.code = "error", code
+            record.stream_end, record.code = "error", error_code(payload)
             return
         if kind == "data":
             record.frames += 1
@@ -354,14 +317,14 @@ async def send(client: httpx.AsyncClient, planned: PlannedRequest, record: Reque
                 if response.status_code == 200:
                     await read_stream(response, planned, record)
                 else:
-                    record.code = body_error_code(await response.aread())
+                    record.code = error_code(await response.aread())
         else:
             response = await client.post(url, content=planned.body, headers=headers)
             note_headers(record, response)
             if response.status_code == 200:
                 record.malformed = malformed_answer(response.content, planned.route)
             else:
-                record.code = body_error_code(response.content)
+                record.code = error_code(response.content)
     except httpx.HTTPError as exc:
         record.transport_error = f"{type(exc).__name__}: {exc}"[:200]
         if record.stream and record.got_200 and record.stream_end is None:
@@ -748,7 +711,7 @@ class TcpProxy(Fault):
             response = await client.get(url, headers={"Authorization": f"Bearer {token_of(account)}"})
         except httpx.HTTPError as exc:
             return f"GET {url}: {type(exc).__name__}", False
-        code = body_error_code(response.content)
+        code = error_code(response.content)
         return f"GET {url} → {response.status_code}/{code}", (response.status_code, code) == (503, 1002)
 
     def close(self) -> None:

@@ -67,7 +67,16 @@ from pathlib import Path
 import httpx
 import torch
 
-from benchmarks.common import display_command, free_port, percentile, stop_process, wait_ready, write_section
+from benchmarks.common import (
+    display_command,
+    error_code,
+    free_port,
+    parse_frame,
+    percentile,
+    stop_process,
+    wait_ready,
+    write_section,
+)
 from benchmarks.engine import LLAMA2_7B, build_random_int8_model
 from benchmarks.machine import QUIET, CpuShares, NoWait, QuietWaiter, least_contended, log, machine_facts
 from int8serve.catalog.registry import Catalog
@@ -382,28 +391,17 @@ async def drive(clients: int, requests: int, send: Callable[[], Awaitable[Reques
 
 
 def classify_frame(line: str) -> tuple[str, dict | None]:
-    """A Workers AI SSE line → ("token" | "usage" | "error" | "done" | "other", its JSON payload)."""
-    if not line.startswith("data:"):
+    """A Workers AI SSE line → ("token" | "usage" | "error" | "done" | "other", its JSON payload): a data frame with
+    text is a token, the one with `usage` the last; any other data line (one that is not a JSON object too) is
+    "other"."""
+    kind, payload = parse_frame(line)
+    if kind != "data":
+        return kind, payload
+    if not isinstance(payload, dict):
         return "other", None
-    data = line[5:].strip()
-    if data == "[DONE]":
-        return "done", None
-    payload = json.loads(data)
-    if payload.get("errors"):
-        return "error", payload
     if "usage" in payload:
         return "usage", payload
     return ("token", payload) if payload.get("response") else ("other", payload)
-
-
-def error_code(envelope: bytes | dict) -> int | None:
-    """The first Workers AI error code of an error envelope or error frame, if any."""
-    try:
-        payload = json.loads(envelope) if isinstance(envelope, bytes) else envelope
-        errors = payload.get("errors") or []
-        return int(errors[0]["code"]) if errors else None
-    except (ValueError, AttributeError, KeyError, TypeError, IndexError):
-        return None
 
 
 async def http_request(client: httpx.AsyncClient, url: str, headers: dict[str, str], body: bytes) -> RequestRecord:

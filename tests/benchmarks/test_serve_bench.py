@@ -7,12 +7,14 @@ on the path (pyproject's `pythonpath`). No tests/benchmarks/__init__.py: as a pa
 
 from __future__ import annotations
 
+import asyncio
 import math
 import random
 import subprocess
 import sys
 from pathlib import Path
 
+import httpx
 import numpy as np
 import pytest
 from benchmarks.common import replace_section, write_section
@@ -141,6 +143,26 @@ def test_classify_frame() -> None:
     assert serve.classify_frame('data: {"response":""}')[0] == "other"
     assert serve.classify_frame("")[0] == "other"
     assert serve.classify_frame(": keep-alive")[0] == "other"
+
+
+def test_a_data_line_that_is_not_json_is_another_frame() -> None:
+    """It used to raise JSONDecodeError and end the benchmark."""
+    assert serve.classify_frame("data: <html>502 Bad Gateway</html>") == ("other", None)
+    assert serve.classify_frame("data: 42") == ("other", None)  # JSON, but not an object
+
+
+def test_a_stream_with_a_line_that_is_not_json_is_still_measured() -> None:
+    frames = ['data: {"response":"Once"}', "data: not json", 'data: {"response":" upon"}',
+              'data: {"response":"","usage":{"prompt_tokens":5,"completion_tokens":2}}', "data: [DONE]"]
+
+    async def send() -> RequestRecord:
+        body = "".join(f"{frame}\n\n" for frame in frames).encode()
+        transport = httpx.MockTransport(lambda request: httpx.Response(200, content=body))
+        async with httpx.AsyncClient(transport=transport) as client:
+            return await serve.http_request(client, "http://bench/run", {}, b"{}")
+
+    record = asyncio.run(send())
+    assert (record.status, len(record.token_times), record.output_tokens, record.prompt_tokens) == ("ok", 2, 2, 5)
 
 
 def test_error_code_of_an_envelope() -> None:
