@@ -20,7 +20,8 @@ What one run does:
 3. polls `/healthz` every 100 ms throughout, from a separate process (so the clients' own event loop does not
    inflate the latencies);
 4. optionally injects a fault (`--fault redis`: its own `redis-server`, stopped and restarted mid-run;
-   `--fault postgres`: a TCP proxy in this script in front of the machine's PostgreSQL, cut and restored);
+   `--fault postgres`: a TCP proxy of its own in front of the machine's PostgreSQL, cut and restored; both from
+   benchmarks/backends.py);
 5. stops the server with SIGTERM (it drains and flushes its ledger, exit 0), reads the ledger
    (`<data-dir>/usage.sqlite3`, or the PostgreSQL schema this run created) and checks:
 
@@ -77,11 +78,9 @@ import random
 import re
 import shutil
 import signal
-import socket
 import subprocess
 import sys
 import tempfile
-import threading
 import time
 import uuid
 from collections import Counter
@@ -92,6 +91,15 @@ from typing import Any
 
 import httpx
 
+from benchmarks.backends import (
+    LEDGER_TABLE,
+    BackendError,
+    PostgresSchema,
+    RedisServer,
+    TcpProxy,
+    delete_keys,
+    read_rows,
+)
 from benchmarks.common import display_command, error_code, free_port, parse_frame, percentile, write_section
 from benchmarks.machine import machine_description
 
@@ -99,7 +107,6 @@ REPO = Path(__file__).resolve().parents[1]
 DEFAULT_MODEL = REPO.parent / "shared" / "models" / "stories260K" / "hf"
 DEFAULT_POSTGRES = "postgresql+psycopg://postgres@127.0.0.1:5432/test"
 MODEL = "@cf/meta/llama-2-7b-chat-int8"
-LEDGER_TABLE = "int8serve_usage"
 RUN_PATH = "/client/v4/accounts/{account}/ai/run/" + MODEL
 OPENAI_PATH = "/v1/chat/completions"
 HEALTH_INTERVAL = 0.1  # seconds between two /healthz polls
@@ -569,7 +576,8 @@ class ServerProcess:
 
 
 class SetupError(RuntimeError):
-    """The run could not be set up (no Redis, no PostgreSQL, the server did not start): exit status 2."""
+    """The run could not be set up (the server did not start; a BackendError: no Redis, no PostgreSQL): exit
+    status 2."""
 
 
 class Fault:
@@ -589,120 +597,35 @@ class Fault:
         return "", None
 
 
-class RedisServer(Fault):
-    """A `redis-server` of this run on a free port (nothing saved), stopped by `inject` and restarted by `lift`."""
+class RedisOutage(Fault):
+    """A `redis-server` of this run (nothing saved), stopped by `inject` and restarted by `lift`."""
 
     name = "redis"
 
     def __init__(self, work: Path) -> None:
-        self.binary = shutil.which("redis-server")
-        if self.binary is None:
-            raise SetupError("redis-server is not installed (it is needed by --fault redis)")
-        self.port = free_port()
-        self.url = f"redis://127.0.0.1:{self.port}/0"
-        self.log_path = work / "redis.log"
-        self.process: subprocess.Popen[bytes] | None = None
+        self.server = RedisServer(log_path=work / "redis.log")
 
-    def start(self) -> None:
-        command = [self.binary, "--port", str(self.port), "--bind", "127.0.0.1", "--save", "", "--appendonly", "no",
-                   "--daemonize", "no"]
-        with self.log_path.open("ab") as out:
-            self.process = subprocess.Popen(command, stdout=out, stderr=subprocess.STDOUT)
-        deadline = time.monotonic() + 10
-        while time.monotonic() < deadline:
-            if self.process.poll() is not None:
-                raise SetupError(f"redis-server exited at start: {self.log_path.read_text()[-2000:]}")
-            if redis_pings(self.port):
-                return
-            time.sleep(0.05)
-        raise SetupError(f"redis-server did not answer PING on port {self.port}")
+    def inject(self) -> None:
+        self.server.stop()
 
-    def stop(self) -> None:
-        if self.process is not None and self.process.poll() is None:
-            self.process.terminate()
-            try:
-                self.process.wait(10)
-            except subprocess.TimeoutExpired:
-                self.process.kill()
-                self.process.wait(10)
-
-    inject = stop
-    lift = start
+    def lift(self) -> None:
+        self.server.start()
 
 
-def redis_pings(port: int) -> bool:
-    try:
-        with socket.create_connection(("127.0.0.1", port), timeout=1) as sock:
-            sock.sendall(b"PING\r\n")
-            return sock.recv(64).startswith(b"+PONG")
-    except OSError:
-        return False
-
-
-class TcpProxy(Fault):
-    """A TCP proxy to PostgreSQL on its own thread and event loop: `inject` closes every proxied connection and
-    refuses new ones (accepts and closes them at once); `lift` lets new connections through again."""
+class PostgresOutage(Fault):
+    """A TCP proxy of this run in front of PostgreSQL: `inject` closes every proxied connection and refuses new
+    ones (accepts and closes them at once); `lift` lets new connections through again."""
 
     name = "postgres"
 
-    def __init__(self, upstream_host: str, upstream_port: int) -> None:
-        self.upstream = (upstream_host, upstream_port)
-        self.port = 0
-        self.refusing = False
-        self.writers: set[asyncio.StreamWriter] = set()
-        self.loop = asyncio.new_event_loop()
-        self.thread = threading.Thread(target=self.loop.run_forever, name="pg-proxy", daemon=True)
-        self.server: asyncio.AbstractServer | None = None
-
-    def start(self) -> None:
-        self.thread.start()
-        self.server = asyncio.run_coroutine_threadsafe(
-            asyncio.start_server(self._handle, "127.0.0.1", 0), self.loop).result(10)
-        self.port = self.server.sockets[0].getsockname()[1]
-
-    async def _handle(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
-        if self.refusing:
-            writer.transport.abort()
-            return
-        try:
-            up_reader, up_writer = await asyncio.open_connection(*self.upstream)
-        except OSError:
-            writer.transport.abort()
-            return
-        pair = {writer, up_writer}
-        self.writers |= pair
-        try:
-            await asyncio.gather(self._pump(reader, up_writer), self._pump(up_reader, writer))
-        finally:
-            self.writers -= pair
-            for w in pair:
-                w.transport.abort()
-
-    @staticmethod
-    async def _pump(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
-        with contextlib.suppress(OSError, asyncio.IncompleteReadError):
-            while data := await reader.read(65536):
-                writer.write(data)
-                await writer.drain()
-        writer.transport.abort()
-
-    def _cut(self) -> None:
-        self.refusing = True
-        for writer in list(self.writers):
-            writer.transport.abort()
-
-    def _in_loop(self, function: Callable[[], None]) -> None:
-        """Run `function` on the proxy's loop and wait until it has run."""
-        async def call() -> None:
-            function()
-
-        asyncio.run_coroutine_threadsafe(call(), self.loop).result(10)
+    def __init__(self, proxy: TcpProxy) -> None:
+        self.proxy = proxy
 
     def inject(self) -> None:
-        self._in_loop(self._cut)
+        self.proxy.cut()
 
     def lift(self) -> None:
-        self._in_loop(lambda: setattr(self, "refusing", False))
+        self.proxy.restore()
 
     async def probe(self, client: httpx.AsyncClient, account: str) -> tuple[str, bool | None]:
         """The usage endpoint reads the ledger's database: while it is unreachable it answers 503, code 1002."""
@@ -714,68 +637,6 @@ class TcpProxy(Fault):
         code = error_code(response.content)
         return f"GET {url} → {response.status_code}/{code}", (response.status_code, code) == (503, 1002)
 
-    def close(self) -> None:
-        if self.server is not None:
-            self._in_loop(self._cut)
-            self._in_loop(self.server.close)
-        self.loop.call_soon_threadsafe(self.loop.stop)
-        self.thread.join(10)
-
-
-class PostgresSchema:
-    """A schema of this run in a PostgreSQL database: the server's search_path points at it, so its ledger table
-    is created there; dropped (with everything in it, all of it this run's) at the end."""
-
-    def __init__(self, url: str) -> None:
-        import sqlalchemy as sa  # only PostgreSQL runs need it (sqlalchemy comes with int8serve)
-
-        self.sa = sa
-        self.url = sa.make_url(url)
-        if not self.url.drivername.startswith("postgresql"):
-            raise SetupError(f"--database-url must be a PostgreSQL URL, got {self.url.drivername}")
-        self.name = f"int8serve_load_{uuid.uuid4().hex[:12]}"
-        self.created = False
-
-    def create(self) -> None:
-        try:
-            engine = self.sa.create_engine(self.url)
-            with engine.begin() as conn:
-                conn.execute(self.sa.text(f'CREATE SCHEMA "{self.name}"'))
-            engine.dispose()
-        except Exception as exc:
-            raise SetupError(f"cannot create a schema in PostgreSQL at {self.url!r}: {exc}") from exc
-        self.created = True
-
-    def server_url(self, port: int | None = None) -> str:
-        url = self.url if port is None else self.url.set(host="127.0.0.1", port=port)
-        url = url.update_query_dict({"options": f"-csearch_path={self.name}"})
-        return url.render_as_string(hide_password=False)
-
-    def rows(self) -> list[dict[str, Any]]:
-        return read_rows(self.url.render_as_string(hide_password=False), f'"{self.name}".{LEDGER_TABLE}')
-
-    def drop(self) -> None:
-        if not self.created:
-            return
-        engine = self.sa.create_engine(self.url)
-        with engine.begin() as conn:
-            conn.execute(self.sa.text(f'DROP SCHEMA IF EXISTS "{self.name}" CASCADE'))
-        engine.dispose()
-
-
-def read_rows(url: str, table: str) -> list[dict[str, Any]]:
-    """Every ledger row (the columns the checks need) of `table` in the database at `url`."""
-    import sqlalchemy as sa
-
-    engine = sa.create_engine(url)
-    try:
-        with engine.connect() as conn:
-            result = conn.execute(sa.text(
-                f"SELECT request_id, account, outcome, cached, output_tokens FROM {table}"))
-            return [dict(row._mapping) for row in result]
-    finally:
-        engine.dispose()
-
 
 def with_key_prefix(url: str, prefix: str) -> str:
     """`url` with `?key_prefix=prefix` unless it names one already."""
@@ -785,18 +646,10 @@ def with_key_prefix(url: str, prefix: str) -> str:
 
 
 def delete_redis_keys(url: str) -> None:
-    import redis  # comes with int8serve
-
+    """Delete the keys of the key prefix `url` names, if any."""
     match = re.search(r"key_prefix=([^&]+)", url)
-    if not match:
-        return
-    client = redis.Redis.from_url(url.split("?")[0])
-    try:
-        keys = list(client.scan_iter(match=f"{match.group(1)}:*", count=500))
-        if keys:
-            client.delete(*keys)
-    finally:
-        client.close()
+    if match:
+        delete_keys(url, match.group(1))
 
 
 def fetch_metrics(base_url: str) -> dict[str, float] | None:
@@ -1294,27 +1147,25 @@ class Setup:
 def prepare(args: argparse.Namespace, work: Path) -> Setup:
     setup = Setup()
     if args.fault == "redis":
-        redis_server = RedisServer(work)
-        redis_server.start()
-        setup.cleanups.append(redis_server.stop)
-        setup.fault, setup.redis_url = redis_server, redis_server.url
-        setup.redis = f"redis-server of this run on port {redis_server.port}"
+        outage = RedisOutage(work)
+        outage.server.start()
+        setup.cleanups.append(outage.server.stop)
+        setup.fault, setup.redis_url = outage, outage.server.url
+        setup.redis = f"redis-server of this run on port {outage.server.port}"
     elif args.redis_url:
         setup.redis_url = with_key_prefix(args.redis_url, f"int8serve-load-{uuid.uuid4().hex[:12]}")
         setup.cleanups.append(lambda: delete_redis_keys(setup.redis_url or ""))
         setup.redis = "given by --redis-url"
     if args.fault == "postgres" or args.database_url:
-        schema = PostgresSchema(args.database_url or DEFAULT_POSTGRES)
-        schema.create()
+        schema = PostgresSchema(args.database_url or DEFAULT_POSTGRES, prefix="int8serve_load_").create()
         setup.schema = schema
         setup.cleanups.append(schema.drop)
         setup.database_url = schema.server_url()
         setup.ledger = f"PostgreSQL (schema {schema.name}, dropped after the run)"
         if args.fault == "postgres":
-            proxy = TcpProxy(schema.url.host or "127.0.0.1", schema.url.port or 5432)
-            proxy.start()
-            setup.cleanups.append(proxy.close)
-            setup.fault, setup.database_url = proxy, schema.server_url(proxy.port)
+            proxy = TcpProxy((schema.url.host or "127.0.0.1", schema.url.port or 5432)).start()
+            setup.cleanups.append(proxy.stop)
+            setup.fault, setup.database_url = PostgresOutage(proxy), schema.server_url(proxy.port)
             setup.ledger += f", through this script's TCP proxy on port {proxy.port}"
     return setup
 
@@ -1461,7 +1312,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     work = Path(tempfile.mkdtemp(prefix="int8serve-load-"))
     try:
         report = run(args, work)
-    except SetupError as exc:
+    except (SetupError, BackendError) as exc:
         log(f"cannot run: {exc}")
         if any(work.iterdir()):
             log(f"work folder kept: {work}")

@@ -5,6 +5,9 @@ another.
 `policy_server(**settings)` starts one: a fresh `Policy` (its ledger a SQLite file in the test's tmp dir, unless the
 settings say otherwise) behind a live uvicorn server on a loopback port. `PolicyServer` has small helpers to call it
 as one of the test accounts.
+
+The real backends some tests need (`private_redis`, `pg_proxy`, `pg_schema`) are benchmarks/backends.py's, which
+benchmarks/load.py takes away mid-run too.
 """
 
 from __future__ import annotations
@@ -14,8 +17,6 @@ import itertools
 import json
 import os
 import socket
-import subprocess
-import threading
 import time
 import uuid
 from collections.abc import Callable, Iterator
@@ -25,8 +26,8 @@ from typing import Any
 
 import httpx
 import pytest
-import redis
 import sqlalchemy as sa
+from benchmarks.backends import PostgresSchema, RedisServer, TcpProxy, delete_keys
 from fastapi import FastAPI
 
 from int8serve.catalog.registry import Catalog
@@ -180,169 +181,22 @@ def sse_data(raw: bytes) -> list[Any]:
     return out
 
 
-def free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
-
-
-# --- real backends: a private redis-server, a cuttable TCP proxy, a PostgreSQL schema of our own ------------------
-
-
-class RedisServer:
-    """A private `redis-server` on a loopback port (no persistence), which a test can kill and restart."""
-
-    def __init__(self, port: int) -> None:
-        self.port = port
-        self.process: subprocess.Popen[bytes] | None = None
-
-    def start(self) -> RedisServer:
-        self.process = subprocess.Popen(
-            ["redis-server", "--port", str(self.port), "--bind", "127.0.0.1", "--save", "", "--appendonly", "no"],
-            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-        client = redis.Redis(port=self.port, socket_connect_timeout=0.2)
-        deadline = time.monotonic() + 10
-        while True:
-            try:
-                client.ping()
-                break
-            except redis.exceptions.ConnectionError:
-                assert self.process.poll() is None and time.monotonic() < deadline, "redis-server did not start"
-                time.sleep(0.05)
-        client.close()
-        return self
-
-    def kill(self) -> None:
-        if self.process is not None and self.process.poll() is None:
-            self.process.kill()
-            self.process.wait(10)
-
-    def client(self) -> redis.Redis:
-        return redis.Redis(port=self.port)
-
-
-class TcpProxy:
-    """Forwards a loopback port to `upstream`; `cut()` drops every connection and refuses new ones (they are
-    accepted and closed at once) until `restore()`; `blackhole()` keeps every connection open, accepts new ones,
-    and forwards nothing until `restore()` — a database host that froze: TCP is fine, no answer ever comes."""
-
-    def __init__(self, upstream: tuple[str, int]) -> None:
-        self.upstream = upstream
-        self.listener = socket.create_server(("127.0.0.1", 0))
-        self.listener.settimeout(0.1)  # so that stop() is noticed
-        self.port = self.listener.getsockname()[1]
-        self.cut_off = threading.Event()
-        self.blackholed = threading.Event()
-        self.stopped = threading.Event()
-        self.lock = threading.Lock()
-        self.sockets: list[socket.socket] = []
-        self.thread = threading.Thread(target=self._accept, name="tcp-proxy", daemon=True)
-
-    def start(self) -> TcpProxy:
-        self.thread.start()
-        return self
-
-    def cut(self) -> None:
-        self.cut_off.set()
-        self._drop_all()
-
-    def blackhole(self) -> None:
-        self.blackholed.set()
-
-    def restore(self) -> None:
-        self.cut_off.clear()
-        self.blackholed.clear()
-
-    def stop(self) -> None:
-        self.stopped.set()
-        self.listener.close()
-        self._drop_all()
-        self.thread.join(5)
-
-    def _drop_all(self) -> None:
-        with self.lock:
-            sockets, self.sockets = self.sockets, []
-        for sock in sockets:
-            with contextlib.suppress(OSError):
-                sock.shutdown(socket.SHUT_RDWR)
-            sock.close()
-
-    def _accept(self) -> None:
-        while not self.stopped.is_set():
-            try:
-                client, _ = self.listener.accept()
-            except TimeoutError:
-                continue
-            except OSError:
-                return
-            client.settimeout(None)
-            if self.cut_off.is_set():
-                client.close()
-                continue
-            try:
-                server = socket.create_connection(self.upstream, timeout=5)
-            except OSError:
-                client.close()
-                continue
-            server.settimeout(None)
-            with self.lock:
-                self.sockets += [client, server]
-            for a, b in ((client, server), (server, client)):
-                threading.Thread(target=self._pump, args=(a, b), daemon=True).start()
-
-    def _pump(self, source: socket.socket, sink: socket.socket) -> None:
-        try:
-            while data := source.recv(65536):
-                while self.blackholed.is_set() and not self.stopped.is_set():  # held, not lost
-                    time.sleep(0.02)
-                sink.sendall(data)
-        except OSError:
-            pass
-        finally:
-            for sock in (source, sink):
-                with contextlib.suppress(OSError):
-                    sock.shutdown(socket.SHUT_RDWR)
-
-
 @pytest.fixture
 def private_redis() -> Iterator[RedisServer]:
     """A redis-server of this test's own, which it may kill."""
-    server = RedisServer(free_port()).start()
+    server = RedisServer().start()
     yield server
     server.kill()
 
 
-def postgres_url(schema: str, port: int | None = None) -> str:
-    """The test database's URL with `schema` as the only search path (so the ledger table is made there)."""
-    url = sa.make_url(POSTGRES_URL)
-    if port is not None:
-        url = url.set(port=port)
-    return url.update_query_dict({"options": f"-csearch_path={schema}"}).render_as_string(hide_password=False)
-
-
 @pytest.fixture
-def pg_schema() -> Iterator[str]:
+def pg_schema() -> Iterator[PostgresSchema]:
     """A fresh PostgreSQL schema for this test, dropped afterwards."""
-    schema = f"int8serve_test_{uuid.uuid4().hex[:12]}"
-    engine = sa.create_engine(POSTGRES_URL)
-    with engine.begin() as conn:
-        conn.execute(sa.text(f'CREATE SCHEMA "{schema}"'))
+    schema = PostgresSchema(POSTGRES_URL, prefix="int8serve_test_").create()
     try:
         yield schema
     finally:
-        with engine.begin() as conn:
-            conn.execute(sa.text(f'DROP SCHEMA IF EXISTS "{schema}" CASCADE'))
-        engine.dispose()
-
-
-def pg_rows(schema: str, table: str = "int8serve_usage") -> list[dict[str, Any]]:
-    engine = sa.create_engine(POSTGRES_URL)
-    try:
-        with engine.connect() as conn:
-            result = conn.execute(sa.text(f'SELECT * FROM "{schema}"."{table}" ORDER BY time'))
-            return [dict(r._mapping) for r in result]
-    finally:
-        engine.dispose()
+        schema.drop()
 
 
 @pytest.fixture
@@ -350,13 +204,7 @@ def redis_prefix() -> Iterator[str]:
     """A key prefix of our own in the shared Redis; its keys are deleted afterwards."""
     prefix = f"int8serve-test-{uuid.uuid4().hex[:12]}"
     yield prefix
-    client = redis.Redis.from_url(REDIS_URL)
-    try:
-        keys = list(client.scan_iter(match=f"{prefix}:*", count=500))
-        if keys:
-            client.delete(*keys)
-    finally:
-        client.close()
+    delete_keys(REDIS_URL, prefix)
 
 
 @pytest.fixture(params=["local", "shared"])
@@ -367,7 +215,7 @@ def backend(request: pytest.FixtureRequest) -> dict[str, Any]:
     if request.param == "local":
         return {}
     prefix, schema = request.getfixturevalue("redis_prefix"), request.getfixturevalue("pg_schema")
-    return {"redis_url": f"{REDIS_URL}?key_prefix={prefix}", "database_url": postgres_url(schema)}
+    return {"redis_url": f"{REDIS_URL}?key_prefix={prefix}", "database_url": schema.server_url()}
 
 
 @pytest.fixture

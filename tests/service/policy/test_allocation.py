@@ -16,6 +16,7 @@ import httpx
 import pytest
 import redis
 import redis.asyncio
+from benchmarks.backends import PostgresSchema, RedisServer
 
 from int8serve.engine.scheduler import Engine
 from int8serve.service.errors import ApiError
@@ -28,11 +29,9 @@ from .conftest import (
     CARD_NEURON_COST,
     REDIS_URL,
     PolicyServer,
-    RedisServer,
     UtcClock,
     auth_for,
     collected_request,
-    postgres_url,
 )
 
 SMALL = {"prompt": "Once upon a time", "raw": True, "max_tokens": 4, "temperature": 0}
@@ -183,14 +182,14 @@ def test_every_way_a_request_ends_gives_its_reservation_back(policy_server: Call
 
 
 def test_replicas_share_their_reservations_through_redis(policy_server: Callable[..., PolicyServer],
-                                                         engines: dict[str, Engine], pg_schema: str,
+                                                         engines: dict[str, Engine], pg_schema: PostgresSchema,
                                                          redis_prefix: str, utc_clock: UtcClock) -> None:
     """Two replicas, one Redis, one PostgreSQL ledger, an allocation of 50 and leases of 0.5 s. A streams a request
     whose worst case (~56 neurons) reaches the allocation: B refuses the account at once, nothing being used yet —
     and still does after 1.2 s, A renewing its lease. When A's client leaves, A releases the reservation and B
     serves the account again. Then A serves a request that crosses the line, and B refuses at once: the cost came
     with the release, before B reads the ledger again."""
-    shared = {"daily_neurons": 50, "rate_limits": False, "cache": False, "database_url": postgres_url(pg_schema),
+    shared = {"daily_neurons": 50, "rate_limits": False, "cache": False, "database_url": pg_schema.server_url(),
               "redis_url": f"{REDIS_URL}?key_prefix={redis_prefix}", "allocation_lease_seconds": 0.5}
     a, b = policy_server(**shared), policy_server(**shared)
     with a.http.stream("POST", a.run_url("acct-a", SLOW_MODEL), headers=auth_for("acct-a"),

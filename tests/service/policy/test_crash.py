@@ -24,11 +24,12 @@ from pathlib import Path
 
 import httpx
 import pytest
+from benchmarks.backends import PostgresSchema, TcpProxy
+from benchmarks.common import free_port
 
 from int8serve.service.policy.policy import SPOOL_FILE
 
 from ..conftest import MODEL
-from .conftest import TcpProxy, free_port, pg_rows, postgres_url
 
 ACCOUNT, TOKEN = "acct-crash", "tok-crash"
 HOOK = Path(__file__).with_name("spool_hook.py")
@@ -207,22 +208,22 @@ def kill_between_fsync_and_answer(server: Server) -> None:
 
 
 def test_sigkill_with_postgres_unreachable(stories_hf: Path, tmp_path: Path, servers: list[Server],
-                                           pg_schema: str, pg_proxy: TcpProxy) -> None:
+                                           pg_schema: PostgresSchema, pg_proxy: TcpProxy) -> None:
     """The database cut off, answers keep coming and their rows only live in the spool; SIGKILL; the database
     back; the restarted server replays the spool: every acknowledged answer has exactly one row."""
     data_dir = tmp_path / "data"
     servers.append(first := start_server(stories_hf, data_dir, "--database-url",
-                                         postgres_url(pg_schema, pg_proxy.port)))
+                                         pg_schema.server_url(pg_proxy.port)))
     pg_proxy.cut()
     acknowledged = kill_under_load(first)
     spooled = spooled_ids(data_dir)
     assert set(acknowledged) <= set(spooled) and len(spooled) == len(set(spooled))
-    assert pg_rows(pg_schema) == []
+    assert pg_schema.rows() == []
 
     pg_proxy.restore()
-    servers.append(second := start_server(stories_hf, data_dir, "--database-url", postgres_url(pg_schema)))
+    servers.append(second := start_server(stories_hf, data_dir, "--database-url", pg_schema.server_url()))
     second.stop()
-    rows = [r["request_id"] for r in pg_rows(pg_schema)]
+    rows = [r["request_id"] for r in pg_schema.rows()]
     assert len(rows) == len(set(rows)) and set(rows) == set(spooled)
     assert (data_dir / SPOOL_FILE).read_bytes() == b""
 

@@ -6,31 +6,17 @@ from __future__ import annotations
 import logging
 import time
 import uuid
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 from pathlib import Path
 
 import pytest
+from benchmarks.backends import PostgresSchema, RedisServer, TcpProxy
 
 from int8serve.service.policy.policy import SPOOL_FILE
 
-from .conftest import (
-    PolicyServer,
-    RedisServer,
-    TcpProxy,
-    free_port,
-    pg_rows,
-    postgres_url,
-    sse_data,
-)
+from .conftest import PolicyServer, sse_data
 
 BODY = {"prompt": "Once upon a time", "raw": True, "max_tokens": 3, "temperature": 0}
-
-
-@pytest.fixture
-def private_redis() -> Iterator[RedisServer]:
-    server = RedisServer(free_port()).start()
-    yield server
-    server.kill()
 
 
 def _warnings(caplog: pytest.LogCaptureFixture, text: str) -> int:
@@ -77,18 +63,18 @@ def test_redis_lost_mid_run_and_back(policy_server: Callable[..., PolicyServer],
     assert _warnings(caplog, "is unreachable") == 1 and _warnings(caplog, "reachable again") == 1
 
 
-def test_database_lost_mid_run_and_back(pg_schema: str, pg_proxy: TcpProxy,
+def test_database_lost_mid_run_and_back(pg_schema: PostgresSchema, pg_proxy: TcpProxy,
                                         policy_server: Callable[..., PolicyServer], tmp_path: Path,
                                         caplog: pytest.LogCaptureFixture) -> None:
     """While the database is away, every answer is still given and its row waits in the spool (appended and fsynced
     before the answer); when it returns, the spool is replayed: every acknowledged request has exactly one row."""
     caplog.set_level(logging.WARNING, logger="int8serve.service.policy.ledger")
     data_dir = tmp_path / "replica"
-    server = policy_server(database_url=postgres_url(pg_schema, pg_proxy.port), data_dir=data_dir,
+    server = policy_server(database_url=pg_schema.server_url(pg_proxy.port), data_dir=data_dir,
                            rate_limits=False, retry_seconds=0.3)
     ledger = server.policy.ledger
     acknowledged = [server.post("acct-a", {**BODY, "seed": n}).headers["cf-ai-req-id"] for n in range(1, 4)]
-    assert ledger.flush() and len(pg_rows(pg_schema)) == 3
+    assert ledger.flush() and len(pg_schema.rows()) == 3
 
     pg_proxy.cut()
     during = [server.post("acct-a", {**BODY, "seed": n}) for n in range(4, 8)]
@@ -107,7 +93,7 @@ def test_database_lost_mid_run_and_back(pg_schema: str, pg_proxy: TcpProxy,
     deadline = time.monotonic() + 10
     while not ledger.flush(timeout=2):
         assert time.monotonic() < deadline, "the spool was not replayed"
-    rows = pg_rows(pg_schema)
+    rows = pg_schema.rows()
     assert sorted(r["request_id"] for r in rows) == sorted(acknowledged)  # none missing, none twice
     assert len(rows) == len(set(acknowledged)) == 9
     assert sum(r["cached"] for r in rows) == 1

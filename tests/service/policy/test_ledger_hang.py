@@ -23,6 +23,7 @@ from typing import Any
 import httpx
 import pytest
 import sqlalchemy as sa
+from benchmarks.backends import PostgresSchema, TcpProxy
 
 from int8serve.service.policy.ledger import Ledger, UsageRow, make_database, utc_now
 from int8serve.service.policy.policy import LEDGER_FILE, SPOOL_FILE
@@ -30,7 +31,7 @@ from int8serve.service.policy.spool import FileSpool, SpoolLockedError
 
 from ..conftest import MODEL
 from . import test_crash
-from .conftest import PolicyServer, TcpProxy, auth_for, pg_rows, postgres_url, sse_data
+from .conftest import PolicyServer, auth_for, sse_data
 from .test_crash import ACCOUNT, TOKEN, Server, spooled_ids, start_server
 from .test_faults import BODY
 
@@ -49,7 +50,7 @@ def _warnings(caplog: pytest.LogCaptureFixture, text: str) -> int:
     return sum(1 for r in caplog.records if r.levelno == logging.WARNING and text in r.getMessage())
 
 
-def test_a_hung_database_holds_up_no_request(pg_schema: str, pg_proxy: TcpProxy,
+def test_a_hung_database_holds_up_no_request(pg_schema: PostgresSchema, pg_proxy: TcpProxy,
                                              policy_server: Callable[..., PolicyServer], tmp_path: Path,
                                              caplog: pytest.LogCaptureFixture) -> None:
     """With the database frozen, JSON answers and streams (their final usage frame too) come at once, the daily
@@ -57,7 +58,7 @@ def test_a_hung_database_holds_up_no_request(pg_schema: str, pg_proxy: TcpProxy,
     the spool (one warning) and reach the database, once each, when it answers again."""
     caplog.set_level(logging.WARNING, logger="int8serve.service.policy.ledger")
     data_dir = tmp_path / "replica"
-    server = policy_server(database_url=postgres_url(pg_schema, pg_proxy.port), data_dir=data_dir,
+    server = policy_server(database_url=pg_schema.server_url(pg_proxy.port), data_dir=data_dir,
                            rate_limits=False, cache=False, daily_neurons=10_000, retry_seconds=0.3,
                            database_timeout=TIMEOUT)
     ledger = server.policy.ledger
@@ -96,7 +97,7 @@ def test_a_hung_database_holds_up_no_request(pg_schema: str, pg_proxy: TcpProxy,
     deadline = time.monotonic() + 15
     while not ledger.flush(timeout=2):
         assert time.monotonic() < deadline, "the spool was not replayed"
-    rows = pg_rows(pg_schema)
+    rows = pg_schema.rows()
     assert sorted(r["request_id"] for r in rows) == sorted(acknowledged)  # none missing, none twice
     assert (data_dir / SPOOL_FILE).read_bytes() == b""
     assert ledger.healthy and ledger.outages == 1
@@ -107,12 +108,12 @@ def _row(n: int) -> UsageRow:
     return UsageRow(f"hang-{n}", utc_now(), "acct", MODEL, 10, 5, 2.754, False, "ok", 12.5)
 
 
-def test_a_hung_database_at_close(pg_schema: str, pg_proxy: TcpProxy, tmp_path: Path) -> None:
+def test_a_hung_database_at_close(pg_schema: PostgresSchema, pg_proxy: TcpProxy, tmp_path: Path) -> None:
     """The ledger on its own: with the database frozen, each row is acknowledged as soon as it is spooled, a flush
     gives up within the timeout, and close() returns in bounded time with every row in the spool; the next start
     (database back) replays them."""
     spool_path = tmp_path / SPOOL_FILE
-    ledger = Ledger(make_database(postgres_url(pg_schema, pg_proxy.port), TIMEOUT), FileSpool(spool_path),
+    ledger = Ledger(make_database(pg_schema.server_url(pg_proxy.port), TIMEOUT), FileSpool(spool_path),
                     retry_seconds=0.3, spool_name=str(spool_path), timeout=TIMEOUT)
     ledger.create_schema()
 
@@ -137,9 +138,9 @@ def test_a_hung_database_at_close(pg_schema: str, pg_proxy: TcpProxy, tmp_path: 
         r.request_id for r in rows]
 
     pg_proxy.restore()
-    again = Ledger(make_database(postgres_url(pg_schema)), FileSpool(spool_path))
+    again = Ledger(make_database(pg_schema.server_url()), FileSpool(spool_path))
     assert again.flush()
-    assert sorted(r["request_id"] for r in pg_rows(pg_schema)) == sorted(["hang-0", *(r.request_id for r in rows)])
+    assert sorted(r["request_id"] for r in pg_schema.rows()) == sorted(["hang-0", *(r.request_id for r in rows)])
     assert spool_path.read_bytes() == b""
     again.close()
 
@@ -168,12 +169,12 @@ def test_a_locked_sqlite_ledger_holds_up_no_request(policy_server: Callable[...,
 
 
 def test_sigterm_with_a_hung_database(stories_hf: Path, tmp_path: Path, servers: list[Server],
-                                      pg_schema: str, pg_proxy: TcpProxy) -> None:
+                                      pg_schema: PostgresSchema, pg_proxy: TcpProxy) -> None:
     """`serve` on a frozen database: streams get their final usage frame, SIGTERM ends the process within a few
     seconds, and their rows are in the spool, which the next start (database back) writes."""
     data_dir = tmp_path / "data"
     servers.append(first := start_server(stories_hf, data_dir, "--database-url",
-                                         postgres_url(pg_schema, pg_proxy.port), "--database-timeout", str(TIMEOUT)))
+                                         pg_schema.server_url(pg_proxy.port), "--database-timeout", str(TIMEOUT)))
     headers = {"Authorization": f"Bearer {TOKEN}"}
     body = {"prompt": "Once upon a time", "raw": True, "max_tokens": 8}
     assert httpx.post(first.run_url, json=body, headers=headers, timeout=10).status_code == 200
@@ -193,10 +194,10 @@ def test_sigterm_with_a_hung_database(stories_hf: Path, tmp_path: Path, servers:
     assert set(ids) <= set(spooled_ids(data_dir))
 
     pg_proxy.restore()  # the next start replays the spool
-    again = Ledger(make_database(postgres_url(pg_schema)), FileSpool(data_dir / SPOOL_FILE))
+    again = Ledger(make_database(pg_schema.server_url()), FileSpool(data_dir / SPOOL_FILE))
     assert again.flush()
     again.close()
-    rows = pg_rows(pg_schema)
+    rows = pg_schema.rows()
     assert set(ids) <= {r["request_id"] for r in rows} and {r["account"] for r in rows} == {ACCOUNT}
     assert (data_dir / SPOOL_FILE).read_bytes() == b""
 

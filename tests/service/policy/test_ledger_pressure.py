@@ -12,11 +12,12 @@ from typing import Any
 
 import pytest
 import sqlalchemy as sa
+from benchmarks.backends import PostgresSchema, TcpProxy
 
 from int8serve.service.policy.ledger import Ledger, make_database
 from int8serve.service.policy.spool import MemorySpool
 
-from .conftest import POSTGRES_URL, PolicyServer, TcpProxy, postgres_url
+from .conftest import POSTGRES_URL, PolicyServer
 from .test_faults import BODY
 
 
@@ -92,11 +93,11 @@ def test_the_spool_says_when_it_grows(caplog: pytest.LogCaptureFixture) -> None:
     ledger.close(timeout=1)
 
 
-def test_the_allocation_counts_rows_spooled_during_an_outage(pg_schema: str, pg_proxy: TcpProxy,
+def test_the_allocation_counts_rows_spooled_during_an_outage(pg_schema: PostgresSchema, pg_proxy: TcpProxy,
                                                               policy_server: Callable[..., PolicyServer]) -> None:
     """With the database cut off, the account's usage keeps growing from the rows this server records: the daily
     allocation refuses (429/3036) as soon as the spooled requests use it up, as it would with the database."""
-    server = policy_server(database_url=postgres_url(pg_schema, pg_proxy.port), rate_limits=False, cache=False,
+    server = policy_server(database_url=pg_schema.server_url(pg_proxy.port), rate_limits=False, cache=False,
                            daily_neurons=4.0, retry_seconds=0.3)
     first = server.post("acct-a", {**BODY, "max_tokens": 1, "seed": 1})  # ~6 prompt+output tokens: ~1.1 neurons
     assert first.status_code == 200 and server.policy.ledger.flush()
@@ -121,7 +122,7 @@ def test_a_spool_of_more_rows_than_a_statement_has_parameters_is_read(backend: s
     from int8serve.service.policy.ledger import UsageRow, utc_now
 
     url = (f"sqlite:///{tmp_path / 'ledger.sqlite3'}" if backend == "sqlite"
-           else postgres_url(request.getfixturevalue("pg_schema")))
+           else request.getfixturevalue("pg_schema").server_url())
     now = utc_now()
     rows = [UsageRow(f"r{n}", now, "acct", "m", 3, 2, 0.5, False, "ok", 1.0) for n in range(70_000)]
     spool = MemorySpool()

@@ -17,6 +17,7 @@ from pathlib import Path
 
 import pytest
 import sqlalchemy as sa
+from benchmarks.backends import PostgresSchema, TcpProxy
 
 from int8serve.service.policy import Policy, PolicySettings
 from int8serve.service.policy.ledger import Ledger, UsageRow, make_database, utc_now
@@ -24,7 +25,6 @@ from int8serve.service.policy.policy import PolicyStartupError
 from int8serve.service.policy.spool import DEAD_LETTER_FILE, FileSpool
 
 from ..conftest import MODEL
-from .conftest import TcpProxy, pg_rows, postgres_url
 
 LONG_ACCOUNT = "L" * 130  # the column holds 128 characters
 
@@ -55,7 +55,7 @@ def database_url(request: pytest.FixtureRequest, tmp_path: Path) -> str:
     """The ledger's database: a SQLite file in the test's folder, or a PostgreSQL schema of the test's own."""
     if request.param == "sqlite":
         return f"sqlite:///{tmp_path / 'usage.sqlite3'}"
-    return postgres_url(request.getfixturevalue("pg_schema"))
+    return request.getfixturevalue("pg_schema").server_url()
 
 
 def _stored_ids(ledger: Ledger) -> list[str]:
@@ -63,16 +63,16 @@ def _stored_ids(ledger: Ledger) -> list[str]:
         return list(conn.execute(sa.select(ledger.table.c.request_id).order_by(ledger.table.c.request_id)).scalars())
 
 
-def test_a_row_postgresql_refuses_does_not_hold_up_the_others(pg_schema: str, tmp_path: Path,
+def test_a_row_postgresql_refuses_does_not_hold_up_the_others(pg_schema: PostgresSchema, tmp_path: Path,
                                                                caplog: pytest.LogCaptureFixture) -> None:
     caplog.set_level(logging.WARNING, logger="int8serve.service.policy.ledger")
     spool = tmp_path / "ledger-spool.jsonl"
-    ledger = Ledger(make_database(postgres_url(pg_schema)), FileSpool(spool), spool_name=str(spool))
+    ledger = Ledger(make_database(pg_schema.server_url()), FileSpool(spool), spool_name=str(spool))
     ledger.create_schema()
     rows = [_row("ok-1"), _row("long-1", LONG_ACCOUNT), _row("ok-2"), _row("ok-3", "acct-b")]
     _record(ledger, rows)
     assert ledger.flush(timeout=10)
-    assert sorted(r["request_id"] for r in pg_rows(pg_schema)) == ["ok-1", "ok-2", "ok-3"]
+    assert sorted(r["request_id"] for r in pg_schema.rows()) == ["ok-1", "ok-2", "ok-3"]
     (dead,) = _dead_letters(tmp_path)
     assert dead["row"]["request_id"] == "long-1" and dead["row"]["account"] == LONG_ACCOUNT
     assert "DataError" in dead["reason"] and "too long" in dead["reason"]
@@ -82,31 +82,31 @@ def test_a_row_postgresql_refuses_does_not_hold_up_the_others(pg_schema: str, tm
     assert "long-1" in error and "refused" in error and DEAD_LETTER_FILE in error
 
     _record(ledger, [_row("ok-4")])  # and the ledger carries on
-    assert ledger.flush() and len(pg_rows(pg_schema)) == 4
+    assert ledger.flush() and len(pg_schema.rows()) == 4
     ledger.close()
 
 
-def test_a_refused_row_left_in_the_spool_by_an_earlier_run(pg_schema: str, tmp_path: Path) -> None:
+def test_a_refused_row_left_in_the_spool_by_an_earlier_run(pg_schema: PostgresSchema, tmp_path: Path) -> None:
     """The spool of a server that ran with the long account (and could not write anything since) is replayed at the
     next start: the refused row first, then the others, which are all written."""
     spool_path = tmp_path / "ledger-spool.jsonl"
     spool = FileSpool(spool_path)
     spool.append([_row("long-1", LONG_ACCOUNT).to_json()] + [_row(f"ok-{n}").to_json() for n in range(1, 2_501)])
     spool.close()  # more rows than one flush transaction takes
-    ledger = Ledger(make_database(postgres_url(pg_schema)), FileSpool(spool_path))
+    ledger = Ledger(make_database(pg_schema.server_url()), FileSpool(spool_path))
     ledger.create_schema()
     assert ledger.flush(timeout=20)
-    assert len(pg_rows(pg_schema)) == 2_500
+    assert len(pg_schema.rows()) == 2_500
     assert [d["row"]["request_id"] for d in _dead_letters(tmp_path)] == ["long-1"]
     assert spool_path.read_bytes() == b""
     ledger.close()
 
 
-def test_a_database_away_is_not_a_refusal(pg_schema: str, pg_proxy: TcpProxy, tmp_path: Path) -> None:
+def test_a_database_away_is_not_a_refusal(pg_schema: PostgresSchema, pg_proxy: TcpProxy, tmp_path: Path) -> None:
     """While the database is cut off nothing is moved aside, whatever the rows; when it is back the good rows are
     written and the refused one is moved aside."""
     spool = tmp_path / "ledger-spool.jsonl"
-    ledger = Ledger(make_database(postgres_url(pg_schema, pg_proxy.port)), FileSpool(spool), retry_seconds=0.2)
+    ledger = Ledger(make_database(pg_schema.server_url(pg_proxy.port)), FileSpool(spool), retry_seconds=0.2)
     ledger.create_schema()
     pg_proxy.cut()
     _record(ledger, [_row("ok-1"), _row("long-1", LONG_ACCOUNT), _row("ok-2")])
@@ -114,7 +114,7 @@ def test_a_database_away_is_not_a_refusal(pg_schema: str, pg_proxy: TcpProxy, tm
     assert ledger.pending == 3 and len(spool.read_text().splitlines()) == 3 and _dead_letters(tmp_path) == []
     pg_proxy.restore()
     assert ledger.flush(timeout=10)
-    assert sorted(r["request_id"] for r in pg_rows(pg_schema)) == ["ok-1", "ok-2"]
+    assert sorted(r["request_id"] for r in pg_schema.rows()) == ["ok-1", "ok-2"]
     assert [d["row"]["request_id"] for d in _dead_letters(tmp_path)] == ["long-1"]
     ledger.close()
 

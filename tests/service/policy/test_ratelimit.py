@@ -13,6 +13,7 @@ import cloudflare
 import httpx
 import pytest
 import redis.asyncio
+from benchmarks.backends import RedisServer
 from cloudflare import Cloudflare
 
 from int8serve.catalog.registry import Catalog
@@ -20,7 +21,7 @@ from int8serve.service.policy import Policy, PolicySettings
 from int8serve.service.policy.ratelimit import MonotonicMemoryStorage, RateLimitStatus, ReplicaCount
 
 from ..conftest import ACCOUNT, MODEL, OTHER_ACCOUNT, OTHER_TOKEN, SCRIPTED_MODEL, TOKEN
-from .conftest import ACCOUNTS, STAGING_ACCOUNT, PolicyServer, RedisServer, auth_for
+from .conftest import ACCOUNTS, STAGING_ACCOUNT, PolicyServer, auth_for
 
 RATE_MESSAGE = "rate limiting: inference request per min rate reached"
 SMALL = {"prompt": "Once upon a time", "raw": True, "max_tokens": 2, "temperature": 0}

@@ -16,9 +16,11 @@ from pathlib import Path
 import httpx
 import pytest
 import redis
+from benchmarks.backends import PostgresSchema
+from benchmarks.common import free_port
 
 from ..conftest import MODEL
-from .conftest import REDIS_URL, free_port, pg_rows, postgres_url
+from .conftest import REDIS_URL
 
 TOKENS = {"tok-five": "acct-five", "tok-seq": "acct-seq", "tok-big": "acct-big"}  # 5 a minute, but acct-big
 
@@ -69,9 +71,9 @@ def _wait_ready(replica: Replica) -> None:
 
 
 @pytest.fixture
-def replicas(stories_hf: Path, tmp_path: Path, pg_schema: str, redis_prefix: str) -> Iterator[list[Replica]]:
+def replicas(stories_hf: Path, tmp_path: Path, pg_schema: PostgresSchema, redis_prefix: str) -> Iterator[list[Replica]]:
     redis_url = f"{REDIS_URL}?key_prefix={redis_prefix}"
-    started = [_start(stories_hf, tmp_path / f"replica{n}", redis_url, postgres_url(pg_schema)) for n in range(2)]
+    started = [_start(stories_hf, tmp_path / f"replica{n}", redis_url, pg_schema.server_url()) for n in range(2)]
     try:
         for replica in started:
             _wait_ready(replica)
@@ -88,7 +90,7 @@ def replicas(stories_hf: Path, tmp_path: Path, pg_schema: str, redis_prefix: str
                 replica.process.communicate()
 
 
-def test_two_replicas_share_limits_cache_and_ledger(replicas: list[Replica], pg_schema: str,
+def test_two_replicas_share_limits_cache_and_ledger(replicas: list[Replica], pg_schema: PostgresSchema,
                                                     redis_prefix: str) -> None:
     a, b = replicas
     # 1. the combined limit is exact: 12 requests at once, alternating replicas, 5 admitted in total
@@ -123,7 +125,7 @@ def test_two_replicas_share_limits_cache_and_ledger(replicas: list[Replica], pg_
     wanted = sorted(r.headers["cf-ai-req-id"] for r in answered)
     deadline = time.monotonic() + 15
     while True:
-        rows = pg_rows(pg_schema)
+        rows = pg_schema.rows()
         if sorted(r["request_id"] for r in rows if r["account"] != "acct-seq") == wanted:
             break
         assert time.monotonic() < deadline, f"ledger rows {len(rows)}, answered {len(wanted)}"

@@ -7,7 +7,9 @@ from __future__ import annotations
 import time
 from collections.abc import Callable
 
-from .conftest import REDIS_URL, PolicyServer, RedisServer, postgres_url
+from benchmarks.backends import PostgresSchema, RedisServer
+
+from .conftest import REDIS_URL, PolicyServer
 
 BODY = {"prompt": "Once upon a time", "raw": True, "max_tokens": 8, "temperature": 0}
 
@@ -17,10 +19,10 @@ def remaining_today(server: PolicyServer, account: str) -> float:
 
 
 def test_daily_allocation_across_two_replicas_on_postgres(policy_server: Callable[..., PolicyServer],
-                                                          pg_schema: str, redis_prefix: str) -> None:
+                                                          pg_schema: PostgresSchema, redis_prefix: str) -> None:
     """An allocation of 2 neurons: one request on A (~2.4 neurons) uses it up; B, which served nothing, reads
     A's row from the shared ledger and refuses the account with 3036, and so does A; another account is served."""
-    shared = {"daily_neurons": 2, "rate_limits": False, "database_url": postgres_url(pg_schema),
+    shared = {"daily_neurons": 2, "rate_limits": False, "database_url": pg_schema.server_url(),
               "redis_url": f"{REDIS_URL}?key_prefix={redis_prefix}"}
     a, b = policy_server(**shared), policy_server(**shared)
     assert remaining_today(b, "acct-a") == 2
