@@ -68,7 +68,6 @@ from __future__ import annotations
 
 import argparse
 import asyncio
-import contextlib
 import datetime
 import json
 import math
@@ -77,7 +76,6 @@ import os
 import random
 import re
 import shutil
-import signal
 import subprocess
 import sys
 import tempfile
@@ -100,7 +98,18 @@ from benchmarks.backends import (
     delete_keys,
     read_rows,
 )
-from benchmarks.common import display_command, error_code, free_port, parse_frame, percentile, write_section
+from benchmarks.common import (
+    display_command,
+    error_code,
+    free_port,
+    launch,
+    parse_frame,
+    percentile,
+    serve_command,
+    stop_process,
+    wait_ready,
+    write_section,
+)
 from benchmarks.machine import machine_description
 
 REPO = Path(__file__).resolve().parents[1]
@@ -522,10 +531,10 @@ class ServerProcess:
         self.data_dir = work / "data"
         tokens = work / "tokens.txt"
         tokens.write_text("".join(f"{token_of(a)}={a}\n" for a in accounts))
-        self.command = [sys.executable, "-m", "int8serve", "serve", "--model", str(args.model), "--host", "127.0.0.1",
-                        "--port", str(self.port), "--tokens-file", str(tokens), "--data-dir", str(self.data_dir),
-                        "--rpm", "0", "--max-queue", str(args.max_queue),
-                        "--shutdown-timeout", str(args.shutdown_timeout)]
+        self.command = serve_command(self.port, [
+            "--model", str(args.model), "--host", "127.0.0.1", "--tokens-file", str(tokens), "--data-dir",
+            str(self.data_dir), "--rpm", "0", "--max-queue", str(args.max_queue), "--shutdown-timeout",
+            str(args.shutdown_timeout)])
         for account in accounts[:args.limited_accounts]:
             self.command += ["--account-rpm", f"{account}={args.limited_rpm}"]
         if args.server_threads:
@@ -537,42 +546,21 @@ class ServerProcess:
         self.process: subprocess.Popen[bytes] | None = None
 
     def start(self, timeout: float = 180.0) -> None:
-        with self.log_path.open("wb") as out:
-            self.process = subprocess.Popen(self.command, stdout=out, stderr=subprocess.STDOUT,
-                                            env=server_environment(), cwd=REPO)
-        deadline = time.monotonic() + timeout
-        with httpx.Client(timeout=2, verify=False) as client:
-            while time.monotonic() < deadline:
-                if self.process.poll() is not None:
-                    raise SetupError(f"the server exited with {self.process.returncode} at start:\n{self.log_tail()}")
-                with contextlib.suppress(httpx.HTTPError):
-                    if client.get(self.url + "/readyz").status_code == 200:
-                        return
-                time.sleep(0.2)
-        raise SetupError(f"the server was not ready after {timeout:.0f} s:\n{self.log_tail()}")
+        self.process = launch(self.command, self.log_path, server_environment(), REPO)
+        try:
+            wait_ready(self.url, self.process, timeout, self.log_path, interval=0.2)
+        except RuntimeError as exc:
+            raise SetupError(str(exc)) from exc
 
     def alive(self) -> bool:
         return self.process is not None and self.process.poll() is None
 
     def stop(self, timeout: float) -> int | None:
         """SIGTERM, then wait; the exit status, or None when it had to be killed."""
-        if self.process is None:
-            return None
-        if self.process.poll() is not None:
-            return self.process.returncode
-        self.process.send_signal(signal.SIGTERM)
-        try:
-            return self.process.wait(timeout)
-        except subprocess.TimeoutExpired:
-            self.process.kill()
-            self.process.wait(10)
-            return None
+        return None if self.process is None else stop_process(self.process, timeout)
 
     def log_text(self) -> str:
         return self.log_path.read_text(errors="replace") if self.log_path.exists() else ""
-
-    def log_tail(self, lines: int = 40) -> str:
-        return "\n".join(self.log_text().splitlines()[-lines:])
 
 
 class SetupError(RuntimeError):

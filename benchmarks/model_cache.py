@@ -20,6 +20,7 @@ from __future__ import annotations
 import argparse
 import concurrent.futures
 import json
+import math
 import os
 import re
 import shutil
@@ -31,7 +32,7 @@ from pathlib import Path
 
 import torch
 
-from benchmarks.common import free_port, stop_process, write_section
+from benchmarks.common import start_server, stop_process, write_section
 from benchmarks.engine import LLAMA2_7B
 from benchmarks.machine import machine_description
 from int8serve.engine.loader import DEFAULT_QUANTIZER, QUANTIZERS
@@ -157,25 +158,13 @@ def process_rss(pid: int) -> dict[str, int]:
 
 def later_start(model: Path, env: dict[str, str], data: Path, requests: int = 0, prompt_words: int = 150,
                 max_tokens: int = 32, fill: bool = False) -> dict[str, float]:
-    import httpx
-
-    port = free_port()
     started = time.perf_counter()
     log = data.with_name("server.log")
-    with log.open("w") as output:
-        process = subprocess.Popen([sys.executable, "-m", "int8serve", "serve", "--model", str(model), "--port",
-                                    str(port), "--data-dir", str(data), "--token", "bench=bench", "--rpm", "0",
-                                    "--no-cache"], env=env, stdout=subprocess.DEVNULL, stderr=output, text=True)
+    args = ["--model", str(model), "--data-dir", str(data), "--token", "bench=bench", "--rpm", "0", "--no-cache"]
+    # no time limit: a 7B start on a slow machine takes what it takes
+    server = start_server(args, output=log, env=env, timeout=math.inf, interval=0.1)
+    process = server.process
     try:
-        while True:
-            if process.poll() is not None:
-                raise RuntimeError(f"the server exited: {log.read_text()[-2000:]}")
-            try:
-                if httpx.get(f"http://127.0.0.1:{port}/readyz", timeout=2, trust_env=False).status_code == 200:
-                    break
-            except httpx.HTTPError:
-                pass
-            time.sleep(0.1)
         seconds = time.perf_counter() - started
         ready_rss = process_rss(process.pid)
         text = log.read_text()
@@ -189,7 +178,7 @@ def later_start(model: Path, env: dict[str, str], data: Path, requests: int = 0,
             context = re.search(r"context (\d+) tokens", text)
             if fill and not context:
                 raise RuntimeError("--fill: the server's start line names no context")
-            served = serve_requests(port, requests, prompt_words, max_tokens,
+            served = serve_requests(server.port, requests, prompt_words, max_tokens,
                                     (model, int(context.group(1))) if fill and context else None)
             serving_rss = process_rss(process.pid)
             result.update({f"served_{key}": value for key, value in served.items()})

@@ -52,11 +52,9 @@ import datetime
 import gc
 import json
 import math
-import os
 import statistics
 import subprocess
 import sys
-import tempfile
 import threading
 import time
 from collections import Counter
@@ -73,7 +71,7 @@ from benchmarks.common import (
     free_port,
     parse_frame,
     percentile,
-    stop_process,
+    running_server,
     wait_ready,
     write_section,
 )
@@ -470,32 +468,18 @@ class Server:
         return f"{self.url.rstrip('/')}/client/v4/accounts/{self.account}/ai/run/{MODEL_NAME}"
 
 
-def server_command(model: Path, port: int, token: str, account: str, threads: int, max_queue: int,
-                   prefill_chunk: int, data_dir: Path) -> list[str]:
-    return [sys.executable, "-m", "int8serve", "serve", "--model", str(model), "--threads", str(threads),
-            "--port", str(port), "--token", f"{token}={account}", "--rpm", "0", "--no-cache",
-            "--max-queue", str(max_queue), "--prefill-chunk", str(prefill_chunk), "--data-dir", str(data_dir)]
-
-
 @contextlib.contextmanager
 def launched_server(model: Path, threads: int, max_queue: int, prefill_chunk: int, timeout: float
                     ) -> Iterator[Server]:
     """`int8serve serve` on a free port with rate limits and the cache off; stopped (SIGTERM) at the end."""
-    with tempfile.TemporaryDirectory(prefix="int8serve-bench-") as tmp:
-        port, token, account = free_port(), "bench-token", "bench"
-        log_path = Path(tmp) / "server.log"
-        command = server_command(model, port, token, account, threads, max_queue, prefill_chunk, Path(tmp) / "data")
-        with log_path.open("w") as output:
-            process = subprocess.Popen(command, stdout=output, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL,
-                                       env={**os.environ, "PYTHONUNBUFFERED": "1"})
-        server = Server(f"http://127.0.0.1:{port}", token, account, process)
-        started = time.perf_counter()
-        try:
-            wait_ready(server.url, process, timeout, log_path)
-            log(f"  server pid {process.pid} ready on port {port} after {time.perf_counter() - started:.1f} s")
-            yield server
-        finally:
-            stop_process(process)
+    token, account = "bench-token", "bench"
+    flags = ["--threads", str(threads), "--rpm", "0", "--no-cache", "--max-queue", str(max_queue),
+             "--prefill-chunk", str(prefill_chunk)]
+    started = time.perf_counter()
+    with running_server(model, free_port(), [f"{token}={account}"], flags, timeout) as running:
+        log(f"  server pid {running.process.pid} ready on port {running.port} after "
+            f"{time.perf_counter() - started:.1f} s")
+        yield Server(running.url, token, account, running.process)
 
 
 def run_body(prompt: str, max_tokens: int) -> bytes:

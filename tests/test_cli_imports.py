@@ -15,7 +15,7 @@ import sys
 from pathlib import Path
 
 import pytest
-from tests.test_server import free_port
+from benchmarks.common import free_port
 
 _RUN = """
 import json, sys

@@ -21,10 +21,10 @@ from collections.abc import Callable
 from pathlib import Path
 
 import pytest
+from benchmarks.common import free_port
 from gguf import GGMLQuantizationType
 from tests.engine.test_gguf import one_score_fewer, write_gguf
 from tests.fresh_cache import fresh_cache
-from tests.test_server import free_port
 
 from int8serve.model_specs import BUILTIN_CARD, DEFAULT_SERVED_MODEL
 

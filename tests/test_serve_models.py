@@ -5,40 +5,19 @@ from __future__ import annotations
 
 import os
 import signal
-import subprocess
-import sys
-import time
 from pathlib import Path
 
-import httpx
-import pytest
+from benchmarks.common import start_server
 from tests.engine.test_hub import lay_out_hub_cache
 from tests.fresh_cache import fresh_cache
-from tests.test_server import free_port
 
 
 def serve_until_ready(env: dict[str, str], *args: str) -> str:
     """Start `serve`, wait for /readyz 200, stop it with SIGTERM; its stderr."""
-    port = free_port()
-    process = subprocess.Popen([sys.executable, "-m", "int8serve", "serve", "--port", str(port),
-                                "--token", "t0ken=acct", "--no-prefix-cache", *args],
-                               stderr=subprocess.PIPE, stdout=subprocess.DEVNULL, text=True, env=env)
-    try:
-        deadline = time.monotonic() + 600  # generous: a busy 2-core machine (issue 16)
-        while time.monotonic() < deadline:
-            if process.poll() is not None:
-                break
-            try:
-                if httpx.get(f"http://127.0.0.1:{port}/readyz", timeout=1).status_code == 200:
-                    break
-            except httpx.TransportError:
-                time.sleep(0.2)
-        else:
-            pytest.fail("the server did not become ready")
-    finally:
-        if process.poll() is None:
-            process.send_signal(signal.SIGTERM)
-        _, err = process.communicate(timeout=60)
+    # 600 s: generous, a busy 2-core machine (issue 16)
+    process = start_server(["--token", "t0ken=acct", "--no-prefix-cache", *args], env=env, timeout=600).process
+    process.send_signal(signal.SIGTERM)
+    _, err = process.communicate(timeout=60)
     assert process.returncode == 0, err
     return err
 

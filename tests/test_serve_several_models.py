@@ -9,18 +9,17 @@ minute, 1 neuron per token).
 
 from __future__ import annotations
 
-import contextlib
 import os
 import subprocess
 import sys
-import time
 from collections.abc import Iterator
 from pathlib import Path
 
 import httpx
 import pytest
+from benchmarks.common import ServerExited, free_port, launch, serve_command, stop_process, wait_ready
 from tests.fresh_cache import fresh_cache
-from tests.test_server import free_port, start, startup_text, stop
+from tests.test_server import start, startup_text, stop
 
 from int8serve.engine.demo import demo_model_dir
 from int8serve.model_specs import BUILTIN_CARD, DEFAULT_SERVED_MODEL, ModelSpec, ModelSpecError, served_model_specs
@@ -209,20 +208,14 @@ def serve_error(tmp_path: Path, *args: str) -> tuple[int, str]:
     port = free_port()
     env = {**os.environ, "INT8SERVE_CACHE": str(fresh_cache(tmp_path / "cache")),
            "INT8SERVE_DATA_DIR": str(tmp_path / "data"), "INT8SERVE_TOKENS": ""}
-    process = subprocess.Popen([sys.executable, "-m", "int8serve", "serve", "--port", str(port), *args],
-                               stderr=subprocess.PIPE, stdout=subprocess.DEVNULL, text=True, env=env)
+    process = launch(serve_command(port, args), env=env)
     try:
-        deadline = time.monotonic() + 300
-        while process.poll() is None and time.monotonic() < deadline:
-            with contextlib.suppress(httpx.TransportError):
-                ready = httpx.get(f"http://127.0.0.1:{port}/readyz", timeout=1).status_code == 200
-                assert not ready, "the server turned ready"
-            time.sleep(0.2)
+        wait_ready(f"http://127.0.0.1:{port}", process, 300)
+    except ServerExited as exited:
+        return exited.status, exited.output
     finally:
-        if process.poll() is None:
-            process.kill()
-        _, err = process.communicate(timeout=30)
-    return process.returncode, err
+        stop_process(process)  # still running: it turned ready, or was still starting after 300 s
+    pytest.fail("the server turned ready")
 
 
 @pytest.mark.parametrize("flags", [[], ["--no-prefix-cache"], ["--dtype", "fp32"]],

@@ -18,6 +18,7 @@ from pathlib import Path
 
 import httpx
 import pytest
+from benchmarks.common import free_port, start_server
 from tests.fresh_cache import fresh_cache
 
 from int8serve.engine import int8, kernels
@@ -28,28 +29,13 @@ from int8serve.engine.model import SDPA_BF16_TILE_FLAGS
 MODEL = "@cf/meta/llama-2-7b-chat-int8"
 
 
-def free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
-
-
 def start(*args: str, tmp_path: Path, env: dict[str, str] | None = None) -> tuple[subprocess.Popen, int]:
-    port = free_port()
+    """`serve ARGS` on a free port, ready; its stderr a pipe (`startup_text`, `stop`)."""
     env = {**os.environ, "INT8SERVE_CACHE": str(fresh_cache(tmp_path / "cache")), "INT8SERVE_TOKENS": "",
            "INT8SERVE_DATA_DIR": str(tmp_path / "data"), **(env or {})}
-    process = subprocess.Popen([sys.executable, "-m", "int8serve", "serve", "--port", str(port), *args],
-                               stderr=subprocess.PIPE, stdout=subprocess.DEVNULL, text=True, env=env)
-    deadline = time.monotonic() + 600  # generous: a first start may quantize, on a loaded machine (issue 16)
-    while time.monotonic() < deadline:
-        assert process.poll() is None, process.stderr.read()
-        try:
-            if httpx.get(f"http://127.0.0.1:{port}/readyz", timeout=1).status_code == 200:
-                return process, port
-        except httpx.TransportError:
-            time.sleep(0.2)
-    process.kill()
-    pytest.fail("the server did not become ready")
+    # 600 s: generous, a first start may quantize, on a loaded machine (issue 16)
+    server = start_server(args, env=env, timeout=600)
+    return server.process, server.port
 
 
 def startup_text(process: subprocess.Popen) -> str:

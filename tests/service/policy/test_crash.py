@@ -14,7 +14,6 @@ import os
 import signal
 import sqlite3
 import subprocess
-import sys
 import threading
 import time
 from collections.abc import Iterator
@@ -25,8 +24,8 @@ from pathlib import Path
 import httpx
 import pytest
 from benchmarks.backends import PostgresSchema, TcpProxy
-from benchmarks.common import free_port
 
+from benchmarks import common
 from int8serve.service.policy.policy import SPOOL_FILE
 
 from ..conftest import MODEL
@@ -62,25 +61,14 @@ class Server:
 
 def start_server(stories_hf: Path, data_dir: Path, *extra: str) -> Server:
     """Start `serve` on a free port and wait until it is ready."""
-    port = free_port()
-    args = [sys.executable, str(HOOK), "serve", "--model", str(stories_hf), "--port", str(port), "--threads", "1",
-            "--token", f"{TOKEN}={ACCOUNT}", "--rpm", "0", "--no-cache", "--data-dir", str(data_dir),
-            "--log-level", "warning", *extra]
+    args = ["--model", str(stories_hf), "--threads", "1", "--token", f"{TOKEN}={ACCOUNT}", "--rpm", "0",
+            "--no-cache", "--data-dir", str(data_dir), "--log-level", "warning", *extra]
     marks, hold = (str(data_dir.parent / f"{data_dir.name}.{suffix}") for suffix in ("marks", "hold"))
-    process = subprocess.Popen(args, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
-                               env={**os.environ, "INT8SERVE_TOKENS": "", "INT8SERVE_TEST_SPOOL_MARKS": marks,
-                                    "INT8SERVE_TEST_SPOOL_HOLD": hold})
-    server = Server(process, port, data_dir)
-    deadline = time.monotonic() + 600  # generous: a first start may quantize, on a loaded machine (issue 16)
-    while True:
-        assert process.poll() is None, f"serve exited with {process.returncode}"
-        try:
-            if httpx.get(f"http://127.0.0.1:{port}/readyz", timeout=1).status_code == 200:
-                return server
-        except httpx.TransportError:
-            pass
-        assert time.monotonic() < deadline, "serve did not become ready"
-        time.sleep(0.1)
+    env = {**os.environ, "INT8SERVE_TOKENS": "", "INT8SERVE_TEST_SPOOL_MARKS": marks, "INT8SERVE_TEST_SPOOL_HOLD": hold}
+    # 600 s: generous, a first start may quantize, on a loaded machine (issue 16)
+    started = common.start_server(args, output=subprocess.DEVNULL, env=env, entry=[str(HOOK)], timeout=600,
+                                  interval=0.1)
+    return Server(started.process, started.port, data_dir)
 
 
 @pytest.fixture

@@ -6,7 +6,6 @@ from __future__ import annotations
 import os
 import signal
 import subprocess
-import sys
 import time
 from collections import Counter
 from collections.abc import Iterator
@@ -17,7 +16,7 @@ import httpx
 import pytest
 import redis
 from benchmarks.backends import PostgresSchema
-from benchmarks.common import free_port
+from benchmarks.common import free_port, launch, serve_command, wait_ready
 
 from ..conftest import MODEL
 from .conftest import REDIS_URL
@@ -44,30 +43,15 @@ class Replica:
 
 def _start(stories_hf: Path, data_dir: Path, redis_url: str, database_url: str) -> Replica:
     port = free_port()
-    args = [sys.executable, "-m", "int8serve", "serve", "--model", str(stories_hf), "--port", str(port),
-            "--threads", "1", "--redis-url", redis_url, "--database-url", database_url, "--data-dir", str(data_dir),
-            "--account-rpm", "acct-big=1000", "--log-level", "warning",
+    args = ["--model", str(stories_hf), "--threads", "1", "--redis-url", redis_url, "--database-url", database_url,
+            "--data-dir", str(data_dir), "--account-rpm", "acct-big=1000", "--log-level", "warning",
             # the shared rate limit is the subject here: the per-replica fair share (4 running or queued per account
             # by default) must not refuse the burst's admitted requests when one replica gets all five
             "--max-inflight-per-account", "12"]
     for token, account in TOKENS.items():
         args += ["--token", f"{token}={account}"]
-    env = {**os.environ, "INT8SERVE_TOKENS": ""}
-    process = subprocess.Popen(args, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True, env=env)
+    process = launch(serve_command(port, args), env={**os.environ, "INT8SERVE_TOKENS": ""})
     return Replica(process, port, data_dir)
-
-
-def _wait_ready(replica: Replica) -> None:
-    deadline = time.monotonic() + 600  # generous: a first start may quantize, on a loaded machine (issue 16)
-    while time.monotonic() < deadline:
-        assert replica.process.poll() is None, replica.process.stderr.read()  # type: ignore[union-attr]
-        try:
-            if httpx.get(f"http://127.0.0.1:{replica.port}/readyz", timeout=1).status_code == 200:
-                return
-        except httpx.TransportError:
-            pass
-        time.sleep(0.2)
-    pytest.fail("a replica did not become ready")
 
 
 @pytest.fixture
@@ -75,8 +59,9 @@ def replicas(stories_hf: Path, tmp_path: Path, pg_schema: PostgresSchema, redis_
     redis_url = f"{REDIS_URL}?key_prefix={redis_prefix}"
     started = [_start(stories_hf, tmp_path / f"replica{n}", redis_url, pg_schema.server_url()) for n in range(2)]
     try:
+        # both start at once; 600 s: generous, a first start may quantize, on a loaded machine (issue 16)
         for replica in started:
-            _wait_ready(replica)
+            wait_ready(f"http://127.0.0.1:{replica.port}", replica.process, 600)
         yield started
     finally:
         for replica in started:
