@@ -22,8 +22,8 @@ from typing import Any
 
 import httpx
 import pytest
+from benchmarks.common import free_port
 from fastapi import FastAPI
-from tests.test_server import free_port
 
 from int8serve.catalog.registry import Catalog
 from int8serve.engine.scheduler import Engine
