@@ -15,11 +15,16 @@ A pooled connection is pinged (inside the same deadline) before it is handed out
 `pool_pre_ping`, which would wait unbounded before our hooks run; a connection that fails the ping is replaced by a
 fresh one, whose connect is bounded by libpq's `connect_timeout`. Databases without sockets (SQLite) are bounded
 in `ledger.make_database` instead.
+
+No deadline can stop the watchdog: it waits at most `threading.TIMEOUT_MAX` at a time (a wait of 1e300 s raised
+OverflowError in its thread, after which no deadline fired), and a deadline of NaN seconds is refused where it is
+asked for (the watchdog would wake without end for it).
 """
 
 from __future__ import annotations
 
 import contextlib
+import math
 import os
 import socket
 import threading
@@ -58,6 +63,8 @@ class _Watchdog:
 
     @contextlib.contextmanager
     def deadline(self, seconds: float) -> Iterator[_Work]:
+        if math.isnan(seconds):
+            raise ValueError(f"a database deadline is a number of seconds, got {seconds}")
         ident = threading.get_ident()
         work = _Work(seconds, time.monotonic() + seconds)
         with self._lock:
@@ -129,7 +136,7 @@ class _Watchdog:
                             _cut(sock)
                     else:
                         pending.append(work.ends)
-                self._lock.wait(min(pending) - now if pending else None)
+                self._lock.wait(min(min(pending) - now, threading.TIMEOUT_MAX) if pending else None)
 
 
 def _cut(sock: socket.socket) -> None:
