@@ -31,7 +31,16 @@ from int8serve.settings import (
 NUMBER_FLAGS = ("--port", "--max-queue", "--prefill-chunk", "--solo-prefill-tokens", "--prefix-cache-tokens",
                 "--shutdown-timeout", "--max-connections", "--header-timeout", "--body-timeout", "--stall-timeout",
                 "--max-inflight-per-account", "--database-timeout", "--rpm", "--cache-ttl", "--daily-neurons")
-NASTY = ("0", "-1", "7" * 400, "nan", "inf", "1e400", "", " 5")
+NASTY = ("0", "-1", "7" * 400, "nan", "inf", "1e400", "1e300", "", " 5")
+# each number setting's upper bound and a value just above it (--threads': MAX_THREADS, below)
+BOUNDS = {"--port": ("65535", "65536"), "--max-queue": ("1000000", "1000001"),
+          "--prefill-chunk": ("1048576", "1048577"), "--solo-prefill-tokens": ("1048576", "1048577"),
+          "--prefix-cache-tokens": ("2147483647", "2147483648"), "--shutdown-timeout": ("86400", "86400.5"),
+          "--max-connections": ("1000000", "1000001"), "--header-timeout": ("86400", "86400.5"),
+          "--body-timeout": ("86400", "86400.5"), "--stall-timeout": ("86400", "86400.5"),
+          "--max-inflight-per-account": ("1000000", "1000001"), "--database-timeout": ("86400", "86400.5"),
+          "--rpm": ("1000000000", "1000000001"), "--cache-ttl": ("2592000", "2592001"),
+          "--daily-neurons": ("1000000000000", "1000000000000.5")}
 
 
 class Reached(Exception):
@@ -81,6 +90,40 @@ def test_every_number_setting_is_checked_here() -> None:
 
     numbers = {name for name, info in ServeSettings.model_fields.items() if is_number(info.annotation)}
     assert numbers == {field_of(flag) for flag in NUMBER_FLAGS} | {"threads"}
+    assert set(BOUNDS) == set(NUMBER_FLAGS)
+
+
+@pytest.mark.parametrize("flag", NUMBER_FLAGS)
+def test_each_number_setting_takes_its_upper_bound_and_refuses_more_in_one_line(
+        flag: str, capsys: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch) -> None:
+    """A number had no upper bound: --database-timeout 1e300 (or its variable) passed the settings and killed the
+    ledger's deadline thread at its first database work (a traceback, then no deadline fired), and a --max-queue,
+    --rpm or --prefill-chunk of 400 digits was taken as it was. Each has a bound now, which --help says
+    (tests/test_settings.py)."""
+    bound, above = BOUNDS[flag]
+    field, variable = field_of(flag), env_name(field_of(flag))
+    said = f"Input should be less than or equal to {bound} (got {above!r})"
+    assert refused(capsys, flag, above) == f"int8serve serve: error: {flag}: {said}\n"
+    for value in ("7" * 400, "1e300"):
+        assert refused(capsys, flag, value).startswith(f"int8serve serve: error: {flag}: Input should be ")
+    assert getattr(serve(flag, bound), field) == float(bound)
+    monkeypatch.setenv(variable, above)
+    assert refused(capsys) == f"int8serve serve: error: {variable}: {said}\n"
+    monkeypatch.setenv(variable, bound)
+    assert getattr(serve(), field) == float(bound)
+
+
+@pytest.mark.parametrize(("argv", "variable"), [(["--account-rpm", "acct=1000000001"], "acct=1000000001"),
+                                                (["--account-rpm", "a=5", "--account-rpm", f"acct={'7' * 400}"],
+                                                 f"a=5,acct={'7' * 400}")])
+def test_an_accounts_requests_per_minute_are_bounded_as_rpm(argv: list[str], variable: str,
+                                                            capsys: pytest.CaptureFixture[str],
+                                                            monkeypatch: pytest.MonkeyPatch) -> None:
+    said = "Value error, acct: requests per minute must be at most 1000000000"
+    assert refused(capsys, *argv).startswith(f"int8serve serve: error: --account-rpm: {said} (got ")
+    monkeypatch.setenv("INT8SERVE_ACCOUNT_RPM", variable)
+    assert refused(capsys).startswith(f"int8serve serve: error: INT8SERVE_ACCOUNT_RPM: {said} (got ")
+    assert serve("--account-rpm", "acct=1000000000").account_rpm == {"acct": 1_000_000_000}
 
 
 @pytest.mark.parametrize("value", NASTY)

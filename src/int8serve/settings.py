@@ -101,6 +101,24 @@ PREFIX_CACHE_BLOCK_TOKENS = 16
 # server holds (a count of 20 digits ended serve, once the model had loaded, in torch's C++ stack dump: its sizes
 # overflowed)
 MAX_PREFIX_CACHE_TOKENS = 2**31 - 1
+# The other upper bounds (a number had none: `--database-timeout 1e300` passed the settings and killed the ledger's
+# deadline thread at its first database work, and a queue, a rate or a prefill chunk of 400 digits was taken as it
+# was). Each is beyond any use, and every value within it works wherever the setting goes:
+# seconds, a day: the waits downstream take far more (threading.TIMEOUT_MAX, some 292 years; PostgreSQL's
+# statement_timeout and tcp_user_timeout, whole milliseconds in a C int: 24.8 days; SQLite's busy timeout alike)
+MAX_SECONDS = 24 * 3600
+# requests or connections one server holds at once: each has a connection, a file descriptor, and a process may
+# open at most Linux's nr_open of them (1,048,576 by default)
+MAX_HELD = 1_000_000
+# prompt tokens in one prefill step: 2**20 (a multiple of the prefix cache's blocks), beyond any context a CPU serves
+# (a step ends at the prompt's end, which the context bounds)
+MAX_PREFILL_TOKENS = 2**20
+# requests per minute (16 million a second): `limits` keeps a limit in memory as a Python int and in Redis through Lua
+# scripts, whose numbers are doubles (exact to 2**53; an index of 10**17 or more is refused by Redis)
+MAX_RPM = 1_000_000_000
+# neurons a day per account: next to it the ledger's sums (a Float column: double precision, as Redis' script and
+# INCRBYFLOAT keep them) still resolve a ten-thousandth of a neuron
+MAX_DAILY_NEURONS = 10**12
 
 LogLevel = Literal["critical", "error", "warning", "info", "debug"]
 FLAG_KEYS = {"token": "tokens", "cache": "response_cache"}  # serve's flags named otherwise than their setting
@@ -177,9 +195,10 @@ class ServeSettings(BaseSettings):
                                           f"{ACCOUNT_ID_RULE}")
     tokens_file: Path | None = Field(None, description="a UTF-8 file of TOKEN=ACCOUNT_ID lines (# comments "
                                                        "allowed), added to the tokens; a file with none is refused")
-    max_queue: int = Field(32, ge=0, description="requests that may wait for a free slot, per model (each has its "
-                                                 "own queue); beyond it 429 code 3040 (for the account holding the "
-                                                 "most requests in the engine)")
+    max_queue: int = Field(
+        32, ge=0, le=MAX_HELD, description=f"requests that may wait for a free slot, per model, at most {MAX_HELD} "
+        "(each model has its own queue); beyond it 429 code 3040 (for the account holding the most requests in the "
+        "engine)")
     prefix_cache: bool = Field(True, description="keep the keys and values of prompt prefixes (the default system "
                                                  "prompt, earlier turns of a chat) and prefill only what follows "
                                                  "them; exact: answers are the same bits without it "
@@ -188,21 +207,21 @@ class ServeSettings(BaseSettings):
         None, ge=16, le=MAX_PREFIX_CACHE_TOKENS, description="prompt tokens the prefix cache may hold, at least 16, "
         f"at most {MAX_PREFIX_CACHE_TOKENS}. Default: 1/16 of the slots' positions (512 for 4 x 2048), 0.25 GiB on "
         "the 7B model")
-    prefill_chunk: int = Field(128, ge=1, description="prompt tokens per prefill step, at least 1 (a multiple of "
-                                                      f"{PREFIX_CACHE_BLOCK_TOKENS} with the prefix cache), so that "
-                                                      "running streams keep flowing")
-    solo_prefill_tokens: int | None = Field(None, ge=0, description="prompt tokens one prefill step may take when "
-                                            "the prompt is alone in the server (nothing else running or waiting): "
-                                            "whole chunks in one forward, the same bits as one by one, where the "
-                                            "model computes each row on its own; a request that arrives meanwhile "
-                                            "waits for that step. Default: 512 where prefill chunks go through the "
-                                            "bf16 prefill kernel (AMX or AVX512-BF16 CPUs: 1.2-1.3x faster), else one "
-                                            "chunk a step (our int8 kernel gains ~2%). 0: one chunk a step. The "
-                                            "start line says which")
-    shutdown_timeout: float = Field(DEFAULT_SHUTDOWN_TIMEOUT, ge=0, allow_inf_nan=False,
+    prefill_chunk: int = Field(
+        128, ge=1, le=MAX_PREFILL_TOKENS, description=f"prompt tokens per prefill step, 1 to {MAX_PREFILL_TOKENS} "
+        f"(2**20; a multiple of {PREFIX_CACHE_BLOCK_TOKENS} with the prefix cache), so that running streams keep "
+        "flowing")
+    solo_prefill_tokens: int | None = Field(
+        None, ge=0, le=MAX_PREFILL_TOKENS, description="prompt tokens one prefill step may take (at most "
+        f"{MAX_PREFILL_TOKENS}) when the prompt is alone in the server (nothing else running or waiting): whole "
+        "chunks in one forward, the same bits as one by one, where the model computes each row on its own; a request "
+        "that arrives meanwhile waits for that step. Default: 512 where prefill chunks go through the bf16 prefill "
+        "kernel (AMX or AVX512-BF16 CPUs: 1.2-1.3x faster), else one chunk a step (our int8 kernel gains ~2%). 0: one "
+        "chunk a step. The start line says which")
+    shutdown_timeout: float = Field(DEFAULT_SHUTDOWN_TIMEOUT, ge=0, le=MAX_SECONDS, allow_inf_nan=False,
                                     description="on SIGTERM, SIGINT or SIGHUP, seconds that requests in flight "
-                                                "(streams included) may take to finish before they are cut; new "
-                                                "requests get 503 meanwhile")
+                                                "(streams included) may take to finish before they are cut, at "
+                                                f"most {MAX_SECONDS} (a day); new requests get 503 meanwhile")
     log_level: LogLevel = Field("info", description="server log level")
     log_format: Literal["text", "json"] = Field("text", description="log lines as readable text or as one JSON "
                                                                     "object each; either way one line per request")
@@ -215,24 +234,26 @@ class ServeSettings(BaseSettings):
                                       "neurons billed to every account by id. Default: no token (anyone who can "
                                       "reach the port may read it)")
     # --- what one client may cost (docs/policy.md, "Hostile clients") ---
-    max_connections: int = Field(DEFAULT_MAX_CONNECTIONS, ge=1, description="open connections at most (at least "
-                                 "1); a new one closes an idle one, and only when every connection has a request in "
-                                 "progress do new ones get 503 code 3040")
-    header_timeout: float = Field(DEFAULT_HEADER_TIMEOUT, gt=0, allow_inf_nan=False,
+    max_connections: int = Field(DEFAULT_MAX_CONNECTIONS, ge=1, le=MAX_HELD,
+                                 description=f"open connections at most, 1 to {MAX_HELD}; a new one closes an idle "
+                                             "one, and only when every connection has a request in progress do new "
+                                             "ones get 503 code 3040")
+    header_timeout: float = Field(DEFAULT_HEADER_TIMEOUT, gt=0, le=MAX_SECONDS, allow_inf_nan=False,
                                   description="seconds a client may take to send a request's headers before its "
-                                              "connection is closed")
-    body_timeout: float = Field(30.0, gt=0, allow_inf_nan=False, description="seconds a client may take to send a "
-                                                                            "request's body; beyond it 408 code 3007")
-    stall_timeout: float = Field(30.0, gt=0, allow_inf_nan=False,
-                                 description="a streamed answer whose client reads nothing for this many seconds is "
-                                             "cut and its engine slot freed (its usage is recorded); any connection "
-                                             "whose client leaves over 16 KiB of answers unread that long is "
-                                             "aborted")
+                                              f"connection is closed, at most {MAX_SECONDS} (a day)")
+    body_timeout: float = Field(30.0, gt=0, le=MAX_SECONDS, allow_inf_nan=False,
+                                description="seconds a client may take to send a request's body, at most "
+                                            f"{MAX_SECONDS} (a day); beyond it 408 code 3007")
+    stall_timeout: float = Field(30.0, gt=0, le=MAX_SECONDS, allow_inf_nan=False,
+                                 description="a streamed answer whose client reads nothing for this many seconds (at "
+                                             f"most {MAX_SECONDS}: a day) is cut and its engine slot freed (its "
+                                             "usage is recorded); any connection whose client leaves over 16 KiB of "
+                                             "answers unread that long is aborted")
     max_inflight_per_account: int | None = Field(
-        None, ge=0, description="requests one account may have in the engine at once (running or waiting for a "
-                                "slot); beyond it 429 code 3040 for that account only. Default: the card's "
-                                "max_concurrent_requests when several accounts are configured, no cap with one; "
-                                "0 = no cap")
+        None, ge=0, le=MAX_HELD, description="requests one account may have in the engine at once (running or "
+                                             f"waiting for a slot), at most {MAX_HELD}; beyond it 429 code 3040 "
+                                             "for that account only. Default: the card's max_concurrent_requests "
+                                             "when several accounts are configured, no cap with one; 0 = no cap")
     # --- serving policy (docs/policy.md) ---
     redis_url: str | None = Field(None, description="share rate limits, the response cache and the daily "
                                                     "allocation's reservations with every replica using this Redis "
@@ -244,18 +265,19 @@ class ServeSettings(BaseSettings):
                                                        "the data dir")
     data_dir: Path = Field(Path("data"), description="where this server keeps its ledger (without a database URL) "
                                                      "and the ledger's spool; one per server")
-    database_timeout: float = Field(DEFAULT_DATABASE_TIMEOUT, gt=0, allow_inf_nan=False,
+    database_timeout: float = Field(DEFAULT_DATABASE_TIMEOUT, gt=0, le=MAX_SECONDS, allow_inf_nan=False,
                                     description="seconds the usage ledger gives its database for one piece of work "
-                                                "(a write, a read, a connection) before treating it as away: rows "
-                                                "wait in the spool, usage reads answer 503; requests never wait "
-                                                "for it")
-    rpm: int | None = Field(None, ge=0, description="requests per minute per account and model, instead of the "
-                                                    "card's default (0 = unlimited; the card's per-account values "
-                                                    "still apply)")
+                                                "(a write, a read, a connection) before treating it as away, at "
+                                                f"most {MAX_SECONDS} (a day): rows wait in the spool, usage reads "
+                                                "answer 503; requests never wait for it")
+    rpm: int | None = Field(None, ge=0, le=MAX_RPM,
+                            description=f"requests per minute per account and model, at most {MAX_RPM}, instead of "
+                                        "the card's default (0 = unlimited; the card's per-account values still "
+                                        "apply)")
     account_rpm: Annotated[dict[str, int], NoDecode] = Field(
         default_factory=dict, description="requests per minute for one account, over the card, as ACCOUNT=N "
-                                          "(0 = unlimited); the flag is repeatable, the variable comma-separated, "
-                                          "the file a table")
+                                          f"(0 = unlimited; at most {MAX_RPM}); the flag is repeatable, the "
+                                          "variable comma-separated, the file a table")
     response_cache: bool = Field(True, description="serve repeated requests from the response cache when the card "
                                                    "allows it (--no-cache turns it off)")
     cache_ttl: int = Field(DEFAULT_CACHE_TTL, ge=1, le=30 * 24 * 3600,
@@ -265,11 +287,11 @@ class ServeSettings(BaseSettings):
         "account", description="account: each account is answered from its own cached answers only; global: "
                                "identical requests of different accounts share answers (one trusted tenant only: an "
                                "account can then tell from a fast HIT what another asked)")
-    daily_neurons: float | None = Field(None, gt=0, allow_inf_nan=False,
-                                        description="a daily neuron allocation per account, reset 00:00 UTC, beyond "
-                                                    "which requests get 429 code 3036 (off by default; the flag "
-                                                    f"alone, or true in the config file: "
-                                                    f"{DEFAULT_DAILY_NEURONS:,}; false there: off)")
+    daily_neurons: float | None = Field(
+        None, gt=0, le=MAX_DAILY_NEURONS, allow_inf_nan=False,
+        description=f"a daily neuron allocation per account, reset 00:00 UTC, at most {MAX_DAILY_NEURONS} (10**12), "
+                    "beyond which requests get 429 code 3036 (off by default; the flag alone, or true in the config "
+                    f"file: {DEFAULT_DAILY_NEURONS:,}; false there: off)")
 
     @field_validator(*LIST_FIELDS, mode="before")
     @classmethod
@@ -342,6 +364,8 @@ class ServeSettings(BaseSettings):
                 raise ValueError(f"account id {shown!r} is not usable: an account id is {ACCOUNT_ID_RULE}")
             if number < 0:
                 raise ValueError(f"{account}: requests per minute must be >= 0, got {number}")
+            if number > MAX_RPM:  # the number shows in the error's "(got ...)", shortened
+                raise ValueError(f"{account}: requests per minute must be at most {MAX_RPM}")
         return value
 
     @classmethod
