@@ -55,6 +55,8 @@ def test_a_flag_out_of_range_is_a_usage_error(stories_hf: Path) -> None:
     ("--temperature", "inf", "0 and 5", "inf"),
     ("--temperature", "6", "0 and 5", "6"),
     ("--top-k", "51", "1 and 50", "51"),
+    ("--top-k", "7" * 400, "1 and 50", f"{'7' * 40}... (400 characters)"),  # was a traceback (OverflowError)
+    ("--temperature", "1e300", "0 and 5", "1e+300"),
     ("--repetition-penalty", "3", "0 and 2", "3"),
 ])
 def test_the_flags_take_the_ranges_the_api_takes(stories_hf: Path, flag: str, value: str, bounds: str,

@@ -382,11 +382,17 @@ def _sampling_params(args: argparse.Namespace, card: ModelCard) -> SamplingParam
         first = err.errors(include_url=False)[0]
         flag = "--" + str(first["loc"][0]).replace("_", "-")
         raise UsageError(f"{flag} {first['msg']} (the range the API takes for {card.name}), got "
-                         f"{first['input']:g}") from None
+                         f"{_number_shown(first['input'])}") from None
     try:
         return dataclasses.replace(body.sampling_params(), seed=args.seed)
     except ValueError as err:
         raise UsageError(str(err)) from err
+
+
+def _number_shown(value: float) -> str:
+    """A sampling flag's number as its error shows it: a float as %g, an integer as it is, shortened (%g cannot
+    convert one of 400 digits to a float)."""
+    return _shorten(str(value)) if isinstance(value, int) else f"{value:g}"
 
 
 def _check_kv_cache(args: argparse.Namespace) -> None:

@@ -74,7 +74,10 @@ def _json_number(value: Any) -> Any:
 
 
 def _json_integer(value: Any) -> Any:
-    if isinstance(value, bool) or not isinstance(value, int | float) or not float(value).is_integer():
+    """An int as it is (one too large for a float is a number too: generate's --top-k of 400 digits, which float()
+    turned into an OverflowError, a traceback), or a float of no fraction."""
+    fraction = isinstance(value, float) and not value.is_integer()
+    if isinstance(value, bool) or not isinstance(value, int | float) or fraction:
         raise PydanticCustomError("int_type", "Input should be a valid integer")
     return int(value)
 
