@@ -28,7 +28,7 @@ from fastapi import FastAPI
 from int8serve.catalog.registry import Catalog
 from int8serve.engine.scheduler import Engine
 from int8serve.service.app import REQUEST_ID_HEADER, create_app
-from int8serve.service.connections import REFUSAL_TIMEOUT, REFUSALS, fds_needed
+from int8serve.service.connections import REDIS_CONNECTIONS, REFUSAL_TIMEOUT, REFUSALS, fds_needed
 from int8serve.service.inference import RequestLimits
 from int8serve.service.policy import Policy
 from int8serve.service.request_log import REQUEST_LOGGER
@@ -261,10 +261,11 @@ def test_serve_refuses_a_connection_limit_beyond_the_open_files(tmp_path: Path) 
     result = _python(code, nofile=(256, 1024), cwd=tmp_path)
     assert result.returncode == 1
     assert result.stderr.strip().splitlines() == [
-        f"int8serve serve: error: --max-connections 5000 needs up to {fds_needed(5000)} open files (16 refused "
-        "connections, 256 being accepted and 128 for the rest beside them), but this process may open 1024 "
-        "(ulimit -n): raise the hard limit (ulimit -Hn, LimitNOFILE=, docker --ulimit nofile=) or lower "
-        f"--max-connections to {1024 - fds_needed(0)} or less"]
+        "int8serve serve: error: --max-connections 5000 needs up to 5400 open files (16 refused connections, 256 "
+        "being accepted, 32 to Redis and 96 for the rest beside them), but this process may open 1024 (ulimit -n): "
+        "raise the hard limit (ulimit -Hn, LimitNOFILE=, docker --ulimit nofile=) or lower --max-connections to "
+        "624 or less"]
+    assert fds_needed(5000) == 5000 + 16 + 256 + REDIS_CONNECTIONS + 96
 
 
 SERVER = """

@@ -35,7 +35,8 @@ sent, so after the transport paused: this rule comes first, and the stream then 
 
 Every connection is a file descriptor. `raise_fd_limit` (at start) raises the process's soft limit on open files
 to its hard limit and refuses to start when `fds_needed` (the connections, the refused ones, those accepted in one
-go before they are counted, and `RESERVED_FDS` for the rest) does not fit in it, so that the server closes excess
+go before they are counted, the Redis pool's bound `REDIS_CONNECTIONS`, and `RESERVED_FDS` for the rest) does not fit
+in it, so that the server closes excess
 connections itself before accept() runs out of descriptors. uvicorn accepts up to its backlog in one go, so the
 backlog is `ACCEPT_BACKLOG`, not uvicorn's 2048. If accept() runs out all the same (other descriptors, a limit
 lowered later), asyncio calls the loop's exception handler for every connection it tries, with a traceback each:
@@ -54,9 +55,11 @@ import uvicorn
 from starlette.types import ASGIApp, Receive, Scope, Send
 from uvicorn.protocols.http.h11_impl import H11Protocol
 
-__all__ = ["CLOSE_REASONS", "DEFAULT_HEADER_TIMEOUT", "DEFAULT_MAX_CONNECTIONS", "OVER_LIMIT_SCOPE_KEY", "REFUSALS",
-           "ConnectionBudget", "ConnectionServer", "FdLimitError", "HeaderDeadlineProtocol", "fds_needed",
-           "raise_fd_limit", "uvicorn_config"]
+from .policy.redis_state import REDIS_CONNECTIONS
+
+__all__ = ["CLOSE_REASONS", "DEFAULT_HEADER_TIMEOUT", "DEFAULT_MAX_CONNECTIONS", "OVER_LIMIT_SCOPE_KEY",
+           "REDIS_CONNECTIONS", "REFUSALS", "RESERVED_FDS", "ConnectionBudget", "ConnectionServer", "FdLimitError",
+           "HeaderDeadlineProtocol", "fds_needed", "raise_fd_limit", "uvicorn_config"]
 
 log = logging.getLogger(__name__)
 
@@ -69,10 +72,10 @@ REFUSAL_TIMEOUT = 2.0  # seconds such a connection has to send its request head
 OVER_LIMIT_SCOPE_KEY = "int8serve.over_connection_limit"  # in the scope of a request to answer 503/3040
 WARNING_INTERVAL = 10.0  # seconds between two warnings of one kind (a flood would write one a connection)
 ACCEPT_BACKLOG = 256  # the listen queue, and how many connections asyncio accepts in one go before they are counted
-# descriptors besides the connections: ~15 at rest (stdio, the event loop, the listening socket, the log, the
-# SQLite ledger and its spool, one per served model's weight file), the request worker's pipes, the PostgreSQL
-# ledger's two pools (5 each at most), a Redis connection per call in flight, /proc files read by the metrics
-RESERVED_FDS = 128
+# descriptors besides the connections and Redis' (REDIS_CONNECTIONS, its pool's bound): ~15 at rest (stdio, the
+# event loop, the listening socket, the log, the SQLite ledger and its spool, one per served model's weight file),
+# the request worker's pipes, the PostgreSQL ledger's two pools (5 each at most), /proc files read by the metrics
+RESERVED_FDS = 96
 ACCEPT_OUT_OF_RESOURCES = "socket.accept() out of system resource"  # asyncio's message
 # why connections are closed by the server, as `int8serve_connections_closed_total{reason}` counts them
 CLOSE_REASONS = ("evicted", "over_limit", "header_timeout", "write_stalled")
@@ -281,7 +284,7 @@ class FdLimitError(Exception):
 
 def fds_needed(max_connections: int) -> int:
     """File descriptors a server of `max_connections` may hold at once (see the module docstring)."""
-    return max_connections + REFUSALS + ACCEPT_BACKLOG + RESERVED_FDS
+    return max_connections + REFUSALS + ACCEPT_BACKLOG + REDIS_CONNECTIONS + RESERVED_FDS
 
 
 def raise_fd_limit(max_connections: int) -> int:
@@ -303,9 +306,9 @@ def raise_fd_limit(max_connections: int) -> int:
         most = soft - fds_needed(0)
         fix = f"lower --max-connections to {most} or less" if most >= 1 else "--max-connections cannot help"
         raise FdLimitError(f"--max-connections {max_connections} needs up to {needed} open files ({REFUSALS} "
-                           f"refused connections, {ACCEPT_BACKLOG} being accepted and {RESERVED_FDS} for the rest "
-                           f"beside them), but this process may open {soft} (ulimit -n): raise the hard limit "
-                           f"(ulimit -Hn, LimitNOFILE=, docker --ulimit nofile=) or {fix}")
+                           f"refused connections, {ACCEPT_BACKLOG} being accepted, {REDIS_CONNECTIONS} to Redis and "
+                           f"{RESERVED_FDS} for the rest beside them), but this process may open {soft} (ulimit -n): "
+                           f"raise the hard limit (ulimit -Hn, LimitNOFILE=, docker --ulimit nofile=) or {fix}")
     return soft
 
 

@@ -70,6 +70,7 @@ class PolicyServer:
 
     def __init__(self, live: LiveServer, app: FastAPI, policy: Policy) -> None:
         self.url = live.url
+        self.loop = live.server.servers[0].get_loop()  # the server's event loop, which its policy belongs to
         self.app = app
         self.policy = policy
         self.http = httpx.Client(base_url=live.url, timeout=30)

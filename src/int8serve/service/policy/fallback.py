@@ -32,7 +32,8 @@ log = logging.getLogger(__name__)
 
 T = TypeVar("T")
 
-# what a lost or hung Redis raises through `limits` (wrapped) and through redis-py directly
+# what a lost or hung Redis raises through `limits` (wrapped) and through redis-py directly; a call that waited too
+# long for one of the pool's connections raises redis' ConnectionError (`redis_state.py`), served alike
 SHARED_STATE_ERRORS: tuple[type[BaseException], ...] = (
     StorageError, redis.exceptions.RedisError, OSError, asyncio.TimeoutError)
 

@@ -6,7 +6,8 @@ with a clear message (`int8serve serve` prints them without a traceback). `Polic
 default that needs nothing installed, which `create_app` uses when it is given no policy.
 
 A policy belongs to one event loop (its Redis connections and in-process windows are made for the loop that first
-uses them) and is closed with `close()`, which writes out the ledger.
+uses them) and is closed with `close()`, which writes out the ledger. Its Redis clients share one bounded pool
+(`redis_pool`, `redis_state.REDIS_CONNECTIONS` connections at most, which the open files budgeted at start count).
 """
 
 from __future__ import annotations
@@ -55,6 +56,7 @@ class Policy:
     fallbacks: FallbackCounter
     shared_state: SharedStateGuard | None = None  # Redis' health, when configured
     redis: RedisTarget | None = None
+    redis_pool: redis.asyncio.BlockingConnectionPool | None = None  # every Redis call's connection
     database: str = "sqlite:// (in memory)"
     spool: str = "memory"
 
@@ -67,11 +69,13 @@ class Policy:
         fallbacks = FallbackCounter()
         target = _redis_target(settings)
         guard = SharedStateGuard(fallbacks, settings.retry_seconds) if target is not None else None
-        limiter, cache = _limiter_and_cache(settings, target, guard, clock, monotonic)
+        pool = target.async_pool(settings.backend_timeout) if target is not None else None
+        limiter, cache = _limiter_and_cache(settings, target, pool, guard, clock, monotonic)
         ledger, database, spool = _ledger(settings)
-        allocation = _allocation(settings, ledger, target, guard)
+        allocation = _allocation(settings, ledger, target, pool, guard)
         return cls(settings=settings, limiter=limiter, cache=cache, ledger=ledger, allocation=allocation,
-                   fallbacks=fallbacks, shared_state=guard, redis=target, database=database, spool=spool)
+                   fallbacks=fallbacks, shared_state=guard, redis=target, redis_pool=pool, database=database,
+                   spool=spool)
 
     @classmethod
     def in_memory(cls, **overrides: Any) -> Policy:
@@ -120,25 +124,26 @@ def _redis_target(settings: PolicySettings) -> RedisTarget | None:
 
 
 def _allocation(settings: PolicySettings, ledger: Ledger, target: RedisTarget | None,
-                guard: SharedStateGuard | None) -> DailyAllocation | None:
+                pool: redis.asyncio.ConnectionPool | None, guard: SharedStateGuard | None) -> DailyAllocation | None:
     """The daily allocation, if on; with Redis, its reservations shared by the replicas."""
     if not settings.daily_neurons:
         return None
-    if target is None or guard is None:
+    if target is None or pool is None or guard is None:
         return DailyAllocation(settings.daily_neurons, ledger)
-    client = redis.asyncio.Redis(connection_pool=target.async_pool(settings.backend_timeout))
+    client = redis.asyncio.Redis(connection_pool=pool)
     shared = SharedReservations(client, target.key("allocation"), settings.allocation_lease_seconds)
     return DailyAllocation(settings.daily_neurons, ledger, shared, guard)
 
 
-def _limiter_and_cache(settings: PolicySettings, target: RedisTarget | None, guard: SharedStateGuard | None,
+def _limiter_and_cache(settings: PolicySettings, target: RedisTarget | None,
+                       pool: redis.asyncio.ConnectionPool | None, guard: SharedStateGuard | None,
                        clock: Clock = time.time, monotonic: Clock = time.monotonic
                        ) -> tuple[RateLimiter, ResponseCache]:
     local_cache = MemoryCache(settings.cache_max_entries, settings.cache_max_bytes, monotonic)
-    if target is None or guard is None:
+    if target is None or pool is None or guard is None:
         return (RateLimiter(settings, clock=monotonic),
                 ResponseCache(settings.cache_ttl, local_cache, scope=settings.cache_scope, clock=clock))
-    pool = target.async_pool(settings.backend_timeout)
+    # `limits` makes its client on this pool too (given a pool, it opens none of its own)
     uri = target.url.replace("unix://", "redis+unix://", 1) if target.url.startswith("unix://") else target.url
     storage = CountingRedisStorage("async+" + uri, key_prefix=target.key("limits"), wrap_exceptions=True,
                                    connection_pool=pool)

@@ -5,6 +5,17 @@
 with a `key_prefix` query parameter that int8serve reads and removes before handing the URL to redis-py:
 `redis://127.0.0.1:6379/0?key_prefix=int8serve-staging`.
 
+A server holds at most `REDIS_CONNECTIONS` (32) connections to Redis, in one pool that the rate limiter, the response
+cache, the replica count and the daily allocation share, and the open files it budgets at start count them
+(`service/connections.py`): without a bound redis-py opened one connection per call in flight, as many as requests
+at once (up to `--max-connections`), and could take the descriptors meant for accepting them. A call only holds a
+connection for its round trip (a loopback or LAN Redis answers in 0.1-1 ms), so 32 carry tens of thousands of calls
+a second, far more than requests a CPU replica serves; a replica also costs Redis only 32 of its clients
+(`maxclients`, 10000 by default). A call that finds them all taken waits for one, at most the calls' own timeout;
+after that it fails as a call to a lost Redis does, and the request is served in this process (`fallback.py`): all
+32 busy that long means Redis is not keeping up. A `max_connections` query parameter lowers the bound (it is read
+and removed like `key_prefix`); it cannot raise it past what the descriptor budget counts.
+
 Every client made here fails fast (a short socket timeout, no automatic retries): a lost Redis must turn into the
 in-process fallback within a second (`fallback.py`), not into requests stuck in redis-py's reconnection backoff.
 At start-up, `check_reachable` turns an unreachable Redis into one clear error.
@@ -22,10 +33,13 @@ from redis.backoff import NoBackoff
 
 from int8serve.redact import hide_password, without
 
-__all__ = ["DEFAULT_KEY_PREFIX", "RedisTarget", "RedisUnreachableError", "check_reachable"]
+__all__ = ["DEFAULT_KEY_PREFIX", "REDIS_CONNECTIONS", "RedisTarget", "RedisUnreachableError", "check_reachable"]
 
 DEFAULT_KEY_PREFIX = "int8serve"
 PREFIX_PARAMETER = "key_prefix"
+REDIS_CONNECTIONS = 32  # a server's connections to Redis, at most (see the module docstring)
+BOUND_PARAMETER = "max_connections"  # lowers it
+OUR_PARAMETERS = {PREFIX_PARAMETER, BOUND_PARAMETER}
 
 
 class RedisUnreachableError(Exception):
@@ -34,8 +48,9 @@ class RedisUnreachableError(Exception):
 
 @dataclass(frozen=True)
 class RedisTarget:
-    url: str  # as redis-py takes it (our own parameter removed)
+    url: str  # as redis-py takes it (our own parameters removed)
     key_prefix: str
+    max_connections: int = REDIS_CONNECTIONS
 
     @classmethod
     def parse(cls, url: str) -> RedisTarget:
@@ -47,8 +62,10 @@ class RedisTarget:
         prefix = prefixes[-1] if prefixes else DEFAULT_KEY_PREFIX
         if not prefix or any(c.isspace() for c in prefix):
             raise ValueError(f"the Redis key_prefix must be a non-empty word, got {prefix!r}")
-        rest = urlencode([(k, v) for k, v in query if k != PREFIX_PARAMETER])
-        return cls(url=urlunsplit(parts._replace(query=rest)), key_prefix=prefix)
+        bounds = [v for k, v in query if k == BOUND_PARAMETER]
+        bound = _connection_bound(bounds[-1]) if bounds else REDIS_CONNECTIONS
+        rest = urlencode([(k, v) for k, v in query if k not in OUR_PARAMETERS])
+        return cls(url=urlunsplit(parts._replace(query=rest)), key_prefix=prefix, max_connections=bound)
 
     @property
     def display(self) -> str:
@@ -58,10 +75,21 @@ class RedisTarget:
     def key(self, *parts: str) -> str:
         return ":".join((self.key_prefix, *parts))
 
-    def async_pool(self, timeout: float) -> redis.asyncio.ConnectionPool:
-        """A connection pool for the event loop: connections are made lazily, calls time out after `timeout`."""
-        return redis.asyncio.ConnectionPool.from_url(
-            self.url, socket_timeout=timeout, socket_connect_timeout=timeout, retry=AsyncRetry(NoBackoff(), 0))
+    def async_pool(self, timeout: float) -> redis.asyncio.BlockingConnectionPool:
+        """A connection pool for the event loop, of at most `max_connections`: connections are made lazily, a call
+        waits at most `timeout` for a free one, then at most `timeout` for its answer."""
+        return redis.asyncio.BlockingConnectionPool.from_url(
+            self.url, max_connections=self.max_connections, timeout=timeout, socket_timeout=timeout,
+            socket_connect_timeout=timeout, retry=AsyncRetry(NoBackoff(), 0))
+
+
+def _connection_bound(value: str) -> int:
+    """A URL's `max_connections`: 1 to REDIS_CONNECTIONS."""
+    bound = int(value) if value.isascii() and value.isdigit() and len(value) <= 6 else 0
+    if not 1 <= bound <= REDIS_CONNECTIONS:
+        raise ValueError(f"the Redis URL's max_connections must be 1 to {REDIS_CONNECTIONS} (the connections "
+                         f"the open files are budgeted for), got {value!r}")
+    return bound
 
 
 def check_reachable(target: RedisTarget, timeout: float = 3.0) -> None:
