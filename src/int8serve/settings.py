@@ -237,7 +237,7 @@ class ServeSettings(BaseSettings):
     max_connections: int = Field(DEFAULT_MAX_CONNECTIONS, ge=1, le=MAX_HELD,
                                  description=f"open connections at most, 1 to {MAX_HELD}; a new one closes an idle "
                                              "one, and only when every connection has a request in progress do new "
-                                             "ones get 503 code 3040")
+                                             "ones get 429 code 3040")
     header_timeout: float = Field(DEFAULT_HEADER_TIMEOUT, gt=0, le=MAX_SECONDS, allow_inf_nan=False,
                                   description="seconds a client may take to send a request's headers before its "
                                               f"connection is closed, at most {MAX_SECONDS} (a day)")

@@ -127,11 +127,12 @@ def _busy(live: LiveServer) -> socket.socket:
     return sock
 
 
-def test_a_newcomer_beyond_the_limit_is_answered_503_3040_in_the_envelope(small_app: FastAPI,
+def test_a_newcomer_beyond_the_limit_is_answered_429_3040_in_the_envelope(small_app: FastAPI,
                                                                          caplog: pytest.LogCaptureFixture) -> None:
     """4 connections busy with requests against a limit of 4: none is closed, and a newcomer's request is answered
-    503/3040 in its API's envelope, with Retry-After and a request id, counted in /metrics and logged; once the busy
-    ones are gone, newcomers are served again."""
+    429/3040 in its API's envelope (Workers AI's capacity refusal, which its SDKs retry; it was a 503), with
+    Retry-After and a request id, counted in /metrics and logged; once the busy ones are gone, newcomers are served
+    again."""
     caplog.set_level(logging.INFO, logger=REQUEST_LOGGER)
     with LiveServer(small_app, max_connections=4) as live, ExitStack() as stack:
         busy = [stack.enter_context(_busy(live)) for _ in range(4)]
@@ -141,7 +142,7 @@ def test_a_newcomer_beyond_the_limit_is_answered_503_3040_in_the_envelope(small_
             newcomer.sendall(f"POST {RUN} HTTP/1.1\r\nHost: x\r\n{AUTH}Content-Length: {len(body)}\r\n\r\n".encode()
                              + body)
             status, headers, answer = _read_response(newcomer)
-        assert status.startswith("HTTP/1.1 503 "), (status, answer)
+        assert status.startswith("HTTP/1.1 429 "), (status, answer)
         assert headers["content-type"] == "application/json"
         assert json.loads(answer) == {"success": False, "errors": [{"code": 3040, "message": "Capacity temporarily "
                                       "exceeded, please try again."}], "messages": [], "result": {}}
@@ -151,20 +152,21 @@ def test_a_newcomer_beyond_the_limit_is_answered_503_3040_in_the_envelope(small_
             newcomer.sendall(f"POST /v1/chat/completions HTTP/1.1\r\nHost: x\r\n{AUTH}Content-Length: 2\r\n\r\n{{}}"
                              .encode())
             status, headers, answer = _read_response(newcomer)
-        assert status.startswith("HTTP/1.1 503 ") and headers["retry-after"] == "1"
-        assert json.loads(answer)["error"]["code"] == 3040  # OpenAI's shape on its routes
+        assert status.startswith("HTTP/1.1 429 ") and headers["retry-after"] == "1"
+        assert json.loads(answer) == {"error": {"message": "Capacity temporarily exceeded, please try again.",
+                                                "type": "capacity_error", "param": None, "code": 3040}}  # OpenAI's
         with _connect(live) as scraper:  # probes and scrapes are answered all the same
             status, _headers, metrics = _get(scraper, "/metrics")
         assert status == "HTTP/1.1 200 OK"
-        assert f'int8serve_http_requests_total{{route="{RUN_ROUTE}",status="503"}} 1.0' in metrics.decode()
-        assert 'int8serve_errors_total{code="3040",status="503"} 2.0' in metrics.decode()
+        assert f'int8serve_http_requests_total{{route="{RUN_ROUTE}",status="429"}} 1.0' in metrics.decode()
+        assert 'int8serve_errors_total{code="3040",status="429"} 2.0' in metrics.decode()
         assert all(not _closed_by_server(sock, timeout=0.05) for sock in busy)  # none of the busy ones was closed
         for sock in busy:
             sock.close()
         _wait(lambda: _open_connections(live) == 0)
         assert httpx.get(f"{live.url}{SEARCH}", headers={"Authorization": f"Bearer {TOKEN}"}).status_code == 200
     [line] = [r.fields for r in caplog.records if getattr(r, "fields", {}).get("request_id") == request_id]
-    assert (line["status"], line["error_code"], line["route"]) == (503, 3040, RUN_ROUTE)
+    assert (line["status"], line["error_code"], line["route"]) == (429, 3040, RUN_ROUTE)
 
 
 RUN_ROUTE = "/client/v4/accounts/{account_id}/ai/run/{model:path}"

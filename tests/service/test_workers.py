@@ -167,11 +167,12 @@ def test_a_raw_prompt_tokenized_in_the_worker_gets_the_ids_a_thread_gives(storie
     assert not zombies()
 
 
-def test_no_file_descriptor_for_the_worker_is_a_503_3040(workers: RequestWorkers, monkeypatch: pytest.MonkeyPatch,
+def test_no_file_descriptor_for_the_worker_is_a_429_3040(workers: RequestWorkers, monkeypatch: pytest.MonkeyPatch,
                                                          caplog: pytest.LogCaptureFixture) -> None:
     """The process at its limit on open files when the worker starts (its second pipe fails, as with EMFILE in an
-    audit: a 500/3043 and a traceback): the call is 503/3040 with Retry-After, one log line without a traceback,
-    the first pipe closed again; once descriptors are back the next call starts the worker."""
+    audit: a 500/3043 and a traceback): the call is 429/3040 with Retry-After (the capacity refusal that clients
+    retry), one log line without a traceback, the first pipe closed again; once descriptors are back the next call
+    starts the worker."""
     context = multiprocessing.get_context("spawn")
     real_pipe = context.Pipe
     made: list[tuple[Connection, Connection]] = []
@@ -185,10 +186,10 @@ def test_no_file_descriptor_for_the_worker_is_a_503_3040(workers: RequestWorkers
     monkeypatch.setattr(context, "Pipe", second_pipe_fails)
     with pytest.raises(ApiError) as refused:
         asyncio.run(workers._in_process("acct-a", echo, 1))
-    assert (refused.value.status, refused.value.code, refused.value.headers) == (503, 3040, {"retry-after": "1"})
+    assert (refused.value.status, refused.value.code, refused.value.headers) == (429, 3040, {"retry-after": "1"})
     assert all(end.closed for end in made[0])
     [record] = [r for r in caplog.records if r.name == "int8serve.service.workers"]
     assert record.getMessage() == ("cannot start the request worker process: Too many open files; a large request "
-                                   "is answered 503 (code 3040)") and record.exc_info is None
+                                   "is answered 429 (code 3040)") and record.exc_info is None
     monkeypatch.undo()
     assert asyncio.run(workers._in_process("acct-a", echo, 1)) == 1

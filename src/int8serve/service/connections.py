@@ -15,7 +15,7 @@ room by closing an idle one, so that idle connections never keep anyone out:
    closes itself, oldest first, and never the connections that real clients have already used);
 2. else the keep-alive connection idle for the longest time, between two requests;
 3. else (every connection has a request in progress) the newcomer is not counted: up to `REFUSALS` of them at once
-   have `REFUSAL_TIMEOUT` seconds to send their request head, answered 503/3040 in the route's envelope with
+   have `REFUSAL_TIMEOUT` seconds to send their request head, answered 429/3040 in the route's envelope with
    `Retry-After` (the lifecycle gate answers it, inside the request log and the metrics; probes and scrapes are
    answered as usual), and then closed; beyond those the newcomer is closed at once.
 
@@ -67,9 +67,9 @@ DEFAULT_HEADER_TIMEOUT = 10.0
 DEFAULT_MAX_CONNECTIONS = 512
 DEFAULT_STALL_TIMEOUT = 30.0
 WRITE_BUFFER_BYTES = 16 << 10
-REFUSALS = 16  # connections beyond the limit waiting at once for their request head, to be answered 503
+REFUSALS = 16  # connections beyond the limit waiting at once for their request head, to be answered 429
 REFUSAL_TIMEOUT = 2.0  # seconds such a connection has to send its request head
-OVER_LIMIT_SCOPE_KEY = "int8serve.over_connection_limit"  # in the scope of a request to answer 503/3040
+OVER_LIMIT_SCOPE_KEY = "int8serve.over_connection_limit"  # in the scope of a request to answer 429/3040
 WARNING_INTERVAL = 10.0  # seconds between two warnings of one kind (a flood would write one a connection)
 ACCEPT_BACKLOG = 256  # the listen queue, and how many connections asyncio accepts in one go before they are counted
 # descriptors besides the connections and Redis' (REDIS_CONNECTIONS, its pool's bound): ~15 at rest (stdio, the
@@ -110,12 +110,12 @@ class ConnectionBudget:
         self._counted: set[HeaderDeadlineProtocol] = set()
         self._unheard: dict[HeaderDeadlineProtocol, None] = {}  # no whole request head yet: the oldest first
         self._between: dict[HeaderDeadlineProtocol, None] = {}  # between two requests: the longest idle first
-        self.refusing = 0  # connections beyond the limit, to be answered 503
+        self.refusing = 0  # connections beyond the limit, to be answered 429
         self.closed = dict.fromkeys(CLOSE_REASONS, 0)
         self._warn_evicted = _Occasional(f"at the connection limit ({limit}, --max-connections): closing idle "
                                          "connections for new ones")
         self._warn_full = _Occasional(f"every connection (--max-connections {limit}) has a request in progress: "
-                                      "answering new connections 503/3040, closing those beyond %d at once")
+                                      "answering new connections 429/3040, closing those beyond %d at once")
         self.warn_stalled = _Occasional("aborting a connection whose client left an answer unread for %s s "
                                         "(--stall-timeout)")
 
@@ -188,7 +188,7 @@ class HeaderDeadlineProtocol(H11Protocol):
         transport.set_write_buffer_limits(high=WRITE_BUFFER_BYTES)
         if self.budget.admit(self):
             self._arm(self.header_timeout)
-        elif self.budget.refusing < REFUSALS:  # answered 503 once its request head is in, then closed
+        elif self.budget.refusing < REFUSALS:  # answered 429 once its request head is in, then closed
             self._over_limit = True
             self.budget.refusing += 1
             self.app = _over_limit(self.app)

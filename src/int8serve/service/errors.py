@@ -11,9 +11,10 @@ captures of real answers. Successful answers use `success_body`.
 
 Codes Cloudflare does not document (marked "ours" below) were chosen so that they never collide with a documented
 Workers AI code: 1001 for a malformed query parameter, 1002 for usage data that cannot be read right now, 3043 for
-an internal error. 503 answers (a server that is shutting down, `/readyz` while not ready, a connection beyond
-the server's limit while every other one has a request in progress) reuse 3040 ("try again"), with a
-`Retry-After` header like the 429s.
+an internal error. 503 answers (a server that is shutting down, `/readyz` while not ready) reuse 3040 ("try
+again"), with a `Retry-After` header like the 429s. The server's own capacity (a connection beyond its limit while
+every other one has a request in progress, no file descriptor left for the worker process) is Workers AI's capacity
+refusal, 429/3040 with `Retry-After`: the answer its clients retry (the SDKs' `RateLimitError`).
 
 The OpenAI routes answer the same errors in OpenAI's shape (`{"error": {"message", "type", "param", "code"}}`),
 with the Workers AI code and, where OpenAI's clients branch on something else, OpenAI's status (`OPENAI_STATUS`) or
@@ -56,7 +57,6 @@ __all__ = [
     "REQUEST_ABORTED",
     "REQUEST_TIMEOUT",
     "REQUEST_TOO_LARGE",
-    "SERVER_BUSY",
     "SHUTTING_DOWN",
     "USAGE_UNAVAILABLE",
     "ApiError",
@@ -127,10 +127,9 @@ CONTEXT_WINDOW_PROMPT = ErrorKind(
 )
 REQUEST_TIMEOUT = ErrorKind(408, 3007, "Request timeout", ai=True)  # the body did not arrive in time
 REQUEST_ABORTED = ErrorKind(408, 3008, "Request was aborted", ai=True)
+# a full engine queue, an account over its share of it, and the server's own capacity: every connection has a
+# request in progress (`connections.py`), or no file descriptor is left for the work (`workers.py`)
 CAPACITY = ErrorKind(429, 3040, "Capacity temporarily exceeded, please try again.", ai=True)
-# the server's own capacity, not the account's: every connection has a request in progress (`connections.py`), or
-# no file descriptor is left for the work (`workers.py`); ours: the 503 of the same words
-SERVER_BUSY = ErrorKind(503, 3040, "Capacity temporarily exceeded, please try again.", ai=True)
 # the per-account, per-model requests-per-minute limit (the code and words Workers AI answers with)
 RATE_LIMITED = ErrorKind(429, 3021, "rate limiting: inference request per min rate reached", ai=True)
 # the daily neuron allocation; `allocation` is "10,000" for Workers AI's exact words

@@ -13,7 +13,7 @@ counts until its last byte is sent, and the work it leaves behind until its ledg
   route (Cloudflare's, or OpenAI's under `/v1/` and `/ai/v1/`), while the requests already in flight finish.
 
 Whatever the phase, a request on a connection beyond the server's connection limit (`connections.py`: every other
-connection has a request in progress) is answered 503/3040 "Capacity temporarily exceeded" in its route's envelope,
+connection has a request in progress) is answered 429/3040 "Capacity temporarily exceeded" in its route's envelope,
 with `Retry-After` and `Connection: close`, but for the probes and scrapes below.
 
 `/healthz`, `/readyz` and `/metrics` are never counted nor refused by the drain, so that probes and scrapes keep
@@ -37,7 +37,7 @@ from dataclasses import dataclass
 from starlette.types import ASGIApp, Receive, Scope, Send
 
 from .connections import OVER_LIMIT_SCOPE_KEY
-from .errors import NOT_READY, SERVER_BUSY, SHUTTING_DOWN, ApiError, error_response, json_response
+from .errors import CAPACITY, NOT_READY, SHUTTING_DOWN, ApiError, error_response, json_response
 
 __all__ = ["UNGATED_PATHS", "Lifecycle", "LifecycleMiddleware", "Phase"]
 
@@ -178,7 +178,7 @@ class LifecycleMiddleware:
         lifecycle = self.lifecycle
         path = scope.get("path", "")
         if scope.get(OVER_LIMIT_SCOPE_KEY) and path not in UNGATED_PATHS:  # a connection beyond the server's limit
-            await error_response(path, ApiError(SERVER_BUSY, headers=OVER_LIMIT_HEADERS))(scope, receive, send)
+            await error_response(path, ApiError(CAPACITY, headers=OVER_LIMIT_HEADERS))(scope, receive, send)
         elif self.app is not None and path in UNGATED_PATHS:
             await self.app(scope, receive, send)
         elif self.app is not None and lifecycle.ready:

@@ -19,7 +19,8 @@ Counters (`_total`), gauges and histograms, with their labels:
   `process_open_fds`, `process_start_time_seconds`, ...: prometheus_client's process metrics (Linux)
 * `int8serve_http_requests_total{route,status}`: every HTTP answer (a HEAD under its GET's route); route = the route
   template, `/openapi.json` and the pages by their path, `unmatched` for a path no route answers (404s); the
-  lifecycle gate's refusals (503 while loading or draining) count under the route that would have answered
+  lifecycle gate's refusals (503 while loading or draining, 429 on a connection beyond the limit) count under the
+  route that would have answered
 * `int8serve_errors_total{code,status}`: error codes answered (`errors[0].code`, on the OpenAI routes `error.code`:
   the same Workers AI code but where OpenAI has its own, a context overflow being `context_length_exceeded`
   with status 400 there and 5021 with 413 on `/ai/run`); status 200 = a stream's error frame. A client that left
@@ -51,9 +52,9 @@ Counters (`_total`), gauges and histograms, with their labels:
 * `int8serve_open_connections`, `int8serve_connections_closed_total{reason}`: the connections counted against
   `--max-connections`, and those the server closed (`connections.py`): `evicted` (idle, closed for a new one),
   `over_limit` (closed at once: every connection had a request in progress and `REFUSALS` newcomers were waiting
-  for their 503 already), `header_timeout`, `write_stalled` (aborted: its client left an answer unread for
-  `--stall-timeout`); the 503s of connections beyond the limit are counted as answers (status
-  503, code 3040)
+  for their 429 already), `header_timeout`, `write_stalled` (aborted: its client left an answer unread for
+  `--stall-timeout`); the 429s of connections beyond the limit are counted as answers (status
+  429, code 3040)
 * `int8serve_engine_step_duration_seconds{model,kind}`, `int8serve_engine_step_rows{model,kind}`: one engine forward
   (kind `prefill`: one chunk, rows = its tokens; `decode`: one batch, rows = its sequences), from `Engine.on_step`
 """
@@ -465,8 +466,8 @@ def _route_label(scope: Scope, routes: Sequence[BaseRoute]) -> str:
 
     FastAPI's routes put themselves in `scope["route"]` before the endpoint runs. An answer without one (FastAPI's
     own `/openapi.json`, a plain Starlette route; an answer given before the router ran: the lifecycle gate's 503
-    while draining or loading) is labelled with the route of `routes` (the app's, `app.route_table`) that answers
-    its path and method, as the router matches."""
+    while draining or loading, its 429 beyond the connection limit) is labelled with the route of `routes` (the
+    app's, `app.route_table`) that answers its path and method, as the router matches."""
     route = scope.get("route") or _matching_route(scope, routes)
     return getattr(route, "path", None) or "unmatched"
 

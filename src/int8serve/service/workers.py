@@ -19,7 +19,7 @@ process had stretched the gaps tenfold.
 The worker process is started on first use (spawned, never forked from this multi-threaded process) with the
 served cards and tokenizer files; if it dies it is started again and the request it held fails (500/3043). When
 it cannot be started for want of file descriptors (its pipes: the process is at its limit on open files), the
-request is answered 503/3040 with `Retry-After`, as the server's other capacity refusals are, and one line is
+request is answered 429/3040 with `Retry-After`, as the server's other capacity refusals are, and one line is
 logged. It is ours, one process and two pipes (`_WorkerProcess`), rather than a `ProcessPoolExecutor`: a pool's
 worker killed while it writes a result larger than the pipe's buffer (a checked 1 MiB body is one) leaves the pool's
 manager thread blocked for ever on the half-written message, the pool never marked broken, every later large body
@@ -49,7 +49,7 @@ from int8serve.catalog.card import ModelCard
 from int8serve.engine.chat_template import Control
 from int8serve.engine.tokenizer import AnyTokenizer, load_tokenizer
 
-from .errors import INTERNAL, NO_SUCH_MODEL, SERVER_BUSY, ApiError
+from .errors import CAPACITY, INTERNAL, NO_SUCH_MODEL, ApiError
 from .formats import WireFormat
 from .protocol.body import parse_json_body
 from .protocol.run import RunRequest, ValidatedRun, tokenize_run
@@ -177,15 +177,15 @@ class RequestWorkers:
 
 
 def _start_worker_process(resolve: Resolver, tokenizer_paths: Mapping[str, Path]) -> _WorkerProcess:
-    """A new worker process; ApiError 503/3040 if no file descriptor is left for its pipes."""
+    """A new worker process; ApiError 429/3040 if no file descriptor is left for its pipes."""
     try:
         return _WorkerProcess(resolve, tokenizer_paths)
     except OSError as err:
         if err.errno not in OUT_OF_FILES:
             raise
-        log.warning("cannot start the request worker process: %s; a large request is answered 503 (code 3040)",
+        log.warning("cannot start the request worker process: %s; a large request is answered 429 (code 3040)",
                     err.strerror or err)
-        raise ApiError(SERVER_BUSY, headers={"retry-after": "1"}) from None
+        raise ApiError(CAPACITY, headers={"retry-after": "1"}) from None
 
 
 class _WorkerProcess:
