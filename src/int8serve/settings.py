@@ -236,8 +236,8 @@ class ServeSettings(BaseSettings):
     # --- what one client may cost (docs/policy.md, "Hostile clients") ---
     max_connections: int = Field(DEFAULT_MAX_CONNECTIONS, ge=1, le=MAX_HELD,
                                  description=f"open connections at most, 1 to {MAX_HELD}; a new one closes an idle "
-                                             "one, and only when every connection has a request in progress do new "
-                                             "ones get 429 code 3040")
+                                             "one (a keep-alive one once idle for 1 s), and only when there is none "
+                                             "do new ones get 429 code 3040")
     header_timeout: float = Field(DEFAULT_HEADER_TIMEOUT, gt=0, le=MAX_SECONDS, allow_inf_nan=False,
                                   description="seconds a client may take to send a request's headers before its "
                                               f"connection is closed, at most {MAX_SECONDS} (a day)")

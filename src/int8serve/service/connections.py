@@ -13,11 +13,26 @@ room by closing an idle one, so that idle connections never keep anyone out:
 
 1. the oldest connection that has not sent a whole request head yet (a flood of connections that send nothing
    closes itself, oldest first, and never the connections that real clients have already used);
-2. else the keep-alive connection idle for the longest time, between two requests;
-3. else (every connection has a request in progress) the newcomer is not counted: up to `REFUSALS` of them at once
-   have `REFUSAL_TIMEOUT` seconds to send their request head, answered 429/3040 in the route's envelope with
-   `Retry-After` (the lifecycle gate answers it, inside the request log and the metrics; probes and scrapes are
-   answered as usual), and then closed; beyond those the newcomer is closed at once.
+2. else the keep-alive connection idle for the longest time, between two requests, once it has been idle for
+   `KEEP_ALIVE_GRACE` seconds;
+3. else (every connection has a request in progress, or had one less than `KEEP_ALIVE_GRACE` seconds ago) the
+   newcomer is not counted: up to `REFUSALS` of them at once have `REFUSAL_TIMEOUT` seconds to send their request
+   head, answered 429/3040 in the route's envelope with `Retry-After` (the lifecycle gate answers it, inside the
+   request log and the metrics; probes and scrapes are answered as usual), and then closed; beyond those the
+   newcomer is closed at once.
+
+Neither rule closes a connection whose client has sent bytes the event loop has not read yet (they wait in the
+kernel: a peek at the socket tells). A connection is idle from the moment its answer ends, and a client sends its
+next request on it within milliseconds: closed with that request unread, the connection is reset, and the client
+gets a transport error on a request (a POST) it cannot safely send again, then comes back on a new connection to
+close another one. The grace keeps a connection whose next request is still on its way (the answer going out, the
+request coming back), the peek one whose request has arrived; a request sent after a second of silence may still
+meet the close, as it may meet uvicorn's `timeout_keep_alive` (5 s), which every HTTP client has to expect. One
+window is left: a connection so new that its client has not sent its request yet, the oldest without a request
+head when a newcomer comes (connections opening at once while every other one is busy), is closed, and that
+request meets a reset. Sparing young connections would close it, but then a flood of silent connections faster
+than `max_connections` in such a grace would keep every client out, where now a client's connection lasts until
+`max_connections` newer ones have come.
 
 A connection that has sent nothing needs no deadline shorter than `header_timeout`: it is the first to go when its
 place is wanted, and until then it costs one file descriptor within the budget.
@@ -48,6 +63,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import resource
+import socket
 import time
 from typing import Any
 
@@ -57,9 +73,10 @@ from uvicorn.protocols.http.h11_impl import H11Protocol
 
 from .policy.redis_state import REDIS_CONNECTIONS
 
-__all__ = ["CLOSE_REASONS", "DEFAULT_HEADER_TIMEOUT", "DEFAULT_MAX_CONNECTIONS", "OVER_LIMIT_SCOPE_KEY",
-           "REDIS_CONNECTIONS", "REFUSALS", "RESERVED_FDS", "ConnectionBudget", "ConnectionServer", "FdLimitError",
-           "HeaderDeadlineProtocol", "fds_needed", "raise_fd_limit", "uvicorn_config"]
+__all__ = ["CLOSE_REASONS", "DEFAULT_HEADER_TIMEOUT", "DEFAULT_MAX_CONNECTIONS", "KEEP_ALIVE_GRACE",
+           "OVER_LIMIT_SCOPE_KEY", "REDIS_CONNECTIONS", "REFUSALS", "RESERVED_FDS", "ConnectionBudget",
+           "ConnectionServer", "FdLimitError", "HeaderDeadlineProtocol", "bytes_waiting", "fds_needed",
+           "raise_fd_limit", "uvicorn_config"]
 
 log = logging.getLogger(__name__)
 
@@ -69,6 +86,7 @@ DEFAULT_STALL_TIMEOUT = 30.0
 WRITE_BUFFER_BYTES = 16 << 10
 REFUSALS = 16  # connections beyond the limit waiting at once for their request head, to be answered 429
 REFUSAL_TIMEOUT = 2.0  # seconds such a connection has to send its request head
+KEEP_ALIVE_GRACE = 1.0  # seconds a keep-alive connection is idle before a newcomer may close it
 OVER_LIMIT_SCOPE_KEY = "int8serve.over_connection_limit"  # in the scope of a request to answer 429/3040
 WARNING_INTERVAL = 10.0  # seconds between two warnings of one kind (a flood would write one a connection)
 ACCEPT_BACKLOG = 256  # the listen queue, and how many connections asyncio accepts in one go before they are counted
@@ -109,13 +127,15 @@ class ConnectionBudget:
         self.limit = limit
         self._counted: set[HeaderDeadlineProtocol] = set()
         self._unheard: dict[HeaderDeadlineProtocol, None] = {}  # no whole request head yet: the oldest first
-        self._between: dict[HeaderDeadlineProtocol, None] = {}  # between two requests: the longest idle first
+        # between two requests, and since when (`time.monotonic()`): the longest idle first
+        self._between: dict[HeaderDeadlineProtocol, float] = {}
         self.refusing = 0  # connections beyond the limit, to be answered 429
         self.closed = dict.fromkeys(CLOSE_REASONS, 0)
         self._warn_evicted = _Occasional(f"at the connection limit ({limit}, --max-connections): closing idle "
                                          "connections for new ones")
-        self._warn_full = _Occasional(f"every connection (--max-connections {limit}) has a request in progress: "
-                                      "answering new connections 429/3040, closing those beyond %d at once")
+        self._warn_full = _Occasional(f"every connection (--max-connections {limit}) has a request in progress "
+                                      f"or had one less than {KEEP_ALIVE_GRACE:g} s ago: answering new connections "
+                                      "429/3040, closing those beyond %d at once")
         self.warn_stalled = _Occasional("aborting a connection whose client left an answer unread for %s s "
                                         "(--stall-timeout)")
 
@@ -126,9 +146,9 @@ class ConnectionBudget:
 
     def admit(self, conn: HeaderDeadlineProtocol) -> bool:
         """Count `conn`, a new connection, closing the idlest counted one if the limit is reached; False (`conn` not
-        counted) if every counted connection has a request in progress."""
+        counted) if no counted connection may be closed (see the module docstring)."""
         if len(self._counted) >= self.limit:
-            idlest = next(iter(self._unheard or self._between), None)
+            idlest = self._evictable(time.monotonic())
             if idlest is None:
                 self._warn_full(REFUSALS)
                 return False
@@ -140,6 +160,19 @@ class ConnectionBudget:
         self._unheard[conn] = None
         return True
 
+    def _evictable(self, now: float) -> HeaderDeadlineProtocol | None:
+        """The connection to close for a newcomer: the oldest without a whole request head, else the one idle the
+        longest if for `KEEP_ALIVE_GRACE` seconds; never one whose client's bytes wait unread. None if there is none."""
+        for conn in self._unheard:
+            if not conn.has_unread_input():
+                return conn
+        for conn, since in self._between.items():
+            if now - since < KEEP_ALIVE_GRACE:
+                return None  # the others have been idle for less time still
+            if not conn.has_unread_input():
+                return conn
+        return None
+
     def busy(self, conn: HeaderDeadlineProtocol) -> None:
         """`conn` has a request in progress: it is not closed for a newcomer."""
         self._unheard.pop(conn, None)
@@ -150,7 +183,7 @@ class ConnectionBudget:
         if conn in self._counted:
             self._unheard.pop(conn, None)
             self._between.pop(conn, None)
-            self._between[conn] = None
+            self._between[conn] = time.monotonic()
 
     def release(self, conn: HeaderDeadlineProtocol) -> None:
         """`conn` is closed (or closing): no longer counted."""
@@ -251,6 +284,10 @@ class HeaderDeadlineProtocol(H11Protocol):
         self.budget.warn_stalled(self.stall_timeout)
         self.transport.abort()  # the answer is given up: its stream (if it is one) ends as for a client that left
 
+    def has_unread_input(self) -> bool:
+        """Bytes from the client wait in the kernel, not read yet: a request is coming in on this connection."""
+        return bytes_waiting(self.transport.get_extra_info("socket"))
+
     def evict(self) -> None:
         """Close this idle connection for a new one (at once, if its client has not read its last answer)."""
         self._disarm()
@@ -276,6 +313,24 @@ class HeaderDeadlineProtocol(H11Protocol):
             self.budget.closed["header_timeout"] += 1
             self.transport.close()
             self._watch_stall_if_unsent()  # its last answer may still be going out
+
+
+def bytes_waiting(sock: Any) -> bool:
+    """Bytes from the peer wait unread in `sock` (a socket, or the wrapper an asyncio transport hands out), by a
+    non-blocking peek: asyncio's wrapper has no `recv`, so a socket object is made on its descriptor for the peek
+    and detached, never closing it. False at the end of the input, and for a socket that is gone."""
+    if sock is None:
+        return False
+    try:
+        peek = socket.socket(fileno=sock.fileno())
+    except (OSError, ValueError):  # closed already (its descriptor -1)
+        return False
+    try:
+        return bool(peek.recv(1, socket.MSG_PEEK | socket.MSG_DONTWAIT))
+    except OSError:  # nothing waiting (BlockingIOError), or reset: nothing left to answer
+        return False
+    finally:
+        peek.detach()
 
 
 class FdLimitError(Exception):

@@ -51,8 +51,8 @@ Counters (`_total`), gauges and histograms, with their labels:
   warm-up's tokens are prefilled, and no hit)
 * `int8serve_open_connections`, `int8serve_connections_closed_total{reason}`: the connections counted against
   `--max-connections`, and those the server closed (`connections.py`): `evicted` (idle, closed for a new one),
-  `over_limit` (closed at once: every connection had a request in progress and `REFUSALS` newcomers were waiting
-  for their 429 already), `header_timeout`, `write_stalled` (aborted: its client left an answer unread for
+  `over_limit` (closed at once: no connection could be closed for it and `REFUSALS` newcomers were waiting for
+  their 429 already), `header_timeout`, `write_stalled` (aborted: its client left an answer unread for
   `--stall-timeout`); the 429s of connections beyond the limit are counted as answers (status
   429, code 3040)
 * `int8serve_engine_step_duration_seconds{model,kind}`, `int8serve_engine_step_rows{model,kind}`: one engine forward
