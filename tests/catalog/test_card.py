@@ -5,6 +5,7 @@ from __future__ import annotations
 import dataclasses
 import json
 import logging
+import reprlib
 import uuid
 from importlib import resources
 from pathlib import Path
@@ -474,6 +475,11 @@ def _with_property(seed_text: str, name: str, spec: str) -> str:
         ("top_k", '{"type": "integer", "default": 2.5}', "expected an integer from 1 to 50, got 2.5"),
         ("presence_penalty", '{"type": "number", "default": true}', "expected a number from -2 to 2, got True"),
         ("top_p", '{"type": "string", "default": "0.5"}', "expected a number from 0.001 to 1, got '0.5'"),
+        # a whole number beyond any float (it ended the start in an OverflowError traceback)
+        ("seed", '{"type": "integer", "default": 1' + "0" * 400 + "}",
+         f"expected an integer from 1 to 9999999999, got {reprlib.repr(10 ** 400)}"),
+        ("temperature", '{"type": "number", "default": -1' + "0" * 400 + "}",
+         f"expected a number from 0 to 5, got {reprlib.repr(-10 ** 400)}"),
     ],
 )
 def test_a_sampling_default_must_be_a_value_a_request_may_send(seed_text: str, name: str, spec: str,

@@ -643,7 +643,8 @@ def _out_of_range(value: Any, spec: dict[str, Any]) -> str | None:
     integer = spec.get("type") == "integer"
     low, high = spec.get("minimum", float("-inf")), spec.get("maximum", float("inf"))
     numeric = not isinstance(value, bool) and isinstance(value, int | float)
-    if numeric and (not integer or float(value).is_integer()) and low <= value <= high:
+    whole = isinstance(value, int) or (numeric and float(value).is_integer())  # (an int of 400 digits has no float)
+    if numeric and (not integer or whole) and low <= value <= high:
         return None
     return f"expected {'an integer' if integer else 'a number'} from {low} to {high}, got {reprlib.repr(value)}"
 
