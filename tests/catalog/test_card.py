@@ -317,6 +317,13 @@ BROKEN = [
     ("rpm-default-word", "default: 5", "default: five", CFG + ".max_requests_per_min.default", "'five'"),
     ("rpm-default-zero", "default: 5", "default: 0", CFG + ".max_requests_per_min.default", "greater than 0"),
     ("rpm-account-bad", "48546443: 1000", "48546443: many", CFG + ".max_requests_per_min.accounts.48546443", "'many'"),
+    # beyond what the rate limiter counts in Redis (Lua doubles): 400 digits, then one above the bound
+    ("rpm-default-400-digits", "default: 5", "default: 1" + "0" * 400, CFG + ".max_requests_per_min.default",
+     "less than or equal to 1000000000"),
+    ("rpm-account-huge", "48546443: 1000", "48546443: 1000000001", CFG + ".max_requests_per_min.accounts.48546443",
+     "less than or equal to 1000000000"),
+    ("concurrency-huge", "max_concurrent_requests: 4", "max_concurrent_requests: 99999999999",
+     CFG + ".max_concurrent_requests", "less than or equal to 1000000000"),
     (
         "rpm-account-negative",
         "48546443: 1000",

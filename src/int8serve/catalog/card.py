@@ -382,7 +382,10 @@ def _unique(key: str, *below: str) -> AfterValidator:
     return AfterValidator(check)
 
 
-Limit = Annotated[int, Field(gt=0), BeforeValidator(_digits_as_int)]  # a YAML integer or a string of digits
+# A card's rate limits and concurrency at most a billion: the rate limiter in Redis counts in Lua doubles (serve's
+# --rpm has the same bound), and a larger value is no limit anyone means.
+MAX_CARD_LIMIT = 10**9
+Limit = Annotated[int, Field(gt=0, le=MAX_CARD_LIMIT), BeforeValidator(_digits_as_int)]  # a YAML integer or digits
 Text = Annotated[str, AfterValidator(_not_blank)]
 ModelName = Annotated[Text, AfterValidator(_one_word)]
 JsonSchema = Annotated[dict[str, Any], BeforeValidator(_json_schema)]
