@@ -576,3 +576,13 @@ def test_a_renamed_variable_is_read_under_its_new_name(tmp_path: Path, monkeypat
     with pytest.raises(ValueError, match=rf"^INT8SERVE_DATA={old} and INT8SERVE_DATA_DIR={tmp_path}/new-data are "
                                          r"both set: INT8SERVE_DATA is the old name of INT8SERVE_DATA_DIR"):
         load_settings(flags())
+
+
+def test_the_connection_defaults_repeated_in_the_settings_are_the_servers() -> None:
+    """settings.py repeats service.connections' defaults (so that reading the settings imports no service code):
+    the flags' defaults are the ones the server uses without them."""
+    from int8serve import settings
+    from int8serve.service import connections
+
+    for name in ("DEFAULT_MAX_CONNECTIONS", "DEFAULT_HEADER_TIMEOUT", "DEFAULT_STALL_TIMEOUT"):
+        assert getattr(settings, name) == getattr(connections, name), name

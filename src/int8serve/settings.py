@@ -93,6 +93,7 @@ DEFAULT_DATABASE_TIMEOUT = 5.0
 DEFAULT_SHUTDOWN_TIMEOUT = 30.0
 DEFAULT_MAX_CONNECTIONS = 512  # = service.connections.DEFAULT_MAX_CONNECTIONS
 DEFAULT_HEADER_TIMEOUT = 10.0  # = service.connections.DEFAULT_HEADER_TIMEOUT
+DEFAULT_STALL_TIMEOUT = 30.0  # = service.connections.DEFAULT_STALL_TIMEOUT
 MAX_THREADS = 1024  # torch threads: more than any CPU we know has cores (torch takes up to a C int: 2**31 - 1)
 # = engine.prefix_cache.DEFAULT_BLOCK_TOKENS, repeated so that reading the settings imports no torch
 # (tests/test_serve_flags.py checks they agree): with the prefix cache, prefill chunks end at whole blocks
@@ -244,7 +245,7 @@ class ServeSettings(BaseSettings):
     body_timeout: float = Field(30.0, gt=0, le=MAX_SECONDS, allow_inf_nan=False,
                                 description="seconds a client may take to send a request's body, at most "
                                             f"{MAX_SECONDS} (a day); beyond it 408 code 3007")
-    stall_timeout: float = Field(30.0, gt=0, le=MAX_SECONDS, allow_inf_nan=False,
+    stall_timeout: float = Field(DEFAULT_STALL_TIMEOUT, gt=0, le=MAX_SECONDS, allow_inf_nan=False,
                                  description="a streamed answer whose client reads nothing for this many seconds (at "
                                              f"most {MAX_SECONDS}: a day) is cut and its engine slot freed (its "
                                              "usage is recorded); any connection whose client leaves over 16 KiB of "

@@ -344,19 +344,19 @@ def fds_needed(max_connections: int) -> int:
 
 def raise_fd_limit(max_connections: int) -> int:
     """Raise the soft limit on open files to the hard one; the limit now. FdLimitError if `fds_needed` exceeds it."""
+    needed = fds_needed(max_connections)
     soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
     if soft != hard:
         try:
             resource.setrlimit(resource.RLIMIT_NOFILE, (hard, hard))
             soft = hard
         except (ValueError, OSError):  # a hard limit of "unlimited" beyond the kernel's: as much as is needed
-            wanted = max(soft, fds_needed(max_connections))
+            wanted = max(soft, needed)
             try:
                 resource.setrlimit(resource.RLIMIT_NOFILE, (wanted, hard))
                 soft = wanted
             except (ValueError, OSError):
                 pass
-    needed = fds_needed(max_connections)
     if soft != resource.RLIM_INFINITY and needed > soft:
         most = soft - fds_needed(0)
         fix = f"lower --max-connections to {most} or less" if most >= 1 else "--max-connections cannot help"

@@ -56,6 +56,7 @@ from int8serve.engine.scheduler import (
     RequestHandle,
 )
 
+from .connections import DEFAULT_STALL_TIMEOUT
 from .errors import (
     BAD_INPUT,
     CAPACITY,
@@ -96,7 +97,7 @@ class RequestLimits:
 
     max_body_bytes: int = DEFAULT_MAX_BODY_BYTES  # 413/3006 beyond
     body_timeout: float = 30.0  # seconds to receive the whole body: 408/3007 beyond
-    stall_timeout: float = 30.0  # a stream whose client reads nothing for this long is cut
+    stall_timeout: float = DEFAULT_STALL_TIMEOUT  # a stream whose client reads nothing for this long is cut
     # requests of one account in a model's engine: one cap for every model, or a cap per model name; None: no cap
     max_inflight_per_account: int | Mapping[str, int | None] | None = None
     parse_threads: int = 2  # threads checking and tokenizing small bodies at once (large ones: `workers.py`)
