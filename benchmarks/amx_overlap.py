@@ -28,6 +28,7 @@ from pathlib import Path
 from benchmarks.common import display_command, publish
 from benchmarks.machine import cpu_label, log, machine_description
 from int8serve.engine import kernels
+from int8serve.engine.kernels import builds
 
 KERNELS = Path(kernels.__file__).parent  # amx_tiles.h
 VARIANTS = ("tiles", "vector", "both")
@@ -109,7 +110,7 @@ def run_probe(steps: int = STEPS) -> dict[str, float]:
     with tempfile.TemporaryDirectory() as folder:
         source, binary = Path(folder) / "amx_overlap.cpp", Path(folder) / "amx_overlap"
         source.write_text(probe_source())
-        build = subprocess.run([kernels._compiler(), "-O2", f"-I{KERNELS}", str(source), "-o", str(binary)],
+        build = subprocess.run([builds._compiler(), "-O2", f"-I{KERNELS}", str(source), "-o", str(binary)],
                                capture_output=True, text=True, check=False)
         if build.returncode != 0:
             sys.exit(f"error: the probe did not compile:\n{build.stderr[-2000:]}")

@@ -43,6 +43,7 @@ import torch
 from benchmarks.common import display_command, publish
 from benchmarks.machine import CpuShares, cpu_label, log, machine_description
 from int8serve.engine import int8, kernels
+from int8serve.engine.kernels import builds
 from int8serve.engine.kernels import matmul as prefill_matmul
 
 # Independent chains per thread (ymm0-13 beside the sources ymm14-15): more than latency x pipes of every probe. 10 were
@@ -171,7 +172,7 @@ def run_probes(threads: int) -> list[Probe]:
         source, binary = Path(folder) / "probe.cpp", Path(folder) / "probe"
         source.write_text(probe_source(runnable))
         isa = ["-mavx2", "-mfma", "-mavx512f", "-mavx512bf16", "-mavx512vnni", "-mavxvnni"]
-        build = subprocess.run([kernels._compiler(), "-O2", "-fopenmp", *isa, str(source), "-o", str(binary)],
+        build = subprocess.run([builds._compiler(), "-O2", "-fopenmp", *isa, str(source), "-o", str(binary)],
                                capture_output=True, text=True, check=False)
         if build.returncode != 0:
             sys.exit(f"error: the probe did not compile:\n{build.stderr[-2000:]}")

@@ -15,7 +15,7 @@ activations are precise (two int8 rows per row), as decode runs them. Every buil
     python -m benchmarks.gemv_builds --variant now= --variant "one core=-fno-lto" --rows 1 128   # GCC's LTO or not
 
 A variant's flags are `-D` defines, and `-fno-lto`: the build on one core, without GCC's link-time optimizer
-(kernels._parallel_flags), which must give the same code. The working tree's source without flags is the library the
+(builds._parallel_flags), which must give the same code. The working tree's source without flags is the library the
 server builds, loaded from the kernels' cache. `--revision REV` adds a build of the kernel's sources as they were at
 git revision REV (gemv.cpp and the headers beside it), so that a change to the code itself is timed against the code
 before it in the same run.
@@ -42,12 +42,13 @@ import torch
 from benchmarks.common import publish
 from benchmarks.machine import CpuShares, cpu_label, log, machine_description
 from int8serve.engine import kernels
+from int8serve.engine.kernels import builds, gemv
 
 SCRIPT = "gemv_builds.py"
 DEFAULT_VARIANTS = ("default=", "no prefetch=-DINT8SERVE_PREFETCH_BYTES=0")
 SHAPES = {"qkvo": (4096, 4096), "gate/up": (4096, 11008), "down": (11008, 4096), "lm_head": (4096, 32000)}
 ROTATION_BYTES = 1.1e9
-# flags a variant may add besides -D defines: -fno-lto builds on one core as before kernels._parallel_flags (the
+# flags a variant may add besides -D defines: -fno-lto builds on one core as before builds._parallel_flags (the
 # same code, which a variant "one core=-fno-lto" shows in the same run)
 OTHER_FLAGS = ("-fno-lto",)
 
@@ -149,16 +150,16 @@ def speedup_cell(reference: Sequence[float], seconds: Sequence[float]) -> str:
 
 def compile_source(source: Path, output: Path, flags: Sequence[str] = (), runner: Sequence[str] = (),
                    name: str | None = None) -> None:
-    """`source` built into `output` with the server's own command (kernels._command) plus `flags`, under `runner`
+    """`source` built into `output` with the server's own command (builds._command) plus `flags`, under `runner`
     (a command prefix, or none); exits with the compiler's message, naming the build `name`, if it fails."""
-    command = [*runner, *kernels._command(kernels._compiler(), output, source), *flags]
+    command = [*runner, *builds._command(builds._compiler(), output, source), *flags]
     result = subprocess.run(command, capture_output=True, text=True, timeout=600, check=False)
     if result.returncode != 0:
         sys.exit(f"error: building {name or source} failed:\n{result.stderr[-3000:]}")
 
 
 def compile_variant(variant: Variant, folder: Path, source: Path = kernels.SOURCE,
-                    opener: Callable[[Path], ctypes.CDLL] = kernels._open, runner: Sequence[str] = ()
+                    opener: Callable[[Path], ctypes.CDLL] = gemv._open, runner: Sequence[str] = ()
                     ) -> ctypes.CDLL:
     """`source` (gemv.cpp; attention.cpp with attention's opener) of the working tree, or of the variant's
     revision, built with the project's flags and the variant's defines, loaded with `opener`. The working tree's
@@ -197,7 +198,7 @@ def time_shape(libraries: dict[str, ctypes.CDLL], n: int, k: int, rows: int, rou
     x = torch.randn(rows, k, generator=generator)
     timing = Timing({label: [] for label in libraries})
     outputs = {}
-    impl = kernels._IMPLS[kernels.path()]  # the CPU's best, or INT8SERVE_KERNEL's
+    impl = gemv._IMPLS[kernels.path()]  # the CPU's best, or INT8SERVE_KERNEL's
     for round_index in range(rounds):
         order = list(libraries) if round_index % 2 == 0 else list(reversed(libraries))
         for label in order:

@@ -1,5 +1,5 @@
 """How long our kernels take to build: the project's command (GCC's link-time optimizer, one job per CPU, see
-kernels._parallel_flags) against the same command on one core (`-fno-lto`), source by source, in the same run.
+builds._parallel_flags) against the same command on one core (`-fno-lto`), source by source, in the same run.
 
 Why: a server's first start compiles every kernel before it answers (attention.cpp's many template instances took
 36 s on a Zen 4's 2 cores, 80 s on a Zen 1), and so does each test run on a clean machine. Builds alternate between
@@ -26,7 +26,7 @@ from benchmarks.common import display_command, publish
 from benchmarks.gemv_builds import compile_source
 from benchmarks.machine import CpuShares, cpu_label, log, machine_description
 from int8serve.engine import kernels
-from int8serve.engine.kernels import activation, attention, matmul
+from int8serve.engine.kernels import activation, attention, builds, matmul
 
 SCRIPT = "kernel_builds.py"
 SOURCES = {"gemv": kernels.SOURCE, "attention": attention.SOURCE, "matmul": matmul.SOURCE,
@@ -54,10 +54,10 @@ def time_source(source: Path, folder: Path, rounds: int) -> dict[str, list[float
 
 def report(argv: Sequence[str], results: dict[str, dict[str, list[float]]], load: float) -> str:
     now = datetime.datetime.now(datetime.UTC).strftime("%Y-%m-%d %H:%M UTC")
-    flags = " ".join(kernels._parallel_flags(kernels._compiler())) or "(none: not GCC)"
+    flags = " ".join(builds._parallel_flags(builds._compiler())) or "(none: not GCC)"
     lines = [f"## Building the kernels (`benchmarks/{SCRIPT}`, {cpu_label()})", "",
              f"- Command: `{display_command(SCRIPT.removesuffix('.py'), argv, ['--write'])}`",
-             f"- Date: {now}; CPU: {machine_description()}; compiler `{kernels._compiler()}`; the project's parallel "
+             f"- Date: {now}; CPU: {machine_description()}; compiler `{builds._compiler()}`; the project's parallel "
              f"flags `{flags}`, against the same command with `{ONE_CORE}`.",
              f"- Other processes used {load:.0%} of the CPUs during the run. Seconds are medians of the rounds; the "
              "ratio is the median of the per-round ratios (one core's time ÷ the project's).", "",

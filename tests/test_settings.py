@@ -256,9 +256,9 @@ def test_every_commands_help_lists_the_engine_variables_with_their_values(comman
 def test_the_engine_variables_values_in_the_help_are_the_engines() -> None:
     """--help lists them without importing torch; these are the values the engine takes."""
     from int8serve.engine import decode_plan, kernels
-    from int8serve.engine.kernels import activation, attention, matmul
+    from int8serve.engine.kernels import activation, attention, gemv, matmul
 
-    taken = {"INT8SERVE_KERNEL": set(kernels._IMPLS), "INT8SERVE_ATTENTION": set(attention.SETTINGS),
+    taken = {"INT8SERVE_KERNEL": set(gemv._IMPLS), "INT8SERVE_ATTENTION": set(attention.SETTINGS),
              "INT8SERVE_ACTIVATION": set(activation.IMPLS), "INT8SERVE_PREFILL_MATMUL": set(matmul.SETTINGS),
              "INT8SERVE_DECODE_PLAN": set(decode_plan.SETTINGS)}
     assert kernels.ENV_PATH == "INT8SERVE_KERNEL" and attention.ENV == "INT8SERVE_ATTENTION"

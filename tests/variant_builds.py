@@ -24,14 +24,13 @@ import pytest
 from benchmarks.gemv_builds import Variant
 
 from benchmarks import gemv_builds
-from int8serve.engine import kernels
-from int8serve.engine.kernels import attention
+from int8serve.engine.kernels import attention, gemv
 
 MARKER = "builds"
 IDLE_CLASS = ("chrt", "--idle", "0")  # util-linux, as lscpu
 # a source's name in the marker -> (the source, the opener that checks its ABI and declares its functions)
 SOURCES: dict[str, tuple[Path, Callable[[Path], ctypes.CDLL]]] = {
-    "gemv": (kernels.SOURCE, kernels._open),
+    "gemv": (gemv.SOURCE, gemv._open),
     "attention": (attention.SOURCE, attention._open),
 }
 

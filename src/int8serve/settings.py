@@ -63,7 +63,7 @@ ENGINE_VARIABLES = frozenset({
 RENAMED_VARIABLES = {"INT8SERVE_DATA": "INT8SERVE_DATA_DIR"}  # a74ee7a
 
 # what each engine variable takes and does, for the commands' --help (engine_variables_help); the values are those
-# of engine/kernels/__init__.py, attention.py, activation.py, matmul.py and decode_plan.py, repeated so that --help
+# of engine/kernels/cpu.py, attention.py, activation.py, matmul.py and decode_plan.py, repeated so that --help
 # imports no torch (tests/test_settings.py checks they agree, and that every engine variable is here)
 ENGINE_VARIABLE_HELP: dict[str, tuple[tuple[str, ...], str]] = {
     "INT8SERVE_CACHE": (("DIR",), "where compiled kernels, int8 copies of models and the built-in model are kept "

@@ -10,7 +10,7 @@ from pathlib import Path
 
 from benchmarks.machine import CpuShares, huge_pages_gb, rss_gb
 
-from int8serve.engine import kernels
+from int8serve.engine.kernels import packed
 
 
 def test_a_tool_the_benchmark_ran_and_waited_for_is_not_counted_as_another_process() -> None:
@@ -27,7 +27,7 @@ def test_huge_pages_gb_sees_memory_the_kernel_put_on_2_mb_pages() -> None:
     setting = Path("/sys/kernel/mm/transparent_hugepage/enabled").read_text()
     before = huge_pages_gb()
     assert 0 <= before <= rss_gb()
-    region = kernels._huge_page_empty(64 << 20)  # asks for huge pages (MADV_HUGEPAGE), as packed weights do
+    region = packed._huge_page_empty(64 << 20)  # asks for huge pages (MADV_HUGEPAGE), as packed weights do
     region.fill_(1)  # touched: now resident
     after = huge_pages_gb()
     if "[never]" in setting:

@@ -21,6 +21,10 @@ import torch
 
 from int8serve.engine import int8, kernels
 from int8serve.engine.int8 import Int8Linear, quantize_per_channel
+from int8serve.engine.kernels import builds as kernel_builds
+from int8serve.engine.kernels import cpu as kernel_cpu
+from int8serve.engine.kernels import gemv as gemv_kernel
+from int8serve.engine.kernels import packed as packed_layout
 
 CPU_FLAGS = set(Path("/proc/cpuinfo").read_text().split())
 NEEDS = {"amx": ("amx_tile", "amx_int8", "avx512f", "avx512bw", "avx512vl", "avx512_vnni"),
@@ -36,7 +40,7 @@ GROUP_SIZES = [0, 32, 64, 128]  # 0: per channel
 
 @pytest.fixture(scope="module", autouse=True)
 def built() -> None:
-    assert kernels.loaded(), f"the kernel library did not build/load: {kernels._load()}"
+    assert kernels.loaded(), f"the kernel library did not build/load: {gemv_kernel._load()}"
 
 
 def random_weight(n: int, k: int, seed: int) -> tuple[torch.Tensor, torch.Tensor]:
@@ -111,7 +115,7 @@ def test_a_forced_path_the_cpu_lacks_or_an_unknown_name_makes_it_unavailable(fre
     assert not kernels.available() and "INT8SERVE_KERNEL='avx3'" in (kernels.unavailable_reason() or "")
     missing = [impl for impl in NEEDS if not CPU_HAS[impl]]
     if missing:  # on this project's CPUs every path runs: nothing to force
-        kernels._unavailable_reason.cache_clear()
+        kernel_cpu._unavailable_reason.cache_clear()
         fresh_load.setenv("INT8SERVE_KERNEL", missing[0])
         assert not kernels.available() and "cannot run it" in (kernels.unavailable_reason() or "")
 
@@ -127,7 +131,8 @@ def test_library_is_cached_under_int8serve_cache() -> None:
 USE_THE_KERNEL = """
 import torch
 from int8serve.engine import kernels
-assert kernels.loaded(), kernels._load()
+from int8serve.engine.kernels import gemv
+assert kernels.loaded(), gemv._load()
 q, scale = torch.randint(-127, 128, (64, 256), dtype=torch.int8), torch.rand(64) * 0.01
 x = torch.randn(2, 256)
 got = kernels.int8_gemv(x, kernels.pack_weight(q, scale))
@@ -146,15 +151,15 @@ def test_a_damaged_cached_library_is_said_so_and_built_again(damage: str, tmp_pa
     library = tmp_path / good.relative_to(kernels.cache_dir())  # the same key, in a cache of its own
     library.parent.mkdir(parents=True)
     library.write_bytes(DAMAGES[damage](good.read_bytes()))
-    record = kernels._record(library)
-    shutil.copyfile(kernels._record(good), record)
+    record = kernel_builds._record(library)
+    shutil.copyfile(kernel_builds._record(good), record)
     if damage == "garbage with a matching record":  # the record checks out: the load fails, not the check
         record.write_text(f"{len(library.read_bytes())} {hashlib.sha256(library.read_bytes()).hexdigest()}\n")
     done = subprocess.run([sys.executable, "-c", USE_THE_KERNEL], capture_output=True, text=True, timeout=600,
                           env={**os.environ, "INT8SERVE_CACHE": str(tmp_path), "INT8SERVE_KERNEL": "auto"})
     assert done.returncode == 0, f"{done.returncode}: {done.stderr[-3000:]}"  # -7 was the SIGBUS
     assert done.stderr.count("building it again") == 1, done.stderr[-3000:]
-    assert kernels._damage(library) is None  # rebuilt, and recorded
+    assert kernel_builds._damage(library) is None  # rebuilt, and recorded
 
 
 @pytest.mark.usefixtures("umask_022")
@@ -168,7 +173,7 @@ def test_a_library_without_a_record_is_built_again(tmp_path: Path, monkeypatch: 
     library.parent.mkdir(parents=True)
     shutil.copyfile(good, library)
     assert kernels.build() == library
-    assert "no record of a finished build" in caplog.text and kernels._damage(library) is None
+    assert "no record of a finished build" in caplog.text and kernel_builds._damage(library) is None
     assert f"{library.stat().st_mode & 0o777:o}" == "755"
 
 
@@ -185,27 +190,28 @@ def test_a_read_only_cache_builds_the_library_in_a_temporary_folder(read_only_ca
 
 def test_gcc_builds_on_every_cpu_up_to_a_limit_and_the_key_does_not_count_them(
         tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
-    gcc = kernels._compiler()
-    assert "Free Software Foundation" in kernels._compiler_version(gcc), "the project's machines build with GCC"
+    gcc = kernel_builds._compiler()
+    assert "Free Software Foundation" in kernel_builds._compiler_version(gcc), "the project's machines build with GCC"
     keys = set()
     for cpus, jobs in ((1, 1), (3, 3), (64, kernels.MAX_BUILD_JOBS)):
-        monkeypatch.setattr(kernels.os, "sched_getaffinity", lambda _pid, n=cpus: set(range(n)))
-        command = kernels._command(gcc, tmp_path / "x.so")
+        monkeypatch.setattr(kernel_builds.os, "sched_getaffinity", lambda _pid, n=cpus: set(range(n)))
+        command = kernel_builds._command(gcc, tmp_path / "x.so")
         assert [flag for flag in command if "lto" in flag] == [f"-flto={jobs}"]
-        keys.add(kernels._build_key(gcc))
+        keys.add(kernel_builds._build_key(gcc))
     assert len(keys) == 1  # one cached library whatever the number of CPUs
     other = tmp_path / "clang++"  # another compiler: no GCC flags
     other.write_text("#!/bin/sh\necho 'clang version 17.0.6'\n")
     other.chmod(0o755)
-    assert not [flag for flag in kernels._command(str(other), tmp_path / "x.so") if "lto" in flag]
-    assert kernels._build_key(str(other)) not in keys
+    assert not [flag for flag in kernel_builds._command(str(other), tmp_path / "x.so") if "lto" in flag]
+    assert kernel_builds._build_key(str(other)) not in keys
 
 
 def packed_in_torch(q: torch.Tensor, scale: torch.Tensor, group_size: int) -> kernels.PackedWeight:
     """pack_weight's torch version (used where the library is not built)."""
     n, k = q.shape
-    packed = kernels.PackedWeight(kernels._aligned_empty(kernels.packed_nbytes(n, k, group_size)), n, k, group_size)
-    kernels._pack_torch(q, scale.reshape(n, -1).to(torch.bfloat16), packed)
+    data = packed_layout._aligned_empty(kernels.packed_nbytes(n, k, group_size))
+    packed = kernels.PackedWeight(data, n, k, group_size)
+    packed_layout._pack_torch(q, scale.reshape(n, -1).to(torch.bfloat16), packed)
     return packed
 
 
@@ -459,12 +465,12 @@ def test_rejects_bad_inputs() -> None:
 @pytest.fixture
 def fresh_load(monkeypatch: pytest.MonkeyPatch) -> Iterator[pytest.MonkeyPatch]:
     """Forget the cached load result for one test (whose monkeypatched environment then decides), and again after."""
-    kernels._load.cache_clear()
-    kernels._unavailable_reason.cache_clear()
+    gemv_kernel._load.cache_clear()
+    kernel_cpu._unavailable_reason.cache_clear()
     yield monkeypatch
     monkeypatch.undo()
-    kernels._load.cache_clear()
-    kernels._unavailable_reason.cache_clear()
+    gemv_kernel._load.cache_clear()
+    kernel_cpu._unavailable_reason.cache_clear()
 
 
 def test_disabled_by_environment_is_unavailable_not_an_error(fresh_load: pytest.MonkeyPatch,

@@ -22,6 +22,7 @@ from tests.engine.test_hub import COMMIT, lay_out_hub_cache
 from int8serve.builtin_model import BUILTIN
 from int8serve.engine import int8, kernels, loader, model_cache, packed_checkpoint
 from int8serve.engine.gguf_loader import GGUFFile, write_tokenizer
+from int8serve.engine.kernels import packed as packed_layout
 from int8serve.engine.loader import LoadedModel, load_model
 from int8serve.engine.model_cache import cache_folder, load_cached, models_dir
 
@@ -384,7 +385,7 @@ def test_quantizing_by_blocks_of_rows_gives_the_same_bits(monkeypatch: pytest.Mo
 def repacked(monkeypatch: pytest.MonkeyPatch) -> list[str]:
     """Every packing of a weight into the kernel's layout (in C++ or torch) and every plain-weight assignment."""
     calls: list[str] = []
-    for owner, name in ((kernels, "pack_weight"), (kernels, "_pack_torch"), (int8.Int8Linear, "set_quantized")):
+    for owner, name in ((kernels, "pack_weight"), (packed_layout, "_pack_torch"), (int8.Int8Linear, "set_quantized")):
         real = getattr(owner, name)
 
         def spy(*args: object, _real: object = real, _name: str = name, **kwargs: object) -> object:

@@ -38,6 +38,7 @@ from . import kernels
 from .int8 import PRECISE_ACTIVATIONS, Int8Linear, StackedInt8Linear, kernel_takes
 from .kernels import activation as activation_kernel
 from .kernels import attention as attention_kernel
+from .kernels import gemv as gemv_kernel
 
 if TYPE_CHECKING:
     from .model import KernelStep, KVCache, Transformer
@@ -174,7 +175,7 @@ class DecodePlan:
         self.hidden = torch.empty(rows, config.hidden_dim, dtype=f32)
         self.slots = torch.empty(rows, dtype=torch.int64)
         self.positions = torch.empty(rows, dtype=torch.int64)
-        self._gemv = kernels._library().i8s_gemv
+        self._gemv = gemv_kernel._library().i8s_gemv
         self._attend = attention_kernel._library().i8a_decode
         activations = activation_kernel._library()
         self._rms_norm, self._add_rms_norm = activations.i8e_rms_norm, activations.i8e_add_rms_norm
@@ -244,7 +245,7 @@ class DecodePlan:
 
     def _gemv_call(self, inputs: Tensor, packed: kernels.PackedWeight, out: Tensor) -> tuple:
         return (_address(inputs), self.batch, packed.in_features, packed.data.data_ptr(), packed.out_features,
-                packed.group_size, _address(out), kernels._IMPLS[self.gemv_impl], int(PRECISE_ACTIVATIONS),
+                packed.group_size, _address(out), gemv_kernel._IMPLS[self.gemv_impl], int(PRECISE_ACTIVATIONS),
                 self.threads)
 
     def run(self, x: Tensor, step: KernelStep) -> Tensor:

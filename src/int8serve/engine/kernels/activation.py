@@ -20,7 +20,9 @@ from typing import Literal
 import torch
 from torch import Tensor
 
-from . import build, env_choice, kernel_threads, load_library, open_library
+from ..variables import env_choice
+from .builds import build
+from .library import Loaded, kernel_threads, load_library, open_library, required
 
 log = logging.getLogger(__name__)
 
@@ -48,7 +50,7 @@ def _open(path: Path) -> ctypes.CDLL:
 
 
 @functools.cache
-def _load() -> ctypes.CDLL | str:
+def _load() -> Loaded:
     """The loaded library, or the reason it cannot be used (logged once)."""
     loaded = load_library(SOURCE, _open, build)
     if isinstance(loaded, str):
@@ -68,10 +70,7 @@ def runs(impl: Impl) -> bool:
 
 def _library() -> ctypes.CDLL:
     """The loaded library; RuntimeError with the reason when there is none."""
-    loaded = _load()
-    if isinstance(loaded, str):
-        raise RuntimeError(f"the SiLU kernel is not available: {loaded}")
-    return loaded
+    return required(_load(), "the SiLU kernel is not available")
 
 
 def resolve(impl: Impl | None = None) -> str:

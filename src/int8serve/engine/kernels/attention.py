@@ -9,9 +9,9 @@ order that depends only on that row: rotary embedding, cache write (the bits tor
 fp32 over the row's own positions.
 
 Paths: "avx512", "avx2" and "scalar", chosen from the CPU's flags ("auto"), or forced with INT8SERVE_ATTENTION
-(also "torch": the old per-row torch path). The library is built like gemv.cpp (kernels.build, same cache, same
-compiler); without a compiler, or with INT8SERVE_KERNELS=0, `available()` is False, the reason is logged once, and
-the model keeps its torch path.
+(also "torch": the old per-row torch path). The library is built and loaded like gemv.cpp (builds.build and
+library.load_library: same cache, same compiler); without a compiler, or with INT8SERVE_KERNELS=0, `available()` is
+False, the reason is logged once, and the model keeps its torch path.
 """
 
 from __future__ import annotations
@@ -27,7 +27,9 @@ import torch
 from torch import Tensor
 
 from .. import kv_int8
-from . import build, env_choice, kernel_threads, load_library, open_library
+from ..variables import env_choice
+from .builds import build
+from .library import Loaded, kernel_threads, load_library, open_library, required
 
 log = logging.getLogger(__name__)
 
@@ -60,7 +62,7 @@ def _open(path: Path) -> ctypes.CDLL:
 
 
 @functools.cache
-def _load() -> ctypes.CDLL | str:
+def _load() -> Loaded:
     """The loaded library, or the reason it cannot be used (logged once)."""
     loaded = load_library(SOURCE, _open, build)
     if isinstance(loaded, str):
@@ -78,10 +80,8 @@ def unavailable_reason() -> str | None:
 
 
 def _library() -> ctypes.CDLL:
-    loaded = _load()
-    if isinstance(loaded, str):
-        raise RuntimeError(f"the attention kernel is not available: {loaded}")
-    return loaded
+    """The loaded library; RuntimeError with the reason when there is none."""
+    return required(_load(), "the attention kernel is not available")
 
 
 def cpu_paths() -> list[str]:

@@ -47,7 +47,10 @@ from pathlib import Path
 import torch
 from torch import Tensor
 
-from . import TILE_ROWS, PackedWeight, build, cpu_flags, kernel_threads, load_library, open_library
+from .builds import build
+from .cpu import cpu_flags
+from .library import Loaded, kernel_threads, load_library, open_library, required
+from .packed import TILE_ROWS, PackedWeight
 
 log = logging.getLogger(__name__)
 
@@ -137,7 +140,7 @@ def _warn_once(message: str) -> None:
 
 
 @functools.cache
-def _load() -> ctypes.CDLL | str:
+def _load() -> Loaded:
     """The loaded library if this CPU runs one of its paths, else the reason it is not used (logged once where the CPU
     could)."""
     if not cpu_flags() >= VECTOR_FLAGS:  # (no library built where it cannot run)
@@ -210,9 +213,7 @@ def matmul(rows: Tensor, weight: PackedWeight, round_bf16: bool = False, path: s
     default, `path()`). `library`: another build of matmul.cpp (benchmarks/matmul_builds.py; None: the project's).
     Raises RuntimeError if the kernel or that path is not available here.
     """
-    loaded = _load() if library is None else library
-    if isinstance(loaded, str):
-        raise RuntimeError(f"our bf16 prefill matmul is not available: {loaded}")
+    loaded = required(_load() if library is None else library, "our bf16 prefill matmul is not available")
     if path is not None and path not in PATHS:
         raise ValueError(f"unknown prefill matmul path {path!r}: expected one of {', '.join(PATHS)}")
     m, k = rows.shape
