@@ -20,8 +20,7 @@ is False with a logged reason, and callers keep torch's kernels.
 
 A test that replaces one of these functions replaces it where its callers look it up: callers outside this package
 go through the package (`kernels.available`), the modules inside it call each other directly, so a test of their
-internals patches the module that defines the name (e.g. `packed._pack_torch`). The C++ sources' comments say
-"__init__.py" for what these modules now hold (left so: a change to a source would change its build key).
+internals patches the module that defines the name (e.g. `packed._pack_torch`).
 """
 
 from __future__ import annotations

@@ -22,7 +22,7 @@
 // in the same pass (x += delta, then the norm of the new x: the add is one IEEE operation, as torch's add_, so the
 // bits are those of the two apart).
 //
-// Plain C ABI, built and loaded like gemv.cpp (kernels/__init__.py: build(), ctypes).
+// Plain C ABI, built and loaded like gemv.cpp (kernels/builds.py: build(); kernels/library.py: ctypes).
 
 #include <immintrin.h>
 #include <omp.h>

@@ -22,7 +22,7 @@
 // from the CPU's flags. The vector paths sum in another order than the scalar one, so paths differ in the last bits;
 // each path on its own is deterministic. head_dim > 128 takes the scalar path.
 //
-// Plain C ABI for ctypes, no torch headers (see __init__.py); OpenMP threads as the caller asks.
+// Plain C ABI for ctypes, no torch headers (see kernels/library.py); OpenMP threads as the caller asks.
 
 #include <immintrin.h>
 

@@ -11,7 +11,7 @@
 // d / 256 (q_lo), so that 256 * q_hi + q_lo is the row as a 16-bit integer on the scale d / 256. Each group's two
 // int32 dot products are combined exactly, 256 * dot_hi + dot_lo, before the one conversion to fp32 below (the avx2
 // and avxvnni paths multiply that 16-bit integer directly).
-// Weights are int8, repacked once (see kernels/__init__.py, pack_weight) into tiles of 64 output rows, each group of
+// Weights are int8, repacked once (see kernels/packed.py, pack_weight) into tiles of 64 output rows, each group of
 // 32 inputs of a tile 2048 bytes:
 //
 //   group[block][step][row][byte] = w[64 * tile + 16 * block + row, 32 * group + 4 * step + byte] + 128
@@ -41,7 +41,7 @@
 // performs exactly these roundings in this order for every output, so results are bitwise identical across paths and
 // independent of how many rows are in the call.
 //
-// Plain C ABI (loaded with ctypes, see __init__.py), no torch headers: it compiles in a few seconds and does not
+// Plain C ABI (loaded with ctypes, see kernels/library.py and gemv.py), no torch headers: it compiles in a few seconds and does not
 // depend on torch's version or C++ ABI. Built without -march: the vector functions carry target attributes and are
 // only called after a runtime CPU check. Threads: OpenMP with the count the caller passes (kernel_threads(),
 // torch's count or 1 in small decode steps), or 1 below kParallelGemvWork; torch's own libgomp is already loaded
@@ -2427,7 +2427,7 @@ extern "C" {
 
 #define INT8SERVE_API __attribute__((visibility("default")))
 
-// Bumped whenever a signature below changes; __init__.py checks it.
+// Bumped whenever a signature below changes; kernels/gemv.py checks it.
 INT8SERVE_API int i8s_abi_version() { return 8; }
 
 // 1 if this CPU can run path `impl` (1 vnni512, 2 avxvnni, 3 avx2, 4 scalar, 5 amx), else 0; impl 0: the path auto

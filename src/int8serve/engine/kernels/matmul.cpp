@@ -38,7 +38,7 @@
 // to the nearest even bf16 (kept as fp32), as the bf16 matmul they replace returns them; Int8Linear keeps the fp32
 // sums instead (more accurate, kernels/matmul.py).
 //
-// Plain C ABI, built and loaded like gemv.cpp (kernels/__init__.py: build(), ctypes). The caller gives `out` room for
+// Plain C ABI, built and loaded like gemv.cpp (kernels/builds.py: build(); kernels/library.py: ctypes). The caller gives `out` room for
 // M rounded up to 32 rows and ldc >= the packed rows (N rounded up to 64); x's padding (rows, and inputs to a
 // multiple of 32) is zeros. Tile instructions are inline assembly, as in gemv.cpp (GCC's tile intrinsics hide from
 // it what they read and write; amx_tiles.h).

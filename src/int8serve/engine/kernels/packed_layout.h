@@ -1,5 +1,5 @@
 // Where a packed int8 weight keeps its bytes and its scales (gemv.cpp packs and multiplies it in decode, matmul.cpp
-// multiplies it in prefill on AMX; kernels/__init__.py packs it in torch where the library is not built).
+// multiplies it in prefill on AMX; kernels/packed.py packs it in torch where the library is not built).
 //
 // A tile of 64 output rows is, weight group by weight group, the `span` activation groups of the weight group (2048
 // bytes each: [block 4][step 8][row 16][byte 4], see gemv.cpp) followed by that weight group's 64 bf16 scales (128
