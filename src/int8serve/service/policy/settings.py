@@ -12,6 +12,10 @@ flags `--rpm`, `--account-rpm`, `--no-cache`, `--cache-ttl`, `--daily-neurons`),
 
 Rate limits resolve, most specific first: operator per-account value, card per-account value, operator default,
 card default. A value of 0 means "no limit". `rate_limits=False` turns the limiter off altogether.
+
+Every number has an upper bound, `serve`'s own where `serve` has the setting (int8serve/settings.py says why each
+is what it is): seconds at most a day, requests per minute at most 10**9, neurons at most 10**12. Made directly
+(library use), the settings had none, and took a rate of 400 digits, a timeout of 1e300 or inf as they were.
 """
 
 from __future__ import annotations
@@ -22,6 +26,8 @@ from typing import Annotated, Literal
 
 from pydantic import BaseModel, ConfigDict, Field
 
+from int8serve.settings import MAX_DAILY_NEURONS, MAX_RPM, MAX_SECONDS
+
 __all__ = [
     "DEFAULT_CACHE_MAX_BYTES",
     "DEFAULT_CACHE_MAX_ENTRIES",
@@ -29,6 +35,8 @@ __all__ = [
     "DEFAULT_DAILY_NEURONS",
     "DEFAULT_DATABASE_TIMEOUT",
     "DEFAULT_LEDGER_TABLE",
+    "MAX_CACHE_BYTES",
+    "MAX_CACHE_ENTRIES",
     "MAX_CACHE_TTL_SECONDS",
     "PolicySettings",
 ]
@@ -37,10 +45,16 @@ DEFAULT_CACHE_TTL_SECONDS = 300
 MAX_CACHE_TTL_SECONDS = 30 * 24 * 3600  # AI Gateway's maximum: one month
 DEFAULT_CACHE_MAX_ENTRIES = 256  # per account (per scope owner)
 DEFAULT_CACHE_MAX_BYTES = 16 << 20  # per account
+# the in-process cache's bounds per account (no `serve` setting): beyond the memory of any server
+MAX_CACHE_ENTRIES = 10**9
+MAX_CACHE_BYTES = 1 << 40  # a TiB
 DEFAULT_DAILY_NEURONS = 10_000  # Workers AI's free daily allocation
 DEFAULT_LEDGER_TABLE = "int8serve_usage"
 DEFAULT_DATABASE_TIMEOUT = 5.0  # seconds: ledger database work (a flush, a read, a connection) that takes longer
 # means the database is away
+
+Rpm = Annotated[int, Field(ge=0, le=MAX_RPM)]  # requests per minute
+Seconds = Annotated[float, Field(gt=0, le=MAX_SECONDS, allow_inf_nan=False)]  # a duration
 
 
 class PolicySettings(BaseModel):
@@ -53,25 +67,26 @@ class PolicySettings(BaseModel):
     model_config = ConfigDict(frozen=True)
 
     rate_limits: bool = True
-    default_rpm: int | None = Field(None, ge=0)  # replaces the card's default; 0 = unlimited; None = the card's
-    account_rpm: Mapping[Annotated[str, Field(min_length=1)], Annotated[int, Field(ge=0)]] = Field(
+    default_rpm: Rpm | None = None  # replaces the card's default; 0 = unlimited; None = the card's
+    account_rpm: Mapping[Annotated[str, Field(min_length=1)], Rpm] = Field(
         default_factory=dict)  # per account, over the card's; 0 = unlimited
-    window_seconds: int = Field(60, ge=1)  # the moving window; "per minute" — shorter only in tests
+    window_seconds: int = Field(60, ge=1, le=MAX_SECONDS)  # the moving window; "per minute" — shorter only in tests
     cache: bool = True  # False: no response cache whatever the card says
     cache_ttl: int = Field(DEFAULT_CACHE_TTL_SECONDS, ge=1, le=MAX_CACHE_TTL_SECONDS)  # also the most a request's
     # cf-aig-cache-ttl may ask for
     cache_scope: Literal["account", "global"] = "account"  # each account its own answers, or shared by all
-    cache_max_entries: int = Field(DEFAULT_CACHE_MAX_ENTRIES, ge=1)
-    cache_max_bytes: int = Field(DEFAULT_CACHE_MAX_BYTES, ge=1)
-    daily_neurons: float | None = Field(None, gt=0, allow_inf_nan=False)  # per-account daily allocation; None = off
+    cache_max_entries: int = Field(DEFAULT_CACHE_MAX_ENTRIES, ge=1, le=MAX_CACHE_ENTRIES)
+    cache_max_bytes: int = Field(DEFAULT_CACHE_MAX_BYTES, ge=1, le=MAX_CACHE_BYTES)
+    # per-account daily allocation; None = off
+    daily_neurons: float | None = Field(None, gt=0, le=MAX_DAILY_NEURONS, allow_inf_nan=False)
     # how long a replica's reservation of the allocation in Redis outlives the replica (renewed while it runs)
-    allocation_lease_seconds: float = Field(30.0, gt=0)
+    allocation_lease_seconds: Seconds = 30.0
     redis_url: str | None = None
     database_url: str | None = None
     data_dir: Path | None = None
     ledger_table: str = Field(DEFAULT_LEDGER_TABLE, pattern=r"^[A-Za-z0-9_]+$")
-    backend_timeout: float = Field(1.0, gt=0)  # seconds for one Redis call before it counts as lost
-    retry_seconds: float = Field(1.0, gt=0)  # how soon a lost Redis or database is tried again
-    database_timeout: float = Field(DEFAULT_DATABASE_TIMEOUT, gt=0)  # seconds for one piece of ledger database
-    # work (a statement, a flush, a read) before the database counts as away
-    replica_stamp_seconds: float = Field(5.0, gt=0)  # how often a replica counts the replicas sharing its Redis
+    backend_timeout: Seconds = 1.0  # seconds for one Redis call before it counts as lost
+    retry_seconds: Seconds = 1.0  # how soon a lost Redis or database is tried again
+    database_timeout: Seconds = DEFAULT_DATABASE_TIMEOUT  # seconds for one piece of ledger database work (a
+    # statement, a flush, a read) before the database counts as away
+    replica_stamp_seconds: Seconds = 5.0  # how often a replica counts the replicas sharing its Redis
