@@ -7,7 +7,6 @@ builds the model from the same answers (its tokenizer: gguf_tokenizer.py, used b
 
 from __future__ import annotations
 
-import re
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -16,6 +15,7 @@ import numpy as np
 
 from .config import ConfigError, ModelConfig, whole
 from .errors import CheckpointError
+from .tensor_names import model_name
 
 # The tensor types the loader reads (gguf_loader.py), the one list of them. Float types are read as they are (the
 # name of their torch dtype); block types are dequantized, then quantized to the engine's int8: (weights per block,
@@ -74,10 +74,7 @@ class GGUFFile:
 
 def internal_name(name: str) -> str | None:
     """The model's name for the GGUF tensor `name` (None: not a tensor of a Llama model)."""
-    for pattern, replacement in _NAMES:
-        if re.fullmatch(pattern, name):
-            return re.sub(pattern, replacement, name)
-    return None
+    return model_name(name, _NAMES)
 
 
 def check_tensor_types(file: GGUFFile) -> None:

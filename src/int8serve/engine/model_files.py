@@ -33,6 +33,7 @@ from safetensors import SafetensorError, safe_open
 
 from .config import ModelConfig, config_from_hf, config_from_meta, naming, read_json, weight_shapes
 from .errors import CheckpointError
+from .tensor_names import model_name
 from .tokenizer import AnyTokenizer, load_tokenizer
 
 if TYPE_CHECKING:
@@ -76,10 +77,8 @@ IGNORED = re.compile(r"(.*rotary_emb\.inv_freq|rope\.freqs)$")
 
 
 def hf_to_internal(name: str) -> str | None:
-    for pattern, replacement in _HF_NAMES:
-        if re.fullmatch(pattern, name):
-            return re.sub(pattern, replacement, name)
-    return None
+    """The model's name for the Hugging Face tensor `name` (None: not a tensor of a Llama model)."""
+    return model_name(name, _HF_NAMES)
 
 
 def find_tokenizer(folder: Path) -> Path | None:
