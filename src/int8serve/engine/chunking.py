@@ -14,7 +14,8 @@ are computed with it, nor on where the chunk ends:
   the chunk and zeros elsewhere (`PrefillChunk.placements`), so that a row is computed in the same company whether
   the cache supplied the rows before it or not;
 * attention sees the keys up to the end of the aligned chunk, [0, (a+1)·C) — the positions past the prompt are
-  zeros, and masked — and at least 16 queries (SDPA runs another kernel for a single one).
+  zeros, and masked — with the queries at their places among the whole chunk's rows (padding elsewhere): SDPA
+  rounds a row by the size of the block of queries it multiplies it in (Attention._prefill_attention).
 
 Row-exact chunks (`row_exact`, where the model can: `Transformer.row_exact_prefill`) go further: every row is computed
 with exactly the operations a decode step gives that token at that position — int8 layers through the decode kernel

@@ -200,7 +200,7 @@ class Attention(nn.Module):
                 if keys.dtype == torch.float16:  # SDPA over fp16 keys ran 0.91x its speed over bf16 ones, over fp32
                     keys, values = keys.float(), values.float()  # 0.99x (Zen 4, a 1024-token prompt, 4 7B layers)
                 out[row, first:first + rows] = self._prefill_attention(q[row, first:first + rows], keys, values,
-                                                                       start + first)
+                                                                       start + first, chunk.rows if chunk else None)
         del q, k, v  # (v is a view of the projections' output: gone before wo's call, as are q and k)
         return self._output(out.reshape(batch, seq, -1).to(x.dtype), last_only)
 
@@ -221,20 +221,29 @@ class Attention(nn.Module):
                                                 cache_v, step.impl)  # fp32 [B * T, H, D]
         return self._output(out.view(batch, seq, -1), last_only)
 
-    def _prefill_attention(self, queries: Tensor, keys: Tensor, values: Tensor, start: int) -> Tensor:
+    def _prefill_attention(self, queries: Tensor, keys: Tensor, values: Tensor, start: int,
+                           chunk_rows: int | None = None) -> Tensor:
         """A chunk's queries [T, H, D] at positions start.. against keys/values [Hkv, L, D] -> [T, H, D].
 
-        Causal: position p sees keys [0, p]. At least MIN_PREFILL_QUERIES queries go in (copies of the first one
-        pad a short chunk): SDPA runs another kernel for a single query, whose rounding differs (chunking.py).
+        Causal: position p sees keys [0, p]. SDPA's flash kernel multiplies its queries in blocks of 32 or more, and
+        rounds a row by the size of its block (on an AMD Zen 5, a block of 1-3 rows differently from one of 4 or
+        more) and runs another kernel for a single query; so, in an aligned prefill chunk (`chunk_rows`), the queries
+        go in at their places among the chunk's `chunk_rows` rows, copies of the first one elsewhere: every call has
+        the same blocks whatever rows the prefix cache supplied and wherever the prompt ends (chunking.py). Outside
+        one, at least MIN_PREFILL_QUERIES go in, the padding before them.
         """
         seq = queries.shape[0]
-        pad = max(0, MIN_PREFILL_QUERIES - seq)
-        positions = torch.arange(start - pad, start + seq).clamp(min=start)  # the padding repeats the first query
-        padded = torch.cat([queries[:1].expand(pad, -1, -1), queries]) if pad else queries
+        if chunk_rows is None:
+            before, after = max(0, MIN_PREFILL_QUERIES - seq), 0
+        else:
+            before = start % chunk_rows
+            after = chunk_rows - before - seq
+        positions = torch.arange(start - before, start + seq + after).clamp(min=start)  # padding: the first query's
+        padded = torch.cat([queries[:1].expand(before, -1, -1), queries, queries[:1].expand(after, -1, -1)])
         mask = torch.arange(keys.shape[1])[None, :] <= positions[:, None]
         attended = F.scaled_dot_product_attention(padded.transpose(0, 1).to(keys.dtype)[None], keys[None],
                                                   values[None], attn_mask=mask, enable_gqa=True)
-        return attended[0, :, pad:].transpose(0, 1)
+        return attended[0, :, before:before + seq].transpose(0, 1)
 
     def _decode_attention(self, query: Tensor, keys: Tensor, values: Tensor) -> Tensor:
         """One new token: query [H, D] against keys/values [Hkv, L, D] -> [H, D].
