@@ -19,7 +19,6 @@ together with the app-wide pieces:
 
 from __future__ import annotations
 
-import asyncio
 import contextlib
 import logging
 import uuid
@@ -123,8 +122,10 @@ def create_app(catalog: Catalog, engines: Mapping[str, Engine], tokens: Mapping[
 
     `tokens` maps API token → account id.
     `policy` is the serving policy (rate limits, cache, ledger); without one, the card's policy with everything in
-    memory (`Policy.in_memory()`), closed when the app's lifespan ends. `limits` bounds what a request may cost
-    (`RequestLimits`; each model's per-account share of its engine defaults to `policy/fairness.py`'s).
+    memory (`Policy.in_memory()`), closed when the app's lifespan ends; a policy given is the caller's to close
+    (`close()` after the event loop), but its Redis connections end with the lifespan, on the loop. `limits` bounds
+    what a request may cost (`RequestLimits`; each model's per-account share of its engine defaults to
+    `policy/fairness.py`'s).
     `lifecycle` (default: a new one, ready) is the phase behind `/readyz` and the gate that refuses new requests
     while draining.
     `log_prompts` adds prompt and response text to the per-request log line. `metrics_token`: `/metrics` answers
@@ -159,8 +160,12 @@ def create_app(catalog: Catalog, engines: Mapping[str, Engine], tokens: Mapping[
         yield
         metrics.unwatch_engines()
         services.inference.workers.close()
-        if owned:  # writes out the ledger: never on the event loop's thread
-            await asyncio.to_thread(policy.close)
+        # the Redis connections and the allocation's tasks are this loop's: ended here, the caller's policy's too
+        # (its close() writes out the ledger only, and once the loop has ended nobody can close them)
+        if owned:
+            await policy.aclose()
+        else:
+            await policy.end_shared_state()
 
     app = FastAPI(title="int8serve", version=_version(), lifespan=lifespan, docs_url=None, redoc_url=None,
                   description="The Workers AI HTTP API (and the OpenAI one) for self-hosted models.")

@@ -32,8 +32,8 @@ REDIS_PORT = urlsplit(REDIS_URL).port or 6379
 PROC_TCP = [Path("/proc/net/tcp"), Path("/proc/net/tcp6")]
 
 
-def redis_sockets() -> set[int]:
-    """The inodes of this process's sockets connected to Redis' port."""
+def redis_sockets(port: int = REDIS_PORT) -> set[int]:
+    """The inodes of this process's sockets connected to Redis' port (`port`)."""
     mine = set()
     for fd in Path("/proc/self/fd").iterdir():
         try:
@@ -46,7 +46,7 @@ def redis_sockets() -> set[int]:
     for table in (t for t in PROC_TCP if t.exists()):
         for line in table.read_text().splitlines()[1:]:
             fields = line.split()
-            if int(fields[2].rpartition(":")[2], 16) == REDIS_PORT and int(fields[9]) in mine:
+            if int(fields[2].rpartition(":")[2], 16) == port and int(fields[9]) in mine:
                 connected.add(int(fields[9]))
     return connected
 

@@ -334,6 +334,16 @@ class DailyAllocation:
                 del self._held[key]
         return True
 
+    async def stop(self) -> None:
+        """At the policy's end, on its event loop: no more renewals of the leases, and the releases under way in
+        Redis ended (each within the calls' timeout), so that nothing calls Redis after its connections close.
+        A reservation made afterwards starts the renewals again."""
+        if self._renewer is not None:
+            self._renewer.cancel()
+        running = [task for task in (self._renewer, *self._background) if task is not None and not task.done()]
+        if running:
+            await asyncio.wait(running)
+
     def _keep_renewing(self) -> None:
         """Renew this replica's leases in Redis while it holds any (the task ends when it holds none)."""
         if self._renewer is None or self._renewer.done():

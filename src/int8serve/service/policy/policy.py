@@ -6,12 +6,17 @@ with a clear message (`int8serve serve` prints them without a traceback). `Polic
 default that needs nothing installed, which `create_app` uses when it is given no policy.
 
 A policy belongs to one event loop (its Redis connections and in-process windows are made for the loop that first
-uses them) and is closed with `close()`, which writes out the ledger. Its Redis clients share one bounded pool
-(`redis_pool`, `redis_state.REDIS_CONNECTIONS` connections at most, which the open files budgeted at start count).
+uses them). Its Redis clients share one bounded pool (`redis_pool`, `redis_state.REDIS_CONNECTIONS` connections at
+most, which the open files budgeted at start count). Those connections, and the daily allocation's tasks, are the
+loop's: only a coroutine on it can end them, `end_shared_state()` (the app's lifespan does, at its end), else they
+stay open, each a client of Redis, as long as the process runs. `close()` writes out the ledger (blocking, from
+another thread or once the loop has ended); `await aclose()` on the loop does both.
 """
 
 from __future__ import annotations
 
+import asyncio
+import contextlib
 import os
 import time
 from dataclasses import dataclass
@@ -19,6 +24,7 @@ from pathlib import Path
 from typing import Any
 from urllib.parse import quote
 
+import redis
 import redis.asyncio
 import sqlalchemy as sa
 
@@ -109,7 +115,25 @@ class Policy:
         return [limits, cache, f"usage ledger: {self.database} (spool {self.spool})", allocation]
 
     def close(self) -> None:
+        """Write out the ledger (blocking: never on the event loop's thread). The Redis connections and the
+        allocation's tasks are not closed here: they are the policy's event loop's, and `aclose()` or
+        `end_shared_state()` ends them on it (the app's lifespan does)."""
         self.ledger.close()
+
+    async def end_shared_state(self) -> None:
+        """On the policy's event loop: the allocation's tasks end (lease renewals, releases under way), then the
+        Redis connections close; a Redis that is gone is no error. The pool connects again if it is used after."""
+        if self.allocation is not None:
+            await self.allocation.stop()
+        if self.redis_pool is not None:
+            with contextlib.suppress(redis.RedisError, OSError):
+                await self.redis_pool.aclose()
+
+    async def aclose(self) -> None:
+        """Close the policy from a coroutine on its event loop: `end_shared_state`, then the ledger written out (in a
+        thread, not to block the loop). Twice is once."""
+        await self.end_shared_state()
+        await asyncio.to_thread(self.ledger.close)
 
 
 def _redis_target(settings: PolicySettings) -> RedisTarget | None:
