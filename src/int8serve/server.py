@@ -34,6 +34,7 @@ import threading
 import time
 from collections.abc import Iterator
 from dataclasses import dataclass
+from typing import Any
 
 import torch
 import uvicorn
@@ -271,13 +272,22 @@ class _Deferred:
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         await self.target(scope, receive, send)
 
+    async def end_of_service(self) -> None:
+        """The real app's lifespan end (its Redis connections, request worker, metrics' watch), on the event loop:
+        uvicorn ran the lifespan once, at start, against the loading gate."""
+        end = getattr(getattr(self.target, "state", None), "end_of_service", None)
+        if end is not None:
+            await end()
+
 
 class _Server(ConnectionServer):
     """uvicorn, with int8serve's drain on the first SIGTERM/SIGINT (see the module docstring) and exit status 0
     after a clean shutdown (uvicorn would re-raise the signal and die of it)."""
 
-    def __init__(self, config: uvicorn.Config, lifecycle: Lifecycle, shutdown_timeout: float) -> None:
+    def __init__(self, config: uvicorn.Config, lifecycle: Lifecycle, shutdown_timeout: float,
+                 deferred: _Deferred) -> None:
         super().__init__(config)
+        self.deferred = deferred
         self.lifecycle = lifecycle
         self.shutdown_timeout = shutdown_timeout
         self.engines: list[Engine] = []
@@ -294,6 +304,10 @@ class _Server(ConnectionServer):
         finally:
             for sig, handler in previous.items():
                 signal.signal(sig, handler)
+
+    async def shutdown(self, sockets: list[Any] | None = None) -> None:
+        await super().shutdown(sockets)
+        await self.deferred.end_of_service()
 
     def handle_exit(self, sig: int, frame: object) -> None:
         if self._draining and not self._cut_now.is_set():  # a second signal: cut now, their rows still written
@@ -357,7 +371,7 @@ def run_server(loaded: LoadedSettings, tokens: dict[str, str], prepared: Prepare
                             header_timeout=settings.header_timeout, stall_timeout=settings.stall_timeout,
                             connections=connections)
     configure_logging(settings.log_format, settings.log_level)  # after uvicorn's config made its loggers
-    server = _Server(config, lifecycle, settings.shutdown_timeout)
+    server = _Server(config, lifecycle, settings.shutdown_timeout, deferred)
     failure: list[str] = []
 
     def load() -> None:

@@ -155,9 +155,9 @@ def create_app(catalog: Catalog, engines: Mapping[str, Engine], tokens: Mapping[
                            inference=Inference(catalog, engines, policy, metrics, lifecycle, limits),
                            retry_headers={"retry-after": str(limits.retry_after_seconds)})
 
-    @contextlib.asynccontextmanager
-    async def lifespan(_app: FastAPI) -> AsyncIterator[None]:
-        yield
+    async def end_of_service() -> None:
+        """What the app opened, ended on its event loop; twice is once. The lifespan's end runs it, and `serve`,
+        whose server ran the lifespan against the loading gate before this app existed (server.py), itself."""
         metrics.unwatch_engines()
         services.inference.workers.close()
         # the Redis connections and the allocation's tasks are this loop's: ended here, the caller's policy's too
@@ -167,10 +167,16 @@ def create_app(catalog: Catalog, engines: Mapping[str, Engine], tokens: Mapping[
         else:
             await policy.end_shared_state()
 
+    @contextlib.asynccontextmanager
+    async def lifespan(_app: FastAPI) -> AsyncIterator[None]:
+        yield
+        await end_of_service()
+
     app = FastAPI(title="int8serve", version=_version(), lifespan=lifespan, docs_url=None, redoc_url=None,
                   description="The Workers AI HTTP API (and the OpenAI one) for self-hosted models.")
     app.router.redirect_slashes = False  # an API: unknown paths are 404 envelopes, not redirects
     app.state.services = services
+    app.state.end_of_service = end_of_service
     install_error_handlers(app)
     app.add_middleware(LifecycleMiddleware, lifecycle=lifecycle)  # inside the three below: its 503s are counted
     app.add_middleware(AmbiguousLengthMiddleware)  # before anything reads a body; its 400s are counted and logged

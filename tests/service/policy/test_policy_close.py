@@ -8,11 +8,14 @@ the test), in a database of the shared Redis that the other tests do not use."""
 from __future__ import annotations
 
 import asyncio
+import contextlib
+import threading
 import time
 import uuid
 from collections.abc import Iterator
 from pathlib import Path
 
+import httpx
 import pytest
 import redis
 from benchmarks.backends import RedisServer, delete_keys
@@ -21,7 +24,11 @@ from fastapi.testclient import TestClient
 from int8serve.catalog.card import ModelCard
 from int8serve.catalog.registry import Catalog
 from int8serve.engine.scheduler import Engine
-from int8serve.service.app import create_app
+from int8serve.server import _Deferred, _Server
+from int8serve.service.app import create_app, loading_app
+from int8serve.service.connections import uvicorn_config
+from int8serve.service.lifecycle import Lifecycle, Phase
+from int8serve.service.metrics import ServiceMetrics
 from int8serve.service.policy import Policy, PolicySettings
 from int8serve.service.policy.cache import CacheKey
 
@@ -181,3 +188,40 @@ def test_the_apps_lifespan_ends_the_redis_connections(tmp_path: Path, catalog: C
     finally:
         policy.close()
     assert policy.fallbacks.snapshot() == {"outages": 0, "local_operations": {}}
+
+
+def test_serves_server_ends_the_redis_connections_of_the_app_it_swapped_in(
+        tmp_path: Path, catalog: Catalog, engines: dict[str, Engine], named_clients: NamedClients) -> None:
+    """`int8serve serve`'s server runs the lifespan at start against the loading gate, before the real app exists
+    (server.py, `_Deferred`): the app's end (its Redis connections, request worker, metrics' watch) never ran, and
+    the connections stayed open until the process ended. The server's shutdown runs it now, on the loop."""
+    lifecycle = Lifecycle(Phase.LOADING)
+    metrics = ServiceMetrics(lifecycle=lifecycle)
+    deferred = _Deferred(loading_app(lifecycle, metrics))
+    config = uvicorn_config(deferred, host="127.0.0.1", port=0, log_level="warning")
+    server = _Server(config, lifecycle, shutdown_timeout=1.0, deferred=deferred)
+    server.capture_signals = contextlib.nullcontext  # type: ignore[method-assign]  # (signals: the main thread's)
+    thread = threading.Thread(target=server.run, daemon=True)
+    policy = redis_policy(tmp_path, named_clients.url)
+    try:
+        thread.start()
+        while not server.started:
+            assert thread.is_alive(), "the server did not start"
+            time.sleep(0.01)
+        port = server.servers[0].sockets[0].getsockname()[1]
+        deferred.target = create_app(catalog, engines, POLICY_TOKENS, policy=policy, lifecycle=lifecycle,
+                                     metrics=metrics)
+        lifecycle.mark_ready()
+        body = {"raw": True, "max_tokens": 2, "temperature": 0, "prompt": "Once upon a time"}
+        answers = [httpx.post(f"http://127.0.0.1:{port}/client/v4/accounts/acct-a/ai/run/{MODEL}",
+                              headers=auth_for("acct-a"), json=body, timeout=30) for _ in range(2)]
+        assert [a.headers["cf-aig-cache-status"] for a in answers] == ["MISS", "HIT"]  # the cache in Redis
+        assert named_clients.count() >= 1
+        server.should_exit = True
+        thread.join(30)
+        assert not thread.is_alive()
+        assert named_clients.settle(0) == 0
+    finally:
+        server.should_exit = True
+        thread.join(30)
+        policy.close()
