@@ -393,7 +393,7 @@ def test_spool_replay_is_ordered_and_idempotent(tmp_path: Path) -> None:
 @pytest.mark.parametrize("made_by_the_user", [False, True])
 def test_the_ledger_in_the_data_dir_is_for_its_owner_alone(made_by_the_user: bool, tmp_path: Path) -> None:
     """Every account's requests, tokens and neurons: the SQLite ledger and its WAL files are 0600 like the spool,
-    and a data directory int8serve makes is 0700 (one the operator made keeps the mode they gave it)."""
+    and the data directory is 0700, whether int8serve made it or the operator did, 0755 (test_data_dir.py)."""
     data_dir = tmp_path / "data"
     if made_by_the_user:
         data_dir.mkdir(mode=0o755)
@@ -401,7 +401,7 @@ def test_the_ledger_in_the_data_dir_is_for_its_owner_alone(made_by_the_user: boo
     try:
         asyncio.run(policy.ledger.record(_row("r0", utc_now())))
         assert policy.ledger.flush()
-        assert modes(data_dir) == {".": "755" if made_by_the_user else "700", "usage.sqlite3": "600",
+        assert modes(data_dir) == {".": "700", "usage.sqlite3": "600",
                                    "usage.sqlite3-wal": "600", "usage.sqlite3-shm": "600",
                                    "ledger-spool.jsonl": "600"}
     finally:

@@ -7,6 +7,7 @@ One concept per module:
 * `cache.py` — the response cache, its key, AI Gateway's per-request headers;
 * `metering.py` — neurons of a request, by how it ended;
 * `ledger.py` / `spool.py` — the durable usage ledger (SQLAlchemy) and its local spool;
+* `data_dir.py` — the data directory's files, for the server's user alone;
 * `deadline.py` — client-side deadlines for the ledger's database work (a database that hangs is away);
 * `usage.py` — the usage endpoint's period and result;
 * `allocation.py` — the optional daily neuron allocation (3036) and the reservations of requests in flight;

@@ -33,6 +33,7 @@ from int8serve.redact import hide_password, without
 
 from .allocation import DailyAllocation, SharedReservations
 from .cache import Clock, MemoryCache, RedisCache, ResponseCache
+from .data_dir import LEDGER_FILE, SPOOL_FILE, prepare_data_dir
 from .fallback import FallbackCounter, SharedStateGuard
 from .ledger import Ledger, LedgerSchemaError, make_database, short_error
 from .ratelimit import CountingRedisStorage, RateLimiter, ReplicaCount
@@ -42,8 +43,6 @@ from .spool import FileSpool, MemorySpool, Spool, SpoolLockedError
 
 __all__ = ["LEDGER_FILE", "SPOOL_FILE", "Policy", "PolicyStartupError"]
 
-LEDGER_FILE = "usage.sqlite3"
-SPOOL_FILE = "ledger-spool.jsonl"
 # database drivers that an extra of int8serve installs (pyproject.toml), by the module a URL's driver imports
 DRIVER_EXTRAS = {"psycopg": "postgres"}
 
@@ -193,7 +192,7 @@ def _ledger(settings: PolicySettings) -> tuple[Ledger, str, str]:
     spool_name = "memory"
     try:
         if data_dir is not None:
-            data_dir.mkdir(mode=0o700, parents=True, exist_ok=True)  # only its owner reads the accounts' usage
+            prepare_data_dir(data_dir)  # 0700, our files in it 0600: only its owner reads the accounts' usage
             if not settings.database_url:
                 _create_private(Path(data_dir) / LEDGER_FILE)
             spool = FileSpool(Path(data_dir) / SPOOL_FILE)

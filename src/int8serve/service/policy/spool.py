@@ -49,11 +49,13 @@ from typing import Any, Protocol
 
 from int8serve.durable import fsync_folder
 
-__all__ = ["DEAD_LETTER_FILE", "FileSpool", "MemorySpool", "Spool", "SpoolLockedError", "UnreadableLine"]
+__all__ = ["DEAD_LETTER_FILE", "REPLACEMENT_SUFFIX", "FileSpool", "MemorySpool", "Spool", "SpoolLockedError",
+           "UnreadableLine"]
 
 log = logging.getLogger(__name__)
 
 DEAD_LETTER_FILE = "ledger-dead-letter.jsonl"
+REPLACEMENT_SUFFIX = ".new"  # `replace` writes the spool's next contents beside it, in `<spool>.new`
 
 
 class SpoolLockedError(Exception):
@@ -133,7 +135,7 @@ class FileSpool:
         self.path = Path(path)
         self.dead_letter_path = Path(dead_letter) if dead_letter is not None else self.path.with_name(
             DEAD_LETTER_FILE)
-        self._new = self.path.with_name(self.path.name + ".new")  # what `replace` writes before renaming it
+        self._new = self.path.with_name(self.path.name + REPLACEMENT_SUFFIX)
         self._torn_at: int | None = None  # the size to cut the file back to: an append failed and is not undone yet
         self.path.parent.mkdir(parents=True, exist_ok=True)
         while True:
