@@ -109,17 +109,18 @@ def test_the_real_chat_models_chunks_in_one_forward_give_the_same_bits(smollm2_i
 @pytest.mark.parametrize("setting", ["int8", "bf16"])
 def test_each_chunk_of_a_forward_attends_as_its_own_forward_would(stories_int8: LoadedModel, setting: str,
                                                                    monkeypatch: pytest.MonkeyPatch) -> None:
-    """The same attention calls (queries, keys, first position) whether the chunks go one by one or together: SDPA's
-    bits may depend on how many queries and keys it is given (chunking.py), so a forward never merges them."""
+    """The same attention calls (queries, keys, first position, the aligned chunk's rows) whether the chunks go one by
+    one or together: SDPA's bits may depend on how many queries and keys it is given (chunking.py), so a forward never
+    merges them, and each call places its queries among the chunk's rows."""
     if setting == "bf16" and not prefill_matmul.available():
         pytest.skip(f"this CPU has no bf16 prefill kernel: {prefill_matmul.unavailable_reason()}")
-    calls: list[tuple[int, int, int]] = []
+    calls: list[tuple[int, int, int, int | None]] = []
     original = Attention._prefill_attention
 
-    def recorded(self: Attention, queries: torch.Tensor, keys: torch.Tensor, values: torch.Tensor, start: int
-                 ) -> torch.Tensor:
-        calls.append((queries.shape[0], keys.shape[1], start))
-        return original(self, queries, keys, values, start)
+    def recorded(self: Attention, queries: torch.Tensor, keys: torch.Tensor, values: torch.Tensor, start: int,
+                 chunk_rows: int | None = None) -> torch.Tensor:
+        calls.append((queries.shape[0], keys.shape[1], start, chunk_rows))
+        return original(self, queries, keys, values, start, chunk_rows)
 
     monkeypatch.setattr(Attention, "_prefill_attention", recorded)
     monkeypatch.setenv(prefill_matmul.ENV, setting)
@@ -132,7 +133,8 @@ def test_each_chunk_of_a_forward_attends_as_its_own_forward_would(stories_int8: 
         seen.append(list(calls))
     # the reused prefix's chunk, then [10, 64), [64, 128), [128, 192), [192, 200), each with its aligned keys; one by
     # one layer after layer for each chunk, together each layer's four in turn
-    expected = [(10, 64, 0), (54, 64, 10), (64, 128, 64), (64, 192, 128), (8, 256, 192)] * model.config.n_layers
+    expected = [(10, 64, 0, 64), (54, 64, 10, 64), (64, 128, 64, 64), (64, 192, 128, 64),
+                (8, 256, 192, 64)] * model.config.n_layers
     assert sorted(seen[0]) == sorted(seen[1]) == sorted(expected)
 
 
