@@ -150,3 +150,27 @@ def test_the_dense_path_takes_one_chunk_a_forward(stories_int8: LoadedModel, mon
 
 def test_reference_models_take_one_chunk_a_forward(stories_fp32: LoadedModel) -> None:
     assert not stories_fp32.model.prefill_rows_independent(16)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_a_query_attends_with_the_same_bits_wherever_its_call_starts_and_ends(smollm2_int8: LoadedModel,
+                                                                              dtype: torch.dtype) -> None:
+    """A prefill call's queries are those of its aligned chunk that the prefix cache did not supply and the prompt
+    has: any run of its rows. Each row must come out with the bits it has in the whole chunk's call. SDPA rounds a
+    query by the size of the block of queries it multiplies it in (on an AMD Zen 5, fp32 blocks of 1-3 rows unlike
+    those of 4 or more), so the call places its queries among the chunk's rows (SmolLM2's 64-wide heads, 9 of them
+    over 3 key heads)."""
+    attention: Attention = smollm2_int8.model.layers[0].attention
+    chunk, start = 128, 256  # the third aligned chunk of a prompt: keys [0, 384)
+    generator = torch.Generator().manual_seed(0)
+    queries = torch.randn(chunk, attention.n_heads, attention.head_dim, generator=generator).to(dtype)
+    keys, values = (torch.randn(attention.n_kv_heads, start + chunk, attention.head_dim, generator=generator)
+                    .to(dtype) for _ in range(2))
+    whole = attention._prefill_attention(queries, keys, values, start, chunk)
+    rng = random.Random(0)
+    runs = [(first, count) for first in (0, 1, 17, 31, 32, 63, 64, 100, 125) for count in (1, 2, 3, 4, 5, 33)
+            if first + count <= chunk] + [(rng.randrange(chunk), 0) for _ in range(20)]
+    for first, count in runs:
+        count = count or rng.randint(1, chunk - first)
+        part = attention._prefill_attention(queries[first:first + count], keys, values, start + first, chunk)
+        assert torch.equal(part, whole[first:first + count]), f"rows [{first}, {first + count}) of the chunk"
