@@ -404,7 +404,8 @@ def test_accept_running_out_of_file_descriptors_is_one_log_line(tmp_path: Path) 
             server.send_signal(signal.SIGTERM)
             _, log = server.communicate(timeout=20)
     assert log.count("Too many open files") == 1, log[-3000:]
-    assert "Traceback" not in log
+    # (seen once in a CI run on a Zen 5, 2026-12-07, not reproduced since: the whole traceback, to find its cause)
+    assert "Traceback" not in log, log[max(0, log.find("Traceback") - 600):][:6000]
     assert "cannot accept new connections: [Errno 24] Too many open files (this process may open 64 files" in log
 
 
