@@ -16,7 +16,7 @@ import logging
 from pathlib import Path
 
 from ..variables import env_choice
-from .gemv import _IMPLS, PATHS, Impl, _library, _load
+from .gemv import _IMPLS, PATHS, Impl, _library, _load, loaded
 
 log = logging.getLogger(__name__)
 
@@ -43,13 +43,13 @@ def requested_path() -> Impl:
 
 def cpu_has(path: Impl) -> bool:
     """Whether this CPU can run `path` (False when the library is not loaded)."""
-    return not isinstance(_load(), str) and bool(_library().i8s_cpu_has(_IMPLS[path]))
+    return loaded() and bool(_library().i8s_cpu_has(_IMPLS[path]))
 
 
 @functools.cache
 def _unavailable_reason() -> str | None:
-    loaded = _load()
-    reason = loaded if isinstance(loaded, str) else None
+    library = _load()
+    reason = library if isinstance(library, str) else None
     if reason is None:
         try:
             wanted = requested_path()
