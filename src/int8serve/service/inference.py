@@ -77,7 +77,7 @@ from .policy import NEURONS_HEADER, LedgerUnavailableError, Outcome, Policy, Usa
 from .policy.allocation import Reservation
 from .policy.cache import CACHE_STATUS_HEADER, CachedAnswer, CacheDirectives, CacheKey
 from .policy.fairness import InflightLimiter
-from .policy.ledger import utc_now
+from .policy.usage_rows import utc_now
 from .protocol.body import DEFAULT_MAX_BODY_BYTES, read_body
 from .protocol.run import RunRequest, ValidatedRun
 from .request_log import REQUEST_ID_SCOPE_KEY

@@ -7,6 +7,7 @@ One concept per module:
 * `cache.py` — the response cache, its key, AI Gateway's per-request headers;
 * `metering.py` — neurons of a request, by how it ended;
 * `ledger.py` / `spool.py` — the durable usage ledger (SQLAlchemy) and its local spool;
+* `usage_rows.py` / `ledger_db.py` — the ledger's rows and totals, and its table and database engine;
 * `data_dir.py` — the data directory's files, for the server's user alone;
 * `deadline.py` — client-side deadlines for the ledger's database work (a database that hangs is away);
 * `usage.py` — the usage endpoint's period and result;
@@ -19,10 +20,11 @@ answers count and what clients see.
 """
 
 from .fallback import FallbackCounter
-from .ledger import LedgerUnavailableError, UsageRow
+from .ledger import LedgerUnavailableError
 from .metering import NEURONS_HEADER, Outcome, billed_neurons, format_neurons
 from .policy import Policy, PolicyStartupError
 from .settings import DEFAULT_DAILY_NEURONS, PolicySettings
+from .usage_rows import UsageRow
 
 __all__ = [
     "DEFAULT_DAILY_NEURONS",

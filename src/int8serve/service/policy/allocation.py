@@ -59,7 +59,8 @@ import redis.asyncio
 
 from ..errors import ACCOUNT_LIMITED, ApiError
 from .fallback import SharedStateGuard
-from .ledger import Ledger, utc_now
+from .ledger import Ledger
+from .usage_rows import utc_now
 
 __all__ = ["DEFAULT_LEASE_SECONDS", "IN_FLIGHT_RETRY_SECONDS", "DailyAllocation", "Reservation", "SharedReservations",
            "start_of_day"]

@@ -36,6 +36,9 @@ finishes in the background and the last total is used meanwhile.
 
 `close()` is bounded too: the spooled rows are written if the database answers within the time given, and
 otherwise stay in the spool, to be replayed at the next start.
+
+The row types (`UsageRow`, `UsageGroup`, `NeuronsReading`) are in `usage_rows.py`, the table and the engine
+(`usage_table`, `make_database`) in `ledger_db.py`; this module still exports them.
 """
 
 from __future__ import annotations
@@ -48,27 +51,25 @@ import functools
 import itertools
 import json
 import logging
-import math
 import queue
 import threading
 import time
 from collections import Counter
 from collections.abc import Callable, Sequence
-from dataclasses import asdict, dataclass, fields
-from datetime import UTC, date, datetime, timedelta
+from dataclasses import dataclass
+from datetime import date, datetime, timedelta
 from typing import Any, TypeVar
 
 import sqlalchemy as sa
 from sqlalchemy.dialects import postgresql, sqlite
 from sqlalchemy.exc import SQLAlchemyError
-from sqlalchemy.pool import StaticPool
-
-from int8serve.accounts import MAX_ACCOUNT_ID_LENGTH
 
 from .deadline import deadline, expire, watch
 from .fallback import Outage
+from .ledger_db import LedgerSchemaError, make_database, usage_table
 from .settings import DEFAULT_DATABASE_TIMEOUT, DEFAULT_LEDGER_TABLE
 from .spool import Spool, UnreadableLine
+from .usage_rows import NeuronsReading, UsageGroup, UsageRow, utc_now
 
 __all__ = [
     "DEFAULT_DATABASE_TIMEOUT",
@@ -89,19 +90,11 @@ log = logging.getLogger(__name__)
 T = TypeVar("T")
 INSERT_CHUNK = 500
 FLUSH_BATCH = 2_000  # rows in one flush transaction, so that a flush fits its deadline
-OUTCOMES = ("ok", "aborted", "error")
-DEFAULT_STATEMENT_TIMEOUT = DEFAULT_DATABASE_TIMEOUT
 DEFAULT_SPOOL_ALARM_ROWS = 10_000
 ALLOCATION_READ_WAIT = 0.5  # seconds admission waits for a fresh daily total before using the last one
 DAY = timedelta(days=1)  # the period of a daily total: `since` <= time < `since` + DAY
 SPOOL_COMPACT_ROWS = 1_000  # rows already written that may stay in the spool file before it is rewritten
 REJECTED = (sa.exc.DataError, sa.exc.IntegrityError)  # the database refuses the row itself: no retry will help
-MAX_COUNT = 2**31 - 1  # the largest token count the table's Integer columns hold
-_EXPECTED = {  # what each field of a spooled row must be, as read from JSON
-    "request_id": "a string", "time": "an ISO 8601 time", "account": "a string", "model": "a string",
-    "input_tokens": f"an integer from 0 to {MAX_COUNT}", "output_tokens": f"an integer from 0 to {MAX_COUNT}",
-    "neurons": "a finite number >= 0", "cached": "true or false", "outcome": "a string",
-    "latency_ms": "a finite number >= 0"}
 
 
 def _refused(err: BaseException) -> bool:
@@ -111,194 +104,6 @@ def _refused(err: BaseException) -> bool:
     if isinstance(err, REJECTED):
         return True
     return isinstance(err, sa.exc.StatementError) and not isinstance(err, sa.exc.DBAPIError)
-
-
-def utc_now() -> datetime:
-    """Now in UTC, without tzinfo: the ledger stores naive UTC times (SQLite has no time zones)."""
-    return datetime.now(UTC).replace(tzinfo=None)
-
-
-@dataclass(frozen=True)
-class UsageRow:
-    request_id: str
-    time: datetime  # naive UTC
-    account: str
-    model: str
-    input_tokens: int
-    output_tokens: int
-    neurons: float
-    cached: bool
-    outcome: str  # ok | aborted | error
-    latency_ms: float
-
-    def __post_init__(self) -> None:
-        if self.outcome not in OUTCOMES:
-            raise ValueError(f"outcome must be one of {OUTCOMES}, got {self.outcome!r}")
-
-    @property
-    def day(self) -> str:
-        return self.time.date().isoformat()
-
-    def to_json(self) -> dict[str, Any]:
-        return {**asdict(self), "time": self.time.isoformat()}
-
-    @classmethod
-    def from_json(cls, data: Any) -> UsageRow:
-        """The row `to_json` made, each field checked (the spool may be damaged or edited by hand): ValueError for
-        anything else."""
-        if not isinstance(data, dict):
-            raise ValueError(f"a ledger row is a JSON object, not {type(data).__name__}")
-        names = [f.name for f in fields(cls)]
-        if set(data) != set(names):
-            raise ValueError(f"fields missing: {sorted(set(names) - set(data))}, "
-                             f"unknown: {sorted(set(data) - set(names))[:10]}")
-        return cls(**{name: _from_json_field(name, data[name]) for name in names})
-
-    def to_db(self) -> dict[str, Any]:
-        return {**asdict(self), "day": self.day}
-
-
-def _from_json_field(name: str, value: Any) -> Any:
-    """The value of the row's field `name` from JSON, if it has the field's type; else ValueError."""
-    if name == "time" and isinstance(value, str):
-        when = datetime.fromisoformat(value)  # ValueError if it is not one
-        try:
-            return when if when.tzinfo is None else when.astimezone(UTC).replace(tzinfo=None)  # naive UTC, as written
-        except OverflowError:  # its offset moves it past year 1 or 9999
-            raise ValueError(f"time is out of range in UTC: {value!r:.100}") from None
-    if _EXPECTED[name] == "a string" and isinstance(value, str):
-        value.encode("utf-8")  # UnicodeEncodeError (a ValueError) for a lone surrogate, which no database takes
-        return value
-    if name in ("input_tokens", "output_tokens") and type(value) is int and 0 <= value <= MAX_COUNT:
-        return value
-    if name in ("neurons", "latency_ms") and type(value) in (int, float):  # not a bool
-        with contextlib.suppress(OverflowError):  # an integer beyond any float: refused below
-            number = float(value)
-            if math.isfinite(number) and number >= 0:  # json reads NaN and Infinity: no sum survives them
-                return number
-    if name == "cached" and type(value) is bool:
-        return value
-    raise ValueError(f"{name} must be {_EXPECTED[name]}, not {value!r:.100}")
-
-
-@dataclass(frozen=True)
-class NeuronsReading:
-    """An account's neurons of one day as the ledger read them (`Ledger.neurons_reading`)."""
-
-    ledger: Ledger
-    account: str
-    day: str  # YYYY-MM-DD
-    total: float  # the database's sum and the spooled rows, as last read
-    recorded_then: float  # what this process had recorded when `total` was read
-
-    def now(self) -> float:
-        """The total plus what this process recorded since it was read: no I/O, safe on the event loop."""
-        return self.total + (self.ledger.recorded_neurons(self.account, self.day) - self.recorded_then)
-
-
-@dataclass(frozen=True)
-class UsageGroup:
-    """Totals of one model or one day."""
-
-    name: str
-    requests: int
-    cached_requests: int
-    input_tokens: int
-    output_tokens: int
-    neurons: float
-
-
-def usage_table(name: str = DEFAULT_LEDGER_TABLE, metadata: sa.MetaData | None = None) -> sa.Table:
-    return sa.Table(
-        name, metadata if metadata is not None else sa.MetaData(),
-        sa.Column("request_id", sa.String(64), primary_key=True),
-        sa.Column("time", sa.DateTime(), nullable=False),  # naive UTC
-        sa.Column("day", sa.String(10), nullable=False),  # YYYY-MM-DD (UTC), for grouping on any database
-        sa.Column("account", sa.String(MAX_ACCOUNT_ID_LENGTH), nullable=False),
-        sa.Column("model", sa.String(256), nullable=False),
-        sa.Column("input_tokens", sa.Integer(), nullable=False),
-        sa.Column("output_tokens", sa.Integer(), nullable=False),
-        sa.Column("neurons", sa.Float(), nullable=False),
-        sa.Column("cached", sa.Boolean(), nullable=False),
-        sa.Column("outcome", sa.String(16), nullable=False),
-        sa.Column("latency_ms", sa.Float(), nullable=False),
-        sa.Index(f"ix_{name}_account_time", "account", "time"),
-    )
-
-
-def make_database(url: str, statement_timeout: float = DEFAULT_STATEMENT_TIMEOUT) -> sa.Engine:
-    """A SQLAlchemy engine for the ledger: in-memory SQLite shared by threads, file SQLite in WAL mode, or a
-    server database whose connections fail fast and are checked before reuse. No statement runs longer than
-    `statement_timeout` seconds (PostgreSQL's `statement_timeout`; on SQLite, waiting for a lock and running are
-    both bounded). A server that stops answering altogether is the business of `deadline.py`, whose hooks the
-    engine has (`watch`): the ledger runs all its database work within a deadline."""
-    parsed = sa.make_url(url)
-    if parsed.get_backend_name() == "sqlite":
-        if parsed.database in (None, "", ":memory:"):
-            engine = sa.create_engine(url, poolclass=StaticPool, connect_args={"check_same_thread": False})
-        else:
-            engine = sa.create_engine(url, connect_args={"timeout": statement_timeout})
-            sa.event.listen(engine, "connect", _sqlite_wal)
-        _sqlite_statement_timeout(engine, statement_timeout)
-        return watch(engine, ping=False)
-    if parsed.get_backend_name() != "postgresql":
-        return watch(sa.create_engine(url, pool_pre_ping=True, pool_size=3, max_overflow=2,
-                                      pool_timeout=statement_timeout), ping=False)
-    options = " ".join(filter(None, [str(parsed.query.get("options", "")),  # the URL's own options stay
-                                     f"-c statement_timeout={int(statement_timeout * 1000)}"]))
-    connect_args: dict[str, Any] = {
-        # libpq's connect_timeout is whole seconds, at least 2
-        "connect_timeout": min(3, max(2, math.ceil(statement_timeout))),
-        "keepalives": 1, "keepalives_idle": 5, "keepalives_interval": 2, "keepalives_count": 2, "options": options}
-    if _libpq_version(parsed.get_driver_name()) >= 120000:  # unacknowledged data: the peer is gone
-        connect_args["tcp_user_timeout"] = int(statement_timeout * 1000)
-    # pooled connections are pinged by `watch` within the work's deadline, not by pool_pre_ping (unbounded)
-    engine = sa.create_engine(url, pool_pre_ping=False, pool_size=3, max_overflow=2, pool_timeout=statement_timeout,
-                              connect_args=connect_args)
-    return watch(engine, ping=True)
-
-
-def _libpq_version(driver: str) -> int:
-    try:
-        if driver == "psycopg":
-            import psycopg
-
-            return int(psycopg.pq.version())
-        if driver == "psycopg2":
-            import psycopg2.extensions
-
-            return int(psycopg2.extensions.libpq_version())
-    except (ImportError, AttributeError):
-        pass
-    return 0
-
-
-def _sqlite_wal(dbapi_connection: Any, _record: Any) -> None:
-    cursor = dbapi_connection.cursor()
-    cursor.execute("PRAGMA journal_mode=WAL")
-    cursor.close()
-
-
-def _sqlite_statement_timeout(engine: sa.Engine, seconds: float) -> None:
-    """Interrupt a SQLite statement that runs longer than `seconds` (SQLite has no statement timeout of its own)."""
-
-    def on_connect(dbapi_connection: Any, record: Any) -> None:
-        deadline = record.info["deadline"] = [float("inf")]
-        dbapi_connection.set_progress_handler(lambda: int(time.monotonic() > deadline[0]), 10_000)
-
-    def before(conn: sa.Connection, *_args: Any) -> None:
-        conn.connection.info["deadline"][0] = time.monotonic() + seconds
-
-    def after(conn: sa.Connection, *_args: Any) -> None:
-        conn.connection.info["deadline"][0] = float("inf")
-
-    sa.event.listen(engine, "connect", on_connect)
-    sa.event.listen(engine, "before_cursor_execute", before)
-    sa.event.listen(engine, "after_cursor_execute", after)
-
-
-class LedgerSchemaError(Exception):
-    """The database holds a table of the ledger's name that is not the ledger's."""
 
 
 class LedgerUnavailableError(Exception):

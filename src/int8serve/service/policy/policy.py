@@ -35,7 +35,8 @@ from .allocation import DailyAllocation, SharedReservations
 from .cache import Clock, MemoryCache, RedisCache, ResponseCache
 from .data_dir import LEDGER_FILE, SPOOL_FILE, prepare_data_dir
 from .fallback import FallbackCounter, SharedStateGuard
-from .ledger import Ledger, LedgerSchemaError, make_database, short_error
+from .ledger import Ledger, short_error
+from .ledger_db import LedgerSchemaError, make_database
 from .ratelimit import CountingRedisStorage, RateLimiter, ReplicaCount
 from .redis_state import RedisTarget, RedisUnreachableError, check_reachable
 from .settings import PolicySettings

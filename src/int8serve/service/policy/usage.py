@@ -20,7 +20,7 @@ from datetime import UTC, datetime, timedelta
 from typing import Any
 
 from ..errors import BAD_QUERY, ApiError
-from .ledger import UsageGroup, utc_now
+from .usage_rows import UsageGroup, utc_now
 
 __all__ = ["DEFAULT_PERIOD", "parse_period", "usage_result"]
 
