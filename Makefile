@@ -15,6 +15,7 @@ $(BIN)/int8serve: pyproject.toml
 	touch $(BIN)/int8serve
 
 install: $(BIN)/int8serve
+	@$(BIN)/python -m int8serve.engine.kernels || echo "int8serve's own kernels are not in use (the reason is above): it runs on torch's stock kernels"
 
 run: install
 	@echo "Serving the built-in model, SmolLM2-135M-Instruct (Apache-2.0), as @hf/huggingfacetb/smollm2-135m-instruct."
