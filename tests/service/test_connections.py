@@ -409,6 +409,43 @@ def test_accept_running_out_of_file_descriptors_is_one_log_line(tmp_path: Path) 
     assert "cannot accept new connections: [Errno 24] Too many open files (this process may open 64 files" in log
 
 
+SLOW_SERVER = SERVER.replace("""async def app(scope, receive, send):
+""", """import asyncio
+
+async def app(scope, receive, send):
+    if scope["type"] == "http" and scope["path"] == "/slow":
+        await asyncio.sleep(2.5)
+""")
+
+
+def test_a_shutdown_while_accept_waits_to_retry_logs_no_traceback() -> None:
+    """asyncio retries accept() a second after it ran out of files, once for every attempt that failed; a SIGTERM
+    within that second, with a request still draining, closed the listening socket first, and each retry then raised
+    "Invalid file descriptor: -1" with a traceback (the cause of a flaky failure of the test above)."""
+    port = free_port()
+    with subprocess.Popen([sys.executable, "-c", SLOW_SERVER, str(port)], stderr=subprocess.PIPE, text=True,
+                          preexec_fn=lambda: resource.setrlimit(resource.RLIMIT_NOFILE, (64, 64))) as server:
+        try:
+            _wait(lambda: _answers(port), timeout=20)
+            with ThreadPoolExecutor(1) as pool:
+                slow = pool.submit(httpx.get, f"http://127.0.0.1:{port}/slow", timeout=20)
+                time.sleep(0.3)  # its request is in
+                with ExitStack() as stack:
+                    for _ in range(300):
+                        stack.enter_context(socket.create_connection(("127.0.0.1", port)))
+                    time.sleep(0.3)  # accept() has run out; its retries wait for a second
+                    server.send_signal(signal.SIGTERM)
+                    time.sleep(0.2)  # the listening socket closes; the drain waits for /slow
+                assert slow.result().status_code == 200
+        finally:
+            if server.poll() is None:
+                server.send_signal(signal.SIGTERM)
+            _, log = server.communicate(timeout=20)
+    assert "Too many open files" in log  # (the case happened)
+    assert "Traceback" not in log, log[max(0, log.find("Traceback") - 600):][:3000]
+    assert "Invalid file descriptor" not in log
+
+
 def _answers(port: int) -> bool:
     try:
         return httpx.get(f"http://127.0.0.1:{port}/", timeout=2).status_code == 200

@@ -55,7 +55,11 @@ in it, so that the server closes excess
 connections itself before accept() runs out of descriptors. uvicorn accepts up to its backlog in one go, so the
 backlog is `ACCEPT_BACKLOG`, not uvicorn's 2048. If accept() runs out all the same (other descriptors, a limit
 lowered later), asyncio calls the loop's exception handler for every connection it tries, with a traceback each:
-`ConnectionServer` logs one line every `WARNING_INTERVAL` seconds instead.
+`ConnectionServer` logs one line every `WARNING_INTERVAL` seconds instead. asyncio also schedules a retry of
+accept() a second later for every attempt that failed (`_start_serving`), and a retry that comes after the server
+closed its socket (a SIGTERM within that second, its drain still running) raised "Invalid file descriptor: -1" with a
+traceback each, up to the backlog's count: `ConnectionServer` lets such a retry do nothing
+(`_skip_retries_once_closed`).
 """
 
 from __future__ import annotations
@@ -387,7 +391,24 @@ class ConnectionServer(uvicorn.Server):
                 loop.default_exception_handler(context)
 
         loop.set_exception_handler(handle)
+        _skip_retries_once_closed(loop)
         await super().startup(sockets)
+
+
+def _skip_retries_once_closed(loop: asyncio.AbstractEventLoop) -> None:
+    """Make `loop`'s retries of accept() (asyncio's selector loops schedule `_start_serving` a second after accept()
+    ran out of descriptors) do nothing once the listening socket is closed, instead of raising on its fd of -1."""
+    start_serving = getattr(loop, "_start_serving", None)
+    if start_serving is None or getattr(start_serving, "skips_closed", False):  # another loop; or done already
+        return
+
+    def start_serving_if_open(protocol_factory: Any, sock: socket.socket, *args: Any, **kwargs: Any) -> None:
+        if sock.fileno() == -1:  # the server closed while this retry waited
+            return
+        start_serving(protocol_factory, sock, *args, **kwargs)
+
+    start_serving_if_open.skips_closed = True  # type: ignore[attr-defined]
+    loop._start_serving = start_serving_if_open  # type: ignore[attr-defined]
 
 
 def uvicorn_config(app: Any, *, host: str, port: int, header_timeout: float = DEFAULT_HEADER_TIMEOUT,
