@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import asyncio
 import json
+import logging
 import re
 import socket
 import threading
@@ -33,6 +34,7 @@ from int8serve.engine.tokenizer import Tokenizer
 from int8serve.service.app import create_app
 from int8serve.service.inference import InferenceCall, RequestLimits
 from int8serve.service.policy import Policy
+from int8serve.service.request_log import REQUEST_LOGGER
 from int8serve.service.streaming import UNSENT_ANSWER_BYTES
 
 from .conftest import (
@@ -319,6 +321,38 @@ def test_a_request_that_leaves_while_queued_never_reaches_the_engine(served: tup
     row_of(policy, gated.handles[0].request.request_id)  # (written after its metrics)
     assert prompt_tokens_counted(live) - before == len(gated.handles[0].request.prompt_ids)
     wait_for(lambda: gated.stats().running == gated.stats().waiting == 0, "the engine to be idle")
+
+
+@pytest.mark.parametrize("stream", [True, False], ids=["stream", "collect"])
+def test_a_request_queued_at_a_forced_exit_still_writes_its_request_line(
+        served: tuple[LiveServer, Policy], gated: GatedEngine, stream: bool, caplog: pytest.LogCaptureFixture) -> None:
+    """A forced exit (uvicorn's, after a second signal, when the engine has not ended the requests first) cancels
+    the tasks of a request still waiting for its slot and of a running stream's observer: neither wrote its request
+    line (the ledger's rows come from the engine's side)."""
+    caplog.set_level(logging.INFO, logger=REQUEST_LOGGER)
+    live, _policy = served
+    gated.allow()  # the first request takes the slot and holds it
+    with socket.create_connection(("127.0.0.1", live.port)) as first, \
+            socket.create_connection(("127.0.0.1", live.port)) as second:
+        for count, (sock, body) in enumerate(((first, {**LONG, "max_tokens": 8, "stream": True}),
+                                              (second, {"prompt": "A cat", "raw": True, "max_tokens": 8,
+                                                        "stream": stream})), start=1):
+            payload = json.dumps(body).encode()
+            sock.sendall(f"POST {RUN} HTTP/1.1\r\nHost: x\r\nAuthorization: Bearer {TOKEN}\r\n"
+                         f"Content-Length: {len(payload)}\r\n\r\n".encode() + payload)
+            wait_for(lambda n=count: len(gated.handles) == n, "the request to reach the engine")
+        wait_for(lambda: gated.stats().waiting == 1, "the second request to queue")
+        live.server.force_exit = True
+        live.server.should_exit = True
+        live.thread.join(20)
+        assert not live.thread.is_alive()
+    ids = [handle.request.request_id for handle in gated.handles]
+    lines = [r.fields for r in caplog.records if r.name == REQUEST_LOGGER and r.fields.get("request_id") in ids]
+    assert sorted(line["request_id"] for line in lines) == sorted(ids), lines  # one line each
+    (running,) = [line for line in lines if line["request_id"] == ids[0]]
+    assert (running["status"], running["error_code"], running["outcome"]) == (200, 3040, "error"), running
+    (queued,) = [line for line in lines if line["request_id"] == ids[1]]
+    assert (queued["status"], queued["error_code"]) == (500, 3043), queued
 
 
 def _post(url: str, token: str, account: str, body: dict[str, Any]) -> httpx.Response:

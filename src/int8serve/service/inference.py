@@ -196,6 +196,9 @@ class InferenceCall:
         except Exception:
             self.obs.finish(INTERNAL.status, INTERNAL.code)
             raise
+        except asyncio.CancelledError:  # a forced exit ended the route's task (queued, or collecting): uvicorn
+            self.obs.finish(INTERNAL.status, INTERNAL.code)  # answers 500 if it can; the line says so
+            raise
         if not self._streaming:
             self.obs.finish(response.status_code)
         return response
@@ -427,7 +430,11 @@ class InferenceCall:
         return self._response
 
     async def _observe_stream(self, ended: Awaitable[Finished]) -> None:
-        finished = await ended
+        try:
+            finished = await ended
+        except asyncio.CancelledError:  # a forced exit before the engine ended it: the stream was cut at shutdown
+            self.obs.finish(200, SHUTTING_DOWN.code, in_stream=True)
+            raise
         code = finished.failure.code if finished.failure is not None else None
         self.obs.finish(200, code, in_stream=True)
 
