@@ -409,8 +409,8 @@ def test_accept_running_out_of_file_descriptors_is_one_log_line(tmp_path: Path) 
     assert "cannot accept new connections: [Errno 24] Too many open files (this process may open 64 files" in log
 
 
-SLOW_SERVER = SERVER.replace("""async def app(scope, receive, send):
-""", """import asyncio
+APP_LINE = "async def app(scope, receive, send):\n"
+SLOW_SERVER = SERVER.replace(APP_LINE, """import asyncio
 
 async def app(scope, receive, send):
     if scope["type"] == "http" and scope["path"] == "/slow":
@@ -422,6 +422,7 @@ def test_a_shutdown_while_accept_waits_to_retry_logs_no_traceback() -> None:
     """asyncio retries accept() a second after it ran out of files, once for every attempt that failed; a SIGTERM
     within that second, with a request still draining, closed the listening socket first, and each retry then raised
     "Invalid file descriptor: -1" with a traceback (the cause of a flaky failure of the test above)."""
+    assert APP_LINE in SERVER  # else SLOW_SERVER would answer /slow at once and no request would drain
     port = free_port()
     with subprocess.Popen([sys.executable, "-c", SLOW_SERVER, str(port)], stderr=subprocess.PIPE, text=True,
                           preexec_fn=lambda: resource.setrlimit(resource.RLIMIT_NOFILE, (64, 64))) as server:

@@ -193,11 +193,8 @@ class InferenceCall:
             err.headers = {**self.headers, **err.headers}
             self.obs.finish(answered_status(self.request.url.path, err), err.code)
             raise
-        except Exception:
-            self.obs.finish(INTERNAL.status, INTERNAL.code)
-            raise
-        except asyncio.CancelledError:  # a forced exit ended the route's task (queued, or collecting): uvicorn
-            self.obs.finish(INTERNAL.status, INTERNAL.code)  # answers 500 if it can; the line says so
+        except (Exception, asyncio.CancelledError):  # a fault; or a forced exit ended the route's task (queued,
+            self.obs.finish(INTERNAL.status, INTERNAL.code)  # or collecting), which uvicorn answers 500 if it can
             raise
         if not self._streaming:
             self.obs.finish(response.status_code)
