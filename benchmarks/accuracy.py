@@ -25,7 +25,9 @@ inputs) and way of computing:
 - `int8 activations per 32` (what `kernel` computes, emulated), `..., asymmetric` (0..255 from each block's minimum
   to its maximum), and the same per 16 inputs: whether any one int8 pass a row (twice decode's int8 arithmetic speed)
   could keep the accuracy targets; `--only wq wk wv` (say) rounds only those linears' activations, the others exact:
-  whether one pass on some linears could.
+  whether one pass on some linears could; `--precise-channels 16` keeps each linear's 16 input channels of largest
+  magnitude (calibrated on demo_text.txt, GPTQ's calibration text) exact and rounds the others: whether outlier
+  channels kept at two passes (LLM.int8()'s idea, the rest at one) could.
 The kernel computes each row on its own and every path gives the same bits, so the `kernel` rows are what decode
 gives on any CPU. Issue #10's targets: KLD <= 0.0005, top-1 >= 98.7%, PPL ratio <= 1.001.
 The output head refines its 16 largest logits a row from its int8 rows plus their rounding error (Int8Linear's
@@ -51,6 +53,7 @@ from torch import Tensor
 from benchmarks.common import display_command, environment, write_section
 from benchmarks.machine import log, machine_facts
 from int8serve.engine import int8, kernels
+from int8serve.engine.calibration import calibration_windows
 from int8serve.engine.int8 import Int8Linear, StackedInt8Linear, dequantize
 from int8serve.engine.kernels import matmul as prefill_matmul
 from int8serve.engine.loader import DEFAULT_QUANTIZER, QUANTIZERS, load_model
@@ -171,6 +174,50 @@ def emulating_only(model: Transformer, linears: Sequence[str]) -> Iterator[None]
             del layer.emulated
 
 
+@contextmanager
+def precise_channels(model: Transformer, windows: Tensor, count: int) -> Iterator[None]:
+    """For the duration the emulations keep each linear's `count` input channels of largest magnitude exact (the
+    largest |x| each channel took over `windows` [S, T], in `weights only` mode) and round the others, in their own
+    order, as the mode says: outlier channels at two int8 passes, the rest at one. `count` 0: no channel kept."""
+    if count <= 0:
+        yield
+        return
+    layers = [layer for layer in model.modules() if isinstance(layer, Int8Linear)]
+    largest: dict[Int8Linear, Tensor] = {}
+
+    def observe(layer: torch.nn.Module, args: tuple[Tensor, ...]) -> None:
+        seen = args[0].detach().float().abs().flatten(0, -2).amax(0)
+        largest[layer] = torch.maximum(largest[layer], seen) if layer in largest else seen  # type: ignore[index]
+
+    hooks = [layer.register_forward_pre_hook(observe) for layer in layers]
+    try:
+        with mode("weights only"), torch.no_grad():
+            for tokens in windows:
+                model(tokens[None], model.new_cache(1, tokens.numel()), [0], [0], all_logits=True)  # every row
+    finally:
+        for hook in hooks:
+            hook.remove()
+    for layer in layers:
+        width = largest[layer].numel()
+        layer.precise = largest[layer].topk(min(count, width)).indices  # type: ignore[assignment]
+    try:
+        yield
+    finally:
+        for layer in layers:
+            del layer.precise
+
+
+def _rounded_except(rows: Tensor, precise: Tensor | None, activations: Callable[[Tensor], Tensor]) -> Tensor:
+    """`rows` rounded by `activations`, but for the channels `precise` names, which stay exact."""
+    if precise is None:
+        return activations(rows)
+    rounded = torch.ones(rows.shape[-1], dtype=torch.bool)
+    rounded[precise] = False
+    out = rows.clone()
+    out[..., rounded] = activations(rows[..., rounded])
+    return out
+
+
 def _emulation(activations: Callable[[Tensor], Tensor], weights: Callable[[Tensor], Tensor]
                ) -> Callable[[Int8Linear, Tensor], Tensor]:
     """An Int8Linear.forward in fp32 math on the int8 weights dequantized in fp32, each side rounded as given."""
@@ -178,7 +225,9 @@ def _emulation(activations: Callable[[Tensor], Tensor], weights: Callable[[Tenso
         weight = getattr(self, "_fp32_weight", None)
         if weight is None:
             weight = self._fp32_weight = dequantize(*self.quantized())
-        rows = activations(x.float()) if getattr(self, "emulated", True) else x.float()  # --only leaves it exact
+        rows = x.float()
+        if getattr(self, "emulated", True):  # --only leaves the others exact
+            rows = _rounded_except(rows, getattr(self, "precise", None), activations)
         out = (rows @ weights(weight).T).to(x.dtype)
         return self._refine(x, out) if self.refine_top else out  # the head's largest logits, as the model's own
     return forward
@@ -198,6 +247,9 @@ def main(argv: Sequence[str] | None = None) -> None:
     parser.add_argument("--only", nargs="+", metavar="LINEAR", choices=LINEARS,
                         help="the emulations round the activations of these linears only (e.g. --only wq wk wv: "
                              "one int8 pass for the attention's inputs alone); the others take them exact")
+    parser.add_argument("--precise-channels", type=int, metavar="K", default=0,
+                        help="the emulations keep each linear's K input channels of largest magnitude (calibrated on "
+                             "demo_text.txt) exact and round the others (default: 0, none)")
     parser.add_argument("--write", type=Path, metavar="FILE", help="write the table into this Markdown file")
     args = parser.parse_args(argv)
     if args.model == "smollm2":
@@ -211,6 +263,7 @@ def main(argv: Sequence[str] | None = None) -> None:
         bos = tokenizer.bos_id
         reference = load_model(model_dir, "fp32")
     fp32 = RememberedReference(reference.model)
+    windows = calibration_windows(load_tokenizer(reference.tokenizer_path).encode, bos)  # type: ignore[arg-type]
     rows = []
     for quantizer in args.quantizers:
         for group_size in args.group_sizes:
@@ -219,7 +272,8 @@ def main(argv: Sequence[str] | None = None) -> None:
                 model.output.residual = model.output.residual_scale = None
             for name in args.modes:
                 started = time.perf_counter()
-                with mode(name), emulating_only(model, args.only or LINEARS):
+                with (precise_channels(model, windows, args.precise_channels), mode(name),
+                      emulating_only(model, args.only or LINEARS)):
                     r = evaluate(model, ids, 256, bos, reference=fp32)  # type: ignore[arg-type]
                 scheme = f"per {group_size} inputs" if group_size else "per output channel"
                 default = " (default)" if quantizer == DEFAULT_QUANTIZER else ""
@@ -246,6 +300,8 @@ def main(argv: Sequence[str] | None = None) -> None:
         f"{time.strftime('%Y-%m-%d', time.gmtime())}.",
         "- Scales are bf16, chosen per group by least squares among absmax/127 rounded up and the two bf16 values "
         f"below it. {goal}",
+        *([f"- Emulations keep each linear's {args.precise_channels} input channels of largest magnitude (calibrated "
+           "on demo_text.txt) exact (`--precise-channels`)."] if args.precise_channels else []),
         *([f"- Emulations round the activations of {', '.join(args.only)} only (`--only`); the other linears take "
            "them exact."] if args.only else []),
         "- The output head's 16 largest logits a row from its int8 rows plus their rounding error (the head's "

@@ -5,6 +5,7 @@ short run writes its table."""
 from __future__ import annotations
 
 import os
+from collections.abc import Callable
 from pathlib import Path
 
 import pytest
@@ -111,3 +112,36 @@ def test_only_the_named_linears_are_emulated(stories_int8: LoadedModel) -> None:
     assert torch.equal(logits[len(bench.LINEARS)], everywhere)
     assert not torch.equal(logits[3], exact) and not torch.equal(logits[3], everywhere)
     assert not any(hasattr(layer, "emulated") for layer in model.modules())  # given back
+
+
+def test_precise_channels_keep_the_largest_inputs_exact(stories_int8: LoadedModel) -> None:
+    """`--precise-channels K`: each linear keeps the K input channels whose largest |x| over the calibration windows
+    is largest exact, and the emulation rounds the others; every channel kept is the exact forward."""
+    model = stories_int8.model
+    largest: dict[str, torch.Tensor] = {}
+    linears = {name: layer for name, layer in model.named_modules() if isinstance(layer, int8.Int8Linear)}
+
+    def observe(name: str) -> Callable[[torch.nn.Module, tuple[torch.Tensor, ...]], None]:
+        def keep(module: torch.nn.Module, args: tuple[torch.Tensor, ...]) -> None:  # (a value returned is the input)
+            largest.setdefault(name, args[0].abs().flatten(0, -2).amax(0))
+        return keep
+
+    hooks = [layer.register_forward_pre_hook(observe(name)) for name, layer in linears.items()]
+    try:
+        with bench.mode("weights only"):
+            exact = forward(stories_int8)
+    finally:
+        for hook in hooks:
+            hook.remove()
+    with bench.mode("int8 activations per 32"):
+        none_kept = forward(stories_int8)
+    with bench.precise_channels(model, TOKENS, 4):
+        for name, layer in linears.items():
+            assert sorted(layer.precise.tolist()) == sorted(largest[name].topk(4).indices.tolist()), name
+        with bench.mode("int8 activations per 32"):
+            four_kept = forward(stories_int8)
+    with bench.precise_channels(model, TOKENS, 10_000), bench.mode("int8 activations per 32"):
+        all_kept = forward(stories_int8)
+    assert torch.equal(all_kept, exact)
+    assert not torch.equal(four_kept, exact) and not torch.equal(four_kept, none_kept)
+    assert not any(hasattr(layer, "precise") for layer in model.modules())  # given back
