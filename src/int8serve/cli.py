@@ -111,7 +111,9 @@ def build_parser() -> argparse.ArgumentParser:
                         help="no system prompt: the prompt is the only message (as a chat with one user message)")
     gen.add_argument("--template", choices=list(TEMPLATES), default=None,
                      help="prompt template, by Workers AI's name (default: the card's, see above)")
-    gen.add_argument("--max-tokens", type=int, default=256, help="tokens to generate at most (default: 256)")
+    gen.add_argument("--max-tokens", type=int, default=256,
+                     help="tokens to generate at most, up to the card's limit as the API's (Llama-2: 1800; the "
+                          "built-in model: 2048), fewer where the context runs out (default: 256)")
     sampling = gen.add_argument_group("sampling", "A flag given takes the range the API takes for the card (below: "
                                                   "Workers AI's; a card may declare its own); one left out takes the "
                                                   "card's default, as a request that leaves it out does.")
@@ -313,6 +315,9 @@ def cmd_generate(args: argparse.Namespace) -> None:
     if args.max_tokens < 1:
         raise UsageError("--max-tokens must be at least 1")
     spec, card = model_spec(args.model)
+    if args.max_tokens > card.sequence_length_limit:  # what the API refuses (5006)
+        raise UsageError(f"--max-tokens must be at most {card.sequence_length_limit} (the limit of {card.name}'s "
+                         "card, as the API's)")
     params = _sampling_params(args, card)
     template = template_named(args.template) if args.template else card_template(card)
     loaded, tokenizer = open_model(spec, args.dtype, args.model_cache)
@@ -322,9 +327,10 @@ def cmd_generate(args: argparse.Namespace) -> None:
         prompt_ids = tokenizer.encode_segments(segments)
     except ValueError as err:
         raise UsageError(f"--template {template.name}: {err}") from err
-    context = loaded.config.max_seq_len
+    context = min(card.context_length_limit, loaded.config.max_seq_len)  # the server's window
     if len(prompt_ids) >= context:
-        raise UsageError(f"the prompt is {len(prompt_ids)} tokens; the model's context is {context}")
+        raise UsageError(f"the prompt is {len(prompt_ids)} tokens; the context is {context} (the card's "
+                         f"{card.context_length_limit}, the model's {loaded.config.max_seq_len}), as the server's")
     max_tokens = min(args.max_tokens, context - len(prompt_ids))
     from .engine.generate import GenerationStats, generate
 

@@ -60,6 +60,38 @@ def test_generate_raw_reads_the_models_control_tokens(cache: Path, stories_hf: P
     assert f"prompt tokens {len(ids.ids)}, " in result.stderr and len(ids.ids) == 41
 
 
+def test_generate_refuses_max_tokens_the_api_refuses(cache: Path, stories_hf: Path) -> None:
+    """--max-tokens past the card's limit (Llama-2's 1800 for a plain PATH) is the API's 5006: a usage error, said
+    before the model loads; the limit itself is taken."""
+    refused = run("generate", "--model", str(stories_hf), "--raw", "--max-tokens", "1801", "Once", cache=cache)
+    assert refused.returncode == 2 and "--max-tokens must be at most 1800" in refused.stderr, refused.stderr
+    taken = run("generate", "--model", str(stories_hf), "--raw", "--temperature", "0", "--max-tokens", "1800",
+                "Once", cache=cache)
+    assert taken.returncode == 0, taken.stderr
+
+
+def test_generate_keeps_the_servers_context(cache: Path, stories_hf: Path, tmp_path: Path) -> None:
+    """The context is the server's, min(the card's, the model's): a model of 4096 positions under Llama-2's card
+    (2048) refuses a prompt of 2048 tokens and more, as the server does (413/5021), and fits --max-tokens to the
+    room left below it."""
+    import json
+    import shutil
+
+    longer = tmp_path / "stories-4096"
+    shutil.copytree(stories_hf, longer)
+    config = json.loads((longer / "config.json").read_text())
+    (longer / "config.json").write_text(json.dumps({**config, "max_position_embeddings": 4096}))
+    refused = run("generate", "--model", str(longer), "--raw", "--max-tokens", "1", "a" + " a" * 2100, cache=cache)
+    assert refused.returncode == 2, refused.stderr
+    assert re.search(r"the prompt is \d+ tokens; the context is 2048 \(the card's 2048, the model's 4096\)",
+                     refused.stderr), refused.stderr
+    fitted = run("generate", "--model", str(longer), "--raw", "--temperature", "0", "--max-tokens", "1800",
+                 "a" + " a" * 2040, cache=cache)
+    assert fitted.returncode == 0, fitted.stderr
+    prompt, generated = map(int, re.search(r"prompt tokens (\d+), generated tokens (\d+)", fitted.stderr).groups())
+    assert prompt + generated <= 2048 and prompt > 2000
+
+
 def test_quantize_then_generate_from_the_int8_checkpoint(cache: Path, stories_meta: Path, tmp_path: Path) -> None:
     out = tmp_path / "int8"
     result = run("quantize", str(stories_meta), str(out), cache=cache)
