@@ -231,6 +231,7 @@ def test_declared_too_large_body_is_refused_before_it_is_sent(base_url: str, run
     head, _, body = answer.partition(b"\r\n\r\n")
     assert head.startswith(b"HTTP/1.1 413 ")
     assert json.loads(body)["errors"] == [{"code": 3006, "message": "Request is too large"}]
+    assert b"\r\nconnection: close" in head.lower()  # the body is unread: it must not be taken for a request
 
 
 def test_actual_size_is_checked_for_chunked_bodies(http: httpx.Client, run_url: str, auth: dict[str, str]) -> None:
@@ -242,6 +243,7 @@ def test_actual_size_is_checked_for_chunked_bodies(http: httpx.Client, run_url: 
 
     resp = http.post(run_url, headers=auth, content=chunks())
     assert_error(resp, 413, 3006, "Request is too large")
+    assert resp.headers["connection"] == "close"
 
 
 def test_a_large_body_under_the_limit_is_fine(http: httpx.Client, run_url: str, auth: dict[str, str]) -> None:

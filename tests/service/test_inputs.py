@@ -37,6 +37,13 @@ def test_parse_json_body() -> None:
     assert _fails(lambda: parse_json_body(b"{'a': 1}")).code == 5006
     err = _fails(lambda: parse_json_body(b"\xc3"))
     assert err.message.startswith("AiError: Bad input: Error: the request body is not valid UTF-8")
+    # arrays and objects nest at most 64 deep (a top-level object is 1)
+    for allowed, refused in ((b"[" * 64 + b"]" * 64, b"[" * 65 + b"]" * 65),
+                             (b'{"a": ' + b"[" * 63 + b"]" * 63 + b"}", b'{"a": ' + b"[" * 64 + b"]" * 64 + b"}"),
+                             (b'{"a": ' * 64 + b"1" + b"}" * 64, b'{"a": ' * 65 + b"1" + b"}" * 65)):
+        parse_json_body(allowed)
+        err = _fails(lambda refused=refused: parse_json_body(refused))
+        assert err.code == 5006 and err.message.endswith("nests arrays and objects more than 64 deep")
 
 
 def test_schema_wording(card: ModelCard) -> None:

@@ -78,7 +78,7 @@ from .policy.allocation import Reservation
 from .policy.cache import CACHE_STATUS_HEADER, CachedAnswer, CacheDirectives, CacheKey
 from .policy.fairness import InflightLimiter
 from .policy.usage_rows import utc_now
-from .protocol.body import DEFAULT_MAX_BODY_BYTES, read_body
+from .protocol.body import CLOSE, DEFAULT_MAX_BODY_BYTES, read_body
 from .protocol.run import RunRequest, ValidatedRun
 from .request_log import REQUEST_ID_SCOPE_KEY
 from .streaming import UNSENT_ANSWER_BYTES, Answer, AnswerBuilder, EventStreamResponse, watch_disconnect
@@ -253,7 +253,7 @@ class InferenceCall:
                 async with asyncio.timeout(limits.body_timeout):
                     raw = await read_body(self.request, limits.max_body_bytes)
             except TimeoutError:
-                raise ApiError(REQUEST_TIMEOUT) from None
+                raise ApiError(REQUEST_TIMEOUT, headers=CLOSE) from None
             checked = await self.inference.workers.check(self.account, self.fmt, raw, model)
         except ApiError as err:
             model = model or err.fields.get("model")

@@ -10,8 +10,11 @@ neither Workers AI's pointers nor a `prompt` in a chat: `OPENAI_WORDING` names a
 
 Parsing is bounded so that no value in a body can cost more than its bytes: a body is at most `max_bytes` (413/3006,
 judged on `Content-Length` and on the bytes actually read), an integer literal has at most `MAX_INTEGER_DIGITS`
-digits and a number must be finite (`1e400` is not a number here). The parse runs in a worker thread
-(`inference.py`), never on the event loop.
+digits, a number must be finite (`1e400` is not a number here) and arrays and objects nest at most `MAX_JSON_DEPTH`
+deep (a value nested hundreds deep is valid JSON, but the pickling that carries a checked body back from a request
+worker process, and any recursive walk, would fail on it). The parse runs in a worker thread or process
+(`workers.py`), never on the event loop. A body refused before it is read whole (413, or 408 when it stops arriving)
+closes the connection: what the client still sends would otherwise be read as its next request.
 """
 
 from __future__ import annotations
@@ -28,9 +31,11 @@ from starlette.requests import ClientDisconnect, Request
 from ..errors import BAD_INPUT, INCOMPLETE_REQUEST, REQUEST_ABORTED, REQUEST_TOO_LARGE, ApiError
 
 __all__ = [
+    "CLOSE",
     "DEFAULT_MAX_BODY_BYTES",
     "EXPECTED_TYPES",
     "MAX_INTEGER_DIGITS",
+    "MAX_JSON_DEPTH",
     "OPENAI_WORDING",
     "WORKERS_AI_WORDING",
     "Wording",
@@ -47,6 +52,8 @@ __all__ = [
 
 DEFAULT_MAX_BODY_BYTES = 1 << 20  # 1 MiB: 256 messages of the schema's 4096 characters fit with room to spare
 MAX_INTEGER_DIGITS = 30  # far beyond any range the API accepts (seed <= 9999999999)
+MAX_JSON_DEPTH = 64  # arrays and objects within each other; a request of either API nests 4 or 5 deep
+CLOSE = {"connection": "close"}  # for a refusal that leaves part of the body unread
 
 
 async def read_body(request: Request, max_bytes: int = DEFAULT_MAX_BODY_BYTES) -> bytes:
@@ -55,14 +62,14 @@ async def read_body(request: Request, max_bytes: int = DEFAULT_MAX_BODY_BYTES) -
     of it is sent is 408/3008, aborted, as one that leaves while waiting for its answer (nobody reads either)."""
     declared = request.headers.get("content-length", "").strip()
     if declared.isascii() and declared.isdigit() and (len(declared) > 18 or int(declared) > max_bytes):
-        raise ApiError(REQUEST_TOO_LARGE)
+        raise ApiError(REQUEST_TOO_LARGE, headers=CLOSE)
     chunks: list[bytes] = []
     size = 0
     try:
         async for chunk in request.stream():
             size += len(chunk)
             if size > max_bytes:
-                raise ApiError(REQUEST_TOO_LARGE)
+                raise ApiError(REQUEST_TOO_LARGE, headers=CLOSE)
             chunks.append(chunk)
     except ClientDisconnect:  # the client left: aborted, as one that leaves while waiting for its answer
         raise ApiError(REQUEST_ABORTED) from None
@@ -71,7 +78,8 @@ async def read_body(request: Request, max_bytes: int = DEFAULT_MAX_BODY_BYTES) -
 
 def parse_json_body(raw: bytes) -> Any:
     """JSON whatever the Content-Type; empty → 3003; not UTF-8, not JSON (NaN, Infinity, 1e400 and integers of
-    more than MAX_INTEGER_DIGITS digits included) or holding a lone UTF-16 surrogate escape → 5006."""
+    more than MAX_INTEGER_DIGITS digits included), nested deeper than MAX_JSON_DEPTH or holding a lone UTF-16
+    surrogate escape → 5006."""
     if not raw.strip():
         raise ApiError(INCOMPLETE_REQUEST, what="body")
     try:
@@ -83,12 +91,28 @@ def parse_json_body(raw: bytes) -> Any:
         value = json.loads(text, parse_constant=_reject_constant, parse_int=_bounded_int, parse_float=_finite_float)
     except (ValueError, RecursionError) as err:
         raise ApiError(BAD_INPUT, detail=f"the request body is not valid JSON ({err})") from None
+    if _deeper_than(value, MAX_JSON_DEPTH):
+        raise ApiError(BAD_INPUT, detail=f"the request body nests arrays and objects more than {MAX_JSON_DEPTH} deep")
     try:  # "\ud800" is valid JSON but not Unicode: nothing downstream (tokenizer, logs) could use it
         json.dumps(value, ensure_ascii=False).encode("utf-8")
     except UnicodeEncodeError as err:
         bad = err.object[err.start:err.end].encode("unicode_escape").decode("ascii")
         raise ApiError(BAD_INPUT, detail=f"the request body is not valid Unicode (lone surrogate {bad})") from None
     return value
+
+
+def _deeper_than(value: Any, limit: int) -> bool:
+    """Whether arrays and objects nest more than `limit` deep in `value` (a top-level object is depth 1): a walk
+    without recursion, a level at a time over the containers only (0.07 s for 300,000 of them)."""
+    level, depth = ([value] if type(value) in (dict, list) else []), 1
+    while level:
+        inner: list[Any] = []
+        for node in level:
+            inner += [c for c in (node.values() if type(node) is dict else node) if type(c) is dict or type(c) is list]
+        if inner and depth >= limit:
+            return True
+        level, depth = inner, depth + 1
+    return False
 
 
 def _reject_constant(name: str) -> Any:
