@@ -1,14 +1,17 @@
 """Requests framed as RFC 9112 allows but h11 and uvicorn leave to the application, on raw sockets against a live
-server: a body length the headers do not settle (refused, the connection closed) and absolute-form targets."""
+server: a body length the headers do not settle (refused, the connection closed), requests h11 refuses itself
+(answered as those are) and absolute-form targets."""
 
 from __future__ import annotations
 
 import asyncio
 import json
 import socket
+import time
 from typing import Any
 
 import pytest
+from fastapi import FastAPI
 
 from int8serve.service.app import REQUEST_ID_HEADER
 from int8serve.service.framing import AmbiguousLengthMiddleware
@@ -17,6 +20,7 @@ from int8serve.service.request_log import REQUEST_LOGGER
 from .conftest import ACCOUNT, MODEL, OTHER_ACCOUNT, OTHER_TOKEN, TOKEN, LiveServer
 
 RUN = f"/client/v4/accounts/{ACCOUNT}/ai/run/{MODEL}"
+RUN_ROUTE = "/client/v4/accounts/{account_id}/ai/run/{model:path}"
 AUTH = f"Authorization: Bearer {TOKEN}\r\n"
 SMUGGLED = "GET /healthz HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n"
 
@@ -103,6 +107,84 @@ def test_every_ambiguous_length_is_refused_before_the_app(headers: list[tuple[by
     asyncio.run(AmbiguousLengthMiddleware(app)(scope, receive, send))
     assert sent[0]["status"] == 400 and (b"connection", b"close") in sent[0]["headers"]
     assert json.loads(sent[1]["body"])["errors"][0]["code"] == 6003
+
+
+def request_lines(caplog: pytest.LogCaptureFixture, request_id: str) -> list[dict[str, Any]]:
+    return [r.fields for r in caplog.records  # type: ignore[attr-defined]
+            if getattr(r, "fields", {}).get("request_id") == request_id]
+
+
+def answered(app: FastAPI, route: str, status: int) -> float:
+    """How many answers of `status` the metrics counted for `route`."""
+    registry = app.state.services.metrics.registry
+    return registry.get_sample_value("int8serve_http_requests_total", {"route": route, "status": str(status)}) or 0.0
+
+
+def assert_refused(received: bytes, reason: str, openai: bool) -> str:
+    """`received` is one 400/6003 for `reason` in the envelope of Workers AI (or OpenAI), with `Connection: close`
+    and a request id, and the end of the connection; the request id."""
+    [(status, headers, body)] = answers(received)
+    assert (status, headers["connection"]) == (400, "close") and headers[REQUEST_ID_HEADER]
+    if openai:
+        assert body["error"]["message"] == reason and body["error"]["type"] == "invalid_request_error"
+    else:
+        assert body == {"success": False, "errors": [{"code": 6003, "message": reason}], "messages": [],
+                        "result": None}
+    return headers[REQUEST_ID_HEADER]
+
+
+@pytest.mark.parametrize("path", [RUN, "/v1/chat/completions"], ids=["run", "openai"])
+def test_differing_content_lengths_are_answered_in_the_envelope(
+        app: FastAPI, server: LiveServer, path: str, caplog: pytest.LogCaptureFixture) -> None:
+    """Found by an audit: a request h11 refuses itself (two differing Content-Lengths; likewise one of -1 or 400
+    digits, a Transfer-Encoding other than chunked, two Hosts, a header line too long) was answered by uvicorn's
+    plain-text 400, outside the app: no envelope, no request id, no log line, not counted. Now it is answered as
+    the ambiguous lengths are: 400/6003 in the envelope of the route it names, counted and logged."""
+    caplog.set_level("INFO", logger=REQUEST_LOGGER)
+    route = RUN_ROUTE if path == RUN else path
+    before = answered(app, route, 400)
+    received = exchange(server, f"POST {path} HTTP/1.1\r\nHost: x\r\n{AUTH}Content-Length: 2\r\n"
+                                f"Content-Length: 3\r\n\r\n{{}}{SMUGGLED}")
+    request_id = assert_refused(received, "Invalid request headers: Content-Length given with differing values",
+                                openai=path != RUN)
+    assert [(f["status"], f["error_code"], f["outcome"]) for f in request_lines(caplog, request_id)] == [
+        (400, 6003 if path == RUN else "invalid_request_headers", "rejected")]
+    assert answered(app, route, 400) == before + 1
+
+
+def test_a_bad_chunk_size_in_a_body_being_read_is_400_not_aborted(
+        app: FastAPI, server: LiveServer, caplog: pytest.LogCaptureFixture) -> None:
+    """Found by an audit: a chunk size that is not one (`zz`, `-5`, 400 hex digits), sent while the route read
+    the body, got uvicorn's plain-text 400, and the route, which saw its client leave, logged and counted the
+    request as 408/3008 `aborted`. Now the route's read ends in 400/6003: its answer, log line and count."""
+    caplog.set_level("INFO", logger=REQUEST_LOGGER)
+    before = {status: answered(app, RUN_ROUTE, status) for status in (400, 408)}
+    with socket.create_connection(("127.0.0.1", server.port)) as sock:
+        sock.settimeout(5)
+        sock.sendall(f"POST {RUN} HTTP/1.1\r\nHost: x\r\n{AUTH}Transfer-Encoding: chunked\r\n\r\n"
+                     f"2\r\n{{\"\r\n".encode())
+        time.sleep(0.3)  # the route is reading the body
+        sock.sendall(b"zz\r\n\r\n")
+        received = b""
+        while chunk := sock.recv(65536):
+            received += chunk
+    request_id = assert_refused(received, "Invalid request body: a chunk size is not a hexadecimal length",
+                                openai=False)
+    [line] = request_lines(caplog, request_id)
+    assert (line["status"], line["error_code"], line["outcome"], line["model"]) == (400, 6003, "rejected", MODEL)
+    assert {status: answered(app, RUN_ROUTE, status) - before[status] for status in (400, 408)} == {400: 1, 408: 0}
+
+
+def test_http_1_1_without_host_is_answered_in_the_openai_envelope(
+        app: FastAPI, server: LiveServer, caplog: pytest.LogCaptureFixture) -> None:
+    """Found by an audit: HTTP/1.1 without Host (and Host twice) was uvicorn's plain-text 400. Now it is the
+    envelope of the route its target names, counted under that route and logged."""
+    caplog.set_level("INFO", logger=REQUEST_LOGGER)
+    before = answered(app, "/v1/models", 400)
+    received = exchange(server, f"GET /v1/models HTTP/1.1\r\n{AUTH}\r\n")
+    request_id = assert_refused(received, "Invalid request headers: Host missing", openai=True)
+    assert [(f["status"], f["route"]) for f in request_lines(caplog, request_id)] == [(400, "/v1/models")]
+    assert answered(app, "/v1/models", 400) == before + 1
 
 
 def request(method: str, target: str, token: str | None = TOKEN, body: dict[str, Any] | None = None) -> str:

@@ -9,8 +9,9 @@ together with the app-wide pieces:
   (`framing.py`), `HEAD` answered as `GET` without a body (outside the metrics, which then count a HEAD under the
   GET's route and read the error code from its body), metrics (every answer's final status), the request id
   (`cf-ai-req-id`, a fresh uuid4 on every answer, also the engine request id in the logs; unexpected exceptions
-  become a logged 500/3043), the refusal of a request whose body length is ambiguous (`framing.py`: 400/6003, the
-  connection closed after it), and the lifecycle gate (`lifecycle.py`: 503 while loading or draining);
+  become a logged 500/3043), the refusal of a request whose body length is ambiguous or that uvicorn's HTTP parser
+  refused (`framing.py`: 400/6003, the connection closed after it), and the lifecycle gate (`lifecycle.py`: 503
+  while loading or draining);
 * the OpenAPI document at `/openapi.json`, with the request bodies, which routes parse themselves (JSON whatever
   the Content-Type, in a worker thread), added to its components. FastAPI's `/docs` and `/redoc` are off: they
   load code from a CDN onto this origin (where the playground may keep a token); `routes/ops.py` serves a page of

@@ -34,6 +34,15 @@ request meets a reset. Sparing young connections would close it, but then a floo
 than `max_connections` in such a grace would keep every client out, where now a client's connection lasts until
 `max_connections` newer ones have come.
 
+A request that h11 (uvicorn's HTTP parser) refuses as malformed — its head (differing `Content-Length`s, no `Host`,
+a line too long, ...) or its chunked body (a chunk size that is not one) — uvicorn answered with a plain-text 400 of
+its own, outside the app: no envelope, request id, log line or metric, and a route reading that body saw its client
+leave (408/3008 `aborted` in the log). `HeaderDeadlineProtocol.send_400_response` has the app answer it instead
+(`framing.py`: 400/6003 in the route's envelope, `Connection: close`, counted and logged): a head with a request of
+its own, made of its request line when that could be read (`REQUEST_LINE`, in the first `HEAD_SNAPSHOT_BYTES`
+bytes of the head), else of no target (Workers AI's envelope, the route `unmatched`); a body by the route reading
+it. Whatever the client sends after a refused request is not read: the connection closes after its answer.
+
 A connection that has sent nothing needs no deadline shorter than `header_timeout`: it is the first to go when its
 place is wanted, and until then it costs one file descriptor within the budget.
 
@@ -66,15 +75,21 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import re
 import resource
 import socket
+import sys
 import time
 from typing import Any
+from urllib.parse import unquote
 
+import h11
 import uvicorn
 from starlette.types import ASGIApp, Receive, Scope, Send
-from uvicorn.protocols.http.h11_impl import H11Protocol
+from uvicorn.protocols.http.h11_impl import H11Protocol, RequestResponseCycle
 
+from .errors import ApiError
+from .framing import MALFORMED_SCOPE_KEY, Malformed, malformed_request
 from .policy.redis_state import REDIS_CONNECTIONS
 
 __all__ = ["CLOSE_REASONS", "DEFAULT_HEADER_TIMEOUT", "DEFAULT_MAX_CONNECTIONS", "KEEP_ALIVE_GRACE",
@@ -101,6 +116,9 @@ RESERVED_FDS = 96
 ACCEPT_OUT_OF_RESOURCES = "socket.accept() out of system resource"  # asyncio's message
 # why connections are closed by the server, as `int8serve_connections_closed_total{reason}` counts them
 CLOSE_REASONS = ("evicted", "over_limit", "header_timeout", "write_stalled")
+HEAD_SNAPSHOT_BYTES = 8192  # of a request head being received, kept for its request line if h11 refuses the head
+# a request line (after the empty lines RFC 9112 lets a server skip): method, target, HTTP version
+REQUEST_LINE = re.compile(rb"(?:\r?\n)*([!#$%&'*+.^_`|~0-9A-Za-z-]+) ([\x21-\x7e]+) HTTP/(1\.[01])\r?\n")
 
 
 class _Occasional:
@@ -219,6 +237,9 @@ class HeaderDeadlineProtocol(H11Protocol):
         self._stall: asyncio.TimerHandle | None = None  # armed while the answer waits for the client
         self._seen_cycle: object = None
         self._over_limit = False
+        # the request head being received, as h11 holds it (its first bytes), and the request before it
+        self._head: tuple[object, bytes] = (None, b"")
+        self._refused = False  # a request on this connection was refused as malformed: it closes after the answer
 
     def connection_made(self, transport: asyncio.Transport) -> None:  # type: ignore[override]
         super().connection_made(transport)
@@ -251,14 +272,76 @@ class HeaderDeadlineProtocol(H11Protocol):
             self.budget.idle(self)
             self._arm(self.header_timeout)  # the next request on this connection has the same deadline
 
+    def data_received(self, data: bytes) -> None:
+        if not self._refused:  # else the connection closes once the refusal is answered: the rest is not read
+            super().data_received(data)
+
     def handle_events(self) -> None:
+        if self.conn.their_state is h11.IDLE:  # a request head is coming: h11 holds what has come of it so far
+            self._head = (self.cycle, self.conn.trailing_data[0][:HEAD_SNAPSHOT_BYTES])
         super().handle_events()
         if self.cycle is not None and self.cycle is not self._seen_cycle:  # a request's headers are complete
             self._seen_cycle = self.cycle
+            self._head = (None, b"")
+            _malformed(self.cycle.scope)  # before the app runs: the scope's copies share it
             self._disarm()
             self.budget.busy(self)
             if self._over_limit:
                 self.cycle.keep_alive = False  # one answer, then closed
+
+    def send_400_response(self, msg: str) -> None:
+        """Have the app answer the request h11 refused (see the module docstring), not uvicorn's plain text. uvicorn
+        calls this while it handles h11's error, which `sys.exc_info()` holds."""
+        refusal = sys.exc_info()[1]
+        reason = str(refusal) if refusal is not None else msg
+        self._refused = True
+        state = self.conn.our_state
+        if state is h11.IDLE:  # a request head: the app has not seen this request
+            self._answer_refused_head(malformed_request(reason, in_body=False))
+        elif state is h11.SEND_RESPONSE:  # the body of a request the app has, which it has not answered yet
+            self._refuse_body(malformed_request(reason, in_body=True))
+        else:  # its answer is under way or sent: it cannot become a 400, the connection ends as for a client that left
+            self.transport.close()
+
+    def _refuse_body(self, error: ApiError) -> None:
+        """The request being received ends with `error`: answered at once by an app that has not started on it
+        yet, else raised from the route's next `receive` (woken now if it waits for the body)."""
+        _malformed(self.cycle.scope).error = error
+        self.cycle.keep_alive = False
+        self.cycle.message_event.set()
+
+    def _answer_refused_head(self, error: ApiError) -> None:
+        """Answer `error` as the app's answer to a request of its own, as uvicorn starts one for a request head."""
+        method, target, version = self._refused_request_line()
+        raw_path, _, query_string = target.partition(b"?")
+        scope = {"type": "http", "asgi": {"version": self.asgi_version, "spec_version": "2.3"},
+                 "http_version": version, "server": self.server, "client": self.client, "scheme": self.scheme,
+                 "method": method, "root_path": self.root_path,
+                 "path": self.root_path + unquote(raw_path.decode("ascii")),
+                 "raw_path": self.root_path.encode("ascii") + raw_path, "query_string": query_string,
+                 "headers": [], "state": self.app_state.copy(), MALFORMED_SCOPE_KEY: Malformed(error)}
+        self.cycle = RequestResponseCycle(
+            scope=scope, conn=self.conn, transport=self.transport, flow=self.flow,  # type: ignore[arg-type]
+            logger=self.logger, access_logger=self.access_logger, access_log=self.access_log,
+            default_headers=self.server_state.default_headers, message_event=asyncio.Event(),
+            on_response=self.on_response_complete)
+        self.cycle.keep_alive = False
+        self.cycle.more_body = False
+        self.cycle.message_event.set()  # its body is empty
+        task = self.loop.create_task(self.cycle.run_asgi(self.app))
+        task.add_done_callback(self.tasks.discard)
+        self.tasks.add(task)
+
+    def _refused_request_line(self) -> tuple[str, bytes, str]:
+        """The method, target and HTTP version of the request head h11 refused, if its request line could be read
+        (`GET`, an empty target and 1.1 if not). A HEAD is answered as a GET: h11, which never read the request,
+        frames the answer with its body."""
+        before, head = self._head
+        line = REQUEST_LINE.match(head) if before is self.cycle else None  # else h11 read on past that head
+        if line is None:
+            return "GET", b"", "1.1"
+        method = line[1].decode("ascii")
+        return "GET" if method == "HEAD" else method, line[2], line[3].decode("ascii")
 
     def pause_writing(self) -> None:
         super().pause_writing()
@@ -317,6 +400,12 @@ class HeaderDeadlineProtocol(H11Protocol):
             self.budget.closed["header_timeout"] += 1
             self.transport.close()
             self._watch_stall_if_unsent()  # its last answer may still be going out
+
+
+def _malformed(scope: Any) -> Malformed:
+    """The `Malformed` of the request of `scope` (an ASGI scope), put there if it is not yet."""
+    malformed: Malformed = scope.setdefault(MALFORMED_SCOPE_KEY, Malformed())
+    return malformed
 
 
 def bytes_waiting(sock: Any) -> bool:

@@ -49,6 +49,7 @@ __all__ = [
     "INTERNAL",
     "INVALID_HEADERS",
     "LORA_UNSUPPORTED",
+    "MALFORMED_BODY",
     "MISSING_AUTH",
     "NOT_READY",
     "NO_ROUTE",
@@ -144,9 +145,13 @@ INTERNAL = ErrorKind(500, 3043, "Internal server error", ai=True)  # ours: no pu
 MISSING_AUTH = ErrorKind(400, 9106, "Missing X-Auth-Key, X-Auth-Email or Authorization headers", ai=False)
 INVALID_HEADERS = ErrorKind(400, 6003, "Invalid request headers", ai=False)  # + error_chain naming the header
 # a request whose headers do not settle its body's length (RFC 9112 section 6.3), refused before any route reads it
-# (`framing.py`): OpenAI's clients get a 400 too (6003 is their 401 for a malformed Authorization header)
+# (`framing.py`), and a request head the server's HTTP parser cannot read (`connections.py`): OpenAI's clients get
+# a 400 too (6003 is their 401 for a malformed Authorization header)
 AMBIGUOUS_LENGTH = ErrorKind(400, 6003, "Invalid request headers: {detail}", ai=False,
                              openai=OpenAIForm(400, "invalid_request_headers", "Invalid request headers: {detail}"))
+# a chunked body the server's HTTP parser cannot read (an invalid chunk size), answered as a malformed head is
+MALFORMED_BODY = ErrorKind(400, 6003, "Invalid request body: {detail}", ai=False,
+                           openai=OpenAIForm(400, "invalid_request_body", "Invalid request body: {detail}"))
 AUTHENTICATION = ErrorKind(401, 10000, "Authentication error", ai=False)
 FORBIDDEN = ErrorKind(403, 10000, "Authentication error", ai=False)
 NO_ROUTE = ErrorKind(404, 7000, "No route for that URI", ai=False)
