@@ -226,3 +226,19 @@ def test_an_absolute_form_target_is_refused_as_its_path_is(server: LiveServer, t
     refused = answer(server, "POST", target, token=token, body=body)
     assert refused[0] in (400, 401, 403)
     assert answer(server, "POST", f"http://evil.example{target}", token=token, body=body) == refused
+
+
+def test_a_refusal_falls_back_to_uvicorns_answer_if_its_internals_moved(
+        server: LiveServer, monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture) -> None:
+    """The envelope for a request h11 refuses leans on uvicorn's request cycle: should another uvicorn version have
+    changed it, the client still gets uvicorn's own 400 (never a dropped connection), and a warning says why."""
+    from int8serve.service import connections
+
+    def moved(*args: object, **kwargs: object) -> None:
+        raise TypeError("RequestResponseCycle() got an unexpected keyword argument 'flow'")
+
+    monkeypatch.setattr(connections, "RequestResponseCycle", moved)
+    received = exchange(server, "GET /v1/models HTTP/1.1\r\n\r\n")
+    assert received.startswith(b"HTTP/1.1 400 ") and b"Invalid HTTP request received." in received
+    assert any("uvicorn's plain text" in r.getMessage() and "unexpected keyword argument" in r.getMessage()
+               for r in caplog.records)

@@ -291,9 +291,18 @@ class HeaderDeadlineProtocol(H11Protocol):
 
     def send_400_response(self, msg: str) -> None:
         """Have the app answer the request h11 refused (see the module docstring), not uvicorn's plain text. uvicorn
-        calls this while it handles h11's error, which `sys.exc_info()` holds."""
+        calls this while it handles h11's error, which `sys.exc_info()` holds. The answer leans on uvicorn's
+        internals (its request cycle); should another uvicorn version have moved them, uvicorn's own answer goes
+        out, and a warning says why."""
         refusal = sys.exc_info()[1]
-        reason = str(refusal) if refusal is not None else msg
+        try:
+            self._refuse(str(refusal) if refusal is not None else msg)
+        except Exception as err:  # any failure here must still answer the client
+            _WARN_PLAIN_400(f"{type(err).__name__}: {err}")
+            if not self.transport.is_closing():
+                super().send_400_response(msg)
+
+    def _refuse(self, reason: str) -> None:
         self._refused = True
         state = self.conn.our_state
         if state is h11.IDLE:  # a request head: the app has not seen this request
@@ -400,6 +409,10 @@ class HeaderDeadlineProtocol(H11Protocol):
             self.budget.closed["header_timeout"] += 1
             self.transport.close()
             self._watch_stall_if_unsent()  # its last answer may still be going out
+
+
+_WARN_PLAIN_400 = _Occasional("a request the HTTP parser refused was answered in uvicorn's plain text, not the API's "
+                               "envelope (this uvicorn's internals differ from those int8serve was written for): %s")
 
 
 def _malformed(scope: Any) -> Malformed:
