@@ -27,13 +27,13 @@ from urllib.parse import unquote
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from .errors import AMBIGUOUS_LENGTH, MALFORMED_BODY, ApiError, error_response
+from .protocol.body import CLOSE
 
 __all__ = ["MALFORMED_SCOPE_KEY", "AbsoluteFormMiddleware", "AmbiguousLengthMiddleware", "Malformed",
            "malformed_request"]
 
 ABSOLUTE_FORM = re.compile(rb"https?://[^/]*", re.IGNORECASE)  # an http(s) URL's scheme and authority
 MALFORMED_SCOPE_KEY = "int8serve.malformed"  # a request's `Malformed`, put in its scope by the connection
-CLOSE = {"connection": "close"}
 # h11's reasons for refusing a request, by the start of its message, in our words: its other messages quote the
 # client's bytes (an illegal header line, a chunk header), which an answer does not echo
 H11_REASONS = {
