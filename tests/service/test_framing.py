@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import asyncio
 import json
+import logging
 import socket
 import time
 from typing import Any
@@ -242,3 +243,19 @@ def test_a_refusal_falls_back_to_uvicorns_answer_if_its_internals_moved(
     assert received.startswith(b"HTTP/1.1 400 ") and b"Invalid HTTP request received." in received
     assert any("uvicorn's plain text" in r.getMessage() and "unexpected keyword argument" in r.getMessage()
                for r in caplog.records)
+
+
+def test_uvicorns_warning_for_a_refused_request_is_not_logged(server: LiveServer) -> None:
+    """uvicorn logged `Invalid HTTP request received.` for each request its parser refused, beside the app's own
+    request line for it: a second line per request a client can send by the thousand. Only the request line stays."""
+    seen: list[str] = []
+    handler = logging.Handler()
+    handler.emit = lambda record: seen.append(record.getMessage())  # type: ignore[method-assign]
+    uvicorn_errors = logging.getLogger("uvicorn.error")
+    uvicorn_errors.addHandler(handler)
+    try:
+        received = exchange(server, "GET /v1/models HTTP/1.1\r\n\r\n")
+    finally:
+        uvicorn_errors.removeHandler(handler)
+    assert received.startswith(b"HTTP/1.1 400 ")
+    assert "Invalid HTTP request received." not in seen

@@ -116,6 +116,7 @@ RESERVED_FDS = 96
 ACCEPT_OUT_OF_RESOURCES = "socket.accept() out of system resource"  # asyncio's message
 # why connections are closed by the server, as `int8serve_connections_closed_total{reason}` counts them
 CLOSE_REASONS = ("evicted", "over_limit", "header_timeout", "write_stalled")
+INVALID_REQUEST_WARNING = "Invalid HTTP request received."  # uvicorn's (h11_impl.py), as it words it
 HEAD_SNAPSHOT_BYTES = 8192  # of a request head being received, kept for its request line if h11 refuses the head
 # a request line (after the empty lines RFC 9112 lets a server skip): method, target, HTTP version
 REQUEST_LINE = re.compile(rb"(?:\r?\n)*([!#$%&'*+.^_`|~0-9A-Za-z-]+) ([\x21-\x7e]+) HTTP/(1\.[01])\r?\n")
@@ -494,7 +495,20 @@ class ConnectionServer(uvicorn.Server):
 
         loop.set_exception_handler(handle)
         _skip_retries_once_closed(loop)
+        uvicorn_errors = logging.getLogger("uvicorn.error")
+        if not any(isinstance(f, _AnsweredByTheApp) for f in uvicorn_errors.filters):
+            uvicorn_errors.addFilter(_AnsweredByTheApp())
         await super().startup(sockets)
+
+
+class _AnsweredByTheApp(logging.Filter):
+    """Drops uvicorn's warning for each request its HTTP parser refuses (`Invalid HTTP request received.`, logged
+    before `send_400_response`): the app answers that request and logs it as any request, so the warning only
+    doubled the line, once per request a client could send by the thousand. If the app's answer cannot be made,
+    `send_400_response` warns (`_WARN_PLAIN_400`)."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        return record.getMessage() != INVALID_REQUEST_WARNING
 
 
 def _skip_retries_once_closed(loop: asyncio.AbstractEventLoop) -> None:
