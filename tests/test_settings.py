@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import re
 from pathlib import Path
 
@@ -201,6 +202,46 @@ def test_config_file_problems(tmp_path: Path) -> None:
     latin1.write_bytes("port = 8080\n# café\n".encode("latin-1"))
     with pytest.raises(SettingsFileError, match=rf"^{latin1}:2: not UTF-8 text \(byte 0xe9\)"):
         load_settings(flags("--config", str(latin1)))
+
+
+def test_an_endless_or_huge_config_file_is_refused_without_reading_it_whole(tmp_path: Path) -> None:
+    """`--config /dev/zero` read until the machine ran out of memory (23.5 GB, killed); a pipe still works."""
+    with pytest.raises(SettingsFileError, match=r"^/dev/zero: larger than 1 MiB; not a config file$"):
+        load_settings(flags("--config", "/dev/zero"))
+    big = write_config(tmp_path, "port = 8080\n" + "#" * (1 << 20) + "\n")
+    with pytest.raises(SettingsFileError, match="larger than 1 MiB"):
+        load_settings(flags("--config", str(big)))
+    read, write = os.pipe()
+    os.write(write, b"max_queue = 7\n")
+    os.close(write)
+    try:
+        assert load_settings(flags("--config", f"/dev/fd/{read}")).settings.max_queue == 7
+    finally:
+        os.close(read)
+
+
+def test_a_setting_in_two_spellings_is_refused(tmp_path: Path) -> None:
+    """`max_queue = 5` and `max-queue = 6` both: the last won, unsaid (one spelling twice is TOML's own error)."""
+    with pytest.raises(SettingsFileError, match=r"a setting given twice, in two spellings \(max-queue, max_queue\)"):
+        load_settings(flags("--config", str(write_config(tmp_path, "max_queue = 5\nmax-queue = 6\n"))))
+
+
+@pytest.mark.parametrize("field", ["data_dir", "tokens_file"])
+def test_an_empty_path_is_refused_from_each_source(field: str, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+                                                   ) -> None:
+    """`INT8SERVE_DATA_DIR=` (a compose file's `${DATA_DIR}` unset) put the ledger in the current directory, a new
+    one, unseen; an empty tokens file path failed later as "no such tokens file"."""
+    flag = "--" + field.replace("_", "-")
+    for value in ("", "  "):
+        with pytest.raises(ValueError, match=f"^{flag}: Value error, must not be empty"):
+            load_settings(flags(flag, value))
+        monkeypatch.setenv(f"INT8SERVE_{field.upper()}", value)
+        with pytest.raises(ValueError, match=f"^INT8SERVE_{field.upper()}: Value error, must not be empty"):
+            load_settings(flags())
+        monkeypatch.delenv(f"INT8SERVE_{field.upper()}")
+        config = write_config(tmp_path, f"{field} = {json.dumps(value)}\n")
+        with pytest.raises(ValueError, match=f"^{field} in {config}: Value error, must not be empty"):
+            load_settings(flags("--config", str(config)))
 
 
 def test_cli_reports_settings_errors_without_a_traceback(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:

@@ -138,6 +138,9 @@ def kv_cache_problem(kv_cache: str, dtype: str) -> str | None:
     return None
 
 
+MAX_CONFIG_BYTES = 1 << 20  # a config file is a few hundred bytes; a tokens list belongs in --tokens-file
+
+
 class SettingsFileError(ValueError):
     """The TOML file cannot be read or has a key that is no setting."""
 
@@ -302,6 +305,15 @@ class ServeSettings(BaseSettings):
             return [item.strip() for item in value.split(",") if item.strip()]
         return value
 
+    @field_validator("data_dir", "tokens_file", mode="before")
+    @classmethod
+    def _a_path_is_not_empty(cls, value: Any) -> Any:
+        """An empty path is a mistake (a variable left empty, `${DATA_DIR}` unset in a compose file), never the
+        current directory: a ledger would start anew there, unseen."""
+        if isinstance(value, (str, Path)) and not str(value).strip():
+            raise ValueError("must not be empty (leave the setting out for its default)")
+        return value
+
     @field_validator("metrics_token")
     @classmethod
     def _metrics_token(cls, value: str | None) -> str | None:
@@ -457,16 +469,22 @@ def read_config_file(path: Path) -> dict[str, Any]:
     """The settings of a TOML file (`max-queue` and `max_queue` both name the field max_queue)."""
     try:
         with path.open("rb") as handle:
-            raw = tomllib.load(handle)
+            data = handle.read(MAX_CONFIG_BYTES + 1)  # (a pipe, `--config <(...)`, is read too)
+        if len(data) > MAX_CONFIG_BYTES:  # /dev/zero would fill the memory
+            raise SettingsFileError(f"{path}: larger than {MAX_CONFIG_BYTES >> 20} MiB; not a config file")
+        raw = tomllib.loads(data.decode("utf-8"))
     except FileNotFoundError:
         raise SettingsFileError(f"{path}: no such config file") from None
     except UnicodeDecodeError as err:  # TOML is UTF-8; the error alone names no file
-        line = path.read_bytes()[: err.start].count(b"\n") + 1
+        line = data[: err.start].count(b"\n") + 1
         raise SettingsFileError(f"{path}:{line}: not UTF-8 text (byte 0x{err.object[err.start]:02x}); a config file "
                                 "is TOML, which is UTF-8") from None
     except (OSError, tomllib.TOMLDecodeError) as err:
         raise SettingsFileError(f"{path}: not a readable TOML file: {err}") from None
     values = {key.replace("-", "_"): value for key, value in raw.items()}
+    if len(values) < len(raw):  # `max_queue` and `max-queue` both: the last one won, unsaid
+        twice = sorted({k for k in raw if sum(other.replace("-", "_") == k.replace("-", "_") for other in raw) > 1})
+        raise SettingsFileError(f"{path}: a setting given twice, in two spellings ({', '.join(twice)})")
     unknown = sorted(key for key in values if key not in ServeSettings.model_fields)
     if unknown:
         named = ", ".join(key + (f" (did you mean {hint}?)" if (hint := _key_hint(key)) else "") for key in unknown)

@@ -429,3 +429,13 @@ def test_the_default_period_is_in_whole_seconds() -> None:
 def test_the_last_day_of_the_calendar_is_a_whole_day() -> None:
     since, until = parse_period("9999-12-30", "9999-12-31")
     assert (since, until) == (datetime(9999, 12, 30), datetime.max)
+
+
+@pytest.mark.parametrize("until, end", [("2026-12-01", datetime(2026, 12, 2)), ("2026-W49-2", datetime(2026, 12, 2)),
+                                        ("2026W49T12", datetime(2026, 11, 30, 12)),  # a time as long as a date
+                                        ("2026-12-01T12", datetime(2026, 12, 1, 12))])
+def test_until_a_date_is_its_whole_day_and_until_a_time_is_that_time(until: str, end: datetime) -> None:
+    """A plain date in any ISO 8601 form ends the period at the day's end; a time ends it there. Whether `until`
+    was a date was told by its length (10 characters): `2026W49T12` (noon of Monday of week 49) ended a day late,
+    and `2026-W49-2` at the day's start. (Digits alone are unix seconds.)"""
+    assert parse_period("2026-11-01", until)[1] == end

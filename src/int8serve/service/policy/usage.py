@@ -16,7 +16,7 @@ aborted, failed or answered from the cache.
 from __future__ import annotations
 
 from collections.abc import Sequence
-from datetime import UTC, datetime, timedelta
+from datetime import UTC, date, datetime, timedelta
 from typing import Any
 
 from ..errors import BAD_QUERY, ApiError
@@ -57,9 +57,19 @@ def _parse_time(raw: str, name: str, *, end_of_day: bool) -> datetime:
     except (ValueError, OverflowError, OSError):
         problem = f"expected a date, an ISO 8601 time or unix seconds, got {raw[:40]!r}"
         raise ApiError(BAD_QUERY, name=name, problem=problem) from None
-    if len(text) == 10 and end_of_day:  # a plain date: the whole day (the last one there is: to its end)
+    if end_of_day and _plain_date(text):  # the whole day (the last one there is: to its end)
         value = value + timedelta(days=1) if value < datetime.max - timedelta(days=1) else datetime.max
     return value
+
+
+def _plain_date(text: str) -> bool:
+    """Whether `text` is an ISO 8601 date without a time, in any of its forms (`2026-12-01`, `20261201`,
+    `2026-W49-1`); `2026W49T00`, as long as the first, is a time."""
+    try:
+        date.fromisoformat(text)
+    except ValueError:
+        return False
+    return True
 
 
 def _totals(groups: Sequence[UsageGroup]) -> dict[str, Any]:
