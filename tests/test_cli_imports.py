@@ -17,6 +17,8 @@ import signal
 import subprocess
 import sys
 import tempfile
+import threading
+import time
 from collections.abc import Iterator, Sequence
 from pathlib import Path
 
@@ -232,6 +234,64 @@ def test_a_metrics_token_no_header_can_carry_is_refused_at_once_without_showing_
     assert report == {"code": 2, "torch": False}, stderr
     assert stderr == (f"int8serve serve: error: {origin}: Value error, expected one or more visible ASCII "
                       "characters (no spaces) (got a hidden value)\n")
+
+
+def _tokens_file_kinds(tmp_path: Path) -> dict[str, str]:
+    folder = tmp_path / "folder"
+    folder.mkdir()
+    (tmp_path / "loop").symlink_to(tmp_path / "loop")
+    return {"folder": str(folder), "loop": str(tmp_path / "loop"), "dangling": str(tmp_path / "missing")}
+
+
+@pytest.mark.parametrize(("kind", "message"), [
+    ("folder", "folder: a directory, not a tokens file"),
+    ("loop", "loop: a loop of symbolic links, not a tokens file"),
+    ("dangling", "missing: no such tokens file"),
+])
+def test_a_tokens_file_that_cannot_be_read_is_named_for_what_it_is(kind: str, message: str, tmp_path: Path) -> None:
+    """A directory and a loop of symbolic links were both "no such tokens file"."""
+    report, stderr = run_cli("serve", "--tokens-file", _tokens_file_kinds(tmp_path)[kind], "--model", "/nonexistent",
+                             tmp_path=tmp_path)
+    assert report == {"code": 2, "torch": False}, stderr
+    assert message in stderr and stderr.count("\n") == 1, stderr
+
+
+def test_an_endless_tokens_file_is_refused_in_one_line(tmp_path: Path) -> None:
+    """/dev/zero (or any file beyond the bound) ends the start in one line, without reading it into memory."""
+    started = time.monotonic()
+    report, stderr = run_cli("serve", "--tokens-file", "/dev/zero", "--model", "/nonexistent", tmp_path=tmp_path)
+    assert report == {"code": 2, "torch": False}, stderr
+    assert stderr.startswith("int8serve serve: error: /dev/zero: larger than ") and stderr.count("\n") == 1, stderr
+    assert time.monotonic() - started < 10
+
+
+def test_a_tokens_file_may_be_a_fifo(tmp_path: Path) -> None:
+    """A named pipe (as process substitution's /dev/fd/N) is read as a file is: it was "no such tokens file". With
+    its tokens taken, the start goes on to the model, which is missing."""
+    fifo = tmp_path / "tokens"
+    os.mkfifo(fifo)
+
+    def feed() -> None:
+        with contextlib.suppress(BrokenPipeError):  # (the command never read it)
+            fifo.write_bytes(b"dG9rZW4==acct1\nsec#ret=acct2\n")
+
+    feeder = threading.Thread(target=feed, daemon=True)
+    feeder.start()
+    try:
+        report, stderr = run_cli("serve", "--tokens-file", str(fifo), "--model", "/nonexistent/folder",
+                                 tmp_path=tmp_path)
+    finally:
+        if feeder.is_alive():  # the command never opened it: let the writer go
+            os.close(os.open(fifo, os.O_RDONLY | os.O_NONBLOCK))
+        feeder.join(10)
+    assert report == {"code": 1, "torch": False}, stderr
+    assert "no such model folder" in stderr and "token" not in stderr, stderr
+
+
+def test_a_token_with_equals_signs_is_never_shown(tmp_path: Path) -> None:
+    report, stderr = run_cli("serve", "--token", "SECRETHALF1=SECRETHALF2=acct/1", tmp_path=tmp_path)
+    assert report == {"code": 2, "torch": False}, stderr
+    assert "--token: account id 'acct/1' is not usable" in stderr and "SECRET" not in stderr, stderr
 
 
 def test_a_bom_at_the_start_of_a_tokens_file_is_skipped() -> None:

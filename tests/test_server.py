@@ -183,11 +183,13 @@ def test_serve_with_configured_tokens(tmp_path: Path) -> None:
     from int8serve.engine.demo import demo_model_dir
 
     tokens = tmp_path / "tokens.txt"
-    tokens.write_text("# token=account\nsecret-b=acct-b\n")
+    tokens.write_text("# token=account\nsecret-b=acct-b\n  # a '#' or '=' inside a token is the token's\n"
+                      "sec#ret=d==acct-d\n")
     process, port = start("--model", str(demo_model_dir(tmp_path / "demo")), "--token", "secret-a=acct-a",
-                          "--tokens-file", str(tokens), tmp_path=tmp_path)
+                          "--token", "dG9rZW4==acct-c", "--tokens-file", str(tokens), tmp_path=tmp_path)
     try:
-        for token, account in (("secret-a", "acct-a"), ("secret-b", "acct-b")):
+        for token, account in (("secret-a", "acct-a"), ("secret-b", "acct-b"), ("dG9rZW4=", "acct-c"),
+                               ("sec#ret=d=", "acct-d")):
             answer = httpx.post(f"http://127.0.0.1:{port}/client/v4/accounts/{account}/ai/run/{MODEL}",
                                 headers={"Authorization": f"Bearer {token}"},
                                 json={"prompt": "Hi", "max_tokens": 4}, timeout=30)

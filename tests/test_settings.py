@@ -547,6 +547,60 @@ def test_token_errors_name_the_line_and_the_problem_never_the_token(tmp_path: Pa
     assert "SECRET" not in str(err.value) and str(err.value).startswith("--token: ")
 
 
+def test_a_token_may_hold_equals_signs_and_hashes(tmp_path: Path) -> None:
+    """An entry is split at its last '=' (an account id holds none): a base64 token's padding, or any '=' in a token,
+    was taken for the separator and the rest refused as the account id, printed with the token's second half. A '#'
+    starts a comment only at the start of a line: one inside a token (valid for --token) cut the line short."""
+    from int8serve.cli import UsageError, parse_tokens
+
+    assert parse_tokens(["SECRETHALF1=SECRETHALF2=acct1", "dG9rZW4==acct2", " a=b = acct3 "], None) == {
+        "SECRETHALF1=SECRETHALF2": "acct1", "dG9rZW4=": "acct2", "a=b": "acct3"}
+    path = tmp_path / "tokens"
+    path.write_text("# a comment\n  # an indented one\ndG9rZW4==acct1\nsec#ret=acct2\n#x==acct3\n")
+    assert parse_tokens([], path) == {"dG9rZW4=": "acct1", "sec#ret": "acct2"}
+    for entry in ["SECRETHALF1=SECRETHALF2=acct/1", "SECRETHALF1=SECRETHALF2=", "SECRET=HALF=acct 1"]:
+        path.write_text(f"ok=acct\n{entry}\n")
+        for entries, tokens_file in (([entry], None), ([], path)):
+            with pytest.raises(UsageError) as err:
+                parse_tokens(entries, tokens_file)
+            assert "SECRET" not in str(err.value) and "HALF" not in str(err.value), str(err.value)
+    with pytest.raises(UsageError, match=r"^--token: account id 'acct/1' is not usable"):
+        parse_tokens(["SECRETHALF1=SECRETHALF2=acct/1"], None)
+    path.write_text("tok=acct1 # the main account\n")
+    with pytest.raises(UsageError, match=r"tokens:1: account id 'acct1 # the main account' is not usable: .*a "
+                                         r"comment takes a line of its own"):
+        parse_tokens([], path)
+
+
+def test_tokens_file_lines_are_counted_as_an_editor_counts_them(tmp_path: Path) -> None:
+    """Lines end at '\\n' (a '\\r' before it is dropped): a form feed or another character `splitlines` ends lines
+    at made the errors name a later line than the one at fault."""
+    from int8serve.cli import UsageError, parse_tokens
+
+    path = tmp_path / "tokens"
+    path.write_bytes(b"a=acct1\x0c\r\nb=acct2\x1c\n\x0bc=acct3\r\nSECRET TOKEN=acct\n")
+    with pytest.raises(UsageError, match=r"tokens:4: expected TOKEN=ACCOUNT_ID"):
+        parse_tokens([], path)
+    path.write_bytes(b"a=acct1\x0c\r\nb=acct2\x1c\n\x0bc=acct3\r\n")
+    assert parse_tokens([], path) == {"a": "acct1", "b": "acct2", "c": "acct3"}
+
+
+def test_a_tokens_file_may_be_a_pipe(tmp_path: Path) -> None:
+    """`--tokens-file <(pass show int8serve)` (a /dev/fd/N pipe) was refused as "no such tokens file": only a regular
+    file was read. A pipe is read as a file is, up to a bound."""
+    from int8serve.cli import UsageError, parse_tokens
+
+    read, write = os.pipe()
+    try:
+        os.write(write, b"tok=acct1\n")
+        os.close(write)
+        assert parse_tokens([], Path(f"/dev/fd/{read}")) == {"tok": "acct1"}
+    finally:
+        os.close(read)
+    with pytest.raises(UsageError, match=rf"^/dev/zero: larger than {cli.MAX_TOKENS_FILE_BYTES} bytes"):
+        parse_tokens([], Path("/dev/zero"))
+
+
 # --- INT8SERVE_* variables that nothing reads ----------------------------------------------------------------------
 
 PACKAGE = Path(__file__).parents[1] / "src" / "int8serve"

@@ -11,6 +11,7 @@ from __future__ import annotations
 import argparse
 import contextlib
 import dataclasses
+import errno
 import logging
 import os
 import shutil
@@ -596,6 +597,10 @@ def _token_origin(sources: dict[str, str]) -> str:
         sources["tokens"], "tokens")
 
 
+# a tokens file is read whole, up to this: a million tokens of 60 characters; /dev/zero is refused, not read
+MAX_TOKENS_FILE_BYTES = 64 * 2**20
+
+
 def parse_tokens(entries: Sequence[str], tokens_file: Path | None, where: str = "--token") -> dict[str, str]:
     """TOKEN=ACCOUNT_ID entries (from a flag, variable or the config file) and the lines of a tokens file.
 
@@ -612,25 +617,34 @@ def parse_tokens(entries: Sequence[str], tokens_file: Path | None, where: str = 
 
     tokens: dict[str, str] = {}
     for origin, entry in located:
-        token, sep, account = entry.partition("=")
-        token, account = token.strip(), account.strip()
+        token, sep, account = _split_entry(entry)
         if not sep or not is_valid_token(token) or not account:
             raise UsageError(f"{origin}: expected TOKEN=ACCOUNT_ID with a token of visible ASCII characters: "
                              f"{_token_problem(token, sep, account)} (the entry is not shown: it may hold a secret)")
         if not is_valid_account(account):  # the usage ledger could not store its rows
+            comment = "; a comment takes a line of its own" if "#" in account else ""
             raise UsageError(f"{origin}: account id {_shorten(account)!r} is not usable: an account id is "
-                             f"{ACCOUNT_ID_RULE}")
+                             f"{ACCOUNT_ID_RULE}{comment}")
         if tokens.get(token, account) != account:
             raise UsageError(f"{origin}: token is already mapped to account {tokens[token]}")
         tokens[token] = account
     return tokens
 
 
+def _split_entry(entry: str) -> tuple[str, str, str]:
+    """(token, '=', account id) of a TOKEN=ACCOUNT_ID entry, each stripped; (entry, '', '') without an '='.
+
+    Split at the last '=': an account id holds none, a token may (a base64 token's padding). So all before it is the
+    token, which no error shows, and an error may show the account id without a part of the token in it."""
+    token, sep, account = entry.rpartition("=")
+    return (token.strip(), sep, account.strip()) if sep else (entry.strip(), "", "")
+
+
 def _tokens_file_lines(tokens_file: Path) -> list[tuple[str, str]]:
-    """(file:line, entry) for each line of a tokens file that is not blank or a comment; a UTF-8 BOM is skipped."""
-    if not tokens_file.is_file():
-        raise UsageError(f"{tokens_file}: no such tokens file")
-    data = tokens_file.read_bytes()
+    """(file:line, entry) for each line of a tokens file that is not blank or a comment (a line whose first visible
+    character is '#': a token may hold one); a UTF-8 BOM is skipped. Lines end at a newline only, as an editor
+    counts them (`splitlines` also ends one at a form feed and other controls, and the errors named a later line)."""
+    data = _read_tokens_file(tokens_file)
     try:
         text = data.decode("utf-8-sig")
     except UnicodeDecodeError as err:
@@ -638,11 +652,31 @@ def _tokens_file_lines(tokens_file: Path) -> list[tuple[str, str]]:
         raise UsageError(f"{tokens_file}:{line}: not UTF-8 text (byte 0x{data[err.start]:02x}); a tokens file "
                          "holds TOKEN=ACCOUNT_ID lines of ASCII") from None
     lines = []
-    for number, line in enumerate(text.splitlines(), 1):
-        line = line.split("#", 1)[0].strip()
-        if line:
+    for number, line in enumerate(text.split("\n"), 1):
+        line = line.strip()  # (and the carriage return of a CRLF line end)
+        if line and not line.startswith("#"):
             lines.append((f"{tokens_file}:{number}", line))
     return lines
+
+
+def _read_tokens_file(tokens_file: Path) -> bytes:
+    """The bytes of a tokens file: a regular file or a pipe (`--tokens-file <(pass show int8serve)`), read up to
+    `MAX_TOKENS_FILE_BYTES` (one that gives more, /dev/zero, is refused rather than read into memory)."""
+    try:
+        with tokens_file.open("rb") as handle:
+            data = handle.read(MAX_TOKENS_FILE_BYTES + 1)
+    except FileNotFoundError:
+        raise UsageError(f"{tokens_file}: no such tokens file") from None
+    except IsADirectoryError:
+        raise UsageError(f"{tokens_file}: a directory, not a tokens file") from None
+    except OSError as err:
+        if err.errno == errno.ELOOP:
+            raise UsageError(f"{tokens_file}: a loop of symbolic links, not a tokens file") from None
+        raise UsageError(f"{tokens_file}: the tokens file cannot be read ({err.strerror})") from None
+    if len(data) > MAX_TOKENS_FILE_BYTES:
+        raise UsageError(f"{tokens_file}: larger than {MAX_TOKENS_FILE_BYTES} bytes ({MAX_TOKENS_FILE_BYTES >> 20} "
+                         "MiB), more than a tokens file of TOKEN=ACCOUNT_ID lines holds")
+    return data
 
 
 def _token_problem(token: str, sep: str, account: str) -> str:

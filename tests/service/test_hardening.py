@@ -21,6 +21,7 @@ from int8serve.catalog.registry import Catalog
 from int8serve.engine.loader import LoadedModel
 from int8serve.engine.scheduler import Engine
 from int8serve.engine.tokenizer import Tokenizer
+from int8serve.service import auth
 from int8serve.service.app import REQUEST_ID_HEADER, create_app
 from int8serve.service.auth import check_metrics_token
 from int8serve.service.errors import ApiError
@@ -305,6 +306,26 @@ def _rows(app: FastAPI, model: str) -> list[dict[str, Any]]:
         rows = conn.execute(ledger.table.select().where(ledger.table.c.model == model)
                             .order_by(ledger.table.c.time)).mappings().all()
     return [dict(r) for r in rows]
+
+
+# --- tokens -------------------------------------------------------------------------------------------------------
+
+
+def test_a_token_is_found_without_comparing_it_with_every_configured_one(catalog: Catalog,
+                                                                         monkeypatch: pytest.MonkeyPatch) -> None:
+    """A token's account was found by comparing it with every configured token, on the event loop before anything
+    else: with 100,001 tokens a wrong token's 401 took 16.5 ms (2 tokens: 1.9 ms), and 16 clients sending bad tokens
+    took /healthz to 110 ms. Now one comparison at most, whatever the number of tokens."""
+    tokens = {f"tok-{n:06d}": f"acct-{n % 4}" for n in range(100_000)} | TOKENS
+    compared: list[int] = []
+    compare_digest = auth.hmac.compare_digest
+    monkeypatch.setattr(auth.hmac, "compare_digest", lambda a, b: compared.append(1) or compare_digest(a, b))
+    with LiveServer(create_app(catalog, {}, tokens)) as live:
+        for token, status in ((TOKEN, 200), ("tok-099999", 200), ("tok-100000", 401), ("tok-0", 401)):
+            compared.clear()
+            answer = httpx.get(f"{live.url}/v1/models", headers={"Authorization": f"Bearer {token}"})
+            assert answer.status_code == status, answer.text
+            assert len(compared) <= 1, f"{len(compared)} comparisons for one request"
 
 
 # --- metrics, logs ----------------------------------------------------------------------------------------------

@@ -10,7 +10,7 @@ import pytest
 from int8serve.catalog.card import ModelCard, builtin_cards
 from int8serve.engine.chat_template import render_prompt
 from int8serve.engine.tokenizer import Tokenizer
-from int8serve.service.auth import authenticate
+from int8serve.service.auth import TokenTable, authenticate
 from int8serve.service.errors import ApiError
 from int8serve.service.protocol.body import OPENAI_WORDING, parse_json_body, schema_error_detail
 from int8serve.service.protocol.run import RunRequest, tokenize_run, validate_run_body
@@ -128,15 +128,18 @@ def test_message_count_is_capped_before_the_schema(card: ModelCard) -> None:
 
 
 def test_authenticate() -> None:
-    assert authenticate({"authorization": f"Bearer {TOKEN}"}, ACCOUNT, TOKENS) == ACCOUNT
-    assert authenticate({"authorization": f"bearer   {OTHER_TOKEN}"}, OTHER_ACCOUNT, TOKENS) == OTHER_ACCOUNT
-    assert authenticate({"x-auth-email": "a@b.c", "x-auth-key": TOKEN}, ACCOUNT, TOKENS) == ACCOUNT
+    tokens = TokenTable(TOKENS)
+    assert authenticate({"authorization": f"Bearer {TOKEN}"}, ACCOUNT, tokens) == ACCOUNT
+    assert authenticate({"authorization": f"bearer   {OTHER_TOKEN}"}, OTHER_ACCOUNT, tokens) == OTHER_ACCOUNT
+    assert authenticate({"x-auth-email": "a@b.c", "x-auth-key": TOKEN}, ACCOUNT, tokens) == ACCOUNT
     # Authorization wins when both are sent
     assert _fails(lambda: authenticate({"authorization": "Bearer nope", "x-auth-email": "a@b.c",
-                                        "x-auth-key": TOKEN}, ACCOUNT, TOKENS)).status == 401
-    assert _fails(lambda: authenticate({"authorization": f"Bearer {TOKEN}"}, OTHER_ACCOUNT, TOKENS)).status == 403
-    assert _fails(lambda: authenticate({}, ACCOUNT, TOKENS)).code == 9106
-    assert _fails(lambda: authenticate({"authorization": f"Bearer {TOKEN[:-1]}"}, ACCOUNT, TOKENS)).status == 401
+                                        "x-auth-key": TOKEN}, ACCOUNT, tokens)).status == 401
+    assert _fails(lambda: authenticate({"authorization": f"Bearer {TOKEN}"}, OTHER_ACCOUNT, tokens)).status == 403
+    assert _fails(lambda: authenticate({}, ACCOUNT, tokens)).code == 9106
+    assert _fails(lambda: authenticate({"authorization": f"Bearer {TOKEN[:-1]}"}, ACCOUNT, tokens)).status == 401
+    sent = [TOKEN, TOKEN + "1", TOKEN[:-1], "", "m\u00e9", "\udcff"]  # (a lone surrogate: no 500 either)
+    assert [tokens.account(token) for token in sent] == [ACCOUNT] + [None] * 5
 
 
 def test_frames_are_compact_utf8() -> None:

@@ -37,6 +37,7 @@ from int8serve.catalog.registry import Catalog
 from int8serve.engine.scheduler import Engine
 
 from ..accounts import ACCOUNT_ID_RULE, TOKEN_RULE, is_valid_account, is_valid_token
+from .auth import TokenTable
 from .deps import AppServices
 from .errors import install_error_handlers, internal_error_response
 from .framing import AbsoluteFormMiddleware, AmbiguousLengthMiddleware
@@ -151,7 +152,7 @@ def create_app(catalog: Catalog, engines: Mapping[str, Engine], tokens: Mapping[
     metrics.log_prompts = log_prompts
     for name, engine in engines.items():
         metrics.watch_engine(name, engine)
-    services = AppServices(catalog=catalog, engines=dict(engines), tokens=dict(tokens), policy=policy,
+    services = AppServices(catalog=catalog, engines=dict(engines), tokens=TokenTable(tokens), policy=policy,
                            metrics=metrics, lifecycle=lifecycle, metrics_token=metrics_token,
                            inference=Inference(catalog, engines, policy, metrics, lifecycle, limits),
                            retry_headers={"retry-after": str(limits.retry_after_seconds)})

@@ -12,12 +12,16 @@ nothing → 400/9106; a malformed header → 400/6003 with an `error_chain` nami
 a known token used under another account's URL → 403/10000. On the OpenAI routes missing credentials and a
 malformed header are 401, as OpenAI answers a key it cannot use (`errors.OPENAI_STATUS`).
 
-Tokens are compared in constant time against every configured token, so response timing does not reveal how much
-of a guessed token was right.
+A token is found by the SHA-256 digest of its bytes (`TokenTable`), in one dictionary lookup whatever the number of
+tokens (comparing it with every configured token took 16.5 ms of the event loop for each wrong token with 100,001
+tokens configured), then compared with the one token of that digest in constant time. Response timing does not
+reveal how much of a guessed token was right: what the lookup's timing may depend on is the digest, which says
+nothing of the token's characters.
 """
 
 from __future__ import annotations
 
+import hashlib
 import hmac
 import re
 from collections.abc import Mapping
@@ -34,7 +38,36 @@ from .errors import (
     ApiError,
 )
 
-__all__ = ["authenticate", "bearer_token", "check_metrics_token", "is_valid_token", "token_account"]
+__all__ = ["TokenTable", "authenticate", "bearer_token", "check_metrics_token", "is_valid_token",
+           "token_account"]
+
+
+class TokenTable:
+    """API token → account id, looked up by the token's SHA-256 digest: one dictionary lookup and at most one
+    constant-time comparison a request, whatever the number of tokens."""
+
+    def __init__(self, tokens: Mapping[str, str]) -> None:
+        self._by_digest = {_digest(_token_bytes(token)): (_token_bytes(token), account)
+                           for token, account in tokens.items()}
+
+    def account(self, token: str) -> str | None:
+        """The account of `token`, or None when it is not a configured token."""
+        sent = _token_bytes(token)
+        found = self._by_digest.get(_digest(sent))
+        if found is None:
+            return None
+        known, account = found
+        return account if hmac.compare_digest(known, sent) else None  # exact, should two tokens ever share a digest
+
+
+def _token_bytes(token: str) -> bytes:
+    """As UTF-8 bytes: no character can make the digest or the comparison raise (a 500 that would show it)."""
+    return token.encode("utf-8", "surrogatepass")
+
+
+def _digest(token: bytes) -> bytes:
+    return hashlib.sha256(token).digest()
+
 
 # "Bearer" (any case), one or more spaces, then one token of visible ASCII characters.
 _BEARER = re.compile(r"[Bb][Ee][Aa][Rr][Ee][Rr] +([\x21-\x7e]+) *")
@@ -58,10 +91,10 @@ def check_metrics_token(authorization: str | None, metrics_token: str | None) ->
         raise ApiError(AUTHENTICATION)
 
 
-def authenticate(headers: Mapping[str, str], account_id: str, tokens: Mapping[str, str]) -> str:
+def authenticate(headers: Mapping[str, str], account_id: str, tokens: TokenTable) -> str:
     """The account id the request may act for (== `account_id`), or raise the matching `ApiError`.
 
-    `headers` is case-insensitive (Starlette's `Headers`); `tokens` maps token → account id.
+    `headers` is case-insensitive (Starlette's `Headers`).
     """
     account = token_account(headers, tokens)
     if not hmac.compare_digest(account.encode("utf-8"), account_id.encode("utf-8")):
@@ -69,9 +102,9 @@ def authenticate(headers: Mapping[str, str], account_id: str, tokens: Mapping[st
     return account
 
 
-def token_account(headers: Mapping[str, str], tokens: Mapping[str, str]) -> str:
+def token_account(headers: Mapping[str, str], tokens: TokenTable) -> str:
     """The account of the request's token, for routes whose URL names no account (`/v1/...`, `/accounts`)."""
-    account = _lookup(_credential(headers), tokens)
+    account = tokens.account(_credential(headers))
     if account is None:
         raise ApiError(AUTHENTICATION)
     return account
@@ -92,13 +125,3 @@ def _credential(headers: Mapping[str, str]) -> str:
     if email is None or not email.strip():
         raise ApiError(INVALID_HEADERS, error_chain=[CHAIN_AUTH_EMAIL])
     return key.strip()
-
-
-def _lookup(token: str, tokens: Mapping[str, str]) -> str | None:
-    """The account of `token`, comparing against every known token in constant time."""
-    wanted = token.encode("utf-8")
-    found = None
-    for known, account in tokens.items():
-        if hmac.compare_digest(known.encode("utf-8"), wanted):
-            found = account
-    return found

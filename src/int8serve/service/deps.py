@@ -17,7 +17,7 @@ from fastapi.security import APIKeyHeader, HTTPBearer
 from int8serve.catalog.registry import Catalog
 from int8serve.engine.scheduler import Engine
 
-from .auth import authenticate, check_metrics_token, token_account
+from .auth import TokenTable, authenticate, check_metrics_token, token_account
 from .inference import Inference
 from .lifecycle import Lifecycle
 from .metrics import ServiceMetrics
@@ -39,7 +39,7 @@ class AppServices:
 
     catalog: Catalog
     engines: dict[str, Engine]
-    tokens: dict[str, str]  # API token -> account id
+    tokens: TokenTable  # API token -> account id
     policy: Policy
     metrics: ServiceMetrics
     lifecycle: Lifecycle
