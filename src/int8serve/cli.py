@@ -14,6 +14,7 @@ import dataclasses
 import errno
 import logging
 import os
+import re
 import shutil
 import signal
 import sys
@@ -599,6 +600,7 @@ def _token_origin(sources: dict[str, str]) -> str:
 
 # a tokens file is read whole, up to this: a million tokens of 60 characters; /dev/zero is refused, not read
 MAX_TOKENS_FILE_BYTES = 64 * 2**20
+_TRAILING_COMMENT = re.compile(r"\s#")  # a comment after an entry
 
 
 def parse_tokens(entries: Sequence[str], tokens_file: Path | None, where: str = "--token") -> dict[str, str]:
@@ -622,9 +624,8 @@ def parse_tokens(entries: Sequence[str], tokens_file: Path | None, where: str = 
             raise UsageError(f"{origin}: expected TOKEN=ACCOUNT_ID with a token of visible ASCII characters: "
                              f"{_token_problem(token, sep, account)} (the entry is not shown: it may hold a secret)")
         if not is_valid_account(account):  # the usage ledger could not store its rows
-            comment = "; a comment takes a line of its own" if "#" in account else ""
             raise UsageError(f"{origin}: account id {_shorten(account)!r} is not usable: an account id is "
-                             f"{ACCOUNT_ID_RULE}{comment}")
+                             f"{ACCOUNT_ID_RULE}")
         if tokens.get(token, account) != account:
             raise UsageError(f"{origin}: token is already mapped to account {tokens[token]}")
         tokens[token] = account
@@ -641,9 +642,10 @@ def _split_entry(entry: str) -> tuple[str, str, str]:
 
 
 def _tokens_file_lines(tokens_file: Path) -> list[tuple[str, str]]:
-    """(file:line, entry) for each line of a tokens file that is not blank or a comment (a line whose first visible
-    character is '#': a token may hold one); a UTF-8 BOM is skipped. Lines end at a newline only, as an editor
-    counts them (`splitlines` also ends one at a form feed and other controls, and the errors named a later line)."""
+    """(file:line, entry) for each line of a tokens file that is not blank or a comment; a UTF-8 BOM is skipped. A
+    comment is a '#' that starts a line or follows whitespace (`tok=acct  # the main account`): neither a token nor
+    an account id holds whitespace, and a token may hold '#'. Lines end at a newline only, as an editor counts
+    them (`splitlines` also ends one at a form feed and other controls, and the errors named a later line)."""
     data = _read_tokens_file(tokens_file)
     try:
         text = data.decode("utf-8-sig")
@@ -653,7 +655,7 @@ def _tokens_file_lines(tokens_file: Path) -> list[tuple[str, str]]:
                          "holds TOKEN=ACCOUNT_ID lines of ASCII") from None
     lines = []
     for number, line in enumerate(text.split("\n"), 1):
-        line = line.strip()  # (and the carriage return of a CRLF line end)
+        line = _TRAILING_COMMENT.split(line.strip(), maxsplit=1)[0].rstrip()  # (a CRLF's CR is stripped too)
         if line and not line.startswith("#"):
             lines.append((f"{tokens_file}:{number}", line))
     return lines
