@@ -270,16 +270,16 @@ def main(argv: Sequence[str] | None = None) -> None:
             model = load_model(model_dir, "int8", group_size=group_size, quantizer=quantizer).model
             if args.drop_head_residual:
                 model.output.residual = model.output.residual_scale = None
-            for name in args.modes:
-                started = time.perf_counter()
-                with (precise_channels(model, windows, args.precise_channels), mode(name),
-                      emulating_only(model, args.only or LINEARS)):
-                    r = evaluate(model, ids, 256, bos, reference=fp32)  # type: ignore[arg-type]
-                scheme = f"per {group_size} inputs" if group_size else "per output channel"
-                default = " (default)" if quantizer == DEFAULT_QUANTIZER else ""
-                rows.append(f"| {quantizer}{default} | {scheme} | {name} | {r.kld:.6f} | {r.top1:.2f}% | "
-                            f"{r.ratio:.5f} |")
-                log(f"{rows[-1]} ({time.perf_counter() - started:.0f} s)")
+            with precise_channels(model, windows, args.precise_channels):  # calibrated once a model
+                for name in args.modes:
+                    started = time.perf_counter()
+                    with mode(name), emulating_only(model, args.only or LINEARS):
+                        r = evaluate(model, ids, 256, bos, reference=fp32)  # type: ignore[arg-type]
+                    scheme = f"per {group_size} inputs" if group_size else "per output channel"
+                    default = " (default)" if quantizer == DEFAULT_QUANTIZER else ""
+                    rows.append(f"| {quantizer}{default} | {scheme} | {name} | {r.kld:.6f} | {r.top1:.2f}% | "
+                                f"{r.ratio:.5f} |")
+                    log(f"{rows[-1]} ({time.perf_counter() - started:.0f} s)")
     machine = machine_facts()
     command = display_command("accuracy", sys.argv[1:])
     if args.model == "smollm2":

@@ -55,6 +55,7 @@ from .settings import (
     engine_variables_help,
     kv_cache_problem,
     load_settings,
+    read_bounded,
     setting_choices,
     unknown_variable_warnings,
 )
@@ -665,8 +666,7 @@ def _read_tokens_file(tokens_file: Path) -> bytes:
     """The bytes of a tokens file: a regular file or a pipe (`--tokens-file <(pass show int8serve)`), read up to
     `MAX_TOKENS_FILE_BYTES` (one that gives more, /dev/zero, is refused rather than read into memory)."""
     try:
-        with tokens_file.open("rb") as handle:
-            data = handle.read(MAX_TOKENS_FILE_BYTES + 1)
+        data = read_bounded(tokens_file, MAX_TOKENS_FILE_BYTES)
     except FileNotFoundError:
         raise UsageError(f"{tokens_file}: no such tokens file") from None
     except IsADirectoryError:
@@ -675,7 +675,7 @@ def _read_tokens_file(tokens_file: Path) -> bytes:
         if err.errno == errno.ELOOP:
             raise UsageError(f"{tokens_file}: a loop of symbolic links, not a tokens file") from None
         raise UsageError(f"{tokens_file}: the tokens file cannot be read ({err.strerror})") from None
-    if len(data) > MAX_TOKENS_FILE_BYTES:
+    if data is None:
         raise UsageError(f"{tokens_file}: larger than {MAX_TOKENS_FILE_BYTES} bytes ({MAX_TOKENS_FILE_BYTES >> 20} "
                          "MiB), more than a tokens file of TOKEN=ACCOUNT_ID lines holds")
     return data

@@ -141,6 +141,14 @@ def kv_cache_problem(kv_cache: str, dtype: str) -> str | None:
 MAX_CONFIG_BYTES = 1 << 20  # a config file is a few hundred bytes; a tokens list belongs in --tokens-file
 
 
+def read_bounded(path: Path, limit: int) -> bytes | None:
+    """The bytes of the file at `path` (a regular file or a pipe, `<(...)`), or None when it holds more than `limit`
+    (/dev/zero is not read into memory). OSError as `open` raises it."""
+    with path.open("rb") as handle:
+        data = handle.read(limit + 1)
+    return data if len(data) <= limit else None
+
+
 class SettingsFileError(ValueError):
     """The TOML file cannot be read or has a key that is no setting."""
 
@@ -468,9 +476,8 @@ def help_text(field: str) -> str:
 def read_config_file(path: Path) -> dict[str, Any]:
     """The settings of a TOML file (`max-queue` and `max_queue` both name the field max_queue)."""
     try:
-        with path.open("rb") as handle:
-            data = handle.read(MAX_CONFIG_BYTES + 1)  # (a pipe, `--config <(...)`, is read too)
-        if len(data) > MAX_CONFIG_BYTES:  # /dev/zero would fill the memory
+        data = read_bounded(path, MAX_CONFIG_BYTES)
+        if data is None:
             raise SettingsFileError(f"{path}: larger than {MAX_CONFIG_BYTES >> 20} MiB; not a config file")
         raw = tomllib.loads(data.decode("utf-8"))
     except FileNotFoundError:
@@ -481,10 +488,13 @@ def read_config_file(path: Path) -> dict[str, Any]:
                                 "is TOML, which is UTF-8") from None
     except (OSError, tomllib.TOMLDecodeError) as err:
         raise SettingsFileError(f"{path}: not a readable TOML file: {err}") from None
-    values = {key.replace("-", "_"): value for key, value in raw.items()}
-    if len(values) < len(raw):  # `max_queue` and `max-queue` both: the last one won, unsaid
-        twice = sorted({k for k in raw if sum(other.replace("-", "_") == k.replace("-", "_") for other in raw) > 1})
+    spellings: dict[str, list[str]] = {}
+    for key in raw:
+        spellings.setdefault(key.replace("-", "_"), []).append(key)
+    twice = sorted(key for keys in spellings.values() if len(keys) > 1 for key in keys)
+    if twice:  # `max_queue` and `max-queue` both: the last one won, unsaid
         raise SettingsFileError(f"{path}: a setting given twice, in two spellings ({', '.join(twice)})")
+    values = {key.replace("-", "_"): value for key, value in raw.items()}
     unknown = sorted(key for key in values if key not in ServeSettings.model_fields)
     if unknown:
         named = ", ".join(key + (f" (did you mean {hint}?)" if (hint := _key_hint(key)) else "") for key in unknown)

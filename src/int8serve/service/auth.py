@@ -47,8 +47,8 @@ class TokenTable:
     constant-time comparison a request, whatever the number of tokens."""
 
     def __init__(self, tokens: Mapping[str, str]) -> None:
-        self._by_digest = {_digest(_token_bytes(token)): (_token_bytes(token), account)
-                           for token, account in tokens.items()}
+        known = ((_token_bytes(token), account) for token, account in tokens.items())
+        self._by_digest = {_digest(token): (token, account) for token, account in known}
 
     def account(self, token: str) -> str | None:
         """The account of `token`, or None when it is not a configured token."""
